@@ -1,0 +1,53 @@
+"""Loads the compiled core jmp_ext._C once and gives the op wrappers what they need from it.
+
+The kernels take raw addresses, sizes and a CUDA stream; this module converts tensors to those
+and raises clear errors when the extension is missing or was built without CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from jmp_ext import _C
+except ImportError as error:  # pragma: no cover - only on a broken install
+    raise ImportError(
+        "jmp_ext's compiled extension (jmp_ext._C) could not be loaded. Reinstall the package "
+        "from its source directory with `pip install .`; for a development tree, build it with "
+        "`cmake -S . -B build/dev && cmake --build build/dev` and put python/ on PYTHONPATH. "
+        f"The import error was: {error}"
+    ) from error
+
+
+def build_info() -> dict:
+    """What the extension was built with: {'version': str, 'cuda': bool, 'cuda_version': int|None}."""
+    return dict(_C.build_info())
+
+
+def num_threads() -> int:
+    """CPU kernels use torch's intra-op thread count, so torch.set_num_threads() controls them."""
+    return torch.get_num_threads()
+
+
+def ptr(tensor: torch.Tensor | None) -> int:
+    """Address of a contiguous tensor's first element (0 for None or an empty tensor)."""
+    if tensor is None or tensor.numel() == 0:
+        return 0
+    assert tensor.is_contiguous(), "kernels take contiguous buffers"
+    return tensor.data_ptr()
+
+
+def require_cuda(device: torch.device) -> int:
+    """Check that CUDA kernels can run on `device`; return the address of its current stream."""
+    if not _C.build_info()["cuda"]:
+        raise RuntimeError(
+            "jmp_ext was built without CUDA kernels, so it cannot run this op on a GPU. Rebuild it "
+            "on a machine with the CUDA toolkit: `JMP_EXT_CUDA=ON pip install --force-reinstall "
+            "--no-deps .` (nvcc must be on PATH or CUDA_HOME set)."
+        )
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "a CUDA tensor was given but torch reports no usable GPU (torch.cuda.is_available() "
+            "is False); install a CUDA build of torch or move the inputs to the CPU."
+        )
+    return torch.cuda.current_stream(device).cuda_stream

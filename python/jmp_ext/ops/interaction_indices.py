@@ -76,6 +76,16 @@ def _check_same_device(**tensors: Tensor) -> torch.device:
     return first
 
 
+def _check_two_graphs(
+    names: tuple[str, str],
+    first: tuple[Tensor, Tensor],
+    second: tuple[Tensor, Tensor],
+) -> torch.device:
+    _check_graph(names[0], *first)
+    _check_graph(names[1], *second)
+    return _check_same_device(**{names[0]: first[0], names[1]: second[0]})
+
+
 def _kernel(name: str, device: torch.device):
     """The compiled entry for `device`, with its last argument (thread count or CUDA stream)."""
     if device.type == "cpu":
@@ -150,9 +160,11 @@ def _mixed_triplets_op(
     num_atoms: int,
     to_outedge: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    _check_graph("graph_in", in_edge_index, in_cell_offset)
-    _check_graph("graph_out", out_edge_index, out_cell_offset)
-    _check_same_device(graph_in=in_edge_index, graph_out=out_edge_index)
+    _check_two_graphs(
+        ("graph_in", "graph_out"),
+        (in_edge_index, in_cell_offset),
+        (out_edge_index, out_cell_offset),
+    )
     _check_num_atoms(num_atoms)
     graph_in = (in_edge_index.contiguous(), in_cell_offset.contiguous())
     graph_out = (out_edge_index.contiguous(), out_cell_offset.contiguous())
@@ -169,9 +181,11 @@ def _quadruplets_op(
     qint_cell_offset: Tensor,
     num_atoms: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    _check_graph("main_graph", main_edge_index, main_cell_offset)
-    _check_graph("qint_graph", qint_edge_index, qint_cell_offset)
-    device = _check_same_device(main_graph=main_edge_index, qint_graph=qint_edge_index)
+    device = _check_two_graphs(
+        ("main_graph", "qint_graph"),
+        (main_edge_index, main_cell_offset),
+        (qint_edge_index, qint_cell_offset),
+    )
     _check_num_atoms(num_atoms)
     main = (main_edge_index.contiguous(), main_cell_offset.contiguous())
     qint = (qint_edge_index.contiguous(), qint_cell_offset.contiguous())
@@ -211,18 +225,31 @@ def _fake_indices(like: Tensor, *group_sizes: int) -> tuple[Tensor, ...]:
     return tuple(outputs)
 
 
+# The fakes check what can be checked without data, so that meta / fake tensors get the same
+# clear errors as real ones.
 @_triplets_op.register_fake
 def _(edge_index, num_atoms):
+    _check_graph("graph", edge_index, None)
     return _fake_indices(edge_index, 3)
 
 
 @_mixed_triplets_op.register_fake
 def _(in_edge_index, in_cell_offset, out_edge_index, out_cell_offset, num_atoms, to_outedge):
+    _check_two_graphs(
+        ("graph_in", "graph_out"),
+        (in_edge_index, in_cell_offset),
+        (out_edge_index, out_cell_offset),
+    )
     return _fake_indices(in_edge_index, 3)
 
 
 @_quadruplets_op.register_fake
 def _(main_edge_index, main_cell_offset, qint_edge_index, qint_cell_offset, num_atoms):
+    _check_two_graphs(
+        ("main_graph", "qint_graph"),
+        (main_edge_index, main_cell_offset),
+        (qint_edge_index, qint_cell_offset),
+    )
     # triplet_in (in, out), triplet_out (in, out), then the four quadruplet tensors.
     return _fake_indices(main_edge_index, 2, 2, 4)
 
@@ -235,6 +262,7 @@ def _unpack(graph: dict, name: str) -> tuple[Tensor, Tensor]:
     if not isinstance(graph, dict) or "edge_index" not in graph or "cell_offset" not in graph:
         raise ValueError(f"{name} must be a dict with 'edge_index' and 'cell_offset'")
     edge_index, cell_offset = graph["edge_index"], graph["cell_offset"]
+    _check_graph(name, edge_index, None)
     if not isinstance(cell_offset, Tensor) or cell_offset.is_floating_point() or (
         cell_offset.is_complex() or cell_offset.dtype == torch.bool
     ):
@@ -258,6 +286,8 @@ def triplets(graph: dict, num_atoms: int) -> dict[str, Tensor]:
     """
     if not isinstance(graph, dict) or "edge_index" not in graph:
         raise ValueError("graph must be a dict with 'edge_index'")
+    _check_num_atoms(num_atoms)
+    _check_graph("graph", graph["edge_index"], None)
     idx_in, idx_out, out_agg = _triplets_op(graph["edge_index"], num_atoms)
     return {"in": idx_in, "out": idx_out, "out_agg": out_agg}
 
@@ -276,6 +306,7 @@ def mixed_triplets(
         {"in": [T] int64 index into graph_in, "out": [T] int64 index into graph_out
          (ascending), "out_agg": [T] int64 rank inside the out group}.
     """
+    _check_num_atoms(num_atoms)
     in_ei, in_off = _unpack(graph_in, "graph_in")
     out_ei, out_off = _unpack(graph_out, "graph_out")
     idx_in, idx_out, out_agg = _mixed_triplets_op(
@@ -297,6 +328,7 @@ def quadruplets(main_graph: dict, qint_graph: dict, num_atoms: int) -> dict:
          "trip_in_to_quad": [Q] index into triplet_in, "trip_out_to_quad": [Q] index into
          triplet_out, "out_agg": [Q] rank inside the out group}; all int64.
     """
+    _check_num_atoms(num_atoms)
     main_ei, main_off = _unpack(main_graph, "main_graph")
     qint_ei, qint_off = _unpack(qint_graph, "qint_graph")
     tin_in, tin_out, tout_in, tout_out, out, tin_to_quad, tout_to_quad, out_agg = _quadruplets_op(

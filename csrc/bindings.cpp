@@ -8,8 +8,10 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <string>
 
 #include "common/check.h"
+#include "interaction_indices/interaction_indices.h"
 
 #ifdef JMP_EXT_WITH_CUDA
 #include <cuda_runtime.h>
@@ -29,6 +31,47 @@ cudaStream_t stream(uintptr_t address) { return reinterpret_cast<cudaStream_t>(a
 #endif
 
 using nogil = py::call_guard<py::gil_scoped_release>;
+
+// ---- interaction_indices helpers ----
+namespace ii = jmp_ext::interaction_indices;
+
+// A graph from the addresses of its edge_index [2,E] int64 and cell_offset [E,3] int32.
+ii::Graph graph(uintptr_t edge_index, uintptr_t cell_offset, int64_t num_edges) {
+  const int64_t* rows = ptr<const int64_t>(edge_index);
+  return {rows, rows + num_edges, ptr<const int32_t>(cell_offset), num_edges};
+}
+
+ii::TripletArgs triplet_args(uintptr_t in_edge_index, uintptr_t in_cell_offset, int64_t in_edges,
+                             uintptr_t out_edge_index, uintptr_t out_cell_offset,
+                             int64_t out_edges, int pairing, int64_t num_atoms,
+                             uintptr_t in_ptr, uintptr_t in_order, uintptr_t offsets) {
+  ii::TripletArgs args;
+  args.in = graph(in_edge_index, in_cell_offset, in_edges);
+  args.out = graph(out_edge_index, out_cell_offset, out_edges);
+  JMP_CHECK(pairing >= 0 && pairing <= 2, "unknown pairing ", pairing);
+  args.pairing = static_cast<ii::Pairing>(pairing);
+  args.num_atoms = num_atoms;
+  args.out_name = pairing == 0 ? "graph" : "graph_out";
+  args.in_ptr = ptr<const int64_t>(in_ptr);
+  args.in_order = ptr<const int64_t>(in_order);
+  args.offsets = ptr<int64_t>(offsets);
+  return args;
+}
+
+ii::QuadArgs quad_args(uintptr_t main_edge_index, uintptr_t main_cell_offset, int64_t main_edges,
+                       uintptr_t qint_edge_index, uintptr_t qint_cell_offset, int64_t qint_edges,
+                       uintptr_t tin_ptr, uintptr_t tin_in, uintptr_t tout_ptr,
+                       uintptr_t tout_in, uintptr_t offsets) {
+  ii::QuadArgs args;
+  args.main = graph(main_edge_index, main_cell_offset, main_edges);
+  args.qint = graph(qint_edge_index, qint_cell_offset, qint_edges);
+  args.tin_ptr = ptr<const int64_t>(tin_ptr);
+  args.tin_in = ptr<const int64_t>(tin_in);
+  args.tout_ptr = ptr<const int64_t>(tout_ptr);
+  args.tout_in = ptr<const int64_t>(tout_in);
+  args.offsets = ptr<int64_t>(offsets);
+  return args;
+}
 
 }  // namespace
 
@@ -52,6 +95,70 @@ PYBIND11_MODULE(_C, m) {
   // ---- radius_graph (csrc/radius_graph) ----
 
   // ---- interaction_indices (csrc/interaction_indices) ----
+  // Arguments in order: graph(s) as (edge_index, cell_offset, num_edges) addresses and sizes,
+  // then scratch and outputs, then num_threads / stream. pairing: 0 same graph, 1 shared
+  // target, 2 in-target = out-source (see interaction_indices.h).
+  m.def(
+      "target_csr_cpu",
+      [](uintptr_t edge_index, int64_t num_edges, int64_t num_atoms, const std::string& name,
+         uintptr_t csr_ptr, uintptr_t csr_order, uintptr_t scratch, int num_threads) {
+        ii::cpu::target_csr(graph(edge_index, 0, num_edges), num_atoms, name.c_str(),
+                            {ptr<int64_t>(csr_ptr), ptr<int64_t>(csr_order)},
+                            ptr<int64_t>(scratch), num_threads);
+      },
+      nogil());
+  m.def(
+      "count_triplets_cpu",
+      [](uintptr_t in_ei, uintptr_t in_off, int64_t in_edges, uintptr_t out_ei, uintptr_t out_off,
+         int64_t out_edges, int pairing, int64_t num_atoms, uintptr_t in_ptr, uintptr_t in_order,
+         uintptr_t offsets, int num_threads) {
+        return ii::cpu::count_triplets(triplet_args(in_ei, in_off, in_edges, out_ei, out_off,
+                                                    out_edges, pairing, num_atoms, in_ptr,
+                                                    in_order, offsets),
+                                       num_threads);
+      },
+      nogil());
+  m.def(
+      "fill_triplets_cpu",
+      [](uintptr_t in_ei, uintptr_t in_off, int64_t in_edges, uintptr_t out_ei, uintptr_t out_off,
+         int64_t out_edges, int pairing, int64_t num_atoms, uintptr_t in_ptr, uintptr_t in_order,
+         uintptr_t offsets, uintptr_t idx_in, uintptr_t idx_out, uintptr_t out_agg,
+         int num_threads) {
+        ii::TripletArgs args = triplet_args(in_ei, in_off, in_edges, out_ei, out_off, out_edges,
+                                            pairing, num_atoms, in_ptr, in_order, offsets);
+        args.idx_in = ptr<int64_t>(idx_in);
+        args.idx_out = ptr<int64_t>(idx_out);
+        args.out_agg = ptr<int64_t>(out_agg);
+        ii::cpu::fill_triplets(args, num_threads);
+      },
+      nogil());
+  m.def(
+      "count_quadruplets_cpu",
+      [](uintptr_t main_ei, uintptr_t main_off, int64_t main_edges, uintptr_t qint_ei,
+         uintptr_t qint_off, int64_t qint_edges, uintptr_t tin_ptr, uintptr_t tin_in,
+         uintptr_t tout_ptr, uintptr_t tout_in, uintptr_t offsets, int num_threads) {
+        return ii::cpu::count_quadruplets(quad_args(main_ei, main_off, main_edges, qint_ei,
+                                                    qint_off, qint_edges, tin_ptr, tin_in,
+                                                    tout_ptr, tout_in, offsets),
+                                          num_threads);
+      },
+      nogil());
+  m.def(
+      "fill_quadruplets_cpu",
+      [](uintptr_t main_ei, uintptr_t main_off, int64_t main_edges, uintptr_t qint_ei,
+         uintptr_t qint_off, int64_t qint_edges, uintptr_t tin_ptr, uintptr_t tin_in,
+         uintptr_t tout_ptr, uintptr_t tout_in, uintptr_t offsets, uintptr_t out,
+         uintptr_t trip_out_to_quad, uintptr_t trip_in_to_quad, uintptr_t out_agg,
+         int num_threads) {
+        ii::QuadArgs args = quad_args(main_ei, main_off, main_edges, qint_ei, qint_off,
+                                      qint_edges, tin_ptr, tin_in, tout_ptr, tout_in, offsets);
+        args.out = ptr<int64_t>(out);
+        args.trip_out_to_quad = ptr<int64_t>(trip_out_to_quad);
+        args.trip_in_to_quad = ptr<int64_t>(trip_in_to_quad);
+        args.out_agg = ptr<int64_t>(out_agg);
+        ii::cpu::fill_quadruplets(args, num_threads);
+      },
+      nogil());
 
   // ---- reductions (csrc/reductions) ----
 }

@@ -1,0 +1,344 @@
+"""GemNet-OC interaction indices (triplets, mixed triplets, quadruplets) as compiled kernels.
+
+Edges follow jmp_ext's convention: edge e goes from source s = edge_index[0, e] (the neighbour)
+to target t = edge_index[1, e] (the centre, where messages aggregate); cell_offset[e] is the
+integer lattice shift of the source image. An edge is identified by its index, so two edges
+between the same atoms through different periodic images are different edges. Inputs need not be
+sorted by target (JMP's symmetrised main graph is not).
+
+Semantics are exactly those of GemNet-OC's ``interaction_indices.py`` (fairchem, JMP):
+
+- triplets: for every out edge c->a, every in edge b->a of the same graph except c->a itself.
+- mixed triplets (to_outedge=False): for every out edge c->a, every in edge b->a of the other
+  graph, except b == c with the same cell offset. With to_outedge=True: for every out edge b->a,
+  every in edge d->b, except d == a with off_db + off_ba == 0.
+- quadruplets d->b->a<-c: an input triplet (d->b main, b->a qint; to_outedge=True) joined with an
+  output triplet (b->a qint, c->a main) through the qint edge b->a, except c == d with
+  off_db + off_ba - off_ca == 0.
+
+Order (deterministic, documented): ``out`` ascending; inside an out group, triplets are ordered by
+(source atom of the in edge, in edge index), which is the reference's order (SparseTensor CSR
+column order) with its unspecified ties among periodic images broken by edge index; quadruplets
+are ordered by (output triplet, input triplet). ``out_agg`` is the rank inside the out group
+(0..count-1), the index GemNet-OC uses to pad triplets into [num_out_edges, Kmax, F].
+
+All outputs are int64 on the inputs' device. No autograd: the outputs are integer indices.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from jmp_ext.ops._lib import _C, num_threads, ptr, require_cuda
+
+__all__ = ["triplets", "mixed_triplets", "quadruplets"]
+
+# Pairing codes of csrc/interaction_indices/interaction_indices.h.
+_SAME_GRAPH, _SHARED_TARGET, _IN_TARGET_IS_OUT_SOURCE = 0, 1, 2
+
+
+# ---- checks and kernel plumbing ----
+
+
+def _check_graph(name: str, edge_index: Tensor, cell_offset: Tensor | None) -> None:
+    if not isinstance(edge_index, Tensor) or edge_index.dim() != 2 or edge_index.shape[0] != 2:
+        shape = tuple(edge_index.shape) if isinstance(edge_index, Tensor) else type(edge_index)
+        raise ValueError(f"{name}['edge_index'] must be a [2, E] tensor, got {shape}")
+    if edge_index.dtype != torch.int64:
+        raise TypeError(f"{name}['edge_index'] must be int64, got {edge_index.dtype}")
+    if cell_offset is None:
+        return
+    if cell_offset.shape != (edge_index.shape[1], 3):
+        raise ValueError(
+            f"{name}['cell_offset'] must have shape [E, 3] = [{edge_index.shape[1]}, 3] to match "
+            f"edge_index, got {tuple(cell_offset.shape)}"
+        )
+    if cell_offset.dtype != torch.int32:
+        raise TypeError(f"{name}['cell_offset'] must be int32, got {cell_offset.dtype}")
+    if cell_offset.device != edge_index.device:
+        raise ValueError(
+            f"{name}: edge_index is on {edge_index.device} but cell_offset is on "
+            f"{cell_offset.device}"
+        )
+
+
+def _check_num_atoms(num_atoms: int) -> None:
+    if isinstance(num_atoms, bool) or not isinstance(num_atoms, int) or num_atoms < 0:
+        raise ValueError(f"num_atoms must be a non-negative int, got {num_atoms!r}")
+
+
+def _check_same_device(**tensors: Tensor) -> torch.device:
+    devices = {name: t.device for name, t in tensors.items()}
+    first = next(iter(devices.values()))
+    if any(d != first for d in devices.values()):
+        raise ValueError(f"all inputs must be on one device, got {devices}")
+    return first
+
+
+def _check_two_graphs(
+    names: tuple[str, str],
+    first: tuple[Tensor, Tensor],
+    second: tuple[Tensor, Tensor],
+) -> torch.device:
+    _check_graph(names[0], *first)
+    _check_graph(names[1], *second)
+    return _check_same_device(**{names[0]: first[0], names[1]: second[0]})
+
+
+def _kernel(name: str, device: torch.device):
+    """The compiled entry for `device`, with its last argument (thread count or CUDA stream)."""
+    if device.type == "cpu":
+        last = num_threads()
+        fn = getattr(_C, f"{name}_cpu")
+    elif device.type == "cuda":
+        last = require_cuda(device)
+        fn = getattr(_C, f"{name}_cuda")
+    else:
+        raise ValueError(f"interaction indices run on CPU or CUDA tensors, got {device}")
+    return lambda *args: fn(*args, last)
+
+
+def _graph_args(edge_index: Tensor, cell_offset: Tensor | None) -> tuple[int, int, int]:
+    return ptr(edge_index), ptr(cell_offset), edge_index.shape[1]
+
+
+def _target_csr(edge_index: Tensor, num_atoms: int, name: str) -> tuple[Tensor, Tensor]:
+    """(ptr [num_atoms+1], order [E]): edges grouped by target, by (source, index) inside."""
+    num_edges = edge_index.shape[1]
+    csr_ptr = edge_index.new_empty(num_atoms + 1)
+    order = edge_index.new_empty(num_edges)
+    scratch = edge_index.new_empty(num_atoms + 1 + num_edges)
+    _kernel("target_csr", edge_index.device)(
+        ptr(edge_index), num_edges, num_atoms, name, ptr(csr_ptr), ptr(order), ptr(scratch)
+    )
+    return csr_ptr, order
+
+
+def _pairs(
+    in_graph: tuple[Tensor, Tensor | None],
+    out_graph: tuple[Tensor, Tensor | None],
+    csr: tuple[Tensor, Tensor],
+    num_atoms: int,
+    pairing: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Count, scan and fill one triplet op: (in [T], out [T], out_agg [T], offsets [E_out+1])."""
+    device = in_graph[0].device
+    args = (
+        *_graph_args(*in_graph),
+        *_graph_args(*out_graph),
+        pairing,
+        num_atoms,
+        ptr(csr[0]),
+        ptr(csr[1]),
+    )
+    offsets = in_graph[0].new_empty(out_graph[0].shape[1] + 1)
+    total = _kernel("count_triplets", device)(*args, ptr(offsets))
+    idx_in, idx_out, out_agg = (offsets.new_empty(total) for _ in range(3))
+    _kernel("fill_triplets", device)(*args, ptr(offsets), ptr(idx_in), ptr(idx_out), ptr(out_agg))
+    return idx_in, idx_out, out_agg, offsets
+
+
+# ---- custom ops (integer outputs: no autograd) ----
+
+
+@torch.library.custom_op("jmp_ext::triplets", mutates_args=())
+def _triplets_op(edge_index: Tensor, num_atoms: int) -> tuple[Tensor, Tensor, Tensor]:
+    _check_graph("graph", edge_index, None)
+    _check_num_atoms(num_atoms)
+    edge_index = edge_index.contiguous()
+    csr = _target_csr(edge_index, num_atoms, "graph")
+    return _pairs((edge_index, None), (edge_index, None), csr, num_atoms, _SAME_GRAPH)[:3]
+
+
+@torch.library.custom_op("jmp_ext::mixed_triplets", mutates_args=())
+def _mixed_triplets_op(
+    in_edge_index: Tensor,
+    in_cell_offset: Tensor,
+    out_edge_index: Tensor,
+    out_cell_offset: Tensor,
+    num_atoms: int,
+    to_outedge: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    _check_two_graphs(
+        ("graph_in", "graph_out"),
+        (in_edge_index, in_cell_offset),
+        (out_edge_index, out_cell_offset),
+    )
+    _check_num_atoms(num_atoms)
+    graph_in = (in_edge_index.contiguous(), in_cell_offset.contiguous())
+    graph_out = (out_edge_index.contiguous(), out_cell_offset.contiguous())
+    csr = _target_csr(graph_in[0], num_atoms, "graph_in")
+    pairing = _IN_TARGET_IS_OUT_SOURCE if to_outedge else _SHARED_TARGET
+    return _pairs(graph_in, graph_out, csr, num_atoms, pairing)[:3]
+
+
+@torch.library.custom_op("jmp_ext::quadruplets", mutates_args=())
+def _quadruplets_op(
+    main_edge_index: Tensor,
+    main_cell_offset: Tensor,
+    qint_edge_index: Tensor,
+    qint_cell_offset: Tensor,
+    num_atoms: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    device = _check_two_graphs(
+        ("main_graph", "qint_graph"),
+        (main_edge_index, main_cell_offset),
+        (qint_edge_index, qint_cell_offset),
+    )
+    _check_num_atoms(num_atoms)
+    main = (main_edge_index.contiguous(), main_cell_offset.contiguous())
+    qint = (qint_edge_index.contiguous(), qint_cell_offset.contiguous())
+    # Input triplets d->b->a: main edge d->b into qint edge b->a (CSR by qint edge).
+    tin_in, tin_out, _, tin_ptr = _pairs(
+        main, qint, _target_csr(main[0], num_atoms, "main_graph"), num_atoms,
+        _IN_TARGET_IS_OUT_SOURCE,
+    )
+    # Output triplets b->a<-c: qint edge b->a next to main edge c->a (CSR by main edge).
+    tout_in, tout_out, _, tout_ptr = _pairs(
+        qint, main, _target_csr(qint[0], num_atoms, "qint_graph"), num_atoms, _SHARED_TARGET
+    )
+    args = (
+        *_graph_args(*main),
+        *_graph_args(*qint),
+        ptr(tin_ptr),
+        ptr(tin_in),
+        ptr(tout_ptr),
+        ptr(tout_in),
+    )
+    offsets = main[0].new_empty(main[0].shape[1] + 1)
+    total = _kernel("count_quadruplets", device)(*args, ptr(offsets))
+    out, trip_out_to_quad, trip_in_to_quad, out_agg = (offsets.new_empty(total) for _ in range(4))
+    _kernel("fill_quadruplets", device)(
+        *args, ptr(offsets), ptr(out), ptr(trip_out_to_quad), ptr(trip_in_to_quad), ptr(out_agg)
+    )
+    return tin_in, tin_out, tout_in, tout_out, out, trip_in_to_quad, trip_out_to_quad, out_agg
+
+
+def _fake_indices(like: Tensor, *group_sizes: int) -> tuple[Tensor, ...]:
+    """Fake int64 outputs: each group shares one data-dependent length (fakes read no data)."""
+    ctx = torch.library.get_ctx()
+    outputs = []
+    for group_size in group_sizes:
+        length = ctx.new_dynamic_size()
+        outputs += [like.new_empty(length, dtype=torch.int64) for _ in range(group_size)]
+    return tuple(outputs)
+
+
+# The fakes check what can be checked without data, so that meta / fake tensors get the same
+# clear errors as real ones.
+@_triplets_op.register_fake
+def _(edge_index, num_atoms):
+    _check_graph("graph", edge_index, None)
+    return _fake_indices(edge_index, 3)
+
+
+@_mixed_triplets_op.register_fake
+def _(in_edge_index, in_cell_offset, out_edge_index, out_cell_offset, num_atoms, to_outedge):
+    _check_two_graphs(
+        ("graph_in", "graph_out"),
+        (in_edge_index, in_cell_offset),
+        (out_edge_index, out_cell_offset),
+    )
+    return _fake_indices(in_edge_index, 3)
+
+
+@_quadruplets_op.register_fake
+def _(main_edge_index, main_cell_offset, qint_edge_index, qint_cell_offset, num_atoms):
+    _check_two_graphs(
+        ("main_graph", "qint_graph"),
+        (main_edge_index, main_cell_offset),
+        (qint_edge_index, qint_cell_offset),
+    )
+    # triplet_in (in, out), triplet_out (in, out), then the four quadruplet tensors.
+    return _fake_indices(main_edge_index, 2, 2, 4)
+
+
+# ---- public API (GemNet-OC's dicts) ----
+
+
+def _unpack(graph: dict, name: str) -> tuple[Tensor, Tensor]:
+    """(edge_index int64 [2,E], cell_offset int32 [E,3]) of a graph dict, checked."""
+    if not isinstance(graph, dict) or "edge_index" not in graph or "cell_offset" not in graph:
+        raise ValueError(f"{name} must be a dict with 'edge_index' and 'cell_offset'")
+    edge_index, cell_offset = graph["edge_index"], graph["cell_offset"]
+    _check_graph(name, edge_index, None)
+    if not isinstance(cell_offset, Tensor) or cell_offset.is_floating_point() or (
+        cell_offset.is_complex() or cell_offset.dtype == torch.bool
+    ):
+        raise TypeError(f"{name}['cell_offset'] must be an integer tensor")
+    if cell_offset.dtype == torch.int64 and cell_offset.numel() > 0:
+        if cell_offset.abs().max() > torch.iinfo(torch.int32).max:
+            raise ValueError(f"{name}['cell_offset'] has values outside the int32 range")
+    return edge_index, cell_offset.to(torch.int32)
+
+
+def triplets(graph: dict, num_atoms: int) -> dict[str, Tensor]:
+    """Triplets b->a, c->a of one graph (GemNet-OC ``get_triplets``).
+
+    Args:
+        graph: {"edge_index": [2, E] int64, ...}; cell offsets are not needed (edges are
+            compared by index).
+        num_atoms: N, the number of atoms; every atom index must be in [0, N).
+    Returns:
+        {"in": [T] int64 edge b->a, "out": [T] int64 edge c->a (ascending),
+         "out_agg": [T] int64 rank of the triplet among those of its out edge}.
+    """
+    if not isinstance(graph, dict) or "edge_index" not in graph:
+        raise ValueError("graph must be a dict with 'edge_index'")
+    _check_num_atoms(num_atoms)
+    _check_graph("graph", graph["edge_index"], None)
+    idx_in, idx_out, out_agg = _triplets_op(graph["edge_index"], num_atoms)
+    return {"in": idx_in, "out": idx_out, "out_agg": out_agg}
+
+
+def mixed_triplets(
+    graph_in: dict, graph_out: dict, num_atoms: int, to_outedge: bool = False
+) -> dict[str, Tensor]:
+    """Triplets across two graphs (GemNet-OC ``get_mixed_triplets``).
+
+    Args:
+        graph_in, graph_out: {"edge_index": [2, E] int64, "cell_offset": [E, 3] integer}.
+        num_atoms: N.
+        to_outedge: False pairs in b->a with out c->a (same target); True pairs in d->b with
+            out b->a (the in edge's target is the out edge's source).
+    Returns:
+        {"in": [T] int64 index into graph_in, "out": [T] int64 index into graph_out
+         (ascending), "out_agg": [T] int64 rank inside the out group}.
+    """
+    _check_num_atoms(num_atoms)
+    in_ei, in_off = _unpack(graph_in, "graph_in")
+    out_ei, out_off = _unpack(graph_out, "graph_out")
+    idx_in, idx_out, out_agg = _mixed_triplets_op(
+        in_ei, in_off, out_ei, out_off, num_atoms, bool(to_outedge)
+    )
+    return {"in": idx_in, "out": idx_out, "out_agg": out_agg}
+
+
+def quadruplets(main_graph: dict, qint_graph: dict, num_atoms: int) -> dict:
+    """Quadruplets d->b->a<-c of GemNet-OC (``get_quadruplets``).
+
+    Args:
+        main_graph, qint_graph: {"edge_index": [2, E] int64, "cell_offset": [E, 3] integer}.
+        num_atoms: N.
+    Returns:
+        {"triplet_in": {"in": [T_in] main edge d->b, "out": [T_in] qint edge b->a},
+         "triplet_out": {"in": [T_out] qint edge b->a, "out": [T_out] main edge c->a},
+         "out": [Q] main edge c->a (ascending),
+         "trip_in_to_quad": [Q] index into triplet_in, "trip_out_to_quad": [Q] index into
+         triplet_out, "out_agg": [Q] rank inside the out group}; all int64.
+    """
+    _check_num_atoms(num_atoms)
+    main_ei, main_off = _unpack(main_graph, "main_graph")
+    qint_ei, qint_off = _unpack(qint_graph, "qint_graph")
+    tin_in, tin_out, tout_in, tout_out, out, tin_to_quad, tout_to_quad, out_agg = _quadruplets_op(
+        main_ei, main_off, qint_ei, qint_off, num_atoms
+    )
+    return {
+        "triplet_in": {"in": tin_in, "out": tin_out},
+        "triplet_out": {"in": tout_in, "out": tout_out},
+        "out": out,
+        "trip_in_to_quad": tin_to_quad,
+        "trip_out_to_quad": tout_to_quad,
+        "out_agg": out_agg,
+    }

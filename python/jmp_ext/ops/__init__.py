@@ -5,5 +5,23 @@ autograd and torch.compile, on CPU tensors and (in a CUDA build) on GPU tensors.
 """
 
 from jmp_ext.ops._lib import build_info
+from jmp_ext.ops.reductions import (
+    padded_to_ragged,
+    ragged_to_padded,
+    scatter_mean,
+    scatter_sum,
+    segment_max,
+    segment_mean,
+    segment_sum,
+)
 
-__all__ = ["build_info"]
+__all__ = [
+    "build_info",
+    "padded_to_ragged",
+    "ragged_to_padded",
+    "scatter_mean",
+    "scatter_sum",
+    "segment_max",
+    "segment_mean",
+    "segment_sum",
+]

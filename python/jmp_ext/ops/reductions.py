@@ -77,11 +77,11 @@ def _launch(name: str, device: torch.device, *args) -> None:
 
 def _segment_kernel(src: Tensor, ptr_: Tensor, perm: Tensor | None, reduce: str) -> tuple[Tensor, Tensor | None]:
     """Reduces src rows (taken in the order perm, or 0..E-1) over the CSR segments of ptr_."""
-    src = src.contiguous()
+    src, ptr_ = src.contiguous(), ptr_.contiguous()  # (kept alive while the kernel runs)
     num_segments, features = ptr_.shape[0] - 1, src.shape[1]
     out = src.new_empty(num_segments, features)
     arg = src.new_empty(num_segments, features, dtype=torch.int64) if reduce == "max" else None
-    _launch("segment_reduce", src.device, ptr(src), ptr(ptr_.contiguous()), ptr(perm), ptr(out),
+    _launch("segment_reduce", src.device, ptr(src), ptr(ptr_), ptr(perm), ptr(out),
             ptr(arg), src.shape[0], num_segments, features, _DTYPE_CODES[src.dtype],
             _REDUCE_CODES[reduce])
     return out, arg
@@ -127,10 +127,10 @@ def _(src, ptr_):
 def _segment_broadcast(src: Tensor, ptr_: Tensor, num_rows: int) -> Tensor:
     """out[e] = src[s] for e in [ptr_[s], ptr_[s+1]): [S, F] -> [num_rows, F] (adjoint of sum)."""
     _check_broadcast(src, ptr_, num_rows)
-    src = src.contiguous()
+    src, ptr_ = src.contiguous(), ptr_.contiguous()
     out = src.new_empty(num_rows, src.shape[1])
     _launch("segment_broadcast", src.device, ptr(src), ptr(out), src.shape[1], src.element_size(),
-            ptr(ptr_.contiguous()), ptr_.shape[0] - 1, num_rows)
+            ptr(ptr_), ptr_.shape[0] - 1, num_rows)
     return out
 
 
@@ -222,9 +222,10 @@ def _(src, index):
 
 def _padded_copy(name: str, src: Tensor, row: Tensor, col: Tensor, num_rows: int, num_cols: int,
                  out: Tensor) -> Tensor:
+    src, row, col = src.contiguous(), row.contiguous(), col.contiguous()
     slots = torch.empty(num_rows * num_cols, dtype=torch.int64, device=src.device)
-    _launch(name, src.device, ptr(src.contiguous()), ptr(out), out.shape[-1], src.element_size(),
-            ptr(row.contiguous()), ptr(col.contiguous()), row.shape[0], num_rows, num_cols, ptr(slots))
+    _launch(name, src.device, ptr(src), ptr(out), out.shape[-1], src.element_size(), ptr(row),
+            ptr(col), row.shape[0], num_rows, num_cols, ptr(slots))
     return out
 
 

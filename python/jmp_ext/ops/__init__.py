@@ -6,5 +6,26 @@ autograd and torch.compile, on CPU tensors and (in a CUDA build) on GPU tensors.
 
 from jmp_ext.ops._lib import build_info
 from jmp_ext.ops.interaction_indices import mixed_triplets, quadruplets, triplets
+from jmp_ext.ops.reductions import (
+    padded_to_ragged,
+    ragged_to_padded,
+    scatter_mean,
+    scatter_sum,
+    segment_max,
+    segment_mean,
+    segment_sum,
+)
 
-__all__ = ["build_info", "mixed_triplets", "quadruplets", "triplets"]
+__all__ = [
+    "build_info",
+    "mixed_triplets",
+    "padded_to_ragged",
+    "quadruplets",
+    "ragged_to_padded",
+    "scatter_mean",
+    "scatter_sum",
+    "segment_max",
+    "segment_mean",
+    "segment_sum",
+    "triplets",
+]

@@ -1,0 +1,93 @@
+// Scatter / segment reductions and the ragged <-> padded row copies of GemNet-OC.
+//
+// Plain-data arguments, no torch: the caller (python/jmp_ext/ops/reductions.py) owns every buffer
+// and has checked shapes, dtypes and devices; these entries check the index *values* (ranges,
+// monotone pointers, duplicate slots) before writing anything, so bad indices raise
+// jmp_ext::InvalidInput instead of writing out of bounds. The same entry names exist under
+// cpu:: (reductions_cpu.cpp, deterministic, threaded) and cuda:: (reductions_cuda.cu).
+//
+// Shapes: a "row" is `features` contiguous elements; src/out tensors are row-major [rows, F].
+#pragma once
+
+#include <cstdint>
+
+#ifdef JMP_EXT_WITH_CUDA
+#include <cuda_runtime.h>
+#endif
+
+namespace jmp_ext::reductions {
+
+enum class Dtype : int32_t { f32 = 0, f64 = 1, bf16 = 2 };
+enum class Reduce : int32_t { sum = 0, mean = 1, max = 2 };
+
+// Marks "no element chosen yet" inside the max reduction.
+constexpr int64_t kNoArg = -1;
+
+// out[s] = reduce(src[perm[e]] for e in [ptr[s], ptr[s+1])), in that order of e.
+struct SegmentReduceArgs {
+  const void* src;       // [num_src, F] of dtype
+  const int64_t* ptr;    // [num_segments + 1]: ptr[0] = 0, non-decreasing, ptr[S] = num_src
+  const int64_t* perm;   // [num_src] rows of src in segment order, or nullptr for 0, 1, 2, ...
+  void* out;             // [num_segments, F] of dtype; empty segments give 0
+  int64_t* arg;          // max only: [num_segments, F] row of src picked (num_src if empty)
+  int64_t num_src;
+  int64_t num_segments;
+  int64_t features;
+  Dtype dtype;
+  Reduce reduce;
+};
+
+// Rows of `features` elements of `elem_size` bytes (2, 4 or 8) copied from src to out.
+struct RowCopy {
+  const void* src;
+  void* out;
+  int64_t features;
+  int elem_size;
+};
+
+// The (row, col) slots of T ragged items in a [num_rows, num_cols] padded layout.
+struct PaddedIndex {
+  const int64_t* row;   // [num_items] in [0, num_rows)
+  const int64_t* col;   // [num_items] in [0, num_cols); (row, col) pairs must be distinct
+  int64_t num_items;
+  int64_t num_rows;
+  int64_t num_cols;
+  int64_t* slots;       // scratch [num_rows * num_cols]: item in each slot, -1 if none
+};
+
+namespace cpu {
+void segment_reduce(const SegmentReduceArgs& args, int num_threads);
+// Stable counting sort of index [n] (values in [0, dim_size)): ptr [dim_size + 1] and perm [n]
+// such that perm[ptr[k] : ptr[k+1]] lists, ascending, the positions e with index[e] == k.
+void index_to_csr(const int64_t* index, int64_t n, int64_t dim_size, int64_t* ptr, int64_t* perm,
+                  int num_threads);
+// out[i] = src[index[i]] for i < num_index; index values in [0, num_src_rows).
+void gather(const RowCopy& copy, const int64_t* index, int64_t num_index, int64_t num_src_rows,
+            int num_threads);
+// out[e] = src[s] for e in [ptr[s], ptr[s+1]): the adjoint of segment_reduce(sum).
+void segment_broadcast(const RowCopy& copy, const int64_t* ptr, int64_t num_segments,
+                       int64_t num_out_rows, int num_threads);
+// out[row[t] * num_cols + col[t]] = src[t], zeros in the other slots.
+void ragged_to_padded(const RowCopy& copy, const PaddedIndex& index, int num_threads);
+// out[t] = src[row[t] * num_cols + col[t]]: the adjoint of ragged_to_padded.
+void padded_to_ragged(const RowCopy& copy, const PaddedIndex& index, int num_threads);
+}  // namespace cpu
+
+#ifdef JMP_EXT_WITH_CUDA
+namespace cuda {
+// Deterministic: one warp (small F) or one thread per feature (large F) per segment, no atomics.
+void segment_reduce(const SegmentReduceArgs& args, cudaStream_t stream);
+// Non-deterministic opt-in: one atomicAdd per element into acc [dim_size, F] (float for f32 and
+// bf16 sources, double for f64), which the caller zeroed.
+void scatter_add_atomic(const void* src, Dtype dtype, const int64_t* index, int64_t n,
+                        int64_t features, int64_t dim_size, void* acc, cudaStream_t stream);
+void gather(const RowCopy& copy, const int64_t* index, int64_t num_index, int64_t num_src_rows,
+            cudaStream_t stream);
+void segment_broadcast(const RowCopy& copy, const int64_t* ptr, int64_t num_segments,
+                       int64_t num_out_rows, cudaStream_t stream);
+void ragged_to_padded(const RowCopy& copy, const PaddedIndex& index, cudaStream_t stream);
+void padded_to_ragged(const RowCopy& copy, const PaddedIndex& index, cudaStream_t stream);
+}  // namespace cuda
+#endif
+
+}  // namespace jmp_ext::reductions

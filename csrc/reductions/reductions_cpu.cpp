@@ -1,0 +1,218 @@
+// CPU kernels of csrc/reductions: deterministic on any thread count, because every output row is
+// produced by exactly one thread, in a fixed order of its inputs; threads only decide who does
+// which rows.
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "common/check.h"
+#include "common/parallel.h"
+#include "reductions/reducer.h"
+#include "reductions/reductions.h"
+
+namespace jmp_ext::reductions::cpu {
+namespace {
+
+// Below this many elements of work a thread costs more than it saves.
+constexpr int64_t kGrain = 1 << 15;
+
+void check_ptr(const int64_t* ptr, int64_t num_segments, int64_t num_items) {
+  JMP_CHECK(ptr[0] == 0, "ptr[0] must be 0, got ", ptr[0]);
+  for (int64_t s = 0; s < num_segments; ++s) {
+    JMP_CHECK(ptr[s + 1] >= ptr[s], "ptr must be non-decreasing, but ptr[", s, "] = ", ptr[s],
+              " > ptr[", s + 1, "] = ", ptr[s + 1]);
+  }
+  JMP_CHECK(ptr[num_segments] == num_items, "ptr[-1] must equal the number of source rows (",
+            num_items, "), got ", ptr[num_segments]);
+}
+
+void check_index(int64_t value, int64_t position, int64_t bound, const char* name,
+                 const char* bound_name) {
+  JMP_CHECK(value >= 0, name, "[", position, "] = ", value, " is negative");
+  JMP_CHECK(value < bound, name, "[", position, "] = ", value, " is out of range for ",
+            bound_name, " = ", bound);
+}
+
+// Runs f(s_begin, s_end) over contiguous blocks of segments of about equal cost (rows + segments
+// in each block), so one hub segment does not leave the other threads idle.
+template <class F>
+void for_segment_blocks(const int64_t* ptr, int64_t num_segments, int64_t features,
+                        int num_threads, F&& f) {
+  int64_t cost = (ptr[num_segments] + num_segments) * std::max<int64_t>(features, 1);
+  int blocks = static_cast<int>(std::clamp<int64_t>(cost / kGrain, 1, std::max(num_threads, 1)));
+  // First segment s with ptr[s] + s >= target (a non-decreasing function of s).
+  auto segment_at = [&](int64_t target) {
+    int64_t lo = 0, hi = num_segments;
+    while (lo < hi) {
+      int64_t mid = lo + (hi - lo) / 2;
+      if (ptr[mid] + mid < target) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+  };
+  int64_t total = ptr[num_segments] + num_segments;
+  parallel_for(blocks, blocks, 1, [&](int64_t b_begin, int64_t b_end) {
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      f(segment_at(total * b / blocks), segment_at(total * (b + 1) / blocks));
+    }
+  });
+}
+
+template <class T, Reduce R>
+void reduce_segments(const SegmentReduceArgs& a, int num_threads) {
+  using A = acc_t<T>;
+  using Red = Reducer<R, A>;
+  const T* src = static_cast<const T*>(a.src);
+  T* out = static_cast<T*>(a.out);
+  const int64_t F = a.features;
+  for_segment_blocks(a.ptr, a.num_segments, F, num_threads, [&](int64_t s_begin, int64_t s_end) {
+    std::vector<A> acc(F);
+    std::vector<int64_t> arg(F);
+    for (int64_t s = s_begin; s < s_end; ++s) {
+      std::fill(acc.begin(), acc.end(), Red::init());
+      std::fill(arg.begin(), arg.end(), kNoArg);
+      A* acc_p = acc.data();
+      int64_t* arg_p = arg.data();
+      for (int64_t e = a.ptr[s]; e < a.ptr[s + 1]; ++e) {
+        int64_t row = a.perm ? a.perm[e] : e;
+        const T* x = src + row * F;
+        for (int64_t f = 0; f < F; ++f) Red::update(acc_p[f], arg_p[f], Acc<T>::load(x[f]), row);
+      }
+      int64_t count = a.ptr[s + 1] - a.ptr[s];
+      for (int64_t f = 0; f < F; ++f) out[s * F + f] = Acc<T>::store(Red::finish(acc_p[f], count));
+      if constexpr (R == Reduce::max) {
+        for (int64_t f = 0; f < F; ++f) a.arg[s * F + f] = arg_p[f] == kNoArg ? a.num_src : arg_p[f];
+      }
+    }
+  });
+}
+
+// Calls f(U{}) with an unsigned integer type as wide as one element: copies move bits only.
+template <class F>
+void dispatch_elem(int elem_size, F&& f) {
+  switch (elem_size) {
+    case 2: return f(uint16_t{});
+    case 4: return f(uint32_t{});
+    case 8: return f(uint64_t{});
+  }
+  throw InvalidInput(detail::concat("element size must be 2, 4 or 8 bytes, got ", elem_size));
+}
+
+// out row i = src row source(i), or zeros where source(i) < 0, for i in [begin, end).
+template <class Source>
+void copy_rows(const RowCopy& c, int64_t begin, int64_t end, Source&& source) {
+  dispatch_elem(c.elem_size, [&](auto u) {
+    using U = decltype(u);
+    const U* src = static_cast<const U*>(c.src);
+    U* out = static_cast<U*>(c.out);
+    const int64_t F = c.features;
+    for (int64_t i = begin; i < end; ++i) {
+      int64_t from = source(i);
+      U* o = out + i * F;
+      if (from < 0) {
+        std::fill(o, o + F, U{0});
+      } else {
+        const U* x = src + from * F;
+        for (int64_t f = 0; f < F; ++f) o[f] = x[f];
+      }
+    }
+  });
+}
+
+// Checks row/col and fills index.slots with the item of each slot (-1 for none); serial, so the
+// first duplicate (by item order) is the one reported.
+void fill_slots(const PaddedIndex& p) {
+  std::fill(p.slots, p.slots + p.num_rows * p.num_cols, int64_t{-1});
+  for (int64_t t = 0; t < p.num_items; ++t) {
+    check_index(p.row[t], t, p.num_rows, "row", "num_rows");
+    check_index(p.col[t], t, p.num_cols, "col", "num_cols");
+    int64_t& slot = p.slots[p.row[t] * p.num_cols + p.col[t]];
+    JMP_CHECK(slot < 0, "(row, col) = (", p.row[t], ", ", p.col[t], ") appears twice, at items ",
+              slot, " and ", t, "; each padded slot can hold one item");
+    slot = t;
+  }
+}
+
+}  // namespace
+
+void segment_reduce(const SegmentReduceArgs& a, int num_threads) {
+  check_ptr(a.ptr, a.num_segments, a.num_src);
+  dispatch_dtype(a.dtype, [&](auto t) {
+    dispatch_reduce(a.reduce, [&](auto r) { reduce_segments<decltype(t), r()>(a, num_threads); });
+  });
+}
+
+void index_to_csr(const int64_t* index, int64_t n, int64_t dim_size, int64_t* ptr, int64_t* perm,
+                  int num_threads) {
+  // Each chunk of index counts into its own histogram; a chunk's rows then start after those of
+  // the chunks before it, which keeps the sort stable. Chunks are capped so that the histograms
+  // stay no larger than the input.
+  int64_t chunk_cap = n / std::max<int64_t>(dim_size, kGrain);
+  int chunks = static_cast<int>(std::clamp<int64_t>(chunk_cap, 1, std::max(num_threads, 1)));
+  std::vector<int64_t> start(static_cast<size_t>(chunks) * dim_size, 0);
+  auto chunk_range = [&](int64_t c) { return std::make_pair(n * c / chunks, n * (c + 1) / chunks); };
+  parallel_for(chunks, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      int64_t* count = start.data() + c * dim_size;
+      auto [begin, end] = chunk_range(c);
+      for (int64_t e = begin; e < end; ++e) {
+        check_index(index[e], e, dim_size, "index", "dim_size");
+        ++count[index[e]];
+      }
+    }
+  });
+  int64_t offset = 0;
+  for (int64_t k = 0; k < dim_size; ++k) {
+    ptr[k] = offset;
+    for (int c = 0; c < chunks; ++c) {
+      int64_t count = start[c * dim_size + k];
+      start[c * dim_size + k] = offset;
+      offset += count;
+    }
+  }
+  ptr[dim_size] = offset;
+  parallel_for(chunks, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      int64_t* next = start.data() + c * dim_size;
+      auto [begin, end] = chunk_range(c);
+      for (int64_t e = begin; e < end; ++e) perm[next[index[e]]++] = e;
+    }
+  });
+}
+
+void gather(const RowCopy& c, const int64_t* index, int64_t num_index, int64_t num_src_rows,
+            int num_threads) {
+  parallel_for(num_index, num_threads, std::max<int64_t>(1, kGrain / std::max<int64_t>(c.features, 1)),
+               [&](int64_t begin, int64_t end) {
+                 for (int64_t i = begin; i < end; ++i)
+                   check_index(index[i], i, num_src_rows, "index", "the number of source rows");
+                 copy_rows(c, begin, end, [&](int64_t i) { return index[i]; });
+               });
+}
+
+void segment_broadcast(const RowCopy& c, const int64_t* ptr, int64_t num_segments,
+                       int64_t num_out_rows, int num_threads) {
+  check_ptr(ptr, num_segments, num_out_rows);
+  for_segment_blocks(ptr, num_segments, c.features, num_threads, [&](int64_t s_begin, int64_t s_end) {
+    for (int64_t s = s_begin; s < s_end; ++s) {
+      copy_rows(c, ptr[s], ptr[s + 1], [s](int64_t) { return s; });
+    }
+  });
+}
+
+void ragged_to_padded(const RowCopy& c, const PaddedIndex& p, int num_threads) {
+  fill_slots(p);
+  int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(c.features, 1));
+  parallel_for(p.num_rows * p.num_cols, num_threads, grain, [&](int64_t begin, int64_t end) {
+    copy_rows(c, begin, end, [&](int64_t slot) { return p.slots[slot]; });
+  });
+}
+
+void padded_to_ragged(const RowCopy& c, const PaddedIndex& p, int num_threads) {
+  fill_slots(p);
+  int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(c.features, 1));
+  parallel_for(p.num_items, num_threads, grain, [&](int64_t begin, int64_t end) {
+    copy_rows(c, begin, end, [&](int64_t t) { return p.row[t] * p.num_cols + p.col[t]; });
+  });
+}
+
+}  // namespace jmp_ext::reductions::cpu

@@ -1,0 +1,443 @@
+"""Scatter / segment reductions and GemNet-OC's ragged <-> padded copies, as custom torch ops.
+
+Public functions (shapes: E source rows, S segments, `...` any trailing feature dims):
+
+    segment_sum / segment_mean / segment_max(src [E, ...], ptr [S+1] int64) -> [S, ...]
+    scatter_sum / scatter_mean(src [E, ...], index [E] int64, dim_size, *, deterministic=True)
+        -> [dim_size, ...]
+    ragged_to_padded(x [T, ...], row [T], col [T], num_rows, num_cols) -> [num_rows, num_cols, ...]
+    padded_to_ragged(padded [R, C, ...], row [T], col [T]) -> [T, ...]
+
+src is float32, float64 or bfloat16 (bf16 accumulates in float32); indices are int64. Empty
+segments give 0. Results are bitwise deterministic on the CPU for any thread count, and on CUDA
+unless scatter_* is called with deterministic=False (one atomicAdd per element: faster, but the
+summation order varies). segment_max sends the gradient to the first maximal element of each
+segment (the first NaN if there is one).
+
+Every op is differentiable to any order: each backward is built from the ops of this file (the
+adjoint of a segment sum is a segment broadcast, of a scatter a gather, of ragged_to_padded
+padded_to_ragged, and back), so force training can differentiate through them twice.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from jmp_ext.ops._lib import _C, num_threads, ptr, require_cuda
+
+_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
+_REDUCE_CODES = {"sum": 0, "mean": 1, "max": 2}
+
+
+# ---- checks on metadata (shared by the real and the fake kernels) ----
+
+
+def _check_src(name: str, src: Tensor, dim: int = 2) -> None:
+    if src.dtype not in _DTYPE_CODES:
+        raise TypeError(f"{name} must be float32, float64 or bfloat16, got {src.dtype}")
+    if src.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D here, got shape {tuple(src.shape)}")
+
+
+def _check_index(name: str, index: Tensor, length: int | None, device: torch.device) -> None:
+    if index.dtype != torch.int64:
+        raise TypeError(f"{name} must be int64, got {index.dtype}")
+    if index.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(index.shape)}")
+    if length is not None and index.shape[0] != length:
+        raise ValueError(f"{name} has {index.shape[0]} entries but the source has {length} rows")
+    if index.device != device:
+        raise ValueError(f"{name} is on {index.device} but the source is on {device}")
+
+
+def _check_ptr(ptr_: Tensor, device: torch.device) -> None:
+    _check_index("ptr", ptr_, None, device)
+    if ptr_.shape[0] == 0:
+        raise ValueError("ptr must have S + 1 >= 1 entries (ptr[0] = 0, ptr[S] = number of rows)")
+
+
+def _check_size(name: str, value: int) -> None:
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def _launch(name: str, device: torch.device, *args) -> None:
+    """Calls _C.<name>_cpu(*args, threads) or _C.<name>_cuda(*args, stream) for `device`."""
+    if device.type == "cuda":
+        getattr(_C, f"{name}_cuda")(*args, require_cuda(device))
+    else:
+        getattr(_C, f"{name}_cpu")(*args, num_threads())
+
+
+# ---- the custom ops, on 2-D [rows, F] tensors ----
+
+
+def _segment_kernel(src: Tensor, ptr_: Tensor, perm: Tensor | None, reduce: str) -> tuple[Tensor, Tensor | None]:
+    """Reduces src rows (taken in the order perm, or 0..E-1) over the CSR segments of ptr_."""
+    src, ptr_ = src.contiguous(), ptr_.contiguous()  # (kept alive while the kernel runs)
+    num_segments, features = ptr_.shape[0] - 1, src.shape[1]
+    out = src.new_empty(num_segments, features)
+    arg = src.new_empty(num_segments, features, dtype=torch.int64) if reduce == "max" else None
+    _launch("segment_reduce", src.device, ptr(src), ptr(ptr_), ptr(perm), ptr(out),
+            ptr(arg), src.shape[0], num_segments, features, _DTYPE_CODES[src.dtype],
+            _REDUCE_CODES[reduce])
+    return out, arg
+
+
+@torch.library.custom_op("jmp_ext::segment_reduce", mutates_args=())
+def _segment_reduce(src: Tensor, ptr_: Tensor, reduce: str) -> Tensor:
+    """Sum or mean of src [E, F] over segments ptr_ [S+1] -> [S, F]."""
+    _check_segment(src, ptr_, reduce)
+    return _segment_kernel(src, ptr_, None, reduce)[0]
+
+
+def _check_segment(src: Tensor, ptr_: Tensor, reduce: str) -> None:
+    _check_src("src", src)
+    _check_ptr(ptr_, src.device)
+    if reduce not in ("sum", "mean"):
+        raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
+
+
+@_segment_reduce.register_fake
+def _(src, ptr_, reduce):
+    _check_segment(src, ptr_, reduce)
+    return src.new_empty(ptr_.shape[0] - 1, src.shape[1])
+
+
+@torch.library.custom_op("jmp_ext::segment_max", mutates_args=())
+def _segment_max(src: Tensor, ptr_: Tensor) -> tuple[Tensor, Tensor]:
+    """Max of src [E, F] over segments ptr_ [S+1] -> (values [S, F], argmax [S, F] int64, E if empty)."""
+    _check_src("src", src)
+    _check_ptr(ptr_, src.device)
+    return _segment_kernel(src, ptr_, None, "max")
+
+
+@_segment_max.register_fake
+def _(src, ptr_):
+    _check_src("src", src)
+    _check_ptr(ptr_, src.device)
+    shape = (ptr_.shape[0] - 1, src.shape[1])
+    return src.new_empty(shape), src.new_empty(shape, dtype=torch.int64)
+
+
+@torch.library.custom_op("jmp_ext::segment_broadcast", mutates_args=())
+def _segment_broadcast(src: Tensor, ptr_: Tensor, num_rows: int) -> Tensor:
+    """out[e] = src[s] for e in [ptr_[s], ptr_[s+1]): [S, F] -> [num_rows, F] (adjoint of sum)."""
+    _check_broadcast(src, ptr_, num_rows)
+    src, ptr_ = src.contiguous(), ptr_.contiguous()
+    out = src.new_empty(num_rows, src.shape[1])
+    _launch("segment_broadcast", src.device, ptr(src), ptr(out), src.shape[1], src.element_size(),
+            ptr(ptr_), ptr_.shape[0] - 1, num_rows)
+    return out
+
+
+def _check_broadcast(src: Tensor, ptr_: Tensor, num_rows: int) -> None:
+    _check_src("src", src)
+    _check_ptr(ptr_, src.device)
+    _check_size("num_rows", num_rows)
+    if src.shape[0] != ptr_.shape[0] - 1:
+        raise ValueError(f"src has {src.shape[0]} rows but ptr describes {ptr_.shape[0] - 1} segments")
+
+
+@_segment_broadcast.register_fake
+def _(src, ptr_, num_rows):
+    _check_broadcast(src, ptr_, num_rows)
+    return src.new_empty(num_rows, src.shape[1])
+
+
+def _index_to_csr(index: Tensor, dim_size: int) -> tuple[Tensor, Tensor]:
+    """ptr [dim_size+1] and the stable permutation perm [E] that sorts index (a counting sort).
+
+    On CUDA, torch's stable sort does it; the range check then costs one host sync."""
+    if index.is_cuda:
+        sorted_index, perm = torch.sort(index, stable=True)
+        if index.numel() and not 0 <= sorted_index[0].item() <= sorted_index[-1].item() < dim_size:
+            raise ValueError(f"index values must lie in [0, dim_size = {dim_size}), got "
+                             f"min {sorted_index[0].item()}, max {sorted_index[-1].item()}")
+        bounds = torch.arange(dim_size + 1, device=index.device)
+        return torch.searchsorted(sorted_index, bounds), perm
+    ptr_ = index.new_empty(dim_size + 1)
+    perm = torch.empty_like(index)
+    _C.index_to_csr_cpu(ptr(index), index.shape[0], dim_size, ptr(ptr_), ptr(perm), num_threads())
+    return ptr_, perm
+
+
+@torch.library.custom_op("jmp_ext::scatter_reduce", mutates_args=())
+def _scatter_reduce(src: Tensor, index: Tensor, dim_size: int, reduce: str, deterministic: bool) -> Tensor:
+    """Sum or mean of src [E, F] rows into dim_size rows by index [E] -> [dim_size, F]."""
+    _check_scatter(src, index, dim_size, reduce)
+    index = index.contiguous()
+    atomic = src.is_cuda and not deterministic and not torch.are_deterministic_algorithms_enabled()
+    if not atomic:
+        ptr_, perm = _index_to_csr(index, dim_size)
+        return _segment_kernel(src, ptr_, perm, reduce)[0]
+    src = src.contiguous()
+    acc = torch.zeros(dim_size, src.shape[1], device=src.device,
+                      dtype=torch.float64 if src.dtype == torch.float64 else torch.float32)
+    _C.scatter_add_atomic_cuda(ptr(src), _DTYPE_CODES[src.dtype], ptr(index), src.shape[0],
+                               src.shape[1], dim_size, ptr(acc), require_cuda(src.device))
+    if reduce == "mean":
+        acc /= _counts(index, dim_size, acc.dtype)
+    return acc.to(src.dtype)
+
+
+def _check_scatter(src: Tensor, index: Tensor, dim_size: int, reduce: str) -> None:
+    _check_src("src", src)
+    _check_index("index", index, src.shape[0], src.device)
+    _check_size("dim_size", dim_size)
+    if reduce not in ("sum", "mean"):
+        raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
+
+
+@_scatter_reduce.register_fake
+def _(src, index, dim_size, reduce, deterministic):
+    _check_scatter(src, index, dim_size, reduce)
+    return src.new_empty(dim_size, src.shape[1])
+
+
+@torch.library.custom_op("jmp_ext::gather", mutates_args=())
+def _gather(src: Tensor, index: Tensor) -> Tensor:
+    """out[i] = src[index[i]]: [S, F] -> [len(index), F] (adjoint of scatter sum)."""
+    _check_gather(src, index)
+    src, index = src.contiguous(), index.contiguous()
+    out = src.new_empty(index.shape[0], src.shape[1])
+    _launch("gather", src.device, ptr(src), ptr(out), src.shape[1], src.element_size(), ptr(index),
+            index.shape[0], src.shape[0])
+    return out
+
+
+def _check_gather(src: Tensor, index: Tensor) -> None:
+    _check_src("src", src)
+    _check_index("index", index, None, src.device)
+
+
+@_gather.register_fake
+def _(src, index):
+    _check_gather(src, index)
+    return src.new_empty(index.shape[0], src.shape[1])
+
+
+def _padded_copy(name: str, src: Tensor, row: Tensor, col: Tensor, num_rows: int, num_cols: int,
+                 out: Tensor) -> Tensor:
+    src, row, col = src.contiguous(), row.contiguous(), col.contiguous()
+    slots = torch.empty(num_rows * num_cols, dtype=torch.int64, device=src.device)
+    _launch(name, src.device, ptr(src), ptr(out), out.shape[-1], src.element_size(), ptr(row),
+            ptr(col), row.shape[0], num_rows, num_cols, ptr(slots))
+    return out
+
+
+def _check_padded(x: Tensor, row: Tensor, col: Tensor, num_rows: int, num_cols: int) -> None:
+    _check_index("row", row, None, x.device)
+    _check_index("col", col, row.shape[0], x.device)
+    _check_size("num_rows", num_rows)
+    _check_size("num_cols", num_cols)
+
+
+@torch.library.custom_op("jmp_ext::ragged_to_padded", mutates_args=())
+def _ragged_to_padded(x: Tensor, row: Tensor, col: Tensor, num_rows: int, num_cols: int) -> Tensor:
+    """out[row[t], col[t]] = x[t], zeros elsewhere: [T, F] -> [num_rows, num_cols, F]."""
+    _check_ragged(x, row, col, num_rows, num_cols)
+    out = x.new_empty(num_rows, num_cols, x.shape[1])
+    return _padded_copy("ragged_to_padded", x, row, col, num_rows, num_cols, out)
+
+
+def _check_ragged(x, row, col, num_rows, num_cols):
+    _check_src("x", x)
+    _check_padded(x, row, col, num_rows, num_cols)
+    if x.shape[0] != row.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} rows but row/col have {row.shape[0]} entries")
+
+
+@_ragged_to_padded.register_fake
+def _(x, row, col, num_rows, num_cols):
+    _check_ragged(x, row, col, num_rows, num_cols)
+    return x.new_empty(num_rows, num_cols, x.shape[1])
+
+
+@torch.library.custom_op("jmp_ext::padded_to_ragged", mutates_args=())
+def _padded_to_ragged(padded: Tensor, row: Tensor, col: Tensor) -> Tensor:
+    """out[t] = padded[row[t], col[t]]: [R, C, F] -> [T, F] (adjoint of ragged_to_padded)."""
+    _check_src("padded", padded, dim=3)
+    _check_padded(padded, row, col, padded.shape[0], padded.shape[1])
+    out = padded.new_empty(row.shape[0], padded.shape[2])
+    return _padded_copy("padded_to_ragged", padded, row, col, padded.shape[0], padded.shape[1], out)
+
+
+@_padded_to_ragged.register_fake
+def _(padded, row, col):
+    _check_src("padded", padded, dim=3)
+    _check_padded(padded, row, col, padded.shape[0], padded.shape[1])
+    return padded.new_empty(row.shape[0], padded.shape[2])
+
+
+# ---- autograd: every backward is made of the ops above, so it is differentiable again ----
+
+
+def _counts(index_or_ptr: Tensor, dim_size: int | None, dtype: torch.dtype) -> Tensor:
+    """Rows per segment, at least 1, as a [S, 1] column: from a CSR ptr (dim_size None) or an index."""
+    if dim_size is None:
+        counts = index_or_ptr.diff()
+    else:
+        counts = torch.bincount(index_or_ptr, minlength=dim_size)
+    return counts.clamp(min=1).to(dtype).unsqueeze(1)
+
+
+def _setup_segment(ctx, inputs, output):
+    src, ptr_, reduce = inputs
+    ctx.save_for_backward(ptr_)
+    ctx.num_rows, ctx.reduce = src.shape[0], reduce
+
+
+def _backward_segment(ctx, grad):
+    (ptr_,) = ctx.saved_tensors
+    if ctx.reduce == "mean":
+        grad = grad / _counts(ptr_, None, grad.dtype)
+    return _segment_broadcast(grad, ptr_, ctx.num_rows), None, None
+
+
+_segment_reduce.register_autograd(_backward_segment, setup_context=_setup_segment)
+
+
+def _setup_segment_max(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.num_rows = inputs[0].shape[0]
+
+
+def _backward_segment_max(ctx, grad, _grad_arg):
+    # Each source row is the argmax of at most one (segment, feature), so this scatter has no
+    # collisions except in the extra row num_rows that empty segments point to (then dropped).
+    (arg,) = ctx.saved_tensors
+    grad_src = grad.new_zeros(ctx.num_rows + 1, grad.shape[1]).scatter(0, arg, grad)
+    return grad_src[: ctx.num_rows], None
+
+
+_segment_max.register_autograd(_backward_segment_max, setup_context=_setup_segment_max)
+
+
+def _setup_broadcast(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _backward_broadcast(ctx, grad):
+    (ptr_,) = ctx.saved_tensors
+    return _segment_reduce(grad, ptr_, "sum"), None, None
+
+
+_segment_broadcast.register_autograd(_backward_broadcast, setup_context=_setup_broadcast)
+
+
+def _setup_scatter(ctx, inputs, output):
+    src, index, dim_size, reduce, deterministic = inputs
+    ctx.save_for_backward(index)
+    ctx.dim_size, ctx.reduce = dim_size, reduce
+
+
+def _backward_scatter(ctx, grad):
+    (index,) = ctx.saved_tensors
+    if ctx.reduce == "mean":
+        grad = grad / _counts(index, ctx.dim_size, grad.dtype)
+    return _gather(grad, index), None, None, None, None
+
+
+_scatter_reduce.register_autograd(_backward_scatter, setup_context=_setup_scatter)
+
+
+def _setup_gather(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+    ctx.num_rows = inputs[0].shape[0]
+
+
+def _backward_gather(ctx, grad):
+    (index,) = ctx.saved_tensors
+    return _scatter_reduce(grad, index, ctx.num_rows, "sum", True), None
+
+
+_gather.register_autograd(_backward_gather, setup_context=_setup_gather)
+
+
+def _setup_padded(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1], inputs[2])
+    ctx.padded_shape = inputs[0].shape[:2]
+
+
+def _backward_ragged_to_padded(ctx, grad):
+    row, col = ctx.saved_tensors
+    return _padded_to_ragged(grad, row, col), None, None, None, None
+
+
+def _backward_padded_to_ragged(ctx, grad):
+    row, col = ctx.saved_tensors
+    return _ragged_to_padded(grad, row, col, *ctx.padded_shape), None, None
+
+
+def _setup_ragged(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1], inputs[2])
+
+
+_ragged_to_padded.register_autograd(_backward_ragged_to_padded, setup_context=_setup_ragged)
+_padded_to_ragged.register_autograd(_backward_padded_to_ragged, setup_context=_setup_padded)
+
+
+# ---- public functions: any trailing feature dims, flattened to F for the kernels ----
+
+
+def _features(src: Tensor, name: str) -> Tensor:
+    if src.dim() == 0:
+        raise ValueError(f"{name} must have a leading row dimension, got a scalar")
+    return src.reshape(src.shape[0], math.prod(src.shape[1:]))
+
+
+def segment_sum(src: Tensor, ptr: Tensor) -> Tensor:
+    """Sums of the rows of src [E, ...] over sorted segments: out[s] = src[ptr[s]:ptr[s+1]].sum(0).
+
+    ptr [S+1] int64 is a CSR pointer (ptr[0] = 0, non-decreasing, ptr[S] = E). -> [S, ...]."""
+    out = _segment_reduce(_features(src, "src"), ptr, "sum")
+    return out.reshape(out.shape[:1] + src.shape[1:])
+
+
+def segment_mean(src: Tensor, ptr: Tensor) -> Tensor:
+    """Like segment_sum, divided by the segment length (0 for empty segments). -> [S, ...]."""
+    out = _segment_reduce(_features(src, "src"), ptr, "mean")
+    return out.reshape(out.shape[:1] + src.shape[1:])
+
+
+def segment_max(src: Tensor, ptr: Tensor) -> Tensor:
+    """Elementwise max over each segment (0 for empty segments). -> [S, ...]."""
+    out, _ = _segment_max(_features(src, "src"), ptr)
+    return out.reshape(out.shape[:1] + src.shape[1:])
+
+
+def scatter_sum(src: Tensor, index: Tensor, dim_size: int, *, deterministic: bool = True) -> Tensor:
+    """out[k] = sum of src[e] over e with index[e] == k, for k < dim_size. -> [dim_size, ...].
+
+    index [E] int64 need not be sorted. deterministic=False allows the atomic CUDA kernel
+    (ignored on the CPU, which is always deterministic, and under
+    torch.use_deterministic_algorithms(True))."""
+    out = _scatter_reduce(_features(src, "src"), index, dim_size, "sum", deterministic)
+    return out.reshape(out.shape[:1] + src.shape[1:])
+
+
+def scatter_mean(src: Tensor, index: Tensor, dim_size: int, *, deterministic: bool = True) -> Tensor:
+    """Like scatter_sum, divided by the number of rows sent to each k (0 where none). -> [dim_size, ...]."""
+    out = _scatter_reduce(_features(src, "src"), index, dim_size, "mean", deterministic)
+    return out.reshape(out.shape[:1] + src.shape[1:])
+
+
+def ragged_to_padded(x: Tensor, row: Tensor, col: Tensor, num_rows: int, num_cols: int) -> Tensor:
+    """GemNet-OC's Kmax padding: out[row[t], col[t]] = x[t], zeros elsewhere.
+
+    x [T, ...]; row, col [T] int64 with distinct (row, col) pairs (row = out, col = out_agg).
+    -> [num_rows, num_cols, ...]."""
+    out = _ragged_to_padded(_features(x, "x"), row, col, num_rows, num_cols)
+    return out.reshape(out.shape[:2] + x.shape[1:])
+
+
+def padded_to_ragged(padded: Tensor, row: Tensor, col: Tensor) -> Tensor:
+    """The adjoint of ragged_to_padded: out[t] = padded[row[t], col[t]]. padded [R, C, ...] -> [T, ...]."""
+    if padded.dim() < 2:
+        raise ValueError(f"padded must be [R, C, ...], got shape {tuple(padded.shape)}")
+    out = _padded_to_ragged(padded.reshape(*padded.shape[:2], math.prod(padded.shape[2:])), row, col)
+    return out.reshape(out.shape[:1] + padded.shape[2:])

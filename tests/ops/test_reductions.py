@@ -1,0 +1,393 @@
+"""jmp_ext.ops reductions against torch's own ops, the pure-torch twins and brute force."""
+
+import pytest
+import torch
+from torch.autograd import gradcheck, gradgradcheck
+
+import jmp_ext.ops as ops
+from jmp_ext.ops import reductions as red
+from jmp_ext.ops import reference_reductions as ref
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+FEATURES = [1, 3, 7, 64]
+
+
+def make_ptr(lengths, device="cpu"):
+    lengths = torch.as_tensor(lengths, dtype=torch.int64)
+    return torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(device)
+
+
+def random_lengths(num_segments, gen, max_len=9):
+    """Segment lengths with plenty of empty segments (about 1 in 5)."""
+    lengths = torch.randint(0, max_len, (num_segments,), generator=gen)
+    return lengths * (torch.rand(num_segments, generator=gen) > 0.2)
+
+
+def random_src(rows, features, dtype, gen, device="cpu"):
+    return torch.randn(rows, features, generator=gen, dtype=torch.float64).to(dtype).to(device)
+
+
+def expected_segment(src, lengths, reduce):
+    """torch.segment_reduce in float64 on the non-empty segments, 0 on the empty ones."""
+    out = torch.segment_reduce(src.double(), reduce, lengths=lengths, axis=0, unsafe=True)
+    return torch.where((lengths > 0).unsqueeze(1), out, 0.0).to(src.dtype)
+
+
+# ---- forward values ----
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("features", FEATURES)
+@pytest.mark.parametrize("reduce", ["sum", "mean", "max"])
+def test_segment_matches_torch_segment_reduce(dtype, features, reduce):
+    gen = torch.Generator().manual_seed(features)
+    lengths = random_lengths(200, gen)
+    src = random_src(int(lengths.sum()), features, dtype, gen)
+    out = getattr(ops, f"segment_{reduce}")(src, make_ptr(lengths))
+    assert out.dtype == dtype and out.shape == (200, features)
+    torch.testing.assert_close(out, expected_segment(src, lengths, reduce))
+    torch.testing.assert_close(out, getattr(ref, f"segment_{reduce}")(src, make_ptr(lengths)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("features", FEATURES)
+def test_scatter_sum_matches_index_add(dtype, features):
+    gen = torch.Generator().manual_seed(features)
+    index = torch.randint(0, 150, (1000,), generator=gen)
+    index[index == 7] = 8  # an empty target
+    src = random_src(1000, features, dtype, gen)
+    expected = torch.zeros(150, features, dtype=torch.float64).index_add_(0, index, src.double())
+    out = ops.scatter_sum(src, index, 150)
+    torch.testing.assert_close(out, expected.to(dtype))
+    assert torch.equal(out[7], torch.zeros(features, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("features", FEATURES)
+def test_scatter_mean_matches_scatter_reduce(dtype, features):
+    gen = torch.Generator().manual_seed(features)
+    index = torch.randint(0, 150, (1000,), generator=gen)
+    index[index == 7] = 8
+    src = random_src(1000, features, dtype, gen)
+    full_index = index.unsqueeze(1).expand(-1, features)
+    expected = torch.zeros(150, features, dtype=torch.float64).scatter_reduce(
+        0, full_index, src.double(), "mean", include_self=False)
+    torch.testing.assert_close(ops.scatter_mean(src, index, 150), expected.to(dtype))
+    torch.testing.assert_close(ops.scatter_mean(src, index, 150), ref.scatter_mean(src, index, 150))
+
+
+def test_scatter_is_a_stable_segment_sum():
+    """The CPU scatter sums each target's rows in their original order: bitwise a segment sum."""
+    gen = torch.Generator().manual_seed(0)
+    index = torch.randint(0, 300, (5000,), generator=gen)
+    src = random_src(5000, 3, torch.float32, gen)
+    sorted_index, perm = torch.sort(index, stable=True)
+    ptr = make_ptr(torch.bincount(sorted_index, minlength=300))
+    assert torch.equal(ops.scatter_sum(src, index, 300), ops.segment_sum(src[perm], ptr))
+
+
+def test_sum_runs_in_order_in_float32_for_bfloat16():
+    """1000 ones: a bf16 running sum stalls at 256; a float32 accumulator gives 1000 exactly."""
+    ones = torch.ones(1000, dtype=torch.bfloat16)
+    assert ops.segment_sum(ones, make_ptr([1000])).item() == 1000
+    assert ops.scatter_sum(ones, torch.zeros(1000, dtype=torch.int64), 1).item() == 1000
+    assert ops.segment_mean(ones, make_ptr([1000])).item() == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("features", FEATURES)
+def test_ragged_padded_round_trip(dtype, features):
+    gen = torch.Generator().manual_seed(features)
+    # GemNet-style: row = out sorted ascending, col = rank inside its row (out_agg).
+    degrees = random_lengths(40, gen, max_len=6)
+    row = torch.repeat_interleave(torch.arange(40), degrees)
+    col = torch.cat([torch.arange(int(d)) for d in degrees])
+    shuffle = torch.randperm(row.numel(), generator=gen)  # any item order works
+    row, col = row[shuffle], col[shuffle]
+    x = random_src(row.numel(), features, dtype, gen)
+    padded = ops.ragged_to_padded(x, row, col, 40, 6)
+    assert torch.equal(padded, ref.ragged_to_padded(x, row, col, 40, 6))
+    assert torch.equal(ops.padded_to_ragged(padded, row, col), x)
+    other = random_src(40 * 6, features, dtype, gen).reshape(40, 6, features)
+    assert torch.equal(ops.padded_to_ragged(other, row, col), ref.padded_to_ragged(other, row, col))
+
+
+def test_trailing_dims_and_1d():
+    gen = torch.Generator().manual_seed(1)
+    src = torch.randn(10, 2, 3, generator=gen)
+    ptr = make_ptr([4, 0, 6])
+    torch.testing.assert_close(ops.segment_sum(src, ptr), ref.segment_sum(src, ptr))
+    torch.testing.assert_close(ops.segment_max(src[:, 0, 0], ptr), ref.segment_max(src[:, 0, 0], ptr))
+    index = torch.tensor([2, 0, 1, 1, 0, 2, 2, 0, 1, 1])
+    torch.testing.assert_close(ops.scatter_mean(src, index, 4), ref.scatter_mean(src, index, 4))
+    row, col = torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0])
+    padded = ops.ragged_to_padded(src[:3], row, col, 2, 2)
+    assert padded.shape == (2, 2, 2, 3)
+    assert torch.equal(ops.padded_to_ragged(padded, row, col), src[:3])
+    assert ops.ragged_to_padded(src[:3, 0, 0], row, col, 2, 2).shape == (2, 2)
+
+
+def test_non_contiguous_inputs():
+    src = torch.randn(6, 8)[:, ::2]
+    ptr = make_ptr([2, 4])
+    torch.testing.assert_close(ops.segment_sum(src, ptr), ref.segment_sum(src, ptr))
+    index = torch.tensor([[0, 9], [1, 9], [1, 9], [0, 9], [2, 9], [2, 9]])[:, 0]
+    torch.testing.assert_close(ops.scatter_sum(src, index, 3), ref.scatter_sum(src, index, 3))
+    strided_ptr = torch.tensor([0, 7, 2, 7, 6, 7])[::2]
+    torch.testing.assert_close(ops.segment_mean(src, strided_ptr), ref.segment_mean(src, ptr))
+    row, col = index, torch.tensor([[0, 9], [0, 9], [1, 9], [1, 9], [0, 9], [1, 9]])[:, 0]
+    padded = ops.ragged_to_padded(src, row, col, 3, 2)
+    assert torch.equal(padded, ref.ragged_to_padded(src, row, col, 3, 2))
+    assert torch.equal(ops.padded_to_ragged(padded.transpose(0, 1).contiguous().transpose(0, 1), row, col), src)
+
+
+@pytest.mark.parametrize("features", [0, 3])
+def test_empty_inputs(features):
+    empty = torch.zeros(0, features)
+    none = torch.zeros(0, dtype=torch.int64)
+    for reduce in ("sum", "mean", "max"):
+        segment = getattr(ops, f"segment_{reduce}")
+        assert segment(empty, make_ptr([])).shape == (0, features)
+        assert torch.equal(segment(empty, make_ptr([0, 0])), torch.zeros(2, features))
+    assert torch.equal(ops.scatter_sum(empty, none, 4), torch.zeros(4, features))
+    assert torch.equal(ops.scatter_mean(empty, none, 0), torch.zeros(0, features))
+    assert torch.equal(ops.ragged_to_padded(empty, none, none, 3, 2), torch.zeros(3, 2, features))
+    assert ops.padded_to_ragged(torch.zeros(3, 2, features), none, none).shape == (0, features)
+    assert ops.ragged_to_padded(empty, none, none, 0, 5).shape == (0, 5, features)
+
+
+# ---- max: ties, NaN, infinities ----
+
+
+def test_segment_max_ties_send_the_gradient_to_the_first():
+    src = torch.tensor([[1.0, 5.0], [3.0, 5.0], [3.0, 2.0], [-1.0, -2.0]], requires_grad=True)
+    out = ops.segment_max(src, make_ptr([3, 0, 1]))
+    assert torch.equal(out.detach(), torch.tensor([[3.0, 5.0], [0.0, 0.0], [-1.0, -2.0]]))
+    out.sum().backward()
+    assert torch.equal(src.grad, torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 0.0], [1.0, 1.0]]))
+
+
+def test_segment_max_nan_and_infinity():
+    inf, nan = float("inf"), float("nan")
+    src = torch.tensor([-inf, -inf, 1.0, nan, 2.0, inf, 3.0])
+    out = ops.segment_max(src, make_ptr([2, 3, 2]))
+    assert out[0].item() == -inf
+    assert out[1].isnan()
+    assert out[2].item() == inf
+
+
+# ---- gradients (float64) ----
+
+
+def _double(*shape, gen):
+    return torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+
+
+def _grad_cases():
+    gen = torch.Generator().manual_seed(3)
+    lengths = torch.tensor([3, 0, 4, 1, 0, 2])
+    ptr = make_ptr(lengths)
+    index = torch.tensor([4, 0, 0, 2, 4, 4, 1, 0, 2, 4])
+    row = torch.tensor([0, 2, 2, 1, 0])
+    col = torch.tensor([1, 0, 2, 0, 0])
+    # Max: distinct values so that the argmax (and the derivative) is well defined nearby.
+    distinct = (torch.randperm(30, generator=gen).double().reshape(10, 3) / 3).requires_grad_()
+    return {
+        "segment_sum": (lambda x: ops.segment_sum(x, ptr), _double(10, 3, gen=gen)),
+        "segment_mean": (lambda x: ops.segment_mean(x, ptr), _double(10, 3, gen=gen)),
+        "segment_max": (lambda x: ops.segment_max(x, ptr), distinct),
+        "scatter_sum": (lambda x: ops.scatter_sum(x, index, 6), _double(10, 3, gen=gen)),
+        "scatter_mean": (lambda x: ops.scatter_mean(x, index, 6), _double(10, 3, gen=gen)),
+        "ragged_to_padded": (lambda x: ops.ragged_to_padded(x, row, col, 3, 3), _double(5, 2, gen=gen)),
+        "padded_to_ragged": (lambda x: ops.padded_to_ragged(x, row, col), _double(3, 3, 2, gen=gen)),
+        "gather": (lambda x: red._gather(x, index), _double(5, 3, gen=gen)),
+        "segment_broadcast": (lambda x: red._segment_broadcast(x, ptr, 10), _double(6, 3, gen=gen)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_grad_cases()))
+def test_gradcheck_and_gradgradcheck(name):
+    fn, x = _grad_cases()[name]
+    assert gradcheck(fn, (x,))
+    assert gradgradcheck(fn, (x,))
+
+
+def test_second_derivative_through_a_nonlinear_chain():
+    """energy = sum(segment_sum(tanh(scatter(x)))^2): check grad-of-grad against the twins."""
+    gen = torch.Generator().manual_seed(5)
+    index = torch.randint(0, 6, (20,), generator=gen)
+    ptr = make_ptr([2, 1, 3])
+
+    def energy(x, lib):
+        return (lib.segment_sum(torch.tanh(lib.scatter_sum(x, index, 6)), ptr) ** 2).sum()
+
+    results = []
+    for lib in (ops, ref):
+        x = torch.randn(20, 3, generator=torch.Generator().manual_seed(6), dtype=torch.float64,
+                        requires_grad=True)
+        (force,) = torch.autograd.grad(energy(x, lib), x, create_graph=True)
+        (curvature,) = torch.autograd.grad((force * torch.arange(60.0).reshape(20, 3)).sum(), x)
+        results.append((force.detach(), curvature))
+    torch.testing.assert_close(results[0], results[1])
+
+
+# ---- torch.library checks (schema, fake kernels, autograd registration) ----
+
+
+def _opcheck_cases():
+    gen = torch.Generator().manual_seed(4)
+    ptr = make_ptr([3, 0, 2])
+    index = torch.tensor([1, 0, 1, 3, 3])
+    row, col = torch.tensor([0, 1, 1]), torch.tensor([1, 0, 1])
+    x = torch.randn(5, 3, generator=gen, requires_grad=True)
+    return [
+        (torch.ops.jmp_ext.segment_reduce.default, (x, ptr, "sum")),
+        (torch.ops.jmp_ext.segment_reduce.default, (x, ptr, "mean")),
+        (torch.ops.jmp_ext.segment_max.default, (x, ptr)),
+        (torch.ops.jmp_ext.segment_broadcast.default, (x[:3], ptr, 5)),
+        (torch.ops.jmp_ext.scatter_reduce.default, (x, index, 4, "sum", True)),
+        (torch.ops.jmp_ext.scatter_reduce.default, (x, index, 4, "mean", True)),
+        (torch.ops.jmp_ext.gather.default, (x, index)),
+        (torch.ops.jmp_ext.ragged_to_padded.default, (x[:3], row, col, 2, 2)),
+        (torch.ops.jmp_ext.padded_to_ragged.default, (x[:4].reshape(2, 2, 3), row, col)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_opcheck_cases())))
+def test_opcheck(case):
+    op, args = _opcheck_cases()[case]
+    torch.library.opcheck(op, args)
+
+
+# ---- determinism ----
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bitwise_identical_on_any_thread_count(dtype):
+    gen = torch.Generator().manual_seed(7)
+    index = torch.randint(0, 2000, (200_000,), generator=gen)
+    index[:50_000] = 3  # a hub target: one segment much longer than the rest
+    src = random_src(200_000, 3, dtype, gen)
+    sorted_index, perm = torch.sort(index, stable=True)
+    ptr = make_ptr(torch.bincount(sorted_index, minlength=2000))
+    row, col = torch.arange(50_000) // 10, torch.arange(50_000) % 10
+
+    def run():
+        return [ops.scatter_sum(src, index, 2000), ops.scatter_mean(src, index, 2000),
+                ops.segment_sum(src[perm], ptr), ops.segment_max(src[perm], ptr),
+                ops.ragged_to_padded(src[:50_000], row, col, 5000, 10)]
+
+    old = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3, 8):
+            torch.set_num_threads(threads)
+            results.append(run())
+    finally:
+        torch.set_num_threads(old)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+# ---- bad inputs: clear errors, nothing written out of bounds ----
+
+
+def test_bad_index_values():
+    src = torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"index\[2\] = -1 is negative"):
+        ops.scatter_sum(src, torch.tensor([0, 1, -1, 0]), 3)
+    with pytest.raises(ValueError, match=r"index\[3\] = 3 is out of range for dim_size = 3"):
+        ops.scatter_mean(src, torch.tensor([0, 1, 2, 3]), 3)
+    with pytest.raises(ValueError, match="out of range"):
+        red._gather(src, torch.tensor([0, 4]))
+
+
+def test_bad_ptr():
+    src = torch.randn(5, 2)
+    with pytest.raises(ValueError, match=r"ptr\[0\] must be 0"):
+        ops.segment_sum(src, torch.tensor([1, 3, 5]))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        ops.segment_mean(src, torch.tensor([0, 4, 2, 5]))
+    with pytest.raises(ValueError, match=r"ptr\[-1\] must equal the number of source rows \(5\)"):
+        ops.segment_max(src, torch.tensor([0, 2, 4]))
+    with pytest.raises(ValueError, match=r"ptr\[-1\] must equal"):
+        ops.segment_sum(src, torch.tensor([0, 2, 9]))
+    with pytest.raises(ValueError, match="at least|S \\+ 1"):
+        ops.segment_sum(src, torch.zeros(0, dtype=torch.int64))
+
+
+def test_bad_padded_index():
+    x = torch.randn(3, 2)
+    with pytest.raises(ValueError, match=r"\(row, col\) = \(1, 0\) appears twice, at items 0 and 2"):
+        ops.ragged_to_padded(x, torch.tensor([1, 0, 1]), torch.tensor([0, 0, 0]), 2, 2)
+    with pytest.raises(ValueError, match=r"col\[1\] = 2 is out of range for num_cols = 2"):
+        ops.ragged_to_padded(x, torch.tensor([1, 0, 1]), torch.tensor([0, 2, 1]), 2, 2)
+    with pytest.raises(ValueError, match=r"row\[0\] = -1 is negative"):
+        ops.padded_to_ragged(torch.zeros(2, 2, 2), torch.tensor([-1, 0, 1]), torch.tensor([0, 0, 0]))
+    with pytest.raises(ValueError, match="appears twice"):
+        ops.padded_to_ragged(torch.zeros(2, 2, 2), torch.tensor([0, 0]), torch.tensor([1, 1]))
+
+
+def test_bad_shapes_and_dtypes():
+    src = torch.randn(4, 3)
+    index = torch.tensor([0, 1, 1, 0])
+    with pytest.raises(TypeError, match="int64"):
+        ops.scatter_sum(src, index.int(), 2)
+    with pytest.raises(TypeError, match="float32, float64 or bfloat16"):
+        ops.scatter_sum(src.half(), index, 2)
+    with pytest.raises(TypeError, match="float32, float64 or bfloat16"):
+        ops.segment_sum(index, make_ptr([4]))
+    with pytest.raises(ValueError, match="3 entries but the source has 4 rows"):
+        ops.scatter_sum(src, index[:3], 2)
+    with pytest.raises(ValueError, match="dim_size must be >= 0"):
+        ops.scatter_sum(src, index, -1)
+    with pytest.raises(ValueError, match="1-D"):
+        ops.segment_sum(src, make_ptr([4]).reshape(1, 2))
+    with pytest.raises(ValueError, match="x has 4 rows but row/col have 3 entries"):
+        ops.ragged_to_padded(src, index[:3], index[:3], 2, 2)
+    with pytest.raises(ValueError, match="scalar"):
+        ops.segment_sum(torch.tensor(1.0), make_ptr([1]))
+
+
+# ---- CUDA against the CPU ----
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("features", FEATURES)
+def test_cuda_matches_cpu(dtype, features):
+    gen = torch.Generator().manual_seed(features)
+    lengths = random_lengths(500, gen, max_len=40)
+    ptr = make_ptr(lengths)
+    src = random_src(int(lengths.sum()), features, dtype, gen)
+    index = torch.randint(0, 300, (src.shape[0],), generator=gen)
+    row, col = torch.arange(src.shape[0]) // 50, torch.arange(src.shape[0]) % 50
+    cuda = torch.device("cuda")
+    for reduce in ("sum", "mean", "max"):
+        segment = getattr(ops, f"segment_{reduce}")
+        torch.testing.assert_close(segment(src.to(cuda), ptr.to(cuda)).cpu(), segment(src, ptr))
+    for deterministic in (True, False):
+        for scatter in (ops.scatter_sum, ops.scatter_mean):
+            torch.testing.assert_close(
+                scatter(src.to(cuda), index.to(cuda), 300, deterministic=deterministic).cpu(),
+                scatter(src, index, 300))
+    rows = int(row.max()) + 1
+    padded = ops.ragged_to_padded(src.to(cuda), row.to(cuda), col.to(cuda), rows, 50)
+    assert torch.equal(padded.cpu(), ops.ragged_to_padded(src, row, col, rows, 50))
+    assert torch.equal(ops.padded_to_ragged(padded, row.to(cuda), col.to(cuda)).cpu(), src)
+
+
+@pytest.mark.cuda
+def test_cuda_segment_is_deterministic_and_checks_indices():
+    cuda = torch.device("cuda")
+    src = torch.randn(100_000, 3, device=cuda)
+    index = torch.randint(0, 100, (100_000,), device=cuda)
+    assert torch.equal(ops.scatter_sum(src, index, 100), ops.scatter_sum(src, index, 100))
+    with pytest.raises(ValueError, match="index"):
+        ops.scatter_sum(src, index, 50)
+    with pytest.raises(ValueError, match="ptr"):
+        ops.segment_sum(src, torch.tensor([0, 5, 3, 100_000], device=cuda))
+    with pytest.raises(ValueError, match="appears twice"):
+        ops.ragged_to_padded(src[:2], torch.zeros(2, dtype=torch.int64, device=cuda),
+                             torch.zeros(2, dtype=torch.int64, device=cuda), 1, 1)

@@ -1,0 +1,207 @@
+"""GemNet-OC's interaction block and the message-passing layers it is made of.
+
+Shapes: N atoms, E main (symmetrised) edges, E_a a2ee2a edges, T triplets, Q quadruplets.
+Every interaction gathers an embedding per input edge, modulates it with a radial basis,
+and sums it over triplets / quadruplets through EfficientInteractionBilinear, which folds the
+angular basis and the radial basis into two batched matmuls over a zero-padded neighbour axis.
+Parameter names are JMP's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from jmp_ext.models.gemnet_oc.bases import EdgeEmbedding
+from jmp_ext.models.gemnet_oc.config import BackboneConfig
+from jmp_ext.models.gemnet_oc.layers import Dense, ResidualLayer, residual_stack
+from jmp_ext.models.gemnet_oc.ops import scatter_sum, to_padded
+from jmp_ext.models.gemnet_oc.scaling import ScaleFactor
+
+INV_SQRT_2 = 1 / math.sqrt(2.0)
+
+
+class EfficientInteractionBilinear(nn.Module):
+    """sum over triplets (t -> out edge) of rad_W1 · sph · m_t, then a bilinear Dense.
+
+    basis = (rad_W1 [O, I, S], sph [O, S, K]); m [T, in]; out, out_agg [T] (out edge and its rank).
+    With agg2 = (row, col, num_rows) the per-edge result [O, S, in] is aggregated once more onto
+    atoms (edge-to-atom): rad_W1 is then [num_rows, I, K2*S]. Returns [O or num_rows, out]."""
+
+    def __init__(self, emb_size_in: int, emb_size_interm: int, emb_size_out: int):
+        super().__init__()
+        self.emb_size_in, self.emb_size_interm = emb_size_in, emb_size_interm
+        self.bilinear = Dense(emb_size_in * emb_size_interm, emb_size_out)
+
+    def forward(self, basis, m, out, out_agg, agg2=None):
+        rad_W1, sph = basis
+        m_padded = to_padded(m, out, out_agg, sph.shape[0])  # [O, K, in], same K as sph
+        sph_m = sph @ m_padded  # [O, S, in]
+        if agg2 is not None:
+            row, col, num_rows = agg2
+            sph_m = to_padded(sph_m, row, col, num_rows).reshape(num_rows, -1, sph_m.shape[-1])  # [N, K2*S, in]
+        x = rad_W1 @ sph_m  # [O, I, in]; the flat index below is i_interm * in + i_in
+        return self.bilinear(x.reshape(-1, self.emb_size_in * self.emb_size_interm))
+
+
+class TripletInteraction(nn.Module):
+    """Messages b->a (edges, or atoms b for atom-to-edge) onto edges c->a, or onto atoms a.
+
+    Symmetric (edge-to-edge, atom-to-edge): out = (up_ca(x) + up_ac(x)[id_swap]) / sqrt(2), so
+    the message of c->a also reaches a->c. Not symmetric (edge-to-atom): out = up_ca(x)."""
+
+    def __init__(self, emb_size_in, emb_size_out, emb_size_trip_in, emb_size_trip_out, emb_size_rbf,
+                 emb_size_cbf, symmetric: bool, dropout=None):
+        super().__init__()
+        self.symmetric = symmetric
+        self.dense_ba = Dense(emb_size_in, emb_size_in, True, dropout)
+        self.mlp_rbf = Dense(emb_size_rbf, emb_size_in)
+        self.scale_rbf = ScaleFactor()
+        self.mlp_cbf = EfficientInteractionBilinear(emb_size_trip_in, emb_size_cbf, emb_size_trip_out)
+        self.scale_cbf_sum = ScaleFactor()
+        self.down_projection = Dense(emb_size_in, emb_size_trip_in, True, dropout)
+        self.up_projection_ca = Dense(emb_size_trip_out, emb_size_out, True, dropout)
+        if symmetric:
+            self.up_projection_ac = Dense(emb_size_trip_out, emb_size_out, True, dropout)
+
+    def forward(self, x_in, bases, idx, id_swap=None, expand_idx=None, agg2=None):
+        """x_in [E or N, in]; bases {"rad" [E_in, rbf], "cir"}; idx {"in","out","out_agg"} [T];
+        expand_idx [E_a]: source atom per a2ee2a edge (atom-to-edge); agg2 see the bilinear."""
+        x_ba = self.dense_ba(x_in)
+        if expand_idx is not None:
+            x_ba = x_ba[expand_idx]
+        x_ba = self.scale_rbf(x_ba * self.mlp_rbf(bases["rad"]), ref=x_ba)
+        x_ba = self.down_projection(x_ba)
+        x = self.mlp_cbf(bases["cir"], x_ba[idx["in"]], idx["out"], idx["out_agg"], agg2)
+        x = self.scale_cbf_sum(x, ref=x_ba)
+        if not self.symmetric:
+            return self.up_projection_ca(x)
+        return (self.up_projection_ca(x) + self.up_projection_ac(x)[id_swap]) * INV_SQRT_2
+
+
+class QuadrupletInteraction(nn.Module):
+    """Messages d->b (main edges) through qint edges b->a onto main edges c->a (symmetric)."""
+
+    def __init__(self, emb_size_edge, emb_size_quad_in, emb_size_quad_out, emb_size_rbf, emb_size_cbf,
+                 emb_size_sbf, dropout=None):
+        super().__init__()
+        self.dense_db = Dense(emb_size_edge, emb_size_edge, True, dropout)
+        self.mlp_rbf = Dense(emb_size_rbf, emb_size_edge)
+        self.scale_rbf = ScaleFactor()
+        self.mlp_cbf = Dense(emb_size_cbf, emb_size_quad_in)
+        self.scale_cbf = ScaleFactor()
+        self.mlp_sbf = EfficientInteractionBilinear(emb_size_quad_in, emb_size_sbf, emb_size_quad_out)
+        self.scale_sbf_sum = ScaleFactor()
+        self.down_projection = Dense(emb_size_edge, emb_size_quad_in, True, dropout)
+        self.up_projection_ca = Dense(emb_size_quad_out, emb_size_edge, True, dropout)
+        self.up_projection_ac = Dense(emb_size_quad_out, emb_size_edge, True, dropout)
+
+    def forward(self, m, bases, quad, id_swap):
+        """m [E, edge]; bases {"rad" [E, rbf], "cir" [T_in, cbf], "sph"}; quad: interaction indices."""
+        x_db = self.dense_db(m)
+        x_db = self.scale_rbf(x_db * self.mlp_rbf(bases["rad"]), ref=x_db)
+        x_db = self.down_projection(x_db)[quad["triplet_in"]["in"]]  # [T_in, quad_in]
+        x_db = self.scale_cbf(x_db * self.mlp_cbf(bases["cir"]), ref=x_db)
+        x_db = x_db[quad["trip_in_to_quad"]]  # [Q, quad_in]
+        x = self.mlp_sbf(bases["sph"], x_db, quad["out"], quad["out_agg"])
+        x = self.scale_sbf_sum(x, ref=x_db)
+        return (self.up_projection_ca(x) + self.up_projection_ac(x)[id_swap]) * INV_SQRT_2
+
+
+class PairInteraction(nn.Module):
+    """Atom-to-atom messages over the a2a graph: h_a += up(bilinear(sum_b rbf(d_ab) x_b))."""
+
+    def __init__(self, emb_size_atom, emb_size_pair_in, emb_size_pair_out, emb_size_rbf, dropout=None):
+        super().__init__()
+        self.bilinear = Dense(emb_size_rbf * emb_size_pair_in, emb_size_pair_out)
+        self.scale_rbf_sum = ScaleFactor()
+        self.down_projection = Dense(emb_size_atom, emb_size_pair_in, True, dropout)
+        self.up_projection = Dense(emb_size_pair_out, emb_size_atom, True, dropout)
+
+    def forward(self, h, rad, a2a):
+        """h [N, A]; rad [N, rbf, Kmax] padded radial basis; a2a graph with target_neighbor_idx."""
+        num_atoms = h.shape[0]
+        x_b = self.down_projection(h)
+        x_padded = to_padded(x_b[a2a["edge_index"][0]], a2a["edge_index"][1], a2a["target_neighbor_idx"], num_atoms)
+        x = (rad @ x_padded).reshape(num_atoms, -1)  # [N, rbf * pair_in]
+        return self.up_projection(self.scale_rbf_sum(self.bilinear(x), ref=x_b))
+
+
+class AtomUpdateBlock(nn.Module):
+    """h_update [N, A] = MLP(scale(sum over edges c->a of m_ca * W rbf_ca))."""
+
+    def __init__(self, emb_size_atom, emb_size_edge, emb_size_rbf, num_hidden, dropout=None):
+        super().__init__()
+        self.dense_rbf = Dense(emb_size_rbf, emb_size_edge)
+        self.scale_sum = ScaleFactor()
+        self.layers = residual_stack(emb_size_edge, emb_size_atom, num_hidden, dropout)
+
+    def aggregate(self, m, rbf, idx_t, num_atoms):
+        """[E, edge] -> [N, edge]: the rbf-weighted, scaled sum of the edges onto their targets."""
+        x = scatter_sum(m * self.dense_rbf(rbf), idx_t, num_atoms)
+        return self.scale_sum(x, ref=m)
+
+    def forward(self, h, m, rbf, idx_t):
+        x = self.aggregate(m, rbf, idx_t, h.shape[0])
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class InteractionBlock(nn.Module):
+    """One GemNet-OC interaction: updates atom embeddings h [N, A] and edge embeddings m [E, edge]."""
+
+    def __init__(self, config: BackboneConfig):
+        super().__init__()
+        c, p = config, config.dropout
+        A, Ed = c.emb_size_atom, c.emb_size_edge
+        self.dense_ca = Dense(Ed, Ed, True, p)
+        self.trip_interaction = TripletInteraction(Ed, Ed, c.emb_size_trip_in, c.emb_size_trip_out, c.emb_size_rbf,
+                                                   c.emb_size_cbf, symmetric=True, dropout=p)
+        self.quad_interaction = QuadrupletInteraction(Ed, c.emb_size_quad_in, c.emb_size_quad_out, c.emb_size_rbf,
+                                                      c.emb_size_cbf, c.emb_size_sbf, p)
+        self.atom_edge_interaction = TripletInteraction(A, Ed, c.emb_size_trip_in, c.emb_size_trip_out,
+                                                        c.emb_size_rbf, c.emb_size_cbf, symmetric=True, dropout=p)
+        self.edge_atom_interaction = TripletInteraction(Ed, A, c.emb_size_trip_in, c.emb_size_trip_out,
+                                                        c.emb_size_rbf, c.emb_size_cbf, symmetric=False, dropout=p)
+        self.atom_interaction = PairInteraction(A, c.emb_size_aint_in, c.emb_size_aint_out, c.emb_size_rbf, p)
+        self.layers_before_skip = nn.ModuleList([ResidualLayer(Ed, p) for _ in range(c.num_before_skip)])
+        self.layers_after_skip = nn.ModuleList([ResidualLayer(Ed, p) for _ in range(c.num_after_skip)])
+        self.atom_emb_layers = nn.ModuleList([ResidualLayer(A, p) for _ in range(c.num_atom_emb_layers)])
+        self.atom_update = AtomUpdateBlock(A, Ed, c.emb_size_rbf, c.num_atom, p)
+        self.concat_layer = EdgeEmbedding(A, Ed, Ed, p)
+        self.residual_m = nn.ModuleList([ResidualLayer(Ed, p) for _ in range(c.num_concat)])
+
+    def forward(self, h, m, bases, graphs):
+        num_atoms = h.shape[0]
+        main, a2ee2a, id_swap = graphs["main"], graphs["a2ee2a"], graphs["id_swap"]
+
+        # Edge messages: skip + triplets + quadruplets + atom-to-edge, variance kept by 1/sqrt(4).
+        x = (self.dense_ca(m)
+             + self.trip_interaction(m, bases["e2e"], graphs["trip_e2e"], id_swap)
+             + self.quad_interaction(m, bases["qint"], graphs["quad"], id_swap)
+             + self.atom_edge_interaction(h, bases["a2e"], graphs["trip_a2e"], id_swap,
+                                          expand_idx=a2ee2a["edge_index"][0])) * 0.5
+        # Atom messages: skip + edge-to-atom + atom-to-atom, 1/sqrt(3).
+        agg2 = (a2ee2a["edge_index"][1], a2ee2a["target_neighbor_idx"], num_atoms)
+        h = (h
+             + self.edge_atom_interaction(m, bases["e2a"], graphs["trip_e2a"], agg2=agg2)
+             + self.atom_interaction(h, bases["a2a_rad"], graphs["a2a"])) * (1 / math.sqrt(3.0))
+
+        for layer in self.layers_before_skip:
+            x = layer(x)
+        m = (m + x) * INV_SQRT_2
+        for layer in self.layers_after_skip:
+            m = layer(m)
+
+        for layer in self.atom_emb_layers:
+            h = layer(h)
+        h = (h + self.atom_update(h, m, bases["rbf_h"], main["edge_index"][1])) * INV_SQRT_2
+
+        m2 = self.concat_layer(h, m, main["edge_index"])
+        for layer in self.residual_m:
+            m2 = layer(m2)
+        m = (m + m2) * INV_SQRT_2
+        return h, m

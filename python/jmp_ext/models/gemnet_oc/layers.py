@@ -1,0 +1,65 @@
+"""GemNet-OC's basic layers: Dense (bias-free Linear + activation), ScaledSiLU, ResidualLayer,
+and the HeOrthogonal initialisation every weight of the backbone starts from."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def he_orthogonal_init(weight: torch.Tensor) -> torch.Tensor:
+    """Orthogonal init, standardised to zero mean / unit variance per output unit, then scaled by
+    fan_in^-1/2. For 3-D BasisEmbedding weights (R, S, I) the output axis is the last one and
+    fan_in = R*S; for 2-D Linear weights (out, in) fan_in = in."""
+    nn.init.orthogonal_(weight)
+    if weight.dim() == 3:
+        axis, fan_in = [0, 1], weight.shape[0] * weight.shape[1]
+    else:
+        axis, fan_in = 1, weight.shape[1]
+    var, mean = torch.var_mean(weight, dim=axis, unbiased=True, keepdim=True)
+    weight.copy_((weight - mean) / (var + 1e-6).sqrt() / math.sqrt(fan_in))
+    return weight
+
+
+class ScaledSiLU(nn.Module):
+    """silu(x) / 0.6: keeps unit-variance inputs at roughly unit variance."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.silu(x) * (1 / 0.6)
+
+
+class Dense(nn.Module):
+    """x -> act(x @ W.T) [-> dropout]; never a bias in the backbone. Key: `<name>.linear.weight`."""
+
+    def __init__(self, in_features: int, out_features: int, activation: bool = False,
+                 dropout: float | None = None):
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features, bias=False)
+        he_orthogonal_init(self.linear.weight)
+        self.activation = ScaledSiLU() if activation else nn.Identity()
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.activation(self.linear(x)))
+
+
+class ResidualLayer(nn.Module):
+    """(x + Dense(Dense(x))) / sqrt(2), both Dense with scaled SiLU. Key: `dense_mlp.{0,1}`."""
+
+    def __init__(self, units: int, dropout: float | None = None):
+        super().__init__()
+        self.dense_mlp = nn.Sequential(Dense(units, units, True, dropout), Dense(units, units, True, dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + self.dense_mlp(x)) * (1 / math.sqrt(2.0))
+
+
+def residual_stack(units_in: int, units: int, num_residual: int, dropout: float | None) -> nn.ModuleList:
+    """[Dense(units_in -> units, act) if the sizes differ] + num_residual ResidualLayers
+    (GemNet-OC's `get_mlp`, used by the atom update and output blocks)."""
+    layers = [Dense(units_in, units, True, dropout)] if units_in != units else []
+    layers += [ResidualLayer(units, dropout) for _ in range(num_residual)]
+    return nn.ModuleList(layers)

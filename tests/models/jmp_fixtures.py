@@ -1,0 +1,77 @@
+"""Access to the JMP reference fixtures (/work/shared/fixtures/jmp_ref, see its README.md).
+
+The fixtures hold JMP's graphs and interaction indices; here they become the graphs dict our
+backbone consumes, with distances and vectors recomputed from the positions (so they are
+differentiable) and out_agg / target ranks derived as JMP derives them."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+FIXTURES = Path(os.environ.get("JMP_REF_FIXTURES", "/work/shared/fixtures/jmp_ref"))
+CASES = ["oc20_slab", "ani_molecules"]
+
+requires_fixtures = pytest.mark.skipif(not (FIXTURES / "weights.pt").exists(),
+                                       reason=f"JMP reference fixtures not found at {FIXTURES}")
+
+
+@functools.cache
+def load(name: str) -> dict:
+    return torch.load(FIXTURES / name, weights_only=True)
+
+
+def rank_in_group(sorted_index: torch.Tensor) -> torch.Tensor:
+    """out_agg of a sorted index: position of each entry within its run of equal values."""
+    n = sorted_index.numel()
+    starts = torch.ones(n, dtype=torch.bool)
+    starts[1:] = sorted_index[1:] != sorted_index[:-1]
+    first = torch.cummax(torch.where(starts, torch.arange(n), torch.zeros(n, dtype=torch.long)), 0).values
+    return torch.arange(n) - first
+
+
+def edge_geometry(pos, cell, batch, edge_index, cell_offset):
+    """JMP's distance |r| and unit vector V_st = -r/|r|, r = pos[s] - pos[t] + offset @ cell[batch[s]]."""
+    s, t = edge_index
+    r = pos[s] - pos[t] + torch.einsum("ej,eji->ei", cell_offset.to(pos.dtype), cell[batch[s]])
+    d = r.norm(dim=-1)
+    return d, -r / d[:, None]
+
+
+def fixture_graphs(case: dict, pos: torch.Tensor) -> dict:
+    """The graphs dict of jmp_ext's backbone from a fixture case; geometry from `pos` (its dtype)."""
+    inputs, idx = case["inputs"], case["indices"]
+    cell, batch = inputs["cell"].to(pos.dtype), inputs["batch"]
+    L = lambda x: x.long()  # noqa: E731  (indices are stored as int16/int32)
+
+    def graph(edge_index, cell_offset, target_neighbor_idx=None):
+        d, v = edge_geometry(pos, cell, batch, edge_index, cell_offset)
+        g = {"edge_index": edge_index, "cell_offset": cell_offset.int(), "distance": d, "vector": v}
+        if target_neighbor_idx is not None:
+            g["target_neighbor_idx"] = L(target_neighbor_idx)
+        return g
+
+    G = case["graphs"]
+    trip = lambda k: {"in": L(idx[k]["in"]), "out": L(idx[k]["out"]), "out_agg": rank_in_group(L(idx[k]["out"]))}  # noqa: E731
+    q = idx["quad"]
+    return {
+        "num_atoms": pos.shape[0],
+        "main": graph(idx["main_sym"]["edge_index"], idx["main_sym"]["cell_offset"]),
+        "a2a": graph(G["a2a"]["edge_index"], G["a2a"]["cell_offset"], idx["a2a_target_neighbor_idx"]),
+        "a2ee2a": graph(G["a2ee2a"]["edge_index"], G["a2ee2a"]["cell_offset"], idx["a2ee2a_target_neighbor_idx"]),
+        "qint": graph(G["qint"]["edge_index"], G["qint"]["cell_offset"]),
+        "id_swap": L(idx["id_swap"]),
+        "trip_e2e": trip("trip_e2e"),
+        "trip_a2e": trip("trip_a2e"),
+        "trip_e2a": trip("trip_e2a"),
+        "quad": {
+            "triplet_in": {k: L(v) for k, v in q["triplet_in"].items()},
+            "triplet_out": {k: L(v) for k, v in q["triplet_out"].items()},
+            "out": L(q["out"]), "out_agg": rank_in_group(L(q["out"])),
+            "trip_in_to_quad": L(q["trip_in_to_quad"]), "trip_out_to_quad": L(q["trip_out_to_quad"]),
+        },
+    }

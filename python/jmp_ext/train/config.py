@@ -66,8 +66,6 @@ class TaskConfig:
     """Validation split ('' = none; then no early stopping or best checkpoint)."""
     test: str = ""
     """Test split, evaluated with the best weights at the end of fine-tuning ('' = none)."""
-    graph: str = "oc20"
-    """jmp_ext.graphs.GraphConfig preset (cutoffs, max neighbours, pbc) used for this task."""
     targets: list[TargetConfig] = field(default_factory=list)
     forces: Literal["direct", "gradient"] = "direct"
     """Force head: direct (edge scalars times unit vectors, JMP pretraining) or F = -dE/dpos."""
@@ -83,6 +81,20 @@ class TaskConfig:
         names = [t.name for t in self.targets]
         if len(set(names)) != len(names):
             raise ConfigError(f"task {self.name!r}: duplicate target names {names}")
+
+
+@dataclass(kw_only=True)
+class GraphSettings:
+    """The graphs every batch gets (JMP builds all pretraining tasks' graphs the same way; each
+    structure's own pbc flags decide periodicity)."""
+
+    preset: str = "oc20"
+    """jmp_ext.graphs.GraphConfig preset: oc20, oc22, ani1x, transition1x, qm9, rmd17, md22, spice,
+    matbench, qmof."""
+    cutoff: float = 0.0
+    """Å; replaces the preset's cutoffs (all four graphs) when > 0."""
+    max_neighbors: int = 0
+    """Replaces the preset's base k (main graph; the others follow JMP's proportions) when > 0."""
 
 
 @dataclass(kw_only=True)
@@ -115,6 +127,8 @@ class DataConfig:
     val_batch_size: int = 16
     in_memory: bool = False
     """Load each LMDB into memory at start (small datasets)."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank (0 = load in the training process)."""
 
 
 @dataclass(kw_only=True)
@@ -168,6 +182,7 @@ class LoopConfig:
     max_epochs: float = 0
     """Passes over the training sampler (0 = no cap). One of max_steps / max_epochs must be set."""
     val_every: int = 200
+    """Validate every this many steps (0 = once per epoch) and at the end."""
     log_every: int = 10
     ckpt_every: int = 200
     """Write last.pt every this many steps (and at the end)."""
@@ -206,6 +221,7 @@ class TrainConfig:
     resume: bool = False
     """Continue from run_dir/last.pt when it exists (model, EMA, optimizer, schedule, sampler, RNG, step)."""
     tasks: list[TaskConfig] = field(default_factory=list)
+    graph: GraphSettings = field(default_factory=GraphSettings)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -41,6 +41,10 @@ class RunLogger:
         self._structures = 0
         self._atoms = 0
 
+    def start_clock(self) -> None:
+        """Throughput counts from here (after setup and scale-factor fitting)."""
+        self._t0 = time.perf_counter()
+
     def step(self, structures: int, atoms: int, **postfix: float) -> None:
         """One optimizer step done, on `structures` structures with `atoms` atoms (global batch)."""
         self._structures += structures

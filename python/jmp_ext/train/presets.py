@@ -28,9 +28,10 @@ def _energy_forces(energy_coef: float, force_coef: float) -> list[dict]:
 def _pretrain(size: str) -> dict:
     return {
         "mode": "pretrain",
-        "tasks": [{"name": name, "train": "", "val": "", "graph": name, "forces": "direct",
+        "tasks": [{"name": name, "train": "", "val": "", "forces": "direct",
                    "structure_wise_force_loss": True, "targets": _energy_forces(1.0, coef)}
                   for name, coef in PRETRAIN_TASKS.items()],
+        "graph": {"preset": "oc20"},  # JMP pretraining: 12 Å, k = 30 for every task
         "model": {"backbone": size, "edge_dropout": 0.1},
         "data": {"batch_size": 4, "temperature": 2.0},
         "optim": {"lr": 3e-4, "betas": [0.9, 0.95], "weight_decay": 0.1, "grad_clip_norm": 1.0},
@@ -47,6 +48,7 @@ def _finetune(size: str, task: dict, batch_size: int, precision: str = "fp16", p
     return {
         "mode": "finetune",
         "tasks": [{"train": "", "val": "", "test": "", **task}],
+        "graph": {"preset": task["name"]},
         "model": {"backbone": size, "init_checkpoint": "", "init_ema": True},
         "data": {"batch_size": batch_size, "val_batch_size": max(batch_size, 16)},
         # lr 8e-5: JMP's sweep script (the per-dataset helpers say 5e-6; JMP.md §11.1).
@@ -62,14 +64,14 @@ def _finetune(size: str, task: dict, batch_size: int, precision: str = "fp16", p
 
 
 def _finetune_presets(size: str) -> dict[str, Callable[[], dict]]:
-    u0 = {"name": "qm9", "graph": "qm9", "forces": "direct",
+    u0 = {"name": "qm9", "forces": "direct",
           "targets": [{"name": "U_0", "kind": "scalar", "reduction": "sum"}]}
-    rmd17 = {"name": "rmd17", "graph": "rmd17", "forces": "gradient", "targets": _energy_forces(0.0, 10.0)}
-    md22 = {"name": "md22", "graph": "md22", "forces": "gradient", "targets": _energy_forces(1.0, 100.0)}
-    spice = {"name": "spice", "graph": "spice", "forces": "gradient", "targets": _energy_forces(1.0, 100.0)}
-    matbench = {"name": "matbench", "graph": "matbench", "forces": "direct",
+    rmd17 = {"name": "rmd17", "forces": "gradient", "targets": _energy_forces(0.0, 10.0)}
+    md22 = {"name": "md22", "forces": "gradient", "targets": _energy_forces(1.0, 100.0)}
+    spice = {"name": "spice", "forces": "gradient", "targets": _energy_forces(1.0, 100.0)}
+    matbench = {"name": "matbench", "forces": "direct",
                 "targets": [{"name": "y", "kind": "scalar", "reduction": "mean"}]}
-    qmof = {"name": "qmof", "graph": "qmof", "forces": "direct",
+    qmof = {"name": "qmof", "forces": "direct",
             "targets": [{"name": "y", "kind": "scalar", "reduction": "mean"}]}
     return {
         f"{size}_qm9": lambda: _finetune(size, u0, 48),

@@ -35,3 +35,16 @@ def test_ema_state_roundtrip_and_errors():
         other.load_state_dict({"weight": state["weight"]})
     with pytest.raises(ValueError, match="decay"):
         EMA(net, 1.0)
+
+
+def test_aliased_modules_get_the_ema_under_every_name():
+    net = nn.Module()
+    net.layers = nn.Linear(2, 2)
+    net.alias = net.layers  # JMP's seq_energy_pre is such an alias
+    ema = EMA(net, 0.5)
+    with torch.no_grad():
+        net.layers.weight.add_(1.0)
+    ema.update(net)
+    state = ema.state_dict()
+    assert set(state) == {"layers.weight", "layers.bias", "alias.weight", "alias.bias"}
+    assert torch.equal(state["layers.weight"], state["alias.weight"])

@@ -18,7 +18,12 @@ class EMA:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.decay = decay
-        self.names = [n for n, _ in model.named_parameters()]
+        # Every name of each parameter: a module registered under two names (JMP's
+        # seq_energy_pre alias of layers) appears twice in state_dict and both must get the EMA.
+        aliases: dict[int, list[str]] = {}
+        for n, p in model.named_parameters(remove_duplicate=False):
+            aliases.setdefault(id(p), []).append(n)
+        self.names = [aliases[id(p)] for _, p in model.named_parameters()]
         self.shadow = [p.detach().clone() for _, p in model.named_parameters()]
 
     @torch.no_grad()
@@ -42,13 +47,13 @@ class EMA:
                     p.copy_(s)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """{parameter name: EMA value}, the model's state_dict naming."""
-        return dict(zip(self.names, self.shadow))
+        """{parameter name: EMA value} under every name the model's state_dict uses."""
+        return {n: s for names, s in zip(self.names, self.shadow) for n in names}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        missing = [n for n in self.names if n not in state]
+        missing = [names[0] for names in self.names if names[0] not in state]
         if missing:
             raise ValueError(f"EMA state lacks parameters: {missing[:5]}")
         with torch.no_grad():
-            for n, s in zip(self.names, self.shadow):
-                s.copy_(state[n])
+            for names, s in zip(self.names, self.shadow):
+                s.copy_(state[names[0]])

@@ -54,8 +54,10 @@ class BatchList(torch.utils.data.Dataset):
 
 
 def load_batches(datasets: list, batches: list, dtype: torch.dtype, workers: int):
+    # An own generator: a DataLoader iterator otherwise draws its base seed from the global RNG,
+    # which would shift edge dropout's random stream whenever a resumed run opens its loader.
     return torch.utils.data.DataLoader(BatchList(datasets, batches, dtype), batch_size=None, shuffle=False,
-                                       num_workers=workers, persistent_workers=False)
+                                       num_workers=workers, generator=torch.Generator().manual_seed(0))
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -125,7 +127,7 @@ class Trainer:
         if c.model.init_checkpoint:
             init_from_checkpoint(self.model.net, c.model.init_checkpoint, c.model.init_ema)
         freeze(self.model.net, c.model.freeze_embedding, c.model.freeze_blocks)
-        self.optimizer = build_optimizer(self.model, c.optim, tasks.num_blocks(self.model.net))
+        self.optimizer = build_optimizer(self.model.net, c.optim, tasks.num_blocks(self.model.net))
         self.ema = EMA(self.model, c.loop.ema_decay) if c.loop.ema_decay > 0 else None
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast is torch.float16 else None
 

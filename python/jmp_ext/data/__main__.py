@@ -11,12 +11,27 @@ import numpy as np
 from jmp_ext.data import format as fmt
 from jmp_ext.data.dataset import LmdbDataset
 from jmp_ext.data.demo import make_demo
+from jmp_ext.data.split import fraction_indices, read_index_file, split_dataset
 from jmp_ext.data.stats import load_stats
 
 
 def cmd_make_demo(args) -> None:
     root = make_demo(args.dir, seed=args.seed, scale=args.scale, progress=True)
     print(f"demo data in {root}: {json.loads((root / 'demo.json').read_text())['entries']}")
+
+
+def cmd_split(args) -> None:
+    num_entries = len(LmdbDataset(args.src))
+    if args.index_file:
+        parts = read_index_file(args.index_file, num_entries)
+    else:
+        fractions = {}
+        for item in args.fractions.split(","):
+            name, _, value = item.partition("=")
+            fractions[name.strip()] = float(value)
+        parts = fraction_indices(num_entries, fractions, seed=args.seed)
+    paths = split_dataset(args.src, args.out, parts, overwrite=args.overwrite, progress=True)
+    print(", ".join(f"{name}: {len(parts[name])} entries -> {path}" for name, path in paths.items()))
 
 
 def cmd_stats(args) -> None:
@@ -51,6 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", type=float, default=1.0, help="multiply the number of entries")
     p.set_defaults(run=cmd_make_demo)
 
+    p = commands.add_parser("split", help="split a dataset into OUT/train, OUT/val, ...")
+    p.add_argument("src")
+    p.add_argument("out")
+    p.add_argument("--fractions", default="train=0.8,val=0.1,test=0.1",
+                   help="name=fraction,... (default %(default)s)")
+    p.add_argument("--index-file", help='JSON {"train": [indices], ...} or .npz of index arrays')
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=cmd_split)
+
     p = commands.add_parser("stats", help="compute (and cache) a dataset's statistics")
     p.add_argument("dir")
     p.add_argument("--recompute", action="store_true", help="ignore a cached stats.json")
@@ -63,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except (fmt.DataError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError) as error:  # DataError is a ValueError
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -52,6 +52,10 @@ class LmdbDataset(Dataset):
             index += len(self)
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {self.path} ({len(self)} entries)")
+        return {name: torch.from_numpy(array) for name, array in self.read(index).items()}
+
+    def read(self, index: int) -> dict[str, np.ndarray]:
+        """Entry `index` (0 <= index < len) as numpy arrays."""
         value = self._values[index] if self._values is not None else self._read(index)
         try:
             entry = fmt.decode_entry(value)
@@ -60,7 +64,7 @@ class LmdbDataset(Dataset):
         if entry["atomic_numbers"].shape[0] != self.natoms[index]:
             raise fmt.DataError(f"{self._where(index)}: {entry['atomic_numbers'].shape[0]} atoms, "
                                 f"metadata says {self.natoms[index]}")
-        return {name: torch.from_numpy(array) for name, array in entry.items()}
+        return entry
 
     def _where(self, index: int) -> str:
         shard = int(np.searchsorted(self._offsets, index, side="right")) - 1
@@ -98,3 +102,32 @@ class LmdbDataset(Dataset):
 
     def __repr__(self) -> str:
         return f"LmdbDataset({str(self.path)!r}, entries={len(self)}, fields={list(self.schema)})"
+
+
+class MultiDataset(Dataset):
+    """Several datasets concatenated, each entry tagged with `dataset` [] int64 (its position
+    in `datasets`, the task index in multi-task pretraining).
+
+    Indices follow the concatenation order TemperatureSampler uses; `natoms` and `sizes` come
+    from the members' metadata.
+    """
+
+    def __init__(self, datasets: list[LmdbDataset]):
+        if not datasets:
+            raise ValueError("MultiDataset needs at least one dataset")
+        self.datasets = list(datasets)
+        self.sizes = np.array([len(ds) for ds in self.datasets], dtype=np.int64)
+        self._offsets = np.cumsum(np.concatenate([[0], self.sizes]))
+        self.natoms = np.concatenate([ds.natoms for ds in self.datasets])
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} entries")
+        which = int(np.searchsorted(self._offsets, index, side="right")) - 1
+        entry = self.datasets[which][index - self._offsets[which]]
+        entry["dataset"] = torch.tensor(which)
+        return entry

@@ -34,8 +34,7 @@ from ase.optimize import FIRE
 from ase.units import fs, kB
 
 from jmp_ext.data import format as fmt
-from jmp_ext.data.stats import compute_stats, save_stats
-from jmp_ext.data.dataset import LmdbDataset
+from jmp_ext.data.stats import share_train_stats
 from jmp_ext.data.writer import DatasetWriter, write_file_atomic
 
 DOMAINS = ("catalysis", "molecules", "materials", "md")
@@ -102,9 +101,7 @@ def _write_domain(path: Path, frames: list[dict], rng: np.random.Generator,
                 if split_of[int(frame["sid"])] == split:
                     writer.add(frame)
             counts[split] = len(writer)
-    stats = compute_stats(LmdbDataset(path / "train"), progress=progress)
-    for split in SPLITS:
-        save_stats(path / split, stats)
+    share_train_stats(path / "train", [path / "val", path / "test"], progress=progress)
     return counts
 
 

@@ -38,12 +38,12 @@ def compute_stats(dataset: LmdbDataset, progress: bool = False) -> dict:
     force_sq, force_n = 0.0, 0
     for i in tqdm(range(len(dataset)), disable=not progress, desc=f"stats {dataset.path}",
                   unit="entry"):
-        entry = dataset[i]
-        counts[i] = np.bincount(entry["atomic_numbers"].numpy(), minlength=fmt.MAX_Z + 1)
+        entry = dataset.read(i)
+        counts[i] = np.bincount(entry["atomic_numbers"], minlength=fmt.MAX_Z + 1)
         for name in labels:
-            values[name].append(entry[name].numpy().astype(np.float64))
+            values[name].append(entry[name].astype(np.float64))
         if "forces" in entry:
-            forces = entry["forces"].numpy().astype(np.float64)
+            forces = entry["forces"].astype(np.float64)
             force_sq += float(np.square(forces).sum())
             force_n += forces.size
     stats: dict = {"version": STATS_VERSION, "num_entries": len(dataset), "targets": {}}
@@ -71,6 +71,16 @@ def save_stats(dataset_dir: str | Path, stats: dict) -> Path:
     file = Path(dataset_dir) / fmt.STATS_FILE
     write_file_atomic(file, json.dumps(_to_json(stats), indent=1).encode())
     return file
+
+
+def share_train_stats(train_dir: str | Path, other_dirs, progress: bool = False) -> dict:
+    """Compute a train split's statistics and cache them in it and in its sibling splits
+    (validation and test targets are normalised with the training statistics)."""
+    stats = compute_stats(LmdbDataset(train_dir), progress=progress)
+    stats["source"] = str(Path(train_dir).name)
+    for directory in [train_dir, *other_dirs]:
+        save_stats(directory, stats)
+    return stats
 
 
 def load_stats(dataset_dir: str | Path, recompute: bool = False, progress: bool = False) -> dict:

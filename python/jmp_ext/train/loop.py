@@ -15,9 +15,13 @@ import math
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+from jmp_ext.data.dataset import MultiDataset
+from jmp_ext.data.samplers import AtomBalancedBatchSampler, TemperatureSampler
 
 from jmp_ext.train import distributed, tasks
 from jmp_ext.train.checkpoint import (atomic_write_bytes, is_training_checkpoint, load_checkpoint, network_weights,
@@ -27,7 +31,7 @@ from jmp_ext.train.ema import EMA
 from jmp_ext.train.logger import RunLogger
 from jmp_ext.train.metrics import Metrics
 from jmp_ext.train.optim import LRSchedule, build_optimizer
-from jmp_ext.train.sampling import TemperatureBatches
+from jmp_ext.train.sampling import split_across_ranks
 from jmp_ext.train.tasks import TaskModel, TrainError
 
 DTYPES = {"fp64": torch.float64}
@@ -35,11 +39,12 @@ AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class BatchList(torch.utils.data.Dataset):
-    """Collated batches of (dataset, index) pairs, one per item, for a DataLoader (workers load
-    and collate while the main process trains)."""
+    """Collated batches of a dataset, one batch per item, for a DataLoader (workers load and
+    collate while the main process trains). batch["task"] [B] is the task index of every structure:
+    `task`, or MultiDataset's per-entry `dataset` index."""
 
-    def __init__(self, datasets: list, batches: list[list[tuple[int, int]]], dtype: torch.dtype):
-        self.datasets, self.batches, self.dtype = datasets, batches, dtype
+    def __init__(self, dataset, batches: list[list[int]], dtype: torch.dtype, task: int | None = None):
+        self.dataset, self.batches, self.dtype, self.task = dataset, batches, dtype, task
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -47,16 +52,16 @@ class BatchList(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
         from jmp_ext.data import collate
 
-        pairs = self.batches[k]
-        batch = collate([self.datasets[d][i] for d, i in pairs], dtype=self.dtype)
-        batch["task"] = torch.tensor([d for d, _ in pairs], dtype=torch.long)
+        batch = collate([self.dataset[i] for i in self.batches[k]], dtype=self.dtype)
+        task = batch.pop("dataset", None)
+        batch["task"] = torch.full_like(batch["natoms"], self.task) if self.task is not None else task
         return batch
 
 
-def load_batches(datasets: list, batches: list, dtype: torch.dtype, workers: int):
+def load_batches(dataset, batches: list[list[int]], dtype: torch.dtype, workers: int = 0, task: int | None = None):
     # An own generator: a DataLoader iterator otherwise draws its base seed from the global RNG,
     # which would shift edge dropout's random stream whenever a resumed run opens its loader.
-    return torch.utils.data.DataLoader(BatchList(datasets, batches, dtype), batch_size=None, shuffle=False,
+    return torch.utils.data.DataLoader(BatchList(dataset, batches, dtype, task), batch_size=None, shuffle=False,
                                        num_workers=workers, generator=torch.Generator().manual_seed(0))
 
 
@@ -131,11 +136,12 @@ class Trainer:
         self.ema = EMA(self.model, c.loop.ema_decay) if c.loop.ema_decay > 0 else None
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast is torch.float16 else None
 
-        self.train_sets = [d.train for d in self.data]
-        self.sampler = TemperatureBatches([ds.natoms for ds in self.train_sets], c.data.temperature,
-                                          c.data.batch_size, c.data.max_atoms, c.seed, self.dist.rank,
-                                          self.dist.world_size)
-        self.steps_per_epoch = len(self.sampler)
+        # Global batches, the same for any number of ranks; each rank trains on its share.
+        self.train_set = MultiDataset([d.train for d in self.data])
+        order = TemperatureSampler(self.train_set.sizes, temperature=c.data.temperature, seed=c.seed)
+        self.sampler = AtomBalancedBatchSampler(self.train_set.natoms, max_atoms=c.data.max_atoms or None,
+                                                max_structures=c.data.batch_size, sampler=order, seed=c.seed)
+        self.steps_per_epoch = len(self.sampler.batches(0))
         caps = [c.loop.max_steps] if c.loop.max_steps > 0 else []
         if c.loop.max_epochs > 0:
             caps.append(math.ceil(c.loop.max_epochs * self.steps_per_epoch))
@@ -264,10 +270,12 @@ class Trainer:
         return torch.autocast("cuda", dtype=self.autocast)
 
     def _epoch_loader(self):
-        """Iterator over this rank's batches of the current epoch, from batch_in_epoch on (resume)."""
-        batches = self.sampler.global_batches(self.epoch)[self.batch_in_epoch:]
-        local = [self.sampler.local(b) for b in batches]
-        return iter(load_batches(self.train_sets, local, self.dtype, self.config.data.num_workers))
+        """Iterator over this rank's batches of the current epoch, from batch_in_epoch on (resume).
+        Global batches too small to give every rank a structure are left out."""
+        w, natoms = self.dist.world_size, self.train_set.natoms
+        batches = [b for b in self.sampler.batches(self.epoch) if len(b) >= w][self.batch_in_epoch:]
+        local = [split_across_ranks(b, natoms, self.dist.rank, w) for b in batches]
+        return iter(load_batches(self.train_set, local, self.dtype, self.config.data.num_workers))
 
     # ------------------------------------------------------------ scale factors
 
@@ -277,10 +285,11 @@ class Trainer:
         from jmp_ext.models import fit_scale_factors
 
         c = self.config
-        per_task = max(c.data.batch_size // len(self.train_sets), 1)
-        batches = [[(d, (k * per_task + j) % len(ds)) for d, ds in enumerate(self.train_sets) for j in range(per_task)]
+        per_task = max(c.data.batch_size // len(self.data), 1)
+        offsets = np.cumsum([0, *self.train_set.sizes[:-1]])
+        batches = [[int(o + (k * per_task + j) % n) for o, n in zip(offsets, self.train_set.sizes) for j in range(per_task)]
                    for k in range(num_batches)]
-        loaded = [to_device(b, self.device) for b in load_batches(self.train_sets, batches, self.dtype, 0)]
+        loaded = [to_device(b, self.device) for b in load_batches(self.train_set, batches, self.dtype)]
         # Each factor is fitted with its own passes over the batches: build their graphs once.
         self.model.eval()
         inputs = [(b, self.model.graphs(b)) for b in loaded]
@@ -403,12 +412,10 @@ def evaluate(model: TaskModel, datasets: list, batch_size: int, dtype: torch.dty
     Batches are consecutive entries; rank r takes batches r, r + W, ... (no duplicates)."""
     model.eval()
     metrics = Metrics()
-    batches = []
-    for t, ds in enumerate(datasets):
-        if ds is not None:
-            batches += [[(t, i) for i in range(s, min(s + batch_size, len(ds)))] for s in range(0, len(ds), batch_size)]
-    mine = batches[rank::world_size]
-    for batch in load_batches(datasets, mine, dtype, 0):
+    batches = [(t, list(range(s, min(s + batch_size, len(ds))))) for t, ds in enumerate(datasets) if ds is not None
+               for s in range(0, len(ds), batch_size)]
+    for t, idx in batches[rank::world_size]:
+        (batch,) = load_batches(datasets[t], [idx], dtype, task=t)
         batch = to_device(batch, device)
         tasks.update_metrics(metrics, model, model(batch), batch)
     metrics.all_reduce()

@@ -52,7 +52,11 @@ class BatchList(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
         from jmp_ext.data import collate
 
-        batch = collate([self.dataset[i] for i in self.batches[k]], dtype=self.dtype)
+        # Labels stay float64 (a total energy of ~1e4 eV has no meV left in float32); the model's
+        # inputs take the training dtype.
+        batch = collate([self.dataset[i] for i in self.batches[k]], dtype=torch.float64)
+        for key in ("pos", "cell"):
+            batch[key] = batch[key].to(self.dtype)
         task = batch.pop("dataset", None)
         batch["task"] = torch.full_like(batch["natoms"], self.task) if self.task is not None else task
         return batch
@@ -69,7 +73,7 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def build_model(config: TrainConfig, data: list[tasks.TaskData]) -> TaskModel:
+def graph_config(config: TrainConfig):
     from jmp_ext.graphs import GraphConfig
 
     g = config.graph
@@ -78,9 +82,31 @@ def build_model(config: TrainConfig, data: list[tasks.TaskData]) -> TaskModel:
         graph = graph.replace(cutoff_main=g.cutoff, cutoff_a2ee2a=g.cutoff, cutoff_qint=g.cutoff, cutoff_a2a=g.cutoff)
     if g.max_neighbors > 0:
         graph = graph.replace(max_neighbors=g.max_neighbors)
-    net = tasks.build_network(config)
-    return TaskModel(net, config.tasks, graph, [d.stats for d in data], pretrain=config.mode == "pretrain",
-                     edge_dropout=config.model.edge_dropout)
+    return graph
+
+
+def build_model(config: TrainConfig, norms: dict[str, torch.Tensor]) -> TaskModel:
+    return TaskModel(tasks.build_network(config), config.tasks, graph_config(config), norms,
+                     pretrain=config.mode == "pretrain", edge_dropout=config.model.edge_dropout)
+
+
+def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[TaskModel, TrainConfig]:
+    """A trained TaskModel (eval mode) and its config from best.pt or last.pt (EMA weights when the
+    run had an EMA). The checkpoint is read with weights_only=True."""
+    from jmp_ext.train.config import TrainConfig, from_dict
+
+    state = load_checkpoint(path, device)
+    if not is_training_checkpoint(state):
+        raise TrainError(f"{path} is not a jmp_ext training checkpoint (best.pt / last.pt of a run)")
+    config = from_dict(TrainConfig, state["config"])
+    weights = dict(state["model"])
+    if state.get("ema"):
+        weights.update(state["ema"])
+    norms = {k: v for k, v in weights.items() if k.startswith("norm_")}
+    model = build_model(config, norms).to(device)
+    model.load_state_dict(weights)
+    model.net.to(DTYPES.get(config.loop.precision, torch.float32))
+    return model.eval(), config
 
 
 def init_from_checkpoint(net: nn.Module, path: str, use_ema: bool) -> None:
@@ -128,7 +154,9 @@ class Trainer:
 
         self.data = tasks.load_task_data(c)
         torch.manual_seed(c.seed)  # the same initial weights on every rank
-        self.model = build_model(c, self.data).to(self.device, self.dtype)
+        norms = tasks.normalizers(c.tasks, [d.stats for d in self.data])
+        self.model = build_model(c, norms).to(self.device)
+        self.model.net.to(self.dtype)
         if c.model.init_checkpoint:
             init_from_checkpoint(self.model.net, c.model.init_checkpoint, c.model.init_ema)
         freeze(self.model.net, c.model.freeze_embedding, c.model.freeze_blocks)

@@ -88,9 +88,11 @@ class TaskModel(nn.Module):
     """Graphs + network + denormalisation. forward(batch) -> physical predictions by target name.
 
     State: `net.*` (JMP's keys: embedding.*, backbone.*, output.*) and the normaliser buffers
-    `norm_{target}_mean/std` [T(, k)] and `norm_linref` [T, 119], T = number of tasks."""
+    `norm_{target}_mean/std` [T(, k)] and `norm_linref` [T, 119], T = number of tasks, which stay
+    float64 whatever the network's dtype (move the model with .to(device), the net with .to(dtype)).
+    Energies and scalars come out float64."""
 
-    def __init__(self, net: nn.Module, task_configs: list[TaskConfig], graph_config, stats: list[dict],
+    def __init__(self, net: nn.Module, task_configs: list[TaskConfig], graph_config, norms: dict[str, torch.Tensor],
                  pretrain: bool, edge_dropout: float):
         super().__init__()
         self.net = net
@@ -98,20 +100,10 @@ class TaskModel(nn.Module):
         self.graph_config = graph_config
         self.pretrain = pretrain
         self.edge_dropout = edge_dropout
-        targets = {t.name: t for t in task_configs[0].targets}  # pretraining tasks share target names
-        self.targets = targets
+        self.targets = {t.name: t for t in task_configs[0].targets}  # pretraining tasks share target names
         self.gradient_forces = any(t.forces == "gradient" for t in task_configs)
-        self.register_buffer("norm_linref", torch.zeros(len(task_configs), MAX_Z + 1, dtype=torch.float64))
-        for name, target in targets.items():
-            mean, std = [], []
-            for i, (task, st) in enumerate(zip(task_configs, stats)):
-                m, s = _target_scale(task, task.targets[[t.name for t in task.targets].index(name)], st, i)
-                mean.append(m)
-                std.append(s)
-                if name == "energy" and target.normalize and "linref" in st:
-                    self.norm_linref[i] = torch.as_tensor(np.asarray(st["linref"], dtype=np.float64))
-            self.register_buffer(f"norm_{name}_mean", torch.stack(mean))
-            self.register_buffer(f"norm_{name}_std", torch.stack(std))
+        for name, value in norms.items():
+            self.register_buffer(name, value.clone())
 
     def scale(self, name: str) -> torch.Tensor:
         return getattr(self, f"norm_{name}_std")
@@ -142,14 +134,33 @@ class TaskModel(nn.Module):
             elif target.kind == "classification":
                 preds[name] = out[name]
             else:
-                mean = getattr(self, f"norm_{name}_mean").to(dtype)[task]
-                std = self.scale(name).to(dtype)[task]
-                y = out[name] * std + mean if out[name].dim() == 1 else out[name] * std[:, None] + mean
+                # In float64: a molecule's total energy (~1e4 eV) has no meV left in float32.
+                mean = getattr(self, f"norm_{name}_mean")[task]
+                std = self.scale(name)[task]
+                y = out[name].double()
+                y = y * std + mean if y.dim() == 1 else y * std[:, None] + mean
                 if target.kind == "energy":
-                    ref = self.norm_linref.to(dtype)[atom_task, batch["atomic_numbers"]]
+                    ref = self.norm_linref[atom_task, batch["atomic_numbers"]]
                     y = y + torch.zeros_like(y).index_add_(0, batch["batch"], ref)
                 preds[name] = y
         return preds
+
+
+def normalizers(task_configs: list[TaskConfig], stats: list[dict]) -> dict[str, torch.Tensor]:
+    """TaskModel's buffers from the training splits' statistics: norm_linref [T, 119] and
+    norm_{target}_mean / norm_{target}_std [T] (or [T, k]), float64."""
+    norms = {"norm_linref": torch.zeros(len(task_configs), MAX_Z + 1, dtype=torch.float64)}
+    for name in [t.name for t in task_configs[0].targets]:
+        mean, std = [], []
+        for i, (task, st) in enumerate(zip(task_configs, stats)):
+            target = next(t for t in task.targets if t.name == name)
+            m, s = _target_scale(task, target, st, i)
+            mean.append(m)
+            std.append(s)
+            if target.kind == "energy" and target.normalize and "linref" in st:
+                norms["norm_linref"][i] = torch.as_tensor(np.asarray(st["linref"], dtype=np.float64))
+        norms[f"norm_{name}_mean"], norms[f"norm_{name}_std"] = torch.stack(mean), torch.stack(std)
+    return norms
 
 
 def _target_scale(task: TaskConfig, target: TargetConfig, stats: dict, i: int) -> tuple[torch.Tensor, torch.Tensor]:

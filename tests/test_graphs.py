@@ -12,7 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "models"))
-from jmp_fixtures import CASES, load, requires_fixtures  # noqa: E402
+from jmp_fixtures import CASES, edge_keys, fixture_batch, fixture_config, graphs_on_jmps_a2a, load, requires_fixtures  # noqa: E402
 
 from jmp_ext import graphs as G  # noqa: E402
 from jmp_ext import ops  # noqa: E402
@@ -21,32 +21,6 @@ from jmp_ext.models import BackboneConfig, GemNetOCBackbone  # noqa: E402
 TAG = {torch.float64: "f64", torch.float32: "f32"}
 TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
 has_radius_graph = pytest.mark.skipif(not hasattr(ops, "radius_graph"), reason="jmp_ext.ops.radius_graph not merged yet")
-
-
-def edge_keys(edge_index, cell_offset) -> list[tuple]:
-    return [tuple(x) for x in torch.cat([edge_index.T, cell_offset.long()], dim=1).tolist()]
-
-
-def fixture_batch(case: dict, dtype) -> dict:
-    inputs = case["inputs"]
-    pbc = case["graph_settings"]["pbc"]
-    b = inputs["natoms"].shape[0]
-    return {"pos": inputs["pos"].to(dtype), "atomic_numbers": inputs["atomic_numbers"], "natoms": inputs["natoms"],
-            "batch": inputs["batch"], "cell": inputs["cell"].to(dtype), "tags": inputs["tags"],
-            "pbc": torch.full((b, 3), pbc)}
-
-
-def fixture_config(case: dict) -> G.GraphConfig:
-    s = case["graph_settings"]
-    return G.GraphConfig(cutoff_main=s["cutoff_main"], cutoff_a2ee2a=s["cutoff_a2ee2a"], cutoff_qint=s["cutoff_qint"],
-                         cutoff_a2a=s["cutoff_a2a"], max_neighbors=s["max_neighbors_main"], pbc=s["pbc"],
-                         qint_tags=tuple(s["qint_tags"]))
-
-
-def graphs_with_jmps_a2a(case, dtype):
-    a2a = case["graphs"]["a2a"]
-    return G.graphs_from_a2a(fixture_batch(case, dtype), {"edge_index": a2a["edge_index"],
-                                                          "cell_offset": a2a["cell_offset"]}, fixture_config(case))
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +41,7 @@ def rel_err(a, b):
 @pytest.mark.parametrize("case_name", CASES)
 def test_subselected_graphs_are_jmps(case_name):
     case = load(f"{case_name}.pt")
-    graphs = graphs_with_jmps_a2a(case, torch.float64)
+    graphs = graphs_on_jmps_a2a(case, fixture_batch(case, torch.float64))
     for name in ("a2a", "a2ee2a", "qint"):
         ref = case["graphs"][name]
         ours = graphs[name]
@@ -113,9 +87,7 @@ def test_backbone_on_our_graphs_matches_jmp(model_f64, case_name, dtype):
     backbone, emb = model_f64
     batch = fixture_batch(case, dtype)
     batch["pos"].requires_grad_(True)
-    a2a = case["graphs"]["a2a"]
-    graphs = G.graphs_from_a2a(batch, {"edge_index": a2a["edge_index"], "cell_offset": a2a["cell_offset"]},
-                               fixture_config(case))
+    graphs = graphs_on_jmps_a2a(case, batch)
     check_outputs(case, graphs, backbone, emb, dtype, batch["pos"])
 
 

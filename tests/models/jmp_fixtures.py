@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from jmp_ext.graphs import GraphConfig, graphs_from_a2a
+
 FIXTURES = Path(os.environ.get("JMP_REF_FIXTURES", "/work/shared/fixtures/jmp_ref"))
 CASES = ["oc20_slab", "ani_molecules"]
 
@@ -75,3 +77,30 @@ def fixture_graphs(case: dict, pos: torch.Tensor) -> dict:
             "trip_in_to_quad": L(q["trip_in_to_quad"]), "trip_out_to_quad": L(q["trip_out_to_quad"]),
         },
     }
+
+
+def edge_keys(edge_index, cell_offset) -> list[tuple]:
+    return [tuple(x) for x in torch.cat([edge_index.T, cell_offset.long()], dim=1).tolist()]
+
+
+def fixture_batch(case: dict, dtype) -> dict:
+    inputs = case["inputs"]
+    pbc = case["graph_settings"]["pbc"]
+    b = inputs["natoms"].shape[0]
+    return {"pos": inputs["pos"].to(dtype), "atomic_numbers": inputs["atomic_numbers"], "natoms": inputs["natoms"],
+            "batch": inputs["batch"], "cell": inputs["cell"].to(dtype), "tags": inputs["tags"],
+            "pbc": torch.full((b, 3), pbc)}
+
+
+def fixture_config(case: dict) -> GraphConfig:
+    s = case["graph_settings"]
+    return GraphConfig(cutoff_main=s["cutoff_main"], cutoff_a2ee2a=s["cutoff_a2ee2a"], cutoff_qint=s["cutoff_qint"],
+                       cutoff_a2a=s["cutoff_a2a"], max_neighbors=s["max_neighbors_main"], pbc=s["pbc"],
+                       qint_tags=tuple(s["qint_tags"]))
+
+
+def graphs_on_jmps_a2a(case: dict, batch: dict, **kwargs) -> dict:
+    """jmp_ext.graphs from the batch, starting from JMP's a2a graph (no radius_graph needed)."""
+    a2a = case["graphs"]["a2a"]
+    return graphs_from_a2a(batch, {"edge_index": a2a["edge_index"], "cell_offset": a2a["cell_offset"]},
+                           fixture_config(case), **kwargs)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "models"))
-from jmp_fixtures import CASES, edge_keys, fixture_batch, fixture_config, graphs_on_jmps_a2a, load, requires_fixtures  # noqa: E402
+from jmp_fixtures import CASES, edge_keys, fixture_batch, fixture_config, graphs_on_jmps_a2a, load, one_torch_thread, requires_fixtures  # noqa: E402, F401
 
 from jmp_ext import graphs as G  # noqa: E402
 from jmp_ext import ops  # noqa: E402

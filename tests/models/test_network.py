@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
-from jmp_fixtures import fixture_batch, graphs_on_jmps_a2a, load, requires_fixtures
+from jmp_fixtures import bulk_batch_and_graphs, fixture_batch, graphs_on_jmps_a2a, load, requires_fixtures
 
-from jmp_ext.graphs import GraphConfig, graphs_from_a2a, with_geometry
+from jmp_ext.graphs import with_geometry
 from jmp_ext.models import BackboneConfig, FinetuneModel, HeadConfig, PretrainModel
 from jmp_ext.models.heads import reduce_atoms
 
@@ -30,33 +30,6 @@ def energy_at(model, batch, graphs, pos, cell):
     """Energy [B] with graphs' topology fixed and geometry from pos, cell."""
     g = with_geometry(graphs, pos, cell, batch["batch"])
     return model._heads(batch, g)["energy"]
-
-
-def bulk_batch_and_graphs(cutoff=3.0):
-    """Two rattled periodic crystals (fcc Cu, 4 atoms, and a sheared 3-atom cell) with a
-    brute-force a2a graph over the images within +-2 cells."""
-    g = torch.Generator().manual_seed(7)
-    frac = [torch.tensor([[0, 0, 0], [0, .5, .5], [.5, 0, .5], [.5, .5, 0]], dtype=torch.float64),
-            torch.tensor([[0, 0, 0], [.33, .4, .5], [.7, .6, .2]], dtype=torch.float64)]
-    cells = [3.61 * torch.eye(3, dtype=torch.float64),
-             torch.tensor([[3.2, 0, 0], [0.8, 3.4, 0], [0.3, -0.5, 3.6]], dtype=torch.float64)]
-    pos = torch.cat([f @ c for f, c in zip(frac, cells)]) + 0.05 * torch.randn(7, 3, generator=g, dtype=torch.float64)
-    natoms = torch.tensor([4, 3])
-    structure = torch.repeat_interleave(torch.arange(2), natoms)
-    images = torch.cartesian_prod(*[torch.arange(-2, 3)] * 3)
-    edges, offsets = [], []
-    for t in range(7):
-        for s in range(7):
-            if structure[s] != structure[t]:
-                continue
-            d = (pos[s] + images.double() @ cells[structure[s]] - pos[t]).norm(dim=1)
-            for o in images[(d > 1e-4) & (d <= cutoff)]:
-                edges.append((s, t))
-                offsets.append(o)
-    batch = {"pos": pos, "atomic_numbers": torch.tensor([29] * 4 + [13, 28, 8]), "natoms": natoms, "batch": structure,
-             "cell": torch.stack(cells), "pbc": torch.ones(2, 3, dtype=torch.bool), "tags": torch.full((7,), 2)}
-    a2a = {"edge_index": torch.tensor(edges).T.contiguous(), "cell_offset": torch.stack(offsets).int()}
-    return batch, graphs_from_a2a(batch, a2a, GraphConfig.uniform(cutoff, 30, pbc=True))
 
 
 def fixture_case(case_name):

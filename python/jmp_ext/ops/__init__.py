@@ -6,6 +6,7 @@ autograd and torch.compile, on CPU tensors and (in a CUDA build) on GPU tensors.
 
 from jmp_ext.ops._lib import build_info
 from jmp_ext.ops.interaction_indices import mixed_triplets, quadruplets, triplets
+from jmp_ext.ops.radius_graph import radius_graph
 from jmp_ext.ops.reductions import (
     padded_to_ragged,
     ragged_to_padded,
@@ -21,6 +22,7 @@ __all__ = [
     "mixed_triplets",
     "padded_to_ragged",
     "quadruplets",
+    "radius_graph",
     "ragged_to_padded",
     "scatter_mean",
     "scatter_sum",

@@ -4,7 +4,7 @@ AdamW, EMA) side by side with a bare step of the same network (forward, L1 energ
 loss, backward, AdamW) on the same batch, so the ratio is the trainer's overhead.
 
 Batch: 8 EMT-labelled molecules (g2-size, non-periodic), 6 Å graphs, k = 30; graph construction
-is included in both. Run:
+is included in both (graph preset oc20: periodicity from each structure's pbc flags). Run:
 
     PYTHONPATH=python pytest bench/bench_train.py --benchmark-enable -m "slow or not slow"
 """
@@ -44,8 +44,8 @@ def dataset(tmp_path_factory):
 def trainer_for(dataset, backbone: str, tmp_path) -> tuple[Trainer, dict]:
     raw = {"tasks": [{"name": "mol", "train": str(dataset), "forces": "direct", "structure_wise_force_loss": True,
                       "targets": [{"name": "energy", "kind": "energy"}, {"name": "forces", "kind": "forces"}]}],
-           "run_dir": str(tmp_path), "threads": torch.get_num_threads(), "graph": {"preset": "ani1x", "cutoff": 6.0},
-           "model": {"backbone": backbone}, "data": {"batch_size": 8},
+           "run_dir": str(tmp_path), "threads": torch.get_num_threads(), "graph": {"preset": "oc20", "cutoff": 6.0},
+           "model": {"backbone": backbone}, "data": {"batch_size": 8, "in_memory": True},
            "loop": {"max_steps": 10, "ema_decay": 0.99, "progress": False, "fit_scale_factors": 0}}
     trainer = Trainer(build_config(raw))
     return trainer, to_device(next(trainer._epoch_loader()), trainer.device)
@@ -63,7 +63,7 @@ def bare_step(model, optimizer, batch):
 
 @pytest.mark.parametrize("backbone", ["tiny", pytest.param("jmp_s", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("impl", ["trainer", "bare"])
-def bench_train_step(benchmark, dataset, tmp_path, backbone, impl):
+def test_train_step(benchmark, dataset, tmp_path, backbone, impl):
     trainer, batch = trainer_for(dataset, backbone, tmp_path)
     benchmark.group = f"train step {backbone} (8 molecules, {batch['pos'].shape[0]} atoms)"
     if impl == "trainer":

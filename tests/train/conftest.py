@@ -1,16 +1,10 @@
-import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import pathlib
+import sys
+
 import pytest
 
-import jmp_ext.ops as ops
-
-from helpers import brute_radius_graph, write_molecules
-
-
-@pytest.fixture(autouse=True)
-def _radius_graph(monkeypatch):
-    # Until jmp_ext.ops.radius_graph is built in, the graphs use the brute-force reference.
-    if not hasattr(ops, "radius_graph"):
-        monkeypatch.setattr(ops, "radius_graph", brute_radius_graph, raising=False)
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from helpers import write_molecules  # noqa: E402
 
 
 @pytest.fixture(scope="session")

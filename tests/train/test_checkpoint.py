@@ -1,5 +1,4 @@
 import csv
-import pickle
 
 import pytest
 import torch

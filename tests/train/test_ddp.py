@@ -27,7 +27,6 @@ def _worker(rank, world_size, port, data, run_dir, out):
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import jmp_ext.ops as ops
     from jmp_ext.train import distributed
     from jmp_ext.train.loop import Trainer
 

@@ -1,7 +1,6 @@
 import math
 
 import pytest
-import torch
 from torch import nn
 
 from jmp_ext.train.config import OptimConfig, ScheduleConfig

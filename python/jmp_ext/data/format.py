@@ -30,7 +30,9 @@ Field conventions (units are eV and Å throughout):
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -108,10 +110,15 @@ def decode_entry(value: bytes) -> dict[str, np.ndarray]:
     header = json.loads(bytes(buffer[_PREFIX.size:start]))
     entry = {}
     for name, dtype, shape, offset in header:
-        dtype = np.dtype(dtype)
-        count = int(np.prod(shape, dtype=np.int64))
-        entry[name] = np.frombuffer(buffer, dtype, count, start + offset).reshape(tuple(shape))
+        # math.prod and the dtype cache: this loop runs for every field of every entry read.
+        count = math.prod(shape)
+        entry[name] = np.frombuffer(buffer, _dtype(dtype), count, start + offset).reshape(shape)
     return entry
+
+
+@functools.cache
+def _dtype(name: str) -> np.dtype:
+    return np.dtype(name)
 
 
 def field_schema(name: str, array: np.ndarray, unit: str | None = None) -> dict:

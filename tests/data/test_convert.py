@@ -261,3 +261,15 @@ def test_cli_convert(tmp_path, frames, capsys):
     write_pickled_lmdb(tmp_path / "x.lmdb", [b"\x80\x05K\x01."])
     assert main(["convert", str(tmp_path / "x.lmdb"), str(tmp_path / "o2")]) == 1
     assert "--allow-pickle" in capsys.readouterr().err
+
+
+def test_provenance_in_meta(tmp_path, frames):
+    import json
+
+    frames[1].numbers[0] = 0
+    ase.io.write(tmp_path / "in.extxyz", frames)
+    convert(tmp_path / "in.extxyz", tmp_path / "out", skip_invalid=True)
+    info = json.loads((tmp_path / "out" / "meta.json").read_text())["info"]
+    assert info["converted_from"] == str(tmp_path / "in.extxyz") and info["source_format"] == "ase"
+    assert info["labels"]["forces"] == "calculator['forces']"
+    assert len(info["skipped"]) == 1 and "structure 1: unknown element" in info["skipped"][0]

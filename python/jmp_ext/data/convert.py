@@ -341,8 +341,9 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
     else:
         raise ValueError(f"unknown source format {kind!r} (ase, ase-db, lmdb)")
     # closing(): a failed conversion also closes the source (its LMDB handles, its file).
+    info = {"converted_from": str(src), "source_format": kind}
     with closing(stream), DatasetWriter(dst, overwrite=overwrite, float_dtype=float_dtype,
-                                        shard_size=shard_size) as writer:
+                                        shard_size=shard_size, info=info) as writer:
         for where, item in stream:
             try:
                 if isinstance(item, Exception):
@@ -354,4 +355,5 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
                     raise fmt.DataError(message) from error
                 report.skipped.append(message)
         report.written = len(writer)
+        writer.info.update(labels=report.labels, skipped=report.skipped)
     return report

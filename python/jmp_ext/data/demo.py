@@ -74,7 +74,8 @@ def make_demo(root: str | Path, seed: int = 0, scale: float = 1.0, progress: boo
         rng = np.random.default_rng([seed, i])
         size = max(10, round(SIZES[domain] * scale))
         frames = GENERATORS[domain](rng, size)
-        counts[domain] = _write_domain(root / domain, frames, rng, progress)
+        info = {**request, "domain": domain, "labels": "ASE EMT"}
+        counts[domain] = _write_domain(root / domain, frames, rng, info, progress)
     write_file_atomic(marker, json.dumps({**request, "entries": counts}, indent=1).encode())
     return root
 
@@ -84,7 +85,7 @@ def _complete(root: Path) -> bool:
                for d in DOMAINS for s in SPLITS)
 
 
-def _write_domain(path: Path, frames: list[dict], rng: np.random.Generator,
+def _write_domain(path: Path, frames: list[dict], rng: np.random.Generator, info: dict,
                   progress: bool) -> dict[str, int]:
     """Split frames by sid (whole trajectories stay in one split), write, add train stats."""
     groups = np.unique([f["sid"] for f in frames])
@@ -96,7 +97,7 @@ def _write_domain(path: Path, frames: list[dict], rng: np.random.Generator,
                 for k, g in enumerate(groups)}
     counts = {}
     for split in SPLITS:
-        with DatasetWriter(path / split, overwrite=True) as writer:
+        with DatasetWriter(path / split, overwrite=True, info={**info, "split": split}) as writer:
             for frame in frames:
                 if split_of[int(frame["sid"])] == split:
                     writer.add(frame)

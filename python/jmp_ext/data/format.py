@@ -4,7 +4,8 @@ A dataset is a directory:
 
     meta.json           {"format": "jmp_ext.lmdb", "version": 1, "num_entries": M,
                          "shards": [{"file": "data.0000.lmdb", "num_entries": m0}, ...],
-                         "schema": {field: {"dtype", "shape", "per_atom", "unit"}}}
+                         "schema": {field: {"dtype", "shape", "per_atom", "unit"}},
+                         "info": {provenance: source file, converter, demo seed, ...}}
     metadata.npz        natoms: int64 [M], the atom count of every entry in dataset order
                         (the same file and key JMP and fairchem read for atom-balanced batching)
     data.0000.lmdb ...  LMDB files (subdir=False); entry k of a shard is stored under the ASCII

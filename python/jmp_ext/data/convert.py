@@ -221,13 +221,10 @@ def unpickle_data(value: bytes) -> dict:
     raise fmt.DataError(f"expected a torch_geometric Data object or a dict, got {type(obj).__name__}")
 
 
-# OC20 graph tensors are recomputed by jmp_ext.graphs; bookkeeping fields are not labels.
-_DROPPED = {"edge_index", "cell_offsets", "distances", "neighbors", "offsets", "natoms", "id",
-            "absolute_idx", "target_pos", "nads", "oc22", "name", "y_init", "pos_relaxed",
-            "x", "edge_attr"}
-
-
 def _pyg_entry(fields: dict, keys: KeyMap, report: ConvertReport) -> dict:
+    """Take the structure, the mapped labels and numeric sid/fid from a Data object's fields;
+    everything else (edge_index, cell_offsets, distances: jmp_ext.graphs recomputes graphs)
+    is left out unless named as a property."""
     values = {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in fields.items()
               if v is not None}
     missing = [k for k in ("pos", "atomic_numbers") if k not in values]
@@ -240,7 +237,7 @@ def _pyg_entry(fields: dict, keys: KeyMap, report: ConvertReport) -> dict:
         "atomic_numbers": values["atomic_numbers"],
         "cell": cell,
         # OC20/OC22 structures are periodic with vacuum and carry no pbc field.
-        "pbc": values.get("pbc", np.full(3, cell.any())),
+        "pbc": np.asarray(values.get("pbc", np.full(3, cell.any()))).reshape(-1),  # [1,3] too
         "tags": values.get("tags", np.full(n, 2)),
         "fixed": values.get("fixed", np.zeros(n, bool)),
     }

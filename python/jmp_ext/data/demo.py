@@ -40,7 +40,7 @@ from jmp_ext.data.writer import DatasetWriter, write_file_atomic
 
 DOMAINS = ("catalysis", "molecules", "materials", "md")
 SPLITS = ("train", "val", "test")
-DEMO_VERSION = 2  # bump whenever the generated data change
+DEMO_VERSION = 3  # bump whenever the generated data change
 MARKER = "demo.json"
 # Entries per domain at scale 1; make_demo(scale=...) multiplies them.
 SIZES = {"catalysis": 400, "molecules": 300, "materials": 300, "md": 400}
@@ -152,7 +152,7 @@ def _catalysis(rng: np.random.Generator, size: int) -> list[dict]:
         # FIRE needs no linear algebra per step (BFGS's eigh dominates on small busy CPUs).
         optimizer = FIRE(slab, logfile=None, maxstep=0.1)
         optimizer.attach(lambda: trajectory.append(_entry(slab, sid, len(trajectory), tags, fixed)))
-        optimizer.run(fmax=0.05, steps=30)
+        optimizer.run(fmax=0.05, steps=20)  # the early, informative part of the relaxation
         keep = np.unique(np.linspace(0, len(trajectory) - 1, FRAMES_PER_RELAXATION).round().astype(int))
         frames += [trajectory[k] for k in keep]
         sid += 1

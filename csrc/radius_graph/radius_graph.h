@@ -5,11 +5,11 @@
 //   0 < d <= cutoff,  d = |r_j - r_i + S . cell|
 // is an edge, S being zero on non-periodic axes. This is ASE's neighbor_list('ijS') except that
 // the cutoff is inclusive (ASE: d < cutoff) and pairs at distance zero are never edges (ASE drops
-// only (i, i, 0)). Output order: by target, then distance, then source, then shift
-// (lexicographic), computed in double precision whatever the input dtype. With max_neighbors = k
-// a target keeps its first k edges in that order; with a tolerance t >= 0 as well, it keeps every
-// edge with d^2 <= d_(k+1)^2 + t (fairchem's get_max_neighbors_mask with
-// enforce_max_neighbors_strictly=False; t in Angstrom^2).
+// only (i, i, 0)). Distances are computed in double precision whatever the input dtype and
+// returned rounded to it. Output order: by target, then returned distance, then source, then
+// shift (lexicographic). With max_neighbors = k a target keeps its first k edges in that order;
+// with a tolerance t >= 0 as well, it keeps every edge with d^2 <= d_(k+1)^2 + t (fairchem's
+// get_max_neighbors_mask with enforce_max_neighbors_strictly=False; t in Angstrom^2).
 //
 // Two passes, each over targets in parallel: count (edges per target; the prefix sum sizes the
 // output), then fill (each target writes its sorted edges to its own range). Results are
@@ -64,9 +64,10 @@ class RadiusGraph {
   std::vector<int64_t> system_of_;     // [N] system of every atom
   std::vector<Placed> placed_;         // [N] by original index
   std::vector<int64_t> bin_start_;     // [bins + 1]
-  std::vector<Vec3> sorted_pos_;       // [N] atoms sorted by bin
-  std::vector<int64_t> sorted_index_;  // [N]
-  std::vector<int32_t> sorted_shift_;  // [N, 3]
+  // Atoms sorted by bin (see CellList).
+  std::vector<Vec3> sorted_wrapped_, sorted_position_;
+  std::vector<int64_t> sorted_index_;
+  std::vector<int32_t> sorted_shift_;
   std::vector<int64_t> offsets_;       // [N + 1] first edge of every target
 };
 

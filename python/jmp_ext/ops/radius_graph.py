@@ -10,8 +10,10 @@ cutoff is inclusive (ASE: d < cutoff) and pairs at distance zero are never edges
 i == j with S == 0; two distinct atoms on the same spot are not a bond). Atom i's pairs with its
 own periodic images (i, i, S != 0) are edges. Positions need not be wrapped into the cell.
 
-Output order is fixed: by target, then distance (compared in float64), then source, then shift;
-bitwise identical for any thread count. The kernel is a linear-time cell list in fractional
+Distances are computed in float64 whatever the dtype of ``pos`` and returned rounded to it.
+Output order is fixed: by target, then returned distance, then source, then shift (so two
+distances that are equal in the output dtype are ordered by source); bitwise identical for any
+thread count. The kernel is a linear-time cell list in fractional
 coordinates (csrc/radius_graph); it finds pairs without autograd. Distances and vectors that
 carry gradients with respect to ``pos`` and ``cell`` (forces, stress) come from
 ``edge_vectors``, a torch expression of (edge_index, cell_offsets); ``radius_graph`` uses it for
@@ -89,6 +91,7 @@ def _check_cell_pbc(cell, pbc, num_systems: int, pos: Tensor) -> tuple[Tensor, T
         if pbc is not None and bool(torch.as_tensor(pbc).any()):
             raise ValueError("radius_graph: pbc is True on some axis but no cell was given")
         cell = pos.new_zeros(num_systems, 3, 3)
+        pbc = torch.zeros(num_systems, 3, dtype=torch.bool, device=pos.device)
     if not isinstance(cell, Tensor):
         raise TypeError(f"radius_graph: cell must be a tensor, got {type(cell).__name__}")
     if cell.dtype != pos.dtype:

@@ -126,6 +126,26 @@ JMP_HD void make_bins(Frame& frame, const double* lo, const double* hi, double c
   }
 }
 
+// Rough cost of a system's search, to refuse hopeless ones (a tiny cell with a huge cutoff)
+// before starting them: candidate pairs examined, and edges expected at uniform density.
+JMP_HD void search_cost(const Frame& frame, int64_t atoms, double& candidates, double& edges) {
+  double stencil = 1, sphere = 4.18879020478639, bins = 1;  // 4/3 pi
+  for (int k = 0; k < 3; ++k) {
+    double width = 2 * frame.reach[k] + 1;
+    stencil *= frame.periodic[k] ? width : fmin(width, static_cast<double>(frame.nbins[k]));
+    sphere *= frame.reach[k] + 0.5;
+    bins *= frame.nbins[k];
+  }
+  candidates = static_cast<double>(atoms) * stencil * (static_cast<double>(atoms) / bins);
+  edges = candidates * fmin(1.0, sphere / stencil);
+}
+
+// A search examining this many candidates is refused (it would exceed max_edges anyway:
+// candidates are ~4x edges).
+JMP_HD bool hopeless(double candidates, int64_t max_edges) {
+  return candidates > 16.0 * static_cast<double>(max_edges) + 1e8;
+}
+
 // An atom placed in its system's cell list.
 struct Placed {
   Vec3 position;     // r

@@ -158,19 +158,13 @@ RadiusGraph::RadiusGraph(const Input& input, int num_threads) : input_(input) {
     int64_t atoms = input.ptr[b + 1] - input.ptr[b];
     make_bins(frame, &lo[3 * b], &hi[3 * b], input.cutoff, atoms);
     frame.first_bin = num_bins;
-    double stencil = 1, sphere = 4.18879020478639, bins = 1;  // 4/3 pi
-    for (int k = 0; k < 3; ++k) {
-      double width = 2 * frame.reach[k] + 1;
-      stencil *= frame.periodic[k] ? width : std::min(width, double(frame.nbins[k]));
-      sphere *= frame.reach[k] + 0.5;
-      bins *= frame.nbins[k];
-    }
-    double c = double(atoms) * stencil * (double(atoms) / bins);
+    double c, e;
+    search_cost(frame, atoms, c, e);
     candidates += c;
-    estimated_edges += c * std::min(1.0, sphere / stencil);
-    num_bins += static_cast<int64_t>(bins);
+    estimated_edges += e;
+    num_bins += int64_t{frame.nbins[0]} * frame.nbins[1] * frame.nbins[2];
   }
-  JMP_CHECK(candidates <= 16.0 * double(input.max_edges) + 1e8,
+  JMP_CHECK(!hopeless(candidates, input.max_edges),
             "radius_graph: the graph would have roughly ", estimated_edges,
             " edges (searching ", candidates, " candidate pairs), more than max_edges = ",
             input.max_edges, "; use a smaller cutoff, larger cells or raise max_edges");

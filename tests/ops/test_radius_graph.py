@@ -492,3 +492,58 @@ def test_positions_absurdly_far_outside_the_cell():
     pos[0, 0] = 1e12
     with pytest.raises(ValueError, match=r"pos\[0\] lies .* cells away"):
         radius_graph(pos, 3.0, cell=cell)
+
+
+# ---- CUDA against CPU (run on a GPU machine; skipped here) ----
+
+
+def _assert_same_graph(cuda_out, cpu_out, dtype):
+    assert torch.equal(cuda_out[0].cpu(), cpu_out[0])
+    assert torch.equal(cuda_out[1].cpu(), cpu_out[1])
+    # Fused multiply-adds may move a distance by an ulp; never the pair set or its order.
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(cuda_out[2].cpu(), cpu_out[2], rtol=tol, atol=tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seed", range(8))
+def test_cuda_matches_cpu_on_random_batches(seed, dtype):
+    systems, cutoff = _random_batch(seed)
+    pos, natoms, cell, pbc = _batch_tensors(systems, dtype)
+    for kwargs in ({}, {"max_neighbors": 3}, {"max_neighbors": 2, "degeneracy_tolerance": 0.3}):
+        cpu = radius_graph(pos, cutoff, natoms=natoms, cell=cell, pbc=pbc, **kwargs)
+        cuda = radius_graph(
+            pos.cuda(), cutoff, natoms=natoms.cuda(), cell=cell.cuda(), pbc=pbc.cuda(), **kwargs
+        )
+        assert cuda[0].is_cuda and cuda[2].dtype == dtype
+        _assert_same_graph(cuda, cpu, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cutoff, k", [(6.0, None), (12.0, 30)])
+def test_cuda_matches_cpu_on_bulk_and_tiny_cells(cutoff, k):
+    big = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((5, 5, 5))
+    big.rattle(0.05, seed=0)
+    tiny = bulk("Cu", "fcc", a=3.61)
+    pos = torch.tensor(np.concatenate([big.positions, tiny.positions]))
+    cell = torch.tensor(np.stack([big.cell.array, tiny.cell.array]))
+    natoms = [len(big), len(tiny)]
+    cpu = radius_graph(pos, cutoff, natoms=natoms, cell=cell, max_neighbors=k)
+    cuda = radius_graph(pos.cuda(), cutoff, natoms=natoms, cell=cell.cuda(), max_neighbors=k)
+    _assert_same_graph(cuda, cpu, torch.float64)
+
+
+@pytest.mark.cuda
+def test_cuda_empty_inputs_and_errors():
+    out = radius_graph(torch.zeros(0, 3, device="cuda"), 3.0)
+    assert out[0].shape == (2, 0) and out[0].is_cuda
+    pos, cell = _one_system()
+    bad = pos.clone()
+    bad[2, 1] = math.nan
+    with pytest.raises(ValueError, match=r"pos\[2\] is not finite"):
+        radius_graph(bad.cuda(), 3.0, cell=cell.cuda())
+    with pytest.raises(ValueError, match="singular or degenerate"):
+        radius_graph(pos.cuda(), 3.0, cell=torch.zeros(3, 3, dtype=torch.float64, device="cuda"))
+    with pytest.raises(ValueError, match="more than max_edges = 10"):
+        radius_graph(pos.cuda(), 5.0, cell=cell.cuda(), max_edges=10)

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "common/check.h"
 #include "interaction_indices/interaction_indices.h"
@@ -100,25 +101,33 @@ PYBIND11_MODULE(_C, m) {
   // .fill(edge_index, cell_offsets, distance, num_threads) writes the caller's buffers.
   {
     namespace rg = jmp_ext::radius_graph;
+    auto input = [](uintptr_t pos, int dtype, int64_t num_atoms, uintptr_t ptr_,
+                    int64_t num_systems, uintptr_t cell, uintptr_t pbc, double cutoff,
+                    int64_t max_neighbors, double tolerance, int64_t max_edges) {
+      JMP_CHECK(dtype == 0 || dtype == 1, "radius_graph: unknown dtype code ", dtype);
+      rg::Input in;
+      in.pos = ptr<const void>(pos);
+      in.dtype = static_cast<rg::Dtype>(dtype);
+      in.num_atoms = num_atoms;
+      in.ptr = ptr<const int64_t>(ptr_);
+      in.num_systems = num_systems;
+      in.cell = ptr<const double>(cell);
+      in.pbc = ptr<const bool>(pbc);
+      in.cutoff = cutoff;
+      in.max_neighbors = max_neighbors;
+      in.tolerance = tolerance;
+      in.max_edges = max_edges;
+      return in;
+    };
     py::class_<rg::cpu::RadiusGraph>(m, "RadiusGraphCpu")
-        .def(py::init([](uintptr_t pos, int dtype, int64_t num_atoms, uintptr_t ptr_,
-                         int64_t num_systems, uintptr_t cell, uintptr_t pbc, double cutoff,
-                         int64_t max_neighbors, double tolerance, int64_t max_edges,
-                         int num_threads) {
-               JMP_CHECK(dtype == 0 || dtype == 1, "radius_graph: unknown dtype code ", dtype);
-               rg::Input in;
-               in.pos = ptr<const void>(pos);
-               in.dtype = static_cast<rg::Dtype>(dtype);
-               in.num_atoms = num_atoms;
-               in.ptr = ptr<const int64_t>(ptr_);
-               in.num_systems = num_systems;
-               in.cell = ptr<const double>(cell);
-               in.pbc = ptr<const bool>(pbc);
-               in.cutoff = cutoff;
-               in.max_neighbors = max_neighbors;
-               in.tolerance = tolerance;
-               in.max_edges = max_edges;
-               return new rg::cpu::RadiusGraph(in, num_threads);
+        .def(py::init([=](uintptr_t pos, int dtype, int64_t num_atoms, uintptr_t ptr_,
+                          int64_t num_systems, uintptr_t cell, uintptr_t pbc, double cutoff,
+                          int64_t max_neighbors, double tolerance, int64_t max_edges,
+                          int num_threads) {
+               return new rg::cpu::RadiusGraph(
+                   input(pos, dtype, num_atoms, ptr_, num_systems, cell, pbc, cutoff,
+                         max_neighbors, tolerance, max_edges),
+                   num_threads);
              }),
              nogil())
         .def_property_readonly("num_edges", &rg::cpu::RadiusGraph::num_edges)
@@ -131,6 +140,54 @@ PYBIND11_MODULE(_C, m) {
                         num_threads);
             },
             nogil());
+    m.def("radius_graph_sizes", [] {
+      return py::dict(py::arg("frame") = sizeof(rg::Frame), py::arg("placed") = sizeof(rg::Placed),
+                      py::arg("errors") = int{rg::kNumCudaErrors});
+    });
+#ifdef JMP_EXT_WITH_CUDA
+    // The CUDA steps take the input as for RadiusGraphCpu (ptr, cell, pbc on the GPU), the
+    // workspace as 12 addresses in Workspace's field order, then the stream.
+    auto workspace = [](const std::vector<uintptr_t>& a) {
+      JMP_CHECK(a.size() == 12, "radius_graph: the CUDA workspace has 12 buffers");
+      rg::Workspace ws;
+      ws.batch = ptr<const int64_t>(a[0]);
+      ws.frames = ptr<rg::Frame>(a[1]);
+      ws.placed = ptr<rg::Placed>(a[2]);
+      ws.bin_start = ptr<int64_t>(a[3]);
+      ws.cursor = ptr<int64_t>(a[4]);
+      ws.wrapped = ptr<jmp_ext::Vec3>(a[5]);
+      ws.position = ptr<jmp_ext::Vec3>(a[6]);
+      ws.index = ptr<int64_t>(a[7]);
+      ws.shift = ptr<int32_t>(a[8]);
+      ws.offsets = ptr<int64_t>(a[9]);
+      ws.top = ptr<double>(a[10]);
+      ws.errors = ptr<unsigned long long>(a[11]);
+      return ws;
+    };
+    m.def("radius_graph_step_cuda",
+          [=](const std::string& step, uintptr_t pos, int dtype, int64_t num_atoms, uintptr_t ptr_,
+              int64_t num_systems, uintptr_t cell, uintptr_t pbc, double cutoff,
+              int64_t max_neighbors, double tolerance, int64_t max_edges,
+              const std::vector<uintptr_t>& buffers, uintptr_t edge_index, uintptr_t cell_offsets,
+              uintptr_t distance, int64_t num_edges, uintptr_t stream_) {
+            rg::Input in = input(pos, dtype, num_atoms, ptr_, num_systems, cell, pbc, cutoff,
+                                 max_neighbors, tolerance, max_edges);
+            rg::Workspace ws = workspace(buffers);
+            if (step == "bin") {
+              rg::cuda::bin(in, ws, stream(stream_));
+            } else if (step == "count") {
+              rg::cuda::count(in, ws, stream(stream_));
+            } else if (step == "fill") {
+              rg::cuda::fill(in, ws,
+                             {ptr<int64_t>(edge_index), ptr<int32_t>(cell_offsets),
+                              ptr<void>(distance)},
+                             num_edges, stream(stream_));
+            } else {
+              throw jmp_ext::InvalidInput("radius_graph: unknown CUDA step " + step);
+            }
+          },
+          nogil());
+#endif
   }
 
   // ---- interaction_indices (csrc/interaction_indices) ----

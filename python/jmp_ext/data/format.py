@@ -4,7 +4,8 @@ A dataset is a directory:
 
     meta.json           {"format": "jmp_ext.lmdb", "version": 1, "num_entries": M,
                          "shards": [{"file": "data.0000.lmdb", "num_entries": m0}, ...],
-                         "schema": {field: {"dtype", "shape", "per_atom", "unit"}}}
+                         "schema": {field: {"dtype", "shape", "per_atom", "unit"}},
+                         "info": {provenance: source file, converter, demo seed, ...}}
     metadata.npz        natoms: int64 [M], the atom count of every entry in dataset order
                         (the same file and key JMP and fairchem read for atom-balanced batching)
     data.0000.lmdb ...  LMDB files (subdir=False); entry k of a shard is stored under the ASCII
@@ -30,7 +31,9 @@ Field conventions (units are eV and Å throughout):
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -108,10 +111,15 @@ def decode_entry(value: bytes) -> dict[str, np.ndarray]:
     header = json.loads(bytes(buffer[_PREFIX.size:start]))
     entry = {}
     for name, dtype, shape, offset in header:
-        dtype = np.dtype(dtype)
-        count = int(np.prod(shape, dtype=np.int64))
-        entry[name] = np.frombuffer(buffer, dtype, count, start + offset).reshape(tuple(shape))
+        # math.prod and the dtype cache: this loop runs for every field of every entry read.
+        count = math.prod(shape)
+        entry[name] = np.frombuffer(buffer, _dtype(dtype), count, start + offset).reshape(shape)
     return entry
+
+
+@functools.cache
+def _dtype(name: str) -> np.dtype:
+    return np.dtype(name)
 
 
 def field_schema(name: str, array: np.ndarray, unit: str | None = None) -> dict:

@@ -12,6 +12,7 @@
 
 #include "common/check.h"
 #include "interaction_indices/interaction_indices.h"
+#include "radius_graph/radius_graph.h"
 #include "reductions/reductions.h"
 
 #ifdef JMP_EXT_WITH_CUDA
@@ -94,6 +95,43 @@ PYBIND11_MODULE(_C, m) {
   });
 
   // ---- radius_graph (csrc/radius_graph) ----
+  // RadiusGraphCpu(pos, dtype, num_atoms, ptr, num_systems, cell, pbc, cutoff, max_neighbors,
+  // tolerance, max_edges, num_threads) validates, bins and counts; .num_edges; then
+  // .fill(edge_index, cell_offsets, distance, num_threads) writes the caller's buffers.
+  {
+    namespace rg = jmp_ext::radius_graph;
+    py::class_<rg::cpu::RadiusGraph>(m, "RadiusGraphCpu")
+        .def(py::init([](uintptr_t pos, int dtype, int64_t num_atoms, uintptr_t ptr_,
+                         int64_t num_systems, uintptr_t cell, uintptr_t pbc, double cutoff,
+                         int64_t max_neighbors, double tolerance, int64_t max_edges,
+                         int num_threads) {
+               JMP_CHECK(dtype == 0 || dtype == 1, "radius_graph: unknown dtype code ", dtype);
+               rg::Input in;
+               in.pos = ptr<const void>(pos);
+               in.dtype = static_cast<rg::Dtype>(dtype);
+               in.num_atoms = num_atoms;
+               in.ptr = ptr<const int64_t>(ptr_);
+               in.num_systems = num_systems;
+               in.cell = ptr<const double>(cell);
+               in.pbc = ptr<const bool>(pbc);
+               in.cutoff = cutoff;
+               in.max_neighbors = max_neighbors;
+               in.tolerance = tolerance;
+               in.max_edges = max_edges;
+               return new rg::cpu::RadiusGraph(in, num_threads);
+             }),
+             nogil())
+        .def_property_readonly("num_edges", &rg::cpu::RadiusGraph::num_edges)
+        .def(
+            "fill",
+            [](const rg::cpu::RadiusGraph& self, uintptr_t edge_index, uintptr_t cell_offsets,
+               uintptr_t distance, int num_threads) {
+              self.fill({ptr<int64_t>(edge_index), ptr<int32_t>(cell_offsets),
+                         ptr<void>(distance)},
+                        num_threads);
+            },
+            nogil());
+  }
 
   // ---- interaction_indices (csrc/interaction_indices) ----
   // Arguments in order: graph(s) as (edge_index, cell_offset, num_edges) addresses and sizes,

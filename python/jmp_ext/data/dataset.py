@@ -1,0 +1,133 @@
+"""LmdbDataset: random access to a dataset directory (format.py) as dicts of torch tensors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from jmp_ext.data import format as fmt
+
+
+class LmdbDataset(Dataset):
+    """A jmp_ext dataset directory, one structure per index.
+
+    Args:
+        path: dataset directory (meta.json, metadata.npz, data.*.lmdb).
+        in_memory: read every entry into RAM once (for small sets; no LMDB access afterwards).
+
+    `ds[i]` is a dict of tensors: pos [n,3] float64 (or the stored float dtype), atomic_numbers
+    [n] int64, cell [3,3], pbc [3] bool, tags [n] int64, fixed [n] bool and the stored labels
+    (energy [] eV, forces [n,3] eV/Å, stress [3,3] eV/Å^3, named properties). Collate casts
+    floats to the training dtype. `ds.natoms` is int64 [len] and `ds.schema` maps each field to
+    its dtype, shape and unit; both come from the metadata, so len() and batching never scan.
+
+    LMDB handles are opened on first access and reopened in a new process (DataLoader workers,
+    DDP ranks after fork), because an LMDB environment must not cross a fork.
+    """
+
+    def __init__(self, path: str | Path, in_memory: bool = False):
+        self.path = Path(path)
+        meta = fmt.read_meta(self.path)
+        self.schema: dict[str, dict] = meta["schema"]
+        self._shard_files = [self.path / shard["file"] for shard in meta["shards"]]
+        self._offsets = np.cumsum([0] + [shard["num_entries"] for shard in meta["shards"]])
+        self.natoms = fmt.read_natoms(self.path, meta["num_entries"])
+        self._envs: list[lmdb.Environment] | None = None
+        self._pid = None
+        self._values = [self._read(i) for i in range(len(self))] if in_memory else None
+        if in_memory:
+            self._close()
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {self.path} ({len(self)} entries)")
+        return {name: torch.from_numpy(array) for name, array in self.read(index).items()}
+
+    def read(self, index: int) -> dict[str, np.ndarray]:
+        """Entry `index` (0 <= index < len) as numpy arrays."""
+        value = self._values[index] if self._values is not None else self._read(index)
+        try:
+            entry = fmt.decode_entry(value)
+        except fmt.DataError as error:
+            raise fmt.DataError(f"{self._where(index)}: {error}") from None
+        if entry["atomic_numbers"].shape[0] != self.natoms[index]:
+            raise fmt.DataError(f"{self._where(index)}: {entry['atomic_numbers'].shape[0]} atoms, "
+                                f"metadata says {self.natoms[index]}")
+        return entry
+
+    def _where(self, index: int) -> str:
+        shard = int(np.searchsorted(self._offsets, index, side="right")) - 1
+        return f"{self._shard_files[shard]} entry {index - self._offsets[shard]} (dataset index {index})"
+
+    def _read(self, index: int) -> bytes:
+        if self._envs is None or self._pid != os.getpid():
+            # Handles inherited through fork must not be used: close this process's copies
+            # (the parent's stay open) and open fresh ones.
+            for env in self._envs or []:
+                env.close()
+            self._envs = [lmdb.open(str(file), subdir=False, readonly=True, lock=False,
+                                    readahead=False, meminit=False, max_readers=1)
+                          for file in self._shard_files]
+            self._pid = os.getpid()
+        shard = int(np.searchsorted(self._offsets, index, side="right")) - 1
+        key = str(index - self._offsets[shard]).encode("ascii")
+        with self._envs[shard].begin(buffers=False) as txn:
+            value = txn.get(key)
+        if value is None:
+            raise fmt.DataError(f"{self._where(index)}: missing from the LMDB file")
+        return value
+
+    def _close(self) -> None:
+        for env in self._envs or []:
+            env.close()
+        self._envs = None
+
+    def __getstate__(self) -> dict:
+        # Pickled into spawned workers: send paths and metadata, never open handles.
+        state = self.__dict__.copy()
+        state["_envs"] = None
+        state["_pid"] = None
+        return state
+
+    def __repr__(self) -> str:
+        return f"LmdbDataset({str(self.path)!r}, entries={len(self)}, fields={list(self.schema)})"
+
+
+class MultiDataset(Dataset):
+    """Several datasets concatenated, each entry tagged with `dataset` [] int64 (its position
+    in `datasets`, the task index in multi-task pretraining).
+
+    Indices follow the concatenation order TemperatureSampler uses; `natoms` and `sizes` come
+    from the members' metadata.
+    """
+
+    def __init__(self, datasets: list[LmdbDataset]):
+        if not datasets:
+            raise ValueError("MultiDataset needs at least one dataset")
+        self.datasets = list(datasets)
+        self.sizes = np.array([len(ds) for ds in self.datasets], dtype=np.int64)
+        self._offsets = np.cumsum(np.concatenate([[0], self.sizes]))
+        self.natoms = np.concatenate([ds.natoms for ds in self.datasets])
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} entries")
+        which = int(np.searchsorted(self._offsets, index, side="right")) - 1
+        entry = self.datasets[which][index - self._offsets[which]]
+        entry["dataset"] = torch.tensor(which)
+        return entry

@@ -1,0 +1,199 @@
+"""Atomic dataset writer: entries go to a hidden temp directory that is renamed into place on
+success, so a failed or interrupted write never leaves a directory that looks like a dataset."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+import lmdb
+import numpy as np
+from tqdm import tqdm
+
+from jmp_ext.data import format as fmt
+
+_COMMIT_EVERY = 512  # entries per LMDB transaction: large enough to amortise the commit fsync
+_INITIAL_MAP_SIZE = 1 << 30  # virtual size only; the file grows with the data and doubles if full
+
+
+class DatasetWriter:
+    """Write structures into a new dataset directory (format.py), atomically.
+
+        with DatasetWriter("data/train") as writer:
+            for atoms in ...:
+                writer.add({"pos": ..., "atomic_numbers": ..., ...})
+
+    Args:
+        path: the dataset directory to create.
+        shard_size: entries per LMDB file (JMP writes 5000).
+        float_dtype: dtype floats are stored in (float64 keeps labels exact; float32 halves size).
+        units: units of named properties, {name: unit}, recorded in the schema.
+        overwrite: replace an existing dataset at `path` (only once the new one is complete).
+
+    Every entry is validated (format.validate_entry); the first entry fixes the schema and every
+    later entry must have the same fields, dtypes and shapes.
+    """
+
+    def __init__(self, path: str | Path, *, shard_size: int = 5000, float_dtype=np.float64,
+                 units: dict[str, str] | None = None, overwrite: bool = False):
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be positive, got {shard_size}")
+        self.path = Path(path)
+        if self.path.exists() and not overwrite:
+            raise FileExistsError(f"{self.path} already exists (pass overwrite=True / --overwrite "
+                                  "to replace it)")
+        self.shard_size = shard_size
+        self.float_dtype = np.dtype(float_dtype)
+        self.units = dict(units or {})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self._tmp.mkdir()
+        self._schema: dict | None = None
+        self._natoms: list[int] = []
+        self._shards: list[dict] = []
+        self._env: lmdb.Environment | None = None
+        self._pending: list[tuple[bytes, bytes]] = []
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._natoms)
+
+    def add(self, entry: dict, where: str | None = None) -> None:
+        """Validate, encode and append one structure; `where` names it in errors."""
+        where = where or f"entry {len(self._natoms)}"
+        entry = fmt.normalize_entry(entry, where, self.float_dtype)
+        natoms = fmt.validate_entry(entry, where)
+        self._check_schema(entry, where)
+        if self._env is None or self._shards[-1]["num_entries"] == self.shard_size:
+            self._open_shard()
+        key = str(self._shards[-1]["num_entries"]).encode("ascii")
+        self._pending.append((key, fmt.encode_entry(entry)))
+        self._shards[-1]["num_entries"] += 1
+        self._natoms.append(natoms)
+        if len(self._pending) >= _COMMIT_EVERY:
+            self._flush()
+
+    def _check_schema(self, entry: dict[str, np.ndarray], where: str) -> None:
+        schema = {name: fmt.field_schema(name, array, self.units.get(name))
+                  for name, array in entry.items()}
+        if self._schema is None:
+            self._schema = schema
+            return
+        if schema.keys() != self._schema.keys():
+            extra = sorted(schema.keys() - self._schema.keys())
+            lacking = sorted(self._schema.keys() - schema.keys())
+            raise fmt.DataError(f"{where}: fields differ from the dataset's first entry "
+                                f"(extra {extra}, missing {lacking})")
+        for name, field in schema.items():
+            if field != self._schema[name]:
+                raise fmt.DataError(f"{where}: field {name} is {field['dtype']} {field['shape']}, "
+                                    f"the first entry's is {self._schema[name]['dtype']} "
+                                    f"{self._schema[name]['shape']}")
+
+    def _open_shard(self) -> None:
+        self._close_shard()
+        name = f"data.{len(self._shards):04d}.lmdb"
+        self._env = lmdb.open(str(self._tmp / name), subdir=False, map_size=_INITIAL_MAP_SIZE,
+                              meminit=False, map_async=True)
+        self._shards.append({"file": name, "num_entries": 0})
+
+    def _flush(self) -> None:
+        while self._pending:
+            try:
+                with self._env.begin(write=True) as txn:
+                    for key, value in self._pending:
+                        txn.put(key, value)
+                self._pending = []
+            except lmdb.MapFullError:
+                self._env.set_mapsize(self._env.info()["map_size"] * 2)
+
+    def _close_shard(self) -> None:
+        if self._env is not None:
+            self._flush()
+            self._env.sync(True)
+            self._env.close()
+            self._env = None
+
+    def close(self) -> Path:
+        """Finish the dataset: write metadata, then move the directory into place."""
+        if self._closed:
+            return self.path
+        try:
+            if not self._natoms:
+                raise fmt.DataError(f"{self.path}: no entries to write")
+            self._close_shard()
+            meta = {"format": fmt.FORMAT_NAME, "version": fmt.FORMAT_VERSION,
+                    "num_entries": len(self._natoms), "shards": self._shards,
+                    "schema": self._schema}
+            _write_synced(self._tmp / fmt.META_FILE, json.dumps(meta, indent=1).encode())
+            with open(self._tmp / fmt.NATOMS_FILE, "wb") as f:
+                np.savez(f, natoms=np.asarray(self._natoms, dtype=np.int64))
+                f.flush()
+                os.fsync(f.fileno())
+            replace_dir(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        self._closed = True
+        return self.path
+
+    def abort(self) -> None:
+        """Drop everything written so far."""
+        if self._env is not None:
+            self._env.close()
+            self._env = None
+        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._closed = True
+
+    def __enter__(self) -> DatasetWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_dataset(path: str | Path, entries: Iterable[dict], *, progress: bool = False,
+                  total: int | None = None, **writer_args) -> Path:
+    """Write an iterable of structures as a dataset (DatasetWriter args as keywords)."""
+    with DatasetWriter(path, **writer_args) as writer:
+        for entry in tqdm(entries, total=total, disable=not progress, desc=f"writing {path}",
+                          unit="entry"):
+            writer.add(entry)
+    return Path(path)
+
+
+def _write_synced(file: Path, data: bytes) -> None:
+    with open(file, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_file_atomic(file: str | Path, data: bytes) -> None:
+    """Write a file through a temp file in the same directory and an atomic rename."""
+    file = Path(file)
+    tmp = file.parent / f".{file.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        _write_synced(tmp, data)
+        os.replace(tmp, file)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished directory src to dst; an existing dst is swapped out, then deleted."""
+    old = None
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old)

@@ -1,0 +1,143 @@
+import json
+import pickle
+
+import lmdb
+import numpy as np
+import pytest
+import torch
+from data_helpers import random_entry
+
+from jmp_ext.data import DataError, DatasetWriter, LmdbDataset, collate, write_dataset
+from jmp_ext.data import format as fmt
+
+
+@pytest.fixture
+def entries():
+    rng = np.random.default_rng(0)
+    return [random_entry(rng, stress=True) for _ in range(23)]
+
+
+def assert_entry_equal(got: dict, want: dict):
+    assert set(got) == set(want)
+    for name, value in want.items():
+        np.testing.assert_array_equal(got[name].numpy(), np.asarray(value), err_msg=name)
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_roundtrip_over_shards(tmp_path, entries, in_memory):
+    write_dataset(tmp_path / "ds", entries, shard_size=5)
+    assert sorted(p.name for p in (tmp_path / "ds").glob("*.lmdb")) == [
+        f"data.{i:04d}.lmdb" for i in range(5)]
+    ds = LmdbDataset(tmp_path / "ds", in_memory=in_memory)
+    assert len(ds) == len(entries)
+    np.testing.assert_array_equal(ds.natoms, [len(e["pos"]) for e in entries])
+    assert ds.natoms.dtype == np.int64
+    for i in [0, 4, 5, 13, 22, -1]:
+        assert_entry_equal(ds[i], entries[i])
+    assert ds[0]["energy"].shape == () and ds[0]["cell"].shape == (3, 3)
+    assert ds.schema["forces"] == {"dtype": "<f8", "shape": ["n", 3], "per_atom": True,
+                                   "unit": "eV/Å"}
+    assert ds.schema["stress"]["unit"] == "eV/Å^3"
+    with pytest.raises(IndexError):
+        ds[len(entries)]
+
+
+def test_natoms_come_from_metadata_npz(tmp_path, entries):
+    write_dataset(tmp_path / "ds", entries)
+    with np.load(tmp_path / "ds" / "metadata.npz") as npz:  # the file JMP's samplers read
+        np.testing.assert_array_equal(npz["natoms"], [len(e["pos"]) for e in entries])
+    meta = json.loads((tmp_path / "ds" / "meta.json").read_text())
+    assert meta["format"] == "jmp_ext.lmdb" and meta["version"] == 1
+    assert meta["num_entries"] == len(entries)
+
+
+def test_float32_storage(tmp_path, entries):
+    write_dataset(tmp_path / "ds", entries, float_dtype=np.float32)
+    entry = LmdbDataset(tmp_path / "ds")[3]
+    assert entry["pos"].dtype == torch.float32 and entry["atomic_numbers"].dtype == torch.int64
+    np.testing.assert_allclose(entry["pos"].numpy(), entries[3]["pos"], rtol=1e-7)
+
+
+def test_failed_write_leaves_nothing(tmp_path, entries):
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with DatasetWriter(tmp_path / "ds") as writer:
+            writer.add(entries[0])
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_invalid_entry_aborts_and_names_it(tmp_path, entries):
+    entries[7]["forces"] = entries[7]["forces"][:-1]
+    with pytest.raises(DataError, match="entry 7: forces has shape"):
+        write_dataset(tmp_path / "ds", entries)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_schema_mismatch(tmp_path, entries):
+    del entries[4]["stress"]
+    with pytest.raises(DataError, match=r"entry 4: fields differ .*missing \['stress'\]"):
+        write_dataset(tmp_path / "ds", entries)
+
+
+def test_overwrite(tmp_path, entries):
+    write_dataset(tmp_path / "ds", entries[:3])
+    with pytest.raises(FileExistsError, match="overwrite"):
+        write_dataset(tmp_path / "ds", entries)
+    write_dataset(tmp_path / "ds", entries, overwrite=True)
+    assert len(LmdbDataset(tmp_path / "ds")) == len(entries)
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]
+
+
+def test_corrupted_value_names_file_and_entry(tmp_path, entries):
+    write_dataset(tmp_path / "ds", entries, shard_size=10)
+    env = lmdb.open(str(tmp_path / "ds" / "data.0001.lmdb"), subdir=False)
+    with env.begin(write=True) as txn:
+        value = bytearray(txn.get(b"2"))
+        value[-5] ^= 0x55
+        txn.put(b"2", bytes(value))
+        txn.delete(b"3")
+    env.close()
+    ds = LmdbDataset(tmp_path / "ds")
+    with pytest.raises(DataError, match=r"data.0001.lmdb entry 2 \(dataset index 12\).*checksum"):
+        ds[12]
+    with pytest.raises(DataError, match=r"data.0001.lmdb entry 3 \(dataset index 13\).*missing"):
+        ds[13]
+    assert_entry_equal(ds[14], entries[14])
+
+
+def test_pickled_lmdb_is_not_opened(tmp_path):
+    (tmp_path / "oc20").mkdir()
+    env = lmdb.open(str(tmp_path / "oc20" / "data.0000.lmdb"), subdir=False)
+    with env.begin(write=True) as txn:
+        txn.put(b"0", pickle.dumps({"pos": 1}))
+    env.close()
+    with pytest.raises(FileNotFoundError, match="--allow-pickle"):
+        LmdbDataset(tmp_path / "oc20")
+
+
+def test_newer_format_version_is_refused(tmp_path, entries):
+    write_dataset(tmp_path / "ds", entries)
+    meta_file = tmp_path / "ds" / fmt.META_FILE
+    meta = json.loads(meta_file.read_text())
+    meta["version"] = fmt.FORMAT_VERSION + 1
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(DataError, match="newer"):
+        LmdbDataset(tmp_path / "ds")
+
+
+# spawn (what mp.spawn and macOS use) re-imports torch in every worker: tens of seconds.
+@pytest.mark.parametrize("context", ["fork", pytest.param("spawn", marks=pytest.mark.slow)])
+def test_dataloader_workers(tmp_path, entries, context):
+    write_dataset(tmp_path / "ds", entries, shard_size=7)
+    ds = LmdbDataset(tmp_path / "ds")
+    ds[0]  # open handles in the parent first: workers must not reuse them after fork
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, collate_fn=collate,
+                                         multiprocessing_context=context)
+    batches = list(loader)
+    expected = [collate([ds[i] for i in range(s, min(s + 4, len(ds)))])
+                for s in range(0, len(ds), 4)]
+    assert len(batches) == len(expected)
+    for got, want in zip(batches, expected):
+        assert got.keys() == want.keys()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)

@@ -19,10 +19,8 @@ import pytest
 import torch
 from ase.build import add_adsorbate, fcc111, molecule
 from ase.collections import g2
-from ase.neighborlist import neighbor_list
 
-from jmp_ext import ops
-from jmp_ext.graphs import GraphConfig, build_graphs, graphs_from_a2a
+from jmp_ext.graphs import GraphConfig, build_graphs
 from jmp_ext.models import BackboneConfig, FinetuneModel, HeadConfig, PretrainModel
 
 
@@ -59,38 +57,17 @@ def collate(structures, periodic: bool) -> dict:
     }
 
 
-def ase_a2a(structures, cutoff: float) -> dict:
-    """The a2a graph from ASE's neighbour list (used while jmp_ext.ops.radius_graph is missing)."""
-    edges, offsets, start = [], [], 0
-    for atoms in structures:
-        i, j, S = neighbor_list("ijS", atoms, cutoff)
-        edges.append(np.stack([j, i]) + start)
-        offsets.append(S)
-        start += len(atoms)
-    edge_index = torch.tensor(np.concatenate(edges, axis=1))
-    order = torch.argsort(edge_index[1], stable=True)
-    return {"edge_index": edge_index[:, order], "cell_offset": torch.tensor(np.concatenate(offsets))[order].int()}
-
-
 @functools.cache
 def batch_and_config(kind: str, size: int):
     if kind == "slabs":
         structures, config = [slab(i) for i in range(size)], GraphConfig.preset("oc20")
     else:
         structures, config = molecules(size), GraphConfig.preset("ani1x")
-    batch = collate(structures, config.pbc)
-    a2a = None if hasattr(ops, "radius_graph") else ase_a2a(structures, config.cutoff_a2a)
-    return batch, config, a2a
+    return collate(structures, config.pbc), config
 
 
-def graphs_for(batch, config, a2a):
-    if a2a is None:
-        return build_graphs(batch, config)
-    return graphs_from_a2a(batch, a2a, config)
-
-
-def step(model, batch, config, a2a, mode: str):
-    graphs = graphs_for(batch, config, a2a)
+def step(model, batch, config, mode: str):
+    graphs = build_graphs(batch, config)
     if mode == "forward":
         with torch.no_grad():
             return model(batch, graphs)
@@ -118,7 +95,7 @@ CASES = [
 @pytest.mark.parametrize(("size", "kind", "count"), CASES)
 def bench_model_step(benchmark, size, kind, count, mode):
     torch.set_num_threads(1)
-    batch, config, a2a = batch_and_config(kind, count)
+    batch, config = batch_and_config(kind, count)
     model = make_model(size, mode)
     benchmark.extra_info["atoms"] = int(batch["natoms"].sum())
-    benchmark.pedantic(step, args=(model, batch, config, a2a, mode), rounds=3, warmup_rounds=1)
+    benchmark.pedantic(step, args=(model, batch, config, mode), rounds=3, warmup_rounds=1)

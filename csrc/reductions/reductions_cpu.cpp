@@ -16,23 +16,6 @@ namespace {
 // Below this many elements of work a thread costs more than it saves.
 constexpr int64_t kGrain = 1 << 15;
 
-void check_ptr(const int64_t* ptr, int64_t num_segments, int64_t num_items) {
-  JMP_CHECK(ptr[0] == 0, "ptr[0] must be 0, got ", ptr[0]);
-  for (int64_t s = 0; s < num_segments; ++s) {
-    JMP_CHECK(ptr[s + 1] >= ptr[s], "ptr must be non-decreasing, but ptr[", s, "] = ", ptr[s],
-              " > ptr[", s + 1, "] = ", ptr[s + 1]);
-  }
-  JMP_CHECK(ptr[num_segments] == num_items, "ptr[-1] must equal the number of source rows (",
-            num_items, "), got ", ptr[num_segments]);
-}
-
-void check_index(int64_t value, int64_t position, int64_t bound, const char* name,
-                 const char* bound_name) {
-  JMP_CHECK(value >= 0, name, "[", position, "] = ", value, " is negative");
-  JMP_CHECK(value < bound, name, "[", position, "] = ", value, " is out of range for ",
-            bound_name, " = ", bound);
-}
-
 // Runs f(s_begin, s_end) over contiguous blocks of segments of about equal cost (rows + segments
 // in each block), so one hub segment does not leave the other threads idle.
 template <class F>
@@ -86,17 +69,6 @@ void reduce_segments(const SegmentReduceArgs& a, int num_threads) {
   });
 }
 
-// Calls f(U{}) with an unsigned integer type as wide as one element: copies move bits only.
-template <class F>
-void dispatch_elem(int elem_size, F&& f) {
-  switch (elem_size) {
-    case 2: return f(uint16_t{});
-    case 4: return f(uint32_t{});
-    case 8: return f(uint64_t{});
-  }
-  throw InvalidInput(detail::concat("element size must be 2, 4 or 8 bytes, got ", elem_size));
-}
-
 // out row i = src row source(i), or zeros where source(i) < 0, for i in [begin, end).
 template <class Source>
 void copy_rows(const RowCopy& c, int64_t begin, int64_t end, Source&& source) {
@@ -118,8 +90,25 @@ void copy_rows(const RowCopy& c, int64_t begin, int64_t end, Source&& source) {
   });
 }
 
-// Checks row/col and fills index.slots with the item of each slot (-1 for none); serial, so the
-// first duplicate (by item order) is the one reported.
+}  // namespace
+
+void check_ptr(const int64_t* ptr, int64_t num_segments, int64_t num_items) {
+  JMP_CHECK(ptr[0] == 0, "ptr[0] must be 0, got ", ptr[0]);
+  for (int64_t s = 0; s < num_segments; ++s) {
+    JMP_CHECK(ptr[s + 1] >= ptr[s], "ptr must be non-decreasing, but ptr[", s, "] = ", ptr[s],
+              " > ptr[", s + 1, "] = ", ptr[s + 1]);
+  }
+  JMP_CHECK(ptr[num_segments] == num_items, "ptr[-1] must equal the number of source rows (",
+            num_items, "), got ", ptr[num_segments]);
+}
+
+void check_index(int64_t value, int64_t position, int64_t bound, const char* name,
+                 const char* bound_name) {
+  JMP_CHECK(value >= 0, name, "[", position, "] = ", value, " is negative");
+  JMP_CHECK(value < bound, name, "[", position, "] = ", value, " is out of range for ",
+            bound_name, " = ", bound);
+}
+
 void fill_slots(const PaddedIndex& p) {
   std::fill(p.slots, p.slots + p.num_rows * p.num_cols, int64_t{-1});
   for (int64_t t = 0; t < p.num_items; ++t) {
@@ -131,8 +120,6 @@ void fill_slots(const PaddedIndex& p) {
     slot = t;
   }
 }
-
-}  // namespace
 
 void segment_reduce(const SegmentReduceArgs& a, int num_threads) {
   check_ptr(a.ptr, a.num_segments, a.num_src);

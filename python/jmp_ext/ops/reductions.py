@@ -158,10 +158,13 @@ def _index_to_csr(index: Tensor, dim_size: int) -> tuple[Tensor, Tensor]:
 
     On CUDA, torch's stable sort does it; the range check then costs one host sync."""
     if index.is_cuda:
+        bad = (index < 0) | (index >= dim_size)
+        if bad.any():  # the CPU kernel's message for the first bad entry
+            e = int(bad.nonzero()[0])
+            value = int(index[e])
+            problem = "is negative" if value < 0 else f"is out of range for dim_size = {dim_size}"
+            raise ValueError(f"index[{e}] = {value} {problem}")
         sorted_index, perm = torch.sort(index, stable=True)
-        if index.numel() and not 0 <= sorted_index[0].item() <= sorted_index[-1].item() < dim_size:
-            raise ValueError(f"index values must lie in [0, dim_size = {dim_size}), got "
-                             f"min {sorted_index[0].item()}, max {sorted_index[-1].item()}")
         bounds = torch.arange(dim_size + 1, device=index.device)
         return torch.searchsorted(sorted_index, bounds), perm
     ptr_ = index.new_empty(dim_size + 1)

@@ -13,11 +13,23 @@ from pathlib import Path
 import pytest
 import torch
 
+from jmp_ext.graphs import GraphConfig, graphs_from_a2a
+
 FIXTURES = Path(os.environ.get("JMP_REF_FIXTURES", "/work/shared/fixtures/jmp_ref"))
 CASES = ["oc20_slab", "ani_molecules"]
 
 requires_fixtures = pytest.mark.skipif(not (FIXTURES / "weights.pt").exists(),
                                        reason=f"JMP reference fixtures not found at {FIXTURES}")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The model tests run many small ops; on a busy shared CPU, OpenMP threads waiting for each
+    other make them 10x slower, so they run on one thread (results do not depend on it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @functools.cache
@@ -58,8 +70,14 @@ def fixture_graphs(case: dict, pos: torch.Tensor) -> dict:
     G = case["graphs"]
     trip = lambda k: {"in": L(idx[k]["in"]), "out": L(idx[k]["out"]), "out_agg": rank_in_group(L(idx[k]["out"]))}  # noqa: E731
     q = idx["quad"]
+    kmax = lambda rank: int(rank.max()) + 1  # noqa: E731
     return {
         "num_atoms": pos.shape[0],
+        "kmax": {"trip_e2e": kmax(rank_in_group(L(idx["trip_e2e"]["out"]))),
+                 "trip_a2e": kmax(rank_in_group(L(idx["trip_a2e"]["out"]))),
+                 "trip_e2a": kmax(rank_in_group(L(idx["trip_e2a"]["out"]))),
+                 "quad": kmax(rank_in_group(L(q["out"]))),
+                 "a2ee2a": kmax(L(idx["a2ee2a_target_neighbor_idx"])), "a2a": kmax(L(idx["a2a_target_neighbor_idx"]))},
         "main": graph(idx["main_sym"]["edge_index"], idx["main_sym"]["cell_offset"]),
         "a2a": graph(G["a2a"]["edge_index"], G["a2a"]["cell_offset"], idx["a2a_target_neighbor_idx"]),
         "a2ee2a": graph(G["a2ee2a"]["edge_index"], G["a2ee2a"]["cell_offset"], idx["a2ee2a_target_neighbor_idx"]),
@@ -75,3 +93,57 @@ def fixture_graphs(case: dict, pos: torch.Tensor) -> dict:
             "trip_in_to_quad": L(q["trip_in_to_quad"]), "trip_out_to_quad": L(q["trip_out_to_quad"]),
         },
     }
+
+
+def edge_keys(edge_index, cell_offset) -> list[tuple]:
+    return [tuple(x) for x in torch.cat([edge_index.T, cell_offset.long()], dim=1).tolist()]
+
+
+def fixture_batch(case: dict, dtype) -> dict:
+    inputs = case["inputs"]
+    pbc = case["graph_settings"]["pbc"]
+    b = inputs["natoms"].shape[0]
+    return {"pos": inputs["pos"].to(dtype), "atomic_numbers": inputs["atomic_numbers"], "natoms": inputs["natoms"],
+            "batch": inputs["batch"], "cell": inputs["cell"].to(dtype), "tags": inputs["tags"],
+            "pbc": torch.full((b, 3), pbc)}
+
+
+def fixture_config(case: dict) -> GraphConfig:
+    s = case["graph_settings"]
+    return GraphConfig(cutoff_main=s["cutoff_main"], cutoff_a2ee2a=s["cutoff_a2ee2a"], cutoff_qint=s["cutoff_qint"],
+                       cutoff_a2a=s["cutoff_a2a"], max_neighbors=s["max_neighbors_main"], pbc=s["pbc"],
+                       qint_tags=tuple(s["qint_tags"]))
+
+
+def graphs_on_jmps_a2a(case: dict, batch: dict, **kwargs) -> dict:
+    """jmp_ext.graphs from the batch, starting from JMP's a2a graph (no radius_graph needed)."""
+    a2a = case["graphs"]["a2a"]
+    return graphs_from_a2a(batch, {"edge_index": a2a["edge_index"], "cell_offset": a2a["cell_offset"]},
+                           fixture_config(case), **kwargs)
+
+
+def bulk_batch_and_graphs(cutoff=3.0):
+    """Two rattled periodic crystals (fcc Cu, 4 atoms, and a sheared 3-atom cell) with a
+    brute-force a2a graph over the images within +-2 cells."""
+    g = torch.Generator().manual_seed(7)
+    frac = [torch.tensor([[0, 0, 0], [0, .5, .5], [.5, 0, .5], [.5, .5, 0]], dtype=torch.float64),
+            torch.tensor([[0, 0, 0], [.33, .4, .5], [.7, .6, .2]], dtype=torch.float64)]
+    cells = [3.61 * torch.eye(3, dtype=torch.float64),
+             torch.tensor([[3.2, 0, 0], [0.8, 3.4, 0], [0.3, -0.5, 3.6]], dtype=torch.float64)]
+    pos = torch.cat([f @ c for f, c in zip(frac, cells)]) + 0.05 * torch.randn(7, 3, generator=g, dtype=torch.float64)
+    natoms = torch.tensor([4, 3])
+    structure = torch.repeat_interleave(torch.arange(2), natoms)
+    images = torch.cartesian_prod(*[torch.arange(-2, 3)] * 3)
+    edges, offsets = [], []
+    for t in range(7):
+        for s in range(7):
+            if structure[s] != structure[t]:
+                continue
+            d = (pos[s] + images.double() @ cells[structure[s]] - pos[t]).norm(dim=1)
+            for o in images[(d > 1e-4) & (d <= cutoff)]:
+                edges.append((s, t))
+                offsets.append(o)
+    batch = {"pos": pos, "atomic_numbers": torch.tensor([29] * 4 + [13, 28, 8]), "natoms": natoms, "batch": structure,
+             "cell": torch.stack(cells), "pbc": torch.ones(2, 3, dtype=torch.bool), "tags": torch.full((7,), 2)}
+    a2a = {"edge_index": torch.tensor(edges).T.contiguous(), "cell_offset": torch.stack(offsets).int()}
+    return batch, graphs_from_a2a(batch, a2a, GraphConfig.uniform(cutoff, 30, pbc=True))

@@ -30,6 +30,7 @@ from jmp_ext.ops._lib import _C, num_threads, ptr, require_cuda
 
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
 _REDUCE_CODES = {"sum": 0, "mean": 1, "max": 2}
+_NO_ERROR = torch.iinfo(torch.int64).max  # jmp_ext::cuda::kNoError
 
 
 # ---- checks on metadata (shared by the real and the fake kernels) ----
@@ -65,9 +66,13 @@ def _check_size(name: str, value: int) -> None:
 
 
 def _launch(name: str, device: torch.device, *args) -> None:
-    """Calls _C.<name>_cpu(*args, threads) or _C.<name>_cuda(*args, stream) for `device`."""
+    """Calls _C.<name>_cpu(*args, threads) or _C.<name>_cuda(*args, status, stream) for `device`."""
     if device.type == "cuda":
-        getattr(_C, f"{name}_cuda")(*args, require_cuda(device))
+        stream = require_cuda(device)
+        # A device int64 where the kernels report a bad index (csrc/common/cuda_helpers.h);
+        # kept alive until the call returns (it synchronises).
+        status = torch.full((1,), _NO_ERROR, dtype=torch.int64, device=device)
+        getattr(_C, f"{name}_cuda")(*args, ptr(status), stream)
     else:
         getattr(_C, f"{name}_cpu")(*args, num_threads())
 
@@ -153,10 +158,13 @@ def _index_to_csr(index: Tensor, dim_size: int) -> tuple[Tensor, Tensor]:
 
     On CUDA, torch's stable sort does it; the range check then costs one host sync."""
     if index.is_cuda:
+        bad = (index < 0) | (index >= dim_size)
+        if bad.any():  # the CPU kernel's message for the first bad entry
+            e = int(bad.nonzero()[0])
+            value = int(index[e])
+            problem = "is negative" if value < 0 else f"is out of range for dim_size = {dim_size}"
+            raise ValueError(f"index[{e}] = {value} {problem}")
         sorted_index, perm = torch.sort(index, stable=True)
-        if index.numel() and not 0 <= sorted_index[0].item() <= sorted_index[-1].item() < dim_size:
-            raise ValueError(f"index values must lie in [0, dim_size = {dim_size}), got "
-                             f"min {sorted_index[0].item()}, max {sorted_index[-1].item()}")
         bounds = torch.arange(dim_size + 1, device=index.device)
         return torch.searchsorted(sorted_index, bounds), perm
     ptr_ = index.new_empty(dim_size + 1)
@@ -177,8 +185,8 @@ def _scatter_reduce(src: Tensor, index: Tensor, dim_size: int, reduce: str, dete
     src = src.contiguous()
     acc = torch.zeros(dim_size, src.shape[1], device=src.device,
                       dtype=torch.float64 if src.dtype == torch.float64 else torch.float32)
-    _C.scatter_add_atomic_cuda(ptr(src), _DTYPE_CODES[src.dtype], ptr(index), src.shape[0],
-                               src.shape[1], dim_size, ptr(acc), require_cuda(src.device))
+    _launch("scatter_add_atomic", src.device, ptr(src), _DTYPE_CODES[src.dtype], ptr(index),
+            src.shape[0], src.shape[1], dim_size, ptr(acc))
     if reduce == "mean":
         acc /= _counts(index, dim_size, acc.dtype)
     return acc.to(src.dtype)

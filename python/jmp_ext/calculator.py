@@ -1,0 +1,85 @@
+"""ASE Calculator around a trained jmp_ext checkpoint (best.pt / last.pt of a run).
+
+    from jmp_ext.calculator import JMPCalculator
+    atoms.calc = JMPCalculator("runs/md/best.pt")
+    atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()
+
+Energies in eV, forces in eV/Å, stress in eV/Å^3 (ASE's sign and Voigt order), as trained.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.calculators.calculator import Calculator, all_changes
+from ase.constraints import FixAtoms
+
+
+def atoms_to_entry(atoms: Atoms) -> dict[str, torch.Tensor]:
+    """One structure as LmdbDataset returns it: pos, atomic_numbers, cell, pbc, tags, fixed.
+
+    Tags: the Atoms' own when any is set (OC20 slabs), else 2 for every atom (molecules and bulk,
+    as JMP's fine-tuning sets them). Fixed: the atoms of FixAtoms constraints."""
+    n = len(atoms)
+    tags = atoms.get_tags()
+    fixed = np.zeros(n, dtype=bool)
+    for constraint in atoms.constraints:
+        if isinstance(constraint, FixAtoms):
+            fixed[constraint.get_indices()] = True
+    return {
+        "pos": torch.as_tensor(atoms.positions, dtype=torch.float64),
+        "atomic_numbers": torch.as_tensor(atoms.numbers, dtype=torch.long),
+        "cell": torch.as_tensor(atoms.cell.array, dtype=torch.float64),
+        "pbc": torch.as_tensor(atoms.pbc, dtype=torch.bool),
+        "tags": torch.as_tensor(tags if tags.any() else np.full(n, 2), dtype=torch.long),
+        "fixed": torch.as_tensor(fixed),
+    }
+
+
+class JMPCalculator(Calculator):
+    """Energy, forces (and stress when the model predicts it) of a trained checkpoint.
+
+    checkpoint: a run's best.pt or last.pt (EMA weights when the run had an EMA).
+    task: which task's heads to use for a pretraining checkpoint (default: its first task).
+    device: "cpu", "cuda", ..."""
+
+    implemented_properties = ["energy", "free_energy", "forces", "stress"]
+
+    def __init__(self, checkpoint: str | Path, task: str | None = None, device: str = "cpu", **kwargs):
+        from jmp_ext.train.loop import load_trained
+
+        super().__init__(**kwargs)
+        self.model, self.config = load_trained(checkpoint, device)
+        names = [t.name for t in self.config.tasks]
+        if task is not None and task not in names:
+            raise ValueError(f"task {task!r} is not in the checkpoint (tasks: {names})")
+        self.task = names.index(task) if task is not None else 0
+        self.device = torch.device(device)
+        self.dtype = next(self.model.net.parameters()).dtype
+        kinds = {t.kind for t in self.config.tasks[self.task].targets}
+        if "energy" not in kinds:
+            raise ValueError(f"the checkpoint predicts {sorted(kinds)}, not an energy: it cannot drive ASE")
+        self.has_stress = "stress" in kinds
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        from jmp_ext.data import collate
+
+        super().calculate(atoms, properties, system_changes)
+        if "stress" in properties and not self.has_stress:
+            raise NotImplementedError("this checkpoint was not trained with a stress target")
+        batch = collate([atoms_to_entry(self.atoms)], dtype=torch.float64)
+        batch["pos"], batch["cell"] = batch["pos"].to(self.dtype), batch["cell"].to(self.dtype)
+        batch["task"] = torch.full_like(batch["natoms"], self.task)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        with torch.no_grad():  # gradient forces re-enable autograd inside the network
+            preds = self.model(batch)
+        energy = float(preds["energy"][0])
+        self.results = {"energy": energy, "free_energy": energy}
+        if "forces" in preds:
+            self.results["forces"] = preds["forces"].detach().double().cpu().numpy()
+        if "stress" in preds:
+            s = preds["stress"][0].detach().double().cpu().numpy()
+            self.results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])

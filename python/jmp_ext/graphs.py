@@ -1,0 +1,320 @@
+"""The four GemNet-OC graphs of JMP and their interaction indices, built on the fly from a batch.
+
+Read `build_graphs` top to bottom:
+  1. a2a ("aint") graph: every neighbour within cutoff_a2a, at most k_a2a per target atom
+     (jmp_ext.ops.radius_graph); edge dropout on it while training (JMP pretraining: p = 0.1).
+  2. main, a2ee2a and qint are subselected from a2a: a distance filter where their cutoff is
+     smaller, then the k nearest per target atom (strict: exactly min(k, available)).
+  3. qint keeps only edges touching an atom whose tag is in qint_tags.
+  4. main is symmetrised (every edge gets its reverse; id_swap maps an edge to its reverse).
+  5. Triplet and quadruplet indices (jmp_ext.ops), neighbour ranks, and Kmax of every padded
+     block, computed once here so the backbone never syncs with the host.
+  6. Distances and unit vectors of all four graphs, recomputed differentiably from the batch's
+     positions and cell (so gradient forces and stress flow through them).
+
+Edge convention (JMP's): edge e goes from the source s = edge_index[0, e] (the neighbour) to the
+target t = edge_index[1, e] (the centre, where messages aggregate); cell_offset[e] is the integer
+lattice shift of the source image, at pos[s] + cell_offset[e] @ cell. distance = |that - pos[t]|,
+vector = (pos[t] - source image) / distance (JMP's V_st).
+
+Neighbour counts follow JMP's proportions for a base k (30 for OC20): main k, a2ee2a int(20k/30),
+qint int(8k/30), a2a int(1000k/30). MatBench and QMOF lower k for large structures
+(natoms_max_neighbors); k is then per structure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from jmp_ext import ops
+from jmp_ext.ops.radius_graph import radius_graph
+
+GRAPH_NAMES = ("main", "a2ee2a", "qint", "a2a")
+# Neighbours per target relative to the main graph's k (JMP's MaxNeighbors.from_goc_base_proportions).
+K_PROPORTIONS = {"main": 30, "a2ee2a": 20, "qint": 8, "a2a": 1000}
+
+
+@dataclass(frozen=True, kw_only=True)
+class GraphConfig:
+    """How the four graphs of one task are built. Cutoffs in Å."""
+
+    cutoff_main: float
+    cutoff_a2ee2a: float
+    cutoff_qint: float
+    cutoff_a2a: float
+    """The a2a graph is built first and the others are taken from it, so it has the largest cutoff."""
+    max_neighbors: int = 30
+    """Base k: the main graph's neighbours per target; the others follow K_PROPORTIONS."""
+    pbc: bool = True
+    """False ignores the batch's cell and pbc (molecules); True uses the batch's pbc flags."""
+    qint_tags: tuple[int, ...] = (1, 2)
+    natoms_max_neighbors: tuple[tuple[int, int], ...] = ()
+    """(threshold, k) pairs: a structure with more than `threshold` atoms uses base k (the
+    smallest k among the thresholds it exceeds). MatBench / QMOF: ((200, 10), (300, 5))."""
+
+    def __post_init__(self) -> None:
+        for name in GRAPH_NAMES:
+            c = getattr(self, f"cutoff_{name}")
+            if not c > 0:
+                raise ValueError(f"GraphConfig.cutoff_{name} must be > 0 Å, got {c}")
+            if c > self.cutoff_a2a:
+                raise ValueError(f"GraphConfig.cutoff_{name}={c} exceeds cutoff_a2a={self.cutoff_a2a}: the "
+                                 "other graphs are subselected from the a2a graph")
+        ks = [self.max_neighbors] + [k for _, k in self.natoms_max_neighbors]
+        if any(not isinstance(k, int) or k < 1 for k in ks):
+            raise ValueError(f"GraphConfig max neighbours must be positive ints, got {ks}")
+        object.__setattr__(self, "qint_tags", tuple(int(t) for t in self.qint_tags))
+        object.__setattr__(self, "natoms_max_neighbors",
+                           tuple((int(n), int(k)) for n, k in self.natoms_max_neighbors))
+
+    @classmethod
+    def uniform(cls, cutoff: float, max_neighbors: int = 30, **kwargs) -> "GraphConfig":
+        """All four graphs with the same cutoff (what every JMP task does)."""
+        return cls(cutoff_main=cutoff, cutoff_a2ee2a=cutoff, cutoff_qint=cutoff, cutoff_a2a=cutoff,
+                   max_neighbors=max_neighbors, **kwargs)
+
+    @classmethod
+    def preset(cls, name: str) -> "GraphConfig":
+        """JMP's graph settings for a dataset (JMP.md §3.3)."""
+        if name not in _PRESETS:
+            raise ValueError(f"unknown GraphConfig preset {name!r}; known: {', '.join(sorted(_PRESETS))}")
+        return _PRESETS[name]
+
+    def replace(self, **changes) -> "GraphConfig":
+        return dataclasses.replace(self, **changes)
+
+    def neighbors_per_structure(self, natoms: Tensor) -> dict[str, Tensor]:
+        """{graph name: k [B] int64} for structures with natoms [B] atoms."""
+        k = torch.full_like(natoms, self.max_neighbors)
+        for threshold, k_large in self.natoms_max_neighbors:
+            k = torch.where(natoms > threshold, torch.minimum(k, torch.full_like(k, k_large)), k)
+        return {name: k * p // 30 for name, p in K_PROPORTIONS.items()}
+
+
+_LARGE_STRUCTURES = ((200, 10), (300, 5))
+_PRESETS = {
+    "oc20": GraphConfig.uniform(12.0, 30, pbc=True),
+    "oc22": GraphConfig.uniform(12.0, 30, pbc=True),
+    "ani1x": GraphConfig.uniform(8.0, 30, pbc=False),
+    "transition1x": GraphConfig.uniform(8.0, 30, pbc=False),
+    "qm9": GraphConfig.uniform(8.0, 30, pbc=False),
+    "rmd17": GraphConfig.uniform(7.0, 100, pbc=False),
+    "md22": GraphConfig.uniform(12.0, 30, pbc=False),
+    "spice": GraphConfig.uniform(12.0, 30, pbc=False),
+    "matbench": GraphConfig.uniform(12.0, 30, pbc=True, natoms_max_neighbors=_LARGE_STRUCTURES),
+    "qmof": GraphConfig.uniform(19.0, 30, pbc=True, natoms_max_neighbors=_LARGE_STRUCTURES),
+}
+
+
+# ---- checks ----
+
+
+def check_batch(batch: dict) -> None:
+    """Raises a ValueError naming the problem when the batch fields the graphs need disagree."""
+    for key in ("pos", "atomic_numbers", "natoms"):
+        if key not in batch:
+            raise ValueError(f"batch has no {key!r} (keys: {sorted(batch)})")
+    pos, natoms = batch["pos"], batch["natoms"]
+    if pos.dim() != 2 or pos.shape[1] != 3 or not pos.is_floating_point():
+        raise ValueError(f"batch['pos'] must be a float [N, 3] tensor, got {pos.dtype} {tuple(pos.shape)}")
+    n, b = pos.shape[0], natoms.shape[0]
+    if natoms.dim() != 1 or natoms.dtype != torch.int64:
+        raise ValueError(f"batch['natoms'] must be an int64 [B] tensor, got {natoms.dtype} {tuple(natoms.shape)}")
+    if int(natoms.sum()) != n or (b and int(natoms.min()) < 1):
+        raise ValueError(f"batch['natoms'] {natoms.tolist()} must be positive and sum to the {n} atoms of pos")
+    expected = {"atomic_numbers": (n,), "batch": (n,), "tags": (n,), "cell": (b, 3, 3), "pbc": (b, 3)}
+    for key, shape in expected.items():
+        if key in batch and tuple(batch[key].shape) != shape:
+            raise ValueError(f"batch[{key!r}] has shape {tuple(batch[key].shape)}, expected {shape} "
+                             f"for {n} atoms in {b} structures")
+    if "batch" in batch and not torch.equal(batch["batch"], _structure_index(natoms)):
+        raise ValueError("batch['batch'] does not match batch['natoms'] (atoms must be grouped by structure)")
+    if not torch.isfinite(pos).all():
+        bad = (~torch.isfinite(pos)).any(dim=1).nonzero().flatten()
+        raise ValueError(f"batch['pos'] has non-finite values at atoms {bad[:10].tolist()}")
+    if "cell" in batch and not torch.isfinite(batch["cell"]).all():
+        raise ValueError("batch['cell'] has non-finite values")
+
+
+def _structure_index(natoms: Tensor) -> Tensor:
+    return torch.repeat_interleave(torch.arange(natoms.shape[0], device=natoms.device), natoms)
+
+
+# ---- subselection ----
+
+
+def _rank_in_target(target: Tensor, key: Tensor) -> Tensor:
+    """Rank of every edge among the edges of its target, ordered by key (ties: by edge index)."""
+    order = torch.argsort(key, stable=True)
+    order = order[torch.argsort(target[order], stable=True)]
+    sorted_t = target[order]
+    n = target.numel()
+    start = torch.ones(n, dtype=torch.bool, device=target.device)
+    start[1:] = sorted_t[1:] != sorted_t[:-1]
+    first = torch.cummax(torch.where(start, torch.arange(n, device=target.device), 0), 0).values
+    rank = torch.empty_like(target)
+    rank[order] = torch.arange(n, device=target.device) - first
+    return rank
+
+
+def _select(graph: dict, mask: Tensor) -> dict:
+    return {key: value[..., mask] if key == "edge_index" else value[mask] for key, value in graph.items()}
+
+
+def subselect(graph: dict, cutoff: float | None, k_per_atom: Tensor) -> dict:
+    """Edges of `graph` within `cutoff` (None: no filter), then the k_per_atom[t] nearest per target t.
+
+    graph: {"edge_index" [2, E], "cell_offset" [E, 3], "distance" [E]}; keeps the edge order."""
+    keep = torch.ones_like(graph["distance"], dtype=torch.bool)
+    if cutoff is not None:
+        keep = graph["distance"] <= cutoff
+    target = graph["edge_index"][1]
+    rank = _rank_in_target(target, torch.where(keep, graph["distance"], torch.inf))
+    return _select(graph, keep & (rank < k_per_atom[target]))
+
+
+def tag_filter(graph: dict, tags: Tensor, qint_tags: tuple[int, ...]) -> dict:
+    """Edges whose source or target has a tag in qint_tags (JMP's tag_mask)."""
+    allowed = torch.isin(tags, torch.tensor(qint_tags, dtype=tags.dtype, device=tags.device))
+    s, t = graph["edge_index"]
+    return _select(graph, allowed[s] | allowed[t])
+
+
+def symmetrize(graph: dict) -> tuple[dict, Tensor]:
+    """JMP's symmetrize_edges: keep s < t (and, for s == t, the image with a lexicographically
+    negative offset), then append every kept edge reversed. Returns (graph, id_swap [E])."""
+    (s, t), off = graph["edge_index"], graph["cell_offset"]
+    negative = (off[:, 0] < 0) | ((off[:, 0] == 0) & (off[:, 1] < 0)) | (
+        (off[:, 0] == 0) & (off[:, 1] == 0) & (off[:, 2] < 0))
+    kept = _select(graph, (s < t) | ((s == t) & negative))
+    half = kept["cell_offset"].shape[0]
+    sym = {"edge_index": torch.cat([kept["edge_index"], kept["edge_index"].flip(0)], dim=1),
+           "cell_offset": torch.cat([kept["cell_offset"], -kept["cell_offset"]])}
+    arange = torch.arange(half, device=s.device)
+    return sym, torch.cat([arange + half, arange])
+
+
+# ---- geometry ----
+
+
+def edge_geometry(graph: dict, pos: Tensor, cell: Tensor | None, structure: Tensor) -> tuple[Tensor, Tensor]:
+    """(distance [E] Å, vector [E, 3] unit, source image -> target) of a graph, differentiable
+    in pos [N, 3] and cell [B, 3, 3] (rows are lattice vectors; None: no periodic images)."""
+    s, t = graph["edge_index"]
+    r = pos[s] - pos[t]
+    if cell is not None:
+        shift = torch.einsum("ej,eji->ei", graph["cell_offset"].to(pos.dtype), cell[structure[s]])
+        r = r + shift
+    d = torch.linalg.vector_norm(r, dim=-1)
+    return d, -r / d[:, None]
+
+
+def with_geometry(graphs: dict, pos: Tensor, cell: Tensor | None, structure: Tensor) -> dict:
+    """A copy of graphs whose four graphs get distance and vector recomputed from pos and cell
+    (for a strained cell or positions that require grad). cell None: non-periodic."""
+    out = dict(graphs)
+    for name in GRAPH_NAMES:
+        g = dict(graphs[name])
+        g["distance"], g["vector"] = edge_geometry(g, pos, cell, structure)
+        out[name] = g
+    return out
+
+
+# ---- everything together ----
+
+
+def _kmax(rank: Tensor) -> int:
+    return int(rank.max()) + 1 if rank.numel() else 0
+
+
+def graphs_from_a2a(batch: dict, a2a: dict, config: GraphConfig, *, edge_dropout: float | None = None,
+                    generator: torch.Generator | None = None) -> dict:
+    """Steps 1b-6 of the module docstring, given the a2a graph {"edge_index", "cell_offset"}
+    (e.g. JMP's own, in the parity tests). See build_graphs for the result."""
+    pos, natoms = batch["pos"], batch["natoms"]
+    num_atoms = pos.shape[0]
+    structure = batch["batch"] if "batch" in batch else _structure_index(natoms)
+    cell = batch["cell"].to(pos.dtype) if config.pbc and "cell" in batch else None
+    k_atom = {name: k[structure] for name, k in config.neighbors_per_structure(natoms).items()}
+
+    a2a = {"edge_index": a2a["edge_index"], "cell_offset": a2a["cell_offset"].to(torch.int32)}
+    with torch.no_grad():
+        a2a["distance"], _ = edge_geometry(a2a, pos.detach(), None if cell is None else cell.detach(), structure)
+    if edge_dropout:
+        keep = torch.rand(a2a["distance"].shape, generator=generator, dtype=torch.float32,
+                          device=generator.device if generator is not None else pos.device) >= edge_dropout
+        a2a = _select(a2a, keep.to(pos.device))
+    a2a = subselect(a2a, None, k_atom["a2a"])
+
+    graphs = {"a2a": a2a}
+    for name in ("main", "a2ee2a", "qint"):
+        cutoff = getattr(config, f"cutoff_{name}")
+        graphs[name] = subselect(a2a, cutoff if cutoff < config.cutoff_a2a else None, k_atom[name])
+    if "tags" in batch:
+        graphs["qint"] = tag_filter(graphs["qint"], batch["tags"], config.qint_tags)
+    graphs["main"], id_swap = symmetrize(graphs["main"])
+
+    per_structure = torch.zeros_like(natoms).index_add_(0, structure[graphs["main"]["edge_index"][1]],
+                                                        torch.ones_like(graphs["main"]["edge_index"][1]))
+    if (per_structure == 0).any():
+        empty = (per_structure == 0).nonzero().flatten().tolist()
+        raise ValueError(f"structure(s) {empty} of the batch have no edge within cutoff_main="
+                         f"{config.cutoff_main} Å: GemNet-OC needs at least one neighbour pair")
+
+    # The padded blocks index neighbours by their rank at the target: group edges by target.
+    for name in ("a2a", "a2ee2a"):
+        g = graphs[name]
+        g = _select(g, torch.argsort(g["edge_index"][1], stable=True))
+        g["target_neighbor_idx"] = _rank_in_target(g["edge_index"][1], torch.zeros_like(g["distance"]))
+        graphs[name] = g
+    for g in graphs.values():
+        g.pop("distance", None)  # recomputed with autograd below
+
+    graphs["num_atoms"] = num_atoms
+    graphs["id_swap"] = id_swap
+    graphs["trip_e2e"] = ops.triplets(graphs["main"], num_atoms)
+    graphs["trip_a2e"] = ops.mixed_triplets(graphs["a2ee2a"], graphs["main"], num_atoms)
+    graphs["trip_e2a"] = ops.mixed_triplets(graphs["main"], graphs["a2ee2a"], num_atoms)
+    graphs["quad"] = ops.quadruplets(graphs["main"], graphs["qint"], num_atoms)
+    graphs["kmax"] = {
+        "trip_e2e": _kmax(graphs["trip_e2e"]["out_agg"]),
+        "trip_a2e": _kmax(graphs["trip_a2e"]["out_agg"]),
+        "trip_e2a": _kmax(graphs["trip_e2a"]["out_agg"]),
+        "quad": _kmax(graphs["quad"]["out_agg"]),
+        "a2ee2a": _kmax(graphs["a2ee2a"]["target_neighbor_idx"]),
+        "a2a": _kmax(graphs["a2a"]["target_neighbor_idx"]),
+    }
+    return with_geometry(graphs, pos, cell, structure)
+
+
+def build_graphs(batch: dict, config: GraphConfig, *, edge_dropout: float | None = None,
+                 generator: torch.Generator | None = None) -> dict:
+    """The graphs dict GemNetOCBackbone.forward(h, graphs) takes, from a collated batch.
+
+    batch: jmp_ext.data.collate's dict; uses pos [N, 3] (Å), natoms [B], batch [N], cell [B, 3, 3],
+    pbc [B, 3], tags [N] (optional: without tags every edge enters qint).
+    edge_dropout: probability of dropping each a2a edge (pass it only while training).
+
+    Returns {"num_atoms": N, "main", "a2ee2a", "qint", "a2a": {"edge_index" [2, E] int64,
+    "cell_offset" [E, 3] int32, "distance" [E], "vector" [E, 3]} (+ "target_neighbor_idx" [E]
+    for a2ee2a and a2a), "id_swap" [E_main], "trip_e2e", "trip_a2e", "trip_e2a" ({"in", "out",
+    "out_agg"}), "quad" (jmp_ext.ops.quadruplets' dict), "kmax": {block: int}}. Distances and
+    vectors are differentiable in batch["pos"] and batch["cell"]."""
+    check_batch(batch)
+    if edge_dropout is not None and not 0.0 <= edge_dropout < 1.0:
+        raise ValueError(f"edge_dropout must be in [0, 1), got {edge_dropout}")
+    pos, natoms = batch["pos"], batch["natoms"]
+    k_a2a = int(config.neighbors_per_structure(natoms)["a2a"].max())
+    periodic = config.pbc and "cell" in batch
+    pbc = torch.zeros(natoms.shape[0], 3, dtype=torch.bool, device=pos.device)
+    if periodic:
+        pbc = batch["pbc"] if "pbc" in batch else ~pbc
+    edge_index, cell_offset, _ = radius_graph(
+        pos.detach(), config.cutoff_a2a, natoms=natoms,
+        cell=batch["cell"].detach().to(pos.dtype) if periodic else None, pbc=pbc, max_neighbors=k_a2a)
+    return graphs_from_a2a(batch, {"edge_index": edge_index, "cell_offset": cell_offset}, config,
+                           edge_dropout=edge_dropout, generator=generator)

@@ -1,0 +1,128 @@
+"""Loading released JMP checkpoints (and ours) into PretrainModel / FinetuneModel, safely.
+
+A JMP checkpoint is a Lightning file: `state_dict` with keys `embedding.atom_embedding.weight`,
+`backbone.*`, `output.out_{energy,forces}.{i}.*`, `task_steps.*`, and the EMA weights as a
+tuple in `optimizer_states[0]["ema"]`. The tuple follows the state_dict order with buffers
+(`rbf.offset`, `rbf.temps`, `scale_factor`), the alias `seq_energy_pre` and `task_steps`
+left out (JMP's utils/finetune_state_dict.py). Our modules carry JMP's keys, so the mapping is the
+identity.
+
+Files are read with torch.load(weights_only=True): nothing in the file is executed. Lightning
+files also pickle the run's config objects (pydantic classes of JMP); those are read as inert
+stubs (see `safe_load`), since only tensors are needed.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import torch
+from torch import nn
+
+_FORCE_BRANCH = (".scale_rbf_F.", ".dense_rbf_F.", ".seq_forces.")
+
+
+class _Stub:
+    """Stand-in for a class a checkpoint pickles (its config objects): keeps the pickled state,
+    runs nothing."""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __setitem__(self, key, value):  # dict subclasses are rebuilt item by item
+        self.__dict__.setdefault("items", {})[key] = value
+
+
+def _stub(qualified_name: str) -> type:
+    module, _, name = qualified_name.rpartition(".")
+    return type(name, (_Stub,), {"__module__": module, "__qualname__": name})
+
+
+def safe_load(path: str | os.PathLike) -> dict:
+    """torch.load(path, weights_only=True); classes outside torch's allowlist become inert stubs."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        with torch.serialization.safe_globals([_stub(name) for name in names]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _skipped_by_ema(key: str) -> bool:
+    return (key.endswith(("rbf.offset", "rbf.temps", "scale_factor")) or ".seq_energy_pre." in key
+            or key.startswith("task_steps"))
+
+
+def read_state_dict(source: str | os.PathLike | dict, *, use_ema: bool = True) -> dict[str, torch.Tensor]:
+    """The weights of a checkpoint (path or loaded dict) as a flat state dict with JMP's keys.
+
+    use_ema: replace the raw weights by the EMA ones (JMP's released weights are used this way);
+    raises if the checkpoint has none."""
+    ckpt = safe_load(source) if isinstance(source, (str, Path, os.PathLike)) else source
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"a checkpoint must be a dict, got {type(ckpt).__name__}")
+    if "state_dict" in ckpt:
+        state = dict(ckpt["state_dict"])
+    elif ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        state, ckpt = dict(ckpt), {}
+    else:
+        raise ValueError(f"no 'state_dict' in the checkpoint (top-level keys: {sorted(ckpt)[:20]})")
+
+    if use_ema:
+        states = ckpt.get("optimizer_states") or [{}]
+        ema = states[0].get("ema") if isinstance(states[0], dict) else None
+        if ema is None:
+            raise ValueError("the checkpoint has no EMA weights (optimizer_states[0]['ema']); pass use_ema=False "
+                             "to load its raw weights")
+        keys = [k for k in state if not _skipped_by_ema(k)]
+        if len(keys) != len(ema):
+            raise ValueError(f"the EMA tuple has {len(ema)} tensors but the state_dict has {len(keys)} weights")
+        for key, value in zip(keys, ema):
+            if tuple(value.shape) != tuple(state[key].shape):
+                raise ValueError(f"EMA tensor for {key} has shape {tuple(value.shape)}, the weight "
+                                 f"{tuple(state[key].shape)}")
+            state[key] = value
+        # `seq_energy_pre` is an alias of `layers`: it must carry the same (EMA) tensors.
+        for key in state:
+            if ".seq_energy_pre." in key:
+                state[key] = state[key.replace(".seq_energy_pre.", ".layers.")]
+
+    # JMP's fine-tuning checkpoints keep the embedding at `embedding.weight`.
+    if "embedding.weight" in state:
+        state["embedding.atom_embedding.weight"] = state.pop("embedding.weight")
+    return {k: v for k, v in state.items() if not k.startswith("task_steps")}
+
+
+def load_jmp_checkpoint(source: str | os.PathLike | dict, model: nn.Module, *, use_ema: bool = True,
+                        load_heads: bool = False) -> nn.Module:
+    """Loads a JMP (or jmp_ext) checkpoint into `model` (PretrainModel or FinetuneModel), in place.
+
+    use_ema: the EMA weights (default, as JMP fine-tuning starts from them) or the raw ones.
+    load_heads: also load `output.*` (the pretraining heads into a PretrainModel); by default the
+        heads keep their fresh initialisation and the checkpoint's are dropped.
+    The direct-force branch of the backbone is dropped when `model` has none (gradient forces).
+    Any other difference (missing or unexpected keys, shapes) raises a ValueError naming the keys.
+    Returns model."""
+    state = read_state_dict(source, use_ema=use_ema)
+    if not load_heads:
+        state = {k: v for k, v in state.items() if not k.startswith("output.")}
+    if not model.backbone.config.has_force_branch:
+        state = {k: v for k, v in state.items()
+                 if not (k.startswith("backbone.out_mlp_F.") or any(p in k for p in _FORCE_BRANCH))}
+
+    expected = {k: v for k, v in model.state_dict().items() if load_heads or not k.startswith("output.")}
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong_shape = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or wrong_shape:
+        parts = [f"{name} ({len(keys)}): {', '.join(keys[:12])}{' ...' if len(keys) > 12 else ''}"
+                 for name, keys in [("missing", missing), ("unexpected", unexpected),
+                                    ("shape mismatch", [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+                                                        for k in wrong_shape])] if keys]
+        raise ValueError("checkpoint does not match the model: " + "; ".join(parts))
+    model.load_state_dict(state, strict=False)
+    return model

@@ -1,0 +1,90 @@
+"""Output heads on top of the GemNet-OC backbone features (JMP's pretraining and fine-tuning heads).
+
+Every head is JMP's `mlp`: num_mlps Linear layers of the feature width with scaled SiLU between
+them, then a Linear to the outputs (bias everywhere except a single-output last layer). As an
+nn.Sequential its keys are `0.weight, 0.bias, 2.weight, ..., 8.weight` for num_mlps = 5, exactly
+the keys of JMP's `output.out_energy.{task}` / `output.out_forces.{task}`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from jmp_ext import ops
+from jmp_ext.models.gemnet_oc.layers import ScaledSiLU
+
+
+def jmp_mlp(features: int, out_features: int, num_mlps: int = 5) -> nn.Sequential:
+    """[features] * num_mlps + [out_features] Linear layers, scaled SiLU between (JMP's Base.mlp)."""
+    layers: list[nn.Module] = []
+    for i in range(num_mlps):
+        last = i == num_mlps - 1
+        layers.append(nn.Linear(features, out_features if last else features, bias=not (last and out_features == 1)))
+        if not last:
+            layers.append(ScaledSiLU())
+    return nn.Sequential(*layers)
+
+
+def structure_ptr(natoms: torch.Tensor) -> torch.Tensor:
+    """CSR pointer [B+1] of the atoms of each structure (atoms are grouped by structure)."""
+    return torch.cat([natoms.new_zeros(1), torch.cumsum(natoms, 0)])
+
+
+def reduce_atoms(x: torch.Tensor, natoms: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Per-atom values x [N, k] -> per-structure [B, k] by sum, mean or max over each structure's atoms."""
+    ptr = structure_ptr(natoms)
+    if reduction == "sum":
+        return ops.segment_sum(x, ptr)
+    if reduction == "mean":
+        return ops.segment_mean(x, ptr)
+    if reduction == "max":
+        return ops.segment_max(x, ptr)
+    raise ValueError(f"reduction must be 'sum', 'mean' or 'max', got {reduction!r}")
+
+
+def direct_forces(edge_scalar: torch.Tensor, V_st: torch.Tensor, idx_t: torch.Tensor, num_atoms: int) -> torch.Tensor:
+    """JMP's direct forces: sum over the edges s->t of edge_scalar [E, 1] * V_st [E, 3] onto t -> [N, 3] (eV/Å)."""
+    return ops.scatter_sum(edge_scalar * V_st, idx_t, num_atoms)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeadConfig:
+    """One fine-tuning target predicted from the per-atom features.
+
+    kind "scalar": num_outputs values per structure ([B] when 1, else [B, num_outputs]), the
+    per-atom MLP outputs reduced by `reduction` (JMP: sum for extensive targets such as energy,
+    mean for MatBench / QMOF, max for phonons). kind "classification": logits [B, num_outputs]
+    from the reduced per-atom outputs (JMP's mp_is_metal: 2 classes, mean)."""
+
+    target: str
+    kind: Literal["scalar", "classification"] = "scalar"
+    reduction: Literal["sum", "mean", "max"] = "sum"
+    num_outputs: int = 1
+    num_mlps: int = 5
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("scalar", "classification"):
+            raise ValueError(f"HeadConfig.kind must be 'scalar' or 'classification', got {self.kind!r}")
+        if self.reduction not in ("sum", "mean", "max"):
+            raise ValueError(f"HeadConfig.reduction must be 'sum', 'mean' or 'max', got {self.reduction!r}")
+        if self.num_outputs < 1 or (self.kind == "classification" and self.num_outputs < 2):
+            raise ValueError(f"HeadConfig {self.target!r}: num_outputs={self.num_outputs} is too small for {self.kind}")
+        if self.num_mlps < 1:
+            raise ValueError(f"HeadConfig.num_mlps must be >= 1, got {self.num_mlps}")
+
+
+class StructureHead(nn.Module):
+    """Per-atom features [N, A] -> per-structure predictions (see HeadConfig). Key: `mlp.*`."""
+
+    def __init__(self, config: HeadConfig, features: int):
+        super().__init__()
+        self.config = config
+        self.mlp = jmp_mlp(features, config.num_outputs, config.num_mlps)
+
+    def forward(self, atom_features: torch.Tensor, natoms: torch.Tensor) -> torch.Tensor:
+        out = reduce_atoms(self.mlp(atom_features), natoms, self.config.reduction)
+        return out[:, 0] if self.config.kind == "scalar" and self.config.num_outputs == 1 else out

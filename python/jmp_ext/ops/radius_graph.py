@@ -1,0 +1,373 @@
+"""Batched radius graph (neighbour list) under periodic boundary conditions.
+
+``radius_graph`` finds, for a batch of systems (periodic crystals, slabs, molecules, mixed in one
+call), every pair (target i, source j, lattice shift S) of the same system with
+
+    0 < d <= cutoff,   d = |pos[j] - pos[i] + S @ cell|,
+
+S being zero on non-periodic axes. The set is ASE's ``neighbor_list('ijS', ...)`` except that the
+cutoff is inclusive (ASE: d < cutoff) and pairs at distance zero are never edges (ASE drops only
+i == j with S == 0; two distinct atoms on the same spot are not a bond). Atom i's pairs with its
+own periodic images (i, i, S != 0) are edges. Positions need not be wrapped into the cell.
+
+Distances are computed in float64 whatever the dtype of ``pos`` and returned rounded to it.
+Output order is fixed: by target, then returned distance, then source, then shift (so two
+distances that are equal in the output dtype are ordered by source); bitwise identical for any
+thread count. The kernel is a linear-time cell list in fractional
+coordinates (csrc/radius_graph); it finds pairs without autograd. Distances and vectors that
+carry gradients with respect to ``pos`` and ``cell`` (forces, stress) come from
+``edge_vectors``, a torch expression of (edge_index, cell_offsets); ``radius_graph`` uses it for
+its ``distance`` output whenever ``pos`` or ``cell`` requires grad.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from jmp_ext.ops._lib import _C, num_threads, ptr, require_cuda
+
+__all__ = ["radius_graph", "edge_vectors", "DEFAULT_MAX_EDGES"]
+
+# Default bound on the output: 2**28 edges are ~9 GB of edge_index, cell_offsets and float64
+# distances. Larger graphs are surely a mistake (cutoff in the wrong unit, a tiny cell).
+DEFAULT_MAX_EDGES = 2**28
+
+_DTYPE_CODES = {torch.float32: 0, torch.float64: 1}
+
+
+# ---- checks ----
+
+
+def _check_pos(pos: Tensor) -> None:
+    if not isinstance(pos, Tensor) or pos.dim() != 2 or pos.shape[1] != 3:
+        shape = tuple(pos.shape) if isinstance(pos, Tensor) else type(pos).__name__
+        raise ValueError(f"radius_graph: pos must be a [N, 3] tensor, got {shape}")
+    if pos.dtype not in _DTYPE_CODES:
+        raise TypeError(f"radius_graph: pos must be float32 or float64, got {pos.dtype}")
+
+
+def _check_cutoff(cutoff: float) -> float:
+    if isinstance(cutoff, bool) or not isinstance(cutoff, (int, float)):
+        raise TypeError(f"radius_graph: cutoff must be a number, got {type(cutoff).__name__}")
+    if not (math.isfinite(cutoff) and cutoff > 0):
+        raise ValueError(f"radius_graph: cutoff must be finite and > 0, got {cutoff}")
+    return float(cutoff)
+
+
+def _natoms_to_ptr(natoms, num_atoms: int) -> Tensor:
+    """[B + 1] int64 CPU tensor of first atoms from natoms ([B] ints, None: one system)."""
+    if natoms is None:
+        return torch.tensor([0, num_atoms], dtype=torch.int64)
+    if isinstance(natoms, Tensor):
+        if natoms.dim() != 1 or natoms.dtype.is_floating_point or natoms.dtype == torch.bool:
+            raise TypeError(
+                f"radius_graph: natoms must be a 1-D integer tensor, got {natoms.dtype} with "
+                f"shape {tuple(natoms.shape)}"
+            )
+        natoms = natoms.detach().to("cpu", torch.int64)
+    elif isinstance(natoms, Sequence) and all(
+        isinstance(n, int) and not isinstance(n, bool) for n in natoms
+    ):
+        natoms = torch.tensor(list(natoms), dtype=torch.int64).reshape(-1)
+    else:
+        raise TypeError("radius_graph: natoms must be a 1-D integer tensor or a list of ints")
+    if (natoms < 0).any():
+        raise ValueError(f"radius_graph: natoms has negative entries: {natoms.tolist()}")
+    total = int(natoms.sum())
+    if total != num_atoms:
+        raise ValueError(
+            f"radius_graph: natoms adds up to {total} atoms but pos has {num_atoms} rows"
+        )
+    return torch.cat([natoms.new_zeros(1), natoms.cumsum(0)])
+
+
+def _check_cell_pbc(cell, pbc, num_systems: int, pos: Tensor) -> tuple[Tensor, Tensor]:
+    """cell [B, 3, 3] in pos's dtype and pbc [B, 3] bool, on pos's device, with defaults."""
+    if cell is None:
+        if pbc is not None and bool(torch.as_tensor(pbc).any()):
+            raise ValueError("radius_graph: pbc is True on some axis but no cell was given")
+        cell = pos.new_zeros(num_systems, 3, 3)
+        pbc = torch.zeros(num_systems, 3, dtype=torch.bool, device=pos.device)
+    if not isinstance(cell, Tensor):
+        raise TypeError(f"radius_graph: cell must be a tensor, got {type(cell).__name__}")
+    if cell.dtype != pos.dtype:
+        raise TypeError(f"radius_graph: cell is {cell.dtype} but pos is {pos.dtype}")
+    if cell.shape == (3, 3) and num_systems == 1:
+        cell = cell.unsqueeze(0)
+    if cell.shape != (num_systems, 3, 3):
+        raise ValueError(
+            f"radius_graph: cell must have shape [B, 3, 3] = [{num_systems}, 3, 3], got "
+            f"{tuple(cell.shape)}"
+        )
+    if pbc is None:
+        pbc = torch.ones(num_systems, 3, dtype=torch.bool, device=pos.device)
+    if not isinstance(pbc, Tensor):
+        pbc = torch.as_tensor(pbc, device=pos.device)
+    if pbc.dtype != torch.bool:
+        raise TypeError(f"radius_graph: pbc must be a bool tensor, got {pbc.dtype}")
+    if pbc.shape == (3,):
+        pbc = pbc.expand(num_systems, 3)
+    if pbc.shape != (num_systems, 3):
+        raise ValueError(
+            f"radius_graph: pbc must have shape [B, 3] = [{num_systems}, 3] or [3], got "
+            f"{tuple(pbc.shape)}"
+        )
+    for name, t in (("cell", cell), ("pbc", pbc)):
+        if t.device != pos.device:
+            raise ValueError(f"radius_graph: pos is on {pos.device} but {name} is on {t.device}")
+    return cell, pbc
+
+
+def _check_cap(max_neighbors, tolerance, max_edges) -> tuple[int, float, int]:
+    """Kernel encodings: max_neighbors -1 (none) or k > 0, tolerance -1 (strict) or >= 0."""
+    if max_neighbors is not None and (
+        isinstance(max_neighbors, bool) or not isinstance(max_neighbors, int) or max_neighbors < 1
+    ):
+        raise ValueError(f"radius_graph: max_neighbors must be an int >= 1, got {max_neighbors!r}")
+    if tolerance is not None:
+        if max_neighbors is None:
+            raise ValueError("radius_graph: degeneracy_tolerance needs max_neighbors")
+        if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance >= 0):
+            raise ValueError(
+                f"radius_graph: degeneracy_tolerance must be finite and >= 0, got {tolerance!r}"
+            )
+    if isinstance(max_edges, bool) or not isinstance(max_edges, int) or max_edges < 0:
+        raise ValueError(f"radius_graph: max_edges must be an int >= 0, got {max_edges!r}")
+    k = -1 if max_neighbors is None else max_neighbors
+    return k, (-1.0 if tolerance is None else float(tolerance)), max_edges
+
+
+# ---- the custom op (no autograd: it finds pairs; edge_vectors differentiates) ----
+
+
+def _radius_graph_cpu(pos, cutoff, ptr_, cell, pbc, k, tolerance, max_edges):
+    graph = _C.RadiusGraphCpu(
+        ptr(pos), _DTYPE_CODES[pos.dtype], pos.shape[0], ptr_.data_ptr(), ptr_.numel() - 1,
+        ptr(cell), ptr(pbc), cutoff, k, tolerance, max_edges, num_threads(),
+    )  # fmt: skip
+    num_edges = graph.num_edges
+    edge_index = torch.empty(2, num_edges, dtype=torch.int64)
+    cell_offsets = torch.empty(num_edges, 3, dtype=torch.int32)
+    distance = torch.empty(num_edges, dtype=pos.dtype)
+    graph.fill(ptr(edge_index), ptr(cell_offsets), ptr(distance), num_threads())
+    return edge_index, cell_offsets, distance
+
+
+# Error slots of the CUDA path (csrc/radius_graph/radius_graph.h, CudaError).
+_NON_FINITE_POSITION, _NON_FINITE_CELL, _SINGULAR_CELL, _TOO_FAR, _HOPELESS, _HOPELESS_EDGES = (
+    range(6)
+)
+_NO_ERROR = -1  # ~0ull read as int64
+
+
+def _raise_cuda_errors(errors: list[int], pbc: Tensor, max_edges: int) -> None:
+    """The CPU kernel's messages for what the CUDA kernels flagged (first offender)."""
+    if errors[_NON_FINITE_CELL] != _NO_ERROR:
+        raise ValueError(
+            f"radius_graph: cell[{errors[_NON_FINITE_CELL]}] has a NaN or infinite entry on a "
+            "periodic axis"
+        )
+    if errors[_SINGULAR_CELL] != _NO_ERROR:
+        b = errors[_SINGULAR_CELL]
+        raise ValueError(
+            f"radius_graph: cell[{b}] is singular or degenerate on its periodic axes "
+            f"(pbc={pbc[b].tolist()}): its lattice vectors there must be non-zero and linearly "
+            "independent"
+        )
+    if errors[_NON_FINITE_POSITION] != _NO_ERROR:
+        raise ValueError(
+            f"radius_graph: pos[{errors[_NON_FINITE_POSITION]}] is not finite (NaN or inf)"
+        )
+    if errors[_TOO_FAR] != _NO_ERROR:
+        raise ValueError(
+            f"radius_graph: pos[{errors[_TOO_FAR]}] lies more than 1e9 cells away from its cell"
+        )
+    if errors[_HOPELESS] != _NO_ERROR:
+        raise ValueError(
+            f"radius_graph: the graph would have roughly {errors[_HOPELESS_EDGES]} edges (system "
+            f"{errors[_HOPELESS]}), more than max_edges = {max_edges}; use a smaller cutoff, "
+            "larger cells or raise max_edges"
+        )
+
+
+def _radius_graph_cuda(pos, cutoff, ptr_, cell, pbc, k, tolerance, max_edges):
+    """The CUDA launch sequence; torch allocates every buffer and runs the prefix sums. One
+    host synchronisation: reading the edge count (with the error flags) to size the output."""
+    stream = require_cuda(pos.device)
+    device, n, b = pos.device, pos.shape[0], ptr_.numel() - 1
+    sizes = _C.radius_graph_sizes()
+    ptr_ = ptr_.to(device)
+    i64 = {"dtype": torch.int64, "device": device}
+    f64 = {"dtype": torch.float64, "device": device}
+    bins_cap = 2 * n + b  # csrc: Workspace
+    batch = torch.repeat_interleave(torch.arange(b, **i64), ptr_.diff(), output_size=n)
+    bin_start = torch.zeros(bins_cap + 1, **i64)
+    cursor = torch.empty(bins_cap, **i64)
+    offsets = torch.zeros(n + 1, **i64)
+    errors = torch.full((sizes["errors"],), _NO_ERROR, **i64)
+    buffers = [
+        batch,
+        torch.empty(b * sizes["frame"], dtype=torch.uint8, device=device),
+        torch.empty(n * sizes["placed"], dtype=torch.uint8, device=device),
+        bin_start,
+        cursor,
+        torch.empty(n, 3, **f64),
+        torch.empty(n, 3, **f64),
+        torch.empty(n, **i64),
+        torch.empty(n, 3, dtype=torch.int32, device=device),
+        offsets,
+        torch.empty(n * (k + 1) if k > 0 and tolerance >= 0 else 0, **f64),
+        errors,
+    ]
+    args = (
+        ptr(pos), _DTYPE_CODES[pos.dtype], n, ptr(ptr_), b, ptr(cell), ptr(pbc), cutoff, k,
+        tolerance, max_edges, [ptr(t) for t in buffers],
+    )  # fmt: skip
+
+    def step(name, edge_index=None, cell_offsets=None, distance=None, num_edges=0):
+        _C.radius_graph_step_cuda(
+            name, *args, ptr(edge_index), ptr(cell_offsets), ptr(distance), num_edges, stream
+        )
+
+    step("bin")
+    bin_start.cumsum_(0)
+    cursor.copy_(bin_start[:-1])
+    step("count")
+    offsets.cumsum_(0)
+    summary = torch.cat([offsets[-1:], errors]).tolist()  # the host synchronisation
+    _raise_cuda_errors(summary[1:], pbc, max_edges)
+    num_edges = summary[0]
+    if num_edges > max_edges:
+        raise ValueError(
+            f"radius_graph: the graph would have {num_edges} edges, more than max_edges = "
+            f"{max_edges}; use a smaller cutoff or max_neighbors, or raise max_edges"
+        )
+    edge_index = torch.empty(2, num_edges, **i64)
+    cell_offsets = torch.empty(num_edges, 3, dtype=torch.int32, device=device)
+    distance = torch.empty(num_edges, dtype=pos.dtype, device=device)
+    step("fill", edge_index, cell_offsets, distance, num_edges)
+    return edge_index, cell_offsets, distance
+
+
+@torch.library.custom_op("jmp_ext::radius_graph", mutates_args=())
+def _radius_graph_op(
+    pos: Tensor,
+    cutoff: float,
+    ptr_: Tensor,
+    cell: Tensor,
+    pbc: Tensor,
+    max_neighbors: int,
+    tolerance: float,
+    max_edges: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """ptr_: [B + 1] int64 first atoms (CPU); kernel encodings of the cap (see _check_cap)."""
+    args = (
+        pos.contiguous(),
+        cutoff,
+        ptr_.to("cpu", torch.int64).contiguous(),
+        cell.to(torch.float64).contiguous(),
+        pbc.contiguous(),
+        max_neighbors,
+        tolerance,
+        max_edges,
+    )
+    if pos.device.type == "cpu":
+        return _radius_graph_cpu(*args)
+    if pos.device.type == "cuda":
+        return _radius_graph_cuda(*args)
+    raise ValueError(f"radius_graph runs on CPU or CUDA tensors, got {pos.device}")
+
+
+@_radius_graph_op.register_fake
+def _(pos, cutoff, ptr_, cell, pbc, max_neighbors, tolerance, max_edges):
+    _check_pos(pos)
+    num_edges = torch.library.get_ctx().new_dynamic_size()
+    return (
+        pos.new_empty(2, num_edges, dtype=torch.int64),
+        pos.new_empty(num_edges, 3, dtype=torch.int32),
+        pos.new_empty(num_edges),
+    )
+
+
+# ---- public API ----
+
+
+def edge_vectors(
+    pos: Tensor,
+    edge_index: Tensor,
+    cell_offsets: Tensor,
+    cell: Tensor | None = None,
+    batch: Tensor | None = None,
+) -> Tensor:
+    """Differentiable edge vectors D = pos[j] - pos[i] + S @ cell[system], [E, 3].
+
+    Args:
+        pos: [N, 3] float, Angstrom.
+        edge_index: [2, E] int64, row 0 sources j, row 1 targets i.
+        cell_offsets: [E, 3] integer lattice shifts S (int32 from radius_graph).
+        cell: [B, 3, 3] (or [3, 3] for one system), rows are lattice vectors; None when no
+            system is periodic.
+        batch: [N] int64 system of every atom (None: one system).
+    Returns:
+        [E, 3] in pos's dtype; gradients flow to pos and cell. ``.norm(dim=-1)`` gives d.
+    """
+    source, target = edge_index[0], edge_index[1]
+    vectors = pos[source] - pos[target]
+    if cell is None:
+        return vectors
+    cell = cell.reshape(-1, 3, 3)
+    shifts = cell_offsets.to(pos.dtype)
+    if batch is None:
+        return vectors + shifts @ cell[0]
+    return vectors + torch.einsum("ek,ekl->el", shifts, cell[batch[target]])
+
+
+def radius_graph(
+    pos: Tensor,
+    cutoff: float,
+    *,
+    natoms: Tensor | Sequence[int] | None = None,
+    cell: Tensor | None = None,
+    pbc: Tensor | None = None,
+    max_neighbors: int | None = None,
+    degeneracy_tolerance: float | None = None,
+    max_edges: int = DEFAULT_MAX_EDGES,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """All pairs within ``cutoff`` of a batch of (periodic) systems, sorted; see the module doc.
+
+    Args:
+        pos: [N, 3] float32 or float64 positions in Angstrom, systems concatenated.
+        cutoff: radius in Angstrom (inclusive), finite and > 0.
+        natoms: [B] atoms per system (tensor or list); None means one system.
+        cell: [B, 3, 3] (or [3, 3] for B = 1), same dtype as pos, rows are lattice vectors;
+            only the rows of periodic axes are used. None: no cell (pbc must be False).
+        pbc: [B, 3] or [3] bool; None means all True when cell is given, else all False.
+        max_neighbors: keep, per target, only its first k edges in the output order (nearest;
+            ties by source index, then shift).
+        degeneracy_tolerance: with max_neighbors, keep instead every edge with
+            d^2 <= d_(k+1)^2 + tolerance (Angstrom^2): the non-strict mode of GemNet-OC /
+            fairchem's ``get_max_neighbors_mask`` (0.01 there), which keeps near-degenerate
+            shells whole (and so at least k + 1 edges when there are that many).
+        max_edges: raise ValueError, saying how many edges there would be, above this bound.
+    Returns:
+        edge_index [2, E] int64 (row 0 source j, row 1 target i), cell_offsets [E, 3] int32
+        (lattice shift S of the source image), distance [E] in pos's dtype (Angstrom;
+        differentiable with respect to pos and cell when they require grad).
+    """
+    _check_pos(pos)
+    cutoff = _check_cutoff(cutoff)
+    ptr_ = _natoms_to_ptr(natoms, pos.shape[0])
+    cell, pbc = _check_cell_pbc(cell, pbc, ptr_.numel() - 1, pos)
+    k, tolerance, max_edges = _check_cap(max_neighbors, degeneracy_tolerance, max_edges)
+    edge_index, cell_offsets, distance = _radius_graph_op(
+        pos.detach(), cutoff, ptr_, cell.detach(), pbc, k, tolerance, max_edges
+    )
+    if torch.is_grad_enabled() and (pos.requires_grad or cell.requires_grad):
+        natoms_ = ptr_.diff().to(pos.device)
+        batch = torch.repeat_interleave(torch.arange(natoms_.numel(), device=pos.device), natoms_)
+        distance = edge_vectors(pos, edge_index, cell_offsets, cell, batch).norm(dim=-1)
+    return edge_index, cell_offsets, distance

@@ -1,0 +1,408 @@
+"""Typed training configuration: dataclasses filled from YAML plus dotted command-line overrides.
+
+`load_config(path, overrides)` reads a YAML file (optionally starting from a named preset, see
+jmp_ext.train.presets), applies `key.path=value` overrides (list items by index: `tasks.0.train=X`)
+and validates the result against the dataclasses below before anything runs: an unknown key or a
+value of the wrong type raises ConfigError naming the key. `save_config` writes the resolved config
+(atomically) beside the checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the offending key."""
+
+
+@dataclass(kw_only=True)
+class TargetConfig:
+    """One supervised target of a task."""
+
+    name: str
+    """Key of the label in the batch: energy, forces, stress, or a property name."""
+    kind: Literal["energy", "forces", "stress", "scalar", "classification"]
+    """energy: sum-reduced extensive scalar that gradient forces/stress differentiate; forces:
+    direct head or -dE/dpos (see TaskConfig.forces); stress: -1/V dE/dstrain; scalar: a
+    graph-level property; classification: a class index."""
+    coef: float = 1.0
+    """Loss coefficient (JMP pretraining: energy 1, forces 73/80/15/14 for OC20/OC22/ANI-1x/T1x)."""
+    reduction: Literal["sum", "mean", "max"] = "sum"
+    """How a scalar head pools per-atom outputs (JMP: sum for QM9, mean for MatBench/QMOF)."""
+    num_classes: int = 0
+    """Number of classes (classification only)."""
+    class_weights: list[float] | None = None
+    """Cross-entropy class weights (JMP's mp_is_metal: [1, 1.342])."""
+    normalize: bool = True
+    """Train on (y - linref - mean) / std with the dataset statistics (force std for forces)."""
+
+    def __post_init__(self) -> None:
+        if self.kind == "classification" and self.num_classes < 2:
+            raise ConfigError(f"target {self.name!r}: classification needs num_classes >= 2")
+        if self.class_weights is not None and len(self.class_weights) != self.num_classes:
+            raise ConfigError(f"target {self.name!r}: class_weights needs {self.num_classes} entries")
+        if self.coef < 0:
+            raise ConfigError(f"target {self.name!r}: coef must be >= 0, got {self.coef}")
+
+
+@dataclass(kw_only=True)
+class TaskConfig:
+    """One dataset and its heads. Pretraining has several tasks; fine-tuning has one."""
+
+    name: str
+    """Task (head) name, e.g. oc20 or catalysis; checkpoint keys use it."""
+    train: str
+    """LmdbDataset directory of the training split."""
+    val: str = ""
+    """Validation split ('' = none; then no early stopping or best checkpoint)."""
+    test: str = ""
+    """Test split, evaluated with the best weights at the end of fine-tuning ('' = none)."""
+    targets: list[TargetConfig] = field(default_factory=list)
+    forces: Literal["direct", "gradient"] = "direct"
+    """Force head: direct (edge scalars times unit vectors, JMP pretraining) or F = -dE/dpos."""
+    structure_wise_force_loss: bool = False
+    """L2MAE force loss summed per structure / natoms, then averaged (JMP pretraining's SWL)."""
+
+    def __post_init__(self) -> None:
+        if not self.train:
+            raise ConfigError(f"task {self.name!r}: train is empty; give the LMDB directory "
+                              f"(e.g. tasks.0.train=/data/{self.name}/train)")
+        if not self.targets:
+            raise ConfigError(f"task {self.name!r}: no targets")
+        names = [t.name for t in self.targets]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"task {self.name!r}: duplicate target names {names}")
+
+
+@dataclass(kw_only=True)
+class GraphSettings:
+    """The graphs every batch gets (JMP builds all pretraining tasks' graphs the same way; each
+    structure's own pbc flags decide periodicity)."""
+
+    preset: str = "oc20"
+    """jmp_ext.graphs.GraphConfig preset: oc20, oc22, ani1x, transition1x, qm9, rmd17, md22, spice,
+    matbench, qmof."""
+    cutoff: float = 0.0
+    """Å; replaces the preset's cutoffs (all four graphs) when > 0."""
+    max_neighbors: int = 0
+    """Replaces the preset's base k (main graph; the others follow JMP's proportions) when > 0."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    backbone: Literal["tiny", "jmp_s", "jmp_l"] = "tiny"
+    """BackboneConfig preset; `backbone_overrides` changes single fields."""
+    backbone_overrides: dict[str, Any] = field(default_factory=dict)
+    """BackboneConfig fields to change, e.g. {num_blocks: 3} (validated by BackboneConfig)."""
+    init_checkpoint: str = ""
+    """Fine-tuning: a checkpoint (ours or JMP's) whose embedding + backbone initialise the model."""
+    init_ema: bool = True
+    """Take the EMA weights of init_checkpoint when it has them (JMP's default)."""
+    freeze_embedding: bool = False
+    freeze_blocks: list[int] = field(default_factory=list)
+    """Indices i of blocks_i (int_blocks.i + out_blocks.i+1; out_blocks.0 goes with block 0) to freeze."""
+    edge_dropout: float = 0.0
+    """Probability of dropping a2a edges while training (JMP pretraining: 0.1)."""
+    dropout: float = 0.0
+    """Dropout in the backbone and heads (JMP's MatBench classification: 0.5)."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    max_atoms: int = 0
+    """Cap on atoms per global batch (0 = no cap); batches are balanced by atoms across ranks."""
+    batch_size: int = 8
+    """Structures per global batch (a cap when max_atoms is also set)."""
+    temperature: float = 2.0
+    """Temperature sampling over tasks, p_i ∝ N_i^(1/T) (JMP: 2; validation uses T=1)."""
+    val_batch_size: int = 16
+    in_memory: bool = False
+    """Load each LMDB into memory at start (small datasets)."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank (0 = load in the training process)."""
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.1
+    grad_clip_norm: float = 1.0
+    """Clip the global gradient norm (JMP pretraining: 1.0; 0 = off)."""
+    grad_clip_value: float = 0.0
+    """Clip each gradient element to [-v, v] (JMP fine-tuning: 1.0; 0 = off)."""
+    llrd_embedding: float = 1.0
+    """Layer-wise LR multiplier of the atom embedding (JMP fine-tuning: 0.3)."""
+    llrd_blocks: list[float] = field(default_factory=list)
+    """Multiplier of each blocks_i ([] = all 1.0). JMP-L: 0.55 0.40 0.30 0.40 0.55 0.625;
+    JMP-S: 0.30 0.40 0.55 0.625. Bases, final MLPs and heads stay at the full lr."""
+
+    def __post_init__(self) -> None:
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if any(m <= 0 for m in [self.llrd_embedding, *self.llrd_blocks]):
+            raise ConfigError("optim.llrd_* multipliers must be > 0")
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig:
+    """Linear warmup -> cosine decay -> (optionally) reduce-on-plateau, per optimizer step."""
+
+    unit: Literal["steps", "epochs"] = "steps"
+    """Unit of warmup and cosine (epochs are converted with the training sampler's length)."""
+    warmup: float = 0
+    warmup_start_factor: float = 0.2
+    """lr factor at step 0 (JMP: 0.2 pretraining, 0.1 fine-tuning)."""
+    cosine: float = 0
+    """Length of the cosine decay after warmup (0 = until the end of the run)."""
+    min_lr_factor: float = 0.1
+    """Cosine ends at min_lr_factor * lr (per LLRD group: divided by the multiplier, clamped to
+    [0.01, 0.99], as JMP does)."""
+    plateau_patience: int = 0
+    """After the cosine, multiply the lr by plateau_factor when the validation metric has not
+    improved for this many validations (0 = off; JMP fine-tuning: 3, rMD17: 10)."""
+    plateau_factor: float = 0.8
+
+
+@dataclass(kw_only=True)
+class LoopConfig:
+    max_steps: int = 1000
+    """Optimizer steps (the run stops earlier on max_epochs, early stopping or min_lr; 0 = no cap)."""
+    max_epochs: float = 0
+    """Passes over the training sampler (0 = no cap). One of max_steps / max_epochs must be set."""
+    val_every: int = 200
+    """Validate every this many steps (0 = once per epoch) and at the end."""
+    log_every: int = 10
+    ckpt_every: int = 200
+    """Write last.pt every this many steps (and at the end)."""
+    ema_decay: float = 0.0
+    """EMA of the weights, updated every step (JMP pretraining: 0.99; 0 = off). Validation and
+    the saved weights used for fine-tuning are the EMA ones."""
+    early_stop_patience: int = 0
+    """Stop after this many validations without improvement (0 = off; JMP: 50)."""
+    min_lr: float = 0.0
+    """Stop when reduce-on-plateau drives the lr below this (JMP: 1e-8)."""
+    max_nan_steps: int = 10
+    """Non-finite losses are skipped with a warning; after this many in a row the run stops."""
+    precision: Literal["fp32", "fp64", "bf16", "fp16"] = "fp32"
+    """bf16/fp16: autocast on GPU (fp16 with a gradient scaler); fp64: everything in float64."""
+    fit_scale_factors: int = 4
+    """Batches used to fit the backbone's ScaleFactors before training (0 = skip, e.g. when
+    they come from a checkpoint)."""
+    progress: bool = True
+    """tqdm progress bar (rank 0)."""
+
+    def __post_init__(self) -> None:
+        if self.max_steps <= 0 and self.max_epochs <= 0:
+            raise ConfigError("loop: set max_steps or max_epochs")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"loop.ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    mode: Literal["pretrain", "finetune"] = "pretrain"
+    run_dir: str = "runs/run"
+    """Checkpoints (last.pt, best.pt), config.yaml, metrics.csv, TensorBoard logs go here."""
+    seed: int = 0
+    device: str = "auto"
+    """auto (cuda:LOCAL_RANK when available, else cpu), cpu or cuda."""
+    resume: bool = False
+    """Continue from run_dir/last.pt when it exists (model, EMA, optimizer, schedule, sampler, RNG, step)."""
+    tasks: list[TaskConfig] = field(default_factory=list)
+    graph: GraphSettings = field(default_factory=GraphSettings)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ConfigError("tasks: at least one task is needed")
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"tasks: duplicate task names {names}")
+        if self.mode == "finetune" and len(self.tasks) != 1:
+            raise ConfigError(f"tasks: fine-tuning takes exactly one task, got {len(self.tasks)}")
+
+
+# ---------------------------------------------------------------- dict <-> dataclass
+
+
+def from_dict(cls: type, values: Any, key: str = "") -> Any:
+    """Builds dataclass `cls` from plain dicts/lists, checking every key and type."""
+    return _convert(cls, values, key)
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    where = key or "<config>"
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        hints = typing.get_type_hints(tp)
+        fields = {f.name: f for f in dataclasses.fields(tp)}
+        unknown = sorted(set(value) - set(fields))
+        if unknown:
+            raise ConfigError(f"{_join(key, unknown[0])}: unknown key (known: {', '.join(fields)})")
+        kwargs = {}
+        for name, f in fields.items():
+            if name in value:
+                kwargs[name] = _convert(hints[name], value[name], _join(key, name))
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{_join(key, name)}: required key is missing")
+        return tp(**kwargs)  # __post_init__ checks raise ConfigErrors that name their keys
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {tp}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(item, v, f"{key}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return copy.deepcopy(value)
+    if tp is Any:
+        return value
+    if tp is float:
+        # PyYAML (YAML 1.1) reads 1e-4 (no dot) as a string; accept what float() reads exactly.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp in (str, bool):
+        if not isinstance(value, tp):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"config type {tp} of {where} is not supported")  # a bug in this file
+
+
+def _join(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else name
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+# ---------------------------------------------------------------- overrides and files
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Applies one `a.b.0.c=value` override in place; the value is parsed as YAML (1e-4, true, [1, 2])."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not of the form key.path=value")
+    path, text = override.split("=", 1)
+    parts = path.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {override!r}: empty key in {path!r}")
+    value = yaml.safe_load(text) if text.strip() else ""
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        node = _child(node, part, ".".join(parts[: i + 1]), create=True)
+    last = parts[-1]
+    if isinstance(node, list):
+        idx = _index(node, last, path)
+        node[idx] = value
+    else:
+        node[last] = value
+
+
+def _child(node: Any, part: str, where: str, create: bool) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, part, where)]
+    if not isinstance(node, dict):
+        raise ConfigError(f"{where}: cannot set a key inside a {type(node).__name__}")
+    if part not in node or node[part] is None:
+        node[part] = {}
+    return node[part]
+
+
+def _index(node: list, part: str, where: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"{where}: {part!r} is not an index of a list of {len(node)}")
+    return int(part)
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """update over base; mappings merge key by key, anything else (lists too) replaces."""
+    out = copy.deepcopy(base)
+    for k, v in update.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def build_config(raw: dict, overrides: list[str] = ()) -> TrainConfig:
+    """raw (a parsed YAML mapping, may name a `preset`) + overrides -> validated TrainConfig."""
+    from jmp_ext.train.presets import PRESETS
+
+    raw = copy.deepcopy(raw)
+    # The preset is the base the file and the other overrides change, so it is resolved first.
+    rest = []
+    for o in overrides:
+        if o.split("=", 1)[0].strip() == "preset":
+            apply_override(raw, o)
+        else:
+            rest.append(o)
+    preset = raw.pop("preset", None)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"preset: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+        raw = deep_merge(PRESETS[preset](), raw)
+    for o in rest:
+        apply_override(raw, o)
+    return from_dict(TrainConfig, raw)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    raw: Any = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the config must be a YAML mapping")
+    return build_config(raw, overrides)
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    from jmp_ext.train.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), yaml.safe_dump(to_dict(config), sort_keys=False).encode())

@@ -1,0 +1,83 @@
+"""Run logging on rank 0: tqdm progress (structures/s, atoms/s, ETA), metrics.csv, TensorBoard.
+
+metrics.csv has one row per value (step, split, name, value) so train, val and test metrics of any
+task share one file. It is rewritten atomically at every log call; a resumed run keeps the rows
+up to the step it resumes from.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from jmp_ext.train.checkpoint import atomic_write_bytes
+
+FIELDS = ["step", "split", "name", "value"]
+
+
+class RunLogger:
+    def __init__(self, run_dir: Path, enabled: bool, start_step: int, total_steps: int, progress: bool):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.csv"
+        self.rows: list[dict] = []
+        if enabled and start_step > 0 and self.path.is_file():
+            with open(self.path, newline="") as f:
+                self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is an optional extra
+                pass
+            else:
+                self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start_step or None)
+        self.bar = tqdm(total=total_steps, initial=start_step, disable=not (enabled and progress),
+                        unit="step", dynamic_ncols=True)
+        self._t0 = time.perf_counter()
+        self._structures = 0
+        self._atoms = 0
+
+    def start_clock(self) -> None:
+        """Throughput counts from here (after setup and scale-factor fitting)."""
+        self._t0 = time.perf_counter()
+
+    def step(self, structures: int, atoms: int, **postfix: float) -> None:
+        """One optimizer step done, on `structures` structures with `atoms` atoms (global batch)."""
+        self._structures += structures
+        self._atoms += atoms
+        dt = max(time.perf_counter() - self._t0, 1e-9)
+        self.bar.set_postfix({**{k: f"{v:.4g}" for k, v in postfix.items()},
+                              "struct/s": f"{self._structures / dt:.1f}", "atoms/s": f"{self._atoms / dt:.0f}"},
+                             refresh=False)
+        self.bar.update(1)
+
+    def throughput(self) -> dict[str, float]:
+        dt = max(time.perf_counter() - self._t0, 1e-9)
+        return {"structures_per_s": self._structures / dt, "atoms_per_s": self._atoms / dt, "seconds": dt}
+
+    def log(self, step: int, split: str, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for name, value in metrics.items():
+            self.rows.append({"step": step, "split": split, "name": name, "value": value})
+            if self.tb is not None:
+                self.tb.add_scalar(f"{split}/{name}", value, step)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_bytes(self.path, buf.getvalue().encode())
+
+    def write(self, message: str) -> None:
+        """Prints without breaking the progress bar (rank 0 only)."""
+        if self.enabled:
+            self.bar.write(message)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.tb is not None:
+            self.tb.close()

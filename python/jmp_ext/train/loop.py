@@ -1,0 +1,450 @@
+"""The training loop, written out: build -> (resume) -> fit scale factors -> steps -> validate ->
+checkpoint -> test. `Trainer(config).train()` runs a whole pretraining or fine-tuning job.
+
+One step: the sampler's global batch -> this rank's atom-balanced share -> graphs + network ->
+loss summed over the share and divided by the global structure/atom counts (so any number of
+ranks computes the one-process mean) -> non-finite check across ranks -> backward (DDP averages
+gradients) -> clipping -> AdamW -> EMA -> lr of the next step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from jmp_ext.data.dataset import MultiDataset
+from jmp_ext.data.samplers import AtomBalancedBatchSampler, TemperatureSampler
+
+from jmp_ext.train import distributed, tasks
+from jmp_ext.train.checkpoint import (atomic_write_bytes, is_training_checkpoint, load_checkpoint, network_weights,
+                                      rng_state, save_checkpoint, set_rng_state)
+from jmp_ext.train.config import TrainConfig, save_config, to_dict
+from jmp_ext.train.ema import EMA
+from jmp_ext.train.logger import RunLogger
+from jmp_ext.train.metrics import Metrics
+from jmp_ext.train.optim import LRSchedule, build_optimizer
+from jmp_ext.train.sampling import split_across_ranks
+from jmp_ext.train.tasks import TaskModel, TrainError
+
+DTYPES = {"fp64": torch.float64}
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class BatchList(torch.utils.data.Dataset):
+    """Collated batches of a dataset, one batch per item, for a DataLoader (workers load and
+    collate while the main process trains). batch["task"] [B] is the task index of every structure:
+    `task`, or MultiDataset's per-entry `dataset` index."""
+
+    def __init__(self, dataset, batches: list[list[int]], dtype: torch.dtype, task: int | None = None):
+        self.dataset, self.batches, self.dtype, self.task = dataset, batches, dtype, task
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        from jmp_ext.data import collate
+
+        # Labels stay float64 (a total energy of ~1e4 eV has no meV left in float32); the model's
+        # inputs take the training dtype.
+        batch = collate([self.dataset[i] for i in self.batches[k]], dtype=torch.float64)
+        for key in ("pos", "cell"):
+            batch[key] = batch[key].to(self.dtype)
+        task = batch.pop("dataset", None)
+        batch["task"] = torch.full_like(batch["natoms"], self.task) if self.task is not None else task
+        return batch
+
+
+def load_batches(dataset, batches: list[list[int]], dtype: torch.dtype, workers: int = 0, task: int | None = None):
+    # An own generator: a DataLoader iterator otherwise draws its base seed from the global RNG,
+    # which would shift edge dropout's random stream whenever a resumed run opens its loader.
+    return torch.utils.data.DataLoader(BatchList(dataset, batches, dtype, task), batch_size=None, shuffle=False,
+                                       num_workers=workers, generator=torch.Generator().manual_seed(0))
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def graph_config(config: TrainConfig):
+    from jmp_ext.graphs import GraphConfig
+
+    g = config.graph
+    graph = GraphConfig.preset(g.preset)
+    if g.cutoff > 0:
+        graph = graph.replace(cutoff_main=g.cutoff, cutoff_a2ee2a=g.cutoff, cutoff_qint=g.cutoff, cutoff_a2a=g.cutoff)
+    if g.max_neighbors > 0:
+        graph = graph.replace(max_neighbors=g.max_neighbors)
+    return graph
+
+
+def build_model(config: TrainConfig, norms: dict[str, torch.Tensor]) -> TaskModel:
+    return TaskModel(tasks.build_network(config), config.tasks, graph_config(config), norms,
+                     pretrain=config.mode == "pretrain", edge_dropout=config.model.edge_dropout)
+
+
+def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[TaskModel, TrainConfig]:
+    """A trained TaskModel (eval mode) and its config from best.pt or last.pt (EMA weights when the
+    run had an EMA). The checkpoint is read with weights_only=True."""
+    from jmp_ext.train.config import TrainConfig, from_dict
+
+    state = load_checkpoint(path, device)
+    if not is_training_checkpoint(state):
+        raise TrainError(f"{path} is not a jmp_ext training checkpoint (best.pt / last.pt of a run)")
+    config = from_dict(TrainConfig, state["config"])
+    weights = dict(state["model"])
+    if state.get("ema"):
+        weights.update(state["ema"])
+    norms = {k: v for k, v in weights.items() if k.startswith("norm_")}
+    model = build_model(config, norms).to(device)
+    model.load_state_dict(weights)
+    model.net.to(DTYPES.get(config.loop.precision, torch.float32))
+    return model.eval(), config
+
+
+def init_from_checkpoint(net: nn.Module, path: str, use_ema: bool) -> None:
+    """Loads the embedding + backbone weights of a checkpoint (ours, or a released JMP one) into
+    `net`; the heads stay new, and a force branch the network does not use is dropped."""
+    from jmp_ext.models.checkpoint import load_jmp_checkpoint, safe_load
+
+    if not Path(path).is_file():
+        raise TrainError(f"model.init_checkpoint: {path} does not exist")
+    checkpoint = safe_load(path)
+    if is_training_checkpoint(checkpoint):
+        checkpoint, use_ema = network_weights(checkpoint, ema=use_ema), False
+    try:
+        load_jmp_checkpoint(checkpoint, net, use_ema=use_ema)
+    except ValueError as e:
+        raise TrainError(f"model.init_checkpoint {path} does not fit the configured network ({e}); check "
+                         "model.backbone / model.backbone_overrides against the checkpoint's architecture") from e
+
+
+def freeze(net: nn.Module, embedding: bool, blocks: list[int]) -> None:
+    """Freezes the embedding and blocks_i (int_blocks.i and out_blocks.i+1; out_blocks.0 with block 0)."""
+    if embedding:
+        net.embedding.requires_grad_(False)
+    n = net.backbone.config.num_blocks
+    for i in blocks:
+        if not 0 <= i < n:
+            raise TrainError(f"model.freeze_blocks: block {i} does not exist (the backbone has {n})")
+        net.backbone.int_blocks[i].requires_grad_(False)
+        net.backbone.out_blocks[i + 1].requires_grad_(False)
+        if i == 0:
+            net.backbone.out_blocks[0].requires_grad_(False)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig):
+        self.config = c = config
+        self.dist = distributed.setup(c.device)
+        self.device = self.dist.device
+        self.main = self.dist.rank == 0
+        self.run_dir = Path(c.run_dir)
+        self.dtype = DTYPES.get(c.loop.precision, torch.float32)
+        self.autocast = AUTOCAST.get(c.loop.precision) if self.device.type == "cuda" else None
+        if c.loop.precision in AUTOCAST and self.device.type != "cuda":
+            warnings.warn(f"loop.precision={c.loop.precision} needs a GPU; training in fp32 on the CPU", stacklevel=2)
+
+        self.data = tasks.load_task_data(c)
+        torch.manual_seed(c.seed)  # the same initial weights on every rank
+        norms = tasks.normalizers(c.tasks, [d.stats for d in self.data])
+        self.model = build_model(c, norms).to(self.device)
+        self.model.net.to(self.dtype)
+        if c.model.init_checkpoint:
+            init_from_checkpoint(self.model.net, c.model.init_checkpoint, c.model.init_ema)
+        freeze(self.model.net, c.model.freeze_embedding, c.model.freeze_blocks)
+        self.optimizer = build_optimizer(self.model.net, c.optim, tasks.num_blocks(self.model.net))
+        self.ema = EMA(self.model, c.loop.ema_decay) if c.loop.ema_decay > 0 else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.autocast is torch.float16 else None
+
+        # Global batches, the same for any number of ranks; each rank trains on its share.
+        self.train_set = MultiDataset([d.train for d in self.data])
+        order = TemperatureSampler(self.train_set.sizes, temperature=c.data.temperature, seed=c.seed)
+        self.sampler = AtomBalancedBatchSampler(self.train_set.natoms, max_atoms=c.data.max_atoms or None,
+                                                max_structures=c.data.batch_size, sampler=order, seed=c.seed)
+        self.steps_per_epoch = len(self.sampler.batches(0))
+        caps = [c.loop.max_steps] if c.loop.max_steps > 0 else []
+        if c.loop.max_epochs > 0:
+            caps.append(math.ceil(c.loop.max_epochs * self.steps_per_epoch))
+        self.total_steps = min(caps)
+        to_steps = self.steps_per_epoch if c.schedule.unit == "epochs" else 1
+        warmup = round(c.schedule.warmup * to_steps)
+        cosine = round(c.schedule.cosine * to_steps) if c.schedule.cosine > 0 else self.total_steps - warmup
+        self.schedule = LRSchedule(self.optimizer, c.schedule, c.optim.lr, warmup, cosine)
+
+        self.step = self.epoch = self.batch_in_epoch = 0
+        self.best = math.inf
+        self.bad_validations = 0
+        self.nan_streak = 0
+        self.last_metrics: dict[str, float] = {}
+        resumed = c.resume and (self.run_dir / "last.pt").is_file()
+        if resumed:
+            self._load_resume_state(self.run_dir / "last.pt")
+        torch.manual_seed(c.seed + 1000 * self.dist.rank + 1) if not resumed else None
+        self.resumed = resumed
+
+        self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                    if self.dist.world_size > 1 else self.model)
+        self.log = RunLogger(self.run_dir, self.main, self.step, self.total_steps, c.loop.progress)
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(c, self.run_dir / "config.yaml")
+
+    # ------------------------------------------------------------ the loop
+
+    def train(self) -> dict:
+        c = self.config
+        if not self.resumed and c.loop.fit_scale_factors > 0 and not c.model.init_checkpoint:
+            self.fit_scale_factors(c.loop.fit_scale_factors)
+        stop_reason = "max_steps"
+        self.log.start_clock()
+        loader = self._epoch_loader()
+        while self.step < self.total_steps:
+            try:
+                batch = next(loader)
+            except StopIteration:
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                loader = self._epoch_loader()
+                if c.loop.val_every == 0:
+                    if self.validate_and_check():
+                        stop_reason = "early stopping / min lr"
+                        break
+                continue
+            self.train_step(to_device(batch, self.device))
+            self.batch_in_epoch += 1
+            self.step += 1
+            self.schedule.set_step(self.step)
+            if c.loop.val_every and self.step % c.loop.val_every == 0 and self.step < self.total_steps:
+                if self.validate_and_check():
+                    stop_reason = "early stopping / min lr"
+                    break
+            if self.step % c.loop.ckpt_every == 0:
+                self.save_last()
+        self.validate_and_check()
+        self.save_last()
+        summary = {"steps": self.step, "epochs": self.step / self.steps_per_epoch, "stop": stop_reason,
+                   "val": self.last_metrics, "best": self.best, **self.log.throughput()}
+        if c.mode == "finetune" and any(d.test is not None for d in self.data):
+            summary["test"] = self.test()
+        self.log.close()
+        if self.main:
+            atomic_write_bytes(self.run_dir / "summary.json", json.dumps(summary, indent=1).encode())
+        return summary
+
+    def train_step(self, batch: dict) -> None:
+        c = self.config
+        self.model.train()
+        local = torch.tensor([batch["natoms"].numel(), batch["pos"].shape[0]], dtype=torch.float64)
+        counts = distributed.all_reduce_sum(local)
+        denominators = {"structures": counts[0].item(), "atoms": counts[1].item()}
+        with self._autocast():
+            preds = self.ddp(batch)
+        terms = tasks.loss_terms(self.model, preds, batch)
+        parts = {name: s / denominators[kind] * self.dist.world_size for name, (s, kind) in terms.items()}
+        loss = sum(parts.values())
+        bad = distributed.all_reduce_sum(torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0]))
+        if bad.item() > 0:
+            self._skip_step("loss")
+            return
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if c.optim.grad_clip_value > 0:
+            nn.utils.clip_grad_value_(self.model.parameters(), c.optim.grad_clip_value)
+        grad_norm = (nn.utils.clip_grad_norm_(self.model.parameters(), c.optim.grad_clip_norm)
+                     if c.optim.grad_clip_norm > 0 else torch.tensor(0.0))
+        if not torch.isfinite(grad_norm):  # DDP synchronised the gradients: every rank agrees
+            self._skip_step("gradient norm")
+            return
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.nan_streak = 0
+        lr = self.schedule.lr
+        self.log.step(int(counts[0]), int(counts[1]), loss=loss.item(), lr=lr)
+        if (self.step + 1) % c.loop.log_every == 0:
+            values = distributed.all_reduce_sum(torch.stack([p.detach().double() for p in parts.values()]))
+            self.log.log(self.step + 1, "train", {"loss": values.sum().item() / self.dist.world_size, "lr": lr,
+                                                  "grad_norm": float(grad_norm),
+                                                  **{f"loss_{n}": v.item() / self.dist.world_size
+                                                     for n, v in zip(parts, values)}})
+
+    def _skip_step(self, what: str) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nan_streak += 1
+        self.log.write(f"step {self.step + 1}: non-finite {what}, step skipped "
+                       f"({self.nan_streak}/{self.config.loop.max_nan_steps} in a row)")
+        if self.nan_streak >= self.config.loop.max_nan_steps:
+            raise TrainError(f"the {what} was not finite for {self.nan_streak} steps in a row (loop.max_nan_steps); "
+                             "lower optim.lr, check the labels, or use fp32 (loop.precision)")
+
+    def _autocast(self):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.autocast)
+
+    def _epoch_loader(self):
+        """Iterator over this rank's batches of the current epoch, from batch_in_epoch on (resume).
+        Global batches too small to give every rank a structure are left out."""
+        w, natoms = self.dist.world_size, self.train_set.natoms
+        batches = [b for b in self.sampler.batches(self.epoch) if len(b) >= w][self.batch_in_epoch:]
+        local = [split_across_ranks(b, natoms, self.dist.rank, w) for b in batches]
+        return iter(load_batches(self.train_set, local, self.dtype, self.config.data.num_workers))
+
+    # ------------------------------------------------------------ scale factors
+
+    def fit_scale_factors(self, num_batches: int) -> None:
+        """Fits the backbone's ScaleFactors on the first training structures of every task, in a
+        fixed order independent of the sampler and the number of ranks (every rank fits the same)."""
+        from jmp_ext.models import fit_scale_factors
+
+        c = self.config
+        per_task = max(c.data.batch_size // len(self.data), 1)
+        offsets = np.cumsum([0, *self.train_set.sizes[:-1]])
+        batches = [[int(o + (k * per_task + j) % n) for o, n in zip(offsets, self.train_set.sizes) for j in range(per_task)]
+                   for k in range(num_batches)]
+        loaded = [to_device(b, self.device) for b in load_batches(self.train_set, batches, self.dtype)]
+        # Each factor is fitted with its own passes over the batches: build their graphs once.
+        self.model.eval()
+        inputs = [(b, self.model.graphs(b)) for b in loaded]
+        with torch.no_grad():
+            fitted = fit_scale_factors(self.model.net, inputs, forward=lambda net, bg: net(*bg))
+        self.log.write(f"fitted {len(fitted)} scale factors on {num_batches} batches")
+
+    # ------------------------------------------------------------ validation, test
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        """Metrics of the current weights (the EMA ones when there is an EMA) on every task's split."""
+        ctx = self.ema.swap(self.model) if self.ema is not None else contextlib.nullcontext()
+        with ctx:
+            return evaluate(self.model, [getattr(d, split) for d in self.data], self.config.data.val_batch_size,
+                            self.dtype, self.device, self.dist.rank, self.dist.world_size)
+
+    def validate_and_check(self) -> bool:
+        """Validates (if there are val splits), updates plateau / best / early stopping.
+        Returns True when the run should stop."""
+        c = self.config
+        if not any(d.val is not None for d in self.data):
+            return False
+        metrics = self.evaluate("val")
+        if not metrics:
+            return False
+        self.last_metrics = metrics
+        value = tasks.primary_metric(c, metrics)
+        self.log.log(self.step, "val", {**metrics, "primary": value})
+        self.schedule.on_validation(self.step, value)
+        self.schedule.set_step(self.step)
+        if value < self.best:
+            self.best, self.bad_validations = value, 0
+            self.save_best(metrics)
+        else:
+            self.bad_validations += 1
+        if c.loop.early_stop_patience and self.bad_validations >= c.loop.early_stop_patience:
+            self.log.write(f"early stopping: no improvement in {self.bad_validations} validations")
+            return True
+        if c.loop.min_lr and self.schedule.lr < c.loop.min_lr:
+            self.log.write(f"stopping: lr {self.schedule.lr:.3g} < loop.min_lr {c.loop.min_lr:.3g}")
+            return True
+        return False
+
+    def test(self) -> dict[str, float]:
+        """Test metrics with the best checkpoint's weights (the final ones without validation)."""
+        best = self.run_dir / "best.pt"
+        distributed.barrier()
+        if best.is_file():
+            self.model.load_state_dict(load_checkpoint(best, self.device)["model"])
+            metrics = evaluate(self.model, [d.test for d in self.data], self.config.data.val_batch_size,
+                               self.dtype, self.device, self.dist.rank, self.dist.world_size)
+        else:
+            metrics = self.evaluate("test")
+        self.log.log(self.step, "test", metrics)
+        if self.main:
+            atomic_write_bytes(self.run_dir / "test_metrics.json", json.dumps(metrics, indent=1).encode())
+        return metrics
+
+    # ------------------------------------------------------------ checkpoints
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The weights to use for inference and fine-tuning: EMA parameters when there is an EMA."""
+        state = self.model.state_dict()
+        if self.ema is not None:
+            state.update(self.ema.state_dict())
+        return state
+
+    def save_best(self, metrics: dict) -> None:
+        if self.main:
+            save_checkpoint(self.run_dir / "best.pt", {"model": self.weights(), "config": to_dict(self.config),
+                                                       "step": self.step, "metrics": metrics})
+
+    def save_last(self) -> None:
+        rngs = distributed.all_gather_object(rng_state())
+        if not self.main:
+            return
+        save_checkpoint(self.run_dir / "last.pt", {
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "loop": {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                     "best": self.best, "bad_validations": self.bad_validations, "nan_streak": self.nan_streak},
+            "rng": rngs,
+            "config": to_dict(self.config),
+            "metrics": self.last_metrics,
+        })
+
+    def _load_resume_state(self, path: Path) -> None:
+        state = load_checkpoint(path, self.device)
+        saved, now = state["config"], to_dict(self.config)
+        for key in ("mode", "tasks", "graph", "model", "data"):
+            if saved[key] != now[key]:
+                raise TrainError(f"cannot resume {path}: its config differs in {key!r} (resume needs the same run; "
+                                 f"start a new run_dir or set resume=false)")
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        loop = state["loop"]
+        self.step, self.epoch, self.batch_in_epoch = loop["step"], loop["epoch"], loop["batch_in_epoch"]
+        self.best, self.bad_validations, self.nan_streak = loop["best"], loop["bad_validations"], loop["nan_streak"]
+        self.last_metrics = state["metrics"]
+        rngs = state["rng"]
+        if len(rngs) != self.dist.world_size:
+            warnings.warn(f"resuming with {self.dist.world_size} ranks from a run with {len(rngs)}: "
+                          "random streams (edge dropout) differ from the original run", stacklevel=2)
+        set_rng_state(rngs[min(self.dist.rank, len(rngs) - 1)])
+        self.schedule.set_step(self.step)
+
+
+@torch.no_grad()
+def evaluate(model: TaskModel, datasets: list, batch_size: int, dtype: torch.dtype, device: torch.device,
+             rank: int = 0, world_size: int = 1) -> dict[str, float]:
+    """Metrics of `model` on datasets[t] (the split of task t, or None), all-reduced over ranks.
+    Batches are consecutive entries; rank r takes batches r, r + W, ... (no duplicates)."""
+    model.eval()
+    metrics = Metrics()
+    batches = [(t, list(range(s, min(s + batch_size, len(ds))))) for t, ds in enumerate(datasets) if ds is not None
+               for s in range(0, len(ds), batch_size)]
+    for t, idx in batches[rank::world_size]:
+        (batch,) = load_batches(datasets[t], [idx], dtype, task=t)
+        batch = to_device(batch, device)
+        tasks.update_metrics(metrics, model, model(batch), batch)
+    metrics.all_reduce()
+    return metrics.compute()

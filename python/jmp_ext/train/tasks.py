@@ -1,0 +1,285 @@
+"""From a TrainConfig to what the loop needs: datasets, the network with its normalisers, losses
+and metrics of a batch.
+
+TaskModel wraps JMP's network (jmp_ext.models PretrainModel / FinetuneModel): it builds the graphs
+of a batch, runs the network and turns its outputs, which live in normalised units, into physical
+predictions (eV, eV/Å, eV/Å^3):
+    energy = out * std + mean + sum_i linref[Z_i]      (per task; linref from the dataset stats)
+    direct forces = out * force_rms
+    gradient forces, stress = out * energy std         (-d/dx of the energy above: consistent, unlike
+                                                        JMP's separate force std, JMP.md §11.5)
+    scalar = out * std + mean;  classification logits unchanged.
+Pretraining batches mix tasks: `batch["task"]` [B] says which dataset (and so which head column and
+which statistics) each structure belongs to. Losses compare physical predictions with the labels
+divided by the same scale, which equals JMP's loss on normalised targets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from jmp_ext.train import losses
+from jmp_ext.train.config import TargetConfig, TaskConfig, TrainConfig
+from jmp_ext.train.metrics import Metrics
+
+MAX_Z = 118
+
+
+class TrainError(ValueError):
+    """A problem with the inputs of a run (datasets, targets, checkpoints), with a clear message."""
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass
+class TaskData:
+    """The splits and statistics of one task."""
+
+    config: TaskConfig
+    train: object  # jmp_ext.data.LmdbDataset
+    val: object | None
+    test: object | None
+    stats: dict
+
+
+def open_dataset(path: str, what: str, in_memory: bool):
+    from jmp_ext.data import LmdbDataset
+
+    if not Path(path).is_dir():
+        raise TrainError(f"{what}: dataset directory {path} does not exist")
+    try:
+        return LmdbDataset(path, in_memory=in_memory)
+    except Exception as e:
+        raise TrainError(f"{what}: cannot open dataset {path}: {e}") from e
+
+
+def load_task_data(config: TrainConfig) -> list[TaskData]:
+    """Opens every split, loads the training split's statistics, and checks that each target's
+    label exists in every split."""
+    from jmp_ext.data import load_stats
+
+    out = []
+    for i, task in enumerate(config.tasks):
+        splits = {}
+        for split in ("train", "val", "test"):
+            path = getattr(task, split)
+            splits[split] = open_dataset(path, f"tasks.{i}.{split}", config.data.in_memory) if path else None
+        for split, ds in splits.items():
+            if ds is None:
+                continue
+            for target in task.targets:
+                if target.name not in ds.schema:
+                    raise TrainError(f"tasks.{i} ({task.name}): target {target.name!r} is not in the {split} "
+                                     f"dataset {ds.path} (it has: {', '.join(sorted(ds.schema))})")
+        out.append(TaskData(task, splits["train"], splits["val"], splits["test"], load_stats(task.train)))
+    return out
+
+
+# ---------------------------------------------------------------- model
+
+
+class TaskModel(nn.Module):
+    """Graphs + network + denormalisation. forward(batch) -> physical predictions by target name.
+
+    State: `net.*` (JMP's keys: embedding.*, backbone.*, output.*) and the normaliser buffers
+    `norm_{target}_mean/std` [T(, k)] and `norm_linref` [T, 119], T = number of tasks, which stay
+    float64 whatever the network's dtype (move the model with .to(device), the net with .to(dtype)).
+    Energies and scalars come out float64."""
+
+    def __init__(self, net: nn.Module, task_configs: list[TaskConfig], graph_config, norms: dict[str, torch.Tensor],
+                 pretrain: bool, edge_dropout: float):
+        super().__init__()
+        self.net = net
+        self.tasks = task_configs
+        self.graph_config = graph_config
+        self.pretrain = pretrain
+        self.edge_dropout = edge_dropout
+        self.targets = {t.name: t for t in task_configs[0].targets}  # pretraining tasks share target names
+        self.gradient_forces = any(t.forces == "gradient" for t in task_configs)
+        for name, value in norms.items():
+            self.register_buffer(name, value.clone())
+
+    def scale(self, name: str) -> torch.Tensor:
+        return getattr(self, f"norm_{name}_std")
+
+    def graphs(self, batch: dict) -> dict:
+        """The batch's four graphs and interaction indices (edge dropout only while training)."""
+        from jmp_ext.graphs import build_graphs
+
+        return build_graphs(batch, self.graph_config,
+                            edge_dropout=self.edge_dropout if (self.training and self.edge_dropout) else None)
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        out = self.net(batch, self.graphs(batch))
+        task = batch["task"]  # [B]
+        atom_task = task[batch["batch"]]
+        dtype = batch["pos"].dtype
+        preds = {}
+        if self.pretrain:
+            # Every head ran on every structure; keep each structure's own task column.
+            out = {"energy": out["energy"].gather(1, task[:, None])[:, 0],
+                   "forces": out["forces"].gather(2, atom_task[:, None, None].expand(-1, 3, 1))[..., 0]}
+        for name, target in self.targets.items():
+            if target.kind == "forces":
+                scale = self.scale("energy") if self.gradient_forces else self.scale("forces")
+                preds[name] = out["forces"] * scale.to(dtype)[atom_task][:, None]
+            elif target.kind == "stress":
+                preds[name] = out["stress"] * self.scale("energy").to(dtype)[task][:, None, None]
+            elif target.kind == "classification":
+                preds[name] = out[name]
+            else:
+                # In float64: a molecule's total energy (~1e4 eV) has no meV left in float32.
+                mean = getattr(self, f"norm_{name}_mean")[task]
+                std = self.scale(name)[task]
+                y = out[name].double()
+                y = y * std + mean if y.dim() == 1 else y * std[:, None] + mean
+                if target.kind == "energy":
+                    ref = self.norm_linref[atom_task, batch["atomic_numbers"]]
+                    y = y + torch.zeros_like(y).index_add_(0, batch["batch"], ref)
+                preds[name] = y
+        return preds
+
+
+def normalizers(task_configs: list[TaskConfig], stats: list[dict]) -> dict[str, torch.Tensor]:
+    """TaskModel's buffers from the training splits' statistics: norm_linref [T, 119] and
+    norm_{target}_mean / norm_{target}_std [T] (or [T, k]), float64."""
+    norms = {"norm_linref": torch.zeros(len(task_configs), MAX_Z + 1, dtype=torch.float64)}
+    for name in [t.name for t in task_configs[0].targets]:
+        mean, std = [], []
+        for i, (task, st) in enumerate(zip(task_configs, stats)):
+            target = next(t for t in task.targets if t.name == name)
+            m, s = _target_scale(task, target, st, i)
+            mean.append(m)
+            std.append(s)
+            if target.kind == "energy" and target.normalize and "linref" in st:
+                norms["norm_linref"][i] = torch.as_tensor(np.asarray(st["linref"], dtype=np.float64))
+        norms[f"norm_{name}_mean"], norms[f"norm_{name}_std"] = torch.stack(mean), torch.stack(std)
+    return norms
+
+
+def _target_scale(task: TaskConfig, target: TargetConfig, stats: dict, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) the network's output for this target is scaled by (float64)."""
+    one, zero = torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)
+    if not target.normalize or target.kind == "classification":
+        return zero, one
+    if target.kind in ("forces", "stress"):
+        if target.kind == "forces" and task.forces == "direct":
+            if "force_rms" not in stats:
+                raise TrainError(f"tasks.{i} ({task.name}): no force statistics in {task.train}/stats.json")
+            return zero, torch.tensor(float(stats["force_rms"]), dtype=torch.float64)
+        return zero, one  # scaled by the energy std (see TaskModel)
+    if target.name not in stats.get("targets", {}):
+        raise TrainError(f"tasks.{i} ({task.name}): no statistics for target {target.name!r} in {task.train}/stats.json")
+    s = stats["targets"][target.name]
+    mean = torch.as_tensor(np.asarray(s["mean"], dtype=np.float64))
+    std = torch.as_tensor(np.asarray(s["std"], dtype=np.float64))
+    # A constant target (std 0) would divide by zero; keep its scale at 1.
+    return mean, torch.where(std > 0, std, torch.ones_like(std))
+
+
+def build_network(config: TrainConfig) -> nn.Module:
+    """JMP's PretrainModel (per-task energy + direct-force heads) or FinetuneModel (one head per target)."""
+    from jmp_ext.models import BackboneConfig
+    from jmp_ext.models.heads import HeadConfig
+    from jmp_ext.models.network import FinetuneModel, PretrainModel
+
+    m = config.model
+    overrides = dict(m.backbone_overrides)
+    overrides.setdefault("edge_dropout", m.edge_dropout or None)
+    overrides.setdefault("dropout", m.dropout or None)
+    backbone = getattr(BackboneConfig, m.backbone)(**overrides)
+    if config.mode == "pretrain":
+        for i, task in enumerate(config.tasks):
+            kinds = sorted(t.kind for t in task.targets)
+            if kinds != ["energy", "forces"] or task.forces != "direct":
+                raise TrainError(f"tasks.{i} ({task.name}): pretraining tasks have exactly an energy and a "
+                                 f"forces target with direct forces (JMP's heads), got {kinds}, {task.forces}")
+        return PretrainModel(backbone, [t.name for t in config.tasks])
+    (task,) = config.tasks
+    heads = [HeadConfig(target=t.name, kind="classification" if t.kind == "classification" else "scalar",
+                        reduction=t.reduction, num_outputs=max(t.num_classes, 1))
+             for t in task.targets if t.kind in ("energy", "scalar", "classification")]
+    kinds = {t.kind for t in task.targets}
+    forces = task.forces if "forces" in kinds or ("stress" in kinds) else None
+    if "stress" in kinds and forces != "gradient":
+        raise TrainError(f"tasks.0 ({task.name}): a stress target needs forces: gradient (stress is dE/dstrain)")
+    if forces == "gradient" and "energy" not in [t.name for t in task.targets if t.kind == "energy"]:
+        raise TrainError(f"tasks.0 ({task.name}): gradient forces need a target named 'energy' of kind energy")
+    return FinetuneModel(backbone, heads, forces=forces, stress="stress" in kinds)
+
+
+def num_blocks(net: nn.Module) -> int:
+    return net.backbone.config.num_blocks
+
+
+# ---------------------------------------------------------------- loss and metrics
+
+
+def loss_terms(model: TaskModel, preds: dict, batch: dict) -> dict[str, tuple[torch.Tensor, str]]:
+    """Per target: (sum of the weighted per-item losses, the count it is averaged over:
+    "structures" or "atoms"). The loop divides by the global counts so DDP ranks with different
+    batch sizes reproduce the single-process mean exactly."""
+    task = batch["task"]
+    terms = {}
+    for name, target in model.targets.items():
+        coef = torch.tensor([t.targets[[x.name for x in t.targets].index(name)].coef for t in model.tasks],
+                            dtype=preds[name].dtype, device=task.device)
+        if target.kind == "classification":
+            weight = coef[task]
+            cw = (torch.tensor(target.class_weights, dtype=preds[name].dtype, device=task.device)
+                  if target.class_weights else None)
+            terms[name] = (losses.classification_loss(preds[name], batch[name], weight, cw),
+                           "structures")
+            continue
+        scale_name = "energy" if (target.kind == "stress" or (target.kind == "forces" and model.gradient_forces)) else name
+        weight = coef[task] / model.scale(scale_name).to(preds[name].dtype)[task]
+        if target.kind == "forces":
+            swl = any(t.structure_wise_force_loss for t in model.tasks)
+            terms[name] = (losses.force_l2mae(preds[name], batch[name], batch["batch"], batch["natoms"], weight,
+                                              structure_wise=swl),
+                           "structures" if swl else "atoms")
+        else:
+            terms[name] = (losses.l1_loss(preds[name], batch[name], weight), "structures")
+    return terms
+
+
+def update_metrics(metrics: Metrics, model: TaskModel, preds: dict, batch: dict) -> None:
+    """Adds a batch's errors to `metrics`, per task, in physical units."""
+    for t_i, task in enumerate(model.tasks):
+        sel = batch["task"] == t_i
+        if not sel.any():
+            continue
+        atoms = sel[batch["batch"]]
+        for name, target in model.targets.items():
+            p, y = preds[name], batch[name]
+            if target.kind == "energy":
+                metrics.update_energy(task.name, p[sel], y[sel], batch["natoms"][sel], name=name)
+            elif target.kind == "forces":
+                free = ~batch["fixed"][atoms] if "fixed" in batch else torch.ones_like(atoms[atoms])
+                metrics.update_forces(task.name, p[atoms], y[atoms], free)
+            elif target.kind == "classification":
+                metrics.update_accuracy(task.name, name, p[sel], y[sel])
+            else:
+                metrics.update_scalar(task.name, name, p[sel], y[sel])
+
+
+def primary_metric(config: TrainConfig, metrics: dict[str, float]) -> float:
+    """The validation value (lower is better) for best checkpoints, plateau and early stopping:
+    the mean over tasks of the forces MAE when the tasks train forces, else the first target's MAE
+    (minus its accuracy for classification)."""
+    values = []
+    for task in config.tasks:
+        kinds = {t.kind: t for t in task.targets}
+        if "forces" in kinds and kinds["forces"].coef > 0:
+            values.append(metrics[f"{task.name}/forces_mae"])
+        elif task.targets[0].kind == "classification":
+            values.append(-metrics[f"{task.name}/{task.targets[0].name}_accuracy"])
+        else:
+            values.append(metrics[f"{task.name}/{task.targets[0].name}_mae"])
+    return float(np.mean(values))

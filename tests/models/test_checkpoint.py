@@ -1,0 +1,160 @@
+"""load_jmp_checkpoint on synthetic Lightning checkpoints built from the fixtures' weights, and
+fitting of the ScaleFactors."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+from jmp_fixtures import bulk_batch_and_graphs, fixture_batch, graphs_on_jmps_a2a, load, requires_fixtures
+
+from jmp_ext.models import BackboneConfig, FinetuneModel, HeadConfig, PretrainModel, ScaleFactor, fit_scale_factors
+from jmp_ext.models.checkpoint import _skipped_by_ema, load_jmp_checkpoint, read_state_dict
+
+pytestmark = requires_fixtures
+TASKS = ["oc20", "oc22", "ani1x", "transition1x"]
+
+
+class RunConfig:
+    """Stands for the pydantic config objects a Lightning checkpoint pickles."""
+
+    def __init__(self):
+        self.lr = 3e-4
+
+
+class Exploit:
+    """Unpickling this would run a shell command, if anything in the file were executed."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+def reference_model() -> PretrainModel:
+    w = load("weights.pt")
+    model = PretrainModel(BackboneConfig.from_dict(w["meta"]["config"]), TASKS)
+    model.backbone.load_state_dict(w["backbone_state_dict"])
+    model.embedding.atom_embedding.load_state_dict(w["embedding_state_dict"])
+    return model
+
+
+def lightning_checkpoint(model: torch.nn.Module, tmp_path) -> dict:
+    """JMP's layout: raw weights in state_dict are perturbed; the EMA tuple holds the true ones."""
+    g = torch.Generator().manual_seed(0)
+    ema = tuple(p.detach().clone() for p in model.parameters())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for key in state:
+        if not _skipped_by_ema(key) or ".seq_energy_pre." in key:
+            state[key] += 0.1 * torch.randn(state[key].shape, generator=g)
+    state = {**state, **{f"task_steps.{t}.value": torch.tensor(7.0) for t in TASKS}}
+    return {"state_dict": state, "optimizer_states": [{"ema": ema, "state": {}}], "epoch": 1,
+            "hyper_parameters": {"config": RunConfig()}}
+
+
+def test_ema_rule_walks_the_parameters_in_order():
+    """JMP's rule (state_dict keys minus buffers, aliases, task_steps) gives named_parameters()."""
+    model = reference_model()
+    assert [k for k in model.state_dict() if not _skipped_by_ema(k)] == [k for k, _ in model.named_parameters()]
+
+
+def test_loads_ema_weights_safely_and_reproduces_jmp(tmp_path):
+    reference = reference_model()
+    path = tmp_path / "jmp.ckpt"
+    torch.save(lightning_checkpoint(reference, tmp_path), path)
+    with pytest.raises(Exception):  # what plain torch.load(weights_only=True) does with such a file
+        torch.load(path, weights_only=True)
+
+    model = load_jmp_checkpoint(path, PretrainModel(reference.backbone.config, TASKS), load_heads=True)
+    for (name, ours), theirs in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(ours, theirs), name
+    # The EMA weights are JMP's fixture weights: the loaded backbone reproduces its outputs.
+    case = load("ani_molecules.pt")
+    batch = fixture_batch(case, torch.float64)
+    model.double().eval()
+    with torch.no_grad():
+        out = model.backbone(model.embedding(batch["atomic_numbers"]), graphs_on_jmps_a2a(case, batch))
+    expected = case["outputs_f64"]["energy"]
+    assert ((out["energy"] - expected).abs().max() / expected.abs().max()) < 1e-9
+
+    raw = load_jmp_checkpoint(path, PretrainModel(reference.backbone.config, TASKS), use_ema=False)
+    w = raw.backbone.int_blocks[0].trip_interaction.dense_ba.linear.weight
+    assert not torch.equal(w, reference.backbone.int_blocks[0].trip_interaction.dense_ba.linear.weight)
+
+
+def test_a_file_that_would_run_code_is_refused(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": reference_model().state_dict(), "hyper_parameters": Exploit(tmp_path / "pwned")}, path)
+    with pytest.raises(pickle.UnpicklingError, match="posix"):
+        load_jmp_checkpoint(path, reference_model(), use_ema=False)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_finetune_load_drops_heads_and_force_branch(tmp_path):
+    reference = reference_model()
+    ckpt = lightning_checkpoint(reference, tmp_path)
+    model = FinetuneModel(reference.backbone.config, [HeadConfig(target="energy")], forces="gradient")
+    fresh_head = model.output.heads["energy"].mlp[0].weight.clone()
+    load_jmp_checkpoint(ckpt, model)
+    assert torch.equal(model.output.heads["energy"].mlp[0].weight, fresh_head)
+    ours = model.state_dict()
+    for key, value in reference.state_dict().items():
+        if key in ours:
+            assert torch.equal(ours[key], value), key
+    assert not any("seq_forces" in k or "out_mlp_F" in k for k in ours)
+
+    direct = FinetuneModel(reference.backbone.config, [HeadConfig(target="energy")], forces="direct")
+    load_jmp_checkpoint(ckpt, direct)
+    assert torch.equal(direct.backbone.out_mlp_F.out_mlp[0].linear.weight, reference.backbone.out_mlp_F.out_mlp[0].linear.weight)
+
+
+def test_mismatches_name_the_keys(tmp_path):
+    reference = reference_model()
+    ckpt = lightning_checkpoint(reference, tmp_path)
+    model = PretrainModel(reference.backbone.config, TASKS)
+    broken = {**ckpt, "state_dict": dict(ckpt["state_dict"])}
+    broken["state_dict"]["backbone.bases.mlp_rbf_h.linear.weight"] = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match="EMA tensor for backbone.bases.mlp_rbf_h.linear.weight has shape"):
+        load_jmp_checkpoint(broken, model)
+    with pytest.raises(ValueError, match="shape mismatch \\(1\\): backbone.bases.mlp_rbf_h.linear.weight"):
+        load_jmp_checkpoint(broken, model, use_ema=False)
+    broken = {**ckpt, "state_dict": {**ckpt["state_dict"], "backbone.extra.weight": torch.zeros(2)}}
+    with pytest.raises(ValueError, match="EMA tuple has 261 tensors but the state_dict has 262 weights"):
+        load_jmp_checkpoint(broken, model)
+    with pytest.raises(ValueError, match="unexpected \\(1\\): backbone.extra.weight"):
+        load_jmp_checkpoint(broken, model, use_ema=False)
+    small = PretrainModel(BackboneConfig.tiny(num_blocks=1), TASKS)
+    with pytest.raises(ValueError, match="unexpected .*backbone.int_blocks.1"):
+        load_jmp_checkpoint(ckpt, small)
+    with pytest.raises(ValueError, match="no EMA weights"):
+        load_jmp_checkpoint({"state_dict": ckpt["state_dict"]}, model)
+    # A plain state dict (ours) loads as is.
+    plain = read_state_dict(reference.state_dict(), use_ema=False)
+    load_jmp_checkpoint(plain, model, use_ema=False, load_heads=True)
+    assert torch.equal(model.output.out_forces[2][8].weight, reference.output.out_forces[2][8].weight)
+
+
+def test_fitted_scale_factors_restore_the_variances():
+    torch.manual_seed(0)
+    model = PretrainModel(BackboneConfig.tiny(), ["oc20"]).double()
+    case = load("ani_molecules.pt")
+    batch = fixture_batch(case, torch.float64)
+    batches = [(batch, graphs_on_jmps_a2a(case, batch)), bulk_batch_and_graphs()]
+    forward = lambda m, b: m(*b)  # noqa: E731
+    fitted = fit_scale_factors(model, batches, forward)
+    factors = {n: m for n, m in model.named_modules() if isinstance(m, ScaleFactor)}
+    assert set(fitted) == set(factors) and len(fitted) == 2 * 11 + 3 * 2  # JMP.md §2.3: 11 per block, 2 per output block
+    assert all(v > 0 and v != 1.0 for v in fitted.values())
+    # Measure every factor again, all at once: Var(reference) / Var(scaled output) is now 1.
+    for f in factors.values():
+        f._stats = {"variance_in": 0.0, "variance_out": 0.0, "n_samples": 0}
+    with torch.no_grad():
+        for b in batches:
+            forward(model, b)
+    for name, f in factors.items():
+        ratio = f._stats["variance_in"] / f._stats["variance_out"]
+        f._stats = None
+        assert abs(ratio - 1) < 1e-6, (name, ratio)

@@ -1,0 +1,184 @@
+"""Whole networks and heads: gradient forces and stress against finite differences (float64),
+training on forces (create_graph), direct-force equivariance, reductions, JMP's head keys."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from jmp_fixtures import bulk_batch_and_graphs, fixture_batch, graphs_on_jmps_a2a, load, requires_fixtures
+
+from jmp_ext.graphs import with_geometry
+from jmp_ext.models import BackboneConfig, FinetuneModel, HeadConfig, PretrainModel
+from jmp_ext.models.heads import reduce_atoms
+
+pytestmark = requires_fixtures
+
+# ScaleFactors fixed at 1 would leave the random network's activations tame; the default 0
+# (unfitted) means identity, which is what a fresh model does.
+TINY = BackboneConfig.tiny()
+
+
+def energy_model(stress=False, seed=0):
+    torch.manual_seed(seed)
+    model = FinetuneModel(TINY, [HeadConfig(target="energy")], forces="gradient", stress=stress)
+    return model.double()
+
+
+def energy_at(model, batch, graphs, pos, cell):
+    """Energy [B] with graphs' topology fixed and geometry from pos, cell."""
+    g = with_geometry(graphs, pos, cell, batch["batch"])
+    return model._heads(batch, g)["energy"]
+
+
+def fixture_case(case_name):
+    if case_name == "bulk":
+        return bulk_batch_and_graphs()
+    case = load(f"{case_name}.pt")
+    batch = fixture_batch(case, torch.float64)
+    return batch, graphs_on_jmps_a2a(case, batch)
+
+
+@pytest.mark.parametrize("case_name", ["bulk", "ani_molecules", pytest.param("oc20_slab", marks=pytest.mark.slow)])
+def test_gradient_forces_match_finite_differences(case_name):
+    batch, graphs = fixture_case(case_name)
+    model = energy_model().eval()
+    forces = model(batch, graphs)["forces"]
+    assert forces.shape == batch["pos"].shape and forces.dtype == torch.float64
+    h = 1e-5
+    for atom, axis in [(0, 0), (5, 1), (len(batch["pos"]) - 1, 2)]:
+        plus, minus = batch["pos"].clone(), batch["pos"].clone()
+        plus[atom, axis] += h
+        minus[atom, axis] -= h
+        with torch.no_grad():
+            dE = (energy_at(model, batch, graphs, plus, batch["cell"]).sum()
+                  - energy_at(model, batch, graphs, minus, batch["cell"]).sum()) / (2 * h)
+        assert abs(forces[atom, axis].item() + dE.item()) < 1e-6 * max(1.0, forces.abs().max().item())
+
+
+@pytest.mark.parametrize("case_name", ["bulk", pytest.param("oc20_slab", marks=pytest.mark.slow)])
+def test_stress_matches_finite_differences_of_a_strained_cell(case_name):
+    batch, graphs = fixture_case(case_name)
+    model = energy_model(stress=True).eval()
+    stress = model(batch, graphs)["stress"]
+    assert stress.shape == batch["cell"].shape
+    torch.testing.assert_close(stress, stress.transpose(1, 2), rtol=0, atol=1e-12)
+    b = batch["cell"].shape[0] - 1  # the last structure (strain only it: the energies of the others do not change)
+    volume = torch.linalg.det(batch["cell"][b]).abs()
+    h = 1e-6
+    for i, j in [(0, 0), (2, 2), (0, 1), (1, 2)]:
+        S = torch.zeros(3, 3, dtype=torch.float64)
+        S[i, j] += 0.5
+        S[j, i] += 0.5
+        energies = []
+        for sign in (1, -1):
+            F = torch.eye(3, dtype=torch.float64) + sign * h * S
+            pos, cell = batch["pos"].clone(), batch["cell"].clone()
+            pos[batch["batch"] == b] = pos[batch["batch"] == b] @ F
+            cell[b] = cell[b] @ F
+            with torch.no_grad():
+                energies.append(energy_at(model, batch, graphs, pos, cell)[b])
+        fd = (energies[0] - energies[1]) / (2 * h) / volume
+        assert abs(stress[b, i, j].item() - fd.item()) < 1e-6 * max(1e-3, stress.abs().max().item()), (i, j)
+
+
+def test_training_on_gradient_forces_differentiates_the_weights():
+    """create_graph while training: d(force loss)/d(weight) equals its finite difference."""
+    batch, graphs = bulk_batch_and_graphs()
+    model = energy_model().train()
+    weight = model.backbone.int_blocks[0].trip_interaction.dense_ba.linear.weight
+
+    def loss():
+        return (model(batch, graphs)["forces"] ** 2).sum()
+
+    model.zero_grad()
+    loss().backward()
+    analytic = weight.grad[3, 5].item()
+    assert analytic != 0.0
+    h = 1e-6
+    with torch.no_grad():
+        weight[3, 5] += h
+    up = loss().item()
+    with torch.no_grad():
+        weight[3, 5] -= 2 * h
+    down = loss().item()
+    assert abs(analytic - (up - down) / (2 * h)) < 1e-5 * abs(analytic)
+
+
+def random_rotation(seed):
+    q, r = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r))
+    return q * torch.det(q)  # proper rotation
+
+
+def test_direct_forces_rotate_with_the_input():
+    torch.manual_seed(0)
+    model = PretrainModel(TINY, ["oc20", "ani1x"]).double().eval()
+    batch, graphs = bulk_batch_and_graphs()
+    R = random_rotation(1)
+    rotated = dict(batch, pos=batch["pos"] @ R.T, cell=batch["cell"] @ R.T)
+    with torch.no_grad():
+        out = model(batch, graphs)
+        out_r = model(rotated, with_geometry(graphs, rotated["pos"], rotated["cell"], batch["batch"]))
+    assert out["energy"].shape == (2, 2) and out["forces"].shape == (7, 3, 2)
+    torch.testing.assert_close(out_r["energy"], out["energy"], rtol=1e-10, atol=0)
+    torch.testing.assert_close(out_r["forces"], torch.einsum("ij,njt->nit", R, out["forces"]), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "max"])
+def test_structure_reductions_match_a_loop(reduction):
+    natoms = torch.tensor([3, 1, 5])
+    x = torch.randn(9, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    out = reduce_atoms(x, natoms, reduction)
+    expected = torch.stack([getattr(part, reduction)(0) if reduction != "max" else part.max(0).values
+                            for part in x.split(natoms.tolist())])
+    torch.testing.assert_close(out, expected, rtol=1e-14, atol=0)
+
+
+def test_finetune_heads_shapes_and_classification():
+    case = load("ani_molecules.pt")
+    batch = fixture_batch(case, torch.float64)
+    torch.manual_seed(0)
+    model = FinetuneModel(TINY, [HeadConfig(target="gap", reduction="mean"),
+                                 HeadConfig(target="is_metal", kind="classification", num_outputs=2, reduction="mean"),
+                                 HeadConfig(target="dipole", num_outputs=3, reduction="max")]).double().eval()
+    assert not hasattr(model.backbone, "out_mlp_F")  # no force branch without direct forces
+    out = model(batch, graphs_on_jmps_a2a(case, batch))
+    assert out["gap"].shape == (2,) and out["is_metal"].shape == (2, 2) and out["dipole"].shape == (2, 3)
+    assert "forces" not in out
+
+
+def test_head_keys_and_sizes_are_jmps():
+    model = PretrainModel(TINY, ["oc20", "oc22", "ani1x", "transition1x"])
+    keys = [k for k in model.state_dict() if k.startswith("output.out_energy.0.")]
+    assert keys == ["output.out_energy.0.0.weight", "output.out_energy.0.0.bias", "output.out_energy.0.2.weight",
+                    "output.out_energy.0.2.bias", "output.out_energy.0.4.weight", "output.out_energy.0.4.bias",
+                    "output.out_energy.0.6.weight", "output.out_energy.0.6.bias", "output.out_energy.0.8.weight"]
+    assert next(iter(model.state_dict())) == "embedding.atom_embedding.weight"
+    # JMP.md §2.2: 4 head pairs are 5.26M parameters for JMP-S, 17.85M for JMP-L.
+    for config, expected in [(BackboneConfig.jmp_s(), 5.26e6), (BackboneConfig.jmp_l(), 17.85e6)]:
+        A, E = config.emb_size_atom, config.emb_size_edge
+        per_pair = 4 * (A * A + A) + A + 4 * (E * E + E) + E
+        assert math.isclose(4 * per_pair, expected, rel_tol=1e-3)
+    A, E = TINY.emb_size_atom, TINY.emb_size_edge
+    assert sum(p.numel() for p in model.output.parameters()) == 4 * (4 * (A * A + A) + A + 4 * (E * E + E) + E)
+
+
+def test_bad_inputs_raise():
+    case = load("ani_molecules.pt")
+    batch = fixture_batch(case, torch.float64)
+    graphs = graphs_on_jmps_a2a(case, batch)
+    model = energy_model()
+    bad = dict(batch, atomic_numbers=batch["atomic_numbers"].clone())
+    bad["atomic_numbers"][0] = 121
+    with pytest.raises(ValueError, match="unknown element\\(s\\) \\[121\\]"):
+        model(bad, graphs)
+    with pytest.raises(ValueError, match="need an 'energy' head"):
+        FinetuneModel(TINY, [HeadConfig(target="gap")], forces="gradient")
+    with pytest.raises(ValueError, match="stress needs a cell with nonzero volume"):
+        energy_model(stress=True)(dict(batch, cell=torch.zeros(2, 3, 3, dtype=torch.float64)), graphs)
+    with pytest.raises(TypeError):
+        BackboneConfig.tiny(num_blockz=3)
+    with pytest.raises(ValueError, match="unknown BackboneConfig field\\(s\\): num_blockz"):
+        BackboneConfig.from_dict({"num_blockz": 3})

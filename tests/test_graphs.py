@@ -1,0 +1,202 @@
+"""jmp_ext.graphs: the four GemNet-OC graphs against JMP's (fixtures), brute force and edge cases.
+
+End to end: from the fixtures' raw inputs (and JMP's a2a graph, or our radius_graph where it is
+available) build_graphs + the backbone reproduce JMP's outputs and position gradient."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent / "models"))
+from jmp_fixtures import CASES, edge_keys, fixture_batch, fixture_config, graphs_on_jmps_a2a, load, one_torch_thread, requires_fixtures  # noqa: E402, F401
+
+from jmp_ext import graphs as G  # noqa: E402
+from jmp_ext.models import BackboneConfig, GemNetOCBackbone  # noqa: E402
+
+TAG = {torch.float64: "f64", torch.float32: "f32"}
+TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+
+
+@pytest.fixture(scope="module")
+def model_f64():
+    w = load("weights.pt")
+    backbone = GemNetOCBackbone(BackboneConfig.from_dict(w["meta"]["config"]))
+    backbone.load_state_dict(w["backbone_state_dict"])
+    emb = torch.nn.Embedding(120, 32)
+    emb.load_state_dict(w["embedding_state_dict"])
+    return backbone, emb
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@requires_fixtures
+@pytest.mark.parametrize("case_name", CASES)
+def test_subselected_graphs_are_jmps(case_name):
+    case = load(f"{case_name}.pt")
+    graphs = graphs_on_jmps_a2a(case, fixture_batch(case, torch.float64))
+    for name in ("a2a", "a2ee2a", "qint"):
+        ref = case["graphs"][name]
+        ours = graphs[name]
+        assert sorted(edge_keys(ours["edge_index"], ours["cell_offset"])) == sorted(
+            edge_keys(ref["edge_index"], ref["cell_offset"])), name
+        keys = dict(zip(edge_keys(ref["edge_index"], ref["cell_offset"]), ref["distance_f64"].tolist()))
+        expected = torch.tensor([keys[k] for k in edge_keys(ours["edge_index"], ours["cell_offset"])], dtype=torch.float64)
+        torch.testing.assert_close(ours["distance"], expected, rtol=1e-12, atol=0)
+    sym = case["indices"]["main_sym"]
+    main = graphs["main"]
+    assert sorted(edge_keys(main["edge_index"], main["cell_offset"])) == sorted(
+        edge_keys(sym["edge_index"], sym["cell_offset"]))
+    # id_swap maps every edge to its reverse.
+    assert torch.equal(main["edge_index"][:, graphs["id_swap"]], main["edge_index"].flip(0))
+    assert torch.equal(main["cell_offset"][graphs["id_swap"]], -main["cell_offset"])
+    # Triplet / quadruplet counts are JMP's (their content is tested in tests/ops).
+    for name in ("trip_e2e", "trip_a2e", "trip_e2a"):
+        assert graphs[name]["out"].numel() == case["indices"][name]["out"].numel(), name
+    assert graphs["quad"]["out"].numel() == case["indices"]["quad"]["out"].numel()
+
+
+def check_outputs(case, graphs, backbone, emb, dtype, pos):
+    out = backbone.to(dtype)(emb.to(dtype)(case["inputs"]["atomic_numbers"] - 1), graphs)
+    ref = case[f"outputs_{TAG[dtype]}"]
+    assert rel_err(out["energy"], ref["energy"]) < TOL[dtype]
+    ref_keys = {k: i for i, k in enumerate(edge_keys(case["indices"]["main_sym"]["edge_index"],
+                                                     case["indices"]["main_sym"]["cell_offset"]))}
+    main = graphs["main"]
+    perm = torch.tensor([ref_keys[k] for k in edge_keys(main["edge_index"], main["cell_offset"])])
+    assert rel_err(out["forces"], ref["forces"][perm]) < TOL[dtype]
+    assert rel_err(out["V_st"], ref["V_st"][perm]) < TOL[dtype]
+    value = (out["energy"] @ case["scalar_test"]["proj"].to(dtype)).sum()
+    (grad,) = torch.autograd.grad(value, pos)
+    assert rel_err(grad, case["scalar_test"][f"grad_pos_{TAG[dtype]}"]) < TOL[dtype]
+
+
+@requires_fixtures
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case_name", CASES)
+def test_backbone_on_our_graphs_matches_jmp(model_f64, case_name, dtype):
+    """Graphs from JMP's raw a2a graph: subselection, symmetrisation, indices and geometry are ours."""
+    case = load(f"{case_name}.pt")
+    backbone, emb = model_f64
+    batch = fixture_batch(case, dtype)
+    batch["pos"].requires_grad_(True)
+    graphs = graphs_on_jmps_a2a(case, batch)
+    check_outputs(case, graphs, backbone, emb, dtype, batch["pos"])
+
+
+@requires_fixtures
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case_name", CASES)
+def test_build_graphs_end_to_end_matches_jmp(model_f64, case_name, dtype):
+    case = load(f"{case_name}.pt")
+    backbone, emb = model_f64
+    batch = fixture_batch(case, dtype)
+    batch["pos"].requires_grad_(True)
+    graphs = G.build_graphs(batch, fixture_config(case))
+    for name in ("a2a", "a2ee2a", "qint"):
+        ref = case["graphs"][name]
+        assert sorted(edge_keys(graphs[name]["edge_index"], graphs[name]["cell_offset"])) == sorted(
+            edge_keys(ref["edge_index"], ref["cell_offset"])), name
+    check_outputs(case, graphs, backbone, emb, dtype, batch["pos"])
+
+
+# ---- pieces against brute force ----
+
+
+def random_graph(seed, num_atoms=12, num_edges=200):
+    g = torch.Generator().manual_seed(seed)
+    edge_index = torch.randint(0, num_atoms, (2, num_edges), generator=g)
+    edge_index = edge_index[:, torch.argsort(edge_index[1], stable=True)]
+    return {"edge_index": edge_index, "cell_offset": torch.randint(-1, 2, (num_edges, 3), generator=g, dtype=torch.int32),
+            "distance": torch.rand(num_edges, generator=g, dtype=torch.float64) * 10}
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("cutoff", [None, 6.0])
+def test_subselect_is_topk_per_target(seed, cutoff):
+    graph = random_graph(seed)
+    k = torch.randint(1, 12, (12,), generator=torch.Generator().manual_seed(seed + 100))
+    ours = G.subselect(graph, cutoff, k)
+    expected = set()
+    for t in range(12):
+        edges = [e for e in range(graph["distance"].numel()) if graph["edge_index"][1, e] == t
+                 and (cutoff is None or graph["distance"][e] <= cutoff)]
+        edges.sort(key=lambda e: graph["distance"][e].item())
+        expected |= set(edges[: k[t]])
+    keys = lambda g: sorted(zip(*g["edge_index"].tolist(), g["distance"].tolist()))  # noqa: E731
+    assert keys(ours) == keys(G._select(graph, torch.tensor(sorted(expected), dtype=torch.long)))
+    assert (ours["edge_index"][1].diff() >= 0).all()  # order kept
+
+
+def test_tag_filter_keeps_edges_touching_qint_tags():
+    graph = random_graph(0)
+    tags = torch.tensor([0, 1, 2, 0, 0, 1, 0, 2, 0, 0, 1, 0])
+    ours = G.tag_filter(graph, tags, (1, 2))
+    s, t = graph["edge_index"]
+    expected = [e for e in range(s.numel()) if tags[s[e]] > 0 or tags[t[e]] > 0]
+    assert ours["edge_index"].shape[1] == len(expected)
+    assert torch.equal(ours["edge_index"], graph["edge_index"][:, expected])
+
+
+def test_natoms_dependent_neighbors_and_presets():
+    config = G.GraphConfig.preset("matbench")
+    k = config.neighbors_per_structure(torch.tensor([10, 200, 201, 300, 301]))
+    assert k["main"].tolist() == [30, 30, 10, 10, 5]
+    assert k["a2ee2a"].tolist() == [20, 20, 6, 6, 3]
+    assert k["qint"].tolist() == [8, 8, 2, 2, 1]
+    assert k["a2a"].tolist() == [1000, 1000, 333, 333, 166]
+    assert G.GraphConfig.preset("qmof").cutoff_a2a == 19.0
+    assert G.GraphConfig.preset("rmd17").max_neighbors == 100 and not G.GraphConfig.preset("rmd17").pbc
+    with pytest.raises(ValueError, match="unknown GraphConfig preset"):
+        G.GraphConfig.preset("oc21")
+    with pytest.raises(ValueError, match="exceeds cutoff_a2a"):
+        G.GraphConfig(cutoff_main=8.0, cutoff_a2ee2a=6.0, cutoff_qint=6.0, cutoff_a2a=6.0)
+
+
+@requires_fixtures
+def test_edge_dropout_is_seeded_and_drops_about_p():
+    case = load("oc20_slab.pt")
+    a2a = {"edge_index": case["graphs"]["a2a"]["edge_index"], "cell_offset": case["graphs"]["a2a"]["cell_offset"]}
+    batch, config = fixture_batch(case, torch.float64), fixture_config(case)
+    run = lambda seed: G.graphs_from_a2a(batch, a2a, config, edge_dropout=0.3,  # noqa: E731
+                                         generator=torch.Generator().manual_seed(seed))
+    a, b, c = run(0), run(0), run(1)
+    assert torch.equal(a["a2a"]["edge_index"], b["a2a"]["edge_index"])
+    assert not torch.equal(a["a2a"]["edge_index"], c["a2a"]["edge_index"])
+    kept = a["a2a"]["edge_index"].shape[1] / a2a["edge_index"].shape[1]
+    assert 0.65 < kept < 0.75  # 5812 edges: the binomial std is 0.6 %
+    # The other graphs come from the dropped a2a graph.
+    a2a_keys = set(edge_keys(a["a2a"]["edge_index"], a["a2a"]["cell_offset"]))
+    assert set(edge_keys(a["a2ee2a"]["edge_index"], a["a2ee2a"]["cell_offset"])) <= a2a_keys
+
+
+# ---- bad input ----
+
+
+@requires_fixtures
+def test_bad_batches_raise_clear_errors():
+    case = load("ani_molecules.pt")
+    batch = fixture_batch(case, torch.float64)
+    config = fixture_config(case)
+    bad = dict(batch, pos=batch["pos"].clone())
+    bad["pos"][3, 1] = float("nan")
+    with pytest.raises(ValueError, match="non-finite values at atoms \\[3\\]"):
+        G.check_batch(bad)
+    with pytest.raises(ValueError, match="sum to the 21 atoms"):
+        G.check_batch(dict(batch, natoms=torch.tensor([9, 11])))
+    with pytest.raises(ValueError, match="tags"):
+        G.check_batch(dict(batch, tags=batch["tags"][:-1]))
+    with pytest.raises(ValueError, match="batch\\['batch'\\] does not match"):
+        G.check_batch(dict(batch, batch=batch["batch"].flip(0)))
+    # A structure whose atoms are all beyond the cutoff of each other has no edge.
+    far = dict(batch, pos=batch["pos"] * torch.where(batch["batch"] == 1, 100.0, 1.0)[:, None])
+    keep = case["graphs"]["a2a"]["edge_index"][1] < 9
+    a2a_far = {"edge_index": case["graphs"]["a2a"]["edge_index"][:, keep],
+               "cell_offset": case["graphs"]["a2a"]["cell_offset"][keep]}
+    with pytest.raises(ValueError, match="structure\\(s\\) \\[1\\] of the batch have no edge"):
+        G.graphs_from_a2a(far, a2a_far, config)

@@ -1,0 +1,155 @@
+"""The training loop end to end on tiny data: resume, NaN handling, bad inputs, fine-tuning."""
+
+import pytest
+import torch
+
+from jmp_ext.train import loop, tasks
+from jmp_ext.train.checkpoint import load_checkpoint
+from jmp_ext.train.config import build_config
+from jmp_ext.train.tasks import TrainError
+
+
+# The tiny backbone made smaller still: these tests are about the loop, not the model.
+SMALL = {"num_blocks": 1, "num_radial": 16}
+
+
+def pretrain_config(data, run_dir, **loop_kw):
+    tasks_ = [{"name": n, "train": str(data / n / "train"), "val": str(data / n / "val"), "forces": "direct",
+               "structure_wise_force_loss": True,
+               "targets": [{"name": "energy", "kind": "energy"}, {"name": "forces", "kind": "forces", "coef": 10.0}]}
+              for n in ("mol", "box")]
+    return {"tasks": tasks_, "run_dir": str(run_dir), "graph": {"cutoff": 4.0, "max_neighbors": 8},
+            "model": {"backbone": "tiny", "backbone_overrides": SMALL, "edge_dropout": 0.1},
+            "data": {"batch_size": 4, "val_batch_size": 8},
+            "schedule": {"warmup": 1},
+            "loop": {"max_steps": 4, "val_every": 2, "ckpt_every": 2, "ema_decay": 0.9, "log_every": 1,
+                     "fit_scale_factors": 0, "progress": False, **loop_kw}}
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), k
+        elif isinstance(a[k], dict):
+            assert_same_state(a[k], b[k])
+        elif isinstance(a[k], list) and a[k] and isinstance(a[k][0], dict):
+            for x, y in zip(a[k], b[k]):
+                assert_same_state(x, y)
+        else:
+            assert a[k] == b[k], k
+
+
+@pytest.mark.slow
+def test_resume_after_a_kill_is_bitwise_identical(tiny_data, tmp_path, monkeypatch):
+    full = loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path / "full"))).train()
+    assert full["steps"] == 4
+
+    cfg = build_config(pretrain_config(tiny_data, tmp_path / "killed"))
+    original = loop.Trainer.train_step
+
+    def killed_at_step_3(self, batch):
+        if self.step == 3:  # steps 0-2 done, last.pt written after step 2
+            raise KeyboardInterrupt
+        return original(self, batch)
+
+    monkeypatch.setattr(loop.Trainer, "train_step", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        loop.Trainer(cfg).train()
+    assert load_checkpoint(tmp_path / "killed" / "last.pt")["loop"]["step"] == 2
+    monkeypatch.setattr(loop.Trainer, "train_step", original)
+    resumed_cfg = build_config(pretrain_config(tiny_data, tmp_path / "killed"), ["resume=true"])
+    loop.Trainer(resumed_cfg).train()
+
+    a = load_checkpoint(tmp_path / "full" / "last.pt")
+    b = load_checkpoint(tmp_path / "killed" / "last.pt")
+    for key in ("model", "ema", "optimizer", "schedule", "loop", "metrics"):
+        assert_same_state({key: a[key]}, {key: b[key]})
+    assert (tmp_path / "killed" / "config.yaml").is_file() and (tmp_path / "killed" / "best.pt").is_file()
+
+
+def test_non_finite_loss_is_skipped_then_stops(tiny_data, tmp_path, monkeypatch):
+    original = tasks.loss_terms
+    calls = {"n": 0}
+
+    def nan_from_second_step(model, preds, batch):
+        calls["n"] += 1
+        terms = original(model, preds, batch)
+        if calls["n"] >= 2:
+            terms["energy"] = (terms["energy"][0] * float("nan"), terms["energy"][1])
+        return terms
+
+    monkeypatch.setattr(tasks, "loss_terms", nan_from_second_step)
+    trainer = loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path, max_nan_steps=2, ema_decay=0.0,
+                                                        val_every=0)))
+    before = {}
+
+    def snapshot_after_first(self, batch, _orig=loop.Trainer.train_step):
+        _orig(self, batch)
+        if self.step == 0:
+            before.update({k: v.clone() for k, v in self.model.state_dict().items()})
+
+    monkeypatch.setattr(loop.Trainer, "train_step", snapshot_after_first)
+    with pytest.raises(TrainError, match="loss was not finite for 2 steps in a row"):
+        trainer.train()
+    # The skipped steps did not touch the weights.
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_missing_dataset_and_target(tiny_data, tmp_path):
+    raw = pretrain_config(tiny_data, tmp_path)
+    raw["tasks"][1]["train"] = str(tmp_path / "nowhere")
+    with pytest.raises(TrainError, match=r"tasks\.1\.train: dataset directory .*nowhere does not exist"):
+        loop.Trainer(build_config(raw))
+    raw = pretrain_config(tiny_data, tmp_path)
+    raw["tasks"][0]["targets"].append({"name": "stress", "kind": "stress"})
+    with pytest.raises(TrainError, match=r"target 'stress' is not in the train dataset"):
+        loop.Trainer(build_config(raw))
+
+
+def finetune_config(data, run_dir, init="", forces="gradient", **model_kw):
+    return {"mode": "finetune", "run_dir": str(run_dir), "graph": {"cutoff": 4.0, "max_neighbors": 8},
+            "tasks": [{"name": "mol", "train": str(data / "mol" / "train"), "val": str(data / "mol" / "val"),
+                       "test": str(data / "mol" / "test"), "forces": forces,
+                       "targets": [{"name": "energy", "kind": "energy"},
+                                   {"name": "forces", "kind": "forces", "coef": 10.0}]}],
+            "model": {"backbone": "tiny", "init_checkpoint": str(init),
+                      "backbone_overrides": {**SMALL, **model_kw.pop("backbone_overrides", {})}, **model_kw},
+            "data": {"batch_size": 4, "val_batch_size": 8},
+            "optim": {"lr": 1e-4, "llrd_embedding": 0.3, "llrd_blocks": [0.5]},
+            "schedule": {"warmup": 1, "plateau_patience": 1},
+            "loop": {"max_steps": 3, "val_every": 1, "ckpt_every": 10, "fit_scale_factors": 0, "progress": False}}
+
+
+@pytest.mark.slow
+def test_finetune_from_pretrained_checkpoint(tiny_data, tmp_path):
+    loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path / "pre", max_steps=2))).train()
+    pre = load_checkpoint(tmp_path / "pre" / "last.pt")
+    cfg = build_config(finetune_config(tiny_data, tmp_path / "ft", init=tmp_path / "pre" / "last.pt"))
+    trainer = loop.Trainer(cfg)
+    net = trainer.model.net.state_dict()
+    loaded = 0
+    for k, v in net.items():
+        if k.startswith(("embedding.", "backbone.")):
+            # EMA weights for parameters, the run's buffers (scale factors) otherwise.
+            ref = pre["ema"].get("net." + k, pre["model"]["net." + k])
+            assert torch.equal(v, ref), k
+            loaded += 1
+    assert loaded > 50
+    assert not any(k.startswith("backbone.out_mlp_F") for k in net)  # gradient forces: no force branch
+    assert {g["name"]: g["lr_mult"] for g in trainer.optimizer.param_groups}["embedding"] == 0.3
+    summary = trainer.train()
+    assert set(summary["test"]) >= {"mol/energy_mae", "mol/forces_mae", "mol/forces_cos"}
+    assert (tmp_path / "ft" / "test_metrics.json").is_file() and (tmp_path / "ft" / "best.pt").is_file()
+
+
+def test_wrong_architecture_checkpoint(tiny_data, tmp_path):
+    loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path / "pre"))).save_last()  # untrained is enough
+    cfg = build_config(finetune_config(tiny_data, tmp_path / "ft", init=tmp_path / "pre" / "last.pt",
+                                       backbone_overrides={"emb_size_atom": 16}))
+    with pytest.raises(TrainError, match=r"does not fit the configured network .*shape mismatch"):
+        loop.Trainer(cfg)
+    cfg = build_config(finetune_config(tiny_data, tmp_path / "ft", init=tmp_path / "missing.pt"))
+    with pytest.raises(TrainError, match=r"init_checkpoint: .*missing\.pt does not exist"):
+        loop.Trainer(cfg)

@@ -194,13 +194,22 @@ def read_meta(path: str | Path) -> dict:
             hint = (" It holds .lmdb files: if they are OC20/JMP-style pickled LMDBs, convert them "
                     "with `python -m jmp_ext.data convert SRC DST --allow-pickle`.")
         raise FileNotFoundError(f"{path} is not a jmp_ext dataset (no {META_FILE}).{hint}")
-    meta = json.loads(meta_path.read_text())
+    meta = read_json(meta_path)
     if meta.get("format") != FORMAT_NAME:
         raise DataError(f"{meta_path}: format {meta.get('format')!r} is not {FORMAT_NAME!r}")
     if meta.get("version", 0) > FORMAT_VERSION:
         raise DataError(f"{meta_path}: format version {meta['version']} is newer than this "
                         f"jmp_ext reads ({FORMAT_VERSION}); upgrade jmp_ext")
     return meta
+
+
+def read_json(file: Path) -> dict:
+    """A metadata file's JSON; a truncated or hand-damaged file is a DataError naming it."""
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{file} is not valid JSON ({error}); rewrite it (stats.json: "
+                        "`python -m jmp_ext.data stats DIR --recompute`)") from None
 
 
 def read_natoms(path: str | Path, num_entries: int) -> np.ndarray:

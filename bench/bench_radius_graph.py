@@ -57,7 +57,9 @@ def _molecules(count=32, seed=0):
         direction = rng.normal(size=(n, 3))
         direction /= np.linalg.norm(direction, axis=1, keepdims=True)
         pos = direction * radius * rng.uniform(0, 1, (n, 1)) ** (1 / 3)
-        systems.append(Atoms("C" * n, positions=pos))
+        # A box around the molecule only because matscipy needs a cell; pbc stays False.
+        box = 2 * radius + 2
+        systems.append(Atoms("C" * n, positions=pos + box / 2, cell=np.eye(3) * box, pbc=False))
     return systems
 
 

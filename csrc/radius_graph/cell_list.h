@@ -107,16 +107,17 @@ JMP_HD void make_bins(Frame& frame, const double* lo, const double* hi, double c
   }
   double max_bins = fmax(1.0, 2.0 * static_cast<double>(num_atoms));
   double width = cutoff / kBinsPerCutoff;
-  double n[3];
-  for (int attempt = 0; attempt < 64; ++attempt) {
-    double total = 1;
+  double n[3], total = max_bins + 1;
+  for (int attempt = 0; attempt < 64 && total > max_bins; ++attempt) {
+    total = 1;
     for (int k = 0; k < 3; ++k) {
       n[k] = fmin(fmax(floor(extent[k] / width), 1.0), 1 << 20);
       total *= n[k];
     }
-    if (total <= max_bins) break;
     width *= cbrt(total / max_bins) * 1.0001;
   }
+  // The bin arrays are sized by this bound (CUDA workspace): never exceed it.
+  if (total > max_bins) n[0] = n[1] = n[2] = 1;
   for (int k = 0; k < 3; ++k) {
     frame.nbins[k] = static_cast<int32_t>(n[k]);
     // A non-periodic axis of zero extent (planar molecule) has a single bin.

@@ -340,11 +340,14 @@ PYBIND11_MODULE(_C, m) {
                                      num_threads);
           },
           nogil());
-    m.def("index_to_csr_cpu",
-          [](uintptr_t index, int64_t n, int64_t dim_size, uintptr_t ptr_, uintptr_t perm,
-             int num_threads) {
-            red::cpu::index_to_csr(ptr<const int64_t>(index), n, dim_size, ptr<int64_t>(ptr_),
-                                   ptr<int64_t>(perm), num_threads);
+    m.def("scatter_reduce_cpu",
+          [](uintptr_t src, uintptr_t index, uintptr_t out, int64_t num_src, int64_t dim_size,
+             int64_t features, int dtype, int reduce, int num_threads) {
+            red::cpu::scatter_reduce({ptr<const void>(src), ptr<const int64_t>(index),
+                                      ptr<void>(out), num_src, dim_size, features,
+                                      static_cast<red::Dtype>(dtype),
+                                      static_cast<red::Reduce>(reduce)},
+                                     num_threads);
           },
           nogil());
     m.def("gather_cpu",

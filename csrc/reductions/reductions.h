@@ -37,6 +37,18 @@ struct SegmentReduceArgs {
   Reduce reduce;
 };
 
+// out[k] = reduce(src[e] for e ascending with index[e] == k), for k < dim_size: sum or mean.
+struct ScatterReduceArgs {
+  const void* src;       // [num_src, F] of dtype
+  const int64_t* index;  // [num_src], values in [0, dim_size)
+  void* out;             // [dim_size, F] of dtype; rows that no index points to give 0
+  int64_t num_src;
+  int64_t dim_size;
+  int64_t features;
+  Dtype dtype;
+  Reduce reduce;
+};
+
 // Rows of `features` elements of `elem_size` bytes (2, 4 or 8) copied from src to out.
 struct RowCopy {
   const void* src;
@@ -69,10 +81,9 @@ void check_index(int64_t value, int64_t position, int64_t bound, const char* nam
 void fill_slots(const PaddedIndex& index);
 
 void segment_reduce(const SegmentReduceArgs& args, int num_threads);
-// Stable counting sort of index [n] (values in [0, dim_size)): ptr [dim_size + 1] and perm [n]
-// such that perm[ptr[k] : ptr[k+1]] lists, ascending, the positions e with index[e] == k.
-void index_to_csr(const int64_t* index, int64_t n, int64_t dim_size, int64_t* ptr, int64_t* perm,
-                  int num_threads);
+// Each row's sources are reduced in ascending e, as a stable sort followed by segment_reduce
+// would, but without sorting: threads own ranges of output rows and scan the index in order.
+void scatter_reduce(const ScatterReduceArgs& args, int num_threads);
 // out[i] = src[index[i]] for i < num_index; index values in [0, num_src_rows).
 void gather(const RowCopy& copy, const int64_t* index, int64_t num_index, int64_t num_src_rows,
             int num_threads);

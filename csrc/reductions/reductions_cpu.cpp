@@ -101,6 +101,45 @@ void reduce_segments(const SegmentReduceArgs& a, int num_threads) {
   });
 }
 
+// Owner-computes scatter: the output rows are cut into one contiguous range per thread; each
+// thread reads the whole index in order and accumulates the sources of its own rows, so every
+// row adds its sources in ascending e whatever the thread count. The accumulators of a range
+// ([rows, F] of acc_t, small next to the source) stay hot in cache, which a sort-then-reduce
+// (random reads through a permutation) does not.
+template <class T, Reduce R>
+void scatter_rows(const ScatterReduceArgs& a, int num_threads) {
+  using A = acc_t<T>;
+  using Red = Reducer<R, A>;
+  const T* src = static_cast<const T*>(a.src);
+  T* out = static_cast<T*>(a.out);
+  int64_t work = (a.num_src + a.dim_size) * std::max<int64_t>(a.features, 1);
+  int chunks = static_cast<int>(std::clamp<int64_t>(
+      std::min<int64_t>(work / kGrain, a.dim_size), 1, std::max(num_threads, 1)));
+  parallel_for(chunks, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      const int64_t k_begin = a.dim_size * c / chunks, k_end = a.dim_size * (c + 1) / chunks;
+      dispatch_features<1>(a.features, [&](auto F) {
+        std::vector<A> acc((k_end - k_begin) * F, Red::init());
+        std::vector<int64_t> count(k_end - k_begin, 0);
+        int64_t unused_arg = kNoArg;  // sum and mean keep no argument
+        for (int64_t e = 0; e < a.num_src; ++e) {
+          int64_t k = a.index[e];
+          if (k < k_begin || k >= k_end) continue;
+          ++count[k - k_begin];
+          const T* x = src + e * F;
+          A* y = acc.data() + (k - k_begin) * F;
+          for (int64_t f = 0; f < F; ++f) Red::update(y[f], unused_arg, Acc<T>::load(x[f]), e);
+        }
+        for (int64_t k = k_begin; k < k_end; ++k) {
+          const A* y = acc.data() + (k - k_begin) * F;
+          for (int64_t f = 0; f < F; ++f)
+            out[k * F + f] = Acc<T>::store(Red::finish(y[f], count[k - k_begin]));
+        }
+      });
+    }
+  });
+}
+
 // out row i = src row source(i), or zeros where source(i) < 0, for i in [begin, end).
 template <class Source>
 void copy_rows(const RowCopy& c, int64_t begin, int64_t end, Source&& source) {
@@ -160,41 +199,15 @@ void segment_reduce(const SegmentReduceArgs& a, int num_threads) {
   });
 }
 
-void index_to_csr(const int64_t* index, int64_t n, int64_t dim_size, int64_t* ptr, int64_t* perm,
-                  int num_threads) {
-  // Each chunk of index counts into its own histogram; a chunk's rows then start after those of
-  // the chunks before it, which keeps the sort stable. Chunks are capped so that the histograms
-  // stay no larger than the input.
-  int64_t chunk_cap = n / std::max<int64_t>(dim_size, kGrain);
-  int chunks = static_cast<int>(std::clamp<int64_t>(chunk_cap, 1, std::max(num_threads, 1)));
-  std::vector<int64_t> start(static_cast<size_t>(chunks) * dim_size, 0);
-  auto chunk_range = [&](int64_t c) { return std::make_pair(n * c / chunks, n * (c + 1) / chunks); };
-  parallel_for(chunks, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
-    for (int64_t c = c_begin; c < c_end; ++c) {
-      int64_t* count = start.data() + c * dim_size;
-      auto [begin, end] = chunk_range(c);
-      for (int64_t e = begin; e < end; ++e) {
-        check_index(index[e], e, dim_size, "index", "dim_size");
-        ++count[index[e]];
-      }
-    }
+void scatter_reduce(const ScatterReduceArgs& a, int num_threads) {
+  JMP_CHECK(a.reduce != Reduce::max, "scatter_reduce takes sum or mean");
+  // Index check first (nothing is written on bad input); chunks and rows inside them are in
+  // order, so the smallest bad e is the one reported.
+  parallel_for(a.num_src, num_threads, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) check_index(a.index[e], e, a.dim_size, "index", "dim_size");
   });
-  int64_t offset = 0;
-  for (int64_t k = 0; k < dim_size; ++k) {
-    ptr[k] = offset;
-    for (int c = 0; c < chunks; ++c) {
-      int64_t count = start[c * dim_size + k];
-      start[c * dim_size + k] = offset;
-      offset += count;
-    }
-  }
-  ptr[dim_size] = offset;
-  parallel_for(chunks, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
-    for (int64_t c = c_begin; c < c_end; ++c) {
-      int64_t* next = start.data() + c * dim_size;
-      auto [begin, end] = chunk_range(c);
-      for (int64_t e = begin; e < end; ++e) perm[next[index[e]]++] = e;
-    }
+  dispatch_dtype(a.dtype, [&](auto t) {
+    dispatch_reduce(a.reduce, [&](auto r) { scatter_rows<decltype(t), r()>(a, num_threads); });
   });
 }
 

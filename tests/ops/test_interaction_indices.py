@@ -402,6 +402,8 @@ def test_torch_side_of_the_cuda_path_on_cpu_tensors():
     offsets[8] = -1  # the counting pass marks edge 7 as having a bad atom
     with pytest.raises(ValueError, match=r"graph: edge 7 \("):
         ii._scan_counts_cuda(offsets, "triplets", "graph", ei, 50)
+    empty = torch.full((1,), 7)  # no out edges: offsets = [0], total 0
+    assert ii._scan_counts_cuda(empty, "triplets", "graph", ei[:, :0], 50) == 0 and empty[0] == 0
     huge = torch.tensor([0, 2**62, 2**62, 2**62])
     with pytest.raises(ValueError, match="number of quadruplets overflows int64"):
         ii._scan_counts_cuda(huge, "quadruplets", "main_graph", ei, 50)

@@ -148,11 +148,13 @@ def _scan_counts_cuda(offsets: Tensor, what: str, name: str, edge_index: Tensor,
     Turns them into the exclusive prefix sum in place and returns the total, with one
     synchronisation for the total and the checks."""
     counts = offsets[1:]
+    offsets[0] = 0
+    if counts.numel() == 0:
+        return 0
     bad = counts < 0
     first_bad = torch.where(bad.any(), bad.int().argmax(), -1)
     # A float64 sum detects an int64 overflow of the exact sum (cumsum would wrap silently).
     too_many = counts.double().sum() >= 2.0**63
-    offsets[0] = 0
     offsets[1:] = counts.cumsum(0)
     total, first_bad, too_many = torch.stack([offsets[-1], first_bad, too_many.long()]).tolist()
     if first_bad >= 0:

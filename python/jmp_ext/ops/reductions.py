@@ -153,24 +153,18 @@ def _(src, ptr_, num_rows):
     return src.new_empty(num_rows, src.shape[1])
 
 
-def _index_to_csr(index: Tensor, dim_size: int) -> tuple[Tensor, Tensor]:
-    """ptr [dim_size+1] and the stable permutation perm [E] that sorts index (a counting sort).
-
-    On CUDA, torch's stable sort does it; the range check then costs one host sync."""
-    if index.is_cuda:
-        bad = (index < 0) | (index >= dim_size)
-        if bad.any():  # the CPU kernel's message for the first bad entry
-            e = int(bad.nonzero()[0])
-            value = int(index[e])
-            problem = "is negative" if value < 0 else f"is out of range for dim_size = {dim_size}"
-            raise ValueError(f"index[{e}] = {value} {problem}")
-        sorted_index, perm = torch.sort(index, stable=True)
-        bounds = torch.arange(dim_size + 1, device=index.device)
-        return torch.searchsorted(sorted_index, bounds), perm
-    ptr_ = index.new_empty(dim_size + 1)
-    perm = torch.empty_like(index)
-    _C.index_to_csr_cpu(ptr(index), index.shape[0], dim_size, ptr(ptr_), ptr(perm), num_threads())
-    return ptr_, perm
+def _index_to_csr_cuda(index: Tensor, dim_size: int) -> tuple[Tensor, Tensor]:
+    """ptr [dim_size+1] and the stable permutation perm [E] that sorts a CUDA index, with torch's
+    stable sort; the range check costs one host sync."""
+    bad = (index < 0) | (index >= dim_size)
+    if bad.any():  # the CPU kernel's message for the first bad entry
+        e = int(bad.nonzero()[0])
+        value = int(index[e])
+        problem = "is negative" if value < 0 else f"is out of range for dim_size = {dim_size}"
+        raise ValueError(f"index[{e}] = {value} {problem}")
+    sorted_index, perm = torch.sort(index, stable=True)
+    bounds = torch.arange(dim_size + 1, device=index.device)
+    return torch.searchsorted(sorted_index, bounds), perm
 
 
 @torch.library.custom_op("jmp_ext::scatter_reduce", mutates_args=())
@@ -179,10 +173,16 @@ def _scatter_reduce(src: Tensor, index: Tensor, dim_size: int, reduce: str, dete
     _check_scatter(src, index, dim_size, reduce)
     index = index.contiguous()
     atomic = src.is_cuda and not deterministic and not torch.are_deterministic_algorithms_enabled()
-    if not atomic:
-        ptr_, perm = _index_to_csr(index, dim_size)
-        return _segment_kernel(src, ptr_, perm, reduce)[0]
     src = src.contiguous()
+    if not src.is_cuda:  # rows reduced in ascending e: the order of the sorted CUDA path
+        out = src.new_empty(dim_size, src.shape[1])
+        _C.scatter_reduce_cpu(ptr(src), ptr(index), ptr(out), src.shape[0], dim_size,
+                              src.shape[1], _DTYPE_CODES[src.dtype], _REDUCE_CODES[reduce],
+                              num_threads())
+        return out
+    if not atomic:
+        ptr_, perm = _index_to_csr_cuda(index, dim_size)
+        return _segment_kernel(src, ptr_, perm, reduce)[0]
     acc = torch.zeros(dim_size, src.shape[1], device=src.device,
                       dtype=torch.float64 if src.dtype == torch.float64 else torch.float32)
     _launch("scatter_add_atomic", src.device, ptr(src), _DTYPE_CODES[src.dtype], ptr(index),

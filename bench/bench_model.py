@@ -7,12 +7,21 @@ timed call, as in training. Run:
 
     PYTHONPATH=python pytest bench/bench_model.py --benchmark-enable -m "slow or not slow"
 
+Side by side: impl "jmp_ext" (our kernels) and "torch" (the same model with the pure-torch
+twins of the reductions, jmp_ext.ops.reference_reductions: index_put padding, index_add sums).
+Peak memory of one case in a fresh process (ru_maxrss):
+
+    PYTHONPATH=python python bench/bench_model.py tiny slabs 32 direct
+
 Results go to bench/README.md (Model section). Atoms/s = atoms in the batch / mean time.
 """
 
 from __future__ import annotations
 
 import functools
+import resource
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -20,8 +29,10 @@ import torch
 from ase.build import add_adsorbate, fcc111, molecule
 from ase.collections import g2
 
+from jmp_ext import ops
 from jmp_ext.graphs import GraphConfig, build_graphs
 from jmp_ext.models import BackboneConfig, FinetuneModel, HeadConfig, PretrainModel
+from jmp_ext.ops import reference_reductions
 
 
 def slab(seed: int):
@@ -86,16 +97,42 @@ def make_model(size: str, mode: str):
 
 
 CASES = [
-    ("tiny", "slabs", 32), ("tiny", "molecules", 32),
+    ("tiny", "slabs", 4), ("tiny", "molecules", 16),
+    pytest.param("tiny", "slabs", 32, marks=pytest.mark.slow),  # the issue's target batch (2112 atoms)
     pytest.param("jmp_s", "slabs", 4, marks=pytest.mark.slow), pytest.param("jmp_s", "molecules", 16, marks=pytest.mark.slow),
 ]
 
 
+def use_torch_reductions(monkeypatch):
+    for name in ("ragged_to_padded", "scatter_sum", "segment_sum", "segment_mean", "segment_max"):
+        monkeypatch.setattr(ops, name, getattr(reference_reductions, name))
+
+
+@pytest.mark.parametrize("impl", ["jmp_ext", "torch"])
 @pytest.mark.parametrize("mode", ["forward", "direct", "gradient"])
 @pytest.mark.parametrize(("size", "kind", "count"), CASES)
-def bench_model_step(benchmark, size, kind, count, mode):
+def test_model_step(benchmark, monkeypatch, size, kind, count, mode, impl):
     torch.set_num_threads(1)
+    if impl == "torch":
+        use_torch_reductions(monkeypatch)
     batch, config = batch_and_config(kind, count)
     model = make_model(size, mode)
     benchmark.extra_info["atoms"] = int(batch["natoms"].sum())
-    benchmark.pedantic(step, args=(model, batch, config, mode), rounds=3, warmup_rounds=1)
+    benchmark.pedantic(step, args=(model, batch, config, mode), rounds=2, warmup_rounds=1)
+
+
+if __name__ == "__main__":
+    size, kind, count, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    torch.set_num_threads(1)
+    batch, config = batch_and_config(kind, count)
+    model = make_model(size, mode)
+    # CPU time as well as wall time: on a shared machine the wall time includes waiting for a core.
+    wall, cpu = [], []
+    for _ in range(2):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        step(model, batch, config, mode)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    atoms = int(batch["natoms"].sum())
+    print(f"{size} {kind} x{count} ({atoms} atoms) {mode}: wall {min(wall):.2f} s, cpu {min(cpu):.2f} s, "
+          f"{atoms / min(cpu):.0f} atoms/cpu-s, peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")

@@ -24,7 +24,6 @@ qint int(8k/30), a2a int(1000k/30). MatBench and QMOF lower k for large structur
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -83,9 +82,6 @@ class GraphConfig:
         if name not in _PRESETS:
             raise ValueError(f"unknown GraphConfig preset {name!r}; known: {', '.join(sorted(_PRESETS))}")
         return _PRESETS[name]
-
-    def replace(self, **changes) -> "GraphConfig":
-        return dataclasses.replace(self, **changes)
 
     def neighbors_per_structure(self, natoms: Tensor) -> dict[str, Tensor]:
         """{graph name: k [B] int64} for structures with natoms [B] atoms."""

@@ -218,6 +218,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     """auto (cuda:LOCAL_RANK when available, else cpu), cpu or cuda."""
+    threads: int = 0
+    """torch intra-op threads per process (0 = torch's default). 1 is fastest for small models on
+    a shared or busy CPU and for several CPU ranks on one machine."""
     resume: bool = False
     """Continue from run_dir/last.pt when it exists (model, EMA, optimizer, schedule, sampler, RNG, step)."""
     tasks: list[TaskConfig] = field(default_factory=list)

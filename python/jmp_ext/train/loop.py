@@ -143,6 +143,8 @@ def freeze(net: nn.Module, embedding: bool, blocks: list[int]) -> None:
 class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = c = config
+        if c.threads > 0:
+            torch.set_num_threads(c.threads)
         self.dist = distributed.setup(c.device)
         self.device = self.dist.device
         self.main = self.dist.rank == 0

@@ -95,19 +95,19 @@ PRESETS: dict[str, Callable[[], dict]] = {
 def demo(root: str = "demo_data", run_dir: str = "runs/demo") -> dict:
     """The CPU demo: pretrain a tiny GemNet-OC on the demo data's catalysis + molecules domains
     (temperature sampling, per-task heads, EMA), sized for a few minutes on 2 cores. Small graphs
-    (6 Å, 16 neighbours) and batches; JMP's recipe otherwise."""
+    (5 Å, 8 neighbours) and batches; JMP's recipe otherwise."""
     def task(name: str, force_coef: float) -> dict:
         return {"name": name, "train": f"{root}/{name}/train", "val": f"{root}/{name}/val", "forces": "direct",
                 "structure_wise_force_loss": True, "targets": _energy_forces(1.0, force_coef)}
 
     return {
-        "mode": "pretrain", "run_dir": run_dir, "seed": 0,
+        "mode": "pretrain", "run_dir": run_dir, "seed": 0, "threads": 1,
         "tasks": [task("catalysis", 10.0), task("molecules", 10.0)],
-        "graph": {"preset": "oc20", "cutoff": 6.0, "max_neighbors": 16},
+        "graph": {"preset": "oc20", "cutoff": 5.0, "max_neighbors": 8},
         "model": {"backbone": "tiny", "edge_dropout": 0.1},
         "data": {"batch_size": 8, "val_batch_size": 32, "temperature": 2.0, "in_memory": True},
         "optim": {"lr": 1e-3, "betas": [0.9, 0.95], "weight_decay": 0.1, "grad_clip_norm": 1.0},
         "schedule": {"unit": "steps", "warmup": 20, "warmup_start_factor": 0.2, "cosine": 0, "min_lr_factor": 0.1},
-        "loop": {"max_steps": 200, "val_every": 100, "ckpt_every": 50, "log_every": 10, "ema_decay": 0.99,
+        "loop": {"max_steps": 150, "val_every": 75, "ckpt_every": 50, "log_every": 10, "ema_decay": 0.99,
                  "fit_scale_factors": 2, "precision": "fp32"},
     }

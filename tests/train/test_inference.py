@@ -1,0 +1,96 @@
+"""The calculator, eval and predict on a checkpoint (untrained weights: these test the plumbing
+and the physics of the outputs, not accuracy)."""
+
+import json
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+from ase.build import molecule
+from ase.md.verlet import VelocityVerlet
+from ase.optimize import BFGS
+from ase.units import fs
+
+from jmp_ext.calculator import JMPCalculator
+from jmp_ext.train import loop
+from jmp_ext.train.__main__ import main
+from jmp_ext.train.config import build_config
+from jmp_ext.train.tasks import TrainError
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    raw = {"mode": "finetune", "run_dir": str(run), "threads": 1, "graph": {"cutoff": 4.0, "max_neighbors": 8},
+           "tasks": [{"name": "mol", "train": str(tiny_data / "mol" / "train"), "forces": "gradient",
+                      "targets": [{"name": "energy", "kind": "energy"}, {"name": "forces", "kind": "forces"}]}],
+           "model": {"backbone": "tiny", "backbone_overrides": {"num_blocks": 1, "num_radial": 16}},
+           "loop": {"max_steps": 1, "precision": "fp64", "progress": False, "fit_scale_factors": 0}}
+    trainer = loop.Trainer(build_config(raw))
+    trainer.save_best({})
+    return run / "best.pt"
+
+
+def test_calculator_forces_are_minus_the_energy_gradient(checkpoint):
+    atoms = molecule("CH3OH")
+    atoms.calc = JMPCalculator(checkpoint)
+    forces = atoms.get_forces()
+    h = 1e-5
+    numeric = np.zeros_like(forces)
+    for i in range(len(atoms)):
+        for d in range(3):
+            for sign in (1, -1):
+                shifted = atoms.copy()
+                shifted.calc = atoms.calc
+                shifted.positions[i, d] += sign * h
+                numeric[i, d] -= sign * shifted.get_potential_energy() / (2 * h)
+    np.testing.assert_allclose(forces, numeric, atol=1e-6, rtol=1e-5)
+    with pytest.raises(NotImplementedError, match="stress"):
+        atoms.get_stress()
+
+
+def test_relaxation_and_md_run(checkpoint):
+    atoms = molecule("H2CO")
+    atoms.rattle(0.05, seed=1)
+    atoms.calc = JMPCalculator(checkpoint)
+    e0 = atoms.get_potential_energy()
+    BFGS(atoms, logfile=None).run(fmax=1e-3, steps=5)
+    assert atoms.get_potential_energy() < e0  # the optimiser went downhill on this surface
+    md = VelocityVerlet(atoms, 0.1 * fs, logfile=None)
+    atoms.set_momenta(np.zeros_like(atoms.positions))
+    start = atoms.get_total_energy()
+    md.run(5)
+    assert abs(atoms.get_total_energy() - start) < 1e-3 * max(1.0, abs(start))  # conservative forces
+
+
+def test_eval_and_predict_cli(checkpoint, tiny_data, tmp_path):
+    out = tmp_path / "metrics.json"
+    assert main(["eval", str(checkpoint), str(tiny_data / "mol" / "test"), "--out", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    model, config = loop.load_trained(checkpoint)
+    from jmp_ext.data import LmdbDataset
+    ds = LmdbDataset(tiny_data / "mol" / "test")
+    direct = loop.evaluate(model, [ds], 16, torch.float64, torch.device("cpu"))
+    assert metrics == pytest.approx(direct, rel=1e-12)
+
+    images = [molecule(n) for n in ("CH3OH", "C2H6", "CH3CHO")]
+    ase.io.write(tmp_path / "in.extxyz", images)
+    npz = tmp_path / "pred.npz"
+    assert main(["predict", str(checkpoint), str(tmp_path / "in.extxyz"), "--out", str(npz), "--batch-size", "2"]) == 0
+    pred = np.load(npz)
+    assert pred["natoms"].tolist() == [6, 8, 7] and pred["forces"].shape == (21, 3)
+    calc = JMPCalculator(checkpoint)
+    for k, atoms in enumerate(images):
+        atoms.calc = calc
+        assert pred["energy"][k] == pytest.approx(atoms.get_potential_energy(), rel=1e-10)
+
+
+def test_cli_errors(checkpoint, tmp_path, capsys):
+    assert main(["eval", str(checkpoint), str(tmp_path / "none")]) == 2
+    assert "dataset directory" in capsys.readouterr().err
+    assert main(["finetune", "optim.lr=x"]) == 2
+    assert "optim.lr: expected a number" in capsys.readouterr().err
+    with pytest.raises(TrainError, match="not a jmp_ext training checkpoint"):
+        torch.save({"w": torch.zeros(1)}, tmp_path / "x.pt")
+        loop.load_trained(tmp_path / "x.pt")

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "common/check.h"
 #include "interaction_indices/interaction_indices.h"
@@ -100,25 +101,33 @@ PYBIND11_MODULE(_C, m) {
   // .fill(edge_index, cell_offsets, distance, num_threads) writes the caller's buffers.
   {
     namespace rg = jmp_ext::radius_graph;
+    auto input = [](uintptr_t pos, int dtype, int64_t num_atoms, uintptr_t ptr_,
+                    int64_t num_systems, uintptr_t cell, uintptr_t pbc, double cutoff,
+                    int64_t max_neighbors, double tolerance, int64_t max_edges) {
+      JMP_CHECK(dtype == 0 || dtype == 1, "radius_graph: unknown dtype code ", dtype);
+      rg::Input in;
+      in.pos = ptr<const void>(pos);
+      in.dtype = static_cast<rg::Dtype>(dtype);
+      in.num_atoms = num_atoms;
+      in.ptr = ptr<const int64_t>(ptr_);
+      in.num_systems = num_systems;
+      in.cell = ptr<const double>(cell);
+      in.pbc = ptr<const bool>(pbc);
+      in.cutoff = cutoff;
+      in.max_neighbors = max_neighbors;
+      in.tolerance = tolerance;
+      in.max_edges = max_edges;
+      return in;
+    };
     py::class_<rg::cpu::RadiusGraph>(m, "RadiusGraphCpu")
-        .def(py::init([](uintptr_t pos, int dtype, int64_t num_atoms, uintptr_t ptr_,
-                         int64_t num_systems, uintptr_t cell, uintptr_t pbc, double cutoff,
-                         int64_t max_neighbors, double tolerance, int64_t max_edges,
-                         int num_threads) {
-               JMP_CHECK(dtype == 0 || dtype == 1, "radius_graph: unknown dtype code ", dtype);
-               rg::Input in;
-               in.pos = ptr<const void>(pos);
-               in.dtype = static_cast<rg::Dtype>(dtype);
-               in.num_atoms = num_atoms;
-               in.ptr = ptr<const int64_t>(ptr_);
-               in.num_systems = num_systems;
-               in.cell = ptr<const double>(cell);
-               in.pbc = ptr<const bool>(pbc);
-               in.cutoff = cutoff;
-               in.max_neighbors = max_neighbors;
-               in.tolerance = tolerance;
-               in.max_edges = max_edges;
-               return new rg::cpu::RadiusGraph(in, num_threads);
+        .def(py::init([=](uintptr_t pos, int dtype, int64_t num_atoms, uintptr_t ptr_,
+                          int64_t num_systems, uintptr_t cell, uintptr_t pbc, double cutoff,
+                          int64_t max_neighbors, double tolerance, int64_t max_edges,
+                          int num_threads) {
+               return new rg::cpu::RadiusGraph(
+                   input(pos, dtype, num_atoms, ptr_, num_systems, cell, pbc, cutoff,
+                         max_neighbors, tolerance, max_edges),
+                   num_threads);
              }),
              nogil())
         .def_property_readonly("num_edges", &rg::cpu::RadiusGraph::num_edges)
@@ -131,6 +140,54 @@ PYBIND11_MODULE(_C, m) {
                         num_threads);
             },
             nogil());
+    m.def("radius_graph_sizes", [] {
+      return py::dict(py::arg("frame") = sizeof(rg::Frame), py::arg("placed") = sizeof(rg::Placed),
+                      py::arg("errors") = int{rg::kNumCudaErrors});
+    });
+#ifdef JMP_EXT_WITH_CUDA
+    // The CUDA steps take the input as for RadiusGraphCpu (ptr, cell, pbc on the GPU), the
+    // workspace as 12 addresses in Workspace's field order, then the stream.
+    auto workspace = [](const std::vector<uintptr_t>& a) {
+      JMP_CHECK(a.size() == 12, "radius_graph: the CUDA workspace has 12 buffers");
+      rg::Workspace ws;
+      ws.batch = ptr<const int64_t>(a[0]);
+      ws.frames = ptr<rg::Frame>(a[1]);
+      ws.placed = ptr<rg::Placed>(a[2]);
+      ws.bin_start = ptr<int64_t>(a[3]);
+      ws.cursor = ptr<int64_t>(a[4]);
+      ws.wrapped = ptr<jmp_ext::Vec3>(a[5]);
+      ws.position = ptr<jmp_ext::Vec3>(a[6]);
+      ws.index = ptr<int64_t>(a[7]);
+      ws.shift = ptr<int32_t>(a[8]);
+      ws.offsets = ptr<int64_t>(a[9]);
+      ws.top = ptr<double>(a[10]);
+      ws.errors = ptr<unsigned long long>(a[11]);
+      return ws;
+    };
+    m.def("radius_graph_step_cuda",
+          [=](const std::string& step, uintptr_t pos, int dtype, int64_t num_atoms, uintptr_t ptr_,
+              int64_t num_systems, uintptr_t cell, uintptr_t pbc, double cutoff,
+              int64_t max_neighbors, double tolerance, int64_t max_edges,
+              const std::vector<uintptr_t>& buffers, uintptr_t edge_index, uintptr_t cell_offsets,
+              uintptr_t distance, int64_t num_edges, uintptr_t stream_) {
+            rg::Input in = input(pos, dtype, num_atoms, ptr_, num_systems, cell, pbc, cutoff,
+                                 max_neighbors, tolerance, max_edges);
+            rg::Workspace ws = workspace(buffers);
+            if (step == "bin") {
+              rg::cuda::bin(in, ws, stream(stream_));
+            } else if (step == "count") {
+              rg::cuda::count(in, ws, stream(stream_));
+            } else if (step == "fill") {
+              rg::cuda::fill(in, ws,
+                             {ptr<int64_t>(edge_index), ptr<int32_t>(cell_offsets),
+                              ptr<void>(distance)},
+                             num_edges, stream(stream_));
+            } else {
+              throw jmp_ext::InvalidInput("radius_graph: unknown CUDA step " + step);
+            }
+          },
+          nogil());
+#endif
   }
 
   // ---- interaction_indices (csrc/interaction_indices) ----
@@ -198,6 +255,62 @@ PYBIND11_MODULE(_C, m) {
         ii::cpu::fill_quadruplets(args, num_threads);
       },
       nogil());
+#ifdef JMP_EXT_WITH_CUDA
+  // The CUDA entries take the same arguments with the stream last; they do not synchronise.
+  // The TargetCsr and the prefix sums are torch ops on the GPU (see interaction_indices.h), so
+  // the counts return nothing: they fill offsets[1..E].
+  m.def(
+      "count_triplets_cuda",
+      [](uintptr_t in_ei, uintptr_t in_off, int64_t in_edges, uintptr_t out_ei, uintptr_t out_off,
+         int64_t out_edges, int pairing, int64_t num_atoms, uintptr_t in_ptr, uintptr_t in_order,
+         uintptr_t offsets, uintptr_t stream_) {
+        ii::cuda::count_triplets(triplet_args(in_ei, in_off, in_edges, out_ei, out_off, out_edges,
+                                              pairing, num_atoms, in_ptr, in_order, offsets),
+                                 stream(stream_));
+      },
+      nogil());
+  m.def(
+      "fill_triplets_cuda",
+      [](uintptr_t in_ei, uintptr_t in_off, int64_t in_edges, uintptr_t out_ei, uintptr_t out_off,
+         int64_t out_edges, int pairing, int64_t num_atoms, uintptr_t in_ptr, uintptr_t in_order,
+         uintptr_t offsets, uintptr_t idx_in, uintptr_t idx_out, uintptr_t out_agg,
+         uintptr_t stream_) {
+        ii::TripletArgs args = triplet_args(in_ei, in_off, in_edges, out_ei, out_off, out_edges,
+                                            pairing, num_atoms, in_ptr, in_order, offsets);
+        args.idx_in = ptr<int64_t>(idx_in);
+        args.idx_out = ptr<int64_t>(idx_out);
+        args.out_agg = ptr<int64_t>(out_agg);
+        ii::cuda::fill_triplets(args, stream(stream_));
+      },
+      nogil());
+  m.def(
+      "count_quadruplets_cuda",
+      [](uintptr_t main_ei, uintptr_t main_off, int64_t main_edges, uintptr_t qint_ei,
+         uintptr_t qint_off, int64_t qint_edges, uintptr_t tin_ptr, uintptr_t tin_in,
+         uintptr_t tout_ptr, uintptr_t tout_in, uintptr_t offsets, uintptr_t stream_) {
+        ii::cuda::count_quadruplets(quad_args(main_ei, main_off, main_edges, qint_ei, qint_off,
+                                              qint_edges, tin_ptr, tin_in, tout_ptr, tout_in,
+                                              offsets),
+                                    stream(stream_));
+      },
+      nogil());
+  m.def(
+      "fill_quadruplets_cuda",
+      [](uintptr_t main_ei, uintptr_t main_off, int64_t main_edges, uintptr_t qint_ei,
+         uintptr_t qint_off, int64_t qint_edges, uintptr_t tin_ptr, uintptr_t tin_in,
+         uintptr_t tout_ptr, uintptr_t tout_in, uintptr_t offsets, uintptr_t out,
+         uintptr_t trip_out_to_quad, uintptr_t trip_in_to_quad, uintptr_t out_agg,
+         uintptr_t stream_) {
+        ii::QuadArgs args = quad_args(main_ei, main_off, main_edges, qint_ei, qint_off,
+                                      qint_edges, tin_ptr, tin_in, tout_ptr, tout_in, offsets);
+        args.out = ptr<int64_t>(out);
+        args.trip_out_to_quad = ptr<int64_t>(trip_out_to_quad);
+        args.trip_in_to_quad = ptr<int64_t>(trip_in_to_quad);
+        args.out_agg = ptr<int64_t>(out_agg);
+        ii::cuda::fill_quadruplets(args, stream(stream_));
+      },
+      nogil());
+#endif
 
   // ---- reductions (csrc/reductions) ----
   {
@@ -227,11 +340,14 @@ PYBIND11_MODULE(_C, m) {
                                      num_threads);
           },
           nogil());
-    m.def("index_to_csr_cpu",
-          [](uintptr_t index, int64_t n, int64_t dim_size, uintptr_t ptr_, uintptr_t perm,
-             int num_threads) {
-            red::cpu::index_to_csr(ptr<const int64_t>(index), n, dim_size, ptr<int64_t>(ptr_),
-                                   ptr<int64_t>(perm), num_threads);
+    m.def("scatter_reduce_cpu",
+          [](uintptr_t src, uintptr_t index, uintptr_t out, int64_t num_src, int64_t dim_size,
+             int64_t features, int dtype, int reduce, int num_threads) {
+            red::cpu::scatter_reduce({ptr<const void>(src), ptr<const int64_t>(index),
+                                      ptr<void>(out), num_src, dim_size, features,
+                                      static_cast<red::Dtype>(dtype),
+                                      static_cast<red::Reduce>(reduce)},
+                                     num_threads);
           },
           nogil());
     m.def("gather_cpu",
@@ -267,5 +383,59 @@ PYBIND11_MODULE(_C, m) {
                                        num_threads);
           },
           nogil());
+#ifdef JMP_EXT_WITH_CUDA
+    // The CUDA entries take the CPU arguments, then the address of a device int64 status word
+    // set to kNoError (see common/cuda_helpers.h) and the stream.
+    m.def("segment_reduce_cuda",
+          [=](uintptr_t src, uintptr_t ptr_, uintptr_t perm, uintptr_t out, uintptr_t arg,
+              int64_t num_src, int64_t num_segments, int64_t features, int dtype, int reduce,
+              uintptr_t status, uintptr_t stream_) {
+            red::cuda::segment_reduce(segment_args(src, ptr_, perm, out, arg, num_src,
+                                                   num_segments, features, dtype, reduce),
+                                      ptr<int64_t>(status), stream(stream_));
+          },
+          nogil());
+    m.def("scatter_add_atomic_cuda",
+          [](uintptr_t src, int dtype, uintptr_t index, int64_t n, int64_t features,
+             int64_t dim_size, uintptr_t acc, uintptr_t status, uintptr_t stream_) {
+            red::cuda::scatter_add_atomic(ptr<const void>(src), static_cast<red::Dtype>(dtype),
+                                          ptr<const int64_t>(index), n, features, dim_size,
+                                          ptr<void>(acc), ptr<int64_t>(status), stream(stream_));
+          },
+          nogil());
+    m.def("gather_cuda",
+          [=](uintptr_t src, uintptr_t out, int64_t features, int elem_size, uintptr_t index,
+              int64_t num_index, int64_t num_src_rows, uintptr_t status, uintptr_t stream_) {
+            red::cuda::gather(row_copy(src, out, features, elem_size), ptr<const int64_t>(index),
+                              num_index, num_src_rows, ptr<int64_t>(status), stream(stream_));
+          },
+          nogil());
+    m.def("segment_broadcast_cuda",
+          [=](uintptr_t src, uintptr_t out, int64_t features, int elem_size, uintptr_t ptr_,
+              int64_t num_segments, int64_t num_out_rows, uintptr_t status, uintptr_t stream_) {
+            red::cuda::segment_broadcast(row_copy(src, out, features, elem_size),
+                                         ptr<const int64_t>(ptr_), num_segments, num_out_rows,
+                                         ptr<int64_t>(status), stream(stream_));
+          },
+          nogil());
+    m.def("ragged_to_padded_cuda",
+          [=](uintptr_t src, uintptr_t out, int64_t features, int elem_size, uintptr_t row,
+              uintptr_t col, int64_t num_items, int64_t num_rows, int64_t num_cols,
+              uintptr_t slots, uintptr_t status, uintptr_t stream_) {
+            red::cuda::ragged_to_padded(row_copy(src, out, features, elem_size),
+                                        padded_index(row, col, num_items, num_rows, num_cols, slots),
+                                        ptr<int64_t>(status), stream(stream_));
+          },
+          nogil());
+    m.def("padded_to_ragged_cuda",
+          [=](uintptr_t src, uintptr_t out, int64_t features, int elem_size, uintptr_t row,
+              uintptr_t col, int64_t num_items, int64_t num_rows, int64_t num_cols,
+              uintptr_t slots, uintptr_t status, uintptr_t stream_) {
+            red::cuda::padded_to_ragged(row_copy(src, out, features, elem_size),
+                                        padded_index(row, col, num_items, num_rows, num_cols, slots),
+                                        ptr<int64_t>(status), stream(stream_));
+          },
+          nogil());
+#endif
   }
 }

@@ -15,12 +15,10 @@ sys.path.insert(0, str(Path(__file__).parent / "models"))
 from jmp_fixtures import CASES, edge_keys, fixture_batch, fixture_config, graphs_on_jmps_a2a, load, one_torch_thread, requires_fixtures  # noqa: E402, F401
 
 from jmp_ext import graphs as G  # noqa: E402
-from jmp_ext import ops  # noqa: E402
 from jmp_ext.models import BackboneConfig, GemNetOCBackbone  # noqa: E402
 
 TAG = {torch.float64: "f64", torch.float32: "f32"}
 TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
-has_radius_graph = pytest.mark.skipif(not hasattr(ops, "radius_graph"), reason="jmp_ext.ops.radius_graph not merged yet")
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +90,6 @@ def test_backbone_on_our_graphs_matches_jmp(model_f64, case_name, dtype):
 
 
 @requires_fixtures
-@has_radius_graph
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case_name", CASES)
 def test_build_graphs_end_to_end_matches_jmp(model_f64, case_name, dtype):

@@ -10,8 +10,10 @@
 
 namespace jmp_ext {
 
+// Aggregates without default member initialisers, so that CUDA __shared__ variables may hold
+// them; Vec3{} is zero.
 struct Vec3 {
-  double x = 0, y = 0, z = 0;
+  double x, y, z;
 };
 
 JMP_HD Vec3 operator+(Vec3 a, Vec3 b) { return {a.x + b.x, a.y + b.y, a.z + b.z}; }

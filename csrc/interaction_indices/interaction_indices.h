@@ -182,13 +182,14 @@ void fill_quadruplets(const QuadArgs& args, int num_threads);
 
 #ifdef JMP_EXT_WITH_CUDA
 namespace cuda {
-// Same contracts; device pointers, work queued on `stream`. The counts synchronise the stream
-// (the caller needs the total to allocate).
-void target_csr(const Graph& graph, int64_t num_atoms, const char* name, TargetCsr csr,
-                int64_t* scratch, cudaStream_t stream);
-int64_t count_triplets(const TripletArgs& args, cudaStream_t stream);
+// The per-edge passes on the GPU: device pointers, work queued on `stream`, no synchronisation.
+// The TargetCsr (a stable sort) and the prefix sum are torch.sort / torch.cumsum on the GPU, done
+// by the caller (python/jmp_ext/ops/interaction_indices.py), which also reads back the total.
+// count_* write the count of out edge o to offsets[o + 1] (-1 when o has an atom index outside
+// [0, num_atoms)); fill_* expect offsets to hold the exclusive prefix sum.
+void count_triplets(const TripletArgs& args, cudaStream_t stream);
 void fill_triplets(const TripletArgs& args, cudaStream_t stream);
-int64_t count_quadruplets(const QuadArgs& args, cudaStream_t stream);
+void count_quadruplets(const QuadArgs& args, cudaStream_t stream);
 void fill_quadruplets(const QuadArgs& args, cudaStream_t stream);
 }  // namespace cuda
 #endif

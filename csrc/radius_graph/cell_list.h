@@ -14,7 +14,9 @@
 //
 // A pair (target i, source j seen through image c) has the vector
 //   D = (w_j + c . H) - w_i = r_j - r_i + S . H,  S = c + s_j - s_i,
-// which is ASE's convention for neighbor_list('ijS'): D = r[j] - r[i] + S . cell.
+// which is ASE's convention for neighbor_list('ijS'): D = r[j] - r[i] + S . cell. The search
+// uses the wrapped form (cheap); pairs that pass it are recomputed in the second form, which
+// defines the distance (so i -> i through +S and -S tie exactly, as they should).
 #pragma once
 
 #include <cstdint>
@@ -32,6 +34,9 @@ constexpr double kBinsPerCutoff = 2.0;
 // Relative margin on the search range, so that rounding in fractional coordinates never loses
 // a neighbour sitting exactly on a bin boundary.
 constexpr double kReachMargin = 1e-9;
+// Relative margin of the wrapped-coordinate pre-filter on d^2 (its rounding differs from the
+// exact form's by ~1e-16 |w| / d).
+constexpr double kFilterMargin = 1e-8;
 // A periodic system whose lattice vectors span less than this fraction of the volume of the
 // box of their lengths is treated as singular.
 constexpr double kSingularTolerance = 1e-8;
@@ -102,16 +107,17 @@ JMP_HD void make_bins(Frame& frame, const double* lo, const double* hi, double c
   }
   double max_bins = fmax(1.0, 2.0 * static_cast<double>(num_atoms));
   double width = cutoff / kBinsPerCutoff;
-  double n[3];
-  for (int attempt = 0; attempt < 64; ++attempt) {
-    double total = 1;
+  double n[3], total = max_bins + 1;
+  for (int attempt = 0; attempt < 64 && total > max_bins; ++attempt) {
+    total = 1;
     for (int k = 0; k < 3; ++k) {
       n[k] = fmin(fmax(floor(extent[k] / width), 1.0), 1 << 20);
       total *= n[k];
     }
-    if (total <= max_bins) break;
     width *= cbrt(total / max_bins) * 1.0001;
   }
+  // The bin arrays are sized by this bound (CUDA workspace): never exceed it.
+  if (total > max_bins) n[0] = n[1] = n[2] = 1;
   for (int k = 0; k < 3; ++k) {
     frame.nbins[k] = static_cast<int32_t>(n[k]);
     // A non-periodic axis of zero extent (planar molecule) has a single bin.
@@ -121,8 +127,29 @@ JMP_HD void make_bins(Frame& frame, const double* lo, const double* hi, double c
   }
 }
 
+// Rough cost of a system's search, to refuse hopeless ones (a tiny cell with a huge cutoff)
+// before starting them: candidate pairs examined, and edges expected at uniform density.
+JMP_HD void search_cost(const Frame& frame, int64_t atoms, double& candidates, double& edges) {
+  double stencil = 1, sphere = 4.18879020478639, bins = 1;  // 4/3 pi
+  for (int k = 0; k < 3; ++k) {
+    double width = 2 * frame.reach[k] + 1;
+    stencil *= frame.periodic[k] ? width : fmin(width, static_cast<double>(frame.nbins[k]));
+    sphere *= frame.reach[k] + 0.5;
+    bins *= frame.nbins[k];
+  }
+  candidates = static_cast<double>(atoms) * stencil * (static_cast<double>(atoms) / bins);
+  edges = candidates * fmin(1.0, sphere / stencil);
+}
+
+// A search examining this many candidates is refused (it would exceed max_edges anyway:
+// candidates are ~4x edges).
+JMP_HD bool hopeless(double candidates, int64_t max_edges) {
+  return candidates > 16.0 * static_cast<double>(max_edges) + 1e8;
+}
+
 // An atom placed in its system's cell list.
 struct Placed {
+  Vec3 position;     // r
   Vec3 wrapped;      // r + shift . H
   Vec3 bin_coord;    // fractional coordinate in bin units, relative to the first bin
   int32_t shift[3];  // integer lattice shift that wraps r into the cell (0 on open axes)
@@ -147,6 +174,7 @@ JMP_HD Placed place(const Frame& frame, Vec3 r) {
     int32_t bin = static_cast<int32_t>(floor(u[k]));
     p.bin[k] = bin < 0 ? 0 : (bin >= frame.nbins[k] ? frame.nbins[k] - 1 : bin);
   }
+  p.position = r;
   p.wrapped = w;
   p.bin_coord = {u[0], u[1], u[2]};
   return p;
@@ -172,15 +200,22 @@ JMP_HD void search_range(const Frame& frame, const Placed& target, int k, int32_
 
 JMP_HD int32_t floor_div(int32_t a, int32_t n) { return a >= 0 ? a / n : -((-a + n - 1) / n); }
 
+// A batch's atoms sorted by bin: CSR over bins (bin_start [bins + 1]) of wrapped positions,
+// original positions, original indices and shifts.
+struct CellList {
+  const int64_t* bin_start;
+  const Vec3* wrapped;
+  const Vec3* position;
+  const int64_t* index;
+  const int32_t* shift;  // [N, 3]
+};
+
 // Calls visit(j, S, d2) for every source j (original index) and shift S with
-// 0 < |D|^2 <= cutoff2 around the target, in a fixed order. The batch's cell list is CSR over
-// bins (bin_start) of atoms sorted by bin (sorted_pos wrapped positions, sorted_index their
-// original indices, sorted_shift their shifts).
+// 0 < d2 <= cutoff2, d2 = |r_j - r_i + S . H|^2 in double, in a fixed order.
 template <class Visit>
 JMP_HD void for_each_neighbor(const Frame& frame, const Placed& target, double cutoff2,
-                              const int64_t* bin_start, const Vec3* sorted_pos,
-                              const int64_t* sorted_index, const int32_t* sorted_shift,
-                              Visit&& visit) {
+                              const CellList& cells, Visit&& visit) {
+  const double loose2 = cutoff2 * (1 + kFilterMargin);
   int32_t first[3], last[3];
   for (int k = 0; k < 3; ++k) search_range(frame, target, k, first[k], last[k]);
   for (int32_t a = first[0]; a <= last[0]; ++a) {
@@ -195,15 +230,18 @@ JMP_HD void for_each_neighbor(const Frame& frame, const Placed& target, double c
                       static_cast<double>(cc) * frame.basis.row[2] - target.wrapped;
         int64_t bin = bin_index(frame, a - ca * frame.nbins[0], b - cb * frame.nbins[1],
                                 c - cc * frame.nbins[2]);
-        for (int64_t s = bin_start[bin]; s < bin_start[bin + 1]; ++s) {
-          Vec3 d = sorted_pos[s] + origin;
-          double d2 = dot(d, d);
-          if (d2 <= cutoff2 && d2 > 0) {
-            const int32_t* sj = sorted_shift + 3 * s;
-            int32_t shift[3] = {ca + sj[0] - target.shift[0], cb + sj[1] - target.shift[1],
-                                cc + sj[2] - target.shift[2]};
-            visit(sorted_index[s], shift, d2);
-          }
+        for (int64_t s = cells.bin_start[bin]; s < cells.bin_start[bin + 1]; ++s) {
+          Vec3 d = cells.wrapped[s] + origin;
+          if (dot(d, d) > loose2) continue;
+          const int32_t* sj = cells.shift + 3 * s;
+          int32_t shift[3] = {ca + sj[0] - target.shift[0], cb + sj[1] - target.shift[1],
+                              cc + sj[2] - target.shift[2]};
+          Vec3 exact = (cells.position[s] - target.position) +
+                       (static_cast<double>(shift[0]) * frame.basis.row[0] +
+                        static_cast<double>(shift[1]) * frame.basis.row[1] +
+                        static_cast<double>(shift[2]) * frame.basis.row[2]);
+          double d2 = dot(exact, exact);
+          if (d2 <= cutoff2 && d2 > 0) visit(cells.index[s], shift, d2);
         }
       }
     }

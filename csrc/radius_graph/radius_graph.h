@@ -5,11 +5,11 @@
 //   0 < d <= cutoff,  d = |r_j - r_i + S . cell|
 // is an edge, S being zero on non-periodic axes. This is ASE's neighbor_list('ijS') except that
 // the cutoff is inclusive (ASE: d < cutoff) and pairs at distance zero are never edges (ASE drops
-// only (i, i, 0)). Output order: by target, then distance, then source, then shift
-// (lexicographic), computed in double precision whatever the input dtype. With max_neighbors = k
-// a target keeps its first k edges in that order; with a tolerance t >= 0 as well, it keeps every
-// edge with d^2 <= d_(k+1)^2 + t (fairchem's get_max_neighbors_mask with
-// enforce_max_neighbors_strictly=False; t in Angstrom^2).
+// only (i, i, 0)). Distances are computed in double precision whatever the input dtype and
+// returned rounded to it. Output order: by target, then returned distance, then source, then
+// shift (lexicographic). With max_neighbors = k a target keeps its first k edges in that order;
+// with a tolerance t >= 0 as well, it keeps every edge with d^2 <= d_(k+1)^2 + t (fairchem's
+// get_max_neighbors_mask with enforce_max_neighbors_strictly=False; t in Angstrom^2).
 //
 // Two passes, each over targets in parallel: count (edges per target; the prefix sum sizes the
 // output), then fill (each target writes its sorted edges to its own range). Results are
@@ -20,6 +20,10 @@
 #include <vector>
 
 #include "radius_graph/cell_list.h"
+
+#ifdef JMP_EXT_WITH_CUDA
+#include <cuda_runtime.h>
+#endif
 
 namespace jmp_ext::radius_graph {
 
@@ -64,11 +68,56 @@ class RadiusGraph {
   std::vector<int64_t> system_of_;     // [N] system of every atom
   std::vector<Placed> placed_;         // [N] by original index
   std::vector<int64_t> bin_start_;     // [bins + 1]
-  std::vector<Vec3> sorted_pos_;       // [N] atoms sorted by bin
-  std::vector<int64_t> sorted_index_;  // [N]
-  std::vector<int32_t> sorted_shift_;  // [N, 3]
+  // Atoms sorted by bin (see CellList).
+  std::vector<Vec3> sorted_wrapped_, sorted_position_;
+  std::vector<int64_t> sorted_index_;
+  std::vector<int32_t> sorted_shift_;
   std::vector<int64_t> offsets_;       // [N + 1] first edge of every target
 };
 
 }  // namespace cpu
+
+// Error slots of the CUDA path (first offending atom or system; kNoError when none). The host
+// reads them with the edge count, in the single synchronisation of a call.
+enum CudaError : int32_t {
+  kNonFinitePosition = 0,  // atom
+  kNonFiniteCell = 1,      // system
+  kSingularCell = 2,       // system
+  kTooFarOutside = 3,      // atom
+  kHopelessSearch = 4,     // system
+  kHopelessEdges = 5,      // rough edge count of that search (atomicMax)
+  kNumCudaErrors = 6,
+};
+constexpr unsigned long long kNoError = ~0ull;
+
+// Buffers of the CUDA path, all allocated by the caller (torch), sized from N and B only.
+// bins_cap = 2 N + B bounds the bins of a batch (make_bins keeps at most max(1, 2 n) bins per
+// system); system b's bins start at 2 ptr[b] + b.
+struct Workspace {
+  const int64_t* batch = nullptr;  // [N] system of every atom
+  Frame* frames = nullptr;         // [B]
+  Placed* placed = nullptr;        // [N]
+  int64_t* bin_start = nullptr;    // [bins_cap + 1], zeroed: counts at [bin + 1], then scanned
+  int64_t* cursor = nullptr;       // [bins_cap] copy of the scanned bin_start
+  Vec3* wrapped = nullptr;         // [N] atoms sorted by bin (order inside a bin arbitrary)
+  Vec3* position = nullptr;        // [N]
+  int64_t* index = nullptr;        // [N]
+  int32_t* shift = nullptr;        // [N, 3]
+  int64_t* offsets = nullptr;      // [N + 1], zeroed: counts at [i + 1], then scanned
+  double* top = nullptr;           // [N, k + 1] tolerant cap only: nearest distances
+  unsigned long long* errors = nullptr;  // [kNumCudaErrors], set to kNoError
+};
+
+#ifdef JMP_EXT_WITH_CUDA
+// One call = bin, (scan bin_start), count, (scan offsets, read total and errors: the one host
+// synchronisation), fill. Every step is a kernel launch on `stream`; nothing here syncs.
+namespace cuda {
+void bin(const Input& input, const Workspace& ws, cudaStream_t stream);
+void count(const Input& input, const Workspace& ws, cudaStream_t stream);
+// num_edges: offsets[N], which the caller read in its synchronisation.
+void fill(const Input& input, const Workspace& ws, const Output& output, int64_t num_edges,
+          cudaStream_t stream);
+}  // namespace cuda
+#endif
+
 }  // namespace jmp_ext::radius_graph

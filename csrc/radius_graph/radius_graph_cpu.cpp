@@ -27,15 +27,24 @@ Mat3 load_cell(const Input& in, int64_t b) {
   return {{{c[0], c[1], c[2]}, {c[3], c[4], c[5]}, {c[6], c[7], c[8]}}};
 }
 
-// An edge being collected for one target; ordered by (d2, source, shift).
+// The distance an edge is returned with (sqrt(d2) rounded to the output dtype, held in a
+// double). Edges are ordered by it, so that the output is sorted by its own distance column
+// even where two mathematically equal distances (i -> i through +S and -S) differ in d2's last
+// bit; IEEE sqrt is correctly rounded, so CPU and CUDA agree.
+double edge_distance(double d2, Dtype dtype) {
+  double d = std::sqrt(d2);
+  return dtype == Dtype::kFloat32 ? static_cast<double>(static_cast<float>(d)) : d;
+}
+
+// An edge being collected for one target; ordered by (distance, source, shift).
 struct Candidate {
-  double d2;
+  double distance;
   int64_t source;
   int32_t shift[3];
   int32_t bucket;
 
   bool operator<(const Candidate& o) const {
-    if (d2 != o.d2) return d2 < o.d2;
+    if (distance != o.distance) return distance < o.distance;
     if (source != o.source) return source < o.source;
     for (int k = 0; k < 3; ++k)
       if (shift[k] != o.shift[k]) return shift[k] < o.shift[k];
@@ -61,7 +70,7 @@ class EdgeSorter {
     start_.assign(n + 1, 0);
     const double scale = static_cast<double>(n) / (cutoff * cutoff * cutoff);
     for (Candidate& c : found) {
-      int64_t b = static_cast<int64_t>(c.d2 * std::sqrt(c.d2) * scale);
+      int64_t b = static_cast<int64_t>(c.distance * c.distance * c.distance * scale);
       c.bucket = static_cast<int32_t>(b < n ? b : n - 1);
       ++start_[c.bucket + 1];
     }
@@ -102,8 +111,9 @@ void check_input(const Input& in) {
 template <class Visit>
 void RadiusGraph::neighbors(int64_t target, Visit&& visit) const {
   double cutoff2 = input_.cutoff * input_.cutoff;
-  for_each_neighbor(frames_[system_of_[target]], placed_[target], cutoff2, bin_start_.data(),
-                    sorted_pos_.data(), sorted_index_.data(), sorted_shift_.data(), visit);
+  CellList cells{bin_start_.data(), sorted_wrapped_.data(), sorted_position_.data(),
+                 sorted_index_.data(), sorted_shift_.data()};
+  for_each_neighbor(frames_[system_of_[target]], placed_[target], cutoff2, cells, visit);
 }
 
 RadiusGraph::RadiusGraph(const Input& input, int num_threads) : input_(input) {
@@ -148,19 +158,13 @@ RadiusGraph::RadiusGraph(const Input& input, int num_threads) : input_(input) {
     int64_t atoms = input.ptr[b + 1] - input.ptr[b];
     make_bins(frame, &lo[3 * b], &hi[3 * b], input.cutoff, atoms);
     frame.first_bin = num_bins;
-    double stencil = 1, sphere = 4.18879020478639, bins = 1;  // 4/3 pi
-    for (int k = 0; k < 3; ++k) {
-      double width = 2 * frame.reach[k] + 1;
-      stencil *= frame.periodic[k] ? width : std::min(width, double(frame.nbins[k]));
-      sphere *= frame.reach[k] + 0.5;
-      bins *= frame.nbins[k];
-    }
-    double c = double(atoms) * stencil * (double(atoms) / bins);
+    double c, e;
+    search_cost(frame, atoms, c, e);
     candidates += c;
-    estimated_edges += c * std::min(1.0, sphere / stencil);
-    num_bins += static_cast<int64_t>(bins);
+    estimated_edges += e;
+    num_bins += int64_t{frame.nbins[0]} * frame.nbins[1] * frame.nbins[2];
   }
-  JMP_CHECK(candidates <= 16.0 * double(input.max_edges) + 1e8,
+  JMP_CHECK(!hopeless(candidates, input.max_edges),
             "radius_graph: the graph would have roughly ", estimated_edges,
             " edges (searching ", candidates, " candidate pairs), more than max_edges = ",
             input.max_edges, "; use a smaller cutoff, larger cells or raise max_edges");
@@ -178,14 +182,16 @@ RadiusGraph::RadiusGraph(const Input& input, int num_threads) : input_(input) {
     ++bin_start_[bin_of[i] + 1];
   }
   for (int64_t k = 0; k < num_bins; ++k) bin_start_[k + 1] += bin_start_[k];
-  sorted_pos_.resize(n);
+  sorted_wrapped_.resize(n);
+  sorted_position_.resize(n);
   sorted_index_.resize(n);
   sorted_shift_.resize(3 * n);
   {
     std::vector<int64_t> next(bin_start_.begin(), bin_start_.end() - 1);
     for (int64_t i = 0; i < n; ++i) {
       int64_t s = next[bin_of[i]]++;
-      sorted_pos_[s] = placed_[i].wrapped;
+      sorted_wrapped_[s] = placed_[i].wrapped;
+      sorted_position_[s] = placed_[i].position;
       sorted_index_[s] = i;
       std::copy(placed_[i].shift, placed_[i].shift + 3, &sorted_shift_[3 * s]);
     }
@@ -195,21 +201,23 @@ RadiusGraph::RadiusGraph(const Input& input, int num_threads) : input_(input) {
   offsets_.assign(n + 1, 0);
   const int64_t k = input.max_neighbors;
   parallel_for(n, num_threads, kGrain, [&](int64_t begin, int64_t end) {
-    std::vector<double> d2s;
+    std::vector<double> ds;
     for (int64_t i = begin; i < end; ++i) {
       int64_t count = 0;
       if (k < 0 || input.tolerance < 0) {
         neighbors(i, [&](int64_t, const int32_t*, double) { ++count; });
         if (k > 0) count = std::min(count, k);
       } else {
-        // Tolerant cap: keep d2 <= d2_(k+1) + tolerance, so the (k+1)-th distance is needed.
-        d2s.clear();
-        neighbors(i, [&](int64_t, const int32_t*, double d2) { d2s.push_back(d2); });
-        count = static_cast<int64_t>(d2s.size());
+        // Tolerant cap: keep d^2 <= d_(k+1)^2 + tolerance, so the (k+1)-th distance is needed.
+        ds.clear();
+        neighbors(i, [&](int64_t, const int32_t*, double d2) {
+          ds.push_back(edge_distance(d2, input.dtype));
+        });
+        count = static_cast<int64_t>(ds.size());
         if (count > k) {
-          std::nth_element(d2s.begin(), d2s.begin() + k, d2s.end());
-          double bound = d2s[k] + input.tolerance;
-          count = std::count_if(d2s.begin(), d2s.end(), [&](double d2) { return d2 <= bound; });
+          std::nth_element(ds.begin(), ds.begin() + k, ds.end());
+          double bound = ds[k] * ds[k] + input.tolerance;
+          count = std::count_if(ds.begin(), ds.end(), [&](double d) { return d * d <= bound; });
         }
       }
       offsets_[i + 1] = count;
@@ -230,7 +238,8 @@ void RadiusGraph::fill(const Output& out, int num_threads) const {
     for (int64_t i = begin; i < end; ++i) {
       sorter.found.clear();
       neighbors(i, [&](int64_t j, const int32_t* shift, double d2) {
-        sorter.found.push_back({d2, j, {shift[0], shift[1], shift[2]}, 0});
+        sorter.found.push_back(
+            {edge_distance(d2, input_.dtype), j, {shift[0], shift[1], shift[2]}, 0});
       });
       int64_t first = offsets_[i], count = offsets_[i + 1] - first;
       if (count > static_cast<int64_t>(sorter.found.size()))
@@ -242,9 +251,9 @@ void RadiusGraph::fill(const Output& out, int num_threads) const {
         target[first + e] = i;
         std::copy(c.shift, c.shift + 3, out.cell_offsets + 3 * (first + e));
         if (input_.dtype == Dtype::kFloat32) {
-          static_cast<float*>(out.distance)[first + e] = static_cast<float>(std::sqrt(c.d2));
+          static_cast<float*>(out.distance)[first + e] = static_cast<float>(c.distance);
         } else {
-          static_cast<double*>(out.distance)[first + e] = std::sqrt(c.d2);
+          static_cast<double*>(out.distance)[first + e] = c.distance;
         }
       }
     }

@@ -92,6 +92,17 @@ decltype(auto) dispatch_reduce(Reduce reduce, F&& f) {
   throw InvalidInput(detail::concat("unknown reduction code ", static_cast<int>(reduce)));
 }
 
+// Calls f(U{}) with an unsigned integer type as wide as one element: copies move bits only.
+template <class F>
+void dispatch_elem(int elem_size, F&& f) {
+  switch (elem_size) {
+    case 2: return f(uint16_t{});
+    case 4: return f(uint32_t{});
+    case 8: return f(uint64_t{});
+  }
+  throw InvalidInput(detail::concat("element size must be 2, 4 or 8 bytes, got ", elem_size));
+}
+
 // init / update / merge / finish of one reduced value. `arg` is the position (in source order)
 // of the element that max picked, kNoArg while the segment is empty; sum and mean ignore it.
 // Ties and NaN for max: the first maximal element wins; the first NaN wins over any number.

@@ -37,6 +37,18 @@ struct SegmentReduceArgs {
   Reduce reduce;
 };
 
+// out[k] = reduce(src[e] for e ascending with index[e] == k), for k < dim_size: sum or mean.
+struct ScatterReduceArgs {
+  const void* src;       // [num_src, F] of dtype
+  const int64_t* index;  // [num_src], values in [0, dim_size)
+  void* out;             // [dim_size, F] of dtype; rows that no index points to give 0
+  int64_t num_src;
+  int64_t dim_size;
+  int64_t features;
+  Dtype dtype;
+  Reduce reduce;
+};
+
 // Rows of `features` elements of `elem_size` bytes (2, 4 or 8) copied from src to out.
 struct RowCopy {
   const void* src;
@@ -56,11 +68,22 @@ struct PaddedIndex {
 };
 
 namespace cpu {
+// Host-side checks of index values that throw InvalidInput naming the first problem; the CUDA
+// entries call them on a host copy of the indices once a kernel has flagged one, so both
+// backends give the same message.
+// ptr[0] == 0, non-decreasing, ptr[num_segments] == num_items.
+void check_ptr(const int64_t* ptr, int64_t num_segments, int64_t num_items);
+// 0 <= value < bound, for name[position].
+void check_index(int64_t value, int64_t position, int64_t bound, const char* name,
+                 const char* bound_name);
+// Checks row/col and fills index.slots with the item of each slot (-1 for none); serial, so the
+// first duplicate (by item order) is the one reported.
+void fill_slots(const PaddedIndex& index);
+
 void segment_reduce(const SegmentReduceArgs& args, int num_threads);
-// Stable counting sort of index [n] (values in [0, dim_size)): ptr [dim_size + 1] and perm [n]
-// such that perm[ptr[k] : ptr[k+1]] lists, ascending, the positions e with index[e] == k.
-void index_to_csr(const int64_t* index, int64_t n, int64_t dim_size, int64_t* ptr, int64_t* perm,
-                  int num_threads);
+// Each row's sources are reduced in ascending e, as a stable sort followed by segment_reduce
+// would, but without sorting: threads own ranges of output rows and scan the index in order.
+void scatter_reduce(const ScatterReduceArgs& args, int num_threads);
 // out[i] = src[index[i]] for i < num_index; index values in [0, num_src_rows).
 void gather(const RowCopy& copy, const int64_t* index, int64_t num_index, int64_t num_src_rows,
             int num_threads);
@@ -75,18 +98,25 @@ void padded_to_ragged(const RowCopy& copy, const PaddedIndex& index, int num_thr
 
 #ifdef JMP_EXT_WITH_CUDA
 namespace cuda {
-// Deterministic: one warp (small F) or one thread per feature (large F) per segment, no atomics.
-void segment_reduce(const SegmentReduceArgs& args, cudaStream_t stream);
+// Same contracts as cpu::, on device pointers, queued on `stream`. `status` is a device int64[1]
+// that the caller set to jmp_ext::cuda::kNoError (common/cuda_helpers.h): kernels record bad
+// index values there instead of touching memory out of range, and each entry reads it back once
+// (one stream synchronisation) to throw InvalidInput.
+// Deterministic: a fixed set of threads reduces each output row in a fixed order, no atomics.
+void segment_reduce(const SegmentReduceArgs& args, int64_t* status, cudaStream_t stream);
 // Non-deterministic opt-in: one atomicAdd per element into acc [dim_size, F] (float for f32 and
 // bf16 sources, double for f64), which the caller zeroed.
 void scatter_add_atomic(const void* src, Dtype dtype, const int64_t* index, int64_t n,
-                        int64_t features, int64_t dim_size, void* acc, cudaStream_t stream);
+                        int64_t features, int64_t dim_size, void* acc, int64_t* status,
+                        cudaStream_t stream);
 void gather(const RowCopy& copy, const int64_t* index, int64_t num_index, int64_t num_src_rows,
-            cudaStream_t stream);
+            int64_t* status, cudaStream_t stream);
 void segment_broadcast(const RowCopy& copy, const int64_t* ptr, int64_t num_segments,
-                       int64_t num_out_rows, cudaStream_t stream);
-void ragged_to_padded(const RowCopy& copy, const PaddedIndex& index, cudaStream_t stream);
-void padded_to_ragged(const RowCopy& copy, const PaddedIndex& index, cudaStream_t stream);
+                       int64_t num_out_rows, int64_t* status, cudaStream_t stream);
+void ragged_to_padded(const RowCopy& copy, const PaddedIndex& index, int64_t* status,
+                      cudaStream_t stream);
+void padded_to_ragged(const RowCopy& copy, const PaddedIndex& index, int64_t* status,
+                      cudaStream_t stream);
 }  // namespace cuda
 #endif
 

@@ -3,6 +3,7 @@
 // which rows.
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common/check.h"
@@ -15,23 +16,6 @@ namespace {
 
 // Below this many elements of work a thread costs more than it saves.
 constexpr int64_t kGrain = 1 << 15;
-
-void check_ptr(const int64_t* ptr, int64_t num_segments, int64_t num_items) {
-  JMP_CHECK(ptr[0] == 0, "ptr[0] must be 0, got ", ptr[0]);
-  for (int64_t s = 0; s < num_segments; ++s) {
-    JMP_CHECK(ptr[s + 1] >= ptr[s], "ptr must be non-decreasing, but ptr[", s, "] = ", ptr[s],
-              " > ptr[", s + 1, "] = ", ptr[s + 1]);
-  }
-  JMP_CHECK(ptr[num_segments] == num_items, "ptr[-1] must equal the number of source rows (",
-            num_items, "), got ", ptr[num_segments]);
-}
-
-void check_index(int64_t value, int64_t position, int64_t bound, const char* name,
-                 const char* bound_name) {
-  JMP_CHECK(value >= 0, name, "[", position, "] = ", value, " is negative");
-  JMP_CHECK(value < bound, name, "[", position, "] = ", value, " is out of range for ",
-            bound_name, " = ", bound);
-}
 
 // Runs f(s_begin, s_end) over contiguous blocks of segments of about equal cost (rows + segments
 // in each block), so one hub segment does not leave the other threads idle.
@@ -57,44 +41,103 @@ void for_segment_blocks(const int64_t* ptr, int64_t num_segments, int64_t featur
   });
 }
 
+// Reduces segments [s_begin, s_end) with F features (an int64_t, or an integral_constant for
+// the small F that dispatch_features singles out) into accumulators acc/arg [F].
+template <class T, Reduce R, class Features>
+void reduce_block(const SegmentReduceArgs& a, Features F, int64_t s_begin, int64_t s_end, acc_t<T>* acc,
+                  int64_t* arg) {
+  using Red = Reducer<R, acc_t<T>>;
+  const T* src = static_cast<const T*>(a.src);
+  T* out = static_cast<T*>(a.out);
+  for (int64_t s = s_begin; s < s_end; ++s) {
+    for (int64_t f = 0; f < F; ++f) {
+      acc[f] = Red::init();
+      arg[f] = kNoArg;
+    }
+    for (int64_t e = a.ptr[s]; e < a.ptr[s + 1]; ++e) {
+      int64_t row = a.perm ? a.perm[e] : e;
+      const T* x = src + row * F;
+      for (int64_t f = 0; f < F; ++f) Red::update(acc[f], arg[f], Acc<T>::load(x[f]), row);
+    }
+    int64_t count = a.ptr[s + 1] - a.ptr[s];
+    for (int64_t f = 0; f < F; ++f) out[s * F + f] = Acc<T>::store(Red::finish(acc[f], count));
+    if constexpr (R == Reduce::max) {
+      for (int64_t f = 0; f < F; ++f) a.arg[s * F + f] = arg[f] == kNoArg ? a.num_src : arg[f];
+    }
+  }
+}
+
+// Features up to this count get a compile-time F: the row loop unrolls and the accumulators
+// stay in registers (a runtime F = 1 or 3 ran at a sixth of the copy bandwidth).
+constexpr int64_t kSmallFeatures = 4;
+
+template <int64_t K, class F>
+void dispatch_features(int64_t features, F&& f) {
+  if constexpr (K > kSmallFeatures) {
+    f(features);
+  } else if (features == K) {
+    f(std::integral_constant<int64_t, K>{});
+  } else {
+    dispatch_features<K + 1>(features, f);
+  }
+}
+
 template <class T, Reduce R>
 void reduce_segments(const SegmentReduceArgs& a, int num_threads) {
+  using A = acc_t<T>;
+  for_segment_blocks(a.ptr, a.num_segments, a.features, num_threads,
+                     [&](int64_t s_begin, int64_t s_end) {
+    dispatch_features<1>(a.features, [&](auto F) {
+      if constexpr (std::is_integral_v<decltype(F)>) {
+        std::vector<A> acc(F);
+        std::vector<int64_t> arg(F);
+        reduce_block<T, R>(a, F, s_begin, s_end, acc.data(), arg.data());
+      } else {
+        A acc[decltype(F)::value];
+        int64_t arg[decltype(F)::value];
+        reduce_block<T, R>(a, F, s_begin, s_end, acc, arg);
+      }
+    });
+  });
+}
+
+// Owner-computes scatter: the output rows are cut into one contiguous range per thread; each
+// thread reads the whole index in order and accumulates the sources of its own rows, so every
+// row adds its sources in ascending e whatever the thread count. The accumulators of a range
+// ([rows, F] of acc_t, small next to the source) stay hot in cache, which a sort-then-reduce
+// (random reads through a permutation) does not.
+template <class T, Reduce R>
+void scatter_rows(const ScatterReduceArgs& a, int num_threads) {
   using A = acc_t<T>;
   using Red = Reducer<R, A>;
   const T* src = static_cast<const T*>(a.src);
   T* out = static_cast<T*>(a.out);
-  const int64_t F = a.features;
-  for_segment_blocks(a.ptr, a.num_segments, F, num_threads, [&](int64_t s_begin, int64_t s_end) {
-    std::vector<A> acc(F);
-    std::vector<int64_t> arg(F);
-    for (int64_t s = s_begin; s < s_end; ++s) {
-      std::fill(acc.begin(), acc.end(), Red::init());
-      std::fill(arg.begin(), arg.end(), kNoArg);
-      A* acc_p = acc.data();
-      int64_t* arg_p = arg.data();
-      for (int64_t e = a.ptr[s]; e < a.ptr[s + 1]; ++e) {
-        int64_t row = a.perm ? a.perm[e] : e;
-        const T* x = src + row * F;
-        for (int64_t f = 0; f < F; ++f) Red::update(acc_p[f], arg_p[f], Acc<T>::load(x[f]), row);
-      }
-      int64_t count = a.ptr[s + 1] - a.ptr[s];
-      for (int64_t f = 0; f < F; ++f) out[s * F + f] = Acc<T>::store(Red::finish(acc_p[f], count));
-      if constexpr (R == Reduce::max) {
-        for (int64_t f = 0; f < F; ++f) a.arg[s * F + f] = arg_p[f] == kNoArg ? a.num_src : arg_p[f];
-      }
+  int64_t work = (a.num_src + a.dim_size) * std::max<int64_t>(a.features, 1);
+  int chunks = static_cast<int>(std::clamp<int64_t>(
+      std::min<int64_t>(work / kGrain, a.dim_size), 1, std::max(num_threads, 1)));
+  parallel_for(chunks, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      const int64_t k_begin = a.dim_size * c / chunks, k_end = a.dim_size * (c + 1) / chunks;
+      dispatch_features<1>(a.features, [&](auto F) {
+        std::vector<A> acc((k_end - k_begin) * F, Red::init());
+        std::vector<int64_t> count(k_end - k_begin, 0);
+        int64_t unused_arg = kNoArg;  // sum and mean keep no argument
+        for (int64_t e = 0; e < a.num_src; ++e) {
+          int64_t k = a.index[e];
+          if (k < k_begin || k >= k_end) continue;
+          ++count[k - k_begin];
+          const T* x = src + e * F;
+          A* y = acc.data() + (k - k_begin) * F;
+          for (int64_t f = 0; f < F; ++f) Red::update(y[f], unused_arg, Acc<T>::load(x[f]), e);
+        }
+        for (int64_t k = k_begin; k < k_end; ++k) {
+          const A* y = acc.data() + (k - k_begin) * F;
+          for (int64_t f = 0; f < F; ++f)
+            out[k * F + f] = Acc<T>::store(Red::finish(y[f], count[k - k_begin]));
+        }
+      });
     }
   });
-}
-
-// Calls f(U{}) with an unsigned integer type as wide as one element: copies move bits only.
-template <class F>
-void dispatch_elem(int elem_size, F&& f) {
-  switch (elem_size) {
-    case 2: return f(uint16_t{});
-    case 4: return f(uint32_t{});
-    case 8: return f(uint64_t{});
-  }
-  throw InvalidInput(detail::concat("element size must be 2, 4 or 8 bytes, got ", elem_size));
 }
 
 // out row i = src row source(i), or zeros where source(i) < 0, for i in [begin, end).
@@ -118,8 +161,25 @@ void copy_rows(const RowCopy& c, int64_t begin, int64_t end, Source&& source) {
   });
 }
 
-// Checks row/col and fills index.slots with the item of each slot (-1 for none); serial, so the
-// first duplicate (by item order) is the one reported.
+}  // namespace
+
+void check_ptr(const int64_t* ptr, int64_t num_segments, int64_t num_items) {
+  JMP_CHECK(ptr[0] == 0, "ptr[0] must be 0, got ", ptr[0]);
+  for (int64_t s = 0; s < num_segments; ++s) {
+    JMP_CHECK(ptr[s + 1] >= ptr[s], "ptr must be non-decreasing, but ptr[", s, "] = ", ptr[s],
+              " > ptr[", s + 1, "] = ", ptr[s + 1]);
+  }
+  JMP_CHECK(ptr[num_segments] == num_items, "ptr[-1] must equal the number of source rows (",
+            num_items, "), got ", ptr[num_segments]);
+}
+
+void check_index(int64_t value, int64_t position, int64_t bound, const char* name,
+                 const char* bound_name) {
+  JMP_CHECK(value >= 0, name, "[", position, "] = ", value, " is negative");
+  JMP_CHECK(value < bound, name, "[", position, "] = ", value, " is out of range for ",
+            bound_name, " = ", bound);
+}
+
 void fill_slots(const PaddedIndex& p) {
   std::fill(p.slots, p.slots + p.num_rows * p.num_cols, int64_t{-1});
   for (int64_t t = 0; t < p.num_items; ++t) {
@@ -132,8 +192,6 @@ void fill_slots(const PaddedIndex& p) {
   }
 }
 
-}  // namespace
-
 void segment_reduce(const SegmentReduceArgs& a, int num_threads) {
   check_ptr(a.ptr, a.num_segments, a.num_src);
   dispatch_dtype(a.dtype, [&](auto t) {
@@ -141,41 +199,15 @@ void segment_reduce(const SegmentReduceArgs& a, int num_threads) {
   });
 }
 
-void index_to_csr(const int64_t* index, int64_t n, int64_t dim_size, int64_t* ptr, int64_t* perm,
-                  int num_threads) {
-  // Each chunk of index counts into its own histogram; a chunk's rows then start after those of
-  // the chunks before it, which keeps the sort stable. Chunks are capped so that the histograms
-  // stay no larger than the input.
-  int64_t chunk_cap = n / std::max<int64_t>(dim_size, kGrain);
-  int chunks = static_cast<int>(std::clamp<int64_t>(chunk_cap, 1, std::max(num_threads, 1)));
-  std::vector<int64_t> start(static_cast<size_t>(chunks) * dim_size, 0);
-  auto chunk_range = [&](int64_t c) { return std::make_pair(n * c / chunks, n * (c + 1) / chunks); };
-  parallel_for(chunks, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
-    for (int64_t c = c_begin; c < c_end; ++c) {
-      int64_t* count = start.data() + c * dim_size;
-      auto [begin, end] = chunk_range(c);
-      for (int64_t e = begin; e < end; ++e) {
-        check_index(index[e], e, dim_size, "index", "dim_size");
-        ++count[index[e]];
-      }
-    }
+void scatter_reduce(const ScatterReduceArgs& a, int num_threads) {
+  JMP_CHECK(a.reduce != Reduce::max, "scatter_reduce takes sum or mean");
+  // Index check first (nothing is written on bad input); chunks and rows inside them are in
+  // order, so the smallest bad e is the one reported.
+  parallel_for(a.num_src, num_threads, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) check_index(a.index[e], e, a.dim_size, "index", "dim_size");
   });
-  int64_t offset = 0;
-  for (int64_t k = 0; k < dim_size; ++k) {
-    ptr[k] = offset;
-    for (int c = 0; c < chunks; ++c) {
-      int64_t count = start[c * dim_size + k];
-      start[c * dim_size + k] = offset;
-      offset += count;
-    }
-  }
-  ptr[dim_size] = offset;
-  parallel_for(chunks, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
-    for (int64_t c = c_begin; c < c_end; ++c) {
-      int64_t* next = start.data() + c * dim_size;
-      auto [begin, end] = chunk_range(c);
-      for (int64_t e = begin; e < end; ++e) perm[next[index[e]]++] = e;
-    }
+  dispatch_dtype(a.dtype, [&](auto t) {
+    dispatch_reduce(a.reduce, [&](auto r) { scatter_rows<decltype(t), r()>(a, num_threads); });
   });
 }
 

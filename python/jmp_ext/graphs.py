@@ -24,13 +24,13 @@ qint int(8k/30), a2a int(1000k/30). MatBench and QMOF lower k for large structur
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from jmp_ext import ops
+from jmp_ext.ops.radius_graph import radius_graph
 
 GRAPH_NAMES = ("main", "a2ee2a", "qint", "a2a")
 # Neighbours per target relative to the main graph's k (JMP's MaxNeighbors.from_goc_base_proportions).
@@ -82,9 +82,6 @@ class GraphConfig:
         if name not in _PRESETS:
             raise ValueError(f"unknown GraphConfig preset {name!r}; known: {', '.join(sorted(_PRESETS))}")
         return _PRESETS[name]
-
-    def replace(self, **changes) -> "GraphConfig":
-        return dataclasses.replace(self, **changes)
 
     def neighbors_per_structure(self, natoms: Tensor) -> dict[str, Tensor]:
         """{graph name: k [B] int64} for structures with natoms [B] atoms."""
@@ -309,8 +306,10 @@ def build_graphs(batch: dict, config: GraphConfig, *, edge_dropout: float | None
     pos, natoms = batch["pos"], batch["natoms"]
     k_a2a = int(config.neighbors_per_structure(natoms)["a2a"].max())
     periodic = config.pbc and "cell" in batch
-    pbc = batch.get("pbc", torch.ones(natoms.shape[0], 3, dtype=torch.bool, device=pos.device)) if periodic else None
-    edge_index, cell_offset, _ = ops.radius_graph(
+    pbc = torch.zeros(natoms.shape[0], 3, dtype=torch.bool, device=pos.device)
+    if periodic:
+        pbc = batch["pbc"] if "pbc" in batch else ~pbc
+    edge_index, cell_offset, _ = radius_graph(
         pos.detach(), config.cutoff_a2a, natoms=natoms,
         cell=batch["cell"].detach().to(pos.dtype) if periodic else None, pbc=pbc, max_neighbors=k_a2a)
     return graphs_from_a2a(batch, {"edge_index": edge_index, "cell_offset": cell_offset}, config,

@@ -104,3 +104,21 @@ def test_generators_deterministic(domain):
     for x, y in zip(first, second, strict=True):
         for key in x:
             np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+def test_interrupted_regeneration_is_redone(demo, tmp_path, monkeypatch):
+    """A run for another seed that dies midway must not leave the old marker vouching for it."""
+    import shutil
+
+    import jmp_ext.data.demo as demo_module
+
+    root = tmp_path / "copy"
+    shutil.copytree(demo, root)
+
+    def boom(rng, size):
+        raise RuntimeError("killed")
+
+    monkeypatch.setitem(demo_module.GENERATORS, "materials", boom)
+    with pytest.raises(RuntimeError, match="killed"):
+        make_demo(root, seed=99, scale=SCALE)  # catalysis and molecules already replaced
+    assert not (root / "demo.json").exists()

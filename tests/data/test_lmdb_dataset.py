@@ -141,3 +141,17 @@ def test_dataloader_workers(tmp_path, entries, context):
         assert got.keys() == want.keys()
         for key in want:
             torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+
+
+def test_damaged_metadata_is_named(tmp_path, entries):
+    from jmp_ext.data import load_stats
+
+    write_dataset(tmp_path / "ds", entries)
+    load_stats(tmp_path / "ds")
+    (tmp_path / "ds" / "stats.json").write_text('{"version": 1, "num_')
+    with pytest.raises(DataError, match=r"stats.json is not valid JSON.*--recompute"):
+        load_stats(tmp_path / "ds")
+    assert load_stats(tmp_path / "ds", recompute=True)["num_entries"] == len(entries)
+    (tmp_path / "ds" / "meta.json").write_text("{")
+    with pytest.raises(DataError, match="meta.json is not valid JSON"):
+        LmdbDataset(tmp_path / "ds")

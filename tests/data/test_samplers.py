@@ -74,6 +74,8 @@ def test_resume_mid_epoch():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="max_atoms"):
         AtomBalancedBatchSampler(NATOMS)
+    with pytest.raises(ValueError, match="non-empty"):
+        AtomBalancedBatchSampler([], max_atoms=10)
     with pytest.raises(ValueError, match="rank"):
         AtomBalancedBatchSampler(NATOMS, max_atoms=10, rank=2, world_size=2)
     with pytest.raises(ValueError, match="temperature"):

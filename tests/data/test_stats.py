@@ -64,3 +64,20 @@ def test_load_stats_caches(tmp_path):
                                   second["targets"]["dipole"]["std"])
     assert first["force_rms"] == second["force_rms"]
     assert first["targets"]["energy"]["mean"] == second["targets"]["energy"]["mean"]
+
+
+def test_cli_stats_and_info(tmp_path, capsys):
+    from jmp_ext.data.__main__ import main
+
+    write_dataset(tmp_path / "ds", linear_entries(np.random.default_rng(3), 12, noise=0.1),
+                  units={"gap": "eV"})
+    assert main(["stats", str(tmp_path / "ds")]) == 0
+    out = capsys.readouterr().out
+    assert "12 entries" in out and "energy after linear references" in out and "force RMS" in out
+    assert (tmp_path / "ds" / "stats.json").is_file()
+    assert main(["info", str(tmp_path / "ds")]) == 0
+    out = capsys.readouterr().out
+    assert "12 entries in 1 shard(s)" in out
+    assert any(line.split() == ["gap", "float64", "[]", "eV"] for line in out.splitlines())
+    assert main(["info", str(tmp_path / "missing")]) == 1
+    assert "not a jmp_ext dataset" in capsys.readouterr().err

@@ -70,8 +70,14 @@ def fixture_graphs(case: dict, pos: torch.Tensor) -> dict:
     G = case["graphs"]
     trip = lambda k: {"in": L(idx[k]["in"]), "out": L(idx[k]["out"]), "out_agg": rank_in_group(L(idx[k]["out"]))}  # noqa: E731
     q = idx["quad"]
+    kmax = lambda rank: int(rank.max()) + 1  # noqa: E731
     return {
         "num_atoms": pos.shape[0],
+        "kmax": {"trip_e2e": kmax(rank_in_group(L(idx["trip_e2e"]["out"]))),
+                 "trip_a2e": kmax(rank_in_group(L(idx["trip_a2e"]["out"]))),
+                 "trip_e2a": kmax(rank_in_group(L(idx["trip_e2a"]["out"]))),
+                 "quad": kmax(rank_in_group(L(q["out"]))),
+                 "a2ee2a": kmax(L(idx["a2ee2a_target_neighbor_idx"])), "a2a": kmax(L(idx["a2a_target_neighbor_idx"]))},
         "main": graph(idx["main_sym"]["edge_index"], idx["main_sym"]["cell_offset"]),
         "a2a": graph(G["a2a"]["edge_index"], G["a2a"]["cell_offset"], idx["a2a_target_neighbor_idx"]),
         "a2ee2a": graph(G["a2ee2a"]["edge_index"], G["a2ee2a"]["cell_offset"], idx["a2ee2a_target_neighbor_idx"]),

@@ -324,3 +324,90 @@ def test_opcheck():
         torch.ops.jmp_ext.quadruplets.default,
         (ei, off, qint["edge_index"], qint["cell_offset"], 10),
     )
+
+
+# ---- CUDA against the CPU (bitwise: both devices run the same per-edge code, in CSR order) ----
+
+
+def _to(graph: dict, device) -> dict:
+    return {k: v.to(device) for k, v in graph.items()}
+
+
+def _cpu(result: dict) -> dict:
+    return {k: _cpu(v) if isinstance(v, dict) else v.cpu() for k, v in result.items()}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("num_atoms, num_pairs, max_shift", RANDOM + [(400, 6000, 1)])
+def test_cuda_matches_cpu_on_random_graphs(seed, num_atoms, num_pairs, max_shift):
+    generator = torch.Generator().manual_seed(seed)
+    main = _random_graph(generator, num_atoms, num_pairs, max_shift)
+    qint = _subgraph(generator, main, 0.5)
+    other = _random_graph(generator, num_atoms, num_pairs // 2, max_shift, sorted_by_target=True)
+    cuda = torch.device("cuda")
+    _assert_same(_cpu(triplets(_to(main, cuda), num_atoms)), triplets(main, num_atoms))
+    for graph_in, graph_out in [(main, other), (other, main), (main, qint), (qint, main)]:
+        for to_outedge in (False, True):
+            got = mixed_triplets(_to(graph_in, cuda), _to(graph_out, cuda), num_atoms, to_outedge)
+            _assert_same(_cpu(got), mixed_triplets(graph_in, graph_out, num_atoms, to_outedge))
+    got = quadruplets(_to(main, cuda), _to(qint, cuda), num_atoms)
+    _assert_same(_cpu(got), quadruplets(main, qint, num_atoms))
+
+
+@pytest.mark.cuda
+def test_cuda_matches_fixture(case):
+    num_atoms, graphs, indices = case
+    cuda = {k: _to(g, "cuda") for k, g in graphs.items()}
+    _assert_same(_cpu(triplets(cuda["main"], num_atoms)), triplets(graphs["main"], num_atoms))
+    _assert_same(_cpu(mixed_triplets(cuda["a2ee2a"], cuda["main"], num_atoms)),
+                 mixed_triplets(graphs["a2ee2a"], graphs["main"], num_atoms))
+    got = quadruplets(cuda["main"], cuda["qint"], num_atoms)
+    _assert_same(_cpu(got), quadruplets(graphs["main"], graphs["qint"], num_atoms))
+    assert _quad_set(_cpu(got)) == _quad_set(indices["quad"])
+
+
+@pytest.mark.cuda
+def test_cuda_bad_atoms_raise_the_cpu_messages():
+    bad = _to(_small(), "cuda")
+    bad["edge_index"] = torch.tensor([[0, 1, 3], [1, 2, 0]], device="cuda")
+    with pytest.raises(ValueError, match=r"graph_in: edge 2 \(3 -> 0\).*outside \[0, num_atoms = 3\)"):
+        mixed_triplets(bad, _to(_small(), "cuda"), 3)
+    with pytest.raises(ValueError, match=r"graph_out: edge 2 \(3 -> 0\).*outside"):
+        mixed_triplets(_to(_small(), "cuda"), bad, 3)
+    with pytest.raises(ValueError, match=r"graph_out: edge 2 \(3 -> 0\)"):  # as on the CPU
+        quadruplets(_to(_small(), "cuda"), bad, 3)
+    with pytest.raises(ValueError, match=r"outside \[0, num_atoms = 2\)"):
+        triplets(_to(_small(), "cuda"), 2)
+    with pytest.raises(ValueError, match="one device"):
+        mixed_triplets(_small(), _to(_small(), "cuda"), 3)
+
+
+def test_torch_side_of_the_cuda_path_on_cpu_tensors():
+    """The CUDA path's torch pieces (sorted TargetCsr, prefix sum with checks) are device-generic:
+    on CPU tensors they must reproduce the CPU kernels' CSR and offsets."""
+    from jmp_ext.ops import interaction_indices as ii
+
+    generator = torch.Generator().manual_seed(6)
+    main = _random_graph(generator, 50, 400, 2)
+    ei = main["edge_index"]
+    for a, b in zip(ii._target_csr_cuda(ei, 50, "graph"), ii._target_csr(ei, 50, "graph")):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    counts = torch.randint(0, 5, (ei.shape[1],), generator=generator)
+    offsets = torch.cat([counts.new_zeros(1), counts])
+    assert ii._scan_counts_cuda(offsets, "triplets", "graph", ei, 50) == int(counts.sum())
+    torch.testing.assert_close(offsets[1:], counts.cumsum(0), rtol=0, atol=0)
+    assert offsets[0] == 0
+    offsets = torch.cat([counts.new_zeros(1), counts])
+    offsets[8] = -1  # the counting pass marks edge 7 as having a bad atom
+    with pytest.raises(ValueError, match=r"graph: edge 7 \("):
+        ii._scan_counts_cuda(offsets, "triplets", "graph", ei, 50)
+    empty = torch.full((1,), 7)  # no out edges: offsets = [0], total 0
+    assert ii._scan_counts_cuda(empty, "triplets", "graph", ei[:, :0], 50) == 0 and empty[0] == 0
+    huge = torch.tensor([0, 2**62, 2**62, 2**62])
+    with pytest.raises(ValueError, match="number of quadruplets overflows int64"):
+        ii._scan_counts_cuda(huge, "quadruplets", "main_graph", ei, 50)
+    bad = ei.clone()
+    bad[0, 3] = 50
+    with pytest.raises(ValueError, match=r"main_graph: edge 3 \(50 -> .*num_atoms = 50\)"):
+        ii._target_csr_cuda(bad, 50, "main_graph")

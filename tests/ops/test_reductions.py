@@ -179,19 +179,20 @@ def test_segment_max_nan_and_infinity():
 # ---- gradients (float64) ----
 
 
-def _double(*shape, gen):
-    return torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
-
-
-def _grad_cases():
+def _grad_cases(device="cpu"):
+    """name -> (fn, x): small float64 cases of every op, inputs on `device`."""
     gen = torch.Generator().manual_seed(3)
     lengths = torch.tensor([3, 0, 4, 1, 0, 2])
-    ptr = make_ptr(lengths)
-    index = torch.tensor([4, 0, 0, 2, 4, 4, 1, 0, 2, 4])
-    row = torch.tensor([0, 2, 2, 1, 0])
-    col = torch.tensor([1, 0, 2, 0, 0])
+    ptr = make_ptr(lengths, device)
+    index = torch.tensor([4, 0, 0, 2, 4, 4, 1, 0, 2, 4], device=device)
+    row = torch.tensor([0, 2, 2, 1, 0], device=device)
+    col = torch.tensor([1, 0, 2, 0, 0], device=device)
     # Max: distinct values so that the argmax (and the derivative) is well defined nearby.
-    distinct = (torch.randperm(30, generator=gen).double().reshape(10, 3) / 3).requires_grad_()
+    distinct = (torch.randperm(30, generator=gen).double().reshape(10, 3) / 3).to(device)
+    distinct.requires_grad_()
+    def _double(*shape, gen):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+
     return {
         "segment_sum": (lambda x: ops.segment_sum(x, ptr), _double(10, 3, gen=gen)),
         "segment_mean": (lambda x: ops.segment_mean(x, ptr), _double(10, 3, gen=gen)),
@@ -391,3 +392,95 @@ def test_cuda_segment_is_deterministic_and_checks_indices():
     with pytest.raises(ValueError, match="appears twice"):
         ops.ragged_to_padded(src[:2], torch.zeros(2, dtype=torch.int64, device=cuda),
                              torch.zeros(2, dtype=torch.int64, device=cuda), 1, 1)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", list(_grad_cases()))
+def test_cuda_gradcheck_and_gradgradcheck(name):
+    fn, x = _grad_cases("cuda")[name]
+    assert gradcheck(fn, (x,))
+    assert gradgradcheck(fn, (x,))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("features", [1, 3, 31, 32, 64, 256])
+def test_cuda_long_segments_match_cpu(features):
+    """Hub segments (many rows in flight per warp for small F); F >= 32 runs the CPU's
+    sequential order, so float32 sums are bitwise equal there."""
+    gen = torch.Generator().manual_seed(features)
+    lengths = torch.tensor([0, 1, 5000, 33, 0, 64, 2])
+    ptr = make_ptr(lengths)
+    src = random_src(int(lengths.sum()), features, torch.float32, gen)
+    for reduce in ("sum", "mean", "max"):
+        segment = getattr(ops, f"segment_{reduce}")
+        got = segment(src.cuda(), ptr.cuda()).cpu()
+        if features >= 32 or reduce == "max":
+            assert torch.equal(got, segment(src, ptr)), reduce
+        else:
+            torch.testing.assert_close(got, segment(src, ptr))
+
+
+@pytest.mark.cuda
+def test_cuda_segment_max_ties_and_nan_pick_the_first():
+    inf, nan = float("inf"), float("nan")
+    # 100 equal rows: the warp's lanes each see a tie; the first row must win.
+    src = torch.cat([torch.full((100, 1), 2.0), torch.tensor([[-inf], [-inf], [1.0], [nan], [2.0],
+                                                             [nan], [inf], [3.0]])])
+    ptr = make_ptr([100, 2, 4, 2])
+    for x in (src, src.repeat(1, 40)):  # narrow and wide kernels
+        x_cuda = x.cuda().requires_grad_()
+        x_cpu = x.clone().requires_grad_()
+        out_cuda, out_cpu = ops.segment_max(x_cuda, ptr.cuda()), ops.segment_max(x_cpu, ptr)
+        torch.testing.assert_close(out_cuda.cpu(), out_cpu, equal_nan=True, rtol=0, atol=0)
+        out_cuda.nan_to_num(0.0, 0.0, 0.0).sum().backward()
+        out_cpu.nan_to_num(0.0, 0.0, 0.0).sum().backward()
+        assert torch.equal(x_cuda.grad.cpu(), x_cpu.grad)
+        assert x_cpu.grad[0].sum() == x.shape[1] and x_cpu.grad[1:100].sum() == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("features", [0, 3])
+def test_cuda_empty_inputs(features):
+    empty = torch.zeros(0, features, device="cuda")
+    none = torch.zeros(0, dtype=torch.int64, device="cuda")
+    for reduce in ("sum", "mean", "max"):
+        segment = getattr(ops, f"segment_{reduce}")
+        assert segment(empty, make_ptr([], "cuda")).shape == (0, features)
+        assert torch.equal(segment(empty, make_ptr([0, 0], "cuda")).cpu(), torch.zeros(2, features))
+    for deterministic in (True, False):
+        assert torch.equal(ops.scatter_sum(empty, none, 4, deterministic=deterministic).cpu(),
+                           torch.zeros(4, features))
+    assert torch.equal(ops.ragged_to_padded(empty, none, none, 3, 2).cpu(), torch.zeros(3, 2, features))
+    assert ops.padded_to_ragged(torch.zeros(3, 2, features, device="cuda"), none, none).shape == (0, features)
+
+
+@pytest.mark.cuda
+def test_cuda_bad_indices_raise_the_cpu_messages():
+    cuda = torch.device("cuda")
+    src = torch.randn(4, 3)
+    cases = [
+        lambda d: red._gather(src.to(d), torch.tensor([0, 9, 1], device=d)),
+        lambda d: ops.segment_sum(src.to(d), torch.tensor([1, 2, 4], device=d)),
+        lambda d: ops.segment_sum(src.to(d), torch.tensor([0, 3, 2, 4], device=d)),
+        lambda d: ops.segment_sum(src.to(d), torch.tensor([0, 2, 3], device=d)),
+        lambda d: red._segment_broadcast(src[:2].to(d), torch.tensor([0, 3, 2], device=d), 2),
+        lambda d: ops.ragged_to_padded(src.to(d), torch.tensor([0, 1, 0, 1], device=d),
+                                       torch.tensor([0, 0, 1, 5], device=d), 2, 2),
+        lambda d: ops.ragged_to_padded(src.to(d), torch.tensor([0, 1, 1, 1], device=d),
+                                       torch.tensor([0, 0, 1, 0], device=d), 2, 2),
+        lambda d: ops.padded_to_ragged(torch.zeros(2, 2, 3, device=d), torch.tensor([0, -1], device=d),
+                                       torch.tensor([0, 0], device=d)),
+    ]
+    for deterministic in (True, False):
+        cases += [
+            lambda d, det=deterministic: ops.scatter_sum(
+                src.to(d), torch.tensor([0, 1, -1, 0], device=d), 3, deterministic=det),
+            lambda d, det=deterministic: ops.scatter_mean(
+                src.to(d), torch.tensor([0, 1, 2, 3], device=d), 3, deterministic=det),
+        ]
+    for case in cases:
+        with pytest.raises(ValueError) as on_cpu:
+            case(torch.device("cpu"))
+        with pytest.raises(ValueError) as on_cuda:
+            case(cuda)
+        assert str(on_cuda.value) == str(on_cpu.value)

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 
 from jmp_ext.data import format as fmt
+from jmp_ext.data.convert import ENERGY_UNITS, LENGTH_UNITS, KeyMap, convert
 from jmp_ext.data.dataset import LmdbDataset
 from jmp_ext.data.demo import make_demo
 from jmp_ext.data.split import fraction_indices, read_index_file, split_dataset
@@ -18,6 +19,26 @@ from jmp_ext.data.stats import load_stats
 def cmd_make_demo(args) -> None:
     root = make_demo(args.dir, seed=args.seed, scale=args.scale, progress=True)
     print(f"demo data in {root}: {json.loads((root / 'demo.json').read_text())['entries']}")
+
+
+def cmd_convert(args) -> None:
+    properties = dict(item.partition("=")[::2] for item in args.property)
+    keys = KeyMap(energy=args.energy_key, forces=args.forces_key, stress=args.stress_key,
+                  properties={name: key or name for name, key in properties.items()},
+                  energy_unit=args.energy_unit, length_unit=args.length_unit)
+    report = convert(args.src, args.dst, keys=keys, source_format=args.format,
+                     allow_pickle=args.allow_pickle, skip_invalid=args.skip_invalid,
+                     select=args.select, overwrite=args.overwrite, shard_size=args.shard_size,
+                     float_dtype=np.float32 if args.float32 else np.float64)
+    print(f"wrote {report.written} entries to {args.dst}")
+    for label, source in report.labels.items():
+        print(f"  {label} <- {source}")
+    if report.skipped:
+        print(f"skipped {len(report.skipped)} invalid entries:")
+        for message in report.skipped[:20]:
+            print(f"  {message}")
+        if len(report.skipped) > 20:
+            print(f"  ... and {len(report.skipped) - 20} more")
 
 
 def cmd_split(args) -> None:
@@ -66,6 +87,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", type=float, default=1.0, help="multiply the number of entries")
     p.set_defaults(run=cmd_make_demo)
 
+    p = commands.add_parser("convert", help="convert extxyz / ASE db / OC20-style LMDB")
+    p.add_argument("src", help="extxyz or other ase.io file, ASE .db, or OC20/JMP .lmdb (dir)")
+    p.add_argument("dst")
+    p.add_argument("--format", choices=["ase", "ase-db", "lmdb"], help="default: from SRC")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read pickled OC20/JMP LMDBs (unpickling can run code: trusted files only)")
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="skip entries that fail to load or validate, and list them")
+    p.add_argument("--energy-key", help="source key of the energy (default: REF_energy, energy, y)")
+    p.add_argument("--forces-key", help="source key of the forces (default: REF_forces, forces, force)")
+    p.add_argument("--stress-key", help="source key of the stress (default: REF_stress, stress)")
+    p.add_argument("--property", action="append", default=[], metavar="NAME[=KEY]",
+                   help="also store a per-structure property (repeatable)")
+    p.add_argument("--energy-unit", default="eV", choices=list(ENERGY_UNITS))
+    p.add_argument("--length-unit", default="Å", choices=list(LENGTH_UNITS))
+    p.add_argument("--select", help="ASE db query selecting rows")
+    p.add_argument("--float32", action="store_true", help="store floats as float32")
+    p.add_argument("--shard-size", type=int, default=5000, help="entries per LMDB file")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=cmd_convert)
+
     p = commands.add_parser("split", help="split a dataset into OUT/train, OUT/val, ...")
     p.add_argument("src")
     p.add_argument("out")
@@ -88,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:  # DataError is a ValueError
+    # DataError is a ValueError; PermissionError: a pickled LMDB without --allow-pickle.
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

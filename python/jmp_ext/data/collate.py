@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from jmp_ext.data.format import ATOM_FIELDS
@@ -24,9 +25,10 @@ def collate(entries: Sequence[dict[str, torch.Tensor]], dtype: torch.dtype | Non
         raise ValueError("collate needs at least one entry")
     dtype = dtype or torch.get_default_dtype()
     keys = [key for key in entries[0] if all(key in entry for entry in entries[1:])]
-    natoms = torch.tensor([entry["atomic_numbers"].shape[0] for entry in entries], dtype=torch.long)
-    batch = {"natoms": natoms,
-             "batch": torch.repeat_interleave(torch.arange(len(entries)), natoms)}
+    natoms = np.array([entry["atomic_numbers"].shape[0] for entry in entries], dtype=np.int64)
+    # numpy: torch.repeat_interleave on CPU costs ~10 ms here, most of a batch's collation.
+    batch = {"natoms": torch.from_numpy(natoms),
+             "batch": torch.from_numpy(np.repeat(np.arange(len(entries)), natoms))}
     for key in keys:
         tensors = [entry[key] for entry in entries]
         if key in ATOM_FIELDS:

@@ -32,6 +32,7 @@ from ase.data import atomic_numbers, reference_states
 from ase.md.langevin import Langevin
 from ase.optimize import FIRE
 from ase.units import fs, kB
+from tqdm import tqdm
 
 from jmp_ext.data import format as fmt
 from jmp_ext.data.stats import share_train_stats
@@ -39,7 +40,7 @@ from jmp_ext.data.writer import DatasetWriter, write_file_atomic
 
 DOMAINS = ("catalysis", "molecules", "materials", "md")
 SPLITS = ("train", "val", "test")
-DEMO_VERSION = 1
+DEMO_VERSION = 3  # bump whenever the generated data change
 MARKER = "demo.json"
 # Entries per domain at scale 1; make_demo(scale=...) multiplies them.
 SIZES = {"catalysis": 400, "molecules": 300, "materials": 300, "md": 400}
@@ -69,12 +70,14 @@ def make_demo(root: str | Path, seed: int = 0, scale: float = 1.0, progress: boo
         if all(done.get(k) == v for k, v in request.items()) and _complete(root):
             return root
     root.mkdir(parents=True, exist_ok=True)
+    marker.unlink(missing_ok=True)  # the old marker must not vouch for half-replaced data
     counts = {}
-    for i, domain in enumerate(DOMAINS):
+    for i, domain in enumerate(tqdm(DOMAINS, desc="demo data", unit="domain", disable=not progress)):
         rng = np.random.default_rng([seed, i])
         size = max(10, round(SIZES[domain] * scale))
         frames = GENERATORS[domain](rng, size)
-        counts[domain] = _write_domain(root / domain, frames, rng, progress)
+        info = {**request, "domain": domain, "labels": "ASE EMT"}
+        counts[domain] = _write_domain(root / domain, frames, rng, info, progress)
     write_file_atomic(marker, json.dumps({**request, "entries": counts}, indent=1).encode())
     return root
 
@@ -84,7 +87,7 @@ def _complete(root: Path) -> bool:
                for d in DOMAINS for s in SPLITS)
 
 
-def _write_domain(path: Path, frames: list[dict], rng: np.random.Generator,
+def _write_domain(path: Path, frames: list[dict], rng: np.random.Generator, info: dict,
                   progress: bool) -> dict[str, int]:
     """Split frames by sid (whole trajectories stay in one split), write, add train stats."""
     groups = np.unique([f["sid"] for f in frames])
@@ -96,7 +99,7 @@ def _write_domain(path: Path, frames: list[dict], rng: np.random.Generator,
                 for k, g in enumerate(groups)}
     counts = {}
     for split in SPLITS:
-        with DatasetWriter(path / split, overwrite=True) as writer:
+        with DatasetWriter(path / split, overwrite=True, info={**info, "split": split}) as writer:
             for frame in frames:
                 if split_of[int(frame["sid"])] == split:
                     writer.add(frame)
@@ -149,7 +152,7 @@ def _catalysis(rng: np.random.Generator, size: int) -> list[dict]:
         # FIRE needs no linear algebra per step (BFGS's eigh dominates on small busy CPUs).
         optimizer = FIRE(slab, logfile=None, maxstep=0.1)
         optimizer.attach(lambda: trajectory.append(_entry(slab, sid, len(trajectory), tags, fixed)))
-        optimizer.run(fmax=0.05, steps=30)
+        optimizer.run(fmax=0.05, steps=20)  # the early, informative part of the relaxation
         keep = np.unique(np.linspace(0, len(trajectory) - 1, FRAMES_PER_RELAXATION).round().astype(int))
         frames += [trajectory[k] for k in keep]
         sid += 1

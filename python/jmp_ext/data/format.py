@@ -4,7 +4,8 @@ A dataset is a directory:
 
     meta.json           {"format": "jmp_ext.lmdb", "version": 1, "num_entries": M,
                          "shards": [{"file": "data.0000.lmdb", "num_entries": m0}, ...],
-                         "schema": {field: {"dtype", "shape", "per_atom", "unit"}}}
+                         "schema": {field: {"dtype", "shape", "per_atom", "unit"}},
+                         "info": {provenance: source file, converter, demo seed, ...}}
     metadata.npz        natoms: int64 [M], the atom count of every entry in dataset order
                         (the same file and key JMP and fairchem read for atom-balanced batching)
     data.0000.lmdb ...  LMDB files (subdir=False); entry k of a shard is stored under the ASCII
@@ -30,7 +31,9 @@ Field conventions (units are eV and Å throughout):
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -108,10 +111,15 @@ def decode_entry(value: bytes) -> dict[str, np.ndarray]:
     header = json.loads(bytes(buffer[_PREFIX.size:start]))
     entry = {}
     for name, dtype, shape, offset in header:
-        dtype = np.dtype(dtype)
-        count = int(np.prod(shape, dtype=np.int64))
-        entry[name] = np.frombuffer(buffer, dtype, count, start + offset).reshape(tuple(shape))
+        # math.prod and the dtype cache: this loop runs for every field of every entry read.
+        count = math.prod(shape)
+        entry[name] = np.frombuffer(buffer, _dtype(dtype), count, start + offset).reshape(shape)
     return entry
+
+
+@functools.cache
+def _dtype(name: str) -> np.dtype:
+    return np.dtype(name)
 
 
 def field_schema(name: str, array: np.ndarray, unit: str | None = None) -> dict:
@@ -186,13 +194,22 @@ def read_meta(path: str | Path) -> dict:
             hint = (" It holds .lmdb files: if they are OC20/JMP-style pickled LMDBs, convert them "
                     "with `python -m jmp_ext.data convert SRC DST --allow-pickle`.")
         raise FileNotFoundError(f"{path} is not a jmp_ext dataset (no {META_FILE}).{hint}")
-    meta = json.loads(meta_path.read_text())
+    meta = read_json(meta_path)
     if meta.get("format") != FORMAT_NAME:
         raise DataError(f"{meta_path}: format {meta.get('format')!r} is not {FORMAT_NAME!r}")
     if meta.get("version", 0) > FORMAT_VERSION:
         raise DataError(f"{meta_path}: format version {meta['version']} is newer than this "
                         f"jmp_ext reads ({FORMAT_VERSION}); upgrade jmp_ext")
     return meta
+
+
+def read_json(file: Path) -> dict:
+    """A metadata file's JSON; a truncated or hand-damaged file is a DataError naming it."""
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{file} is not valid JSON ({error}); rewrite it (stats.json: "
+                        "`python -m jmp_ext.data stats DIR --recompute`)") from None
 
 
 def read_natoms(path: str | Path, num_entries: int) -> np.ndarray:

@@ -105,6 +105,8 @@ class AtomBalancedBatchSampler(Sampler[list[int]]):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.natoms = np.asarray(natoms, dtype=np.int64)
+        if self.natoms.ndim != 1 or len(self.natoms) == 0:
+            raise ValueError(f"natoms must be a non-empty 1-D array, got shape {self.natoms.shape}")
         self.max_atoms = max_atoms
         self.max_structures = max_structures
         self.sampler = sampler

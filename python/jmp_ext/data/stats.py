@@ -94,7 +94,7 @@ def load_stats(dataset_dir: str | Path, recompute: bool = False, progress: bool 
         stats = compute_stats(LmdbDataset(dataset_dir), progress=progress)
         save_stats(dataset_dir, stats)
         return stats
-    stats = json.loads(file.read_text())
+    stats = fmt.read_json(file)
     if stats.get("version") != STATS_VERSION:
         raise fmt.DataError(f"{file}: statistics version {stats.get('version')} is not "
                             f"{STATS_VERSION}; recompute with `python -m jmp_ext.data stats "

@@ -33,13 +33,16 @@ class DatasetWriter:
         float_dtype: dtype floats are stored in (float64 keeps labels exact; float32 halves size).
         units: units of named properties, {name: unit}, recorded in the schema.
         overwrite: replace an existing dataset at `path` (only once the new one is complete).
+        info: provenance stored in meta.json under "info" (JSON-serialisable; e.g. the source
+            a converter read, the demo seed); may be updated until close().
 
     Every entry is validated (format.validate_entry); the first entry fixes the schema and every
     later entry must have the same fields, dtypes and shapes.
     """
 
     def __init__(self, path: str | Path, *, shard_size: int = 5000, float_dtype=np.float64,
-                 units: dict[str, str] | None = None, overwrite: bool = False):
+                 units: dict[str, str] | None = None, overwrite: bool = False,
+                 info: dict | None = None):
         if shard_size < 1:
             raise ValueError(f"shard_size must be positive, got {shard_size}")
         self.path = Path(path)
@@ -49,6 +52,7 @@ class DatasetWriter:
         self.shard_size = shard_size
         self.float_dtype = np.dtype(float_dtype)
         self.units = dict(units or {})
+        self.info = dict(info or {})
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}"
         self._tmp.mkdir()
@@ -128,7 +132,7 @@ class DatasetWriter:
             self._close_shard()
             meta = {"format": fmt.FORMAT_NAME, "version": fmt.FORMAT_VERSION,
                     "num_entries": len(self._natoms), "shards": self._shards,
-                    "schema": self._schema}
+                    "schema": self._schema, "info": self.info}
             _write_synced(self._tmp / fmt.META_FILE, json.dumps(meta, indent=1).encode())
             with open(self._tmp / fmt.NATOMS_FILE, "wb") as f:
                 np.savez(f, natoms=np.asarray(self._natoms, dtype=np.int64))

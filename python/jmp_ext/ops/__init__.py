@@ -6,7 +6,7 @@ autograd and torch.compile, on CPU tensors and (in a CUDA build) on GPU tensors.
 
 from jmp_ext.ops._lib import build_info
 from jmp_ext.ops.interaction_indices import mixed_triplets, quadruplets, triplets
-from jmp_ext.ops.radius_graph import radius_graph
+from jmp_ext.ops.radius_graph import edge_vectors, radius_graph
 from jmp_ext.ops.reductions import (
     padded_to_ragged,
     ragged_to_padded,
@@ -19,6 +19,7 @@ from jmp_ext.ops.reductions import (
 
 __all__ = [
     "build_info",
+    "edge_vectors",
     "mixed_triplets",
     "padded_to_ragged",
     "quadruplets",

@@ -36,6 +36,8 @@ __all__ = ["triplets", "mixed_triplets", "quadruplets"]
 
 # Pairing codes of csrc/interaction_indices/interaction_indices.h.
 _SAME_GRAPH, _SHARED_TARGET, _IN_TARGET_IS_OUT_SOURCE = 0, 1, 2
+# Largest num_atoms for which the CUDA sort key target * num_atoms + source fits in int64.
+_MAX_KEY_ATOMS = 3_037_000_499
 
 
 # ---- checks and kernel plumbing ----
@@ -105,6 +107,8 @@ def _graph_args(edge_index: Tensor, cell_offset: Tensor | None) -> tuple[int, in
 
 def _target_csr(edge_index: Tensor, num_atoms: int, name: str) -> tuple[Tensor, Tensor]:
     """(ptr [num_atoms+1], order [E]): edges grouped by target, by (source, index) inside."""
+    if edge_index.is_cuda:
+        return _target_csr_cuda(edge_index, num_atoms, name)
     num_edges = edge_index.shape[1]
     csr_ptr = edge_index.new_empty(num_atoms + 1)
     order = edge_index.new_empty(num_edges)
@@ -113,6 +117,51 @@ def _target_csr(edge_index: Tensor, num_atoms: int, name: str) -> tuple[Tensor, 
         ptr(edge_index), num_edges, num_atoms, name, ptr(csr_ptr), ptr(order), ptr(scratch)
     )
     return csr_ptr, order
+
+
+def _target_csr_cuda(edge_index: Tensor, num_atoms: int, name: str) -> tuple[Tensor, Tensor]:
+    """The CPU kernel's TargetCsr with torch's stable GPU sort on the key target * N + source."""
+    if num_atoms > _MAX_KEY_ATOMS:
+        raise ValueError(f"num_atoms = {num_atoms} is too large: target * num_atoms + source "
+                         "would overflow int64")
+    # The range check costs one synchronisation; bad atoms would corrupt the sort keys.
+    bad = ((edge_index < 0) | (edge_index >= num_atoms)).any(dim=0)
+    if bad.any():
+        _raise_bad_edge(name, edge_index, int(bad.nonzero()[0]), num_atoms)
+    source, target = edge_index
+    sorted_key, order = torch.sort(target * num_atoms + source, stable=True)
+    bounds = torch.arange(num_atoms + 1, device=edge_index.device) * num_atoms
+    return torch.searchsorted(sorted_key, bounds), order
+
+
+def _raise_bad_edge(name: str, edge_index: Tensor, e: int, num_atoms: int) -> None:
+    """The CPU kernels' message for edge e with an atom index outside [0, num_atoms)."""
+    s, t = edge_index[:, e].tolist()
+    raise ValueError(f"{name}: edge {e} ({s} -> {t}) has an atom index outside "
+                     f"[0, num_atoms = {num_atoms})")
+
+
+def _scan_counts_cuda(offsets: Tensor, what: str, name: str, edge_index: Tensor,
+                      num_atoms: int) -> int:
+    """offsets[1:] holds per-edge counts from a CUDA counting pass (-1: the edge has a bad atom).
+
+    Turns them into the exclusive prefix sum in place and returns the total, with one
+    synchronisation for the total and the checks."""
+    counts = offsets[1:]
+    offsets[0] = 0
+    if counts.numel() == 0:
+        return 0
+    bad = counts < 0
+    first_bad = torch.where(bad.any(), bad.int().argmax(), -1)
+    # A float64 sum detects an int64 overflow of the exact sum (cumsum would wrap silently).
+    too_many = counts.double().sum() >= 2.0**63
+    offsets[1:] = counts.cumsum(0)
+    total, first_bad, too_many = torch.stack([offsets[-1], first_bad, too_many.long()]).tolist()
+    if first_bad >= 0:
+        _raise_bad_edge(name, edge_index, first_bad, num_atoms)
+    if too_many:
+        raise ValueError(f"the number of {what} overflows int64")
+    return total
 
 
 def _pairs(
@@ -134,6 +183,9 @@ def _pairs(
     )
     offsets = in_graph[0].new_empty(out_graph[0].shape[1] + 1)
     total = _kernel("count_triplets", device)(*args, ptr(offsets))
+    if device.type == "cuda":
+        name = "graph" if pairing == _SAME_GRAPH else "graph_out"
+        total = _scan_counts_cuda(offsets, "triplets", name, out_graph[0], num_atoms)
     idx_in, idx_out, out_agg = (offsets.new_empty(total) for _ in range(3))
     _kernel("fill_triplets", device)(*args, ptr(offsets), ptr(idx_in), ptr(idx_out), ptr(out_agg))
     return idx_in, idx_out, out_agg, offsets
@@ -208,6 +260,8 @@ def _quadruplets_op(
     )
     offsets = main[0].new_empty(main[0].shape[1] + 1)
     total = _kernel("count_quadruplets", device)(*args, ptr(offsets))
+    if device.type == "cuda":  # (counts are never negative: the triplet ops checked the atoms)
+        total = _scan_counts_cuda(offsets, "quadruplets", "main_graph", main[0], num_atoms)
     out, trip_out_to_quad, trip_in_to_quad, out_agg = (offsets.new_empty(total) for _ in range(4))
     _kernel("fill_quadruplets", device)(
         *args, ptr(offsets), ptr(out), ptr(trip_out_to_quad), ptr(trip_in_to_quad), ptr(out_agg)

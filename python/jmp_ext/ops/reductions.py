@@ -30,6 +30,7 @@ from jmp_ext.ops._lib import _C, num_threads, ptr, require_cuda
 
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
 _REDUCE_CODES = {"sum": 0, "mean": 1, "max": 2}
+_NO_ERROR = torch.iinfo(torch.int64).max  # jmp_ext::cuda::kNoError
 
 
 # ---- checks on metadata (shared by the real and the fake kernels) ----
@@ -65,9 +66,13 @@ def _check_size(name: str, value: int) -> None:
 
 
 def _launch(name: str, device: torch.device, *args) -> None:
-    """Calls _C.<name>_cpu(*args, threads) or _C.<name>_cuda(*args, stream) for `device`."""
+    """Calls _C.<name>_cpu(*args, threads) or _C.<name>_cuda(*args, status, stream) for `device`."""
     if device.type == "cuda":
-        getattr(_C, f"{name}_cuda")(*args, require_cuda(device))
+        stream = require_cuda(device)
+        # A device int64 where the kernels report a bad index (csrc/common/cuda_helpers.h);
+        # kept alive until the call returns (it synchronises).
+        status = torch.full((1,), _NO_ERROR, dtype=torch.int64, device=device)
+        getattr(_C, f"{name}_cuda")(*args, ptr(status), stream)
     else:
         getattr(_C, f"{name}_cpu")(*args, num_threads())
 
@@ -148,21 +153,18 @@ def _(src, ptr_, num_rows):
     return src.new_empty(num_rows, src.shape[1])
 
 
-def _index_to_csr(index: Tensor, dim_size: int) -> tuple[Tensor, Tensor]:
-    """ptr [dim_size+1] and the stable permutation perm [E] that sorts index (a counting sort).
-
-    On CUDA, torch's stable sort does it; the range check then costs one host sync."""
-    if index.is_cuda:
-        sorted_index, perm = torch.sort(index, stable=True)
-        if index.numel() and not 0 <= sorted_index[0].item() <= sorted_index[-1].item() < dim_size:
-            raise ValueError(f"index values must lie in [0, dim_size = {dim_size}), got "
-                             f"min {sorted_index[0].item()}, max {sorted_index[-1].item()}")
-        bounds = torch.arange(dim_size + 1, device=index.device)
-        return torch.searchsorted(sorted_index, bounds), perm
-    ptr_ = index.new_empty(dim_size + 1)
-    perm = torch.empty_like(index)
-    _C.index_to_csr_cpu(ptr(index), index.shape[0], dim_size, ptr(ptr_), ptr(perm), num_threads())
-    return ptr_, perm
+def _index_to_csr_cuda(index: Tensor, dim_size: int) -> tuple[Tensor, Tensor]:
+    """ptr [dim_size+1] and the stable permutation perm [E] that sorts a CUDA index, with torch's
+    stable sort; the range check costs one host sync."""
+    bad = (index < 0) | (index >= dim_size)
+    if bad.any():  # the CPU kernel's message for the first bad entry
+        e = int(bad.nonzero()[0])
+        value = int(index[e])
+        problem = "is negative" if value < 0 else f"is out of range for dim_size = {dim_size}"
+        raise ValueError(f"index[{e}] = {value} {problem}")
+    sorted_index, perm = torch.sort(index, stable=True)
+    bounds = torch.arange(dim_size + 1, device=index.device)
+    return torch.searchsorted(sorted_index, bounds), perm
 
 
 @torch.library.custom_op("jmp_ext::scatter_reduce", mutates_args=())
@@ -171,14 +173,20 @@ def _scatter_reduce(src: Tensor, index: Tensor, dim_size: int, reduce: str, dete
     _check_scatter(src, index, dim_size, reduce)
     index = index.contiguous()
     atomic = src.is_cuda and not deterministic and not torch.are_deterministic_algorithms_enabled()
-    if not atomic:
-        ptr_, perm = _index_to_csr(index, dim_size)
-        return _segment_kernel(src, ptr_, perm, reduce)[0]
     src = src.contiguous()
+    if not src.is_cuda:  # rows reduced in ascending e: the order of the sorted CUDA path
+        out = src.new_empty(dim_size, src.shape[1])
+        _C.scatter_reduce_cpu(ptr(src), ptr(index), ptr(out), src.shape[0], dim_size,
+                              src.shape[1], _DTYPE_CODES[src.dtype], _REDUCE_CODES[reduce],
+                              num_threads())
+        return out
+    if not atomic:
+        ptr_, perm = _index_to_csr_cuda(index, dim_size)
+        return _segment_kernel(src, ptr_, perm, reduce)[0]
     acc = torch.zeros(dim_size, src.shape[1], device=src.device,
                       dtype=torch.float64 if src.dtype == torch.float64 else torch.float32)
-    _C.scatter_add_atomic_cuda(ptr(src), _DTYPE_CODES[src.dtype], ptr(index), src.shape[0],
-                               src.shape[1], dim_size, ptr(acc), require_cuda(src.device))
+    _launch("scatter_add_atomic", src.device, ptr(src), _DTYPE_CODES[src.dtype], ptr(index),
+            src.shape[0], src.shape[1], dim_size, ptr(acc))
     if reduce == "mean":
         acc /= _counts(index, dim_size, acc.dtype)
     return acc.to(src.dtype)

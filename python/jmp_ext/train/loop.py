@@ -10,6 +10,7 @@ gradients) -> clipping -> AdamW -> EMA -> lr of the next step.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import warnings
@@ -79,9 +80,9 @@ def graph_config(config: TrainConfig):
     g = config.graph
     graph = GraphConfig.preset(g.preset)
     if g.cutoff > 0:
-        graph = graph.replace(cutoff_main=g.cutoff, cutoff_a2ee2a=g.cutoff, cutoff_qint=g.cutoff, cutoff_a2a=g.cutoff)
+        graph = dataclasses.replace(graph, cutoff_main=g.cutoff, cutoff_a2ee2a=g.cutoff, cutoff_qint=g.cutoff, cutoff_a2a=g.cutoff)
     if g.max_neighbors > 0:
-        graph = graph.replace(max_neighbors=g.max_neighbors)
+        graph = dataclasses.replace(graph, max_neighbors=g.max_neighbors)
     return graph
 
 

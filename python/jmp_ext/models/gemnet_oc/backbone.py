@@ -12,6 +12,8 @@ The graphs dict (built by jmp_ext.graphs.build_graphs, or taken from JMP's fixtu
   trip_e2e, trip_a2e, trip_e2a: {"in", "out", "out_agg"} [T] (see jmp_ext.ops.triplets);
   quad: {"triplet_in": {"in","out"}, "triplet_out": {"in","out"}, "out", "out_agg",
          "trip_in_to_quad", "trip_out_to_quad"}.
+  kmax: {"trip_e2e", "trip_a2e", "trip_e2a", "quad", "a2ee2a", "a2a": int}: width of every
+         padded block (computed once with the indices, so the forward never syncs with the host).
 Distances and vectors carry the autograd graph to the positions (gradient forces, stress).
 """
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from jmp_ext.models.gemnet_oc.config import BackboneConfig
 from jmp_ext.models.gemnet_oc.layers import Dense, he_orthogonal_init
-from jmp_ext.models.gemnet_oc.ops import to_padded
+from jmp_ext import ops
 
 
 class GaussianBasis(nn.Module):
@@ -194,7 +194,7 @@ class Bases(nn.Module):
         main, a2ee2a, a2a, qint = graphs["main"], graphs["a2ee2a"], graphs["a2a"], graphs["qint"]
         trip_e2e, trip_a2e, trip_e2a, quad = graphs["trip_e2e"], graphs["trip_a2e"], graphs["trip_e2a"], graphs["quad"]
         V_main, V_a2ee2a, V_qint = main["vector"], a2ee2a["vector"], qint["vector"]
-        num_atoms = graphs["num_atoms"]
+        num_atoms, kmax = graphs["num_atoms"], graphs["kmax"]
 
         rad_main = self.radial_basis(main["distance"])
         # One module, one input: the shared spherical radial basis is evaluated once.
@@ -224,23 +224,25 @@ class Bases(nn.Module):
             "rbf_out": self.mlp_rbf_out(rad_main),
             "e2e": {
                 "rad": self.mlp_rbf_tint(rad_main),
-                "cir": (self.mlp_cbf_tint(rad_spherical_main), _padded_sph(cir_e2e, trip_e2e, V_main.shape[0])),
+                "cir": (self.mlp_cbf_tint(rad_spherical_main), _padded_sph(cir_e2e, trip_e2e, V_main.shape[0], kmax["trip_e2e"])),
             },
             "qint": {
                 "rad": self.mlp_rbf_qint(rad_main),
                 # Per input triplet: rad_W1 of its qint edge b->a contracted with Y_l0(cos_abd).
                 "cir": (rad_qint_cir[t_in["out"]] @ cir_qint[:, :, None]).squeeze(-1),
-                "sph": (self.mlp_sbf_qint(rad_spherical_main), _padded_sph(sph_qint, quad, V_main.shape[0])),
+                "sph": (self.mlp_sbf_qint(rad_spherical_main), _padded_sph(sph_qint, quad, V_main.shape[0], kmax["quad"])),
             },
             "a2e": {
                 "rad": self.mlp_rbf_aeint(self.radial_basis_aeaint(a2ee2a["distance"])),
-                "cir": (self.mlp_cbf_aeint(rad_spherical_main), _padded_sph(cir_a2e, trip_a2e, V_main.shape[0])),
+                "cir": (self.mlp_cbf_aeint(rad_spherical_main), _padded_sph(cir_a2e, trip_a2e, V_main.shape[0], kmax["trip_a2e"])),
             },
             "e2a": {
                 "rad": self.mlp_rbf_eaint(rad_main),
-                "cir": (_padded_rad(rad_e2a_cir, a2ee2a, num_atoms), _padded_sph(cir_e2a, trip_e2a, V_a2ee2a.shape[0])),
+                "cir": (_padded_rad(rad_e2a_cir, a2ee2a, num_atoms, kmax["a2ee2a"]),
+                        _padded_sph(cir_e2a, trip_e2a, V_a2ee2a.shape[0], kmax["trip_e2a"])),
             },
-            "a2a_rad": _padded_rad(self.mlp_rbf_aint(self.radial_basis_aint(a2a["distance"])), a2a, num_atoms),
+            "a2a_rad": _padded_rad(self.mlp_rbf_aint(self.radial_basis_aint(a2a["distance"])), a2a, num_atoms,
+                                   kmax["a2a"]),
         }
 
 
@@ -254,12 +256,12 @@ class _GradDivide:
         return grad / self.n
 
 
-def _padded_sph(sph: torch.Tensor, idx: dict, num_out: int) -> torch.Tensor:
-    """[T, S] angular basis -> [num_out, S, Kmax] (zero padded; row = out edge, col = out_agg)."""
-    return to_padded(sph, idx["out"], idx["out_agg"], num_out).transpose(1, 2)
+def _padded_sph(sph: torch.Tensor, idx: dict, num_out: int, kmax: int) -> torch.Tensor:
+    """[T, S] angular basis -> [num_out, S, kmax] (zero padded; row = out edge, col = out_agg)."""
+    return ops.ragged_to_padded(sph, idx["out"], idx["out_agg"], num_out, kmax).transpose(1, 2)
 
 
-def _padded_rad(rad_W1: torch.Tensor, graph: dict, num_atoms: int) -> torch.Tensor:
+def _padded_rad(rad_W1: torch.Tensor, graph: dict, num_atoms: int, kmax: int) -> torch.Tensor:
     """[E, I(, S)] per-edge projections -> [N, I, Kmax(*S)] per target atom (col = neighbour rank)."""
-    padded = to_padded(rad_W1, graph["edge_index"][1], graph["target_neighbor_idx"], num_atoms)
+    padded = ops.ragged_to_padded(rad_W1, graph["edge_index"][1], graph["target_neighbor_idx"], num_atoms, kmax)
     return padded.transpose(1, 2).reshape(num_atoms, rad_W1.shape[1], -1)

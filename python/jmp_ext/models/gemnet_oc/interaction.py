@@ -14,10 +14,11 @@ import math
 import torch
 from torch import nn
 
+from jmp_ext import ops
+
 from jmp_ext.models.gemnet_oc.bases import EdgeEmbedding
 from jmp_ext.models.gemnet_oc.config import BackboneConfig
 from jmp_ext.models.gemnet_oc.layers import Dense, ResidualLayer, residual_stack
-from jmp_ext.models.gemnet_oc.ops import scatter_sum, to_padded
 from jmp_ext.models.gemnet_oc.scaling import ScaleFactor
 
 INV_SQRT_2 = 1 / math.sqrt(2.0)
@@ -27,7 +28,7 @@ class EfficientInteractionBilinear(nn.Module):
     """sum over triplets (t -> out edge) of rad_W1 · sph · m_t, then a bilinear Dense.
 
     basis = (rad_W1 [O, I, S], sph [O, S, K]); m [T, in]; out, out_agg [T] (out edge and its rank).
-    With agg2 = (row, col, num_rows) the per-edge result [O, S, in] is aggregated once more onto
+    With agg2 = (row, col, num_rows, num_cols) the per-edge result [O, S, in] is aggregated once more onto
     atoms (edge-to-atom): rad_W1 is then [num_rows, I, K2*S]. Returns [O or num_rows, out]."""
 
     def __init__(self, emb_size_in: int, emb_size_interm: int, emb_size_out: int):
@@ -37,11 +38,11 @@ class EfficientInteractionBilinear(nn.Module):
 
     def forward(self, basis, m, out, out_agg, agg2=None):
         rad_W1, sph = basis
-        m_padded = to_padded(m, out, out_agg, sph.shape[0])  # [O, K, in], same K as sph
+        m_padded = ops.ragged_to_padded(m, out, out_agg, sph.shape[0], sph.shape[2])  # [O, K, in], K of sph
         sph_m = sph @ m_padded  # [O, S, in]
         if agg2 is not None:
-            row, col, num_rows = agg2
-            sph_m = to_padded(sph_m, row, col, num_rows).reshape(num_rows, -1, sph_m.shape[-1])  # [N, K2*S, in]
+            row, col, num_rows, num_cols = agg2
+            sph_m = ops.ragged_to_padded(sph_m, row, col, num_rows, num_cols).reshape(num_rows, -1, sph_m.shape[-1])  # [N, K2*S, in]
         x = rad_W1 @ sph_m  # [O, I, in]; the flat index below is i_interm * in + i_in
         return self.bilinear(x.reshape(-1, self.emb_size_in * self.emb_size_interm))
 
@@ -124,7 +125,8 @@ class PairInteraction(nn.Module):
         """h [N, A]; rad [N, rbf, Kmax] padded radial basis; a2a graph with target_neighbor_idx."""
         num_atoms = h.shape[0]
         x_b = self.down_projection(h)
-        x_padded = to_padded(x_b[a2a["edge_index"][0]], a2a["edge_index"][1], a2a["target_neighbor_idx"], num_atoms)
+        x_padded = ops.ragged_to_padded(x_b[a2a["edge_index"][0]], a2a["edge_index"][1], a2a["target_neighbor_idx"],
+                                        num_atoms, rad.shape[2])
         x = (rad @ x_padded).reshape(num_atoms, -1)  # [N, rbf * pair_in]
         return self.up_projection(self.scale_rbf_sum(self.bilinear(x), ref=x_b))
 
@@ -140,7 +142,7 @@ class AtomUpdateBlock(nn.Module):
 
     def aggregate(self, m, rbf, idx_t, num_atoms):
         """[E, edge] -> [N, edge]: the rbf-weighted, scaled sum of the edges onto their targets."""
-        x = scatter_sum(m * self.dense_rbf(rbf), idx_t, num_atoms)
+        x = ops.scatter_sum(m * self.dense_rbf(rbf), idx_t, num_atoms)
         return self.scale_sum(x, ref=m)
 
     def forward(self, h, m, rbf, idx_t):
@@ -185,7 +187,7 @@ class InteractionBlock(nn.Module):
              + self.atom_edge_interaction(h, bases["a2e"], graphs["trip_a2e"], id_swap,
                                           expand_idx=a2ee2a["edge_index"][0])) * 0.5
         # Atom messages: skip + edge-to-atom + atom-to-atom, 1/sqrt(3).
-        agg2 = (a2ee2a["edge_index"][1], a2ee2a["target_neighbor_idx"], num_atoms)
+        agg2 = (a2ee2a["edge_index"][1], a2ee2a["target_neighbor_idx"], num_atoms, graphs["kmax"]["a2ee2a"])
         h = (h
              + self.edge_atom_interaction(m, bases["e2a"], graphs["trip_e2a"], agg2=agg2)
              + self.atom_interaction(h, bases["a2a_rad"], graphs["a2a"])) * (1 / math.sqrt(3.0))

@@ -1,0 +1,275 @@
+"""Converters: inputs are made here with ASE and with stand-ins for torch_geometric's Data."""
+
+import pickle
+import sys
+import types
+
+import ase.db
+import ase.io
+import lmdb
+import numpy as np
+import pytest
+import torch
+from ase import Atoms, units
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.constraints import FixAtoms
+
+from jmp_ext.data import DataError, LmdbDataset
+from jmp_ext.data.__main__ import main
+from jmp_ext.data.convert import KeyMap, convert
+
+
+def make_atoms(rng, n=None, periodic=True):
+    n = n or int(rng.integers(2, 9))
+    atoms = Atoms(numbers=rng.choice([1, 6, 8, 29], n), positions=rng.normal(size=(n, 3)) * 2,
+                  cell=np.diag(rng.uniform(6, 9, 3)) if periodic else None, pbc=periodic)
+    atoms.calc = SinglePointCalculator(atoms, energy=float(rng.normal() * 5),
+                                       forces=rng.normal(size=(n, 3)),
+                                       stress=rng.normal(size=6) * 0.01)
+    return atoms
+
+
+@pytest.fixture
+def frames():
+    rng = np.random.default_rng(0)
+    frames = [make_atoms(rng) for _ in range(6)]
+    frames[2].set_tags(np.arange(len(frames[2])) % 3)
+    frames[2].set_constraint(FixAtoms(indices=[0]))
+    return frames
+
+
+def check_against(ds: LmdbDataset, frames, energy_factor=1.0, length_factor=1.0):
+    assert len(ds) == len(frames)
+    for i, atoms in enumerate(frames):
+        entry = ds[i]
+        np.testing.assert_allclose(entry["pos"], atoms.positions * length_factor, rtol=1e-12)
+        np.testing.assert_array_equal(entry["atomic_numbers"], atoms.numbers)
+        np.testing.assert_allclose(entry["cell"], atoms.cell.array * length_factor, rtol=1e-12)
+        assert entry["pbc"].tolist() == atoms.pbc.tolist()
+        assert entry["energy"].item() == pytest.approx(atoms.get_potential_energy() * energy_factor,
+                                                       rel=1e-12)
+        np.testing.assert_allclose(entry["forces"], atoms.get_forces(apply_constraint=False)
+                                   * energy_factor / length_factor, rtol=1e-12)
+        np.testing.assert_allclose(entry["stress"], atoms.get_stress(voigt=False)
+                                   * energy_factor / length_factor**3, rtol=1e-12)
+        assert entry["sid"].item() == i
+
+
+def test_extxyz(tmp_path, frames):
+    ase.io.write(tmp_path / "in.extxyz", frames)
+    report = convert(tmp_path / "in.extxyz", tmp_path / "out")
+    assert report.written == 6 and not report.skipped
+    assert report.labels["energy"] == "calculator['energy']"
+    ds = LmdbDataset(tmp_path / "out")
+    check_against(ds, ase.io.read(tmp_path / "in.extxyz", ":"))
+    assert ds[2]["tags"].tolist() == [0, 1, 2] * (len(frames[2]) // 3) + [0, 1][:len(frames[2]) % 3]
+    assert ds[2]["fixed"].tolist() == [True] + [False] * (len(frames[2]) - 1)
+    assert (ds[0]["tags"] == 2).all()  # no tags in the file: molecule/bulk convention
+
+
+def test_mace_style_keys_and_units(tmp_path, frames):
+    for atoms in frames:
+        atoms.info["REF_energy"] = atoms.get_potential_energy()
+        atoms.arrays["REF_forces"] = atoms.get_forces()
+        atoms.info["free_energy"] = atoms.get_potential_energy() - 1.0
+        atoms.calc = None
+    ase.io.write(tmp_path / "in.xyz", frames, format="extxyz")
+    convert(tmp_path / "in.xyz", tmp_path / "out", keys=KeyMap(energy_unit="Hartree",
+                                                               length_unit="Bohr"))
+    ds = LmdbDataset(tmp_path / "out")
+    assert "stress" not in ds.schema
+    for i, atoms in enumerate(ase.io.read(tmp_path / "in.xyz", ":")):  # as written (rounded)
+        assert ds[i]["energy"].item() == pytest.approx(atoms.info["REF_energy"] * units.Hartree)
+        np.testing.assert_allclose(ds[i]["forces"], atoms.arrays["REF_forces"]
+                                   * units.Hartree / units.Bohr, rtol=1e-12)
+        np.testing.assert_allclose(ds[i]["pos"], atoms.positions * units.Bohr, rtol=1e-12)
+    convert(tmp_path / "in.xyz", tmp_path / "free", keys=KeyMap(energy="free_energy"))
+    assert LmdbDataset(tmp_path / "free")[0]["energy"].item() == pytest.approx(
+        frames[0].info["free_energy"])
+
+
+def test_ase_db_with_property(tmp_path, frames):
+    with ase.db.connect(tmp_path / "in.db") as db:
+        for i, atoms in enumerate(frames):
+            db.write(atoms, gap=float(i) / 2, data={"dipole": np.arange(3.0) + i})
+    report = convert(tmp_path / "in.db", tmp_path / "out",
+                     keys=KeyMap(properties={"gap": "gap", "dipole": "dipole"}))
+    assert report.written == 6
+    ds = LmdbDataset(tmp_path / "out")
+    for i in range(6):
+        assert ds[i]["gap"].item() == i / 2
+        np.testing.assert_array_equal(ds[i]["dipole"], np.arange(3.0) + i)
+        assert ds[i]["sid"].item() == i + 1  # the row id
+    check = ase.db.connect(tmp_path / "in.db")
+    with pytest.raises(DataError, match=r"row id=1: property 'homo': key 'homo' not found"):
+        convert(tmp_path / "in.db", tmp_path / "bad", keys=KeyMap(properties={"homo": "homo"}))
+    assert not (tmp_path / "bad").exists() and check.count() == 6
+
+
+def test_bad_ase_inputs(tmp_path, frames):
+    frames[3].calc.results["energy"] = float("nan")
+    frames[4].numbers[0] = 0  # "X": not an element
+    ase.io.write(tmp_path / "in.extxyz", frames)
+    with pytest.raises(DataError, match=r"in.extxyz structure 3: label energy contains NaN"):
+        convert(tmp_path / "in.extxyz", tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing half-written
+    report = convert(tmp_path / "in.extxyz", tmp_path / "out", skip_invalid=True)
+    assert report.written == 4 and len(report.skipped) == 2
+    assert "structure 4: unknown element with atomic number 0" in report.skipped[1]
+    assert LmdbDataset(tmp_path / "out")[3]["sid"].item() == 5
+
+
+def test_truncated_extxyz(tmp_path, frames):
+    ase.io.write(tmp_path / "in.extxyz", frames)
+    text = (tmp_path / "in.extxyz").read_text().splitlines()
+    (tmp_path / "in.extxyz").write_text("\n".join(text[:-2]) + "\n")
+    with pytest.raises(DataError, match=r"in.extxyz structure 5: cannot parse"):
+        convert(tmp_path / "in.extxyz", tmp_path / "out")
+    assert convert(tmp_path / "in.extxyz", tmp_path / "out", skip_invalid=True).written == 5
+
+
+# ----- pickled OC20 / JMP LMDBs -----
+
+
+class OldData:  # torch_geometric 1.x: attributes in __dict__
+    __module__, __qualname__ = "torch_geometric.data.data", "Data"
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+
+class GlobalStorage:  # torch_geometric 2.x: Data._store._mapping, back-reference to the Data
+    __module__ = "torch_geometric.data.storage"
+
+
+class NewData:
+    __module__, __qualname__ = "torch_geometric.data.data", "Data"
+
+    def __init__(self, **fields):
+        store = GlobalStorage()
+        store.__dict__["_mapping"] = fields
+        store.__dict__["_parent"] = self
+        self.__dict__["_store"] = store
+
+
+def oc20_fields(rng, n):
+    return dict(pos=torch.tensor(rng.normal(size=(n, 3))),
+                atomic_numbers=torch.tensor(rng.choice([1.0, 8.0, 78.0], n)),  # float, as OC20
+                cell=torch.tensor(np.diag([8.0, 8.0, 20.0]))[None], natoms=n,
+                tags=torch.tensor(rng.integers(0, 3, n)), fixed=torch.tensor(rng.random(n) < 0.5),
+                y=float(rng.normal()), force=torch.tensor(rng.normal(size=(n, 3))),
+                sid=int(rng.integers(1000)), fid=3, edge_index=torch.zeros(2, 5, dtype=torch.long),
+                cell_offsets=torch.zeros(5, 3), x=None)
+
+
+@pytest.fixture
+def fake_pyg(monkeypatch):
+    """Register the stand-ins under torch_geometric's module paths so pickle names them so."""
+    for path, classes in [("torch_geometric", {}), ("torch_geometric.data", {}),
+                          ("torch_geometric.data.data", {"Data": None}),
+                          ("torch_geometric.data.storage", {"GlobalStorage": GlobalStorage})]:
+        module = types.ModuleType(path)
+        for name, cls in classes.items():
+            setattr(module, name, cls)
+        monkeypatch.setitem(sys.modules, path, module)
+
+    def pickle_as_data(cls, fields):
+        module = sys.modules["torch_geometric.data.data"]
+        monkeypatch.setattr(module, "Data", cls, raising=False)
+        return pickle.dumps(cls(**fields), protocol=-1)
+
+    return pickle_as_data
+
+
+def write_pickled_lmdb(file, values, length=True):
+    env = lmdb.open(str(file), subdir=False, map_size=1 << 26)
+    with env.begin(write=True) as txn:
+        for i, value in enumerate(values):
+            txn.put(str(i).encode("ascii"), value)
+        if length:
+            txn.put(b"length", pickle.dumps(len(values)))
+    env.close()
+
+
+@pytest.mark.parametrize("layout", ["old", "new"])
+def test_pickled_lmdb_layouts(tmp_path, fake_pyg, monkeypatch, layout):
+    rng = np.random.default_rng(1)
+    fields = [oc20_fields(rng, n) for n in (4, 7, 5, 6, 3)]
+    cls = OldData if layout == "old" else NewData
+    src = tmp_path / "oc20"
+    src.mkdir()
+    write_pickled_lmdb(src / "data.0000.lmdb", [fake_pyg(cls, f) for f in fields[:3]])
+    write_pickled_lmdb(src / "data.0001.lmdb", [fake_pyg(cls, f) for f in fields[3:]], length=False)
+    assert "torch_geometric" in sys.modules  # written with the stand-ins...
+    for name in [m for m in sys.modules if m.startswith("torch_geometric")]:
+        monkeypatch.delitem(sys.modules, name)  # ...and read without any torch_geometric at all
+    with pytest.raises(PermissionError, match="allow_pickle"):
+        convert(src, tmp_path / "out")
+    report = convert(src, tmp_path / "out", allow_pickle=True)
+    assert report.written == 5 and report.labels == {"energy": "y", "forces": "force"}
+    ds = LmdbDataset(tmp_path / "out")
+    assert set(ds.schema) == {"pos", "atomic_numbers", "cell", "pbc", "tags", "fixed", "energy",
+                              "forces", "sid", "fid"}
+    for i, f in enumerate(fields):
+        entry = ds[i]
+        assert torch.equal(entry["pos"], f["pos"])
+        assert entry["atomic_numbers"].tolist() == f["atomic_numbers"].long().tolist()
+        assert torch.equal(entry["cell"], f["cell"][0]) and entry["pbc"].all()
+        assert torch.equal(entry["tags"], f["tags"]) and torch.equal(entry["fixed"], f["fixed"])
+        assert entry["energy"].item() == f["y"] and torch.equal(entry["forces"], f["force"])
+        assert entry["sid"].item() == f["sid"] and entry["fid"].item() == 3
+
+
+def test_pickled_lmdb_bad_entries(tmp_path, fake_pyg):
+    rng = np.random.default_rng(2)
+    good = [oc20_fields(rng, 4) for _ in range(6)]
+    good[2]["force"] = good[2]["force"][:-1]  # mismatched lengths
+    del good[3]["pos"]  # missing field
+    good[4]["natoms"] = 9  # metadata disagrees with the arrays
+    values = [fake_pyg(OldData, f) for f in good]
+    values[1] = values[1][: len(values[1]) // 2]  # truncated pickle
+    write_pickled_lmdb(tmp_path / "x.lmdb", values)
+    with pytest.raises(DataError, match=r"x.lmdb entry 1: "):
+        convert(tmp_path / "x.lmdb", tmp_path / "out", allow_pickle=True)
+    report = convert(tmp_path / "x.lmdb", tmp_path / "out", allow_pickle=True, skip_invalid=True)
+    assert report.written == 2
+    assert [m.split(": ")[0].rsplit(" ", 1)[1] for m in report.skipped] == ["1", "2", "3", "4"]
+    assert "forces has shape (3, 3), expected (4, 3)" in report.skipped[1]
+    assert "missing field(s) pos" in report.skipped[2]
+    assert "natoms is 9" in report.skipped[3]
+
+
+class Exploit:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch pwned",))
+
+
+def test_hostile_pickle_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_pickled_lmdb(tmp_path / "x.lmdb", [pickle.dumps(Exploit())])
+    with pytest.raises(DataError, match="refusing to load global posix.system"):
+        convert(tmp_path / "x.lmdb", tmp_path / "out", allow_pickle=True)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_cli_convert(tmp_path, frames, capsys):
+    ase.io.write(tmp_path / "in.extxyz", frames)
+    assert main(["convert", str(tmp_path / "in.extxyz"), str(tmp_path / "out"), "--float32"]) == 0
+    assert "wrote 6 entries" in capsys.readouterr().out
+    assert LmdbDataset(tmp_path / "out")[0]["pos"].dtype == torch.float32
+    write_pickled_lmdb(tmp_path / "x.lmdb", [b"\x80\x05K\x01."])
+    assert main(["convert", str(tmp_path / "x.lmdb"), str(tmp_path / "o2")]) == 1
+    assert "--allow-pickle" in capsys.readouterr().err
+
+
+def test_provenance_in_meta(tmp_path, frames):
+    import json
+
+    frames[1].numbers[0] = 0
+    ase.io.write(tmp_path / "in.extxyz", frames)
+    convert(tmp_path / "in.extxyz", tmp_path / "out", skip_invalid=True)
+    info = json.loads((tmp_path / "out" / "meta.json").read_text())["info"]
+    assert info["converted_from"] == str(tmp_path / "in.extxyz") and info["source_format"] == "ase"
+    assert info["labels"]["forces"] == "calculator['forces']"
+    assert len(info["skipped"]) == 1 and "structure 1: unknown element" in info["skipped"][0]

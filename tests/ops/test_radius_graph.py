@@ -1,0 +1,549 @@
+"""jmp_ext.ops.radius_graph against ASE's neighbor_list (the oracle for the pair set), the
+brute-force twin (order and max_neighbors), float64 recomputation (distances), gradcheck
+(edge_vectors), and every bad input the op must reject."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import bulk
+from ase.neighborlist import neighbor_list
+
+from jmp_ext.ops import edge_vectors, radius_graph
+from jmp_ext.ops.reference_radius_graph import reference_radius_graph
+
+DTYPES = [torch.float32, torch.float64]
+
+
+# ---- random batches ----
+
+
+def _random_cell(rng, lengths, shear):
+    cell = np.diag(lengths) + rng.uniform(-shear, shear, (3, 3)) * np.mean(lengths)
+    if rng.random() < 0.3:  # left-handed cells too
+        cell[0] *= -1
+    return cell
+
+
+def _random_system(rng, kind):
+    """(positions [n, 3], cell given to radius_graph, cell given to ASE, pbc [3]) float64."""
+    n = int(rng.integers(1, 12))
+    if kind == "molecule":
+        pos = rng.uniform(0, 6, (n, 3))
+        return pos, None, np.zeros((3, 3)), np.zeros(3, bool)
+    pbc = {
+        "bulk": [True] * 3,
+        "skewed": [True] * 3,
+        "tiny": [True] * 3,
+        "slab": [True, True, False],
+        "wire": [False, True, False],
+    }[kind]
+    pbc = np.array(pbc)
+    if kind == "tiny":
+        n = int(rng.integers(1, 3))
+        cell = _random_cell(rng, rng.uniform(1.2, 2.5, 3), 0.2)
+    elif kind == "skewed":
+        cell = _random_cell(rng, rng.uniform(3, 7, 3), 0.2)
+        cell[1] += cell[0] * rng.uniform(1.5, 3)  # strongly sheared, ~20 degrees
+    else:
+        cell = _random_cell(rng, rng.uniform(2.5, 7, 3), 0.3)
+    if abs(np.linalg.det(cell)) < 0.05 * np.prod(np.linalg.norm(cell, axis=1)):
+        return _random_system(rng, kind)
+    # Unwrapped positions: up to half a cell outside on periodic axes.
+    frac = rng.uniform(-0.5, 1.5, (n, 3))
+    pos = frac @ cell
+    ours = cell.copy()
+    ours[~pbc] = 0 if rng.random() < 0.5 else ours[~pbc]  # open-axis rows are ignored
+    return pos, ours, cell, pbc
+
+
+def _ase_pairs(pos, cell, pbc, cutoff):
+    i, j, s = neighbor_list("ijS", Atoms(positions=pos, cell=cell, pbc=pbc), cutoff)
+    return set(zip(i.tolist(), j.tolist(), map(tuple, s.tolist())))
+
+
+def _safe_cutoff(rng, systems, low, high):
+    """A cutoff with no pair within 1e-6 of it, so that ASE's d < rc and our d <= rc agree."""
+    while True:
+        cutoff = float(rng.uniform(low, high))
+        if all(
+            _ase_pairs(p, c, b, cutoff * (1 - 1e-6)) == _ase_pairs(p, c, b, cutoff * (1 + 1e-6))
+            for p, _, c, b in systems
+        ):
+            return cutoff
+
+
+def _random_batch(seed, kinds=("bulk", "skewed", "tiny", "slab", "wire", "molecule")):
+    rng = np.random.default_rng(seed)
+    systems = [_random_system(rng, kinds[int(rng.integers(len(kinds)))]) for _ in range(4)]
+    cutoff = _safe_cutoff(rng, systems, 1.5, 5.0)
+    return systems, cutoff
+
+
+def _batch_tensors(systems, dtype):
+    pos = torch.tensor(np.concatenate([s[0] for s in systems]), dtype=dtype)
+    natoms = torch.tensor([len(s[0]) for s in systems])
+    cell = torch.tensor(
+        np.stack([s[1] if s[1] is not None else np.zeros((3, 3)) for s in systems]), dtype=dtype
+    )
+    pbc = torch.tensor(np.stack([s[3] for s in systems]))
+    return pos, natoms, cell, pbc
+
+
+def _triples(edge_index, cell_offsets, first=0):
+    """The (target i, source j, shift S) set in ASE's index convention."""
+    return set(
+        zip(
+            (edge_index[1] - first).tolist(),
+            (edge_index[0] - first).tolist(),
+            map(tuple, cell_offsets.tolist()),
+        )
+    )
+
+
+def _assert_sorted(edge_index, cell_offsets, distance):
+    keys = list(
+        zip(
+            edge_index[1].tolist(),
+            distance.double().tolist(),
+            edge_index[0].tolist(),
+            map(tuple, cell_offsets.tolist()),
+        )
+    )
+    assert keys == sorted(keys)
+
+
+def _float64_distance(pos, cell, natoms, edge_index, cell_offsets):
+    """|pos[j] - pos[i] + S @ cell| in float64, by plain indexing (independent of edge_vectors)."""
+    pos, cell = pos.double(), cell.double()
+    system = torch.repeat_interleave(torch.arange(len(natoms)), natoms)[edge_index[1]]
+    d = pos[edge_index[0]] - pos[edge_index[1]]
+    d = d + (cell_offsets.double()[:, :, None] * cell[system]).sum(1)
+    return d.norm(dim=1)
+
+
+# ---- the pair set ----
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seed", range(24))
+def test_matches_ase_on_random_batches(seed, dtype):
+    systems, cutoff = _random_batch(seed)
+    pos, natoms, cell, pbc = _batch_tensors(systems, dtype)
+    edge_index, cell_offsets, distance = radius_graph(
+        pos, cutoff, natoms=natoms, cell=cell, pbc=pbc
+    )
+    assert edge_index.dtype == torch.int64 and cell_offsets.dtype == torch.int32
+    assert distance.dtype == dtype
+    first = 0
+    for p, _, ase_cell, b in systems:
+        # ASE sees the positions radius_graph saw (rounded to dtype).
+        p = torch.tensor(p, dtype=dtype).double().numpy()
+        mask = (edge_index[1] >= first) & (edge_index[1] < first + len(p))
+        assert (edge_index[0][mask] >= first).all() and (edge_index[0][mask] < first + len(p)).all()
+        ours = _triples(edge_index[:, mask], cell_offsets[mask], first)
+        assert ours == _ase_pairs(p, ase_cell, b, cutoff)
+        first += len(p)
+    assert not cell_offsets[:, ~pbc.any(0)].any() if len(cell_offsets) else True
+    _assert_sorted(edge_index, cell_offsets, distance)
+    expected = _float64_distance(pos, cell, natoms, edge_index, cell_offsets)
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(distance.double(), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("cutoff", [6.0, 12.0])
+def test_one_atom_cell_much_smaller_than_cutoff(cutoff):
+    """fcc primitive cell (1 atom, 2.55 A): hundreds of images of the atom itself."""
+    atoms = bulk("Cu", "fcc", a=3.61)
+    atoms.positions += [[5.3, -7.1, 2.2]]  # far outside its cell
+    edge_index, cell_offsets, distance = radius_graph(
+        torch.tensor(atoms.positions), cutoff, cell=torch.tensor(atoms.cell.array)
+    )
+    ase = _ase_pairs(atoms.positions, atoms.cell.array, atoms.pbc, cutoff)
+    assert len(ase) > 50 and _triples(edge_index, cell_offsets) == ase
+
+
+def test_perfect_crystal_with_exact_ties():
+    """Bulk fcc Cu (many equal distances) against ASE at a cutoff between shells."""
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((3, 2, 2))
+    edge_index, cell_offsets, _ = radius_graph(
+        torch.tensor(atoms.positions), 6.0, cell=torch.tensor(atoms.cell.array)
+    )
+    assert _triples(edge_index, cell_offsets) == _ase_pairs(
+        atoms.positions, atoms.cell.array, atoms.pbc, 6.0
+    )
+
+
+def test_cutoff_is_inclusive_and_zero_distance_is_not_an_edge():
+    # Atoms on integer coordinates, cutoff exactly 1: the 1 A pairs are edges (ASE: d < rc).
+    pos = torch.tensor([[0.0, 0, 0], [1, 0, 0], [1, 0, 0], [3, 0, 0]], dtype=torch.float64)
+    edge_index, cell_offsets, distance = radius_graph(pos, 1.0)
+    assert sorted(zip(edge_index[1].tolist(), edge_index[0].tolist())) == [
+        (0, 1), (0, 2), (1, 0), (2, 0)
+    ]  # fmt: skip
+    assert (distance == 1).all()
+
+
+def test_molecules_without_cell_and_defaults():
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0, 5, (9, 3))
+    cutoff = _safe_cutoff(rng, [(p, None, np.zeros((3, 3)), np.zeros(3, bool))], 2, 4)
+    edge_index, cell_offsets, _ = radius_graph(torch.tensor(p), cutoff)
+    assert not cell_offsets.any()
+    assert _triples(edge_index, cell_offsets) == _ase_pairs(p, np.zeros((3, 3)), False, cutoff)
+
+
+def test_empty_and_single_atom_systems():
+    empty = torch.zeros(0, 3)
+    edge_index, cell_offsets, distance = radius_graph(empty, 3.0)
+    assert edge_index.shape == (2, 0) and cell_offsets.shape == (0, 3) and distance.shape == (0,)
+    # A batch with an empty system, a lone molecule atom and a lone periodic atom.
+    pos = torch.tensor([[0.5, 0.5, 0.5], [0.1, 0.2, 0.3]], dtype=torch.float64)
+    cell = torch.stack([torch.zeros(3, 3), torch.zeros(3, 3), 2.0 * torch.eye(3)]).double()
+    pbc = torch.tensor([[False] * 3, [False] * 3, [True] * 3])
+    edge_index, cell_offsets, distance = radius_graph(
+        pos, 2.5, natoms=[0, 1, 1], cell=cell, pbc=pbc
+    )
+    # Only the periodic atom has edges: its 6 images at 2 A and 12 at 2.83 > 2.5 are not.
+    assert (edge_index == 1).all() and len(distance) == 6
+    torch.testing.assert_close(distance, torch.full((6,), 2.0, dtype=torch.float64))
+
+
+# ---- order, determinism, float32 vs float64 ----
+
+
+def test_matches_brute_force_twin_bitwise():
+    for seed in range(6):
+        systems, cutoff = _random_batch(100 + seed)
+        pos, natoms, cell, pbc = _batch_tensors(systems, torch.float64)
+        ours = radius_graph(pos, cutoff, natoms=natoms, cell=cell, pbc=pbc)
+        ref = reference_radius_graph(pos, cutoff, natoms=natoms, cell=cell, pbc=pbc)
+        assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
+        torch.testing.assert_close(ours[2], ref[2], rtol=1e-12, atol=1e-12)
+
+
+def test_deterministic_across_thread_counts():
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((4, 4, 4))
+    atoms.rattle(0.1, seed=3)
+    args = (torch.tensor(atoms.positions), 5.0)
+    kwargs = {"cell": torch.tensor(atoms.cell.array), "max_neighbors": 30}
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3, 8):
+            torch.set_num_threads(threads)
+            results.append(radius_graph(*args, **kwargs))
+            results.append(radius_graph(*args, **kwargs))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_float32_and_float64_find_the_same_pairs():
+    systems, cutoff = _random_batch(7)
+    out = {}
+    for dtype in DTYPES:
+        pos, natoms, cell, pbc = _batch_tensors(systems, dtype)
+        # Same input values in both dtypes: positions rounded to float32 once.
+        pos, cell = pos.float().to(dtype), cell.float().to(dtype)
+        out[dtype] = radius_graph(pos, cutoff, natoms=natoms, cell=cell, pbc=pbc)
+    assert torch.equal(out[torch.float32][0], out[torch.float64][0])
+    assert torch.equal(out[torch.float32][1], out[torch.float64][1])
+    torch.testing.assert_close(out[torch.float32][2], out[torch.float64][2].float())
+
+
+def test_non_contiguous_inputs_give_the_same_graph():
+    systems, cutoff = _random_batch(11)
+    pos, natoms, cell, pbc = _batch_tensors(systems, torch.float64)
+    pos_t = pos.T.contiguous().T  # same values, column-major
+    cell_t = cell.transpose(1, 2).contiguous().transpose(1, 2)
+    a = radius_graph(pos, cutoff, natoms=natoms, cell=cell, pbc=pbc)
+    b = radius_graph(pos_t, cutoff, natoms=natoms, cell=cell_t, pbc=pbc)
+    assert not pos_t.is_contiguous()
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+# ---- max_neighbors ----
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_max_neighbors_strict_matches_brute_force(seed, k):
+    systems, cutoff = _random_batch(200 + seed)
+    pos, natoms, cell, pbc = _batch_tensors(systems, torch.float64)
+    ours = radius_graph(pos, cutoff, natoms=natoms, cell=cell, pbc=pbc, max_neighbors=k)
+    ref = reference_radius_graph(pos, cutoff, natoms=natoms, cell=cell, pbc=pbc, max_neighbors=k)
+    assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
+    assert torch.bincount(ours[0][1], minlength=len(pos)).max() <= k
+
+
+def test_max_neighbors_breaks_exact_ties_by_source_then_shift():
+    # Simple cubic on integer coordinates: distances are exact, so ties are exact ties.
+    cell = torch.diag(torch.tensor([2.0, 2.0, 2.0], dtype=torch.float64))
+    pos = torch.tensor([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=torch.float64)
+    for k in (1, 2, 5, 7):
+        ours = radius_graph(pos, 2.0, cell=cell, max_neighbors=k)
+        ref = reference_radius_graph(pos, 2.0, cell=cell, max_neighbors=k)
+        assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
+    # Atom 0 has 6 neighbours at 1 A: atoms 1, 2, 3, each through shifts 0 and -1 on its axis.
+    ei, off, _ = radius_graph(pos, 1.0, cell=cell, max_neighbors=3)
+    assert ei[0, :3].tolist() == [1, 1, 2] and off[:2, 0].tolist() == [-1, 0]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_max_neighbors_tolerant_matches_brute_force(seed):
+    systems, cutoff = _random_batch(300 + seed)
+    pos, natoms, cell, pbc = _batch_tensors(systems, torch.float64)
+    for k, tol in ((2, 0.01), (4, 0.5), (6, 0.0)):
+        kwargs = dict(natoms=natoms, cell=cell, pbc=pbc, max_neighbors=k, degeneracy_tolerance=tol)
+        ours = radius_graph(pos, cutoff, **kwargs)
+        ref = reference_radius_graph(pos, cutoff, **kwargs)
+        assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
+
+
+def test_max_neighbors_tolerant_keeps_degenerate_shells():
+    # Simple cubic: 6 neighbours at 1 A, 12 at sqrt(2). k=4 strict keeps 4; tolerant keeps the
+    # whole first shell (d^2 <= d_5^2 + 0.01 = 1.01).
+    cell = 3.0 * torch.eye(3, dtype=torch.float64)
+    pos = torch.tensor([[0.0, 0, 0]], dtype=torch.float64)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(3.0)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    pos = grid.double()
+    strict = radius_graph(pos, 1.5, cell=cell, max_neighbors=4)[0]
+    tolerant = radius_graph(pos, 1.5, cell=cell, max_neighbors=4, degeneracy_tolerance=0.01)[0]
+    assert torch.bincount(strict[1]).tolist() == [4] * 27
+    assert torch.bincount(tolerant[1]).tolist() == [6] * 27
+
+
+# ---- gradients ----
+
+
+def test_edge_vectors_gradcheck_wrt_pos_and_cell():
+    systems, cutoff = _random_batch(5, kinds=("bulk", "slab", "skewed"))
+    pos, natoms, cell, pbc = _batch_tensors(systems[:2], torch.float64)
+    edge_index, cell_offsets, _ = radius_graph(pos, cutoff, natoms=natoms, cell=cell, pbc=pbc)
+    batch = torch.repeat_interleave(torch.arange(len(natoms)), natoms)
+
+    def distances(p, c):
+        return edge_vectors(p, edge_index, cell_offsets, c, batch).norm(dim=-1)
+
+    torch.autograd.gradcheck(
+        distances, (pos.clone().requires_grad_(), cell.clone().requires_grad_())
+    )
+
+
+def test_radius_graph_distance_is_differentiable():
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True)
+    atoms.rattle(0.05, seed=0)
+    pos = torch.tensor(atoms.positions, requires_grad=True)
+    cell = torch.tensor(atoms.cell.array, requires_grad=True)
+    edge_index, cell_offsets, distance = radius_graph(pos, 4.0, cell=cell)
+    plain = radius_graph(pos.detach(), 4.0, cell=cell.detach())[2]
+    torch.testing.assert_close(distance.detach(), plain, rtol=1e-12, atol=1e-12)
+    # Pair energy sum(d^2): dE/dpos_i = sum over edges of 2 D (with sign), computed by hand.
+    (distance**2).sum().backward()
+    vectors = edge_vectors(pos.detach(), edge_index, cell_offsets, cell.detach())
+    expected = torch.zeros_like(pos).index_add_(0, edge_index[0], 2 * vectors)
+    expected.index_add_(0, edge_index[1], -2 * vectors)
+    torch.testing.assert_close(pos.grad, expected)
+    # Uniform strain eps scales every D by (1 + eps): dE/d(cell) . cell = sum 2 d^2.
+    torch.testing.assert_close(
+        (cell.grad * cell.detach()).sum() + (pos.grad * pos.detach()).sum(),
+        2 * (distance.detach() ** 2).sum(),
+    )
+
+
+def test_opcheck():
+    systems, cutoff = _random_batch(1)
+    pos, natoms, cell, pbc = _batch_tensors(systems, torch.float64)
+    ptr = torch.cat([torch.zeros(1, dtype=torch.int64), natoms.cumsum(0)])
+    torch.library.opcheck(
+        torch.ops.jmp_ext.radius_graph.default,
+        (pos, cutoff, ptr, cell, pbc, 5, -1.0, 1 << 20),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
+# ---- bad input ----
+
+
+def _one_system():
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True)
+    return torch.tensor(atoms.positions), torch.tensor(atoms.cell.array)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_rejects_non_finite_positions(bad):
+    pos, cell = _one_system()
+    pos[2, 1] = bad
+    with pytest.raises(ValueError, match=r"pos\[2\] is not finite"):
+        radius_graph(pos, 3.0, cell=cell)
+    with pytest.raises(ValueError, match=r"pos\[2\] is not finite"):
+        radius_graph(pos, 3.0)  # molecules too
+
+
+@pytest.mark.parametrize(
+    "cell, pbc",
+    [
+        (torch.zeros(3, 3), [True, True, True]),
+        (torch.diag(torch.tensor([3.0, 0.0, 3.0])), [True, True, True]),
+        (torch.tensor([[3.0, 0, 0], [6.0, 0, 0], [0, 0, 3]]), [True, True, False]),  # collinear
+        (torch.tensor([[3.0, 0, 0], [0, 3, 0], [3, 3, 0]]), [True, True, True]),  # coplanar
+        (torch.zeros(3, 3), [False, False, True]),
+    ],
+)
+def test_rejects_singular_cells_on_periodic_axes(cell, pbc):
+    pos, _ = _one_system()
+    with pytest.raises(ValueError, match="singular or degenerate"):
+        radius_graph(pos, 3.0, cell=cell.double(), pbc=torch.tensor(pbc))
+
+
+def test_open_axes_ignore_the_cell_row():
+    pos, cell = _one_system()
+    cell[2] = torch.nan  # a slab's third row is not used
+    pbc = torch.tensor([True, True, False])
+    edge_index, cell_offsets, _ = radius_graph(pos, 3.0, cell=cell, pbc=pbc)
+    assert edge_index.shape[1] > 0 and not cell_offsets[:, 2].any()
+    cell[0, 0] = torch.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        radius_graph(pos, 3.0, cell=cell, pbc=pbc)
+
+
+@pytest.mark.parametrize("cutoff", [0.0, -1.0, math.nan, math.inf])
+def test_rejects_bad_cutoff(cutoff):
+    pos, cell = _one_system()
+    with pytest.raises(ValueError, match="cutoff must be finite and > 0"):
+        radius_graph(pos, cutoff, cell=cell)
+
+
+def test_rejects_wrong_shapes_and_dtypes():
+    pos, cell = _one_system()
+    with pytest.raises(ValueError, match=r"pos must be a \[N, 3\]"):
+        radius_graph(pos[:, :2], 3.0)
+    for dtype in (torch.int64, torch.float16, torch.bfloat16):
+        with pytest.raises(TypeError, match="float32 or float64"):
+            radius_graph(pos.to(dtype), 3.0)
+    with pytest.raises(TypeError, match="cell is torch.float32 but pos is torch.float64"):
+        radius_graph(pos, 3.0, cell=cell.float())
+    with pytest.raises(ValueError, match=r"cell must have shape \[B, 3, 3\]"):
+        radius_graph(pos, 3.0, natoms=[2, 2], cell=cell)
+    with pytest.raises(ValueError, match=r"pbc must have shape"):
+        radius_graph(pos, 3.0, cell=cell, pbc=torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="pbc must be a bool tensor"):
+        radius_graph(pos, 3.0, cell=cell, pbc=torch.ones(3))
+    with pytest.raises(TypeError, match="cutoff must be a number"):
+        radius_graph(pos, "3", cell=cell)
+
+
+def test_rejects_natoms_that_do_not_add_up():
+    pos, cell = _one_system()
+    with pytest.raises(ValueError, match="natoms adds up to 5 atoms but pos has 4 rows"):
+        radius_graph(pos, 3.0, natoms=[2, 3])
+    with pytest.raises(ValueError, match="negative"):
+        radius_graph(pos, 3.0, natoms=torch.tensor([5, -1]))
+    with pytest.raises(TypeError, match="natoms must be a 1-D integer tensor"):
+        radius_graph(pos, 3.0, natoms=torch.tensor([4.0]))
+    with pytest.raises(TypeError, match="natoms"):
+        radius_graph(pos, 3.0, natoms=[4.0])
+
+
+def test_rejects_pbc_without_cell_and_bad_caps():
+    pos, cell = _one_system()
+    with pytest.raises(ValueError, match="no cell was given"):
+        radius_graph(pos, 3.0, pbc=torch.tensor([True, False, False]))
+    with pytest.raises(ValueError, match="max_neighbors must be an int >= 1"):
+        radius_graph(pos, 3.0, max_neighbors=0)
+    with pytest.raises(ValueError, match="needs max_neighbors"):
+        radius_graph(pos, 3.0, degeneracy_tolerance=0.01)
+    with pytest.raises(ValueError, match="degeneracy_tolerance must be finite"):
+        radius_graph(pos, 3.0, max_neighbors=3, degeneracy_tolerance=-1.0)
+
+
+def test_rejects_mixed_devices():
+    pos, cell = _one_system()
+    with pytest.raises(ValueError, match="pos is on cpu but cell is on meta"):
+        radius_graph(pos, 3.0, cell=cell.to("meta"))
+
+
+def test_output_bound_says_how_many_edges():
+    pos, cell = _one_system()
+    full = radius_graph(pos, 5.0, cell=cell)[0].shape[1]
+    with pytest.raises(ValueError, match=f"would have {full} edges, more than max_edges = 10"):
+        radius_graph(pos, 5.0, cell=cell, max_edges=10)
+    assert radius_graph(pos, 5.0, cell=cell, max_edges=full)[0].shape[1] == full
+
+
+def test_hopeless_search_is_refused_before_it_starts():
+    # 1000 A around a 1-atom 2.5 A cell: ~3e8 edges; refused at once, with an estimate.
+    atoms = bulk("Cu", "fcc", a=3.61)
+    with pytest.raises(ValueError, match=r"would have roughly .* edges"):
+        radius_graph(
+            torch.tensor(atoms.positions), 1000.0, cell=torch.tensor(atoms.cell.array),
+            max_edges=1000,
+        )  # fmt: skip
+
+
+def test_positions_absurdly_far_outside_the_cell():
+    pos, cell = _one_system()
+    pos[0, 0] = 1e12
+    with pytest.raises(ValueError, match=r"pos\[0\] lies .* cells away"):
+        radius_graph(pos, 3.0, cell=cell)
+
+
+# ---- CUDA against CPU (run on a GPU machine; skipped here) ----
+
+
+def _assert_same_graph(cuda_out, cpu_out, dtype):
+    assert torch.equal(cuda_out[0].cpu(), cpu_out[0])
+    assert torch.equal(cuda_out[1].cpu(), cpu_out[1])
+    # Fused multiply-adds may move a distance by an ulp; never the pair set or its order.
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(cuda_out[2].cpu(), cpu_out[2], rtol=tol, atol=tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seed", range(8))
+def test_cuda_matches_cpu_on_random_batches(seed, dtype):
+    systems, cutoff = _random_batch(seed)
+    pos, natoms, cell, pbc = _batch_tensors(systems, dtype)
+    for kwargs in ({}, {"max_neighbors": 3}, {"max_neighbors": 2, "degeneracy_tolerance": 0.3}):
+        cpu = radius_graph(pos, cutoff, natoms=natoms, cell=cell, pbc=pbc, **kwargs)
+        cuda = radius_graph(
+            pos.cuda(), cutoff, natoms=natoms.cuda(), cell=cell.cuda(), pbc=pbc.cuda(), **kwargs
+        )
+        assert cuda[0].is_cuda and cuda[2].dtype == dtype
+        _assert_same_graph(cuda, cpu, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cutoff, k", [(6.0, None), (12.0, 30)])
+def test_cuda_matches_cpu_on_bulk_and_tiny_cells(cutoff, k):
+    big = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((5, 5, 5))
+    big.rattle(0.05, seed=0)
+    tiny = bulk("Cu", "fcc", a=3.61)
+    pos = torch.tensor(np.concatenate([big.positions, tiny.positions]))
+    cell = torch.tensor(np.stack([big.cell.array, tiny.cell.array]))
+    natoms = [len(big), len(tiny)]
+    cpu = radius_graph(pos, cutoff, natoms=natoms, cell=cell, max_neighbors=k)
+    cuda = radius_graph(pos.cuda(), cutoff, natoms=natoms, cell=cell.cuda(), max_neighbors=k)
+    _assert_same_graph(cuda, cpu, torch.float64)
+
+
+@pytest.mark.cuda
+def test_cuda_empty_inputs_and_errors():
+    out = radius_graph(torch.zeros(0, 3, device="cuda"), 3.0)
+    assert out[0].shape == (2, 0) and out[0].is_cuda
+    pos, cell = _one_system()
+    bad = pos.clone()
+    bad[2, 1] = math.nan
+    with pytest.raises(ValueError, match=r"pos\[2\] is not finite"):
+        radius_graph(bad.cuda(), 3.0, cell=cell.cuda())
+    with pytest.raises(ValueError, match="singular or degenerate"):
+        radius_graph(pos.cuda(), 3.0, cell=torch.zeros(3, 3, dtype=torch.float64, device="cuda"))
+    with pytest.raises(ValueError, match="more than max_edges = 10"):
+        radius_graph(pos.cuda(), 5.0, cell=cell.cuda(), max_edges=10)

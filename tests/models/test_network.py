@@ -182,3 +182,34 @@ def test_bad_inputs_raise():
         BackboneConfig.tiny(num_blockz=3)
     with pytest.raises(ValueError, match="unknown BackboneConfig field\\(s\\): num_blockz"):
         BackboneConfig.from_dict({"num_blockz": 3})
+
+
+def test_a_batch_without_quadruplets_runs_and_matches_each_structure_alone():
+    """Tiny molecules (H2O, H2) have no d->b->a<-c quadruplets: the empty quadruplet branch must
+    contribute nothing rather than fail, and batching must not mix structures."""
+    from ase.build import molecule
+
+    from jmp_ext.data import collate
+    from jmp_ext.graphs import GraphConfig, build_graphs
+
+    def entry(atoms):
+        n = len(atoms)
+        return {"pos": torch.tensor(atoms.positions), "atomic_numbers": torch.tensor(atoms.numbers),
+                "cell": torch.zeros(3, 3, dtype=torch.float64), "pbc": torch.zeros(3, dtype=torch.bool),
+                "tags": torch.full((n,), 2), "fixed": torch.zeros(n, dtype=torch.bool)}
+
+    config = GraphConfig.uniform(cutoff=5.0, max_neighbors=8, pbc=False)
+    torch.manual_seed(0)
+    model = FinetuneModel(BackboneConfig.tiny(), [HeadConfig(target="energy")], forces="gradient").double()
+    entries = [entry(molecule("H2O")), entry(molecule("H2"))]
+    batch = collate(entries, dtype=torch.float64)
+    graphs = build_graphs(batch, config)
+    assert graphs["quad"]["out"].numel() == 0
+    together = model(batch, graphs)
+    for i, one in enumerate(entries):
+        alone_batch = collate([one], dtype=torch.float64)
+        alone = model(alone_batch, build_graphs(alone_batch, config))
+        torch.testing.assert_close(together["energy"][i], alone["energy"][0], rtol=1e-12, atol=1e-12)
+        atoms = batch["batch"] == i
+        torch.testing.assert_close(together["forces"][atoms], alone["forces"], rtol=1e-12, atol=1e-12)
+    assert torch.isfinite(together["forces"]).all()

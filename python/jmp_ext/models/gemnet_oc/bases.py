@@ -90,7 +90,7 @@ class SphericalBasisLayer(nn.Module):
 
     def forward(self, cos_phi: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         outer = spherical_harmonics_l0(cos_phi)[:, :, None] * spherical_harmonics_l0(torch.cos(theta))[:, None, :]
-        return outer.reshape(cos_phi.shape[0], -1)
+        return outer.flatten(1)
 
 
 class BasisEmbedding(nn.Module):

@@ -118,14 +118,6 @@ def batch(request):
     return request.param, num_atoms, graphs
 
 
-@pytest.fixture(params=[1, 2], ids=lambda n: f"{n}thr")
-def threads(request):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(previous)
-
-
 # ---- the timed steps ----
 
 

@@ -95,14 +95,6 @@ BACKWARD = {
 }
 
 
-@pytest.fixture(params=[1, 2], ids=lambda n: f"{n}thr")
-def threads(request):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(previous)
-
-
 def _rounds(d) -> int:
     return 3 if d["src"].numel() >= 10**7 else 10
 

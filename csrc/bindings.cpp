@@ -76,6 +76,24 @@ ii::QuadArgs quad_args(uintptr_t main_edge_index, uintptr_t main_cell_offset, in
   return args;
 }
 
+// The fill passes take the count pass's arguments plus the output addresses.
+ii::TripletArgs with_outputs(ii::TripletArgs args, uintptr_t idx_in, uintptr_t idx_out,
+                             uintptr_t out_agg) {
+  args.idx_in = ptr<int64_t>(idx_in);
+  args.idx_out = ptr<int64_t>(idx_out);
+  args.out_agg = ptr<int64_t>(out_agg);
+  return args;
+}
+
+ii::QuadArgs with_outputs(ii::QuadArgs args, uintptr_t out, uintptr_t trip_out_to_quad,
+                          uintptr_t trip_in_to_quad, uintptr_t out_agg) {
+  args.out = ptr<int64_t>(out);
+  args.trip_out_to_quad = ptr<int64_t>(trip_out_to_quad);
+  args.trip_in_to_quad = ptr<int64_t>(trip_in_to_quad);
+  args.out_agg = ptr<int64_t>(out_agg);
+  return args;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -220,12 +238,11 @@ PYBIND11_MODULE(_C, m) {
          int64_t out_edges, int pairing, int64_t num_atoms, uintptr_t in_ptr, uintptr_t in_order,
          uintptr_t offsets, uintptr_t idx_in, uintptr_t idx_out, uintptr_t out_agg,
          int num_threads) {
-        ii::TripletArgs args = triplet_args(in_ei, in_off, in_edges, out_ei, out_off, out_edges,
-                                            pairing, num_atoms, in_ptr, in_order, offsets);
-        args.idx_in = ptr<int64_t>(idx_in);
-        args.idx_out = ptr<int64_t>(idx_out);
-        args.out_agg = ptr<int64_t>(out_agg);
-        ii::cpu::fill_triplets(args, num_threads);
+        ii::cpu::fill_triplets(
+            with_outputs(triplet_args(in_ei, in_off, in_edges, out_ei, out_off, out_edges, pairing,
+                                      num_atoms, in_ptr, in_order, offsets),
+                         idx_in, idx_out, out_agg),
+            num_threads);
       },
       nogil());
   m.def(
@@ -246,13 +263,11 @@ PYBIND11_MODULE(_C, m) {
          uintptr_t tout_ptr, uintptr_t tout_in, uintptr_t offsets, uintptr_t out,
          uintptr_t trip_out_to_quad, uintptr_t trip_in_to_quad, uintptr_t out_agg,
          int num_threads) {
-        ii::QuadArgs args = quad_args(main_ei, main_off, main_edges, qint_ei, qint_off,
-                                      qint_edges, tin_ptr, tin_in, tout_ptr, tout_in, offsets);
-        args.out = ptr<int64_t>(out);
-        args.trip_out_to_quad = ptr<int64_t>(trip_out_to_quad);
-        args.trip_in_to_quad = ptr<int64_t>(trip_in_to_quad);
-        args.out_agg = ptr<int64_t>(out_agg);
-        ii::cpu::fill_quadruplets(args, num_threads);
+        ii::cpu::fill_quadruplets(
+            with_outputs(quad_args(main_ei, main_off, main_edges, qint_ei, qint_off, qint_edges,
+                                   tin_ptr, tin_in, tout_ptr, tout_in, offsets),
+                         out, trip_out_to_quad, trip_in_to_quad, out_agg),
+            num_threads);
       },
       nogil());
 #ifdef JMP_EXT_WITH_CUDA
@@ -275,12 +290,11 @@ PYBIND11_MODULE(_C, m) {
          int64_t out_edges, int pairing, int64_t num_atoms, uintptr_t in_ptr, uintptr_t in_order,
          uintptr_t offsets, uintptr_t idx_in, uintptr_t idx_out, uintptr_t out_agg,
          uintptr_t stream_) {
-        ii::TripletArgs args = triplet_args(in_ei, in_off, in_edges, out_ei, out_off, out_edges,
-                                            pairing, num_atoms, in_ptr, in_order, offsets);
-        args.idx_in = ptr<int64_t>(idx_in);
-        args.idx_out = ptr<int64_t>(idx_out);
-        args.out_agg = ptr<int64_t>(out_agg);
-        ii::cuda::fill_triplets(args, stream(stream_));
+        ii::cuda::fill_triplets(
+            with_outputs(triplet_args(in_ei, in_off, in_edges, out_ei, out_off, out_edges, pairing,
+                                      num_atoms, in_ptr, in_order, offsets),
+                         idx_in, idx_out, out_agg),
+            stream(stream_));
       },
       nogil());
   m.def(
@@ -301,13 +315,11 @@ PYBIND11_MODULE(_C, m) {
          uintptr_t tout_ptr, uintptr_t tout_in, uintptr_t offsets, uintptr_t out,
          uintptr_t trip_out_to_quad, uintptr_t trip_in_to_quad, uintptr_t out_agg,
          uintptr_t stream_) {
-        ii::QuadArgs args = quad_args(main_ei, main_off, main_edges, qint_ei, qint_off,
-                                      qint_edges, tin_ptr, tin_in, tout_ptr, tout_in, offsets);
-        args.out = ptr<int64_t>(out);
-        args.trip_out_to_quad = ptr<int64_t>(trip_out_to_quad);
-        args.trip_in_to_quad = ptr<int64_t>(trip_in_to_quad);
-        args.out_agg = ptr<int64_t>(out_agg);
-        ii::cuda::fill_quadruplets(args, stream(stream_));
+        ii::cuda::fill_quadruplets(
+            with_outputs(quad_args(main_ei, main_off, main_edges, qint_ei, qint_off, qint_edges,
+                                   tin_ptr, tin_in, tout_ptr, tout_in, offsets),
+                         out, trip_out_to_quad, trip_in_to_quad, out_agg),
+            stream(stream_));
       },
       nogil());
 #endif

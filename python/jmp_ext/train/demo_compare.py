@@ -3,7 +3,7 @@ scratch, with the same budget, on the held-out domains, over several seeds.
 
     python -m jmp_ext.train                       # pretrain -> runs/demo/last.pt (once)
     python -m jmp_ext.train.demo_compare          # -> runs/jmp_effect/{results.json,table.md,curves.png}
-    python -m jmp_ext.train.demo_compare --pretrained runs/demo600/last.pt --steps 90 --jobs 2
+    python -m jmp_ext.train.demo_compare --pretrained runs/demo1000/last.pt --steps 90 --jobs 2
 
 (docs/jmp_effect/README.md has the recorded run.)
 

@@ -343,6 +343,12 @@ PYBIND11_MODULE(_C, m) {
       return red::PaddedIndex{ptr<const int64_t>(row), ptr<const int64_t>(col), num_items,
                               num_rows, num_cols, ptr<int64_t>(slots)};
     };
+    auto bilinear_args = [](uintptr_t x, uintptr_t y, uintptr_t ptr_, uintptr_t out, int64_t num_src,
+                            int64_t num_segments, int64_t rows, int64_t cols, int dtype) {
+      return red::SegmentBilinearArgs{ptr<const void>(x), ptr<const void>(y), ptr<const int64_t>(ptr_),
+                                      ptr<void>(out), num_src, num_segments, rows, cols,
+                                      static_cast<red::Dtype>(dtype)};
+    };
     m.def("segment_reduce_cpu",
           [=](uintptr_t src, uintptr_t ptr_, uintptr_t perm, uintptr_t out, uintptr_t arg,
               int64_t num_src, int64_t num_segments, int64_t features, int dtype, int reduce,
@@ -392,6 +398,20 @@ PYBIND11_MODULE(_C, m) {
               uintptr_t slots, int num_threads) {
             red::cpu::padded_to_ragged(row_copy(src, out, features, elem_size),
                                        padded_index(row, col, num_items, num_rows, num_cols, slots),
+                                       num_threads);
+          },
+          nogil());
+    m.def("segment_outer_cpu",
+          [=](uintptr_t x, uintptr_t y, uintptr_t ptr_, uintptr_t out, int64_t num_src,
+              int64_t num_segments, int64_t rows, int64_t cols, int dtype, int num_threads) {
+            red::cpu::segment_outer(bilinear_args(x, y, ptr_, out, num_src, num_segments, rows, cols, dtype),
+                                    num_threads);
+          },
+          nogil());
+    m.def("segment_contract_cpu",
+          [=](uintptr_t x, uintptr_t y, uintptr_t ptr_, uintptr_t out, int64_t num_src,
+              int64_t num_segments, int64_t rows, int64_t cols, int dtype, int num_threads) {
+            red::cpu::segment_contract(bilinear_args(x, y, ptr_, out, num_src, num_segments, rows, cols, dtype),
                                        num_threads);
           },
           nogil());
@@ -445,6 +465,22 @@ PYBIND11_MODULE(_C, m) {
               uintptr_t slots, uintptr_t status, uintptr_t stream_) {
             red::cuda::padded_to_ragged(row_copy(src, out, features, elem_size),
                                         padded_index(row, col, num_items, num_rows, num_cols, slots),
+                                        ptr<int64_t>(status), stream(stream_));
+          },
+          nogil());
+    m.def("segment_outer_cuda",
+          [=](uintptr_t x, uintptr_t y, uintptr_t ptr_, uintptr_t out, int64_t num_src,
+              int64_t num_segments, int64_t rows, int64_t cols, int dtype, uintptr_t status,
+              uintptr_t stream_) {
+            red::cuda::segment_outer(bilinear_args(x, y, ptr_, out, num_src, num_segments, rows, cols, dtype),
+                                     ptr<int64_t>(status), stream(stream_));
+          },
+          nogil());
+    m.def("segment_contract_cuda",
+          [=](uintptr_t x, uintptr_t y, uintptr_t ptr_, uintptr_t out, int64_t num_src,
+              int64_t num_segments, int64_t rows, int64_t cols, int dtype, uintptr_t status,
+              uintptr_t stream_) {
+            red::cuda::segment_contract(bilinear_args(x, y, ptr_, out, num_src, num_segments, rows, cols, dtype),
                                         ptr<int64_t>(status), stream(stream_));
           },
           nogil());

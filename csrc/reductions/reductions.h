@@ -67,6 +67,25 @@ struct PaddedIndex {
   int64_t* slots;       // scratch [num_rows * num_cols]: item in each slot, -1 if none
 };
 
+// The ragged bilinear pair of GemNet-OC's efficient interaction, over CSR segments with blocks of
+// R x C per segment (s(e) = the segment of row e):
+//   segment_outer:    out[s] = sum over e in [ptr[s], ptr[s+1]) of x[e] (outer) y[e], ascending e
+//                     x [num_src, R], y [num_src, C] -> out [num_segments, R, C]
+//   segment_contract: out[e] = x[s(e)] @ y[e]
+//                     x [num_segments, R, C], y [num_src, C] -> out [num_src, R]
+// Each is the other's adjoint, so their backward passes are made of the same two kernels.
+struct SegmentBilinearArgs {
+  const void* x;
+  const void* y;
+  const int64_t* ptr;  // [num_segments + 1], as for segment_reduce
+  void* out;
+  int64_t num_src;
+  int64_t num_segments;
+  int64_t rows;  // R
+  int64_t cols;  // C
+  Dtype dtype;
+};
+
 namespace cpu {
 // Host-side checks of index values that throw InvalidInput naming the first problem; the CUDA
 // entries call them on a host copy of the indices once a kernel has flagged one, so both
@@ -94,6 +113,8 @@ void segment_broadcast(const RowCopy& copy, const int64_t* ptr, int64_t num_segm
 void ragged_to_padded(const RowCopy& copy, const PaddedIndex& index, int num_threads);
 // out[t] = src[row[t] * num_cols + col[t]]: the adjoint of ragged_to_padded.
 void padded_to_ragged(const RowCopy& copy, const PaddedIndex& index, int num_threads);
+void segment_outer(const SegmentBilinearArgs& args, int num_threads);
+void segment_contract(const SegmentBilinearArgs& args, int num_threads);
 }  // namespace cpu
 
 #ifdef JMP_EXT_WITH_CUDA
@@ -117,6 +138,8 @@ void ragged_to_padded(const RowCopy& copy, const PaddedIndex& index, int64_t* st
                       cudaStream_t stream);
 void padded_to_ragged(const RowCopy& copy, const PaddedIndex& index, int64_t* status,
                       cudaStream_t stream);
+void segment_outer(const SegmentBilinearArgs& args, int64_t* status, cudaStream_t stream);
+void segment_contract(const SegmentBilinearArgs& args, int64_t* status, cudaStream_t stream);
 }  // namespace cuda
 #endif
 

@@ -271,7 +271,72 @@ void finish_index(const int64_t* index, int64_t bound, const char* bound_name,
   throw Error("internal error: the CUDA index check flagged a valid index");
 }
 
+// ---- segment bilinear pair ----
+
+// One thread per output element (s, i, j) of segment_outer, summing its segment in ascending e.
+template <class T>
+__global__ void segment_outer_kernel(SegmentBilinearArgs a) {
+  const T* x = static_cast<const T*>(a.x);
+  const T* y = static_cast<const T*>(a.y);
+  const int64_t block = a.rows * a.cols;
+  for (int64_t k = grid_start(); k < a.num_segments * block; k += grid_stride()) {
+    const int64_t s = k / block, i = (k % block) / a.cols, j = k % a.cols;
+    const int64_t begin = a.ptr[s], end = a.ptr[s + 1];
+    acc_t<T> acc = 0;
+    if (0 <= begin && begin <= end && end <= a.num_src) {  // else reported by check_ptr_kernel
+      for (int64_t e = begin; e < end; ++e)
+        acc += Acc<T>::load(x[e * a.rows + i]) * Acc<T>::load(y[e * a.cols + j]);
+    }
+    static_cast<T*>(a.out)[k] = Acc<T>::store(acc);
+  }
+}
+
+// One thread per (segment, row i): out[e, i] for the rows e of that segment.
+template <class T>
+__global__ void segment_contract_kernel(SegmentBilinearArgs a) {
+  const T* x = static_cast<const T*>(a.x);
+  const T* y = static_cast<const T*>(a.y);
+  for (int64_t k = grid_start(); k < a.num_segments * a.rows; k += grid_stride()) {
+    const int64_t s = k / a.rows, i = k % a.rows;
+    const int64_t begin = a.ptr[s], end = a.ptr[s + 1];
+    if (!(0 <= begin && begin <= end && end <= a.num_src)) continue;  // reported by check_ptr_kernel
+    const T* x_si = x + (s * a.rows + i) * a.cols;
+    for (int64_t e = begin; e < end; ++e) {
+      acc_t<T> sum = 0;
+      for (int64_t j = 0; j < a.cols; ++j) sum += Acc<T>::load(x_si[j]) * Acc<T>::load(y[e * a.cols + j]);
+      static_cast<T*>(a.out)[e * a.rows + i] = Acc<T>::store(sum);
+    }
+  }
+}
+
+// Checks ptr, queues launch(dtype tag) when there is work, then throws on a reported bad ptr.
+template <class Launch>
+void run_bilinear(const SegmentBilinearArgs& a, int64_t threads, int64_t* status, cudaStream_t stream,
+                  Launch&& launch) {
+  check_ptr_on_device(a.ptr, a.num_segments, a.num_src, status, stream);
+  if (threads > 0) {
+    dispatch_dtype(a.dtype, launch);
+    jc::check_launch();
+  }
+  if (jc::read_one(status, stream) != jc::kNoError)
+    throw_bad_ptr(a.ptr, a.num_segments, a.num_src, stream);
+}
+
 }  // namespace
+
+void segment_outer(const SegmentBilinearArgs& a, int64_t* status, cudaStream_t stream) {
+  const int64_t threads = a.num_segments * a.rows * a.cols;
+  run_bilinear(a, threads, status, stream, [&](auto t) {
+    segment_outer_kernel<decltype(t)><<<jc::grid_for(threads), kBlock, 0, stream>>>(a);
+  });
+}
+
+void segment_contract(const SegmentBilinearArgs& a, int64_t* status, cudaStream_t stream) {
+  const int64_t threads = a.num_segments * a.rows;
+  run_bilinear(a, threads, status, stream, [&](auto t) {
+    segment_contract_kernel<decltype(t)><<<jc::grid_for(threads), kBlock, 0, stream>>>(a);
+  });
+}
 
 void segment_reduce(const SegmentReduceArgs& a, int64_t* status, cudaStream_t stream) {
   check_ptr_on_device(a.ptr, a.num_segments, a.num_src, status, stream);

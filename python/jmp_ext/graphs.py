@@ -7,8 +7,8 @@ Read `build_graphs` top to bottom:
      smaller, then the k nearest per target atom (strict: exactly min(k, available)).
   3. qint keeps only edges touching an atom whose tag is in qint_tags.
   4. main is symmetrised (every edge gets its reverse; id_swap maps an edge to its reverse).
-  5. Triplet and quadruplet indices (jmp_ext.ops), neighbour ranks, and Kmax of every padded
-     block, computed once here so the backbone never syncs with the host.
+  5. Triplet and quadruplet indices (jmp_ext.ops), neighbour ranks, and Kmax of the padded
+     per-atom blocks (a2ee2a, a2a), computed once here so the backbone never syncs with the host.
   6. Distances and unit vectors of all four graphs, recomputed differentiably from the batch's
      positions and cell (so gradient forces and stress flow through them).
 
@@ -276,11 +276,8 @@ def graphs_from_a2a(batch: dict, a2a: dict, config: GraphConfig, *, edge_dropout
     graphs["trip_a2e"] = ops.mixed_triplets(graphs["a2ee2a"], graphs["main"], num_atoms)
     graphs["trip_e2a"] = ops.mixed_triplets(graphs["main"], graphs["a2ee2a"], num_atoms)
     graphs["quad"] = ops.quadruplets(graphs["main"], graphs["qint"], num_atoms)
+    # Only the atom-level blocks are padded; triplets / quadruplets are summed ragged (ops.segment_outer).
     graphs["kmax"] = {
-        "trip_e2e": _kmax(graphs["trip_e2e"]["out_agg"]),
-        "trip_a2e": _kmax(graphs["trip_a2e"]["out_agg"]),
-        "trip_e2a": _kmax(graphs["trip_e2a"]["out_agg"]),
-        "quad": _kmax(graphs["quad"]["out_agg"]),
         "a2ee2a": _kmax(graphs["a2ee2a"]["target_neighbor_idx"]),
         "a2a": _kmax(graphs["a2a"]["target_neighbor_idx"]),
     }
@@ -298,7 +295,7 @@ def build_graphs(batch: dict, config: GraphConfig, *, edge_dropout: float | None
     Returns {"num_atoms": N, "main", "a2ee2a", "qint", "a2a": {"edge_index" [2, E] int64,
     "cell_offset" [E, 3] int32, "distance" [E], "vector" [E, 3]} (+ "target_neighbor_idx" [E]
     for a2ee2a and a2a), "id_swap" [E_main], "trip_e2e", "trip_a2e", "trip_e2a" ({"in", "out",
-    "out_agg"}), "quad" (jmp_ext.ops.quadruplets' dict), "kmax": {block: int}}. Distances and
+    "out_agg"}), "quad" (jmp_ext.ops.quadruplets' dict), "kmax": {"a2ee2a", "a2a": int}}. Distances and
     vectors are differentiable in batch["pos"] and batch["cell"]."""
     check_batch(batch)
     if edge_dropout is not None and not 0.0 <= edge_dropout < 1.0:

@@ -12,8 +12,10 @@ from jmp_ext.ops.reductions import (
     ragged_to_padded,
     scatter_mean,
     scatter_sum,
+    segment_contract,
     segment_max,
     segment_mean,
+    segment_outer,
     segment_sum,
 )
 
@@ -27,8 +29,10 @@ __all__ = [
     "ragged_to_padded",
     "scatter_mean",
     "scatter_sum",
+    "segment_contract",
     "segment_max",
     "segment_mean",
+    "segment_outer",
     "segment_sum",
     "triplets",
 ]

@@ -7,6 +7,8 @@ Public functions (shapes: E source rows, S segments, `...` any trailing feature 
         -> [dim_size, ...]
     ragged_to_padded(x [T, ...], row [T], col [T], num_rows, num_cols) -> [num_rows, num_cols, ...]
     padded_to_ragged(padded [R, C, ...], row [T], col [T]) -> [T, ...]
+    segment_outer(x [E, R], y [E, C], ptr [S+1]) -> [S, R, C]  (sum of x[e] ⊗ y[e] per segment)
+    segment_contract(x [S, R, C], y [E, C], ptr [S+1]) -> [E, R]  (x[segment of e] @ y[e])
 
 src is float32, float64 or bfloat16 (bf16 accumulates in float32); indices are int64. Empty
 segments give 0. Results are bitwise deterministic on the CPU for any thread count, and on CUDA
@@ -16,7 +18,7 @@ segment (the first NaN if there is one).
 
 Every op is differentiable to any order: each backward is built from the ops of this file (the
 adjoint of a segment sum is a segment broadcast, of a scatter a gather, of ragged_to_padded
-padded_to_ragged, and back), so force training can differentiate through them twice.
+padded_to_ragged, and back; segment_outer and segment_contract are each other's adjoints), so force training can differentiate through them twice.
 """
 
 from __future__ import annotations
@@ -281,6 +283,54 @@ def _(padded, row, col):
     return padded.new_empty(row.shape[0], padded.shape[2])
 
 
+def _check_bilinear(x: Tensor, y: Tensor, ptr_: Tensor, x_dim: int) -> None:
+    _check_src("x", x, x_dim)
+    _check_src("y", y)
+    _check_ptr(ptr_, x.device)
+    if y.dtype != x.dtype or y.device != x.device:
+        raise ValueError(f"x ({x.dtype}, {x.device}) and y ({y.dtype}, {y.device}) must share dtype and device")
+    rows = x.shape[0] if x_dim == 2 else ptr_.shape[0] - 1
+    if x_dim == 2 and x.shape[0] != y.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} rows but y has {y.shape[0]}")
+    if x_dim == 3 and (x.shape[0] != rows or x.shape[2] != y.shape[1]):
+        raise ValueError(f"x must be [S={rows}, R, C={y.shape[1]}] for ptr and y, got shape {tuple(x.shape)}")
+
+
+def _bilinear_kernel(name: str, x: Tensor, y: Tensor, ptr_: Tensor, out: Tensor, rows: int) -> Tensor:
+    x, y, ptr_ = x.contiguous(), y.contiguous(), ptr_.contiguous()  # (kept alive while the kernel runs)
+    _launch(name, x.device, ptr(x), ptr(y), ptr(ptr_), ptr(out), y.shape[0], ptr_.shape[0] - 1, rows,
+            y.shape[1], _DTYPE_CODES[x.dtype])
+    return out
+
+
+@torch.library.custom_op("jmp_ext::segment_outer", mutates_args=())
+def _segment_outer(x: Tensor, y: Tensor, ptr_: Tensor) -> Tensor:
+    """out[s] = sum over e in [ptr_[s], ptr_[s+1]) of outer(x[e], y[e]): x [E, R], y [E, C] -> [S, R, C]."""
+    _check_bilinear(x, y, ptr_, 2)
+    out = x.new_empty(ptr_.shape[0] - 1, x.shape[1], y.shape[1])
+    return _bilinear_kernel("segment_outer", x, y, ptr_, out, x.shape[1])
+
+
+@_segment_outer.register_fake
+def _(x, y, ptr_):
+    _check_bilinear(x, y, ptr_, 2)
+    return x.new_empty(ptr_.shape[0] - 1, x.shape[1], y.shape[1])
+
+
+@torch.library.custom_op("jmp_ext::segment_contract", mutates_args=())
+def _segment_contract(x: Tensor, y: Tensor, ptr_: Tensor) -> Tensor:
+    """out[e] = x[s] @ y[e] for e in [ptr_[s], ptr_[s+1]): x [S, R, C], y [E, C] -> [E, R]."""
+    _check_bilinear(x, y, ptr_, 3)
+    out = x.new_empty(y.shape[0], x.shape[1])
+    return _bilinear_kernel("segment_contract", x, y, ptr_, out, x.shape[1])
+
+
+@_segment_contract.register_fake
+def _(x, y, ptr_):
+    _check_bilinear(x, y, ptr_, 3)
+    return x.new_empty(y.shape[0], x.shape[1])
+
+
 # ---- autograd: every backward is made of the ops above, so it is differentiable again ----
 
 
@@ -389,6 +439,30 @@ _ragged_to_padded.register_autograd(_backward_ragged_to_padded, setup_context=_s
 _padded_to_ragged.register_autograd(_backward_padded_to_ragged, setup_context=_setup_padded)
 
 
+def _setup_bilinear(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward_outer(ctx, grad):
+    # out[s] = sum_e x[e] ⊗ y[e]: dx[e] = grad[s] @ y[e], dy[e] = grad[s]^T @ x[e].
+    x, y, ptr_ = ctx.saved_tensors
+    grad_x = _segment_contract(grad, y, ptr_) if ctx.needs_input_grad[0] else None
+    grad_y = _segment_contract(grad.transpose(1, 2), x, ptr_) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_y, None
+
+
+def _backward_contract(ctx, grad):
+    # out[e] = x[s] @ y[e]: dx[s] = sum_e grad[e] ⊗ y[e], dy[e] = x[s]^T @ grad[e].
+    x, y, ptr_ = ctx.saved_tensors
+    grad_x = _segment_outer(grad, y, ptr_) if ctx.needs_input_grad[0] else None
+    grad_y = _segment_contract(x.transpose(1, 2), grad, ptr_) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_y, None
+
+
+_segment_outer.register_autograd(_backward_outer, setup_context=_setup_bilinear)
+_segment_contract.register_autograd(_backward_contract, setup_context=_setup_bilinear)
+
+
 # ---- public functions: any trailing feature dims, flattened to F for the kernels ----
 
 
@@ -449,3 +523,16 @@ def padded_to_ragged(padded: Tensor, row: Tensor, col: Tensor) -> Tensor:
         raise ValueError(f"padded must be [R, C, ...], got shape {tuple(padded.shape)}")
     out = _padded_to_ragged(padded.reshape(*padded.shape[:2], math.prod(padded.shape[2:])), row, col)
     return out.reshape(out.shape[:1] + padded.shape[2:])
+
+
+def segment_outer(x: Tensor, y: Tensor, ptr: Tensor) -> Tensor:
+    """Per-segment sums of outer products: out[s] = sum over e in [ptr[s], ptr[s+1]) of x[e] ⊗ y[e].
+
+    x [E, R], y [E, C] (same dtype); ptr [S+1] int64 CSR pointer. -> [S, R, C]; the ragged form of
+    padded_x[s].T @ padded_y[s], without materialising the zero padding."""
+    return _segment_outer(x, y, ptr)
+
+
+def segment_contract(x: Tensor, y: Tensor, ptr: Tensor) -> Tensor:
+    """out[e] = x[s] @ y[e] for the rows e of segment s: x [S, R, C], y [E, C] -> [E, R]."""
+    return _segment_contract(x, y, ptr)

@@ -12,8 +12,9 @@ The graphs dict (built by jmp_ext.graphs.build_graphs, or taken from JMP's fixtu
   trip_e2e, trip_a2e, trip_e2a: {"in", "out", "out_agg"} [T] (see jmp_ext.ops.triplets);
   quad: {"triplet_in": {"in","out"}, "triplet_out": {"in","out"}, "out", "out_agg",
          "trip_in_to_quad", "trip_out_to_quad"}.
-  kmax: {"trip_e2e", "trip_a2e", "trip_e2a", "quad", "a2ee2a", "a2a": int}: width of every
-         padded block (computed once with the indices, so the forward never syncs with the host).
+  kmax: {"a2ee2a", "a2a": int}: width of the padded per-atom blocks (computed once with the
+         indices, so the forward never syncs with the host). Triplets / quadruplets (sorted by
+         "out") are summed ragged over the CSR pointer of "out", which Bases builds.
 Distances and vectors carry the autograd graph to the positions (gradient forces, stress).
 """
 

@@ -9,6 +9,8 @@ initial edge embedding. Parameter and buffer names are JMP's (`bases.*`).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -30,7 +32,12 @@ class GaussianBasis(nn.Module):
         self.register_buffer("temps", torch.full_like(offset, 0.5 / (1.0 / (num_radial - 1)) ** 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.exp(-self.temps * (x[:, None] - self.offset) ** 2)
+        exponent = -self.temps * (x[:, None] - self.offset) ** 2
+        # Most of the 128 Gaussians of a long a2a edge underflow (exponents down to -8000): results
+        # below the dtype's smallest normal number are set to 0 instead of computed, because
+        # subnormal results make exp, and every op that reads them, ~10x slower on x86.
+        underflow = ~(exponent > math.log(torch.finfo(exponent.dtype).tiny))
+        return torch.exp(exponent.masked_fill(underflow, 0.0)).masked_fill(underflow, 0.0)
 
 
 class RadialBasis(nn.Module):
@@ -143,9 +150,9 @@ class Bases(nn.Module):
     forward(graphs) returns a dict (E = main edges, N = atoms):
       rad_main [E, 128] raw main-graph RBF (input of the initial edge embedding)
       rbf_h, rbf_out [E, emb_size_rbf] for the atom update and output blocks
-      e2e, a2e: {"rad" [E or E_a2ee2a, emb_size_rbf], "cir": (rad_W1 [E, cbf, 7], sph [E, 7, Kmax])}
-      qint: {"rad" [E, rbf], "cir" [T_in, cbf], "sph": (rad_W1 [E, sbf, 49], sph [E, 49, Kmax])}
-      e2a: {"rad" [E, rbf], "cir": (rad_W1 [N, cbf, Kmax_a*7], sph [E_a2ee2a, 7, Kmax])}
+      e2e, a2e: {"rad" [E or E_a2ee2a, emb_size_rbf], "cir": (rad_W1 [E, cbf, 7], sph [T, 7], out_ptr [E+1])}
+      qint: {"rad" [E, rbf], "cir" [T_in, cbf], "sph": (rad_W1 [E, sbf, 49], sph [Q, 49], out_ptr [E+1])}
+      e2a: {"rad" [E, rbf], "cir": (rad_W1 [N, cbf, Kmax_a*7], sph [T, 7], out_ptr [E_a2ee2a+1])}
       a2a_rad [N, rbf, Kmax_a2a]
     """
 
@@ -195,6 +202,7 @@ class Bases(nn.Module):
         trip_e2e, trip_a2e, trip_e2a, quad = graphs["trip_e2e"], graphs["trip_a2e"], graphs["trip_e2a"], graphs["quad"]
         V_main, V_a2ee2a, V_qint = main["vector"], a2ee2a["vector"], qint["vector"]
         num_atoms, kmax = graphs["num_atoms"], graphs["kmax"]
+        num_main, num_a2ee2a = V_main.shape[0], V_a2ee2a.shape[0]
 
         rad_main = self.radial_basis(main["distance"])
         # One module, one input: the shared spherical radial basis is evaluated once.
@@ -224,22 +232,22 @@ class Bases(nn.Module):
             "rbf_out": self.mlp_rbf_out(rad_main),
             "e2e": {
                 "rad": self.mlp_rbf_tint(rad_main),
-                "cir": (self.mlp_cbf_tint(rad_spherical_main), _padded_sph(cir_e2e, trip_e2e, V_main.shape[0], kmax["trip_e2e"])),
+                "cir": (self.mlp_cbf_tint(rad_spherical_main), cir_e2e, _out_ptr(trip_e2e, num_main)),
             },
             "qint": {
                 "rad": self.mlp_rbf_qint(rad_main),
                 # Per input triplet: rad_W1 of its qint edge b->a contracted with Y_l0(cos_abd).
                 "cir": (rad_qint_cir[t_in["out"]] @ cir_qint[:, :, None]).squeeze(-1),
-                "sph": (self.mlp_sbf_qint(rad_spherical_main), _padded_sph(sph_qint, quad, V_main.shape[0], kmax["quad"])),
+                "sph": (self.mlp_sbf_qint(rad_spherical_main), sph_qint, _out_ptr(quad, num_main)),
             },
             "a2e": {
                 "rad": self.mlp_rbf_aeint(self.radial_basis_aeaint(a2ee2a["distance"])),
-                "cir": (self.mlp_cbf_aeint(rad_spherical_main), _padded_sph(cir_a2e, trip_a2e, V_main.shape[0], kmax["trip_a2e"])),
+                "cir": (self.mlp_cbf_aeint(rad_spherical_main), cir_a2e, _out_ptr(trip_a2e, num_main)),
             },
             "e2a": {
                 "rad": self.mlp_rbf_eaint(rad_main),
                 "cir": (_padded_rad(rad_e2a_cir, a2ee2a, num_atoms, kmax["a2ee2a"]),
-                        _padded_sph(cir_e2a, trip_e2a, V_a2ee2a.shape[0], kmax["trip_e2a"])),
+                        cir_e2a, _out_ptr(trip_e2a, num_a2ee2a)),
             },
             "a2a_rad": _padded_rad(self.mlp_rbf_aint(self.radial_basis_aint(a2a["distance"])), a2a, num_atoms,
                                    kmax["a2a"]),
@@ -256,9 +264,10 @@ class _GradDivide:
         return grad / self.n
 
 
-def _padded_sph(sph: torch.Tensor, idx: dict, num_out: int, kmax: int) -> torch.Tensor:
-    """[T, S] angular basis -> [num_out, S, kmax] (zero padded; row = out edge, col = out_agg)."""
-    return ops.ragged_to_padded(sph, idx["out"], idx["out_agg"], num_out, kmax).transpose(1, 2)
+def _out_ptr(idx: dict, num_out: int) -> torch.Tensor:
+    """CSR pointer [num_out + 1] of the triplets / quadruplets over their out edge (idx["out"] is
+    ascending, as jmp_ext.ops builds it)."""
+    return torch.searchsorted(idx["out"], torch.arange(num_out + 1, device=idx["out"].device))
 
 
 def _padded_rad(rad_W1: torch.Tensor, graph: dict, num_atoms: int, kmax: int) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 Shapes: N atoms, E main (symmetrised) edges, E_a a2ee2a edges, T triplets, Q quadruplets.
 Every interaction gathers an embedding per input edge, modulates it with a radial basis,
-and sums it over triplets / quadruplets through EfficientInteractionBilinear, which folds the
-angular basis and the radial basis into two batched matmuls over a zero-padded neighbour axis.
+and sums it over triplets / quadruplets through EfficientInteractionBilinear: a ragged sum of
+outer products (angular basis ⊗ message) per output edge, then a batched matmul with the radial
+basis. JMP zero-pads the triplets of each edge to Kmax instead; the sums are the same.
 Parameter names are JMP's.
 """
 
@@ -27,19 +28,19 @@ INV_SQRT_2 = 1 / math.sqrt(2.0)
 class EfficientInteractionBilinear(nn.Module):
     """sum over triplets (t -> out edge) of rad_W1 · sph · m_t, then a bilinear Dense.
 
-    basis = (rad_W1 [O, I, S], sph [O, S, K]); m [T, in]; out, out_agg [T] (out edge and its rank).
-    With agg2 = (row, col, num_rows, num_cols) the per-edge result [O, S, in] is aggregated once more onto
-    atoms (edge-to-atom): rad_W1 is then [num_rows, I, K2*S]. Returns [O or num_rows, out]."""
+    basis = (rad_W1 [O, I, S], sph [T, S], out_ptr [O+1]); m [T, in], the triplets sorted by out
+    edge with out_ptr their CSR pointer. With agg2 = (row, col, num_rows, num_cols) the per-edge
+    result [O, S, in] is aggregated once more onto atoms (edge-to-atom): rad_W1 is then
+    [num_rows, I, K2*S]. Returns [O or num_rows, out]."""
 
     def __init__(self, emb_size_in: int, emb_size_interm: int, emb_size_out: int):
         super().__init__()
         self.emb_size_in, self.emb_size_interm = emb_size_in, emb_size_interm
         self.bilinear = Dense(emb_size_in * emb_size_interm, emb_size_out)
 
-    def forward(self, basis, m, out, out_agg, agg2=None):
-        rad_W1, sph = basis
-        m_padded = ops.ragged_to_padded(m, out, out_agg, sph.shape[0], sph.shape[2])  # [O, K, in], K of sph
-        sph_m = sph @ m_padded  # [O, S, in]
+    def forward(self, basis, m, agg2=None):
+        rad_W1, sph, out_ptr = basis
+        sph_m = ops.segment_outer(sph, m, out_ptr)  # [O, S, in]
         if agg2 is not None:
             row, col, num_rows, num_cols = agg2
             sph_m = ops.ragged_to_padded(sph_m, row, col, num_rows, num_cols).reshape(num_rows, -1, sph_m.shape[-1])  # [N, K2*S, in]
@@ -68,14 +69,14 @@ class TripletInteraction(nn.Module):
             self.up_projection_ac = Dense(emb_size_trip_out, emb_size_out, True, dropout)
 
     def forward(self, x_in, bases, idx, id_swap=None, expand_idx=None, agg2=None):
-        """x_in [E or N, in]; bases {"rad" [E_in, rbf], "cir"}; idx {"in","out","out_agg"} [T];
+        """x_in [E or N, in]; bases {"rad" [E_in, rbf], "cir"}; idx {"in", ...} [T];
         expand_idx [E_a]: source atom per a2ee2a edge (atom-to-edge); agg2 see the bilinear."""
         x_ba = self.dense_ba(x_in)
         if expand_idx is not None:
             x_ba = x_ba[expand_idx]
         x_ba = self.scale_rbf(x_ba * self.mlp_rbf(bases["rad"]), ref=x_ba)
         x_ba = self.down_projection(x_ba)
-        x = self.mlp_cbf(bases["cir"], x_ba[idx["in"]], idx["out"], idx["out_agg"], agg2)
+        x = self.mlp_cbf(bases["cir"], x_ba[idx["in"]], agg2)
         x = self.scale_cbf_sum(x, ref=x_ba)
         if not self.symmetric:
             return self.up_projection_ca(x)
@@ -106,7 +107,7 @@ class QuadrupletInteraction(nn.Module):
         x_db = self.down_projection(x_db)[quad["triplet_in"]["in"]]  # [T_in, quad_in]
         x_db = self.scale_cbf(x_db * self.mlp_cbf(bases["cir"]), ref=x_db)
         x_db = x_db[quad["trip_in_to_quad"]]  # [Q, quad_in]
-        x = self.mlp_sbf(bases["sph"], x_db, quad["out"], quad["out_agg"])
+        x = self.mlp_sbf(bases["sph"], x_db)
         x = self.scale_sbf_sum(x, ref=x_db)
         return (self.up_projection_ca(x) + self.up_projection_ac(x)[id_swap]) * INV_SQRT_2
 

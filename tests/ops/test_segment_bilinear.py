@@ -1,0 +1,134 @@
+"""jmp_ext.ops.segment_outer / segment_contract against the zero-padded batched matmuls they
+replace in GemNet-OC (float64 brute force), gradcheck / gradgradcheck, threads, bad inputs."""
+
+import pytest
+import torch
+from torch.autograd import gradcheck, gradgradcheck
+
+import jmp_ext.ops as ops
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+# (R, C): the compile-time widths 8 / 16 / 32 / 64 and runtime ones, as in the model (49 x 8, 7 x 16).
+SIZES = [(49, 8), (7, 16), (8, 49), (3, 5), (16, 64)]
+# Against a float64 reference: sums of up to 11 products of O(1) terms, rounded in the dtype.
+TOLERANCES = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.float64: {},
+              torch.bfloat16: {"rtol": 1e-2, "atol": 5e-2}}
+
+
+def random_case(num_segments, rows, cols, dtype, gen, max_len=12):
+    lengths = torch.randint(0, max_len, (num_segments,), generator=gen)
+    lengths = lengths * (torch.rand(num_segments, generator=gen) > 0.2)  # about 1 in 5 empty
+    ptr = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+    n = int(ptr[-1])
+    x = torch.randn(n, rows, generator=gen, dtype=torch.float64).to(dtype)
+    y = torch.randn(n, cols, generator=gen, dtype=torch.float64).to(dtype)
+    return x, y, ptr, lengths
+
+
+def padded(src, lengths):
+    """[n, F] -> [S, Kmax, F], zero padded: GemNet-OC's ragged_to_padded layout (float64)."""
+    segment = torch.repeat_interleave(torch.arange(lengths.shape[0]), lengths)
+    rank = torch.arange(src.shape[0]) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+    kmax = int(lengths.max()) if lengths.numel() else 0
+    out = torch.zeros(lengths.shape[0], kmax, src.shape[1], dtype=torch.float64)
+    out[segment, rank] = src.double()
+    return out, segment
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rows", "cols"), SIZES)
+def test_match_padded_matmuls(dtype, rows, cols):
+    gen = torch.Generator().manual_seed(rows * 100 + cols)
+    x, y, ptr, lengths = random_case(60, rows, cols, dtype, gen)
+    x_pad, segment = padded(x, lengths)
+    y_pad, _ = padded(y, lengths)
+    tol = TOLERANCES[dtype]
+    outer = ops.segment_outer(x, y, ptr)
+    assert outer.shape == (60, rows, cols) and outer.dtype == dtype
+    torch.testing.assert_close(outer.double(), x_pad.transpose(1, 2) @ y_pad, **tol)
+    assert torch.all(outer[lengths == 0] == 0)
+
+    blocks = torch.randn(60, rows, cols, generator=gen, dtype=torch.float64).to(dtype)
+    contract = ops.segment_contract(blocks, y, ptr)
+    assert contract.shape == (y.shape[0], rows) and contract.dtype == dtype
+    expected = (blocks.double()[segment] @ y.double()[:, :, None]).squeeze(-1)
+    torch.testing.assert_close(contract.double(), expected, **tol)
+
+
+def test_non_contiguous_inputs():
+    gen = torch.Generator().manual_seed(1)
+    x, y, ptr, _ = random_case(20, 8, 16, torch.float64, gen)
+    blocks = torch.randn(20, 8, 16, generator=gen, dtype=torch.float64)
+    assert torch.equal(ops.segment_outer(x.T.contiguous().T, y, ptr), ops.segment_outer(x, y, ptr))
+    assert torch.equal(ops.segment_contract(blocks.transpose(1, 2), x, ptr),
+                       ops.segment_contract(blocks.transpose(1, 2).contiguous(), x, ptr))
+
+
+@pytest.mark.parametrize("op", ["outer", "contract"])
+def test_gradcheck_and_gradgradcheck(op):
+    gen = torch.Generator().manual_seed(2)
+    x, y, ptr, _ = random_case(7, 8, 5, torch.float64, gen, max_len=5)
+    if op == "contract":
+        x = torch.randn(7, 8, 5, generator=gen, dtype=torch.float64)
+    fn = {"outer": ops.segment_outer, "contract": ops.segment_contract}[op]
+    inputs = (x.requires_grad_(), y.requires_grad_(), ptr)
+    assert gradcheck(fn, inputs)
+    assert gradgradcheck(fn, inputs)
+
+
+def test_opcheck():
+    gen = torch.Generator().manual_seed(3)
+    x, y, ptr, _ = random_case(9, 4, 8, torch.float32, gen)
+    blocks = torch.randn(9, 4, 8, generator=gen)
+    torch.library.opcheck(torch.ops.jmp_ext.segment_outer.default, (x, y, ptr))
+    torch.library.opcheck(torch.ops.jmp_ext.segment_contract.default, (blocks, y, ptr))
+
+
+def test_bitwise_identical_on_any_thread_count():
+    gen = torch.Generator().manual_seed(4)
+    x, y, ptr, _ = random_case(3000, 49, 8, torch.float32, gen, max_len=60)
+    blocks = torch.randn(3000, 8, 49, generator=gen)
+    old = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3, 8):
+            torch.set_num_threads(threads)
+            results.append((ops.segment_outer(x, y, ptr), ops.segment_contract(blocks, x, ptr)))
+    finally:
+        torch.set_num_threads(old)
+    for outer, contract in results[1:]:
+        assert torch.equal(outer, results[0][0]) and torch.equal(contract, results[0][1])
+
+
+def test_bad_inputs():
+    x, y = torch.randn(5, 3), torch.randn(5, 2)
+    with pytest.raises(ValueError, match=r"ptr\[0\] must be 0"):
+        ops.segment_outer(x, y, torch.tensor([1, 3, 5]))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        ops.segment_contract(torch.randn(3, 3, 2), y, torch.tensor([0, 4, 2, 5]))
+    with pytest.raises(ValueError, match=r"ptr\[-1\] must equal the number of source rows \(5\)"):
+        ops.segment_outer(x, y, torch.tensor([0, 2, 9]))
+    with pytest.raises(ValueError, match="x has 5 rows but y has 4"):
+        ops.segment_outer(x, y[:4], torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match="must share dtype"):
+        ops.segment_outer(x, y.double(), torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match=r"x must be \[S=2, R, C=2\]"):
+        ops.segment_contract(torch.randn(2, 3, 4), y, torch.tensor([0, 2, 5]))
+    with pytest.raises(TypeError, match="int64"):
+        ops.segment_outer(x, y, torch.tensor([0, 5], dtype=torch.int32))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_matches_cpu(dtype):
+    gen = torch.Generator().manual_seed(5)
+    x, y, ptr, _ = random_case(300, 49, 8, dtype, gen, max_len=40)
+    blocks = torch.randn(300, 8, 49, generator=gen, dtype=torch.float64).to(dtype)
+    cuda = torch.device("cuda")
+    tol = {"rtol": 1e-2, "atol": 5e-2} if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(ops.segment_outer(x.to(cuda), y.to(cuda), ptr.to(cuda)).cpu(),
+                               ops.segment_outer(x, y, ptr), **tol)
+    torch.testing.assert_close(ops.segment_contract(blocks.to(cuda), x.to(cuda), ptr.to(cuda)).cpu(),
+                               ops.segment_contract(blocks, x, ptr), **tol)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        ops.segment_outer(x[:5].to(cuda), y[:5].to(cuda), torch.tensor([0, 4, 2, 5], device=cuda))

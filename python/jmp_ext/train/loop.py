@@ -21,9 +21,9 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from jmp_ext.data.collate import collate
 from jmp_ext.data.dataset import MultiDataset
 from jmp_ext.data.samplers import AtomBalancedBatchSampler, TemperatureSampler
-
 from jmp_ext.train import distributed, tasks
 from jmp_ext.train.checkpoint import (atomic_write_bytes, is_training_checkpoint, load_checkpoint, network_weights,
                                       rng_state, save_checkpoint, set_rng_state)
@@ -51,8 +51,6 @@ class BatchList(torch.utils.data.Dataset):
         return len(self.batches)
 
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
-        from jmp_ext.data import collate
-
         # Labels stay float64 (a total energy of ~1e4 eV has no meV left in float32); the model's
         # inputs take the training dtype.
         batch = collate([self.dataset[i] for i in self.batches[k]], dtype=torch.float64)

@@ -62,6 +62,7 @@ class RadiusGraph {
  private:
   template <class Visit>
   void neighbors(int64_t target, Visit&& visit) const;
+  CellList cell_list() const;
 
   Input input_;
   std::vector<Frame> frames_;

@@ -1,5 +1,6 @@
 // CPU radius graph: cell lists built serially in O(N + bins), then a count pass and a fill pass
-// in parallel over targets (see radius_graph.h).
+// in parallel over targets, or for small graphs one pass that keeps the edges (see
+// radius_graph.h).
 #include <algorithm>
 #include <cmath>
 #include <limits>

@@ -210,12 +210,12 @@ struct CellList {
   const int32_t* shift;  // [N, 3]
 };
 
-// Calls visit(j, S, d2) for every source j (original index) and shift S with
-// 0 < d2 <= cutoff2, d2 = |r_j - r_i + S . H|^2 in double, in a fixed order.
+// Calls visit(s, c, w2) for every atom s of the cell list (sorted position) seen through
+// lattice image c whose squared distance to the target in the wrapped form, w2, is at most
+// loose2, in a fixed order. w2 differs from the exact form's d2 only by rounding.
 template <class Visit>
-JMP_HD void for_each_neighbor(const Frame& frame, const Placed& target, double cutoff2,
-                              const CellList& cells, Visit&& visit) {
-  const double loose2 = cutoff2 * (1 + kFilterMargin);
+JMP_HD void for_each_candidate(const Frame& frame, const Placed& target, double loose2,
+                               const CellList& cells, Visit&& visit) {
   int32_t first[3], last[3];
   for (int k = 0; k < 3; ++k) search_range(frame, target, k, first[k], last[k]);
   for (int32_t a = first[0]; a <= last[0]; ++a) {
@@ -230,22 +230,41 @@ JMP_HD void for_each_neighbor(const Frame& frame, const Placed& target, double c
                       static_cast<double>(cc) * frame.basis.row[2] - target.wrapped;
         int64_t bin = bin_index(frame, a - ca * frame.nbins[0], b - cb * frame.nbins[1],
                                 c - cc * frame.nbins[2]);
+        const int32_t image[3] = {ca, cb, cc};
         for (int64_t s = cells.bin_start[bin]; s < cells.bin_start[bin + 1]; ++s) {
           Vec3 d = cells.wrapped[s] + origin;
-          if (dot(d, d) > loose2) continue;
-          const int32_t* sj = cells.shift + 3 * s;
-          int32_t shift[3] = {ca + sj[0] - target.shift[0], cb + sj[1] - target.shift[1],
-                              cc + sj[2] - target.shift[2]};
-          Vec3 exact = (cells.position[s] - target.position) +
-                       (static_cast<double>(shift[0]) * frame.basis.row[0] +
-                        static_cast<double>(shift[1]) * frame.basis.row[1] +
-                        static_cast<double>(shift[2]) * frame.basis.row[2]);
-          double d2 = dot(exact, exact);
-          if (d2 <= cutoff2 && d2 > 0) visit(cells.index[s], shift, d2);
+          double w2 = dot(d, d);
+          if (w2 <= loose2) visit(s, image, w2);
         }
       }
     }
   }
+}
+
+// The exact form of candidate s seen through image c: sets its shift S and returns
+// d2 = |r_j - r_i + S . H|^2 in double.
+JMP_HD double exact_d2(const Frame& frame, const Placed& target, const CellList& cells,
+                       int64_t s, const int32_t* image, int32_t* shift) {
+  const int32_t* sj = cells.shift + 3 * s;
+  for (int k = 0; k < 3; ++k) shift[k] = image[k] + sj[k] - target.shift[k];
+  Vec3 exact = (cells.position[s] - target.position) +
+               (static_cast<double>(shift[0]) * frame.basis.row[0] +
+                static_cast<double>(shift[1]) * frame.basis.row[1] +
+                static_cast<double>(shift[2]) * frame.basis.row[2]);
+  return dot(exact, exact);
+}
+
+// Calls visit(j, S, d2) for every source j (original index) and shift S with
+// 0 < d2 <= cutoff2, d2 = |r_j - r_i + S . H|^2 in double, in a fixed order.
+template <class Visit>
+JMP_HD void for_each_neighbor(const Frame& frame, const Placed& target, double cutoff2,
+                              const CellList& cells, Visit&& visit) {
+  for_each_candidate(frame, target, cutoff2 * (1 + kFilterMargin), cells,
+                     [&](int64_t s, const int32_t* image, double) {
+                       int32_t shift[3];
+                       double d2 = exact_d2(frame, target, cells, s, image, shift);
+                       if (d2 <= cutoff2 && d2 > 0) visit(cells.index[s], shift, d2);
+                     });
 }
 
 }  // namespace jmp_ext::radius_graph

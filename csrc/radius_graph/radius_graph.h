@@ -12,8 +12,9 @@
 // get_max_neighbors_mask with enforce_max_neighbors_strictly=False; t in Angstrom^2).
 //
 // Two passes, each over targets in parallel: count (edges per target; the prefix sum sizes the
-// output), then fill (each target writes its sorted edges to its own range). Results are
-// bitwise identical for any thread count.
+// output), then fill (each target writes its sorted edges to its own range). Small graphs
+// without the tolerant cap keep the edges found while counting and search only once. Results
+// are bitwise identical for any thread count.
 #pragma once
 
 #include <cstdint>
@@ -53,15 +54,30 @@ namespace cpu {
 
 // The cell lists of a batch and its edge counts: construct (validates and counts), read
 // num_edges(), allocate, then fill().
+struct Candidate;
+
 class RadiusGraph {
  public:
   RadiusGraph(const Input& input, int num_threads);
+  ~RadiusGraph();
   int64_t num_edges() const { return offsets_.back(); }
   void fill(const Output& output, int num_threads) const;
 
  private:
+  // The sorted, capped edges of targets [begin, end), found while counting (small graphs).
+  struct Chunk {
+    int64_t begin, end;
+    std::vector<Candidate> edges;
+  };
+
   template <class Visit>
   void neighbors(int64_t target, Visit&& visit) const;
+  CellList cell_list() const;
+  // Every edge of a target, unsorted.
+  void find(int64_t target, std::vector<Candidate>& found) const;
+  void count(int num_threads);
+  void collect(int num_threads);
+  void write(const Output& out, int64_t target, const Candidate* edges) const;
 
   Input input_;
   std::vector<Frame> frames_;
@@ -73,6 +89,8 @@ class RadiusGraph {
   std::vector<int64_t> sorted_index_;
   std::vector<int32_t> sorted_shift_;
   std::vector<int64_t> offsets_;       // [N + 1] first edge of every target
+  double extent_ = 0;                 // max |r| + |wrapped| over atoms
+  std::vector<Chunk> stash_;           // by begin; empty when fill() searches again
 };
 
 }  // namespace cpu

@@ -1,7 +1,10 @@
 // CPU radius graph: cell lists built serially in O(N + bins), then a count pass and a fill pass
-// in parallel over targets (see radius_graph.h).
+// in parallel over targets, or for small graphs one pass that keeps the edges (see
+// radius_graph.h).
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <mutex>
 #include <vector>
 
 #include "common/check.h"
@@ -9,9 +12,29 @@
 #include "radius_graph/radius_graph.h"
 
 namespace jmp_ext::radius_graph::cpu {
+
+// An edge being collected for one target; ordered by (distance, source, shift).
+struct Candidate {
+  double distance;
+  int64_t source;
+  int32_t shift[3];
+  int32_t bucket;
+
+  bool operator<(const Candidate& o) const {
+    if (distance != o.distance) return distance < o.distance;
+    if (source != o.source) return source < o.source;
+    for (int k = 0; k < 3; ++k)
+      if (shift[k] != o.shift[k]) return shift[k] < o.shift[k];
+    return false;
+  }
+};
+
 namespace {
 
 constexpr int64_t kGrain = 64;  // targets per task, at least
+// Graphs expected to have at most this many edges are searched once (their edges, 32 bytes
+// each, are kept between counting and filling) rather than twice.
+constexpr double kCollectEdges = 1 << 20;
 
 Vec3 load(const Input& in, int64_t i) {
   if (in.dtype == Dtype::kFloat32) {
@@ -35,22 +58,6 @@ double edge_distance(double d2, Dtype dtype) {
   double d = std::sqrt(d2);
   return dtype == Dtype::kFloat32 ? static_cast<double>(static_cast<float>(d)) : d;
 }
-
-// An edge being collected for one target; ordered by (distance, source, shift).
-struct Candidate {
-  double distance;
-  int64_t source;
-  int32_t shift[3];
-  int32_t bucket;
-
-  bool operator<(const Candidate& o) const {
-    if (distance != o.distance) return distance < o.distance;
-    if (source != o.source) return source < o.source;
-    for (int k = 0; k < 3; ++k)
-      if (shift[k] != o.shift[k]) return shift[k] < o.shift[k];
-    return false;
-  }
-};
 
 // Sorts one target's edges in expected linear time: a counting sort into as many buckets as
 // edges, uniform in (d / cutoff)^3 (so uniform for bulk matter, where the number of neighbours
@@ -111,9 +118,19 @@ void check_input(const Input& in) {
 template <class Visit>
 void RadiusGraph::neighbors(int64_t target, Visit&& visit) const {
   double cutoff2 = input_.cutoff * input_.cutoff;
-  CellList cells{bin_start_.data(), sorted_wrapped_.data(), sorted_position_.data(),
-                 sorted_index_.data(), sorted_shift_.data()};
-  for_each_neighbor(frames_[system_of_[target]], placed_[target], cutoff2, cells, visit);
+  for_each_neighbor(frames_[system_of_[target]], placed_[target], cutoff2, cell_list(), visit);
+}
+
+void RadiusGraph::find(int64_t target, std::vector<Candidate>& found) const {
+  found.clear();
+  neighbors(target, [&](int64_t j, const int32_t* shift, double d2) {
+    found.push_back({edge_distance(d2, input_.dtype), j, {shift[0], shift[1], shift[2]}, 0});
+  });
+}
+
+CellList RadiusGraph::cell_list() const {
+  return {bin_start_.data(), sorted_wrapped_.data(), sorted_position_.data(),
+          sorted_index_.data(), sorted_shift_.data()};
 }
 
 RadiusGraph::RadiusGraph(const Input& input, int num_threads) : input_(input) {
@@ -176,8 +193,10 @@ RadiusGraph::RadiusGraph(const Input& input, int num_threads) : input_(input) {
   });
   bin_start_.assign(num_bins + 1, 0);
   std::vector<int64_t> bin_of(n);
+  double extent = 0;  // bounds the magnitude of every term of both forms of a pair's vector
   for (int64_t i = 0; i < n; ++i) {
     const Placed& p = placed_[i];
+    extent = std::max(extent, norm(p.position) + norm(p.wrapped));
     bin_of[i] = bin_index(frames_[system_of_[i]], p.bin[0], p.bin[1], p.bin[2]);
     ++bin_start_[bin_of[i] + 1];
   }
@@ -197,15 +216,61 @@ RadiusGraph::RadiusGraph(const Input& input, int num_threads) : input_(input) {
     }
   }
 
-  // Count pass: edges per target after the cap.
+  extent_ = extent;
   offsets_.assign(n + 1, 0);
-  const int64_t k = input.max_neighbors;
+  if ((input.max_neighbors < 0 || input.tolerance < 0) && estimated_edges <= kCollectEdges) {
+    collect(num_threads);
+  } else {
+    count(num_threads);
+  }
+  for (int64_t i = 0; i < n; ++i) offsets_[i + 1] += offsets_[i];
+  JMP_CHECK(offsets_[n] <= input.max_edges, "radius_graph: the graph would have ", offsets_[n],
+            " edges, more than max_edges = ", input.max_edges,
+            "; use a smaller cutoff or max_neighbors, or raise max_edges");
+}
+
+void RadiusGraph::count(int num_threads) {
+  // Count pass: edges per target after the cap. Without the tolerant cap only the number of
+  // edges matters, and the wrapped form decides it alone outside a band of half-width
+  // `margin` around 0 and the cutoff, skipping the exact form for almost every pair. Both
+  // forms sum a handful of doubles whose magnitudes are at most ~3 extent + cutoff, times
+  // `skew` for the lattice terms of skewed cells (|S_k H_k| can exceed |S . H|), so they
+  // differ by far less than margin (~1e-12 A for 100 A systems).
+  const Input& input = input_;
+  const int64_t n = input.num_atoms, k = input.max_neighbors;
+  const double extent = extent_;
+  double skew = 1;
+  for (const Frame& f : frames_) {
+    double sum = 0;
+    for (int a = 0; a < 3; ++a)
+      sum += norm(f.basis.row[a]) * norm(Vec3{component(f.inv.row[0], a),
+                                              component(f.inv.row[1], a),
+                                              component(f.inv.row[2], a)});
+    skew = std::max(skew, sum);
+  }
+  const double cutoff = input.cutoff, cutoff2 = cutoff * cutoff;
+  const double margin =
+      256 * std::numeric_limits<double>::epsilon() * skew * (3 * extent + cutoff);
+  const double sure_lo2 = 4 * margin * margin;
+  const double sure_hi2 = margin < cutoff / 2 ? (cutoff - margin) * (cutoff - margin) * (1 - 1e-12)
+                                              : 0.0;
   parallel_for(n, num_threads, kGrain, [&](int64_t begin, int64_t end) {
     std::vector<double> ds;
     for (int64_t i = begin; i < end; ++i) {
       int64_t count = 0;
       if (k < 0 || input.tolerance < 0) {
-        neighbors(i, [&](int64_t, const int32_t*, double) { ++count; });
+        const Frame& frame = frames_[system_of_[i]];
+        const CellList cells = cell_list();
+        for_each_candidate(frame, placed_[i], cutoff2 * (1 + kFilterMargin), cells,
+                           [&](int64_t s, const int32_t* image, double w2) {
+                             if (w2 > sure_lo2 && w2 < sure_hi2) {
+                               ++count;
+                             } else {
+                               int32_t shift[3];
+                               double d2 = exact_d2(frame, placed_[i], cells, s, image, shift);
+                               count += d2 <= cutoff2 && d2 > 0;
+                             }
+                           });
         if (k > 0) count = std::min(count, k);
       } else {
         // Tolerant cap: keep d^2 <= d_(k+1)^2 + tolerance, so the (k+1)-th distance is needed.
@@ -223,39 +288,73 @@ RadiusGraph::RadiusGraph(const Input& input, int num_threads) : input_(input) {
       offsets_[i + 1] = count;
     }
   });
-  for (int64_t i = 0; i < n; ++i) offsets_[i + 1] += offsets_[i];
-  JMP_CHECK(offsets_[n] <= input.max_edges, "radius_graph: the graph would have ", offsets_[n],
-            " edges, more than max_edges = ", input.max_edges,
-            "; use a smaller cutoff or max_neighbors, or raise max_edges");
+}
+
+void RadiusGraph::collect(int num_threads) {
+  const int64_t n = input_.num_atoms, k = input_.max_neighbors;
+  std::mutex mutex;
+  parallel_for(n, num_threads, kGrain, [&](int64_t begin, int64_t end) {
+    Chunk chunk{begin, end, {}};
+    EdgeSorter sorter;
+    int64_t held = 0;
+    for (int64_t i = begin; i < end; ++i) {
+      find(i, sorter.found);
+      int64_t count = static_cast<int64_t>(sorter.found.size());
+      if (k > 0) count = std::min(count, k);
+      offsets_[i + 1] = count;
+      // Past max_edges the constructor throws once it has the total: only count.
+      held += count;
+      if (held > input_.max_edges) continue;
+      const Candidate* sorted = sorter.first(count, input_.cutoff);
+      chunk.edges.insert(chunk.edges.end(), sorted, sorted + count);
+    }
+    std::lock_guard<std::mutex> lock(mutex);
+    stash_.push_back(std::move(chunk));
+  });
+  std::sort(stash_.begin(), stash_.end(),
+            [](const Chunk& a, const Chunk& b) { return a.begin < b.begin; });
+}
+
+RadiusGraph::~RadiusGraph() = default;
+
+void RadiusGraph::write(const Output& out, int64_t target, const Candidate* edges) const {
+  const int64_t first = offsets_[target], count = offsets_[target + 1] - first;
+  const int64_t total = num_edges();
+  for (int64_t e = 0; e < count; ++e) {
+    const Candidate& c = edges[e];
+    out.edge_index[first + e] = c.source;
+    out.edge_index[total + first + e] = target;
+    std::copy(c.shift, c.shift + 3, out.cell_offsets + 3 * (first + e));
+    if (input_.dtype == Dtype::kFloat32) {
+      static_cast<float*>(out.distance)[first + e] = static_cast<float>(c.distance);
+    } else {
+      static_cast<double*>(out.distance)[first + e] = c.distance;
+    }
+  }
 }
 
 void RadiusGraph::fill(const Output& out, int num_threads) const {
-  const int64_t n = input_.num_atoms, total = num_edges();
-  int64_t* source = out.edge_index;
-  int64_t* target = out.edge_index + total;
-  parallel_for(n, num_threads, kGrain, [&](int64_t begin, int64_t end) {
-    EdgeSorter sorter;
-    for (int64_t i = begin; i < end; ++i) {
-      sorter.found.clear();
-      neighbors(i, [&](int64_t j, const int32_t* shift, double d2) {
-        sorter.found.push_back(
-            {edge_distance(d2, input_.dtype), j, {shift[0], shift[1], shift[2]}, 0});
-      });
-      int64_t first = offsets_[i], count = offsets_[i + 1] - first;
-      if (count > static_cast<int64_t>(sorter.found.size()))
-        throw Error("radius_graph: internal error, the fill pass found fewer edges than counted");
-      const Candidate* sorted = sorter.first(count, input_.cutoff);
-      for (int64_t e = 0; e < count; ++e) {
-        const Candidate& c = sorted[e];
-        source[first + e] = c.source;
-        target[first + e] = i;
-        std::copy(c.shift, c.shift + 3, out.cell_offsets + 3 * (first + e));
-        if (input_.dtype == Dtype::kFloat32) {
-          static_cast<float*>(out.distance)[first + e] = static_cast<float>(c.distance);
-        } else {
-          static_cast<double*>(out.distance)[first + e] = c.distance;
+  if (!stash_.empty()) {
+    parallel_for(static_cast<int64_t>(stash_.size()), num_threads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        const Chunk& chunk = stash_[c];
+        const Candidate* edges = chunk.edges.data();
+        for (int64_t i = chunk.begin; i < chunk.end; ++i) {
+          write(out, i, edges);
+          edges += offsets_[i + 1] - offsets_[i];
         }
       }
+    });
+    return;
+  }
+  parallel_for(input_.num_atoms, num_threads, kGrain, [&](int64_t begin, int64_t end) {
+    EdgeSorter sorter;
+    for (int64_t i = begin; i < end; ++i) {
+      find(i, sorter.found);
+      int64_t count = offsets_[i + 1] - offsets_[i];
+      if (count > static_cast<int64_t>(sorter.found.size()))
+        throw Error("radius_graph: internal error, the fill pass found fewer edges than counted");
+      write(out, i, sorter.first(count, input_.cutoff));
     }
   });
 }

@@ -224,6 +224,43 @@ def test_matches_brute_force_twin_bitwise():
         torch.testing.assert_close(ours[2], ref[2], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_large_batches_search_twice_and_agree_with_small_ones(seed):
+    """Small graphs are searched once, large ones (over ~1M expected edges) count and then fill:
+    the same systems must get bitwise the same edges either way. 10k atoms of Cu at 6 A push a
+    batch onto the two-pass path; the random systems after it are then compared with
+    themselves alone (single pass), whose pairs the other tests check against ASE. The counting
+    pass of the two-pass path decides most pairs without their exact distance, so the batch
+    includes pairs exactly at the cutoff and at distance zero."""
+    rng = np.random.default_rng(200 + seed)
+    kinds = ("bulk", "skewed", "tiny", "slab", "wire", "molecule")
+    small = [_random_system(rng, kind) for kind in kinds]
+    # Pairs exactly at the cutoff (fcc with a = cutoff, unrattled), just beyond it and at
+    # distance zero.
+    edge = bulk("Cu", "fcc", a=6.0, cubic=True)
+    small.append((edge.positions, edge.cell.array, edge.cell.array, edge.pbc))
+    twins = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [6.0, 0.0, 0.0], [0.0, 0.0, 6.00000001]])
+    small.append((twins, None, np.zeros((3, 3)), np.zeros(3, bool)))
+    big = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((14, 14, 13))
+    big.rattle(0.05, seed=seed)
+    cutoff = 6.0
+    pos, natoms, cell, pbc = _batch_tensors(small, torch.float64)
+    alone = radius_graph(pos, cutoff, natoms=natoms, cell=cell, pbc=pbc)
+    n = len(big)
+    batched = radius_graph(
+        torch.cat([torch.tensor(big.positions), pos]),
+        cutoff,
+        natoms=torch.cat([torch.tensor([n]), natoms]),
+        cell=torch.cat([torch.tensor(big.cell.array)[None], cell]),
+        pbc=torch.cat([torch.tensor(big.pbc)[None], pbc]),
+    )
+    count = alone[0].shape[1]
+    assert count > 0 and batched[0].shape[1] > 500_000 + count
+    assert torch.equal(batched[0][:, -count:] - n, alone[0])
+    assert torch.equal(batched[1][-count:], alone[1])
+    assert torch.equal(batched[2][-count:], alone[2])
+
+
 def test_deterministic_across_thread_counts():
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((4, 4, 4))
     atoms.rattle(0.1, seed=3)

@@ -89,15 +89,17 @@ class CircularBasisLayer(nn.Module):
 
 
 class SphericalBasisLayer(nn.Module):
-    """legendre_outer: Y_l1(cos φ) * Y_l2(cos θ) [Q, 49], index l1 * 7 + l2; holds `radial_basis`."""
+    """legendre_outer: Y_l1(cos φ) * Y_l2(cos θ), index l1 * 7 + l2; holds `radial_basis`.
+
+    Returned as its two factors, Y(cos φ) [T_out, 7] per output triplet and Y(cos θ) [Q, 7] per
+    quadruplet: the [Q, 49] product is never formed (see EfficientInteractionBilinear)."""
 
     def __init__(self, radial_basis: RadialBasis):
         super().__init__()
         self.radial_basis = radial_basis
 
-    def forward(self, cos_phi: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        outer = spherical_harmonics_l0(cos_phi)[:, :, None] * spherical_harmonics_l0(torch.cos(theta))[:, None, :]
-        return outer.flatten(1)
+    def forward(self, cos_phi: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return spherical_harmonics_l0(cos_phi), spherical_harmonics_l0(torch.cos(theta))
 
 
 class BasisEmbedding(nn.Module):
@@ -222,7 +224,9 @@ class Bases(nn.Module):
         dihedral = angle_between(torch.linalg.cross(V_ca, V_ba_out)[quad["trip_out_to_quad"]],
                                  torch.linalg.cross(V_db, V_ba_in)[quad["trip_in_to_quad"]])
         cir_qint = self.cbf_basis_qint(cos_abd)
-        sph_qint = self.sbf_basis_qint(cos_cab[quad["trip_out_to_quad"]], dihedral)
+        sph_cab, sph_dihedral = self.sbf_basis_qint(cos_cab, dihedral)  # [T_out, 7], [Q, 7]
+        # Quadruplets are ordered by (output triplet, input triplet), output triplets by out edge.
+        sph_qint = (sph_cab, sph_dihedral, _out_ptr({"out": quad["trip_out_to_quad"]}, t_out["out"].shape[0]))
 
         rad_qint_cir = self.mlp_cbf_qint(self.cbf_basis_qint.radial_basis(qint["distance"]))  # [E_q, cbf, 7]
         rad_e2a_cir = self.mlp_cbf_eaint(self.cbf_basis_eaint.radial_basis(a2ee2a["distance"]))  # [E_a, cbf, 7]
@@ -238,7 +242,7 @@ class Bases(nn.Module):
                 "rad": self.mlp_rbf_qint(rad_main),
                 # Per input triplet: rad_W1 of its qint edge b->a contracted with Y_l0(cos_abd).
                 "cir": (rad_qint_cir[t_in["out"]] @ cir_qint[:, :, None]).squeeze(-1),
-                "sph": (self.mlp_sbf_qint(rad_spherical_main), sph_qint, _out_ptr(quad, num_main)),
+                "sph": (self.mlp_sbf_qint(rad_spherical_main), sph_qint, _out_ptr(t_out, num_main)),
             },
             "a2e": {
                 "rad": self.mlp_rbf_aeint(self.radial_basis_aeaint(a2ee2a["distance"])),

@@ -30,7 +30,12 @@ class EfficientInteractionBilinear(nn.Module):
     basis = (rad_W1 [O, I, S], sph [T, S], out_ptr [O+1]); m [T, in], the triplets sorted by out
     edge with out_ptr their CSR pointer. With agg2 = (row, col, num_rows, num_cols) the per-edge
     result [O, S, in] is aggregated once more onto atoms (edge-to-atom): rad_W1 is then
-    [num_rows, I, K2*S]. Returns [O or num_rows, out]."""
+    [num_rows, I, K2*S]. Returns [O or num_rows, out].
+
+    Quadruplets pass sph factored as (sph_1 [P, S1], sph_2 [T, S2], ptr_2 [P+1]): the basis of
+    quadruplet t is sph_1[p] ⊗ sph_2[t] (S = S1 * S2) for the output triplet p it belongs to, the
+    quadruplets sorted by p and out_ptr over p. Summing over each p first costs S2 * in
+    multiply-adds per quadruplet instead of S1 * S2 * in, and the [T, S] basis is never formed."""
 
     def __init__(self, emb_size_in: int, emb_size_interm: int, emb_size_out: int):
         super().__init__()
@@ -39,7 +44,12 @@ class EfficientInteractionBilinear(nn.Module):
 
     def forward(self, basis, m, agg2=None):
         rad_W1, sph, out_ptr = basis
-        sph_m = ops.segment_outer(sph, m, out_ptr)  # [O, S, in]
+        if isinstance(sph, tuple):
+            sph_1, sph_2, ptr_2 = sph
+            inner = ops.segment_outer(sph_2, m, ptr_2).flatten(1)  # [P, S2 * in]
+            sph_m = ops.segment_outer(sph_1, inner, out_ptr).view(out_ptr.shape[0] - 1, -1, m.shape[1])
+        else:
+            sph_m = ops.segment_outer(sph, m, out_ptr)  # [O, S, in]
         if agg2 is not None:
             row, col, num_rows, num_cols = agg2
             sph_m = ops.ragged_to_padded(sph_m, row, col, num_rows, num_cols).reshape(num_rows, -1, sph_m.shape[-1])  # [N, K2*S, in]

@@ -30,6 +30,7 @@ from ase.build import add_adsorbate, fcc111, molecule
 from ase.collections import g2
 
 from jmp_ext import ops
+from jmp_ext.cpu import keep_freed_memory
 from jmp_ext.graphs import GraphConfig, build_graphs
 from jmp_ext.models import BackboneConfig, FinetuneModel, HeadConfig, PretrainModel
 from jmp_ext.ops import reference_reductions
@@ -118,17 +119,18 @@ def test_model_step(benchmark, monkeypatch, size, kind, count, mode, impl):
     batch, config = batch_and_config(kind, count)
     model = make_model(size, mode)
     benchmark.extra_info["atoms"] = int(batch["natoms"].sum())
-    benchmark.pedantic(step, args=(model, batch, config, mode), rounds=2, warmup_rounds=1)
+    benchmark.pedantic(step, args=(model, batch, config, mode), rounds=2, warmup_rounds=2)
 
 
 if __name__ == "__main__":
     size, kind, count, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    keep_freed_memory()  # as the trainer and bench/conftest.py do
     torch.set_num_threads(1)
     batch, config = batch_and_config(kind, count)
     model = make_model(size, mode)
     # CPU time as well as wall time: on a shared machine the wall time includes waiting for a core.
     wall, cpu = [], []
-    for _ in range(2):
+    for _ in range(5):  # the allocator's heap settles over the first steps
         start, start_cpu = time.perf_counter(), time.process_time()
         step(model, batch, config, mode)
         wall.append(time.perf_counter() - start)

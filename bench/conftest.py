@@ -1,6 +1,13 @@
 import pytest
 import torch
 
+from jmp_ext.cpu import keep_freed_memory
+
+
+def pytest_configure(config):
+    # As the trainer does on the CPU: without it every large tensor is page-faulted in afresh.
+    keep_freed_memory()
+
 
 @pytest.fixture(params=[1, 2], ids=lambda n: f"{n}thr")
 def threads(request):

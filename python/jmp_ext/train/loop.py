@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from jmp_ext.cpu import keep_freed_memory
 from jmp_ext.data.collate import collate
 from jmp_ext.data.dataset import MultiDataset
 from jmp_ext.data.samplers import AtomBalancedBatchSampler, TemperatureSampler
@@ -146,6 +147,8 @@ class Trainer:
             torch.set_num_threads(c.threads)
         self.dist = distributed.setup(c.device)
         self.device = self.dist.device
+        if self.device.type == "cpu":
+            keep_freed_memory()  # (about 2x faster steps: see jmp_ext.cpu)
         self.main = self.dist.rank == 0
         self.run_dir = Path(c.run_dir)
         self.dtype = DTYPES.get(c.loop.precision, torch.float32)

@@ -118,8 +118,12 @@ def random_graph(seed, num_atoms=12, num_edges=200):
 
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("cutoff", [None, 6.0])
-def test_subselect_is_topk_per_target(seed, cutoff):
+@pytest.mark.parametrize("by_distance", [False, True], ids=["by_target", "by_target_distance"])
+def test_subselect_is_topk_per_target(seed, cutoff, by_distance):
     graph = random_graph(seed)
+    if by_distance:  # radius_graph's order, which subselect ranks without sorting
+        order = torch.argsort(graph["edge_index"][1] * 100 + graph["distance"])
+        graph = G._select(graph, order)
     k = torch.randint(1, 12, (12,), generator=torch.Generator().manual_seed(seed + 100))
     ours = G.subselect(graph, cutoff, k)
     expected = set()

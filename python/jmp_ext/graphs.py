@@ -145,15 +145,23 @@ def _structure_index(natoms: Tensor) -> Tensor:
 
 def _rank_in_target(target: Tensor, key: Tensor) -> Tensor:
     """Rank of every edge among the edges of its target, ordered by key (ties: by edge index)."""
-    order = torch.argsort(key, stable=True)
-    order = order[torch.argsort(target[order], stable=True)]
-    sorted_t = target[order]
     n = target.numel()
+    # jmp_ext.ops.radius_graph already orders edges by (target, distance): then no sort is needed.
+    in_order = bool(((target[1:] > target[:-1]) | ((target[1:] == target[:-1]) & (key[1:] >= key[:-1]))).all())
+    if in_order:
+        order, sorted_t = None, target
+    else:
+        order = torch.argsort(key, stable=True)
+        order = order[torch.argsort(target[order], stable=True)]
+        sorted_t = target[order]
     start = torch.ones(n, dtype=torch.bool, device=target.device)
     start[1:] = sorted_t[1:] != sorted_t[:-1]
     first = torch.cummax(torch.where(start, torch.arange(n, device=target.device), 0), 0).values
+    rank_sorted = torch.arange(n, device=target.device) - first
+    if order is None:
+        return rank_sorted
     rank = torch.empty_like(target)
-    rank[order] = torch.arange(n, device=target.device) - first
+    rank[order] = rank_sorted
     return rank
 
 
@@ -264,7 +272,8 @@ def graphs_from_a2a(batch: dict, a2a: dict, config: GraphConfig, *, edge_dropout
     # The padded blocks index neighbours by their rank at the target: group edges by target.
     for name in ("a2a", "a2ee2a"):
         g = graphs[name]
-        g = _select(g, torch.argsort(g["edge_index"][1], stable=True))
+        if not bool((g["edge_index"][1].diff() >= 0).all()):
+            g = _select(g, torch.argsort(g["edge_index"][1], stable=True))
         g["target_neighbor_idx"] = _rank_in_target(g["edge_index"][1], torch.zeros_like(g["distance"]))
         graphs[name] = g
     for g in graphs.values():

@@ -89,7 +89,7 @@ class TripletInteraction(nn.Module):
         x = self.scale_cbf_sum(x, ref=x_ba)
         if not self.symmetric:
             return self.up_projection_ca(x)
-        return (self.up_projection_ca(x) + self.up_projection_ac(x)[id_swap]) * INV_SQRT_2
+        return self.up_projection_ca(x).add_(self.up_projection_ac(x)[id_swap]).mul_(INV_SQRT_2)
 
 
 class QuadrupletInteraction(nn.Module):
@@ -118,7 +118,7 @@ class QuadrupletInteraction(nn.Module):
         x_db = x_db[quad["trip_in_to_quad"]]  # [Q, quad_in]
         x = self.mlp_sbf(bases["sph"], x_db)
         x = self.scale_sbf_sum(x, ref=x_db)
-        return (self.up_projection_ca(x) + self.up_projection_ac(x)[id_swap]) * INV_SQRT_2
+        return self.up_projection_ca(x).add_(self.up_projection_ac(x)[id_swap]).mul_(INV_SQRT_2)
 
 
 class PairInteraction(nn.Module):

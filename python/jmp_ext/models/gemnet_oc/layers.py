@@ -28,7 +28,8 @@ class ScaledSiLU(nn.Module):
     """silu(x) / 0.6: keeps unit-variance inputs at roughly unit variance."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.silu(x) * (1 / 0.6)
+        # In place: silu's backward reads its input, not this fresh output (one pass less).
+        return nn.functional.silu(x).mul_(1 / 0.6)
 
 
 class Dense(nn.Module):
@@ -54,7 +55,8 @@ class ResidualLayer(nn.Module):
         self.dense_mlp = nn.Sequential(Dense(units, units, True, dropout), Dense(units, units, True, dropout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x + self.dense_mlp(x)) * (1 / math.sqrt(2.0))
+        # dense_mlp's output is a fresh tensor that no backward reads: updated in place.
+        return self.dense_mlp(x).add_(x).mul_(1 / math.sqrt(2.0))
 
 
 def residual_stack(units_in: int, units: int, num_residual: int, dropout: float | None) -> nn.ModuleList:

@@ -153,7 +153,9 @@ class Bases(nn.Module):
       rad_main [E, 128] raw main-graph RBF (input of the initial edge embedding)
       rbf_h, rbf_out [E, emb_size_rbf] for the atom update and output blocks
       e2e, a2e: {"rad" [E or E_a2ee2a, emb_size_rbf], "cir": (rad_W1 [E, cbf, 7], sph [T, 7], out_ptr [E+1])}
-      qint: {"rad" [E, rbf], "cir" [T_in, cbf], "sph": (rad_W1 [E, sbf, 49], sph [Q, 49], out_ptr [E+1])}
+      qint: {"rad" [E, rbf], "cir" [T_in, cbf],
+             "sph": (rad_W1 [E, sbf, 49], (Y(cos φ) [T_out, 7], Y(cos θ) [Q, 7], quad_ptr [T_out+1]),
+                     out_ptr [E+1] over the output triplets)}
       e2a: {"rad" [E, rbf], "cir": (rad_W1 [N, cbf, Kmax_a*7], sph [T, 7], out_ptr [E_a2ee2a+1])}
       a2a_rad [N, rbf, Kmax_a2a]
     """

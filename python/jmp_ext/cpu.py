@@ -16,8 +16,8 @@ def keep_freed_memory() -> bool:
     A training step allocates and frees the same few GB of large tensors every step. By default
     glibc serves each block above its mmap threshold (32 MB at most) with a fresh mmap and returns
     a freed heap top to the kernel, so every step page-faults its memory in again. On the 2-core
-    VM of bench/README.md a 32-slab step of the small model took 17 s, half of it in the kernel;
-    with mmap off and trimming off it takes 7.6 s from the third step on. The cost: the process
+    VM of bench/README.md a 32-slab step of the small model took 17.3 s; with mmap and trimming
+    off, the same code took 10.2 s from the third step on. The cost: the process
     keeps its peak memory until it exits. Returns False (and changes nothing) where the C library
     is not glibc."""
     name = ctypes.util.find_library("c")

@@ -143,25 +143,24 @@ def _structure_index(natoms: Tensor) -> Tensor:
 # ---- subselection ----
 
 
+def _rank_in_sorted(target: Tensor) -> Tensor:
+    """Rank of every edge among the edges of its target, for edges grouped by target."""
+    n = target.numel()
+    start = torch.ones(n, dtype=torch.bool, device=target.device)
+    start[1:] = target[1:] != target[:-1]
+    first = torch.cummax(torch.where(start, torch.arange(n, device=target.device), 0), 0).values
+    return torch.arange(n, device=target.device) - first
+
+
 def _rank_in_target(target: Tensor, key: Tensor) -> Tensor:
     """Rank of every edge among the edges of its target, ordered by key (ties: by edge index)."""
-    n = target.numel()
     # jmp_ext.ops.radius_graph already orders edges by (target, distance): then no sort is needed.
-    in_order = bool(((target[1:] > target[:-1]) | ((target[1:] == target[:-1]) & (key[1:] >= key[:-1]))).all())
-    if in_order:
-        order, sorted_t = None, target
-    else:
-        order = torch.argsort(key, stable=True)
-        order = order[torch.argsort(target[order], stable=True)]
-        sorted_t = target[order]
-    start = torch.ones(n, dtype=torch.bool, device=target.device)
-    start[1:] = sorted_t[1:] != sorted_t[:-1]
-    first = torch.cummax(torch.where(start, torch.arange(n, device=target.device), 0), 0).values
-    rank_sorted = torch.arange(n, device=target.device) - first
-    if order is None:
-        return rank_sorted
+    if bool(((target[1:] > target[:-1]) | ((target[1:] == target[:-1]) & (key[1:] >= key[:-1]))).all()):
+        return _rank_in_sorted(target)
+    order = torch.argsort(key, stable=True)
+    order = order[torch.argsort(target[order], stable=True)]
     rank = torch.empty_like(target)
-    rank[order] = rank_sorted
+    rank[order] = _rank_in_sorted(target[order])
     return rank
 
 
@@ -274,7 +273,7 @@ def graphs_from_a2a(batch: dict, a2a: dict, config: GraphConfig, *, edge_dropout
         g = graphs[name]
         if not bool((g["edge_index"][1].diff() >= 0).all()):
             g = _select(g, torch.argsort(g["edge_index"][1], stable=True))
-        g["target_neighbor_idx"] = _rank_in_target(g["edge_index"][1], torch.zeros_like(g["distance"]))
+        g["target_neighbor_idx"] = _rank_in_sorted(g["edge_index"][1])
         graphs[name] = g
     for g in graphs.values():
         g.pop("distance", None)  # recomputed with autograd below

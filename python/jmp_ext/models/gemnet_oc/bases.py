@@ -228,7 +228,7 @@ class Bases(nn.Module):
         cir_qint = self.cbf_basis_qint(cos_abd)
         sph_cab, sph_dihedral = self.sbf_basis_qint(cos_cab, dihedral)  # [T_out, 7], [Q, 7]
         # Quadruplets are ordered by (output triplet, input triplet), output triplets by out edge.
-        sph_qint = (sph_cab, sph_dihedral, _out_ptr({"out": quad["trip_out_to_quad"]}, t_out["out"].shape[0]))
+        sph_qint = (sph_cab, sph_dihedral, _csr_ptr(quad["trip_out_to_quad"], t_out["out"].shape[0]))
 
         rad_qint_cir = self.mlp_cbf_qint(self.cbf_basis_qint.radial_basis(qint["distance"]))  # [E_q, cbf, 7]
         rad_e2a_cir = self.mlp_cbf_eaint(self.cbf_basis_eaint.radial_basis(a2ee2a["distance"]))  # [E_a, cbf, 7]
@@ -238,22 +238,22 @@ class Bases(nn.Module):
             "rbf_out": self.mlp_rbf_out(rad_main),
             "e2e": {
                 "rad": self.mlp_rbf_tint(rad_main),
-                "cir": (self.mlp_cbf_tint(rad_spherical_main), cir_e2e, _out_ptr(trip_e2e, num_main)),
+                "cir": (self.mlp_cbf_tint(rad_spherical_main), cir_e2e, _csr_ptr(trip_e2e["out"], num_main)),
             },
             "qint": {
                 "rad": self.mlp_rbf_qint(rad_main),
                 # Per input triplet: rad_W1 of its qint edge b->a contracted with Y_l0(cos_abd).
                 "cir": (rad_qint_cir[t_in["out"]] @ cir_qint[:, :, None]).squeeze(-1),
-                "sph": (self.mlp_sbf_qint(rad_spherical_main), sph_qint, _out_ptr(t_out, num_main)),
+                "sph": (self.mlp_sbf_qint(rad_spherical_main), sph_qint, _csr_ptr(t_out["out"], num_main)),
             },
             "a2e": {
                 "rad": self.mlp_rbf_aeint(self.radial_basis_aeaint(a2ee2a["distance"])),
-                "cir": (self.mlp_cbf_aeint(rad_spherical_main), cir_a2e, _out_ptr(trip_a2e, num_main)),
+                "cir": (self.mlp_cbf_aeint(rad_spherical_main), cir_a2e, _csr_ptr(trip_a2e["out"], num_main)),
             },
             "e2a": {
                 "rad": self.mlp_rbf_eaint(rad_main),
                 "cir": (_padded_rad(rad_e2a_cir, a2ee2a, num_atoms, kmax["a2ee2a"]),
-                        cir_e2a, _out_ptr(trip_e2a, num_a2ee2a)),
+                        cir_e2a, _csr_ptr(trip_e2a["out"], num_a2ee2a)),
             },
             "a2a_rad": _padded_rad(self.mlp_rbf_aint(self.radial_basis_aint(a2a["distance"])), a2a, num_atoms,
                                    kmax["a2a"]),
@@ -270,10 +270,10 @@ class _GradDivide:
         return grad / self.n
 
 
-def _out_ptr(idx: dict, num_out: int) -> torch.Tensor:
-    """CSR pointer [num_out + 1] of the triplets / quadruplets over their out edge (idx["out"] is
-    ascending, as jmp_ext.ops builds it)."""
-    return torch.searchsorted(idx["out"], torch.arange(num_out + 1, device=idx["out"].device))
+def _csr_ptr(index: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """CSR pointer [num_segments + 1] of an ascending segment index [T] (triplets / quadruplets
+    over their out edge or output triplet, as jmp_ext.ops orders them)."""
+    return torch.searchsorted(index, torch.arange(num_segments + 1, device=index.device))
 
 
 def _padded_rad(rad_W1: torch.Tensor, graph: dict, num_atoms: int, kmax: int) -> torch.Tensor:

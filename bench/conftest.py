@@ -4,9 +4,18 @@ import torch
 from jmp_ext.cpu import keep_freed_memory
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--default-malloc", action="store_true",
+        help="keep glibc's default allocator settings (what a script that does not call "
+             "jmp_ext.cpu.keep_freed_memory gets): large buffers are page-faulted in afresh",
+    )  # fmt: skip
+
+
 def pytest_configure(config):
     # As the trainer does on the CPU: without it every large tensor is page-faulted in afresh.
-    keep_freed_memory()
+    if not config.getoption("--default-malloc"):
+        keep_freed_memory()
 
 
 @pytest.fixture(params=[1, 2], ids=lambda n: f"{n}thr")

@@ -76,7 +76,7 @@ class RadiusGraph {
   // Every edge of a target, unsorted.
   void find(int64_t target, std::vector<Candidate>& found) const;
   void count(int num_threads);
-  void collect(int num_threads);
+  void collect(int num_threads, double estimated_edges);
   void write(const Output& out, int64_t target, const Candidate* edges) const;
 
   Input input_;

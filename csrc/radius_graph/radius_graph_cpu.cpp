@@ -33,8 +33,10 @@ namespace {
 
 constexpr int64_t kGrain = 64;  // targets per task, at least
 // Graphs expected to have at most this many edges are searched once (their edges, 32 bytes
-// each, are kept between counting and filling) rather than twice.
-constexpr double kCollectEdges = 1 << 20;
+// each, at most 128 MB, are kept between counting and filling) rather than twice. The estimate
+// runs ~2x high for bulk matter, so cu_10k_6A (0.8 M edges) is searched once: 20-25% faster
+// than twice.
+constexpr double kCollectEdges = 1 << 22;
 
 Vec3 load(const Input& in, int64_t i) {
   if (in.dtype == Dtype::kFloat32) {
@@ -219,7 +221,7 @@ RadiusGraph::RadiusGraph(const Input& input, int num_threads) : input_(input) {
   extent_ = extent;
   offsets_.assign(n + 1, 0);
   if ((input.max_neighbors < 0 || input.tolerance < 0) && estimated_edges <= kCollectEdges) {
-    collect(num_threads);
+    collect(num_threads, estimated_edges);
   } else {
     count(num_threads);
   }
@@ -290,11 +292,15 @@ void RadiusGraph::count(int num_threads) {
   });
 }
 
-void RadiusGraph::collect(int num_threads) {
+void RadiusGraph::collect(int num_threads, double estimated_edges) {
   const int64_t n = input_.num_atoms, k = input_.max_neighbors;
   std::mutex mutex;
   parallel_for(n, num_threads, kGrain, [&](int64_t begin, int64_t end) {
     Chunk chunk{begin, end, {}};
+    // Growing by doubling would copy the edges about twice more (and fault fresh pages in).
+    double expected = estimated_edges * static_cast<double>(end - begin) / static_cast<double>(n);
+    if (k > 0) expected = std::min(expected, static_cast<double>(k * (end - begin)));
+    chunk.edges.reserve(static_cast<size_t>(expected) + 64);
     EdgeSorter sorter;
     int64_t held = 0;
     for (int64_t i = begin; i < end; ++i) {

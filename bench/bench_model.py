@@ -11,7 +11,10 @@ Side by side: impl "jmp_ext" (our kernels) and "torch" (the same model with the 
 twins of the reductions, jmp_ext.ops.reference_reductions: index_put padding, index_add sums).
 Peak memory of one case in a fresh process (ru_maxrss):
 
-    PYTHONPATH=python python bench/bench_model.py tiny slabs 32 direct
+    PYTHONPATH=python python bench/bench_model.py tiny slabs 32 direct [compile]
+
+"compile" times the network under torch.compile(dynamic=True) (the trainer's loop.compile),
+after two compiling steps.
 
 Results go to bench/README.md (Model section). Atoms/s = atoms in the batch / mean time.
 """
@@ -124,10 +127,15 @@ def test_model_step(benchmark, monkeypatch, size, kind, count, mode, impl):
 
 if __name__ == "__main__":
     size, kind, count, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    compiled = sys.argv[5:] == ["compile"]
     keep_freed_memory()  # as the trainer and bench/conftest.py do
     torch.set_num_threads(1)
     batch, config = batch_and_config(kind, count)
     model = make_model(size, mode)
+    if compiled:
+        model.compile(dynamic=True)
+        for _ in range(2):
+            step(model, batch, config, mode)
     # CPU time as well as wall time: on a shared machine the wall time includes waiting for a core.
     wall, cpu = [], []
     for _ in range(5):  # the allocator's heap settles over the first steps
@@ -136,5 +144,5 @@ if __name__ == "__main__":
         wall.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
     atoms = int(batch["natoms"].sum())
-    print(f"{size} {kind} x{count} ({atoms} atoms) {mode}: wall {min(wall):.2f} s, cpu {min(cpu):.2f} s, "
+    print(f"{size} {kind} x{count} ({atoms} atoms) {mode}{' compiled' if compiled else ''}: wall {min(wall):.2f} s, cpu {min(cpu):.2f} s, "
           f"{atoms / min(cpu):.0f} atoms/cpu-s, peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")

@@ -88,3 +88,10 @@ def test_yaml_file_with_preset_and_override(tmp_path):
                                                                        "train": "/q"}]}))
     cfg = load_config(path, ["data.batch_size=4"])
     assert cfg.data.batch_size == 4 and cfg.tasks[0].train == "/q" and cfg.optim.llrd_embedding == 0.3
+
+
+def test_compile_needs_direct_forces():
+    forces_task = {**TASK, "targets": [{"name": "energy", "kind": "energy"}, {"name": "forces", "kind": "forces"}]}
+    build_config({"tasks": [forces_task], "loop": {"compile": True}})  # direct forces: fine
+    with pytest.raises(ConfigError, match="loop.compile needs direct forces"):
+        build_config({"tasks": [{**forces_task, "forces": "gradient"}], "loop": {"compile": True}})

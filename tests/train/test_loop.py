@@ -68,6 +68,26 @@ def test_resume_after_a_kill_is_bitwise_identical(tiny_data, tmp_path, monkeypat
     assert (tmp_path / "killed" / "config.yaml").is_file() and (tmp_path / "killed" / "best.pt").is_file()
 
 
+@pytest.mark.slow
+def test_compiled_network_trains_like_the_eager_one(tiny_data, tmp_path):
+    """loop.compile: the same first loss (before any update only rounding differs) and the same
+    checkpoint keys (the network is compiled in place, so no `_orig_mod.` prefixes)."""
+    runs = {}
+    for name in ("eager", "compiled"):
+        cfg = build_config(pretrain_config(tiny_data, tmp_path / name, max_steps=2, ema_decay=0.0, val_every=0),
+                           [f"loop.compile={name == 'compiled'}"])
+        trainer = loop.Trainer(cfg)
+        trainer.train()
+        losses = [r["value"] for r in trainer.log.rows if r["split"] == "train" and r["name"] == "loss"]
+        runs[name] = (losses, load_checkpoint(tmp_path / name / "last.pt")["model"])
+    (eager_losses, eager_state), (compiled_losses, compiled_state) = runs["eager"], runs["compiled"]
+    assert len(eager_losses) == len(compiled_losses) == 2
+    assert compiled_losses[0] == pytest.approx(eager_losses[0], rel=1e-5)
+    assert compiled_state.keys() == eager_state.keys()
+    for k in eager_state:
+        assert torch.allclose(compiled_state[k].double(), eager_state[k].double(), rtol=1e-2, atol=1e-4), k
+
+
 def test_non_finite_loss_is_skipped_then_stops(tiny_data, tmp_path, monkeypatch):
     original = tasks.loss_terms
     calls = {"n": 0}

@@ -202,6 +202,10 @@ class LoopConfig:
     they come from a checkpoint)."""
     progress: bool = True
     """tqdm progress bar (rank 0)."""
+    compile: bool = False
+    """torch.compile the network (dynamic shapes; graphs are still built eagerly). 1.3-1.5x
+    faster CPU steps once compiled, after about a minute of compilation. Direct forces only:
+    compiled graphs cannot be differentiated twice, which gradient forces need."""
 
     def __post_init__(self) -> None:
         if self.max_steps <= 0 and self.max_epochs <= 0:
@@ -239,6 +243,10 @@ class TrainConfig:
             raise ConfigError(f"tasks: duplicate task names {names}")
         if self.mode == "finetune" and len(self.tasks) != 1:
             raise ConfigError(f"tasks: fine-tuning takes exactly one task, got {len(self.tasks)}")
+        if self.loop.compile and any(t.forces == "gradient" and {g.kind for g in t.targets} & {"forces", "stress"}
+                                     for t in self.tasks):
+            raise ConfigError("loop.compile needs direct forces: torch.compile cannot differentiate the "
+                              "network twice, which gradient forces (task forces=gradient) need")
 
 
 # ---------------------------------------------------------------- dict <-> dataclass

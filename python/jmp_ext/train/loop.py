@@ -164,6 +164,8 @@ class Trainer:
         if c.model.init_checkpoint:
             init_from_checkpoint(self.model.net, c.model.init_checkpoint, c.model.init_ema)
         freeze(self.model.net, c.model.freeze_embedding, c.model.freeze_blocks)
+        if c.loop.compile:
+            self.model.net.compile(dynamic=True)  # in place: parameter names and state_dict keys unchanged
         self.optimizer = build_optimizer(self.model.net, c.optim, tasks.num_blocks(self.model.net))
         self.ema = EMA(self.model, c.loop.ema_decay) if c.loop.ema_decay > 0 else None
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast is torch.float16 else None

@@ -78,6 +78,7 @@ def test_compiled_network_trains_like_the_eager_one(tiny_data, tmp_path):
                            [f"loop.compile={name == 'compiled'}"])
         trainer = loop.Trainer(cfg)
         trainer.train()
+        assert (trainer.model.net._compiled_call_impl is not None) == (name == "compiled")
         losses = [r["value"] for r in trainer.log.rows if r["split"] == "train" and r["name"] == "loss"]
         runs[name] = (losses, load_checkpoint(tmp_path / name / "last.pt")["model"])
     (eager_losses, eager_state), (compiled_losses, compiled_state) = runs["eager"], runs["compiled"]

@@ -164,8 +164,6 @@ class Trainer:
         if c.model.init_checkpoint:
             init_from_checkpoint(self.model.net, c.model.init_checkpoint, c.model.init_ema)
         freeze(self.model.net, c.model.freeze_embedding, c.model.freeze_blocks)
-        if c.loop.compile:
-            self.model.net.compile(dynamic=True)  # in place: parameter names and state_dict keys unchanged
         self.optimizer = build_optimizer(self.model.net, c.optim, tasks.num_blocks(self.model.net))
         self.ema = EMA(self.model, c.loop.ema_decay) if c.loop.ema_decay > 0 else None
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast is torch.float16 else None
@@ -209,6 +207,10 @@ class Trainer:
         c = self.config
         if not self.resumed and c.loop.fit_scale_factors > 0 and not c.model.init_checkpoint:
             self.fit_scale_factors(c.loop.fit_scale_factors)
+        if c.loop.compile:
+            # After the fit: its passes (one per scale factor, in fitting mode) would each be
+            # compiled and never run again. In place: parameter names and state_dict keys stay.
+            self.model.net.compile(dynamic=True)
         stop_reason = "max_steps"
         self.log.start_clock()
         loader = self._epoch_loader()

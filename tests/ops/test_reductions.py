@@ -63,6 +63,21 @@ def test_scatter_sum_matches_index_add(dtype, features):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_gather_matches_indexing_and_its_gradient_index_add(dtype):
+    gen = torch.Generator().manual_seed(2)
+    src = random_src(40, 6, dtype, gen).reshape(40, 2, 3).requires_grad_()
+    index = torch.randint(0, 40, (500,), generator=gen)
+    index[index == 5] = 6  # a row nobody picks: its gradient is 0
+    out = ops.gather(src, index)
+    assert torch.equal(out, src[index])
+    grad = random_src(500, 6, dtype, gen).reshape(500, 2, 3)
+    (grad_src,) = torch.autograd.grad(out, src, grad)
+    expected = torch.zeros(40, 2, 3, dtype=torch.float64).index_add_(0, index, grad.double())
+    torch.testing.assert_close(grad_src, expected.to(dtype))
+    assert torch.equal(grad_src[5], torch.zeros(2, 3, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("features", FEATURES)
 def test_scatter_mean_matches_scatter_reduce(dtype, features):
     gen = torch.Generator().manual_seed(features)

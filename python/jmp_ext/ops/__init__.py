@@ -8,6 +8,7 @@ from jmp_ext.ops._lib import build_info
 from jmp_ext.ops.interaction_indices import mixed_triplets, quadruplets, triplets
 from jmp_ext.ops.radius_graph import edge_vectors, radius_graph
 from jmp_ext.ops.reductions import (
+    gather,
     padded_to_ragged,
     ragged_to_padded,
     scatter_mean,
@@ -22,6 +23,7 @@ from jmp_ext.ops.reductions import (
 __all__ = [
     "build_info",
     "edge_vectors",
+    "gather",
     "mixed_triplets",
     "padded_to_ragged",
     "quadruplets",

@@ -131,12 +131,17 @@ class EdgeEmbedding(nn.Module):
         self.dense = Dense(2 * atom_features + edge_features, out_features, True, dropout)
 
     def forward(self, h: torch.Tensor, m: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
-        return self.dense(torch.cat([h[edge_index[0]], h[edge_index[1]], m], dim=-1))
+        return self.dense(torch.cat([ops.gather(h, edge_index[0]), ops.gather(h, edge_index[1]), m], dim=-1))
 
 
 def cos_angle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Clamped dot product of unit vectors [T, 3] -> [T] in [-1, 1]."""
     return torch.clamp((a * b).sum(dim=-1), -1.0, 1.0)
+
+
+def triplet_cos(V_out: torch.Tensor, V_in: torch.Tensor, trip: dict) -> torch.Tensor:
+    """cos of the angle between each triplet's out edge and in edge: V [E, 3] unit vectors -> [T]."""
+    return cos_angle(ops.gather(V_out, trip["out"]), ops.gather(V_in, trip["in"]))
 
 
 def angle_between(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -213,18 +218,18 @@ class Bases(nn.Module):
         rad_spherical_main = self.cbf_basis_tint.radial_basis(main["distance"])
 
         # Triplet angles (cos of the angle between the out edge c->a and the in edge b->a).
-        cir_e2e = self.cbf_basis_tint(cos_angle(V_main[trip_e2e["out"]], V_main[trip_e2e["in"]]))
-        cir_a2e = self.cbf_basis_aeint(cos_angle(V_main[trip_a2e["out"]], V_a2ee2a[trip_a2e["in"]]))
-        cir_e2a = self.cbf_basis_eaint(cos_angle(V_a2ee2a[trip_e2a["out"]], V_main[trip_e2a["in"]]))
+        cir_e2e = self.cbf_basis_tint(triplet_cos(V_main, V_main, trip_e2e))
+        cir_a2e = self.cbf_basis_aeint(triplet_cos(V_main, V_a2ee2a, trip_a2e))
+        cir_e2a = self.cbf_basis_eaint(triplet_cos(V_a2ee2a, V_main, trip_e2a))
 
         # Quadruplet d->b->a<-c: angle a-b-d, angle c-a-b and the dihedral between the planes.
         t_in, t_out = quad["triplet_in"], quad["triplet_out"]
-        V_ba_in, V_db = V_qint[t_in["out"]], V_main[t_in["in"]]
-        V_ca, V_ba_out = V_main[t_out["out"]], V_qint[t_out["in"]]
+        V_ba_in, V_db = ops.gather(V_qint, t_in["out"]), ops.gather(V_main, t_in["in"])
+        V_ca, V_ba_out = ops.gather(V_main, t_out["out"]), ops.gather(V_qint, t_out["in"])
         cos_abd = cos_angle(V_ba_in, V_db)
         cos_cab = cos_angle(V_ca, V_ba_out)
-        dihedral = angle_between(torch.linalg.cross(V_ca, V_ba_out)[quad["trip_out_to_quad"]],
-                                 torch.linalg.cross(V_db, V_ba_in)[quad["trip_in_to_quad"]])
+        dihedral = angle_between(ops.gather(torch.linalg.cross(V_ca, V_ba_out), quad["trip_out_to_quad"]),
+                                 ops.gather(torch.linalg.cross(V_db, V_ba_in), quad["trip_in_to_quad"]))
         cir_qint = self.cbf_basis_qint(cos_abd)
         sph_cab, sph_dihedral = self.sbf_basis_qint(cos_cab, dihedral)  # [T_out, 7], [Q, 7]
         # Quadruplets are ordered by (output triplet, input triplet), output triplets by out edge.
@@ -243,7 +248,7 @@ class Bases(nn.Module):
             "qint": {
                 "rad": self.mlp_rbf_qint(rad_main),
                 # Per input triplet: rad_W1 of its qint edge b->a contracted with Y_l0(cos_abd).
-                "cir": (rad_qint_cir[t_in["out"]] @ cir_qint[:, :, None]).squeeze(-1),
+                "cir": (ops.gather(rad_qint_cir, t_in["out"]) @ cir_qint[:, :, None]).squeeze(-1),
                 "sph": (self.mlp_sbf_qint(rad_spherical_main), sph_qint, _csr_ptr(t_out["out"], num_main)),
             },
             "a2e": {

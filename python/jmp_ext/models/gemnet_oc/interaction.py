@@ -5,6 +5,7 @@ Every interaction gathers an embedding per input edge, modulates it with a radia
 and sums it over triplets / quadruplets through EfficientInteractionBilinear: a ragged sum of
 outer products (angular basis ⊗ message) per output edge, then a batched matmul with the radial
 basis. JMP zero-pads the triplets of each edge to Kmax instead; the sums are the same.
+Rows are gathered with ops.gather, whose gradient is a deterministic scatter sum.
 Parameter names are JMP's.
 """
 
@@ -82,14 +83,14 @@ class TripletInteraction(nn.Module):
         expand_idx [E_a]: source atom per a2ee2a edge (atom-to-edge); agg2 see the bilinear."""
         x_ba = self.dense_ba(x_in)
         if expand_idx is not None:
-            x_ba = x_ba[expand_idx]
+            x_ba = ops.gather(x_ba, expand_idx)
         x_ba = self.scale_rbf(x_ba * self.mlp_rbf(bases["rad"]), ref=x_ba)
         x_ba = self.down_projection(x_ba)
-        x = self.mlp_cbf(bases["cir"], x_ba[idx["in"]], agg2)
+        x = self.mlp_cbf(bases["cir"], ops.gather(x_ba, idx["in"]), agg2)
         x = self.scale_cbf_sum(x, ref=x_ba)
         if not self.symmetric:
             return self.up_projection_ca(x)
-        return self.up_projection_ca(x).add_(self.up_projection_ac(x)[id_swap]).mul_(INV_SQRT_2)
+        return self.up_projection_ca(x).add_(ops.gather(self.up_projection_ac(x), id_swap)).mul_(INV_SQRT_2)
 
 
 class QuadrupletInteraction(nn.Module):
@@ -113,12 +114,12 @@ class QuadrupletInteraction(nn.Module):
         """m [E, edge]; bases {"rad" [E, rbf], "cir" [T_in, cbf], "sph"}; quad: interaction indices."""
         x_db = self.dense_db(m)
         x_db = self.scale_rbf(x_db * self.mlp_rbf(bases["rad"]), ref=x_db)
-        x_db = self.down_projection(x_db)[quad["triplet_in"]["in"]]  # [T_in, quad_in]
+        x_db = ops.gather(self.down_projection(x_db), quad["triplet_in"]["in"])  # [T_in, quad_in]
         x_db = self.scale_cbf(x_db * self.mlp_cbf(bases["cir"]), ref=x_db)
-        x_db = x_db[quad["trip_in_to_quad"]]  # [Q, quad_in]
+        x_db = ops.gather(x_db, quad["trip_in_to_quad"])  # [Q, quad_in]
         x = self.mlp_sbf(bases["sph"], x_db)
         x = self.scale_sbf_sum(x, ref=x_db)
-        return self.up_projection_ca(x).add_(self.up_projection_ac(x)[id_swap]).mul_(INV_SQRT_2)
+        return self.up_projection_ca(x).add_(ops.gather(self.up_projection_ac(x), id_swap)).mul_(INV_SQRT_2)
 
 
 class PairInteraction(nn.Module):
@@ -135,7 +136,7 @@ class PairInteraction(nn.Module):
         """h [N, A]; rad [N, rbf, Kmax] padded radial basis; a2a graph with target_neighbor_idx."""
         num_atoms = h.shape[0]
         x_b = self.down_projection(h)
-        x_padded = ops.ragged_to_padded(x_b[a2a["edge_index"][0]], a2a["edge_index"][1], a2a["target_neighbor_idx"],
+        x_padded = ops.ragged_to_padded(ops.gather(x_b, a2a["edge_index"][0]), a2a["edge_index"][1], a2a["target_neighbor_idx"],
                                         num_atoms, rad.shape[2])
         x = (rad @ x_padded).reshape(num_atoms, -1)  # [N, rbf * pair_in]
         return self.up_projection(self.scale_rbf_sum(self.bilinear(x), ref=x_b))

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "common/check.h"
+#include "gaussian_basis/gaussian_basis.h"
 #include "interaction_indices/interaction_indices.h"
 #include "radius_graph/radius_graph.h"
 #include "reductions/reductions.h"
@@ -323,6 +324,33 @@ PYBIND11_MODULE(_C, m) {
       },
       nogil());
 #endif
+
+  // ---- gaussian_basis (csrc/gaussian_basis) ----
+  {
+    namespace gb = jmp_ext::gaussian_basis;
+    auto args = [](uintptr_t x, uintptr_t offset, uintptr_t temps, uintptr_t out, int64_t num_edges,
+                   int64_t num_radial, int dtype) {
+      JMP_CHECK(dtype == 0 || dtype == 1, "gaussian_basis: unknown dtype code ", dtype);
+      return gb::Args{ptr<const void>(x), ptr<const void>(offset), ptr<const void>(temps),
+                      ptr<void>(out), num_edges, num_radial, static_cast<gb::Dtype>(dtype)};
+    };
+    m.def("gaussian_basis_cpu",
+          [=](uintptr_t x, uintptr_t offset, uintptr_t temps, uintptr_t out, int64_t num_edges,
+              int64_t num_radial, int dtype, int num_threads) {
+            gb::cpu::gaussian_basis(args(x, offset, temps, out, num_edges, num_radial, dtype),
+                                    num_threads);
+          },
+          nogil());
+#ifdef JMP_EXT_WITH_CUDA
+    m.def("gaussian_basis_cuda",
+          [=](uintptr_t x, uintptr_t offset, uintptr_t temps, uintptr_t out, int64_t num_edges,
+              int64_t num_radial, int dtype, uintptr_t stream_) {
+            gb::cuda::gaussian_basis(args(x, offset, temps, out, num_edges, num_radial, dtype),
+                                     stream(stream_));
+          },
+          nogil());
+#endif
+  }
 
   // ---- reductions (csrc/reductions) ----
   {

@@ -1,0 +1,37 @@
+// CPU kernel of csrc/gaussian_basis: rows of edges split across threads (each output element
+// depends on its own inputs only, so the result is the same on any thread count).
+#include "gaussian_basis/gaussian_basis.h"
+
+#include "common/parallel.h"
+
+namespace jmp_ext::gaussian_basis::cpu {
+
+namespace {
+
+template <class T>
+void run(const Args& a, int num_threads) {
+  const T* x = static_cast<const T*>(a.x);
+  const T* offset = static_cast<const T*>(a.offset);
+  const T* temps = static_cast<const T*>(a.temps);
+  T* out = static_cast<T*>(a.out);
+  const T log_tiny = log_smallest_normal<T>();
+  const int64_t R = a.num_radial;
+  parallel_for(a.num_edges, num_threads, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) {
+      T* row = out + e * R;
+      for (int64_t k = 0; k < R; ++k) row[k] = gaussian(x[e], offset[k], temps[k], log_tiny);
+    }
+  });
+}
+
+}  // namespace
+
+void gaussian_basis(const Args& args, int num_threads) {
+  if (args.dtype == Dtype::f64) {
+    run<double>(args, num_threads);
+  } else {
+    run<float>(args, num_threads);
+  }
+}
+
+}  // namespace jmp_ext::gaussian_basis::cpu

@@ -1,0 +1,129 @@
+"""jmp_ext.ops.gaussian_basis against the torch expression it replaces, in values and gradients."""
+
+import math
+
+import pytest
+import torch
+from torch.autograd import gradcheck, gradgradcheck
+
+import jmp_ext.ops as ops
+
+
+def torch_gaussian_basis(x, offset, temps):
+    """The expression of GemNet-OC's Gaussian basis with values below the smallest normal set to 0
+    (the model's definition before the kernel existed)."""
+    exponent = -temps * (x[:, None] - offset) ** 2
+    underflow = ~(exponent > math.log(torch.finfo(exponent.dtype).tiny))
+    return torch.exp(exponent.masked_fill(underflow, 0.0)).masked_fill(underflow, 0.0)
+
+
+def jmp_centres(num_radial=128, dtype=torch.float32):
+    """JMP's buffers: centres on [0, 1], temps = 1 / (2 spacing^2), float32-rounded."""
+    offset = torch.linspace(0.0, 1.0, num_radial, dtype=torch.float32)
+    temps = torch.full_like(offset, 0.5 / (1.0 / (num_radial - 1)) ** 2)
+    return offset.to(dtype), temps.to(dtype)
+
+
+def distances(n, dtype, seed=0):
+    """Scaled distances over [0, 1.2) (beyond the cutoff too), with exact centres and 0 included."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, generator=gen, dtype=torch.float64) * 1.2
+    x[:3] = torch.tensor([0.0, 1.0, 5 / 127])
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_the_torch_expression(dtype):
+    x = distances(5000, dtype)
+    offset, temps = jmp_centres(dtype=dtype)
+    out = ops.gaussian_basis(x, offset, temps)
+    expected = torch_gaussian_basis(x, offset, temps)
+    assert out.shape == (5000, 128) and out.dtype == dtype
+    assert torch.equal(out == 0, expected == 0)  # the same values are zeroed
+    # exp of the same exponent: at most an ulp or two apart (libm vs torch's vectorised exp).
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(out, expected, rtol=4 * eps, atol=0)
+    # Non-zero only within sqrt(-log(tiny) / temps) of x: at most floor(2 * that / spacing) + 1
+    # centres (27 in float32, 76 in float64).
+    half_width = math.sqrt(-math.log(torch.finfo(dtype).tiny) / temps[0].item()) * 127
+    nonzero = (out > 0).sum(dim=1)
+    assert nonzero[x <= 1].min() >= 1 and nonzero.max() <= math.floor(2 * half_width) + 1
+
+
+def test_nan_and_far_values_give_zero_like_the_expression():
+    offset, temps = jmp_centres(16)
+    x = torch.tensor([float("nan"), 40.0, -40.0, 0.5])
+    out = ops.gaussian_basis(x, offset, temps)
+    assert torch.equal(out, torch_gaussian_basis(x, offset, temps))
+    assert torch.equal(out[:3], torch.zeros(3, 16)) and (out[3] > 0).any()
+
+
+def test_gradients_match_the_expression_and_pass_gradcheck():
+    # Few, wide Gaussians so that every value and derivative is well away from the cut-off.
+    offset = torch.linspace(0.0, 1.0, 6, dtype=torch.float64)
+    temps = torch.full_like(offset, 3.0)
+    x = distances(20, torch.float64, seed=1).requires_grad_()
+    weights = torch.randn(20, 6, dtype=torch.float64)
+    (ours,) = torch.autograd.grad((ops.gaussian_basis(x, offset, temps) * weights).sum(), x, create_graph=True)
+    (expected,) = torch.autograd.grad((torch_gaussian_basis(x, offset, temps) * weights).sum(), x,
+                                      create_graph=True)
+    torch.testing.assert_close(ours, expected, rtol=1e-13, atol=1e-14)
+    (ours2,) = torch.autograd.grad(ours.square().sum(), x)
+    (expected2,) = torch.autograd.grad(expected.square().sum(), x)
+    torch.testing.assert_close(ours2, expected2, rtol=1e-12, atol=1e-13)
+    assert gradcheck(lambda v: ops.gaussian_basis(v, offset, temps), (x,))
+    assert gradgradcheck(lambda v: ops.gaussian_basis(v, offset, temps), (x,))
+
+
+def test_zeroed_values_pass_no_gradient():
+    offset, temps = jmp_centres(128, torch.float64)
+    x = torch.tensor([0.3], dtype=torch.float64, requires_grad=True)
+    out = ops.gaussian_basis(x, offset, temps)
+    (grad,) = torch.autograd.grad(out, x, torch.ones_like(out) * (out == 0))
+    assert grad.item() == 0.0
+
+
+def test_opcheck():
+    offset, temps = jmp_centres(8)
+    torch.library.opcheck(torch.ops.jmp_ext.gaussian_basis.default,
+                          (distances(10, torch.float32).requires_grad_(), offset, temps))
+
+
+def test_bitwise_identical_on_any_thread_count():
+    x = distances(100_000, torch.float32)
+    offset, temps = jmp_centres()
+    old = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(ops.gaussian_basis(x, offset, temps))
+    finally:
+        torch.set_num_threads(old)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+def test_bad_inputs_name_the_problem():
+    offset, temps = jmp_centres(8)
+    x = distances(4, torch.float32)
+    with pytest.raises(ValueError, match="x \\[E\\], offset \\[R\\] and temps \\[R\\]"):
+        ops.gaussian_basis(x[:, None], offset, temps)
+    with pytest.raises(ValueError, match="offset \\[R\\] and temps \\[R\\]"):
+        ops.gaussian_basis(x, offset, temps[:3])
+    with pytest.raises(TypeError, match="float32 or float64"):
+        ops.gaussian_basis(x.double(), offset, temps)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        ops.gaussian_basis(x.bfloat16(), offset.bfloat16(), temps.bfloat16())
+    with pytest.raises(ValueError, match="constants"):
+        ops.gaussian_basis(x, offset.requires_grad_(), temps)
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu():
+    for dtype in (torch.float32, torch.float64):
+        x = distances(20_000, dtype)
+        offset, temps = jmp_centres(dtype=dtype)
+        cpu = ops.gaussian_basis(x, offset, temps)
+        gpu = ops.gaussian_basis(x.cuda(), offset.cuda(), temps.cuda()).cpu()
+        assert torch.equal(cpu == 0, gpu == 0)
+        torch.testing.assert_close(gpu, cpu, rtol=4 * torch.finfo(dtype).eps, atol=0)

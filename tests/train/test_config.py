@@ -95,3 +95,20 @@ def test_compile_needs_direct_forces():
     build_config({"tasks": [forces_task], "loop": {"compile": True}})  # direct forces: fine
     with pytest.raises(ConfigError, match="loop.compile needs direct forces"):
         build_config({"tasks": [{**forces_task, "forces": "gradient"}], "loop": {"compile": True}})
+
+
+@pytest.mark.parametrize("forces, kinds, expected", [
+    ("gradient", ["energy", "forces"], True),
+    ("gradient", ["energy", "stress"], True),
+    ("gradient", ["energy"], False),  # nothing to differentiate: forces=gradient changes nothing
+    ("direct", ["energy", "forces"], False),
+])
+def test_task_gradient_forces(forces, kinds, expected):
+    task = {**TASK, "forces": forces, "targets": [{"name": k, "kind": k} for k in kinds]}
+    cfg = build_config({"tasks": [task]})
+    assert cfg.tasks[0].gradient_forces is expected
+    if expected:
+        with pytest.raises(ConfigError, match="loop.compile needs direct forces"):
+            build_config({"tasks": [task], "loop": {"compile": True}})
+    else:
+        build_config({"tasks": [task], "loop": {"compile": True}})

@@ -82,6 +82,14 @@ class TaskConfig:
         if len(set(names)) != len(names):
             raise ConfigError(f"task {self.name!r}: duplicate target names {names}")
 
+    @property
+    def gradient_forces(self) -> bool:
+        """Gradient forces are in use: forces: gradient and a forces or stress target, so the
+        energy is differentiated (F = -dE/dpos, stress from dE/dstrain), forces are scaled by the
+        energy std and the network cannot be torch.compiled. forces: gradient on a task without
+        such targets changes nothing. The one rule for TrainConfig, build_network and TaskModel."""
+        return self.forces == "gradient" and any(t.kind in ("forces", "stress") for t in self.targets)
+
 
 @dataclass(kw_only=True)
 class GraphSettings:
@@ -243,8 +251,7 @@ class TrainConfig:
             raise ConfigError(f"tasks: duplicate task names {names}")
         if self.mode == "finetune" and len(self.tasks) != 1:
             raise ConfigError(f"tasks: fine-tuning takes exactly one task, got {len(self.tasks)}")
-        if self.loop.compile and any(t.forces == "gradient" and {g.kind for g in t.targets} & {"forces", "stress"}
-                                     for t in self.tasks):
+        if self.loop.compile and any(t.gradient_forces for t in self.tasks):
             raise ConfigError("loop.compile needs direct forces: torch.compile cannot differentiate the "
                               "network twice, which gradient forces (task forces=gradient) need")
 

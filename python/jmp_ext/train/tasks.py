@@ -101,7 +101,7 @@ class TaskModel(nn.Module):
         self.pretrain = pretrain
         self.edge_dropout = edge_dropout
         self.targets = {t.name: t for t in task_configs[0].targets}  # pretraining tasks share target names
-        self.gradient_forces = any(t.forces == "gradient" for t in task_configs)
+        self.gradient_forces = any(t.gradient_forces for t in task_configs)  # see TaskConfig.gradient_forces
         for name, value in norms.items():
             self.register_buffer(name, value.clone())
 
@@ -169,7 +169,7 @@ def _target_scale(task: TaskConfig, target: TargetConfig, stats: dict, i: int) -
     if not target.normalize or target.kind == "classification":
         return zero, one
     if target.kind in ("forces", "stress"):
-        if target.kind == "forces" and task.forces == "direct":
+        if target.kind == "forces" and not task.gradient_forces:
             if "force_rms" not in stats:
                 raise TrainError(f"tasks.{i} ({task.name}): no force statistics in {task.train}/stats.json")
             return zero, torch.tensor(float(stats["force_rms"]), dtype=torch.float64)
@@ -197,7 +197,7 @@ def build_network(config: TrainConfig) -> nn.Module:
     if config.mode == "pretrain":
         for i, task in enumerate(config.tasks):
             kinds = sorted(t.kind for t in task.targets)
-            if kinds != ["energy", "forces"] or task.forces != "direct":
+            if kinds != ["energy", "forces"] or task.gradient_forces:
                 raise TrainError(f"tasks.{i} ({task.name}): pretraining tasks have exactly an energy and a "
                                  f"forces target with direct forces (JMP's heads), got {kinds}, {task.forces}")
         return PretrainModel(backbone, [t.name for t in config.tasks])
@@ -206,7 +206,7 @@ def build_network(config: TrainConfig) -> nn.Module:
                         reduction=t.reduction, num_outputs=max(t.num_classes, 1))
              for t in task.targets if t.kind in ("energy", "scalar", "classification")]
     kinds = {t.kind for t in task.targets}
-    forces = task.forces if "forces" in kinds or ("stress" in kinds) else None
+    forces = "gradient" if task.gradient_forces else "direct" if "forces" in kinds else None
     if "stress" in kinds and forces != "gradient":
         raise TrainError(f"tasks.0 ({task.name}): a stress target needs forces: gradient (stress is dE/dstrain)")
     if forces == "gradient" and "energy" not in [t.name for t in task.targets if t.kind == "energy"]:

@@ -26,17 +26,21 @@ INV_SQRT_2 = 1 / math.sqrt(2.0)
 
 
 class EfficientInteractionBilinear(nn.Module):
-    """sum over triplets (t -> out edge) of rad_W1 · sph · m_t, then a bilinear Dense.
+    """sum over triplets or quadruplets (-> out edge) of rad_W1 · sph · m, then a bilinear Dense.
 
-    basis = (rad_W1 [O, I, S], sph [T, S], out_ptr [O+1]); m [T, in], the triplets sorted by out
-    edge with out_ptr their CSR pointer. With agg2 = (row, col, num_rows, num_cols) the per-edge
-    result [O, S, in] is aggregated once more onto atoms (edge-to-atom): rad_W1 is then
-    [num_rows, I, K2*S]. Returns [O or num_rows, out].
+    forward (triplets): basis = (rad_W1 [O, I, S], sph [T, S], out_ptr [O+1]); m [T, in], the
+    triplets sorted by out edge with out_ptr their CSR pointer. With agg2 = (row, col, num_rows,
+    num_cols) the per-edge result [O, S, in] is aggregated once more onto atoms (edge-to-atom):
+    rad_W1 is then [num_rows, I, K2*S]. Returns [O or num_rows, out].
 
-    Quadruplets pass sph factored as (sph_1 [P, S1], sph_2 [T, S2], ptr_2 [P+1]): the basis of
-    quadruplet t is sph_1[p] ⊗ sph_2[t] (S = S1 * S2) for the output triplet p it belongs to, the
-    quadruplets sorted by p and out_ptr over p. Summing over each p first costs S2 * in
-    multiply-adds per quadruplet instead of S1 * S2 * in, and the [T, S] basis is never formed."""
+    quadruplet (QuadrupletInteraction): basis = (rad_W1 [O, I, S], (sph_1 [P, S1], sph_2 [Q, S2],
+    ptr_2 [P+1]), out_ptr [O+1]), m [Q, in]; the basis of quadruplet q is sph_1[p] ⊗ sph_2[q]
+    (S = S1 * S2, index s1 * S2 + s2) for the output triplet p it belongs to, the quadruplets
+    sorted by p (CSR pointer ptr_2) and the p sorted by out edge (out_ptr). Summing over each p
+    first costs S2 * in multiply-adds per quadruplet instead of S1 * S2 * in, and the [Q, S] basis
+    is never formed. Returns [O, out].
+
+    Both end in _project: x [O, I, in] = rad_W1 @ sph_m [O, S, in], then the bilinear Dense."""
 
     def __init__(self, emb_size_in: int, emb_size_interm: int, emb_size_out: int):
         super().__init__()
@@ -44,16 +48,24 @@ class EfficientInteractionBilinear(nn.Module):
         self.bilinear = Dense(emb_size_in * emb_size_interm, emb_size_out)
 
     def forward(self, basis, m, agg2=None):
+        """Triplets: basis = (rad_W1, sph [T, S], out_ptr [O+1]), m [T, in] -> [O or num_rows, out]."""
         rad_W1, sph, out_ptr = basis
-        if isinstance(sph, tuple):
-            sph_1, sph_2, ptr_2 = sph
-            inner = ops.segment_outer(sph_2, m, ptr_2).flatten(1)  # [P, S2 * in]
-            sph_m = ops.segment_outer(sph_1, inner, out_ptr).view(out_ptr.shape[0] - 1, -1, m.shape[1])
-        else:
-            sph_m = ops.segment_outer(sph, m, out_ptr)  # [O, S, in]
+        sph_m = ops.segment_outer(sph, m, out_ptr)  # [O, S, in]
         if agg2 is not None:
             row, col, num_rows, num_cols = agg2
             sph_m = ops.ragged_to_padded(sph_m, row, col, num_rows, num_cols).reshape(num_rows, -1, sph_m.shape[-1])  # [N, K2*S, in]
+        return self._project(rad_W1, sph_m)
+
+    def quadruplet(self, basis, m):
+        """Quadruplets, basis factored: (rad_W1 [O, I, S1*S2], (sph_1 [P, S1], sph_2 [Q, S2], ptr_2 [P+1]),
+        out_ptr [O+1]), m [Q, in] -> [O, out]."""
+        rad_W1, (sph_1, sph_2, ptr_2), out_ptr = basis
+        inner = ops.segment_outer(sph_2, m, ptr_2).flatten(1)  # [P, S2 * in]: summed over the quadruplets of each p
+        sph_m = ops.segment_outer(sph_1, inner, out_ptr).view(out_ptr.shape[0] - 1, -1, m.shape[1])  # [O, S1*S2, in]
+        return self._project(rad_W1, sph_m)
+
+    def _project(self, rad_W1, sph_m):
+        """rad_W1 [O, I, S] @ sph_m [O, S, in], then the bilinear Dense -> [O, out]."""
         x = rad_W1 @ sph_m  # [O, I, in]; the flat index below is i_interm * in + i_in
         return self.bilinear(x.reshape(-1, self.emb_size_in * self.emb_size_interm))
 
@@ -117,7 +129,7 @@ class QuadrupletInteraction(nn.Module):
         x_db = ops.gather(self.down_projection(x_db), quad["triplet_in"]["in"])  # [T_in, quad_in]
         x_db = self.scale_cbf(x_db * self.mlp_cbf(bases["cir"]), ref=x_db)
         x_db = ops.gather(x_db, quad["trip_in_to_quad"])  # [Q, quad_in]
-        x = self.mlp_sbf(bases["sph"], x_db)
+        x = self.mlp_sbf.quadruplet(bases["sph"], x_db)
         x = self.scale_sbf_sum(x, ref=x_db)
         return self.up_projection_ca(x).add_(ops.gather(self.up_projection_ac(x), id_swap)).mul_(INV_SQRT_2)
 

@@ -77,6 +77,16 @@ def test_gather_matches_indexing_and_its_gradient_index_add(dtype):
     assert torch.equal(grad_src[5], torch.zeros(2, 3, dtype=dtype))
 
 
+def test_gather_under_torch_compile_matches_eager():
+    gen = torch.Generator().manual_seed(3)
+    src = torch.randn(30, 4, generator=gen, requires_grad=True)
+    index = torch.randint(0, 30, (200,), generator=gen)
+    compiled = torch.compile(lambda s, i: ops.gather(s, i).square().sum(), backend="aot_eager", fullgraph=True)
+    (grad_compiled,) = torch.autograd.grad(compiled(src, index), src)
+    (grad_eager,) = torch.autograd.grad(ops.gather(src, index).square().sum(), src)
+    torch.testing.assert_close(grad_compiled, grad_eager)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("features", FEATURES)
 def test_scatter_mean_matches_scatter_reduce(dtype, features):

@@ -1,0 +1,54 @@
+"""GemNet-OC's Gaussian radial basis (128 centres on d / 12 Å): jmp_ext.ops.gaussian_basis against
+the torch expression it replaced, eager and under torch.compile (Inductor fuses it into one
+pass), with the write floor measured in the same run: filling a tensor of the output's size.
+
+    out[e, k] = exp(-temps[k] * (x[e] - offset[k])^2), 0 below float32's smallest normal
+
+Sizes: the main graph (E = 64 278) and the a2a graph (E = 521 526) of 32 OC20-like slabs, the
+model's benchmark batch (bench_model.py); distances uniform in [0, 12] Å. float32, one thread.
+
+    PYTHONPATH=python pytest bench/bench_gaussian_basis.py --benchmark-enable
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import jmp_ext.ops as ops
+
+NUM_RADIAL = 128
+
+
+def torch_expression(x, offset, temps):
+    exponent = -temps * (x[:, None] - offset) ** 2
+    underflow = ~(exponent > math.log(torch.finfo(exponent.dtype).tiny))
+    return torch.exp(exponent.masked_fill(underflow, 0.0)).masked_fill(underflow, 0.0)
+
+
+compiled_expression = torch.compile(torch_expression, dynamic=False)
+
+IMPLS = {
+    "jmp_ext": ops.gaussian_basis,
+    "torch": torch_expression,
+    "torch_compile": compiled_expression,
+    "write_floor": lambda x, offset, temps: torch.empty(x.shape[0], offset.shape[0]).fill_(1.0),
+}
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("edges", [64_278, 521_526], ids=["main", "a2a"])
+def test_gaussian_basis(benchmark, impl, edges):
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(edges, generator=gen)  # d / cutoff
+    offset = torch.linspace(0.0, 1.0, NUM_RADIAL)
+    temps = torch.full_like(offset, 0.5 * (NUM_RADIAL - 1) ** 2)
+    fn = IMPLS[impl]
+    if impl != "write_floor":
+        torch.testing.assert_close(fn(x, offset, temps), ops.gaussian_basis(x, offset, temps),
+                                   rtol=4 * torch.finfo(torch.float32).eps, atol=0)
+    benchmark.extra_info["bytes_out"] = edges * NUM_RADIAL * 4
+    benchmark.pedantic(fn, args=(x, offset, temps), rounds=10, warmup_rounds=2)

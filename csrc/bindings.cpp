@@ -36,6 +36,25 @@ cudaStream_t stream(uintptr_t address) { return reinterpret_cast<cudaStream_t>(a
 
 using nogil = py::call_guard<py::gil_scoped_release>;
 
+// Where a kernel runs, as python/jmp_ext/ops/_lib.py's launch() passes it: on the CPU with
+// num_threads threads, or on a CUDA stream with a device int64 status word (see
+// common/cuda_helpers.h). One binding per operator then serves both backends.
+struct Where {
+  bool cuda;
+  int num_threads;
+  uintptr_t status;
+  uintptr_t stream;
+};
+
+#ifdef JMP_EXT_WITH_CUDA
+int64_t* status(const Where& where) { return ptr<int64_t>(where.status); }
+// The CUDA branch of a binding; _lib.require_cuda has already refused CUDA tensors when the
+// extension was built without CUDA, so in such a build the branch is unreachable.
+#define JMP_CUDA_ONLY(call) return call
+#else
+#define JMP_CUDA_ONLY(call) throw jmp_ext::Error("jmp_ext was built without CUDA kernels")
+#endif
+
 // ---- interaction_indices helpers ----
 namespace ii = jmp_ext::interaction_indices;
 
@@ -100,6 +119,9 @@ ii::QuadArgs with_outputs(ii::QuadArgs args, uintptr_t out, uintptr_t trip_out_t
 PYBIND11_MODULE(_C, m) {
   m.doc() = "jmp_ext compiled kernels (torch-free core; see python/jmp_ext/ops for the ops)";
   py::register_exception<jmp_ext::InvalidInput>(m, "InvalidInput", PyExc_ValueError);
+  py::class_<Where>(m, "Where")
+      .def(py::init<bool, int, uintptr_t, uintptr_t>(), py::arg("cuda"), py::arg("num_threads"),
+           py::arg("status"), py::arg("stream"));
 
   m.def("build_info", [] {
     py::dict info;
@@ -326,43 +348,25 @@ PYBIND11_MODULE(_C, m) {
 #endif
 
   // ---- gaussian_basis (csrc/gaussian_basis) ----
-  {
-    namespace gb = jmp_ext::gaussian_basis;
-    auto args = [](uintptr_t x, uintptr_t offset, uintptr_t temps, uintptr_t out, int64_t num_edges,
-                   int64_t num_radial, int dtype) {
-      JMP_CHECK(dtype == 0 || dtype == 1, "gaussian_basis: unknown dtype code ", dtype);
-      return gb::Args{ptr<const void>(x), ptr<const void>(offset), ptr<const void>(temps),
-                      ptr<void>(out), num_edges, num_radial, static_cast<gb::Dtype>(dtype)};
-    };
-    m.def("gaussian_basis_cpu",
-          [=](uintptr_t x, uintptr_t offset, uintptr_t temps, uintptr_t out, int64_t num_edges,
-              int64_t num_radial, int dtype, int num_threads) {
-            gb::cpu::gaussian_basis(args(x, offset, temps, out, num_edges, num_radial, dtype),
-                                    num_threads);
-          },
-          nogil());
-#ifdef JMP_EXT_WITH_CUDA
-    m.def("gaussian_basis_cuda",
-          [=](uintptr_t x, uintptr_t offset, uintptr_t temps, uintptr_t out, int64_t num_edges,
-              int64_t num_radial, int dtype, uintptr_t stream_) {
-            gb::cuda::gaussian_basis(args(x, offset, temps, out, num_edges, num_radial, dtype),
-                                     stream(stream_));
-          },
-          nogil());
-#endif
-  }
+  m.def(
+      "gaussian_basis",
+      [](uintptr_t x, uintptr_t offset, uintptr_t temps, uintptr_t out, int64_t num_edges,
+         int64_t num_radial, int dtype, const Where& where) {
+        namespace gb = jmp_ext::gaussian_basis;
+        JMP_CHECK(dtype == 0 || dtype == 1, "gaussian_basis: unknown dtype code ", dtype);
+        gb::Args args{ptr<const void>(x), ptr<const void>(offset), ptr<const void>(temps),
+                      ptr<void>(out),      num_edges,           num_radial,
+                      static_cast<gb::Dtype>(dtype)};
+        if (!where.cuda) return gb::cpu::gaussian_basis(args, where.num_threads);
+        JMP_CUDA_ONLY(gb::cuda::gaussian_basis(args, stream(where.stream)));
+      },
+      nogil());
 
   // ---- reductions (csrc/reductions) ----
+  // Each entry takes the addresses and sizes, then a Where; the CUDA kernels also get the
+  // status word in which they report bad indices (common/cuda_helpers.h).
   {
     namespace red = jmp_ext::reductions;
-    auto segment_args = [](uintptr_t src, uintptr_t ptr_, uintptr_t perm, uintptr_t out,
-                           uintptr_t arg, int64_t num_src, int64_t num_segments, int64_t features,
-                           int dtype, int reduce) {
-      return red::SegmentReduceArgs{ptr<const void>(src), ptr<const int64_t>(ptr_),
-                                    ptr<const int64_t>(perm), ptr<void>(out), ptr<int64_t>(arg),
-                                    num_src, num_segments, features,
-                                    static_cast<red::Dtype>(dtype), static_cast<red::Reduce>(reduce)};
-    };
     auto row_copy = [](uintptr_t src, uintptr_t out, int64_t features, int elem_size) {
       return red::RowCopy{ptr<const void>(src), ptr<void>(out), features, elem_size};
     };
@@ -377,15 +381,19 @@ PYBIND11_MODULE(_C, m) {
                                       ptr<void>(out), num_src, num_segments, rows, cols,
                                       static_cast<red::Dtype>(dtype)};
     };
-    m.def("segment_reduce_cpu",
-          [=](uintptr_t src, uintptr_t ptr_, uintptr_t perm, uintptr_t out, uintptr_t arg,
-              int64_t num_src, int64_t num_segments, int64_t features, int dtype, int reduce,
-              int num_threads) {
-            red::cpu::segment_reduce(segment_args(src, ptr_, perm, out, arg, num_src,
-                                                  num_segments, features, dtype, reduce),
-                                     num_threads);
+    m.def("segment_reduce",
+          [](uintptr_t src, uintptr_t ptr_, uintptr_t perm, uintptr_t out, uintptr_t arg,
+             int64_t num_src, int64_t num_segments, int64_t features, int dtype, int reduce,
+             const Where& where) {
+            red::SegmentReduceArgs args{ptr<const void>(src), ptr<const int64_t>(ptr_),
+                                        ptr<const int64_t>(perm), ptr<void>(out), ptr<int64_t>(arg),
+                                        num_src, num_segments, features,
+                                        static_cast<red::Dtype>(dtype), static_cast<red::Reduce>(reduce)};
+            if (!where.cuda) return red::cpu::segment_reduce(args, where.num_threads);
+            JMP_CUDA_ONLY(red::cuda::segment_reduce(args, status(where), stream(where.stream)));
           },
           nogil());
+    // CPU only: on CUDA a scatter is a sort + segment_reduce, or scatter_add_atomic.
     m.def("scatter_reduce_cpu",
           [](uintptr_t src, uintptr_t index, uintptr_t out, int64_t num_src, int64_t dim_size,
              int64_t features, int dtype, int reduce, int num_threads) {
@@ -396,122 +404,67 @@ PYBIND11_MODULE(_C, m) {
                                      num_threads);
           },
           nogil());
-    m.def("gather_cpu",
-          [=](uintptr_t src, uintptr_t out, int64_t features, int elem_size, uintptr_t index,
-              int64_t num_index, int64_t num_src_rows, int num_threads) {
-            red::cpu::gather(row_copy(src, out, features, elem_size), ptr<const int64_t>(index),
-                             num_index, num_src_rows, num_threads);
-          },
-          nogil());
-    m.def("segment_broadcast_cpu",
-          [=](uintptr_t src, uintptr_t out, int64_t features, int elem_size, uintptr_t ptr_,
-              int64_t num_segments, int64_t num_out_rows, int num_threads) {
-            red::cpu::segment_broadcast(row_copy(src, out, features, elem_size),
-                                        ptr<const int64_t>(ptr_), num_segments, num_out_rows,
-                                        num_threads);
-          },
-          nogil());
-    m.def("ragged_to_padded_cpu",
-          [=](uintptr_t src, uintptr_t out, int64_t features, int elem_size, uintptr_t row,
-              uintptr_t col, int64_t num_items, int64_t num_rows, int64_t num_cols,
-              uintptr_t slots, int num_threads) {
-            red::cpu::ragged_to_padded(row_copy(src, out, features, elem_size),
-                                       padded_index(row, col, num_items, num_rows, num_cols, slots),
-                                       num_threads);
-          },
-          nogil());
-    m.def("padded_to_ragged_cpu",
-          [=](uintptr_t src, uintptr_t out, int64_t features, int elem_size, uintptr_t row,
-              uintptr_t col, int64_t num_items, int64_t num_rows, int64_t num_cols,
-              uintptr_t slots, int num_threads) {
-            red::cpu::padded_to_ragged(row_copy(src, out, features, elem_size),
-                                       padded_index(row, col, num_items, num_rows, num_cols, slots),
-                                       num_threads);
-          },
-          nogil());
-    m.def("segment_outer_cpu",
-          [=](uintptr_t x, uintptr_t y, uintptr_t ptr_, uintptr_t out, int64_t num_src,
-              int64_t num_segments, int64_t rows, int64_t cols, int dtype, int num_threads) {
-            red::cpu::segment_outer(bilinear_args(x, y, ptr_, out, num_src, num_segments, rows, cols, dtype),
-                                    num_threads);
-          },
-          nogil());
-    m.def("segment_contract_cpu",
-          [=](uintptr_t x, uintptr_t y, uintptr_t ptr_, uintptr_t out, int64_t num_src,
-              int64_t num_segments, int64_t rows, int64_t cols, int dtype, int num_threads) {
-            red::cpu::segment_contract(bilinear_args(x, y, ptr_, out, num_src, num_segments, rows, cols, dtype),
-                                       num_threads);
-          },
-          nogil());
 #ifdef JMP_EXT_WITH_CUDA
-    // The CUDA entries take the CPU arguments, then the address of a device int64 status word
-    // set to kNoError (see common/cuda_helpers.h) and the stream.
-    m.def("segment_reduce_cuda",
-          [=](uintptr_t src, uintptr_t ptr_, uintptr_t perm, uintptr_t out, uintptr_t arg,
-              int64_t num_src, int64_t num_segments, int64_t features, int dtype, int reduce,
-              uintptr_t status, uintptr_t stream_) {
-            red::cuda::segment_reduce(segment_args(src, ptr_, perm, out, arg, num_src,
-                                                   num_segments, features, dtype, reduce),
-                                      ptr<int64_t>(status), stream(stream_));
-          },
-          nogil());
     m.def("scatter_add_atomic_cuda",
           [](uintptr_t src, int dtype, uintptr_t index, int64_t n, int64_t features,
-             int64_t dim_size, uintptr_t acc, uintptr_t status, uintptr_t stream_) {
+             int64_t dim_size, uintptr_t acc, const Where& where) {
             red::cuda::scatter_add_atomic(ptr<const void>(src), static_cast<red::Dtype>(dtype),
                                           ptr<const int64_t>(index), n, features, dim_size,
-                                          ptr<void>(acc), ptr<int64_t>(status), stream(stream_));
-          },
-          nogil());
-    m.def("gather_cuda",
-          [=](uintptr_t src, uintptr_t out, int64_t features, int elem_size, uintptr_t index,
-              int64_t num_index, int64_t num_src_rows, uintptr_t status, uintptr_t stream_) {
-            red::cuda::gather(row_copy(src, out, features, elem_size), ptr<const int64_t>(index),
-                              num_index, num_src_rows, ptr<int64_t>(status), stream(stream_));
-          },
-          nogil());
-    m.def("segment_broadcast_cuda",
-          [=](uintptr_t src, uintptr_t out, int64_t features, int elem_size, uintptr_t ptr_,
-              int64_t num_segments, int64_t num_out_rows, uintptr_t status, uintptr_t stream_) {
-            red::cuda::segment_broadcast(row_copy(src, out, features, elem_size),
-                                         ptr<const int64_t>(ptr_), num_segments, num_out_rows,
-                                         ptr<int64_t>(status), stream(stream_));
-          },
-          nogil());
-    m.def("ragged_to_padded_cuda",
-          [=](uintptr_t src, uintptr_t out, int64_t features, int elem_size, uintptr_t row,
-              uintptr_t col, int64_t num_items, int64_t num_rows, int64_t num_cols,
-              uintptr_t slots, uintptr_t status, uintptr_t stream_) {
-            red::cuda::ragged_to_padded(row_copy(src, out, features, elem_size),
-                                        padded_index(row, col, num_items, num_rows, num_cols, slots),
-                                        ptr<int64_t>(status), stream(stream_));
-          },
-          nogil());
-    m.def("padded_to_ragged_cuda",
-          [=](uintptr_t src, uintptr_t out, int64_t features, int elem_size, uintptr_t row,
-              uintptr_t col, int64_t num_items, int64_t num_rows, int64_t num_cols,
-              uintptr_t slots, uintptr_t status, uintptr_t stream_) {
-            red::cuda::padded_to_ragged(row_copy(src, out, features, elem_size),
-                                        padded_index(row, col, num_items, num_rows, num_cols, slots),
-                                        ptr<int64_t>(status), stream(stream_));
-          },
-          nogil());
-    m.def("segment_outer_cuda",
-          [=](uintptr_t x, uintptr_t y, uintptr_t ptr_, uintptr_t out, int64_t num_src,
-              int64_t num_segments, int64_t rows, int64_t cols, int dtype, uintptr_t status,
-              uintptr_t stream_) {
-            red::cuda::segment_outer(bilinear_args(x, y, ptr_, out, num_src, num_segments, rows, cols, dtype),
-                                     ptr<int64_t>(status), stream(stream_));
-          },
-          nogil());
-    m.def("segment_contract_cuda",
-          [=](uintptr_t x, uintptr_t y, uintptr_t ptr_, uintptr_t out, int64_t num_src,
-              int64_t num_segments, int64_t rows, int64_t cols, int dtype, uintptr_t status,
-              uintptr_t stream_) {
-            red::cuda::segment_contract(bilinear_args(x, y, ptr_, out, num_src, num_segments, rows, cols, dtype),
-                                        ptr<int64_t>(status), stream(stream_));
+                                          ptr<void>(acc), status(where), stream(where.stream));
           },
           nogil());
 #endif
+    m.def("gather",
+          [=](uintptr_t src, uintptr_t out, int64_t features, int elem_size, uintptr_t index,
+              int64_t num_index, int64_t num_src_rows, const Where& where) {
+            auto copy = row_copy(src, out, features, elem_size);
+            auto idx = ptr<const int64_t>(index);
+            if (!where.cuda) return red::cpu::gather(copy, idx, num_index, num_src_rows, where.num_threads);
+            JMP_CUDA_ONLY(red::cuda::gather(copy, idx, num_index, num_src_rows, status(where),
+                                            stream(where.stream)));
+          },
+          nogil());
+    m.def("segment_broadcast",
+          [=](uintptr_t src, uintptr_t out, int64_t features, int elem_size, uintptr_t ptr_,
+              int64_t num_segments, int64_t num_out_rows, const Where& where) {
+            auto copy = row_copy(src, out, features, elem_size);
+            auto p = ptr<const int64_t>(ptr_);
+            if (!where.cuda)
+              return red::cpu::segment_broadcast(copy, p, num_segments, num_out_rows, where.num_threads);
+            JMP_CUDA_ONLY(red::cuda::segment_broadcast(copy, p, num_segments, num_out_rows,
+                                                       status(where), stream(where.stream)));
+          },
+          nogil());
+    // direction 0: ragged_to_padded, 1: padded_to_ragged (the same arguments either way).
+    m.def("padded_copy",
+          [=](int direction, uintptr_t src, uintptr_t out, int64_t features, int elem_size,
+              uintptr_t row, uintptr_t col, int64_t num_items, int64_t num_rows, int64_t num_cols,
+              uintptr_t slots, const Where& where) {
+            JMP_CHECK(direction == 0 || direction == 1, "padded_copy: unknown direction ", direction);
+            auto copy = row_copy(src, out, features, elem_size);
+            auto index = padded_index(row, col, num_items, num_rows, num_cols, slots);
+            if (!where.cuda) {
+              return direction == 0 ? red::cpu::ragged_to_padded(copy, index, where.num_threads)
+                                    : red::cpu::padded_to_ragged(copy, index, where.num_threads);
+            }
+            JMP_CUDA_ONLY(direction == 0
+                              ? red::cuda::ragged_to_padded(copy, index, status(where), stream(where.stream))
+                              : red::cuda::padded_to_ragged(copy, index, status(where), stream(where.stream)));
+          },
+          nogil());
+    // kind 0: segment_outer, 1: segment_contract (each other's adjoints, the same arguments).
+    m.def("segment_bilinear",
+          [=](int kind, uintptr_t x, uintptr_t y, uintptr_t ptr_, uintptr_t out, int64_t num_src,
+              int64_t num_segments, int64_t rows, int64_t cols, int dtype, const Where& where) {
+            JMP_CHECK(kind == 0 || kind == 1, "segment_bilinear: unknown kind ", kind);
+            auto args = bilinear_args(x, y, ptr_, out, num_src, num_segments, rows, cols, dtype);
+            if (!where.cuda) {
+              return kind == 0 ? red::cpu::segment_outer(args, where.num_threads)
+                               : red::cpu::segment_contract(args, where.num_threads);
+            }
+            JMP_CUDA_ONLY(kind == 0 ? red::cuda::segment_outer(args, status(where), stream(where.stream))
+                                    : red::cuda::segment_contract(args, status(where), stream(where.stream)));
+          },
+          nogil());
   }
 }

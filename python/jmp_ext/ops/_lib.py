@@ -37,6 +37,21 @@ def ptr(tensor: torch.Tensor | None) -> int:
     return tensor.data_ptr()
 
 
+_NO_ERROR = torch.iinfo(torch.int64).max  # jmp_ext::cuda::kNoError (csrc/common/cuda_helpers.h)
+
+
+def launch(name: str, device: torch.device, *args) -> None:
+    """Calls _C.<name>(*args, where) for a kernel on `device`: where says the CPU with torch's
+    thread count, or the current CUDA stream and a fresh status word in which the CUDA kernels
+    report bad indices (kept alive here until the call returns, which synchronises)."""
+    if device.type == "cuda":
+        stream = require_cuda(device)
+        status = torch.full((1,), _NO_ERROR, dtype=torch.int64, device=device)
+        getattr(_C, name)(*args, _C.Where(cuda=True, num_threads=0, status=ptr(status), stream=stream))
+    else:
+        getattr(_C, name)(*args, _C.Where(cuda=False, num_threads=num_threads(), status=0, stream=0))
+
+
 def require_cuda(device: torch.device) -> int:
     """Check that CUDA kernels can run on `device`; return the address of its current stream."""
     if not _C.build_info()["cuda"]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from jmp_ext.ops._lib import _C, num_threads, ptr, require_cuda
+from jmp_ext.ops._lib import launch, ptr
 
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1}
 
@@ -38,11 +38,8 @@ def _gaussian_basis(x: Tensor, offset: Tensor, temps: Tensor) -> Tensor:
     _check(x, offset, temps)
     x, offset, temps = x.contiguous(), offset.contiguous(), temps.contiguous()
     out = x.new_empty(x.shape[0], offset.shape[0])
-    args = (ptr(x), ptr(offset), ptr(temps), ptr(out), x.shape[0], offset.shape[0], _DTYPE_CODES[x.dtype])
-    if x.device.type == "cuda":
-        _C.gaussian_basis_cuda(*args, require_cuda(x.device))
-    else:
-        _C.gaussian_basis_cpu(*args, num_threads())
+    launch("gaussian_basis", x.device, ptr(x), ptr(offset), ptr(temps), ptr(out), x.shape[0], offset.shape[0],
+           _DTYPE_CODES[x.dtype])
     return out
 
 

@@ -29,11 +29,12 @@ import math
 import torch
 from torch import Tensor
 
-from jmp_ext.ops._lib import _C, num_threads, ptr, require_cuda
+from jmp_ext.ops._lib import _C, launch, num_threads, ptr
 
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
 _REDUCE_CODES = {"sum": 0, "mean": 1, "max": 2}
-_NO_ERROR = torch.iinfo(torch.int64).max  # jmp_ext::cuda::kNoError
+_PADDED_DIRECTIONS = {"ragged_to_padded": 0, "padded_to_ragged": 1}
+_BILINEAR_KINDS = {"segment_outer": 0, "segment_contract": 1}
 
 
 # ---- checks on metadata (shared by the real and the fake kernels) ----
@@ -68,18 +69,6 @@ def _check_size(name: str, value: int) -> None:
         raise ValueError(f"{name} must be >= 0, got {value}")
 
 
-def _launch(name: str, device: torch.device, *args) -> None:
-    """Calls _C.<name>_cpu(*args, threads) or _C.<name>_cuda(*args, status, stream) for `device`."""
-    if device.type == "cuda":
-        stream = require_cuda(device)
-        # A device int64 where the kernels report a bad index (csrc/common/cuda_helpers.h);
-        # kept alive until the call returns (it synchronises).
-        status = torch.full((1,), _NO_ERROR, dtype=torch.int64, device=device)
-        getattr(_C, f"{name}_cuda")(*args, ptr(status), stream)
-    else:
-        getattr(_C, f"{name}_cpu")(*args, num_threads())
-
-
 # ---- the custom ops, on 2-D [rows, F] tensors ----
 
 
@@ -89,7 +78,7 @@ def _segment_kernel(src: Tensor, ptr_: Tensor, perm: Tensor | None, reduce: str)
     num_segments, features = ptr_.shape[0] - 1, src.shape[1]
     out = src.new_empty(num_segments, features)
     arg = src.new_empty(num_segments, features, dtype=torch.int64) if reduce == "max" else None
-    _launch("segment_reduce", src.device, ptr(src), ptr(ptr_), ptr(perm), ptr(out),
+    launch("segment_reduce", src.device, ptr(src), ptr(ptr_), ptr(perm), ptr(out),
             ptr(arg), src.shape[0], num_segments, features, _DTYPE_CODES[src.dtype],
             _REDUCE_CODES[reduce])
     return out, arg
@@ -137,7 +126,7 @@ def _segment_broadcast(src: Tensor, ptr_: Tensor, num_rows: int) -> Tensor:
     _check_broadcast(src, ptr_, num_rows)
     src, ptr_ = src.contiguous(), ptr_.contiguous()
     out = src.new_empty(num_rows, src.shape[1])
-    _launch("segment_broadcast", src.device, ptr(src), ptr(out), src.shape[1], src.element_size(),
+    launch("segment_broadcast", src.device, ptr(src), ptr(out), src.shape[1], src.element_size(),
             ptr(ptr_), ptr_.shape[0] - 1, num_rows)
     return out
 
@@ -188,7 +177,7 @@ def _scatter_reduce(src: Tensor, index: Tensor, dim_size: int, reduce: str, dete
         return _segment_kernel(src, ptr_, perm, reduce)[0]
     acc = torch.zeros(dim_size, src.shape[1], device=src.device,
                       dtype=torch.float64 if src.dtype == torch.float64 else torch.float32)
-    _launch("scatter_add_atomic", src.device, ptr(src), _DTYPE_CODES[src.dtype], ptr(index),
+    launch("scatter_add_atomic_cuda", src.device, ptr(src), _DTYPE_CODES[src.dtype], ptr(index),
             src.shape[0], src.shape[1], dim_size, ptr(acc))
     if reduce == "mean":
         acc /= _counts(index, dim_size, acc.dtype)
@@ -215,7 +204,7 @@ def _gather(src: Tensor, index: Tensor) -> Tensor:
     _check_gather(src, index)
     src, index = src.contiguous(), index.contiguous()
     out = src.new_empty(index.shape[0], src.shape[1])
-    _launch("gather", src.device, ptr(src), ptr(out), src.shape[1], src.element_size(), ptr(index),
+    launch("gather", src.device, ptr(src), ptr(out), src.shape[1], src.element_size(), ptr(index),
             index.shape[0], src.shape[0])
     return out
 
@@ -231,11 +220,12 @@ def _(src, index):
     return src.new_empty(index.shape[0], src.shape[1])
 
 
-def _padded_copy(name: str, src: Tensor, row: Tensor, col: Tensor, num_rows: int, num_cols: int,
+def _padded_copy(direction: str, src: Tensor, row: Tensor, col: Tensor, num_rows: int, num_cols: int,
                  out: Tensor) -> Tensor:
     src, row, col = src.contiguous(), row.contiguous(), col.contiguous()
     slots = torch.empty(num_rows * num_cols, dtype=torch.int64, device=src.device)
-    _launch(name, src.device, ptr(src), ptr(out), out.shape[-1], src.element_size(), ptr(row),
+    launch("padded_copy", src.device, _PADDED_DIRECTIONS[direction], ptr(src), ptr(out), out.shape[-1],
+           src.element_size(), ptr(row),
             ptr(col), row.shape[0], num_rows, num_cols, ptr(slots))
     return out
 
@@ -297,9 +287,9 @@ def _check_bilinear(x: Tensor, y: Tensor, ptr_: Tensor, x_dim: int) -> None:
         raise ValueError(f"x must be [S={rows}, R, C={y.shape[1]}] for ptr and y, got shape {tuple(x.shape)}")
 
 
-def _bilinear_kernel(name: str, x: Tensor, y: Tensor, ptr_: Tensor, out: Tensor, rows: int) -> Tensor:
+def _bilinear_kernel(kind: str, x: Tensor, y: Tensor, ptr_: Tensor, out: Tensor, rows: int) -> Tensor:
     x, y, ptr_ = x.contiguous(), y.contiguous(), ptr_.contiguous()  # (kept alive while the kernel runs)
-    _launch(name, x.device, ptr(x), ptr(y), ptr(ptr_), ptr(out), y.shape[0], ptr_.shape[0] - 1, rows,
+    launch("segment_bilinear", x.device, _BILINEAR_KINDS[kind], ptr(x), ptr(y), ptr(ptr_), ptr(out), y.shape[0], ptr_.shape[0] - 1, rows,
             y.shape[1], _DTYPE_CODES[x.dtype])
     return out
 

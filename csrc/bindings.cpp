@@ -233,8 +233,10 @@ PYBIND11_MODULE(_C, m) {
 
   // ---- interaction_indices (csrc/interaction_indices) ----
   // Arguments in order: graph(s) as (edge_index, cell_offset, num_edges) addresses and sizes,
-  // then scratch and outputs, then num_threads / stream. pairing: 0 same graph, 1 shared
-  // target, 2 in-target = out-source (see interaction_indices.h).
+  // then scratch and outputs, then a Where. pairing: 0 same graph, 1 shared target, 2 in-target
+  // = out-source (see interaction_indices.h). On CUDA the TargetCsr and the prefix sums are torch
+  // ops (see interaction_indices.h): the counts fill offsets[1..E] and return -1 instead of the
+  // total; the CUDA entries do not synchronise.
   m.def(
       "target_csr_cpu",
       [](uintptr_t edge_index, int64_t num_edges, int64_t num_atoms, const std::string& name,
@@ -245,107 +247,54 @@ PYBIND11_MODULE(_C, m) {
       },
       nogil());
   m.def(
-      "count_triplets_cpu",
+      "count_triplets",
       [](uintptr_t in_ei, uintptr_t in_off, int64_t in_edges, uintptr_t out_ei, uintptr_t out_off,
          int64_t out_edges, int pairing, int64_t num_atoms, uintptr_t in_ptr, uintptr_t in_order,
-         uintptr_t offsets, int num_threads) {
-        return ii::cpu::count_triplets(triplet_args(in_ei, in_off, in_edges, out_ei, out_off,
-                                                    out_edges, pairing, num_atoms, in_ptr,
-                                                    in_order, offsets),
-                                       num_threads);
+         uintptr_t offsets, const Where& where) -> int64_t {
+        auto args = triplet_args(in_ei, in_off, in_edges, out_ei, out_off, out_edges, pairing,
+                                 num_atoms, in_ptr, in_order, offsets);
+        if (!where.cuda) return ii::cpu::count_triplets(args, where.num_threads);
+        JMP_CUDA_ONLY((ii::cuda::count_triplets(args, stream(where.stream)), int64_t{-1}));
       },
       nogil());
   m.def(
-      "fill_triplets_cpu",
+      "fill_triplets",
       [](uintptr_t in_ei, uintptr_t in_off, int64_t in_edges, uintptr_t out_ei, uintptr_t out_off,
          int64_t out_edges, int pairing, int64_t num_atoms, uintptr_t in_ptr, uintptr_t in_order,
          uintptr_t offsets, uintptr_t idx_in, uintptr_t idx_out, uintptr_t out_agg,
-         int num_threads) {
-        ii::cpu::fill_triplets(
-            with_outputs(triplet_args(in_ei, in_off, in_edges, out_ei, out_off, out_edges, pairing,
-                                      num_atoms, in_ptr, in_order, offsets),
-                         idx_in, idx_out, out_agg),
-            num_threads);
-      },
-      nogil());
-  m.def(
-      "count_quadruplets_cpu",
-      [](uintptr_t main_ei, uintptr_t main_off, int64_t main_edges, uintptr_t qint_ei,
-         uintptr_t qint_off, int64_t qint_edges, uintptr_t tin_ptr, uintptr_t tin_in,
-         uintptr_t tout_ptr, uintptr_t tout_in, uintptr_t offsets, int num_threads) {
-        return ii::cpu::count_quadruplets(quad_args(main_ei, main_off, main_edges, qint_ei,
-                                                    qint_off, qint_edges, tin_ptr, tin_in,
-                                                    tout_ptr, tout_in, offsets),
-                                          num_threads);
-      },
-      nogil());
-  m.def(
-      "fill_quadruplets_cpu",
-      [](uintptr_t main_ei, uintptr_t main_off, int64_t main_edges, uintptr_t qint_ei,
-         uintptr_t qint_off, int64_t qint_edges, uintptr_t tin_ptr, uintptr_t tin_in,
-         uintptr_t tout_ptr, uintptr_t tout_in, uintptr_t offsets, uintptr_t out,
-         uintptr_t trip_out_to_quad, uintptr_t trip_in_to_quad, uintptr_t out_agg,
-         int num_threads) {
-        ii::cpu::fill_quadruplets(
-            with_outputs(quad_args(main_ei, main_off, main_edges, qint_ei, qint_off, qint_edges,
-                                   tin_ptr, tin_in, tout_ptr, tout_in, offsets),
-                         out, trip_out_to_quad, trip_in_to_quad, out_agg),
-            num_threads);
-      },
-      nogil());
-#ifdef JMP_EXT_WITH_CUDA
-  // The CUDA entries take the same arguments with the stream last; they do not synchronise.
-  // The TargetCsr and the prefix sums are torch ops on the GPU (see interaction_indices.h), so
-  // the counts return nothing: they fill offsets[1..E].
-  m.def(
-      "count_triplets_cuda",
-      [](uintptr_t in_ei, uintptr_t in_off, int64_t in_edges, uintptr_t out_ei, uintptr_t out_off,
-         int64_t out_edges, int pairing, int64_t num_atoms, uintptr_t in_ptr, uintptr_t in_order,
-         uintptr_t offsets, uintptr_t stream_) {
-        ii::cuda::count_triplets(triplet_args(in_ei, in_off, in_edges, out_ei, out_off, out_edges,
+         const Where& where) {
+        auto args = with_outputs(triplet_args(in_ei, in_off, in_edges, out_ei, out_off, out_edges,
                                               pairing, num_atoms, in_ptr, in_order, offsets),
-                                 stream(stream_));
+                                 idx_in, idx_out, out_agg);
+        if (!where.cuda) return ii::cpu::fill_triplets(args, where.num_threads);
+        JMP_CUDA_ONLY(ii::cuda::fill_triplets(args, stream(where.stream)));
       },
       nogil());
   m.def(
-      "fill_triplets_cuda",
-      [](uintptr_t in_ei, uintptr_t in_off, int64_t in_edges, uintptr_t out_ei, uintptr_t out_off,
-         int64_t out_edges, int pairing, int64_t num_atoms, uintptr_t in_ptr, uintptr_t in_order,
-         uintptr_t offsets, uintptr_t idx_in, uintptr_t idx_out, uintptr_t out_agg,
-         uintptr_t stream_) {
-        ii::cuda::fill_triplets(
-            with_outputs(triplet_args(in_ei, in_off, in_edges, out_ei, out_off, out_edges, pairing,
-                                      num_atoms, in_ptr, in_order, offsets),
-                         idx_in, idx_out, out_agg),
-            stream(stream_));
-      },
-      nogil());
-  m.def(
-      "count_quadruplets_cuda",
+      "count_quadruplets",
       [](uintptr_t main_ei, uintptr_t main_off, int64_t main_edges, uintptr_t qint_ei,
          uintptr_t qint_off, int64_t qint_edges, uintptr_t tin_ptr, uintptr_t tin_in,
-         uintptr_t tout_ptr, uintptr_t tout_in, uintptr_t offsets, uintptr_t stream_) {
-        ii::cuda::count_quadruplets(quad_args(main_ei, main_off, main_edges, qint_ei, qint_off,
-                                              qint_edges, tin_ptr, tin_in, tout_ptr, tout_in,
-                                              offsets),
-                                    stream(stream_));
+         uintptr_t tout_ptr, uintptr_t tout_in, uintptr_t offsets, const Where& where) -> int64_t {
+        auto args = quad_args(main_ei, main_off, main_edges, qint_ei, qint_off, qint_edges, tin_ptr,
+                              tin_in, tout_ptr, tout_in, offsets);
+        if (!where.cuda) return ii::cpu::count_quadruplets(args, where.num_threads);
+        JMP_CUDA_ONLY((ii::cuda::count_quadruplets(args, stream(where.stream)), int64_t{-1}));
       },
       nogil());
   m.def(
-      "fill_quadruplets_cuda",
+      "fill_quadruplets",
       [](uintptr_t main_ei, uintptr_t main_off, int64_t main_edges, uintptr_t qint_ei,
          uintptr_t qint_off, int64_t qint_edges, uintptr_t tin_ptr, uintptr_t tin_in,
          uintptr_t tout_ptr, uintptr_t tout_in, uintptr_t offsets, uintptr_t out,
          uintptr_t trip_out_to_quad, uintptr_t trip_in_to_quad, uintptr_t out_agg,
-         uintptr_t stream_) {
-        ii::cuda::fill_quadruplets(
-            with_outputs(quad_args(main_ei, main_off, main_edges, qint_ei, qint_off, qint_edges,
-                                   tin_ptr, tin_in, tout_ptr, tout_in, offsets),
-                         out, trip_out_to_quad, trip_in_to_quad, out_agg),
-            stream(stream_));
+         const Where& where) {
+        auto args = with_outputs(quad_args(main_ei, main_off, main_edges, qint_ei, qint_off,
+                                           qint_edges, tin_ptr, tin_in, tout_ptr, tout_in, offsets),
+                                 out, trip_out_to_quad, trip_in_to_quad, out_agg);
+        if (!where.cuda) return ii::cpu::fill_quadruplets(args, where.num_threads);
+        JMP_CUDA_ONLY(ii::cuda::fill_quadruplets(args, stream(where.stream)));
       },
       nogil());
-#endif
 
   // ---- gaussian_basis (csrc/gaussian_basis) ----
   m.def(

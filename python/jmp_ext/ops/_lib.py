@@ -40,16 +40,17 @@ def ptr(tensor: torch.Tensor | None) -> int:
 _NO_ERROR = torch.iinfo(torch.int64).max  # jmp_ext::cuda::kNoError (csrc/common/cuda_helpers.h)
 
 
-def launch(name: str, device: torch.device, *args) -> None:
-    """Calls _C.<name>(*args, where) for a kernel on `device`: where says the CPU with torch's
+def launch(name: str, device: torch.device, *args):
+    """Returns _C.<name>(*args, where) for a kernel on `device`: where says the CPU with torch's
     thread count, or the current CUDA stream and a fresh status word in which the CUDA kernels
-    report bad indices (kept alive here until the call returns, which synchronises)."""
+    report bad indices (kept alive here until the call returns)."""
     if device.type == "cuda":
         stream = require_cuda(device)
         status = torch.full((1,), _NO_ERROR, dtype=torch.int64, device=device)
-        getattr(_C, name)(*args, _C.Where(cuda=True, num_threads=0, status=ptr(status), stream=stream))
-    else:
-        getattr(_C, name)(*args, _C.Where(cuda=False, num_threads=num_threads(), status=0, stream=0))
+        return getattr(_C, name)(*args, _C.Where(cuda=True, num_threads=0, status=ptr(status), stream=stream))
+    if device.type != "cpu":
+        raise ValueError(f"jmp_ext's kernels run on CPU or CUDA tensors, got tensors on {device}")
+    return getattr(_C, name)(*args, _C.Where(cuda=False, num_threads=num_threads(), status=0, stream=0))
 
 
 def require_cuda(device: torch.device) -> int:

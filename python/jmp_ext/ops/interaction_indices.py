@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from jmp_ext.ops._lib import _C, num_threads, ptr, require_cuda
+from jmp_ext.ops._lib import _C, launch, num_threads, ptr
 
 __all__ = ["triplets", "mixed_triplets", "quadruplets"]
 
@@ -88,19 +88,6 @@ def _check_two_graphs(
     return _check_same_device(**{names[0]: first[0], names[1]: second[0]})
 
 
-def _kernel(name: str, device: torch.device):
-    """The compiled entry for `device`, with its last argument (thread count or CUDA stream)."""
-    if device.type == "cpu":
-        last = num_threads()
-        fn = getattr(_C, f"{name}_cpu")
-    elif device.type == "cuda":
-        last = require_cuda(device)
-        fn = getattr(_C, f"{name}_cuda")
-    else:
-        raise ValueError(f"interaction indices run on CPU or CUDA tensors, got {device}")
-    return lambda *args: fn(*args, last)
-
-
 def _graph_args(edge_index: Tensor, cell_offset: Tensor | None) -> tuple[int, int, int]:
     return ptr(edge_index), ptr(cell_offset), edge_index.shape[1]
 
@@ -109,13 +96,14 @@ def _target_csr(edge_index: Tensor, num_atoms: int, name: str) -> tuple[Tensor, 
     """(ptr [num_atoms+1], order [E]): edges grouped by target, by (source, index) inside."""
     if edge_index.is_cuda:
         return _target_csr_cuda(edge_index, num_atoms, name)
+    if edge_index.device.type != "cpu":
+        raise ValueError(f"interaction indices run on CPU or CUDA tensors, got {name} on {edge_index.device}")
     num_edges = edge_index.shape[1]
     csr_ptr = edge_index.new_empty(num_atoms + 1)
     order = edge_index.new_empty(num_edges)
     scratch = edge_index.new_empty(num_atoms + 1 + num_edges)
-    _kernel("target_csr", edge_index.device)(
-        ptr(edge_index), num_edges, num_atoms, name, ptr(csr_ptr), ptr(order), ptr(scratch)
-    )
+    _C.target_csr_cpu(ptr(edge_index), num_edges, num_atoms, name, ptr(csr_ptr), ptr(order), ptr(scratch),
+                      num_threads())
     return csr_ptr, order
 
 
@@ -182,12 +170,12 @@ def _pairs(
         ptr(csr[1]),
     )
     offsets = in_graph[0].new_empty(out_graph[0].shape[1] + 1)
-    total = _kernel("count_triplets", device)(*args, ptr(offsets))
+    total = launch("count_triplets", device, *args, ptr(offsets))
     if device.type == "cuda":
         name = "graph" if pairing == _SAME_GRAPH else "graph_out"
         total = _scan_counts_cuda(offsets, "triplets", name, out_graph[0], num_atoms)
     idx_in, idx_out, out_agg = (offsets.new_empty(total) for _ in range(3))
-    _kernel("fill_triplets", device)(*args, ptr(offsets), ptr(idx_in), ptr(idx_out), ptr(out_agg))
+    launch("fill_triplets", device, *args, ptr(offsets), ptr(idx_in), ptr(idx_out), ptr(out_agg))
     return idx_in, idx_out, out_agg, offsets
 
 
@@ -259,13 +247,12 @@ def _quadruplets_op(
         ptr(tout_in),
     )
     offsets = main[0].new_empty(main[0].shape[1] + 1)
-    total = _kernel("count_quadruplets", device)(*args, ptr(offsets))
+    total = launch("count_quadruplets", device, *args, ptr(offsets))
     if device.type == "cuda":  # (counts are never negative: the triplet ops checked the atoms)
         total = _scan_counts_cuda(offsets, "quadruplets", "main_graph", main[0], num_atoms)
     out, trip_out_to_quad, trip_in_to_quad, out_agg = (offsets.new_empty(total) for _ in range(4))
-    _kernel("fill_quadruplets", device)(
-        *args, ptr(offsets), ptr(out), ptr(trip_out_to_quad), ptr(trip_in_to_quad), ptr(out_agg)
-    )
+    launch("fill_quadruplets", device, *args, ptr(offsets), ptr(out), ptr(trip_out_to_quad), ptr(trip_in_to_quad),
+           ptr(out_agg))
     return tin_in, tin_out, tout_in, tout_out, out, trip_in_to_quad, trip_out_to_quad, out_agg
 
 

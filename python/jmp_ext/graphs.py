@@ -284,12 +284,20 @@ def graphs_from_a2a(batch: dict, a2a: dict, config: GraphConfig, *, edge_dropout
     graphs["trip_a2e"] = ops.mixed_triplets(graphs["a2ee2a"], graphs["main"], num_atoms)
     graphs["trip_e2a"] = ops.mixed_triplets(graphs["main"], graphs["a2ee2a"], num_atoms)
     graphs["quad"] = ops.quadruplets(graphs["main"], graphs["qint"], num_atoms)
+    graphs["quad_edges"] = quad_edges(graphs["quad"])
     # Only the atom-level blocks are padded; triplets / quadruplets are summed ragged (ops.segment_outer).
     graphs["kmax"] = {
         "a2ee2a": _kmax(graphs["a2ee2a"]["target_neighbor_idx"]),
         "a2a": _kmax(graphs["a2a"]["target_neighbor_idx"]),
     }
     return with_geometry(graphs, pos, cell, structure)
+
+
+def quad_edges(quad: dict) -> Tensor:
+    """Main edges that end an output triplet, ascending [E_q]: the only ones with a quadruplet
+    message (about half of them on OC20 slabs), so the model projects the quadruplet basis for
+    these alone. quad: jmp_ext.ops.quadruplets' dict (output triplets sorted by out edge)."""
+    return torch.unique_consecutive(quad["triplet_out"]["out"])
 
 
 def build_graphs(batch: dict, config: GraphConfig, *, edge_dropout: float | None = None,
@@ -303,7 +311,8 @@ def build_graphs(batch: dict, config: GraphConfig, *, edge_dropout: float | None
     Returns {"num_atoms": N, "main", "a2ee2a", "qint", "a2a": {"edge_index" [2, E] int64,
     "cell_offset" [E, 3] int32, "distance" [E], "vector" [E, 3]} (+ "target_neighbor_idx" [E]
     for a2ee2a and a2a), "id_swap" [E_main], "trip_e2e", "trip_a2e", "trip_e2a" ({"in", "out",
-    "out_agg"}), "quad" (jmp_ext.ops.quadruplets' dict), "kmax": {"a2ee2a", "a2a": int}}. Distances and
+    "out_agg"}), "quad" (jmp_ext.ops.quadruplets' dict), "quad_edges" [E_q] (see quad_edges),
+    "kmax": {"a2ee2a", "a2a": int}}. Distances and
     vectors are differentiable in batch["pos"] and batch["cell"]."""
     check_batch(batch)
     if edge_dropout is not None and not 0.0 <= edge_dropout < 1.0:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from jmp_ext.graphs import GraphConfig, graphs_from_a2a
+from jmp_ext.graphs import GraphConfig, graphs_from_a2a, quad_edges
 
 FIXTURES = Path(os.environ.get("JMP_REF_FIXTURES", "/work/shared/fixtures/jmp_ref"))
 CASES = ["oc20_slab", "ani_molecules"]
@@ -70,6 +70,12 @@ def fixture_graphs(case: dict, pos: torch.Tensor) -> dict:
     G = case["graphs"]
     trip = lambda k: {"in": L(idx[k]["in"]), "out": L(idx[k]["out"]), "out_agg": rank_in_group(L(idx[k]["out"]))}  # noqa: E731
     q = idx["quad"]
+    quad = {
+        "triplet_in": {k: L(v) for k, v in q["triplet_in"].items()},
+        "triplet_out": {k: L(v) for k, v in q["triplet_out"].items()},
+        "out": L(q["out"]), "out_agg": rank_in_group(L(q["out"])),
+        "trip_in_to_quad": L(q["trip_in_to_quad"]), "trip_out_to_quad": L(q["trip_out_to_quad"]),
+    }
     kmax = lambda rank: int(rank.max()) + 1  # noqa: E731
     return {
         "num_atoms": pos.shape[0],
@@ -86,12 +92,8 @@ def fixture_graphs(case: dict, pos: torch.Tensor) -> dict:
         "trip_e2e": trip("trip_e2e"),
         "trip_a2e": trip("trip_a2e"),
         "trip_e2a": trip("trip_e2a"),
-        "quad": {
-            "triplet_in": {k: L(v) for k, v in q["triplet_in"].items()},
-            "triplet_out": {k: L(v) for k, v in q["triplet_out"].items()},
-            "out": L(q["out"]), "out_agg": rank_in_group(L(q["out"])),
-            "trip_in_to_quad": L(q["trip_in_to_quad"]), "trip_out_to_quad": L(q["trip_out_to_quad"]),
-        },
+        "quad": quad,
+        "quad_edges": quad_edges(quad),
     }
 
 

@@ -117,7 +117,7 @@ class BasisEmbedding(nn.Module):
         if self.num_spherical is None:
             return rad @ self.weight.T
         out = rad @ self.weight.reshape(self.weight.shape[0], -1)
-        return out.reshape(rad.shape[0], -1, self.num_spherical)
+        return out.reshape(rad.shape[0], self.weight.shape[2], self.num_spherical)
 
 
 class EdgeEmbedding(nn.Module):
@@ -156,8 +156,9 @@ class Bases(nn.Module):
       rbf_h, rbf_out [E, emb_size_rbf] for the atom update and output blocks
       e2e, a2e: {"rad" [E or E_a2ee2a, emb_size_rbf], "cir": (rad_W1 [E, cbf, 7], sph [T, 7], out_ptr [E+1])}
       qint: {"rad" [E, rbf], "cir" [T_in, cbf],
-             "sph": (rad_W1 [E, sbf, 49], (Y(cos φ) [T_out, 7], Y(cos θ) [Q, 7], quad_ptr [T_out+1]),
-                     out_ptr [E+1] over the output triplets)}
+             "sph": (rad_W1 [E_q, sbf, 49], (Y(cos φ) [T_out, 7], Y(cos θ) [Q, 7], quad_ptr [T_out+1]),
+                     out_ptr [E_q+1] over the output triplets), "edges" [E_q]: graphs["quad_edges"], the
+             main edges with a quadruplet message}
       e2a: {"rad" [E, rbf], "cir": (rad_W1 [N, cbf, Kmax_a*7], sph [T, 7], out_ptr [E_a2ee2a+1])}
       a2a_rad [N, rbf, Kmax_a2a]
     """
@@ -207,7 +208,7 @@ class Bases(nn.Module):
         main, a2ee2a, a2a, qint = graphs["main"], graphs["a2ee2a"], graphs["a2a"], graphs["qint"]
         trip_e2e, trip_a2e, trip_e2a, quad = graphs["trip_e2e"], graphs["trip_a2e"], graphs["trip_e2a"], graphs["quad"]
         V_main, V_a2ee2a, V_qint = main["vector"], a2ee2a["vector"], qint["vector"]
-        num_atoms, kmax = graphs["num_atoms"], graphs["kmax"]
+        num_atoms, kmax, quad_edges = graphs["num_atoms"], graphs["kmax"], graphs["quad_edges"]
         num_main, num_a2ee2a = V_main.shape[0], V_a2ee2a.shape[0]
 
         rad_main = self.radial_basis(main["distance"])
@@ -246,7 +247,9 @@ class Bases(nn.Module):
                 "rad": self.mlp_rbf_qint(rad_main),
                 # Per input triplet: rad_W1 of its qint edge b->a contracted with Y_l0(cos_abd).
                 "cir": (ops.gather(rad_qint_cir, t_in["out"]) @ cir_qint[:, :, None]).squeeze(-1),
-                "sph": (self.mlp_sbf_qint(rad_spherical_main), sph_qint, _csr_ptr(t_out["out"], num_main)),
+                "sph": (self.mlp_sbf_qint(ops.gather(rad_spherical_main, quad_edges)), sph_qint,
+                        _csr_ptr(t_out["out"], num_main)[torch.cat([quad_edges, quad_edges.new_full((1,), num_main)])]),
+                "edges": quad_edges,
             },
             "a2e": {
                 "rad": self.mlp_rbf_aeint(self.radial_basis_aeaint(a2ee2a["distance"])),

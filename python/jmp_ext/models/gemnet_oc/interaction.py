@@ -61,7 +61,7 @@ class EfficientInteractionBilinear(nn.Module):
         out_ptr [O+1]), m [Q, in] -> [O, out]."""
         rad_W1, (sph_1, sph_2, ptr_2), out_ptr = basis
         inner = ops.segment_outer(sph_2, m, ptr_2).flatten(1)  # [P, S2 * in]: summed over the quadruplets of each p
-        sph_m = ops.segment_outer(sph_1, inner, out_ptr).view(out_ptr.shape[0] - 1, -1, m.shape[1])  # [O, S1*S2, in]
+        sph_m = ops.segment_outer(sph_1, inner, out_ptr).view(out_ptr.shape[0] - 1, sph_1.shape[1] * sph_2.shape[1], m.shape[1])
         return self._project(rad_W1, sph_m)
 
     def _project(self, rad_W1, sph_m):
@@ -123,13 +123,14 @@ class QuadrupletInteraction(nn.Module):
         self.up_projection_ac = Dense(emb_size_quad_out, emb_size_edge, True, dropout)
 
     def forward(self, m, bases, quad, id_swap):
-        """m [E, edge]; bases {"rad" [E, rbf], "cir" [T_in, cbf], "sph"}; quad: interaction indices."""
+        """m [E, edge]; bases {"rad" [E, rbf], "cir" [T_in, cbf], "sph", "edges"}; quad: interaction indices."""
         x_db = self.dense_db(m)
         x_db = self.scale_rbf(x_db * self.mlp_rbf(bases["rad"]), ref=x_db)
         x_db = ops.gather(self.down_projection(x_db), quad["triplet_in"]["in"])  # [T_in, quad_in]
         x_db = self.scale_cbf(x_db * self.mlp_cbf(bases["cir"]), ref=x_db)
         x_db = ops.gather(x_db, quad["trip_in_to_quad"])  # [Q, quad_in]
-        x = self.mlp_sbf.quadruplet(bases["sph"], x_db)
+        x = self.mlp_sbf.quadruplet(bases["sph"], x_db)  # [E_q, quad_out], the edges with quadruplets
+        x = m.new_zeros(m.shape[0], x.shape[1]).index_copy(0, bases["edges"], x)
         x = self.scale_sbf_sum(x, ref=x_db)
         return self.up_projection_ca(x).add_(ops.gather(self.up_projection_ac(x), id_swap)).mul_(INV_SQRT_2)
 

@@ -35,6 +35,16 @@ struct Args {
   Dtype dtype;
 };
 
+// f(T{}) with T the C++ type of `dtype`.
+template <class F>
+void dispatch_dtype(Dtype dtype, F&& f) {
+  if (dtype == Dtype::f64) {
+    f(double{});
+  } else {
+    f(float{});
+  }
+}
+
 // log of the smallest normal number, rounded to T: the threshold that torch's
 // `exponent > math.log(torch.finfo(dtype).tiny)` compares against.
 template <class T>

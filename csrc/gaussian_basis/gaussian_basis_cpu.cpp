@@ -27,11 +27,7 @@ void run(const Args& a, int num_threads) {
 }  // namespace
 
 void gaussian_basis(const Args& args, int num_threads) {
-  if (args.dtype == Dtype::f64) {
-    run<double>(args, num_threads);
-  } else {
-    run<float>(args, num_threads);
-  }
+  dispatch_dtype(args.dtype, [&](auto t) { run<decltype(t)>(args, num_threads); });
 }
 
 }  // namespace jmp_ext::gaussian_basis::cpu

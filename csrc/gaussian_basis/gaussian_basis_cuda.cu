@@ -31,11 +31,7 @@ void run(const Args& a, cudaStream_t stream) {
 }  // namespace
 
 void gaussian_basis(const Args& args, cudaStream_t stream) {
-  if (args.dtype == Dtype::f64) {
-    run<double>(args, stream);
-  } else {
-    run<float>(args, stream);
-  }
+  dispatch_dtype(args.dtype, [&](auto t) { run<decltype(t)>(args, stream); });
 }
 
 }  // namespace jmp_ext::gaussian_basis::cuda

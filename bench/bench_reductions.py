@@ -8,6 +8,7 @@ Run (1 and 2 threads are parameters of every benchmark):
 Data: E source rows of F features (float32; bfloat16 at one size) reduced onto S = E / 32
 segments (about an atom's number of edges), index uniform in [0, S): "sorted" runs give the
 segment ops sorted rows and a CSR ptr, "unsorted" runs give the scatter ops the shuffled index.
+Where torch_scatter (PyG's scatter/segment library) is installed, it runs beside them.
 Every group also times `dst.copy_(src)` of the source's bytes, the machine's memory-copy
 ceiling in the same run; bench/README.md reports bandwidth as (bytes read + written) / time.
 """
@@ -18,6 +19,11 @@ import pytest
 import torch
 
 import jmp_ext.ops as ops
+
+try:
+    import torch_scatter
+except ImportError:  # optional baseline
+    torch_scatter = None
 
 ROWS_PER_SEGMENT = 32
 # E = 2e6 with F = 256 (a 2 GB source) is left out: on the shared 2-core, 23 GB machine its
@@ -82,6 +88,14 @@ FORWARD = {
     },
 }
 
+if torch_scatter is not None:
+    FORWARD["segment_sum"]["torch_scatter"] = lambda d: torch_scatter.segment_csr(d["src"], d["ptr"], reduce="sum")
+    FORWARD["scatter_sum"]["torch_scatter"] = lambda d: torch_scatter.scatter_sum(d["src"], d["index"], 0,
+                                                                                 dim_size=d["S"])
+    FORWARD["scatter_mean"]["torch_scatter"] = lambda d: torch_scatter.scatter_mean(d["src"], d["index"], 0,
+                                                                                   dim_size=d["S"])
+    FORWARD["segment_max"]["torch_scatter"] = lambda d: torch_scatter.segment_csr(d["src"], d["ptr"], reduce="max")
+
 # Backward: the gradient of the source for an upstream gradient of the output.
 BACKWARD = {
     "segment_sum": {
@@ -93,10 +107,14 @@ BACKWARD = {
         "torch_index_add": lambda x, d: _zeros(d).index_add(0, d["index"], x),
     },
 }
+if torch_scatter is not None:
+    BACKWARD["segment_sum"]["torch_scatter"] = lambda x, d: torch_scatter.segment_csr(x, d["ptr"], reduce="sum")
+    BACKWARD["scatter_sum"]["torch_scatter"] = lambda x, d: torch_scatter.scatter_sum(x, d["index"], 0,
+                                                                                     dim_size=d["S"])
 
 
 def _rounds(d) -> int:
-    return 3 if d["src"].numel() >= 10**7 else 10
+    return 6 if d["src"].numel() >= 10**7 else 10
 
 
 def _record(benchmark, d, op, direction, impl):
@@ -113,7 +131,7 @@ def _record(benchmark, d, op, direction, impl):
 
 
 @pytest.mark.parametrize("impl", ["jmp_ext", "torch_index_add", "torch_scatter_reduce",
-                                  "torch_segment_reduce", "copy"])
+                                  "torch_segment_reduce", "torch_scatter", "copy"])
 @pytest.mark.parametrize("op", list(FORWARD))
 def test_forward(benchmark, data, threads, op, impl):
     if impl != "copy" and impl not in FORWARD[op]:
@@ -122,9 +140,9 @@ def test_forward(benchmark, data, threads, op, impl):
     benchmark.group = f"{op} forward {d['id']} {threads}thr"
     _record(benchmark, d, op, "forward", impl)
     if impl == "copy":
-        benchmark.pedantic(d["dst"].copy_, args=(d["src"],), rounds=_rounds(d), warmup_rounds=1)
+        benchmark.pedantic(d["dst"].copy_, args=(d["src"],), rounds=_rounds(d), warmup_rounds=2)
         return
-    out = benchmark.pedantic(FORWARD[op][impl], args=(d,), rounds=_rounds(d), warmup_rounds=1)
+    out = benchmark.pedantic(FORWARD[op][impl], args=(d,), rounds=_rounds(d), warmup_rounds=2)
     # Honest comparison: every implementation computes the same thing (the first one is ours).
     expected = FORWARD[op]["jmp_ext"](d)
     # torch accumulates bfloat16 sums in bfloat16 (jmp_ext in float32): for sums of ~32
@@ -133,14 +151,16 @@ def test_forward(benchmark, data, threads, op, impl):
     torch.testing.assert_close(out, expected, **tol)
 
 
-@pytest.mark.parametrize("impl", ["jmp_ext", "torch_index_add", "copy"])
+@pytest.mark.parametrize("impl", ["jmp_ext", "torch_index_add", "torch_scatter", "copy"])
 @pytest.mark.parametrize("op", list(BACKWARD))
 def test_backward(benchmark, data, threads, op, impl):
+    if impl != "copy" and impl not in BACKWARD[op]:
+        pytest.skip(f"{impl} has no {op}")
     d = data
     benchmark.group = f"{op} backward {d['id']} {threads}thr"
     _record(benchmark, d, op, "backward", impl)
     if impl == "copy":
-        benchmark.pedantic(d["dst"].copy_, args=(d["src"],), rounds=_rounds(d), warmup_rounds=1)
+        benchmark.pedantic(d["dst"].copy_, args=(d["src"],), rounds=_rounds(d), warmup_rounds=2)
         return
     x = d["src"].clone().requires_grad_()
     out = BACKWARD[op][impl](x, d)
@@ -149,5 +169,5 @@ def test_backward(benchmark, data, threads, op, impl):
     def backward():
         return torch.autograd.grad(out, x, grad_out, retain_graph=True)[0]
 
-    grad = benchmark.pedantic(backward, rounds=_rounds(d), warmup_rounds=1)
+    grad = benchmark.pedantic(backward, rounds=_rounds(d), warmup_rounds=2)
     assert torch.equal(grad, torch.ones_like(x))

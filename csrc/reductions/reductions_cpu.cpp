@@ -107,16 +107,22 @@ void reduce_segments(const SegmentReduceArgs& a, int num_threads) {
 // row adds its sources in ascending e whatever the thread count. The accumulators of a range
 // ([rows, F] of acc_t, small next to the source) stay hot in cache, which a sort-then-reduce
 // (random reads through a permutation) does not.
-template <class T, Reduce R>
+//
+// Narrow rows stay on one thread: every owner scans the whole index, and with several owners the
+// "is this row mine" branch is taken at random and mispredicted half the time, which made 2
+// threads 2-4x slower than 1 below F = 32 (bench_reductions.py, E = 2e6, F = 1 and 3). From
+// F = 32 on, the per-row work hides it (F = 64: 2 threads 1.3x faster than 1).
 // Returns how many rows had an index in [0, dim_size): the others were skipped.
+template <class T, Reduce R>
 int64_t scatter_rows(const ScatterReduceArgs& a, int num_threads) {
   using A = acc_t<T>;
   using Red = Reducer<R, A>;
   const T* src = static_cast<const T*>(a.src);
   T* out = static_cast<T*>(a.out);
+  constexpr int64_t kMinParallelFeatures = 32;
   int64_t work = (a.num_src + a.dim_size) * std::max<int64_t>(a.features, 1);
-  int chunks = static_cast<int>(std::clamp<int64_t>(
-      std::min<int64_t>(work / kGrain, a.dim_size), 1, std::max(num_threads, 1)));
+  int max_chunks = a.features < kMinParallelFeatures ? 1 : std::max(num_threads, 1);
+  int chunks = static_cast<int>(std::clamp<int64_t>(std::min<int64_t>(work / kGrain, a.dim_size), 1, max_chunks));
   std::vector<int64_t> accepted(chunks, 0);
   parallel_for(chunks, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
     for (int64_t c = c_begin; c < c_end; ++c) {

@@ -289,11 +289,12 @@ def test_opcheck(case):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_bitwise_identical_on_any_thread_count(dtype):
+@pytest.mark.parametrize("features", [3, 64])  # the CPU scatter splits rows across threads from F = 32
+def test_bitwise_identical_on_any_thread_count(dtype, features):
     gen = torch.Generator().manual_seed(7)
     index = torch.randint(0, 2000, (200_000,), generator=gen)
     index[:50_000] = 3  # a hub target: one segment much longer than the rest
-    src = random_src(200_000, 3, dtype, gen)
+    src = random_src(200_000, features, dtype, gen)
     sorted_index, perm = torch.sort(index, stable=True)
     ptr = make_ptr(torch.bincount(sorted_index, minlength=2000))
     row, col = torch.arange(50_000) // 10, torch.arange(50_000) % 10

@@ -8,7 +8,8 @@ timed call, as in training. Run:
     PYTHONPATH=python pytest bench/bench_model.py --benchmark-enable -m "slow or not slow"
 
 Side by side: impl "jmp_ext" (our kernels) and "torch" (the same model with the pure-torch
-twins of the reductions, jmp_ext.ops.reference_reductions: index_put padding, index_add sums).
+twins of the reductions, jmp_ext.ops.reference_reductions: indexing gathers, index_put padding,
+index_add sums).
 Peak memory of one case in a fresh process (ru_maxrss):
 
     PYTHONPATH=python python bench/bench_model.py tiny slabs 32 direct [compile]
@@ -108,7 +109,7 @@ CASES = [
 
 
 def use_torch_reductions(monkeypatch):
-    for name in ("ragged_to_padded", "scatter_sum", "segment_sum", "segment_mean", "segment_max"):
+    for name in ("gather", "ragged_to_padded", "scatter_sum", "segment_sum", "segment_mean", "segment_max"):
         monkeypatch.setattr(ops, name, getattr(reference_reductions, name))
 
 

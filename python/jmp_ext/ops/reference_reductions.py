@@ -39,6 +39,10 @@ def segment_max(src: Tensor, ptr: Tensor) -> Tensor:
     return out.scatter_reduce(0, index, src, "amax", include_self=False)
 
 
+def gather(src: Tensor, index: Tensor) -> Tensor:
+    return src[index]
+
+
 def ragged_to_padded(x: Tensor, row: Tensor, col: Tensor, num_rows: int, num_cols: int) -> Tensor:
     out = x.new_zeros((num_rows, num_cols) + x.shape[1:])
     out[row, col] = x

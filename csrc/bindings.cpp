@@ -37,8 +37,9 @@ cudaStream_t stream(uintptr_t address) { return reinterpret_cast<cudaStream_t>(a
 using nogil = py::call_guard<py::gil_scoped_release>;
 
 // Where a kernel runs, as python/jmp_ext/ops/_lib.py's launch() passes it: on the CPU with
-// num_threads threads, or on a CUDA stream with a device int64 status word (see
-// common/cuda_helpers.h). One binding per operator then serves both backends.
+// num_threads threads, or on a CUDA stream, with a device int64 status word for the kernels that
+// report bad indices (common/cuda_helpers.h; 0 for the others). One binding per operator then
+// serves both backends.
 struct Where {
   bool cuda;
   int num_threads;

@@ -40,13 +40,14 @@ def ptr(tensor: torch.Tensor | None) -> int:
 _NO_ERROR = torch.iinfo(torch.int64).max  # jmp_ext::cuda::kNoError (csrc/common/cuda_helpers.h)
 
 
-def launch(name: str, device: torch.device, *args):
+def launch(name: str, device: torch.device, *args, checks_indices: bool = True):
     """Returns _C.<name>(*args, where) for a kernel on `device`: where says the CPU with torch's
-    thread count, or the current CUDA stream and a fresh status word in which the CUDA kernels
-    report bad indices (kept alive here until the call returns)."""
+    thread count, or the current CUDA stream and, for kernels that check index values
+    (checks_indices), a fresh status word in which they report bad ones (kept alive here until
+    the call returns). The others get no status word: allocating one is a device fill per call."""
     if device.type == "cuda":
         stream = require_cuda(device)
-        status = torch.full((1,), _NO_ERROR, dtype=torch.int64, device=device)
+        status = torch.full((1,), _NO_ERROR, dtype=torch.int64, device=device) if checks_indices else None
         return getattr(_C, name)(*args, _C.Where(cuda=True, num_threads=0, status=ptr(status), stream=stream))
     if device.type != "cpu":
         raise ValueError(f"jmp_ext's kernels run on CPU or CUDA tensors, got tensors on {device}")

@@ -170,12 +170,13 @@ def _pairs(
         ptr(csr[1]),
     )
     offsets = in_graph[0].new_empty(out_graph[0].shape[1] + 1)
-    total = launch("count_triplets", device, *args, ptr(offsets))
+    total = launch("count_triplets", device, *args, ptr(offsets), checks_indices=False)
     if device.type == "cuda":
         name = "graph" if pairing == _SAME_GRAPH else "graph_out"
         total = _scan_counts_cuda(offsets, "triplets", name, out_graph[0], num_atoms)
     idx_in, idx_out, out_agg = (offsets.new_empty(total) for _ in range(3))
-    launch("fill_triplets", device, *args, ptr(offsets), ptr(idx_in), ptr(idx_out), ptr(out_agg))
+    launch("fill_triplets", device, *args, ptr(offsets), ptr(idx_in), ptr(idx_out), ptr(out_agg),
+           checks_indices=False)
     return idx_in, idx_out, out_agg, offsets
 
 
@@ -247,12 +248,12 @@ def _quadruplets_op(
         ptr(tout_in),
     )
     offsets = main[0].new_empty(main[0].shape[1] + 1)
-    total = launch("count_quadruplets", device, *args, ptr(offsets))
+    total = launch("count_quadruplets", device, *args, ptr(offsets), checks_indices=False)
     if device.type == "cuda":  # (counts are never negative: the triplet ops checked the atoms)
         total = _scan_counts_cuda(offsets, "quadruplets", "main_graph", main[0], num_atoms)
     out, trip_out_to_quad, trip_in_to_quad, out_agg = (offsets.new_empty(total) for _ in range(4))
     launch("fill_quadruplets", device, *args, ptr(offsets), ptr(out), ptr(trip_out_to_quad), ptr(trip_in_to_quad),
-           ptr(out_agg))
+           ptr(out_agg), checks_indices=False)
     return tin_in, tin_out, tout_in, tout_out, out, trip_in_to_quad, trip_out_to_quad, out_agg
 
 

@@ -9,7 +9,6 @@ initial edge embedding. Parameter and buffer names are JMP's (`bases.*`).
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 

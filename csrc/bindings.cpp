@@ -306,7 +306,7 @@ PYBIND11_MODULE(_C, m) {
         JMP_CHECK(dtype == 0 || dtype == 1, "gaussian_basis: unknown dtype code ", dtype);
         gb::Args args{ptr<const void>(x), ptr<const void>(offset), ptr<const void>(temps),
                       ptr<void>(out),      num_edges,           num_radial,
-                      static_cast<gb::Dtype>(dtype)};
+                      static_cast<jmp_ext::FloatDtype>(dtype)};
         if (!where.cuda) return gb::cpu::gaussian_basis(args, where.num_threads);
         JMP_CUDA_ONLY(gb::cuda::gaussian_basis(args, stream(where.stream)));
       },

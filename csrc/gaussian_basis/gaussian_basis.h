@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "common/float_dtype.h"
 #include "common/hd.h"
 
 #ifdef JMP_EXT_WITH_CUDA
@@ -23,8 +24,6 @@
 
 namespace jmp_ext::gaussian_basis {
 
-enum class Dtype : int32_t { f32 = 0, f64 = 1 };
-
 struct Args {
   const void* x;       // [num_edges] of dtype: distances divided by the cutoff
   const void* offset;  // [num_radial] of dtype: the centres
@@ -32,18 +31,8 @@ struct Args {
   void* out;           // [num_edges, num_radial] of dtype
   int64_t num_edges;
   int64_t num_radial;
-  Dtype dtype;
+  FloatDtype dtype;
 };
-
-// f(T{}) with T the C++ type of `dtype`.
-template <class F>
-void dispatch_dtype(Dtype dtype, F&& f) {
-  if (dtype == Dtype::f64) {
-    f(double{});
-  } else {
-    f(float{});
-  }
-}
 
 // log of the smallest normal number, rounded to T: the threshold that torch's
 // `exponent > math.log(torch.finfo(dtype).tiny)` compares against.

@@ -27,7 +27,7 @@ void run(const Args& a, int num_threads) {
 }  // namespace
 
 void gaussian_basis(const Args& args, int num_threads) {
-  dispatch_dtype(args.dtype, [&](auto t) { run<decltype(t)>(args, num_threads); });
+  dispatch_float(args.dtype, [&](auto t) { run<decltype(t)>(args, num_threads); });
 }
 
 }  // namespace jmp_ext::gaussian_basis::cpu

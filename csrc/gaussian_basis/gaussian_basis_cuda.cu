@@ -31,7 +31,7 @@ void run(const Args& a, cudaStream_t stream) {
 }  // namespace
 
 void gaussian_basis(const Args& args, cudaStream_t stream) {
-  dispatch_dtype(args.dtype, [&](auto t) { run<decltype(t)>(args, stream); });
+  dispatch_float(args.dtype, [&](auto t) { run<decltype(t)>(args, stream); });
 }
 
 }  // namespace jmp_ext::gaussian_basis::cuda

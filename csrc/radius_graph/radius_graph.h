@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/float_dtype.h"
 #include "radius_graph/cell_list.h"
 
 #ifdef JMP_EXT_WITH_CUDA
@@ -28,11 +29,11 @@
 
 namespace jmp_ext::radius_graph {
 
-enum class Dtype : int32_t { kFloat32 = 0, kFloat64 = 1 };
+using Dtype = FloatDtype;
 
 struct Input {
   const void* pos = nullptr;    // [num_atoms, 3] float32 or float64 (dtype)
-  Dtype dtype = Dtype::kFloat64;
+  Dtype dtype = Dtype::f64;
   int64_t num_atoms = 0;
   const int64_t* ptr = nullptr;  // [num_systems + 1] first atom of every system, ptr[B] = N
   int64_t num_systems = 0;

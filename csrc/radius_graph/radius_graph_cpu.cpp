@@ -39,7 +39,7 @@ constexpr int64_t kGrain = 64;  // targets per task, at least
 constexpr double kCollectEdges = 1 << 22;
 
 Vec3 load(const Input& in, int64_t i) {
-  if (in.dtype == Dtype::kFloat32) {
+  if (in.dtype == Dtype::f32) {
     const float* p = static_cast<const float*>(in.pos) + 3 * i;
     return {p[0], p[1], p[2]};
   }
@@ -58,7 +58,7 @@ Mat3 load_cell(const Input& in, int64_t b) {
 // bit; IEEE sqrt is correctly rounded, so CPU and CUDA agree.
 double edge_distance(double d2, Dtype dtype) {
   double d = std::sqrt(d2);
-  return dtype == Dtype::kFloat32 ? static_cast<double>(static_cast<float>(d)) : d;
+  return dtype == Dtype::f32 ? static_cast<double>(static_cast<float>(d)) : d;
 }
 
 // Sorts one target's edges in expected linear time: a counting sort into as many buckets as
@@ -331,7 +331,7 @@ void RadiusGraph::write(const Output& out, int64_t target, const Candidate* edge
     out.edge_index[first + e] = c.source;
     out.edge_index[total + first + e] = target;
     std::copy(c.shift, c.shift + 3, out.cell_offsets + 3 * (first + e));
-    if (input_.dtype == Dtype::kFloat32) {
+    if (input_.dtype == Dtype::f32) {
       static_cast<float*>(out.distance)[first + e] = static_cast<float>(c.distance);
     } else {
       static_cast<double*>(out.distance)[first + e] = c.distance;

@@ -211,22 +211,13 @@ __global__ void fill_kernel(Input in, Workspace ws, Output out, int64_t num_edge
   for (int64_t e = 0; e < count; ++e) target[e] = i;
 }
 
-template <class F>
-void dispatch(Dtype dtype, F&& f) {
-  if (dtype == Dtype::kFloat32) {
-    f(float{});
-  } else {
-    f(double{});
-  }
-}
-
 unsigned int blocks(int64_t n) { return static_cast<unsigned int>(ceil_div(n, kBlock)); }
 
 }  // namespace
 
 void bin(const Input& in, const Workspace& ws, cudaStream_t stream) {
   if (in.num_systems == 0) return;
-  dispatch(in.dtype, [&](auto zero) {
+  dispatch_float(in.dtype, [&](auto zero) {
     using T = decltype(zero);
     const T* pos = static_cast<const T*>(in.pos);
     frames_kernel<T><<<static_cast<unsigned int>(in.num_systems), kBlock, 0, stream>>>(
@@ -244,7 +235,7 @@ void count(const Input& in, const Workspace& ws, cudaStream_t stream) {
   scatter_kernel<<<blocks(in.num_atoms), kBlock, 0, stream>>>(in.num_atoms, ws.batch, ws.frames,
                                                                ws);
   JMP_CUDA_CHECK(cudaGetLastError());
-  dispatch(in.dtype, [&](auto zero) {
+  dispatch_float(in.dtype, [&](auto zero) {
     count_kernel<decltype(zero)><<<blocks(in.num_atoms), kBlock, 0, stream>>>(in, ws);
   });
   JMP_CUDA_CHECK(cudaGetLastError());
@@ -253,7 +244,7 @@ void count(const Input& in, const Workspace& ws, cudaStream_t stream) {
 void fill(const Input& in, const Workspace& ws, const Output& out, int64_t num_edges,
           cudaStream_t stream) {
   if (num_edges == 0) return;
-  dispatch(in.dtype, [&](auto zero) {
+  dispatch_float(in.dtype, [&](auto zero) {
     fill_kernel<decltype(zero)><<<blocks(in.num_atoms), kBlock, 0, stream>>>(in, ws, out,
                                                                              num_edges);
   });

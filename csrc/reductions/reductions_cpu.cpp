@@ -134,10 +134,11 @@ int64_t scatter_rows(const ScatterReduceArgs& a, int num_threads) {
         std::vector<A> acc((k_end - k_begin) * F, Red::init());
         std::vector<int64_t> count(kCounts ? k_end - k_begin : 0, 0);
         int64_t unused_arg = kNoArg;  // sum and mean keep no argument
+        int64_t mine = 0;  // counted locally: the threads' accepted[] entries share a cache line
         for (int64_t e = 0; e < a.num_src; ++e) {
           int64_t k = a.index[e];
           if (k < k_begin || k >= k_end) continue;
-          ++accepted[c];
+          ++mine;
           if constexpr (kCounts) ++count[k - k_begin];
           const T* x = src + e * F;
           A* y = acc.data() + (k - k_begin) * F;
@@ -148,6 +149,7 @@ int64_t scatter_rows(const ScatterReduceArgs& a, int num_threads) {
           for (int64_t f = 0; f < F; ++f)  // (an empty row's sum is its initial 0)
             out[k * F + f] = Acc<T>::store(kCounts ? Red::finish(y[f], count[k - k_begin]) : y[f]);
         }
+        accepted[c] = mine;
       });
     }
   });

@@ -237,16 +237,23 @@ def _kmax(rank: Tensor) -> int:
 def graphs_from_a2a(batch: dict, a2a: dict, config: GraphConfig, *, edge_dropout: float | None = None,
                     generator: torch.Generator | None = None) -> dict:
     """Steps 1b-6 of the module docstring, given the a2a graph {"edge_index", "cell_offset"}
-    (e.g. JMP's own, in the parity tests). See build_graphs for the result."""
+    (e.g. JMP's own, in the parity tests) and optionally its "distance" [E]. See build_graphs for
+    the result."""
     pos, natoms = batch["pos"], batch["natoms"]
     num_atoms = pos.shape[0]
     structure = batch["batch"] if "batch" in batch else _structure_index(natoms)
     cell = batch["cell"].to(pos.dtype) if config.pbc and "cell" in batch else None
     k_atom = {name: k[structure] for name, k in config.neighbors_per_structure(natoms).items()}
 
+    distance = a2a.get("distance")
     a2a = {"edge_index": a2a["edge_index"], "cell_offset": a2a["cell_offset"].to(torch.int32)}
-    with torch.no_grad():
-        a2a["distance"], _ = edge_geometry(a2a, pos.detach(), None if cell is None else cell.detach(), structure)
+    if distance is None:
+        with torch.no_grad():
+            distance, _ = edge_geometry(a2a, pos.detach(), None if cell is None else cell.detach(), structure)
+    # Subselection ranks edges by this distance. radius_graph's own comes sorted by (target,
+    # distance), so the ranks need no sort; a recomputed one can differ in the last bit and
+    # reorder near-ties.
+    a2a["distance"] = distance.detach()
     if edge_dropout:
         keep = torch.rand(a2a["distance"].shape, generator=generator, dtype=torch.float32,
                           device=generator.device if generator is not None else pos.device) >= edge_dropout
@@ -323,8 +330,8 @@ def build_graphs(batch: dict, config: GraphConfig, *, edge_dropout: float | None
     pbc = torch.zeros(natoms.shape[0], 3, dtype=torch.bool, device=pos.device)
     if periodic:
         pbc = batch["pbc"] if "pbc" in batch else ~pbc
-    edge_index, cell_offset, _ = radius_graph(
+    edge_index, cell_offset, distance = radius_graph(
         pos.detach(), config.cutoff_a2a, natoms=natoms,
         cell=batch["cell"].detach().to(pos.dtype) if periodic else None, pbc=pbc, max_neighbors=k_a2a)
-    return graphs_from_a2a(batch, {"edge_index": edge_index, "cell_offset": cell_offset}, config,
-                           edge_dropout=edge_dropout, generator=generator)
+    return graphs_from_a2a(batch, {"edge_index": edge_index, "cell_offset": cell_offset, "distance": distance},
+                           config, edge_dropout=edge_dropout, generator=generator)

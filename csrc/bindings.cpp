@@ -325,12 +325,6 @@ PYBIND11_MODULE(_C, m) {
       return red::PaddedIndex{ptr<const int64_t>(row), ptr<const int64_t>(col), num_items,
                               num_rows, num_cols, ptr<int64_t>(slots)};
     };
-    auto bilinear_args = [](uintptr_t x, uintptr_t y, uintptr_t ptr_, uintptr_t out, int64_t num_src,
-                            int64_t num_segments, int64_t rows, int64_t cols, int dtype) {
-      return red::SegmentBilinearArgs{ptr<const void>(x), ptr<const void>(y), ptr<const int64_t>(ptr_),
-                                      ptr<void>(out), num_src, num_segments, rows, cols,
-                                      static_cast<red::Dtype>(dtype)};
-    };
     m.def("segment_reduce",
           [](uintptr_t src, uintptr_t ptr_, uintptr_t perm, uintptr_t out, uintptr_t arg,
              int64_t num_src, int64_t num_segments, int64_t features, int dtype, int reduce,
@@ -405,9 +399,12 @@ PYBIND11_MODULE(_C, m) {
     // kind 0: segment_outer, 1: segment_contract (each other's adjoints, the same arguments).
     m.def("segment_bilinear",
           [=](int kind, uintptr_t x, uintptr_t y, uintptr_t ptr_, uintptr_t out, int64_t num_src,
-              int64_t num_segments, int64_t rows, int64_t cols, int dtype, const Where& where) {
+              int64_t num_segments, int64_t rows, int64_t cols, int64_t x_stride_r, int64_t x_stride_c,
+              int dtype, const Where& where) {
             JMP_CHECK(kind == 0 || kind == 1, "segment_bilinear: unknown kind ", kind);
-            auto args = bilinear_args(x, y, ptr_, out, num_src, num_segments, rows, cols, dtype);
+            red::SegmentBilinearArgs args{ptr<const void>(x), ptr<const void>(y), ptr<const int64_t>(ptr_),
+                                          ptr<void>(out), num_src, num_segments, rows, cols,
+                                          x_stride_r, x_stride_c, static_cast<red::Dtype>(dtype)};
             if (!where.cuda) {
               return kind == 0 ? red::cpu::segment_outer(args, where.num_threads)
                                : red::cpu::segment_contract(args, where.num_threads);

@@ -73,6 +73,8 @@ struct PaddedIndex {
 //                     x [num_src, R], y [num_src, C] -> out [num_segments, R, C]
 //   segment_contract: out[e] = x[s(e)] @ y[e]
 //                     x [num_segments, R, C], y [num_src, C] -> out [num_src, R]
+//                     x[s, i, j] is at x + s * R * C + i * x_stride_r + j * x_stride_c, so a
+//                     transposed block (a backward pass's grad.transpose(1, 2)) needs no copy.
 // Each is the other's adjoint, so their backward passes are made of the same two kernels.
 struct SegmentBilinearArgs {
   const void* x;
@@ -83,6 +85,8 @@ struct SegmentBilinearArgs {
   int64_t num_segments;
   int64_t rows;  // R
   int64_t cols;  // C
+  int64_t x_stride_r;  // segment_contract only (segment_outer's x is [num_src, R], dense)
+  int64_t x_stride_c;
   Dtype dtype;
 };
 

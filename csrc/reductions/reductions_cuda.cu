@@ -300,10 +300,11 @@ __global__ void segment_contract_kernel(SegmentBilinearArgs a) {
     const int64_t s = k / a.rows, i = k % a.rows;
     const int64_t begin = a.ptr[s], end = a.ptr[s + 1];
     if (!(0 <= begin && begin <= end && end <= a.num_src)) continue;  // reported by check_ptr_kernel
-    const T* x_si = x + (s * a.rows + i) * a.cols;
+    const T* x_si = x + s * a.rows * a.cols + i * a.x_stride_r;
     for (int64_t e = begin; e < end; ++e) {
       acc_t<T> sum = 0;
-      for (int64_t j = 0; j < a.cols; ++j) sum += Acc<T>::load(x_si[j]) * Acc<T>::load(y[e * a.cols + j]);
+      for (int64_t j = 0; j < a.cols; ++j)
+        sum += Acc<T>::load(x_si[j * a.x_stride_c]) * Acc<T>::load(y[e * a.cols + j]);
       static_cast<T*>(a.out)[e * a.rows + i] = Acc<T>::store(sum);
     }
   }

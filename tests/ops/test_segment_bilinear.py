@@ -54,6 +54,9 @@ def test_match_padded_matmuls(dtype, rows, cols):
     assert contract.shape == (y.shape[0], rows) and contract.dtype == dtype
     expected = (blocks.double()[segment] @ y.double()[:, :, None]).squeeze(-1)
     torch.testing.assert_close(contract.double(), expected, **tol)
+    # Blocks stored [S, C, R] (a backward's grad.transpose(1, 2)) are read in place, same sums.
+    stored_transposed = blocks.transpose(1, 2).contiguous().transpose(1, 2)
+    assert torch.equal(ops.segment_contract(stored_transposed, y, ptr), contract)
 
 
 def test_non_contiguous_inputs():
@@ -63,6 +66,9 @@ def test_non_contiguous_inputs():
     assert torch.equal(ops.segment_outer(x.T.contiguous().T, y, ptr), ops.segment_outer(x, y, ptr))
     assert torch.equal(ops.segment_contract(blocks.transpose(1, 2), x, ptr),
                        ops.segment_contract(blocks.transpose(1, 2).contiguous(), x, ptr))
+    wider = torch.randn(20, 8, 20, generator=gen, dtype=torch.float64)  # a view with padded rows
+    assert torch.equal(ops.segment_contract(wider[:, :, :16], y, ptr),
+                       ops.segment_contract(wider[:, :, :16].contiguous(), y, ptr))
 
 
 @pytest.mark.parametrize("op", ["outer", "contract"])

@@ -288,9 +288,16 @@ def _check_bilinear(x: Tensor, y: Tensor, ptr_: Tensor, x_dim: int) -> None:
 
 
 def _bilinear_kernel(kind: str, x: Tensor, y: Tensor, ptr_: Tensor, out: Tensor, rows: int) -> Tensor:
-    x, y, ptr_ = x.contiguous(), y.contiguous(), ptr_.contiguous()  # (kept alive while the kernel runs)
-    launch("segment_bilinear", x.device, _BILINEAR_KINDS[kind], ptr(x), ptr(y), ptr(ptr_), ptr(out), y.shape[0], ptr_.shape[0] - 1, rows,
-            y.shape[1], _DTYPE_CODES[x.dtype])
+    cols = y.shape[1]
+    # segment_contract reads its [S, R, C] blocks through the strides of R and C, so a transposed
+    # block (the backward's grad.transpose(1, 2)) is used in place: torch's copy of one is slow.
+    if not (x.dim() == 3 and x.stride(0) == rows * cols and x.stride()[1:] in ((cols, 1), (1, rows))):
+        x = x.contiguous()
+    x_stride_r, x_stride_c = x.stride()[1:] if x.dim() == 3 else (1, 1)
+    x_address = x.data_ptr() if x.numel() else 0  # (ptr() asserts a contiguous buffer)
+    y, ptr_ = y.contiguous(), ptr_.contiguous()  # (kept alive while the kernel runs)
+    launch("segment_bilinear", x.device, _BILINEAR_KINDS[kind], x_address, ptr(y), ptr(ptr_), ptr(out), y.shape[0], ptr_.shape[0] - 1, rows,
+           cols, x_stride_r, x_stride_c, _DTYPE_CODES[x.dtype])
     return out
 
 

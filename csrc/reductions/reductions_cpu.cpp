@@ -180,12 +180,14 @@ void copy_rows(const RowCopy& c, int64_t begin, int64_t end, Source&& source) {
 }
 
 // The block shapes of segment_outer / segment_contract that get compile-time sizes: GemNet-OC's
-// angular basis (7 spherical orders) by its message widths, either way round. With both sizes
-// known the R x C block can live in registers and the loops unroll (a runtime width of 8 ran at a
-// quarter of that speed); other shapes take runtime loops, with a compile-time width if it has one.
+// basis widths (7 spherical orders; 8 or 16 radial features in the atom-to-atom sum) by its
+// widths, either way round. With both sizes known the R x C block can live in registers and the
+// loops unroll (a runtime width of 8 ran at a quarter of that speed); other shapes take runtime
+// loops, with a compile-time width if they have one.
 template <class F>
 void dispatch_width(int64_t n, F&& f) {
   switch (n) {
+    case 7: return f(std::integral_constant<int64_t, 7>{});
     case 8: return f(std::integral_constant<int64_t, 8>{});
     case 16: return f(std::integral_constant<int64_t, 16>{});
     case 32: return f(std::integral_constant<int64_t, 32>{});
@@ -195,10 +197,19 @@ void dispatch_width(int64_t n, F&& f) {
 }
 
 template <class F>
+bool dispatch_basis(int64_t n, F&& f) {
+  switch (n) {
+    case 7: return f(std::integral_constant<int64_t, 7>{}), true;
+    case 8: return f(std::integral_constant<int64_t, 8>{}), true;
+    case 16: return f(std::integral_constant<int64_t, 16>{}), true;
+    default: return false;
+  }
+}
+
+template <class F>
 void dispatch_shape(int64_t rows, int64_t cols, F&& f) {
-  using Basis = std::integral_constant<int64_t, 7>;
-  if (rows == Basis::value) return dispatch_width(cols, [&](auto C) { f(Basis{}, C); });
-  if (cols == Basis::value) return dispatch_width(rows, [&](auto R) { f(R, Basis{}); });
+  if (dispatch_basis(rows, [&](auto R) { dispatch_width(cols, [&](auto C) { f(R, C); }); })) return;
+  if (dispatch_basis(cols, [&](auto C) { dispatch_width(rows, [&](auto R) { f(R, C); }); })) return;
   dispatch_width(cols, [&](auto C) { f(rows, C); });
 }
 

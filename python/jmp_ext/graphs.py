@@ -275,13 +275,13 @@ def graphs_from_a2a(batch: dict, a2a: dict, config: GraphConfig, *, edge_dropout
         raise ValueError(f"structure(s) {empty} of the batch have no edge within cutoff_main="
                          f"{config.cutoff_main} Å: GemNet-OC needs at least one neighbour pair")
 
-    # The padded blocks index neighbours by their rank at the target: group edges by target.
+    # a2a is summed per target (a CSR pointer), a2ee2a padded by neighbour rank: group by target.
     for name in ("a2a", "a2ee2a"):
         g = graphs[name]
         if not bool((g["edge_index"][1].diff() >= 0).all()):
             g = _select(g, torch.argsort(g["edge_index"][1], stable=True))
-        g["target_neighbor_idx"] = _rank_in_sorted(g["edge_index"][1])
         graphs[name] = g
+    graphs["a2ee2a"]["target_neighbor_idx"] = _rank_in_sorted(graphs["a2ee2a"]["edge_index"][1])
     for g in graphs.values():
         g.pop("distance", None)  # recomputed with autograd below
 
@@ -292,11 +292,8 @@ def graphs_from_a2a(batch: dict, a2a: dict, config: GraphConfig, *, edge_dropout
     graphs["trip_e2a"] = ops.mixed_triplets(graphs["main"], graphs["a2ee2a"], num_atoms)
     graphs["quad"] = ops.quadruplets(graphs["main"], graphs["qint"], num_atoms)
     graphs["quad_edges"] = quad_edges(graphs["quad"])
-    # Only the atom-level blocks are padded; triplets / quadruplets are summed ragged (ops.segment_outer).
-    graphs["kmax"] = {
-        "a2ee2a": _kmax(graphs["a2ee2a"]["target_neighbor_idx"]),
-        "a2a": _kmax(graphs["a2a"]["target_neighbor_idx"]),
-    }
+    # Only the edge-to-atom block is padded; everything else is summed ragged (ops.segment_outer).
+    graphs["kmax"] = {"a2ee2a": _kmax(graphs["a2ee2a"]["target_neighbor_idx"])}
     return with_geometry(graphs, pos, cell, structure)
 
 
@@ -316,10 +313,10 @@ def build_graphs(batch: dict, config: GraphConfig, *, edge_dropout: float | None
     edge_dropout: probability of dropping each a2a edge (pass it only while training).
 
     Returns {"num_atoms": N, "main", "a2ee2a", "qint", "a2a": {"edge_index" [2, E] int64,
-    "cell_offset" [E, 3] int32, "distance" [E], "vector" [E, 3]} (+ "target_neighbor_idx" [E]
-    for a2ee2a and a2a), "id_swap" [E_main], "trip_e2e", "trip_a2e", "trip_e2a" ({"in", "out",
+    "cell_offset" [E, 3] int32, "distance" [E], "vector" [E, 3]} (a2a and a2ee2a grouped by
+    target, a2ee2a with "target_neighbor_idx" [E]), "id_swap" [E_main], "trip_e2e", "trip_a2e", "trip_e2a" ({"in", "out",
     "out_agg"}), "quad" (jmp_ext.ops.quadruplets' dict), "quad_edges" [E_q] (see quad_edges),
-    "kmax": {"a2ee2a", "a2a": int}}. Distances and
+    "kmax": {"a2ee2a": int}}. Distances and
     vectors are differentiable in batch["pos"] and batch["cell"]."""
     check_batch(batch)
     if edge_dropout is not None and not 0.0 <= edge_dropout < 1.0:

@@ -8,9 +8,11 @@ from torch.autograd import gradcheck, gradgradcheck
 import jmp_ext.ops as ops
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
-# (R, C): the compile-time shapes (7 by 8 / 16 / 32 / 64, either way round), a compile-time width
-# with a runtime one (49 x 8, 16 x 64) and runtime ones (3 x 5, 7 x 56), as in the model.
-SIZES = [(7, 8), (7, 16), (16, 7), (64, 7), (49, 8), (8, 49), (7, 56), (3, 5), (16, 64)]
+# (R, C): compile-time shapes (a basis width 7 / 8 / 16 by 7 / 8 / 16 / 32 / 64, either way
+# round), a compile-time width with a runtime one (49 x 8, 8 x 49, 7 x 56) and runtime ones
+# (3 x 5, 49 x 56), as in the model.
+SIZES = [(7, 8), (8, 7), (7, 16), (16, 7), (64, 7), (8, 16), (16, 8), (16, 64), (64, 16), (49, 8), (8, 49),
+         (7, 56), (3, 5), (49, 56)]
 # Against a float64 reference: sums of up to 11 products of O(1) terms, rounded in the dtype.
 TOLERANCES = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.float64: {},
               torch.bfloat16: {"rtol": 1e-2, "atol": 5e-2}}

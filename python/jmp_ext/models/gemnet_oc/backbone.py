@@ -7,14 +7,15 @@ The graphs dict (built by jmp_ext.graphs.build_graphs, or taken from JMP's fixtu
           vector [E, 3] (unit vector from the source image to the target, JMP's V_st);
           the main graph is already symmetrised: every edge has its reverse, id_swap [E] maps
           an edge to its reverse.
-  a2ee2a, a2a: the same fields + target_neighbor_idx [E_x] (rank of the edge among the edges
-          of its target; edges are grouped by target); qint: edge_index, distance, vector.
+  a2ee2a, a2a: the same fields, edges grouped by target; a2ee2a also target_neighbor_idx
+          [E_a] (rank of the edge among the edges of its target); qint: edge_index, distance, vector.
   trip_e2e, trip_a2e, trip_e2a: {"in", "out", "out_agg"} [T] (see jmp_ext.ops.triplets);
   quad: {"triplet_in": {"in","out"}, "triplet_out": {"in","out"}, "out", "out_agg",
          "trip_in_to_quad", "trip_out_to_quad"}.
-  kmax: {"a2ee2a", "a2a": int}: width of the padded per-atom blocks (computed once with the
-         indices, so the forward never syncs with the host). Triplets / quadruplets (sorted by
-         "out") are summed ragged over the CSR pointer of "out", which Bases builds.
+  kmax: {"a2ee2a": int}: width of the padded per-atom block of the edge-to-atom interaction
+         (computed once with the indices, so the forward never syncs with the host). Triplets /
+         quadruplets (sorted by "out") and a2a edges (by target) are summed ragged over CSR
+         pointers, which Bases builds.
 Distances and vectors carry the autograd graph to the positions (gradient forces, stress).
 """
 

@@ -159,7 +159,7 @@ class Bases(nn.Module):
                      out_ptr [E_q+1] over the output triplets), "edges" [E_q]: graphs["quad_edges"], the
              main edges with a quadruplet message}
       e2a: {"rad" [E, rbf], "cir": (rad_W1 [N, cbf, Kmax_a*7], sph [T, 7], out_ptr [E_a2ee2a+1])}
-      a2a_rad [N, rbf, Kmax_a2a]
+      a2a_rad: (rad_W1 [E_a2a, rbf], ptr [N+1] of the a2a edges over their target)
     """
 
     def __init__(self, config: BackboneConfig):
@@ -259,8 +259,8 @@ class Bases(nn.Module):
                 "cir": (_padded_rad(rad_e2a_cir, a2ee2a, num_atoms, kmax["a2ee2a"]),
                         cir_e2a, _csr_ptr(trip_e2a["out"], num_a2ee2a)),
             },
-            "a2a_rad": _padded_rad(self.mlp_rbf_aint(self.radial_basis_aint(a2a["distance"])), a2a, num_atoms,
-                                   kmax["a2a"]),
+            "a2a_rad": (self.mlp_rbf_aint(self.radial_basis_aint(a2a["distance"])),
+                        _csr_ptr(a2a["edge_index"][1], num_atoms)),
         }
 
 
@@ -276,7 +276,7 @@ class _GradDivide:
 
 def _csr_ptr(index: torch.Tensor, num_segments: int) -> torch.Tensor:
     """CSR pointer [num_segments + 1] of an ascending segment index [T] (triplets / quadruplets
-    over their out edge or output triplet, as jmp_ext.ops orders them)."""
+    over their out edge or output triplet, as jmp_ext.ops orders them; a2a edges over their target)."""
     return torch.searchsorted(index, torch.arange(num_segments + 1, device=index.device))
 
 

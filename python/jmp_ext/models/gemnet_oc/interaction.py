@@ -146,12 +146,11 @@ class PairInteraction(nn.Module):
         self.up_projection = Dense(emb_size_pair_out, emb_size_atom, True, dropout)
 
     def forward(self, h, rad, a2a):
-        """h [N, A]; rad [N, rbf, Kmax] padded radial basis; a2a graph with target_neighbor_idx."""
-        num_atoms = h.shape[0]
+        """h [N, A]; rad = (rad_W1 [E_a2a, rbf], ptr [N+1]: the a2a edges, grouped by target, of each atom)."""
+        rad_W1, ptr = rad
         x_b = self.down_projection(h)
-        x_padded = ops.ragged_to_padded(ops.gather(x_b, a2a["edge_index"][0]), a2a["edge_index"][1], a2a["target_neighbor_idx"],
-                                        num_atoms, rad.shape[2])
-        x = (rad @ x_padded).reshape(num_atoms, -1)  # [N, rbf * pair_in]
+        # JMP pads each atom's neighbours to Kmax and batch-multiplies; the ragged sum is the same.
+        x = ops.segment_outer(rad_W1, ops.gather(x_b, a2a["edge_index"][0]), ptr).flatten(1)  # [N, rbf * pair_in]
         return self.up_projection(self.scale_rbf_sum(self.bilinear(x), ref=x_b))
 
 

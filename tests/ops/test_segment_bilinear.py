@@ -139,5 +139,8 @@ def test_cuda_matches_cpu(dtype):
                                ops.segment_outer(x, y, ptr), **tol)
     torch.testing.assert_close(ops.segment_contract(blocks.to(cuda), x.to(cuda), ptr.to(cuda)).cpu(),
                                ops.segment_contract(blocks, x, ptr), **tol)
+    stored_transposed = blocks.transpose(1, 2).contiguous().transpose(1, 2)  # read through strides
+    torch.testing.assert_close(ops.segment_contract(stored_transposed.to(cuda), x.to(cuda), ptr.to(cuda)).cpu(),
+                               ops.segment_contract(blocks, x, ptr), **tol)
     with pytest.raises(ValueError, match="non-decreasing"):
         ops.segment_outer(x[:5].to(cuda), y[:5].to(cuda), torch.tensor([0, 4, 2, 5], device=cuda))

@@ -237,13 +237,19 @@ void outer_segments(const SegmentBilinearArgs& a, Rows R, Cols C, int64_t s_begi
   const T* x = static_cast<const T*>(a.x);
   const T* y = static_cast<const T*>(a.y);
   T* out = static_cast<T*>(a.out);
+  const int64_t* y_index = a.y_index;
   auto acc = make_block<A>(std::integral_constant<int64_t, 1>{}, C);
   for (int64_t s = s_begin; s < s_end; ++s) {
+    if (y_index) {
+      for (int64_t e = a.ptr[s]; e < a.ptr[s + 1]; ++e)
+        check_index(y_index[e], e, a.num_y_rows, "y_index", "the rows of y");
+    }
     for (int64_t i = 0; i < R; ++i) {
       std::fill(acc.begin(), acc.end(), A(0));
       for (int64_t e = a.ptr[s]; e < a.ptr[s + 1]; ++e) {
         const A x_ei = Acc<T>::load(x[e * R + i]);
-        for (int64_t j = 0; j < C; ++j) acc[j] += x_ei * Acc<T>::load(y[e * C + j]);
+        const T* y_e = y + (y_index ? y_index[e] : e) * C;
+        for (int64_t j = 0; j < C; ++j) acc[j] += x_ei * Acc<T>::load(y_e[j]);
       }
       for (int64_t j = 0; j < C; ++j) out[(s * R + i) * C + j] = Acc<T>::store(acc[j]);
     }

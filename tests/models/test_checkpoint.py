@@ -158,3 +158,28 @@ def test_fitted_scale_factors_restore_the_variances():
         ratio = f._stats["variance_in"] / f._stats["variance_out"]
         f._stats = None
         assert abs(ratio - 1) < 1e-6, (name, ratio)
+
+
+def test_scale_factor_references_are_jmps_rows(monkeypatch):
+    """The variance a sum's factor restores is that of its input rows as JMP gathers them: one per
+    triplet (scale_cbf_sum), quadruplet (scale_sbf_sum) and a2a edge (scale_rbf_sum), although
+    the model never writes those gathered rows outside the fit."""
+    torch.manual_seed(0)
+    model = PretrainModel(BackboneConfig.tiny(), ["oc20"]).double()
+    batch, graphs = bulk_batch_and_graphs()
+    rows = {}
+    names = {m: n for n, m in model.named_modules() if isinstance(m, ScaleFactor)}
+    observe = ScaleFactor._observe
+
+    def record(self, x, ref):
+        rows[names[self]] = None if ref is None else ref.shape[0]
+        return observe(self, x, ref)
+
+    monkeypatch.setattr(ScaleFactor, "_observe", record)
+    fit_scale_factors(model, [(batch, graphs)], lambda m, b: m(*b))
+    block = "backbone.int_blocks.0."
+    assert rows[block + "trip_interaction.scale_cbf_sum"] == graphs["trip_e2e"]["in"].shape[0]
+    assert rows[block + "atom_edge_interaction.scale_cbf_sum"] == graphs["trip_a2e"]["in"].shape[0]
+    assert rows[block + "edge_atom_interaction.scale_cbf_sum"] == graphs["trip_e2a"]["in"].shape[0]
+    assert rows[block + "quad_interaction.scale_sbf_sum"] == graphs["quad"]["trip_in_to_quad"].shape[0]
+    assert rows[block + "atom_interaction.scale_rbf_sum"] == graphs["a2a"]["edge_index"].shape[1]

@@ -59,6 +59,10 @@ def test_match_padded_matmuls(dtype, rows, cols):
     # Blocks stored [S, C, R] (a backward's grad.transpose(1, 2)) are read in place, same sums.
     stored_transposed = blocks.transpose(1, 2).contiguous().transpose(1, 2)
     assert torch.equal(ops.segment_contract(stored_transposed, y, ptr), contract)
+    # y's rows picked by an index inside the kernel: the same sums as gathering them first.
+    table = torch.randn(17, cols, generator=gen, dtype=torch.float64).to(dtype)
+    index = torch.randint(0, 17, (y.shape[0],), generator=gen)
+    assert torch.equal(ops.segment_outer(x, table, ptr, index), ops.segment_outer(x, table[index], ptr))
 
 
 def test_non_contiguous_inputs():
@@ -73,13 +77,17 @@ def test_non_contiguous_inputs():
                        ops.segment_contract(wider[:, :, :16].contiguous(), y, ptr))
 
 
-@pytest.mark.parametrize("op", ["outer", "contract"])
+@pytest.mark.parametrize("op", ["outer", "outer_gathered", "contract"])
 def test_gradcheck_and_gradgradcheck(op):
     gen = torch.Generator().manual_seed(2)
     x, y, ptr, _ = random_case(7, 8, 5, torch.float64, gen, max_len=5)
     if op == "contract":
         x = torch.randn(7, 8, 5, generator=gen, dtype=torch.float64)
-    fn = {"outer": ops.segment_outer, "contract": ops.segment_contract}[op]
+    fn = {"outer": ops.segment_outer, "contract": ops.segment_contract}.get(op)
+    if op == "outer_gathered":  # repeated and missing rows of a 6-row table
+        index = torch.randint(0, 6, (x.shape[0],), generator=gen)
+        y = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+        fn = lambda x, y, ptr: ops.segment_outer(x, y, ptr, index)  # noqa: E731
     inputs = (x.requires_grad_(), y.requires_grad_(), ptr)
     assert gradcheck(fn, inputs)
     assert gradgradcheck(fn, inputs)
@@ -91,22 +99,26 @@ def test_opcheck():
     blocks = torch.randn(9, 4, 8, generator=gen)
     torch.library.opcheck(torch.ops.jmp_ext.segment_outer.default, (x, y, ptr))
     torch.library.opcheck(torch.ops.jmp_ext.segment_contract.default, (blocks, y, ptr))
+    index = torch.randint(0, 3, (x.shape[0],), generator=gen)
+    torch.library.opcheck(torch.ops.jmp_ext.segment_outer_gathered.default, (x, y[:3].contiguous(), index, ptr))
 
 
 def test_bitwise_identical_on_any_thread_count():
     gen = torch.Generator().manual_seed(4)
     x, y, ptr, _ = random_case(3000, 49, 8, torch.float32, gen, max_len=60)
     blocks = torch.randn(3000, 8, 49, generator=gen)
+    index = torch.randint(0, 500, (x.shape[0],), generator=gen)
     old = torch.get_num_threads()
     try:
         results = []
         for threads in (1, 2, 3, 8):
             torch.set_num_threads(threads)
-            results.append((ops.segment_outer(x, y, ptr), ops.segment_contract(blocks, x, ptr)))
+            results.append((ops.segment_outer(x, y, ptr), ops.segment_contract(blocks, x, ptr),
+                            ops.segment_outer(x, y[:500], ptr, index)))
     finally:
         torch.set_num_threads(old)
-    for outer, contract in results[1:]:
-        assert torch.equal(outer, results[0][0]) and torch.equal(contract, results[0][1])
+    for result in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(result, results[0]))
 
 
 def test_bad_inputs():
@@ -125,6 +137,12 @@ def test_bad_inputs():
         ops.segment_contract(torch.randn(2, 3, 4), y, torch.tensor([0, 2, 5]))
     with pytest.raises(TypeError, match="int64"):
         ops.segment_outer(x, y, torch.tensor([0, 5], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"y_index\[3\] = 5 is out of range for the rows of y = 5"):
+        ops.segment_outer(x, y, torch.tensor([0, 2, 5]), torch.tensor([0, 1, 4, 5, 2]))
+    with pytest.raises(ValueError, match=r"y_index\[0\] = -1 is negative"):
+        ops.segment_outer(x, y, torch.tensor([0, 5]), torch.tensor([-1, 1, 4, 0, 2]))
+    with pytest.raises(ValueError, match="y_index has 4 entries but the source has 5 rows"):
+        ops.segment_outer(x, y, torch.tensor([0, 5]), torch.tensor([0, 1, 4, 0]))
 
 
 @pytest.mark.cuda
@@ -142,5 +160,8 @@ def test_cuda_matches_cpu(dtype):
     stored_transposed = blocks.transpose(1, 2).contiguous().transpose(1, 2)  # read through strides
     torch.testing.assert_close(ops.segment_contract(stored_transposed.to(cuda), x.to(cuda), ptr.to(cuda)).cpu(),
                                ops.segment_contract(blocks, x, ptr), **tol)
+    index = torch.randint(0, 50, (x.shape[0],), generator=gen)
+    torch.testing.assert_close(ops.segment_outer(x.to(cuda), y[:50].to(cuda), ptr.to(cuda), index.to(cuda)).cpu(),
+                               ops.segment_outer(x, y[:50], ptr, index), **tol)
     with pytest.raises(ValueError, match="non-decreasing"):
         ops.segment_outer(x[:5].to(cuda), y[:5].to(cuda), torch.tensor([0, 4, 2, 5], device=cuda))

@@ -8,7 +8,8 @@ Public functions (shapes: E source rows, S segments, `...` any trailing feature 
     gather(src [S, ...], index [E] int64) -> [E, ...]  (src[index], the adjoint of scatter_sum)
     ragged_to_padded(x [T, ...], row [T], col [T], num_rows, num_cols) -> [num_rows, num_cols, ...]
     padded_to_ragged(padded [R, C, ...], row [T], col [T]) -> [T, ...]
-    segment_outer(x [E, R], y [E, C], ptr [S+1]) -> [S, R, C]  (sum of x[e] ⊗ y[e] per segment)
+    segment_outer(x [E, R], y [E, C], ptr [S+1], y_index=None) -> [S, R, C]  (sum of x[e] ⊗ y[e]
+        per segment; with y_index [E], y is [N, C] and row e is y[y_index[e]])
     segment_contract(x [S, R, C], y [E, C], ptr [S+1]) -> [E, R]  (x[segment of e] @ y[e])
 
 src is float32, float64 or bfloat16 (bf16 accumulates in float32); indices are int64. Empty
@@ -274,20 +275,23 @@ def _(padded, row, col):
     return padded.new_empty(row.shape[0], padded.shape[2])
 
 
-def _check_bilinear(x: Tensor, y: Tensor, ptr_: Tensor, x_dim: int) -> None:
+def _check_bilinear(x: Tensor, y: Tensor, ptr_: Tensor, x_dim: int, y_index: Tensor | None = None) -> None:
     _check_src("x", x, x_dim)
     _check_src("y", y)
     _check_ptr(ptr_, x.device)
     if y.dtype != x.dtype or y.device != x.device:
         raise ValueError(f"x ({x.dtype}, {x.device}) and y ({y.dtype}, {y.device}) must share dtype and device")
     rows = x.shape[0] if x_dim == 2 else ptr_.shape[0] - 1
-    if x_dim == 2 and x.shape[0] != y.shape[0]:
+    if y_index is not None:
+        _check_index("y_index", y_index, x.shape[0], x.device)
+    elif x_dim == 2 and x.shape[0] != y.shape[0]:
         raise ValueError(f"x has {x.shape[0]} rows but y has {y.shape[0]}")
     if x_dim == 3 and (x.shape[0] != rows or x.shape[2] != y.shape[1]):
         raise ValueError(f"x must be [S={rows}, R, C={y.shape[1]}] for ptr and y, got shape {tuple(x.shape)}")
 
 
-def _bilinear_kernel(kind: str, x: Tensor, y: Tensor, ptr_: Tensor, out: Tensor, rows: int) -> Tensor:
+def _bilinear_kernel(kind: str, x: Tensor, y: Tensor, ptr_: Tensor, out: Tensor, rows: int,
+                     y_index: Tensor | None = None) -> Tensor:
     cols = y.shape[1]
     # segment_contract reads its [S, R, C] blocks through the strides of R and C, so a transposed
     # block (the backward's grad.transpose(1, 2)) is used in place: torch's copy of one is slow.
@@ -296,8 +300,10 @@ def _bilinear_kernel(kind: str, x: Tensor, y: Tensor, ptr_: Tensor, out: Tensor,
     x_stride_r, x_stride_c = x.stride()[1:] if x.dim() == 3 else (1, 1)
     x_address = x.data_ptr() if x.numel() else 0  # (ptr() asserts a contiguous buffer)
     y, ptr_ = y.contiguous(), ptr_.contiguous()  # (kept alive while the kernel runs)
-    launch("segment_bilinear", x.device, _BILINEAR_KINDS[kind], x_address, ptr(y), ptr(ptr_), ptr(out), y.shape[0], ptr_.shape[0] - 1, rows,
-           cols, x_stride_r, x_stride_c, _DTYPE_CODES[x.dtype])
+    y_index = None if y_index is None else y_index.contiguous()
+    num_src = x.shape[0] if kind == "segment_outer" else y.shape[0]
+    launch("segment_bilinear", x.device, _BILINEAR_KINDS[kind], x_address, ptr(y), ptr(ptr_), ptr(out), num_src, ptr_.shape[0] - 1, rows,
+           cols, x_stride_r, x_stride_c, ptr(y_index), y.shape[0], _DTYPE_CODES[x.dtype])
     return out
 
 
@@ -312,6 +318,23 @@ def _segment_outer(x: Tensor, y: Tensor, ptr_: Tensor) -> Tensor:
 @_segment_outer.register_fake
 def _(x, y, ptr_):
     _check_bilinear(x, y, ptr_, 2)
+    return x.new_empty(ptr_.shape[0] - 1, x.shape[1], y.shape[1])
+
+
+@torch.library.custom_op("jmp_ext::segment_outer_gathered", mutates_args=())
+def _segment_outer_gathered(x: Tensor, y: Tensor, y_index: Tensor, ptr_: Tensor) -> Tensor:
+    """segment_outer(x, y[y_index], ptr_) without writing y[y_index]: x [E, R], y [N, C],
+    y_index [E] -> [S, R, C]. On CUDA (no fused kernel yet) it gathers first."""
+    _check_bilinear(x, y, ptr_, 2, y_index)
+    if x.device.type != "cpu":
+        return _segment_outer(x, _gather(y, y_index), ptr_)
+    out = x.new_empty(ptr_.shape[0] - 1, x.shape[1], y.shape[1])
+    return _bilinear_kernel("segment_outer", x, y, ptr_, out, x.shape[1], y_index)
+
+
+@_segment_outer_gathered.register_fake
+def _(x, y, y_index, ptr_):
+    _check_bilinear(x, y, ptr_, 2, y_index)
     return x.new_empty(ptr_.shape[0] - 1, x.shape[1], y.shape[1])
 
 
@@ -458,6 +481,19 @@ def _backward_contract(ctx, grad):
 
 
 _segment_outer.register_autograd(_backward_outer, setup_context=_setup_bilinear)
+
+
+def _backward_outer_gathered(ctx, grad):
+    # As _backward_outer with y[y_index] for y; the gradient of the gather is a scatter sum.
+    x, y, y_index, ptr_ = ctx.saved_tensors
+    grad_x = _segment_contract(grad, _gather(y, y_index), ptr_) if ctx.needs_input_grad[0] else None
+    grad_y = None
+    if ctx.needs_input_grad[1]:
+        grad_y = _scatter_reduce(_segment_contract(grad.transpose(1, 2), x, ptr_), y_index, y.shape[0], "sum", True)
+    return grad_x, grad_y, None, None
+
+
+_segment_outer_gathered.register_autograd(_backward_outer_gathered, setup_context=_setup_bilinear)
 _segment_contract.register_autograd(_backward_contract, setup_context=_setup_bilinear)
 
 
@@ -537,12 +573,16 @@ def padded_to_ragged(padded: Tensor, row: Tensor, col: Tensor) -> Tensor:
     return out.reshape(out.shape[:1] + padded.shape[2:])
 
 
-def segment_outer(x: Tensor, y: Tensor, ptr: Tensor) -> Tensor:
+def segment_outer(x: Tensor, y: Tensor, ptr: Tensor, y_index: Tensor | None = None) -> Tensor:
     """Per-segment sums of outer products: out[s] = sum over e in [ptr[s], ptr[s+1]) of x[e] ⊗ y[e].
 
     x [E, R], y [E, C] (same dtype); ptr [S+1] int64 CSR pointer. -> [S, R, C]; the ragged form of
-    padded_x[s].T @ padded_y[s], without materialising the zero padding."""
-    return _segment_outer(x, y, ptr)
+    padded_x[s].T @ padded_y[s], without materialising the zero padding.
+    With y_index [E] int64, row e of y is y[y_index[e]] (y [N, C]): the same result as
+    segment_outer(x, gather(y, y_index), ptr), without writing the gathered rows (on the CPU)."""
+    if y_index is None:
+        return _segment_outer(x, y, ptr)
+    return _segment_outer_gathered(x, y, y_index, ptr)
 
 
 def segment_contract(x: Tensor, y: Tensor, ptr: Tensor) -> Tensor:

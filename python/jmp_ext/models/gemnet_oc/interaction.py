@@ -5,7 +5,9 @@ Every interaction gathers an embedding per input edge, modulates it with a radia
 and sums it over triplets / quadruplets through EfficientInteractionBilinear: a ragged sum of
 outer products (angular basis ⊗ message) per output edge, then a batched matmul with the radial
 basis. JMP zero-pads the triplets of each edge to Kmax instead; the sums are the same.
-Rows are gathered with ops.gather, whose gradient is a deterministic scatter sum.
+Rows are gathered with ops.gather, whose gradient is a deterministic scatter sum; the messages of
+triplets, quadruplets and a2a edges are picked inside ops.segment_outer (its y_index) instead, so
+the gathered [T, F] / [Q, F] rows are never written.
 Parameter names are JMP's.
 """
 
@@ -28,13 +30,14 @@ INV_SQRT_2 = 1 / math.sqrt(2.0)
 class EfficientInteractionBilinear(nn.Module):
     """sum over triplets or quadruplets (-> out edge) of rad_W1 · sph · m, then a bilinear Dense.
 
-    forward (triplets): basis = (rad_W1 [O, I, S], sph [T, S], out_ptr [O+1]); m [T, in], the
-    triplets sorted by out edge with out_ptr their CSR pointer. With agg2 = (row, col, num_rows,
+    forward (triplets): basis = (rad_W1 [O, I, S], sph [T, S], out_ptr [O+1]); m [M, in] and
+    m_index [T]: the message of triplet t is m[m_index[t]] (its input edge), the triplets sorted
+    by out edge with out_ptr their CSR pointer. With agg2 = (row, col, num_rows,
     num_cols) the per-edge result [O, S, in] is aggregated once more onto atoms (edge-to-atom):
     rad_W1 is then [num_rows, I, K2*S]. Returns [O or num_rows, out].
 
     quadruplet (QuadrupletInteraction): basis = (rad_W1 [O, I, S], (sph_1 [P, S1], sph_2 [Q, S2],
-    ptr_2 [P+1]), out_ptr [O+1]), m [Q, in]; the basis of quadruplet q is sph_1[p] ⊗ sph_2[q]
+    ptr_2 [P+1]), out_ptr [O+1]), m [M, in] and m_index [Q]; the basis of quadruplet q is sph_1[p] ⊗ sph_2[q]
     (S = S1 * S2, index s1 * S2 + s2) for the output triplet p it belongs to, the quadruplets
     sorted by p (CSR pointer ptr_2) and the p sorted by out edge (out_ptr). Summing over each p
     first costs S2 * in multiply-adds per quadruplet instead of S1 * S2 * in, and the [Q, S] basis
@@ -47,20 +50,20 @@ class EfficientInteractionBilinear(nn.Module):
         self.emb_size_in, self.emb_size_interm = emb_size_in, emb_size_interm
         self.bilinear = Dense(emb_size_in * emb_size_interm, emb_size_out)
 
-    def forward(self, basis, m, agg2=None):
-        """Triplets: basis = (rad_W1, sph [T, S], out_ptr [O+1]), m [T, in] -> [O or num_rows, out]."""
+    def forward(self, basis, m, m_index, agg2=None):
+        """Triplets: basis = (rad_W1, sph [T, S], out_ptr [O+1]), m [M, in], m_index [T] -> [O or num_rows, out]."""
         rad_W1, sph, out_ptr = basis
-        sph_m = ops.segment_outer(sph, m, out_ptr)  # [O, S, in]
+        sph_m = ops.segment_outer(sph, m, out_ptr, m_index)  # [O, S, in]
         if agg2 is not None:
             row, col, num_rows, num_cols = agg2
             sph_m = ops.ragged_to_padded(sph_m, row, col, num_rows, num_cols).reshape(num_rows, -1, sph_m.shape[-1])  # [N, K2*S, in]
         return self._project(rad_W1, sph_m)
 
-    def quadruplet(self, basis, m):
+    def quadruplet(self, basis, m, m_index):
         """Quadruplets, basis factored: (rad_W1 [O, I, S1*S2], (sph_1 [P, S1], sph_2 [Q, S2], ptr_2 [P+1]),
-        out_ptr [O+1]), m [Q, in] -> [O, out]."""
+        out_ptr [O+1]), m [M, in], m_index [Q] -> [O, out]."""
         rad_W1, (sph_1, sph_2, ptr_2), out_ptr = basis
-        inner = ops.segment_outer(sph_2, m, ptr_2).flatten(1)  # [P, S2 * in]: summed over the quadruplets of each p
+        inner = ops.segment_outer(sph_2, m, ptr_2, m_index).flatten(1)  # [P, S2 * in]: summed over the quadruplets of each p
         sph_m = ops.segment_outer(sph_1, inner, out_ptr).view(out_ptr.shape[0] - 1, sph_1.shape[1] * sph_2.shape[1], m.shape[1])
         return self._project(rad_W1, sph_m)
 
@@ -98,8 +101,8 @@ class TripletInteraction(nn.Module):
             x_ba = ops.gather(x_ba, expand_idx)
         x_ba = self.scale_rbf(x_ba * self.mlp_rbf(bases["rad"]), ref=x_ba)
         x_ba = self.down_projection(x_ba)
-        x = self.mlp_cbf(bases["cir"], ops.gather(x_ba, idx["in"]), agg2)
-        x = self.scale_cbf_sum(x, ref=x_ba)
+        x = self.mlp_cbf(bases["cir"], x_ba, idx["in"], agg2)
+        x = self.scale_cbf_sum(x, ref=lambda: ops.gather(x_ba, idx["in"]))  # JMP's ref: the messages per triplet
         if not self.symmetric:
             return self.up_projection_ca(x)
         return self.up_projection_ca(x).add_(ops.gather(self.up_projection_ac(x), id_swap)).mul_(INV_SQRT_2)
@@ -128,10 +131,9 @@ class QuadrupletInteraction(nn.Module):
         x_db = self.scale_rbf(x_db * self.mlp_rbf(bases["rad"]), ref=x_db)
         x_db = ops.gather(self.down_projection(x_db), quad["triplet_in"]["in"])  # [T_in, quad_in]
         x_db = self.scale_cbf(x_db * self.mlp_cbf(bases["cir"]), ref=x_db)
-        x_db = ops.gather(x_db, quad["trip_in_to_quad"])  # [Q, quad_in]
-        x = self.mlp_sbf.quadruplet(bases["sph"], x_db)  # [E_q, quad_out], the edges with quadruplets
+        x = self.mlp_sbf.quadruplet(bases["sph"], x_db, quad["trip_in_to_quad"])  # [E_q, quad_out], the edges with quadruplets
         x = m.new_zeros(m.shape[0], x.shape[1]).index_copy(0, bases["edges"], x)
-        x = self.scale_sbf_sum(x, ref=x_db)
+        x = self.scale_sbf_sum(x, ref=lambda: ops.gather(x_db, quad["trip_in_to_quad"]))  # per quadruplet, as JMP
         return self.up_projection_ca(x).add_(ops.gather(self.up_projection_ac(x), id_swap)).mul_(INV_SQRT_2)
 
 
@@ -150,8 +152,9 @@ class PairInteraction(nn.Module):
         rad_W1, ptr = rad
         x_b = self.down_projection(h)
         # JMP pads each atom's neighbours to Kmax and batch-multiplies; the ragged sum is the same.
-        x = ops.segment_outer(rad_W1, ops.gather(x_b, a2a["edge_index"][0]), ptr).flatten(1)  # [N, rbf * pair_in]
-        return self.up_projection(self.scale_rbf_sum(self.bilinear(x), ref=x_b))
+        source = a2a["edge_index"][0]
+        x = ops.segment_outer(rad_W1, x_b, ptr, source).flatten(1)  # [N, rbf * pair_in]
+        return self.up_projection(self.scale_rbf_sum(self.bilinear(x), ref=lambda: ops.gather(x_b, source)))  # ref per edge, as JMP
 
 
 class AtomUpdateBlock(nn.Module):

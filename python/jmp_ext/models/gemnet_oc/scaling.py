@@ -25,13 +25,17 @@ class ScaleFactor(nn.Module):
         self._stats: dict[str, float] | None = None  # set while this factor is being fitted
         self._on_call: Callable[[], None] | None = None  # set while the call order is recorded
 
-    def forward(self, x: torch.Tensor, ref: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ref: torch.Tensor | Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+        """ref: the tensor whose variance the fit restores, or a function that makes it (called
+        only while this factor is being fitted, so a ref the model never needs otherwise, such
+        as gathered rows, costs nothing in training)."""
         if self._on_call is not None:
             self._on_call()
         scale = self.scale_factor
         # torch.where rather than `if fitted`: no host sync, torch.compile-friendly.
         x = x * torch.where(scale != 0, scale, torch.ones_like(scale))
         if self._stats is not None:
+            ref = ref() if callable(ref) else ref
             self._observe(x.detach(), None if ref is None else ref.detach())
         return x
 

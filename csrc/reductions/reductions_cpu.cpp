@@ -278,48 +278,48 @@ constexpr bool vector_rows() {
   return false;
 }
 
+// Lane l of an accumulator unit: a Vec<A>, or a single A (which has the one lane 0).
+template <class U, class A>
+void set_lane(U& unit, int64_t l, A value) {
+  if constexpr (std::is_same_v<U, A>) unit = value; else unit[l] = value;
+}
+
+template <class A, class U>
+A get_lane(const U& unit, int64_t l) {
+  if constexpr (std::is_same_v<U, A>) return unit; else return unit[l];
+}
+
 // segment_contract over segments [s_begin, s_end). The block is kept transposed ([C, R]) so the
 // inner loop runs over R with independent accumulators; each out[e, i] sums its C terms in
 // ascending j. With both sizes known and R a multiple of the vector width, the block and the
-// accumulators are vectors; otherwise plain loops.
+// accumulators are rows of K = R / lanes vectors; otherwise of K = R single values.
 template <class T, class Rows, class Cols>
 void contract_segments(const SegmentBilinearArgs& a, Rows R, Cols C, int64_t s_begin, int64_t s_end) {
   using A = acc_t<T>;
+  constexpr bool kVector = vector_rows<A, Rows, Cols>();
+  using U = std::conditional_t<kVector, Vec<A>, A>;
+  constexpr int64_t L = kVector ? kLanes<A> : 1;
+  const auto K = [&] {
+    if constexpr (kVector) return std::integral_constant<int64_t, Rows::value / L>{}; else return R;
+  }();
   const T* x = static_cast<const T*>(a.x);
   const T* y = static_cast<const T*>(a.y);
   T* out = static_cast<T*>(a.out);
-  if constexpr (vector_rows<A, Rows, Cols>()) {
-    constexpr int64_t K = Rows::value / kLanes<A>;
-    Vec<A> block_t[Cols::value][K] = {};
-    for (int64_t s = s_begin; s < s_end; ++s) {
-      if (a.ptr[s] == a.ptr[s + 1]) continue;
-      const T* x_s = x + s * R * C;
-      for (int64_t i = 0; i < R; ++i)
-        for (int64_t j = 0; j < C; ++j) block_t[j][i / kLanes<A>][i % kLanes<A>] = Acc<T>::load(x_s[i * a.x_stride_r + j * a.x_stride_c]);
-      for (int64_t e = a.ptr[s]; e < a.ptr[s + 1]; ++e) {
-        Vec<A> sum[K] = {};
-        for (int64_t j = 0; j < C; ++j) {
-          const A y_ej = Acc<T>::load(y[e * C + j]);
-          for (int64_t k = 0; k < K; ++k) sum[k] += block_t[j][k] * y_ej;
-        }
-        for (int64_t i = 0; i < R; ++i) out[e * R + i] = Acc<T>::store(sum[i / kLanes<A>][i % kLanes<A>]);
+  auto block_t = make_block<U>(C, K);
+  auto sum = make_block<U>(std::integral_constant<int64_t, 1>{}, K);
+  for (int64_t s = s_begin; s < s_end; ++s) {
+    if (a.ptr[s] == a.ptr[s + 1]) continue;
+    const T* x_s = x + s * R * C;
+    for (int64_t i = 0; i < R; ++i)
+      for (int64_t j = 0; j < C; ++j)
+        set_lane(block_t[j * K + i / L], i % L, Acc<T>::load(x_s[i * a.x_stride_r + j * a.x_stride_c]));
+    for (int64_t e = a.ptr[s]; e < a.ptr[s + 1]; ++e) {
+      std::fill(sum.begin(), sum.end(), U{});
+      for (int64_t j = 0; j < C; ++j) {
+        const A y_ej = Acc<T>::load(y[e * C + j]);
+        for (int64_t k = 0; k < K; ++k) sum[k] += block_t[j * K + k] * y_ej;
       }
-    }
-  } else {
-    std::vector<A> block_t(R * C), sum(R);
-    for (int64_t s = s_begin; s < s_end; ++s) {
-      if (a.ptr[s] == a.ptr[s + 1]) continue;
-      const T* x_s = x + s * R * C;
-      for (int64_t i = 0; i < R; ++i)
-        for (int64_t j = 0; j < C; ++j) block_t[j * R + i] = Acc<T>::load(x_s[i * a.x_stride_r + j * a.x_stride_c]);
-      for (int64_t e = a.ptr[s]; e < a.ptr[s + 1]; ++e) {
-        std::fill(sum.begin(), sum.end(), A(0));
-        for (int64_t j = 0; j < C; ++j) {
-          const A y_ej = Acc<T>::load(y[e * C + j]);
-          for (int64_t i = 0; i < R; ++i) sum[i] += block_t[j * R + i] * y_ej;
-        }
-        for (int64_t i = 0; i < R; ++i) out[e * R + i] = Acc<T>::store(sum[i]);
-      }
+      for (int64_t i = 0; i < R; ++i) out[e * R + i] = Acc<T>::store(get_lane<A>(sum[i / L], i % L));
     }
   }
 }

@@ -76,14 +76,9 @@ def fixture_graphs(case: dict, pos: torch.Tensor) -> dict:
         "out": L(q["out"]), "out_agg": rank_in_group(L(q["out"])),
         "trip_in_to_quad": L(q["trip_in_to_quad"]), "trip_out_to_quad": L(q["trip_out_to_quad"]),
     }
-    kmax = lambda rank: int(rank.max()) + 1  # noqa: E731
     return {
         "num_atoms": pos.shape[0],
-        "kmax": {"trip_e2e": kmax(rank_in_group(L(idx["trip_e2e"]["out"]))),
-                 "trip_a2e": kmax(rank_in_group(L(idx["trip_a2e"]["out"]))),
-                 "trip_e2a": kmax(rank_in_group(L(idx["trip_e2a"]["out"]))),
-                 "quad": kmax(rank_in_group(L(q["out"]))),
-                 "a2ee2a": kmax(L(idx["a2ee2a_target_neighbor_idx"]))},
+        "kmax": {"a2ee2a": int(L(idx["a2ee2a_target_neighbor_idx"]).max()) + 1},  # as build_graphs
         "main": graph(idx["main_sym"]["edge_index"], idx["main_sym"]["cell_offset"]),
         "a2a": graph(G["a2a"]["edge_index"], G["a2a"]["cell_offset"]),
         "a2ee2a": graph(G["a2ee2a"]["edge_index"], G["a2ee2a"]["cell_offset"], idx["a2ee2a_target_neighbor_idx"]),

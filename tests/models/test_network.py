@@ -213,3 +213,25 @@ def test_a_batch_without_quadruplets_runs_and_matches_each_structure_alone():
         atoms = batch["batch"] == i
         torch.testing.assert_close(together["forces"][atoms], alone["forces"], rtol=1e-12, atol=1e-12)
     assert torch.isfinite(together["forces"]).all()
+
+
+def test_cos_angle_between_is_cos_of_gemnet_ocs_atan2_angle():
+    """The dihedral's cos without atan2 / cos: same values and gradient as GemNet-OC's
+    cos(atan2(max(|a x b|, 1e-9), a.b)), also for (anti)parallel pairs, where the clamp holds."""
+    from jmp_ext.models.gemnet_oc.bases import cos_angle_between
+
+    def reference(a, b):
+        y = torch.linalg.cross(a, b).norm(dim=-1).clamp(min=1e-9)
+        return torch.cos(torch.atan2(y, (a * b).sum(dim=-1)))
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 3, generator=gen, dtype=torch.float64)
+    b = torch.randn(64, 3, generator=gen, dtype=torch.float64) * 3
+    b[:4] = a[:4] * torch.tensor([2.0, -0.5, 1.0, -3.0], dtype=torch.float64)[:, None]  # (anti)parallel
+    a.requires_grad_(), b.requires_grad_()
+    ours, ref = cos_angle_between(a, b), reference(a, b)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-15)
+    w = torch.randn(64, generator=gen, dtype=torch.float64)
+    for g_ours, g_ref in zip(torch.autograd.grad((ours * w).sum(), (a, b)), torch.autograd.grad((ref * w).sum(), (a, b))):
+        assert torch.isfinite(g_ours).all()
+        torch.testing.assert_close(g_ours, g_ref, rtol=1e-9, atol=1e-12)

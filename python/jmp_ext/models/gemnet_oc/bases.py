@@ -94,8 +94,8 @@ class SphericalBasisLayer(nn.Module):
         super().__init__()
         self.radial_basis = radial_basis
 
-    def forward(self, cos_phi: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return spherical_harmonics_l0(cos_phi), spherical_harmonics_l0(torch.cos(theta))
+    def forward(self, cos_phi: torch.Tensor, cos_theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return spherical_harmonics_l0(cos_phi), spherical_harmonics_l0(cos_theta)
 
 
 class BasisEmbedding(nn.Module):
@@ -140,11 +140,16 @@ def triplet_cos(V_out: torch.Tensor, V_in: torch.Tensor, trip: dict) -> torch.Te
     return cos_angle(ops.gather(V_out, trip["out"]), ops.gather(V_in, trip["in"]))
 
 
-def angle_between(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Angle in [0, π] between vectors [T, 3] via atan2(|a x b|, a.b); |a x b| is clamped at 1e-9 so
-    the gradient stays finite for (anti)parallel vectors, as in GemNet-OC."""
+def cos_angle_between(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """cos of the angle between vectors [T, 3] of any length -> [T].
+
+    GemNet-OC takes the angle as atan2(y, x), y = |a x b| clamped at 1e-9 (so the gradient stays
+    finite for (anti)parallel vectors), x = a.b, and then its cos. cos(atan2(y, x)) is
+    x / sqrt(x^2 + y^2) for y > 0: the same function and gradient, without atan2 and cos, which
+    are scalar libm calls per quadruplet under torch.compile."""
     y = torch.linalg.cross(a, b).norm(dim=-1).clamp(min=1e-9)
-    return torch.atan2(y, (a * b).sum(dim=-1))
+    x = (a * b).sum(dim=-1)
+    return x * torch.rsqrt(x * x + y * y)
 
 
 class Bases(nn.Module):
@@ -225,10 +230,10 @@ class Bases(nn.Module):
         V_ca, V_ba_out = ops.gather(V_main, t_out["out"]), ops.gather(V_qint, t_out["in"])
         cos_abd = cos_angle(V_ba_in, V_db)
         cos_cab = cos_angle(V_ca, V_ba_out)
-        dihedral = angle_between(ops.gather(torch.linalg.cross(V_ca, V_ba_out), quad["trip_out_to_quad"]),
-                                 ops.gather(torch.linalg.cross(V_db, V_ba_in), quad["trip_in_to_quad"]))
+        cos_dihedral = cos_angle_between(ops.gather(torch.linalg.cross(V_ca, V_ba_out), quad["trip_out_to_quad"]),
+                                         ops.gather(torch.linalg.cross(V_db, V_ba_in), quad["trip_in_to_quad"]))
         cir_qint = self.cbf_basis_qint(cos_abd)
-        sph_cab, sph_dihedral = self.sbf_basis_qint(cos_cab, dihedral)  # [T_out, 7], [Q, 7]
+        sph_cab, sph_dihedral = self.sbf_basis_qint(cos_cab, cos_dihedral)  # [T_out, 7], [Q, 7]
         # Quadruplets are ordered by (output triplet, input triplet), output triplets by out edge.
         sph_qint = (sph_cab, sph_dihedral, _csr_ptr(quad["trip_out_to_quad"], t_out["out"].shape[0]))
 

@@ -250,7 +250,7 @@ class Bases(nn.Module):
             "qint": {
                 "rad": self.mlp_rbf_qint(rad_main),
                 # Per input triplet: rad_W1 of its qint edge b->a contracted with Y_l0(cos_abd).
-                "cir": (ops.gather(rad_qint_cir, t_in["out"]) @ cir_qint[:, :, None]).squeeze(-1),
+                "cir": ops.segment_contract(rad_qint_cir, cir_qint, _csr_ptr(t_in["out"], qint["distance"].shape[0])),
                 "sph": (self.mlp_sbf_qint(ops.gather(rad_spherical_main, quad_edges)), sph_qint,
                         _csr_ptr(t_out["out"], num_main)[torch.cat([quad_edges, quad_edges.new_full((1,), num_main)])]),
                 "edges": quad_edges,

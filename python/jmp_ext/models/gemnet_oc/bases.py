@@ -213,7 +213,7 @@ class Bases(nn.Module):
         trip_e2e, trip_a2e, trip_e2a, quad = graphs["trip_e2e"], graphs["trip_a2e"], graphs["trip_e2a"], graphs["quad"]
         V_main, V_a2ee2a, V_qint = main["vector"], a2ee2a["vector"], qint["vector"]
         num_atoms, kmax, quad_edges = graphs["num_atoms"], graphs["kmax"], graphs["quad_edges"]
-        num_main, num_a2ee2a = V_main.shape[0], V_a2ee2a.shape[0]
+        num_main, num_a2ee2a, num_qint = V_main.shape[0], V_a2ee2a.shape[0], V_qint.shape[0]
 
         rad_main = self.radial_basis(main["distance"])
         # One module, one input: the shared spherical radial basis is evaluated once.
@@ -250,7 +250,7 @@ class Bases(nn.Module):
             "qint": {
                 "rad": self.mlp_rbf_qint(rad_main),
                 # Per input triplet: rad_W1 of its qint edge b->a contracted with Y_l0(cos_abd).
-                "cir": ops.segment_contract(rad_qint_cir, cir_qint, _csr_ptr(t_in["out"], qint["distance"].shape[0])),
+                "cir": ops.segment_contract(rad_qint_cir, cir_qint, _csr_ptr(t_in["out"], num_qint)),
                 "sph": (self.mlp_sbf_qint(ops.gather(rad_spherical_main, quad_edges)), sph_qint,
                         _csr_ptr(t_out["out"], num_main)[torch.cat([quad_edges, quad_edges.new_full((1,), num_main)])]),
                 "edges": quad_edges,

@@ -400,13 +400,16 @@ PYBIND11_MODULE(_C, m) {
     m.def("segment_bilinear",
           [=](int kind, uintptr_t x, uintptr_t y, uintptr_t ptr_, uintptr_t out, int64_t num_src,
               int64_t num_segments, int64_t rows, int64_t cols, int64_t x_stride_r, int64_t x_stride_c,
-              uintptr_t y_index, int64_t num_y_rows, int dtype, const Where& where) {
+              uintptr_t y_index, int64_t num_y_rows, uintptr_t out_index, int64_t num_out_rows, int dtype,
+              const Where& where) {
             JMP_CHECK(kind == 0 || kind == 1, "segment_bilinear: unknown kind ", kind);
-            JMP_CHECK(y_index == 0 || (kind == 0 && !where.cuda),
-                      "segment_bilinear: y_index is only implemented by the CPU segment_outer");
+            JMP_CHECK((y_index == 0 && out_index == 0) || !where.cuda,
+                      "segment_bilinear: y_index and out_index are only implemented by the CPU kernels");
+            JMP_CHECK(out_index == 0 || kind == 1, "segment_bilinear: out_index is for segment_contract");
             red::SegmentBilinearArgs args{ptr<const void>(x), ptr<const void>(y), ptr<const int64_t>(ptr_),
                                           ptr<void>(out), num_src, num_segments, rows, cols,
                                           x_stride_r, x_stride_c, ptr<const int64_t>(y_index), num_y_rows,
+                                          ptr<const int64_t>(out_index), num_out_rows,
                                           static_cast<red::Dtype>(dtype)};
             if (!where.cuda) {
               return kind == 0 ? red::cpu::segment_outer(args, where.num_threads)

@@ -71,13 +71,16 @@ struct PaddedIndex {
 // R x C per segment (s(e) = the segment of row e):
 //   segment_outer:    out[s] = sum over e in [ptr[s], ptr[s+1]) of x[e] (outer) y[e], ascending e
 //                     x [num_src, R], y [num_src, C] -> out [num_segments, R, C]
-//                     With y_index (CPU only), row e of y is y[y_index[e]] of y [num_y_rows, C]:
-//                     the gather that feeds it, without writing the gathered rows.
 //   segment_contract: out[e] = x[s(e)] @ y[e]
 //                     x [num_segments, R, C], y [num_src, C] -> out [num_src, R]
 //                     x[s, i, j] is at x + s * R * C + i * x_stride_r + j * x_stride_c, so a
 //                     transposed block (a backward pass's grad.transpose(1, 2)) needs no copy.
 // Each is the other's adjoint, so their backward passes are made of the same two kernels.
+// Two indices (CPU only) fuse the gather that feeds them and the scatter that follows a
+// contraction, so the [num_src, C] or [num_src, R] rows in between are never written:
+//   y_index (either kind): row e of y is y[y_index[e]] of y [num_y_rows, C].
+//   out_index (segment_contract): row e of the product is summed into out[out_index[e]] of
+//     out [num_out_rows, R], each out row over its e in ascending order (as scatter_reduce).
 struct SegmentBilinearArgs {
   const void* x;
   const void* y;
@@ -89,8 +92,10 @@ struct SegmentBilinearArgs {
   int64_t cols;  // C
   int64_t x_stride_r;  // segment_contract only (segment_outer's x is [num_src, R], dense)
   int64_t x_stride_c;
-  const int64_t* y_index;  // segment_outer only: [num_src] in [0, num_y_rows), or null
+  const int64_t* y_index;  // [num_src] in [0, num_y_rows), or null
   int64_t num_y_rows;
+  const int64_t* out_index;  // segment_contract only: [num_src] in [0, num_out_rows), or null
+  int64_t num_out_rows;
   Dtype dtype;
 };
 

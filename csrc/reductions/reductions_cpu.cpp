@@ -112,6 +112,16 @@ void reduce_segments(const SegmentReduceArgs& a, int num_threads) {
 // "is this row mine" branch is taken at random and mispredicted half the time, which made 2
 // threads 2-4x slower than 1 below F = 32 (bench_reductions.py, E = 2e6, F = 1 and 3). From
 // F = 32 on, the per-row work hides it (F = 64: 2 threads 1.3x faster than 1).
+//
+// scatter_chunks: how many row ranges a scatter of num_src rows of `features` onto num_rows
+// output rows is cut into.
+int scatter_chunks(int64_t num_src, int64_t num_rows, int64_t features, int num_threads) {
+  constexpr int64_t kMinParallelFeatures = 32;
+  int64_t work = (num_src + num_rows) * std::max<int64_t>(features, 1);
+  int max_chunks = features < kMinParallelFeatures ? 1 : std::max(num_threads, 1);
+  return static_cast<int>(std::clamp<int64_t>(std::min<int64_t>(work / kGrain, num_rows), 1, max_chunks));
+}
+
 // Returns how many rows had an index in [0, dim_size): the others were skipped.
 template <class T, Reduce R>
 int64_t scatter_rows(const ScatterReduceArgs& a, int num_threads) {
@@ -119,10 +129,7 @@ int64_t scatter_rows(const ScatterReduceArgs& a, int num_threads) {
   using Red = Reducer<R, A>;
   const T* src = static_cast<const T*>(a.src);
   T* out = static_cast<T*>(a.out);
-  constexpr int64_t kMinParallelFeatures = 32;
-  int64_t work = (a.num_src + a.dim_size) * std::max<int64_t>(a.features, 1);
-  int max_chunks = a.features < kMinParallelFeatures ? 1 : std::max(num_threads, 1);
-  int chunks = static_cast<int>(std::clamp<int64_t>(std::min<int64_t>(work / kGrain, a.dim_size), 1, max_chunks));
+  int chunks = scatter_chunks(a.num_src, a.dim_size, a.features, num_threads);
   std::vector<int64_t> accepted(chunks, 0);
   parallel_for(chunks, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
     for (int64_t c = c_begin; c < c_end; ++c) {
@@ -227,6 +234,12 @@ auto make_block(Rows R, Cols C) {
   }
 }
 
+// Checks the y_index entries of segment s, if there is a y_index.
+void check_y_index(const SegmentBilinearArgs& a, int64_t s) {
+  if (!a.y_index) return;
+  for (int64_t e = a.ptr[s]; e < a.ptr[s + 1]; ++e) check_index(a.y_index[e], e, a.num_y_rows, "y_index", "the rows of y");
+}
+
 // segment_outer over segments [s_begin, s_end), in acc_t<T>: row i of a segment's R x C block is
 // accumulated over the segment's rows e in ascending order, one block row at a time, so its C
 // accumulators stay in registers while the segment's few rows of y are re-read from L1 (5x
@@ -240,10 +253,7 @@ void outer_segments(const SegmentBilinearArgs& a, Rows R, Cols C, int64_t s_begi
   const int64_t* y_index = a.y_index;
   auto acc = make_block<A>(std::integral_constant<int64_t, 1>{}, C);
   for (int64_t s = s_begin; s < s_end; ++s) {
-    if (y_index) {
-      for (int64_t e = a.ptr[s]; e < a.ptr[s + 1]; ++e)
-        check_index(y_index[e], e, a.num_y_rows, "y_index", "the rows of y");
-    }
+    check_y_index(a, s);
     for (int64_t i = 0; i < R; ++i) {
       std::fill(acc.begin(), acc.end(), A(0));
       for (int64_t e = a.ptr[s]; e < a.ptr[s + 1]; ++e) {
@@ -289,12 +299,28 @@ A get_lane(const U& unit, int64_t l) {
   if constexpr (std::is_same_v<U, A>) return unit; else return unit[l];
 }
 
+// A whole vector from / to memory without an alignment requirement.
+template <class U, class A>
+U load_vec(const A* p) {
+  U v;
+  std::memcpy(&v, p, sizeof(U));
+  return v;
+}
+
+template <class U, class A>
+void store_vec(A* p, const U& v) {
+  std::memcpy(p, &v, sizeof(U));
+}
+
 // segment_contract over segments [s_begin, s_end). The block is kept transposed ([C, R]) so the
 // inner loop runs over R with independent accumulators; each out[e, i] sums its C terms in
 // ascending j. With both sizes known and R a multiple of the vector width, the block and the
 // accumulators are rows of K = R / lanes vectors; otherwise of K = R single values.
+// With out_index, only the rows e with out_index[e] in [k_begin, k_end) are computed, and added
+// to scattered [k_end - k_begin, R] (row out_index[e] - k_begin); returns how many there were.
 template <class T, class Rows, class Cols>
-void contract_segments(const SegmentBilinearArgs& a, Rows R, Cols C, int64_t s_begin, int64_t s_end) {
+int64_t contract_segments(const SegmentBilinearArgs& a, Rows R, Cols C, int64_t s_begin, int64_t s_end,
+                          acc_t<T>* scattered = nullptr, int64_t k_begin = 0, int64_t k_end = 0) {
   using A = acc_t<T>;
   constexpr bool kVector = vector_rows<A, Rows, Cols>();
   using U = std::conditional_t<kVector, Vec<A>, A>;
@@ -307,20 +333,65 @@ void contract_segments(const SegmentBilinearArgs& a, Rows R, Cols C, int64_t s_b
   T* out = static_cast<T*>(a.out);
   auto block_t = make_block<U>(C, K);
   auto sum = make_block<U>(std::integral_constant<int64_t, 1>{}, K);
+  int64_t computed = 0;
   for (int64_t s = s_begin; s < s_end; ++s) {
     if (a.ptr[s] == a.ptr[s + 1]) continue;
+    check_y_index(a, s);
     const T* x_s = x + s * R * C;
     for (int64_t i = 0; i < R; ++i)
       for (int64_t j = 0; j < C; ++j)
         set_lane(block_t[j * K + i / L], i % L, Acc<T>::load(x_s[i * a.x_stride_r + j * a.x_stride_c]));
     for (int64_t e = a.ptr[s]; e < a.ptr[s + 1]; ++e) {
+      const int64_t row = a.out_index ? a.out_index[e] : e;
+      if (a.out_index && (row < k_begin || row >= k_end)) continue;
+      ++computed;
+      const T* y_e = y + (a.y_index ? a.y_index[e] : e) * C;
       std::fill(sum.begin(), sum.end(), U{});
       for (int64_t j = 0; j < C; ++j) {
-        const A y_ej = Acc<T>::load(y[e * C + j]);
+        const A y_ej = Acc<T>::load(y_e[j]);
         for (int64_t k = 0; k < K; ++k) sum[k] += block_t[j * K + k] * y_ej;
       }
-      for (int64_t i = 0; i < R; ++i) out[e * R + i] = Acc<T>::store(get_lane<A>(sum[i / L], i % L));
+      if (a.out_index) {
+        A* o = scattered + (row - k_begin) * R;
+        if constexpr (kVector) {
+          for (int64_t k = 0; k < K; ++k) store_vec(o + k * L, load_vec<U>(o + k * L) + sum[k]);
+        } else {
+          for (int64_t i = 0; i < R; ++i) o[i] += get_lane<A>(sum[i / L], i % L);
+        }
+      } else if constexpr (kVector && std::is_same_v<T, A>) {
+        for (int64_t k = 0; k < K; ++k) store_vec(out + e * R + k * L, sum[k]);
+      } else {
+        for (int64_t i = 0; i < R; ++i) out[e * R + i] = Acc<T>::store(get_lane<A>(sum[i / L], i % L));
+      }
     }
+  }
+  return computed;
+}
+
+// segment_contract with out_index: owner-computes over ranges of out rows, as scatter_rows, so
+// each out row sums its rows e in ascending order on any thread count. A row with a bad
+// out_index is skipped by every owner; the count of computed rows then falls short, and a
+// serial scan names the first bad entry.
+template <class T>
+void contract_scattered(const SegmentBilinearArgs& a, int num_threads) {
+  using A = acc_t<T>;
+  T* out = static_cast<T*>(a.out);
+  const int chunks = scatter_chunks(a.num_src, a.num_out_rows, a.rows, num_threads);
+  std::vector<int64_t> computed(chunks, 0);
+  parallel_for(chunks, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      const int64_t k_begin = a.num_out_rows * c / chunks, k_end = a.num_out_rows * (c + 1) / chunks;
+      std::vector<A> acc((k_end - k_begin) * a.rows, A(0));
+      dispatch_shape(a.rows, a.cols, [&](auto R, auto C) {
+        computed[c] = contract_segments<T>(a, R, C, 0, a.num_segments, acc.data(), k_begin, k_end);
+      });
+      for (int64_t i = 0; i < (k_end - k_begin) * a.rows; ++i) out[k_begin * a.rows + i] = Acc<T>::store(acc[i]);
+    }
+  });
+  int64_t total = 0;
+  for (int64_t n : computed) total += n;
+  if (total != a.num_src) {
+    for (int64_t e = 0; e < a.num_src; ++e) check_index(a.out_index[e], e, a.num_out_rows, "out_index", "the rows of out");
   }
 }
 
@@ -431,6 +502,7 @@ void segment_outer(const SegmentBilinearArgs& a, int num_threads) {
 void segment_contract(const SegmentBilinearArgs& a, int num_threads) {
   check_ptr(a.ptr, a.num_segments, a.num_src);
   dispatch_dtype(a.dtype, [&](auto t) {
+    if (a.out_index) return contract_scattered<decltype(t)>(a, num_threads);
     for_segment_blocks(a.ptr, a.num_segments, a.rows * a.cols, num_threads,
                        [&](int64_t s_begin, int64_t s_end) {
       dispatch_shape(a.rows, a.cols, [&](auto R, auto C) { contract_segments<decltype(t)>(a, R, C, s_begin, s_end); });

@@ -63,6 +63,14 @@ def test_match_padded_matmuls(dtype, rows, cols):
     table = torch.randn(17, cols, generator=gen, dtype=torch.float64).to(dtype)
     index = torch.randint(0, 17, (y.shape[0],), generator=gen)
     assert torch.equal(ops.segment_outer(x, table, ptr, index), ops.segment_outer(x, table[index], ptr))
+    assert torch.equal(ops.segment_contract(blocks, table, ptr, y_index=index), ops.segment_contract(blocks, table[index], ptr))
+    # The product's rows summed into 17 rows by an index inside the kernel (repeats, gaps).
+    scattered = ops.segment_contract(blocks, y, ptr, out_index=index, num_out_rows=17)
+    assert scattered.shape == (17, rows) and scattered.dtype == dtype
+    torch.testing.assert_close(scattered.double(), torch.zeros(17, rows, dtype=torch.float64).index_add_(0, index, expected),
+                               **TOLERANCES[dtype])
+    if dtype != torch.bfloat16:  # (bf16 products are not rounded to bf16 before the sum here)
+        assert torch.equal(scattered, ops.scatter_sum(contract, index, 17))
 
 
 def test_non_contiguous_inputs():
@@ -77,17 +85,22 @@ def test_non_contiguous_inputs():
                        ops.segment_contract(wider[:, :, :16].contiguous(), y, ptr))
 
 
-@pytest.mark.parametrize("op", ["outer", "outer_gathered", "contract"])
+@pytest.mark.parametrize("op", ["outer", "outer_gathered", "contract", "contract_gathered", "contract_scattered"])
 def test_gradcheck_and_gradgradcheck(op):
     gen = torch.Generator().manual_seed(2)
     x, y, ptr, _ = random_case(7, 8, 5, torch.float64, gen, max_len=5)
-    if op == "contract":
+    if op.startswith("contract"):
         x = torch.randn(7, 8, 5, generator=gen, dtype=torch.float64)
-    fn = {"outer": ops.segment_outer, "contract": ops.segment_contract}.get(op)
-    if op == "outer_gathered":  # repeated and missing rows of a 6-row table
-        index = torch.randint(0, 6, (x.shape[0],), generator=gen)
+    index = torch.randint(0, 6, (y.shape[0],), generator=gen)  # repeated and missing rows of 6
+    fn = {
+        "outer": ops.segment_outer,
+        "outer_gathered": lambda x, y, ptr: ops.segment_outer(x, y, ptr, index),
+        "contract": ops.segment_contract,
+        "contract_gathered": lambda x, y, ptr: ops.segment_contract(x, y, ptr, y_index=index),
+        "contract_scattered": lambda x, y, ptr: ops.segment_contract(x, y, ptr, out_index=index, num_out_rows=6),
+    }[op]
+    if op.endswith("gathered"):  # y is the 6-row table
         y = torch.randn(6, 5, generator=gen, dtype=torch.float64)
-        fn = lambda x, y, ptr: ops.segment_outer(x, y, ptr, index)  # noqa: E731
     inputs = (x.requires_grad_(), y.requires_grad_(), ptr)
     assert gradcheck(fn, inputs)
     assert gradgradcheck(fn, inputs)
@@ -101,6 +114,8 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.jmp_ext.segment_contract.default, (blocks, y, ptr))
     index = torch.randint(0, 3, (x.shape[0],), generator=gen)
     torch.library.opcheck(torch.ops.jmp_ext.segment_outer_gathered.default, (x, y[:3].contiguous(), index, ptr))
+    torch.library.opcheck(torch.ops.jmp_ext.segment_contract_gathered.default, (blocks, y[:3].contiguous(), index, ptr))
+    torch.library.opcheck(torch.ops.jmp_ext.segment_contract_scattered.default, (blocks, y, ptr, index, 3))
 
 
 def test_bitwise_identical_on_any_thread_count():
@@ -114,7 +129,11 @@ def test_bitwise_identical_on_any_thread_count():
         for threads in (1, 2, 3, 8):
             torch.set_num_threads(threads)
             results.append((ops.segment_outer(x, y, ptr), ops.segment_contract(blocks, x, ptr),
-                            ops.segment_outer(x, y[:500], ptr, index)))
+                            ops.segment_outer(x, y[:500], ptr, index),
+                            ops.segment_contract(blocks, x[:500], ptr, y_index=index),
+                            # 8 and 49 out features: one owner of the out rows, then several
+                            ops.segment_contract(blocks, x, ptr, out_index=index, num_out_rows=500),
+                            ops.segment_contract(blocks.transpose(1, 2), y, ptr, out_index=index, num_out_rows=500)))
     finally:
         torch.set_num_threads(old)
     for result in results[1:]:
@@ -143,6 +162,23 @@ def test_bad_inputs():
         ops.segment_outer(x, y, torch.tensor([0, 5]), torch.tensor([-1, 1, 4, 0, 2]))
     with pytest.raises(ValueError, match="y_index has 4 entries but the source has 5 rows"):
         ops.segment_outer(x, y, torch.tensor([0, 5]), torch.tensor([0, 1, 4, 0]))
+    blocks, ptr = torch.randn(2, 3, 2), torch.tensor([0, 2, 5])
+    with pytest.raises(ValueError, match=r"y_index\[4\] = 5 is out of range for the rows of y = 5"):
+        ops.segment_contract(blocks, y, ptr, y_index=torch.tensor([0, 1, 4, 0, 5]))
+    with pytest.raises(ValueError, match=r"ptr\[-1\] must equal the number of source rows \(4\)"):
+        ops.segment_contract(blocks, y, ptr, y_index=torch.tensor([0, 1, 4, 0]))
+    with pytest.raises(ValueError, match=r"out_index\[2\] = 3 is out of range for the rows of out = 3"):
+        ops.segment_contract(blocks, y, ptr, out_index=torch.tensor([0, 1, 3, 0, 2]), num_out_rows=3)
+    with pytest.raises(ValueError, match=r"out_index\[1\] = -2 is negative"):
+        ops.segment_contract(blocks, y, ptr, out_index=torch.tensor([0, -2, 1, 0, 2]), num_out_rows=3)
+    with pytest.raises(ValueError, match="out_index has 4 entries but the source has 5 rows"):
+        ops.segment_contract(blocks, y, ptr, out_index=torch.tensor([0, 1, 1, 0]), num_out_rows=3)
+    # No rows at all: every out row is an empty sum.
+    empty = ops.segment_contract(blocks, y[:0], torch.tensor([0, 0, 0]), out_index=torch.tensor([], dtype=torch.int64),
+                                 num_out_rows=3)
+    assert torch.equal(empty, torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="out_index and num_out_rows go together"):
+        ops.segment_contract(blocks, y, ptr, out_index=torch.tensor([0, 1, 1, 0, 0]))
 
 
 @pytest.mark.cuda
@@ -163,5 +199,10 @@ def test_cuda_matches_cpu(dtype):
     index = torch.randint(0, 50, (x.shape[0],), generator=gen)
     torch.testing.assert_close(ops.segment_outer(x.to(cuda), y[:50].to(cuda), ptr.to(cuda), index.to(cuda)).cpu(),
                                ops.segment_outer(x, y[:50], ptr, index), **tol)
+    torch.testing.assert_close(ops.segment_contract(blocks.to(cuda), x[:50].to(cuda), ptr.to(cuda), y_index=index.to(cuda)).cpu(),
+                               ops.segment_contract(blocks, x[:50], ptr, y_index=index), **tol)
+    torch.testing.assert_close(ops.segment_contract(blocks.to(cuda), x.to(cuda), ptr.to(cuda), out_index=index.to(cuda),
+                                                    num_out_rows=50).cpu(),
+                               ops.segment_contract(blocks, x, ptr, out_index=index, num_out_rows=50), **tol)
     with pytest.raises(ValueError, match="non-decreasing"):
         ops.segment_outer(x[:5].to(cuda), y[:5].to(cuda), torch.tensor([0, 4, 2, 5], device=cuda))

@@ -10,7 +10,9 @@ Public functions (shapes: E source rows, S segments, `...` any trailing feature 
     padded_to_ragged(padded [R, C, ...], row [T], col [T]) -> [T, ...]
     segment_outer(x [E, R], y [E, C], ptr [S+1], y_index=None) -> [S, R, C]  (sum of x[e] ⊗ y[e]
         per segment; with y_index [E], y is [N, C] and row e is y[y_index[e]])
-    segment_contract(x [S, R, C], y [E, C], ptr [S+1]) -> [E, R]  (x[segment of e] @ y[e])
+    segment_contract(x [S, R, C], y [E, C], ptr [S+1], y_index=None, out_index=None, num_out_rows=None)
+        -> [E, R]  (x[segment of e] @ y[e]; with y_index [E], y is [N, C] and row e is
+        y[y_index[e]]; with out_index [E], row e is summed into row out_index[e] of [num_out_rows, R])
 
 src is float32, float64 or bfloat16 (bf16 accumulates in float32); indices are int64. Empty
 segments give 0. Results are bitwise deterministic on the CPU for any thread count, and on CUDA
@@ -275,23 +277,31 @@ def _(padded, row, col):
     return padded.new_empty(row.shape[0], padded.shape[2])
 
 
-def _check_bilinear(x: Tensor, y: Tensor, ptr_: Tensor, x_dim: int, y_index: Tensor | None = None) -> None:
+def _check_bilinear(x: Tensor, y: Tensor, ptr_: Tensor, x_dim: int, y_index: Tensor | None = None,
+                    out_index: Tensor | None = None) -> None:
+    """x_dim 2: segment_outer's x [E, R]; 3: segment_contract's x [S, R, C]."""
     _check_src("x", x, x_dim)
     _check_src("y", y)
     _check_ptr(ptr_, x.device)
     if y.dtype != x.dtype or y.device != x.device:
         raise ValueError(f"x ({x.dtype}, {x.device}) and y ({y.dtype}, {y.device}) must share dtype and device")
-    rows = x.shape[0] if x_dim == 2 else ptr_.shape[0] - 1
+    if x_dim == 2:
+        if y_index is not None:
+            _check_index("y_index", y_index, x.shape[0], x.device)
+        elif x.shape[0] != y.shape[0]:
+            raise ValueError(f"x has {x.shape[0]} rows but y has {y.shape[0]}")
+        return
+    segments = ptr_.shape[0] - 1
+    if x.shape[0] != segments or x.shape[2] != y.shape[1]:
+        raise ValueError(f"x must be [S={segments}, R, C={y.shape[1]}] for ptr and y, got shape {tuple(x.shape)}")
     if y_index is not None:
-        _check_index("y_index", y_index, x.shape[0], x.device)
-    elif x_dim == 2 and x.shape[0] != y.shape[0]:
-        raise ValueError(f"x has {x.shape[0]} rows but y has {y.shape[0]}")
-    if x_dim == 3 and (x.shape[0] != rows or x.shape[2] != y.shape[1]):
-        raise ValueError(f"x must be [S={rows}, R, C={y.shape[1]}] for ptr and y, got shape {tuple(x.shape)}")
+        _check_index("y_index", y_index, None, x.device)
+    if out_index is not None:
+        _check_index("out_index", out_index, y.shape[0], x.device)
 
 
 def _bilinear_kernel(kind: str, x: Tensor, y: Tensor, ptr_: Tensor, out: Tensor, rows: int,
-                     y_index: Tensor | None = None) -> Tensor:
+                     y_index: Tensor | None = None, out_index: Tensor | None = None) -> Tensor:
     cols = y.shape[1]
     # segment_contract reads its [S, R, C] blocks through the strides of R and C, so a transposed
     # block (the backward's grad.transpose(1, 2)) is used in place: torch's copy of one is slow.
@@ -301,9 +311,13 @@ def _bilinear_kernel(kind: str, x: Tensor, y: Tensor, ptr_: Tensor, out: Tensor,
     x_address = x.data_ptr() if x.numel() else 0  # (ptr() asserts a contiguous buffer)
     y, ptr_ = y.contiguous(), ptr_.contiguous()  # (kept alive while the kernel runs)
     y_index = None if y_index is None else y_index.contiguous()
-    num_src = x.shape[0] if kind == "segment_outer" else y.shape[0]
+    out_index = None if out_index is None else out_index.contiguous()
+    if kind == "segment_outer":
+        num_src = x.shape[0]
+    else:
+        num_src = y.shape[0] if y_index is None else y_index.shape[0]
     launch("segment_bilinear", x.device, _BILINEAR_KINDS[kind], x_address, ptr(y), ptr(ptr_), ptr(out), num_src, ptr_.shape[0] - 1, rows,
-           cols, x_stride_r, x_stride_c, ptr(y_index), y.shape[0], _DTYPE_CODES[x.dtype])
+           cols, x_stride_r, x_stride_c, ptr(y_index), y.shape[0], ptr(out_index), out.shape[0], _DTYPE_CODES[x.dtype])
     return out
 
 
@@ -350,6 +364,45 @@ def _segment_contract(x: Tensor, y: Tensor, ptr_: Tensor) -> Tensor:
 def _(x, y, ptr_):
     _check_bilinear(x, y, ptr_, 3)
     return x.new_empty(y.shape[0], x.shape[1])
+
+
+@torch.library.custom_op("jmp_ext::segment_contract_gathered", mutates_args=())
+def _segment_contract_gathered(x: Tensor, y: Tensor, y_index: Tensor, ptr_: Tensor) -> Tensor:
+    """segment_contract(x, y[y_index], ptr_) without writing y[y_index]: x [S, R, C], y [N, C],
+    y_index [E] -> [E, R]. On CUDA (no fused kernel yet) it gathers first."""
+    _check_bilinear(x, y, ptr_, 3, y_index=y_index)
+    if x.device.type != "cpu":
+        return _segment_contract(x, _gather(y, y_index), ptr_)
+    out = x.new_empty(y_index.shape[0], x.shape[1])
+    return _bilinear_kernel("segment_contract", x, y, ptr_, out, x.shape[1], y_index=y_index)
+
+
+@_segment_contract_gathered.register_fake
+def _(x, y, y_index, ptr_):
+    _check_bilinear(x, y, ptr_, 3, y_index=y_index)
+    return x.new_empty(y_index.shape[0], x.shape[1])
+
+
+@torch.library.custom_op("jmp_ext::segment_contract_scattered", mutates_args=())
+def _segment_contract_scattered(x: Tensor, y: Tensor, ptr_: Tensor, out_index: Tensor, num_out_rows: int) -> Tensor:
+    """scatter_sum(segment_contract(x, y, ptr_), out_index, num_out_rows) without writing the
+    [E, R] product: x [S, R, C], y [E, C], out_index [E] -> [num_out_rows, R]. Each out row sums
+    its rows in ascending e, as scatter_sum. On CUDA (no fused kernel yet) it is those two ops."""
+    _check_bilinear(x, y, ptr_, 3, out_index=out_index)
+    _check_size("num_out_rows", num_out_rows)
+    if x.device.type != "cpu":
+        return _scatter_reduce(_segment_contract(x, y, ptr_), out_index, num_out_rows, "sum", True)
+    if out_index.shape[0] == 0:  # (an empty index reaches the kernel as a null pointer: no index)
+        return x.new_zeros(num_out_rows, x.shape[1])
+    out = x.new_empty(num_out_rows, x.shape[1])
+    return _bilinear_kernel("segment_contract", x, y, ptr_, out, x.shape[1], out_index=out_index)
+
+
+@_segment_contract_scattered.register_fake
+def _(x, y, ptr_, out_index, num_out_rows):
+    _check_bilinear(x, y, ptr_, 3, out_index=out_index)
+    _check_size("num_out_rows", num_out_rows)
+    return x.new_empty(num_out_rows, x.shape[1])
 
 
 # ---- autograd: every backward is made of the ops above, so it is differentiable again ----
@@ -484,17 +537,40 @@ _segment_outer.register_autograd(_backward_outer, setup_context=_setup_bilinear)
 
 
 def _backward_outer_gathered(ctx, grad):
-    # As _backward_outer with y[y_index] for y; the gradient of the gather is a scatter sum.
+    # As _backward_outer with y[y_index] for y: the gather feeds the contraction for dx, and
+    # dy, the gradient of the gather, is the contraction's rows scatter-summed.
     x, y, y_index, ptr_ = ctx.saved_tensors
-    grad_x = _segment_contract(grad, _gather(y, y_index), ptr_) if ctx.needs_input_grad[0] else None
-    grad_y = None
-    if ctx.needs_input_grad[1]:
-        grad_y = _scatter_reduce(_segment_contract(grad.transpose(1, 2), x, ptr_), y_index, y.shape[0], "sum", True)
+    grad_x = _segment_contract_gathered(grad, y, y_index, ptr_) if ctx.needs_input_grad[0] else None
+    grad_y = _segment_contract_scattered(grad.transpose(1, 2), x, ptr_, y_index, y.shape[0]) if ctx.needs_input_grad[1] else None
     return grad_x, grad_y, None, None
+
+
+def _backward_contract_gathered(ctx, grad):
+    # out[e] = x[s] @ y[y_index[e]]: dx[s] = sum_e grad[e] ⊗ y[y_index[e]], dy = the rows
+    # x[s]^T @ grad[e] scatter-summed by y_index.
+    x, y, y_index, ptr_ = ctx.saved_tensors
+    grad_x = _segment_outer_gathered(grad, y, y_index, ptr_) if ctx.needs_input_grad[0] else None
+    grad_y = _segment_contract_scattered(x.transpose(1, 2), grad, ptr_, y_index, y.shape[0]) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_y, None, None
+
+
+def _backward_contract_scattered(ctx, grad):
+    # out[k] = sum over e with out_index[e] = k of x[s] @ y[e]: dx[s] = sum_e grad[out_index[e]] ⊗ y[e]
+    # (built as y[e] ⊗ grad[out_index[e]], transposed), dy[e] = x[s]^T @ grad[out_index[e]].
+    x, y, ptr_, out_index = ctx.saved_tensors
+    grad_x = _segment_outer_gathered(y, grad, out_index, ptr_).transpose(1, 2) if ctx.needs_input_grad[0] else None
+    grad_y = _segment_contract_gathered(x.transpose(1, 2), grad, out_index, ptr_) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_y, None, None, None
+
+
+def _setup_contract_scattered(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:4])
 
 
 _segment_outer_gathered.register_autograd(_backward_outer_gathered, setup_context=_setup_bilinear)
 _segment_contract.register_autograd(_backward_contract, setup_context=_setup_bilinear)
+_segment_contract_gathered.register_autograd(_backward_contract_gathered, setup_context=_setup_bilinear)
+_segment_contract_scattered.register_autograd(_backward_contract_scattered, setup_context=_setup_contract_scattered)
 
 
 # ---- public functions: any trailing feature dims, flattened to F for the kernels ----
@@ -585,6 +661,20 @@ def segment_outer(x: Tensor, y: Tensor, ptr: Tensor, y_index: Tensor | None = No
     return _segment_outer_gathered(x, y, y_index, ptr)
 
 
-def segment_contract(x: Tensor, y: Tensor, ptr: Tensor) -> Tensor:
-    """out[e] = x[s] @ y[e] for the rows e of segment s: x [S, R, C], y [E, C] -> [E, R]."""
+def segment_contract(x: Tensor, y: Tensor, ptr: Tensor, y_index: Tensor | None = None,
+                     out_index: Tensor | None = None, num_out_rows: int | None = None) -> Tensor:
+    """out[e] = x[s] @ y[e] for the rows e of segment s: x [S, R, C], y [E, C] -> [E, R].
+
+    With y_index [E] int64, row e of y is y[y_index[e]] (y [N, C]): segment_contract(x,
+    gather(y, y_index), ptr). With out_index [E] int64 and num_out_rows, row e of the result is
+    summed into row out_index[e]: scatter_sum(segment_contract(x, y, ptr), out_index,
+    num_out_rows) -> [num_out_rows, R]. On the CPU neither writes the [E, ...] rows in between."""
+    if (out_index is None) != (num_out_rows is None):
+        raise ValueError("segment_contract: out_index and num_out_rows go together")
+    if y_index is not None and out_index is not None:
+        raise ValueError("segment_contract: y_index and out_index cannot be combined")
+    if y_index is not None:
+        return _segment_contract_gathered(x, y, y_index, ptr)
+    if out_index is not None:
+        return _segment_contract_scattered(x, y, ptr, out_index, num_out_rows)
     return _segment_contract(x, y, ptr)

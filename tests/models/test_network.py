@@ -235,3 +235,26 @@ def test_cos_angle_between_is_cos_of_gemnet_ocs_atan2_angle():
     for g_ours, g_ref in zip(torch.autograd.grad((ours * w).sum(), (a, b)), torch.autograd.grad((ref * w).sum(), (a, b))):
         assert torch.isfinite(g_ours).all()
         torch.testing.assert_close(g_ours, g_ref, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_radial_basis_is_the_enveloped_gaussians_without_subnormals(dtype):
+    """envelope(d/c) * gaussians(d/c), except that products below the smallest normal number are 0.
+    (The Gaussians themselves are tested against their torch expression in tests/ops.)"""
+    from jmp_ext.models.gemnet_oc.bases import RadialBasis
+
+    basis = RadialBasis(num_radial=128, cutoff=12.0, exponent=5).to(dtype)
+    d = torch.linspace(0.0, 13.0, 4001, dtype=dtype)
+    x = d * (1 / 12.0)
+    env = torch.where(x < 1, 1 - 21 * x**5 + 35 * x**6 - 15 * x**7, torch.zeros_like(x))
+    expected = env[:, None] * basis.rbf(x)
+    tiny = torch.finfo(dtype).tiny
+    out = basis(d)
+    assert not ((out != 0) & (out.abs() < tiny)).any()
+    # (Away from the threshold, where one rounding could tip it. Rounding makes the envelope
+    # slightly negative just below the cutoff: those values are kept, sign and all.)
+    kept = expected.abs() >= tiny * 1.01
+    torch.testing.assert_close(out[kept], expected[kept], rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0)
+    assert (out[expected.abs() < tiny * 0.99] == 0).all()
+    # Without the flush, the envelope would have made subnormals here: the test can fail.
+    assert ((expected != 0) & (expected.abs() < tiny)).any()

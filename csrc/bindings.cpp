@@ -134,6 +134,7 @@ PYBIND11_MODULE(_C, m) {
     info["cuda"] = false;
     info["cuda_version"] = py::none();
 #endif
+    info["cpu_bilinear_isa"] = jmp_ext::reductions::cpu::bilinear_isa();
     return info;
   });
 

@@ -112,6 +112,10 @@ void check_index(int64_t value, int64_t position, int64_t bound, const char* nam
 // first duplicate (by item order) is the one reported.
 void fill_slots(const PaddedIndex& index);
 
+// "avx2" or "baseline": the build of segment_outer / segment_contract this CPU runs (AVX2 + FMA
+// where the CPU has them, unless the environment sets JMP_EXT_CPU_ISA=baseline).
+const char* bilinear_isa();
+
 void segment_reduce(const SegmentReduceArgs& args, int num_threads);
 // Each row's sources are reduced in ascending e, as a stable sort followed by segment_reduce
 // would, but without sorting: threads own ranges of output rows and scan the index in order.

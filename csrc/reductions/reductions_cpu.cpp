@@ -3,6 +3,7 @@
 // which rows.
 #include <algorithm>
 #include <array>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -223,179 +224,50 @@ void dispatch_shape(int64_t rows, int64_t cols, F&& f) {
 template <class N>
 constexpr bool is_constant_v = !std::is_same_v<N, int64_t>;
 
-// An R x C accumulator block: a fixed array when both sizes are compile-time constants (so it can
-// stay in registers), a heap buffer otherwise.
-template <class A, class Rows, class Cols>
-auto make_block(Rows R, Cols C) {
-  if constexpr (is_constant_v<Rows> && is_constant_v<Cols>) {
-    return std::array<A, Rows::value * Cols::value>{};
-  } else {
-    return std::vector<A>(R * C);
-  }
-}
-
 // Checks the y_index entries of segment s, if there is a y_index.
 void check_y_index(const SegmentBilinearArgs& a, int64_t s) {
   if (!a.y_index) return;
   for (int64_t e = a.ptr[s]; e < a.ptr[s + 1]; ++e) check_index(a.y_index[e], e, a.num_y_rows, "y_index", "the rows of y");
 }
 
-// segment_outer over segments [s_begin, s_end), in acc_t<T>: row i of a segment's R x C block is
-// accumulated over the segment's rows e in ascending order, one block row at a time, so its C
-// accumulators stay in registers while the segment's few rows of y are re-read from L1 (5x
-// faster than accumulating the whole block per row e, which spills it to memory).
-template <class T, class Rows, class Cols>
-void outer_segments(const SegmentBilinearArgs& a, Rows R, Cols C, int64_t s_begin, int64_t s_end) {
-  using A = acc_t<T>;
-  const T* x = static_cast<const T*>(a.x);
-  const T* y = static_cast<const T*>(a.y);
-  T* out = static_cast<T*>(a.out);
-  const int64_t* y_index = a.y_index;
-  auto acc = make_block<A>(std::integral_constant<int64_t, 1>{}, C);
-  for (int64_t s = s_begin; s < s_end; ++s) {
-    check_y_index(a, s);
-    for (int64_t i = 0; i < R; ++i) {
-      std::fill(acc.begin(), acc.end(), A(0));
-      for (int64_t e = a.ptr[s]; e < a.ptr[s + 1]; ++e) {
-        const A x_ei = Acc<T>::load(x[e * R + i]);
-        const T* y_e = y + (y_index ? y_index[e] : e) * C;
-        for (int64_t j = 0; j < C; ++j) acc[j] += x_ei * Acc<T>::load(y_e[j]);
-      }
-      for (int64_t j = 0; j < C; ++j) out[(s * R + i) * C + j] = Acc<T>::store(acc[j]);
-    }
-  }
-}
-
-// 16 bytes of accumulators (4 float / 2 double lanes), as a GCC/Clang vector type: its
-// arithmetic compiles to packed SSE/NEON instructions on the baseline target. Written this way
-// because the auto-vectoriser turned the plain loops of segment_contract into shuffles that ran
-// 2.5x slower.
-template <class A>
-struct VecOf;
-template <>
-struct VecOf<float> { typedef float type __attribute__((vector_size(16))); };
-template <>
-struct VecOf<double> { typedef double type __attribute__((vector_size(16))); };
-template <class A>
-using Vec = typename VecOf<A>::type;
-template <class A>
-constexpr int64_t kLanes = 16 / sizeof(A);
-
-// Whether an R x C block with accumulators A fits whole vectors along R (both sizes known).
-template <class A, class Rows, class Cols>
-constexpr bool vector_rows() {
-  if constexpr (is_constant_v<Rows> && is_constant_v<Cols>) return Rows::value % kLanes<A> == 0;
-  return false;
-}
-
-// Lane l of an accumulator unit: a Vec<A>, or a single A (which has the one lane 0).
-template <class U, class A>
-void set_lane(U& unit, int64_t l, A value) {
-  if constexpr (std::is_same_v<U, A>) unit = value; else unit[l] = value;
-}
-
-template <class A, class U>
-A get_lane(const U& unit, int64_t l) {
-  if constexpr (std::is_same_v<U, A>) return unit; else return unit[l];
-}
-
-// A whole vector from / to memory without an alignment requirement.
-template <class U, class A>
-U load_vec(const A* p) {
-  U v;
-  std::memcpy(&v, p, sizeof(U));
-  return v;
-}
-
-template <class U, class A>
-void store_vec(A* p, const U& v) {
-  std::memcpy(p, &v, sizeof(U));
-}
-
-// segment_contract over segments [s_begin, s_end). The block is kept transposed ([C, R]) so the
-// inner loop runs over R with independent accumulators; each out[e, i] sums its C terms in
-// ascending j. With both sizes known and R a multiple of the vector width, the block and the
-// accumulators are rows of K = R / lanes vectors; otherwise of K = R single values.
-// With out_index, only the rows e with out_index[e] in [k_begin, k_end) are computed, and added
-// to scattered [k_end - k_begin, R] (row out_index[e] - k_begin); returns how many there were.
-template <class T, class Rows, class Cols>
-int64_t contract_segments(const SegmentBilinearArgs& a, Rows R, Cols C, int64_t s_begin, int64_t s_end,
-                          acc_t<T>* scattered = nullptr, int64_t k_begin = 0, int64_t k_end = 0) {
-  using A = acc_t<T>;
-  constexpr bool kVector = vector_rows<A, Rows, Cols>();
-  using U = std::conditional_t<kVector, Vec<A>, A>;
-  constexpr int64_t L = kVector ? kLanes<A> : 1;
-  const auto K = [&] {
-    if constexpr (kVector) return std::integral_constant<int64_t, Rows::value / L>{}; else return R;
-  }();
-  const T* x = static_cast<const T*>(a.x);
-  const T* y = static_cast<const T*>(a.y);
-  T* out = static_cast<T*>(a.out);
-  auto block_t = make_block<U>(C, K);
-  auto sum = make_block<U>(std::integral_constant<int64_t, 1>{}, K);
-  int64_t computed = 0;
-  for (int64_t s = s_begin; s < s_end; ++s) {
-    if (a.ptr[s] == a.ptr[s + 1]) continue;
-    check_y_index(a, s);
-    const T* x_s = x + s * R * C;
-    for (int64_t i = 0; i < R; ++i)
-      for (int64_t j = 0; j < C; ++j)
-        set_lane(block_t[j * K + i / L], i % L, Acc<T>::load(x_s[i * a.x_stride_r + j * a.x_stride_c]));
-    for (int64_t e = a.ptr[s]; e < a.ptr[s + 1]; ++e) {
-      const int64_t row = a.out_index ? a.out_index[e] : e;
-      if (a.out_index && (row < k_begin || row >= k_end)) continue;
-      ++computed;
-      const T* y_e = y + (a.y_index ? a.y_index[e] : e) * C;
-      std::fill(sum.begin(), sum.end(), U{});
-      for (int64_t j = 0; j < C; ++j) {
-        const A y_ej = Acc<T>::load(y_e[j]);
-        for (int64_t k = 0; k < K; ++k) sum[k] += block_t[j * K + k] * y_ej;
-      }
-      if (a.out_index) {
-        A* o = scattered + (row - k_begin) * R;
-        if constexpr (kVector) {
-          for (int64_t k = 0; k < K; ++k) store_vec(o + k * L, load_vec<U>(o + k * L) + sum[k]);
-        } else {
-          for (int64_t i = 0; i < R; ++i) o[i] += get_lane<A>(sum[i / L], i % L);
-        }
-      } else if constexpr (kVector && std::is_same_v<T, A>) {
-        for (int64_t k = 0; k < K; ++k) store_vec(out + e * R + k * L, sum[k]);
-      } else {
-        for (int64_t i = 0; i < R; ++i) out[e * R + i] = Acc<T>::store(get_lane<A>(sum[i / L], i % L));
-      }
-    }
-  }
-  return computed;
-}
-
-// segment_contract with out_index: owner-computes over ranges of out rows, as scatter_rows, so
-// each out row sums its rows e in ascending order on any thread count. A row with a bad
-// out_index is skipped by every owner; the count of computed rows then falls short, and a
-// serial scan names the first bad entry.
-template <class T>
-void contract_scattered(const SegmentBilinearArgs& a, int num_threads) {
-  using A = acc_t<T>;
-  T* out = static_cast<T*>(a.out);
-  const int chunks = scatter_chunks(a.num_src, a.num_out_rows, a.rows, num_threads);
-  std::vector<int64_t> computed(chunks, 0);
-  parallel_for(chunks, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
-    for (int64_t c = c_begin; c < c_end; ++c) {
-      const int64_t k_begin = a.num_out_rows * c / chunks, k_end = a.num_out_rows * (c + 1) / chunks;
-      std::vector<A> acc((k_end - k_begin) * a.rows, A(0));
-      dispatch_shape(a.rows, a.cols, [&](auto R, auto C) {
-        computed[c] = contract_segments<T>(a, R, C, 0, a.num_segments, acc.data(), k_begin, k_end);
-      });
-      for (int64_t i = 0; i < (k_end - k_begin) * a.rows; ++i) out[k_begin * a.rows + i] = Acc<T>::store(acc[i]);
-    }
-  });
-  int64_t total = 0;
-  for (int64_t n : computed) total += n;
-  if (total != a.num_src) {
-    for (int64_t e = 0; e < a.num_src; ++e) check_index(a.out_index[e], e, a.num_out_rows, "out_index", "the rows of out");
-  }
-}
-
 }  // namespace
+
+// The bilinear kernels are compute-bound (the 32-slab batch has 5 M quadruplets), so they are
+// built twice: for the baseline ISA, and for AVX2 + FMA (8 float lanes, fused multiply-adds),
+// chosen at run time by the CPU (bench/README.md: "AVX2"). Only GCC's target pragma is used;
+// other compilers build the baseline copy alone.
+namespace baseline {
+namespace {
+constexpr int kVectorBytes = 16;
+#include "reductions/segment_bilinear_cpu.inc"
+}  // namespace
+}  // namespace baseline
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define JMP_EXT_AVX2_KERNELS 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+namespace {
+constexpr int kVectorBytes = 32;
+#include "reductions/segment_bilinear_cpu.inc"
+}  // namespace
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+
+const char* bilinear_isa() {
+  static const char* isa = [] {
+#ifdef JMP_EXT_AVX2_KERNELS
+    const char* forced = std::getenv("JMP_EXT_CPU_ISA");
+    if ((!forced || std::strcmp(forced, "baseline") != 0) && __builtin_cpu_supports("avx2") &&
+        __builtin_cpu_supports("fma"))
+      return "avx2";
+#endif
+    return "baseline";
+  }();
+  return isa;
+}
 
 void check_ptr(const int64_t* ptr, int64_t num_segments, int64_t num_items) {
   JMP_CHECK(ptr[0] == 0, "ptr[0] must be 0, got ", ptr[0]);
@@ -491,23 +363,18 @@ void padded_to_ragged(const RowCopy& c, const PaddedIndex& p, int num_threads) {
 
 void segment_outer(const SegmentBilinearArgs& a, int num_threads) {
   check_ptr(a.ptr, a.num_segments, a.num_src);
-  dispatch_dtype(a.dtype, [&](auto t) {
-    for_segment_blocks(a.ptr, a.num_segments, a.rows * a.cols, num_threads,
-                       [&](int64_t s_begin, int64_t s_end) {
-      dispatch_shape(a.rows, a.cols, [&](auto R, auto C) { outer_segments<decltype(t)>(a, R, C, s_begin, s_end); });
-    });
-  });
+#ifdef JMP_EXT_AVX2_KERNELS
+  if (bilinear_isa()[0] == 'a') return avx2::run_segment_outer(a, num_threads);
+#endif
+  baseline::run_segment_outer(a, num_threads);
 }
 
 void segment_contract(const SegmentBilinearArgs& a, int num_threads) {
   check_ptr(a.ptr, a.num_segments, a.num_src);
-  dispatch_dtype(a.dtype, [&](auto t) {
-    if (a.out_index) return contract_scattered<decltype(t)>(a, num_threads);
-    for_segment_blocks(a.ptr, a.num_segments, a.rows * a.cols, num_threads,
-                       [&](int64_t s_begin, int64_t s_end) {
-      dispatch_shape(a.rows, a.cols, [&](auto R, auto C) { contract_segments<decltype(t)>(a, R, C, s_begin, s_end); });
-    });
-  });
+#ifdef JMP_EXT_AVX2_KERNELS
+  if (bilinear_isa()[0] == 'a') return avx2::run_segment_contract(a, num_threads);
+#endif
+  baseline::run_segment_contract(a, num_threads);
 }
 
 }  // namespace jmp_ext::reductions::cpu

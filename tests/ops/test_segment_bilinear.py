@@ -181,6 +181,46 @@ def test_bad_inputs():
         ops.segment_contract(blocks, y, ptr, out_index=torch.tensor([0, 1, 1, 0, 0]))
 
 
+_BOTH_BUILDS_SCRIPT = """
+import sys, torch
+import jmp_ext.ops as ops
+torch.manual_seed(6)
+results = []
+for rows, cols in [(7, 8), (8, 7), (16, 7), (7, 16), (8, 16), (49, 8), (3, 5)]:
+    lengths = torch.randint(0, 12, (200,))
+    ptr = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+    x, y = torch.randn(int(ptr[-1]), rows), torch.randn(int(ptr[-1]), cols)
+    blocks = torch.randn(200, rows, cols)
+    index = torch.randint(0, 30, (x.shape[0],))
+    results.append([ops.segment_outer(x, y, ptr), ops.segment_contract(blocks, y, ptr),
+                    ops.segment_contract(blocks, y, ptr, out_index=index, num_out_rows=30),
+                    ops.segment_contract(blocks.double(), y.double(), ptr)])
+torch.save({"isa": ops.build_info()["cpu_bilinear_isa"], "results": results}, sys.argv[1])
+"""
+
+
+def test_baseline_and_avx2_builds_agree(tmp_path):
+    """The bilinear kernels are built for the baseline ISA and for AVX2 + FMA (chosen by the CPU):
+    run both, the baseline one forced through JMP_EXT_CPU_ISA, and compare. FMA rounds each
+    multiply-add once instead of twice, so float32 agrees to rounding, not bitwise."""
+    import os
+    import subprocess
+    import sys
+
+    runs = {}
+    for forced in ("", "baseline"):
+        env = dict(os.environ, JMP_EXT_CPU_ISA=forced)
+        path = tmp_path / f"run{forced}.pt"
+        subprocess.run([sys.executable, "-c", _BOTH_BUILDS_SCRIPT, str(path)], env=env, check=True)
+        runs[forced] = torch.load(path, weights_only=True)
+    assert runs["baseline"]["isa"] == "baseline"
+    if runs[""]["isa"] != "avx2":
+        pytest.skip("this CPU (or compiler) has no AVX2 + FMA build: only the baseline one runs")
+    for native, baseline in zip(runs[""]["results"], runs["baseline"]["results"]):
+        for a, b in zip(native, baseline):
+            torch.testing.assert_close(a, b, **({} if a.dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}))
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_matches_cpu(dtype):

@@ -234,7 +234,7 @@ void check_y_index(const SegmentBilinearArgs& a, int64_t s) {
 
 // The bilinear kernels are compute-bound (the 32-slab batch has 5 M quadruplets), so they are
 // built twice: for the baseline ISA, and for AVX2 + FMA (8 float lanes, fused multiply-adds),
-// chosen at run time by the CPU (bench/README.md: "AVX2"). Only GCC's target pragma is used;
+// chosen at run time by the CPU (bench/README.md, "AVX2 + FMA build"). Only GCC's target pragma is used;
 // other compilers build the baseline copy alone.
 namespace baseline {
 namespace {
@@ -256,18 +256,26 @@ constexpr int kVectorBytes = 32;
 #pragma GCC pop_options
 #endif
 
-const char* bilinear_isa() {
-  static const char* isa = [] {
+namespace {
+// Whether segment_outer / segment_contract run their AVX2 build: where the CPU has AVX2 and FMA,
+// unless JMP_EXT_CPU_ISA=baseline. Decided once.
+bool avx2_chosen() {
 #ifdef JMP_EXT_AVX2_KERNELS
+  static const bool chosen = [] {
     const char* forced = std::getenv("JMP_EXT_CPU_ISA");
-    if ((!forced || std::strcmp(forced, "baseline") != 0) && __builtin_cpu_supports("avx2") &&
-        __builtin_cpu_supports("fma"))
-      return "avx2";
-#endif
-    return "baseline";
+    const bool baseline = forced && std::strcmp(forced, "baseline") == 0;
+    JMP_CHECK(!forced || !*forced || baseline, "JMP_EXT_CPU_ISA must be unset, empty or 'baseline', got '",
+              forced, "'");
+    return !baseline && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   }();
-  return isa;
+  return chosen;
+#else
+  return false;
+#endif
 }
+}  // namespace
+
+const char* bilinear_isa() { return avx2_chosen() ? "avx2" : "baseline"; }
 
 void check_ptr(const int64_t* ptr, int64_t num_segments, int64_t num_items) {
   JMP_CHECK(ptr[0] == 0, "ptr[0] must be 0, got ", ptr[0]);
@@ -364,7 +372,7 @@ void padded_to_ragged(const RowCopy& c, const PaddedIndex& p, int num_threads) {
 void segment_outer(const SegmentBilinearArgs& a, int num_threads) {
   check_ptr(a.ptr, a.num_segments, a.num_src);
 #ifdef JMP_EXT_AVX2_KERNELS
-  if (bilinear_isa()[0] == 'a') return avx2::run_segment_outer(a, num_threads);
+  if (avx2_chosen()) return avx2::run_segment_outer(a, num_threads);
 #endif
   baseline::run_segment_outer(a, num_threads);
 }
@@ -372,7 +380,7 @@ void segment_outer(const SegmentBilinearArgs& a, int num_threads) {
 void segment_contract(const SegmentBilinearArgs& a, int num_threads) {
   check_ptr(a.ptr, a.num_segments, a.num_src);
 #ifdef JMP_EXT_AVX2_KERNELS
-  if (bilinear_isa()[0] == 'a') return avx2::run_segment_contract(a, num_threads);
+  if (avx2_chosen()) return avx2::run_segment_contract(a, num_threads);
 #endif
   baseline::run_segment_contract(a, num_threads);
 }

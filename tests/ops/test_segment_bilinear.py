@@ -216,6 +216,9 @@ def test_baseline_and_avx2_builds_agree(tmp_path):
     assert runs["baseline"]["isa"] == "baseline"
     if runs[""]["isa"] != "avx2":
         pytest.skip("this CPU (or compiler) has no AVX2 + FMA build: only the baseline one runs")
+    bad = subprocess.run([sys.executable, "-c", _BOTH_BUILDS_SCRIPT, str(tmp_path / "bad.pt")],
+                         env=dict(os.environ, JMP_EXT_CPU_ISA="avx512"), capture_output=True, text=True)
+    assert bad.returncode != 0 and "JMP_EXT_CPU_ISA must be unset, empty or 'baseline', got 'avx512'" in bad.stderr
     for native, baseline in zip(runs[""]["results"], runs["baseline"]["results"]):
         for a, b in zip(native, baseline):
             torch.testing.assert_close(a, b, **({} if a.dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}))

@@ -24,20 +24,22 @@ STEP_FAULTS = textwrap.dedent("""
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         step()
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    print(sum(faults[-4:]))
+    print(sum(faults[8:]))
 """)
 
 
 def late_step_faults(mode: str) -> int:
-    """Minor page faults of steps 21-24 of a 24-step loop, in a fresh process (the heap settles
-    over a varying number of early steps: up to 6 on the 2026-12-02 VM)."""
+    """Minor page faults of steps 9-24 of a 24-step loop, in a fresh process."""
     result = subprocess.run([sys.executable, "-c", STEP_FAULTS, mode], capture_output=True, text=True, check=True)
     return int(result.stdout.split()[-1])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc and minor-fault counts")
 def test_repeated_step_stops_page_faulting():
-    pages = 4 * (16 << 20) * 4 // 4096  # the 64 MB tensor alone, in 4 steps
-    assert late_step_faults("default") >= pages  # glibc hands it back to the kernel every step
-    # Warmed up, the freed blocks are reused (a few may still be cut from fresh heap).
-    assert late_step_faults("keep") < pages // 4
+    pages = 16 * (16 << 20) * 4 // 4096  # the 64 MB tensor alone, in 16 steps
+    default = late_step_faults("default")
+    assert default >= pages  # glibc hands its blocks back to the kernel every step
+    # Kept, the freed blocks are reused. Not always all of them: the heap's layout varies from run
+    # to run, and in some runs a step still cuts a 32 or 64 MB block from fresh heap (seen as late
+    # as step 21 on CI's VM), so the test asks for a tenfold drop, not for zero.
+    assert late_step_faults("keep") < default // 10

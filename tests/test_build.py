@@ -1,3 +1,10 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -15,3 +22,59 @@ def test_build_info_reports_version_and_cuda():
 def test_cuda_request_without_gpu_raises_clear_error():
     with pytest.raises(RuntimeError, match="(built without CUDA|no usable GPU)"):
         _lib.require_cuda(torch.device("cuda"))
+
+
+def test_compile_caches_are_keyed_on_the_ops_source(tmp_path):
+    assert f"jmp_ext-{_lib.source_digest()[:16]}" in torch.compiler.config.cache_key_tag.split(";")
+    copy = tmp_path / "ops"
+    shutil.copytree(Path(_lib.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert _lib.source_digest(copy) == _lib.source_digest()
+    changed = copy / "reductions.py"
+    changed.write_text(changed.read_text().replace("return _gather(grad, index)", "return 2 * _gather(grad, index)"))
+    assert _lib.source_digest(copy) != _lib.source_digest()
+
+
+def test_compile_cache_tag_keeps_the_users(monkeypatch):
+    monkeypatch.setattr(torch.compiler.config, "cache_key_tag", "mine")
+    _lib.tag_compile_caches()
+    _lib.tag_compile_caches()
+    assert torch.compiler.config.cache_key_tag == f"mine;jmp_ext-{_lib.source_digest()[:16]}"
+
+
+GRADIENT = """
+import json, sys, torch
+import jmp_ext.ops as ops
+assert ops.__file__.startswith(sys.argv[1]), ops.__file__
+x = torch.linspace(0, 1, 6, dtype=torch.float64).reshape(6, 1).requires_grad_()
+index = torch.tensor([0, 1, 0, 2, 1, 0])
+loss = torch.compile(lambda x: (ops.scatter_sum(x.sin(), index, 3) ** 2).sum())
+loss(x).backward()
+print(json.dumps(x.grad.flatten().tolist()))
+"""
+
+
+@pytest.mark.slow
+def test_compiled_backward_follows_an_upgrade(tmp_path):
+    """An upgrade that changes only a backward formula is not served the old compiled backward
+    from Inductor's disk cache (it was, before the cache key carried the source digest)."""
+    package = Path(jmp_ext.__file__).parent
+    root = tmp_path / "site"
+    shutil.copytree(package, root / "jmp_ext", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**os.environ, "PYTHONPATH": str(root), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+
+    def gradient():
+        run = subprocess.run([sys.executable, "-c", GRADIENT, str(root)], env=env, capture_output=True,
+                             text=True, check=True)
+        return torch.tensor(json.loads(run.stdout.splitlines()[-1]), dtype=torch.float64)
+
+    before = gradient()
+    x = torch.linspace(0, 1, 6, dtype=torch.float64).reshape(6, 1).requires_grad_()
+    index = torch.tensor([0, 1, 0, 2, 1, 0])
+    (torch.zeros(3, 1, dtype=torch.float64).index_add(0, index, x.sin()) ** 2).sum().backward()
+    torch.testing.assert_close(before, x.grad.flatten())
+    # "Upgrade": the scatter's backward now doubles its gradient.
+    changed = root / "jmp_ext" / "ops" / "reductions.py"
+    source = changed.read_text()
+    assert source.count("return _gather(grad, index)") == 1
+    changed.write_text(source.replace("return _gather(grad, index)", "return 2 * _gather(grad, index)"))
+    torch.testing.assert_close(gradient(), 2 * before)

@@ -6,6 +6,9 @@ and raises clear errors when the extension is missing or was built without CUDA.
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import torch
 
 try:
@@ -17,6 +20,31 @@ except ImportError as error:  # pragma: no cover - only on a broken install
         "`cmake -S . -B build/dev && cmake --build build/dev` and put python/ on PYTHONPATH. "
         f"The import error was: {error}"
     ) from error
+
+
+def source_digest(folder: Path = Path(__file__).parent) -> str:
+    """sha256 of the op wrappers' Python (folder/*.py, in name order), in hex."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def tag_compile_caches() -> None:
+    """Add "jmp_ext-<digest of these ops' Python>" to torch.compile's cache keys.
+
+    Inductor's on-disk caches (AOTAutograd's included) key a compiled graph on the traced forward
+    graph, in which a custom op is one opaque call: the op's backward formula is not in the key.
+    Seen with torch 2.13: after a change to a formula alone, a compiled model with a warm cache
+    ran the old backward, silently. The tag keeps the compiled graphs of different jmp_ext
+    versions apart; a tag the user set stays, with ours appended."""
+    config = torch.compiler.config
+    tag = f"jmp_ext-{source_digest()[:16]}"
+    if tag not in config.cache_key_tag.split(";"):
+        config.cache_key_tag = ";".join(filter(None, [config.cache_key_tag, tag]))
+
+
+tag_compile_caches()
 
 
 def build_info() -> dict:

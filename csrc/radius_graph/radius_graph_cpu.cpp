@@ -3,6 +3,7 @@
 // radius_graph.h).
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <mutex>
 #include <vector>
@@ -63,8 +64,8 @@ double edge_distance(double d2, Dtype dtype) {
 
 // Sorts one target's edges in expected linear time: a counting sort into as many buckets as
 // edges, uniform in (d / cutoff)^3 (so uniform for bulk matter, where the number of neighbours
-// grows as d^3), then a comparison sort inside each bucket. std::sort alone costs ~5x more at a
-// 12 A cutoff (~600 neighbours, log n unpredictable branches each).
+// grows as d^3), then a sort inside each bucket (sort_bucket). std::sort alone costs ~5x more
+// at a 12 A cutoff (~600 neighbours, log n unpredictable branches each).
 class EdgeSorter {
  public:
   std::vector<Candidate> found;
@@ -89,17 +90,55 @@ class EdgeSorter {
     for (const Candidate& c : found) sorted_[next_[c.bucket]++] = c;
     // Buckets are in distance order: sort inside them until `count` edges are in place.
     for (int64_t b = 0; b < n && start_[b] < count; ++b) {
-      Candidate* begin = sorted_.data() + start_[b];
-      Candidate* end = sorted_.data() + start_[b + 1];
-      if (end - begin > 1) std::sort(begin, end);
+      sort_bucket(sorted_.data() + start_[b], sorted_.data() + start_[b + 1]);
     }
     return sorted_.data();
   }
 
  private:
   static constexpr int64_t kSmall = 32;
-  std::vector<Candidate> sorted_;
+  std::vector<Candidate> sorted_, spill_;
   std::vector<int64_t> start_, next_;
+
+  // A crystal's shell of equidistant neighbours lands in one bucket whole, and its distances
+  // differ only in their last bits (they are computed through different images), so a
+  // comparison sort of it costs m log m unpredictable branches. A large bucket is split again
+  // by a counting sort uniform in the bits of its distances (positive doubles order as their
+  // bit patterns), until the parts are small or tie exactly (then source and shift decide).
+  void sort_bucket(Candidate* begin, Candidate* end) {
+    const int64_t m = end - begin;
+    if (m <= kSmall) {
+      std::sort(begin, end);
+      return;
+    }
+    uint64_t lo = std::numeric_limits<uint64_t>::max(), hi = 0;
+    for (const Candidate* c = begin; c != end; ++c) {
+      lo = std::min(lo, bits(c->distance));
+      hi = std::max(hi, bits(c->distance));
+    }
+    if (lo == hi) {
+      std::sort(begin, end);
+      return;
+    }
+    const double scale = static_cast<double>(m) / (static_cast<double>(hi - lo) + 1.0);
+    std::vector<int64_t> start(m + 1, 0);
+    for (Candidate* c = begin; c != end; ++c) {
+      int64_t b = static_cast<int64_t>(static_cast<double>(bits(c->distance) - lo) * scale);
+      c->bucket = static_cast<int32_t>(b < m ? b : m - 1);
+      ++start[c->bucket + 1];
+    }
+    for (int64_t b = 0; b < m; ++b) start[b + 1] += start[b];
+    spill_.assign(begin, end);
+    std::vector<int64_t> next(start.begin(), start.end() - 1);
+    for (const Candidate& c : spill_) begin[next[c.bucket]++] = c;
+    for (int64_t b = 0; b < m; ++b) sort_bucket(begin + start[b], begin + start[b + 1]);
+  }
+
+  static uint64_t bits(double d) {
+    uint64_t u;
+    std::memcpy(&u, &d, sizeof u);
+    return u;
+  }
 };
 
 void check_input(const Input& in) {

@@ -165,15 +165,20 @@ def test_one_atom_cell_much_smaller_than_cutoff(cutoff):
     assert len(ase) > 50 and _triples(edge_index, cell_offsets) == ase
 
 
-def test_perfect_crystal_with_exact_ties():
-    """Bulk fcc Cu (many equal distances) against ASE at a cutoff between shells."""
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cutoff", [6.0, 12.0])
+def test_perfect_crystal_with_exact_ties(cutoff, dtype):
+    """Bulk fcc Cu against ASE at cutoffs between shells. Whole shells of equal distances (up to
+    72 neighbours, equal or a few ulps apart) must still come out in (distance, source, shift)
+    order."""
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((3, 2, 2))
-    edge_index, cell_offsets, _ = radius_graph(
-        torch.tensor(atoms.positions), 6.0, cell=torch.tensor(atoms.cell.array)
+    edge_index, cell_offsets, distance = radius_graph(
+        torch.tensor(atoms.positions, dtype=dtype), cutoff, cell=torch.tensor(atoms.cell.array, dtype=dtype)
     )
     assert _triples(edge_index, cell_offsets) == _ase_pairs(
-        atoms.positions, atoms.cell.array, atoms.pbc, 6.0
+        atoms.positions, atoms.cell.array, atoms.pbc, cutoff
     )
+    _assert_sorted(edge_index, cell_offsets, distance)
 
 
 def test_cutoff_is_inclusive_and_zero_distance_is_not_an_edge():

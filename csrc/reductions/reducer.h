@@ -122,6 +122,15 @@ struct Reducer {
     }
   }
 
+  // update() of max once the segment has an element (arg != kNoArg), as selects (& and |,
+  // not && and ||, which are branches that stop the loop over features from vectorising).
+  template <class Position>
+  static JMP_HD void update_started(A& acc, Position& arg, A value, Position position) {
+    bool take = (value > acc) | ((value != value) & (acc == acc));
+    acc = take ? value : acc;
+    arg = take ? position : arg;
+  }
+
   // Combines the partial results of two disjoint parts of a segment (a before b in source
   // order), as the CUDA warp reduction does; the same tie rule as update().
   static JMP_HD void merge(A& acc, int64_t& arg, A other, int64_t other_arg) {

@@ -5,6 +5,7 @@
 #include <array>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -43,24 +44,58 @@ void for_segment_blocks(const int64_t* ptr, int64_t num_segments, int64_t featur
   });
 }
 
-// Reduces segments [s_begin, s_end) with F features (an int64_t, or an integral_constant for
-// the small F that dispatch_features singles out) into accumulators acc/arg [F].
+// The position of a row inside its segment while max runs over it: as wide as the accumulator,
+// so that its select vectorises with the compare (an int64 select on a float compare does not).
+template <class A>
+using rel_t = std::conditional_t<sizeof(A) == 4, int32_t, int64_t>;
+
+// Accumulates segment s with F features (an int64_t, or an integral_constant for the small F
+// that dispatch_features singles out) into acc/arg [F]; max uses rel [F] as scratch.
+template <class T, Reduce R, class Features>
+void accumulate(const SegmentReduceArgs& a, Features F, int64_t s, acc_t<T>* acc, int64_t* arg,
+                rel_t<acc_t<T>>* rel) {
+  using A = acc_t<T>;
+  using Red = Reducer<R, A>;
+  const T* src = static_cast<const T*>(a.src);
+  const int64_t first = a.ptr[s], count = a.ptr[s + 1] - first;
+  auto row_of = [&](int64_t e) { return a.perm ? a.perm[e] : e; };
+  if constexpr (R == Reduce::max) {
+    if (count > 0 && count <= std::numeric_limits<rel_t<A>>::max()) {
+      // The first row starts the maximum, so the update of the others has no "empty yet" case
+      // and compiles to vectorised selects instead of branches.
+      const T* x = src + row_of(first) * F;
+      for (int64_t f = 0; f < F; ++f) {
+        acc[f] = Acc<T>::load(x[f]);
+        rel[f] = 0;
+      }
+      for (int64_t k = 1; k < count; ++k) {
+        x = src + row_of(first + k) * F;
+        const rel_t<A> position = static_cast<rel_t<A>>(k);
+        for (int64_t f = 0; f < F; ++f) Red::update_started(acc[f], rel[f], Acc<T>::load(x[f]), position);
+      }
+      for (int64_t f = 0; f < F; ++f) arg[f] = row_of(first + rel[f]);
+      return;
+    }
+  }
+  for (int64_t f = 0; f < F; ++f) {
+    acc[f] = Red::init();
+    arg[f] = kNoArg;
+  }
+  for (int64_t e = first; e < first + count; ++e) {
+    int64_t row = row_of(e);
+    const T* x = src + row * F;
+    for (int64_t f = 0; f < F; ++f) Red::update(acc[f], arg[f], Acc<T>::load(x[f]), row);
+  }
+}
+
+// Reduces segments [s_begin, s_end) into out (and arg for max), with accumulators acc/arg/rel [F].
 template <class T, Reduce R, class Features>
 void reduce_block(const SegmentReduceArgs& a, Features F, int64_t s_begin, int64_t s_end, acc_t<T>* acc,
-                  int64_t* arg) {
+                  int64_t* arg, rel_t<acc_t<T>>* rel) {
   using Red = Reducer<R, acc_t<T>>;
-  const T* src = static_cast<const T*>(a.src);
   T* out = static_cast<T*>(a.out);
   for (int64_t s = s_begin; s < s_end; ++s) {
-    for (int64_t f = 0; f < F; ++f) {
-      acc[f] = Red::init();
-      arg[f] = kNoArg;
-    }
-    for (int64_t e = a.ptr[s]; e < a.ptr[s + 1]; ++e) {
-      int64_t row = a.perm ? a.perm[e] : e;
-      const T* x = src + row * F;
-      for (int64_t f = 0; f < F; ++f) Red::update(acc[f], arg[f], Acc<T>::load(x[f]), row);
-    }
+    accumulate<T, R>(a, F, s, acc, arg, rel);
     int64_t count = a.ptr[s + 1] - a.ptr[s];
     for (int64_t f = 0; f < F; ++f) out[s * F + f] = Acc<T>::store(Red::finish(acc[f], count));
     if constexpr (R == Reduce::max) {
@@ -93,11 +128,13 @@ void reduce_segments(const SegmentReduceArgs& a, int num_threads) {
       if constexpr (std::is_integral_v<decltype(F)>) {
         std::vector<A> acc(F);
         std::vector<int64_t> arg(F);
-        reduce_block<T, R>(a, F, s_begin, s_end, acc.data(), arg.data());
+        std::vector<rel_t<A>> rel(F);
+        reduce_block<T, R>(a, F, s_begin, s_end, acc.data(), arg.data(), rel.data());
       } else {
         A acc[decltype(F)::value];
         int64_t arg[decltype(F)::value];
-        reduce_block<T, R>(a, F, s_begin, s_end, acc, arg);
+        rel_t<A> rel[decltype(F)::value];
+        reduce_block<T, R>(a, F, s_begin, s_end, acc, arg, rel);
       }
     });
   });

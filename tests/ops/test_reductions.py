@@ -201,6 +201,36 @@ def test_segment_max_nan_and_infinity():
     assert out[2].item() == inf
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("features", [2, 37])
+def test_segment_max_picks_the_first_maximum_or_nan_per_feature(dtype, features):
+    """Values from a small set (many ties), with -inf and NaN mixed in; 37 features leaves a
+    remainder after the vectorised part. Where each feature's gradient goes is checked against
+    a loop over the rows: the first maximal row, or the first NaN."""
+    gen = torch.Generator().manual_seed(features)
+    lengths = [1, 0, 5, 9, 2, 17]
+    values = torch.tensor([-float("inf"), -1.0, 0.0, 2.0, float("nan")])
+    pick = torch.multinomial(torch.tensor([1.0, 3.0, 3.0, 3.0, 0.3]), sum(lengths) * features, True, generator=gen)
+    src = values[pick].reshape(-1, features).to(dtype).requires_grad_()
+    out = ops.segment_max(src, make_ptr(lengths))
+    out.sum().backward()
+    expected_out = torch.zeros(len(lengths), features, dtype=dtype)
+    expected_grad = torch.zeros_like(src)
+    start = 0
+    for s, length in enumerate(lengths):
+        for f in range(features):
+            column = src.detach()[start : start + length, f].tolist()
+            if not column:
+                continue
+            nans = [k for k, v in enumerate(column) if v != v]
+            first = nans[0] if nans else column.index(max(column))
+            expected_out[s, f] = column[first]
+            expected_grad[start + first, f] = 1
+        start += length
+    torch.testing.assert_close(out.detach(), expected_out, equal_nan=True, rtol=0, atol=0)
+    assert torch.equal(src.grad, expected_grad)
+
+
 # ---- gradients (float64) ----
 
 

@@ -301,13 +301,13 @@ PYBIND11_MODULE(_C, m) {
   // ---- gaussian_basis (csrc/gaussian_basis) ----
   m.def(
       "gaussian_basis",
-      [](uintptr_t x, uintptr_t offset, uintptr_t temps, uintptr_t out, int64_t num_edges,
-         int64_t num_radial, int dtype, const Where& where) {
+      [](uintptr_t x, uintptr_t offset, uintptr_t temps, uintptr_t scale, uintptr_t out,
+         int64_t num_edges, int64_t num_radial, int dtype, const Where& where) {
         namespace gb = jmp_ext::gaussian_basis;
         JMP_CHECK(dtype == 0 || dtype == 1, "gaussian_basis: unknown dtype code ", dtype);
-        gb::Args args{ptr<const void>(x), ptr<const void>(offset), ptr<const void>(temps),
-                      ptr<void>(out),      num_edges,           num_radial,
-                      static_cast<jmp_ext::FloatDtype>(dtype)};
+        gb::Args args{ptr<const void>(x),     ptr<const void>(offset), ptr<const void>(temps),
+                      ptr<const void>(scale), ptr<void>(out),          num_edges,
+                      num_radial,             static_cast<jmp_ext::FloatDtype>(dtype)};
         if (!where.cuda) return gb::cpu::gaussian_basis(args, where.num_threads);
         JMP_CUDA_ONLY(gb::cuda::gaussian_basis(args, stream(where.stream)));
       },

@@ -1,7 +1,8 @@
 // GemNet-OC's Gaussian radial basis, computed only where it is not negligible.
 //
 // out[e, k] = exp(-temps[k] * (x[e] - offset[k])^2), and exactly 0 where that exponent is not
-// above log(smallest normal number of the dtype) (or is NaN). The zeroing is the model's
+// above log(smallest normal number of the dtype) (or is NaN); with a scale [E], that times
+// scale[e], and 0 where the product is below the smallest normal number. The zeroing is the model's
 // definition, not an approximation: results below the smallest normal number would be
 // subnormal, and subnormals make exp and every op that reads them ~10x slower on x86. With 128
 // centres over [0, 1] only ~27 per edge survive in float32, so the kernel evaluates exp for
@@ -28,6 +29,7 @@ struct Args {
   const void* x;       // [num_edges] of dtype: distances divided by the cutoff
   const void* offset;  // [num_radial] of dtype: the centres
   const void* temps;   // [num_radial] of dtype: the inverse widths, 1 / (2 sigma^2)
+  const void* scale;   // [num_edges] of dtype, or null: a factor per edge (the envelope)
   void* out;           // [num_edges, num_radial] of dtype
   int64_t num_edges;
   int64_t num_radial;
@@ -52,6 +54,16 @@ JMP_HD T gaussian(T x, T offset, T temp, T log_tiny) {
   T diff = x - offset;
   T exponent = -temp * (diff * diff);
   return exponent > log_tiny ? exp_of(exponent) : T(0);
+}
+
+// A basis value times its edge's scale, zeroed where the product falls below the smallest normal
+// number, as the torch expression where(|scale * value| < tiny, 0, scale * value) does: a small
+// Gaussian times a small envelope would otherwise be subnormal.
+template <class T>
+JMP_HD T scaled(T value, T scale) {
+  T v = scale * value;
+  T tiny = std::numeric_limits<T>::min();
+  return v < tiny && v > -tiny ? T(0) : v;
 }
 
 namespace cpu {

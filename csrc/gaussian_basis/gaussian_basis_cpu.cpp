@@ -13,6 +13,7 @@ void run(const Args& a, int num_threads) {
   const T* x = static_cast<const T*>(a.x);
   const T* offset = static_cast<const T*>(a.offset);
   const T* temps = static_cast<const T*>(a.temps);
+  const T* scale = static_cast<const T*>(a.scale);
   T* out = static_cast<T*>(a.out);
   const T log_tiny = log_smallest_normal<T>();
   const int64_t R = a.num_radial;
@@ -20,6 +21,10 @@ void run(const Args& a, int num_threads) {
     for (int64_t e = begin; e < end; ++e) {
       T* row = out + e * R;
       for (int64_t k = 0; k < R; ++k) row[k] = gaussian(x[e], offset[k], temps[k], log_tiny);
+      // A second pass over the row (in L1): without the exp calls it vectorises.
+      if (scale) {
+        for (int64_t k = 0; k < R; ++k) row[k] = scaled(row[k], scale[e]);
+      }
     }
   });
 }

@@ -10,11 +10,12 @@ namespace {
 namespace jc = jmp_ext::cuda;
 
 template <class T>
-__global__ void gaussian_kernel(const T* x, const T* offset, const T* temps, T* out,
-                                int64_t num_edges, int64_t num_radial, T log_tiny) {
+__global__ void gaussian_kernel(const T* x, const T* offset, const T* temps, const T* scale,
+                                T* out, int64_t num_edges, int64_t num_radial, T log_tiny) {
   for (int64_t i = jc::grid_start(); i < num_edges * num_radial; i += jc::grid_stride()) {
     int64_t e = i / num_radial, k = i % num_radial;
-    out[i] = gaussian(x[e], offset[k], temps[k], log_tiny);
+    T value = gaussian(x[e], offset[k], temps[k], log_tiny);
+    out[i] = scale ? scaled(value, scale[e]) : value;
   }
 }
 
@@ -24,7 +25,8 @@ void run(const Args& a, cudaStream_t stream) {
   if (n == 0) return;
   gaussian_kernel<T><<<jc::grid_for(n), jc::kBlock, 0, stream>>>(
       static_cast<const T*>(a.x), static_cast<const T*>(a.offset), static_cast<const T*>(a.temps),
-      static_cast<T*>(a.out), a.num_edges, a.num_radial, log_smallest_normal<T>());
+      static_cast<const T*>(a.scale), static_cast<T*>(a.out), a.num_edges, a.num_radial,
+      log_smallest_normal<T>());
   jc::check_launch();
 }
 

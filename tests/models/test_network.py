@@ -237,19 +237,23 @@ def test_cos_angle_between_is_cos_of_gemnet_ocs_atan2_angle():
         torch.testing.assert_close(g_ours, g_ref, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_radial_basis_is_the_enveloped_gaussians_without_subnormals(dtype):
+def test_radial_basis_is_the_enveloped_gaussians_without_subnormals(dtype, compiled):
     """envelope(d/c) * gaussians(d/c), except that products below the smallest normal number are 0.
-    (The Gaussians themselves are tested against their torch expression in tests/ops.)"""
+    (The Gaussians themselves are tested against their torch expression in tests/ops.) Under
+    torch.compile the basis is a torch expression for Inductor to fuse instead of the kernel: the
+    same values. (aot_eager: traced as Inductor would see it, without compiling C++.)"""
     from jmp_ext.models.gemnet_oc.bases import RadialBasis
 
     basis = RadialBasis(num_radial=128, cutoff=12.0, exponent=5).to(dtype)
+    run = torch.compile(basis, backend="aot_eager", dynamic=True) if compiled else basis
     d = torch.linspace(0.0, 13.0, 4001, dtype=dtype)
     x = d * (1 / 12.0)
     env = torch.where(x < 1, 1 - 21 * x**5 + 35 * x**6 - 15 * x**7, torch.zeros_like(x))
     expected = env[:, None] * basis.rbf(x)
     tiny = torch.finfo(dtype).tiny
-    out = basis(d)
+    out = run(d)
     assert not ((out != 0) & (out.abs() < tiny)).any()
     # (Away from the threshold, where one rounding could tip it. Rounding makes the envelope
     # slightly negative just below the cutoff: those values are kept, sign and all.)

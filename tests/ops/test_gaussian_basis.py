@@ -85,8 +85,68 @@ def test_zeroed_values_pass_no_gradient():
 
 def test_opcheck():
     offset, temps = jmp_centres(8)
-    torch.library.opcheck(torch.ops.jmp_ext.gaussian_basis.default,
-                          (distances(10, torch.float32).requires_grad_(), offset, temps))
+    x = distances(10, torch.float32)
+    torch.library.opcheck(torch.ops.jmp_ext.gaussian_basis.default, (x.requires_grad_(), offset, temps, None))
+    scale = envelope(x.detach()).requires_grad_()
+    torch.library.opcheck(torch.ops.jmp_ext.gaussian_basis.default, (x, offset, temps, scale))
+
+
+def envelope(x):
+    """RadialBasis's polynomial envelope (p = 5), 0 from x = 1 on: scales from 1 down to 0."""
+    env = 1 - 21 * x**5 + 35 * x**6 - 15 * x**7
+    return torch.where(x < 1, env, torch.zeros_like(x))
+
+
+def scale_then_zero(scale, basis):
+    """RadialBasis's expression before the kernel took the scale."""
+    product = scale[:, None] * basis
+    return torch.where(product.abs() < torch.finfo(product.dtype).tiny, 0.0, product)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_scaled_basis_is_the_scaled_expression(dtype):
+    """The multiply and the zeroing bitwise as torch does them on our unscaled basis; against the
+    whole torch expression to exp's last-ulp differences. Tiny scales make subnormal products."""
+    x = distances(5000, dtype)
+    offset, temps = jmp_centres(dtype=dtype)
+    scale = envelope(x)
+    scale[::7] *= torch.finfo(dtype).tiny * 1e6
+    out = ops.gaussian_basis(x, offset, temps, scale)
+    assert torch.equal(out, scale_then_zero(scale, ops.gaussian_basis(x, offset, temps)))
+    expected = scale_then_zero(scale, torch_gaussian_basis(x, offset, temps))
+    torch.testing.assert_close(out, expected, rtol=4 * torch.finfo(dtype).eps, atol=0)
+    product = scale[:, None] * ops.gaussian_basis(x, offset, temps)
+    assert ((product != 0) & (out == 0)).sum() > 100  # the subnormal products were there, and zeroed
+
+
+def test_scaled_gradients_match_the_expression_and_pass_gradcheck():
+    offset = torch.linspace(0.0, 1.0, 6, dtype=torch.float64)
+    temps = torch.full_like(offset, 3.0)
+    x = distances(20, torch.float64, seed=2).requires_grad_()
+    scale = (envelope(x.detach()) + 0.1).requires_grad_()  # away from 0: no entry sits on the cut
+    weights = torch.randn(20, 6, dtype=torch.float64)
+    ours = torch.autograd.grad((ops.gaussian_basis(x, offset, temps, scale) * weights).sum(), (x, scale),
+                               create_graph=True)
+    expected = torch.autograd.grad((scale_then_zero(scale, torch_gaussian_basis(x, offset, temps)) * weights).sum(),
+                                   (x, scale), create_graph=True)
+    for a, b in zip(ours, expected):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)
+    second = torch.autograd.grad(sum(g.square().sum() for g in ours), (x, scale))
+    expected2 = torch.autograd.grad(sum(g.square().sum() for g in expected), (x, scale))
+    for a, b in zip(second, expected2):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+    assert gradcheck(lambda v, s: ops.gaussian_basis(v, offset, temps, s), (x, scale))
+    assert gradgradcheck(lambda v, s: ops.gaussian_basis(v, offset, temps, s), (x, scale))
+
+
+def test_zeroed_scaled_values_pass_no_gradient():
+    offset, temps = jmp_centres(128, torch.float64)
+    x = torch.tensor([0.3, 1.5], dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor([1e-309, 0.0], dtype=torch.float64, requires_grad=True)  # products < tiny
+    out = ops.gaussian_basis(x, offset, temps, scale)
+    assert torch.equal(out, torch.zeros_like(out))
+    grads = torch.autograd.grad(out, (x, scale), torch.ones_like(out))
+    assert all(torch.equal(g, torch.zeros(2, dtype=torch.float64)) for g in grads)
 
 
 def test_bitwise_identical_on_any_thread_count():
@@ -114,6 +174,10 @@ def test_bad_inputs_name_the_problem():
         ops.gaussian_basis(x.double(), offset, temps)
     with pytest.raises(TypeError, match="float32 or float64"):
         ops.gaussian_basis(x.bfloat16(), offset.bfloat16(), temps.bfloat16())
+    with pytest.raises(ValueError, match="scale must have x's shape"):
+        ops.gaussian_basis(x, offset, temps, x[:3])
+    with pytest.raises(TypeError, match="scale torch.float64"):
+        ops.gaussian_basis(x, offset, temps, x.double())
     with pytest.raises(ValueError, match="constants"):
         ops.gaussian_basis(x, offset.requires_grad_(), temps)
 
@@ -126,4 +190,8 @@ def test_cuda_matches_cpu():
         cpu = ops.gaussian_basis(x, offset, temps)
         gpu = ops.gaussian_basis(x.cuda(), offset.cuda(), temps.cuda()).cpu()
         assert torch.equal(cpu == 0, gpu == 0)
+        torch.testing.assert_close(gpu, cpu, rtol=4 * torch.finfo(dtype).eps, atol=0)
+        scale = envelope(x)
+        cpu = ops.gaussian_basis(x, offset, temps, scale)
+        gpu = ops.gaussian_basis(x.cuda(), offset.cuda(), temps.cuda(), scale.cuda()).cpu()
         torch.testing.assert_close(gpu, cpu, rtol=4 * torch.finfo(dtype).eps, atol=0)

@@ -1,14 +1,17 @@
 """GemNet-OC's Gaussian radial basis as one compiled kernel (csrc/gaussian_basis).
 
-    gaussian_basis(x [E], offset [R], temps [R]) -> [E, R]
+    gaussian_basis(x [E], offset [R], temps [R], scale [E] | None) -> [E, R]
     out[e, k] = exp(-temps[k] * (x[e] - offset[k])^2), or exactly 0 where that exponent is not
-    above log(torch.finfo(dtype).tiny) (the result would be subnormal or zero).
+    above log(torch.finfo(dtype).tiny) (the result would be subnormal or zero); with a scale (the
+    radial basis's envelope), that times scale[e], and exactly 0 where |product| < tiny.
 
-This is the torch expression of jmp_ext.models.gemnet_oc.bases.GaussianBasis computed in one
+This is the torch expression of jmp_ext.models.gemnet_oc.bases.RadialBasis computed in one
 pass: with 128 centres on [0, 1] (JMP's setting) only ~27 of an edge's values are non-zero in
-float32, and the kernel evaluates exp for those only. float32 or float64; x, offset and temps
-share dtype and device. Differentiable in x to any order (the gradient is built from the output
-with torch ops); offset and temps are constants (the model's buffers) and get no gradient.
+float32, and the kernel evaluates exp for those only; unfused, the envelope's multiply and the
+zeroing cost ~3x the basis itself in eager mode (they run over all 128 columns, some of them
+subnormal). float32 or float64; x, offset, temps and scale share dtype and device.
+Differentiable in x and scale to any order (the gradients are built from the output with torch
+ops); offset and temps are constants (the model's buffers) and get no gradient.
 """
 
 from __future__ import annotations
@@ -21,54 +24,66 @@ from jmp_ext.ops._lib import launch, ptr
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1}
 
 
-def _check(x: Tensor, offset: Tensor, temps: Tensor) -> None:
+def _check(x: Tensor, offset: Tensor, temps: Tensor, scale: Tensor | None) -> None:
     if x.dim() != 1 or offset.dim() != 1 or temps.shape != offset.shape:
         raise ValueError(f"gaussian_basis takes x [E], offset [R] and temps [R]; got shapes "
                          f"{tuple(x.shape)}, {tuple(offset.shape)} and {tuple(temps.shape)}")
-    if x.dtype not in _DTYPE_CODES or offset.dtype != x.dtype or temps.dtype != x.dtype:
-        raise TypeError(f"gaussian_basis takes float32 or float64 tensors of one dtype; got x "
-                        f"{x.dtype}, offset {offset.dtype}, temps {temps.dtype}")
-    if offset.device != x.device or temps.device != x.device:
-        raise ValueError(f"gaussian_basis inputs must be on one device; got x on {x.device}, "
-                         f"offset on {offset.device}, temps on {temps.device}")
+    if scale is not None and scale.shape != x.shape:
+        raise ValueError(f"gaussian_basis: scale must have x's shape {tuple(x.shape)}, got {tuple(scale.shape)}")
+    tensors = {"x": x, "offset": offset, "temps": temps} | ({} if scale is None else {"scale": scale})
+    if x.dtype not in _DTYPE_CODES or any(t.dtype != x.dtype for t in tensors.values()):
+        raise TypeError("gaussian_basis takes float32 or float64 tensors of one dtype; got " +
+                        ", ".join(f"{name} {t.dtype}" for name, t in tensors.items()))
+    if any(t.device != x.device for t in tensors.values()):
+        raise ValueError("gaussian_basis inputs must be on one device; got " +
+                         ", ".join(f"{name} on {t.device}" for name, t in tensors.items()))
 
 
 @torch.library.custom_op("jmp_ext::gaussian_basis", mutates_args=())
-def _gaussian_basis(x: Tensor, offset: Tensor, temps: Tensor) -> Tensor:
-    _check(x, offset, temps)
+def _gaussian_basis(x: Tensor, offset: Tensor, temps: Tensor, scale: Tensor | None) -> Tensor:
+    _check(x, offset, temps, scale)
     x, offset, temps = x.contiguous(), offset.contiguous(), temps.contiguous()
+    scale = None if scale is None else scale.contiguous()
     out = x.new_empty(x.shape[0], offset.shape[0])
-    launch("gaussian_basis", x.device, ptr(x), ptr(offset), ptr(temps), ptr(out), x.shape[0], offset.shape[0],
-           _DTYPE_CODES[x.dtype], checks_indices=False)
+    launch("gaussian_basis", x.device, ptr(x), ptr(offset), ptr(temps), ptr(scale), ptr(out), x.shape[0],
+           offset.shape[0], _DTYPE_CODES[x.dtype], checks_indices=False)
     return out
 
 
 @_gaussian_basis.register_fake
-def _(x, offset, temps):
-    _check(x, offset, temps)
+def _(x, offset, temps, scale):
+    _check(x, offset, temps, scale)
     return x.new_empty(x.shape[0], offset.shape[0])
 
 
 def _setup(ctx, inputs, output):
-    x, offset, temps = inputs
-    ctx.save_for_backward(x, offset, temps, output)
+    x, offset, temps, scale = inputs
+    ctx.save_for_backward(x, offset, temps, scale, output)
 
 
 def _backward(ctx, grad):
-    # d out[e, k] / d x[e] = -2 temps[k] (x[e] - offset[k]) out[e, k]: 0 where out was zeroed,
-    # as in the torch expression (whose masked_fill passes no gradient).
-    x, offset, temps, out = ctx.saved_tensors
+    # d out[e, k] / d x[e] = -2 temps[k] (x[e] - offset[k]) out[e, k], and d out[e, k] / d scale[e]
+    # = the unscaled basis: both 0 where out was zeroed, as in the torch expressions (whose
+    # masked_fill and where pass no gradient there).
+    x, offset, temps, scale, out = ctx.saved_tensors
     slope = -2.0 * temps * (x[:, None] - offset)
-    return (grad * out * slope).sum(dim=1), None, None
+    grad_x = (grad * out * slope).sum(dim=1)
+    grad_scale = None
+    if scale is not None and ctx.needs_input_grad[3]:
+        basis = _gaussian_basis(x, offset, temps, None)
+        grad_scale = (grad * basis).masked_fill(out == 0, 0.0).sum(dim=1)
+    return grad_x, None, None, grad_scale
 
 
 _gaussian_basis.register_autograd(_backward, setup_context=_setup)
 
 
-def gaussian_basis(x: Tensor, offset: Tensor, temps: Tensor) -> Tensor:
-    """exp(-temps * (x[:, None] - offset)^2), zeroed below the smallest normal number.
+def gaussian_basis(x: Tensor, offset: Tensor, temps: Tensor, scale: Tensor | None = None) -> Tensor:
+    """exp(-temps * (x[:, None] - offset)^2), zeroed below the smallest normal number; with a
+    scale, scale[:, None] times that, zeroed where below the smallest normal number.
 
-    x [E] (distances over the cutoff), offset [R], temps [R]: float32 or float64. -> [E, R]."""
+    x [E] (distances over the cutoff), offset [R], temps [R], scale [E] or None: float32 or
+    float64. -> [E, R]."""
     if offset.requires_grad or temps.requires_grad:
         raise ValueError("gaussian_basis: offset and temps are constants; they cannot require grad")
-    return _gaussian_basis(x, offset, temps)
+    return _gaussian_basis(x, offset, temps, scale)

@@ -9,6 +9,8 @@ initial edge embedding. Parameter and buffer names are JMP's (`bases.*`).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -29,11 +31,26 @@ class GaussianBasis(nn.Module):
         self.register_buffer("offset", offset)
         self.register_buffer("temps", torch.full_like(offset, 0.5 / (1.0 / (num_radial - 1)) ** 2))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One kernel for exp(-temps * (x[:, None] - offset)^2), with values below the dtype's
-        # smallest normal number set to 0: most of the 128 Gaussians of a long a2a edge underflow
-        # (exponents down to -8000), and subnormals make every op that reads them ~10x slower.
-        return ops.gaussian_basis(x, self.offset, self.temps)
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """x [E] -> [E, num_radial], times scale [E] (or not) if given.
+
+        One kernel for scale[:, None] * exp(-temps * (x[:, None] - offset)^2), with values below
+        the dtype's smallest normal number set to 0: most of the 128 Gaussians of a long a2a edge
+        underflow (exponents down to -8000), a small envelope takes others below it, and
+        subnormals make the exp and the matmuls that read them up to ~10x slower
+        (bench/README.md, "Subnormals")."""
+        if torch.compiler.is_compiling():
+            # Inductor fuses the expression into one vectorised pass, ~2.5x faster than the
+            # kernel's scalar exp (bench/README.md, "Gaussian basis"); eager, the kernel is 5x
+            # faster than the expression's separate passes.
+            exponent = -self.temps * (x[:, None] - self.offset) ** 2
+            underflow = ~(exponent > math.log(torch.finfo(x.dtype).tiny))
+            basis = torch.exp(exponent.masked_fill(underflow, 0.0)).masked_fill(underflow, 0.0)
+            if scale is None:
+                return basis
+            product = scale[:, None] * basis
+            return torch.where(product.abs() < torch.finfo(x.dtype).tiny, 0.0, product)
+        return ops.gaussian_basis(x, self.offset, self.temps, scale)
 
 
 class RadialBasis(nn.Module):
@@ -53,11 +70,7 @@ class RadialBasis(nn.Module):
         p = self.p
         env = 1 - (p + 1) * (p + 2) / 2 * x**p + p * (p + 2) * x ** (p + 1) - p * (p + 1) / 2 * x ** (p + 2)
         env = torch.where(x < 1, env, torch.zeros_like(x))
-        rad = env[:, None] * self.rbf(x)
-        # The envelope (< 1) takes Gaussians near the smallest normal number below it; such
-        # subnormal inputs make the matmuls that project this basis up to 2x slower, so they
-        # are set to 0 as GaussianBasis does (bench/README.md, "Subnormals").
-        return torch.where(rad.abs() < torch.finfo(rad.dtype).tiny, 0.0, rad)
+        return self.rbf(x, scale=env)
 
 
 def spherical_harmonics_l0(z: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@ the torch expression it replaced, eager and under torch.compile (Inductor fuses 
 pass), with the write floor measured in the same run: filling a tensor of the output's size.
 
     out[e, k] = exp(-temps[k] * (x[e] - offset[k])^2), 0 below float32's smallest normal
+    "enveloped" (RadialBasis): out[e, k] * envelope(x[e]), 0 where that is below it
 
 Sizes: the main graph (E = 64 278) and the a2a graph (E = 521 526) of 32 OC20-like slabs, the
 model's benchmark batch (bench_model.py); distances uniform in [0, 12] Å. float32, one thread.
@@ -22,10 +23,14 @@ import jmp_ext.ops as ops
 NUM_RADIAL = 128
 
 
-def torch_expression(x, offset, temps):
+def torch_expression(x, offset, temps, scale=None):
     exponent = -temps * (x[:, None] - offset) ** 2
     underflow = ~(exponent > math.log(torch.finfo(exponent.dtype).tiny))
-    return torch.exp(exponent.masked_fill(underflow, 0.0)).masked_fill(underflow, 0.0)
+    basis = torch.exp(exponent.masked_fill(underflow, 0.0)).masked_fill(underflow, 0.0)
+    if scale is None:
+        return basis
+    product = scale[:, None] * basis
+    return torch.where(product.abs() < torch.finfo(product.dtype).tiny, 0.0, product)
 
 
 compiled_expression = torch.compile(torch_expression, dynamic=False)
@@ -34,21 +39,23 @@ IMPLS = {
     "jmp_ext": ops.gaussian_basis,
     "torch": torch_expression,
     "torch_compile": compiled_expression,
-    "write_floor": lambda x, offset, temps: torch.empty(x.shape[0], offset.shape[0]).fill_(1.0),
+    "write_floor": lambda x, offset, temps, scale: torch.empty(x.shape[0], offset.shape[0]).fill_(1.0),
 }
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("enveloped", [False, True], ids=["plain", "enveloped"])
 @pytest.mark.parametrize("edges", [64_278, 521_526], ids=["main", "a2a"])
-def test_gaussian_basis(benchmark, impl, edges):
+def test_gaussian_basis(benchmark, impl, enveloped, edges):
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(edges, generator=gen)  # d / cutoff
     offset = torch.linspace(0.0, 1.0, NUM_RADIAL)
     temps = torch.full_like(offset, 0.5 * (NUM_RADIAL - 1) ** 2)
+    scale = 1 - 21 * x**5 + 35 * x**6 - 15 * x**7 if enveloped else None  # RadialBasis's, p = 5
     fn = IMPLS[impl]
     if impl != "write_floor":
-        torch.testing.assert_close(fn(x, offset, temps), ops.gaussian_basis(x, offset, temps),
+        torch.testing.assert_close(fn(x, offset, temps, scale), ops.gaussian_basis(x, offset, temps, scale),
                                    rtol=4 * torch.finfo(torch.float32).eps, atol=0)
     benchmark.extra_info["bytes_out"] = edges * NUM_RADIAL * 4
-    benchmark.pedantic(fn, args=(x, offset, temps), rounds=10, warmup_rounds=2)
+    benchmark.pedantic(fn, args=(x, offset, temps, scale), rounds=10, warmup_rounds=2)

@@ -115,6 +115,10 @@ def test_scaled_basis_is_the_scaled_expression(dtype):
     assert torch.equal(out, scale_then_zero(scale, ops.gaussian_basis(x, offset, temps)))
     expected = scale_then_zero(scale, torch_gaussian_basis(x, offset, temps))
     torch.testing.assert_close(out, expected, rtol=4 * torch.finfo(dtype).eps, atol=0)
+    # The expression the model gives torch.compile: the same values, scaled or not.
+    torch.testing.assert_close(ops.gaussian_basis_expression(x, offset, temps, scale), expected, rtol=0, atol=0)
+    torch.testing.assert_close(ops.gaussian_basis_expression(x, offset, temps),
+                               torch_gaussian_basis(x, offset, temps), rtol=0, atol=0)
     product = scale[:, None] * ops.gaussian_basis(x, offset, temps)
     assert ((product != 0) & (out == 0)).sum() > 100  # the subnormal products were there, and zeroed
 

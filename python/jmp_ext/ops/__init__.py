@@ -5,7 +5,7 @@ autograd and torch.compile, on CPU tensors and (in a CUDA build) on GPU tensors.
 """
 
 from jmp_ext.ops._lib import build_info
-from jmp_ext.ops.gaussian_basis import gaussian_basis
+from jmp_ext.ops.gaussian_basis import gaussian_basis, gaussian_basis_expression
 from jmp_ext.ops.interaction_indices import mixed_triplets, quadruplets, triplets
 from jmp_ext.ops.radius_graph import edge_vectors, radius_graph
 from jmp_ext.ops.reductions import (
@@ -26,6 +26,7 @@ __all__ = [
     "edge_vectors",
     "gather",
     "gaussian_basis",
+    "gaussian_basis_expression",
     "mixed_triplets",
     "padded_to_ragged",
     "quadruplets",

@@ -312,6 +312,39 @@ PYBIND11_MODULE(_C, m) {
         JMP_CUDA_ONLY(gb::cuda::gaussian_basis(args, stream(where.stream)));
       },
       nogil());
+  m.def(
+      "gaussian_basis_backward",
+      [](uintptr_t grad, uintptr_t x, uintptr_t offset, uintptr_t temps, uintptr_t scale,
+         uintptr_t grad_x, uintptr_t grad_scale, int64_t num_edges, int64_t num_radial, int dtype,
+         const Where& where) {
+        namespace gb = jmp_ext::gaussian_basis;
+        JMP_CHECK(dtype == 0 || dtype == 1, "gaussian_basis_backward: unknown dtype code ", dtype);
+        gb::BackwardArgs args{ptr<const void>(grad),  ptr<const void>(x),     ptr<const void>(offset),
+                              ptr<const void>(temps), ptr<const void>(scale), ptr<void>(grad_x),
+                              ptr<void>(grad_scale),  num_edges,              num_radial,
+                              static_cast<jmp_ext::FloatDtype>(dtype)};
+        if (!where.cuda) return gb::cpu::gaussian_basis_backward(args, where.num_threads);
+        JMP_CUDA_ONLY(gb::cuda::gaussian_basis_backward(args, stream(where.stream)));
+      },
+      nogil());
+  m.def(
+      "gaussian_basis_second",
+      [](uintptr_t grad, uintptr_t x, uintptr_t offset, uintptr_t temps, uintptr_t scale,
+         uintptr_t grad_grad_x, uintptr_t grad_grad_scale, uintptr_t d_grad, uintptr_t d_x,
+         uintptr_t d_scale, int64_t num_edges, int64_t num_radial, int dtype, const Where& where) {
+        namespace gb = jmp_ext::gaussian_basis;
+        JMP_CHECK(dtype == 0 || dtype == 1, "gaussian_basis_second: unknown dtype code ", dtype);
+        gb::SecondArgs args{ptr<const void>(grad),        ptr<const void>(x),
+                            ptr<const void>(offset),      ptr<const void>(temps),
+                            ptr<const void>(scale),       ptr<const void>(grad_grad_x),
+                            ptr<const void>(grad_grad_scale), ptr<void>(d_grad),
+                            ptr<void>(d_x),               ptr<void>(d_scale),
+                            num_edges,                    num_radial,
+                            static_cast<jmp_ext::FloatDtype>(dtype)};
+        if (!where.cuda) return gb::cpu::gaussian_basis_second(args, where.num_threads);
+        JMP_CUDA_ONLY(gb::cuda::gaussian_basis_second(args, stream(where.stream)));
+      },
+      nogil());
 
   // ---- reductions (csrc/reductions) ----
   // Each entry takes the addresses and sizes, then a Where; the CUDA kernels also get the

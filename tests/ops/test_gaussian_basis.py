@@ -91,6 +91,26 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.jmp_ext.gaussian_basis.default, (x, offset, temps, scale))
 
 
+def test_opcheck_of_the_gradient_ops():
+    offset, temps = jmp_centres(8)
+    x = distances(10, torch.float32)
+    scale, grad = envelope(x), torch.randn(10, 8)
+    for s in (None, scale):
+        torch.library.opcheck(torch.ops.jmp_ext.gaussian_basis_backward.default, (grad, x, offset, temps, s))
+        torch.library.opcheck(torch.ops.jmp_ext.gaussian_basis_second.default,
+                              (grad, x, offset, temps, s, torch.randn(10), None if s is None else torch.randn(10)))
+
+
+def test_third_derivative_raises_a_clear_error():
+    """Second order is what training on -dE/dpos needs; the third is not provided, and says so."""
+    offset, temps = jmp_centres(8, torch.float64)
+    x = distances(5, torch.float64).requires_grad_()
+    (first,) = torch.autograd.grad(ops.gaussian_basis(x, offset, temps).square().sum(), x, create_graph=True)
+    (second,) = torch.autograd.grad(first.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="gaussian_basis_second"):
+        torch.autograd.grad(second.sum(), x)
+
+
 def envelope(x):
     """RadialBasis's polynomial envelope (p = 5), 0 from x = 1 on: scales from 1 down to 0."""
     env = 1 - 21 * x**5 + 35 * x**6 - 15 * x**7
@@ -199,3 +219,14 @@ def test_cuda_matches_cpu():
         cpu = ops.gaussian_basis(x, offset, temps, scale)
         gpu = ops.gaussian_basis(x.cuda(), offset.cuda(), temps.cuda(), scale.cuda()).cpu()
         torch.testing.assert_close(gpu, cpu, rtol=4 * torch.finfo(dtype).eps, atol=0)
+        # First and second derivatives (the gradient kernels), on a few thousand edges.
+        results = []
+        for device in ("cpu", "cuda"):
+            v, s = x[:2000].to(device).requires_grad_(), scale[:2000].to(device).requires_grad_()
+            w = torch.linspace(-1, 1, 128, dtype=dtype, device=device)
+            first = torch.autograd.grad((ops.gaussian_basis(v, offset.to(device), temps.to(device), s) * w).sum(),
+                                        (v, s), create_graph=True)
+            second = torch.autograd.grad(sum(g.square().sum() for g in first), (v, s))
+            results.append([t.detach().cpu() for t in (*first, *second)])
+        for a, b in zip(*results):
+            torch.testing.assert_close(b, a, rtol=1e-4 if dtype == torch.float32 else 1e-10, atol=1e-6)

@@ -58,26 +58,80 @@ def _(x, offset, temps, scale):
     return x.new_empty(x.shape[0], offset.shape[0])
 
 
+@torch.library.custom_op("jmp_ext::gaussian_basis_backward", mutates_args=())
+def _gaussian_basis_backward(grad: Tensor, x: Tensor, offset: Tensor, temps: Tensor,
+                             scale: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(grad_x [E], grad_scale [E], or [0] without a scale) from grad = d/d out [E, R]: one pass
+    that recomputes the non-zero values, instead of torch ops over [E, R] (whose products of
+    small numbers are subnormal and slow)."""
+    grad, x, offset, temps = grad.contiguous(), x.contiguous(), offset.contiguous(), temps.contiguous()
+    scale = None if scale is None else scale.contiguous()
+    grad_x = torch.empty_like(x)
+    grad_scale = torch.empty_like(x) if scale is not None else x.new_empty(0)
+    launch("gaussian_basis_backward", x.device, ptr(grad), ptr(x), ptr(offset), ptr(temps), ptr(scale),
+           ptr(grad_x), ptr(grad_scale), x.shape[0], offset.shape[0], _DTYPE_CODES[x.dtype],
+           checks_indices=False)
+    return grad_x, grad_scale
+
+
+@_gaussian_basis_backward.register_fake
+def _(grad, x, offset, temps, scale):
+    return torch.empty_like(x), torch.empty_like(x) if scale is not None else x.new_empty(0)
+
+
 def _setup(ctx, inputs, output):
     x, offset, temps, scale = inputs
-    ctx.save_for_backward(x, offset, temps, scale, output)
+    ctx.save_for_backward(x, offset, temps, scale)
 
 
 def _backward(ctx, grad):
     # d out[e, k] / d x[e] = -2 temps[k] (x[e] - offset[k]) out[e, k], and d out[e, k] / d scale[e]
     # = the unscaled basis: both 0 where out was zeroed, as in the torch expressions (whose
     # masked_fill and where pass no gradient there).
-    x, offset, temps, scale, out = ctx.saved_tensors
-    slope = -2.0 * temps * (x[:, None] - offset)
-    grad_x = (grad * out * slope).sum(dim=1)
-    grad_scale = None
-    if scale is not None and ctx.needs_input_grad[3]:
-        basis = _gaussian_basis(x, offset, temps, None)
-        grad_scale = (grad * basis).masked_fill(out == 0, 0.0).sum(dim=1)
-    return grad_x, None, None, grad_scale
+    x, offset, temps, scale = ctx.saved_tensors
+    grad_x, grad_scale = _gaussian_basis_backward(grad, x, offset, temps, scale)
+    return grad_x, None, None, grad_scale if scale is not None else None
 
 
 _gaussian_basis.register_autograd(_backward, setup_context=_setup)
+
+
+@torch.library.custom_op("jmp_ext::gaussian_basis_second", mutates_args=())
+def _gaussian_basis_second(grad: Tensor, x: Tensor, offset: Tensor, temps: Tensor, scale: Tensor | None,
+                           grad_grad_x: Tensor | None, grad_grad_scale: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward's own gradient: (d grad [E, R], d x [E], d scale [E] or [0]) from d/d grad_x
+    and d/d grad_scale (None: zero). What training on forces -dE/dpos needs; it has no gradient
+    of its own (a third derivative raises)."""
+    grad, x, offset, temps = grad.contiguous(), x.contiguous(), offset.contiguous(), temps.contiguous()
+    scale, grad_grad_x, grad_grad_scale = (None if t is None else t.contiguous()
+                                           for t in (scale, grad_grad_x, grad_grad_scale))
+    d_grad, d_x = torch.empty_like(grad), torch.empty_like(x)
+    d_scale = torch.empty_like(x) if scale is not None else x.new_empty(0)
+    launch("gaussian_basis_second", x.device, ptr(grad), ptr(x), ptr(offset), ptr(temps), ptr(scale),
+           ptr(grad_grad_x), ptr(grad_grad_scale), ptr(d_grad), ptr(d_x), ptr(d_scale), x.shape[0],
+           offset.shape[0], _DTYPE_CODES[x.dtype], checks_indices=False)
+    return d_grad, d_x, d_scale
+
+
+@_gaussian_basis_second.register_fake
+def _(grad, x, offset, temps, scale, grad_grad_x, grad_grad_scale):
+    return torch.empty_like(grad), torch.empty_like(x), torch.empty_like(x) if scale is not None else x.new_empty(0)
+
+
+def _setup_second(ctx, inputs, output):
+    grad, x, offset, temps, scale = inputs
+    ctx.save_for_backward(grad, x, offset, temps, scale)
+
+
+def _backward_second(ctx, grad_grad_x, grad_grad_scale):
+    grad, x, offset, temps, scale = ctx.saved_tensors
+    if scale is None:
+        grad_grad_scale = None
+    d_grad, d_x, d_scale = _gaussian_basis_second(grad, x, offset, temps, scale, grad_grad_x, grad_grad_scale)
+    return d_grad, d_x, None, None, d_scale if scale is not None else None
+
+
+_gaussian_basis_backward.register_autograd(_backward_second, setup_context=_setup_second)
 
 
 def gaussian_basis(x: Tensor, offset: Tensor, temps: Tensor, scale: Tensor | None = None) -> Tensor:

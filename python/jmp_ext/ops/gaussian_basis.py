@@ -10,8 +10,10 @@ pass: with 128 centres on [0, 1] (JMP's setting) only ~27 of an edge's values ar
 float32, and the kernel evaluates exp for those only; unfused, the envelope's multiply and the
 zeroing cost ~3x the basis itself in eager mode (they run over all 128 columns, some of them
 subnormal). float32 or float64; x, offset, temps and scale share dtype and device.
-Differentiable in x and scale to any order (the gradients are built from the output with torch
-ops); offset and temps are constants (the model's buffers) and get no gradient.
+Differentiable in x and scale to second order, what training on forces -dE/dpos needs: both
+derivatives are kernels too (gaussian_basis_backward, gaussian_basis_second), which recompute a
+row's non-zero values instead of running torch ops over [E, R]; a third derivative raises.
+offset and temps are constants (the model's buffers) and get no gradient.
 """
 
 from __future__ import annotations

@@ -33,13 +33,14 @@ void run(const Args& a, cudaStream_t stream) {
 // One thread per edge: a row of 128 values with ~27 exps is little work, and one owner per
 // output keeps the sums deterministic.
 template <class T>
-__global__ void backward_kernel(const T* grad, const T* x, const T* offset, const T* temps,
-                                const T* scale, T* grad_x, T* grad_scale, int64_t num_edges,
-                                int64_t num_radial, T log_tiny) {
-  for (int64_t e = jc::grid_start(); e < num_edges; e += jc::grid_stride()) {
+__global__ void backward_kernel(BackwardArgs a, T log_tiny) {
+  const T* scale = static_cast<const T*>(a.scale);
+  T* grad_scale = static_cast<T*>(a.grad_scale);
+  for (int64_t e = jc::grid_start(); e < a.num_edges; e += jc::grid_stride()) {
     T gs;
-    backward_row(grad + e * num_radial, x[e], offset, temps, scale ? scale + e : nullptr,
-                 num_radial, log_tiny, grad_x[e], gs);
+    backward_row(static_cast<const T*>(a.grad) + e * a.num_radial, static_cast<const T*>(a.x)[e],
+                 static_cast<const T*>(a.offset), static_cast<const T*>(a.temps),
+                 scale ? scale + e : nullptr, a.num_radial, log_tiny, static_cast<T*>(a.grad_x)[e], gs);
     if (grad_scale) grad_scale[e] = gs;
   }
 }
@@ -47,10 +48,7 @@ __global__ void backward_kernel(const T* grad, const T* x, const T* offset, cons
 template <class T>
 void run_backward(const BackwardArgs& a, cudaStream_t stream) {
   if (a.num_edges == 0) return;
-  backward_kernel<T><<<jc::grid_for(a.num_edges), jc::kBlock, 0, stream>>>(
-      static_cast<const T*>(a.grad), static_cast<const T*>(a.x), static_cast<const T*>(a.offset),
-      static_cast<const T*>(a.temps), static_cast<const T*>(a.scale), static_cast<T*>(a.grad_x),
-      static_cast<T*>(a.grad_scale), a.num_edges, a.num_radial, log_smallest_normal<T>());
+  backward_kernel<T><<<jc::grid_for(a.num_edges), jc::kBlock, 0, stream>>>(a, log_smallest_normal<T>());
   jc::check_launch();
 }
 

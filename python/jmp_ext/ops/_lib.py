@@ -57,6 +57,11 @@ def num_threads() -> int:
     return torch.get_num_threads()
 
 
+def contiguous(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """The tensors as the dense buffers the kernels read; None (an absent optional input) stays None."""
+    return tuple(None if t is None else t.contiguous() for t in tensors)
+
+
 def ptr(tensor: torch.Tensor | None) -> int:
     """Address of a contiguous tensor's first element (0 for None or an empty tensor)."""
     if tensor is None or tensor.numel() == 0:

@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from jmp_ext.ops._lib import launch, ptr
+from jmp_ext.ops._lib import contiguous, launch, ptr
 
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1}
 
@@ -43,11 +43,6 @@ def _check(x: Tensor, offset: Tensor, temps: Tensor, scale: Tensor | None) -> No
                          ", ".join(f"{name} on {t.device}" for name, t in tensors.items()))
 
 
-def _contiguous(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
-    """The kernels read dense buffers; None (an absent optional input) stays None."""
-    return tuple(None if t is None else t.contiguous() for t in tensors)
-
-
 def _per_edge(x: Tensor, scale: Tensor | None) -> Tensor:
     """An uninitialised [E] buffer for a scale's gradient, or an empty one without a scale."""
     return torch.empty_like(x) if scale is not None else x.new_empty(0)
@@ -56,7 +51,7 @@ def _per_edge(x: Tensor, scale: Tensor | None) -> Tensor:
 @torch.library.custom_op("jmp_ext::gaussian_basis", mutates_args=())
 def _gaussian_basis(x: Tensor, offset: Tensor, temps: Tensor, scale: Tensor | None) -> Tensor:
     _check(x, offset, temps, scale)
-    x, offset, temps, scale = _contiguous(x, offset, temps, scale)
+    x, offset, temps, scale = contiguous(x, offset, temps, scale)
     out = x.new_empty(x.shape[0], offset.shape[0])
     launch("gaussian_basis", x.device, ptr(x), ptr(offset), ptr(temps), ptr(scale), ptr(out), x.shape[0],
            offset.shape[0], _DTYPE_CODES[x.dtype], checks_indices=False)
@@ -75,7 +70,7 @@ def _gaussian_basis_backward(grad: Tensor, x: Tensor, offset: Tensor, temps: Ten
     """(grad_x [E], grad_scale [E], or [0] without a scale) from grad = d/d out [E, R]: one pass
     that recomputes the non-zero values, instead of torch ops over [E, R] (whose products of
     small numbers are subnormal and slow)."""
-    grad, x, offset, temps, scale = _contiguous(grad, x, offset, temps, scale)
+    grad, x, offset, temps, scale = contiguous(grad, x, offset, temps, scale)
     grad_x, grad_scale = torch.empty_like(x), _per_edge(x, scale)
     launch("gaussian_basis_backward", x.device, ptr(grad), ptr(x), ptr(offset), ptr(temps), ptr(scale),
            ptr(grad_x), ptr(grad_scale), x.shape[0], offset.shape[0], _DTYPE_CODES[x.dtype],
@@ -111,7 +106,7 @@ def _gaussian_basis_second(grad: Tensor, x: Tensor, offset: Tensor, temps: Tenso
     """The backward's own gradient: (d grad [E, R], d x [E], d scale [E] or [0]) from d/d grad_x
     and d/d grad_scale (None: zero). What training on forces -dE/dpos needs; it has no gradient
     of its own (a third derivative raises)."""
-    grad, x, offset, temps, scale, grad_grad_x, grad_grad_scale = _contiguous(
+    grad, x, offset, temps, scale, grad_grad_x, grad_grad_scale = contiguous(
         grad, x, offset, temps, scale, grad_grad_x, grad_grad_scale)
     d_grad, d_x, d_scale = torch.empty_like(grad), torch.empty_like(x), _per_edge(x, scale)
     launch("gaussian_basis_second", x.device, ptr(grad), ptr(x), ptr(offset), ptr(temps), ptr(scale),

@@ -32,7 +32,7 @@ import math
 import torch
 from torch import Tensor
 
-from jmp_ext.ops._lib import _C, launch, num_threads, ptr
+from jmp_ext.ops._lib import _C, contiguous, launch, num_threads, ptr
 
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
 _REDUCE_CODES = {"sum": 0, "mean": 1, "max": 2}
@@ -309,9 +309,7 @@ def _bilinear_kernel(kind: str, x: Tensor, y: Tensor, ptr_: Tensor, out: Tensor,
         x = x.contiguous()
     x_stride_r, x_stride_c = x.stride()[1:] if x.dim() == 3 else (1, 1)
     x_address = x.data_ptr() if x.numel() else 0  # (ptr() asserts a contiguous buffer)
-    y, ptr_ = y.contiguous(), ptr_.contiguous()  # (kept alive while the kernel runs)
-    y_index = None if y_index is None else y_index.contiguous()
-    out_index = None if out_index is None else out_index.contiguous()
+    y, ptr_, y_index, out_index = contiguous(y, ptr_, y_index, out_index)  # (kept alive while the kernel runs)
     if kind == "segment_outer":
         num_src = x.shape[0]
     else:

@@ -30,6 +30,11 @@ T* ptr(uintptr_t address) {
   return reinterpret_cast<T*>(address);
 }
 
+// A row index of dtype int32 (is_int32) or int64, as python/jmp_ext/ops/_lib.py's index_arg() passes it.
+jmp_ext::IndexArray index_array(uintptr_t address, bool is_int32) {
+  return {ptr<const void>(address), is_int32};
+}
+
 #ifdef JMP_EXT_WITH_CUDA
 cudaStream_t stream(uintptr_t address) { return reinterpret_cast<cudaStream_t>(address); }
 #endif
@@ -65,11 +70,13 @@ ii::Graph graph(uintptr_t edge_index, uintptr_t cell_offset, int64_t num_edges) 
   return {rows, rows + num_edges, ptr<const int32_t>(cell_offset), num_edges};
 }
 
-ii::TripletArgs triplet_args(uintptr_t in_edge_index, uintptr_t in_cell_offset, int64_t in_edges,
-                             uintptr_t out_edge_index, uintptr_t out_cell_offset,
-                             int64_t out_edges, int pairing, int64_t num_atoms,
-                             uintptr_t in_ptr, uintptr_t in_order, uintptr_t offsets) {
-  ii::TripletArgs args;
+template <class Index>
+ii::TripletArgs<Index> triplet_args(uintptr_t in_edge_index, uintptr_t in_cell_offset,
+                                    int64_t in_edges, uintptr_t out_edge_index,
+                                    uintptr_t out_cell_offset, int64_t out_edges, int pairing,
+                                    int64_t num_atoms, uintptr_t in_ptr, uintptr_t in_order,
+                                    uintptr_t offsets) {
+  ii::TripletArgs<Index> args;
   args.in = graph(in_edge_index, in_cell_offset, in_edges);
   args.out = graph(out_edge_index, out_cell_offset, out_edges);
   JMP_CHECK(pairing >= 0 && pairing <= 2, "unknown pairing ", pairing);
@@ -82,37 +89,50 @@ ii::TripletArgs triplet_args(uintptr_t in_edge_index, uintptr_t in_cell_offset, 
   return args;
 }
 
-ii::QuadArgs quad_args(uintptr_t main_edge_index, uintptr_t main_cell_offset, int64_t main_edges,
-                       uintptr_t qint_edge_index, uintptr_t qint_cell_offset, int64_t qint_edges,
-                       uintptr_t tin_ptr, uintptr_t tin_in, uintptr_t tout_ptr,
-                       uintptr_t tout_in, uintptr_t offsets) {
-  ii::QuadArgs args;
+template <class Index>
+ii::QuadArgs<Index> quad_args(uintptr_t main_edge_index, uintptr_t main_cell_offset,
+                              int64_t main_edges, uintptr_t qint_edge_index,
+                              uintptr_t qint_cell_offset, int64_t qint_edges, uintptr_t tin_ptr,
+                              uintptr_t tin_in, uintptr_t tout_ptr, uintptr_t tout_in,
+                              uintptr_t candidates, uintptr_t offsets) {
+  ii::QuadArgs<Index> args;
   args.main = graph(main_edge_index, main_cell_offset, main_edges);
   args.qint = graph(qint_edge_index, qint_cell_offset, qint_edges);
   args.tin_ptr = ptr<const int64_t>(tin_ptr);
-  args.tin_in = ptr<const int64_t>(tin_in);
+  args.tin_in = ptr<const Index>(tin_in);
   args.tout_ptr = ptr<const int64_t>(tout_ptr);
-  args.tout_in = ptr<const int64_t>(tout_in);
+  args.tout_in = ptr<const Index>(tout_in);
+  args.candidates = ptr<int64_t>(candidates);
   args.offsets = ptr<int64_t>(offsets);
   return args;
 }
 
 // The fill passes take the count pass's arguments plus the output addresses.
-ii::TripletArgs with_outputs(ii::TripletArgs args, uintptr_t idx_in, uintptr_t idx_out,
-                             uintptr_t out_agg) {
-  args.idx_in = ptr<int64_t>(idx_in);
-  args.idx_out = ptr<int64_t>(idx_out);
-  args.out_agg = ptr<int64_t>(out_agg);
+template <class Index>
+ii::TripletArgs<Index> with_outputs(ii::TripletArgs<Index> args, uintptr_t idx_in,
+                                    uintptr_t idx_out, uintptr_t out_agg) {
+  args.idx_in = ptr<Index>(idx_in);
+  args.idx_out = ptr<Index>(idx_out);
+  args.out_agg = ptr<Index>(out_agg);
   return args;
 }
 
-ii::QuadArgs with_outputs(ii::QuadArgs args, uintptr_t out, uintptr_t trip_out_to_quad,
-                          uintptr_t trip_in_to_quad, uintptr_t out_agg) {
-  args.out = ptr<int64_t>(out);
-  args.trip_out_to_quad = ptr<int64_t>(trip_out_to_quad);
-  args.trip_in_to_quad = ptr<int64_t>(trip_in_to_quad);
-  args.out_agg = ptr<int64_t>(out_agg);
+template <class Index>
+ii::QuadArgs<Index> with_outputs(ii::QuadArgs<Index> args, uintptr_t out,
+                                 uintptr_t trip_out_to_quad, uintptr_t trip_in_to_quad,
+                                 uintptr_t out_agg) {
+  args.out = ptr<Index>(out);
+  args.trip_out_to_quad = ptr<Index>(trip_out_to_quad);
+  args.trip_in_to_quad = ptr<Index>(trip_in_to_quad);
+  args.out_agg = ptr<Index>(out_agg);
   return args;
+}
+
+// Calls f(Index{}) with Index = int32_t when the op's indices are int32, else int64_t.
+template <class F>
+decltype(auto) with_index_type(bool index_is_int32, F&& f) {
+  if (index_is_int32) return f(int32_t{});
+  return f(int64_t{});
 }
 
 }  // namespace
@@ -235,8 +255,9 @@ PYBIND11_MODULE(_C, m) {
 
   // ---- interaction_indices (csrc/interaction_indices) ----
   // Arguments in order: graph(s) as (edge_index, cell_offset, num_edges) addresses and sizes,
-  // then scratch and outputs, then a Where. pairing: 0 same graph, 1 shared target, 2 in-target
-  // = out-source (see interaction_indices.h). On CUDA the TargetCsr and the prefix sums are torch
+  // then scratch, index_is_int32 (the type of the indices written, and of the triplets the
+  // quadruplet passes read) and outputs, then a Where. pairing: 0 same graph, 1 shared target,
+  // 2 in-target = out-source (see interaction_indices.h). On CUDA the TargetCsr and the prefix sums are torch
   // ops (see interaction_indices.h): the counts fill offsets[1..E] and return -1 instead of the
   // total; the CUDA entries do not synchronise.
   m.def(
@@ -252,49 +273,65 @@ PYBIND11_MODULE(_C, m) {
       "count_triplets",
       [](uintptr_t in_ei, uintptr_t in_off, int64_t in_edges, uintptr_t out_ei, uintptr_t out_off,
          int64_t out_edges, int pairing, int64_t num_atoms, uintptr_t in_ptr, uintptr_t in_order,
-         uintptr_t offsets, const Where& where) -> int64_t {
-        auto args = triplet_args(in_ei, in_off, in_edges, out_ei, out_off, out_edges, pairing,
-                                 num_atoms, in_ptr, in_order, offsets);
-        if (!where.cuda) return ii::cpu::count_triplets(args, where.num_threads);
-        JMP_CUDA_ONLY((ii::cuda::count_triplets(args, stream(where.stream)), int64_t{-1}));
+         uintptr_t offsets, bool index_is_int32, const Where& where) -> int64_t {
+        return with_index_type(index_is_int32, [&](auto index) -> int64_t {
+          auto args = triplet_args<decltype(index)>(in_ei, in_off, in_edges, out_ei, out_off,
+                                                    out_edges, pairing, num_atoms, in_ptr,
+                                                    in_order, offsets);
+          if (!where.cuda) return ii::cpu::count_triplets(args, where.num_threads);
+          JMP_CUDA_ONLY((ii::cuda::count_triplets(args, stream(where.stream)), int64_t{-1}));
+        });
       },
       nogil());
   m.def(
       "fill_triplets",
       [](uintptr_t in_ei, uintptr_t in_off, int64_t in_edges, uintptr_t out_ei, uintptr_t out_off,
          int64_t out_edges, int pairing, int64_t num_atoms, uintptr_t in_ptr, uintptr_t in_order,
-         uintptr_t offsets, uintptr_t idx_in, uintptr_t idx_out, uintptr_t out_agg,
-         const Where& where) {
-        auto args = with_outputs(triplet_args(in_ei, in_off, in_edges, out_ei, out_off, out_edges,
-                                              pairing, num_atoms, in_ptr, in_order, offsets),
-                                 idx_in, idx_out, out_agg);
-        if (!where.cuda) return ii::cpu::fill_triplets(args, where.num_threads);
-        JMP_CUDA_ONLY(ii::cuda::fill_triplets(args, stream(where.stream)));
+         uintptr_t offsets, bool index_is_int32, uintptr_t idx_in, uintptr_t idx_out,
+         uintptr_t out_agg, const Where& where) {
+        with_index_type(index_is_int32, [&](auto index) {
+          auto args = with_outputs(
+              triplet_args<decltype(index)>(in_ei, in_off, in_edges, out_ei, out_off, out_edges,
+                                            pairing, num_atoms, in_ptr, in_order, offsets),
+              idx_in, idx_out, out_agg);
+          if (!where.cuda) return ii::cpu::fill_triplets(args, where.num_threads);
+          JMP_CUDA_ONLY(ii::cuda::fill_triplets(args, stream(where.stream)));
+        });
       },
       nogil());
   m.def(
       "count_quadruplets",
       [](uintptr_t main_ei, uintptr_t main_off, int64_t main_edges, uintptr_t qint_ei,
          uintptr_t qint_off, int64_t qint_edges, uintptr_t tin_ptr, uintptr_t tin_in,
-         uintptr_t tout_ptr, uintptr_t tout_in, uintptr_t offsets, const Where& where) -> int64_t {
-        auto args = quad_args(main_ei, main_off, main_edges, qint_ei, qint_off, qint_edges, tin_ptr,
-                              tin_in, tout_ptr, tout_in, offsets);
-        if (!where.cuda) return ii::cpu::count_quadruplets(args, where.num_threads);
-        JMP_CUDA_ONLY((ii::cuda::count_quadruplets(args, stream(where.stream)), int64_t{-1}));
+         uintptr_t tout_ptr, uintptr_t tout_in, uintptr_t candidates, uintptr_t offsets,
+         bool index_is_int32,
+         const Where& where) -> int64_t {
+        return with_index_type(index_is_int32, [&](auto index) -> int64_t {
+          auto args = quad_args<decltype(index)>(main_ei, main_off, main_edges, qint_ei, qint_off,
+                                                 qint_edges, tin_ptr, tin_in, tout_ptr, tout_in,
+                                                 candidates, offsets);
+          if (!where.cuda) return ii::cpu::count_quadruplets(args, where.num_threads);
+          JMP_CUDA_ONLY((ii::cuda::count_quadruplets(args, stream(where.stream)), int64_t{-1}));
+        });
       },
       nogil());
   m.def(
       "fill_quadruplets",
       [](uintptr_t main_ei, uintptr_t main_off, int64_t main_edges, uintptr_t qint_ei,
          uintptr_t qint_off, int64_t qint_edges, uintptr_t tin_ptr, uintptr_t tin_in,
-         uintptr_t tout_ptr, uintptr_t tout_in, uintptr_t offsets, uintptr_t out,
-         uintptr_t trip_out_to_quad, uintptr_t trip_in_to_quad, uintptr_t out_agg,
+         uintptr_t tout_ptr, uintptr_t tout_in, uintptr_t candidates, uintptr_t offsets,
+         bool index_is_int32,
+         uintptr_t out, uintptr_t trip_out_to_quad, uintptr_t trip_in_to_quad, uintptr_t out_agg,
          const Where& where) {
-        auto args = with_outputs(quad_args(main_ei, main_off, main_edges, qint_ei, qint_off,
-                                           qint_edges, tin_ptr, tin_in, tout_ptr, tout_in, offsets),
-                                 out, trip_out_to_quad, trip_in_to_quad, out_agg);
-        if (!where.cuda) return ii::cpu::fill_quadruplets(args, where.num_threads);
-        JMP_CUDA_ONLY(ii::cuda::fill_quadruplets(args, stream(where.stream)));
+        with_index_type(index_is_int32, [&](auto index) {
+          auto args = with_outputs(
+              quad_args<decltype(index)>(main_ei, main_off, main_edges, qint_ei, qint_off,
+                                         qint_edges, tin_ptr, tin_in, tout_ptr, tout_in, candidates,
+                                         offsets),
+              out, trip_out_to_quad, trip_in_to_quad, out_agg);
+          if (!where.cuda) return ii::cpu::fill_quadruplets(args, where.num_threads);
+          JMP_CUDA_ONLY(ii::cuda::fill_quadruplets(args, stream(where.stream)));
+        });
       },
       nogil());
 
@@ -373,9 +410,9 @@ PYBIND11_MODULE(_C, m) {
           nogil());
     // CPU only: on CUDA a scatter is a sort + segment_reduce, or scatter_add_atomic.
     m.def("scatter_reduce_cpu",
-          [](uintptr_t src, uintptr_t index, uintptr_t out, int64_t num_src, int64_t dim_size,
-             int64_t features, int dtype, int reduce, int num_threads) {
-            red::cpu::scatter_reduce({ptr<const void>(src), ptr<const int64_t>(index),
+          [](uintptr_t src, uintptr_t index, bool index_is_int32, uintptr_t out, int64_t num_src,
+             int64_t dim_size, int64_t features, int dtype, int reduce, int num_threads) {
+            red::cpu::scatter_reduce({ptr<const void>(src), index_array(index, index_is_int32),
                                       ptr<void>(out), num_src, dim_size, features,
                                       static_cast<red::Dtype>(dtype),
                                       static_cast<red::Reduce>(reduce)},
@@ -384,19 +421,19 @@ PYBIND11_MODULE(_C, m) {
           nogil());
 #ifdef JMP_EXT_WITH_CUDA
     m.def("scatter_add_atomic_cuda",
-          [](uintptr_t src, int dtype, uintptr_t index, int64_t n, int64_t features,
-             int64_t dim_size, uintptr_t acc, const Where& where) {
+          [](uintptr_t src, int dtype, uintptr_t index, bool index_is_int32, int64_t n,
+             int64_t features, int64_t dim_size, uintptr_t acc, const Where& where) {
             red::cuda::scatter_add_atomic(ptr<const void>(src), static_cast<red::Dtype>(dtype),
-                                          ptr<const int64_t>(index), n, features, dim_size,
+                                          index_array(index, index_is_int32), n, features, dim_size,
                                           ptr<void>(acc), status(where), stream(where.stream));
           },
           nogil());
 #endif
     m.def("gather",
           [=](uintptr_t src, uintptr_t out, int64_t features, int elem_size, uintptr_t index,
-              int64_t num_index, int64_t num_src_rows, const Where& where) {
+              bool index_is_int32, int64_t num_index, int64_t num_src_rows, const Where& where) {
             auto copy = row_copy(src, out, features, elem_size);
-            auto idx = ptr<const int64_t>(index);
+            auto idx = index_array(index, index_is_int32);
             if (!where.cuda) return red::cpu::gather(copy, idx, num_index, num_src_rows, where.num_threads);
             JMP_CUDA_ONLY(red::cuda::gather(copy, idx, num_index, num_src_rows, status(where),
                                             stream(where.stream)));
@@ -434,16 +471,17 @@ PYBIND11_MODULE(_C, m) {
     m.def("segment_bilinear",
           [=](int kind, uintptr_t x, uintptr_t y, uintptr_t ptr_, uintptr_t out, int64_t num_src,
               int64_t num_segments, int64_t rows, int64_t cols, int64_t x_stride_r, int64_t x_stride_c,
-              uintptr_t y_index, int64_t num_y_rows, uintptr_t out_index, int64_t num_out_rows, int dtype,
-              const Where& where) {
+              uintptr_t y_index, bool y_index_is_int32, int64_t num_y_rows, uintptr_t out_index,
+              bool out_index_is_int32, int64_t num_out_rows, int dtype, const Where& where) {
             JMP_CHECK(kind == 0 || kind == 1, "segment_bilinear: unknown kind ", kind);
             JMP_CHECK((y_index == 0 && out_index == 0) || !where.cuda,
                       "segment_bilinear: y_index and out_index are only implemented by the CPU kernels");
             JMP_CHECK(out_index == 0 || kind == 1, "segment_bilinear: out_index is for segment_contract");
             red::SegmentBilinearArgs args{ptr<const void>(x), ptr<const void>(y), ptr<const int64_t>(ptr_),
                                           ptr<void>(out), num_src, num_segments, rows, cols,
-                                          x_stride_r, x_stride_c, ptr<const int64_t>(y_index), num_y_rows,
-                                          ptr<const int64_t>(out_index), num_out_rows,
+                                          x_stride_r, x_stride_c, index_array(y_index, y_index_is_int32),
+                                          num_y_rows, index_array(out_index, out_index_is_int32),
+                                          num_out_rows,
                                           static_cast<red::Dtype>(dtype)};
             if (!where.cuda) {
               return kind == 0 ? red::cpu::segment_outer(args, where.num_threads)

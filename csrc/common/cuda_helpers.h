@@ -42,14 +42,16 @@ __device__ __forceinline__ void report(int64_t* status, int64_t position) {
 // Throws jmp_ext::Error if a launch failed.
 inline void check_launch() { JMP_CUDA_CHECK(cudaGetLastError()); }
 
-// Copies n int64 from the device (in stream order) and waits for them.
-inline void read_back(const int64_t* device, int64_t* host, int64_t n, cudaStream_t stream) {
-  JMP_CUDA_CHECK(cudaMemcpyAsync(host, device, n * sizeof(int64_t), cudaMemcpyDeviceToHost, stream));
+// Copies n values from the device (in stream order) and waits for them.
+template <class T>
+void read_back(const T* device, T* host, int64_t n, cudaStream_t stream) {
+  JMP_CUDA_CHECK(cudaMemcpyAsync(host, device, n * sizeof(T), cudaMemcpyDeviceToHost, stream));
   JMP_CUDA_CHECK(cudaStreamSynchronize(stream));
 }
 
-inline int64_t read_one(const int64_t* device, cudaStream_t stream) {
-  int64_t value;
+template <class T>
+T read_one(const T* device, cudaStream_t stream) {
+  T value;
   read_back(device, &value, 1, stream);
   return value;
 }

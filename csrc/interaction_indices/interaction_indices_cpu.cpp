@@ -52,7 +52,8 @@ void target_csr(const Graph& graph, int64_t num_atoms, const char* name, TargetC
   for (int64_t k = 0; k < E; ++k) csr.order[start[graph.target[by_source[k]]]++] = by_source[k];
 }
 
-int64_t count_triplets(const TripletArgs& args, int num_threads) {
+template <class Index>
+int64_t count_triplets(const TripletArgs<Index>& args, int num_threads) {
   const int64_t E = args.out.num_edges;
   parallel_for(E, num_threads, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o) args.offsets[o + 1] = count_triplets_of(args, o);
@@ -65,13 +66,15 @@ int64_t count_triplets(const TripletArgs& args, int num_threads) {
   return prefix_sum(args.offsets, E, "triplets");
 }
 
-void fill_triplets(const TripletArgs& args, int num_threads) {
+template <class Index>
+void fill_triplets(const TripletArgs<Index>& args, int num_threads) {
   parallel_for(args.out.num_edges, num_threads, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o) fill_triplets_of(args, o);
   });
 }
 
-int64_t count_quadruplets(const QuadArgs& args, int num_threads) {
+template <class Index>
+int64_t count_quadruplets(const QuadArgs<Index>& args, int num_threads) {
   const int64_t E = args.main.num_edges;
   parallel_for(E, num_threads, kGrain / 16, [&](int64_t begin, int64_t end) {
     for (int64_t ca = begin; ca < end; ++ca) args.offsets[ca + 1] = count_quadruplets_of(args, ca);
@@ -79,10 +82,20 @@ int64_t count_quadruplets(const QuadArgs& args, int num_threads) {
   return prefix_sum(args.offsets, E, "quadruplets");
 }
 
-void fill_quadruplets(const QuadArgs& args, int num_threads) {
+template <class Index>
+void fill_quadruplets(const QuadArgs<Index>& args, int num_threads) {
   parallel_for(args.main.num_edges, num_threads, kGrain / 16, [&](int64_t begin, int64_t end) {
     for (int64_t ca = begin; ca < end; ++ca) fill_quadruplets_of(args, ca);
   });
 }
+
+#define JMP_EXT_INSTANTIATE(Index)                                                     \
+  template int64_t count_triplets(const TripletArgs<Index>&, int);                   \
+  template void fill_triplets(const TripletArgs<Index>&, int);                       \
+  template int64_t count_quadruplets(const QuadArgs<Index>&, int);                   \
+  template void fill_quadruplets(const QuadArgs<Index>&, int);
+JMP_EXT_INSTANTIATE(int32_t)
+JMP_EXT_INSTANTIATE(int64_t)
+#undef JMP_EXT_INSTANTIATE
 
 }  // namespace jmp_ext::interaction_indices::cpu

@@ -14,22 +14,26 @@ using jmp_ext::cuda::grid_start;
 using jmp_ext::cuda::grid_stride;
 using jmp_ext::cuda::kBlock;
 
-__global__ void count_triplets_kernel(TripletArgs args) {
+template <class Index>
+__global__ void count_triplets_kernel(TripletArgs<Index> args) {
   for (int64_t o = grid_start(); o < args.out.num_edges; o += grid_stride())
     args.offsets[o + 1] = count_triplets_of(args, o);
 }
 
-__global__ void fill_triplets_kernel(TripletArgs args) {
+template <class Index>
+__global__ void fill_triplets_kernel(TripletArgs<Index> args) {
   for (int64_t o = grid_start(); o < args.out.num_edges; o += grid_stride())
     fill_triplets_of(args, o);
 }
 
-__global__ void count_quadruplets_kernel(QuadArgs args) {
+template <class Index>
+__global__ void count_quadruplets_kernel(QuadArgs<Index> args) {
   for (int64_t ca = grid_start(); ca < args.main.num_edges; ca += grid_stride())
     args.offsets[ca + 1] = count_quadruplets_of(args, ca);
 }
 
-__global__ void fill_quadruplets_kernel(QuadArgs args) {
+template <class Index>
+__global__ void fill_quadruplets_kernel(QuadArgs<Index> args) {
   for (int64_t ca = grid_start(); ca < args.main.num_edges; ca += grid_stride())
     fill_quadruplets_of(args, ca);
 }
@@ -44,20 +48,33 @@ void launch(void (*kernel)(Args), const Args& args, int64_t n, cudaStream_t stre
 
 }  // namespace
 
-void count_triplets(const TripletArgs& args, cudaStream_t stream) {
-  launch(count_triplets_kernel, args, args.out.num_edges, stream);
+template <class Index>
+void count_triplets(const TripletArgs<Index>& args, cudaStream_t stream) {
+  launch(count_triplets_kernel<Index>, args, args.out.num_edges, stream);
 }
 
-void fill_triplets(const TripletArgs& args, cudaStream_t stream) {
-  launch(fill_triplets_kernel, args, args.out.num_edges, stream);
+template <class Index>
+void fill_triplets(const TripletArgs<Index>& args, cudaStream_t stream) {
+  launch(fill_triplets_kernel<Index>, args, args.out.num_edges, stream);
 }
 
-void count_quadruplets(const QuadArgs& args, cudaStream_t stream) {
-  launch(count_quadruplets_kernel, args, args.main.num_edges, stream);
+template <class Index>
+void count_quadruplets(const QuadArgs<Index>& args, cudaStream_t stream) {
+  launch(count_quadruplets_kernel<Index>, args, args.main.num_edges, stream);
 }
 
-void fill_quadruplets(const QuadArgs& args, cudaStream_t stream) {
-  launch(fill_quadruplets_kernel, args, args.main.num_edges, stream);
+template <class Index>
+void fill_quadruplets(const QuadArgs<Index>& args, cudaStream_t stream) {
+  launch(fill_quadruplets_kernel<Index>, args, args.main.num_edges, stream);
 }
+
+#define JMP_EXT_INSTANTIATE(Index)                                                     \
+  template void count_triplets(const TripletArgs<Index>&, cudaStream_t);             \
+  template void fill_triplets(const TripletArgs<Index>&, cudaStream_t);              \
+  template void count_quadruplets(const QuadArgs<Index>&, cudaStream_t);             \
+  template void fill_quadruplets(const QuadArgs<Index>&, cudaStream_t);
+JMP_EXT_INSTANTIATE(int32_t)
+JMP_EXT_INSTANTIATE(int64_t)
+#undef JMP_EXT_INSTANTIATE
 
 }  // namespace jmp_ext::interaction_indices::cuda

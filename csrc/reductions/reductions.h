@@ -7,9 +7,13 @@
 // cpu:: (reductions_cpu.cpp, deterministic, threaded) and cuda:: (reductions_cuda.cu).
 //
 // Shapes: a "row" is `features` contiguous elements; src/out tensors are row-major [rows, F].
+// Row indices that feed a gather or a scatter (IndexArray) are int32 or int64; CSR pointers,
+// permutations and padded (row, col) slots are int64.
 #pragma once
 
 #include <cstdint>
+
+#include "common/index_array.h"
 
 #ifdef JMP_EXT_WITH_CUDA
 #include <cuda_runtime.h>
@@ -40,7 +44,7 @@ struct SegmentReduceArgs {
 // out[k] = reduce(src[e] for e ascending with index[e] == k), for k < dim_size: sum or mean.
 struct ScatterReduceArgs {
   const void* src;       // [num_src, F] of dtype
-  const int64_t* index;  // [num_src], values in [0, dim_size)
+  IndexArray index;      // [num_src], values in [0, dim_size)
   void* out;             // [dim_size, F] of dtype; rows that no index points to give 0
   int64_t num_src;
   int64_t dim_size;
@@ -92,9 +96,9 @@ struct SegmentBilinearArgs {
   int64_t cols;  // C
   int64_t x_stride_r;  // segment_contract only (segment_outer's x is [num_src, R], dense)
   int64_t x_stride_c;
-  const int64_t* y_index;  // [num_src] in [0, num_y_rows), or null
+  IndexArray y_index;  // [num_src] in [0, num_y_rows), or null
   int64_t num_y_rows;
-  const int64_t* out_index;  // segment_contract only: [num_src] in [0, num_out_rows), or null
+  IndexArray out_index;  // segment_contract only: [num_src] in [0, num_out_rows), or null
   int64_t num_out_rows;
   Dtype dtype;
 };
@@ -121,7 +125,7 @@ void segment_reduce(const SegmentReduceArgs& args, int num_threads);
 // would, but without sorting: threads own ranges of output rows and scan the index in order.
 void scatter_reduce(const ScatterReduceArgs& args, int num_threads);
 // out[i] = src[index[i]] for i < num_index; index values in [0, num_src_rows).
-void gather(const RowCopy& copy, const int64_t* index, int64_t num_index, int64_t num_src_rows,
+void gather(const RowCopy& copy, IndexArray index, int64_t num_index, int64_t num_src_rows,
             int num_threads);
 // out[e] = src[s] for e in [ptr[s], ptr[s+1]): the adjoint of segment_reduce(sum).
 void segment_broadcast(const RowCopy& copy, const int64_t* ptr, int64_t num_segments,
@@ -144,10 +148,10 @@ namespace cuda {
 void segment_reduce(const SegmentReduceArgs& args, int64_t* status, cudaStream_t stream);
 // Non-deterministic opt-in: one atomicAdd per element into acc [dim_size, F] (float for f32 and
 // bf16 sources, double for f64), which the caller zeroed.
-void scatter_add_atomic(const void* src, Dtype dtype, const int64_t* index, int64_t n,
+void scatter_add_atomic(const void* src, Dtype dtype, IndexArray index, int64_t n,
                         int64_t features, int64_t dim_size, void* acc, int64_t* status,
                         cudaStream_t stream);
-void gather(const RowCopy& copy, const int64_t* index, int64_t num_index, int64_t num_src_rows,
+void gather(const RowCopy& copy, IndexArray index, int64_t num_index, int64_t num_src_rows,
             int64_t* status, cudaStream_t stream);
 void segment_broadcast(const RowCopy& copy, const int64_t* ptr, int64_t num_segments,
                        int64_t num_out_rows, int64_t* status, cudaStream_t stream);

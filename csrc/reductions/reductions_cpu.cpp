@@ -161,8 +161,8 @@ int scatter_chunks(int64_t num_src, int64_t num_rows, int64_t features, int num_
 }
 
 // Returns how many rows had an index in [0, dim_size): the others were skipped.
-template <class T, Reduce R>
-int64_t scatter_rows(const ScatterReduceArgs& a, int num_threads) {
+template <class T, Reduce R, class Index>
+int64_t scatter_rows(const ScatterReduceArgs& a, const Index* index, int num_threads) {
   using A = acc_t<T>;
   using Red = Reducer<R, A>;
   const T* src = static_cast<const T*>(a.src);
@@ -181,7 +181,7 @@ int64_t scatter_rows(const ScatterReduceArgs& a, int num_threads) {
         int64_t unused_arg = kNoArg;  // sum and mean keep no argument
         int64_t mine = 0;  // counted locally: the threads' accepted[] entries share a cache line
         for (int64_t e = 0; e < a.num_src; ++e) {
-          int64_t k = a.index[e];
+          int64_t k = index[e];
           if (k < k_begin || k >= k_end) continue;
           ++mine;
           if constexpr (kCounts) ++count[k - k_begin];
@@ -358,15 +358,20 @@ void scatter_reduce(const ScatterReduceArgs& a, int num_threads) {
   // separate checking pass over the index.
   int64_t accepted = 0;
   dispatch_dtype(a.dtype, [&](auto t) {
-    dispatch_reduce(a.reduce, [&](auto r) { accepted = scatter_rows<decltype(t), r()>(a, num_threads); });
+    dispatch_reduce(a.reduce, [&](auto r) {
+      visit_index(a.index, [&](auto index) {
+        accepted = scatter_rows<decltype(t), r()>(a, index, num_threads);
+      });
+    });
   });
   if (accepted != a.num_src) {
     for (int64_t e = 0; e < a.num_src; ++e) check_index(a.index[e], e, a.dim_size, "index", "dim_size");
   }
 }
 
-void gather(const RowCopy& c, const int64_t* index, int64_t num_index, int64_t num_src_rows,
+void gather(const RowCopy& c, IndexArray index_array, int64_t num_index, int64_t num_src_rows,
             int num_threads) {
+  visit_index(index_array, [&](auto index) {
   parallel_for(num_index, num_threads, std::max<int64_t>(1, kGrain / std::max<int64_t>(c.features, 1)),
                [&](int64_t begin, int64_t end) {
                  // Checked as it is read: one pass over the index (chunks run in order, so a
@@ -378,6 +383,7 @@ void gather(const RowCopy& c, const int64_t* index, int64_t num_index, int64_t n
                    return k;
                  });
                });
+  });
 }
 
 void segment_broadcast(const RowCopy& c, const int64_t* ptr, int64_t num_segments,

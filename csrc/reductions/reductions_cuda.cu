@@ -131,7 +131,7 @@ void check_ptr_on_device(const int64_t* ptr, int64_t num_segments, int64_t n, in
 
 // Where output row i comes from: a source row, or -1 for zeros.
 struct GatherRows {
-  const int64_t* index;
+  IndexArray index;
   int64_t num_src_rows;
   int64_t* status;
   __device__ int64_t operator()(int64_t i) const {
@@ -249,7 +249,7 @@ void finish_slots(const PaddedIndex& p, const int64_t* status, cudaStream_t stre
 // ---- atomic scatter ----
 
 template <class T>
-__global__ void scatter_add_atomic_kernel(const T* src, const int64_t* index, int64_t n,
+__global__ void scatter_add_atomic_kernel(const T* src, IndexArray index, int64_t n,
                                           int64_t F, int64_t dim_size, acc_t<T>* acc,
                                           int64_t* status) {
   for (int64_t i = grid_start(); i < n * F; i += grid_stride()) {
@@ -263,11 +263,12 @@ __global__ void scatter_add_atomic_kernel(const T* src, const int64_t* index, in
 }
 
 // Reads the status; on a report, throws the CPU message for index[bad].
-void finish_index(const int64_t* index, int64_t bound, const char* bound_name,
+void finish_index(IndexArray index, int64_t bound, const char* bound_name,
                   const int64_t* status, cudaStream_t stream) {
   int64_t bad = jc::read_one(status, stream);
   if (bad == jc::kNoError) return;
-  cpu::check_index(jc::read_one(index + bad, stream), bad, bound, "index", bound_name);
+  int64_t value = visit_index(index, [&](auto p) { return int64_t{jc::read_one(p + bad, stream)}; });
+  cpu::check_index(value, bad, bound, "index", bound_name);
   throw Error("internal error: the CUDA index check flagged a valid index");
 }
 
@@ -361,7 +362,7 @@ void segment_reduce(const SegmentReduceArgs& a, int64_t* status, cudaStream_t st
     throw_bad_ptr(a.ptr, a.num_segments, a.num_src, stream);
 }
 
-void scatter_add_atomic(const void* src, Dtype dtype, const int64_t* index, int64_t n,
+void scatter_add_atomic(const void* src, Dtype dtype, IndexArray index, int64_t n,
                         int64_t features, int64_t dim_size, void* acc, int64_t* status,
                         cudaStream_t stream) {
   if (n * features > 0) {
@@ -376,7 +377,7 @@ void scatter_add_atomic(const void* src, Dtype dtype, const int64_t* index, int6
   finish_index(index, dim_size, "dim_size", status, stream);
 }
 
-void gather(const RowCopy& c, const int64_t* index, int64_t num_index, int64_t num_src_rows,
+void gather(const RowCopy& c, IndexArray index, int64_t num_index, int64_t num_src_rows,
             int64_t* status, cudaStream_t stream) {
   copy_rows(c, num_index, GatherRows{index, num_src_rows, status}, stream);
   finish_index(index, num_src_rows, "the number of source rows", status, stream);

@@ -248,12 +248,53 @@ def test_deterministic_across_thread_counts():
         for threads in (1, 2, 5):
             torch.set_num_threads(threads)
             results.append((triplets(main, 400), mixed_triplets(main, qint, 400, True),
-                            quadruplets(main, qint, 400)))
+                            quadruplets(main, qint, 400), quadruplets(main, qint, 400, index_dtype=torch.int32)))
     finally:
         torch.set_num_threads(previous)
     for other in results[1:]:
         for a, b in zip(results[0], other):
             _assert_same(a, b)
+
+
+def _assert_int32_twin(got: dict, expected: dict) -> None:
+    """got: the int32 result of an op whose int64 result is `expected` (same values, same order)."""
+    assert got.keys() == expected.keys()
+    for key, value in got.items():
+        if isinstance(value, dict):
+            _assert_int32_twin(value, expected[key])
+        else:
+            assert value.dtype == torch.int32 and torch.equal(value.long(), expected[key]), key
+
+
+@pytest.mark.parametrize("num_atoms, num_pairs, max_shift", RANDOM)
+def test_int32_outputs_hold_the_int64_values(num_atoms, num_pairs, max_shift):
+    generator = torch.Generator().manual_seed(7)
+    main = _random_graph(generator, num_atoms, num_pairs, max_shift)
+    qint = _subgraph(generator, main, 0.5)
+    int32 = {"index_dtype": torch.int32}
+    _assert_int32_twin(triplets(main, num_atoms, **int32), triplets(main, num_atoms))
+    for to_outedge in (False, True):
+        _assert_int32_twin(mixed_triplets(main, qint, num_atoms, to_outedge, **int32),
+                           mixed_triplets(main, qint, num_atoms, to_outedge))
+    _assert_int32_twin(quadruplets(main, qint, num_atoms, **int32), quadruplets(main, qint, num_atoms))
+
+
+def test_int32_outputs_match_the_fixture(case):
+    num_atoms, graphs, indices = case
+    got = quadruplets(graphs["main"], graphs["qint"], num_atoms, index_dtype=torch.int32)
+    assert _quad_set(got) == _quad_set(indices["quad"])
+
+
+def test_int32_refuses_what_does_not_fit():
+    from jmp_ext.ops import interaction_indices as ii
+
+    ii._check_fits(torch.int32, "quadruplets", 2**31 - 1)
+    ii._check_fits(torch.int64, "quadruplets", 2**31)
+    with pytest.raises(ValueError, match=r"2147483648 quadruplets do not fit int32 indices; pass "
+                                         r"index_dtype=torch.int64"):
+        ii._check_fits(torch.int32, "quadruplets", 2**31)
+    with pytest.raises(TypeError, match="index_dtype must be torch.int64 or torch.int32"):
+        triplets(_small(), 3, index_dtype=torch.int16)
 
 
 # ---- bad input ----
@@ -318,12 +359,13 @@ def test_opcheck():
     main = _random_graph(generator, 10, 40, 1)
     qint = _subgraph(generator, main, 0.5)
     ei, off = main["edge_index"], main["cell_offset"]
-    torch.library.opcheck(torch.ops.jmp_ext.triplets.default, (ei, 10))
-    torch.library.opcheck(torch.ops.jmp_ext.mixed_triplets.default, (ei, off, ei, off, 10, True))
-    torch.library.opcheck(
-        torch.ops.jmp_ext.quadruplets.default,
-        (ei, off, qint["edge_index"], qint["cell_offset"], 10),
-    )
+    for index_dtype in (torch.int64, torch.int32):
+        torch.library.opcheck(torch.ops.jmp_ext.triplets.default, (ei, 10, index_dtype))
+        torch.library.opcheck(torch.ops.jmp_ext.mixed_triplets.default, (ei, off, ei, off, 10, True, index_dtype))
+        torch.library.opcheck(
+            torch.ops.jmp_ext.quadruplets.default,
+            (ei, off, qint["edge_index"], qint["cell_offset"], 10, index_dtype),
+        )
 
 
 # ---- CUDA against the CPU (bitwise: both devices run the same per-edge code, in CSR order) ----
@@ -353,6 +395,8 @@ def test_cuda_matches_cpu_on_random_graphs(seed, num_atoms, num_pairs, max_shift
             _assert_same(_cpu(got), mixed_triplets(graph_in, graph_out, num_atoms, to_outedge))
     got = quadruplets(_to(main, cuda), _to(qint, cuda), num_atoms)
     _assert_same(_cpu(got), quadruplets(main, qint, num_atoms))
+    got = quadruplets(_to(main, cuda), _to(qint, cuda), num_atoms, index_dtype=torch.int32)
+    _assert_int32_twin(_cpu(got), quadruplets(main, qint, num_atoms))
 
 
 @pytest.mark.cuda

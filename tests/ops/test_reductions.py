@@ -77,6 +77,25 @@ def test_gather_matches_indexing_and_its_gradient_index_add(dtype):
     assert torch.equal(grad_src[5], torch.zeros(2, 3, dtype=dtype))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("features", [1, 3, 64])
+def test_int32_row_indices_give_the_int64_results(dtype, features):
+    """gather and scatter_* read an int32 index (the model's interaction indices) as int64."""
+    gen = torch.Generator().manual_seed(features)
+    index = torch.randint(0, 150, (1000,), generator=gen)
+    src = random_src(1000, features, dtype, gen).requires_grad_()
+    table = random_src(150, features, dtype, gen).requires_grad_()
+    grad = random_src(1000, features, dtype, gen)
+    results = []
+    for index_dtype in (torch.int64, torch.int32):
+        idx = index.to(index_dtype)
+        outs = (ops.scatter_sum(src, idx, 150), ops.scatter_mean(src, idx, 150), ops.gather(table, idx))
+        grads = torch.autograd.grad(outs[2], table, grad)  # gather's backward: an int32 scatter
+        results.append((*outs, *grads))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_gather_under_torch_compile_matches_eager():
     gen = torch.Generator().manual_seed(3)
     src = torch.randn(30, 4, generator=gen, requires_grad=True)
@@ -358,6 +377,11 @@ def test_bad_index_values():
         ops.scatter_mean(src, torch.tensor([0, 1, 2, 3]), 3)
     with pytest.raises(ValueError, match="out of range"):
         red._gather(src, torch.tensor([0, 4]))
+    # The same checks read int32 indices.
+    with pytest.raises(ValueError, match=r"index\[2\] = -1 is negative"):
+        ops.scatter_sum(src, torch.tensor([0, 1, -1, 0], dtype=torch.int32), 3)
+    with pytest.raises(ValueError, match=r"index\[1\] = 4 is out of range for the number of source rows = 4"):
+        red._gather(src, torch.tensor([0, 4], dtype=torch.int32))
 
 
 def test_bad_ptr():
@@ -389,8 +413,12 @@ def test_bad_padded_index():
 def test_bad_shapes_and_dtypes():
     src = torch.randn(4, 3)
     index = torch.tensor([0, 1, 1, 0])
-    with pytest.raises(TypeError, match="int64"):
-        ops.scatter_sum(src, index.int(), 2)
+    with pytest.raises(TypeError, match="index must be int64 or int32, got torch.int16"):
+        ops.scatter_sum(src, index.short(), 2)
+    with pytest.raises(TypeError, match="ptr must be int64, got torch.int32"):
+        ops.segment_sum(src, make_ptr([4]).int())
+    with pytest.raises(TypeError, match="row must be int64, got torch.int32"):
+        ops.ragged_to_padded(src, index.int(), index, 2, 2)
     with pytest.raises(TypeError, match="float32, float64 or bfloat16"):
         ops.scatter_sum(src.half(), index, 2)
     with pytest.raises(TypeError, match="float32, float64 or bfloat16"):

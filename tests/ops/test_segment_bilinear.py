@@ -140,6 +140,31 @@ def test_bitwise_identical_on_any_thread_count():
         assert all(torch.equal(a, b) for a, b in zip(result, results[0]))
 
 
+def test_int32_indices_give_the_int64_results():
+    """y_index and out_index may be int32 (the model's interaction indices): same values, same
+    gradients, bitwise."""
+    gen = torch.Generator().manual_seed(8)
+    x, y, ptr, _ = random_case(300, 8, 7, torch.float32, gen, max_len=20)
+    blocks = torch.randn(300, 8, 7, generator=gen).requires_grad_()
+    table = torch.randn(50, 7, generator=gen).requires_grad_()
+    x.requires_grad_()
+    index = torch.randint(0, 50, (x.shape[0],), generator=gen)
+    results = []
+    for index_dtype in (torch.int64, torch.int32):
+        idx = index.to(index_dtype)
+        outs = (ops.segment_outer(x, table, ptr, idx), ops.segment_contract(blocks, table, ptr, y_index=idx),
+                ops.segment_contract(blocks, y, ptr, out_index=idx, num_out_rows=50))
+        loss = sum((o * torch.linspace(-1, 1, o.numel()).reshape(o.shape)).sum() for o in outs)
+        results.append((*outs, *torch.autograd.grad(loss, (x, blocks, table))))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"y_index\[1\] = 50 is out of range for the rows of y = 50"):
+        ops.segment_outer(x[:2], table, torch.tensor([0, 2]), torch.tensor([0, 50], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"out_index\[0\] = -1 is negative"):
+        ops.segment_contract(blocks[:1], y[:2], torch.tensor([0, 2]), out_index=torch.tensor([-1, 0], dtype=torch.int32),
+                             num_out_rows=3)
+
+
 def test_bad_inputs():
     x, y = torch.randn(5, 3), torch.randn(5, 2)
     with pytest.raises(ValueError, match=r"ptr\[0\] must be 0"):
@@ -154,7 +179,7 @@ def test_bad_inputs():
         ops.segment_outer(x, y.double(), torch.tensor([0, 5]))
     with pytest.raises(ValueError, match=r"x must be \[S=2, R, C=2\]"):
         ops.segment_contract(torch.randn(2, 3, 4), y, torch.tensor([0, 2, 5]))
-    with pytest.raises(TypeError, match="int64"):
+    with pytest.raises(TypeError, match="ptr must be int64, got torch.int32"):
         ops.segment_outer(x, y, torch.tensor([0, 5], dtype=torch.int32))
     with pytest.raises(ValueError, match=r"y_index\[3\] = 5 is out of range for the rows of y = 5"):
         ops.segment_outer(x, y, torch.tensor([0, 2, 5]), torch.tensor([0, 1, 4, 5, 2]))

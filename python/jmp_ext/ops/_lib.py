@@ -70,6 +70,12 @@ def ptr(tensor: torch.Tensor | None) -> int:
     return tensor.data_ptr()
 
 
+def index_arg(index: torch.Tensor | None) -> tuple[int, bool]:
+    """(address, is_int32) of a row index, int64 or int32: the kernels' IndexArray
+    (csrc/common/index_array.h). None is (0, False), "no index"."""
+    return ptr(index), index is not None and index.dtype == torch.int32
+
+
 _NO_ERROR = torch.iinfo(torch.int64).max  # jmp_ext::cuda::kNoError (csrc/common/cuda_helpers.h)
 
 

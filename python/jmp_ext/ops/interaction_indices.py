@@ -22,7 +22,11 @@ column order) with its unspecified ties among periodic images broken by edge ind
 are ordered by (output triplet, input triplet). ``out_agg`` is the rank inside the out group
 (0..count-1), the index GemNet-OC uses to pad triplets into [num_out_edges, Kmax, F].
 
-All outputs are int64 on the inputs' device. No autograd: the outputs are integer indices.
+Outputs are on the inputs' device, int64 by default. With ``index_dtype=torch.int32`` they are
+written as int32, half the memory and the bandwidth (jmp_ext.graphs builds the model's indices
+this way; jmp_ext.ops' gathers, scatters and bilinear ops read either); a graph or a result too
+large for int32 then raises a ValueError instead of wrapping. No autograd: the outputs are
+integer indices.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ __all__ = ["triplets", "mixed_triplets", "quadruplets"]
 _SAME_GRAPH, _SHARED_TARGET, _IN_TARGET_IS_OUT_SOURCE = 0, 1, 2
 # Largest num_atoms for which the CUDA sort key target * num_atoms + source fits in int64.
 _MAX_KEY_ATOMS = 3_037_000_499
+_INDEX_DTYPES = (torch.int64, torch.int32)
 
 
 # ---- checks and kernel plumbing ----
@@ -63,6 +68,18 @@ def _check_graph(name: str, edge_index: Tensor, cell_offset: Tensor | None) -> N
             f"{name}: edge_index is on {edge_index.device} but cell_offset is on "
             f"{cell_offset.device}"
         )
+
+
+def _check_index_dtype(index_dtype: torch.dtype) -> None:
+    if index_dtype not in _INDEX_DTYPES:
+        raise TypeError(f"index_dtype must be torch.int64 or torch.int32, got {index_dtype}")
+
+
+def _check_fits(index_dtype: torch.dtype, what: str, count: int) -> None:
+    """Refuses int32 outputs when `count` (a number of edges or of results, which bounds every
+    index written) does not fit int32."""
+    if index_dtype == torch.int32 and count > torch.iinfo(torch.int32).max:
+        raise ValueError(f"{count} {what} do not fit int32 indices; pass index_dtype=torch.int64")
 
 
 def _check_num_atoms(num_atoms: int) -> None:
@@ -158,9 +175,12 @@ def _pairs(
     csr: tuple[Tensor, Tensor],
     num_atoms: int,
     pairing: int,
+    index_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Count, scan and fill one triplet op: (in [T], out [T], out_agg [T], offsets [E_out+1])."""
+    """Count, scan and fill one triplet op: (in [T], out [T], out_agg [T] of index_dtype,
+    offsets [E_out+1] int64)."""
     device = in_graph[0].device
+    _check_fits(index_dtype, "edges", max(in_graph[0].shape[1], out_graph[0].shape[1]))
     args = (
         *_graph_args(*in_graph),
         *_graph_args(*out_graph),
@@ -170,12 +190,14 @@ def _pairs(
         ptr(csr[1]),
     )
     offsets = in_graph[0].new_empty(out_graph[0].shape[1] + 1)
-    total = launch("count_triplets", device, *args, ptr(offsets), checks_indices=False)
+    int32 = index_dtype == torch.int32
+    total = launch("count_triplets", device, *args, ptr(offsets), int32, checks_indices=False)
     if device.type == "cuda":
         name = "graph" if pairing == _SAME_GRAPH else "graph_out"
         total = _scan_counts_cuda(offsets, "triplets", name, out_graph[0], num_atoms)
-    idx_in, idx_out, out_agg = (offsets.new_empty(total) for _ in range(3))
-    launch("fill_triplets", device, *args, ptr(offsets), ptr(idx_in), ptr(idx_out), ptr(out_agg),
+    _check_fits(index_dtype, "triplets", total)
+    idx_in, idx_out, out_agg = (offsets.new_empty(total, dtype=index_dtype) for _ in range(3))
+    launch("fill_triplets", device, *args, ptr(offsets), int32, ptr(idx_in), ptr(idx_out), ptr(out_agg),
            checks_indices=False)
     return idx_in, idx_out, out_agg, offsets
 
@@ -184,12 +206,13 @@ def _pairs(
 
 
 @torch.library.custom_op("jmp_ext::triplets", mutates_args=())
-def _triplets_op(edge_index: Tensor, num_atoms: int) -> tuple[Tensor, Tensor, Tensor]:
+def _triplets_op(edge_index: Tensor, num_atoms: int, index_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     _check_graph("graph", edge_index, None)
     _check_num_atoms(num_atoms)
+    _check_index_dtype(index_dtype)
     edge_index = edge_index.contiguous()
     csr = _target_csr(edge_index, num_atoms, "graph")
-    return _pairs((edge_index, None), (edge_index, None), csr, num_atoms, _SAME_GRAPH)[:3]
+    return _pairs((edge_index, None), (edge_index, None), csr, num_atoms, _SAME_GRAPH, index_dtype)[:3]
 
 
 @torch.library.custom_op("jmp_ext::mixed_triplets", mutates_args=())
@@ -200,6 +223,7 @@ def _mixed_triplets_op(
     out_cell_offset: Tensor,
     num_atoms: int,
     to_outedge: bool,
+    index_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor]:
     _check_two_graphs(
         ("graph_in", "graph_out"),
@@ -207,11 +231,12 @@ def _mixed_triplets_op(
         (out_edge_index, out_cell_offset),
     )
     _check_num_atoms(num_atoms)
+    _check_index_dtype(index_dtype)
     graph_in = (in_edge_index.contiguous(), in_cell_offset.contiguous())
     graph_out = (out_edge_index.contiguous(), out_cell_offset.contiguous())
     csr = _target_csr(graph_in[0], num_atoms, "graph_in")
     pairing = _IN_TARGET_IS_OUT_SOURCE if to_outedge else _SHARED_TARGET
-    return _pairs(graph_in, graph_out, csr, num_atoms, pairing)[:3]
+    return _pairs(graph_in, graph_out, csr, num_atoms, pairing, index_dtype)[:3]
 
 
 @torch.library.custom_op("jmp_ext::quadruplets", mutates_args=())
@@ -221,6 +246,7 @@ def _quadruplets_op(
     qint_edge_index: Tensor,
     qint_cell_offset: Tensor,
     num_atoms: int,
+    index_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     device = _check_two_graphs(
         ("main_graph", "qint_graph"),
@@ -228,17 +254,21 @@ def _quadruplets_op(
         (qint_edge_index, qint_cell_offset),
     )
     _check_num_atoms(num_atoms)
+    _check_index_dtype(index_dtype)
     main = (main_edge_index.contiguous(), main_cell_offset.contiguous())
     qint = (qint_edge_index.contiguous(), qint_cell_offset.contiguous())
     # Input triplets d->b->a: main edge d->b into qint edge b->a (CSR by qint edge).
     tin_in, tin_out, _, tin_ptr = _pairs(
         main, qint, _target_csr(main[0], num_atoms, "main_graph"), num_atoms,
-        _IN_TARGET_IS_OUT_SOURCE,
+        _IN_TARGET_IS_OUT_SOURCE, index_dtype,
     )
     # Output triplets b->a<-c: qint edge b->a next to main edge c->a (CSR by main edge).
     tout_in, tout_out, _, tout_ptr = _pairs(
-        qint, main, _target_csr(qint[0], num_atoms, "qint_graph"), num_atoms, _SHARED_TARGET
+        qint, main, _target_csr(qint[0], num_atoms, "qint_graph"), num_atoms, _SHARED_TARGET,
+        index_dtype,
     )
+    # Scratch of the kernels: where each output triplet's droppable input triplets start.
+    candidates = tout_in.new_empty(tout_in.shape[0], dtype=torch.int64)
     args = (
         *_graph_args(*main),
         *_graph_args(*qint),
@@ -246,54 +276,59 @@ def _quadruplets_op(
         ptr(tin_in),
         ptr(tout_ptr),
         ptr(tout_in),
+        ptr(candidates),
     )
     offsets = main[0].new_empty(main[0].shape[1] + 1)
-    total = launch("count_quadruplets", device, *args, ptr(offsets), checks_indices=False)
+    int32 = index_dtype == torch.int32
+    total = launch("count_quadruplets", device, *args, ptr(offsets), int32, checks_indices=False)
     if device.type == "cuda":  # (counts are never negative: the triplet ops checked the atoms)
         total = _scan_counts_cuda(offsets, "quadruplets", "main_graph", main[0], num_atoms)
-    out, trip_out_to_quad, trip_in_to_quad, out_agg = (offsets.new_empty(total) for _ in range(4))
-    launch("fill_quadruplets", device, *args, ptr(offsets), ptr(out), ptr(trip_out_to_quad), ptr(trip_in_to_quad),
-           ptr(out_agg), checks_indices=False)
+    _check_fits(index_dtype, "quadruplets", total)
+    out, trip_out_to_quad, trip_in_to_quad, out_agg = (
+        offsets.new_empty(total, dtype=index_dtype) for _ in range(4))
+    launch("fill_quadruplets", device, *args, ptr(offsets), int32, ptr(out), ptr(trip_out_to_quad),
+           ptr(trip_in_to_quad), ptr(out_agg), checks_indices=False)
     return tin_in, tin_out, tout_in, tout_out, out, trip_in_to_quad, trip_out_to_quad, out_agg
 
 
-def _fake_indices(like: Tensor, *group_sizes: int) -> tuple[Tensor, ...]:
-    """Fake int64 outputs: each group shares one data-dependent length (fakes read no data)."""
+def _fake_indices(like: Tensor, index_dtype: torch.dtype, *group_sizes: int) -> tuple[Tensor, ...]:
+    """Fake outputs: each group shares one data-dependent length (fakes read no data)."""
+    _check_index_dtype(index_dtype)
     ctx = torch.library.get_ctx()
     outputs = []
     for group_size in group_sizes:
         length = ctx.new_dynamic_size()
-        outputs += [like.new_empty(length, dtype=torch.int64) for _ in range(group_size)]
+        outputs += [like.new_empty(length, dtype=index_dtype) for _ in range(group_size)]
     return tuple(outputs)
 
 
 # The fakes check what can be checked without data, so that meta / fake tensors get the same
 # clear errors as real ones.
 @_triplets_op.register_fake
-def _(edge_index, num_atoms):
+def _(edge_index, num_atoms, index_dtype):
     _check_graph("graph", edge_index, None)
-    return _fake_indices(edge_index, 3)
+    return _fake_indices(edge_index, index_dtype, 3)
 
 
 @_mixed_triplets_op.register_fake
-def _(in_edge_index, in_cell_offset, out_edge_index, out_cell_offset, num_atoms, to_outedge):
+def _(in_edge_index, in_cell_offset, out_edge_index, out_cell_offset, num_atoms, to_outedge, index_dtype):
     _check_two_graphs(
         ("graph_in", "graph_out"),
         (in_edge_index, in_cell_offset),
         (out_edge_index, out_cell_offset),
     )
-    return _fake_indices(in_edge_index, 3)
+    return _fake_indices(in_edge_index, index_dtype, 3)
 
 
 @_quadruplets_op.register_fake
-def _(main_edge_index, main_cell_offset, qint_edge_index, qint_cell_offset, num_atoms):
+def _(main_edge_index, main_cell_offset, qint_edge_index, qint_cell_offset, num_atoms, index_dtype):
     _check_two_graphs(
         ("main_graph", "qint_graph"),
         (main_edge_index, main_cell_offset),
         (qint_edge_index, qint_cell_offset),
     )
     # triplet_in (in, out), triplet_out (in, out), then the four quadruplet tensors.
-    return _fake_indices(main_edge_index, 2, 2, 4)
+    return _fake_indices(main_edge_index, index_dtype, 2, 2, 4)
 
 
 # ---- public API (GemNet-OC's dicts) ----
@@ -315,27 +350,29 @@ def _unpack(graph: dict, name: str) -> tuple[Tensor, Tensor]:
     return edge_index, cell_offset.to(torch.int32)
 
 
-def triplets(graph: dict, num_atoms: int) -> dict[str, Tensor]:
+def triplets(graph: dict, num_atoms: int, *, index_dtype: torch.dtype = torch.int64) -> dict[str, Tensor]:
     """Triplets b->a, c->a of one graph (GemNet-OC ``get_triplets``).
 
     Args:
         graph: {"edge_index": [2, E] int64, ...}; cell offsets are not needed (edges are
             compared by index).
         num_atoms: N, the number of atoms; every atom index must be in [0, N).
+        index_dtype: torch.int64 or torch.int32, the dtype of the outputs.
     Returns:
-        {"in": [T] int64 edge b->a, "out": [T] int64 edge c->a (ascending),
-         "out_agg": [T] int64 rank of the triplet among those of its out edge}.
+        {"in": [T] edge b->a, "out": [T] edge c->a (ascending),
+         "out_agg": [T] rank of the triplet among those of its out edge}, of index_dtype.
     """
     if not isinstance(graph, dict) or "edge_index" not in graph:
         raise ValueError("graph must be a dict with 'edge_index'")
     _check_num_atoms(num_atoms)
     _check_graph("graph", graph["edge_index"], None)
-    idx_in, idx_out, out_agg = _triplets_op(graph["edge_index"], num_atoms)
+    idx_in, idx_out, out_agg = _triplets_op(graph["edge_index"], num_atoms, index_dtype)
     return {"in": idx_in, "out": idx_out, "out_agg": out_agg}
 
 
 def mixed_triplets(
-    graph_in: dict, graph_out: dict, num_atoms: int, to_outedge: bool = False
+    graph_in: dict, graph_out: dict, num_atoms: int, to_outedge: bool = False, *,
+    index_dtype: torch.dtype = torch.int64,
 ) -> dict[str, Tensor]:
     """Triplets across two graphs (GemNet-OC ``get_mixed_triplets``).
 
@@ -344,37 +381,40 @@ def mixed_triplets(
         num_atoms: N.
         to_outedge: False pairs in b->a with out c->a (same target); True pairs in d->b with
             out b->a (the in edge's target is the out edge's source).
+        index_dtype: torch.int64 or torch.int32, the dtype of the outputs.
     Returns:
-        {"in": [T] int64 index into graph_in, "out": [T] int64 index into graph_out
-         (ascending), "out_agg": [T] int64 rank inside the out group}.
+        {"in": [T] index into graph_in, "out": [T] index into graph_out (ascending),
+         "out_agg": [T] rank inside the out group}, of index_dtype.
     """
     _check_num_atoms(num_atoms)
     in_ei, in_off = _unpack(graph_in, "graph_in")
     out_ei, out_off = _unpack(graph_out, "graph_out")
     idx_in, idx_out, out_agg = _mixed_triplets_op(
-        in_ei, in_off, out_ei, out_off, num_atoms, bool(to_outedge)
+        in_ei, in_off, out_ei, out_off, num_atoms, bool(to_outedge), index_dtype
     )
     return {"in": idx_in, "out": idx_out, "out_agg": out_agg}
 
 
-def quadruplets(main_graph: dict, qint_graph: dict, num_atoms: int) -> dict:
+def quadruplets(main_graph: dict, qint_graph: dict, num_atoms: int, *,
+                index_dtype: torch.dtype = torch.int64) -> dict:
     """Quadruplets d->b->a<-c of GemNet-OC (``get_quadruplets``).
 
     Args:
         main_graph, qint_graph: {"edge_index": [2, E] int64, "cell_offset": [E, 3] integer}.
         num_atoms: N.
+        index_dtype: torch.int64 or torch.int32, the dtype of every output.
     Returns:
         {"triplet_in": {"in": [T_in] main edge d->b, "out": [T_in] qint edge b->a},
          "triplet_out": {"in": [T_out] qint edge b->a, "out": [T_out] main edge c->a},
          "out": [Q] main edge c->a (ascending),
          "trip_in_to_quad": [Q] index into triplet_in, "trip_out_to_quad": [Q] index into
-         triplet_out, "out_agg": [Q] rank inside the out group}; all int64.
+         triplet_out, "out_agg": [Q] rank inside the out group}, all of index_dtype.
     """
     _check_num_atoms(num_atoms)
     main_ei, main_off = _unpack(main_graph, "main_graph")
     qint_ei, qint_off = _unpack(qint_graph, "qint_graph")
     tin_in, tin_out, tout_in, tout_out, out, tin_to_quad, tout_to_quad, out_agg = _quadruplets_op(
-        main_ei, main_off, qint_ei, qint_off, num_atoms
+        main_ei, main_off, qint_ei, qint_off, num_atoms, index_dtype
     )
     return {
         "triplet_in": {"in": tin_in, "out": tin_out},

@@ -3,9 +3,9 @@
 Public functions (shapes: E source rows, S segments, `...` any trailing feature dims):
 
     segment_sum / segment_mean / segment_max(src [E, ...], ptr [S+1] int64) -> [S, ...]
-    scatter_sum / scatter_mean(src [E, ...], index [E] int64, dim_size, *, deterministic=True)
+    scatter_sum / scatter_mean(src [E, ...], index [E] int64/int32, dim_size, *, deterministic=True)
         -> [dim_size, ...]
-    gather(src [S, ...], index [E] int64) -> [E, ...]  (src[index], the adjoint of scatter_sum)
+    gather(src [S, ...], index [E] int64/int32) -> [E, ...]  (src[index], the adjoint of scatter_sum)
     ragged_to_padded(x [T, ...], row [T], col [T], num_rows, num_cols) -> [num_rows, num_cols, ...]
     padded_to_ragged(padded [R, C, ...], row [T], col [T]) -> [T, ...]
     segment_outer(x [E, R], y [E, C], ptr [S+1], y_index=None) -> [S, R, C]  (sum of x[e] ⊗ y[e]
@@ -14,7 +14,9 @@ Public functions (shapes: E source rows, S segments, `...` any trailing feature 
         -> [E, R]  (x[segment of e] @ y[e]; with y_index [E], y is [N, C] and row e is
         y[y_index[e]]; with out_index [E], row e is summed into row out_index[e] of [num_out_rows, R])
 
-src is float32, float64 or bfloat16 (bf16 accumulates in float32); indices are int64. Empty
+src is float32, float64 or bfloat16 (bf16 accumulates in float32). CSR pointers and padded
+(row, col) slots are int64; the row indices of gather, scatter_* and the bilinear ops' y_index /
+out_index are int64 or int32 (the model's interaction indices are int32, see jmp_ext.graphs). Empty
 segments give 0. Results are bitwise deterministic on the CPU for any thread count, and on CUDA
 unless scatter_* is called with deterministic=False (one atomicAdd per element: faster, but the
 summation order varies). segment_max sends the gradient to the first maximal element of each
@@ -32,7 +34,7 @@ import math
 import torch
 from torch import Tensor
 
-from jmp_ext.ops._lib import _C, contiguous, launch, num_threads, ptr
+from jmp_ext.ops._lib import _C, contiguous, index_arg, launch, num_threads, ptr
 
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
 _REDUCE_CODES = {"sum": 0, "mean": 1, "max": 2}
@@ -50,9 +52,13 @@ def _check_src(name: str, src: Tensor, dim: int = 2) -> None:
         raise ValueError(f"{name} must be {dim}-D here, got shape {tuple(src.shape)}")
 
 
-def _check_index(name: str, index: Tensor, length: int | None, device: torch.device) -> None:
-    if index.dtype != torch.int64:
-        raise TypeError(f"{name} must be int64, got {index.dtype}")
+def _check_index(name: str, index: Tensor, length: int | None, device: torch.device,
+                 int32_ok: bool = False) -> None:
+    """int32_ok: a row index that a gather or scatter reads (int32 or int64); CSR pointers and
+    padded slots are int64."""
+    if index.dtype != torch.int64 and not (int32_ok and index.dtype == torch.int32):
+        expected = "int64 or int32" if int32_ok else "int64"
+        raise TypeError(f"{name} must be {expected}, got {index.dtype}")
     if index.dim() != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(index.shape)}")
     if length is not None and index.shape[0] != length:
@@ -158,7 +164,7 @@ def _index_to_csr_cuda(index: Tensor, dim_size: int) -> tuple[Tensor, Tensor]:
         problem = "is negative" if value < 0 else f"is out of range for dim_size = {dim_size}"
         raise ValueError(f"index[{e}] = {value} {problem}")
     sorted_index, perm = torch.sort(index, stable=True)
-    bounds = torch.arange(dim_size + 1, device=index.device)
+    bounds = torch.arange(dim_size + 1, device=index.device, dtype=index.dtype)
     return torch.searchsorted(sorted_index, bounds), perm
 
 
@@ -171,7 +177,7 @@ def _scatter_reduce(src: Tensor, index: Tensor, dim_size: int, reduce: str, dete
     src = src.contiguous()
     if not src.is_cuda:  # rows reduced in ascending e: the order of the sorted CUDA path
         out = src.new_empty(dim_size, src.shape[1])
-        _C.scatter_reduce_cpu(ptr(src), ptr(index), ptr(out), src.shape[0], dim_size,
+        _C.scatter_reduce_cpu(ptr(src), *index_arg(index), ptr(out), src.shape[0], dim_size,
                               src.shape[1], _DTYPE_CODES[src.dtype], _REDUCE_CODES[reduce],
                               num_threads())
         return out
@@ -180,7 +186,7 @@ def _scatter_reduce(src: Tensor, index: Tensor, dim_size: int, reduce: str, dete
         return _segment_kernel(src, ptr_, perm, reduce)[0]
     acc = torch.zeros(dim_size, src.shape[1], device=src.device,
                       dtype=torch.float64 if src.dtype == torch.float64 else torch.float32)
-    launch("scatter_add_atomic_cuda", src.device, ptr(src), _DTYPE_CODES[src.dtype], ptr(index),
+    launch("scatter_add_atomic_cuda", src.device, ptr(src), _DTYPE_CODES[src.dtype], *index_arg(index),
             src.shape[0], src.shape[1], dim_size, ptr(acc))
     if reduce == "mean":
         acc /= _counts(index, dim_size, acc.dtype)
@@ -189,7 +195,7 @@ def _scatter_reduce(src: Tensor, index: Tensor, dim_size: int, reduce: str, dete
 
 def _check_scatter(src: Tensor, index: Tensor, dim_size: int, reduce: str) -> None:
     _check_src("src", src)
-    _check_index("index", index, src.shape[0], src.device)
+    _check_index("index", index, src.shape[0], src.device, int32_ok=True)
     _check_size("dim_size", dim_size)
     if reduce not in ("sum", "mean"):
         raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
@@ -207,14 +213,14 @@ def _gather(src: Tensor, index: Tensor) -> Tensor:
     _check_gather(src, index)
     src, index = src.contiguous(), index.contiguous()
     out = src.new_empty(index.shape[0], src.shape[1])
-    launch("gather", src.device, ptr(src), ptr(out), src.shape[1], src.element_size(), ptr(index),
+    launch("gather", src.device, ptr(src), ptr(out), src.shape[1], src.element_size(), *index_arg(index),
             index.shape[0], src.shape[0])
     return out
 
 
 def _check_gather(src: Tensor, index: Tensor) -> None:
     _check_src("src", src)
-    _check_index("index", index, None, src.device)
+    _check_index("index", index, None, src.device, int32_ok=True)
 
 
 @_gather.register_fake
@@ -287,7 +293,7 @@ def _check_bilinear(x: Tensor, y: Tensor, ptr_: Tensor, x_dim: int, y_index: Ten
         raise ValueError(f"x ({x.dtype}, {x.device}) and y ({y.dtype}, {y.device}) must share dtype and device")
     if x_dim == 2:
         if y_index is not None:
-            _check_index("y_index", y_index, x.shape[0], x.device)
+            _check_index("y_index", y_index, x.shape[0], x.device, int32_ok=True)
         elif x.shape[0] != y.shape[0]:
             raise ValueError(f"x has {x.shape[0]} rows but y has {y.shape[0]}")
         return
@@ -295,9 +301,9 @@ def _check_bilinear(x: Tensor, y: Tensor, ptr_: Tensor, x_dim: int, y_index: Ten
     if x.shape[0] != segments or x.shape[2] != y.shape[1]:
         raise ValueError(f"x must be [S={segments}, R, C={y.shape[1]}] for ptr and y, got shape {tuple(x.shape)}")
     if y_index is not None:
-        _check_index("y_index", y_index, None, x.device)
+        _check_index("y_index", y_index, None, x.device, int32_ok=True)
     if out_index is not None:
-        _check_index("out_index", out_index, y.shape[0], x.device)
+        _check_index("out_index", out_index, y.shape[0], x.device, int32_ok=True)
 
 
 def _bilinear_kernel(kind: str, x: Tensor, y: Tensor, ptr_: Tensor, out: Tensor, rows: int,
@@ -315,7 +321,8 @@ def _bilinear_kernel(kind: str, x: Tensor, y: Tensor, ptr_: Tensor, out: Tensor,
     else:
         num_src = y.shape[0] if y_index is None else y_index.shape[0]
     launch("segment_bilinear", x.device, _BILINEAR_KINDS[kind], x_address, ptr(y), ptr(ptr_), ptr(out), num_src, ptr_.shape[0] - 1, rows,
-           cols, x_stride_r, x_stride_c, ptr(y_index), y.shape[0], ptr(out_index), out.shape[0], _DTYPE_CODES[x.dtype])
+           cols, x_stride_r, x_stride_c, *index_arg(y_index), y.shape[0], *index_arg(out_index), out.shape[0],
+           _DTYPE_CODES[x.dtype])
     return out
 
 
@@ -603,7 +610,7 @@ def segment_max(src: Tensor, ptr: Tensor) -> Tensor:
 def scatter_sum(src: Tensor, index: Tensor, dim_size: int, *, deterministic: bool = True) -> Tensor:
     """out[k] = sum of src[e] over e with index[e] == k, for k < dim_size. -> [dim_size, ...].
 
-    index [E] int64 need not be sorted. deterministic=False allows the atomic CUDA kernel
+    index [E] int64/int32 need not be sorted. deterministic=False allows the atomic CUDA kernel
     (ignored on the CPU, which is always deterministic, and under
     torch.use_deterministic_algorithms(True))."""
     out = _scatter_reduce(_features(src, "src"), index, dim_size, "sum", deterministic)
@@ -617,7 +624,7 @@ def scatter_mean(src: Tensor, index: Tensor, dim_size: int, *, deterministic: bo
 
 
 def gather(src: Tensor, index: Tensor) -> Tensor:
-    """Rows of src [S, ...] picked by index [E] int64: out[e] = src[index[e]]. -> [E, ...].
+    """Rows of src [S, ...] picked by index [E] int64/int32: out[e] = src[index[e]]. -> [E, ...].
 
     The same values as src[index], but the gradient is a deterministic scatter_sum instead of
     torch's index_put with accumulation (about 2x slower on the CPU). Under torch.compile it is
@@ -652,7 +659,7 @@ def segment_outer(x: Tensor, y: Tensor, ptr: Tensor, y_index: Tensor | None = No
 
     x [E, R], y [E, C] (same dtype); ptr [S+1] int64 CSR pointer. -> [S, R, C]; the ragged form of
     padded_x[s].T @ padded_y[s], without materialising the zero padding.
-    With y_index [E] int64, row e of y is y[y_index[e]] (y [N, C]): the same result as
+    With y_index [E] int64/int32, row e of y is y[y_index[e]] (y [N, C]): the same result as
     segment_outer(x, gather(y, y_index), ptr), without writing the gathered rows (on the CPU)."""
     if y_index is None:
         return _segment_outer(x, y, ptr)
@@ -663,8 +670,8 @@ def segment_contract(x: Tensor, y: Tensor, ptr: Tensor, y_index: Tensor | None =
                      out_index: Tensor | None = None, num_out_rows: int | None = None) -> Tensor:
     """out[e] = x[s] @ y[e] for the rows e of segment s: x [S, R, C], y [E, C] -> [E, R].
 
-    With y_index [E] int64, row e of y is y[y_index[e]] (y [N, C]): segment_contract(x,
-    gather(y, y_index), ptr). With out_index [E] int64 and num_out_rows, row e of the result is
+    With y_index [E] int64/int32, row e of y is y[y_index[e]] (y [N, C]): segment_contract(x,
+    gather(y, y_index), ptr). With out_index [E] int64/int32 and num_out_rows, row e of the result is
     summed into row out_index[e]: scatter_sum(segment_contract(x, y, ptr), out_index,
     num_out_rows) -> [num_out_rows, R]. On the CPU neither writes the [E, ...] rows in between."""
     if (out_index is None) != (num_out_rows is None):

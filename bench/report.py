@@ -20,7 +20,10 @@ def _rows(path: str) -> list[dict]:
     rows = []
     for bench in data["benchmarks"]:
         params = bench["params"]
-        rows.append({"group": bench["group"], "impl": params["impl"],
+        impl = params["impl"]
+        if params.get("index_dtype") == "int32":  # bench_interaction_indices' int32 outputs
+            impl += " int32"
+        rows.append({"group": bench["group"], "impl": impl,
                      "min": bench["stats"]["min"], "extra": bench["extra_info"]})
     return rows
 
@@ -57,14 +60,16 @@ def indices(rows: list[dict]) -> None:
     for row in rows:
         _, batch, step, threads = row["group"].split()
         table[(batch, step, threads)][row["impl"]] = row
-    head = ["batch", "step", "threads", "jmp_ext ms", "torch twin ms", "x vs twin",
+    head = ["batch", "step", "threads", "outputs", "jmp_ext ms", "torch twin ms", "x vs twin",
             "write floor ms", "jmp_ext / floor"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for (batch, step, threads), cells in table.items():
-        ours, twin, floor = cells["jmp_ext"]["min"], cells["torch_twin"]["min"], cells["write_floor"]["min"]
-        print(f"| {batch} | {step} | {threads} | {_ms(ours)} | {_ms(twin)} | {twin / ours:.1f} | "
-              f"{_ms(floor)} | {ours / floor:.2f} |")
+        twin = cells["torch_twin"]["min"]
+        for dtype, suffix in (("int64", ""), ("int32", " int32")):
+            ours, floor = cells["jmp_ext" + suffix]["min"], cells["write_floor" + suffix]["min"]
+            print(f"| {batch} | {step} | {threads} | {dtype} | {_ms(ours)} | {_ms(twin)} | {twin / ours:.1f} | "
+                  f"{_ms(floor)} | {ours / floor:.2f} |")
     sizes = {k[0]: cells["jmp_ext"]["extra"] for k, cells in table.items() if k[1] == "all"}
     for batch, extra in sizes.items():
         print(f"\n{batch}: " + ", ".join(f"{k} {v:,}" for k, v in extra.items()))

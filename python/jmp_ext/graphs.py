@@ -287,10 +287,14 @@ def graphs_from_a2a(batch: dict, a2a: dict, config: GraphConfig, *, edge_dropout
 
     graphs["num_atoms"] = num_atoms
     graphs["id_swap"] = id_swap
-    graphs["trip_e2e"] = ops.triplets(graphs["main"], num_atoms)
-    graphs["trip_a2e"] = ops.mixed_triplets(graphs["a2ee2a"], graphs["main"], num_atoms)
-    graphs["trip_e2a"] = ops.mixed_triplets(graphs["main"], graphs["a2ee2a"], num_atoms)
-    graphs["quad"] = ops.quadruplets(graphs["main"], graphs["qint"], num_atoms)
+    # int32 interaction indices: half the bytes of int64 to write here and to read in every
+    # gather of the model. A batch whose triplets or quadruplets overflow int32 (their int64
+    # indices alone would take over 32 GB) gets a ValueError that names the count.
+    index = {"index_dtype": torch.int32}
+    graphs["trip_e2e"] = ops.triplets(graphs["main"], num_atoms, **index)
+    graphs["trip_a2e"] = ops.mixed_triplets(graphs["a2ee2a"], graphs["main"], num_atoms, **index)
+    graphs["trip_e2a"] = ops.mixed_triplets(graphs["main"], graphs["a2ee2a"], num_atoms, **index)
+    graphs["quad"] = ops.quadruplets(graphs["main"], graphs["qint"], num_atoms, **index)
     graphs["quad_edges"] = quad_edges(graphs["quad"])
     # Only the edge-to-atom block is padded; everything else is summed ragged (ops.segment_outer).
     graphs["kmax"] = {"a2ee2a": _kmax(graphs["a2ee2a"]["target_neighbor_idx"])}
@@ -300,8 +304,9 @@ def graphs_from_a2a(batch: dict, a2a: dict, config: GraphConfig, *, edge_dropout
 def quad_edges(quad: dict) -> Tensor:
     """Main edges that end an output triplet, ascending [E_q]: the only ones with a quadruplet
     message (about half of them on OC20 slabs), so the model projects the quadruplet basis for
-    these alone. quad: jmp_ext.ops.quadruplets' dict (output triplets sorted by out edge)."""
-    return torch.unique_consecutive(quad["triplet_out"]["out"])
+    these alone. quad: jmp_ext.ops.quadruplets' dict (output triplets sorted by out edge).
+    int64, whatever the dtype of quad: the model index_copy's by it, which takes only int64."""
+    return torch.unique_consecutive(quad["triplet_out"]["out"]).long()
 
 
 def build_graphs(batch: dict, config: GraphConfig, *, edge_dropout: float | None = None,
@@ -315,7 +320,7 @@ def build_graphs(batch: dict, config: GraphConfig, *, edge_dropout: float | None
     Returns {"num_atoms": N, "main", "a2ee2a", "qint", "a2a": {"edge_index" [2, E] int64,
     "cell_offset" [E, 3] int32, "distance" [E], "vector" [E, 3]} (a2a and a2ee2a grouped by
     target, a2ee2a with "target_neighbor_idx" [E]), "id_swap" [E_main], "trip_e2e", "trip_a2e", "trip_e2a" ({"in", "out",
-    "out_agg"}), "quad" (jmp_ext.ops.quadruplets' dict), "quad_edges" [E_q] (see quad_edges),
+    "out_agg"} int32), "quad" (jmp_ext.ops.quadruplets' dict, int32), "quad_edges" [E_q] (see quad_edges),
     "kmax": {"a2ee2a": int}}. Distances and
     vectors are differentiable in batch["pos"] and batch["cell"]."""
     check_batch(batch)

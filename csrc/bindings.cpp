@@ -160,7 +160,7 @@ PYBIND11_MODULE(_C, m) {
 
   // ---- radius_graph (csrc/radius_graph) ----
   // RadiusGraphCpu(pos, dtype, num_atoms, ptr, num_systems, cell, pbc, cutoff, max_neighbors,
-  // tolerance, max_edges, num_threads) validates, bins and counts; .num_edges; then
+  // tolerance, max_edges, advise_huge_pages, num_threads) validates, bins and counts; .num_edges; then
   // .fill(edge_index, cell_offsets, distance, num_threads) writes the caller's buffers.
   {
     namespace rg = jmp_ext::radius_graph;
@@ -186,11 +186,11 @@ PYBIND11_MODULE(_C, m) {
         .def(py::init([=](uintptr_t pos, int dtype, int64_t num_atoms, uintptr_t ptr_,
                           int64_t num_systems, uintptr_t cell, uintptr_t pbc, double cutoff,
                           int64_t max_neighbors, double tolerance, int64_t max_edges,
-                          int num_threads) {
-               return new rg::cpu::RadiusGraph(
-                   input(pos, dtype, num_atoms, ptr_, num_systems, cell, pbc, cutoff,
-                         max_neighbors, tolerance, max_edges),
-                   num_threads);
+                          bool advise_huge_pages, int num_threads) {
+               rg::Input in = input(pos, dtype, num_atoms, ptr_, num_systems, cell, pbc, cutoff,
+                                    max_neighbors, tolerance, max_edges);
+               in.advise_huge_pages = advise_huge_pages;
+               return new rg::cpu::RadiusGraph(in, num_threads);
              }),
              nogil())
         .def_property_readonly("num_edges", &rg::cpu::RadiusGraph::num_edges)

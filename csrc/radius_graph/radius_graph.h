@@ -43,6 +43,9 @@ struct Input {
   int64_t max_neighbors = -1;    // k > 0, or -1 for no cap
   double tolerance = -1;         // >= 0: fairchem's tolerant cap (Angstrom^2); < 0: strict
   int64_t max_edges = 0;         // InvalidInput when the graph would have more edges
+  // CPU: advise fresh large buffers (the edge stash, the outputs) to use huge pages
+  // (common/huge_pages.h); the caller turns it off when its allocator keeps freed memory.
+  bool advise_huge_pages = false;
 };
 
 struct Output {

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "common/check.h"
+#include "common/huge_pages.h"
 #include "common/parallel.h"
 #include "radius_graph/radius_graph.h"
 
@@ -340,6 +341,8 @@ void RadiusGraph::collect(int num_threads, double estimated_edges) {
     double expected = estimated_edges * static_cast<double>(end - begin) / static_cast<double>(n);
     if (k > 0) expected = std::min(expected, static_cast<double>(k * (end - begin)));
     chunk.edges.reserve(static_cast<size_t>(expected) + 64);
+    if (input_.advise_huge_pages)
+      advise_huge_pages(chunk.edges.data(), chunk.edges.capacity() * sizeof(Candidate));
     EdgeSorter sorter;
     int64_t held = 0;
     for (int64_t i = begin; i < end; ++i) {
@@ -379,6 +382,12 @@ void RadiusGraph::write(const Output& out, int64_t target, const Candidate* edge
 }
 
 void RadiusGraph::fill(const Output& out, int num_threads) const {
+  if (input_.advise_huge_pages) {
+    const size_t total = static_cast<size_t>(num_edges());
+    advise_huge_pages(out.edge_index, 2 * total * sizeof(int64_t));
+    advise_huge_pages(out.cell_offsets, 3 * total * sizeof(int32_t));
+    advise_huge_pages(out.distance, total * (input_.dtype == Dtype::f32 ? sizeof(float) : sizeof(double)));
+  }
   if (!stash_.empty()) {
     parallel_for(static_cast<int64_t>(stash_.size()), num_threads, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {

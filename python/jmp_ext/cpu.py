@@ -10,6 +10,15 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 
 
+_freed_memory_kept = False
+
+
+def freed_memory_is_kept() -> bool:
+    """Whether keep_freed_memory() is in effect: the CPU radius graph then reuses recycled heap
+    and does not ask for huge pages for its fresh buffers (csrc/common/huge_pages.h)."""
+    return _freed_memory_kept
+
+
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
 
@@ -28,4 +37,6 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     # -1 reaches glibc as SIZE_MAX: never trim.
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, -1))
+    global _freed_memory_kept
+    _freed_memory_kept = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, -1))
+    return _freed_memory_kept

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from jmp_ext import cpu
 from jmp_ext.ops._lib import _C, num_threads, ptr, require_cuda
 
 __all__ = ["radius_graph", "edge_vectors", "DEFAULT_MAX_EDGES"]
@@ -147,7 +148,7 @@ def _check_cap(max_neighbors, tolerance, max_edges) -> tuple[int, float, int]:
 def _radius_graph_cpu(pos, cutoff, ptr_, cell, pbc, k, tolerance, max_edges):
     graph = _C.RadiusGraphCpu(
         ptr(pos), _DTYPE_CODES[pos.dtype], pos.shape[0], ptr_.data_ptr(), ptr_.numel() - 1,
-        ptr(cell), ptr(pbc), cutoff, k, tolerance, max_edges, num_threads(),
+        ptr(cell), ptr(pbc), cutoff, k, tolerance, max_edges, not cpu.freed_memory_is_kept(), num_threads(),
     )  # fmt: skip
     num_edges = graph.num_edges
     edge_index = torch.empty(2, num_edges, dtype=torch.int64)

@@ -221,15 +221,18 @@ def test_segment_max_nan_and_infinity():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("features", [2, 37])
+@pytest.mark.parametrize("features", [1, 2, 3, 4, 37])
 def test_segment_max_picks_the_first_maximum_or_nan_per_feature(dtype, features):
-    """Values from a small set (many ties), with -inf and NaN mixed in; 37 features leaves a
-    remainder after the vectorised part. Where each feature's gradient goes is checked against
-    a loop over the rows: the first maximal row, or the first NaN."""
+    """Values from a small set (many ties, -0 and +0 among them), with -inf and NaN mixed in;
+    1-4 features take the two-pass kernel (blocks of rows plus a remainder: lengths up to 43),
+    37 leaves a remainder after the vectorised part of the other one. Where each feature's
+    gradient goes is checked against a loop over the rows: the first maximal row, or the first
+    NaN."""
     gen = torch.Generator().manual_seed(features)
-    lengths = [1, 0, 5, 9, 2, 17]
-    values = torch.tensor([-float("inf"), -1.0, 0.0, 2.0, float("nan")])
-    pick = torch.multinomial(torch.tensor([1.0, 3.0, 3.0, 3.0, 0.3]), sum(lengths) * features, True, generator=gen)
+    lengths = [1, 0, 5, 9, 2, 17, 43, 8]
+    values = torch.tensor([-float("inf"), -1.0, -0.0, 0.0, 2.0, float("nan")])
+    pick = torch.multinomial(torch.tensor([1.0, 3.0, 3.0, 3.0, 1.0, 0.3]), sum(lengths) * features, True,
+                             generator=gen)
     src = values[pick].reshape(-1, features).to(dtype).requires_grad_()
     out = ops.segment_max(src, make_ptr(lengths))
     out.sum().backward()

@@ -322,7 +322,17 @@ constexpr bool is_constant_v = !std::is_same_v<N, int64_t>;
 // Checks the y_index entries of segment s, if there is a y_index.
 void check_y_index(const SegmentBilinearArgs& a, int64_t s) {
   if (!a.y_index) return;
-  for (int64_t e = a.ptr[s]; e < a.ptr[s + 1]; ++e) check_index(a.y_index[e], e, a.num_y_rows, "y_index", "the rows of y");
+  const int64_t begin = a.ptr[s], end = a.ptr[s + 1];
+  // A branch-free scan first (it runs for every segment of every call); the out-of-line
+  // check_index that names the entry only once one is bad.
+  const bool bad = visit_index(a.y_index, [&](auto index) {
+    bool any = false;
+    for (int64_t e = begin; e < end; ++e)
+      any |= static_cast<uint64_t>(int64_t{index[e]}) >= static_cast<uint64_t>(a.num_y_rows);
+    return any;
+  });
+  if (!bad) return;
+  for (int64_t e = begin; e < end; ++e) check_index(a.y_index[e], e, a.num_y_rows, "y_index", "the rows of y");
 }
 
 }  // namespace

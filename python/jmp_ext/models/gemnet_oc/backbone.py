@@ -11,7 +11,8 @@ The graphs dict (built by jmp_ext.graphs.build_graphs, or taken from JMP's fixtu
           [E_a] (rank of the edge among the edges of its target); qint: edge_index, distance, vector.
   trip_e2e, trip_a2e, trip_e2a: {"in", "out", "out_agg"} [T] (see jmp_ext.ops.triplets);
   quad: {"triplet_in": {"in","out"}, "triplet_out": {"in","out"}, "out", "out_agg",
-         "trip_in_to_quad", "trip_out_to_quad"}.
+         "trip_in_to_quad", "trip_out_to_quad"}; these indices are int32 from build_graphs
+         (int64, as in JMP's fixtures, works too).
   kmax: {"a2ee2a": int}: width of the padded per-atom block of the edge-to-atom interaction
          (computed once with the indices, so the forward never syncs with the host). Triplets /
          quadruplets (sorted by "out") and a2a edges (by target) are summed ragged over CSR

@@ -391,10 +391,10 @@ PYBIND11_MODULE(_C, m) {
     auto row_copy = [](uintptr_t src, uintptr_t out, int64_t features, int elem_size) {
       return red::RowCopy{ptr<const void>(src), ptr<void>(out), features, elem_size};
     };
-    auto padded_index = [](uintptr_t row, uintptr_t col, int64_t num_items, int64_t num_rows,
-                           int64_t num_cols, uintptr_t slots) {
-      return red::PaddedIndex{ptr<const int64_t>(row), ptr<const int64_t>(col), num_items,
-                              num_rows, num_cols, ptr<int64_t>(slots)};
+    auto padded_index = [](uintptr_t row, bool row_is_int32, uintptr_t col, bool col_is_int32,
+                           int64_t num_items, int64_t num_rows, int64_t num_cols, uintptr_t slots) {
+      return red::PaddedIndex{index_array(row, row_is_int32), index_array(col, col_is_int32),
+                              num_items, num_rows, num_cols, ptr<int64_t>(slots)};
     };
     m.def("segment_reduce",
           [](uintptr_t src, uintptr_t ptr_, uintptr_t perm, uintptr_t out, uintptr_t arg,
@@ -453,11 +453,11 @@ PYBIND11_MODULE(_C, m) {
     // direction 0: ragged_to_padded, 1: padded_to_ragged (the same arguments either way).
     m.def("padded_copy",
           [=](int direction, uintptr_t src, uintptr_t out, int64_t features, int elem_size,
-              uintptr_t row, uintptr_t col, int64_t num_items, int64_t num_rows, int64_t num_cols,
-              uintptr_t slots, const Where& where) {
+              uintptr_t row, bool row_is_int32, uintptr_t col, bool col_is_int32, int64_t num_items,
+              int64_t num_rows, int64_t num_cols, uintptr_t slots, const Where& where) {
             JMP_CHECK(direction == 0 || direction == 1, "padded_copy: unknown direction ", direction);
             auto copy = row_copy(src, out, features, elem_size);
-            auto index = padded_index(row, col, num_items, num_rows, num_cols, slots);
+            auto index = padded_index(row, row_is_int32, col, col_is_int32, num_items, num_rows, num_cols, slots);
             if (!where.cuda) {
               return direction == 0 ? red::cpu::ragged_to_padded(copy, index, where.num_threads)
                                     : red::cpu::padded_to_ragged(copy, index, where.num_threads);

@@ -7,8 +7,8 @@
 // cpu:: (reductions_cpu.cpp, deterministic, threaded) and cuda:: (reductions_cuda.cu).
 //
 // Shapes: a "row" is `features` contiguous elements; src/out tensors are row-major [rows, F].
-// Row indices that feed a gather or a scatter (IndexArray) are int32 or int64; CSR pointers,
-// permutations and padded (row, col) slots are int64.
+// Row indices that feed a gather or a scatter and padded (row, col) slots (IndexArray) are int32
+// or int64; CSR pointers and permutations are int64.
 #pragma once
 
 #include <cstdint>
@@ -63,8 +63,8 @@ struct RowCopy {
 
 // The (row, col) slots of T ragged items in a [num_rows, num_cols] padded layout.
 struct PaddedIndex {
-  const int64_t* row;   // [num_items] in [0, num_rows)
-  const int64_t* col;   // [num_items] in [0, num_cols); (row, col) pairs must be distinct
+  IndexArray row;       // [num_items] in [0, num_rows)
+  IndexArray col;       // [num_items] in [0, num_cols); (row, col) pairs must be distinct
   int64_t num_items;
   int64_t num_rows;
   int64_t num_cols;

@@ -235,14 +235,23 @@ void fill_slots(const PaddedIndex& p, int64_t* status, cudaStream_t stream) {
   jc::check_launch();
 }
 
+// The first n entries of a device index, widened to int64 on the host.
+std::vector<int64_t> read_back_index(IndexArray index, int64_t n, cudaStream_t stream) {
+  return visit_index(index, [&](auto device) {
+    std::vector<std::remove_const_t<std::remove_pointer_t<decltype(device)>>> host(n);
+    jc::read_back(device, host.data(), n, stream);
+    return std::vector<int64_t>(host.begin(), host.end());
+  });
+}
+
 // Reads the status; on a report, replays the CPU check over the items up to the bad one.
 void finish_slots(const PaddedIndex& p, const int64_t* status, cudaStream_t stream) {
   int64_t bad = jc::read_one(status, stream);
   if (bad == jc::kNoError) return;
-  std::vector<int64_t> row(bad + 1), col(bad + 1), slots(p.num_rows * p.num_cols);
-  jc::read_back(p.row, row.data(), bad + 1, stream);
-  jc::read_back(p.col, col.data(), bad + 1, stream);
-  cpu::fill_slots({row.data(), col.data(), bad + 1, p.num_rows, p.num_cols, slots.data()});
+  std::vector<int64_t> row = read_back_index(p.row, bad + 1, stream);
+  std::vector<int64_t> col = read_back_index(p.col, bad + 1, stream);
+  std::vector<int64_t> slots(p.num_rows * p.num_cols);
+  cpu::fill_slots({{row.data(), false}, {col.data(), false}, bad + 1, p.num_rows, p.num_cols, slots.data()});
   throw Error("internal error: the CUDA slot check flagged valid items");
 }
 

@@ -80,16 +80,20 @@ def test_gather_matches_indexing_and_its_gradient_index_add(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("features", [1, 3, 64])
 def test_int32_row_indices_give_the_int64_results(dtype, features):
-    """gather and scatter_* read an int32 index (the model's interaction indices) as int64."""
+    """gather, scatter_* and the padded copies read int32 indices (the model's interaction
+    indices) as int64."""
     gen = torch.Generator().manual_seed(features)
     index = torch.randint(0, 150, (1000,), generator=gen)
     src = random_src(1000, features, dtype, gen).requires_grad_()
     table = random_src(150, features, dtype, gen).requires_grad_()
     grad = random_src(1000, features, dtype, gen)
+    slot = torch.randperm(150 * 9, generator=gen)[:1000]  # distinct (row, col) pairs
     results = []
     for index_dtype in (torch.int64, torch.int32):
-        idx = index.to(index_dtype)
-        outs = (ops.scatter_sum(src, idx, 150), ops.scatter_mean(src, idx, 150), ops.gather(table, idx))
+        idx, row, col = index.to(index_dtype), (slot // 9).to(index_dtype), (slot % 9).to(index_dtype)
+        padded = ops.ragged_to_padded(src, row, col, 150, 9)
+        outs = (ops.scatter_sum(src, idx, 150), ops.scatter_mean(src, idx, 150), ops.gather(table, idx),
+                padded, ops.padded_to_ragged(padded, row, col))
         grads = torch.autograd.grad(outs[2], table, grad)  # gather's backward: an int32 scatter
         results.append((*outs, *grads))
     for a, b in zip(*results, strict=True):
@@ -385,6 +389,11 @@ def test_bad_index_values():
         ops.scatter_sum(src, torch.tensor([0, 1, -1, 0], dtype=torch.int32), 3)
     with pytest.raises(ValueError, match=r"index\[1\] = 4 is out of range for the number of source rows = 4"):
         red._gather(src, torch.tensor([0, 4], dtype=torch.int32))
+    int32 = {"dtype": torch.int32}
+    with pytest.raises(ValueError, match="appears twice"):
+        ops.ragged_to_padded(src, torch.tensor([0, 1, 1, 1], **int32), torch.tensor([0, 0, 1, 0], **int32), 2, 2)
+    with pytest.raises(ValueError, match=r"col\[3\] = 5 is out of range"):
+        ops.ragged_to_padded(src, torch.tensor([0, 1, 0, 1], **int32), torch.tensor([0, 0, 1, 5], **int32), 2, 2)
 
 
 def test_bad_ptr():
@@ -420,8 +429,8 @@ def test_bad_shapes_and_dtypes():
         ops.scatter_sum(src, index.short(), 2)
     with pytest.raises(TypeError, match="ptr must be int64, got torch.int32"):
         ops.segment_sum(src, make_ptr([4]).int())
-    with pytest.raises(TypeError, match="row must be int64, got torch.int32"):
-        ops.ragged_to_padded(src, index.int(), index, 2, 2)
+    with pytest.raises(TypeError, match="row must be int64 or int32, got torch.int16"):
+        ops.ragged_to_padded(src, index.short(), index, 2, 2)
     with pytest.raises(TypeError, match="float32, float64 or bfloat16"):
         ops.scatter_sum(src.half(), index, 2)
     with pytest.raises(TypeError, match="float32, float64 or bfloat16"):
@@ -557,6 +566,10 @@ def test_cuda_bad_indices_raise_the_cpu_messages():
                                        torch.tensor([0, 0, 1, 0], device=d), 2, 2),
         lambda d: ops.padded_to_ragged(torch.zeros(2, 2, 3, device=d), torch.tensor([0, -1], device=d),
                                        torch.tensor([0, 0], device=d)),
+        # int32 indices: the CUDA side reads the bad entry back at its own width
+        lambda d: red._gather(src.to(d), torch.tensor([0, 9, 1], dtype=torch.int32, device=d)),
+        lambda d: ops.ragged_to_padded(src.to(d), torch.tensor([0, 1, 0, 1], dtype=torch.int32, device=d),
+                                       torch.tensor([0, 0, 1, 5], dtype=torch.int32, device=d), 2, 2),
     ]
     for deterministic in (True, False):
         cases += [

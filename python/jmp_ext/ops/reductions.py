@@ -14,8 +14,8 @@ Public functions (shapes: E source rows, S segments, `...` any trailing feature 
         -> [E, R]  (x[segment of e] @ y[e]; with y_index [E], y is [N, C] and row e is
         y[y_index[e]]; with out_index [E], row e is summed into row out_index[e] of [num_out_rows, R])
 
-src is float32, float64 or bfloat16 (bf16 accumulates in float32). CSR pointers and padded
-(row, col) slots are int64; the row indices of gather, scatter_* and the bilinear ops' y_index /
+src is float32, float64 or bfloat16 (bf16 accumulates in float32). CSR pointers are int64; the
+row indices of gather, scatter_*, the padded copies' (row, col) and the bilinear ops' y_index /
 out_index are int64 or int32 (the model's interaction indices are int32, see jmp_ext.graphs). Empty
 segments give 0. Results are bitwise deterministic on the CPU for any thread count, and on CUDA
 unless scatter_* is called with deterministic=False (one atomicAdd per element: faster, but the
@@ -234,14 +234,13 @@ def _padded_copy(direction: str, src: Tensor, row: Tensor, col: Tensor, num_rows
     src, row, col = src.contiguous(), row.contiguous(), col.contiguous()
     slots = torch.empty(num_rows * num_cols, dtype=torch.int64, device=src.device)
     launch("padded_copy", src.device, _PADDED_DIRECTIONS[direction], ptr(src), ptr(out), out.shape[-1],
-           src.element_size(), ptr(row),
-            ptr(col), row.shape[0], num_rows, num_cols, ptr(slots))
+           src.element_size(), *index_arg(row), *index_arg(col), row.shape[0], num_rows, num_cols, ptr(slots))
     return out
 
 
 def _check_padded(x: Tensor, row: Tensor, col: Tensor, num_rows: int, num_cols: int) -> None:
-    _check_index("row", row, None, x.device)
-    _check_index("col", col, row.shape[0], x.device)
+    _check_index("row", row, None, x.device, int32_ok=True)
+    _check_index("col", col, row.shape[0], x.device, int32_ok=True)
     _check_size("num_rows", num_rows)
     _check_size("num_cols", num_cols)
 
@@ -640,7 +639,7 @@ def gather(src: Tensor, index: Tensor) -> Tensor:
 def ragged_to_padded(x: Tensor, row: Tensor, col: Tensor, num_rows: int, num_cols: int) -> Tensor:
     """GemNet-OC's Kmax padding: out[row[t], col[t]] = x[t], zeros elsewhere.
 
-    x [T, ...]; row, col [T] int64 with distinct (row, col) pairs (row = out, col = out_agg).
+    x [T, ...]; row, col [T] int64 or int32 with distinct (row, col) pairs (row = out, col = out_agg).
     -> [num_rows, num_cols, ...]."""
     out = _ragged_to_padded(_features(x, "x"), row, col, num_rows, num_cols)
     return out.reshape(out.shape[:2] + x.shape[1:])

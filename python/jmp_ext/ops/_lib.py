@@ -70,6 +70,17 @@ def ptr(tensor: torch.Tensor | None) -> int:
     return tensor.data_ptr()
 
 
+def float32_under_autocast(*ops: str) -> None:
+    """Under torch.autocast (bf16 or fp16, on the CPU or CUDA) these ops get float32 inputs.
+
+    Autocast leaves a Linear layer's output in bf16 next to float32 bases, distances and
+    envelopes, and the kernels take one dtype per call (they accumulate in float32 anyway), so
+    without this a bf16 training step stopped at the first bilinear op with a dtype error."""
+    for op in ops:
+        for device_type in ("cpu", "cuda"):
+            torch.library.register_autocast(op, device_type, torch.float32)
+
+
 def index_arg(index: torch.Tensor | None) -> tuple[int, bool]:
     """(address, is_int32) of a row index, int64 or int32: the kernels' IndexArray
     (csrc/common/index_array.h). None is (0, False), "no index"."""

@@ -34,7 +34,7 @@ import math
 import torch
 from torch import Tensor
 
-from jmp_ext.ops._lib import _C, contiguous, index_arg, launch, num_threads, ptr
+from jmp_ext.ops._lib import _C, contiguous, float32_under_autocast, index_arg, launch, num_threads, ptr
 
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
 _REDUCE_CODES = {"sum": 0, "mean": 1, "max": 2}
@@ -575,6 +575,11 @@ _segment_outer_gathered.register_autograd(_backward_outer_gathered, setup_contex
 _segment_contract.register_autograd(_backward_contract, setup_context=_setup_bilinear)
 _segment_contract_gathered.register_autograd(_backward_contract_gathered, setup_context=_setup_bilinear)
 _segment_contract_scattered.register_autograd(_backward_contract_scattered, setup_context=_setup_contract_scattered)
+
+float32_under_autocast(*(op._qualname for op in (
+    _segment_reduce, _segment_max, _segment_broadcast, _scatter_reduce, _gather, _ragged_to_padded,
+    _padded_to_ragged, _segment_outer, _segment_outer_gathered, _segment_contract, _segment_contract_gathered,
+    _segment_contract_scattered)))
 
 
 # ---- public functions: any trailing feature dims, flattened to F for the kernels ----

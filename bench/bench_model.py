@@ -94,7 +94,7 @@ def step(model, batch, config, mode: str):
 
 
 def make_model(size: str, mode: str):
-    config = {"tiny": BackboneConfig.tiny(), "jmp_s": BackboneConfig.jmp_s()}[size]
+    config = {"tiny": BackboneConfig.tiny(), "jmp_s": BackboneConfig.jmp_s(), "jmp_l": BackboneConfig.jmp_l()}[size]
     torch.manual_seed(0)
     if mode == "gradient":
         return FinetuneModel(config, [HeadConfig(target="energy")], forces="gradient").train()

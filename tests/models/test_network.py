@@ -264,10 +264,12 @@ def test_radial_basis_is_the_enveloped_gaussians_without_subnormals(dtype, compi
     assert ((expected != 0) & (expected.abs() < tiny)).any()
 
 
-def test_a_bf16_autocast_step_runs_and_stays_near_float32():
-    """Under torch.autocast (bf16: the trainer's loop.precision on a GPU, run here on the CPU) the
-    Linear layers return bf16 next to float32 bases; jmp_ext's ops take both (in float32). The
-    outputs stay within bf16's precision of float32's, and the backward runs to finite grads."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_an_autocast_step_runs_and_stays_near_float32(dtype):
+    """Under torch.autocast (the trainer's loop.precision bf16 / fp16 on a GPU, run here on the
+    CPU) the Linear layers return bf16 or fp16 next to float32 bases; jmp_ext's ops take both (in
+    float32). The outputs stay within half precision of float32's, and the backward runs to
+    finite grads."""
     torch.manual_seed(0)
     model = PretrainModel(TINY, ["oc20"])
     batch, graphs = bulk_batch_and_graphs()
@@ -275,10 +277,10 @@ def test_a_bf16_autocast_step_runs_and_stays_near_float32():
     graphs = with_geometry(graphs, batch["pos"], batch["cell"], batch["batch"])
     with torch.no_grad():
         out = model(batch, graphs)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out_bf16 = model(batch, graphs)
-    (out_bf16["energy"].sum() + out_bf16["forces"].square().sum()).backward()
+    with torch.autocast("cpu", dtype=dtype):
+        out_half = model(batch, graphs)
+    (out_half["energy"].sum() + out_half["forces"].square().sum()).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     for key in ("energy", "forces"):
         scale = out[key].abs().max()
-        torch.testing.assert_close(out_bf16[key].float(), out[key], rtol=0, atol=0.05 * scale)
+        torch.testing.assert_close(out_half[key].float(), out[key], rtol=0, atol=0.05 * scale)

@@ -28,10 +28,16 @@ STEP_FAULTS = textwrap.dedent("""
 """)
 
 
+def count_in_fresh_process(script: str, mode: str) -> int:
+    """The integer a script prints last, run in a fresh process with argv[1] = mode ("default":
+    glibc's allocator settings, "keep": keep_freed_memory)."""
+    result = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True)
+    return int(result.stdout.split()[-1])
+
+
 def late_step_faults(mode: str) -> int:
     """Minor page faults of steps 9-24 of a 24-step loop, in a fresh process."""
-    result = subprocess.run([sys.executable, "-c", STEP_FAULTS, mode], capture_output=True, text=True, check=True)
-    return int(result.stdout.split()[-1])
+    return count_in_fresh_process(STEP_FAULTS, mode)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc and minor-fault counts")
@@ -84,10 +90,5 @@ def test_radius_graph_asks_for_huge_pages_unless_freed_memory_is_kept():
     """Under glibc's defaults the radius graph's large fresh outputs are advised to use huge pages
     (numpy does the same, vesin's outputs get them); with keep_freed_memory they are recycled heap
     and are not advised (csrc/common/huge_pages.h)."""
-    def anon_huge_kb(mode):
-        result = subprocess.run([sys.executable, "-c", RADIUS_GRAPH_HUGE_PAGES, mode], capture_output=True,
-                                text=True, check=True)
-        return int(result.stdout.split()[-1])
-
-    assert anon_huge_kb("default") >= 2048
-    assert anon_huge_kb("keep") == 0
+    assert count_in_fresh_process(RADIUS_GRAPH_HUGE_PAGES, "default") >= 2048  # kB of huge pages
+    assert count_in_fresh_process(RADIUS_GRAPH_HUGE_PAGES, "keep") == 0

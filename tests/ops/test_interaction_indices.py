@@ -54,6 +54,11 @@ def _quad_set(q: dict) -> set:
     )
 
 
+def _map(result: dict, fn) -> dict:
+    """fn applied to every tensor of a (possibly nested) index dict."""
+    return {k: _map(v, fn) if isinstance(v, dict) else fn(v) for k, v in result.items()}
+
+
 def _assert_same(a: dict, b: dict) -> None:
     """Bitwise equality of two (possibly nested) index dicts."""
     assert a.keys() == b.keys()
@@ -258,12 +263,8 @@ def test_deterministic_across_thread_counts():
 
 def _assert_int32_twin(got: dict, expected: dict) -> None:
     """got: the int32 result of an op whose int64 result is `expected` (same values, same order)."""
-    assert got.keys() == expected.keys()
-    for key, value in got.items():
-        if isinstance(value, dict):
-            _assert_int32_twin(value, expected[key])
-        else:
-            assert value.dtype == torch.int32 and torch.equal(value.long(), expected[key]), key
+    assert _map(got, lambda t: t.dtype) == _map(expected, lambda t: torch.int32)
+    _assert_same(_map(got, torch.Tensor.long), expected)
 
 
 @pytest.mark.parametrize("num_atoms, num_pairs, max_shift", RANDOM)
@@ -371,12 +372,14 @@ def test_opcheck():
 # ---- CUDA against the CPU (bitwise: both devices run the same per-edge code, in CSR order) ----
 
 
+def _cpu(result: dict) -> dict:
+    return _map(result, torch.Tensor.cpu)
+
+
 def _to(graph: dict, device) -> dict:
     return {k: v.to(device) for k, v in graph.items()}
 
 
-def _cpu(result: dict) -> dict:
-    return {k: _cpu(v) if isinstance(v, dict) else v.cpu() for k, v in result.items()}
 
 
 @pytest.mark.cuda

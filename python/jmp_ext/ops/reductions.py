@@ -52,13 +52,10 @@ def _check_src(name: str, src: Tensor, dim: int = 2) -> None:
         raise ValueError(f"{name} must be {dim}-D here, got shape {tuple(src.shape)}")
 
 
-def _check_index(name: str, index: Tensor, length: int | None, device: torch.device,
-                 int32_ok: bool = False) -> None:
-    """int32_ok: a row index that a gather or scatter reads (int32 or int64); CSR pointers and
-    padded slots are int64."""
-    if index.dtype != torch.int64 and not (int32_ok and index.dtype == torch.int32):
-        expected = "int64 or int32" if int32_ok else "int64"
-        raise TypeError(f"{name} must be {expected}, got {index.dtype}")
+def _check_index(name: str, index: Tensor, length: int | None, device: torch.device) -> None:
+    """A 1-D int64 or int32 index (the kernels read either, csrc/common/index_array.h)."""
+    if index.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be int64 or int32, got {index.dtype}")
     if index.dim() != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(index.shape)}")
     if length is not None and index.shape[0] != length:
@@ -68,6 +65,8 @@ def _check_index(name: str, index: Tensor, length: int | None, device: torch.dev
 
 
 def _check_ptr(ptr_: Tensor, device: torch.device) -> None:
+    if ptr_.dtype != torch.int64:  # the kernels read CSR pointers as int64 only
+        raise TypeError(f"ptr must be int64, got {ptr_.dtype}")
     _check_index("ptr", ptr_, None, device)
     if ptr_.shape[0] == 0:
         raise ValueError("ptr must have S + 1 >= 1 entries (ptr[0] = 0, ptr[S] = number of rows)")
@@ -195,7 +194,7 @@ def _scatter_reduce(src: Tensor, index: Tensor, dim_size: int, reduce: str, dete
 
 def _check_scatter(src: Tensor, index: Tensor, dim_size: int, reduce: str) -> None:
     _check_src("src", src)
-    _check_index("index", index, src.shape[0], src.device, int32_ok=True)
+    _check_index("index", index, src.shape[0], src.device)
     _check_size("dim_size", dim_size)
     if reduce not in ("sum", "mean"):
         raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
@@ -220,7 +219,7 @@ def _gather(src: Tensor, index: Tensor) -> Tensor:
 
 def _check_gather(src: Tensor, index: Tensor) -> None:
     _check_src("src", src)
-    _check_index("index", index, None, src.device, int32_ok=True)
+    _check_index("index", index, None, src.device)
 
 
 @_gather.register_fake
@@ -239,8 +238,8 @@ def _padded_copy(direction: str, src: Tensor, row: Tensor, col: Tensor, num_rows
 
 
 def _check_padded(x: Tensor, row: Tensor, col: Tensor, num_rows: int, num_cols: int) -> None:
-    _check_index("row", row, None, x.device, int32_ok=True)
-    _check_index("col", col, row.shape[0], x.device, int32_ok=True)
+    _check_index("row", row, None, x.device)
+    _check_index("col", col, row.shape[0], x.device)
     _check_size("num_rows", num_rows)
     _check_size("num_cols", num_cols)
 
@@ -292,7 +291,7 @@ def _check_bilinear(x: Tensor, y: Tensor, ptr_: Tensor, x_dim: int, y_index: Ten
         raise ValueError(f"x ({x.dtype}, {x.device}) and y ({y.dtype}, {y.device}) must share dtype and device")
     if x_dim == 2:
         if y_index is not None:
-            _check_index("y_index", y_index, x.shape[0], x.device, int32_ok=True)
+            _check_index("y_index", y_index, x.shape[0], x.device)
         elif x.shape[0] != y.shape[0]:
             raise ValueError(f"x has {x.shape[0]} rows but y has {y.shape[0]}")
         return
@@ -300,9 +299,9 @@ def _check_bilinear(x: Tensor, y: Tensor, ptr_: Tensor, x_dim: int, y_index: Ten
     if x.shape[0] != segments or x.shape[2] != y.shape[1]:
         raise ValueError(f"x must be [S={segments}, R, C={y.shape[1]}] for ptr and y, got shape {tuple(x.shape)}")
     if y_index is not None:
-        _check_index("y_index", y_index, None, x.device, int32_ok=True)
+        _check_index("y_index", y_index, None, x.device)
     if out_index is not None:
-        _check_index("out_index", out_index, y.shape[0], x.device, int32_ok=True)
+        _check_index("out_index", out_index, y.shape[0], x.device)
 
 
 def _bilinear_kernel(kind: str, x: Tensor, y: Tensor, ptr_: Tensor, out: Tensor, rows: int,

@@ -40,7 +40,7 @@ from jmp_ext.data.writer import DatasetWriter, write_file_atomic
 
 DOMAINS = ("catalysis", "molecules", "materials", "md")
 SPLITS = ("train", "val", "test")
-DEMO_VERSION = 3  # bump whenever the generated data change
+DEMO_VERSION = 4  # bump whenever the generated data change
 MARKER = "demo.json"
 # Entries per domain at scale 1; make_demo(scale=...) multiplies them.
 SIZES = {"catalysis": 400, "molecules": 300, "materials": 300, "md": 400}
@@ -142,7 +142,12 @@ def _catalysis(rng: np.random.Generator, size: int) -> list[dict]:
         adsorbate = molecule(ADSORBATES[rng.integers(len(ADSORBATES))])
         adsorbate.rotate(rng.uniform(0, 360), rng.normal(size=3) + 1e-3, center="COP")
         xy = rng.uniform(0, 1, 2) @ slab.cell.array[:2, :2]
-        add_adsorbate(slab, adsorbate, height=rng.uniform(1.6, 2.6), position=tuple(xy))
+        # Anchor the rotated adsorbate by its lowest atom, so that no atom starts closer than
+        # `height` to the top layer's plane. Anchored by atom 0, a rotation could push others
+        # into the surface: initial frames with forces up to 360 eV/Å, as no OC20 placement has.
+        lowest = int(adsorbate.positions[:, 2].argmin())
+        add_adsorbate(slab, adsorbate, height=rng.uniform(1.6, 2.6), position=tuple(xy),
+                      mol_index=lowest)
         n_ads = len(adsorbate)
         tags = np.concatenate([np.where(layer == 1, 1, 0), np.full(n_ads, 2)])
         fixed = np.concatenate([fixed, np.zeros(n_ads, bool)])

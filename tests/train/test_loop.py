@@ -174,3 +174,21 @@ def test_wrong_architecture_checkpoint(tiny_data, tmp_path):
     cfg = build_config(finetune_config(tiny_data, tmp_path / "ft", init=tmp_path / "missing.pt"))
     with pytest.raises(TrainError, match=r"init_checkpoint: .*missing\.pt does not exist"):
         loop.Trainer(cfg)
+
+
+def test_fp16_overflows_lower_the_scale_and_training_goes_on(tiny_data, tmp_path):
+    """loop.precision=fp16 on a GPU: autocast + GradScaler. Run here on the CPU (which has both),
+    from a scale so large that the first steps overflow: each overflow halves the scale and skips
+    the step without counting as a bad step, until the optimizer steps with finite gradients."""
+    trainer = loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path, max_steps=12, max_nan_steps=2,
+                                                        ema_decay=0.0, val_every=0)))
+    trainer.autocast = torch.float16
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
+    initial = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train()  # with max_nan_steps=2, counting the overflows would raise TrainError
+    scale = trainer.scaler.get_scale()
+    assert scale < 2.0**24 / 4, scale
+    assert trainer.nan_streak == 0
+    changed = [k for k, v in trainer.model.state_dict().items() if not torch.equal(v, initial[k])]
+    assert changed, "no step was taken after the overflows"
+    assert all(torch.isfinite(v).all() for v in trainer.model.state_dict().values())

@@ -166,7 +166,7 @@ class Trainer:
         freeze(self.model.net, c.model.freeze_embedding, c.model.freeze_blocks)
         self.optimizer = build_optimizer(self.model.net, c.optim, tasks.num_blocks(self.model.net))
         self.ema = EMA(self.model, c.loop.ema_decay) if c.loop.ema_decay > 0 else None
-        self.scaler = torch.amp.GradScaler("cuda") if self.autocast is torch.float16 else None
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.autocast is torch.float16 else None
 
         # Global batches, the same for any number of ranks; each rank trains on its share.
         self.train_set = MultiDataset([d.train for d in self.data])
@@ -271,6 +271,14 @@ class Trainer:
         grad_norm = (nn.utils.clip_grad_norm_(self.model.parameters(), c.optim.grad_clip_norm)
                      if c.optim.grad_clip_norm > 0 else torch.tensor(0.0))
         if not torch.isfinite(grad_norm):  # DDP synchronised the gradients: every rank agrees
+            if self.scaler is not None:
+                # fp16: unscale_ recorded the overflow, so update() halves the scale. It must run
+                # before the next unscale_, which refuses an optimizer it has not been reset for.
+                overflowed_at = self.scaler.get_scale()
+                self.scaler.update()
+                if overflowed_at > 1:  # the scale was too large: the scaler's business, not a bad step
+                    self.optimizer.zero_grad(set_to_none=True)
+                    return
             self._skip_step("gradient norm")
             return
         if self.scaler is not None:
@@ -303,7 +311,7 @@ class Trainer:
     def _autocast(self):
         if self.autocast is None:
             return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self.autocast)
+        return torch.autocast(self.device.type, dtype=self.autocast)
 
     def _epoch_loader(self):
         """Iterator over this rank's batches of the current epoch, from batch_in_epoch on (resume).

@@ -254,6 +254,14 @@ def graphs_from_a2a(batch: dict, a2a: dict, config: GraphConfig, *, edge_dropout
     # distance), so the ranks need no sort; a recomputed one can differ in the last bit and
     # reorder near-ties.
     a2a["distance"] = distance.detach()
+    # Checked before edge dropout: dropout may leave a small molecule without edges (the
+    # original's dropout_edge does too); it then trains on its atom embeddings for one step.
+    in_main = a2a["edge_index"][1][a2a["distance"] <= config.cutoff_main]
+    per_structure = torch.zeros_like(natoms).index_add_(0, structure[in_main], torch.ones_like(in_main))
+    if (per_structure == 0).any():
+        empty = (per_structure == 0).nonzero().flatten().tolist()
+        raise ValueError(f"structure(s) {empty} of the batch have no edge within cutoff_main="
+                         f"{config.cutoff_main} Å: GemNet-OC needs at least one neighbour pair")
     if edge_dropout:
         keep = torch.rand(a2a["distance"].shape, generator=generator, dtype=torch.float32,
                           device=generator.device if generator is not None else pos.device) >= edge_dropout
@@ -267,13 +275,6 @@ def graphs_from_a2a(batch: dict, a2a: dict, config: GraphConfig, *, edge_dropout
     if "tags" in batch:
         graphs["qint"] = tag_filter(graphs["qint"], batch["tags"], config.qint_tags)
     graphs["main"], id_swap = symmetrize(graphs["main"])
-
-    per_structure = torch.zeros_like(natoms).index_add_(0, structure[graphs["main"]["edge_index"][1]],
-                                                        torch.ones_like(graphs["main"]["edge_index"][1]))
-    if (per_structure == 0).any():
-        empty = (per_structure == 0).nonzero().flatten().tolist()
-        raise ValueError(f"structure(s) {empty} of the batch have no edge within cutoff_main="
-                         f"{config.cutoff_main} Å: GemNet-OC needs at least one neighbour pair")
 
     # a2a is summed per target (a CSR pointer), a2ee2a padded by neighbour rank: group by target.
     for name in ("a2a", "a2ee2a"):

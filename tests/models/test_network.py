@@ -215,6 +215,47 @@ def test_a_batch_without_quadruplets_runs_and_matches_each_structure_alone():
     assert torch.isfinite(together["forces"]).all()
 
 
+def molecule_entry(name):
+    from ase.build import molecule
+
+    atoms = molecule(name)
+    n = len(atoms)
+    return {"pos": torch.tensor(atoms.positions), "atomic_numbers": torch.tensor(atoms.numbers),
+            "cell": torch.zeros(3, 3, dtype=torch.float64), "pbc": torch.zeros(3, dtype=torch.bool),
+            "tags": torch.full((n,), 2), "fixed": torch.zeros(n, dtype=torch.bool)}
+
+
+@pytest.mark.parametrize("names", [("H2O", "H2"), ("H2",)])
+def test_edge_dropout_may_leave_a_structure_without_edges(names):
+    """JMP's edge dropout (p = 0.1 in pre-training) can drop every edge of a small molecule, as
+    the original's dropout_edge can: the step must go on (a demo pre-training run stopped at step
+    585 on this). H2 then has atom-embedding energies only: no direct force, no position
+    gradient; with H2 alone the whole batch has no edge."""
+    from jmp_ext.data import collate
+    from jmp_ext.graphs import GraphConfig, build_graphs
+
+    config = GraphConfig.uniform(cutoff=5.0, max_neighbors=8, pbc=False)
+    batch = collate([molecule_entry(n) for n in names], dtype=torch.float64)
+    h2 = batch["batch"] == len(names) - 1
+    for seed in range(100):  # the first seed that drops both of H2's edges and keeps another
+        graphs = build_graphs(batch, config, edge_dropout=0.5, generator=torch.Generator().manual_seed(seed))
+        targets = graphs["a2a"]["edge_index"][1]  # every other graph is a subset of a2a
+        if not h2[targets].any() and (len(names) == 1 or graphs["main"]["edge_index"].numel() > 0):
+            break
+    else:
+        raise AssertionError("no seed dropped H2's edges")
+    torch.manual_seed(0)
+    model = PretrainModel(TINY, ["ani1x"]).double()
+    pos = batch["pos"].requires_grad_()
+    out = model(batch, with_geometry(graphs, pos, None, batch["batch"]))
+    assert torch.isfinite(out["energy"]).all() and torch.isfinite(out["forces"]).all()
+    assert torch.equal(out["forces"][h2], torch.zeros_like(out["forces"][h2]))
+    (out["energy"].sum() + out["forces"].square().sum()).backward()
+    assert torch.isfinite(pos.grad).all()
+    assert torch.equal(pos.grad[h2], torch.zeros_like(pos.grad[h2]))
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def test_cos_angle_between_is_cos_of_gemnet_ocs_atan2_angle():
     """The dihedral's cos without atan2 / cos: same values and gradient as GemNet-OC's
     cos(atan2(max(|a x b|, 1e-9), a.b)), also for (anti)parallel pairs, where the clamp holds."""

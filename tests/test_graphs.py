@@ -5,6 +5,7 @@ available) build_graphs + the backbone reproduce JMP's outputs and position grad
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -103,6 +104,28 @@ def test_build_graphs_end_to_end_matches_jmp(model_f64, case_name, dtype):
         assert sorted(edge_keys(graphs[name]["edge_index"], graphs[name]["cell_offset"])) == sorted(
             edge_keys(ref["edge_index"], ref["cell_offset"])), name
     check_outputs(case, graphs, backbone, emb, dtype, batch["pos"])
+
+
+@requires_fixtures
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_the_second_gpu_matches_the_cpu_while_the_first_is_current(model_f64):
+    """The kernels launch on the current GPU; jmp_ext makes that the inputs' GPU."""
+    case = load("oc20_slab.pt")
+    backbone, emb = (m.double() for m in model_f64)  # (check_outputs may have left them float32)
+    numbers = case["inputs"]["atomic_numbers"] - 1
+    batch = fixture_batch(case, torch.float64)
+    graphs = G.build_graphs(batch, fixture_config(case))
+    energy = backbone(emb(numbers), graphs)["energy"]
+    gpu = torch.device("cuda", 1)
+    torch.cuda.set_device(0)
+    batch_gpu = {k: v.to(gpu) if torch.is_tensor(v) else v for k, v in batch.items()}
+    graphs_gpu = G.build_graphs(batch_gpu, fixture_config(case))
+    energy_gpu = copy.deepcopy(backbone).to(gpu)(copy.deepcopy(emb).to(gpu)(numbers.to(gpu)), graphs_gpu)["energy"]
+    main, main_gpu = graphs["main"], graphs_gpu["main"]
+    assert sorted(edge_keys(main_gpu["edge_index"].cpu(), main_gpu["cell_offset"].cpu())) == sorted(
+        edge_keys(main["edge_index"], main["cell_offset"]))
+    torch.testing.assert_close(energy_gpu.cpu(), energy, rtol=1e-9, atol=1e-9)
 
 
 # ---- pieces against brute force ----

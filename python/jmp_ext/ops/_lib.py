@@ -97,8 +97,9 @@ def launch(name: str, device: torch.device, *args, checks_indices: bool = True):
     the call returns). The others get no status word: allocating one is a device fill per call."""
     if device.type == "cuda":
         stream = require_cuda(device)
-        status = torch.full((1,), _NO_ERROR, dtype=torch.int64, device=device) if checks_indices else None
-        return getattr(_C, name)(*args, _C.Where(cuda=True, num_threads=0, status=ptr(status), stream=stream))
+        with torch.cuda.device(device):  # the kernels launch on the current GPU: make it the tensors'
+            status = torch.full((1,), _NO_ERROR, dtype=torch.int64, device=device) if checks_indices else None
+            return getattr(_C, name)(*args, _C.Where(cuda=True, num_threads=0, status=ptr(status), stream=stream))
     if device.type != "cpu":
         raise ValueError(f"jmp_ext's kernels run on CPU or CUDA tensors, got tensors on {device}")
     return getattr(_C, name)(*args, _C.Where(cuda=False, num_threads=num_threads(), status=0, stream=0))

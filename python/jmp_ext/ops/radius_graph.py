@@ -278,7 +278,8 @@ def _radius_graph_impl(
     if pos.device.type == "cpu":
         return _radius_graph_cpu(*args)
     if pos.device.type == "cuda":
-        return _radius_graph_cuda(*args)
+        with torch.cuda.device(pos.device):  # the kernels launch on the current GPU: make it pos's
+            return _radius_graph_cuda(*args)
     raise ValueError(f"radius_graph runs on CPU or CUDA tensors, got {pos.device}")
 
 

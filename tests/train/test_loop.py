@@ -41,11 +41,15 @@ def assert_same_state(a, b):
 
 
 @pytest.mark.slow
-def test_resume_after_a_kill_is_bitwise_identical(tiny_data, tmp_path, monkeypatch):
-    full = loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path / "full"))).train()
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_resume_after_a_kill_is_bitwise_identical(tiny_data, tmp_path, monkeypatch, device):
+    """On a GPU too: last.pt's RNG states must come back as CPU ByteTensors."""
+    config = lambda run_dir, *overrides: build_config(  # noqa: E731
+        {**pretrain_config(tiny_data, run_dir), "device": device}, list(overrides))
+    full = loop.Trainer(config(tmp_path / "full")).train()
     assert full["steps"] == 4
 
-    cfg = build_config(pretrain_config(tiny_data, tmp_path / "killed"))
+    cfg = config(tmp_path / "killed")
     original = loop.Trainer.train_step
 
     def killed_at_step_3(self, batch):
@@ -58,8 +62,7 @@ def test_resume_after_a_kill_is_bitwise_identical(tiny_data, tmp_path, monkeypat
         loop.Trainer(cfg).train()
     assert load_checkpoint(tmp_path / "killed" / "last.pt")["loop"]["step"] == 2
     monkeypatch.setattr(loop.Trainer, "train_step", original)
-    resumed_cfg = build_config(pretrain_config(tiny_data, tmp_path / "killed"), ["resume=true"])
-    loop.Trainer(resumed_cfg).train()
+    loop.Trainer(config(tmp_path / "killed", "resume=true")).train()
 
     a = load_checkpoint(tmp_path / "full" / "last.pt")
     b = load_checkpoint(tmp_path / "killed" / "last.pt")

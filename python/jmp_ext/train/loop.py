@@ -424,7 +424,10 @@ class Trainer:
         })
 
     def _load_resume_state(self, path: Path) -> None:
-        state = load_checkpoint(path, self.device)
+        # On the CPU: the RNG states must stay CPU ByteTensors, and AdamW keeps its step counts
+        # where they are loaded (on a GPU, every step would read them back). load_state_dict
+        # copies the rest to the device.
+        state = load_checkpoint(path, "cpu")
         saved, now = state["config"], to_dict(self.config)
         for key in ("mode", "tasks", "graph", "model", "data"):
             if saved[key] != now[key]:

@@ -99,8 +99,9 @@ class RadiusGraph {
 
 }  // namespace cpu
 
-// Error slots of the CUDA path (first offending atom or system; kNoError when none). The host
-// reads them with the edge count, in the single synchronisation of a call.
+// Error slots of the CUDA path (first offending atom or system; kNoError when none), except
+// kHopelessEdges, which starts at 0 and keeps the largest estimate. The host reads them with the
+// edge count, in the single synchronisation of a call.
 enum CudaError : int32_t {
   kNonFinitePosition = 0,  // atom
   kNonFiniteCell = 1,      // system
@@ -127,7 +128,7 @@ struct Workspace {
   int32_t* shift = nullptr;        // [N, 3]
   int64_t* offsets = nullptr;      // [N + 1], zeroed: counts at [i + 1], then scanned
   double* top = nullptr;           // [N, k + 1] tolerant cap only: nearest distances
-  unsigned long long* errors = nullptr;  // [kNumCudaErrors], set to kNoError
+  unsigned long long* errors = nullptr;  // [kNumCudaErrors], set to kNoError (kHopelessEdges: 0)
 };
 
 #ifdef JMP_EXT_WITH_CUDA

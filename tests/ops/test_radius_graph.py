@@ -3,6 +3,7 @@ brute-force twin (order and max_neighbors), float64 recomputation (distances), g
 (edge_vectors), and every bad input the op must reject."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -519,14 +520,16 @@ def test_output_bound_says_how_many_edges():
     assert radius_graph(pos, 5.0, cell=cell, max_edges=full)[0].shape[1] == full
 
 
-def test_hopeless_search_is_refused_before_it_starts():
+def test_hopeless_search_is_refused_before_it_starts(device):
     # 1000 A around a 1-atom 2.5 A cell: ~3e8 edges; refused at once, with an estimate.
     atoms = bulk("Cu", "fcc", a=3.61)
-    with pytest.raises(ValueError, match=r"would have roughly .* edges"):
+    with pytest.raises(ValueError, match=r"would have roughly .* edges") as error:
         radius_graph(
-            torch.tensor(atoms.positions), 1000.0, cell=torch.tensor(atoms.cell.array),
-            max_edges=1000,
+            torch.tensor(atoms.positions, device=device), 1000.0,
+            cell=torch.tensor(atoms.cell.array, device=device), max_edges=1000,
         )  # fmt: skip
+    estimate = float(re.search(r"roughly (\S+) edges", str(error.value)).group(1))
+    assert 1e8 < estimate < 1e9, estimate
 
 
 def test_positions_absurdly_far_outside_the_cell():

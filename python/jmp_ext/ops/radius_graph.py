@@ -210,6 +210,7 @@ def _radius_graph_cuda(pos, cutoff, ptr_, cell, pbc, k, tolerance, max_edges):
     cursor = torch.empty(bins_cap, **i64)
     offsets = torch.zeros(n + 1, **i64)
     errors = torch.full((sizes["errors"],), _NO_ERROR, **i64)
+    errors[_HOPELESS_EDGES] = 0  # an atomicMax of the estimates, not a first offender
     buffers = [
         batch,
         torch.empty(b * sizes["frame"], dtype=torch.uint8, device=device),

@@ -202,6 +202,29 @@ def test_edge_dropout_is_seeded_and_drops_about_p():
     assert set(edge_keys(a["a2ee2a"]["edge_index"], a["a2ee2a"]["cell_offset"])) <= a2a_keys
 
 
+@requires_fixtures
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_geometry_is_not_rounded_under_autocast(dtype):
+    """The trainer builds graphs inside torch.autocast (loop.precision bf16 / fp16). Distances
+    and vectors must come out as without it: a bf16 bmm of a lattice shift is ~0.03 Å off."""
+    case = load("oc20_slab.pt")
+    batch = fixture_batch(case, torch.float32)
+    config = fixture_config(case)
+    plain = G.build_graphs(batch, config)
+    with torch.autocast("cpu", dtype=dtype):
+        mixed = G.build_graphs(batch, config)
+    for name in G.GRAPH_NAMES:
+        assert torch.equal(mixed[name]["distance"], plain[name]["distance"]), name
+        assert torch.equal(mixed[name]["vector"], plain[name]["vector"]), name
+    from jmp_ext.ops import edge_vectors
+
+    main = plain["main"]
+    args = (batch["pos"], main["edge_index"], main["cell_offset"], batch["cell"], batch["batch"])
+    with torch.autocast("cpu", dtype=dtype):
+        mixed_vectors = edge_vectors(*args)
+    assert mixed_vectors.dtype == torch.float32 and torch.equal(mixed_vectors, edge_vectors(*args))
+
+
 # ---- bad input ----
 
 

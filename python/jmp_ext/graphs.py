@@ -210,7 +210,10 @@ def edge_geometry(graph: dict, pos: Tensor, cell: Tensor | None, structure: Tens
     s, t = graph["edge_index"]
     r = pos[s] - pos[t]
     if cell is not None:
-        shift = torch.einsum("ej,eji->ei", graph["cell_offset"].to(pos.dtype), cell[structure[s]])
+        # Outside autocast: under bf16 (loop.precision) the einsum's bmm would round a 12 Å
+        # lattice shift by ~0.03 Å.
+        with torch.autocast(pos.device.type, enabled=False):
+            shift = torch.einsum("ej,eji->ei", graph["cell_offset"].to(pos.dtype), cell[structure[s]])
         r = r + shift
     d = torch.linalg.vector_norm(r, dim=-1)
     return d, -r / d[:, None]

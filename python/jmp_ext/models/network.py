@@ -136,9 +136,11 @@ class FinetuneModel(nn.Module):
                     raise ValueError("stress needs a cell with nonzero volume for every structure")
                 strain = torch.zeros_like(cell, requires_grad=True)
                 sym = 0.5 * (strain + strain.transpose(1, 2))
-                # r -> r (1 + eps) for positions and lattice vectors (rows) alike.
-                pos = pos + torch.einsum("ni,nij->nj", pos, sym[structure])
-                cell = cell + torch.bmm(cell, sym)
+                # r -> r (1 + eps) for positions and lattice vectors (rows) alike, in full
+                # precision under autocast too.
+                with torch.autocast(pos.device.type, enabled=False):
+                    pos = pos + torch.einsum("ni,nij->nj", pos, sym[structure])
+                    cell = cell + torch.bmm(cell, sym)
                 inputs.append(strain)
             preds = self._heads(batch, with_geometry(graphs, pos, cell, structure))
             grads = torch.autograd.grad(preds["energy"].sum(), inputs, create_graph=self.training)

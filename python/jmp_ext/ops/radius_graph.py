@@ -328,9 +328,10 @@ def edge_vectors(
         return vectors
     cell = cell.reshape(-1, 3, 3)
     shifts = cell_offsets.to(pos.dtype)
-    if batch is None:
-        return vectors + shifts @ cell[0]
-    return vectors + torch.einsum("ek,ekl->el", shifts, cell[batch[target]])
+    with torch.autocast(pos.device.type, enabled=False):  # no bf16 / fp16 lattice shifts
+        if batch is None:
+            return vectors + shifts @ cell[0]
+        return vectors + torch.einsum("ek,ekl->el", shifts, cell[batch[target]])
 
 
 def radius_graph(

@@ -52,6 +52,8 @@ struct Frame {
   int32_t nbins[3];      // bins per axis
   int32_t periodic[3];   // 1 on periodic axes
   int64_t first_bin;     // index of this system's bin (0, 0, 0) in the batch's bin arrays
+  double candidates;     // search_cost of this system: candidate pairs and expected edges,
+  double edges;          // summed over the batch by the guard against hopeless searches
 };
 
 // The basis of a system's frame from its cell and pbc flags (rows of cell are lattice vectors).

@@ -99,16 +99,16 @@ class RadiusGraph {
 
 }  // namespace cpu
 
-// Error slots of the CUDA path (first offending atom or system; kNoError when none), except
-// kHopelessEdges, which starts at 0 and keeps the largest estimate. The host reads them with the
-// edge count, in the single synchronisation of a call.
+// Error slots of the CUDA path (first offending atom or system; kNoError when none; for a
+// hopeless search, the batch's candidate pairs and expected edges). The host reads them with
+// the edge count, in the single synchronisation of a call.
 enum CudaError : int32_t {
   kNonFinitePosition = 0,  // atom
   kNonFiniteCell = 1,      // system
   kSingularCell = 2,       // system
   kTooFarOutside = 3,      // atom
-  kHopelessSearch = 4,     // system
-  kHopelessEdges = 5,      // rough edge count of that search (atomicMax)
+  kHopelessSearch = 4,     // candidate pairs of the batch's search
+  kHopelessEdges = 5,      // rough edge count of the batch
   kNumCudaErrors = 6,
 };
 constexpr unsigned long long kNoError = ~0ull;
@@ -128,7 +128,7 @@ struct Workspace {
   int32_t* shift = nullptr;        // [N, 3]
   int64_t* offsets = nullptr;      // [N + 1], zeroed: counts at [i + 1], then scanned
   double* top = nullptr;           // [N, k + 1] tolerant cap only: nearest distances
-  unsigned long long* errors = nullptr;  // [kNumCudaErrors], set to kNoError (kHopelessEdges: 0)
+  unsigned long long* errors = nullptr;  // [kNumCudaErrors], set to kNoError
 };
 
 #ifdef JMP_EXT_WITH_CUDA

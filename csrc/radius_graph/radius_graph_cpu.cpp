@@ -217,10 +217,9 @@ RadiusGraph::RadiusGraph(const Input& input, int num_threads) : input_(input) {
     int64_t atoms = input.ptr[b + 1] - input.ptr[b];
     make_bins(frame, &lo[3 * b], &hi[3 * b], input.cutoff, atoms);
     frame.first_bin = num_bins;
-    double c, e;
-    search_cost(frame, atoms, c, e);
-    candidates += c;
-    estimated_edges += e;
+    search_cost(frame, atoms, frame.candidates, frame.edges);
+    candidates += frame.candidates;
+    estimated_edges += frame.edges;
     num_bins += int64_t{frame.nbins[0]} * frame.nbins[1] * frame.nbins[2];
   }
   JMP_CHECK(!hopeless(candidates, input.max_edges),

@@ -1,12 +1,12 @@
 // CUDA radius graph: the same cell list (cell_list.h) and edge order as the CPU kernel.
 //
-// Launch sequence (radius_graph.h): frames (a block per system), place (a thread per atom,
-// atomic bin counts), [caller scans bin_start], scatter atoms into bins, count (a thread per
-// target), [caller scans offsets and reads the total: the one host sync], fill (a thread per
-// target keeps its edges sorted, by insertion, inside its own output range). The order of atoms
+// Launch sequence (radius_graph.h): frames (a block per system), guard (one block), place (a
+// thread per atom, atomic bin counts), [caller scans bin_start], scatter atoms into bins, count
+// (a thread per target), [caller scans offsets and reads the total: the one host sync], fill (a
+// thread per target keeps its edges sorted, by insertion, inside its own output range). The order of atoms
 // inside a bin depends on atomics, but each target's edges are fully sorted by (distance,
-// source, shift), so the output is deterministic and equal to the CPU's (distances up to the
-// rounding of fused multiply-adds).
+// source, shift), so the output is deterministic and equal to the CPU's, distances included
+// (both files build without fused multiply-adds: CMakeLists.txt).
 #include <cstdint>
 
 #include "common/check.h"
@@ -41,10 +41,10 @@ __device__ double edge_distance(double d2) {
   return static_cast<double>(static_cast<T>(sqrt(d2)));
 }
 
-// A block per system: basis, extent on open axes (block reduction), bins, cost guard.
+// A block per system: basis, extent on open axes (block reduction), bins, search cost.
 template <class T>
 __global__ void frames_kernel(const T* pos, const int64_t* ptr, const double* cell,
-                              const bool* pbc, double cutoff, int64_t max_edges, Frame* frames,
+                              const bool* pbc, double cutoff, Frame* frames,
                               unsigned long long* errors) {
   const int64_t b = blockIdx.x;
   const int64_t begin = ptr[b], end = ptr[b + 1];
@@ -90,13 +90,36 @@ __global__ void frames_kernel(const T* pos, const int64_t* ptr, const double* ce
     double l[3] = {lo[0][0], lo[1][0], lo[2][0]}, h[3] = {hi[0][0], hi[1][0], hi[2][0]};
     make_bins(frame, l, h, cutoff, end - begin);
     frame.first_bin = 2 * begin + b;
-    double candidates, edges;
-    search_cost(frame, end - begin, candidates, edges);
-    if (hopeless(candidates, max_edges)) {
-      flag(errors, kHopelessSearch, b);
-      atomicMax(errors + kHopelessEdges, static_cast<unsigned long long>(edges));
-    }
+    search_cost(frame, end - begin, frame.candidates, frame.edges);
     frames[b] = frame;
+  }
+}
+
+// One block: the CPU's guard, on the whole batch's search cost (not system by system), summed
+// in a fixed order. Refuses the search before any atom is placed.
+__global__ void guard_kernel(const Frame* frames, int64_t num_systems, int64_t max_edges,
+                             unsigned long long* errors) {
+  if (failed(errors)) return;  // a failed system's frame was never written
+  __shared__ double candidates[kBlock], edges[kBlock];
+  double c = 0, e = 0;
+  for (int64_t b = threadIdx.x; b < num_systems; b += blockDim.x) {
+    c += frames[b].candidates;
+    e += frames[b].edges;
+  }
+  candidates[threadIdx.x] = c;
+  edges[threadIdx.x] = e;
+  __syncthreads();
+  for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) {
+      candidates[threadIdx.x] += candidates[threadIdx.x + stride];
+      edges[threadIdx.x] += edges[threadIdx.x + stride];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0 && hopeless(candidates[0], max_edges)) {
+    constexpr double kLargest = 9.2e18;  // below kNoError read as int64
+    errors[kHopelessEdges] = static_cast<unsigned long long>(fmin(edges[0], kLargest));
+    errors[kHopelessSearch] = static_cast<unsigned long long>(fmin(candidates[0], kLargest));
   }
 }
 
@@ -221,7 +244,9 @@ void bin(const Input& in, const Workspace& ws, cudaStream_t stream) {
     using T = decltype(zero);
     const T* pos = static_cast<const T*>(in.pos);
     frames_kernel<T><<<static_cast<unsigned int>(in.num_systems), kBlock, 0, stream>>>(
-        pos, in.ptr, in.cell, in.pbc, in.cutoff, in.max_edges, ws.frames, ws.errors);
+        pos, in.ptr, in.cell, in.pbc, in.cutoff, ws.frames, ws.errors);
+    JMP_CUDA_CHECK(cudaGetLastError());
+    guard_kernel<<<1, kBlock, 0, stream>>>(ws.frames, in.num_systems, in.max_edges, ws.errors);
     JMP_CUDA_CHECK(cudaGetLastError());
     if (in.num_atoms == 0) return;
     place_kernel<T><<<blocks(in.num_atoms), kBlock, 0, stream>>>(

@@ -520,16 +520,25 @@ def test_output_bound_says_how_many_edges():
     assert radius_graph(pos, 5.0, cell=cell, max_edges=full)[0].shape[1] == full
 
 
-def test_hopeless_search_is_refused_before_it_starts(device):
-    # 1000 A around a 1-atom 2.5 A cell: ~3e8 edges; refused at once, with an estimate.
+@pytest.mark.parametrize("copies, cutoff, max_edges", [(1, 1000.0, 1000), (40, 150.0, 10**5)])
+def test_hopeless_search_is_refused_before_it_starts(device, copies, cutoff, max_edges):
+    """1000 Å around a 1-atom 2.5 Å cell: ~5e8 edges; refused at once, with an estimate. The
+    guard is on the whole batch: at 150 Å one such cell is searched (and then has too many
+    edges), 40 of them together are refused before the search."""
     atoms = bulk("Cu", "fcc", a=3.61)
+    pos = torch.tensor(np.tile(atoms.positions, (copies, 1)), device=device)
+    cell = torch.tensor(np.stack([atoms.cell.array] * copies), device=device)
     with pytest.raises(ValueError, match=r"would have roughly .* edges") as error:
-        radius_graph(
-            torch.tensor(atoms.positions, device=device), 1000.0,
-            cell=torch.tensor(atoms.cell.array, device=device), max_edges=1000,
-        )  # fmt: skip
+        radius_graph(pos, cutoff, natoms=[1] * copies, cell=cell, max_edges=max_edges)
     estimate = float(re.search(r"roughly (\S+) edges", str(error.value)).group(1))
-    assert 1e8 < estimate < 1e9, estimate
+    assert 1e7 < estimate < 1e9, estimate
+    if copies > 1:
+        with pytest.raises(ValueError, match=r"would have \d+ edges, more than max_edges"):
+            radius_graph(pos[:1], cutoff, cell=cell[0], max_edges=max_edges)
+    if device.type == "cuda":  # the CPU's message, to its last printed digit
+        with pytest.raises(ValueError) as on_cpu:
+            radius_graph(pos.cpu(), cutoff, natoms=[1] * copies, cell=cell.cpu(), max_edges=max_edges)
+        assert str(error.value) == str(on_cpu.value)
 
 
 def test_positions_absurdly_far_outside_the_cell():

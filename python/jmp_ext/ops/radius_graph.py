@@ -187,11 +187,11 @@ def _raise_cuda_errors(errors: list[int], pbc: Tensor, max_edges: int) -> None:
         raise ValueError(
             f"radius_graph: pos[{errors[_TOO_FAR]}] lies more than 1e9 cells away from its cell"
         )
-    if errors[_HOPELESS] != _NO_ERROR:
+    if errors[_HOPELESS] != _NO_ERROR:  # the batch's candidate pairs and expected edges
         raise ValueError(
-            f"radius_graph: the graph would have roughly {errors[_HOPELESS_EDGES]} edges (system "
-            f"{errors[_HOPELESS]}), more than max_edges = {max_edges}; use a smaller cutoff, "
-            "larger cells or raise max_edges"
+            f"radius_graph: the graph would have roughly {float(errors[_HOPELESS_EDGES]):g} edges "
+            f"(searching {float(errors[_HOPELESS]):g} candidate pairs), more than max_edges = "
+            f"{max_edges}; use a smaller cutoff, larger cells or raise max_edges"
         )
 
 
@@ -210,7 +210,6 @@ def _radius_graph_cuda(pos, cutoff, ptr_, cell, pbc, k, tolerance, max_edges):
     cursor = torch.empty(bins_cap, **i64)
     offsets = torch.zeros(n + 1, **i64)
     errors = torch.full((sizes["errors"],), _NO_ERROR, **i64)
-    errors[_HOPELESS_EDGES] = 0  # an atomicMax of the estimates, not a first offender
     buffers = [
         batch,
         torch.empty(b * sizes["frame"], dtype=torch.uint8, device=device),

@@ -271,6 +271,20 @@ __global__ void scatter_add_atomic_kernel(const T* src, IndexArray index, int64_
   }
 }
 
+// With F = 0 no row moves, but the indices are still checked, as on the CPU.
+__global__ void check_index_kernel(IndexArray index, int64_t n, int64_t bound, int64_t* status) {
+  for (int64_t i = grid_start(); i < n; i += grid_stride()) {
+    int64_t k = index[i];
+    if (k < 0 || k >= bound) jc::report(status, i);
+  }
+}
+
+void check_index(IndexArray index, int64_t n, int64_t bound, int64_t* status, cudaStream_t stream) {
+  if (n == 0) return;
+  check_index_kernel<<<jc::grid_for(n), kBlock, 0, stream>>>(index, n, bound, status);
+  jc::check_launch();
+}
+
 // Reads the status; on a report, throws the CPU message for index[bad].
 void finish_index(IndexArray index, int64_t bound, const char* bound_name,
                   const int64_t* status, cudaStream_t stream) {
@@ -382,12 +396,15 @@ void scatter_add_atomic(const void* src, Dtype dtype, IndexArray index, int64_t 
           status);
     });
     jc::check_launch();
+  } else if (features == 0) {
+    check_index(index, n, dim_size, status, stream);
   }
   finish_index(index, dim_size, "dim_size", status, stream);
 }
 
 void gather(const RowCopy& c, IndexArray index, int64_t num_index, int64_t num_src_rows,
             int64_t* status, cudaStream_t stream) {
+  if (c.features == 0) check_index(index, num_index, num_src_rows, status, stream);
   copy_rows(c, num_index, GatherRows{index, num_src_rows, status}, stream);
   finish_index(index, num_src_rows, "the number of source rows", status, stream);
 }

@@ -384,6 +384,11 @@ def test_bad_index_values():
         ops.scatter_mean(src, torch.tensor([0, 1, 2, 3]), 3)
     with pytest.raises(ValueError, match="out of range"):
         red._gather(src, torch.tensor([0, 4]))
+    # With no features nothing moves, but the indices are checked all the same.
+    with pytest.raises(ValueError, match=r"index\[1\] = 4 is out of range for the number of source rows"):
+        red._gather(src[:, :0], torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match=r"index\[3\] = 3 is out of range for dim_size = 3"):
+        ops.scatter_sum(src[:, :0], torch.tensor([0, 1, 2, 3]), 3)
     # The same checks read int32 indices.
     with pytest.raises(ValueError, match=r"index\[2\] = -1 is negative"):
         ops.scatter_sum(src, torch.tensor([0, 1, -1, 0], dtype=torch.int32), 3)
@@ -566,6 +571,7 @@ def test_cuda_bad_indices_raise_the_cpu_messages():
                                        torch.tensor([0, 0, 1, 0], device=d), 2, 2),
         lambda d: ops.padded_to_ragged(torch.zeros(2, 2, 3, device=d), torch.tensor([0, -1], device=d),
                                        torch.tensor([0, 0], device=d)),
+        lambda d: red._gather(src[:, :0].to(d), torch.tensor([0, 9, 1], device=d)),
         # int32 indices: the CUDA side reads the bad entry back at its own width
         lambda d: red._gather(src.to(d), torch.tensor([0, 9, 1], dtype=torch.int32, device=d)),
         lambda d: ops.ragged_to_padded(src.to(d), torch.tensor([0, 1, 0, 1], dtype=torch.int32, device=d),
@@ -577,6 +583,9 @@ def test_cuda_bad_indices_raise_the_cpu_messages():
                 src.to(d), torch.tensor([0, 1, -1, 0], device=d), 3, deterministic=det),
             lambda d, det=deterministic: ops.scatter_mean(
                 src.to(d), torch.tensor([0, 1, 2, 3], device=d), 3, deterministic=det),
+            # no features: nothing to move, the indices are checked all the same
+            lambda d, det=deterministic: ops.scatter_sum(
+                src[:, :0].to(d), torch.tensor([0, 1, 7, 0], device=d), 3, deterministic=det),
         ]
     for case in cases:
         with pytest.raises(ValueError) as on_cpu:

@@ -270,6 +270,16 @@ JMP_HD double exact_d2(const Frame& frame, const Placed& target, const CellList&
 template <class Visit>
 JMP_HD void for_each_neighbor(const Frame& frame, const Placed& target, double cutoff2,
                               const CellList& cells, Visit&& visit) {
+  // Without a periodic axis, wrapped positions are the positions and every image and shift is
+  // zero, so the wrapped form subtracts the same doubles as the exact form: w2 is d2, bit for
+  // bit (no fused multiply-adds: CMakeLists.txt).
+  if (!(frame.periodic[0] || frame.periodic[1] || frame.periodic[2])) {
+    const int32_t no_shift[3] = {0, 0, 0};
+    for_each_candidate(frame, target, cutoff2, cells, [&](int64_t s, const int32_t*, double w2) {
+      if (w2 > 0) visit(cells.index[s], no_shift, w2);
+    });
+    return;
+  }
   for_each_candidate(frame, target, cutoff2 * (1 + kFilterMargin), cells,
                      [&](int64_t s, const int32_t* image, double) {
                        int32_t shift[3];

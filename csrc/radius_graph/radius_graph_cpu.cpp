@@ -75,7 +75,7 @@ class EdgeSorter {
   const Candidate* first(int64_t count, double cutoff) {
     const int64_t n = static_cast<int64_t>(found.size());
     if (n <= kSmall) {
-      std::sort(found.begin(), found.end());
+      insertion_sort(found.data(), found.data() + n);
       return found.data();
     }
     start_.assign(n + 1, 0);
@@ -109,7 +109,7 @@ class EdgeSorter {
   void sort_bucket(Candidate* begin, Candidate* end) {
     const int64_t m = end - begin;
     if (m <= kSmall) {
-      std::sort(begin, end);
+      insertion_sort(begin, end);
       return;
     }
     uint64_t lo = std::numeric_limits<uint64_t>::max(), hi = 0;
@@ -133,6 +133,16 @@ class EdgeSorter {
     std::vector<int64_t> next(start.begin(), start.end() - 1);
     for (const Candidate& c : spill_) begin[next[c.bucket]++] = c;
     for (int64_t b = 0; b < m; ++b) sort_bucket(begin + start[b], begin + start[b + 1]);
+  }
+
+  // Few edges (a molecule's target): insertion sort, keyed on the distance first.
+  static void insertion_sort(Candidate* begin, Candidate* end) {
+    for (Candidate* i = begin + 1; i < end; ++i) {
+      Candidate c = *i;
+      Candidate* j = i;
+      for (; j > begin && c < j[-1]; --j) *j = j[-1];
+      *j = c;
+    }
   }
 
   static uint64_t bits(double d) {

@@ -3,10 +3,10 @@
 // Launch sequence (radius_graph.h): frames (a block per system), guard (one block), place (a
 // thread per atom, atomic bin counts), [caller scans bin_start], scatter atoms into bins, count
 // (a thread per target), [caller scans offsets and reads the total: the one host sync], fill (a
-// thread per target keeps its edges sorted, by insertion, inside its own output range). The order of atoms
-// inside a bin depends on atomics, but each target's edges are fully sorted by (distance,
-// source, shift), so the output is deterministic and equal to the CPU's, distances included
-// (both files build without fused multiply-adds: CMakeLists.txt).
+// thread per target keeps its edges sorted, by insertion, inside its own output range). The
+// order of atoms inside a bin depends on atomics, but each target's edges are fully sorted by
+// (distance, source, shift), so the output is deterministic and equal to the CPU's, distances
+// included (both files build without fused multiply-adds: CMakeLists.txt).
 #include <cstdint>
 
 #include "common/check.h"

@@ -16,7 +16,7 @@ from ase.constraints import FixAtoms
 
 from jmp_ext.data import DataError, LmdbDataset
 from jmp_ext.data.__main__ import main
-from jmp_ext.data.convert import KeyMap, convert
+from jmp_ext.data.convert import KeyMap, convert, unpickle_data
 
 
 def make_atoms(rng, n=None, periodic=True):
@@ -251,6 +251,29 @@ def test_hostile_pickle_is_refused(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="refusing to load global posix.system"):
         convert(tmp_path / "x.lmdb", tmp_path / "out", allow_pickle=True)
     assert not (tmp_path / "pwned").exists()
+
+
+def _global(module: str, name: str) -> bytes:
+    """Protocol-4 opcodes that push module.name (STACK_GLOBAL), with a dotted name if asked."""
+    text = lambda s: pickle.SHORT_BINUNICODE + bytes([len(s)]) + s.encode()  # noqa: E731
+    return text(module) + text(name) + pickle.STACK_GLOBAL
+
+
+@pytest.mark.parametrize("module, name", [("numpy", "dtypes.__builtins__.get"),
+                                          ("numpy.dtypes", "__builtins__.get"), ("numpy", "dtype_exec")])
+def test_dotted_or_foreign_names_are_refused(tmp_path, module, name):
+    """Protocol 4 resolves a dotted global name attribute by attribute: numpy.dtypes.__builtins__.get
+    would hand the pickle builtins' exec. Only numpy dtype classes pass, by exact name."""
+    marker = tmp_path / "ran"
+    payload = (pickle.PROTO + b"\x04" + _global(module, name)
+               + pickle.SHORT_BINUNICODE + b"\x04exec" + pickle.TUPLE1 + pickle.REDUCE
+               + pickle.BINUNICODE + len(code := f"open({str(marker)!r}, 'w')").to_bytes(4, "little")
+               + code.encode() + pickle.TUPLE1 + pickle.REDUCE + pickle.POP + pickle.EMPTY_DICT + pickle.STOP)
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load global"):
+        unpickle_data(payload)
+    assert not marker.exists()
+    # numpy's own dtype pickles still load, under numpy 1 and 2 names alike.
+    assert unpickle_data(pickle.dumps({"x": np.arange(3, dtype=np.float32)}))["x"].dtype == np.float32
 
 
 def test_cli_convert(tmp_path, frames, capsys):

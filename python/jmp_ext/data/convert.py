@@ -8,6 +8,7 @@ and reporting them (skip_invalid).
 
 from __future__ import annotations
 
+import importlib
 import io
 import pickle
 from collections.abc import Iterator
@@ -204,8 +205,14 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return PygData
         if (module, name) == ("torch.storage", "_load_from_bytes"):
             return _load_storage
-        if (module, name) in _ALLOWED or (module.startswith("numpy") and name.startswith("dtype")):
+        if (module, name) in _ALLOWED:
             return super().find_class(module, name)
+        # numpy >= 2 pickles dtypes as numpy.dtypes.Float64DType etc. No dotted names: protocol 4
+        # resolves them attribute by attribute (numpy.dtypes.__builtins__.get reaches exec).
+        if module in ("numpy", "numpy.dtypes") and "." not in name:
+            found = getattr(importlib.import_module(module), name, None)
+            if isinstance(found, type) and issubclass(found, np.dtype):
+                return found
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")

@@ -26,6 +26,9 @@ def test_defaults_and_types():
     ({}, "tasks.0.train=", r"task 'a': train is empty"),
     ({}, "nonsense", r"not of the form key\.path=value"),
     ({"preset": "nope"}, "seed=1", r"preset: unknown preset 'nope'"),
+    ({}, "loop.log_every=0", r"loop\.log_every must be >= 1"),
+    ({}, "loop.ckpt_every=0", r"loop\.ckpt_every must be >= 1"),
+    ({}, "tasks.0.targets.0.name=U_0", r"target 'U_0': kind energy is the dataset's 'energy' field"),
 ])
 def test_bad_config_names_the_key(raw, override, match):
     with pytest.raises(ConfigError, match=match):

@@ -32,6 +32,17 @@ def checkpoint(tiny_data, tmp_path_factory):
     return run / "best.pt"
 
 
+def test_an_fp64_checkpoint_loads_without_rounding(checkpoint, tmp_path):
+    """The network is made float64 before its weights load, not after (which rounded them to
+    float32 on the way). The fixture's weights are float32 values; these are not."""
+    state = torch.load(checkpoint, weights_only=True)
+    state["model"] = {k: v + 1e-12 if v.is_floating_point() else v for k, v in state["model"].items()}
+    torch.save(state, tmp_path / "best.pt")
+    model, _ = loop.load_trained(tmp_path / "best.pt")
+    for name, value in model.state_dict().items():
+        assert value.dtype == state["model"][name].dtype and torch.equal(value, state["model"][name]), name
+
+
 def test_calculator_forces_are_minus_the_energy_gradient(checkpoint):
     atoms = molecule("CH3OH")
     atoms.calc = JMPCalculator(checkpoint)

@@ -1,5 +1,7 @@
 """The training loop end to end on tiny data: resume, NaN handling, bad inputs, fine-tuning."""
 
+import csv
+
 import pytest
 import torch
 
@@ -82,7 +84,8 @@ def test_compiled_network_trains_like_the_eager_one(tiny_data, tmp_path):
         trainer = loop.Trainer(cfg)
         trainer.train()
         assert (trainer.model.net._compiled_call_impl is not None) == (name == "compiled")
-        losses = [r["value"] for r in trainer.log.rows if r["split"] == "train" and r["name"] == "loss"]
+        with open(tmp_path / name / "metrics.csv", newline="") as f:
+            losses = [float(r["value"]) for r in csv.DictReader(f) if r["split"] == "train" and r["name"] == "loss"]
         runs[name] = (losses, load_checkpoint(tmp_path / name / "last.pt")["model"])
     (eager_losses, eager_state), (compiled_losses, compiled_state) = runs["eager"], runs["compiled"]
     assert len(eager_losses) == len(compiled_losses) == 2
@@ -121,6 +124,21 @@ def test_non_finite_loss_is_skipped_then_stops(tiny_data, tmp_path, monkeypatch)
         assert torch.equal(v, before[k]), k
 
 
+def test_non_finite_gradients_are_skipped_without_norm_clipping(tiny_data, tmp_path):
+    """The fine-tuning presets clip by value (grad_clip_norm 0): a NaN gradient under a finite
+    loss must still skip the step, not reach AdamW."""
+    raw = finetune_config(tiny_data, tmp_path, forces="direct")
+    raw["optim"]["grad_clip_norm"] = 0.0
+    raw["loop"].update(max_steps=1, val_every=0)
+    trainer = loop.Trainer(build_config(raw))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    next(trainer.model.net.parameters()).register_hook(lambda g: g * float("nan"))
+    trainer.train_step(next(trainer._epoch_loader()))
+    assert trainer.nan_streak == 1
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 def test_missing_dataset_and_target(tiny_data, tmp_path):
     raw = pretrain_config(tiny_data, tmp_path)
     raw["tasks"][1]["train"] = str(tmp_path / "nowhere")
@@ -130,6 +148,31 @@ def test_missing_dataset_and_target(tiny_data, tmp_path):
     raw["tasks"][0]["targets"].append({"name": "stress", "kind": "stress"})
     with pytest.raises(TrainError, match=r"target 'stress' is not in the train dataset"):
         loop.Trainer(build_config(raw))
+    # A per-atom or vector field is not one number per structure.
+    raw = finetune_config(tiny_data, tmp_path, forces="direct")
+    raw["tasks"][0]["targets"] = [{"name": "forces", "kind": "scalar"}]
+    with pytest.raises(TrainError, match=r"target 'forces' has shape \['n', 3\] per structure"):
+        loop.Trainer(build_config(raw))
+
+
+def test_a_task_without_val_split_and_no_repeated_final_validation(tiny_data, tmp_path):
+    """One task validates, the other has no val split (''); the primary metric is the validating
+    task's. With lr ~0 the second validation does not improve, so early stopping (patience 1) ends
+    the run at step 2, without a further validation (one val row per step)."""
+    raw = pretrain_config(tiny_data, tmp_path, max_steps=8, val_every=1, early_stop_patience=1)
+    raw["tasks"][1]["val"] = ""
+    raw["optim"] = {"lr": 1e-30}  # (> 0): the weights do not move
+    trainer = loop.Trainer(build_config(raw))
+    summary = trainer.train()
+    assert summary["stop"] == "early stopping / min lr" and summary["steps"] == 2
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        primary = [(int(r["step"]), float(r["value"])) for r in csv.DictReader(f)
+                   if r["split"] == "val" and r["name"] == "primary"]
+    steps = [s for s, _ in primary]
+    assert len(steps) == len(set(steps)), steps
+    assert all(not name.startswith("box/") for name in summary["val"])
+    assert primary[-1][1] == pytest.approx(summary["val"]["mol/forces_mae"])
+    assert steps == [1, 2] and trainer.bad_validations == 1
 
 
 def finetune_config(data, run_dir, init="", forces="gradient", **model_kw):

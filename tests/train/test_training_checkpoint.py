@@ -65,6 +65,19 @@ def test_logger_csv_and_resume(tmp_path):
     log.log(6, "train", {"loss": 1.0})
     log.close()
     assert _rows(tmp_path / "metrics.csv") == [(5, "train", "loss", 1.5), (6, "train", "loss", 1.0)]
+    # A run resumed at step 6 that repeats a validation there (the epoch-end validation after a
+    # checkpoint at the epoch's last step) does not log it twice; a row torn by a kill is dropped.
+    log = RunLogger(tmp_path, enabled=True, start_step=6, total_steps=10, progress=False)
+    log.log(6, "val", {"a/energy_mae": 0.5})
+    log.close()
+    with open(tmp_path / "metrics.csv", "a") as f:
+        f.write("7,tra")
+    log = RunLogger(tmp_path, enabled=True, start_step=6, total_steps=10, progress=False)
+    log.log(6, "val", {"a/energy_mae": 0.5})
+    log.log(7, "train", {"loss": 0.5})
+    log.close()
+    assert _rows(tmp_path / "metrics.csv") == [(5, "train", "loss", 1.5), (6, "train", "loss", 1.0),
+                                               (6, "val", "a/energy_mae", 0.5), (7, "train", "loss", 0.5)]
     # Non-zero ranks write nothing.
     other = tmp_path / "other"
     log = RunLogger(other, enabled=False, start_step=0, total_steps=1, progress=False)

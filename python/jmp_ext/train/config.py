@@ -46,6 +46,10 @@ class TargetConfig:
     """Train on (y - linref - mean) / std with the dataset statistics (force std for forces)."""
 
     def __post_init__(self) -> None:
+        if self.kind == "energy" and self.name != "energy":
+            raise ConfigError(f"target {self.name!r}: kind energy is the dataset's 'energy' field (its linear "
+                              "references are fitted on it); use kind scalar with reduction sum for another "
+                              "extensive property")
         if self.kind == "classification" and self.num_classes < 2:
             raise ConfigError(f"target {self.name!r}: classification needs num_classes >= 2")
         if self.class_weights is not None and len(self.class_weights) != self.num_classes:
@@ -220,6 +224,9 @@ class LoopConfig:
             raise ConfigError("loop: set max_steps or max_epochs")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"loop.ema_decay must be in [0, 1), got {self.ema_decay}")
+        for name in ("log_every", "ckpt_every", "max_nan_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"loop.{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass(kw_only=True)

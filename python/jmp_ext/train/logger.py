@@ -1,8 +1,9 @@
 """Run logging on rank 0: tqdm progress (structures/s, atoms/s, ETA), metrics.csv, TensorBoard.
 
 metrics.csv has one row per value (step, split, name, value) so train, val and test metrics of any
-task share one file. It is rewritten atomically at every log call; a resumed run keeps the rows
-up to the step it resumes from.
+task share one file. Rows are appended (a long run logs millions); a resumed run first rewrites
+the file, atomically, with the rows up to the step it resumes from, and does not log again a
+value it had logged at that step (a validation it repeats there).
 """
 
 from __future__ import annotations
@@ -23,18 +24,24 @@ class RunLogger:
     def __init__(self, run_dir: Path, enabled: bool, start_step: int, total_steps: int, progress: bool):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.csv"
-        self.rows: list[dict] = []
-        if enabled and start_step > 0 and self.path.is_file():
-            with open(self.path, newline="") as f:
-                self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
-        self.tb = None
+        self.tb = self._file = None
+        self._logged_at_start: set[tuple[int, str, str]] = set()
         if enabled:
+            rows = _read_rows(self.path, start_step) if start_step > 0 else []
+            self._logged_at_start = {(r["step"], r["split"], r["name"]) for r in rows if r["step"] == start_step}
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+            atomic_write_bytes(self.path, buf.getvalue().encode())
+            self._file = open(self.path, "a", newline="")
+            self._csv = csv.DictWriter(self._file, fieldnames=FIELDS)
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # tensorboard is an optional extra
                 pass
-            else:
-                self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start_step or None)
+            else:  # events after start_step go: the resumed run logs them again
+                self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start_step + 1 if start_step else None)
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not (enabled and progress),
                         unit="step", dynamic_ncols=True)
         self._t0 = time.perf_counter()
@@ -63,14 +70,12 @@ class RunLogger:
         if not self.enabled:
             return
         for name, value in metrics.items():
-            self.rows.append({"step": step, "split": split, "name": name, "value": value})
+            if (step, split, name) in self._logged_at_start:
+                continue
+            self._csv.writerow({"step": step, "split": split, "name": name, "value": value})
             if self.tb is not None:
                 self.tb.add_scalar(f"{split}/{name}", value, step)
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(self.rows)
-        atomic_write_bytes(self.path, buf.getvalue().encode())
+        self._file.flush()
 
     def write(self, message: str) -> None:
         """Prints without breaking the progress bar (rank 0 only)."""
@@ -79,5 +84,23 @@ class RunLogger:
 
     def close(self) -> None:
         self.bar.close()
+        if self._file is not None:
+            self._file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _read_rows(path: Path, last_step: int) -> list[dict]:
+    """metrics.csv's rows up to last_step; a row torn by a kill mid-write is left out."""
+    if not path.is_file():
+        return []
+    rows = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            try:
+                row = {"step": int(r["step"]), "split": r["split"], "name": r["name"], "value": float(r["value"])}
+            except (TypeError, ValueError):
+                continue
+            if row["step"] <= last_step:
+                rows.append(row)
+    return rows

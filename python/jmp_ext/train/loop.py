@@ -104,8 +104,8 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[
         weights.update(state["ema"])
     norms = {k: v for k, v in weights.items() if k.startswith("norm_")}
     model = build_model(config, norms).to(device)
+    model.net.to(DTYPES.get(config.loop.precision, torch.float32))  # before loading: fp64 stays fp64
     model.load_state_dict(weights)
-    model.net.to(DTYPES.get(config.loop.precision, torch.float32))
     return model.eval(), config
 
 
@@ -186,6 +186,7 @@ class Trainer:
         self.step = self.epoch = self.batch_in_epoch = 0
         self.best = math.inf
         self.bad_validations = 0
+        self.validated_step = -1  # the step of the last validation
         self.nan_streak = 0
         self.last_metrics: dict[str, float] = {}
         resumed = c.resume and (self.run_dir / "last.pt").is_file()
@@ -235,7 +236,8 @@ class Trainer:
                     break
             if self.step % c.loop.ckpt_every == 0:
                 self.save_last()
-        self.validate_and_check()
+        if stop_reason == "max_steps" and self.validated_step != self.step:  # (also on resuming a finished run)
+            self.validate_and_check()
         self.save_last()
         summary = {"steps": self.step, "epochs": self.step / self.steps_per_epoch, "stop": stop_reason,
                    "val": self.last_metrics, "best": self.best, **self.log.throughput()}
@@ -268,8 +270,9 @@ class Trainer:
             loss.backward()
         if c.optim.grad_clip_value > 0:
             nn.utils.clip_grad_value_(self.model.parameters(), c.optim.grad_clip_value)
-        grad_norm = (nn.utils.clip_grad_norm_(self.model.parameters(), c.optim.grad_clip_norm)
-                     if c.optim.grad_clip_norm > 0 else torch.tensor(0.0))
+        # Without clipping (the fine-tuning presets clip by value) the norm is still computed: it
+        # is logged, and a non-finite one skips the step.
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), c.optim.grad_clip_norm or math.inf)
         if not torch.isfinite(grad_norm):  # DDP synchronised the gradients: every rank agrees
             if self.scaler is not None:
                 # fp16: unscale_ recorded the overflow, so update() halves the scale. It must run
@@ -359,7 +362,7 @@ class Trainer:
         metrics = self.evaluate("val")
         if not metrics:
             return False
-        self.last_metrics = metrics
+        self.last_metrics, self.validated_step = metrics, self.step
         value = tasks.primary_metric(c, metrics)
         self.log.log(self.step, "val", {**metrics, "primary": value})
         self.schedule.on_validation(self.step, value)
@@ -417,7 +420,8 @@ class Trainer:
             "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "loop": {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                     "best": self.best, "bad_validations": self.bad_validations, "nan_streak": self.nan_streak},
+                     "best": self.best, "bad_validations": self.bad_validations, "nan_streak": self.nan_streak,
+                     "validated_step": self.validated_step},
             "rng": rngs,
             "config": to_dict(self.config),
             "metrics": self.last_metrics,
@@ -443,6 +447,7 @@ class Trainer:
         loop = state["loop"]
         self.step, self.epoch, self.batch_in_epoch = loop["step"], loop["epoch"], loop["batch_in_epoch"]
         self.best, self.bad_validations, self.nan_streak = loop["best"], loop["bad_validations"], loop["nan_streak"]
+        self.validated_step = loop.get("validated_step", -1)  # (absent from checkpoints before 2026-12-03)
         self.last_metrics = state["metrics"]
         rngs = state["rng"]
         if len(rngs) != self.dist.world_size:

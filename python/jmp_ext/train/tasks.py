@@ -77,6 +77,11 @@ def load_task_data(config: TrainConfig) -> list[TaskData]:
                 if target.name not in ds.schema:
                     raise TrainError(f"tasks.{i} ({task.name}): target {target.name!r} is not in the {split} "
                                      f"dataset {ds.path} (it has: {', '.join(sorted(ds.schema))})")
+                shape = ds.schema[target.name]["shape"]
+                if target.kind in ("energy", "scalar", "classification") and shape:
+                    raise TrainError(f"tasks.{i} ({task.name}): target {target.name!r} has shape {shape} per "
+                                     f"structure in {ds.path}, but a {target.kind} head predicts one number "
+                                     "per structure; train each component as its own target")
         out.append(TaskData(task, splits["train"], splits["val"], splits["test"], load_stats(task.train)))
     return out
 
@@ -277,9 +282,11 @@ def primary_metric(config: TrainConfig, metrics: dict[str, float]) -> float:
     for task in config.tasks:
         kinds = {t.kind: t for t in task.targets}
         if "forces" in kinds and kinds["forces"].coef > 0:
-            values.append(metrics[f"{task.name}/forces_mae"])
+            key, sign = f"{task.name}/forces_mae", 1
         elif task.targets[0].kind == "classification":
-            values.append(-metrics[f"{task.name}/{task.targets[0].name}_accuracy"])
+            key, sign = f"{task.name}/{task.targets[0].name}_accuracy", -1
         else:
-            values.append(metrics[f"{task.name}/{task.targets[0].name}_mae"])
+            key, sign = f"{task.name}/{task.targets[0].name}_mae", 1
+        if key in metrics:  # (a task without a val split has no metrics)
+            values.append(sign * metrics[key])
     return float(np.mean(values))

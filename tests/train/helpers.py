@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def write_molecules(path, count: int, seed: int, periodic: bool = False) -> str:
-    """A small EMT-labelled dataset (energy, forces) of rattled molecules, with its stats.json."""
+def write_molecules(path, count: int, seed: int, periodic: bool = False, classes: int = 0) -> str:
+    """A small EMT-labelled dataset (energy, forces) of rattled molecules, with its stats.json;
+    with `classes`, also a class label `cls` (int64, entry k has class k % classes)."""
     from ase.build import molecule
     from ase.calculators.emt import EMT
 
@@ -26,6 +27,6 @@ def write_molecules(path, count: int, seed: int, periodic: bool = False) -> str:
             writer.add({"pos": atoms.positions.copy(), "atomic_numbers": atoms.numbers.copy(),
                         "cell": atoms.cell.array.copy(), "pbc": atoms.pbc.copy(), "tags": np.full(n, 2),
                         "fixed": np.zeros(n, bool), "energy": np.array(atoms.get_potential_energy()),
-                        "forces": atoms.get_forces()})
+                        "forces": atoms.get_forces(), **({"cls": np.array(k % classes)} if classes else {})})
     save_stats(path, compute_stats(LmdbDataset(path)))
     return str(path)

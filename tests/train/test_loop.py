@@ -139,6 +139,29 @@ def test_non_finite_gradients_are_skipped_without_norm_clipping(tiny_data, tmp_p
         assert torch.equal(v, before[k]), k
 
 
+def test_classification_loss_is_summed_over_the_batch(tmp_path):
+    """JMP's cross-entropy has sum reduction (its other losses are means): the logged loss is
+    the sum over the batch of the per-structure cross-entropy, at the step's weights."""
+    import torch.nn.functional as F
+
+    from helpers import write_molecules
+
+    data = write_molecules(tmp_path / "cls", 8, seed=3, classes=2)
+    raw = finetune_config(tmp_path, tmp_path / "run", forces="direct")
+    raw["tasks"][0].update(train=data, val="", test="",
+                           targets=[{"name": "cls", "kind": "classification", "num_classes": 2}])
+    raw["loop"].update(max_steps=1, log_every=1, val_every=0)
+    trainer = loop.Trainer(build_config(raw))
+    batch = next(trainer._epoch_loader())
+    trainer.model.train()
+    with torch.no_grad():
+        want = F.cross_entropy(trainer.model(batch)["cls"], batch["cls"], reduction="sum").item()
+    trainer.train_step(batch)
+    with open(tmp_path / "run" / "metrics.csv", newline="") as f:
+        logged = [float(r["value"]) for r in csv.DictReader(f) if r["name"] == "loss_cls"]
+    assert batch["natoms"].numel() > 1 and logged == [pytest.approx(want, rel=1e-5)]
+
+
 def test_missing_dataset_and_target(tiny_data, tmp_path):
     raw = pretrain_config(tiny_data, tmp_path)
     raw["tasks"][1]["train"] = str(tmp_path / "nowhere")

@@ -253,7 +253,8 @@ class Trainer:
         self.model.train()
         local = torch.tensor([batch["natoms"].numel(), batch["pos"].shape[0]], dtype=torch.float64)
         counts = distributed.all_reduce_sum(local)
-        denominators = {"structures": counts[0].item(), "atoms": counts[1].item()}
+        # "rank": JMP sums cross-entropy over each rank's batch (DDP then averages over ranks).
+        denominators = {"structures": counts[0].item(), "atoms": counts[1].item(), "rank": self.dist.world_size}
         with self._autocast():
             preds = self.ddp(batch)
         terms = tasks.loss_terms(self.model, preds, batch)

@@ -37,6 +37,7 @@ def force_l2mae(pred: torch.Tensor, target: torch.Tensor, batch: torch.Tensor, n
 
 def classification_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
                         class_weights: torch.Tensor | None) -> torch.Tensor:
-    """sum_b weight_b * cross-entropy; logits [B, C], target [B] int64 class index. Divide by B."""
+    """sum_b weight_b * cross-entropy; logits [B, C], target [B] int64 class index (JMP sums it
+    over the batch, unlike the other losses, which are means)."""
     ce = F.cross_entropy(logits, target, weight=class_weights, reduction="none")
     return (weight * ce).sum()

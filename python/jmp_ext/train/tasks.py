@@ -228,8 +228,9 @@ def num_blocks(net: nn.Module) -> int:
 
 def loss_terms(model: TaskModel, preds: dict, batch: dict) -> dict[str, tuple[torch.Tensor, str]]:
     """Per target: (sum of the weighted per-item losses, the count it is averaged over:
-    "structures" or "atoms"). The loop divides by the global counts so DDP ranks with different
-    batch sizes reproduce the single-process mean exactly."""
+    "structures" or "atoms", or "rank" for classification, which JMP sums over the batch). The
+    loop divides by the global counts so DDP ranks with different batch sizes reproduce the
+    single-process mean exactly."""
     task = batch["task"]
     terms = {}
     for name, target in model.targets.items():
@@ -239,8 +240,7 @@ def loss_terms(model: TaskModel, preds: dict, batch: dict) -> dict[str, tuple[to
             weight = coef[task]
             cw = (torch.tensor(target.class_weights, dtype=preds[name].dtype, device=task.device)
                   if target.class_weights else None)
-            terms[name] = (losses.classification_loss(preds[name], batch[name], weight, cw),
-                           "structures")
+            terms[name] = (losses.classification_loss(preds[name], batch[name], weight, cw), "rank")
             continue
         scale_name = "energy" if (target.kind == "stress" or (target.kind == "forces" and model.gradient_forces)) else name
         weight = coef[task] / model.scale(scale_name).to(preds[name].dtype)[task]

@@ -162,6 +162,17 @@ def test_classification_loss_is_summed_over_the_batch(tmp_path):
     assert batch["natoms"].numel() > 1 and logged == [pytest.approx(want, rel=1e-5)]
 
 
+def test_resume_refuses_a_different_run_but_not_a_different_loader(tiny_data, tmp_path):
+    loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path, max_steps=2))).train()
+    resume = ["resume=true", "loop.max_steps=3"]
+    with pytest.raises(TrainError, match="config differs in 'seed'"):
+        loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path), [*resume, "seed=5"]))
+    with pytest.raises(TrainError, match="config differs in 'data.batch_size'"):
+        loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path), [*resume, "data.batch_size=3"]))
+    trainer = loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path), [*resume, "data.val_batch_size=4"]))
+    assert trainer.resumed and trainer.step == 2
+
+
 def test_missing_dataset_and_target(tiny_data, tmp_path):
     raw = pretrain_config(tiny_data, tmp_path)
     raw["tasks"][1]["train"] = str(tmp_path / "nowhere")

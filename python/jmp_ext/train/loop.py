@@ -434,8 +434,15 @@ class Trainer:
         # copies the rest to the device.
         state = load_checkpoint(path, "cpu")
         saved, now = state["config"], to_dict(self.config)
-        for key in ("mode", "tasks", "graph", "model", "data"):
-            if saved[key] != now[key]:
+        # What fixes the network and the order of the batches must not change; how they are
+        # loaded (data.num_workers, data.in_memory, data.val_batch_size) may.
+        same = ["mode", "tasks", "graph", "model", "seed", "data.max_atoms", "data.batch_size", "data.temperature"]
+        for key in same:
+            section, _, field_name = key.partition(".")
+            old, new = saved.get(section), now[section]
+            if field_name:
+                old, new = (old or {}).get(field_name), new[field_name]
+            if old != new:
                 raise TrainError(f"cannot resume {path}: its config differs in {key!r} (resume needs the same run; "
                                  f"start a new run_dir or set resume=false)")
         self.model.load_state_dict(state["model"])

@@ -49,6 +49,13 @@ def test_overrides_parse_yaml_values():
     assert cfg.tasks[0].val == "/v"
 
 
+def test_names_and_paths_that_yaml_reads_as_numbers_or_dates():
+    cfg = build_config({"tasks": [dict(TASK)]}, ["tasks.0.name=2024-01-05", "run_dir=2024"])
+    assert cfg.tasks[0].name == "2024-01-05" and cfg.run_dir == "2024"
+    with pytest.raises(ConfigError, match=r"run_dir: expected str, got bool"):
+        build_config({"tasks": [dict(TASK)]}, ["run_dir=no"])
+
+
 def test_yaml_roundtrip(tmp_path):
     cfg = build_config({"tasks": [TASK], "seed": 3})
     save_config(cfg, tmp_path / "config.yaml")

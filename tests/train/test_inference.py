@@ -7,6 +7,7 @@ import ase.io
 import numpy as np
 import pytest
 import torch
+import yaml
 from ase.build import molecule
 from ase.md.verlet import VelocityVerlet
 from ase.optimize import BFGS
@@ -97,9 +98,18 @@ def test_eval_and_predict_cli(checkpoint, tiny_data, tmp_path):
         assert pred["energy"][k] == pytest.approx(atoms.get_potential_energy(), rel=1e-10)
 
 
-def test_cli_errors(checkpoint, tmp_path, capsys):
+def test_cli_errors(checkpoint, tiny_data, tmp_path, capsys):
     assert main(["eval", str(checkpoint), str(tmp_path / "none")]) == 2
     assert "dataset directory" in capsys.readouterr().err
+    # A ValueError from the setup (here: LLRD multipliers for the wrong number of blocks) is a
+    # message too, not a traceback.
+    run = {"mode": "finetune", "run_dir": str(tmp_path / "run"), "model": {"backbone": "tiny"},
+           "tasks": [{"name": "mol", "train": str(tiny_data / "mol" / "train"),
+                      "targets": [{"name": "energy", "kind": "energy"}]}],
+           "optim": {"llrd_blocks": [0.5] * 7}, "loop": {"max_steps": 1}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+    assert main([str(tmp_path / "run.yaml")]) == 2
+    assert "optim.llrd_blocks has 7 multipliers" in capsys.readouterr().err
     assert main(["finetune", "optim.lr=x"]) == 2
     assert "optim.lr: expected a number" in capsys.readouterr().err
     with pytest.raises(TrainError, match="not a jmp_ext training checkpoint"):

@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides = rest[1:] if path else rest
             config = load_config(path, [*overrides, *([f"mode={mode}"] if mode else [])])
             run_training(config)
-    except (ConfigError, TrainError, FileNotFoundError) as e:
+    except (ConfigError, TrainError, FileNotFoundError, ValueError) as e:  # bad input: a message, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

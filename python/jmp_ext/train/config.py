@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
 import types
 import typing
 from dataclasses import dataclass, field
@@ -331,6 +332,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
         return value
+    if tp is str and not isinstance(value, bool) and isinstance(value, (int, float, datetime.date)):
+        return str(value)  # YAML read a name or path such as 2024 or 2024-01-05 as a number or date
     if tp in (str, bool):
         if not isinstance(value, tp):
             raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")

@@ -22,7 +22,10 @@ def atoms_to_entry(atoms: Atoms) -> dict[str, torch.Tensor]:
     """One structure as LmdbDataset returns it: pos, atomic_numbers, cell, pbc, tags, fixed.
 
     Tags: the Atoms' own when any is set (OC20 slabs), else 2 for every atom (molecules and bulk,
-    as JMP's fine-tuning sets them). Fixed: the atoms of FixAtoms constraints."""
+    as JMP's fine-tuning sets them). They follow OC20: 0 sub-surface, 1 surface, 2 adsorbate;
+    the quadruplet graph keeps edges that touch a 1 or a 2. ase.build's slabs tag their layers
+    1 (top) to n and add_adsorbate tags the adsorbate 0, so set OC20 tags on such a slab before
+    a relaxation. Fixed: the atoms of FixAtoms constraints."""
     n = len(atoms)
     tags = atoms.get_tags()
     fixed = np.zeros(n, dtype=bool)

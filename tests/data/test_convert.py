@@ -12,7 +12,8 @@ import pytest
 import torch
 from ase import Atoms, units
 from ase.calculators.singlepoint import SinglePointCalculator
-from ase.constraints import FixAtoms
+from ase.constraints import FixAtoms, FixCartesian
+from ase.stress import voigt_6_to_full_3x3_stress
 
 from jmp_ext.data import DataError, LmdbDataset
 from jmp_ext.data.__main__ import main
@@ -86,6 +87,70 @@ def test_mace_style_keys_and_units(tmp_path, frames):
     convert(tmp_path / "in.xyz", tmp_path / "free", keys=KeyMap(energy="free_energy"))
     assert LmdbDataset(tmp_path / "free")[0]["energy"].item() == pytest.approx(
         frames[0].info["free_energy"])
+
+
+def test_explicit_key_must_be_found(tmp_path, frames):
+    """A misspelled --energy-key once wrote a dataset without energies, silently."""
+    for atoms in frames:
+        atoms.info["free_energy"] = atoms.get_potential_energy() - 1.0
+    del frames[3].info["free_energy"]
+    ase.io.write(tmp_path / "in.extxyz", frames)
+    with pytest.raises(DataError, match=r"structure 0: energy: key 'free_enrgy' not found"):
+        convert(tmp_path / "in.extxyz", tmp_path / "out", keys=KeyMap(energy="free_enrgy"))
+    with pytest.raises(DataError, match=r"structure 0: stress: key 'virial' not found"):
+        convert(tmp_path / "in.extxyz", tmp_path / "out", keys=KeyMap(stress="virial"))
+    report = convert(tmp_path / "in.extxyz", tmp_path / "out", skip_invalid=True,
+                     keys=KeyMap(energy="free_energy"))
+    assert report.written == 5 and report.labels["energy"] == "calculator['free_energy']"
+    assert len(report.skipped) == 1
+    assert "structure 3: energy: key 'free_energy' not found" in report.skipped[0]
+
+
+def test_label_sources_do_not_mix(tmp_path):
+    """Frame 0 has REF_energy, frame 1 only energy: both were stored as 'energy'."""
+    frames = [Atoms("H", positions=[[0, 0, 0]]) for _ in range(3)]
+    frames[0].info["REF_energy"] = -10.0
+    frames[1].calc = SinglePointCalculator(frames[1], energy=-99.0)
+    frames[2].info["REF_energy"] = -11.0
+    frames[2].calc = SinglePointCalculator(frames[2], energy=-98.0)
+    ase.io.write(tmp_path / "mix.xyz", frames, format="extxyz")
+    with pytest.raises(DataError, match=r"structure 1: energy is in calculator\['energy'\], but "
+                                        r"earlier entries took it from info\['REF_energy'\]"):
+        convert(tmp_path / "mix.xyz", tmp_path / "out")
+    report = convert(tmp_path / "mix.xyz", tmp_path / "out", skip_invalid=True)
+    assert report.written == 2 and report.labels == {"energy": "info['REF_energy']"}
+    assert [e["energy"].item() for e in LmdbDataset(tmp_path / "out")] == [-10.0, -11.0]
+    report = convert(tmp_path / "mix.xyz", tmp_path / "calc", skip_invalid=True,
+                     keys=KeyMap(energy="energy"))
+    assert report.labels == {"energy": "calculator['energy']"} and len(report.skipped) == 1
+
+
+def test_nine_number_stress(tmp_path, frames):
+    """MACE writes REF_stress as 9 numbers, which extxyz reads back with shape (9,)."""
+    for atoms in frames:
+        atoms.info["REF_stress"] = atoms.get_stress(voigt=False).reshape(9)
+        atoms.calc = None
+    ase.io.write(tmp_path / "in.xyz", frames, format="extxyz")
+    assert ase.io.read(tmp_path / "in.xyz", 0).info["REF_stress"].shape == (9,)
+    report = convert(tmp_path / "in.xyz", tmp_path / "out")
+    assert report.labels == {"stress": "info['REF_stress']"}
+    ds = LmdbDataset(tmp_path / "out")
+    for i, atoms in enumerate(ase.io.read(tmp_path / "in.xyz", ":")):
+        np.testing.assert_allclose(ds[i]["stress"], atoms.info["REF_stress"].reshape(3, 3))
+
+
+def test_fixed_cartesian_atoms(tmp_path, frames):
+    """extxyz stores constraints as move_mask, which reads back as FixCartesian: an atom with
+    all three axes fixed is a fixed atom."""
+    frames[1].set_constraint([FixCartesian([0, 1]), FixCartesian(2, mask=(True, False, True)),
+                              FixCartesian(2, mask=(False, True, False))])  # together: all axes
+    frames[3].set_constraint(FixCartesian(0, mask=(True, True, False)))
+    ase.io.write(tmp_path / "in.xyz", frames, format="extxyz")
+    assert any(isinstance(c, FixCartesian) for c in ase.io.read(tmp_path / "in.xyz", 1).constraints)
+    convert(tmp_path / "in.xyz", tmp_path / "out")
+    ds = LmdbDataset(tmp_path / "out")
+    assert ds[1]["fixed"].tolist() == [True, True, True] + [False] * (len(frames[1]) - 3)
+    assert not ds[3]["fixed"].any()
 
 
 def test_ase_db_with_property(tmp_path, frames):
@@ -220,6 +285,25 @@ def test_pickled_lmdb_layouts(tmp_path, fake_pyg, monkeypatch, layout):
         assert entry["sid"].item() == f["sid"] and entry["fid"].item() == 3
 
 
+def test_pickled_lmdb_stress_and_label_keys(tmp_path, fake_pyg):
+    """Voigt (6,) stresses are converted as in the ASE path; label sources do not mix."""
+    rng = np.random.default_rng(3)
+    fields = [oc20_fields(rng, 4) for _ in range(3)]
+    voigt = [rng.normal(size=6) for _ in fields]
+    for f, v in zip(fields, voigt):
+        f["stress"] = torch.tensor(v)
+    fields[2]["energy"] = fields[2].pop("y")
+    write_pickled_lmdb(tmp_path / "x.lmdb", [fake_pyg(OldData, f) for f in fields])
+    report = convert(tmp_path / "x.lmdb", tmp_path / "out", allow_pickle=True, skip_invalid=True)
+    assert report.labels == {"energy": "y", "forces": "force", "stress": "stress"}
+    assert report.written == 2 and "entry 2: energy is in energy, but earlier entries took it from y" in report.skipped[0]
+    ds = LmdbDataset(tmp_path / "out")
+    for i in range(2):
+        np.testing.assert_array_equal(ds[i]["stress"], voigt_6_to_full_3x3_stress(voigt[i]))
+    with pytest.raises(DataError, match=r"x.lmdb entry 0: energy: key 'energy' not found"):
+        convert(tmp_path / "x.lmdb", tmp_path / "o2", allow_pickle=True, keys=KeyMap(energy="energy"))
+
+
 def test_pickled_lmdb_bad_entries(tmp_path, fake_pyg):
     rng = np.random.default_rng(2)
     good = [oc20_fields(rng, 4) for _ in range(6)]
@@ -284,6 +368,17 @@ def test_cli_convert(tmp_path, frames, capsys):
     write_pickled_lmdb(tmp_path / "x.lmdb", [b"\x80\x05K\x01."])
     assert main(["convert", str(tmp_path / "x.lmdb"), str(tmp_path / "o2")]) == 1
     assert "--allow-pickle" in capsys.readouterr().err
+
+
+def test_cli_overwrite_keeps_a_project_directory(tmp_path, frames, capsys):
+    """`convert proj/raw/train.xyz proj --overwrite` once deleted the project and its source."""
+    (tmp_path / "proj" / "raw").mkdir(parents=True)
+    ase.io.write(tmp_path / "proj" / "raw" / "train.xyz", frames)
+    assert main(["convert", str(tmp_path / "proj" / "raw" / "train.xyz"), str(tmp_path / "proj"),
+                 "--overwrite"]) == 1
+    assert f"{tmp_path / 'proj'} exists and is not a jmp_ext dataset" in capsys.readouterr().err
+    assert len(ase.io.read(tmp_path / "proj" / "raw" / "train.xyz", ":")) == 6
+    assert [p.name for p in tmp_path.iterdir()] == ["proj"]
 
 
 def test_provenance_in_meta(tmp_path, frames):

@@ -1,3 +1,4 @@
+import gc
 import json
 import pickle
 
@@ -9,6 +10,7 @@ from data_helpers import random_entry
 
 from jmp_ext.data import DataError, DatasetWriter, LmdbDataset, collate, write_dataset
 from jmp_ext.data import format as fmt
+from jmp_ext.data.dataset import MultiDataset
 
 
 @pytest.fixture
@@ -88,6 +90,28 @@ def test_overwrite(tmp_path, entries):
     assert [p.name for p in tmp_path.iterdir()] == ["ds"]
 
 
+def test_overwrite_replaces_only_datasets_and_empty_directories(tmp_path, entries):
+    (tmp_path / "empty").mkdir()
+    write_dataset(tmp_path / "empty", entries[:2], overwrite=True)
+    assert len(LmdbDataset(tmp_path / "empty")) == 2
+    (tmp_path / "project" / "raw").mkdir(parents=True)
+    (tmp_path / "project" / "raw" / "train.xyz").write_text("precious")
+    with pytest.raises(FileExistsError, match=r"project exists and is not a jmp_ext dataset"):
+        write_dataset(tmp_path / "project", entries, overwrite=True)
+    (tmp_path / "notes.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match=r"notes.txt exists and is not a directory"):
+        write_dataset(tmp_path / "notes.txt", entries, overwrite=True)
+    write_dataset(tmp_path / "ds", entries[:3])
+    (tmp_path / "ds" / "README").write_text("precious")
+    with pytest.raises(FileExistsError, match=r"ds is a jmp_ext dataset but also holds README"):
+        write_dataset(tmp_path / "ds", entries, overwrite=True)
+    assert (tmp_path / "project" / "raw" / "train.xyz").read_text() == "precious"
+    assert (tmp_path / "notes.txt").read_text() == "precious"
+    assert (tmp_path / "ds" / "README").read_text() == "precious"
+    assert len(LmdbDataset(tmp_path / "ds")) == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp directories
+
+
 def test_corrupted_value_names_file_and_entry(tmp_path, entries):
     write_dataset(tmp_path / "ds", entries, shard_size=10)
     env = lmdb.open(str(tmp_path / "ds" / "data.0001.lmdb"), subdir=False)
@@ -124,6 +148,47 @@ def test_newer_format_version_is_refused(tmp_path, entries):
     with pytest.raises(DataError, match="newer"):
         LmdbDataset(tmp_path / "ds")
 
+
+
+def test_datasets_on_one_directory_share_handles(tmp_path, entries):
+    """A fine-tune whose test split is its val split, two tasks on one directory: py-lmdb
+    refuses to open a file twice in a process, so the datasets share the open files."""
+    write_dataset(tmp_path / "ds", entries, shard_size=10)
+    (tmp_path / "link").symlink_to(tmp_path / "ds")
+    first, second = LmdbDataset(tmp_path / "ds"), LmdbDataset(tmp_path / "link")
+    assert_entry_equal(first[3], entries[3])
+    assert_entry_equal(second[15], entries[15])
+    in_memory = LmdbDataset(tmp_path / "ds", in_memory=True)  # opens, reads all, lets go
+    assert_entry_equal(in_memory[22], entries[22])
+    assert_entry_equal(first[22], entries[22])
+    del first
+    gc.collect()
+    assert_entry_equal(second[4], entries[4])  # the last user keeps the files open
+    second._close()
+    assert_entry_equal(LmdbDataset(tmp_path / "ds")[5], entries[5])
+    # An overwritten dataset is a new file: an instance of the old one keeps reading the old
+    # entries, a new instance reads the new ones.
+    old = LmdbDataset(tmp_path / "ds")
+    old[0]
+    write_dataset(tmp_path / "ds", entries[::-1], shard_size=10, overwrite=True)
+    assert_entry_equal(LmdbDataset(tmp_path / "ds")[0], entries[-1])
+    assert_entry_equal(old[0], entries[0])
+
+
+def test_fork_workers_with_two_datasets_on_one_directory(tmp_path, entries):
+    write_dataset(tmp_path / "ds", entries, shard_size=7)
+    multi = MultiDataset([LmdbDataset(tmp_path / "ds"), LmdbDataset(tmp_path / "ds")])
+    multi[0], multi[len(entries)]  # both open in the parent: workers must reopen after fork
+    loader = torch.utils.data.DataLoader(multi, batch_size=5, num_workers=2, collate_fn=collate,
+                                         multiprocessing_context="fork")
+    batches = list(loader)
+    expected = [collate([multi[i] for i in range(s, min(s + 5, len(multi)))])
+                for s in range(0, len(multi), 5)]
+    assert len(batches) == len(expected)
+    for got, want in zip(batches, expected):
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+    assert_entry_equal(multi.datasets[1][2], entries[2])  # the parent's handles still work
 
 # spawn (what mp.spawn and macOS use) re-imports torch in every worker: tens of seconds.
 @pytest.mark.parametrize("context", ["fork", pytest.param("spawn", marks=pytest.mark.slow)])

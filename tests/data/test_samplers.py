@@ -116,6 +116,15 @@ def test_temperature_sampler_epochs_and_batching():
     assert flat == TemperatureSampler([50, 20], 2.0, 40, seed=1).indices(0).tolist()
 
 
+def test_temperature_sampler_share_rounding_to_zero():
+    sampler = TemperatureSampler([1000, 2], temperature=1.0, num_samples=100, seed=0)
+    assert sampler.counts.tolist() == [100, 0]
+    indices = sampler.indices(0)
+    assert len(indices) == len(sampler) == 100 and indices.max() < 1000
+    with pytest.raises(ValueError, match="num_samples=1 rounds to no samples .* at least 2"):
+        TemperatureSampler([5, 5], temperature=1.0, num_samples=1)
+
+
 def test_multi_dataset(tmp_path):
     rng = np.random.default_rng(0)
     write_dataset(tmp_path / "a", [random_entry(rng) for _ in range(3)])

@@ -69,3 +69,19 @@ def test_cli_split(source, tmp_path, capsys):
     assert len(LmdbDataset(tmp_path / "cli" / "val")) == 10
     assert main(["split", str(source), str(tmp_path / "cli")]) == 1  # exists, no --overwrite
     assert "already exists" in capsys.readouterr().err
+
+
+def test_split_checks_every_part_before_writing(source, tmp_path, capsys):
+    """5 entries at 0.8/0.1/0.1 leave val empty: train was written, then the split failed."""
+    write_dataset(tmp_path / "small", [random_entry(np.random.default_rng(i)) for i in range(5)])
+    assert main(["split", str(tmp_path / "small"), str(tmp_path / "out")]) == 1
+    assert "part 'val' would be empty (5 entries in all)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "out" / "val").mkdir(parents=True)  # the second part's directory is taken
+    parts = fraction_indices(40, {"train": 0.5, "val": 0.5})
+    with pytest.raises(FileExistsError, match="val already exists"):
+        split_dataset(source, tmp_path / "out", parts)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["val"]
+    assert main(["split", str(tmp_path / "small"), str(tmp_path / "out"),
+                 "--fractions", "train=0.6,val=0.4", "--overwrite"]) == 0  # val: empty, replaced
+    assert [len(LmdbDataset(tmp_path / "out" / n)) for n in ("train", "val")] == [3, 2]

@@ -20,7 +20,7 @@ import lmdb
 import numpy as np
 import torch
 from ase import Atoms, units
-from ase.constraints import FixAtoms
+from ase.constraints import FixAtoms, FixCartesian
 from ase.stress import voigt_6_to_full_3x3_stress
 from tqdm import tqdm
 
@@ -39,7 +39,9 @@ class KeyMap:
     energy, forces, stress: the source's key for each label; None tries the usual names in
         order (energy: REF_energy, energy, y; forces: REF_forces, forces, force; stress:
         REF_stress, stress) in atoms.info / atoms.arrays / the attached calculator (ASE) or
-        the Data object (LMDB). Give a key explicitly to pick, e.g., free_energy or y_relaxed.
+        the Data object (LMDB). The first entry holding a label fixes where it is read from,
+        and every later entry must hold it there. Give a key explicitly to pick, e.g.,
+        free_energy or y_relaxed; an entry without it is then invalid.
     properties: extra per-structure labels, {stored name: source key}.
     energy_unit, length_unit: units of the source (converted to eV and Å; forces and stress
         follow). Named properties are stored unconverted.
@@ -78,7 +80,50 @@ class ConvertReport:
 
     written: int = 0
     skipped: list[str] = field(default_factory=list)
-    labels: dict[str, str] = field(default_factory=dict)  # stored label -> source key used
+    # stored label -> where every entry's label was read, e.g. "info['REF_energy']" (ASE) or
+    # "y" (LMDB); fixed by the first entry that has the label
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+# ----- labels ----------------------------------------------------------------------------------
+
+
+def _take_labels(entry: dict, sources: dict[str, dict], keys: KeyMap, report: ConvertReport
+                 ) -> None:
+    """Copy energy, forces and stress into `entry` from `sources` ({prefix: mapping}; the
+    location of a label is described as prefix[key], or key alone for the prefix "").
+
+    The first entry holding a label fixes its location in report.labels; a later entry holding
+    it elsewhere is a DataError, so one dataset never mixes, e.g., REF_energy and energy.
+    """
+    for label in ("energy", "forces", "stress"):
+        found = {(f"{prefix}[{key!r}]" if prefix else key): mapping[key]
+                 for key in keys.candidates(label) for prefix, mapping in sources.items()
+                 if key in mapping}
+        if not found:
+            if getattr(keys, label) is not None:
+                raise fmt.DataError(f"{label}: key {getattr(keys, label)!r} not found")
+            continue
+        location = report.labels.setdefault(label, next(iter(found)))
+        if location not in found:
+            raise fmt.DataError(f"{label} is in {', '.join(found)}, but earlier entries took it "
+                                f"from {location}; pick one with --{label}-key "
+                                f"(KeyMap({label}=...))")
+        entry[label] = found[location]
+    if "stress" in entry:
+        entry["stress"] = _stress_3x3(entry["stress"])
+
+
+def _stress_3x3(stress) -> np.ndarray:
+    """A stress label as [3,3]: Voigt [xx, yy, zz, yz, xz, xy] (ASE's (6,)), 9 numbers row by row
+    (MACE's REF_stress read back from extxyz), and [1,3,3] (PyG batches) are accepted; any
+    other shape is left for validation to report."""
+    stress = np.asarray(stress)
+    if stress.shape in ((6,), (1, 6)):
+        return voigt_6_to_full_3x3_stress(stress.reshape(6))
+    if stress.size == 9:
+        return stress.reshape(3, 3)
+    return stress
 
 
 # ----- ASE sources -------------------------------------------------------------------------
@@ -86,10 +131,14 @@ class ConvertReport:
 
 def _atoms_entry(atoms: Atoms, keys: KeyMap, report: ConvertReport, sid: int) -> dict:
     n = len(atoms)
-    fixed = np.zeros(n, bool)
+    # An atom is fixed when FixAtoms holds it or FixCartesian masks hold all three of its axes
+    # (extxyz stores constraints as move_mask, which reads back as FixCartesian).
+    fixed_axes = np.zeros((n, 3), bool)
     for constraint in atoms.constraints:
         if isinstance(constraint, FixAtoms):
-            fixed[constraint.index] = True
+            fixed_axes[constraint.index] = True
+        elif isinstance(constraint, FixCartesian):
+            fixed_axes[constraint.index] |= constraint.mask
     entry = {
         "pos": atoms.positions,
         "atomic_numbers": atoms.numbers,
@@ -97,20 +146,12 @@ def _atoms_entry(atoms: Atoms, keys: KeyMap, report: ConvertReport, sid: int) ->
         "pbc": atoms.pbc,
         # ASE's default tags (all 0) would read as OC20 "sub-surface": only stored tags count.
         "tags": atoms.arrays["tags"] if "tags" in atoms.arrays else np.full(n, 2),
-        "fixed": fixed,
+        "fixed": fixed_axes.all(axis=1),
         "sid": sid,
     }
     results = atoms.calc.results if atoms.calc is not None else {}
     sources = {"info": atoms.info, "arrays": atoms.arrays, "calculator": results}
-    for label in ("energy", "forces", "stress"):
-        for key in keys.candidates(label):
-            found = next((where for where, d in sources.items() if key in d), None)
-            if found is not None:
-                entry[label] = sources[found][key]
-                report.labels.setdefault(label, f"{found}[{key!r}]")
-                break
-    if "stress" in entry and np.shape(entry["stress"]) == (6,):
-        entry["stress"] = voigt_6_to_full_3x3_stress(entry["stress"])
+    _take_labels(entry, sources, keys, report)
     for name, key in keys.properties.items():
         found = next((where for where, d in sources.items() if key in d), None)
         if found is None:
@@ -252,14 +293,7 @@ def _pyg_entry(fields: dict, keys: KeyMap, report: ConvertReport) -> dict:
     if natoms is not None and int(np.asarray(natoms).reshape(-1)[0]) != n:
         raise fmt.DataError(f"natoms is {int(np.asarray(natoms).reshape(-1)[0])} but there are "
                             f"{n} atomic numbers")
-    for label in ("energy", "forces", "stress"):
-        for key in keys.candidates(label):
-            if key in values:
-                entry[label] = values[key]
-                report.labels.setdefault(label, key)
-                break
-    if "stress" in entry:
-        entry["stress"] = np.asarray(entry["stress"]).reshape(3, 3)
+    _take_labels(entry, {"": values}, keys, report)
     if "energy" in entry:
         entry["energy"] = np.asarray(entry["energy"]).reshape(())
     for key in ("sid", "fid"):  # identifiers are kept when numeric (OC22 sids are strings)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import weakref
 from pathlib import Path
 
 import lmdb
@@ -11,6 +13,36 @@ import torch
 from torch.utils.data import Dataset
 
 from jmp_ext.data import format as fmt
+
+
+# py-lmdb refuses to open one LMDB file twice in a process, so every LmdbDataset reading a file
+# shares one read-only Environment (a fine-tune whose test split is its val split, two tasks on
+# one directory). Keyed by the file's identity, (st_dev, st_ino) as py-lmdb checks it, and the
+# process that opened it: an environment must not cross a fork. Weak values: an environment
+# closes when the last dataset holding it lets go of it.
+_SHARED_ENVS: weakref.WeakValueDictionary[tuple[int, int, int], lmdb.Environment] = (
+    weakref.WeakValueDictionary())
+_SHARED_ENVS_LOCK = threading.Lock()
+
+
+def _shared_env(file: Path) -> lmdb.Environment:
+    """This process's read-only Environment of an LMDB file, opened on first use."""
+    stat = os.stat(file)
+    pid = os.getpid()
+    key = (stat.st_dev, stat.st_ino, pid)
+    with _SHARED_ENVS_LOCK:
+        env = _SHARED_ENVS.get(key)
+        if env is None:
+            # Environments inherited through fork must not be used, and py-lmdb still counts
+            # them as open: close this process's copies (the parent's stay open) first.
+            for inherited_key, inherited in list(_SHARED_ENVS.items()):
+                if inherited_key[2] != pid:
+                    inherited.close()
+                    del _SHARED_ENVS[inherited_key]
+            env = lmdb.open(str(file), subdir=False, readonly=True, lock=False, readahead=False,
+                            meminit=False, max_readers=1)
+            _SHARED_ENVS[key] = env
+        return env
 
 
 class LmdbDataset(Dataset):
@@ -27,7 +59,9 @@ class LmdbDataset(Dataset):
     its dtype, shape and unit; both come from the metadata, so len() and batching never scan.
 
     LMDB handles are opened on first access and reopened in a new process (DataLoader workers,
-    DDP ranks after fork), because an LMDB environment must not cross a fork.
+    DDP ranks after fork), because an LMDB environment must not cross a fork. Datasets on the
+    same files in one process share the handles, so a directory can be opened any number of
+    times (e.g. as both the val and the test split).
     """
 
     def __init__(self, path: str | Path, in_memory: bool = False):
@@ -72,13 +106,9 @@ class LmdbDataset(Dataset):
 
     def _read(self, index: int) -> bytes:
         if self._envs is None or self._pid != os.getpid():
-            # Handles inherited through fork must not be used: close this process's copies
-            # (the parent's stay open) and open fresh ones.
-            for env in self._envs or []:
-                env.close()
-            self._envs = [lmdb.open(str(file), subdir=False, readonly=True, lock=False,
-                                    readahead=False, meminit=False, max_readers=1)
-                          for file in self._shard_files]
+            # Handles inherited through fork must not be used: _shared_env closes them in this
+            # process and hands out this process's own.
+            self._envs = [_shared_env(file) for file in self._shard_files]
             self._pid = os.getpid()
         shard = int(np.searchsorted(self._offsets, index, side="right")) - 1
         key = str(index - self._offsets[shard]).encode("ascii")
@@ -89,8 +119,8 @@ class LmdbDataset(Dataset):
         return value
 
     def _close(self) -> None:
-        for env in self._envs or []:
-            env.close()
+        # Let go of the shared handles: other datasets on the same files keep using them, and
+        # the last one to let go closes them.
         self._envs = None
 
     def __getstate__(self) -> dict:

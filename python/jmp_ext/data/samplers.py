@@ -24,7 +24,8 @@ class TemperatureSampler(Sampler[int]):
 
     As in JMP, each epoch takes round(p_i * num_samples) entries of dataset i: a fresh
     permutation of it, repeated when it needs more entries than it has (small datasets are
-    upsampled), cut when it needs fewer. The combined list is then shuffled.
+    upsampled), cut when it needs fewer (to none when p_i * num_samples rounds to 0). The
+    combined list is then shuffled.
 
     Args:
         sizes: N_i, the number of entries of every dataset, in concatenation order.
@@ -46,6 +47,9 @@ class TemperatureSampler(Sampler[int]):
         self.probabilities = weights / weights.sum()
         self.num_samples = int(num_samples or sizes.sum())
         self.counts = np.round(self.probabilities * self.num_samples).astype(np.int64)
+        if not self.counts.any():
+            raise ValueError(f"num_samples={self.num_samples} rounds to no samples from any of the "
+                             f"{len(sizes)} datasets; use at least {len(sizes)}")
         self.seed = seed
         self.epoch = 0
 
@@ -57,6 +61,8 @@ class TemperatureSampler(Sampler[int]):
         rng = np.random.default_rng([self.seed, epoch])
         parts = []
         for size, offset, count in zip(self.sizes, self.offsets, self.counts):
+            if count == 0:  # a small dataset's share of a small num_samples can round to 0
+                continue
             repeats = -(-count // size)
             local = np.concatenate([rng.permutation(size) for _ in range(repeats)])[:count]
             parts.append(offset + local)

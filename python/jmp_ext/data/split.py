@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from jmp_ext.data.dataset import LmdbDataset
 from jmp_ext.data.stats import share_train_stats
-from jmp_ext.data.writer import DatasetWriter
+from jmp_ext.data.writer import DatasetWriter, check_target
 
 
 def fraction_indices(num_entries: int, fractions: dict[str, float], seed: int = 0
@@ -55,9 +55,18 @@ def read_index_file(file: str | Path, num_entries: int) -> dict[str, np.ndarray]
 def split_dataset(src: str | Path, out_dir: str | Path, parts: dict[str, np.ndarray],
                   overwrite: bool = False, progress: bool = False) -> dict[str, Path]:
     """Write out_dir/<part> for every part (entries in the given order); when there is a
-    "train" part, its statistics are computed and cached in every part."""
+    "train" part, its statistics are computed and cached in every part.
+
+    Every part is checked (non-empty, its directory free or replaceable) before anything is
+    written, so a bad request never leaves some parts written and others not.
+    """
     source = LmdbDataset(src)
     out_dir = Path(out_dir)
+    for name, indices in parts.items():
+        if len(indices) == 0:
+            raise ValueError(f"split of {src}: part {name!r} would be empty ({len(source)} "
+                             "entries in all); give it a larger fraction or leave it out")
+        check_target(out_dir / name, overwrite)
     units = {name: field["unit"] for name, field in source.schema.items()}
     paths = {}
     for name, indices in parts.items():

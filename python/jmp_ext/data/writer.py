@@ -3,6 +3,7 @@ success, so a failed or interrupted write never leaves a directory that looks li
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -32,7 +33,8 @@ class DatasetWriter:
         shard_size: entries per LMDB file (JMP writes 5000).
         float_dtype: dtype floats are stored in (float64 keeps labels exact; float32 halves size).
         units: units of named properties, {name: unit}, recorded in the schema.
-        overwrite: replace an existing dataset at `path` (only once the new one is complete).
+        overwrite: replace an existing dataset (or empty directory) at `path`, only once the
+            new one is complete; anything else at `path` is never deleted (check_target).
         info: provenance stored in meta.json under "info" (JSON-serialisable; e.g. the source
             a converter read, the demo seed); may be updated until close().
 
@@ -46,9 +48,7 @@ class DatasetWriter:
         if shard_size < 1:
             raise ValueError(f"shard_size must be positive, got {shard_size}")
         self.path = Path(path)
-        if self.path.exists() and not overwrite:
-            raise FileExistsError(f"{self.path} already exists (pass overwrite=True / --overwrite "
-                                  "to replace it)")
+        check_target(self.path, overwrite)
         self.shard_size = shard_size
         self.float_dtype = np.dtype(float_dtype)
         self.units = dict(units or {})
@@ -192,10 +192,52 @@ def write_file_atomic(file: str | Path, data: bytes) -> None:
         raise
 
 
+# What a dataset directory holds (format.py); anything else in it is the user's, not ours to delete.
+_DATASET_FILES = (fmt.META_FILE, fmt.NATOMS_FILE, fmt.STATS_FILE, "data.*.lmdb", "data.*.lmdb-lock")
+
+
+def check_target(path: Path, overwrite: bool) -> None:
+    """Raise FileExistsError unless a dataset may be written to `path`: nothing is there, or
+    overwrite is set and `path` is an empty directory or a jmp_ext dataset holding only its own
+    files. `--overwrite` must never delete a project directory or a source file by mistake."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if not overwrite:
+        raise FileExistsError(f"{path} already exists (pass overwrite=True / --overwrite "
+                              "to replace it)")
+    if path.is_symlink() or not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a directory; --overwrite only replaces "
+                              "dataset directories: choose another path, or remove it yourself")
+    entries = list(path.iterdir())
+    if not entries:
+        return
+    if not _is_dataset(path):
+        raise FileExistsError(f"{path} exists and is not a jmp_ext dataset (no {fmt.META_FILE} "
+                              f"with format {fmt.FORMAT_NAME!r}); --overwrite only replaces "
+                              "datasets: choose another directory, or remove it yourself")
+    foreign = sorted(entry.name for entry in entries if not entry.is_file()
+                     or not any(fnmatch.fnmatchcase(entry.name, p) for p in _DATASET_FILES))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise FileExistsError(f"{path} is a jmp_ext dataset but also holds {shown}, which "
+                              "--overwrite would delete: move them out first")
+
+
+def _is_dataset(path: Path) -> bool:
+    try:
+        return json.loads((path / fmt.META_FILE).read_text()).get("format") == fmt.FORMAT_NAME
+    # No meta.json, not JSON (UnicodeDecodeError is a ValueError too), or not a JSON object.
+    except (FileNotFoundError, IsADirectoryError, ValueError, AttributeError):
+        return False
+
+
 def replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished directory src to dst; an existing dst is swapped out, then deleted."""
+    """Move the finished directory src to dst; an existing dst (which check_target allows to be
+    replaced) is swapped out, then deleted."""
     old = None
     if dst.exists():
+        # Checked again here, where the deletion happens: dst may have changed during the write.
+        check_target(dst, overwrite=True)
         old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(dst, old)
     os.replace(src, dst)

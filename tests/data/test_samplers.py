@@ -92,7 +92,9 @@ def test_temperature_proportions(temperature):
     which = np.searchsorted(np.cumsum(sizes), indices, side="right")
     counts = np.bincount(which, minlength=3)
     weights = np.array([s ** (1 / temperature) for s in sizes])
-    expected = weights / weights.sum() * sum(sizes)
+    # JMP's epoch: the largest dataset once, the others in proportion to it.
+    expected = weights / weights[0] * sizes[0]
+    assert counts[0] == sizes[0] and np.all(counts[1:] >= np.array(sizes[1:]))
     assert np.abs(counts - expected).max() <= 0.5 + 1e-9
     for d, (size, offset) in enumerate(zip(sizes, [0, 1000, 1100])):
         local = Counter((indices[which == d] - offset).tolist())

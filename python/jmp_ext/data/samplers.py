@@ -22,15 +22,16 @@ class TemperatureSampler(Sampler[int]):
     """Indices into the concatenation of several datasets, dataset i drawn with probability
     p_i ∝ N_i^(1/T) (JMP: T = 2 for pretraining, T = 1 for validation, i.e. proportional).
 
-    As in JMP, each epoch takes round(p_i * num_samples) entries of dataset i: a fresh
-    permutation of it, repeated when it needs more entries than it has (small datasets are
-    upsampled), cut when it needs fewer (to none when p_i * num_samples rounds to 0). The
-    combined list is then shuffled.
+    Each epoch takes round(p_i * num_samples) entries of dataset i: a fresh permutation of it,
+    repeated when it needs more entries than it has (small datasets are upsampled), cut when it
+    needs fewer (to none when p_i * num_samples rounds to 0). The combined list is then
+    shuffled. By default an epoch is JMP's (its merged_dataset): the largest dataset once, the
+    others expanded to their ratios to it, so num_samples = max N_i / its p_i (sum N_i for T = 1).
 
     Args:
         sizes: N_i, the number of entries of every dataset, in concatenation order.
         temperature: T > 0.
-        num_samples: entries per epoch (default sum N_i).
+        num_samples: entries per epoch (default: JMP's epoch, above).
         seed: base seed; epoch e uses (seed, e).
     """
 
@@ -45,7 +46,8 @@ class TemperatureSampler(Sampler[int]):
         self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         weights = sizes.astype(np.float64) ** (1.0 / temperature)
         self.probabilities = weights / weights.sum()
-        self.num_samples = int(num_samples or sizes.sum())
+        largest = int(np.argmax(sizes))
+        self.num_samples = int(num_samples or round(sizes[largest] / self.probabilities[largest]))
         self.counts = np.round(self.probabilities * self.num_samples).astype(np.int64)
         if not self.counts.any():
             raise ValueError(f"num_samples={self.num_samples} rounds to no samples from any of the "

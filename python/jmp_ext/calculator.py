@@ -17,6 +17,8 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 from ase.constraints import FixAtoms
 
+from jmp_ext.data.convert import oc20_tags
+
 
 def atoms_to_entry(atoms: Atoms) -> dict[str, torch.Tensor]:
     """One structure as LmdbDataset returns it: pos, atomic_numbers, cell, pbc, tags, fixed.
@@ -27,7 +29,6 @@ def atoms_to_entry(atoms: Atoms) -> dict[str, torch.Tensor]:
     1 (top) to n and add_adsorbate tags the adsorbate 0, so set OC20 tags on such a slab before
     a relaxation. Fixed: the atoms of FixAtoms constraints."""
     n = len(atoms)
-    tags = atoms.get_tags()
     fixed = np.zeros(n, dtype=bool)
     for constraint in atoms.constraints:
         if isinstance(constraint, FixAtoms):
@@ -37,7 +38,7 @@ def atoms_to_entry(atoms: Atoms) -> dict[str, torch.Tensor]:
         "atomic_numbers": torch.as_tensor(atoms.numbers, dtype=torch.long),
         "cell": torch.as_tensor(atoms.cell.array, dtype=torch.float64),
         "pbc": torch.as_tensor(atoms.pbc, dtype=torch.bool),
-        "tags": torch.as_tensor(tags if tags.any() else np.full(n, 2), dtype=torch.long),
+        "tags": torch.as_tensor(oc20_tags(atoms.get_tags())),
         "fixed": torch.as_tensor(fixed),
     }
 

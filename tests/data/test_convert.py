@@ -360,6 +360,24 @@ def test_dotted_or_foreign_names_are_refused(tmp_path, module, name):
     assert unpickle_data(pickle.dumps({"x": np.arange(3, dtype=np.float32)}))["x"].dtype == np.float32
 
 
+def test_all_zero_tags_read_as_unset_as_in_the_calculator(tmp_path):
+    """A tags column of zeros (ASE's default, written out) is not 'all sub-surface': convert and
+    the ASE calculator both give molecules and bulk tags 2 (one rule, data.convert.oc20_tags)."""
+    from ase.build import molecule
+
+    from jmp_ext.calculator import atoms_to_entry
+
+    atoms = molecule("CH3OH")
+    atoms.set_tags(np.zeros(len(atoms), int))
+    atoms.calc = SinglePointCalculator(atoms, energy=-1.0, forces=np.zeros((len(atoms), 3)))
+    ase.io.write(tmp_path / "in.extxyz", [atoms])
+    assert "tags" in ase.io.read(tmp_path / "in.extxyz").arrays
+    convert(tmp_path / "in.extxyz", tmp_path / "out")
+    stored = LmdbDataset(tmp_path / "out")[0]["tags"]
+    assert stored.tolist() == [2] * len(atoms)
+    assert torch.equal(atoms_to_entry(atoms)["tags"], stored)
+
+
 def test_cli_convert(tmp_path, frames, capsys):
     ase.io.write(tmp_path / "in.extxyz", frames)
     assert main(["convert", str(tmp_path / "in.extxyz"), str(tmp_path / "out"), "--float32"]) == 0

@@ -129,6 +129,16 @@ def _stress_3x3(stress) -> np.ndarray:
 # ----- ASE sources -------------------------------------------------------------------------
 
 
+def oc20_tags(tags: np.ndarray) -> np.ndarray:
+    """OC20 tags (0 sub-surface, 1 surface, 2 adsorbate) of a structure's ASE tags [n]: its own
+    when any is set, else 2 everywhere, as JMP's fine-tuning sets them for molecules and bulk.
+    ASE's default (all 0) would read as all sub-surface, leaving the quadruplet graph (edges
+    touching a 1 or a 2) empty."""
+    tags = np.asarray(tags, dtype=np.int64)
+    return tags if tags.any() else np.full(tags.shape, 2, dtype=np.int64)
+
+
+
 def _atoms_entry(atoms: Atoms, keys: KeyMap, report: ConvertReport, sid: int) -> dict:
     n = len(atoms)
     # An atom is fixed when FixAtoms holds it or FixCartesian masks hold all three of its axes
@@ -144,8 +154,7 @@ def _atoms_entry(atoms: Atoms, keys: KeyMap, report: ConvertReport, sid: int) ->
         "atomic_numbers": atoms.numbers,
         "cell": atoms.cell.array,
         "pbc": atoms.pbc,
-        # ASE's default tags (all 0) would read as OC20 "sub-surface": only stored tags count.
-        "tags": atoms.arrays["tags"] if "tags" in atoms.arrays else np.full(n, 2),
+        "tags": oc20_tags(atoms.get_tags()),
         "fixed": fixed_axes.all(axis=1),
         "sid": sid,
     }

@@ -1,10 +1,12 @@
 import json
+import tracemalloc
 
 import numpy as np
 import pytest
 from data_helpers import random_entry
 
 from jmp_ext.data import LmdbDataset, compute_stats, load_stats, write_dataset
+from jmp_ext.data import stats as stats_module
 
 REFS = {1: -3.5, 6: -150.25, 8: -430.0, 29: -1200.5, 78: -5.0}
 
@@ -81,3 +83,165 @@ def test_cli_stats_and_info(tmp_path, capsys):
     assert any(line.split() == ["gap", "float64", "[]", "eV"] for line in out.splitlines())
     assert main(["info", str(tmp_path / "missing")]) == 1
     assert "not a jmp_ext dataset" in capsys.readouterr().err
+
+
+# --- compute_stats streams: equal to the dense computation it replaced, in bounded memory ---
+
+ELEMENTS = (1, 6, 7, 8, 13, 26, 29, 78)
+
+
+def labelled_entries(rng, count, offset=0.0, noise=1.0, composition=None):
+    """Structures with energy (linear in the element counts, plus `offset` eV per atom and
+    noise), a scalar, an integer class, a vector and stress [3,3]."""
+    refs = {z: rng.uniform(-500, -1) for z in ELEMENTS}
+    entries = []
+    for _ in range(count):
+        if composition is None:
+            entry = random_entry(rng, stress=True, elements=ELEMENTS)
+        else:
+            entry = random_entry(rng, natoms=len(composition), stress=True)
+            entry["atomic_numbers"] = np.array(composition, dtype=np.int64)
+        z = entry["atomic_numbers"]
+        entry["energy"] = np.float64(sum(refs[a] + offset for a in z) + noise * rng.normal())
+        entry["gap"] = np.float64(rng.uniform(0, 5))
+        entry["charge_class"] = np.int64(rng.integers(0, 4))
+        entry["dipole"] = rng.normal(size=3) * 2 + 100.0
+        entries.append(entry)
+    return entries
+
+
+def dense_reference(dataset):
+    """compute_stats as it was: dense [entries, 119] counts, np.linalg.lstsq, np.mean/np.std of
+    every stacked label. Also returns the counts and energies."""
+    labels = [name for name in dataset.schema if name not in stats_module._NOT_TARGETS]
+    entries = [dataset.read(i) for i in range(len(dataset))]
+    counts = np.stack([np.bincount(e["atomic_numbers"], minlength=119) for e in entries]
+                      ).astype(np.float64)
+    arrays = {name: np.stack([e[name].astype(np.float64) for e in entries]) for name in labels}
+    energy = arrays["energy"]
+    present = counts.any(axis=0)
+    linref = np.zeros(119)
+    linref[present] = np.linalg.lstsq(counts[:, present], energy, rcond=None)[0]
+    arrays["energy"] = energy - counts @ linref
+    forces = np.concatenate([e["forces"].astype(np.float64) for e in entries])
+    ref = {"version": stats_module.STATS_VERSION, "num_entries": len(dataset),
+           "targets": {name: {"mean": a.mean(axis=0), "std": a.std(axis=0)}
+                       for name, a in arrays.items()},
+           "linref": linref, "force_rms": float(np.sqrt(np.square(forces).mean())),
+           "natoms_hist": np.bincount(dataset.natoms), "avg_natoms": float(dataset.natoms.mean())}
+    return ref, counts, energy
+
+
+def assert_stats_match(stats, ref, rtol):
+    """Same keys (in order), types, shapes and values; the residual energy mean, which sits near
+    zero, is compared relative to the residual spread."""
+    assert list(stats) == ["version", "num_entries", "targets", "linref", "force_rms",
+                           "natoms_hist", "avg_natoms"]
+    assert stats["version"] == ref["version"] and stats["num_entries"] == ref["num_entries"]
+    assert list(stats["targets"]) == list(ref["targets"])
+    for name, target in ref["targets"].items():
+        for key in ("mean", "std"):
+            got, want = stats["targets"][name][key], target[key]
+            assert type(got) is type(want), (name, key, type(got), type(want))
+            assert np.shape(got) == np.shape(want)
+            if name == "energy" and key == "mean":
+                assert abs(got - want) <= rtol * target["std"] + 1e-9
+            else:
+                np.testing.assert_allclose(got, want, rtol=rtol, atol=0, err_msg=f"{name} {key}")
+    assert stats["linref"].dtype == np.float64 and stats["linref"].shape == (119,)
+    np.testing.assert_array_equal(stats["linref"] != 0, ref["linref"] != 0)
+    np.testing.assert_allclose(stats["linref"], ref["linref"], rtol=rtol, atol=0)
+    assert stats["force_rms"] == pytest.approx(ref["force_rms"], rel=1e-12)
+    assert stats["natoms_hist"].dtype == np.int64
+    np.testing.assert_array_equal(stats["natoms_hist"], ref["natoms_hist"])
+    assert stats["avg_natoms"] == ref["avg_natoms"]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_compute_stats_equals_dense_reference(tmp_path, seed):
+    rng = np.random.default_rng(seed)
+    write_dataset(tmp_path / "ds", labelled_entries(rng, 257, noise=0.5))
+    dataset = LmdbDataset(tmp_path / "ds")
+    ref, _, _ = dense_reference(dataset)
+    stats = compute_stats(dataset)
+    assert_stats_match(stats, ref, rtol=1e-10)
+    assert np.count_nonzero(stats["linref"]) == len(ELEMENTS)
+    assert stats["targets"]["stress"]["std"].shape == (3, 3)
+    assert stats["targets"]["dipole"]["mean"].shape == (3,)
+    # The cached file is the same as before: JSON round trip of the same structure.
+    json.dumps(stats_module._to_json(stats))
+
+
+def test_compute_stats_collinear_single_composition(tmp_path):
+    """One composition (an MD trajectory): the counts are collinear; the references are the
+    minimum-norm fit and the residual is exact on the data (mean 0, std the noise's)."""
+    rng = np.random.default_rng(3)
+    write_dataset(tmp_path / "ds", labelled_entries(rng, 150, offset=-1e4,
+                                                    composition=[8, 1, 1, 6, 6]))
+    dataset = LmdbDataset(tmp_path / "ds")
+    ref, _, energy = dense_reference(dataset)
+    stats = compute_stats(dataset)
+    assert abs(stats["targets"]["energy"]["mean"]) < 1e-9
+    assert stats["targets"]["energy"]["std"] == pytest.approx(energy.std(), rel=1e-9)
+    assert stats["targets"]["energy"]["std"] == pytest.approx(ref["targets"]["energy"]["std"],
+                                                              rel=1e-9)
+    np.testing.assert_array_equal(np.flatnonzero(stats["linref"]), [1, 6, 8])
+    np.testing.assert_allclose(stats["linref"], ref["linref"], rtol=1e-12)  # minimum norm
+    # E_ref of the composition is the mean energy.
+    assert stats["linref"] @ np.bincount([8, 1, 1, 6, 6], minlength=119) == pytest.approx(
+        energy.mean(), rel=1e-14)
+
+
+def test_compute_stats_residual_std_survives_large_energy_offsets(tmp_path):
+    """DFT total energies (~-1e5 eV per atom) with ~1 eV residuals: the residual spread must not
+    come from differences of huge sums of squares."""
+    rng = np.random.default_rng(4)
+    write_dataset(tmp_path / "ds", labelled_entries(rng, 300, offset=-1e5, noise=1.0))
+    dataset = LmdbDataset(tmp_path / "ds")
+    ref, counts, energy = dense_reference(dataset)
+    stats = compute_stats(dataset)
+    std = stats["targets"]["energy"]["std"]
+    assert std == pytest.approx(ref["targets"]["energy"]["std"], rel=1e-6)
+    assert abs(stats["targets"]["energy"]["mean"] - ref["targets"]["energy"]["mean"]) < 1e-6
+    assert 0.7 < std < 1.3
+    # This data set defeats the naive formula sum(y^2) - 2 w.b + w.G.w: its error is above the
+    # tolerance checked above.
+    linref = ref["linref"]
+    gram, rhs = counts.T @ counts, counts.T @ energy
+    mean = ref["targets"]["energy"]["mean"]
+    naive_var = ((energy @ energy - 2 * linref @ rhs + linref @ gram @ linref) / len(energy)
+                 - mean**2)
+    naive_std = np.sqrt(naive_var) if naive_var > 0 else 0.0
+    assert abs(naive_std / ref["targets"]["energy"]["std"] - 1) > 1e-5
+
+
+def test_compute_stats_independent_of_chunk_size(tmp_path, monkeypatch):
+    rng = np.random.default_rng(5)
+    write_dataset(tmp_path / "ds", labelled_entries(rng, 101, offset=-1e3))
+    dataset = LmdbDataset(tmp_path / "ds")
+    results = []
+    for chunk in (1, 7, 4096):
+        monkeypatch.setattr(stats_module, "_CHUNK_SIZE", chunk)
+        results.append(compute_stats(dataset))
+    for other in results[1:]:
+        assert_stats_match(other, results[0], rtol=1e-10)
+    assert_stats_match(results[-1], dense_reference(dataset)[0], rtol=1e-10)
+
+
+def test_compute_stats_memory_does_not_grow_with_entries(tmp_path, monkeypatch):
+    """Peak memory of compute_stats on 16x more entries grows by far less than the dense
+    [entries, 119] counts matrix alone would (3.8 MB for 4000 entries)."""
+    monkeypatch.setattr(stats_module, "_CHUNK_SIZE", 64)
+    rng = np.random.default_rng(6)
+    peaks = []
+    for count in (250, 4000):
+        write_dataset(tmp_path / f"ds{count}", labelled_entries(rng, count))
+        dataset = LmdbDataset(tmp_path / f"ds{count}")
+        compute_stats(dataset)  # warm up caches and LMDB handles
+        tracemalloc.start()
+        try:
+            compute_stats(dataset)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+    assert peaks[1] - peaks[0] < 1.5e6, peaks

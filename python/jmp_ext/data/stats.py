@@ -16,54 +16,148 @@ from jmp_ext.data.writer import write_file_atomic
 STATS_VERSION = 1
 # Per-atom fields and inputs are not regression targets of a structure.
 _NOT_TARGETS = fmt.ATOM_FIELDS | {"cell", "pbc", "sid", "fid"}
+# Entries read and reduced at a time: memory is O(_CHUNK_SIZE), whatever the dataset's size.
+_CHUNK_SIZE = 4096
 
 
 def compute_stats(dataset: LmdbDataset, progress: bool = False) -> dict:
-    """Scan a dataset and return its statistics.
+    """Scan a dataset once and return its statistics, in memory independent of its size.
 
     Returns a dict:
+        version: STATS_VERSION
         num_entries: int
         linref: float64 [119] (present when the data has `energy`): per-element reference
-            energies in eV, the least-squares fit of energy on element counts (zeros for elements
-            absent from the data); E_ref(structure) = sum(linref[Z_i])
+            energies in eV, the least-squares fit of energy on element counts over the elements
+            present (zeros for elements absent from the data), minimum-norm when the counts are
+            collinear (a single composition, as in an MD trajectory); E_ref(structure) =
+            sum(linref[Z_i])
         targets: {name: {"mean", "std"}} for energy (after subtracting the references) and every
-            other per-structure label (per component for vectors and stress), in its units
+            other per-structure label (per component for vectors and stress), in its units;
+            population std (ddof=0); float64 scalars for scalar labels, arrays otherwise
         force_rms: float, eV/Å, sqrt(mean F^2) over atoms and components (when there are forces)
         natoms_hist: int64 [max_natoms+1], the number of structures with each atom count
         avg_natoms: float
+
+    Entries are read _CHUNK_SIZE at a time and each chunk is reduced to fixed-size summaries:
+    - labels other than energy: count, mean and sum of squared deviations per component,
+      merged across chunks with Chan et al.'s pairwise update (no sum-of-squares cancellation).
+    - energy: the triangular factor R of a QR factorisation of the [entries, 121] matrix
+      A = [element counts | energy | 1], built as a tree of QR merges of the chunks' factors
+      (TSQR; R^T R = A^T A). The least-squares problem on R's columns is the dense one rotated
+      by an orthogonal matrix, so np.linalg.lstsq on them gives the same minimum-norm
+      references (with the dense problem's rcond) and the residuals' mean and spread without
+      a second pass: for the residual r = A u (u = [-linref, 1, 0]) and t = R u,
+      sum(r) = R[:, ones] . t and sum((r - mean)^2) = |t - mean R[:, ones]|^2, both formed
+      from small (residual-sized) numbers, never as the difference of large sums of squares.
     """
+    num_entries = len(dataset)
     labels = [name for name in dataset.schema if name not in _NOT_TARGETS]
-    counts = np.zeros((len(dataset), fmt.MAX_Z + 1))
-    values: dict[str, list[np.ndarray]] = {name: [] for name in labels}
+    moments: dict[str, _Moments] = {name: _Moments() for name in labels if name != "energy"}
+    has_energy = "energy" in labels
+    energy_qr = _TreeQR() if has_energy else None
+    present = np.zeros(fmt.MAX_Z + 1, dtype=bool)
     force_sq, force_n = 0.0, 0
-    for i in tqdm(range(len(dataset)), disable=not progress, desc=f"stats {dataset.path}",
-                  unit="entry"):
-        entry = dataset.read(i)
-        counts[i] = np.bincount(entry["atomic_numbers"], minlength=fmt.MAX_Z + 1)
-        for name in labels:
-            values[name].append(entry[name].astype(np.float64))
-        if "forces" in entry:
-            forces = entry["forces"].astype(np.float64)
-            force_sq += float(np.square(forces).sum())
-            force_n += forces.size
-    stats: dict = {"version": STATS_VERSION, "num_entries": len(dataset), "targets": {}}
-    arrays = {name: np.stack(v) for name, v in values.items()}
-    if "energy" in arrays:
-        present = counts.any(axis=0)
+    with tqdm(total=num_entries, disable=not progress, desc=f"stats {dataset.path}",
+              unit="entry") as bar:
+        for start in range(0, num_entries, _CHUNK_SIZE):
+            stop = min(start + _CHUNK_SIZE, num_entries)
+            numbers, values = [], {name: [] for name in labels}
+            for i in range(start, stop):
+                entry = dataset.read(i)
+                # A copy: the entry's arrays share one buffer, which a view would keep alive.
+                numbers.append(entry["atomic_numbers"].copy())
+                for name in labels:
+                    values[name].append(entry[name].astype(np.float64))
+                if "forces" in entry:
+                    forces = entry["forces"].astype(np.float64)
+                    force_sq += float(np.square(forces).sum())
+                    force_n += forces.size
+            for name, chunk_moments in moments.items():
+                chunk_moments.add(np.stack(values[name]))
+            if has_energy:
+                rows = stop - start
+                # Element counts of the chunk: one bincount over (row, Z) pairs.
+                row_of_atom = np.repeat(np.arange(rows), [len(z) for z in numbers])
+                counts = np.bincount(row_of_atom * (fmt.MAX_Z + 1) + np.concatenate(numbers),
+                                     minlength=rows * (fmt.MAX_Z + 1))
+                block = np.empty((rows, fmt.MAX_Z + 3))
+                block[:, :fmt.MAX_Z + 1] = counts.reshape(rows, fmt.MAX_Z + 1)
+                block[:, fmt.MAX_Z + 1] = values["energy"]
+                block[:, fmt.MAX_Z + 2] = 1.0
+                present |= block[:, :fmt.MAX_Z + 1].any(axis=0)
+                energy_qr.add(block)
+            bar.update(stop - start)
+    stats: dict = {"version": STATS_VERSION, "num_entries": num_entries, "targets": {}}
+    if has_energy:
+        r = energy_qr.result()
+        counts_r, energy_r, ones_r = r[:, :fmt.MAX_Z + 1][:, present], r[:, -2], r[:, -1]
         # lstsq gives the minimum-norm solution when element counts are collinear (a single
-        # composition, as in an MD trajectory): the residual is still exact on the data.
-        coeff = np.linalg.lstsq(counts[:, present], arrays["energy"], rcond=None)[0]
+        # composition, as in an MD trajectory): the residual is still exact on the data. R has
+        # the singular values of the dense counts matrix, so rcond is the dense problem's
+        # default (eps * max(rows, columns)).
+        rcond = np.finfo(np.float64).eps * max(num_entries, counts_r.shape[1])
+        coeff = np.linalg.lstsq(counts_r, energy_r, rcond=rcond)[0]
         linref = np.zeros(fmt.MAX_Z + 1)
         linref[present] = coeff
         stats["linref"] = linref
-        arrays["energy"] = arrays["energy"] - counts @ linref
-    for name, array in arrays.items():
-        stats["targets"][name] = {"mean": array.mean(axis=0), "std": array.std(axis=0)}
+        residual = energy_r - counts_r @ coeff  # R @ [-coeff, 1, 0]: the residual, rotated
+        mean = float(ones_r @ residual) / num_entries
+        centered = residual - mean * ones_r
+        energy_stats = {"mean": np.float64(mean),
+                        "std": np.float64(np.sqrt(float(centered @ centered) / num_entries))}
+    for name in labels:
+        stats["targets"][name] = energy_stats if name == "energy" else moments[name].result()
     if force_n:
         stats["force_rms"] = float(np.sqrt(force_sq / force_n))
     stats["natoms_hist"] = np.bincount(dataset.natoms)
     stats["avg_natoms"] = float(dataset.natoms.mean())
     return stats
+
+
+class _Moments:
+    """Streaming per-component mean and population std of stacked chunks [rows, *shape]
+    (Chan, Golub & LeVeque's pairwise merge of counts, means and squared-deviation sums)."""
+
+    def __init__(self):
+        self.n, self.mean, self.m2 = 0, None, None
+
+    def add(self, chunk: np.ndarray) -> None:
+        rows = chunk.shape[0]
+        mean = chunk.mean(axis=0)
+        m2 = np.square(chunk - mean).sum(axis=0)
+        if self.n == 0:
+            self.n, self.mean, self.m2 = rows, mean, m2
+            return
+        total = self.n + rows
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (rows / total)
+        self.m2 = self.m2 + m2 + np.square(delta) * (self.n * rows / total)
+        self.n = total
+
+    def result(self) -> dict:
+        # [()] turns 0-d results into numpy float64 scalars, as np.mean/np.std return them.
+        return {"mean": self.mean[()], "std": np.sqrt(self.m2 / self.n)[()]}
+
+
+class _TreeQR:
+    """The R factor of a tall matrix given as row blocks, by a binary tree of QR merges (TSQR):
+    memory O(columns^2 log(blocks)), rounding error growing with the tree's depth only."""
+
+    def __init__(self):
+        self._stack: list[tuple[int, np.ndarray]] = []  # (level, R), levels strictly decreasing
+
+    def add(self, block: np.ndarray) -> None:
+        r, level = np.linalg.qr(block, mode="r"), 0
+        while self._stack and self._stack[-1][0] == level:
+            r = np.linalg.qr(np.vstack([self._stack.pop()[1], r]), mode="r")
+            level += 1
+        self._stack.append((level, r))
+
+    def result(self) -> np.ndarray:
+        r = self._stack[-1][1]
+        for _, other in reversed(self._stack[:-1]):
+            r = np.linalg.qr(np.vstack([other, r]), mode="r")
+        return r
 
 
 def save_stats(dataset_dir: str | Path, stats: dict) -> Path:

@@ -215,6 +215,36 @@ def test_a_batch_without_quadruplets_runs_and_matches_each_structure_alone():
     assert torch.isfinite(together["forces"]).all()
 
 
+def test_shared_projection_gradients_are_divided_and_survive_a_copy():
+    """JMP divides the gradients of the basis projections shared by all blocks by their number
+    of users. The division is part of the module: a deepcopy (and a pickled model) keeps it,
+    where tensor hooks would be dropped and the copy would train them num_blocks times harder."""
+    import copy
+
+    def grads(model):
+        model.zero_grad()
+        batch, graphs = bulk_batch_and_graphs()
+        out = model(batch, graphs)
+        (out["energy"].sum() + out["forces"].square().sum()).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    torch.manual_seed(0)
+    model = PretrainModel(TINY, ["a"]).double()
+    reference = grads(model)
+    copied = grads(copy.deepcopy(model))
+    assert all(torch.equal(copied[n], reference[n]) for n in reference)
+    bases = model.backbone.bases
+    shared = {name: layer.users for name, layer in bases.named_children() if getattr(layer, "users", 1) > 1}
+    assert shared["mlp_rbf_out"] == TINY.num_blocks + 1 and shared["mlp_rbf_tint"] == TINY.num_blocks
+    for layer in bases.children():
+        if getattr(layer, "users", 1) > 1:
+            layer.users = 1
+    undivided = grads(model)
+    for name, users in shared.items():
+        key = next(k for k in reference if k.startswith(f"backbone.bases.{name}."))
+        torch.testing.assert_close(reference[key] * users, undivided[key], rtol=1e-12, atol=0)
+
+
 def molecule_entry(name):
     from ase.build import molecule
 

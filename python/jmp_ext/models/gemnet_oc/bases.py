@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from jmp_ext.models.gemnet_oc.config import BackboneConfig
-from jmp_ext.models.gemnet_oc.layers import Dense, he_orthogonal_init
+from jmp_ext.models.gemnet_oc.layers import Dense, he_orthogonal_init, shared_weight
 from jmp_ext import ops
 
 
@@ -111,19 +111,22 @@ class BasisEmbedding(nn.Module):
     3-D weight (R, S, I): returns [E, I, S]. JMP computes rad @ weight.reshape(R, S*I) and then
     reshapes to (E, I, S), so the effective tensor is weight.reshape(R, I, S), *not*
     weight.permute(0, 2, 1): a legacy quirk of GemNet-OC kept for checkpoint compatibility.
-    2-D weight (I, R) (num_spherical=None): returns rad @ weight.T [E, I]."""
+    2-D weight (I, R) (num_spherical=None): returns rad @ weight.T [E, I].
+    users: how many blocks share this projection (its gradient is divided: shared_weight)."""
 
     def __init__(self, num_radial: int, emb_size_interm: int, num_spherical: int | None = None):
         super().__init__()
         shape = (emb_size_interm, num_radial) if num_spherical is None else (num_radial, num_spherical, emb_size_interm)
         self.weight = nn.Parameter(he_orthogonal_init(torch.empty(shape)))
         self.num_spherical = num_spherical
+        self.users = 1
 
     def forward(self, rad: torch.Tensor) -> torch.Tensor:
+        weight = shared_weight(self.weight, self.users)
         if self.num_spherical is None:
-            return rad @ self.weight.T
-        out = rad @ self.weight.reshape(self.weight.shape[0], -1)
-        return out.reshape(rad.shape[0], self.weight.shape[2], self.num_spherical)
+            return rad @ weight.T
+        out = rad @ weight.reshape(weight.shape[0], -1)
+        return out.reshape(rad.shape[0], weight.shape[2], self.num_spherical)
 
 
 class EdgeEmbedding(nn.Module):
@@ -208,12 +211,12 @@ class Bases(nn.Module):
         # These projections are used by every block (mlp_rbf_out by every output block), so
         # their gradients are divided by the number of users, as JMP does after backward.
         nb = config.num_blocks
-        for layer, users in [(self.mlp_rbf_tint.linear, nb), (self.mlp_cbf_tint, nb), (self.mlp_rbf_h.linear, nb),
-                             (self.mlp_rbf_out.linear, nb + 1), (self.mlp_rbf_qint.linear, nb),
-                             (self.mlp_cbf_qint, nb), (self.mlp_sbf_qint, nb), (self.mlp_rbf_aeint.linear, nb),
-                             (self.mlp_cbf_aeint, nb), (self.mlp_rbf_eaint.linear, nb),
+        for layer, users in [(self.mlp_rbf_tint, nb), (self.mlp_cbf_tint, nb), (self.mlp_rbf_h, nb),
+                             (self.mlp_rbf_out, nb + 1), (self.mlp_rbf_qint, nb),
+                             (self.mlp_cbf_qint, nb), (self.mlp_sbf_qint, nb), (self.mlp_rbf_aeint, nb),
+                             (self.mlp_cbf_aeint, nb), (self.mlp_rbf_eaint, nb),
                              (self.mlp_cbf_eaint, nb), (self.mlp_rbf_aint, nb)]:
-            layer.weight.register_hook(_GradDivide(users))
+            layer.users = users
 
     def forward(self, graphs: dict) -> dict:
         main, a2ee2a, a2a, qint = graphs["main"], graphs["a2ee2a"], graphs["a2a"], graphs["qint"]
@@ -274,16 +277,6 @@ class Bases(nn.Module):
             "a2a_rad": (self.mlp_rbf_aint(self.radial_basis_aint(a2a["distance"])),
                         _csr_ptr(a2a["edge_index"][1], num_atoms)),
         }
-
-
-class _GradDivide:
-    """Tensor hook g -> g / n (a class, not a lambda, so modules stay picklable)."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
-        return grad / self.n
 
 
 def _csr_ptr(index: torch.Tensor, num_segments: int) -> torch.Tensor:

@@ -24,6 +24,28 @@ def he_orthogonal_init(weight: torch.Tensor) -> torch.Tensor:
     return weight
 
 
+class _DivideGrad(torch.autograd.Function):
+    """Identity forward; the gradient divided by `users` backward (differentiable: gradient
+    forces differentiate through it)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, users: int) -> torch.Tensor:
+        ctx.users = users
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad / ctx.users, None
+
+
+def shared_weight(weight: torch.Tensor, users: int) -> torch.Tensor:
+    """`weight` for a forward pass, its gradient divided by `users`: JMP divides the gradients
+    of projections shared by n blocks by n after backward. Done in the graph, the division is
+    part of the module (an int attribute), so it survives deepcopy, pickling and
+    load_state_dict(assign=True), which drop tensor hooks."""
+    return weight if users == 1 else _DivideGrad.apply(weight, users)
+
+
 class ScaledSiLU(nn.Module):
     """silu(x) / 0.6: keeps unit-variance inputs at roughly unit variance."""
 
@@ -33,7 +55,8 @@ class ScaledSiLU(nn.Module):
 
 
 class Dense(nn.Module):
-    """x -> act(x @ W.T) [-> dropout]; never a bias in the backbone. Key: `<name>.linear.weight`."""
+    """x -> act(x @ W.T) [-> dropout]; never a bias in the backbone. Key: `<name>.linear.weight`.
+    users: how many blocks share this projection (its gradient is divided: shared_weight)."""
 
     def __init__(self, in_features: int, out_features: int, activation: bool = False,
                  dropout: float | None = None):
@@ -42,9 +65,11 @@ class Dense(nn.Module):
         he_orthogonal_init(self.linear.weight)
         self.activation = ScaledSiLU() if activation else nn.Identity()
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.users = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.activation(self.linear(x)))
+        x = nn.functional.linear(x, shared_weight(self.linear.weight, self.users))
+        return self.dropout(self.activation(x))
 
 
 class ResidualLayer(nn.Module):

@@ -111,6 +111,22 @@ def test_finetune_load_drops_heads_and_force_branch(tmp_path):
     assert torch.equal(direct.backbone.out_mlp_F.out_mlp[0].linear.weight, reference.backbone.out_mlp_F.out_mlp[0].linear.weight)
 
 
+def test_a_jmp_finetuning_checkpoint_loads_its_backbone(tmp_path):
+    """JMP's fine-tuning checkpoints keep the embedding at `embedding.weight` and their heads at
+    graph_outputs.* / graph_classification_outputs.* / node_outputs.*: without load_heads only
+    the embedding and the backbone are read (JMP's filter_state_dict)."""
+    reference = reference_model()
+    state = {k: v for k, v in reference.state_dict().items() if not k.startswith("output.")}
+    state["embedding.weight"] = state.pop("embedding.atom_embedding.weight")
+    state["graph_outputs.ft_mlp_y.out_mlp.0.weight"] = torch.zeros(4, 4)
+    state["node_outputs.ft_mlp_f.out_mlp.0.weight"] = torch.zeros(4, 4)
+    model = FinetuneModel(reference.backbone.config, [HeadConfig(target="y")], forces="direct")
+    load_jmp_checkpoint({"state_dict": state}, model, use_ema=False)
+    for key, value in reference.state_dict().items():
+        if not key.startswith("output."):
+            assert torch.equal(model.state_dict()[key], value), key
+
+
 def test_mismatches_name_the_keys(tmp_path):
     reference = reference_model()
     ckpt = lightning_checkpoint(reference, tmp_path)
@@ -129,8 +145,11 @@ def test_mismatches_name_the_keys(tmp_path):
     small = PretrainModel(BackboneConfig.tiny(num_blocks=1), TASKS)
     with pytest.raises(ValueError, match="unexpected .*backbone.int_blocks.1"):
         load_jmp_checkpoint(ckpt, small)
-    with pytest.raises(ValueError, match="no EMA weights"):
+    # Without EMA weights the raw ones load, with a warning (model.init_ema's "when it has them").
+    with pytest.warns(UserWarning, match="no EMA weights"):
         load_jmp_checkpoint({"state_dict": ckpt["state_dict"]}, model)
+    key = "backbone.bases.mlp_rbf_h.linear.weight"
+    assert torch.equal(model.state_dict()[key], ckpt["state_dict"][key])
     # A plain state dict (ours) loads as is.
     plain = read_state_dict(reference.state_dict(), use_ema=False)
     load_jmp_checkpoint(plain, model, use_ema=False, load_heads=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -62,7 +63,8 @@ def read_state_dict(source: str | os.PathLike | dict, *, use_ema: bool = True) -
     """The weights of a checkpoint (path or loaded dict) as a flat state dict with JMP's keys.
 
     use_ema: replace the raw weights by the EMA ones (JMP's released weights are used this way);
-    raises if the checkpoint has none."""
+    a checkpoint without them (a plain state dict, a run without EMA) gives its raw weights,
+    with a warning."""
     ckpt = safe_load(source) if isinstance(source, (str, Path, os.PathLike)) else source
     if not isinstance(ckpt, dict):
         raise ValueError(f"a checkpoint must be a dict, got {type(ckpt).__name__}")
@@ -77,8 +79,9 @@ def read_state_dict(source: str | os.PathLike | dict, *, use_ema: bool = True) -
         states = ckpt.get("optimizer_states") or [{}]
         ema = states[0].get("ema") if isinstance(states[0], dict) else None
         if ema is None:
-            raise ValueError("the checkpoint has no EMA weights (optimizer_states[0]['ema']); pass use_ema=False "
-                             "to load its raw weights")
+            warnings.warn("the checkpoint has no EMA weights (optimizer_states[0]['ema']): loading its raw weights",
+                          stacklevel=2)
+    if use_ema and ema is not None:
         keys = [k for k in state if not _skipped_by_ema(k)]
         if len(keys) != len(ema):
             raise ValueError(f"the EMA tuple has {len(ema)} tensors but the state_dict has {len(keys)} weights")
@@ -104,13 +107,15 @@ def load_jmp_checkpoint(source: str | os.PathLike | dict, model: nn.Module, *, u
 
     use_ema: the EMA weights (default, as JMP fine-tuning starts from them) or the raw ones.
     load_heads: also load `output.*` (the pretraining heads into a PretrainModel); by default the
-        heads keep their fresh initialisation and the checkpoint's are dropped.
+        heads keep their fresh initialisation and only the checkpoint's `embedding.*` and
+        `backbone.*` are read, as JMP's filter_state_dict does (so a JMP fine-tuning checkpoint,
+        whose heads are `graph_outputs.*` etc., loads too).
     The direct-force branch of the backbone is dropped when `model` has none (gradient forces).
     Any other difference (missing or unexpected keys, shapes) raises a ValueError naming the keys.
     Returns model."""
     state = read_state_dict(source, use_ema=use_ema)
     if not load_heads:
-        state = {k: v for k, v in state.items() if not k.startswith("output.")}
+        state = {k: v for k, v in state.items() if k.startswith(("embedding.", "backbone."))}
     if not model.backbone.config.has_force_branch:
         state = {k: v for k, v in state.items()
                  if not (k.startswith("backbone.out_mlp_F.") or any(p in k for p in _FORCE_BRANCH))}

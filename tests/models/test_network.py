@@ -245,6 +245,29 @@ def test_shared_projection_gradients_are_divided_and_survive_a_copy():
         torch.testing.assert_close(reference[key] * users, undivided[key], rtol=1e-12, atol=0)
 
 
+def test_head_dropout_is_on_the_atom_features_not_in_the_backbone(tmp_path):
+    """JMP's mp_is_metal dropout (0.5) is one Dropout on the per-atom features before the head's
+    MLP; the backbone has none. The trainer's model.dropout goes there."""
+    from jmp_ext.train.config import build_config
+    from jmp_ext.train.tasks import build_network
+
+    torch.manual_seed(0)
+    model = FinetuneModel(TINY, [HeadConfig(target="metal", kind="classification", num_outputs=2, dropout=0.5)],
+                          forces=None).double()
+    dropouts = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts == ["output.heads.metal.dropout"]
+    batch, graphs = bulk_batch_and_graphs()
+    model.train()
+    assert not torch.equal(model(batch, graphs)["metal"], model(batch, graphs)["metal"])
+    model.eval()
+    assert torch.equal(model(batch, graphs)["metal"], model(batch, graphs)["metal"])
+    raw = {"mode": "finetune", "model": {"backbone": "tiny", "dropout": 0.5},
+           "tasks": [{"name": "m", "train": str(tmp_path),
+                      "targets": [{"name": "metal", "kind": "classification", "num_classes": 2}]}]}
+    net = build_network(build_config(raw))
+    assert [n for n, m in net.named_modules() if isinstance(m, torch.nn.Dropout)] == ["output.heads.metal.dropout"]
+
+
 def molecule_entry(name):
     from ase.build import molecule
 

@@ -58,13 +58,15 @@ class HeadConfig:
     kind "scalar": num_outputs values per structure ([B] when 1, else [B, num_outputs]), the
     per-atom MLP outputs reduced by `reduction` (JMP: sum for extensive targets such as energy,
     mean for MatBench / QMOF, max for phonons). kind "classification": logits [B, num_outputs]
-    from the reduced per-atom outputs (JMP's mp_is_metal: 2 classes, mean)."""
+    from the reduced per-atom outputs (JMP's mp_is_metal: 2 classes). dropout: on the per-atom
+    features, before the MLP, while training (JMP's mp_is_metal: 0.5)."""
 
     target: str
     kind: Literal["scalar", "classification"] = "scalar"
     reduction: Literal["sum", "mean", "max"] = "sum"
     num_outputs: int = 1
     num_mlps: int = 5
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in ("scalar", "classification"):
@@ -75,6 +77,8 @@ class HeadConfig:
             raise ValueError(f"HeadConfig {self.target!r}: num_outputs={self.num_outputs} is too small for {self.kind}")
         if self.num_mlps < 1:
             raise ValueError(f"HeadConfig.num_mlps must be >= 1, got {self.num_mlps}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"HeadConfig.dropout must be in [0, 1), got {self.dropout}")
 
 
 class StructureHead(nn.Module):
@@ -83,8 +87,9 @@ class StructureHead(nn.Module):
     def __init__(self, config: HeadConfig, features: int):
         super().__init__()
         self.config = config
+        self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
         self.mlp = jmp_mlp(features, config.num_outputs, config.num_mlps)
 
     def forward(self, atom_features: torch.Tensor, natoms: torch.Tensor) -> torch.Tensor:
-        out = reduce_atoms(self.mlp(atom_features), natoms, self.config.reduction)
+        out = reduce_atoms(self.mlp(self.dropout(atom_features)), natoms, self.config.reduction)
         return out[:, 0] if self.config.kind == "scalar" and self.config.num_outputs == 1 else out

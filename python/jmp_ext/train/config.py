@@ -126,7 +126,8 @@ class ModelConfig:
     edge_dropout: float = 0.0
     """Probability of dropping a2a edges while training (JMP pretraining: 0.1)."""
     dropout: float = 0.0
-    """Dropout in the backbone and heads (JMP's MatBench classification: 0.5)."""
+    """Fine-tuning: dropout on the per-atom features before each head (JMP's mp_is_metal: 0.5).
+    The backbone has none, as in JMP (model.backbone_overrides.dropout would add it)."""
 
 
 @dataclass(kw_only=True)

@@ -197,7 +197,6 @@ def build_network(config: TrainConfig) -> nn.Module:
     m = config.model
     overrides = dict(m.backbone_overrides)
     overrides.setdefault("edge_dropout", m.edge_dropout or None)
-    overrides.setdefault("dropout", m.dropout or None)
     backbone = getattr(BackboneConfig, m.backbone)(**overrides)
     if config.mode == "pretrain":
         for i, task in enumerate(config.tasks):
@@ -208,7 +207,7 @@ def build_network(config: TrainConfig) -> nn.Module:
         return PretrainModel(backbone, [t.name for t in config.tasks])
     (task,) = config.tasks
     heads = [HeadConfig(target=t.name, kind="classification" if t.kind == "classification" else "scalar",
-                        reduction=t.reduction, num_outputs=max(t.num_classes, 1))
+                        reduction=t.reduction, num_outputs=max(t.num_classes, 1), dropout=m.dropout)
              for t in task.targets if t.kind in ("energy", "scalar", "classification")]
     kinds = {t.kind for t in task.targets}
     forces = "gradient" if task.gradient_forces else "direct" if "forces" in kinds else None

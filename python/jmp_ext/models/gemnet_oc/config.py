@@ -55,7 +55,8 @@ class BackboneConfig:
     qint_tags: list = field(default_factory=lambda: [1, 2])
     """Atom tags whose edges enter the quadruplet graph (used by jmp_ext.graphs)."""
     dropout: float | None = None
-    """Dropout after every Dense layer of the backbone (JMP's MatBench classification uses it)."""
+    """Dropout after the backbone's Dense layers that take it (None in every JMP config; JMP's
+    mp_is_metal dropout is the head's, HeadConfig.dropout)."""
     edge_dropout: float | None = None
     """Probability of dropping a2a edges while training (JMP pretraining: 0.1)."""
     # --- accepted for compatibility; only JMP's value is supported ---

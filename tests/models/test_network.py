@@ -81,6 +81,9 @@ def test_stress_matches_finite_differences_of_a_strained_cell(case_name):
                 energies.append(energy_at(model, batch, graphs, pos, cell)[b])
         fd = (energies[0] - energies[1]) / (2 * h) / volume
         assert abs(stress[b, i, j].item() - fd.item()) < 1e-6 * max(1e-3, stress.abs().max().item()), (i, j)
+    # A float32 cell next to float64 positions (a dataset stored in float32) is cast, as the graphs do.
+    mixed = model(dict(batch, cell=batch["cell"].float()), graphs)["stress"]
+    assert mixed.dtype == torch.float64 and torch.isfinite(mixed).all()
 
 
 def test_training_on_gradient_forces_differentiates_the_weights():

@@ -127,6 +127,7 @@ class FinetuneModel(nn.Module):
         with torch.enable_grad():
             pos = batch["pos"] if batch["pos"].requires_grad else batch["pos"].detach().requires_grad_(True)
             structure, cell = batch["batch"], batch.get("cell")
+            cell = cell.to(pos.dtype) if cell is not None else None  # (as jmp_ext.graphs casts it)
             inputs = [pos]
             if self.stress:
                 if cell is None:

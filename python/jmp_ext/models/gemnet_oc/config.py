@@ -53,7 +53,7 @@ class BackboneConfig:
     """Å. Every radial basis is evaluated on d / absolute_rbf_cutoff, whatever the graph cutoff."""
     envelope: dict = field(default_factory=lambda: {"name": "polynomial", "exponent": 5})
     qint_tags: list = field(default_factory=lambda: [1, 2])
-    """Atom tags whose edges enter the quadruplet graph (used by jmp_ext.graphs)."""
+    """JMP's field, kept so its configs load; the graphs read GraphConfig.qint_tags."""
     dropout: float | None = None
     """Dropout after the backbone's Dense layers that take it (None in every JMP config; JMP's
     mp_is_metal dropout is the head's, HeadConfig.dropout)."""

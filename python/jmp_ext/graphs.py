@@ -207,14 +207,7 @@ def symmetrize(graph: dict) -> tuple[dict, Tensor]:
 def edge_geometry(graph: dict, pos: Tensor, cell: Tensor | None, structure: Tensor) -> tuple[Tensor, Tensor]:
     """(distance [E] Å, vector [E, 3] unit, source image -> target) of a graph, differentiable
     in pos [N, 3] and cell [B, 3, 3] (rows are lattice vectors; None: no periodic images)."""
-    s, t = graph["edge_index"]
-    r = pos[s] - pos[t]
-    if cell is not None:
-        # Outside autocast: under bf16 (loop.precision) the einsum's bmm would round a 12 Å
-        # lattice shift by ~0.03 Å.
-        with torch.autocast(pos.device.type, enabled=False):
-            shift = torch.einsum("ej,eji->ei", graph["cell_offset"].to(pos.dtype), cell[structure[s]])
-        r = r + shift
+    r = ops.edge_vectors(pos, graph["edge_index"], graph["cell_offset"], cell, structure)
     d = torch.linalg.vector_norm(r, dim=-1)
     return d, -r / d[:, None]
 

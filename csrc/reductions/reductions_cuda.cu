@@ -271,17 +271,15 @@ __global__ void scatter_add_atomic_kernel(const T* src, IndexArray index, int64_
   }
 }
 
-// With F = 0 no row moves, but the indices are still checked, as on the CPU.
-__global__ void check_index_kernel(IndexArray index, int64_t n, int64_t bound, int64_t* status) {
-  for (int64_t i = grid_start(); i < n; i += grid_stride()) {
-    int64_t k = index[i];
-    if (k < 0 || k >= bound) jc::report(status, i);
-  }
+// With F = 0 no row moves, but the indices are still checked, as on the CPU: GatherRows
+// reports an index outside [0, bound).
+__global__ void check_index_kernel(GatherRows rows, int64_t n) {
+  for (int64_t i = grid_start(); i < n; i += grid_stride()) rows(i);
 }
 
 void check_index(IndexArray index, int64_t n, int64_t bound, int64_t* status, cudaStream_t stream) {
   if (n == 0) return;
-  check_index_kernel<<<jc::grid_for(n), kBlock, 0, stream>>>(index, n, bound, status);
+  check_index_kernel<<<jc::grid_for(n), kBlock, 0, stream>>>(GatherRows{index, bound, status}, n);
   jc::check_launch();
 }
 

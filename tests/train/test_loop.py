@@ -173,6 +173,26 @@ def test_resume_refuses_a_different_run_but_not_a_different_loader(tiny_data, tm
     assert trainer.resumed and trainer.step == 2
 
 
+def test_a_new_run_never_silently_replaces_an_old_one(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    loop.Trainer(build_config(pretrain_config(tiny_data, run, max_steps=2))).train()
+    old_best = (run / "best.pt").read_bytes()
+    with pytest.raises(TrainError, match=r"already holds a run \(last\.pt, best\.pt\).*overwrite=true"):
+        loop.Trainer(build_config(pretrain_config(tiny_data, run, max_steps=2)))
+    assert (run / "best.pt").read_bytes() == old_best
+
+    # overwrite: the old run's files go first. Without validation the new run writes no best.pt,
+    # so a stale one would be taken for its best weights (e.g. by the final test).
+    (run / "tb").mkdir(exist_ok=True)
+    (run / "tb" / "stale").write_text("old events")
+    trainer = loop.Trainer(build_config(pretrain_config(tiny_data, run, max_steps=2, val_every=0),
+                                        ["overwrite=true", "tasks.0.val=", "tasks.1.val="]))
+    assert not (run / "best.pt").exists() and not (run / "summary.json").exists()
+    assert not (run / "tb" / "stale").exists()
+    trainer.train()
+    assert (run / "last.pt").is_file() and not (run / "best.pt").exists()
+
+
 def test_missing_dataset_and_target(tiny_data, tmp_path):
     raw = pretrain_config(tiny_data, tmp_path)
     raw["tasks"][1]["train"] = str(tmp_path / "nowhere")

@@ -244,6 +244,9 @@ class TrainConfig:
     a shared or busy CPU and for several CPU ranks on one machine."""
     resume: bool = False
     """Continue from run_dir/last.pt when it exists (model, EMA, optimizer, schedule, sampler, RNG, step)."""
+    overwrite: bool = False
+    """Start over in a run_dir that holds another run's checkpoints, deleting that run's files first.
+    Without it (or resume), such a run_dir is an error: a new run never silently replaces an old one."""
     tasks: list[TaskConfig] = field(default_factory=list)
     graph: GraphSettings = field(default_factory=GraphSettings)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -39,7 +39,7 @@ TASKS = {
 
 def finetune_config(domain: str, root: str, run_dir: Path, init: str, seed: int, steps: int) -> dict:
     return {
-        "mode": "finetune", "run_dir": str(run_dir), "seed": seed, "threads": 1,
+        "mode": "finetune", "run_dir": str(run_dir), "overwrite": True, "seed": seed, "threads": 1,
         "tasks": [{"name": domain, "train": f"{root}/{domain}/train", "val": f"{root}/{domain}/val",
                    "test": f"{root}/{domain}/test", "forces": "direct", "targets": TASKS[domain]["targets"]}],
         "graph": {"preset": "oc20", "cutoff": 5.0, "max_neighbors": 8},  # the demo pretraining's graphs

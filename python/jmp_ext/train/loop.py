@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import shutil
 import warnings
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from jmp_ext.train.sampling import split_across_ranks
 from jmp_ext.train.tasks import TaskModel, TrainError
 
 DTYPES = {"fp64": torch.float64}
+RUN_FILES = ("last.pt", "best.pt", "config.yaml", "metrics.csv", "summary.json", "test_metrics.json")
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -151,6 +153,9 @@ class Trainer:
             keep_freed_memory()  # (about 2x faster steps: see jmp_ext.cpu)
         self.main = self.dist.rank == 0
         self.run_dir = Path(c.run_dir)
+        resumed = c.resume and (self.run_dir / "last.pt").is_file()
+        if not resumed and self.main:
+            self._clear_run_dir()
         self.dtype = DTYPES.get(c.loop.precision, torch.float32)
         self.autocast = AUTOCAST.get(c.loop.precision) if self.device.type == "cuda" else None
         if c.loop.precision in AUTOCAST and self.device.type != "cuda":
@@ -189,7 +194,6 @@ class Trainer:
         self.validated_step = -1  # the step of the last validation
         self.nan_streak = 0
         self.last_metrics: dict[str, float] = {}
-        resumed = c.resume and (self.run_dir / "last.pt").is_file()
         if resumed:
             self._load_resume_state(self.run_dir / "last.pt")
         torch.manual_seed(c.seed + 1000 * self.dist.rank + 1) if not resumed else None
@@ -427,6 +431,22 @@ class Trainer:
             "config": to_dict(self.config),
             "metrics": self.last_metrics,
         })
+
+    def _clear_run_dir(self) -> None:
+        """A new run: refuses a run_dir with another run's checkpoints unless `overwrite`, then deletes
+        that run's files, so that no stale best.pt, summary or TensorBoard event outlives it."""
+        c = self.config
+        checkpoints = [p.name for p in (self.run_dir / "last.pt", self.run_dir / "best.pt") if p.is_file()]
+        if not checkpoints:
+            return
+        if not (c.overwrite or c.resume):
+            raise TrainError(f"run_dir {self.run_dir} already holds a run ({', '.join(checkpoints)}): "
+                             "resume=true continues it, overwrite=true starts over (deleting it), "
+                             "or choose another run_dir")
+        if c.overwrite:
+            for name in RUN_FILES:
+                (self.run_dir / name).unlink(missing_ok=True)
+            shutil.rmtree(self.run_dir / "tb", ignore_errors=True)
 
     def _load_resume_state(self, path: Path) -> None:
         # On the CPU: the RNG states must stay CPU ByteTensors, and AdamW keeps its step counts

@@ -95,13 +95,13 @@ PRESETS: dict[str, Callable[[], dict]] = {
 def demo(root: str = "demo_data", run_dir: str = "runs/demo") -> dict:
     """The CPU demo: pretrain a tiny GemNet-OC on the demo data's catalysis + molecules domains
     (temperature sampling, per-task heads, EMA), sized for a few minutes on 2 cores. Small graphs
-    (5 Å, 8 neighbours) and batches; JMP's recipe otherwise."""
+    (5 Å, 8 neighbours) and batches; JMP's recipe otherwise. Each demo run starts over in run_dir."""
     def task(name: str, force_coef: float) -> dict:
         return {"name": name, "train": f"{root}/{name}/train", "val": f"{root}/{name}/val", "forces": "direct",
                 "structure_wise_force_loss": True, "targets": _energy_forces(1.0, force_coef)}
 
     return {
-        "mode": "pretrain", "run_dir": run_dir, "seed": 0, "threads": 1,
+        "mode": "pretrain", "run_dir": run_dir, "overwrite": True, "seed": 0, "threads": 1,
         "tasks": [task("catalysis", 10.0), task("molecules", 10.0)],
         "graph": {"preset": "oc20", "cutoff": 5.0, "max_neighbors": 8},
         "model": {"backbone": "tiny", "edge_dropout": 0.1},

@@ -124,8 +124,11 @@ JMP_HD void make_bins(Frame& frame, const double* lo, const double* hi, double c
   if (total > max_bins) n[0] = n[1] = n[2] = 1;
   for (int k = 0; k < 3; ++k) {
     frame.nbins[k] = static_cast<int32_t>(n[k]);
-    // A non-periodic axis of zero extent (planar molecule) has a single bin.
-    frame.scale[k] = length[k] > 0 ? n[k] / length[k] : 0.0;
+    // A non-periodic axis with a single bin (a planar molecule, whose extent may be rounding
+    // noise, or a cutoff wider than the system) needs no bin coordinate: scale n / length
+    // would be huge there, and so would the reach.
+    bool one_open_bin = !frame.periodic[k] && n[k] == 1.0;
+    frame.scale[k] = length[k] > 0 && !one_open_bin ? n[k] / length[k] : 0.0;
     double reach = cutoff / face_distance(frame.basis, k) * frame.scale[k];
     frame.reach[k] = reach * (1 + kReachMargin) + kReachMargin;
   }
@@ -193,13 +196,13 @@ JMP_HD int64_t bin_index(const Frame& frame, int32_t b0, int32_t b1, int32_t b2)
 JMP_HD void search_range(const Frame& frame, const Placed& target, int k, int32_t& first,
                          int32_t& last) {
   double u = component(target.bin_coord, k);
-  double r = frame.reach[k];
-  first = static_cast<int32_t>(floor(u - r));
-  last = static_cast<int32_t>(floor(u + r));
-  if (!frame.periodic[k]) {
-    first = first < 0 ? 0 : first;
-    last = last >= frame.nbins[k] ? frame.nbins[k] - 1 : last;
+  double lo = floor(u - frame.reach[k]), hi = floor(u + frame.reach[k]);
+  if (!frame.periodic[k]) {  // clipped before the int32 cast, which must not overflow
+    lo = fmax(lo, 0.0);
+    hi = fmin(hi, static_cast<double>(frame.nbins[k] - 1));
   }
+  first = static_cast<int32_t>(lo);
+  last = static_cast<int32_t>(hi);
 }
 
 JMP_HD int32_t floor_div(int32_t a, int32_t n) { return a >= 0 ? a / n : -((-a + n - 1) / n); }

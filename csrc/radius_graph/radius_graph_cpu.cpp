@@ -348,7 +348,7 @@ void RadiusGraph::collect(int num_threads, double estimated_edges) {
     Chunk chunk{begin, end, {}};
     // Growing by doubling would copy the edges about twice more (and fault fresh pages in).
     double expected = estimated_edges * static_cast<double>(end - begin) / static_cast<double>(n);
-    if (k > 0) expected = std::min(expected, static_cast<double>(k * (end - begin)));
+    if (k > 0) expected = std::min(expected, static_cast<double>(k) * static_cast<double>(end - begin));
     chunk.edges.reserve(static_cast<size_t>(expected) + 64);
     if (input_.advise_huge_pages)
       advise_huge_pages(chunk.edges.data(), chunk.edges.capacity() * sizeof(Candidate));

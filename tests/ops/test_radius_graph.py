@@ -201,6 +201,36 @@ def test_molecules_without_cell_and_defaults():
     assert _triples(edge_index, cell_offsets) == _ase_pairs(p, np.zeros((3, 3)), False, cutoff)
 
 
+def _brute_force_pairs(pos, cutoff):
+    d = torch.cdist(pos.double(), pos.double())
+    return {(int(j), int(i)) for i, j in ((d <= cutoff) & (d > 0)).nonzero().tolist()}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_flat_systems_and_huge_cutoffs(dtype, device):
+    """An open axis whose extent is rounding noise (a ring rotated by a matrix) or a cutoff far
+    wider than the system once overflowed the bin search range and gave no edges at all."""
+    angle = torch.arange(6, dtype=torch.float64) * (math.pi / 3)
+    ring = torch.stack([1.4 * angle.cos(), torch.zeros(6, dtype=torch.float64), 1.4 * angle.sin()], 1)
+    ring[:, 1] = torch.tensor([0.0, 1.5e-16, -1e-16, 0.0, 2e-16, 0.0])
+    for pos, cutoff in ((ring, 3.0), (torch.rand(5, 3, dtype=torch.float64) * 3, 1e10)):
+        pos = pos.to(dtype)
+        edge_index, _, _ = radius_graph(pos.to(device), cutoff)
+        assert set(map(tuple, edge_index.T.tolist())) == _brute_force_pairs(pos, cutoff)
+    # A periodic sheet (open z) whose two atoms differ in z by 1e-9 A: ASE is the oracle.
+    a = 2.46
+    cell = np.array([[a, 0, 0], [a / 2, a * math.sqrt(3) / 2, 0], [0, 0, 20.0]])
+    sheet = np.array([[0, 0, 0], [a / 2, a / (2 * math.sqrt(3)), 1e-9]])
+    pbc = np.array([True, True, False])
+    edge_index, cell_offsets, _ = radius_graph(
+        torch.tensor(sheet, dtype=dtype, device=device), 3.0, cell=torch.tensor(cell, dtype=dtype, device=device),
+        pbc=torch.tensor(pbc, device=device),
+    )
+    assert _triples(edge_index.cpu(), cell_offsets.cpu()) == _ase_pairs(sheet, cell, pbc, 3.0)
+    assert edge_index.shape[1] == 24
+
+
 def test_empty_and_single_atom_systems():
     empty = torch.zeros(0, 3)
     edge_index, cell_offsets, distance = radius_graph(empty, 3.0)
@@ -325,6 +355,17 @@ def test_max_neighbors_strict_matches_brute_force(seed, k):
     assert torch.bincount(ours[0][1], minlength=len(pos)).max() <= k
 
 
+@pytest.mark.parametrize("k", [2**61, 2**62, 2**63 - 1])
+def test_max_neighbors_larger_than_any_degree_is_no_cap(k):
+    systems, cutoff = _random_batch(0)
+    pos, natoms, cell, pbc = _batch_tensors(systems, torch.float64)
+    for n in (2, 3, len(pos)):  # (the reserve estimate k * atoms once overflowed)
+        uncapped = radius_graph(pos[:n], cutoff, cell=cell[:1], pbc=pbc[:1])
+        capped = radius_graph(pos[:n], cutoff, cell=cell[:1], pbc=pbc[:1], max_neighbors=k)
+        for a, b in zip(capped, uncapped):
+            assert torch.equal(a, b)
+
+
 def test_max_neighbors_breaks_exact_ties_by_source_then_shift():
     # Simple cubic on integer coordinates: distances are exact, so ties are exact ties.
     cell = torch.diag(torch.tensor([2.0, 2.0, 2.0], dtype=torch.float64))
@@ -377,6 +418,15 @@ def test_edge_vectors_gradcheck_wrt_pos_and_cell():
     torch.autograd.gradcheck(
         distances, (pos.clone().requires_grad_(), cell.clone().requires_grad_())
     )
+
+
+def test_edge_vectors_needs_batch_for_several_cells():
+    pos = torch.zeros(2, 3)
+    cells = torch.stack([torch.eye(3), 2 * torch.eye(3)])
+    edges, offsets = torch.tensor([[0], [1]]), torch.tensor([[1, 0, 0]])
+    with pytest.raises(ValueError, match="2 cells need batch"):
+        edge_vectors(pos, edges, offsets, cells)
+    assert edge_vectors(pos, edges, offsets, cells, torch.tensor([0, 1])).tolist() == [[2.0, 0.0, 0.0]]
 
 
 def test_radius_graph_distance_is_differentiable():
@@ -451,6 +501,12 @@ def test_open_axes_ignore_the_cell_row():
     pbc = torch.tensor([True, True, False])
     edge_index, cell_offsets, _ = radius_graph(pos, 3.0, cell=cell, pbc=pbc)
     assert edge_index.shape[1] > 0 and not cell_offsets[:, 2].any()
+    # Nor do the differentiable distances (0 * NaN is NaN); that row's gradient is 0.
+    differentiable = cell.clone().requires_grad_()
+    _, _, distance = radius_graph(pos.clone().requires_grad_(), 3.0, cell=differentiable, pbc=pbc)
+    assert torch.isfinite(distance).all()
+    distance.sum().backward()
+    assert torch.isfinite(differentiable.grad).all() and not differentiable.grad[2].any()
     cell[0, 0] = torch.nan
     with pytest.raises(ValueError, match="NaN or infinite"):
         radius_graph(pos, 3.0, cell=cell, pbc=pbc)

@@ -326,6 +326,8 @@ def edge_vectors(
     if cell is None:
         return vectors
     cell = cell.reshape(-1, 3, 3)
+    if batch is None and cell.shape[0] > 1:
+        raise ValueError(f"edge_vectors: {cell.shape[0]} cells need batch, the system of every atom")
     shifts = cell_offsets.to(pos.dtype)
     with torch.autocast(pos.device.type, enabled=False):  # no bf16 / fp16 lattice shifts
         if batch is None:
@@ -380,5 +382,7 @@ def radius_graph(
     if torch.is_grad_enabled() and (pos.requires_grad or cell.requires_grad):
         natoms_ = ptr_.diff().to(pos.device)
         batch = torch.repeat_interleave(torch.arange(natoms_.numel(), device=pos.device), natoms_)
+        # Open axes' rows are not used (their shifts are 0), and 0 * NaN would still be NaN.
+        cell = torch.where(pbc[:, :, None], cell, 0.0)
         distance = edge_vectors(pos, edge_index, cell_offsets, cell, batch).norm(dim=-1)
     return edge_index, cell_offsets, distance

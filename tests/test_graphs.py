@@ -239,6 +239,9 @@ def test_bad_batches_raise_clear_errors():
         G.check_batch(bad)
     with pytest.raises(ValueError, match="sum to the 21 atoms"):
         G.check_batch(dict(batch, natoms=torch.tensor([9, 11])))
+    for natoms in (torch.tensor(21), torch.zeros(0, dtype=torch.int64)):  # 0-d, B = 0
+        with pytest.raises(ValueError, match=r"natoms'\] must be an int64 \[B\] tensor with B >= 1"):
+            G.check_batch(dict(batch, natoms=natoms))
     with pytest.raises(ValueError, match="tags"):
         G.check_batch(dict(batch, tags=batch["tags"][:-1]))
     with pytest.raises(ValueError, match="batch\\['batch'\\] does not match"):

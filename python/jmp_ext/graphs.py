@@ -117,10 +117,11 @@ def check_batch(batch: dict) -> None:
     pos, natoms = batch["pos"], batch["natoms"]
     if pos.dim() != 2 or pos.shape[1] != 3 or not pos.is_floating_point():
         raise ValueError(f"batch['pos'] must be a float [N, 3] tensor, got {pos.dtype} {tuple(pos.shape)}")
+    if natoms.dim() != 1 or natoms.dtype != torch.int64 or natoms.shape[0] == 0:
+        raise ValueError(f"batch['natoms'] must be an int64 [B] tensor with B >= 1, got {natoms.dtype} "
+                         f"{tuple(natoms.shape)}")
     n, b = pos.shape[0], natoms.shape[0]
-    if natoms.dim() != 1 or natoms.dtype != torch.int64:
-        raise ValueError(f"batch['natoms'] must be an int64 [B] tensor, got {natoms.dtype} {tuple(natoms.shape)}")
-    if int(natoms.sum()) != n or (b and int(natoms.min()) < 1):
+    if int(natoms.sum()) != n or int(natoms.min()) < 1:
         raise ValueError(f"batch['natoms'] {natoms.tolist()} must be positive and sum to the {n} atoms of pos")
     expected = {"atomic_numbers": (n,), "batch": (n,), "tags": (n,), "cell": (b, 3, 3), "pbc": (b, 3)}
     for key, shape in expected.items():

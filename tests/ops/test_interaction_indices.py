@@ -241,6 +241,16 @@ def test_cell_offset_dtypes_are_accepted():
     for dtype in (torch.int8, torch.int16, torch.int64):
         graph = {**main, "cell_offset": main["cell_offset"].to(dtype)}
         _assert_same(mixed_triplets(graph, graph, 9), expected)
+    # int64 offsets are checked against both ends of int32 (abs(-2**63) is negative).
+    for bound, fits in ((-2**31, True), (2**31 - 1, True), (-2**31 - 1, False), (2**31, False), (-2**63, False)):
+        offset = main["cell_offset"].to(torch.int64)
+        offset[0, 1] = bound
+        graph = {**main, "cell_offset": offset}
+        if fits:
+            assert mixed_triplets(graph, graph, 9)["in"].numel() > 0
+        else:
+            with pytest.raises(ValueError, match="outside the int32 range"):
+                mixed_triplets(graph, graph, 9)
 
 
 def test_deterministic_across_thread_counts():

@@ -345,7 +345,8 @@ def _unpack(graph: dict, name: str) -> tuple[Tensor, Tensor]:
     ):
         raise TypeError(f"{name}['cell_offset'] must be an integer tensor")
     if cell_offset.dtype == torch.int64 and cell_offset.numel() > 0:
-        if cell_offset.abs().max() > torch.iinfo(torch.int32).max:
+        int32 = torch.iinfo(torch.int32)  # (not abs(): abs(-2**63) wraps to a negative number)
+        if cell_offset.min() < int32.min or cell_offset.max() > int32.max:
             raise ValueError(f"{name}['cell_offset'] has values outside the int32 range")
     return edge_index, cell_offset.to(torch.int32)
 

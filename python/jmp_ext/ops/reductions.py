@@ -633,7 +633,8 @@ def gather(src: Tensor, index: Tensor) -> Tensor:
     torch's index_put with accumulation (about 2x slower on the CPU). Under torch.compile it is
     plain indexing instead, which Inductor fuses into the ops around it (a compiled model step
     was 5 % faster so; the fused scatter-add of its gradient is not bitwise reproducible across
-    thread counts, which compiling gives up anyway)."""
+    thread counts, which compiling gives up anyway) and, like it, does not refuse a negative
+    index (-1 is the last row)."""
     if torch.compiler.is_compiling():
         return src[index]
     out = _gather(_features(src, "src"), index)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from ase import Atoms
-from ase.calculators.calculator import Calculator, all_changes
+from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from ase.constraints import FixAtoms
 
 from jmp_ext.data.convert import oc20_tags
@@ -68,12 +68,19 @@ class JMPCalculator(Calculator):
             raise ValueError(f"the checkpoint predicts {sorted(kinds)}, not an energy: it cannot drive ASE")
         self.has_stress = "stress" in kinds
 
+    def check_state(self, atoms, tol=1e-15):
+        # ASE compares positions, numbers, cell, pbc...; the tags choose the quadruplet graph too.
+        changes = super().check_state(atoms, tol)
+        if self.atoms is not None and not np.array_equal(self.atoms.get_tags(), atoms.get_tags()):
+            changes.append("tags")
+        return changes
+
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         from jmp_ext.data import collate
 
         super().calculate(atoms, properties, system_changes)
         if "stress" in properties and not self.has_stress:
-            raise NotImplementedError("this checkpoint was not trained with a stress target")
+            raise PropertyNotImplementedError("this checkpoint was not trained with a stress target")
         batch = collate([atoms_to_entry(self.atoms)], dtype=torch.float64)
         batch["pos"], batch["cell"] = batch["pos"].to(self.dtype), batch["cell"].to(self.dtype)
         batch["task"] = torch.full_like(batch["natoms"], self.task)
@@ -84,6 +91,8 @@ class JMPCalculator(Calculator):
         self.results = {"energy": energy, "free_energy": energy}
         if "forces" in preds:
             self.results["forces"] = preds["forces"].detach().double().cpu().numpy()
-        if "stress" in preds:
+        if "stress" in preds and not preds["stress"].isnan().any():
             s = preds["stress"][0].detach().double().cpu().numpy()
             self.results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
+        elif "stress" in properties:
+            raise PropertyNotImplementedError("stress needs a cell with nonzero volume")

@@ -24,6 +24,10 @@ class RunConfig:
         self.lr = 3e-4
 
 
+class AttributeDict(dict):
+    """A dict subclass in the pickle (Lightning's AttributeDict is one)."""
+
+
 class Exploit:
     """Unpickling this would run a shell command, if anything in the file were executed."""
 
@@ -88,9 +92,18 @@ def test_loads_ema_weights_safely_and_reproduces_jmp(tmp_path):
 def test_a_file_that_would_run_code_is_refused(tmp_path):
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": reference_model().state_dict(), "hyper_parameters": Exploit(tmp_path / "pwned")}, path)
-    with pytest.raises(pickle.UnpicklingError, match="posix"):
+    with pytest.raises(ValueError, match="(?s)cannot be read without running code from it.*posix"):
         load_jmp_checkpoint(path, reference_model(), use_ema=False)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_dict_subclass_in_the_file_is_a_clear_error(tmp_path):
+    """torch's weights-only unpickler fills only plain dicts: say so, and how to re-save the tensors."""
+    path = tmp_path / "hparams.ckpt"
+    state = reference_model().state_dict()
+    torch.save({"state_dict": state, "hyper_parameters": AttributeDict(lr=3e-4)}, path)
+    with pytest.raises(ValueError, match=r"(?s)hparams\.ckpt cannot be read.*SETITEM.*re-save its tensors"):
+        load_jmp_checkpoint(path, reference_model(), use_ema=False)
 
 
 def test_finetune_load_drops_heads_and_force_branch(tmp_path):

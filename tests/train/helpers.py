@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 
-def write_molecules(path, count: int, seed: int, periodic: bool = False, classes: int = 0) -> str:
+def write_molecules(path, count: int, seed: int, periodic: bool = False, classes: int = 0,
+                    stress: bool = False) -> str:
     """A small EMT-labelled dataset (energy, forces) of rattled molecules, with its stats.json;
-    with `classes`, also a class label `cls` (int64, entry k has class k % classes)."""
+    with `classes`, also a class label `cls` (int64, entry k has class k % classes); with
+    `stress` (periodic), the stress [3, 3] (eV/Å^3)."""
     from ase.build import molecule
     from ase.calculators.emt import EMT
 
@@ -27,6 +29,7 @@ def write_molecules(path, count: int, seed: int, periodic: bool = False, classes
             writer.add({"pos": atoms.positions.copy(), "atomic_numbers": atoms.numbers.copy(),
                         "cell": atoms.cell.array.copy(), "pbc": atoms.pbc.copy(), "tags": np.full(n, 2),
                         "fixed": np.zeros(n, bool), "energy": np.array(atoms.get_potential_energy()),
-                        "forces": atoms.get_forces(), **({"cls": np.array(k % classes)} if classes else {})})
+                        "forces": atoms.get_forces(), **({"cls": np.array(k % classes)} if classes else {}),
+                        **({"stress": atoms.get_stress(voigt=False)} if stress else {})})
     save_stats(path, compute_stats(LmdbDataset(path)))
     return str(path)

@@ -14,7 +14,7 @@ from ase.optimize import BFGS
 from ase.units import fs
 
 from jmp_ext.calculator import JMPCalculator
-from jmp_ext.train import loop
+from jmp_ext.train import loop, tasks
 from jmp_ext.train.__main__ import main
 from jmp_ext.train.config import build_config
 from jmp_ext.train.tasks import TrainError
@@ -31,6 +31,78 @@ def checkpoint(tiny_data, tmp_path_factory):
     trainer = loop.Trainer(build_config(raw))
     trainer.save_best({})
     return run / "best.pt"
+
+
+@pytest.fixture(scope="module")
+def stress_checkpoint(tmp_path_factory):
+    """Energy, gradient forces and stress, trained on molecules in periodic boxes."""
+    from helpers import write_molecules
+
+    root = tmp_path_factory.mktemp("stress")
+    data = write_molecules(root / "data", 6, seed=3, periodic=True, stress=True)
+    targets = [{"name": "energy", "kind": "energy"}, {"name": "forces", "kind": "forces"},
+               {"name": "stress", "kind": "stress"}]
+    raw = {"mode": "finetune", "run_dir": str(root / "run"), "threads": 1, "graph": {"cutoff": 4.0, "max_neighbors": 8},
+           "tasks": [{"name": "box", "train": data, "forces": "gradient", "targets": targets}],
+           "model": {"backbone": "tiny", "backbone_overrides": {"num_blocks": 1, "num_radial": 16}},
+           "loop": {"max_steps": 1, "precision": "fp64", "progress": False, "fit_scale_factors": 0}}
+    loop.Trainer(build_config(raw)).save_best({})
+    return root / "run" / "best.pt"
+
+
+def test_a_stress_model_still_serves_molecules(stress_checkpoint, tmp_path):
+    """Stress is undefined without a cell: the molecule gets energy and forces, and stress only
+    where there is a cell (NaN in predict's output, an ASE PropertyNotImplementedError)."""
+    from ase.build import bulk
+    from ase.calculators.calculator import PropertyNotImplementedError
+
+    water, copper = molecule("H2O"), bulk("Cu", "fcc", a=3.6, cubic=True)
+    calc = JMPCalculator(stress_checkpoint)
+    for atoms in (water, copper):
+        atoms.calc = calc
+        assert np.isfinite(atoms.get_potential_energy()) and np.isfinite(atoms.get_forces()).all()
+    assert np.isfinite(copper.get_stress()).all()
+    with pytest.raises(PropertyNotImplementedError, match="stress needs a cell"):
+        water.get_stress()
+
+    ase.io.write(tmp_path / "mixed.extxyz", [copper.copy(), water.copy()])  # (without the results)
+    npz = tmp_path / "pred.npz"
+    assert main(["predict", str(stress_checkpoint), str(tmp_path / "mixed.extxyz"), "--out", str(npz)]) == 0
+    pred = np.load(npz)
+    assert np.isnan(pred["stress"][1]).all()
+    np.testing.assert_allclose(pred["stress"][0], copper.get_stress(voigt=False), rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(pred["energy"], [copper.get_potential_energy(), water.get_potential_energy()],
+                               rtol=1e-12)
+
+
+def test_load_jmp_checkpoint_reads_our_run_checkpoints(stress_checkpoint):
+    from jmp_ext.models.checkpoint import load_jmp_checkpoint
+    from jmp_ext.train.tasks import build_network
+
+    trained, config = loop.load_trained(stress_checkpoint)
+    net = load_jmp_checkpoint(stress_checkpoint, build_network(config), load_heads=True)
+    expected = trained.net.state_dict()
+    assert net.state_dict().keys() == expected.keys()
+    assert all(torch.equal(v, expected[k]) for k, v in net.state_dict().items())
+
+
+def test_a_stress_label_without_a_cell_is_a_clear_error():
+    cell = torch.stack([torch.eye(3), torch.zeros(3, 3), 2 * torch.eye(3)])
+    with pytest.raises(TrainError, match=r"'stress': structure\(s\) \[1\] of the batch have a stress label but no cell"):
+        tasks.check_stress_labels({"cell": cell}, "stress")
+    tasks.check_stress_labels({"cell": cell[[0, 2]]}, "stress")
+
+
+def test_calculator_recomputes_when_only_the_tags_change(checkpoint):
+    """ASE's check_state ignores tags, but they choose the quadruplet graph (0: sub-surface)."""
+    atoms = molecule("CH3CH2OH")
+    atoms.calc = JMPCalculator(checkpoint)
+    before = atoms.get_potential_energy()
+    atoms.set_tags([0] * 4 + [1] * (len(atoms) - 4))
+    fresh = atoms.copy()
+    fresh.calc = JMPCalculator(checkpoint)
+    assert fresh.get_potential_energy() != before  # (the tags matter to this model)
+    assert atoms.get_potential_energy() == fresh.get_potential_energy()
 
 
 def test_an_fp64_checkpoint_loads_without_rounding(checkpoint, tmp_path):

@@ -35,9 +35,6 @@ class _Stub:
     def __setstate__(self, state):
         self.state = state
 
-    def __setitem__(self, key, value):  # dict subclasses are rebuilt item by item
-        self.__dict__.setdefault("items", {})[key] = value
-
 
 def _stub(qualified_name: str) -> type:
     module, _, name = qualified_name.rpartition(".")
@@ -51,7 +48,12 @@ def safe_load(path: str | os.PathLike) -> dict:
     except pickle.UnpicklingError:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
         with torch.serialization.safe_globals([_stub(name) for name in names]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as e:  # e.g. a dict subclass: only plain dicts get items
+                raise ValueError(f"{path} cannot be read without running code from it ({e}). If you trust "
+                                 "the file, re-save its tensors: torch.save({'state_dict': torch.load(path, "
+                                 "weights_only=False)['state_dict']}, 'weights.pt')") from e
 
 
 def _skipped_by_ema(key: str) -> bool:
@@ -59,8 +61,24 @@ def _skipped_by_ema(key: str) -> bool:
             or key.startswith("task_steps"))
 
 
+def is_training_checkpoint(checkpoint) -> bool:
+    """One of our runs' best.pt / last.pt (jmp_ext.train): {"model": TaskModel state, "config", ...}."""
+    return isinstance(checkpoint, dict) and "model" in checkpoint and "config" in checkpoint
+
+
+def network_weights(checkpoint: dict, ema: bool = True) -> dict[str, torch.Tensor]:
+    """The network's state_dict (JMP's keys: embedding.*, backbone.*, output.*) from one of our
+    loaded run checkpoints: last.pt's EMA weights when `ema` and the run had an EMA, else its
+    weights; best.pt's validated weights."""
+    weights = dict(checkpoint["model"])
+    if ema and checkpoint.get("ema"):
+        weights.update(checkpoint["ema"])
+    return {k[len("net."):]: v for k, v in weights.items() if k.startswith("net.")}
+
+
 def read_state_dict(source: str | os.PathLike | dict, *, use_ema: bool = True) -> dict[str, torch.Tensor]:
-    """The weights of a checkpoint (path or loaded dict) as a flat state dict with JMP's keys.
+    """The weights of a checkpoint (path or loaded dict: a JMP Lightning file, a plain state dict
+    or one of our runs' best.pt / last.pt) as a flat state dict with JMP's keys.
 
     use_ema: replace the raw weights by the EMA ones (JMP's released weights are used this way);
     a checkpoint without them (a plain state dict, a run without EMA) gives its raw weights,
@@ -68,6 +86,8 @@ def read_state_dict(source: str | os.PathLike | dict, *, use_ema: bool = True) -
     ckpt = safe_load(source) if isinstance(source, (str, Path, os.PathLike)) else source
     if not isinstance(ckpt, dict):
         raise ValueError(f"a checkpoint must be a dict, got {type(ckpt).__name__}")
+    if is_training_checkpoint(ckpt):
+        return network_weights(ckpt, ema=use_ema)
     if "state_dict" in ckpt:
         state = dict(ckpt["state_dict"])
     elif ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):

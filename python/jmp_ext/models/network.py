@@ -88,8 +88,9 @@ class FinetuneModel(nn.Module):
     forces: None, "direct" (edge MLP on the backbone's force branch, JMP's direct forces) or
     "gradient" (F = -dE/dpos of the "energy" head; the backbone is then built without its force
     branch, as JMP does). stress=True adds stress [B, 3, 3] = (1/V) dE/dstrain (eV/Å^3, ASE's sign):
-    a symmetric strain of the cell applied to positions and cell. Gradients are taken with
-    create_graph while training, so a force / stress loss trains the weights.
+    a symmetric strain of the cell applied to positions and cell; NaN for a structure without a
+    cell (zero volume: a molecule), where it is undefined, so that one batch may mix both.
+    Gradients are taken with create_graph while training, so a force / stress loss trains the weights.
 
     forward -> {target: [B] or [B, C], "forces": [N, 3], "stress": [B, 3, 3]}."""
 
@@ -133,8 +134,6 @@ class FinetuneModel(nn.Module):
                 if cell is None:
                     raise ValueError("stress needs batch['cell']")
                 volume = torch.linalg.det(cell).abs()
-                if (volume == 0).any():
-                    raise ValueError("stress needs a cell with nonzero volume for every structure")
                 strain = torch.zeros_like(cell, requires_grad=True)
                 sym = 0.5 * (strain + strain.transpose(1, 2))
                 # r -> r (1 + eps) for positions and lattice vectors (rows) alike, in full
@@ -148,5 +147,8 @@ class FinetuneModel(nn.Module):
         if self.forces == "gradient":
             preds["forces"] = -grads[0]
         if self.stress:
-            preds["stress"] = grads[1] / volume[:, None, None]
+            has_volume = (volume > 0)[:, None, None]
+            # (1 for the zero volumes: a 0 / 0 would put NaN into the gradients of the others too)
+            stress = grads[1] / torch.where(has_volume, volume[:, None, None], 1.0)
+            preds["stress"] = torch.where(has_volume, stress, torch.nan)
         return preds

@@ -71,18 +71,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-
-def network_weights(checkpoint: dict, ema: bool = True) -> dict[str, torch.Tensor]:
-    """The network's state_dict (JMP's keys: embedding.*, backbone.*, output.*) from one of our
-    loaded checkpoints: last.pt's EMA weights when `ema` and the run had an EMA, else its weights;
-    best.pt's validated weights."""
-    weights = dict(checkpoint["model"])
-    if ema and checkpoint.get("ema"):
-        weights.update(checkpoint["ema"])
-    return {k[len("net."):]: v for k, v in weights.items() if k.startswith("net.")}
-
-
-def is_training_checkpoint(checkpoint) -> bool:
-    return isinstance(checkpoint, dict) and "model" in checkpoint and "config" in checkpoint

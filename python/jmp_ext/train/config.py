@@ -33,8 +33,8 @@ class TargetConfig:
     """Key of the label in the batch: energy, forces, stress, or a property name."""
     kind: Literal["energy", "forces", "stress", "scalar", "classification"]
     """energy: sum-reduced extensive scalar that gradient forces/stress differentiate; forces:
-    direct head or -dE/dpos (see TaskConfig.forces); stress: -1/V dE/dstrain; scalar: a
-    graph-level property; classification: a class index."""
+    direct head or -dE/dpos (see TaskConfig.forces); stress: (1/V) dE/dstrain (eV/Å^3, ASE's
+    sign); scalar: a graph-level property; classification: a class index."""
     coef: float = 1.0
     """Loss coefficient (JMP pretraining: energy 1, forces 73/80/15/14 for OC20/OC22/ANI-1x/T1x)."""
     reduction: Literal["sum", "mean", "max"] = "sum"

@@ -27,8 +27,8 @@ from jmp_ext.data.collate import collate
 from jmp_ext.data.dataset import MultiDataset
 from jmp_ext.data.samplers import AtomBalancedBatchSampler, TemperatureSampler
 from jmp_ext.train import distributed, tasks
-from jmp_ext.train.checkpoint import (atomic_write_bytes, is_training_checkpoint, load_checkpoint, network_weights,
-                                      rng_state, save_checkpoint, set_rng_state)
+from jmp_ext.models.checkpoint import is_training_checkpoint, load_jmp_checkpoint
+from jmp_ext.train.checkpoint import atomic_write_bytes, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from jmp_ext.train.config import TrainConfig, save_config, to_dict
 from jmp_ext.train.ema import EMA
 from jmp_ext.train.logger import RunLogger
@@ -114,15 +114,10 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[
 def init_from_checkpoint(net: nn.Module, path: str, use_ema: bool) -> None:
     """Loads the embedding + backbone weights of a checkpoint (ours, or a released JMP one) into
     `net`; the heads stay new, and a force branch the network does not use is dropped."""
-    from jmp_ext.models.checkpoint import load_jmp_checkpoint, safe_load
-
     if not Path(path).is_file():
         raise TrainError(f"model.init_checkpoint: {path} does not exist")
-    checkpoint = safe_load(path)
-    if is_training_checkpoint(checkpoint):
-        checkpoint, use_ema = network_weights(checkpoint, ema=use_ema), False
     try:
-        load_jmp_checkpoint(checkpoint, net, use_ema=use_ema)
+        load_jmp_checkpoint(path, net, use_ema=use_ema)
     except ValueError as e:
         raise TrainError(f"model.init_checkpoint {path} does not fit the configured network ({e}); check "
                          "model.backbone / model.backbone_overrides against the checkpoint's architecture") from e

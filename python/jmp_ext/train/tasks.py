@@ -241,6 +241,8 @@ def loss_terms(model: TaskModel, preds: dict, batch: dict) -> dict[str, tuple[to
                   if target.class_weights else None)
             terms[name] = (losses.classification_loss(preds[name], batch[name], weight, cw), "rank")
             continue
+        if target.kind == "stress":
+            check_stress_labels(batch, name)
         scale_name = "energy" if (target.kind == "stress" or (target.kind == "forces" and model.gradient_forces)) else name
         weight = coef[task] / model.scale(scale_name).to(preds[name].dtype)[task]
         if target.kind == "forces":
@@ -251,6 +253,15 @@ def loss_terms(model: TaskModel, preds: dict, batch: dict) -> dict[str, tuple[to
         else:
             terms[name] = (losses.l1_loss(preds[name], batch[name], weight), "structures")
     return terms
+
+
+def check_stress_labels(batch: dict, name: str) -> None:
+    """A stress label on a structure without a cell (zero volume), where the model's stress is
+    undefined (NaN), is a dataset error: say which, rather than train on or report NaN."""
+    cellless = (torch.linalg.det(batch["cell"].double()) == 0).nonzero().flatten()
+    if cellless.numel():
+        raise TrainError(f"target {name!r}: structure(s) {cellless[:10].tolist()} of the batch have a stress "
+                         "label but no cell (zero volume), where stress is undefined")
 
 
 def update_metrics(metrics: Metrics, model: TaskModel, preds: dict, batch: dict) -> None:
@@ -270,6 +281,8 @@ def update_metrics(metrics: Metrics, model: TaskModel, preds: dict, batch: dict)
             elif target.kind == "classification":
                 metrics.update_accuracy(task.name, name, p[sel], y[sel])
             else:
+                if target.kind == "stress":
+                    check_stress_labels(batch, name)
                 metrics.update_scalar(task.name, name, p[sel], y[sel])
 
 

@@ -5,6 +5,11 @@
     atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()
 
 Energies in eV, forces in eV/Å, stress in eV/Å^3 (ASE's sign and Voigt order), as trained.
+
+Rattle ideal structures (atoms.rattle(1e-3)) before relaxing them with gradient forces. GemNet-OC's
+quadruplet dihedral is undefined for collinear triplets, which every perfect lattice row has;
+there its gradient is of order 1/1e-9 (the clamp of the original code, kept for parity), so the
+first force on an unrattled ase.build slab can be ~1e4 eV/Å.
 """
 
 from __future__ import annotations

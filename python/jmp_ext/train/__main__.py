@@ -92,7 +92,8 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, task: str | None, out: st
 
 def predict(checkpoint: str, source: str, out: str, task: str | None, batch_size: int, device: str) -> dict:
     """Predictions for every structure of a dataset directory or an ASE-readable file, saved as npz:
-    natoms [M], energy [M] (eV), forces [sum natoms, 3] (eV/Å), stress [M, 3, 3], properties [M(, k)]."""
+    natoms [M], energy [M] (eV), forces [sum natoms, 3] (eV/Å), stress [M, 3, 3] (eV/Å^3; NaN for a
+    structure without a cell), properties [M(, k)]."""
     from jmp_ext.calculator import atoms_to_entry
     from jmp_ext.data import collate
     from jmp_ext.train.checkpoint import atomic_write_bytes

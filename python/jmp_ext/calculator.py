@@ -52,7 +52,7 @@ class JMPCalculator(Calculator):
     """Energy, forces (and stress when the model predicts it) of a trained checkpoint.
 
     checkpoint: a run's best.pt or last.pt (EMA weights when the run had an EMA).
-    task: which task's heads to use for a pretraining checkpoint (default: its first task).
+    task: which task's heads to use (needed for a pretraining checkpoint, which has several).
     device: "cpu", "cuda", ..."""
 
     implemented_properties = ["energy", "free_energy", "forces", "stress"]
@@ -63,6 +63,8 @@ class JMPCalculator(Calculator):
         super().__init__(**kwargs)
         self.model, self.config = load_trained(checkpoint, device)
         names = [t.name for t in self.config.tasks]
+        if task is None and len(names) > 1:
+            raise ValueError(f"the checkpoint has {len(names)} tasks, {names}: choose one with task=")
         if task is not None and task not in names:
             raise ValueError(f"task {task!r} is not in the checkpoint (tasks: {names})")
         self.task = names.index(task) if task is not None else 0

@@ -170,6 +170,28 @@ def test_eval_and_predict_cli(checkpoint, tiny_data, tmp_path):
         assert pred["energy"][k] == pytest.approx(atoms.get_potential_energy(), rel=1e-10)
 
 
+def test_a_pretraining_checkpoint_needs_a_task(tiny_data, tmp_path, capsys):
+    """Each pretraining task has its own heads: none is a default (the first one silently gave
+    another domain's energies)."""
+    targets = [{"name": "energy", "kind": "energy"}, {"name": "forces", "kind": "forces"}]
+    raw = {"mode": "pretrain", "run_dir": str(tmp_path / "run"), "threads": 1,
+           "graph": {"cutoff": 4.0, "max_neighbors": 8},
+           "tasks": [{"name": n, "train": str(tiny_data / n / "train"), "forces": "direct", "targets": targets}
+                     for n in ("mol", "box")],
+           "model": {"backbone": "tiny", "backbone_overrides": {"num_blocks": 1, "num_radial": 16}},
+           "loop": {"max_steps": 1, "progress": False, "fit_scale_factors": 0}}
+    loop.Trainer(build_config(raw)).save_best({})
+    checkpoint = str(tmp_path / "run" / "best.pt")
+    assert main(["eval", checkpoint, str(tiny_data / "box" / "test")]) == 2
+    assert "2 tasks, ['mol', 'box']: choose one with --task" in capsys.readouterr().err
+    assert main(["eval", checkpoint, str(tiny_data / "box" / "test"), "--task", "box"]) == 0
+    with pytest.raises(ValueError, match="choose one with task="):
+        JMPCalculator(checkpoint)
+    atoms = molecule("H2O")
+    atoms.calc = JMPCalculator(checkpoint, task="mol")
+    assert np.isfinite(atoms.get_potential_energy())
+
+
 def test_cli_errors(checkpoint, tiny_data, tmp_path, capsys):
     assert main(["eval", str(checkpoint), str(tmp_path / "none")]) == 2
     assert "dataset directory" in capsys.readouterr().err

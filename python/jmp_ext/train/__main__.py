@@ -142,6 +142,8 @@ def predict(checkpoint: str, source: str, out: str, task: str | None, batch_size
 def task_index(config, task: str | None) -> int:
     names = [t.name for t in config.tasks]
     if task is None:
+        if len(names) > 1:  # (a pretraining checkpoint: each task has its own heads)
+            raise TrainError(f"the checkpoint has {len(names)} tasks, {names}: choose one with --task")
         return 0
     if task not in names:
         raise TrainError(f"--task {task!r} is not a task of the checkpoint (tasks: {names})")
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             parser = argparse.ArgumentParser(prog=f"python -m jmp_ext.train {argv[0]}")
             parser.add_argument("checkpoint")
             parser.add_argument("data", help="dataset directory" + (" or ASE-readable file" if argv[0] == "predict" else ""))
-            parser.add_argument("--task", default=None, help="task of a pretraining checkpoint (default: the first)")
+            parser.add_argument("--task", default=None, help="task whose heads to use (needed when the checkpoint has several: pretraining)")
             parser.add_argument("--out", required=argv[0] == "predict", default=None)
             parser.add_argument("--batch-size", type=int, default=16)
             parser.add_argument("--device", default="cpu")

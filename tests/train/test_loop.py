@@ -180,6 +180,11 @@ def test_a_new_run_never_silently_replaces_an_old_one(tiny_data, tmp_path):
     with pytest.raises(TrainError, match=r"already holds a run \(last\.pt, best\.pt\).*overwrite=true"):
         loop.Trainer(build_config(pretrain_config(tiny_data, run, max_steps=2)))
     assert (run / "best.pt").read_bytes() == old_best
+    # overwrite=true with a config error: the error comes before anything is deleted.
+    with pytest.raises(TrainError, match="freeze_blocks"):
+        loop.Trainer(build_config(pretrain_config(tiny_data, run, max_steps=2),
+                                  ["overwrite=true", "model.freeze_blocks=[99]"]))
+    assert (run / "best.pt").read_bytes() == old_best and (run / "metrics.csv").is_file()
 
     # overwrite: the old run's files go first. Without validation the new run writes no best.pt,
     # so a stale one would be taken for its best weights (e.g. by the final test).

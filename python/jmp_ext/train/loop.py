@@ -149,8 +149,8 @@ class Trainer:
         self.main = self.dist.rank == 0
         self.run_dir = Path(c.run_dir)
         resumed = c.resume and (self.run_dir / "last.pt").is_file()
-        if not resumed and self.main:
-            self._clear_run_dir()
+        if not resumed:
+            self._check_run_dir()
         self.dtype = DTYPES.get(c.loop.precision, torch.float32)
         self.autocast = AUTOCAST.get(c.loop.precision) if self.device.type == "cuda" else None
         if c.loop.precision in AUTOCAST and self.device.type != "cuda":
@@ -191,15 +191,20 @@ class Trainer:
         self.last_metrics: dict[str, float] = {}
         if resumed:
             self._load_resume_state(self.run_dir / "last.pt")
-        torch.manual_seed(c.seed + 1000 * self.dist.rank + 1) if not resumed else None
+        if not resumed:
+            torch.manual_seed(c.seed + 1000 * self.dist.rank + 1)
         self.resumed = resumed
 
         self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
                     if self.dist.world_size > 1 else self.model)
-        self.log = RunLogger(self.run_dir, self.main, self.step, self.total_steps, c.loop.progress)
         if self.main:
+            # Only now, with the data, network and schedule built: a config error must not cost
+            # the old run that overwrite=true would replace.
+            if not resumed and c.overwrite:
+                self._delete_old_run()
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(c, self.run_dir / "config.yaml")
+        self.log = RunLogger(self.run_dir, self.main, self.step, self.total_steps, c.loop.progress)
 
     # ------------------------------------------------------------ the loop
 
@@ -427,21 +432,22 @@ class Trainer:
             "metrics": self.last_metrics,
         })
 
-    def _clear_run_dir(self) -> None:
-        """A new run: refuses a run_dir with another run's checkpoints unless `overwrite`, then deletes
-        that run's files, so that no stale best.pt, summary or TensorBoard event outlives it."""
+    def _check_run_dir(self) -> None:
+        """A new run refuses a run_dir with another run's checkpoints unless `overwrite` (or `resume`,
+        which keeps a best.pt whose last.pt is gone)."""
         c = self.config
         checkpoints = [p.name for p in (self.run_dir / "last.pt", self.run_dir / "best.pt") if p.is_file()]
-        if not checkpoints:
-            return
-        if not (c.overwrite or c.resume):
+        if checkpoints and not (c.overwrite or c.resume):
             raise TrainError(f"run_dir {self.run_dir} already holds a run ({', '.join(checkpoints)}): "
                              "resume=true continues it, overwrite=true starts over (deleting it), "
                              "or choose another run_dir")
-        if c.overwrite:
-            for name in RUN_FILES:
-                (self.run_dir / name).unlink(missing_ok=True)
-            shutil.rmtree(self.run_dir / "tb", ignore_errors=True)
+
+    def _delete_old_run(self) -> None:
+        """overwrite=true: the old run's files go, so that no stale best.pt, summary or TensorBoard
+        event outlives it."""
+        for name in RUN_FILES:
+            (self.run_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(self.run_dir / "tb", ignore_errors=True)
 
     def _load_resume_state(self, path: Path) -> None:
         # On the CPU: the RNG states must stay CPU ByteTensors, and AdamW keeps its step counts

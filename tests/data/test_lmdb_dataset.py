@@ -1,6 +1,8 @@
 import gc
 import json
+import os
 import pickle
+import stat
 
 import lmdb
 import numpy as np
@@ -11,6 +13,7 @@ from data_helpers import random_entry
 from jmp_ext.data import DataError, DatasetWriter, LmdbDataset, collate, write_dataset
 from jmp_ext.data import format as fmt
 from jmp_ext.data.dataset import MultiDataset
+from jmp_ext.data.writer import write_file_atomic
 
 
 @pytest.fixture
@@ -58,6 +61,18 @@ def test_float32_storage(tmp_path, entries):
     entry = LmdbDataset(tmp_path / "ds")[3]
     assert entry["pos"].dtype == torch.float32 and entry["atomic_numbers"].dtype == torch.int64
     np.testing.assert_allclose(entry["pos"].numpy(), entries[3]["pos"], rtol=1e-7)
+
+
+def test_files_get_the_mode_of_a_plain_open(tmp_path, entries):
+    """Group members can read a dataset (no 0600 temp files renamed into place)."""
+    old = os.umask(0o022)
+    try:
+        write_dataset(tmp_path / "ds", entries, shard_size=10)
+        write_file_atomic(tmp_path / "ds" / "stats.json", b"{}")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "ds").iterdir()}
+    assert "data.0002.lmdb" in modes and set(modes.values()) == {0o644}
 
 
 def test_failed_write_leaves_nothing(tmp_path, entries):

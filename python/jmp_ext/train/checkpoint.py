@@ -1,9 +1,14 @@
 """Checkpoints: atomic writes and safe loads.
 
 A training checkpoint is a dict of tensors and plain Python values only, so it loads with
-`torch.load(weights_only=True)`:
-  model (state_dict), ema (state_dict or None), optimizer, schedule, sampler, rng, step, config
-  (the resolved TrainConfig as a dict), normalizers, metrics (last validation), best (metric value).
+`torch.load(weights_only=True)`. The trainer (loop.py) writes two:
+  last.pt, what resume=true reads: model (state_dict, the normalizers included as its norm_*
+    buffers), ema ({parameter name: EMA value} or None), optimizer, schedule, scaler (fp16's
+    gradient scaler or None), loop (step; epoch and batch_in_epoch, the sampler position; best,
+    bad_validations, nan_streak, validated_step), rng (every rank's RNG states), config (the
+    resolved TrainConfig as a dict), metrics (last validation).
+  best.pt, for inference and fine-tuning: model (the EMA weights when there is an EMA), config,
+    step, metrics (of the validation that made it best).
 Writes go to a temporary file in the same directory, are fsynced, then renamed over the target:
 a run killed at any moment leaves either the old file or the new one, never a torn one.
 """
@@ -11,7 +16,7 @@ a run killed at any moment leaves either the old file or the new one, never a to
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +34,19 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
 
 def _atomic(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # open(), not mkstemp: mkstemp's files are 0600, so a colleague in the group could not read a
+    # checkpoint; open() gives the mode of any new file (umask, default ACLs). "x": a name taken
+    # by another writer is an error, never a file to clobber or delete.
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+    f = open(tmp, "xb")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
     # Persist the rename itself (the directory entry).
     dir_fd = os.open(path.parent, os.O_RDONLY)

@@ -125,6 +125,26 @@ def test_label_sources_do_not_mix(tmp_path):
     assert report.labels == {"energy": "calculator['energy']"} and len(report.skipped) == 1
 
 
+def test_a_label_on_some_frames_only_can_be_dropped(tmp_path, frames, capsys):
+    """Stress on some frames of an extxyz only: the error names --stress-key none, which drops it."""
+    for atoms in frames[3:]:
+        del atoms.calc.results["stress"]
+    ase.io.write(tmp_path / "in.extxyz", frames)
+    args = ["convert", str(tmp_path / "in.extxyz"), str(tmp_path / "out")]
+    assert main(args) == 1
+    assert capsys.readouterr().err.strip().endswith(
+        "structure 3: lacks stress, unlike the first entry written (every entry must carry the "
+        "same labels): skip such entries with --skip-invalid, or drop stress with --stress-key "
+        "none (KeyMap(stress='none'))")
+    assert main([*args, "--stress-key", "none"]) == 0
+    assert "stress" not in LmdbDataset(tmp_path / "out").schema
+    ase.io.write(tmp_path / "rev.extxyz", frames[::-1])
+    with pytest.raises(DataError, match=r"structure 3: has stress, unlike the first entry written"):
+        convert(tmp_path / "rev.extxyz", tmp_path / "rev")
+    report = convert(tmp_path / "in.extxyz", tmp_path / "some", skip_invalid=True)
+    assert report.written == 3 and "stress" in LmdbDataset(tmp_path / "some").schema
+
+
 def test_nine_number_stress(tmp_path, frames):
     """MACE writes REF_stress as 9 numbers, which extxyz reads back with shape (9,)."""
     for atoms in frames:

@@ -95,9 +95,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="read pickled OC20/JMP LMDBs (unpickling can run code: trusted files only)")
     p.add_argument("--skip-invalid", action="store_true",
                    help="skip entries that fail to load or validate, and list them")
-    p.add_argument("--energy-key", help="source key of the energy (default: REF_energy, energy, y)")
-    p.add_argument("--forces-key", help="source key of the forces (default: REF_forces, forces, force)")
-    p.add_argument("--stress-key", help="source key of the stress (default: REF_stress, stress)")
+    p.add_argument("--energy-key",
+                   help="source key of the energy (default: REF_energy, energy, y; none: drop it)")
+    p.add_argument("--forces-key",
+                   help="source key of the forces (default: REF_forces, forces, force; none: drop them)")
+    p.add_argument("--stress-key",
+                   help="source key of the stress (default: REF_stress, stress; none: drop it)")
     p.add_argument("--property", action="append", default=[], metavar="NAME[=KEY]",
                    help="also store a per-structure property (repeatable)")
     p.add_argument("--energy-unit", default="eV", choices=list(ENERGY_UNITS))

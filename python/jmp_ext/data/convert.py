@@ -30,6 +30,7 @@ from jmp_ext.data.writer import DatasetWriter
 ENERGY_UNITS = {"eV": 1.0, "meV": 1e-3, "Hartree": units.Hartree, "Ry": units.Ry,
                 "kcal/mol": units.kcal / units.mol, "kJ/mol": units.kJ / units.mol}
 LENGTH_UNITS = {"Å": 1.0, "A": 1.0, "Bohr": units.Bohr, "nm": 10.0}
+LABELS = ("energy", "forces", "stress")
 
 
 @dataclass(kw_only=True)
@@ -41,7 +42,8 @@ class KeyMap:
         REF_stress, stress) in atoms.info / atoms.arrays / the attached calculator (ASE) or
         the Data object (LMDB). The first entry holding a label fixes where it is read from,
         and every later entry must hold it there. Give a key explicitly to pick, e.g.,
-        free_energy or y_relaxed; an entry without it is then invalid.
+        free_energy or y_relaxed; an entry without it is then invalid. "none" drops the label,
+        e.g. a stress only some frames carry: every entry must hold the same labels.
     properties: extra per-structure labels, {stored name: source key}.
     energy_unit, length_unit: units of the source (converted to eV and Å; forces and stress
         follow). Named properties are stored unconverted.
@@ -59,6 +61,10 @@ class KeyMap:
             raise ValueError(f"energy_unit {self.energy_unit!r} is not one of {list(ENERGY_UNITS)}")
         if self.length_unit not in LENGTH_UNITS:
             raise ValueError(f"length_unit {self.length_unit!r} is not one of {list(LENGTH_UNITS)}")
+
+    def drops(self, label: str) -> bool:
+        chosen = getattr(self, label)
+        return chosen is not None and chosen.lower() == "none"
 
     def candidates(self, label: str) -> tuple[str, ...]:
         chosen = getattr(self, label)
@@ -96,7 +102,9 @@ def _take_labels(entry: dict, sources: dict[str, dict], keys: KeyMap, report: Co
     The first entry holding a label fixes its location in report.labels; a later entry holding
     it elsewhere is a DataError, so one dataset never mixes, e.g., REF_energy and energy.
     """
-    for label in ("energy", "forces", "stress"):
+    for label in LABELS:
+        if keys.drops(label):
+            continue
         found = {(f"{prefix}[{key!r}]" if prefix else key): mapping[key]
                  for key in keys.candidates(label) for prefix, mapping in sources.items()
                  if key in mapping}
@@ -112,6 +120,17 @@ def _take_labels(entry: dict, sources: dict[str, dict], keys: KeyMap, report: Co
         entry[label] = found[location]
     if "stress" in entry:
         entry["stress"] = _stress_3x3(entry["stress"])
+
+
+def _check_labels(entry: dict, labels: set[str]) -> None:
+    """An entry must carry the `labels` of the first one written. The writer would refuse it
+    too, but could not say how to drop a label that only some entries carry."""
+    for label in LABELS:
+        if (label in entry) != (label in labels):
+            state = "has" if label in entry else "lacks"
+            raise fmt.DataError(f"{state} {label}, unlike the first entry written (every entry must "
+                                f"carry the same labels): skip such entries with --skip-invalid, or "
+                                f"drop {label} with --{label}-key none (KeyMap({label}='none'))")
 
 
 def _stress_3x3(stress) -> np.ndarray:
@@ -389,13 +408,18 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
         raise ValueError(f"unknown source format {kind!r} (ase, ase-db, lmdb)")
     # closing(): a failed conversion also closes the source (its LMDB handles, its file).
     info = {"converted_from": str(src), "source_format": kind}
+    labels = None  # those of the first entry written
     with closing(stream), DatasetWriter(dst, overwrite=overwrite, float_dtype=float_dtype,
                                         shard_size=shard_size, info=info) as writer:
         for where, item in stream:
             try:
                 if isinstance(item, Exception):
                     raise item
+                if labels is not None:
+                    _check_labels(item, labels)
                 writer.add(item, where=where)
+                if labels is None:
+                    labels = set(LABELS) & item.keys()
             except Exception as error:
                 message = str(error) if str(error).startswith(where) else f"{where}: {error}"
                 if not skip_invalid:

@@ -6,6 +6,12 @@
 
 Energies in eV, forces in eV/Å, stress in eV/Å^3 (ASE's sign and Voigt order), as trained.
 
+Forces are -dE/dpos only from a checkpoint trained with `forces: gradient`. A direct force head
+(`forces: direct`, JMP's pretraining and the default) predicts forces separately from the energy:
+they are not conservative, so MD drifts in energy and a relaxation's forces and energy can
+disagree. Fine-tune with `forces: gradient` for MD and relaxations; the calculator warns when
+given a direct-force checkpoint.
+
 Rattle ideal structures (atoms.rattle(1e-3)) before relaxing them with gradient forces. GemNet-OC's
 quadruplet dihedral is undefined for collinear triplets, which every perfect lattice row has;
 there its gradient is of order 1/1e-9 (the clamp of the original code, kept for parity), so the
@@ -14,6 +20,7 @@ first force on an unrattled ase.build slab can be ~1e4 eV/Å.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +81,10 @@ class JMPCalculator(Calculator):
         if "energy" not in kinds:
             raise ValueError(f"the checkpoint predicts {sorted(kinds)}, not an energy: it cannot drive ASE")
         self.has_stress = "stress" in kinds
+        if "forces" in kinds and not self.config.tasks[self.task].gradient_forces:
+            warnings.warn(f"{checkpoint} predicts direct forces (forces: direct), which are not the "
+                          "gradient of its energy: MD will not conserve energy. Fine-tune with "
+                          "forces: gradient for MD and relaxations", stacklevel=2)
 
     def check_state(self, atoms, tol=1e-15):
         # ASE compares positions, numbers, cell, pbc...; the tags choose the quadruplet graph too.

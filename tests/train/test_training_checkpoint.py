@@ -1,9 +1,15 @@
 import csv
+import os
+import stat
+import warnings
 
 import pytest
 import torch
 
+from jmp_ext.calculator import JMPCalculator
 from jmp_ext.train import checkpoint as ckpt
+from jmp_ext.train import loop
+from jmp_ext.train.config import build_config
 from jmp_ext.train.logger import RunLogger
 
 
@@ -33,6 +39,35 @@ def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert ckpt.load_checkpoint(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # temp file removed
+
+
+def test_files_get_the_mode_of_a_plain_open(tmp_path):
+    """Not mkstemp's 0600: a colleague in the group must be able to read a checkpoint."""
+    old = os.umask(0o022)
+    try:
+        ckpt.save_checkpoint(tmp_path / "last.pt", {"step": 1})
+        ckpt.atomic_write_bytes(tmp_path / "summary.json", b"{}")
+    finally:
+        os.umask(old)
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()} == {
+        "last.pt": 0o644, "summary.json": 0o644}
+
+
+@pytest.mark.parametrize("forces", ["direct", "gradient"])
+def test_calculator_warns_that_direct_forces_are_not_conservative(tiny_data, tmp_path, forces):
+    targets = [{"name": "energy", "kind": "energy"}, {"name": "forces", "kind": "forces"}]
+    raw = {"mode": "finetune", "run_dir": str(tmp_path), "threads": 1,
+           "graph": {"cutoff": 4.0, "max_neighbors": 8},
+           "tasks": [{"name": "mol", "train": str(tiny_data / "mol" / "train"), "forces": forces,
+                      "targets": targets}],
+           "model": {"backbone": "tiny", "backbone_overrides": {"num_blocks": 1, "num_radial": 16}},
+           "loop": {"max_steps": 1, "progress": False, "fit_scale_factors": 0}}
+    loop.Trainer(build_config(raw)).save_best({})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        JMPCalculator(tmp_path / "best.pt")
+    messages = [str(w.message) for w in caught if "direct forces" in str(w.message)]
+    assert len(messages) == (forces == "direct")
 
 
 class Evil:

@@ -148,7 +148,7 @@ def test_subselect_is_topk_per_target(seed, cutoff, by_distance):
         order = torch.argsort(graph["edge_index"][1] * 100 + graph["distance"])
         graph = G._select(graph, order)
     k = torch.randint(1, 12, (12,), generator=torch.Generator().manual_seed(seed + 100))
-    ours = G.subselect(graph, cutoff, k)
+    ours = G.subselect(graph, None if cutoff is None else torch.full((12,), cutoff, dtype=torch.float64), k)
     expected = set()
     for t in range(12):
         edges = [e for e in range(graph["distance"].numel()) if graph["edge_index"][1, e] == t
@@ -253,3 +253,52 @@ def test_bad_batches_raise_clear_errors():
                "cell_offset": case["graphs"]["a2a"]["cell_offset"][keep]}
     with pytest.raises(ValueError, match="structure\\(s\\) \\[1\\] of the batch have no edge"):
         G.graphs_from_a2a(far, a2a_far, config)
+
+
+# ---- batches mixing tasks with different graph settings ----
+
+
+def test_mixed_task_batch_gives_each_structure_its_own_tasks_graphs():
+    """JMP builds OC20's graphs at 12 Å and ANI-1x's at 8 Å, the latter without periodicity. In a
+    batch mixing tasks every structure must get exactly the graphs it gets alone under its
+    task's GraphConfig (the a2a graph is built once at the largest cutoff, then filtered)."""
+    from ase.build import fcc111, molecule
+
+    from jmp_ext.data import collate
+
+    def entry(atoms, tags):
+        n = len(atoms)
+        return {"pos": torch.tensor(atoms.positions), "atomic_numbers": torch.tensor(atoms.numbers),
+                "cell": torch.tensor(atoms.cell.array), "pbc": torch.tensor(atoms.pbc),
+                "tags": torch.tensor(tags), "fixed": torch.zeros(n, dtype=torch.bool)}
+
+    slab = fcc111("Cu", (2, 2, 3), vacuum=4.0)
+    slab.rattle(0.05, seed=1)
+    mol = molecule("CH3CH2OH")
+    mol.rattle(0.05, seed=2)
+    entries = [entry(slab, [0] * 4 + [1] * 8), entry(mol, [2] * len(mol)),
+               entry(slab, [1] * 12), entry(mol, [2] * len(mol))]
+    configs = [G.GraphConfig.uniform(6.0, 12, pbc=True),
+               G.GraphConfig(cutoff_main=2.5, cutoff_a2ee2a=3.0, cutoff_qint=2.5, cutoff_a2a=3.5, max_neighbors=6,
+                             pbc=False)]
+    task = torch.tensor([0, 1, 1, 0])  # the slab also as a molecule (pbc=False), the molecule at 6 Å
+    batch = collate(entries, dtype=torch.float64)
+    batch["task"] = task
+    mixed = G.build_graphs(batch, configs)
+    first = torch.cumsum(batch["natoms"], 0) - batch["natoms"]
+    for i, e in enumerate(entries):
+        alone = G.build_graphs(collate([e], dtype=torch.float64), configs[int(task[i])])
+        for name in G.GRAPH_NAMES:
+            g = mixed[name]
+            mine = batch["batch"][g["edge_index"][1]] == i
+            ours = dict(zip(edge_keys(g["edge_index"][:, mine] - first[i], g["cell_offset"][mine]),
+                            g["distance"][mine].tolist()))
+            ref = dict(zip(edge_keys(alone[name]["edge_index"], alone[name]["cell_offset"]),
+                           alone[name]["distance"].tolist()))
+            assert ours.keys() == ref.keys() and len(ref) > 0, (i, name)
+            assert all(ours[k] == pytest.approx(ref[k], rel=1e-12) for k in ref), (i, name)
+    assert (mixed["a2a"]["cell_offset"][batch["batch"][mixed["a2a"]["edge_index"][1]] == 2] == 0).all()
+    with pytest.raises(ValueError, match="need batch\\['task'\\]"):
+        G.build_graphs({k: v for k, v in batch.items() if k != "task"}, configs)
+    with pytest.raises(ValueError, match="indices into the 2 GraphConfigs"):
+        G.build_graphs(dict(batch, task=torch.tensor([0, 1, 2, 0])), configs)

@@ -19,7 +19,10 @@ vector = (pos[t] - source image) / distance (JMP's V_st).
 
 Neighbour counts follow JMP's proportions for a base k (30 for OC20): main k, a2ee2a int(20k/30),
 qint int(8k/30), a2a int(1000k/30). MatBench and QMOF lower k for large structures
-(natoms_max_neighbors); k is then per structure.
+(natoms_max_neighbors); k is then per structure. So are the cutoffs in a batch that mixes tasks
+with different GraphConfigs (JMP pretraining: OC20 at 12 Å, ANI-1x at 8 Å): the a2a graph is
+built once at the largest cutoff and each structure's edges are filtered to its own, which gives
+exactly the graphs each structure would get alone.
 """
 
 from __future__ import annotations
@@ -169,14 +172,16 @@ def _select(graph: dict, mask: Tensor) -> dict:
     return {key: value[..., mask] if key == "edge_index" else value[mask] for key, value in graph.items()}
 
 
-def subselect(graph: dict, cutoff: float | None, k_per_atom: Tensor) -> dict:
-    """Edges of `graph` within `cutoff` (None: no filter), then the k_per_atom[t] nearest per target t.
+def subselect(graph: dict, cutoff: Tensor | None, k_per_atom: Tensor) -> dict:
+    """Edges of `graph` within cutoff[t] of their target t (None: no filter), then the
+    k_per_atom[t] nearest per target t.
 
-    graph: {"edge_index" [2, E], "cell_offset" [E, 3], "distance" [E]}; keeps the edge order."""
+    graph: {"edge_index" [2, E], "cell_offset" [E, 3], "distance" [E]}; cutoff [N] (Å; inf: no
+    limit) and k_per_atom [N] per atom; keeps the edge order."""
+    target = graph["edge_index"][1]
     keep = torch.ones_like(graph["distance"], dtype=torch.bool)
     if cutoff is not None:
-        keep = graph["distance"] <= cutoff
-    target = graph["edge_index"][1]
+        keep = graph["distance"] <= cutoff[target]
     rank = _rank_in_target(target, torch.where(keep, graph["distance"], torch.inf))
     return _select(graph, keep & (rank < k_per_atom[target]))
 
@@ -231,16 +236,59 @@ def _kmax(rank: Tensor) -> int:
     return int(rank.max()) + 1 if rank.numel() else 0
 
 
-def graphs_from_a2a(batch: dict, a2a: dict, config: GraphConfig, *, edge_dropout: float | None = None,
-                    generator: torch.Generator | None = None) -> dict:
+def _per_structure(configs: list[GraphConfig], task: Tensor, natoms: Tensor) -> dict:
+    """Each structure's graph settings, from the config of its task: {"k": {graph: [B] int64},
+    "cutoff": {graph: [B] float64}, "pbc": [B] bool}."""
+    k = torch.stack([torch.stack([c.neighbors_per_structure(natoms)[name] for c in configs]) for name in GRAPH_NAMES])
+    structures = torch.arange(natoms.shape[0], device=natoms.device)
+    cutoff = torch.tensor([[getattr(c, f"cutoff_{name}") for c in configs] for name in GRAPH_NAMES],
+                          dtype=torch.float64, device=natoms.device)
+    return {"k": {name: k[i, task, structures] for i, name in enumerate(GRAPH_NAMES)},
+            "cutoff": {name: cutoff[i, task] for i, name in enumerate(GRAPH_NAMES)},
+            "pbc": torch.tensor([c.pbc for c in configs], device=natoms.device)[task]}
+
+
+def _configs(batch: dict, config: GraphConfig | list[GraphConfig]) -> tuple[list[GraphConfig], Tensor]:
+    """(configs, task [B]): the configs and which one each structure of the batch uses."""
+    natoms = batch["natoms"]
+    if isinstance(config, GraphConfig):
+        return [config], torch.zeros_like(natoms)
+    configs = list(config)
+    if "task" not in batch and len(configs) > 1:
+        raise ValueError(f"{len(configs)} GraphConfigs need batch['task'] [B], the config index of each structure")
+    task = batch["task"] if "task" in batch else torch.zeros_like(natoms)
+    if task.shape != natoms.shape or (task.numel() and not 0 <= int(task.min()) <= int(task.max()) < len(configs)):
+        raise ValueError(f"batch['task'] must be [B] indices into the {len(configs)} GraphConfigs")
+    if len({c.qint_tags for c in configs}) > 1:
+        raise ValueError(f"GraphConfigs of one batch must share qint_tags, got {[c.qint_tags for c in configs]}")
+    return configs, task
+
+
+def graphs_from_a2a(batch: dict, a2a: dict, config: GraphConfig | list[GraphConfig], *,
+                    edge_dropout: float | None = None, generator: torch.Generator | None = None) -> dict:
     """Steps 1b-6 of the module docstring, given the a2a graph {"edge_index", "cell_offset"}
     (e.g. JMP's own, in the parity tests) and optionally its "distance" [E]. See build_graphs for
-    the result."""
+    `config` and the result."""
     pos, natoms = batch["pos"], batch["natoms"]
     num_atoms = pos.shape[0]
     structure = batch["batch"] if "batch" in batch else _structure_index(natoms)
-    cell = batch["cell"].to(pos.dtype) if config.pbc and "cell" in batch else None
-    k_atom = {name: k[structure] for name, k in config.neighbors_per_structure(natoms).items()}
+    configs, task = _configs(batch, config)
+    settings = _per_structure(configs, task, natoms)
+    periodic = any(c.pbc for c in configs) and "cell" in batch
+    cell = batch["cell"].to(pos.dtype) if periodic else None
+    k_atom = {name: k[structure] for name, k in settings["k"].items()}
+    # Per atom, the cutoff of each graph where it is below the one of the graph it is taken from
+    # (a2a from the batch's, the largest a2a cutoff; the others from the structure's a2a), else
+    # inf. Decided from the configs (no device sync), a filter runs only where some config needs
+    # it, so an edge within the larger cutoff is never dropped by a last-bit distance difference.
+    a2a_cutoff = settings["cutoff"]["a2a"]
+    radius = max(c.cutoff_a2a for c in configs)
+    cutoff_atom = {"a2a": torch.where(a2a_cutoff < radius, a2a_cutoff, torch.inf)[structure]
+                   if any(c.cutoff_a2a < radius for c in configs) else None}
+    for name in ("main", "a2ee2a", "qint"):
+        c = settings["cutoff"][name]
+        cutoff_atom[name] = (torch.where(c < a2a_cutoff, c, torch.inf)[structure]
+                             if any(getattr(g, f"cutoff_{name}") < g.cutoff_a2a for g in configs) else None)
 
     distance = a2a.get("distance")
     a2a = {"edge_index": a2a["edge_index"], "cell_offset": a2a["cell_offset"].to(torch.int32)}
@@ -251,14 +299,19 @@ def graphs_from_a2a(batch: dict, a2a: dict, config: GraphConfig, *, edge_dropout
     # distance), so the ranks need no sort; a recomputed one can differ in the last bit and
     # reorder near-ties.
     a2a["distance"] = distance.detach()
+    if cutoff_atom["a2a"] is not None:
+        a2a = _select(a2a, a2a["distance"] <= cutoff_atom["a2a"][a2a["edge_index"][1]])
     # Checked before edge dropout: dropout may leave a small molecule without edges (the
     # original's dropout_edge does too); it then trains on its atom embeddings for one step.
-    in_main = a2a["edge_index"][1][a2a["distance"] <= config.cutoff_main]
+    main_cutoff = settings["cutoff"]["main"][structure]
+    in_main = a2a["edge_index"][1][a2a["distance"] <= main_cutoff[a2a["edge_index"][1]]]
     per_structure = torch.zeros_like(natoms).index_add_(0, structure[in_main], torch.ones_like(in_main))
     if (per_structure == 0).any():
         empty = (per_structure == 0).nonzero().flatten().tolist()
+        cutoffs = sorted({c.cutoff_main for c in configs})
         raise ValueError(f"structure(s) {empty} of the batch have no edge within cutoff_main="
-                         f"{config.cutoff_main} Å: GemNet-OC needs at least one neighbour pair")
+                         f"{cutoffs[0] if len(cutoffs) == 1 else cutoffs} Å: GemNet-OC needs at least one "
+                         "neighbour pair")
     if edge_dropout:
         keep = torch.rand(a2a["distance"].shape, generator=generator, dtype=torch.float32,
                           device=generator.device if generator is not None else pos.device) >= edge_dropout
@@ -267,10 +320,9 @@ def graphs_from_a2a(batch: dict, a2a: dict, config: GraphConfig, *, edge_dropout
 
     graphs = {"a2a": a2a}
     for name in ("main", "a2ee2a", "qint"):
-        cutoff = getattr(config, f"cutoff_{name}")
-        graphs[name] = subselect(a2a, cutoff if cutoff < config.cutoff_a2a else None, k_atom[name])
+        graphs[name] = subselect(a2a, cutoff_atom[name], k_atom[name])
     if "tags" in batch:
-        graphs["qint"] = tag_filter(graphs["qint"], batch["tags"], config.qint_tags)
+        graphs["qint"] = tag_filter(graphs["qint"], batch["tags"], configs[0].qint_tags)
     graphs["main"], id_swap = symmetrize(graphs["main"])
 
     # a2a is summed per target (a CSR pointer), a2ee2a padded by neighbour rank: group by target.
@@ -307,12 +359,15 @@ def quad_edges(quad: dict) -> Tensor:
     return torch.unique_consecutive(quad["triplet_out"]["out"]).long()
 
 
-def build_graphs(batch: dict, config: GraphConfig, *, edge_dropout: float | None = None,
+def build_graphs(batch: dict, config: GraphConfig | list[GraphConfig], *, edge_dropout: float | None = None,
                  generator: torch.Generator | None = None) -> dict:
     """The graphs dict GemNetOCBackbone.forward(h, graphs) takes, from a collated batch.
 
     batch: jmp_ext.data.collate's dict; uses pos [N, 3] (Å), natoms [B], batch [N], cell [B, 3, 3],
-    pbc [B, 3], tags [N] (optional: without tags every edge enters qint).
+    pbc [B, 3], tags [N] (optional: without tags every edge enters qint), and with several
+    configs task [B] (int64, which config each structure uses).
+    config: one GraphConfig for every structure, or a list of them (one per task; they must share
+    qint_tags).
     edge_dropout: probability of dropping each a2a edge (pass it only while training).
 
     Returns {"num_atoms": N, "main", "a2ee2a", "qint", "a2a": {"edge_index" [2, E] int64,
@@ -325,13 +380,14 @@ def build_graphs(batch: dict, config: GraphConfig, *, edge_dropout: float | None
     if edge_dropout is not None and not 0.0 <= edge_dropout < 1.0:
         raise ValueError(f"edge_dropout must be in [0, 1), got {edge_dropout}")
     pos, natoms = batch["pos"], batch["natoms"]
-    k_a2a = int(config.neighbors_per_structure(natoms)["a2a"].max())
-    periodic = config.pbc and "cell" in batch
+    configs, task = _configs(batch, config)
+    settings = _per_structure(configs, task, natoms)
+    periodic = bool(settings["pbc"].any()) and "cell" in batch
     pbc = torch.zeros(natoms.shape[0], 3, dtype=torch.bool, device=pos.device)
     if periodic:
-        pbc = batch["pbc"] if "pbc" in batch else ~pbc
+        pbc = (batch["pbc"] if "pbc" in batch else ~pbc) & settings["pbc"][:, None].to(pos.device)
     edge_index, cell_offset, distance = radius_graph(
-        pos.detach(), config.cutoff_a2a, natoms=natoms,
-        cell=batch["cell"].detach().to(pos.dtype) if periodic else None, pbc=pbc, max_neighbors=k_a2a)
+        pos.detach(), max(c.cutoff_a2a for c in configs), natoms=natoms,
+        cell=batch["cell"].detach().to(pos.dtype) if periodic else None, pbc=pbc, max_neighbors=int(settings["k"]["a2a"].max()))
     return graphs_from_a2a(batch, {"edge_index": edge_index, "cell_offset": cell_offset, "distance": distance},
                            config, edge_dropout=edge_dropout, generator=generator)

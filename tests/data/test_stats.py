@@ -18,6 +18,8 @@ def linear_entries(rng, count, noise=0.0):
         entry["energy"] = np.float64(sum(REFS[z] for z in entry["atomic_numbers"])
                                      + noise * rng.normal())
         entry["gap"] = np.float64(rng.uniform(0, 5))
+        # An extensive property other than energy (QM9's U_0, ZPVE, ...): its own references.
+        entry["zpve"] = np.float64(sum(0.01 * z for z in entry["atomic_numbers"]) + noise * rng.normal())
         entry["dipole"] = rng.normal(size=3)
         entries.append(entry)
     return entries
@@ -33,6 +35,12 @@ def test_linear_references_recover_element_energies(tmp_path):
         assert linref[z] == pytest.approx(ref, abs=1e-8)
     assert np.count_nonzero(linref) == len(REFS)
     assert stats["targets"]["energy"]["std"] < 1e-8  # nothing left after exact references
+    # zpve = sum(0.01 Z): its references make the residual exact.
+    zpve = stats["linrefs"]["zpve"]
+    counts = [np.bincount(e["atomic_numbers"], minlength=119) for e in entries]
+    np.testing.assert_allclose([c @ zpve["linref"] for c in counts], [float(e["zpve"]) for e in entries], rtol=1e-12)
+    assert abs(zpve["mean"]) < 1e-10 and zpve["std"] < 1e-10
+    assert stats["targets"]["zpve"]["std"] > 0.1  # the plain statistics stay as they were
 
 
 def test_moments_force_rms_and_histogram(tmp_path):
@@ -61,6 +69,8 @@ def test_load_stats_caches(tmp_path):
     assert cached["num_entries"] == 20
     second = load_stats(tmp_path / "ds")  # from the file
     np.testing.assert_array_equal(first["linref"], second["linref"])
+    np.testing.assert_array_equal(first["linrefs"]["zpve"]["linref"], second["linrefs"]["zpve"]["linref"])
+    assert second["linrefs"]["zpve"]["std"] == first["linrefs"]["zpve"]["std"]
     assert isinstance(second["linref"], np.ndarray) and second["linref"].dtype == np.float64
     np.testing.assert_array_equal(first["targets"]["dipole"]["std"],
                                   second["targets"]["dipole"]["std"])
@@ -123,11 +133,18 @@ def dense_reference(dataset):
     linref = np.zeros(119)
     linref[present] = np.linalg.lstsq(counts[:, present], energy, rcond=None)[0]
     arrays["energy"] = energy - counts @ linref
+    linrefs = {}
+    for name in labels:  # the other float scalars get references of their own
+        if name != "energy" and arrays[name].ndim == 1 and dataset.schema[name]["dtype"].endswith("f8"):
+            fit = np.zeros(119)
+            fit[present] = np.linalg.lstsq(counts[:, present], arrays[name], rcond=None)[0]
+            residual = arrays[name] - counts @ fit
+            linrefs[name] = {"linref": fit, "mean": residual.mean(), "std": residual.std()}
     forces = np.concatenate([e["forces"].astype(np.float64) for e in entries])
     ref = {"version": stats_module.STATS_VERSION, "num_entries": len(dataset),
            "targets": {name: {"mean": a.mean(axis=0), "std": a.std(axis=0)}
                        for name, a in arrays.items()},
-           "linref": linref, "force_rms": float(np.sqrt(np.square(forces).mean())),
+           "linref": linref, "linrefs": linrefs, "force_rms": float(np.sqrt(np.square(forces).mean())),
            "natoms_hist": np.bincount(dataset.natoms), "avg_natoms": float(dataset.natoms.mean())}
     return ref, counts, energy
 
@@ -135,7 +152,7 @@ def dense_reference(dataset):
 def assert_stats_match(stats, ref, rtol):
     """Same keys (in order), types, shapes and values; the residual energy mean, which sits near
     zero, is compared relative to the residual spread."""
-    assert list(stats) == ["version", "num_entries", "targets", "linref", "force_rms",
+    assert list(stats) == ["version", "num_entries", "targets", "linref", "linrefs", "force_rms",
                            "natoms_hist", "avg_natoms"]
     assert stats["version"] == ref["version"] and stats["num_entries"] == ref["num_entries"]
     assert list(stats["targets"]) == list(ref["targets"])
@@ -151,6 +168,11 @@ def assert_stats_match(stats, ref, rtol):
     assert stats["linref"].dtype == np.float64 and stats["linref"].shape == (119,)
     np.testing.assert_array_equal(stats["linref"] != 0, ref["linref"] != 0)
     np.testing.assert_allclose(stats["linref"], ref["linref"], rtol=rtol, atol=0)
+    assert list(stats["linrefs"]) == list(ref["linrefs"]) == ["gap"]  # not the int class, not vectors
+    for name, fit in ref["linrefs"].items():
+        np.testing.assert_allclose(stats["linrefs"][name]["linref"], fit["linref"], rtol=rtol, atol=1e-12)
+        assert abs(stats["linrefs"][name]["mean"] - fit["mean"]) <= rtol * fit["std"] + 1e-12
+        assert stats["linrefs"][name]["std"] == pytest.approx(fit["std"], rel=rtol)
     assert stats["force_rms"] == pytest.approx(ref["force_rms"], rel=1e-12)
     assert stats["natoms_hist"].dtype == np.int64
     np.testing.assert_array_equal(stats["natoms_hist"], ref["natoms_hist"])

@@ -7,7 +7,7 @@ import torch
 
 from jmp_ext.train import loop, tasks
 from jmp_ext.train.checkpoint import load_checkpoint
-from jmp_ext.train.config import build_config
+from jmp_ext.train.config import ConfigError, build_config
 from jmp_ext.train.tasks import TrainError
 
 
@@ -212,6 +212,15 @@ def test_missing_dataset_and_target(tiny_data, tmp_path):
     raw["tasks"][0]["targets"] = [{"name": "forces", "kind": "scalar"}]
     with pytest.raises(TrainError, match=r"target 'forces' has shape \['n', 3\] per structure"):
         loop.Trainer(build_config(raw))
+    # A structure file instead of a dataset: say how to convert it.
+    raw = pretrain_config(tiny_data, tmp_path)
+    (tmp_path / "train.xyz").write_text("")
+    raw["tasks"][1]["train"] = str(tmp_path / "train.xyz")
+    with pytest.raises(TrainError, match=r"tasks\.1\.train: .*train\.xyz is a file.*python -m jmp_ext\.data convert"):
+        loop.Trainer(build_config(raw))
+    # An unknown backbone field: named, not a TypeError.
+    with pytest.raises(TrainError, match="model.backbone_overrides: unknown BackboneConfig field\\(s\\) num_blockz"):
+        loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path), ["model.backbone_overrides.num_blockz=2"]))
 
 
 def test_a_task_without_val_split_and_no_repeated_final_validation(tiny_data, tmp_path):
@@ -297,3 +306,59 @@ def test_fp16_overflows_lower_the_scale_and_training_goes_on(tiny_data, tmp_path
     changed = [k for k, v in trainer.model.state_dict().items() if not torch.equal(v, initial[k])]
     assert changed, "no step was taken after the overflows"
     assert all(torch.isfinite(v).all() for v in trainer.model.state_dict().values())
+
+
+def test_each_pretraining_task_gets_its_own_graphs(tiny_data, tmp_path):
+    """JMP pretrains OC20/OC22 on periodic 12 Å graphs and ANI-1x/T1x on 8 Å molecular ones; a
+    task's `graph` settings must reach the structures of that task in mixed batches."""
+    presets = loop.graph_configs(build_config({"preset": "jmp_s_pretrain"}, [f"tasks.{i}.train=x" for i in range(4)]))
+    assert [(g.cutoff_a2a, g.max_neighbors, g.pbc) for g in presets] == [
+        (12.0, 30, True), (12.0, 30, True), (8.0, 30, False), (8.0, 30, False)]
+
+    trainer = loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path / "run"),
+                                        ["tasks.0.graph={preset: ani1x, cutoff: 2.0, max_neighbors: 4}"]))
+    batch = next(iter(loop.load_batches(trainer.train_set, [list(range(len(trainer.train_set)))], torch.float32)))
+    assert set(batch["task"].tolist()) == {0, 1}
+    graphs = trainer.model.graphs(batch)
+    for name in ("main", "a2ee2a"):
+        g = graphs[name]
+        task = batch["task"][batch["batch"][g["edge_index"][1]]]
+        neighbors = torch.bincount(g["edge_index"][1], minlength=batch["pos"].shape[0])
+        assert g["distance"][task == 0].max() <= 2.0 < g["distance"][task == 1].max() <= 4.0, name
+        if name == "a2ee2a":  # (main is symmetrised: an atom can get more than k edges)
+            assert neighbors[batch["task"][batch["batch"]] == 0].max() == 4 * 20 // 30
+    trainer.train()
+
+
+def test_scalar_target_with_per_element_references(tmp_path):
+    """JMP subtracts per-element references from QM9's extensive targets (U_0, U, H, G, ZPVE,
+    c_v) before normalising: the network then learns the small residual, not -100 eV per atom."""
+    from helpers import write_molecules
+
+    from jmp_ext.data import load_stats
+
+    data = write_molecules(tmp_path / "u0", 16, seed=4, u0=True)
+    stats = load_stats(data)
+    raw = finetune_config(tmp_path, tmp_path / "run", forces="direct")
+    raw["tasks"][0].update(train=data, val=data, test="",
+                           targets=[{"name": "u0", "kind": "scalar", "reduction": "sum", "linref": True}])
+    raw["loop"].update(max_steps=2, val_every=0)
+    trainer = loop.Trainer(build_config(raw))
+    model = trainer.model
+    fit = stats["linrefs"]["u0"]
+    assert torch.equal(model.norm_u0_linref[0], torch.as_tensor(fit["linref"]))
+    assert model.norm_u0_std.item() == fit["std"] < 0.1 * stats["targets"]["u0"]["std"]
+    batch = next(trainer._epoch_loader())
+    model.eval()
+    with torch.no_grad():
+        out = model.net(batch, model.graphs(batch))["u0"].double()
+        pred = model(batch)["u0"]
+    refs = torch.zeros_like(pred).index_add_(0, batch["batch"], model.norm_u0_linref[0, batch["atomic_numbers"]])
+    torch.testing.assert_close(pred, out * fit["std"] + fit["mean"] + refs, rtol=1e-12, atol=1e-9)
+    # Physical predictions stay close to the labels (-100 eV per unit of Z away without references).
+    assert (pred - batch["u0"]).abs().max() < 50 * fit["std"] + 1.0
+    summary = trainer.train()
+    assert summary["val"]["mol/u0_mae"] < 10.0
+
+    with pytest.raises(ConfigError, match="linref is for scalar targets"):
+        build_config({**raw, "tasks": [{**raw["tasks"][0], "targets": [{"name": "forces", "kind": "forces", "linref": True}]}]})

@@ -34,6 +34,9 @@ def compute_stats(dataset: LmdbDataset, progress: bool = False) -> dict:
         targets: {name: {"mean", "std"}} for energy (after subtracting the references) and every
             other per-structure label (per component for vectors and stress), in its units;
             population std (ddof=0); float64 scalars for scalar labels, arrays otherwise
+        linrefs: {name: {"linref" [119], "mean", "std"}} for every other float scalar label: its
+            per-element references, fitted as energy's, and the residual's mean and std (for
+            extensive properties such as QM9's U_0; TargetConfig.linref uses them)
         force_rms: float, eV/Å, sqrt(mean F^2) over atoms and components (when there are forces)
         natoms_hist: int64 [max_natoms+1], the number of structures with each atom count
         avg_natoms: float
@@ -41,20 +44,25 @@ def compute_stats(dataset: LmdbDataset, progress: bool = False) -> dict:
     Entries are read _CHUNK_SIZE at a time and each chunk is reduced to fixed-size summaries:
     - labels other than energy: count, mean and sum of squared deviations per component,
       merged across chunks with Chan et al.'s pairwise update (no sum-of-squares cancellation).
-    - energy: the triangular factor R of a QR factorisation of the [entries, 121] matrix
-      A = [element counts | energy | 1], built as a tree of QR merges of the chunks' factors
-      (TSQR; R^T R = A^T A). The least-squares problem on R's columns is the dense one rotated
-      by an orthogonal matrix, so np.linalg.lstsq on them gives the same minimum-norm
-      references (with the dense problem's rcond) and the residuals' mean and spread without
-      a second pass: for the residual r = A u (u = [-linref, 1, 0]) and t = R u,
+    - energy and the float scalar labels y_1..y_m: the triangular factor R of a QR factorisation
+      of the [entries, 120 + m] matrix A = [element counts | energy | y_1..y_m | 1], built as a
+      tree of QR merges of the chunks' factors (TSQR; R^T R = A^T A). The least-squares problem
+      on R's columns is the dense one rotated by an orthogonal matrix, so np.linalg.lstsq on
+      them gives the same minimum-norm references (with the dense problem's rcond) and the
+      residuals' mean and spread without a second pass: for the residual r = A u
+      (u = [-linref, 1, 0], the 1 at the label's column) and t = R u,
       sum(r) = R[:, ones] . t and sum((r - mean)^2) = |t - mean R[:, ones]|^2, both formed
       from small (residual-sized) numbers, never as the difference of large sums of squares.
     """
     num_entries = len(dataset)
     labels = [name for name in dataset.schema if name not in _NOT_TARGETS]
     moments: dict[str, _Moments] = {name: _Moments() for name in labels if name != "energy"}
-    has_energy = "energy" in labels
-    energy_qr = _TreeQR() if has_energy else None
+    # The labels fitted on element counts: energy first (when there is one), then the other
+    # float scalars.
+    referenced = sorted((name for name in labels if name == "energy" or (
+        dataset.schema[name]["shape"] == [] and np.dtype(dataset.schema[name]["dtype"]).kind == "f")),
+        key=lambda name: name != "energy")
+    counts_qr = _TreeQR() if referenced else None
     present = np.zeros(fmt.MAX_Z + 1, dtype=bool)
     force_sq, force_n = 0.0, 0
     with tqdm(total=num_entries, disable=not progress, desc=f"stats {dataset.path}",
@@ -74,44 +82,57 @@ def compute_stats(dataset: LmdbDataset, progress: bool = False) -> dict:
                     force_n += forces.size
             for name, chunk_moments in moments.items():
                 chunk_moments.add(np.stack(values[name]))
-            if has_energy:
+            if referenced:
                 rows = stop - start
                 # Element counts of the chunk: one bincount over (row, Z) pairs.
                 row_of_atom = np.repeat(np.arange(rows), [len(z) for z in numbers])
                 counts = np.bincount(row_of_atom * (fmt.MAX_Z + 1) + np.concatenate(numbers),
                                      minlength=rows * (fmt.MAX_Z + 1))
-                block = np.empty((rows, fmt.MAX_Z + 3))
+                block = np.empty((rows, fmt.MAX_Z + 2 + len(referenced)))
                 block[:, :fmt.MAX_Z + 1] = counts.reshape(rows, fmt.MAX_Z + 1)
-                block[:, fmt.MAX_Z + 1] = values["energy"]
-                block[:, fmt.MAX_Z + 2] = 1.0
+                for j, name in enumerate(referenced):
+                    block[:, fmt.MAX_Z + 1 + j] = values[name]
+                block[:, -1] = 1.0
                 present |= block[:, :fmt.MAX_Z + 1].any(axis=0)
-                energy_qr.add(block)
+                counts_qr.add(block)
             bar.update(stop - start)
     stats: dict = {"version": STATS_VERSION, "num_entries": num_entries, "targets": {}}
-    if has_energy:
-        r = energy_qr.result()
-        counts_r, energy_r, ones_r = r[:, :fmt.MAX_Z + 1][:, present], r[:, -2], r[:, -1]
-        # lstsq gives the minimum-norm solution when element counts are collinear (a single
-        # composition, as in an MD trajectory): the residual is still exact on the data. R has
-        # the singular values of the dense counts matrix, so rcond is the dense problem's
-        # default (eps * max(rows, columns)).
-        rcond = np.finfo(np.float64).eps * max(num_entries, counts_r.shape[1])
-        coeff = np.linalg.lstsq(counts_r, energy_r, rcond=rcond)[0]
-        linref = np.zeros(fmt.MAX_Z + 1)
-        linref[present] = coeff
-        stats["linref"] = linref
-        residual = energy_r - counts_r @ coeff  # R @ [-coeff, 1, 0]: the residual, rotated
-        mean = float(ones_r @ residual) / num_entries
-        centered = residual - mean * ones_r
-        energy_stats = {"mean": np.float64(mean),
-                        "std": np.float64(np.sqrt(float(centered @ centered) / num_entries))}
+    fits = _fit_references(counts_qr.result(), present, referenced, num_entries) if referenced else {}
     for name in labels:
-        stats["targets"][name] = energy_stats if name == "energy" else moments[name].result()
+        stats["targets"][name] = fits["energy"][1] if name == "energy" else moments[name].result()
+    if "energy" in fits:
+        stats["linref"] = fits["energy"][0]
+    if set(fits) - {"energy"}:
+        stats["linrefs"] = {name: {"linref": linref, **residual}
+                            for name, (linref, residual) in fits.items() if name != "energy"}
     if force_n:
         stats["force_rms"] = float(np.sqrt(force_sq / force_n))
     stats["natoms_hist"] = np.bincount(dataset.natoms)
     stats["avg_natoms"] = float(dataset.natoms.mean())
     return stats
+
+
+def _fit_references(r: np.ndarray, present: np.ndarray, names: list[str], num_entries: int) -> dict:
+    """{name: (linref float64 [119], {"mean", "std"} of the residual)} from the R factor of
+    [element counts | labels `names` | 1] (see compute_stats)."""
+    counts_r, ones_r = r[:, :fmt.MAX_Z + 1][:, present], r[:, -1]
+    labels_r = r[:, fmt.MAX_Z + 1:-1]
+    # lstsq gives the minimum-norm solution when element counts are collinear (a single
+    # composition, as in an MD trajectory): the residual is still exact on the data. R has
+    # the singular values of the dense counts matrix, so rcond is the dense problem's
+    # default (eps * max(rows, columns)).
+    rcond = np.finfo(np.float64).eps * max(num_entries, counts_r.shape[1])
+    coeff = np.linalg.lstsq(counts_r, labels_r, rcond=rcond)[0]
+    fits = {}
+    for j, name in enumerate(names):
+        linref = np.zeros(fmt.MAX_Z + 1)
+        linref[present] = coeff[:, j]
+        residual = labels_r[:, j] - counts_r @ coeff[:, j]  # R @ [-coeff, 1, 0]: the residual, rotated
+        mean = float(ones_r @ residual) / num_entries
+        centered = residual - mean * ones_r
+        fits[name] = (linref, {"mean": np.float64(mean),
+                               "std": np.float64(np.sqrt(float(centered @ centered) / num_entries))})
+    return fits
 
 
 class _Moments:
@@ -210,6 +231,10 @@ def _from_json(stats: dict) -> dict:
     stats = dict(stats)
     if "linref" in stats:
         stats["linref"] = np.asarray(stats["linref"], dtype=np.float64)
+    if "linrefs" in stats:
+        stats["linrefs"] = {name: {"linref": np.asarray(fit["linref"], dtype=np.float64),
+                                   "mean": np.float64(fit["mean"]), "std": np.float64(fit["std"])}
+                            for name, fit in stats["linrefs"].items()}
     stats["natoms_hist"] = np.asarray(stats["natoms_hist"], dtype=np.int64)
     stats["targets"] = {name: {k: np.asarray(v, dtype=np.float64) if isinstance(v, list) else v
                                for k, v in target.items()}

@@ -45,6 +45,10 @@ class TargetConfig:
     """Cross-entropy class weights (JMP's mp_is_metal: [1, 1.342])."""
     normalize: bool = True
     """Train on (y - linref - mean) / std with the dataset statistics (force std for forces)."""
+    linref: bool = False
+    """scalar: subtract per-element reference values (least-squares fit on the training split,
+    like energy's) before normalising; for extensive properties (JMP's QM9 U_0, U, H, G, ZPVE,
+    c_v). energy always has them."""
 
     def __post_init__(self) -> None:
         if self.kind == "energy" and self.name != "energy":
@@ -57,6 +61,23 @@ class TargetConfig:
             raise ConfigError(f"target {self.name!r}: class_weights needs {self.num_classes} entries")
         if self.coef < 0:
             raise ConfigError(f"target {self.name!r}: coef must be >= 0, got {self.coef}")
+        if self.linref and self.kind != "scalar":
+            raise ConfigError(f"target {self.name!r}: linref is for scalar targets (energy always has "
+                              f"per-element references), not {self.kind}")
+
+
+@dataclass(kw_only=True)
+class GraphSettings:
+    """How a task's four graphs are built: a jmp_ext.graphs.GraphConfig preset, optionally with
+    another cutoff or k. Each structure's own pbc flags decide periodicity."""
+
+    preset: str = "oc20"
+    """jmp_ext.graphs.GraphConfig preset: oc20, oc22, ani1x, transition1x, qm9, rmd17, md22, spice,
+    matbench, qmof."""
+    cutoff: float = 0.0
+    """Å; replaces the preset's cutoffs (all four graphs) when > 0."""
+    max_neighbors: int = 0
+    """Replaces the preset's base k (main graph; the others follow JMP's proportions) when > 0."""
 
 
 @dataclass(kw_only=True)
@@ -76,6 +97,9 @@ class TaskConfig:
     """Force head: direct (edge scalars times unit vectors, JMP pretraining) or F = -dE/dpos."""
     structure_wise_force_loss: bool = False
     """L2MAE force loss summed per structure / natoms, then averaged (JMP pretraining's SWL)."""
+    graph: GraphSettings | None = None
+    """This task's graphs (None: the run's `graph`). A pretraining batch mixes tasks; each
+    structure gets its own task's graphs (JMP: 12 Å for OC20/OC22, 8 Å for ANI-1x/T1x)."""
 
     def __post_init__(self) -> None:
         if not self.train:
@@ -94,20 +118,6 @@ class TaskConfig:
         energy std and the network cannot be torch.compiled. forces: gradient on a task without
         such targets changes nothing. The one rule for TrainConfig, build_network and TaskModel."""
         return self.forces == "gradient" and any(t.kind in ("forces", "stress") for t in self.targets)
-
-
-@dataclass(kw_only=True)
-class GraphSettings:
-    """The graphs every batch gets (JMP builds all pretraining tasks' graphs the same way; each
-    structure's own pbc flags decide periodicity)."""
-
-    preset: str = "oc20"
-    """jmp_ext.graphs.GraphConfig preset: oc20, oc22, ani1x, transition1x, qm9, rmd17, md22, spice,
-    matbench, qmof."""
-    cutoff: float = 0.0
-    """Å; replaces the preset's cutoffs (all four graphs) when > 0."""
-    max_neighbors: int = 0
-    """Replaces the preset's base k (main graph; the others follow JMP's proportions) when > 0."""
 
 
 @dataclass(kw_only=True)

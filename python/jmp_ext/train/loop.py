@@ -75,20 +75,25 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def graph_config(config: TrainConfig):
+def graph_configs(config: TrainConfig) -> list:
+    """One jmp_ext.graphs.GraphConfig per task: its own `graph` settings, else the run's."""
     from jmp_ext.graphs import GraphConfig
 
-    g = config.graph
-    graph = GraphConfig.preset(g.preset)
-    if g.cutoff > 0:
-        graph = dataclasses.replace(graph, cutoff_main=g.cutoff, cutoff_a2ee2a=g.cutoff, cutoff_qint=g.cutoff, cutoff_a2a=g.cutoff)
-    if g.max_neighbors > 0:
-        graph = dataclasses.replace(graph, max_neighbors=g.max_neighbors)
-    return graph
+    out = []
+    for task in config.tasks:
+        g = task.graph or config.graph
+        graph = GraphConfig.preset(g.preset)
+        if g.cutoff > 0:
+            graph = dataclasses.replace(graph, cutoff_main=g.cutoff, cutoff_a2ee2a=g.cutoff, cutoff_qint=g.cutoff,
+                                        cutoff_a2a=g.cutoff)
+        if g.max_neighbors > 0:
+            graph = dataclasses.replace(graph, max_neighbors=g.max_neighbors)
+        out.append(graph)
+    return out
 
 
 def build_model(config: TrainConfig, norms: dict[str, torch.Tensor]) -> TaskModel:
-    return TaskModel(tasks.build_network(config), config.tasks, graph_config(config), norms,
+    return TaskModel(tasks.build_network(config), config.tasks, graph_configs(config), norms,
                      pretrain=config.mode == "pretrain", edge_dropout=config.model.edge_dropout)
 
 

@@ -16,7 +16,8 @@ LLRD = {
     "jmp_l": {"llrd_embedding": 0.3, "llrd_blocks": [0.55, 0.40, 0.30, 0.40, 0.55, 0.625]},
 }
 
-# JMP pretraining: per-dataset force coefficients (energy 1) and graph presets.
+# JMP pretraining: per-dataset force coefficients (energy 1); each task has its own graph preset
+# (JMP.md §3.3: OC20/OC22 periodic at 12 Å, ANI-1x/T1x molecules at 8 Å; k = 30 for all).
 PRETRAIN_TASKS = {"oc20": 73.0, "oc22": 80.0, "ani1x": 15.0, "transition1x": 14.0}
 
 
@@ -28,10 +29,9 @@ def _energy_forces(energy_coef: float, force_coef: float) -> list[dict]:
 def _pretrain(size: str) -> dict:
     return {
         "mode": "pretrain",
-        "tasks": [{"name": name, "train": "", "val": "", "forces": "direct",
+        "tasks": [{"name": name, "train": "", "val": "", "forces": "direct", "graph": {"preset": name},
                    "structure_wise_force_loss": True, "targets": _energy_forces(1.0, coef)}
                   for name, coef in PRETRAIN_TASKS.items()],
-        "graph": {"preset": "oc20"},  # JMP pretraining: 12 Å, k = 30 for every task
         "model": {"backbone": size, "edge_dropout": 0.1},
         "data": {"batch_size": 4, "temperature": 2.0},
         "optim": {"lr": 3e-4, "betas": [0.9, 0.95], "weight_decay": 0.1, "grad_clip_norm": 1.0},
@@ -64,8 +64,9 @@ def _finetune(size: str, task: dict, batch_size: int, precision: str = "fp16", p
 
 
 def _finetune_presets(size: str) -> dict[str, Callable[[], dict]]:
+    # QM9's U_0 less per-element references (JMP subtracts them for U_0, U, H, G, ZPVE, c_v).
     u0 = {"name": "qm9", "forces": "direct",
-          "targets": [{"name": "U_0", "kind": "scalar", "reduction": "sum"}]}
+          "targets": [{"name": "U_0", "kind": "scalar", "reduction": "sum", "linref": True}]}
     rmd17 = {"name": "rmd17", "forces": "gradient", "targets": _energy_forces(0.0, 10.0)}
     md22 = {"name": "md22", "forces": "gradient", "targets": _energy_forces(1.0, 100.0)}
     spice = {"name": "spice", "forces": "gradient", "targets": _energy_forces(1.0, 100.0)}

@@ -8,7 +8,8 @@ predictions (eV, eV/Å, eV/Å^3):
     direct forces = out * force_rms
     gradient forces, stress = out * energy std         (-d/dx of the energy above: consistent, unlike
                                                         JMP's separate force std, JMP.md §11.5)
-    scalar = out * std + mean;  classification logits unchanged.
+    scalar = out * std + mean (+ sum_i linref[Z_i] with TargetConfig.linref);  classification
+    logits unchanged.
 Pretraining batches mix tasks: `batch["task"]` [B] says which dataset (and so which head column and
 which statistics) each structure belongs to. Losses compare physical predictions with the labels
 divided by the same scale, which equals JMP's loss on normalised targets.
@@ -16,6 +17,7 @@ divided by the same scale, which equals JMP's loss on normalised targets.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +53,9 @@ class TaskData:
 def open_dataset(path: str, what: str, in_memory: bool):
     from jmp_ext.data import LmdbDataset
 
+    if Path(path).is_file():
+        raise TrainError(f"{what}: {path} is a file; training and evaluation read jmp_ext datasets (LMDB "
+                         f"directories): convert it with `python -m jmp_ext.data convert {path} OUT_DIR`")
     if not Path(path).is_dir():
         raise TrainError(f"{what}: dataset directory {path} does not exist")
     try:
@@ -93,16 +98,17 @@ class TaskModel(nn.Module):
     """Graphs + network + denormalisation. forward(batch) -> physical predictions by target name.
 
     State: `net.*` (JMP's keys: embedding.*, backbone.*, output.*) and the normaliser buffers
-    `norm_{target}_mean/std` [T(, k)] and `norm_linref` [T, 119], T = number of tasks, which stay
+    `norm_{target}_mean/std` [T(, k)], `norm_linref` [T, 119] (energy's per-element references) and
+    `norm_{target}_linref` [T, 119] (scalars with linref), T = number of tasks, which stay
     float64 whatever the network's dtype (move the model with .to(device), the net with .to(dtype)).
     Energies and scalars come out float64."""
 
-    def __init__(self, net: nn.Module, task_configs: list[TaskConfig], graph_config, norms: dict[str, torch.Tensor],
+    def __init__(self, net: nn.Module, task_configs: list[TaskConfig], graph_configs: list, norms: dict[str, torch.Tensor],
                  pretrain: bool, edge_dropout: float):
         super().__init__()
         self.net = net
         self.tasks = task_configs
-        self.graph_config = graph_config
+        self.graph_configs = graph_configs  # jmp_ext.graphs.GraphConfig per task
         self.pretrain = pretrain
         self.edge_dropout = edge_dropout
         self.targets = {t.name: t for t in task_configs[0].targets}  # pretraining tasks share target names
@@ -114,10 +120,11 @@ class TaskModel(nn.Module):
         return getattr(self, f"norm_{name}_std")
 
     def graphs(self, batch: dict) -> dict:
-        """The batch's four graphs and interaction indices (edge dropout only while training)."""
+        """The batch's four graphs and interaction indices, each structure's from its task's
+        GraphConfig (edge dropout only while training)."""
         from jmp_ext.graphs import build_graphs
 
-        return build_graphs(batch, self.graph_config,
+        return build_graphs(batch, self.graph_configs,
                             edge_dropout=self.edge_dropout if (self.training and self.edge_dropout) else None)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -144,15 +151,17 @@ class TaskModel(nn.Module):
                 std = self.scale(name)[task]
                 y = out[name].double()
                 y = y * std + mean if y.dim() == 1 else y * std[:, None] + mean
-                if target.kind == "energy":
-                    ref = self.norm_linref[atom_task, batch["atomic_numbers"]]
+                linref = self.norm_linref if target.kind == "energy" else getattr(self, f"norm_{name}_linref", None)
+                if linref is not None:
+                    ref = linref[atom_task, batch["atomic_numbers"]]
                     y = y + torch.zeros_like(y).index_add_(0, batch["batch"], ref)
                 preds[name] = y
         return preds
 
 
 def normalizers(task_configs: list[TaskConfig], stats: list[dict]) -> dict[str, torch.Tensor]:
-    """TaskModel's buffers from the training splits' statistics: norm_linref [T, 119] and
+    """TaskModel's buffers from the training splits' statistics: norm_linref [T, 119] (energy's
+    per-element references), norm_{target}_linref [T, 119] for scalar targets with linref, and
     norm_{target}_mean / norm_{target}_std [T] (or [T, k]), float64."""
     norms = {"norm_linref": torch.zeros(len(task_configs), MAX_Z + 1, dtype=torch.float64)}
     for name in [t.name for t in task_configs[0].targets]:
@@ -162,8 +171,11 @@ def normalizers(task_configs: list[TaskConfig], stats: list[dict]) -> dict[str, 
             m, s = _target_scale(task, target, st, i)
             mean.append(m)
             std.append(s)
-            if target.kind == "energy" and target.normalize and "linref" in st:
+            if target.normalize and target.kind == "energy" and "linref" in st:
                 norms["norm_linref"][i] = torch.as_tensor(np.asarray(st["linref"], dtype=np.float64))
+            if target.normalize and target.linref:
+                linref = norms.setdefault(f"norm_{name}_linref", torch.zeros_like(norms["norm_linref"]))
+                linref[i] = torch.as_tensor(np.asarray(st["linrefs"][name]["linref"], dtype=np.float64))
         norms[f"norm_{name}_mean"], norms[f"norm_{name}_std"] = torch.stack(mean), torch.stack(std)
     return norms
 
@@ -182,6 +194,12 @@ def _target_scale(task: TaskConfig, target: TargetConfig, stats: dict, i: int) -
     if target.name not in stats.get("targets", {}):
         raise TrainError(f"tasks.{i} ({task.name}): no statistics for target {target.name!r} in {task.train}/stats.json")
     s = stats["targets"][target.name]
+    if target.linref:  # the statistics of y - sum_i linref[Z_i]
+        if target.name not in stats.get("linrefs", {}):
+            raise TrainError(f"tasks.{i} ({task.name}): {task.train}/stats.json has no per-element references for "
+                             f"{target.name!r} (a float scalar label; stats of an older jmp_ext?): recompute them with "
+                             f"`python -m jmp_ext.data stats {task.train} --recompute`")
+        s = stats["linrefs"][target.name]
     mean = torch.as_tensor(np.asarray(s["mean"], dtype=np.float64))
     std = torch.as_tensor(np.asarray(s["std"], dtype=np.float64))
     # A constant target (std 0) would divide by zero; keep its scale at 1.
@@ -196,8 +214,15 @@ def build_network(config: TrainConfig) -> nn.Module:
 
     m = config.model
     overrides = dict(m.backbone_overrides)
+    known = {f.name for f in dataclasses.fields(BackboneConfig)}
+    if set(overrides) - known:
+        raise TrainError(f"model.backbone_overrides: unknown BackboneConfig field(s) "
+                         f"{', '.join(sorted(set(overrides) - known))} (known: {', '.join(sorted(known))})")
     overrides.setdefault("edge_dropout", m.edge_dropout or None)
-    backbone = getattr(BackboneConfig, m.backbone)(**overrides)
+    try:
+        backbone = getattr(BackboneConfig, m.backbone)(**overrides)
+    except (TypeError, ValueError) as e:
+        raise TrainError(f"model.backbone_overrides: {e}") from e
     if config.mode == "pretrain":
         for i, task in enumerate(config.tasks):
             kinds = sorted(t.kind for t in task.targets)

@@ -1,14 +1,24 @@
-"""python -m jmp_ext.train: pretrain, fine-tune, evaluate and predict.
+r"""python -m jmp_ext.train: pretrain, fine-tune, evaluate and predict.
 
-    python -m jmp_ext.train                                   the demo (makes demo_data/ if missing)
-    python -m jmp_ext.train demo [key=value ...]
-    python -m jmp_ext.train CONFIG.yaml [key=value ...]       mode from the config
-    python -m jmp_ext.train pretrain|finetune [CONFIG.yaml] [key=value ...]   (e.g. preset=jmp_s_qm9)
-    python -m jmp_ext.train eval CHECKPOINT DATASET [--task NAME] [--out metrics.json]
-    python -m jmp_ext.train predict CHECKPOINT INPUT --out predictions.npz [--task NAME]
+usage:
+  python -m jmp_ext.train [demo [key=value ...]]              the CPU demo (makes demo_data/ if missing)
+  python -m jmp_ext.train CONFIG.yaml [key=value ...]          the mode the config says
+  python -m jmp_ext.train pretrain|finetune [CONFIG.yaml] [key=value ...]
+  python -m jmp_ext.train eval CHECKPOINT DATASET [--task NAME] [--out metrics.json]
+  python -m jmp_ext.train predict CHECKPOINT INPUT --out predictions.npz [--task NAME]
+  (eval --help, predict --help: all their options)
 
-INPUT is a dataset directory or any file ASE reads (extxyz, traj, ...). Under torchrun every
-training mode runs data-parallel; only rank 0 writes.
+Training reads CONFIG.yaml (optional), then the key=value overrides: dotted keys, list items by
+index (tasks.0.train=/data/train), values parsed as YAML. preset=NAME starts from a named recipe
+(jmp_ext/train/presets.py). Every key, its default and meaning: the dataclasses of
+jmp_ext/train/config.py (TrainConfig and the classes it holds); each run saves its resolved
+config as run_dir/config.yaml. A sub-command that contradicts the config's mode is an error.
+example:
+  python -m jmp_ext.train finetune preset=jmp_s_qm9 model.init_checkpoint=jmp-s.pt \
+      tasks.0.train=/data/qm9/train tasks.0.val=/data/qm9/val run_dir=runs/qm9
+
+INPUT is a dataset directory or any file ASE reads (extxyz, traj, ASE db, ...). Under torchrun
+every training mode runs data-parallel; only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -17,10 +27,12 @@ import argparse
 import io
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from jmp_ext.train.config import ConfigError, build_config, load_config
 from jmp_ext.train.tasks import TrainError
@@ -41,14 +53,18 @@ def run_training(config) -> dict:
 
 
 def print_summary(config, summary: dict) -> None:
+    from jmp_ext.train.loop import RUN_FILES
+
     print(f"\n== {config.mode} finished: {summary['steps']} steps ({summary['epochs']:.2f} epochs), stop: {summary['stop']}")
     print(f"   {summary['seconds']:.1f} s training, {summary['structures_per_s']:.1f} structures/s, "
           f"{summary['atoms_per_s']:.0f} atoms/s")
     for split in ("val", "test"):
         for name, value in (summary.get(split) or {}).items():
             print(f"   {split:4s} {name:40s} {value:.5g}")
+    # (Trainer.train has written summary.json by now; best.pt exists only with a validation split.)
     run = Path(config.run_dir)
-    print(f"   run directory {run}: config.yaml, last.pt, best.pt, metrics.csv, summary.json")
+    files = [name for name in RUN_FILES if (run / name).is_file()] + ["tb/"] * (run / "tb").is_dir()
+    print(f"   run directory {run}: {', '.join(files)}")
 
 
 def demo(overrides: list[str]) -> dict:
@@ -57,6 +73,7 @@ def demo(overrides: list[str]) -> dict:
     from jmp_ext.train.presets import demo as demo_config
 
     config = build_config(demo_config(), overrides)
+    check_device(config.device, "device=")
     root = Path(config.tasks[0].train).parents[1]
     distributed.setup(config.device)
     if distributed.is_main():
@@ -111,7 +128,12 @@ def predict(checkpoint: str, source: str, out: str, task: str | None, batch_size
 
         if not Path(source).is_file():
             raise TrainError(f"input {source} does not exist")
-        images = ase.io.read(source, index=":")
+        try:
+            images = ase.io.read(source, index=":")
+        except Exception as e:  # (ASE's readers raise anything on a file that is not theirs)
+            raise TrainError(f"input {source} could not be read as a structure file ({type(e).__name__}: {e}); "
+                             "give a dataset directory or a file ASE reads: extxyz, xyz, traj, ASE db (.db), "
+                             "cif, POSCAR, ...") from e
         entries = (atoms_to_entry(a) for a in images)
         count = len(images)
     dtype = next(model.net.parameters()).dtype
@@ -150,30 +172,87 @@ def task_index(config, task: str | None) -> int:
     return names.index(task)
 
 
+def check_device(device: str, flag: str) -> None:
+    """CUDA on a machine without it, said as such (torch.load's failure reads as a broken
+    checkpoint, distributed.setup's is a traceback). flag: how the user gave it, '--device ' or 'device='."""
+    if device.partition(":")[0] == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"{flag}{device}: CUDA is not available on this machine; use {flag}cpu")
+
+
+def is_config_path(arg: str) -> bool:
+    """The first training argument is the config when it names one; a path may hold '=' (a sweep's
+    runs/lr=1e-3/config.yaml), so that alone does not make it an override."""
+    return arg.lower().endswith((".yaml", ".yml")) or Path(arg).is_file()
+
+
+def stated_mode(path: str | None, overrides: list[str]) -> tuple[str, str] | None:
+    """The mode the config itself states and where, by load_config's precedence: the last mode=
+    override, the file's mode, its preset's (the last preset= override, else the file's). None: it
+    states none. A file that is not a YAML mapping states none: load_config reports it."""
+    from jmp_ext.train.presets import PRESETS
+
+    given = {o.partition("=")[0].strip(): o.partition("=")[2].strip() for o in overrides}  # (the last one wins)
+    if "mode" in given:
+        return given["mode"], f"the override mode={given['mode']}"
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) if path and Path(path).is_file() else None
+    except yaml.YAMLError:
+        raw = None
+    raw = raw if isinstance(raw, dict) else {}
+    if "mode" in raw:
+        return str(raw["mode"]), f"mode {raw['mode']} of {path}"
+    preset = str(given.get("preset", raw.get("preset")))
+    if preset in PRESETS:
+        mode = PRESETS[preset]()["mode"]
+        return mode, f"mode {mode} of preset {preset}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if not argv or argv[0] == "demo":
-            demo(argv[1:])
-        elif argv[0] in ("eval", "predict"):
-            parser = argparse.ArgumentParser(prog=f"python -m jmp_ext.train {argv[0]}")
-            parser.add_argument("checkpoint")
-            parser.add_argument("data", help="dataset directory" + (" or ASE-readable file" if argv[0] == "predict" else ""))
+        if argv and argv[0] in ("eval", "predict"):
+            is_eval = argv[0] == "eval"
+            parser = argparse.ArgumentParser(
+                prog=f"python -m jmp_ext.train {argv[0]}",
+                description="Metrics (JSON) of a trained checkpoint on a dataset." if is_eval else
+                "Predictions of a trained checkpoint for every structure of INPUT, saved as npz: natoms, "
+                "energy (eV), forces (eV/Å), stress (eV/Å^3), properties.",
+                epilog="Training: python -m jmp_ext.train --help.")
+            parser.add_argument("checkpoint", metavar="CHECKPOINT", help="best.pt or last.pt of a run")
+            parser.add_argument("data", metavar="DATASET" if is_eval else "INPUT",
+                                help="dataset directory" + ("" if is_eval else " or ASE-readable file"))
             parser.add_argument("--task", default=None, help="task whose heads to use (needed when the checkpoint has several: pretraining)")
-            parser.add_argument("--out", required=argv[0] == "predict", default=None)
+            parser.add_argument("--out", required=not is_eval, default=None)
             parser.add_argument("--batch-size", type=int, default=16)
-            parser.add_argument("--device", default="cpu")
-            a = parser.parse_args(argv[1:])
-            if argv[0] == "eval":
+            parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+            try:
+                a = parser.parse_args(argv[1:])
+            except SystemExit as e:  # --help (0) or a usage error (2): an exit code like any other outcome
+                return int(e.code or 0)
+            check_device(a.device, "--device ")
+            if is_eval:
                 evaluate_checkpoint(a.checkpoint, a.data, a.task, a.out, a.batch_size, a.device)
             else:
                 predict(a.checkpoint, a.data, a.out, a.task, a.batch_size, a.device)
+        elif "-h" in argv or "--help" in argv:  # (never a config path or a key=value override)
+            from jmp_ext.train.presets import PRESETS
+
+            print(__doc__.rstrip())
+            print(textwrap.fill(", ".join(PRESETS), width=96, initial_indent="presets (preset=NAME): ",
+                                subsequent_indent="  "))
+        elif not argv or argv[0] == "demo":
+            demo(argv[1:])
         else:
             mode = argv[0] if argv[0] in ("pretrain", "finetune") else None
             rest = argv[1:] if mode else argv
-            path = rest[0] if rest and "=" not in rest[0] else None
+            path = rest[0] if rest and is_config_path(rest[0]) else None
             overrides = rest[1:] if path else rest
+            stated = stated_mode(path, overrides) if mode else None
+            if stated and stated[0] != mode:
+                raise ConfigError(f"the sub-command {mode} contradicts {stated[1]}: drop one of them")
             config = load_config(path, [*overrides, *([f"mode={mode}"] if mode else [])])
+            check_device(config.device, "device=")
             run_training(config)
     except (ConfigError, TrainError, FileNotFoundError, ValueError) as e:  # bad input: a message, no traceback
         print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,131 @@
+"""python -m jmp_ext.train as a new user meets it: help, how arguments are read, and a message
+(`error: ...`, exit 2) rather than a traceback for the usual mistakes."""
+
+import pytest
+import torch
+import yaml
+
+from jmp_ext.train import loop
+from jmp_ext.train.__main__ import main
+from jmp_ext.train.config import build_config
+from jmp_ext.train.presets import PRESETS
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="tests the message of a machine without CUDA")
+
+
+def finetune_raw(tiny_data, run_dir) -> dict:
+    """A one-step fine-tuning run of a tiny network on 'mol' (no validation split: no best.pt)."""
+    return {"mode": "finetune", "run_dir": str(run_dir), "threads": 1, "graph": {"cutoff": 4.0, "max_neighbors": 8},
+            "tasks": [{"name": "mol", "train": str(tiny_data / "mol" / "train"), "forces": "direct",
+                       "targets": [{"name": "energy", "kind": "energy"}, {"name": "forces", "kind": "forces"}]}],
+            "model": {"backbone": "tiny", "backbone_overrides": {"num_blocks": 1, "num_radial": 16}},
+            "loop": {"max_steps": 1, "progress": False, "fit_scale_factors": 0}}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    loop.Trainer(build_config(finetune_raw(tiny_data, run))).save_best({})
+    return str(run / "best.pt")
+
+
+def test_help_lists_the_commands_presets_and_where_the_keys_are(capsys):
+    for argv in (["--help"], ["-h"], ["demo", "--help"], ["pretrain", "--help"], ["finetune", "x.yaml", "-h"]):
+        assert main(argv) == 0, argv
+        out = capsys.readouterr().out
+        assert all(word in out for word in ("pretrain", "finetune", "eval", "predict", "CONFIG.yaml", "key=value",
+                                            "jmp_ext/train/config.py", "example")), argv
+        assert all(name in out for name in PRESETS), argv
+    for command in ("eval", "predict"):
+        assert main([command, "--help"]) == 0
+        assert f"usage: python -m jmp_ext.train {command}" in capsys.readouterr().out
+
+
+def test_the_example_of_the_help_is_a_valid_config(capsys):
+    main(["--help"])
+    words = capsys.readouterr().out.split("example:")[1].replace("\\\n", " ").strip().splitlines()[0].split()
+    assert words[:4] == ["python", "-m", "jmp_ext.train", "finetune"]
+    assert build_config({}, words[4:]).mode == "finetune"
+
+
+def test_a_config_path_may_hold_an_equals_sign(tiny_data, tmp_path, capsys):
+    """A sweep's directories are often named lr=1e-3: the path is still the config, not an override."""
+    path = tmp_path / "lr=1e-3" / "config.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(finetune_raw(tiny_data, tmp_path / "run")))
+    assert main(["finetune", str(path)]) == 0
+    assert "finetune finished: 1 steps" in capsys.readouterr().out
+    assert main([str(tmp_path / "lr=1e-4" / "config.yaml")]) == 2
+    assert f"config file {tmp_path / 'lr=1e-4' / 'config.yaml'} does not exist" in capsys.readouterr().err
+
+
+def test_the_summary_lists_the_files_the_run_wrote(tiny_data, tmp_path, capsys):
+    """Without a validation split there is no best.pt: the summary does not promise one."""
+    path = tmp_path / "run.yml"
+    path.write_text(yaml.safe_dump(finetune_raw(tiny_data, tmp_path / "run")))
+    assert main([str(path)]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    run = tmp_path / "run"
+    expected = [p.name + "/" * p.is_dir() for p in run.iterdir()]
+    assert "best.pt" not in expected and {"config.yaml", "last.pt", "summary.json"} <= set(expected)
+    assert line.startswith(f"   run directory {run}:")
+    assert sorted(line.split(":")[-1].strip().split(", ")) == sorted(expected)
+
+
+def test_a_sub_command_that_contradicts_the_config_is_an_error(tiny_data, tmp_path, capsys):
+    """Neither may silently win: `finetune` on a pretraining config would pretrain (or the reverse)."""
+    path = tmp_path / "pre.yaml"
+    path.write_text(yaml.safe_dump({**finetune_raw(tiny_data, tmp_path / "run"), "mode": "pretrain"}))
+    cases = [(["pretrain", "mode=finetune"], "sub-command pretrain contradicts the override mode=finetune"),
+             (["finetune", str(path)], f"sub-command finetune contradicts mode pretrain of {path}"),
+             (["finetune", "preset=jmp_s_pretrain"],
+              "sub-command finetune contradicts mode pretrain of preset jmp_s_pretrain"),
+             (["finetune", str(path), "mode=pretrain"], "sub-command finetune contradicts the override mode=pretrain")]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name, text", [("notes.txt", "hello\n"), ("table.csv", "a,b\n1,2\n")])
+def test_predict_on_a_file_ase_cannot_read(checkpoint, tmp_path, capsys, name, text):
+    (tmp_path / name).write_text(text)
+    assert main(["predict", checkpoint, str(tmp_path / name), "--out", str(tmp_path / "p.npz")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: input {tmp_path / name} could not be read as a structure file") and "extxyz" in err
+
+
+@no_cuda
+def test_cuda_on_a_machine_without_it(checkpoint, tiny_data, tmp_path, capsys):
+    """Said as such: torch.load's failure read as a broken checkpoint, the trainer's as a traceback."""
+    assert main(["eval", checkpoint, str(tiny_data / "mol" / "test"), "--device", "cuda"]) == 2
+    assert "--device cuda: CUDA is not available on this machine; use --device cpu" in capsys.readouterr().err
+    assert main(["predict", checkpoint, str(tiny_data / "mol" / "test"), "--out", "p.npz", "--device", "cuda:0"]) == 2
+    assert "--device cuda:0: CUDA is not available" in capsys.readouterr().err
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(finetune_raw(tiny_data, tmp_path / "run")))
+    assert main([str(path), "device=cuda"]) == 2
+    assert "device=cuda: CUDA is not available on this machine; use device=cpu" in capsys.readouterr().err
+    assert main(["demo", "device=cuda", f"run_dir={tmp_path / 'demo'}"]) == 2
+    assert "device=cuda: CUDA is not available" in capsys.readouterr().err
+
+
+def test_bad_checkpoints_and_datasets_are_messages(checkpoint, tiny_data, tmp_path, capsys):
+    torch.save({"a": 1}, tmp_path / "random.pt")
+    (tmp_path / "empty").mkdir()
+    test_set = str(tiny_data / "mol" / "test")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(finetune_raw(tiny_data, tmp_path / "run")))
+    cases = [(["eval", str(tmp_path / "none.pt"), test_set], f"checkpoint {tmp_path / 'none.pt'} does not exist"),
+             (["eval", str(tmp_path / "random.pt"), test_set], "is not a jmp_ext training checkpoint"),
+             (["predict", str(tmp_path / "random.pt"), test_set, "--out", "p.npz"],
+              "is not a jmp_ext training checkpoint"),
+             (["eval", checkpoint, str(tmp_path / "empty")], "is not a jmp_ext dataset"),
+             (["predict", checkpoint, str(tmp_path / "empty"), "--out", "p.npz"], "is not a jmp_ext dataset"),
+             ([str(path), f"tasks.0.train={tmp_path / 'empty'}"], "is not a jmp_ext dataset"),
+             ([str(path), f"model.init_checkpoint={tmp_path / 'none.pt'}"], "none.pt does not exist"),
+             ([str(path), f"model.init_checkpoint={tmp_path / 'random.pt'}"], "random.pt")]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err, argv

@@ -106,6 +106,20 @@ def test_a_dict_subclass_in_the_file_is_a_clear_error(tmp_path):
         load_jmp_checkpoint(path, reference_model(), use_ema=False)
 
 
+def test_files_that_are_not_checkpoints_are_named(tmp_path):
+    """A text file or a truncated download is a ValueError naming the file, not a KeyError or a
+    zip error; a torch file of something else says it is not a JMP / jmp_ext checkpoint."""
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    torch.save(reference_model().state_dict(), tmp_path / "full.pt")
+    (tmp_path / "truncated.pt").write_bytes((tmp_path / "full.pt").read_bytes()[:1000])
+    for name in ("notes.txt", "truncated.pt"):
+        with pytest.raises(ValueError, match=rf"{name} is not a readable torch checkpoint"):
+            load_jmp_checkpoint(tmp_path / name, reference_model())
+    torch.save({"a": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=r"not a JMP or jmp_ext checkpoint.*\['a'\]"):
+        load_jmp_checkpoint(tmp_path / "other.pt", reference_model())
+
+
 def test_finetune_load_drops_heads_and_force_branch(tmp_path):
     reference = reference_model()
     ckpt = lightning_checkpoint(reference, tmp_path)

@@ -42,18 +42,22 @@ def _stub(qualified_name: str) -> type:
 
 
 def safe_load(path: str | os.PathLike) -> dict:
-    """torch.load(path, weights_only=True); classes outside torch's allowlist become inert stubs."""
+    """torch.load(path, weights_only=True); classes outside torch's allowlist become inert stubs.
+    Anything that cannot be read so raises a ValueError naming the file."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        with torch.serialization.safe_globals([_stub(name) for name in names]):
-            try:
-                return torch.load(path, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError as e:  # e.g. a dict subclass: only plain dicts get items
-                raise ValueError(f"{path} cannot be read without running code from it ({e}). If you trust "
-                                 "the file, re-save its tensors: torch.save({'state_dict': torch.load(path, "
-                                 "weights_only=False)['state_dict']}, 'weights.pt')") from e
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # classes outside the allowlist (or not a torch file at all)
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception as e:  # not a torch file (text, a truncated download, ...)
+        raise ValueError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: {e})") from e
+    with torch.serialization.safe_globals([_stub(name) for name in names]):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:  # e.g. a dict subclass: only plain dicts get items
+            raise ValueError(f"{path} cannot be read without running code from it ({e}). If you trust "
+                             "the file, re-save its tensors: torch.save({'state_dict': torch.load(path, "
+                             "weights_only=False)['state_dict']}, 'weights.pt')") from e
 
 
 def _skipped_by_ema(key: str) -> bool:
@@ -93,7 +97,8 @@ def read_state_dict(source: str | os.PathLike | dict, *, use_ema: bool = True) -
     elif ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         state, ckpt = dict(ckpt), {}
     else:
-        raise ValueError(f"no 'state_dict' in the checkpoint (top-level keys: {sorted(ckpt)[:20]})")
+        raise ValueError(f"not a JMP or jmp_ext checkpoint: no 'state_dict', no run 'model' + 'config' "
+                         f"and not a flat state dict (top-level keys: {sorted(ckpt)[:20]})")
 
     if use_ema:
         states = ckpt.get("optimizer_states") or [{}]

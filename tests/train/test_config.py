@@ -1,8 +1,10 @@
+import datetime
+
 import pytest
 import yaml
 
 from jmp_ext.train.config import ConfigError, TrainConfig, build_config, load_config, save_config, to_dict
-from jmp_ext.train.presets import PRESETS
+from jmp_ext.train.presets import PRESETS, demo
 
 TASK = {"name": "a", "train": "/data/a", "targets": [{"name": "energy", "kind": "energy"}]}
 
@@ -21,7 +23,13 @@ def test_defaults_and_types():
     ({}, "loop.progress=1", r"loop\.progress: expected bool"),
     ({}, "loop.precision=fp8", r"loop\.precision: 'fp8' is not one of"),
     ({}, "tasks.0.targets.0.kind=energyy", r"tasks\.0\.targets\.0\.kind"),
-    ({}, "tasks.3.train=x", r"tasks\.3: '3' is not an index of a list of 1"),
+    ({}, "tasks.3.train=x", r"tasks\.3\.train: tasks has 1 item\(s\), '3' is not an index of it; .*tasks=\["),
+    ({}, "optim.llrd_blocks.0=0.5", r"optim\.llrd_blocks\.0: optim\.llrd_blocks is not set in the config .* "
+                                    r"set the whole list: optim\.llrd_blocks=\["),
+    ({"optim": {"lr": 1e-3}}, "optim.lr.x=1", r"optim\.lr\.x: optim\.lr is a float, it has no key 'x'"),
+    ({2: "x", "b": 1}, "seed=1", r"2: unknown key"),
+    ({}, "optim.betas={a: 010}", r"optim\.betas: expected a list, got dict \{'a': 010\}"),  # as written
+    ({}, "optim.lr=[1,", r"override 'optim\.lr=\[1,': invalid YAML"),
     ({}, "optim.betas=[0.9]", r"optim\.betas must be two numbers"),
     ({}, "tasks.0.train=", r"task 'a': train is empty"),
     ({}, "nonsense", r"not of the form key\.path=value"),
@@ -29,6 +37,45 @@ def test_defaults_and_types():
     ({}, "loop.log_every=0", r"loop\.log_every must be >= 1"),
     ({}, "loop.ckpt_every=0", r"loop\.ckpt_every must be >= 1"),
     ({}, "tasks.0.targets.0.name=U_0", r"target 'U_0': kind energy is the dataset's 'energy' field"),
+    # Non-finite floats, however written, fail here rather than mid-run.
+    ({}, "optim.lr=.nan", r"optim\.lr: expected a finite number, got nan"),
+    ({}, "optim.lr=nan", r"optim\.lr: expected a finite number, got nan"),
+    ({}, "optim.lr=.inf", r"optim\.lr: expected a finite number, got inf"),
+    ({}, "optim.weight_decay=-.inf", r"optim\.weight_decay: expected a finite number, got -inf"),
+    ({}, "optim.betas=[0.9, .nan]", r"optim\.betas\.1: expected a finite number, got nan"),
+    ({}, "tasks.0.targets.0.coef=1e999", r"tasks\.0\.targets\.0\.coef: expected a finite number, got inf"),
+    # Ranges.
+    ({}, "optim.weight_decay=-0.1", r"optim\.weight_decay must be >= 0, got -0\.1"),
+    ({}, "optim.grad_clip_norm=-1", r"optim\.grad_clip_norm must be >= 0"),
+    ({}, "optim.grad_clip_value=-1", r"optim\.grad_clip_value must be >= 0"),
+    ({}, "graph.cutoff=-1", r"graph\.cutoff must be >= 0"),
+    ({}, "graph.max_neighbors=-1", r"graph\.max_neighbors must be >= 0"),
+    ({}, "graph.preset=oc21", r"graph\.preset: unknown GraphConfig preset 'oc21'"),
+    ({}, "tasks.0.graph={preset: qm8}", r"graph\.preset: unknown GraphConfig preset 'qm8'"),
+    ({}, "model.edge_dropout=1", r"model\.edge_dropout must be in \[0, 1\), got 1\.0"),
+    ({}, "model.dropout=-0.1", r"model\.dropout must be in \[0, 1\)"),
+    ({}, "model.freeze_blocks=[0, -1]", r"model\.freeze_blocks entries must be >= 0"),
+    ({}, "data.batch_size=0", r"data\.batch_size must be >= 1"),
+    ({}, "data.val_batch_size=0", r"data\.val_batch_size must be >= 1"),
+    ({}, "data.temperature=0", r"data\.temperature must be > 0"),
+    ({}, "data.max_atoms=-1", r"data\.max_atoms must be >= 0"),
+    ({}, "data.num_workers=-1", r"data\.num_workers must be >= 0"),
+    ({}, "schedule.warmup=-1", r"schedule\.warmup must be >= 0"),
+    ({}, "schedule.cosine=-1", r"schedule\.cosine must be >= 0"),
+    ({}, "schedule.warmup_start_factor=0", r"schedule\.warmup_start_factor must be in \(0, 1\]"),
+    ({}, "schedule.min_lr_factor=1.5", r"schedule\.min_lr_factor must be in \(0, 1\]"),
+    ({}, "schedule.plateau_patience=-1", r"schedule\.plateau_patience must be >= 0"),
+    ({}, "schedule.plateau_factor=1", r"schedule\.plateau_factor must be in \(0, 1\)"),
+    ({"loop": {"max_epochs": 1}}, "loop.max_steps=-1", r"loop\.max_steps must be >= 0"),
+    ({}, "loop.max_epochs=-1", r"loop\.max_epochs must be >= 0"),
+    ({}, "loop.val_every=-1", r"loop\.val_every must be >= 0"),
+    ({}, "loop.early_stop_patience=-1", r"loop\.early_stop_patience must be >= 0"),
+    ({}, "loop.min_lr=-1", r"loop\.min_lr must be >= 0"),
+    ({}, "loop.fit_scale_factors=-1", r"loop\.fit_scale_factors must be >= 0"),
+    ({}, "threads=-1", r"threads must be >= 0"),
+    ({}, "tasks.0.name=a/b", r"task name 'a/b' must be non-empty and without '/'"),
+    ({}, "tasks.0.name=", r"task name '' must be non-empty"),
+    ({}, "tasks.0.targets.0.name=", r"target name is empty"),
 ])
 def test_bad_config_names_the_key(raw, override, match):
     with pytest.raises(ConfigError, match=match):
@@ -49,11 +96,51 @@ def test_overrides_parse_yaml_values():
     assert cfg.tasks[0].val == "/v"
 
 
-def test_names_and_paths_that_yaml_reads_as_numbers_or_dates():
+def test_names_and_paths_that_yaml_reads_as_numbers_or_dates(tmp_path):
     cfg = build_config({"tasks": [dict(TASK)]}, ["tasks.0.name=2024-01-05", "run_dir=2024"])
     assert cfg.tasks[0].name == "2024-01-05" and cfg.run_dir == "2024"
     with pytest.raises(ConfigError, match=r"run_dir: expected str, got bool"):
         build_config({"tasks": [dict(TASK)]}, ["run_dir=no"])
+    # YAML 1.1 reads these as octal 8, 1.1, sexagesimal 750 and 0x10 = 16: the text must survive.
+    texts = {"run_dir": "010", "tasks.0.name": "1.10", "tasks.0.train": "12:30", "tasks.0.val": "0x10"}
+    cfg = build_config({"tasks": [dict(TASK)]}, [f"{k}={v}" for k, v in texts.items()])
+    assert (cfg.run_dir, cfg.tasks[0].name, cfg.tasks[0].train, cfg.tasks[0].val) == tuple(texts.values())
+    path = tmp_path / "c.yaml"
+    path.write_text("run_dir: 010\ntasks:\n- {name: 017, train: 1.10, val: 2024-01-05, test: 1_0,\n"
+                    "   targets: [{name: energy, kind: energy}]}\n")
+    cfg = load_config(path)
+    task = cfg.tasks[0]
+    assert (cfg.run_dir, task.name, task.train, task.val, task.test) == ("010", "017", "1.10", "2024-01-05", "1_0")
+
+
+def test_numbers_with_leading_zeros_are_decimal():
+    cfg = build_config({"tasks": [TASK]}, ["loop.max_steps=017", "loop.val_every=08", "schedule.warmup=010",
+                                           "optim.llrd_blocks=[1.10, 01]"])
+    assert cfg.loop.max_steps == 17 and cfg.loop.val_every == 8 and cfg.schedule.warmup == 10.0
+    assert cfg.optim.llrd_blocks == [1.1, 1.0]
+
+
+def test_any_typed_values_are_plain():
+    override = "model.backbone_overrides={num_blocks: 010, x: [1.10, {y: 2024-01-05}], 1: z}"
+    cfg = build_config({"tasks": [TASK]}, [override])
+    overrides = cfg.model.backbone_overrides
+    assert overrides == {"num_blocks": 10, "x": [1.1, {"y": datetime.date(2024, 1, 5)}], "1": "z"}  # keys are names
+    assert type(overrides["num_blocks"]) is int and type(overrides["x"][0]) is float  # no wrapper left
+    assert yaml.safe_load(yaml.safe_dump(to_dict(cfg)))["model"]["backbone_overrides"] == overrides
+
+
+def test_override_inside_a_number_read_from_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"tasks": [TASK], "optim": {"lr": 0.001}}))
+    with pytest.raises(ConfigError, match=r"optim\.lr\.x: optim\.lr is a float, it has no key 'x'"):
+        load_config(path, ["optim.lr.x=1"])
+
+
+def test_malformed_yaml_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("tasks: [\n  {name: a\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: invalid YAML"):
+        load_config(path)
 
 
 def test_yaml_roundtrip(tmp_path):
@@ -62,6 +149,20 @@ def test_yaml_roundtrip(tmp_path):
     again = load_config(tmp_path / "config.yaml")
     assert to_dict(again) == to_dict(cfg)
     assert not list(tmp_path.glob(".*tmp"))  # no temporary left behind
+
+
+@pytest.mark.parametrize("raw, overrides", [({"tasks": [TASK]}, []), (demo(), []),
+                                            ({}, ["preset=jmp_s_qm9", "tasks.0.train=x"])],
+                         ids=["defaults", "demo", "jmp_s_qm9"])
+def test_saved_config_is_a_fixed_point(tmp_path, raw, overrides):
+    """config.yaml loads back to the same config, and saving that gives the same bytes (no int
+    default such as max_epochs: 0 that reads back as 0.0)."""
+    cfg = build_config(raw, overrides)
+    save_config(cfg, tmp_path / "a.yaml")
+    again = load_config(tmp_path / "a.yaml")
+    assert again == cfg
+    save_config(again, tmp_path / "b.yaml")
+    assert (tmp_path / "a.yaml").read_bytes() == (tmp_path / "b.yaml").read_bytes()
 
 
 def test_missing_file(tmp_path):

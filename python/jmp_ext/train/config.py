@@ -2,9 +2,10 @@
 
 `load_config(path, overrides)` reads a YAML file (optionally starting from a named preset, see
 jmp_ext.train.presets), applies `key.path=value` overrides (list items by index: `tasks.0.train=X`)
-and validates the result against the dataclasses below before anything runs: an unknown key or a
-value of the wrong type raises ConfigError naming the key. `save_config` writes the resolved config
-(atomically) beside the checkpoints.
+and validates the result against the dataclasses below before anything runs: an unknown key, a
+value of the wrong type or out of range, or malformed YAML raises ConfigError naming the key (or the
+file or override). `save_config` writes the resolved config (atomically) beside the checkpoints;
+loading that file gives the same config back.
 """
 
 from __future__ import annotations
@@ -12,17 +13,32 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 
 
 class ConfigError(ValueError):
     """A config problem; the message names the offending key."""
+
+
+_RANGES = {">= 0": lambda v: v >= 0, "> 0": lambda v: v > 0, ">= 1": lambda v: v >= 1,
+           "in [0, 1)": lambda v: 0 <= v < 1, "in (0, 1]": lambda v: 0 < v <= 1, "in (0, 1)": lambda v: 0 < v < 1}
+
+
+def _check(obj: Any, section: str, rule: str, *names: str) -> None:
+    """Raises a ConfigError naming `section.name` (`name` at the top level) unless each field
+    `names` of obj satisfies rule, a key of _RANGES that the message repeats."""
+    for name in names:
+        value = getattr(obj, name)
+        if not _RANGES[rule](value):
+            raise ConfigError(f"{_join(section, name)} must be {rule}, got {value}")
 
 
 @dataclass(kw_only=True)
@@ -51,6 +67,8 @@ class TargetConfig:
     c_v). energy always has them."""
 
     def __post_init__(self) -> None:
+        if not self.name:
+            raise ConfigError("target name is empty")
         if self.kind == "energy" and self.name != "energy":
             raise ConfigError(f"target {self.name!r}: kind energy is the dataset's 'energy' field (its linear "
                               "references are fitted on it); use kind scalar with reduction sum for another "
@@ -79,6 +97,16 @@ class GraphSettings:
     max_neighbors: int = 0
     """Replaces the preset's base k (main graph; the others follow JMP's proportions) when > 0."""
 
+    def __post_init__(self) -> None:
+        # Messages say graph.* also for a task's graph (tasks.N.graph): the class does not know its key.
+        from jmp_ext.graphs import GraphConfig
+
+        try:
+            GraphConfig.preset(self.preset)
+        except ValueError as e:
+            raise ConfigError(f"graph.preset: {e}") from None
+        _check(self, "graph", ">= 0", "cutoff", "max_neighbors")
+
 
 @dataclass(kw_only=True)
 class TaskConfig:
@@ -102,6 +130,9 @@ class TaskConfig:
     structure gets its own task's graphs (JMP: 12 Å for OC20/OC22, 8 Å for ANI-1x/T1x)."""
 
     def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"task name {self.name!r} must be non-empty and without '/' (metric keys are "
+                              "task/metric, checkpoint keys use it too)")
         if not self.train:
             raise ConfigError(f"task {self.name!r}: train is empty; give the LMDB directory "
                               f"(e.g. tasks.0.train=/data/{self.name}/train)")
@@ -139,6 +170,11 @@ class ModelConfig:
     """Fine-tuning: dropout on the per-atom features before each head (JMP's mp_is_metal: 0.5).
     The backbone has none, as in JMP (model.backbone_overrides.dropout would add it)."""
 
+    def __post_init__(self) -> None:
+        _check(self, "model", "in [0, 1)", "edge_dropout", "dropout")
+        if any(i < 0 for i in self.freeze_blocks):
+            raise ConfigError(f"model.freeze_blocks entries must be >= 0, got {self.freeze_blocks}")
+
 
 @dataclass(kw_only=True)
 class DataConfig:
@@ -153,6 +189,11 @@ class DataConfig:
     """Load each LMDB into memory at start (small datasets)."""
     num_workers: int = 0
     """DataLoader worker processes per rank (0 = load in the training process)."""
+
+    def __post_init__(self) -> None:
+        _check(self, "data", ">= 1", "batch_size", "val_batch_size")
+        _check(self, "data", "> 0", "temperature")
+        _check(self, "data", ">= 0", "max_atoms", "num_workers")
 
 
 @dataclass(kw_only=True)
@@ -173,8 +214,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
-        if self.lr <= 0:
-            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        _check(self, "optim", "> 0", "lr")
+        _check(self, "optim", ">= 0", "weight_decay", "grad_clip_norm", "grad_clip_value")
         if any(m <= 0 for m in [self.llrd_embedding, *self.llrd_blocks]):
             raise ConfigError("optim.llrd_* multipliers must be > 0")
 
@@ -185,10 +226,10 @@ class ScheduleConfig:
 
     unit: Literal["steps", "epochs"] = "steps"
     """Unit of warmup and cosine (epochs are converted with the training sampler's length)."""
-    warmup: float = 0
+    warmup: float = 0.0
     warmup_start_factor: float = 0.2
     """lr factor at step 0 (JMP: 0.2 pretraining, 0.1 fine-tuning)."""
-    cosine: float = 0
+    cosine: float = 0.0
     """Length of the cosine decay after warmup (0 = until the end of the run)."""
     min_lr_factor: float = 0.1
     """Cosine ends at min_lr_factor * lr (per LLRD group: divided by the multiplier, clamped to
@@ -198,12 +239,17 @@ class ScheduleConfig:
     improved for this many validations (0 = off; JMP fine-tuning: 3, rMD17: 10)."""
     plateau_factor: float = 0.8
 
+    def __post_init__(self) -> None:
+        _check(self, "schedule", ">= 0", "warmup", "cosine", "plateau_patience")
+        _check(self, "schedule", "in (0, 1]", "warmup_start_factor", "min_lr_factor")
+        _check(self, "schedule", "in (0, 1)", "plateau_factor")
+
 
 @dataclass(kw_only=True)
 class LoopConfig:
     max_steps: int = 1000
     """Optimizer steps (the run stops earlier on max_epochs, early stopping or min_lr; 0 = no cap)."""
-    max_epochs: float = 0
+    max_epochs: float = 0.0
     """Passes over the training sampler (0 = no cap). One of max_steps / max_epochs must be set."""
     val_every: int = 200
     """Validate every this many steps (0 = once per epoch) and at the end."""
@@ -232,7 +278,9 @@ class LoopConfig:
     compiled graphs cannot be differentiated twice, which gradient forces need."""
 
     def __post_init__(self) -> None:
-        if self.max_steps <= 0 and self.max_epochs <= 0:
+        _check(self, "loop", ">= 0", "max_steps", "max_epochs", "val_every", "early_stop_patience", "min_lr",
+               "fit_scale_factors")
+        if self.max_steps == 0 and self.max_epochs == 0:
             raise ConfigError("loop: set max_steps or max_epochs")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"loop.ema_decay must be in [0, 1), got {self.ema_decay}")
@@ -266,6 +314,7 @@ class TrainConfig:
     loop: LoopConfig = field(default_factory=LoopConfig)
 
     def __post_init__(self) -> None:
+        _check(self, "", ">= 0", "threads")
         if not self.tasks:
             raise ConfigError("tasks: at least one task is needed")
         names = [t.name for t in self.tasks]
@@ -282,19 +331,21 @@ class TrainConfig:
 
 
 def from_dict(cls: type, values: Any, key: str = "") -> Any:
-    """Builds dataclass `cls` from plain dicts/lists, checking every key and type."""
+    """Builds dataclass `cls` from plain dicts/lists (or what _load_yaml read), checking every key and type."""
     return _convert(cls, values, key)
 
 
 def _convert(tp: Any, value: Any, key: str) -> Any:
     where = key or "<config>"
     origin = typing.get_origin(tp)
+    if isinstance(value, _Scalar) and tp is not str and origin not in (typing.Union, types.UnionType):
+        value = value.value  # only a str field takes the text (see _Loader)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
         hints = typing.get_type_hints(tp)
         fields = {f.name: f for f in dataclasses.fields(tp)}
-        unknown = sorted(set(value) - set(fields))
+        unknown = sorted(set(value) - set(fields), key=str)
         if unknown:
             raise ConfigError(f"{_join(key, unknown[0])}: unknown key (known: {', '.join(fields)})")
         kwargs = {}
@@ -329,25 +380,30 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return copy.deepcopy(value)
+        return _plain(value)
     if tp is Any:
-        return value
+        return _plain(value)
     if tp is float:
         # PyYAML (YAML 1.1) reads 1e-4 (no dot) as a string; accept what float() reads exactly.
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, got str {value!r}") from None
+        except OverflowError:  # an integer too large for a float
+            number = math.inf
+        if not math.isfinite(number):  # nan or inf (.nan, .inf, 'nan') would only fail mid-run
+            raise ConfigError(f"{where}: expected a finite number, got {number}")
+        return number
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
         return value
+    if tp is str and isinstance(value, _Scalar):
+        return value.text
     if tp is str and not isinstance(value, bool) and isinstance(value, (int, float, datetime.date)):
-        return str(value)  # YAML read a name or path such as 2024 or 2024-01-05 as a number or date
+        return str(value)  # a mapping read by plain yaml.safe_load (not _load_yaml): 2024 for a name
     if tp in (str, bool):
         if not isinstance(value, tp):
             raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
@@ -359,8 +415,68 @@ def _join(key: str, name: str) -> str:
     return f"{key}.{name}" if key else name
 
 
+def _plain(value: Any) -> Any:
+    """A deep copy of value with every _Scalar replaced by its value (for fields typed Any)."""
+    if isinstance(value, _Scalar):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return copy.deepcopy(value)
+
+
 def to_dict(config: Any) -> dict:
     return dataclasses.asdict(config)
+
+
+# ---------------------------------------------------------------- YAML
+
+
+class _Scalar(NamedTuple):
+    """A YAML number or date and the text it was written as (see _Loader)."""
+
+    text: str
+    value: Any
+
+    def __repr__(self) -> str:  # in messages, as the user wrote it
+        return self.text
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that keeps the text of numbers and dates: YAML 1.1 reads `010` as 8, `1.10` as
+    1.1, `12:30` as 750 and `2024-01-05` as a date, which would silently change a name or path
+    (run_dir: 010). Numbers and dates load as _Scalar(text, value); _convert gives a str field the
+    text, any other field the value. Integers with leading zeros are decimal, as YAML 1.2 and the
+    user read them (017 is 17, not octal 15; 08 is 8, not a string). Mapping keys are names and
+    keep their text."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        mapping = super().construct_mapping(node, deep=deep)
+        return {k.text if isinstance(k, _Scalar) else k: v for k, v in mapping.items()}
+
+
+def _decimal_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    digits = node.value.replace("_", "")
+    return int(digits) if re.fullmatch(r"[-+]?[0-9]+", digits) else loader.construct_yaml_int(node)
+
+
+def _keep_text(construct: Any) -> Any:
+    return lambda loader, node: _Scalar(node.value, construct(loader, node))
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9][0-9_]*$"), list("-+0123456789"))
+_Loader.add_constructor("tag:yaml.org,2002:int", _keep_text(_decimal_int))
+_Loader.add_constructor("tag:yaml.org,2002:float", _keep_text(yaml.SafeLoader.construct_yaml_float))
+_Loader.add_constructor("tag:yaml.org,2002:timestamp", _keep_text(yaml.SafeLoader.construct_yaml_timestamp))
+
+
+def _load_yaml(source: Any, where: str) -> Any:
+    """YAML text or an open file -> Python values (with _Scalars); malformed YAML is a ConfigError."""
+    try:
+        return yaml.load(source, Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: invalid YAML: {e}") from None
 
 
 # ---------------------------------------------------------------- overrides and files
@@ -371,35 +487,32 @@ def apply_override(raw: dict, override: str) -> None:
     if "=" not in override:
         raise ConfigError(f"override {override!r} is not of the form key.path=value")
     path, text = override.split("=", 1)
-    parts = path.strip().split(".")
+    path = path.strip()
+    parts = path.split(".")
     if not all(parts):
         raise ConfigError(f"override {override!r}: empty key in {path!r}")
-    value = yaml.safe_load(text) if text.strip() else ""
+    value = _load_yaml(text, f"override {override!r}") if text.strip() else ""
     node: Any = raw
-    for i, part in enumerate(parts[:-1]):
-        node = _child(node, part, ".".join(parts[: i + 1]), create=True)
-    last = parts[-1]
-    if isinstance(node, list):
-        idx = _index(node, last, path)
-        node[idx] = value
-    else:
-        node[last] = value
-
-
-def _child(node: Any, part: str, where: str, create: bool) -> Any:
-    if isinstance(node, list):
-        return node[_index(node, part, where)]
-    if not isinstance(node, dict):
-        raise ConfigError(f"{where}: cannot set a key inside a {type(node).__name__}")
-    if part not in node or node[part] is None:
-        node[part] = {}
-    return node[part]
-
-
-def _index(node: list, part: str, where: str) -> int:
-    if not part.isdigit() or int(part) >= len(node):
-        raise ConfigError(f"{where}: {part!r} is not an index of a list of {len(node)}")
-    return int(part)
+    for i, part in enumerate(parts):
+        where = ".".join(parts[:i])  # node's key (node is raw itself only for i = 0)
+        key: str | int = part
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"{path}: {where} has {len(node)} item(s), {part!r} is not an index of it; "
+                                  f"to change its length, set the whole list: {where}=[...]")
+            key = int(part)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"{path}: {where} is a {type(_plain(node)).__name__}, it has no key {part!r}")
+        if i == len(parts) - 1:
+            node[key] = value
+            return
+        if isinstance(node, dict) and node.get(key) is None:
+            if parts[i + 1].isdigit():  # an item of a list the config does not write
+                raise ConfigError(f"{path}: {_join(where, part)} is not set in the config (it keeps its "
+                                  f"default), so it has no item {parts[i + 1]}; set the whole list: "
+                                  f"{_join(where, part)}=[...]")
+            node[key] = {}
+        node = node[key]
 
 
 def deep_merge(base: dict, update: dict) -> dict:
@@ -438,7 +551,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
+        with path.open(encoding="utf-8") as f:
+            raw = _load_yaml(f, str(path)) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the config must be a YAML mapping")
     return build_config(raw, overrides)

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from jmp_ext.train.config import ConfigError, build_config, load_config
 from jmp_ext.train.tasks import TrainError
@@ -185,29 +184,6 @@ def is_config_path(arg: str) -> bool:
     return arg.lower().endswith((".yaml", ".yml")) or Path(arg).is_file()
 
 
-def stated_mode(path: str | None, overrides: list[str]) -> tuple[str, str] | None:
-    """The mode the config itself states and where, by load_config's precedence: the last mode=
-    override, the file's mode, its preset's (the last preset= override, else the file's). None: it
-    states none. A file that is not a YAML mapping states none: load_config reports it."""
-    from jmp_ext.train.presets import PRESETS
-
-    given = {o.partition("=")[0].strip(): o.partition("=")[2].strip() for o in overrides}  # (the last one wins)
-    if "mode" in given:
-        return given["mode"], f"the override mode={given['mode']}"
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) if path and Path(path).is_file() else None
-    except yaml.YAMLError:
-        raw = None
-    raw = raw if isinstance(raw, dict) else {}
-    if "mode" in raw:
-        return str(raw["mode"]), f"mode {raw['mode']} of {path}"
-    preset = str(given.get("preset", raw.get("preset")))
-    if preset in PRESETS:
-        mode = PRESETS[preset]()["mode"]
-        return mode, f"mode {mode} of preset {preset}"
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -248,10 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             rest = argv[1:] if mode else argv
             path = rest[0] if rest and is_config_path(rest[0]) else None
             overrides = rest[1:] if path else rest
-            stated = stated_mode(path, overrides) if mode else None
-            if stated and stated[0] != mode:
-                raise ConfigError(f"the sub-command {mode} contradicts {stated[1]}: drop one of them")
-            config = load_config(path, [*overrides, *([f"mode={mode}"] if mode else [])])
+            config = load_config(path, overrides, mode)
             check_device(config.device, "device=")
             run_training(config)
     except (ConfigError, TrainError, FileNotFoundError, ValueError) as e:  # bad input: a message, no traceback

@@ -485,7 +485,9 @@ def _load_yaml(source: Any, where: str) -> Any:
 def apply_override(raw: dict, override: str) -> None:
     """Applies one `a.b.0.c=value` override in place; the value is parsed as YAML (1e-4, true, [1, 2])."""
     if "=" not in override:
-        raise ConfigError(f"override {override!r} is not of the form key.path=value")
+        raise ConfigError(f"override {override!r} is not of the form key.path=value (python -m jmp_ext.train "
+                          "takes the sub-commands demo, pretrain, finetune, eval, predict and config files "
+                          "ending in .yaml)")
     path, text = override.split("=", 1)
     path = path.strip()
     parts = path.split(".")
@@ -523,8 +525,10 @@ def deep_merge(base: dict, update: dict) -> dict:
     return out
 
 
-def build_config(raw: dict, overrides: list[str] = ()) -> TrainConfig:
-    """raw (a parsed YAML mapping, may name a `preset`) + overrides -> validated TrainConfig."""
+def build_config(raw: dict, overrides: list[str] = (), mode: str | None = None) -> TrainConfig:
+    """raw (a parsed YAML mapping, may name a `preset`) + overrides -> validated TrainConfig.
+    mode: the command line's sub-command (pretrain / finetune); a config (its preset, file or
+    overrides) that states the other mode is an error rather than silently overruled."""
     from jmp_ext.train.presets import PRESETS
 
     raw = copy.deepcopy(raw)
@@ -542,10 +546,16 @@ def build_config(raw: dict, overrides: list[str] = ()) -> TrainConfig:
         raw = deep_merge(PRESETS[preset](), raw)
     for o in rest:
         apply_override(raw, o)
+    if mode is not None:
+        stated = _plain(raw.get("mode", mode))
+        if stated != mode:
+            raise ConfigError(f"mode: the sub-command {mode} contradicts mode {stated} of the config (its file, "
+                              "preset or a mode= override): drop one of them")
+        raw["mode"] = mode
     return from_dict(TrainConfig, raw)
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+def load_config(path: str | Path | None, overrides: list[str] = (), mode: str | None = None) -> TrainConfig:
     raw: Any = {}
     if path is not None:
         path = Path(path)
@@ -555,7 +565,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
             raw = _load_yaml(f, str(path)) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the config must be a YAML mapping")
-    return build_config(raw, overrides)
+    return build_config(raw, overrides, mode)
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:

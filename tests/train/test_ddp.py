@@ -1,13 +1,21 @@
-"""2 CPU processes with gloo on loopback train exactly like 1 process with the same global batch."""
+"""2 CPU processes with gloo on loopback train exactly like 1 process with the same global batch;
+an error on one rank ends every rank with its message; a run resumes on another number of ranks."""
 
+import dataclasses
+import json
 import socket
+from datetime import timedelta
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from jmp_ext.train import distributed, loop, tasks
 from jmp_ext.train.checkpoint import load_checkpoint
 from jmp_ext.train.config import build_config
+from jmp_ext.train.tasks import TrainError
+
+SMALL = {"num_blocks": 1, "num_radial": 16}
 
 
 def _config(data, run_dir):
@@ -16,24 +24,35 @@ def _config(data, run_dir):
               "targets": [{"name": "energy", "kind": "energy"}, {"name": "forces", "kind": "forces", "coef": 10.0}]}
              for n in ("mol", "box")]
     return build_config({"tasks": tasks, "run_dir": str(run_dir), "threads": 1, "graph": {"cutoff": 4.0, "max_neighbors": 8},
-                         "model": {"backbone": "tiny", "backbone_overrides": {"num_blocks": 1, "num_radial": 16}},
+                         "model": {"backbone": "tiny", "backbone_overrides": SMALL},
                          "data": {"batch_size": 6, "val_batch_size": 4}, "schedule": {"warmup": 1},
                          "loop": {"max_steps": 3, "val_every": 0, "ckpt_every": 3, "ema_decay": 0.9,
                                   "precision": "fp64", "fit_scale_factors": 1, "progress": False}})
 
 
-def _worker(rank, world_size, port, data, run_dir, out):
+def _finetune(data, run_dir, forces="gradient", val="val", data_kw=None, schedule=None, resume=False, **loop_kw):
+    """Fine-tuning on the 'mol' task (energy + forces), fp64."""
+    task = {"name": "mol", "train": str(data / "mol" / "train"), "val": str(data / "mol" / val) if val else "",
+            "test": str(data / "mol" / "test"), "forces": forces,
+            "targets": [{"name": "energy", "kind": "energy"}, {"name": "forces", "kind": "forces", "coef": 10.0}]}
+    return build_config({"mode": "finetune", "tasks": [task], "run_dir": str(run_dir), "threads": 1, "resume": resume,
+                         "graph": {"cutoff": 4.0, "max_neighbors": 8},
+                         "model": {"backbone": "tiny", "backbone_overrides": SMALL},
+                         "data": {"batch_size": 4, "val_batch_size": 4, **(data_kw or {})},
+                         "schedule": schedule or {"warmup": 1},
+                         "loop": {"max_steps": 3, "val_every": 2, "ckpt_every": 2, "precision": "fp64",
+                                  "fit_scale_factors": 1, "progress": False, **loop_kw}})
+
+
+def _worker(rank, world_size, port, fn, args):
     import os
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from jmp_ext.train import distributed
-    from jmp_ext.train.loop import Trainer
-
+    # A short timeout: a rank left waiting in a collective fails the test rather than hanging it.
+    distributed.setup("cpu", timeout=timedelta(seconds=60))
     try:
-        summary = Trainer(_config(data, run_dir)).train()
-        if rank == 0:
-            torch.save(summary["val"], out)
+        fn(rank, *args)
     finally:
         distributed.teardown()
 
@@ -44,12 +63,36 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _on_ranks(fn, *args, world_size=2):
+    """fn(rank, *args) on `world_size` gloo ranks (a module-level function: it is pickled)."""
+    mp.spawn(_worker, args=(world_size, _free_port(), fn, args), nprocs=world_size, join=True)
+
+
+def _train(rank, configs, out=None):
+    """Trains every config in turn; rank 0 saves the last summary and both ranks the warnings."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for config in configs:
+            summary = loop.Trainer(config).train()
+    if out is not None:
+        (out / f"warnings{rank}.json").write_text(json.dumps([str(w.message) for w in caught]))
+        if rank == 0:
+            (out / "summary.json").write_text(json.dumps(summary))
+
+
+def _assert_same_weights(path_a, path_b):
+    a, b = load_checkpoint(path_a), load_checkpoint(path_b)
+    assert a["loop"]["step"] == b["loop"]["step"]
+    for key in a["model"]:
+        torch.testing.assert_close(b["model"][key], a["model"][key], rtol=1e-9, atol=1e-11, msg=key)
+
+
 @pytest.mark.slow
 def test_two_gloo_ranks_equal_one_process(tiny_data, tmp_path):
-    from jmp_ext.train.loop import Trainer
-
-    one = Trainer(_config(tiny_data, tmp_path / "one")).train()
-    mp.spawn(_worker, args=(2, _free_port(), tiny_data, tmp_path / "two", tmp_path / "val.pt"), nprocs=2, join=True)
+    one = loop.Trainer(_config(tiny_data, tmp_path / "one")).train()
+    _on_ranks(_train, [_config(tiny_data, tmp_path / "two")], tmp_path)
     a = load_checkpoint(tmp_path / "one" / "last.pt")
     b = load_checkpoint(tmp_path / "two" / "last.pt")
     assert a["loop"]["step"] == b["loop"]["step"] == 3
@@ -58,5 +101,194 @@ def test_two_gloo_ranks_equal_one_process(tiny_data, tmp_path):
     for key in a["ema"]:
         torch.testing.assert_close(b["ema"][key], a["ema"][key], rtol=1e-9, atol=1e-11, msg=key)
     # Validation metrics reduced over the ranks equal the single-process ones.
-    val = torch.load(tmp_path / "val.pt", weights_only=True)
+    val = json.loads((tmp_path / "summary.json").read_text())["val"]
     assert val == pytest.approx(one["val"], rel=1e-9)
+
+
+@pytest.mark.slow
+def test_gradient_forces_on_two_ranks(tiny_data, tmp_path):
+    """Fine-tuning with gradient forces (double backward) on 2 ranks: the weights and the
+    metrics of 1 process, and no "Grad strides do not match bucket view strides" from DDP.
+    Validation and test have one batch (4 structures) for 2 ranks: rank 1 evaluates nothing."""
+    one = loop.Trainer(_finetune(tiny_data, tmp_path / "one", ema_decay=0.9)).train()
+    _on_ranks(_train, [_finetune(tiny_data, tmp_path / "two", ema_decay=0.9)], tmp_path)
+    _assert_same_weights(tmp_path / "one" / "last.pt", tmp_path / "two" / "last.pt")
+    two = json.loads((tmp_path / "summary.json").read_text())
+    assert two["val"] == pytest.approx(one["val"], rel=1e-9)
+    assert two["test"] == pytest.approx(one["test"], rel=1e-9)  # (all ranks read rank 0's best.pt)
+    for rank in (0, 1):
+        assert not [w for w in json.loads((tmp_path / f"warnings{rank}.json").read_text()) if "strides" in w]
+
+
+# ---------------------------------------------------------------- an error on one rank
+
+
+def _fail_on_one_rank(rank, data, tmp_path):
+    """Runs a job per way of failing on one rank, and records what each rank raised."""
+    import contextlib
+    from unittest import mock
+
+    def raise_on_call(n, error):
+        calls = []
+
+        def fail(*args, original):
+            calls.append(1)
+            if len(calls) == n:
+                raise error
+            return original(*args)
+        return fail
+
+    def patched(target, name, fail):
+        original = getattr(target, name)
+        return mock.patch.object(target, name, lambda *a: fail(*a, original=original))
+
+    nothing = contextlib.nullcontext()
+    jobs = {  # name: (config, patch on the failing rank, the failing rank)
+        "setup": (_finetune(data, tmp_path / "setup", val="missing" if rank == 1 else "val"), nothing, 1),
+        "step": (_finetune(data, tmp_path / "step"),
+                 patched(tasks, "loss_terms", raise_on_call(2, TrainError("bad batch (injected)"))), 1),
+        "validation": (_finetune(data, tmp_path / "validation", data_kw={"val_batch_size": 2}),  # (a batch each)
+                       patched(tasks, "update_metrics", raise_on_call(1, TrainError("bad val batch (injected)"))), 1),
+        "run_dir": (_finetune(data, tmp_path / "a_file" / "run"), nothing, 0),
+        "checkpoint": (_finetune(data, tmp_path / "checkpoint"),
+                       patched(loop, "save_checkpoint", raise_on_call(1, OSError(28, "disk full (injected)"))), 0),
+    }
+    results = {}
+    for name, (config, patch, failing) in jobs.items():
+        try:
+            with patch if rank == failing else nothing:
+                loop.Trainer(config).train()
+            results[name] = None
+        except Exception as e:
+            results[name] = [type(e).__name__, str(e)]
+    (tmp_path / f"rank{rank}.json").write_text(json.dumps(results))
+
+
+@pytest.mark.slow
+def test_an_error_on_one_rank_ends_every_rank_with_its_message(tiny_data, tmp_path):
+    """A dataset only rank 1 cannot open, a batch or a validation batch only it cannot use, a
+    run_dir or a checkpoint rank 0 cannot write: every rank raises at once (none waits in a
+    collective for a rank that is gone), the others with the failed rank's message."""
+    (tmp_path / "a_file").write_text("")  # rank 0 cannot make run_dir a_file/run
+    _on_ranks(_fail_on_one_rank, tiny_data, tmp_path)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    expected = {"setup": (1, "TrainError", "missing"), "step": (1, "TrainError", "bad batch (injected)"),
+                "validation": (1, "TrainError", "bad val batch (injected)"),
+                "run_dir": (0, "NotADirectoryError", "a_file"), "checkpoint": (0, "OSError", "disk full (injected)")}
+    for name, (failing, kind, text) in expected.items():
+        own, other = results[failing][name], results[1 - failing][name]
+        assert own is not None and own[0] == kind and text in own[1], (name, own)
+        assert other is not None and other[0] == "TrainError", (name, other)
+        assert other[1].startswith(f"rank {failing} failed: {kind}: ") and text in other[1], (name, other)
+
+
+def test_raise_together(monkeypatch):
+    """The decision every rank takes from the gathered messages (here faked: rank 1 failed)."""
+    gathered = [None, "TrainError: tasks.0.val: dataset directory /x does not exist"]
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "all_gather_object", lambda obj: gathered)
+    with pytest.raises(TrainError, match=r"^rank 1 failed: TrainError: tasks.0.val: dataset directory /x"):
+        distributed.raise_together(None)  # rank 0: the message of rank 1
+    own = OSError("rank 1's own")
+    with pytest.raises(OSError) as raised:
+        distributed.raise_together(own)  # rank 1: its own exception
+    assert raised.value is own
+    with pytest.raises(TrainError, match=r"^rank 1 failed: OSError: x$"):
+        with distributed.together():  # (the block of a rank that did not fail)
+            gathered[1] = "OSError: x"
+    gathered[:] = [None, None]
+    distributed.raise_together(None)  # nobody failed
+    with distributed.together():
+        pass
+    gathered[:] = ["ValueError: a", "ValueError: b", None]
+    with pytest.raises(TrainError, match=r"^rank 0 \(and 1 other rank\(s\)\) failed: ValueError: a$"):
+        distributed.raise_together(None)
+
+
+# ---------------------------------------------------------------- resuming on another number of ranks
+
+
+def test_resume_position():
+    """Global batches of 2, 2, 1, 2, 2, 1, 1, 1 structures: 2 ranks train 0, 1, 3, 4 (the others
+    have fewer structures than ranks), 1 process all of them."""
+    batches = [[0, 1], [2, 3], [4], [5, 6], [7, 8], [9], [10], [11]]
+    assert loop.resume_position(batches, 3, 2, 2) == 3  # the same number of ranks: unchanged
+    assert loop.resume_position(batches, 3, 2, 1) == 4  # 2 ranks trained 0, 1, 3: 1 process goes on at 4
+    assert loop.resume_position(batches, 3, 1, 2) == 2  # 1 process trained 0, 1, 2: 2 ranks go on at 3
+    assert loop.resume_position(batches, 2, 1, 2) == 2  # trained 0, 1: 2 ranks go on at 3 (2 is too small)
+    assert loop.resume_position(batches, 0, 2, 1) == 0
+    assert loop.resume_position(batches, 4, 2, 1) == 5  # 2 ranks' epoch done: 1 process trains 5, 6, 7
+    assert loop.resume_position(batches, 8, 1, 2) == 4  # 1 process's epoch done: so are the 2 ranks'
+    assert loop.resume_position(batches, 1, 1, 3) == 0  # 3 ranks: no batch of this epoch has 3 structures
+
+
+def _resume_config(data, run_dir, steps, resume=False):
+    """Global batches of 2, 2, 1, 2, 2, 1, 1, 1 structures in epoch 0; a schedule that does not
+    depend on max_steps (which a resumed run raises)."""
+    return _finetune(data, run_dir, forces="direct", val="", data_kw={"batch_size": 3, "max_atoms": 8},
+                     schedule={"warmup": 1, "cosine": 100}, resume=resume, max_steps=steps, ckpt_every=100,
+                     ema_decay=0.9)
+
+
+@pytest.mark.slow
+def test_resume_on_another_number_of_ranks(tiny_data, tmp_path):
+    """1 process -> 2 ranks continues as 1 process would (2 ranks train what 1 process does on
+    batches of 2 structures or more), 2 ranks -> 1 process as 2 ranks would: neither repeats
+    nor skips a batch of the epoch."""
+    cfg = lambda name, steps, resume=False: _resume_config(tiny_data, tmp_path / name, steps, resume)  # noqa: E731
+    loop.Trainer(cfg("one_two", 3)).train()  # global batches 0, 1, 2
+    _on_ranks(_train, [cfg("one_two", 5, resume=True),  # 3, 4
+                       cfg("two_one", 3),  # 0, 1, 3 (2 has 1 structure)
+                       cfg("two", 4)])  # 0, 1, 3, 4
+    with pytest.warns(UserWarning, match="resuming with 1 ranks from a run with 2"):
+        loop.Trainer(cfg("two_one", 4, resume=True)).train()  # 4
+    loop.Trainer(cfg("one", 5)).train()  # 0, 1, 2, 3, 4
+    _assert_same_weights(tmp_path / "one_two" / "last.pt", tmp_path / "one" / "last.pt")
+    _assert_same_weights(tmp_path / "two_one" / "last.pt", tmp_path / "two" / "last.pt")
+
+
+def test_an_epoch_without_a_batch_for_every_rank_is_an_error(tiny_data, tmp_path, monkeypatch):
+    """data.batch_size=1 on 2 ranks: every global batch is too small to split, each epoch empty;
+    the loop went from empty epoch to empty epoch for ever."""
+    trainer = loop.Trainer(_finetune(tiny_data, tmp_path / "run", forces="direct", val="", data_kw={"batch_size": 1},
+                                     fit_scale_factors=0))
+    trainer.dist = dataclasses.replace(trainer.dist, world_size=2)  # (rank 0 of 2 for _epoch_loader)
+    epochs, original = [], trainer._epoch_loader
+
+    def epoch_loader():
+        epochs.append(trainer.epoch)
+        assert len(epochs) < 5, "the loop goes on over empty epochs"
+        return original()
+
+    monkeypatch.setattr(trainer, "_epoch_loader", epoch_loader)
+    with pytest.raises(TrainError, match="no global batch of epoch 0 has a structure for each of the 2 ranks"):
+        trainer.train()
+
+
+# ---------------------------------------------------------------- gradient layout
+
+
+def test_keep_grad_layout(tiny_data, tmp_path):
+    """With gradient forces, the energy head's last weight [1, F] gets a gradient of strides
+    (1, 1), not (F, 1): keep_grad_layout gives it the parameter's strides (DDP's buckets have
+    them), with the same values."""
+    trainer = loop.Trainer(_finetune(tiny_data, tmp_path / "run"))
+    batch = next(trainer._epoch_loader())
+
+    def grads():
+        trainer.model.zero_grad(set_to_none=True)
+        preds = trainer.model(batch)
+        sum(s for s, _ in tasks.loss_terms(trainer.model, preds, batch).values()).backward()
+        return {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+    trainer.model.train()
+    before = grads()
+    params = dict(trainer.model.named_parameters())
+    if all(g.stride() == params[n].stride() for n, g in before.items()):
+        pytest.skip("this torch gives every gradient its parameter's strides")
+    loop.keep_grad_layout(trainer.model)
+    after = grads()
+    assert after.keys() == before.keys()
+    for name, g in after.items():
+        assert g.stride() == params[name].stride(), name
+        assert torch.equal(g, before[name]), name

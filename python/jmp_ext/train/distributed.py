@@ -2,12 +2,19 @@
 
 torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; without them everything
 here is a no-op for a single process. NCCL on GPUs, gloo on the CPU.
+
+An error one rank meets alone (a file only it reads or writes, a bad batch in its share) must not
+leave the others waiting in their next collective: `together()` / `raise_together()` make every
+rank raise, with the failed rank's message. Errors they do not cover (a rank killed, an error
+inside DDP's backward) end in the process group's timeout at the latest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -21,8 +28,10 @@ class DistInfo:
     device: torch.device
 
 
-def setup(device: str = "auto") -> DistInfo:
-    """Initialises the process group when launched by torchrun and picks this rank's device."""
+def setup(device: str = "auto", timeout: timedelta | None = None) -> DistInfo:
+    """Initialises the process group when launched by torchrun and picks this rank's device.
+    timeout: how long a collective waits for the other ranks before it fails (None: torch's
+    default, 10 minutes for NCCL and 30 for gloo)."""
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -38,7 +47,8 @@ def setup(device: str = "auto") -> DistInfo:
     else:
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+                                timeout=timeout)
     return DistInfo(rank, world_size, local_rank, dev)
 
 
@@ -81,3 +91,35 @@ def all_gather_object(obj) -> list:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def raise_together(error: Exception | None) -> None:
+    """A collective: every rank passes the exception it met (or None), and when any rank met one,
+    every rank raises: a failed rank its own exception, the others a TrainError with the message
+    of the first failed rank. A no-op (but raising `error`) without a process group."""
+    if not is_distributed():
+        if error is not None:
+            raise error
+        return
+    messages = all_gather_object(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+    if failed:
+        from jmp_ext.train.tasks import TrainError  # (tasks imports this module through metrics)
+
+        r, message = failed[0]
+        others = f" (and {len(failed) - 1} other rank(s))" if len(failed) > 1 else ""
+        raise TrainError(f"rank {r}{others} failed: {message}")
+
+
+@contextlib.contextmanager
+def together():
+    """`with together(): ...` runs a block that has no collective inside, and raises on every rank
+    if it raised on any (see raise_together); the block's own exception keeps its traceback."""
+    error = None
+    try:
+        yield
+    except Exception as e:
+        error = e
+    raise_together(error)

@@ -5,12 +5,17 @@ One step: the sampler's global batch -> this rank's atom-balanced share -> graph
 loss summed over the share and divided by the global structure/atom counts (so any number of
 ranks computes the one-process mean) -> non-finite check across ranks -> backward (DDP averages
 gradients) -> clipping -> AdamW -> EMA -> lr of the next step.
+
+Under torchrun every decision (skip a step, stop, save) is taken from all-reduced values, so
+identically on every rank, and an exception one rank meets alone (a file, a batch) makes every
+rank raise with its message (distributed.together) instead of leaving the others in a collective.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import shutil
@@ -116,6 +121,40 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     return model.eval(), config
 
 
+def resume_position(batches: list[list[int]], trained: int, saved_world_size: int, world_size: int) -> int:
+    """batch_in_epoch for `world_size` ranks resuming a run on `saved_world_size` ranks that had
+    trained `trained` batches of the epoch's global `batches`. A run on W ranks skips the batches
+    of fewer than W structures (Trainer._epoch_loader), so the count means a different place in
+    the epoch for another number of ranks: resume after the last batch the run trained."""
+    if saved_world_size == world_size:
+        return trained
+    kept = [k for k, b in enumerate(batches) if len(b) >= saved_world_size]
+    start = kept[min(trained, len(kept)) - 1] + 1 if trained > 0 and kept else 0
+    return sum(len(b) >= world_size for b in batches[:start])
+
+
+def keep_grad_layout(model: nn.Module) -> None:
+    """Gives gradients the strides of their parameters where they differ only on dimensions of
+    size 1 (a view: the memory layout is the same), before DDP copies them into its buckets.
+
+    AccumulateGrad keeps such a gradient as it is (it ignores the strides of size-1 dimensions),
+    DDP's reducer compares strides strictly and warns "Grad strides do not match bucket view
+    strides". With gradient forces the energy head's last weight [1, F] gets one: the sum of the
+    gradients of the energy loss and of the force loss (through the double backward), each
+    [1, F] with strides (F, 1), comes out with strides (1, 1)."""
+    for p in model.parameters():
+        if p.requires_grad and 1 in p.shape:
+            p.register_hook(functools.partial(_with_strides, stride=p.stride()))
+
+
+def _with_strides(grad: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
+    if grad.layout != torch.strided or grad.stride() == stride:
+        return grad
+    if all(a == b for a, b, n in zip(grad.stride(), stride, grad.shape) if n != 1):
+        return grad.as_strided(grad.shape, stride, grad.storage_offset())
+    return grad
+
+
 def init_from_checkpoint(net: nn.Module, path: str, use_ema: bool) -> None:
     """Loads the embedding + backbone weights of a checkpoint (ours, or a released JMP one) into
     `net`; the heads stay new, and a force branch the network does not use is dropped."""
@@ -154,69 +193,82 @@ class Trainer:
         self.main = self.dist.rank == 0
         self.run_dir = Path(c.run_dir)
         resumed = c.resume and (self.run_dir / "last.pt").is_file()
-        if not resumed:
-            self._check_run_dir()
-        self.dtype = DTYPES.get(c.loop.precision, torch.float32)
-        self.autocast = AUTOCAST.get(c.loop.precision) if self.device.type == "cuda" else None
-        if c.loop.precision in AUTOCAST and self.device.type != "cuda":
-            warnings.warn(f"loop.precision={c.loop.precision} needs a GPU; training in fp32 on the CPU", stacklevel=2)
+        seen = distributed.all_gather_object(bool(resumed))
+        if len(set(seen)) > 1:
+            raise TrainError(f"resume=true: ranks {[r for r, saw in enumerate(seen) if saw]} of {len(seen)} see "
+                             f"{self.run_dir / 'last.pt'}, the others do not: run_dir must be on a filesystem "
+                             "every rank sees")
+        # Everything up to DDP is this rank's own work: a rank that fails here (a dataset or
+        # checkpoint it cannot read) makes every rank fail with its message, none waits for it.
+        with distributed.together():
+            if not resumed:
+                self._check_run_dir()
+            self.dtype = DTYPES.get(c.loop.precision, torch.float32)
+            self.autocast = AUTOCAST.get(c.loop.precision) if self.device.type == "cuda" else None
+            if c.loop.precision in AUTOCAST and self.device.type != "cuda":
+                warnings.warn(f"loop.precision={c.loop.precision} needs a GPU; training in fp32 on the CPU",
+                              stacklevel=2)
 
-        self.data = tasks.load_task_data(c)
-        torch.manual_seed(c.seed)  # the same initial weights on every rank
-        norms = tasks.normalizers(c.tasks, [d.stats for d in self.data])
-        self.model = build_model(c, norms).to(self.device)
-        self.model.net.to(self.dtype)
-        if c.model.init_checkpoint:
-            init_from_checkpoint(self.model.net, c.model.init_checkpoint, c.model.init_ema)
-        freeze(self.model.net, c.model.freeze_embedding, c.model.freeze_blocks)
-        self.optimizer = build_optimizer(self.model.net, c.optim, tasks.num_blocks(self.model.net))
-        self.ema = EMA(self.model, c.loop.ema_decay) if c.loop.ema_decay > 0 else None
-        self.scaler = torch.amp.GradScaler(self.device.type) if self.autocast is torch.float16 else None
+            self.data = tasks.load_task_data(c)
+            torch.manual_seed(c.seed)  # the same initial weights on every rank
+            norms = tasks.normalizers(c.tasks, [d.stats for d in self.data])
+            self.model = build_model(c, norms).to(self.device)
+            self.model.net.to(self.dtype)
+            if c.model.init_checkpoint:
+                init_from_checkpoint(self.model.net, c.model.init_checkpoint, c.model.init_ema)
+            freeze(self.model.net, c.model.freeze_embedding, c.model.freeze_blocks)
+            self.optimizer = build_optimizer(self.model.net, c.optim, tasks.num_blocks(self.model.net))
+            self.ema = EMA(self.model, c.loop.ema_decay) if c.loop.ema_decay > 0 else None
+            self.scaler = torch.amp.GradScaler(self.device.type) if self.autocast is torch.float16 else None
 
-        # Global batches, the same for any number of ranks; each rank trains on its share.
-        self.train_set = MultiDataset([d.train for d in self.data])
-        order = TemperatureSampler(self.train_set.sizes, temperature=c.data.temperature, seed=c.seed)
-        self.sampler = AtomBalancedBatchSampler(self.train_set.natoms, max_atoms=c.data.max_atoms or None,
-                                                max_structures=c.data.batch_size, sampler=order, seed=c.seed)
-        self.steps_per_epoch = len(self.sampler.batches(0))
-        caps = [c.loop.max_steps] if c.loop.max_steps > 0 else []
-        if c.loop.max_epochs > 0:
-            caps.append(math.ceil(c.loop.max_epochs * self.steps_per_epoch))
-        self.total_steps = min(caps)
-        to_steps = self.steps_per_epoch if c.schedule.unit == "epochs" else 1
-        warmup = round(c.schedule.warmup * to_steps)
-        cosine = round(c.schedule.cosine * to_steps) if c.schedule.cosine > 0 else self.total_steps - warmup
-        self.schedule = LRSchedule(self.optimizer, c.schedule, c.optim.lr, warmup, cosine)
+            # Global batches, the same for any number of ranks; each rank trains on its share.
+            self.train_set = MultiDataset([d.train for d in self.data])
+            order = TemperatureSampler(self.train_set.sizes, temperature=c.data.temperature, seed=c.seed)
+            self.sampler = AtomBalancedBatchSampler(self.train_set.natoms, max_atoms=c.data.max_atoms or None,
+                                                    max_structures=c.data.batch_size, sampler=order, seed=c.seed)
+            self.steps_per_epoch = len(self.sampler.batches(0))
+            caps = [c.loop.max_steps] if c.loop.max_steps > 0 else []
+            if c.loop.max_epochs > 0:
+                caps.append(math.ceil(c.loop.max_epochs * self.steps_per_epoch))
+            self.total_steps = min(caps)
+            to_steps = self.steps_per_epoch if c.schedule.unit == "epochs" else 1
+            warmup = round(c.schedule.warmup * to_steps)
+            cosine = round(c.schedule.cosine * to_steps) if c.schedule.cosine > 0 else self.total_steps - warmup
+            self.schedule = LRSchedule(self.optimizer, c.schedule, c.optim.lr, warmup, cosine)
 
-        self.step = self.epoch = self.batch_in_epoch = 0
-        self.best = math.inf
-        self.bad_validations = 0
-        self.validated_step = -1  # the step of the last validation
-        self.nan_streak = 0
-        self.last_metrics: dict[str, float] = {}
-        if resumed:
-            self._load_resume_state(self.run_dir / "last.pt")
-        if not resumed:
-            torch.manual_seed(c.seed + 1000 * self.dist.rank + 1)
+            self.step = self.epoch = self.batch_in_epoch = 0
+            self.best = math.inf
+            self.bad_validations = 0
+            self.validated_step = -1  # the step of the last validation
+            self.nan_streak = 0
+            self.last_metrics: dict[str, float] = {}
+            if resumed:
+                self._load_resume_state(self.run_dir / "last.pt")
+            if not resumed:
+                torch.manual_seed(c.seed + 1000 * self.dist.rank + 1)
         self.resumed = resumed
 
         self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
                     if self.dist.world_size > 1 else self.model)
-        if self.main:
-            # Only now, with the data, network and schedule built: a config error must not cost
-            # the old run that overwrite=true would replace.
-            if not resumed and c.overwrite:
-                self._delete_old_run()
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(c, self.run_dir / "config.yaml")
-        self.log = RunLogger(self.run_dir, self.main, self.step, self.total_steps, c.loop.progress)
+        if self.dist.world_size > 1:
+            keep_grad_layout(self.model)
+        with distributed.together():  # (the others would otherwise start training without rank 0)
+            if self.main:
+                # Only now, with the data, network and schedule built on every rank: a config
+                # error must not cost the old run that overwrite=true would replace.
+                if not resumed and c.overwrite:
+                    self._delete_old_run()
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                save_config(c, self.run_dir / "config.yaml")
+            self.log = RunLogger(self.run_dir, self.main, self.step, self.total_steps, c.loop.progress)
 
     # ------------------------------------------------------------ the loop
 
     def train(self) -> dict:
         c = self.config
         if not self.resumed and c.loop.fit_scale_factors > 0 and not c.model.init_checkpoint:
-            self.fit_scale_factors(c.loop.fit_scale_factors)
+            with distributed.together():
+                self.fit_scale_factors(c.loop.fit_scale_factors)
         if c.loop.compile:
             # After the fit: its passes (one per scale factor, in fitting mode) would each be
             # compiled and never run again. In place: parameter names and state_dict keys stay.
@@ -226,8 +278,12 @@ class Trainer:
         loader = self._epoch_loader()
         while self.step < self.total_steps:
             try:
-                batch = next(loader)
+                batch = to_device(next(loader), self.device)
             except StopIteration:
+                if self.batch_in_epoch == 0:  # (every rank alike; it would loop over empty epochs)
+                    raise TrainError(f"no global batch of epoch {self.epoch} has a structure for each of the "
+                                     f"{self.dist.world_size} ranks (data.batch_size={c.data.batch_size}, "
+                                     f"data.max_atoms={c.data.max_atoms}): raise them or use fewer ranks") from None
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                 loader = self._epoch_loader()
                 if c.loop.val_every == 0:
@@ -235,7 +291,9 @@ class Trainer:
                         stop_reason = "early stopping / min lr"
                         break
                 continue
-            self.train_step(to_device(batch, self.device))
+            except Exception as e:  # (an unreadable entry): train_step makes every rank raise
+                batch = e
+            self.train_step(batch)
             self.batch_in_epoch += 1
             self.step += 1
             self.schedule.set_step(self.step)
@@ -257,20 +315,35 @@ class Trainer:
             atomic_write_bytes(self.run_dir / "summary.json", json.dumps(summary, indent=1).encode())
         return summary
 
-    def train_step(self, batch: dict) -> None:
+    def train_step(self, batch: dict | Exception) -> None:
+        """One optimizer step on this rank's share `batch`, or the exception loading it raised.
+        An exception of one rank (loading, forward, loss) makes every rank raise: its flag rides
+        on the step's two all-reduces, which every step does anyway."""
         c = self.config
         self.model.train()
-        local = torch.tensor([batch["natoms"].numel(), batch["pos"].shape[0]], dtype=torch.float64)
+        failed = isinstance(batch, Exception)
+        local = torch.tensor([0, 0, 1] if failed else [batch["natoms"].numel(), batch["pos"].shape[0], 0],
+                             dtype=torch.float64)
         counts = distributed.all_reduce_sum(local)
+        if counts[2].item() > 0:
+            distributed.raise_together(batch if failed else None)
         # "rank": JMP sums cross-entropy over each rank's batch (DDP then averages over ranks).
         denominators = {"structures": counts[0].item(), "atoms": counts[1].item(), "rank": self.dist.world_size}
-        with self._autocast():
-            preds = self.ddp(batch)
-        terms = tasks.loss_terms(self.model, preds, batch)
-        parts = {name: s / denominators[kind] * self.dist.world_size for name, (s, kind) in terms.items()}
-        loss = sum(parts.values())
-        bad = distributed.all_reduce_sum(torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0]))
-        if bad.item() > 0:
+        error, finite = None, False
+        try:
+            with self._autocast():
+                preds = self.ddp(batch)
+            terms = tasks.loss_terms(self.model, preds, batch)
+            parts = {name: s / denominators[kind] * self.dist.world_size for name, (s, kind) in terms.items()}
+            loss = sum(parts.values())
+            finite = torch.isfinite(loss).item()
+        except Exception as e:
+            error = e
+        failed = error is not None
+        flags = distributed.all_reduce_sum(torch.tensor([float(not finite and not failed), float(failed)]))
+        if flags[1].item() > 0:
+            distributed.raise_together(error)
+        if flags[0].item() > 0:
             self._skip_step("loss")
             return
         if self.scaler is not None:
@@ -393,9 +466,15 @@ class Trainer:
     def test(self) -> dict[str, float]:
         """Test metrics with the best checkpoint's weights (the final ones without validation)."""
         best = self.run_dir / "best.pt"
-        distributed.barrier()
-        if best.is_file():
-            self.model.load_state_dict(load_checkpoint(best, self.device)["model"])
+        # A collective, so after rank 0 wrote best.pt; every rank must then see it, or the ranks
+        # would evaluate different weights.
+        seen = distributed.all_gather_object(best.is_file())
+        if len(set(seen)) > 1:
+            raise TrainError(f"ranks {[r for r, saw in enumerate(seen) if saw]} of {len(seen)} see {best}, the "
+                             "others do not: run_dir must be on a filesystem every rank sees")
+        if seen[0]:
+            with distributed.together():
+                self.model.load_state_dict(load_checkpoint(best, self.device)["model"])
             metrics = evaluate(self.model, [d.test for d in self.data], self.config.data.val_batch_size,
                                self.dtype, self.device, self.dist.rank, self.dist.world_size)
         else:
@@ -415,14 +494,18 @@ class Trainer:
         return state
 
     def save_best(self, metrics: dict) -> None:
-        if self.main:
-            save_checkpoint(self.run_dir / "best.pt", {"model": self.weights(), "config": to_dict(self.config),
-                                                       "step": self.step, "metrics": metrics})
+        with distributed.together():  # (rank 0 failing to write must not leave the others waiting)
+            if self.main:
+                save_checkpoint(self.run_dir / "best.pt", {"model": self.weights(), "config": to_dict(self.config),
+                                                           "step": self.step, "metrics": metrics})
 
     def save_last(self) -> None:
         rngs = distributed.all_gather_object(rng_state())
-        if not self.main:
-            return
+        with distributed.together():
+            if self.main:
+                self._write_last(rngs)
+
+    def _write_last(self, rngs: list) -> None:
         save_checkpoint(self.run_dir / "last.pt", {
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
@@ -479,7 +562,12 @@ class Trainer:
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         loop = state["loop"]
-        self.step, self.epoch, self.batch_in_epoch = loop["step"], loop["epoch"], loop["batch_in_epoch"]
+        self.step, self.epoch = loop["step"], loop["epoch"]
+        # batch_in_epoch counts the batches trained this epoch, and a run on W ranks leaves out
+        # the global batches of fewer than W structures: on another number of ranks it points
+        # elsewhere in the epoch. (The saved number of ranks: one RNG state per rank.)
+        self.batch_in_epoch = resume_position(self.sampler.batches(self.epoch), loop["batch_in_epoch"],
+                                              len(state["rng"]), self.dist.world_size)
         self.best, self.bad_validations, self.nan_streak = loop["best"], loop["bad_validations"], loop["nan_streak"]
         self.validated_step = loop.get("validated_step", -1)  # (absent from checkpoints before 2026-12-03)
         self.last_metrics = state["metrics"]
@@ -500,9 +588,10 @@ def evaluate(model: TaskModel, datasets: list, batch_size: int, dtype: torch.dty
     metrics = Metrics()
     batches = [(t, list(range(s, min(s + batch_size, len(ds))))) for t, ds in enumerate(datasets) if ds is not None
                for s in range(0, len(ds), batch_size)]
-    for t, idx in batches[rank::world_size]:
-        (batch,) = load_batches(datasets[t], [idx], dtype, task=t)
-        batch = to_device(batch, device)
-        tasks.update_metrics(metrics, model, model(batch), batch)
+    with distributed.together():  # (a bad batch of one rank: every rank raises)
+        for t, idx in batches[rank::world_size]:
+            (batch,) = load_batches(datasets[t], [idx], dtype, task=t)
+            batch = to_device(batch, device)
+            tasks.update_metrics(metrics, model, model(batch), batch)
     metrics.all_reduce()
     return metrics.compute()

@@ -288,6 +288,13 @@ def test_wrong_architecture_checkpoint(tiny_data, tmp_path):
     cfg = build_config(finetune_config(tiny_data, tmp_path / "ft", init=tmp_path / "missing.pt"))
     with pytest.raises(TrainError, match=r"init_checkpoint: .*missing\.pt does not exist"):
         loop.Trainer(cfg)
+    # Not a checkpoint at all, or some other torch file: said so, not "does not fit the network".
+    (tmp_path / "notes.txt").write_text("hello")
+    torch.save({"a": 1}, tmp_path / "other.pt")
+    for name, message in [("notes.txt", "is not a readable torch checkpoint"), ("other.pt", "not a JMP or jmp_ext")]:
+        cfg = build_config(finetune_config(tiny_data, tmp_path / "ft", init=tmp_path / name))
+        with pytest.raises(TrainError, match=rf"^model\.init_checkpoint: .*{message}"):
+            loop.Trainer(cfg)
 
 
 def test_fp16_overflows_lower_the_scale_and_training_goes_on(tiny_data, tmp_path):

@@ -295,7 +295,7 @@ class TrainConfig:
     run_dir: str = "runs/run"
     """Checkpoints (last.pt, best.pt), config.yaml, metrics.csv, TensorBoard logs go here."""
     seed: int = 0
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto (cuda:LOCAL_RANK when available, else cpu), cpu or cuda."""
     threads: int = 0
     """torch intra-op threads per process (0 = torch's default). 1 is fastest for small models on

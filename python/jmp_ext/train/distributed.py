@@ -39,7 +39,7 @@ def setup(device: str = "auto", timeout: timedelta | None = None) -> DistInfo:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device=cuda but no CUDA GPU is available")
+            raise ValueError("device=cuda: CUDA is not available on this machine; use device=cpu")
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     elif device == "cpu":

@@ -32,7 +32,7 @@ from jmp_ext.data.collate import collate
 from jmp_ext.data.dataset import MultiDataset
 from jmp_ext.data.samplers import AtomBalancedBatchSampler, TemperatureSampler
 from jmp_ext.train import distributed, tasks
-from jmp_ext.models.checkpoint import is_training_checkpoint, load_jmp_checkpoint
+from jmp_ext.models.checkpoint import is_training_checkpoint, load_jmp_checkpoint, read_state_dict
 from jmp_ext.train.checkpoint import atomic_write_bytes, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from jmp_ext.train.config import TrainConfig, save_config, to_dict
 from jmp_ext.train.ema import EMA
@@ -161,7 +161,11 @@ def init_from_checkpoint(net: nn.Module, path: str, use_ema: bool) -> None:
     if not Path(path).is_file():
         raise TrainError(f"model.init_checkpoint: {path} does not exist")
     try:
-        load_jmp_checkpoint(path, net, use_ema=use_ema)
+        weights = read_state_dict(path, use_ema=use_ema)
+    except ValueError as e:
+        raise TrainError(f"model.init_checkpoint: {e}") from e
+    try:
+        load_jmp_checkpoint(weights, net, use_ema=False)  # (weights are already the EMA ones if asked)
     except ValueError as e:
         raise TrainError(f"model.init_checkpoint {path} does not fit the configured network ({e}); check "
                          "model.backbone / model.backbone_overrides against the checkpoint's architecture") from e

@@ -263,6 +263,12 @@ def test_an_epoch_without_a_batch_for_every_rank_is_an_error(tiny_data, tmp_path
     monkeypatch.setattr(trainer, "_epoch_loader", epoch_loader)
     with pytest.raises(TrainError, match="no global batch of epoch 0 has a structure for each of the 2 ranks"):
         trainer.train()
+    # Known from epoch 0's batches before anything runs (max_epochs would otherwise give 0 steps).
+    two_ranks = dataclasses.replace(distributed.setup("cpu"), world_size=2)
+    monkeypatch.setattr(distributed, "setup", lambda *args, **kwargs: two_ranks)
+    with pytest.raises(TrainError, match="no global batch of epoch 0 has a structure for each of the 2 ranks"):
+        loop.Trainer(_finetune(tiny_data, tmp_path / "run2", forces="direct", val="", data_kw={"batch_size": 1},
+                               fit_scale_factors=0))
 
 
 # ---------------------------------------------------------------- gradient layout

@@ -230,7 +230,10 @@ class Trainer:
             order = TemperatureSampler(self.train_set.sizes, temperature=c.data.temperature, seed=c.seed)
             self.sampler = AtomBalancedBatchSampler(self.train_set.natoms, max_atoms=c.data.max_atoms or None,
                                                     max_structures=c.data.batch_size, sampler=order, seed=c.seed)
-            self.steps_per_epoch = len(self.sampler.batches(0))
+            # An epoch is the global batches this run trains: those with a structure for every rank.
+            self.steps_per_epoch = sum(len(b) >= self.dist.world_size for b in self.sampler.batches(0))
+            if self.steps_per_epoch == 0:
+                raise self._no_batches_error(0)
             caps = [c.loop.max_steps] if c.loop.max_steps > 0 else []
             if c.loop.max_epochs > 0:
                 caps.append(math.ceil(c.loop.max_epochs * self.steps_per_epoch))
@@ -285,9 +288,7 @@ class Trainer:
                 batch = to_device(next(loader), self.device)
             except StopIteration:
                 if self.batch_in_epoch == 0:  # (every rank alike; it would loop over empty epochs)
-                    raise TrainError(f"no global batch of epoch {self.epoch} has a structure for each of the "
-                                     f"{self.dist.world_size} ranks (data.batch_size={c.data.batch_size}, "
-                                     f"data.max_atoms={c.data.max_atoms}): raise them or use fewer ranks") from None
+                    raise self._no_batches_error(self.epoch) from None
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                 loader = self._epoch_loader()
                 if c.loop.val_every == 0:
@@ -523,6 +524,12 @@ class Trainer:
             "config": to_dict(self.config),
             "metrics": self.last_metrics,
         })
+
+    def _no_batches_error(self, epoch: int) -> TrainError:
+        c = self.config
+        return TrainError(f"no global batch of epoch {epoch} has a structure for each of the {self.dist.world_size} "
+                          f"ranks (data.batch_size={c.data.batch_size}, data.max_atoms={c.data.max_atoms}): raise "
+                          "them or use fewer ranks")
 
     def _check_run_dir(self) -> None:
         """A new run refuses a run_dir with another run's checkpoints unless `overwrite` (or `resume`,

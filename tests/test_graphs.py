@@ -302,3 +302,21 @@ def test_mixed_task_batch_gives_each_structure_its_own_tasks_graphs():
         G.build_graphs({k: v for k, v in batch.items() if k != "task"}, configs)
     with pytest.raises(ValueError, match="indices into the 2 GraphConfigs"):
         G.build_graphs(dict(batch, task=torch.tensor([0, 1, 2, 0])), configs)
+
+
+def test_subgraph_cutoffs_compare_in_the_distance_dtype():
+    """JMP filters its float32 distances against a Python float cutoff, i.e. in float32: a pair at
+    exactly float32(5.3) Å is inside cutoff_main = 5.3 (in float64 it would be 2e-7 Å outside)."""
+    from jmp_ext.data import collate
+
+    x = float(torch.tensor(5.3, dtype=torch.float32))
+    assert x > 5.3
+    entry = {"pos": torch.tensor([[0.0, 0.0, 0.0], [x, 0.0, 0.0], [0.0, 7.0, 0.0]]),
+             "atomic_numbers": torch.tensor([1, 1, 1]), "cell": torch.zeros(3, 3), "pbc": torch.zeros(3, dtype=torch.bool),
+             "tags": torch.full((3,), 2), "fixed": torch.zeros(3, dtype=torch.bool)}
+    batch = collate([entry], dtype=torch.float32)
+    config = G.GraphConfig(cutoff_main=5.3, cutoff_a2ee2a=5.3, cutoff_qint=5.3, cutoff_a2a=8.0, pbc=False)
+    graphs = G.build_graphs(batch, config)
+    for name in ("main", "a2ee2a", "qint"):
+        assert sorted(map(tuple, graphs[name]["edge_index"].t().tolist())) == [(0, 1), (1, 0)], name
+    assert graphs["a2a"]["edge_index"].shape[1] == 4  # (atoms 1 and 2 are 8.8 Å apart)

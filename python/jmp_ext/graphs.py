@@ -236,32 +236,42 @@ def _kmax(rank: Tensor) -> int:
     return int(rank.max()) + 1 if rank.numel() else 0
 
 
-def _per_structure(configs: list[GraphConfig], task: Tensor, natoms: Tensor) -> dict:
-    """Each structure's graph settings, from the config of its task: {"k": {graph: [B] int64},
-    "cutoff": {graph: [B] float64}, "pbc": [B] bool}."""
-    k = torch.stack([torch.stack([c.neighbors_per_structure(natoms)[name] for c in configs]) for name in GRAPH_NAMES])
-    structures = torch.arange(natoms.shape[0], device=natoms.device)
-    cutoff = torch.tensor([[getattr(c, f"cutoff_{name}") for c in configs] for name in GRAPH_NAMES],
-                          dtype=torch.float64, device=natoms.device)
-    return {"k": {name: k[i, task, structures] for i, name in enumerate(GRAPH_NAMES)},
-            "cutoff": {name: cutoff[i, task] for i, name in enumerate(GRAPH_NAMES)},
-            "pbc": torch.tensor([c.pbc for c in configs], device=natoms.device)[task]}
+@dataclass(frozen=True)
+class _BatchSettings:
+    """Each structure's graph settings in a batch, from the GraphConfig of its task."""
+
+    configs: list[GraphConfig]
+    k: dict[str, Tensor]
+    """graph name -> [B] int64, neighbours per target atom."""
+    cutoff: dict[str, Tensor]
+    """graph name -> [B] float64, Å."""
+    pbc: Tensor
+    """[B] bool: the config uses the batch's pbc flags (else the structure is a molecule)."""
 
 
-def _configs(batch: dict, config: GraphConfig | list[GraphConfig]) -> tuple[list[GraphConfig], Tensor]:
-    """(configs, task [B]): the configs and which one each structure of the batch uses."""
+def _batch_settings(batch: dict, config: GraphConfig | list[GraphConfig]) -> _BatchSettings:
     natoms = batch["natoms"]
-    if isinstance(config, GraphConfig):
-        return [config], torch.zeros_like(natoms)
-    configs = list(config)
-    if "task" not in batch and len(configs) > 1:
-        raise ValueError(f"{len(configs)} GraphConfigs need batch['task'] [B], the config index of each structure")
-    task = batch["task"] if "task" in batch else torch.zeros_like(natoms)
-    if task.shape != natoms.shape or (task.numel() and not 0 <= int(task.min()) <= int(task.max()) < len(configs)):
-        raise ValueError(f"batch['task'] must be [B] indices into the {len(configs)} GraphConfigs")
-    if len({c.qint_tags for c in configs}) > 1:
-        raise ValueError(f"GraphConfigs of one batch must share qint_tags, got {[c.qint_tags for c in configs]}")
-    return configs, task
+    configs = [config] if isinstance(config, GraphConfig) else list(config)
+    if len(configs) == 1:
+        task = torch.zeros_like(natoms)
+    else:
+        if "task" not in batch:
+            raise ValueError(f"{len(configs)} GraphConfigs need batch['task'] [B], the config index of each structure")
+        task = batch["task"]
+        low, high = torch.aminmax(task) if task.numel() else (0, 0)
+        if task.shape != natoms.shape or not 0 <= int(low) <= int(high) < len(configs):
+            raise ValueError(f"batch['task'] must be [B] indices into the {len(configs)} GraphConfigs")
+        if len({c.qint_tags for c in configs}) > 1:
+            raise ValueError(f"GraphConfigs of one batch must share qint_tags, got {[c.qint_tags for c in configs]}")
+    per_config = [c.neighbors_per_structure(natoms) for c in configs]
+    structures = torch.arange(natoms.shape[0], device=natoms.device)
+    cutoff = torch.tensor([[getattr(c, f"cutoff_{name}") for name in GRAPH_NAMES] for c in configs],
+                          dtype=torch.float64).to(natoms.device)[task]
+    return _BatchSettings(
+        configs=configs,
+        k={name: torch.stack([k[name] for k in per_config])[task, structures] for name in GRAPH_NAMES},
+        cutoff={name: cutoff[:, i] for i, name in enumerate(GRAPH_NAMES)},
+        pbc=torch.tensor([c.pbc for c in configs]).to(natoms.device)[task])
 
 
 def graphs_from_a2a(batch: dict, a2a: dict, config: GraphConfig | list[GraphConfig], *,
@@ -269,27 +279,18 @@ def graphs_from_a2a(batch: dict, a2a: dict, config: GraphConfig | list[GraphConf
     """Steps 1b-6 of the module docstring, given the a2a graph {"edge_index", "cell_offset"}
     (e.g. JMP's own, in the parity tests) and optionally its "distance" [E]. See build_graphs for
     `config` and the result."""
+    return _graphs_from_a2a(batch, a2a, _batch_settings(batch, config), edge_dropout, generator)
+
+
+def _graphs_from_a2a(batch: dict, a2a: dict, settings: _BatchSettings, edge_dropout: float | None,
+                     generator: torch.Generator | None) -> dict:
     pos, natoms = batch["pos"], batch["natoms"]
     num_atoms = pos.shape[0]
     structure = batch["batch"] if "batch" in batch else _structure_index(natoms)
-    configs, task = _configs(batch, config)
-    settings = _per_structure(configs, task, natoms)
+    configs = settings.configs
     periodic = any(c.pbc for c in configs) and "cell" in batch
     cell = batch["cell"].to(pos.dtype) if periodic else None
-    k_atom = {name: k[structure] for name, k in settings["k"].items()}
-    # Per atom, the cutoff of each graph where it is below the one of the graph it is taken from
-    # (a2a from the batch's, the largest a2a cutoff; the others from the structure's a2a), else
-    # inf. Decided from the configs (no device sync), a filter runs only where some config needs
-    # it, so an edge within the larger cutoff is never dropped by a last-bit distance difference.
-    a2a_cutoff = settings["cutoff"]["a2a"]
-    radius = max(c.cutoff_a2a for c in configs)
-    cutoff_atom = {"a2a": torch.where(a2a_cutoff < radius, a2a_cutoff, torch.inf)[structure]
-                   if any(c.cutoff_a2a < radius for c in configs) else None}
-    for name in ("main", "a2ee2a", "qint"):
-        c = settings["cutoff"][name]
-        cutoff_atom[name] = (torch.where(c < a2a_cutoff, c, torch.inf)[structure]
-                             if any(getattr(g, f"cutoff_{name}") < g.cutoff_a2a for g in configs) else None)
-
+    k_atom = {name: k[structure] for name, k in settings.k.items()}
     distance = a2a.get("distance")
     a2a = {"edge_index": a2a["edge_index"], "cell_offset": a2a["cell_offset"].to(torch.int32)}
     if distance is None:
@@ -299,11 +300,27 @@ def graphs_from_a2a(batch: dict, a2a: dict, config: GraphConfig | list[GraphConf
     # distance), so the ranks need no sort; a recomputed one can differ in the last bit and
     # reorder near-ties.
     a2a["distance"] = distance.detach()
+    # Per atom, the cutoff of each graph where it is below the one of the graph it is taken from
+    # (a2a from the batch's, the largest a2a cutoff; the others from the structure's a2a), else
+    # inf. Decided from the configs (no device sync), a filter runs only where some config needs
+    # it, so an edge within the larger cutoff is never dropped by a last-bit distance difference.
+    # Compared in the distances' dtype, as JMP does. (So in float32 a pair within half an ulp
+    # of a smaller a2a cutoff of a mixed batch is kept, where radius_graph, deciding in float64,
+    # leaves it out of the structure's graph alone; the envelope is zero there.)
+    a2a_cutoff, dtype = settings.cutoff["a2a"], distance.dtype
+    radius = max(c.cutoff_a2a for c in configs)
+    cutoff_atom = {"a2a": torch.where(a2a_cutoff < radius, a2a_cutoff, torch.inf).to(dtype)[structure]
+                   if any(c.cutoff_a2a < radius for c in configs) else None}
+    for name in ("main", "a2ee2a", "qint"):
+        c = settings.cutoff[name]
+        cutoff_atom[name] = (torch.where(c < a2a_cutoff, c, torch.inf).to(dtype)[structure]
+                             if any(getattr(g, f"cutoff_{name}") < g.cutoff_a2a for g in configs) else None)
+
     if cutoff_atom["a2a"] is not None:
         a2a = _select(a2a, a2a["distance"] <= cutoff_atom["a2a"][a2a["edge_index"][1]])
     # Checked before edge dropout: dropout may leave a small molecule without edges (the
     # original's dropout_edge does too); it then trains on its atom embeddings for one step.
-    main_cutoff = settings["cutoff"]["main"][structure]
+    main_cutoff = settings.cutoff["main"].to(distance.dtype)[structure]
     in_main = a2a["edge_index"][1][a2a["distance"] <= main_cutoff[a2a["edge_index"][1]]]
     per_structure = torch.zeros_like(natoms).index_add_(0, structure[in_main], torch.ones_like(in_main))
     if (per_structure == 0).any():
@@ -380,14 +397,14 @@ def build_graphs(batch: dict, config: GraphConfig | list[GraphConfig], *, edge_d
     if edge_dropout is not None and not 0.0 <= edge_dropout < 1.0:
         raise ValueError(f"edge_dropout must be in [0, 1), got {edge_dropout}")
     pos, natoms = batch["pos"], batch["natoms"]
-    configs, task = _configs(batch, config)
-    settings = _per_structure(configs, task, natoms)
-    periodic = bool(settings["pbc"].any()) and "cell" in batch
+    settings = _batch_settings(batch, config)
+    periodic = any(c.pbc for c in settings.configs) and "cell" in batch
     pbc = torch.zeros(natoms.shape[0], 3, dtype=torch.bool, device=pos.device)
     if periodic:
-        pbc = (batch["pbc"] if "pbc" in batch else ~pbc) & settings["pbc"][:, None].to(pos.device)
+        pbc = (batch["pbc"] if "pbc" in batch else ~pbc) & settings.pbc[:, None]
     edge_index, cell_offset, distance = radius_graph(
-        pos.detach(), max(c.cutoff_a2a for c in configs), natoms=natoms,
-        cell=batch["cell"].detach().to(pos.dtype) if periodic else None, pbc=pbc, max_neighbors=int(settings["k"]["a2a"].max()))
-    return graphs_from_a2a(batch, {"edge_index": edge_index, "cell_offset": cell_offset, "distance": distance},
-                           config, edge_dropout=edge_dropout, generator=generator)
+        pos.detach(), max(c.cutoff_a2a for c in settings.configs), natoms=natoms,
+        cell=batch["cell"].detach().to(pos.dtype) if periodic else None, pbc=pbc,
+        max_neighbors=int(settings.k["a2a"].max()))
+    return _graphs_from_a2a(batch, {"edge_index": edge_index, "cell_offset": cell_offset, "distance": distance},
+                            settings, edge_dropout, generator)

@@ -81,18 +81,22 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def graph_configs(config: TrainConfig) -> list:
-    """One jmp_ext.graphs.GraphConfig per task: its own `graph` settings, else the run's."""
+    """One jmp_ext.graphs.GraphConfig per task: the preset of its own `graph` (else the run's),
+    with the cutoff and k its `graph` sets, else those the run's `graph` sets (so graph.cutoff=6
+    changes every task of a preset whose tasks have their own graphs)."""
     from jmp_ext.graphs import GraphConfig
 
     out = []
     for task in config.tasks:
-        g = task.graph or config.graph
-        graph = GraphConfig.preset(g.preset)
-        if g.cutoff > 0:
-            graph = dataclasses.replace(graph, cutoff_main=g.cutoff, cutoff_a2ee2a=g.cutoff, cutoff_qint=g.cutoff,
-                                        cutoff_a2a=g.cutoff)
-        if g.max_neighbors > 0:
-            graph = dataclasses.replace(graph, max_neighbors=g.max_neighbors)
+        own = task.graph or config.graph
+        graph = GraphConfig.preset(own.preset)
+        cutoff = own.cutoff or config.graph.cutoff
+        max_neighbors = own.max_neighbors or config.graph.max_neighbors
+        if cutoff > 0:
+            graph = dataclasses.replace(graph, cutoff_main=cutoff, cutoff_a2ee2a=cutoff, cutoff_qint=cutoff,
+                                        cutoff_a2a=cutoff)
+        if max_neighbors > 0:
+            graph = dataclasses.replace(graph, max_neighbors=max_neighbors)
         out.append(graph)
     return out
 

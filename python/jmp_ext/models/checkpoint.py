@@ -97,7 +97,8 @@ def read_state_dict(source: str | os.PathLike | dict, *, use_ema: bool = True) -
     elif ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         state, ckpt = dict(ckpt), {}
     else:
-        raise ValueError(f"not a JMP or jmp_ext checkpoint: no 'state_dict', no run 'model' + 'config' "
+        where = "" if isinstance(source, dict) else f"{source}: "
+        raise ValueError(f"{where}not a JMP or jmp_ext checkpoint: no 'state_dict', no run 'model' + 'config' "
                          f"and not a flat state dict (top-level keys: {sorted(ckpt)[:20]})")
 
     if use_ema:

@@ -321,6 +321,12 @@ def test_each_pretraining_task_gets_its_own_graphs(tiny_data, tmp_path):
     presets = loop.graph_configs(build_config({"preset": "jmp_s_pretrain"}, [f"tasks.{i}.train=x" for i in range(4)]))
     assert [(g.cutoff_a2a, g.max_neighbors, g.pbc) for g in presets] == [
         (12.0, 30, True), (12.0, 30, True), (8.0, 30, False), (8.0, 30, False)]
+    # The run's graph.cutoff / graph.max_neighbors still change every task (unless a task sets its own).
+    overridden = loop.graph_configs(build_config({"preset": "jmp_s_pretrain"}, [
+        *[f"tasks.{i}.train=x" for i in range(4)], "graph.cutoff=6.0", "graph.max_neighbors=10",
+        "tasks.3.graph.cutoff=5.0"]))
+    assert [(g.cutoff_a2a, g.max_neighbors, g.pbc) for g in overridden] == [
+        (6.0, 10, True), (6.0, 10, True), (6.0, 10, False), (5.0, 10, False)]
 
     trainer = loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path / "run"),
                                         ["tasks.0.graph={preset: ani1x, cutoff: 2.0, max_neighbors: 4}"]))
@@ -369,3 +375,12 @@ def test_scalar_target_with_per_element_references(tmp_path):
 
     with pytest.raises(ConfigError, match="linref is for scalar targets"):
         build_config({**raw, "tasks": [{**raw["tasks"][0], "targets": [{"name": "forces", "kind": "forces", "linref": True}]}]})
+    for bad in ({"normalize": False}, {"reduction": "mean"}):
+        with pytest.raises(ConfigError, match="linref needs normalize: true and reduction: sum"):
+            build_config({**raw, "tasks": [{**raw["tasks"][0], "targets": [{**raw["tasks"][0]["targets"][0], **bad}]}]})
+    # An int label has no references (its stats have none): said so, not "recompute the stats".
+    cls_data = write_molecules(tmp_path / "cls", 4, seed=5, classes=2)
+    raw["tasks"][0].update(train=cls_data, val="", targets=[{"name": "cls", "kind": "scalar", "linref": True}])
+    raw["overwrite"] = True
+    with pytest.raises(TrainError, match="'cls' is int64 .* fitted on float labels"):
+        loop.Trainer(build_config(raw))

@@ -82,6 +82,9 @@ class TargetConfig:
         if self.linref and self.kind != "scalar":
             raise ConfigError(f"target {self.name!r}: linref is for scalar targets (energy always has "
                               f"per-element references), not {self.kind}")
+        if self.linref and not (self.normalize and self.reduction == "sum"):
+            raise ConfigError(f"target {self.name!r}: linref needs normalize: true and reduction: sum (the "
+                              "references are a sum over atoms, for an extensive property)")
 
 
 @dataclass(kw_only=True)
@@ -126,8 +129,9 @@ class TaskConfig:
     structure_wise_force_loss: bool = False
     """L2MAE force loss summed per structure / natoms, then averaged (JMP pretraining's SWL)."""
     graph: GraphSettings | None = None
-    """This task's graphs (None: the run's `graph`). A pretraining batch mixes tasks; each
-    structure gets its own task's graphs (JMP: 12 Å for OC20/OC22, 8 Å for ANI-1x/T1x)."""
+    """This task's graphs (None: the run's `graph`; a cutoff or k this one leaves at 0 comes from
+    the run's `graph`). A pretraining batch mixes tasks; each structure gets its own task's graphs
+    (JMP: 12 Å for OC20/OC22, 8 Å for ANI-1x/T1x)."""
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:

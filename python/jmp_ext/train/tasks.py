@@ -87,6 +87,10 @@ def load_task_data(config: TrainConfig) -> list[TaskData]:
                     raise TrainError(f"tasks.{i} ({task.name}): target {target.name!r} has shape {shape} per "
                                      f"structure in {ds.path}, but a {target.kind} head predicts one number "
                                      "per structure; train each component as its own target")
+                if target.linref and np.dtype(ds.schema[target.name]["dtype"]).kind != "f":
+                    raise TrainError(f"tasks.{i} ({task.name}): target {target.name!r} is "
+                                     f"{np.dtype(ds.schema[target.name]['dtype'])} in {ds.path}; per-element "
+                                     "references (linref) are fitted on float labels")
         out.append(TaskData(task, splits["train"], splits["val"], splits["test"], load_stats(task.train)))
     return out
 

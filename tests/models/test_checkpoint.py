@@ -206,6 +206,26 @@ def test_fitted_scale_factors_restore_the_variances():
         assert abs(ratio - 1) < 1e-6, (name, ratio)
 
 
+def test_single_element_data_fits_with_constant_references_left_at_1():
+    """Pure Cu: every atom embedding is the same, so the first atom-to-edge interaction's rows
+    have zero variance. The fit must not fail (elemental systems are common); that factor stays 1."""
+    torch.manual_seed(0)
+    model = PretrainModel(BackboneConfig.tiny(), ["oc20"]).double()
+    batch, graphs = bulk_batch_and_graphs()
+    batch = dict(batch, atomic_numbers=torch.full_like(batch["atomic_numbers"], 29))
+    with pytest.warns(UserWarning, match="zero variance on the fitting batches") as record:
+        fitted = fit_scale_factors(model, [(batch, graphs)], lambda m, b: m(*b))
+    constant = {n for n, v in fitted.items() if v == 1.0}
+    assert constant == {"backbone.int_blocks.0.atom_edge_interaction.scale_rbf",
+                        "backbone.int_blocks.0.atom_interaction.scale_rbf_sum"}
+    assert {str(w.message).split(":")[0] for w in record} == {f"ScaleFactor {n}" for n in constant}
+    assert all(v > 0 for v in fitted.values())
+    # One row has no variance at all (NaN): that is still an error.
+    factor = ScaleFactor()
+    with pytest.raises(ValueError, match="too few samples"), pytest.warns(UserWarning, match="degrees of freedom"):
+        fit_scale_factors(torch.nn.Sequential(factor), [torch.ones(1, 4)], lambda m, x: m(x))
+
+
 def test_scale_factor_references_are_jmps_rows(monkeypatch):
     """The variance a sum's factor restores is that of its input rows as JMP gathers them: one per
     triplet (scale_cbf_sum), quadruplet (scale_sbf_sum) and a2a edge (scale_rbf_sum), although

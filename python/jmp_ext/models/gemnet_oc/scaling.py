@@ -10,6 +10,7 @@ one restores the variance its block had before the operation it follows.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Iterable
 
 import torch
@@ -91,9 +92,19 @@ def fit_scale_factors(model: nn.Module, batches: Iterable, forward: Callable | N
                 stats = factor._stats
             finally:
                 factor._stats = None
-            if not (stats["variance_in"] > 0 and stats["variance_out"] > 0):
-                raise ValueError(f"cannot fit ScaleFactor {name}: zero variance ({stats}); use more or larger batches")
-            value = math.sqrt(stats["variance_in"] / stats["variance_out"])
+            if not (math.isfinite(stats["variance_in"]) and math.isfinite(stats["variance_out"])):
+                raise ValueError(f"cannot fit ScaleFactor {name}: too few samples for a variance ({stats}); use "
+                                 "more or larger batches")
+            if stats["variance_in"] > 0 and stats["variance_out"] > 0:
+                value = math.sqrt(stats["variance_in"] / stats["variance_out"])
+            else:
+                # Nothing varies: e.g. in a single-element dataset every atom embedding is the
+                # same, so the rows that the first atom-to-edge interaction starts from are too.
+                # There is no variance to restore; the factor stays 1 (fairchem's fit leaves it
+                # unscaled as well).
+                warnings.warn(f"ScaleFactor {name}: zero variance on the fitting batches ({stats}), e.g. data of "
+                              "a single element; it is left at 1", stacklevel=2)
+                value = 1.0
             factor.scale_factor.fill_(value)
             fitted[name] = value
         return fitted

@@ -12,6 +12,10 @@ they are not conservative, so MD drifts in energy and a relaxation's forces and 
 disagree. Fine-tune with `forces: gradient` for MD and relaxations; the calculator warns when
 given a direct-force checkpoint.
 
+The graphs keep each atom's k nearest neighbours within the cutoff (JMP: 30 within 12 Å), so in
+a dense solid the energy steps (~meV) as the neighbour set changes; a checkpoint fine-tuned with
+graph.max_neighbors above the neighbour count within graph.cutoff has a smooth energy.
+
 Rattle ideal structures (atoms.rattle(1e-3)) before relaxing them with gradient forces. GemNet-OC's
 quadruplet dihedral is undefined for collinear triplets, which every perfect lattice row has;
 there its gradient is of order 1/1e-9 (the clamp of the original code, kept for parity), so the
@@ -81,6 +85,8 @@ class JMPCalculator(Calculator):
         if "energy" not in kinds:
             raise ValueError(f"the checkpoint predicts {sorted(kinds)}, not an energy: it cannot drive ASE")
         self.has_stress = "stress" in kinds
+        if not self.has_stress:  # (ASE and its optimisers read this to decide what to ask for)
+            self.implemented_properties = [p for p in self.implemented_properties if p != "stress"]
         if "forces" in kinds and not self.config.tasks[self.task].gradient_forces:
             warnings.warn(f"{checkpoint} predicts direct forces (forces: direct), which are not the "
                           "gradient of its energy: MD will not conserve energy. Fine-tune with "

@@ -210,3 +210,9 @@ def test_cli_errors(checkpoint, tiny_data, tmp_path, capsys):
     with pytest.raises(TrainError, match="not a jmp_ext training checkpoint"):
         torch.save({"w": torch.zeros(1)}, tmp_path / "x.pt")
         loop.load_trained(tmp_path / "x.pt")
+
+
+def test_calculator_lists_stress_only_when_the_checkpoint_predicts_it(checkpoint, stress_checkpoint):
+    assert "stress" not in JMPCalculator(checkpoint).implemented_properties
+    assert "stress" in JMPCalculator(stress_checkpoint).implemented_properties
+    assert "stress" in JMPCalculator.implemented_properties  # (the class attribute is left alone)

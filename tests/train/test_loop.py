@@ -384,3 +384,9 @@ def test_scalar_target_with_per_element_references(tmp_path):
     raw["overwrite"] = True
     with pytest.raises(TrainError, match="'cls' is int64 .* fitted on float labels"):
         loop.Trainer(build_config(raw))
+
+
+def test_a_run_capped_by_epochs_says_so(tiny_data, tmp_path):
+    trainer = loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path, max_steps=0, max_epochs=1, val_every=0)))
+    summary = trainer.train()
+    assert summary["stop"] == "max_epochs" and summary["steps"] == trainer.steps_per_epoch > 0

@@ -238,10 +238,11 @@ class Trainer:
             self.steps_per_epoch = sum(len(b) >= self.dist.world_size for b in self.sampler.batches(0))
             if self.steps_per_epoch == 0:
                 raise self._no_batches_error(0)
-            caps = [c.loop.max_steps] if c.loop.max_steps > 0 else []
+            caps = {"max_steps": c.loop.max_steps} if c.loop.max_steps > 0 else {}
             if c.loop.max_epochs > 0:
-                caps.append(math.ceil(c.loop.max_epochs * self.steps_per_epoch))
-            self.total_steps = min(caps)
+                caps["max_epochs"] = math.ceil(c.loop.max_epochs * self.steps_per_epoch)
+            self.limit = min(caps, key=caps.get)  # the cap that ends the run
+            self.total_steps = caps[self.limit]
             to_steps = self.steps_per_epoch if c.schedule.unit == "epochs" else 1
             warmup = round(c.schedule.warmup * to_steps)
             cosine = round(c.schedule.cosine * to_steps) if c.schedule.cosine > 0 else self.total_steps - warmup
@@ -284,7 +285,7 @@ class Trainer:
             # After the fit: its passes (one per scale factor, in fitting mode) would each be
             # compiled and never run again. In place: parameter names and state_dict keys stay.
             self.model.net.compile(dynamic=True)
-        stop_reason = "max_steps"
+        stop_reason = self.limit
         self.log.start_clock()
         loader = self._epoch_loader()
         while self.step < self.total_steps:
@@ -312,7 +313,7 @@ class Trainer:
                     break
             if self.step % c.loop.ckpt_every == 0:
                 self.save_last()
-        if stop_reason == "max_steps" and self.validated_step != self.step:  # (also on resuming a finished run)
+        if stop_reason == self.limit and self.validated_step != self.step:  # (also on resuming a finished run)
             self.validate_and_check()
         self.save_last()
         summary = {"steps": self.step, "epochs": self.step / self.steps_per_epoch, "stop": stop_reason,

@@ -135,7 +135,7 @@ def test_a_label_on_some_frames_only_can_be_dropped(tmp_path, frames, capsys):
     assert capsys.readouterr().err.strip().endswith(
         "structure 3: lacks stress, unlike the first entry written (every entry must carry the "
         "same labels): skip such entries with --skip-invalid, or drop stress with --stress-key "
-        "none (KeyMap(stress='none'))")
+        "none (from Python: KeyMap(stress='none'))")
     assert main([*args, "--stress-key", "none"]) == 0
     assert "stress" not in LmdbDataset(tmp_path / "out").schema
     ase.io.write(tmp_path / "rev.extxyz", frames[::-1])
@@ -429,3 +429,23 @@ def test_provenance_in_meta(tmp_path, frames):
     assert info["converted_from"] == str(tmp_path / "in.extxyz") and info["source_format"] == "ase"
     assert info["labels"]["forces"] == "calculator['forces']"
     assert len(info["skipped"]) == 1 and "structure 1: unknown element" in info["skipped"][0]
+
+
+def test_cli_ctrl_c_leaves_nothing_and_no_traceback(tmp_path, frames, capsys, monkeypatch):
+    """Ctrl-C in the middle of a conversion: the writer aborts (no half-written dataset) and the
+    CLI says so instead of printing a KeyboardInterrupt traceback."""
+    from jmp_ext.data import writer as writer_module
+
+    ase.io.write(tmp_path / "in.extxyz", frames)
+    original, added = writer_module.DatasetWriter.add, []
+
+    def add_then_interrupt(self, *args, **kwargs):
+        if added:
+            raise KeyboardInterrupt
+        added.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(writer_module.DatasetWriter, "add", add_then_interrupt)
+    assert main(["convert", str(tmp_path / "in.extxyz"), str(tmp_path / "out")]) == 130
+    assert "interrupted: nothing was written" in capsys.readouterr().err
+    assert added and sorted(p.name for p in tmp_path.iterdir()) == ["in.extxyz"]

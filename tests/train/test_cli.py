@@ -131,3 +131,19 @@ def test_bad_checkpoints_and_datasets_are_messages(checkpoint, tiny_data, tmp_pa
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err, argv
+
+
+def test_ctrl_c_is_a_message_with_how_to_resume(tiny_data, tmp_path, capsys, monkeypatch):
+    import jmp_ext.train.__main__ as cli
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_training", interrupted)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(finetune_raw(tiny_data, tmp_path / "run")))
+    assert main([str(path)]) == 130
+    assert "interrupted: a training run continues from run_dir/last.pt" in capsys.readouterr().err
+    # An unset string is an empty value, not null: the message says so.
+    assert main([str(path), "model.init_checkpoint=null"]) == 2
+    assert "for none, give an empty value: model.init_checkpoint=" in capsys.readouterr().err

@@ -137,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # (datasets and stats are written atomically: nothing half-written stays)
+        print("\ninterrupted: nothing was written", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -115,8 +115,8 @@ def _take_labels(entry: dict, sources: dict[str, dict], keys: KeyMap, report: Co
         location = report.labels.setdefault(label, next(iter(found)))
         if location not in found:
             raise fmt.DataError(f"{label} is in {', '.join(found)}, but earlier entries took it "
-                                f"from {location}; pick one with --{label}-key "
-                                f"(KeyMap({label}=...))")
+                                f"from {location}; pick one with --{label}-key (from Python: "
+                                f"KeyMap({label}=...))")
         entry[label] = found[location]
     if "stress" in entry:
         entry["stress"] = _stress_3x3(entry["stress"])
@@ -130,7 +130,7 @@ def _check_labels(entry: dict, labels: set[str]) -> None:
             state = "has" if label in entry else "lacks"
             raise fmt.DataError(f"{state} {label}, unlike the first entry written (every entry must "
                                 f"carry the same labels): skip such entries with --skip-invalid, or "
-                                f"drop {label} with --{label}-key none (KeyMap({label}='none'))")
+                                f"drop {label} with --{label}-key none (from Python: KeyMap({label}='none'))")
 
 
 def _stress_3x3(stress) -> np.ndarray:

@@ -203,8 +203,8 @@ def check_target(path: Path, overwrite: bool) -> None:
     if not path.exists() and not path.is_symlink():
         return
     if not overwrite:
-        raise FileExistsError(f"{path} already exists (pass overwrite=True / --overwrite "
-                              "to replace it)")
+        raise FileExistsError(f"{path} already exists: --overwrite (from Python: overwrite=True) "
+                              "replaces it")
     if path.is_symlink() or not path.is_dir():
         raise FileExistsError(f"{path} exists and is not a directory; --overwrite only replaces "
                               "dataset directories: choose another path, or remove it yourself")

@@ -230,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, TrainError, FileNotFoundError, ValueError) as e:  # bad input: a message, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: a training run continues from run_dir/last.pt (written every loop.ckpt_every "
+              "steps) with resume=true", file=sys.stderr)
+        return 130
     return 0
 
 

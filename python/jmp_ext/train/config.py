@@ -410,7 +410,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         return str(value)  # a mapping read by plain yaml.safe_load (not _load_yaml): 2024 for a name
     if tp in (str, bool):
         if not isinstance(value, tp):
-            raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+            hint = f" (for none, give an empty value: {where}=)" if tp is str and value is None else ""
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}{hint}")
         return value
     raise TypeError(f"config type {tp} of {where} is not supported")  # a bug in this file
 

@@ -222,6 +222,22 @@ def test_resume_position():
     assert loop.resume_position(batches, 1, 1, 3) == 0  # 3 ranks: no batch of this epoch has 3 structures
 
 
+def test_a_rank_the_saved_run_did_not_have_gets_a_stream_of_its_own(tiny_data, tmp_path):
+    """Resuming a 1-process run on 2 ranks: rank 0 continues the saved random stream (edge
+    dropout), rank 1 must not draw the very same numbers."""
+    trainer = loop.Trainer(_resume_config(tiny_data, tmp_path / "run", 2))
+    trainer.train()
+    saved = load_checkpoint(tmp_path / "run" / "last.pt")["rng"]
+    streams = []
+    for rank in (0, 1):
+        trainer.dist = dataclasses.replace(trainer.dist, rank=rank, world_size=2)
+        with pytest.warns(UserWarning, match="resuming with 2 ranks from a run with 1"):
+            trainer._load_resume_state(tmp_path / "run" / "last.pt")
+        streams.append(torch.rand(4))
+    torch.set_rng_state(saved[0]["cpu"])
+    assert torch.equal(streams[0], torch.rand(4)) and not torch.equal(streams[1], streams[0])
+
+
 def _resume_config(data, run_dir, steps, resume=False):
     """Global batches of 2, 2, 1, 2, 2, 1, 1, 1 structures in epoch 0; a schedule that does not
     depend on max_steps (which a resumed run raises)."""

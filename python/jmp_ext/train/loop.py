@@ -591,7 +591,10 @@ class Trainer:
         if len(rngs) != self.dist.world_size:
             warnings.warn(f"resuming with {self.dist.world_size} ranks from a run with {len(rngs)}: "
                           "random streams (edge dropout) differ from the original run", stacklevel=2)
-        set_rng_state(rngs[min(self.dist.rank, len(rngs) - 1)])
+        if self.dist.rank < len(rngs):
+            set_rng_state(rngs[self.dist.rank])
+        else:  # a rank the saved run did not have: a stream of its own, not a copy of another rank's
+            torch.manual_seed(self.config.seed + 1000 * self.dist.rank + 1 + self.step)
         self.schedule.set_step(self.step)
 
 

@@ -256,7 +256,7 @@ class Trainer:
             self.last_metrics: dict[str, float] = {}
             if resumed:
                 self._load_resume_state(self.run_dir / "last.pt")
-            if not resumed:
+            else:  # each rank its own stream (edge dropout)
                 torch.manual_seed(c.seed + 1000 * self.dist.rank + 1)
         self.resumed = resumed
 

@@ -13,8 +13,9 @@ disagree. Fine-tune with `forces: gradient` for MD and relaxations; the calculat
 given a direct-force checkpoint.
 
 The graphs keep each atom's k nearest neighbours within the cutoff (JMP: 30 within 12 Å), so in
-a dense solid the energy steps (~meV) as the neighbour set changes; a checkpoint fine-tuned with
-graph.max_neighbors above the neighbour count within graph.cutoff has a smooth energy.
+a dense solid the energy steps (~meV) as the neighbour set changes. The energy is smooth when all
+four graphs hold every neighbour within the cutoff: the quadruplet graph keeps int(8k/30), so
+graph.max_neighbors must be at least 3.75x the neighbour count.
 
 Rattle ideal structures (atoms.rattle(1e-3)) before relaxing them with gradient forces. GemNet-OC's
 quadruplet dihedral is undefined for collinear triplets, which every perfect lattice row has;
@@ -85,8 +86,8 @@ class JMPCalculator(Calculator):
         if "energy" not in kinds:
             raise ValueError(f"the checkpoint predicts {sorted(kinds)}, not an energy: it cannot drive ASE")
         self.has_stress = "stress" in kinds
-        if not self.has_stress:  # (ASE and its optimisers read this to decide what to ask for)
-            self.implemented_properties = [p for p in self.implemented_properties if p != "stress"]
+        # ASE and its optimisers read this to decide what to ask for.
+        self.implemented_properties = [p for p in self.implemented_properties if p not in {"forces", "stress"} - kinds]
         if "forces" in kinds and not self.config.tasks[self.task].gradient_forces:
             warnings.warn(f"{checkpoint} predicts direct forces (forces: direct), which are not the "
                           "gradient of its energy: MD will not conserve energy. Fine-tune with "
@@ -103,8 +104,9 @@ class JMPCalculator(Calculator):
         from jmp_ext.data import collate
 
         super().calculate(atoms, properties, system_changes)
-        if "stress" in properties and not self.has_stress:
-            raise PropertyNotImplementedError("this checkpoint was not trained with a stress target")
+        for name in ("forces", "stress"):
+            if name in properties and name not in self.implemented_properties:
+                raise PropertyNotImplementedError(f"this checkpoint was not trained with a {name} target")
         batch = collate([atoms_to_entry(self.atoms)], dtype=torch.float64)
         batch["pos"], batch["cell"] = batch["pos"].to(self.dtype), batch["cell"].to(self.dtype)
         batch["task"] = torch.full_like(batch["natoms"], self.task)

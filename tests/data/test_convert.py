@@ -447,5 +447,5 @@ def test_cli_ctrl_c_leaves_nothing_and_no_traceback(tmp_path, frames, capsys, mo
 
     monkeypatch.setattr(writer_module.DatasetWriter, "add", add_then_interrupt)
     assert main(["convert", str(tmp_path / "in.extxyz"), str(tmp_path / "out")]) == 130
-    assert "interrupted: nothing was written" in capsys.readouterr().err
+    assert "interrupted: no dataset was left half-written" in capsys.readouterr().err
     assert added and sorted(p.name for p in tmp_path.iterdir()) == ["in.extxyz"]

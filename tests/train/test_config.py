@@ -201,6 +201,16 @@ def test_yaml_file_with_preset_and_override(tmp_path):
     assert cfg.data.batch_size == 4 and cfg.tasks[0].train == "/q" and cfg.optim.llrd_embedding == 0.3
 
 
+def test_structure_wise_force_loss_is_one_setting_for_the_run():
+    """The loss averages a mixed batch's force errors one way: per structure or per atom."""
+    targets = [{"name": "energy", "kind": "energy"}, {"name": "forces", "kind": "forces"}]
+    tasks = [{**TASK, "name": name, "targets": targets, "structure_wise_force_loss": swl}
+             for name, swl in (("a", True), ("b", False))]
+    with pytest.raises(ConfigError, match="structure_wise_force_loss must be the same for every task"):
+        build_config({"tasks": tasks})
+    build_config({"tasks": [tasks[0], {**tasks[1], "structure_wise_force_loss": True}]})
+
+
 def test_compile_needs_direct_forces():
     forces_task = {**TASK, "targets": [{"name": "energy", "kind": "energy"}, {"name": "forces", "kind": "forces"}]}
     build_config({"tasks": [forces_task], "loop": {"compile": True}})  # direct forces: fine

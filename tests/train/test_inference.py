@@ -216,3 +216,22 @@ def test_calculator_lists_stress_only_when_the_checkpoint_predicts_it(checkpoint
     assert "stress" not in JMPCalculator(checkpoint).implemented_properties
     assert "stress" in JMPCalculator(stress_checkpoint).implemented_properties
     assert "stress" in JMPCalculator.implemented_properties  # (the class attribute is left alone)
+
+
+def test_calculator_without_a_force_head_says_so(tiny_data, tmp_path):
+    """An energy-only checkpoint: ASE must not be told it has forces (optimisers ask for them)."""
+    from ase.calculators.calculator import PropertyNotImplementedError
+
+    raw = {"mode": "finetune", "run_dir": str(tmp_path), "threads": 1, "graph": {"cutoff": 4.0, "max_neighbors": 8},
+           "tasks": [{"name": "mol", "train": str(tiny_data / "mol" / "train"),
+                      "targets": [{"name": "energy", "kind": "energy"}]}],
+           "model": {"backbone": "tiny", "backbone_overrides": {"num_blocks": 1, "num_radial": 16}},
+           "loop": {"max_steps": 1, "progress": False, "fit_scale_factors": 0}}
+    loop.Trainer(build_config(raw)).save_best({})
+    calc = JMPCalculator(tmp_path / "best.pt")
+    assert calc.implemented_properties == ["energy", "free_energy"]
+    atoms = molecule("H2O")
+    atoms.calc = calc
+    assert np.isfinite(atoms.get_potential_energy())
+    with pytest.raises(PropertyNotImplementedError, match="forces property not implemented"):  # (ASE, from the list)
+        atoms.get_forces()

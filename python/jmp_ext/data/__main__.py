@@ -137,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # (datasets and stats are written atomically: nothing half-written stays)
-        print("\ninterrupted: nothing was written", file=sys.stderr)
+    except KeyboardInterrupt:  # (each dataset and stats file is written atomically)
+        print("\ninterrupted: no dataset was left half-written (finished ones stay; rerun with --overwrite)",
+              file=sys.stderr)
         return 130
     return 0
 

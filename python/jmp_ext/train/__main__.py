@@ -109,7 +109,8 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, task: str | None, out: st
 def predict(checkpoint: str, source: str, out: str, task: str | None, batch_size: int, device: str) -> dict:
     """Predictions for every structure of a dataset directory or an ASE-readable file, saved as npz:
     natoms [M], energy [M] (eV), forces [sum natoms, 3] (eV/Å), stress [M, 3, 3] (eV/Å^3; NaN for a
-    structure without a cell), properties [M(, k)]."""
+    structure without a cell), or a property such as U_0 [M(, k)]: natoms and one array per target
+    the checkpoint predicts, under its name."""
     from jmp_ext.calculator import atoms_to_entry
     from jmp_ext.data import collate
     from jmp_ext.train.checkpoint import atomic_write_bytes
@@ -192,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
             parser = argparse.ArgumentParser(
                 prog=f"python -m jmp_ext.train {argv[0]}",
                 description="Metrics (JSON) of a trained checkpoint on a dataset." if is_eval else
-                "Predictions of a trained checkpoint for every structure of INPUT, saved as npz: natoms, "
-                "energy (eV), forces (eV/Å), stress (eV/Å^3), properties.",
+                "Predictions of a trained checkpoint for every structure of INPUT, saved as npz: natoms "
+                "and one array per target the checkpoint predicts, under its name (energy in eV, forces "
+                "in eV/Å, stress in eV/Å^3, properties in their units).",
                 epilog="Training: python -m jmp_ext.train --help.")
             parser.add_argument("checkpoint", metavar="CHECKPOINT", help="best.pt or last.pt of a run")
             parser.add_argument("data", metavar="DATASET" if is_eval else "INPUT",

@@ -60,11 +60,12 @@ class TargetConfig:
     class_weights: list[float] | None = None
     """Cross-entropy class weights (JMP's mp_is_metal: [1, 1.342])."""
     normalize: bool = True
-    """Train on (y - linref - mean) / std with the dataset statistics (force std for forces)."""
+    """Train on (y - linref - mean) / std with the dataset statistics (forces: divided by the
+    force RMS with direct forces; gradient forces and stress: by the energy std)."""
     linref: bool = False
     """scalar: subtract per-element reference values (least-squares fit on the training split,
     like energy's) before normalising; for extensive properties (JMP's QM9 U_0, U, H, G, ZPVE,
-    c_v). energy always has them."""
+    c_v). energy has them whenever normalize is true."""
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -90,7 +91,9 @@ class TargetConfig:
 @dataclass(kw_only=True)
 class GraphSettings:
     """How a task's four graphs are built: a jmp_ext.graphs.GraphConfig preset, optionally with
-    another cutoff or k. Each structure's own pbc flags decide periodicity."""
+    another cutoff or k. The periodic presets (oc20, oc22, matbench, qmof) use each structure's
+    pbc flags; the molecule presets (ani1x, transition1x, qm9, rmd17, md22, spice) treat every
+    structure as non-periodic."""
 
     preset: str = "oc20"
     """jmp_ext.graphs.GraphConfig preset: oc20, oc22, ani1x, transition1x, qm9, rmd17, md22, spice,
@@ -127,7 +130,8 @@ class TaskConfig:
     forces: Literal["direct", "gradient"] = "direct"
     """Force head: direct (edge scalars times unit vectors, JMP pretraining) or F = -dE/dpos."""
     structure_wise_force_loss: bool = False
-    """L2MAE force loss summed per structure / natoms, then averaged (JMP pretraining's SWL)."""
+    """L2MAE force loss summed per structure / natoms, then averaged (JMP pretraining's SWL).
+    One setting for the run: every task must give the same."""
     graph: GraphSettings | None = None
     """This task's graphs (None: the run's `graph`; a cutoff or k this one leaves at 0 comes from
     the run's `graph`). A pretraining batch mixes tasks; each structure gets its own task's graphs
@@ -139,7 +143,7 @@ class TaskConfig:
                               "task/metric, checkpoint keys use it too)")
         if not self.train:
             raise ConfigError(f"task {self.name!r}: train is empty; give the LMDB directory "
-                              f"(e.g. tasks.0.train=/data/{self.name}/train)")
+                              f"(tasks.N.train=/data/{self.name}/train, N its position in tasks)")
         if not self.targets:
             raise ConfigError(f"task {self.name!r}: no targets")
         names = [t.name for t in self.targets]
@@ -229,7 +233,8 @@ class ScheduleConfig:
     """Linear warmup -> cosine decay -> (optionally) reduce-on-plateau, per optimizer step."""
 
     unit: Literal["steps", "epochs"] = "steps"
-    """Unit of warmup and cosine (epochs are converted with the training sampler's length)."""
+    """Unit of warmup and cosine (an epoch: the sampler's global batches that give every rank a
+    structure)."""
     warmup: float = 0.0
     warmup_start_factor: float = 0.2
     """lr factor at step 0 (JMP: 0.2 pretraining, 0.1 fine-tuning)."""
@@ -254,7 +259,8 @@ class LoopConfig:
     max_steps: int = 1000
     """Optimizer steps (the run stops earlier on max_epochs, early stopping or min_lr; 0 = no cap)."""
     max_epochs: float = 0.0
-    """Passes over the training sampler (0 = no cap). One of max_steps / max_epochs must be set."""
+    """Epochs (the sampler's global batches that give every rank a structure; 0 = no cap). One of
+    max_steps / max_epochs must be set."""
     val_every: int = 200
     """Validate every this many steps (0 = once per epoch) and at the end."""
     log_every: int = 10
@@ -272,13 +278,14 @@ class LoopConfig:
     precision: Literal["fp32", "fp64", "bf16", "fp16"] = "fp32"
     """bf16/fp16: autocast on GPU (fp16 with a gradient scaler); fp64: everything in float64."""
     fit_scale_factors: int = 4
-    """Batches used to fit the backbone's ScaleFactors before training (0 = skip, e.g. when
-    they come from a checkpoint)."""
+    """Batches used to fit the backbone's ScaleFactors before training (0 = skip; always skipped
+    with model.init_checkpoint and on resume). A factor whose reference does not vary (e.g.
+    single-element data) stays 1, with a warning."""
     progress: bool = True
     """tqdm progress bar (rank 0)."""
     compile: bool = False
-    """torch.compile the network (dynamic shapes; graphs are still built eagerly). 1.3-1.5x
-    faster CPU steps once compiled, after about a minute of compilation. Direct forces only:
+    """torch.compile the network (dynamic shapes; graphs are still built eagerly). About 1.1-1.3x
+    faster CPU steps once compiled (bench/README.md), after about a minute of compilation. Direct forces only:
     compiled graphs cannot be differentiated twice, which gradient forces need."""
 
     def __post_init__(self) -> None:
@@ -307,7 +314,8 @@ class TrainConfig:
     resume: bool = False
     """Continue from run_dir/last.pt when it exists (model, EMA, optimizer, schedule, sampler, RNG, step)."""
     overwrite: bool = False
-    """Start over in a run_dir that holds another run's checkpoints, deleting that run's files first.
+    """Start over in a run_dir that holds another run's checkpoints, deleting that run's files once
+    the new run is built (a config error keeps them).
     Without it (or resume), such a run_dir is an error: a new run never silently replaces an old one."""
     tasks: list[TaskConfig] = field(default_factory=list)
     graph: GraphSettings = field(default_factory=GraphSettings)
@@ -324,6 +332,9 @@ class TrainConfig:
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
             raise ConfigError(f"tasks: duplicate task names {names}")
+        if len({t.structure_wise_force_loss for t in self.tasks}) > 1:
+            raise ConfigError("tasks: structure_wise_force_loss must be the same for every task (the force loss "
+                              "of a mixed batch is averaged one way)")
         if self.mode == "finetune" and len(self.tasks) != 1:
             raise ConfigError(f"tasks: fine-tuning takes exactly one task, got {len(self.tasks)}")
         if self.loop.compile and any(t.gradient_forces for t in self.tasks):

@@ -95,7 +95,7 @@ PRESETS: dict[str, Callable[[], dict]] = {
 
 def demo(root: str = "demo_data", run_dir: str = "runs/demo") -> dict:
     """The CPU demo: pretrain a tiny GemNet-OC on the demo data's catalysis + molecules domains
-    (temperature sampling, per-task heads, EMA), sized for a few minutes on 2 cores. Small graphs
+    (temperature sampling, per-task heads, EMA), sized for about 30 s on 2 cores. Small graphs
     (5 Å, 8 neighbours) and batches; JMP's recipe otherwise. Each demo run starts over in run_dir."""
     def task(name: str, force_coef: float) -> dict:
         return {"name": name, "train": f"{root}/{name}/train", "val": f"{root}/{name}/val", "forces": "direct",

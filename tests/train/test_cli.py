@@ -143,7 +143,7 @@ def test_ctrl_c_is_a_message_with_how_to_resume(tiny_data, tmp_path, capsys, mon
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(finetune_raw(tiny_data, tmp_path / "run")))
     assert main([str(path)]) == 130
-    assert "interrupted: a training run continues from run_dir/last.pt" in capsys.readouterr().err
+    assert "interrupted. A training run continues from run_dir/last.pt with resume=true" in capsys.readouterr().err
     # An unset string is an empty value, not null: the message says so.
     assert main([str(path), "model.init_checkpoint=null"]) == 2
     assert "for none, give an empty value: model.init_checkpoint=" in capsys.readouterr().err

@@ -232,9 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, TrainError, FileNotFoundError, ValueError) as e:  # bad input: a message, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: a training run continues from run_dir/last.pt (written every loop.ckpt_every "
-              "steps) with resume=true", file=sys.stderr)
+    except KeyboardInterrupt as e:  # (training's first Ctrl-C ends the step and saves last.pt: e says so)
+        print(f"\ninterrupted{': ' + str(e) if str(e) else ''}. A training run continues from run_dir/last.pt "
+              "with resume=true", file=sys.stderr)
         return 130
     return 0
 

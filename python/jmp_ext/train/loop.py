@@ -19,6 +19,8 @@ import functools
 import json
 import math
 import shutil
+import signal
+import threading
 import warnings
 from pathlib import Path
 
@@ -73,7 +75,14 @@ def load_batches(dataset, batches: list[list[int]], dtype: torch.dtype, workers:
     # An own generator: a DataLoader iterator otherwise draws its base seed from the global RNG,
     # which would shift edge dropout's random stream whenever a resumed run opens its loader.
     return torch.utils.data.DataLoader(BatchList(dataset, batches, dtype, task), batch_size=None, shuffle=False,
-                                       num_workers=workers, generator=torch.Generator().manual_seed(0))
+                                       num_workers=workers, generator=torch.Generator().manual_seed(0),
+                                       worker_init_fn=_ignore_sigint if workers else None)
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """Ctrl-C is the training process's to handle (it finishes the step and saves last.pt); a
+    worker it killed would fail that step instead."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -254,6 +263,7 @@ class Trainer:
             self.validated_step = -1  # the step of the last validation
             self.nan_streak = 0
             self.last_metrics: dict[str, float] = {}
+            self.sigint = self.stop_requested = False  # a Ctrl-C on this rank / on any rank
             if resumed:
                 self._load_resume_state(self.run_dir / "last.pt")
             else:  # each rank its own stream (edge dropout)
@@ -288,31 +298,38 @@ class Trainer:
         stop_reason = self.limit
         self.log.start_clock()
         loader = self._epoch_loader()
-        while self.step < self.total_steps:
-            try:
-                batch = to_device(next(loader), self.device)
-            except StopIteration:
-                if self.batch_in_epoch == 0:  # (every rank alike; it would loop over empty epochs)
-                    raise self._no_batches_error(self.epoch) from None
-                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                loader = self._epoch_loader()
-                if c.loop.val_every == 0:
+        # The first Ctrl-C ends the run after the current step with last.pt saved (every rank
+        # learns of it through the step's all-reduce); a second one interrupts at once.
+        with self._sigint_sets_a_flag():
+            while self.step < self.total_steps:
+                try:
+                    batch = to_device(next(loader), self.device)
+                except StopIteration:
+                    if self.batch_in_epoch == 0:  # (every rank alike; it would loop over empty epochs)
+                        raise self._no_batches_error(self.epoch) from None
+                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                    loader = self._epoch_loader()
+                    if c.loop.val_every == 0:
+                        if self.validate_and_check():
+                            stop_reason = "early stopping / min lr"
+                            break
+                    continue
+                except Exception as e:  # (an unreadable entry): train_step makes every rank raise
+                    batch = e
+                self.train_step(batch)
+                self.batch_in_epoch += 1
+                self.step += 1
+                self.schedule.set_step(self.step)
+                if self.stop_requested:
+                    self.save_last()
+                    self.log.close()
+                    raise KeyboardInterrupt(f"stopped after step {self.step}, saved in {self.run_dir / 'last.pt'}")
+                if c.loop.val_every and self.step % c.loop.val_every == 0 and self.step < self.total_steps:
                     if self.validate_and_check():
                         stop_reason = "early stopping / min lr"
                         break
-                continue
-            except Exception as e:  # (an unreadable entry): train_step makes every rank raise
-                batch = e
-            self.train_step(batch)
-            self.batch_in_epoch += 1
-            self.step += 1
-            self.schedule.set_step(self.step)
-            if c.loop.val_every and self.step % c.loop.val_every == 0 and self.step < self.total_steps:
-                if self.validate_and_check():
-                    stop_reason = "early stopping / min lr"
-                    break
-            if self.step % c.loop.ckpt_every == 0:
-                self.save_last()
+                if self.step % c.loop.ckpt_every == 0:
+                    self.save_last()
         if stop_reason == self.limit and self.validated_step != self.step:  # (also on resuming a finished run)
             self.validate_and_check()
         self.save_last()
@@ -332,13 +349,14 @@ class Trainer:
         c = self.config
         self.model.train()
         failed = isinstance(batch, Exception)
-        local = torch.tensor([0, 0, 1] if failed else [batch["natoms"].numel(), batch["pos"].shape[0], 0],
-                             dtype=torch.float64)
-        counts = distributed.all_reduce_sum(local)
-        if counts[2].item() > 0:
+        local = torch.tensor([0, 0, 1, self.sigint] if failed else
+                             [batch["natoms"].numel(), batch["pos"].shape[0], 0, self.sigint], dtype=torch.float64)
+        structures, atoms, failures, interrupts = distributed.all_reduce_sum(local).tolist()
+        if failures > 0:
             distributed.raise_together(batch if failed else None)
+        self.stop_requested = interrupts > 0  # (every rank alike: stop after this step)
         # "rank": JMP sums cross-entropy over each rank's batch (DDP then averages over ranks).
-        denominators = {"structures": counts[0].item(), "atoms": counts[1].item(), "rank": self.dist.world_size}
+        denominators = {"structures": structures, "atoms": atoms, "rank": self.dist.world_size}
         error, finite = None, False
         try:
             with self._autocast():
@@ -387,7 +405,7 @@ class Trainer:
             self.ema.update(self.model)
         self.nan_streak = 0
         lr = self.schedule.lr
-        self.log.step(int(counts[0]), int(counts[1]), loss=loss.item(), lr=lr)
+        self.log.step(int(structures), int(atoms), loss=loss.item(), lr=lr)
         if (self.step + 1) % c.loop.log_every == 0:
             values = distributed.all_reduce_sum(torch.stack([p.detach().double() for p in parts.values()]))
             self.log.log(self.step + 1, "train", {"loss": values.sum().item() / self.dist.world_size, "lr": lr,
@@ -529,6 +547,25 @@ class Trainer:
             "config": to_dict(self.config),
             "metrics": self.last_metrics,
         })
+
+    @contextlib.contextmanager
+    def _sigint_sets_a_flag(self):
+        """While the block runs, SIGINT (Ctrl-C) sets self.sigint instead of raising, once; the
+        handler then gives way to the previous one. Only the main thread can install it."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.getsignal(signal.SIGINT)
+
+        def handler(signum, frame):
+            self.sigint = True
+            signal.signal(signal.SIGINT, previous)
+
+        signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     def _no_batches_error(self, epoch: int) -> TrainError:
         c = self.config

@@ -134,6 +134,16 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     return model.eval(), config
 
 
+def every_rank_sees(path: Path) -> bool:
+    """Whether `path` is a file, the same answer on every rank (a collective): a file some ranks
+    see and others do not is a TrainError, since they would go on with different states."""
+    seen = distributed.all_gather_object(path.is_file())
+    if len(set(seen)) > 1:
+        raise TrainError(f"ranks {[r for r, saw in enumerate(seen) if saw]} of {len(seen)} see {path}, the "
+                         "others do not: run_dir must be on a filesystem every rank sees")
+    return seen[0]
+
+
 def resume_position(batches: list[list[int]], trained: int, saved_world_size: int, world_size: int) -> int:
     """batch_in_epoch for `world_size` ranks resuming a run on `saved_world_size` ranks that had
     trained `trained` batches of the epoch's global `batches`. A run on W ranks skips the batches
@@ -209,12 +219,7 @@ class Trainer:
             keep_freed_memory()  # (about 2x faster steps: see jmp_ext.cpu)
         self.main = self.dist.rank == 0
         self.run_dir = Path(c.run_dir)
-        resumed = c.resume and (self.run_dir / "last.pt").is_file()
-        seen = distributed.all_gather_object(bool(resumed))
-        if len(set(seen)) > 1:
-            raise TrainError(f"resume=true: ranks {[r for r, saw in enumerate(seen) if saw]} of {len(seen)} see "
-                             f"{self.run_dir / 'last.pt'}, the others do not: run_dir must be on a filesystem "
-                             "every rank sees")
+        resumed = c.resume and every_rank_sees(self.run_dir / "last.pt")
         # Everything up to DDP is this rank's own work: a rank that fails here (a dataset or
         # checkpoint it cannot read) makes every rank fail with its message, none waits for it.
         with distributed.together():
@@ -368,10 +373,11 @@ class Trainer:
         except Exception as e:
             error = e
         failed = error is not None
-        flags = distributed.all_reduce_sum(torch.tensor([float(not finite and not failed), float(failed)]))
-        if flags[1].item() > 0:
+        non_finite, failures = distributed.all_reduce_sum(
+            torch.tensor([float(not finite and not failed), float(failed)])).tolist()
+        if failures > 0:
             distributed.raise_together(error)
-        if flags[0].item() > 0:
+        if non_finite > 0:
             self._skip_step("loss")
             return
         if self.scaler is not None:
@@ -496,11 +502,7 @@ class Trainer:
         best = self.run_dir / "best.pt"
         # A collective, so after rank 0 wrote best.pt; every rank must then see it, or the ranks
         # would evaluate different weights.
-        seen = distributed.all_gather_object(best.is_file())
-        if len(set(seen)) > 1:
-            raise TrainError(f"ranks {[r for r, saw in enumerate(seen) if saw]} of {len(seen)} see {best}, the "
-                             "others do not: run_dir must be on a filesystem every rank sees")
-        if seen[0]:
+        if every_rank_sees(best):
             with distributed.together():
                 self.model.load_state_dict(load_checkpoint(best, self.device)["model"])
             metrics = evaluate(self.model, [d.test for d in self.data], self.config.data.val_batch_size,

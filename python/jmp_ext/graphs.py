@@ -247,6 +247,8 @@ class _BatchSettings:
     """graph name -> [B] float64, Å."""
     pbc: Tensor
     """[B] bool: the config uses the batch's pbc flags (else the structure is a molecule)."""
+    periodic: bool
+    """Some config uses pbc and the batch has cells: periodic images may enter."""
 
 
 def _batch_settings(batch: dict, config: GraphConfig | list[GraphConfig]) -> _BatchSettings:
@@ -271,7 +273,8 @@ def _batch_settings(batch: dict, config: GraphConfig | list[GraphConfig]) -> _Ba
         configs=configs,
         k={name: torch.stack([k[name] for k in per_config])[task, structures] for name in GRAPH_NAMES},
         cutoff={name: cutoff[:, i] for i, name in enumerate(GRAPH_NAMES)},
-        pbc=torch.tensor([c.pbc for c in configs]).to(natoms.device)[task])
+        pbc=torch.tensor([c.pbc for c in configs]).to(natoms.device)[task],
+        periodic=any(c.pbc for c in configs) and "cell" in batch)
 
 
 def graphs_from_a2a(batch: dict, a2a: dict, config: GraphConfig | list[GraphConfig], *,
@@ -288,8 +291,7 @@ def _graphs_from_a2a(batch: dict, a2a: dict, settings: _BatchSettings, edge_drop
     num_atoms = pos.shape[0]
     structure = batch["batch"] if "batch" in batch else _structure_index(natoms)
     configs = settings.configs
-    periodic = any(c.pbc for c in configs) and "cell" in batch
-    cell = batch["cell"].to(pos.dtype) if periodic else None
+    cell = batch["cell"].to(pos.dtype) if settings.periodic else None
     k_atom = {name: k[structure] for name, k in settings.k.items()}
     distance = a2a.get("distance")
     a2a = {"edge_index": a2a["edge_index"], "cell_offset": a2a["cell_offset"].to(torch.int32)}
@@ -398,13 +400,12 @@ def build_graphs(batch: dict, config: GraphConfig | list[GraphConfig], *, edge_d
         raise ValueError(f"edge_dropout must be in [0, 1), got {edge_dropout}")
     pos, natoms = batch["pos"], batch["natoms"]
     settings = _batch_settings(batch, config)
-    periodic = any(c.pbc for c in settings.configs) and "cell" in batch
     pbc = torch.zeros(natoms.shape[0], 3, dtype=torch.bool, device=pos.device)
-    if periodic:
+    if settings.periodic:
         pbc = (batch["pbc"] if "pbc" in batch else ~pbc) & settings.pbc[:, None]
     edge_index, cell_offset, distance = radius_graph(
         pos.detach(), max(c.cutoff_a2a for c in settings.configs), natoms=natoms,
-        cell=batch["cell"].detach().to(pos.dtype) if periodic else None, pbc=pbc,
+        cell=batch["cell"].detach().to(pos.dtype) if settings.periodic else None, pbc=pbc,
         max_neighbors=int(settings.k["a2a"].max()))
     return _graphs_from_a2a(batch, {"edge_index": edge_index, "cell_offset": cell_offset, "distance": distance},
                             settings, edge_dropout, generator)

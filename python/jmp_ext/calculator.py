@@ -85,7 +85,6 @@ class JMPCalculator(Calculator):
         kinds = {t.kind for t in self.config.tasks[self.task].targets}
         if "energy" not in kinds:
             raise ValueError(f"the checkpoint predicts {sorted(kinds)}, not an energy: it cannot drive ASE")
-        self.has_stress = "stress" in kinds
         # ASE and its optimisers read this to decide what to ask for.
         self.implemented_properties = [p for p in self.implemented_properties if p not in {"forces", "stress"} - kinds]
         if "forces" in kinds and not self.config.tasks[self.task].gradient_forces:

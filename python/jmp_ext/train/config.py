@@ -293,11 +293,8 @@ class LoopConfig:
                "fit_scale_factors")
         if self.max_steps == 0 and self.max_epochs == 0:
             raise ConfigError("loop: set max_steps or max_epochs")
-        if not 0 <= self.ema_decay < 1:
-            raise ConfigError(f"loop.ema_decay must be in [0, 1), got {self.ema_decay}")
-        for name in ("log_every", "ckpt_every", "max_nan_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"loop.{name} must be >= 1, got {getattr(self, name)}")
+        _check(self, "loop", "in [0, 1)", "ema_decay")
+        _check(self, "loop", ">= 1", "log_every", "ckpt_every", "max_nan_steps")
 
 
 @dataclass(kw_only=True)

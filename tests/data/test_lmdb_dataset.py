@@ -13,7 +13,7 @@ from data_helpers import random_entry
 from jmp_ext.data import DataError, DatasetWriter, LmdbDataset, collate, write_dataset
 from jmp_ext.data import format as fmt
 from jmp_ext.data.dataset import MultiDataset
-from jmp_ext.data.writer import write_file_atomic
+from jmp_ext.files import write_bytes_atomic
 
 
 @pytest.fixture
@@ -68,7 +68,7 @@ def test_files_get_the_mode_of_a_plain_open(tmp_path, entries):
     old = os.umask(0o022)
     try:
         write_dataset(tmp_path / "ds", entries, shard_size=10)
-        write_file_atomic(tmp_path / "ds" / "stats.json", b"{}")
+        write_bytes_atomic(tmp_path / "ds" / "stats.json", b"{}")
     finally:
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "ds").iterdir()}

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from jmp_ext.calculator import JMPCalculator
+from jmp_ext.files import write_bytes_atomic
 from jmp_ext.train import checkpoint as ckpt
 from jmp_ext.train import loop
 from jmp_ext.train.config import build_config
@@ -46,7 +47,7 @@ def test_files_get_the_mode_of_a_plain_open(tmp_path):
     old = os.umask(0o022)
     try:
         ckpt.save_checkpoint(tmp_path / "last.pt", {"step": 1})
-        ckpt.atomic_write_bytes(tmp_path / "summary.json", b"{}")
+        write_bytes_atomic(tmp_path / "summary.json", b"{}")
     finally:
         os.umask(old)
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()} == {

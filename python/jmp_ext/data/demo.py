@@ -36,7 +36,8 @@ from tqdm import tqdm
 
 from jmp_ext.data import format as fmt
 from jmp_ext.data.stats import share_train_stats
-from jmp_ext.data.writer import DatasetWriter, write_file_atomic
+from jmp_ext.data.writer import DatasetWriter
+from jmp_ext.files import write_bytes_atomic
 
 DOMAINS = ("catalysis", "molecules", "materials", "md")
 SPLITS = ("train", "val", "test")
@@ -78,7 +79,7 @@ def make_demo(root: str | Path, seed: int = 0, scale: float = 1.0, progress: boo
         frames = GENERATORS[domain](rng, size)
         info = {**request, "domain": domain, "labels": "ASE EMT"}
         counts[domain] = _write_domain(root / domain, frames, rng, info, progress)
-    write_file_atomic(marker, json.dumps({**request, "entries": counts}, indent=1).encode())
+    write_bytes_atomic(marker, json.dumps({**request, "entries": counts}, indent=1).encode())
     return root
 
 

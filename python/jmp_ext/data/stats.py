@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from jmp_ext.data import format as fmt
 from jmp_ext.data.dataset import LmdbDataset
-from jmp_ext.data.writer import write_file_atomic
+from jmp_ext.files import write_bytes_atomic
 
 STATS_VERSION = 1
 # Per-atom fields and inputs are not regression targets of a structure.
@@ -184,7 +184,7 @@ class _TreeQR:
 def save_stats(dataset_dir: str | Path, stats: dict) -> Path:
     """Cache statistics in a dataset directory (atomically)."""
     file = Path(dataset_dir) / fmt.STATS_FILE
-    write_file_atomic(file, json.dumps(_to_json(stats), indent=1).encode())
+    write_bytes_atomic(file, json.dumps(_to_json(stats), indent=1).encode())
     return file
 
 

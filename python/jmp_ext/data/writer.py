@@ -16,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jmp_ext.data import format as fmt
+from jmp_ext.files import write_atomic, write_bytes_atomic
 
 _COMMIT_EVERY = 512  # entries per LMDB transaction: large enough to amortise the commit fsync
 _INITIAL_MAP_SIZE = 1 << 30  # virtual size only; the file grows with the data and doubles if full
@@ -133,11 +134,9 @@ class DatasetWriter:
             meta = {"format": fmt.FORMAT_NAME, "version": fmt.FORMAT_VERSION,
                     "num_entries": len(self._natoms), "shards": self._shards,
                     "schema": self._schema, "info": self.info}
-            _write_synced(self._tmp / fmt.META_FILE, json.dumps(meta, indent=1).encode())
-            with open(self._tmp / fmt.NATOMS_FILE, "wb") as f:
-                np.savez(f, natoms=np.asarray(self._natoms, dtype=np.int64))
-                f.flush()
-                os.fsync(f.fileno())
+            write_bytes_atomic(self._tmp / fmt.META_FILE, json.dumps(meta, indent=1).encode())
+            write_atomic(self._tmp / fmt.NATOMS_FILE,
+                         lambda f: np.savez(f, natoms=np.asarray(self._natoms, dtype=np.int64)))
             replace_dir(self._tmp, self.path)
         except BaseException:
             self.abort()
@@ -171,25 +170,6 @@ def write_dataset(path: str | Path, entries: Iterable[dict], *, progress: bool =
                           unit="entry"):
             writer.add(entry)
     return Path(path)
-
-
-def _write_synced(file: Path, data: bytes) -> None:
-    with open(file, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_file_atomic(file: str | Path, data: bytes) -> None:
-    """Write a file through a temp file in the same directory and an atomic rename."""
-    file = Path(file)
-    tmp = file.parent / f".{file.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        _write_synced(tmp, data)
-        os.replace(tmp, file)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # What a dataset directory holds (format.py); anything else in it is the user's, not ours to delete.

@@ -85,7 +85,7 @@ def demo(overrides: list[str]) -> dict:
 
 def evaluate_checkpoint(checkpoint: str, dataset: str, task: str | None, out: str | None,
                         batch_size: int, device: str) -> dict:
-    from jmp_ext.train.checkpoint import atomic_write_bytes
+    from jmp_ext.files import write_bytes_atomic
     from jmp_ext.train.loop import evaluate, load_trained
     from jmp_ext.train.tasks import open_dataset
 
@@ -102,7 +102,7 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, task: str | None, out: st
     text = json.dumps(metrics, indent=1)
     print(text)
     if out:
-        atomic_write_bytes(Path(out), text.encode())
+        write_bytes_atomic(Path(out), text.encode())
     return metrics
 
 
@@ -113,7 +113,7 @@ def predict(checkpoint: str, source: str, out: str, task: str | None, batch_size
     the checkpoint predicts, under its name."""
     from jmp_ext.calculator import atoms_to_entry
     from jmp_ext.data import collate
-    from jmp_ext.train.checkpoint import atomic_write_bytes
+    from jmp_ext.files import write_bytes_atomic
     from jmp_ext.train.loop import load_trained
     from jmp_ext.train.tasks import open_dataset
 
@@ -156,7 +156,7 @@ def predict(checkpoint: str, source: str, out: str, task: str | None, batch_size
     arrays = {name: np.concatenate(values) for name, values in outputs.items()}
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    atomic_write_bytes(Path(out), buf.getvalue())
+    write_bytes_atomic(Path(out), buf.getvalue())
     print(f"wrote predictions for {count} structures to {out}: {', '.join(sorted(arrays))}")
     return arrays
 

@@ -9,51 +9,23 @@ A training checkpoint is a dict of tensors and plain Python values only, so it l
     resolved TrainConfig as a dict), metrics (last validation).
   best.pt, for inference and fine-tuning: model (the EMA weights when there is an EMA), config,
     step, metrics (of the validation that made it best).
-Writes go to a temporary file in the same directory, are fsynced, then renamed over the target:
-a run killed at any moment leaves either the old file or the new one, never a torn one.
+Both are written with jmp_ext.files.write_atomic: a run killed at any moment leaves either the
+old file or the new one, never a torn one.
 """
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    _atomic(Path(path), lambda f: f.write(data))
+from jmp_ext.files import write_atomic
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """torch.save(state) to `path` atomically."""
-    _atomic(Path(path), lambda f: torch.save(state, f))
-
-
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # open(), not mkstemp: mkstemp's files are 0600, so a colleague in the group could not read a
-    # checkpoint; open() gives the mode of any new file (umask, default ACLs). "x": a name taken
-    # by another writer is an error, never a file to clobber or delete.
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
-    f = open(tmp, "xb")
-    try:
-        with f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    # Persist the rename itself (the directory entry).
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomic(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -582,6 +582,6 @@ def load_config(path: str | Path | None, overrides: list[str] = (), mode: str | 
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
-    from jmp_ext.train.checkpoint import atomic_write_bytes
+    from jmp_ext.files import write_bytes_atomic
 
-    atomic_write_bytes(Path(path), yaml.safe_dump(to_dict(config), sort_keys=False).encode())
+    write_bytes_atomic(Path(path), yaml.safe_dump(to_dict(config), sort_keys=False).encode())

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jmp_ext.train.checkpoint import atomic_write_bytes
+from jmp_ext.files import write_bytes_atomic
 from jmp_ext.train.config import build_config
 from jmp_ext.train.loop import Trainer
 
@@ -99,8 +99,8 @@ def compare(pretrained: str, root: str, out: Path, steps: int, seeds: list[int],
     text = summarize(results, steps)
     print(text)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "results.json", json.dumps(results, indent=1).encode())
-    atomic_write_bytes(out / "table.md", text.encode())
+    write_bytes_atomic(out / "results.json", json.dumps(results, indent=1).encode())
+    write_bytes_atomic(out / "table.md", text.encode())
     plot(results, out / "curves.png")
     return results
 
@@ -129,7 +129,7 @@ def plot(results: dict, path: Path) -> None:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
-    atomic_write_bytes(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def main() -> None:

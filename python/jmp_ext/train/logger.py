@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from jmp_ext.train.checkpoint import atomic_write_bytes
+from jmp_ext.files import write_bytes_atomic
 
 FIELDS = ["step", "split", "name", "value"]
 
@@ -33,7 +33,7 @@ class RunLogger:
             writer = csv.DictWriter(buf, fieldnames=FIELDS)
             writer.writeheader()
             writer.writerows(rows)
-            atomic_write_bytes(self.path, buf.getvalue().encode())
+            write_bytes_atomic(self.path, buf.getvalue().encode())
             self._file = open(self.path, "a", newline="")
             self._csv = csv.DictWriter(self._file, fieldnames=FIELDS)
             try:

@@ -33,9 +33,10 @@ from jmp_ext.cpu import keep_freed_memory
 from jmp_ext.data.collate import collate
 from jmp_ext.data.dataset import MultiDataset
 from jmp_ext.data.samplers import AtomBalancedBatchSampler, TemperatureSampler
-from jmp_ext.train import distributed, tasks
+from jmp_ext.files import write_bytes_atomic
 from jmp_ext.models.checkpoint import is_training_checkpoint, load_jmp_checkpoint, read_state_dict
-from jmp_ext.train.checkpoint import atomic_write_bytes, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from jmp_ext.train import distributed, tasks
+from jmp_ext.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from jmp_ext.train.config import TrainConfig, save_config, to_dict
 from jmp_ext.train.ema import EMA
 from jmp_ext.train.logger import RunLogger
@@ -344,7 +345,7 @@ class Trainer:
             summary["test"] = self.test()
         self.log.close()
         if self.main:
-            atomic_write_bytes(self.run_dir / "summary.json", json.dumps(summary, indent=1).encode())
+            write_bytes_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1).encode())
         return summary
 
     def train_step(self, batch: dict | Exception) -> None:
@@ -511,7 +512,7 @@ class Trainer:
             metrics = self.evaluate("test")
         self.log.log(self.step, "test", metrics)
         if self.main:
-            atomic_write_bytes(self.run_dir / "test_metrics.json", json.dumps(metrics, indent=1).encode())
+            write_bytes_atomic(self.run_dir / "test_metrics.json", json.dumps(metrics, indent=1).encode())
         return metrics
 
     # ------------------------------------------------------------ checkpoints

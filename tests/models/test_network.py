@@ -196,10 +196,9 @@ def test_bad_inputs_raise():
         model(bad, graphs)
     with pytest.raises(ValueError, match="need an 'energy' head"):
         FinetuneModel(TINY, [HeadConfig(target="gap")], forces="gradient")
-    with pytest.raises(TypeError):
-        BackboneConfig.tiny(num_blockz=3)
-    with pytest.raises(ValueError, match="unknown BackboneConfig field\\(s\\): num_blockz"):
-        BackboneConfig.from_dict({"num_blockz": 3})
+    for make in (BackboneConfig.from_dict, lambda v: BackboneConfig.tiny(**v), lambda v: BackboneConfig.jmp_l(**v)):
+        with pytest.raises(ValueError, match="unknown BackboneConfig field\\(s\\): num_blockz, x \\(known: .*num_blocks"):
+            make({"num_blockz": 3, "x": 1})
 
 
 def test_a_batch_without_quadruplets_runs_and_matches_each_structure_alone():

@@ -219,7 +219,7 @@ def test_missing_dataset_and_target(tiny_data, tmp_path):
     with pytest.raises(TrainError, match=r"tasks\.1\.train: .*train\.xyz is a file.*python -m jmp_ext\.data convert"):
         loop.Trainer(build_config(raw))
     # An unknown backbone field: named, not a TypeError.
-    with pytest.raises(TrainError, match="model.backbone_overrides: unknown BackboneConfig field\\(s\\) num_blockz"):
+    with pytest.raises(TrainError, match="model.backbone_overrides: unknown BackboneConfig field\\(s\\): num_blockz"):
         loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path), ["model.backbone_overrides.num_blockz=2"]))
 
 

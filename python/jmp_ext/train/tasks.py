@@ -17,7 +17,6 @@ divided by the same scale, which equals JMP's loss on normalised targets.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,15 +216,10 @@ def build_network(config: TrainConfig) -> nn.Module:
     from jmp_ext.models.network import FinetuneModel, PretrainModel
 
     m = config.model
-    overrides = dict(m.backbone_overrides)
-    known = {f.name for f in dataclasses.fields(BackboneConfig)}
-    if set(overrides) - known:
-        raise TrainError(f"model.backbone_overrides: unknown BackboneConfig field(s) "
-                         f"{', '.join(sorted(set(overrides) - known))} (known: {', '.join(sorted(known))})")
-    overrides.setdefault("edge_dropout", m.edge_dropout or None)
+    overrides = {"edge_dropout": m.edge_dropout or None, **m.backbone_overrides}
     try:
         backbone = getattr(BackboneConfig, m.backbone)(**overrides)
-    except (TypeError, ValueError) as e:
+    except ValueError as e:
         raise TrainError(f"model.backbone_overrides: {e}") from e
     if config.mode == "pretrain":
         for i, task in enumerate(config.tasks):

@@ -131,11 +131,13 @@ class BackboneConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "BackboneConfig":
-        """Builds a config from JMP field names; unknown names raise a ValueError that lists them."""
+        """Builds a config from JMP field names; unknown names raise a ValueError that lists them
+        (a bare `cls(**values)` would raise a TypeError that names only the first)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown BackboneConfig field(s): {', '.join(unknown)}")
+            raise ValueError(f"unknown BackboneConfig field(s): {', '.join(unknown)} "
+                             f"(known: {', '.join(sorted(known))})")
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -144,7 +146,7 @@ class BackboneConfig:
     @classmethod
     def jmp_s(cls, **overrides) -> "BackboneConfig":
         """JMP-S (JMP's `BackboneConfig.base()`): 4 blocks, atom 256, edge 512."""
-        return cls(**overrides)
+        return cls.from_dict(overrides)
 
     @classmethod
     def jmp_l(cls, **overrides) -> "BackboneConfig":
@@ -153,7 +155,7 @@ class BackboneConfig:
                      emb_size_trip_out=128, emb_size_quad_in=64, emb_size_quad_out=32,
                      emb_size_aint_in=64, emb_size_aint_out=64, emb_size_rbf=32, emb_size_cbf=16,
                      emb_size_sbf=64, num_concat=4)
-        return cls(**{**sizes, **overrides})
+        return cls.from_dict({**sizes, **overrides})
 
     @classmethod
     def tiny(cls, **overrides) -> "BackboneConfig":
@@ -162,4 +164,4 @@ class BackboneConfig:
                      emb_size_trip_out=16, emb_size_quad_in=8, emb_size_quad_out=8,
                      emb_size_aint_in=16, emb_size_aint_out=16, emb_size_rbf=8, emb_size_cbf=8,
                      emb_size_sbf=16)
-        return cls(**{**sizes, **overrides})
+        return cls.from_dict({**sizes, **overrides})

@@ -87,6 +87,9 @@ def test_a_sub_command_that_contradicts_the_config_is_an_error(tiny_data, tmp_pa
     assert not (tmp_path / "run").exists()
     assert main(["train"]) == 2  # a mistyped sub-command
     assert "sub-commands demo, pretrain, finetune, eval, predict" in capsys.readouterr().err
+    # Overrides alone are not the demo: say how to give tasks, or how to override the demo.
+    assert main(["loop.max_steps=5"]) == 2
+    assert "python -m jmp_ext.train demo key=value" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name, text", [("notes.txt", "hello\n"), ("table.csv", "a,b\n1,2\n")])
@@ -144,6 +147,10 @@ def test_ctrl_c_is_a_message_with_how_to_resume(tiny_data, tmp_path, capsys, mon
     path.write_text(yaml.safe_dump(finetune_raw(tiny_data, tmp_path / "run")))
     assert main([str(path)]) == 130
     assert "interrupted. A training run continues from run_dir/last.pt with resume=true" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "1")  # (torchrun: the other ranks stop as quietly as they were told)
+    assert main([str(path)]) == 130
+    assert capsys.readouterr().err == ""
+    monkeypatch.delenv("RANK")
     # An unset string is an empty value, not null: the message says so.
     assert main([str(path), "model.init_checkpoint=null"]) == 2
     assert "for none, give an empty value: model.init_checkpoint=" in capsys.readouterr().err

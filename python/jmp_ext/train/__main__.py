@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -233,8 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # (training's first Ctrl-C ends the step and saves last.pt: e says so)
-        print(f"\ninterrupted{': ' + str(e) if str(e) else ''}. A training run continues from run_dir/last.pt "
-              "with resume=true", file=sys.stderr)
+        # Under torchrun a terminal's Ctrl-C reaches every rank, and every rank stops alike: one message.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"\ninterrupted{': ' + str(e) if str(e) else ''}. A training run continues from "
+                  "run_dir/last.pt with resume=true", file=sys.stderr)
         return 130
     return 0
 

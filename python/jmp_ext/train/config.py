@@ -325,7 +325,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self, "", ">= 0", "threads")
         if not self.tasks:
-            raise ConfigError("tasks: at least one task is needed")
+            raise ConfigError("tasks: at least one task is needed: a config file, preset=NAME or tasks=[...] "
+                              "gives them (the demo with overrides: python -m jmp_ext.train demo key=value ...)")
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
             raise ConfigError(f"tasks: duplicate task names {names}")

@@ -267,3 +267,38 @@ def test_compute_stats_memory_does_not_grow_with_entries(tmp_path, monkeypatch):
         finally:
             tracemalloc.stop()
     assert peaks[1] - peaks[0] < 1.5e6, peaks
+
+
+@pytest.mark.parametrize("name", ["energy", "gap", "dipole", "forces"])
+def test_a_non_finite_label_is_named_not_averaged(tmp_path, name):
+    """The writer refuses NaN labels; a dataset written elsewhere may hold one, and it would make
+    every statistic NaN (and with them the normalised loss)."""
+    entries = linear_entries(np.random.default_rng(3), 12)
+    for entry in entries:
+        entry["forces"] = np.random.default_rng(0).normal(size=(len(entry["atomic_numbers"]), 3))
+    write_dataset(tmp_path / "ds", entries)
+    dataset = LmdbDataset(tmp_path / "ds")
+    read = dataset.read
+
+    def read_with_a_nan(i):
+        entry = read(i)
+        if i == 7:
+            entry[name] = entry[name] * np.nan
+        return entry
+
+    dataset.read = read_with_a_nan
+    with pytest.raises(ValueError, match=f"entry 7 has a non-finite '{name}'"):
+        compute_stats(dataset)
+
+
+def test_stats_of_a_read_only_dataset_are_computed_with_a_warning(tmp_path, monkeypatch):
+    """A shared dataset the user may not write to: training still starts."""
+    write_dataset(tmp_path / "ds", linear_entries(np.random.default_rng(4), 10))
+
+    def read_only(*args):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(stats_module, "write_bytes_atomic", read_only)
+    with pytest.warns(UserWarning, match="could not cache the statistics of .*Read-only file system"):
+        stats = load_stats(tmp_path / "ds")
+    assert stats["num_entries"] == 10 and not (tmp_path / "ds" / "stats.json").exists()

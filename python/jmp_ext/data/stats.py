@@ -4,6 +4,7 @@ atom-count histogram. Computed on a training split and cached in its directory a
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -78,10 +79,19 @@ def compute_stats(dataset: LmdbDataset, progress: bool = False) -> dict:
                     values[name].append(entry[name].astype(np.float64))
                 if "forces" in entry:
                     forces = entry["forces"].astype(np.float64)
+                    if not np.isfinite(forces).all():
+                        raise _non_finite(dataset, i, "forces")
                     force_sq += float(np.square(forces).sum())
                     force_n += forces.size
+            stacked = {name: np.stack(values[name]) for name in labels}
+            for name, chunk in stacked.items():
+                # The writer refuses non-finite labels; a file from elsewhere may hold them, and
+                # one NaN would make every statistic (and the normalised loss) NaN.
+                finite = np.isfinite(chunk.reshape(len(chunk), -1)).all(axis=1)
+                if not finite.all():
+                    raise _non_finite(dataset, start + int(np.argmin(finite)), name)
             for name, chunk_moments in moments.items():
-                chunk_moments.add(np.stack(values[name]))
+                chunk_moments.add(stacked[name])
             if referenced:
                 rows = stop - start
                 # Element counts of the chunk: one bincount over (row, Z) pairs.
@@ -91,7 +101,7 @@ def compute_stats(dataset: LmdbDataset, progress: bool = False) -> dict:
                 block = np.empty((rows, fmt.MAX_Z + 2 + len(referenced)))
                 block[:, :fmt.MAX_Z + 1] = counts.reshape(rows, fmt.MAX_Z + 1)
                 for j, name in enumerate(referenced):
-                    block[:, fmt.MAX_Z + 1 + j] = values[name]
+                    block[:, fmt.MAX_Z + 1 + j] = stacked[name]
                 block[:, -1] = 1.0
                 present |= block[:, :fmt.MAX_Z + 1].any(axis=0)
                 counts_qr.add(block)
@@ -110,6 +120,11 @@ def compute_stats(dataset: LmdbDataset, progress: bool = False) -> dict:
     stats["natoms_hist"] = np.bincount(dataset.natoms)
     stats["avg_natoms"] = float(dataset.natoms.mean())
     return stats
+
+
+def _non_finite(dataset: LmdbDataset, index: int, name: str) -> fmt.DataError:
+    return fmt.DataError(f"{dataset.path}: entry {index} has a non-finite {name!r} (NaN or inf); "
+                         "remove it (or rewrite the dataset)")
 
 
 def _fit_references(r: np.ndarray, present: np.ndarray, names: list[str], num_entries: int) -> dict:
@@ -207,7 +222,12 @@ def load_stats(dataset_dir: str | Path, recompute: bool = False, progress: bool 
     file = Path(dataset_dir) / fmt.STATS_FILE
     if recompute or not file.is_file():
         stats = compute_stats(LmdbDataset(dataset_dir), progress=progress)
-        save_stats(dataset_dir, stats)
+        try:
+            save_stats(dataset_dir, stats)
+        except OSError as e:  # a shared, read-only dataset: train anyway, say what it costs
+            warnings.warn(f"could not cache the statistics of {dataset_dir} ({e}); they are computed "
+                          "again by every run: `python -m jmp_ext.data stats` on a writable copy, or ask "
+                          "the dataset's owner to run it", stacklevel=2)
         return stats
     stats = fmt.read_json(file)
     if stats.get("version") != STATS_VERSION:

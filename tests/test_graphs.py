@@ -246,6 +246,12 @@ def test_bad_batches_raise_clear_errors():
         G.check_batch(dict(batch, tags=batch["tags"][:-1]))
     with pytest.raises(ValueError, match="batch\\['batch'\\] does not match"):
         G.check_batch(dict(batch, batch=batch["batch"].flip(0)))
+    # A periodic cell in nm rather than Å: refused before a graph of minutes and gigabytes.
+    slab = fixture_batch(load("oc20_slab.pt"), torch.float64)
+    G.check_batch(slab)
+    with pytest.raises(ValueError, match=r"structure 0 packs \d+ atom\(s\) into a periodic cell of .* Å\^3 "
+                                         r"\(.* atoms/Å\^3; the densest solids hold ~0.2\): cells are in Å"):
+        G.check_batch(dict(slab, cell=slab["cell"] * 0.1))
     # A structure whose atoms are all beyond the cutoff of each other has no edge.
     far = dict(batch, pos=batch["pos"] * torch.where(batch["batch"] == 1, 100.0, 1.0)[:, None])
     keep = case["graphs"]["a2a"]["edge_index"][1] < 9

@@ -36,6 +36,9 @@ from jmp_ext import ops
 from jmp_ext.ops.radius_graph import radius_graph
 
 GRAPH_NAMES = ("main", "a2ee2a", "qint", "a2a")
+# Atoms per Å^3 above which a periodic structure cannot be matter (diamond 0.18, lithium 0.05):
+# about 5x the densest solid, so compressed phases pass and a cell in nm (1000x) does not.
+MAX_ATOMS_PER_A3 = 1.0
 # Neighbours per target relative to the main graph's k (JMP's MaxNeighbors.from_goc_base_proportions).
 K_PROPORTIONS = {"main": 30, "a2ee2a": 20, "qint": 8, "a2a": 1000}
 
@@ -138,6 +141,16 @@ def check_batch(batch: dict) -> None:
         raise ValueError(f"batch['pos'] has non-finite values at atoms {bad[:10].tolist()}")
     if "cell" in batch and not torch.isfinite(batch["cell"]).all():
         raise ValueError("batch['cell'] has non-finite values")
+    if "cell" in batch and "pbc" in batch:
+        # A cell in the wrong unit (nm, or a scaled cell) packs thousands of images of each atom
+        # into the cutoff sphere: the graph would take minutes and gigabytes before failing.
+        density = natoms / torch.linalg.det(batch["cell"].double()).abs()
+        dense = batch["pbc"].all(dim=1) & (density > MAX_ATOMS_PER_A3)
+        if dense.any():
+            b = int(dense.nonzero()[0])
+            raise ValueError(f"structure {b} packs {int(natoms[b])} atom(s) into a periodic cell of "
+                             f"{float(natoms[b] / density[b]):.3g} Å^3 ({float(density[b]):.3g} atoms/Å^3; the "
+                             "densest solids hold ~0.2): cells are in Å, rows are lattice vectors")
 
 
 def _structure_index(natoms: Tensor) -> Tensor:

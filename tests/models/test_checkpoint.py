@@ -120,6 +120,23 @@ def test_files_that_are_not_checkpoints_are_named(tmp_path):
         load_jmp_checkpoint(tmp_path / "other.pt", reference_model())
 
 
+def test_weights_that_are_not_finite_tensors_are_refused(tmp_path):
+    """A diverged run's NaN weights would only train NaNs; a non-tensor entry (a stubbed class in
+    a Lightning file) would fail later as an AttributeError far from the file."""
+    model = reference_model()
+    ckpt = lightning_checkpoint(model, tmp_path)
+    key = next(k for k in ckpt["state_dict"] if k.startswith("backbone."))
+    nan_ema = tuple(t.clone() for t in ckpt["optimizer_states"][0]["ema"])
+    nan_ema[3][0] = float("nan")
+    torch.save({**ckpt, "optimizer_states": [{"ema": nan_ema, "state": {}}]}, tmp_path / "nan.pt")
+    with pytest.raises(ValueError, match=r"nan\.pt: 1 weight\(s\) hold NaN or inf, first 'backbone\."):
+        load_jmp_checkpoint(tmp_path / "nan.pt", reference_model())
+    load_jmp_checkpoint(tmp_path / "nan.pt", reference_model(), use_ema=False)  # the raw weights are finite
+    ckpt["state_dict"][key] = [1.0, 2.0]
+    with pytest.raises(ValueError, match=rf"state_dict entry '{key}' is a list, not a tensor"):
+        read_state_dict(ckpt, use_ema=False)
+
+
 def test_finetune_load_drops_heads_and_force_branch(tmp_path):
     reference = reference_model()
     ckpt = lightning_checkpoint(reference, tmp_path)

@@ -70,14 +70,14 @@ def is_training_checkpoint(checkpoint) -> bool:
     return isinstance(checkpoint, dict) and "model" in checkpoint and "config" in checkpoint
 
 
-def network_weights(checkpoint: dict, ema: bool = True) -> dict[str, torch.Tensor]:
-    """The network's state_dict (JMP's keys: embedding.*, backbone.*, output.*) from one of our
-    loaded run checkpoints: last.pt's EMA weights when `ema` and the run had an EMA, else its
-    weights; best.pt's validated weights."""
+def run_weights(checkpoint: dict, ema: bool = True) -> dict[str, torch.Tensor]:
+    """The TaskModel state_dict (net.* and the norm_* buffers) of one of our loaded run
+    checkpoints: last.pt's EMA weights when `ema` and the run had an EMA, else its weights;
+    best.pt's validated weights."""
     weights = dict(checkpoint["model"])
     if ema and checkpoint.get("ema"):
         weights.update(checkpoint["ema"])
-    return {k[len("net."):]: v for k, v in weights.items() if k.startswith("net.")}
+    return weights
 
 
 def read_state_dict(source: str | os.PathLike | dict, *, use_ema: bool = True) -> dict[str, torch.Tensor]:
@@ -91,7 +91,9 @@ def read_state_dict(source: str | os.PathLike | dict, *, use_ema: bool = True) -
     if not isinstance(ckpt, dict):
         raise ValueError(f"a checkpoint must be a dict, got {type(ckpt).__name__}")
     if is_training_checkpoint(ckpt):
-        return network_weights(ckpt, ema=use_ema)
+        # The network's keys are JMP's once the TaskModel's "net." is dropped.
+        return _checked({k[len("net."):]: v for k, v in run_weights(ckpt, use_ema).items() if k.startswith("net.")},
+                        source)
     if "state_dict" in ckpt:
         state = dict(ckpt["state_dict"])
     elif ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
@@ -124,7 +126,21 @@ def read_state_dict(source: str | os.PathLike | dict, *, use_ema: bool = True) -
     # JMP's fine-tuning checkpoints keep the embedding at `embedding.weight`.
     if "embedding.weight" in state:
         state["embedding.atom_embedding.weight"] = state.pop("embedding.weight")
-    return {k: v for k, v in state.items() if not k.startswith("task_steps")}
+    return _checked({k: v for k, v in state.items() if not k.startswith("task_steps")}, source)
+
+
+def _checked(state: dict, source) -> dict[str, torch.Tensor]:
+    """state, once every value is a finite tensor: weights of a diverged run would train only
+    NaNs, and a non-tensor entry would fail later as an AttributeError."""
+    where = "" if isinstance(source, dict) else f"{source}: "
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{where}state_dict entry {key!r} is a {type(value).__name__}, not a tensor")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{where}{len(bad)} weight(s) hold NaN or inf, first {bad[0]!r} (the weights of a "
+                         "diverged run?)")
+    return state
 
 
 def load_jmp_checkpoint(source: str | os.PathLike | dict, model: nn.Module, *, use_ema: bool = True,

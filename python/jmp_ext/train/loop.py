@@ -34,7 +34,7 @@ from jmp_ext.data.collate import collate
 from jmp_ext.data.dataset import MultiDataset
 from jmp_ext.data.samplers import AtomBalancedBatchSampler, TemperatureSampler
 from jmp_ext.files import write_bytes_atomic
-from jmp_ext.models.checkpoint import is_training_checkpoint, load_jmp_checkpoint, read_state_dict
+from jmp_ext.models.checkpoint import is_training_checkpoint, load_jmp_checkpoint, read_state_dict, run_weights
 from jmp_ext.train import distributed, tasks
 from jmp_ext.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from jmp_ext.train.config import TrainConfig, save_config, to_dict
@@ -125,9 +125,7 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     if not is_training_checkpoint(state):
         raise TrainError(f"{path} is not a jmp_ext training checkpoint (best.pt / last.pt of a run)")
     config = from_dict(TrainConfig, state["config"])
-    weights = dict(state["model"])
-    if state.get("ema"):
-        weights.update(state["ema"])
+    weights = run_weights(state)
     norms = {k: v for k, v in weights.items() if k.startswith("norm_")}
     model = build_model(config, norms).to(device)
     model.net.to(DTYPES.get(config.loop.precision, torch.float32))  # before loading: fp64 stays fp64

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+import lmdb
 import numpy as np
 
 from jmp_ext.data import format as fmt
@@ -133,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    # DataError is a ValueError; PermissionError: a pickled LMDB without --allow-pickle.
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as error:
+    # DataError is a ValueError; OSError: a missing or unreadable file, an existing target
+    # without --overwrite, a full disk, a pickled LMDB without --allow-pickle (PermissionError).
+    except (ValueError, OSError, lmdb.Error) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # (each dataset and stats file is written atomically)

@@ -39,8 +39,7 @@ def _shared_env(file: Path) -> lmdb.Environment:
                 if inherited_key[2] != pid:
                     inherited.close()
                     del _SHARED_ENVS[inherited_key]
-            env = lmdb.open(str(file), subdir=False, readonly=True, lock=False, readahead=False,
-                            meminit=False, max_readers=1)
+            env = fmt.open_lmdb_readonly(file)
             _SHARED_ENVS[key] = env
         return env
 
@@ -58,8 +57,9 @@ class LmdbDataset(Dataset):
     floats to the training dtype. `ds.natoms` is int64 [len] and `ds.schema` maps each field to
     its dtype, shape and unit; both come from the metadata, so len() and batching never scan.
 
-    LMDB handles are opened on first access and reopened in a new process (DataLoader workers,
-    DDP ranks after fork), because an LMDB environment must not cross a fork. Datasets on the
+    LMDB handles are opened on construction (so a truncated shard fails there) and reopened in a
+    new process (DataLoader workers, DDP ranks after fork), because an LMDB environment must not
+    cross a fork. Every entry read is checked against the schema and metadata.npz. Datasets on the
     same files in one process share the handles, so a directory can be opened any number of
     times (e.g. as both the val and the test split).
     """
@@ -71,8 +71,10 @@ class LmdbDataset(Dataset):
         self._shard_files = [self.path / shard["file"] for shard in meta["shards"]]
         self._offsets = np.cumsum([0] + [shard["num_entries"] for shard in meta["shards"]])
         self.natoms = fmt.read_natoms(self.path, meta["num_entries"])
+        self._decoder = fmt.EntryDecoder(self.schema)
         self._envs: list[lmdb.Environment] | None = None
         self._pid = None
+        self._open()
         self._values = [self._read(i) for i in range(len(self))] if in_memory else None
         if in_memory:
             self._close()
@@ -92,24 +94,23 @@ class LmdbDataset(Dataset):
         """Entry `index` (0 <= index < len) as numpy arrays."""
         value = self._values[index] if self._values is not None else self._read(index)
         try:
-            entry = fmt.decode_entry(value)
+            return self._decoder.decode(value, int(self.natoms[index]))
         except fmt.DataError as error:
             raise fmt.DataError(f"{self._where(index)}: {error}") from None
-        if entry["atomic_numbers"].shape[0] != self.natoms[index]:
-            raise fmt.DataError(f"{self._where(index)}: {entry['atomic_numbers'].shape[0]} atoms, "
-                                f"metadata says {self.natoms[index]}")
-        return entry
 
     def _where(self, index: int) -> str:
         shard = int(np.searchsorted(self._offsets, index, side="right")) - 1
         return f"{self._shard_files[shard]} entry {index - self._offsets[shard]} (dataset index {index})"
 
+    def _open(self) -> None:
+        # Handles inherited through fork must not be used: _shared_env closes them in this
+        # process and hands out this process's own.
+        self._envs = [_shared_env(file) for file in self._shard_files]
+        self._pid = os.getpid()
+
     def _read(self, index: int) -> bytes:
         if self._envs is None or self._pid != os.getpid():
-            # Handles inherited through fork must not be used: _shared_env closes them in this
-            # process and hands out this process's own.
-            self._envs = [_shared_env(file) for file in self._shard_files]
-            self._pid = os.getpid()
+            self._open()
         shard = int(np.searchsorted(self._offsets, index, side="right")) - 1
         key = str(index - self._offsets[shard]).encode("ascii")
         with self._envs[shard].begin(buffers=False) as txn:

@@ -20,7 +20,8 @@ An entry is one structure: a dict of numpy arrays. It is encoded as
 where header is JSON [[name, dtype, shape, offset], ...], buffers are the arrays' C-order bytes,
 each starting at an 8-byte aligned offset from the start of the buffer area. Decoding reads only
 numbers (no pickle), so opening a dataset never runs code, and the CRC catches corrupted or
-truncated values.
+truncated values; a header whose fields do not fit the buffer, or that disagrees with the
+dataset's schema, is refused.
 
 Field conventions (units are eV and Å throughout):
     pos [n,3] Å, atomic_numbers [n] int64, cell [3,3] Å (rows = lattice vectors; zeros without a
@@ -34,10 +35,13 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import struct
+import zipfile
 import zlib
 from pathlib import Path
 
+import lmdb
 import numpy as np
 
 FORMAT_NAME = "jmp_ext.lmdb"
@@ -46,7 +50,7 @@ META_FILE = "meta.json"
 NATOMS_FILE = "metadata.npz"
 STATS_FILE = "stats.json"
 
-_MAGIC = b"JMPE"
+MAGIC = b"JMPE"  # the first bytes of every entry (convert tells our LMDBs from pickled ones by them)
 _PREFIX = struct.Struct("<4sIII")  # magic, entry version, crc32 of the rest, header length
 _ALIGN = 8
 
@@ -88,18 +92,65 @@ def encode_entry(entry: dict[str, np.ndarray]) -> bytes:
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-(_PREFIX.size + len(header_bytes)) % _ALIGN)
     rest = header_bytes + b"".join(chunks)
-    return _PREFIX.pack(_MAGIC, FORMAT_VERSION, zlib.crc32(rest), len(header_bytes)) + rest
+    return _PREFIX.pack(MAGIC, FORMAT_VERSION, zlib.crc32(rest), len(header_bytes)) + rest
 
 
 def decode_entry(value: bytes) -> dict[str, np.ndarray]:
-    """Inverse of encode_entry; raises DataError on a corrupted or truncated value.
+    """Inverse of encode_entry; raises DataError on a corrupted, truncated or malformed value.
 
     The arrays share one writable buffer (a single copy of `value`).
     """
+    buffer, start, header = _unpack(value)
+    return _arrays(buffer, start, _parse_header(header, len(buffer) - start))
+
+
+class EntryDecoder:
+    """decode_entry for the entries of one dataset, each checked against the dataset's schema
+    (field names, dtypes, shapes with "n" the entry's atom count from metadata.npz).
+
+    Entries with the same atom count share one header, so the parsed and checked header is
+    cached: parsing the JSON is the slowest step of decoding, and the checks then cost nothing.
+    """
+
+    _MAX_CACHED = 4096  # headers; a dataset has about one per distinct atom count
+
+    def __init__(self, schema: dict):
+        self._fields = {name: (np.dtype(field["dtype"]), field["shape"])
+                        for name, field in schema.items()}
+        self._layouts: dict[tuple[bytes, int, int], tuple] = {}
+
+    def decode(self, value: bytes, natoms: int) -> dict[str, np.ndarray]:
+        buffer, start, header = _unpack(value)
+        key = (header, len(buffer), natoms)
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = _parse_header(header, len(buffer) - start)
+            self._check(layout, natoms)
+            if len(self._layouts) < self._MAX_CACHED:
+                self._layouts[key] = layout
+        return _arrays(buffer, start, layout)
+
+    def _check(self, layout: tuple, natoms: int) -> None:
+        names = {name for name, *_ in layout}
+        if names != self._fields.keys():
+            raise DataError(f"fields differ from the schema (missing "
+                            f"{sorted(self._fields.keys() - names, key=str)}, "
+                            f"extra {sorted(names - self._fields.keys(), key=str)})")
+        for name, dtype, shape, _, _ in layout:
+            want_dtype, want_shape = self._fields[name]
+            want_shape = tuple(natoms if size == "n" else size for size in want_shape)
+            if dtype != want_dtype or shape != want_shape:
+                raise DataError(f"{name} is {dtype.str} {list(shape)}, the schema says "
+                                f"{want_dtype.str} {list(want_shape)} "
+                                f"({natoms} atoms in {NATOMS_FILE})")
+
+
+def _unpack(value: bytes) -> tuple[bytearray, int, bytes]:
+    """(a copy of value, where its data area starts, its header's bytes), checksum checked."""
     if len(value) < _PREFIX.size:
         raise DataError(f"entry is truncated ({len(value)} bytes)")
     magic, version, crc, header_len = _PREFIX.unpack_from(value)
-    if magic != _MAGIC:
+    if magic != MAGIC:
         raise DataError("entry is not in jmp_ext format (bad magic; a pickled OC20 LMDB needs "
                         "`python -m jmp_ext.data convert --allow-pickle`)")
     if version > FORMAT_VERSION:
@@ -108,18 +159,50 @@ def decode_entry(value: bytes) -> dict[str, np.ndarray]:
     if zlib.crc32(memoryview(buffer)[_PREFIX.size:]) != crc:
         raise DataError("entry is corrupted or truncated (checksum mismatch)")
     start = _PREFIX.size + header_len
-    header = json.loads(bytes(buffer[_PREFIX.size:start]))
-    entry = {}
-    for name, dtype, shape, offset in header:
-        # math.prod and the dtype cache: this loop runs for every field of every entry read.
-        count = math.prod(shape)
-        entry[name] = np.frombuffer(buffer, _dtype(dtype), count, start + offset).reshape(shape)
-    return entry
+    if start > len(buffer):
+        raise DataError(f"entry header length {header_len} exceeds the entry's {len(buffer)} bytes")
+    return buffer, start, bytes(buffer[_PREFIX.size:start])
+
+
+def _parse_header(header: bytes, size: int) -> tuple[tuple[str, np.dtype, tuple, int, int], ...]:
+    """(name, dtype, shape, count, offset) of every field of an entry with `size` data bytes.
+
+    The checksum only shows the bytes are as written, not that the header is sane, and
+    frombuffer trusts it: a shape of [-1] reads the rest of the buffer as the field, a negative
+    offset reads the header. So every field must lie inside the data area.
+    """
+    try:
+        layout = []
+        for name, dtype, shape, offset in json.loads(header):
+            dtype = _dtype(dtype)
+            count = math.prod(shape)
+            end = offset + count * dtype.itemsize
+            if min(shape, default=0) < 0 or not 0 <= offset <= end <= size:
+                raise DataError(f"field {name!r} ({dtype.str} {shape} at byte {offset}) does not "
+                                f"fit in the entry's {size} data bytes")
+            layout.append((name, dtype, tuple(shape), count, offset))
+        if len({field[0] for field in layout}) != len(layout):
+            raise DataError("entry header names a field twice")
+    except DataError:
+        raise
+    # A header that is not a list of [name, dtype, shape, offset] fails in the loop (unpacking,
+    # arithmetic, hashing) with whatever exception that step raises.
+    except (ValueError, TypeError) as error:
+        raise DataError(f"entry header is malformed ({type(error).__name__}: {error})") from None
+    return tuple(layout)
+
+
+def _arrays(buffer: bytearray, start: int, layout: tuple) -> dict[str, np.ndarray]:
+    return {name: np.frombuffer(buffer, dtype, count, start + offset).reshape(shape)
+            for name, dtype, shape, count, offset in layout}
 
 
 @functools.cache
 def _dtype(name: str) -> np.dtype:
-    return np.dtype(name)
+    dtype = np.dtype(name)
+    if dtype.kind not in "biuf":
+        raise DataError(f"dtype {name!r} is not a numeric or bool dtype")
+    return dtype
 
 
 def field_schema(name: str, array: np.ndarray, unit: str | None = None) -> dict:
@@ -185,7 +268,11 @@ def normalize_entry(entry: dict, where: str, float_dtype=np.float64) -> dict[str
 
 
 def read_meta(path: str | Path) -> dict:
-    """Read and check a dataset directory's meta.json."""
+    """Read and check a dataset directory's meta.json.
+
+    The layout is checked here so that a damaged or hand-edited file fails on open, naming
+    what is wrong, not later as a KeyError or an IndexError in the middle of an epoch.
+    """
     path = Path(path)
     meta_path = path / META_FILE
     if not meta_path.is_file():
@@ -197,26 +284,116 @@ def read_meta(path: str | Path) -> dict:
     meta = read_json(meta_path)
     if meta.get("format") != FORMAT_NAME:
         raise DataError(f"{meta_path}: format {meta.get('format')!r} is not {FORMAT_NAME!r}")
-    if meta.get("version", 0) > FORMAT_VERSION:
+    missing = [key for key in ("version", "num_entries", "shards", "schema") if key not in meta]
+    if missing:
+        raise DataError(f"{meta_path}: no {', '.join(missing)}")
+    if not _is_count(meta["version"]):
+        raise DataError(f"{meta_path}: format version {meta['version']!r} is not an integer")
+    if meta["version"] > FORMAT_VERSION:
         raise DataError(f"{meta_path}: format version {meta['version']} is newer than this "
                         f"jmp_ext reads ({FORMAT_VERSION}); upgrade jmp_ext")
+    if not _is_count(meta["num_entries"]):
+        raise DataError(f"{meta_path}: num_entries {meta['num_entries']!r} is not a count")
+    _check_shards(meta["shards"], meta["num_entries"], meta_path)
+    _check_schema(meta["schema"], meta_path)
     return meta
 
 
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_shards(shards, num_entries: int, meta_path: Path) -> None:
+    if not isinstance(shards, list) or not shards:
+        raise DataError(f"{meta_path}: shards is {shards!r}, not a list of shards")
+    for i, shard in enumerate(shards):
+        file = shard.get("file") if isinstance(shard, dict) else None
+        # A bare file name: shards outside the directory would be read as this dataset's
+        # after a copy or a hand edit (a path like ../other/data.0000.lmdb).
+        if (not isinstance(file, str) or Path(file).name != file or file in ("", "..")
+                or not _is_count(shard.get("num_entries"))):
+            raise DataError(f"{meta_path}: shard {i} is {shard!r}; expected "
+                            '{"file": a file name in the dataset directory, "num_entries": a count}')
+    total = sum(shard["num_entries"] for shard in shards)
+    if total != num_entries:
+        raise DataError(f"{meta_path}: num_entries is {num_entries} but the shards hold {total}")
+
+
+def _check_schema(schema, meta_path: Path) -> None:
+    if not isinstance(schema, dict):
+        raise DataError(f"{meta_path}: schema is {schema!r}, not an object of fields")
+    missing = [name for name in REQUIRED_FIELDS if name not in schema]
+    if missing:
+        raise DataError(f"{meta_path}: schema lacks the required field(s) {', '.join(missing)}")
+    for name, field in schema.items():
+        try:
+            _dtype(field["dtype"])
+            shape = field["shape"]
+            valid = isinstance(shape, list) and all(
+                _is_count(size) or (size == "n" and axis == 0) for axis, size in enumerate(shape))
+        # np.dtype raises TypeError for an unknown name; field may be no object at all.
+        except (DataError, KeyError, TypeError):
+            valid = False
+        if not valid:
+            raise DataError(f"{meta_path}: schema of field {name} is {field!r}; expected "
+                            '{"dtype": a numeric numpy dtype, "shape": [sizes, "n" first for '
+                            'per-atom fields], ...}')
+
+
 def read_json(file: Path) -> dict:
-    """A metadata file's JSON; a truncated or hand-damaged file is a DataError naming it."""
+    """A metadata file's JSON object; a truncated or hand-damaged file is a DataError naming it."""
+    hint = "rewrite it (stats.json: `python -m jmp_ext.data stats DIR --recompute`)"
     try:
-        return json.loads(file.read_text())
+        value = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DataError(f"{file} is not valid JSON ({error}); rewrite it (stats.json: "
-                        "`python -m jmp_ext.data stats DIR --recompute`)") from None
+        raise DataError(f"{file} is not valid JSON ({error}); {hint}") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{file} is a JSON {type(value).__name__}, not an object; {hint}")
+    return value
 
 
 def read_natoms(path: str | Path, num_entries: int) -> np.ndarray:
     """The atom count of every entry, from metadata.npz (no scan of the data)."""
     file = Path(path) / NATOMS_FILE
-    with np.load(file, allow_pickle=False) as npz:
-        natoms = npz["natoms"].astype(np.int64)
+    try:
+        with np.load(file, allow_pickle=False) as npz:
+            natoms = npz["natoms"]
+    except FileNotFoundError:
+        raise
+    # BadZipFile: truncated (the zip directory is at the end); KeyError: no natoms array;
+    # ValueError: not a zip (np.load then refuses to unpickle) or a damaged array header.
+    except (zipfile.BadZipFile, KeyError, ValueError, EOFError, OSError) as error:
+        raise DataError(f"{file} is damaged or incomplete ({type(error).__name__}: {error})"
+                        ) from None
+    if natoms.ndim != 1 or natoms.dtype.kind not in "iu":
+        raise DataError(f"{file}: natoms is {natoms.dtype} {list(natoms.shape)}, "
+                        "not a 1-D integer array")
     if natoms.shape != (num_entries,):
         raise DataError(f"{file}: natoms has {natoms.shape[0]} entries, meta.json says {num_entries}")
-    return natoms
+    if num_entries and natoms.min() < 1:
+        raise DataError(f"{file}: natoms holds {natoms.min()}; every entry has at least one atom")
+    return natoms.astype(np.int64)
+
+
+def open_lmdb_readonly(file: str | Path) -> lmdb.Environment:
+    """Open an LMDB file (subdir=False) for reading; a truncated or non-LMDB file is a DataError.
+
+    LMDB maps the file into memory, so reading a page past the end of a truncated file (a
+    half-finished copy or download) kills the process with SIGBUS: the file must hold every
+    page its header counts, which this checks before anything is read.
+    """
+    size = os.path.getsize(file)
+    if size == 0:
+        raise DataError(f"{file} is empty: an incomplete copy or download?")
+    try:
+        env = lmdb.open(str(file), subdir=False, readonly=True, lock=False, readahead=False,
+                        meminit=False, max_readers=1)
+    except (lmdb.InvalidError, lmdb.CorruptedError, lmdb.VersionMismatchError) as error:
+        message = str(error).removeprefix(f"{file}: ")
+        raise DataError(f"{file} is not a readable LMDB file ({message})") from None
+    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    if size < needed:
+        env.close()
+        raise DataError(f"{file} is truncated: {size} bytes, but its LMDB header says {needed} "
+                        "(an incomplete copy or download?)")
+    return env

@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
-from ase.constraints import FixAtoms
 
-from jmp_ext.data.convert import oc20_tags
+from jmp_ext.data import format as fmt
+from jmp_ext.data.convert import atoms_structure
 
 
 def atoms_to_entry(atoms: Atoms) -> dict[str, torch.Tensor]:
@@ -44,20 +44,11 @@ def atoms_to_entry(atoms: Atoms) -> dict[str, torch.Tensor]:
     as JMP's fine-tuning sets them). They follow OC20: 0 sub-surface, 1 surface, 2 adsorbate;
     the quadruplet graph keeps edges that touch a 1 or a 2. ase.build's slabs tag their layers
     1 (top) to n and add_adsorbate tags the adsorbate 0, so set OC20 tags on such a slab before
-    a relaxation. Fixed: the atoms of FixAtoms constraints."""
-    n = len(atoms)
-    fixed = np.zeros(n, dtype=bool)
-    for constraint in atoms.constraints:
-        if isinstance(constraint, FixAtoms):
-            fixed[constraint.get_indices()] = True
-    return {
-        "pos": torch.as_tensor(atoms.positions, dtype=torch.float64),
-        "atomic_numbers": torch.as_tensor(atoms.numbers, dtype=torch.long),
-        "cell": torch.as_tensor(atoms.cell.array, dtype=torch.float64),
-        "pbc": torch.as_tensor(atoms.pbc, dtype=torch.bool),
-        "tags": torch.as_tensor(oc20_tags(atoms.get_tags())),
-        "fixed": torch.as_tensor(fixed),
-    }
+    a relaxation. Fixed: FixAtoms, or FixCartesian on all three axes. Fields and dtypes are those
+    of a converted structure (convert.atoms_structure, as the writer stores it), so that the
+    model sees a structure as in training."""
+    structure = fmt.normalize_entry(atoms_structure(atoms), "atoms")
+    return {name: torch.from_numpy(array) for name, array in structure.items()}
 
 
 class JMPCalculator(Calculator):

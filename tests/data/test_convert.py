@@ -1,5 +1,6 @@
 """Converters: inputs are made here with ASE and with stand-ins for torch_geometric's Data."""
 
+import json
 import pickle
 import sys
 import types
@@ -139,7 +140,8 @@ def test_a_label_on_some_frames_only_can_be_dropped(tmp_path, frames, capsys):
     assert main([*args, "--stress-key", "none"]) == 0
     assert "stress" not in LmdbDataset(tmp_path / "out").schema
     ase.io.write(tmp_path / "rev.extxyz", frames[::-1])
-    with pytest.raises(DataError, match=r"structure 3: has stress, unlike the first entry written"):
+    with pytest.raises(DataError, match=r"structure 3: has stress, which the entries written "
+                                        r"before it lack \(3, from .*rev.extxyz structure 0\)"):
         convert(tmp_path / "rev.extxyz", tmp_path / "rev")
     report = convert(tmp_path / "in.extxyz", tmp_path / "some", skip_invalid=True)
     assert report.written == 3 and "stress" in LmdbDataset(tmp_path / "some").schema
@@ -420,8 +422,6 @@ def test_cli_overwrite_keeps_a_project_directory(tmp_path, frames, capsys):
 
 
 def test_provenance_in_meta(tmp_path, frames):
-    import json
-
     frames[1].numbers[0] = 0
     ase.io.write(tmp_path / "in.extxyz", frames)
     convert(tmp_path / "in.extxyz", tmp_path / "out", skip_invalid=True)
@@ -449,3 +449,107 @@ def test_cli_ctrl_c_leaves_nothing_and_no_traceback(tmp_path, frames, capsys, mo
     assert main(["convert", str(tmp_path / "in.extxyz"), str(tmp_path / "out")]) == 130
     assert "interrupted: no dataset was left half-written" in capsys.readouterr().err
     assert added and sorted(p.name for p in tmp_path.iterdir()) == ["in.extxyz"]
+
+
+def test_labels_lacking_on_the_first_frame(tmp_path):
+    """A first frame without labels: --skip-invalid kept it, skipped every labelled frame, and
+    reported energy and forces as written. Frames with labels the first lacks cannot be
+    skipped sensibly: the error says which frames lack which labels."""
+    rng = np.random.default_rng(0)
+    frames = [make_atoms(rng, n=3) for _ in range(4)]
+    frames[0].calc = None
+    ase.io.write(tmp_path / "in.extxyz", frames)
+    for skip_invalid in (False, True):
+        with pytest.raises(DataError, match=r"structure 1: has energy, forces, stress, which the "
+                           r"entries written before it lack \(1, from .*in.extxyz structure 0\): "
+                           r".*remove the entries without them from the source, or drop energy, "
+                           r"forces, stress with --energy-key none --forces-key none --stress-key"):
+            convert(tmp_path / "in.extxyz", tmp_path / "out", skip_invalid=skip_invalid)
+        assert not (tmp_path / "out").exists()
+
+
+def test_report_names_only_labels_written(tmp_path):
+    """The only frame with forces is skipped (it lacks the energy): forces are not in the data."""
+    frames = [Atoms("H", positions=[[0, 0, 0]]) for _ in range(3)]
+    frames[0].info["REF_energy"], frames[2].info["REF_energy"] = -1.0, -2.0
+    frames[1].arrays["REF_forces"] = np.ones((1, 3))
+    ase.io.write(tmp_path / "in.extxyz", frames, format="extxyz")
+    report = convert(tmp_path / "in.extxyz", tmp_path / "out", skip_invalid=True)
+    assert report.written == 2 and "structure 1: lacks energy" in report.skipped[0]
+    assert report.labels == {"energy": "info['REF_energy']"}
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["info"]["labels"] == report.labels
+    assert "forces" not in LmdbDataset(tmp_path / "out").schema
+
+
+def test_a_jmp_ext_dataset_is_not_read_as_pickles(tmp_path, frames, capsys):
+    """Our own LMDB shards were taken for pickled OC20 ones: --allow-pickle was suggested, and
+    then failed with 'invalid load key'."""
+    ase.io.write(tmp_path / "in.extxyz", frames)
+    convert(tmp_path / "in.extxyz", tmp_path / "ds")
+    for src in (tmp_path / "ds", tmp_path / "ds" / "data.0000.lmdb"):
+        for allow_pickle in (False, True):
+            with pytest.raises(DataError, match=r"data.0000.lmdb holds jmp_ext entries: .* is "
+                                                r"\(part of\) a jmp_ext dataset already"):
+                convert(src, tmp_path / "out", allow_pickle=allow_pickle)
+    assert main(["convert", str(tmp_path / "ds"), str(tmp_path / "out")]) == 1
+    assert "--allow-pickle" not in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "in.extxyz"]
+
+
+def test_pickled_lmdb_keys_are_checked(tmp_path, fake_pyg):
+    """Keys other than 0, 1, ... and 'length' were skipped silently, "00" was a second entry 0,
+    and 'length' was never compared with the entries."""
+    rng = np.random.default_rng(4)
+    env = lmdb.open(str(tmp_path / "x.lmdb"), subdir=False, map_size=1 << 26)
+    with env.begin(write=True) as txn:
+        for key in (b"0", b"00", b"1", b"\x00\x01"):
+            txn.put(key, fake_pyg(OldData, oc20_fields(rng, 4)))
+        txn.put(b"length", pickle.dumps(5))
+    env.close()
+    with pytest.raises(DataError, match=r"x.lmdb key b'\\x00\\x01': unexpected key"):
+        convert(tmp_path / "x.lmdb", tmp_path / "out", allow_pickle=True)
+    report = convert(tmp_path / "x.lmdb", tmp_path / "out", allow_pickle=True, skip_invalid=True)
+    unexpected = ("unexpected key: entries are stored under the keys 0, 1, ... (and their "
+                  "number under 'length')")
+    assert report.written == 2 and [m.split(": ", 1)[1] for m in report.skipped] == [
+        unexpected, unexpected, "says 5 entries, but the file holds 2"]
+    assert "x.lmdb key b'00'" in report.skipped[1] and "x.lmdb key 'length'" in report.skipped[2]
+    write_pickled_lmdb(tmp_path / "y.lmdb", [fake_pyg(OldData, oc20_fields(rng, 4))], length=False)
+    env = lmdb.open(str(tmp_path / "y.lmdb"), subdir=False)
+    with env.begin(write=True) as txn:
+        txn.put(b"length", b"not a pickle")
+    env.close()
+    with pytest.raises(DataError, match=r"y.lmdb key 'length': is not a pickled entry count"):
+        convert(tmp_path / "y.lmdb", tmp_path / "o2", allow_pickle=True)
+
+
+def test_calculator_sees_a_structure_as_converted(tmp_path):
+    """The calculator built its own entry and ignored FixCartesian, which the converters read
+    (extxyz stores FixAtoms as a move_mask that reads back as FixCartesian)."""
+    from jmp_ext.calculator import atoms_to_entry
+
+    atoms = make_atoms(np.random.default_rng(5), n=5)
+    atoms.set_tags([0, 1, 2, 2, 2])
+    atoms.set_constraint([FixAtoms(indices=[0]), FixCartesian(1, mask=(True, True, True)),
+                          FixCartesian(2, mask=(True, False, True))])
+    ase.io.write(tmp_path / "in.traj", [atoms])
+    convert(tmp_path / "in.traj", tmp_path / "out")
+    stored, entry = LmdbDataset(tmp_path / "out")[0], atoms_to_entry(atoms)
+    assert entry["fixed"].tolist() == [True, True, False, False, False]
+    assert set(entry) == {"pos", "atomic_numbers", "cell", "pbc", "tags", "fixed"}
+    for name, value in entry.items():
+        assert value.dtype == stored[name].dtype and torch.equal(value, stored[name]), name
+
+
+def test_a_truncated_pickled_lmdb_is_an_error_not_a_crash(tmp_path, fake_pyg):
+    """A half-downloaded OC20 file: LMDB maps it, and reading past its end was a SIGBUS."""
+    rng = np.random.default_rng(2)
+    file = tmp_path / "oc20.lmdb"
+    write_pickled_lmdb(file, [fake_pyg(NewData, oc20_fields(rng, 40)) for _ in range(200)])
+    with open(file, "r+b") as f:
+        f.truncate(file.stat().st_size // 2)
+    for skip_invalid in (False, True):
+        with pytest.raises(ValueError, match=r"oc20\.lmdb is truncated: \d+ bytes, but its LMDB header says"):
+            convert(file, tmp_path / "out", allow_pickle=True, skip_invalid=skip_invalid)
+    assert not (tmp_path / "out").exists()

@@ -1,10 +1,13 @@
+import re
+
 import numpy as np
 import pytest
 import torch
 from ase import Atoms
 from ase.calculators.emt import EMT
+from data_helpers import random_entry
 
-from jmp_ext.data import LmdbDataset, load_stats, make_demo
+from jmp_ext.data import LmdbDataset, load_stats, make_demo, write_dataset
 from jmp_ext.data.demo import DOMAINS, GENERATORS, SPLITS
 
 SCALE = 0.03  # 10-12 entries per domain: seconds, not minutes
@@ -121,3 +124,15 @@ def test_interrupted_regeneration_is_redone(demo, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="killed"):
         make_demo(root, seed=99, scale=SCALE)  # catalysis and molecules already replaced
     assert not (root / "demo.json").exists()
+
+
+def test_data_it_did_not_make_are_not_replaced(tmp_path):
+    """make-demo DIR once replaced the user's DIR/md/train. (Its own data it does replace:
+    test_interrupted_regeneration_is_redone.)"""
+    mine = tmp_path / "mine"
+    write_dataset(mine / "md" / "train", [random_entry(np.random.default_rng(0))])
+    message = f"make_demo would replace {mine / 'md' / 'train'}, which it did not make"
+    with pytest.raises(FileExistsError, match=re.escape(message)):
+        make_demo(mine, seed=3, scale=SCALE)
+    assert len(LmdbDataset(mine / "md" / "train")) == 1
+    assert sorted(p.name for p in mine.iterdir()) == ["md"]  # refused before writing anything

@@ -85,3 +85,18 @@ def test_split_checks_every_part_before_writing(source, tmp_path, capsys):
     assert main(["split", str(tmp_path / "small"), str(tmp_path / "out"),
                  "--fractions", "train=0.6,val=0.4", "--overwrite"]) == 0  # val: empty, replaced
     assert [len(LmdbDataset(tmp_path / "out" / n)) for n in ("train", "val")] == [3, 2]
+
+
+def test_split_refuses_to_write_over_its_source(tmp_path, capsys):
+    """`split sp/train sp --overwrite` replaced sp/train with its own train part, then read the
+    other parts from what was left."""
+    rng = np.random.default_rng(0)
+    write_dataset(tmp_path / "sp" / "train", [random_entry(rng) for _ in range(20)])
+    (tmp_path / "link").symlink_to(tmp_path / "sp")
+    for out in ("sp", "link"):
+        assert main(["split", str(tmp_path / "sp" / "train"), str(tmp_path / out),
+                     "--overwrite"]) == 1
+        assert (f"part 'train' would be written to {tmp_path / out / 'train'}, which is the "
+                "source itself") in capsys.readouterr().err
+    assert len(LmdbDataset(tmp_path / "sp" / "train")) == 20
+    assert sorted(p.name for p in (tmp_path / "sp").iterdir()) == ["train"]

@@ -16,7 +16,6 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import lmdb
 import numpy as np
 import torch
 from ase import Atoms, units
@@ -122,15 +121,32 @@ def _take_labels(entry: dict, sources: dict[str, dict], keys: KeyMap, report: Co
         entry["stress"] = _stress_3x3(entry["stress"])
 
 
-def _check_labels(entry: dict, labels: set[str]) -> None:
-    """An entry must carry the `labels` of the first one written. The writer would refuse it
-    too, but could not say how to drop a label that only some entries carry."""
-    for label in LABELS:
-        if (label in entry) != (label in labels):
-            state = "has" if label in entry else "lacks"
-            raise fmt.DataError(f"{state} {label}, unlike the first entry written (every entry must "
-                                f"carry the same labels): skip such entries with --skip-invalid, or "
-                                f"drop {label} with --{label}-key none (from Python: KeyMap({label}='none'))")
+class _ExtraLabels(fmt.DataError):
+    """An entry carries labels that the entries written before it lack. Skipping it would keep
+    the unlabelled entries and drop the labelled ones, so not even --skip-invalid skips it."""
+
+
+def _check_labels(entry: dict, labels: set[str], written: int, first: str) -> None:
+    """An entry must carry the `labels` of the `written` entries before it (the first from
+    `first`). The writer would refuse it too, but could not say how to drop a label that only
+    some entries carry."""
+    lacking = [label for label in LABELS if label in labels and label not in entry]
+    extra = [label for label in LABELS if label in entry and label not in labels]
+    if lacking:
+        raise fmt.DataError(f"lacks {', '.join(lacking)}, unlike the first entry written (every "
+                            f"entry must carry the same labels): skip such entries with "
+                            f"--skip-invalid, or drop {_drop_hint(lacking)}")
+    if extra:
+        raise _ExtraLabels(f"has {', '.join(extra)}, which the entries written before it lack "
+                           f"({written}, from {first}): every entry must carry the same labels, "
+                           f"which the first entry written decides; remove the entries without "
+                           f"them from the source, or drop {_drop_hint(extra)}")
+
+
+def _drop_hint(labels: list[str]) -> str:
+    flags = " ".join(f"--{label}-key none" for label in labels)
+    python = ", ".join(f"{label}='none'" for label in labels)
+    return f"{', '.join(labels)} with {flags} (from Python: KeyMap({python}))"
 
 
 def _stress_3x3(stress) -> np.ndarray:
@@ -157,26 +173,30 @@ def oc20_tags(tags: np.ndarray) -> np.ndarray:
     return tags if tags.any() else np.full(tags.shape, 2, dtype=np.int64)
 
 
-
-def _atoms_entry(atoms: Atoms, keys: KeyMap, report: ConvertReport, sid: int) -> dict:
-    n = len(atoms)
-    # An atom is fixed when FixAtoms holds it or FixCartesian masks hold all three of its axes
-    # (extxyz stores constraints as move_mask, which reads back as FixCartesian).
-    fixed_axes = np.zeros((n, 3), bool)
+def atoms_structure(atoms: Atoms) -> dict[str, np.ndarray]:
+    """The structure fields of an entry (pos, atomic_numbers, cell, pbc, tags, fixed) of ASE
+    Atoms: one rule for the converters and the calculator, so that a model sees a structure
+    alike in training and in use. Tags: oc20_tags. An atom is fixed when FixAtoms holds it or
+    FixCartesian masks hold all three of its axes (extxyz stores constraints as move_mask,
+    which reads back as FixCartesian)."""
+    fixed_axes = np.zeros((len(atoms), 3), bool)
     for constraint in atoms.constraints:
         if isinstance(constraint, FixAtoms):
             fixed_axes[constraint.index] = True
         elif isinstance(constraint, FixCartesian):
             fixed_axes[constraint.index] |= constraint.mask
-    entry = {
+    return {
         "pos": atoms.positions,
         "atomic_numbers": atoms.numbers,
         "cell": atoms.cell.array,
         "pbc": atoms.pbc,
         "tags": oc20_tags(atoms.get_tags()),
         "fixed": fixed_axes.all(axis=1),
-        "sid": sid,
     }
+
+
+def _atoms_entry(atoms: Atoms, keys: KeyMap, report: ConvertReport, sid: int) -> dict:
+    entry = {**atoms_structure(atoms), "sid": sid}
     results = atoms.calc.results if atoms.calc is not None else {}
     sources = {"info": atoms.info, "arrays": atoms.arrays, "calculator": results}
     _take_labels(entry, sources, keys, report)
@@ -346,14 +366,29 @@ def lmdb_files(path: Path) -> list[Path]:
 
 def iter_pickled_lmdb(path: Path, keys: KeyMap, report: ConvertReport
                       ) -> Iterator[tuple[str, object]]:
-    """(where, entry or exception) for every entry of an OC20/JMP LMDB (keys "0".."n-1"; the
-    legacy "length" key is skipped), in file then key order."""
+    """(where, entry or exception) for every entry of an OC20/JMP LMDB, in file then key order.
+
+    Entries are stored under the keys "0", "1", ... and the optional "length" key holds their
+    number. Any other key ("00" would be a second entry 0), and a "length" that disagrees with
+    the number of entries (a truncated or merged file), is an exception yielded before the
+    entries."""
     for file in lmdb_files(path):
-        env = lmdb.open(str(file), subdir=False, readonly=True, lock=False, readahead=False)
+        env = fmt.open_lmdb_readonly(file)  # (a truncated file is an error, not a SIGBUS)
         try:
             with env.begin() as txn:
-                numbered = sorted((int(k), k) for k in txn.cursor().iternext(values=False)
-                                  if k.isdigit())
+                numbered, length = [], None
+                for key in txn.cursor().iternext(values=False):
+                    if key.isdigit() and str(int(key)).encode() == key:
+                        numbered.append((int(key), key))
+                    elif key == b"length":
+                        length = txn.get(key)
+                    else:
+                        yield f"{file} key {key!r}", fmt.DataError(
+                            "unexpected key: entries are stored under the keys 0, 1, ... (and "
+                            "their number under 'length')")
+                if length is not None and (error := _length_error(length, len(numbered))):
+                    yield f"{file} key 'length'", error
+                numbered.sort()
                 for index, key in tqdm(numbered, desc=str(file), unit="entry"):
                     where = f"{file} entry {index}"
                     try:
@@ -362,6 +397,35 @@ def iter_pickled_lmdb(path: Path, keys: KeyMap, report: ConvertReport
                         yield where, error
         finally:
             env.close()
+
+
+def _length_error(value: bytes, count: int) -> fmt.DataError | None:
+    """What is wrong with a "length" value (a pickled int) for a file of `count` entries."""
+    try:
+        length = _RestrictedUnpickler(io.BytesIO(value)).load()
+    except Exception as error:
+        return fmt.DataError(f"is not a pickled entry count ({error})")
+    if not isinstance(length, (int, np.integer)) or isinstance(length, bool):
+        return fmt.DataError(f"is not an entry count but a {type(length).__name__}")
+    if length != count:
+        return fmt.DataError(f"says {length} entries, but the file holds {count}")
+    return None
+
+
+def _refuse_jmp_ext(src: Path) -> None:
+    """Our own datasets are LMDBs too. Read as pickles, they would fail with a puzzling
+    "invalid load key", after the user was asked to --allow-pickle for nothing."""
+    for file in lmdb_files(src):
+        try:
+            with closing(fmt.open_lmdb_readonly(file)) as env, env.begin() as txn:
+                cursor = txn.cursor()
+                ours = cursor.first() and cursor.value().startswith(fmt.MAGIC)
+        except fmt.DataError:  # not an LMDB at all, or truncated: reading it will say so
+            continue
+        if ours:
+            raise fmt.DataError(f"{file} holds jmp_ext entries: {src} is (part of) a jmp_ext "
+                                f"dataset already, which needs no conversion; use its directory "
+                                f"(the one with {fmt.META_FILE}) as it is")
 
 
 # ----- driver ----------------------------------------------------------------------------------
@@ -387,7 +451,8 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
         torch tensors, numpy arrays and torch_geometric containers, but only convert files
         you trust.
     skip_invalid: skip entries that fail to load or validate (listed in the report) instead of
-        stopping at the first one.
+        stopping at the first one. The first entry written decides the labels: an entry that
+        lacks one of them is skipped, but one that carries more is still an error.
     select: an ASE db query for "ase-db".
     """
     src, keys = Path(src), keys or KeyMap()
@@ -396,6 +461,7 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
     kind = source_format or detect_format(src)
     report = ConvertReport()
     if kind == "lmdb":
+        _refuse_jmp_ext(src)
         if not allow_pickle:
             raise PermissionError(f"{src} is an LMDB of pickled objects; unpickling can run code, "
                                   "so pass allow_pickle=True (--allow-pickle) if you trust it")
@@ -408,7 +474,7 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
         raise ValueError(f"unknown source format {kind!r} (ase, ase-db, lmdb)")
     # closing(): a failed conversion also closes the source (its LMDB handles, its file).
     info = {"converted_from": str(src), "source_format": kind}
-    labels = None  # those of the first entry written
+    labels = first = None  # the labels of the first entry written, and where it came from
     with closing(stream), DatasetWriter(dst, overwrite=overwrite, float_dtype=float_dtype,
                                         shard_size=shard_size, info=info) as writer:
         for where, item in stream:
@@ -416,15 +482,18 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
                 if isinstance(item, Exception):
                     raise item
                 if labels is not None:
-                    _check_labels(item, labels)
+                    _check_labels(item, labels, len(writer), first)
                 writer.add(item, where=where)
                 if labels is None:
-                    labels = set(LABELS) & item.keys()
+                    labels, first = set(LABELS) & item.keys(), where
             except Exception as error:
                 message = str(error) if str(error).startswith(where) else f"{where}: {error}"
-                if not skip_invalid:
+                if not skip_invalid or isinstance(error, _ExtraLabels):
                     raise fmt.DataError(message) from error
                 report.skipped.append(message)
         report.written = len(writer)
+        # A label is located by the first entry holding it, which may have been skipped.
+        report.labels = {label: source for label, source in report.labels.items()
+                         if label in (labels or ())}
         writer.info.update(labels=report.labels, skipped=report.skipped)
     return report

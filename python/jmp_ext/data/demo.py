@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from jmp_ext.data import format as fmt
 from jmp_ext.data.stats import share_train_stats
-from jmp_ext.data.writer import DatasetWriter
+from jmp_ext.data.writer import DatasetWriter, dataset_meta
 from jmp_ext.files import write_bytes_atomic
 
 DOMAINS = ("catalysis", "molecules", "materials", "md")
@@ -61,7 +61,9 @@ def make_demo(root: str | Path, seed: int = 0, scale: float = 1.0, progress: boo
     Idempotent: if root/demo.json says the complete data for this seed and scale is there, it
     returns at once. Each split is written atomically with its train split's statistics
     (stats.json), and demo.json last, so an interrupted run is redone, never half-used.
-    Call it from one process (rank 0 under DDP) while the others wait.
+    Only data that make_demo wrote may be replaced: anything else at root/<domain>/<split> is
+    a FileExistsError, raised before any is written. Call it from one process (rank 0 under
+    DDP) while the others wait.
     """
     root = Path(root)
     request = {"version": DEMO_VERSION, "seed": seed, "scale": scale}
@@ -70,6 +72,12 @@ def make_demo(root: str | Path, seed: int = 0, scale: float = 1.0, progress: boo
         done = json.loads(marker.read_text())
         if all(done.get(k) == v for k, v in request.items()) and _complete(root):
             return root
+    foreign = [root / d / s for d in DOMAINS for s in SPLITS if (root / d / s).exists()
+               and not _made_by_demo(root / d / s, d, s)]
+    if foreign:
+        raise FileExistsError(f"make_demo would replace {', '.join(map(str, foreign))}, which "
+                              "it did not make: choose another directory for the demo data, or "
+                              "move them away")
     root.mkdir(parents=True, exist_ok=True)
     marker.unlink(missing_ok=True)  # the old marker must not vouch for half-replaced data
     counts = {}
@@ -88,6 +96,12 @@ def _complete(root: Path) -> bool:
                for d in DOMAINS for s in SPLITS)
 
 
+def _made_by_demo(path: Path, domain: str, split: str) -> bool:
+    info = (dataset_meta(path) or {}).get("info")
+    return (isinstance(info, dict) and info.get("labels") == "ASE EMT"
+            and info.get("domain") == domain and info.get("split") == split)
+
+
 def _write_domain(path: Path, frames: list[dict], rng: np.random.Generator, info: dict,
                   progress: bool) -> dict[str, int]:
     """Split frames by sid (whole trajectories stay in one split), write, add train stats."""
@@ -100,6 +114,7 @@ def _write_domain(path: Path, frames: list[dict], rng: np.random.Generator, info
                 for k, g in enumerate(groups)}
     counts = {}
     for split in SPLITS:
+        # make_demo has checked that only its own data are there to replace.
         with DatasetWriter(path / split, overwrite=True, info={**info, "split": split}) as writer:
             for frame in frames:
                 if split_of[int(frame["sid"])] == split:

@@ -66,6 +66,10 @@ def split_dataset(src: str | Path, out_dir: str | Path, parts: dict[str, np.ndar
         if len(indices) == 0:
             raise ValueError(f"split of {src}: part {name!r} would be empty ({len(source)} "
                              "entries in all); give it a larger fraction or leave it out")
+        # --overwrite would replace the source with its own part, and read the rest from nothing.
+        if (out_dir / name).exists() and (out_dir / name).samefile(src):
+            raise ValueError(f"split of {src}: part {name!r} would be written to {out_dir / name}, "
+                             "which is the source itself; choose another output directory")
         check_target(out_dir / name, overwrite)
     units = {name: field["unit"] for name, field in source.schema.items()}
     paths = {}

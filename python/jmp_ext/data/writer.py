@@ -8,7 +8,8 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import lmdb
@@ -36,6 +37,7 @@ class DatasetWriter:
         units: units of named properties, {name: unit}, recorded in the schema.
         overwrite: replace an existing dataset (or empty directory) at `path`, only once the
             new one is complete; anything else at `path` is never deleted (check_target).
+            Without it, close() fails (FileExistsError) if anything appeared at `path` meanwhile.
         info: provenance stored in meta.json under "info" (JSON-serialisable; e.g. the source
             a converter read, the demo seed); may be updated until close().
 
@@ -49,6 +51,7 @@ class DatasetWriter:
         if shard_size < 1:
             raise ValueError(f"shard_size must be positive, got {shard_size}")
         self.path = Path(path)
+        self.overwrite = overwrite
         check_target(self.path, overwrite)
         self.shard_size = shard_size
         self.float_dtype = np.dtype(float_dtype)
@@ -73,14 +76,15 @@ class DatasetWriter:
         entry = fmt.normalize_entry(entry, where, self.float_dtype)
         natoms = fmt.validate_entry(entry, where)
         self._check_schema(entry, where)
-        if self._env is None or self._shards[-1]["num_entries"] == self.shard_size:
-            self._open_shard()
-        key = str(self._shards[-1]["num_entries"]).encode("ascii")
-        self._pending.append((key, fmt.encode_entry(entry)))
-        self._shards[-1]["num_entries"] += 1
-        self._natoms.append(natoms)
-        if len(self._pending) >= _COMMIT_EVERY:
-            self._flush()
+        with self._lmdb_errors():
+            if self._env is None or self._shards[-1]["num_entries"] == self.shard_size:
+                self._open_shard()
+            key = str(self._shards[-1]["num_entries"]).encode("ascii")
+            self._pending.append((key, fmt.encode_entry(entry)))
+            self._shards[-1]["num_entries"] += 1
+            self._natoms.append(natoms)
+            if len(self._pending) >= _COMMIT_EVERY:
+                self._flush()
 
     def _check_schema(self, entry: dict[str, np.ndarray], where: str) -> None:
         schema = {name: fmt.field_schema(name, array, self.units.get(name))
@@ -98,6 +102,16 @@ class DatasetWriter:
                 raise fmt.DataError(f"{where}: field {name} is {field['dtype']} {field['shape']}, "
                                     f"the first entry's is {self._schema[name]['dtype']} "
                                     f"{self._schema[name]['shape']}")
+
+    @contextmanager
+    def _lmdb_errors(self) -> Iterator[None]:
+        # LMDB reports a full disk as, e.g., "mdb_txn_commit: Input/output error", naming
+        # neither the dataset nor the likely cause.
+        try:
+            yield
+        except lmdb.Error as error:
+            raise OSError(f"writing dataset {self.path} failed ({error}): is the disk (of "
+                          f"{self.path.parent}) full?") from error
 
     def _open_shard(self) -> None:
         self._close_shard()
@@ -130,14 +144,15 @@ class DatasetWriter:
         try:
             if not self._natoms:
                 raise fmt.DataError(f"{self.path}: no entries to write")
-            self._close_shard()
+            with self._lmdb_errors():
+                self._close_shard()
             meta = {"format": fmt.FORMAT_NAME, "version": fmt.FORMAT_VERSION,
                     "num_entries": len(self._natoms), "shards": self._shards,
                     "schema": self._schema, "info": self.info}
             write_bytes_atomic(self._tmp / fmt.META_FILE, json.dumps(meta, indent=1).encode())
             write_atomic(self._tmp / fmt.NATOMS_FILE,
                          lambda f: np.savez(f, natoms=np.asarray(self._natoms, dtype=np.int64)))
-            replace_dir(self._tmp, self.path)
+            replace_dir(self._tmp, self.path, self.overwrite)
         except BaseException:
             self.abort()
             raise
@@ -191,7 +206,7 @@ def check_target(path: Path, overwrite: bool) -> None:
     entries = list(path.iterdir())
     if not entries:
         return
-    if not _is_dataset(path):
+    if dataset_meta(path) is None:
         raise FileExistsError(f"{path} exists and is not a jmp_ext dataset (no {fmt.META_FILE} "
                               f"with format {fmt.FORMAT_NAME!r}); --overwrite only replaces "
                               "datasets: choose another directory, or remove it yourself")
@@ -203,23 +218,33 @@ def check_target(path: Path, overwrite: bool) -> None:
                               "--overwrite would delete: move them out first")
 
 
-def _is_dataset(path: Path) -> bool:
+def dataset_meta(path: Path) -> dict | None:
+    """The meta.json of the jmp_ext dataset at `path`; None when `path` is not one."""
     try:
-        return json.loads((path / fmt.META_FILE).read_text()).get("format") == fmt.FORMAT_NAME
-    # No meta.json, not JSON (UnicodeDecodeError is a ValueError too), or not a JSON object.
-    except (FileNotFoundError, IsADirectoryError, ValueError, AttributeError):
-        return False
+        meta = json.loads((path / fmt.META_FILE).read_text())
+    # No meta.json or no directory, or not JSON (UnicodeDecodeError is a ValueError too).
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == fmt.FORMAT_NAME else None
 
 
-def replace_dir(src: Path, dst: Path) -> None:
+def replace_dir(src: Path, dst: Path, overwrite: bool) -> None:
     """Move the finished directory src to dst; an existing dst (which check_target allows to be
-    replaced) is swapped out, then deleted."""
+    replaced) is swapped out, then deleted. A failure or an interrupt before src is in place
+    puts the old dst back."""
     old = None
-    if dst.exists():
-        # Checked again here, where the deletion happens: dst may have changed during the write.
-        check_target(dst, overwrite=True)
+    if dst.exists() or dst.is_symlink():
+        # Checked again here, where the deletion happens: dst may have appeared or changed
+        # during the write.
+        check_target(dst, overwrite)
         old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(dst, old)
-    os.replace(src, dst)
+    try:
+        if old is not None:
+            os.replace(dst, old)
+        os.replace(src, dst)
+    except BaseException:
+        if old is not None and old.exists() and src.exists():
+            os.replace(old, dst)
+        raise
     if old is not None:
         shutil.rmtree(old)

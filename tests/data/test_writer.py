@@ -1,0 +1,81 @@
+"""DatasetWriter's last step: moving the finished dataset into place, and its failures."""
+
+import os
+import resource
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+from data_helpers import random_entry
+
+from jmp_ext.data import DatasetWriter, LmdbDataset, write_dataset
+
+
+@pytest.fixture
+def entries():
+    rng = np.random.default_rng(0)
+    return [random_entry(rng) for _ in range(6)]
+
+
+def energies(path):
+    return [entry["energy"].item() for entry in LmdbDataset(path)]
+
+
+def no_temp_directories(path: Path) -> bool:
+    return not [p for p in path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_dataset_written_meanwhile_is_kept_without_overwrite(tmp_path, entries):
+    """Two writers into one path: the second to finish must not replace the first's dataset."""
+    first, second = DatasetWriter(tmp_path / "ds"), DatasetWriter(tmp_path / "ds")
+    for entry in entries[:3]:
+        first.add(entry)
+    for entry in entries[3:]:
+        second.add(entry)
+    first.close()
+    with pytest.raises(FileExistsError, match="ds already exists: --overwrite"):
+        second.close()
+    assert energies(tmp_path / "ds") == [e["energy"] for e in entries[:3]]
+    assert no_temp_directories(tmp_path)
+    with DatasetWriter(tmp_path / "ds", overwrite=True) as third:
+        for entry in entries[3:]:
+            third.add(entry)
+    assert energies(tmp_path / "ds") == [e["energy"] for e in entries[3:]]
+
+
+@pytest.mark.parametrize("failure", [OSError("rename failed"), KeyboardInterrupt()])
+def test_failed_swap_puts_the_old_dataset_back(tmp_path, entries, monkeypatch, failure):
+    """The old dataset is renamed away before the new one is renamed into place: a failure
+    (or Ctrl-C) between the two must not leave the path empty."""
+    write_dataset(tmp_path / "ds", entries[:3])
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(src).name.startswith(".ds.tmp-"):  # the new dataset moving into place
+            raise failure
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(type(failure)):
+        write_dataset(tmp_path / "ds", entries, overwrite=True)
+    monkeypatch.undo()
+    assert energies(tmp_path / "ds") == [e["energy"] for e in entries[:3]]
+    assert no_temp_directories(tmp_path)
+
+
+def test_full_disk_names_the_dataset(tmp_path, entries):
+    """A file-size limit fails LMDB's writes as a full disk does (mdb_txn_commit: I/O error)."""
+    rng = np.random.default_rng(1)
+    many = [random_entry(rng, natoms=11) for _ in range(300)]  # ~250 kB in one shard
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, limits[1]))
+    try:
+        with pytest.raises(OSError, match=r"dataset .*ds failed \(.*\): is the disk") as error:
+            write_dataset(tmp_path / "ds", many)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert type(error.value.__cause__).__module__ == "lmdb"
+    assert not list(tmp_path.iterdir())

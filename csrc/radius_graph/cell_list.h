@@ -42,6 +42,10 @@ constexpr double kFilterMargin = 1e-8;
 // A periodic system whose lattice vectors span less than this fraction of the volume of the
 // box of their lengths is treated as singular.
 constexpr double kSingularTolerance = 1e-8;
+// The largest search range on a periodic axis, in bins. Bin numbers are int32, and so is the
+// output shift S = c + s_j - s_i with |s| < 1e9 (positions farther from their cell are
+// refused): images c up to ~1e8 keep |S| < 2^31. Anything near it is a units error anyway.
+constexpr double kMaxPeriodicReach = 1e8;
 
 struct Frame {
   Mat3 basis;            // rows: lattice vectors (periodic axes), unit vectors (others)
@@ -136,8 +140,15 @@ JMP_HD void make_bins(Frame& frame, const double* lo, const double* hi, double c
 
 // Rough cost of a system's search, to refuse hopeless ones (a tiny cell with a huge cutoff)
 // before starting them: candidate pairs examined, and edges expected at uniform density.
+// Infinite when a periodic range exceeds kMaxPeriodicReach: the search cannot be done at all.
 JMP_HD void search_cost(const Frame& frame, int64_t atoms, double& candidates, double& edges) {
   double stencil = 1, sphere = 4.18879020478639, bins = 1;  // 4/3 pi
+  for (int k = 0; k < 3; ++k) {
+    if (frame.periodic[k] && !(frame.reach[k] <= kMaxPeriodicReach)) {
+      candidates = edges = INFINITY;
+      return;
+    }
+  }
   for (int k = 0; k < 3; ++k) {
     double width = 2 * frame.reach[k] + 1;
     stencil *= frame.periodic[k] ? width : fmin(width, static_cast<double>(frame.nbins[k]));

@@ -80,7 +80,8 @@ class RadiusGraph {
   // Every edge of a target, unsorted.
   void find(int64_t target, std::vector<Candidate>& found) const;
   void count(int num_threads);
-  void collect(int num_threads, double estimated_edges);
+  // The one-pass search for small graphs; false (nothing kept) when the graph is not small.
+  bool collect(int num_threads, double estimated_edges);
   void write(const Output& out, int64_t target, const Candidate* edges) const;
 
   Input input_;

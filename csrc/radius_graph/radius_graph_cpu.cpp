@@ -2,6 +2,7 @@
 // in parallel over targets, or for small graphs one pass that keeps the edges (see
 // radius_graph.h).
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -39,6 +40,8 @@ constexpr int64_t kGrain = 64;  // targets per task, at least
 // runs ~2x high for bulk matter, so cu_10k_6A (0.8 M edges) is searched once: 20-25% faster
 // than twice.
 constexpr double kCollectEdges = 1 << 22;
+// ...but they are not kept beyond this many (512 MB), whatever the estimate said.
+constexpr int64_t kCollectLimit = int64_t{1} << 24;
 
 Vec3 load(const Input& in, int64_t i) {
   if (in.dtype == Dtype::f32) {
@@ -228,6 +231,9 @@ RadiusGraph::RadiusGraph(const Input& input, int num_threads) : input_(input) {
     make_bins(frame, &lo[3 * b], &hi[3 * b], input.cutoff, atoms);
     frame.first_bin = num_bins;
     search_cost(frame, atoms, frame.candidates, frame.edges);
+    JMP_CHECK(std::isfinite(frame.candidates), "radius_graph: the cutoff ", input.cutoff,
+              " is far too large for cell[", b, "]: its periodic images would overflow the int32 ",
+              "lattice shifts; use a smaller cutoff or a larger cell");
     candidates += frame.candidates;
     estimated_edges += frame.edges;
     num_bins += int64_t{frame.nbins[0]} * frame.nbins[1] * frame.nbins[2];
@@ -269,11 +275,9 @@ RadiusGraph::RadiusGraph(const Input& input, int num_threads) : input_(input) {
 
   extent_ = extent;
   offsets_.assign(n + 1, 0);
-  if ((input.max_neighbors < 0 || input.tolerance < 0) && estimated_edges <= kCollectEdges) {
-    collect(num_threads, estimated_edges);
-  } else {
-    count(num_threads);
-  }
+  bool collected = (input.max_neighbors < 0 || input.tolerance < 0) &&
+                   estimated_edges <= kCollectEdges && collect(num_threads, estimated_edges);
+  if (!collected) count(num_threads);
   for (int64_t i = 0; i < n; ++i) offsets_[i + 1] += offsets_[i];
   JMP_CHECK(offsets_[n] <= input.max_edges, "radius_graph: the graph would have ", offsets_[n],
             " edges, more than max_edges = ", input.max_edges,
@@ -341,9 +345,14 @@ void RadiusGraph::count(int num_threads) {
   });
 }
 
-void RadiusGraph::collect(int num_threads, double estimated_edges) {
+bool RadiusGraph::collect(int num_threads, double estimated_edges) {
   const int64_t n = input_.num_atoms, k = input_.max_neighbors;
   std::mutex mutex;
+  // The estimate assumes uniform density; clustered atoms (fractional coordinates given as
+  // Angstrom) can have orders of magnitude more edges. Past kCollectLimit kept edges, in all
+  // chunks together, the edges are dropped and count() takes over, holding none.
+  std::atomic<int64_t> kept{0};
+  std::atomic<bool> abandoned{false};
   parallel_for(n, num_threads, kGrain, [&](int64_t begin, int64_t end) {
     Chunk chunk{begin, end, {}};
     // Growing by doubling would copy the edges about twice more (and fault fresh pages in).
@@ -353,23 +362,29 @@ void RadiusGraph::collect(int num_threads, double estimated_edges) {
     if (input_.advise_huge_pages)
       advise_huge_pages(chunk.edges.data(), chunk.edges.capacity() * sizeof(Candidate));
     EdgeSorter sorter;
-    int64_t held = 0;
-    for (int64_t i = begin; i < end; ++i) {
+    for (int64_t i = begin; i < end && !abandoned.load(std::memory_order_relaxed); ++i) {
       find(i, sorter.found);
       int64_t count = static_cast<int64_t>(sorter.found.size());
       if (k > 0) count = std::min(count, k);
       offsets_[i + 1] = count;
-      // Past max_edges the constructor throws once it has the total: only count.
-      held += count;
-      if (held > input_.max_edges) continue;
+      if (kept.fetch_add(count, std::memory_order_relaxed) + count > kCollectLimit) {
+        abandoned.store(true, std::memory_order_relaxed);
+        break;
+      }
       const Candidate* sorted = sorter.first(count, input_.cutoff);
       chunk.edges.insert(chunk.edges.end(), sorted, sorted + count);
     }
     std::lock_guard<std::mutex> lock(mutex);
     stash_.push_back(std::move(chunk));
   });
+  if (abandoned) {
+    stash_.clear();
+    stash_.shrink_to_fit();
+    return false;
+  }
   std::sort(stash_.begin(), stash_.end(),
             [](const Chunk& a, const Chunk& b) { return a.begin < b.begin; });
+  return true;
 }
 
 RadiusGraph::~RadiusGraph() = default;

@@ -206,6 +206,22 @@ def test_bad_inputs_name_the_problem():
         ops.gaussian_basis(x, offset.requires_grad_(), temps)
 
 
+
+def test_the_derivative_ops_check_their_inputs():
+    """Called through torch.ops, nothing else checks them: a short grad was read past its end
+    (a segfault at E = 1e6, garbage at E = 4)."""
+    offset, temps = jmp_centres(8, torch.float64)
+    x = distances(1000, torch.float64)
+    grad = torch.ones(1, 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"gaussian_basis_backward: grad must be torch.float64 \[1000, 8\]"):
+        torch.ops.jmp_ext.gaussian_basis_backward(grad, x, offset, temps, None)
+    full = torch.ones(1000, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"gaussian_basis_second: grad_grad_x must be torch.float64 \[1000\]"):
+        torch.ops.jmp_ext.gaussian_basis_second(full, x, offset, temps, None, x[:10], None)
+    with pytest.raises(ValueError, match=r"gaussian_basis_second: grad must be"):
+        torch.ops.jmp_ext.gaussian_basis_second(full.float(), x, offset, temps, None, x, None)
+
+
 @pytest.mark.cuda
 def test_cuda_matches_cpu():
     for dtype in (torch.float32, torch.float64):

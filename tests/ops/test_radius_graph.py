@@ -597,11 +597,69 @@ def test_hopeless_search_is_refused_before_it_starts(device, copies, cutoff, max
         assert str(error.value) == str(on_cpu.value)
 
 
+def test_the_registered_op_checks_its_inputs():
+    """torch.ops.jmp_ext.radius_graph skips radius_graph()'s checks: a cell for 1 system with a
+    ptr of 200000 was read past its end (and pbc printed as garbage), pos [N, 1] too."""
+    pos, cell = _one_system()
+    ptr = torch.tensor([0, pos.shape[0]])
+    op = torch.ops.jmp_ext.radius_graph
+    pbc = torch.ones(1, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"cell must have shape \[B, 3, 3\] = \[2, 3, 3\]"):
+        op(pos, 3.0, torch.tensor([0, 1, pos.shape[0]]), cell[None], pbc, -1, -1.0, 2**28)
+    with pytest.raises(ValueError, match=r"pos must be a \[N, 3\] tensor"):
+        op(pos[:, :1], 3.0, ptr, cell[None], pbc, -1, -1.0, 2**28)
+    with pytest.raises(ValueError, match=r"ptr must be an integer \[B \+ 1\] tensor"):
+        op(pos, 3.0, ptr.double(), cell[None], pbc, -1, -1.0, 2**28)
+    assert torch.equal(op(pos, 3.0, ptr, cell[None], pbc, -1, -1.0, 2**28)[0], radius_graph(pos, 3.0, cell=cell)[0])
+
+
 def test_positions_absurdly_far_outside_the_cell():
     pos, cell = _one_system()
     pos[0, 0] = 1e12
     with pytest.raises(ValueError, match=r"pos\[0\] lies .* cells away"):
         radius_graph(pos, 3.0, cell=cell)
+
+
+@pytest.mark.parametrize("pbc, cutoff", [([True, False, False], 2.16e9), ([True, False, False], 1e12),
+                                         ([True, True, False], 3e9)])
+@pytest.mark.parametrize("max_edges", [None, 2**62])
+def test_a_cutoff_that_would_overflow_the_int32_shifts_is_refused(device, pbc, cutoff, max_edges):
+    """A 1 Å axis searched to 2e9 Å: the bin numbers and the shifts are int32, and wrapped into
+    one wrong edge (offset -2^31) or none. max_edges does not protect a 1-D search (~4e9 edges
+    pass its 16x margin), nor a caller who raised it."""
+    pos = torch.zeros(1, 3, dtype=torch.float64, device=device)
+    cell = torch.diag(torch.tensor([1.0, 1.0, 10.0], dtype=torch.float64, device=device))
+    kwargs = {} if max_edges is None else {"max_edges": max_edges}
+    # CUDA flags it as a hopeless search (an infinite search cost).
+    message = r"far too large for cell\[0\]" if device.type == "cpu" else r"roughly inf edges"
+    with pytest.raises(ValueError, match=message):
+        radius_graph(pos, cutoff, cell=cell, pbc=torch.tensor(pbc, device=device), **kwargs)
+
+
+def test_clustered_atoms_do_not_keep_edges_beyond_the_one_pass_limit(tmp_path):
+    """6000 atoms within 1 Å of each other in a 60 Å cell: the uniform-density estimate (~1e5
+    edges) picks the one-pass search, which kept every edge up to max_edges in every thread's
+    chunk (here ~1 GB each). It now gives up at 2^24 kept edges and counts instead."""
+    script = tmp_path / "clustered.py"
+    script.write_text(
+        "import resource, re, torch\n"
+        "from jmp_ext.ops import radius_graph\n"
+        "torch.set_num_threads(2)\n"
+        "pos = torch.rand(6000, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))\n"
+        "cell = 60.0 * torch.eye(3, dtype=torch.float64)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"
+        "try:\n"
+        "    radius_graph(pos, 6.0, cell=cell, max_edges=2**25)\n"
+        "except ValueError as e:\n"
+        "    print(re.search(r'would have (\\d+) edges', str(e)).group(1))\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n")
+    import subprocess
+    import sys
+
+    before, edges, after = map(int, subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                                                   check=True).stdout.split())
+    assert edges == 6000 * 5999  # every pair, counted exactly
+    assert after - before < 800, f"peak RSS grew by {after - before} MB"  # 2^24 kept edges: 512 MB
 
 
 # ---- CUDA against CPU (run on a GPU machine; skipped here) ----

@@ -43,6 +43,19 @@ def _check(x: Tensor, offset: Tensor, temps: Tensor, scale: Tensor | None) -> No
                          ", ".join(f"{name} on {t.device}" for name, t in tensors.items()))
 
 
+def _check_derivative(name: str, x: Tensor, offset: Tensor, temps: Tensor, scale: Tensor | None,
+                      grad: Tensor, **per_edge: Tensor | None) -> None:
+    """The derivative ops' inputs (called as torch.ops.jmp_ext.*, nothing else checks them, and
+    the kernels trust their shapes): grad [E, R] and the per-edge tensors [E], in x's dtype."""
+    _check(x, offset, temps, scale)
+    tensors = {"grad": (grad, (x.shape[0], offset.shape[0]))}
+    tensors |= {key: (t, tuple(x.shape)) for key, t in per_edge.items() if t is not None}
+    for key, (t, shape) in tensors.items():
+        if tuple(t.shape) != shape or t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(f"{name}: {key} must be {x.dtype} {list(shape)} on {x.device}, got "
+                             f"{t.dtype} {list(t.shape)} on {t.device}")
+
+
 def _per_edge(x: Tensor, scale: Tensor | None) -> Tensor:
     """An uninitialised [E] buffer for a scale's gradient, or an empty one without a scale."""
     return torch.empty_like(x) if scale is not None else x.new_empty(0)
@@ -70,6 +83,7 @@ def _gaussian_basis_backward(grad: Tensor, x: Tensor, offset: Tensor, temps: Ten
     """(grad_x [E], grad_scale [E], or [0] without a scale) from grad = d/d out [E, R]: one pass
     that recomputes the non-zero values, instead of torch ops over [E, R] (whose products of
     small numbers are subnormal and slow)."""
+    _check_derivative("gaussian_basis_backward", x, offset, temps, scale, grad)
     grad, x, offset, temps, scale = contiguous(grad, x, offset, temps, scale)
     grad_x, grad_scale = torch.empty_like(x), _per_edge(x, scale)
     launch("gaussian_basis_backward", x.device, ptr(grad), ptr(x), ptr(offset), ptr(temps), ptr(scale),
@@ -106,6 +120,8 @@ def _gaussian_basis_second(grad: Tensor, x: Tensor, offset: Tensor, temps: Tenso
     """The backward's own gradient: (d grad [E, R], d x [E], d scale [E] or [0]) from d/d grad_x
     and d/d grad_scale (None: zero). What training on forces -dE/dpos needs; it has no gradient
     of its own (a third derivative raises)."""
+    _check_derivative("gaussian_basis_second", x, offset, temps, scale, grad,
+                      grad_grad_x=grad_grad_x, grad_grad_scale=grad_grad_scale)
     grad, x, offset, temps, scale, grad_grad_x, grad_grad_scale = contiguous(
         grad, x, offset, temps, scale, grad_grad_x, grad_grad_scale)
     d_grad, d_x, d_scale = torch.empty_like(grad), torch.empty_like(x), _per_edge(x, scale)

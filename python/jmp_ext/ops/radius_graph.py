@@ -265,6 +265,12 @@ def _radius_graph_impl(
     max_edges: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """ptr_: [B + 1] int64 first atoms (CPU); kernel encodings of the cap (see _check_cap)."""
+    # Called as torch.ops.jmp_ext.radius_graph, the op has none of radius_graph()'s checks, and
+    # the kernels trust these shapes (a short cell would be read past its end).
+    _check_pos(pos)
+    if ptr_.dim() != 1 or ptr_.numel() < 1 or ptr_.is_floating_point():
+        raise ValueError(f"radius_graph: ptr must be an integer [B + 1] tensor, got {ptr_.dtype} {tuple(ptr_.shape)}")
+    cell, pbc = _check_cell_pbc(cell, pbc, ptr_.numel() - 1, pos)
     args = (
         pos.contiguous(),
         cutoff,

@@ -75,14 +75,14 @@ ii::TripletArgs<Index> triplet_args(uintptr_t in_edge_index, uintptr_t in_cell_o
                                     int64_t in_edges, uintptr_t out_edge_index,
                                     uintptr_t out_cell_offset, int64_t out_edges, int pairing,
                                     int64_t num_atoms, uintptr_t in_ptr, uintptr_t in_order,
-                                    uintptr_t offsets) {
+                                    uintptr_t offsets, const char* out_name = "out") {
   ii::TripletArgs<Index> args;
   args.in = graph(in_edge_index, in_cell_offset, in_edges);
   args.out = graph(out_edge_index, out_cell_offset, out_edges);
   JMP_CHECK(pairing >= 0 && pairing <= 2, "unknown pairing ", pairing);
   args.pairing = static_cast<ii::Pairing>(pairing);
   args.num_atoms = num_atoms;
-  args.out_name = pairing == 0 ? "graph" : "graph_out";
+  args.out_name = out_name;
   args.in_ptr = ptr<const int64_t>(in_ptr);
   args.in_order = ptr<const int64_t>(in_order);
   args.offsets = ptr<int64_t>(offsets);
@@ -273,11 +273,12 @@ PYBIND11_MODULE(_C, m) {
       "count_triplets",
       [](uintptr_t in_ei, uintptr_t in_off, int64_t in_edges, uintptr_t out_ei, uintptr_t out_off,
          int64_t out_edges, int pairing, int64_t num_atoms, uintptr_t in_ptr, uintptr_t in_order,
-         uintptr_t offsets, bool index_is_int32, const Where& where) -> int64_t {
+         uintptr_t offsets, bool index_is_int32, const std::string& out_name,
+         const Where& where) -> int64_t {
         return with_index_type(index_is_int32, [&](auto index) -> int64_t {
           auto args = triplet_args<decltype(index)>(in_ei, in_off, in_edges, out_ei, out_off,
                                                     out_edges, pairing, num_atoms, in_ptr,
-                                                    in_order, offsets);
+                                                    in_order, offsets, out_name.c_str());
           if (!where.cuda) return ii::cpu::count_triplets(args, where.num_threads);
           JMP_CUDA_ONLY((ii::cuda::count_triplets(args, stream(where.stream)), int64_t{-1}));
         });

@@ -46,11 +46,14 @@ enum class Pairing : int32_t {
   kInTargetIsOutSource = 2,
 };
 
-// a + sign_b * b + sign_c * c == 0 in all three components (c may be null).
+// a + sign_b * b + sign_c * c == 0 in all three components (c may be null), summed in int64:
+// offsets near the int32 limits would overflow int32 (undefined), and could wrap to 0.
 JMP_HD bool net_shift_is_zero(const int32_t* a, const int32_t* b, int sign_b,
                               const int32_t* c = nullptr, int sign_c = 0) {
-  for (int k = 0; k < 3; ++k)
-    if (a[k] + sign_b * b[k] + (c ? sign_c * c[k] : 0) != 0) return false;
+  for (int k = 0; k < 3; ++k) {
+    int64_t sum = int64_t{a[k]} + int64_t{sign_b} * b[k] + (c ? int64_t{sign_c} * c[k] : 0);
+    if (sum != 0) return false;
+  }
   return true;
 }
 

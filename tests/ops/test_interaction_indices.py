@@ -316,6 +316,17 @@ def _small():
             "cell_offset": torch.zeros(3, 3, dtype=torch.int32)}
 
 
+def test_bad_atoms_are_named_by_the_argument_that_holds_them():
+    bad = _small()
+    bad["edge_index"] = torch.tensor([[0, 1, 3], [1, 2, 0]])
+    for call, name in [(lambda: triplets(bad, 3), "graph"), (lambda: mixed_triplets(bad, _small(), 3), "graph_in"),
+                       (lambda: mixed_triplets(_small(), bad, 3), "graph_out"),
+                       (lambda: quadruplets(bad, _small(), 3), "main_graph"),
+                       (lambda: quadruplets(_small(), bad, 3), "qint_graph")]:
+        with pytest.raises(ValueError, match=rf"^{name}: edge 2 \(3 -> 0\) has an atom index outside"):
+            call()
+
+
 @pytest.mark.parametrize(
     "mutate, error, match",
     [
@@ -432,7 +443,7 @@ def test_cuda_bad_atoms_raise_the_cpu_messages():
         mixed_triplets(bad, _to(_small(), "cuda"), 3)
     with pytest.raises(ValueError, match=r"graph_out: edge 2 \(3 -> 0\).*outside"):
         mixed_triplets(_to(_small(), "cuda"), bad, 3)
-    with pytest.raises(ValueError, match=r"graph_out: edge 2 \(3 -> 0\)"):  # as on the CPU
+    with pytest.raises(ValueError, match=r"qint_graph: edge 2 \(3 -> 0\)"):  # as on the CPU
         quadruplets(_to(_small(), "cuda"), bad, 3)
     with pytest.raises(ValueError, match=r"outside \[0, num_atoms = 2\)"):
         triplets(_to(_small(), "cuda"), 2)

@@ -176,9 +176,10 @@ def _pairs(
     num_atoms: int,
     pairing: int,
     index_dtype: torch.dtype,
+    out_name: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Count, scan and fill one triplet op: (in [T], out [T], out_agg [T] of index_dtype,
-    offsets [E_out+1] int64)."""
+    offsets [E_out+1] int64). out_name: the out graph's argument name, for error messages."""
     device = in_graph[0].device
     _check_fits(index_dtype, "edges", max(in_graph[0].shape[1], out_graph[0].shape[1]))
     args = (
@@ -191,10 +192,9 @@ def _pairs(
     )
     offsets = in_graph[0].new_empty(out_graph[0].shape[1] + 1)
     int32 = index_dtype == torch.int32
-    total = launch("count_triplets", device, *args, ptr(offsets), int32, checks_indices=False)
+    total = launch("count_triplets", device, *args, ptr(offsets), int32, out_name, checks_indices=False)
     if device.type == "cuda":
-        name = "graph" if pairing == _SAME_GRAPH else "graph_out"
-        total = _scan_counts_cuda(offsets, "triplets", name, out_graph[0], num_atoms)
+        total = _scan_counts_cuda(offsets, "triplets", out_name, out_graph[0], num_atoms)
     _check_fits(index_dtype, "triplets", total)
     idx_in, idx_out, out_agg = (offsets.new_empty(total, dtype=index_dtype) for _ in range(3))
     launch("fill_triplets", device, *args, ptr(offsets), int32, ptr(idx_in), ptr(idx_out), ptr(out_agg),
@@ -212,7 +212,7 @@ def _triplets_op(edge_index: Tensor, num_atoms: int, index_dtype: torch.dtype) -
     _check_index_dtype(index_dtype)
     edge_index = edge_index.contiguous()
     csr = _target_csr(edge_index, num_atoms, "graph")
-    return _pairs((edge_index, None), (edge_index, None), csr, num_atoms, _SAME_GRAPH, index_dtype)[:3]
+    return _pairs((edge_index, None), (edge_index, None), csr, num_atoms, _SAME_GRAPH, index_dtype, "graph")[:3]
 
 
 @torch.library.custom_op("jmp_ext::mixed_triplets", mutates_args=())
@@ -236,7 +236,7 @@ def _mixed_triplets_op(
     graph_out = (out_edge_index.contiguous(), out_cell_offset.contiguous())
     csr = _target_csr(graph_in[0], num_atoms, "graph_in")
     pairing = _IN_TARGET_IS_OUT_SOURCE if to_outedge else _SHARED_TARGET
-    return _pairs(graph_in, graph_out, csr, num_atoms, pairing, index_dtype)[:3]
+    return _pairs(graph_in, graph_out, csr, num_atoms, pairing, index_dtype, "graph_out")[:3]
 
 
 @torch.library.custom_op("jmp_ext::quadruplets", mutates_args=())
@@ -260,12 +260,12 @@ def _quadruplets_op(
     # Input triplets d->b->a: main edge d->b into qint edge b->a (CSR by qint edge).
     tin_in, tin_out, _, tin_ptr = _pairs(
         main, qint, _target_csr(main[0], num_atoms, "main_graph"), num_atoms,
-        _IN_TARGET_IS_OUT_SOURCE, index_dtype,
+        _IN_TARGET_IS_OUT_SOURCE, index_dtype, "qint_graph",
     )
     # Output triplets b->a<-c: qint edge b->a next to main edge c->a (CSR by main edge).
     tout_in, tout_out, _, tout_ptr = _pairs(
         qint, main, _target_csr(qint[0], num_atoms, "qint_graph"), num_atoms, _SHARED_TARGET,
-        index_dtype,
+        index_dtype, "main_graph",
     )
     # Scratch of the kernels: where each output triplet's droppable input triplets start.
     candidates = tout_in.new_empty(tout_in.shape[0], dtype=torch.int64)

@@ -71,8 +71,6 @@ class JMPCalculator(Calculator):
         if task is not None and task not in names:
             raise ValueError(f"task {task!r} is not in the checkpoint (tasks: {names})")
         self.task = names.index(task) if task is not None else 0
-        self.device = torch.device(device)
-        self.dtype = next(self.model.net.parameters()).dtype
         kinds = {t.kind for t in self.config.tasks[self.task].targets}
         if "energy" not in kinds:
             raise ValueError(f"the checkpoint predicts {sorted(kinds)}, not an energy: it cannot drive ASE")
@@ -91,18 +89,13 @@ class JMPCalculator(Calculator):
         return changes
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
-        from jmp_ext.data import collate
+        from jmp_ext.train.loop import predict_structures
 
         super().calculate(atoms, properties, system_changes)
         for name in ("forces", "stress"):
             if name in properties and name not in self.implemented_properties:
                 raise PropertyNotImplementedError(f"this checkpoint was not trained with a {name} target")
-        batch = collate([atoms_to_entry(self.atoms)], dtype=torch.float64)
-        batch["pos"], batch["cell"] = batch["pos"].to(self.dtype), batch["cell"].to(self.dtype)
-        batch["task"] = torch.full_like(batch["natoms"], self.task)
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        with torch.no_grad():  # gradient forces re-enable autograd inside the network
-            preds = self.model(batch)
+        preds = predict_structures(self.model, [atoms_to_entry(self.atoms)], self.task)
         energy = float(preds["energy"][0])
         self.results = {"energy": energy, "free_energy": energy}
         if "forces" in preds:

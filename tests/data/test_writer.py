@@ -28,7 +28,9 @@ def no_temp_directories(path: Path) -> bool:
 
 def test_a_dataset_written_meanwhile_is_kept_without_overwrite(tmp_path, entries):
     """Two writers into one path: the second to finish must not replace the first's dataset."""
-    first, second = DatasetWriter(tmp_path / "ds"), DatasetWriter(tmp_path / "ds")
+    first = DatasetWriter(tmp_path / "ds")
+    with pytest.warns(UserWarning, match="interrupted write"):  # (the first one's temp directory)
+        second = DatasetWriter(tmp_path / "ds")
     for entry in entries[:3]:
         first.add(entry)
     for entry in entries[3:]:
@@ -79,3 +81,17 @@ def test_full_disk_names_the_dataset(tmp_path, entries):
         signal.signal(signal.SIGXFSZ, handler)
     assert type(error.value.__cause__).__module__ == "lmdb"
     assert not list(tmp_path.iterdir())
+
+
+def test_leftovers_of_a_killed_write_are_pointed_out_not_deleted(tmp_path, entries):
+    """A SIGKILLed conversion leaves its temp directory, as large as what it had written; it may
+    also be another conversion's, still running, so the next write names it and keeps it."""
+    leftovers = [tmp_path / ".ds.old-89abcdef", tmp_path / ".ds.tmp-0123abcd"]  # (as listed: sorted)
+    for path in leftovers:
+        path.mkdir()
+    (tmp_path / ".other.tmp-0123abcd").mkdir()  # another dataset's
+    with pytest.warns(UserWarning) as caught:
+        write_dataset(tmp_path / "ds", entries)
+    (message,) = [str(w.message) for w in caught]
+    assert message.startswith(f"{leftovers[0]}, {leftovers[1]}: left by an interrupted write of {tmp_path / 'ds'}")
+    assert all(path.is_dir() for path in leftovers) and len(LmdbDataset(tmp_path / "ds")) == len(entries)

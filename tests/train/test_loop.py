@@ -173,6 +173,17 @@ def test_resume_refuses_a_different_run_but_not_a_different_loader(tiny_data, tm
     assert trainer.resumed and trainer.step == 2
 
 
+def test_temp_files_of_a_run_killed_while_saving_are_removed(tiny_data, tmp_path):
+    """files.write_atomic leaves .last.pt.XXXX.tmp behind a SIGKILL, a checkpoint's size each."""
+    run = tmp_path / "run"
+    loop.Trainer(build_config(pretrain_config(tiny_data, run, max_steps=1))).train()
+    stale = [run / ".last.pt.0123abcd.tmp", run / ".metrics.csv.89abcdef.tmp"]
+    for path in stale:
+        path.write_bytes(b"torn")
+    loop.Trainer(build_config(pretrain_config(tiny_data, run, max_steps=2), ["resume=true"]))
+    assert not any(path.exists() for path in stale) and (run / "last.pt").is_file()
+
+
 def test_a_new_run_never_silently_replaces_an_old_one(tiny_data, tmp_path):
     run = tmp_path / "run"
     loop.Trainer(build_config(pretrain_config(tiny_data, run, max_steps=2))).train()

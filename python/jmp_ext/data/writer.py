@@ -4,10 +4,12 @@ success, so a failed or interrupted write never leaves a directory that looks li
 from __future__ import annotations
 
 import fnmatch
+import glob
 import json
 import os
 import shutil
 import uuid
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,6 +60,13 @@ class DatasetWriter:
         self.units = dict(units or {})
         self.info = dict(info or {})
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # A killed write leaves its temp directory (as large as the data written); another
+        # write of the same path may be running, so they are pointed out, not deleted.
+        stale = sorted(str(p) for pattern in (".{}.tmp-*", ".{}.old-*")
+                       for p in self.path.parent.glob(pattern.format(glob.escape(self.path.name))))
+        if stale:
+            warnings.warn(f"{', '.join(stale)}: left by an interrupted write of {self.path}; delete "
+                          "them unless another write of it is running", stacklevel=2)
         self._tmp = self.path.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}"
         self._tmp.mkdir()
         self._schema: dict | None = None

@@ -113,9 +113,8 @@ def predict(checkpoint: str, source: str, out: str, task: str | None, batch_size
     structure without a cell), or a property such as U_0 [M(, k)]: natoms and one array per target
     the checkpoint predicts, under its name."""
     from jmp_ext.calculator import atoms_to_entry
-    from jmp_ext.data import collate
     from jmp_ext.files import write_bytes_atomic
-    from jmp_ext.train.loop import load_trained
+    from jmp_ext.train.loop import load_trained, predict_structures
     from jmp_ext.train.tasks import open_dataset
 
     model, config = load_trained(checkpoint, device)
@@ -137,20 +136,14 @@ def predict(checkpoint: str, source: str, out: str, task: str | None, batch_size
                              "cif, POSCAR, ...") from e
         entries = (atoms_to_entry(a) for a in images)
         count = len(images)
-    dtype = next(model.net.parameters()).dtype
     keep = ("pos", "atomic_numbers", "cell", "pbc", "tags", "fixed")
     outputs: dict[str, list[np.ndarray]] = {"natoms": []}
     pending = []
     for k, entry in enumerate(entries):
         pending.append({key: entry[key] for key in keep})
         if len(pending) == batch_size or k == count - 1:
-            batch = collate(pending, dtype=torch.float64)
-            batch["pos"], batch["cell"] = batch["pos"].to(dtype), batch["cell"].to(dtype)
-            batch["task"] = torch.full_like(batch["natoms"], t)
-            batch = {key: v.to(device) for key, v in batch.items()}
-            with torch.no_grad():
-                preds = model(batch)
-            outputs["natoms"].append(batch["natoms"].cpu().numpy())
+            preds = predict_structures(model, pending, t)
+            outputs["natoms"].append(np.array([len(e["atomic_numbers"]) for e in pending], dtype=np.int64))
             for name, value in preds.items():
                 outputs.setdefault(name, []).append(value.detach().double().cpu().numpy())
             pending = []

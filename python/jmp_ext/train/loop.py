@@ -133,6 +133,21 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     return model.eval(), config
 
 
+def predict_structures(model: TaskModel, structures: list[dict], task: int) -> dict[str, torch.Tensor]:
+    """A trained model's predictions (load_trained) for `structures`, entries with the structure
+    fields (pos, atomic_numbers, cell, pbc, tags, fixed; as a dataset or atoms_to_entry gives
+    them), with the heads of task index `task`: {target name: tensor} as in training (energy [M]
+    eV, forces [sum natoms, 3] eV/Å, stress [M, 3, 3] eV/Å^3, ...), on the model's device."""
+    parameter = next(model.net.parameters())
+    # Collated in float64, then cast once: positions are not rounded twice.
+    batch = collate(structures, dtype=torch.float64)
+    batch["pos"], batch["cell"] = batch["pos"].to(parameter.dtype), batch["cell"].to(parameter.dtype)
+    batch["task"] = torch.full_like(batch["natoms"], task)
+    batch = {k: v.to(parameter.device) for k, v in batch.items()}
+    with torch.no_grad():  # (gradient forces re-enable autograd inside the network)
+        return model(batch)
+
+
 def every_rank_sees(path: Path) -> bool:
     """Whether `path` is a file, the same answer on every rank (a collective): a file some ranks
     see and others do not is a TrainError, since they would go on with different states."""
@@ -285,6 +300,10 @@ class Trainer:
                 if not resumed and c.overwrite:
                     self._delete_old_run()
                 self.run_dir.mkdir(parents=True, exist_ok=True)
+                # Temp files of a run killed while writing (files.write_atomic), up to a
+                # checkpoint's size each: only this run writes here.
+                for stale in self.run_dir.glob(".*.tmp"):
+                    stale.unlink()
                 save_config(c, self.run_dir / "config.yaml")
             self.log = RunLogger(self.run_dir, self.main, self.step, self.total_steps, c.loop.progress)
 

@@ -42,7 +42,7 @@ def dataset(tmp_path_factory):
 
 
 def trainer_for(dataset, backbone: str, tmp_path) -> tuple[Trainer, dict]:
-    raw = {"tasks": [{"name": "mol", "train": str(dataset), "forces": "direct", "structure_wise_force_loss": True,
+    raw = {"mode": "pretrain", "tasks": [{"name": "mol", "train": str(dataset), "forces": "direct", "structure_wise_force_loss": True,
                       "targets": [{"name": "energy", "kind": "energy"}, {"name": "forces", "kind": "forces"}]}],
            "run_dir": str(tmp_path), "threads": torch.get_num_threads(), "graph": {"preset": "oc20", "cutoff": 6.0},
            "model": {"backbone": backbone}, "data": {"batch_size": 8, "in_memory": True},

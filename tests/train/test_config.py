@@ -10,7 +10,7 @@ TASK = {"name": "a", "train": "/data/a", "targets": [{"name": "energy", "kind": 
 
 
 def test_defaults_and_types():
-    cfg = build_config({"tasks": [TASK], "optim": {"lr": 1}})
+    cfg = build_config({"mode": "pretrain", "tasks": [TASK], "optim": {"lr": 1}})
     assert isinstance(cfg, TrainConfig)
     assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)  # int accepted for a float
     assert cfg.tasks[0].targets[0].coef == 1.0
@@ -37,6 +37,8 @@ def test_defaults_and_types():
     ({}, "loop.log_every=0", r"loop\.log_every must be >= 1"),
     ({}, "loop.ckpt_every=0", r"loop\.ckpt_every must be >= 1"),
     ({}, "tasks.0.targets.0.name=U_0", r"target 'U_0': kind energy is the dataset's 'energy' field"),
+    ({}, "tasks.0.targets.0.reduction=mean", r"target energy: an energy is a sum over atoms .* not a mean; .*kind "
+                                             r"scalar with reduction mean"),
     # Non-finite floats, however written, fail here rather than mid-run.
     ({}, "optim.lr=.nan", r"optim\.lr: expected a finite number, got nan"),
     ({}, "optim.lr=nan", r"optim\.lr: expected a finite number, got nan"),
@@ -79,16 +81,25 @@ def test_defaults_and_types():
 ])
 def test_bad_config_names_the_key(raw, override, match):
     with pytest.raises(ConfigError, match=match):
-        build_config({"tasks": [dict(TASK)], **raw}, [override])
+        build_config({"mode": "pretrain", "tasks": [dict(TASK)], **raw}, [override])
+
+
+def test_mode_is_never_a_silent_default(tmp_path):
+    """A fine-tuning config without mode: was pretrained (and then could not be resumed)."""
+    with pytest.raises(ConfigError, match=r"mode: not set: write mode: finetune \(or pretrain\) in the config, or "
+                                          r"run python -m jmp_ext\.train finetune CONFIG\.yaml"):
+        build_config({"tasks": [TASK]})
+    assert build_config({"tasks": [TASK]}, mode="finetune").mode == "finetune"  # the sub-command
+    assert build_config({"tasks": [TASK]}, ["mode=finetune"]).mode == "finetune"
 
 
 def test_missing_required_key():
     with pytest.raises(ConfigError, match=r"tasks\.0\.train: required key is missing"):
-        build_config({"tasks": [{"name": "a", "targets": TASK["targets"]}]})
+        build_config({"mode": "pretrain", "tasks": [{"name": "a", "targets": TASK["targets"]}]})
 
 
 def test_overrides_parse_yaml_values():
-    cfg = build_config({"tasks": [TASK]}, ["optim.lr=1e-4", "optim.llrd_blocks=[0.3, 0.4]",
+    cfg = build_config({"mode": "pretrain", "tasks": [TASK]}, ["optim.lr=1e-4", "optim.llrd_blocks=[0.3, 0.4]",
                                            "model.backbone_overrides.num_blocks=2", "tasks.0.val=/v"])
     assert cfg.optim.lr == 1e-4
     assert cfg.optim.llrd_blocks == [0.3, 0.4]
@@ -97,16 +108,16 @@ def test_overrides_parse_yaml_values():
 
 
 def test_names_and_paths_that_yaml_reads_as_numbers_or_dates(tmp_path):
-    cfg = build_config({"tasks": [dict(TASK)]}, ["tasks.0.name=2024-01-05", "run_dir=2024"])
+    cfg = build_config({"mode": "pretrain", "tasks": [dict(TASK)]}, ["tasks.0.name=2024-01-05", "run_dir=2024"])
     assert cfg.tasks[0].name == "2024-01-05" and cfg.run_dir == "2024"
     with pytest.raises(ConfigError, match=r"run_dir: expected str, got bool"):
-        build_config({"tasks": [dict(TASK)]}, ["run_dir=no"])
+        build_config({"mode": "pretrain", "tasks": [dict(TASK)]}, ["run_dir=no"])
     # YAML 1.1 reads these as octal 8, 1.1, sexagesimal 750 and 0x10 = 16: the text must survive.
     texts = {"run_dir": "010", "tasks.0.name": "1.10", "tasks.0.train": "12:30", "tasks.0.val": "0x10"}
-    cfg = build_config({"tasks": [dict(TASK)]}, [f"{k}={v}" for k, v in texts.items()])
+    cfg = build_config({"mode": "pretrain", "tasks": [dict(TASK)]}, [f"{k}={v}" for k, v in texts.items()])
     assert (cfg.run_dir, cfg.tasks[0].name, cfg.tasks[0].train, cfg.tasks[0].val) == tuple(texts.values())
     path = tmp_path / "c.yaml"
-    path.write_text("run_dir: 010\ntasks:\n- {name: 017, train: 1.10, val: 2024-01-05, test: 1_0,\n"
+    path.write_text("mode: finetune\nrun_dir: 010\ntasks:\n- {name: 017, train: 1.10, val: 2024-01-05, test: 1_0,\n"
                     "   targets: [{name: energy, kind: energy}]}\n")
     cfg = load_config(path)
     task = cfg.tasks[0]
@@ -114,7 +125,7 @@ def test_names_and_paths_that_yaml_reads_as_numbers_or_dates(tmp_path):
 
 
 def test_numbers_with_leading_zeros_are_decimal():
-    cfg = build_config({"tasks": [TASK]}, ["loop.max_steps=017", "loop.val_every=08", "schedule.warmup=010",
+    cfg = build_config({"mode": "pretrain", "tasks": [TASK]}, ["loop.max_steps=017", "loop.val_every=08", "schedule.warmup=010",
                                            "optim.llrd_blocks=[1.10, 01]"])
     assert cfg.loop.max_steps == 17 and cfg.loop.val_every == 8 and cfg.schedule.warmup == 10.0
     assert cfg.optim.llrd_blocks == [1.1, 1.0]
@@ -122,7 +133,7 @@ def test_numbers_with_leading_zeros_are_decimal():
 
 def test_any_typed_values_are_plain():
     override = "model.backbone_overrides={num_blocks: 010, x: [1.10, {y: 2024-01-05}], 1: z}"
-    cfg = build_config({"tasks": [TASK]}, [override])
+    cfg = build_config({"mode": "pretrain", "tasks": [TASK]}, [override])
     overrides = cfg.model.backbone_overrides
     assert overrides == {"num_blocks": 10, "x": [1.1, {"y": datetime.date(2024, 1, 5)}], "1": "z"}  # keys are names
     assert type(overrides["num_blocks"]) is int and type(overrides["x"][0]) is float  # no wrapper left
@@ -144,14 +155,14 @@ def test_malformed_yaml_file(tmp_path):
 
 
 def test_yaml_roundtrip(tmp_path):
-    cfg = build_config({"tasks": [TASK], "seed": 3})
+    cfg = build_config({"mode": "pretrain", "tasks": [TASK], "seed": 3})
     save_config(cfg, tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml")
     assert to_dict(again) == to_dict(cfg)
     assert not list(tmp_path.glob(".*tmp"))  # no temporary left behind
 
 
-@pytest.mark.parametrize("raw, overrides", [({"tasks": [TASK]}, []), (demo(), []),
+@pytest.mark.parametrize("raw, overrides", [({"mode": "pretrain", "tasks": [TASK]}, []), (demo(), []),
                                             ({}, ["preset=jmp_s_qm9", "tasks.0.train=x"])],
                          ids=["defaults", "demo", "jmp_s_qm9"])
 def test_saved_config_is_a_fixed_point(tmp_path, raw, overrides):
@@ -207,15 +218,15 @@ def test_structure_wise_force_loss_is_one_setting_for_the_run():
     tasks = [{**TASK, "name": name, "targets": targets, "structure_wise_force_loss": swl}
              for name, swl in (("a", True), ("b", False))]
     with pytest.raises(ConfigError, match="structure_wise_force_loss must be the same for every task"):
-        build_config({"tasks": tasks})
-    build_config({"tasks": [tasks[0], {**tasks[1], "structure_wise_force_loss": True}]})
+        build_config({"mode": "pretrain", "tasks": tasks})
+    build_config({"mode": "pretrain", "tasks": [tasks[0], {**tasks[1], "structure_wise_force_loss": True}]})
 
 
 def test_compile_needs_direct_forces():
     forces_task = {**TASK, "targets": [{"name": "energy", "kind": "energy"}, {"name": "forces", "kind": "forces"}]}
-    build_config({"tasks": [forces_task], "loop": {"compile": True}})  # direct forces: fine
+    build_config({"mode": "pretrain", "tasks": [forces_task], "loop": {"compile": True}})  # direct forces: fine
     with pytest.raises(ConfigError, match="loop.compile needs direct forces"):
-        build_config({"tasks": [{**forces_task, "forces": "gradient"}], "loop": {"compile": True}})
+        build_config({"mode": "pretrain", "tasks": [{**forces_task, "forces": "gradient"}], "loop": {"compile": True}})
 
 
 @pytest.mark.parametrize("forces, kinds, expected", [
@@ -226,10 +237,10 @@ def test_compile_needs_direct_forces():
 ])
 def test_task_gradient_forces(forces, kinds, expected):
     task = {**TASK, "forces": forces, "targets": [{"name": k, "kind": k} for k in kinds]}
-    cfg = build_config({"tasks": [task]})
+    cfg = build_config({"mode": "pretrain", "tasks": [task]})
     assert cfg.tasks[0].gradient_forces is expected
     if expected:
         with pytest.raises(ConfigError, match="loop.compile needs direct forces"):
-            build_config({"tasks": [task], "loop": {"compile": True}})
+            build_config({"mode": "pretrain", "tasks": [task], "loop": {"compile": True}})
     else:
-        build_config({"tasks": [task], "loop": {"compile": True}})
+        build_config({"mode": "pretrain", "tasks": [task], "loop": {"compile": True}})

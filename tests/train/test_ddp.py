@@ -23,7 +23,7 @@ def _config(data, run_dir):
               "structure_wise_force_loss": True,
               "targets": [{"name": "energy", "kind": "energy"}, {"name": "forces", "kind": "forces", "coef": 10.0}]}
              for n in ("mol", "box")]
-    return build_config({"tasks": tasks, "run_dir": str(run_dir), "threads": 1, "graph": {"cutoff": 4.0, "max_neighbors": 8},
+    return build_config({"mode": "pretrain", "tasks": tasks, "run_dir": str(run_dir), "threads": 1, "graph": {"cutoff": 4.0, "max_neighbors": 8},
                          "model": {"backbone": "tiny", "backbone_overrides": SMALL},
                          "data": {"batch_size": 6, "val_batch_size": 4}, "schedule": {"warmup": 1},
                          "loop": {"max_steps": 3, "val_every": 0, "ckpt_every": 3, "ema_decay": 0.9,

@@ -74,6 +74,10 @@ class TargetConfig:
             raise ConfigError(f"target {self.name!r}: kind energy is the dataset's 'energy' field (its linear "
                               "references are fitted on it); use kind scalar with reduction sum for another "
                               "extensive property")
+        if self.kind == "energy" and self.reduction != "sum":
+            raise ConfigError(f"target energy: an energy is a sum over atoms (its forces and stress are its "
+                              f"derivatives), not a {self.reduction}; for an intensive property (per-atom "
+                              f"energy, band gap) use kind scalar with reduction {self.reduction}")
         if self.kind == "classification" and self.num_classes < 2:
             raise ConfigError(f"target {self.name!r}: classification needs num_classes >= 2")
         if self.class_weights is not None and len(self.class_weights) != self.num_classes:
@@ -299,7 +303,9 @@ class LoopConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    mode: Literal["pretrain", "finetune"] = "pretrain"
+    mode: Literal["pretrain", "finetune"] | None = None
+    """pretrain or finetune; required (the config, a mode= override, the preset or the sub-command
+    sets it): a default would silently pretrain a fine-tuning config, or refuse to resume it."""
     run_dir: str = "runs/run"
     """Checkpoints (last.pt, best.pt), config.yaml, metrics.csv, TensorBoard logs go here."""
     seed: int = 0
@@ -327,6 +333,9 @@ class TrainConfig:
         if not self.tasks:
             raise ConfigError("tasks: at least one task is needed: a config file, preset=NAME or tasks=[...] "
                               "gives them (the demo with overrides: python -m jmp_ext.train demo key=value ...)")
+        if self.mode is None:
+            raise ConfigError("mode: not set: write mode: finetune (or pretrain) in the config, or run "
+                              "python -m jmp_ext.train finetune CONFIG.yaml (or pretrain)")
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
             raise ConfigError(f"tasks: duplicate task names {names}")

@@ -1,6 +1,7 @@
 """The training loop end to end on tiny data: resume, NaN handling, bad inputs, fine-tuning."""
 
 import csv
+import signal
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ def pretrain_config(data, run_dir, **loop_kw):
                "structure_wise_force_loss": True,
                "targets": [{"name": "energy", "kind": "energy"}, {"name": "forces", "kind": "forces", "coef": 10.0}]}
               for n in ("mol", "box")]
-    return {"tasks": tasks_, "run_dir": str(run_dir), "graph": {"cutoff": 4.0, "max_neighbors": 8},
+    return {"mode": "pretrain", "tasks": tasks_, "run_dir": str(run_dir), "graph": {"cutoff": 4.0, "max_neighbors": 8},
             "model": {"backbone": "tiny", "backbone_overrides": SMALL, "edge_dropout": 0.1},
             "data": {"batch_size": 4, "val_batch_size": 8},
             "schedule": {"warmup": 1},
@@ -294,7 +295,8 @@ def test_wrong_architecture_checkpoint(tiny_data, tmp_path):
     loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path / "pre"))).save_last()  # untrained is enough
     cfg = build_config(finetune_config(tiny_data, tmp_path / "ft", init=tmp_path / "pre" / "last.pt",
                                        backbone_overrides={"emb_size_atom": 16}))
-    with pytest.raises(TrainError, match=r"does not fit the configured network .*shape mismatch"):
+    with pytest.raises(TrainError, match=r"does not fit the configured network .*shape mismatch.*; the checkpoint "
+                                         r"was trained with model.backbone=tiny and model.backbone_overrides=\{"):
         loop.Trainer(cfg)
     cfg = build_config(finetune_config(tiny_data, tmp_path / "ft", init=tmp_path / "missing.pt"))
     with pytest.raises(TrainError, match=r"init_checkpoint: .*missing\.pt does not exist"):
@@ -306,6 +308,24 @@ def test_wrong_architecture_checkpoint(tiny_data, tmp_path):
         cfg = build_config(finetune_config(tiny_data, tmp_path / "ft", init=tmp_path / name))
         with pytest.raises(TrainError, match=rf"^model\.init_checkpoint: .*{message}"):
             loop.Trainer(cfg)
+
+
+def test_a_finetune_on_other_graphs_than_the_checkpoints_is_pointed_out(tiny_data, tmp_path):
+    """The demo's checkpoint is at 5 Å / 8 neighbours; a fine-tune that leaves graph: out builds
+    OC20's 12 Å / 30 and starts far from the pretrained weights (forces_cos -0.15 after 20 steps
+    in a user's run, 0.96 at the checkpoint's graph)."""
+    import warnings
+
+    loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path / "pre"))).save_last()
+    init = tmp_path / "pre" / "last.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the checkpoint's own graph: no warning
+        loop.Trainer(build_config(finetune_config(tiny_data, tmp_path / "same", init=init))).log.close()
+    with pytest.warns(UserWarning, match=r"last\.pt was trained on graphs with cutoff 4 Å, max_neighbors 8; this run "
+                                         r"builds cutoff 5 Å, max_neighbors 8\. .*set graph\.cutoff"):
+        trainer = loop.Trainer(build_config(finetune_config(tiny_data, tmp_path / "other", init=init),
+                                            ["graph.cutoff=5"]))
+    trainer.log.close()
 
 
 def test_fp16_overflows_lower_the_scale_and_training_goes_on(tiny_data, tmp_path):
@@ -403,11 +423,12 @@ def test_a_run_capped_by_epochs_says_so(tiny_data, tmp_path):
     assert summary["stop"] == "max_epochs" and summary["steps"] == trainer.steps_per_epoch > 0
 
 
-def test_first_ctrl_c_finishes_the_step_saves_and_resumes_exactly(tiny_data, tmp_path, monkeypatch):
-    """Ctrl-C during step 3 (of 6, no periodic checkpoint due): the step ends, last.pt is saved at
-    step 3, the run stops with a KeyboardInterrupt that says so, and resuming it gives the weights
-    of an uninterrupted run, bit for bit. The previous SIGINT handler is back afterwards."""
-    import signal
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_first_stop_signal_finishes_the_step_saves_and_resumes_exactly(tiny_data, tmp_path, monkeypatch, signum):
+    """Ctrl-C, or a scheduler's SIGTERM, during step 3 (of 6, no periodic checkpoint due): the
+    step ends, last.pt is saved at step 3, the run stops with a KeyboardInterrupt that says so,
+    and resuming it gives the weights of an uninterrupted run, bit for bit. The previous
+    handlers are back afterwards."""
 
     def config(run_dir, *overrides):
         return build_config(pretrain_config(tiny_data, run_dir, max_steps=6, val_every=100, ckpt_every=100),
@@ -415,18 +436,18 @@ def test_first_ctrl_c_finishes_the_step_saves_and_resumes_exactly(tiny_data, tmp
 
     full = loop.Trainer(config(tmp_path / "full"))
     full.train()
-    handler = signal.getsignal(signal.SIGINT)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     original = loop.Trainer.train_step
 
-    def ctrl_c_in_step_3(self, batch):
+    def signal_in_step_3(self, batch):
         if self.step == 2:
-            signal.raise_signal(signal.SIGINT)  # (the handler only sets a flag: no exception here)
+            signal.raise_signal(signum)  # (the handler only sets a flag: no exception here)
         return original(self, batch)
 
-    monkeypatch.setattr(loop.Trainer, "train_step", ctrl_c_in_step_3)
+    monkeypatch.setattr(loop.Trainer, "train_step", signal_in_step_3)
     with pytest.raises(KeyboardInterrupt, match=r"stopped after step 3, saved in .*last\.pt"):
         loop.Trainer(config(tmp_path / "cut")).train()
-    assert signal.getsignal(signal.SIGINT) is handler
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
     assert load_checkpoint(tmp_path / "cut" / "last.pt")["loop"]["step"] == 3
     monkeypatch.setattr(loop.Trainer, "train_step", original)
     resumed = loop.Trainer(config(tmp_path / "cut", "resume=true"))

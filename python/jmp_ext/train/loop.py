@@ -34,10 +34,11 @@ from jmp_ext.data.collate import collate
 from jmp_ext.data.dataset import MultiDataset
 from jmp_ext.data.samplers import AtomBalancedBatchSampler, TemperatureSampler
 from jmp_ext.files import write_bytes_atomic
-from jmp_ext.models.checkpoint import is_training_checkpoint, load_jmp_checkpoint, read_state_dict, run_weights
+from jmp_ext.models.checkpoint import (is_training_checkpoint, load_jmp_checkpoint, read_state_dict, run_weights,
+                                      safe_load)
 from jmp_ext.train import distributed, tasks
 from jmp_ext.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from jmp_ext.train.config import TrainConfig, save_config, to_dict
+from jmp_ext.train.config import ConfigError, TrainConfig, from_dict, save_config, to_dict
 from jmp_ext.train.ema import EMA
 from jmp_ext.train.logger import RunLogger
 from jmp_ext.train.metrics import Metrics
@@ -77,13 +78,19 @@ def load_batches(dataset, batches: list[list[int]], dtype: torch.dtype, workers:
     # which would shift edge dropout's random stream whenever a resumed run opens its loader.
     return torch.utils.data.DataLoader(BatchList(dataset, batches, dtype, task), batch_size=None, shuffle=False,
                                        num_workers=workers, generator=torch.Generator().manual_seed(0),
-                                       worker_init_fn=_ignore_sigint if workers else None)
+                                       worker_init_fn=_ignore_stop_signals if workers else None)
 
 
-def _ignore_sigint(worker_id: int) -> None:
-    """Ctrl-C is the training process's to handle (it finishes the step and saves last.pt); a
-    worker it killed would fail that step instead."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+# Ctrl-C, and the SIGTERM of a scheduler's time limit (SLURM), `timeout` or `docker stop`: the
+# first one ends the run after the current step with last.pt saved (Trainer._stop_signals_set_a_flag).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A stop signal is the training process's to handle (it finishes the step and saves
+    last.pt); a worker it killed would fail that step instead."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -192,20 +199,52 @@ def _with_strides(grad: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
     return grad
 
 
-def init_from_checkpoint(net: nn.Module, path: str, use_ema: bool) -> None:
-    """Loads the embedding + backbone weights of a checkpoint (ours, or a released JMP one) into
-    `net`; the heads stay new, and a force branch the network does not use is dropped."""
+def init_from_checkpoint(net: nn.Module, config: TrainConfig) -> None:
+    """Loads the embedding + backbone weights of config.model.init_checkpoint (ours, or a released
+    JMP one) into `net`; the heads stay new, and a force branch the network does not use is
+    dropped. One of our checkpoints also says what it was trained with: a backbone that does not
+    fit is named, and a warning says when this run's graphs differ from the checkpoint's."""
+    path = config.model.init_checkpoint
     if not Path(path).is_file():
         raise TrainError(f"model.init_checkpoint: {path} does not exist")
     try:
-        weights = read_state_dict(path, use_ema=use_ema)
+        checkpoint = safe_load(path)
     except ValueError as e:
         raise TrainError(f"model.init_checkpoint: {e}") from e
     try:
+        weights = read_state_dict(checkpoint, use_ema=config.model.init_ema)
+    except ValueError as e:
+        raise TrainError(f"model.init_checkpoint: {path}: {e}") from e
+    trained = None
+    if is_training_checkpoint(checkpoint):
+        try:
+            trained = from_dict(TrainConfig, checkpoint["config"])
+        except ConfigError:  # (a config this version no longer reads: nothing to compare with)
+            pass
+    try:
         load_jmp_checkpoint(weights, net, use_ema=False)  # (weights are already the EMA ones if asked)
     except ValueError as e:
-        raise TrainError(f"model.init_checkpoint {path} does not fit the configured network ({e}); check "
-                         "model.backbone / model.backbone_overrides against the checkpoint's architecture") from e
+        hint = ("check model.backbone / model.backbone_overrides against the checkpoint's architecture"
+                if trained is None else f"the checkpoint was trained with model.backbone={trained.model.backbone}"
+                + (f" and model.backbone_overrides={trained.model.backbone_overrides}"
+                   if trained.model.backbone_overrides else ""))
+        raise TrainError(f"model.init_checkpoint {path} does not fit the configured network ({e}); {hint}") from e
+    if trained is not None:
+        _warn_if_graphs_differ(path, graph_configs(trained), graph_configs(config))
+
+
+def _warn_if_graphs_differ(path: str, trained: list, ours: list) -> None:
+    """The pretrained weights (and the scale factors fitted with them) expect the neighbourhoods
+    of their graphs: a fine-tune at other cutoffs or k starts far from them, silently."""
+    def settings(g) -> str:
+        return f"cutoff {g.cutoff_main:g} Å, max_neighbors {g.max_neighbors}"
+
+    known = {settings(g) for g in trained}
+    new = sorted({settings(g) for g in ours} - known)
+    if new:
+        warnings.warn(f"model.init_checkpoint {path} was trained on graphs with {' / '.join(sorted(known))}; "
+                      f"this run builds {' / '.join(new)}. Unless that is intended, set graph.cutoff and "
+                      "graph.max_neighbors to the checkpoint's", stacklevel=3)
 
 
 def freeze(net: nn.Module, embedding: bool, blocks: list[int]) -> None:
@@ -251,7 +290,7 @@ class Trainer:
             self.model = build_model(c, norms).to(self.device)
             self.model.net.to(self.dtype)
             if c.model.init_checkpoint:
-                init_from_checkpoint(self.model.net, c.model.init_checkpoint, c.model.init_ema)
+                init_from_checkpoint(self.model.net, c)
             freeze(self.model.net, c.model.freeze_embedding, c.model.freeze_blocks)
             self.optimizer = build_optimizer(self.model.net, c.optim, tasks.num_blocks(self.model.net))
             self.ema = EMA(self.model, c.loop.ema_decay) if c.loop.ema_decay > 0 else None
@@ -282,7 +321,7 @@ class Trainer:
             self.validated_step = -1  # the step of the last validation
             self.nan_streak = 0
             self.last_metrics: dict[str, float] = {}
-            self.sigint = self.stop_requested = False  # a Ctrl-C on this rank / on any rank
+            self.stop_signal = self.stop_requested = False  # a stop signal on this rank / on any rank
             if resumed:
                 self._load_resume_state(self.run_dir / "last.pt")
             else:  # each rank its own stream (edge dropout)
@@ -321,9 +360,9 @@ class Trainer:
         stop_reason = self.limit
         self.log.start_clock()
         loader = self._epoch_loader()
-        # The first Ctrl-C ends the run after the current step with last.pt saved (every rank
-        # learns of it through the step's all-reduce); a second one interrupts at once.
-        with self._sigint_sets_a_flag():
+        # The first Ctrl-C or SIGTERM ends the run after the current step with last.pt saved
+        # (every rank learns of it through the step's all-reduce); a second one interrupts at once.
+        with self._stop_signals_set_a_flag():
             while self.step < self.total_steps:
                 try:
                     batch = to_device(next(loader), self.device)
@@ -372,8 +411,8 @@ class Trainer:
         c = self.config
         self.model.train()
         failed = isinstance(batch, Exception)
-        local = torch.tensor([0, 0, 1, self.sigint] if failed else
-                             [batch["natoms"].numel(), batch["pos"].shape[0], 0, self.sigint], dtype=torch.float64)
+        local = torch.tensor([0, 0, 1, self.stop_signal] if failed else
+                             [batch["natoms"].numel(), batch["pos"].shape[0], 0, self.stop_signal], dtype=torch.float64)
         structures, atoms, failures, interrupts = distributed.all_reduce_sum(local).tolist()
         if failures > 0:
             distributed.raise_together(batch if failed else None)
@@ -569,23 +608,29 @@ class Trainer:
         })
 
     @contextlib.contextmanager
-    def _sigint_sets_a_flag(self):
-        """While the block runs, SIGINT (Ctrl-C) sets self.sigint instead of raising, once; the
-        handler then gives way to the previous one. Only the main thread can install it."""
+    def _stop_signals_set_a_flag(self):
+        """While the block runs, the first SIGINT (Ctrl-C) or SIGTERM sets self.stop_signal
+        instead of interrupting; the previous handlers are then back, so a second one interrupts
+        at once. Only the main thread can install them."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = signal.getsignal(signal.SIGINT)
+        previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+
+        def restore():
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
         def handler(signum, frame):
-            self.sigint = True
-            signal.signal(signal.SIGINT, previous)
+            self.stop_signal = True
+            restore()
 
-        signal.signal(signal.SIGINT, handler)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, handler)
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            restore()
 
     def _no_batches_error(self, epoch: int) -> TrainError:
         c = self.config

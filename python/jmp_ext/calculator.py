@@ -44,9 +44,10 @@ def atoms_to_entry(atoms: Atoms) -> dict[str, torch.Tensor]:
     as JMP's fine-tuning sets them). They follow OC20: 0 sub-surface, 1 surface, 2 adsorbate;
     the quadruplet graph keeps edges that touch a 1 or a 2. ase.build's slabs tag their layers
     1 (top) to n and add_adsorbate tags the adsorbate 0, so set OC20 tags on such a slab before
-    a relaxation. Fixed: FixAtoms, or FixCartesian on all three axes. Fields and dtypes are those
-    of a converted structure (convert.atoms_structure, as the writer stores it), so that the
-    model sees a structure as in training."""
+    a relaxation (tags outside {0, 1, 2} are used as they are, with a warning). Fixed: FixAtoms,
+    or FixCartesian on all three axes. Fields and dtypes are those of a converted structure
+    (convert.atoms_structure, as the writer stores it), so that the model sees a structure as in
+    training."""
     structure = fmt.normalize_entry(atoms_structure(atoms), "atoms")
     return {name: torch.from_numpy(array) for name, array in structure.items()}
 
@@ -71,9 +72,12 @@ class JMPCalculator(Calculator):
         if task is not None and task not in names:
             raise ValueError(f"task {task!r} is not in the checkpoint (tasks: {names})")
         self.task = names.index(task) if task is not None else 0
-        kinds = {t.kind for t in self.config.tasks[self.task].targets}
+        targets = self.config.tasks[self.task].targets
+        kinds = {t.kind for t in targets}
         if "energy" not in kinds:
-            raise ValueError(f"the checkpoint predicts {sorted(kinds)}, not an energy: it cannot drive ASE")
+            predicts = ", ".join(f"{t.name} ({t.kind})" for t in targets)
+            raise ValueError(f"{checkpoint} predicts {predicts} (task {names[self.task]!r}), not an energy "
+                             "(a target of kind energy), which an ASE calculator needs")
         # ASE and its optimisers read this to decide what to ask for.
         self.implemented_properties = [p for p in self.implemented_properties if p not in {"forces", "stress"} - kinds]
         if "forces" in kinds and not self.config.tasks[self.task].gradient_forces:

@@ -107,6 +107,21 @@ def test_explicit_key_must_be_found(tmp_path, frames):
     assert "structure 3: energy: key 'free_energy' not found" in report.skipped[0]
 
 
+def test_a_missing_key_lists_the_keys_there_are(tmp_path, frames, capsys):
+    """`--energy-key REF_E` said only "not found": the message lists each source's keys, so the
+    right one (here REF_energy) is read off it."""
+    for atoms in frames:
+        atoms.info["REF_energy"] = atoms.get_potential_energy()
+    ase.io.write(tmp_path / "in.extxyz", frames)
+    assert main(["convert", str(tmp_path / "in.extxyz"), str(tmp_path / "out"), "--energy-key", "REF_E"]) == 1
+    err = capsys.readouterr().err
+    assert "structure 0: energy: key 'REF_E' not found (available: info: REF_energy; arrays: numbers, positions; " \
+           "calculator: " in err
+    assert all(key in err.split("calculator: ")[1] for key in ("energy", "forces", "stress"))
+    with pytest.raises(DataError, match=r"property 'gap': key 'gap' not found \(available: info: REF_energy; "):
+        convert(tmp_path / "in.extxyz", tmp_path / "out", keys=KeyMap(properties={"gap": "gap"}))
+
+
 def test_label_sources_do_not_mix(tmp_path):
     """Frame 0 has REF_energy, frame 1 only energy: both were stored as 'energy'."""
     frames = [Atoms("H", positions=[[0, 0, 0]]) for _ in range(3)]
@@ -322,8 +337,12 @@ def test_pickled_lmdb_stress_and_label_keys(tmp_path, fake_pyg):
     ds = LmdbDataset(tmp_path / "out")
     for i in range(2):
         np.testing.assert_array_equal(ds[i]["stress"], voigt_6_to_full_3x3_stress(voigt[i]))
-    with pytest.raises(DataError, match=r"x.lmdb entry 0: energy: key 'energy' not found"):
+    fields_listed = r"\(available: pos, atomic_numbers, cell, natoms, tags, fixed, y, force, sid, fid, " \
+                    r"edge_index, cell_offsets, stress\)"  # (x is None: not a field)
+    with pytest.raises(DataError, match=r"x.lmdb entry 0: energy: key 'energy' not found " + fields_listed):
         convert(tmp_path / "x.lmdb", tmp_path / "o2", allow_pickle=True, keys=KeyMap(energy="energy"))
+    with pytest.raises(DataError, match=r"x.lmdb entry 0: property 'gap': key 'gap' not found " + fields_listed):
+        convert(tmp_path / "x.lmdb", tmp_path / "o2", allow_pickle=True, keys=KeyMap(properties={"gap": "gap"}))
 
 
 def test_pickled_lmdb_bad_entries(tmp_path, fake_pyg):
@@ -398,6 +417,40 @@ def test_all_zero_tags_read_as_unset_as_in_the_calculator(tmp_path):
     stored = LmdbDataset(tmp_path / "out")[0]["tags"]
     assert stored.tolist() == [2] * len(atoms)
     assert torch.equal(atoms_to_entry(atoms)["tags"], stored)
+
+
+def test_ase_build_layer_tags_are_kept_with_a_warning(tmp_path):
+    """ase.build's slabs tag layers 1 (top), 2, 3 and the adsorbate 0; stored as they are, only
+    the top layer would count as surface and the adsorbate as sub-surface, with no word said.
+    Convert and the calculator warn (and keep the tags); OC20 tags pass silently."""
+    import warnings
+
+    from ase.build import add_adsorbate, fcc111
+
+    from jmp_ext.calculator import atoms_to_entry
+
+    slab = fcc111("Cu", (2, 2, 3), vacuum=6.0)
+    add_adsorbate(slab, "O", 1.5, "fcc")
+    del slab.info["adsorbate_info"]  # (a dict, which extxyz skips with a warning of its own)
+    slab.calc = SinglePointCalculator(slab, energy=-1.0, forces=np.zeros((len(slab), 3)))
+    layers = slab.get_tags().copy()
+    assert set(layers) == {0, 1, 2, 3}
+    ase.io.write(tmp_path / "slab.extxyz", [slab])
+    message = r"tags \[3\] are not OC20 tags \(0 sub-surface, 1 surface, 2 adsorbate.*atoms.set_tags"
+    with pytest.warns(UserWarning, match=message):
+        convert(tmp_path / "slab.extxyz", tmp_path / "out")
+    assert LmdbDataset(tmp_path / "out")[0]["tags"].tolist() == layers.tolist()
+    with pytest.warns(UserWarning, match=message):
+        assert atoms_to_entry(slab)["tags"].tolist() == layers.tolist()
+
+    t = slab.get_tags()  # the fix the warning suggests
+    slab.set_tags(np.select([t == 1, t == 0], [1, 2], 0))
+    ase.io.write(tmp_path / "oc20.extxyz", [slab])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert(tmp_path / "oc20.extxyz", tmp_path / "out2")
+        atoms_to_entry(slab)
+    assert LmdbDataset(tmp_path / "out2")[0]["tags"].tolist() == [0] * 8 + [1] * 4 + [2]
 
 
 def test_cli_convert(tmp_path, frames, capsys):

@@ -235,3 +235,18 @@ def test_calculator_without_a_force_head_says_so(tiny_data, tmp_path):
     assert np.isfinite(atoms.get_potential_energy())
     with pytest.raises(PropertyNotImplementedError, match="forces property not implemented"):  # (ASE, from the list)
         atoms.get_forces()
+
+
+def test_calculator_without_an_energy_names_the_targets(tmp_path):
+    """A scalar-only checkpoint: the error named target kinds (['scalar']), not which targets."""
+    from helpers import write_molecules
+
+    data = write_molecules(tmp_path / "data", 4, seed=5, u0=True)
+    raw = {"mode": "finetune", "run_dir": str(tmp_path / "run"), "threads": 1,
+           "graph": {"cutoff": 4.0, "max_neighbors": 8},
+           "tasks": [{"name": "mol", "train": data, "targets": [{"name": "u0", "kind": "scalar", "reduction": "sum"}]}],
+           "model": {"backbone": "tiny", "backbone_overrides": {"num_blocks": 1, "num_radial": 16}},
+           "loop": {"max_steps": 1, "progress": False, "fit_scale_factors": 0}}
+    loop.Trainer(build_config(raw)).save_best({})
+    with pytest.raises(ValueError, match=r"best.pt predicts u0 \(scalar\) \(task 'mol'\), not an energy"):
+        JMPCalculator(tmp_path / "run" / "best.pt")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import io
 import pickle
+import warnings
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -109,7 +110,8 @@ def _take_labels(entry: dict, sources: dict[str, dict], keys: KeyMap, report: Co
                  if key in mapping}
         if not found:
             if getattr(keys, label) is not None:
-                raise fmt.DataError(f"{label}: key {getattr(keys, label)!r} not found")
+                raise fmt.DataError(f"{label}: key {getattr(keys, label)!r} not found "
+                                    f"({_available(sources)})")
             continue
         location = report.labels.setdefault(label, next(iter(found)))
         if location not in found:
@@ -119,6 +121,13 @@ def _take_labels(entry: dict, sources: dict[str, dict], keys: KeyMap, report: Co
         entry[label] = found[location]
     if "stress" in entry:
         entry["stress"] = _stress_3x3(entry["stress"])
+
+
+def _available(sources: dict[str, dict]) -> str:
+    """The keys an entry offers, per source, for a "key not found" message: a misspelt or
+    guessed key is then fixed from the message instead of by inspecting the file."""
+    return "available: " + "; ".join(f"{prefix + ': ' if prefix else ''}{', '.join(map(str, mapping)) or 'none'}"
+                                     for prefix, mapping in sources.items())
 
 
 class _ExtraLabels(fmt.DataError):
@@ -173,24 +182,40 @@ def oc20_tags(tags: np.ndarray) -> np.ndarray:
     return tags if tags.any() else np.full(tags.shape, 2, dtype=np.int64)
 
 
+def _warn_non_oc20_tags(tags: np.ndarray) -> None:
+    """Warns (at the caller of atoms_structure) about tags outside OC20's {0, 1, 2}, such as
+    ase.build's layer numbers (fcc111 etc.: 1 top, 2, 3, ...). They are kept as they are: the
+    user may mean them, but a layer 3 is neither surface nor adsorbate to the quadruplet graph."""
+    other = np.setdiff1d(tags, [0, 1, 2])
+    if other.size:
+        warnings.warn(f"tags {other.tolist()} are not OC20 tags (0 sub-surface, 1 surface, 2 adsorbate; "
+                      "GemNet-OC's quadruplet graph keeps only edges touching a 1 or a 2), and are "
+                      "used as they are. ase.build's slabs tag their layers 1 (top), 2, 3, ... and "
+                      "add_adsorbate tags the adsorbate 0: set OC20 tags first, for such a slab "
+                      "t = atoms.get_tags(); atoms.set_tags(np.select([t == 1, t == 0], [1, 2], 0))",
+                      stacklevel=3)
+
+
 def atoms_structure(atoms: Atoms) -> dict[str, np.ndarray]:
     """The structure fields of an entry (pos, atomic_numbers, cell, pbc, tags, fixed) of ASE
     Atoms: one rule for the converters and the calculator, so that a model sees a structure
     alike in training and in use. Tags: oc20_tags. An atom is fixed when FixAtoms holds it or
     FixCartesian masks hold all three of its axes (extxyz stores constraints as move_mask,
-    which reads back as FixCartesian)."""
+    which reads back as FixCartesian). Tags outside {0, 1, 2} are kept, with a warning."""
     fixed_axes = np.zeros((len(atoms), 3), bool)
     for constraint in atoms.constraints:
         if isinstance(constraint, FixAtoms):
             fixed_axes[constraint.index] = True
         elif isinstance(constraint, FixCartesian):
             fixed_axes[constraint.index] |= constraint.mask
+    tags = oc20_tags(atoms.get_tags())
+    _warn_non_oc20_tags(tags)
     return {
         "pos": atoms.positions,
         "atomic_numbers": atoms.numbers,
         "cell": atoms.cell.array,
         "pbc": atoms.pbc,
-        "tags": oc20_tags(atoms.get_tags()),
+        "tags": tags,
         "fixed": fixed_axes.all(axis=1),
     }
 
@@ -203,7 +228,7 @@ def _atoms_entry(atoms: Atoms, keys: KeyMap, report: ConvertReport, sid: int) ->
     for name, key in keys.properties.items():
         found = next((where for where, d in sources.items() if key in d), None)
         if found is None:
-            raise fmt.DataError(f"property {name!r}: key {key!r} not found")
+            raise fmt.DataError(f"property {name!r}: key {key!r} not found ({_available(sources)})")
         entry[name] = sources[found][key]
     return keys.to_ev_angstrom(entry)
 
@@ -349,7 +374,7 @@ def _pyg_entry(fields: dict, keys: KeyMap, report: ConvertReport) -> dict:
             entry[key] = np.asarray(values[key]).reshape(())
     for name, key in keys.properties.items():
         if key not in values:
-            raise fmt.DataError(f"property {name!r}: key {key!r} not found")
+            raise fmt.DataError(f"property {name!r}: key {key!r} not found ({_available({'': values})})")
         entry[name] = np.asarray(values[key]).reshape(-1).squeeze()
     return keys.to_ev_angstrom(entry)
 

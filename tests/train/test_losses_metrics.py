@@ -1,9 +1,11 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from jmp_ext.train.losses import classification_loss, force_l2mae, l1_loss
+from jmp_ext.train import distributed
 from jmp_ext.train.metrics import Metrics
 
 
@@ -43,13 +45,58 @@ def test_metrics_against_brute_force():
     m = Metrics()
     natoms = torch.tensor([2, 3])
     m.update_energy("t", torch.tensor([1.0, 5.0]), torch.tensor([0.0, 2.0]), natoms)
-    assert m.compute() == {"t/energy_mae": pytest.approx(2.0), "t/energy_per_atom_mae": pytest.approx((0.5 + 1.0) / 2)}
+    assert m.compute() == {"t/energy_mae": pytest.approx(2.0), "t/energy_per_atom_mae": pytest.approx((0.5 + 1.0) / 2),
+                           "t/energy_rmse": pytest.approx(math.sqrt((1 + 9) / 2)),
+                           "t/energy_per_atom_rmse": pytest.approx(math.sqrt((0.25 + 1.0) / 2))}
     pred = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [5.0, 5, 5]])
     true = torch.tensor([[2.0, 0, 0], [1.0, 0, 0], [0.0, 0, 0]])
     free = torch.tensor([True, True, False])  # the fixed atom's huge error is not counted
     m.update_forces("t", pred, true, free)
     out = m.compute()
     assert out["t/forces_mae"] == pytest.approx((1 + 1 + 1) / 6)
+    assert out["t/forces_rmse"] == pytest.approx(math.sqrt((1 + 1 + 1) / 6))
     assert out["t/forces_cos"] == pytest.approx((1.0 + 0.0) / 2)
     m.update_accuracy("t", "cls", torch.tensor([[1.0, 0], [0, 1.0], [1, 0]]), torch.tensor([0, 0, 0]))
     assert m.compute()["t/cls_accuracy"] == pytest.approx(2 / 3)
+
+
+def test_mae_and_rmse_are_exact_over_batches_and_ranks(monkeypatch):
+    """Batches of different sizes on two ranks (all_reduce's collectives replaced by sums over
+    the ranks' own tables): every MAE and RMSE equals numpy's over all the errors at once, as a
+    mean of per-batch or per-rank values would not. Only rank 0 sees the scalar target."""
+    rng = np.random.default_rng(0)
+    ranks, errors = [Metrics(), Metrics()], {}
+    for b, size in enumerate([1, 5, 2, 7, 3]):
+        rank = ranks[b % 2]
+        pred, true, natoms = rng.normal(size=size), rng.normal(size=size), rng.integers(1, 9, size)
+        rank.update_energy("t", torch.tensor(pred), torch.tensor(true), torch.tensor(natoms))
+        errors.setdefault("energy", []).extend(pred - true)
+        errors.setdefault("energy_per_atom", []).extend((pred - true) / natoms)
+        n = int(natoms.sum())
+        fp, ft, free = rng.normal(size=(n, 3)), rng.normal(size=(n, 3)), rng.random(n) < 0.7
+        rank.update_forces("t", torch.tensor(fp), torch.tensor(ft), torch.tensor(free))
+        errors.setdefault("forces", []).extend((fp - ft)[free].ravel())
+        if rank is ranks[0]:
+            sp, st = rng.normal(size=size), rng.normal(size=size)
+            rank.update_scalar("t", "gap", torch.tensor(sp), torch.tensor(st))
+            errors.setdefault("gap", []).extend(sp - st)
+
+    tables = [(dict(m.sums), dict(m.counts)) for m in ranks]
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "all_gather_object", lambda obj: [sorted(sums) for sums, _ in tables])
+
+    def all_reduce_sum(values):
+        names = sorted(set().union(*(sums for sums, _ in tables)))
+        return sum(torch.tensor([[sums.get(n, 0.0), counts.get(n, 0.0)] for n in names], dtype=torch.float64)
+                   for sums, counts in tables)
+
+    monkeypatch.setattr(distributed, "all_reduce_sum", all_reduce_sum)
+    results = []
+    for m in ranks:
+        m.all_reduce()
+        results.append(m.compute())
+    assert results[0] == results[1]
+    for name, err in errors.items():
+        err = np.asarray(err)
+        assert results[0][f"t/{name}_mae"] == pytest.approx(np.abs(err).mean(), rel=1e-12), name
+        assert results[0][f"t/{name}_rmse"] == pytest.approx(np.sqrt(np.square(err).mean()), rel=1e-12), name

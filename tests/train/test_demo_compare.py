@@ -1,8 +1,10 @@
 """demo_compare's table: steps-to-match and speed-up from hand-made validation curves."""
 
+import sys
+
 import pytest
 
-from jmp_ext.train.demo_compare import summarize
+from jmp_ext.train.demo_compare import main, summarize
 
 
 def run(test: float, curve: list[tuple[int, float]]) -> dict:
@@ -38,3 +40,13 @@ def test_not_reached_is_reported_not_hidden():
 def test_speedup_uses_the_budget(steps):
     results = {"md": {"pretrained": [run(1.0, [(5, 1.0)])], "scratch": [run(1.0, [(5, 2.0), (steps, 1.0)])]}}
     assert f"{steps / 5:.1f}x" in summarize(results, steps).splitlines()[2]
+
+
+def test_help_describes_the_comparison_in_full(monkeypatch, capsys):
+    """--help showed the docstring's first line only, which stops mid-sentence."""
+    monkeypatch.setattr(sys, "argv", ["demo_compare", "--help"])
+    with pytest.raises(SystemExit):
+        main()
+    text = " ".join(capsys.readouterr().out.split())
+    assert ("fine-tune the demo's pretrained model and the same network from scratch, with the same budget, "
+            "on the held-out domains, over several seeds.") in text

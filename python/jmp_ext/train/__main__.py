@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, TrainError, FileNotFoundError, ValueError) as e:  # bad input: a message, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:  # (training's first Ctrl-C ends the step and saves last.pt: e says so)
+    except KeyboardInterrupt as e:  # (training's first Ctrl-C or SIGTERM ends the step and saves last.pt: e says so)
         # Under torchrun a terminal's Ctrl-C reaches every rank, and every rank stops alike: one message.
         if os.environ.get("RANK", "0") == "0":
             print(f"\ninterrupted{': ' + str(e) if str(e) else ''}. A training run continues from "

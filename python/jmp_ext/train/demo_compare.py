@@ -133,7 +133,8 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m jmp_ext.train.demo_compare", description=__doc__.split("\n")[0])
+    # The first paragraph: its first line alone stops mid-sentence (argparse rewraps the text).
+    parser = argparse.ArgumentParser(prog="python -m jmp_ext.train.demo_compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--pretrained", default="runs/demo/last.pt")
     parser.add_argument("--data", default="demo_data")
     parser.add_argument("--out", default="runs/jmp_effect")

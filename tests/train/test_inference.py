@@ -105,6 +105,33 @@ def test_calculator_recomputes_when_only_the_tags_change(checkpoint):
     assert atoms.get_potential_energy() == fresh.get_potential_energy()
 
 
+def test_calculator_warns_once_about_implausible_forces(checkpoint, monkeypatch):
+    """Near-collinear atoms (an unrattled lattice) give forces of 1e3-1e4 eV/Å (the dihedral
+    basis is discontinuous there); such forces would wreck an optimiser's first step silently."""
+    import warnings
+
+    atoms = molecule("CH3OH")
+    atoms.calc = JMPCalculator(checkpoint)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        plausible = atoms.get_forces()
+    predict = loop.predict_structures
+
+    def huge(*args):
+        preds = predict(*args)
+        return {**preds, "forces": preds["forces"] * 1e3 / preds["forces"].abs().max()}
+
+    monkeypatch.setattr(loop, "predict_structures", huge)
+    atoms.rattle(1e-3)
+    with pytest.warns(UserWarning, match=r"a force of 1\.\d+e\+03 eV/Å: atoms on \(nearly\) straight lines"):
+        atoms.get_forces()
+    atoms.rattle(1e-3, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert np.abs(atoms.get_forces()).max() == pytest.approx(1e3)  # (once per calculator)
+    assert np.abs(plausible).max() < 100
+
+
 def test_an_fp64_checkpoint_loads_without_rounding(checkpoint, tmp_path):
     """The network is made float64 before its weights load, not after (which rounded them to
     float32 on the way). The fixture's weights are float32 values; these are not."""

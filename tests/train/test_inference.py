@@ -58,9 +58,11 @@ def test_a_stress_model_still_serves_molecules(stress_checkpoint, tmp_path):
 
     water, copper = molecule("H2O"), bulk("Cu", "fcc", a=3.6, cubic=True)
     calc = JMPCalculator(stress_checkpoint)
-    for atoms in (water, copper):
-        atoms.calc = calc
-        assert np.isfinite(atoms.get_potential_energy()) and np.isfinite(atoms.get_forces()).all()
+    water.calc = copper.calc = calc
+    assert np.isfinite(water.get_potential_energy()) and np.isfinite(water.get_forces()).all()
+    # The ideal lattice's rows: the dihedral basis is discontinuous there (jmp_ext.calculator).
+    with pytest.warns(UserWarning, match=r"a force of .* eV/Å: atoms on \(nearly\) straight lines"):
+        assert np.isfinite(copper.get_potential_energy()) and np.isfinite(copper.get_forces()).all()
     assert np.isfinite(copper.get_stress()).all()
     with pytest.raises(PropertyNotImplementedError, match="stress needs a cell"):
         water.get_stress()

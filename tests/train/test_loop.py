@@ -310,7 +310,7 @@ def test_wrong_architecture_checkpoint(tiny_data, tmp_path):
             loop.Trainer(cfg)
 
 
-def test_a_finetune_on_other_graphs_than_the_checkpoints_is_pointed_out(tiny_data, tmp_path):
+def test_a_finetune_on_other_graphs_than_the_checkpoints_is_pointed_out(tiny_data, tmp_path, capsys):
     """The demo's checkpoint is at 5 Å / 8 neighbours; a fine-tune that leaves graph: out builds
     OC20's 12 Å / 30 and starts far from the pretrained weights (forces_cos -0.15 after 20 steps
     in a user's run, 0.96 at the checkpoint's graph)."""
@@ -321,6 +321,7 @@ def test_a_finetune_on_other_graphs_than_the_checkpoints_is_pointed_out(tiny_dat
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # the checkpoint's own graph: no warning
         loop.Trainer(build_config(finetune_config(tiny_data, tmp_path / "same", init=init))).log.close()
+    assert f"initialised the embedding and backbone from {init} (its EMA weights where it has them)" in capsys.readouterr().out
     with pytest.warns(UserWarning, match=r"last\.pt was trained on graphs with cutoff 4 Å, max_neighbors 8; this run "
                                          r"builds cutoff 5 Å, max_neighbors 8\. .*set graph\.cutoff"):
         trainer = loop.Trainer(build_config(finetune_config(tiny_data, tmp_path / "other", init=init),

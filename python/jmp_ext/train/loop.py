@@ -345,6 +345,9 @@ class Trainer:
                     stale.unlink()
                 save_config(c, self.run_dir / "config.yaml")
             self.log = RunLogger(self.run_dir, self.main, self.step, self.total_steps, c.loop.progress)
+        if c.model.init_checkpoint and not resumed:
+            self.log.write(f"initialised the embedding and backbone from {c.model.init_checkpoint} "
+                           f"({'its EMA weights where it has them' if c.model.init_ema else 'its raw weights'}), with new heads")
 
     # ------------------------------------------------------------ the loop
 

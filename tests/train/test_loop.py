@@ -125,15 +125,16 @@ def test_non_finite_loss_is_skipped_then_stops(tiny_data, tmp_path, monkeypatch)
         assert torch.equal(v, before[k]), k
 
 
-def test_non_finite_gradients_are_skipped_without_norm_clipping(tiny_data, tmp_path):
-    """The fine-tuning presets clip by value (grad_clip_norm 0): a NaN gradient under a finite
-    loss must still skip the step, not reach AdamW."""
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_gradients_are_skipped_without_norm_clipping(tiny_data, tmp_path, bad):
+    """The fine-tuning presets clip by value (grad_clip_norm 0): a NaN or infinite gradient under
+    a finite loss must still skip the step, not reach AdamW (clipping by value turned inf into 1)."""
     raw = finetune_config(tiny_data, tmp_path, forces="direct")
-    raw["optim"]["grad_clip_norm"] = 0.0
+    raw["optim"].update(grad_clip_norm=0.0, grad_clip_value=1.0)
     raw["loop"].update(max_steps=1, val_every=0)
     trainer = loop.Trainer(build_config(raw))
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    next(trainer.model.net.parameters()).register_hook(lambda g: g * float("nan"))
+    next(trainer.model.net.parameters()).register_hook(lambda g: torch.full_like(g, bad))
     trainer.train_step(next(trainer._epoch_loader()))
     assert trainer.nan_streak == 1
     for k, v in trainer.model.state_dict().items():

@@ -445,12 +445,18 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         else:
             loss.backward()
-        if c.optim.grad_clip_value > 0:
-            nn.utils.clip_grad_value_(self.model.parameters(), c.optim.grad_clip_value)
-        # Without clipping (the fine-tuning presets clip by value) the norm is still computed: it
-        # is logged, and a non-finite one skips the step.
-        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), c.optim.grad_clip_norm or math.inf)
-        if not torch.isfinite(grad_norm):  # DDP synchronised the gradients: every rank agrees
+        # The norm of the unclipped gradients: logged, and a non-finite one skips the step. Taken
+        # before clipping by value (the fine-tuning presets), which would turn inf into a finite
+        # value and let the step through.
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = nn.utils.get_total_norm([p.grad for p in params])
+        if torch.isfinite(grad_norm):
+            if c.optim.grad_clip_value > 0:
+                nn.utils.clip_grad_value_(params, c.optim.grad_clip_value)
+            if c.optim.grad_clip_norm > 0:  # (the norm of the value-clipped gradients when both are set)
+                total = grad_norm if c.optim.grad_clip_value <= 0 else nn.utils.get_total_norm([p.grad for p in params])
+                nn.utils.clip_grads_with_norm_(params, c.optim.grad_clip_norm, total)
+        else:  # DDP synchronised the gradients: every rank agrees
             if self.scaler is not None:
                 # fp16: unscale_ recorded the overflow, so update() halves the scale. It must run
                 # before the next unscale_, which refuses an optimizer it has not been reset for.

@@ -185,6 +185,18 @@ def test_head_keys_and_sizes_are_jmps():
     assert sum(p.numel() for p in model.output.parameters()) == 4 * (4 * (A * A + A) + A + 4 * (E * E + E) + E)
 
 
+def test_the_energy_head_of_a_model_with_forces_has_no_biases():
+    """JMP's EnergyForcesModelBase builds it with bias=False (rMD17, MD22, SPICE); a property
+    head, or an energy head without forces, keeps JMP's biased MLP."""
+    heads = [HeadConfig(target="energy"), HeadConfig(target="gap")]
+    for forces in ("gradient", "direct"):
+        keys = [k for k in FinetuneModel(TINY, heads, forces=forces).state_dict() if k.startswith("output.heads.")]
+        assert [k for k in keys if k.startswith("output.heads.energy.")] == [
+            f"output.heads.energy.mlp.{i}.weight" for i in (0, 2, 4, 6, 8)]
+        assert "output.heads.gap.mlp.0.bias" in keys
+    assert "output.heads.energy.mlp.0.bias" in FinetuneModel(TINY, heads).state_dict()
+
+
 def test_bad_inputs_raise():
     case = load("ani_molecules.pt")
     batch = fixture_batch(case, torch.float64)

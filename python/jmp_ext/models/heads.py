@@ -18,12 +18,14 @@ from jmp_ext import ops
 from jmp_ext.models.gemnet_oc.layers import ScaledSiLU
 
 
-def jmp_mlp(features: int, out_features: int, num_mlps: int = 5) -> nn.Sequential:
-    """[features] * num_mlps + [out_features] Linear layers, scaled SiLU between (JMP's Base.mlp)."""
+def jmp_mlp(features: int, out_features: int, num_mlps: int = 5, bias: bool = True) -> nn.Sequential:
+    """[features] * num_mlps + [out_features] Linear layers, scaled SiLU between (JMP's Base.mlp);
+    bias=False: no layer has one (JMP's energy head of an energy + forces model)."""
     layers: list[nn.Module] = []
     for i in range(num_mlps):
         last = i == num_mlps - 1
-        layers.append(nn.Linear(features, out_features if last else features, bias=not (last and out_features == 1)))
+        layers.append(nn.Linear(features, out_features if last else features,
+                                bias=bias and not (last and out_features == 1)))
         if not last:
             layers.append(ScaledSiLU())
     return nn.Sequential(*layers)
@@ -84,11 +86,11 @@ class HeadConfig:
 class StructureHead(nn.Module):
     """Per-atom features [N, A] -> per-structure predictions (see HeadConfig). Key: `mlp.*`."""
 
-    def __init__(self, config: HeadConfig, features: int):
+    def __init__(self, config: HeadConfig, features: int, bias: bool = True):
         super().__init__()
         self.config = config
         self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
-        self.mlp = jmp_mlp(features, config.num_outputs, config.num_mlps)
+        self.mlp = jmp_mlp(features, config.num_outputs, config.num_mlps, bias)
 
     def forward(self, atom_features: torch.Tensor, natoms: torch.Tensor) -> torch.Tensor:
         out = reduce_atoms(self.mlp(self.dropout(atom_features)), natoms, self.config.reduction)

@@ -75,10 +75,13 @@ class PretrainModel(nn.Module):
 
 
 class FinetuneOutput(nn.Module):
-    def __init__(self, config: BackboneConfig, heads: list[HeadConfig], direct: bool):
+    def __init__(self, config: BackboneConfig, heads: list[HeadConfig], forces: str | None):
         super().__init__()
-        self.heads = nn.ModuleDict({h.target: StructureHead(h, config.emb_size_atom) for h in heads})
-        if direct:
+        # JMP's EnergyForcesModelBase builds the energy head of a model with forces without biases.
+        self.heads = nn.ModuleDict({h.target: StructureHead(h, config.emb_size_atom,
+                                                            bias=not (forces and h.target == "energy"))
+                                    for h in heads})
+        if forces == "direct":
             self.out_forces = jmp_mlp(config.emb_size_edge, 1)
 
 
@@ -87,7 +90,8 @@ class FinetuneModel(nn.Module):
 
     forces: None, "direct" (edge MLP on the backbone's force branch, JMP's direct forces) or
     "gradient" (F = -dE/dpos of the "energy" head; the backbone is then built without its force
-    branch, as JMP does). stress=True adds stress [B, 3, 3] = (1/V) dE/dstrain (eV/Å^3, ASE's sign):
+    branch, as JMP does). With forces, the "energy" head has no biases (JMP's energy + forces
+    models). stress=True adds stress [B, 3, 3] = (1/V) dE/dstrain (eV/Å^3, ASE's sign):
     a symmetric strain of the cell applied to positions and cell; NaN for a structure without a
     cell (zero volume: a molecule), where it is undefined, so that one batch may mix both.
     Gradients are taken with create_graph while training, so a force / stress loss trains the weights.
@@ -112,7 +116,7 @@ class FinetuneModel(nn.Module):
         self.forces, self.stress = forces, stress
         self.embedding = AtomEmbedding(config.num_elements, config.emb_size_atom)
         self.backbone = GemNetOCBackbone(config)
-        self.output = FinetuneOutput(config, heads, forces == "direct")
+        self.output = FinetuneOutput(config, heads, forces)
 
     def _heads(self, batch: dict, graphs: dict) -> dict[str, torch.Tensor]:
         out = self.backbone(self.embedding(batch["atomic_numbers"]), graphs)

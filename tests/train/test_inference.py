@@ -145,6 +145,15 @@ def test_an_fp64_checkpoint_loads_without_rounding(checkpoint, tmp_path):
         assert value.dtype == state["model"][name].dtype and torch.equal(value, state["model"][name]), name
 
 
+def test_a_checkpoint_whose_weights_do_not_fit_is_a_message(checkpoint, tmp_path):
+    """E.g. one fine-tuned with forces by an older jmp_ext, whose energy head had biases."""
+    state = torch.load(checkpoint, weights_only=True)
+    state["model"]["net.output.heads.energy.mlp.0.bias"] = torch.zeros(3)
+    torch.save(state, tmp_path / "best.pt")
+    with pytest.raises(TrainError, match=r"best\.pt: its weights do not fit the network its config builds"):
+        loop.load_trained(tmp_path / "best.pt")
+
+
 def test_calculator_forces_are_minus_the_energy_gradient(checkpoint):
     atoms = molecule("CH3OH")
     atoms.calc = JMPCalculator(checkpoint)

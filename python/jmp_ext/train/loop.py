@@ -136,7 +136,11 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     norms = {k: v for k, v in weights.items() if k.startswith("norm_")}
     model = build_model(config, norms).to(device)
     model.net.to(DTYPES.get(config.loop.precision, torch.float32))  # before loading: fp64 stays fp64
-    model.load_state_dict(weights)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:  # (e.g. written by an older jmp_ext whose network differed)
+        raise TrainError(f"{path}: its weights do not fit the network its config builds in this jmp_ext "
+                         f"({str(e).splitlines()[0]} ...); was it written by another version?") from e
     return model.eval(), config
 
 

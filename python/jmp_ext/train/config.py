@@ -193,7 +193,9 @@ class DataConfig:
     max_atoms: int = 0
     """Cap on atoms per global batch (0 = no cap); batches are balanced by atoms across ranks."""
     batch_size: int = 8
-    """Structures per global batch (a cap when max_atoms is also set)."""
+    """Structures per global batch, split across ranks (a cap when max_atoms is also set). JMP's
+    batch sizes (and the presets', which copy them) are per GPU: on W GPUs, W x batch_size
+    trains as JMP did, and a run needs batch_size >= W."""
     temperature: float = 2.0
     """Temperature sampling over tasks, p_i ∝ N_i^(1/T) (JMP: 2; validation uses T=1)."""
     val_batch_size: int = 16

@@ -57,7 +57,8 @@ class LmdbDataset(Dataset):
     floats to the training dtype. `ds.natoms` is int64 [len] and `ds.schema` maps each field to
     its dtype, shape and unit; both come from the metadata, so len() and batching never scan.
 
-    LMDB handles are opened on construction (so a truncated shard fails there) and reopened in a
+    LMDB handles are opened on construction (so a truncated shard, or one with another number of
+    entries than meta.json lists, fails there) and reopened in a
     new process (DataLoader workers, DDP ranks after fork), because an LMDB environment must not
     cross a fork. Every entry read is checked against the schema and metadata.npz. Datasets on the
     same files in one process share the handles, so a directory can be opened any number of
@@ -75,6 +76,12 @@ class LmdbDataset(Dataset):
         self._envs: list[lmdb.Environment] | None = None
         self._pid = None
         self._open()
+        # A shard with fewer (or more) entries than meta.json lists (a partial copy, a shard edited
+        # by hand) would otherwise fail only when an epoch reaches a missing entry.
+        for file, env, shard in zip(self._shard_files, self._envs, meta["shards"]):
+            if env.stat()["entries"] != shard["num_entries"]:
+                raise fmt.DataError(f"{file} holds {env.stat()['entries']} entries, {fmt.META_FILE} says "
+                                    f"{shard['num_entries']}: an incomplete copy, or a shard changed since")
         self._values = [self._read(i) for i in range(len(self))] if in_memory else None
         if in_memory:
             self._close()

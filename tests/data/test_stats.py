@@ -34,6 +34,7 @@ def test_linear_references_recover_element_energies(tmp_path):
     for z, ref in REFS.items():
         assert linref[z] == pytest.approx(ref, abs=1e-8)
     assert np.count_nonzero(linref) == len(REFS)
+    assert list(stats["elements"]) == sorted({int(z) for e in entries for z in e["atomic_numbers"]})
     assert stats["targets"]["energy"]["std"] < 1e-8  # nothing left after exact references
     # zpve = sum(0.01 Z): its references make the residual exact.
     zpve = stats["linrefs"]["zpve"]
@@ -152,8 +153,9 @@ def dense_reference(dataset):
 def assert_stats_match(stats, ref, rtol):
     """Same keys (in order), types, shapes and values; the residual energy mean, which sits near
     zero, is compared relative to the residual spread."""
-    assert list(stats) == ["version", "num_entries", "targets", "linref", "linrefs", "force_rms",
+    assert list(stats) == ["version", "num_entries", "targets", "linref", "linrefs", "elements", "force_rms",
                            "natoms_hist", "avg_natoms"]
+    assert list(stats["elements"]) == np.flatnonzero(ref["linref"] != 0).tolist()  # (every element has a reference)
     assert stats["version"] == ref["version"] and stats["num_entries"] == ref["num_entries"]
     assert list(stats["targets"]) == list(ref["targets"])
     for name, target in ref["targets"].items():

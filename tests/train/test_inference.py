@@ -50,6 +50,7 @@ def stress_checkpoint(tmp_path_factory):
     return root / "run" / "best.pt"
 
 
+@pytest.mark.filterwarnings("ignore:element\\(s\\) \\[29\\] are not in the training data")  # (Cu: expected)
 def test_a_stress_model_still_serves_molecules(stress_checkpoint, tmp_path):
     """Stress is undefined without a cell: the molecule gets energy and forces, and stress only
     where there is a cell (NaN in predict's output, an ASE PropertyNotImplementedError)."""
@@ -152,6 +153,24 @@ def test_a_checkpoint_whose_weights_do_not_fit_is_a_message(checkpoint, tmp_path
     torch.save(state, tmp_path / "best.pt")
     with pytest.raises(TrainError, match=r"best\.pt: its weights do not fit the network its config builds"):
         loop.load_trained(tmp_path / "best.pt")
+
+
+def test_elements_outside_the_training_data_are_pointed_out(checkpoint, tmp_path):
+    """Trained on H, C, N, O: a sulfur atom gets an embedding the fine-tune never saw."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        methanol = molecule("CH3OH")
+        methanol.calc = JMPCalculator(checkpoint)
+        methanol.get_potential_energy()
+    thiol = molecule("CH3SH")
+    thiol.calc = JMPCalculator(checkpoint)
+    with pytest.warns(UserWarning, match=r"element\(s\) \[16\] are not in the training data of task 'mol'"):
+        thiol.get_potential_energy()
+    ase.io.write(tmp_path / "thiol.extxyz", thiol)
+    with pytest.warns(UserWarning, match=r"element\(s\) \[16\]"):
+        assert main(["predict", str(checkpoint), str(tmp_path / "thiol.extxyz"), "--out", str(tmp_path / "p.npz")]) == 0
 
 
 def test_calculator_forces_are_minus_the_energy_gradient(checkpoint):

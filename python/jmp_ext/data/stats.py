@@ -38,6 +38,7 @@ def compute_stats(dataset: LmdbDataset, progress: bool = False) -> dict:
         linrefs: {name: {"linref" [119], "mean", "std"}} for every other float scalar label: its
             per-element references, fitted as energy's, and the residual's mean and std (for
             extensive properties such as QM9's U_0; TargetConfig.linref uses them)
+        elements: the atomic numbers present, ascending (a trained model warns about others)
         force_rms: float, eV/Å, sqrt(mean F^2) over atoms and components (when there are forces)
         natoms_hist: int64 [max_natoms+1], the number of structures with each atom count
         avg_natoms: float
@@ -92,6 +93,7 @@ def compute_stats(dataset: LmdbDataset, progress: bool = False) -> dict:
                     raise _non_finite(dataset, start + int(np.argmin(finite)), name)
             for name, chunk_moments in moments.items():
                 chunk_moments.add(stacked[name])
+            present[np.concatenate(numbers)] = True
             if referenced:
                 rows = stop - start
                 # Element counts of the chunk: one bincount over (row, Z) pairs.
@@ -103,7 +105,6 @@ def compute_stats(dataset: LmdbDataset, progress: bool = False) -> dict:
                 for j, name in enumerate(referenced):
                     block[:, fmt.MAX_Z + 1 + j] = stacked[name]
                 block[:, -1] = 1.0
-                present |= block[:, :fmt.MAX_Z + 1].any(axis=0)
                 counts_qr.add(block)
             bar.update(stop - start)
     stats: dict = {"version": STATS_VERSION, "num_entries": num_entries, "targets": {}}
@@ -115,6 +116,7 @@ def compute_stats(dataset: LmdbDataset, progress: bool = False) -> dict:
     if set(fits) - {"energy"}:
         stats["linrefs"] = {name: {"linref": linref, **residual}
                             for name, (linref, residual) in fits.items() if name != "energy"}
+    stats["elements"] = np.flatnonzero(present).tolist()
     if force_n:
         stats["force_rms"] = float(np.sqrt(force_sq / force_n))
     stats["natoms_hist"] = np.bincount(dataset.natoms)

@@ -133,7 +133,7 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[
         raise TrainError(f"{path} is not a jmp_ext training checkpoint (best.pt / last.pt of a run)")
     config = from_dict(TrainConfig, state["config"])
     weights = run_weights(state)
-    norms = {k: v for k, v in weights.items() if k.startswith("norm_")}
+    norms = {k: v for k, v in weights.items() if not k.startswith("net.")}  # (TaskModel's own buffers)
     model = build_model(config, norms).to(device)
     model.net.to(DTYPES.get(config.loop.precision, torch.float32))  # before loading: fp64 stays fp64
     try:
@@ -154,6 +154,13 @@ def predict_structures(model: TaskModel, structures: list[dict], task: int) -> d
     batch = collate(structures, dtype=torch.float64)
     batch["pos"], batch["cell"] = batch["pos"].to(parameter.dtype), batch["cell"].to(parameter.dtype)
     batch["task"] = torch.full_like(batch["natoms"], task)
+    seen = getattr(model, "train_elements", None)
+    if seen is not None:
+        elements = batch["atomic_numbers"].unique()
+        unknown = elements[~seen[task].cpu()[elements]].tolist()
+        if unknown:
+            warnings.warn(f"element(s) {unknown} are not in the training data of task "
+                          f"{model.tasks[task].name!r}: the predictions for them extrapolate", stacklevel=2)
     batch = {k: v.to(parameter.device) for k, v in batch.items()}
     with torch.no_grad():  # (gradient forces re-enable autograd inside the network)
         return model(batch)
@@ -290,7 +297,8 @@ class Trainer:
 
             self.data = tasks.load_task_data(c)
             torch.manual_seed(c.seed)  # the same initial weights on every rank
-            norms = tasks.normalizers(c.tasks, [d.stats for d in self.data])
+            stats = [d.stats for d in self.data]
+            norms = {**tasks.normalizers(c.tasks, stats), **tasks.training_elements(stats)}
             self.model = build_model(c, norms).to(self.device)
             self.model.net.to(self.dtype)
             if c.model.init_checkpoint:

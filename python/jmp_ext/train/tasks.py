@@ -103,7 +103,8 @@ class TaskModel(nn.Module):
     State: `net.*` (JMP's keys: embedding.*, backbone.*, output.*) and the normaliser buffers
     `norm_{target}_mean/std` [T(, k)], `norm_linref` [T, 119] (energy's per-element references) and
     `norm_{target}_linref` [T, 119] (scalars with linref), T = number of tasks, which stay
-    float64 whatever the network's dtype (move the model with .to(device), the net with .to(dtype)).
+    float64 whatever the network's dtype; `train_elements` bool [T, 119] when the statistics list
+    the training elements (move the model with .to(device), the net with .to(dtype)).
     Energies and scalars come out float64."""
 
     def __init__(self, net: nn.Module, task_configs: list[TaskConfig], graph_configs: list, norms: dict[str, torch.Tensor],
@@ -181,6 +182,17 @@ def normalizers(task_configs: list[TaskConfig], stats: list[dict]) -> dict[str, 
                 linref[i] = torch.as_tensor(np.asarray(st["linrefs"][name]["linref"], dtype=np.float64))
         norms[f"norm_{name}_mean"], norms[f"norm_{name}_std"] = torch.stack(mean), torch.stack(std)
     return norms
+
+
+def training_elements(stats: list[dict]) -> dict[str, torch.Tensor]:
+    """{"train_elements": bool [T, 119]}: the elements of each task's training split, which
+    predict_structures warns outside of; {} for statistics that predate the list."""
+    if any("elements" not in st for st in stats):
+        return {}
+    seen = torch.zeros(len(stats), MAX_Z + 1, dtype=torch.bool)
+    for i, st in enumerate(stats):
+        seen[i, list(st["elements"])] = True
+    return {"train_elements": seen}
 
 
 def _target_scale(task: TaskConfig, target: TargetConfig, stats: dict, i: int) -> tuple[torch.Tensor, torch.Tensor]:

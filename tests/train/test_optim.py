@@ -84,6 +84,7 @@ def test_warmup_cosine_matches_closed_form():
 
 
 def test_plateau_only_after_cosine_and_state_roundtrip():
+    """JMP's ReduceLROnPlateau (torch's defaults: threshold 1e-4, relative) after the cosine."""
     opt = build_optimizer(FakeNet(), OptimConfig(lr=1.0), num_blocks=2)
     cfg = ScheduleConfig(warmup=0, cosine=5, min_lr_factor=0.5, plateau_patience=1, plateau_factor=0.5)
     sched = LRSchedule(opt, cfg, base_lr=1.0, warmup_steps=0, cosine_steps=5)
@@ -91,8 +92,8 @@ def test_plateau_only_after_cosine_and_state_roundtrip():
         sched.on_validation(2, metric)
     assert sched.plateau_scale == 1.0
     sched.on_validation(5, 1.0)   # best
-    sched.on_validation(6, 1.0)   # bad 1 (<= patience)
-    assert sched.plateau_scale == 1.0
+    sched.on_validation(6, 1.0 - 5e-5)   # bad 1 (<= patience): better by less than torch's 1e-4 (rel)
+    assert sched.plateau_scale == 1.0 and sched.best == 1.0
     sched.on_validation(7, 1.5)   # bad 2 > patience: reduce
     assert sched.plateau_scale == 0.5
     sched.set_step(8)

@@ -11,6 +11,11 @@ from torch import nn
 from jmp_ext.train.config import OptimConfig, ScheduleConfig
 
 
+# Reduce-on-plateau counts a validation as better only below best * (1 - this): torch's
+# ReduceLROnPlateau default (threshold 1e-4, mode "rel"), which JMP's schedule uses.
+PLATEAU_THRESHOLD = 1e-4
+
+
 def llrd_group(name: str, num_blocks: int) -> str:
     """Which LLRD group a parameter belongs to, from its state_dict name.
 
@@ -89,7 +94,7 @@ class LRSchedule:
         """Reduce-on-plateau: only once the cosine is over (JMP chains it after the cosine)."""
         if self.config.plateau_patience <= 0 or step < self.warmup_steps + self.cosine_steps:
             return
-        if metric < self.best:
+        if metric < self.best * (1.0 - PLATEAU_THRESHOLD):
             self.best, self.bad = metric, 0
             return
         self.bad += 1

@@ -76,8 +76,8 @@ def make_demo(root: str | Path, seed: int = 0, scale: float = 1.0, progress: boo
                and not _made_by_demo(root / d / s, d, s)]
     if foreign:
         raise FileExistsError(f"make_demo would replace {', '.join(map(str, foreign))}, which "
-                              "it did not make: choose another directory for the demo data, or "
-                              "move them away")
+                              "it did not make (another dataset, or demo data of an older jmp_ext): "
+                              "choose another directory for the demo data, or move them away")
     root.mkdir(parents=True, exist_ok=True)
     marker.unlink(missing_ok=True)  # the old marker must not vouch for half-replaced data
     counts = {}

@@ -182,8 +182,36 @@ def test_temp_files_of_a_run_killed_while_saving_are_removed(tiny_data, tmp_path
     stale = [run / ".last.pt.0123abcd.tmp", run / ".metrics.csv.89abcdef.tmp"]
     for path in stale:
         path.write_bytes(b"torn")
+    (run / ".notes.tmp").write_text("the user's")  # not a run file's: kept
     loop.Trainer(build_config(pretrain_config(tiny_data, run, max_steps=2), ["resume=true"]))
     assert not any(path.exists() for path in stale) and (run / "last.pt").is_file()
+    assert (run / ".notes.tmp").read_text() == "the user's"
+
+
+def test_resume_keeps_its_training_elements_when_the_statistics_change(tiny_data, tmp_path):
+    """train_elements comes from stats.json, which a user may recompute (or which predates the
+    list) between a run and its resume: the resume must not fail on it."""
+    run = tmp_path / "run"
+    loop.Trainer(build_config(pretrain_config(tiny_data, run, max_steps=1))).train()
+    state = load_checkpoint(run / "last.pt")
+    del state["model"]["train_elements"]  # as written from statistics without the list
+    torch.save(state, run / "last.pt")
+    trainer = loop.Trainer(build_config(pretrain_config(tiny_data, run, max_steps=2), ["resume=true"]))
+    assert trainer.step == 1 and trainer.model.train_elements.any()
+    trainer.log.close()
+
+
+def test_a_worker_ignores_only_the_first_sigterm():
+    """The scheduler's SIGTERM reaches the workers too and must not kill them mid-step; the
+    DataLoader's shutdown terminates a stuck worker with a second one."""
+    import subprocess
+    import sys
+
+    code = ("import os, signal; from jmp_ext.train.loop import _ignore_stop_signals; _ignore_stop_signals(0); "
+            "os.kill(os.getpid(), signal.SIGINT); os.kill(os.getpid(), signal.SIGTERM); print('alive', flush=True); "
+            "os.kill(os.getpid(), signal.SIGTERM); print('not reached')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["alive"] and done.returncode == -signal.SIGTERM
 
 
 def test_a_new_run_never_silently_replaces_an_old_one(tiny_data, tmp_path):

@@ -98,6 +98,11 @@ def test_plateau_only_after_cosine_and_state_roundtrip():
     assert sched.plateau_scale == 0.5
     sched.set_step(8)
     assert sched.lr == pytest.approx(0.25)
+    # A classification task's metric is -accuracy: the same accuracy again is no improvement.
+    negative = LRSchedule(opt, cfg, base_lr=1.0, warmup_steps=0, cosine_steps=5)
+    for step in (5, 6, 7):
+        negative.on_validation(step, -0.9)
+    assert negative.plateau_scale == 0.5
     other = LRSchedule(opt, cfg, base_lr=1.0, warmup_steps=0, cosine_steps=5)
     other.load_state_dict(sched.state_dict())
     other.set_step(8)

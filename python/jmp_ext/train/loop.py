@@ -88,9 +88,10 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 def _ignore_stop_signals(worker_id: int) -> None:
     """A stop signal is the training process's to handle (it finishes the step and saves
-    last.pt); a worker it killed would fail that step instead."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
+    last.pt); a worker it killed would fail that step instead. Only the first SIGTERM is
+    ignored: the DataLoader's shutdown terminates a stuck worker with one."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: signal.signal(signal.SIGTERM, signal.SIG_DFL))
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -126,8 +127,6 @@ def build_model(config: TrainConfig, norms: dict[str, torch.Tensor]) -> TaskMode
 def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[TaskModel, TrainConfig]:
     """A trained TaskModel (eval mode) and its config from best.pt or last.pt (EMA weights when the
     run had an EMA). The checkpoint is read with weights_only=True."""
-    from jmp_ext.train.config import TrainConfig, from_dict
-
     state = load_checkpoint(path, device)
     if not is_training_checkpoint(state):
         raise TrainError(f"{path} is not a jmp_ext training checkpoint (best.pt / last.pt of a run)")
@@ -139,9 +138,15 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:  # (e.g. written by an older jmp_ext whose network differed)
-        raise TrainError(f"{path}: its weights do not fit the network its config builds in this jmp_ext "
-                         f"({str(e).splitlines()[0]} ...); was it written by another version?") from e
+        raise TrainError(f"{path}: its weights do not fit the network its config builds in this jmp_ext; "
+                         f"was it written by another version? ({_key_mismatch(e)})") from e
     return model.eval(), config
+
+
+def _key_mismatch(error: RuntimeError) -> str:
+    """load_state_dict's message without its header line, shortened: the keys that differ."""
+    text = " ".join(line.strip() for line in str(error).splitlines()[1:]) or str(error)
+    return text if len(text) <= 600 else text[:600] + " ..."
 
 
 def predict_structures(model: TaskModel, structures: list[dict], task: int) -> dict[str, torch.Tensor]:
@@ -353,8 +358,10 @@ class Trainer:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 # Temp files of a run killed while writing (files.write_atomic), up to a
                 # checkpoint's size each: only this run writes here.
-                for stale in self.run_dir.glob(".*.tmp"):
-                    stale.unlink()
+                for name in RUN_FILES + ("config.yaml",):
+                    for stale in self.run_dir.glob(f".{name}.*.tmp"):
+                        if stale.is_file():
+                            stale.unlink()
                 save_config(c, self.run_dir / "config.yaml")
             self.log = RunLogger(self.run_dir, self.main, self.step, self.total_steps, c.loop.progress)
         if c.model.init_checkpoint and not resumed:
@@ -693,7 +700,17 @@ class Trainer:
             if old != new:
                 raise TrainError(f"cannot resume {path}: its config differs in {key!r} (resume needs the same run; "
                                  f"start a new run_dir or set resume=false)")
-        self.model.load_state_dict(state["model"])
+        weights = dict(state["model"])
+        # train_elements comes from the statistics, which may have been recomputed (or predate
+        # it) since the run started: this run's own value stands.
+        weights.pop("train_elements", None)
+        if hasattr(self.model, "train_elements"):
+            weights["train_elements"] = self.model.train_elements
+        try:
+            self.model.load_state_dict(weights)
+        except RuntimeError as e:
+            raise TrainError(f"resume: {path} does not fit this run's network; was it written by another "
+                             f"version of jmp_ext? ({_key_mismatch(e)})") from e
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])

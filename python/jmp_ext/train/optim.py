@@ -11,7 +11,7 @@ from torch import nn
 from jmp_ext.train.config import OptimConfig, ScheduleConfig
 
 
-# Reduce-on-plateau counts a validation as better only below best * (1 - this): torch's
+# Reduce-on-plateau counts a validation as better only below best - this * |best|: torch's
 # ReduceLROnPlateau default (threshold 1e-4, mode "rel"), which JMP's schedule uses.
 PLATEAU_THRESHOLD = 1e-4
 
@@ -94,7 +94,8 @@ class LRSchedule:
         """Reduce-on-plateau: only once the cosine is over (JMP chains it after the cosine)."""
         if self.config.plateau_patience <= 0 or step < self.warmup_steps + self.cosine_steps:
             return
-        if metric < self.best * (1.0 - PLATEAU_THRESHOLD):
+        # (relative to |best|: a classification task's metric is -accuracy, below zero)
+        if self.best == math.inf or metric < self.best - PLATEAU_THRESHOLD * abs(self.best):
             self.best, self.bad = metric, 0
             return
         self.bad += 1

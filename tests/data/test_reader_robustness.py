@@ -165,4 +165,4 @@ def test_cli_reports_damaged_data_in_one_line(dataset, capsys):
     (dataset / "data.0001.lmdb").unlink()
     (dataset / "data.0001.lmdb").mkdir()  # lmdb.Error, not a DataError
     assert main(["info", str(dataset)]) == 1
-    assert capsys.readouterr().err == f"error: {dataset / 'data.0001.lmdb'}: Is a directory\n"
+    assert capsys.readouterr().err == f"error: {dataset / 'data.0001.lmdb'} cannot be opened (Is a directory)\n"

@@ -477,7 +477,8 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
         you trust.
     skip_invalid: skip entries that fail to load or validate (listed in the report) instead of
         stopping at the first one. The first entry written decides the labels: an entry that
-        lacks one of them is skipped, but one that carries more is still an error.
+        lacks one of them is skipped (whatever else it carries), one that only carries more is
+        still an error.
     select: an ASE db query for "ase-db".
     """
     src, keys = Path(src), keys or KeyMap()

@@ -391,6 +391,8 @@ def open_lmdb_readonly(file: str | Path) -> lmdb.Environment:
     except (lmdb.InvalidError, lmdb.CorruptedError, lmdb.VersionMismatchError) as error:
         message = str(error).removeprefix(f"{file}: ")
         raise DataError(f"{file} is not a readable LMDB file ({message})") from None
+    except lmdb.Error as error:  # (e.g. too many open files: every shard of a dataset is open)
+        raise DataError(f"{file} cannot be opened ({str(error).removeprefix(f'{file}: ')})") from error
     needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
     if size < needed:
         env.close()

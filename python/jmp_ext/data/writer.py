@@ -119,8 +119,10 @@ class DatasetWriter:
         try:
             yield
         except lmdb.Error as error:
-            raise OSError(f"writing dataset {self.path} failed ({error}): is the disk (of "
-                          f"{self.path.parent}) full?") from error
+            full = isinstance(error, lmdb.DiskError) or any(
+                text in str(error) for text in ("Input/output error", "No space left"))
+            hint = f": is the disk (of {self.path.parent}) full?" if full else ""
+            raise OSError(f"writing dataset {self.path} failed ({error}){hint}") from error
 
     def _open_shard(self) -> None:
         self._close_shard()

@@ -79,8 +79,8 @@ class LmdbDataset(Dataset):
         # A shard with fewer (or more) entries than meta.json lists (a partial copy, a shard edited
         # by hand) would otherwise fail only when an epoch reaches a missing entry.
         for file, env, shard in zip(self._shard_files, self._envs, meta["shards"]):
-            if env.stat()["entries"] != shard["num_entries"]:
-                raise fmt.DataError(f"{file} holds {env.stat()['entries']} entries, {fmt.META_FILE} says "
+            if (entries := env.stat()["entries"]) != shard["num_entries"]:
+                raise fmt.DataError(f"{file} holds {entries} entries, {fmt.META_FILE} says "
                                     f"{shard['num_entries']}: an incomplete copy, or a shard changed since")
         self._values = [self._read(i) for i in range(len(self))] if in_memory else None
         if in_memory:

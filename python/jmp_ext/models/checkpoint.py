@@ -71,9 +71,9 @@ def is_training_checkpoint(checkpoint) -> bool:
 
 
 def run_weights(checkpoint: dict, ema: bool = True) -> dict[str, torch.Tensor]:
-    """The TaskModel state_dict (net.* and the norm_* buffers) of one of our loaded run
-    checkpoints: last.pt's EMA weights when `ema` and the run had an EMA, else its weights;
-    best.pt's validated weights."""
+    """The TaskModel state_dict (net.* and its own buffers: norm_*, train_elements) of one of our
+    loaded run checkpoints: last.pt's EMA weights when `ema` and the run had an EMA, else its
+    weights; best.pt's validated weights."""
     weights = dict(checkpoint["model"])
     if ema and checkpoint.get("ema"):
         weights.update(checkpoint["ema"])

@@ -119,8 +119,8 @@ def graph_configs(config: TrainConfig) -> list:
     return out
 
 
-def build_model(config: TrainConfig, norms: dict[str, torch.Tensor]) -> TaskModel:
-    return TaskModel(tasks.build_network(config), config.tasks, graph_configs(config), norms,
+def build_model(config: TrainConfig, buffers: dict[str, torch.Tensor]) -> TaskModel:
+    return TaskModel(tasks.build_network(config), config.tasks, graph_configs(config), buffers,
                      pretrain=config.mode == "pretrain", edge_dropout=config.model.edge_dropout)
 
 
@@ -132,8 +132,8 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[
         raise TrainError(f"{path} is not a jmp_ext training checkpoint (best.pt / last.pt of a run)")
     config = from_dict(TrainConfig, state["config"])
     weights = run_weights(state)
-    norms = {k: v for k, v in weights.items() if not k.startswith("net.")}  # (TaskModel's own buffers)
-    model = build_model(config, norms).to(device)
+    buffers = {k: v for k, v in weights.items() if not k.startswith("net.")}  # (TaskModel's own)
+    model = build_model(config, buffers).to(device)
     model.net.to(DTYPES.get(config.loop.precision, torch.float32))  # before loading: fp64 stays fp64
     try:
         model.load_state_dict(weights)
@@ -303,8 +303,8 @@ class Trainer:
             self.data = tasks.load_task_data(c)
             torch.manual_seed(c.seed)  # the same initial weights on every rank
             stats = [d.stats for d in self.data]
-            norms = {**tasks.normalizers(c.tasks, stats), **tasks.training_elements(stats)}
-            self.model = build_model(c, norms).to(self.device)
+            buffers = {**tasks.normalizers(c.tasks, stats), **tasks.training_elements(stats)}
+            self.model = build_model(c, buffers).to(self.device)
             self.model.net.to(self.dtype)
             if c.model.init_checkpoint:
                 init_from_checkpoint(self.model.net, c)
@@ -358,7 +358,7 @@ class Trainer:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 # Temp files of a run killed while writing (files.write_atomic), up to a
                 # checkpoint's size each: only this run writes here.
-                for name in RUN_FILES + ("config.yaml",):
+                for name in RUN_FILES:
                     for stale in self.run_dir.glob(f".{name}.*.tmp"):
                         if stale.is_file():
                             stale.unlink()

@@ -107,7 +107,7 @@ class TaskModel(nn.Module):
     the training elements (move the model with .to(device), the net with .to(dtype)).
     Energies and scalars come out float64."""
 
-    def __init__(self, net: nn.Module, task_configs: list[TaskConfig], graph_configs: list, norms: dict[str, torch.Tensor],
+    def __init__(self, net: nn.Module, task_configs: list[TaskConfig], graph_configs: list, buffers: dict[str, torch.Tensor],
                  pretrain: bool, edge_dropout: float):
         super().__init__()
         self.net = net
@@ -117,7 +117,7 @@ class TaskModel(nn.Module):
         self.edge_dropout = edge_dropout
         self.targets = {t.name: t for t in task_configs[0].targets}  # pretraining tasks share target names
         self.gradient_forces = any(t.gradient_forces for t in task_configs)  # see TaskConfig.gradient_forces
-        for name, value in norms.items():
+        for name, value in buffers.items():
             self.register_buffer(name, value.clone())
 
     def scale(self, name: str) -> torch.Tensor:

@@ -407,3 +407,41 @@ def test_an_autocast_step_runs_and_stays_near_float32(dtype):
     for key in ("energy", "forces"):
         scale = out[key].abs().max()
         torch.testing.assert_close(out_half[key].float(), out[key], rtol=0, atol=0.05 * scale)
+
+
+def test_spatial_extent_head_is_jmps_r2_with_ases_centre_of_mass():
+    """QM9's R² head: sum_i s_i |r_i - COM|^2 with the mass-weighted centre (ASE's), a bias-free
+    MLP of num_mlps + 1 layers (JMP's SpatialExtentOutputHead), invariant under rotations and
+    translations of a molecule, and its keys without the mass table."""
+    from ase.build import molecule
+
+    from jmp_ext.data import collate
+
+    names = ["CH3OH", "H2O", "C6H6"]
+    batch = collate([molecule_entry(n) for n in names])
+    batch.update(pos=batch["pos"].double(), cell=batch["cell"].double())
+    torch.manual_seed(0)
+    model = FinetuneModel(TINY, [HeadConfig(target="R2", reduction="spatial_extent", num_mlps=3)]).double().eval()
+    head = model.output.heads["R2"]
+    assert list(head.state_dict()) == [f"mlp.{i}.weight" for i in (0, 2, 4, 6)]
+    features = torch.randn(batch["pos"].shape[0], TINY.emb_size_atom, dtype=torch.float64)
+    with torch.no_grad():
+        s = head.mlp(features)[:, 0].split(batch["natoms"].tolist())
+        out = head(features, batch)
+    for k, (name, pos) in enumerate(zip(names, batch["pos"].split(batch["natoms"].tolist()))):
+        atoms = molecule(name)
+        atoms.positions = pos.numpy()  # (collate rounded them to float32)
+        expected = (s[k].numpy() * ((atoms.positions - atoms.get_center_of_mass()) ** 2).sum(1)).sum()
+        assert out[k].item() == pytest.approx(expected, rel=1e-12)
+
+    from jmp_ext.graphs import GraphConfig, build_graphs
+
+    graph_config = GraphConfig.uniform(cutoff=5.0, max_neighbors=8, pbc=False)
+    R = random_rotation(2)
+    moved = dict(batch, pos=batch["pos"] @ R.T + torch.tensor([3.0, -1.0, 7.5], dtype=torch.float64))
+    with torch.no_grad():
+        r2, r2_moved = (model(b, build_graphs(b, graph_config))["R2"] for b in (batch, moved))
+    assert r2.shape == (3,)
+    torch.testing.assert_close(r2_moved, r2, rtol=1e-10, atol=0)
+    with pytest.raises(ValueError, match="spatial_extent predicts one scalar"):
+        HeadConfig(target="R2", reduction="spatial_extent", num_outputs=3)

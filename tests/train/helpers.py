@@ -6,11 +6,12 @@ import numpy as np
 
 
 def write_molecules(path, count: int, seed: int, periodic: bool = False, classes: int = 0,
-                    stress: bool = False, u0: bool = False) -> str:
+                    stress: bool = False, u0: bool = False, r2: bool = False) -> str:
     """A small EMT-labelled dataset (energy, forces) of rattled molecules, with its stats.json;
     with `classes`, also a class label `cls` (int64, entry k has class k % classes); with
     `stress` (periodic), the stress [3, 3] (eV/Å^3); with `u0`, an extensive scalar `u0` =
-    energy - sum_i 100 Z_i eV (large per-element references, like QM9's U_0)."""
+    energy - sum_i 100 Z_i eV (large per-element references, like QM9's U_0); with `r2`, a
+    spatial extent `r2` = sum_i |r_i - COM|^2 (Å^2, like QM9's R²)."""
     from ase.build import molecule
     from ase.calculators.emt import EMT
 
@@ -33,6 +34,8 @@ def write_molecules(path, count: int, seed: int, periodic: bool = False, classes
                         "forces": atoms.get_forces(), **({"cls": np.array(k % classes)} if classes else {}),
                         **({"stress": atoms.get_stress(voigt=False)} if stress else {}),
                         **({"u0": np.array(atoms.get_potential_energy() - 100.0 * atoms.numbers.sum())}
-                           if u0 else {})})
+                           if u0 else {}),
+                        **({"r2": np.array(((atoms.positions - atoms.get_center_of_mass()) ** 2).sum())}
+                           if r2 else {})})
     save_stats(path, compute_stats(LmdbDataset(path)))
     return str(path)

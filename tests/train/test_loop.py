@@ -447,6 +447,31 @@ def test_scalar_target_with_per_element_references(tmp_path):
         loop.Trainer(build_config(raw))
 
 
+def test_spatial_extent_target_trains_unnormalised(tmp_path):
+    """QM9's R² with JMP's head: the prediction is the head's sum_i s_i |r_i - COM|^2 itself
+    (no mean, std or references), and it trains; a normalised one is refused up front."""
+    from helpers import write_molecules
+
+    data = write_molecules(tmp_path / "r2", 8, seed=6, r2=True)
+    raw = finetune_config(tmp_path, tmp_path / "run", forces="direct")
+    raw["tasks"][0].update(train=data, val=data, test="",
+                           targets=[{"name": "r2", "kind": "scalar", "reduction": "spatial_extent",
+                                     "normalize": False}])
+    raw["loop"].update(max_steps=2, val_every=0)
+    trainer = loop.Trainer(build_config(raw))
+    model = trainer.model
+    batch = next(trainer._epoch_loader())
+    model.eval()
+    with torch.no_grad():
+        out = model.net(batch, model.graphs(batch))["r2"]
+        torch.testing.assert_close(model(batch)["r2"], out.double(), rtol=0, atol=0)
+    summary = trainer.train()
+    assert summary["val"]["mol/r2_mae"] >= 0
+    with pytest.raises(ConfigError, match="spatial_extent is JMP's R² head, for a kind scalar target with normalize: false"):
+        build_config({**raw, "tasks": [{**raw["tasks"][0], "targets": [{"name": "r2", "kind": "scalar",
+                                                                         "reduction": "spatial_extent"}]}]})
+
+
 def test_a_run_capped_by_epochs_says_so(tiny_data, tmp_path):
     trainer = loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path, max_steps=0, max_epochs=1, val_every=0)))
     summary = trainer.train()

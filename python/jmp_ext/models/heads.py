@@ -3,7 +3,8 @@
 Every head is JMP's `mlp`: num_mlps Linear layers of the feature width with scaled SiLU between
 them, then a Linear to the outputs (bias everywhere except a single-output last layer). As an
 nn.Sequential its keys are `0.weight, 0.bias, 2.weight, ..., 8.weight` for num_mlps = 5, exactly
-the keys of JMP's `output.out_energy.{task}` / `output.out_forces.{task}`.
+the keys of JMP's `output.out_energy.{task}` / `output.out_forces.{task}`. QM9's R² has its own
+head (SpatialExtentHead, JMP's SpatialExtentOutputHead).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Literal
 
 import torch
 from torch import nn
+
+from ase.data import atomic_masses
 
 from jmp_ext import ops
 from jmp_ext.models.gemnet_oc.layers import ScaledSiLU
@@ -59,13 +62,14 @@ class HeadConfig:
 
     kind "scalar": num_outputs values per structure ([B] when 1, else [B, num_outputs]), the
     per-atom MLP outputs reduced by `reduction` (JMP: sum for extensive targets such as energy,
-    mean for MatBench / QMOF, max for phonons). kind "classification": logits [B, num_outputs]
+    mean for MatBench / QMOF, max for phonons; "spatial_extent": sum_i s_i |r_i - COM|^2, QM9's
+    R² in Bohr^2 or Å^2 as labelled, see SpatialExtentHead). kind "classification": logits [B, num_outputs]
     from the reduced per-atom outputs (JMP's mp_is_metal: 2 classes). dropout: on the per-atom
     features, before the MLP, while training (JMP's mp_is_metal: 0.5)."""
 
     target: str
     kind: Literal["scalar", "classification"] = "scalar"
-    reduction: Literal["sum", "mean", "max"] = "sum"
+    reduction: Literal["sum", "mean", "max", "spatial_extent"] = "sum"
     num_outputs: int = 1
     num_mlps: int = 5
     dropout: float = 0.0
@@ -73,8 +77,12 @@ class HeadConfig:
     def __post_init__(self) -> None:
         if self.kind not in ("scalar", "classification"):
             raise ValueError(f"HeadConfig.kind must be 'scalar' or 'classification', got {self.kind!r}")
-        if self.reduction not in ("sum", "mean", "max"):
-            raise ValueError(f"HeadConfig.reduction must be 'sum', 'mean' or 'max', got {self.reduction!r}")
+        if self.reduction not in ("sum", "mean", "max", "spatial_extent"):
+            raise ValueError(f"HeadConfig.reduction must be 'sum', 'mean', 'max' or 'spatial_extent', "
+                             f"got {self.reduction!r}")
+        if self.reduction == "spatial_extent" and (self.kind, self.num_outputs) != ("scalar", 1):
+            raise ValueError(f"HeadConfig {self.target!r}: reduction spatial_extent predicts one scalar, not "
+                             f"{self.kind} with num_outputs={self.num_outputs}")
         if self.num_outputs < 1 or (self.kind == "classification" and self.num_outputs < 2):
             raise ValueError(f"HeadConfig {self.target!r}: num_outputs={self.num_outputs} is too small for {self.kind}")
         if self.num_mlps < 1:
@@ -92,6 +100,35 @@ class StructureHead(nn.Module):
         self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
         self.mlp = jmp_mlp(features, config.num_outputs, config.num_mlps, bias)
 
-    def forward(self, atom_features: torch.Tensor, natoms: torch.Tensor) -> torch.Tensor:
-        out = reduce_atoms(self.mlp(self.dropout(atom_features)), natoms, self.config.reduction)
+    def forward(self, atom_features: torch.Tensor, batch: dict) -> torch.Tensor:
+        out = reduce_atoms(self.mlp(self.dropout(atom_features)), batch["natoms"], self.config.reduction)
         return out[:, 0] if self.config.kind == "scalar" and self.config.num_outputs == 1 else out
+
+
+class SpatialExtentHead(nn.Module):
+    """JMP's QM9 R² head: R² = sum_i s_i |r_i - COM|^2 over each structure's atoms, s_i [N] a
+    per-atom MLP output and COM the centre of mass (ASE's atomic masses) -> [B], in the squared
+    length unit of the positions times that of s (JMP trains it unnormalised). The MLP is JMP's:
+    num_mlps bias-free Linear + scaled SiLU pairs, then a bias-free Linear to 1 (keys
+    `mlp.0.weight, mlp.2.weight, ..., mlp.{2 num_mlps}.weight`). Meant for molecules: positions
+    are taken as given, not unwrapped across periodic boundaries."""
+
+    def __init__(self, config: HeadConfig, features: int):
+        super().__init__()
+        self.config = config
+        self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
+        layers: list[nn.Module] = []
+        for _ in range(config.num_mlps):
+            layers += [nn.Linear(features, features, bias=False), ScaledSiLU()]
+        self.mlp = nn.Sequential(*layers, nn.Linear(features, 1, bias=False))
+        self.register_buffer("atomic_masses", torch.from_numpy(atomic_masses), persistent=False)
+
+    def forward(self, atom_features: torch.Tensor, batch: dict) -> torch.Tensor:
+        pos = batch["pos"]
+        ptr = structure_ptr(batch["natoms"])
+        mass = self.atomic_masses[batch["atomic_numbers"]].to(pos.dtype)[:, None]  # [N, 1]
+        com = ops.segment_sum(mass * pos, ptr) / ops.segment_sum(mass, ptr)  # [B, 3]
+        r2 = (pos - com[batch["batch"]]).square().sum(-1, keepdim=True)  # [N, 1]
+        # (in the positions' precision: under fp16 autocast s is half, and s r^2 of a large molecule nears its range)
+        s = self.mlp(self.dropout(atom_features)).to(r2.dtype)
+        return ops.segment_sum(s * r2, ptr)[:, 0]

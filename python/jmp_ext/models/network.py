@@ -21,7 +21,7 @@ from torch import nn
 
 from jmp_ext.graphs import with_geometry
 from jmp_ext.models.gemnet_oc import BackboneConfig, GemNetOCBackbone
-from jmp_ext.models.heads import HeadConfig, StructureHead, direct_forces, jmp_mlp, reduce_atoms
+from jmp_ext.models.heads import HeadConfig, SpatialExtentHead, StructureHead, direct_forces, jmp_mlp, reduce_atoms
 
 
 class AtomEmbedding(nn.Module):
@@ -78,9 +78,10 @@ class FinetuneOutput(nn.Module):
     def __init__(self, config: BackboneConfig, heads: list[HeadConfig], forces: str | None):
         super().__init__()
         # JMP's EnergyForcesModelBase builds the energy head of a model with forces without biases.
-        self.heads = nn.ModuleDict({h.target: StructureHead(h, config.emb_size_atom,
-                                                            bias=not (forces and h.target == "energy"))
-                                    for h in heads})
+        self.heads = nn.ModuleDict({
+            h.target: SpatialExtentHead(h, config.emb_size_atom) if h.reduction == "spatial_extent"
+            else StructureHead(h, config.emb_size_atom, bias=not (forces and h.target == "energy"))
+            for h in heads})
         if forces == "direct":
             self.out_forces = jmp_mlp(config.emb_size_edge, 1)
 
@@ -120,7 +121,7 @@ class FinetuneModel(nn.Module):
 
     def _heads(self, batch: dict, graphs: dict) -> dict[str, torch.Tensor]:
         out = self.backbone(self.embedding(batch["atomic_numbers"]), graphs)
-        preds = {name: head(out["energy"], batch["natoms"]) for name, head in self.output.heads.items()}
+        preds = {name: head(out["energy"], batch) for name, head in self.output.heads.items()}
         if self.forces == "direct":
             preds["forces"] = direct_forces(self.output.out_forces(out["forces"]), out["V_st"], out["idx_t"],
                                             batch["pos"].shape[0])

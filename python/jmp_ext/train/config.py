@@ -53,8 +53,9 @@ class TargetConfig:
     sign); scalar: a graph-level property; classification: a class index."""
     coef: float = 1.0
     """Loss coefficient (JMP pretraining: energy 1, forces 73/80/15/14 for OC20/OC22/ANI-1x/T1x)."""
-    reduction: Literal["sum", "mean", "max"] = "sum"
-    """How a scalar head pools per-atom outputs (JMP: sum for QM9, mean for MatBench/QMOF)."""
+    reduction: Literal["sum", "mean", "max", "spatial_extent"] = "sum"
+    """How a scalar head pools per-atom outputs (JMP: sum for QM9, mean for MatBench/QMOF;
+    spatial_extent: sum_i s_i |r_i - COM|^2, JMP's head for QM9's R², with normalize: false)."""
     num_classes: int = 0
     """Number of classes (classification only)."""
     class_weights: list[float] | None = None
@@ -78,6 +79,10 @@ class TargetConfig:
             raise ConfigError(f"target energy: an energy is a sum over atoms (its forces and stress are its "
                               f"derivatives), not a {self.reduction}; for an intensive property (per-atom "
                               f"energy, band gap) use kind scalar with reduction {self.reduction}")
+        if self.reduction == "spatial_extent" and (self.kind != "scalar" or self.normalize):
+            raise ConfigError(f"target {self.name!r}: reduction spatial_extent is JMP's R² head, for a kind scalar "
+                              f"target with normalize: false (it predicts sum_i s_i |r_i - COM|^2, which a mean "
+                              f"and std would not keep in that form)")
         if self.kind == "classification" and self.num_classes < 2:
             raise ConfigError(f"target {self.name!r}: classification needs num_classes >= 2")
         if self.class_weights is not None and len(self.class_weights) != self.num_classes:

@@ -445,3 +445,61 @@ def test_spatial_extent_head_is_jmps_r2_with_ases_centre_of_mass():
     torch.testing.assert_close(r2_moved, r2, rtol=1e-10, atol=0)
     with pytest.raises(ValueError, match="spatial_extent predicts one scalar"):
         HeadConfig(target="R2", reduction="spatial_extent", num_outputs=3)
+
+
+def rattled_molecules(names, seed=1):
+    from jmp_ext.data import collate
+
+    entries = [molecule_entry(n) for n in names]
+    gen = torch.Generator().manual_seed(seed)
+    for e in entries:  # (off the symmetric geometries, where forces cancel to ~0)
+        e["pos"] = e["pos"] + 0.1 * torch.randn(e["pos"].shape, generator=gen, dtype=e["pos"].dtype)
+    return collate(entries)
+
+
+def test_force_scaler_keeps_small_fp16_gradient_forces():
+    """Under float16 autocast the backward pass of F = -dE/dpos is half precision: forces of
+    1e-6 (a normalised energy's, in the network's units) lose their digits unless the energy is
+    scaled first (JMP's ForceScaler); outside autocast the scaler changes nothing."""
+    from jmp_ext.graphs import GraphConfig, build_graphs
+    from jmp_ext.models.force_scaler import ForceScaler
+
+    torch.manual_seed(0)
+    model = FinetuneModel(TINY, [HeadConfig(target="energy")], forces="gradient").eval()
+    with torch.no_grad():
+        model.output.heads["energy"].mlp[-1].weight.mul_(1e-3)  # forces of about 3e-6
+    batch = rattled_molecules(["CH3OH", "C6H6", "H2O"])
+    graphs = build_graphs(batch, GraphConfig.uniform(cutoff=5.0, max_neighbors=8, pbc=False))
+    exact = model(batch, graphs)["forces"]
+    pos = batch["pos"].detach().requires_grad_(True)
+    energy = model._heads(batch, with_geometry(graphs, pos, None, batch["batch"]))["energy"].sum()
+    assert torch.equal(exact, -torch.autograd.grad(energy, pos)[0])  # (no scaling outside autocast)
+
+    def fp16_error(scaler):
+        model.force_scaler = scaler
+        with torch.autocast("cpu", dtype=torch.float16):
+            forces = model(batch, graphs)["forces"]
+        return ((forces - exact).norm() / exact.norm()).item()
+
+    assert fp16_error(ForceScaler(init_scale=1.0)) > 0.1
+    assert fp16_error(ForceScaler()) < 0.01
+
+
+def test_force_scaler_backs_off_from_an_overflow_and_grows_after_finite_steps():
+    from jmp_ext.models.force_scaler import ForceScaler
+
+    pos = torch.tensor([[0.0, 0.0, 0.0], [1.5, 0.0, 0.0]], requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        energy = torch.nn.functional.linear(pos, torch.full((4, 3), 300.0)).sum()  # dE/dpos = 1200 per entry
+        scaler = ForceScaler(init_scale=2.0**10, growth_interval=2)
+        (grad,) = scaler.gradients(energy, [pos], create_graph=False)  # 1200 * 2^10 overflows float16
+        assert scaler.scale == 2.0**5 and scaler.finite_in_a_row == 1
+        torch.testing.assert_close(grad, torch.full((2, 3), 1200.0), rtol=1e-3, atol=0)
+        scaler.gradients(energy, [pos], create_graph=False)
+        assert scaler.scale == 2.0**6 and scaler.finite_in_a_row == 0
+        scaler = ForceScaler(init_scale=2.0**40, max_tries=3)
+        (grad,) = scaler.gradients(energy, [pos], create_graph=False)
+    assert not torch.isfinite(grad).all() and scaler.scale == 2.0**37  # (the loop then skips the step)
+    restored = ForceScaler()
+    restored.load_state_dict(scaler.state_dict())
+    assert restored.state_dict() == scaler.state_dict()

@@ -472,6 +472,20 @@ def test_spatial_extent_target_trains_unnormalised(tmp_path):
                                                                          "reduction": "spatial_extent"}]}]})
 
 
+def test_resume_restores_the_force_scale(tiny_data, tmp_path):
+    """Gradient forces under fp16 have their own scale (jmp_ext.models.force_scaler), which a
+    resumed run continues from, as it does the GradScaler's."""
+    raw = finetune_config(tiny_data, tmp_path / "run")
+    raw["loop"].update(max_steps=1, val_every=0)
+    trainer = loop.Trainer(build_config(raw))
+    trainer.train()
+    trainer.force_scaler.scale, trainer.force_scaler.finite_in_a_row = 64.0, 5
+    trainer.save_last()
+    resumed = loop.Trainer(build_config({**raw, "resume": True}))
+    assert resumed.force_scaler is resumed.model.net.force_scaler
+    assert resumed.force_scaler.state_dict() == {"scale": 64.0, "finite_in_a_row": 5}
+
+
 def test_a_run_capped_by_epochs_says_so(tiny_data, tmp_path):
     trainer = loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path, max_steps=0, max_epochs=1, val_every=0)))
     summary = trainer.train()

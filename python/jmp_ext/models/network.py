@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from jmp_ext.graphs import with_geometry
+from jmp_ext.models.force_scaler import ForceScaler
 from jmp_ext.models.gemnet_oc import BackboneConfig, GemNetOCBackbone
 from jmp_ext.models.heads import HeadConfig, SpatialExtentHead, StructureHead, direct_forces, jmp_mlp, reduce_atoms
 
@@ -95,7 +96,8 @@ class FinetuneModel(nn.Module):
     models). stress=True adds stress [B, 3, 3] = (1/V) dE/dstrain (eV/Å^3, ASE's sign):
     a symmetric strain of the cell applied to positions and cell; NaN for a structure without a
     cell (zero volume: a molecule), where it is undefined, so that one batch may mix both.
-    Gradients are taken with create_graph while training, so a force / stress loss trains the weights.
+    Gradients are taken with create_graph while training, so a force / stress loss trains the
+    weights, and under float16 autocast through `force_scaler` (JMP's ForceScaler).
 
     forward -> {target: [B] or [B, C], "forces": [N, 3], "stress": [B, 3, 3]}."""
 
@@ -115,6 +117,7 @@ class FinetuneModel(nn.Module):
         config = BackboneConfig.from_dict({**config.to_dict(), "regress_forces": forces == "direct",
                                            "direct_forces": forces == "direct"})
         self.forces, self.stress = forces, stress
+        self.force_scaler = ForceScaler()
         self.embedding = AtomEmbedding(config.num_elements, config.emb_size_atom)
         self.backbone = GemNetOCBackbone(config)
         self.output = FinetuneOutput(config, heads, forces)
@@ -148,7 +151,7 @@ class FinetuneModel(nn.Module):
                     cell = cell + torch.bmm(cell, sym)
                 inputs.append(strain)
             preds = self._heads(batch, with_geometry(graphs, pos, cell, structure))
-            grads = torch.autograd.grad(preds["energy"].sum(), inputs, create_graph=self.training)
+            grads = self.force_scaler.gradients(preds["energy"].sum(), inputs, create_graph=self.training)
         if self.forces == "gradient":
             preds["forces"] = -grads[0]
         if self.stress:

@@ -312,6 +312,8 @@ class Trainer:
             self.optimizer = build_optimizer(self.model.net, c.optim, tasks.num_blocks(self.model.net))
             self.ema = EMA(self.model, c.loop.ema_decay) if c.loop.ema_decay > 0 else None
             self.scaler = torch.amp.GradScaler(self.device.type) if self.autocast is torch.float16 else None
+            # (gradient forces under fp16: the model's own scale of the energy, saved like the scaler's)
+            self.force_scaler = getattr(self.model.net, "force_scaler", None)
 
             # Global batches, the same for any number of ranks; each rank trains on its share.
             self.train_set = MultiDataset([d.train for d in self.data])
@@ -627,6 +629,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "force_scaler": self.force_scaler.state_dict() if self.force_scaler is not None else None,
             "loop": {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                      "best": self.best, "bad_validations": self.bad_validations, "nan_streak": self.nan_streak,
                      "validated_step": self.validated_step},
@@ -717,6 +720,8 @@ class Trainer:
         self.schedule.load_state_dict(state["schedule"])
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
+        if self.force_scaler is not None and state.get("force_scaler") is not None:  # (since 2026-12-06)
+            self.force_scaler.load_state_dict(state["force_scaler"])
         loop = state["loop"]
         self.step, self.epoch = loop["step"], loop["epoch"]
         # batch_in_epoch counts the batches trained this epoch, and a run on W ranks leaves out

@@ -1,0 +1,53 @@
+"""Gradient forces under fp16 autocast: JMP's ForceScaler (after torch's GradScaler).
+
+F = -dE/dpos is a backward pass, and under float16 autocast it runs in half precision, where the
+small per-edge contributions to the forces fall below float16's normal range (6e-5) and lose
+their digits, or flush to zero. As GradScaler does for the loss, the energy is multiplied by a
+scale before its gradients are taken and they are divided by it afterwards; a non-finite result
+(the scale overflowed) halves the scale and takes them again, and `growth_interval` finite
+results in a row double it. Outside float16 autocast the gradients are taken as they are.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class ForceScaler:
+    """Scale of the energy whose gradients (forces, stress) are taken under float16 autocast.
+
+    JMP's settings: 2^8 at first, x0.5 on a non-finite result, x2 after 2000 finite results in a
+    row, at most 50 tries for one batch (then the non-finite gradients are returned, and the
+    training loop skips the step)."""
+
+    def __init__(self, init_scale: float = 2.0**8, growth_interval: int = 2000, max_tries: int = 50):
+        self.scale = init_scale
+        self.growth_interval = growth_interval
+        self.max_tries = max_tries
+        self.finite_in_a_row = 0
+
+    def gradients(self, energy: torch.Tensor, inputs: list[torch.Tensor], create_graph: bool) -> tuple[torch.Tensor, ...]:
+        """d energy / d inputs (energy a scalar), as torch.autograd.grad; scaled under float16 autocast."""
+        device = energy.device.type
+        if not (torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16):
+            return torch.autograd.grad(energy, inputs, create_graph=create_graph)
+        for _ in range(self.max_tries):
+            scale = self.scale
+            # retain_graph: a retry takes the gradients of the same graph again.
+            grads = torch.autograd.grad(energy * scale, inputs, create_graph=create_graph, retain_graph=True)
+            grads = tuple(g / scale for g in grads)
+            if all(torch.isfinite(g).all() for g in grads):  # (one host sync per batch, as GradScaler's)
+                self.finite_in_a_row += 1
+                if self.finite_in_a_row == self.growth_interval:
+                    self.scale *= 2.0
+                    self.finite_in_a_row = 0
+                return grads
+            self.scale *= 0.5
+            self.finite_in_a_row = 0
+        return grads
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "finite_in_a_row": self.finite_in_a_row}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.finite_in_a_row = float(state["scale"]), int(state["finite_in_a_row"])

@@ -198,6 +198,7 @@ def test_preset_values_are_jmps():
     assert coefs["oc20"]["forces"] == 73 and coefs["oc22"]["forces"] == 80
     assert coefs["ani1x"]["forces"] == 15 and coefs["transition1x"]["forces"] == 14
     assert cfg.optim.betas == [0.9, 0.95] and cfg.optim.lr == 3e-4 and cfg.loop.ema_decay == 0.99
+    assert cfg.loop.fit_scale_factors == 16  # (JMP fits its scale factors on 16 batches)
     ft = build_config({"preset": "jmp_l_rmd17", "tasks": [{**PRESETS["jmp_l_rmd17"]()["tasks"][0], "train": "x"}]})
     assert ft.optim.llrd_blocks == [0.55, 0.40, 0.30, 0.40, 0.55, 0.625]
     assert {t.name: t.coef for t in ft.tasks[0].targets} == {"energy": 0.0, "forces": 10.0}

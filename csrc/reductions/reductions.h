@@ -68,7 +68,8 @@ struct PaddedIndex {
   int64_t num_items;
   int64_t num_rows;
   int64_t num_cols;
-  int64_t* slots;       // scratch [num_rows * num_cols]: item in each slot, -1 if none
+  int64_t* slots;       // scratch [num_rows * num_cols]: item in each slot; an empty one holds
+                        // -1 on the CPU, jmp_ext::cuda::kNoError on CUDA (the atomicMin identity)
 };
 
 // The ragged bilinear pair of GemNet-OC's efficient interaction, over CSR segments with blocks of

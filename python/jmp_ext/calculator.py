@@ -71,22 +71,17 @@ class JMPCalculator(Calculator):
     implemented_properties = ["energy", "free_energy", "forces", "stress"]
 
     def __init__(self, checkpoint: str | Path, task: str | None = None, device: str = "cpu", **kwargs):
-        from jmp_ext.train.loop import load_trained
+        from jmp_ext.train.loop import load_trained, task_index
 
         super().__init__(**kwargs)
         self.model, self.config = load_trained(checkpoint, device)
-        names = [t.name for t in self.config.tasks]
-        if task is None and len(names) > 1:
-            raise ValueError(f"the checkpoint has {len(names)} tasks, {names}: choose one with task=")
-        if task is not None and task not in names:
-            raise ValueError(f"task {task!r} is not in the checkpoint (tasks: {names})")
-        self.task = names.index(task) if task is not None else 0
+        self.task = task_index(self.config, task, "task=")
         self._warned_force = False
         targets = self.config.tasks[self.task].targets
         kinds = {t.kind for t in targets}
         if "energy" not in kinds:
             predicts = ", ".join(f"{t.name} ({t.kind})" for t in targets)
-            raise ValueError(f"{checkpoint} predicts {predicts} (task {names[self.task]!r}), not an energy "
+            raise ValueError(f"{checkpoint} predicts {predicts} (task {self.config.tasks[self.task].name!r}), not an energy "
                              "(a target of kind energy), which an ASE calculator needs")
         # ASE and its optimisers read this to decide what to ask for.
         self.implemented_properties = [p for p in self.implemented_properties if p not in {"forces", "stress"} - kinds]

@@ -497,9 +497,18 @@ def test_force_scaler_backs_off_from_an_overflow_and_grows_after_finite_steps():
         torch.testing.assert_close(grad, torch.full((2, 3), 1200.0), rtol=1e-3, atol=0)
         scaler.gradients(energy, [pos], create_graph=False)
         assert scaler.scale == 2.0**6 and scaler.finite_in_a_row == 0
+        # A batch that no scale helps leaves the scale alone (JMP's would halve it 50 times, and
+        # every later force would underflow to zero); the loop skips its step.
         scaler = ForceScaler(init_scale=2.0**40, max_tries=3)
         (grad,) = scaler.gradients(energy, [pos], create_graph=False)
-    assert not torch.isfinite(grad).all() and scaler.scale == 2.0**37  # (the loop then skips the step)
+        assert not torch.isfinite(grad).all() and scaler.scale == 2.0**40
+        scaler = ForceScaler(init_scale=2.0**5)
+        (grad,) = scaler.gradients(energy * torch.nan, [pos], create_graph=False)
+        assert torch.isnan(grad).all() and scaler.scale == 2.0**5
+        (grad,) = scaler.gradients(energy, [pos], create_graph=False)
+        torch.testing.assert_close(grad, torch.full((2, 3), 1200.0), rtol=1e-3, atol=0)
+    with pytest.raises(ValueError, match="max_tries >= 1"):
+        ForceScaler(max_tries=0)
     restored = ForceScaler()
     restored.load_state_dict(scaler.state_dict())
     assert restored.state_dict() == scaler.state_dict()

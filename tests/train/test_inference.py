@@ -245,8 +245,12 @@ def test_a_pretraining_checkpoint_needs_a_task(tiny_data, tmp_path, capsys):
     assert main(["eval", checkpoint, str(tiny_data / "box" / "test")]) == 2
     assert "2 tasks, ['mol', 'box']: choose one with --task" in capsys.readouterr().err
     assert main(["eval", checkpoint, str(tiny_data / "box" / "test"), "--task", "box"]) == 0
+    assert main(["eval", checkpoint, str(tiny_data / "box" / "test"), "--task", "bulk"]) == 2
+    assert "--task 'bulk' is not a task of the checkpoint (tasks: ['mol', 'box'])" in capsys.readouterr().err
     with pytest.raises(ValueError, match="choose one with task="):
         JMPCalculator(checkpoint)
+    with pytest.raises(ValueError, match="task 'bulk' is not a task of the checkpoint"):
+        JMPCalculator(checkpoint, task="bulk")
     atoms = molecule("H2O")
     with pytest.warns(UserWarning, match="direct forces"):  # (pretraining heads are direct)
         atoms.calc = JMPCalculator(checkpoint, task="mol")

@@ -467,9 +467,11 @@ def test_spatial_extent_target_trains_unnormalised(tmp_path):
         torch.testing.assert_close(model(batch)["r2"], out.double(), rtol=0, atol=0)
     summary = trainer.train()
     assert summary["val"]["mol/r2_mae"] >= 0
-    with pytest.raises(ConfigError, match="spatial_extent is JMP's R² head, for a kind scalar target with normalize: false"):
-        build_config({**raw, "tasks": [{**raw["tasks"][0], "targets": [{"name": "r2", "kind": "scalar",
-                                                                         "reduction": "spatial_extent"}]}]})
+    for bad in ({}, {"normalize": False, "linref": True}):
+        with pytest.raises(ConfigError, match="spatial_extent is JMP's R² head, for a kind scalar target with "
+                                              "normalize: false and linref: false"):
+            build_config({**raw, "tasks": [{**raw["tasks"][0], "targets": [
+                {"name": "r2", "kind": "scalar", "reduction": "spatial_extent", **bad}]}]})
 
 
 def test_resume_restores_the_force_scale(tiny_data, tmp_path):
@@ -484,6 +486,25 @@ def test_resume_restores_the_force_scale(tiny_data, tmp_path):
     resumed = loop.Trainer(build_config({**raw, "resume": True}))
     assert resumed.force_scaler is resumed.model.net.force_scaler
     assert resumed.force_scaler.state_dict() == {"scale": 64.0, "finite_in_a_row": 5}
+
+
+def test_scale_factors_are_fitted_on_the_backbone_alone(tiny_data, tmp_path):
+    """The trainer fits the ScaleFactors with backbone passes only (no heads, no gradient forces):
+    the same factors as fitting with the whole network's forward."""
+    import copy
+
+    from jmp_ext.models import fit_scale_factors
+
+    raw = finetune_config(tiny_data, tmp_path / "run")
+    raw["loop"].update(fit_scale_factors=2)
+    trainer = loop.Trainer(build_config(raw))
+    net = copy.deepcopy(trainer.model.net)
+    batches = [next(trainer._epoch_loader())]
+    trainer.model.eval()
+    expected = fit_scale_factors(net, [(b, trainer.model.graphs(b)) for b in batches], forward=lambda m, bg: m(*bg))
+    fitted = fit_scale_factors(trainer.model.net, [(b, trainer.model.graphs(b)) for b in batches],
+                               forward=loop.backbone_forward)
+    assert fitted == expected and len(fitted) > 1
 
 
 def test_a_run_capped_by_epochs_says_so(tiny_data, tmp_path):

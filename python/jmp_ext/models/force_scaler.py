@@ -17,10 +17,18 @@ class ForceScaler:
     """Scale of the energy whose gradients (forces, stress) are taken under float16 autocast.
 
     JMP's settings: 2^8 at first, x0.5 on a non-finite result, x2 after 2000 finite results in a
-    row, at most 50 tries for one batch (then the non-finite gradients are returned, and the
-    training loop skips the step)."""
+    row, at most 50 tries for one batch. Unlike JMP's, a batch that no scale can help (its energy
+    is not finite, or every try fails) leaves the scale as it was: halving it 50 times would make
+    every later force underflow to a finite zero. Its non-finite gradients are returned, and the
+    training loop skips the step.
+
+    Each rank of a DDP run keeps its own scale (it cancels out of the forces, so the ranks need
+    not agree); last.pt saves rank 0's."""
 
     def __init__(self, init_scale: float = 2.0**8, growth_interval: int = 2000, max_tries: int = 50):
+        if init_scale <= 0 or growth_interval < 1 or max_tries < 1:
+            raise ValueError(f"ForceScaler needs init_scale > 0, growth_interval >= 1 and max_tries >= 1, got "
+                             f"{init_scale}, {growth_interval}, {max_tries}")
         self.scale = init_scale
         self.growth_interval = growth_interval
         self.max_tries = max_tries
@@ -29,20 +37,24 @@ class ForceScaler:
     def gradients(self, energy: torch.Tensor, inputs: list[torch.Tensor], create_graph: bool) -> tuple[torch.Tensor, ...]:
         """d energy / d inputs (energy a scalar), as torch.autograd.grad; scaled under float16 autocast."""
         device = energy.device.type
-        if not (torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16):
+        fp16 = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
+        if not fp16:
             return torch.autograd.grad(energy, inputs, create_graph=create_graph)
+        scale = self.scale
         for _ in range(self.max_tries):
-            scale = self.scale
             # retain_graph: a retry takes the gradients of the same graph again.
-            grads = torch.autograd.grad(energy * scale, inputs, create_graph=create_graph, retain_graph=True)
-            grads = tuple(g / scale for g in grads)
-            if all(torch.isfinite(g).all() for g in grads):  # (one host sync per batch, as GradScaler's)
+            grads = tuple(g / scale for g in torch.autograd.grad(energy * scale, inputs, create_graph=create_graph,
+                                                                  retain_graph=True))
+            if torch.stack([torch.isfinite(g).all() for g in grads]).all():  # (one host sync, as GradScaler's)
                 self.finite_in_a_row += 1
                 if self.finite_in_a_row == self.growth_interval:
-                    self.scale *= 2.0
+                    scale *= 2.0
                     self.finite_in_a_row = 0
+                self.scale = scale
                 return grads
-            self.scale *= 0.5
+            if not torch.isfinite(energy):  # (no scale makes its gradients finite)
+                return grads
+            scale *= 0.5
             self.finite_in_a_row = 0
         return grads
 

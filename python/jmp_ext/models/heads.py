@@ -1,10 +1,11 @@
 """Output heads on top of the GemNet-OC backbone features (JMP's pretraining and fine-tuning heads).
 
-Every head is JMP's `mlp`: num_mlps Linear layers of the feature width with scaled SiLU between
-them, then a Linear to the outputs (bias everywhere except a single-output last layer). As an
-nn.Sequential its keys are `0.weight, 0.bias, 2.weight, ..., 8.weight` for num_mlps = 5, exactly
-the keys of JMP's `output.out_energy.{task}` / `output.out_forces.{task}`. QM9's R² has its own
-head (SpatialExtentHead, JMP's SpatialExtentOutputHead).
+Every head is JMP's `mlp`: num_mlps Linear layers, the first num_mlps - 1 of the feature width
+each followed by a scaled SiLU, the last one to the outputs (bias everywhere except a
+single-output last layer). As an nn.Sequential its keys are `0.weight, 0.bias, 2.weight, ...,
+8.weight` for num_mlps = 5, exactly the keys of JMP's `output.out_energy.{task}` /
+`output.out_forces.{task}`. QM9's R² has its own head (SpatialExtentHead, JMP's
+SpatialExtentOutputHead), one layer deeper.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from jmp_ext.models.gemnet_oc.layers import ScaledSiLU
 
 
 def jmp_mlp(features: int, out_features: int, num_mlps: int = 5, bias: bool = True) -> nn.Sequential:
-    """[features] * num_mlps + [out_features] Linear layers, scaled SiLU between (JMP's Base.mlp);
-    bias=False: no layer has one (JMP's energy head of an energy + forces model)."""
+    """num_mlps Linear layers, features -> features with a scaled SiLU after each but the last,
+    which maps to out_features (JMP's Base.mlp); bias=False: no layer has one (JMP's energy head of
+    an energy + forces model)."""
     layers: list[nn.Module] = []
     for i in range(num_mlps):
         last = i == num_mlps - 1
@@ -72,6 +74,8 @@ class HeadConfig:
     reduction: Literal["sum", "mean", "max", "spatial_extent"] = "sum"
     num_outputs: int = 1
     num_mlps: int = 5
+    """JMP's OutputConfig.num_mlps: the head's Linear layers (see jmp_mlp); the spatial-extent
+    head has num_mlps + 1, as JMP's."""
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
@@ -94,33 +98,32 @@ class HeadConfig:
 class StructureHead(nn.Module):
     """Per-atom features [N, A] -> per-structure predictions (see HeadConfig). Key: `mlp.*`."""
 
-    def __init__(self, config: HeadConfig, features: int, bias: bool = True):
+    def __init__(self, config: HeadConfig, features: int, bias: bool = True, num_layers: int | None = None):
         super().__init__()
         self.config = config
         self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
-        self.mlp = jmp_mlp(features, config.num_outputs, config.num_mlps, bias)
+        self.mlp = jmp_mlp(features, config.num_outputs, num_layers or config.num_mlps, bias)
+
+    def atom_outputs(self, atom_features: torch.Tensor) -> torch.Tensor:
+        """[N, A] -> [N, num_outputs], before the reduction over each structure's atoms."""
+        return self.mlp(self.dropout(atom_features))
 
     def forward(self, atom_features: torch.Tensor, batch: dict) -> torch.Tensor:
-        out = reduce_atoms(self.mlp(self.dropout(atom_features)), batch["natoms"], self.config.reduction)
+        out = reduce_atoms(self.atom_outputs(atom_features), batch["natoms"], self.config.reduction)
         return out[:, 0] if self.config.kind == "scalar" and self.config.num_outputs == 1 else out
 
 
-class SpatialExtentHead(nn.Module):
+class SpatialExtentHead(StructureHead):
     """JMP's QM9 R² head: R² = sum_i s_i |r_i - COM|^2 over each structure's atoms, s_i [N] a
     per-atom MLP output and COM the centre of mass (ASE's atomic masses) -> [B], in the squared
-    length unit of the positions times that of s (JMP trains it unnormalised). The MLP is JMP's:
-    num_mlps bias-free Linear + scaled SiLU pairs, then a bias-free Linear to 1 (keys
-    `mlp.0.weight, mlp.2.weight, ..., mlp.{2 num_mlps}.weight`). Meant for molecules: positions
-    are taken as given, not unwrapped across periodic boundaries."""
+    length unit of the positions times that of s (JMP trains it unnormalised). The MLP is JMP's
+    `scalar_mlp`: bias-free, num_mlps hidden layers before the output one (keys `mlp.0.weight,
+    mlp.2.weight, ..., mlp.{2 num_mlps}.weight`). Meant for molecules: positions are taken as
+    given, not unwrapped across periodic boundaries."""
 
     def __init__(self, config: HeadConfig, features: int):
-        super().__init__()
-        self.config = config
-        self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
-        layers: list[nn.Module] = []
-        for _ in range(config.num_mlps):
-            layers += [nn.Linear(features, features, bias=False), ScaledSiLU()]
-        self.mlp = nn.Sequential(*layers, nn.Linear(features, 1, bias=False))
+        super().__init__(config, features, bias=False, num_layers=config.num_mlps + 1)
+        # float64, cast to the positions' dtype: the same centre of mass as ASE's in float64.
         self.register_buffer("atomic_masses", torch.from_numpy(atomic_masses), persistent=False)
 
     def forward(self, atom_features: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -130,5 +133,5 @@ class SpatialExtentHead(nn.Module):
         com = ops.segment_sum(mass * pos, ptr) / ops.segment_sum(mass, ptr)  # [B, 3]
         r2 = (pos - com[batch["batch"]]).square().sum(-1, keepdim=True)  # [N, 1]
         # (in the positions' precision: under fp16 autocast s is half, and s r^2 of a large molecule nears its range)
-        s = self.mlp(self.dropout(atom_features)).to(r2.dtype)
+        s = self.atom_outputs(atom_features).to(r2.dtype)
         return ops.segment_sum(s * r2, ptr)[:, 0]

@@ -45,17 +45,17 @@ class PretrainOutput(nn.Module):
     """JMP's pretraining `Output`: per task an energy MLP on atom features (summed per structure)
     and a force MLP on edge features (direct forces)."""
 
-    def __init__(self, config: BackboneConfig, num_tasks: int, num_mlps: int = 5):
+    def __init__(self, config: BackboneConfig, num_tasks: int):
         super().__init__()
-        self.out_energy = nn.ModuleList([jmp_mlp(config.emb_size_atom, 1, num_mlps) for _ in range(num_tasks)])
-        self.out_forces = nn.ModuleList([jmp_mlp(config.emb_size_edge, 1, num_mlps) for _ in range(num_tasks)])
+        self.out_energy = nn.ModuleList([jmp_mlp(config.emb_size_atom, 1) for _ in range(num_tasks)])
+        self.out_forces = nn.ModuleList([jmp_mlp(config.emb_size_edge, 1) for _ in range(num_tasks)])
 
 
 class PretrainModel(nn.Module):
     """JMP pretraining network. forward -> {"energy": [B, T] eV, "forces": [N, 3, T] eV/Å}, column
     t for task tasks[t] (every head runs on every structure; the loss masks by task, as JMP does)."""
 
-    def __init__(self, config: BackboneConfig, tasks: list[str], num_mlps: int = 5):
+    def __init__(self, config: BackboneConfig, tasks: list[str]):
         super().__init__()
         if not config.has_force_branch:
             raise ValueError("pretraining uses direct forces: BackboneConfig needs regress_forces=direct_forces=True")
@@ -64,7 +64,7 @@ class PretrainModel(nn.Module):
         self.tasks = list(tasks)
         self.embedding = AtomEmbedding(config.num_elements, config.emb_size_atom)
         self.backbone = GemNetOCBackbone(config)
-        self.output = PretrainOutput(config, len(tasks), num_mlps)
+        self.output = PretrainOutput(config, len(tasks))
 
     def forward(self, batch: dict, graphs: dict) -> dict[str, torch.Tensor]:
         out = self.backbone(self.embedding(batch["atomic_numbers"]), graphs)
@@ -97,7 +97,8 @@ class FinetuneModel(nn.Module):
     a symmetric strain of the cell applied to positions and cell; NaN for a structure without a
     cell (zero volume: a molecule), where it is undefined, so that one batch may mix both.
     Gradients are taken with create_graph while training, so a force / stress loss trains the
-    weights, and under float16 autocast through `force_scaler` (JMP's ForceScaler).
+    weights, and under float16 autocast through `force_scaler` (JMP's ForceScaler; None without
+    gradients), whose adaptive scale is training state to save and restore beside the weights.
 
     forward -> {target: [B] or [B, C], "forces": [N, 3], "stress": [B, 3, 3]}."""
 
@@ -117,7 +118,7 @@ class FinetuneModel(nn.Module):
         config = BackboneConfig.from_dict({**config.to_dict(), "regress_forces": forces == "direct",
                                            "direct_forces": forces == "direct"})
         self.forces, self.stress = forces, stress
-        self.force_scaler = ForceScaler()
+        self.force_scaler = ForceScaler() if forces == "gradient" or stress else None
         self.embedding = AtomEmbedding(config.num_elements, config.emb_size_atom)
         self.backbone = GemNetOCBackbone(config)
         self.output = FinetuneOutput(config, heads, forces)

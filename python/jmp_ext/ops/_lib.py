@@ -48,7 +48,8 @@ tag_compile_caches()
 
 
 def build_info() -> dict:
-    """What the extension was built with: {'version': str, 'cuda': bool, 'cuda_version': int|None}."""
+    """What the extension was built with: {'version': str, 'cuda': bool, 'cuda_version': int|None,
+    'cpu_bilinear_isa': 'avx2' | 'baseline'}."""
     return dict(_C.build_info())
 
 

@@ -87,11 +87,11 @@ def demo(overrides: list[str]) -> dict:
 def evaluate_checkpoint(checkpoint: str, dataset: str, task: str | None, out: str | None,
                         batch_size: int, device: str) -> dict:
     from jmp_ext.files import write_bytes_atomic
-    from jmp_ext.train.loop import evaluate, load_trained
+    from jmp_ext.train.loop import evaluate, load_trained, task_index
     from jmp_ext.train.tasks import open_dataset
 
     model, config = load_trained(checkpoint, device)
-    t = task_index(config, task)
+    t = task_index(config, task, "--task")
     ds = open_dataset(dataset, "dataset", in_memory=False)
     for target in config.tasks[t].targets:
         if target.name not in ds.schema:
@@ -114,11 +114,11 @@ def predict(checkpoint: str, source: str, out: str, task: str | None, batch_size
     the checkpoint predicts, under its name."""
     from jmp_ext.calculator import atoms_to_entry
     from jmp_ext.files import write_bytes_atomic
-    from jmp_ext.train.loop import load_trained, predict_structures
+    from jmp_ext.train.loop import load_trained, predict_structures, task_index
     from jmp_ext.train.tasks import open_dataset
 
     model, config = load_trained(checkpoint, device)
-    t = task_index(config, task)
+    t = task_index(config, task, "--task")
     if Path(source).is_dir():
         ds = open_dataset(source, "input", in_memory=False)
         entries = (ds[i] for i in range(len(ds)))
@@ -153,17 +153,6 @@ def predict(checkpoint: str, source: str, out: str, task: str | None, batch_size
     write_bytes_atomic(Path(out), buf.getvalue())
     print(f"wrote predictions for {count} structures to {out}: {', '.join(sorted(arrays))}")
     return arrays
-
-
-def task_index(config, task: str | None) -> int:
-    names = [t.name for t in config.tasks]
-    if task is None:
-        if len(names) > 1:  # (a pretraining checkpoint: each task has its own heads)
-            raise TrainError(f"the checkpoint has {len(names)} tasks, {names}: choose one with --task")
-        return 0
-    if task not in names:
-        raise TrainError(f"--task {task!r} is not a task of the checkpoint (tasks: {names})")
-    return names.index(task)
 
 
 def check_device(device: str, flag: str) -> None:

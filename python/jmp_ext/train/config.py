@@ -79,10 +79,10 @@ class TargetConfig:
             raise ConfigError(f"target energy: an energy is a sum over atoms (its forces and stress are its "
                               f"derivatives), not a {self.reduction}; for an intensive property (per-atom "
                               f"energy, band gap) use kind scalar with reduction {self.reduction}")
-        if self.reduction == "spatial_extent" and (self.kind != "scalar" or self.normalize):
+        if self.reduction == "spatial_extent" and (self.kind != "scalar" or self.normalize or self.linref):
             raise ConfigError(f"target {self.name!r}: reduction spatial_extent is JMP's R² head, for a kind scalar "
-                              f"target with normalize: false (it predicts sum_i s_i |r_i - COM|^2, which a mean "
-                              f"and std would not keep in that form)")
+                              f"target with normalize: false and linref: false (it predicts sum_i s_i |r_i - COM|^2, "
+                              f"which a mean, std or per-element references would not keep in that form)")
         if self.kind == "classification" and self.num_classes < 2:
             raise ConfigError(f"target {self.name!r}: classification needs num_classes >= 2")
         if self.class_weights is not None and len(self.class_weights) != self.num_classes:
@@ -287,7 +287,9 @@ class LoopConfig:
     max_nan_steps: int = 10
     """Non-finite losses are skipped with a warning; after this many in a row the run stops."""
     precision: Literal["fp32", "fp64", "bf16", "fp16"] = "fp32"
-    """bf16/fp16: autocast on GPU (fp16 with a gradient scaler); fp64: everything in float64."""
+    """bf16/fp16: autocast of the training steps on GPU (fp16 with a gradient scaler, and JMP's
+    force scaler for gradient forces); validation, test, eval and predict run in float32, which
+    is what best.pt and early stopping see. fp64: everything in float64."""
     fit_scale_factors: int = 4
     """Batches used to fit the backbone's ScaleFactors before training (0 = skip; always skipped
     with model.init_checkpoint and on resume). A factor whose reference does not vary (e.g.

@@ -143,6 +143,19 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     return model.eval(), config
 
 
+def task_index(config: TrainConfig, task: str | None, option: str) -> int:
+    """Index of the task (head) to predict with; task None: the only one. option: how the user
+    names it (`--task`, `task=`), for the error."""
+    names = [t.name for t in config.tasks]
+    if task is None:
+        if len(names) > 1:  # (a pretraining checkpoint: each task has its own heads)
+            raise TrainError(f"the checkpoint has {len(names)} tasks, {names}: choose one with {option}")
+        return 0
+    if task not in names:
+        raise TrainError(f"{option.strip('=')} {task!r} is not a task of the checkpoint (tasks: {names})")
+    return names.index(task)
+
+
 def _key_mismatch(error: RuntimeError) -> str:
     """load_state_dict's message without its header line, shortened: the keys that differ."""
     text = " ".join(line.strip() for line in str(error).splitlines()[1:]) or str(error)
@@ -263,6 +276,13 @@ def _warn_if_graphs_differ(path: str, trained: list, ours: list) -> None:
                       "graph.max_neighbors to the checkpoint's", stacklevel=3)
 
 
+def backbone_forward(net: nn.Module, batch_and_graphs: tuple[dict, dict]) -> dict:
+    """The backbone's pass alone, which reaches every ScaleFactor: fitting them needs no heads,
+    and no gradient forces."""
+    batch, graphs = batch_and_graphs
+    return net.backbone(net.embedding(batch["atomic_numbers"]), graphs)
+
+
 def freeze(net: nn.Module, embedding: bool, blocks: list[int]) -> None:
     """Freezes the embedding and blocks_i (int_blocks.i and out_blocks.i+1; out_blocks.0 with block 0)."""
     if embedding:
@@ -312,7 +332,8 @@ class Trainer:
             self.optimizer = build_optimizer(self.model.net, c.optim, tasks.num_blocks(self.model.net))
             self.ema = EMA(self.model, c.loop.ema_decay) if c.loop.ema_decay > 0 else None
             self.scaler = torch.amp.GradScaler(self.device.type) if self.autocast is torch.float16 else None
-            # (gradient forces under fp16: the model's own scale of the energy, saved like the scaler's)
+            # Gradient forces' scale of the energy under fp16 (FinetuneModel.force_scaler): it adapts over
+            # thousands of steps, so a resumed run continues from it, as from the GradScaler's.
             self.force_scaler = getattr(self.model.net, "force_scaler", None)
 
             # Global batches, the same for any number of ranks; each rank trains on its share.
@@ -545,7 +566,7 @@ class Trainer:
         self.model.eval()
         inputs = [(b, self.model.graphs(b)) for b in loaded]
         with torch.no_grad():
-            fitted = fit_scale_factors(self.model.net, inputs, forward=lambda net, bg: net(*bg))
+            fitted = fit_scale_factors(self.model.net, inputs, forward=backbone_forward)
         self.log.write(f"fitted {len(fitted)} scale factors on {num_batches} batches")
 
     # ------------------------------------------------------------ validation, test

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 def l1_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """sum_b weight_b * |pred_b - target_b| (averaged over the k columns of [B, k] / [B, 3, 3] targets).
 
-    JMP: the energy (pretraining), every scalar and the stress (fine-tuning). Divide by B."""
+    JMP: the energy (pretraining) and every scalar (fine-tuning); here the stress too. Divide by B."""
     err = (pred - target).abs()
     if err.dim() > 1:
         err = err.flatten(1).mean(1)

@@ -106,12 +106,7 @@ class LRSchedule:
     @property
     def lr(self) -> float:
         """Current lr of the full-rate parameters (bases, heads)."""
-        return self.base_lr * self.factor_now
-
-    @property
-    def factor_now(self) -> float:
-        """Current lr / base lr of the full-rate parameters."""
-        return self.factor(self._step) * self.plateau_scale
+        return self.base_lr * self.factor(self._step) * self.plateau_scale
 
     def state_dict(self) -> dict:
         return {"plateau_scale": self.plateau_scale, "best": self.best, "bad": self.bad}

@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from jmp_ext.data.format import MAX_Z
 from jmp_ext.train import losses
 from jmp_ext.train.config import TargetConfig, TaskConfig, TrainConfig
 from jmp_ext.train.metrics import Metrics
 
-MAX_Z = 118
 
 
 class TrainError(ValueError):

@@ -22,6 +22,11 @@ except ImportError as error:  # pragma: no cover - only on a broken install
     ) from error
 
 
+# The kernels' dtype codes (csrc/common/float_dtype.h: FloatDtype, the float32 / float64 ops;
+# csrc/reductions/reductions.h: Dtype, which adds bfloat16). Each op checks its own dtypes first.
+DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
+
+
 def source_digest(folder: Path = Path(__file__).parent) -> str:
     """sha256 of the op wrappers' Python (folder/*.py, in name order), in hex."""
     digest = hashlib.sha256()

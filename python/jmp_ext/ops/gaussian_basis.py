@@ -23,10 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from jmp_ext.ops._lib import contiguous, launch, ptr
-
-_DTYPE_CODES = {torch.float32: 0, torch.float64: 1}
-
+from jmp_ext.ops._lib import DTYPE_CODES, contiguous, launch, ptr
 
 def _check(x: Tensor, offset: Tensor, temps: Tensor, scale: Tensor | None) -> None:
     if x.dim() != 1 or offset.dim() != 1 or temps.shape != offset.shape:
@@ -35,7 +32,7 @@ def _check(x: Tensor, offset: Tensor, temps: Tensor, scale: Tensor | None) -> No
     if scale is not None and scale.shape != x.shape:
         raise ValueError(f"gaussian_basis: scale must have x's shape {tuple(x.shape)}, got {tuple(scale.shape)}")
     tensors = {"x": x, "offset": offset, "temps": temps} | ({} if scale is None else {"scale": scale})
-    if x.dtype not in _DTYPE_CODES or any(t.dtype != x.dtype for t in tensors.values()):
+    if x.dtype not in (torch.float32, torch.float64) or any(t.dtype != x.dtype for t in tensors.values()):
         raise TypeError("gaussian_basis takes float32 or float64 tensors of one dtype; got " +
                         ", ".join(f"{name} {t.dtype}" for name, t in tensors.items()))
     if any(t.device != x.device for t in tensors.values()):
@@ -67,7 +64,7 @@ def _gaussian_basis(x: Tensor, offset: Tensor, temps: Tensor, scale: Tensor | No
     x, offset, temps, scale = contiguous(x, offset, temps, scale)
     out = x.new_empty(x.shape[0], offset.shape[0])
     launch("gaussian_basis", x.device, ptr(x), ptr(offset), ptr(temps), ptr(scale), ptr(out), x.shape[0],
-           offset.shape[0], _DTYPE_CODES[x.dtype], checks_indices=False)
+           offset.shape[0], DTYPE_CODES[x.dtype], checks_indices=False)
     return out
 
 
@@ -87,7 +84,7 @@ def _gaussian_basis_backward(grad: Tensor, x: Tensor, offset: Tensor, temps: Ten
     grad, x, offset, temps, scale = contiguous(grad, x, offset, temps, scale)
     grad_x, grad_scale = torch.empty_like(x), _per_edge(x, scale)
     launch("gaussian_basis_backward", x.device, ptr(grad), ptr(x), ptr(offset), ptr(temps), ptr(scale),
-           ptr(grad_x), ptr(grad_scale), x.shape[0], offset.shape[0], _DTYPE_CODES[x.dtype],
+           ptr(grad_x), ptr(grad_scale), x.shape[0], offset.shape[0], DTYPE_CODES[x.dtype],
            checks_indices=False)
     return grad_x, grad_scale
 
@@ -127,7 +124,7 @@ def _gaussian_basis_second(grad: Tensor, x: Tensor, offset: Tensor, temps: Tenso
     d_grad, d_x, d_scale = torch.empty_like(grad), torch.empty_like(x), _per_edge(x, scale)
     launch("gaussian_basis_second", x.device, ptr(grad), ptr(x), ptr(offset), ptr(temps), ptr(scale),
            ptr(grad_grad_x), ptr(grad_grad_scale), ptr(d_grad), ptr(d_x), ptr(d_scale), x.shape[0],
-           offset.shape[0], _DTYPE_CODES[x.dtype], checks_indices=False)
+           offset.shape[0], DTYPE_CODES[x.dtype], checks_indices=False)
     return d_grad, d_x, d_scale
 
 

@@ -30,16 +30,13 @@ import torch
 from torch import Tensor
 
 from jmp_ext import cpu
-from jmp_ext.ops._lib import _C, num_threads, ptr, require_cuda
+from jmp_ext.ops._lib import _C, DTYPE_CODES, num_threads, ptr, require_cuda
 
 __all__ = ["radius_graph", "edge_vectors", "DEFAULT_MAX_EDGES"]
 
 # Default bound on the output: 2**28 edges are ~9 GB of edge_index, cell_offsets and float64
 # distances. Larger graphs are surely a mistake (cutoff in the wrong unit, a tiny cell).
 DEFAULT_MAX_EDGES = 2**28
-
-_DTYPE_CODES = {torch.float32: 0, torch.float64: 1}
-
 
 # ---- checks ----
 
@@ -48,7 +45,7 @@ def _check_pos(pos: Tensor) -> None:
     if not isinstance(pos, Tensor) or pos.dim() != 2 or pos.shape[1] != 3:
         shape = tuple(pos.shape) if isinstance(pos, Tensor) else type(pos).__name__
         raise ValueError(f"radius_graph: pos must be a [N, 3] tensor, got {shape}")
-    if pos.dtype not in _DTYPE_CODES:
+    if pos.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"radius_graph: pos must be float32 or float64, got {pos.dtype}")
 
 
@@ -147,7 +144,7 @@ def _check_cap(max_neighbors, tolerance, max_edges) -> tuple[int, float, int]:
 
 def _radius_graph_cpu(pos, cutoff, ptr_, cell, pbc, k, tolerance, max_edges):
     graph = _C.RadiusGraphCpu(
-        ptr(pos), _DTYPE_CODES[pos.dtype], pos.shape[0], ptr_.data_ptr(), ptr_.numel() - 1,
+        ptr(pos), DTYPE_CODES[pos.dtype], pos.shape[0], ptr_.data_ptr(), ptr_.numel() - 1,
         ptr(cell), ptr(pbc), cutoff, k, tolerance, max_edges, not cpu.freed_memory_is_kept(), num_threads(),
     )  # fmt: skip
     num_edges = graph.num_edges
@@ -225,7 +222,7 @@ def _radius_graph_cuda(pos, cutoff, ptr_, cell, pbc, k, tolerance, max_edges):
         errors,
     ]
     args = (
-        ptr(pos), _DTYPE_CODES[pos.dtype], n, ptr(ptr_), b, ptr(cell), ptr(pbc), cutoff, k,
+        ptr(pos), DTYPE_CODES[pos.dtype], n, ptr(ptr_), b, ptr(cell), ptr(pbc), cutoff, k,
         tolerance, max_edges, [ptr(t) for t in buffers],
     )  # fmt: skip
 

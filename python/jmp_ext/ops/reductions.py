@@ -34,9 +34,9 @@ import math
 import torch
 from torch import Tensor
 
-from jmp_ext.ops._lib import _C, contiguous, float32_under_autocast, index_arg, launch, num_threads, ptr
+from jmp_ext.ops._lib import (_C, DTYPE_CODES, contiguous, float32_under_autocast, index_arg, launch, num_threads,
+                              ptr)
 
-_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
 _REDUCE_CODES = {"sum": 0, "mean": 1, "max": 2}
 _PADDED_DIRECTIONS = {"ragged_to_padded": 0, "padded_to_ragged": 1}
 _BILINEAR_KINDS = {"segment_outer": 0, "segment_contract": 1}
@@ -46,7 +46,7 @@ _BILINEAR_KINDS = {"segment_outer": 0, "segment_contract": 1}
 
 
 def _check_src(name: str, src: Tensor, dim: int = 2) -> None:
-    if src.dtype not in _DTYPE_CODES:
+    if src.dtype not in DTYPE_CODES:
         raise TypeError(f"{name} must be float32, float64 or bfloat16, got {src.dtype}")
     if src.dim() != dim:
         raise ValueError(f"{name} must be {dim}-D here, got shape {tuple(src.shape)}")
@@ -87,7 +87,7 @@ def _segment_kernel(src: Tensor, ptr_: Tensor, perm: Tensor | None, reduce: str)
     out = src.new_empty(num_segments, features)
     arg = src.new_empty(num_segments, features, dtype=torch.int64) if reduce == "max" else None
     launch("segment_reduce", src.device, ptr(src), ptr(ptr_), ptr(perm), ptr(out),
-            ptr(arg), src.shape[0], num_segments, features, _DTYPE_CODES[src.dtype],
+            ptr(arg), src.shape[0], num_segments, features, DTYPE_CODES[src.dtype],
             _REDUCE_CODES[reduce])
     return out, arg
 
@@ -177,7 +177,7 @@ def _scatter_reduce(src: Tensor, index: Tensor, dim_size: int, reduce: str, dete
     if not src.is_cuda:  # rows reduced in ascending e: the order of the sorted CUDA path
         out = src.new_empty(dim_size, src.shape[1])
         _C.scatter_reduce_cpu(ptr(src), *index_arg(index), ptr(out), src.shape[0], dim_size,
-                              src.shape[1], _DTYPE_CODES[src.dtype], _REDUCE_CODES[reduce],
+                              src.shape[1], DTYPE_CODES[src.dtype], _REDUCE_CODES[reduce],
                               num_threads())
         return out
     if not atomic:
@@ -185,7 +185,7 @@ def _scatter_reduce(src: Tensor, index: Tensor, dim_size: int, reduce: str, dete
         return _segment_kernel(src, ptr_, perm, reduce)[0]
     acc = torch.zeros(dim_size, src.shape[1], device=src.device,
                       dtype=torch.float64 if src.dtype == torch.float64 else torch.float32)
-    launch("scatter_add_atomic_cuda", src.device, ptr(src), _DTYPE_CODES[src.dtype], *index_arg(index),
+    launch("scatter_add_atomic_cuda", src.device, ptr(src), DTYPE_CODES[src.dtype], *index_arg(index),
             src.shape[0], src.shape[1], dim_size, ptr(acc))
     if reduce == "mean":
         acc /= _counts(index, dim_size, acc.dtype)
@@ -320,7 +320,7 @@ def _bilinear_kernel(kind: str, x: Tensor, y: Tensor, ptr_: Tensor, out: Tensor,
         num_src = y.shape[0] if y_index is None else y_index.shape[0]
     launch("segment_bilinear", x.device, _BILINEAR_KINDS[kind], x_address, ptr(y), ptr(ptr_), ptr(out), num_src, ptr_.shape[0] - 1, rows,
            cols, x_stride_r, x_stride_c, *index_arg(y_index), y.shape[0], *index_arg(out_index), out.shape[0],
-           _DTYPE_CODES[x.dtype])
+           DTYPE_CODES[x.dtype])
     return out
 
 

@@ -1,5 +1,6 @@
 import gc
 import json
+import multiprocessing
 import os
 import pickle
 import stat
@@ -229,6 +230,47 @@ def test_dataloader_workers(tmp_path, entries, context):
         assert got.keys() == want.keys()
         for key in want:
             torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+
+
+def test_workers_refuse_a_replaced_dataset(tmp_path, entries):
+    """A worker reopens the shards by path: after `convert --overwrite` replaced the dataset, it
+    decoded the new entries with the old metadata (-14.59 eV in the parent, -396.97 in the
+    worker: the new file was in Hartree)."""
+    write_dataset(tmp_path / "ds", entries, shard_size=10)
+    ds = LmdbDataset(tmp_path / "ds")
+    ds[0]
+    replaced = [{**e, "energy": e["energy"] * 27.2} for e in entries]
+    write_dataset(tmp_path / "ds", replaced, shard_size=10, overwrite=True)
+    # A pool, not a DataLoader: a DataLoader takes 5 s to shut down a worker that raised.
+    with multiprocessing.get_context("fork").Pool(1) as worker:
+        with pytest.raises(DataError, match=r"ds/data.0000.lmdb was replaced or changed since "
+                                            ".*ds was opened.*open the dataset again"):
+            worker.apply(ds.read, (0,))
+    assert_entry_equal(ds[0], entries[0])  # the parent's handles still read what it opened
+    ds._close()  # reopened in this process: the same check
+    with pytest.raises(DataError, match="replaced or changed"):
+        ds[0]
+
+
+@pytest.mark.parametrize("when", ["read_natoms", "_shared_env"])
+def test_a_dataset_replaced_while_it_is_opened(tmp_path, entries, monkeypatch, when):
+    """Replaced after meta.json was read, before or while the shards are opened: the old
+    metadata must not be paired with the new entries."""
+    import jmp_ext.data.dataset as dataset_module
+
+    write_dataset(tmp_path / "ds", entries, shard_size=10)
+    module = fmt if when == "read_natoms" else dataset_module
+    original = getattr(module, when)
+
+    def replace_then(*args):
+        if not (tmp_path / "done").exists():
+            (tmp_path / "done").touch()
+            write_dataset(tmp_path / "ds", entries[::-1], shard_size=10, overwrite=True)
+        return original(*args)
+
+    monkeypatch.setattr(module, when, replace_then)
+    with pytest.raises(DataError, match="replaced or changed since"):
+        LmdbDataset(tmp_path / "ds")
 
 
 def test_damaged_metadata_is_named(tmp_path, entries):

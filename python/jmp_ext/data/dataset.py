@@ -25,6 +25,16 @@ _SHARED_ENVS: weakref.WeakValueDictionary[tuple[int, int, int], lmdb.Environment
 _SHARED_ENVS_LOCK = threading.Lock()
 
 
+def _file_id(file: Path) -> tuple[int, int, int] | None:
+    """What tells a file from another put at its path (None: no file there): (st_dev, st_ino),
+    and the modification time, as the inode of a deleted file may be reused."""
+    try:
+        stat = os.stat(file)
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino, stat.st_mtime_ns
+
+
 def _shared_env(file: Path) -> lmdb.Environment:
     """This process's read-only Environment of an LMDB file, opened on first use."""
     stat = os.stat(file)
@@ -58,30 +68,30 @@ class LmdbDataset(Dataset):
     its dtype, shape and unit; both come from the metadata, so len() and batching never scan.
 
     LMDB handles are opened on construction (so a truncated shard, or one with another number of
-    entries than meta.json lists, fails there) and reopened in a
-    new process (DataLoader workers, DDP ranks after fork), because an LMDB environment must not
-    cross a fork. Every entry read is checked against the schema and metadata.npz. Datasets on the
+    entries than meta.json lists, fails there) and reopened in a new process (DataLoader
+    workers, DDP ranks after fork), because an LMDB environment must not cross a fork; a
+    reopen fails (DataError) if the files are no longer those opened (the dataset was replaced
+    meanwhile). Every entry read is checked against the schema and metadata.npz. Datasets on the
     same files in one process share the handles, so a directory can be opened any number of
     times (e.g. as both the val and the test split).
     """
 
     def __init__(self, path: str | Path, in_memory: bool = False):
         self.path = Path(path)
+        # Taken before meta.json is read, and compared once the shards are open (_open): a
+        # dataset replaced in between fails here instead of pairing this metadata with the
+        # new entries.
+        meta_id = _file_id(self.path / fmt.META_FILE)
         meta = fmt.read_meta(self.path)
         self.schema: dict[str, dict] = meta["schema"]
         self._shard_files = [self.path / shard["file"] for shard in meta["shards"]]
         self._offsets = np.cumsum([0] + [shard["num_entries"] for shard in meta["shards"]])
         self.natoms = fmt.read_natoms(self.path, meta["num_entries"])
         self._decoder = fmt.EntryDecoder(self.schema)
+        self._file_ids = [*map(_file_id, self._shard_files), meta_id]
         self._envs: list[lmdb.Environment] | None = None
         self._pid = None
         self._open()
-        # A shard with fewer (or more) entries than meta.json lists (a partial copy, a shard edited
-        # by hand) would otherwise fail only when an epoch reaches a missing entry.
-        for file, env, shard in zip(self._shard_files, self._envs, meta["shards"]):
-            if (entries := env.stat()["entries"]) != shard["num_entries"]:
-                raise fmt.DataError(f"{file} holds {entries} entries, {fmt.META_FILE} says "
-                                    f"{shard['num_entries']}: an incomplete copy, or a shard changed since")
         self._values = [self._read(i) for i in range(len(self))] if in_memory else None
         if in_memory:
             self._close()
@@ -110,10 +120,32 @@ class LmdbDataset(Dataset):
         return f"{self._shard_files[shard]} entry {index - self._offsets[shard]} (dataset index {index})"
 
     def _open(self) -> None:
+        # Before opening: never open the files of a replacement. After: a replacement while
+        # opening (in __init__, at any moment since meta.json was read).
+        self._check_unchanged()
         # Handles inherited through fork must not be used: _shared_env closes them in this
         # process and hands out this process's own.
-        self._envs = [_shared_env(file) for file in self._shard_files]
-        self._pid = os.getpid()
+        envs = [_shared_env(file) for file in self._shard_files]
+        self._check_unchanged()
+        # A shard with fewer (or more) entries than meta.json lists (a partial copy, a shard
+        # edited by hand) would otherwise fail only when an epoch reaches a missing entry.
+        for file, env, expected in zip(self._shard_files, envs, np.diff(self._offsets)):
+            if (entries := env.stat()["entries"]) != expected:
+                raise fmt.DataError(f"{file} holds {entries} entries, {fmt.META_FILE} says "
+                                    f"{expected}: an incomplete copy, or a shard changed since")
+        self._envs, self._pid = envs, os.getpid()
+
+    def _check_unchanged(self) -> None:
+        """A process (a DataLoader worker) reopens the files by path: had the dataset been
+        replaced since it was opened (convert --overwrite), it would decode the new entries
+        with the old metadata and schema (another unit, other atom counts) without a word.
+        meta.json comes last, so a replacement of the whole directory before shows in it."""
+        for file, opened in zip([*self._shard_files, self.path / fmt.META_FILE], self._file_ids):
+            if _file_id(file) != opened:
+                raise fmt.DataError(
+                    f"{file} was replaced or changed since {self.path} was opened, so its "
+                    "entries may not match the metadata read then: open the dataset again (and "
+                    "make new DataLoaders), and do not rewrite a dataset while it is in use")
 
     def _read(self, index: int) -> bytes:
         if self._envs is None or self._pid != os.getpid():

@@ -18,5 +18,6 @@ def random_entry(rng: np.random.Generator, natoms: int | None = None, periodic: 
         "forces": rng.normal(size=(n, 3)),
     }
     if stress:
-        entry["stress"] = rng.normal(size=(3, 3)) * 0.01
+        stress = rng.normal(size=(3, 3)) * 0.01
+        entry["stress"] = (stress + stress.T) / 2
     return entry

@@ -124,7 +124,7 @@ def test_a_missing_key_lists_the_keys_there_are(tmp_path, frames, capsys):
 
 def test_label_sources_do_not_mix(tmp_path):
     """Frame 0 has REF_energy, frame 1 only energy: both were stored as 'energy'."""
-    frames = [Atoms("H", positions=[[0, 0, 0]]) for _ in range(3)]
+    frames = [Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]]) for _ in range(3)]
     frames[0].info["REF_energy"] = -10.0
     frames[1].calc = SinglePointCalculator(frames[1], energy=-99.0)
     frames[2].info["REF_energy"] = -11.0
@@ -317,7 +317,9 @@ def test_pickled_lmdb_layouts(tmp_path, fake_pyg, monkeypatch, layout):
         assert torch.equal(entry["pos"], f["pos"])
         assert entry["atomic_numbers"].tolist() == f["atomic_numbers"].long().tolist()
         assert torch.equal(entry["cell"], f["cell"][0]) and entry["pbc"].all()
-        assert torch.equal(entry["tags"], f["tags"]) and torch.equal(entry["fixed"], f["fixed"])
+        # All-zero tags (entry 2 here) read as 2 everywhere, as from ASE sources (oc20_tags).
+        tags = f["tags"] if f["tags"].any() else torch.full_like(f["tags"], 2)
+        assert torch.equal(entry["tags"], tags) and torch.equal(entry["fixed"], f["fixed"])
         assert entry["energy"].item() == f["y"] and torch.equal(entry["forces"], f["force"])
         assert entry["sid"].item() == f["sid"] and entry["fid"].item() == 3
 
@@ -523,9 +525,9 @@ def test_labels_lacking_on_the_first_frame(tmp_path):
 
 def test_report_names_only_labels_written(tmp_path):
     """The only frame with forces is skipped (it lacks the energy): forces are not in the data."""
-    frames = [Atoms("H", positions=[[0, 0, 0]]) for _ in range(3)]
+    frames = [Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]]) for _ in range(3)]
     frames[0].info["REF_energy"], frames[2].info["REF_energy"] = -1.0, -2.0
-    frames[1].arrays["REF_forces"] = np.ones((1, 3))
+    frames[1].arrays["REF_forces"] = np.ones((2, 3))
     ase.io.write(tmp_path / "in.extxyz", frames, format="extxyz")
     report = convert(tmp_path / "in.extxyz", tmp_path / "out", skip_invalid=True)
     assert report.written == 2 and "structure 1: lacks energy" in report.skipped[0]
@@ -606,3 +608,117 @@ def test_a_truncated_pickled_lmdb_is_an_error_not_a_crash(tmp_path, fake_pyg):
         with pytest.raises(ValueError, match=r"oc20\.lmdb is truncated: \d+ bytes, but its LMDB header says"):
             convert(file, tmp_path / "out", allow_pickle=True, skip_invalid=skip_invalid)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_virial_is_stored_as_the_stress(tmp_path, frames):
+    """GAP / libAtoms files carry the virial W = -V stress (eV) instead of a stress: it was
+    ignored, or with --stress-key stored as it is (sign flipped, times the volume)."""
+    for atoms in frames:
+        stress = atoms.get_stress(voigt=False)
+        atoms.info["dft_virial"] = -stress * atoms.get_volume()
+        atoms.calc = SinglePointCalculator(atoms, energy=atoms.get_potential_energy(),
+                                           forces=atoms.get_forces(apply_constraint=False))
+        atoms.info["true_stress"] = stress.reshape(-1)
+    ase.io.write(tmp_path / "gap.extxyz", frames)
+    for keys in (KeyMap(), KeyMap(stress="dft_virial")):
+        report = convert(tmp_path / "gap.extxyz", tmp_path / "out", keys=keys, overwrite=True)
+        assert report.labels["stress"] == "info['dft_virial']"
+        for entry, atoms in zip(LmdbDataset(tmp_path / "out"), frames):
+            np.testing.assert_allclose(entry["stress"].numpy(), atoms.info["true_stress"].reshape(3, 3), rtol=1e-12,
+                                       atol=1e-15)
+    molecule = Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]], info={"virial": np.zeros((3, 3)), "energy": 1.0})
+    ase.io.write(tmp_path / "mol.extxyz", molecule)
+    with pytest.raises(DataError, match="has a virial but no 3-D periodic cell"):
+        convert(tmp_path / "mol.extxyz", tmp_path / "mol")
+
+
+def test_structures_a_model_cannot_use_are_refused(tmp_path, frames):
+    """A periodic axis without a lattice vector (extxyz pbc="T T T" without Lattice), an
+    asymmetric stress, and MACE's isolated-atom E0 frames (no pair of atoms: no graph); the last
+    are skipped with --skip-invalid."""
+    flat = Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]], pbc=True, info={"energy": -1.0})
+    ase.io.write(tmp_path / "flat.extxyz", flat)
+    with pytest.raises(DataError, match=r"structure 0: periodic along axis \[0, 1, 2\] .* but its lattice vector "
+                                        r"is zero"):
+        convert(tmp_path / "flat.extxyz", tmp_path / "flat")
+    for k, atoms in enumerate(frames):  # (REF_stress comes first; entry 1's is not symmetric)
+        atoms.info["REF_stress"] = np.arange(9.0) * 0.01 if k == 1 else atoms.get_stress(voigt=False).reshape(-1)
+    ase.io.write(tmp_path / "asym.extxyz", frames)
+    with pytest.raises(DataError, match="structure 1: stress is not symmetric"):
+        convert(tmp_path / "asym.extxyz", tmp_path / "asym")
+    e0 = [Atoms(symbol, positions=[[0, 0, 0]], info={"config_type": "IsolatedAtom", "REF_energy": -13.6 * k})
+          for k, symbol in enumerate("HCO", start=1)]
+    molecules = [Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74 + 0.01 * k]], info={"REF_energy": -31.0 - k})
+                 for k in range(3)]
+    ase.io.write(tmp_path / "mace.extxyz", e0 + molecules)
+    with pytest.raises(DataError, match="structure 0: is a single atom without periodic images"):
+        convert(tmp_path / "mace.extxyz", tmp_path / "mace")
+    report = convert(tmp_path / "mace.extxyz", tmp_path / "mace", skip_invalid=True)
+    assert report.written == 3 and len(report.skipped) == 3
+    assert [e["energy"].item() for e in LmdbDataset(tmp_path / "mace")] == [-31.0, -32.0, -33.0]
+
+
+def test_a_skipped_first_frame_does_not_fix_where_labels_are_read(tmp_path):
+    """Frame 0's REF_energy is NaN (skipped): frames 1 and 2 label `energy`, and are written."""
+    frames = [Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]], info=info)
+              for info in ({"REF_energy": np.nan}, {"energy": -1.0}, {"energy": -1.1})]
+    ase.io.write(tmp_path / "in.extxyz", frames)
+    report = convert(tmp_path / "in.extxyz", tmp_path / "out", skip_invalid=True)
+    assert report.written == 2 and report.labels == {"energy": "calculator['energy']"}  # (ase.io's reading)
+    assert "structure 0" in report.skipped[0] and "NaN" in report.skipped[0]
+
+
+def test_sources_without_labels_or_with_odd_values_are_pointed_out(tmp_path, frames):
+    """A file whose labels sit under other keys (GAP's dft_energy) converted without any label
+    and without a word; per-atom properties, text labels and --select on a file were puzzling."""
+    gap = [Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]], info={"dft_energy": -1.0 - k},
+                 pbc=False) for k in range(2)]
+    ase.io.write(tmp_path / "gap.extxyz", gap)
+    with pytest.warns(UserWarning, match=r"has no labels: none found under the usual keys \(REF_energy, .*"
+                                         r"the first entry's keys, available: info: dft_energy"):
+        convert(tmp_path / "gap.extxyz", tmp_path / "gap")
+    report = convert(tmp_path / "gap.extxyz", tmp_path / "gap2", keys=KeyMap(energy="dft_energy"))
+    assert report.labels == {"energy": "info['dft_energy']"}
+
+    for atoms in frames:
+        atoms.set_initial_charges(np.zeros(len(atoms)))
+    ase.io.write(tmp_path / "q.extxyz", frames)
+    with pytest.raises(DataError, match=r"property 'q': arrays\['initial_charges'\] is per atom; properties are "
+                                        r"per structure"):
+        convert(tmp_path / "q.extxyz", tmp_path / "q", keys=KeyMap(properties={"q": "initial_charges"}))
+    text = Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]], info={"REF_energy": "abc"})
+    ase.io.write(tmp_path / "text.extxyz", text)
+    with pytest.raises(DataError, match="structure 0: energy is not numeric: 'abc'"):
+        convert(tmp_path / "text.extxyz", tmp_path / "text")
+    with pytest.raises(ValueError, match="select .* applies to ASE databases, not to a 'ase' source"):
+        convert(tmp_path / "q.extxyz", tmp_path / "sel", select="id<2")
+
+
+def test_named_properties_keep_the_source_unit(tmp_path, frames):
+    """Named properties are not converted: their schema unit is "" (it said eV for
+    energy_per_atom after a Hartree conversion)."""
+    for atoms in frames:
+        atoms.info["e_pa"] = atoms.get_potential_energy() / len(atoms)
+    ase.io.write(tmp_path / "in.extxyz", frames)
+    convert(tmp_path / "in.extxyz", tmp_path / "out",
+            keys=KeyMap(energy_unit="Hartree", properties={"energy_per_atom": "e_pa"}))
+    schema = LmdbDataset(tmp_path / "out").schema
+    assert schema["energy_per_atom"]["unit"] == "" and schema["energy"]["unit"] == "eV"
+
+
+def test_other_layouts_of_ase_databases_and_lmdbs(tmp_path, frames, fake_pyg):
+    """An ASE database in JSON (ase.io read it without its key-value pairs), and an LMDB
+    environment directory (py-lmdb's default: dir/data.mdb)."""
+    with ase.db.connect(tmp_path / "in.json") as db:
+        for atoms in frames:
+            db.write(atoms, key_value_pairs={"dft": float(atoms.get_potential_energy()) + 1.0})
+    report = convert(tmp_path / "in.json", tmp_path / "json", keys=KeyMap(energy="dft"))
+    assert report.written == len(frames) and report.labels["energy"] == "info['dft']"
+    rng = np.random.default_rng(2)
+    env_dir = tmp_path / "env.lmdb"
+    env = lmdb.open(str(env_dir), map_size=1 << 26)  # subdir=True: env.lmdb/data.mdb
+    with env.begin(write=True) as txn:
+        for i, n in enumerate((3, 4)):
+            txn.put(str(i).encode(), fake_pyg(NewData, oc20_fields(rng, n)))
+    env.close()
+    assert convert(env_dir, tmp_path / "from_env", allow_pickle=True).written == 2

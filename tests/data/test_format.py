@@ -75,7 +75,9 @@ def test_normalize_entry_dtypes():
                                  "label": np.int32(3), "gap": 2.5}, "here", np.float32)
     assert entry["atomic_numbers"].dtype == np.int64
     assert entry["pbc"].dtype == bool
-    assert entry["energy"].dtype == np.float32  # labels are floats even when given as ints
+    # labels are floats even when given as ints; the energy stays float64 (float32 would round
+    # a 1e4 eV total energy by 0.5 meV)
+    assert entry["energy"].dtype == np.float64
     assert entry["label"].dtype == np.int64  # integer properties (classes) stay integers
     assert entry["gap"].dtype == np.float32
     with pytest.raises(DataError, match="here: atomic_numbers must hold integers"):

@@ -39,8 +39,9 @@ class KeyMap:
 
     energy, forces, stress: the source's key for each label; None tries the usual names in
         order (energy: REF_energy, energy, y; forces: REF_forces, forces, force; stress:
-        REF_stress, stress) in atoms.info / atoms.arrays / the attached calculator (ASE) or
-        the Data object (LMDB). The first entry holding a label fixes where it is read from,
+        REF_stress, stress, REF_virial, virial, dft_virial) in atoms.info / atoms.arrays / the
+        attached calculator (ASE) or the Data object (LMDB). A stress key named *virial* holds
+        a virial W (energy, libAtoms' convention), stored as the stress -W / V. The first entry holding a label fixes where it is read from,
         and every later entry must hold it there. Give a key explicitly to pick, e.g.,
         free_energy or y_relaxed; an entry without it is then invalid. "none" drops the label,
         e.g. a stress only some frames carry: every entry must hold the same labels.
@@ -71,13 +72,20 @@ class KeyMap:
         if chosen is not None:
             return (chosen,)
         return {"energy": ("REF_energy", "energy", "y"), "forces": ("REF_forces", "forces", "force"),
-                "stress": ("REF_stress", "stress")}[label]
+                "stress": ("REF_stress", "stress", "REF_virial", "virial", "dft_virial")}[label]
 
     def to_ev_angstrom(self, entry: dict) -> dict:
         e, length = ENERGY_UNITS[self.energy_unit], LENGTH_UNITS[self.length_unit]
         factors = {"pos": length, "cell": length, "energy": e, "forces": e / length,
                    "stress": e / length**3}
-        return {k: np.asarray(v) * factors[k] if k in factors else v for k, v in entry.items()}
+        return {k: _numbers(k, v) * factors[k] if k in factors else v for k, v in entry.items()}
+
+
+def _numbers(name: str, value) -> np.ndarray:
+    array = np.asarray(value)
+    if array.dtype.kind not in "biuf":
+        raise fmt.DataError(f"{name} is not numeric: {value!r}")
+    return array
 
 
 @dataclass
@@ -89,6 +97,7 @@ class ConvertReport:
     # stored label -> where every entry's label was read, e.g. "info['REF_energy']" (ASE) or
     # "y" (LMDB); fixed by the first entry that has the label
     labels: dict[str, str] = field(default_factory=dict)
+    first_keys: str = ""  # the keys the first entry offered ("available: ..."), for a missing-label warning
 
 
 # ----- labels ----------------------------------------------------------------------------------
@@ -108,6 +117,7 @@ def _take_labels(entry: dict, sources: dict[str, dict], keys: KeyMap, report: Co
         found = {(f"{prefix}[{key!r}]" if prefix else key): mapping[key]
                  for key in keys.candidates(label) for prefix, mapping in sources.items()
                  if key in mapping}
+        report.first_keys = report.first_keys or _available(sources)
         if not found:
             if getattr(keys, label) is not None:
                 raise fmt.DataError(f"{label}: key {getattr(keys, label)!r} not found "
@@ -121,6 +131,16 @@ def _take_labels(entry: dict, sources: dict[str, dict], keys: KeyMap, report: Co
         entry[label] = found[location]
     if "stress" in entry:
         entry["stress"] = _stress_3x3(entry["stress"])
+        if "virial" in report.labels["stress"].lower():
+            entry["stress"] = _virial_to_stress(entry["stress"], entry["cell"], entry["pbc"])
+
+
+def _virial_to_stress(virial: np.ndarray, cell, pbc) -> np.ndarray:
+    """libAtoms' virial W (energy; W = -V stress) of a periodic structure -> stress (energy/length^3)."""
+    volume = abs(np.linalg.det(np.asarray(cell, dtype=np.float64)))
+    if not np.asarray(pbc).all() or volume == 0:
+        raise fmt.DataError("has a virial but no 3-D periodic cell to divide it by (stress = -virial / volume)")
+    return -np.asarray(virial, dtype=np.float64) / volume
 
 
 def _available(sources: dict[str, dict]) -> str:
@@ -220,6 +240,10 @@ def atoms_structure(atoms: Atoms) -> dict[str, np.ndarray]:
     }
 
 
+# ASE calculator results with a value per atom.
+_PER_ATOM_RESULTS = {"forces", "charges", "magmoms", "energies", "stresses"}
+
+
 def _atoms_entry(atoms: Atoms, keys: KeyMap, report: ConvertReport, sid: int) -> dict:
     entry = {**atoms_structure(atoms), "sid": sid}
     results = atoms.calc.results if atoms.calc is not None else {}
@@ -229,6 +253,9 @@ def _atoms_entry(atoms: Atoms, keys: KeyMap, report: ConvertReport, sid: int) ->
         found = next((where for where, d in sources.items() if key in d), None)
         if found is None:
             raise fmt.DataError(f"property {name!r}: key {key!r} not found ({_available(sources)})")
+        if found == "arrays" or (found == "calculator" and key in _PER_ATOM_RESULTS):
+            raise fmt.DataError(f"property {name!r}: {found}[{key!r}] is per atom; properties are per "
+                                f"structure (a number or a vector per structure)")
         entry[name] = sources[found][key]
     return keys.to_ev_angstrom(entry)
 
@@ -359,7 +386,7 @@ def _pyg_entry(fields: dict, keys: KeyMap, report: ConvertReport) -> dict:
         "cell": cell,
         # OC20/OC22 structures are periodic with vacuum and carry no pbc field.
         "pbc": np.asarray(values.get("pbc", np.full(3, cell.any()))).reshape(-1),  # [1,3] too
-        "tags": values.get("tags", np.full(n, 2)),
+        "tags": oc20_tags(values.get("tags", np.zeros(n))),  # (the ASE sources' rule)
         "fixed": values.get("fixed", np.zeros(n, bool)),
     }
     natoms = values.get("natoms")
@@ -380,12 +407,13 @@ def _pyg_entry(fields: dict, keys: KeyMap, report: ConvertReport) -> dict:
 
 
 def lmdb_files(path: Path) -> list[Path]:
-    """The .lmdb files of an LMDB dataset path (a file, or a directory of *.lmdb)."""
+    """The LMDB files of an LMDB dataset path: a file, a directory of *.lmdb (OC20's), or one
+    LMDB environment directory (py-lmdb's default layout, dir/data.mdb)."""
     if path.is_file():
         return [path]
-    files = sorted(path.glob("*.lmdb"))
+    files = sorted(path.glob("*.lmdb")) or sorted(path.glob("data.mdb"))
     if not files:
-        raise FileNotFoundError(f"{path}: no .lmdb files")
+        raise FileNotFoundError(f"{path}: no .lmdb files (nor an LMDB environment's data.mdb)")
     return files
 
 
@@ -459,7 +487,7 @@ def _refuse_jmp_ext(src: Path) -> None:
 def detect_format(src: Path) -> str:
     if src.is_dir() or src.suffix == ".lmdb":
         return "lmdb"
-    if src.suffix == ".db":
+    if src.suffix in (".db", ".json"):  # (ase.io would read a .json database without its key-value pairs)
         return "ase-db"
     return "ase"
 
@@ -480,11 +508,17 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
         lacks one of them is skipped (whatever else it carries), one that only carries more is
         still an error.
     select: an ASE db query for "ase-db".
+
+    A single atom without periodic images (such as MACE's isolated-atom E0 frames) is invalid:
+    GemNet-OC needs a pair of atoms. Named properties keep the source's units (schema unit "").
+    A dataset without any label gets a warning that lists the keys the source offers.
     """
     src, keys = Path(src), keys or KeyMap()
     if not src.exists():
         raise FileNotFoundError(f"{src} does not exist")
     kind = source_format or detect_format(src)
+    if select is not None and kind != "ase-db":
+        raise ValueError(f"select (an ASE db query) applies to ASE databases, not to a {kind!r} source")
     report = ConvertReport()
     if kind == "lmdb":
         _refuse_jmp_ext(src)
@@ -501,12 +535,17 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
     # closing(): a failed conversion also closes the source (its LMDB handles, its file).
     info = {"converted_from": str(src), "source_format": kind}
     labels = first = None  # the labels of the first entry written, and where it came from
+    units = {name: "" for name in keys.properties}
     with closing(stream), DatasetWriter(dst, overwrite=overwrite, float_dtype=float_dtype,
-                                        shard_size=shard_size, info=info) as writer:
+                                        shard_size=shard_size, info=info, units=units) as writer:
         for where, item in stream:
             try:
                 if isinstance(item, Exception):
                     raise item
+                if len(item["atomic_numbers"]) == 1 and not np.asarray(item["pbc"]).any():
+                    raise fmt.DataError("is a single atom without periodic images (MACE's isolated-atom "
+                                        "E0 frames are such): GemNet-OC needs a pair of atoms within its "
+                                        "cutoff; --skip-invalid skips these entries")
                 if labels is not None:
                     _check_labels(item, labels, len(writer), first)
                 writer.add(item, where=where)
@@ -517,9 +556,16 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
                 if not skip_invalid or isinstance(error, _ExtraLabels):
                     raise fmt.DataError(message) from error
                 report.skipped.append(message)
+                if labels is None:  # (a skipped entry fixes no label location)
+                    report.labels.clear()
         report.written = len(writer)
         # A label is located by the first entry holding it, which may have been skipped.
         report.labels = {label: source for label, source in report.labels.items()
                          if label in (labels or ())}
         writer.info.update(labels=report.labels, skipped=report.skipped)
+    if report.written and not report.labels and not keys.properties:
+        searched = [k for label in LABELS if not keys.drops(label) for k in keys.candidates(label)]
+        warnings.warn(f"{dst} has no labels: none found under the usual keys ({', '.join(searched)}; the first "
+                      f"entry's keys, {report.first_keys}). Name them: --energy-key, --forces-key, --stress-key, "
+                      f"--property (from Python KeyMap(energy=..., forces=..., properties=...))", stacklevel=2)
     return report

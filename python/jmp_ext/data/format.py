@@ -243,11 +243,23 @@ def validate_entry(entry: dict[str, np.ndarray], where: str) -> int:
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             kind = "label" if name not in ("pos", "cell") else "field"
             raise DataError(f"{where}: {kind} {name} contains NaN or inf")
+    flat = [axis for axis in range(3) if entry["pbc"][axis] and not entry["cell"][axis].any()]
+    if flat:
+        raise DataError(f"{where}: periodic along axis {flat} (pbc {entry['pbc'].tolist()}) but its lattice "
+                        f"vector is zero: a periodic structure needs its cell (extxyz: Lattice=...), a molecule "
+                        f"pbc False")
+    if "stress" in entry:
+        stress = entry["stress"]
+        # (room for a file's rounding: 1e-4 of the largest component, and 1e-6 eV/Å^3 = 0.16 MPa)
+        if np.abs(stress - stress.T).max() > 1e-4 * np.abs(stress).max() + 1e-6:
+            raise DataError(f"{where}: stress is not symmetric ({stress.tolist()}): a stress tensor is")
     return n
 
 
 def normalize_entry(entry: dict, where: str, float_dtype=np.float64) -> dict[str, np.ndarray]:
-    """Cast a structure's fields to the stored dtypes (ints int64, flags bool, floats float_dtype)."""
+    """Cast a structure's fields to the stored dtypes (ints int64, flags bool, floats float_dtype,
+    except the energy: float64 always, as float32 would round a total energy of 1e4-1e5 eV by
+    0.5-8 meV, the size of the errors a model is fitted to)."""
     out = {}
     for name, value in entry.items():
         array = np.asarray(value)
@@ -262,7 +274,7 @@ def normalize_entry(entry: dict, where: str, float_dtype=np.float64) -> dict[str
         elif array.dtype.kind in "biu" and name not in LABEL_FIELDS and name not in ("pos", "cell"):
             array = array.astype(np.int64)  # integer properties (class labels) stay integers
         else:
-            array = array.astype(float_dtype)
+            array = array.astype(np.float64 if name == "energy" else float_dtype)
         out[name] = array
     return out
 

@@ -35,7 +35,8 @@ class DatasetWriter:
     Args:
         path: the dataset directory to create.
         shard_size: entries per LMDB file (JMP writes 5000).
-        float_dtype: dtype floats are stored in (float64 keeps labels exact; float32 halves size).
+        float_dtype: dtype floats are stored in (float64 keeps labels exact; float32 halves size);
+            the energy stays float64 (format.normalize_entry).
         units: units of named properties, {name: unit}, recorded in the schema.
         overwrite: replace an existing dataset (or empty directory) at `path`, only once the
             new one is complete; anything else at `path` is never deleted (check_target).

@@ -722,3 +722,14 @@ def test_other_layouts_of_ase_databases_and_lmdbs(tmp_path, frames, fake_pyg):
             txn.put(str(i).encode(), fake_pyg(NewData, oc20_fields(rng, n)))
     env.close()
     assert convert(env_dir, tmp_path / "from_env", allow_pickle=True).written == 2
+
+
+def test_labels_from_reference_and_other_keys_are_pointed_out(tmp_path, frames):
+    """REF_forces without REF_energy: the energy came from the calculator (another method's,
+    perhaps) and the forces from REF_forces, silently."""
+    for atoms in frames:
+        atoms.arrays["REF_forces"] = atoms.get_forces(apply_constraint=False) * 2
+    ase.io.write(tmp_path / "in.extxyz", frames)
+    with pytest.warns(UserWarning, match=r"labels come from keys of two kinds \(energy from calculator\['energy'\], "
+                                         r"forces from arrays\['REF_forces'\]"):
+        convert(tmp_path / "in.extxyz", tmp_path / "out", keys=KeyMap(stress="none"))

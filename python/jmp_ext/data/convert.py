@@ -563,6 +563,11 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
         report.labels = {label: source for label, source in report.labels.items()
                          if label in (labels or ())}
         writer.info.update(labels=report.labels, skipped=report.skipped)
+    found = {label: source for label, source in report.labels.items() if getattr(keys, label) is None}
+    if len({"REF_" in source for source in found.values()}) > 1:  # (keys the user named are his choice)
+        warnings.warn(f"{dst}: the labels come from keys of two kinds ({', '.join(f'{k} from {v}' for k, v in found.items())}): "
+                      f"REF_* keys usually hold the reference method's values and the others another "
+                      f"method's; make sure they belong together, or name the keys (--energy-key, ...)", stacklevel=2)
     if report.written and not report.labels and not keys.properties:
         searched = [k for label in LABELS if not keys.drops(label) for k in keys.candidates(label)]
         warnings.warn(f"{dst} has no labels: none found under the usual keys ({', '.join(searched)}; the first "

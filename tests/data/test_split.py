@@ -1,4 +1,8 @@
 import json
+import os
+import re
+import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -100,3 +104,124 @@ def test_split_refuses_to_write_over_its_source(tmp_path, capsys):
                 "source itself") in capsys.readouterr().err
     assert len(LmdbDataset(tmp_path / "sp" / "train")) == 20
     assert sorted(p.name for p in (tmp_path / "sp").iterdir()) == ["train"]
+
+
+
+def part_sids(out):
+    """{name: sids of its entries} of every dataset in out (the source's sid is its index)."""
+    return {p.name: [int(entry["sid"]) for entry in LmdbDataset(p)] for p in sorted(out.iterdir())
+            if (p / "meta.json").exists()}
+
+
+def test_overwrite_leaves_no_part_of_an_older_split(source, tmp_path, capsys):
+    """A train/val re-split with --overwrite of a train/val/test split left the old test beside
+    the new train (270 of its 300 entries in it), with the old train's statistics."""
+    out = source.parent  # beside the source, which is no part of a split
+    assert main(["split", str(source), str(out), "--seed", "0"]) == 0
+    before = part_sids(out)
+    assert main(["split", str(source), str(out), "--fractions", "train=0.9,val=0.1", "--seed",
+                 "1", "--overwrite"]) == 1
+    assert (f"{out} also holds the dataset(s) test, which this split does not write"
+            in capsys.readouterr().err)
+    assert part_sids(out) == before
+    shutil.rmtree(out / "test")
+    assert main(["split", str(source), str(out), "--fractions", "train=0.9,val=0.1", "--seed",
+                 "1", "--overwrite"]) == 0
+    after = part_sids(out)
+    assert sorted(after) == ["all", "train", "val"] and len(after["train"]) == 36
+    assert not set(after["train"]) & set(after["val"])
+    assert sorted(p.name for p in out.iterdir()) == ["all", "train", "val"]  # no temporaries
+
+
+class Interrupt:
+    """Calls `function` as it is, but raises KeyboardInterrupt on its call number `at`, before
+    or after doing what it does."""
+
+    def __init__(self, function, at: int, after: bool = False):
+        self.function, self.at, self.after, self.calls = function, at, after, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.at and not self.after:
+            raise KeyboardInterrupt
+        result = self.function(*args, **kwargs)
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return result
+
+
+# Calls of os.replace in a re-split of three parts: 3 old parts moved aside, 3 new moved in.
+@pytest.mark.parametrize("at, after", [(k, after) for k in range(1, 7) for after in (False, True)])
+def test_interrupted_resplit_keeps_the_old_split(source, tmp_path, monkeypatch, at, after):
+    """An interrupted re-split left the new train beside the old val and test (242/300 and
+    251/300 entries shared): whenever it stops, the old split stays whole, and nothing else."""
+    import jmp_ext.data.split as split_module
+
+    out = tmp_path / "out"
+    split_dataset(source, out, fraction_indices(40, {"train": 0.5, "val": 0.25, "test": 0.25}))
+    before = part_sids(out)
+    # (split.py's os only: the writer renames too)
+    monkeypatch.setattr(split_module, "os", SimpleNamespace(replace=Interrupt(os.replace, at, after)))
+    with pytest.raises(KeyboardInterrupt):
+        split_dataset(source, out, fraction_indices(40, {"train": 0.6, "val": 0.2, "test": 0.2},
+                                                    seed=1), overwrite=True)
+    assert part_sids(out) == before
+    assert sorted(p.name for p in out.iterdir()) == ["test", "train", "val"]
+    assert load_stats(out / "test")["num_entries"] == 20  # the old train's statistics
+
+
+def test_interrupted_resplit_while_writing(source, tmp_path, monkeypatch, capsys):
+    """Interrupted after writing the new train: nothing of the new split is in place."""
+    import jmp_ext.data.split as split_module
+
+    out = tmp_path / "out"
+    assert main(["split", str(source), str(out)]) == 0
+    before = part_sids(out)
+
+    class Writer(split_module.DatasetWriter):
+        def close(self):
+            if self.path.name == "val":
+                raise KeyboardInterrupt
+            return super().close()
+
+    monkeypatch.setattr(split_module, "DatasetWriter", Writer)
+    assert main(["split", str(source), str(out), "--seed", "1", "--overwrite"]) == 130
+    assert "(a split replaces all its parts or none); run the command again" in capsys.readouterr().err
+    assert part_sids(out) == before
+    assert sorted(p.name for p in out.iterdir()) == ["test", "train", "val"]
+
+
+@pytest.mark.parametrize("fractions, message", [
+    ("train=0.5,train=0.3", "part 'train' is given twice"),
+    ("=0.5,train=0.5", "part name '' is not a plain directory name"),
+    ("../escaped=0.5", r"part name '../escaped' is not a plain directory name"),
+    (".hidden=0.5", r"part name '.hidden' is not a plain directory name"),
+    ("train=nan", r"part 'train' has fraction nan; a fraction is a number in \(0, 1\]"),
+    ("train=inf", r"part 'train' has fraction inf"),
+    ("train=0,val=0.5", r"part 'train' has fraction 0.0"),
+    ("train=-0.5,val=0.5", r"part 'train' has fraction -0.5"),
+    ("train=0.5,", r"'' is not NAME=FRACTION"),
+    ("train", r"'train' is not NAME=FRACTION"),
+    ("train=half", r"'train=half' is not NAME=FRACTION"),
+])
+def test_bad_fractions(source, tmp_path, capsys, fractions, message):
+    """Duplicates collapsed, "" wrote the dataset at OUT itself, "../x" outside OUT, NaN was
+    "would be empty", a trailing comma "could not convert string to float: ''"."""
+    assert main(["split", str(source), str(tmp_path / "out" / "sub"), "--fractions",
+                 fractions]) == 1
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "escaped").exists()
+
+
+def test_index_file_part_names_are_checked(source, tmp_path):
+    with pytest.raises(ValueError, match=r"part name '../x' is not a plain directory name"):
+        split_dataset(source, tmp_path / "out", {"train": np.arange(5), "../x": np.arange(5, 9)})
+    assert not (tmp_path / "out").exists() and not (tmp_path / "x").exists()
+
+
+def test_a_killed_split_is_pointed_out(source, tmp_path):
+    """A killed split leaves its hidden directory, possibly with old parts moved aside."""
+    (tmp_path / "out" / ".split-0badf00d" / "old" / "train").mkdir(parents=True)
+    with pytest.warns(UserWarning, match=r"\.split-0badf00d: left by an interrupted split into"):
+        split_dataset(source, tmp_path / "out", fraction_indices(40, {"train": 0.5}))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".split-0badf00d", "train"]

@@ -13,7 +13,7 @@ from jmp_ext.data import format as fmt
 from jmp_ext.data.convert import ENERGY_UNITS, LENGTH_UNITS, KeyMap, convert
 from jmp_ext.data.dataset import LmdbDataset
 from jmp_ext.data.demo import make_demo
-from jmp_ext.data.split import fraction_indices, read_index_file, split_dataset
+from jmp_ext.data.split import fraction_indices, parse_fractions, read_index_file, split_dataset
 from jmp_ext.data.stats import load_stats
 
 
@@ -47,11 +47,7 @@ def cmd_split(args) -> None:
     if args.index_file:
         parts = read_index_file(args.index_file, num_entries)
     else:
-        fractions = {}
-        for item in args.fractions.split(","):
-            name, _, value = item.partition("=")
-            fractions[name.strip()] = float(value)
-        parts = fraction_indices(num_entries, fractions, seed=args.seed)
+        parts = fraction_indices(num_entries, parse_fractions(args.fractions), seed=args.seed)
     paths = split_dataset(args.src, args.out, parts, overwrite=args.overwrite, progress=True)
     print(", ".join(f"{name}: {len(parts[name])} entries -> {path}" for name, path in paths.items()))
 
@@ -119,7 +115,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="name=fraction,... (default %(default)s)")
     p.add_argument("--index-file", help='JSON {"train": [indices], ...} or .npz of index arrays')
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the parts' datasets in OUT (all of them at once, when every new "
+                   "part is written); refused while OUT holds other datasets (SRC aside), "
+                   "which could be parts of an older split: remove those yourself")
     p.set_defaults(run=cmd_split)
 
     p = commands.add_parser("stats", help="compute (and cache) a dataset's statistics")
@@ -139,9 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, lmdb.Error) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # (each dataset and stats file is written atomically)
-        print("\ninterrupted: no dataset was left half-written (finished ones stay; rerun with --overwrite)",
-              file=sys.stderr)
+    except KeyboardInterrupt:  # (datasets, stats files and a split's parts are written atomically)
+        print("\ninterrupted: no dataset was left half-written (a split replaces all its parts "
+              "or none); run the command again", file=sys.stderr)
         return 130
     return 0
 

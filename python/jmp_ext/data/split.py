@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +14,29 @@ from tqdm import tqdm
 
 from jmp_ext.data.dataset import LmdbDataset
 from jmp_ext.data.stats import share_train_stats
-from jmp_ext.data.writer import DatasetWriter, check_target
+from jmp_ext.data.writer import DatasetWriter, check_target, dataset_meta
+
+
+def parse_fractions(text: str) -> dict[str, float]:
+    """{name: fraction} from "train=0.8,val=0.1,test=0.1" (the CLI's --fractions).
+
+    A name given twice is an error, not the last of them silently (a dict keeps one).
+    """
+    fractions: dict[str, float] = {}
+    for item in text.split(","):
+        name, equals, value = item.partition("=")
+        name = name.strip()
+        try:
+            fraction = float(value)
+        except ValueError:
+            fraction = None
+        if not equals or fraction is None:
+            raise ValueError(f"--fractions {text!r}: {item!r} is not NAME=FRACTION "
+                             "(e.g. train=0.8,val=0.1,test=0.1)")
+        if name in fractions:
+            raise ValueError(f"--fractions {text!r}: part {name!r} is given twice")
+        fractions[name] = fraction
+    return fractions
 
 
 def fraction_indices(num_entries: int, fractions: dict[str, float], seed: int = 0
@@ -20,9 +46,13 @@ def fraction_indices(num_entries: int, fractions: dict[str, float], seed: int = 
     Part sizes come from rounding cumulative fractions, so they add up exactly; the same seed
     gives the same parts.
     """
+    for name, fraction in fractions.items():
+        if not 0 < fraction <= 1:  # (NaN too)
+            raise ValueError(f"part {name!r} has fraction {fraction}; a fraction is a number in "
+                             "(0, 1]")
     values = np.array(list(fractions.values()), dtype=np.float64)
-    if (values < 0).any() or values.sum() > 1 + 1e-9:
-        raise ValueError(f"fractions must be non-negative and sum to at most 1, got {fractions}")
+    if values.sum() > 1 + 1e-9:
+        raise ValueError(f"fractions must sum to at most 1, got {fractions}")
     bounds = np.round(np.concatenate([[0], np.cumsum(values)]) * num_entries).astype(np.int64)
     order = np.random.default_rng(seed).permutation(num_entries)
     return {name: np.sort(order[bounds[k]:bounds[k + 1]]) for k, name in enumerate(fractions)}
@@ -57,12 +87,20 @@ def split_dataset(src: str | Path, out_dir: str | Path, parts: dict[str, np.ndar
     """Write out_dir/<part> for every part (entries in the given order); when there is a
     "train" part, its statistics are computed and cached in every part.
 
-    Every part is checked (non-empty, its directory free or replaceable) before anything is
-    written, so a bad request never leaves some parts written and others not.
+    All or nothing, since parts of two splits side by side share entries: every part is
+    checked (a plain directory name, non-empty, its directory free or replaceable) before
+    anything is written; the parts are written into a hidden directory in out_dir and moved
+    into place together at the end, and a failure or an interrupt before that leaves out_dir
+    as it was. With overwrite, out_dir may hold no jmp_ext dataset other than the parts and
+    the source: one of them could be a part of an older split, and is not ours to delete.
     """
     source = LmdbDataset(src)
     out_dir = Path(out_dir)
     for name, indices in parts.items():
+        # "" would write out_dir itself, "../x" outside it; hidden names are for temporaries.
+        if not name or name.startswith(".") or Path(name).name != name:
+            raise ValueError(f"split of {src}: part name {name!r} is not a plain directory name "
+                             "(non-empty, without '/', not starting with '.')")
         if len(indices) == 0:
             raise ValueError(f"split of {src}: part {name!r} would be empty ({len(source)} "
                              "entries in all); give it a larger fraction or leave it out")
@@ -71,19 +109,65 @@ def split_dataset(src: str | Path, out_dir: str | Path, parts: dict[str, np.ndar
             raise ValueError(f"split of {src}: part {name!r} would be written to {out_dir / name}, "
                              "which is the source itself; choose another output directory")
         check_target(out_dir / name, overwrite)
+    if overwrite and out_dir.is_dir():
+        others = sorted(path.name for path in out_dir.iterdir() if path.name not in parts
+                        and not path.name.startswith(".") and dataset_meta(path) is not None
+                        and not path.samefile(src))
+        if others:
+            raise FileExistsError(
+                f"{out_dir} also holds the dataset(s) {', '.join(others)}, which this split does "
+                "not write: a part of an older split left beside the new parts would share "
+                "entries with them; remove them yourself (or split into another directory)")
+    # A killed split leaves its directory, which may hold old parts it had moved aside.
+    left = sorted(map(str, out_dir.glob(".split-*")))
+    if left:
+        warnings.warn(f"{', '.join(left)}: left by an interrupted split into {out_dir} (old "
+                      "parts it replaced may be in its 'old'); delete them unless another split "
+                      "into it is running", stacklevel=2)
     units = {name: field["unit"] for name, field in source.schema.items()}
-    paths = {}
-    for name, indices in parts.items():
-        with DatasetWriter(out_dir / name, shard_size=_shard_size(source),
-                           float_dtype=_float_dtype(source), units=units,
-                           overwrite=overwrite) as writer:
-            for i in tqdm(indices.tolist(), disable=not progress, desc=f"{name}", unit="entry"):
-                writer.add(source.read(i), where=f"{src} entry {i}")
-        paths[name] = out_dir / name
-    if "train" in paths:
-        share_train_stats(paths["train"], [p for n, p in paths.items() if n != "train"],
-                          progress=progress)
-    return paths
+    staging = out_dir / f".split-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    try:
+        for name, indices in parts.items():
+            with DatasetWriter(staging / "new" / name, shard_size=_shard_size(source),
+                               float_dtype=_float_dtype(source), units=units) as writer:
+                for i in tqdm(indices.tolist(), disable=not progress, desc=f"{name}", unit="entry"):
+                    writer.add(source.read(i), where=f"{src} entry {i}")
+        if "train" in parts:
+            share_train_stats(staging / "new" / "train",
+                              [staging / "new" / name for name in parts if name != "train"],
+                              progress=progress)
+        _replace_parts(staging, list(parts), out_dir, overwrite)
+    finally:
+        # Kept only when it holds old parts that an interrupted rollback did not put back.
+        if not (staging / "old").is_dir() or not any((staging / "old").iterdir()):
+            shutil.rmtree(staging)
+    return {name: out_dir / name for name in parts}
+
+
+def _replace_parts(staging: Path, names: list[str], out_dir: Path, overwrite: bool) -> None:
+    """Move staging/new/<name> to out_dir/<name> for every name, together: the existing parts
+    are moved aside (to staging/old) first and deleted once every new part is in place; a
+    failure or an interrupt before puts them back (writer.replace_dir, for several datasets)."""
+    new, old = staging / "new", staging / "old"
+    old.mkdir()
+    try:
+        for name in names:
+            if (out_dir / name).exists() or (out_dir / name).is_symlink():
+                # Checked again here, where the deletion happens: a part's directory may have
+                # appeared or changed while the parts were written.
+                check_target(out_dir / name, overwrite)
+                os.replace(out_dir / name, old / name)
+        for name in names:
+            os.replace(new / name, out_dir / name)
+    except BaseException:
+        for name in names:  # (a rename is atomic: where each part is tells what was done)
+            if not (new / name).exists() and (out_dir / name).exists():
+                os.replace(out_dir / name, new / name)
+            if (old / name).exists():
+                os.replace(old / name, out_dir / name)
+        raise
+    shutil.rmtree(old)
 
 
 def _shard_size(dataset: LmdbDataset) -> int:

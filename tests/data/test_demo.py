@@ -136,3 +136,14 @@ def test_data_it_did_not_make_are_not_replaced(tmp_path):
         make_demo(mine, seed=3, scale=SCALE)
     assert len(LmdbDataset(mine / "md" / "train")) == 1
     assert sorted(p.name for p in mine.iterdir()) == ["md"]  # refused before writing anything
+
+
+@pytest.mark.parametrize("scale", ["inf", "-5", "nan", "0"])
+def test_scale_must_be_finite_and_positive(tmp_path, capsys, scale):
+    """inf was an OverflowError traceback, nan left an empty directory, -5 was accepted."""
+    from jmp_ext.data.__main__ import main
+
+    assert main(["make-demo", str(tmp_path / "demo"), "--scale", scale]) == 1
+    assert capsys.readouterr().err == (
+        f"error: make_demo: scale must be a finite positive number, got {float(scale)}\n")
+    assert not (tmp_path / "demo").exists()

@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("make-demo", help="generate the built-in EMT demo datasets")
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scale", type=float, default=1.0, help="multiply the number of entries")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="multiply the number of entries (a finite number > 0)")
     p.set_defaults(run=cmd_make_demo)
 
     p = commands.add_parser("convert", help="convert extxyz / ASE db / OC20-style LMDB")

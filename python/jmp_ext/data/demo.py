@@ -21,6 +21,7 @@ Every entry has sid (system / trajectory id) and fid (frame index).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,10 @@ def make_demo(root: str | Path, seed: int = 0, scale: float = 1.0, progress: boo
     a FileExistsError, raised before any is written. Call it from one process (rank 0 under
     DDP) while the others wait.
     """
+    # Checked before anything is written: inf and NaN failed in round() once the directory
+    # was made, and a negative scale passed for the smallest one.
+    if not 0 < scale < math.inf:
+        raise ValueError(f"make_demo: scale must be a finite positive number, got {scale}")
     root = Path(root)
     request = {"version": DEMO_VERSION, "seed": seed, "scale": scale}
     marker = root / MARKER

@@ -225,3 +225,15 @@ def test_a_killed_split_is_pointed_out(source, tmp_path):
     with pytest.warns(UserWarning, match=r"\.split-0badf00d: left by an interrupted split into"):
         split_dataset(source, tmp_path / "out", fraction_indices(40, {"train": 0.5}))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".split-0badf00d", "train"]
+
+
+def test_stats_of_a_part_say_they_are_the_training_splits(source, tmp_path, capsys):
+    """`stats sp2/val` printed "2700 entries" for a 300-entry val: the train split's."""
+    split_dataset(source, tmp_path / "sp", fraction_indices(40, {"train": 0.75, "val": 0.25}))
+    capsys.readouterr()
+    assert main(["stats", str(tmp_path / "sp" / "val")]) == 0
+    assert capsys.readouterr().out.startswith(
+        f"{tmp_path / 'sp' / 'val'}/stats.json: statistics of the training split (train): "
+        "30 entries, ")
+    assert main(["stats", str(tmp_path / "sp" / "train")]) == 0
+    assert capsys.readouterr().out.startswith(f"{tmp_path / 'sp' / 'train'}/stats.json: 30 entries, ")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import lmdb
 import numpy as np
@@ -54,7 +55,12 @@ def cmd_split(args) -> None:
 
 def cmd_stats(args) -> None:
     stats = load_stats(args.dir, recompute=args.recompute, progress=True)
-    print(f"{args.dir}/{fmt.STATS_FILE}: {stats['num_entries']} entries, "
+    # A val or test split holds its train split's statistics, marked with that split's name
+    # (stats.share_train_stats): "2700 entries" alone would misdescribe a 300-entry val.
+    source = stats.get("source")
+    whose = ("" if source in (None, Path(args.dir).resolve().name)
+             else f"statistics of the training split ({source}): ")
+    print(f"{args.dir}/{fmt.STATS_FILE}: {whose}{stats['num_entries']} entries, "
           f"{stats['avg_natoms']:.1f} atoms on average")
     for name, target in stats["targets"].items():
         after = " after linear references" if name == "energy" else ""

@@ -98,19 +98,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allow-pickle", action="store_true",
                    help="read pickled OC20/JMP LMDBs (unpickling can run code: trusted files only)")
     p.add_argument("--skip-invalid", action="store_true",
-                   help="skip entries that fail to load or validate, and list them")
+                   help="skip entries that fail to load or validate (and isolated atoms, which GemNet-OC "
+                        "cannot use), and list them")
     p.add_argument("--energy-key",
                    help="source key of the energy (default: REF_energy, energy, y; none: drop it)")
     p.add_argument("--forces-key",
                    help="source key of the forces (default: REF_forces, forces, force; none: drop them)")
     p.add_argument("--stress-key",
-                   help="source key of the stress (default: REF_stress, stress; none: drop it)")
+                   help="source key of the stress (default: REF_stress, stress, then a virial: REF_virial, "
+                        "virial, dft_virial, stored as -virial/volume; none: drop it)")
     p.add_argument("--property", action="append", default=[], metavar="NAME[=KEY]",
                    help="also store a per-structure property (repeatable)")
     p.add_argument("--energy-unit", default="eV", choices=list(ENERGY_UNITS))
     p.add_argument("--length-unit", default="Å", choices=list(LENGTH_UNITS))
     p.add_argument("--select", help="ASE db query selecting rows")
-    p.add_argument("--float32", action="store_true", help="store floats as float32")
+    p.add_argument("--float32", action="store_true", help="store floats as float32 (energies stay float64)")
     p.add_argument("--shard-size", type=int, default=5000, help="entries per LMDB file")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(run=cmd_convert)

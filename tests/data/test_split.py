@@ -64,6 +64,9 @@ def test_index_files(source, tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"train": [0, 40]}))
     with pytest.raises(ValueError, match="index 40 outside"):
         read_index_file(tmp_path / "bad.json", 40)
+    (tmp_path / "bad.json").write_text('{"train": [0, 1], "test": [2], "train": [3]}')  # (json keeps the last)
+    with pytest.raises(ValueError, match=r"part\(s\) \['train'\] given twice"):
+        read_index_file(tmp_path / "bad.json", 40)
 
 
 def test_cli_split(source, tmp_path, capsys):

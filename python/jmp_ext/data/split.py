@@ -58,6 +58,14 @@ def fraction_indices(num_entries: int, fractions: dict[str, float], seed: int = 
     return {name: np.sort(order[bounds[k]:bounds[k + 1]]) for k, name in enumerate(fractions)}
 
 
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json's object_pairs_hook: a part named twice is an error (json keeps the last silently)."""
+    names = [name for name, _ in pairs]
+    if twice := sorted({name for name in names if names.count(name) > 1}):
+        raise ValueError(f"part(s) {twice} given twice")
+    return dict(pairs)
+
+
 def read_index_file(file: str | Path, num_entries: int) -> dict[str, np.ndarray]:
     """Parts from a JSON file {"train": [i, ...], ...} or an .npz of int arrays named by part."""
     file = Path(file)
@@ -65,7 +73,7 @@ def read_index_file(file: str | Path, num_entries: int) -> dict[str, np.ndarray]
         with np.load(file, allow_pickle=False) as npz:
             parts = {name: npz[name] for name in npz.files}
     else:
-        parts = {name: np.asarray(v) for name, v in json.loads(file.read_text()).items()}
+        parts = {name: np.asarray(v) for name, v in json.loads(file.read_text(), object_pairs_hook=_unique_keys).items()}
     seen: dict[int, str] = {}
     for name, indices in parts.items():
         if indices.ndim != 1 or (indices.size and indices.dtype.kind not in "iu"):

@@ -733,3 +733,24 @@ def test_labels_from_reference_and_other_keys_are_pointed_out(tmp_path, frames):
     with pytest.warns(UserWarning, match=r"labels come from keys of two kinds \(energy from calculator\['energy'\], "
                                          r"forces from arrays\['REF_forces'\]"):
         convert(tmp_path / "in.extxyz", tmp_path / "out", keys=KeyMap(stress="none"))
+
+
+def test_property_units(tmp_path, frames):
+    """QM9's energies in Hartree: --energy-unit converted only the energy, and a property
+    (U_0) was stored in Hartree without a word; NAME:UNIT converts it."""
+    for k, atoms in enumerate(frames):
+        atoms.calc = None
+        atoms.info["U_0"] = -40.0 - 0.1 * k
+        atoms.info["mu"] = 0.5 * k
+    ase.io.write(tmp_path / "qm9.extxyz", frames)
+    with pytest.warns(UserWarning, match="energy_unit Hartree converted nothing .*--property NAME:UNIT"):
+        convert(tmp_path / "qm9.extxyz", tmp_path / "raw", keys=KeyMap(properties={"U_0": "U_0"}, energy_unit="Hartree"))
+    assert main(["convert", str(tmp_path / "qm9.extxyz"), str(tmp_path / "ev"), "--property", "U_0:Hartree",
+                 "--property", "dipole=mu"]) == 0
+    ds = LmdbDataset(tmp_path / "ev")
+    assert ds.schema["U_0"]["unit"] == "eV" and ds.schema["dipole"]["unit"] == ""
+    for k, entry in enumerate(ds):
+        assert entry["U_0"].item() == pytest.approx((-40.0 - 0.1 * k) * units.Hartree, rel=1e-12)
+        assert entry["dipole"].item() == pytest.approx(0.5 * k)
+    with pytest.raises(ValueError, match=r"property 'U_0': unit 'Bohr' is not an energy unit"):
+        KeyMap(properties={"U_0": "U_0"}, property_units={"U_0": "Bohr"})

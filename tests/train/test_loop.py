@@ -246,7 +246,11 @@ def test_missing_dataset_and_target(tiny_data, tmp_path):
         loop.Trainer(build_config(raw))
     raw = pretrain_config(tiny_data, tmp_path)
     raw["tasks"][0]["targets"].append({"name": "stress", "kind": "stress"})
-    with pytest.raises(TrainError, match=r"target 'stress' is not in the train dataset"):
+    with pytest.raises(TrainError, match=r"target 'stress' is not in the train dataset .*stores it when told "
+                                         r"where it is: --stress-key KEY"):
+        loop.Trainer(build_config(raw))
+    raw["tasks"][0]["targets"][-1] = {"name": "U_0", "kind": "scalar"}
+    with pytest.raises(TrainError, match=r"target 'U_0' is not in .*: --property U_0\[=KEY\]\[:UNIT\]"):
         loop.Trainer(build_config(raw))
     # A per-atom or vector field is not one number per structure.
     raw = finetune_config(tiny_data, tmp_path, forces="direct")
@@ -505,6 +509,25 @@ def test_scale_factors_are_fitted_on_the_backbone_alone(tiny_data, tmp_path):
     fitted = fit_scale_factors(trainer.model.net, [(b, trainer.model.graphs(b)) for b in batches],
                                forward=loop.backbone_forward)
     assert fitted == expected and len(fitted) > 1
+
+
+def test_without_a_progress_bar_the_log_shows_steps_and_validations(tiny_data, tmp_path, capsys):
+    """loop.progress=false (batch jobs): a line per logged step and per validation, so that a
+    log file shows the run advancing (a 15-minute run printed only its summary)."""
+    loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path / "run", max_steps=4, log_every=2))).train()
+    out = capsys.readouterr()
+    lines = (out.out + out.err).splitlines()
+    steps = [line for line in lines if line.startswith("step ") and "/4: loss " in line]
+    assert [line.split(":")[0] for line in steps] == ["step 2/4", "step 4/4"]
+    assert all(" struct/s, " in line and " ETA 0:00:" in line for line in steps)
+    validations = [line for line in lines if " validation: mean of mol/forces_mae, box/forces_mae " in line]
+    assert [line.split()[1] for line in validations] == ["2", "4"]
+    assert "(the best yet: saved best.pt)" in validations[0]
+
+
+def test_resume_without_a_checkpoint_says_it_starts_over(tiny_data, tmp_path):
+    with pytest.warns(UserWarning, match=r"resume=true, but there is no .*nowhere/last.pt: starting a new run"):
+        loop.Trainer(build_config({**pretrain_config(tiny_data, tmp_path / "nowhere"), "resume": True}))
 
 
 def test_a_run_capped_by_epochs_says_so(tiny_data, tmp_path):

@@ -24,10 +24,15 @@ def cmd_make_demo(args) -> None:
 
 
 def cmd_convert(args) -> None:
-    properties = dict(item.partition("=")[::2] for item in args.property)
-    keys = KeyMap(energy=args.energy_key, forces=args.forces_key, stress=args.stress_key,
-                  properties={name: key or name for name, key in properties.items()},
-                  energy_unit=args.energy_unit, length_unit=args.length_unit)
+    properties, units = {}, {}
+    for item in args.property:  # NAME[=KEY][:UNIT]
+        item, _, unit = item.partition(":")
+        name, _, key = item.partition("=")
+        properties[name] = key or name
+        if unit:
+            units[name] = unit
+    keys = KeyMap(energy=args.energy_key, forces=args.forces_key, stress=args.stress_key, properties=properties,
+                  property_units=units, energy_unit=args.energy_unit, length_unit=args.length_unit)
     report = convert(args.src, args.dst, keys=keys, source_format=args.format,
                      allow_pickle=args.allow_pickle, skip_invalid=args.skip_invalid,
                      select=args.select, overwrite=args.overwrite, shard_size=args.shard_size,
@@ -107,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stress-key",
                    help="source key of the stress (default: REF_stress, stress, then a virial: REF_virial, "
                         "virial, dft_virial, stored as -virial/volume; none: drop it)")
-    p.add_argument("--property", action="append", default=[], metavar="NAME[=KEY]",
-                   help="also store a per-structure property (repeatable)")
+    p.add_argument("--property", action="append", default=[], metavar="NAME[=KEY][:UNIT]",
+                   help="also store a per-structure property (repeatable), e.g. U_0:Hartree; an energy UNIT "
+                        "is converted to eV, otherwise the value is stored as it is")
     p.add_argument("--energy-unit", default="eV", choices=list(ENERGY_UNITS))
     p.add_argument("--length-unit", default="Å", choices=list(LENGTH_UNITS))
     p.add_argument("--select", help="ASE db query selecting rows")

@@ -46,14 +46,17 @@ class KeyMap:
         free_energy or y_relaxed; an entry without it is then invalid. "none" drops the label,
         e.g. a stress only some frames carry: every entry must hold the same labels.
     properties: extra per-structure labels, {stored name: source key}.
-    energy_unit, length_unit: units of the source (converted to eV and Å; forces and stress
-        follow). Named properties are stored unconverted.
+    property_units: energy units of properties, {stored name: unit}, converted to eV (QM9's
+        U_0 etc. in Hartree); the others are stored as they are, with the unit "".
+    energy_unit, length_unit: units of the source's energy, forces, stress and structure
+        (converted to eV and Å).
     """
 
     energy: str | None = None
     forces: str | None = None
     stress: str | None = None
     properties: dict[str, str] = field(default_factory=dict)
+    property_units: dict[str, str] = field(default_factory=dict)
     energy_unit: str = "eV"
     length_unit: str = "Å"
 
@@ -62,6 +65,11 @@ class KeyMap:
             raise ValueError(f"energy_unit {self.energy_unit!r} is not one of {list(ENERGY_UNITS)}")
         if self.length_unit not in LENGTH_UNITS:
             raise ValueError(f"length_unit {self.length_unit!r} is not one of {list(LENGTH_UNITS)}")
+        for name, unit in self.property_units.items():
+            if name not in self.properties:
+                raise ValueError(f"property_units names {name!r}, which is not a property")
+            if unit not in ENERGY_UNITS:
+                raise ValueError(f"property {name!r}: unit {unit!r} is not an energy unit ({list(ENERGY_UNITS)})")
 
     def drops(self, label: str) -> bool:
         chosen = getattr(self, label)
@@ -77,7 +85,8 @@ class KeyMap:
     def to_ev_angstrom(self, entry: dict) -> dict:
         e, length = ENERGY_UNITS[self.energy_unit], LENGTH_UNITS[self.length_unit]
         factors = {"pos": length, "cell": length, "energy": e, "forces": e / length,
-                   "stress": e / length**3}
+                   "stress": e / length**3,
+                   **{name: ENERGY_UNITS[unit] for name, unit in self.property_units.items()}}
         return {k: _numbers(k, v) * factors[k] if k in factors else v for k, v in entry.items()}
 
 
@@ -510,8 +519,9 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
     select: an ASE db query for "ase-db".
 
     A single atom without periodic images (such as MACE's isolated-atom E0 frames) is invalid:
-    GemNet-OC needs a pair of atoms. Named properties keep the source's units (schema unit "").
-    A dataset without any label gets a warning that lists the keys the source offers.
+    GemNet-OC needs a pair of atoms. Named properties keep the source's units (schema unit "")
+    unless keys.property_units converts them. A dataset without any label gets a warning that
+    lists the keys the source offers; an energy_unit that converted nothing, one too.
     """
     src, keys = Path(src), keys or KeyMap()
     if not src.exists():
@@ -535,7 +545,7 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
     # closing(): a failed conversion also closes the source (its LMDB handles, its file).
     info = {"converted_from": str(src), "source_format": kind}
     labels = first = None  # the labels of the first entry written, and where it came from
-    units = {name: "" for name in keys.properties}
+    units = {name: "eV" if name in keys.property_units else "" for name in keys.properties}
     with closing(stream), DatasetWriter(dst, overwrite=overwrite, float_dtype=float_dtype,
                                         shard_size=shard_size, info=info, units=units) as writer:
         for where, item in stream:
@@ -568,6 +578,10 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
         warnings.warn(f"{dst}: the labels come from keys of two kinds ({', '.join(f'{k} from {v}' for k, v in found.items())}): "
                       f"REF_* keys usually hold the reference method's values and the others another "
                       f"method's; make sure they belong together, or name the keys (--energy-key, ...)", stacklevel=2)
+    if keys.energy_unit != "eV" and report.written and not report.labels:
+        warnings.warn(f"{dst}: energy_unit {keys.energy_unit} converted nothing (no energy, forces or stress); "
+                      f"properties keep their units unless given one (--property NAME:UNIT; from Python "
+                      f"KeyMap(property_units=...))", stacklevel=2)
     if report.written and not report.labels and not keys.properties:
         searched = [k for label in LABELS if not keys.drops(label) for k in keys.candidates(label)]
         warnings.warn(f"{dst} has no labels: none found under the usual keys ({', '.join(searched)}; the first "

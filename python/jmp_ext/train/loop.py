@@ -309,6 +309,8 @@ class Trainer:
         self.main = self.dist.rank == 0
         self.run_dir = Path(c.run_dir)
         resumed = c.resume and every_rank_sees(self.run_dir / "last.pt")
+        if c.resume and not resumed:  # (a mistyped run_dir would otherwise start over without a word)
+            warnings.warn(f"resume=true, but there is no {self.run_dir / 'last.pt'}: starting a new run", stacklevel=2)
         # Everything up to DDP is this rank's own work: a rank that fails here (a dataset or
         # checkpoint it cannot read) makes every rank fail with its message, none waits for it.
         with distributed.together():
@@ -592,7 +594,10 @@ class Trainer:
         self.log.log(self.step, "val", {**metrics, "primary": value})
         self.schedule.on_validation(self.step, value)
         self.schedule.set_step(self.step)
-        if value < self.best:
+        improved = value < self.best
+        self.log.write(f"step {self.step} validation: {tasks.primary_metric_name(c)} {value:.4g}"
+                       + (" (the best yet: saved best.pt)" if improved else f" (best {self.best:.4g})"))
+        if improved:
             self.best, self.bad_validations = value, 0
             self.save_best(metrics)
         else:

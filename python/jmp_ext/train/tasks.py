@@ -79,8 +79,11 @@ def load_task_data(config: TrainConfig) -> list[TaskData]:
                 continue
             for target in task.targets:
                 if target.name not in ds.schema:
+                    how = (f"--{target.kind}-key KEY" if target.kind in ("energy", "forces", "stress")
+                           else f"--property {target.name}[=KEY][:UNIT]")
                     raise TrainError(f"tasks.{i} ({task.name}): target {target.name!r} is not in the {split} "
-                                     f"dataset {ds.path} (it has: {', '.join(sorted(ds.schema))})")
+                                     f"dataset {ds.path} (it has: {', '.join(sorted(ds.schema))}); `python -m "
+                                     f"jmp_ext.data convert` stores it when told where it is: {how}")
                 shape = ds.schema[target.name]["shape"]
                 if target.kind in ("energy", "scalar", "classification") and shape:
                     raise TrainError(f"tasks.{i} ({task.name}): target {target.name!r} has shape {shape} per "
@@ -321,19 +324,28 @@ def update_metrics(metrics: Metrics, model: TaskModel, preds: dict, batch: dict)
                 metrics.update_scalar(task.name, name, p[sel], y[sel])
 
 
-def primary_metric(config: TrainConfig, metrics: dict[str, float]) -> float:
-    """The validation value (lower is better) for best checkpoints, plateau and early stopping:
-    the mean over tasks of the forces MAE when the tasks train forces, else the first target's MAE
-    (minus its accuracy for classification)."""
-    values = []
+def _primary_keys(config: TrainConfig) -> list[tuple[str, int]]:
+    """(metric, sign) per task: its forces MAE when it trains forces, else its first target's MAE
+    (its accuracy, negated, for classification)."""
+    keys = []
     for task in config.tasks:
         kinds = {t.kind: t for t in task.targets}
         if "forces" in kinds and kinds["forces"].coef > 0:
-            key, sign = f"{task.name}/forces_mae", 1
+            keys.append((f"{task.name}/forces_mae", 1))
         elif task.targets[0].kind == "classification":
-            key, sign = f"{task.name}/{task.targets[0].name}_accuracy", -1
+            keys.append((f"{task.name}/{task.targets[0].name}_accuracy", -1))
         else:
-            key, sign = f"{task.name}/{task.targets[0].name}_mae", 1
-        if key in metrics:  # (a task without a val split has no metrics)
-            values.append(sign * metrics[key])
-    return float(np.mean(values))
+            keys.append((f"{task.name}/{task.targets[0].name}_mae", 1))
+    return keys
+
+
+def primary_metric(config: TrainConfig, metrics: dict[str, float]) -> float:
+    """The validation value (lower is better) for best checkpoints, plateau and early stopping:
+    the mean over tasks of their _primary_keys (a task without a val split has no metrics)."""
+    return float(np.mean([sign * metrics[key] for key, sign in _primary_keys(config) if key in metrics]))
+
+
+def primary_metric_name(config: TrainConfig) -> str:
+    """What primary_metric is, for a log line: 'md/forces_mae', 'mean of a/forces_mae, b/forces_mae'."""
+    names = [key if sign > 0 else f"-{key}" for key, sign in _primary_keys(config)]
+    return names[0] if len(names) == 1 else f"mean of {', '.join(names)}"

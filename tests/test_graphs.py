@@ -326,3 +326,24 @@ def test_subgraph_cutoffs_compare_in_the_distance_dtype():
     for name in ("main", "a2ee2a", "qint"):
         assert sorted(map(tuple, graphs[name]["edge_index"].t().tolist())) == [(0, 1), (1, 0)], name
     assert graphs["a2a"]["edge_index"].shape[1] == 4  # (atoms 1 and 2 are 8.8 Å apart)
+
+
+def test_truncated_neighbors_counts_every_neighbour_like_ase():
+    """fcc Cu at 6 Å: 78 neighbours per atom (ASE's neighbour list), more than k = 30 keeps in
+    the main graph and int(8 * 30 / 30) = 8 in the quadruplet graph; k = 300 keeps them all."""
+    import numpy as np
+    from ase.build import bulk
+    from ase.neighborlist import neighbor_list
+
+    from jmp_ext.data import collate
+    from jmp_ext.data.convert import atoms_structure
+
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2)
+    atoms.rattle(0.01, seed=0)
+    most = int(np.bincount(neighbor_list("i", atoms, 6.0)).max())
+    assert most == 78
+    batch = collate([{k: torch.as_tensor(v) for k, v in atoms_structure(atoms).items()}], dtype=torch.float64)
+    assert G.truncated_neighbors(batch, G.GraphConfig.uniform(6.0, 30)) == {"main": (most, 30), "a2ee2a": (most, 20),
+                                                                         "qint": (most, 8)}
+    assert G.truncated_neighbors(batch, G.GraphConfig.uniform(6.0, 293)) == {}
+    assert G.truncated_neighbors(batch, G.GraphConfig.uniform(6.0, 292)) == {"qint": (most, 77)}

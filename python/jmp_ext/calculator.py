@@ -15,7 +15,9 @@ given a direct-force checkpoint.
 The graphs keep each atom's k nearest neighbours within the cutoff (JMP: 30 within 12 Å), so in
 a dense solid the energy steps (~meV) as the neighbour set changes. The energy is smooth when all
 four graphs hold every neighbour within the cutoff: the quadruplet graph keeps int(8k/30), so
-graph.max_neighbors must be at least 3.75x the neighbour count.
+graph.max_neighbors must be at least 3.75x the neighbour count. The calculator of a
+gradient-force checkpoint warns once, on the first structure, when its graphs leave neighbours
+out (jmp_ext.graphs.truncated_neighbors).
 
 Near-collinear atoms are a weak spot of JMP's GemNet-OC (kept for parity with its checkpoints):
 its quadruplet basis (Legendre polynomials of the dihedral, with no sin factor that would vanish
@@ -85,6 +87,9 @@ class JMPCalculator(Calculator):
                              "(a target of kind energy), which an ASE calculator needs")
         # ASE and its optimisers read this to decide what to ask for.
         self.implemented_properties = [p for p in self.implemented_properties if p not in {"forces", "stress"} - kinds]
+        # Truncated neighbour lists are checked once, for gradient forces (direct ones are not
+        # conservative anyway, as the warning below says).
+        self._checked_neighbors = not self.config.tasks[self.task].gradient_forces
         if "forces" in kinds and not self.config.tasks[self.task].gradient_forces:
             warnings.warn(f"{checkpoint} predicts direct forces (forces: direct), which are not the "
                           "gradient of its energy: MD will not conserve energy. Fine-tune with "
@@ -97,6 +102,21 @@ class JMPCalculator(Calculator):
             changes.append("tags")
         return changes
 
+    def _warn_if_truncated(self, entry: dict) -> None:
+        from jmp_ext.data import collate
+        from jmp_ext.graphs import K_PROPORTIONS, truncated_neighbors
+
+        config = self.model.graph_configs[self.task]
+        truncated = truncated_neighbors(collate([entry], dtype=torch.float64), config)
+        if truncated:
+            # The base k each graph needs: it keeps k * K_PROPORTIONS[name] // 30 neighbours.
+            needed = max(-(-count * 30 // K_PROPORTIONS[name]) for name, (count, _) in truncated.items())
+            kept = ", ".join(f"{name} {k} of up to {count}" for name, (count, k) in truncated.items())
+            warnings.warn(f"the model's graphs keep each atom's nearest neighbours only ({kept} within the "
+                          f"cutoffs): the energy steps as those sets change, so MD drifts and relaxations may "
+                          f"oscillate. For smooth energies fine-tune with graph.max_neighbors >= {needed}; see "
+                          f"jmp_ext.calculator", stacklevel=3)
+
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         from jmp_ext.train.loop import predict_structures
 
@@ -104,7 +124,11 @@ class JMPCalculator(Calculator):
         for name in ("forces", "stress"):
             if name in properties and name not in self.implemented_properties:
                 raise PropertyNotImplementedError(f"this checkpoint was not trained with a {name} target")
-        preds = predict_structures(self.model, [atoms_to_entry(self.atoms)], self.task)
+        entry = atoms_to_entry(self.atoms)
+        if not self._checked_neighbors:  # (once: the counts change little along a trajectory)
+            self._checked_neighbors = True
+            self._warn_if_truncated(entry)
+        preds = predict_structures(self.model, [entry], self.task)
         energy = float(preds["energy"][0])
         self.results = {"energy": energy, "free_energy": energy}
         if "forces" in preds:

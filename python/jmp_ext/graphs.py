@@ -391,6 +391,28 @@ def quad_edges(quad: dict) -> Tensor:
     return torch.unique_consecutive(quad["triplet_out"]["out"]).long()
 
 
+def truncated_neighbors(batch: dict, config: GraphConfig) -> dict[str, tuple[int, int]]:
+    """{graph name: (most neighbours of an atom within the graph's cutoff, the k it keeps)} for
+    the graphs whose k leaves some atom's neighbours out: there the energy steps as the k-nearest
+    set changes (MD drifts, relaxations oscillate). The quadruplet graph is counted before its
+    tag filter, an upper bound."""
+    check_batch(batch)
+    pos, natoms = batch["pos"].detach(), batch["natoms"]
+    pbc = batch["pbc"] if config.pbc else torch.zeros(natoms.shape[0], 3, dtype=torch.bool, device=pos.device)
+    edge_index, _, distance = radius_graph(pos, config.cutoff_a2a, natoms=natoms,
+                                           cell=batch["cell"].detach().to(pos.dtype), pbc=pbc)
+    k = config.neighbors_per_structure(natoms)
+    structure = torch.repeat_interleave(torch.arange(natoms.shape[0], device=pos.device), natoms)
+    out = {}
+    for name in GRAPH_NAMES:
+        targets = edge_index[1][distance <= getattr(config, f"cutoff_{name}")]
+        counts = torch.bincount(targets, minlength=pos.shape[0])
+        over = counts > k[name][structure]
+        if over.any():
+            out[name] = (int(counts.max()), int(k[name][structure][over].min()))
+    return out
+
+
 def build_graphs(batch: dict, config: GraphConfig | list[GraphConfig], *, edge_dropout: float | None = None,
                  generator: torch.Generator | None = None) -> dict:
     """The graphs dict GemNetOCBackbone.forward(h, graphs) takes, from a collated batch.

@@ -23,7 +23,8 @@ from jmp_ext.train.tasks import TrainError
 @pytest.fixture(scope="module")
 def checkpoint(tiny_data, tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
-    raw = {"mode": "finetune", "run_dir": str(run), "threads": 1, "graph": {"cutoff": 4.0, "max_neighbors": 8},
+    # (k = 30: the quadruplet graph keeps int(30 * 8 / 30) = 8 neighbours, all of a small molecule's)
+    raw = {"mode": "finetune", "run_dir": str(run), "threads": 1, "graph": {"cutoff": 4.0, "max_neighbors": 30},
            "tasks": [{"name": "mol", "train": str(tiny_data / "mol" / "train"), "forces": "gradient",
                       "targets": [{"name": "energy", "kind": "energy"}, {"name": "forces", "kind": "forces"}]}],
            "model": {"backbone": "tiny", "backbone_overrides": {"num_blocks": 1, "num_radial": 16}},
@@ -314,3 +315,23 @@ def test_calculator_without_an_energy_names_the_targets(tmp_path):
     loop.Trainer(build_config(raw)).save_best({})
     with pytest.raises(ValueError, match=r"best.pt predicts u0 \(scalar\) \(task 'mol'\), not an energy"):
         JMPCalculator(tmp_path / "run" / "best.pt")
+
+
+def test_calculator_warns_once_that_neighbour_lists_are_truncated(checkpoint):
+    """The graphs keep each atom's k nearest neighbours (the quadruplet graph 8 here): benzene's
+    atoms have up to 11 within 4 Å, so its energy steps as the kept sets change, and MD drifts
+    (a user's Cu MD drifted without a word). Methanol's 5 all fit: no warning."""
+    import warnings
+
+    benzene = molecule("C6H6")
+    benzene.calc = JMPCalculator(checkpoint)
+    with pytest.warns(UserWarning, match=r"keep each atom's nearest neighbours only \(qint 8 of up to 11 within "
+                                         r"the cutoffs\).*graph.max_neighbors >= 42"):
+        benzene.get_potential_energy()
+    benzene.rattle(1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        benzene.get_potential_energy()  # (once per calculator)
+        methanol = molecule("CH3OH")
+        methanol.calc = JMPCalculator(checkpoint)
+        methanol.get_potential_energy()

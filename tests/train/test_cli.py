@@ -48,6 +48,19 @@ def test_the_example_of_the_help_is_a_valid_config(capsys):
     assert build_config({}, words[4:]).mode == "finetune"
 
 
+def test_print_config_shows_the_resolved_config_and_runs_nothing(tmp_path, capsys):
+    """A preset with its overrides, as the run would save it in config.yaml: what a user reads
+    before a long run (it had to start one and read run_dir/config.yaml)."""
+    argv = ["finetune", "preset=jmp_s_qm9", "tasks.0.train=/data/qm9/train", "data.batch_size=16",
+            f"run_dir={tmp_path / 'run'}", "--print-config"]
+    assert main(argv) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["mode"] == "finetune" and printed["data"]["batch_size"] == 16
+    assert printed["optim"]["llrd_blocks"] == [0.30, 0.40, 0.55, 0.625] and printed["tasks"][0]["name"] == "qm9"
+    assert build_config(printed).data.batch_size == 16  # (a config file as it stands)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_config_path_may_hold_an_equals_sign(tiny_data, tmp_path, capsys):
     """A sweep's directories are often named lr=1e-3: the path is still the config, not an override."""
     path = tmp_path / "lr=1e-3" / "config.yaml"

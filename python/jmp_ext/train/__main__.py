@@ -4,6 +4,7 @@ usage:
   python -m jmp_ext.train [demo [key=value ...]]              the CPU demo (makes demo_data/ if missing)
   python -m jmp_ext.train CONFIG.yaml [key=value ...]          the mode the config says
   python -m jmp_ext.train pretrain|finetune [CONFIG.yaml] [key=value ...]
+  python -m jmp_ext.train ... --print-config                   the resolved config (YAML), no run
   python -m jmp_ext.train eval CHECKPOINT DATASET [--task NAME] [--out metrics.json]
   python -m jmp_ext.train predict CHECKPOINT INPUT --out predictions.npz [--task NAME]
   (eval --help, predict --help: all their options)
@@ -206,10 +207,17 @@ def main(argv: list[str] | None = None) -> int:
             demo(argv[1:])
         else:
             mode = argv[0] if argv[0] in ("pretrain", "finetune") else None
-            rest = argv[1:] if mode else argv
+            rest = [a for a in (argv[1:] if mode else argv) if a != "--print-config"]
             path = rest[0] if rest and is_config_path(rest[0]) else None
             overrides = rest[1:] if path else rest
             config = load_config(path, overrides, mode)
+            if "--print-config" in argv:
+                import yaml
+
+                from jmp_ext.train.config import to_dict
+
+                print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+                return 0
             check_device(config.device, "device=")
             run_training(config)
     except (ConfigError, TrainError, FileNotFoundError, ValueError) as e:  # bad input: a message, no traceback

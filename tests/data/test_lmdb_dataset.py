@@ -3,6 +3,7 @@ import json
 import multiprocessing
 import os
 import pickle
+import shutil
 import stat
 
 import lmdb
@@ -235,7 +236,8 @@ def test_dataloader_workers(tmp_path, entries, context):
 def test_workers_refuse_a_replaced_dataset(tmp_path, entries):
     """A worker reopens the shards by path: after `convert --overwrite` replaced the dataset, it
     decoded the new entries with the old metadata (-14.59 eV in the parent, -396.97 in the
-    worker: the new file was in Hartree)."""
+    worker: the new file was in Hartree). The files have the same sizes: meta.json's id, new
+    with every write, tells them apart."""
     write_dataset(tmp_path / "ds", entries, shard_size=10)
     ds = LmdbDataset(tmp_path / "ds")
     ds[0]
@@ -243,12 +245,51 @@ def test_workers_refuse_a_replaced_dataset(tmp_path, entries):
     write_dataset(tmp_path / "ds", replaced, shard_size=10, overwrite=True)
     # A pool, not a DataLoader: a DataLoader takes 5 s to shut down a worker that raised.
     with multiprocessing.get_context("fork").Pool(1) as worker:
-        with pytest.raises(DataError, match=r"ds/data.0000.lmdb was replaced or changed since "
-                                            ".*ds was opened.*open the dataset again"):
+        with pytest.raises(DataError, match=r"ds was replaced or changed since it was opened "
+                                            r"\(changed: meta.json\).*open the dataset again"):
             worker.apply(ds.read, (0,))
     assert_entry_equal(ds[0], entries[0])  # the parent's handles still read what it opened
     ds._close()  # reopened in this process: the same check
     with pytest.raises(DataError, match="replaced or changed"):
+        ds[0]
+
+
+def test_touched_or_recopied_files_are_the_same_dataset(tmp_path, entries):
+    """Identity was (st_dev, st_ino, mtime): `touch` (scratch-purge avoidance) broke every
+    worker's reopen, and so would new inode or device numbers (another host of a network file
+    system, FUSE), simulated here by copying every file onto itself."""
+    write_dataset(tmp_path / "ds", entries, shard_size=10)
+    ds = LmdbDataset(tmp_path / "ds")
+    ds[0]
+    for file in (tmp_path / "ds").iterdir():
+        shutil.copy2(file, tmp_path / "copy")
+        os.replace(tmp_path / "copy", file)
+        os.utime(file, (1e9, 1e9))
+    with multiprocessing.get_context("fork").Pool(1) as worker:
+        assert_entry_equal({k: torch.from_numpy(v) for k, v in worker.apply(ds.read, (7,)).items()},
+                           entries[7])
+    ds._close()
+    assert_entry_equal(ds[12], entries[12])
+
+
+def test_a_replaced_dataset_written_before_ids(tmp_path, entries):
+    """Datasets written before meta.json held an id are told apart by meta.json's bytes and
+    the shards' sizes."""
+    def write_without_id(entries):
+        write_dataset(tmp_path / "ds", entries, shard_size=30, overwrite=True)
+        meta = json.loads((tmp_path / "ds" / "meta.json").read_text())
+        del meta["id"]
+        (tmp_path / "ds" / "meta.json").write_text(json.dumps(meta))
+
+    write_without_id(entries)
+    ds = LmdbDataset(tmp_path / "ds")
+    ds[0]
+    ds._close()
+    ds[0]  # unchanged
+    rng = np.random.default_rng(1)
+    write_without_id([random_entry(rng, natoms=50, stress=True) for _ in entries])
+    ds._close()
+    with pytest.raises(DataError, match=r"changed: data.0000.lmdb\)"):
         ds[0]
 
 

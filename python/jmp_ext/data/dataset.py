@@ -25,14 +25,20 @@ _SHARED_ENVS: weakref.WeakValueDictionary[tuple[int, int, int], lmdb.Environment
 _SHARED_ENVS_LOCK = threading.Lock()
 
 
-def _file_id(file: Path) -> tuple[int, int, int] | None:
-    """What tells a file from another put at its path (None: no file there): (st_dev, st_ino),
-    and the modification time, as the inode of a deleted file may be reused."""
+def _size(file: Path) -> int | None:
+    """The size of a file, None when there is none."""
     try:
-        stat = os.stat(file)
+        return os.path.getsize(file)
     except FileNotFoundError:
         return None
-    return stat.st_dev, stat.st_ino, stat.st_mtime_ns
+
+
+def _contents(file: Path) -> bytes | None:
+    """The bytes of a file, None when there is none (read_meta says what is missing)."""
+    try:
+        return file.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
 
 
 def _shared_env(file: Path) -> lmdb.Environment:
@@ -70,25 +76,25 @@ class LmdbDataset(Dataset):
     LMDB handles are opened on construction (so a truncated shard, or one with another number of
     entries than meta.json lists, fails there) and reopened in a new process (DataLoader
     workers, DDP ranks after fork), because an LMDB environment must not cross a fork; a
-    reopen fails (DataError) if the files are no longer those opened (the dataset was replaced
-    meanwhile). Every entry read is checked against the schema and metadata.npz. Datasets on the
-    same files in one process share the handles, so a directory can be opened any number of
-    times (e.g. as both the val and the test split).
+    reopen fails (DataError) if meta.json or a shard's size is no longer what was read on
+    construction (the dataset was replaced meanwhile). Every entry read is checked against the
+    schema and metadata.npz. Datasets on the same files in one process share the handles, so a
+    directory can be opened any number of times (e.g. as both the val and the test split).
     """
 
     def __init__(self, path: str | Path, in_memory: bool = False):
         self.path = Path(path)
-        # Taken before meta.json is read, and compared once the shards are open (_open): a
+        # Taken before meta.json is parsed, and compared once the shards are open (_open): a
         # dataset replaced in between fails here instead of pairing this metadata with the
         # new entries.
-        meta_id = _file_id(self.path / fmt.META_FILE)
+        self._meta_bytes = _contents(self.path / fmt.META_FILE)
         meta = fmt.read_meta(self.path)
         self.schema: dict[str, dict] = meta["schema"]
         self._shard_files = [self.path / shard["file"] for shard in meta["shards"]]
         self._offsets = np.cumsum([0] + [shard["num_entries"] for shard in meta["shards"]])
         self.natoms = fmt.read_natoms(self.path, meta["num_entries"])
         self._decoder = fmt.EntryDecoder(self.schema)
-        self._file_ids = [*map(_file_id, self._shard_files), meta_id]
+        self._shard_sizes = [*map(_size, self._shard_files)]
         self._envs: list[lmdb.Environment] | None = None
         self._pid = None
         self._open()
@@ -139,13 +145,21 @@ class LmdbDataset(Dataset):
         """A process (a DataLoader worker) reopens the files by path: had the dataset been
         replaced since it was opened (convert --overwrite), it would decode the new entries
         with the old metadata and schema (another unit, other atom counts) without a word.
-        meta.json comes last, so a replacement of the whole directory before shows in it."""
-        for file, opened in zip([*self._shard_files, self.path / fmt.META_FILE], self._file_ids):
-            if _file_id(file) != opened:
-                raise fmt.DataError(
-                    f"{file} was replaced or changed since {self.path} was opened, so its "
-                    "entries may not match the metadata read then: open the dataset again (and "
-                    "make new DataLoaders), and do not rewrite a dataset while it is in use")
+
+        Content, not file identity: device and inode numbers differ between the hosts of a
+        network file system and change under FUSE, and `touch` (scratch-purge avoidance)
+        changes mtimes, none of which changes a dataset. meta.json holds an id that every
+        write draws anew (older datasets: their bytes and shard sizes still tell most
+        rewrites apart); a shard replaced on its own shows in its size or entry count."""
+        changed = [file for file, size in zip(self._shard_files, self._shard_sizes)
+                   if _size(file) != size]
+        if _contents(self.path / fmt.META_FILE) != self._meta_bytes:
+            changed.append(self.path / fmt.META_FILE)
+        if changed:
+            raise fmt.DataError(
+                f"{self.path} was replaced or changed since it was opened (changed: "
+                f"{', '.join(file.name for file in changed)}), so its entries may not match the metadata read then: open the dataset "
+                "again (and make new DataLoaders), and do not rewrite a dataset while it is in use")
 
     def _read(self, index: int) -> bytes:
         if self._envs is None or self._pid != os.getpid():

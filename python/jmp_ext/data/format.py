@@ -3,6 +3,7 @@
 A dataset is a directory:
 
     meta.json           {"format": "jmp_ext.lmdb", "version": 1, "num_entries": M,
+                         "id": random hex, new with every write (none in older datasets),
                          "shards": [{"file": "data.0000.lmdb", "num_entries": m0}, ...],
                          "schema": {field: {"dtype", "shape", "per_atom", "unit"}},
                          "info": {provenance: source file, converter, demo seed, ...}}

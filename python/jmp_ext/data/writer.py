@@ -158,9 +158,11 @@ class DatasetWriter:
                 raise fmt.DataError(f"{self.path}: no entries to write")
             with self._lmdb_errors():
                 self._close_shard()
+            # "id": no two writes give the same meta.json, so LmdbDataset tells a rewrite of
+            # the same source (another unit, the same sizes) from the dataset it opened.
             meta = {"format": fmt.FORMAT_NAME, "version": fmt.FORMAT_VERSION,
-                    "num_entries": len(self._natoms), "shards": self._shards,
-                    "schema": self._schema, "info": self.info}
+                    "id": uuid.uuid4().hex, "num_entries": len(self._natoms),
+                    "shards": self._shards, "schema": self._schema, "info": self.info}
             write_bytes_atomic(self._tmp / fmt.META_FILE, json.dumps(meta, indent=1).encode())
             write_atomic(self._tmp / fmt.NATOMS_FILE,
                          lambda f: np.savez(f, natoms=np.asarray(self._natoms, dtype=np.int64)))

@@ -231,6 +231,29 @@ def test_eval_and_predict_cli(checkpoint, tiny_data, tmp_path):
         assert pred["energy"][k] == pytest.approx(atoms.get_potential_energy(), rel=1e-10)
 
 
+def test_predict_on_a_split_says_which_source_frame_each_row_is(checkpoint, tmp_path):
+    """A split reorders the source's frames: predict's rows carry their sid (the source frame),
+    so that predictions can be matched to structures without opening the LMDB."""
+    from jmp_ext.data import LmdbDataset
+    from jmp_ext.data.__main__ import main as data_main
+
+    images = [molecule(n) for n in ("CH3OH", "C2H6", "CH3CHO", "H2O", "NH3", "CH4")]
+    for k, atoms in enumerate(images):
+        atoms.info["REF_energy"] = -float(k)
+    ase.io.write(tmp_path / "in.extxyz", images)
+    assert data_main(["convert", str(tmp_path / "in.extxyz"), str(tmp_path / "all")]) == 0
+    assert data_main(["split", str(tmp_path / "all"), str(tmp_path / "parts"), "--fractions", "a=0.5,b=0.5",
+                      "--seed", "1"]) == 0
+    assert main(["predict", str(checkpoint), str(tmp_path / "parts" / "b"), "--out", str(tmp_path / "p.npz")]) == 0
+    pred = np.load(tmp_path / "p.npz")
+    ds = LmdbDataset(tmp_path / "parts" / "b")
+    assert pred["sid"].tolist() == [int(e["sid"]) for e in ds] and len(ds) == 3
+    calc = JMPCalculator(checkpoint)
+    for energy, sid in zip(pred["energy"], pred["sid"]):
+        images[sid].calc = calc
+        assert energy == pytest.approx(images[sid].get_potential_energy(), rel=1e-10)
+
+
 def test_a_pretraining_checkpoint_needs_a_task(tiny_data, tmp_path, capsys):
     """Each pretraining task has its own heads: none is a default (the first one silently gave
     another domain's energies)."""

@@ -164,6 +164,28 @@ def test_classification_loss_is_summed_over_the_batch(tmp_path):
     assert batch["natoms"].numel() > 1 and logged == [pytest.approx(want, rel=1e-5)]
 
 
+def test_bad_class_labels_are_named(tmp_path):
+    """Class indices outside 0..C-1, or float labels, gave cross-entropy's IndexError or
+    dtype RuntimeError from inside torch."""
+    from helpers import write_molecules
+
+    data = write_molecules(tmp_path / "cls", 8, seed=3, classes=3)
+    raw = finetune_config(tmp_path, tmp_path / "run", forces="direct")
+    raw["tasks"][0].update(train=data, val="", test="",
+                           targets=[{"name": "cls", "kind": "classification", "num_classes": 2}])
+    raw["loop"].update(max_steps=2, val_every=0)
+    with pytest.raises(TrainError, match=r"target 'cls': label\(s\) \[2\] are not class indices 0..1 \(num_classes=2\)"):
+        loop.Trainer(build_config(raw)).train()
+    # The log shows an accuracy as itself (it was "-mol/cls_accuracy -0.6667"; lower is better
+    # only inside, for best.pt and early stopping).
+    assert tasks.describe_primary(build_config(raw), -0.75) == "mol/cls_accuracy 0.75"
+    raw["tasks"][0]["targets"] = [{"name": "energy", "kind": "classification", "num_classes": 2}]
+    raw["overwrite"] = True
+    with pytest.raises(TrainError, match=r"target 'energy' is float64 .*; a classification target holds class "
+                                         r"indices 0..1 \(integers\)"):
+        loop.Trainer(build_config(raw))
+
+
 def test_resume_refuses_a_different_run_but_not_a_different_loader(tiny_data, tmp_path):
     loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path, max_steps=2))).train()
     resume = ["resume=true", "loop.max_steps=3"]
@@ -528,6 +550,14 @@ def test_without_a_progress_bar_the_log_shows_steps_and_validations(tiny_data, t
 def test_resume_without_a_checkpoint_says_it_starts_over(tiny_data, tmp_path):
     with pytest.warns(UserWarning, match=r"resume=true, but there is no .*nowhere/last.pt: starting a new run"):
         loop.Trainer(build_config({**pretrain_config(tiny_data, tmp_path / "nowhere"), "resume": True}))
+
+
+def test_a_fine_tune_from_scratch_says_so(tiny_data, tmp_path, capsys):
+    """A preset's init_checkpoint is empty until given: a run without it trained a random
+    network without a word (and, with the presets' fit_scale_factors=0, unscaled)."""
+    loop.Trainer(build_config(finetune_config(tiny_data, tmp_path / "run")))
+    out = capsys.readouterr()
+    assert "model.init_checkpoint is empty: fine-tuning a randomly initialised network" in out.out + out.err
 
 
 def test_a_run_capped_by_epochs_says_so(tiny_data, tmp_path):

@@ -111,8 +111,10 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, task: str | None, out: st
 def predict(checkpoint: str, source: str, out: str, task: str | None, batch_size: int, device: str) -> dict:
     """Predictions for every structure of a dataset directory or an ASE-readable file, saved as npz:
     natoms [M], energy [M] (eV), forces [sum natoms, 3] (eV/Å), stress [M, 3, 3] (eV/Å^3; NaN for a
-    structure without a cell), or a property such as U_0 [M(, k)]: natoms and one array per target
-    the checkpoint predicts, under its name."""
+    structure without a cell), a property such as U_0 [M(, k)], a classification's logits [M, C]
+    (the class is their argmax): natoms and one array per target the checkpoint predicts, under
+    its name, in the input's order; with a dataset whose entries carry one, sid [M] too (the
+    source's frame or row, which a split reorders)."""
     from jmp_ext.calculator import atoms_to_entry
     from jmp_ext.files import write_bytes_atomic
     from jmp_ext.train.loop import load_trained, predict_structures, task_index
@@ -139,9 +141,11 @@ def predict(checkpoint: str, source: str, out: str, task: str | None, batch_size
         count = len(images)
     keep = ("pos", "atomic_numbers", "cell", "pbc", "tags", "fixed")
     outputs: dict[str, list[np.ndarray]] = {"natoms": []}
-    pending = []
+    pending, sids = [], []
     for k, entry in enumerate(entries):
         pending.append({key: entry[key] for key in keep})
+        if "sid" in entry:
+            sids.append(int(entry["sid"]))
         if len(pending) == batch_size or k == count - 1:
             preds = predict_structures(model, pending, t)
             outputs["natoms"].append(np.array([len(e["atomic_numbers"]) for e in pending], dtype=np.int64))
@@ -149,6 +153,8 @@ def predict(checkpoint: str, source: str, out: str, task: str | None, batch_size
                 outputs.setdefault(name, []).append(value.detach().double().cpu().numpy())
             pending = []
     arrays = {name: np.concatenate(values) for name, values in outputs.items()}
+    if len(sids) == count:
+        arrays["sid"] = np.array(sids, dtype=np.int64)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     write_bytes_atomic(Path(out), buf.getvalue())
@@ -179,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                 description="Metrics (JSON) of a trained checkpoint on a dataset." if is_eval else
                 "Predictions of a trained checkpoint for every structure of INPUT, saved as npz: natoms "
                 "and one array per target the checkpoint predicts, under its name (energy in eV, forces "
-                "in eV/Å, stress in eV/Å^3, properties in their units).",
+                "in eV/Å, stress in eV/Å^3, properties in their units, a classification's logits [M, C]: "
+                "the class is their argmax), in INPUT's order; sid when the dataset's entries have one.",
                 epilog="Training: python -m jmp_ext.train --help.")
             parser.add_argument("checkpoint", metavar="CHECKPOINT", help="best.pt or last.pt of a run")
             parser.add_argument("data", metavar="DATASET" if is_eval else "INPUT",

@@ -392,6 +392,9 @@ class Trainer:
         if c.model.init_checkpoint and not resumed:
             self.log.write(f"initialised the embedding and backbone from {c.model.init_checkpoint} "
                            f"({'its EMA weights where it has them' if c.model.init_ema else 'its raw weights'}), with new heads")
+        elif c.mode == "finetune" and not resumed:  # (a preset's init_checkpoint is empty until given)
+            self.log.write("model.init_checkpoint is empty: fine-tuning a randomly initialised network, without "
+                           "pre-training (give a released JMP checkpoint or a pre-training run's last.pt)")
 
     # ------------------------------------------------------------ the loop
 
@@ -595,8 +598,9 @@ class Trainer:
         self.schedule.on_validation(self.step, value)
         self.schedule.set_step(self.step)
         improved = value < self.best
-        self.log.write(f"step {self.step} validation: {tasks.primary_metric_name(c)} {value:.4g}"
-                       + (" (the best yet: saved best.pt)" if improved else f" (best {self.best:.4g})"))
+        self.log.write(f"step {self.step} validation: {tasks.describe_primary(c, value)}"
+                       + (" (the best yet: saved best.pt)" if improved else
+                          f" (the best was {tasks.describe_primary(c, self.best).rsplit(' ', 1)[1]})"))
         if improved:
             self.best, self.bad_validations = value, 0
             self.save_best(metrics)

@@ -59,7 +59,7 @@ def _finetune(size: str, task: dict, batch_size: int, precision: str = "fp16", p
         "schedule": {"unit": "epochs", "warmup": 5, "warmup_start_factor": 0.1, "cosine": 27,
                      "min_lr_factor": 0.1, "plateau_patience": patience, "plateau_factor": 0.8},
         "loop": {"max_steps": 0, "max_epochs": max_epochs, "ema_decay": 0.0, "precision": precision,
-                 "early_stop_patience": early_stop, "min_lr": min_lr, "fit_scale_factors": 0,
+                 "early_stop_patience": early_stop, "min_lr": min_lr,
                  "val_every": 0},
     }
 

@@ -89,6 +89,10 @@ def load_task_data(config: TrainConfig) -> list[TaskData]:
                     raise TrainError(f"tasks.{i} ({task.name}): target {target.name!r} has shape {shape} per "
                                      f"structure in {ds.path}, but a {target.kind} head predicts one number "
                                      "per structure; train each component as its own target")
+                if target.kind == "classification" and np.dtype(ds.schema[target.name]["dtype"]).kind not in "biu":
+                    raise TrainError(f"tasks.{i} ({task.name}): target {target.name!r} is "
+                                     f"{np.dtype(ds.schema[target.name]['dtype'])} in {ds.path}; a classification "
+                                     f"target holds class indices 0..{target.num_classes - 1} (integers)")
                 if target.linref and np.dtype(ds.schema[target.name]["dtype"]).kind != "f":
                     raise TrainError(f"tasks.{i} ({task.name}): target {target.name!r} is "
                                      f"{np.dtype(ds.schema[target.name]['dtype'])} in {ds.path}; per-element "
@@ -274,6 +278,7 @@ def loss_terms(model: TaskModel, preds: dict, batch: dict) -> dict[str, tuple[to
         coef = torch.tensor([t.targets[[x.name for x in t.targets].index(name)].coef for t in model.tasks],
                             dtype=preds[name].dtype, device=task.device)
         if target.kind == "classification":
+            check_class_labels(batch[name], name, target.num_classes)
             weight = coef[task]
             cw = (torch.tensor(target.class_weights, dtype=preds[name].dtype, device=task.device)
                   if target.class_weights else None)
@@ -291,6 +296,15 @@ def loss_terms(model: TaskModel, preds: dict, batch: dict) -> dict[str, tuple[to
         else:
             terms[name] = (losses.l1_loss(preds[name], batch[name], weight), "structures")
     return terms
+
+
+def check_class_labels(labels: torch.Tensor, name: str, num_classes: int) -> None:
+    """Class indices outside 0..num_classes-1 are a dataset (or num_classes) error: say so,
+    rather than cross-entropy's IndexError."""
+    bad = (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        raise TrainError(f"target {name!r}: label(s) {sorted(set(labels[bad].tolist()))} are not class indices "
+                         f"0..{num_classes - 1} (num_classes={num_classes})")
 
 
 def check_stress_labels(batch: dict, name: str) -> None:
@@ -317,6 +331,7 @@ def update_metrics(metrics: Metrics, model: TaskModel, preds: dict, batch: dict)
                 free = ~batch["fixed"][atoms] if "fixed" in batch else torch.ones_like(atoms[atoms])
                 metrics.update_forces(task.name, p[atoms], y[atoms], free)
             elif target.kind == "classification":
+                check_class_labels(y[sel], name, target.num_classes)
                 metrics.update_accuracy(task.name, name, p[sel], y[sel])
             else:
                 if target.kind == "stress":
@@ -345,7 +360,11 @@ def primary_metric(config: TrainConfig, metrics: dict[str, float]) -> float:
     return float(np.mean([sign * metrics[key] for key, sign in _primary_keys(config) if key in metrics]))
 
 
-def primary_metric_name(config: TrainConfig) -> str:
-    """What primary_metric is, for a log line: 'md/forces_mae', 'mean of a/forces_mae, b/forces_mae'."""
-    names = [key if sign > 0 else f"-{key}" for key, sign in _primary_keys(config)]
-    return names[0] if len(names) == 1 else f"mean of {', '.join(names)}"
+def describe_primary(config: TrainConfig, value: float) -> str:
+    """A primary_metric value for a log line: 'md/forces_mae 0.0123', 'mp/is_metal_accuracy 0.91'
+    (an accuracy shown as itself, not negated), 'mean of a/forces_mae, b/forces_mae 0.2'."""
+    keys = _primary_keys(config)
+    if len(keys) == 1:
+        key, sign = keys[0]
+        return f"{key} {sign * value:.4g}"
+    return f"mean of {', '.join(key if sign > 0 else f'-{key}' for key, sign in keys)} {value:.4g}"

@@ -138,14 +138,14 @@ def test_overwrite_leaves_no_part_of_an_older_split(source, tmp_path, capsys):
 
 class Interrupt:
     """Calls `function` as it is, but raises KeyboardInterrupt on its call number `at`, before
-    or after doing what it does."""
+    or after doing what it does, and before its call number `again` (a second Ctrl-C)."""
 
-    def __init__(self, function, at: int, after: bool = False):
-        self.function, self.at, self.after, self.calls = function, at, after, 0
+    def __init__(self, function, at: int, after: bool = False, again: int | None = None):
+        self.function, self.at, self.after, self.again, self.calls = function, at, after, again, 0
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
-        if self.calls == self.at and not self.after:
+        if (self.calls == self.at and not self.after) or self.calls == self.again:
             raise KeyboardInterrupt
         result = self.function(*args, **kwargs)
         if self.calls == self.at:
@@ -171,6 +171,31 @@ def test_interrupted_resplit_keeps_the_old_split(source, tmp_path, monkeypatch, 
     assert part_sids(out) == before
     assert sorted(p.name for p in out.iterdir()) == ["test", "train", "val"]
     assert load_stats(out / "test")["num_entries"] == 20  # the old train's statistics
+
+
+# Interrupted while the new parts move in (calls 4-6), then again during the rollback.
+@pytest.mark.parametrize("at, after", [(k, after) for k in range(4, 7) for after in (False, True)])
+@pytest.mark.parametrize("again", range(1, 6))
+def test_an_interrupted_rollback_leaves_no_old_part_beside_a_new_one(source, tmp_path, monkeypatch,
+                                                                     at, after, again):
+    """The rollback went part by part (new out, old in): a second Ctrl-C left the old train
+    beside the new val, sharing entries. Now parts may be missing, but never mixed, and every
+    old part is in OUT or kept in the split's 'old'."""
+    import jmp_ext.data.split as split_module
+
+    out = tmp_path / "out"
+    split_dataset(source, out, fraction_indices(40, {"train": 0.5, "val": 0.25, "test": 0.25}))
+    before = part_sids(out)
+    parts = fraction_indices(40, {"train": 0.6, "val": 0.2, "test": 0.2}, seed=1)
+    monkeypatch.setattr(split_module, "os", SimpleNamespace(
+        replace=Interrupt(os.replace, at, after, again=at + again)))
+    with pytest.raises(KeyboardInterrupt):
+        split_dataset(source, out, parts, overwrite=True)
+    present = part_sids(out)
+    old = {name for name, sids in present.items() if sids == before[name]}
+    new = {name for name, sids in present.items() if sids == parts[name].tolist()}
+    assert not (old and new) and old | new == set(present)
+    assert old | {p.name for p in out.glob(".split-*/old/*")} == set(before)
 
 
 def test_interrupted_resplit_while_writing(source, tmp_path, monkeypatch, capsys):
@@ -240,3 +265,50 @@ def test_stats_of_a_part_say_they_are_the_training_splits(source, tmp_path, caps
         "30 entries, ")
     assert main(["stats", str(tmp_path / "sp" / "train")]) == 0
     assert capsys.readouterr().out.startswith(f"{tmp_path / 'sp' / 'train'}/stats.json: 30 entries, ")
+
+
+def test_an_interrupt_while_deleting_the_old_parts_says_the_new_split_is_in_place(
+        source, tmp_path, monkeypatch, capsys):
+    """It said "run the command again", which --overwrite-less then refused, and left the
+    partly deleted old parts where the next split's warning pointed to old parts to restore."""
+    import jmp_ext.data.split as split_module
+
+    out = tmp_path / "out"
+    assert main(["split", str(source), str(out)]) == 0
+    monkeypatch.setattr(split_module, "shutil", SimpleNamespace(rmtree=Interrupt(shutil.rmtree, 1)))
+    assert main(["split", str(source), str(out), "--seed", "1", "--overwrite"]) == 130
+    staging, = out.glob(".split-*")
+    assert (f"interrupted: the new split is in place in {out}; deleting the parts it replaced was "
+            f"interrupted: delete {staging}") in capsys.readouterr().err
+    assert part_sids(out) == {name: indices.tolist() for name, indices in fraction_indices(
+        40, {"train": 0.8, "val": 0.1, "test": 0.1}, seed=1).items()}
+    assert sorted(p.name for p in staging.iterdir()) == ["new", "replaced"]  # nothing in 'old'
+
+
+def test_a_failed_split_leaves_no_directory_it_created(source, tmp_path, monkeypatch):
+    import jmp_ext.data.split as split_module
+
+    def fail(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(split_module, "share_train_stats", fail)
+    with pytest.raises(OSError, match="No space left"):
+        split_dataset(source, tmp_path / "new" / "out", fraction_indices(40, {"train": 0.5}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["all"]
+
+
+def test_a_split_beside_other_datasets_is_refused_without_overwrite_too(source, tmp_path, capsys):
+    """A split killed after moving the old train aside leaves the old val and test in OUT; a
+    train-only split without --overwrite then wrote its train beside them (9 of 10 val entries
+    in it)."""
+    out = tmp_path / "out"
+    assert main(["split", str(source), str(out)]) == 0
+    (out / ".split-0badf00d" / "old").mkdir(parents=True)
+    os.replace(out / "train", out / ".split-0badf00d" / "old" / "train")
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="left by an interrupted split"):
+        assert main(["split", str(source), str(out), "--fractions", "train=0.8", "--seed", "5"]) == 1
+    assert (f"{out} also holds the dataset(s) test, val, which this split does not write: a part "
+            "of an older split left beside the new parts would share entries with them; split "
+            "into a directory of its own") in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [".split-0badf00d", "test", "val"]

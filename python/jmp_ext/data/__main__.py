@@ -132,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true",
                    help="replace the parts' datasets in OUT (all of them at once, when every new "
-                   "part is written); refused while OUT holds other datasets (SRC aside), "
-                   "which could be parts of an older split: remove those yourself")
+                   "part is written: the disk needs room for both). OUT may hold no other "
+                   "dataset (SRC aside), with or without --overwrite: it could be a part of an "
+                   "older split")
     p.set_defaults(run=cmd_split)
 
     p = commands.add_parser("stats", help="compute (and cache) a dataset's statistics")
@@ -153,9 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, lmdb.Error) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # (datasets, stats files and a split's parts are written atomically)
-        print("\ninterrupted: no dataset was left half-written (a split replaces all its parts "
-              "or none); run the command again", file=sys.stderr)
+    except KeyboardInterrupt as error:  # (datasets, stats files and a split's parts are written atomically)
+        # With a message when that is not all: a split interrupted after its parts were in place.
+        message = str(error) or ("no dataset was left half-written (a split replaces all its "
+                                 "parts or none); run the command again")
+        print(f"\ninterrupted: {message}", file=sys.stderr)
         return 130
     return 0
 

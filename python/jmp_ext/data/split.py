@@ -99,8 +99,10 @@ def split_dataset(src: str | Path, out_dir: str | Path, parts: dict[str, np.ndar
     checked (a plain directory name, non-empty, its directory free or replaceable) before
     anything is written; the parts are written into a hidden directory in out_dir and moved
     into place together at the end, and a failure or an interrupt before that leaves out_dir
-    as it was. With overwrite, out_dir may hold no jmp_ext dataset other than the parts and
-    the source: one of them could be a part of an older split, and is not ours to delete.
+    as it was (not even created). out_dir may hold no jmp_ext dataset other than the parts and
+    the source: one of them could be a part of an older or an interrupted split, and is not
+    ours to delete. An interrupt while the replaced parts are deleted, once the new ones are in
+    place, is a KeyboardInterrupt that says so.
     """
     source = LmdbDataset(src)
     out_dir = Path(out_dir)
@@ -117,7 +119,16 @@ def split_dataset(src: str | Path, out_dir: str | Path, parts: dict[str, np.ndar
             raise ValueError(f"split of {src}: part {name!r} would be written to {out_dir / name}, "
                              "which is the source itself; choose another output directory")
         check_target(out_dir / name, overwrite)
-    if overwrite and out_dir.is_dir():
+    # A killed split leaves its directory, which may hold old parts it had moved aside.
+    left = sorted(map(str, out_dir.glob(".split-*")))
+    if left:
+        warnings.warn(f"{', '.join(left)}: left by an interrupted split into {out_dir} (old "
+                      "parts it had moved aside are in its 'old', parts it had replaced in its "
+                      "'replaced'); delete them unless another split into it is running",
+                      stacklevel=2)
+    # With or without --overwrite: a split killed while moving parts leaves some old parts in
+    # out_dir, which a split writing other parts would leave beside its own.
+    if out_dir.is_dir():
         others = sorted(path.name for path in out_dir.iterdir() if path.name not in parts
                         and not path.name.startswith(".") and dataset_meta(path) is not None
                         and not path.samefile(src))
@@ -125,14 +136,11 @@ def split_dataset(src: str | Path, out_dir: str | Path, parts: dict[str, np.ndar
             raise FileExistsError(
                 f"{out_dir} also holds the dataset(s) {', '.join(others)}, which this split does "
                 "not write: a part of an older split left beside the new parts would share "
-                "entries with them; remove them yourself (or split into another directory)")
-    # A killed split leaves its directory, which may hold old parts it had moved aside.
-    left = sorted(map(str, out_dir.glob(".split-*")))
-    if left:
-        warnings.warn(f"{', '.join(left)}: left by an interrupted split into {out_dir} (old "
-                      "parts it replaced may be in its 'old'); delete them unless another split "
-                      "into it is running", stacklevel=2)
+                "entries with them; split into a directory of its own (a new one), or remove "
+                "them if they are parts of an older split")
     units = {name: field["unit"] for name, field in source.schema.items()}
+    # What mkdir creates, innermost first: a failed split leaves no empty directory behind.
+    created = [d for d in (out_dir, *out_dir.parents) if not d.exists()]
     staging = out_dir / f".split-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
     try:
@@ -146,17 +154,28 @@ def split_dataset(src: str | Path, out_dir: str | Path, parts: dict[str, np.ndar
                               [staging / "new" / name for name in parts if name != "train"],
                               progress=progress)
         _replace_parts(staging, list(parts), out_dir, overwrite)
-    finally:
-        # Kept only when it holds old parts that an interrupted rollback did not put back.
+    except BaseException:
+        # Kept when it holds old parts that an interrupted rollback did not put back.
         if not (staging / "old").is_dir() or not any((staging / "old").iterdir()):
             shutil.rmtree(staging)
+            for directory in created:
+                if any(directory.iterdir()):
+                    break
+                directory.rmdir()
+        raise
+    try:
+        shutil.rmtree(staging)  # the replaced parts, in staging/replaced
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"the new split is in place in {out_dir}; deleting the parts it "
+                                f"replaced was interrupted: delete {staging}") from None
     return {name: out_dir / name for name in parts}
 
 
 def _replace_parts(staging: Path, names: list[str], out_dir: Path, overwrite: bool) -> None:
     """Move staging/new/<name> to out_dir/<name> for every name, together: the existing parts
-    are moved aside (to staging/old) first and deleted once every new part is in place; a
-    failure or an interrupt before puts them back (writer.replace_dir, for several datasets)."""
+    are moved aside (to staging/old) first, and to staging/replaced once every new part is in
+    place; a failure or an interrupt before puts them back (writer.replace_dir, for several
+    datasets)."""
     new, old = staging / "new", staging / "old"
     old.mkdir()
     try:
@@ -169,13 +188,18 @@ def _replace_parts(staging: Path, names: list[str], out_dir: Path, overwrite: bo
         for name in names:
             os.replace(new / name, out_dir / name)
     except BaseException:
-        for name in names:  # (a rename is atomic: where each part is tells what was done)
+        # (A rename is atomic: where each part is tells what was done.) Every new part out
+        # first, then every old part in: an interrupt in between leaves parts missing, never
+        # an old part beside a new one.
+        for name in names:
             if not (new / name).exists() and (out_dir / name).exists():
                 os.replace(out_dir / name, new / name)
+        for name in names:
             if (old / name).exists():
                 os.replace(old / name, out_dir / name)
         raise
-    shutil.rmtree(old)
+    # Out of 'old', which a leftover staging directory's warning says to look into.
+    os.replace(old, staging / "replaced")
 
 
 def _shard_size(dataset: LmdbDataset) -> int:

@@ -43,6 +43,17 @@ MAX_ATOMS_PER_A3 = 1.0
 K_PROPORTIONS = {"main": 30, "a2ee2a": 20, "qint": 8, "a2a": 1000}
 
 
+class StructuresWithoutEdges(ValueError):
+    """Structures of a batch (their positions in it, `structures`) without a pair of atoms
+    within the main cutoff: GemNet-OC has nothing to pass messages along. The trainer names the
+    dataset entries they are."""
+
+    def __init__(self, structures: list[int], cutoff):
+        super().__init__(f"structure(s) {structures} of the batch have no edge within cutoff_main={cutoff} Å: "
+                         "GemNet-OC needs at least one neighbour pair")
+        self.structures, self.cutoff = structures, cutoff
+
+
 @dataclass(frozen=True, kw_only=True)
 class GraphConfig:
     """How the four graphs of one task are built. Cutoffs in Å."""
@@ -341,9 +352,7 @@ def _graphs_from_a2a(batch: dict, a2a: dict, settings: _BatchSettings, edge_drop
     if (per_structure == 0).any():
         empty = (per_structure == 0).nonzero().flatten().tolist()
         cutoffs = sorted({c.cutoff_main for c in configs})
-        raise ValueError(f"structure(s) {empty} of the batch have no edge within cutoff_main="
-                         f"{cutoffs[0] if len(cutoffs) == 1 else cutoffs} Å: GemNet-OC needs at least one "
-                         "neighbour pair")
+        raise StructuresWithoutEdges(empty, cutoffs[0] if len(cutoffs) == 1 else cutoffs)
     if edge_dropout:
         keep = torch.rand(a2a["distance"].shape, generator=generator, dtype=torch.float32,
                           device=generator.device if generator is not None else pos.device) >= edge_dropout

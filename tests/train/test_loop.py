@@ -560,6 +560,38 @@ def test_a_fine_tune_from_scratch_says_so(tiny_data, tmp_path, capsys):
     assert "model.init_checkpoint is empty: fine-tuning a randomly initialised network" in out.out + out.err
 
 
+def test_a_structure_without_edges_is_named_by_its_dataset_entry(tmp_path):
+    """Atoms all farther apart than the cutoff (or one atom alone) give no graph: the error
+    named positions in a batch ("structure(s) [0, 1, 2] of the batch"), not dataset entries."""
+    import numpy as np
+
+    from helpers import write_molecules
+
+    from jmp_ext.data import DatasetWriter, LmdbDataset, compute_stats, save_stats
+
+    data = write_molecules(tmp_path / "mol", 6, seed=1)
+    apart = tmp_path / "apart"
+    with DatasetWriter(apart) as writer:
+        for k, entry in enumerate(LmdbDataset(data)):
+            entry = {name: value.numpy() for name, value in entry.items()}
+            if k == 4:  # two H atoms 10 Å apart
+                entry.update(pos=np.array([[0.0, 0, 0], [10.0, 0, 0]]), atomic_numbers=np.array([1, 1]),
+                             tags=np.full(2, 2), fixed=np.zeros(2, bool), forces=np.zeros((2, 3)))
+            writer.add(entry)
+    save_stats(apart, compute_stats(LmdbDataset(apart)))
+    raw = finetune_config(tmp_path, tmp_path / "run", forces="direct")
+    raw["tasks"][0].update(train=str(apart), val="", test="")
+    raw["loop"].update(max_steps=3, val_every=0)
+    raw["data"].update(batch_size=6)
+    with pytest.raises(TrainError, match=rf"{apart} entry 4: no pair of atoms within cutoff_main=4.0 Å"):
+        loop.Trainer(build_config(raw)).train()
+    raw["tasks"][0].update(train=data, val=str(apart))
+    raw["loop"]["val_every"] = 1
+    raw["overwrite"] = True
+    with pytest.raises(TrainError, match=rf"{apart} entry 4: no pair of atoms"):
+        loop.Trainer(build_config(raw)).train()
+
+
 def test_a_run_capped_by_epochs_says_so(tiny_data, tmp_path):
     trainer = loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path, max_steps=0, max_epochs=1, val_every=0)))
     summary = trainer.train()

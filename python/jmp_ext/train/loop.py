@@ -34,6 +34,7 @@ from jmp_ext.data.collate import collate
 from jmp_ext.data.dataset import MultiDataset
 from jmp_ext.data.samplers import AtomBalancedBatchSampler, TemperatureSampler
 from jmp_ext.files import write_bytes_atomic
+from jmp_ext.graphs import StructuresWithoutEdges
 from jmp_ext.models.checkpoint import (is_training_checkpoint, load_jmp_checkpoint, read_state_dict, run_weights,
                                       safe_load)
 from jmp_ext.train import distributed, tasks
@@ -70,6 +71,7 @@ class BatchList(torch.utils.data.Dataset):
             batch[key] = batch[key].to(self.dtype)
         task = batch.pop("dataset", None)
         batch["task"] = torch.full_like(batch["natoms"], self.task) if self.task is not None else task
+        batch["index"] = torch.tensor(self.batches[k], dtype=torch.int64)  # (to name entries in errors)
         return batch
 
 
@@ -141,6 +143,23 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[
         raise TrainError(f"{path}: its weights do not fit the network its config builds in this jmp_ext; "
                          f"was it written by another version? ({_key_mismatch(e)})") from e
     return model.eval(), config
+
+
+def name_entries(error: Exception, batch: dict, dataset) -> Exception:
+    """A StructuresWithoutEdges error of a batch loaded by load_batches from `dataset` (an
+    LmdbDataset or a MultiDataset), as a TrainError naming those dataset entries; other errors
+    unchanged."""
+    if not isinstance(error, StructuresWithoutEdges) or "index" not in batch:
+        return error
+    members = getattr(dataset, "datasets", [dataset])
+    offsets = np.cumsum([0, *[len(d) for d in members]])
+    names = []
+    for s in error.structures:
+        i = int(batch["index"][s])
+        which = int(np.searchsorted(offsets, i, side="right")) - 1
+        names.append(f"{members[which].path} entry {i - offsets[which]}")
+    return TrainError(f"{'; '.join(names)}: no pair of atoms within cutoff_main={error.cutoff} Å, which GemNet-OC "
+                      "needs (an isolated atom, or atoms all farther apart): remove such entries, or raise the cutoff")
 
 
 def task_index(config: TrainConfig, task: str | None, option: str) -> int:
@@ -478,7 +497,7 @@ class Trainer:
             loss = sum(parts.values())
             finite = torch.isfinite(loss).item()
         except Exception as e:
-            error = e
+            error = name_entries(e, batch, self.train_set)
         failed = error is not None
         non_finite, failures = distributed.all_reduce_sum(
             torch.tensor([float(not finite and not failed), float(failed)])).tolist()
@@ -786,6 +805,9 @@ def evaluate(model: TaskModel, datasets: list, batch_size: int, dtype: torch.dty
         for t, idx in batches[rank::world_size]:
             (batch,) = load_batches(datasets[t], [idx], dtype, task=t)
             batch = to_device(batch, device)
-            tasks.update_metrics(metrics, model, model(batch), batch)
+            try:
+                tasks.update_metrics(metrics, model, model(batch), batch)
+            except StructuresWithoutEdges as e:
+                raise name_entries(e, batch, datasets[t]) from e
     metrics.all_reduce()
     return metrics.compute()

@@ -746,9 +746,11 @@ def test_property_units(tmp_path, frames):
     with pytest.warns(UserWarning, match="energy_unit Hartree converted nothing .*--property NAME:UNIT"):
         convert(tmp_path / "qm9.extxyz", tmp_path / "raw", keys=KeyMap(properties={"U_0": "U_0"}, energy_unit="Hartree"))
     assert main(["convert", str(tmp_path / "qm9.extxyz"), str(tmp_path / "ev"), "--property", "U_0:Hartree",
-                 "--property", "dipole=mu"]) == 0
+                 "--property", "dipole=mu", "--float32"]) == 0
     ds = LmdbDataset(tmp_path / "ev")
     assert ds.schema["U_0"]["unit"] == "eV" and ds.schema["dipole"]["unit"] == ""
+    # An energy stays float64 under --float32 (U_0 ~ -1e4 eV: float32 rounds it by ~1 meV).
+    assert ds.schema["U_0"]["dtype"] == "<f8" and ds.schema["dipole"]["dtype"] == "<f4"
     for k, entry in enumerate(ds):
         assert entry["U_0"].item() == pytest.approx((-40.0 - 0.1 * k) * units.Hartree, rel=1e-12)
         assert entry["dipole"].item() == pytest.approx(0.5 * k)

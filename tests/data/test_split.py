@@ -4,12 +4,14 @@ import re
 import shutil
 from types import SimpleNamespace
 
+import lmdb
 import numpy as np
 import pytest
 import torch
 from data_helpers import random_entry
 
 from jmp_ext.data import LmdbDataset, load_stats, write_dataset
+from jmp_ext.data import format as fmt
 from jmp_ext.data.__main__ import main
 from jmp_ext.data.split import fraction_indices, read_index_file, split_dataset
 
@@ -312,3 +314,21 @@ def test_a_split_beside_other_datasets_is_refused_without_overwrite_too(source, 
             "of an older split left beside the new parts would share entries with them; split "
             "into a directory of its own") in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == [".split-0badf00d", "test", "val"]
+
+
+def test_a_slightly_asymmetric_stress_is_split_symmetrised(tmp_path):
+    """A dataset written before stresses were checked for symmetry failed to split ("stress is
+    not symmetric") over an asymmetry of a file's rounding; a gross one is still refused."""
+    rng = np.random.default_rng(0)
+    write_dataset(tmp_path / "old", [random_entry(rng, stress=True) for _ in range(4)])
+    with lmdb.open(str(tmp_path / "old" / "data.0000.lmdb"), subdir=False) as env, env.begin(write=True) as txn:
+        for key, asymmetry in ((b"1", 5e-7), (b"2", 0.01)):
+            entry = fmt.decode_entry(txn.get(key))
+            entry["stress"][0, 1] += asymmetry
+            txn.put(key, fmt.encode_entry(entry))
+    written = LmdbDataset(tmp_path / "old")[1]["stress"].numpy()
+    split_dataset(tmp_path / "old", tmp_path / "sp", {"train": np.array([0, 1, 3])})
+    np.testing.assert_array_equal(LmdbDataset(tmp_path / "sp" / "train")[1]["stress"].numpy(),
+                                  (written + written.T) / 2)
+    with pytest.raises(fmt.DataError, match="old entry 2: stress is not symmetric"):
+        split_dataset(tmp_path / "old", tmp_path / "sp2", {"train": np.array([2])})

@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--energy-unit", default="eV", choices=list(ENERGY_UNITS))
     p.add_argument("--length-unit", default="Å", choices=list(LENGTH_UNITS))
     p.add_argument("--select", help="ASE db query selecting rows")
-    p.add_argument("--float32", action="store_true", help="store floats as float32 (energies stay float64)")
+    p.add_argument("--float32", action="store_true", help="store floats as float32 (energies stay float64, "
+                   "and so do properties given an energy UNIT)")
     p.add_argument("--shard-size", type=int, default=5000, help="entries per LMDB file")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(run=cmd_convert)

@@ -249,18 +249,31 @@ def validate_entry(entry: dict[str, np.ndarray], where: str) -> int:
         raise DataError(f"{where}: periodic along axis {flat} (pbc {entry['pbc'].tolist()}) but its lattice "
                         f"vector is zero: a periodic structure needs its cell (extxyz: Lattice=...), a molecule "
                         f"pbc False")
-    if "stress" in entry:
-        stress = entry["stress"]
-        # (room for a file's rounding: 1e-4 of the largest component, and 1e-6 eV/Å^3 = 0.16 MPa)
-        if np.abs(stress - stress.T).max() > 1e-4 * np.abs(stress).max() + 1e-6:
-            raise DataError(f"{where}: stress is not symmetric ({stress.tolist()}): a stress tensor is")
+    if "stress" in entry and not _nearly_symmetric(entry["stress"]):
+        raise DataError(f"{where}: stress is not symmetric ({entry['stress'].tolist()}): a stress "
+                        "tensor is (asymmetry within 1e-4 of its largest component is symmetrised; "
+                        "more suggests another layout than a 3x3 tensor or Voigt order)")
     return n
 
 
-def normalize_entry(entry: dict, where: str, float_dtype=np.float64) -> dict[str, np.ndarray]:
+def _nearly_symmetric(stress: np.ndarray) -> bool:
+    """Symmetric up to a file's rounding or a code's noise (codes that print an unsymmetrised
+    3x3 tensor, constrained MD's virials): 1e-4 of the largest component, and 1e-6 eV/Å^3 =
+    0.16 MPa. (False for NaN, which validation reports as such.)"""
+    return bool(np.abs(stress - stress.T).max() <= 1e-4 * np.abs(stress).max() + 1e-6)
+
+
+def normalize_entry(entry: dict, where: str, float_dtype=np.float64,
+                    units: dict[str, str] | None = None) -> dict[str, np.ndarray]:
     """Cast a structure's fields to the stored dtypes (ints int64, flags bool, floats float_dtype,
-    except the energy: float64 always, as float32 would round a total energy of 1e4-1e5 eV by
-    0.5-8 meV, the size of the errors a model is fitted to)."""
+    except energies, the fields whose unit is eV (UNITS, else `units` of named properties, e.g.
+    QM9's U_0): float64 always, as float32 would round a total energy of 1e4-1e5 eV by 0.5-8
+    meV, the size of the errors a model is fitted to).
+
+    A [3,3] stress with a tolerated asymmetry (_nearly_symmetric) is stored symmetrised: a
+    stress tensor is symmetric, and so a dataset written before this tolerance can be split
+    (rewritten) again; a grossly asymmetric one is left for validate_entry to refuse."""
+    units = units or {}
     out = {}
     for name, value in entry.items():
         array = np.asarray(value)
@@ -275,7 +288,10 @@ def normalize_entry(entry: dict, where: str, float_dtype=np.float64) -> dict[str
         elif array.dtype.kind in "biu" and name not in LABEL_FIELDS and name not in ("pos", "cell"):
             array = array.astype(np.int64)  # integer properties (class labels) stay integers
         else:
-            array = array.astype(np.float64 if name == "energy" else float_dtype)
+            energy = units.get(name, UNITS.get(name)) == "eV"
+            array = array.astype(np.float64 if energy else float_dtype)
+            if name == "stress" and array.shape == (3, 3) and _nearly_symmetric(array):
+                array = (array + array.T) / 2
         out[name] = array
     return out
 

@@ -36,7 +36,7 @@ class DatasetWriter:
         path: the dataset directory to create.
         shard_size: entries per LMDB file (JMP writes 5000).
         float_dtype: dtype floats are stored in (float64 keeps labels exact; float32 halves size);
-            the energy stays float64 (format.normalize_entry).
+            energies (the energy, properties in eV) stay float64 (format.normalize_entry).
         units: units of named properties, {name: unit}, recorded in the schema.
         overwrite: replace an existing dataset (or empty directory) at `path`, only once the
             new one is complete; anything else at `path` is never deleted (check_target).
@@ -83,7 +83,7 @@ class DatasetWriter:
     def add(self, entry: dict, where: str | None = None) -> None:
         """Validate, encode and append one structure; `where` names it in errors."""
         where = where or f"entry {len(self._natoms)}"
-        entry = fmt.normalize_entry(entry, where, self.float_dtype)
+        entry = fmt.normalize_entry(entry, where, self.float_dtype, self.units)
         natoms = fmt.validate_entry(entry, where)
         self._check_schema(entry, where)
         with self._lmdb_errors():

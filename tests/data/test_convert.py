@@ -4,6 +4,7 @@ import json
 import pickle
 import sys
 import types
+import warnings
 
 import ase.db
 import ase.io
@@ -169,7 +170,7 @@ def test_nine_number_stress(tmp_path, frames):
         atoms.calc = None
     ase.io.write(tmp_path / "in.xyz", frames, format="extxyz")
     assert ase.io.read(tmp_path / "in.xyz", 0).info["REF_stress"].shape == (9,)
-    report = convert(tmp_path / "in.xyz", tmp_path / "out")
+    report = convert(tmp_path / "in.xyz", tmp_path / "out", keys=KeyMap(energy="none", forces="none"))
     assert report.labels == {"stress": "info['REF_stress']"}
     ds = LmdbDataset(tmp_path / "out")
     for i, atoms in enumerate(ase.io.read(tmp_path / "in.xyz", ":")):
@@ -610,22 +611,48 @@ def test_a_truncated_pickled_lmdb_is_an_error_not_a_crash(tmp_path, fake_pyg):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_virial_is_stored_as_the_stress(tmp_path, frames):
+@pytest.mark.parametrize("energy, forces, virial, read_as", [
+    ("dft_energy", "dft_force", "dft_virial", ("info", "arrays")),  # libAtoms / GAP
+    ("dft_energy", "dft_forces", "dft_virial", ("info", "arrays")),
+    ("REF_energy", "REF_forces", "REF_virials", ("info", "arrays")),  # MACE
+    ("energy", "forces", "virials", ("calculator", "calculator")),  # older MACE (ase.io makes a calculator)
+])
+def test_a_virial_is_stored_as_the_stress(tmp_path, frames, energy, forces, virial, read_as):
     """GAP / libAtoms files carry the virial W = -V stress (eV) instead of a stress: it was
-    ignored, or with --stress-key stored as it is (sign flipped, times the volume)."""
+    ignored, or with --stress-key stored as it is (sign flipped, times the volume). Then GAP's
+    dft_energy and dft_force were no default keys (a stress-only dataset, without a word), nor
+    MACE's REF_virials (its stress was dropped)."""
     for atoms in frames:
         stress = atoms.get_stress(voigt=False)
-        atoms.info["dft_virial"] = -stress * atoms.get_volume()
-        atoms.calc = SinglePointCalculator(atoms, energy=atoms.get_potential_energy(),
-                                           forces=atoms.get_forces(apply_constraint=False))
+        atoms.info[energy] = atoms.get_potential_energy()
+        atoms.arrays[forces] = atoms.get_forces(apply_constraint=False)
+        atoms.info[virial] = (-stress * atoms.get_volume()).reshape(-1)
         atoms.info["true_stress"] = stress.reshape(-1)
+        atoms.calc = None
     ase.io.write(tmp_path / "gap.extxyz", frames)
-    for keys in (KeyMap(), KeyMap(stress="dft_virial")):
-        report = convert(tmp_path / "gap.extxyz", tmp_path / "out", keys=keys, overwrite=True)
-        assert report.labels["stress"] == "info['dft_virial']"
+    for keys in (KeyMap(), KeyMap(stress=virial)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            report = convert(tmp_path / "gap.extxyz", tmp_path / "out", keys=keys, overwrite=True)
+        assert report.labels == {"energy": f"{read_as[0]}[{energy!r}]", "forces": f"{read_as[1]}[{forces!r}]",
+                                 "stress": f"info[{virial!r}]"}
         for entry, atoms in zip(LmdbDataset(tmp_path / "out"), frames):
+            np.testing.assert_allclose(entry["forces"].numpy(), atoms.arrays[forces], atol=1e-8)  # (extxyz: 8 decimals)
             np.testing.assert_allclose(entry["stress"].numpy(), atoms.info["true_stress"].reshape(3, 3), rtol=1e-12,
                                        atol=1e-15)
+
+
+def test_a_stress_named_virial_something_is_a_stress(tmp_path, frames):
+    """Any stress key with "virial" in its name was divided by -V, a real stress too."""
+    for atoms in frames:
+        atoms.info["virial_stress"] = atoms.get_stress(voigt=False).reshape(-1)
+    ase.io.write(tmp_path / "in.extxyz", frames)
+    convert(tmp_path / "in.extxyz", tmp_path / "out", keys=KeyMap(stress="virial_stress"))
+    for entry, atoms in zip(LmdbDataset(tmp_path / "out"), frames):
+        np.testing.assert_allclose(entry["stress"].numpy(), atoms.get_stress(voigt=False), rtol=1e-12)
+
+
+def test_a_virial_needs_a_periodic_cell(tmp_path):
     molecule = Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]], info={"virial": np.zeros((3, 3)), "energy": 1.0})
     ase.io.write(tmp_path / "mol.extxyz", molecule)
     with pytest.raises(DataError, match="has a virial but no 3-D periodic cell"):
@@ -669,16 +696,16 @@ def test_a_skipped_first_frame_does_not_fix_where_labels_are_read(tmp_path):
 
 
 def test_sources_without_labels_or_with_odd_values_are_pointed_out(tmp_path, frames):
-    """A file whose labels sit under other keys (GAP's dft_energy) converted without any label
-    and without a word; per-atom properties, text labels and --select on a file were puzzling."""
-    gap = [Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]], info={"dft_energy": -1.0 - k},
-                 pbc=False) for k in range(2)]
-    ase.io.write(tmp_path / "gap.extxyz", gap)
+    """A file whose labels sit under other keys (here E) converted without any label and
+    without a word; per-atom properties, text labels and --select on a file were puzzling."""
+    other = [Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]], info={"E": -1.0 - k},
+                   pbc=False) for k in range(2)]
+    ase.io.write(tmp_path / "other.extxyz", other)
     with pytest.warns(UserWarning, match=r"has no labels: none found under the usual keys \(REF_energy, .*"
-                                         r"the first entry's keys, available: info: dft_energy"):
-        convert(tmp_path / "gap.extxyz", tmp_path / "gap")
-    report = convert(tmp_path / "gap.extxyz", tmp_path / "gap2", keys=KeyMap(energy="dft_energy"))
-    assert report.labels == {"energy": "info['dft_energy']"}
+                                         r"the first entry's keys, available: info: E"):
+        convert(tmp_path / "other.extxyz", tmp_path / "other")
+    report = convert(tmp_path / "other.extxyz", tmp_path / "other2", keys=KeyMap(energy="E"))
+    assert report.labels == {"energy": "info['E']"}
 
     for atoms in frames:
         atoms.set_initial_charges(np.zeros(len(atoms)))
@@ -756,3 +783,35 @@ def test_property_units(tmp_path, frames):
         assert entry["dipole"].item() == pytest.approx(0.5 * k)
     with pytest.raises(ValueError, match=r"property 'U_0': unit 'Bohr' is not an energy unit"):
         KeyMap(properties={"U_0": "U_0"}, property_units={"U_0": "Bohr"})
+
+
+def test_a_stress_alone_is_pointed_out(tmp_path, frames):
+    """A GAP file (dft_energy, dft_force, dft_virial) converted with the virial as its only
+    label: no "no labels" warning, as there was one. Energy and forces dropped on purpose
+    leave a stress alone without a word."""
+    for atoms in frames:
+        atoms.info["E"] = atoms.get_potential_energy()
+        atoms.info["REF_stress"] = atoms.get_stress(voigt=False).reshape(-1)
+        atoms.calc = None
+    ase.io.write(tmp_path / "in.extxyz", frames)
+    with pytest.warns(UserWarning, match=r"has only a stress \(info\['REF_stress'\]\): none found under the "
+                                         r"usual keys \(REF_energy, energy, dft_energy, REF_forces, .*dft_forces; "
+                                         r"the first entry's keys, available: info: E, REF_stress"):
+        convert(tmp_path / "in.extxyz", tmp_path / "out")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert(tmp_path / "in.extxyz", tmp_path / "out2", keys=KeyMap(energy="none", forces="none"))
+
+
+def test_y_is_no_energy_in_an_ase_source(tmp_path, fake_pyg):
+    """MatBench-style files carry a property y (a band gap, a modulus): it was stored as the
+    total energy (eV), and a matbench preset then asked for --property y. In OC20/JMP LMDBs y
+    is the energy."""
+    crystals = [Atoms("Si2", positions=[[0, 0, 0], [1.3, 1.3, 1.3]], cell=np.eye(3) * 5.4, pbc=True,
+                      info={"y": 1.1 + k}) for k in range(3)]
+    ase.io.write(tmp_path / "matbench.extxyz", crystals)
+    with pytest.warns(UserWarning, match=r"has no labels: .*available: info: y"):
+        report = convert(tmp_path / "matbench.extxyz", tmp_path / "out")
+    assert report.labels == {} and "energy" not in LmdbDataset(tmp_path / "out").schema
+    report = convert(tmp_path / "matbench.extxyz", tmp_path / "y", keys=KeyMap(properties={"y": "y"}))
+    assert [entry["y"].item() for entry in LmdbDataset(tmp_path / "y")] == [1.1, 2.1, 3.1]

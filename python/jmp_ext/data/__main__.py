@@ -106,12 +106,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip entries that fail to load or validate (and isolated atoms, which GemNet-OC "
                         "cannot use), and list them")
     p.add_argument("--energy-key",
-                   help="source key of the energy (default: REF_energy, energy, y; none: drop it)")
+                   help="source key of the energy (default: REF_energy, energy, dft_energy, and y in pickled "
+                        "LMDBs; none: drop it)")
     p.add_argument("--forces-key",
-                   help="source key of the forces (default: REF_forces, forces, force; none: drop them)")
+                   help="source key of the forces (default: REF_forces, forces, force, dft_force, dft_forces; "
+                        "none: drop them)")
     p.add_argument("--stress-key",
                    help="source key of the stress (default: REF_stress, stress, then a virial: REF_virial, "
-                        "virial, dft_virial, stored as -virial/volume; none: drop it)")
+                        "REF_virials, virial, virials, dft_virial; a key of these names is a virial, stored "
+                        "as -virial/volume; none: drop it)")
     p.add_argument("--property", action="append", default=[], metavar="NAME[=KEY][:UNIT]",
                    help="also store a per-structure property (repeatable), e.g. U_0:Hartree; an energy UNIT "
                         "is converted to eV, otherwise the value is stored as it is")

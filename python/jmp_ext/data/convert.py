@@ -31,6 +31,13 @@ ENERGY_UNITS = {"eV": 1.0, "meV": 1e-3, "Hartree": units.Hartree, "Ry": units.Ry
                 "kcal/mol": units.kcal / units.mol, "kJ/mol": units.kJ / units.mol}
 LENGTH_UNITS = {"Å": 1.0, "A": 1.0, "Bohr": units.Bohr, "nm": 10.0}
 LABELS = ("energy", "forces", "stress")
+# Keys holding a virial W (energy; W = -V stress): libAtoms/GAP's (dft_virial), MACE's (REF_virials;
+# virials before). Only these: a stress under another name with "virial" in it is a stress.
+VIRIAL_KEYS = ("REF_virial", "REF_virials", "virial", "virials", "dft_virial")
+# The usual source keys, in order: MACE's REF_*, ASE's, OC20's force, libAtoms/GAP's dft_*.
+DEFAULT_KEYS = {"energy": ("REF_energy", "energy", "dft_energy"),
+                "forces": ("REF_forces", "forces", "force", "dft_force", "dft_forces"),
+                "stress": ("REF_stress", "stress", *VIRIAL_KEYS)}
 
 
 @dataclass(kw_only=True)
@@ -38,13 +45,14 @@ class KeyMap:
     """Where labels are found in the source and what units they are in.
 
     energy, forces, stress: the source's key for each label; None tries the usual names in
-        order (energy: REF_energy, energy, y; forces: REF_forces, forces, force; stress:
-        REF_stress, stress, REF_virial, virial, dft_virial) in atoms.info / atoms.arrays / the
-        attached calculator (ASE) or the Data object (LMDB). A stress key named *virial* holds
-        a virial W (energy, libAtoms' convention), stored as the stress -W / V. The first entry holding a label fixes where it is read from,
-        and every later entry must hold it there. Give a key explicitly to pick, e.g.,
-        free_energy or y_relaxed; an entry without it is then invalid. "none" drops the label,
-        e.g. a stress only some frames carry: every entry must hold the same labels.
+        order (DEFAULT_KEYS; energy: REF_energy, energy, dft_energy, and y in pickled OC20/JMP
+        LMDBs; forces: REF_forces, forces, force, dft_force, dft_forces; stress: REF_stress,
+        stress, then the virials of VIRIAL_KEYS) in atoms.info / atoms.arrays / the attached
+        calculator (ASE) or the Data object (LMDB). A stress key of VIRIAL_KEYS holds a virial
+        W (energy), stored as the stress -W / V. The first entry holding a label fixes where it
+        is read from, and every later entry must hold it there. Give a key explicitly to pick,
+        e.g., free_energy or y_relaxed; an entry without it is then invalid. "none" drops the
+        label, e.g. a stress only some frames carry: every entry must hold the same labels.
     properties: extra per-structure labels, {stored name: source key}.
     property_units: energy units of properties, {stored name: unit}, converted to eV (QM9's
         U_0 etc. in Hartree); the others are stored as they are, with the unit "".
@@ -75,12 +83,14 @@ class KeyMap:
         chosen = getattr(self, label)
         return chosen is not None and chosen.lower() == "none"
 
-    def candidates(self, label: str) -> tuple[str, ...]:
+    def candidates(self, label: str, pickled: bool = False) -> tuple[str, ...]:
+        """The source keys tried for `label`, in order. y is the energy in pickled OC20/JMP
+        LMDBs only: in an extxyz or ASE db it is another target (MatBench's), which was stored
+        as a total energy."""
         chosen = getattr(self, label)
         if chosen is not None:
             return (chosen,)
-        return {"energy": ("REF_energy", "energy", "y"), "forces": ("REF_forces", "forces", "force"),
-                "stress": ("REF_stress", "stress", "REF_virial", "virial", "dft_virial")}[label]
+        return DEFAULT_KEYS[label] + (("y",) if pickled and label == "energy" else ())
 
     def to_ev_angstrom(self, entry: dict) -> dict:
         e, length = ENERGY_UNITS[self.energy_unit], LENGTH_UNITS[self.length_unit]
@@ -112,19 +122,21 @@ class ConvertReport:
 # ----- labels ----------------------------------------------------------------------------------
 
 
-def _take_labels(entry: dict, sources: dict[str, dict], keys: KeyMap, report: ConvertReport
-                 ) -> None:
+def _take_labels(entry: dict, sources: dict[str, dict], keys: KeyMap, report: ConvertReport,
+                 pickled: bool = False) -> None:
     """Copy energy, forces and stress into `entry` from `sources` ({prefix: mapping}; the
-    location of a label is described as prefix[key], or key alone for the prefix "").
+    location of a label is described as prefix[key], or key alone for the prefix "") of an
+    ASE structure or, `pickled`, of an OC20/JMP Data object.
 
     The first entry holding a label fixes its location in report.labels; a later entry holding
     it elsewhere is a DataError, so one dataset never mixes, e.g., REF_energy and energy.
     """
+    virial = False
     for label in LABELS:
         if keys.drops(label):
             continue
-        found = {(f"{prefix}[{key!r}]" if prefix else key): mapping[key]
-                 for key in keys.candidates(label) for prefix, mapping in sources.items()
+        found = {(f"{prefix}[{key!r}]" if prefix else key): (key, mapping[key])
+                 for key in keys.candidates(label, pickled) for prefix, mapping in sources.items()
                  if key in mapping}
         report.first_keys = report.first_keys or _available(sources)
         if not found:
@@ -137,10 +149,11 @@ def _take_labels(entry: dict, sources: dict[str, dict], keys: KeyMap, report: Co
             raise fmt.DataError(f"{label} is in {', '.join(found)}, but earlier entries took it "
                                 f"from {location}; pick one with --{label}-key (from Python: "
                                 f"KeyMap({label}=...))")
-        entry[label] = found[location]
+        key, entry[label] = found[location]
+        virial |= label == "stress" and key in VIRIAL_KEYS
     if "stress" in entry:
         entry["stress"] = _stress_3x3(entry["stress"])
-        if "virial" in report.labels["stress"].lower():
+        if virial:
             entry["stress"] = _virial_to_stress(entry["stress"], entry["cell"], entry["pbc"])
 
 
@@ -402,7 +415,7 @@ def _pyg_entry(fields: dict, keys: KeyMap, report: ConvertReport) -> dict:
     if natoms is not None and int(np.asarray(natoms).reshape(-1)[0]) != n:
         raise fmt.DataError(f"natoms is {int(np.asarray(natoms).reshape(-1)[0])} but there are "
                             f"{n} atomic numbers")
-    _take_labels(entry, {"": values}, keys, report)
+    _take_labels(entry, {"": values}, keys, report, pickled=True)
     if "energy" in entry:
         entry["energy"] = np.asarray(entry["energy"]).reshape(())
     for key in ("sid", "fid"):  # identifiers are kept when numeric (OC22 sids are strings)
@@ -520,8 +533,9 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
 
     A single atom without periodic images (such as MACE's isolated-atom E0 frames) is invalid:
     GemNet-OC needs a pair of atoms. Named properties keep the source's units (schema unit "")
-    unless keys.property_units converts them. A dataset without any label gets a warning that
-    lists the keys the source offers; an energy_unit that converted nothing, one too.
+    unless keys.property_units converts them. A dataset without any label, or with a stress
+    alone, gets a warning that lists the keys the source offers; an energy_unit that converted
+    nothing, one too.
     """
     src, keys = Path(src), keys or KeyMap()
     if not src.exists():
@@ -582,9 +596,14 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
         warnings.warn(f"{dst}: energy_unit {keys.energy_unit} converted nothing (no energy, forces or stress); "
                       f"properties keep their units unless given one (--property NAME:UNIT; from Python "
                       f"KeyMap(property_units=...))", stacklevel=2)
-    if report.written and not report.labels and not keys.properties:
-        searched = [k for label in LABELS if not keys.drops(label) for k in keys.candidates(label)]
-        warnings.warn(f"{dst} has no labels: none found under the usual keys ({', '.join(searched)}; the first "
+    # A stress alone is a warning too: no model trains on it alone, so the energy and forces are
+    # under keys not searched (GAP's dft_energy, dft_force once were), unless dropped on purpose.
+    stress_only = report.labels.keys() == {"stress"} and not (keys.drops("energy") and keys.drops("forces"))
+    if report.written and (not report.labels or stress_only) and not keys.properties:
+        searched = [k for label in LABELS if not keys.drops(label) and label not in report.labels
+                    for k in keys.candidates(label, kind == "lmdb")]
+        have = f"only a stress ({report.labels['stress']})" if stress_only else "no labels"
+        warnings.warn(f"{dst} has {have}: none found under the usual keys ({', '.join(searched)}; the first "
                       f"entry's keys, {report.first_keys}). Name them: --energy-key, --forces-key, --stress-key, "
                       f"--property (from Python KeyMap(energy=..., forces=..., properties=...))", stacklevel=2)
     return report

@@ -112,10 +112,15 @@ class JMPCalculator(Calculator):
             # The base k each graph needs: it keeps k * K_PROPORTIONS[name] // 30 neighbours.
             needed = max(-(-count * 30 // K_PROPORTIONS[name]) for name, (count, _) in truncated.items())
             kept = ", ".join(f"{name} {k} of up to {count}" for name, (count, k) in truncated.items())
+            natoms = len(entry["atomic_numbers"])
+            base = int(config.neighbors_per_structure(torch.tensor([natoms]))["main"][0])
+            advice = (f"For smooth energies fine-tune with graph.max_neighbors >= {needed}" if base == config.max_neighbors
+                      else f"A structure of {natoms} atoms keeps at most {base} neighbours in these graphs (the "
+                           f"MatBench / QMOF presets' rule for large structures, as JMP's), whatever "
+                           f"graph.max_neighbors says")
             warnings.warn(f"the model's graphs keep each atom's nearest neighbours only ({kept} within the "
                           f"cutoffs): the energy steps as those sets change, so MD drifts and relaxations may "
-                          f"oscillate. For smooth energies fine-tune with graph.max_neighbors >= {needed}; see "
-                          f"jmp_ext.calculator", stacklevel=3)
+                          f"oscillate. {advice}; see jmp_ext.calculator", stacklevel=3)
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         from jmp_ext.train.loop import predict_structures

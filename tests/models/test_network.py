@@ -509,6 +509,34 @@ def test_force_scaler_backs_off_from_an_overflow_and_grows_after_finite_steps():
         torch.testing.assert_close(grad, torch.full((2, 3), 1200.0), rtol=1e-3, atol=0)
     with pytest.raises(ValueError, match="max_tries >= 1"):
         ForceScaler(max_tries=0)
+
+
+def test_force_scaler_gives_up_on_a_hopeless_batch_early_and_changes_nothing():
+    """Gradients that no scale makes finite (d|x|/dx at 0 is NaN): the retries stop once the
+    scale is below float16's smallest number (not after 50 double backwards), and the scale and
+    the count of finite batches stay as they were."""
+    from jmp_ext.models.force_scaler import ForceScaler
+
+    tries = []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            tries.append(1)
+            return grad
+
+    pos = torch.zeros(2, 3, requires_grad=True)
+    scaler = ForceScaler(init_scale=2.0**-20)
+    scaler.finite_in_a_row = 7
+    with torch.autocast("cpu", dtype=torch.float16):
+        energy = Probe.apply(pos).square().sum().sqrt()
+        (grad,) = scaler.gradients(energy, [pos], create_graph=True)
+    assert torch.isnan(grad).all() and len(tries) == 6  # 2^-20 ... 2^-25
+    assert scaler.state_dict() == {"scale": 2.0**-20, "finite_in_a_row": 7}
     restored = ForceScaler()
     restored.load_state_dict(scaler.state_dict())
     assert restored.state_dict() == scaler.state_dict()

@@ -59,6 +59,12 @@ def test_print_config_shows_the_resolved_config_and_runs_nothing(tmp_path, capsy
     assert printed["optim"]["llrd_blocks"] == [0.30, 0.40, 0.55, 0.625] and printed["tasks"][0]["name"] == "qm9"
     assert build_config(printed).data.batch_size == 16  # (a config file as it stands)
     assert not (tmp_path / "run").exists()
+    assert main(["--print-config", *argv[:-1]]) == 0  # (anywhere on the line)
+    assert yaml.safe_load(capsys.readouterr().out) == printed
+    assert main(["demo", "loop.max_steps=7", "--print-config"]) == 0
+    demo = yaml.safe_load(capsys.readouterr().out)
+    assert demo["mode"] == "pretrain" and demo["loop"]["max_steps"] == 7
+    assert main(["--print-config"]) == 0 and yaml.safe_load(capsys.readouterr().out)["loop"]["max_steps"] == 150
 
 
 def test_a_config_path_may_hold_an_equals_sign(tiny_data, tmp_path, capsys):

@@ -204,7 +204,7 @@ def test_preset_values_are_jmps():
     assert {t.name: t.coef for t in ft.tasks[0].targets} == {"energy": 0.0, "forces": 10.0}
     assert ft.tasks[0].forces == "gradient"
     # Skipped with model.init_checkpoint (JMP's come fitted); a run from scratch fits them.
-    assert ft.loop.fit_scale_factors == 4
+    assert ft.loop.fit_scale_factors == 16
 
 
 def test_yaml_file_with_preset_and_override(tmp_path):

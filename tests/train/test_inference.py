@@ -231,6 +231,20 @@ def test_eval_and_predict_cli(checkpoint, tiny_data, tmp_path):
         assert pred["energy"][k] == pytest.approx(atoms.get_potential_energy(), rel=1e-10)
 
 
+def test_the_truncation_warning_of_a_large_structure_names_the_natoms_rule(checkpoint):
+    """JMP's MatBench / QMOF graphs keep fewer neighbours for large structures whatever
+    graph.max_neighbors says: the advice to raise it would change nothing there."""
+    import dataclasses
+
+    benzene = molecule("C6H6")
+    benzene.calc = JMPCalculator(checkpoint)
+    configs = benzene.calc.model.graph_configs
+    configs[0] = dataclasses.replace(configs[0], natoms_max_neighbors=((10, 6),))
+    with pytest.warns(UserWarning, match=r"A structure of 12 atoms keeps at most 6 neighbours in these graphs "
+                                         r"\(the MatBench / QMOF presets' rule"):
+        benzene.get_potential_energy()
+
+
 def test_predict_on_a_split_says_which_source_frame_each_row_is(checkpoint, tmp_path):
     """A split reorders the source's frames: predict's rows carry their sid (the source frame),
     so that predictions can be matched to structures without opening the LMDB."""

@@ -178,7 +178,7 @@ def test_bad_class_labels_are_named(tmp_path):
         loop.Trainer(build_config(raw)).train()
     # The log shows an accuracy as itself (it was "-mol/cls_accuracy -0.6667"; lower is better
     # only inside, for best.pt and early stopping).
-    assert tasks.describe_primary(build_config(raw), -0.75) == "mol/cls_accuracy 0.75"
+    assert tasks.describe_primary(build_config(raw), {"mol/cls_accuracy": 0.75}, -0.75) == "mol/cls_accuracy 0.75"
     raw["tasks"][0]["targets"] = [{"name": "energy", "kind": "classification", "num_classes": 2}]
     raw["overwrite"] = True
     with pytest.raises(TrainError, match=r"target 'energy' is float64 .*; a classification target holds class "
@@ -585,11 +585,31 @@ def test_a_structure_without_edges_is_named_by_its_dataset_entry(tmp_path):
     raw["data"].update(batch_size=6)
     with pytest.raises(TrainError, match=rf"{apart} entry 4: no pair of atoms within cutoff_main=4.0 Å"):
         loop.Trainer(build_config(raw)).train()
-    raw["tasks"][0].update(train=data, val=str(apart))
-    raw["loop"]["val_every"] = 1
+    raw["loop"]["fit_scale_factors"] = 1  # (fitted on the first structures of every task, before any step)
     raw["overwrite"] = True
     with pytest.raises(TrainError, match=rf"{apart} entry 4: no pair of atoms"):
         loop.Trainer(build_config(raw)).train()
+    raw["tasks"][0].update(train=data, val=str(apart))
+    raw["loop"].update(val_every=1, fit_scale_factors=0)
+    with pytest.raises(TrainError, match=rf"{apart} entry 4: no pair of atoms"):
+        loop.Trainer(build_config(raw)).train()
+
+
+def test_target_names_the_batch_uses_itself_are_refused(tiny_data, tmp_path):
+    """A property named like one of the batch's own keys (its entries, task, natoms...) was
+    overwritten by them: a target 'index' trained on entry numbers."""
+    raw = finetune_config(tiny_data, tmp_path / "run", forces="direct")
+    for name in ("natoms", "task", "_entry"):
+        raw["tasks"][0]["targets"] = [{"name": name, "kind": "scalar"}]
+        with pytest.raises(ConfigError, match=f"target '{name}': the batch uses that name itself"):
+            build_config(raw)
+
+
+def test_the_validation_line_names_only_the_tasks_validated(tiny_data, tmp_path):
+    config = build_config(pretrain_config(tiny_data, tmp_path))
+    assert tasks.describe_primary(config, {"mol/forces_mae": 0.5}, 0.5) == "mol/forces_mae 0.5"
+    assert tasks.describe_primary(config, {"mol/forces_mae": 0.5, "box/forces_mae": 0.3}, 0.4) == \
+        "mean of mol/forces_mae, box/forces_mae 0.4"
 
 
 def test_a_run_capped_by_epochs_says_so(tiny_data, tmp_path):

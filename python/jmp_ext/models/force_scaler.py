@@ -41,22 +41,23 @@ class ForceScaler:
         if not fp16:
             return torch.autograd.grad(energy, inputs, create_graph=create_graph)
         scale = self.scale
-        for _ in range(self.max_tries):
+        for tries in range(1, self.max_tries + 1):
             # retain_graph: a retry takes the gradients of the same graph again.
             grads = tuple(g / scale for g in torch.autograd.grad(energy * scale, inputs, create_graph=create_graph,
                                                                   retain_graph=True))
             if torch.stack([torch.isfinite(g).all() for g in grads]).all():  # (one host sync, as GradScaler's)
-                self.finite_in_a_row += 1
-                if self.finite_in_a_row == self.growth_interval:
-                    scale *= 2.0
-                    self.finite_in_a_row = 0
-                self.scale = scale
+                # (a batch that needed a smaller scale starts the count of finite ones in a row again)
+                finite = self.finite_in_a_row + 1 if tries == 1 else 1
+                if finite == self.growth_interval:
+                    scale, finite = scale * 2.0, 0
+                self.scale, self.finite_in_a_row = scale, finite
                 return grads
-            if not torch.isfinite(energy):  # (no scale makes its gradients finite)
+            # Hopeless: a non-finite energy, the last try, or a scale below float16's smallest
+            # number, under which every scaled force would underflow anyway.
+            if tries == self.max_tries or scale < 2.0**-24 or not torch.isfinite(energy):
                 return grads
+            del grads  # (its double-backward graph, before the next one is built)
             scale *= 0.5
-            self.finite_in_a_row = 0
-        return grads
 
     def state_dict(self) -> dict:
         return {"scale": self.scale, "finite_in_a_row": self.finite_in_a_row}

@@ -123,7 +123,8 @@ class SpatialExtentHead(StructureHead):
 
     def __init__(self, config: HeadConfig, features: int):
         super().__init__(config, features, bias=False, num_layers=config.num_mlps + 1)
-        # float64, cast to the positions' dtype: the same centre of mass as ASE's in float64.
+        # ASE's masses (the float64 table; the network's dtype once the model is cast, as JMP's
+        # float32 buffer), cast to the positions' dtype.
         self.register_buffer("atomic_masses", torch.from_numpy(atomic_masses), persistent=False)
 
     def forward(self, atom_features: torch.Tensor, batch: dict) -> torch.Tensor:

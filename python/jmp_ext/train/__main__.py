@@ -68,12 +68,23 @@ def print_summary(config, summary: dict) -> None:
     print(f"   run directory {run}: {', '.join(files)}")
 
 
-def demo(overrides: list[str]) -> dict:
+def print_config(config) -> None:
+    import yaml
+
+    from jmp_ext.train.config import to_dict
+
+    print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+
+
+def demo(overrides: list[str], only_print: bool = False) -> dict:
     from jmp_ext.data import make_demo
     from jmp_ext.train import distributed
     from jmp_ext.train.presets import demo as demo_config
 
     config = build_config(demo_config(), overrides)
+    if only_print:
+        print_config(config)
+        return {}
     check_device(config.device, "device=")
     root = Path(config.tasks[0].train).parents[1]
     distributed.setup(config.device)
@@ -210,20 +221,19 @@ def main(argv: list[str] | None = None) -> int:
             print(__doc__.rstrip())
             print(textwrap.fill(", ".join(PRESETS), width=96, initial_indent="presets (preset=NAME): ",
                                 subsequent_indent="  "))
-        elif not argv or argv[0] == "demo":
-            demo(argv[1:])
         else:
+            only_print = "--print-config" in argv
+            argv = [a for a in argv if a != "--print-config"]
+            if not argv or argv[0] == "demo":
+                demo(argv[1:], only_print)
+                return 0
             mode = argv[0] if argv[0] in ("pretrain", "finetune") else None
-            rest = [a for a in (argv[1:] if mode else argv) if a != "--print-config"]
+            rest = argv[1:] if mode else argv
             path = rest[0] if rest and is_config_path(rest[0]) else None
             overrides = rest[1:] if path else rest
             config = load_config(path, overrides, mode)
-            if "--print-config" in argv:
-                import yaml
-
-                from jmp_ext.train.config import to_dict
-
-                print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+            if only_print:
+                print_config(config)
                 return 0
             check_device(config.device, "device=")
             run_training(config)

@@ -41,6 +41,13 @@ def _check(obj: Any, section: str, rule: str, *names: str) -> None:
             raise ConfigError(f"{_join(section, name)} must be {rule}, got {value}")
 
 
+# The dataset entries of a batch's structures (loop.BatchList adds them, to name entries in errors).
+ENTRY_KEY = "_entry"
+# Keys a collated batch holds beside the dataset's fields (collate's natoms and batch,
+# MultiDataset's dataset, the loop's task and entries): a label under one would be overwritten.
+RESERVED_NAMES = ("natoms", "batch", "dataset", "task", ENTRY_KEY)
+
+
 @dataclass(kw_only=True)
 class TargetConfig:
     """One supervised target of a task."""
@@ -71,6 +78,9 @@ class TargetConfig:
     def __post_init__(self) -> None:
         if not self.name:
             raise ConfigError("target name is empty")
+        if self.name in RESERVED_NAMES:
+            raise ConfigError(f"target {self.name!r}: the batch uses that name itself ({', '.join(RESERVED_NAMES)}); "
+                              f"store the label under another name (python -m jmp_ext.data convert --property NEW=KEY)")
         if self.kind == "energy" and self.name != "energy":
             raise ConfigError(f"target {self.name!r}: kind energy is the dataset's 'energy' field (its linear "
                               "references are fitted on it); use kind scalar with reduction sum for another "

@@ -39,7 +39,7 @@ from jmp_ext.models.checkpoint import (is_training_checkpoint, load_jmp_checkpoi
                                       safe_load)
 from jmp_ext.train import distributed, tasks
 from jmp_ext.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from jmp_ext.train.config import ConfigError, TrainConfig, from_dict, save_config, to_dict
+from jmp_ext.train.config import ENTRY_KEY, ConfigError, TrainConfig, from_dict, save_config, to_dict
 from jmp_ext.train.ema import EMA
 from jmp_ext.train.logger import RunLogger
 from jmp_ext.train.metrics import Metrics
@@ -55,7 +55,8 @@ AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 class BatchList(torch.utils.data.Dataset):
     """Collated batches of a dataset, one batch per item, for a DataLoader (workers load and
     collate while the main process trains). batch["task"] [B] is the task index of every structure:
-    `task`, or MultiDataset's per-entry `dataset` index."""
+    `task`, or MultiDataset's per-entry `dataset` index; batch[ENTRY_KEY] [B] their entries in
+    `dataset`."""
 
     def __init__(self, dataset, batches: list[list[int]], dtype: torch.dtype, task: int | None = None):
         self.dataset, self.batches, self.dtype, self.task = dataset, batches, dtype, task
@@ -71,7 +72,7 @@ class BatchList(torch.utils.data.Dataset):
             batch[key] = batch[key].to(self.dtype)
         task = batch.pop("dataset", None)
         batch["task"] = torch.full_like(batch["natoms"], self.task) if self.task is not None else task
-        batch["index"] = torch.tensor(self.batches[k], dtype=torch.int64)  # (to name entries in errors)
+        batch[ENTRY_KEY] = torch.tensor(self.batches[k], dtype=torch.int64)
         return batch
 
 
@@ -149,13 +150,13 @@ def name_entries(error: Exception, batch: dict, dataset) -> Exception:
     """A StructuresWithoutEdges error of a batch loaded by load_batches from `dataset` (an
     LmdbDataset or a MultiDataset), as a TrainError naming those dataset entries; other errors
     unchanged."""
-    if not isinstance(error, StructuresWithoutEdges) or "index" not in batch:
+    if not isinstance(error, StructuresWithoutEdges) or ENTRY_KEY not in batch:
         return error
     members = getattr(dataset, "datasets", [dataset])
     offsets = np.cumsum([0, *[len(d) for d in members]])
     names = []
     for s in error.structures:
-        i = int(batch["index"][s])
+        i = int(batch[ENTRY_KEY][s])
         which = int(np.searchsorted(offsets, i, side="right")) - 1
         names.append(f"{members[which].path} entry {i - offsets[which]}")
     return TrainError(f"{'; '.join(names)}: no pair of atoms within cutoff_main={error.cutoff} Å, which GemNet-OC "
@@ -328,7 +329,7 @@ class Trainer:
         self.main = self.dist.rank == 0
         self.run_dir = Path(c.run_dir)
         resumed = c.resume and every_rank_sees(self.run_dir / "last.pt")
-        if c.resume and not resumed:  # (a mistyped run_dir would otherwise start over without a word)
+        if c.resume and not resumed and self.main:  # (a mistyped run_dir would otherwise start over without a word)
             warnings.warn(f"resume=true, but there is no {self.run_dir / 'last.pt'}: starting a new run", stacklevel=2)
         # Everything up to DDP is this rank's own work: a rank that fails here (a dataset or
         # checkpoint it cannot read) makes every rank fail with its message, none waits for it.
@@ -588,7 +589,12 @@ class Trainer:
         loaded = [to_device(b, self.device) for b in load_batches(self.train_set, batches, self.dtype)]
         # Each factor is fitted with its own passes over the batches: build their graphs once.
         self.model.eval()
-        inputs = [(b, self.model.graphs(b)) for b in loaded]
+        inputs = []
+        for b in loaded:
+            try:
+                inputs.append((b, self.model.graphs(b)))
+            except StructuresWithoutEdges as e:  # (the first structures of every task: often met here)
+                raise name_entries(e, b, self.train_set) from e
         with torch.no_grad():
             fitted = fit_scale_factors(self.model.net, inputs, forward=backbone_forward)
         self.log.write(f"fitted {len(fitted)} scale factors on {num_batches} batches")
@@ -617,9 +623,9 @@ class Trainer:
         self.schedule.on_validation(self.step, value)
         self.schedule.set_step(self.step)
         improved = value < self.best
-        self.log.write(f"step {self.step} validation: {tasks.describe_primary(c, value)}"
+        self.log.write(f"step {self.step} validation: {tasks.describe_primary(c, metrics, value)}"
                        + (" (the best yet: saved best.pt)" if improved else
-                          f" (the best was {tasks.describe_primary(c, self.best).rsplit(' ', 1)[1]})"))
+                          f" (the best was {tasks.describe_primary(c, metrics, self.best).rsplit(' ', 1)[1]})"))
         if improved:
             self.best, self.bad_validations = value, 0
             self.save_best(metrics)

@@ -38,7 +38,8 @@ def _pretrain(size: str) -> dict:
         # warmup 2000 steps from 0.2*lr, cosine to 0.1*lr until the end (max_epochs=2).
         "schedule": {"unit": "steps", "warmup": 2000, "warmup_start_factor": 0.2, "cosine": 0,
                      "min_lr_factor": 0.1},
-        # Scale factors fitted on 16 batches, as JMP's fit_scales.
+        # Scale factors fitted on 16 batches, as JMP's fit_scales (fine-tuning: only without
+        # model.init_checkpoint, whose factors come fitted).
         "loop": {"max_steps": 0, "max_epochs": 2, "ema_decay": 0.99, "precision": "fp16", "fit_scale_factors": 16,
                  "val_every": 5000, "ckpt_every": 1000, "log_every": 50},
     }
@@ -59,7 +60,7 @@ def _finetune(size: str, task: dict, batch_size: int, precision: str = "fp16", p
         "schedule": {"unit": "epochs", "warmup": 5, "warmup_start_factor": 0.1, "cosine": 27,
                      "min_lr_factor": 0.1, "plateau_patience": patience, "plateau_factor": 0.8},
         "loop": {"max_steps": 0, "max_epochs": max_epochs, "ema_decay": 0.0, "precision": precision,
-                 "early_stop_patience": early_stop, "min_lr": min_lr,
+                 "early_stop_patience": early_stop, "min_lr": min_lr, "fit_scale_factors": 16,
                  "val_every": 0},
     }
 

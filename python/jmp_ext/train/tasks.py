@@ -360,10 +360,11 @@ def primary_metric(config: TrainConfig, metrics: dict[str, float]) -> float:
     return float(np.mean([sign * metrics[key] for key, sign in _primary_keys(config) if key in metrics]))
 
 
-def describe_primary(config: TrainConfig, value: float) -> str:
-    """A primary_metric value for a log line: 'md/forces_mae 0.0123', 'mp/is_metal_accuracy 0.91'
-    (an accuracy shown as itself, not negated), 'mean of a/forces_mae, b/forces_mae 0.2'."""
-    keys = _primary_keys(config)
+def describe_primary(config: TrainConfig, metrics: dict[str, float], value: float) -> str:
+    """A primary_metric value of `metrics` for a log line: 'md/forces_mae 0.0123',
+    'mp/is_metal_accuracy 0.91' (an accuracy shown as itself, not negated), 'mean of
+    a/forces_mae, b/forces_mae 0.2' (the tasks with metrics: those with a val split)."""
+    keys = [(key, sign) for key, sign in _primary_keys(config) if key in metrics]
     if len(keys) == 1:
         key, sign = keys[0]
         return f"{key} {sign * value:.4g}"

@@ -363,7 +363,9 @@ def radius_graph(
         degeneracy_tolerance: with max_neighbors, keep instead every edge with
             d^2 <= d_(k+1)^2 + tolerance (Angstrom^2): the non-strict mode of GemNet-OC /
             fairchem's ``get_max_neighbors_mask`` (0.01 there), which keeps near-degenerate
-            shells whole (and so at least k + 1 edges when there are that many).
+            shells whole (and so at least k + 1 edges when there are that many). For
+            fairchem-style graphs: JMP's (and jmp_ext.graphs') are strict, so its code path can
+            be skipped on a first reading.
         max_edges: raise ValueError, saying how many edges there would be, above this bound.
     Returns:
         edge_index [2, E] int64 (row 0 source j, row 1 target i), cell_offsets [E, 3] int32

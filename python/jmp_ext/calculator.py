@@ -122,13 +122,18 @@ class JMPCalculator(Calculator):
                           f"cutoffs): the energy steps as those sets change, so MD drifts and relaxations may "
                           f"oscillate. {advice}; see jmp_ext.calculator", stacklevel=3)
 
+    def get_property(self, name, atoms=None, allow_calculation=True):
+        # (ASE's own message, "stress property not implemented", did not say what would give it)
+        if name in ("forces", "stress") and name not in self.implemented_properties:
+            how = "forces: gradient and a stress target" if name == "stress" else "a forces target"
+            raise PropertyNotImplementedError(f"{name} property not implemented: this checkpoint was not trained "
+                                              f"with a {name} target (fine-tune with {how})")
+        return super().get_property(name, atoms, allow_calculation)
+
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         from jmp_ext.train.loop import predict_structures
 
         super().calculate(atoms, properties, system_changes)
-        for name in ("forces", "stress"):
-            if name in properties and name not in self.implemented_properties:
-                raise PropertyNotImplementedError(f"this checkpoint was not trained with a {name} target")
         entry = atoms_to_entry(self.atoms)
         if not self._checked_neighbors:  # (once: the counts change little along a trajectory)
             self._checked_neighbors = True

@@ -225,6 +225,16 @@ def test_structure_wise_force_loss_is_one_setting_for_the_run():
     build_config({"mode": "pretrain", "tasks": [tasks[0], {**tasks[1], "structure_wise_force_loss": True}]})
 
 
+def test_structure_wise_force_loss_defaults_to_jmps_for_the_mode():
+    """A task list of one's own (pretraining on other domains than the preset's four) trained
+    with a per-atom force loss unless it said otherwise: JMP pretrains with SWL."""
+    forces_task = {**TASK, "targets": [{"name": "energy", "kind": "energy"}, {"name": "forces", "kind": "forces"}]}
+    assert build_config({"mode": "pretrain", "tasks": [forces_task]}).tasks[0].structure_wise_force_loss is True
+    assert build_config({"mode": "finetune", "tasks": [forces_task]}).tasks[0].structure_wise_force_loss is False
+    explicit = {**forces_task, "structure_wise_force_loss": False}
+    assert build_config({"mode": "pretrain", "tasks": [explicit]}).tasks[0].structure_wise_force_loss is False
+
+
 def test_compile_needs_direct_forces():
     forces_task = {**TASK, "targets": [{"name": "energy", "kind": "energy"}, {"name": "forces", "kind": "forces"}]}
     build_config({"mode": "pretrain", "tasks": [forces_task], "loop": {"compile": True}})  # direct forces: fine

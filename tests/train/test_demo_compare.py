@@ -50,3 +50,12 @@ def test_help_describes_the_comparison_in_full(monkeypatch, capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert ("fine-tune the demo's pretrained model and the same network from scratch, with the same budget, "
             "on the held-out domains, over several seeds.") in text
+
+
+def test_data_other_than_the_demos_is_a_message(monkeypatch, tmp_path):
+    """--data with one's own datasets ended in a 30-line process-pool traceback."""
+    (tmp_path / "last.pt").write_bytes(b"")
+    monkeypatch.setattr(sys, "argv", ["demo_compare", "--pretrained", str(tmp_path / "last.pt"),
+                                      "--data", str(tmp_path / "mine")])
+    with pytest.raises(SystemExit, match=r"is not the demo data \(no .*mine/md/train.*make-demo"):
+        main()

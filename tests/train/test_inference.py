@@ -335,8 +335,11 @@ def test_calculator_without_a_force_head_says_so(tiny_data, tmp_path):
     atoms = molecule("H2O")
     atoms.calc = calc
     assert np.isfinite(atoms.get_potential_energy())
-    with pytest.raises(PropertyNotImplementedError, match="forces property not implemented"):  # (ASE, from the list)
+    with pytest.raises(PropertyNotImplementedError, match="forces property not implemented: this checkpoint was "
+                                                          "not trained with a forces target"):
         atoms.get_forces()
+    with pytest.raises(PropertyNotImplementedError, match=r"fine-tune with forces: gradient and a stress target"):
+        atoms.get_stress()
 
 
 def test_calculator_without_an_energy_names_the_targets(tmp_path):

@@ -186,6 +186,7 @@ def test_bad_class_labels_are_named(tmp_path):
         loop.Trainer(build_config(raw))
 
 
+@pytest.mark.filterwarnings("ignore:resume. the cosine schedule now runs")  # (a longer run: true)
 def test_resume_refuses_a_different_run_but_not_a_different_loader(tiny_data, tmp_path):
     loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path, max_steps=2))).train()
     resume = ["resume=true", "loop.max_steps=3"]
@@ -197,6 +198,7 @@ def test_resume_refuses_a_different_run_but_not_a_different_loader(tiny_data, tm
     assert trainer.resumed and trainer.step == 2
 
 
+@pytest.mark.filterwarnings("ignore:resume. the cosine schedule now runs")  # (a longer run: true)
 def test_temp_files_of_a_run_killed_while_saving_are_removed(tiny_data, tmp_path):
     """files.write_atomic leaves .last.pt.XXXX.tmp behind a SIGKILL, a checkpoint's size each."""
     run = tmp_path / "run"
@@ -210,6 +212,7 @@ def test_temp_files_of_a_run_killed_while_saving_are_removed(tiny_data, tmp_path
     assert (run / ".notes.tmp").read_text() == "the user's"
 
 
+@pytest.mark.filterwarnings("ignore:resume. the cosine schedule now runs")  # (a longer run: true)
 def test_resume_keeps_its_training_elements_when_the_statistics_change(tiny_data, tmp_path):
     """train_elements comes from stats.json, which a user may recompute (or which predates the
     list) between a run and its resume: the resume must not fail on it."""
@@ -610,6 +613,22 @@ def test_the_validation_line_names_only_the_tasks_validated(tiny_data, tmp_path)
     assert tasks.describe_primary(config, {"mol/forces_mae": 0.5}, 0.5) == "mol/forces_mae 0.5"
     assert tasks.describe_primary(config, {"mol/forces_mae": 0.5, "box/forces_mae": 0.3}, 0.4) == \
         "mean of mol/forces_mae, box/forces_mae 0.4"
+
+
+def test_what_ends_the_run_and_a_moved_cosine_are_said(tiny_data, tmp_path, capsys):
+    """A preset's max_epochs silently capped a loop.max_steps override ("step 10/60"); a
+    resumed run with a new length stretched the cosine (schedule.cosine=0 runs to the end) and
+    its lr jumped, without a word."""
+    raw = pretrain_config(tiny_data, tmp_path / "run", max_steps=50, max_epochs=1, val_every=0, ckpt_every=1)
+    trainer = loop.Trainer(build_config(raw))
+    out = capsys.readouterr()
+    assert (f"loop.max_epochs=1 ({trainer.steps_per_epoch} steps each) ends the run at step "
+            f"{trainer.steps_per_epoch}, before loop.max_steps=50" in out.out + out.err)
+    trainer.train()
+    raw["loop"].update(max_epochs=0, max_steps=trainer.steps_per_epoch + 4)
+    with pytest.warns(UserWarning, match=rf"resume: the cosine schedule now runs \d+ steps instead of "
+                                         rf"{trainer.schedule.cosine_steps} .* the lr jumps at step {trainer.steps_per_epoch}"):
+        loop.Trainer(build_config({**raw, "resume": True}))
 
 
 def test_a_run_capped_by_epochs_says_so(tiny_data, tmp_path):

@@ -148,9 +148,10 @@ class TaskConfig:
     targets: list[TargetConfig] = field(default_factory=list)
     forces: Literal["direct", "gradient"] = "direct"
     """Force head: direct (edge scalars times unit vectors, JMP pretraining) or F = -dE/dpos."""
-    structure_wise_force_loss: bool = False
-    """L2MAE force loss summed per structure / natoms, then averaged (JMP pretraining's SWL).
-    One setting for the run: every task must give the same."""
+    structure_wise_force_loss: bool | None = None
+    """L2MAE force loss summed per structure / natoms, then averaged (SWL). None: JMP's, true
+    when pretraining, false when fine-tuning. One setting for the run: every task must give the
+    same."""
     graph: GraphSettings | None = None
     """This task's graphs (None: the run's `graph`; a cutoff or k this one leaves at 0 comes from
     the run's `graph`). A pretraining batch mixes tasks; each structure gets its own task's graphs
@@ -358,6 +359,9 @@ class TrainConfig:
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
             raise ConfigError(f"tasks: duplicate task names {names}")
+        for task in self.tasks:  # (a task list of one's own kept JMP's pretraining loss only if it said so)
+            if task.structure_wise_force_loss is None:
+                task.structure_wise_force_loss = self.mode == "pretrain"
         if len({t.structure_wise_force_loss for t in self.tasks}) > 1:
             raise ConfigError("tasks: structure_wise_force_loss must be the same for every task (the force loss "
                               "of a mixed batch is averaged one way)")

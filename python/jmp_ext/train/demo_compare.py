@@ -135,15 +135,22 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     # The first paragraph: its first line alone stops mid-sentence (argparse rewraps the text).
     parser = argparse.ArgumentParser(prog="python -m jmp_ext.train.demo_compare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pretrained", default="runs/demo/last.pt")
-    parser.add_argument("--data", default="demo_data")
-    parser.add_argument("--out", default="runs/jmp_effect")
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--pretrained", default="runs/demo/last.pt", help="the demo pretraining's checkpoint")
+    parser.add_argument("--data", default="demo_data",
+                        help="the demo data (python -m jmp_ext.data make-demo): its md and materials domains; for "
+                             "your own data, fine-tune with and without model.init_checkpoint instead")
+    parser.add_argument("--out", default="runs/jmp_effect", help="runs, results.json, table.md, curves.png")
+    parser.add_argument("--steps", type=int, default=60, help="fine-tuning steps of every run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=1, help="fine-tuning runs side by side (each uses one thread)")
     a = parser.parse_args()
     if not Path(a.pretrained).is_file():
         raise SystemExit(f"{a.pretrained} does not exist: run `python -m jmp_ext.train` (the demo pretraining) first")
+    missing = [f"{a.data}/{d}/{s}" for d in TASKS for s in ("train", "val", "test") if not Path(a.data, d, s).is_dir()]
+    if missing:
+        raise SystemExit(f"{a.data} is not the demo data (no {', '.join(missing)}): make it with `python -m "
+                         f"jmp_ext.data make-demo {a.data}`; for your own data, fine-tune with and without "
+                         "model.init_checkpoint")
     compare(a.pretrained, a.data, Path(a.out), a.steps, a.seeds, a.jobs)
 
 

@@ -415,6 +415,10 @@ class Trainer:
         elif c.mode == "finetune" and not resumed:  # (a preset's init_checkpoint is empty until given)
             self.log.write("model.init_checkpoint is empty: fine-tuning a randomly initialised network, without "
                            "pre-training (give a released JMP checkpoint or a pre-training run's last.pt)")
+        if self.limit == "max_epochs" and c.loop.max_steps > 0:  # (a preset's max_epochs caps a max_steps override)
+            self.log.write(f"loop.max_epochs={c.loop.max_epochs:g} ({self.steps_per_epoch} steps each) ends the run at "
+                           f"step {self.total_steps}, before loop.max_steps={c.loop.max_steps}; loop.max_epochs=0 "
+                           "trains by steps alone")
 
     # ------------------------------------------------------------ the loop
 
@@ -582,6 +586,8 @@ class Trainer:
         from jmp_ext.models import fit_scale_factors
 
         c = self.config
+        # (a pass per factor and batch: tens of seconds for JMP-size runs on a CPU)
+        self.log.write(f"fitting the scale factors on {num_batches} batches (loop.fit_scale_factors) ...")
         per_task = max(c.data.batch_size // len(self.data), 1)
         offsets = np.cumsum([0, *self.train_set.sizes[:-1]])
         batches = [[int(o + (k * per_task + j) % n) for o, n in zip(offsets, self.train_set.sizes) for j in range(per_task)]
@@ -773,6 +779,12 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
+        was = state["schedule"].get("cosine_steps", self.schedule.cosine_steps)  # (since 2026-12-06)
+        if was != self.schedule.cosine_steps and self.main:
+            warnings.warn(f"resume: the cosine schedule now runs {self.schedule.cosine_steps} steps instead of {was} "
+                          f"(schedule.cosine=0 runs it to the end of the run, which the new loop.max_steps / "
+                          f"loop.max_epochs moved), so the lr jumps at step {state['loop']['step']}; set "
+                          f"schedule.cosine to keep the old one", stacklevel=3)
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         if self.force_scaler is not None and state.get("force_scaler") is not None:  # (since 2026-12-06)

@@ -109,7 +109,9 @@ class LRSchedule:
         return self.base_lr * self.factor(self._step) * self.plateau_scale
 
     def state_dict(self) -> dict:
-        return {"plateau_scale": self.plateau_scale, "best": self.best, "bad": self.bad}
+        # (cosine_steps: for a resumed run to tell whether its new length moved the cosine)
+        return {"plateau_scale": self.plateau_scale, "best": self.best, "bad": self.bad,
+                "cosine_steps": self.cosine_steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.plateau_scale, self.best, self.bad = state["plateau_scale"], state["best"], state["bad"]

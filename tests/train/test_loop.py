@@ -100,7 +100,9 @@ def test_non_finite_loss_is_skipped_then_stops(tiny_data, tmp_path, monkeypatch)
     original = tasks.loss_terms
     calls = {"n": 0}
 
-    def nan_from_second_step(model, preds, batch):
+    def nan_from_second_step(model, preds, batch, only=None):
+        if only is not None:  # (a task's own loss, logged: not a step's loss)
+            return original(model, preds, batch, only)
         calls["n"] += 1
         terms = original(model, preds, batch)
         if calls["n"] >= 2:
@@ -629,6 +631,42 @@ def test_what_ends_the_run_and_a_moved_cosine_are_said(tiny_data, tmp_path, caps
     with pytest.warns(UserWarning, match=rf"resume: the cosine schedule now runs \d+ steps instead of "
                                          rf"{trainer.schedule.cosine_steps} .* the lr jumps at step {trainer.steps_per_epoch}"):
         loop.Trainer(build_config({**raw, "resume": True}))
+
+
+def test_each_pretraining_task_logs_its_own_training_loss(tiny_data, tmp_path):
+    """Multi-domain pretraining is watched by each domain's loss; only their sum was logged.
+    A task's loss is the loss of a batch of its structures alone (same predictions)."""
+    raw = pretrain_config(tiny_data, tmp_path / "run", max_steps=1, val_every=0)
+    raw["model"]["edge_dropout"] = 0.0
+    trainer = loop.Trainer(build_config(raw))
+    seen = {}
+    original = tasks.loss_terms
+
+    def keep(model, preds, batch, only=None):
+        if only is None:
+            seen.update(preds={k: v.detach() for k, v in preds.items()}, batch=batch)
+        return original(model, preds, batch, only)
+
+    import unittest.mock
+    with unittest.mock.patch.object(tasks, "loss_terms", keep):
+        trainer.train()
+    with open(tmp_path / "run" / "metrics.csv", newline="") as f:
+        logged = {r["name"]: float(r["value"]) for r in csv.DictReader(f) if r["split"] == "train"}
+    batch, preds = seen["batch"], seen["preds"]
+    for t, name in enumerate(("mol", "box")):
+        sel = batch["task"] == t
+        if not sel.any():
+            assert f"{name}/loss" not in logged
+            continue
+        atoms = sel[batch["batch"]]
+        natoms = batch["natoms"][sel]
+        alone = {"task": batch["task"][sel], "natoms": natoms, "energy": batch["energy"][sel],
+                 "forces": batch["forces"][atoms],
+                 "batch": torch.repeat_interleave(torch.arange(natoms.numel()), natoms)}
+        terms = original(trainer.model, {"energy": preds["energy"][sel], "forces": preds["forces"][atoms]}, alone)
+        expected = sum(s.item() for s, kind in terms.values()) / natoms.numel()  # (structure-wise terms)
+        assert logged[f"{name}/loss"] == pytest.approx(expected, rel=1e-6)
+    assert sum(f"{n}/loss" in logged for n in ("mol", "box")) >= 1
 
 
 def test_a_run_capped_by_epochs_says_so(tiny_data, tmp_path):

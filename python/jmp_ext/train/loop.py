@@ -554,7 +554,27 @@ class Trainer:
             self.log.log(self.step + 1, "train", {"loss": values.sum().item() / self.dist.world_size, "lr": lr,
                                                   "grad_norm": float(grad_norm),
                                                   **{f"loss_{n}": v.item() / self.dist.world_size
-                                                     for n, v in zip(parts, values)}})
+                                                     for n, v in zip(parts, values)},
+                                                  **(self._task_losses(preds, batch) if len(c.tasks) > 1 else {})})
+
+    @torch.no_grad()
+    def _task_losses(self, preds: dict, batch: dict) -> dict[str, float]:
+        """{task}/loss: each task's own training loss in this step's global batch (its structures'
+        terms over its own counts), what multi-domain pretraining is watched by."""
+        rows = []
+        for t in range(len(self.config.tasks)):
+            only = batch["task"] == t
+            terms = tasks.loss_terms(self.model, preds, batch, only)
+            rows.append(torch.stack([*(s.detach().double() for s, _ in terms.values()),
+                                     only.sum().double(), only[batch["batch"]].sum().double()]))
+        kinds = [kind for _, kind in terms.values()]
+        totals = distributed.all_reduce_sum(torch.stack(rows)).tolist()
+        out = {}
+        for task, row in zip(self.config.tasks, totals):
+            counts = {"structures": row[-2], "atoms": row[-1], "rank": self.dist.world_size}
+            if row[-2] > 0:  # (a task the batch did not sample has no loss this step)
+                out[f"{task.name}/loss"] = sum(s / counts[kind] for s, kind in zip(row, kinds))
+        return out
 
     def _skip_step(self, what: str) -> None:
         self.optimizer.zero_grad(set_to_none=True)

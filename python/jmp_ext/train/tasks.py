@@ -267,19 +267,23 @@ def num_blocks(net: nn.Module) -> int:
 # ---------------------------------------------------------------- loss and metrics
 
 
-def loss_terms(model: TaskModel, preds: dict, batch: dict) -> dict[str, tuple[torch.Tensor, str]]:
+def loss_terms(model: TaskModel, preds: dict, batch: dict, only: torch.Tensor | None = None
+               ) -> dict[str, tuple[torch.Tensor, str]]:
     """Per target: (sum of the weighted per-item losses, the count it is averaged over:
     "structures" or "atoms", or "rank" for classification, which JMP sums over the batch). The
     loop divides by the global counts so DDP ranks with different batch sizes reproduce the
-    single-process mean exactly."""
+    single-process mean exactly. only: bool [B], the structures to sum over (one task's, for
+    its own training loss); None: all."""
     task = batch["task"]
     terms = {}
     for name, target in model.targets.items():
         coef = torch.tensor([t.targets[[x.name for x in t.targets].index(name)].coef for t in model.tasks],
                             dtype=preds[name].dtype, device=task.device)
+        # (a structure's loss weight of 0 leaves it out of every sum)
+        keep = only.to(coef.dtype) if only is not None else 1.0
         if target.kind == "classification":
             check_class_labels(batch[name], name, target.num_classes)
-            weight = coef[task]
+            weight = coef[task] * keep
             cw = (torch.tensor(target.class_weights, dtype=preds[name].dtype, device=task.device)
                   if target.class_weights else None)
             terms[name] = (losses.classification_loss(preds[name], batch[name], weight, cw), "rank")
@@ -287,7 +291,7 @@ def loss_terms(model: TaskModel, preds: dict, batch: dict) -> dict[str, tuple[to
         if target.kind == "stress":
             check_stress_labels(batch, name)
         scale_name = "energy" if (target.kind == "stress" or (target.kind == "forces" and model.gradient_forces)) else name
-        weight = coef[task] / model.scale(scale_name).to(preds[name].dtype)[task]
+        weight = coef[task] / model.scale(scale_name).to(preds[name].dtype)[task] * keep
         if target.kind == "forces":
             swl = any(t.structure_wise_force_loss for t in model.tasks)
             terms[name] = (losses.force_l2mae(preds[name], batch[name], batch["batch"], batch["natoms"], weight,

@@ -410,15 +410,15 @@ def truncated_neighbors(batch: dict, config: GraphConfig) -> dict[str, tuple[int
     pbc = batch["pbc"] if config.pbc else torch.zeros(natoms.shape[0], 3, dtype=torch.bool, device=pos.device)
     edge_index, _, distance = radius_graph(pos, config.cutoff_a2a, natoms=natoms,
                                            cell=batch["cell"].detach().to(pos.dtype), pbc=pbc)
-    k = config.neighbors_per_structure(natoms)
-    structure = torch.repeat_interleave(torch.arange(natoms.shape[0], device=pos.device), natoms)
+    structure = _structure_index(natoms)
     out = {}
-    for name in GRAPH_NAMES:
+    for name, k in config.neighbors_per_structure(natoms).items():
+        k_atom = k[structure]
         targets = edge_index[1][distance <= getattr(config, f"cutoff_{name}")]
         counts = torch.bincount(targets, minlength=pos.shape[0])
-        over = counts > k[name][structure]
+        over = counts > k_atom
         if over.any():
-            out[name] = (int(counts.max()), int(k[name][structure][over].min()))
+            out[name] = (int(counts.max()), int(k_atom[over].min()))
     return out
 
 

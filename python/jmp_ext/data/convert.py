@@ -131,14 +131,13 @@ def _take_labels(entry: dict, sources: dict[str, dict], keys: KeyMap, report: Co
     The first entry holding a label fixes its location in report.labels; a later entry holding
     it elsewhere is a DataError, so one dataset never mixes, e.g., REF_energy and energy.
     """
-    virial = False
+    report.first_keys = report.first_keys or _available(sources)
     for label in LABELS:
         if keys.drops(label):
             continue
         found = {(f"{prefix}[{key!r}]" if prefix else key): (key, mapping[key])
                  for key in keys.candidates(label, pickled) for prefix, mapping in sources.items()
                  if key in mapping}
-        report.first_keys = report.first_keys or _available(sources)
         if not found:
             if getattr(keys, label) is not None:
                 raise fmt.DataError(f"{label}: key {getattr(keys, label)!r} not found "
@@ -149,12 +148,12 @@ def _take_labels(entry: dict, sources: dict[str, dict], keys: KeyMap, report: Co
             raise fmt.DataError(f"{label} is in {', '.join(found)}, but earlier entries took it "
                                 f"from {location}; pick one with --{label}-key (from Python: "
                                 f"KeyMap({label}=...))")
-        key, entry[label] = found[location]
-        virial |= label == "stress" and key in VIRIAL_KEYS
-    if "stress" in entry:
-        entry["stress"] = _stress_3x3(entry["stress"])
-        if virial:
-            entry["stress"] = _virial_to_stress(entry["stress"], entry["cell"], entry["pbc"])
+        key, value = found[location]
+        if label == "stress":
+            value = _stress_3x3(value)
+            if key in VIRIAL_KEYS:
+                value = _virial_to_stress(value, entry["cell"], entry["pbc"])
+        entry[label] = value
 
 
 def _virial_to_stress(virial: np.ndarray, cell, pbc) -> np.ndarray:

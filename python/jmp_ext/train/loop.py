@@ -649,9 +649,9 @@ class Trainer:
         self.schedule.on_validation(self.step, value)
         self.schedule.set_step(self.step)
         improved = value < self.best
+        sign = tasks.primary_label(c, metrics)[1]
         self.log.write(f"step {self.step} validation: {tasks.describe_primary(c, metrics, value)}"
-                       + (" (the best yet: saved best.pt)" if improved else
-                          f" (the best was {tasks.describe_primary(c, metrics, self.best).rsplit(' ', 1)[1]})"))
+                       + (" (the best yet: saved best.pt)" if improved else f" (the best was {sign * self.best:.4g})"))
         if improved:
             self.best, self.bad_validations = value, 0
             self.save_best(metrics)

@@ -30,7 +30,6 @@ from jmp_ext.train.config import TargetConfig, TaskConfig, TrainConfig
 from jmp_ext.train.metrics import Metrics
 
 
-
 class TrainError(ValueError):
     """A problem with the inputs of a run (datasets, targets, checkpoints), with a clear message."""
 
@@ -364,12 +363,17 @@ def primary_metric(config: TrainConfig, metrics: dict[str, float]) -> float:
     return float(np.mean([sign * metrics[key] for key, sign in _primary_keys(config) if key in metrics]))
 
 
-def describe_primary(config: TrainConfig, metrics: dict[str, float], value: float) -> str:
-    """A primary_metric value of `metrics` for a log line: 'md/forces_mae 0.0123',
-    'mp/is_metal_accuracy 0.91' (an accuracy shown as itself, not negated), 'mean of
-    a/forces_mae, b/forces_mae 0.2' (the tasks with metrics: those with a val split)."""
+def primary_label(config: TrainConfig, metrics: dict[str, float]) -> tuple[str, int]:
+    """What primary_metric of `metrics` is, for a log line, and the sign that shows it as that
+    ('mp/is_metal_accuracy', -1: an accuracy shown as itself, not negated; 'mean of
+    a/forces_mae, b/forces_mae', 1), over the tasks with metrics (those with a val split)."""
     keys = [(key, sign) for key, sign in _primary_keys(config) if key in metrics]
     if len(keys) == 1:
-        key, sign = keys[0]
-        return f"{key} {sign * value:.4g}"
-    return f"mean of {', '.join(key if sign > 0 else f'-{key}' for key, sign in keys)} {value:.4g}"
+        return keys[0]
+    return f"mean of {', '.join(key if sign > 0 else f'-{key}' for key, sign in keys)}", 1
+
+
+def describe_primary(config: TrainConfig, metrics: dict[str, float], value: float) -> str:
+    """A primary_metric value for a log line: 'md/forces_mae 0.0123' (see primary_label)."""
+    label, sign = primary_label(config, metrics)
+    return f"{label} {sign * value:.4g}"

@@ -67,6 +67,16 @@ def test_print_config_shows_the_resolved_config_and_runs_nothing(tmp_path, capsy
     assert main(["--print-config"]) == 0 and yaml.safe_load(capsys.readouterr().out)["loop"]["max_steps"] == 150
 
 
+def test_print_config_needs_no_data_paths_but_training_does(tmp_path, capsys):
+    """A preset is read before its data exists (to write a config file from it); a run without
+    a training split says which key to set."""
+    assert main(["finetune", "preset=jmp_s_qm9", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["tasks"][0]["train"] == "" and printed["tasks"][0]["name"] == "qm9"
+    assert main(["finetune", "preset=jmp_s_qm9", f"run_dir={tmp_path / 'run'}"]) == 2
+    assert "task 'qm9': train is empty; give the LMDB directory (tasks.0.train=/data/qm9/train)" in capsys.readouterr().err
+
+
 def test_a_config_path_may_hold_an_equals_sign(tiny_data, tmp_path, capsys):
     """A sweep's directories are often named lr=1e-3: the path is still the config, not an override."""
     path = tmp_path / "lr=1e-3" / "config.yaml"

@@ -139,8 +139,9 @@ class TaskConfig:
 
     name: str
     """Task (head) name, e.g. oc20 or catalysis; checkpoint keys use it."""
-    train: str
-    """LmdbDataset directory of the training split."""
+    train: str = ""
+    """LmdbDataset directory of the training split (a preset leaves it empty: training needs it,
+    --print-config does not)."""
     val: str = ""
     """Validation split ('' = none; then no early stopping or best checkpoint)."""
     test: str = ""
@@ -161,9 +162,6 @@ class TaskConfig:
         if not self.name or "/" in self.name:
             raise ConfigError(f"task name {self.name!r} must be non-empty and without '/' (metric keys are "
                               "task/metric, checkpoint keys use it too)")
-        if not self.train:
-            raise ConfigError(f"task {self.name!r}: train is empty; give the LMDB directory "
-                              f"(tasks.N.train=/data/{self.name}/train, N its position in tasks)")
         if not self.targets:
             raise ConfigError(f"task {self.name!r}: no targets")
         names = [t.name for t in self.targets]

@@ -69,6 +69,9 @@ def load_task_data(config: TrainConfig) -> list[TaskData]:
 
     out = []
     for i, task in enumerate(config.tasks):
+        if not task.train:
+            raise TrainError(f"task {task.name!r}: train is empty; give the LMDB directory "
+                             f"(tasks.{i}.train=/data/{task.name}/train)")
         splits = {}
         for split in ("train", "val", "test"):
             path = getattr(task, split)

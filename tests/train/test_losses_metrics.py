@@ -6,7 +6,7 @@ import torch
 
 from jmp_ext.train.losses import classification_loss, force_l2mae, l1_loss
 from jmp_ext.train import distributed
-from jmp_ext.train.metrics import Metrics
+from jmp_ext.train.metrics import Metrics, roc_auc
 
 
 def _brute_swl(pred, target, natoms, weight):
@@ -56,8 +56,28 @@ def test_metrics_against_brute_force():
     assert out["t/forces_mae"] == pytest.approx((1 + 1 + 1) / 6)
     assert out["t/forces_rmse"] == pytest.approx(math.sqrt((1 + 1 + 1) / 6))
     assert out["t/forces_cos"] == pytest.approx((1.0 + 0.0) / 2)
-    m.update_accuracy("t", "cls", torch.tensor([[1.0, 0], [0, 1.0], [1, 0]]), torch.tensor([0, 0, 0]))
+    m.update_classification("t", "cls", torch.tensor([[1.0, 0], [0, 1.0], [1, 0]]), torch.tensor([0, 0, 0]))
     assert m.compute()["t/cls_accuracy"] == pytest.approx(2 / 3)
+
+
+def _all_reduced(monkeypatch, ranks: list[Metrics]) -> list[dict]:
+    """compute() of each rank's Metrics after all_reduce, its collectives replaced by what the
+    ranks' tables (as they stand before any all_reduce) would give."""
+    tables = [(dict(m.sums), dict(m.counts), dict(m.probabilities)) for m in ranks]
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "all_gather_object", lambda obj: [(sorted(sums), probs) for sums, _, probs in tables])
+
+    def all_reduce_sum(values):
+        names = sorted(set().union(*(sums for sums, _, _ in tables)))
+        return sum(torch.tensor([[sums.get(n, 0.0), counts.get(n, 0.0)] for n in names], dtype=torch.float64)
+                   for sums, counts, _ in tables)
+
+    monkeypatch.setattr(distributed, "all_reduce_sum", all_reduce_sum)
+    results = []
+    for m in ranks:
+        m.all_reduce()
+        results.append(m.compute())
+    return results
 
 
 def test_mae_and_rmse_are_exact_over_batches_and_ranks(monkeypatch):
@@ -81,22 +101,45 @@ def test_mae_and_rmse_are_exact_over_batches_and_ranks(monkeypatch):
             rank.update_scalar("t", "gap", torch.tensor(sp), torch.tensor(st))
             errors.setdefault("gap", []).extend(sp - st)
 
-    tables = [(dict(m.sums), dict(m.counts)) for m in ranks]
-    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
-    monkeypatch.setattr(distributed, "all_gather_object", lambda obj: [sorted(sums) for sums, _ in tables])
-
-    def all_reduce_sum(values):
-        names = sorted(set().union(*(sums for sums, _ in tables)))
-        return sum(torch.tensor([[sums.get(n, 0.0), counts.get(n, 0.0)] for n in names], dtype=torch.float64)
-                   for sums, counts in tables)
-
-    monkeypatch.setattr(distributed, "all_reduce_sum", all_reduce_sum)
-    results = []
-    for m in ranks:
-        m.all_reduce()
-        results.append(m.compute())
+    results = _all_reduced(monkeypatch, ranks)
     assert results[0] == results[1]
     for name, err in errors.items():
         err = np.asarray(err)
         assert results[0][f"t/{name}_mae"] == pytest.approx(np.abs(err).mean(), rel=1e-12), name
         assert results[0][f"t/{name}_rmse"] == pytest.approx(np.sqrt(np.square(err).mean()), rel=1e-12), name
+
+
+def _brute_auc(scores, positive):
+    """Fraction of (positive, negative) pairs ordered right, ties half."""
+    pos, neg = scores[positive], scores[~positive]
+    return float(((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (len(pos) * len(neg)))
+
+
+@pytest.mark.parametrize("num_classes", [2, 4])
+def test_roc_auc_against_pair_counting(num_classes):
+    """Random probabilities, rounded so that ties occur; every class one-vs-rest, averaged."""
+    g = torch.Generator().manual_seed(num_classes)
+    probabilities = (torch.rand(200, num_classes, generator=g, dtype=torch.float64) * 8).round() / 8
+    labels = torch.randint(num_classes, (200,), generator=g)
+    classes = [1] if num_classes == 2 else range(num_classes)
+    want = np.mean([_brute_auc(probabilities[:, c].numpy(), (labels == c).numpy()) for c in classes])
+    assert roc_auc(probabilities, labels) == pytest.approx(want, rel=1e-12)
+    perfect = torch.nn.functional.one_hot(labels, num_classes).double()
+    assert roc_auc(perfect, labels) == 1.0 and roc_auc(1 - perfect, labels) == 0.0
+    assert roc_auc(torch.full((5, 2), 0.5, dtype=torch.float64), torch.tensor([0, 1, 0, 1, 1])) == 0.5
+    assert roc_auc(probabilities[:3], torch.zeros(3, dtype=torch.int64)) is None  # one class: undefined
+
+
+def test_classification_metrics_over_batches_and_ranks(monkeypatch):
+    """ROC-AUC is no mean of batch values: the probabilities of every batch on every rank are
+    gathered, and both ranks report the area of all of them."""
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(30, 2, generator=g, dtype=torch.float64), torch.randint(2, (30,), generator=g)
+    ranks = [Metrics(), Metrics()]
+    for k, (lo, hi) in enumerate([(0, 4), (4, 15), (15, 30)]):
+        ranks[k % 2].update_classification("t", "metal", logits[lo:hi], labels[lo:hi])
+    results = _all_reduced(monkeypatch, ranks)
+    assert results[0] == results[1]
+    p1 = logits.softmax(-1)[:, 1].numpy()
+    assert results[0]["t/metal_rocauc"] == pytest.approx(_brute_auc(p1, labels.numpy() == 1), rel=1e-12)
+    assert results[0]["t/metal_accuracy"] == pytest.approx((logits.argmax(-1) == labels).double().mean().item())

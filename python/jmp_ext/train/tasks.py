@@ -338,7 +338,7 @@ def update_metrics(metrics: Metrics, model: TaskModel, preds: dict, batch: dict)
                 metrics.update_forces(task.name, p[atoms], y[atoms], free)
             elif target.kind == "classification":
                 check_class_labels(y[sel], name, target.num_classes)
-                metrics.update_accuracy(task.name, name, p[sel], y[sel])
+                metrics.update_classification(task.name, name, p[sel], y[sel])
             else:
                 if target.kind == "stress":
                     check_stress_labels(batch, name)

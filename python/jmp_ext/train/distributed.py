@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -28,10 +27,11 @@ class DistInfo:
     device: torch.device
 
 
-def setup(device: str = "auto", timeout: timedelta | None = None) -> DistInfo:
+def setup(device: str = "auto") -> DistInfo:
     """Initialises the process group when launched by torchrun and picks this rank's device.
-    timeout: how long a collective waits for the other ranks before it fails (None: torch's
-    default, 10 minutes for NCCL and 30 for gloo)."""
+    A collective waits torch's default time for the other ranks (10 minutes with NCCL, 30 with
+    gloo): no rank works alone for long here, every rank fits the same scale factors and
+    validates its share."""
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -47,8 +47,7 @@ def setup(device: str = "auto", timeout: timedelta | None = None) -> DistInfo:
     else:
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size,
-                                timeout=timeout)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size)
     return DistInfo(rank, world_size, local_rank, dev)
 
 

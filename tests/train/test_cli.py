@@ -165,6 +165,21 @@ def test_bad_checkpoints_and_datasets_are_messages(checkpoint, tiny_data, tmp_pa
         assert err.startswith("error: ") and message in err, argv
 
 
+def test_a_library_error_keeps_its_traceback(tiny_data, tmp_path, capsys, monkeypatch):
+    """Bad input our checks name is a message; a ValueError raised inside torch or numpy is a
+    bug to report, and a bare message would hide where it came from."""
+    import numpy as np
+
+    import jmp_ext.train.__main__ as cli
+
+    monkeypatch.setattr(cli, "run_training", lambda config: np.zeros(6).reshape(4, 4))
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(finetune_raw(tiny_data, tmp_path / "run")))
+    with pytest.raises(ValueError, match="cannot reshape"):
+        main([str(path)])
+    assert capsys.readouterr().err == ""
+
+
 def test_ctrl_c_is_a_message_with_how_to_resume(tiny_data, tmp_path, capsys, monkeypatch):
     import jmp_ext.train.__main__ as cli
 

@@ -186,6 +186,16 @@ def is_config_path(arg: str) -> bool:
     return arg.lower().endswith((".yaml", ".yml")) or Path(arg).is_file()
 
 
+def raised_by_jmp_ext(error: BaseException) -> bool:
+    """The error comes from this package's own code (its checks of the user's input), not from
+    a library it calls."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    package = Path(__file__).resolve().parents[1]
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(package)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -237,8 +247,10 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             check_device(config.device, "device=")
             run_training(config)
-    except (ConfigError, TrainError, FileNotFoundError, ValueError) as e:  # bad input: a message, no traceback
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, TrainError, FileNotFoundError, ValueError) as e:
+        if not raised_by_jmp_ext(e):  # (torch's or numpy's: a bug to report, with its traceback)
+            raise
+        print(f"error: {e}", file=sys.stderr)  # bad input, said by our checks: a message, no traceback
         return 2
     except KeyboardInterrupt as e:  # (training's first Ctrl-C or SIGTERM ends the step and saves last.pt: e says so)
         # Under torchrun a terminal's Ctrl-C reaches every rank, and every rank stops alike: one message.

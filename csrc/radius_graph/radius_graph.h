@@ -54,6 +54,11 @@ struct Output {
   void* distance = nullptr;       // [E] in the input dtype
 };
 
+// Refuses a negative size, a cutoff that is not finite and > 0, a max_neighbors that is neither
+// -1 nor > 0, a negative max_edges and a ptr that does not run from 0 to num_atoms without
+// decreasing. Reads ptr: host memory (the CUDA path checks its host copy before any launch).
+void check_input(const Input& input);
+
 namespace cpu {
 
 // The cell lists of a batch and its edge counts: construct (validates and counts), read
@@ -101,16 +106,17 @@ class RadiusGraph {
 }  // namespace cpu
 
 // Error slots of the CUDA path (first offending atom or system; kNoError when none; for a
-// hopeless search, the batch's candidate pairs and expected edges). The host reads them with
-// the edge count, in the single synchronisation of a call.
+// hopeless search, the batch's candidate pairs and expected edges as the CPU prints them). The
+// host reads them with the edge count, in the single synchronisation of a call.
 enum CudaError : int32_t {
   kNonFinitePosition = 0,  // atom
   kNonFiniteCell = 1,      // system
   kSingularCell = 2,       // system
   kTooFarOutside = 3,      // atom
-  kHopelessSearch = 4,     // candidate pairs of the batch's search
-  kHopelessEdges = 5,      // rough edge count of the batch
-  kNumCudaErrors = 6,
+  kUnsearchable = 4,       // system whose periodic images would overflow the int32 shifts
+  kHopelessSearch = 5,     // candidate pairs of the batch's search (the bits of a double)
+  kHopelessEdges = 6,      // rough edge count of the batch (the bits of a double)
+  kNumCudaErrors = 7,
 };
 constexpr unsigned long long kNoError = ~0ull;
 

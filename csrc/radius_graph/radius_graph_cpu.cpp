@@ -14,7 +14,22 @@
 #include "common/parallel.h"
 #include "radius_graph/radius_graph.h"
 
-namespace jmp_ext::radius_graph::cpu {
+namespace jmp_ext::radius_graph {
+
+void check_input(const Input& in) {
+  JMP_CHECK(in.num_atoms >= 0 && in.num_systems >= 0, "radius_graph: negative sizes");
+  JMP_CHECK(std::isfinite(in.cutoff) && in.cutoff > 0,
+            "radius_graph: cutoff must be finite and > 0, got ", in.cutoff);
+  JMP_CHECK(in.max_neighbors == -1 || in.max_neighbors > 0,
+            "radius_graph: max_neighbors must be positive, got ", in.max_neighbors);
+  JMP_CHECK(in.max_edges >= 0, "radius_graph: max_edges must be >= 0");
+  JMP_CHECK(in.ptr[0] == 0 && in.ptr[in.num_systems] == in.num_atoms,
+            "radius_graph: natoms must add up to the number of atoms ", in.num_atoms);
+  for (int64_t b = 0; b < in.num_systems; ++b)
+    JMP_CHECK(in.ptr[b + 1] >= in.ptr[b], "radius_graph: natoms[", b, "] is negative");
+}
+
+namespace cpu {
 
 // An edge being collected for one target; ordered by (distance, source, shift).
 struct Candidate {
@@ -154,19 +169,6 @@ class EdgeSorter {
     return u;
   }
 };
-
-void check_input(const Input& in) {
-  JMP_CHECK(in.num_atoms >= 0 && in.num_systems >= 0, "radius_graph: negative sizes");
-  JMP_CHECK(std::isfinite(in.cutoff) && in.cutoff > 0,
-            "radius_graph: cutoff must be finite and > 0, got ", in.cutoff);
-  JMP_CHECK(in.max_neighbors == -1 || in.max_neighbors > 0,
-            "radius_graph: max_neighbors must be positive, got ", in.max_neighbors);
-  JMP_CHECK(in.max_edges >= 0, "radius_graph: max_edges must be >= 0");
-  JMP_CHECK(in.ptr[0] == 0 && in.ptr[in.num_systems] == in.num_atoms,
-            "radius_graph: natoms must add up to the number of atoms ", in.num_atoms);
-  for (int64_t b = 0; b < in.num_systems; ++b)
-    JMP_CHECK(in.ptr[b + 1] >= in.ptr[b], "radius_graph: natoms[", b, "] is negative");
-}
 
 }  // namespace
 
@@ -437,4 +439,5 @@ void RadiusGraph::fill(const Output& out, int num_threads) const {
   });
 }
 
-}  // namespace jmp_ext::radius_graph::cpu
+}  // namespace cpu
+}  // namespace jmp_ext::radius_graph

@@ -91,6 +91,7 @@ __global__ void frames_kernel(const T* pos, const int64_t* ptr, const double* ce
     make_bins(frame, l, h, cutoff, end - begin);
     frame.first_bin = 2 * begin + b;
     search_cost(frame, end - begin, frame.candidates, frame.edges);
+    if (!isfinite(frame.candidates)) flag(errors, kUnsearchable, b);
     frames[b] = frame;
   }
 }
@@ -117,9 +118,9 @@ __global__ void guard_kernel(const Frame* frames, int64_t num_systems, int64_t m
     __syncthreads();
   }
   if (threadIdx.x == 0 && hopeless(candidates[0], max_edges)) {
-    constexpr double kLargest = 9.2e18;  // below kNoError read as int64
-    errors[kHopelessEdges] = static_cast<unsigned long long>(fmin(edges[0], kLargest));
-    errors[kHopelessSearch] = static_cast<unsigned long long>(fmin(candidates[0], kLargest));
+    // The doubles themselves (finite and > 0: never kNoError's bits), for the CPU's message.
+    errors[kHopelessEdges] = static_cast<unsigned long long>(__double_as_longlong(edges[0]));
+    errors[kHopelessSearch] = static_cast<unsigned long long>(__double_as_longlong(candidates[0]));
   }
 }
 

@@ -2,6 +2,7 @@
 brute-force twin (order and max_neighbors), float64 recomputation (distances), gradcheck
 (edge_vectors), and every bad input the op must reject."""
 
+import importlib
 import math
 import re
 
@@ -613,6 +614,97 @@ def test_the_registered_op_checks_its_inputs():
     assert torch.equal(op(pos, 3.0, ptr, cell[None], pbc, -1, -1.0, 2**28)[0], radius_graph(pos, 3.0, cell=cell)[0])
 
 
+@pytest.mark.parametrize("cutoff, ptr, k, max_edges, message", [
+    (0.0, [0, 4], -1, 2**28, r"cutoff must be finite and > 0, got 0"),
+    (math.nan, [0, 4], -1, 2**28, r"cutoff must be finite and > 0, got nan"),
+    (3.0, [1, 5], -1, 2**28, r"natoms must add up to the number of atoms 4"),
+    (3.0, [0, 3], -1, 2**28, r"natoms must add up to the number of atoms 4"),
+    (3.0, [0, 3, 2, 4], -1, 2**28, r"natoms\[1\] is negative"),
+    (3.0, [0, 4], 0, 2**28, r"max_neighbors must be positive, got 0"),
+    (3.0, [0, 4], -1, -1, r"max_edges must be >= 0"),
+])
+def test_the_op_checks_sizes_and_scalars_before_choosing_a_backend(cutoff, ptr, k, max_edges, message):
+    """The CUDA kernels trust ptr, the cutoff and k (a ptr of [1, N + 1] was read, and its bins
+    written, past their ends; a zero cutoff gave an empty graph): the op checks them on the host
+    for every device. A meta tensor, which no backend runs, shows it (a valid call reaches the
+    dispatch), and the CPU gives the same messages."""
+    from jmp_ext.ops.radius_graph import _radius_graph_impl
+
+    num_systems = len(ptr) - 1
+    for device in ("meta", "cpu"):
+        pos = torch.zeros(4, 3, dtype=torch.float64, device=device)
+        cell = (5 * torch.eye(3, dtype=torch.float64, device=device)).expand(num_systems, 3, 3)
+        pbc = torch.ones(num_systems, 3, dtype=torch.bool, device=device)
+        with pytest.raises(ValueError, match=message):
+            _radius_graph_impl(pos, cutoff, torch.tensor(ptr), cell, pbc, k, -1.0, max_edges)
+    pos = torch.zeros(4, 3, dtype=torch.float64, device="meta")
+    with pytest.raises(ValueError, match="runs on CPU or CUDA tensors, got meta"):
+        _radius_graph_impl(pos, 3.0, torch.tensor([0, 4]), torch.zeros(1, 3, 3, dtype=torch.float64, device="meta"),
+                           torch.zeros(1, 3, dtype=torch.bool, device="meta"), -1, -1.0, 2**28)
+
+
+def _bad_batch():
+    """Three Cu cells, each with something wrong: [what to break, on which system]."""
+    pos, cell = _one_system()
+    return torch.cat([pos, pos, pos]), torch.stack([cell, cell, cell])
+
+
+@pytest.mark.parametrize("faults", [
+    [("nan_cell", 1), ("nan_pos", 2)],
+    [("nan_pos", 0), ("singular", 1)],
+    [("far", 1), ("nan_pos", 1)],
+    [("nan_pos", 1), ("far", 2)],
+    [("singular", 2), ("nan_cell", 1)],
+    [("singular", 0)],
+])
+def test_cuda_errors_read_as_the_cpu_reports_them(faults):
+    """The CUDA kernels flag the first offender of each kind at once; the host turns those
+    flags into the message the CPU kernel, checking system by system, gives for the same
+    batch. The flags are set here as the kernels would (lowest atom or system per slot)."""
+    rg = importlib.import_module("jmp_ext.ops.radius_graph")  # (the package's radius_graph is the function)
+
+    pos, cell = _bad_batch()
+    pbc = torch.tensor([[True, True, True], [True, False, True], [True, True, True]])
+    errors = [rg._NO_ERROR] * 7
+    for fault, b in faults:
+        atom = 4 * b + 1 + (fault == "far")  # (the far atom after the NaN one of its system)
+        slot = {"nan_cell": rg._NON_FINITE_CELL, "singular": rg._SINGULAR_CELL,
+                "nan_pos": rg._NON_FINITE_POSITION, "far": rg._TOO_FAR}[fault]
+        if fault == "nan_cell":
+            cell[b, 0, 1] = math.nan
+        elif fault == "singular":
+            cell[b, 2] = 0
+        elif fault == "nan_pos":
+            pos[atom, 2] = math.nan
+        else:
+            pos[atom, 0] = 1e12
+        index = b if fault in ("nan_cell", "singular") else atom
+        errors[slot] = index if errors[slot] == rg._NO_ERROR else min(errors[slot], index)
+    with pytest.raises(ValueError) as on_cpu:
+        radius_graph(pos, 3.0, natoms=[4, 4, 4], cell=cell, pbc=pbc)
+    with pytest.raises(ValueError) as from_flags:
+        rg._raise_cuda_errors(errors, torch.tensor([0, 4, 8, 12]), 3.0, pbc, 2**28)
+    cpu_message = str(on_cpu.value)
+    if "cells away" in cpu_message:  # (the CPU can say how far; the flag cannot)
+        cpu_message = re.sub(r"lies .* cells away from its cell along axis \d", "lies more than 1e9 cells away "
+                             "from its cell", cpu_message)
+    assert str(from_flags.value) == cpu_message
+
+
+def test_cuda_error_flags_of_a_hopeless_search_hold_the_cpu_estimates():
+    """The guard stores its estimates as the bits of doubles: printed as the CPU prints them,
+    to the last digit, whatever their size (an int slot truncated them, and an infinite
+    estimate read as 9.2e18)."""
+    rg = importlib.import_module("jmp_ext.ops.radius_graph")  # (the package's radius_graph is the function)
+
+    for candidates, edges in [(5.02655e8 + 0.4, 1.23456789e8), (3.7e22, 2.5e21)]:
+        errors = [rg._NO_ERROR] * 7
+        errors[rg._HOPELESS] = int(np.float64(candidates).view(np.int64))
+        errors[rg._HOPELESS_EDGES] = int(np.float64(edges).view(np.int64))
+        with pytest.raises(ValueError, match=re.escape(f"roughly {edges:g} edges (searching {candidates:g} candidate")):
+            rg._raise_cuda_errors(errors, torch.tensor([0, 1]), 3.0, torch.ones(1, 3, dtype=torch.bool), 10)
+
+
 def test_positions_absurdly_far_outside_the_cell():
     pos, cell = _one_system()
     pos[0, 0] = 1e12
@@ -630,9 +722,8 @@ def test_a_cutoff_that_would_overflow_the_int32_shifts_is_refused(device, pbc, c
     pos = torch.zeros(1, 3, dtype=torch.float64, device=device)
     cell = torch.diag(torch.tensor([1.0, 1.0, 10.0], dtype=torch.float64, device=device))
     kwargs = {} if max_edges is None else {"max_edges": max_edges}
-    # CUDA flags it as a hopeless search (an infinite search cost).
-    message = r"far too large for cell\[0\]" if device.type == "cpu" else r"roughly inf edges"
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=r"the cutoff .* is far too large for cell\[0\]: its periodic images "
+                                         r"would overflow the int32 lattice shifts"):
         radius_graph(pos, cutoff, cell=cell, pbc=torch.tensor(pbc, device=device), **kwargs)
 
 

@@ -22,7 +22,9 @@ its ``distance`` output whenever ``pos`` or ``cell`` requires grad.
 
 from __future__ import annotations
 
+import bisect
 import itertools
+import struct
 import math
 from collections.abc import Sequence
 
@@ -156,38 +158,49 @@ def _radius_graph_cpu(pos, cutoff, ptr_, cell, pbc, k, tolerance, max_edges):
 
 
 # Error slots of the CUDA path (csrc/radius_graph/radius_graph.h, CudaError).
-_NON_FINITE_POSITION, _NON_FINITE_CELL, _SINGULAR_CELL, _TOO_FAR, _HOPELESS, _HOPELESS_EDGES = (
-    range(6)
+_NON_FINITE_POSITION, _NON_FINITE_CELL, _SINGULAR_CELL, _TOO_FAR, _UNSEARCHABLE, _HOPELESS, _HOPELESS_EDGES = (
+    range(7)
 )
 _NO_ERROR = -1  # ~0ull read as int64
 
 
-def _raise_cuda_errors(errors: list[int], pbc: Tensor, max_edges: int) -> None:
-    """The CPU kernel's messages for what the CUDA kernels flagged (first offender)."""
+def _as_double(bits: int) -> float:
+    """A double the kernel stored as its bits in an int64 slot."""
+    return struct.unpack("<d", struct.pack("<q", bits))[0]
+
+
+def _raise_cuda_errors(errors: list[int], ptr_: Tensor, cutoff: float, pbc: Tensor, max_edges: int) -> None:
+    """The CPU kernel's message for what the CUDA kernels flagged (first offender per slot):
+    the one the CPU meets first, system by system (its cell, then its atoms in order), then the
+    search guards. ptr_: [B + 1] the host's copy."""
+    first = []  # (system, cell 0 / atom 1, atom, slot, message)
     if errors[_NON_FINITE_CELL] != _NO_ERROR:
-        raise ValueError(
-            f"radius_graph: cell[{errors[_NON_FINITE_CELL]}] has a NaN or infinite entry on a "
-            "periodic axis"
-        )
+        b = errors[_NON_FINITE_CELL]
+        first.append((b, 0, 0, 0, f"radius_graph: cell[{b}] has a NaN or infinite entry on a periodic axis"))
     if errors[_SINGULAR_CELL] != _NO_ERROR:
         b = errors[_SINGULAR_CELL]
+        first.append((b, 0, 0, 1,
+                      f"radius_graph: cell[{b}] is singular or degenerate on its periodic axes "
+                      f"(pbc=[{', '.join(str(int(p)) for p in pbc[b].tolist())}]): its lattice vectors "
+                      "there must be non-zero and linearly independent"))
+    starts = ptr_.tolist()
+    for slot, text in ((_NON_FINITE_POSITION, "is not finite (NaN or inf)"),
+                       (_TOO_FAR, "lies more than 1e9 cells away from its cell")):
+        if errors[slot] != _NO_ERROR:
+            i = errors[slot]
+            first.append((bisect.bisect_right(starts, i) - 1, 1, i, slot, f"radius_graph: pos[{i}] {text}"))
+    if first:
+        raise ValueError(min(first)[-1])
+    if errors[_UNSEARCHABLE] != _NO_ERROR:
         raise ValueError(
-            f"radius_graph: cell[{b}] is singular or degenerate on its periodic axes "
-            f"(pbc={pbc[b].tolist()}): its lattice vectors there must be non-zero and linearly "
-            "independent"
-        )
-    if errors[_NON_FINITE_POSITION] != _NO_ERROR:
-        raise ValueError(
-            f"radius_graph: pos[{errors[_NON_FINITE_POSITION]}] is not finite (NaN or inf)"
-        )
-    if errors[_TOO_FAR] != _NO_ERROR:
-        raise ValueError(
-            f"radius_graph: pos[{errors[_TOO_FAR]}] lies more than 1e9 cells away from its cell"
+            f"radius_graph: the cutoff {cutoff:g} is far too large for cell[{errors[_UNSEARCHABLE]}]: "
+            "its periodic images would overflow the int32 lattice shifts; use a smaller cutoff or a "
+            "larger cell"
         )
     if errors[_HOPELESS] != _NO_ERROR:  # the batch's candidate pairs and expected edges
         raise ValueError(
-            f"radius_graph: the graph would have roughly {float(errors[_HOPELESS_EDGES]):g} edges "
-            f"(searching {float(errors[_HOPELESS]):g} candidate pairs), more than max_edges = "
+            f"radius_graph: the graph would have roughly {_as_double(errors[_HOPELESS_EDGES]):g} edges "
+            f"(searching {_as_double(errors[_HOPELESS]):g} candidate pairs), more than max_edges = "
             f"{max_edges}; use a smaller cutoff, larger cells or raise max_edges"
         )
 
@@ -198,7 +211,7 @@ def _radius_graph_cuda(pos, cutoff, ptr_, cell, pbc, k, tolerance, max_edges):
     stream = require_cuda(pos.device)
     device, n, b = pos.device, pos.shape[0], ptr_.numel() - 1
     sizes = _C.radius_graph_sizes()
-    ptr_ = ptr_.to(device)
+    host_ptr, ptr_ = ptr_, ptr_.to(device)
     i64 = {"dtype": torch.int64, "device": device}
     f64 = {"dtype": torch.float64, "device": device}
     bins_cap = 2 * n + b  # csrc: Workspace
@@ -237,7 +250,7 @@ def _radius_graph_cuda(pos, cutoff, ptr_, cell, pbc, k, tolerance, max_edges):
     step("count")
     offsets.cumsum_(0)
     summary = torch.cat([offsets[-1:], errors]).tolist()  # the host synchronisation
-    _raise_cuda_errors(summary[1:], pbc, max_edges)
+    _raise_cuda_errors(summary[1:], host_ptr, cutoff, pbc, max_edges)
     num_edges = summary[0]
     if num_edges > max_edges:
         raise ValueError(
@@ -268,10 +281,13 @@ def _radius_graph_impl(
     if ptr_.dim() != 1 or ptr_.numel() < 1 or ptr_.is_floating_point():
         raise ValueError(f"radius_graph: ptr must be an integer [B + 1] tensor, got {ptr_.dtype} {tuple(ptr_.shape)}")
     cell, pbc = _check_cell_pbc(cell, pbc, ptr_.numel() - 1, pos)
+    ptr_ = ptr_.to("cpu", torch.int64).contiguous()
+    # The sizes and scalars, here for both backends: the CUDA kernels would trust them.
+    _C.radius_graph_check_input(pos.shape[0], ptr_.data_ptr(), ptr_.numel() - 1, cutoff, max_neighbors, max_edges)
     args = (
         pos.contiguous(),
         cutoff,
-        ptr_.to("cpu", torch.int64).contiguous(),
+        ptr_,
         cell.to(torch.float64).contiguous(),
         pbc.contiguous(),
         max_neighbors,

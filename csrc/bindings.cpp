@@ -157,6 +157,15 @@ PYBIND11_MODULE(_C, m) {
     info["cpu_bilinear_isa"] = jmp_ext::reductions::cpu::bilinear_isa();
     return info;
   });
+#ifdef JMP_EXT_WITH_CUDA
+  // The CUDA version the installed driver supports (e.g. 12080), 0 without a driver: the
+  // statically linked runtime (build_info's cuda_version) needs one of its major version.
+  m.def("cuda_driver_version", [] {
+    int version = 0;
+    if (cudaDriverGetVersion(&version) != cudaSuccess) version = 0;
+    return version;
+  });
+#endif
 
   // ---- radius_graph (csrc/radius_graph) ----
   // RadiusGraphCpu(pos, dtype, num_atoms, ptr, num_systems, cell, pbc, cutoff, max_neighbors,

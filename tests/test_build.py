@@ -24,6 +24,20 @@ def test_cuda_request_without_gpu_raises_clear_error():
         _lib.require_cuda(torch.device("cuda"))
 
 
+@pytest.mark.parametrize("runtime, driver, fine", [(13000, 12080, False), (12080, 12020, True),
+                                                  (12040, 13000, True), (13000, 13000, True)])
+def test_a_driver_older_than_the_static_cuda_runtime_is_named(runtime, driver, fine):
+    """The kernels carry the CUDA runtime of the toolkit that built them: a CUDA 13 build on a
+    CUDA 12 driver (torch itself working) would fail at its first launch. Minor versions of one
+    major version are compatible."""
+    problem = _lib._driver_problem(runtime, driver)
+    if fine:
+        assert problem is None
+    else:
+        assert "built with CUDA 13.0, which needs an NVIDIA driver for CUDA 13.x or newer" in problem
+        assert "driver supports CUDA 12.8" in problem and "rebuild jmp_ext with a CUDA 12.x toolkit" in problem
+
+
 def test_compile_caches_are_keyed_on_the_ops_source(tmp_path):
     assert f"jmp_ext-{_lib.source_digest()[:16]}" in torch.compiler.config.cache_key_tag.split(";")
     copy = tmp_path / "ops"

@@ -6,6 +6,7 @@ and raises clear errors when the extension is missing or was built without CUDA.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 
@@ -124,4 +125,28 @@ def require_cuda(device: torch.device) -> int:
             "a CUDA tensor was given but torch reports no usable GPU (torch.cuda.is_available() "
             "is False); install a CUDA build of torch or move the inputs to the CPU."
         )
+    problem = _driver_problem(_C.build_info()["cuda_version"], _C.cuda_driver_version())
+    if problem:
+        raise RuntimeError(problem)
     return torch.cuda.current_stream(device).cuda_stream
+
+
+def _cuda_version_text(version: int) -> str:
+    return f"{version // 1000}.{version % 1000 // 10}"
+
+
+@functools.cache
+def _driver_problem(runtime: int, driver: int) -> str | None:
+    """Why the kernels cannot run with this driver, or None. jmp_ext links the CUDA runtime of
+    the toolkit that built it statically, so it needs a driver of that major version or newer,
+    whatever CUDA torch was built with (torch works, the first jmp_ext launch would not).
+    runtime, driver: CUDA versions as 1000 major + 10 minor (12080 is 12.8)."""
+    if driver // 1000 >= runtime // 1000:
+        return None
+    return (
+        f"jmp_ext's CUDA kernels were built with CUDA {_cuda_version_text(runtime)}, which needs an NVIDIA "
+        f"driver for CUDA {runtime // 1000}.x or newer, but this machine's driver supports CUDA "
+        f"{_cuda_version_text(driver)}. Update the driver, or rebuild jmp_ext with a CUDA "
+        f"{driver // 1000}.x toolkit (torch uses CUDA {torch.version.cuda}): `CUDACXX=/path/to/cuda-"
+        f"{driver // 1000}.x/bin/nvcc pip install --force-reinstall --no-deps .`"
+    )

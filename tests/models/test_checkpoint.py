@@ -3,6 +3,7 @@ fitting of the ScaleFactors."""
 
 from __future__ import annotations
 
+import collections
 import os
 import pickle
 
@@ -11,7 +12,7 @@ import torch
 from jmp_fixtures import bulk_batch_and_graphs, fixture_batch, graphs_on_jmps_a2a, load, requires_fixtures
 
 from jmp_ext.models import BackboneConfig, FinetuneModel, HeadConfig, PretrainModel, ScaleFactor, fit_scale_factors
-from jmp_ext.models.checkpoint import _skipped_by_ema, load_jmp_checkpoint, read_state_dict
+from jmp_ext.models.checkpoint import _skipped_by_ema, load_jmp_checkpoint, read_state_dict, safe_load
 
 pytestmark = requires_fixtures
 TASKS = ["oc20", "oc22", "ani1x", "transition1x"]
@@ -97,13 +98,21 @@ def test_a_file_that_would_run_code_is_refused(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
-def test_a_dict_subclass_in_the_file_is_a_clear_error(tmp_path):
-    """torch's weights-only unpickler fills only plain dicts: say so, and how to re-save the tensors."""
+def test_dict_subclasses_in_the_file_are_read_as_dicts(tmp_path):
+    """torch's weights-only unpickler fills only plain dicts: Lightning's AttributeDict or a
+    defaultdict in hyper_parameters made the whole file unreadable (the advice to re-save it
+    with weights_only=False needs the classes importable: lightning installed). They are read
+    as plain dicts, with nothing of theirs run."""
     path = tmp_path / "hparams.ckpt"
-    state = reference_model().state_dict()
-    torch.save({"state_dict": state, "hyper_parameters": AttributeDict(lr=3e-4)}, path)
-    with pytest.raises(ValueError, match=r"(?s)hparams\.ckpt cannot be read.*SETITEM.*re-save its tensors"):
-        load_jmp_checkpoint(path, reference_model(), use_ema=False)
+    reference = reference_model()
+    hparams = AttributeDict(lr=3e-4, groups=collections.defaultdict(list, a=[1]), config=RunConfig())
+    torch.save({**lightning_checkpoint(reference, tmp_path), "hyper_parameters": hparams}, path)
+    loaded = safe_load(path)
+    assert type(loaded["hyper_parameters"]) is dict and loaded["hyper_parameters"]["lr"] == 3e-4
+    assert loaded["hyper_parameters"]["groups"] == {"a": [1]}
+    model = load_jmp_checkpoint(path, PretrainModel(reference.backbone.config, TASKS), load_heads=True)
+    for (name, ours), theirs in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(ours, theirs), name
 
 
 def test_files_that_are_not_checkpoints_are_named(tmp_path):
@@ -171,6 +180,17 @@ def test_a_jmp_finetuning_checkpoint_loads_its_backbone(tmp_path):
             assert torch.equal(model.state_dict()[key], value), key
 
 
+def test_a_ddp_module_prefix_is_dropped(tmp_path):
+    """Weights saved from a DistributedDataParallel wrapper carry 'module.' on every key; the EMA
+    rule (which skips task_steps.*) and the key match failed on it with a misleading count."""
+    reference = reference_model()
+    ckpt = lightning_checkpoint(reference, tmp_path)
+    ckpt["state_dict"] = {f"module.{k}": v for k, v in ckpt["state_dict"].items()}
+    model = load_jmp_checkpoint(ckpt, PretrainModel(reference.backbone.config, TASKS), load_heads=True)
+    for (name, ours), theirs in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(ours, theirs), name
+
+
 def test_mismatches_name_the_keys(tmp_path):
     reference = reference_model()
     ckpt = lightning_checkpoint(reference, tmp_path)
@@ -182,8 +202,13 @@ def test_mismatches_name_the_keys(tmp_path):
     with pytest.raises(ValueError, match="shape mismatch \\(1\\): backbone.bases.mlp_rbf_h.linear.weight"):
         load_jmp_checkpoint(broken, model, use_ema=False)
     broken = {**ckpt, "state_dict": {**ckpt["state_dict"], "backbone.extra.weight": torch.zeros(2)}}
-    with pytest.raises(ValueError, match="EMA tuple has 261 tensors but the state_dict has 262 weights"):
+    with pytest.raises(ValueError, match=r"EMA tuple has 261 tensors but the state_dict has 262 weights, so .*"
+                                         r"use_ema=False \(model.init_ema=false\)"):
         load_jmp_checkpoint(broken, model)
+    extra = {**ckpt, "state_dict": {**ckpt["state_dict"], "model_ema.decay": torch.tensor(0.99)}}
+    with pytest.raises(ValueError, match=r"has 262 weights \(1 outside JMP's embedding/backbone/output: "
+                                         r"model_ema\.decay\)"):
+        load_jmp_checkpoint(extra, model)
     with pytest.raises(ValueError, match="unexpected \\(1\\): backbone.extra.weight"):
         load_jmp_checkpoint(broken, model, use_ema=False)
     small = PretrainModel(BackboneConfig.tiny(num_blocks=1), TASKS)

@@ -95,7 +95,7 @@ def test_the_summary_lists_the_files_the_run_wrote(tiny_data, tmp_path, capsys):
     assert main([str(path)]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     run = tmp_path / "run"
-    expected = [p.name + "/" * p.is_dir() for p in run.iterdir()]
+    expected = [p.name + "/" * p.is_dir() for p in run.iterdir() if not p.name.startswith(".")]  # (.lock)
     assert "best.pt" not in expected and {"config.yaml", "last.pt", "summary.json"} <= set(expected)
     assert line.startswith(f"   run directory {run}:")
     assert sorted(line.split(":")[-1].strip().split(", ")) == sorted(expected)
@@ -144,14 +144,23 @@ def test_cuda_on_a_machine_without_it(checkpoint, tiny_data, tmp_path, capsys):
     assert "device=cuda: CUDA is not available" in capsys.readouterr().err
 
 
+class LightningHyperParameters:
+    """Stands for the config objects a JMP (Lightning) checkpoint pickles."""
+
+
 def test_bad_checkpoints_and_datasets_are_messages(checkpoint, tiny_data, tmp_path, capsys):
     torch.save({"a": 1}, tmp_path / "random.pt")
+    torch.save({"state_dict": {"backbone.w": torch.zeros(2)}, "hyper_parameters": LightningHyperParameters()},
+               tmp_path / "jmp.ckpt")  # (torch's weights-only error suggested loading it unsafely)
     (tmp_path / "empty").mkdir()
     test_set = str(tiny_data / "mol" / "test")
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(finetune_raw(tiny_data, tmp_path / "run")))
     cases = [(["eval", str(tmp_path / "none.pt"), test_set], f"checkpoint {tmp_path / 'none.pt'} does not exist"),
              (["eval", str(tmp_path / "random.pt"), test_set], "is not a jmp_ext training checkpoint"),
+             (["eval", str(tmp_path / "jmp.ckpt"), test_set], "it holds a state_dict, as a JMP (Lightning) "
+              "checkpoint does, without heads for your targets: fine-tune from it (model.init_checkpoint)"),
+             (["eval", str(tmp_path / "empty"), test_set], "is a directory; give the file"),
              (["predict", str(tmp_path / "random.pt"), test_set, "--out", "p.npz"],
               "is not a jmp_ext training checkpoint"),
              (["eval", checkpoint, str(tmp_path / "empty")], "is not a jmp_ext dataset"),

@@ -1,11 +1,15 @@
 """The training loop end to end on tiny data: resume, NaN handling, bad inputs, fine-tuning."""
 
 import csv
+import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from jmp_ext.models import BackboneConfig, PretrainModel
 from jmp_ext.train import loop, tasks
 from jmp_ext.train.checkpoint import load_checkpoint
 from jmp_ext.train.config import ConfigError, build_config
@@ -361,6 +365,18 @@ def test_wrong_architecture_checkpoint(tiny_data, tmp_path):
     cfg = build_config(finetune_config(tiny_data, tmp_path / "ft", init=tmp_path / "missing.pt"))
     with pytest.raises(TrainError, match=r"init_checkpoint: .*missing\.pt does not exist"):
         loop.Trainer(cfg)
+    cfg = build_config(finetune_config(tiny_data, tmp_path / "ft", init=tmp_path / "pre"))
+    with pytest.raises(TrainError, match=r"init_checkpoint: .*pre is a directory; give the checkpoint file"):
+        loop.Trainer(cfg)
+    # A JMP-style file records no config: the preset its shapes fit is named (a JMP-L file with a
+    # JMP-S config listed 204 keys and shapes).
+    torch.save({"state_dict": PretrainModel(BackboneConfig.tiny(), ["oc20"]).state_dict()}, tmp_path / "jmp.ckpt")
+    cfg = build_config(finetune_config(tiny_data, tmp_path / "ft", init=tmp_path / "jmp.ckpt",
+                                       backbone_overrides={"emb_size_atom": 16}))
+    with pytest.warns(UserWarning, match="no EMA weights"), \
+            pytest.raises(TrainError, match=r"does not fit the configured network .*; its weights have the shapes of "
+                                            r"model\.backbone=tiny \(with no backbone_overrides\)"):
+        loop.Trainer(cfg)
     # Not a checkpoint at all, or some other torch file: said so, not "does not fit the network".
     (tmp_path / "notes.txt").write_text("hello")
     torch.save({"a": 1}, tmp_path / "other.pt")
@@ -555,6 +571,36 @@ def test_without_a_progress_bar_the_log_shows_steps_and_validations(tiny_data, t
 def test_resume_without_a_checkpoint_says_it_starts_over(tiny_data, tmp_path):
     with pytest.warns(UserWarning, match=r"resume=true, but there is no .*nowhere/last.pt: starting a new run"):
         loop.Trainer(build_config({**pretrain_config(tiny_data, tmp_path / "nowhere"), "resume": True}))
+
+
+def test_a_run_dir_is_used_by_one_run_at_a_time(tiny_data, tmp_path):
+    """A resume beside a run still going (its torchrun agent killed, its ranks not) trained
+    alongside it, both writing last.pt and metrics.csv. The run holds a lock on run_dir until
+    train() ends, however it ends; the OS drops it when a killed process dies."""
+    raw = pretrain_config(tiny_data, tmp_path / "run", max_steps=2)
+    first = loop.Trainer(build_config(raw))
+    assert f"PID {os.getpid()} on " in (tmp_path / "run" / ".lock").read_text()
+    in_use = rf"run_dir {tmp_path / 'run'} is in use by another training run \(PID {os.getpid()} on .*\); wait"
+    with pytest.raises(TrainError, match=in_use):
+        loop.Trainer(build_config({**raw, "overwrite": True}))
+    assert (tmp_path / "run" / "config.yaml").is_file()  # (overwrite=true deleted nothing)
+    with pytest.warns(UserWarning, match="no .*last.pt: starting a new run"), pytest.raises(TrainError, match=in_use):
+        loop.Trainer(build_config({**raw, "resume": True}))
+    first.train()
+    loop.Trainer(build_config({**raw, "resume": True})).train()
+    script = ("import fcntl, sys; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB); "
+              "f.truncate(0); f.write('PID 1 on elsewhere'); f.flush(); sys.stdout.write('locked'); "
+              "sys.stdout.flush(); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "run" / ".lock")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.read(6) == "locked"
+        with pytest.raises(TrainError, match=r"in use by another training run \(PID 1 on elsewhere\)"):
+            loop.Trainer(build_config({**raw, "overwrite": True}))
+    finally:
+        holder.kill()
+        holder.wait()
+    loop.Trainer(build_config({**raw, "overwrite": True}))  # (its holder gone, the lock went with it)
 
 
 def test_a_fine_tune_from_scratch_says_so(tiny_data, tmp_path, capsys):

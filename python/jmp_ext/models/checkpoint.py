@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import warnings
 from pathlib import Path
 
@@ -41,9 +42,17 @@ def _stub(qualified_name: str) -> type:
     return type(name, (_Stub,), {"__module__": module, "__qualname__": name})
 
 
+def _dict_stub(qualified_name: str) -> type:
+    """Stand-in for a dict subclass a checkpoint pickles (Lightning's AttributeDict, a
+    defaultdict): builds a plain dict, the one mapping torch's weights-only unpickler fills."""
+    module, _, name = qualified_name.rpartition(".")
+    return type(name, (), {"__module__": module, "__qualname__": name, "__new__": lambda cls, *args, **kwargs: {}})
+
+
 def safe_load(path: str | os.PathLike) -> dict:
-    """torch.load(path, weights_only=True); classes outside torch's allowlist become inert stubs.
-    Anything that cannot be read so raises a ValueError naming the file."""
+    """torch.load(path, weights_only=True); classes outside torch's allowlist become inert stubs
+    (dict subclasses, plain dicts). Anything that cannot be read so raises a ValueError naming
+    the file."""
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -51,13 +60,23 @@ def safe_load(path: str | os.PathLike) -> dict:
             names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception as e:  # not a torch file (text, a truncated download, ...)
         raise ValueError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: {e})") from e
-    with torch.serialization.safe_globals([_stub(name) for name in names]):
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:  # e.g. a dict subclass: only plain dicts get items
-            raise ValueError(f"{path} cannot be read without running code from it ({e}). If you trust "
-                             "the file, re-save its tensors: torch.save({'state_dict': torch.load(path, "
-                             "weights_only=False)['state_dict']}, 'weights.pt')") from e
+    stubs = {name: _stub(name) for name in names}
+    while True:
+        with torch.serialization.safe_globals(list(stubs.values())):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as e:
+                # Items go into plain dicts only: a class that receives them is a dict subclass.
+                filled = re.search(r"Can only SETITEMS? for dict.* but got <class '([^']+)'>", str(e))
+                name = filled.group(1) if filled else None
+                if name not in stubs or not issubclass(stubs[name], _Stub):
+                    raise ValueError(f"{path} cannot be read without running code from it ({e})") from e
+                stubs[name] = _dict_stub(name)
+
+
+def is_force_branch_key(key: str) -> bool:
+    """A weight of the backbone's direct-force branch (a model with gradient forces has none)."""
+    return key.startswith("backbone.out_mlp_F.") or any(p in key for p in _FORCE_BRANCH)
 
 
 def _skipped_by_ema(key: str) -> bool:
@@ -102,6 +121,8 @@ def read_state_dict(source: str | os.PathLike | dict, *, use_ema: bool = True) -
         where = "" if isinstance(source, dict) else f"{source}: "
         raise ValueError(f"{where}not a JMP or jmp_ext checkpoint: no 'state_dict', no run 'model' + 'config' "
                          f"and not a flat state dict (top-level keys: {sorted(ckpt)[:20]})")
+    if state and all(k.startswith("module.") for k in state):  # saved from a DDP-wrapped model
+        state = {k[len("module."):]: v for k, v in state.items()}
 
     if use_ema:
         states = ckpt.get("optimizer_states") or [{}]
@@ -112,7 +133,12 @@ def read_state_dict(source: str | os.PathLike | dict, *, use_ema: bool = True) -
     if use_ema and ema is not None:
         keys = [k for k in state if not _skipped_by_ema(k)]
         if len(keys) != len(ema):
-            raise ValueError(f"the EMA tuple has {len(ema)} tensors but the state_dict has {len(keys)} weights")
+            foreign = [k for k in keys if not k.startswith(("embedding.", "backbone.", "output."))]
+            raise ValueError(f"the EMA tuple has {len(ema)} tensors but the state_dict has {len(keys)} weights"
+                             + (f" ({len(foreign)} outside JMP's embedding/backbone/output: "
+                                f"{', '.join(foreign[:8])}{' ...' if len(foreign) > 8 else ''})" if foreign else "")
+                             + ", so its EMA weights cannot be matched to them; the raw weights load with "
+                             "use_ema=False (model.init_ema=false)")
         for key, value in zip(keys, ema):
             if tuple(value.shape) != tuple(state[key].shape):
                 raise ValueError(f"EMA tensor for {key} has shape {tuple(value.shape)}, the weight "
@@ -159,8 +185,7 @@ def load_jmp_checkpoint(source: str | os.PathLike | dict, model: nn.Module, *, u
     if not load_heads:
         state = {k: v for k, v in state.items() if k.startswith(("embedding.", "backbone."))}
     if not model.backbone.config.has_force_branch:
-        state = {k: v for k, v in state.items()
-                 if not (k.startswith("backbone.out_mlp_F.") or any(p in k for p in _FORCE_BRANCH))}
+        state = {k: v for k, v in state.items() if not is_force_branch_key(k)}
 
     expected = {k: v for k, v in model.state_dict().items() if load_heads or not k.startswith("output.")}
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))

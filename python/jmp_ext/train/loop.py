@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import json
 import math
+import os
 import shutil
 import signal
+import socket
 import threading
 import warnings
 from pathlib import Path
@@ -35,8 +38,8 @@ from jmp_ext.data.dataset import MultiDataset
 from jmp_ext.data.samplers import AtomBalancedBatchSampler, TemperatureSampler
 from jmp_ext.files import write_bytes_atomic
 from jmp_ext.graphs import StructuresWithoutEdges
-from jmp_ext.models.checkpoint import (is_training_checkpoint, load_jmp_checkpoint, read_state_dict, run_weights,
-                                      safe_load)
+from jmp_ext.models.checkpoint import (is_force_branch_key, is_training_checkpoint, load_jmp_checkpoint,
+                                      read_state_dict, run_weights, safe_load)
 from jmp_ext.train import distributed, tasks
 from jmp_ext.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from jmp_ext.train.config import ENTRY_KEY, ConfigError, TrainConfig, from_dict, save_config, to_dict
@@ -130,9 +133,18 @@ def build_model(config: TrainConfig, buffers: dict[str, torch.Tensor]) -> TaskMo
 def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[TaskModel, TrainConfig]:
     """A trained TaskModel (eval mode) and its config from best.pt or last.pt (EMA weights when the
     run had an EMA). The checkpoint is read with weights_only=True."""
-    state = load_checkpoint(path, device)
+    try:
+        state = load_checkpoint(path, device)
+    except ValueError:  # (a JMP Lightning file pickles classes weights_only refuses: say what it is)
+        if not Path(path).is_file():
+            raise
+        state = safe_load(path)
     if not is_training_checkpoint(state):
-        raise TrainError(f"{path} is not a jmp_ext training checkpoint (best.pt / last.pt of a run)")
+        jmp = "state_dict" in state if isinstance(state, dict) else False
+        raise TrainError(f"{path} is not a jmp_ext training checkpoint (best.pt / last.pt of a run)"
+                         + ("; it holds a state_dict, as a JMP (Lightning) checkpoint does, without heads for "
+                            "your targets: fine-tune from it (model.init_checkpoint) and evaluate the run's "
+                            "best.pt" if jmp else ""))
     config = from_dict(TrainConfig, state["config"])
     weights = run_weights(state)
     buffers = {k: v for k, v in weights.items() if not k.startswith("net.")}  # (TaskModel's own)
@@ -254,6 +266,9 @@ def init_from_checkpoint(net: nn.Module, config: TrainConfig) -> None:
     dropped. One of our checkpoints also says what it was trained with: a backbone that does not
     fit is named, and a warning says when this run's graphs differ from the checkpoint's."""
     path = config.model.init_checkpoint
+    if Path(path).is_dir():
+        raise TrainError(f"model.init_checkpoint: {path} is a directory; give the checkpoint file (a run's "
+                         "best.pt or last.pt, or a JMP .ckpt)")
     if not Path(path).is_file():
         raise TrainError(f"model.init_checkpoint: {path} does not exist")
     try:
@@ -273,13 +288,53 @@ def init_from_checkpoint(net: nn.Module, config: TrainConfig) -> None:
     try:
         load_jmp_checkpoint(weights, net, use_ema=False)  # (weights are already the EMA ones if asked)
     except ValueError as e:
-        hint = ("check model.backbone / model.backbone_overrides against the checkpoint's architecture"
+        fits = _backbone_preset_of(weights)
+        hint = (f"its weights have the shapes of model.backbone={fits} (with no backbone_overrides)"
+                if fits and trained is None and (fits != config.model.backbone or config.model.backbone_overrides) else
+                "check model.backbone / model.backbone_overrides against the checkpoint's architecture"
                 if trained is None else f"the checkpoint was trained with model.backbone={trained.model.backbone}"
                 + (f" and model.backbone_overrides={trained.model.backbone_overrides}"
                    if trained.model.backbone_overrides else ""))
         raise TrainError(f"model.init_checkpoint {path} does not fit the configured network ({e}); {hint}") from e
     if trained is not None:
         _warn_if_graphs_differ(path, graph_configs(trained), graph_configs(config))
+
+
+def lock_run_dir(run_dir: Path):
+    """An exclusive lock on run_dir/.lock, held while the returned file is open: a second run
+    there (a resume beside a run whose torchrun agent was killed but whose ranks were not)
+    would write the same last.pt and metrics.csv. The OS drops the lock when its process dies."""
+    file = open(run_dir / ".lock", "a+")
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        file.seek(0)
+        holder = file.read().strip() or "another process"
+        file.close()
+        raise TrainError(f"run_dir {run_dir} is in use by another training run ({holder}); wait for it to "
+                         "finish, stop it, or choose another run_dir") from None
+    file.truncate(0)
+    file.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
+    file.flush()
+    return file
+
+
+def _backbone_preset_of(weights: dict) -> str | None:
+    """The BackboneConfig preset whose backbone has exactly the keys and shapes of `weights`'
+    backbone.* (the direct-force branch aside), or None. Built on the meta device: no memory."""
+    from jmp_ext.models import BackboneConfig, GemNetOCBackbone
+
+    def shapes(state: dict) -> dict:
+        return {k: tuple(v.shape) for k, v in state.items() if k.startswith("backbone.") and not is_force_branch_key(k)}
+
+    theirs = shapes(weights)
+    for name in ("tiny", "jmp_s", "jmp_l"):
+        with torch.device("meta"):
+            backbone = GemNetOCBackbone(getattr(BackboneConfig, name)())
+        ours = shapes({f"backbone.{k}": v for k, v in backbone.state_dict().items()})
+        if ours == theirs:
+            return name
+    return None
 
 
 def _warn_if_graphs_differ(path: str, trained: list, ours: list) -> None:
@@ -390,6 +445,7 @@ class Trainer:
                 torch.manual_seed(c.seed + 1000 * self.dist.rank + 1)
         self.resumed = resumed
 
+        self.run_lock = None  # rank 0's lock on run_dir, from before it writes there to the end of train()
         self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
                     if self.dist.world_size > 1 else self.model)
         if self.dist.world_size > 1:
@@ -398,9 +454,10 @@ class Trainer:
             if self.main:
                 # Only now, with the data, network and schedule built on every rank: a config
                 # error must not cost the old run that overwrite=true would replace.
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                self.run_lock = lock_run_dir(self.run_dir)
                 if not resumed and c.overwrite:
                     self._delete_old_run()
-                self.run_dir.mkdir(parents=True, exist_ok=True)
                 # Temp files of a run killed while writing (files.write_atomic), up to a
                 # checkpoint's size each: only this run writes here.
                 for name in RUN_FILES:
@@ -423,6 +480,15 @@ class Trainer:
     # ------------------------------------------------------------ the loop
 
     def train(self) -> dict:
+        """Trains to the end (max_steps / max_epochs, early stopping, a stop signal), then tests;
+        returns the summary. run_dir's lock is released however it ends."""
+        try:
+            return self._train()
+        finally:
+            if self.run_lock is not None:
+                self.run_lock.close()
+
+    def _train(self) -> dict:
         c = self.config
         if not self.resumed and c.loop.fit_scale_factors > 0 and not c.model.init_checkpoint:
             with distributed.together():

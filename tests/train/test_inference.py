@@ -231,6 +231,65 @@ def test_eval_and_predict_cli(checkpoint, tiny_data, tmp_path):
         assert pred["energy"][k] == pytest.approx(atoms.get_potential_energy(), rel=1e-10)
 
 
+def test_predict_writes_extxyz_with_the_labels_kept(checkpoint, stress_checkpoint, tiny_data, tmp_path, capsys):
+    """--out names the format: .npz or .extxyz/.xyz (the structures with predicted_* beside the
+    input's own labels); any other name is refused (a .json got a zip under its name)."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    images = [molecule(n) for n in ("CH3OH", "C2H6", "CH3CHO")]
+    for k, atoms in enumerate(images):
+        atoms.calc = SinglePointCalculator(atoms, energy=-1.0 - k, forces=np.full((len(atoms), 3), 0.5))
+    ase.io.write(tmp_path / "in.extxyz", images)
+    assert main(["predict", str(checkpoint), str(tmp_path / "in.extxyz"), "--out", str(tmp_path / "p.npz")]) == 0
+    npz = np.load(tmp_path / "p.npz")
+    assert main(["predict", str(checkpoint), str(tmp_path / "in.extxyz"), "--out", str(tmp_path / "p.extxyz"),
+                 "--batch-size", "2"]) == 0
+    frames = ase.io.read(tmp_path / "p.extxyz", index=":")
+    starts = np.cumsum([0, *npz["natoms"]])
+    for k, atoms in enumerate(frames):
+        assert atoms.get_chemical_formula() == images[k].get_chemical_formula()
+        assert atoms.get_potential_energy() == -1.0 - k  # (the input's label, kept)
+        assert atoms.info["predicted_energy"] == pytest.approx(npz["energy"][k], rel=1e-12)
+        # (extxyz columns hold 8 decimals)
+        assert atoms.arrays["predicted_forces"] == pytest.approx(npz["forces"][starts[k]:starts[k + 1]], abs=1e-8)
+    # From a dataset directory: its structures, with sid.
+    assert main(["predict", str(checkpoint), str(tiny_data / "mol" / "test"), "--out", str(tmp_path / "d.xyz")]) == 0
+    from jmp_ext.data import LmdbDataset
+
+    ds = LmdbDataset(tiny_data / "mol" / "test")
+    frames = ase.io.read(tmp_path / "d.xyz", index=":")
+    assert len(frames) == len(ds)
+    assert np.allclose(frames[1].positions, ds[1]["pos"]) and frames[1].numbers.tolist() == ds[1]["atomic_numbers"].tolist()
+    # Stress: a 3x3 per structure, read back as written.
+    from ase.build import bulk
+
+    crystal = bulk("Cu", "fcc", a=3.6, cubic=True)
+    crystal.rattle(0.05, seed=1)
+    ase.io.write(tmp_path / "cu.extxyz", crystal)
+    with pytest.warns(UserWarning, match=r"element\(s\) \[29\]"):
+        assert main(["predict", str(stress_checkpoint), str(tmp_path / "cu.extxyz"), "--out",
+                     str(tmp_path / "cu_pred.extxyz")]) == 0
+        assert main(["predict", str(stress_checkpoint), str(tmp_path / "cu.extxyz"), "--out",
+                     str(tmp_path / "cu_pred.npz")]) == 0
+    stress = np.asarray(ase.io.read(tmp_path / "cu_pred.extxyz").info["predicted_stress"]).reshape(3, 3)
+    assert stress == pytest.approx(np.load(tmp_path / "cu_pred.npz")["stress"][0], rel=1e-12)
+    capsys.readouterr()
+    assert main(["predict", str(checkpoint), str(tmp_path / "in.extxyz"), "--out", str(tmp_path / "p.json")]) == 2
+    assert "--out " + str(tmp_path / "p.json") + ": predictions are written as .npz, .extxyz, .xyz" in capsys.readouterr().err
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_predict_names_a_structure_without_edges_by_its_place_in_the_input(checkpoint, tmp_path, capsys):
+    from ase import Atoms
+
+    images = [molecule("CH3OH"), molecule("C2H6"), molecule("H2O"), Atoms("O", positions=[[0, 0, 0]])]
+    ase.io.write(tmp_path / "in.extxyz", images)
+    assert main(["predict", str(checkpoint), str(tmp_path / "in.extxyz"), "--out", str(tmp_path / "p.npz"),
+                 "--batch-size", "2"]) == 2
+    assert ("input structure(s) [3] (0-based, in the input's order) have no pair of atoms within cutoff_main=4.0 Å"
+            in capsys.readouterr().err)
+
+
 def test_the_truncation_warning_of_a_large_structure_names_the_natoms_rule(checkpoint):
     """JMP's MatBench / QMOF graphs keep fewer neighbours for large structures whatever
     graph.max_neighbors says: the advice to raise it would change nothing there."""

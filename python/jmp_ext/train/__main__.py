@@ -6,7 +6,7 @@ usage:
   python -m jmp_ext.train pretrain|finetune [CONFIG.yaml] [key=value ...]
   python -m jmp_ext.train ... --print-config                   the resolved config (YAML), no run
   python -m jmp_ext.train eval CHECKPOINT DATASET [--task NAME] [--out metrics.json]
-  python -m jmp_ext.train predict CHECKPOINT INPUT --out predictions.npz [--task NAME]
+  python -m jmp_ext.train predict CHECKPOINT INPUT --out predictions.npz|.extxyz [--task NAME]
   (eval --help, predict --help: all their options)
 
 Training reads CONFIG.yaml (optional), then the key=value overrides: dotted keys, list items by
@@ -119,46 +119,59 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, task: str | None, out: st
     return metrics
 
 
+PREDICTION_FORMATS = (".npz", ".extxyz", ".xyz")
+
+
 def predict(checkpoint: str, source: str, out: str, task: str | None, batch_size: int, device: str) -> dict:
-    """Predictions for every structure of a dataset directory or an ASE-readable file, saved as npz:
-    natoms [M], energy [M] (eV), forces [sum natoms, 3] (eV/Å), stress [M, 3, 3] (eV/Å^3; NaN for a
-    structure without a cell), a property such as U_0 [M(, k)], a classification's logits [M, C]
-    (the class is their argmax): natoms and one array per target the checkpoint predicts, under
-    its name, in the input's order; with a dataset whose entries carry one, sid [M] too (the
-    source's frame or row, which a split reorders)."""
+    """Predictions for every structure of a dataset directory or an ASE-readable file, in the
+    input's order, saved as `out` says:
+    - .npz: natoms [M], energy [M] (eV), forces [sum natoms, 3] (eV/Å), stress [M, 3, 3] (eV/Å^3;
+      NaN for a structure without a cell), a property such as U_0 [M(, k)], a classification's
+      logits [M, C] (the class is their argmax): natoms and one array per target the checkpoint
+      predicts, under its name; with a dataset whose entries carry one, sid [M] too (the
+      source's frame or row, which a split reorders).
+    - .extxyz / .xyz: the structures (an input file's as read, its labels kept) with each
+      prediction beside them as predicted_{name}: per-structure values in the frame's info,
+      per-atom ones (forces) as columns.
+    Returns the npz arrays."""
     from jmp_ext.calculator import atoms_to_entry
     from jmp_ext.files import write_bytes_atomic
+    from jmp_ext.graphs import StructuresWithoutEdges
     from jmp_ext.train.loop import load_trained, predict_structures, task_index
     from jmp_ext.train.tasks import open_dataset
 
+    suffix = Path(out).suffix.lower()
+    if suffix not in PREDICTION_FORMATS:
+        raise TrainError(f"--out {out}: predictions are written as {', '.join(PREDICTION_FORMATS)} (the name's "
+                         "suffix chooses)")
     model, config = load_trained(checkpoint, device)
     t = task_index(config, task, "--task")
+    images = None
     if Path(source).is_dir():
         ds = open_dataset(source, "input", in_memory=False)
         entries = (ds[i] for i in range(len(ds)))
         count = len(ds)
     else:
-        import ase.io
-
-        if not Path(source).is_file():
-            raise TrainError(f"input {source} does not exist")
-        try:
-            images = ase.io.read(source, index=":")
-        except Exception as e:  # (ASE's readers raise anything on a file that is not theirs)
-            raise TrainError(f"input {source} could not be read as a structure file ({type(e).__name__}: {e}); "
-                             "give a dataset directory or a file ASE reads: extxyz, xyz, traj, ASE db (.db), "
-                             "cif, POSCAR, ...") from e
+        images = read_structures(source)
         entries = (atoms_to_entry(a) for a in images)
         count = len(images)
     keep = ("pos", "atomic_numbers", "cell", "pbc", "tags", "fixed")
     outputs: dict[str, list[np.ndarray]] = {"natoms": []}
-    pending, sids = [], []
+    pending, sids, structures = [], [], []
     for k, entry in enumerate(entries):
         pending.append({key: entry[key] for key in keep})
         if "sid" in entry:
             sids.append(int(entry["sid"]))
+        if suffix != ".npz" and images is None:
+            structures.append(entry_to_atoms(entry))
         if len(pending) == batch_size or k == count - 1:
-            preds = predict_structures(model, pending, t)
+            try:
+                preds = predict_structures(model, pending, t)
+            except StructuresWithoutEdges as e:
+                first = k + 1 - len(pending)
+                raise TrainError(f"input structure(s) {[first + s for s in e.structures]} (0-based, in the input's "
+                                 f"order) have no pair of atoms within cutoff_main={e.cutoff} Å, which GemNet-OC "
+                                 "needs (an isolated atom, or atoms all farther apart): leave them out") from e
             outputs["natoms"].append(np.array([len(e["atomic_numbers"]) for e in pending], dtype=np.int64))
             for name, value in preds.items():
                 outputs.setdefault(name, []).append(value.detach().double().cpu().numpy())
@@ -166,11 +179,60 @@ def predict(checkpoint: str, source: str, out: str, task: str | None, batch_size
     arrays = {name: np.concatenate(values) for name, values in outputs.items()}
     if len(sids) == count:
         arrays["sid"] = np.array(sids, dtype=np.int64)
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    write_bytes_atomic(Path(out), buf.getvalue())
+    if suffix == ".npz":
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        write_bytes_atomic(Path(out), buf.getvalue())
+    else:
+        write_bytes_atomic(Path(out), predictions_as_extxyz(images or structures, arrays).encode())
     print(f"wrote predictions for {count} structures to {out}: {', '.join(sorted(arrays))}")
     return arrays
+
+
+def read_structures(path: str) -> list:
+    """Every frame of a file ASE reads, as Atoms."""
+    import ase.io
+
+    if not Path(path).is_file():
+        raise TrainError(f"input {path} does not exist")
+    try:
+        return ase.io.read(path, index=":")
+    except Exception as e:  # (ASE's readers raise anything on a file that is not theirs)
+        raise TrainError(f"input {path} could not be read as a structure file ({type(e).__name__}: {e}); "
+                         "give a dataset directory or a file ASE reads: extxyz, xyz, traj, ASE db (.db), "
+                         "cif, POSCAR, ...") from e
+
+
+def entry_to_atoms(entry: dict):
+    """The structure of a dataset entry as Atoms (Å), its sid (if any) in info."""
+    from ase import Atoms
+
+    atoms = Atoms(numbers=np.asarray(entry["atomic_numbers"]), positions=np.asarray(entry["pos"], dtype=np.float64),
+                  cell=np.asarray(entry["cell"], dtype=np.float64).reshape(3, 3), pbc=np.asarray(entry["pbc"]).reshape(3))
+    if "sid" in entry:
+        atoms.info["sid"] = int(entry["sid"])
+    return atoms
+
+
+def predictions_as_extxyz(images: list, arrays: dict[str, np.ndarray]) -> str:
+    """extxyz text of `images` (Atoms, changed in place) with predict's arrays attached as
+    predicted_{name}: arrays with one row per atom (forces) as columns, the others per
+    structure in info. An image's calculator results (the input file's labels) are kept."""
+    import ase.io
+
+    natoms = arrays["natoms"]
+    starts = np.concatenate([[0], np.cumsum(natoms)])
+    for m, atoms in enumerate(images):
+        for name, value in arrays.items():
+            if name in ("natoms", "sid"):
+                continue
+            if len(value) == len(natoms):
+                atoms.info[f"predicted_{name}"] = value[m]
+            else:
+                atoms.arrays[f"predicted_{name}"] = value[starts[m]:starts[m + 1]]
+    text = io.StringIO()
+    ase.io.write(text, images, format="extxyz")
+    return text.getvalue()
 
 
 def check_device(device: str, flag: str) -> None:
@@ -204,16 +266,19 @@ def main(argv: list[str] | None = None) -> int:
             parser = argparse.ArgumentParser(
                 prog=f"python -m jmp_ext.train {argv[0]}",
                 description="Metrics (JSON) of a trained checkpoint on a dataset." if is_eval else
-                "Predictions of a trained checkpoint for every structure of INPUT, saved as npz: natoms "
-                "and one array per target the checkpoint predicts, under its name (energy in eV, forces "
-                "in eV/Å, stress in eV/Å^3, properties in their units, a classification's logits [M, C]: "
-                "the class is their argmax), in INPUT's order; sid when the dataset's entries have one.",
+                "Predictions of a trained checkpoint for every structure of INPUT, in INPUT's order: "
+                "one per target the checkpoint predicts, under its name (energy in eV, forces in eV/Å, "
+                "stress in eV/Å^3, properties in their units, a classification's logits [M, C]: the "
+                "class is their argmax). OUT.npz: those arrays, natoms, and sid when the dataset's "
+                "entries have one; OUT.extxyz (or .xyz): the structures with predicted_NAME beside "
+                "their own labels.",
                 epilog="Training: python -m jmp_ext.train --help.")
             parser.add_argument("checkpoint", metavar="CHECKPOINT", help="best.pt or last.pt of a run")
             parser.add_argument("data", metavar="DATASET" if is_eval else "INPUT",
                                 help="dataset directory" + ("" if is_eval else " or ASE-readable file"))
             parser.add_argument("--task", default=None, help="task whose heads to use (needed when the checkpoint has several: pretraining)")
-            parser.add_argument("--out", required=not is_eval, default=None)
+            parser.add_argument("--out", required=not is_eval, default=None,
+                                help="metrics JSON file" if is_eval else "OUT.npz, OUT.extxyz or OUT.xyz")
             parser.add_argument("--batch-size", type=int, default=16)
             parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
             try:

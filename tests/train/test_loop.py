@@ -205,6 +205,26 @@ def test_resume_refuses_a_different_run_but_not_a_different_loader(tiny_data, tm
 
 
 @pytest.mark.filterwarnings("ignore:resume. the cosine schedule now runs")  # (a longer run: true)
+def test_resume_continues_with_the_changed_optimizer_settings_and_says_so(tiny_data, tmp_path, capsys):
+    """optim.lr changed on resume took effect, optim.weight_decay (restored with the optimizer's
+    param groups) silently did not, and neither was mentioned. The config's values apply, the
+    moments are the run's, and a warning lists the changes."""
+    loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path, max_steps=2))).train()
+    saved = load_checkpoint(tmp_path / "last.pt")["optimizer"]
+    with pytest.warns(UserWarning, match=r"resume: the config changes optim\.lr 0\.0003 -> 0\.002, optim\.weight_decay "
+                                         r"0\.1 -> 0\.3; the run continues with the new values"):
+        trainer = loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path),
+                                            ["resume=true", "loop.max_steps=3", "optim.lr=2e-3", "optim.weight_decay=0.3"]))
+    groups = trainer.optimizer.param_groups
+    assert {g["weight_decay"] for g in groups if g["weight_decay"] > 0} == {0.3}
+    assert max(g["lr"] for g in groups) == pytest.approx(trainer.schedule.lr) and trainer.schedule.base_lr == 2e-3
+    state = trainer.optimizer.state_dict()["state"]
+    assert all(torch.equal(state[i]["exp_avg"], saved["state"][i]["exp_avg"]) for i in saved["state"])
+    out = capsys.readouterr()
+    assert f"resumed {tmp_path / 'last.pt'} at step 2 of 3 (epoch " in out.out + out.err
+
+
+@pytest.mark.filterwarnings("ignore:resume. the cosine schedule now runs")  # (a longer run: true)
 def test_temp_files_of_a_run_killed_while_saving_are_removed(tiny_data, tmp_path):
     """files.write_atomic leaves .last.pt.XXXX.tmp behind a SIGKILL, a checkpoint's size each."""
     run = tmp_path / "run"
@@ -308,7 +328,7 @@ def test_a_task_without_val_split_and_no_repeated_final_validation(tiny_data, tm
     raw["optim"] = {"lr": 1e-30}  # (> 0): the weights do not move
     trainer = loop.Trainer(build_config(raw))
     summary = trainer.train()
-    assert summary["stop"] == "early stopping / min lr" and summary["steps"] == 2
+    assert summary["stop"] == "early stopping" and summary["steps"] == 2
     with open(tmp_path / "metrics.csv", newline="") as f:
         primary = [(int(r["step"]), float(r["value"])) for r in csv.DictReader(f)
                    if r["split"] == "val" and r["name"] == "primary"]
@@ -316,6 +336,8 @@ def test_a_task_without_val_split_and_no_repeated_final_validation(tiny_data, tm
     assert len(steps) == len(set(steps)), steps
     assert all(not name.startswith("box/") for name in summary["val"])
     assert primary[-1][1] == pytest.approx(summary["val"]["mol/forces_mae"])
+    raw["loop"] = {**raw["loop"], "early_stop_patience": 0, "min_lr": 1e-20}
+    assert loop.Trainer(build_config({**raw, "overwrite": True})).train()["stop"] == "min lr"
     assert steps == [1, 2] and trainer.bad_validations == 1
 
 

@@ -57,7 +57,8 @@ def print_summary(config, summary: dict) -> None:
     from jmp_ext.train.loop import RUN_FILES
 
     print(f"\n== {config.mode} finished: {summary['steps']} steps ({summary['epochs']:.2f} epochs), stop: {summary['stop']}")
-    print(f"   {summary['seconds']:.1f} s training, {summary['structures_per_s']:.1f} structures/s, "
+    since = f" since resuming at step {summary['resumed_at_step']}" if "resumed_at_step" in summary else ""
+    print(f"   {summary['seconds']:.1f} s training{since}, {summary['structures_per_s']:.1f} structures/s, "
           f"{summary['atoms_per_s']:.0f} atoms/s")
     for split in ("val", "test"):
         for name, value in (summary.get(split) or {}).items():

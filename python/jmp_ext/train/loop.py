@@ -443,7 +443,7 @@ class Trainer:
                 self._load_resume_state(self.run_dir / "last.pt")
             else:  # each rank its own stream (edge dropout)
                 torch.manual_seed(c.seed + 1000 * self.dist.rank + 1)
-        self.resumed = resumed
+        self.resumed, self.resumed_at_step = resumed, self.step
 
         self.run_lock = None  # rank 0's lock on run_dir, from before it writes there to the end of train()
         self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -466,6 +466,9 @@ class Trainer:
                             stale.unlink()
                 save_config(c, self.run_dir / "config.yaml")
             self.log = RunLogger(self.run_dir, self.main, self.step, self.total_steps, c.loop.progress)
+        if resumed:
+            self.log.write(f"resumed {self.run_dir / 'last.pt'} at step {self.step} of {self.total_steps} "
+                           f"(epoch {self.epoch}, {self.batch_in_epoch} batches into it)")
         if c.model.init_checkpoint and not resumed:
             self.log.write(f"initialised the embedding and backbone from {c.model.init_checkpoint} "
                            f"({'its EMA weights where it has them' if c.model.init_ema else 'its raw weights'}), with new heads")
@@ -512,8 +515,9 @@ class Trainer:
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                     loader = self._epoch_loader()
                     if c.loop.val_every == 0:
-                        if self.validate_and_check():
-                            stop_reason = "early stopping / min lr"
+                        stop = self.validate_and_check()
+                        if stop:
+                            stop_reason = stop
                             break
                     continue
                 except Exception as e:  # (an unreadable entry): train_step makes every rank raise
@@ -527,8 +531,9 @@ class Trainer:
                     self.log.close()
                     raise KeyboardInterrupt(f"stopped after step {self.step}, saved in {self.run_dir / 'last.pt'}")
                 if c.loop.val_every and self.step % c.loop.val_every == 0 and self.step < self.total_steps:
-                    if self.validate_and_check():
-                        stop_reason = "early stopping / min lr"
+                    stop = self.validate_and_check()
+                    if stop:
+                        stop_reason = stop
                         break
                 if self.step % c.loop.ckpt_every == 0:
                     self.save_last()
@@ -537,6 +542,8 @@ class Trainer:
         self.save_last()
         summary = {"steps": self.step, "epochs": self.step / self.steps_per_epoch, "stop": stop_reason,
                    "val": self.last_metrics, "best": self.best, **self.log.throughput()}
+        if self.resumed:  # (the time and throughput are this process's, from that step on)
+            summary["resumed_at_step"] = self.resumed_at_step
         if c.mode == "finetune" and any(d.test is not None for d in self.data):
             summary["test"] = self.test()
         self.log.close()
@@ -700,15 +707,15 @@ class Trainer:
             return evaluate(self.model, [getattr(d, split) for d in self.data], self.config.data.val_batch_size,
                             self.dtype, self.device, self.dist.rank, self.dist.world_size)
 
-    def validate_and_check(self) -> bool:
+    def validate_and_check(self) -> str | None:
         """Validates (if there are val splits), updates plateau / best / early stopping.
-        Returns True when the run should stop."""
+        Returns why the run should stop ("early stopping", "min lr"), or None."""
         c = self.config
         if not any(d.val is not None for d in self.data):
-            return False
+            return None
         metrics = self.evaluate("val")
         if not metrics:
-            return False
+            return None
         self.last_metrics, self.validated_step = metrics, self.step
         value = tasks.primary_metric(c, metrics)
         self.log.log(self.step, "val", {**metrics, "primary": value})
@@ -725,11 +732,11 @@ class Trainer:
             self.bad_validations += 1
         if c.loop.early_stop_patience and self.bad_validations >= c.loop.early_stop_patience:
             self.log.write(f"early stopping: no improvement in {self.bad_validations} validations")
-            return True
+            return "early stopping"
         if c.loop.min_lr and self.schedule.lr < c.loop.min_lr:
             self.log.write(f"stopping: lr {self.schedule.lr:.3g} < loop.min_lr {c.loop.min_lr:.3g}")
-            return True
-        return False
+            return "min lr"
+        return None
 
     def test(self) -> dict[str, float]:
         """Test metrics with the best checkpoint's weights (the final ones without validation)."""
@@ -863,7 +870,17 @@ class Trainer:
                              f"version of jmp_ext? ({_key_mismatch(e)})") from e
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
+        # The moments and step counts are the run's; its hyperparameters (betas, weight decay,
+        # llrd multipliers) are this config's, as lr (the schedule's) and gradient clipping are.
+        configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, hyperparameters in zip(self.optimizer.param_groups, configured):
+            group.update(hyperparameters)
+        changed = [f"{section}.{key} {saved[section].get(key)!r} -> {value!r}" for section in ("optim", "schedule")
+                   for key, value in now[section].items() if saved.get(section, {}).get(key, value) != value]
+        if changed and self.main:
+            warnings.warn(f"resume: the config changes {', '.join(changed)}; the run continues with the new "
+                          "values (its optimizer moments and schedule position kept)", stacklevel=3)
         self.schedule.load_state_dict(state["schedule"])
         was = state["schedule"].get("cosine_steps", self.schedule.cosine_steps)  # (since 2026-12-06)
         if was != self.schedule.cosine_steps and self.main:

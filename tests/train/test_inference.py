@@ -177,6 +177,21 @@ def test_elements_outside_the_training_data_are_pointed_out(checkpoint, tmp_path
         assert main(["predict", str(checkpoint), str(tmp_path / "thiol.extxyz"), "--out", str(tmp_path / "p.npz")]) == 0
 
 
+def test_the_energy_is_extensive(checkpoint):
+    """Two copies of a molecule beyond the cutoff of each other have twice its energy: a
+    per-structure mean added to every prediction broke this by that mean (an adsorption energy
+    was off by it, a surface energy by n - 1 times it)."""
+    calc = JMPCalculator(checkpoint)
+    one = molecule("CH3OH")
+    far = one.copy()
+    far.positions += [50.0, 0, 0]
+    energies = []
+    for atoms in (one, one + far):
+        atoms.calc = calc
+        energies.append(atoms.get_potential_energy())
+    assert energies[1] == pytest.approx(2 * energies[0], abs=1e-9)
+
+
 def test_calculator_forces_are_minus_the_energy_gradient(checkpoint):
     atoms = molecule("CH3OH")
     atoms.calc = JMPCalculator(checkpoint)

@@ -4,12 +4,12 @@ and metrics of a batch.
 TaskModel wraps JMP's network (jmp_ext.models PretrainModel / FinetuneModel): it builds the graphs
 of a batch, runs the network and turns its outputs, which live in normalised units, into physical
 predictions (eV, eV/Å, eV/Å^3):
-    energy = out * std + mean + sum_i linref[Z_i]      (per task; linref from the dataset stats)
+    energy = out * std + sum_i linref[Z_i]             (per task; linref from the dataset stats)
     direct forces = out * force_rms
     gradient forces, stress = out * energy std         (-d/dx of the energy above: consistent, unlike
                                                         JMP's separate force std, JMP.md §11.5)
-    scalar = out * std + mean (+ sum_i linref[Z_i] with TargetConfig.linref);  classification
-    logits unchanged.
+    scalar = out * std + mean, or out * std + sum_i linref[Z_i] with TargetConfig.linref
+    (extensive, as energy);  classification logits unchanged.
 Pretraining batches mix tasks: `batch["task"]` [B] says which dataset (and so which head column and
 which statistics) each structure belongs to. Losses compare physical predictions with the labels
 divided by the same scale, which equals JMP's loss on normalised targets.
@@ -224,7 +224,12 @@ def _target_scale(task: TaskConfig, target: TargetConfig, stats: dict, i: int) -
                              f"{target.name!r} (a float scalar label; stats of an older jmp_ext?): recompute them with "
                              f"`python -m jmp_ext.data stats {task.train} --recompute`")
         s = stats["linrefs"][target.name]
-    mean = torch.as_tensor(np.asarray(s["mean"], dtype=np.float64))
+    # An energy (or a scalar with per-element references) is a sum over atoms plus those
+    # references, which carry its offset: a per-structure mean would add the same constant to a
+    # molecule and to two far-apart copies of it, so the prediction would not be extensive.
+    # (JMP's pretraining normalises with mean 0 as well.)
+    extensive = target.kind == "energy" or target.linref
+    mean = zero if extensive else torch.as_tensor(np.asarray(s["mean"], dtype=np.float64))
     std = torch.as_tensor(np.asarray(s["std"], dtype=np.float64))
     # A constant target (std 0) would divide by zero; keep its scale at 1.
     return mean, torch.where(std > 0, std, torch.ones_like(std))

@@ -205,6 +205,17 @@ def test_ctrl_c_is_a_message_with_how_to_resume(tiny_data, tmp_path, capsys, mon
     assert main([str(path)]) == 130
     assert capsys.readouterr().err == ""
     monkeypatch.delenv("RANK")
+    # A SIGTERM before training starts (loading data, fitting scale factors) killed the run
+    # without a word (exit 143); it now ends it as Ctrl-C does, saying nothing was saved then.
+    import os
+    import signal
+
+    monkeypatch.setattr(cli, "run_training", lambda config: os.kill(os.getpid(), signal.SIGTERM))
+    handler = signal.getsignal(signal.SIGTERM)
+    assert main([str(path)]) == 130
+    assert "if it saved one (every loop.ckpt_every steps, and at the first Ctrl-C or SIGTERM once training has " \
+           "started; none before that" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is handler
     # An unset string is an empty value, not null: the message says so.
     assert main([str(path), "model.init_checkpoint=null"]) == 2
     assert "for none, give an empty value: model.init_checkpoint=" in capsys.readouterr().err

@@ -24,6 +24,9 @@ def test_defaults_and_types():
     ({}, "loop.precision=fp8", r"loop\.precision: 'fp8' is not one of"),
     ({}, "tasks.0.targets.0.kind=energyy", r"tasks\.0\.targets\.0\.kind"),
     ({}, "tasks.3.train=x", r"tasks\.3\.train: tasks has 1 item\(s\), '3' is not an index of it; .*tasks=\["),
+    # A mistyped list key: unknown, not "not set ... set the whole list", whose advice then failed.
+    ({}, "tasks.0.target.0.name=mu", r"tasks\.0\.target: unknown key \(known: name, train, .*targets"),
+    ({}, "optim.llrd_block.0=0.5", r"optim\.llrd_block: unknown key \(known: .*llrd_blocks"),
     ({}, "optim.llrd_blocks.0=0.5", r"optim\.llrd_blocks\.0: optim\.llrd_blocks is not set in the config .* "
                                     r"set the whole list: optim\.llrd_blocks=\["),
     ({"optim": {"lr": 1e-3}}, "optim.lr.x=1", r"optim\.lr\.x: optim\.lr is a float, it has no key 'x'"),

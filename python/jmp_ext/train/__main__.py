@@ -25,11 +25,14 @@ every training mode runs data-parallel; only rank 0 writes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
+import signal
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -259,60 +262,30 @@ def raised_by_jmp_ext(error: BaseException) -> bool:
     return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(package)
 
 
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """SIGTERM (a scheduler's time limit, `timeout`, torchrun stopping its ranks) raises
+    KeyboardInterrupt as Ctrl-C does, so a run stopped before training starts ends with a
+    message rather than silently (training's first one then saves last.pt: Trainer)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if argv and argv[0] in ("eval", "predict"):
-            is_eval = argv[0] == "eval"
-            parser = argparse.ArgumentParser(
-                prog=f"python -m jmp_ext.train {argv[0]}",
-                description="Metrics (JSON) of a trained checkpoint on a dataset." if is_eval else
-                "Predictions of a trained checkpoint for every structure of INPUT, in INPUT's order: "
-                "one per target the checkpoint predicts, under its name (energy in eV, forces in eV/Å, "
-                "stress in eV/Å^3, properties in their units, a classification's logits [M, C]: the "
-                "class is their argmax). OUT.npz: those arrays, natoms, and sid when the dataset's "
-                "entries have one; OUT.extxyz (or .xyz): the structures with predicted_NAME beside "
-                "their own labels.",
-                epilog="Training: python -m jmp_ext.train --help.")
-            parser.add_argument("checkpoint", metavar="CHECKPOINT", help="best.pt or last.pt of a run")
-            parser.add_argument("data", metavar="DATASET" if is_eval else "INPUT",
-                                help="dataset directory" + ("" if is_eval else " or ASE-readable file"))
-            parser.add_argument("--task", default=None, help="task whose heads to use (needed when the checkpoint has several: pretraining)")
-            parser.add_argument("--out", required=not is_eval, default=None,
-                                help="metrics JSON file" if is_eval else "OUT.npz, OUT.extxyz or OUT.xyz")
-            parser.add_argument("--batch-size", type=int, default=16)
-            parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
-            try:
-                a = parser.parse_args(argv[1:])
-            except SystemExit as e:  # --help (0) or a usage error (2): an exit code like any other outcome
-                return int(e.code or 0)
-            check_device(a.device, "--device ")
-            if is_eval:
-                evaluate_checkpoint(a.checkpoint, a.data, a.task, a.out, a.batch_size, a.device)
-            else:
-                predict(a.checkpoint, a.data, a.out, a.task, a.batch_size, a.device)
-        elif "-h" in argv or "--help" in argv:  # (never a config path or a key=value override)
-            from jmp_ext.train.presets import PRESETS
-
-            print(__doc__.rstrip())
-            print(textwrap.fill(", ".join(PRESETS), width=96, initial_indent="presets (preset=NAME): ",
-                                subsequent_indent="  "))
-        else:
-            only_print = "--print-config" in argv
-            argv = [a for a in argv if a != "--print-config"]
-            if not argv or argv[0] == "demo":
-                demo(argv[1:], only_print)
-                return 0
-            mode = argv[0] if argv[0] in ("pretrain", "finetune") else None
-            rest = argv[1:] if mode else argv
-            path = rest[0] if rest and is_config_path(rest[0]) else None
-            overrides = rest[1:] if path else rest
-            config = load_config(path, overrides, mode)
-            if only_print:
-                print_config(config)
-                return 0
-            check_device(config.device, "device=")
-            run_training(config)
+        with sigterm_interrupts():
+            return run_command(argv)
     except (ConfigError, TrainError, FileNotFoundError, ValueError) as e:
         if not raised_by_jmp_ext(e):  # (torch's or numpy's: a bug to report, with its traceback)
             raise
@@ -321,9 +294,67 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # (training's first Ctrl-C or SIGTERM ends the step and saves last.pt: e says so)
         # Under torchrun a terminal's Ctrl-C reaches every rank, and every rank stops alike: one message.
         if os.environ.get("RANK", "0") == "0":
-            print(f"\ninterrupted{': ' + str(e) if str(e) else ''}. A training run continues from "
-                  "run_dir/last.pt with resume=true", file=sys.stderr)
+            saved = (f": {e}. A training run continues from run_dir/last.pt with resume=true" if str(e) else
+                     ". A training run continues from run_dir/last.pt with resume=true if it saved one (every "
+                     "loop.ckpt_every steps, and at the first Ctrl-C or SIGTERM once training has started; "
+                     "none before that, while data load and scale factors are fitted)")
+            print(f"\ninterrupted{saved}", file=sys.stderr)
         return 130
+
+
+def run_command(argv: list[str]) -> int:
+    """main's work: the sub-command of argv; returns the exit code."""
+    if argv and argv[0] in ("eval", "predict"):
+        is_eval = argv[0] == "eval"
+        parser = argparse.ArgumentParser(
+            prog=f"python -m jmp_ext.train {argv[0]}",
+            description="Metrics (JSON) of a trained checkpoint on a dataset." if is_eval else
+            "Predictions of a trained checkpoint for every structure of INPUT, in INPUT's order: "
+            "one per target the checkpoint predicts, under its name (energy in eV, forces in eV/Å, "
+            "stress in eV/Å^3, properties in their units, a classification's logits [M, C]: the "
+            "class is their argmax). OUT.npz: those arrays, natoms, and sid when the dataset's "
+            "entries have one; OUT.extxyz (or .xyz): the structures with predicted_NAME beside "
+            "their own labels.",
+            epilog="Training: python -m jmp_ext.train --help.")
+        parser.add_argument("checkpoint", metavar="CHECKPOINT", help="best.pt or last.pt of a run")
+        parser.add_argument("data", metavar="DATASET" if is_eval else "INPUT",
+                            help="dataset directory" + ("" if is_eval else " or ASE-readable file"))
+        parser.add_argument("--task", default=None, help="task whose heads to use (needed when the checkpoint has several: pretraining)")
+        parser.add_argument("--out", required=not is_eval, default=None,
+                            help="metrics JSON file" if is_eval else "OUT.npz, OUT.extxyz or OUT.xyz")
+        parser.add_argument("--batch-size", type=int, default=16)
+        parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+        try:
+            a = parser.parse_args(argv[1:])
+        except SystemExit as e:  # --help (0) or a usage error (2): an exit code like any other outcome
+            return int(e.code or 0)
+        check_device(a.device, "--device ")
+        if is_eval:
+            evaluate_checkpoint(a.checkpoint, a.data, a.task, a.out, a.batch_size, a.device)
+        else:
+            predict(a.checkpoint, a.data, a.out, a.task, a.batch_size, a.device)
+    elif "-h" in argv or "--help" in argv:  # (never a config path or a key=value override)
+        from jmp_ext.train.presets import PRESETS
+
+        print(__doc__.rstrip())
+        print(textwrap.fill(", ".join(PRESETS), width=96, initial_indent="presets (preset=NAME): ",
+                            subsequent_indent="  "))
+    else:
+        only_print = "--print-config" in argv
+        argv = [a for a in argv if a != "--print-config"]
+        if not argv or argv[0] == "demo":
+            demo(argv[1:], only_print)
+            return 0
+        mode = argv[0] if argv[0] in ("pretrain", "finetune") else None
+        rest = argv[1:] if mode else argv
+        path = rest[0] if rest and is_config_path(rest[0]) else None
+        overrides = rest[1:] if path else rest
+        config = load_config(path, overrides, mode)
+        if only_print:
+            print_config(config)
+            return 0
+        check_device(config.device, "device=")
+        run_training(config)
     return 0
 
 

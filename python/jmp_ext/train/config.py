@@ -553,12 +553,33 @@ def apply_override(raw: dict, override: str) -> None:
             node[key] = value
             return
         if isinstance(node, dict) and node.get(key) is None:
+            known = _fields_at(parts[:i])
+            if known is not None and part not in known:  # (else the advice below leads to this error)
+                raise ConfigError(f"{_join(where, part)}: unknown key (known: {', '.join(known)})")
             if parts[i + 1].isdigit():  # an item of a list the config does not write
                 raise ConfigError(f"{path}: {_join(where, part)} is not set in the config (it keeps its "
                                   f"default), so it has no item {parts[i + 1]}; set the whole list: "
                                   f"{_join(where, part)}=[...]")
             node[key] = {}
         node = node[key]
+
+
+def _fields_at(parts: list[str]) -> list[str] | None:
+    """The field names of the config dataclass at a key path (list items by index), or None
+    where the path leads to no dataclass (a mapping such as backbone_overrides, or no field)."""
+    tp: Any = TrainConfig
+    for part in parts:
+        while typing.get_origin(tp) in (typing.Union, types.UnionType):  # (Optional[X]: X)
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        if typing.get_origin(tp) is list and part.isdigit():
+            (tp,) = typing.get_args(tp)
+        elif dataclasses.is_dataclass(tp) and part in typing.get_type_hints(tp):
+            tp = typing.get_type_hints(tp)[part]
+        else:
+            return None
+    while typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    return [f.name for f in dataclasses.fields(tp)] if dataclasses.is_dataclass(tp) else None
 
 
 def deep_merge(base: dict, update: dict) -> dict:

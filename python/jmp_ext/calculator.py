@@ -13,11 +13,15 @@ disagree. Fine-tune with `forces: gradient` for MD and relaxations; the calculat
 given a direct-force checkpoint.
 
 The graphs keep each atom's k nearest neighbours within the cutoff (JMP: 30 within 12 Å), so in
-a dense solid the energy steps (~meV) as the neighbour set changes. The energy is smooth when all
-four graphs hold every neighbour within the cutoff: the quadruplet graph keeps int(8k/30), so
+a dense solid the energy steps (~meV) as the neighbour set changes: all four graphs must hold
+every neighbour within the cutoff, and the quadruplet graph keeps int(8k/30), so
 graph.max_neighbors must be at least 3.75x the neighbour count. The calculator of a
-gradient-force checkpoint warns once, on the first structure, when its graphs leave neighbours
-out (jmp_ext.graphs.truncated_neighbors).
+gradient-force checkpoint warns (once) when a structure's graphs leave neighbours out
+(jmp_ext.graphs.truncated_neighbors). The energy also steps (~1 meV) when a pair of atoms
+crosses the graph cutoff below 12 Å: JMP's radial basis goes to zero at absolute_rbf_cutoff
+(12 Å), not at the graph's cutoff. A smooth energy for NVE needs graph.cutoff = 12 Å, or a
+fine-tune with model.backbone_overrides.absolute_rbf_cutoff equal to graph.cutoff (which
+changes what the pre-trained radial features mean).
 
 Near-collinear atoms are a weak spot of JMP's GemNet-OC (kept for parity with its checkpoints):
 its quadruplet basis (Legendre polynomials of the dihedral, with no sin factor that would vanish
@@ -60,6 +64,7 @@ def atoms_to_entry(atoms: Atoms) -> dict[str, torch.Tensor]:
     (convert.atoms_structure, as the writer stores it), so that the model sees a structure as in
     training."""
     structure = fmt.normalize_entry(atoms_structure(atoms), "atoms")
+    fmt.validate_entry(structure, "atoms")  # (an unknown element or a NaN position, said as such)
     return {name: torch.from_numpy(array) for name, array in structure.items()}
 
 
@@ -68,16 +73,26 @@ class JMPCalculator(Calculator):
 
     checkpoint: a run's best.pt or last.pt (EMA weights when the run had an EMA).
     task: which task's heads to use (needed for a pretraining checkpoint, which has several).
-    device: "cpu", "cuda", ..."""
+    device: "cpu", "cuda", ...
+    dtype: "float32" or "float64" to evaluate the network in (None: the precision it was trained
+        in); float64 for finite-difference checks or long NVE runs."""
 
     implemented_properties = ["energy", "free_energy", "forces", "stress"]
 
-    def __init__(self, checkpoint: str | Path, task: str | None = None, device: str = "cpu", **kwargs):
+    def __init__(self, checkpoint: str | Path, task: str | None = None, device: str = "cpu",
+                 dtype: str | None = None):
         from jmp_ext.train.loop import load_trained, task_index
 
-        super().__init__(**kwargs)
+        super().__init__()
         self.model, self.config = load_trained(checkpoint, device)
         self.task = task_index(self.config, task, "task=")
+        if dtype is not None:
+            if dtype not in ("float32", "float64"):
+                raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+            self.model.net.to(getattr(torch, dtype))
+        # What trajectories and ASE databases record of the calculator (Calculator.todict).
+        self.parameters.update(checkpoint=str(checkpoint), task=self.config.tasks[self.task].name, device=device,
+                               dtype=str(next(self.model.net.parameters()).dtype).removeprefix("torch."))
         self._warned_force = False
         targets = self.config.tasks[self.task].targets
         kinds = {t.kind for t in targets}
@@ -87,9 +102,10 @@ class JMPCalculator(Calculator):
                              "(a target of kind energy), which an ASE calculator needs")
         # ASE and its optimisers read this to decide what to ask for.
         self.implemented_properties = [p for p in self.implemented_properties if p not in {"forces", "stress"} - kinds]
-        # Truncated neighbour lists are checked once, for gradient forces (direct ones are not
-        # conservative anyway, as the warning below says).
-        self._checked_neighbors = not self.config.tasks[self.task].gradient_forces
+        # Truncated neighbour lists are checked for gradient forces (direct ones are not
+        # conservative anyway, as the warning below says), on each new kind of structure
+        # (elements, cell or pbc), until one warning is given.
+        self._check_neighbors = self.config.tasks[self.task].gradient_forces
         if "forces" in kinds and not self.config.tasks[self.task].gradient_forces:
             warnings.warn(f"{checkpoint} predicts direct forces (forces: direct), which are not the "
                           "gradient of its energy: MD will not conserve energy. Fine-tune with "
@@ -102,7 +118,9 @@ class JMPCalculator(Calculator):
             changes.append("tags")
         return changes
 
-    def _warn_if_truncated(self, entry: dict) -> None:
+    def _warn_if_truncated(self, entry: dict) -> bool:
+        """Warns when the graphs of `entry` leave neighbours within the cutoffs out; returns
+        whether it did."""
         from jmp_ext.data import collate
         from jmp_ext.graphs import K_PROPORTIONS, truncated_neighbors
 
@@ -119,8 +137,10 @@ class JMPCalculator(Calculator):
                            f"MatBench / QMOF presets' rule for large structures, as JMP's), whatever "
                            f"graph.max_neighbors says")
             warnings.warn(f"the model's graphs keep each atom's nearest neighbours only ({kept} within the "
-                          f"cutoffs): the energy steps as those sets change, so MD drifts and relaxations may "
-                          f"oscillate. {advice}; see jmp_ext.calculator", stacklevel=3)
+                          f"cutoffs; a2ee2a: the atom-edge interaction graph, qint: the quadruplet graph): the "
+                          f"energy steps as those sets change, so MD drifts and relaxations may oscillate. "
+                          f"{advice}; see jmp_ext.calculator", stacklevel=3)
+        return bool(truncated)
 
     def get_property(self, name, atoms=None, allow_calculation=True):
         # (ASE's own message, "stress property not implemented", did not say what would give it)
@@ -135,9 +155,9 @@ class JMPCalculator(Calculator):
 
         super().calculate(atoms, properties, system_changes)
         entry = atoms_to_entry(self.atoms)
-        if not self._checked_neighbors:  # (once: the counts change little along a trajectory)
-            self._checked_neighbors = True
-            self._warn_if_truncated(entry)
+        # (not on every step: the counts change little along a trajectory)
+        if self._check_neighbors and set(system_changes) & {"numbers", "cell", "pbc"}:
+            self._check_neighbors = not self._warn_if_truncated(entry)
         preds = predict_structures(self.model, [entry], self.task)
         energy = float(preds["energy"][0])
         self.results = {"energy": energy, "free_energy": energy}

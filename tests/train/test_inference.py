@@ -52,6 +52,7 @@ def stress_checkpoint(tmp_path_factory):
 
 
 @pytest.mark.filterwarnings("ignore:element\\(s\\) \\[29\\] are not in the training data")  # (Cu: expected)
+@pytest.mark.filterwarnings("ignore:the model's graphs keep each atom's nearest neighbours only")  # (k = 8 in Cu)
 def test_a_stress_model_still_serves_molecules(stress_checkpoint, tmp_path):
     """Stress is undefined without a cell: the molecule gets energy and forces, and stress only
     where there is a cell (NaN in predict's output, an ASE PropertyNotImplementedError)."""
@@ -440,12 +441,66 @@ def test_calculator_warns_once_that_neighbour_lists_are_truncated(checkpoint):
     benzene = molecule("C6H6")
     benzene.calc = JMPCalculator(checkpoint)
     with pytest.warns(UserWarning, match=r"keep each atom's nearest neighbours only \(qint 8 of up to 11 within "
-                                         r"the cutoffs\).*graph.max_neighbors >= 42"):
+                                         r"the cutoffs; a2ee2a: the atom-edge .*graph.max_neighbors >= 42"):
         benzene.get_potential_energy()
     benzene.rattle(1e-3)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         benzene.get_potential_energy()  # (once per calculator)
         methanol = molecule("CH3OH")
-        methanol.calc = JMPCalculator(checkpoint)
+        calc = JMPCalculator(checkpoint)
+        methanol.calc = calc
         methanol.get_potential_energy()
+    # The check follows the calculator to a new kind of structure (it looked at the first only).
+    benzene.calc = calc
+    with pytest.warns(UserWarning, match=r"qint 8 of up to 11"):
+        benzene.get_potential_energy()
+
+
+def test_calculator_options_and_bad_structures(checkpoint, tiny_data, tmp_path):
+    """dtype evaluates in float64 (users cast calc.model.net by hand); an unknown option is an
+    error, not silently ignored; the checkpoint is recorded (todict); CUDA on a machine without
+    it, an atomic number beyond the periodic table and a NaN position are named."""
+    calc = JMPCalculator(checkpoint, dtype="float32")
+    assert next(calc.model.net.parameters()).dtype == torch.float32
+    assert calc.todict() == {"checkpoint": str(checkpoint), "task": "mol", "device": "cpu", "dtype": "float32"}
+    atoms = molecule("CH3OH")
+    atoms.calc = calc
+    e32 = atoms.get_potential_energy()
+    atoms.calc = JMPCalculator(checkpoint, dtype="float64")
+    assert atoms.get_potential_energy() == pytest.approx(e32, rel=1e-5)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'foo'"):
+        JMPCalculator(checkpoint, foo=1)
+    with pytest.raises(ValueError, match="dtype must be 'float32' or 'float64', got 'fp64'"):
+        JMPCalculator(checkpoint, dtype="fp64")
+    if not torch.cuda.is_available():
+        with pytest.raises(TrainError, match="device cuda: CUDA is not available on this machine"):
+            JMPCalculator(checkpoint, device="cuda")
+    from jmp_ext.data.format import DataError
+
+    atoms.numbers[0] = 119
+    with pytest.raises(DataError, match="atoms: unknown element with atomic number 119"):
+        atoms.get_potential_energy()
+    atoms.numbers[0] = 6
+    atoms.positions[1, 0] = np.nan
+    with pytest.raises(DataError, match="atoms: .*not finite|atoms: .*NaN"):
+        atoms.get_potential_energy()
+
+
+def test_periodic_structures_on_a_molecule_model_are_pointed_out(tiny_data, tmp_path):
+    """A checkpoint trained with a molecule graph preset (non-periodic) gave a bulk crystal the
+    same energy with and without pbc, without a word."""
+    from ase.build import bulk
+
+    raw = {"mode": "finetune", "run_dir": str(tmp_path / "run"), "threads": 1,
+           "graph": {"preset": "spice", "cutoff": 4.0, "max_neighbors": 30},
+           "tasks": [{"name": "mol", "train": str(tiny_data / "mol" / "train"), "forces": "gradient",
+                      "targets": [{"name": "energy", "kind": "energy"}, {"name": "forces", "kind": "forces"}]}],
+           "model": {"backbone": "tiny", "backbone_overrides": {"num_blocks": 1, "num_radial": 16}},
+           "loop": {"max_steps": 1, "precision": "fp64", "progress": False, "fit_scale_factors": 0}}
+    loop.Trainer(build_config(raw)).save_best({})
+    crystal = bulk("C", "diamond", a=3.57)
+    crystal.calc = JMPCalculator(tmp_path / "run" / "best.pt")
+    with pytest.warns(UserWarning, match=r"task 'mol' was trained on non-periodic graphs: these structures' periodic "
+                                         r"boundary conditions are ignored"):
+        crystal.get_potential_energy()

@@ -133,6 +133,8 @@ def build_model(config: TrainConfig, buffers: dict[str, torch.Tensor]) -> TaskMo
 def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[TaskModel, TrainConfig]:
     """A trained TaskModel (eval mode) and its config from best.pt or last.pt (EMA weights when the
     run had an EMA). The checkpoint is read with weights_only=True."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():  # (torch.load's error read as unsafe)
+        raise TrainError(f"device {device}: CUDA is not available on this machine; use cpu")
     try:
         state = load_checkpoint(path, device)
     except ValueError:  # (a JMP Lightning file pickles classes weights_only refuses: say what it is)
@@ -204,6 +206,10 @@ def predict_structures(model: TaskModel, structures: list[dict], task: int) -> d
     batch = collate(structures, dtype=torch.float64)
     batch["pos"], batch["cell"] = batch["pos"].to(parameter.dtype), batch["cell"].to(parameter.dtype)
     batch["task"] = torch.full_like(batch["natoms"], task)
+    graph = model.graph_configs[task]
+    if not graph.pbc and bool(batch["pbc"].any()):
+        warnings.warn(f"task {model.tasks[task].name!r} was trained on non-periodic graphs: these structures' "
+                      "periodic boundary conditions are ignored (each is seen as an isolated cluster)", stacklevel=2)
     seen = getattr(model, "train_elements", None)
     if seen is not None:
         elements = batch["atomic_numbers"].unique()

@@ -165,6 +165,8 @@ def test_bad_checkpoints_and_datasets_are_messages(checkpoint, tiny_data, tmp_pa
              (["predict", str(tmp_path / "random.pt"), test_set, "--out", "p.npz"],
               "is not a jmp_ext training checkpoint"),
              (["eval", checkpoint, str(tmp_path / "empty")], "is not a jmp_ext dataset"),
+             (["eval", checkpoint, str(tiny_data / "mol")], f"{tiny_data / 'mol'} is not a jmp_ext dataset (no "
+              f"meta.json). It holds the datasets test, train, val: give one of them, e.g. {tiny_data / 'mol' / 'test'}"),
              (["predict", checkpoint, str(tmp_path / "empty"), "--out", "p.npz"], "is not a jmp_ext dataset"),
              ([str(path), f"tasks.0.train={tmp_path / 'empty'}"], "is not a jmp_ext dataset"),
              ([str(path), f"model.init_checkpoint={tmp_path / 'none.pt'}"], "none.pt does not exist"),

@@ -119,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                         "REF_virials, virial, virials, dft_virial; a key of these names is a virial, stored "
                         "as -virial/volume; none: drop it)")
     p.add_argument("--property", action="append", default=[], metavar="NAME[=KEY][:UNIT]",
-                   help="also store a per-structure property (repeatable), e.g. U_0:Hartree; an energy UNIT "
-                        "is converted to eV, otherwise the value is stored as it is")
+                   help="also store a per-structure property (repeatable), e.g. U_0:Hartree; UNIT must be "
+                        "an energy unit, converted to eV (a property without one is stored as it is)")
     p.add_argument("--energy-unit", default="eV", choices=list(ENERGY_UNITS))
     p.add_argument("--length-unit", default="Å", choices=list(LENGTH_UNITS))
     p.add_argument("--select", help="ASE db query selecting rows")

@@ -306,7 +306,10 @@ def read_meta(path: str | Path) -> dict:
     meta_path = path / META_FILE
     if not meta_path.is_file():
         hint = ""
-        if path.is_dir() and any(path.glob("*.lmdb")):
+        parts = sorted(p.parent.name for p in path.glob(f"*/{META_FILE}")) if path.is_dir() else []
+        if parts:  # (a split's parent: data/mine for data/mine/train)
+            hint = f" It holds the datasets {', '.join(parts)}: give one of them, e.g. {path / parts[0]}."
+        elif path.is_dir() and any(path.glob("*.lmdb")):
             hint = (" It holds .lmdb files: if they are OC20/JMP-style pickled LMDBs, convert them "
                     "with `python -m jmp_ext.data convert SRC DST --allow-pickle`.")
         raise FileNotFoundError(f"{path} is not a jmp_ext dataset (no {META_FILE}).{hint}")

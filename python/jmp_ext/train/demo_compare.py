@@ -106,16 +106,13 @@ def compare(pretrained: str, root: str, out: Path, steps: int, seeds: list[int],
 
 
 def plot(results: dict, path: Path) -> None:
-    """Validation curves, pretrained vs scratch, one panel per task (needs the [plot] extra)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install 'jmp_ext[plot]'): no curves.png")
-        return
+    """Validation curves, pretrained vs scratch, one panel per task (matplotlib comes with ase)."""
     import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.6))
     for ax, (domain, runs) in zip(np.atleast_1d(axes), results.items()):

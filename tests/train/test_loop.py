@@ -425,6 +425,13 @@ def test_a_finetune_on_other_graphs_than_the_checkpoints_is_pointed_out(tiny_dat
         trainer = loop.Trainer(build_config(finetune_config(tiny_data, tmp_path / "other", init=init),
                                             ["graph.cutoff=5"]))
     trainer.log.close()
+    # A preset's other rules count too (MatBench's smaller k for large structures, a molecule preset's
+    # non-periodic graphs), not only the cutoff and k.
+    for preset, differs in (("matbench", r"k 10 above 200 atoms, k 5 above 300 atoms"), ("spice", "non-periodic")):
+        with pytest.warns(UserWarning, match=rf"this run builds cutoff 4 Å, max_neighbors 8, {differs}\."):
+            trainer = loop.Trainer(build_config(finetune_config(tiny_data, tmp_path / preset, init=init),
+                                                [f"graph.preset={preset}"]))
+        trainer.log.close()
 
 
 def test_fp16_overflows_lower_the_scale_and_training_goes_on(tiny_data, tmp_path):

@@ -347,14 +347,15 @@ def _warn_if_graphs_differ(path: str, trained: list, ours: list) -> None:
     """The pretrained weights (and the scale factors fitted with them) expect the neighbourhoods
     of their graphs: a fine-tune at other cutoffs or k starts far from them, silently."""
     def settings(g) -> str:
-        return f"cutoff {g.cutoff_main:g} Å, max_neighbors {g.max_neighbors}"
+        large = "".join(f", k {k} above {n} atoms" for n, k in g.natoms_max_neighbors)
+        return f"cutoff {g.cutoff_main:g} Å, max_neighbors {g.max_neighbors}{large}" + ("" if g.pbc else ", non-periodic")
 
     known = {settings(g) for g in trained}
     new = sorted({settings(g) for g in ours} - known)
     if new:
         warnings.warn(f"model.init_checkpoint {path} was trained on graphs with {' / '.join(sorted(known))}; "
                       f"this run builds {' / '.join(new)}. Unless that is intended, set graph.cutoff and "
-                      "graph.max_neighbors to the checkpoint's", stacklevel=3)
+                      "graph.max_neighbors (and graph.preset) to the checkpoint's", stacklevel=3)
 
 
 def backbone_forward(net: nn.Module, batch_and_graphs: tuple[dict, dict]) -> dict:

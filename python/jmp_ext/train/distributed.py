@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -27,11 +28,10 @@ class DistInfo:
     device: torch.device
 
 
-def setup(device: str = "auto") -> DistInfo:
+def setup(device: str = "auto", timeout: timedelta | None = None) -> DistInfo:
     """Initialises the process group when launched by torchrun and picks this rank's device.
-    A collective waits torch's default time for the other ranks (10 minutes with NCCL, 30 with
-    gloo): no rank works alone for long here, every rank fits the same scale factors and
-    validates its share."""
+    timeout: how long a collective waits for the other ranks before it fails (None: torch's
+    default, 10 minutes for NCCL and 30 for gloo)."""
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -47,7 +47,8 @@ def setup(device: str = "auto") -> DistInfo:
     else:
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+                                timeout=timeout)
     return DistInfo(rank, world_size, local_rank, dev)
 
 

@@ -289,6 +289,13 @@ def test_predict_writes_extxyz_with_the_labels_kept(checkpoint, stress_checkpoin
                      str(tmp_path / "cu_pred.npz")]) == 0
     stress = np.asarray(ase.io.read(tmp_path / "cu_pred.extxyz").info["predicted_stress"]).reshape(3, 3)
     assert stress == pytest.approx(np.load(tmp_path / "cu_pred.npz")["stress"][0], rel=1e-12)
+    # One-atom cells: as many atoms as structures, and forces are still per atom.
+    ase.io.write(tmp_path / "prim.extxyz", [bulk("Cu", "fcc", a=a) for a in (3.5, 3.6)])
+    with pytest.warns(UserWarning, match=r"element\(s\) \[29\]"):
+        assert main(["predict", str(stress_checkpoint), str(tmp_path / "prim.extxyz"), "--out",
+                     str(tmp_path / "prim_pred.extxyz")]) == 0
+    frames = ase.io.read(tmp_path / "prim_pred.extxyz", index=":")
+    assert all(f.arrays["predicted_forces"].shape == (1, 3) and "predicted_forces" not in f.info for f in frames)
     capsys.readouterr()
     assert main(["predict", str(checkpoint), str(tmp_path / "in.extxyz"), "--out", str(tmp_path / "p.json")]) == 2
     assert "--out " + str(tmp_path / "p.json") + ": predictions are written as .npz, .extxyz, .xyz" in capsys.readouterr().err

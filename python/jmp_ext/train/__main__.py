@@ -188,7 +188,8 @@ def predict(checkpoint: str, source: str, out: str, task: str | None, batch_size
         np.savez(buf, **arrays)
         write_bytes_atomic(Path(out), buf.getvalue())
     else:
-        write_bytes_atomic(Path(out), predictions_as_extxyz(images or structures, arrays).encode())
+        per_atom = {target.name for target in config.tasks[t].targets if target.kind == "forces"}
+        write_bytes_atomic(Path(out), predictions_as_extxyz(images or structures, arrays, per_atom).encode())
     print(f"wrote predictions for {count} structures to {out}: {', '.join(sorted(arrays))}")
     return arrays
 
@@ -218,22 +219,22 @@ def entry_to_atoms(entry: dict):
     return atoms
 
 
-def predictions_as_extxyz(images: list, arrays: dict[str, np.ndarray]) -> str:
+def predictions_as_extxyz(images: list, arrays: dict[str, np.ndarray], per_atom: set[str]) -> str:
     """extxyz text of `images` (Atoms, changed in place) with predict's arrays attached as
-    predicted_{name}: arrays with one row per atom (forces) as columns, the others per
-    structure in info. An image's calculator results (the input file's labels) are kept."""
+    predicted_{name}: those named in `per_atom` (forces), one row per atom, as columns, the
+    others per structure in info. An image's calculator results (the input file's labels) are
+    kept."""
     import ase.io
 
-    natoms = arrays["natoms"]
-    starts = np.concatenate([[0], np.cumsum(natoms)])
+    starts = np.concatenate([[0], np.cumsum(arrays["natoms"])])
     for m, atoms in enumerate(images):
         for name, value in arrays.items():
             if name in ("natoms", "sid"):
                 continue
-            if len(value) == len(natoms):
-                atoms.info[f"predicted_{name}"] = value[m]
-            else:
+            if name in per_atom:
                 atoms.arrays[f"predicted_{name}"] = value[starts[m]:starts[m + 1]]
+            else:
+                atoms.info[f"predicted_{name}"] = value[m]
     text = io.StringIO()
     ase.io.write(text, images, format="extxyz")
     return text.getvalue()

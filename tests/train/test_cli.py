@@ -130,6 +130,22 @@ def test_predict_on_a_file_ase_cannot_read(checkpoint, tmp_path, capsys, name, t
     assert err.startswith(f"error: input {tmp_path / name} could not be read as a structure file") and "extxyz" in err
 
 
+def test_predict_names_a_broken_frame_of_its_input(checkpoint, tmp_path, capsys):
+    """The input is read frame by frame (not all at once): a frame that cannot be parsed is
+    named by its index, and an empty file is said to be one."""
+    import ase.io
+    from ase.build import molecule
+
+    ase.io.write(tmp_path / "good.extxyz", [molecule("CH3OH"), molecule("H2O")])
+    lines = (tmp_path / "good.extxyz").read_text().splitlines()
+    (tmp_path / "broken.extxyz").write_text("\n".join(lines[:8] + ["3", lines[1], "O 0 0"]) + "\n")
+    assert main(["predict", checkpoint, str(tmp_path / "broken.extxyz"), "--out", str(tmp_path / "p.npz")]) == 2
+    assert f"error: input {tmp_path / 'broken.extxyz'}: frame 1 could not be read" in capsys.readouterr().err
+    (tmp_path / "empty.extxyz").write_text("")
+    assert main(["predict", checkpoint, str(tmp_path / "empty.extxyz"), "--out", str(tmp_path / "p.npz")]) == 2
+    assert "could not be read as a structure file (UnknownFileTypeError: Empty file" in capsys.readouterr().err
+
+
 @no_cuda
 def test_cuda_on_a_machine_without_it(checkpoint, tiny_data, tmp_path, capsys):
     """Said as such: torch.load's failure read as a broken checkpoint, the trainer's as a traceback."""

@@ -150,36 +150,44 @@ def predict(checkpoint: str, source: str, out: str, task: str | None, batch_size
                          "suffix chooses)")
     model, config = load_trained(checkpoint, device)
     t = task_index(config, task, "--task")
-    images = None
+    # Streamed, batch by batch: an input of millions of structures is never held as Atoms,
+    # unless they are written back (extxyz).
     if Path(source).is_dir():
         ds = open_dataset(source, "input", in_memory=False)
-        entries = (ds[i] for i in range(len(ds)))
-        count = len(ds)
+        items = ((ds[i], None) for i in range(len(ds)))
     else:
-        images = read_structures(source)
-        entries = (atoms_to_entry(a) for a in images)
-        count = len(images)
+        items = ((atoms_to_entry(atoms), atoms) for atoms in iter_structures(source))
     keep = ("pos", "atomic_numbers", "cell", "pbc", "tags", "fixed")
     outputs: dict[str, list[np.ndarray]] = {"natoms": []}
-    pending, sids, structures = [], [], []
-    for k, entry in enumerate(entries):
+    pending, sids, images = [], [], []
+    count = 0
+
+    def run_batch() -> None:
+        try:
+            preds = predict_structures(model, pending, t)
+        except StructuresWithoutEdges as e:
+            first = count - len(pending)
+            raise TrainError(f"input structure(s) {[first + s for s in e.structures]} (0-based, in the input's "
+                             f"order) have no pair of atoms within cutoff_main={e.cutoff} Å, which GemNet-OC "
+                             "needs (an isolated atom, or atoms all farther apart): leave them out") from e
+        outputs["natoms"].append(np.array([len(e["atomic_numbers"]) for e in pending], dtype=np.int64))
+        for name, value in preds.items():
+            outputs.setdefault(name, []).append(value.detach().double().cpu().numpy())
+        pending.clear()
+
+    for entry, atoms in items:
+        count += 1
         pending.append({key: entry[key] for key in keep})
         if "sid" in entry:
             sids.append(int(entry["sid"]))
-        if suffix != ".npz" and images is None:
-            structures.append(entry_to_atoms(entry))
-        if len(pending) == batch_size or k == count - 1:
-            try:
-                preds = predict_structures(model, pending, t)
-            except StructuresWithoutEdges as e:
-                first = k + 1 - len(pending)
-                raise TrainError(f"input structure(s) {[first + s for s in e.structures]} (0-based, in the input's "
-                                 f"order) have no pair of atoms within cutoff_main={e.cutoff} Å, which GemNet-OC "
-                                 "needs (an isolated atom, or atoms all farther apart): leave them out") from e
-            outputs["natoms"].append(np.array([len(e["atomic_numbers"]) for e in pending], dtype=np.int64))
-            for name, value in preds.items():
-                outputs.setdefault(name, []).append(value.detach().double().cpu().numpy())
-            pending = []
+        if suffix != ".npz":
+            images.append(atoms if atoms is not None else entry_to_atoms(entry))
+        if len(pending) == batch_size:
+            run_batch()
+    if pending:
+        run_batch()
+    if count == 0:
+        raise TrainError(f"input {source} holds no structure")
     arrays = {name: np.concatenate(values) for name, values in outputs.items()}
     if len(sids) == count:
         arrays["sid"] = np.array(sids, dtype=np.int64)
@@ -189,23 +197,32 @@ def predict(checkpoint: str, source: str, out: str, task: str | None, batch_size
         write_bytes_atomic(Path(out), buf.getvalue())
     else:
         per_atom = {target.name for target in config.tasks[t].targets if target.kind == "forces"}
-        write_bytes_atomic(Path(out), predictions_as_extxyz(images or structures, arrays, per_atom).encode())
+        write_bytes_atomic(Path(out), predictions_as_extxyz(images, arrays, per_atom).encode())
     print(f"wrote predictions for {count} structures to {out}: {', '.join(sorted(arrays))}")
     return arrays
 
 
-def read_structures(path: str) -> list:
-    """Every frame of a file ASE reads, as Atoms."""
+def iter_structures(path: str):
+    """Every frame of a file ASE reads, as Atoms, one at a time."""
     import ase.io
 
     if not Path(path).is_file():
         raise TrainError(f"input {path} does not exist")
-    try:
-        return ase.io.read(path, index=":")
-    except Exception as e:  # (ASE's readers raise anything on a file that is not theirs)
-        raise TrainError(f"input {path} could not be read as a structure file ({type(e).__name__}: {e}); "
-                         "give a dataset directory or a file ASE reads: extxyz, xyz, traj, ASE db (.db), "
-                         "cif, POSCAR, ...") from e
+    frames = ase.io.iread(path, index=":")
+    index = 0
+    while True:
+        try:
+            atoms = next(frames)
+        except StopIteration:
+            return
+        except Exception as e:  # (ASE's readers raise anything on a file that is not theirs)
+            if index == 0:
+                raise TrainError(f"input {path} could not be read as a structure file ({type(e).__name__}: {e}); "
+                                 "give a dataset directory or a file ASE reads: extxyz, xyz, traj, ASE db (.db), "
+                                 "cif, POSCAR, ...") from e
+            raise TrainError(f"input {path}: frame {index} could not be read ({type(e).__name__}: {e})") from e
+        yield atoms
+        index += 1
 
 
 def entry_to_atoms(entry: dict):

@@ -158,7 +158,9 @@ class JMPCalculator(Calculator):
         # (not on every step: the counts change little along a trajectory)
         if self._check_neighbors and set(system_changes) & {"numbers", "cell", "pbc"}:
             self._check_neighbors = not self._warn_if_truncated(entry)
-        preds = predict_structures(self.model, [entry], self.task)
+        # An energy alone (Monte Carlo, an energy scan) skips the gradient forces and stress.
+        derivatives = not set(properties) <= {"energy", "free_energy"}
+        preds = predict_structures(self.model, [entry], self.task, derivatives)
         energy = float(preds["energy"][0])
         self.results = {"energy": energy, "free_energy": energy}
         if "forces" in preds:

@@ -193,6 +193,31 @@ def test_the_energy_is_extensive(checkpoint):
     assert energies[1] == pytest.approx(2 * energies[0], abs=1e-9)
 
 
+@pytest.mark.filterwarnings("ignore:element\\(s\\) \\[29\\] are not in the training data")  # (Cu: expected)
+@pytest.mark.filterwarnings("ignore:the model's graphs keep each atom's nearest neighbours only")  # (k = 8 in Cu)
+def test_an_energy_alone_skips_the_gradients(stress_checkpoint, monkeypatch):
+    """get_potential_energy() ran the gradient forces and stress too (a Monte Carlo step paid
+    for them); the energy is the same, and forces asked for later are computed then."""
+    from ase.build import bulk
+
+    from jmp_ext.models.network import FinetuneModel
+
+    calls = []
+    forward = FinetuneModel.forward
+    monkeypatch.setattr(FinetuneModel, "forward", lambda self, batch, graphs, derivatives=True:
+                        calls.append(derivatives) or forward(self, batch, graphs, derivatives))
+    crystal = bulk("Cu", "fcc", a=3.6, cubic=True)
+    crystal.rattle(0.05, seed=2)
+    crystal.calc = JMPCalculator(stress_checkpoint)
+    energy = crystal.get_potential_energy()
+    forces = crystal.get_forces()
+    assert calls == [False, True]
+    both = crystal.copy()
+    both.calc = JMPCalculator(stress_checkpoint)
+    assert both.get_forces() == pytest.approx(forces, rel=1e-12)
+    assert both.get_potential_energy() == pytest.approx(energy, rel=1e-12) and calls == [False, True, True]
+
+
 def test_calculator_forces_are_minus_the_energy_gradient(checkpoint):
     atoms = molecule("CH3OH")
     atoms.calc = JMPCalculator(checkpoint)

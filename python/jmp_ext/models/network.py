@@ -131,8 +131,10 @@ class FinetuneModel(nn.Module):
                                             batch["pos"].shape[0])
         return preds
 
-    def forward(self, batch: dict, graphs: dict) -> dict[str, torch.Tensor]:
-        if self.forces != "gradient" and not self.stress:
+    def forward(self, batch: dict, graphs: dict, derivatives: bool = True) -> dict[str, torch.Tensor]:
+        """The heads' outputs, with gradient forces and stress when the model has them, unless
+        `derivatives` is False (an energy alone, for Monte Carlo, costs a third as much)."""
+        if not derivatives or (self.forces != "gradient" and not self.stress):
             return self._heads(batch, graphs)
         with torch.enable_grad():
             pos = batch["pos"] if batch["pos"].requires_grad else batch["pos"].detach().requires_grad_(True)

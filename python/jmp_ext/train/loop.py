@@ -196,11 +196,13 @@ def _key_mismatch(error: RuntimeError) -> str:
     return text if len(text) <= 600 else text[:600] + " ..."
 
 
-def predict_structures(model: TaskModel, structures: list[dict], task: int) -> dict[str, torch.Tensor]:
+def predict_structures(model: TaskModel, structures: list[dict], task: int,
+                       derivatives: bool = True) -> dict[str, torch.Tensor]:
     """A trained model's predictions (load_trained) for `structures`, entries with the structure
     fields (pos, atomic_numbers, cell, pbc, tags, fixed; as a dataset or atoms_to_entry gives
     them), with the heads of task index `task`: {target name: tensor} as in training (energy [M]
-    eV, forces [sum natoms, 3] eV/Å, stress [M, 3, 3] eV/Å^3, ...), on the model's device."""
+    eV, forces [sum natoms, 3] eV/Å, stress [M, 3, 3] eV/Å^3, ...), on the model's device.
+    derivatives=False: without gradient forces and stress."""
     parameter = next(model.net.parameters())
     # Collated in float64, then cast once: positions are not rounded twice.
     batch = collate(structures, dtype=torch.float64)
@@ -219,7 +221,7 @@ def predict_structures(model: TaskModel, structures: list[dict], task: int) -> d
                           f"{model.tasks[task].name!r}: the predictions for them extrapolate", stacklevel=2)
     batch = {k: v.to(parameter.device) for k, v in batch.items()}
     with torch.no_grad():  # (gradient forces re-enable autograd inside the network)
-        return model(batch)
+        return model(batch, derivatives)
 
 
 def every_rank_sees(path: Path) -> bool:

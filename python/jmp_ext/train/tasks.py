@@ -140,8 +140,12 @@ class TaskModel(nn.Module):
         return build_graphs(batch, self.graph_configs,
                             edge_dropout=self.edge_dropout if (self.training and self.edge_dropout) else None)
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        out = self.net(batch, self.graphs(batch))
+    def forward(self, batch: dict, derivatives: bool = True) -> dict[str, torch.Tensor]:
+        """Physical predictions per target; derivatives=False leaves out gradient forces and
+        stress (FinetuneModel.forward)."""
+        graphs = self.graphs(batch)
+        # (PretrainModel has direct forces only: no derivatives to leave out)
+        out = self.net(batch, graphs) if derivatives or self.pretrain else self.net(batch, graphs, derivatives=False)
         task = batch["task"]  # [B]
         atom_task = task[batch["batch"]]
         dtype = batch["pos"].dtype
@@ -151,6 +155,8 @@ class TaskModel(nn.Module):
             out = {"energy": out["energy"].gather(1, task[:, None])[:, 0],
                    "forces": out["forces"].gather(2, atom_task[:, None, None].expand(-1, 3, 1))[..., 0]}
         for name, target in self.targets.items():
+            if target.kind in ("forces", "stress") and target.kind not in out:  # (derivatives=False)
+                continue
             if target.kind == "forces":
                 scale = self.scale("energy") if self.gradient_forces else self.scale("forces")
                 preds[name] = out["forces"] * scale.to(dtype)[atom_task][:, None]

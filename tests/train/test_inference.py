@@ -301,6 +301,11 @@ def test_predict_writes_extxyz_with_the_labels_kept(checkpoint, stress_checkpoin
     frames = ase.io.read(tmp_path / "d.xyz", index=":")
     assert len(frames) == len(ds)
     assert np.allclose(frames[1].positions, ds[1]["pos"]) and frames[1].numbers.tolist() == ds[1]["atomic_numbers"].tolist()
+    # ... with its labels, tags and fixed atoms, as a file's frames keep theirs (the tags choose
+    # the quadruplet graph: predictions on the written file must be those written in it).
+    assert frames[1].get_potential_energy() == pytest.approx(float(ds[1]["energy"]), rel=1e-12)
+    assert frames[1].get_forces() == pytest.approx(np.asarray(ds[1]["forces"]), abs=1e-8)
+    assert frames[1].get_tags().tolist() == np.asarray(ds[1]["tags"]).tolist()
     # Stress: a 3x3 per structure, read back as written.
     from ase.build import bulk
 

@@ -611,7 +611,7 @@ def test_a_run_dir_is_used_by_one_run_at_a_time(tiny_data, tmp_path):
     raw = pretrain_config(tiny_data, tmp_path / "run", max_steps=2)
     first = loop.Trainer(build_config(raw))
     assert f"PID {os.getpid()} on " in (tmp_path / "run" / ".lock").read_text()
-    in_use = rf"run_dir {tmp_path / 'run'} is in use by another training run \(PID {os.getpid()} on .*\); wait"
+    in_use = rf"run_dir {tmp_path / 'run'} is in use by another training run \(a Trainer of this same process"
     with pytest.raises(TrainError, match=in_use):
         loop.Trainer(build_config({**raw, "overwrite": True}))
     assert (tmp_path / "run" / "config.yaml").is_file()  # (overwrite=true deleted nothing)
@@ -631,7 +631,46 @@ def test_a_run_dir_is_used_by_one_run_at_a_time(tiny_data, tmp_path):
     finally:
         holder.kill()
         holder.wait()
-    loop.Trainer(build_config({**raw, "overwrite": True}))  # (its holder gone, the lock went with it)
+    untrained = loop.Trainer(build_config({**raw, "overwrite": True}))  # (its holder gone, the lock went with it)
+    untrained.release_run_dir()  # (a Trainer that is not trained lets go of it so)
+    loop.Trainer(build_config({**raw, "overwrite": True})).release_run_dir()
+    # A failure after the lock was taken (config.yaml cannot be written) does not keep it.
+    (tmp_path / "run" / "config.yaml").unlink()
+    (tmp_path / "run" / "config.yaml").mkdir()
+    with pytest.raises(IsADirectoryError):
+        loop.Trainer(build_config({**raw, "overwrite": True}))
+    (tmp_path / "run" / "config.yaml").rmdir()
+    loop.Trainer(build_config({**raw, "overwrite": True})).release_run_dir()
+
+
+def test_a_filesystem_without_locks_is_warned_about_not_fatal(tiny_data, tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(file, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match=r"cannot be locked \(\[Errno 37\] No locks available\): make sure no other"):
+        trainer = loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path / "run", max_steps=1)))
+    trainer.train()
+
+
+def test_a_failing_run_with_loader_workers_exits(tiny_data, tmp_path):
+    """Workers ignore their first SIGTERM (a scheduler's stop is the training process's to
+    handle); an exception in training kept their iterator alive to interpreter exit, whose one
+    SIGTERM they ignored, and the process hung there instead of exiting."""
+    import yaml
+
+    raw = pretrain_config(tiny_data, tmp_path / "run", max_steps=4)
+    raw["data"] = {**raw["data"], "num_workers": 2}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    script = ("import sys; from jmp_ext.data.dataset import LmdbDataset; from jmp_ext.train.__main__ import main; "
+              "LmdbDataset._read = lambda self, index: b'garbage bytes'; sys.exit(main([sys.argv[1]]))")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run.yaml")], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    # (and a message: the worker's DataError, raised again by torch, is still the dataset's error)
+    assert done.returncode == 2 and done.stderr.startswith("error: Caught DataError"), done.stderr[-2000:]
 
 
 def test_a_fine_tune_from_scratch_says_so(tiny_data, tmp_path, capsys):

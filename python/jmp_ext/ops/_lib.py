@@ -114,28 +114,31 @@ def launch(name: str, device: torch.device, *args, checks_indices: bool = True):
 
 def require_cuda(device: torch.device) -> int:
     """Check that CUDA kernels can run on `device`; return the address of its current stream."""
-    if not _C.build_info()["cuda"]:
-        raise RuntimeError(
-            "jmp_ext was built without CUDA kernels, so it cannot run this op on a GPU. Rebuild it "
-            "on a machine with the CUDA toolkit: `JMP_EXT_CUDA=ON pip install --force-reinstall "
-            "--no-deps .` (nvcc must be on PATH or CUDA_HOME set)."
-        )
-    if not torch.cuda.is_available():
-        raise RuntimeError(
-            "a CUDA tensor was given but torch reports no usable GPU (torch.cuda.is_available() "
-            "is False); install a CUDA build of torch or move the inputs to the CPU."
-        )
-    problem = _driver_problem(_C.build_info()["cuda_version"], _C.cuda_driver_version())
+    problem = _cuda_problem()
     if problem:
         raise RuntimeError(problem)
     return torch.cuda.current_stream(device).cuda_stream
+
+
+@functools.cache
+def _cuda_problem() -> str | None:
+    """Why this build's CUDA kernels cannot run in this process, or None (once per process:
+    every op launch asks)."""
+    info = _C.build_info()
+    if not info["cuda"]:
+        return ("jmp_ext was built without CUDA kernels, so it cannot run this op on a GPU. Rebuild it "
+                "on a machine with the CUDA toolkit: `JMP_EXT_CUDA=ON pip install --force-reinstall "
+                "--no-deps .` (nvcc must be on PATH or CUDA_HOME set).")
+    if not torch.cuda.is_available():
+        return ("a CUDA tensor was given but torch reports no usable GPU (torch.cuda.is_available() "
+                "is False); install a CUDA build of torch or move the inputs to the CPU.")
+    return _driver_problem(info["cuda_version"], _C.cuda_driver_version())
 
 
 def _cuda_version_text(version: int) -> str:
     return f"{version // 1000}.{version % 1000 // 10}"
 
 
-@functools.cache
 def _driver_problem(runtime: int, driver: int) -> str | None:
     """Why the kernels cannot run with this driver, or None. jmp_ext links the CUDA runtime of
     the toolkit that built it statically, so it needs a driver of that major version or newer,

@@ -33,6 +33,7 @@ import signal
 import sys
 import textwrap
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -226,11 +227,23 @@ def iter_structures(path: str):
 
 
 def entry_to_atoms(entry: dict):
-    """The structure of a dataset entry as Atoms (Å), its sid (if any) in info."""
+    """A dataset entry as Atoms (Å): its tags, fixed atoms (FixAtoms), labels (energy, forces,
+    stress as a SinglePointCalculator's results, as an extxyz file holds them) and sid (info)."""
     from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.constraints import FixAtoms
 
     atoms = Atoms(numbers=np.asarray(entry["atomic_numbers"]), positions=np.asarray(entry["pos"], dtype=np.float64),
-                  cell=np.asarray(entry["cell"], dtype=np.float64).reshape(3, 3), pbc=np.asarray(entry["pbc"]).reshape(3))
+                  cell=np.asarray(entry["cell"], dtype=np.float64).reshape(3, 3), pbc=np.asarray(entry["pbc"]).reshape(3),
+                  tags=np.asarray(entry["tags"]))
+    fixed = np.asarray(entry["fixed"], dtype=bool)
+    if fixed.any():
+        atoms.set_constraint(FixAtoms(mask=fixed))
+    labels = {name: np.asarray(entry[name], dtype=np.float64) for name in ("energy", "forces", "stress") if name in entry}
+    if labels:
+        if "energy" in labels:
+            labels["energy"] = float(labels["energy"])
+        atoms.calc = SinglePointCalculator(atoms, **labels)
     if "sid" in entry:
         atoms.info["sid"] = int(entry["sid"])
     return atoms
@@ -248,6 +261,8 @@ def predictions_as_extxyz(images: list, arrays: dict[str, np.ndarray], per_atom:
         for name, value in arrays.items():
             if name in ("natoms", "sid"):
                 continue
+            if m == 0 and f"predicted_{name}" in {**atoms.info, **atoms.arrays}:
+                warnings.warn(f"the input already has predicted_{name}: the output replaces it", stacklevel=2)
             if name in per_atom:
                 atoms.arrays[f"predicted_{name}"] = value[starts[m]:starts[m + 1]]
             else:
@@ -271,8 +286,13 @@ def is_config_path(arg: str) -> bool:
 
 
 def raised_by_jmp_ext(error: BaseException) -> bool:
-    """The error comes from this package's own code (its checks of the user's input), not from
-    a library it calls."""
+    """The error comes from this package's checks of the user's input, not from a library it
+    calls: its class is one of jmp_ext's (ConfigError, TrainError, DataError, ..., also when a
+    DataLoader worker's is raised again by torch), or a plain one raised in jmp_ext's code. (A
+    library function written in C that fails inside jmp_ext's code counts as ours: it leaves no
+    frame of its own.)"""
+    if type(error).__module__.split(".")[0] == "jmp_ext":
+        return True
     tb = error.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
@@ -290,6 +310,9 @@ def sigterm_interrupts():
         return
 
     def interrupt(signum, frame):
+        # The next one kills at once: a handler runs only between bytecodes, not while a rank
+        # waits in a collective.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, interrupt)

@@ -68,8 +68,9 @@ class TargetConfig:
     class_weights: list[float] | None = None
     """Cross-entropy class weights (JMP's mp_is_metal: [1, 1.342])."""
     normalize: bool = True
-    """Train on (y - linref - mean) / std with the dataset statistics (forces: divided by the
-    force RMS with direct forces; gradient forces and stress: by the energy std)."""
+    """Train on (y - mean) / std with the dataset statistics, or on (y - sum of per-element
+    references) / std for energy and linref targets (no mean: they stay extensive); forces are
+    divided by the force RMS with direct forces, gradient forces and stress by the energy std."""
     linref: bool = False
     """scalar: subtract per-element reference values (least-squares fit on the training split,
     like energy's) before normalising; for extensive properties (JMP's QM9 U_0, U, H, G, ZPVE,

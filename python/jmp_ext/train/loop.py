@@ -309,9 +309,10 @@ def init_from_checkpoint(net: nn.Module, config: TrainConfig) -> None:
 
 
 def lock_run_dir(run_dir: Path):
-    """An exclusive lock on run_dir/.lock, held while the returned file is open: a second run
-    there (a resume beside a run whose torchrun agent was killed but whose ranks were not)
-    would write the same last.pt and metrics.csv. The OS drops the lock when its process dies."""
+    """An exclusive lock on run_dir/.lock, held while the returned file is open (None, with a
+    warning, where the filesystem has no locks): a second run there (a resume beside a run
+    whose torchrun agent was killed but whose ranks were not) would write the same last.pt and
+    metrics.csv. The OS drops the lock when its process dies."""
     file = open(run_dir / ".lock", "a+")
     try:
         fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -319,8 +320,14 @@ def lock_run_dir(run_dir: Path):
         file.seek(0)
         holder = file.read().strip() or "another process"
         file.close()
+        if holder.startswith(f"PID {os.getpid()} on {socket.gethostname()}"):
+            holder = "a Trainer of this same process, not yet trained or released (Trainer.release_run_dir)"
         raise TrainError(f"run_dir {run_dir} is in use by another training run ({holder}); wait for it to "
                          "finish, stop it, or choose another run_dir") from None
+    except OSError as e:  # (a filesystem without flock: Lustre mounted noflock, some FUSE mounts)
+        file.close()
+        warnings.warn(f"run_dir {run_dir} cannot be locked ({e}): make sure no other run uses it", stacklevel=3)
+        return None
     file.truncate(0)
     file.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
     file.flush()
@@ -455,6 +462,7 @@ class Trainer:
         self.resumed, self.resumed_at_step = resumed, self.step
 
         self.run_lock = None  # rank 0's lock on run_dir, from before it writes there to the end of train()
+        self.loader = None  # train(): the current epoch's batch iterator
         self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
                     if self.dist.world_size > 1 else self.model)
         if self.dist.world_size > 1:
@@ -465,16 +473,21 @@ class Trainer:
                 # error must not cost the old run that overwrite=true would replace.
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 self.run_lock = lock_run_dir(self.run_dir)
-                if not resumed and c.overwrite:
-                    self._delete_old_run()
-                # Temp files of a run killed while writing (files.write_atomic), up to a
-                # checkpoint's size each: only this run writes here.
-                for name in RUN_FILES:
-                    for stale in self.run_dir.glob(f".{name}.*.tmp"):
-                        if stale.is_file():
-                            stale.unlink()
-                save_config(c, self.run_dir / "config.yaml")
-            self.log = RunLogger(self.run_dir, self.main, self.step, self.total_steps, c.loop.progress)
+            try:
+                if self.main:
+                    if not resumed and c.overwrite:
+                        self._delete_old_run()
+                    # Temp files of a run killed while writing (files.write_atomic), up to a
+                    # checkpoint's size each: only this run writes here.
+                    for name in RUN_FILES:
+                        for stale in self.run_dir.glob(f".{name}.*.tmp"):
+                            if stale.is_file():
+                                stale.unlink()
+                    save_config(c, self.run_dir / "config.yaml")
+                self.log = RunLogger(self.run_dir, self.main, self.step, self.total_steps, c.loop.progress)
+            except BaseException:  # (the lock goes with the Trainer that failed to be built)
+                self.release_run_dir()
+                raise
         if resumed:
             self.log.write(f"resumed {self.run_dir / 'last.pt'} at step {self.step} of {self.total_steps} "
                            f"(epoch {self.epoch}, {self.batch_in_epoch} batches into it)")
@@ -497,8 +510,20 @@ class Trainer:
         try:
             return self._train()
         finally:
-            if self.run_lock is not None:
-                self.run_lock.close()
+            # The DataLoader's workers are shut down now: an exception's traceback holds the
+            # iterator (its frames) to interpreter exit, whose one SIGTERM the workers ignore
+            # (_ignore_stop_signals), and the process would hang there. (torch has no public way.)
+            loader, self.loader = self.loader, None
+            if hasattr(loader, "_shutdown_workers"):
+                loader._shutdown_workers()
+            self.release_run_dir()
+
+    def release_run_dir(self) -> None:
+        """Drops rank 0's lock on run_dir (train() does; a Trainer that is not trained can)."""
+        if self.run_lock is not None:
+            fcntl.flock(self.run_lock, fcntl.LOCK_UN)  # (a forked worker's copy of the fd would keep it)
+            self.run_lock.close()
+            self.run_lock = None
 
     def _train(self) -> dict:
         c = self.config
@@ -511,18 +536,18 @@ class Trainer:
             self.model.net.compile(dynamic=True)
         stop_reason = self.limit
         self.log.start_clock()
-        loader = self._epoch_loader()
+        self.loader = self._epoch_loader()
         # The first Ctrl-C or SIGTERM ends the run after the current step with last.pt saved
         # (every rank learns of it through the step's all-reduce); a second one interrupts at once.
         with self._stop_signals_set_a_flag():
             while self.step < self.total_steps:
                 try:
-                    batch = to_device(next(loader), self.device)
+                    batch = to_device(next(self.loader), self.device)
                 except StopIteration:
                     if self.batch_in_epoch == 0:  # (every rank alike; it would loop over empty epochs)
                         raise self._no_batches_error(self.epoch) from None
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                    loader = self._epoch_loader()
+                    self.loader = self._epoch_loader()
                     if c.loop.val_every == 0:
                         stop = self.validate_and_check()
                         if stop:

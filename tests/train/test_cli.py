@@ -141,6 +141,11 @@ def test_predict_names_a_broken_frame_of_its_input(checkpoint, tmp_path, capsys)
     (tmp_path / "broken.extxyz").write_text("\n".join(lines[:8] + ["3", lines[1], "O 0 0"]) + "\n")
     assert main(["predict", checkpoint, str(tmp_path / "broken.extxyz"), "--out", str(tmp_path / "p.npz")]) == 2
     assert f"error: input {tmp_path / 'broken.extxyz'}: frame 1 could not be read" in capsys.readouterr().err
+    bad = [molecule("CH3OH"), molecule("H2O"), molecule("CH4")]
+    bad[2].positions[1, 0] = float("nan")
+    ase.io.write(tmp_path / "nan.extxyz", bad)
+    assert main(["predict", checkpoint, str(tmp_path / "nan.extxyz"), "--out", str(tmp_path / "p.npz")]) == 2
+    assert f"error: input {tmp_path / 'nan.extxyz'}: frame 2: atoms: " in capsys.readouterr().err
     (tmp_path / "empty.extxyz").write_text("")
     assert main(["predict", checkpoint, str(tmp_path / "empty.extxyz"), "--out", str(tmp_path / "p.npz")]) == 2
     assert "could not be read as a structure file (UnknownFileTypeError: Empty file" in capsys.readouterr().err

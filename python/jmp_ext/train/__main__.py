@@ -139,7 +139,6 @@ def predict(checkpoint: str, source: str, out: str, task: str | None, batch_size
       prediction beside them as predicted_{name}: per-structure values in the frame's info,
       per-atom ones (forces) as columns.
     Returns the npz arrays."""
-    from jmp_ext.calculator import atoms_to_entry
     from jmp_ext.files import write_bytes_atomic
     from jmp_ext.graphs import StructuresWithoutEdges
     from jmp_ext.train.loop import load_trained, predict_structures, task_index
@@ -157,7 +156,7 @@ def predict(checkpoint: str, source: str, out: str, task: str | None, batch_size
         ds = open_dataset(source, "input", in_memory=False)
         items = ((ds[i], None) for i in range(len(ds)))
     else:
-        items = ((atoms_to_entry(atoms), atoms) for atoms in iter_structures(source))
+        items = ((file_entry(atoms, source, index), atoms) for index, atoms in enumerate(iter_structures(source)))
     keep = ("pos", "atomic_numbers", "cell", "pbc", "tags", "fixed")
     outputs: dict[str, list[np.ndarray]] = {"natoms": []}
     pending, sids, images = [], [], []
@@ -201,6 +200,17 @@ def predict(checkpoint: str, source: str, out: str, task: str | None, batch_size
         write_bytes_atomic(Path(out), predictions_as_extxyz(images, arrays, per_atom).encode())
     print(f"wrote predictions for {count} structures to {out}: {', '.join(sorted(arrays))}")
     return arrays
+
+
+def file_entry(atoms, path: str, index: int) -> dict:
+    """atoms_to_entry of frame `index` of input `path`, whose errors name the frame."""
+    from jmp_ext.calculator import atoms_to_entry
+    from jmp_ext.data.format import DataError
+
+    try:
+        return atoms_to_entry(atoms)
+    except DataError as e:  # (an unknown element, a NaN position: "atoms: ..." would not say where)
+        raise TrainError(f"input {path}: frame {index}: {e}") from e
 
 
 def iter_structures(path: str):

@@ -604,7 +604,7 @@ def test_resume_without_a_checkpoint_says_it_starts_over(tiny_data, tmp_path):
         loop.Trainer(build_config({**pretrain_config(tiny_data, tmp_path / "nowhere"), "resume": True}))
 
 
-def test_a_run_dir_is_used_by_one_run_at_a_time(tiny_data, tmp_path):
+def test_a_run_dir_is_used_by_one_run_at_a_time(tiny_data, tmp_path, monkeypatch):
     """A resume beside a run still going (its torchrun agent killed, its ranks not) trained
     alongside it, both writing last.pt and metrics.csv. The run holds a lock on run_dir until
     train() ends, however it ends; the OS drops it when a killed process dies."""
@@ -612,7 +612,9 @@ def test_a_run_dir_is_used_by_one_run_at_a_time(tiny_data, tmp_path):
     first = loop.Trainer(build_config(raw))
     assert f"PID {os.getpid()} on " in (tmp_path / "run" / ".lock").read_text()
     in_use = rf"run_dir {tmp_path / 'run'} is in use by another training run \(a Trainer of this same process"
-    with pytest.raises(TrainError, match=in_use):
+    with monkeypatch.context() as m, pytest.raises(TrainError, match=in_use):
+        # (refused before its data and network are built: that can take minutes)
+        m.setattr(tasks, "load_task_data", lambda config: pytest.fail("loaded the data of a run it refuses"))
         loop.Trainer(build_config({**raw, "overwrite": True}))
     assert (tmp_path / "run" / "config.yaml").is_file()  # (overwrite=true deleted nothing)
     with pytest.warns(UserWarning, match="no .*last.pt: starting a new run"), pytest.raises(TrainError, match=in_use):

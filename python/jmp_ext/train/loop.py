@@ -405,6 +405,11 @@ class Trainer:
         # Everything up to DDP is this rank's own work: a rank that fails here (a dataset or
         # checkpoint it cannot read) makes every rank fail with its message, none waits for it.
         with distributed.together():
+            if self.main and (self.run_dir / ".lock").is_file():  # (in use: say so before loading anything)
+                held = lock_run_dir(self.run_dir)
+                if held is not None:
+                    fcntl.flock(held, fcntl.LOCK_UN)
+                    held.close()
             if not resumed:
                 self._check_run_dir()
             self.dtype = DTYPES.get(c.loop.precision, torch.float32)

@@ -334,6 +334,13 @@ def lock_run_dir(run_dir: Path):
     return file
 
 
+def unlock_run_dir(file) -> None:
+    """Releases a lock_run_dir lock (None: none was taken)."""
+    if file is not None:
+        fcntl.flock(file, fcntl.LOCK_UN)  # (a forked DataLoader worker's copy of the fd would keep it)
+        file.close()
+
+
 def _backbone_preset_of(weights: dict) -> str | None:
     """The BackboneConfig preset whose backbone has exactly the keys and shapes of `weights`'
     backbone.* (the direct-force branch aside), or None. Built on the meta device: no memory."""
@@ -406,10 +413,7 @@ class Trainer:
         # checkpoint it cannot read) makes every rank fail with its message, none waits for it.
         with distributed.together():
             if self.main and (self.run_dir / ".lock").is_file():  # (in use: say so before loading anything)
-                held = lock_run_dir(self.run_dir)
-                if held is not None:
-                    fcntl.flock(held, fcntl.LOCK_UN)
-                    held.close()
+                unlock_run_dir(lock_run_dir(self.run_dir))
             if not resumed:
                 self._check_run_dir()
             self.dtype = DTYPES.get(c.loop.precision, torch.float32)
@@ -525,10 +529,8 @@ class Trainer:
 
     def release_run_dir(self) -> None:
         """Drops rank 0's lock on run_dir (train() does; a Trainer that is not trained can)."""
-        if self.run_lock is not None:
-            fcntl.flock(self.run_lock, fcntl.LOCK_UN)  # (a forked worker's copy of the fd would keep it)
-            self.run_lock.close()
-            self.run_lock = None
+        unlock_run_dir(self.run_lock)
+        self.run_lock = None
 
     def _train(self) -> dict:
         c = self.config

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from jmp_ext.train.config import ConfigError, build_config, load_config
-from jmp_ext.train.tasks import TrainError
+from jmp_ext.train.tasks import TrainError, check_device
 
 
 def run_training(config) -> dict:
@@ -280,13 +280,6 @@ def predictions_as_extxyz(images: list, arrays: dict[str, np.ndarray], per_atom:
     text = io.StringIO()
     ase.io.write(text, images, format="extxyz")
     return text.getvalue()
-
-
-def check_device(device: str, flag: str) -> None:
-    """CUDA on a machine without it, said as such (torch.load's failure reads as a broken
-    checkpoint, distributed.setup's is a traceback). flag: how the user gave it, '--device ' or 'device='."""
-    if device.partition(":")[0] == "cuda" and not torch.cuda.is_available():
-        raise TrainError(f"{flag}{device}: CUDA is not available on this machine; use {flag}cpu")
 
 
 def is_config_path(arg: str) -> bool:

@@ -133,8 +133,7 @@ def build_model(config: TrainConfig, buffers: dict[str, torch.Tensor]) -> TaskMo
 def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[TaskModel, TrainConfig]:
     """A trained TaskModel (eval mode) and its config from best.pt or last.pt (EMA weights when the
     run had an EMA). The checkpoint is read with weights_only=True."""
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():  # (torch.load's error read as unsafe)
-        raise TrainError(f"device {device}: CUDA is not available on this machine; use cpu")
+    tasks.check_device(str(device), "device ")  # (torch.load's error would read as an unsafe file)
     try:
         state = load_checkpoint(path, device)
     except ValueError:  # (a JMP Lightning file pickles classes weights_only refuses: say what it is)

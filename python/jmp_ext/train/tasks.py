@@ -48,6 +48,14 @@ class TaskData:
     stats: dict
 
 
+def check_device(device: str, flag: str) -> None:
+    """CUDA on a machine without it, said as such (torch.load's failure reads as a broken
+    checkpoint, distributed.setup's is a traceback). flag: how the user gave it, '--device ',
+    'device=' or the calculator's 'device '."""
+    if device.partition(":")[0] == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"{flag}{device}: CUDA is not available on this machine; use {flag}cpu")
+
+
 def open_dataset(path: str, what: str, in_memory: bool):
     from jmp_ext.data import LmdbDataset
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import struct
 import math
+import struct
 from collections.abc import Sequence
 
 import torch

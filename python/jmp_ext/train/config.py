@@ -568,18 +568,21 @@ def apply_override(raw: dict, override: str) -> None:
 def _fields_at(parts: list[str]) -> list[str] | None:
     """The field names of the config dataclass at a key path (list items by index), or None
     where the path leads to no dataclass (a mapping such as backbone_overrides, or no field)."""
+    def without_none(tp: Any) -> Any:  # (Optional[X]: X)
+        while typing.get_origin(tp) in (typing.Union, types.UnionType):
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        return tp
+
     tp: Any = TrainConfig
     for part in parts:
-        while typing.get_origin(tp) in (typing.Union, types.UnionType):  # (Optional[X]: X)
-            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        tp = without_none(tp)
         if typing.get_origin(tp) is list and part.isdigit():
             (tp,) = typing.get_args(tp)
         elif dataclasses.is_dataclass(tp) and part in typing.get_type_hints(tp):
             tp = typing.get_type_hints(tp)[part]
         else:
             return None
-    while typing.get_origin(tp) in (typing.Union, types.UnionType):
-        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    tp = without_none(tp)
     return [f.name for f in dataclasses.fields(tp)] if dataclasses.is_dataclass(tp) else None
 
 

@@ -59,6 +59,7 @@ def test_defaults_and_types():
     ({}, "model.edge_dropout=1", r"model\.edge_dropout must be in \[0, 1\), got 1\.0"),
     ({}, "model.dropout=-0.1", r"model\.dropout must be in \[0, 1\)"),
     ({}, "model.freeze_blocks=[0, -1]", r"model\.freeze_blocks entries must be >= 0"),
+    ({}, "model.backbone_overrides.edge_dropout=0.2", r"backbone_overrides\.edge_dropout: set model\.edge_dropout"),
     ({}, "data.batch_size=0", r"data\.batch_size must be >= 1"),
     ({}, "data.val_batch_size=0", r"data\.val_batch_size must be >= 1"),
     ({}, "data.temperature=0", r"data\.temperature must be > 0"),

@@ -199,6 +199,11 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check(self, "model", "in [0, 1)", "edge_dropout", "dropout")
+        # The backbone's edge_dropout only sets the 1/(1-p) boost of its energy sums, while
+        # model.edge_dropout drops the edges: one value must set both.
+        if "edge_dropout" in self.backbone_overrides:
+            raise ConfigError("model.backbone_overrides.edge_dropout: set model.edge_dropout instead (it both "
+                              "drops the edges and rescales the backbone's sums)")
         if any(i < 0 for i in self.freeze_blocks):
             raise ConfigError(f"model.freeze_blocks entries must be >= 0, got {self.freeze_blocks}")
 

@@ -211,6 +211,11 @@ def test_bad_inputs_raise():
     for make in (BackboneConfig.from_dict, lambda v: BackboneConfig.tiny(**v), lambda v: BackboneConfig.jmp_l(**v)):
         with pytest.raises(ValueError, match="unknown BackboneConfig field\\(s\\): num_blockz, x \\(known: .*num_blocks"):
             make({"num_blockz": 3, "x": 1})
+    # JMP's variant fields accept only JMP's value (a dict default compared, not just scalars).
+    for name, value in {"num_spherical": 6, "rbf": {"name": "bessel"}, "rbf_spherical": {}, "activation": "silu",
+                        "quad_interaction": False}.items():
+        with pytest.raises(ValueError, match=f"BackboneConfig.{name}=.* is not supported: JMP's GemNet-OC uses"):
+            BackboneConfig.tiny(**{name: value})
 
 
 def test_a_batch_without_quadruplets_runs_and_matches_each_structure_alone():

@@ -13,6 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+# Fields that select a GemNet-OC variant JMP never uses, and num_spherical (JMP's literal Y_l0
+# stop at l=6): only their defaults are implemented.
+_FIXED = ("rbf", "rbf_spherical", "cbf", "sbf", "activation", "quad_interaction", "atom_edge_interaction",
+          "edge_atom_interaction", "atom_interaction", "scale_basis", "learnable_rbf", "learnable_rbf_stds",
+          "unique_basis_per_layer", "forces_coupled", "scale_backprop_forces", "num_spherical")
+
+
 @dataclass(kw_only=True)
 class BackboneConfig:
     """GemNet-OC sizes and switches. Defaults are JMP-S (`BackboneConfig.base()` in JMP)."""
@@ -84,24 +91,8 @@ class BackboneConfig:
     scale_file: str | None = None
 
     def __post_init__(self) -> None:
-        fixed = {
-            "rbf": {"name": "gaussian"},
-            "rbf_spherical": None,
-            "cbf": {"name": "spherical_harmonics"},
-            "sbf": {"name": "legendre_outer"},
-            "activation": "scaled_silu",
-            "quad_interaction": True,
-            "atom_edge_interaction": True,
-            "edge_atom_interaction": True,
-            "atom_interaction": True,
-            "scale_basis": False,
-            "learnable_rbf": False,
-            "learnable_rbf_stds": False,
-            "unique_basis_per_layer": False,
-            "forces_coupled": False,
-            "scale_backprop_forces": False,
-            "num_spherical": 7,
-        }
+        fixed = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                 for f in dataclasses.fields(self) if f.name in _FIXED}
         for name, value in fixed.items():
             if getattr(self, name) != value:
                 raise ValueError(

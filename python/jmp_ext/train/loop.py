@@ -922,7 +922,7 @@ class Trainer:
             warnings.warn(f"resume: the config changes {', '.join(changed)}; the run continues with the new "
                           "values (its optimizer moments and schedule position kept)", stacklevel=3)
         self.schedule.load_state_dict(state["schedule"])
-        was = state["schedule"].get("cosine_steps", self.schedule.cosine_steps)  # (since 2026-12-06)
+        was = state["schedule"]["cosine_steps"]
         if was != self.schedule.cosine_steps and self.main:
             warnings.warn(f"resume: the cosine schedule now runs {self.schedule.cosine_steps} steps instead of {was} "
                           f"(schedule.cosine=0 runs it to the end of the run, which the new loop.max_steps / "
@@ -930,7 +930,7 @@ class Trainer:
                           f"schedule.cosine to keep the old one", stacklevel=3)
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
-        if self.force_scaler is not None and state.get("force_scaler") is not None:  # (since 2026-12-06)
+        if self.force_scaler is not None and state["force_scaler"] is not None:
             self.force_scaler.load_state_dict(state["force_scaler"])
         loop = state["loop"]
         self.step, self.epoch = loop["step"], loop["epoch"]
@@ -940,7 +940,7 @@ class Trainer:
         self.batch_in_epoch = resume_position(self.sampler.batches(self.epoch), loop["batch_in_epoch"],
                                               len(state["rng"]), self.dist.world_size)
         self.best, self.bad_validations, self.nan_streak = loop["best"], loop["bad_validations"], loop["nan_streak"]
-        self.validated_step = loop.get("validated_step", -1)  # (absent from checkpoints before 2026-12-03)
+        self.validated_step = loop["validated_step"]
         self.last_metrics = state["metrics"]
         rngs = state["rng"]
         if len(rngs) != self.dist.world_size:

@@ -19,7 +19,8 @@ from ase.calculators.emt import EMT
 
 from jmp_ext.data import DatasetWriter, LmdbDataset, compute_stats, save_stats
 from jmp_ext.train.config import build_config
-from jmp_ext.train.loop import Trainer, to_device
+from jmp_ext.train.batches import to_device
+from jmp_ext.train.loop import Trainer
 
 NAMES = ["CH3OH", "C2H4", "CH3CHO", "C2H6", "CH3CN", "H2CO", "CH3NO2", "C3H8"]
 

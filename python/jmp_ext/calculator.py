@@ -81,7 +81,7 @@ class JMPCalculator(Calculator):
 
     def __init__(self, checkpoint: str | Path, task: str | None = None, device: str = "cpu",
                  dtype: str | None = None):
-        from jmp_ext.train.loop import load_trained, task_index
+        from jmp_ext.train.inference import load_trained, task_index
 
         super().__init__()
         self.model, self.config = load_trained(checkpoint, device)
@@ -151,7 +151,7 @@ class JMPCalculator(Calculator):
         return super().get_property(name, atoms, allow_calculation)
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
-        from jmp_ext.train.loop import predict_structures
+        from jmp_ext.train.inference import predict_structures
 
         super().calculate(atoms, properties, system_changes)
         entry = atoms_to_entry(self.atoms)

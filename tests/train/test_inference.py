@@ -14,7 +14,7 @@ from ase.optimize import BFGS
 from ase.units import fs
 
 from jmp_ext.calculator import JMPCalculator
-from jmp_ext.train import loop, tasks
+from jmp_ext.train import inference, loop, tasks
 from jmp_ext.train.__main__ import main
 from jmp_ext.train.config import build_config
 from jmp_ext.train.tasks import TrainError
@@ -84,7 +84,7 @@ def test_load_jmp_checkpoint_reads_our_run_checkpoints(stress_checkpoint):
     from jmp_ext.models.checkpoint import load_jmp_checkpoint
     from jmp_ext.train.tasks import build_network
 
-    trained, config = loop.load_trained(stress_checkpoint)
+    trained, config = inference.load_trained(stress_checkpoint)
     net = load_jmp_checkpoint(stress_checkpoint, build_network(config), load_heads=True)
     expected = trained.net.state_dict()
     assert net.state_dict().keys() == expected.keys()
@@ -120,13 +120,13 @@ def test_calculator_warns_once_about_implausible_forces(checkpoint, monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         plausible = atoms.get_forces()
-    predict = loop.predict_structures
+    predict = inference.predict_structures
 
     def huge(*args):
         preds = predict(*args)
         return {**preds, "forces": preds["forces"] * 1e3 / preds["forces"].abs().max()}
 
-    monkeypatch.setattr(loop, "predict_structures", huge)
+    monkeypatch.setattr(inference, "predict_structures", huge)
     atoms.rattle(1e-3)
     with pytest.warns(UserWarning, match=r"a force of 1\.\d+e\+03 eV/Å: atoms on \(nearly\) straight lines"):
         atoms.get_forces()
@@ -143,7 +143,7 @@ def test_an_fp64_checkpoint_loads_without_rounding(checkpoint, tmp_path):
     state = torch.load(checkpoint, weights_only=True)
     state["model"] = {k: v + 1e-12 if v.is_floating_point() else v for k, v in state["model"].items()}
     torch.save(state, tmp_path / "best.pt")
-    model, _ = loop.load_trained(tmp_path / "best.pt")
+    model, _ = inference.load_trained(tmp_path / "best.pt")
     for name, value in model.state_dict().items():
         assert value.dtype == state["model"][name].dtype and torch.equal(value, state["model"][name]), name
 
@@ -157,7 +157,7 @@ def test_a_checkpoint_whose_weights_do_not_fit_is_a_message(checkpoint, tmp_path
     torch.save(state, tmp_path / "best.pt")
     with pytest.raises(TrainError, match=r"best\.pt: its weights do not fit the network its config builds.*"
                                          r"Unexpected key\(s\) in state_dict: \"net\.output\.heads\.energy\.mlp\.0\.bias\""):
-        loop.load_trained(tmp_path / "best.pt")
+        inference.load_trained(tmp_path / "best.pt")
 
 
 def test_elements_outside_the_training_data_are_pointed_out(checkpoint, tmp_path):
@@ -254,10 +254,10 @@ def test_eval_and_predict_cli(checkpoint, tiny_data, tmp_path):
     out = tmp_path / "metrics.json"
     assert main(["eval", str(checkpoint), str(tiny_data / "mol" / "test"), "--out", str(out)]) == 0
     metrics = json.loads(out.read_text())
-    model, config = loop.load_trained(checkpoint)
+    model, config = inference.load_trained(checkpoint)
     from jmp_ext.data import LmdbDataset
     ds = LmdbDataset(tiny_data / "mol" / "test")
-    direct = loop.evaluate(model, [ds], 16, torch.float64, torch.device("cpu"))
+    direct = inference.evaluate(model, [ds], 16, torch.float64, torch.device("cpu"))
     assert metrics == pytest.approx(direct, rel=1e-12)
 
     images = [molecule(n) for n in ("CH3OH", "C2H6", "CH3CHO")]
@@ -423,7 +423,7 @@ def test_cli_errors(checkpoint, tiny_data, tmp_path, capsys):
     assert "optim.lr: expected a number" in capsys.readouterr().err
     with pytest.raises(TrainError, match="not a jmp_ext training checkpoint"):
         torch.save({"w": torch.zeros(1)}, tmp_path / "x.pt")
-        loop.load_trained(tmp_path / "x.pt")
+        inference.load_trained(tmp_path / "x.pt")
 
 
 def test_calculator_lists_stress_only_when_the_checkpoint_predicts_it(checkpoint, stress_checkpoint):

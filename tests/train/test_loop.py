@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from jmp_ext.models import BackboneConfig, PretrainModel
-from jmp_ext.train import loop, tasks
+from jmp_ext.train import batches, loop, tasks
 from jmp_ext.train.checkpoint import load_checkpoint
 from jmp_ext.train.config import ConfigError, build_config
 from jmp_ext.train.tasks import TrainError
@@ -258,7 +258,7 @@ def test_a_worker_ignores_only_the_first_sigterm():
     import subprocess
     import sys
 
-    code = ("import os, signal; from jmp_ext.train.loop import _ignore_stop_signals; _ignore_stop_signals(0); "
+    code = ("import os, signal; from jmp_ext.train.batches import _ignore_stop_signals; _ignore_stop_signals(0); "
             "os.kill(os.getpid(), signal.SIGINT); os.kill(os.getpid(), signal.SIGTERM); print('alive', flush=True); "
             "os.kill(os.getpid(), signal.SIGTERM); print('not reached')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -455,11 +455,11 @@ def test_fp16_overflows_lower_the_scale_and_training_goes_on(tiny_data, tmp_path
 def test_each_pretraining_task_gets_its_own_graphs(tiny_data, tmp_path):
     """JMP pretrains OC20/OC22 on periodic 12 Å graphs and ANI-1x/T1x on 8 Å molecular ones; a
     task's `graph` settings must reach the structures of that task in mixed batches."""
-    presets = loop.graph_configs(build_config({"preset": "jmp_s_pretrain"}, [f"tasks.{i}.train=x" for i in range(4)]))
+    presets = tasks.graph_configs(build_config({"preset": "jmp_s_pretrain"}, [f"tasks.{i}.train=x" for i in range(4)]))
     assert [(g.cutoff_a2a, g.max_neighbors, g.pbc) for g in presets] == [
         (12.0, 30, True), (12.0, 30, True), (8.0, 30, False), (8.0, 30, False)]
     # The run's graph.cutoff / graph.max_neighbors still change every task (unless a task sets its own).
-    overridden = loop.graph_configs(build_config({"preset": "jmp_s_pretrain"}, [
+    overridden = tasks.graph_configs(build_config({"preset": "jmp_s_pretrain"}, [
         *[f"tasks.{i}.train=x" for i in range(4)], "graph.cutoff=6.0", "graph.max_neighbors=10",
         "tasks.3.graph.cutoff=5.0"]))
     assert [(g.cutoff_a2a, g.max_neighbors, g.pbc) for g in overridden] == [
@@ -467,7 +467,7 @@ def test_each_pretraining_task_gets_its_own_graphs(tiny_data, tmp_path):
 
     trainer = loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path / "run"),
                                         ["tasks.0.graph={preset: ani1x, cutoff: 2.0, max_neighbors: 4}"]))
-    batch = next(iter(loop.load_batches(trainer.train_set, [list(range(len(trainer.train_set)))], torch.float32)))
+    batch = next(iter(batches.load_batches(trainer.train_set, [list(range(len(trainer.train_set)))], torch.float32)))
     assert set(batch["task"].tolist()) == {0, 1}
     graphs = trainer.model.graphs(batch)
     for name in ("main", "a2ee2a"):

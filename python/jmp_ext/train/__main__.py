@@ -58,7 +58,7 @@ def run_training(config) -> dict:
 
 
 def print_summary(config, summary: dict) -> None:
-    from jmp_ext.train.loop import RUN_FILES
+    from jmp_ext.train.run_dir import RUN_FILES
 
     print(f"\n== {config.mode} finished: {summary['steps']} steps ({summary['epochs']:.2f} epochs), stop: {summary['stop']}")
     since = f" since resuming at step {summary['resumed_at_step']}" if "resumed_at_step" in summary else ""
@@ -104,7 +104,7 @@ def demo(overrides: list[str], only_print: bool = False) -> dict:
 def evaluate_checkpoint(checkpoint: str, dataset: str, task: str | None, out: str | None,
                         batch_size: int, device: str) -> dict:
     from jmp_ext.files import write_bytes_atomic
-    from jmp_ext.train.loop import evaluate, load_trained, task_index
+    from jmp_ext.train.inference import evaluate, load_trained, task_index
     from jmp_ext.train.tasks import open_dataset
 
     model, config = load_trained(checkpoint, device)
@@ -141,7 +141,7 @@ def predict(checkpoint: str, source: str, out: str, task: str | None, batch_size
     Returns the npz arrays."""
     from jmp_ext.files import write_bytes_atomic
     from jmp_ext.graphs import StructuresWithoutEdges
-    from jmp_ext.train.loop import load_trained, predict_structures, task_index
+    from jmp_ext.train.inference import load_trained, predict_structures, task_index
     from jmp_ext.train.tasks import open_dataset
 
     suffix = Path(out).suffix.lower()

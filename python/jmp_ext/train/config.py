@@ -41,7 +41,7 @@ def _check(obj: Any, section: str, rule: str, *names: str) -> None:
             raise ConfigError(f"{_join(section, name)} must be {rule}, got {value}")
 
 
-# The dataset entries of a batch's structures (loop.BatchList adds them, to name entries in errors).
+# The dataset entries of a batch's structures (batches.BatchList adds them, to name entries in errors).
 ENTRY_KEY = "_entry"
 # Keys a collated batch holds beside the dataset's fields (collate's natoms and batch,
 # MultiDataset's dataset, the loop's task and entries): a label under one would be overwritten.

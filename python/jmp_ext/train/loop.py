@@ -14,15 +14,11 @@ rank raise with its message (distributed.together) instead of leaving the others
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import fcntl
 import functools
 import json
 import math
-import os
 import shutil
 import signal
-import socket
 import threading
 import warnings
 from pathlib import Path
@@ -33,194 +29,29 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from jmp_ext.cpu import keep_freed_memory
-from jmp_ext.data.collate import collate
 from jmp_ext.data.dataset import MultiDataset
 from jmp_ext.data.samplers import AtomBalancedBatchSampler, TemperatureSampler
 from jmp_ext.files import write_bytes_atomic
 from jmp_ext.graphs import StructuresWithoutEdges
-from jmp_ext.models.checkpoint import (is_force_branch_key, is_training_checkpoint, load_jmp_checkpoint,
-                                      read_state_dict, run_weights, safe_load)
 from jmp_ext.train import distributed, tasks
+from jmp_ext.train.batches import load_batches, name_entries, to_device
 from jmp_ext.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from jmp_ext.train.config import ENTRY_KEY, ConfigError, TrainConfig, from_dict, save_config, to_dict
+from jmp_ext.train.config import TrainConfig, save_config, to_dict
 from jmp_ext.train.ema import EMA
+from jmp_ext.train.inference import evaluate, key_mismatch
+from jmp_ext.train.init_checkpoint import init_from_checkpoint
 from jmp_ext.train.logger import RunLogger
-from jmp_ext.train.metrics import Metrics
 from jmp_ext.train.optim import LRSchedule, build_optimizer
+from jmp_ext.train.run_dir import RUN_FILES, lock_run_dir, unlock_run_dir
 from jmp_ext.train.sampling import split_across_ranks
-from jmp_ext.train.tasks import TaskModel, TrainError
+from jmp_ext.train.tasks import TrainError
 
-DTYPES = {"fp64": torch.float64}
-RUN_FILES = ("last.pt", "best.pt", "config.yaml", "metrics.csv", "summary.json", "test_metrics.json")
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class BatchList(torch.utils.data.Dataset):
-    """Collated batches of a dataset, one batch per item, for a DataLoader (workers load and
-    collate while the main process trains). batch["task"] [B] is the task index of every structure:
-    `task`, or MultiDataset's per-entry `dataset` index; batch[ENTRY_KEY] [B] their entries in
-    `dataset`."""
-
-    def __init__(self, dataset, batches: list[list[int]], dtype: torch.dtype, task: int | None = None):
-        self.dataset, self.batches, self.dtype, self.task = dataset, batches, dtype, task
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
-        # Labels stay float64 (a total energy of ~1e4 eV has no meV left in float32); the model's
-        # inputs take the training dtype.
-        batch = collate([self.dataset[i] for i in self.batches[k]], dtype=torch.float64)
-        for key in ("pos", "cell"):
-            batch[key] = batch[key].to(self.dtype)
-        task = batch.pop("dataset", None)
-        batch["task"] = torch.full_like(batch["natoms"], self.task) if self.task is not None else task
-        batch[ENTRY_KEY] = torch.tensor(self.batches[k], dtype=torch.int64)
-        return batch
-
-
-def load_batches(dataset, batches: list[list[int]], dtype: torch.dtype, workers: int = 0, task: int | None = None):
-    # An own generator: a DataLoader iterator otherwise draws its base seed from the global RNG,
-    # which would shift edge dropout's random stream whenever a resumed run opens its loader.
-    return torch.utils.data.DataLoader(BatchList(dataset, batches, dtype, task), batch_size=None, shuffle=False,
-                                       num_workers=workers, generator=torch.Generator().manual_seed(0),
-                                       worker_init_fn=_ignore_stop_signals if workers else None)
 
 
 # Ctrl-C, and the SIGTERM of a scheduler's time limit (SLURM), `timeout` or `docker stop`: the
 # first one ends the run after the current step with last.pt saved (Trainer._stop_signals_set_a_flag).
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-def _ignore_stop_signals(worker_id: int) -> None:
-    """A stop signal is the training process's to handle (it finishes the step and saves
-    last.pt); a worker it killed would fail that step instead. Only the first SIGTERM is
-    ignored: the DataLoader's shutdown terminates a stuck worker with one."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda signum, frame: signal.signal(signal.SIGTERM, signal.SIG_DFL))
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def graph_configs(config: TrainConfig) -> list:
-    """One jmp_ext.graphs.GraphConfig per task: the preset of its own `graph` (else the run's),
-    with the cutoff and k its `graph` sets, else those the run's `graph` sets (so graph.cutoff=6
-    changes every task of a preset whose tasks have their own graphs)."""
-    from jmp_ext.graphs import GraphConfig
-
-    out = []
-    for task in config.tasks:
-        own = task.graph or config.graph
-        graph = GraphConfig.preset(own.preset)
-        cutoff = own.cutoff or config.graph.cutoff
-        max_neighbors = own.max_neighbors or config.graph.max_neighbors
-        if cutoff > 0:
-            graph = dataclasses.replace(graph, cutoff_main=cutoff, cutoff_a2ee2a=cutoff, cutoff_qint=cutoff,
-                                        cutoff_a2a=cutoff)
-        if max_neighbors > 0:
-            graph = dataclasses.replace(graph, max_neighbors=max_neighbors)
-        out.append(graph)
-    return out
-
-
-def build_model(config: TrainConfig, buffers: dict[str, torch.Tensor]) -> TaskModel:
-    return TaskModel(tasks.build_network(config), config.tasks, graph_configs(config), buffers,
-                     pretrain=config.mode == "pretrain", edge_dropout=config.model.edge_dropout)
-
-
-def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[TaskModel, TrainConfig]:
-    """A trained TaskModel (eval mode) and its config from best.pt or last.pt (EMA weights when the
-    run had an EMA). The checkpoint is read with weights_only=True."""
-    tasks.check_device(str(device), "device ")  # (torch.load's error would read as an unsafe file)
-    try:
-        state = load_checkpoint(path, device)
-    except ValueError:  # (a JMP Lightning file pickles classes weights_only refuses: say what it is)
-        if not Path(path).is_file():
-            raise
-        state = safe_load(path)
-    if not is_training_checkpoint(state):
-        jmp = "state_dict" in state if isinstance(state, dict) else False
-        raise TrainError(f"{path} is not a jmp_ext training checkpoint (best.pt / last.pt of a run)"
-                         + ("; it holds a state_dict, as a JMP (Lightning) checkpoint does, without heads for "
-                            "your targets: fine-tune from it (model.init_checkpoint) and evaluate the run's "
-                            "best.pt" if jmp else ""))
-    config = from_dict(TrainConfig, state["config"])
-    weights = run_weights(state)
-    buffers = {k: v for k, v in weights.items() if not k.startswith("net.")}  # (TaskModel's own)
-    model = build_model(config, buffers).to(device)
-    model.net.to(DTYPES.get(config.loop.precision, torch.float32))  # before loading: fp64 stays fp64
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:  # (e.g. written by an older jmp_ext whose network differed)
-        raise TrainError(f"{path}: its weights do not fit the network its config builds in this jmp_ext; "
-                         f"was it written by another version? ({_key_mismatch(e)})") from e
-    return model.eval(), config
-
-
-def name_entries(error: Exception, batch: dict, dataset) -> Exception:
-    """A StructuresWithoutEdges error of a batch loaded by load_batches from `dataset` (an
-    LmdbDataset or a MultiDataset), as a TrainError naming those dataset entries; other errors
-    unchanged."""
-    if not isinstance(error, StructuresWithoutEdges) or ENTRY_KEY not in batch:
-        return error
-    members = getattr(dataset, "datasets", [dataset])
-    offsets = np.cumsum([0, *[len(d) for d in members]])
-    names = []
-    for s in error.structures:
-        i = int(batch[ENTRY_KEY][s])
-        which = int(np.searchsorted(offsets, i, side="right")) - 1
-        names.append(f"{members[which].path} entry {i - offsets[which]}")
-    return TrainError(f"{'; '.join(names)}: no pair of atoms within cutoff_main={error.cutoff} Å, which GemNet-OC "
-                      "needs (an isolated atom, or atoms all farther apart): remove such entries, or raise the cutoff")
-
-
-def task_index(config: TrainConfig, task: str | None, option: str) -> int:
-    """Index of the task (head) to predict with; task None: the only one. option: how the user
-    names it (`--task`, `task=`), for the error."""
-    names = [t.name for t in config.tasks]
-    if task is None:
-        if len(names) > 1:  # (a pretraining checkpoint: each task has its own heads)
-            raise TrainError(f"the checkpoint has {len(names)} tasks, {names}: choose one with {option}")
-        return 0
-    if task not in names:
-        raise TrainError(f"{option.strip('=')} {task!r} is not a task of the checkpoint (tasks: {names})")
-    return names.index(task)
-
-
-def _key_mismatch(error: RuntimeError) -> str:
-    """load_state_dict's message without its header line, shortened: the keys that differ."""
-    text = " ".join(line.strip() for line in str(error).splitlines()[1:]) or str(error)
-    return text if len(text) <= 600 else text[:600] + " ..."
-
-
-def predict_structures(model: TaskModel, structures: list[dict], task: int,
-                       derivatives: bool = True) -> dict[str, torch.Tensor]:
-    """A trained model's predictions (load_trained) for `structures`, entries with the structure
-    fields (pos, atomic_numbers, cell, pbc, tags, fixed; as a dataset or atoms_to_entry gives
-    them), with the heads of task index `task`: {target name: tensor} as in training (energy [M]
-    eV, forces [sum natoms, 3] eV/Å, stress [M, 3, 3] eV/Å^3, ...), on the model's device.
-    derivatives=False: without gradient forces and stress."""
-    parameter = next(model.net.parameters())
-    # Collated in float64, then cast once: positions are not rounded twice.
-    batch = collate(structures, dtype=torch.float64)
-    batch["pos"], batch["cell"] = batch["pos"].to(parameter.dtype), batch["cell"].to(parameter.dtype)
-    batch["task"] = torch.full_like(batch["natoms"], task)
-    graph = model.graph_configs[task]
-    if not graph.pbc and bool(batch["pbc"].any()):
-        warnings.warn(f"task {model.tasks[task].name!r} was trained on non-periodic graphs: these structures' "
-                      "periodic boundary conditions are ignored (each is seen as an isolated cluster)", stacklevel=2)
-    seen = getattr(model, "train_elements", None)
-    if seen is not None:
-        elements = batch["atomic_numbers"].unique()
-        unknown = elements[~seen[task].cpu()[elements]].tolist()
-        if unknown:
-            warnings.warn(f"element(s) {unknown} are not in the training data of task "
-                          f"{model.tasks[task].name!r}: the predictions for them extrapolate", stacklevel=2)
-    batch = {k: v.to(parameter.device) for k, v in batch.items()}
-    with torch.no_grad():  # (gradient forces re-enable autograd inside the network)
-        return model(batch, derivatives)
 
 
 def every_rank_sees(path: Path) -> bool:
@@ -267,112 +98,6 @@ def _with_strides(grad: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
     return grad
 
 
-def init_from_checkpoint(net: nn.Module, config: TrainConfig) -> None:
-    """Loads the embedding + backbone weights of config.model.init_checkpoint (ours, or a released
-    JMP one) into `net`; the heads stay new, and a force branch the network does not use is
-    dropped. One of our checkpoints also says what it was trained with: a backbone that does not
-    fit is named, and a warning says when this run's graphs differ from the checkpoint's."""
-    path = config.model.init_checkpoint
-    if Path(path).is_dir():
-        raise TrainError(f"model.init_checkpoint: {path} is a directory; give the checkpoint file (a run's "
-                         "best.pt or last.pt, or a JMP .ckpt)")
-    if not Path(path).is_file():
-        raise TrainError(f"model.init_checkpoint: {path} does not exist")
-    try:
-        checkpoint = safe_load(path)
-    except ValueError as e:
-        raise TrainError(f"model.init_checkpoint: {e}") from e
-    try:
-        weights = read_state_dict(checkpoint, use_ema=config.model.init_ema)
-    except ValueError as e:
-        raise TrainError(f"model.init_checkpoint: {path}: {e}") from e
-    trained = None
-    if is_training_checkpoint(checkpoint):
-        try:
-            trained = from_dict(TrainConfig, checkpoint["config"])
-        except ConfigError:  # (a config this version no longer reads: nothing to compare with)
-            pass
-    try:
-        load_jmp_checkpoint(weights, net, use_ema=False)  # (weights are already the EMA ones if asked)
-    except ValueError as e:
-        fits = _backbone_preset_of(weights)
-        hint = (f"its weights have the shapes of model.backbone={fits} (with no backbone_overrides)"
-                if fits and trained is None and (fits != config.model.backbone or config.model.backbone_overrides) else
-                "check model.backbone / model.backbone_overrides against the checkpoint's architecture"
-                if trained is None else f"the checkpoint was trained with model.backbone={trained.model.backbone}"
-                + (f" and model.backbone_overrides={trained.model.backbone_overrides}"
-                   if trained.model.backbone_overrides else ""))
-        raise TrainError(f"model.init_checkpoint {path} does not fit the configured network ({e}); {hint}") from e
-    if trained is not None:
-        _warn_if_graphs_differ(path, graph_configs(trained), graph_configs(config))
-
-
-def lock_run_dir(run_dir: Path):
-    """An exclusive lock on run_dir/.lock, held while the returned file is open (None, with a
-    warning, where the filesystem has no locks): a second run there (a resume beside a run
-    whose torchrun agent was killed but whose ranks were not) would write the same last.pt and
-    metrics.csv. The OS drops the lock when its process dies."""
-    file = open(run_dir / ".lock", "a+")
-    try:
-        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        file.seek(0)
-        holder = file.read().strip() or "another process"
-        file.close()
-        if holder.startswith(f"PID {os.getpid()} on {socket.gethostname()}"):
-            holder = "a Trainer of this same process, not yet trained or released (Trainer.release_run_dir)"
-        raise TrainError(f"run_dir {run_dir} is in use by another training run ({holder}); wait for it to "
-                         "finish, stop it, or choose another run_dir") from None
-    except OSError as e:  # (a filesystem without flock: Lustre mounted noflock, some FUSE mounts)
-        file.close()
-        warnings.warn(f"run_dir {run_dir} cannot be locked ({e}): make sure no other run uses it", stacklevel=3)
-        return None
-    file.truncate(0)
-    file.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
-    file.flush()
-    return file
-
-
-def unlock_run_dir(file) -> None:
-    """Releases a lock_run_dir lock (None: none was taken)."""
-    if file is not None:
-        fcntl.flock(file, fcntl.LOCK_UN)  # (a forked DataLoader worker's copy of the fd would keep it)
-        file.close()
-
-
-def _backbone_preset_of(weights: dict) -> str | None:
-    """The BackboneConfig preset whose backbone has exactly the keys and shapes of `weights`'
-    backbone.* (the direct-force branch aside), or None. Built on the meta device: no memory."""
-    from jmp_ext.models import BackboneConfig, GemNetOCBackbone
-
-    def shapes(state: dict) -> dict:
-        return {k: tuple(v.shape) for k, v in state.items() if k.startswith("backbone.") and not is_force_branch_key(k)}
-
-    theirs = shapes(weights)
-    for name in ("tiny", "jmp_s", "jmp_l"):
-        with torch.device("meta"):
-            backbone = GemNetOCBackbone(getattr(BackboneConfig, name)())
-        ours = shapes({f"backbone.{k}": v for k, v in backbone.state_dict().items()})
-        if ours == theirs:
-            return name
-    return None
-
-
-def _warn_if_graphs_differ(path: str, trained: list, ours: list) -> None:
-    """The pretrained weights (and the scale factors fitted with them) expect the neighbourhoods
-    of their graphs: a fine-tune at other cutoffs or k starts far from them, silently."""
-    def settings(g) -> str:
-        large = "".join(f", k {k} above {n} atoms" for n, k in g.natoms_max_neighbors)
-        return f"cutoff {g.cutoff_main:g} Å, max_neighbors {g.max_neighbors}{large}" + ("" if g.pbc else ", non-periodic")
-
-    known = {settings(g) for g in trained}
-    new = sorted({settings(g) for g in ours} - known)
-    if new:
-        warnings.warn(f"model.init_checkpoint {path} was trained on graphs with {' / '.join(sorted(known))}; "
-                      f"this run builds {' / '.join(new)}. Unless that is intended, set graph.cutoff and "
-                      "graph.max_neighbors (and graph.preset) to the checkpoint's", stacklevel=3)
-
-
 def backbone_forward(net: nn.Module, batch_and_graphs: tuple[dict, dict]) -> dict:
     """The backbone's pass alone, which reaches every ScaleFactor: fitting them needs no heads,
     and no gradient forces."""
@@ -415,7 +140,7 @@ class Trainer:
                 unlock_run_dir(lock_run_dir(self.run_dir))
             if not resumed:
                 self._check_run_dir()
-            self.dtype = DTYPES.get(c.loop.precision, torch.float32)
+            self.dtype = tasks.param_dtype(c.loop.precision)
             self.autocast = AUTOCAST.get(c.loop.precision) if self.device.type == "cuda" else None
             if c.loop.precision in AUTOCAST and self.device.type != "cuda":
                 warnings.warn(f"loop.precision={c.loop.precision} needs a GPU; training in fp32 on the CPU",
@@ -425,7 +150,7 @@ class Trainer:
             torch.manual_seed(c.seed)  # the same initial weights on every rank
             stats = [d.stats for d in self.data]
             buffers = {**tasks.normalizers(c.tasks, stats), **tasks.training_elements(stats)}
-            self.model = build_model(c, buffers).to(self.device)
+            self.model = tasks.build_model(c, buffers).to(self.device)
             self.model.net.to(self.dtype)
             if c.model.init_checkpoint:
                 init_from_checkpoint(self.model.net, c)
@@ -907,7 +632,7 @@ class Trainer:
             self.model.load_state_dict(weights)
         except RuntimeError as e:
             raise TrainError(f"resume: {path} does not fit this run's network; was it written by another "
-                             f"version of jmp_ext? ({_key_mismatch(e)})") from e
+                             f"version of jmp_ext? ({key_mismatch(e)})") from e
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         # The moments and step counts are the run's; its hyperparameters (betas, weight decay,
@@ -953,22 +678,3 @@ class Trainer:
         self.schedule.set_step(self.step)
 
 
-@torch.no_grad()
-def evaluate(model: TaskModel, datasets: list, batch_size: int, dtype: torch.dtype, device: torch.device,
-             rank: int = 0, world_size: int = 1) -> dict[str, float]:
-    """Metrics of `model` on datasets[t] (the split of task t, or None), all-reduced over ranks.
-    Batches are consecutive entries; rank r takes batches r, r + W, ... (no duplicates)."""
-    model.eval()
-    metrics = Metrics()
-    batches = [(t, list(range(s, min(s + batch_size, len(ds))))) for t, ds in enumerate(datasets) if ds is not None
-               for s in range(0, len(ds), batch_size)]
-    with distributed.together():  # (a bad batch of one rank: every rank raises)
-        for t, idx in batches[rank::world_size]:
-            (batch,) = load_batches(datasets[t], [idx], dtype, task=t)
-            batch = to_device(batch, device)
-            try:
-                tasks.update_metrics(metrics, model, model(batch), batch)
-            except StructuresWithoutEdges as e:
-                raise name_entries(e, batch, datasets[t]) from e
-    metrics.all_reduce()
-    return metrics.compute()

@@ -17,7 +17,7 @@ divided by the same scale, which equals JMP's loss on normalised targets.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -279,6 +279,37 @@ def build_network(config: TrainConfig) -> nn.Module:
     if forces == "gradient" and "energy" not in [t.name for t in task.targets if t.kind == "energy"]:
         raise TrainError(f"tasks.0 ({task.name}): gradient forces need a target named 'energy' of kind energy")
     return FinetuneModel(backbone, heads, forces=forces, stress="stress" in kinds)
+
+
+def graph_configs(config: TrainConfig) -> list:
+    """One jmp_ext.graphs.GraphConfig per task: the preset of its own `graph` (else the run's),
+    with the cutoff and k its `graph` sets, else those the run's `graph` sets (so graph.cutoff=6
+    changes every task of a preset whose tasks have their own graphs)."""
+    from jmp_ext.graphs import GraphConfig
+
+    out = []
+    for task in config.tasks:
+        own = task.graph or config.graph
+        graph = GraphConfig.preset(own.preset)
+        cutoff = own.cutoff or config.graph.cutoff
+        max_neighbors = own.max_neighbors or config.graph.max_neighbors
+        if cutoff > 0:
+            graph = replace(graph, cutoff_main=cutoff, cutoff_a2ee2a=cutoff, cutoff_qint=cutoff, cutoff_a2a=cutoff)
+        if max_neighbors > 0:
+            graph = replace(graph, max_neighbors=max_neighbors)
+        out.append(graph)
+    return out
+
+
+def build_model(config: TrainConfig, buffers: dict[str, torch.Tensor]) -> TaskModel:
+    return TaskModel(build_network(config), config.tasks, graph_configs(config), buffers,
+                     pretrain=config.mode == "pretrain", edge_dropout=config.model.edge_dropout)
+
+
+def param_dtype(precision: str) -> torch.dtype:
+    """The network's parameter dtype for loop.precision: float64 for fp64, else float32 (under
+    bf16 / fp16 autocast the weights stay float32)."""
+    return torch.float64 if precision == "fp64" else torch.float32
 
 
 def num_blocks(net: nn.Module) -> int:

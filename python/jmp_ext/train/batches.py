@@ -1,0 +1,80 @@
+"""Batches for training and evaluation: a dataset's structures collated in DataLoader workers
+while the main process trains, and errors of a batch traced back to its dataset entries."""
+
+from __future__ import annotations
+
+import signal
+
+import numpy as np
+import torch
+
+from jmp_ext.data.collate import collate
+from jmp_ext.graphs import StructuresWithoutEdges
+from jmp_ext.train.config import ENTRY_KEY
+from jmp_ext.train.tasks import TrainError
+
+
+def collate_batch(structures: list[dict], dtype: torch.dtype, task: int | None = None) -> dict[str, torch.Tensor]:
+    """`structures` (dataset entries) collated for the model: pos and cell in `dtype`, collated in
+    float64 and cast once (not rounded twice); labels stay float64 (a total energy of ~1e4 eV has
+    no meV left in float32). batch["task"] [B] is the task index of every structure: `task`, or
+    MultiDataset's per-entry `dataset` index."""
+    batch = collate(structures, dtype=torch.float64)
+    for key in ("pos", "cell"):
+        batch[key] = batch[key].to(dtype)
+    dataset = batch.pop("dataset", None)
+    batch["task"] = torch.full_like(batch["natoms"], task) if task is not None else dataset
+    return batch
+
+
+class BatchList(torch.utils.data.Dataset):
+    """Batches of a dataset (collate_batch), one per item, for a DataLoader (workers load and
+    collate while the main process trains); batch[ENTRY_KEY] [B] are their entries in `dataset`."""
+
+    def __init__(self, dataset, batches: list[list[int]], dtype: torch.dtype, task: int | None = None):
+        self.dataset, self.batches, self.dtype, self.task = dataset, batches, dtype, task
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        batch = collate_batch([self.dataset[i] for i in self.batches[k]], self.dtype, self.task)
+        batch[ENTRY_KEY] = torch.tensor(self.batches[k], dtype=torch.int64)
+        return batch
+
+
+def load_batches(dataset, batches: list[list[int]], dtype: torch.dtype, workers: int = 0, task: int | None = None):
+    # An own generator: a DataLoader iterator otherwise draws its base seed from the global RNG,
+    # which would shift edge dropout's random stream whenever a resumed run opens its loader.
+    return torch.utils.data.DataLoader(BatchList(dataset, batches, dtype, task), batch_size=None, shuffle=False,
+                                       num_workers=workers, generator=torch.Generator().manual_seed(0),
+                                       worker_init_fn=_ignore_stop_signals if workers else None)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A stop signal is the training process's to handle (it finishes the step and saves
+    last.pt); a worker it killed would fail that step instead. Only the first SIGTERM is
+    ignored: the DataLoader's shutdown terminates a stuck worker with one."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def name_entries(error: Exception, batch: dict, dataset) -> Exception:
+    """A StructuresWithoutEdges error of a batch loaded by load_batches from `dataset` (an
+    LmdbDataset or a MultiDataset), as a TrainError naming those dataset entries; other errors
+    unchanged."""
+    if not isinstance(error, StructuresWithoutEdges) or ENTRY_KEY not in batch:
+        return error
+    members = getattr(dataset, "datasets", [dataset])
+    offsets = np.cumsum([0, *[len(d) for d in members]])
+    names = []
+    for s in error.structures:
+        i = int(batch[ENTRY_KEY][s])
+        which = int(np.searchsorted(offsets, i, side="right")) - 1
+        names.append(f"{members[which].path} entry {i - offsets[which]}")
+    return TrainError(f"{'; '.join(names)}: no pair of atoms within cutoff_main={error.cutoff} Å, which GemNet-OC "
+                      "needs (an isolated atom, or atoms all farther apart): remove such entries, or raise the cutoff")

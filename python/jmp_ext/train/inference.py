@@ -1,0 +1,114 @@
+"""A trained model in use: load a run's checkpoint (load_trained), predict structures with one
+task's heads (predict_structures; the ASE calculator and `python -m jmp_ext.train predict` call
+it) and compute metrics on datasets (evaluate; validation and test during training, and
+`python -m jmp_ext.train eval`)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from jmp_ext.graphs import StructuresWithoutEdges
+from jmp_ext.models.checkpoint import is_training_checkpoint, run_weights, safe_load
+from jmp_ext.train import distributed, tasks
+from jmp_ext.train.batches import collate_batch, load_batches, name_entries, to_device
+from jmp_ext.train.checkpoint import load_checkpoint
+from jmp_ext.train.config import TrainConfig, from_dict
+from jmp_ext.train.metrics import Metrics
+from jmp_ext.train.tasks import TaskModel, TrainError, build_model, param_dtype
+
+
+def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[TaskModel, TrainConfig]:
+    """A trained TaskModel (eval mode) and its config from best.pt or last.pt (EMA weights when the
+    run had an EMA). The checkpoint is read with weights_only=True."""
+    tasks.check_device(str(device), "device ")  # (torch.load's error would read as an unsafe file)
+    try:
+        state = load_checkpoint(path, device)
+    except ValueError:  # (a JMP Lightning file pickles classes weights_only refuses: say what it is)
+        if not Path(path).is_file():
+            raise
+        state = safe_load(path)
+    if not is_training_checkpoint(state):
+        jmp = "state_dict" in state if isinstance(state, dict) else False
+        raise TrainError(f"{path} is not a jmp_ext training checkpoint (best.pt / last.pt of a run)"
+                         + ("; it holds a state_dict, as a JMP (Lightning) checkpoint does, without heads for "
+                            "your targets: fine-tune from it (model.init_checkpoint) and evaluate the run's "
+                            "best.pt" if jmp else ""))
+    config = from_dict(TrainConfig, state["config"])
+    weights = run_weights(state)
+    buffers = {k: v for k, v in weights.items() if not k.startswith("net.")}  # (TaskModel's own)
+    model = build_model(config, buffers).to(device)
+    model.net.to(param_dtype(config.loop.precision))  # before loading: fp64 stays fp64
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:  # (e.g. written by an older jmp_ext whose network differed)
+        raise TrainError(f"{path}: its weights do not fit the network its config builds in this jmp_ext; "
+                         f"was it written by another version? ({key_mismatch(e)})") from e
+    return model.eval(), config
+
+
+def task_index(config: TrainConfig, task: str | None, option: str) -> int:
+    """Index of the task (head) to predict with; task None: the only one. option: how the user
+    names it (`--task`, `task=`), for the error."""
+    names = [t.name for t in config.tasks]
+    if task is None:
+        if len(names) > 1:  # (a pretraining checkpoint: each task has its own heads)
+            raise TrainError(f"the checkpoint has {len(names)} tasks, {names}: choose one with {option}")
+        return 0
+    if task not in names:
+        raise TrainError(f"{option.strip('=')} {task!r} is not a task of the checkpoint (tasks: {names})")
+    return names.index(task)
+
+
+def key_mismatch(error: RuntimeError) -> str:
+    """load_state_dict's message without its header line, shortened: the keys that differ."""
+    text = " ".join(line.strip() for line in str(error).splitlines()[1:]) or str(error)
+    return text if len(text) <= 600 else text[:600] + " ..."
+
+
+def predict_structures(model: TaskModel, structures: list[dict], task: int,
+                       derivatives: bool = True) -> dict[str, torch.Tensor]:
+    """A trained model's predictions (load_trained) for `structures`, entries with the structure
+    fields (pos, atomic_numbers, cell, pbc, tags, fixed; as a dataset or atoms_to_entry gives
+    them), with the heads of task index `task`: {target name: tensor} as in training (energy [M]
+    eV, forces [sum natoms, 3] eV/Å, stress [M, 3, 3] eV/Å^3, ...), on the model's device.
+    derivatives=False: without gradient forces and stress."""
+    parameter = next(model.net.parameters())
+    batch = collate_batch(structures, parameter.dtype, task)
+    graph = model.graph_configs[task]
+    if not graph.pbc and bool(batch["pbc"].any()):
+        warnings.warn(f"task {model.tasks[task].name!r} was trained on non-periodic graphs: these structures' "
+                      "periodic boundary conditions are ignored (each is seen as an isolated cluster)", stacklevel=2)
+    seen = getattr(model, "train_elements", None)
+    if seen is not None:
+        elements = batch["atomic_numbers"].unique()
+        unknown = elements[~seen[task].cpu()[elements]].tolist()
+        if unknown:
+            warnings.warn(f"element(s) {unknown} are not in the training data of task "
+                          f"{model.tasks[task].name!r}: the predictions for them extrapolate", stacklevel=2)
+    batch = to_device(batch, parameter.device)
+    with torch.no_grad():  # (gradient forces re-enable autograd inside the network)
+        return model(batch, derivatives)
+
+
+@torch.no_grad()
+def evaluate(model: TaskModel, datasets: list, batch_size: int, dtype: torch.dtype, device: torch.device,
+             rank: int = 0, world_size: int = 1) -> dict[str, float]:
+    """Metrics of `model` on datasets[t] (the split of task t, or None), all-reduced over ranks.
+    Batches are consecutive entries; rank r takes batches r, r + W, ... (no duplicates)."""
+    model.eval()
+    metrics = Metrics()
+    batches = [(t, list(range(s, min(s + batch_size, len(ds))))) for t, ds in enumerate(datasets) if ds is not None
+               for s in range(0, len(ds), batch_size)]
+    with distributed.together():  # (a bad batch of one rank: every rank raises)
+        for t, idx in batches[rank::world_size]:
+            (batch,) = load_batches(datasets[t], [idx], dtype, task=t)
+            batch = to_device(batch, device)
+            try:
+                tasks.update_metrics(metrics, model, model(batch), batch)
+            except StructuresWithoutEdges as e:
+                raise name_entries(e, batch, datasets[t]) from e
+    metrics.all_reduce()
+    return metrics.compute()

@@ -1,0 +1,46 @@
+"""A run's directory: the files a run writes there, and the lock that keeps a second run out."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import warnings
+from pathlib import Path
+
+from jmp_ext.train.tasks import TrainError
+
+RUN_FILES = ("last.pt", "best.pt", "config.yaml", "metrics.csv", "summary.json", "test_metrics.json")
+
+
+def lock_run_dir(run_dir: Path):
+    """An exclusive lock on run_dir/.lock, held while the returned file is open (None, with a
+    warning, where the filesystem has no locks): a second run there (a resume beside a run
+    whose torchrun agent was killed but whose ranks were not) would write the same last.pt and
+    metrics.csv. The OS drops the lock when its process dies."""
+    file = open(run_dir / ".lock", "a+")
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        file.seek(0)
+        holder = file.read().strip() or "another process"
+        file.close()
+        if holder.startswith(f"PID {os.getpid()} on {socket.gethostname()}"):
+            holder = "a Trainer of this same process, not yet trained or released (Trainer.release_run_dir)"
+        raise TrainError(f"run_dir {run_dir} is in use by another training run ({holder}); wait for it to "
+                         "finish, stop it, or choose another run_dir") from None
+    except OSError as e:  # (a filesystem without flock: Lustre mounted noflock, some FUSE mounts)
+        file.close()
+        warnings.warn(f"run_dir {run_dir} cannot be locked ({e}): make sure no other run uses it", stacklevel=3)
+        return None
+    file.truncate(0)
+    file.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
+    file.flush()
+    return file
+
+
+def unlock_run_dir(file) -> None:
+    """Releases a lock_run_dir lock (None: none was taken)."""
+    if file is not None:
+        fcntl.flock(file, fcntl.LOCK_UN)  # (a forked DataLoader worker's copy of the fd would keep it)
+        file.close()

@@ -285,10 +285,9 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "target_csr_cpu",
       [](uintptr_t edge_index, int64_t num_edges, int64_t num_atoms, const std::string& name,
-         uintptr_t csr_ptr, uintptr_t csr_order, uintptr_t scratch, int num_threads) {
+         uintptr_t csr_ptr, uintptr_t csr_order, uintptr_t scratch) {
         ii::cpu::target_csr(graph(edge_index, 0, num_edges), num_atoms, name.c_str(),
-                            {ptr<int64_t>(csr_ptr), ptr<int64_t>(csr_order)},
-                            ptr<int64_t>(scratch), num_threads);
+                            {ptr<int64_t>(csr_ptr), ptr<int64_t>(csr_order)}, ptr<int64_t>(scratch));
       },
       nogil());
   m.def(

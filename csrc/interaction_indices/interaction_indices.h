@@ -267,8 +267,9 @@ JMP_HD void fill_quadruplets_of(const QuadArgs<Index>& args, int64_t ca) {
 namespace cpu {
 // Validates 0 <= source, target < num_atoms (InvalidInput naming `name`) and fills csr.
 // scratch: [num_atoms + 1 + num_edges] int64.
+// (Serial: a two-pass counting sort, O(num_atoms + E), is memory-bound and short.)
 void target_csr(const Graph& graph, int64_t num_atoms, const char* name, TargetCsr csr,
-                int64_t* scratch, int num_threads);
+                int64_t* scratch);
 // Counting pass + prefix sum into args.offsets; returns the number of triplets.
 // (Instantiated for Index = int32_t and int64_t.)
 template <class Index>

@@ -28,7 +28,7 @@ int64_t prefix_sum(int64_t* offsets, int64_t n, const char* what) {
 }  // namespace
 
 void target_csr(const Graph& graph, int64_t num_atoms, const char* name, TargetCsr csr,
-                int64_t* scratch, int /*num_threads*/) {
+                int64_t* scratch) {
   const int64_t E = graph.num_edges;
   for (int64_t e = 0; e < E; ++e) {
     int64_t s = graph.source[e], t = graph.target[e];

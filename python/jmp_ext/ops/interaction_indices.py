@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from jmp_ext.ops._lib import _C, launch, num_threads, ptr
+from jmp_ext.ops._lib import _C, launch, ptr
 
 __all__ = ["triplets", "mixed_triplets", "quadruplets"]
 
@@ -119,8 +119,7 @@ def _target_csr(edge_index: Tensor, num_atoms: int, name: str) -> tuple[Tensor, 
     csr_ptr = edge_index.new_empty(num_atoms + 1)
     order = edge_index.new_empty(num_edges)
     scratch = edge_index.new_empty(num_atoms + 1 + num_edges)
-    _C.target_csr_cpu(ptr(edge_index), num_edges, num_atoms, name, ptr(csr_ptr), ptr(order), ptr(scratch),
-                      num_threads())
+    _C.target_csr_cpu(ptr(edge_index), num_edges, num_atoms, name, ptr(csr_ptr), ptr(order), ptr(scratch))
     return csr_ptr, order
 
 

@@ -302,4 +302,20 @@ JMP_HD void for_each_neighbor(const Frame& frame, const Placed& target, double c
                      });
 }
 
+// Position i of a [N, 3] array of T (float or double), in double.
+template <class T>
+JMP_HD Vec3 load_position(const T* pos, int64_t i) {
+  return {static_cast<double>(pos[3 * i]), static_cast<double>(pos[3 * i + 1]),
+          static_cast<double>(pos[3 * i + 2])};
+}
+
+// The distance an edge is returned with: sqrt(d2) rounded to the output dtype T, held in a
+// double. Edges are ordered by it, so that the output is sorted by its own distance column
+// even where two mathematically equal distances (i -> i through +S and -S) differ in d2's last
+// bit; IEEE sqrt is correctly rounded, so CPU and CUDA agree.
+template <class T>
+JMP_HD double edge_distance(double d2) {
+  return static_cast<double>(static_cast<T>(sqrt(d2)));
+}
+
 }  // namespace jmp_ext::radius_graph

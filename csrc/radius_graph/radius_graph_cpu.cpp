@@ -59,12 +59,8 @@ constexpr double kCollectEdges = 1 << 22;
 constexpr int64_t kCollectLimit = int64_t{1} << 24;
 
 Vec3 load(const Input& in, int64_t i) {
-  if (in.dtype == Dtype::f32) {
-    const float* p = static_cast<const float*>(in.pos) + 3 * i;
-    return {p[0], p[1], p[2]};
-  }
-  const double* p = static_cast<const double*>(in.pos) + 3 * i;
-  return {p[0], p[1], p[2]};
+  return in.dtype == Dtype::f32 ? load_position(static_cast<const float*>(in.pos), i)
+                                : load_position(static_cast<const double*>(in.pos), i);
 }
 
 Mat3 load_cell(const Input& in, int64_t b) {
@@ -72,13 +68,9 @@ Mat3 load_cell(const Input& in, int64_t b) {
   return {{{c[0], c[1], c[2]}, {c[3], c[4], c[5]}, {c[6], c[7], c[8]}}};
 }
 
-// The distance an edge is returned with (sqrt(d2) rounded to the output dtype, held in a
-// double). Edges are ordered by it, so that the output is sorted by its own distance column
-// even where two mathematically equal distances (i -> i through +S and -S) differ in d2's last
-// bit; IEEE sqrt is correctly rounded, so CPU and CUDA agree.
 double edge_distance(double d2, Dtype dtype) {
-  double d = std::sqrt(d2);
-  return dtype == Dtype::f32 ? static_cast<double>(static_cast<float>(d)) : d;
+  return dtype == Dtype::f32 ? radius_graph::edge_distance<float>(d2)
+                             : radius_graph::edge_distance<double>(d2);
 }
 
 // Sorts one target's edges in expected linear time: a counting sort into as many buckets as

@@ -19,12 +19,6 @@ namespace {
 using jmp_ext::cuda::ceil_div;
 using jmp_ext::cuda::kBlock;
 
-template <class T>
-__device__ Vec3 load(const T* pos, int64_t i) {
-  return {static_cast<double>(pos[3 * i]), static_cast<double>(pos[3 * i + 1]),
-          static_cast<double>(pos[3 * i + 2])};
-}
-
 __device__ void flag(unsigned long long* errors, int slot, int64_t what) {
   atomicMin(errors + slot, static_cast<unsigned long long>(what));
 }
@@ -33,12 +27,6 @@ __device__ bool failed(const unsigned long long* errors) {
   for (int k = 0; k < kHopelessEdges; ++k)
     if (errors[k] != kNoError) return true;
   return false;
-}
-
-// Output distance of an edge, as on the CPU: sqrt in double, rounded to the output dtype.
-template <class T>
-__device__ double edge_distance(double d2) {
-  return static_cast<double>(static_cast<T>(sqrt(d2)));
 }
 
 // A block per system: basis, extent on open axes (block reduction), bins, search cost.
@@ -63,7 +51,7 @@ __global__ void frames_kernel(const T* pos, const int64_t* ptr, const double* ce
   if (!ok) return;
   for (int k = 0; k < 3; ++k) lo[k][threadIdx.x] = INFINITY, hi[k][threadIdx.x] = -INFINITY;
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-    Vec3 r = load(pos, i);
+    Vec3 r = load_position(pos, i);
     if (!is_finite(r)) {
       flag(errors, kNonFinitePosition, i);
       continue;
@@ -131,7 +119,7 @@ __global__ void place_kernel(const T* pos, int64_t n, const int64_t* batch, cons
   int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= n || failed(errors)) return;
   const Frame& frame = frames[batch[i]];
-  Placed p = place(frame, load(pos, i));
+  Placed p = place(frame, load_position(pos, i));
   placed[i] = p;
   atomicAdd(reinterpret_cast<unsigned long long*>(bin_start) +
                 bin_index(frame, p.bin[0], p.bin[1], p.bin[2]) + 1,

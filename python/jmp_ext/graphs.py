@@ -1,6 +1,6 @@
 """The four GemNet-OC graphs of JMP and their interaction indices, built on the fly from a batch.
 
-Read `build_graphs` top to bottom:
+`build_graphs` builds the a2a graph (step 1), `_graphs_from_a2a` the rest, in this order:
   1. a2a ("aint") graph: every neighbour within cutoff_a2a, at most k_a2a per target atom
      (jmp_ext.ops.radius_graph); edge dropout on it while training (JMP pretraining: p = 0.1).
   2. main, a2ee2a and qint are subselected from a2a: a distance filter where their cutoff is
@@ -303,9 +303,9 @@ def _batch_settings(batch: dict, config: GraphConfig | list[GraphConfig]) -> _Ba
 
 def graphs_from_a2a(batch: dict, a2a: dict, config: GraphConfig | list[GraphConfig], *,
                     edge_dropout: float | None = None, generator: torch.Generator | None = None) -> dict:
-    """Steps 1b-6 of the module docstring, given the a2a graph {"edge_index", "cell_offset"}
-    (e.g. JMP's own, in the parity tests) and optionally its "distance" [E]. See build_graphs for
-    `config` and the result."""
+    """Steps 2-6 of the module docstring (and step 1's edge dropout), given the a2a graph
+    {"edge_index", "cell_offset"} (e.g. JMP's own, in the parity tests) and optionally its
+    "distance" [E]. See build_graphs for `config` and the result."""
     return _graphs_from_a2a(batch, a2a, _batch_settings(batch, config), edge_dropout, generator)
 
 
@@ -433,12 +433,15 @@ def build_graphs(batch: dict, config: GraphConfig | list[GraphConfig], *, edge_d
     qint_tags).
     edge_dropout: probability of dropping each a2a edge (pass it only while training).
 
-    Returns {"num_atoms": N, "main", "a2ee2a", "qint", "a2a": {"edge_index" [2, E] int64,
-    "cell_offset" [E, 3] int32, "distance" [E], "vector" [E, 3]} (a2a and a2ee2a grouped by
-    target, a2ee2a with "target_neighbor_idx" [E]), "id_swap" [E_main], "trip_e2e", "trip_a2e", "trip_e2a" ({"in", "out",
-    "out_agg"} int32), "quad" (jmp_ext.ops.quadruplets' dict, int32), "quad_edges" [E_q] (see quad_edges),
-    "kmax": {"a2ee2a": int}}. Distances and
-    vectors are differentiable in batch["pos"] and batch["cell"]."""
+    Returns {"num_atoms": N,
+             "main", "a2ee2a", "qint", "a2a": {"edge_index" [2, E] int64, "cell_offset" [E, 3] int32,
+                 "distance" [E] Å, "vector" [E, 3]} (a2a and a2ee2a grouped by target, a2ee2a with
+                 "target_neighbor_idx" [E]),
+             "id_swap" [E_main],
+             "trip_e2e", "trip_a2e", "trip_e2a": {"in", "out", "out_agg"} int32,
+             "quad": jmp_ext.ops.quadruplets' dict (int32), "quad_edges" [E_q] (see quad_edges),
+             "kmax": {"a2ee2a": int}}.
+    Distances and vectors are differentiable in batch["pos"] and batch["cell"]."""
     check_batch(batch)
     if edge_dropout is not None and not 0.0 <= edge_dropout < 1.0:
         raise ValueError(f"edge_dropout must be in [0, 1), got {edge_dropout}")

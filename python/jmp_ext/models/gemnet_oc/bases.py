@@ -166,7 +166,7 @@ class Bases(nn.Module):
     """Raw bases of the four graphs and their shared projections (computed once per forward).
 
     forward(graphs) returns a dict (E = main edges, N = atoms):
-      rad_main [E, 128] raw main-graph RBF (input of the initial edge embedding)
+      rad_main [E, num_radial] raw main-graph RBF (input of the initial edge embedding)
       rbf_h, rbf_out [E, emb_size_rbf] for the atom update and output blocks
       e2e, a2e: {"rad" [E or E_a2ee2a, emb_size_rbf], "cir": (rad_W1 [E, cbf, 7], sph [T, 7], out_ptr [E+1])}
       qint: {"rad" [E, rbf], "cir" [T_in, cbf],

@@ -21,10 +21,8 @@ from jmp_ext import ops
 
 from jmp_ext.models.gemnet_oc.bases import EdgeEmbedding
 from jmp_ext.models.gemnet_oc.config import BackboneConfig
-from jmp_ext.models.gemnet_oc.layers import Dense, ResidualLayer, residual_stack
+from jmp_ext.models.gemnet_oc.layers import INV_SQRT_2, Dense, ResidualLayer, residual_stack
 from jmp_ext.models.gemnet_oc.scaling import ScaleFactor
-
-INV_SQRT_2 = 1 / math.sqrt(2.0)
 
 
 class EfficientInteractionBilinear(nn.Module):
@@ -95,7 +93,8 @@ class TripletInteraction(nn.Module):
 
     def forward(self, x_in, bases, idx, id_swap=None, expand_idx=None, agg2=None):
         """x_in [E or N, in]; bases {"rad" [E_in, rbf], "cir"}; idx {"in", ...} [T];
-        expand_idx [E_a]: source atom per a2ee2a edge (atom-to-edge); agg2 see the bilinear."""
+        expand_idx [E_a]: source atom per a2ee2a edge (atom-to-edge); agg2 see the bilinear.
+        Returns the messages [E_out, out] (atoms [N, out] for edge-to-atom, out = emb_size_out)."""
         x_ba = self.dense_ba(x_in)
         if expand_idx is not None:
             x_ba = ops.gather(x_ba, expand_idx)
@@ -126,7 +125,9 @@ class QuadrupletInteraction(nn.Module):
         self.up_projection_ac = Dense(emb_size_quad_out, emb_size_edge, True, dropout)
 
     def forward(self, m, bases, quad, id_swap):
-        """m [E, edge]; bases {"rad" [E, rbf], "cir" [T_in, cbf], "sph", "edges"}; quad: interaction indices."""
+        """m [E, edge]; bases {"rad" [E, rbf], "cir" [T_in, cbf], "sph", "edges"}; quad: interaction
+        indices. Returns the messages onto every main edge [E, edge] (zero before the up-projections
+        where an edge ends no quadruplet)."""
         x_db = self.dense_db(m)
         x_db = self.scale_rbf(x_db * self.mlp_rbf(bases["rad"]), ref=x_db)
         x_db = ops.gather(self.down_projection(x_db), quad["triplet_in"]["in"])  # [T_in, quad_in]
@@ -203,6 +204,8 @@ class InteractionBlock(nn.Module):
         self.residual_m = nn.ModuleList([ResidualLayer(Ed, p) for _ in range(c.num_concat)])
 
     def forward(self, h, m, bases, graphs):
+        """h [N, emb_size_atom], m [E, emb_size_edge] (main edges); bases: Bases' dict; graphs:
+        jmp_ext.graphs.build_graphs' dict. Returns the updated (h, m), same shapes."""
         num_atoms = h.shape[0]
         main, a2ee2a, id_swap = graphs["main"], graphs["a2ee2a"], graphs["id_swap"]
 

@@ -8,6 +8,9 @@ import math
 import torch
 from torch import nn
 
+# A sum of two unit-variance terms, scaled back to unit variance (GemNet's residual connections).
+INV_SQRT_2 = 1 / math.sqrt(2.0)
+
 
 @torch.no_grad()
 def he_orthogonal_init(weight: torch.Tensor) -> torch.Tensor:
@@ -81,7 +84,7 @@ class ResidualLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # dense_mlp's output is a fresh tensor that no backward reads: updated in place.
-        return self.dense_mlp(x).add_(x).mul_(1 / math.sqrt(2.0))
+        return self.dense_mlp(x).add_(x).mul_(INV_SQRT_2)
 
 
 def residual_stack(units_in: int, units: int, num_residual: int, dropout: float | None) -> nn.ModuleList:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from jmp_ext.models.gemnet_oc.interaction import INV_SQRT_2, AtomUpdateBlock
-from jmp_ext.models.gemnet_oc.layers import Dense, ResidualLayer, residual_stack
+from jmp_ext.models.gemnet_oc.interaction import AtomUpdateBlock
+from jmp_ext.models.gemnet_oc.layers import INV_SQRT_2, Dense, ResidualLayer, residual_stack
 from jmp_ext.models.gemnet_oc.scaling import ScaleFactor
 
 

@@ -180,6 +180,8 @@ class TaskConfig:
 
 @dataclass(kw_only=True)
 class ModelConfig:
+    """The network: backbone preset and changes, fine-tuning initialisation and freezing, dropout."""
+
     backbone: Literal["tiny", "jmp_s", "jmp_l"] = "tiny"
     """BackboneConfig preset; `backbone_overrides` changes single fields."""
     backbone_overrides: dict[str, Any] = field(default_factory=dict)
@@ -189,6 +191,7 @@ class ModelConfig:
     init_ema: bool = True
     """Take the EMA weights of init_checkpoint when it has them (JMP's default)."""
     freeze_embedding: bool = False
+    """Fine-tuning: keep the atom embedding at init_checkpoint's values."""
     freeze_blocks: list[int] = field(default_factory=list)
     """Indices i of blocks_i (int_blocks.i + out_blocks.i+1; out_blocks.0 goes with block 0) to freeze."""
     edge_dropout: float = 0.0
@@ -210,6 +213,8 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
+    """Batching and loading of the training and validation splits."""
+
     max_atoms: int = 0
     """Cap on atoms per global batch (0 = no cap); batches are balanced by atoms across ranks."""
     batch_size: int = 8
@@ -219,6 +224,7 @@ class DataConfig:
     temperature: float = 2.0
     """Temperature sampling over tasks, p_i ∝ N_i^(1/T) (JMP: 2; validation uses T=1)."""
     val_batch_size: int = 16
+    """Structures per batch for validation, test and eval (consecutive entries; ranks share the batches)."""
     in_memory: bool = False
     """Load each LMDB into memory at start (small datasets)."""
     num_workers: int = 0
@@ -232,9 +238,14 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class OptimConfig:
+    """AdamW with layer-wise learning-rate decay (LLRD) and gradient clipping."""
+
     lr: float = 3e-4
+    """Peak learning rate, reached after the warmup (JMP: 3e-4 pretraining, 8e-5 fine-tuning in its sweep)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW's (beta1, beta2) (JMP: 0.9, 0.95)."""
     weight_decay: float = 0.1
+    """AdamW's decoupled weight decay (JMP: 0.1)."""
     grad_clip_norm: float = 1.0
     """Clip the global gradient norm (JMP pretraining: 1.0; 0 = off)."""
     grad_clip_value: float = 0.0
@@ -262,6 +273,7 @@ class ScheduleConfig:
     """Unit of warmup and cosine (an epoch: the sampler's global batches that give every rank a
     structure)."""
     warmup: float = 0.0
+    """Length of the linear warmup from warmup_start_factor * lr to lr, in `unit`s."""
     warmup_start_factor: float = 0.2
     """lr factor at step 0 (JMP: 0.2 pretraining, 0.1 fine-tuning)."""
     cosine: float = 0.0
@@ -273,6 +285,7 @@ class ScheduleConfig:
     """After the cosine, multiply the lr by plateau_factor when the validation metric has not
     improved for this many validations (0 = off; JMP fine-tuning: 3, rMD17: 10)."""
     plateau_factor: float = 0.8
+    """lr multiplier of each reduce-on-plateau step (JMP: 0.8)."""
 
     def __post_init__(self) -> None:
         _check(self, "schedule", ">= 0", "warmup", "cosine", "plateau_patience")
@@ -282,6 +295,8 @@ class ScheduleConfig:
 
 @dataclass(kw_only=True)
 class LoopConfig:
+    """Length of the run, validation, checkpoints, logging, precision and compilation."""
+
     max_steps: int = 1000
     """Optimizer steps (the run stops earlier on max_epochs, early stopping or min_lr; 0 = no cap)."""
     max_epochs: float = 0.0
@@ -290,6 +305,7 @@ class LoopConfig:
     val_every: int = 200
     """Validate every this many steps (0 = once per epoch) and at the end."""
     log_every: int = 10
+    """Write the training loss and lr to metrics.csv and TensorBoard every this many steps."""
     ckpt_every: int = 200
     """Write last.pt every this many steps (and at the end)."""
     ema_decay: float = 0.0
@@ -327,12 +343,16 @@ class LoopConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
+    """A whole run: its tasks (datasets and targets) and the sections above. Built from a YAML
+    file, a preset and key=value overrides by build_config; saved as run_dir/config.yaml."""
+
     mode: Literal["pretrain", "finetune"] | None = None
     """pretrain or finetune; required (the config, a mode= override, the preset or the sub-command
     sets it): a default would silently pretrain a fine-tuning config, or refuse to resume it."""
     run_dir: str = "runs/run"
     """Checkpoints (last.pt, best.pt), config.yaml, metrics.csv, TensorBoard logs go here."""
     seed: int = 0
+    """Seeds the initial weights, the sampler's order and edge dropout."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto (cuda:LOCAL_RANK when available, else cpu), cpu or cuda."""
     threads: int = 0

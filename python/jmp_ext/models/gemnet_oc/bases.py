@@ -134,7 +134,7 @@ class EdgeEmbedding(nn.Module):
 
     def __init__(self, atom_features: int, edge_features: int, out_features: int, dropout: float | None = None):
         super().__init__()
-        self.dense = Dense(2 * atom_features + edge_features, out_features, True, dropout)
+        self.dense = Dense(2 * atom_features + edge_features, out_features, activation=True, dropout=dropout)
 
     def forward(self, h: torch.Tensor, m: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
         return self.dense(torch.cat([ops.gather(h, edge_index[0]), ops.gather(h, edge_index[1]), m], dim=-1))

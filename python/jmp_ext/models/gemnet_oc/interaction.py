@@ -81,15 +81,15 @@ class TripletInteraction(nn.Module):
                  emb_size_cbf, symmetric: bool, dropout=None):
         super().__init__()
         self.symmetric = symmetric
-        self.dense_ba = Dense(emb_size_in, emb_size_in, True, dropout)
+        self.dense_ba = Dense(emb_size_in, emb_size_in, activation=True, dropout=dropout)
         self.mlp_rbf = Dense(emb_size_rbf, emb_size_in)
         self.scale_rbf = ScaleFactor()
         self.mlp_cbf = EfficientInteractionBilinear(emb_size_trip_in, emb_size_cbf, emb_size_trip_out)
         self.scale_cbf_sum = ScaleFactor()
-        self.down_projection = Dense(emb_size_in, emb_size_trip_in, True, dropout)
-        self.up_projection_ca = Dense(emb_size_trip_out, emb_size_out, True, dropout)
+        self.down_projection = Dense(emb_size_in, emb_size_trip_in, activation=True, dropout=dropout)
+        self.up_projection_ca = Dense(emb_size_trip_out, emb_size_out, activation=True, dropout=dropout)
         if symmetric:
-            self.up_projection_ac = Dense(emb_size_trip_out, emb_size_out, True, dropout)
+            self.up_projection_ac = Dense(emb_size_trip_out, emb_size_out, activation=True, dropout=dropout)
 
     def forward(self, x_in, bases, idx, id_swap=None, expand_idx=None, agg2=None):
         """x_in [E or N, in]; bases {"rad" [E_in, rbf], "cir"}; idx {"in", ...} [T];
@@ -113,16 +113,16 @@ class QuadrupletInteraction(nn.Module):
     def __init__(self, emb_size_edge, emb_size_quad_in, emb_size_quad_out, emb_size_rbf, emb_size_cbf,
                  emb_size_sbf, dropout=None):
         super().__init__()
-        self.dense_db = Dense(emb_size_edge, emb_size_edge, True, dropout)
+        self.dense_db = Dense(emb_size_edge, emb_size_edge, activation=True, dropout=dropout)
         self.mlp_rbf = Dense(emb_size_rbf, emb_size_edge)
         self.scale_rbf = ScaleFactor()
         self.mlp_cbf = Dense(emb_size_cbf, emb_size_quad_in)
         self.scale_cbf = ScaleFactor()
         self.mlp_sbf = EfficientInteractionBilinear(emb_size_quad_in, emb_size_sbf, emb_size_quad_out)
         self.scale_sbf_sum = ScaleFactor()
-        self.down_projection = Dense(emb_size_edge, emb_size_quad_in, True, dropout)
-        self.up_projection_ca = Dense(emb_size_quad_out, emb_size_edge, True, dropout)
-        self.up_projection_ac = Dense(emb_size_quad_out, emb_size_edge, True, dropout)
+        self.down_projection = Dense(emb_size_edge, emb_size_quad_in, activation=True, dropout=dropout)
+        self.up_projection_ca = Dense(emb_size_quad_out, emb_size_edge, activation=True, dropout=dropout)
+        self.up_projection_ac = Dense(emb_size_quad_out, emb_size_edge, activation=True, dropout=dropout)
 
     def forward(self, m, bases, quad, id_swap):
         """m [E, edge]; bases {"rad" [E, rbf], "cir" [T_in, cbf], "sph", "edges"}; quad: interaction
@@ -145,8 +145,8 @@ class PairInteraction(nn.Module):
         super().__init__()
         self.bilinear = Dense(emb_size_rbf * emb_size_pair_in, emb_size_pair_out)
         self.scale_rbf_sum = ScaleFactor()
-        self.down_projection = Dense(emb_size_atom, emb_size_pair_in, True, dropout)
-        self.up_projection = Dense(emb_size_pair_out, emb_size_atom, True, dropout)
+        self.down_projection = Dense(emb_size_atom, emb_size_pair_in, activation=True, dropout=dropout)
+        self.up_projection = Dense(emb_size_pair_out, emb_size_atom, activation=True, dropout=dropout)
 
     def forward(self, h, rad, a2a):
         """h [N, A]; rad = (rad_W1 [E_a2a, rbf], ptr [N+1]: the a2a edges, grouped by target, of each atom)."""
@@ -186,7 +186,7 @@ class InteractionBlock(nn.Module):
         super().__init__()
         c, p = config, config.dropout
         A, Ed = c.emb_size_atom, c.emb_size_edge
-        self.dense_ca = Dense(Ed, Ed, True, p)
+        self.dense_ca = Dense(Ed, Ed, activation=True, dropout=p)
         self.trip_interaction = TripletInteraction(Ed, Ed, c.emb_size_trip_in, c.emb_size_trip_out, c.emb_size_rbf,
                                                    c.emb_size_cbf, symmetric=True, dropout=p)
         self.quad_interaction = QuadrupletInteraction(Ed, c.emb_size_quad_in, c.emb_size_quad_out, c.emb_size_rbf,

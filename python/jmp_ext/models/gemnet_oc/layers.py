@@ -61,7 +61,7 @@ class Dense(nn.Module):
     """x -> act(x @ W.T) [-> dropout]; never a bias in the backbone. Key: `<name>.linear.weight`.
     users: how many blocks share this projection (its gradient is divided: shared_weight)."""
 
-    def __init__(self, in_features: int, out_features: int, activation: bool = False,
+    def __init__(self, in_features: int, out_features: int, *, activation: bool = False,
                  dropout: float | None = None):
         super().__init__()
         self.linear = nn.Linear(in_features, out_features, bias=False)
@@ -80,7 +80,8 @@ class ResidualLayer(nn.Module):
 
     def __init__(self, units: int, dropout: float | None = None):
         super().__init__()
-        self.dense_mlp = nn.Sequential(Dense(units, units, True, dropout), Dense(units, units, True, dropout))
+        self.dense_mlp = nn.Sequential(Dense(units, units, activation=True, dropout=dropout),
+                                       Dense(units, units, activation=True, dropout=dropout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # dense_mlp's output is a fresh tensor that no backward reads: updated in place.
@@ -90,6 +91,6 @@ class ResidualLayer(nn.Module):
 def residual_stack(units_in: int, units: int, num_residual: int, dropout: float | None) -> nn.ModuleList:
     """[Dense(units_in -> units, act) if the sizes differ] + num_residual ResidualLayers
     (GemNet-OC's `get_mlp`, used by the atom update and output blocks)."""
-    layers = [Dense(units_in, units, True, dropout)] if units_in != units else []
+    layers = [Dense(units_in, units, activation=True, dropout=dropout)] if units_in != units else []
     layers += [ResidualLayer(units, dropout) for _ in range(num_residual)]
     return nn.ModuleList(layers)

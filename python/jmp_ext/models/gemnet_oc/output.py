@@ -53,7 +53,7 @@ class FinalMLP(nn.Module):
 
     def __init__(self, in_features: int, units: int, num_residual: int, dropout=None):
         super().__init__()
-        self.out_mlp = nn.Sequential(Dense(in_features, units, True, dropout),
+        self.out_mlp = nn.Sequential(Dense(in_features, units, activation=True, dropout=dropout),
                                      *[ResidualLayer(units, dropout) for _ in range(num_residual)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -20,12 +20,12 @@ class OutputBlock(AtomUpdateBlock):
     scale(MLP(m) * W rbf)."""
 
     def __init__(self, emb_size_atom, emb_size_edge, emb_size_rbf, num_hidden, num_hidden_afteratom,
-                 direct_forces: bool, dropout=None):
+                 force_branch: bool, dropout=None):
         super().__init__(emb_size_atom, emb_size_edge, emb_size_rbf, num_hidden, dropout)
         self.seq_energy_pre = self.layers
         self.seq_energy2 = residual_stack(emb_size_atom, emb_size_atom, num_hidden_afteratom, dropout)
-        self.direct_forces = direct_forces
-        if direct_forces:
+        self.force_branch = force_branch
+        if force_branch:
             self.scale_rbf_F = ScaleFactor()
             self.seq_forces = residual_stack(emb_size_edge, emb_size_edge, num_hidden, dropout)
             self.dense_rbf_F = Dense(emb_size_rbf, emb_size_edge)
@@ -39,7 +39,7 @@ class OutputBlock(AtomUpdateBlock):
         x_E = (x_E + h) * INV_SQRT_2
         for layer in self.seq_energy2:
             x_E = layer(x_E)
-        if not self.direct_forces:
+        if not self.force_branch:
             return x_E, None
         x_F = m
         for layer in self.seq_forces:

@@ -122,6 +122,25 @@ def test_a_sub_command_that_contradicts_the_config_is_an_error(tiny_data, tmp_pa
     assert "python -m jmp_ext.train demo key=value" in capsys.readouterr().err
 
 
+def test_pretraining_tasks_with_other_targets_are_a_message(tiny_data, tmp_path, capsys):
+    """The normalisers are looked up by task 0's target names: another task's names crashed
+    there with a bare StopIteration."""
+    raw = finetune_raw(tiny_data, tmp_path / "run")
+    mol = raw["tasks"][0]
+    box = {**mol, "name": "box", "train": str(tiny_data / "box" / "train")}
+    cases = [([{"name": "energy", "kind": "energy"}, {"name": "force", "kind": "forces"}],
+              "tasks.1 (box): every pretraining task names its targets as task 0 does ({'energy': 'energy', "
+              "'forces': 'forces'}), got {'energy': 'energy', 'forces': 'force'}"),
+             ([{"name": "energy", "kind": "energy"}],
+              "tasks.1 (box): pretraining tasks have exactly an energy and a forces target")]
+    for targets, message in cases:
+        path = tmp_path / "pre.yaml"
+        path.write_text(yaml.safe_dump({**raw, "mode": "pretrain", "tasks": [mol, {**box, "targets": targets}]}))
+        assert main(["pretrain", str(path)]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
 @pytest.mark.parametrize("name, text", [("notes.txt", "hello\n"), ("table.csv", "a,b\n1,2\n")])
 def test_predict_on_a_file_ase_cannot_read(checkpoint, tmp_path, capsys, name, text):
     (tmp_path / name).write_text(text)

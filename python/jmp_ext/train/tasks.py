@@ -75,6 +75,7 @@ def load_task_data(config: TrainConfig) -> list[TaskData]:
     label exists in every split."""
     from jmp_ext.data import load_stats
 
+    check_pretraining_targets(config)  # (before the datasets: a config error needs no data)
     out = []
     for i, task in enumerate(config.tasks):
         if not task.train:
@@ -249,6 +250,23 @@ def _target_scale(task: TaskConfig, target: TargetConfig, stats: dict, i: int) -
     return mean, torch.where(std > 0, std, torch.ones_like(std))
 
 
+def check_pretraining_targets(config: TrainConfig) -> None:
+    """JMP's pretraining heads: every task has an energy and a direct-force target, named as task
+    0's (a mixed batch's labels and normalisers are looked up by name). Nothing to check when
+    fine-tuning."""
+    if config.mode != "pretrain":
+        return
+    names = sorted((t.kind, t.name) for t in config.tasks[0].targets)
+    for i, task in enumerate(config.tasks):
+        own = sorted((t.kind, t.name) for t in task.targets)
+        if [kind for kind, _ in own] != ["energy", "forces"] or task.gradient_forces:
+            raise TrainError(f"tasks.{i} ({task.name}): pretraining tasks have exactly an energy and a forces "
+                             f"target with direct forces (JMP's heads), got {[kind for kind, _ in own]}, {task.forces}")
+        if own != names:
+            raise TrainError(f"tasks.{i} ({task.name}): every pretraining task names its targets as task 0 does "
+                             f"({dict(names)}), got {dict(own)}")
+
+
 def build_network(config: TrainConfig) -> nn.Module:
     """JMP's PretrainModel (per-task energy + direct-force heads) or FinetuneModel (one head per target)."""
     from jmp_ext.models import BackboneConfig
@@ -262,11 +280,7 @@ def build_network(config: TrainConfig) -> nn.Module:
     except ValueError as e:
         raise TrainError(f"model.backbone_overrides: {e}") from e
     if config.mode == "pretrain":
-        for i, task in enumerate(config.tasks):
-            kinds = sorted(t.kind for t in task.targets)
-            if kinds != ["energy", "forces"] or task.gradient_forces:
-                raise TrainError(f"tasks.{i} ({task.name}): pretraining tasks have exactly an energy and a "
-                                 f"forces target with direct forces (JMP's heads), got {kinds}, {task.forces}")
+        check_pretraining_targets(config)
         return PretrainModel(backbone, [t.name for t in config.tasks])
     (task,) = config.tasks
     heads = [HeadConfig(target=t.name, kind="classification" if t.kind == "classification" else "scalar",

@@ -456,6 +456,30 @@ def test_ase_build_layer_tags_are_kept_with_a_warning(tmp_path):
     assert LmdbDataset(tmp_path / "out2")[0]["tags"].tolist() == [0] * 8 + [1] * 4 + [2]
 
 
+def test_ase_build_layer_tags_of_a_two_layer_slab_are_told_by_height():
+    """Two layers give tags 2 (bottom), 1 (top), 0 (adsorbate): all valid OC20 tags, read as an
+    adsorbate under the surface and the adsorbate as sub-surface. The heights give them away."""
+    import warnings
+
+    from ase.build import add_adsorbate, fcc111
+
+    from jmp_ext.calculator import atoms_to_entry
+
+    slab = fcc111("Cu", (2, 2, 2), vacuum=6.0)
+    add_adsorbate(slab, "O", 1.5, "fcc")
+    assert slab.get_tags().tolist() == [2] * 4 + [1] * 4 + [0]
+    with pytest.warns(UserWarning, match=r"the atoms tagged 2 \(adsorbate\) all lie below those tagged 1 "
+                                         r"\(surface\): these tags look like ase.build's layer numbers.*set_tags"):
+        atoms_to_entry(slab)
+    t = slab.get_tags()
+    slab.set_tags(np.select([t == 1, t == 0], [1, 2], 0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        atoms_to_entry(slab)
+        slab.set_cell(slab.cell[[1, 0, 2]], scale_atoms=False)  # left-handed: the normal follows the third vector
+        atoms_to_entry(slab)
+
+
 def test_cli_convert(tmp_path, frames, capsys):
     ase.io.write(tmp_path / "in.extxyz", frames)
     assert main(["convert", str(tmp_path / "in.extxyz"), str(tmp_path / "out"), "--float32"]) == 0

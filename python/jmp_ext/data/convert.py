@@ -223,18 +223,29 @@ def oc20_tags(tags: np.ndarray) -> np.ndarray:
     return tags if tags.any() else np.full(tags.shape, 2, dtype=np.int64)
 
 
-def _warn_non_oc20_tags(tags: np.ndarray) -> None:
-    """Warns (at the caller of atoms_structure) about tags outside OC20's {0, 1, 2}, such as
-    ase.build's layer numbers (fcc111 etc.: 1 top, 2, 3, ...). They are kept as they are: the
-    user may mean them, but a layer 3 is neither surface nor adsorbate to the quadruplet graph."""
+def _warn_non_oc20_tags(tags: np.ndarray, positions: np.ndarray, cell: np.ndarray) -> None:
+    """Warns (at the caller of atoms_structure) about ase.build's layer numbers (fcc111 etc.: 1
+    top, 2, 3, ...; add_adsorbate's 0) where OC20 tags are meant: tags outside {0, 1, 2}, or, on
+    a two-layer slab, whose numbers are all valid OC20 tags, atoms tagged 2 (adsorbate) that all
+    lie below those tagged 1 (surface). The tags are kept as they are: the user may mean them."""
     other = np.setdiff1d(tags, [0, 1, 2])
     if other.size:
-        warnings.warn(f"tags {other.tolist()} are not OC20 tags (0 sub-surface, 1 surface, 2 adsorbate; "
-                      "GemNet-OC's quadruplet graph keeps only edges touching a 1 or a 2), and are "
-                      "used as they are. ase.build's slabs tag their layers 1 (top), 2, 3, ... and "
-                      "add_adsorbate tags the adsorbate 0: set OC20 tags first, for such a slab "
-                      "t = atoms.get_tags(); atoms.set_tags(np.select([t == 1, t == 0], [1, 2], 0))",
-                      stacklevel=3)
+        problem = f"tags {other.tolist()} are not OC20 tags"
+    elif (tags == 1).any() and (tags == 2).any():
+        # Heights along the surface normal, oriented towards the vacuum (the third lattice vector).
+        normal = np.cross(cell[0], cell[1])
+        normal = normal * np.sign(normal @ cell[2]) if normal @ cell[2] else np.array([0.0, 0.0, 1.0])
+        height = positions @ normal
+        if height[tags == 2].max() >= height[tags == 1].min():
+            return
+        problem = ("the atoms tagged 2 (adsorbate) all lie below those tagged 1 (surface): these tags look like "
+                   "ase.build's layer numbers, not OC20 tags")
+    else:
+        return
+    warnings.warn(f"{problem} (0 sub-surface, 1 surface, 2 adsorbate; GemNet-OC's quadruplet graph keeps only "
+                  "edges touching a 1 or a 2), and are used as they are. ase.build's slabs tag their layers 1 "
+                  "(top), 2, 3, ... and add_adsorbate tags the adsorbate 0: set OC20 tags first, for such a slab "
+                  "t = atoms.get_tags(); atoms.set_tags(np.select([t == 1, t == 0], [1, 2], 0))", stacklevel=3)
 
 
 def atoms_structure(atoms: Atoms) -> dict[str, np.ndarray]:
@@ -250,7 +261,7 @@ def atoms_structure(atoms: Atoms) -> dict[str, np.ndarray]:
         elif isinstance(constraint, FixCartesian):
             fixed_axes[constraint.index] |= constraint.mask
     tags = oc20_tags(atoms.get_tags())
-    _warn_non_oc20_tags(tags)
+    _warn_non_oc20_tags(tags, atoms.positions, atoms.cell.array)
     return {
         "pos": atoms.positions,
         "atomic_numbers": atoms.numbers,

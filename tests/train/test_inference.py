@@ -9,11 +9,13 @@ import pytest
 import torch
 import yaml
 from ase.build import molecule
+from ase.calculators.singlepoint import SinglePointCalculator
 from ase.md.verlet import VelocityVerlet
 from ase.optimize import BFGS
 from ase.units import fs
 
 from jmp_ext.calculator import JMPCalculator
+from jmp_ext.data import convert
 from jmp_ext.train import inference, loop, tasks
 from jmp_ext.train.__main__ import main
 from jmp_ext.train.config import build_config
@@ -173,9 +175,13 @@ def test_elements_outside_the_training_data_are_pointed_out(checkpoint, tmp_path
     thiol.calc = JMPCalculator(checkpoint)
     with pytest.warns(UserWarning, match=r"element\(s\) \[16\] are not in the training data of task 'mol'"):
         thiol.get_potential_energy()
+    thiol.calc = SinglePointCalculator(thiol, energy=-1.0, forces=np.zeros((len(thiol), 3)))
     ase.io.write(tmp_path / "thiol.extxyz", thiol)
     with pytest.warns(UserWarning, match=r"element\(s\) \[16\]"):
         assert main(["predict", str(checkpoint), str(tmp_path / "thiol.extxyz"), "--out", str(tmp_path / "p.npz")]) == 0
+    convert(tmp_path / "thiol.extxyz", tmp_path / "thiol")
+    with pytest.warns(UserWarning, match=r"element\(s\) \[16\] are not in the training data of task 'mol'"):
+        assert main(["eval", str(checkpoint), str(tmp_path / "thiol")]) == 0  # (it said nothing)
 
 
 def test_the_energy_is_extensive(checkpoint):
@@ -541,3 +547,9 @@ def test_periodic_structures_on_a_molecule_model_are_pointed_out(tiny_data, tmp_
     with pytest.warns(UserWarning, match=r"task 'mol' was trained on non-periodic graphs: these structures' periodic "
                                          r"boundary conditions are ignored"):
         crystal.get_potential_energy()
+    # eval too (it said nothing), once for the dataset rather than per batch
+    with pytest.warns(UserWarning) as caught:
+        assert main(["eval", str(tmp_path / "run" / "best.pt"), str(tiny_data / "box" / "val"), "--batch-size", "1"]) == 0
+    assert [str(w.message) for w in caught if "non-periodic" in str(w.message)] == [
+        "task 'mol' was trained on non-periodic graphs: these structures' periodic boundary conditions are ignored "
+        "(each is seen as an isolated cluster)"]

@@ -408,6 +408,28 @@ def test_wrong_architecture_checkpoint(tiny_data, tmp_path):
             loop.Trainer(cfg)
 
 
+def test_pretraining_says_how_it_samples_and_warns_of_periodic_data_on_molecule_graphs(tiny_data, tmp_path, capsys):
+    """The sampling probabilities were nowhere to be read; and a periodic task given a
+    molecule preset (ani1x) trained its crystals as isolated clusters without a word, where
+    predict and the calculator warn."""
+    import warnings
+
+    raw = pretrain_config(tiny_data, tmp_path / "pre")
+    raw["tasks"][0]["train"] = str(tiny_data / "mol" / "val")  # 4 structures, against box's 12
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        trainer = loop.Trainer(build_config(raw))
+        trainer.log.close()
+    p = 4 ** 0.5 / (4 ** 0.5 + 12 ** 0.5)  # p_i ∝ N_i^(1/T); the largest task once per epoch: 12 / (1 - p) draws
+    assert (f"temperature sampling (data.temperature=2), per epoch of {trainer.steps_per_epoch} steps: mol 4 "
+            f"structures, p {p:.3f}, {round(p * 12 / (1 - p))} drawn; box 12 structures, p {1 - p:.3f}, 12 drawn"
+            ) in capsys.readouterr().out
+    raw["tasks"][1]["graph"] = {"preset": "ani1x"}
+    with pytest.warns(UserWarning, match=r"tasks\.1 \(box\): its graphs are non-periodic \(graph preset 'ani1x'\), "
+                                         r"but its training data is periodic \(.*box/train entry 0\)"):
+        loop.Trainer(build_config(raw, [f"run_dir={tmp_path / 'pbc'}"])).log.close()
+
+
 def test_a_finetune_on_other_graphs_than_the_checkpoints_is_pointed_out(tiny_data, tmp_path, capsys):
     """The demo's checkpoint is at 5 Å / 8 neighbours; a fine-tune that leaves graph: out builds
     OC20's 12 Å / 30 and starts far from the pretrained weights (forces_cos -0.15 after 20 steps

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from jmp_ext.data.format import MAX_Z
 from jmp_ext.graphs import StructuresWithoutEdges
 from jmp_ext.models.checkpoint import is_training_checkpoint, run_weights, safe_load
 from jmp_ext.train import distributed, tasks
@@ -68,6 +69,23 @@ def key_mismatch(error: RuntimeError) -> str:
     return text if len(text) <= 600 else text[:600] + " ..."
 
 
+def warn_about_inputs(model: TaskModel, task: int, elements: torch.Tensor, periodic: bool, stacklevel: int = 2) -> None:
+    """Warns when structures with these `elements` (atomic numbers, int64 CPU) and `periodic`
+    (whether any has periodic boundary conditions) are outside what task index `task` was
+    trained on: periodic structures on non-periodic graphs (their pbc is ignored), or elements
+    its training data did not have (model.train_elements)."""
+    name = model.tasks[task].name
+    if periodic and not model.graph_configs[task].pbc:
+        warnings.warn(f"task {name!r} was trained on non-periodic graphs: these structures' periodic boundary "
+                      "conditions are ignored (each is seen as an isolated cluster)", stacklevel=stacklevel)
+    seen = getattr(model, "train_elements", None)
+    if seen is not None:
+        unknown = elements[~seen[task].cpu()[elements]].tolist()
+        if unknown:
+            warnings.warn(f"element(s) {unknown} are not in the training data of task {name!r}: the predictions "
+                          "for them extrapolate", stacklevel=stacklevel)
+
+
 def predict_structures(model: TaskModel, structures: list[dict], task: int,
                        derivatives: bool = True) -> dict[str, torch.Tensor]:
     """A trained model's predictions (load_trained) for `structures`, entries with the structure
@@ -77,17 +95,7 @@ def predict_structures(model: TaskModel, structures: list[dict], task: int,
     derivatives=False: without gradient forces and stress."""
     parameter = next(model.net.parameters())
     batch = collate_batch(structures, parameter.dtype, task)
-    graph = model.graph_configs[task]
-    if not graph.pbc and bool(batch["pbc"].any()):
-        warnings.warn(f"task {model.tasks[task].name!r} was trained on non-periodic graphs: these structures' "
-                      "periodic boundary conditions are ignored (each is seen as an isolated cluster)", stacklevel=2)
-    seen = getattr(model, "train_elements", None)
-    if seen is not None:
-        elements = batch["atomic_numbers"].unique()
-        unknown = elements[~seen[task].cpu()[elements]].tolist()
-        if unknown:
-            warnings.warn(f"element(s) {unknown} are not in the training data of task "
-                          f"{model.tasks[task].name!r}: the predictions for them extrapolate", stacklevel=2)
+    warn_about_inputs(model, task, batch["atomic_numbers"].unique(), bool(batch["pbc"].any()), stacklevel=3)
     batch = to_device(batch, parameter.device)
     with torch.no_grad():  # (gradient forces re-enable autograd inside the network)
         return model(batch, derivatives)
@@ -97,18 +105,28 @@ def predict_structures(model: TaskModel, structures: list[dict], task: int,
 def evaluate(model: TaskModel, datasets: list, batch_size: int, dtype: torch.dtype, device: torch.device,
              rank: int = 0, world_size: int = 1) -> dict[str, float]:
     """Metrics of `model` on datasets[t] (the split of task t, or None), all-reduced over ranks.
-    Batches are consecutive entries; rank r takes batches r, r + W, ... (no duplicates)."""
+    Batches are consecutive entries; rank r takes batches r, r + W, ... (no duplicates). Rank 0
+    warns, once per task, about its share's structures as predict_structures does."""
     model.eval()
     metrics = Metrics()
     batches = [(t, list(range(s, min(s + batch_size, len(ds))))) for t, ds in enumerate(datasets) if ds is not None
                for s in range(0, len(ds), batch_size)]
+    elements = torch.zeros(len(datasets), MAX_Z + 1, dtype=torch.bool)  # seen per task, and pbc
+    periodic = torch.zeros(len(datasets), dtype=torch.bool)
     with distributed.together():  # (a bad batch of one rank: every rank raises)
         for t, idx in batches[rank::world_size]:
             (batch,) = load_batches(datasets[t], [idx], dtype, task=t)
+            elements[t, batch["atomic_numbers"]] = True
+            periodic[t] |= batch["pbc"].any()
             batch = to_device(batch, device)
             try:
                 tasks.update_metrics(metrics, model, model(batch), batch)
             except StructuresWithoutEdges as e:
                 raise name_entries(e, batch, datasets[t]) from e
+    if rank == 0:
+        for t in range(len(datasets)):
+            if elements[t].any():
+                # (stacklevel: past no_grad's wrapper, to evaluate's caller)
+                warn_about_inputs(model, t, elements[t].nonzero()[:, 0], bool(periodic[t]), stacklevel=4)
     metrics.all_reduce()
     return metrics.compute()

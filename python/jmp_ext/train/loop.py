@@ -230,6 +230,18 @@ class Trainer:
         elif c.mode == "finetune" and not resumed:  # (a preset's init_checkpoint is empty until given)
             self.log.write("model.init_checkpoint is empty: fine-tuning a randomly initialised network, without "
                            "pre-training (give a released JMP checkpoint or a pre-training run's last.pt)")
+        if len(c.tasks) > 1 and not resumed:
+            sampler = self.sampler.sampler
+            self.log.write(f"temperature sampling (data.temperature={c.data.temperature:g}), per epoch of "
+                           f"{self.steps_per_epoch} steps: " + "; ".join(
+                               f"{task.name} {n} structures, p {p:.3f}, {k} drawn"
+                               for task, n, p, k in zip(c.tasks, sampler.sizes, sampler.probabilities, sampler.counts)))
+        for i, (task, graph) in enumerate(zip(c.tasks, self.model.graph_configs)):
+            if not graph.pbc and self.main and bool(self.data[i].train[0]["pbc"].any()):
+                warnings.warn(f"tasks.{i} ({task.name}): its graphs are non-periodic (graph preset "
+                              f"{(task.graph or c.graph).preset!r}), but its training data is periodic ({task.train} "
+                              "entry 0): periodic boundary conditions are ignored and each structure is seen as an "
+                              "isolated cluster; for periodic data choose a periodic graph preset", stacklevel=2)
         if self.limit == "max_epochs" and c.loop.max_steps > 0:  # (a preset's max_epochs caps a max_steps override)
             self.log.write(f"loop.max_epochs={c.loop.max_epochs:g} ({self.steps_per_epoch} steps each) ends the run at "
                            f"step {self.total_steps}, before loop.max_steps={c.loop.max_steps}; loop.max_epochs=0 "

@@ -75,7 +75,6 @@ def load_task_data(config: TrainConfig) -> list[TaskData]:
     label exists in every split."""
     from jmp_ext.data import load_stats
 
-    check_pretraining_targets(config)  # (before the datasets: a config error needs no data)
     out = []
     for i, task in enumerate(config.tasks):
         if not task.train:
@@ -109,6 +108,7 @@ def load_task_data(config: TrainConfig) -> list[TaskData]:
                                      f"{np.dtype(ds.schema[target.name]['dtype'])} in {ds.path}; per-element "
                                      "references (linref) are fitted on float labels")
         out.append(TaskData(task, splits["train"], splits["val"], splits["test"], load_stats(task.train)))
+    check_pretraining_targets(config)  # (before the normalisers, which look targets up by task 0's names)
     return out
 
 

@@ -621,6 +621,25 @@ def test_without_a_progress_bar_the_log_shows_steps_and_validations(tiny_data, t
     assert "(the best yet: saved best.pt)" in validations[0]
 
 
+def test_logged_training_figures_are_means_over_the_window(tiny_data, tmp_path):
+    """A logged loss was one batch's (15.6 -> 68.1 -> 16.3 -> 90.4 in a user's pretraining run),
+    and {task}/loss was missing whenever that batch had drawn no structure of the task. The
+    same run logged every step gives the steps' own values to compare with."""
+    def rows(name, log_every):
+        loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path / name, max_steps=4, log_every=log_every,
+                                                  val_every=0))).train()
+        with open(tmp_path / name / "metrics.csv", newline="") as f:
+            return {(int(r["step"]), r["name"]): float(r["value"]) for r in csv.DictReader(f) if r["split"] == "train"}
+
+    each, window = rows("each", 1), rows("window", 4)
+    for name in ("loss", "loss_energy", "loss_forces", "grad_norm"):
+        assert window[4, name] == pytest.approx(sum(each[k, name] for k in range(1, 5)) / 4, rel=1e-12), name
+    assert window[4, "lr"] == each[4, "lr"]
+    for task in ("mol", "box"):  # pooled over the window's structures: between the steps' own values
+        own = [each[k, f"{task}/loss"] for k in range(1, 5) if (k, f"{task}/loss") in each]
+        assert min(own) <= window[4, f"{task}/loss"] <= max(own) and len(set(own)) > 1, task
+
+
 def test_resume_without_a_checkpoint_says_it_starts_over(tiny_data, tmp_path):
     with pytest.warns(UserWarning, match=r"resume=true, but there is no .*nowhere/last.pt: starting a new run"):
         loop.Trainer(build_config({**pretrain_config(tiny_data, tmp_path / "nowhere"), "resume": True}))

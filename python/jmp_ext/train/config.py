@@ -305,7 +305,8 @@ class LoopConfig:
     val_every: int = 200
     """Validate every this many steps (0 = once per epoch) and at the end."""
     log_every: int = 10
-    """Write the training loss and lr to metrics.csv and TensorBoard every this many steps."""
+    """Write the training loss, its terms, each task's loss and the gradient norm (their means over
+    these steps) and the lr to metrics.csv and TensorBoard every this many steps."""
     ckpt_every: int = 200
     """Write last.pt every this many steps (and at the end)."""
     ema_decay: float = 0.0

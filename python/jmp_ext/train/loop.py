@@ -186,6 +186,7 @@ class Trainer:
             self.bad_validations = 0
             self.validated_step = -1  # the step of the last validation
             self.nan_streak = 0
+            self._window, self._window_steps = None, 0  # the training figures since the last log
             self.last_metrics: dict[str, float] = {}
             self.stop_signal = self.stop_requested = False  # a stop signal on this rank / on any rank
             if resumed:
@@ -399,31 +400,53 @@ class Trainer:
         self.nan_streak = 0
         lr = self.schedule.lr
         self.log.step(int(structures), int(atoms), loss=loss.item(), lr=lr)
+        self._add_to_window(parts, grad_norm, preds, batch)
         if (self.step + 1) % c.loop.log_every == 0:
-            values = distributed.all_reduce_sum(torch.stack([p.detach().double() for p in parts.values()]))
-            self.log.log(self.step + 1, "train", {"loss": values.sum().item() / self.dist.world_size, "lr": lr,
-                                                  "grad_norm": float(grad_norm),
-                                                  **{f"loss_{n}": v.item() / self.dist.world_size
-                                                     for n, v in zip(parts, values)},
-                                                  **(self._task_losses(preds, batch) if len(c.tasks) > 1 else {})})
+            self.log.log(self.step + 1, "train", {"lr": lr, **self._window_means()})
 
     @torch.no_grad()
-    def _task_losses(self, preds: dict, batch: dict) -> dict[str, float]:
-        """{task}/loss: each task's own training loss in this step's global batch (its structures'
-        terms over its own counts), what multi-domain pretraining is watched by."""
-        rows = []
-        for t in range(len(self.config.tasks)):
-            only = batch["task"] == t
-            terms = tasks.loss_terms(self.model, preds, batch, only)
-            rows.append(torch.stack([*(s.detach().double() for s, _ in terms.values()),
-                                     only.sum().double(), only[batch["batch"]].sum().double()]))
-        kinds = [kind for _, kind in terms.values()]
-        totals = distributed.all_reduce_sum(torch.stack(rows)).tolist()
-        out = {}
-        for task, row in zip(self.config.tasks, totals):
-            counts = {"structures": row[-2], "atoms": row[-1], "rank": self.dist.world_size}
-            if row[-2] > 0:  # (a task the batch did not sample has no loss this step)
-                out[f"{task.name}/loss"] = sum(s / counts[kind] for s, kind in zip(row, kinds))
+    def _add_to_window(self, parts: dict, grad_norm: torch.Tensor, preds: dict, batch: dict) -> None:
+        """Adds this step's figures to the logging window: the logged training values are means
+        over the steps since the last log (one batch is noisy, and a pretraining batch may lack a
+        task). Kept on the device, read at the log step only. Per task (pretraining): its terms
+        over its own structures / atoms, summed with those counts, [T, terms + 2]."""
+        values = torch.stack([*(p.detach().double() for p in parts.values()), grad_norm.detach().double()])
+        rows = None
+        if len(self.config.tasks) > 1:
+            rows = []
+            for t in range(len(self.config.tasks)):
+                only = batch["task"] == t
+                terms = tasks.loss_terms(self.model, preds, batch, only)
+                rows.append(torch.stack([*(s.detach().double() for s, _ in terms.values()),
+                                         only.sum().double(), only[batch["batch"]].sum().double()]))
+            rows = torch.stack(rows)
+            self._window_kinds = [kind for _, kind in terms.values()]
+        self._window_names = list(parts)
+        if self._window is None:
+            self._window = [values, rows]
+        else:
+            self._window[0] += values
+            if rows is not None:
+                self._window[1] += rows
+        self._window_steps += 1
+
+    def _window_means(self) -> dict[str, float]:
+        """The logging window's means over every rank (a collective), and a new window: loss, its
+        terms loss_{target}, grad_norm, and per task {task}/loss (a task that no batch of the
+        window sampled has none)."""
+        values, rows = self._window
+        steps, world = self._window_steps, self.dist.world_size
+        self._window, self._window_steps = None, 0
+        # Each rank's terms are its share's sums over the global counts times the number of
+        # ranks, and the gradient norm is every rank's: the sum over ranks is W times the value.
+        *terms, grad_norm = (distributed.all_reduce_sum(values) / (world * steps)).tolist()
+        out = {"loss": sum(terms), "grad_norm": grad_norm,
+               **{f"loss_{name}": term for name, term in zip(self._window_names, terms)}}
+        if rows is not None:
+            for task, row in zip(self.config.tasks, distributed.all_reduce_sum(rows).tolist()):
+                counts = {"structures": row[-2], "atoms": row[-1], "rank": world * steps}
+                if row[-2] > 0:
+                    out[f"{task.name}/loss"] = sum(s / counts[kind] for s, kind in zip(row, self._window_kinds))
         return out
 
     def _skip_step(self, what: str) -> None:

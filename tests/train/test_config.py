@@ -259,3 +259,15 @@ def test_task_gradient_forces(forces, kinds, expected):
             build_config({"mode": "pretrain", "tasks": [task], "loop": {"compile": True}})
     else:
         build_config({"mode": "pretrain", "tasks": [task], "loop": {"compile": True}})
+
+
+def test_the_readmes_configs_are_valid():
+    """The README's YAML examples are configs a user copies: each must build as it stands."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    blocks = [b.split("```")[0] for b in readme.split("```yaml\n")[1:]]
+    assert len(blocks) >= 3
+    for block in blocks:
+        config = build_config(yaml.safe_load(block))
+        assert config.tasks and config.mode in ("pretrain", "finetune"), block

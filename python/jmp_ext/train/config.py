@@ -187,7 +187,9 @@ class ModelConfig:
     backbone_overrides: dict[str, Any] = field(default_factory=dict)
     """BackboneConfig fields to change, e.g. {num_blocks: 3} (validated by BackboneConfig)."""
     init_checkpoint: str = ""
-    """Fine-tuning: a checkpoint (ours or JMP's) whose embedding + backbone initialise the model."""
+    """A checkpoint (ours or JMP's) whose embedding + backbone initialise the model: fine-tuning,
+    or a new pretraining run that starts from one (resume=true continues a run instead). The heads
+    always start new."""
     init_ema: bool = True
     """Take the EMA weights of init_checkpoint when it has them (JMP's default)."""
     freeze_embedding: bool = False

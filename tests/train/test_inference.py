@@ -278,6 +278,29 @@ def test_eval_and_predict_cli(checkpoint, tiny_data, tmp_path):
         assert pred["energy"][k] == pytest.approx(atoms.get_potential_energy(), rel=1e-10)
 
 
+def test_eval_reads_an_extxyz_as_convert_would(checkpoint, tmp_path, capsys):
+    """eval refused a file (convert it first) where predict took one: it converts it with
+    convert's default label keys, and says how to name another key."""
+    from ase.calculators.emt import EMT
+
+    images = [molecule(n) for n in ("CH3OH", "C2H6", "CH3CHO")]
+    for atoms in images:
+        atoms.calc = EMT()
+        atoms.get_forces()
+    ase.io.write(tmp_path / "labelled.extxyz", images)
+    convert(tmp_path / "labelled.extxyz", tmp_path / "labelled")
+    for source, out in ((tmp_path / "labelled.extxyz", "file.json"), (tmp_path / "labelled", "dir.json")):
+        assert main(["eval", str(checkpoint), str(source), "--out", str(tmp_path / out)]) == 0
+    assert json.loads((tmp_path / "file.json").read_text()) == json.loads((tmp_path / "dir.json").read_text())
+    ase.io.write(tmp_path / "unlabelled.extxyz", [molecule("CH3OH")])
+    capsys.readouterr()
+    with pytest.warns(UserWarning):  # (convert: no labels)
+        assert main(["eval", str(checkpoint), str(tmp_path / "unlabelled.extxyz")]) == 2
+    assert (f"target 'energy' of the checkpoint is not in {tmp_path / 'unlabelled.extxyz'} (it has: atomic_numbers, "
+            f"cell, fixed, pbc, pos, sid, tags); convert it with the label's key: python -m jmp_ext.data convert "
+            f"{tmp_path / 'unlabelled.extxyz'} OUT_DIR --energy-key KEY") in capsys.readouterr().err
+
+
 def test_predict_writes_extxyz_with_the_labels_kept(checkpoint, stress_checkpoint, tiny_data, tmp_path, capsys):
     """--out names the format: .npz or .extxyz/.xyz (the structures with predicted_* beside the
     input's own labels); any other name is refused (a .json got a zip under its name)."""

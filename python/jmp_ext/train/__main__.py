@@ -103,17 +103,39 @@ def demo(overrides: list[str], only_print: bool = False) -> dict:
 
 def evaluate_checkpoint(checkpoint: str, dataset: str, task: str | None, out: str | None,
                         batch_size: int, device: str) -> dict:
+    """Metrics of `checkpoint` on a dataset directory, or on a file (extxyz, ASE db, ...) that
+    is first converted, into a temporary directory, with convert's default label keys."""
+    import tempfile
+
+    from jmp_ext.data import convert
+
+    if not Path(dataset).is_file():
+        return _evaluate_dataset(checkpoint, dataset, dataset, task, out, batch_size, device)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            convert(dataset, Path(tmp) / "data")
+        except ValueError as e:  # (DataError: a frame convert cannot read)
+            raise TrainError(f"{dataset}: {e}") from e
+        return _evaluate_dataset(checkpoint, str(Path(tmp) / "data"), dataset, task, out, batch_size, device)
+
+
+def _evaluate_dataset(checkpoint: str, path: str, name: str, task: str | None, out: str | None,
+                      batch_size: int, device: str) -> dict:
+    """evaluate_checkpoint on the dataset directory `path`, which the user knows as `name`."""
     from jmp_ext.files import write_bytes_atomic
     from jmp_ext.train.inference import evaluate, load_trained, task_index
     from jmp_ext.train.tasks import open_dataset
 
     model, config = load_trained(checkpoint, device)
     t = task_index(config, task, "--task")
-    ds = open_dataset(dataset, "dataset", in_memory=False)
+    ds = open_dataset(path, "dataset", in_memory=False)
     for target in config.tasks[t].targets:
         if target.name not in ds.schema:
-            raise TrainError(f"target {target.name!r} of the checkpoint is not in {dataset} "
-                             f"(it has: {', '.join(sorted(ds.schema))})")
+            how = ("" if path == name else f"; convert it with the label's key: python -m jmp_ext.data convert "
+                   f"{name} OUT_DIR " + (f"--{target.kind}-key KEY" if target.kind in ("energy", "forces", "stress")
+                                         else f"--property {target.name}=KEY"))
+            raise TrainError(f"target {target.name!r} of the checkpoint is not in {name} "
+                             f"(it has: {', '.join(sorted(ds.schema))}){how}")
     datasets = [ds if i == t else None for i in range(len(config.tasks))]
     dtype = next(model.net.parameters()).dtype
     metrics = evaluate(model, datasets, batch_size, dtype, torch.device(device))
@@ -362,7 +384,9 @@ def run_command(argv: list[str]) -> int:
             epilog="Training: python -m jmp_ext.train --help.")
         parser.add_argument("checkpoint", metavar="CHECKPOINT", help="best.pt or last.pt of a run")
         parser.add_argument("data", metavar="DATASET" if is_eval else "INPUT",
-                            help="dataset directory" + ("" if is_eval else " or ASE-readable file"))
+                            help="dataset directory or ASE-readable file" + (
+                                " (converted with the default label keys of python -m jmp_ext.data convert)"
+                                if is_eval else ""))
         parser.add_argument("--task", default=None, help="task whose heads to use (needed when the checkpoint has several: pretraining)")
         parser.add_argument("--out", required=not is_eval, default=None,
                             help="metrics JSON file" if is_eval else "OUT.npz, OUT.extxyz or OUT.xyz")

@@ -60,7 +60,7 @@ def open_dataset(path: str, what: str, in_memory: bool):
     from jmp_ext.data import LmdbDataset
 
     if Path(path).is_file():
-        raise TrainError(f"{what}: {path} is a file; training and evaluation read jmp_ext datasets (LMDB "
+        raise TrainError(f"{what}: {path} is a file; training reads jmp_ext datasets (LMDB "
                          f"directories): convert it with `python -m jmp_ext.data convert {path} OUT_DIR`")
     if not Path(path).is_dir():
         raise TrainError(f"{what}: dataset directory {path} does not exist")

@@ -299,6 +299,18 @@ def test_eval_reads_an_extxyz_as_convert_would(checkpoint, tmp_path, capsys):
     assert (f"target 'energy' of the checkpoint is not in {tmp_path / 'unlabelled.extxyz'} (it has: atomic_numbers, "
             f"cell, fixed, pbc, pos, sid, tags); convert it with the label's key: python -m jmp_ext.data convert "
             f"{tmp_path / 'unlabelled.extxyz'} OUT_DIR --energy-key KEY") in capsys.readouterr().err
+    # Files convert cannot read: messages, not tracebacks (an OC20 .lmdb needs --allow-pickle, which eval has not)
+    (tmp_path / "s2ef.lmdb").write_bytes(b"\0" * 64)
+    (tmp_path / "notes.json").write_text('{"a": 1}')
+    (tmp_path / "broken.db").write_text("not sqlite")
+    for name, message in (("s2ef.lmdb", "is an LMDB file, as OC20's splits are: convert it first, `python -m "
+                                        "jmp_ext.data convert"),
+                          ("notes.json", "could not be read as a labelled structure file"),
+                          ("broken.db", "could not be read as a labelled structure file")):
+        assert main(["eval", str(checkpoint), str(tmp_path / name)]) == 2, name
+        assert message in capsys.readouterr().err, name
+    assert main(["eval", str(checkpoint), str(tmp_path / "labelled.extxyz"), "--task", "nope"]) == 2
+    assert "--task 'nope' is not a task of the checkpoint" in capsys.readouterr().err
 
 
 def test_predict_writes_extxyz_with_the_labels_kept(checkpoint, stress_checkpoint, tiny_data, tmp_path, capsys):

@@ -5,7 +5,7 @@ usage:
   python -m jmp_ext.train CONFIG.yaml [key=value ...]          the mode the config says
   python -m jmp_ext.train pretrain|finetune [CONFIG.yaml] [key=value ...]
   python -m jmp_ext.train ... --print-config                   the resolved config (YAML), no run
-  python -m jmp_ext.train eval CHECKPOINT DATASET [--task NAME] [--out metrics.json]
+  python -m jmp_ext.train eval CHECKPOINT DATASET_OR_FILE [--task NAME] [--out metrics.json]
   python -m jmp_ext.train predict CHECKPOINT INPUT --out predictions.npz|.extxyz [--task NAME]
   (eval --help, predict --help: all their options)
 
@@ -107,27 +107,35 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, task: str | None, out: st
     is first converted, into a temporary directory, with convert's default label keys."""
     import tempfile
 
-    from jmp_ext.data import convert
+    from jmp_ext.data.convert import convert, detect_format
+    from jmp_ext.train.inference import load_trained, task_index
 
+    model, config = load_trained(checkpoint, device)  # (before a conversion: a bad checkpoint or task costs none)
+    t = task_index(config, task, "--task")
     if not Path(dataset).is_file():
-        return _evaluate_dataset(checkpoint, dataset, dataset, task, out, batch_size, device)
+        return _evaluate_dataset(model, config, t, dataset, dataset, out, batch_size, device)
+    if detect_format(Path(dataset)) == "lmdb":
+        raise TrainError(f"{dataset} is an LMDB file, as OC20's splits are: convert it first, "
+                         f"`python -m jmp_ext.data convert {dataset} OUT_DIR --allow-pickle` (unpickling can run "
+                         "code: trusted files only), and evaluate OUT_DIR")
     with tempfile.TemporaryDirectory() as tmp:
         try:
             convert(dataset, Path(tmp) / "data")
-        except ValueError as e:  # (DataError: a frame convert cannot read)
-            raise TrainError(f"{dataset}: {e}") from e
-        return _evaluate_dataset(checkpoint, str(Path(tmp) / "data"), dataset, task, out, batch_size, device)
+        except Exception as e:  # (ASE's readers raise anything on a file that is not theirs)
+            raise TrainError(f"{dataset} could not be read as a labelled structure file ({type(e).__name__}: "
+                             f"{e}); give a dataset directory, or a file ASE reads: extxyz, traj, ASE db (.db), "
+                             "...") from e
+        return _evaluate_dataset(model, config, t, str(Path(tmp) / "data"), dataset, out, batch_size, device)
 
 
-def _evaluate_dataset(checkpoint: str, path: str, name: str, task: str | None, out: str | None,
-                      batch_size: int, device: str) -> dict:
-    """evaluate_checkpoint on the dataset directory `path`, which the user knows as `name`."""
+def _evaluate_dataset(model, config, t: int, path: str, name: str, out: str | None, batch_size: int,
+                      device: str) -> dict:
+    """Metrics of task t of a loaded checkpoint on the dataset directory `path`, which the user
+    knows as `name`."""
     from jmp_ext.files import write_bytes_atomic
-    from jmp_ext.train.inference import evaluate, load_trained, task_index
+    from jmp_ext.train.inference import evaluate
     from jmp_ext.train.tasks import open_dataset
 
-    model, config = load_trained(checkpoint, device)
-    t = task_index(config, task, "--task")
     ds = open_dataset(path, "dataset", in_memory=False)
     for target in config.tasks[t].targets:
         if target.name not in ds.schema:

@@ -123,10 +123,10 @@ def evaluate(model: TaskModel, datasets: list, batch_size: int, dtype: torch.dty
                 tasks.update_metrics(metrics, model, model(batch), batch)
             except StructuresWithoutEdges as e:
                 raise name_entries(e, batch, datasets[t]) from e
+    metrics.all_reduce()  # (before the warnings: one raised under -W error must not leave the others waiting)
     if rank == 0:
         for t in range(len(datasets)):
             if elements[t].any():
                 # (stacklevel: past no_grad's wrapper, to evaluate's caller)
                 warn_about_inputs(model, t, elements[t].nonzero()[:, 0], bool(periodic[t]), stacklevel=4)
-    metrics.all_reduce()
     return metrics.compute()

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -639,9 +640,44 @@ def test_logged_training_figures_are_means_over_the_window(tiny_data, tmp_path):
     for name in ("loss", "loss_energy", "loss_forces", "grad_norm"):
         assert window[4, name] == pytest.approx(sum(each[k, name] for k in range(1, 5)) / 4, rel=1e-12), name
     assert window[4, "lr"] == each[4, "lr"]
-    for task in ("mol", "box"):  # pooled over the window's structures: between the steps' own values
-        own = [each[k, f"{task}/loss"] for k in range(1, 5) if (k, f"{task}/loss") in each]
-        assert min(own) <= window[4, f"{task}/loss"] <= max(own) and len(set(own)) > 1, task
+    # Per task, pooled over the window's structures (every term of these runs is per structure:
+    # structure-wise force loss): the steps' own losses weighted by the task's structures in them.
+    trainer = loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path / "batches")))
+    trainer.log.close()
+    offsets = [0, *np.cumsum(trainer.train_set.sizes)]
+    for t, task in enumerate(("mol", "box")):
+        counts = [sum(offsets[t] <= i < offsets[t + 1] for i in batch) for batch in trainer.sampler.batches(0)[:4]]
+        own = {k: each[k, f"{task}/loss"] for k in range(1, 5) if (k, f"{task}/loss") in each}
+        assert [k for k in range(1, 5) if counts[k - 1]] == list(own) and len(set(own.values())) > 1, task
+        pooled = sum(counts[k - 1] * loss for k, loss in own.items()) / sum(counts)
+        assert window[4, f"{task}/loss"] == pytest.approx(pooled, rel=1e-12), task
+
+
+def test_a_run_resumed_between_two_logs_logs_the_same_means(tiny_data, tmp_path, monkeypatch):
+    """The logging window (log_every=3) outlives a stop after step 2: last.pt keeps its sums,
+    so the resumed run's step-3 means are the uninterrupted run's (they covered step 3 alone)."""
+    def train_rows(name):
+        with open(tmp_path / name / "metrics.csv", newline="") as f:
+            return {(r["step"], r["name"]): r["value"] for r in csv.DictReader(f) if r["split"] == "train"}
+
+    config = lambda name, *overrides: build_config(  # noqa: E731
+        pretrain_config(tiny_data, tmp_path / name, log_every=3, val_every=0), list(overrides))
+    loop.Trainer(config("full")).train()
+    original = loop.Trainer.train_step
+
+    def stopped_at_step_3(self, batch):
+        if self.step == 2:  # two steps done and in last.pt (ckpt_every=2), two of the window of three
+            raise KeyboardInterrupt
+        return original(self, batch)
+
+    monkeypatch.setattr(loop.Trainer, "train_step", stopped_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        loop.Trainer(config("stopped")).train()
+    monkeypatch.setattr(loop.Trainer, "train_step", original)
+    loop.Trainer(config("stopped", "resume=true")).train()
+    full, resumed = train_rows("full"), train_rows("stopped")
+    assert ("3", "loss") in full and ("3", "box/loss") in full
+    assert resumed == full
 
 
 def test_resume_without_a_checkpoint_says_it_starts_over(tiny_data, tmp_path):

@@ -572,11 +572,22 @@ class Trainer:
 
     def save_last(self) -> None:
         rngs = distributed.all_gather_object(rng_state())
+        window = self._window_totals()
         with distributed.together():
             if self.main:
-                self._write_last(rngs)
+                self._write_last(rngs, window)
 
-    def _write_last(self, rngs: list) -> None:
+    def _window_totals(self) -> dict | None:
+        """The logging window's sums over every rank (a collective), for last.pt: a run resumed
+        between two logs then logs the means of an uninterrupted one."""
+        if self._window is None:
+            return None
+        values, rows = self._window
+        return {"values": distributed.all_reduce_sum(values).cpu().clone(), "world_size": self.dist.world_size,
+                "rows": None if rows is None else distributed.all_reduce_sum(rows).cpu().clone(),
+                "steps": self._window_steps}
+
+    def _write_last(self, rngs: list, window: dict | None) -> None:
         save_checkpoint(self.run_dir / "last.pt", {
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
@@ -586,7 +597,7 @@ class Trainer:
             "force_scaler": self.force_scaler.state_dict() if self.force_scaler is not None else None,
             "loop": {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                      "best": self.best, "bad_validations": self.bad_validations, "nan_streak": self.nan_streak,
-                     "validated_step": self.validated_step},
+                     "validated_step": self.validated_step, "window": window},
             "rng": rngs,
             "config": to_dict(self.config),
             "metrics": self.last_metrics,
@@ -701,6 +712,15 @@ class Trainer:
                                               len(state["rng"]), self.dist.world_size)
         self.best, self.bad_validations, self.nan_streak = loop["best"], loop["bad_validations"], loop["nan_streak"]
         self.validated_step = loop["validated_step"]
+        if loop["window"] is not None:  # rank 0 holds the window's totals, the others none: their sum is kept
+            window = loop["window"]
+            # (its values are the sum over ranks of terms scaled by the number of ranks)
+            values = window["values"] * (self.dist.world_size / window["world_size"])
+            rows = window["rows"]
+            if self.dist.rank != 0:
+                values, rows = torch.zeros_like(values), None if rows is None else torch.zeros_like(rows)
+            self._window = [values.to(self.device), None if rows is None else rows.to(self.device)]
+            self._window_steps = window["steps"]
         self.last_metrics = state["metrics"]
         rngs = state["rng"]
         if len(rngs) != self.dist.world_size:

@@ -468,9 +468,13 @@ def test_ase_build_layer_tags_of_a_two_layer_slab_are_told_by_height():
     slab = fcc111("Cu", (2, 2, 2), vacuum=6.0)
     add_adsorbate(slab, "O", 1.5, "fcc")
     assert slab.get_tags().tolist() == [2] * 4 + [1] * 4 + [0]
-    with pytest.warns(UserWarning, match=r"the atoms tagged 2 \(adsorbate\) all lie below those tagged 1 "
-                                         r"\(surface\): these tags look like ase.build's layer numbers.*set_tags"):
+    with pytest.warns(UserWarning, match=r"the atoms tagged 2 \(adsorbate\) lie below those tagged 1 \(surface\), "
+                                         r"as many of them as of a layer: these tags look like ase.build's layer "
+                                         r"numbers.*set_tags"):
         atoms_to_entry(slab)
+    bare = fcc111("Cu", (2, 2, 2), vacuum=6.0, periodic=True)  # (no adsorbate: tags 2 and 1 alone)
+    with pytest.warns(UserWarning, match=r"these tags look like ase.build's layer numbers"):
+        atoms_to_entry(bare)
     t = slab.get_tags()
     slab.set_tags(np.select([t == 1, t == 0], [1, 2], 0))
     with warnings.catch_warnings():
@@ -478,6 +482,16 @@ def test_ase_build_layer_tags_of_a_two_layer_slab_are_told_by_height():
         atoms_to_entry(slab)
         slab.set_cell(slab.cell[[1, 0, 2]], scale_atoms=False)  # left-handed: the normal follows the third vector
         atoms_to_entry(slab)
+        # OC20 tags with as many adsorbate atoms as surface ones (an H on every top site), the
+        # adsorbate wrapped across the periodic c axis to the bottom of the cell: its nearest
+        # image is above the surface
+        covered = fcc111("Cu", (2, 2, 2), vacuum=6.0, periodic=True)
+        top = covered.get_tags() == 1
+        covered += Atoms("H4", positions=covered.positions[top] + [0.0, 0.0, 1.5])
+        covered.set_tags([0] * 4 + [1] * 4 + [2] * 4)
+        atoms_to_entry(covered)
+        covered.positions[-4:, 2] -= covered.cell[2, 2]
+        atoms_to_entry(covered)
 
 
 def test_cli_convert(tmp_path, frames, capsys):

@@ -223,23 +223,31 @@ def oc20_tags(tags: np.ndarray) -> np.ndarray:
     return tags if tags.any() else np.full(tags.shape, 2, dtype=np.int64)
 
 
-def _warn_non_oc20_tags(tags: np.ndarray, positions: np.ndarray, cell: np.ndarray) -> None:
+def _warn_non_oc20_tags(tags: np.ndarray, positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> None:
     """Warns (at the caller of atoms_structure) about ase.build's layer numbers (fcc111 etc.: 1
-    top, 2, 3, ...; add_adsorbate's 0) where OC20 tags are meant: tags outside {0, 1, 2}, or, on
-    a two-layer slab, whose numbers are all valid OC20 tags, atoms tagged 2 (adsorbate) that all
-    lie below those tagged 1 (surface). The tags are kept as they are: the user may mean them."""
+    top, 2, 3, ...; add_adsorbate's 0) where OC20 tags are meant: tags outside {0, 1, 2}, or the
+    two layers of a two-layer slab, whose numbers are all valid OC20 tags: as many atoms tagged 2
+    (adsorbate) as tagged 1 (surface), all below them. The tags are kept as they are: the user
+    may mean them."""
     other = np.setdiff1d(tags, [0, 1, 2])
     if other.size:
         problem = f"tags {other.tolist()} are not OC20 tags"
-    elif (tags == 1).any() and (tags == 2).any():
-        # Heights along the surface normal, oriented towards the vacuum (the third lattice vector).
+    elif (tags == 1).any() and (tags == 2).sum() == (tags == 1).sum():
+        # Heights along the surface normal (a x b, towards the third lattice vector; z without a
+        # cell), from the surface atoms, the nearest image when the cell repeats along it.
         normal = np.cross(cell[0], cell[1])
-        normal = normal * np.sign(normal @ cell[2]) if normal @ cell[2] else np.array([0.0, 0.0, 1.0])
-        height = positions @ normal
+        length = np.linalg.norm(normal)
+        normal = normal / length if length > 0 else np.array([0.0, 0.0, 1.0])
+        if normal @ cell[2] < 0:
+            normal = -normal
+        height = (positions - positions[tags == 1].mean(axis=0)) @ normal
+        period = cell[2] @ normal
+        if pbc[2] and period > 0:
+            height -= period * np.round(height / period)
         if height[tags == 2].max() >= height[tags == 1].min():
             return
-        problem = ("the atoms tagged 2 (adsorbate) all lie below those tagged 1 (surface): these tags look like "
-                   "ase.build's layer numbers, not OC20 tags")
+        problem = ("the atoms tagged 2 (adsorbate) lie below those tagged 1 (surface), as many of them as of a "
+                   "layer: these tags look like ase.build's layer numbers, not OC20 tags")
     else:
         return
     warnings.warn(f"{problem} (0 sub-surface, 1 surface, 2 adsorbate; GemNet-OC's quadruplet graph keeps only "
@@ -261,7 +269,7 @@ def atoms_structure(atoms: Atoms) -> dict[str, np.ndarray]:
         elif isinstance(constraint, FixCartesian):
             fixed_axes[constraint.index] |= constraint.mask
     tags = oc20_tags(atoms.get_tags())
-    _warn_non_oc20_tags(tags, atoms.positions, atoms.cell.array)
+    _warn_non_oc20_tags(tags, atoms.positions, atoms.cell.array, atoms.pbc)
     return {
         "pos": atoms.positions,
         "atomic_numbers": atoms.numbers,

@@ -44,7 +44,8 @@ def _check(obj: Any, section: str, rule: str, *names: str) -> None:
 # The dataset entries of a batch's structures (batches.BatchList adds them, to name entries in errors).
 ENTRY_KEY = "_entry"
 # Keys a collated batch holds beside the dataset's fields (collate's natoms and batch,
-# MultiDataset's dataset, the loop's task and entries): a label under one would be overwritten.
+# MultiDataset's dataset, batches.collate_batch's task and BatchList's entries): a label under one
+# would be overwritten.
 RESERVED_NAMES = ("natoms", "batch", "dataset", "task", ENTRY_KEY)
 
 

@@ -1,6 +1,6 @@
-"""model.init_checkpoint: a fine-tuning run's embedding and backbone from a pretrained
-checkpoint (a run's best.pt / last.pt, or a released JMP one), checked against this run's network
-and graphs."""
+"""model.init_checkpoint: a new run's embedding and backbone (fine-tuning, or pretraining that
+starts from one) from a pretrained checkpoint (a run's best.pt / last.pt, or a released JMP
+one), checked against this run's network and graphs."""
 
 from __future__ import annotations
 

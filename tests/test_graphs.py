@@ -347,3 +347,14 @@ def test_truncated_neighbors_counts_every_neighbour_like_ase():
                                                                          "qint": (most, 8)}
     assert G.truncated_neighbors(batch, G.GraphConfig.uniform(6.0, 293)) == {}
     assert G.truncated_neighbors(batch, G.GraphConfig.uniform(6.0, 292)) == {"qint": (most, 77)}
+    # A batch build_graphs takes without pbc (periodic along every axis) or without a cell (a
+    # cluster), as build_graphs reads it (a KeyError before)
+    no_pbc = {k: v for k, v in batch.items() if k != "pbc"}
+    assert G.truncated_neighbors(no_pbc, G.GraphConfig.uniform(6.0, 30)) == {"main": (most, 30), "a2ee2a": (most, 20),
+                                                                          "qint": (most, 8)}
+    no_cell = {k: v for k, v in no_pbc.items() if k != "cell"}
+    G.build_graphs(no_cell, G.GraphConfig.uniform(6.0, 30))
+    atoms.pbc = False
+    cluster = int(np.bincount(neighbor_list("i", atoms, 6.0)).max())
+    assert G.truncated_neighbors(no_cell, G.GraphConfig.uniform(6.0, 30)) == {"a2ee2a": (cluster, 20),
+                                                                           "qint": (cluster, 8)}

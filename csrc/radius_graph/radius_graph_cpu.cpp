@@ -22,6 +22,9 @@ void check_input(const Input& in) {
             "radius_graph: cutoff must be finite and > 0, got ", in.cutoff);
   JMP_CHECK(in.max_neighbors == -1 || in.max_neighbors > 0,
             "radius_graph: max_neighbors must be positive, got ", in.max_neighbors);
+  // (a NaN would compare false everywhere: every target over k neighbours would lose them all)
+  JMP_CHECK(in.tolerance < 0 || std::isfinite(in.tolerance),
+            "radius_graph: degeneracy_tolerance must be finite, got ", in.tolerance);
   JMP_CHECK(in.max_edges >= 0, "radius_graph: max_edges must be >= 0");
   JMP_CHECK(in.ptr[0] == 0 && in.ptr[in.num_systems] == in.num_atoms,
             "radius_graph: natoms must add up to the number of atoms ", in.num_atoms);

@@ -407,9 +407,13 @@ def truncated_neighbors(batch: dict, config: GraphConfig) -> dict[str, tuple[int
     tag filter, an upper bound."""
     check_batch(batch)
     pos, natoms = batch["pos"].detach(), batch["natoms"]
-    pbc = batch["pbc"] if config.pbc else torch.zeros(natoms.shape[0], 3, dtype=torch.bool, device=pos.device)
-    edge_index, _, distance = radius_graph(pos, config.cutoff_a2a, natoms=natoms,
-                                           cell=batch["cell"].detach().to(pos.dtype), pbc=pbc)
+    # (as build_graphs reads them: no cell, a molecule; no pbc, periodic along every axis)
+    periodic = config.pbc and "cell" in batch
+    pbc = torch.zeros(natoms.shape[0], 3, dtype=torch.bool, device=pos.device)
+    if periodic:
+        pbc = batch["pbc"] if "pbc" in batch else ~pbc
+    edge_index, _, distance = radius_graph(pos, config.cutoff_a2a, natoms=natoms, pbc=pbc,
+                                           cell=batch["cell"].detach().to(pos.dtype) if periodic else None)
     structure = _structure_index(natoms)
     out = {}
     for name, k in config.neighbors_per_structure(natoms).items():

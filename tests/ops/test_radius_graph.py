@@ -356,13 +356,14 @@ def test_max_neighbors_strict_matches_brute_force(seed, k):
     assert torch.bincount(ours[0][1], minlength=len(pos)).max() <= k
 
 
-@pytest.mark.parametrize("k", [2**61, 2**62, 2**63 - 1])
+@pytest.mark.parametrize("k", [2**61, 2**62, 2**63 - 1, 2**63, 2**70])
 def test_max_neighbors_larger_than_any_degree_is_no_cap(k):
+    """(k and max_edges beyond int64 were a pybind TypeError: "incompatible function arguments")"""
     systems, cutoff = _random_batch(0)
     pos, natoms, cell, pbc = _batch_tensors(systems, torch.float64)
     for n in (2, 3, len(pos)):  # (the reserve estimate k * atoms once overflowed)
         uncapped = radius_graph(pos[:n], cutoff, cell=cell[:1], pbc=pbc[:1])
-        capped = radius_graph(pos[:n], cutoff, cell=cell[:1], pbc=pbc[:1], max_neighbors=k)
+        capped = radius_graph(pos[:n], cutoff, cell=cell[:1], pbc=pbc[:1], max_neighbors=k, max_edges=k)
         for a, b in zip(capped, uncapped):
             assert torch.equal(a, b)
 
@@ -614,16 +615,19 @@ def test_the_registered_op_checks_its_inputs():
     assert torch.equal(op(pos, 3.0, ptr, cell[None], pbc, -1, -1.0, 2**28)[0], radius_graph(pos, 3.0, cell=cell)[0])
 
 
-@pytest.mark.parametrize("cutoff, ptr, k, max_edges, message", [
-    (0.0, [0, 4], -1, 2**28, r"cutoff must be finite and > 0, got 0"),
-    (math.nan, [0, 4], -1, 2**28, r"cutoff must be finite and > 0, got nan"),
-    (3.0, [1, 5], -1, 2**28, r"natoms must add up to the number of atoms 4"),
-    (3.0, [0, 3], -1, 2**28, r"natoms must add up to the number of atoms 4"),
-    (3.0, [0, 3, 2, 4], -1, 2**28, r"natoms\[1\] is negative"),
-    (3.0, [0, 4], 0, 2**28, r"max_neighbors must be positive, got 0"),
-    (3.0, [0, 4], -1, -1, r"max_edges must be >= 0"),
+@pytest.mark.parametrize("cutoff, ptr, k, tolerance, max_edges, message", [
+    (0.0, [0, 4], -1, -1.0, 2**28, r"cutoff must be finite and > 0, got 0"),
+    (math.nan, [0, 4], -1, -1.0, 2**28, r"cutoff must be finite and > 0, got nan"),
+    (3.0, [1, 5], -1, -1.0, 2**28, r"natoms must add up to the number of atoms 4"),
+    (3.0, [0, 3], -1, -1.0, 2**28, r"natoms must add up to the number of atoms 4"),
+    (3.0, [0, 3, 2, 4], -1, -1.0, 2**28, r"natoms\[1\] is negative"),
+    (3.0, [0, 4], 0, -1.0, 2**28, r"max_neighbors must be positive, got 0"),
+    (3.0, [0, 4], -1, -1.0, -1, r"max_edges must be >= 0"),
+    # (a NaN tolerance took every edge of a target with more than k neighbours, silently)
+    (3.0, [0, 4], 2, math.nan, 2**28, r"degeneracy_tolerance must be finite, got nan"),
+    (3.0, [0, 4], 2, math.inf, 2**28, r"degeneracy_tolerance must be finite, got inf"),
 ])
-def test_the_op_checks_sizes_and_scalars_before_choosing_a_backend(cutoff, ptr, k, max_edges, message):
+def test_the_op_checks_sizes_and_scalars_before_choosing_a_backend(cutoff, ptr, k, tolerance, max_edges, message):
     """The CUDA kernels trust ptr, the cutoff and k (a ptr of [1, N + 1] was read, and its bins
     written, past their ends; a zero cutoff gave an empty graph): the op checks them on the host
     for every device. A meta tensor, which no backend runs, shows it (a valid call reaches the
@@ -636,7 +640,7 @@ def test_the_op_checks_sizes_and_scalars_before_choosing_a_backend(cutoff, ptr, 
         cell = (5 * torch.eye(3, dtype=torch.float64, device=device)).expand(num_systems, 3, 3)
         pbc = torch.ones(num_systems, 3, dtype=torch.bool, device=device)
         with pytest.raises(ValueError, match=message):
-            _radius_graph_impl(pos, cutoff, torch.tensor(ptr), cell, pbc, k, -1.0, max_edges)
+            _radius_graph_impl(pos, cutoff, torch.tensor(ptr), cell, pbc, k, tolerance, max_edges)
     pos = torch.zeros(4, 3, dtype=torch.float64, device="meta")
     with pytest.raises(ValueError, match="runs on CPU or CUDA tensors, got meta"):
         _radius_graph_impl(pos, 3.0, torch.tensor([0, 4]), torch.zeros(1, 3, 3, dtype=torch.float64, device="meta"),

@@ -122,6 +122,9 @@ def _check_cell_pbc(cell, pbc, num_systems: int, pos: Tensor) -> tuple[Tensor, T
     return cell, pbc
 
 
+INT64_MAX = 2**63 - 1
+
+
 def _check_cap(max_neighbors, tolerance, max_edges) -> tuple[int, float, int]:
     """Kernel encodings: max_neighbors -1 (none) or k > 0, tolerance -1 (strict) or >= 0."""
     if max_neighbors is not None and (
@@ -137,8 +140,9 @@ def _check_cap(max_neighbors, tolerance, max_edges) -> tuple[int, float, int]:
             )
     if isinstance(max_edges, bool) or not isinstance(max_edges, int) or max_edges < 0:
         raise ValueError(f"radius_graph: max_edges must be an int >= 0, got {max_edges!r}")
-    k = -1 if max_neighbors is None else max_neighbors
-    return k, (-1.0 if tolerance is None else float(tolerance)), max_edges
+    # (the kernels take int64: a larger cap is no cap, as 2**63 - 1 is)
+    k = -1 if max_neighbors is None else min(max_neighbors, INT64_MAX)
+    return k, (-1.0 if tolerance is None else float(tolerance)), min(max_edges, INT64_MAX)
 
 
 # ---- the custom op (no autograd: it finds pairs; edge_vectors differentiates) ----
@@ -283,7 +287,8 @@ def _radius_graph_impl(
     cell, pbc = _check_cell_pbc(cell, pbc, ptr_.numel() - 1, pos)
     ptr_ = ptr_.to("cpu", torch.int64).contiguous()
     # The sizes and scalars, here for both backends: the CUDA kernels would trust them.
-    _C.radius_graph_check_input(pos.shape[0], ptr_.data_ptr(), ptr_.numel() - 1, cutoff, max_neighbors, max_edges)
+    _C.radius_graph_check_input(pos.shape[0], ptr_.data_ptr(), ptr_.numel() - 1, cutoff, max_neighbors, tolerance,
+                                max_edges)
     args = (
         pos.contiguous(),
         cutoff,

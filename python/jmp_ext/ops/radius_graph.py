@@ -391,7 +391,10 @@ def radius_graph(
     Returns:
         edge_index [2, E] int64 (row 0 source j, row 1 target i), cell_offsets [E, 3] int32
         (lattice shift S of the source image), distance [E] in pos's dtype (Angstrom;
-        differentiable with respect to pos and cell when they require grad).
+        differentiable with respect to pos and cell when they require grad: then recomputed
+        from the positions as given, which in float32 can differ from the kernel's in the last
+        bits and so leave near-ties of a target out of order in this column; the edges are
+        the same, in the same order).
     """
     _check_pos(pos)
     cutoff = _check_cutoff(cutoff)

@@ -249,15 +249,16 @@ def test_bad_batches_raise_clear_errors():
     # A periodic cell in nm rather than Å: refused before a graph of minutes and gigabytes.
     slab = fixture_batch(load("oc20_slab.pt"), torch.float64)
     G.check_batch(slab)
-    with pytest.raises(ValueError, match=r"structure 0 packs \d+ atom\(s\) into a periodic cell of .* Å\^3 "
-                                         r"\(.* atoms/Å\^3; the densest solids hold ~0.2\): cells are in Å"):
+    with pytest.raises(G.BatchStructureError, match=r"structure\(s\) \[0\] of the batch: \d+ atom\(s\) in a periodic cell "
+                                                  r"of .* Å\^3 \(the densest solids hold ~0.2 atoms/Å\^3\): cells are "
+                                                  r"in Å"):
         G.check_batch(dict(slab, cell=slab["cell"] * 0.1))
     # A structure whose atoms are all beyond the cutoff of each other has no edge.
     far = dict(batch, pos=batch["pos"] * torch.where(batch["batch"] == 1, 100.0, 1.0)[:, None])
     keep = case["graphs"]["a2a"]["edge_index"][1] < 9
     a2a_far = {"edge_index": case["graphs"]["a2a"]["edge_index"][:, keep],
                "cell_offset": case["graphs"]["a2a"]["cell_offset"][keep]}
-    with pytest.raises(ValueError, match="structure\\(s\\) \\[1\\] of the batch have no edge"):
+    with pytest.raises(ValueError, match="structure\\(s\\) \\[1\\] of the batch: no pair of atoms within cutoff_main"):
         G.graphs_from_a2a(far, a2a_far, config)
 
 

@@ -36,22 +36,29 @@ from jmp_ext import ops
 from jmp_ext.ops.radius_graph import radius_graph
 
 GRAPH_NAMES = ("main", "a2ee2a", "qint", "a2a")
-# Atoms per Å^3 above which a periodic structure cannot be matter (diamond 0.18, lithium 0.05):
-# about 5x the densest solid, so compressed phases pass and a cell in nm (1000x) does not.
-MAX_ATOMS_PER_A3 = 1.0
 # Neighbours per target relative to the main graph's k (JMP's MaxNeighbors.from_goc_base_proportions).
 K_PROPORTIONS = {"main": 30, "a2ee2a": 20, "qint": 8, "a2a": 1000}
 
 
-class StructuresWithoutEdges(ValueError):
-    """Structures of a batch (their positions in it, `structures`) without a pair of atoms
-    within the main cutoff: GemNet-OC has nothing to pass messages along. The trainer names the
-    dataset entries they are."""
+class BatchStructureError(ValueError):
+    """Structures of a batch (their positions in it, `structures`) that the graphs cannot be
+    built for, and why (`problem`): the trainer, eval and predict name the dataset entries or
+    input structures they are."""
+
+    def __init__(self, structures: list[int], problem: str):
+        super().__init__(f"structure(s) {structures} of the batch: {problem}")
+        self.structures, self.problem = structures, problem
+
+
+class StructuresWithoutEdges(BatchStructureError):
+    """Structures without a pair of atoms within the main cutoff: GemNet-OC has nothing to pass
+    messages along."""
 
     def __init__(self, structures: list[int], cutoff):
-        super().__init__(f"structure(s) {structures} of the batch have no edge within cutoff_main={cutoff} Å: "
-                         "GemNet-OC needs at least one neighbour pair")
-        self.structures, self.cutoff = structures, cutoff
+        super().__init__(structures, f"no pair of atoms within cutoff_main={cutoff} Å, which GemNet-OC needs (an "
+                                     "isolated atom, or atoms all farther apart): remove such entries, or raise "
+                                     "the cutoff")
+        self.cutoff = cutoff
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -155,13 +162,16 @@ def check_batch(batch: dict) -> None:
     if "cell" in batch and "pbc" in batch:
         # A cell in the wrong unit (nm, or a scaled cell) packs thousands of images of each atom
         # into the cutoff sphere: the graph would take minutes and gigabytes before failing.
-        density = natoms / torch.linalg.det(batch["cell"].double()).abs()
-        dense = batch["pbc"].all(dim=1) & (density > MAX_ATOMS_PER_A3)
+        # (Imported here: jmp_ext.data's package brings ASE, which the graphs do not need.)
+        from jmp_ext.data.format import MAX_ATOMS_PER_A3
+
+        volume = torch.linalg.det(batch["cell"].double()).abs()
+        dense = batch["pbc"].all(dim=1) & (volume * MAX_ATOMS_PER_A3 < natoms)
         if dense.any():
             b = int(dense.nonzero()[0])
-            raise ValueError(f"structure {b} packs {int(natoms[b])} atom(s) into a periodic cell of "
-                             f"{float(natoms[b] / density[b]):.3g} Å^3 ({float(density[b]):.3g} atoms/Å^3; the "
-                             "densest solids hold ~0.2): cells are in Å, rows are lattice vectors")
+            raise BatchStructureError([b], f"{int(natoms[b])} atom(s) in a periodic cell of {float(volume[b]):.3g} "
+                                           "Å^3 (the densest solids hold ~0.2 atoms/Å^3): cells are in Å, their rows "
+                                           "are lattice vectors, and those must not be coplanar")
 
 
 def _structure_index(natoms: Tensor) -> Tensor:

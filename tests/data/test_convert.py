@@ -706,6 +706,24 @@ def test_structures_a_model_cannot_use_are_refused(tmp_path, frames):
     with pytest.raises(DataError, match=r"structure 0: periodic along axis \[0, 1, 2\] .* but its lattice vector "
                                         r"is zero"):
         convert(tmp_path / "flat.extxyz", tmp_path / "flat")
+    # A lattice in nm (frame 2 of 3) and coplanar lattice vectors: refused here, where they
+    # converted and failed only in training, naming a structure of the batch there
+    from ase.build import bulk
+
+    from jmp_ext.calculator import atoms_to_entry
+
+    crystals = [bulk("Cu", "fcc", a=3.61) for _ in range(3)]
+    for k, atoms in enumerate(crystals):
+        atoms.info["energy"] = -3.0 - k
+    crystals[2].set_cell(crystals[2].cell / 10, scale_atoms=True)
+    ase.io.write(tmp_path / "nm.extxyz", crystals)
+    with pytest.raises(DataError, match=r"structure 2: 1 atom\(s\) in a periodic cell of 0.0118 Å\^3 \(the densest "
+                                        r"solids hold ~0.2 atoms/Å\^3\): cells are in Å"):
+        convert(tmp_path / "nm.extxyz", tmp_path / "nm")
+    coplanar = Atoms("Cu2", positions=[[0, 0, 0], [1.2, 1.2, 0]], cell=[[2, 0, 0], [0, 2, 0], [2, 2, 0]], pbc=True)
+    with pytest.raises(DataError, match=r"in a periodic cell of 0 Å\^3 .* must not be coplanar"):
+        atoms_to_entry(coplanar)
+    assert atoms_to_entry(crystals[0])["pos"].shape == (1, 3)  # (0.085 atoms/Å^3)
     for k, atoms in enumerate(frames):  # (REF_stress comes first; entry 1's is not symmetric)
         atoms.info["REF_stress"] = np.arange(9.0) * 0.01 if k == 1 else atoms.get_stress(voigt=False).reshape(-1)
     ase.io.write(tmp_path / "asym.extxyz", frames)

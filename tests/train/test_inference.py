@@ -380,7 +380,7 @@ def test_predict_names_a_structure_without_edges_by_its_place_in_the_input(check
     ase.io.write(tmp_path / "in.extxyz", images)
     assert main(["predict", str(checkpoint), str(tmp_path / "in.extxyz"), "--out", str(tmp_path / "p.npz"),
                  "--batch-size", "2"]) == 2
-    assert ("input structure(s) [3] (0-based, in the input's order) have no pair of atoms within cutoff_main=4.0 Å"
+    assert ("input structure(s) [3] (0-based, in the input's order): no pair of atoms within cutoff_main=4.0 Å"
             in capsys.readouterr().err)
 
 

@@ -72,6 +72,9 @@ _FIXED_SHAPES = {"cell": (3, 3), "pbc": (3,), "stress": (3, 3), "energy": (), "s
 _INT_FIELDS = {"atomic_numbers", "tags", "sid", "fid"}
 _BOOL_FIELDS = {"pbc", "fixed"}
 MAX_Z = 118
+# Atoms per Å^3 above which a periodic structure cannot be matter (diamond 0.18, lithium 0.05):
+# about 5x the densest solid, so compressed phases pass and a cell in nm (1000x) does not.
+MAX_ATOMS_PER_A3 = 1.0
 
 
 class DataError(ValueError):
@@ -249,6 +252,14 @@ def validate_entry(entry: dict[str, np.ndarray], where: str) -> int:
         raise DataError(f"{where}: periodic along axis {flat} (pbc {entry['pbc'].tolist()}) but its lattice "
                         f"vector is zero: a periodic structure needs its cell (extxyz: Lattice=...), a molecule "
                         f"pbc False")
+    if entry["pbc"].all():
+        # (a cell in nm, or scaled, packs thousands of images of each atom into the cutoff sphere;
+        # coplanar lattice vectors have no volume at all)
+        volume = abs(float(np.linalg.det(entry["cell"].astype(np.float64))))
+        if volume * MAX_ATOMS_PER_A3 < n:
+            raise DataError(f"{where}: {n} atom(s) in a periodic cell of {volume:.3g} Å^3 (the densest solids hold "
+                            f"~0.2 atoms/Å^3): cells are in Å, their rows are lattice vectors, and those must not "
+                            f"be coplanar")
     if "stress" in entry and not _nearly_symmetric(entry["stress"]):
         raise DataError(f"{where}: stress is not symmetric ({entry['stress'].tolist()}): a stress "
                         "tensor is (asymmetry within 1e-4 of its largest component is symmetrised; "

@@ -170,7 +170,7 @@ def predict(checkpoint: str, source: str, out: str, task: str | None, batch_size
       per-atom ones (forces) as columns.
     Returns the npz arrays."""
     from jmp_ext.files import write_bytes_atomic
-    from jmp_ext.graphs import StructuresWithoutEdges
+    from jmp_ext.graphs import BatchStructureError
     from jmp_ext.train.inference import load_trained, predict_structures, task_index
     from jmp_ext.train.tasks import open_dataset
 
@@ -195,11 +195,10 @@ def predict(checkpoint: str, source: str, out: str, task: str | None, batch_size
     def run_batch() -> None:
         try:
             preds = predict_structures(model, pending, t)
-        except StructuresWithoutEdges as e:
+        except BatchStructureError as e:
             first = count - len(pending)
             raise TrainError(f"input structure(s) {[first + s for s in e.structures]} (0-based, in the input's "
-                             f"order) have no pair of atoms within cutoff_main={e.cutoff} Å, which GemNet-OC "
-                             "needs (an isolated atom, or atoms all farther apart): leave them out") from e
+                             f"order): {e.problem}") from e
         outputs["natoms"].append(np.array([len(e["atomic_numbers"]) for e in pending], dtype=np.int64))
         for name, value in preds.items():
             outputs.setdefault(name, []).append(value.detach().double().cpu().numpy())

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from jmp_ext.data.collate import collate
-from jmp_ext.graphs import StructuresWithoutEdges
+from jmp_ext.graphs import BatchStructureError
 from jmp_ext.train.config import ENTRY_KEY
 from jmp_ext.train.tasks import TrainError
 
@@ -64,10 +64,9 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def name_entries(error: Exception, batch: dict, dataset) -> Exception:
-    """A StructuresWithoutEdges error of a batch loaded by load_batches from `dataset` (an
-    LmdbDataset or a MultiDataset), as a TrainError naming those dataset entries; other errors
-    unchanged."""
-    if not isinstance(error, StructuresWithoutEdges) or ENTRY_KEY not in batch:
+    """A BatchStructureError of a batch loaded by load_batches from `dataset` (an LmdbDataset or
+    a MultiDataset), as a TrainError naming those dataset entries; other errors unchanged."""
+    if not isinstance(error, BatchStructureError) or ENTRY_KEY not in batch:
         return error
     members = getattr(dataset, "datasets", [dataset])
     offsets = np.cumsum([0, *[len(d) for d in members]])
@@ -76,5 +75,4 @@ def name_entries(error: Exception, batch: dict, dataset) -> Exception:
         i = int(batch[ENTRY_KEY][s])
         which = int(np.searchsorted(offsets, i, side="right")) - 1
         names.append(f"{members[which].path} entry {i - offsets[which]}")
-    return TrainError(f"{'; '.join(names)}: no pair of atoms within cutoff_main={error.cutoff} Å, which GemNet-OC "
-                      "needs (an isolated atom, or atoms all farther apart): remove such entries, or raise the cutoff")
+    return TrainError(f"{'; '.join(names)}: {error.problem}")

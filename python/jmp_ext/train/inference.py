@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from jmp_ext.data.format import MAX_Z
-from jmp_ext.graphs import StructuresWithoutEdges
+from jmp_ext.graphs import BatchStructureError
 from jmp_ext.models.checkpoint import is_training_checkpoint, run_weights, safe_load
 from jmp_ext.train import distributed, tasks
 from jmp_ext.train.batches import collate_batch, load_batches, name_entries, to_device
@@ -121,7 +121,7 @@ def evaluate(model: TaskModel, datasets: list, batch_size: int, dtype: torch.dty
             batch = to_device(batch, device)
             try:
                 tasks.update_metrics(metrics, model, model(batch), batch)
-            except StructuresWithoutEdges as e:
+            except BatchStructureError as e:
                 raise name_entries(e, batch, datasets[t]) from e
     metrics.all_reduce()  # (before the warnings: one raised under -W error must not leave the others waiting)
     if rank == 0:

@@ -32,7 +32,7 @@ from jmp_ext.cpu import keep_freed_memory
 from jmp_ext.data.dataset import MultiDataset
 from jmp_ext.data.samplers import AtomBalancedBatchSampler, TemperatureSampler
 from jmp_ext.files import write_bytes_atomic
-from jmp_ext.graphs import StructuresWithoutEdges
+from jmp_ext.graphs import BatchStructureError
 from jmp_ext.train import distributed, tasks
 from jmp_ext.train.batches import load_batches, name_entries, to_device
 from jmp_ext.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -492,7 +492,7 @@ class Trainer:
         for b in loaded:
             try:
                 inputs.append((b, self.model.graphs(b)))
-            except StructuresWithoutEdges as e:  # (the first structures of every task: often met here)
+            except BatchStructureError as e:  # (the first structures of every task: often met here)
                 raise name_entries(e, b, self.train_set) from e
         with torch.no_grad():
             fitted = fit_scale_factors(self.model.net, inputs, forward=backbone_forward)

@@ -106,6 +106,36 @@ def test_entry_must_match_the_schema(dataset, change, message):
         ds[9]
 
 
+@pytest.mark.parametrize("z, shown", [(119, 119), (200, 200), (0, 0), (-3, -3)])
+def test_an_unknown_element_in_a_file_is_named(dataset, z, shown):
+    """The writer refuses them; a file from elsewhere with Z = 119 passed the embedding (1..120)
+    and indexed past the per-element references with a bare IndexError (200: in stats)."""
+    entry = LmdbDataset(dataset).read(9)
+    entry["atomic_numbers"][1] = z
+    put(dataset / "data.0001.lmdb", b"4", fmt.encode_entry(entry))
+    with pytest.raises(DataError, match=rf"data.0001.lmdb entry 4 \(dataset index 9\): unknown element with atomic "
+                                        rf"number {shown}$"):
+        LmdbDataset(dataset)[9]
+
+
+def test_a_damaged_lmdb_page_is_a_data_error(dataset):
+    """A leaf page whose header says it is a branch page: lmdb's own exception, raised bare
+    before, named no file or entry. (Some damage kills the process with SIGBUS inside LMDB's
+    memory map, which no reader can catch: README's limitation.)"""
+    shard = dataset / "data.0001.lmdb"
+    data = bytearray(shard.read_bytes())
+    page = 4096 * 2  # pages 0, 1: the meta pages; page 2 holds the five entries (a leaf)
+    flags = struct.unpack_from("<H", data, page + 10)[0]
+    assert flags & 0x02, "expected a leaf page"  # P_LEAF
+    struct.pack_into("<H", data, page + 10, 0x01)  # P_BRANCH
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"data.0001.lmdb entry \d \(dataset index \d\): the LMDB file is damaged "
+                                        r"\(\w+Error: .*\); rewrite the dataset from its source"):
+        ds = LmdbDataset(dataset)
+        for i in range(10):
+            ds[i]
+
+
 # ----- metadata ---------------------------------------------------------------------------------
 
 

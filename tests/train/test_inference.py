@@ -313,6 +313,28 @@ def test_eval_reads_an_extxyz_as_convert_would(checkpoint, tmp_path, capsys):
     assert "--task 'nope' is not a task of the checkpoint" in capsys.readouterr().err
 
 
+def test_eval_names_entries_whose_labels_are_not_finite(checkpoint, tiny_data, tmp_path, capsys):
+    """The writer refuses NaN labels and a training split's statistics do too, but a validation
+    or test split from elsewhere gave NaN metrics (NaN in the JSON), and as a run's val split
+    a best.pt was never written."""
+    import shutil
+
+    import lmdb
+
+    from jmp_ext.data import LmdbDataset
+    from jmp_ext.data import format as fmt
+
+    split = shutil.copytree(tiny_data / "mol" / "test", tmp_path / "test")
+    entry = LmdbDataset(split).read(2)
+    entry["forces"][1, 0] = np.nan
+    env = lmdb.open(str(split / "data.0000.lmdb"), subdir=False)
+    with env.begin(write=True) as txn:
+        txn.put(b"2", fmt.encode_entry(entry))
+    env.close()
+    assert main(["eval", str(checkpoint), str(split), "--batch-size", "2"]) == 2
+    assert f"{split} entry [2]: label 'forces' holds NaN or inf; remove such entries" in capsys.readouterr().err
+
+
 def test_predict_writes_extxyz_with_the_labels_kept(checkpoint, stress_checkpoint, tiny_data, tmp_path, capsys):
     """--out names the format: .npz or .extxyz/.xyz (the structures with predicted_* beside the
     input's own labels); any other name is refused (a .json got a zip under its name)."""

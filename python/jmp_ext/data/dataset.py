@@ -117,9 +117,15 @@ class LmdbDataset(Dataset):
         """Entry `index` (0 <= index < len) as numpy arrays."""
         value = self._values[index] if self._values is not None else self._read(index)
         try:
-            return self._decoder.decode(value, int(self.natoms[index]))
+            entry = self._decoder.decode(value, int(self.natoms[index]))
         except fmt.DataError as error:
             raise fmt.DataError(f"{self._where(index)}: {error}") from None
+        z = entry["atomic_numbers"]
+        # (the writer refuses these; a file from elsewhere could index past the per-element tables)
+        if z.size and (z.min() < 1 or z.max() > fmt.MAX_Z):
+            raise fmt.DataError(f"{self._where(index)}: unknown element with atomic number "
+                                f"{z[(z < 1) | (z > fmt.MAX_Z)][0]}")
+        return entry
 
     def _where(self, index: int) -> str:
         shard = int(np.searchsorted(self._offsets, index, side="right")) - 1
@@ -166,8 +172,12 @@ class LmdbDataset(Dataset):
             self._open()
         shard = int(np.searchsorted(self._offsets, index, side="right")) - 1
         key = str(index - self._offsets[shard]).encode("ascii")
-        with self._envs[shard].begin(buffers=False) as txn:
-            value = txn.get(key)
+        try:
+            with self._envs[shard].begin(buffers=False) as txn:
+                value = txn.get(key)
+        except lmdb.Error as error:  # (a damaged page: a raw lmdb traceback named no file)
+            raise fmt.DataError(f"{self._where(index)}: the LMDB file is damaged ({type(error).__name__}: "
+                                f"{error}); rewrite the dataset from its source") from None
         if value is None:
             raise fmt.DataError(f"{self._where(index)}: missing from the LMDB file")
         return value

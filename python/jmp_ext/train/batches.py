@@ -63,6 +63,22 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def check_finite_labels(batch: dict, dataset, names: list[str]) -> None:
+    """Raises a TrainError naming the entries of `dataset` (an LmdbDataset; batch from
+    load_batches) whose labels `names` hold NaN or inf: a metric over them would be NaN. (A
+    training split's statistics refuse such labels; a validation or test split has none.)"""
+    for name in names:
+        y = batch[name]
+        if not y.is_floating_point():
+            continue
+        bad = ~torch.isfinite(y.reshape(y.shape[0], -1)).all(dim=1)
+        if bad.any():
+            structures = batch["batch"][bad] if dataset.schema[name]["per_atom"] else bad.nonzero()[:, 0]
+            entries = sorted(set(batch[ENTRY_KEY][structures].tolist()))
+            raise TrainError(f"{dataset.path} entr{'y' if len(entries) == 1 else 'ies'} {entries}: label {name!r} "
+                             "holds NaN or inf; remove such entries (or rewrite the dataset)")
+
+
 def name_entries(error: Exception, batch: dict, dataset) -> Exception:
     """A BatchStructureError of a batch loaded by load_batches from `dataset` (an LmdbDataset or
     a MultiDataset), as a TrainError naming those dataset entries; other errors unchanged."""

@@ -14,7 +14,7 @@ from jmp_ext.data.format import MAX_Z
 from jmp_ext.graphs import BatchStructureError
 from jmp_ext.models.checkpoint import is_training_checkpoint, run_weights, safe_load
 from jmp_ext.train import distributed, tasks
-from jmp_ext.train.batches import collate_batch, load_batches, name_entries, to_device
+from jmp_ext.train.batches import check_finite_labels, collate_batch, load_batches, name_entries, to_device
 from jmp_ext.train.checkpoint import load_checkpoint
 from jmp_ext.train.config import TrainConfig, from_dict
 from jmp_ext.train.metrics import Metrics
@@ -116,6 +116,7 @@ def evaluate(model: TaskModel, datasets: list, batch_size: int, dtype: torch.dty
     with distributed.together():  # (a bad batch of one rank: every rank raises)
         for t, idx in batches[rank::world_size]:
             (batch,) = load_batches(datasets[t], [idx], dtype, task=t)
+            check_finite_labels(batch, datasets[t], [target.name for target in model.tasks[t].targets])
             elements[t, batch["atomic_numbers"]] = True
             periodic[t] |= batch["pbc"].any()
             batch = to_device(batch, device)

@@ -195,6 +195,9 @@ def test_bad_checkpoints_and_datasets_are_messages(checkpoint, tiny_data, tmp_pa
     torch.save({"a": 1}, tmp_path / "random.pt")
     torch.save({"state_dict": {"backbone.w": torch.zeros(2)}, "hyper_parameters": LightningHyperParameters()},
                tmp_path / "jmp.ckpt")  # (torch's weights-only error suggested loading it unsafely)
+    diverged = torch.load(checkpoint, weights_only=True)  # (NaN weights predicted NaN, silently)
+    diverged["model"]["net.embedding.atom_embedding.weight"][3, 0] = float("nan")
+    torch.save(diverged, tmp_path / "nan.pt")
     (tmp_path / "empty").mkdir()
     test_set = str(tiny_data / "mol" / "test")
     path = tmp_path / "run.yaml"
@@ -204,6 +207,9 @@ def test_bad_checkpoints_and_datasets_are_messages(checkpoint, tiny_data, tmp_pa
              (["eval", str(tmp_path / "jmp.ckpt"), test_set], "it holds a state_dict, as a JMP (Lightning) "
               "checkpoint does, without heads for your targets: fine-tune from it (model.init_checkpoint)"),
              (["eval", str(tmp_path / "empty"), test_set], "is a directory; give the file"),
+             (["eval", str(tmp_path / "nan.pt"), test_set], "nan.pt: 1 weight(s) hold NaN or inf, first "
+              "'net.embedding.atom_embedding.weight' (the weights of a diverged run?)"),
+             (["predict", str(tmp_path / "nan.pt"), test_set, "--out", "p.npz"], "1 weight(s) hold NaN"),
              (["predict", str(tmp_path / "random.pt"), test_set, "--out", "p.npz"],
               "is not a jmp_ext training checkpoint"),
              (["eval", checkpoint, str(tmp_path / "empty")], "is not a jmp_ext dataset"),

@@ -253,6 +253,21 @@ def test_resume_keeps_its_training_elements_when_the_statistics_change(tiny_data
     trainer.log.close()
 
 
+def test_resume_refuses_weights_that_are_not_finite(tiny_data, tmp_path):
+    """NaN weights (in the model or in its EMA) resumed into skipped steps only."""
+    run = tmp_path / "run"
+    loop.Trainer(build_config(pretrain_config(tiny_data, run, max_steps=1))).train()
+    state = load_checkpoint(run / "last.pt")
+    for part in ("model", "ema"):
+        damaged = load_checkpoint(run / "last.pt")
+        name = next(k for k, v in damaged[part].items() if v.is_floating_point())
+        damaged[part][name].view(-1)[0] = float("nan")
+        torch.save(damaged, run / "last.pt")
+        with pytest.raises(TrainError, match=rf"resume: .*last\.pt: 1 weight\(s\) hold NaN or inf, first '{name}'"):
+            loop.Trainer(build_config(pretrain_config(tiny_data, run, max_steps=2), ["resume=true"]))
+        torch.save(state, run / "last.pt")
+
+
 def test_a_worker_ignores_only_the_first_sigterm():
     """The scheduler's SIGTERM reaches the workers too and must not kill them mid-step; the
     DataLoader's shutdown terminates a stuck worker with a second one."""

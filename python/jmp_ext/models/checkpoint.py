@@ -111,7 +111,7 @@ def read_state_dict(source: str | os.PathLike | dict, *, use_ema: bool = True) -
         raise ValueError(f"a checkpoint must be a dict, got {type(ckpt).__name__}")
     if is_training_checkpoint(ckpt):
         # The network's keys are JMP's once the TaskModel's "net." is dropped.
-        return _checked({k[len("net."):]: v for k, v in run_weights(ckpt, use_ema).items() if k.startswith("net.")},
+        return checked_weights({k[len("net."):]: v for k, v in run_weights(ckpt, use_ema).items() if k.startswith("net.")},
                         source)
     if "state_dict" in ckpt:
         state = dict(ckpt["state_dict"])
@@ -152,12 +152,13 @@ def read_state_dict(source: str | os.PathLike | dict, *, use_ema: bool = True) -
     # JMP's fine-tuning checkpoints keep the embedding at `embedding.weight`.
     if "embedding.weight" in state:
         state["embedding.atom_embedding.weight"] = state.pop("embedding.weight")
-    return _checked({k: v for k, v in state.items() if not k.startswith("task_steps")}, source)
+    return checked_weights({k: v for k, v in state.items() if not k.startswith("task_steps")}, source)
 
 
-def _checked(state: dict, source) -> dict[str, torch.Tensor]:
-    """state, once every value is a finite tensor: weights of a diverged run would train only
-    NaNs, and a non-tensor entry would fail later as an AttributeError."""
+def checked_weights(state: dict, source) -> dict[str, torch.Tensor]:
+    """state, once every value is a finite tensor (ValueError naming `source`, a path or the
+    loaded dict, otherwise): weights of a diverged run would train or predict only NaNs, and a
+    non-tensor entry would fail later as an AttributeError."""
     where = "" if isinstance(source, dict) else f"{source}: "
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):

@@ -12,7 +12,7 @@ import torch
 
 from jmp_ext.data.format import MAX_Z
 from jmp_ext.graphs import BatchStructureError
-from jmp_ext.models.checkpoint import is_training_checkpoint, run_weights, safe_load
+from jmp_ext.models.checkpoint import checked_weights, is_training_checkpoint, run_weights, safe_load
 from jmp_ext.train import distributed, tasks
 from jmp_ext.train.batches import check_finite_labels, collate_batch, load_batches, name_entries, to_device
 from jmp_ext.train.checkpoint import load_checkpoint
@@ -38,7 +38,10 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[
                             "your targets: fine-tune from it (model.init_checkpoint) and evaluate the run's "
                             "best.pt" if jmp else ""))
     config = from_dict(TrainConfig, state["config"])
-    weights = run_weights(state)
+    try:
+        weights = checked_weights(run_weights(state), path)
+    except ValueError as e:  # (NaN weights predicted NaN, silently)
+        raise TrainError(str(e)) from e
     buffers = {k: v for k, v in weights.items() if not k.startswith("net.")}  # (TaskModel's own)
     model = build_model(config, buffers).to(device)
     model.net.to(param_dtype(config.loop.precision))  # before loading: fp64 stays fp64

@@ -33,6 +33,7 @@ from jmp_ext.data.dataset import MultiDataset
 from jmp_ext.data.samplers import AtomBalancedBatchSampler, TemperatureSampler
 from jmp_ext.files import write_bytes_atomic
 from jmp_ext.graphs import BatchStructureError
+from jmp_ext.models.checkpoint import checked_weights
 from jmp_ext.train import distributed, tasks
 from jmp_ext.train.batches import load_batches, name_entries, to_device
 from jmp_ext.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -668,6 +669,11 @@ class Trainer:
             if old != new:
                 raise TrainError(f"cannot resume {path}: its config differs in {key!r} (resume needs the same run; "
                                  f"start a new run_dir or set resume=false)")
+        try:  # (a file of NaN weights resumed into skipped steps only)
+            for saved in (state["model"], state["ema"] or {}):
+                checked_weights(saved, path)
+        except ValueError as e:
+            raise TrainError(f"resume: {e}") from e
         weights = dict(state["model"])
         # train_elements comes from the statistics, which may have been recomputed (or predate
         # it) since the run started: this run's own value stands.

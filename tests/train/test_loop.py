@@ -253,6 +253,26 @@ def test_resume_keeps_its_training_elements_when_the_statistics_change(tiny_data
     trainer.log.close()
 
 
+def test_forces_that_are_all_zero_train(tiny_data, tmp_path):
+    """Relaxed structures only: force_rms 0 divided the force loss by zero, and every step was
+    skipped as non-finite (a run of up to 9 steps ended 'successfully' without an update)."""
+    from jmp_ext.data import DatasetWriter, LmdbDataset, compute_stats, save_stats
+
+    source = LmdbDataset(tiny_data / "mol" / "train")
+    with DatasetWriter(tmp_path / "relaxed") as writer:
+        for i in range(len(source)):
+            entry = source.read(i)
+            writer.add({**entry, "forces": np.zeros_like(entry["forces"])})
+    save_stats(tmp_path / "relaxed", compute_stats(LmdbDataset(tmp_path / "relaxed")))
+    raw = finetune_config(tiny_data, tmp_path / "run", forces="direct")  # (scaled by force_rms)
+    raw["tasks"][0]["train"] = str(tmp_path / "relaxed")
+    raw["loop"].update(max_steps=3, log_every=1)
+    trainer = loop.Trainer(build_config(raw))
+    before = {k: v.clone() for k, v in trainer.model.net.state_dict().items()}
+    assert trainer.train()["steps"] == 3 and trainer.nan_streak == 0
+    assert any(not torch.equal(v, trainer.model.net.state_dict()[k]) for k, v in before.items())
+
+
 def test_resume_refuses_weights_that_are_not_finite(tiny_data, tmp_path):
     """NaN weights (in the model or in its EMA) resumed into skipped steps only."""
     run = tmp_path / "run"

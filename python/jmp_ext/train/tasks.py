@@ -228,7 +228,9 @@ def _target_scale(task: TaskConfig, target: TargetConfig, stats: dict, i: int) -
         if target.kind == "forces" and not task.gradient_forces:
             if "force_rms" not in stats:
                 raise TrainError(f"tasks.{i} ({task.name}): no force statistics in {task.train}/stats.json")
-            return zero, torch.tensor(float(stats["force_rms"]), dtype=torch.float64)
+            # (all-zero forces, relaxed structures only, would divide by zero: scale 1, as a constant target's)
+            rms = float(stats["force_rms"])
+            return zero, torch.tensor(rms if rms > 0 else 1.0, dtype=torch.float64)
         return zero, one  # scaled by the energy std (see TaskModel)
     if target.name not in stats.get("targets", {}):
         raise TrainError(f"tasks.{i} ({task.name}): no statistics for target {target.name!r} in {task.train}/stats.json")

@@ -720,6 +720,30 @@ def test_resume_without_a_checkpoint_says_it_starts_over(tiny_data, tmp_path):
         loop.Trainer(build_config({**pretrain_config(tiny_data, tmp_path / "nowhere"), "resume": True}))
 
 
+def test_a_killed_runs_forked_workers_do_not_keep_its_lock(tmp_path):
+    """After a kill -9 of a training process, its DataLoader workers (forked, alive a few
+    seconds more) kept the run_dir lock through their copy of its descriptor: an immediate
+    requeue was refused as 'in use by another training run'."""
+    from jmp_ext.train.run_dir import lock_run_dir, unlock_run_dir
+
+    code = ("import os, sys, time; from pathlib import Path; from jmp_ext.train.run_dir import lock_run_dir\n"
+            "lock = lock_run_dir(Path(sys.argv[1]))\n"
+            "worker = os.fork()\n"
+            "if worker == 0:\n    time.sleep(30)\n    os._exit(0)\n"
+            "print(worker, flush=True)\n"
+            "os._exit(0)  # (as killed: nothing released)\n")
+    process = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    worker = int(process.stdout.readline())  # (the pipe stays open in the worker: no wait for its end)
+    assert process.wait(timeout=60) == 0
+    try:
+        os.kill(worker, 0)  # (the worker lives on)
+        unlock_run_dir(lock_run_dir(tmp_path))
+    finally:
+        os.kill(worker, signal.SIGKILL)
+        process.stdout.close()
+
+
 def test_a_run_dir_is_used_by_one_run_at_a_time(tiny_data, tmp_path, monkeypatch):
     """A resume beside a run still going (its torchrun agent killed, its ranks not) trained
     alongside it, both writing last.pt and metrics.csv. The run holds a lock on run_dir until

@@ -11,6 +11,23 @@ from pathlib import Path
 from jmp_ext.train.tasks import TrainError
 
 RUN_FILES = ("last.pt", "best.pt", "config.yaml", "metrics.csv", "summary.json", "test_metrics.json")
+# The lock files this process holds open (lock_run_dir).
+_HELD: set = set()
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker): point the lock files' descriptors at /dev/null.
+    A flock belongs to the open file, which a forked copy of the descriptor keeps alive: after
+    a kill -9 of the training process its workers held the lock for seconds, and a scheduler's
+    immediate requeue was refused. (dup2 rather than close: the child's file objects still own
+    those descriptor numbers.)"""
+    for file in _HELD:
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, file.fileno())
+        os.close(devnull)
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
 def lock_run_dir(run_dir: Path):
@@ -36,11 +53,13 @@ def lock_run_dir(run_dir: Path):
     file.truncate(0)
     file.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
     file.flush()
+    _HELD.add(file)
     return file
 
 
 def unlock_run_dir(file) -> None:
     """Releases a lock_run_dir lock (None: none was taken)."""
     if file is not None:
-        fcntl.flock(file, fcntl.LOCK_UN)  # (a forked DataLoader worker's copy of the fd would keep it)
+        _HELD.discard(file)
+        fcntl.flock(file, fcntl.LOCK_UN)  # (released now, whatever copies of the descriptor remain)
         file.close()

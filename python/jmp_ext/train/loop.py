@@ -670,8 +670,8 @@ class Trainer:
                 raise TrainError(f"cannot resume {path}: its config differs in {key!r} (resume needs the same run; "
                                  f"start a new run_dir or set resume=false)")
         try:  # (a file of NaN weights resumed into skipped steps only)
-            for saved in (state["model"], state["ema"] or {}):
-                checked_weights(saved, path)
+            for weights in (state["model"], state["ema"] or {}):
+                checked_weights(weights, path)
         except ValueError as e:
             raise TrainError(f"resume: {e}") from e
         weights = dict(state["model"])

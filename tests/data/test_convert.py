@@ -690,6 +690,25 @@ def test_a_stress_named_virial_something_is_a_stress(tmp_path, frames):
         np.testing.assert_allclose(entry["stress"].numpy(), atoms.get_stress(voigt=False), rtol=1e-12)
 
 
+def test_values_that_are_not_what_they_claim_are_refused(tmp_path):
+    """An extxyz energy=T is read as True (stored, an energy of 1 eV), and a tags:R column of
+    1.5 was stored as tag 1."""
+    booly = Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]], info={"energy": True})
+    ase.io.write(tmp_path / "booly.extxyz", booly)
+    with pytest.raises(DataError, match=r"structure 0: energy is a boolean \(True\) in calculator\['energy'\], not a "
+                                        r"number"):
+        convert(tmp_path / "booly.extxyz", tmp_path / "booly")
+    from jmp_ext.data import format as fmt
+
+    with pytest.raises(DataError, match=r"entry 3: forces is a boolean"):  # (DatasetWriter.add's path)
+        fmt.normalize_entry({"forces": np.ones((2, 3), bool)}, "entry 3")
+    halves = Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]], info={"energy": -1.0})
+    halves.set_array("tags", np.array([1.5, 2.0]))
+    ase.io.write(tmp_path / "halves.extxyz", halves)
+    with pytest.raises(DataError, match=r"structure 0: tags must hold integers, got 1.5"):
+        convert(tmp_path / "halves.extxyz", tmp_path / "halves")
+
+
 def test_a_virial_needs_a_periodic_cell(tmp_path):
     molecule = Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]], info={"virial": np.zeros((3, 3)), "energy": 1.0})
     ase.io.write(tmp_path / "mol.extxyz", molecule)

@@ -149,6 +149,8 @@ def _take_labels(entry: dict, sources: dict[str, dict], keys: KeyMap, report: Co
                                 f"from {location}; pick one with --{label}-key (from Python: "
                                 f"KeyMap({label}=...))")
         key, value = found[location]
+        if np.asarray(value).dtype.kind == "b":  # (before the unit conversion turns True into 1.0)
+            raise fmt.DataError(f"{label} is a boolean ({np.asarray(value).tolist()}) in {location}, not a number")
         if label == "stress":
             value = _stress_3x3(value)
             if key in VIRIAL_KEYS:
@@ -219,7 +221,10 @@ def oc20_tags(tags: np.ndarray) -> np.ndarray:
     when any is set, else 2 everywhere, as JMP's fine-tuning sets them for molecules and bulk.
     ASE's default (all 0) would read as all sub-surface, leaving the quadruplet graph (edges
     touching a 1 or a 2) empty."""
-    tags = np.asarray(tags, dtype=np.int64)
+    tags = np.asarray(tags)
+    if tags.dtype.kind == "f" and not np.array_equal(tags, np.round(tags)):  # (1.5 was stored as 1)
+        raise fmt.DataError(f"tags must hold integers, got {tags[tags != np.round(tags)][0]}")
+    tags = tags.astype(np.int64)
     return tags if tags.any() else np.full(tags.shape, 2, dtype=np.int64)
 
 

@@ -290,6 +290,9 @@ def normalize_entry(entry: dict, where: str, float_dtype=np.float64,
         array = np.asarray(value)
         if array.dtype.kind not in "biuf":
             raise DataError(f"{where}: field {name} is not numeric (dtype {array.dtype})")
+        if array.dtype.kind == "b" and (name in LABEL_FIELDS or name in ("pos", "cell")):
+            # (an extxyz energy=T read as True: stored, it was an energy of 1 eV)
+            raise DataError(f"{where}: {name} is a boolean ({array.tolist()}), not a number")
         if name in _INT_FIELDS:
             if array.dtype.kind == "f" and not np.array_equal(array, np.round(array)):
                 raise DataError(f"{where}: {name} must hold integers")

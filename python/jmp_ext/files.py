@@ -2,11 +2,14 @@
 
 A write goes to a temporary file in the target's directory, is fsynced, then renamed over the
 target, and the directory entry is fsynced too: a process killed at any moment (or a full disk)
-leaves either the old file or the new one, never a torn one.
+leaves either the old file or the new one, never a torn one. A directory (a dataset) cannot be
+renamed over another: exchange_paths swaps the two in one step where the filesystem can.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import uuid
 from collections.abc import Callable
@@ -43,3 +46,22 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """Create or replace `path` with `data`."""
     write_atomic(path, lambda f: f.write(data))
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # (linux/fcntl.h, linux/fs.h)
+
+
+def exchange_paths(a: str | Path, b: str | Path) -> bool:
+    """Swap the files or directories at `a` and `b` in one atomic step (Linux's renameat2 with
+    RENAME_EXCHANGE): a process killed at any moment leaves each name with one of the two,
+    never neither. False, with nothing done, where the OS or the filesystem cannot (then two
+    renames must do, with a moment in between where one name is empty)."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:  # (not Linux, or a C library older than glibc 2.28)
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # (no exchange on this filesystem)
+        return False
+    raise OSError(error, f"cannot exchange {a} and {b}: {os.strerror(error)}")

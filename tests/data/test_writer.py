@@ -46,11 +46,40 @@ def test_a_dataset_written_meanwhile_is_kept_without_overwrite(tmp_path, entries
     assert energies(tmp_path / "ds") == [e["energy"] for e in entries[3:]]
 
 
+def test_an_existing_dataset_is_exchanged_in_one_step(tmp_path, entries, monkeypatch):
+    """Renaming the old dataset aside, then the new one into place, left the path empty to a
+    kill -9 between the two (both directories were kept beside it). Where the filesystem can,
+    the two are exchanged atomically (renameat2 RENAME_EXCHANGE): no rename runs at all."""
+    from jmp_ext.files import exchange_paths
+
+    write_dataset(tmp_path / "ds", entries[:3])
+    real_replace = os.replace
+
+    def replace(src, dst):  # (a file's atomic write renames too)
+        assert not Path(src).is_dir(), f"renamed the directory {src} -> {dst}"
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    write_dataset(tmp_path / "ds", entries, overwrite=True)
+    monkeypatch.undo()
+    assert energies(tmp_path / "ds") == [e["energy"] for e in entries] and no_temp_directories(tmp_path)
+    (tmp_path / "a").write_text("a")
+    (tmp_path / "b").mkdir()
+    assert exchange_paths(tmp_path / "a", tmp_path / "b")
+    assert (tmp_path / "a").is_dir() and (tmp_path / "b").read_text() == "a"
+    with pytest.raises(FileNotFoundError, match="cannot exchange .*missing"):
+        exchange_paths(tmp_path / "a", tmp_path / "missing")
+
+
 @pytest.mark.parametrize("failure", [OSError("rename failed"), KeyboardInterrupt()])
 def test_failed_swap_puts_the_old_dataset_back(tmp_path, entries, monkeypatch, failure):
-    """The old dataset is renamed away before the new one is renamed into place: a failure
-    (or Ctrl-C) between the two must not leave the path empty."""
+    """Where the filesystem cannot exchange two directories, the old dataset is renamed away
+    before the new one is renamed into place: a failure (or Ctrl-C) between the two must not
+    leave the path empty."""
+    from jmp_ext.data import writer
+
     write_dataset(tmp_path / "ds", entries[:3])
+    monkeypatch.setattr(writer, "exchange_paths", lambda a, b: False)
     real_replace = os.replace
 
     def replace(src, dst):

@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jmp_ext.data import format as fmt
-from jmp_ext.files import write_atomic, write_bytes_atomic
+from jmp_ext.files import exchange_paths, write_atomic, write_bytes_atomic
 
 _COMMIT_EVERY = 512  # entries per LMDB transaction: large enough to amortise the commit fsync
 _INITIAL_MAP_SIZE = 1 << 30  # virtual size only; the file grows with the data and doubles if full
@@ -244,13 +244,18 @@ def dataset_meta(path: Path) -> dict | None:
 
 def replace_dir(src: Path, dst: Path, overwrite: bool) -> None:
     """Move the finished directory src to dst; an existing dst (which check_target allows to be
-    replaced) is swapped out, then deleted. A failure or an interrupt before src is in place
-    puts the old dst back."""
+    replaced) is exchanged with src in one step (files.exchange_paths), then deleted. Where the
+    filesystem cannot exchange, it is renamed aside first: a failure or an interrupt before src
+    is in place puts it back, but a kill -9 between the two renames leaves dst empty, with both
+    directories beside it (the next write of dst names them)."""
     old = None
     if dst.exists() or dst.is_symlink():
         # Checked again here, where the deletion happens: dst may have appeared or changed
         # during the write.
         check_target(dst, overwrite)
+        if exchange_paths(src, dst):
+            shutil.rmtree(src)  # (the old dataset, now)
+            return
         old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
     try:
         if old is not None:

@@ -9,7 +9,6 @@ renamed over another: exchange_paths swaps the two in one step where the filesys
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import uuid
 from collections.abc import Callable
@@ -54,14 +53,10 @@ _AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # (linux/fcntl.h, linux/fs.h)
 def exchange_paths(a: str | Path, b: str | Path) -> bool:
     """Swap the files or directories at `a` and `b` in one atomic step (Linux's renameat2 with
     RENAME_EXCHANGE): a process killed at any moment leaves each name with one of the two,
-    never neither. False, with nothing done, where the OS or the filesystem cannot (then two
-    renames must do, with a moment in between where one name is empty)."""
+    never neither. False, with nothing done, where that fails: not Linux, a C library older than
+    glibc 2.28, a filesystem without exchange, a container that filters the call, or a path
+    that is not there (then two renames must do, with a moment in between where one name is
+    empty, and raise any real error themselves)."""
     renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if renameat2 is None:  # (not Linux, or a C library older than glibc 2.28)
-        return False
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    error = ctypes.get_errno()
-    if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # (no exchange on this filesystem)
-        return False
-    raise OSError(error, f"cannot exchange {a} and {b}: {os.strerror(error)}")
+    return renameat2 is not None and renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b),
+                                               _RENAME_EXCHANGE) == 0

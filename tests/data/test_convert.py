@@ -707,6 +707,10 @@ def test_values_that_are_not_what_they_claim_are_refused(tmp_path):
     ase.io.write(tmp_path / "halves.extxyz", halves)
     with pytest.raises(DataError, match=r"structure 0: tags must hold integers, got 1.5"):
         convert(tmp_path / "halves.extxyz", tmp_path / "halves")
+    from jmp_ext.data.convert import oc20_tags
+
+    with pytest.raises(DataError, match=r"tags must hold integers, got inf"):  # (cast to INT64_MIN otherwise)
+        oc20_tags(np.array([np.inf, 2.0]))
 
 
 def test_a_virial_needs_a_periodic_cell(tmp_path):

@@ -311,6 +311,14 @@ def test_eval_reads_an_extxyz_as_convert_would(checkpoint, tmp_path, capsys):
         assert message in capsys.readouterr().err, name
     assert main(["eval", str(checkpoint), str(tmp_path / "labelled.extxyz"), "--task", "nope"]) == 2
     assert "--task 'nope' is not a task of the checkpoint" in capsys.readouterr().err
+    # A structure the data refuses (an isolated atom) is named, with how to leave it out
+    lone = molecule("H")
+    lone.calc = SinglePointCalculator(lone, energy=-13.6, forces=np.zeros((1, 3)))
+    ase.io.write(tmp_path / "with_e0.extxyz", [lone, *images])
+    assert main(["eval", str(checkpoint), str(tmp_path / "with_e0.extxyz")]) == 2
+    err = capsys.readouterr().err
+    assert "structure 0: is a single atom" in err and (f"convert the file yourself, `python -m jmp_ext.data convert "
+                                                       f"{tmp_path / 'with_e0.extxyz'} OUT_DIR --skip-invalid`") in err
 
 
 def test_eval_names_entries_whose_labels_are_not_finite(checkpoint, tiny_data, tmp_path, capsys):

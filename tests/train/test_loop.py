@@ -273,6 +273,19 @@ def test_forces_that_are_all_zero_train(tiny_data, tmp_path):
     assert any(not torch.equal(v, trainer.model.net.state_dict()[k]) for k, v in before.items())
 
 
+@pytest.mark.filterwarnings("ignore:resume. the cosine schedule now runs")  # (a longer run: true)
+def test_a_last_pt_without_a_key_of_this_version_is_a_message(tiny_data, tmp_path):
+    """A last.pt of another jmp_ext version (or edited) raised a bare KeyError."""
+    run = tmp_path / "run"
+    loop.Trainer(build_config(pretrain_config(tiny_data, run, max_steps=1))).train()
+    state = load_checkpoint(run / "last.pt")
+    del state["loop"]["window"]
+    torch.save(state, run / "last.pt")
+    with pytest.raises(TrainError, match=r"resume: .*last\.pt has no 'window': it was written by another version of "
+                                         r"jmp_ext \(or edited\); start a new run_dir"):
+        loop.Trainer(build_config(pretrain_config(tiny_data, run, max_steps=2), ["resume=true"]))
+
+
 def test_resume_refuses_weights_that_are_not_finite(tiny_data, tmp_path):
     """NaN weights (in the model or in its EMA) resumed into skipped steps only."""
     run = tmp_path / "run"
@@ -718,6 +731,22 @@ def test_a_run_resumed_between_two_logs_logs_the_same_means(tiny_data, tmp_path,
 def test_resume_without_a_checkpoint_says_it_starts_over(tiny_data, tmp_path):
     with pytest.warns(UserWarning, match=r"resume=true, but there is no .*nowhere/last.pt: starting a new run"):
         loop.Trainer(build_config({**pretrain_config(tiny_data, tmp_path / "nowhere"), "resume": True}))
+
+
+def test_a_dropped_lock_is_released():
+    """The at-fork hook's registry of locks must not keep a dropped Trainer's lock alive (a
+    notebook or a sweep building another Trainer there was refused)."""
+    import gc
+    import tempfile
+    from pathlib import Path
+
+    from jmp_ext.train.run_dir import lock_run_dir, unlock_run_dir
+
+    with tempfile.TemporaryDirectory() as run:
+        lock = lock_run_dir(Path(run))
+        del lock
+        gc.collect()
+        unlock_run_dir(lock_run_dir(Path(run)))
 
 
 def test_a_killed_runs_forked_workers_do_not_keep_its_lock(tmp_path):

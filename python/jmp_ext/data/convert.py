@@ -222,8 +222,8 @@ def oc20_tags(tags: np.ndarray) -> np.ndarray:
     ASE's default (all 0) would read as all sub-surface, leaving the quadruplet graph (edges
     touching a 1 or a 2) empty."""
     tags = np.asarray(tags)
-    if tags.dtype.kind == "f" and not np.array_equal(tags, np.round(tags)):  # (1.5 was stored as 1)
-        raise fmt.DataError(f"tags must hold integers, got {tags[tags != np.round(tags)][0]}")
+    if tags.dtype.kind == "f" and not (np.isfinite(tags) & (tags == np.round(tags))).all():  # (1.5 was stored as 1)
+        raise fmt.DataError(f"tags must hold integers, got {tags[~np.isfinite(tags) | (tags != np.round(tags))][0]}")
     tags = tags.astype(np.int64)
     return tags if tags.any() else np.full(tags.shape, 2, dtype=np.int64)
 

@@ -107,6 +107,7 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, task: str | None, out: st
     is first converted, into a temporary directory, with convert's default label keys."""
     import tempfile
 
+    from jmp_ext.data import DataError
     from jmp_ext.data.convert import convert, detect_format
     from jmp_ext.train.inference import load_trained, task_index
 
@@ -121,6 +122,9 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, task: str | None, out: st
     with tempfile.TemporaryDirectory() as tmp:
         try:
             convert(dataset, Path(tmp) / "data")
+        except DataError as e:  # (a structure the data refuses: a single atom, a cell in nm, ...)
+            raise TrainError(f"{e}; to leave such structures out, convert the file yourself, `python -m "
+                             f"jmp_ext.data convert {dataset} OUT_DIR --skip-invalid`, and evaluate OUT_DIR") from e
         except Exception as e:  # (ASE's readers raise anything on a file that is not theirs)
             raise TrainError(f"{dataset} could not be read as a labelled structure file ({type(e).__name__}: "
                              f"{e}); give a dataset directory, or a file ASE reads: extxyz, traj, ASE db (.db), "

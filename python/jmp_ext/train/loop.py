@@ -191,7 +191,12 @@ class Trainer:
             self.last_metrics: dict[str, float] = {}
             self.stop_signal = self.stop_requested = False  # a stop signal on this rank / on any rank
             if resumed:
-                self._load_resume_state(self.run_dir / "last.pt")
+                try:
+                    self._load_resume_state(self.run_dir / "last.pt")
+                except KeyError as e:  # (a last.pt of another jmp_ext version, or edited)
+                    raise TrainError(f"resume: {self.run_dir / 'last.pt'} has no {e.args[0]!r}: it was written by "
+                                     "another version of jmp_ext (or edited); start a new run_dir, or fine-tune "
+                                     "from it with model.init_checkpoint") from e
             else:  # each rank its own stream (edge dropout)
                 torch.manual_seed(c.seed + 1000 * self.dist.rank + 1)
         self.resumed, self.resumed_at_step = resumed, self.step

@@ -6,13 +6,15 @@ import fcntl
 import os
 import socket
 import warnings
+import weakref
 from pathlib import Path
 
 from jmp_ext.train.tasks import TrainError
 
 RUN_FILES = ("last.pt", "best.pt", "config.yaml", "metrics.csv", "summary.json", "test_metrics.json")
-# The lock files this process holds open (lock_run_dir).
-_HELD: set = set()
+# The lock files this process holds open (lock_run_dir); weak: a dropped Trainer's lock goes
+# with its file object, as before.
+_HELD = weakref.WeakSet()
 
 
 def _drop_inherited_locks() -> None:
@@ -21,7 +23,7 @@ def _drop_inherited_locks() -> None:
     a kill -9 of the training process its workers held the lock for seconds, and a scheduler's
     immediate requeue was refused. (dup2 rather than close: the child's file objects still own
     those descriptor numbers.)"""
-    for file in _HELD:
+    for file in list(_HELD):
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, file.fileno())
         os.close(devnull)

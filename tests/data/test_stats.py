@@ -79,6 +79,39 @@ def test_load_stats_caches(tmp_path):
     assert first["targets"]["energy"]["mean"] == second["targets"]["energy"]["mean"]
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.pop("natoms_hist"), r"KeyError: 'natoms_hist'"),
+    (lambda s: s.pop("targets"), r"KeyError: 'targets'"),
+    (lambda s: s.pop("avg_natoms"), r"ValueError: no 'avg_natoms'"),
+    (lambda s: s.update(linref=s["linref"][:5]), r"linref must be 119 finite numbers"),
+    (lambda s: s["targets"]["energy"].update(std=float("nan")), r"targets.energy.std is not finite \(nan\)"),
+    (lambda s: s["linrefs"]["zpve"].update(mean="x"), r"could not convert string to float"),
+])
+def test_a_damaged_stats_file_is_named(tmp_path, edit, message):
+    """A hand-edited or damaged stats.json raised KeyError / torch's RuntimeError in training,
+    and a NaN std was silently taken as 1."""
+    from jmp_ext.data import DataError
+
+    write_dataset(tmp_path / "ds", linear_entries(np.random.default_rng(2), 20, noise=0.1))
+    load_stats(tmp_path / "ds")
+    stats = json.loads((tmp_path / "ds" / "stats.json").read_text().replace("NaN", "null"))
+    edit(stats)
+    (tmp_path / "ds" / "stats.json").write_text(json.dumps(stats))
+    with pytest.raises(DataError, match=rf"stats.json: .*{message}.*; recompute with `python -m jmp_ext.data stats "):
+        load_stats(tmp_path / "ds")
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # (numpy's, on the way)
+def test_labels_that_overflow_the_statistics_are_named(tmp_path):
+    entries = linear_entries(np.random.default_rng(3), 10)
+    entries[4]["gap"] = np.float64(1e300)  # (its square, in the std, is inf)
+    write_dataset(tmp_path / "ds", entries)
+    from jmp_ext.data import DataError
+
+    with pytest.raises(DataError, match=r"ds: targets.gap.std is not finite \(inf\): labels of ~1e300 overflow"):
+        load_stats(tmp_path / "ds")
+
+
 def test_cli_stats_and_info(tmp_path, capsys):
     from jmp_ext.data.__main__ import main
 

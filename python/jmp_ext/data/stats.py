@@ -253,7 +253,8 @@ def _check_stats(stats: dict) -> None:
     for key in ("num_entries", "targets", "natoms_hist", "avg_natoms"):
         if key not in stats:
             raise ValueError(f"no {key!r}")
-    references = {"linref": stats.get("linref"), **{f"linrefs.{n}": f["linref"] for n, f in stats.get("linrefs", {}).items()}}
+    references = {"linref": stats.get("linref"),
+                  **{f"linrefs.{n}": fit["linref"] for n, fit in stats.get("linrefs", {}).items()}}
     for name, linref in references.items():
         if linref is not None and (linref.shape != (fmt.MAX_Z + 1,) or not np.isfinite(linref).all()):
             raise ValueError(f"{name} must be {fmt.MAX_Z + 1} finite numbers")

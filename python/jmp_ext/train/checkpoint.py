@@ -6,8 +6,9 @@ A training checkpoint is a dict of tensors and plain Python values only, so it l
     buffers), ema ({parameter name: EMA value} or None), optimizer, schedule, scaler (fp16's
     gradient scaler or None), force_scaler (the gradient forces' adaptive scale or None), loop
     (step; epoch and batch_in_epoch, the sampler position; best, bad_validations, nan_streak,
-    validated_step; window, the training figures summed since the last log, or None), rng (every rank's RNG states), config (the resolved TrainConfig as a dict),
-    metrics (last validation).
+    validated_step; window, the training figures summed since the last log, or None), rng
+    (every rank's RNG states), config (the resolved TrainConfig as a dict), metrics (last
+    validation).
   best.pt, for inference and fine-tuning: model (the EMA weights when there is an EMA), config,
     step, metrics (of the validation that made it best).
 Both are written with jmp_ext.files.write_atomic: a run killed at any moment leaves either the

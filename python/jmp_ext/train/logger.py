@@ -4,9 +4,10 @@ Without the progress bar (batch jobs: loop.progress=false), every logged trainin
 line with the same figures instead, so that a log file shows the run advancing.
 
 metrics.csv has one row per value (step, split, name, value) so train, val and test metrics of any
-task share one file (the train rows: means over the steps since the previous log, Trainer). Rows are appended (a long run logs millions); a resumed run first rewrites
-the file, atomically, with the rows up to the step it resumes from, and does not log again a
-value it had logged at that step (a validation it repeats there).
+task share one file (the train rows: means over the steps since the previous log, Trainer).
+Rows are appended (a long run logs millions); a resumed run first rewrites the file, atomically,
+with the rows up to the step it resumes from, and does not log again a value it had logged at
+that step (a validation it repeats there).
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@
     atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()
 
 Energies in eV, forces in eV/Å, stress in eV/Å^3 (ASE's sign and Voigt order), as trained.
+atoms.get_potential_energies() gives each atom's term of the energy (GemNet-OC's energy is a sum
+over atoms, each term with its element's reference energy added): they sum to the energy, but
+like any model's per-atom energies they are a partition, not an observable.
 
 Forces are -dE/dpos only from a checkpoint trained with `forces: gradient`. A direct force head
 (`forces: direct`, JMP's pretraining and the default) predicts forces separately from the energy:
@@ -77,7 +80,7 @@ class JMPCalculator(Calculator):
     dtype: "float32" or "float64" to evaluate the network in (None: the precision it was trained
         in); float64 for finite-difference checks or long NVE runs."""
 
-    implemented_properties = ["energy", "free_energy", "forces", "stress"]
+    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
 
     def __init__(self, checkpoint: str | Path, task: str | None = None, device: str = "cpu",
                  dtype: str | None = None):
@@ -159,10 +162,12 @@ class JMPCalculator(Calculator):
         if self._check_neighbors and set(system_changes) & {"numbers", "cell", "pbc"}:
             self._check_neighbors = not self._warn_if_truncated(entry)
         # An energy alone (Monte Carlo, an energy scan) skips the gradient forces and stress.
-        derivatives = not set(properties) <= {"energy", "free_energy"}
+        derivatives = not set(properties) <= {"energy", "free_energy", "energies"}
         preds = predict_structures(self.model, [entry], self.task, derivatives)
         energy = float(preds["energy"][0])
         self.results = {"energy": energy, "free_energy": energy}
+        if "energies" in preds:
+            self.results["energies"] = preds["energies"].detach().double().cpu().numpy()
         if "forces" in preds:
             self.results["forces"] = preds["forces"].detach().double().cpu().numpy()
             largest = float(np.linalg.norm(self.results["forces"], axis=1).max())

@@ -184,6 +184,30 @@ def test_elements_outside_the_training_data_are_pointed_out(checkpoint, tmp_path
         assert main(["eval", str(checkpoint), str(tmp_path / "thiol")]) == 0  # (it said nothing)
 
 
+def test_per_atom_energies_sum_to_the_energy_and_are_local(checkpoint, tmp_path):
+    """ASE's get_potential_energies: each atom's term of GemNet-OC's energy sum, its element's
+    reference included. They sum to the energy, and a molecule far from another keeps its own."""
+    calc = JMPCalculator(checkpoint)
+    one = molecule("CH3OH")
+    one.calc = calc
+    alone = one.get_potential_energies()
+    assert alone.shape == (6,) and alone.sum() == pytest.approx(one.get_potential_energy(), abs=1e-9)
+    assert len(set(np.round(alone, 6))) > 2  # (not a constant share: the atoms differ)
+    far = one.copy()
+    far.positions += [50.0, 0, 0]
+    pair = one + far
+    pair.calc = calc
+    np.testing.assert_allclose(pair.get_potential_energies(), np.concatenate([alone, alone]), atol=1e-9)
+    # predict writes them per atom, in .npz and .extxyz
+    ase.io.write(tmp_path / "in.extxyz", [one.copy(), pair.copy()])  # (without the shared calculator)
+    for out in ("p.npz", "p.extxyz"):
+        assert main(["predict", str(checkpoint), str(tmp_path / "in.extxyz"), "--out", str(tmp_path / out)]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "p.npz")["energies"], np.concatenate([alone, alone, alone]),
+                               atol=1e-9)
+    frames = ase.io.read(tmp_path / "p.extxyz", index=":")
+    np.testing.assert_allclose(frames[1].arrays["predicted_energies"], np.concatenate([alone, alone]), atol=1e-6)
+
+
 def test_the_energy_is_extensive(checkpoint):
     """Two copies of a molecule beyond the cutoff of each other have twice its energy: a
     per-structure mean added to every prediction broke this by that mean (an adsorption energy
@@ -476,6 +500,11 @@ def test_a_pretraining_checkpoint_needs_a_task(tiny_data, tmp_path, capsys):
     with pytest.warns(UserWarning, match="direct forces"):  # (pretraining heads are direct)
         atoms.calc = JMPCalculator(checkpoint, task="mol")
     assert np.isfinite(atoms.get_potential_energy())
+    # Per-atom energies: the task's own column, summing to its energy; the other task's differ
+    assert atoms.get_potential_energies().sum() == pytest.approx(atoms.get_potential_energy(), abs=1e-4)
+    with pytest.warns(UserWarning, match="direct forces"):
+        box = JMPCalculator(checkpoint, task="box")
+    assert not np.allclose(box.get_potential_energies(atoms), atoms.get_potential_energies())
 
 
 def test_cli_errors(checkpoint, tiny_data, tmp_path, capsys):
@@ -514,7 +543,7 @@ def test_calculator_without_a_force_head_says_so(tiny_data, tmp_path):
            "loop": {"max_steps": 1, "progress": False, "fit_scale_factors": 0}}
     loop.Trainer(build_config(raw)).save_best({})
     calc = JMPCalculator(tmp_path / "best.pt")
-    assert calc.implemented_properties == ["energy", "free_energy"]
+    assert calc.implemented_properties == ["energy", "free_energy", "energies"]
     atoms = molecule("H2O")
     atoms.calc = calc
     assert np.isfinite(atoms.get_potential_energy())

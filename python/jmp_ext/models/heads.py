@@ -109,7 +109,11 @@ class StructureHead(nn.Module):
         return self.mlp(self.dropout(atom_features))
 
     def forward(self, atom_features: torch.Tensor, batch: dict) -> torch.Tensor:
-        out = reduce_atoms(self.atom_outputs(atom_features), batch["natoms"], self.config.reduction)
+        return self.reduce(self.atom_outputs(atom_features), batch)
+
+    def reduce(self, atom_outputs: torch.Tensor, batch: dict) -> torch.Tensor:
+        """atom_outputs [N, num_outputs] -> the per-structure predictions."""
+        out = reduce_atoms(atom_outputs, batch["natoms"], self.config.reduction)
         return out[:, 0] if self.config.kind == "scalar" and self.config.num_outputs == 1 else out
 
 

@@ -52,8 +52,9 @@ class PretrainOutput(nn.Module):
 
 
 class PretrainModel(nn.Module):
-    """JMP pretraining network. forward -> {"energy": [B, T] eV, "forces": [N, 3, T] eV/Å}, column
-    t for task tasks[t] (every head runs on every structure; the loss masks by task, as JMP does)."""
+    """JMP pretraining network. forward -> {"energy": [B, T] eV, "forces": [N, 3, T] eV/Å,
+    "energy_atoms": [N, T], each atom's term of the energy sum}, column t for task tasks[t] (every
+    head runs on every structure; the loss masks by task, as JMP does)."""
 
     def __init__(self, config: BackboneConfig, tasks: list[str]):
         super().__init__()
@@ -69,10 +70,11 @@ class PretrainModel(nn.Module):
     def forward(self, batch: dict, graphs: dict) -> dict[str, torch.Tensor]:
         out = self.backbone(self.embedding(batch["atomic_numbers"]), graphs)
         num_atoms = batch["pos"].shape[0]
-        energy = [reduce_atoms(mlp(out["energy"]), batch["natoms"], "sum") for mlp in self.output.out_energy]
+        energy_atoms = torch.cat([mlp(out["energy"]) for mlp in self.output.out_energy], dim=1)  # [N, T]
         forces = [direct_forces(mlp(out["forces"]), out["V_st"], out["idx_t"], num_atoms)
                   for mlp in self.output.out_forces]
-        return {"energy": torch.cat(energy, dim=1), "forces": torch.stack(forces, dim=-1)}
+        return {"energy": reduce_atoms(energy_atoms, batch["natoms"], "sum"), "forces": torch.stack(forces, dim=-1),
+                "energy_atoms": energy_atoms}
 
 
 class FinetuneOutput(nn.Module):
@@ -100,14 +102,15 @@ class FinetuneModel(nn.Module):
     weights, and under float16 autocast through `force_scaler` (JMP's ForceScaler; None without
     gradients), whose adaptive scale is training state to save and restore beside the weights.
 
-    forward -> {target: [B] or [B, C], "forces": [N, 3], "stress": [B, 3, 3]}."""
+    forward -> {target: [B] or [B, C], "forces": [N, 3], "stress": [B, 3, 3], "energy_atoms": [N],
+    each atom's term of the "energy" head's sum}."""
 
     def __init__(self, config: BackboneConfig, heads: list[HeadConfig],
                  forces: Literal["direct", "gradient"] | None = None, stress: bool = False):
         super().__init__()
         targets = [h.target for h in heads]
-        if len(set(targets)) != len(targets) or {"forces", "stress"} & set(targets):
-            raise ValueError(f"head targets must be distinct and not 'forces'/'stress', got {targets}")
+        if len(set(targets)) != len(targets) or {"forces", "stress", "energy_atoms"} & set(targets):
+            raise ValueError(f"head targets must be distinct and not 'forces'/'stress'/'energy_atoms', got {targets}")
         if forces not in (None, "direct", "gradient"):
             raise ValueError(f"forces must be None, 'direct' or 'gradient', got {forces!r}")
         if (forces == "gradient" or stress) and "energy" not in targets:
@@ -125,7 +128,13 @@ class FinetuneModel(nn.Module):
 
     def _heads(self, batch: dict, graphs: dict) -> dict[str, torch.Tensor]:
         out = self.backbone(self.embedding(batch["atomic_numbers"]), graphs)
-        preds = {name: head(out["energy"], batch) for name, head in self.output.heads.items()}
+        preds = {}
+        for name, head in self.output.heads.items():
+            if name == "energy" and head.config.reduction == "sum":  # (its atoms' terms: ASE's per-atom energies)
+                atom_outputs = head.atom_outputs(out["energy"])
+                preds[name], preds["energy_atoms"] = head.reduce(atom_outputs, batch), atom_outputs[:, 0]
+            else:
+                preds[name] = head(out["energy"], batch)
         if self.forces == "direct":
             preds["forces"] = direct_forces(self.output.out_forces(out["forces"]), out["V_st"], out["idx_t"],
                                             batch["pos"].shape[0])

@@ -167,8 +167,9 @@ def predict(checkpoint: str, source: str, out: str, task: str | None, batch_size
     - .npz: natoms [M], energy [M] (eV), forces [sum natoms, 3] (eV/Å), stress [M, 3, 3] (eV/Å^3;
       NaN for a structure without a cell), a property such as U_0 [M(, k)], a classification's
       logits [M, C] (the class is their argmax): natoms and one array per target the checkpoint
-      predicts, under its name; with a dataset whose entries carry one, sid [M] too (the
-      source's frame or row, which a split reorders).
+      predicts, under its name; with an energy, energies [sum natoms] (eV: each atom's term,
+      which sum to its structure's energy); with a dataset whose entries carry one, sid [M] too
+      (the source's frame or row, which a split reorders).
     - .extxyz / .xyz: the structures (an input file's as read, its labels kept) with each
       prediction beside them as predicted_{name}: per-structure values in the frame's info,
       per-atom ones (forces) as columns.
@@ -229,7 +230,7 @@ def predict(checkpoint: str, source: str, out: str, task: str | None, batch_size
         np.savez(buf, **arrays)
         write_bytes_atomic(Path(out), buf.getvalue())
     else:
-        per_atom = {target.name for target in config.tasks[t].targets if target.kind == "forces"}
+        per_atom = {"energies", *(target.name for target in config.tasks[t].targets if target.kind == "forces")}
         write_bytes_atomic(Path(out), predictions_as_extxyz(images, arrays, per_atom).encode())
     print(f"wrote predictions for {count} structures to {out}: {', '.join(sorted(arrays))}")
     return arrays
@@ -294,7 +295,7 @@ def entry_to_atoms(entry: dict):
 
 def predictions_as_extxyz(images: list, arrays: dict[str, np.ndarray], per_atom: set[str]) -> str:
     """extxyz text of `images` (Atoms, changed in place) with predict's arrays attached as
-    predicted_{name}: those named in `per_atom` (forces), one row per atom, as columns, the
+    predicted_{name}: those named in `per_atom` (forces, energies), one row per atom, as columns, the
     others per structure in info. An image's calculator results (the input file's labels) are
     kept."""
     import ase.io

@@ -150,8 +150,9 @@ class TaskModel(nn.Module):
                             edge_dropout=self.edge_dropout if (self.training and self.edge_dropout) else None)
 
     def forward(self, batch: dict, derivatives: bool = True) -> dict[str, torch.Tensor]:
-        """Physical predictions per target; derivatives=False leaves out gradient forces and
-        stress (FinetuneModel.forward)."""
+        """Physical predictions per target, and "energies" [N] eV (each atom's term of the energy,
+        which they sum to) when there is an energy; derivatives=False leaves out gradient forces
+        and stress (FinetuneModel.forward)."""
         graphs = self.graphs(batch)
         # (PretrainModel has direct forces only: no derivatives to leave out)
         out = self.net(batch, graphs) if derivatives or self.pretrain else self.net(batch, graphs, derivatives=False)
@@ -162,7 +163,13 @@ class TaskModel(nn.Module):
         if self.pretrain:
             # Every head ran on every structure; keep each structure's own task column.
             out = {"energy": out["energy"].gather(1, task[:, None])[:, 0],
-                   "forces": out["forces"].gather(2, atom_task[:, None, None].expand(-1, 3, 1))[..., 0]}
+                   "forces": out["forces"].gather(2, atom_task[:, None, None].expand(-1, 3, 1))[..., 0],
+                   "energy_atoms": out["energy_atoms"].gather(1, atom_task[:, None])[:, 0]}
+        # Each atom's term of the energy, with its element's reference (ASE's "energies"); not of
+        # a scalar target that happens to be named energy (its mean is no atom's).
+        if "energy_atoms" in out and self.targets["energy"].kind == "energy":
+            preds["energies"] = (out["energy_atoms"].double() * self.scale("energy")[atom_task]
+                                 + self.norm_linref[atom_task, batch["atomic_numbers"]])
         for name, target in self.targets.items():
             if target.kind in ("forces", "stress") and target.kind not in out:  # (derivatives=False)
                 continue

@@ -83,9 +83,11 @@ def test_load_stats_caches(tmp_path):
     (lambda s: s.pop("natoms_hist"), r"KeyError: 'natoms_hist'"),
     (lambda s: s.pop("targets"), r"KeyError: 'targets'"),
     (lambda s: s.pop("avg_natoms"), r"ValueError: no 'avg_natoms'"),
-    (lambda s: s.update(linref=s["linref"][:5]), r"linref must be 119 finite numbers"),
-    (lambda s: s["targets"]["energy"].update(std=float("nan")), r"targets.energy.std is not finite \(nan\)"),
+    (lambda s: s.update(linref=s["linref"][:5]), r"linref must be 119 numbers, got \(5,\)"),
+    (lambda s: s["targets"]["energy"].pop("std"), r"targets.energy must have a mean and a std"),
     (lambda s: s["linrefs"]["zpve"].update(mean="x"), r"could not convert string to float"),
+    (lambda s: s.update(linrefs=None), r"AttributeError"),
+    (lambda s: s.update(targets={"energy": 3.0}), r"AttributeError"),
 ])
 def test_a_damaged_stats_file_is_named(tmp_path, edit, message):
     """A hand-edited or damaged stats.json raised KeyError / torch's RuntimeError in training,
@@ -102,14 +104,32 @@ def test_a_damaged_stats_file_is_named(tmp_path, edit, message):
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # (numpy's, on the way)
-def test_labels_that_overflow_the_statistics_are_named(tmp_path):
+def test_statistics_that_are_not_finite_are_named_where_they_are_used(tmp_path):
+    """Labels of ~1e300 (a placeholder for 'missing') overflow their std: training on them
+    skipped every step; a NaN std edited into stats.json was taken as 1. An unused label may
+    hold anything (split and stats must not fail on it)."""
+    from jmp_ext.train.config import build_config
+    from jmp_ext.train.tasks import TrainError, normalizers
+
     entries = linear_entries(np.random.default_rng(3), 10)
     entries[4]["gap"] = np.float64(1e300)  # (its square, in the std, is inf)
     write_dataset(tmp_path / "ds", entries)
-    from jmp_ext.data import DataError
+    stats = load_stats(tmp_path / "ds")
 
-    with pytest.raises(DataError, match=r"ds: targets.gap.std is not finite \(inf\): labels of ~1e300 overflow"):
-        load_stats(tmp_path / "ds")
+    def config(target):
+        return build_config({"mode": "finetune", "tasks": [{"name": "t", "train": str(tmp_path / "ds"),
+                                                             "targets": [target]}]})
+
+    normalizers(config({"name": "energy", "kind": "energy"}).tasks, [stats])
+    with pytest.raises(TrainError, match=r"tasks.0 \(t\): .*ds/stats.json gives a non-finite or negative gap_std "
+                                         r"\(inf\): labels so large \(~1e300"):
+        normalizers(config({"name": "gap", "kind": "scalar"}).tasks, [stats])
+    stats["targets"]["energy"]["std"] = np.float64(np.nan)
+    with pytest.raises(TrainError, match=r"non-finite or negative energy_std \(nan\)"):
+        normalizers(config({"name": "energy", "kind": "energy"}).tasks, [stats])
+    stats["targets"]["energy"]["std"] = np.float64(-2.0)
+    with pytest.raises(TrainError, match=r"non-finite or negative energy_std \(-2.0\)"):
+        normalizers(config({"name": "energy", "kind": "energy"}).tasks, [stats])
 
 
 def test_cli_stats_and_info(tmp_path, capsys):

@@ -895,6 +895,10 @@ def test_target_names_the_batch_uses_itself_are_refused(tiny_data, tmp_path):
         raw["tasks"][0]["targets"] = [{"name": name, "kind": "scalar"}]
         with pytest.raises(ConfigError, match=f"target '{name}': the batch uses that name itself"):
             build_config(raw)
+    for name in ("energies", "energy_atoms"):  # (a scalar 'energies' replaced the per-atom energies)
+        raw["tasks"][0]["targets"] = [{"name": name, "kind": "scalar"}]
+        with pytest.raises(ConfigError, match=f"target '{name}': the model's predictions use that name itself"):
+            build_config(raw)
 
 
 def test_the_validation_line_names_only_the_tasks_validated(tiny_data, tmp_path):

@@ -167,12 +167,12 @@ def predict(checkpoint: str, source: str, out: str, task: str | None, batch_size
     - .npz: natoms [M], energy [M] (eV), forces [sum natoms, 3] (eV/Å), stress [M, 3, 3] (eV/Å^3;
       NaN for a structure without a cell), a property such as U_0 [M(, k)], a classification's
       logits [M, C] (the class is their argmax): natoms and one array per target the checkpoint
-      predicts, under its name; with an energy, energies [sum natoms] (eV: each atom's term,
+      predicts, under its name; with a target of kind energy, energies [sum natoms] (eV: each atom's term,
       which sum to its structure's energy); with a dataset whose entries carry one, sid [M] too
       (the source's frame or row, which a split reorders).
     - .extxyz / .xyz: the structures (an input file's as read, its labels kept) with each
       prediction beside them as predicted_{name}: per-structure values in the frame's info,
-      per-atom ones (forces) as columns.
+      per-atom ones (forces, energies) as columns.
     Returns the npz arrays."""
     from jmp_ext.files import write_bytes_atomic
     from jmp_ext.graphs import BatchStructureError
@@ -390,7 +390,8 @@ def run_command(argv: list[str]) -> int:
             "Predictions of a trained checkpoint for every structure of INPUT, in INPUT's order: "
             "one per target the checkpoint predicts, under its name (energy in eV, forces in eV/Å, "
             "stress in eV/Å^3, properties in their units, a classification's logits [M, C]: the "
-            "class is their argmax). OUT.npz: those arrays, natoms, and sid when the dataset's "
+            "class is their argmax), and with an energy target energies, each atom's term of the "
+            "energy (eV). OUT.npz: those arrays, natoms, and sid when the dataset's "
             "entries have one; OUT.extxyz (or .xyz): the structures with predicted_NAME beside "
             "their own labels.",
             epilog="Training: python -m jmp_ext.train --help.")

@@ -47,6 +47,8 @@ ENTRY_KEY = "_entry"
 # MultiDataset's dataset, batches.collate_batch's task and BatchList's entries): a label under one
 # would be overwritten.
 RESERVED_NAMES = ("natoms", "batch", "dataset", "task", ENTRY_KEY)
+# Predictions beside the targets' (TaskModel's per-atom energies, the networks' terms of them).
+PREDICTED_NAMES = ("energies", "energy_atoms")
 
 
 @dataclass(kw_only=True)
@@ -83,6 +85,10 @@ class TargetConfig:
         if self.name in RESERVED_NAMES:
             raise ConfigError(f"target {self.name!r}: the batch uses that name itself ({', '.join(RESERVED_NAMES)}); "
                               f"store the label under another name (python -m jmp_ext.data convert --property NEW=KEY)")
+        if self.name in PREDICTED_NAMES:
+            raise ConfigError(f"target {self.name!r}: the model's predictions use that name itself (per-atom "
+                              f"energies); store the label under another name (python -m jmp_ext.data convert "
+                              f"--property NEW=KEY)")
         if self.kind == "energy" and self.name != "energy":
             raise ConfigError(f"target {self.name!r}: kind energy is the dataset's 'energy' field (its linear "
                               "references are fitted on it); use kind scalar with reduction sum for another "

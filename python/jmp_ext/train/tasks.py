@@ -212,6 +212,15 @@ def normalizers(task_configs: list[TaskConfig], stats: list[dict]) -> dict[str, 
                 linref = norms.setdefault(f"norm_{name}_linref", torch.zeros_like(norms["norm_linref"]))
                 linref[i] = torch.as_tensor(np.asarray(st["linrefs"][name]["linref"], dtype=np.float64))
         norms[f"norm_{name}_mean"], norms[f"norm_{name}_std"] = torch.stack(mean), torch.stack(std)
+    for key, value in norms.items():  # (statistics of labels so large that they overflow, or an edited file)
+        bad = ~torch.isfinite(value) | ((value < 0) if key.endswith("_std") else torch.zeros_like(value, dtype=torch.bool))
+        if bad.any():
+            task = int(bad.nonzero()[0, 0])
+            raise TrainError(f"tasks.{task} ({task_configs[task].name}): {task_configs[task].train}/stats.json gives a "
+                             f"non-finite or negative {key.removeprefix('norm_')} ({value[task].tolist()}): labels so large "
+                             "(~1e300, a placeholder for 'missing'?) that their statistics overflow, or an edited "
+                             f"file; fix the labels, then `python -m jmp_ext.data stats {task_configs[task].train} "
+                             "--recompute`")
     return norms
 
 
@@ -235,9 +244,10 @@ def _target_scale(task: TaskConfig, target: TargetConfig, stats: dict, i: int) -
         if target.kind == "forces" and not task.gradient_forces:
             if "force_rms" not in stats:
                 raise TrainError(f"tasks.{i} ({task.name}): no force statistics in {task.train}/stats.json")
-            # (all-zero forces, relaxed structures only, would divide by zero: scale 1, as a constant target's)
+            # (all-zero forces, relaxed structures only, would divide by zero: scale 1, as a constant
+            # target's; a non-finite one is named by normalizers)
             rms = float(stats["force_rms"])
-            return zero, torch.tensor(rms if rms > 0 else 1.0, dtype=torch.float64)
+            return zero, torch.tensor(rms if rms != 0 else 1.0, dtype=torch.float64)
         return zero, one  # scaled by the energy std (see TaskModel)
     if target.name not in stats.get("targets", {}):
         raise TrainError(f"tasks.{i} ({task.name}): no statistics for target {target.name!r} in {task.train}/stats.json")
@@ -255,8 +265,9 @@ def _target_scale(task: TaskConfig, target: TargetConfig, stats: dict, i: int) -
     extensive = target.kind == "energy" or target.linref
     mean = zero if extensive else torch.as_tensor(np.asarray(s["mean"], dtype=np.float64))
     std = torch.as_tensor(np.asarray(s["std"], dtype=np.float64))
-    # A constant target (std 0) would divide by zero; keep its scale at 1.
-    return mean, torch.where(std > 0, std, torch.ones_like(std))
+    # A constant target (std 0) would divide by zero; keep its scale at 1. (A negative or
+    # non-finite one, from an edited file, stays for normalizers to name.)
+    return mean, torch.where(std == 0, torch.ones_like(std), std)
 
 
 def check_pretraining_targets(config: TrainConfig) -> None:

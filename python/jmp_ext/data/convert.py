@@ -221,10 +221,7 @@ def oc20_tags(tags: np.ndarray) -> np.ndarray:
     when any is set, else 2 everywhere, as JMP's fine-tuning sets them for molecules and bulk.
     ASE's default (all 0) would read as all sub-surface, leaving the quadruplet graph (edges
     touching a 1 or a 2) empty."""
-    tags = np.asarray(tags)
-    if tags.dtype.kind == "f" and not (np.isfinite(tags) & (tags == np.round(tags))).all():  # (1.5 was stored as 1)
-        raise fmt.DataError(f"tags must hold integers, got {tags[~np.isfinite(tags) | (tags != np.round(tags))][0]}")
-    tags = tags.astype(np.int64)
+    tags = fmt.as_integers(np.asarray(tags), "tags")
     return tags if tags.any() else np.full(tags.shape, 2, dtype=np.int64)
 
 

@@ -120,11 +120,8 @@ class LmdbDataset(Dataset):
             entry = self._decoder.decode(value, int(self.natoms[index]))
         except fmt.DataError as error:
             raise fmt.DataError(f"{self._where(index)}: {error}") from None
-        z = entry["atomic_numbers"]
         # (the writer refuses these; a file from elsewhere could index past the per-element tables)
-        if z.size and (z.min() < 1 or z.max() > fmt.MAX_Z):
-            raise fmt.DataError(f"{self._where(index)}: unknown element with atomic number "
-                                f"{z[(z < 1) | (z > fmt.MAX_Z)][0]}")
+        fmt.check_elements(entry["atomic_numbers"], self._where(index))
         return entry
 
     def _where(self, index: int) -> str:

@@ -217,6 +217,23 @@ def field_schema(name: str, array: np.ndarray, unit: str | None = None) -> dict:
             "unit": UNITS.get(name, "") if unit is None else unit}
 
 
+def check_elements(atomic_numbers: np.ndarray, where: str) -> None:
+    """Raises a DataError unless every atomic number is an element, 1..MAX_Z."""
+    z = atomic_numbers
+    if z.size and (z.min() < 1 or z.max() > MAX_Z):
+        raise DataError(f"{where}: unknown element with atomic number {z[(z < 1) | (z > MAX_Z)][0]}")
+
+
+def as_integers(array: np.ndarray, what: str) -> np.ndarray:
+    """`array` as int64; a DataError naming `what` when it holds a fraction, NaN or inf (1.5
+    would become 1, inf INT64_MIN)."""
+    if array.dtype.kind == "f":
+        fractional = ~np.isfinite(array) | (array != np.round(array))
+        if fractional.any():
+            raise DataError(f"{what} must hold integers, got {array[fractional][0]}")
+    return array.astype(np.int64)
+
+
 def validate_entry(entry: dict[str, np.ndarray], where: str) -> int:
     """Check one structure's fields (shapes, dtypes, elements, finite values); return natoms.
 
@@ -229,9 +246,7 @@ def validate_entry(entry: dict[str, np.ndarray], where: str) -> int:
     if z.ndim != 1 or z.shape[0] == 0:
         raise DataError(f"{where}: atomic_numbers must be a non-empty 1-D array, got shape {z.shape}")
     n = z.shape[0]
-    if z.min() < 1 or z.max() > MAX_Z:
-        bad = z[(z < 1) | (z > MAX_Z)][0]
-        raise DataError(f"{where}: unknown element with atomic number {bad}")
+    check_elements(z, where)
     for name, array in entry.items():
         if name in ATOM_FIELDS:
             expected = (n, 3) if name in ("pos", "forces") else (n,)
@@ -294,9 +309,7 @@ def normalize_entry(entry: dict, where: str, float_dtype=np.float64,
             # (an extxyz energy=T read as True: stored, it was an energy of 1 eV)
             raise DataError(f"{where}: {name} is a boolean ({array.tolist()}), not a number")
         if name in _INT_FIELDS:
-            if array.dtype.kind == "f" and not np.array_equal(array, np.round(array)):
-                raise DataError(f"{where}: {name} must hold integers")
-            array = array.astype(np.int64)
+            array = as_integers(array, f"{where}: {name}")
         elif name in _BOOL_FIELDS:
             array = array.astype(bool)
         elif array.dtype.kind in "biu" and name not in LABEL_FIELDS and name not in ("pos", "cell"):

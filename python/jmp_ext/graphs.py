@@ -311,6 +311,18 @@ def _batch_settings(batch: dict, config: GraphConfig | list[GraphConfig]) -> _Ba
         periodic=any(c.pbc for c in configs) and "cell" in batch)
 
 
+def _search_cell_pbc(batch: dict, settings: _BatchSettings) -> tuple[Tensor | None, Tensor]:
+    """The cell (None when nothing is periodic) and pbc [B, 3] the a2a radius graph searches
+    with: a batch without pbc is periodic along every axis, and a structure whose GraphConfig is
+    not periodic is searched as a molecule."""
+    pos, natoms = batch["pos"], batch["natoms"]
+    pbc = torch.zeros(natoms.shape[0], 3, dtype=torch.bool, device=pos.device)
+    if not settings.periodic:
+        return None, pbc
+    pbc = (batch["pbc"] if "pbc" in batch else ~pbc) & settings.pbc[:, None]
+    return batch["cell"].detach().to(pos.dtype), pbc
+
+
 def graphs_from_a2a(batch: dict, a2a: dict, config: GraphConfig | list[GraphConfig], *,
                     edge_dropout: float | None = None, generator: torch.Generator | None = None) -> dict:
     """Steps 2-6 of the module docstring (and step 1's edge dropout), given the a2a graph
@@ -417,13 +429,8 @@ def truncated_neighbors(batch: dict, config: GraphConfig) -> dict[str, tuple[int
     tag filter, an upper bound."""
     check_batch(batch)
     pos, natoms = batch["pos"].detach(), batch["natoms"]
-    # (as build_graphs reads them: no cell, a molecule; no pbc, periodic along every axis)
-    periodic = config.pbc and "cell" in batch
-    pbc = torch.zeros(natoms.shape[0], 3, dtype=torch.bool, device=pos.device)
-    if periodic:
-        pbc = batch["pbc"] if "pbc" in batch else ~pbc
-    edge_index, _, distance = radius_graph(pos, config.cutoff_a2a, natoms=natoms, pbc=pbc,
-                                           cell=batch["cell"].detach().to(pos.dtype) if periodic else None)
+    cell, pbc = _search_cell_pbc(batch, _batch_settings(batch, config))  # (as build_graphs reads the batch)
+    edge_index, _, distance = radius_graph(pos, config.cutoff_a2a, natoms=natoms, cell=cell, pbc=pbc)
     structure = _structure_index(natoms)
     out = {}
     for name, k in config.neighbors_per_structure(natoms).items():
@@ -461,12 +468,9 @@ def build_graphs(batch: dict, config: GraphConfig | list[GraphConfig], *, edge_d
         raise ValueError(f"edge_dropout must be in [0, 1), got {edge_dropout}")
     pos, natoms = batch["pos"], batch["natoms"]
     settings = _batch_settings(batch, config)
-    pbc = torch.zeros(natoms.shape[0], 3, dtype=torch.bool, device=pos.device)
-    if settings.periodic:
-        pbc = (batch["pbc"] if "pbc" in batch else ~pbc) & settings.pbc[:, None]
+    cell, pbc = _search_cell_pbc(batch, settings)
     edge_index, cell_offset, distance = radius_graph(
-        pos.detach(), max(c.cutoff_a2a for c in settings.configs), natoms=natoms,
-        cell=batch["cell"].detach().to(pos.dtype) if settings.periodic else None, pbc=pbc,
+        pos.detach(), max(c.cutoff_a2a for c in settings.configs), natoms=natoms, cell=cell, pbc=pbc,
         max_neighbors=int(settings.k["a2a"].max()))
     return _graphs_from_a2a(batch, {"edge_index": edge_index, "cell_offset": cell_offset, "distance": distance},
                             settings, edge_dropout, generator)

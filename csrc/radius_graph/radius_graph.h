@@ -56,7 +56,8 @@ struct Output {
 
 // Refuses a negative size, a cutoff that is not finite and > 0, a max_neighbors that is neither
 // -1 nor > 0, a tolerance that is NaN or +inf (any negative one means strict), a negative
-// max_edges and a ptr that does not run from 0 to num_atoms without decreasing. Reads ptr: host memory (the CUDA path checks its host copy before any launch).
+// max_edges and a ptr that does not run from 0 to num_atoms without decreasing. Reads ptr:
+// host memory (the CUDA path checks its host copy before any launch).
 void check_input(const Input& input);
 
 namespace cpu {

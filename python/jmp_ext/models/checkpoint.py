@@ -111,8 +111,8 @@ def read_state_dict(source: str | os.PathLike | dict, *, use_ema: bool = True) -
         raise ValueError(f"a checkpoint must be a dict, got {type(ckpt).__name__}")
     if is_training_checkpoint(ckpt):
         # The network's keys are JMP's once the TaskModel's "net." is dropped.
-        return checked_weights({k[len("net."):]: v for k, v in run_weights(ckpt, use_ema).items() if k.startswith("net.")},
-                        source)
+        return checked_weights({k[len("net."):]: v for k, v in run_weights(ckpt, use_ema).items()
+                                if k.startswith("net.")}, source)
     if "state_dict" in ckpt:
         state = dict(ckpt["state_dict"])
     elif ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):

@@ -213,7 +213,9 @@ def normalizers(task_configs: list[TaskConfig], stats: list[dict]) -> dict[str, 
                 linref[i] = torch.as_tensor(np.asarray(st["linrefs"][name]["linref"], dtype=np.float64))
         norms[f"norm_{name}_mean"], norms[f"norm_{name}_std"] = torch.stack(mean), torch.stack(std)
     for key, value in norms.items():  # (statistics of labels so large that they overflow, or an edited file)
-        bad = ~torch.isfinite(value) | ((value < 0) if key.endswith("_std") else torch.zeros_like(value, dtype=torch.bool))
+        bad = ~torch.isfinite(value)
+        if key.endswith("_std"):
+            bad |= value < 0
         if bad.any():
             task = int(bad.nonzero()[0, 0])
             raise TrainError(f"tasks.{task} ({task_configs[task].name}): {task_configs[task].train}/stats.json gives a "

@@ -457,6 +457,83 @@ def test_wrong_architecture_checkpoint(tiny_data, tmp_path):
             loop.Trainer(cfg)
 
 
+def _predictions(checkpoint, structures, task):
+    from jmp_ext.train.inference import load_trained, predict_structures
+
+    model, config = load_trained(checkpoint)
+    return predict_structures(model, structures, [t.name for t in config.tasks].index(task))
+
+
+def test_init_heads_starts_a_task_as_the_checkpoint_predicted(tiny_data, tmp_path):
+    """model.init_heads: a task the checkpoint trained under the same name keeps its heads and
+    normalisation (here at another index and on other data, whose statistics differ), so the new
+    run first predicts as the checkpoint did; a task it did not train starts new."""
+    from jmp_ext.data import LmdbDataset
+
+    loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path / "pre", max_steps=2))).train()
+    raw = pretrain_config(tiny_data, tmp_path / "more")
+    raw["tasks"] = [{**raw["tasks"][1], "name": "extra"}, {**raw["tasks"][0], "train": str(tiny_data / "box" / "train")}]
+    raw["model"].update(init_checkpoint=str(tmp_path / "pre" / "last.pt"), init_heads=True)
+    trainer = loop.Trainer(build_config(raw))
+    assert trainer.initialised_heads == ["mol"]
+    trainer.save_last()
+    structures = [LmdbDataset(tiny_data / "mol" / "test")[i] for i in range(3)]
+    before = _predictions(tmp_path / "pre" / "last.pt", structures, "mol")
+    after = _predictions(tmp_path / "more" / "last.pt", structures, "mol")
+    assert before.keys() == after.keys() and {"energy", "forces"} <= before.keys()
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=1e-6, atol=1e-6, msg=name)
+    # The new task's heads are new: not the checkpoint's "mol" or "box" ones.
+    pre = load_checkpoint(tmp_path / "pre" / "last.pt")["ema"]
+    extra = trainer.model.state_dict()["net.output.out_energy.0.0.weight"]
+    assert not any(torch.equal(extra, pre[f"net.output.out_energy.{j}.0.weight"]) for j in (0, 1))
+    # Without init_heads, the checkpoint's normalisation is not taken either: the run's own statistics.
+    raw["model"]["init_heads"] = False
+    fresh = loop.Trainer(build_config({**raw, "run_dir": str(tmp_path / "fresh")}))
+    assert fresh.initialised_heads == []
+    assert not torch.equal(fresh.model.norm_linref[1], trainer.model.norm_linref[1])
+
+
+def test_init_heads_continues_a_fine_tune(tiny_data, tmp_path):
+    """A fine-tune continued on more data (its heads, force MLP and normalisation kept)."""
+    from jmp_ext.data import LmdbDataset
+
+    loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path / "pre"))).save_last()
+    first = finetune_config(tiny_data, tmp_path / "ft", init=tmp_path / "pre" / "last.pt", forces="direct")
+    loop.Trainer(build_config(first)).train()
+    more = finetune_config(tiny_data, tmp_path / "more", init=tmp_path / "ft" / "best.pt", forces="direct",
+                           init_heads=True)
+    more["tasks"][0]["train"] = str(tiny_data / "mol" / "val")
+    loop.Trainer(build_config(more)).save_last()
+    structures = [LmdbDataset(tiny_data / "mol" / "test")[i] for i in range(3)]
+    before = _predictions(tmp_path / "ft" / "best.pt", structures, "mol")
+    after = _predictions(tmp_path / "more" / "last.pt", structures, "mol")
+    for name in ("energy", "forces"):
+        torch.testing.assert_close(after[name], before[name], rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_init_heads_refusals(tiny_data, tmp_path):
+    loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path / "pre"))).save_last()
+    pre = tmp_path / "pre" / "last.pt"
+    with pytest.raises(ConfigError, match="model.init_heads needs model.init_checkpoint"):
+        build_config(finetune_config(tiny_data, tmp_path / "ft", init="", init_heads=True))
+    loop.Trainer(build_config(finetune_config(tiny_data, tmp_path / "ft", init=pre, forces="direct"))).save_last()
+    renamed = pretrain_config(tiny_data, tmp_path / "r")
+    for task in renamed["tasks"]:
+        task["name"] += "2"
+    torch.save({"state_dict": PretrainModel(BackboneConfig.tiny(**SMALL), ["mol"]).state_dict()}, tmp_path / "jmp.ckpt")
+    cases = [(finetune_config(tiny_data, tmp_path / "a", init=pre), pre,
+              r"a pretrain checkpoint and this run a finetune: their heads differ"),
+             (renamed, pre, r"trained the tasks \['box', 'mol'\], none of this run's \['mol2', 'box2'\]"),
+             (finetune_config(tiny_data, tmp_path / "b"), tmp_path / "ft" / "last.pt",
+              r"tasks.0 \(mol\) has other targets or forces than .*'forces: gradient'\] against .*'forces: direct'\]"),
+             (pretrain_config(tiny_data, tmp_path / "c"), tmp_path / "jmp.ckpt", "is not a jmp_ext run's checkpoint")]
+    for raw, checkpoint, message in cases:
+        raw["model"].update(init_checkpoint=str(checkpoint), init_heads=True, init_ema=checkpoint != tmp_path / "jmp.ckpt")
+        with pytest.raises(TrainError, match=r"^model\.init_heads: .*" + message):
+            loop.Trainer(build_config(raw))
+
+
 def test_pretraining_says_how_it_samples_and_warns_of_periodic_data_on_molecule_graphs(tiny_data, tmp_path, capsys):
     """The sampling probabilities were nowhere to be read; and a periodic task given a
     molecule preset (ani1x) trained its crystals as isolated clusters without a word, where

@@ -196,9 +196,14 @@ class ModelConfig:
     init_checkpoint: str = ""
     """A checkpoint (ours or JMP's) whose embedding + backbone initialise the model: fine-tuning,
     or a new pretraining run that starts from one (resume=true continues a run instead). The heads
-    always start new."""
+    start new unless init_heads."""
     init_ema: bool = True
     """Take the EMA weights of init_checkpoint when it has them (JMP's default)."""
+    init_heads: bool = False
+    """Also start each task that init_checkpoint (one of our runs, of the same mode) trained
+    under the same name from that task's heads and normalisation (per-element references, mean,
+    std), so that it first predicts as the checkpoint did: continued pretraining, or a fine-tune
+    continued on more data. Its targets must be the checkpoint task's; other tasks start new."""
     freeze_embedding: bool = False
     """Fine-tuning: keep the atom embedding at init_checkpoint's values."""
     freeze_blocks: list[int] = field(default_factory=list)
@@ -216,6 +221,8 @@ class ModelConfig:
         if "edge_dropout" in self.backbone_overrides:
             raise ConfigError("model.backbone_overrides.edge_dropout: set model.edge_dropout instead (it both "
                               "drops the edges and rescales the backbone's sums)")
+        if self.init_heads and not self.init_checkpoint:
+            raise ConfigError("model.init_heads needs model.init_checkpoint (the checkpoint whose heads to start from)")
         if any(i < 0 for i in self.freeze_blocks):
             raise ConfigError(f"model.freeze_blocks entries must be >= 0, got {self.freeze_blocks}")
 

@@ -1,6 +1,7 @@
 """model.init_checkpoint: a new run's embedding and backbone (fine-tuning, or pretraining that
 starts from one) from a pretrained checkpoint (a run's best.pt / last.pt, or a released JMP
-one), checked against this run's network and graphs."""
+one), checked against this run's network and graphs; with model.init_heads, its tasks' heads
+and normalisation too."""
 
 from __future__ import annotations
 
@@ -8,19 +9,19 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from jmp_ext.models.checkpoint import (is_force_branch_key, is_training_checkpoint, load_jmp_checkpoint,
-                                      read_state_dict, safe_load)
+                                      read_state_dict, run_weights, safe_load)
 from jmp_ext.train.config import ConfigError, TrainConfig, from_dict
-from jmp_ext.train.tasks import TrainError, graph_configs
+from jmp_ext.train.tasks import TaskModel, TrainError, graph_configs
 
 
-def init_from_checkpoint(net: nn.Module, config: TrainConfig) -> None:
+def init_from_checkpoint(model: TaskModel, config: TrainConfig) -> list[str]:
     """Loads the embedding + backbone weights of config.model.init_checkpoint (ours, or a released
-    JMP one) into `net`; the heads stay new, and a force branch the network does not use is
-    dropped. One of our checkpoints also says what it was trained with: a backbone that does not
-    fit is named, and a warning says when this run's graphs differ from the checkpoint's."""
+    JMP one) into `model.net`, and its heads with model.init_heads (see _load_heads); a force
+    branch the network does not use is dropped. One of our checkpoints also says what it was
+    trained with: a backbone that does not fit is named, and a warning says when this run's
+    graphs differ from the checkpoint's. Returns the names of the tasks whose heads it loaded."""
     path = config.model.init_checkpoint
     if Path(path).is_dir():
         raise TrainError(f"model.init_checkpoint: {path} is a directory; give the checkpoint file (a run's "
@@ -42,7 +43,7 @@ def init_from_checkpoint(net: nn.Module, config: TrainConfig) -> None:
         except ConfigError:  # (a config this version no longer reads: nothing to compare with)
             pass
     try:
-        load_jmp_checkpoint(weights, net, use_ema=False)  # (weights are already the EMA ones if asked)
+        load_jmp_checkpoint(weights, model.net, use_ema=False)  # (weights are already the EMA ones if asked)
     except ValueError as e:
         fits = _backbone_preset_of(weights)
         hint = (f"its weights have the shapes of model.backbone={fits} (with no backbone_overrides)"
@@ -54,6 +55,69 @@ def init_from_checkpoint(net: nn.Module, config: TrainConfig) -> None:
         raise TrainError(f"model.init_checkpoint {path} does not fit the configured network ({e}); {hint}") from e
     if trained is not None:
         _warn_if_graphs_differ(path, graph_configs(trained), graph_configs(config))
+    if not config.model.init_heads:
+        return []
+    return _load_heads(model, config, trained, run_weights(checkpoint, config.model.init_ema) if trained else None)
+
+
+# What a head and its normalisation are built from; the loss (coef, class_weights) may change.
+_HEAD_FIELDS = ("name", "kind", "reduction", "num_classes", "normalize", "linref")
+
+
+def _load_heads(model: TaskModel, config: TrainConfig, trained: TrainConfig | None, weights: dict | None) -> list[str]:
+    """model.init_heads: each task of this run that the checkpoint's run trained under the same
+    name takes that task's heads (net.output.*: pretraining's out_energy.t / out_forces.t, or
+    fine-tuning's heads and force MLP) and its rows of the normalisation buffers (norm_*), so it
+    predicts as the checkpoint did. Refused for a checkpoint without its run's config (a released
+    JMP file: its heads' normalisation is not in it), of the other mode, or whose task of that
+    name has other targets or forces; a run none of whose tasks it trained is refused too (a
+    misspelt name would otherwise start every head new)."""
+    path = config.model.init_checkpoint
+    if trained is None:
+        raise TrainError(f"model.init_heads: {path} is not a jmp_ext run's checkpoint, which records the "
+                         "normalisation its heads predict in; only its embedding and backbone can be loaded "
+                         "(model.init_heads=false)")
+    if trained.mode != config.mode:
+        raise TrainError(f"model.init_heads: {path} is a {trained.mode} checkpoint and this run a {config.mode}: "
+                         "their heads differ (pretraining: an energy and a direct-force head per task; "
+                         "fine-tuning: one per target); set model.init_heads=false")
+    index = {task.name: j for j, task in enumerate(trained.tasks)}
+    if not index.keys() & {task.name for task in config.tasks}:
+        raise TrainError(f"model.init_heads: {path} trained the tasks {sorted(index)}, none of this run's "
+                         f"{[task.name for task in config.tasks]}; name a task as the checkpoint's to keep its heads")
+    state = model.state_dict()
+    new, loaded = {}, []
+    for i, task in enumerate(config.tasks):
+        j = index.get(task.name)
+        if j is None:
+            continue
+        loaded.append(task.name)
+        old = trained.tasks[j]
+        described = [[{f: getattr(t, f) for f in _HEAD_FIELDS} for t in tk.targets] + [f"forces: {tk.forces}"]
+                     for tk in (old, task)]
+        if described[0] != described[1]:
+            raise TrainError(f"model.init_heads: tasks.{i} ({task.name}) has other targets or forces than {path}'s "
+                             f"task of that name ({described[1]} against {described[0]}); rename the task to start "
+                             "its heads new")
+        for key, value in state.items():
+            per_task = key.startswith("norm_")  # [T, ...]: row i is this task's
+            if not (per_task or key.startswith("net.output.")):
+                continue
+            parts = key.split(".")
+            if not per_task and config.mode == "pretrain":  # net.output.out_{energy,forces}.{task}.*
+                if parts[3] != str(i):
+                    continue
+                parts[3] = str(j)
+            saved = weights.get(".".join(parts))
+            if saved is None or saved.shape[int(per_task):] != value.shape[int(per_task):]:  # (a row's, per task)
+                raise TrainError(f"model.init_heads: {path} has no {'.'.join(parts)} of this run's shape (another "
+                                 "version of jmp_ext?); set model.init_heads=false")
+            if per_task:
+                new.setdefault(key, value.clone())[i] = saved[j]
+            else:
+                new[key] = saved
+    model.load_state_dict({**state, **new})
+    return loaded
 
 
 def _backbone_preset_of(weights: dict) -> str | None:

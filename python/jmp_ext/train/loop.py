@@ -153,8 +153,8 @@ class Trainer:
             buffers = {**tasks.normalizers(c.tasks, stats), **tasks.training_elements(stats)}
             self.model = tasks.build_model(c, buffers).to(self.device)
             self.model.net.to(self.dtype)
-            if c.model.init_checkpoint:
-                init_from_checkpoint(self.model.net, c)
+            # The tasks whose heads init_checkpoint gave (model.init_heads).
+            self.initialised_heads = init_from_checkpoint(self.model, c) if c.model.init_checkpoint else []
             freeze(self.model.net, c.model.freeze_embedding, c.model.freeze_blocks)
             self.optimizer = build_optimizer(self.model.net, c.optim, tasks.num_blocks(self.model.net))
             self.ema = EMA(self.model, c.loop.ema_decay) if c.loop.ema_decay > 0 else None
@@ -232,8 +232,13 @@ class Trainer:
             self.log.write(f"resumed {self.run_dir / 'last.pt'} at step {self.step} of {self.total_steps} "
                            f"(epoch {self.epoch}, {self.batch_in_epoch} batches into it)")
         if c.model.init_checkpoint and not resumed:
+            kept = self.initialised_heads
+            new = [t.name for t in c.tasks if t.name not in kept]
+            heads = (f"its heads for {', '.join(kept)}" + (f" and new heads for {', '.join(new)}" if new else "")
+                     if kept else "new heads")
             self.log.write(f"initialised the embedding and backbone from {c.model.init_checkpoint} "
-                           f"({'its EMA weights where it has them' if c.model.init_ema else 'its raw weights'}), with new heads")
+                           f"({'its EMA weights where it has them' if c.model.init_ema else 'its raw weights'}), "
+                           f"with {heads}")
         elif c.mode == "finetune" and not resumed:  # (a preset's init_checkpoint is empty until given)
             self.log.write("model.init_checkpoint is empty: fine-tuning a randomly initialised network, without "
                            "pre-training (give a released JMP checkpoint or a pre-training run's last.pt)")

@@ -103,6 +103,35 @@ def test_stress_is_nan_only_for_structures_without_a_cell():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+def test_float32_forces_and_stress_are_bitwise_reproducible_across_thread_counts():
+    """Gradients through the geometry (edge vectors, the strain of every atom's structure) are
+    deterministic sums: the same forces and stress on every call and any number of threads."""
+    from ase.build import bulk
+
+    from jmp_ext.calculator import atoms_to_entry
+    from jmp_ext.data.collate import collate
+    from jmp_ext.graphs import GraphConfig, build_graphs
+
+    structures = [bulk("Cu", "fcc", a=3.61, cubic=True).repeat((3, 3, 3)) for _ in range(4)]
+    for seed, atoms in enumerate(structures):
+        atoms.rattle(0.05, seed=seed)
+    batch = collate([atoms_to_entry(atoms) for atoms in structures], torch.float32)
+    graphs = build_graphs(batch, GraphConfig.uniform(5.0, max_neighbors=12))
+    torch.manual_seed(0)
+    model = FinetuneModel(TINY, [HeadConfig(target="energy")], forces="gradient", stress=True).eval()
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 2, 2, 2):
+            torch.set_num_threads(threads)
+            results.append({k: v.detach() for k, v in model(batch, graphs).items()})
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for name in ("energy", "forces", "stress"):
+            assert torch.equal(other[name], results[0][name]), name
+
+
 def test_training_on_gradient_forces_differentiates_the_weights():
     """create_graph while training: d(force loss)/d(weight) equals its finite difference."""
     batch, graphs = bulk_batch_and_graphs()

@@ -422,6 +422,36 @@ def test_edge_vectors_gradcheck_wrt_pos_and_cell():
     )
 
 
+def test_edge_vectors_gradients_are_bitwise_reproducible_across_thread_counts():
+    """Forces and stress are gradients through edge_vectors: in float32 they must not change
+    from call to call or with the thread count (indexing's backward, an accumulating
+    index_put, adds in a varying order on several threads)."""
+    systems = [bulk("Cu", "fcc", a=3.61, cubic=True).repeat((5, 5, 4)) for _ in range(2)]
+    for seed, atoms in enumerate(systems):
+        atoms.rattle(0.1, seed=seed)
+    pos, natoms, cell, pbc = _batch_tensors([(a.positions, a.cell.array, None, a.pbc) for a in systems], torch.float32)
+    edge_index, cell_offsets, _ = radius_graph(pos, 6.0, natoms=natoms, cell=cell, pbc=pbc)
+    batch = torch.repeat_interleave(torch.arange(len(natoms)), natoms)
+    weights = torch.randn(edge_index.shape[1], 3, generator=torch.Generator().manual_seed(0))
+
+    def gradients():
+        p, c = pos.clone().requires_grad_(), cell.clone().requires_grad_()
+        (edge_vectors(p, edge_index, cell_offsets, c, batch) * weights).sum().backward()
+        return p.grad, c.grad
+
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3, 2, 2):
+            torch.set_num_threads(threads)
+            results.append(gradients())
+    finally:
+        torch.set_num_threads(before)
+    assert edge_index.shape[1] > 50_000
+    for pos_grad, cell_grad in results[1:]:
+        assert torch.equal(pos_grad, results[0][0]) and torch.equal(cell_grad, results[0][1])
+
+
 def test_edge_vectors_needs_batch_for_several_cells():
     pos = torch.zeros(2, 3)
     cells = torch.stack([torch.eye(3), 2 * torch.eye(3)])

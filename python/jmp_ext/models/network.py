@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from jmp_ext import ops
 from jmp_ext.graphs import with_geometry
 from jmp_ext.models.force_scaler import ForceScaler
 from jmp_ext.models.gemnet_oc import BackboneConfig, GemNetOCBackbone
@@ -159,7 +160,7 @@ class FinetuneModel(nn.Module):
                 # r -> r (1 + eps) for positions and lattice vectors (rows) alike, in full
                 # precision under autocast too.
                 with torch.autocast(pos.device.type, enabled=False):
-                    pos = pos + torch.einsum("ni,nij->nj", pos, sym[structure])
+                    pos = pos + torch.einsum("ni,nij->nj", pos, ops.gather(sym, structure))  # (deterministic gradient)
                     cell = cell + torch.bmm(cell, sym)
                 inputs.append(strain)
             preds = self._heads(batch, with_geometry(graphs, pos, cell, structure))

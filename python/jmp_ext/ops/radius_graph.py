@@ -33,6 +33,7 @@ from torch import Tensor
 
 from jmp_ext import cpu
 from jmp_ext.ops._lib import _C, DTYPE_CODES, num_threads, ptr, require_cuda
+from jmp_ext.ops.reductions import gather
 
 __all__ = ["radius_graph", "edge_vectors", "DEFAULT_MAX_EDGES"]
 
@@ -346,7 +347,9 @@ def edge_vectors(
         [E, 3] in pos's dtype; gradients flow to pos and cell. ``.norm(dim=-1)`` gives d.
     """
     source, target = edge_index[0], edge_index[1]
-    vectors = pos[source] - pos[target]
+    # gather, not indexing: its gradient (forces, stress) is a deterministic sum; indexing's
+    # float32 backward on the CPU adds in a different order from call to call.
+    vectors = gather(pos, source) - gather(pos, target)
     if cell is None:
         return vectors
     cell = cell.reshape(-1, 3, 3)
@@ -356,7 +359,7 @@ def edge_vectors(
     with torch.autocast(pos.device.type, enabled=False):  # no bf16 / fp16 lattice shifts
         if batch is None:
             return vectors + shifts @ cell[0]
-        return vectors + torch.einsum("ek,ekl->el", shifts, cell[batch[target]])
+        return vectors + torch.einsum("ek,ekl->el", shifts, gather(cell, batch[target]))
 
 
 def radius_graph(

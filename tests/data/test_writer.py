@@ -123,3 +123,16 @@ def test_leftovers_of_a_killed_write_are_pointed_out_not_deleted(tmp_path, entri
     (message,) = [str(w.message) for w in caught]
     assert message.startswith(f"{leftovers[0]}, {leftovers[1]}: left by an interrupted write of {tmp_path / 'ds'}")
     assert all(path.is_dir() for path in leftovers) and len(LmdbDataset(tmp_path / "ds")) == len(entries)
+
+
+def test_the_same_entries_give_the_same_bytes(tmp_path, entries):
+    """LMDB's pages hold only what was written: the files are byte-reproducible (checksums,
+    rsync) and never carry leftover process memory, such as the text of another input file."""
+    write_dataset(tmp_path / "a", entries)
+    garbage = [os.urandom(4096) for _ in range(2000)]  # (fresh heap contents for the second write)
+    del garbage
+    write_dataset(tmp_path / "b", entries)
+    shards = sorted(p.name for p in (tmp_path / "a").glob("data.*.lmdb"))
+    assert shards and shards == sorted(p.name for p in (tmp_path / "b").glob("data.*.lmdb"))
+    for name in shards + ["metadata.npz"]:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name

@@ -128,8 +128,8 @@ class DatasetWriter:
     def _open_shard(self) -> None:
         self._close_shard()
         name = f"data.{len(self._shards):04d}.lmdb"
-        self._env = lmdb.open(str(self._tmp / name), subdir=False, map_size=_INITIAL_MAP_SIZE,
-                              meminit=False, map_async=True)
+        # (meminit, the default: the unused part of each page is zeros, not leftover process memory)
+        self._env = lmdb.open(str(self._tmp / name), subdir=False, map_size=_INITIAL_MAP_SIZE, map_async=True)
         self._shards.append({"file": name, "num_entries": 0})
 
     def _flush(self) -> None:

@@ -132,6 +132,21 @@ def test_float32_forces_and_stress_are_bitwise_reproducible_across_thread_counts
             assert torch.equal(other[name], results[0][name]), name
 
 
+def test_a_seed_gives_the_same_weights_on_any_number_of_threads():
+    """The orthogonal initialisation's QR rounds differently on several threads."""
+    before = torch.get_num_threads()
+    try:
+        states = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            torch.manual_seed(0)
+            states.append(PretrainModel(BackboneConfig.jmp_s(), ["a"]).state_dict())
+    finally:
+        torch.set_num_threads(before)
+    for key, value in states[0].items():
+        assert torch.equal(value, states[1][key]), key
+
+
 def test_training_on_gradient_forces_differentiates_the_weights():
     """create_graph while training: d(force loss)/d(weight) equals its finite difference."""
     batch, graphs = bulk_batch_and_graphs()

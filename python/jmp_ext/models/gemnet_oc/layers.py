@@ -17,7 +17,14 @@ def he_orthogonal_init(weight: torch.Tensor) -> torch.Tensor:
     """Orthogonal init, standardised to zero mean / unit variance per output unit, then scaled by
     fan_in^-1/2. For 3-D BasisEmbedding weights (R, S, I) the output axis is the last one and
     fan_in = R*S; for 2-D Linear weights (out, in) fan_in = in."""
-    nn.init.orthogonal_(weight)
+    # On one thread: the QR decomposition's rounding depends on the number of threads, and a
+    # seed should give the same weights whatever loop.threads or OMP_NUM_THREADS is.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        nn.init.orthogonal_(weight)
+    finally:
+        torch.set_num_threads(threads)
     if weight.dim() == 3:
         axis, fan_in = [0, 1], weight.shape[0] * weight.shape[1]
     else:

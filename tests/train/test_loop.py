@@ -193,7 +193,7 @@ def test_bad_class_labels_are_named(tmp_path):
         loop.Trainer(build_config(raw))
 
 
-@pytest.mark.filterwarnings("ignore:resume. the cosine schedule now runs")  # (a longer run: true)
+@pytest.mark.filterwarnings("ignore:resume. the cosine after the warmup is now")  # (a longer run: true)
 def test_resume_refuses_a_different_run_but_not_a_different_loader(tiny_data, tmp_path):
     loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path, max_steps=2))).train()
     resume = ["resume=true", "loop.max_steps=3"]
@@ -205,7 +205,7 @@ def test_resume_refuses_a_different_run_but_not_a_different_loader(tiny_data, tm
     assert trainer.resumed and trainer.step == 2
 
 
-@pytest.mark.filterwarnings("ignore:resume. the cosine schedule now runs")  # (a longer run: true)
+@pytest.mark.filterwarnings("ignore:resume. the cosine after the warmup is now")  # (a longer run: true)
 def test_resume_continues_with_the_changed_optimizer_settings_and_says_so(tiny_data, tmp_path, capsys):
     """optim.lr changed on resume took effect, optim.weight_decay (restored with the optimizer's
     param groups) silently did not, and neither was mentioned. The config's values apply, the
@@ -225,7 +225,7 @@ def test_resume_continues_with_the_changed_optimizer_settings_and_says_so(tiny_d
     assert f"resumed {tmp_path / 'last.pt'} at step 2 of 3 (epoch " in out.out + out.err
 
 
-@pytest.mark.filterwarnings("ignore:resume. the cosine schedule now runs")  # (a longer run: true)
+@pytest.mark.filterwarnings("ignore:resume. the cosine after the warmup is now")  # (a longer run: true)
 def test_temp_files_of_a_run_killed_while_saving_are_removed(tiny_data, tmp_path):
     """files.write_atomic leaves .last.pt.XXXX.tmp behind a SIGKILL, a checkpoint's size each."""
     run = tmp_path / "run"
@@ -239,7 +239,7 @@ def test_temp_files_of_a_run_killed_while_saving_are_removed(tiny_data, tmp_path
     assert (run / ".notes.tmp").read_text() == "the user's"
 
 
-@pytest.mark.filterwarnings("ignore:resume. the cosine schedule now runs")  # (a longer run: true)
+@pytest.mark.filterwarnings("ignore:resume. the cosine after the warmup is now")  # (a longer run: true)
 def test_resume_keeps_its_training_elements_when_the_statistics_change(tiny_data, tmp_path):
     """train_elements comes from stats.json, which a user may recompute (or which predates the
     list) between a run and its resume: the resume must not fail on it."""
@@ -273,7 +273,7 @@ def test_forces_that_are_all_zero_train(tiny_data, tmp_path):
     assert any(not torch.equal(v, trainer.model.net.state_dict()[k]) for k, v in before.items())
 
 
-@pytest.mark.filterwarnings("ignore:resume. the cosine schedule now runs")  # (a longer run: true)
+@pytest.mark.filterwarnings("ignore:resume. the cosine after the warmup is now")  # (a longer run: true)
 def test_a_last_pt_without_a_key_of_this_version_is_a_message(tiny_data, tmp_path):
     """A last.pt of another jmp_ext version (or edited) raised a bare KeyError."""
     run = tmp_path / "run"
@@ -996,8 +996,17 @@ def test_what_ends_the_run_and_a_moved_cosine_are_said(tiny_data, tmp_path, caps
             f"{trainer.steps_per_epoch}, before loop.max_steps=50" in out.out + out.err)
     trainer.train()
     raw["loop"].update(max_epochs=0, max_steps=trainer.steps_per_epoch + 4)
-    with pytest.warns(UserWarning, match=rf"resume: the cosine schedule now runs \d+ steps instead of "
-                                         rf"{trainer.schedule.cosine_steps} .* the lr jumps at step {trainer.steps_per_epoch}"):
+    with pytest.warns(UserWarning, match=rf"resume: the cosine after the warmup is now \d+ steps instead of "
+                                         rf"{trainer.schedule.cosine_steps} steps .* the lr jumps at step "
+                                         rf"{trainer.steps_per_epoch};"):
+        loop.Trainer(build_config({**raw, "resume": True}))
+    # Resumed within the warmup, in a run that ended there (no cosine): nothing jumps yet.
+    raw = pretrain_config(tiny_data, tmp_path / "warm", max_steps=2, val_every=0, ckpt_every=1)
+    raw["schedule"]["warmup"] = 5
+    loop.Trainer(build_config(raw)).train()
+    raw["loop"]["max_steps"] = 9
+    with pytest.warns(UserWarning, match=r"the cosine after the warmup is now 4 steps instead of none \(.*\), from "
+                                         r"the end of the warmup \(step 5\); set schedule.cosine"):
         loop.Trainer(build_config({**raw, "resume": True}))
 
 

@@ -711,10 +711,17 @@ class Trainer:
         self.schedule.load_state_dict(state["schedule"])
         was = state["schedule"]["cosine_steps"]
         if was != self.schedule.cosine_steps and self.main:
-            warnings.warn(f"resume: the cosine schedule now runs {self.schedule.cosine_steps} steps instead of {was} "
-                          f"(schedule.cosine=0 runs it to the end of the run, which the new loop.max_steps / "
-                          f"loop.max_epochs moved), so the lr jumps at step {state['loop']['step']}; set "
-                          f"schedule.cosine to keep the old one", stacklevel=3)
+            def length(steps: int) -> str:  # (none when the run ends within the warmup)
+                return f"{steps} steps" if steps > 0 else "none"
+
+            step = state["loop"]["step"]
+            # (within the warmup the lr does not depend on the cosine yet)
+            effect = (f"so the lr jumps at step {step}" if step >= self.schedule.warmup_steps else
+                      f"from the end of the warmup (step {self.schedule.warmup_steps})")
+            warnings.warn(f"resume: the cosine after the warmup is now {length(self.schedule.cosine_steps)} instead of "
+                          f"{length(was)} (schedule.cosine=0 runs it to the end of the run, which the new "
+                          f"loop.max_steps / loop.max_epochs moved), {effect}; set schedule.cosine to keep the "
+                          "old one", stacklevel=3)
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         if self.force_scaler is not None and state["force_scaler"] is not None:

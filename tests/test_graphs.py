@@ -359,3 +359,23 @@ def test_truncated_neighbors_counts_every_neighbour_like_ase():
     cluster = int(np.bincount(neighbor_list("i", atoms, 6.0)).max())
     assert G.truncated_neighbors(no_cell, G.GraphConfig.uniform(6.0, 30)) == {"a2ee2a": (cluster, 20),
                                                                            "qint": (cluster, 8)}
+
+
+def test_symmetrize_keeps_pairs_s_before_t_and_self_images_of_negative_offset():
+    """JMP's rule against an independent one: every edge (s, t, S) of a symmetric graph is kept
+    once, as s < t or, for an atom's own images, as the one of the pair (S, -S) whose offset is
+    lexicographically negative (Python's tuple order); the second half is the first reversed."""
+    from itertools import product
+
+    images = [o for o in product((-1, 0, 1), repeat=3) if o != (0, 0, 0)]
+    edges = [(0, 0, o) for o in images] + [(s, t, o) for s, t in ((0, 1), (1, 0)) for o in [(0, 0, 0), *images]]
+    edges = [edges[i] for i in torch.randperm(len(edges), generator=torch.Generator().manual_seed(0))]
+    graph = {"edge_index": torch.tensor([[s for s, _, _ in edges], [t for _, t, _ in edges]]),
+             "cell_offset": torch.tensor([o for _, _, o in edges], dtype=torch.int32)}
+    sym, id_swap = G.symmetrize(graph)
+    triples = [(s, t, tuple(o)) for (s, t), o in zip(sym["edge_index"].T.tolist(), sym["cell_offset"].tolist())]
+    half = len(triples) // 2
+    assert set(triples[:half]) == {(s, t, o) for s, t, o in edges if s < t or (s == t and o < (0, 0, 0))}
+    assert triples[half:] == [(t, s, tuple(-x for x in o)) for s, t, o in triples[:half]]
+    assert sorted(triples) == sorted(edges)
+    assert [triples[j] for j in id_swap.tolist()] == [(t, s, tuple(-x for x in o)) for s, t, o in triples]

@@ -136,3 +136,31 @@ def test_the_same_entries_give_the_same_bytes(tmp_path, entries):
     assert shards and shards == sorted(p.name for p in (tmp_path / "b").glob("data.*.lmdb"))
     for name in shards + ["metadata.npz"]:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_every_shard_is_on_disk_before_the_dataset_is_published(tmp_path, entries, monkeypatch):
+    """A power cut after the swap must not leave a published dataset with unwritten pages:
+    each shard is fsynced (env.sync(True)) before the directory is moved into place."""
+    import lmdb
+
+    from jmp_ext.data import writer
+
+    synced, events, open_lmdb = set(), [], lmdb.open
+
+    class Env:
+        def __init__(self, path, **kwargs):
+            self._env, self._path = open_lmdb(path, **kwargs), Path(path).name
+
+        def sync(self, force=False):
+            self._env.sync(force)
+            if force:
+                synced.add(self._path)
+
+        def __getattr__(self, name):
+            return getattr(self._env, name)
+
+    replace = writer.replace_dir
+    monkeypatch.setattr(writer.lmdb, "open", Env)
+    monkeypatch.setattr(writer, "replace_dir", lambda *args: (events.append(set(synced)), replace(*args)))
+    write_dataset(tmp_path / "d", entries, shard_size=2)
+    assert events == [{f"data.{i:04d}.lmdb" for i in range(3)}]

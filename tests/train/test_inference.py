@@ -501,7 +501,7 @@ def test_a_pretraining_checkpoint_needs_a_task(tiny_data, tmp_path, capsys):
         atoms.calc = JMPCalculator(checkpoint, task="mol")
     assert np.isfinite(atoms.get_potential_energy())
     # Per-atom energies: the task's own column, summing to its energy; the other task's differ
-    assert atoms.get_potential_energies().sum() == pytest.approx(atoms.get_potential_energy(), abs=1e-4)
+    assert atoms.get_potential_energies().sum() == pytest.approx(atoms.get_potential_energy(), rel=1e-6)
     with pytest.warns(UserWarning, match="direct forces"):
         box = JMPCalculator(checkpoint, task="box")
     assert not np.allclose(box.get_potential_energies(atoms), atoms.get_potential_energies())

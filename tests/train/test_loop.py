@@ -550,6 +550,12 @@ def test_pretraining_says_how_it_samples_and_warns_of_periodic_data_on_molecule_
     assert (f"temperature sampling (data.temperature=2), per epoch of {trainer.steps_per_epoch} steps: mol 4 "
             f"structures, p {p:.3f}, {round(p * 12 / (1 - p))} drawn; box 12 structures, p {1 - p:.3f}, 12 drawn"
             ) in capsys.readouterr().out
+    # data.temperature reaches the sampler (T = 1: in proportion to the sizes, 4 / 16)
+    raw["data"]["temperature"] = 1.0
+    trainer = loop.Trainer(build_config(raw, [f"run_dir={tmp_path / 't1'}"]))
+    trainer.log.close()
+    assert "mol 4 structures, p 0.250, 4 drawn; box 12 structures, p 0.750, 12 drawn" in capsys.readouterr().out
+    raw["data"]["temperature"] = 2.0
     raw["tasks"][1]["graph"] = {"preset": "ani1x"}
     with pytest.warns(UserWarning, match=r"tasks\.1 \(box\): its graphs are non-periodic \(graph preset 'ani1x'\), "
                                          r"but its training data is periodic \(.*box/train entry 0\)"):
@@ -823,7 +829,9 @@ def test_a_dropped_lock_is_released():
         lock = lock_run_dir(Path(run))
         del lock
         gc.collect()
-        unlock_run_dir(lock_run_dir(Path(run)))
+        again = lock_run_dir(Path(run))  # (raises TrainError "in use" while the dropped lock is held)
+        assert again is not None
+        unlock_run_dir(again)
 
 
 def test_a_killed_runs_forked_workers_do_not_keep_its_lock(tmp_path):
@@ -1082,3 +1090,22 @@ def test_first_stop_signal_finishes_the_step_saves_and_resumes_exactly(tiny_data
     resumed = loop.Trainer(config(tmp_path / "cut", "resume=true"))
     resumed.train()
     assert_same_state(resumed.model.state_dict(), full.model.state_dict())
+    assert_same_state(resumed.ema.state_dict(), full.ema.state_dict())
+    assert_same_state(resumed.optimizer.state_dict(), full.optimizer.state_dict())
+
+
+def test_resume_restores_the_plateau_schedule(tiny_data, tmp_path):
+    """The reduce-on-plateau state (its scale, best metric and count) continues: a short run
+    never reaches a plateau, so it is set in last.pt here and must come back, lr included."""
+    from jmp_ext.train.checkpoint import save_checkpoint
+
+    raw = pretrain_config(tiny_data, tmp_path, max_steps=2, val_every=0)
+    loop.Trainer(build_config(raw)).train()
+    state = load_checkpoint(tmp_path / "last.pt")
+    state["schedule"].update(plateau_scale=0.25, best=1.5, bad=1)
+    save_checkpoint(tmp_path / "last.pt", state)
+    trainer = loop.Trainer(build_config({**raw, "resume": True}))
+    assert trainer.schedule.state_dict() == state["schedule"]
+    for group in trainer.optimizer.param_groups:
+        expected = trainer.schedule.base_lr * group["lr_mult"] * trainer.schedule.factor(2, group["lr_mult"]) * 0.25
+        assert group["lr"] == pytest.approx(expected, rel=1e-12)

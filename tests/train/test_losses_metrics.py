@@ -82,10 +82,10 @@ def _all_reduced(monkeypatch, ranks: list[Metrics]) -> list[dict]:
 
 def test_mae_and_rmse_are_exact_over_batches_and_ranks(monkeypatch):
     """Batches of different sizes on two ranks (all_reduce's collectives replaced by sums over
-    the ranks' own tables): every MAE and RMSE equals numpy's over all the errors at once, as a
-    mean of per-batch or per-rank values would not. Only rank 0 sees the scalar target."""
+    the ranks' own tables): every MAE and RMSE, and forces_cos, equals numpy's over all the
+    errors (atoms) at once, as a mean of per-batch or per-rank values would not. Only rank 0 sees the scalar target."""
     rng = np.random.default_rng(0)
-    ranks, errors = [Metrics(), Metrics()], {}
+    ranks, errors, cosines = [Metrics(), Metrics()], {}, []
     for b, size in enumerate([1, 5, 2, 7, 3]):
         rank = ranks[b % 2]
         pred, true, natoms = rng.normal(size=size), rng.normal(size=size), rng.integers(1, 9, size)
@@ -96,6 +96,7 @@ def test_mae_and_rmse_are_exact_over_batches_and_ranks(monkeypatch):
         fp, ft, free = rng.normal(size=(n, 3)), rng.normal(size=(n, 3)), rng.random(n) < 0.7
         rank.update_forces("t", torch.tensor(fp), torch.tensor(ft), torch.tensor(free))
         errors.setdefault("forces", []).extend((fp - ft)[free].ravel())
+        cosines.extend((fp * ft).sum(1)[free] / (np.linalg.norm(fp, axis=1) * np.linalg.norm(ft, axis=1))[free])
         if rank is ranks[0]:
             sp, st = rng.normal(size=size), rng.normal(size=size)
             rank.update_scalar("t", "gap", torch.tensor(sp), torch.tensor(st))
@@ -107,6 +108,7 @@ def test_mae_and_rmse_are_exact_over_batches_and_ranks(monkeypatch):
         err = np.asarray(err)
         assert results[0][f"t/{name}_mae"] == pytest.approx(np.abs(err).mean(), rel=1e-12), name
         assert results[0][f"t/{name}_rmse"] == pytest.approx(np.sqrt(np.square(err).mean()), rel=1e-12), name
+    assert results[0]["t/forces_cos"] == pytest.approx(np.mean(cosines), rel=1e-12)  # per free atom
 
 
 def _brute_auc(scores, positive):

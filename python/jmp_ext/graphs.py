@@ -174,6 +174,31 @@ def check_batch(batch: dict) -> None:
                                            "are lattice vectors, and those must not be coplanar")
 
 
+def close_pair(pos: Tensor, natoms: Tensor, cell: Tensor | None, pbc: Tensor) -> tuple[int, int, int, float] | None:
+    """A pair of atoms of one structure closer than jmp_ext.data.format.MIN_PAIR_DISTANCE (Å),
+    periodic images included, as (structure, i, j, distance) with i, j counted within the
+    structure; None when there is none. Two atoms on the same spot (radius_graph never pairs
+    them) are found as equal position rows. pos [N, 3], natoms [B], cell [B, 3, 3] or None, pbc [B, 3]."""
+    from jmp_ext.data.format import MIN_PAIR_DISTANCE
+
+    structure = _structure_index(natoms)
+    first = torch.cumsum(natoms, 0) - natoms  # each structure's first atom
+    rows = torch.cat([structure[:, None].to(pos.dtype), pos.detach()], dim=1)
+    _, inverse, counts = torch.unique(rows, dim=0, return_inverse=True, return_counts=True)
+    twice = (counts[inverse] > 1).nonzero().flatten()
+    if twice.numel():
+        i, j = twice[inverse[twice] == inverse[twice[0]]][:2].tolist()
+        b = int(structure[i])
+        return b, i - int(first[b]), j - int(first[b]), 0.0
+    edge_index, _, distance = radius_graph(pos.detach(), MIN_PAIR_DISTANCE, natoms=natoms, cell=cell, pbc=pbc)
+    if distance.numel() == 0:
+        return None
+    e = int(distance.argmin())
+    i, j = sorted(edge_index[:, e].tolist())
+    b = int(structure[i])
+    return b, i - int(first[b]), j - int(first[b]), float(distance[e])
+
+
 def _structure_index(natoms: Tensor) -> Tensor:
     return torch.repeat_interleave(torch.arange(natoms.shape[0], device=natoms.device), natoms)
 
@@ -469,6 +494,11 @@ def build_graphs(batch: dict, config: GraphConfig | list[GraphConfig], *, edge_d
     pos, natoms = batch["pos"], batch["natoms"]
     settings = _batch_settings(batch, config)
     cell, pbc = _search_cell_pbc(batch, settings)
+    pair = close_pair(pos, natoms, cell, pbc)
+    if pair is not None:
+        b, i, j, d = pair
+        raise BatchStructureError([b], f"its atoms {i} and {j} are {d:.3g} Å apart, closer than any two atoms can "
+                                       "be: a duplicated atom, or positions in another unit than Å?")
     edge_index, cell_offset, distance = radius_graph(
         pos.detach(), max(c.cutoff_a2a for c in settings.configs), natoms=natoms, cell=cell, pbc=pbc,
         max_neighbors=int(settings.k["a2a"].max()))

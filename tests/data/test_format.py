@@ -70,6 +70,27 @@ def test_validate_names_the_problem(change, message):
         validate_entry(entry, "file.xyz entry 7")
 
 
+def test_atoms_closer_than_any_two_atoms_can_be_are_refused():
+    """A duplicated atom (on the same spot, which the graphs would not pair at all), one 0.05 Å
+    from another, or one 0.05 Å away through a periodic boundary; 0.5 Å apart passes."""
+    cell = np.diag([6.0, 7.0, 8.0])
+
+    def entry(pos, pbc=True):
+        pos = np.asarray(pos, dtype=np.float64)
+        return {"pos": pos, "atomic_numbers": np.full(len(pos), 6), "cell": cell if pbc else np.zeros((3, 3)),
+                "pbc": np.full(3, pbc), "tags": np.zeros(len(pos), dtype=np.int64), "fixed": np.zeros(len(pos), bool)}
+
+    base = [[0.02, 1.0, 1.0], [3.0, 3.0, 3.0], [1.5, 4.0, 6.0]]
+    validate_entry(entry(base + [[1.5, 1.0, 1.0]]), "here")
+    cases = [(base + [[3.0, 3.0, 3.0]], True, "atoms 1 and 3 are 0 Å apart"),
+             (base + [[3.0, 3.05, 3.0]], False, "atoms 1 and 3 are 0.05 Å apart"),
+             (base + [[5.99, 1.0, 1.04]], True, "atoms 0 and 3 are 0.05 Å apart")]
+    for pos, pbc, message in cases:
+        with pytest.raises(DataError, match=f"here: {message}, closer than any two atoms can be .*duplicated atom"):
+            validate_entry(entry(pos, pbc), "here")
+    validate_entry(entry(base + [[5.99, 1.0, 1.04]], pbc=False), "here")  # (no boundary to cross)
+
+
 def test_normalize_entry_dtypes():
     entry = fmt.normalize_entry({"atomic_numbers": [1.0, 8.0], "pbc": [1, 0, 1], "energy": 1,
                                  "label": np.int32(3), "gap": 2.5}, "here", np.float32)

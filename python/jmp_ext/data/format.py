@@ -75,6 +75,10 @@ MAX_Z = 118
 # Atoms per Å^3 above which a periodic structure cannot be matter (diamond 0.18, lithium 0.05):
 # about 5x the densest solid, so compressed phases pass and a cell in nm (1000x) does not.
 MAX_ATOMS_PER_A3 = 1.0
+# Å: two atoms closer than this are one site counted twice (a duplicated atom, a merge of two
+# structures) or a unit mix-up; the shortest bond, H2's, is 0.74 Å. The graphs would not pair
+# two atoms on the same spot at all, so the model would see one atom silently.
+MIN_PAIR_DISTANCE = 0.1
 
 
 class DataError(ValueError):
@@ -275,11 +279,26 @@ def validate_entry(entry: dict[str, np.ndarray], where: str) -> int:
             raise DataError(f"{where}: {n} atom(s) in a periodic cell of {volume:.3g} Å^3 (the densest solids hold "
                             f"~0.2 atoms/Å^3): cells are in Å, their rows are lattice vectors, and those must not "
                             f"be coplanar")
+    _check_pairs(entry, where)
     if "stress" in entry and not _nearly_symmetric(entry["stress"]):
         raise DataError(f"{where}: stress is not symmetric ({entry['stress'].tolist()}): a stress "
                         "tensor is (asymmetry within 1e-4 of its largest component is symmetrised; "
                         "more suggests another layout than a 3x3 tensor or Voigt order)")
     return n
+
+
+def _check_pairs(entry: dict[str, np.ndarray], where: str) -> None:
+    # (imported here: the search needs torch and the kernels, which the rest of this module does not)
+    import torch
+
+    from jmp_ext.graphs import close_pair
+
+    pos, cell = (torch.from_numpy(np.asarray(entry[name], dtype=np.float64)) for name in ("pos", "cell"))
+    pair = close_pair(pos, torch.tensor([len(pos)]), cell[None], torch.from_numpy(np.asarray(entry["pbc"]))[None])
+    if pair is not None:
+        _, i, j, distance = pair
+        raise DataError(f"{where}: atoms {i} and {j} are {distance:.3g} Å apart, closer than any two atoms can be "
+                        f"({MIN_PAIR_DISTANCE} Å): a duplicated atom, or positions in another unit than Å?")
 
 
 def _nearly_symmetric(stress: np.ndarray) -> bool:

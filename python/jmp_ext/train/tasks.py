@@ -103,6 +103,12 @@ def load_task_data(config: TrainConfig) -> list[TaskData]:
                     raise TrainError(f"tasks.{i} ({task.name}): target {target.name!r} is "
                                      f"{np.dtype(ds.schema[target.name]['dtype'])} in {ds.path}; a classification "
                                      f"target holds class indices 0..{target.num_classes - 1} (integers)")
+                if target.kind == "classification":  # (now: in a batch, a bad label would stop the run midway)
+                    labels = torch.tensor([int(ds.read(e)[target.name]) for e in range(len(ds))])
+                    try:
+                        check_class_labels(labels, target.name, target.num_classes)
+                    except TrainError as e:
+                        raise TrainError(f"tasks.{i} ({task.name}): {split} dataset {ds.path}: {e}") from None
                 if target.linref and np.dtype(ds.schema[target.name]["dtype"]).kind != "f":
                     raise TrainError(f"tasks.{i} ({task.name}): target {target.name!r} is "
                                      f"{np.dtype(ds.schema[target.name]['dtype'])} in {ds.path}; per-element "

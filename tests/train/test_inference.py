@@ -14,7 +14,7 @@ from ase.md.verlet import VelocityVerlet
 from ase.optimize import BFGS
 from ase.units import fs
 
-from jmp_ext.calculator import JMPCalculator
+from jmp_ext.calculator import JMPCalculator, atoms_to_entry
 from jmp_ext.data import convert
 from jmp_ext.train import inference, loop, tasks
 from jmp_ext.train.__main__ import main
@@ -345,6 +345,35 @@ def test_eval_reads_an_extxyz_as_convert_would(checkpoint, tmp_path, capsys):
                                                        f"{tmp_path / 'with_e0.extxyz'} OUT_DIR --skip-invalid`") in err
 
 
+def test_eval_of_a_file_scores_the_checkpoints_targets_that_it_has(checkpoint, tmp_path, capsys):
+    """eval converted every label of a file: a stress only some frames carry stopped an energy
+    and forces checkpoint, and a file without forces scored nothing. It converts the labels the
+    checkpoint predicts and scores those present (a warning names the others)."""
+    from ase.calculators.emt import EMT
+
+    images = [molecule(n) for n in ("CH3OH", "C2H6", "CH3CHO", "H2O")]
+    for k, atoms in enumerate(images):
+        atoms.calc = EMT()
+        atoms.calc = SinglePointCalculator(atoms, energy=atoms.get_potential_energy(), forces=atoms.get_forces(),
+                                           **({"stress": np.zeros(6)} if k % 2 else {}))
+    ase.io.write(tmp_path / "mixed.extxyz", images)
+    assert main(["eval", str(checkpoint), str(tmp_path / "mixed.extxyz"), "--out", str(tmp_path / "m.json")]) == 0
+    model, _ = inference.load_trained(checkpoint)
+    preds = inference.predict_structures(model, [atoms_to_entry(a) for a in images], 0)
+    energy = np.array([a.get_potential_energy() for a in images])
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["mol/energy_mae"] == pytest.approx(np.abs(preds["energy"].numpy() - energy).mean(), rel=1e-9)
+    assert "mol/forces_mae" in metrics
+    for atoms in images:
+        atoms.calc = SinglePointCalculator(atoms, energy=atoms.get_potential_energy())
+    ase.io.write(tmp_path / "energy_only.extxyz", images)
+    with pytest.warns(UserWarning, match=r"energy_only.extxyz has no 'forces' label\(s\): the metrics are those of "
+                                         r"the checkpoint's other targets"):
+        assert main(["eval", str(checkpoint), str(tmp_path / "energy_only.extxyz"), "--out", str(tmp_path / "e.json")]) == 0
+    only = json.loads((tmp_path / "e.json").read_text())
+    assert only["mol/energy_mae"] == metrics["mol/energy_mae"] and not any("forces" in k for k in only)
+
+
 def test_eval_names_entries_whose_labels_are_not_finite(checkpoint, tiny_data, tmp_path, capsys):
     """The writer refuses NaN labels and a training split's statistics do too, but a validation
     or test split from elsewhere gave NaN metrics (NaN in the JSON), and as a run's val split
@@ -555,7 +584,8 @@ def test_calculator_without_a_force_head_says_so(tiny_data, tmp_path):
 
 
 def test_calculator_without_an_energy_names_the_targets(tmp_path):
-    """A scalar-only checkpoint: the error named target kinds (['scalar']), not which targets."""
+    """A scalar-only checkpoint: the error named target kinds (['scalar']), not which targets;
+    eval takes the scalar from a file."""
     from helpers import write_molecules
 
     data = write_molecules(tmp_path / "data", 4, seed=5, u0=True)
@@ -567,6 +597,17 @@ def test_calculator_without_an_energy_names_the_targets(tmp_path):
     loop.Trainer(build_config(raw)).save_best({})
     with pytest.raises(ValueError, match=r"best.pt predicts u0 \(scalar\) \(task 'mol'\), not an energy"):
         JMPCalculator(tmp_path / "run" / "best.pt")
+    # eval of a file reads a property target from the key of its name (it said: not in the file)
+    images = [molecule(n) for n in ("CH3OH", "C2H6", "H2O")]
+    for k, atoms in enumerate(images):
+        atoms.info["u0"] = -100.0 * k
+    ase.io.write(tmp_path / "u0.extxyz", images)
+    assert main(["eval", str(tmp_path / "run" / "best.pt"), str(tmp_path / "u0.extxyz"), "--out",
+                 str(tmp_path / "m.json")]) == 0
+    model, _ = inference.load_trained(tmp_path / "run" / "best.pt")
+    preds = inference.predict_structures(model, [atoms_to_entry(a) for a in images], 0)["u0"].numpy()
+    assert json.loads((tmp_path / "m.json").read_text())["mol/u0_mae"] == pytest.approx(
+        np.abs(preds - [a.info["u0"] for a in images]).mean(), rel=1e-9)
 
 
 def test_calculator_warns_once_that_neighbour_lists_are_truncated(checkpoint):

@@ -104,11 +104,13 @@ def demo(overrides: list[str], only_print: bool = False) -> dict:
 def evaluate_checkpoint(checkpoint: str, dataset: str, task: str | None, out: str | None,
                         batch_size: int, device: str) -> dict:
     """Metrics of `checkpoint` on a dataset directory, or on a file (extxyz, ASE db, ...) that
-    is first converted, into a temporary directory, with convert's default label keys."""
+    is first converted, into a temporary directory: the energy, forces and stress (with
+    convert's default keys) that the checkpoint predicts, the others left out, and its
+    property targets from the keys of their names, as stored."""
     import tempfile
 
     from jmp_ext.data import DataError
-    from jmp_ext.data.convert import convert, detect_format
+    from jmp_ext.data.convert import KeyMap, convert, detect_format
     from jmp_ext.train.inference import load_trained, task_index
 
     model, config = load_trained(checkpoint, device)  # (before a conversion: a bad checkpoint or task costs none)
@@ -119,9 +121,13 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, task: str | None, out: st
         raise TrainError(f"{dataset} is an LMDB file, as OC20's splits are: convert it first, "
                          f"`python -m jmp_ext.data convert {dataset} OUT_DIR --allow-pickle` (unpickling can run "
                          "code: trusted files only), and evaluate OUT_DIR")
+    names = {target.name for target in config.tasks[t].targets}
+    labels = ("energy", "forces", "stress")
+    keys = KeyMap(**{label: "none" for label in labels if label not in names},  # (a stress only some frames have)
+                  properties={name: name for name in sorted(names - set(labels))})
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            convert(dataset, Path(tmp) / "data")
+            convert(dataset, Path(tmp) / "data", keys=keys)
         except DataError as e:  # (a structure the data refuses: a single atom, a cell in nm, ...)
             raise TrainError(f"{e}; to leave such structures out, convert the file yourself, `python -m "
                              f"jmp_ext.data convert {dataset} OUT_DIR --skip-invalid`, and evaluate OUT_DIR") from e
@@ -141,13 +147,17 @@ def _evaluate_dataset(model, config, t: int, path: str, name: str, out: str | No
     from jmp_ext.train.tasks import open_dataset
 
     ds = open_dataset(path, "dataset", in_memory=False)
-    for target in config.tasks[t].targets:
-        if target.name not in ds.schema:
-            how = ("" if path == name else f"; convert it with the label's key: python -m jmp_ext.data convert "
-                   f"{name} OUT_DIR " + (f"--{target.kind}-key KEY" if target.kind in ("energy", "forces", "stress")
-                                         else f"--property {target.name}=KEY"))
-            raise TrainError(f"target {target.name!r} of the checkpoint is not in {name} "
-                             f"(it has: {', '.join(sorted(ds.schema))}){how}")
+    missing = [target for target in config.tasks[t].targets if target.name not in ds.schema]
+    if len(missing) == len(config.tasks[t].targets):  # (nothing to score)
+        target = missing[0]
+        how = ("" if path == name else f"; convert it with the label's key: python -m jmp_ext.data convert "
+               f"{name} OUT_DIR " + (f"--{target.kind}-key KEY" if target.kind in ("energy", "forces", "stress")
+                                     else f"--property {target.name}=KEY"))
+        raise TrainError(f"target {target.name!r} of the checkpoint is not in {name} "
+                         f"(it has: {', '.join(sorted(ds.schema))}){how}")
+    if missing:
+        warnings.warn(f"{name} has no {', '.join(repr(target.name) for target in missing)} label(s): the metrics "
+                      "are those of the checkpoint's other targets", stacklevel=3)
     datasets = [ds if i == t else None for i in range(len(config.tasks))]
     dtype = next(model.net.parameters()).dtype
     metrics = evaluate(model, datasets, batch_size, dtype, torch.device(device))

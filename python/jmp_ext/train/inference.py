@@ -119,7 +119,8 @@ def evaluate(model: TaskModel, datasets: list, batch_size: int, dtype: torch.dty
     with distributed.together():  # (a bad batch of one rank: every rank raises)
         for t, idx in batches[rank::world_size]:
             (batch,) = load_batches(datasets[t], [idx], dtype, task=t)
-            check_finite_labels(batch, datasets[t], [target.name for target in model.tasks[t].targets])
+            check_finite_labels(batch, datasets[t], [target.name for target in model.tasks[t].targets
+                                                     if target.name in batch])
             elements[t, batch["atomic_numbers"]] = True
             periodic[t] |= batch["pbc"].any()
             batch = to_device(batch, device)

@@ -415,13 +415,16 @@ def check_stress_labels(batch: dict, name: str) -> None:
 
 
 def update_metrics(metrics: Metrics, model: TaskModel, preds: dict, batch: dict) -> None:
-    """Adds a batch's errors to `metrics`, per task, in physical units."""
+    """Adds a batch's errors to `metrics`, per task, in physical units (for the targets whose
+    labels the batch has: `eval` scores a dataset without some)."""
     for t_i, task in enumerate(model.tasks):
         sel = batch["task"] == t_i
         if not sel.any():
             continue
         atoms = sel[batch["batch"]]
         for name, target in model.targets.items():
+            if name not in batch:
+                continue
             p, y = preds[name], batch[name]
             if target.kind == "energy":
                 metrics.update_energy(task.name, p[sel], y[sel], batch["natoms"][sel], name=name)

@@ -247,8 +247,8 @@ def test_compile_needs_direct_forces():
 @pytest.mark.parametrize("forces, kinds, expected", [
     ("gradient", ["energy", "forces"], True),
     ("gradient", ["energy", "stress"], True),
-    ("gradient", ["energy"], False),  # nothing to differentiate: forces=gradient changes nothing
     ("direct", ["energy", "forces"], False),
+    ("direct", ["energy"], False),
 ])
 def test_task_gradient_forces(forces, kinds, expected):
     task = {**TASK, "forces": forces, "targets": [{"name": k, "kind": k} for k in kinds]}
@@ -259,6 +259,15 @@ def test_task_gradient_forces(forces, kinds, expected):
             build_config({"mode": "pretrain", "tasks": [task], "loop": {"compile": True}})
     else:
         build_config({"mode": "pretrain", "tasks": [task], "loop": {"compile": True}})
+
+
+def test_gradient_forces_without_a_forces_target_are_refused():
+    """An energy-only task with forces: gradient trained a model without forces, and a user's
+    calculator then had none: the config says so instead."""
+    task = {**TASK, "forces": "gradient", "targets": [{"name": "energy", "kind": "energy"}]}
+    with pytest.raises(ConfigError, match=r"task 'a': forces: gradient .* this task has none, so its model would "
+                                          r"predict no forces; add a forces target"):
+        build_config({"mode": "finetune", "tasks": [task]})
 
 
 def test_the_readmes_configs_are_valid():

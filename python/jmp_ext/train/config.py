@@ -175,13 +175,18 @@ class TaskConfig:
         names = [t.name for t in self.targets]
         if len(set(names)) != len(names):
             raise ConfigError(f"task {self.name!r}: duplicate target names {names}")
+        if self.forces == "gradient" and not self.gradient_forces:
+            # (a user's energy-only model trained with it, and its calculator had no forces)
+            raise ConfigError(f"task {self.name!r}: forces: gradient differentiates the energy for a forces or "
+                              "stress target, and this task has none, so its model would predict no forces; add a "
+                              "forces target (the data needs force labels), or leave forces at direct")
 
     @property
     def gradient_forces(self) -> bool:
         """Gradient forces are in use: forces: gradient and a forces or stress target, so the
         energy is differentiated (F = -dE/dpos, stress from dE/dstrain), forces are scaled by the
-        energy std and the network cannot be torch.compiled. forces: gradient on a task without
-        such targets changes nothing. The one rule for TrainConfig, build_network and TaskModel."""
+        energy std and the network cannot be torch.compiled (forces: gradient without such a
+        target is refused). The one rule for TrainConfig, build_network and TaskModel."""
         return self.forces == "gradient" and any(t.kind in ("forces", "stress") for t in self.targets)
 
 

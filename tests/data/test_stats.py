@@ -1,5 +1,6 @@
 import json
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -149,6 +150,18 @@ def test_cli_stats_and_info(tmp_path, capsys):
     assert any(line.split() == ["gap", "float64", "[]", "eV"] for line in out.splitlines())
     assert main(["info", str(tmp_path / "missing")]) == 1
     assert "not a jmp_ext dataset" in capsys.readouterr().err
+    # `info DIR | head -1`: a reader that stops early is no error ("error: [Errno 32] Broken pipe")
+    import os
+    import subprocess
+    import sys
+
+    import jmp_ext
+
+    env = {**os.environ, "PYTHONPATH": str(Path(jmp_ext.__file__).parents[1])}
+    child = subprocess.Popen([sys.executable, "-m", "jmp_ext.data", "info", str(tmp_path / "ds")], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()  # (before it writes a byte)
+    assert child.wait(timeout=60) == 0 and child.stderr.read() == b""
 
 
 # --- compute_stats streams: equal to the dense computation it replaced, in bounded memory ---

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -156,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.run(args)
+    except BrokenPipeError:  # (`info DIR | head`: the reader has what it wanted)
+        # Python's own flush of stdout at exit would fail again: point it at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     # DataError is a ValueError; OSError: a missing or unreadable file, an existing target
     # without --overwrite, a full disk, a pickled LMDB without --allow-pickle (PermissionError).
     except (ValueError, OSError, lmdb.Error) as error:

@@ -171,7 +171,9 @@ def check_batch(batch: dict) -> None:
             b = int(dense.nonzero()[0])
             raise BatchStructureError([b], f"{int(natoms[b])} atom(s) in a periodic cell of {float(volume[b]):.3g} "
                                            "Å^3 (the densest solids hold ~0.2 atoms/Å^3): cells are in Å, their rows "
-                                           "are lattice vectors, and those must not be coplanar")
+                                           "are lattice vectors, and those must not be coplanar (a relaxation "
+                                           "or MD with a cell filter that shrank the cell this far has left the "
+                                           "model's domain)")
 
 
 def close_pair(pos: Tensor, natoms: Tensor, cell: Tensor | None, pbc: Tensor) -> tuple[int, int, int, float] | None:

@@ -278,7 +278,8 @@ def validate_entry(entry: dict[str, np.ndarray], where: str) -> int:
         if volume * MAX_ATOMS_PER_A3 < n:
             raise DataError(f"{where}: {n} atom(s) in a periodic cell of {volume:.3g} Å^3 (the densest solids hold "
                             f"~0.2 atoms/Å^3): cells are in Å, their rows are lattice vectors, and those must not "
-                            f"be coplanar")
+                            f"be coplanar (a relaxation or MD with a cell filter that shrank the cell this far "
+                            f"has left the model's domain)")
     _check_pairs(entry, where)
     if "stress" in entry and not _nearly_symmetric(entry["stress"]):
         raise DataError(f"{where}: stress is not symmetric ({entry['stress'].tolist()}): a stress "

@@ -841,9 +841,10 @@ def test_labels_from_reference_and_other_keys_are_pointed_out(tmp_path, frames):
         convert(tmp_path / "in.extxyz", tmp_path / "out", keys=KeyMap(stress="none"))
 
 
-def test_property_units(tmp_path, frames):
+def test_property_units(tmp_path, frames, capsys):
     """QM9's energies in Hartree: --energy-unit converted only the energy, and a property
-    (U_0) was stored in Hartree without a word; NAME:UNIT converts it."""
+    (U_0) was stored in Hartree without a word; NAME:UNIT converts it, and the summary says
+    where each property came from and in what unit."""
     for k, atoms in enumerate(frames):
         atoms.calc = None
         atoms.info["U_0"] = -40.0 - 0.1 * k
@@ -853,6 +854,8 @@ def test_property_units(tmp_path, frames):
         convert(tmp_path / "qm9.extxyz", tmp_path / "raw", keys=KeyMap(properties={"U_0": "U_0"}, energy_unit="Hartree"))
     assert main(["convert", str(tmp_path / "qm9.extxyz"), str(tmp_path / "ev"), "--property", "U_0:Hartree",
                  "--property", "dipole=mu", "--float32"]) == 0
+    out = capsys.readouterr().out
+    assert "  U_0 <- U_0, Hartree converted to eV\n" in out and "  dipole <- mu, as stored (no unit)\n" in out
     ds = LmdbDataset(tmp_path / "ev")
     assert ds.schema["U_0"]["unit"] == "eV" and ds.schema["dipole"]["unit"] == ""
     # An energy stays float64 under --float32 (U_0 ~ -1e4 eV: float32 rounds it by ~1 meV).

@@ -41,6 +41,8 @@ def cmd_convert(args) -> None:
     print(f"wrote {report.written} entries to {args.dst}")
     for label, source in report.labels.items():
         print(f"  {label} <- {source}")
+    for name, key in properties.items():
+        print(f"  {name} <- {key}" + (f", {units[name]} converted to eV" if name in units else ", as stored (no unit)"))
     if report.skipped:
         print(f"skipped {len(report.skipped)} invalid entries:")
         for message in report.skipped[:20]:

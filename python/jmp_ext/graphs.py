@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -176,29 +177,34 @@ def check_batch(batch: dict) -> None:
                                            "model's domain)")
 
 
-def close_pair(pos: Tensor, natoms: Tensor, cell: Tensor | None, pbc: Tensor) -> tuple[int, int, int, float] | None:
+def close_pair(pos: Tensor, structure: Tensor, natoms: Tensor, cell: Tensor | None,
+               pbc: Tensor) -> tuple[int, int, int, float] | None:
     """A pair of atoms of one structure closer than jmp_ext.data.format.MIN_PAIR_DISTANCE (Å),
-    periodic images included, as (structure, i, j, distance) with i, j counted within the
-    structure; None when there is none. Two atoms on the same spot (radius_graph never pairs
-    them) are found as equal position rows. pos [N, 3], natoms [B], cell [B, 3, 3] or None, pbc [B, 3]."""
+    periodic images included, as (structure, i, j, distance) with i < j counted within the
+    structure; None when there is none. Two atoms on the same spot (which radius_graph never
+    pairs) are found as equal position rows. pos [N, 3], structure [N] (each atom's), natoms [B],
+    cell [B, 3, 3] or None, pbc [B, 3]."""
     from jmp_ext.data.format import MIN_PAIR_DISTANCE
 
-    structure = _structure_index(natoms)
     first = torch.cumsum(natoms, 0) - natoms  # each structure's first atom
-    rows = torch.cat([structure[:, None].to(pos.dtype), pos.detach()], dim=1)
-    _, inverse, counts = torch.unique(rows, dim=0, return_inverse=True, return_counts=True)
-    twice = (counts[inverse] > 1).nonzero().flatten()
-    if twice.numel():
-        i, j = twice[inverse[twice] == inverse[twice[0]]][:2].tolist()
-        b = int(structure[i])
-        return b, i - int(first[b]), j - int(first[b]), 0.0
-    edge_index, _, distance = radius_graph(pos.detach(), MIN_PAIR_DISTANCE, natoms=natoms, cell=cell, pbc=pbc)
-    if distance.numel() == 0:
-        return None
-    e = int(distance.argmin())
-    i, j = sorted(edge_index[:, e].tolist())
+    # (in numpy on the CPU: a lexicographic sort of N rows there costs microseconds, torch.unique's
+    # of rows ten times more, which a dataset's conversion pays for every entry)
+    rows = np.column_stack([structure.cpu().numpy(), pos.detach().cpu().numpy()])
+    order = np.lexsort(rows.T[::-1])  # by structure, then x, y, z
+    same = (rows[order[1:]] == rows[order[:-1]]).all(axis=1)
+    if same.any():
+        k = int(same.argmax())
+        i, j = sorted((int(order[k]), int(order[k + 1])))
+        distance = 0.0
+    else:
+        edge_index, _, distances = radius_graph(pos.detach(), MIN_PAIR_DISTANCE, natoms=natoms, cell=cell, pbc=pbc)
+        if distances.numel() == 0:
+            return None
+        e = int(distances.argmin())
+        i, j = sorted(edge_index[:, e].tolist())
+        distance = float(distances[e])
     b = int(structure[i])
-    return b, i - int(first[b]), j - int(first[b]), float(distance[e])
+    return b, i - int(first[b]), j - int(first[b]), distance
 
 
 def _structure_index(natoms: Tensor) -> Tensor:
@@ -496,7 +502,7 @@ def build_graphs(batch: dict, config: GraphConfig | list[GraphConfig], *, edge_d
     pos, natoms = batch["pos"], batch["natoms"]
     settings = _batch_settings(batch, config)
     cell, pbc = _search_cell_pbc(batch, settings)
-    pair = close_pair(pos, natoms, cell, pbc)
+    pair = close_pair(pos, batch["batch"] if "batch" in batch else _structure_index(natoms), natoms, cell, pbc)
     if pair is not None:
         b, i, j, d = pair
         raise BatchStructureError([b], f"its atoms {i} and {j} are {d:.3g} Å apart, closer than any two atoms can "

@@ -295,7 +295,8 @@ def _check_pairs(entry: dict[str, np.ndarray], where: str) -> None:
     from jmp_ext.graphs import close_pair
 
     pos, cell = (torch.from_numpy(np.asarray(entry[name], dtype=np.float64)) for name in ("pos", "cell"))
-    pair = close_pair(pos, torch.tensor([len(pos)]), cell[None], torch.from_numpy(np.asarray(entry["pbc"]))[None])
+    pair = close_pair(pos, torch.zeros(len(pos), dtype=torch.int64), torch.tensor([len(pos)]), cell[None],
+                      torch.from_numpy(np.asarray(entry["pbc"]))[None])
     if pair is not None:
         _, i, j, distance = pair
         raise DataError(f"{where}: atoms {i} and {j} are {distance:.3g} Å apart, closer than any two atoms can be "

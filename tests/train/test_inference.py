@@ -467,6 +467,45 @@ def test_predict_names_a_structure_without_edges_by_its_place_in_the_input(check
             in capsys.readouterr().err)
 
 
+def test_predict_skip_invalid_gives_nan_for_the_structures_it_cannot_take(checkpoint, tmp_path, capsys):
+    """A screening run over many files stopped at the first isolated atom or unknown element;
+    with --skip-invalid those get NaN rows (named on stderr) and the others the predictions
+    they get alone."""
+    from ase import Atoms
+
+    good = [molecule("CH3OH"), molecule("C2H6"), molecule("H2O"), molecule("CH3CHO")]
+    lone, alien = Atoms("O", positions=[[0, 0, 0]]), molecule("H2O")
+    alien.numbers[0] = 0  # (Z = 0: no element)
+    images = [good[0], lone, good[1], alien, good[2], good[3]]
+    ase.io.write(tmp_path / "in.extxyz", images)
+    ase.io.write(tmp_path / "good.extxyz", good)
+    assert main(["predict", str(checkpoint), str(tmp_path / "good.extxyz"), "--out", str(tmp_path / "good.npz")]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(checkpoint), str(tmp_path / "in.extxyz"), "--out", str(tmp_path / "all.npz"),
+                 "--batch-size", "2", "--skip-invalid"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped 2 structure(s) (NaN predictions):\n  1: no pair of atoms within cutoff_main" in err
+    assert "  3: atoms: unknown element with atomic number 0" in err
+    ref, got = np.load(tmp_path / "good.npz"), np.load(tmp_path / "all.npz")
+    assert got["valid"].tolist() == [True, False, True, False, True, True]
+    assert got["natoms"].tolist() == [len(a) for a in images]
+    ok = got["valid"]
+    assert np.isnan(got["energy"][~ok]).all() and np.allclose(got["energy"][ok], ref["energy"], rtol=1e-12)
+    atom_ok = np.repeat(ok, got["natoms"])
+    assert np.isnan(got["forces"][~atom_ok]).all() and np.allclose(got["forces"][atom_ok], ref["forces"], rtol=1e-10)
+    # As extxyz: the same rows beside every input structure
+    assert main(["predict", str(checkpoint), str(tmp_path / "in.extxyz"), "--out", str(tmp_path / "all.extxyz"),
+                 "--skip-invalid"]) == 0
+    frames = ase.io.read(tmp_path / "all.extxyz", index=":")
+    assert len(frames) == 6 and np.isnan(frames[1].info["predicted_energy"])
+    assert frames[2].info["predicted_energy"] == pytest.approx(ref["energy"][1], rel=1e-12)
+    # Nothing to evaluate is still an error
+    ase.io.write(tmp_path / "lone.extxyz", [lone])
+    assert main(["predict", str(checkpoint), str(tmp_path / "lone.extxyz"), "--out", str(tmp_path / "l.npz"),
+                 "--skip-invalid"]) == 2
+    assert "no structure of " in capsys.readouterr().err
+
+
 def test_the_truncation_warning_of_a_large_structure_names_the_natoms_rule(checkpoint):
     """JMP's MatBench / QMOF graphs keep fewer neighbours for large structures whatever
     graph.max_neighbors says: the advice to raise it would change nothing there."""

@@ -171,7 +171,8 @@ def _evaluate_dataset(model, config, t: int, path: str, name: str, out: str | No
 PREDICTION_FORMATS = (".npz", ".extxyz", ".xyz")
 
 
-def predict(checkpoint: str, source: str, out: str, task: str | None, batch_size: int, device: str) -> dict:
+def predict(checkpoint: str, source: str, out: str, task: str | None, batch_size: int, device: str,
+            skip_invalid: bool = False) -> dict:
     """Predictions for every structure of a dataset directory or an ASE-readable file, in the
     input's order, saved as `out` says:
     - .npz: natoms [M], energy [M] (eV), forces [sum natoms, 3] (eV/Å), stress [M, 3, 3] (eV/Å^3;
@@ -183,6 +184,9 @@ def predict(checkpoint: str, source: str, out: str, task: str | None, batch_size
     - .extxyz / .xyz: the structures (an input file's as read, its labels kept) with each
       prediction beside them as predicted_{name}: per-structure values in the frame's info,
       per-atom ones (forces, energies) as columns.
+    skip_invalid: a structure the model cannot take (a single atom, an unknown element, two atoms
+    on one spot, ...) gets NaN predictions, and is named on stderr, instead of ending the run;
+    the npz then holds valid [M] (bool) too.
     Returns the npz arrays."""
     from jmp_ext.files import write_bytes_atomic
     from jmp_ext.graphs import BatchStructureError
@@ -201,46 +205,81 @@ def predict(checkpoint: str, source: str, out: str, task: str | None, batch_size
         ds = open_dataset(source, "input", in_memory=False)
         items = ((ds[i], None) for i in range(len(ds)))
     else:
-        items = ((file_entry(atoms, source, index), atoms) for index, atoms in enumerate(iter_structures(source)))
+        items = ((None, atoms) for atoms in iter_structures(source))
     keep = ("pos", "atomic_numbers", "cell", "pbc", "tags", "fixed")
-    outputs: dict[str, list[np.ndarray]] = {"natoms": []}
-    pending, sids, images = [], [], []
-    count = 0
+    outputs: dict[str, list[np.ndarray]] = {}  # the evaluated structures' predictions, in order
+    natoms, valid, sids, images = [], [], [], []  # every input structure's
+    pending, pending_index = [], []
+    skipped: list[str] = []
+
+    def skip(index: int, problem: str) -> None:
+        valid[index] = False
+        skipped.append(f"{index}: {problem}")
 
     def run_batch() -> None:
-        try:
-            preds = predict_structures(model, pending, t)
-        except BatchStructureError as e:
-            first = count - len(pending)
-            raise TrainError(f"input structure(s) {[first + s for s in e.structures]} (0-based, in the input's "
-                             f"order): {e.problem}") from e
-        outputs["natoms"].append(np.array([len(e["atomic_numbers"]) for e in pending], dtype=np.int64))
+        while pending:
+            try:
+                preds = predict_structures(model, pending, t)
+                break
+            except BatchStructureError as e:
+                if not skip_invalid:
+                    raise TrainError(f"input structure(s) {[pending_index[s] for s in e.structures]} (0-based, in "
+                                     f"the input's order): {e.problem}") from e
+                for s in sorted(e.structures, reverse=True):  # (left out: the others go on)
+                    skip(pending_index.pop(s), e.problem)
+                    del pending[s]
+        else:
+            return
         for name, value in preds.items():
             outputs.setdefault(name, []).append(value.detach().double().cpu().numpy())
         pending.clear()
+        pending_index.clear()
 
-    for entry, atoms in items:
-        count += 1
-        pending.append({key: entry[key] for key in keep})
-        if "sid" in entry:
-            sids.append(int(entry["sid"]))
+    for index, (entry, atoms) in enumerate(items):
+        valid.append(True)
+        natoms.append(len(entry["atomic_numbers"]) if entry is not None else len(atoms))
+        try:
+            entry = entry if entry is not None else file_entry(atoms, source, index)
+        except TrainError as e:
+            if not skip_invalid:
+                raise
+            skip(index, str(e).removeprefix(f"input {source}: frame {index}: "))
+        else:
+            pending.append({key: entry[key] for key in keep})
+            pending_index.append(index)
+            if "sid" in entry:
+                sids.append(int(entry["sid"]))
         if suffix != ".npz":
             images.append(atoms if atoms is not None else entry_to_atoms(entry))
         if len(pending) == batch_size:
             run_batch()
-    if pending:
-        run_batch()
+    run_batch()
+    count = len(valid)
     if count == 0:
         raise TrainError(f"input {source} holds no structure")
-    arrays = {name: np.concatenate(values) for name, values in outputs.items()}
+    if not any(valid):
+        raise TrainError(f"no structure of {source} could be evaluated: {skipped[0]}")
+    if skipped:
+        print(f"skipped {len(skipped)} structure(s) (NaN predictions):", file=sys.stderr)
+        for line in skipped[:20] + ([f"... and {len(skipped) - 20} more"] if len(skipped) > 20 else []):
+            print(f"  {line}", file=sys.stderr)
+    per_atom = {"energies", *(target.name for target in config.tasks[t].targets if target.kind == "forces")}
+    arrays = {"natoms": np.array(natoms, dtype=np.int64)}
+    valid_atoms = np.repeat(valid, natoms)
+    for name, values in outputs.items():  # (NaN rows for the structures left out)
+        evaluated = np.concatenate(values)
+        rows = valid_atoms if name in per_atom else np.array(valid)
+        arrays[name] = np.full((len(rows), *evaluated.shape[1:]), np.nan)
+        arrays[name][rows] = evaluated
     if len(sids) == count:
         arrays["sid"] = np.array(sids, dtype=np.int64)
+    if skip_invalid:
+        arrays["valid"] = np.array(valid)
     if suffix == ".npz":
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         write_bytes_atomic(Path(out), buf.getvalue())
     else:
-        per_atom = {"energies", *(target.name for target in config.tasks[t].targets if target.kind == "forces")}
         write_bytes_atomic(Path(out), predictions_as_extxyz(images, arrays, per_atom).encode())
     print(f"wrote predictions for {count} structures to {out}: {', '.join(sorted(arrays))}")
     return arrays
@@ -313,7 +352,7 @@ def predictions_as_extxyz(images: list, arrays: dict[str, np.ndarray], per_atom:
     starts = np.concatenate([[0], np.cumsum(arrays["natoms"])])
     for m, atoms in enumerate(images):
         for name, value in arrays.items():
-            if name in ("natoms", "sid"):
+            if name in ("natoms", "sid", "valid"):
                 continue
             if m == 0 and f"predicted_{name}" in {**atoms.info, **atoms.arrays}:
                 warnings.warn(f"the input already has predicted_{name}: the output replaces it", stacklevel=2)
@@ -415,6 +454,10 @@ def run_command(argv: list[str]) -> int:
                             help="metrics JSON file" if is_eval else "OUT.npz, OUT.extxyz or OUT.xyz")
         parser.add_argument("--batch-size", type=int, default=16)
         parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+        if not is_eval:
+            parser.add_argument("--skip-invalid", action="store_true",
+                                help="give a structure the model cannot take (a single atom, an unknown element, "
+                                     "...) NaN predictions, named on stderr, instead of stopping (npz: valid [M])")
         try:
             a = parser.parse_args(argv[1:])
         except SystemExit as e:  # --help (0) or a usage error (2): an exit code like any other outcome
@@ -423,7 +466,7 @@ def run_command(argv: list[str]) -> int:
         if is_eval:
             evaluate_checkpoint(a.checkpoint, a.data, a.task, a.out, a.batch_size, a.device)
         else:
-            predict(a.checkpoint, a.data, a.out, a.task, a.batch_size, a.device)
+            predict(a.checkpoint, a.data, a.out, a.task, a.batch_size, a.device, a.skip_invalid)
     elif "-h" in argv or "--help" in argv:  # (never a config path or a key=value override)
         from jmp_ext.train.presets import PRESETS
 

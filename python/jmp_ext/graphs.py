@@ -29,7 +29,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -164,47 +163,38 @@ def check_batch(batch: dict) -> None:
         # into the cutoff sphere: the graph would take minutes and gigabytes before failing.
         # (Imported here, once per process: at module level, `import jmp_ext.graphs` would load
         # jmp_ext.data's package and ASE with it, ~0.4 s, for users of the graphs alone.)
-        from jmp_ext.data.format import MAX_ATOMS_PER_A3
+        from jmp_ext.data.format import MAX_ATOMS_PER_A3, dense_cell_problem
 
         volume = torch.linalg.det(batch["cell"].double()).abs()
         dense = batch["pbc"].all(dim=1) & (volume * MAX_ATOMS_PER_A3 < natoms)
         if dense.any():
             b = int(dense.nonzero()[0])
-            raise BatchStructureError([b], f"{int(natoms[b])} atom(s) in a periodic cell of {float(volume[b]):.3g} "
-                                           "Å^3 (the densest solids hold ~0.2 atoms/Å^3): cells are in Å, their rows "
-                                           "are lattice vectors, and those must not be coplanar (a relaxation "
-                                           "or MD with a cell filter that shrank the cell this far has left the "
-                                           "model's domain)")
+            raise BatchStructureError([b], dense_cell_problem(int(natoms[b]), float(volume[b])))
 
 
 def close_pair(pos: Tensor, structure: Tensor, natoms: Tensor, cell: Tensor | None,
                pbc: Tensor) -> tuple[int, int, int, float] | None:
-    """A pair of atoms of one structure closer than jmp_ext.data.format.MIN_PAIR_DISTANCE (Å),
-    periodic images included, as (structure, i, j, distance) with i < j counted within the
-    structure; None when there is none. Two atoms on the same spot (which radius_graph never
-    pairs) are found as equal position rows. pos [N, 3], structure [N] (each atom's), natoms [B],
-    cell [B, 3, 3] or None, pbc [B, 3]."""
+    """The closest pair of atoms of one structure nearer than jmp_ext.data.format.MIN_PAIR_DISTANCE
+    (Å), periodic images included, as (structure, i, j, distance Å) with i <= j counted within the
+    structure (i == j: an atom and its own image); None when there is none. pos [N, 3] float Å,
+    structure [N] int64 (each atom's), natoms [B] int64, cell [B, 3, 3] or None, pbc [B, 3] bool."""
     from jmp_ext.data.format import MIN_PAIR_DISTANCE
 
-    first = torch.cumsum(natoms, 0) - natoms  # each structure's first atom
-    # (in numpy on the CPU: a lexicographic sort of N rows there costs microseconds, torch.unique's
-    # of rows ten times more, which a dataset's conversion pays for every entry)
-    rows = np.column_stack([structure.cpu().numpy(), pos.detach().cpu().numpy()])
-    order = np.lexsort(rows.T[::-1])  # by structure, then x, y, z
-    same = (rows[order[1:]] == rows[order[:-1]]).all(axis=1)
-    if same.any():
-        k = int(same.argmax())
-        i, j = sorted((int(order[k]), int(order[k + 1])))
-        distance = 0.0
-    else:
-        edge_index, _, distances = radius_graph(pos.detach(), MIN_PAIR_DISTANCE, natoms=natoms, cell=cell, pbc=pbc)
-        if distances.numel() == 0:
-            return None
-        e = int(distances.argmin())
-        i, j = sorted(edge_index[:, e].tolist())
-        distance = float(distances[e])
+    pos, cell = pos.detach().double(), None if cell is None else cell.detach().double()
+    # radius_graph never pairs two atoms at distance zero (on one spot, or one on the other's
+    # periodic image: a site a file lists at fractional 0 and 1). Searched with each atom moved by
+    # its own fixed 1e-4 Å, they are a pair; the distance is then measured without it.
+    index = torch.arange(pos.shape[0], device=pos.device, dtype=torch.float64)
+    nudge = 1e-4 * torch.stack([torch.sin(index), torch.cos(1.3 * index), torch.sin(2.1 * index + 0.5)], dim=1)
+    edge_index, cell_offset, _ = radius_graph(pos + nudge, MIN_PAIR_DISTANCE, natoms=natoms, cell=cell, pbc=pbc)
+    if edge_index.shape[1] == 0:
+        return None
+    distance = ops.edge_vectors(pos, edge_index, cell_offset, cell, structure).norm(dim=-1)
+    e = int(distance.argmin())
+    i, j = sorted(edge_index[:, e].tolist())
     b = int(structure[i])
-    return b, i - int(first[b]), j - int(first[b]), distance
+    first = int(natoms[:b].sum())
+    return b, i - first, j - first, float(distance[e])
 
 
 def _structure_index(natoms: Tensor) -> Tensor:
@@ -504,9 +494,9 @@ def build_graphs(batch: dict, config: GraphConfig | list[GraphConfig], *, edge_d
     cell, pbc = _search_cell_pbc(batch, settings)
     pair = close_pair(pos, batch["batch"] if "batch" in batch else _structure_index(natoms), natoms, cell, pbc)
     if pair is not None:
-        b, i, j, d = pair
-        raise BatchStructureError([b], f"its atoms {i} and {j} are {d:.3g} Å apart, closer than any two atoms can "
-                                       "be: a duplicated atom, or positions in another unit than Å?")
+        from jmp_ext.data.format import close_pair_problem
+
+        raise BatchStructureError([pair[0]], close_pair_problem(*pair[1:]))
     edge_index, cell_offset, distance = radius_graph(
         pos.detach(), max(c.cutoff_a2a for c in settings.configs), natoms=natoms, cell=cell, pbc=pbc,
         max_neighbors=int(settings.k["a2a"].max()))

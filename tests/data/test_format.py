@@ -71,8 +71,9 @@ def test_validate_names_the_problem(change, message):
 
 
 def test_atoms_closer_than_any_two_atoms_can_be_are_refused():
-    """A duplicated atom (on the same spot, which the graphs would not pair at all), one 0.05 Å
-    from another, or one 0.05 Å away through a periodic boundary; 0.5 Å apart passes."""
+    """A duplicated atom (on the same spot, or on another's periodic image: a site listed at
+    fractional 0 and 1; the graphs would not pair them at all), one 0.05 Å from another, or one
+    0.05 Å away through a periodic boundary; 0.5 Å apart passes."""
     cell = np.diag([6.0, 7.0, 8.0])
 
     def entry(pos, pbc=True):
@@ -83,6 +84,7 @@ def test_atoms_closer_than_any_two_atoms_can_be_are_refused():
     base = [[0.02, 1.0, 1.0], [3.0, 3.0, 3.0], [1.5, 4.0, 6.0]]
     validate_entry(entry(base + [[1.5, 1.0, 1.0]]), "here")
     cases = [(base + [[3.0, 3.0, 3.0]], True, "atoms 1 and 3 are 0 Å apart"),
+             (base + [[3.0, 3.0, 11.0]], True, "atoms 1 and 3 are 0 Å apart"),  # (on its image: z 3 + 8)
              (base + [[3.0, 3.05, 3.0]], False, "atoms 1 and 3 are 0.05 Å apart"),
              (base + [[5.99, 1.0, 1.04]], True, "atoms 0 and 3 are 0.05 Å apart")]
     for pos, pbc, message in cases:

@@ -276,10 +276,7 @@ def validate_entry(entry: dict[str, np.ndarray], where: str) -> int:
         # coplanar lattice vectors have no volume at all)
         volume = abs(float(np.linalg.det(entry["cell"].astype(np.float64))))
         if volume * MAX_ATOMS_PER_A3 < n:
-            raise DataError(f"{where}: {n} atom(s) in a periodic cell of {volume:.3g} Å^3 (the densest solids hold "
-                            f"~0.2 atoms/Å^3): cells are in Å, their rows are lattice vectors, and those must not "
-                            f"be coplanar (a relaxation or MD with a cell filter that shrank the cell this far "
-                            f"has left the model's domain)")
+            raise DataError(f"{where}: {dense_cell_problem(n, volume)}")
     _check_pairs(entry, where)
     if "stress" in entry and not _nearly_symmetric(entry["stress"]):
         raise DataError(f"{where}: stress is not symmetric ({entry['stress'].tolist()}): a stress "
@@ -298,9 +295,22 @@ def _check_pairs(entry: dict[str, np.ndarray], where: str) -> None:
     pair = close_pair(pos, torch.zeros(len(pos), dtype=torch.int64), torch.tensor([len(pos)]), cell[None],
                       torch.from_numpy(np.asarray(entry["pbc"]))[None])
     if pair is not None:
-        _, i, j, distance = pair
-        raise DataError(f"{where}: atoms {i} and {j} are {distance:.3g} Å apart, closer than any two atoms can be "
-                        f"({MIN_PAIR_DISTANCE} Å): a duplicated atom, or positions in another unit than Å?")
+        raise DataError(f"{where}: {close_pair_problem(*pair[1:])}")
+
+
+def dense_cell_problem(natoms: int, volume: float) -> str:
+    """What is wrong with `natoms` atoms in a periodic cell of `volume` Å^3 (< natoms / MAX_ATOMS_PER_A3)."""
+    return (f"{natoms} atom(s) in a periodic cell of {volume:.3g} Å^3 (the densest solids hold ~0.2 atoms/Å^3): "
+            "cells are in Å, their rows are lattice vectors, and those must not be coplanar (a relaxation or MD "
+            "with a cell filter that shrank the cell this far has left the model's domain)")
+
+
+def close_pair_problem(i: int, j: int, distance: float) -> str:
+    """What is wrong with atoms i <= j of a structure `distance` Å apart (< MIN_PAIR_DISTANCE)."""
+    pair = f"atom {i} is {distance:.3g} Å from its own periodic image" if i == j else \
+        f"atoms {i} and {j} are {distance:.3g} Å apart"
+    return (f"{pair}, closer than any two atoms can be ({MIN_PAIR_DISTANCE} Å): a duplicated atom, or positions in "
+            "another unit than Å?")
 
 
 def _nearly_symmetric(stress: np.ndarray) -> bool:

@@ -3,7 +3,7 @@ import datetime
 import pytest
 import yaml
 
-from jmp_ext.train.config import ConfigError, TrainConfig, build_config, load_config, save_config, to_dict
+from jmp_ext.train.config import ConfigError, TrainConfig, build_config, from_dict, load_config, save_config, to_dict
 from jmp_ext.train.presets import PRESETS, demo
 
 TASK = {"name": "a", "train": "/data/a", "targets": [{"name": "energy", "kind": "energy"}]}
@@ -268,6 +268,8 @@ def test_gradient_forces_without_a_forces_target_are_refused():
     with pytest.raises(ConfigError, match=r"task 'a': forces: gradient .* this task has none, so its model would "
                                           r"predict no forces; add a forces target"):
         build_config({"mode": "finetune", "tasks": [task]})
+    # ... in a new run only: the config of such a run's checkpoint still reads
+    assert from_dict(TrainConfig, {"mode": "finetune", "tasks": [task]}).tasks[0].gradient_forces is False
 
 
 def test_the_readmes_configs_are_valid():

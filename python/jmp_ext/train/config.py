@@ -175,18 +175,13 @@ class TaskConfig:
         names = [t.name for t in self.targets]
         if len(set(names)) != len(names):
             raise ConfigError(f"task {self.name!r}: duplicate target names {names}")
-        if self.forces == "gradient" and not self.gradient_forces:
-            # (a user's energy-only model trained with it, and its calculator had no forces)
-            raise ConfigError(f"task {self.name!r}: forces: gradient differentiates the energy for a forces or "
-                              "stress target, and this task has none, so its model would predict no forces; add a "
-                              "forces target (the data needs force labels), or leave forces at direct")
 
     @property
     def gradient_forces(self) -> bool:
         """Gradient forces are in use: forces: gradient and a forces or stress target, so the
         energy is differentiated (F = -dE/dpos, stress from dE/dstrain), forces are scaled by the
-        energy std and the network cannot be torch.compiled (forces: gradient without such a
-        target is refused). The one rule for TrainConfig, build_network and TaskModel."""
+        energy std and the network cannot be torch.compiled (a new run refuses forces: gradient
+        without such a target). The one rule for TrainConfig, build_network and TaskModel."""
         return self.forces == "gradient" and any(t.kind in ("forces", "stress") for t in self.targets)
 
 
@@ -668,7 +663,15 @@ def build_config(raw: dict, overrides: list[str] = (), mode: str | None = None) 
             raise ConfigError(f"mode: the sub-command {mode} contradicts mode {stated} of the config (its file, "
                               "preset or a mode= override): drop one of them")
         raw["mode"] = mode
-    return from_dict(TrainConfig, raw)
+    config = from_dict(TrainConfig, raw)
+    for task in config.tasks:
+        # (a user's energy-only model trained with it, and its calculator had no forces; refused for
+        # new runs only: the checkpoints of such runs still load)
+        if task.forces == "gradient" and not task.gradient_forces:
+            raise ConfigError(f"task {task.name!r}: forces: gradient differentiates the energy for a forces or "
+                              "stress target, and this task has none, so its model would predict no forces; add a "
+                              "forces target (the data needs force labels), or leave forces at direct")
+    return config
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), mode: str | None = None) -> TrainConfig:

@@ -157,7 +157,8 @@ def test_cli_stats_and_info(tmp_path, capsys):
 
     import jmp_ext
 
-    env = {**os.environ, "PYTHONPATH": str(Path(jmp_ext.__file__).parents[1])}
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"},  # (block-buffered, as usual)
+           "PYTHONPATH": str(Path(jmp_ext.__file__).parents[1])}
     child = subprocess.Popen([sys.executable, "-m", "jmp_ext.data", "info", str(tmp_path / "ds")], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     child.stdout.close()  # (before it writes a byte)

@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.run(args)
+        sys.stdout.flush()  # (here, for a closed pipe to raise in this try, not at exit)
     except BrokenPipeError:  # (`info DIR | head`: the reader has what it wanted)
         # Python's own flush of stdout at exit would fail again: point it at /dev/null.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -647,6 +647,19 @@ def test_calculator_without_an_energy_names_the_targets(tmp_path):
     preds = inference.predict_structures(model, [atoms_to_entry(a) for a in images], 0)["u0"].numpy()
     assert json.loads((tmp_path / "m.json").read_text())["mol/u0_mae"] == pytest.approx(
         np.abs(preds - [a.info["u0"] for a in images]).mean(), rel=1e-9)
+    # ... and scores the energy of a checkpoint with both on a file without u0 (it said: --skip-invalid)
+    raw["run_dir"] = str(tmp_path / "both")
+    raw["tasks"][0]["targets"].insert(0, {"name": "energy", "kind": "energy"})
+    loop.Trainer(build_config(raw)).save_best({})
+    for atoms in images:
+        atoms.info.pop("u0")
+        atoms.calc = SinglePointCalculator(atoms, energy=-10.0)
+    ase.io.write(tmp_path / "energy.extxyz", images)
+    with pytest.warns(UserWarning, match=r"energy.extxyz has no 'u0' label"):
+        assert main(["eval", str(tmp_path / "both" / "best.pt"), str(tmp_path / "energy.extxyz"), "--out",
+                     str(tmp_path / "e.json")]) == 0
+    assert set(json.loads((tmp_path / "e.json").read_text())) == {"mol/energy_mae", "mol/energy_rmse",
+                                                                  "mol/energy_per_atom_mae", "mol/energy_per_atom_rmse"}
 
 
 def test_calculator_warns_once_that_neighbour_lists_are_truncated(checkpoint):

@@ -107,6 +107,14 @@ def _numbers(name: str, value) -> np.ndarray:
     return array
 
 
+class MissingProperty(fmt.DataError):
+    """An entry without the key of a property (`name`, as stored)."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name = name
+
+
 @dataclass
 class ConvertReport:
     """What a conversion wrote and skipped (entry descriptions with the reason)."""
@@ -294,7 +302,7 @@ def _atoms_entry(atoms: Atoms, keys: KeyMap, report: ConvertReport, sid: int) ->
     for name, key in keys.properties.items():
         found = next((where for where, d in sources.items() if key in d), None)
         if found is None:
-            raise fmt.DataError(f"property {name!r}: key {key!r} not found ({_available(sources)})")
+            raise MissingProperty(name, f"property {name!r}: key {key!r} not found ({_available(sources)})")
         if found == "arrays" or (found == "calculator" and key in _PER_ATOM_RESULTS):
             raise fmt.DataError(f"property {name!r}: {found}[{key!r}] is per atom; properties are per "
                                 f"structure (a number or a vector per structure)")
@@ -443,7 +451,7 @@ def _pyg_entry(fields: dict, keys: KeyMap, report: ConvertReport) -> dict:
             entry[key] = np.asarray(values[key]).reshape(())
     for name, key in keys.properties.items():
         if key not in values:
-            raise fmt.DataError(f"property {name!r}: key {key!r} not found ({_available({'': values})})")
+            raise MissingProperty(name, f"property {name!r}: key {key!r} not found ({_available({'': values})})")
         entry[name] = np.asarray(values[key]).reshape(-1).squeeze()
     return keys.to_ev_angstrom(entry)
 

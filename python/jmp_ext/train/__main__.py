@@ -109,8 +109,7 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, task: str | None, out: st
     property targets from the keys of their names, as stored."""
     import tempfile
 
-    from jmp_ext.data import DataError
-    from jmp_ext.data.convert import KeyMap, convert, detect_format
+    from jmp_ext.data.convert import detect_format
     from jmp_ext.train.inference import load_trained, task_index
 
     model, config = load_trained(checkpoint, device)  # (before a conversion: a bad checkpoint or task costs none)
@@ -121,21 +120,37 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, task: str | None, out: st
         raise TrainError(f"{dataset} is an LMDB file, as OC20's splits are: convert it first, "
                          f"`python -m jmp_ext.data convert {dataset} OUT_DIR --allow-pickle` (unpickling can run "
                          "code: trusted files only), and evaluate OUT_DIR")
-    names = {target.name for target in config.tasks[t].targets}
-    labels = ("energy", "forces", "stress")
-    keys = KeyMap(**{label: "none" for label in labels if label not in names},  # (a stress only some frames have)
-                  properties={name: name for name in sorted(names - set(labels))})
     with tempfile.TemporaryDirectory() as tmp:
+        _convert_labels(dataset, Path(tmp) / "data", {target.name for target in config.tasks[t].targets})
+        return _evaluate_dataset(model, config, t, str(Path(tmp) / "data"), dataset, out, batch_size, device)
+
+
+def _convert_labels(source: str, dst: Path, names: set[str]) -> None:
+    """convert of an eval input for a checkpoint whose targets are `names`: those of energy,
+    forces and stress with convert's default keys, and not the others (a stress that only some
+    frames have would stop it); the other names as properties from the keys of the same names,
+    as stored, and left out where the file lacks them (eval then warns)."""
+    from jmp_ext.data import DataError
+    from jmp_ext.data.convert import KeyMap, MissingProperty, convert
+
+    labels = ("energy", "forces", "stress")
+    properties = {name: name for name in sorted(names - set(labels))}
+    while True:
+        keys = KeyMap(**{label: "none" for label in labels if label not in names}, properties=properties)
         try:
-            convert(dataset, Path(tmp) / "data", keys=keys)
-        except DataError as e:  # (a structure the data refuses: a single atom, a cell in nm, ...)
+            convert(source, dst, keys=keys)
+            return
+        except DataError as e:
+            if isinstance(e.__cause__, MissingProperty):
+                del properties[e.__cause__.name]
+                continue
+            # (a structure the data refuses: a single atom, a cell in nm, ...)
             raise TrainError(f"{e}; to leave such structures out, convert the file yourself, `python -m "
-                             f"jmp_ext.data convert {dataset} OUT_DIR --skip-invalid`, and evaluate OUT_DIR") from e
+                             f"jmp_ext.data convert {source} OUT_DIR --skip-invalid`, and evaluate OUT_DIR") from e
         except Exception as e:  # (ASE's readers raise anything on a file that is not theirs)
-            raise TrainError(f"{dataset} could not be read as a labelled structure file ({type(e).__name__}: "
+            raise TrainError(f"{source} could not be read as a labelled structure file ({type(e).__name__}: "
                              f"{e}); give a dataset directory, or a file ASE reads: extxyz, traj, ASE db (.db), "
                              "...") from e
-        return _evaluate_dataset(model, config, t, str(Path(tmp) / "data"), dataset, out, batch_size, device)
 
 
 def _evaluate_dataset(model, config, t: int, path: str, name: str, out: str | None, batch_size: int,

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -540,8 +541,6 @@ def test_pretraining_says_how_it_samples_and_warns_of_periodic_data_on_molecule_
     """The sampling probabilities were nowhere to be read; and a periodic task given a
     molecule preset (ani1x) trained its crystals as isolated clusters without a word, where
     predict and the calculator warn."""
-    import warnings
-
     raw = pretrain_config(tiny_data, tmp_path / "pre")
     raw["tasks"][0]["train"] = str(tiny_data / "mol" / "val")  # 4 structures, against box's 12
     with warnings.catch_warnings():
@@ -568,8 +567,6 @@ def test_a_finetune_on_other_graphs_than_the_checkpoints_is_pointed_out(tiny_dat
     """The demo's checkpoint is at 5 Å / 8 neighbours; a fine-tune that leaves graph: out builds
     OC20's 12 Å / 30 and starts far from the pretrained weights (forces_cos -0.15 after 20 steps
     in a user's run, 0.96 at the checkpoint's graph)."""
-    import warnings
-
     loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path / "pre"))).save_last()
     init = tmp_path / "pre" / "last.pt"
     with warnings.catch_warnings():
@@ -1017,6 +1014,11 @@ def test_what_ends_the_run_and_a_moved_cosine_are_said(tiny_data, tmp_path, caps
     raw["loop"]["max_steps"] = 9
     with pytest.warns(UserWarning, match=r"the cosine after the warmup is now 4 steps instead of none \(.*\), from "
                                          r"the end of the warmup \(step 5\); set schedule.cosine"):
+        loop.Trainer(build_config({**raw, "resume": True})).release_run_dir()
+    # Neither the old nor the new length reaches past the warmup: no cosine either way, no warning
+    raw["loop"]["max_steps"] = 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
         loop.Trainer(build_config({**raw, "resume": True}))
 
 

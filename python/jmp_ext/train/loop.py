@@ -710,7 +710,7 @@ class Trainer:
                           "values (its optimizer moments and schedule position kept)", stacklevel=3)
         self.schedule.load_state_dict(state["schedule"])
         was = state["schedule"]["cosine_steps"]
-        if was != self.schedule.cosine_steps and self.main:
+        if max(was, 0) != max(self.schedule.cosine_steps, 0) and self.main:  # (<= 0: no cosine, either way)
             def length(steps: int) -> str:  # (none when the run ends within the warmup)
                 return f"{steps} steps" if steps > 0 else "none"
 

@@ -2,6 +2,7 @@
 
 import csv
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -340,6 +341,15 @@ def test_a_new_run_never_silently_replaces_an_old_one(tiny_data, tmp_path):
     assert not (run / "tb" / "stale").exists()
     trainer.train()
     assert (run / "last.pt").is_file() and not (run / "best.pt").exists()
+    # A tb that links elsewhere: the link goes, not what it points to (TensorBoard wrote there)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep").write_text("not the run's")
+    shutil.rmtree(run / "tb", ignore_errors=True)
+    (run / "tb").symlink_to(elsewhere)
+    loop.Trainer(build_config(pretrain_config(tiny_data, run, max_steps=2, val_every=0),
+                              ["overwrite=true", "tasks.0.val=", "tasks.1.val="])).release_run_dir()
+    assert not (run / "tb").is_symlink() and sorted(p.name for p in elsewhere.iterdir()) == ["keep"]
 
 
 def test_missing_dataset_and_target(tiny_data, tmp_path):
@@ -813,6 +823,28 @@ def test_a_run_resumed_between_two_logs_logs_the_same_means(tiny_data, tmp_path,
 def test_resume_without_a_checkpoint_says_it_starts_over(tiny_data, tmp_path):
     with pytest.warns(UserWarning, match=r"resume=true, but there is no .*nowhere/last.pt: starting a new run"):
         loop.Trainer(build_config({**pretrain_config(tiny_data, tmp_path / "nowhere"), "resume": True}))
+
+
+def test_the_lock_is_never_written_through_a_link_or_a_fifo(tmp_path):
+    """run_dir/.lock pointing elsewhere: writing the PID there truncated the file it pointed to
+    (a crafted or unpacked run directory could wipe a user's file); a FIFO there would block."""
+    from jmp_ext.train.run_dir import lock_run_dir, unlock_run_dir
+
+    victim = tmp_path / "thesis.txt"
+    victim.write_text("years of work\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").symlink_to(victim)
+    with pytest.raises(TrainError, match=r"\.lock is a symbolic link: a run writes its lock there; remove it"):
+        lock_run_dir(run)
+    assert victim.read_text() == "years of work\n"
+    (run / ".lock").unlink()
+    os.mkfifo(run / ".lock")
+    with pytest.raises(TrainError, match=r"\.lock is not a regular file"):
+        lock_run_dir(run)
+    (run / ".lock").unlink()
+    unlock_run_dir(lock_run_dir(run))  # (a regular file is made and locked)
+    assert (run / ".lock").is_file()
 
 
 def test_a_dropped_lock_is_released():

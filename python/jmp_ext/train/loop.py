@@ -660,7 +660,10 @@ class Trainer:
         event outlives it."""
         for name in RUN_FILES:
             (self.run_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(self.run_dir / "tb", ignore_errors=True)
+        tb = self.run_dir / "tb"
+        if tb.is_symlink():  # (the link goes, not what it points to)
+            tb.unlink()
+        shutil.rmtree(tb, ignore_errors=True)
 
     def _load_resume_state(self, path: Path) -> None:
         # On the CPU: the RNG states must stay CPU ByteTensors, and AdamW keeps its step counts

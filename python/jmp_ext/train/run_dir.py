@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
+import stat
 import warnings
 import weakref
 from pathlib import Path
@@ -37,7 +39,19 @@ def lock_run_dir(run_dir: Path):
     warning, where the filesystem has no locks): a second run there (a resume beside a run
     whose torchrun agent was killed but whose ranks were not) would write the same last.pt and
     metrics.csv. The OS drops the lock when its process dies."""
-    file = open(run_dir / ".lock", "a+")
+    path = run_dir / ".lock"
+    # Never through a symbolic link (the PID written below would truncate the file it points
+    # to, outside run_dir), and never blocking on a FIFO: a regular file only.
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise TrainError(f"{path} is a symbolic link: a run writes its lock there; remove it") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise TrainError(f"{path} is not a regular file: a run writes its lock there; remove it")
+    file = os.fdopen(fd, "r+")
     try:
         fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

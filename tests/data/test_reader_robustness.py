@@ -196,3 +196,41 @@ def test_cli_reports_damaged_data_in_one_line(dataset, capsys):
     (dataset / "data.0001.lmdb").mkdir()  # lmdb.Error, not a DataError
     assert main(["info", str(dataset)]) == 1
     assert capsys.readouterr().err == f"error: {dataset / 'data.0001.lmdb'} cannot be opened (Is a directory)\n"
+
+
+# ----- metadata files that are not regular files ------------------------------------------------
+
+
+@pytest.mark.parametrize("name, kind", [("meta.json", "fifo"), ("meta.json", "zero"), ("metadata.npz", "fifo"),
+                                        ("stats.json", "fifo")])
+def test_metadata_that_is_no_regular_file_is_refused_not_waited_on(dataset, name, kind):
+    """A FIFO as meta.json (or metadata.npz) blocked opening the dataset forever, and a link
+    to /dev/zero read without end; both are a DataError now (a stats.json that is none is
+    computed again). (SIGALRM turns a hang into a failure.)"""
+    import signal
+
+    from jmp_ext.data import load_stats
+    from jmp_ext.data.writer import dataset_meta
+
+    (dataset / name).unlink(missing_ok=True)
+    if kind == "fifo":
+        os.mkfifo(dataset / name)
+    else:
+        (dataset / name).symlink_to("/dev/zero")
+
+    def hung(*_):
+        raise TimeoutError(f"reading {name} blocked")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        if name == "stats.json":  # (recomputed, and cached in its place)
+            assert load_stats(dataset)["num_entries"] == 10 and (dataset / name).is_file()
+            return
+        with pytest.raises(DataError, match=rf"{name} is not a regular file"):
+            LmdbDataset(dataset)
+        if name == "meta.json":
+            assert dataset_meta(dataset) is None  # (check_target, before an overwrite)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

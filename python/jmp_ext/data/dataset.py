@@ -34,9 +34,9 @@ def _size(file: Path) -> int | None:
 
 
 def _contents(file: Path) -> bytes | None:
-    """The bytes of a file, None when there is none (read_meta says what is missing)."""
+    """The bytes of a metadata file, None when there is none (read_meta says what is missing)."""
     try:
-        return file.read_bytes()
+        return fmt.read_metadata_bytes(file)
     except (FileNotFoundError, NotADirectoryError):
         return None
 

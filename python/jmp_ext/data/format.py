@@ -37,6 +37,7 @@ import functools
 import json
 import math
 import os
+import stat
 import struct
 import zipfile
 import zlib
@@ -430,11 +431,29 @@ def _check_schema(schema, meta_path: Path) -> None:
                             'per-atom fields], ...}')
 
 
+# A metadata file (meta.json, stats.json) larger than this is no dataset's.
+MAX_METADATA_BYTES = 64 << 20
+
+
+def read_metadata_bytes(file: Path) -> bytes:
+    """The bytes of a metadata file, which must be a regular file of at most MAX_METADATA_BYTES:
+    a FIFO would block forever, /dev/zero never end (DataError). FileNotFoundError when there
+    is none."""
+    fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK)  # (a FIFO opens at once, to be refused)
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise DataError(f"{file} is not a regular file")
+        if info.st_size > MAX_METADATA_BYTES:
+            raise DataError(f"{file} holds {info.st_size} bytes, more than any dataset's metadata")
+        return f.read(MAX_METADATA_BYTES + 1)
+
+
 def read_json(file: Path) -> dict:
     """A metadata file's JSON object; a truncated or hand-damaged file is a DataError naming it."""
     hint = "rewrite it (stats.json: `python -m jmp_ext.data stats DIR --recompute`)"
     try:
-        value = json.loads(file.read_text())
+        value = json.loads(read_metadata_bytes(file))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DataError(f"{file} is not valid JSON ({error}); {hint}") from None
     if not isinstance(value, dict):
@@ -445,14 +464,17 @@ def read_json(file: Path) -> dict:
 def read_natoms(path: str | Path, num_entries: int) -> np.ndarray:
     """The atom count of every entry, from metadata.npz (no scan of the data)."""
     file = Path(path) / NATOMS_FILE
+    if file.exists() and not file.is_file():  # (a FIFO would block np.load forever)
+        raise DataError(f"{file} is not a regular file")
     try:
         with np.load(file, allow_pickle=False) as npz:
             natoms = npz["natoms"]
     except FileNotFoundError:
         raise
     # BadZipFile: truncated (the zip directory is at the end); KeyError: no natoms array;
-    # ValueError: not a zip (np.load then refuses to unpickle) or a damaged array header.
-    except (zipfile.BadZipFile, KeyError, ValueError, EOFError, OSError) as error:
+    # ValueError: not a zip (np.load then refuses to unpickle) or a damaged array header;
+    # MemoryError: a header that claims more entries than memory holds.
+    except (zipfile.BadZipFile, KeyError, ValueError, EOFError, OSError, MemoryError) as error:
         raise DataError(f"{file} is damaged or incomplete ({type(error).__name__}: {error})"
                         ) from None
     if natoms.ndim != 1 or natoms.dtype.kind not in "iu":

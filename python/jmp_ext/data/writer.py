@@ -235,8 +235,9 @@ def check_target(path: Path, overwrite: bool) -> None:
 def dataset_meta(path: Path) -> dict | None:
     """The meta.json of the jmp_ext dataset at `path`; None when `path` is not one."""
     try:
-        meta = json.loads((path / fmt.META_FILE).read_text())
-    # No meta.json or no directory, or not JSON (UnicodeDecodeError is a ValueError too).
+        meta = json.loads(fmt.read_metadata_bytes(path / fmt.META_FILE))
+    # No meta.json or no directory, not a regular file (a DataError, a ValueError), or not JSON
+    # (UnicodeDecodeError is a ValueError too).
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError):
         return None
     return meta if isinstance(meta, dict) and meta.get("format") == fmt.FORMAT_NAME else None

@@ -483,12 +483,19 @@ def test_init_heads_starts_a_task_as_the_checkpoint_predicted(tiny_data, tmp_pat
     run first predicts as the checkpoint did; a task it did not train starts new."""
     from jmp_ext.data import LmdbDataset
 
+    from jmp_ext.train.checkpoint import save_checkpoint
+
     loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path / "pre", max_steps=2))).train()
+    state = load_checkpoint(tmp_path / "pre" / "last.pt")
+    state["model"]["train_elements"][0, 79] = True  # (as if its "mol" data had held gold)
+    save_checkpoint(tmp_path / "pre" / "last.pt", state)
     raw = pretrain_config(tiny_data, tmp_path / "more")
     raw["tasks"] = [{**raw["tasks"][1], "name": "extra"}, {**raw["tasks"][0], "train": str(tiny_data / "box" / "train")}]
     raw["model"].update(init_checkpoint=str(tmp_path / "pre" / "last.pt"), init_heads=True)
     trainer = loop.Trainer(build_config(raw))
     assert trainer.initialised_heads == ["mol"]
+    # The elements its heads were trained on join the task's (Au here, which no data of this run has)
+    assert trainer.model.train_elements[1, 79] and not trainer.model.train_elements[0, 79]
     trainer.save_last()
     structures = [LmdbDataset(tiny_data / "mol" / "test")[i] for i in range(3)]
     before = _predictions(tmp_path / "pre" / "last.pt", structures, "mol")

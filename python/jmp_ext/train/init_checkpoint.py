@@ -68,7 +68,7 @@ def _load_heads(model: TaskModel, config: TrainConfig, trained: TrainConfig | No
     """model.init_heads: each task of this run that the checkpoint's run trained under the same
     name takes that task's heads (net.output.*: pretraining's out_energy.t / out_forces.t, or
     fine-tuning's heads and force MLP) and its rows of the normalisation buffers (norm_*), so it
-    predicts as the checkpoint did. Refused for a checkpoint without its run's config (a released
+    predicts as the checkpoint did; the elements it was trained on join the run's (train_elements). Refused for a checkpoint without its run's config (a released
     JMP file: its heads' normalisation is not in it), of the other mode, or whose task of that
     name has other targets or forces; a run none of whose tasks it trained is refused too (a
     misspelt name would otherwise start every head new)."""
@@ -116,6 +116,8 @@ def _load_heads(model: TaskModel, config: TrainConfig, trained: TrainConfig | No
                 new.setdefault(key, value.clone())[i] = saved[j]
             else:
                 new[key] = saved
+        if "train_elements" in state and "train_elements" in weights:  # (its heads know the checkpoint's too)
+            new.setdefault("train_elements", state["train_elements"].clone())[i] |= weights["train_elements"][j]
     model.load_state_dict({**state, **new})
     return loaded
 

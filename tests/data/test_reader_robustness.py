@@ -59,8 +59,9 @@ def test_empty_or_foreign_shard(dataset, content, message):
 
 
 def crafted(header, data: bytes = bytes(72)) -> bytes:
-    """An entry with any header and a valid checksum, as a buggy or hostile writer makes it."""
-    header_bytes = json.dumps(header).encode()
+    """An entry with any header (JSON-able, or its JSON text) and a valid checksum, as a buggy or
+    hostile writer makes it."""
+    header_bytes = (header if isinstance(header, str) else json.dumps(header)).encode()
     header_bytes += b" " * (-(16 + len(header_bytes)) % 8)
     rest = header_bytes + data
     return struct.pack("<4sIII", b"JMPE", 1, zlib.crc32(rest), len(header_bytes)) + rest
@@ -74,8 +75,17 @@ def crafted(header, data: bytes = bytes(72)) -> bytes:
     (crafted([["pos", "<f8", [3], 10**6]]), "'pos' .* does not fit"),
     (crafted([["pos", "|O", [3], 0]]), "dtype '|O' is not a numeric or bool dtype"),
     (crafted({"pos": 1}), "header is malformed"),
-    (crafted([["pos", "<f8", "3", 0]]), "header is malformed"),
+    (crafted([["pos", "<f8", "3", 0]]), "not whole numbers"),
     (crafted([["pos", "<f8", [1], 0], ["pos", "<f8", [1], 8]]), "names a field twice"),
+    # (these passed the fit check and failed in numpy or torch with a TypeError / ValueError)
+    (crafted([["pos", "<f8", [1.0], 0]]), r"'pos' has shape \[1.0\] at byte 0: not whole numbers"),
+    (crafted([["pos", "<f8", [1], 8.5]]), "not whole numbers"),
+    (crafted([["pos", "<f8", [True], 0]]), "not whole numbers"),
+    (crafted([["pos", "<f8", [0, 10**30], 0]]), "'pos' .* does not fit"),
+    (crafted([["pos", "<f8", [1] * 40, 0]]), "not whole numbers"),
+    (crafted([["pos", ">f8", [1], 0]]), "dtype '>f8' is not a numeric or bool dtype of this machine's byte order"),
+    (crafted([["pos", "f16", [1], 0]]), "dtype 'f16' is not"),
+    (crafted("[" * 50000 + "]" * 50000), "header is malformed"),
     # (the checksum covers what follows the header length, so it stays valid)
     (crafted([])[:12] + struct.pack("<I", 10**6) + crafted([])[16:],
      "header length 1000000 exceeds the entry's"),
@@ -156,6 +166,8 @@ def edit_meta(path, change):
     (lambda m: m["schema"].pop("atomic_numbers"), "schema lacks the required field.* atomic_numbers"),
     (lambda m: m["schema"]["pos"].update(dtype="|O"), "schema of field pos is"),
     (lambda m: m["schema"]["forces"].update(shape=[3, "n"]), "schema of field forces is"),
+    (lambda m: m["schema"]["forces"].pop("unit"), "schema of field forces is"),  # (info's KeyError)
+    (lambda m: m["schema"]["forces"].update(dtype=">f8"), "schema of field forces is"),
 ])
 def test_damaged_meta_json(dataset, change, message):
     edit_meta(dataset, change)
@@ -179,6 +191,7 @@ def test_metadata_json_must_be_an_object(dataset):
     (lambda f: np.savez(f, n=np.ones(10, int)), "metadata.npz is damaged .*KeyError"),
     (lambda f: np.savez(f, natoms=np.full(10, 3.0)), "natoms is float64 .*not a 1-D integer"),
     (lambda f: np.savez(f, natoms=np.zeros(10, int)), "natoms holds 0"),
+    (lambda f: np.savez(f, natoms=np.full(10, 2**63 + 5, np.uint64)), "natoms holds 9223372036854775813, more atoms"),
 ])
 def test_damaged_metadata_npz(dataset, write, message):
     write(dataset / fmt.NATOMS_FILE)

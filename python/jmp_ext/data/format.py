@@ -184,9 +184,16 @@ def _parse_header(header: bytes, size: int) -> tuple[tuple[str, np.dtype, tuple,
         layout = []
         for name, dtype, shape, offset in json.loads(header):
             dtype = _dtype(dtype)
+            # (whole numbers only: 8.5 or true would pass the arithmetic below; a shape of
+            # [0, 1e30] would make numpy refuse the dimension itself)
+            if not (_is_int(offset) and isinstance(shape, list) and len(shape) <= _MAX_NDIM
+                    and all(_is_int(axis) for axis in shape)):
+                raise DataError(f"field {name!r} has shape {str(shape)[:80]} at byte {str(offset)[:40]}: not "
+                                "whole numbers")
             count = math.prod(shape)
             end = offset + count * dtype.itemsize
-            if min(shape, default=0) < 0 or not 0 <= offset <= end <= size:
+            # (a huge dimension fits beside a 0, and numpy refuses 1e30 outright)
+            if min(shape, default=0) < 0 or max(shape, default=0) >= 2**31 or not 0 <= offset <= end <= size:
                 raise DataError(f"field {name!r} ({dtype.str} {shape} at byte {offset}) does not "
                                 f"fit in the entry's {size} data bytes")
             layout.append((name, dtype, tuple(shape), count, offset))
@@ -195,8 +202,9 @@ def _parse_header(header: bytes, size: int) -> tuple[tuple[str, np.dtype, tuple,
     except DataError:
         raise
     # A header that is not a list of [name, dtype, shape, offset] fails in the loop (unpacking,
-    # arithmetic, hashing) with whatever exception that step raises.
-    except (ValueError, TypeError) as error:
+    # arithmetic, hashing) with whatever exception that step raises; one nested thousands of
+    # levels deep fails in json with a RecursionError.
+    except (ValueError, TypeError, RecursionError) as error:
         raise DataError(f"entry header is malformed ({type(error).__name__}: {error})") from None
     return tuple(layout)
 
@@ -206,11 +214,16 @@ def _arrays(buffer: bytearray, start: int, layout: tuple) -> dict[str, np.ndarra
             for name, dtype, shape, count, offset in layout}
 
 
+# Dimensions of a field's shape: numpy allows 64; no field of a structure has more than 3.
+_MAX_NDIM = 32
+
+
 @functools.cache
 def _dtype(name: str) -> np.dtype:
     dtype = np.dtype(name)
-    if dtype.kind not in "biuf":
-        raise DataError(f"dtype {name!r} is not a numeric or bool dtype")
+    # (native byte order and at most 8 bytes: what torch.from_numpy takes)
+    if dtype.kind not in "biuf" or not dtype.isnative or dtype.itemsize > 8:
+        raise DataError(f"dtype {name!r} is not a numeric or bool dtype of this machine's byte order")
     return dtype
 
 
@@ -390,8 +403,12 @@ def read_meta(path: str | Path) -> dict:
     return meta
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return _is_int(value) and value >= 0
 
 
 def _check_shards(shards, num_entries: int, meta_path: Path) -> None:
@@ -420,15 +437,16 @@ def _check_schema(schema, meta_path: Path) -> None:
         try:
             _dtype(field["dtype"])
             shape = field["shape"]
-            valid = isinstance(shape, list) and all(
-                _is_count(size) or (size == "n" and axis == 0) for axis, size in enumerate(shape))
+            valid = isinstance(shape, list) and len(shape) <= _MAX_NDIM and all(
+                _is_count(size) or (size == "n" and axis == 0) for axis, size in enumerate(shape)) and isinstance(
+                field["unit"], str)
         # np.dtype raises TypeError for an unknown name; field may be no object at all.
         except (DataError, KeyError, TypeError):
             valid = False
         if not valid:
-            raise DataError(f"{meta_path}: schema of field {name} is {field!r}; expected "
+            raise DataError(f"{meta_path}: schema of field {name} is {str(field)[:200]}; expected "
                             '{"dtype": a numeric numpy dtype, "shape": [sizes, "n" first for '
-                            'per-atom fields], ...}')
+                            'per-atom fields], "unit": a string, ...}')
 
 
 # A metadata file (meta.json, stats.json) larger than this is no dataset's.
@@ -484,6 +502,8 @@ def read_natoms(path: str | Path, num_entries: int) -> np.ndarray:
         raise DataError(f"{file}: natoms has {natoms.shape[0]} entries, meta.json says {num_entries}")
     if num_entries and natoms.min() < 1:
         raise DataError(f"{file}: natoms holds {natoms.min()}; every entry has at least one atom")
+    if num_entries and natoms.max() > 2**31:  # (a uint64 count would turn negative as int64)
+        raise DataError(f"{file}: natoms holds {natoms.max()}, more atoms than any structure has")
     return natoms.astype(np.int64)
 
 

@@ -157,6 +157,25 @@ def test_malformed_yaml_file(tmp_path):
         load_config(path)
 
 
+def test_yaml_aliases_expand_within_bounds(tmp_path):
+    """An alias reuses a block (a task's targets); ten nested aliases of ten, 400 bytes, took
+    minutes to expand, and an alias of its own parent recursed without end."""
+    (tmp_path / "ok.yaml").write_text(
+        "mode: pretrain\ntasks:\n"
+        "  - {name: a, train: /data/a, targets: &ef [{name: energy, kind: energy}, {name: forces, kind: forces}]}\n"
+        "  - {name: b, train: /data/b, targets: *ef}\n")
+    config = load_config(tmp_path / "ok.yaml")
+    assert len(config.tasks[1].targets) == 2 and config.tasks[1].targets == config.tasks[0].targets
+    laughs = ["model:", "  backbone_overrides:", "    l0: &l0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    laughs += [f"    l{k}: &l{k} [{', '.join([f'*l{k - 1}'] * 10)}]" for k in range(1, 10)]
+    (tmp_path / "laughs.yaml").write_text("\n".join(laughs) + "\n")
+    with pytest.raises(ConfigError, match=r"laughs.yaml: its YAML aliases expand to more than 1000000 values"):
+        load_config(tmp_path / "laughs.yaml")
+    (tmp_path / "loop.yaml").write_text("model:\n  backbone_overrides: &x {a: *x}\n")
+    with pytest.raises(ConfigError, match=r"loop.yaml: a YAML alias refers to the node that holds it"):
+        load_config(tmp_path / "loop.yaml")
+
+
 def test_yaml_roundtrip(tmp_path):
     cfg = build_config({"mode": "pretrain", "tasks": [TASK], "seed": 3})
     save_config(cfg, tmp_path / "config.yaml")

@@ -558,12 +558,37 @@ _Loader.add_constructor("tag:yaml.org,2002:float", _keep_text(yaml.SafeLoader.co
 _Loader.add_constructor("tag:yaml.org,2002:timestamp", _keep_text(yaml.SafeLoader.construct_yaml_timestamp))
 
 
+# Values a config may expand to: YAML aliases share a node, which the config then copies, so ten
+# nested aliases of ten (~400 bytes: a "billion laughs") would expand to 10^10 values.
+_MAX_CONFIG_VALUES = 1_000_000
+
+
 def _load_yaml(source: Any, where: str) -> Any:
-    """YAML text or an open file -> Python values (with _Scalars); malformed YAML is a ConfigError."""
+    """YAML text or an open file -> Python values (with _Scalars); malformed YAML, or aliases that
+    expand to more than _MAX_CONFIG_VALUES values or refer to themselves, is a ConfigError."""
     try:
-        return yaml.load(source, Loader=_Loader)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: invalid YAML: {e}") from None
+        value = yaml.load(source, Loader=_Loader)
+    except (yaml.YAMLError, RecursionError) as e:
+        raise ConfigError(f"{where}: invalid YAML: {str(e)[:500]}") from None
+    sizes: dict[int, int] = {}  # expanded size of every list and mapping, counted once each
+
+    def expanded(node: Any, parents: frozenset) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        if id(node) in parents:
+            raise ConfigError(f"{where}: a YAML alias refers to the node that holds it")
+        if id(node) not in sizes:
+            children = node.values() if isinstance(node, dict) else node
+            sizes[id(node)] = 1 + sum(expanded(child, parents | {id(node)}) for child in children)
+        if sizes[id(node)] > _MAX_CONFIG_VALUES:
+            raise ConfigError(f"{where}: its YAML aliases expand to more than {_MAX_CONFIG_VALUES} values")
+        return sizes[id(node)]
+
+    try:
+        expanded(value, frozenset())
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply") from None
+    return value
 
 
 # ---------------------------------------------------------------- overrides and files

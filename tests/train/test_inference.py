@@ -162,6 +162,25 @@ def test_a_checkpoint_whose_weights_do_not_fit_is_a_message(checkpoint, tmp_path
         inference.load_trained(tmp_path / "best.pt")
 
 
+def test_a_config_whose_sizes_its_weights_lack_allocates_nothing(checkpoint, tmp_path, monkeypatch):
+    """A 3 kB file whose config asked for emb_size_edge 60000 made load_trained allocate 29 GB
+    before comparing a weight: the network is checked on the meta device first."""
+    state = torch.load(checkpoint, weights_only=True)
+    state["config"]["model"]["backbone_overrides"]["emb_size_edge"] = 60000
+    torch.save(state, tmp_path / "best.pt")
+    built_on = []
+    build = inference.build_model
+
+    def recording(*args):
+        built_on.append(torch.empty(()).device.type)  # (the device factory functions use here)
+        return build(*args)
+
+    monkeypatch.setattr(inference, "build_model", recording)
+    with pytest.raises(TrainError, match=r"best\.pt: its weights do not fit .*size mismatch"):
+        inference.load_trained(tmp_path / "best.pt")
+    assert built_on == ["meta"]
+
+
 def test_elements_outside_the_training_data_are_pointed_out(checkpoint, tmp_path):
     """Trained on H, C, N, O: a sulfur atom gets an embedding the fine-tune never saw."""
     import warnings

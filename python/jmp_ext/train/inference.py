@@ -43,13 +43,24 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     except ValueError as e:  # (NaN weights predicted NaN, silently)
         raise TrainError(str(e)) from e
     buffers = {k: v for k, v in weights.items() if not k.startswith("net.")}  # (TaskModel's own)
+
+    def load_into(model: TaskModel) -> None:
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as e:  # (e.g. written by an older jmp_ext whose network differed)
+            raise TrainError(f"{path}: its weights do not fit the network its config builds in this jmp_ext; "
+                             f"was it written by another version? ({key_mismatch(e)})") from e
+
+    # First on the meta device, which allocates nothing: a config whose sizes its weights do not
+    # have (an edited emb_size_edge: 60000) would otherwise allocate gigabytes before the check.
+    with torch.device("meta"):
+        skeleton = build_model(config, buffers)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*meta parameter.*is a no-op")
+        load_into(skeleton)
     model = build_model(config, buffers).to(device)
     model.net.to(param_dtype(config.loop.precision))  # before loading: fp64 stays fp64
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:  # (e.g. written by an older jmp_ext whose network differed)
-        raise TrainError(f"{path}: its weights do not fit the network its config builds in this jmp_ext; "
-                         f"was it written by another version? ({key_mismatch(e)})") from e
+    load_into(model)
     return model.eval(), config
 
 

@@ -404,6 +404,31 @@ def test_dotted_or_foreign_names_are_refused(tmp_path, module, name):
     assert unpickle_data(pickle.dumps({"x": np.arange(3, dtype=np.float32)}))["x"].dtype == np.float32
 
 
+def test_a_pickle_cannot_call_torch_tensor_or_expand_shared_lists(tmp_path):
+    """torch.Tensor was an allowed global, so a pickle could call torch.Tensor(4, 3), an
+    uninitialised tensor of process memory, as positions; a 245-byte list nested in itself ten
+    times took minutes for numpy to expand. A tensor with attributes (pickled through
+    _rebuild_from_type_v2 and torch.Tensor) still loads."""
+    from jmp_ext.data.convert import _numbers
+
+    called = (pickle.PROTO + b"\x04" + _global("torch", "Tensor") + pickle.BININT1 + b"\x04" + pickle.BININT1
+              + b"\x03" + pickle.TUPLE2 + pickle.REDUCE + pickle.STOP)
+    with pytest.raises(TypeError, match="_TensorClass"):
+        unpickle_data(called)
+    tensor = torch.arange(3.0)
+    tensor.note = "an attribute"
+    assert torch.equal(unpickle_data(pickle.dumps({"pos": tensor}))["pos"], torch.arange(3.0))
+    nested = [1.0] * 10
+    for _ in range(9):
+        nested = [nested] * 10
+    with pytest.raises(DataError, match=r"pos is a nested list of more than 100000000 values"):
+        _numbers("pos", nested)
+    loop = []
+    loop.append(loop)
+    with pytest.raises(DataError, match=r"holds itself"):
+        _numbers("pos", unpickle_data(pickle.dumps({"x": loop}))["x"])
+
+
 def test_all_zero_tags_read_as_unset_as_in_the_calculator(tmp_path):
     """A tags column of zeros (ASE's default, written out) is not 'all sub-surface': convert and
     the ASE calculator both give molecules and bulk tags 2 (one rule, data.convert.oc20_tags)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import io
 import pickle
+import reprlib
 import warnings
 from collections.abc import Iterator
 from contextlib import closing
@@ -101,10 +102,31 @@ class KeyMap:
 
 
 def _numbers(name: str, value) -> np.ndarray:
+    try:
+        too_many = isinstance(value, (list, tuple)) and _expanded_size(value, {}) > _MAX_LIST_VALUES
+    except RecursionError:  # (a list that holds itself, or nested thousands deep)
+        too_many = True
+    if too_many:
+        raise fmt.DataError(f"{name} is a nested list of more than {_MAX_LIST_VALUES} values, or holds itself")
     array = np.asarray(value)
     if array.dtype.kind not in "biuf":
-        raise fmt.DataError(f"{name} is not numeric: {value!r}")
+        raise fmt.DataError(f"{name} is not numeric: {reprlib.repr(value)}")
     return array
+
+
+# A pickle can nest one shared list in itself ten times over (245 bytes, 10^10 values when
+# numpy or a message expands it); no field of a structure is a list of more values than this.
+_MAX_LIST_VALUES = 10**8
+
+
+def _expanded_size(value, sizes: dict[int, int]) -> int:
+    """The number of values a nested list or tuple holds once expanded, each shared one counted
+    (not walked) again: sizes memoises by id."""
+    if not isinstance(value, (list, tuple)):
+        return 1
+    if id(value) not in sizes:
+        sizes[id(value)] = sum(_expanded_size(v, sizes) for v in value)
+    return sizes[id(value)]
 
 
 class MissingProperty(fmt.DataError):
@@ -375,10 +397,19 @@ def _load_storage(data: bytes):
     return torch.load(io.BytesIO(data), weights_only=True)
 
 
+class _TensorClass:
+    """torch.Tensor as a pickle names it: an argument of _rebuild_from_type_v2 (a tensor with
+    attributes), never a callable (torch.Tensor(4, 3) is uninitialised process memory)."""
+
+
+def _rebuild_from_type(func, new_type, args, state):
+    return torch._tensor._rebuild_from_type_v2(func, torch.Tensor if new_type is _TensorClass else new_type,
+                                               args, state)
+
+
 _ALLOWED = {
     ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor"),
-    ("torch._utils", "_rebuild_parameter"), ("torch._tensor", "_rebuild_from_type_v2"),
-    ("torch", "Tensor"), ("torch", "Size"), ("torch.nn.parameter", "Parameter"),
+    ("torch._utils", "_rebuild_parameter"), ("torch", "Size"), ("torch.nn.parameter", "Parameter"),
     ("collections", "OrderedDict"), ("copyreg", "_reconstructor"), ("builtins", "object"),
     ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
     ("numpy", "ndarray"), ("numpy", "dtype"),
@@ -396,6 +427,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return PygData
         if (module, name) == ("torch.storage", "_load_from_bytes"):
             return _load_storage
+        if (module, name) == ("torch", "Tensor"):
+            return _TensorClass
+        if (module, name) == ("torch._tensor", "_rebuild_from_type_v2"):
+            return _rebuild_from_type
         if (module, name) in _ALLOWED:
             return super().find_class(module, name)
         # numpy >= 2 pickles dtypes as numpy.dtypes.Float64DType etc. No dotted names: protocol 4

@@ -4,12 +4,14 @@ and the HeOrthogonal initialisation every weight of the backbone starts from."""
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 from torch import nn
 
 # A sum of two unit-variance terms, scaled back to unit variance (GemNet's residual connections).
 INV_SQRT_2 = 1 / math.sqrt(2.0)
+_ONE_THREAD = threading.Lock()
 
 
 @torch.no_grad()
@@ -18,13 +20,15 @@ def he_orthogonal_init(weight: torch.Tensor) -> torch.Tensor:
     fan_in^-1/2. For 3-D BasisEmbedding weights (R, S, I) the output axis is the last one and
     fan_in = R*S; for 2-D Linear weights (out, in) fan_in = in."""
     # On one thread: the QR decomposition's rounding depends on the number of threads, and a
-    # seed should give the same weights whatever loop.threads or OMP_NUM_THREADS is.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        nn.init.orthogonal_(weight)
-    finally:
-        torch.set_num_threads(threads)
+    # seed should give the same weights whatever loop.threads or OMP_NUM_THREADS is. (The lock:
+    # two threads building models must not restore each other's thread count.)
+    with _ONE_THREAD:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            nn.init.orthogonal_(weight)
+        finally:
+            torch.set_num_threads(threads)
     if weight.dim() == 3:
         axis, fan_in = [0, 1], weight.shape[0] * weight.shape[1]
     else:

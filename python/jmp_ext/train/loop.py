@@ -583,20 +583,18 @@ class Trainer:
 
     def save_last(self) -> None:
         rngs = distributed.all_gather_object(rng_state())
-        window = self._window_totals()
+        window = self._window_ranks()
         with distributed.together():
             if self.main:
                 self._write_last(rngs, window)
 
-    def _window_totals(self) -> dict | None:
-        """The logging window's sums over every rank (a collective), for last.pt: a run resumed
-        between two logs then logs the means of an uninterrupted one."""
-        if self._window is None:
-            return None
-        values, rows = self._window
-        return {"values": distributed.all_reduce_sum(values).cpu().clone(), "world_size": self.dist.world_size,
-                "rows": None if rows is None else distributed.all_reduce_sum(rows).cpu().clone(),
-                "steps": self._window_steps}
+    def _window_ranks(self) -> dict | None:
+        """Every rank's logging window (gathered: a collective), for last.pt: a run resumed
+        between two logs then logs the means of an uninterrupted one, bit for bit on as many
+        ranks (each rank continues its own sums, which the log step adds in the same order)."""
+        mine = None if self._window is None else [None if t is None else t.cpu().clone() for t in self._window]
+        ranks = distributed.all_gather_object(mine)
+        return None if ranks[0] is None else {"ranks": ranks, "steps": self._window_steps}
 
     def _write_last(self, rngs: list, window: dict | None) -> None:
         save_checkpoint(self.run_dir / "last.pt", {
@@ -738,15 +736,18 @@ class Trainer:
                                               len(state["rng"]), self.dist.world_size)
         self.best, self.bad_validations, self.nan_streak = loop["best"], loop["bad_validations"], loop["nan_streak"]
         self.validated_step = loop["validated_step"]
-        if loop["window"] is not None:  # rank 0 holds the window's totals, the others none: their sum is kept
-            window = loop["window"]
-            # (its values are the sum over ranks of terms scaled by the number of ranks)
-            values = window["values"] * (self.dist.world_size / window["world_size"])
-            rows = window["rows"]
-            if self.dist.rank != 0:
-                values, rows = torch.zeros_like(values), None if rows is None else torch.zeros_like(rows)
+        if loop["window"] is not None:
+            ranks = loop["window"]["ranks"]
+            if len(ranks) == self.dist.world_size:
+                values, rows = ranks[self.dist.rank]
+            else:  # the saved ranks' sums on rank 0, zeros on the others
+                # (values: terms scaled by the number of ranks, which changed)
+                values = sum(r[0] for r in ranks) * (self.dist.world_size / len(ranks))
+                rows = None if ranks[0][1] is None else sum(r[1] for r in ranks)
+                if self.dist.rank != 0:
+                    values, rows = torch.zeros_like(values), None if rows is None else torch.zeros_like(rows)
             self._window = [values.to(self.device), None if rows is None else rows.to(self.device)]
-            self._window_steps = window["steps"]
+            self._window_steps = loop["window"]["steps"]
         self.last_metrics = state["metrics"]
         rngs = state["rng"]
         if len(rngs) != self.dist.world_size:

@@ -2,6 +2,7 @@
 and the physics of the outputs, not accuracy)."""
 
 import json
+import warnings
 
 import ase.io
 import numpy as np
@@ -337,7 +338,8 @@ def test_eval_reads_an_extxyz_as_convert_would(checkpoint, tmp_path, capsys):
     assert json.loads((tmp_path / "file.json").read_text()) == json.loads((tmp_path / "dir.json").read_text())
     ase.io.write(tmp_path / "unlabelled.extxyz", [molecule("CH3OH")])
     capsys.readouterr()
-    with pytest.warns(UserWarning):  # (convert: no labels)
+    with warnings.catch_warnings():  # (convert's no-labels advice, naming a temporary directory, is not shown)
+        warnings.simplefilter("error", UserWarning)
         assert main(["eval", str(checkpoint), str(tmp_path / "unlabelled.extxyz")]) == 2
     assert (f"target 'energy' of the checkpoint is not in {tmp_path / 'unlabelled.extxyz'} (it has: atomic_numbers, "
             f"cell, fixed, pbc, pos, sid, tags); convert it with the label's key: python -m jmp_ext.data convert "

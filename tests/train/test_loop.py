@@ -439,6 +439,19 @@ def test_finetune_from_pretrained_checkpoint(tiny_data, tmp_path):
     assert (tmp_path / "ft" / "test_metrics.json").is_file() and (tmp_path / "ft" / "best.pt").is_file()
 
 
+@pytest.mark.filterwarnings("ignore:resume. the cosine after the warmup is now")  # (a longer run: true)
+def test_a_resumed_fine_tune_does_not_need_its_init_checkpoint(tiny_data, tmp_path):
+    """resume=true with the run's own config failed when the pretrained file it started from
+    had moved ("model.init_checkpoint: ... does not exist"), though last.pt holds the weights."""
+    loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path / "pre"))).save_last()
+    raw = finetune_config(tiny_data, tmp_path / "ft", init=tmp_path / "pre" / "last.pt")
+    raw["loop"]["max_steps"] = 2
+    loop.Trainer(build_config(raw)).train()
+    (tmp_path / "pre" / "last.pt").unlink()
+    raw["loop"]["max_steps"] = 3
+    assert loop.Trainer(build_config({**raw, "resume": True})).train()["steps"] == 3
+
+
 def test_wrong_architecture_checkpoint(tiny_data, tmp_path):
     loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path / "pre"))).save_last()  # untrained is enough
     cfg = build_config(finetune_config(tiny_data, tmp_path / "ft", init=tmp_path / "pre" / "last.pt",

@@ -138,7 +138,11 @@ def _convert_labels(source: str, dst: Path, names: set[str]) -> None:
     while True:
         keys = KeyMap(**{label: "none" for label in labels if label not in names}, properties=properties)
         try:
-            convert(source, dst, keys=keys)
+            with warnings.catch_warnings():
+                # (its advice for a file without labels names a temporary directory and convert's
+                # options; eval's own error says which target is missing)
+                warnings.filterwarnings("ignore", message=r".* has (no labels|only a stress)")
+                convert(source, dst, keys=keys)
             return
         except DataError as e:
             if isinstance(e.__cause__, MissingProperty):

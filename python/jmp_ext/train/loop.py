@@ -153,8 +153,10 @@ class Trainer:
             buffers = {**tasks.normalizers(c.tasks, stats), **tasks.training_elements(stats)}
             self.model = tasks.build_model(c, buffers).to(self.device)
             self.model.net.to(self.dtype)
-            # The tasks whose heads init_checkpoint gave (model.init_heads).
-            self.initialised_heads = init_from_checkpoint(self.model, c) if c.model.init_checkpoint else []
+            # The tasks whose heads init_checkpoint gave (model.init_heads). A resumed run takes its
+            # weights from last.pt: the init checkpoint need not exist any more.
+            self.initialised_heads = (init_from_checkpoint(self.model, c) if c.model.init_checkpoint and not resumed
+                                      else [])
             freeze(self.model.net, c.model.freeze_embedding, c.model.freeze_blocks)
             self.optimizer = build_optimizer(self.model.net, c.optim, tasks.num_blocks(self.model.net))
             self.ema = EMA(self.model, c.loop.ema_decay) if c.loop.ema_decay > 0 else None

@@ -207,6 +207,8 @@ def predict(checkpoint: str, source: str, out: str, task: str | None, batch_size
     on one spot, ...) gets NaN predictions, and is named on stderr, instead of ending the run;
     the npz then holds valid [M] (bool) too.
     Returns the npz arrays."""
+    from jmp_ext.calculator import atoms_to_entry
+    from jmp_ext.data.format import DataError
     from jmp_ext.files import write_bytes_atomic
     from jmp_ext.graphs import BatchStructureError
     from jmp_ext.train.inference import load_trained, predict_structures, task_index
@@ -258,11 +260,11 @@ def predict(checkpoint: str, source: str, out: str, task: str | None, batch_size
         valid.append(True)
         natoms.append(len(entry["atomic_numbers"]) if entry is not None else len(atoms))
         try:
-            entry = entry if entry is not None else file_entry(atoms, source, index)
-        except TrainError as e:
+            entry = entry if entry is not None else atoms_to_entry(atoms)
+        except DataError as e:  # (an unknown element, a NaN position: "atoms: ..." would not say where)
             if not skip_invalid:
-                raise
-            skip(index, str(e).removeprefix(f"input {source}: frame {index}: "))
+                raise TrainError(f"input {source}: frame {index}: {e}") from e
+            skip(index, str(e))
         else:
             pending.append({key: entry[key] for key in keep})
             pending_index.append(index)
@@ -302,17 +304,6 @@ def predict(checkpoint: str, source: str, out: str, task: str | None, batch_size
         write_bytes_atomic(Path(out), predictions_as_extxyz(images, arrays, per_atom).encode())
     print(f"wrote predictions for {count} structures to {out}: {', '.join(sorted(arrays))}")
     return arrays
-
-
-def file_entry(atoms, path: str, index: int) -> dict:
-    """atoms_to_entry of frame `index` of input `path`, whose errors name the frame."""
-    from jmp_ext.calculator import atoms_to_entry
-    from jmp_ext.data.format import DataError
-
-    try:
-        return atoms_to_entry(atoms)
-    except DataError as e:  # (an unknown element, a NaN position: "atoms: ..." would not say where)
-        raise TrainError(f"input {path}: frame {index}: {e}") from e
 
 
 def iter_structures(path: str):
@@ -466,8 +457,8 @@ def run_command(argv: list[str]) -> int:
         parser.add_argument("checkpoint", metavar="CHECKPOINT", help="best.pt or last.pt of a run")
         parser.add_argument("data", metavar="DATASET" if is_eval else "INPUT",
                             help="dataset directory or ASE-readable file" + (
-                                " (converted with the default label keys of python -m jmp_ext.data convert)"
-                                if is_eval else ""))
+                                " (a file's energy, forces and stress read with convert's default keys, a "
+                                "property target from the key of its name)" if is_eval else ""))
         parser.add_argument("--task", default=None, help="task whose heads to use (needed when the checkpoint has several: pretraining)")
         parser.add_argument("--out", required=not is_eval, default=None,
                             help="metrics JSON file" if is_eval else "OUT.npz, OUT.extxyz or OUT.xyz")

@@ -201,6 +201,11 @@ def _structure_index(natoms: Tensor) -> Tensor:
     return torch.repeat_interleave(torch.arange(natoms.shape[0], device=natoms.device), natoms)
 
 
+def _structure_of_atoms(batch: dict) -> Tensor:
+    """[N] each atom's structure: the batch's own index, else computed from natoms."""
+    return batch["batch"] if "batch" in batch else _structure_index(batch["natoms"])
+
+
 # ---- subselection ----
 
 
@@ -358,7 +363,7 @@ def _graphs_from_a2a(batch: dict, a2a: dict, settings: _BatchSettings, edge_drop
                      generator: torch.Generator | None) -> dict:
     pos, natoms = batch["pos"], batch["natoms"]
     num_atoms = pos.shape[0]
-    structure = batch["batch"] if "batch" in batch else _structure_index(natoms)
+    structure = _structure_of_atoms(batch)
     configs = settings.configs
     cell = batch["cell"].to(pos.dtype) if settings.periodic else None
     k_atom = {name: k[structure] for name, k in settings.k.items()}
@@ -492,7 +497,7 @@ def build_graphs(batch: dict, config: GraphConfig | list[GraphConfig], *, edge_d
     pos, natoms = batch["pos"], batch["natoms"]
     settings = _batch_settings(batch, config)
     cell, pbc = _search_cell_pbc(batch, settings)
-    pair = close_pair(pos, batch["batch"] if "batch" in batch else _structure_index(natoms), natoms, cell, pbc)
+    pair = close_pair(pos, _structure_of_atoms(batch), natoms, cell, pbc)
     if pair is not None:
         from jmp_ext.data.format import close_pair_problem
 

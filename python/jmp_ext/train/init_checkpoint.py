@@ -68,10 +68,11 @@ def _load_heads(model: TaskModel, config: TrainConfig, trained: TrainConfig | No
     """model.init_heads: each task of this run that the checkpoint's run trained under the same
     name takes that task's heads (net.output.*: pretraining's out_energy.t / out_forces.t, or
     fine-tuning's heads and force MLP) and its rows of the normalisation buffers (norm_*), so it
-    predicts as the checkpoint did; the elements it was trained on join the run's (train_elements). Refused for a checkpoint without its run's config (a released
-    JMP file: its heads' normalisation is not in it), of the other mode, or whose task of that
-    name has other targets or forces; a run none of whose tasks it trained is refused too (a
-    misspelt name would otherwise start every head new)."""
+    predicts as the checkpoint did; the elements it was trained on join the run's
+    (train_elements). Refused for a checkpoint without its run's config (a released JMP file:
+    its heads' normalisation is not in it), of the other mode, or whose task of that name has
+    other targets or forces; a run none of whose tasks it trained is refused too (a misspelt
+    name would otherwise start every head new)."""
     path = config.model.init_checkpoint
     if trained is None:
         raise TrainError(f"model.init_heads: {path} is not a jmp_ext run's checkpoint, which records the "

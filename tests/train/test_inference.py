@@ -610,9 +610,12 @@ def test_cli_errors(checkpoint, tiny_data, tmp_path, capsys):
     assert "optim.llrd_blocks has 7 multipliers" in capsys.readouterr().err
     assert main(["finetune", "optim.lr=x"]) == 2
     assert "optim.lr: expected a number" in capsys.readouterr().err
-    with pytest.raises(TrainError, match="not a jmp_ext training checkpoint"):
-        torch.save({"w": torch.zeros(1)}, tmp_path / "x.pt")
-        inference.load_trained(tmp_path / "x.pt")
+    # (fields of another kind raised a TypeError: dict(list), update(list), from_dict(str))
+    for state in [{"w": torch.zeros(1)}, {"model": [1], "config": {}}, {"model": {}, "config": "x"},
+                  {"model": {}, "config": {}, "ema": [1]}]:
+        torch.save(state, tmp_path / "x.pt")
+        with pytest.raises(TrainError, match="not a jmp_ext training checkpoint"):
+            inference.load_trained(tmp_path / "x.pt")
 
 
 def test_calculator_lists_stress_only_when_the_checkpoint_predicts_it(checkpoint, stress_checkpoint):

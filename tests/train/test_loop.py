@@ -288,6 +288,12 @@ def test_a_last_pt_without_a_key_of_this_version_is_a_message(tiny_data, tmp_pat
     with pytest.raises(TrainError, match=r"resume: .*last\.pt has no 'window': it was written by another version of "
                                          r"jmp_ext \(or edited\); start a new run_dir"):
         loop.Trainer(build_config(pretrain_config(tiny_data, run, max_steps=2), ["resume=true"]))
+    # (a field of another kind raised a TypeError or AttributeError somewhere in the loop)
+    for damaged, problem in [([1, 2], "is of type list, not a dict"), ({**state, "ema": [1.0]}, "has 'ema' of type list"),
+                             ({**state, "loop": 3}, "has 'loop' of type int")]:
+        torch.save(damaged, run / "last.pt")
+        with pytest.raises(TrainError, match=rf"resume: .*last\.pt {problem}: it was written by another version"):
+            loop.Trainer(build_config(pretrain_config(tiny_data, run, max_steps=2), ["resume=true"]))
 
 
 def test_resume_refuses_weights_that_are_not_finite(tiny_data, tmp_path):

@@ -43,6 +43,23 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise ValueError(f"cannot load checkpoint {path} safely (weights_only=True): {e}") from e
 
 
+# The kind of each field of last.pt that resume reads (the layout in the module docstring).
+RESUME_FIELD_KINDS = {"model": dict, "ema": (dict, type(None)), "optimizer": dict, "schedule": dict,
+                      "scaler": (dict, type(None)), "force_scaler": (dict, type(None)), "loop": dict, "rng": list,
+                      "config": dict, "metrics": dict}
+
+
+def resume_state_problem(state: Any) -> str | None:
+    """What makes a loaded last.pt unfit for resume at the top level (e.g. "has 'ema' of type
+    list"), or None. A field it lacks is a KeyError when the trainer reads it."""
+    if not isinstance(state, dict):
+        return f"is of type {type(state).__name__}, not a dict"
+    for field, kind in RESUME_FIELD_KINDS.items():
+        if field in state and not isinstance(state[field], kind):
+            return f"has {field!r} of type {type(state[field]).__name__}"
+    return None
+
+
 def rng_state() -> dict[str, Any]:
     """The torch RNG states (CPU and every CUDA device); the trainer draws randomness only from these."""
     state = {"cpu": torch.get_rng_state()}

@@ -36,7 +36,7 @@ from jmp_ext.graphs import BatchStructureError
 from jmp_ext.models.checkpoint import checked_weights
 from jmp_ext.train import distributed, tasks
 from jmp_ext.train.batches import load_batches, name_entries, to_device
-from jmp_ext.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from jmp_ext.train.checkpoint import load_checkpoint, resume_state_problem, rng_state, save_checkpoint, set_rng_state
 from jmp_ext.train.config import TrainConfig, save_config, to_dict
 from jmp_ext.train.ema import EMA
 from jmp_ext.train.inference import evaluate, key_mismatch
@@ -196,9 +196,7 @@ class Trainer:
                 try:
                     self._load_resume_state(self.run_dir / "last.pt")
                 except KeyError as e:  # (a last.pt of another jmp_ext version, or edited)
-                    raise TrainError(f"resume: {self.run_dir / 'last.pt'} has no {e.args[0]!r}: it was written by "
-                                     "another version of jmp_ext (or edited); start a new run_dir, or fine-tune "
-                                     "from it with model.init_checkpoint") from e
+                    raise self._foreign_last_pt(f"has no {e.args[0]!r}") from e
             else:  # each rank its own stream (edge dropout)
                 torch.manual_seed(c.seed + 1000 * self.dist.rank + 1)
         self.resumed, self.resumed_at_step = resumed, self.step
@@ -665,11 +663,18 @@ class Trainer:
             tb.unlink()
         shutil.rmtree(tb, ignore_errors=True)
 
+    def _foreign_last_pt(self, problem: str) -> TrainError:
+        return TrainError(f"resume: {self.run_dir / 'last.pt'} {problem}: it was written by another version of "
+                          "jmp_ext (or edited); start a new run_dir, or fine-tune from it with model.init_checkpoint")
+
     def _load_resume_state(self, path: Path) -> None:
         # On the CPU: the RNG states must stay CPU ByteTensors, and AdamW keeps its step counts
         # where they are loaded (on a GPU, every step would read them back). load_state_dict
         # copies the rest to the device.
         state = load_checkpoint(path, "cpu")
+        problem = resume_state_problem(state)
+        if problem is not None:
+            raise self._foreign_last_pt(problem)
         saved, now = state["config"], to_dict(self.config)
         # What fixes the network and the order of the batches must not change; how they are
         # loaded (data.num_workers, data.in_memory, data.val_batch_size) may.

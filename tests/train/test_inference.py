@@ -2,6 +2,7 @@
 and the physics of the outputs, not accuracy)."""
 
 import json
+import re
 import warnings
 
 import ase.io
@@ -764,3 +765,46 @@ def test_periodic_structures_on_a_molecule_model_are_pointed_out(tiny_data, tmp_
     assert [str(w.message) for w in caught if "non-periodic" in str(w.message)] == [
         "task 'mol' was trained on non-periodic graphs: these structures' periodic boundary conditions are ignored "
         "(each is seen as an isolated cluster)"]
+
+
+def test_a_property_is_scored_only_in_the_unit_it_was_trained_in(tmp_path, capsys):
+    """A property converted to eV (--property gap:Hartree) and the same stored as is (Hartree)
+    were compared as if in one unit: between the splits of a task, and by eval of the source
+    file, which converts properties as stored."""
+    from jmp_ext.data.__main__ import main as data_main
+
+    rng = np.random.default_rng(0)
+    images = [molecule(n) for n in ("H2O", "NH3", "CH4", "CO2", "HCN", "H2CO", "CH3OH", "C2H4")]
+    for atoms in images:
+        atoms.info["gap"] = 0.2 + 0.1 * rng.random()  # (Hartree)
+    ase.io.write(tmp_path / "mol.extxyz", images)
+    assert data_main(["convert", str(tmp_path / "mol.extxyz"), str(tmp_path / "ev"), "--property", "gap:Hartree"]) == 0
+    assert data_main(["convert", str(tmp_path / "mol.extxyz"), str(tmp_path / "raw"), "--property", "gap"]) == 0
+    raw = {"mode": "finetune", "run_dir": str(tmp_path / "run"), "graph": {"cutoff": 4.0, "max_neighbors": 8},
+           "tasks": [{"name": "mol", "train": str(tmp_path / "ev"), "val": str(tmp_path / "raw"),
+                      "targets": [{"name": "gap", "kind": "scalar"}]}],
+           "model": {"backbone": "tiny"}, "data": {"batch_size": 4},
+           "loop": {"max_steps": 1, "val_every": 1, "fit_scale_factors": 0, "progress": False}}
+    with pytest.raises(TrainError, match=r"target 'gap' is in '' \(as stored, no unit\) in the val dataset .*raw, "
+                                         r"but in 'eV' in the train dataset: convert every split the same way"):
+        loop.Trainer(build_config(raw))
+    raw["tasks"][0]["val"] = str(tmp_path / "ev")
+    loop.Trainer(build_config(raw)).train()
+    _, config = inference.load_trained(tmp_path / "run" / "best.pt")
+    assert config.tasks[0].targets[0].unit == "eV"
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["tasks"][0]["targets"][0]["unit"] == "eV"
+    capsys.readouterr()
+    best = str(tmp_path / "run" / "best.pt")
+    assert main(["eval", best, str(tmp_path / "mol.extxyz")]) == 2
+    assert re.search(r"target 'gap' of the checkpoint was trained in 'eV', but .*mol.extxyz has it in '' \(as stored, "
+                     r"no unit\): the metrics would compare two units; convert .*mol.extxyz with its unit: python -m "
+                     r"jmp_ext.data convert .*mol.extxyz OUT_DIR --property gap:UNIT", capsys.readouterr().err)
+    assert main(["eval", best, str(tmp_path / "raw")]) == 2
+    assert "convert its source as the training data was" in capsys.readouterr().err
+    assert main(["eval", best, str(tmp_path / "ev")]) == 0
+    assert "mol/gap_mae" in json.loads(capsys.readouterr().out)
+    # A config that names the unit is held to it.
+    raw["tasks"][0]["targets"][0]["unit"] = ""
+    with pytest.raises(TrainError, match=r"target 'gap' is in 'eV' in the train dataset .*ev, but in '' \(as stored, "
+                                         r"no unit\) in the config \(tasks.0.targets.0.unit\): leave the unit out"):
+        loop.Trainer(build_config(raw, ["overwrite=true"]))

@@ -561,12 +561,17 @@ def test_init_heads_refusals(tiny_data, tmp_path):
     for task in renamed["tasks"]:
         task["name"] += "2"
     torch.save({"state_dict": PretrainModel(BackboneConfig.tiny(**SMALL), ["mol"]).state_dict()}, tmp_path / "jmp.ckpt")
+    other_unit = load_checkpoint(tmp_path / "ft" / "last.pt")  # (its energy in another unit than this data's)
+    other_unit["config"]["tasks"][0]["targets"][0]["unit"] = "kcal/mol"
+    torch.save(other_unit, tmp_path / "other_unit.pt")
     cases = [(finetune_config(tiny_data, tmp_path / "a", init=pre), pre,
               r"a pretrain checkpoint and this run a finetune: their heads differ"),
              (renamed, pre, r"trained the tasks \['box', 'mol'\], none of this run's \['mol2', 'box2'\]"),
              (finetune_config(tiny_data, tmp_path / "b"), tmp_path / "ft" / "last.pt",
               r"tasks.0 \(mol\) has other targets or forces than .*'forces: gradient'\] against .*'forces: direct'\]"),
-             (pretrain_config(tiny_data, tmp_path / "c"), tmp_path / "jmp.ckpt", "is not a jmp_ext run's checkpoint")]
+             (pretrain_config(tiny_data, tmp_path / "c"), tmp_path / "jmp.ckpt", "is not a jmp_ext run's checkpoint"),
+             (finetune_config(tiny_data, tmp_path / "d", forces="direct"), tmp_path / "other_unit.pt",
+              r"tasks.0 \(mol\) has other targets or forces than .*'unit': 'eV'.* against .*'unit': 'kcal/mol'")]
     for raw, checkpoint, message in cases:
         raw["model"].update(init_checkpoint=str(checkpoint), init_heads=True, init_ema=checkpoint != tmp_path / "jmp.ckpt")
         with pytest.raises(TrainError, match=r"^model\.init_heads: .*" + message):

@@ -163,7 +163,7 @@ def _evaluate_dataset(model, config, t: int, path: str, name: str, out: str | No
     knows as `name`."""
     from jmp_ext.files import write_bytes_atomic
     from jmp_ext.train.inference import evaluate
-    from jmp_ext.train.tasks import open_dataset
+    from jmp_ext.train.tasks import describe_unit, open_dataset
 
     ds = open_dataset(path, "dataset", in_memory=False)
     missing = [target for target in config.tasks[t].targets if target.name not in ds.schema]
@@ -174,6 +174,14 @@ def _evaluate_dataset(model, config, t: int, path: str, name: str, out: str | No
                                      else f"--property {target.name}=KEY"))
         raise TrainError(f"target {target.name!r} of the checkpoint is not in {name} "
                          f"(it has: {', '.join(sorted(ds.schema))}){how}")
+    for target in config.tasks[t].targets:
+        unit = ds.schema[target.name]["unit"] if target.name in ds.schema else target.unit
+        if target.unit is not None and unit != target.unit:  # (None: a checkpoint that predates the record)
+            how = (f"convert {name} with its unit: python -m jmp_ext.data convert {name} OUT_DIR --property "
+                   f"{target.name}:UNIT (to eV), and evaluate OUT_DIR" if path != name else
+                   "convert its source as the training data was")
+            raise TrainError(f"target {target.name!r} of the checkpoint was trained in {describe_unit(target.unit)}, "
+                             f"but {name} has it in {describe_unit(unit)}: the metrics would compare two units; {how}")
     if missing:
         warnings.warn(f"{name} has no {', '.join(repr(target.name) for target in missing)} label(s): the metrics "
                       "are those of the checkpoint's other targets", stacklevel=3)

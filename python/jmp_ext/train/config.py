@@ -78,6 +78,13 @@ class TargetConfig:
     """scalar: subtract per-element reference values (least-squares fit on the training split,
     like energy's) before normalising; for extensive properties (JMP's QM9 U_0, U, H, G, ZPVE,
     c_v). energy has them whenever normalize is true."""
+    unit: str | None = None
+    """Unit of the labels, as their dataset's schema records it: 'eV', 'eV/Å', 'eV/Å^3' for
+    energy, forces and stress; for a property 'eV' when convert converted it (--property
+    NAME:UNIT), '' as stored. None: the train split's, filled in when the data is opened (the
+    run's config.yaml and checkpoints record it). Every split, and a dataset evaluated later,
+    must have the same: a property converted in one and stored as is in another would be
+    compared in two units."""
 
     def __post_init__(self) -> None:
         if not self.name:

@@ -60,8 +60,9 @@ def init_from_checkpoint(model: TaskModel, config: TrainConfig) -> list[str]:
     return _load_heads(model, config, trained, run_weights(checkpoint, config.model.init_ema) if trained else None)
 
 
-# What a head and its normalisation are built from; the loss (coef, class_weights) may change.
-_HEAD_FIELDS = ("name", "kind", "reduction", "num_classes", "normalize", "linref")
+# What a head and its normalisation are built from, and the unit it predicts in; the loss (coef,
+# class_weights) may change.
+_HEAD_FIELDS = ("name", "kind", "reduction", "num_classes", "normalize", "linref", "unit")
 
 
 def _load_heads(model: TaskModel, config: TrainConfig, trained: TrainConfig | None, weights: dict | None) -> list[str]:

@@ -72,7 +72,8 @@ def open_dataset(path: str, what: str, in_memory: bool):
 
 def load_task_data(config: TrainConfig) -> list[TaskData]:
     """Opens every split, loads the training split's statistics, and checks that each target's
-    label exists in every split."""
+    label exists in every split, in one unit: the train split's fills in TargetConfig.unit when
+    the config leaves it None."""
     from jmp_ext.data import load_stats
 
     out = []
@@ -87,13 +88,24 @@ def load_task_data(config: TrainConfig) -> list[TaskData]:
         for split, ds in splits.items():
             if ds is None:
                 continue
-            for target in task.targets:
+            for k, target in enumerate(task.targets):
                 if target.name not in ds.schema:
                     how = (f"--{target.kind}-key KEY" if target.kind in ("energy", "forces", "stress")
                            else f"--property {target.name}[=KEY][:UNIT]")
                     raise TrainError(f"tasks.{i} ({task.name}): target {target.name!r} is not in the {split} "
                                      f"dataset {ds.path} (it has: {', '.join(sorted(ds.schema))}); `python -m "
                                      f"jmp_ext.data convert` stores it when told where it is: {how}")
+                unit = ds.schema[target.name]["unit"]
+                if target.unit is None:
+                    target.unit = unit
+                elif unit != target.unit:
+                    where, advice = (("the train dataset", "convert every split the same way (python -m jmp_ext.data "
+                                      f"convert --property {target.name}:UNIT converts to eV)") if split != "train" else
+                                     (f"the config (tasks.{i}.targets.{k}.unit)", "leave the unit out, or give the "
+                                      "data's"))
+                    raise TrainError(f"tasks.{i} ({task.name}): target {target.name!r} is in {describe_unit(unit)} in "
+                                     f"the {split} dataset {ds.path}, but in {describe_unit(target.unit)} in {where}: "
+                                     f"{advice}")
                 shape = ds.schema[target.name]["shape"]
                 if target.kind in ("energy", "scalar", "classification") and shape:
                     raise TrainError(f"tasks.{i} ({task.name}): target {target.name!r} has shape {shape} per "
@@ -116,6 +128,11 @@ def load_task_data(config: TrainConfig) -> list[TaskData]:
         out.append(TaskData(task, splits["train"], splits["val"], splits["test"], load_stats(task.train)))
     check_pretraining_targets(config)  # (before the normalisers, which look targets up by task 0's names)
     return out
+
+
+def describe_unit(unit: str) -> str:
+    """A schema unit for a message: '' is a property convert stored as it was."""
+    return repr(unit) if unit else "'' (as stored, no unit)"
 
 
 # ---------------------------------------------------------------- model

@@ -215,18 +215,11 @@ PYBIND11_MODULE(_C, m) {
     // radius_graph_check_input(num_atoms, ptr, num_systems, cutoff, max_neighbors, tolerance,
     // max_edges): the checks of both backends, on a host ptr (the CUDA path's, before it is
     // copied over).
-    m.def("radius_graph_check_input", [](int64_t num_atoms, uintptr_t ptr_, int64_t num_systems,
+    m.def("radius_graph_check_input", [=](int64_t num_atoms, uintptr_t ptr_, int64_t num_systems,
                                          double cutoff, int64_t max_neighbors, double tolerance,
                                          int64_t max_edges) {
-      rg::Input in;
-      in.num_atoms = num_atoms;
-      in.ptr = ptr<const int64_t>(ptr_);
-      in.num_systems = num_systems;
-      in.cutoff = cutoff;
-      in.max_neighbors = max_neighbors;
-      in.tolerance = tolerance;
-      in.max_edges = max_edges;
-      rg::check_input(in);
+      rg::check_input(input(0, 0, num_atoms, ptr_, num_systems, 0, 0, cutoff, max_neighbors,
+                            tolerance, max_edges));
     });
     m.def("radius_graph_sizes", [] {
       return py::dict(py::arg("frame") = sizeof(rg::Frame), py::arg("placed") = sizeof(rg::Placed),

@@ -24,6 +24,16 @@ def pytest_collection_modifyitems(config, items):
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The model tests run many small ops; on a busy shared CPU, OpenMP threads waiting for each
+    other make them 10x slower, so they run on one thread (results do not depend on it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
     """Run a test on every device: the CPU always, CUDA when available."""

@@ -13,11 +13,12 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "models"))
-from jmp_fixtures import CASES, edge_keys, fixture_batch, fixture_config, graphs_on_jmps_a2a, load, one_torch_thread, requires_fixtures  # noqa: E402, F401
+from jmp_fixtures import CASES, edge_keys, fixture_batch, fixture_config, graphs_on_jmps_a2a, load, requires_fixtures  # noqa: E402
 
 from jmp_ext import graphs as G  # noqa: E402
 from jmp_ext.models import BackboneConfig, GemNetOCBackbone  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TAG = {torch.float64: "f64", torch.float32: "f32"}
 TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
 

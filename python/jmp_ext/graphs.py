@@ -1,6 +1,6 @@
 """The four GemNet-OC graphs of JMP and their interaction indices, built on the fly from a batch.
 
-`build_graphs` builds the a2a graph (step 1), `_graphs_from_a2a` the rest, in this order:
+`build_graphs` builds the a2a graph (step 1), `graphs_from_a2a` the rest, in this order:
   1. a2a ("aint") graph: every neighbour within cutoff_a2a, at most k_a2a per target atom
      (jmp_ext.ops.radius_graph); edge dropout on it while training (JMP pretraining: p = 0.1).
   2. main, a2ee2a and qint are subselected from a2a: a distance filter where their cutoff is
@@ -8,7 +8,7 @@
   3. qint keeps only edges touching an atom whose tag is in qint_tags.
   4. main is symmetrised (every edge gets its reverse; id_swap maps an edge to its reverse).
   5. Triplet and quadruplet indices (jmp_ext.ops), neighbour ranks, and Kmax of the padded
-     per-atom blocks (a2ee2a, a2a), computed once here so the backbone never syncs with the host.
+     edge-to-atom block (a2ee2a), computed once here so the backbone never syncs with the host.
   6. Distances and unit vectors of all four graphs, recomputed differentiably from the batch's
      positions and cell (so gradient forces and stress flow through them).
 

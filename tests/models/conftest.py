@@ -1,1 +1,6 @@
-from jmp_fixtures import one_torch_thread  # noqa: F401  (autouse fixture for every model test)
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _every_model_test_on_one_thread(one_torch_thread):
+    yield

@@ -22,16 +22,6 @@ requires_fixtures = pytest.mark.skipif(not (FIXTURES / "weights.pt").exists(),
                                        reason=f"JMP reference fixtures not found at {FIXTURES}")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The model tests run many small ops; on a busy shared CPU, OpenMP threads waiting for each
-    other make them 10x slower, so they run on one thread (results do not depend on it)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @functools.cache
 def load(name: str) -> dict:
     return torch.load(FIXTURES / name, weights_only=True)

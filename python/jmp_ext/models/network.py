@@ -79,6 +79,9 @@ class PretrainModel(nn.Module):
 
 
 class FinetuneOutput(nn.Module):
+    """JMP's fine-tuning heads: one per target on atom features (StructureHead, or
+    SpatialExtentHead for R²), and with direct forces an MLP on edge features."""
+
     def __init__(self, config: BackboneConfig, heads: list[HeadConfig], forces: str | None):
         super().__init__()
         # JMP's EnergyForcesModelBase builds the energy head of a model with forces without biases.

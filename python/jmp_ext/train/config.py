@@ -162,6 +162,7 @@ class TaskConfig:
     test: str = ""
     """Test split, evaluated with the best weights at the end of fine-tuning ('' = none)."""
     targets: list[TargetConfig] = field(default_factory=list)
+    """What the task's heads predict and its loss compares (pretraining: energy and forces)."""
     forces: Literal["direct", "gradient"] = "direct"
     """Force head: direct (edge scalars times unit vectors, JMP pretraining) or F = -dE/dpos."""
     structure_wise_force_loss: bool | None = None
@@ -521,6 +522,7 @@ def _plain(value: Any) -> Any:
 
 
 def to_dict(config: Any) -> dict:
+    """A config dataclass as nested dicts and lists of plain values (YAML- and weights_only-safe)."""
     return dataclasses.asdict(config)
 
 
@@ -707,6 +709,8 @@ def build_config(raw: dict, overrides: list[str] = (), mode: str | None = None) 
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), mode: str | None = None) -> TrainConfig:
+    """The validated TrainConfig of a YAML file (None: none) with `key=value` overrides applied
+    (see build_config); a ConfigError names what is wrong."""
     raw: Any = {}
     if path is not None:
         path = Path(path)
@@ -720,6 +724,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), mode: str | 
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
+    """Writes the resolved config as YAML, atomically; load_config(path) gives it back."""
     from jmp_ext.files import write_bytes_atomic
 
     write_bytes_atomic(Path(path), yaml.safe_dump(to_dict(config), sort_keys=False).encode())

@@ -36,6 +36,7 @@ from ase.units import fs, kB
 from tqdm import tqdm
 
 from jmp_ext.data import format as fmt
+from jmp_ext.data.convert import atoms_structure
 from jmp_ext.data.stats import share_train_stats
 from jmp_ext.data.writer import DatasetWriter, dataset_meta
 from jmp_ext.files import write_bytes_atomic
@@ -129,25 +130,17 @@ def _write_domain(path: Path, frames: list[dict], rng: np.random.Generator, info
     return counts
 
 
-def _entry(atoms: Atoms, sid: int, fid: int, tags=None, fixed=None, stress: bool = False) -> dict:
-    """Label a structure with its attached calculator and turn it into an entry."""
-    n = len(atoms)
-    entry = {
-        "pos": atoms.positions.copy(),
-        "atomic_numbers": atoms.numbers.copy(),
-        "cell": atoms.cell.array.copy(),
-        "pbc": atoms.pbc.copy(),
-        "tags": np.full(n, 2) if tags is None else tags,
-        "fixed": np.zeros(n, bool) if fixed is None else fixed,
-        "energy": atoms.get_potential_energy(),
-        # Raw forces: a FixAtoms constraint would zero them on fixed atoms, hiding the labels.
-        "forces": atoms.get_forces(apply_constraint=False),
-        "sid": sid,
-        "fid": fid,
-    }
+def _entry(atoms: Atoms, sid: int, fid: int, stress: bool = False) -> dict:
+    """Label a structure with its attached calculator and turn it into an entry: its structure
+    fields as convert reads them from Atoms (tags, FixAtoms), copied, as the optimisers and MD
+    move the atoms in place."""
+    entry = {name: np.array(value) for name, value in atoms_structure(atoms).items()}
+    entry.update(energy=atoms.get_potential_energy(),
+                 # Raw forces: the FixAtoms constraint would zero them on fixed atoms, hiding the labels.
+                 forces=atoms.get_forces(apply_constraint=False), sid=sid, fid=fid)
     if stress:
         entry["stress"] = atoms.get_stress(voigt=False)
-        entry["energy_per_atom"] = entry["energy"] / n
+        entry["energy_per_atom"] = entry["energy"] / len(atoms)
     return entry
 
 
@@ -170,14 +163,13 @@ def _catalysis(rng: np.random.Generator, size: int) -> list[dict]:
         add_adsorbate(slab, adsorbate, height=rng.uniform(1.6, 2.6), position=tuple(xy),
                       mol_index=lowest)
         n_ads = len(adsorbate)
-        tags = np.concatenate([np.where(layer == 1, 1, 0), np.full(n_ads, 2)])
-        fixed = np.concatenate([fixed, np.zeros(n_ads, bool)])
-        slab.set_constraint(FixAtoms(mask=fixed))
+        slab.set_tags(np.concatenate([np.where(layer == 1, 1, 0), np.full(n_ads, 2)]))
+        slab.set_constraint(FixAtoms(mask=np.concatenate([fixed, np.zeros(n_ads, bool)])))
         slab.calc = EMT()
         trajectory = []
         # FIRE needs no linear algebra per step (BFGS's eigh dominates on small busy CPUs).
         optimizer = FIRE(slab, logfile=None, maxstep=0.1)
-        optimizer.attach(lambda: trajectory.append(_entry(slab, sid, len(trajectory), tags, fixed)))
+        optimizer.attach(lambda: trajectory.append(_entry(slab, sid, len(trajectory))))
         optimizer.run(fmax=0.05, steps=20)  # the early, informative part of the relaxation
         keep = np.unique(np.linspace(0, len(trajectory) - 1, FRAMES_PER_RELAXATION).round().astype(int))
         frames += [trajectory[k] for k in keep]

@@ -127,6 +127,12 @@ void check_ptr_on_device(const int64_t* ptr, int64_t num_segments, int64_t n, in
   jc::check_launch();
 }
 
+// After the launches that read ptr: throws the CPU check's message if check_ptr_on_device flagged it.
+void finish_ptr(const int64_t* ptr, int64_t num_segments, int64_t n, const int64_t* status,
+                cudaStream_t stream) {
+  if (jc::read_one(status, stream) != jc::kNoError) throw_bad_ptr(ptr, num_segments, n, stream);
+}
+
 // ---- row copies ----
 
 // Where output row i comes from: a source row, or -1 for zeros.
@@ -223,7 +229,7 @@ __global__ void find_duplicates_kernel(PaddedIndex p, int64_t* status) {
   }
 }
 
-void fill_slots(const PaddedIndex& p, int64_t* status, cudaStream_t stream) {
+void fill_slots_on_device(const PaddedIndex& p, int64_t* status, cudaStream_t stream) {
   int64_t num_slots = p.num_rows * p.num_cols;
   if (num_slots > 0) {
     fill_kernel<<<jc::grid_for(num_slots), kBlock, 0, stream>>>(p.slots, num_slots, jc::kNoError);
@@ -277,7 +283,8 @@ __global__ void check_index_kernel(GatherRows rows, int64_t n) {
   for (int64_t i = grid_start(); i < n; i += grid_stride()) rows(i);
 }
 
-void check_index(IndexArray index, int64_t n, int64_t bound, int64_t* status, cudaStream_t stream) {
+void check_index_on_device(IndexArray index, int64_t n, int64_t bound, int64_t* status,
+                           cudaStream_t stream) {
   if (n == 0) return;
   check_index_kernel<<<jc::grid_for(n), kBlock, 0, stream>>>(GatherRows{index, bound, status}, n);
   jc::check_launch();
@@ -341,8 +348,7 @@ void run_bilinear(const SegmentBilinearArgs& a, int64_t threads, int64_t* status
     dispatch_dtype(a.dtype, launch);
     jc::check_launch();
   }
-  if (jc::read_one(status, stream) != jc::kNoError)
-    throw_bad_ptr(a.ptr, a.num_segments, a.num_src, stream);
+  finish_ptr(a.ptr, a.num_segments, a.num_src, status, stream);
 }
 
 }  // namespace
@@ -379,8 +385,7 @@ void segment_reduce(const SegmentReduceArgs& a, int64_t* status, cudaStream_t st
     });
     jc::check_launch();
   }
-  if (jc::read_one(status, stream) != jc::kNoError)
-    throw_bad_ptr(a.ptr, a.num_segments, a.num_src, stream);
+  finish_ptr(a.ptr, a.num_segments, a.num_src, status, stream);
 }
 
 void scatter_add_atomic(const void* src, Dtype dtype, IndexArray index, int64_t n,
@@ -395,14 +400,14 @@ void scatter_add_atomic(const void* src, Dtype dtype, IndexArray index, int64_t 
     });
     jc::check_launch();
   } else if (features == 0) {
-    check_index(index, n, dim_size, status, stream);
+    check_index_on_device(index, n, dim_size, status, stream);
   }
   finish_index(index, dim_size, "dim_size", status, stream);
 }
 
 void gather(const RowCopy& c, IndexArray index, int64_t num_index, int64_t num_src_rows,
             int64_t* status, cudaStream_t stream) {
-  if (c.features == 0) check_index(index, num_index, num_src_rows, status, stream);
+  if (c.features == 0) check_index_on_device(index, num_index, num_src_rows, status, stream);
   copy_rows(c, num_index, GatherRows{index, num_src_rows, status}, stream);
   finish_index(index, num_src_rows, "the number of source rows", status, stream);
 }
@@ -411,20 +416,19 @@ void segment_broadcast(const RowCopy& c, const int64_t* ptr, int64_t num_segment
                        int64_t num_out_rows, int64_t* status, cudaStream_t stream) {
   check_ptr_on_device(ptr, num_segments, num_out_rows, status, stream);
   copy_rows(c, num_out_rows, BroadcastRows{ptr, num_segments}, stream);
-  if (jc::read_one(status, stream) != jc::kNoError)
-    throw_bad_ptr(ptr, num_segments, num_out_rows, stream);
+  finish_ptr(ptr, num_segments, num_out_rows, status, stream);
 }
 
 void ragged_to_padded(const RowCopy& c, const PaddedIndex& p, int64_t* status,
                       cudaStream_t stream) {
-  fill_slots(p, status, stream);
+  fill_slots_on_device(p, status, stream);
   copy_rows(c, p.num_rows * p.num_cols, SlotRows{p.slots, p.num_items}, stream);
   finish_slots(p, status, stream);
 }
 
 void padded_to_ragged(const RowCopy& c, const PaddedIndex& p, int64_t* status,
                       cudaStream_t stream) {
-  fill_slots(p, status, stream);
+  fill_slots_on_device(p, status, stream);
   copy_rows(c, p.num_items, ItemSlots{p}, stream);
   finish_slots(p, status, stream);
 }

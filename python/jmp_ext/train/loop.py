@@ -190,6 +190,7 @@ class Trainer:
             self.validated_step = -1  # the step of the last validation
             self.nan_streak = 0
             self._window, self._window_steps = None, 0  # the training figures since the last log
+            self._window_kinds: list[str] = []  # the kind of each loss term in the window's rows
             self.last_metrics: dict[str, float] = {}
             self.stop_signal = self.stop_requested = False  # a stop signal on this rank / on any rank
             if resumed:
@@ -228,6 +229,11 @@ class Trainer:
             except BaseException:  # (the lock goes with the Trainer that failed to be built)
                 self.release_run_dir()
                 raise
+        self._log_startup()
+
+    def _log_startup(self) -> None:
+        """What the run starts from and how it samples, in the log; warnings about the setup."""
+        c, resumed = self.config, self.resumed
         if resumed:
             self.log.write(f"resumed {self.run_dir / 'last.pt'} at step {self.step} of {self.total_steps} "
                            f"(epoch {self.epoch}, {self.batch_in_epoch} batches into it)")
@@ -253,7 +259,7 @@ class Trainer:
                 warnings.warn(f"tasks.{i} ({task.name}): its graphs are non-periodic (graph preset "
                               f"{(task.graph or c.graph).preset!r}), but its training data is periodic ({task.train} "
                               "entry 0): periodic boundary conditions are ignored and each structure is seen as an "
-                              "isolated cluster; for periodic data choose a periodic graph preset", stacklevel=2)
+                              "isolated cluster; for periodic data choose a periodic graph preset", stacklevel=3)
         if self.limit == "max_epochs" and c.loop.max_steps > 0:  # (a preset's max_epochs caps a max_steps override)
             self.log.write(f"loop.max_epochs={c.loop.max_epochs:g} ({self.steps_per_epoch} steps each) ends the run at "
                            f"step {self.total_steps}, before loop.max_steps={c.loop.max_steps}; loop.max_epochs=0 "

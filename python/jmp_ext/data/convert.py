@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from ase import Atoms, units
+from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms, FixCartesian
 from ase.stress import voigt_6_to_full_3x3_stress
 from tqdm import tqdm
@@ -310,6 +311,26 @@ def atoms_structure(atoms: Atoms) -> dict[str, np.ndarray]:
         "tags": tags,
         "fixed": fixed_axes.all(axis=1),
     }
+
+
+def entry_to_atoms(entry: dict) -> Atoms:
+    """A dataset entry as Atoms (Å): its tags, fixed atoms (FixAtoms), labels (energy, forces,
+    stress as a SinglePointCalculator's results, as an extxyz file holds them) and sid (info):
+    the inverse of atoms_structure and the labels convert reads."""
+    atoms = Atoms(numbers=np.asarray(entry["atomic_numbers"]), positions=np.asarray(entry["pos"], dtype=np.float64),
+                  cell=np.asarray(entry["cell"], dtype=np.float64).reshape(3, 3), pbc=np.asarray(entry["pbc"]).reshape(3),
+                  tags=np.asarray(entry["tags"]))
+    fixed = np.asarray(entry["fixed"], dtype=bool)
+    if fixed.any():
+        atoms.set_constraint(FixAtoms(mask=fixed))
+    labels = {name: np.asarray(entry[name], dtype=np.float64) for name in ("energy", "forces", "stress") if name in entry}
+    if labels:
+        if "energy" in labels:
+            labels["energy"] = float(labels["energy"])
+        atoms.calc = SinglePointCalculator(atoms, **labels)
+    if "sid" in entry:
+        atoms.info["sid"] = int(entry["sid"])
+    return atoms
 
 
 # ASE calculator results with a value per atom.

@@ -26,18 +26,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
-import json
 import os
 import signal
 import sys
 import textwrap
 import threading
-import warnings
 from pathlib import Path
-
-import numpy as np
-import torch
 
 from jmp_ext.train.config import ConfigError, build_config, load_config
 from jmp_ext.train.tasks import TrainError, check_device
@@ -99,288 +93,6 @@ def demo(overrides: list[str], only_print: bool = False) -> dict:
         make_demo(root)
     distributed.barrier()  # the other ranks wait for rank 0's data
     return run_training(config)
-
-
-def evaluate_checkpoint(checkpoint: str, dataset: str, task: str | None, out: str | None,
-                        batch_size: int, device: str) -> dict:
-    """Metrics of `checkpoint` on a dataset directory, or on a file (extxyz, ASE db, ...) that
-    is first converted, into a temporary directory: the energy, forces and stress (with
-    convert's default keys) that the checkpoint predicts, the others left out, and its
-    property targets from the keys of their names, as stored."""
-    import tempfile
-
-    from jmp_ext.data.convert import detect_format
-    from jmp_ext.train.inference import load_trained, task_index
-
-    model, config = load_trained(checkpoint, device)  # (before a conversion: a bad checkpoint or task costs none)
-    t = task_index(config, task, "--task")
-    if not Path(dataset).is_file():
-        return _evaluate_dataset(model, config, t, dataset, dataset, out, batch_size, device)
-    if detect_format(Path(dataset)) == "lmdb":
-        raise TrainError(f"{dataset} is an LMDB file, as OC20's splits are: convert it first, "
-                         f"`python -m jmp_ext.data convert {dataset} OUT_DIR --allow-pickle` (unpickling can run "
-                         "code: trusted files only), and evaluate OUT_DIR")
-    with tempfile.TemporaryDirectory() as tmp:
-        _convert_labels(dataset, Path(tmp) / "data", {target.name for target in config.tasks[t].targets})
-        return _evaluate_dataset(model, config, t, str(Path(tmp) / "data"), dataset, out, batch_size, device)
-
-
-def _convert_labels(source: str, dst: Path, names: set[str]) -> None:
-    """convert of an eval input for a checkpoint whose targets are `names`: those of energy,
-    forces and stress with convert's default keys, and not the others (a stress that only some
-    frames have would stop it); the other names as properties from the keys of the same names,
-    as stored, and left out where the file lacks them (eval then warns)."""
-    from jmp_ext.data import DataError
-    from jmp_ext.data.convert import KeyMap, MissingProperty, convert
-
-    labels = ("energy", "forces", "stress")
-    properties = {name: name for name in sorted(names - set(labels))}
-    while True:
-        keys = KeyMap(**{label: "none" for label in labels if label not in names}, properties=properties)
-        try:
-            with warnings.catch_warnings():
-                # (its advice for a file without labels names a temporary directory and convert's
-                # options; eval's own error says which target is missing)
-                warnings.filterwarnings("ignore", message=r".* has (no labels|only a stress)")
-                convert(source, dst, keys=keys)
-            return
-        except DataError as e:
-            if isinstance(e.__cause__, MissingProperty):
-                del properties[e.__cause__.name]
-                continue
-            # (a structure the data refuses: a single atom, a cell in nm, ...)
-            raise TrainError(f"{e}; to leave such structures out, convert the file yourself, `python -m "
-                             f"jmp_ext.data convert {source} OUT_DIR --skip-invalid`, and evaluate OUT_DIR") from e
-        except Exception as e:  # (ASE's readers raise anything on a file that is not theirs)
-            raise TrainError(f"{source} could not be read as a labelled structure file ({type(e).__name__}: "
-                             f"{e}); give a dataset directory, or a file ASE reads: extxyz, traj, ASE db (.db), "
-                             "...") from e
-
-
-def _evaluate_dataset(model, config, t: int, path: str, name: str, out: str | None, batch_size: int,
-                      device: str) -> dict:
-    """Metrics of task t of a loaded checkpoint on the dataset directory `path`, which the user
-    knows as `name`."""
-    from jmp_ext.files import write_bytes_atomic
-    from jmp_ext.train.inference import evaluate
-    from jmp_ext.train.tasks import describe_unit, open_dataset
-
-    ds = open_dataset(path, "dataset", in_memory=False)
-    missing = [target for target in config.tasks[t].targets if target.name not in ds.schema]
-    if len(missing) == len(config.tasks[t].targets):  # (nothing to score)
-        target = missing[0]
-        how = ("" if path == name else f"; convert it with the label's key: python -m jmp_ext.data convert "
-               f"{name} OUT_DIR " + (f"--{target.kind}-key KEY" if target.kind in ("energy", "forces", "stress")
-                                     else f"--property {target.name}=KEY"))
-        raise TrainError(f"target {target.name!r} of the checkpoint is not in {name} "
-                         f"(it has: {', '.join(sorted(ds.schema))}){how}")
-    for target in config.tasks[t].targets:
-        unit = ds.schema[target.name]["unit"] if target.name in ds.schema else target.unit
-        if target.unit is not None and unit != target.unit:  # (None: a checkpoint that predates the record)
-            how = (f"convert {name} with its unit: python -m jmp_ext.data convert {name} OUT_DIR --property "
-                   f"{target.name}:UNIT (to eV), and evaluate OUT_DIR" if path != name else
-                   "convert its source as the training data was")
-            raise TrainError(f"target {target.name!r} of the checkpoint was trained in {describe_unit(target.unit)}, "
-                             f"but {name} has it in {describe_unit(unit)}: the metrics would compare two units; {how}")
-    if missing:
-        warnings.warn(f"{name} has no {', '.join(repr(target.name) for target in missing)} label(s): the metrics "
-                      "are those of the checkpoint's other targets", stacklevel=3)
-    datasets = [ds if i == t else None for i in range(len(config.tasks))]
-    dtype = next(model.net.parameters()).dtype
-    metrics = evaluate(model, datasets, batch_size, dtype, torch.device(device))
-    text = json.dumps(metrics, indent=1)
-    print(text)
-    if out:
-        write_bytes_atomic(Path(out), text.encode())
-    return metrics
-
-
-PREDICTION_FORMATS = (".npz", ".extxyz", ".xyz")
-
-
-def predict(checkpoint: str, source: str, out: str, task: str | None, batch_size: int, device: str,
-            skip_invalid: bool = False) -> dict:
-    """Predictions for every structure of a dataset directory or an ASE-readable file, in the
-    input's order, saved as `out` says:
-    - .npz: natoms [M], energy [M] (eV), forces [sum natoms, 3] (eV/Å), stress [M, 3, 3] (eV/Å^3;
-      NaN for a structure without a cell), a property such as U_0 [M(, k)], a classification's
-      logits [M, C] (the class is their argmax): natoms and one array per target the checkpoint
-      predicts, under its name; with a target of kind energy, energies [sum natoms] (eV: each atom's term,
-      which sum to its structure's energy); with a dataset whose entries carry one, sid [M] too
-      (the source's frame or row, which a split reorders).
-    - .extxyz / .xyz: the structures (an input file's as read, its labels kept) with each
-      prediction beside them as predicted_{name}: per-structure values in the frame's info,
-      per-atom ones (forces, energies) as columns.
-    skip_invalid: a structure the model cannot take (a single atom, an unknown element, two atoms
-    on one spot, ...) gets NaN predictions, and is named on stderr, instead of ending the run;
-    the npz then holds valid [M] (bool) too.
-    Returns the npz arrays."""
-    from jmp_ext.calculator import atoms_to_entry
-    from jmp_ext.data.format import DataError
-    from jmp_ext.files import write_bytes_atomic
-    from jmp_ext.graphs import BatchStructureError
-    from jmp_ext.train.inference import load_trained, predict_structures, task_index
-    from jmp_ext.train.tasks import open_dataset
-
-    suffix = Path(out).suffix.lower()
-    if suffix not in PREDICTION_FORMATS:
-        raise TrainError(f"--out {out}: predictions are written as {', '.join(PREDICTION_FORMATS)} (the name's "
-                         "suffix chooses)")
-    model, config = load_trained(checkpoint, device)
-    t = task_index(config, task, "--task")
-    # Streamed, batch by batch: an input of millions of structures is never held as Atoms,
-    # unless they are written back (extxyz).
-    if Path(source).is_dir():
-        ds = open_dataset(source, "input", in_memory=False)
-        items = ((ds[i], None) for i in range(len(ds)))
-    else:
-        items = ((None, atoms) for atoms in iter_structures(source))
-    keep = ("pos", "atomic_numbers", "cell", "pbc", "tags", "fixed")
-    outputs: dict[str, list[np.ndarray]] = {}  # the evaluated structures' predictions, in order
-    natoms, valid, sids, images = [], [], [], []  # every input structure's
-    pending, pending_index = [], []
-    skipped: list[str] = []
-
-    def skip(index: int, problem: str) -> None:
-        valid[index] = False
-        skipped.append(f"{index}: {problem}")
-
-    def run_batch() -> None:
-        while pending:
-            try:
-                preds = predict_structures(model, pending, t)
-                break
-            except BatchStructureError as e:
-                if not skip_invalid:
-                    raise TrainError(f"input structure(s) {[pending_index[s] for s in e.structures]} (0-based, in "
-                                     f"the input's order): {e.problem}") from e
-                for s in sorted(e.structures, reverse=True):  # (left out: the others go on)
-                    skip(pending_index.pop(s), e.problem)
-                    del pending[s]
-        else:
-            return
-        for name, value in preds.items():
-            outputs.setdefault(name, []).append(value.detach().double().cpu().numpy())
-        pending.clear()
-        pending_index.clear()
-
-    for index, (entry, atoms) in enumerate(items):
-        valid.append(True)
-        natoms.append(len(entry["atomic_numbers"]) if entry is not None else len(atoms))
-        try:
-            entry = entry if entry is not None else atoms_to_entry(atoms)
-        except DataError as e:  # (an unknown element, a NaN position: "atoms: ..." would not say where)
-            if not skip_invalid:
-                raise TrainError(f"input {source}: frame {index}: {e}") from e
-            skip(index, str(e))
-        else:
-            pending.append({key: entry[key] for key in keep})
-            pending_index.append(index)
-            if "sid" in entry:
-                sids.append(int(entry["sid"]))
-        if suffix != ".npz":
-            images.append(atoms if atoms is not None else entry_to_atoms(entry))
-        if len(pending) == batch_size:
-            run_batch()
-    run_batch()
-    count = len(valid)
-    if count == 0:
-        raise TrainError(f"input {source} holds no structure")
-    if not any(valid):
-        raise TrainError(f"no structure of {source} could be evaluated: {skipped[0]}")
-    if skipped:
-        print(f"skipped {len(skipped)} structure(s) (NaN predictions):", file=sys.stderr)
-        for line in skipped[:20] + ([f"... and {len(skipped) - 20} more"] if len(skipped) > 20 else []):
-            print(f"  {line}", file=sys.stderr)
-    per_atom = {"energies", *(target.name for target in config.tasks[t].targets if target.kind == "forces")}
-    arrays = {"natoms": np.array(natoms, dtype=np.int64)}
-    valid_atoms = np.repeat(valid, natoms)
-    for name, values in outputs.items():  # (NaN rows for the structures left out)
-        evaluated = np.concatenate(values)
-        rows = valid_atoms if name in per_atom else np.array(valid)
-        arrays[name] = np.full((len(rows), *evaluated.shape[1:]), np.nan)
-        arrays[name][rows] = evaluated
-    if len(sids) == count:
-        arrays["sid"] = np.array(sids, dtype=np.int64)
-    if skip_invalid:
-        arrays["valid"] = np.array(valid)
-    if suffix == ".npz":
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        write_bytes_atomic(Path(out), buf.getvalue())
-    else:
-        write_bytes_atomic(Path(out), predictions_as_extxyz(images, arrays, per_atom).encode())
-    print(f"wrote predictions for {count} structures to {out}: {', '.join(sorted(arrays))}")
-    return arrays
-
-
-def iter_structures(path: str):
-    """Every frame of a file ASE reads, as Atoms, one at a time."""
-    import ase.io
-
-    if not Path(path).is_file():
-        raise TrainError(f"input {path} does not exist")
-    frames = ase.io.iread(path, index=":")
-    index = 0
-    while True:
-        try:
-            atoms = next(frames)
-        except StopIteration:
-            return
-        except Exception as e:  # (ASE's readers raise anything on a file that is not theirs)
-            if index == 0:
-                raise TrainError(f"input {path} could not be read as a structure file ({type(e).__name__}: {e}); "
-                                 "give a dataset directory or a file ASE reads: extxyz, xyz, traj, ASE db (.db), "
-                                 "cif, POSCAR, ...") from e
-            raise TrainError(f"input {path}: frame {index} could not be read ({type(e).__name__}: {e})") from e
-        yield atoms
-        index += 1
-
-
-def entry_to_atoms(entry: dict):
-    """A dataset entry as Atoms (Å): its tags, fixed atoms (FixAtoms), labels (energy, forces,
-    stress as a SinglePointCalculator's results, as an extxyz file holds them) and sid (info)."""
-    from ase import Atoms
-    from ase.calculators.singlepoint import SinglePointCalculator
-    from ase.constraints import FixAtoms
-
-    atoms = Atoms(numbers=np.asarray(entry["atomic_numbers"]), positions=np.asarray(entry["pos"], dtype=np.float64),
-                  cell=np.asarray(entry["cell"], dtype=np.float64).reshape(3, 3), pbc=np.asarray(entry["pbc"]).reshape(3),
-                  tags=np.asarray(entry["tags"]))
-    fixed = np.asarray(entry["fixed"], dtype=bool)
-    if fixed.any():
-        atoms.set_constraint(FixAtoms(mask=fixed))
-    labels = {name: np.asarray(entry[name], dtype=np.float64) for name in ("energy", "forces", "stress") if name in entry}
-    if labels:
-        if "energy" in labels:
-            labels["energy"] = float(labels["energy"])
-        atoms.calc = SinglePointCalculator(atoms, **labels)
-    if "sid" in entry:
-        atoms.info["sid"] = int(entry["sid"])
-    return atoms
-
-
-def predictions_as_extxyz(images: list, arrays: dict[str, np.ndarray], per_atom: set[str]) -> str:
-    """extxyz text of `images` (Atoms, changed in place) with predict's arrays attached as
-    predicted_{name}: those named in `per_atom` (forces, energies), one row per atom, as columns, the
-    others per structure in info. An image's calculator results (the input file's labels) are
-    kept."""
-    import ase.io
-
-    starts = np.concatenate([[0], np.cumsum(arrays["natoms"])])
-    for m, atoms in enumerate(images):
-        for name, value in arrays.items():
-            if name in ("natoms", "sid", "valid"):
-                continue
-            if m == 0 and f"predicted_{name}" in {**atoms.info, **atoms.arrays}:
-                warnings.warn(f"the input already has predicted_{name}: the output replaces it", stacklevel=2)
-            if name in per_atom:
-                atoms.arrays[f"predicted_{name}"] = value[starts[m]:starts[m + 1]]
-            else:
-                atoms.info[f"predicted_{name}"] = value[m]
-    text = io.StringIO()
-    ase.io.write(text, images, format="extxyz")
-    return text.getvalue()
 
 
 def is_config_path(arg: str) -> bool:
@@ -481,10 +193,12 @@ def run_command(argv: list[str]) -> int:
         except SystemExit as e:  # --help (0) or a usage error (2): an exit code like any other outcome
             return int(e.code or 0)
         check_device(a.device, "--device ")
+        from jmp_ext.train.inference import evaluate_checkpoint, predict_checkpoint
+
         if is_eval:
             evaluate_checkpoint(a.checkpoint, a.data, a.task, a.out, a.batch_size, a.device)
         else:
-            predict(a.checkpoint, a.data, a.out, a.task, a.batch_size, a.device, a.skip_invalid)
+            predict_checkpoint(a.checkpoint, a.data, a.out, a.task, a.batch_size, a.device, a.skip_invalid)
     elif "-h" in argv or "--help" in argv:  # (never a config path or a key=value override)
         from jmp_ext.train.presets import PRESETS
 

@@ -110,7 +110,8 @@ def test_statistics_that_are_not_finite_are_named_where_they_are_used(tmp_path):
     skipped every step; a NaN std edited into stats.json was taken as 1. An unused label may
     hold anything (split and stats must not fail on it)."""
     from jmp_ext.train.config import build_config
-    from jmp_ext.train.tasks import TrainError, normalizers
+    from jmp_ext.train import TrainError
+    from jmp_ext.train.tasks import normalizers
 
     entries = linear_entries(np.random.default_rng(3), 10)
     entries[4]["gap"] = np.float64(1e300)  # (its square, in the std, is inf)

@@ -14,7 +14,7 @@ from ase.build import bulk
 from ase.neighborlist import neighbor_list
 
 from jmp_ext.ops import edge_vectors, radius_graph
-from jmp_ext.ops.reference_radius_graph import reference_radius_graph
+from jmp_ext.ops import reference_radius_graph as reference
 
 DTYPES = [torch.float32, torch.float64]
 
@@ -256,7 +256,7 @@ def test_matches_brute_force_twin_bitwise():
         systems, cutoff = _random_batch(100 + seed)
         pos, natoms, cell, pbc = _batch_tensors(systems, torch.float64)
         ours = radius_graph(pos, cutoff, natoms=natoms, cell=cell, pbc=pbc)
-        ref = reference_radius_graph(pos, cutoff, natoms=natoms, cell=cell, pbc=pbc)
+        ref = reference.radius_graph(pos, cutoff, natoms=natoms, cell=cell, pbc=pbc)
         assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
         torch.testing.assert_close(ours[2], ref[2], rtol=1e-12, atol=1e-12)
 
@@ -351,7 +351,7 @@ def test_max_neighbors_strict_matches_brute_force(seed, k):
     systems, cutoff = _random_batch(200 + seed)
     pos, natoms, cell, pbc = _batch_tensors(systems, torch.float64)
     ours = radius_graph(pos, cutoff, natoms=natoms, cell=cell, pbc=pbc, max_neighbors=k)
-    ref = reference_radius_graph(pos, cutoff, natoms=natoms, cell=cell, pbc=pbc, max_neighbors=k)
+    ref = reference.radius_graph(pos, cutoff, natoms=natoms, cell=cell, pbc=pbc, max_neighbors=k)
     assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
     assert torch.bincount(ours[0][1], minlength=len(pos)).max() <= k
 
@@ -374,7 +374,7 @@ def test_max_neighbors_breaks_exact_ties_by_source_then_shift():
     pos = torch.tensor([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=torch.float64)
     for k in (1, 2, 5, 7):
         ours = radius_graph(pos, 2.0, cell=cell, max_neighbors=k)
-        ref = reference_radius_graph(pos, 2.0, cell=cell, max_neighbors=k)
+        ref = reference.radius_graph(pos, 2.0, cell=cell, max_neighbors=k)
         assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
     # Atom 0 has 6 neighbours at 1 A: atoms 1, 2, 3, each through shifts 0 and -1 on its axis.
     ei, off, _ = radius_graph(pos, 1.0, cell=cell, max_neighbors=3)
@@ -388,7 +388,7 @@ def test_max_neighbors_tolerant_matches_brute_force(seed):
     for k, tol in ((2, 0.01), (4, 0.5), (6, 0.0)):
         kwargs = dict(natoms=natoms, cell=cell, pbc=pbc, max_neighbors=k, degeneracy_tolerance=tol)
         ours = radius_graph(pos, cutoff, **kwargs)
-        ref = reference_radius_graph(pos, cutoff, **kwargs)
+        ref = reference.radius_graph(pos, cutoff, **kwargs)
         assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
 
 

@@ -125,7 +125,8 @@ def test_a_sub_command_that_contradicts_the_config_is_an_error(tiny_data, tmp_pa
 def test_pretraining_tasks_with_other_targets_are_a_message(tiny_data, tmp_path, capsys):
     """The normalisers are looked up by task 0's target names: a task with other targets crashed
     there with a bare StopIteration."""
-    from jmp_ext.train.tasks import TrainError, check_pretraining_targets
+    from jmp_ext.train import TrainError
+    from jmp_ext.train.tasks import check_pretraining_targets
 
     raw = finetune_raw(tiny_data, tmp_path / "run")
     mol = raw["tasks"][0]

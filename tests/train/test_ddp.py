@@ -10,10 +10,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from jmp_ext.train import distributed, loop, tasks
+from jmp_ext.train import TrainError, distributed, loop, tasks
 from jmp_ext.train.checkpoint import load_checkpoint
 from jmp_ext.train.config import build_config
-from jmp_ext.train.tasks import TrainError
 
 SMALL = {"num_blocks": 1, "num_radial": 16}
 

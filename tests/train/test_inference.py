@@ -18,10 +18,9 @@ from ase.units import fs
 
 from jmp_ext.calculator import JMPCalculator, atoms_to_entry
 from jmp_ext.data import convert
-from jmp_ext.train import inference, loop, tasks
+from jmp_ext.train import TrainError, inference, loop, tasks
 from jmp_ext.train.__main__ import main
 from jmp_ext.train.config import build_config
-from jmp_ext.train.tasks import TrainError
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,9 @@ import pytest
 import torch
 
 from jmp_ext.models import BackboneConfig, PretrainModel
-from jmp_ext.train import batches, loop, tasks
+from jmp_ext.train import TrainError, batches, loop, tasks
 from jmp_ext.train.checkpoint import load_checkpoint
 from jmp_ext.train.config import ConfigError, build_config
-from jmp_ext.train.tasks import TrainError
 
 
 # The tiny backbone made smaller still: these tests are about the loop, not the model.

@@ -32,7 +32,7 @@ def _shifts(pos: Tensor, cell: Tensor, pbc: Tensor, cutoff: float) -> Tensor:
     return torch.tensor(list(itertools.product(*ranges)), dtype=torch.int64)
 
 
-def reference_radius_graph(
+def radius_graph(
     pos: Tensor,
     cutoff: float,
     *,

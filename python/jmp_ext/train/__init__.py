@@ -1,5 +1,5 @@
 """Training: `python -m jmp_ext.train` for JMP pretraining and fine-tuning (see __main__.py)."""
 
-from jmp_ext.train.config import ConfigError, TrainConfig, load_config
+from jmp_ext.train.config import ConfigError, TrainConfig, TrainError, load_config
 
-__all__ = ["ConfigError", "TrainConfig", "load_config"]
+__all__ = ["ConfigError", "TrainConfig", "TrainError", "load_config"]

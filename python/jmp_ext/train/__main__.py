@@ -33,8 +33,8 @@ import textwrap
 import threading
 from pathlib import Path
 
-from jmp_ext.train.config import ConfigError, build_config, load_config
-from jmp_ext.train.tasks import TrainError, check_device
+from jmp_ext.train.config import ConfigError, TrainError, build_config, load_config
+from jmp_ext.train.tasks import check_device
 
 
 def run_training(config) -> dict:

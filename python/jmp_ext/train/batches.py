@@ -10,8 +10,7 @@ import torch
 
 from jmp_ext.data.collate import collate
 from jmp_ext.graphs import BatchStructureError
-from jmp_ext.train.config import ENTRY_KEY
-from jmp_ext.train.tasks import TrainError
+from jmp_ext.train.config import ENTRY_KEY, TrainError
 
 
 def collate_batch(structures: list[dict], dtype: torch.dtype, task: int | None = None) -> dict[str, torch.Tensor]:

@@ -28,6 +28,10 @@ class ConfigError(ValueError):
     """A config problem; the message names the offending key."""
 
 
+class TrainError(ValueError):
+    """A problem with the inputs of a run (datasets, targets, checkpoints), with a clear message."""
+
+
 _RANGES = {">= 0": lambda v: v >= 0, "> 0": lambda v: v > 0, ">= 1": lambda v: v >= 1,
            "in [0, 1)": lambda v: 0 <= v < 1, "in (0, 1]": lambda v: 0 < v <= 1, "in (0, 1)": lambda v: 0 < v < 1}
 

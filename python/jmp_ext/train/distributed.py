@@ -19,6 +19,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from jmp_ext.train.config import TrainError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -106,8 +108,6 @@ def raise_together(error: Exception | None) -> None:
         raise error
     failed = [(r, m) for r, m in enumerate(messages) if m is not None]
     if failed:
-        from jmp_ext.train.tasks import TrainError  # (tasks imports this module through metrics)
-
         r, message = failed[0]
         others = f" (and {len(failed) - 1} other rank(s))" if len(failed) > 1 else ""
         raise TrainError(f"rank {r}{others} failed: {message}")

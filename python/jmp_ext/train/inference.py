@@ -21,9 +21,9 @@ from jmp_ext.models.checkpoint import checked_weights, is_training_checkpoint, r
 from jmp_ext.train import distributed, tasks
 from jmp_ext.train.batches import check_finite_labels, collate_batch, load_batches, name_entries, to_device
 from jmp_ext.train.checkpoint import load_checkpoint
-from jmp_ext.train.config import TrainConfig, from_dict
+from jmp_ext.train.config import TrainConfig, TrainError, from_dict
 from jmp_ext.train.metrics import Metrics
-from jmp_ext.train.tasks import TaskModel, TrainError, build_model, param_dtype
+from jmp_ext.train.tasks import TaskModel, build_model, param_dtype
 
 
 def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[TaskModel, TrainConfig]:

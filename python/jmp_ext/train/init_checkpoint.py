@@ -12,8 +12,8 @@ import torch
 
 from jmp_ext.models.checkpoint import (is_force_branch_key, is_training_checkpoint, load_jmp_checkpoint,
                                       read_state_dict, run_weights, safe_load)
-from jmp_ext.train.config import ConfigError, TrainConfig, from_dict
-from jmp_ext.train.tasks import TaskModel, TrainError, graph_configs
+from jmp_ext.train.config import ConfigError, TrainConfig, TrainError, from_dict
+from jmp_ext.train.tasks import TaskModel, graph_configs
 
 
 def init_from_checkpoint(model: TaskModel, config: TrainConfig) -> list[str]:

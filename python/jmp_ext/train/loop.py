@@ -37,7 +37,7 @@ from jmp_ext.models.checkpoint import checked_weights
 from jmp_ext.train import distributed, tasks
 from jmp_ext.train.batches import load_batches, name_entries, to_device
 from jmp_ext.train.checkpoint import load_checkpoint, resume_state_problem, rng_state, save_checkpoint, set_rng_state
-from jmp_ext.train.config import TrainConfig, save_config, to_dict
+from jmp_ext.train.config import TrainConfig, TrainError, save_config, to_dict
 from jmp_ext.train.ema import EMA
 from jmp_ext.train.inference import evaluate, key_mismatch
 from jmp_ext.train.init_checkpoint import init_from_checkpoint
@@ -45,7 +45,6 @@ from jmp_ext.train.logger import RunLogger
 from jmp_ext.train.optim import LRSchedule, build_optimizer
 from jmp_ext.train.run_dir import RUN_FILES, lock_run_dir, unlock_run_dir
 from jmp_ext.train.sampling import split_across_ranks
-from jmp_ext.train.tasks import TrainError
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

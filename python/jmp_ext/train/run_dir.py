@@ -11,7 +11,7 @@ import warnings
 import weakref
 from pathlib import Path
 
-from jmp_ext.train.tasks import TrainError
+from jmp_ext.train.config import TrainError
 
 RUN_FILES = ("last.pt", "best.pt", "config.yaml", "metrics.csv", "summary.json", "test_metrics.json")
 # The lock files this process holds open (lock_run_dir); weak: a dropped Trainer's lock goes

@@ -26,12 +26,8 @@ from torch import nn
 
 from jmp_ext.data.format import MAX_Z
 from jmp_ext.train import losses
-from jmp_ext.train.config import TargetConfig, TaskConfig, TrainConfig
+from jmp_ext.train.config import TargetConfig, TaskConfig, TrainConfig, TrainError
 from jmp_ext.train.metrics import Metrics
-
-
-class TrainError(ValueError):
-    """A problem with the inputs of a run (datasets, targets, checkpoints), with a clear message."""
 
 
 # ---------------------------------------------------------------- data

@@ -35,6 +35,12 @@ jmp_ext::IndexArray index_array(uintptr_t address, bool is_int32) {
   return {ptr<const void>(address), is_int32};
 }
 
+// The dtype of an op that takes float32 or float64 (python/jmp_ext/ops passes 0 or 1).
+jmp_ext::FloatDtype float_dtype(int code, const char* op) {
+  JMP_CHECK(code == 0 || code == 1, op, ": unknown dtype code ", code);
+  return static_cast<jmp_ext::FloatDtype>(code);
+}
+
 #ifdef JMP_EXT_WITH_CUDA
 cudaStream_t stream(uintptr_t address) { return reinterpret_cast<cudaStream_t>(address); }
 #endif
@@ -176,10 +182,9 @@ PYBIND11_MODULE(_C, m) {
     auto input = [](uintptr_t pos, int dtype, int64_t num_atoms, uintptr_t ptr_,
                     int64_t num_systems, uintptr_t cell, uintptr_t pbc, double cutoff,
                     int64_t max_neighbors, double tolerance, int64_t max_edges) {
-      JMP_CHECK(dtype == 0 || dtype == 1, "radius_graph: unknown dtype code ", dtype);
       rg::Input in;
       in.pos = ptr<const void>(pos);
-      in.dtype = static_cast<rg::Dtype>(dtype);
+      in.dtype = float_dtype(dtype, "radius_graph");
       in.num_atoms = num_atoms;
       in.ptr = ptr<const int64_t>(ptr_);
       in.num_systems = num_systems;
@@ -359,10 +364,9 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t x, uintptr_t offset, uintptr_t temps, uintptr_t scale, uintptr_t out,
          int64_t num_edges, int64_t num_radial, int dtype, const Where& where) {
         namespace gb = jmp_ext::gaussian_basis;
-        JMP_CHECK(dtype == 0 || dtype == 1, "gaussian_basis: unknown dtype code ", dtype);
         gb::Args args{ptr<const void>(x),     ptr<const void>(offset), ptr<const void>(temps),
                       ptr<const void>(scale), ptr<void>(out),          num_edges,
-                      num_radial,             static_cast<jmp_ext::FloatDtype>(dtype)};
+                      num_radial,             float_dtype(dtype, "gaussian_basis")};
         if (!where.cuda) return gb::cpu::gaussian_basis(args, where.num_threads);
         JMP_CUDA_ONLY(gb::cuda::gaussian_basis(args, stream(where.stream)));
       },
@@ -373,11 +377,10 @@ PYBIND11_MODULE(_C, m) {
          uintptr_t grad_x, uintptr_t grad_scale, int64_t num_edges, int64_t num_radial, int dtype,
          const Where& where) {
         namespace gb = jmp_ext::gaussian_basis;
-        JMP_CHECK(dtype == 0 || dtype == 1, "gaussian_basis_backward: unknown dtype code ", dtype);
         gb::BackwardArgs args{ptr<const void>(grad),  ptr<const void>(x),     ptr<const void>(offset),
                               ptr<const void>(temps), ptr<const void>(scale), ptr<void>(grad_x),
                               ptr<void>(grad_scale),  num_edges,              num_radial,
-                              static_cast<jmp_ext::FloatDtype>(dtype)};
+                              float_dtype(dtype, "gaussian_basis_backward")};
         if (!where.cuda) return gb::cpu::gaussian_basis_backward(args, where.num_threads);
         JMP_CUDA_ONLY(gb::cuda::gaussian_basis_backward(args, stream(where.stream)));
       },
@@ -388,14 +391,13 @@ PYBIND11_MODULE(_C, m) {
          uintptr_t grad_grad_x, uintptr_t grad_grad_scale, uintptr_t d_grad, uintptr_t d_x,
          uintptr_t d_scale, int64_t num_edges, int64_t num_radial, int dtype, const Where& where) {
         namespace gb = jmp_ext::gaussian_basis;
-        JMP_CHECK(dtype == 0 || dtype == 1, "gaussian_basis_second: unknown dtype code ", dtype);
         gb::SecondArgs args{ptr<const void>(grad),        ptr<const void>(x),
                             ptr<const void>(offset),      ptr<const void>(temps),
                             ptr<const void>(scale),       ptr<const void>(grad_grad_x),
                             ptr<const void>(grad_grad_scale), ptr<void>(d_grad),
                             ptr<void>(d_x),               ptr<void>(d_scale),
                             num_edges,                    num_radial,
-                            static_cast<jmp_ext::FloatDtype>(dtype)};
+                            float_dtype(dtype, "gaussian_basis_second")};
         if (!where.cuda) return gb::cpu::gaussian_basis_second(args, where.num_threads);
         JMP_CUDA_ONLY(gb::cuda::gaussian_basis_second(args, stream(where.stream)));
       },

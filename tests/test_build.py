@@ -92,3 +92,14 @@ def test_compiled_backward_follows_an_upgrade(tmp_path):
     assert source.count("return _gather(grad, index)") == 1
     changed.write_text(source.replace("return _gather(grad, index)", "return 2 * _gather(grad, index)"))
     torch.testing.assert_close(gradient(), 2 * before)
+
+
+def test_the_bindings_refuse_an_unknown_dtype_code():
+    """python/jmp_ext/ops passes 0 (float32) or 1 (float64); any other code was read as float32."""
+    from jmp_ext import _C
+
+    where = _C.Where(cuda=False, num_threads=1, status=0, stream=0)
+    with pytest.raises(ValueError, match="gaussian_basis: unknown dtype code 2"):
+        _C.gaussian_basis(0, 0, 0, 0, 0, 0, 4, 2, where)
+    with pytest.raises(ValueError, match="radius_graph: unknown dtype code 5"):
+        _C.RadiusGraphCpu(0, 5, 0, 0, 0, 0, 0, 1.0, 0, 0.0, 0, False, 1)

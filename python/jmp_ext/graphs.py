@@ -359,6 +359,38 @@ def graphs_from_a2a(batch: dict, a2a: dict, config: GraphConfig | list[GraphConf
     return _graphs_from_a2a(batch, a2a, _batch_settings(batch, config), edge_dropout, generator)
 
 
+def _cutoffs_per_atom(settings: _BatchSettings, structure: Tensor, dtype: torch.dtype) -> dict[str, Tensor | None]:
+    """Per atom [N] (dtype), the cutoff of each graph where it is below the one of the graph it
+    is taken from (a2a from the batch's, the largest a2a cutoff; the others from the structure's
+    a2a), else inf; None for a graph no config filters. Decided from the configs (no device
+    sync), a filter runs only where some config needs it, so an edge within the larger cutoff is
+    never dropped by a last-bit distance difference. Compared in the distances' dtype, as JMP
+    does. (So in float32 a pair within half an ulp of a smaller a2a cutoff of a mixed batch is
+    kept, where radius_graph, deciding in float64, leaves it out of the structure's graph alone;
+    the envelope is zero there.)"""
+    configs, a2a_cutoff = settings.configs, settings.cutoff["a2a"]
+    radius = max(c.cutoff_a2a for c in configs)
+    cutoff_atom = {"a2a": torch.where(a2a_cutoff < radius, a2a_cutoff, torch.inf).to(dtype)[structure]
+                   if any(c.cutoff_a2a < radius for c in configs) else None}
+    for name in ("main", "a2ee2a", "qint"):
+        c = settings.cutoff[name]
+        cutoff_atom[name] = (torch.where(c < a2a_cutoff, c, torch.inf).to(dtype)[structure]
+                             if any(getattr(g, f"cutoff_{name}") < g.cutoff_a2a for g in configs) else None)
+    return cutoff_atom
+
+
+def _check_main_edges(a2a: dict, settings: _BatchSettings, structure: Tensor, natoms: Tensor) -> None:
+    """Raises StructuresWithoutEdges for the structures none of whose a2a edges is within their
+    main cutoff (the backbone needs one)."""
+    main_cutoff = settings.cutoff["main"].to(a2a["distance"].dtype)[structure]
+    in_main = a2a["edge_index"][1][a2a["distance"] <= main_cutoff[a2a["edge_index"][1]]]
+    per_structure = torch.zeros_like(natoms).index_add_(0, structure[in_main], torch.ones_like(in_main))
+    if (per_structure == 0).any():
+        empty = (per_structure == 0).nonzero().flatten().tolist()
+        cutoffs = sorted({c.cutoff_main for c in settings.configs})
+        raise StructuresWithoutEdges(empty, cutoffs[0] if len(cutoffs) == 1 else cutoffs)
+
+
 def _graphs_from_a2a(batch: dict, a2a: dict, settings: _BatchSettings, edge_dropout: float | None,
                      generator: torch.Generator | None) -> dict:
     pos, natoms = batch["pos"], batch["natoms"]
@@ -376,33 +408,12 @@ def _graphs_from_a2a(batch: dict, a2a: dict, settings: _BatchSettings, edge_drop
     # distance), so the ranks need no sort; a recomputed one can differ in the last bit and
     # reorder near-ties.
     a2a["distance"] = distance.detach()
-    # Per atom, the cutoff of each graph where it is below the one of the graph it is taken from
-    # (a2a from the batch's, the largest a2a cutoff; the others from the structure's a2a), else
-    # inf. Decided from the configs (no device sync), a filter runs only where some config needs
-    # it, so an edge within the larger cutoff is never dropped by a last-bit distance difference.
-    # Compared in the distances' dtype, as JMP does. (So in float32 a pair within half an ulp
-    # of a smaller a2a cutoff of a mixed batch is kept, where radius_graph, deciding in float64,
-    # leaves it out of the structure's graph alone; the envelope is zero there.)
-    a2a_cutoff, dtype = settings.cutoff["a2a"], distance.dtype
-    radius = max(c.cutoff_a2a for c in configs)
-    cutoff_atom = {"a2a": torch.where(a2a_cutoff < radius, a2a_cutoff, torch.inf).to(dtype)[structure]
-                   if any(c.cutoff_a2a < radius for c in configs) else None}
-    for name in ("main", "a2ee2a", "qint"):
-        c = settings.cutoff[name]
-        cutoff_atom[name] = (torch.where(c < a2a_cutoff, c, torch.inf).to(dtype)[structure]
-                             if any(getattr(g, f"cutoff_{name}") < g.cutoff_a2a for g in configs) else None)
-
+    cutoff_atom = _cutoffs_per_atom(settings, structure, distance.dtype)
     if cutoff_atom["a2a"] is not None:
         a2a = _select(a2a, a2a["distance"] <= cutoff_atom["a2a"][a2a["edge_index"][1]])
     # Checked before edge dropout: dropout may leave a small molecule without edges (the
     # original's dropout_edge does too); it then trains on its atom embeddings for one step.
-    main_cutoff = settings.cutoff["main"].to(distance.dtype)[structure]
-    in_main = a2a["edge_index"][1][a2a["distance"] <= main_cutoff[a2a["edge_index"][1]]]
-    per_structure = torch.zeros_like(natoms).index_add_(0, structure[in_main], torch.ones_like(in_main))
-    if (per_structure == 0).any():
-        empty = (per_structure == 0).nonzero().flatten().tolist()
-        cutoffs = sorted({c.cutoff_main for c in configs})
-        raise StructuresWithoutEdges(empty, cutoffs[0] if len(cutoffs) == 1 else cutoffs)
+    _check_main_edges(a2a, settings, structure, natoms)
     if edge_dropout:
         keep = torch.rand(a2a["distance"].shape, generator=generator, dtype=torch.float32,
                           device=generator.device if generator is not None else pos.device) >= edge_dropout

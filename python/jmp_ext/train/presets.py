@@ -33,6 +33,7 @@ def _pretrain(size: str) -> dict:
                    "structure_wise_force_loss": True, "targets": _energy_forces(1.0, coef)}
                   for name, coef in PRETRAIN_TASKS.items()],
         "model": {"backbone": size, "edge_dropout": 0.1},
+        # JMP's notebook: 4 per GPU in a fast-dev-run; the real runs' global batch is not known.
         "data": {"batch_size": 4, "temperature": 2.0},
         "optim": {"lr": 3e-4, "betas": [0.9, 0.95], "weight_decay": 0.1, "grad_clip_norm": 1.0},
         # warmup 2000 steps from 0.2*lr, cosine to 0.1*lr until the end (max_epochs=2).
@@ -70,9 +71,10 @@ def _finetune_presets(size: str) -> dict[str, Callable[[], dict]]:
     u0 = {"name": "qm9", "forces": "direct",
           "targets": [{"name": "U_0", "kind": "scalar", "reduction": "sum", "linref": True}]}
     rmd17 = {"name": "rmd17", "forces": "gradient", "targets": _energy_forces(0.0, 10.0)}
+    # (JMP: direct forces for Ac-Ala3-NHMe and the double-walled nanotube, fp32 for some molecules)
     md22 = {"name": "md22", "forces": "gradient", "targets": _energy_forces(1.0, 100.0)}
     spice = {"name": "spice", "forces": "gradient", "targets": _energy_forces(1.0, 100.0)}
-    matbench = {"name": "matbench", "forces": "direct",
+    matbench = {"name": "matbench", "forces": "direct",  # (JMP: reduction max for phonons)
                 "targets": [{"name": "y", "kind": "scalar", "reduction": "mean"}]}
     qmof = {"name": "qmof", "forces": "direct",
             "targets": [{"name": "y", "kind": "scalar", "reduction": "mean"}]}

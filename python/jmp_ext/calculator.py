@@ -48,6 +48,7 @@ from ase.calculators.calculator import Calculator, PropertyNotImplementedError, 
 
 from jmp_ext.data import format as fmt
 from jmp_ext.data.convert import atoms_structure
+from jmp_ext.warn import warn_user
 
 
 # eV/Å: far above any force of a relaxation or MD, and far below the ~1e3-1e4 eV/Å that
@@ -139,23 +140,28 @@ class JMPCalculator(Calculator):
                       else f"A structure of {natoms} atoms keeps at most {base} neighbours in these graphs (the "
                            f"MatBench / QMOF presets' rule for large structures, as JMP's), whatever "
                            f"graph.max_neighbors says")
-            warnings.warn(f"the model's graphs keep each atom's nearest neighbours only ({kept} within the "
-                          f"cutoffs; a2ee2a: the atom-edge interaction graph, qint: the quadruplet graph): the "
-                          f"energy steps as those sets change, so MD drifts and relaxations may oscillate. "
-                          f"{advice}; see jmp_ext.calculator", stacklevel=3)
+            warn_user(f"the model's graphs keep each atom's nearest neighbours only ({kept} within the "
+                      f"cutoffs; a2ee2a: the atom-edge interaction graph, qint: the quadruplet graph): the "
+                      f"energy steps as those sets change, so MD drifts and relaxations may oscillate. "
+                      f"{advice}; see jmp_ext.calculator")
         return bool(truncated)
 
-    def get_property(self, name, atoms=None, allow_calculation=True):
+    def _check_implemented(self, properties) -> None:
         # (ASE's own message, "stress property not implemented", did not say what would give it)
-        if name in ("forces", "stress") and name not in self.implemented_properties:
-            how = "forces: gradient and a stress target" if name == "stress" else "a forces target"
-            raise PropertyNotImplementedError(f"{name} property not implemented: this checkpoint was not trained "
-                                              f"with a {name} target (fine-tune with {how})")
+        for name in ("forces", "stress"):
+            if name in properties and name not in self.implemented_properties:
+                how = "forces: gradient and a stress target" if name == "stress" else "a forces target"
+                raise PropertyNotImplementedError(f"{name} property not implemented: this checkpoint was not trained "
+                                                  f"with a {name} target (fine-tune with {how})")
+
+    def get_property(self, name, atoms=None, allow_calculation=True):
+        self._check_implemented([name])
         return super().get_property(name, atoms, allow_calculation)
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         from jmp_ext.train.inference import predict_structures
 
+        self._check_implemented(properties)  # (also when called directly, as calculate(atoms, ["stress"]))
         super().calculate(atoms, properties, system_changes)
         entry = atoms_to_entry(self.atoms)
         # (not on every step: the counts change little along a trajectory)
@@ -173,10 +179,9 @@ class JMPCalculator(Calculator):
             largest = float(np.linalg.norm(self.results["forces"], axis=1).max())
             if largest > MAX_PLAUSIBLE_FORCE and not self._warned_force:
                 self._warned_force = True
-                warnings.warn(f"a force of {largest:.3g} eV/Å: atoms on (nearly) straight lines, such as "
-                              "an ideal lattice's rows, make GemNet-OC's dihedral basis discontinuous; "
-                              "rattle the structure (atoms.rattle(1e-2)): see jmp_ext.calculator's doc",
-                              stacklevel=2)
+                warn_user(f"a force of {largest:.3g} eV/Å: atoms on (nearly) straight lines, such as "
+                          "an ideal lattice's rows, make GemNet-OC's dihedral basis discontinuous; "
+                          "rattle the structure (atoms.rattle(1e-2)): see jmp_ext.calculator's doc")
         if "stress" in preds and not preds["stress"].isnan().any():
             s = preds["stress"][0].detach().double().cpu().numpy()
             self.results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])

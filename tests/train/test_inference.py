@@ -131,8 +131,10 @@ def test_calculator_warns_once_about_implausible_forces(checkpoint, monkeypatch)
 
     monkeypatch.setattr(inference, "predict_structures", huge)
     atoms.rattle(1e-3)
-    with pytest.warns(UserWarning, match=r"a force of 1\.\d+e\+03 eV/Å: atoms on \(nearly\) straight lines"):
+    with pytest.warns(UserWarning, match=r"a force of 1\.\d+e\+03 eV/Å: atoms on \(nearly\) straight lines") as caught:
         atoms.get_forces()
+    # At the user's line, not inside ASE's get_property (which said nothing of where it came from).
+    assert [w.filename for w in caught] == [__file__]
     atoms.rattle(1e-3, seed=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
@@ -193,8 +195,9 @@ def test_elements_outside_the_training_data_are_pointed_out(checkpoint, tmp_path
         methanol.get_potential_energy()
     thiol = molecule("CH3SH")
     thiol.calc = JMPCalculator(checkpoint)
-    with pytest.warns(UserWarning, match=r"element\(s\) \[16\] are not in the training data of task 'mol'"):
+    with pytest.warns(UserWarning, match=r"element\(s\) \[16\] are not in the training data of task 'mol'") as caught:
         thiol.get_potential_energy()
+    assert [w.filename for w in caught] == [__file__]  # (was jmp_ext/calculator.py)
     thiol.calc = SinglePointCalculator(thiol, energy=-1.0, forces=np.zeros((len(thiol), 3)))
     ase.io.write(tmp_path / "thiol.extxyz", thiol)
     with pytest.warns(UserWarning, match=r"element\(s\) \[16\]"):
@@ -644,6 +647,13 @@ def test_calculator_without_a_force_head_says_so(tiny_data, tmp_path):
         atoms.get_forces()
     with pytest.raises(PropertyNotImplementedError, match=r"fine-tune with forces: gradient and a stress target"):
         atoms.get_stress()
+    # calculate() called directly (as ASE's own code may) said "stress needs a cell with nonzero
+    # volume" of a 4 Å box.
+    boxed = molecule("H2O", vacuum=4.0, pbc=True)
+    for properties in (["energy", "stress"], ["forces"]):
+        with pytest.raises(PropertyNotImplementedError, match=rf"{properties[-1]} property not implemented: this "
+                                                              "checkpoint was not trained"):
+            calc.calculate(boxed, properties)
 
 
 def test_calculator_without_an_energy_names_the_targets(tmp_path):
@@ -695,8 +705,9 @@ def test_calculator_warns_once_that_neighbour_lists_are_truncated(checkpoint):
     benzene = molecule("C6H6")
     benzene.calc = JMPCalculator(checkpoint)
     with pytest.warns(UserWarning, match=r"keep each atom's nearest neighbours only \(qint 8 of up to 11 within "
-                                         r"the cutoffs; a2ee2a: the atom-edge .*graph.max_neighbors >= 42"):
+                                         r"the cutoffs; a2ee2a: the atom-edge .*graph.max_neighbors >= 42") as caught:
         benzene.get_potential_energy()
+    assert [w.filename for w in caught] == [__file__]
     benzene.rattle(1e-3)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)

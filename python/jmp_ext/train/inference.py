@@ -24,6 +24,7 @@ from jmp_ext.train.checkpoint import load_checkpoint
 from jmp_ext.train.config import TrainConfig, TrainError, from_dict
 from jmp_ext.train.metrics import Metrics
 from jmp_ext.train.tasks import TaskModel, build_model, param_dtype
+from jmp_ext.warn import warn_user
 
 
 def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[TaskModel, TrainConfig]:
@@ -88,21 +89,21 @@ def key_mismatch(error: RuntimeError) -> str:
     return text if len(text) <= 600 else text[:600] + " ..."
 
 
-def warn_about_inputs(model: TaskModel, task: int, elements: torch.Tensor, periodic: bool, stacklevel: int = 2) -> None:
+def warn_about_inputs(model: TaskModel, task: int, elements: torch.Tensor, periodic: bool) -> None:
     """Warns when structures with these `elements` (atomic numbers, int64 CPU) and `periodic`
     (whether any has periodic boundary conditions) are outside what task index `task` was
     trained on: periodic structures on non-periodic graphs (their pbc is ignored), or elements
     its training data did not have (model.train_elements)."""
     name = model.tasks[task].name
     if periodic and not model.graph_configs[task].pbc:
-        warnings.warn(f"task {name!r} was trained on non-periodic graphs: these structures' periodic boundary "
-                      "conditions are ignored (each is seen as an isolated cluster)", stacklevel=stacklevel)
+        warn_user(f"task {name!r} was trained on non-periodic graphs: these structures' periodic boundary "
+                  "conditions are ignored (each is seen as an isolated cluster)")
     seen = getattr(model, "train_elements", None)
     if seen is not None:
         unknown = elements[~seen[task].cpu()[elements]].tolist()
         if unknown:
-            warnings.warn(f"element(s) {unknown} are not in the training data of task {name!r}: the predictions "
-                          "for them extrapolate", stacklevel=stacklevel)
+            warn_user(f"element(s) {unknown} are not in the training data of task {name!r}: the predictions "
+                      "for them extrapolate")
 
 
 def predict_structures(model: TaskModel, structures: list[dict], task: int,
@@ -114,7 +115,7 @@ def predict_structures(model: TaskModel, structures: list[dict], task: int,
     derivatives=False: without gradient forces and stress."""
     parameter = next(model.net.parameters())
     batch = collate_batch(structures, parameter.dtype, task)
-    warn_about_inputs(model, task, batch["atomic_numbers"].unique(), bool(batch["pbc"].any()), stacklevel=3)
+    warn_about_inputs(model, task, batch["atomic_numbers"].unique(), bool(batch["pbc"].any()))
     batch = to_device(batch, parameter.device)
     with torch.no_grad():  # (gradient forces re-enable autograd inside the network)
         return model(batch, derivatives)
@@ -148,8 +149,7 @@ def evaluate(model: TaskModel, datasets: list, batch_size: int, dtype: torch.dty
     if rank == 0:
         for t in range(len(datasets)):
             if elements[t].any():
-                # (stacklevel: past no_grad's wrapper, to evaluate's caller)
-                warn_about_inputs(model, t, elements[t].nonzero()[:, 0], bool(periodic[t]), stacklevel=4)
+                warn_about_inputs(model, t, elements[t].nonzero()[:, 0], bool(periodic[t]))
     return metrics.compute()
 
 

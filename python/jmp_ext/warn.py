@@ -1,0 +1,21 @@
+"""warn_user: a warning attributed to the user's line, not to a library's."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+# The packages whose frames a warning passes over to reach the user's code: ours, ASE (a
+# calculator is called from atoms.get_forces through ASE's property machinery) and torch
+# (no_grad's decorator wraps our functions).
+_LIBRARIES = ("jmp_ext", "ase", "torch")
+
+
+def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
+    """warnings.warn(message, category), attributed to the innermost caller outside jmp_ext, ASE
+    and torch, as Python 3.12's skip_file_prefixes does: a location inside a library says
+    nothing to the user, and the default filter then shows a warning once per line of theirs."""
+    frame, stacklevel = sys._getframe(1), 2  # (stacklevel 2: this function's caller)
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in _LIBRARIES:
+        frame, stacklevel = frame.f_back, stacklevel + 1
+    warnings.warn(message, category, stacklevel=stacklevel)

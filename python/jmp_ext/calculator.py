@@ -16,15 +16,15 @@ disagree. Fine-tune with `forces: gradient` for MD and relaxations; the calculat
 given a direct-force checkpoint.
 
 The graphs keep each atom's k nearest neighbours within the cutoff (JMP: 30 within 12 Å), so in
-a dense solid the energy steps (~meV) as the neighbour set changes: all four graphs must hold
-every neighbour within the cutoff, and the quadruplet graph keeps int(8k/30), so
-graph.max_neighbors must be at least 3.75x the neighbour count. The calculator of a
+a dense solid the energy steps (meV to tens of meV) as the neighbour set changes: all four
+graphs must hold every neighbour within the cutoff, and the quadruplet graph keeps int(8k/30),
+so graph.max_neighbors must be at least 3.75x the neighbour count. The calculator of a
 gradient-force checkpoint warns (once) when a structure's graphs leave neighbours out
-(jmp_ext.graphs.truncated_neighbors). The energy also steps (~1 meV) when a pair of atoms
-crosses the graph cutoff below 12 Å: JMP's radial basis goes to zero at absolute_rbf_cutoff
-(12 Å), not at the graph's cutoff. A smooth energy for NVE needs graph.cutoff = 12 Å, or a
-fine-tune with model.backbone_overrides.absolute_rbf_cutoff equal to graph.cutoff (which
-changes what the pre-trained radial features mean).
+(jmp_ext.graphs.truncated_neighbors). The energy also steps (1 to 30 meV in our fine-tunes)
+when a pair of atoms crosses the graph cutoff below 12 Å: JMP's radial basis goes to zero at
+absolute_rbf_cutoff (12 Å), not at the graph's cutoff. A smooth energy for NVE needs
+graph.cutoff = 12 Å, or a fine-tune with model.backbone_overrides.absolute_rbf_cutoff equal to
+graph.cutoff (which changes what the pre-trained radial features mean).
 
 Near-collinear atoms are a weak spot of JMP's GemNet-OC (kept for parity with its checkpoints):
 its quadruplet basis (Legendre polynomials of the dihedral, with no sin factor that would vanish
@@ -38,7 +38,6 @@ exceeds MAX_PLAUSIBLE_FORCE.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -111,9 +110,9 @@ class JMPCalculator(Calculator):
         # (elements, cell or pbc), until one warning is given.
         self._check_neighbors = self.config.tasks[self.task].gradient_forces
         if "forces" in kinds and not self.config.tasks[self.task].gradient_forces:
-            warnings.warn(f"{checkpoint} predicts direct forces (forces: direct), which are not the "
-                          "gradient of its energy: MD will not conserve energy. Fine-tune with "
-                          "forces: gradient for MD and relaxations", stacklevel=2)
+            warn_user(f"{checkpoint} predicts direct forces (forces: direct), which are not the "
+                      "gradient of its energy: MD will not conserve energy. Fine-tune with "
+                      "forces: gradient for MD and relaxations")
 
     def check_state(self, atoms, tol=1e-15):
         # ASE compares positions, numbers, cell, pbc...; the tags choose the quadruplet graph too.

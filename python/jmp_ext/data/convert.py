@@ -12,7 +12,6 @@ import importlib
 import io
 import pickle
 import reprlib
-import warnings
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from tqdm import tqdm
 
 from jmp_ext.data import format as fmt
 from jmp_ext.data.writer import DatasetWriter
+from jmp_ext.warn import warn_user
 
 ENERGY_UNITS = {"eV": 1.0, "meV": 1e-3, "Hartree": units.Hartree, "Ry": units.Ry,
                 "kcal/mol": units.kcal / units.mol, "kJ/mol": units.kJ / units.mol}
@@ -283,10 +283,10 @@ def _warn_non_oc20_tags(tags: np.ndarray, positions: np.ndarray, cell: np.ndarra
                    "layer: these tags look like ase.build's layer numbers, not OC20 tags")
     else:
         return
-    warnings.warn(f"{problem} (0 sub-surface, 1 surface, 2 adsorbate; GemNet-OC's quadruplet graph keeps only "
-                  "edges touching a 1 or a 2), and are used as they are. ase.build's slabs tag their layers 1 "
-                  "(top), 2, 3, ... and add_adsorbate tags the adsorbate 0: set OC20 tags first, for such a slab "
-                  "t = atoms.get_tags(); atoms.set_tags(np.select([t == 1, t == 0], [1, 2], 0))", stacklevel=3)
+    warn_user(f"{problem} (0 sub-surface, 1 surface, 2 adsorbate; GemNet-OC's quadruplet graph keeps only "
+              "edges touching a 1 or a 2), and are used as they are. ase.build's slabs tag their layers 1 "
+              "(top), 2, 3, ... and add_adsorbate tags the adsorbate 0: set OC20 tags first, for such a slab "
+              "t = atoms.get_tags(); atoms.set_tags(np.select([t == 1, t == 0], [1, 2], 0))")
 
 
 def atoms_structure(atoms: Atoms) -> dict[str, np.ndarray]:
@@ -673,13 +673,13 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
         writer.info.update(labels=report.labels, skipped=report.skipped)
     found = {label: source for label, source in report.labels.items() if getattr(keys, label) is None}
     if len({"REF_" in source for source in found.values()}) > 1:  # (keys the user named are his choice)
-        warnings.warn(f"{dst}: the labels come from keys of two kinds ({', '.join(f'{k} from {v}' for k, v in found.items())}): "
-                      f"REF_* keys usually hold the reference method's values and the others another "
-                      f"method's; make sure they belong together, or name the keys (--energy-key, ...)", stacklevel=2)
+        warn_user(f"{dst}: the labels come from keys of two kinds ({', '.join(f'{k} from {v}' for k, v in found.items())}): "
+                  f"REF_* keys usually hold the reference method's values and the others another "
+                  f"method's; make sure they belong together, or name the keys (--energy-key, ...)")
     if keys.energy_unit != "eV" and report.written and not report.labels:
-        warnings.warn(f"{dst}: energy_unit {keys.energy_unit} converted nothing (no energy, forces or stress); "
-                      f"properties keep their units unless given one (--property NAME:UNIT; from Python "
-                      f"KeyMap(property_units=...))", stacklevel=2)
+        warn_user(f"{dst}: energy_unit {keys.energy_unit} converted nothing (no energy, forces or stress); "
+                  f"properties keep their units unless given one (--property NAME:UNIT; from Python "
+                  f"KeyMap(property_units=...))")
     # A stress alone is a warning too: no model trains on it alone, so the energy and forces are
     # under keys not searched (GAP's dft_energy, dft_force once were), unless dropped on purpose.
     stress_only = report.labels.keys() == {"stress"} and not (keys.drops("energy") and keys.drops("forces"))
@@ -687,7 +687,7 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
         searched = [k for label in LABELS if not keys.drops(label) and label not in report.labels
                     for k in keys.candidates(label, kind == "lmdb")]
         have = f"only a stress ({report.labels['stress']})" if stress_only else "no labels"
-        warnings.warn(f"{dst} has {have}: none found under the usual keys ({', '.join(searched)}; the first "
-                      f"entry's keys, {report.first_keys}). Name them: --energy-key, --forces-key, --stress-key, "
-                      f"--property (from Python KeyMap(energy=..., forces=..., properties=...))", stacklevel=2)
+        warn_user(f"{dst} has {have}: none found under the usual keys ({', '.join(searched)}; the first "
+                  f"entry's keys, {report.first_keys}). Name them: --energy-key, --forces-key, --stress-key, "
+                  f"--property (from Python KeyMap(energy=..., forces=..., properties=...))")
     return report

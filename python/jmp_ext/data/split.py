@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import uuid
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ from tqdm import tqdm
 from jmp_ext.data.dataset import LmdbDataset
 from jmp_ext.data.stats import share_train_stats
 from jmp_ext.data.writer import DatasetWriter, check_target, dataset_meta
+from jmp_ext.warn import warn_user
 
 
 def parse_fractions(text: str) -> dict[str, float]:
@@ -122,10 +122,9 @@ def split_dataset(src: str | Path, out_dir: str | Path, parts: dict[str, np.ndar
     # A killed split leaves its directory, which may hold old parts it had moved aside.
     left = sorted(map(str, out_dir.glob(".split-*")))
     if left:
-        warnings.warn(f"{', '.join(left)}: left by an interrupted split into {out_dir} (old "
-                      "parts it had moved aside are in its 'old', parts it had replaced in its "
-                      "'replaced'); delete them unless another split into it is running",
-                      stacklevel=2)
+        warn_user(f"{', '.join(left)}: left by an interrupted split into {out_dir} (old "
+                  "parts it had moved aside are in its 'old', parts it had replaced in its "
+                  "'replaced'); delete them unless another split into it is running")
     # With or without --overwrite: a split killed while moving parts leaves some old parts in
     # out_dir, which a split writing other parts would leave beside its own.
     if out_dir.is_dir():

@@ -4,7 +4,6 @@ atom-count histogram. Computed on a training split and cached in its directory a
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ from tqdm import tqdm
 from jmp_ext.data import format as fmt
 from jmp_ext.data.dataset import LmdbDataset
 from jmp_ext.files import write_bytes_atomic
+from jmp_ext.warn import warn_user
 
 STATS_VERSION = 1
 # Per-atom fields and inputs are not regression targets of a structure.
@@ -227,9 +227,9 @@ def load_stats(dataset_dir: str | Path, recompute: bool = False, progress: bool 
         try:
             save_stats(dataset_dir, stats)
         except OSError as e:  # a shared, read-only dataset: train anyway, say what it costs
-            warnings.warn(f"could not cache the statistics of {dataset_dir} ({e}); they are computed "
-                          "again by every run: `python -m jmp_ext.data stats` on a writable copy, or ask "
-                          "the dataset's owner to run it", stacklevel=2)
+            warn_user(f"could not cache the statistics of {dataset_dir} ({e}); they are computed "
+                      "again by every run: `python -m jmp_ext.data stats` on a writable copy, or ask "
+                      "the dataset's owner to run it")
         return stats
     stats = fmt.read_json(file)
     recompute = f"recompute with `python -m jmp_ext.data stats {dataset_dir} --recompute`"

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import uuid
-import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +19,7 @@ from tqdm import tqdm
 
 from jmp_ext.data import format as fmt
 from jmp_ext.files import exchange_paths, write_atomic, write_bytes_atomic
+from jmp_ext.warn import warn_user
 
 _COMMIT_EVERY = 512  # entries per LMDB transaction: large enough to amortise the commit fsync
 _INITIAL_MAP_SIZE = 1 << 30  # virtual size only; the file grows with the data and doubles if full
@@ -66,8 +66,8 @@ class DatasetWriter:
         stale = sorted(str(p) for pattern in (".{}.tmp-*", ".{}.old-*")
                        for p in self.path.parent.glob(pattern.format(glob.escape(self.path.name))))
         if stale:
-            warnings.warn(f"{', '.join(stale)}: left by an interrupted write of {self.path}; delete "
-                          "them unless another write of it is running", stacklevel=2)
+            warn_user(f"{', '.join(stale)}: left by an interrupted write of {self.path}; delete "
+                      "them unless another write of it is running")
         self._tmp = self.path.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}"
         self._tmp.mkdir()
         self._schema: dict | None = None

@@ -17,11 +17,12 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from jmp_ext.warn import warn_user
 
 _FORCE_BRANCH = (".scale_rbf_F.", ".dense_rbf_F.", ".seq_forces.")
 
@@ -130,8 +131,7 @@ def read_state_dict(source: str | os.PathLike | dict, *, use_ema: bool = True) -
         states = ckpt.get("optimizer_states") or [{}]
         ema = states[0].get("ema") if isinstance(states[0], dict) else None
         if ema is None:
-            warnings.warn("the checkpoint has no EMA weights (optimizer_states[0]['ema']): loading its raw weights",
-                          stacklevel=2)
+            warn_user("the checkpoint has no EMA weights (optimizer_states[0]['ema']): loading its raw weights")
     if use_ema and ema is not None:
         keys = [k for k in state if not _skipped_by_ema(k)]
         if len(keys) != len(ema):

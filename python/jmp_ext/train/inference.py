@@ -236,8 +236,8 @@ def _evaluate_dataset(model, config, t: int, path: str, name: str, out: str | No
             raise TrainError(f"target {target.name!r} of the checkpoint was trained in {describe_unit(target.unit)}, "
                              f"but {name} has it in {describe_unit(unit)}: the metrics would compare two units; {how}")
     if missing:
-        warnings.warn(f"{name} has no {', '.join(repr(target.name) for target in missing)} label(s): the metrics "
-                      "are those of the checkpoint's other targets", stacklevel=3)
+        warn_user(f"{name} has no {', '.join(repr(target.name) for target in missing)} label(s): the metrics "
+                  "are those of the checkpoint's other targets")
     datasets = [ds if i == t else None for i in range(len(config.tasks))]
     dtype = next(model.net.parameters()).dtype
     metrics = evaluate(model, datasets, batch_size, dtype, torch.device(device))
@@ -402,7 +402,7 @@ def predictions_as_extxyz(images: list, arrays: dict[str, np.ndarray], per_atom:
             if name in ("natoms", "sid", "valid"):
                 continue
             if m == 0 and f"predicted_{name}" in {**atoms.info, **atoms.arrays}:
-                warnings.warn(f"the input already has predicted_{name}: the output replaces it", stacklevel=2)
+                warn_user(f"the input already has predicted_{name}: the output replaces it")
             if name in per_atom:
                 atoms.arrays[f"predicted_{name}"] = value[starts[m]:starts[m + 1]]
             else:

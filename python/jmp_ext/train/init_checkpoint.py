@@ -5,7 +5,6 @@ and normalisation too."""
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
@@ -14,6 +13,7 @@ from jmp_ext.models.checkpoint import (is_force_branch_key, is_training_checkpoi
                                       read_state_dict, run_weights, safe_load)
 from jmp_ext.train.config import ConfigError, TrainConfig, TrainError, from_dict
 from jmp_ext.train.tasks import TaskModel, graph_configs
+from jmp_ext.warn import warn_user
 
 
 def init_from_checkpoint(model: TaskModel, config: TrainConfig) -> list[str]:
@@ -153,6 +153,6 @@ def _warn_if_graphs_differ(path: str, trained: list, ours: list) -> None:
     known = {settings(g) for g in trained}
     new = sorted({settings(g) for g in ours} - known)
     if new:
-        warnings.warn(f"model.init_checkpoint {path} was trained on graphs with {' / '.join(sorted(known))}; "
-                      f"this run builds {' / '.join(new)}. Unless that is intended, set graph.cutoff and "
-                      "graph.max_neighbors (and graph.preset) to the checkpoint's", stacklevel=3)
+        warn_user(f"model.init_checkpoint {path} was trained on graphs with {' / '.join(sorted(known))}; "
+                  f"this run builds {' / '.join(new)}. Unless that is intended, set graph.cutoff and "
+                  "graph.max_neighbors (and graph.preset) to the checkpoint's")

@@ -20,7 +20,6 @@ import math
 import shutil
 import signal
 import threading
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +44,7 @@ from jmp_ext.train.logger import RunLogger
 from jmp_ext.train.optim import LRSchedule, build_optimizer
 from jmp_ext.train.run_dir import RUN_FILES, lock_run_dir, unlock_run_dir
 from jmp_ext.train.sampling import split_across_ranks
+from jmp_ext.warn import warn_user
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -132,7 +132,7 @@ class Trainer:
         self.run_dir = Path(c.run_dir)
         resumed = c.resume and every_rank_sees(self.run_dir / "last.pt")
         if c.resume and not resumed and self.main:  # (a mistyped run_dir would otherwise start over without a word)
-            warnings.warn(f"resume=true, but there is no {self.run_dir / 'last.pt'}: starting a new run", stacklevel=2)
+            warn_user(f"resume=true, but there is no {self.run_dir / 'last.pt'}: starting a new run")
         # Everything up to DDP is this rank's own work: a rank that fails here (a dataset or
         # checkpoint it cannot read) makes every rank fail with its message, none waits for it.
         with distributed.together():
@@ -143,8 +143,7 @@ class Trainer:
             self.dtype = tasks.param_dtype(c.loop.precision)
             self.autocast = AUTOCAST.get(c.loop.precision) if self.device.type == "cuda" else None
             if c.loop.precision in AUTOCAST and self.device.type != "cuda":
-                warnings.warn(f"loop.precision={c.loop.precision} needs a GPU; training in fp32 on the CPU",
-                              stacklevel=2)
+                warn_user(f"loop.precision={c.loop.precision} needs a GPU; training in fp32 on the CPU")
 
             self.data = tasks.load_task_data(c)
             torch.manual_seed(c.seed)  # the same initial weights on every rank
@@ -255,10 +254,10 @@ class Trainer:
                                for task, n, p, k in zip(c.tasks, sampler.sizes, sampler.probabilities, sampler.counts)))
         for i, (task, graph) in enumerate(zip(c.tasks, self.model.graph_configs)):
             if not graph.pbc and self.main and bool(self.data[i].train[0]["pbc"].any()):
-                warnings.warn(f"tasks.{i} ({task.name}): its graphs are non-periodic (graph preset "
-                              f"{(task.graph or c.graph).preset!r}), but its training data is periodic ({task.train} "
-                              "entry 0): periodic boundary conditions are ignored and each structure is seen as an "
-                              "isolated cluster; for periodic data choose a periodic graph preset", stacklevel=3)
+                warn_user(f"tasks.{i} ({task.name}): its graphs are non-periodic (graph preset "
+                          f"{(task.graph or c.graph).preset!r}), but its training data is periodic ({task.train} "
+                          "entry 0): periodic boundary conditions are ignored and each structure is seen as an "
+                          "isolated cluster; for periodic data choose a periodic graph preset")
         if self.limit == "max_epochs" and c.loop.max_steps > 0:  # (a preset's max_epochs caps a max_steps override)
             self.log.write(f"loop.max_epochs={c.loop.max_epochs:g} ({self.steps_per_epoch} steps each) ends the run at "
                            f"step {self.total_steps}, before loop.max_steps={c.loop.max_steps}; loop.max_epochs=0 "
@@ -719,8 +718,8 @@ class Trainer:
         changed = [f"{section}.{key} {saved[section].get(key)!r} -> {value!r}" for section in ("optim", "schedule")
                    for key, value in now[section].items() if saved.get(section, {}).get(key, value) != value]
         if changed and self.main:
-            warnings.warn(f"resume: the config changes {', '.join(changed)}; the run continues with the new "
-                          "values (its optimizer moments and schedule position kept)", stacklevel=3)
+            warn_user(f"resume: the config changes {', '.join(changed)}; the run continues with the new "
+                      "values (its optimizer moments and schedule position kept)")
         self.schedule.load_state_dict(state["schedule"])
         was = state["schedule"]["cosine_steps"]
         if max(was, 0) != max(self.schedule.cosine_steps, 0) and self.main:  # (<= 0: no cosine, either way)
@@ -731,10 +730,10 @@ class Trainer:
             # (within the warmup the lr does not depend on the cosine yet)
             effect = (f"so the lr jumps at step {step}" if step >= self.schedule.warmup_steps else
                       f"from the end of the warmup (step {self.schedule.warmup_steps})")
-            warnings.warn(f"resume: the cosine after the warmup is now {length(self.schedule.cosine_steps)} instead of "
-                          f"{length(was)} (schedule.cosine=0 runs it to the end of the run, which the new "
-                          f"loop.max_steps / loop.max_epochs moved), {effect}; set schedule.cosine to keep the "
-                          "old one", stacklevel=3)
+            warn_user(f"resume: the cosine after the warmup is now {length(self.schedule.cosine_steps)} instead of "
+                      f"{length(was)} (schedule.cosine=0 runs it to the end of the run, which the new "
+                      f"loop.max_steps / loop.max_epochs moved), {effect}; set schedule.cosine to keep the "
+                      "old one")
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         if self.force_scaler is not None and state["force_scaler"] is not None:
@@ -763,8 +762,8 @@ class Trainer:
         self.last_metrics = state["metrics"]
         rngs = state["rng"]
         if len(rngs) != self.dist.world_size:
-            warnings.warn(f"resuming with {self.dist.world_size} ranks from a run with {len(rngs)}: "
-                          "random streams (edge dropout) differ from the original run", stacklevel=2)
+            warn_user(f"resuming with {self.dist.world_size} ranks from a run with {len(rngs)}: "
+                      "random streams (edge dropout) differ from the original run")
         if self.dist.rank < len(rngs):
             set_rng_state(rngs[self.dist.rank])
         else:  # a rank the saved run did not have: a stream of its own, not a copy of another rank's

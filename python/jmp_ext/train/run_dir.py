@@ -7,11 +7,11 @@ import fcntl
 import os
 import socket
 import stat
-import warnings
 import weakref
 from pathlib import Path
 
 from jmp_ext.train.config import TrainError
+from jmp_ext.warn import warn_user
 
 RUN_FILES = ("last.pt", "best.pt", "config.yaml", "metrics.csv", "summary.json", "test_metrics.json")
 # The lock files this process holds open (lock_run_dir); weak: a dropped Trainer's lock goes
@@ -64,7 +64,7 @@ def lock_run_dir(run_dir: Path):
                          "finish, stop it, or choose another run_dir") from None
     except OSError as e:  # (a filesystem without flock: Lustre mounted noflock, some FUSE mounts)
         file.close()
-        warnings.warn(f"run_dir {run_dir} cannot be locked ({e}): make sure no other run uses it", stacklevel=3)
+        warn_user(f"run_dir {run_dir} cannot be locked ({e}): make sure no other run uses it")
         return None
     file.truncate(0)
     file.write(f"PID {os.getpid()} on {socket.gethostname()}\n")

@@ -10,11 +10,12 @@ one restores the variance its block had before the operation it follows.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
+
+from jmp_ext.warn import warn_user
 
 
 class ScaleFactor(nn.Module):
@@ -102,8 +103,8 @@ def fit_scale_factors(model: nn.Module, batches: Iterable, forward: Callable | N
                 # same, so the rows that the first atom-to-edge interaction starts from are too.
                 # There is no variance to restore; the factor stays 1 (fairchem's fit leaves it
                 # unscaled as well).
-                warnings.warn(f"ScaleFactor {name}: zero variance on the fitting batches ({stats}), e.g. data of "
-                              "a single element; it is left at 1", stacklevel=2)
+                warn_user(f"ScaleFactor {name}: zero variance on the fitting batches ({stats}), e.g. data of "
+                          "a single element; it is left at 1")
                 value = 1.0
             factor.scale_factor.fill_(value)
             fitted[name] = value

@@ -156,6 +156,7 @@ class Trainer:
             self.initialised_heads = (init_from_checkpoint(self.model, c) if c.model.init_checkpoint and not resumed
                                       else [])
             freeze(self.model.net, c.model.freeze_embedding, c.model.freeze_blocks)
+            self.parameters = list(self.model.parameters())  # (loading weights copies into them: fixed)
             self.optimizer = build_optimizer(self.model.net, c.optim, tasks.num_blocks(self.model.net))
             self.ema = EMA(self.model, c.loop.ema_decay) if c.loop.ema_decay > 0 else None
             self.scaler = torch.amp.GradScaler(self.device.type) if self.autocast is torch.float16 else None
@@ -349,7 +350,8 @@ class Trainer:
         An exception of one rank (loading, forward, loss) makes every rank raise: its flag rides
         on the step's two all-reduces, which every step does anyway."""
         c = self.config
-        self.model.train()
+        if not self.model.training:  # (after a validation; train() walks ~1000 modules, 2 ms a step)
+            self.model.train()
         failed = isinstance(batch, Exception)
         local = torch.tensor([0, 0, 1, self.stop_signal] if failed else
                              [batch["natoms"].numel(), batch["pos"].shape[0], 0, self.stop_signal], dtype=torch.float64)
@@ -385,7 +387,7 @@ class Trainer:
         # The norm of the unclipped gradients: logged, and a non-finite one skips the step. Taken
         # before clipping by value (the fine-tuning presets), which would turn inf into a finite
         # value and let the step through.
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        params = [p for p in self.parameters if p.grad is not None]
         grad_norm = nn.utils.get_total_norm([p.grad for p in params])
         if torch.isfinite(grad_norm):
             if c.optim.grad_clip_value > 0:
@@ -411,7 +413,7 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.update(self.model)
+            self.ema.update()
         self.nan_streak = 0
         lr = self.schedule.lr
         self.log.step(int(structures), int(atoms), loss=loss.item(), lr=lr)
@@ -517,7 +519,7 @@ class Trainer:
 
     def evaluate(self, split: str) -> dict[str, float]:
         """Metrics of the current weights (the EMA ones when there is an EMA) on every task's split."""
-        ctx = self.ema.swap(self.model) if self.ema is not None else contextlib.nullcontext()
+        ctx = self.ema.swap() if self.ema is not None else contextlib.nullcontext()
         with ctx:
             return evaluate(self.model, [getattr(d, split) for d in self.data], self.config.data.val_batch_size,
                             self.dtype, self.device, self.dist.rank, self.dist.world_size)

@@ -230,8 +230,11 @@ def _rank_in_target(target: Tensor, key: Tensor) -> Tensor:
     return rank
 
 
-def _select(graph: dict, mask: Tensor) -> dict:
-    return {key: value[..., mask] if key == "edge_index" else value[mask] for key, value in graph.items()}
+def _select(graph: dict, edges: Tensor) -> dict:
+    """The edges of `graph` that `edges` names: a bool mask [E] or indices, in their order. (One
+    nonzero for every field: a mask indexes each field with its own, 2.5x the time.)"""
+    index = edges.nonzero().squeeze(1) if edges.dtype == torch.bool else edges
+    return {key: value.index_select(1 if key == "edge_index" else 0, index) for key, value in graph.items()}
 
 
 def subselect(graph: dict, cutoff: Tensor | None, k_per_atom: Tensor) -> dict:

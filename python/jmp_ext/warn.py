@@ -16,6 +16,6 @@ def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
     and torch, as Python 3.12's skip_file_prefixes does: a location inside a library says
     nothing to the user, and the default filter then shows a warning once per line of theirs."""
     frame, stacklevel = sys._getframe(1), 2  # (stacklevel 2: this function's caller)
-    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in _LIBRARIES:
+    while frame is not None and (frame.f_globals.get("__name__") or "").partition(".")[0] in _LIBRARIES:
         frame, stacklevel = frame.f_back, stacklevel + 1
     warnings.warn(message, category, stacklevel=stacklevel)

@@ -295,6 +295,31 @@ def test_a_last_pt_without_a_key_of_this_version_is_a_message(tiny_data, tmp_pat
             loop.Trainer(build_config(pretrain_config(tiny_data, run, max_steps=2), ["resume=true"]))
 
 
+@pytest.mark.filterwarnings("ignore:resume. the cosine after the warmup is now")  # (a longer run: true)
+def test_a_run_from_before_units_were_recorded_resumes_and_lends_its_heads(tiny_data, tmp_path):
+    """A last.pt whose targets have no unit (written before TargetConfig.unit) was refused as a
+    run with other tasks, and by init_heads as other targets; a recorded unit still has to match.
+    The Trainer leaves the caller's config as it was (it filled the units in)."""
+    run = tmp_path / "run"
+    config = build_config(pretrain_config(tiny_data, run, max_steps=1))
+    loop.Trainer(config).train()
+    assert all(t.unit is None for task in config.tasks for t in task.targets)
+    state = load_checkpoint(run / "last.pt")
+    for task in state["config"]["tasks"]:
+        for target in task["targets"]:
+            del target["unit"]
+    torch.save(state, tmp_path / "before.pt")
+    torch.save(state, run / "last.pt")
+    assert loop.Trainer(build_config(pretrain_config(tiny_data, run, max_steps=2), ["resume=true"])).train()["steps"] == 2
+    raw = pretrain_config(tiny_data, tmp_path / "more", max_steps=1)
+    raw["model"].update(init_checkpoint=str(tmp_path / "before.pt"), init_heads=True)
+    assert loop.Trainer(build_config(raw)).initialised_heads == ["mol", "box"]
+    state["config"]["tasks"][0]["targets"][0]["unit"] = "kcal/mol"
+    torch.save(state, run / "last.pt")
+    with pytest.raises(TrainError, match="its config differs in 'tasks'"):
+        loop.Trainer(build_config(pretrain_config(tiny_data, run, max_steps=3), ["resume=true"]))
+
+
 def test_resume_refuses_weights_that_are_not_finite(tiny_data, tmp_path):
     """NaN weights (in the model or in its EMA) resumed into skipped steps only."""
     run = tmp_path / "run"

@@ -95,7 +95,9 @@ def _load_heads(model: TaskModel, config: TrainConfig, trained: TrainConfig | No
             continue
         loaded.append(task.name)
         old = trained.tasks[j]
-        described = [[{f: getattr(t, f) for f in _HEAD_FIELDS} for t in tk.targets] + [f"forces: {tk.forces}"]
+        # (units None: a checkpoint from before units were recorded, which eval does not check either)
+        fields = [f for f in _HEAD_FIELDS if f != "unit" or all(t.unit is not None for t in old.targets)]
+        described = [[{f: getattr(t, f) for f in fields} for t in tk.targets] + [f"forces: {tk.forces}"]
                      for tk in (old, task)]
         if described[0] != described[1]:
             raise TrainError(f"model.init_heads: tasks.{i} ({task.name}) has other targets or forces than {path}'s "

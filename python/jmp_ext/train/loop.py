@@ -14,6 +14,7 @@ rank raise with its message (distributed.together) instead of leaving the others
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import json
 import math
@@ -119,9 +120,23 @@ def freeze(net: nn.Module, embedding: bool, blocks: list[int]) -> None:
             net.backbone.out_blocks[0].requires_grad_(False)
 
 
+def _with_units_of(saved: dict, now: dict) -> dict:
+    """A last.pt's config whose targets without a unit (a run from before units were recorded)
+    take this run's, so that it resumes; a recorded one must match, as the rest of the tasks."""
+    saved = copy.deepcopy(saved)
+    for old_task, task in zip(saved.get("tasks") or [], now["tasks"]):
+        if isinstance(old_task, dict) and isinstance(old_task.get("targets"), list):
+            for old, new in zip(old_task["targets"], task["targets"]):
+                if isinstance(old, dict) and old.get("unit") is None:
+                    old["unit"] = new["unit"]
+    return saved
+
+
 class Trainer:
     def __init__(self, config: TrainConfig):
-        self.config = c = config
+        # (a copy: opening the data fills in the targets' units, which must not stay in the
+        # caller's config for a run on other data)
+        self.config = c = copy.deepcopy(config)
         if c.threads > 0:
             torch.set_num_threads(c.threads)
         self.dist = distributed.setup(c.device)
@@ -681,7 +696,8 @@ class Trainer:
         problem = resume_state_problem(state)
         if problem is not None:
             raise self._foreign_last_pt(problem)
-        saved, now = state["config"], to_dict(self.config)
+        now = to_dict(self.config)
+        saved = _with_units_of(state["config"], now)
         # What fixes the network and the order of the batches must not change; how they are
         # loaded (data.num_workers, data.in_memory, data.val_batch_size) may.
         same = ["mode", "tasks", "graph", "model", "seed", "data.max_atoms", "data.batch_size", "data.temperature"]

@@ -12,9 +12,7 @@ class EMA:
     """shadow <- decay * shadow + (1 - decay) * param after every optimizer step.
 
     Buffers (scale factors, RBF constants) are not averaged: `swap` uses the model's own. The
-    shadow lives on the model's device in the parameters' dtype. The EMA follows the parameter
-    tensors `model` has when it is made (load_state_dict copies into them; moving the model to
-    another device or dtype afterwards would not)."""
+    shadow lives on the model's device in the parameters' dtype."""
 
     def __init__(self, model: nn.Module, decay: float):
         if not 0.0 < decay < 1.0:
@@ -27,8 +25,8 @@ class EMA:
             aliases.setdefault(id(p), []).append(n)
         self.names = [aliases[id(p)] for _, p in model.named_parameters()]
         # (listed once: named_parameters() walks every module, ~2 ms a step on the CPU)
-        self.params = [p.detach() for _, p in model.named_parameters()]
-        self.shadow = [p.clone() for p in self.params]
+        self.params = [p for _, p in model.named_parameters()]
+        self.shadow = [p.detach().clone() for p in self.params]
 
     @torch.no_grad()
     def update(self) -> None:
@@ -37,7 +35,7 @@ class EMA:
     @contextlib.contextmanager
     def swap(self):
         """Runs the block with the EMA weights in the model, then puts the trained weights back."""
-        saved = [p.clone() for p in self.params]
+        saved = [p.detach().clone() for p in self.params]
         with torch.no_grad():
             for p, s in zip(self.params, self.shadow):
                 p.copy_(s)

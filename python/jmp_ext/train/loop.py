@@ -171,7 +171,7 @@ class Trainer:
             self.initialised_heads = (init_from_checkpoint(self.model, c) if c.model.init_checkpoint and not resumed
                                       else [])
             freeze(self.model.net, c.model.freeze_embedding, c.model.freeze_blocks)
-            self.parameters = list(self.model.parameters())  # (loading weights copies into them: fixed)
+            self.model_parameters = list(self.model.parameters())  # (loading weights copies into them)
             self.optimizer = build_optimizer(self.model.net, c.optim, tasks.num_blocks(self.model.net))
             self.ema = EMA(self.model, c.loop.ema_decay) if c.loop.ema_decay > 0 else None
             self.scaler = torch.amp.GradScaler(self.device.type) if self.autocast is torch.float16 else None
@@ -402,7 +402,7 @@ class Trainer:
         # The norm of the unclipped gradients: logged, and a non-finite one skips the step. Taken
         # before clipping by value (the fine-tuning presets), which would turn inf into a finite
         # value and let the step through.
-        params = [p for p in self.parameters if p.grad is not None]
+        params = [p for p in self.model_parameters if p.grad is not None]
         grad_norm = nn.utils.get_total_norm([p.grad for p in params])
         if torch.isfinite(grad_norm):
             if c.optim.grad_clip_value > 0:

@@ -152,7 +152,7 @@ def model_figures(device: torch.device, quick: bool, compile: bool) -> dict:
                     entry["peak_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
                 out[f"{size}_{precision}{'_compiled' if compiled else ''}"] = entry
                 print(size, precision, "compiled" if compiled else "eager", entry, flush=True)
-                model = step = None  # (frees its memory before the next one is built)
+                model = step = None  # (this size's model goes before the next one is built)
     return out
 
 

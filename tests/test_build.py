@@ -95,7 +95,8 @@ def test_compiled_backward_follows_an_upgrade(tmp_path):
 
 
 def test_the_bindings_refuse_an_unknown_dtype_code():
-    """python/jmp_ext/ops passes 0 (float32) or 1 (float64); any other code was read as float32."""
+    """python/jmp_ext/ops passes 0 (float32) or 1 (float64); dispatch_float reads any other code
+    as float32, so the bindings check it (a guard for their one float_dtype check)."""
     from jmp_ext import _C
 
     where = _C.Where(cuda=False, num_threads=1, status=0, stream=0)

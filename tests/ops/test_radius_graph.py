@@ -13,8 +13,7 @@ from ase import Atoms
 from ase.build import bulk
 from ase.neighborlist import neighbor_list
 
-from jmp_ext.ops import edge_vectors, radius_graph
-from jmp_ext.ops import reference_radius_graph as reference
+from jmp_ext.ops import edge_vectors, radius_graph, reference_radius_graph as reference
 
 DTYPES = [torch.float32, torch.float64]
 

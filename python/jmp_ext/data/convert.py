@@ -315,15 +315,18 @@ def atoms_structure(atoms: Atoms) -> dict[str, np.ndarray]:
 
 def entry_to_atoms(entry: dict) -> Atoms:
     """A dataset entry as Atoms (Å): its tags, fixed atoms (FixAtoms), labels (energy, forces,
-    stress as a SinglePointCalculator's results, as an extxyz file holds them) and sid (info):
-    the inverse of atoms_structure and the labels convert reads."""
+    stress as a SinglePointCalculator's results, as an extxyz file holds them) and sid (info),
+    for writing a dataset's structures back to a file. Read back by atoms_structure it gives the
+    same entry, except that fixed atoms are a FixAtoms whatever constraint the source had, and
+    all-zero tags read as 2 (oc20_tags)."""
     atoms = Atoms(numbers=np.asarray(entry["atomic_numbers"]), positions=np.asarray(entry["pos"], dtype=np.float64),
-                  cell=np.asarray(entry["cell"], dtype=np.float64).reshape(3, 3), pbc=np.asarray(entry["pbc"]).reshape(3),
-                  tags=np.asarray(entry["tags"]))
+                  cell=np.asarray(entry["cell"], dtype=np.float64).reshape(3, 3),
+                  pbc=np.asarray(entry["pbc"]).reshape(3), tags=np.asarray(entry["tags"]))
     fixed = np.asarray(entry["fixed"], dtype=bool)
     if fixed.any():
         atoms.set_constraint(FixAtoms(mask=fixed))
-    labels = {name: np.asarray(entry[name], dtype=np.float64) for name in ("energy", "forces", "stress") if name in entry}
+    labels = {name: np.asarray(entry[name], dtype=np.float64)
+              for name in ("energy", "forces", "stress") if name in entry}
     if labels:
         if "energy" in labels:
             labels["energy"] = float(labels["energy"])
@@ -673,7 +676,8 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
         writer.info.update(labels=report.labels, skipped=report.skipped)
     found = {label: source for label, source in report.labels.items() if getattr(keys, label) is None}
     if len({"REF_" in source for source in found.values()}) > 1:  # (keys the user named are his choice)
-        warn_user(f"{dst}: the labels come from keys of two kinds ({', '.join(f'{k} from {v}' for k, v in found.items())}): "
+        sources = ", ".join(f"{k} from {v}" for k, v in found.items())
+        warn_user(f"{dst}: the labels come from keys of two kinds ({sources}): "
                   f"REF_* keys usually hold the reference method's values and the others another "
                   f"method's; make sure they belong together, or name the keys (--energy-key, ...)")
     if keys.energy_unit != "eV" and report.written and not report.labels:

@@ -86,10 +86,11 @@ def _skipped_by_ema(key: str) -> bool:
 
 
 def is_training_checkpoint(checkpoint) -> bool:
-    """One of our runs' best.pt / last.pt (jmp_ext.train): {"model": TaskModel state, "config",
-    "ema" (last.pt: a state or None), ...}, each of these a dict."""
+    """One of our runs' best.pt / last.pt (jmp_ext.train): a dict with "model" (the TaskModel
+    state) and "config" (the TrainConfig), both dicts, and in last.pt "ema" (a dict or None)."""
     return (isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict)
-            and isinstance(checkpoint.get("config"), dict) and isinstance(checkpoint.get("ema", {}), (dict, type(None))))
+            and isinstance(checkpoint.get("config"), dict)
+            and isinstance(checkpoint.get("ema", {}), (dict, type(None))))
 
 
 def run_weights(checkpoint: dict, ema: bool = True) -> dict[str, torch.Tensor]:

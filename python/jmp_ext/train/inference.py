@@ -252,7 +252,7 @@ PREDICTION_FORMATS = (".npz", ".extxyz", ".xyz")
 
 
 def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None, batch_size: int, device: str,
-            skip_invalid: bool = False) -> dict:
+                       skip_invalid: bool = False) -> dict:
     """Predictions for every structure of a dataset directory or an ASE-readable file, in the
     input's order, saved as `out` says:
     - .npz: natoms [M], energy [M] (eV), forces [sum natoms, 3] (eV/Å), stress [M, 3, 3] (eV/Å^3;

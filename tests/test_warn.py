@@ -1,0 +1,44 @@
+"""jmp_ext.warn.warn_user: a warning at the first frame outside jmp_ext, ASE and torch."""
+
+import warnings
+
+import pytest
+
+from jmp_ext.warn import warn_user
+
+
+def _call_through(module_names: list[str]):
+    """A chain of functions, the first defined in a module named module_names[0], ..., the last
+    calling warn_user; returns the outermost."""
+    inner = warn_user
+    for name in reversed(module_names):
+        namespace = {"__name__": name, "inner": inner}
+        exec("def call(message):\n    inner(message)\n", namespace)
+        inner = namespace["call"]
+    return inner
+
+
+@pytest.mark.parametrize("chain", [["jmp_ext.train.loop"], ["ase.calculators.calculator", "jmp_ext.calculator",
+                                                             "torch.utils._contextlib", "jmp_ext.train.inference"]])
+def test_the_warning_names_the_callers_line(chain):
+    call = _call_through(chain)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call("hello")  # (this line)
+    assert [(w.filename, str(w.message)) for w in caught] == [(__file__, "hello")]
+
+
+def test_a_frame_of_another_package_is_the_users():
+    for name in ("numpy.core", "jmp_extra"):  # (jmp_extra: not jmp_ext)
+        call = _call_through([name, "jmp_ext.train.loop"])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call("hi")
+        assert [(w.filename, w.lineno) for w in caught] == [("<string>", 2)]  # (the outer exec'd function)
+
+
+def test_a_frame_whose_name_is_not_a_string_is_passed_as_the_users():
+    """(warn_user called .partition on it: an AttributeError instead of a warning)"""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        _call_through([None, "jmp_ext.train.loop"])("hi")

@@ -55,9 +55,9 @@ class StructuresWithoutEdges(BatchStructureError):
     messages along."""
 
     def __init__(self, structures: list[int], cutoff):
-        super().__init__(structures, f"no pair of atoms within cutoff_main={cutoff} Å, which GemNet-OC needs (an "
-                                     "isolated atom, or atoms all farther apart): leave them out (or, to train on "
-                                     "them, raise graph.cutoff)")
+        super().__init__(structures, f"no pair of atoms within cutoff_main={cutoff} Å, which GemNet-OC needs: "
+                                     "leave them out (an isolated atom, which no cutoff helps; atoms all farther "
+                                     "apart than that would need a larger graph.cutoff)")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -45,7 +45,6 @@ import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 
-from jmp_ext import cpu
 from jmp_ext.data import format as fmt
 from jmp_ext.data.convert import atoms_structure
 from jmp_ext.warn import warn_user
@@ -77,9 +76,7 @@ class JMPCalculator(Calculator):
 
     checkpoint: a run's best.pt or last.pt (EMA weights when the run had an EMA).
     task: which task's heads to use (needed for a pretraining checkpoint, which has several).
-    device: "cpu", "cuda", ... On the CPU the calculator keeps freed memory for reuse
-        (jmp_ext.cpu.keep_freed_memory, as the trainer does: 20-35% faster calls on a 108-atom
-        cell, whose quadruplets take hundreds of MB; the process keeps its peak memory).
+    device: "cpu", "cuda", ... (on the CPU, load_trained makes the process keep freed memory)
     dtype: "float32" or "float64" to evaluate the network in (None: the precision it was trained
         in); float64 for finite-difference checks or long NVE runs."""
 
@@ -91,8 +88,6 @@ class JMPCalculator(Calculator):
 
         super().__init__()
         self.model, self.config = load_trained(checkpoint, device)
-        if torch.device(device).type == "cpu":
-            cpu.keep_freed_memory()
         self.task = task_index(self.config, task, "task=")
         if dtype is not None:
             if dtype not in ("float32", "float64"):

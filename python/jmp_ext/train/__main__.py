@@ -193,11 +193,8 @@ def run_command(argv: list[str]) -> int:
         except SystemExit as e:  # --help (0) or a usage error (2): an exit code like any other outcome
             return int(e.code or 0)
         check_device(a.device, "--device ")
-        from jmp_ext.cpu import keep_freed_memory
         from jmp_ext.train.inference import evaluate_checkpoint, predict_checkpoint
 
-        if a.device == "cpu":
-            keep_freed_memory()  # (as training does: batch after batch of the same large tensors)
 
         if is_eval:
             evaluate_checkpoint(a.checkpoint, a.data, a.task, a.out, a.batch_size, a.device)

@@ -301,3 +301,34 @@ def test_the_readmes_configs_are_valid():
     for block in blocks:
         config = build_config(yaml.safe_load(block))
         assert config.tasks and config.mode in ("pretrain", "finetune"), block
+
+
+def test_the_readmes_cpu_tryout_overrides_are_valid():
+    """The README's overrides for trying a preset on a CPU are pasted after a preset: each set
+    must build on the presets it names (a renamed key would only fail in a user's shell)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    paragraph = readme[readme.index("To try one on a CPU first:"):]
+    paragraph = paragraph[:paragraph.index("- QM9:")]
+    common, finetune, pretrain = (code.split() for code in re.findall(r"`([^`]*=[^`]*)`", paragraph)[:3])
+    assert "model.backbone=tiny" in common and "schedule.warmup=2" in finetune and "schedule.warmup=5" in pretrain
+    for preset, extra in [("jmp_s_qm9", finetune), ("jmp_l_md22", finetune), ("jmp_s_pretrain", pretrain)]:
+        config = build_config({"preset": preset}, [*common, *extra])
+        assert config.model.backbone == "tiny" and config.loop.max_steps == 20 and config.loop.fit_scale_factors == 2
+        assert config.schedule.warmup < config.loop.max_steps, preset  # the point of the extras
+
+
+def test_the_readmes_own_data_tryout_overrides_are_valid():
+    """The same for the overrides that try my.yaml (the fine-tune of one's own data) on a CPU."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    my_yaml = readme[readme.index("# my.yaml\n"):].split("```")[0]
+    paragraph = readme[readme.index("To try the recipe on a CPU first"):].split("\n\n")[0]
+    overrides = re.findall(r"`([^`]*=[^`]*)`", paragraph)[0].split()
+    config = build_config(yaml.safe_load(my_yaml), overrides)
+    assert config.model.backbone == "tiny" and config.model.init_checkpoint == ""
+    assert config.schedule.unit == "steps" and config.schedule.warmup < config.loop.max_steps == 20

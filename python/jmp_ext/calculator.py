@@ -78,7 +78,10 @@ class JMPCalculator(Calculator):
     task: which task's heads to use (needed for a pretraining checkpoint, which has several).
     device: "cpu", "cuda", ... (on the CPU, load_trained makes the process keep freed memory)
     dtype: "float32" or "float64" to evaluate the network in (None: the precision it was trained
-        in); float64 for finite-difference checks or long NVE runs."""
+        in); float64 for finite-difference checks or long NVE runs. float32 rounds each
+        position to its magnitude, and ASE's MD does not wrap atoms back into the cell: one
+        that drifted 300 cells away moved the energy by ~1e-4 eV and forces by ~3e-3 eV/Å in
+        float32 (atoms.wrap() or float64 keeps the precision)."""
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
 

@@ -102,6 +102,21 @@ def test_the_summary_lists_the_files_the_run_wrote(tiny_data, tmp_path, capsys):
     assert sorted(line.split(":")[-1].strip().split(", ")) == sorted(expected)
 
 
+def test_resuming_a_finished_run_says_so(tiny_data, tmp_path, capsys):
+    """A resume of a run that had reached its end trains nothing: the summary says the run had
+    finished, not "0.0 structures/s" since resuming."""
+    path = tmp_path / "run.yml"
+    path.write_text(yaml.safe_dump(finetune_raw(tiny_data, tmp_path / "run")))
+    assert main([str(path)]) == 0
+    assert "1 steps" in capsys.readouterr().out
+    assert main([str(path), "resume=true"]) == 0
+    out = capsys.readouterr().out
+    assert "no steps left: the run had already finished at step 1" in out and "structures/s" not in out
+    with pytest.warns(UserWarning, match="the cosine after the warmup is now 2 steps"):
+        assert main([str(path), "resume=true", "loop.max_steps=2"]) == 0
+    assert "training since resuming at step 1" in capsys.readouterr().out
+
+
 def test_a_sub_command_that_contradicts_the_config_is_an_error(tiny_data, tmp_path, capsys):
     """Neither may silently win: `finetune` on a pretraining config would pretrain (or the reverse)."""
     path = tmp_path / "pre.yaml"

@@ -55,9 +55,12 @@ def print_summary(config, summary: dict) -> None:
     from jmp_ext.train.run_dir import RUN_FILES
 
     print(f"\n== {config.mode} finished: {summary['steps']} steps ({summary['epochs']:.2f} epochs), stop: {summary['stop']}")
-    since = f" since resuming at step {summary['resumed_at_step']}" if "resumed_at_step" in summary else ""
-    print(f"   {summary['seconds']:.1f} s training{since}, {summary['structures_per_s']:.1f} structures/s, "
-          f"{summary['atoms_per_s']:.0f} atoms/s")
+    if summary.get("resumed_at_step") == summary["steps"]:
+        print(f"   no steps left: the run had already finished at step {summary['steps']}")
+    else:
+        since = f" since resuming at step {summary['resumed_at_step']}" if "resumed_at_step" in summary else ""
+        print(f"   {summary['seconds']:.1f} s training{since}, {summary['structures_per_s']:.1f} structures/s, "
+              f"{summary['atoms_per_s']:.0f} atoms/s")
     for split in ("val", "test"):
         for name, value in (summary.get(split) or {}).items():
             print(f"   {split:4s} {name:40s} {value:.5g}")

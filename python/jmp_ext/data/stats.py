@@ -67,7 +67,7 @@ def compute_stats(dataset: LmdbDataset, progress: bool = False) -> dict:
     counts_qr = _TreeQR() if referenced else None
     present = np.zeros(fmt.MAX_Z + 1, dtype=bool)
     force_sq, force_n = 0.0, 0
-    with tqdm(total=num_entries, disable=not progress, desc=f"stats {dataset.path}",
+    with tqdm(total=num_entries, disable=not progress, desc=f"stats {Path(dataset.path).name}",
               unit="entry") as bar:
         for start in range(0, num_entries, _CHUNK_SIZE):
             stop = min(start + _CHUNK_SIZE, num_entries)

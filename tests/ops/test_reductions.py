@@ -134,6 +134,22 @@ def test_scatter_is_a_stable_segment_sum():
     assert torch.equal(ops.scatter_sum(src, index, 300), ops.segment_sum(src[perm], ptr))
 
 
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_the_cuda_scatters_csr_of_an_index(index_dtype):
+    """The deterministic CUDA scatter's ptr and stable permutation come from pure torch
+    (_index_to_csr_cuda), so they are checked here on the CPU: against bincount and a stable
+    argsort, for int32 indices too (ptr int64, as the segment kernels take it), with the CPU
+    kernel's message for a bad entry."""
+    gen = torch.Generator().manual_seed(0)
+    index = torch.randint(0, 300, (5000,), generator=gen).to(index_dtype)
+    ptr_, perm = red._index_to_csr_cuda(index, 301)  # (row 300 empty)
+    assert ptr_.dtype == torch.int64
+    assert torch.equal(ptr_, make_ptr(torch.bincount(index.long(), minlength=301)))
+    assert torch.equal(perm, torch.from_numpy(index.numpy().argsort(kind="stable")))
+    with pytest.raises(ValueError, match=r"index\[1\] = 301 is out of range for dim_size = 301"):
+        red._index_to_csr_cuda(torch.tensor([0, 301, -1], dtype=index_dtype), 301)
+
+
 def test_sum_runs_in_order_in_float32_for_bfloat16():
     """1000 ones: a bf16 running sum stalls at 256; a float32 accumulator gives 1000 exactly."""
     ones = torch.ones(1000, dtype=torch.bfloat16)

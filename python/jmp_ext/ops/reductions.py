@@ -163,7 +163,7 @@ def _index_to_csr_cuda(index: Tensor, dim_size: int) -> tuple[Tensor, Tensor]:
         problem = "is negative" if value < 0 else f"is out of range for dim_size = {dim_size}"
         raise ValueError(f"index[{e}] = {value} {problem}")
     sorted_index, perm = torch.sort(index, stable=True)
-    bounds = torch.arange(dim_size + 1, device=index.device, dtype=index.dtype)
+    bounds = torch.arange(dim_size + 1, device=index.device)  # (int64: an int32 index's dim_size may be 2**31 - 1)
     return torch.searchsorted(sorted_index, bounds), perm
 
 

@@ -84,31 +84,21 @@ __global__ void frames_kernel(const T* pos, const int64_t* ptr, const double* ce
   }
 }
 
-// One block: the CPU's guard, on the whole batch's search cost (not system by system), summed
-// in a fixed order. Refuses the search before any atom is placed.
+// One thread: the CPU's guard, on the whole batch's search cost (not system by system), summed
+// in system order as the CPU sums it (another order could round across the threshold and refuse
+// a batch the CPU searches). Refuses the search before any atom is placed; B is small.
 __global__ void guard_kernel(const Frame* frames, int64_t num_systems, int64_t max_edges,
                              unsigned long long* errors) {
   if (failed(errors)) return;  // a failed system's frame was never written
-  __shared__ double candidates[kBlock], edges[kBlock];
-  double c = 0, e = 0;
-  for (int64_t b = threadIdx.x; b < num_systems; b += blockDim.x) {
-    c += frames[b].candidates;
-    e += frames[b].edges;
+  double candidates = 0, edges = 0;
+  for (int64_t b = 0; b < num_systems; ++b) {
+    candidates += frames[b].candidates;
+    edges += frames[b].edges;
   }
-  candidates[threadIdx.x] = c;
-  edges[threadIdx.x] = e;
-  __syncthreads();
-  for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride) {
-      candidates[threadIdx.x] += candidates[threadIdx.x + stride];
-      edges[threadIdx.x] += edges[threadIdx.x + stride];
-    }
-    __syncthreads();
-  }
-  if (threadIdx.x == 0 && hopeless(candidates[0], max_edges)) {
+  if (hopeless(candidates, max_edges)) {
     // The doubles themselves (finite and > 0: never kNoError's bits), for the CPU's message.
-    errors[kHopelessEdges] = static_cast<unsigned long long>(__double_as_longlong(edges[0]));
-    errors[kHopelessSearch] = static_cast<unsigned long long>(__double_as_longlong(candidates[0]));
+    errors[kHopelessEdges] = static_cast<unsigned long long>(__double_as_longlong(edges));
+    errors[kHopelessSearch] = static_cast<unsigned long long>(__double_as_longlong(candidates));
   }
 }
 
@@ -235,7 +225,7 @@ void bin(const Input& in, const Workspace& ws, cudaStream_t stream) {
     frames_kernel<T><<<static_cast<unsigned int>(in.num_systems), kBlock, 0, stream>>>(
         pos, in.ptr, in.cell, in.pbc, in.cutoff, ws.frames, ws.errors);
     JMP_CUDA_CHECK(cudaGetLastError());
-    guard_kernel<<<1, kBlock, 0, stream>>>(ws.frames, in.num_systems, in.max_edges, ws.errors);
+    guard_kernel<<<1, 1, 0, stream>>>(ws.frames, in.num_systems, in.max_edges, ws.errors);
     JMP_CUDA_CHECK(cudaGetLastError());
     if (in.num_atoms == 0) return;
     place_kernel<T><<<blocks(in.num_atoms), kBlock, 0, stream>>>(

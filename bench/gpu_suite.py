@@ -16,6 +16,8 @@ recorded in the JSON with its message. Sections and their targets:
 - reductions: segment_sum, scatter_sum (deterministic and atomic), gather and segment_max at
   E = 2e6 rows of 64 float32 features, as GB/s (bytes read + written) against a device copy
   of the same bytes; target > 60 % of the bandwidth.
+- syncs: the host synchronisations of one training step of the tiny model (its graphs built
+  in the step), from torch.profiler's CUDA runtime calls and torch's sync debug mode.
 - model: a direct-force training step (forward + backward) of the tiny config, JMP-S and JMP-L
   on the 32 OC20-like slabs of bench_model.py, in float32 and under bf16 autocast, eager and
   (with --compile) under torch.compile; ms, atoms/s and peak memory. (The original is not
@@ -156,8 +158,44 @@ def model_figures(device: torch.device, quick: bool, compile: bool) -> dict:
     return out
 
 
+def sync_figures(device: torch.device, quick: bool) -> dict:
+    """Host synchronisations in one direct-force step of the tiny model on the slabs (graphs
+    built in the step): the CUDA runtime calls that wait (from torch.profiler, our kernels'
+    status read-backs included), and the syncs torch's own debug mode reports (.item(),
+    nonzero, a size read back), with the first few of their sources. The plan for the first:
+    one deferred status check per step instead of one read-back per reduction."""
+    import warnings
+
+    batch, config = bench_model.batch_and_config("slabs", 2 if quick else 32)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    model = bench_model.make_model("tiny", "direct").to(device)
+    bench_model.step(model, batch, config, "direct")  # (warm-up: allocator, lazy init)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profile:
+        bench_model.step(model, batch, config, "direct")
+    waits = {}
+    for event in profile.events():
+        if event.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize") or (
+                event.name.startswith("cudaMemcpy") and "Async" not in event.name):
+            waits[event.name] = waits.get(event.name, 0) + 1
+    out = {"runtime_waits": waits, "runtime_memcpy_async": sum(e.name == "cudaMemcpyAsync" for e in profile.events())}
+    if device.type == "cuda":
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                bench_model.step(model, batch, config, "direct")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        out["torch_syncs"] = len(caught)
+        out["torch_sync_sources"] = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in caught})[:30]
+    return out
+
+
 SECTIONS = {"radius_graph": radius_graph_figures, "indices": index_figures,
-            "reductions": reduction_figures, "model": model_figures}
+            "reductions": reduction_figures, "syncs": sync_figures, "model": model_figures}
 
 
 def main() -> None:

@@ -929,12 +929,16 @@ def test_a_killed_runs_forked_workers_do_not_keep_its_lock(tmp_path):
     code = ("import os, sys, time; from pathlib import Path; from jmp_ext.train.run_dir import lock_run_dir\n"
             "lock = lock_run_dir(Path(sys.argv[1]))\n"
             "worker = os.fork()\n"
-            "if worker == 0:\n    time.sleep(30)\n    os._exit(0)\n"
-            "print(worker, flush=True)\n"
+            "if worker == 0:\n    os.write(1, b'forked\\n')\n    time.sleep(30)\n    os._exit(0)\n"
+            "os.write(1, f'{worker}\\n'.encode())  # (one write each: lines the two processes do not interleave)\n"
             "os._exit(0)  # (as killed: nothing released)\n")
     process = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    worker = int(process.stdout.readline())  # (the pipe stays open in the worker: no wait for its end)
+    # Both lines, in either order: the worker's says that fork has returned in it, at-fork hooks
+    # run (a loaded machine may not have scheduled the child yet when its parent has exited).
+    lines = {process.stdout.readline().strip(), process.stdout.readline().strip()}
+    assert "forked" in lines
+    worker = int((lines - {"forked"}).pop())  # (the pipe stays open in the worker: no wait for its end)
     assert process.wait(timeout=60) == 0
     try:
         os.kill(worker, 0)  # (the worker lives on)

@@ -62,7 +62,9 @@ class StructuresWithoutEdges(BatchStructureError):
 
 @dataclass(frozen=True, kw_only=True)
 class GraphConfig:
-    """How the four graphs of one task are built. Cutoffs in Å."""
+    """How the four graphs of one task are built (GemNet-OC's main, a2ee2a, qint and a2a graphs).
+    Cutoffs in Å. JMP uses one cutoff for all four: GraphConfig.uniform(cutoff), or a dataset's
+    settings by name, GraphConfig.preset("oc20")."""
 
     cutoff_main: float
     cutoff_a2ee2a: float
@@ -72,8 +74,11 @@ class GraphConfig:
     max_neighbors: int = 30
     """Base k: the main graph's neighbours per target; the others follow K_PROPORTIONS."""
     pbc: bool = True
-    """False ignores the batch's cell and pbc (molecules); True uses the batch's pbc flags."""
+    """False ignores the batch's cell and pbc: every structure is an isolated cluster, a crystal
+    included (JMP's molecule datasets); True uses the batch's pbc flags, structure by structure."""
     qint_tags: tuple[int, ...] = (1, 2)
+    """The quadruplet (qint) graph keeps only edges that touch an atom with one of these tags
+    (OC20's: 0 sub-surface, 1 surface, 2 adsorbate; molecules and bulk are all 2)."""
     natoms_max_neighbors: tuple[tuple[int, int], ...] = ()
     """(threshold, k) pairs: a structure with more than `threshold` atoms uses base k (the
     smallest k among the thresholds it exceeds). MatBench / QMOF: ((200, 10), (300, 5))."""
@@ -101,7 +106,10 @@ class GraphConfig:
 
     @classmethod
     def preset(cls, name: str) -> "GraphConfig":
-        """JMP's graph settings for a dataset (JMP.md §3.3)."""
+        """JMP's graph settings for a dataset: oc20, oc22 (periodic, 12 Å, k 30), ani1x,
+        transition1x, qm9 (molecules, 8 Å), rmd17 (7 Å, k 100), md22, spice (molecules, 12 Å),
+        matbench (periodic, 12 Å), qmof (periodic, 19 Å; both with k 10 above 200 atoms and 5
+        above 300)."""
         if name not in _PRESETS:
             raise ValueError(f"unknown GraphConfig preset {name!r}; known: {', '.join(sorted(_PRESETS))}")
         return _PRESETS[name]

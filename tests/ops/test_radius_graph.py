@@ -585,6 +585,12 @@ def test_rejects_pbc_without_cell_and_bad_caps():
     pos, cell = _one_system()
     with pytest.raises(ValueError, match="no cell was given"):
         radius_graph(pos, 3.0, pbc=torch.tensor([True, False, False]))
+    # An ASE molecule's zero cell without pbc: the default (periodic) is what the message names.
+    cells = torch.stack([cell, torch.zeros_like(cell)])
+    with pytest.raises(ValueError, match=r"cell\[1\] is all zeros, but without pbc every axis of a given cell is "
+                                         r"periodic: pass pbc \(False for a molecule\)"):
+        radius_graph(torch.cat([pos, pos]), 3.0, natoms=[len(pos), len(pos)], cell=cells)
+    assert radius_graph(pos, 3.0, cell=torch.zeros_like(cell), pbc=torch.tensor([False] * 3))[0].shape[1] > 0
     with pytest.raises(ValueError, match="max_neighbors must be an int >= 1"):
         radius_graph(pos, 3.0, max_neighbors=0)
     with pytest.raises(ValueError, match="needs max_neighbors"):

@@ -105,6 +105,11 @@ def _check_cell_pbc(cell, pbc, num_systems: int, pos: Tensor) -> tuple[Tensor, T
             f"{tuple(cell.shape)}"
         )
     if pbc is None:
+        zero = (cell == 0).flatten(1).all(dim=1)
+        # (ASE gives a molecule a zero cell; the kernels' own check would only call it singular)
+        if cell.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling() and bool(zero.any()):
+            raise ValueError(f"radius_graph: cell[{int(zero.nonzero()[0])}] is all zeros, but without pbc every "
+                             "axis of a given cell is periodic: pass pbc (False for a molecule)")
         pbc = torch.ones(num_systems, 3, dtype=torch.bool, device=pos.device)
     if not isinstance(pbc, Tensor):
         pbc = torch.as_tensor(pbc, device=pos.device)

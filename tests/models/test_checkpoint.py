@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import os
+import warnings
 
 import pytest
 import torch
@@ -213,13 +214,23 @@ def test_mismatches_name_the_keys(tmp_path):
     small = PretrainModel(BackboneConfig.tiny(num_blocks=1), TASKS)
     with pytest.raises(ValueError, match="unexpected .*backbone.int_blocks.1"):
         load_jmp_checkpoint(ckpt, small)
+    # Weights of a preset's backbone in another network: the preset is named before the keys.
+    with pytest.raises(ValueError, match=r"does not match the model: its backbone has the shapes of "
+                                         r"BackboneConfig\.tiny\(\) \(model\.backbone=tiny with no "
+                                         r"backbone_overrides\), the model's differ; unexpected \(\d+\): "):
+        load_jmp_checkpoint(PretrainModel(BackboneConfig.tiny(), TASKS).state_dict(), small)
+    with pytest.raises(ValueError, match=r"does not match the model: missing \(18\): output"):  # (heads only)
+        tiny = PretrainModel(BackboneConfig.tiny(), TASKS[:1]).state_dict()
+        load_jmp_checkpoint(tiny, PretrainModel(BackboneConfig.tiny(), TASKS[:2]), load_heads=True)
     # Without EMA weights the raw ones load, with a warning (model.init_ema's "when it has them").
     with pytest.warns(UserWarning, match="no EMA weights"):
         load_jmp_checkpoint({"state_dict": ckpt["state_dict"]}, model)
     key = "backbone.bases.mlp_rbf_h.linear.weight"
     assert torch.equal(model.state_dict()[key], ckpt["state_dict"][key])
-    # A plain state dict (ours) loads as is.
-    plain = read_state_dict(reference.state_dict(), use_ema=False)
+    # A plain state dict (ours) loads as is, and without a warning about EMA weights it cannot have.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain = read_state_dict(reference.state_dict())
     load_jmp_checkpoint(plain, model, use_ema=False, load_heads=True)
     assert torch.equal(model.output.out_forces[2][8].weight, reference.output.out_forces[2][8].weight)
 

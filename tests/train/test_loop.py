@@ -501,8 +501,9 @@ def test_wrong_architecture_checkpoint(tiny_data, tmp_path):
     cfg = build_config(finetune_config(tiny_data, tmp_path / "ft", init=tmp_path / "jmp.ckpt",
                                        backbone_overrides={"emb_size_atom": 16}))
     with pytest.warns(UserWarning, match="no EMA weights"), \
-            pytest.raises(TrainError, match=r"does not fit the configured network .*; its weights have the shapes of "
-                                            r"model\.backbone=tiny \(with no backbone_overrides\)"):
+            pytest.raises(TrainError, match=r"does not fit the configured network \(checkpoint does not match the "
+                                            r"model: its backbone has the shapes of BackboneConfig\.tiny\(\) "
+                                            r"\(model\.backbone=tiny with no backbone_overrides\), the model's differ; "):
         loop.Trainer(cfg)
     # Not a checkpoint at all, or some other torch file: said so, not "does not fit the network".
     (tmp_path / "notes.txt").write_text("hello")

@@ -108,8 +108,8 @@ def read_state_dict(source: str | os.PathLike | dict, *, use_ema: bool = True) -
     or one of our runs' best.pt / last.pt) as a flat state dict with JMP's keys.
 
     use_ema: replace the raw weights by the EMA ones (JMP's released weights are used this way);
-    a checkpoint without them (a plain state dict, a run without EMA) gives its raw weights,
-    with a warning."""
+    a checkpoint without them gives its raw weights: with a warning for a Lightning file (a run
+    without EMA), silently for a plain state dict, which never has them."""
     ckpt = safe_load(source) if isinstance(source, (str, Path, os.PathLike)) else source
     if not isinstance(ckpt, dict):
         raise ValueError(f"a checkpoint must be a dict, got {type(ckpt).__name__}")
@@ -131,7 +131,7 @@ def read_state_dict(source: str | os.PathLike | dict, *, use_ema: bool = True) -
     if use_ema:
         states = ckpt.get("optimizer_states") or [{}]
         ema = states[0].get("ema") if isinstance(states[0], dict) else None
-        if ema is None:
+        if ema is None and ckpt:  # (a plain state dict is its raw weights, as its owner knows)
             warn_user("the checkpoint has no EMA weights (optimizer_states[0]['ema']): loading its raw weights")
     if use_ema and ema is not None:
         keys = [k for k in state if not _skipped_by_ema(k)]
@@ -199,6 +199,29 @@ def load_jmp_checkpoint(source: str | os.PathLike | dict, model: nn.Module, *, u
                  for name, keys in [("missing", missing), ("unexpected", unexpected),
                                     ("shape mismatch", [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
                                                         for k in wrong_shape])] if keys]
-        raise ValueError("checkpoint does not match the model: " + "; ".join(parts))
+        backbone_differs = any(k.startswith("backbone.") and not is_force_branch_key(k)
+                               for k in missing + unexpected + wrong_shape)
+        fits = backbone_preset_of(state) if backbone_differs else None
+        cause = (f"its backbone has the shapes of BackboneConfig.{fits}() (model.backbone={fits} with no "
+                 f"backbone_overrides), the model's differ; " if fits else "")
+        raise ValueError(f"checkpoint does not match the model: {cause}" + "; ".join(parts))
     model.load_state_dict(state, strict=False)
     return model
+
+
+def backbone_preset_of(weights: dict) -> str | None:
+    """The BackboneConfig preset whose backbone has exactly the keys and shapes of `weights`'
+    backbone.* (the direct-force branch aside), or None. Built on the meta device: no memory."""
+    from jmp_ext.models.gemnet_oc import BackboneConfig, GemNetOCBackbone
+
+    def shapes(state: dict) -> dict:
+        return {k: tuple(v.shape) for k, v in state.items() if k.startswith("backbone.") and not is_force_branch_key(k)}
+
+    theirs = shapes(weights)
+    for name in ("tiny", "jmp_s", "jmp_l"):
+        with torch.device("meta"):
+            backbone = GemNetOCBackbone(getattr(BackboneConfig, name)())
+        ours = shapes({f"backbone.{k}": v for k, v in backbone.state_dict().items()})
+        if ours == theirs:
+            return name
+    return None

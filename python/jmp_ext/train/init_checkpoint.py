@@ -7,10 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from jmp_ext.models.checkpoint import (is_force_branch_key, is_training_checkpoint, load_jmp_checkpoint,
-                                      read_state_dict, run_weights, safe_load)
+from jmp_ext.models.checkpoint import (is_training_checkpoint, load_jmp_checkpoint, read_state_dict, run_weights,
+                                      safe_load)
 from jmp_ext.train.config import ConfigError, TrainConfig, TrainError, from_dict
 from jmp_ext.train.tasks import TaskModel, graph_configs
 from jmp_ext.warn import warn_user
@@ -45,10 +43,8 @@ def init_from_checkpoint(model: TaskModel, config: TrainConfig) -> list[str]:
     try:
         load_jmp_checkpoint(weights, model.net, use_ema=False)  # (weights are already the EMA ones if asked)
     except ValueError as e:
-        fits = _backbone_preset_of(weights)
-        hint = (f"its weights have the shapes of model.backbone={fits} (with no backbone_overrides)"
-                if fits and trained is None and (fits != config.model.backbone or config.model.backbone_overrides) else
-                "check model.backbone / model.backbone_overrides against the checkpoint's architecture"
+        # (the error names a backbone preset the weights fit; a run's checkpoint says what it had)
+        hint = ("check model.backbone / model.backbone_overrides against the checkpoint's architecture"
                 if trained is None else f"the checkpoint was trained with model.backbone={trained.model.backbone}"
                 + (f" and model.backbone_overrides={trained.model.backbone_overrides}"
                    if trained.model.backbone_overrides else ""))
@@ -124,24 +120,6 @@ def _load_heads(model: TaskModel, config: TrainConfig, trained: TrainConfig | No
             new.setdefault("train_elements", state["train_elements"].clone())[i] |= weights["train_elements"][j]
     model.load_state_dict({**state, **new})
     return loaded
-
-
-def _backbone_preset_of(weights: dict) -> str | None:
-    """The BackboneConfig preset whose backbone has exactly the keys and shapes of `weights`'
-    backbone.* (the direct-force branch aside), or None. Built on the meta device: no memory."""
-    from jmp_ext.models import BackboneConfig, GemNetOCBackbone
-
-    def shapes(state: dict) -> dict:
-        return {k: tuple(v.shape) for k, v in state.items() if k.startswith("backbone.") and not is_force_branch_key(k)}
-
-    theirs = shapes(weights)
-    for name in ("tiny", "jmp_s", "jmp_l"):
-        with torch.device("meta"):
-            backbone = GemNetOCBackbone(getattr(BackboneConfig, name)())
-        ours = shapes({f"backbone.{k}": v for k, v in backbone.state_dict().items()})
-        if ours == theirs:
-            return name
-    return None
 
 
 def _warn_if_graphs_differ(path: str, trained: list, ours: list) -> None:

@@ -42,33 +42,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ase import Atoms
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 
-from jmp_ext.data import format as fmt
-from jmp_ext.data.convert import atoms_structure
+from jmp_ext.data.convert import atoms_to_entry
+from jmp_ext.data.format import DataError
 from jmp_ext.warn import warn_user
 
 
 # eV/Å: far above any force of a relaxation or MD, and far below the ~1e3-1e4 eV/Å that
 # near-collinear atoms give (see the module doc).
 MAX_PLAUSIBLE_FORCE = 100.0
-
-
-def atoms_to_entry(atoms: Atoms) -> dict[str, torch.Tensor]:
-    """One structure as LmdbDataset returns it: pos, atomic_numbers, cell, pbc, tags, fixed.
-
-    Tags: the Atoms' own when any is set (OC20 slabs), else 2 for every atom (molecules and bulk,
-    as JMP's fine-tuning sets them). They follow OC20: 0 sub-surface, 1 surface, 2 adsorbate;
-    the quadruplet graph keeps edges that touch a 1 or a 2. ase.build's slabs tag their layers
-    1 (top) to n and add_adsorbate tags the adsorbate 0, so set OC20 tags on such a slab before
-    a relaxation (tags outside {0, 1, 2} are used as they are, with a warning). Fixed: FixAtoms,
-    or FixCartesian on all three axes. Fields and dtypes are those of a converted structure
-    (convert.atoms_structure, as the writer stores it), so that the model sees a structure as in
-    training."""
-    structure = fmt.normalize_entry(atoms_structure(atoms), "atoms")
-    fmt.validate_entry(structure, "atoms")  # (an unknown element or a NaN position, said as such)
-    return {name: torch.from_numpy(array) for name, array in structure.items()}
 
 
 class JMPCalculator(Calculator):
@@ -91,7 +74,7 @@ class JMPCalculator(Calculator):
 
         super().__init__()
         self.model, self.config = load_trained(checkpoint, device)
-        self.task = task_index(self.config, task, "task=")
+        self.task = task_index(self.config.tasks, task, "task=")
         if dtype is not None:
             if dtype not in ("float32", "float64"):
                 raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
@@ -165,7 +148,11 @@ class JMPCalculator(Calculator):
 
         self._check_implemented(properties)  # (also when called directly, as calculate(atoms, ["stress"]))
         super().calculate(atoms, properties, system_changes)
-        entry = atoms_to_entry(self.atoms)
+        try:
+            entry = atoms_to_entry(self.atoms)
+        except DataError as e:
+            raise DataError(f"{e} (met in a relaxation or MD, it means that the run diverged: the model's forces "
+                            "moved the atoms there)") from e
         # (not on every step: the counts change little along a trajectory)
         if self._check_neighbors and set(system_changes) & {"numbers", "cell", "pbc"}:
             self._check_neighbors = not self._warn_if_truncated(entry)

@@ -434,7 +434,7 @@ def test_all_zero_tags_read_as_unset_as_in_the_calculator(tmp_path):
     the ASE calculator both give molecules and bulk tags 2 (one rule, data.convert.oc20_tags)."""
     from ase.build import molecule
 
-    from jmp_ext.calculator import atoms_to_entry
+    from jmp_ext.data import atoms_to_entry
 
     atoms = molecule("CH3OH")
     atoms.set_tags(np.zeros(len(atoms), int))
@@ -455,7 +455,7 @@ def test_ase_build_layer_tags_are_kept_with_a_warning(tmp_path):
 
     from ase.build import add_adsorbate, fcc111
 
-    from jmp_ext.calculator import atoms_to_entry
+    from jmp_ext.data import atoms_to_entry
 
     slab = fcc111("Cu", (2, 2, 3), vacuum=6.0)
     add_adsorbate(slab, "O", 1.5, "fcc")
@@ -488,7 +488,7 @@ def test_ase_build_layer_tags_of_a_two_layer_slab_are_told_by_height():
 
     from ase.build import add_adsorbate, fcc111
 
-    from jmp_ext.calculator import atoms_to_entry
+    from jmp_ext.data import atoms_to_entry
 
     slab = fcc111("Cu", (2, 2, 2), vacuum=6.0)
     add_adsorbate(slab, "O", 1.5, "fcc")
@@ -646,7 +646,7 @@ def test_pickled_lmdb_keys_are_checked(tmp_path, fake_pyg):
 def test_calculator_sees_a_structure_as_converted(tmp_path):
     """The calculator built its own entry and ignored FixCartesian, which the converters read
     (extxyz stores FixAtoms as a move_mask that reads back as FixCartesian)."""
-    from jmp_ext.calculator import atoms_to_entry
+    from jmp_ext.data import atoms_to_entry
 
     atoms = make_atoms(np.random.default_rng(5), n=5)
     atoms.set_tags([0, 1, 2, 2, 2])
@@ -758,7 +758,7 @@ def test_structures_a_model_cannot_use_are_refused(tmp_path, frames):
     # converted and failed only in training, naming a structure of the batch there
     from ase.build import bulk
 
-    from jmp_ext.calculator import atoms_to_entry
+    from jmp_ext.data import atoms_to_entry
 
     crystals = [bulk("Cu", "fcc", a=3.61) for _ in range(3)]
     for k, atoms in enumerate(crystals):

@@ -108,7 +108,7 @@ def test_float32_forces_and_stress_are_bitwise_reproducible_across_thread_counts
     deterministic sums: the same forces and stress on every call and any number of threads."""
     from ase.build import bulk
 
-    from jmp_ext.calculator import atoms_to_entry
+    from jmp_ext.data import atoms_to_entry
     from jmp_ext.data.collate import collate
     from jmp_ext.graphs import GraphConfig, build_graphs
 
@@ -250,6 +250,11 @@ def test_bad_inputs_raise():
     bad["atomic_numbers"][0] = 121
     with pytest.raises(ValueError, match="unknown element\\(s\\) \\[121\\]"):
         model(bad, graphs)
+    # A float32 batch for a float64 network: said at once (a kernel deep inside named its own dtypes).
+    batch32 = fixture_batch(case, torch.float32)
+    with pytest.raises(TypeError, match=r"the batch is torch.float32 but the network is torch.float64: collate the "
+                                        r"structures in the network's dtype"):
+        model(batch32, graphs_on_jmps_a2a(case, batch32))
     with pytest.raises(ValueError, match="need an 'energy' head"):
         FinetuneModel(TINY, [HeadConfig(target="gap")], forces="gradient")
     for make in (BackboneConfig.from_dict, lambda v: BackboneConfig.tiny(**v), lambda v: BackboneConfig.jmp_l(**v)):

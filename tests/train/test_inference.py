@@ -16,8 +16,8 @@ from ase.md.verlet import VelocityVerlet
 from ase.optimize import BFGS
 from ase.units import fs
 
-from jmp_ext.calculator import JMPCalculator, atoms_to_entry
-from jmp_ext.data import convert
+from jmp_ext.calculator import JMPCalculator
+from jmp_ext.data import atoms_to_entry, collate, convert
 from jmp_ext.train import TrainError, inference, loop, tasks
 from jmp_ext.train.__main__ import main
 from jmp_ext.train.config import build_config
@@ -35,6 +35,27 @@ def checkpoint(tiny_data, tmp_path_factory):
     trainer = loop.Trainer(build_config(raw))
     trainer.save_best({})
     return run / "best.pt"
+
+
+def test_the_readmes_python_api_runs(tiny_data, tmp_path, monkeypatch):
+    """The README's Python API snippets are what a user pastes: each runs as it stands (the
+    first on a checkpoint at runs/demo/best.pt with a task named molecules, as the demo's)."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Python API"):readme.index("## Where things are")]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2 and "runs/demo/best.pt" in blocks[0]
+    raw = {"mode": "finetune", "run_dir": str(tmp_path / "runs" / "demo"), "threads": 1,
+           "graph": {"cutoff": 4.0, "max_neighbors": 8},
+           "tasks": [{"name": "molecules", "train": str(tiny_data / "mol" / "train"), "forces": "direct",
+                      "targets": [{"name": "energy", "kind": "energy"}, {"name": "forces", "kind": "forces"}]}],
+           "model": {"backbone": "tiny", "backbone_overrides": {"num_blocks": 1, "num_radial": 16}},
+           "loop": {"max_steps": 1, "progress": False, "fit_scale_factors": 0}}
+    loop.Trainer(build_config(raw)).save_best({})
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})
 
 
 @pytest.fixture(scope="module")
@@ -597,6 +618,33 @@ def test_a_pretraining_checkpoint_needs_a_task(tiny_data, tmp_path, capsys):
     with pytest.warns(UserWarning, match="direct forces"):
         box = JMPCalculator(checkpoint, task="box")
     assert not np.allclose(box.get_potential_energies(atoms), atoms.get_potential_energies())
+    # From Python: predict_structures names the task, by name or index; a TaskModel given a batch
+    # without "task" asks for one.
+    model, _ = inference.load_trained(checkpoint)
+    with pytest.raises(TrainError, match=r"the checkpoint has 2 tasks, \['mol', 'box'\]: choose one with task="):
+        inference.predict_structures(model, [atoms])
+    by_name = inference.predict_structures(model, [atoms], "box")
+    assert torch.equal(by_name["energy"], inference.predict_structures(model, [atoms], 1)["energy"])
+    assert by_name["energy"].item() == pytest.approx(box.get_potential_energy(atoms), rel=1e-12)
+    with pytest.raises(IndexError, match="task 2 is not a task index of the model \\(it has 2 tasks\\)"):
+        inference.predict_structures(model, [atoms], 2)
+    with pytest.raises(ValueError, match=r"batch has no 'task': \[B\] int64, the index of each structure's task "
+                                         r"in \['mol', 'box'\]"):
+        model(collate([atoms_to_entry(atoms)]))
+
+
+def test_predict_structures_takes_ase_atoms_and_a_model_of_one_task_any_batch(checkpoint):
+    """ase.Atoms or entries alike; task None is the only task; TaskModel takes a batch of
+    jmp_ext.data.collate, which has no "task", when it has one task."""
+    model, _ = inference.load_trained(checkpoint)
+    structures = [molecule("CH4"), molecule("H2O")]
+    from_atoms = inference.predict_structures(model, structures)
+    from_entries = inference.predict_structures(model, [atoms_to_entry(a) for a in structures], "mol")
+    assert set(from_atoms) == {"energy", "forces", "energies"}
+    for name, value in from_atoms.items():
+        assert torch.equal(value, from_entries[name]), name
+    own = model(collate([atoms_to_entry(a) for a in structures], torch.float64))
+    assert torch.equal(own["energy"], from_atoms["energy"]) and torch.equal(own["forces"], from_atoms["forces"])
 
 
 def test_cli_errors(checkpoint, tiny_data, tmp_path, capsys):
@@ -749,6 +797,11 @@ def test_calculator_options_and_bad_structures(checkpoint, tiny_data, tmp_path):
     atoms.numbers[0] = 6
     atoms.positions[1, 0] = np.nan
     with pytest.raises(DataError, match="atoms: .*not finite|atoms: .*NaN"):
+        atoms.get_potential_energy()
+    # Two atoms on one spot, as a diverging relaxation leaves them: said to be the run's doing.
+    atoms.positions[1] = atoms.positions[0] + 0.05
+    with pytest.raises(DataError, match=r"atoms 0 and 1 are 0.0866 Å apart.* \(met in a relaxation or MD, it means "
+                                        r"that the run diverged"):
         atoms.get_potential_energy()
 
 

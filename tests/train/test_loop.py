@@ -803,8 +803,7 @@ def test_scale_factors_are_fitted_on_the_backbone_alone(tiny_data, tmp_path):
     batches = [next(trainer._epoch_loader())]
     trainer.model.eval()
     expected = fit_scale_factors(net, [(b, trainer.model.graphs(b)) for b in batches], forward=lambda m, bg: m(*bg))
-    fitted = fit_scale_factors(trainer.model.net, [(b, trainer.model.graphs(b)) for b in batches],
-                               forward=loop.backbone_forward)
+    fitted = fit_scale_factors(trainer.model.net, [(b, trainer.model.graphs(b)) for b in batches])
     assert fitted == expected and len(fitted) > 1
 
 

@@ -7,14 +7,15 @@
     samplers.py  AtomBalancedBatchSampler (DDP-aware), TemperatureSampler (p_i ~ N_i^(1/T))
     stats.py     linear references, target mean/std, force RMS (stats.json)
     split.py     train/val/test parts by seeded fractions or an index file
-    convert.py   extxyz / ASE db / pickled OC20-JMP LMDB -> this format
+    convert.py   extxyz / ASE db / pickled OC20-JMP LMDB -> this format; atoms_to_entry: ASE
+                 Atoms -> one entry (collate a list of them for a model)
     demo.py      make_demo: EMT-labelled catalysis / molecules / materials / md data
 
 Command line: python -m jmp_ext.data {convert,split,stats,make-demo,info} (see __main__.py).
 """
 
 from jmp_ext.data.collate import collate
-from jmp_ext.data.convert import KeyMap, convert
+from jmp_ext.data.convert import KeyMap, atoms_to_entry, convert
 from jmp_ext.data.dataset import LmdbDataset, MultiDataset
 from jmp_ext.data.demo import make_demo
 from jmp_ext.data.format import DataError
@@ -31,6 +32,7 @@ __all__ = [
     "LmdbDataset",
     "MultiDataset",
     "TemperatureSampler",
+    "atoms_to_entry",
     "collate",
     "compute_stats",
     "convert",

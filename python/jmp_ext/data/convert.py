@@ -313,6 +313,22 @@ def atoms_structure(atoms: Atoms) -> dict[str, np.ndarray]:
     }
 
 
+def atoms_to_entry(atoms: Atoms) -> dict[str, torch.Tensor]:
+    """One structure as LmdbDataset returns it: pos, atomic_numbers, cell, pbc, tags, fixed.
+
+    Tags: the Atoms' own when any is set (OC20 slabs), else 2 for every atom (molecules and bulk,
+    as JMP's fine-tuning sets them). They follow OC20: 0 sub-surface, 1 surface, 2 adsorbate;
+    the quadruplet graph keeps edges that touch a 1 or a 2. ase.build's slabs tag their layers
+    1 (top) to n and add_adsorbate tags the adsorbate 0, so set OC20 tags on such a slab before
+    a relaxation (tags outside {0, 1, 2} are used as they are, with a warning). Fixed: FixAtoms,
+    or FixCartesian on all three axes. Fields and dtypes are those of a converted structure
+    (atoms_structure, as the writer stores it), so that the model sees a structure as in
+    training."""
+    structure = fmt.normalize_entry(atoms_structure(atoms), "atoms")
+    fmt.validate_entry(structure, "atoms")  # (an unknown element or a NaN position, said as such)
+    return {name: torch.from_numpy(array) for name, array in structure.items()}
+
+
 def entry_to_atoms(entry: dict) -> Atoms:
     """A dataset entry as Atoms (Å): its tags, fixed atoms (FixAtoms), labels (energy, forces,
     stress as a SinglePointCalculator's results, as an extxyz file holds them) and sid (info),

@@ -14,15 +14,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ase import Atoms
 
 from jmp_ext import cpu
+from jmp_ext.data import atoms_to_entry
 from jmp_ext.data.format import MAX_Z
 from jmp_ext.graphs import BatchStructureError
 from jmp_ext.models.checkpoint import checked_weights, is_training_checkpoint, run_weights, safe_load
 from jmp_ext.train import distributed, tasks
 from jmp_ext.train.batches import check_finite_labels, collate_batch, load_batches, name_entries, to_device
 from jmp_ext.train.checkpoint import load_checkpoint
-from jmp_ext.train.config import TrainConfig, TrainError, from_dict
+from jmp_ext.train.config import TaskConfig, TrainConfig, TrainError, from_dict
 from jmp_ext.train.metrics import Metrics
 from jmp_ext.train.tasks import TaskModel, build_model, param_dtype
 from jmp_ext.warn import warn_user
@@ -76,10 +78,11 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     return model.eval(), config
 
 
-def task_index(config: TrainConfig, task: str | None, option: str) -> int:
-    """Index of the task (head) to predict with; task None: the only one. option: how the user
-    names it (`--task`, `task=`), for the error."""
-    names = [t.name for t in config.tasks]
+def task_index(tasks: list[TaskConfig], task: str | None, option: str = "task=") -> int:
+    """Index in `tasks` (a run's config.tasks, or TaskModel.tasks) of the task (heads) to predict
+    with, by name; task None: the only one. option: how the user names it (`--task`, `task=`),
+    for the error."""
+    names = [t.name for t in tasks]
     if task is None:
         if len(names) > 1:  # (a pretraining checkpoint: each task has its own heads)
             raise TrainError(f"the checkpoint has {len(names)} tasks, {names}: choose one with {option}")
@@ -112,13 +115,20 @@ def warn_about_inputs(model: TaskModel, task: int, elements: torch.Tensor, perio
                       "for them extrapolate")
 
 
-def predict_structures(model: TaskModel, structures: list[dict], task: int,
+def predict_structures(model: TaskModel, structures: list, task: int | str | None = None,
                        derivatives: bool = True) -> dict[str, torch.Tensor]:
-    """A trained model's predictions (load_trained) for `structures`, entries with the structure
-    fields (pos, atomic_numbers, cell, pbc, tags, fixed; as a dataset or atoms_to_entry gives
-    them), with the heads of task index `task`: {target name: tensor} as in training (energy [M]
-    eV, forces [sum natoms, 3] eV/Å, stress [M, 3, 3] eV/Å^3, ...), on the model's device.
-    derivatives=False: without gradient forces and stress."""
+    """A trained model's predictions (load_trained) for `structures`, as one batch: ase.Atoms,
+    or entries with the structure fields (pos, atomic_numbers, cell, pbc, tags, fixed; as a
+    dataset or jmp_ext.data.atoms_to_entry gives them). task: the name or index of the task
+    whose heads predict (None: the only one). Returns {target name: tensor} as in training
+    (energy [M] eV float64, forces [sum natoms, 3] eV/Å, stress [M, 3, 3] eV/Å^3, a property
+    [M] in its unit, ...) and "energies" [sum natoms] eV, each atom's term of the energy, on
+    the model's device. derivatives=False: without gradient forces and stress."""
+    if not isinstance(task, int):
+        task = task_index(model.tasks, task)
+    elif not 0 <= task < len(model.tasks):
+        raise IndexError(f"task {task} is not a task index of the model (it has {len(model.tasks)} tasks)")
+    structures = [atoms_to_entry(s) if isinstance(s, Atoms) else s for s in structures]
     parameter = next(model.net.parameters())
     batch = collate_batch(structures, parameter.dtype, task)
     warn_about_inputs(model, task, batch["atomic_numbers"].unique(), bool(batch["pbc"].any()))
@@ -173,7 +183,7 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, task: str | None, out: st
     from jmp_ext.data.convert import detect_format
 
     model, config = load_trained(checkpoint, device)  # (before a conversion: a bad checkpoint or task costs none)
-    t = task_index(config, task, "--task")
+    t = task_index(config.tasks, task, "--task")
     if not Path(dataset).is_file():
         return _evaluate_dataset(model, config, t, dataset, dataset, out, batch_size, device)
     if detect_format(Path(dataset)) == "lmdb":
@@ -274,7 +284,6 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
     on one spot, ...) gets NaN predictions, and is named on stderr, instead of ending the run;
     the npz then holds valid [M] (bool) too.
     Returns the npz arrays."""
-    from jmp_ext.calculator import atoms_to_entry
     from jmp_ext.data.convert import entry_to_atoms
     from jmp_ext.data.format import DataError
     from jmp_ext.files import write_bytes_atomic
@@ -285,7 +294,7 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
         raise TrainError(f"--out {out}: predictions are written as {', '.join(PREDICTION_FORMATS)} (the name's "
                          "suffix chooses)")
     model, config = load_trained(checkpoint, device)
-    t = task_index(config, task, "--task")
+    t = task_index(config.tasks, task, "--task")
     # Streamed, batch by batch: an input of millions of structures is never held as Atoms,
     # unless they are written back (extxyz).
     if Path(source).is_dir():

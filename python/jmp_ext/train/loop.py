@@ -99,13 +99,6 @@ def _with_strides(grad: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
     return grad
 
 
-def backbone_forward(net: nn.Module, batch_and_graphs: tuple[dict, dict]) -> dict:
-    """The backbone's pass alone, which reaches every ScaleFactor: fitting them needs no heads,
-    and no gradient forces."""
-    batch, graphs = batch_and_graphs
-    return net.backbone(net.embedding(batch["atomic_numbers"]), graphs)
-
-
 def freeze(net: nn.Module, embedding: bool, blocks: list[int]) -> None:
     """Freezes the embedding and blocks_i (int_blocks.i and out_blocks.i+1; out_blocks.0 with block 0)."""
     if embedding:
@@ -527,7 +520,7 @@ class Trainer:
             except BatchStructureError as e:  # (the first structures of every task: often met here)
                 raise name_entries(e, b, self.train_set) from e
         with torch.no_grad():
-            fitted = fit_scale_factors(self.model.net, inputs, forward=backbone_forward)
+            fitted = fit_scale_factors(self.model.net, inputs)
         self.log.write(f"fitted {len(fitted)} scale factors on {num_batches} batches")
 
     # ------------------------------------------------------------ validation, test

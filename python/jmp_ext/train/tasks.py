@@ -171,11 +171,19 @@ class TaskModel(nn.Module):
     def forward(self, batch: dict, derivatives: bool = True) -> dict[str, torch.Tensor]:
         """Physical predictions per target, and "energies" [N] eV (each atom's term of the energy,
         which they sum to) when there is an energy; derivatives=False leaves out gradient forces
-        and stress (FinetuneModel.forward)."""
+        and stress (FinetuneModel.forward). batch: jmp_ext.data.collate's dict, pos and cell in
+        the net's dtype, with "task" [B] int64, each structure's task index (optional for a
+        model of one task)."""
+        task = batch.get("task")  # [B] int64
+        if task is None:  # (a batch of jmp_ext.data.collate, not of the trainer's collate_batch)
+            if len(self.tasks) > 1:
+                raise ValueError(f"batch has no 'task': [B] int64, the index of each structure's task in "
+                                 f"{[t.name for t in self.tasks]}")
+            batch = {**batch, "task": torch.zeros_like(batch["natoms"])}
+            task = batch["task"]
         graphs = self.graphs(batch)
         # (PretrainModel has direct forces only: no derivatives to leave out)
         out = self.net(batch, graphs) if derivatives or self.pretrain else self.net(batch, graphs, derivatives=False)
-        task = batch["task"]  # [B]
         atom_task = task[batch["batch"]]
         dtype = batch["pos"].dtype
         preds = {}

@@ -59,6 +59,10 @@ class GemNetOCBackbone(nn.Module):
         features (None without the force branch), and the main graph's V_st [E, 3], D_st [E] (Å),
         idx_s, idx_t [E]."""
         main = graphs["main"]
+        if main["distance"].dtype != h.dtype:  # (a kernel deep inside would name dtypes of its own)
+            raise TypeError(f"the batch is {main['distance'].dtype} but the network is {h.dtype}: collate the "
+                            f"structures in the network's dtype (jmp_ext.data.collate(entries, dtype=...)) or "
+                            f"convert the network (model.to(dtype))")
         idx_s, idx_t = main["edge_index"]
         # Edge dropout removes a2a edges (and so main edges) while training; the energy sums are
         # boosted by 1/(1-p) so their expectation is unchanged.

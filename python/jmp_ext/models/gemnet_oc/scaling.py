@@ -48,13 +48,23 @@ class ScaleFactor(nn.Module):
         self._stats["n_samples"] += n
 
 
-def fit_scale_factors(model: nn.Module, batches: Iterable, forward: Callable | None = None) -> dict[str, float]:
-    """Fits every ScaleFactor of `model` on `batches`, in forward order; returns {name: value}.
+def backbone_pass(model: nn.Module, batch_and_graphs: tuple[dict, dict]) -> dict:
+    """The backbone's pass of a PretrainModel / FinetuneModel on (batch, graphs), which reaches
+    every ScaleFactor: fitting them needs no heads, and no gradient forces."""
+    batch, graphs = batch_and_graphs
+    return model.backbone(model.embedding(batch["atomic_numbers"]), graphs)
 
-    forward(model, batch) runs one forward pass (default: model(batch)). All factors are reset
-    first. Runs in eval mode (no dropout, no edge dropout) and restores the training flag.
+
+def fit_scale_factors(model: nn.Module, batches: Iterable, forward: Callable = backbone_pass) -> dict[str, float]:
+    """Fits every ScaleFactor of `model` on `batches`, in forward order; returns {name: value}.
+    A network trained from scratch needs this first (JMP fits them on 16 batches); a loaded
+    checkpoint has them.
+
+    batches: (batch, graphs) pairs (jmp_ext.data.collate, jmp_ext.graphs.build_graphs) for the
+    default forward; forward(model, item) runs one forward pass of an item of `batches`. All
+    factors are reset first. Runs in eval mode (no dropout, no edge dropout) and restores the
+    training flag.
     """
-    forward = forward or (lambda m, b: m(b))
     batches = list(batches)
     if not batches:
         raise ValueError("fit_scale_factors needs at least one batch")

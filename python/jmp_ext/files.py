@@ -1,4 +1,5 @@
-"""Atomic file writes, shared by the datasets, the checkpoints and the logs.
+"""Atomic file writes, shared by the datasets, the checkpoints and the run's files (metrics.csv is
+written so at the start of a run, then appended to).
 
 A write goes to a temporary file in the target's directory, is fsynced, then renamed over the
 target, and the directory entry is fsynced too: a process killed at any moment (or a full disk)

@@ -244,7 +244,7 @@ def test_fitted_scale_factors_restore_the_variances():
     forward = lambda m, b: m(*b)  # noqa: E731
     fitted = fit_scale_factors(model, batches, forward)
     factors = {n: m for n, m in model.named_modules() if isinstance(m, ScaleFactor)}
-    assert set(fitted) == set(factors) and len(fitted) == 2 * 11 + 3 * 2  # JMP.md §2.3: 11 per block, 2 per output block
+    assert set(fitted) == set(factors) and len(fitted) == 2 * 11 + 3 * 2  # (JMP's backbone: 11 per block, 2 per output block)
     assert all(v > 0 and v != 1.0 for v in fitted.values())
     # Measure every factor again, all at once: Var(reference) / Var(scaled output) is now 1.
     for f in factors.values():

@@ -220,7 +220,7 @@ def test_head_keys_and_sizes_are_jmps():
                     "output.out_energy.0.2.bias", "output.out_energy.0.4.weight", "output.out_energy.0.4.bias",
                     "output.out_energy.0.6.weight", "output.out_energy.0.6.bias", "output.out_energy.0.8.weight"]
     assert next(iter(model.state_dict())) == "embedding.atom_embedding.weight"
-    # JMP.md §2.2: 4 head pairs are 5.26M parameters for JMP-S, 17.85M for JMP-L.
+    # (JMP-S/L's published sizes: 4 head pairs are 5.26M parameters for JMP-S, 17.85M for JMP-L.)
     for config, expected in [(BackboneConfig.jmp_s(), 5.26e6), (BackboneConfig.jmp_l(), 17.85e6)]:
         A, E = config.emb_size_atom, config.emb_size_edge
         per_pair = 4 * (A * A + A) + A + 4 * (E * E + E) + E

@@ -2,7 +2,7 @@
 
     format.py    on-disk format (LMDB shards of pickle-free entries + metadata), validation
     writer.py    DatasetWriter: atomic writes
-    dataset.py   LmdbDataset: random access, lazy per-process LMDB handles
+    dataset.py   LmdbDataset: random access; LMDB handles reopened in each new process
     collate.py   collate: structures -> one flat batch
     samplers.py  AtomBalancedBatchSampler (DDP-aware), TemperatureSampler (p_i ~ N_i^(1/T))
     stats.py     linear references, target mean/std, force RMS (stats.json)

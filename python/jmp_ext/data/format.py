@@ -12,6 +12,7 @@ A dataset is a directory:
     data.0000.lmdb ...  LMDB files (subdir=False); entry k of a shard is stored under the ASCII
                         key str(k); the dataset's entry i lives in the shard whose cumulative
                         range holds i
+    data.0000.lmdb-lock ...  LMDB's lock files, left by the writer; not read
     stats.json          optional, written by `python -m jmp_ext.data stats` (see stats.py)
 
 An entry is one structure: a dict of numpy arrays. It is encoded as

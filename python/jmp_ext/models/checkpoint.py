@@ -108,8 +108,9 @@ def read_state_dict(source: str | os.PathLike | dict, *, use_ema: bool = True) -
     or one of our runs' best.pt / last.pt) as a flat state dict with JMP's keys.
 
     use_ema: replace the raw weights by the EMA ones (JMP's released weights are used this way);
-    a checkpoint without them gives its raw weights: with a warning for a Lightning file (a run
-    without EMA), silently for a plain state dict, which never has them."""
+    a checkpoint without them gives its raw weights: with a warning for a JMP Lightning file,
+    silently for a plain state dict (which never has them) and for one of our runs trained
+    without an EMA (loop.ema_decay 0, the fine-tuning default: its raw weights are the model)."""
     ckpt = safe_load(source) if isinstance(source, (str, Path, os.PathLike)) else source
     if not isinstance(ckpt, dict):
         raise ValueError(f"a checkpoint must be a dict, got {type(ckpt).__name__}")

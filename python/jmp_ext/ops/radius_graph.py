@@ -386,7 +386,8 @@ def radius_graph(
         natoms: [B] atoms per system (tensor or list); None means one system.
         cell: [B, 3, 3] (or [3, 3] for B = 1), same dtype as pos, rows are lattice vectors;
             only the rows of periodic axes are used. None: no cell (pbc must be False).
-        pbc: [B, 3] or [3] bool; None means all True when cell is given, else all False.
+        pbc: [B, 3] or [3] bool; None means all True when cell is given (an all-zero cell, ASE's
+            for a molecule, is then an error: pass pbc), else all False.
         max_neighbors: keep, per target, only its first k edges in the output order (nearest;
             ties by source index, then shift).
         degeneracy_tolerance: with max_neighbors, keep instead every edge with

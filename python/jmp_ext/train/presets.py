@@ -1,4 +1,5 @@
-"""Named starting configs: JMP's real recipes (JMP.md §5-6) and the CPU demo.
+"""Named starting configs: JMP's real recipes (its configs/pretrain/jmp_l.py, config/jmp_l_pretrain.ipynb,
+configs/finetune/jmp_l.py and config/all-jmp-l-configs.py) and the CPU demo.
 
 A preset is a raw config mapping; a YAML file with `preset: NAME` (or the override `preset=NAME`)
 starts from it. The dataset paths are left empty: give them, e.g.
@@ -17,7 +18,7 @@ LLRD = {
 }
 
 # JMP pretraining: per-dataset force coefficients (energy 1); each task has its own graph preset
-# (JMP.md §3.3: OC20/OC22 periodic at 12 Å, ANI-1x/T1x molecules at 8 Å; k = 30 for all).
+# (JMP's tasks/pretrain/module.py, _generate_graphs: OC20/OC22 periodic at 12 Å, ANI-1x/T1x molecules at 8 Å; k = 30 for all).
 PRETRAIN_TASKS = {"oc20": 73.0, "oc22": 80.0, "ani1x": 15.0, "transition1x": 14.0}
 
 
@@ -54,7 +55,7 @@ def _finetune(size: str, task: dict, batch_size: int, precision: str = "fp16", p
         "graph": {"preset": task["name"]},
         "model": {"backbone": size, "init_checkpoint": "", "init_ema": True},
         "data": {"batch_size": batch_size, "val_batch_size": max(batch_size, 16)},
-        # lr 8e-5: JMP's sweep script (the per-dataset helpers say 5e-6; JMP.md §11.1).
+        # lr 8e-5: JMP's sweep script, config/all-jmp-l-configs.py (its per-dataset helpers say 5e-6).
         "optim": {"lr": 8e-5, "betas": [0.9, 0.95], "weight_decay": 0.1, "grad_clip_norm": 0.0,
                   "grad_clip_value": 1.0, **LLRD[size]},
         # warmup 5 epochs from 0.1*lr, cosine to 0.1*lr at epoch 32, then reduce-on-plateau 0.8.

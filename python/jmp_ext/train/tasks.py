@@ -7,7 +7,7 @@ predictions (eV, eV/Å, eV/Å^3):
     energy = out * std + sum_i linref[Z_i]             (per task; linref from the dataset stats)
     direct forces = out * force_rms
     gradient forces, stress = out * energy std         (-d/dx of the energy above: consistent, unlike
-                                                        JMP's separate force std, JMP.md §11.5)
+                                                        JMP's separate force std)
     scalar = out * std + mean, or out * std + sum_i linref[Z_i] with TargetConfig.linref
     (extensive, as energy);  classification logits unchanged.
 Pretraining batches mix tasks: `batch["task"]` [B] says which dataset (and so which head column and

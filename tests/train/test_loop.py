@@ -11,11 +11,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from ase.data import atomic_numbers, chemical_symbols
 
 from jmp_ext.models import BackboneConfig, PretrainModel
 from jmp_ext.train import TrainError, batches, loop, tasks
 from jmp_ext.train.checkpoint import load_checkpoint
-from jmp_ext.train.config import ConfigError, build_config
+from jmp_ext.train.config import ConfigError, build_config, load_config
 
 
 # The tiny backbone made smaller still: these tests are about the loop, not the model.
@@ -746,6 +747,63 @@ def test_scalar_target_with_per_element_references(tmp_path):
     raw["overwrite"] = True
     with pytest.raises(TrainError, match="'cls' is int64 .* fitted on float labels"):
         loop.Trainer(build_config(raw))
+
+
+def test_given_references_replace_the_fitted_ones(tmp_path):
+    """TargetConfig.references (isolated-atom energies, JMP's QM9 atom energies): the model's
+    references are the given ones, and the std that of y - sum_i references[Z_i] on the training
+    split (checked against numpy on the dataset); an element without one is named; a head
+    trained with other references is not continued (init_heads)."""
+    from helpers import write_molecules
+
+    from jmp_ext.data import LmdbDataset
+
+    data = write_molecules(tmp_path / "u0", 16, seed=4, u0=True)
+    given = {"H": -13.6, "C": -1029.5, "N": -1484.0, "O": -2041.8}
+    raw = finetune_config(tmp_path, tmp_path / "run", forces="direct")
+    raw["tasks"][0].update(train=data, val="", test="", targets=[
+        {"name": "energy", "kind": "energy", "references": {"H": 1.5, "C": 2.0, "N": -0.5, "O": 3.0}},
+        {"name": "u0", "kind": "scalar", "linref": True, "references": given}])
+    raw["loop"].update(max_steps=1, val_every=0)
+    trainer = loop.Trainer(build_config(raw))
+    model = trainer.model
+    trainer.train()
+    ds = LmdbDataset(data)
+    for name, refs, linref in [("energy", raw["tasks"][0]["targets"][0]["references"], model.norm_linref),
+                               ("u0", given, model.norm_u0_linref)]:
+        expected = torch.zeros(119, dtype=torch.float64)
+        for symbol, value in refs.items():
+            expected[atomic_numbers[symbol]] = value
+        assert torch.equal(linref[0], expected), name
+        residual = np.array([float(ds.read(i)[name]) - sum(refs[chemical_symbols[z]] for z in ds.read(i)["atomic_numbers"])
+                             for i in range(len(ds))])
+        assert getattr(model, f"norm_{name}_std").item() == pytest.approx(residual.std(), rel=1e-12), name
+        assert getattr(model, f"norm_{name}_mean").item() == 0.0
+    # The run's config.yaml holds them: a resume reads them back.
+    resumed = loop.Trainer(load_config(tmp_path / "run" / "config.yaml", ["resume=true"]))
+    assert resumed.config.tasks[0].targets[1].references == given
+    resumed.release_run_dir()
+    # A head trained with other references predicts in other units: not continued.
+    again = {**raw, "run_dir": str(tmp_path / "again"),
+             "model": {**raw["model"], "init_checkpoint": str(tmp_path / "run" / "last.pt"), "init_heads": True}}
+    again["tasks"] = [{**raw["tasks"][0], "targets": [raw["tasks"][0]["targets"][0], {**raw["tasks"][0]["targets"][1],
+                                                                                       "references": None}]}]
+    with pytest.raises(TrainError, match=r"model.init_heads: tasks.0 \(mol\) has other targets or forces"):
+        loop.Trainer(build_config(again))
+    # Every element of the training split needs a reference.
+    raw["overwrite"] = True
+    raw["tasks"][0]["targets"][1]["references"] = {"H": -13.6, "C": -1029.5}
+    with pytest.raises(TrainError, match=r"tasks\.0\.targets\.1\.references has no reference for N, O, element\(s\) "
+                                         r"of the train split"):
+        loop.Trainer(build_config(raw))
+    # Only where fitted references would be: an energy or a linref scalar, normalised.
+    for target in ({"name": "u0", "kind": "scalar", "references": given},
+                   {"name": "energy", "kind": "energy", "normalize": False, "references": given}):
+        with pytest.raises(ConfigError, match="references replace the fitted per-element references of an energy"):
+            build_config({**raw, "tasks": [{**raw["tasks"][0], "targets": [target]}]})
+    with pytest.raises(ConfigError, match="references: 'Hx' is not an element symbol"):
+        build_config({**raw, "tasks": [{**raw["tasks"][0], "targets": [
+            {"name": "energy", "kind": "energy", "references": {"Hx": 1.0}}]}]})
 
 
 def test_spatial_extent_target_trains_unnormalised(tmp_path):

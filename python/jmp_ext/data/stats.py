@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from ase.data import chemical_symbols
 from tqdm import tqdm
 
 from jmp_ext.data import format as fmt
@@ -122,6 +123,26 @@ def compute_stats(dataset: LmdbDataset, progress: bool = False) -> dict:
     stats["natoms_hist"] = np.bincount(dataset.natoms)
     stats["avg_natoms"] = float(dataset.natoms.mean())
     return stats
+
+
+def residual_stats(dataset: LmdbDataset, name: str, references: np.ndarray) -> dict:
+    """{"mean", "std"} (population, float64) of a float scalar label minus given per-element
+    references, y - sum_i references[Z_i], over `dataset`: the statistics of references set
+    rather than fitted (TargetConfig.references). references: float64 [119], NaN for an element
+    without one, which an entry holding it is a DataError for. One pass, O(_CHUNK_SIZE) memory."""
+    moments = _Moments()
+    for start in range(0, len(dataset), _CHUNK_SIZE):
+        residuals = np.empty(min(start + _CHUNK_SIZE, len(dataset)) - start)
+        for row in range(len(residuals)):
+            entry = dataset.read(start + row)
+            refs = references[entry["atomic_numbers"]]
+            if np.isnan(refs).any():
+                missing = sorted({chemical_symbols[z] for z in entry["atomic_numbers"][np.isnan(refs)]})
+                raise fmt.DataError(f"{dataset.path}: entry {start + row} holds {', '.join(missing)}, which the "
+                                    f"references of {name!r} do not give")
+            residuals[row] = float(entry[name]) - refs.sum()
+        moments.add(residuals)
+    return moments.result()
 
 
 def _non_finite(dataset: LmdbDataset, index: int, name: str) -> fmt.DataError:

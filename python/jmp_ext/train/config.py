@@ -82,6 +82,11 @@ class TargetConfig:
     """scalar: subtract per-element reference values (least-squares fit on the training split,
     like energy's) before normalising; for extensive properties (JMP's QM9 U_0, U, H, G, ZPVE,
     c_v). energy has them whenever normalize is true."""
+    references: dict[str, float] | None = None
+    """Per-element reference values to use instead of the least-squares fit, by element symbol,
+    in the label's unit: isolated-atom energies (MACE's E0s) or JMP's QM9 atom energies, e.g.
+    {H: -13.6, C: -1029.5, O: -2041.8}. For energy, or a scalar with linref: true; every element
+    of the training split needs one. The std is then that of y - sum_i references[Z_i] there."""
     unit: str | None = None
     """Unit of the labels, as their dataset's schema records it: 'eV', 'eV/Å', 'eV/Å^3' for
     energy, forces and stress; for a property 'eV' when convert converted it (--property
@@ -124,6 +129,16 @@ class TargetConfig:
         if self.linref and not (self.normalize and self.reduction == "sum"):
             raise ConfigError(f"target {self.name!r}: linref needs normalize: true and reduction: sum (the "
                               "references are a sum over atoms, for an extensive property)")
+        if self.references is not None:
+            from ase.data import chemical_symbols
+
+            if not (self.normalize and (self.kind == "energy" or self.linref)):
+                raise ConfigError(f"target {self.name!r}: references replace the fitted per-element references of "
+                                  "an energy or a scalar with linref: true, with normalize: true")
+            unknown = [k for k in self.references if k not in chemical_symbols[1:]]
+            if unknown:  # (YAML reads a bare No, nobelium, as false)
+                raise ConfigError(f"target {self.name!r}: references: {', '.join(map(repr, unknown))} is not an "
+                                  "element symbol (H, He, ..., as ASE writes them)")
 
 
 @dataclass(kw_only=True)
@@ -478,7 +493,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return _plain(value)
+        _, item = typing.get_args(tp)
+        return {k: _convert(item, v, _join(key, str(k))) for k, v in value.items()}
     if tp is Any:
         return _plain(value)
     if tp is float:

@@ -58,7 +58,7 @@ def init_from_checkpoint(model: TaskModel, config: TrainConfig) -> list[str]:
 
 # What a head and its normalisation are built from, and the unit it predicts in; the loss (coef,
 # class_weights) may change.
-_HEAD_FIELDS = ("name", "kind", "reduction", "num_classes", "normalize", "linref", "unit")
+_HEAD_FIELDS = ("name", "kind", "reduction", "num_classes", "normalize", "linref", "references", "unit")
 
 
 def _load_heads(model: TaskModel, config: TrainConfig, trained: TrainConfig | None, weights: dict | None) -> list[str]:

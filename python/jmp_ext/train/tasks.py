@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from jmp_ext.data.format import MAX_Z
+from jmp_ext.data.format import MAX_Z, DataError
 from jmp_ext.train import losses
 from jmp_ext.train.config import TargetConfig, TaskConfig, TrainConfig, TrainError
 from jmp_ext.train.metrics import Metrics
@@ -121,9 +121,43 @@ def load_task_data(config: TrainConfig) -> list[TaskData]:
                     raise TrainError(f"tasks.{i} ({task.name}): target {target.name!r} is "
                                      f"{np.dtype(ds.schema[target.name]['dtype'])} in {ds.path}; per-element "
                                      "references (linref) are fitted on float labels")
-        out.append(TaskData(task, splits["train"], splits["val"], splits["test"], load_stats(task.train)))
+        stats = _with_given_references(i, task, load_stats(task.train), splits["train"])
+        out.append(TaskData(task, splits["train"], splits["val"], splits["test"], stats))
     check_pretraining_targets(config)  # (before the normalisers, which look targets up by task 0's names)
     return out
+
+
+def _with_given_references(i: int, task: TaskConfig, stats: dict, train) -> dict:
+    """The training split's statistics with each target's TargetConfig.references, where given,
+    in place of its fitted per-element references, and the mean and std of y minus them (one
+    pass over the split; stats.json keeps the fitted ones)."""
+    from ase.data import atomic_numbers, chemical_symbols
+
+    from jmp_ext.data.stats import residual_stats
+
+    given = [(k, target) for k, target in enumerate(task.targets) if target.references is not None]
+    if not given:
+        return stats
+    stats = {**stats, "targets": dict(stats["targets"]), "linrefs": dict(stats.get("linrefs", {}))}
+    for k, target in given:
+        missing = [chemical_symbols[z] for z in stats.get("elements", ())
+                   if chemical_symbols[z] not in target.references]
+        if missing:
+            raise TrainError(f"tasks.{i} ({task.name}): tasks.{i}.targets.{k}.references has no reference for "
+                             f"{', '.join(missing)}, element(s) of the train split {task.train}")
+        references = np.full(MAX_Z + 1, np.nan)
+        for symbol, value in target.references.items():
+            references[atomic_numbers[symbol]] = value
+        try:
+            residual = residual_stats(train, target.name, references)
+        except DataError as e:
+            raise TrainError(f"tasks.{i} ({task.name}): tasks.{i}.targets.{k}.references: {e}") from None
+        linref = np.nan_to_num(references, nan=0.0)  # (elements the split lacks: never looked up in training)
+        if target.kind == "energy":
+            stats["linref"], stats["targets"][target.name] = linref, residual
+        else:
+            stats["linrefs"][target.name] = {"linref": linref, **residual}
+    return stats
 
 
 def describe_unit(unit: str) -> str:

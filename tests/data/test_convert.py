@@ -12,6 +12,7 @@ import lmdb
 import numpy as np
 import pytest
 import torch
+import yaml
 from ase import Atoms, units
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms, FixCartesian
@@ -745,7 +746,7 @@ def test_a_virial_needs_a_periodic_cell(tmp_path):
         convert(tmp_path / "mol.extxyz", tmp_path / "mol")
 
 
-def test_structures_a_model_cannot_use_are_refused(tmp_path, frames):
+def test_structures_a_model_cannot_use_are_refused(tmp_path, frames, capsys):
     """A periodic axis without a lattice vector (extxyz pbc="T T T" without Lattice), an
     asymmetric stress, and MACE's isolated-atom E0 frames (no pair of atoms: no graph); the last
     are skipped with --skip-invalid."""
@@ -787,6 +788,13 @@ def test_structures_a_model_cannot_use_are_refused(tmp_path, frames):
     report = convert(tmp_path / "mace.extxyz", tmp_path / "mace", skip_invalid=True)
     assert report.written == 3 and len(report.skipped) == 3
     assert [e["energy"].item() for e in LmdbDataset(tmp_path / "mace")] == [-31.0, -32.0, -33.0]
+    # Their energies are the E0s a model takes as references: reported, ready to paste.
+    assert report.isolated_atom_energies == {"H": -13.6, "C": -27.2, "O": -13.6 * 3}
+    assert main(["convert", str(tmp_path / "mace.extxyz"), str(tmp_path / "mace"), "--skip-invalid",
+                 "--overwrite"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("isolated-atom energies (eV), as the energy target's references: {H: -13.6, C: -27.2")
+    assert yaml.safe_load(line.split(": ", 1)[1]) == report.isolated_atom_energies
 
 
 def test_a_skipped_first_frame_does_not_fix_where_labels_are_read(tmp_path):

@@ -49,6 +49,9 @@ def cmd_convert(args) -> None:
             print(f"  {message}")
         if len(report.skipped) > 20:
             print(f"  ... and {len(report.skipped) - 20} more")
+    if report.isolated_atom_energies:
+        energies = ", ".join(f"{symbol}: {energy!r}" for symbol, energy in report.isolated_atom_energies.items())
+        print(f"isolated-atom energies (eV), as the energy target's references: {{{energies}}}")
 
 
 def cmd_split(args) -> None:

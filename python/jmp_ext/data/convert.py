@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from ase import Atoms, units
+from ase.data import chemical_symbols
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms, FixCartesian
 from ase.stress import voigt_6_to_full_3x3_stress
@@ -148,6 +149,9 @@ class ConvertReport:
     # "y" (LMDB); fixed by the first entry that has the label
     labels: dict[str, str] = field(default_factory=dict)
     first_keys: str = ""  # the keys the first entry offered ("available: ..."), for a missing-label warning
+    # element symbol -> energy (eV) of the first single-atom frame without periodic images of it:
+    # MACE's isolated-atom E0s, which a model takes as its energy target's references (skipped here)
+    isolated_atom_energies: dict[str, float] = field(default_factory=dict)
 
 
 # ----- labels ----------------------------------------------------------------------------------
@@ -670,6 +674,9 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
                 if isinstance(item, Exception):
                     raise item
                 if len(item["atomic_numbers"]) == 1 and not np.asarray(item["pbc"]).any():
+                    if "energy" in item:
+                        symbol = chemical_symbols[int(item["atomic_numbers"][0])]
+                        report.isolated_atom_energies.setdefault(symbol, float(item["energy"]))
                     raise fmt.DataError("is a single atom without periodic images (MACE's isolated-atom "
                                         "E0 frames are such): GemNet-OC needs a pair of atoms within its "
                                         "cutoff; --skip-invalid skips these entries")

@@ -26,5 +26,8 @@ if ! { cmake -S . -B build/gpu -G Ninja -DJMP_EXT_CUDA=ON -DCMAKE_CUDA_ARCHITECT
 fi
 python3 -c "import jmp_ext.ops as ops, torch; print(ops.build_info(), torch.__version__)"
 
-timeout 180 python3 -m pytest -q -m cuda -p no:cacheprovider tests 2>&1 | tee "$out/cuda_tests.log" | tail -25
+# Synchronous launches for the tests: a kernel's fault is reported by the op that launched it
+# (the interaction indices, basis and radius graph fill check launches only, not execution).
+CUDA_LAUNCH_BLOCKING=1 timeout 180 python3 -m pytest -q -m cuda -p no:cacheprovider tests 2>&1 |
+  tee "$out/cuda_tests.log" | tail -25
 timeout $((570 - SECONDS)) python3 bench/gpu_suite.py --device cuda --compile --out "$out/gpu.json" 2>&1 | tee "$out/suite.log" | tail -60

@@ -625,6 +625,7 @@ def test_a_pretraining_checkpoint_needs_a_task(tiny_data, tmp_path, capsys):
         inference.predict_structures(model, [atoms])
     by_name = inference.predict_structures(model, [atoms], "box")
     assert torch.equal(by_name["energy"], inference.predict_structures(model, [atoms], 1)["energy"])
+    assert torch.equal(by_name["energy"], inference.predict_structures(model, [atoms], np.int64(1))["energy"])
     assert by_name["energy"].item() == pytest.approx(box.get_potential_energy(atoms), rel=1e-12)
     with pytest.raises(IndexError, match="task 2 is not a task index of the model \\(it has 2 tasks\\)"):
         inference.predict_structures(model, [atoms], 2)

@@ -124,7 +124,7 @@ def predict_structures(model: TaskModel, structures: list, task: int | str | Non
     (energy [M] eV float64, forces [sum natoms, 3] eV/Å, stress [M, 3, 3] eV/Å^3, a property
     [M] in its unit, ...) and "energies" [sum natoms] eV, each atom's term of the energy, on
     the model's device. derivatives=False: without gradient forces and stress."""
-    if not isinstance(task, int):
+    if not isinstance(task, (int, np.integer)):
         task = task_index(model.tasks, task)
     elif not 0 <= task < len(model.tasks):
         raise IndexError(f"task {task} is not a task index of the model (it has {len(model.tasks)} tasks)")

@@ -9,7 +9,10 @@ FinetuneModel: the same embedding and backbone, `output.heads.{target}.mlp.*` sc
 
 Both take (batch, graphs): batch as jmp_ext.data.collate makes it, graphs from
 jmp_ext.graphs.build_graphs(batch, graph_config, edge_dropout=backbone.config.edge_dropout while
-training). Units are the data's (eV, Å).
+training). Units are the data's (eV, Å). A network built from scratch has unfitted ScaleFactors:
+fit them first, jmp_ext.models.fit_scale_factors(model, [(batch, graphs), ...]), as JMP does
+(a loaded checkpoint has them). The attributes embedding (AtomEmbedding) and backbone
+(GemNetOCBackbone) are the parts JMP's checkpoints share.
 """
 
 from __future__ import annotations

@@ -83,6 +83,7 @@ class JMPCalculator(Calculator):
         self.parameters.update(checkpoint=str(checkpoint), task=self.config.tasks[self.task].name, device=device,
                                dtype=str(next(self.model.net.parameters()).dtype).removeprefix("torch."))
         self._warned_force = False
+        self._calculated = False  # (a structure went through: later position errors are the run's)
         targets = self.config.tasks[self.task].targets
         kinds = {t.kind for t in targets}
         if "energy" not in kinds:
@@ -151,14 +152,19 @@ class JMPCalculator(Calculator):
         try:
             entry = atoms_to_entry(self.atoms)
         except DataError as e:
-            raise DataError(f"{e} (met in a relaxation or MD, it means that the run diverged: the model's forces "
-                            "moved the atoms there)") from e
+            # Only positions changed since a structure the model took: in a relaxation or MD, its
+            # forces moved the atoms there (a bad element or cell is the caller's, said as it is).
+            if not self._calculated or set(system_changes) & {"numbers", "cell", "pbc"}:
+                raise
+            raise DataError(f"{e} (after a structure that was fine and only moved atoms since: in a relaxation or "
+                            "MD, the run diverged, the model's forces moved the atoms there)") from e
         # (not on every step: the counts change little along a trajectory)
         if self._check_neighbors and set(system_changes) & {"numbers", "cell", "pbc"}:
             self._check_neighbors = not self._warn_if_truncated(entry)
         # An energy alone (Monte Carlo, an energy scan) skips the gradient forces and stress.
         derivatives = not set(properties) <= {"energy", "free_energy", "energies"}
         preds = predict_structures(self.model, [entry], self.task, derivatives)
+        self._calculated = True
         energy = float(preds["energy"][0])
         self.results = {"energy": energy, "free_energy": energy}
         if "energies" in preds:

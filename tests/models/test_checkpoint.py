@@ -244,7 +244,8 @@ def test_fitted_scale_factors_restore_the_variances():
     forward = lambda m, b: m(*b)  # noqa: E731
     fitted = fit_scale_factors(model, batches, forward)
     factors = {n: m for n, m in model.named_modules() if isinstance(m, ScaleFactor)}
-    assert set(fitted) == set(factors) and len(fitted) == 2 * 11 + 3 * 2  # (JMP's backbone: 11 per block, 2 per output block)
+    # (JMP's backbone: 11 per block, 2 per output block)
+    assert set(fitted) == set(factors) and len(fitted) == 2 * 11 + 3 * 2
     assert all(v > 0 and v != 1.0 for v in fitted.values())
     # Measure every factor again, all at once: Var(reference) / Var(scaled output) is now 1.
     for f in factors.values():
@@ -256,6 +257,11 @@ def test_fitted_scale_factors_restore_the_variances():
         ratio = f._stats["variance_in"] / f._stats["variance_out"]
         f._stats = None
         assert abs(ratio - 1) < 1e-6, (name, ratio)
+    # The default forward (the backbone alone, what the trainer uses) reaches the same factors;
+    # it names what it takes when given a batch alone.
+    assert fit_scale_factors(model, batches) == pytest.approx(fitted, rel=1e-9)
+    with pytest.raises(TypeError, match=r"default forward takes \(batch, graphs\) pairs .*, got a dict"):
+        fit_scale_factors(model, [batch])
 
 
 def test_single_element_data_fits_with_constant_references_left_at_1():

@@ -625,7 +625,10 @@ def test_a_pretraining_checkpoint_needs_a_task(tiny_data, tmp_path, capsys):
         inference.predict_structures(model, [atoms])
     by_name = inference.predict_structures(model, [atoms], "box")
     assert torch.equal(by_name["energy"], inference.predict_structures(model, [atoms], 1)["energy"])
-    assert torch.equal(by_name["energy"], inference.predict_structures(model, [atoms], np.int64(1))["energy"])
+    for index in (np.int64(1), torch.tensor(1)):
+        assert torch.equal(by_name["energy"], inference.predict_structures(model, [atoms], index)["energy"])
+    with pytest.raises(TypeError, match="task must be a task's name, index or None, got bool True"):
+        inference.predict_structures(model, [atoms], True)
     assert by_name["energy"].item() == pytest.approx(box.get_potential_energy(atoms), rel=1e-12)
     with pytest.raises(IndexError, match="task 2 is not a task index of the model \\(it has 2 tasks\\)"):
         inference.predict_structures(model, [atoms], 2)
@@ -799,11 +802,18 @@ def test_calculator_options_and_bad_structures(checkpoint, tiny_data, tmp_path):
     atoms.positions[1, 0] = np.nan
     with pytest.raises(DataError, match="atoms: .*not finite|atoms: .*NaN"):
         atoms.get_potential_energy()
-    # Two atoms on one spot, as a diverging relaxation leaves them: said to be the run's doing.
+    # Two atoms on one spot, as a diverging relaxation leaves them: said to be the run's doing
+    # when only positions changed since a structure the model took...
     atoms.positions[1] = atoms.positions[0] + 0.05
-    with pytest.raises(DataError, match=r"atoms 0 and 1 are 0.0866 Å apart.* \(met in a relaxation or MD, it means "
-                                        r"that the run diverged"):
+    with pytest.raises(DataError, match=r"atoms 0 and 1 are 0.0866 Å apart.* \(after a structure that was fine and "
+                                        r"only moved atoms since: in a relaxation or MD, the run diverged"):
         atoms.get_potential_energy()
+    # ... not when the caller built them so.
+    fresh = atoms.copy()
+    fresh.calc = JMPCalculator(checkpoint)
+    with pytest.raises(DataError, match=r"atoms 0 and 1 are 0.0866 Å apart") as raised:
+        fresh.get_potential_energy()
+    assert "diverged" not in str(raised.value)
 
 
 def test_periodic_structures_on_a_molecule_model_are_pointed_out(tiny_data, tmp_path):

@@ -126,23 +126,38 @@ def compute_stats(dataset: LmdbDataset, progress: bool = False) -> dict:
 
 
 def residual_stats(dataset: LmdbDataset, name: str, references: np.ndarray) -> dict:
-    """{"mean", "std"} (population, float64) of a float scalar label minus given per-element
-    references, y - sum_i references[Z_i], over `dataset`: the statistics of references set
-    rather than fitted (TargetConfig.references). references: float64 [119], NaN for an element
-    without one, which an entry holding it is a DataError for. One pass, O(_CHUNK_SIZE) memory."""
-    moments = _Moments()
+    """Statistics of a float scalar label over `dataset` with given per-element references
+    (TargetConfig.references, set rather than fitted), float64:
+        shift: one energy per atom, the least-squares fit of r = y - sum_i references[Z_i] on the
+            atom count N (MACE's shift): isolated-atom references leave r the binding energy,
+            tens of eV from zero, which a network normalised with mean 0 would have to learn
+        mean, std: of r - shift * N (population std)
+    references: float64 [119], NaN for an element without one, which an entry holding it is a
+    DataError for. One pass; r and N are reduced chunk by chunk to their means and centred
+    second moments (merged as _Moments does), so memory is O(_CHUNK_SIZE)."""
+    n, mean, m2 = 0, np.zeros(2), np.zeros((2, 2))  # over the rows (r, N)
     for start in range(0, len(dataset), _CHUNK_SIZE):
-        residuals = np.empty(min(start + _CHUNK_SIZE, len(dataset)) - start)
-        for row in range(len(residuals)):
+        rows = np.empty((min(start + _CHUNK_SIZE, len(dataset)) - start, 2))
+        for row in range(len(rows)):
             entry = dataset.read(start + row)
             refs = references[entry["atomic_numbers"]]
             if np.isnan(refs).any():
                 missing = sorted({chemical_symbols[z] for z in entry["atomic_numbers"][np.isnan(refs)]})
                 raise fmt.DataError(f"{dataset.path}: entry {start + row} holds {', '.join(missing)}, which the "
                                     f"references of {name!r} do not give")
-            residuals[row] = float(entry[name]) - refs.sum()
-        moments.add(residuals)
-    return moments.result()
+            rows[row] = float(entry[name]) - refs.sum(), len(refs)
+        chunk_mean = rows.mean(axis=0)
+        centred = rows - chunk_mean
+        chunk_m2 = centred.T @ centred
+        total = n + len(rows)
+        delta = chunk_mean - mean
+        mean = mean + delta * (len(rows) / total)
+        m2 = m2 + chunk_m2 + np.outer(delta, delta) * (n * len(rows) / total)
+        n = total
+    var_r, cov, var_n = m2[0, 0] / n, m2[0, 1] / n, m2[1, 1] / n
+    shift = (cov + mean[0] * mean[1]) / (var_n + mean[1] ** 2)  # sum(r N) / sum(N^2)
+    return {"shift": np.float64(shift), "mean": np.float64(mean[0] - shift * mean[1]),
+            "std": np.float64(np.sqrt(max(var_r - 2 * shift * cov + shift**2 * var_n, 0.0)))}
 
 
 def _non_finite(dataset: LmdbDataset, index: int, name: str) -> fmt.DataError:

@@ -105,9 +105,10 @@ def _check_cell_pbc(cell, pbc, num_systems: int, pos: Tensor) -> tuple[Tensor, T
             f"{tuple(cell.shape)}"
         )
     if pbc is None:
-        zero = (cell == 0).flatten(1).all(dim=1)
-        # (ASE gives a molecule a zero cell; the kernels' own check would only call it singular)
-        if cell.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling() and bool(zero.any()):
+        # (ASE gives a molecule a zero cell; the kernels' own check would only call it singular.
+        # Not on CUDA, where reading the flag would be a host sync of its own.)
+        zero = (cell == 0).flatten(1).all(dim=1) if cell.device.type == "cpu" else None
+        if zero is not None and not torch.compiler.is_compiling() and bool(zero.any()):
             raise ValueError(f"radius_graph: cell[{int(zero.nonzero()[0])}] is all zeros, but without pbc every "
                              "axis of a given cell is periodic: pass pbc (False for a molecule)")
         pbc = torch.ones(num_systems, 3, dtype=torch.bool, device=pos.device)
@@ -387,7 +388,7 @@ def radius_graph(
         cell: [B, 3, 3] (or [3, 3] for B = 1), same dtype as pos, rows are lattice vectors;
             only the rows of periodic axes are used. None: no cell (pbc must be False).
         pbc: [B, 3] or [3] bool; None means all True when cell is given (an all-zero cell, ASE's
-            for a molecule, is then an error: pass pbc), else all False.
+            for a molecule, is then an error, named as such on the CPU: pass pbc), else all False.
         max_neighbors: keep, per target, only its first k edges in the output order (nearest;
             ties by source index, then shift).
         degeneracy_tolerance: with max_neighbors, keep instead every edge with

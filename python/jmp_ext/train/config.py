@@ -86,7 +86,9 @@ class TargetConfig:
     """Per-element reference values to use instead of the least-squares fit, by element symbol,
     in the label's unit: isolated-atom energies (MACE's E0s) or JMP's QM9 atom energies, e.g.
     {H: -13.6, C: -1029.5, O: -2041.8}. For energy, or a scalar with linref: true; every element
-    of the training split needs one. The std is then that of y - sum_i references[Z_i] there."""
+    of the training split needs one. As in MACE, one shift per atom, fitted on the training
+    split, is added to every reference (the binding energy that isolated-atom references leave
+    is far from zero); the std is that of the label minus the shifted references there."""
     unit: str | None = None
     """Unit of the labels, as their dataset's schema records it: 'eV', 'eV/Å', 'eV/Å^3' for
     energy, forces and stress; for a property 'eV' when convert converted it (--property
@@ -136,9 +138,10 @@ class TargetConfig:
                 raise ConfigError(f"target {self.name!r}: references replace the fitted per-element references of "
                                   "an energy or a scalar with linref: true, with normalize: true")
             unknown = [k for k in self.references if k not in chemical_symbols[1:]]
-            if unknown:  # (YAML reads a bare No, nobelium, as false)
+            if unknown:
+                nobelium = " (YAML reads a bare No as false: write 'No')" if False in unknown else ""
                 raise ConfigError(f"target {self.name!r}: references: {', '.join(map(repr, unknown))} is not an "
-                                  "element symbol (H, He, ..., as ASE writes them)")
+                                  f"element symbol (H, He, ..., as ASE writes them){nobelium}")
 
 
 @dataclass(kw_only=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import operator
 import sys
 import warnings
 from pathlib import Path
@@ -124,10 +125,13 @@ def predict_structures(model: TaskModel, structures: list, task: int | str | Non
     (energy [M] eV float64, forces [sum natoms, 3] eV/Å, stress [M, 3, 3] eV/Å^3, a property
     [M] in its unit, ...) and "energies" [sum natoms] eV, each atom's term of the energy, on
     the model's device. derivatives=False: without gradient forces and stress."""
-    if not isinstance(task, (int, np.integer)):
+    if task is None or isinstance(task, str):
         task = task_index(model.tasks, task)
-    elif not 0 <= task < len(model.tasks):
+    elif isinstance(task, bool) or not hasattr(task, "__index__"):
+        raise TypeError(f"task must be a task's name, index or None, got {type(task).__name__} {task!r}")
+    elif not 0 <= operator.index(task) < len(model.tasks):
         raise IndexError(f"task {task} is not a task index of the model (it has {len(model.tasks)} tasks)")
+    task = operator.index(task)  # (numpy and 0-d torch integers too)
     structures = [atoms_to_entry(s) if isinstance(s, Atoms) else s for s in structures]
     parameter = next(model.net.parameters())
     batch = collate_batch(structures, parameter.dtype, task)

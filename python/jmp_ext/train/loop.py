@@ -155,7 +155,8 @@ class Trainer:
 
             self.data = tasks.load_task_data(c)
             torch.manual_seed(c.seed)  # the same initial weights on every rank
-            stats = [d.stats for d in self.data]
+            # (given references cost a pass over the training split: a resumed run has them in last.pt)
+            stats = [d.stats if resumed else tasks.with_given_references(i, d) for i, d in enumerate(self.data)]
             buffers = {**tasks.normalizers(c.tasks, stats), **tasks.training_elements(stats)}
             self.model = tasks.build_model(c, buffers).to(self.device)
             self.model.net.to(self.dtype)

@@ -18,7 +18,8 @@ LLRD = {
 }
 
 # JMP pretraining: per-dataset force coefficients (energy 1); each task has its own graph preset
-# (JMP's tasks/pretrain/module.py, _generate_graphs: OC20/OC22 periodic at 12 Å, ANI-1x/T1x molecules at 8 Å; k = 30 for all).
+# (JMP's tasks/pretrain/module.py, _generate_graphs: OC20/OC22 periodic at 12 Å, ANI-1x/T1x molecules
+# at 8 Å; k = 30 for all).
 PRETRAIN_TASKS = {"oc20": 73.0, "oc22": 80.0, "ani1x": 15.0, "transition1x": 14.0}
 
 

@@ -4,7 +4,8 @@ and metrics of a batch.
 TaskModel wraps JMP's network (jmp_ext.models PretrainModel / FinetuneModel): it builds the graphs
 of a batch, runs the network and turns its outputs, which live in normalised units, into physical
 predictions (eV, eV/Å, eV/Å^3):
-    energy = out * std + sum_i linref[Z_i]             (per task; linref from the dataset stats)
+    energy = out * std + sum_i linref[Z_i]             (per task; linref fitted on the training split,
+                                                        or TargetConfig.references + a shift per atom)
     direct forces = out * force_rms
     gradient forces, stress = out * energy std         (-d/dx of the energy above: consistent, unlike
                                                         JMP's separate force std)
@@ -121,20 +122,22 @@ def load_task_data(config: TrainConfig) -> list[TaskData]:
                     raise TrainError(f"tasks.{i} ({task.name}): target {target.name!r} is "
                                      f"{np.dtype(ds.schema[target.name]['dtype'])} in {ds.path}; per-element "
                                      "references (linref) are fitted on float labels")
-        stats = _with_given_references(i, task, load_stats(task.train), splits["train"])
-        out.append(TaskData(task, splits["train"], splits["val"], splits["test"], stats))
+        out.append(TaskData(task, splits["train"], splits["val"], splits["test"], load_stats(task.train)))
     check_pretraining_targets(config)  # (before the normalisers, which look targets up by task 0's names)
     return out
 
 
-def _with_given_references(i: int, task: TaskConfig, stats: dict, train) -> dict:
-    """The training split's statistics with each target's TargetConfig.references, where given,
-    in place of its fitted per-element references, and the mean and std of y minus them (one
-    pass over the split; stats.json keeps the fitted ones)."""
+def with_given_references(i: int, data: TaskData) -> dict:
+    """Task i's training statistics (data.stats, its stats.json) with each target's
+    TargetConfig.references, where given, in place of its fitted per-element references: the
+    given ones plus one fitted shift per atom (data.stats.residual_stats), and the mean and std
+    of y minus those. A pass over the split, which a new run makes (a resumed one has them in
+    last.pt); stats.json keeps the fitted ones."""
     from ase.data import atomic_numbers, chemical_symbols
 
     from jmp_ext.data.stats import residual_stats
 
+    task, stats = data.config, data.stats
     given = [(k, target) for k, target in enumerate(task.targets) if target.references is not None]
     if not given:
         return stats
@@ -149,10 +152,12 @@ def _with_given_references(i: int, task: TaskConfig, stats: dict, train) -> dict
         for symbol, value in target.references.items():
             references[atomic_numbers[symbol]] = value
         try:
-            residual = residual_stats(train, target.name, references)
+            residual = residual_stats(data.train, target.name, references)
         except DataError as e:
             raise TrainError(f"tasks.{i} ({task.name}): tasks.{i}.targets.{k}.references: {e}") from None
-        linref = np.nan_to_num(references, nan=0.0)  # (elements the split lacks: never looked up in training)
+        # The fitted shift per atom joins every given reference; an element without one (absent
+        # from the split) keeps 0: training never looks it up, predictions warn about it.
+        linref = np.where(np.isnan(references), 0.0, references + residual.pop("shift"))
         if target.kind == "energy":
             stats["linref"], stats["targets"][target.name] = linref, residual
         else:

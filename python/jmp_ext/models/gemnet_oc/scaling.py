@@ -51,20 +51,25 @@ class ScaleFactor(nn.Module):
 def backbone_pass(model: nn.Module, batch_and_graphs: tuple[dict, dict]) -> dict:
     """The backbone's pass of a PretrainModel / FinetuneModel on (batch, graphs), which reaches
     every ScaleFactor: fitting them needs no heads, and no gradient forces."""
+    if not (isinstance(batch_and_graphs, tuple) and len(batch_and_graphs) == 2):
+        raise TypeError(f"fit_scale_factors' default forward takes (batch, graphs) pairs (jmp_ext.data.collate, "
+                        f"jmp_ext.graphs.build_graphs), got a {type(batch_and_graphs).__name__}; or give forward=")
     batch, graphs = batch_and_graphs
     return model.backbone(model.embedding(batch["atomic_numbers"]), graphs)
 
 
-def fit_scale_factors(model: nn.Module, batches: Iterable, forward: Callable = backbone_pass) -> dict[str, float]:
+def fit_scale_factors(model: nn.Module, batches: Iterable, forward: Callable | None = None) -> dict[str, float]:
     """Fits every ScaleFactor of `model` on `batches`, in forward order; returns {name: value}.
     A network trained from scratch needs this first (JMP fits them on 16 batches); a loaded
     checkpoint has them.
 
     batches: (batch, graphs) pairs (jmp_ext.data.collate, jmp_ext.graphs.build_graphs) for the
-    default forward; forward(model, item) runs one forward pass of an item of `batches`. All
+    default forward (None: backbone_pass); forward(model, item) runs one forward pass of an
+    item of `batches`. All
     factors are reset first. Runs in eval mode (no dropout, no edge dropout) and restores the
     training flag.
     """
+    forward = forward or backbone_pass
     batches = list(batches)
     if not batches:
         raise ValueError("fit_scale_factors needs at least one batch")

@@ -115,7 +115,7 @@ def test_a_missing_key_lists_the_keys_there_are(tmp_path, frames, capsys):
     for atoms in frames:
         atoms.info["REF_energy"] = atoms.get_potential_energy()
     ase.io.write(tmp_path / "in.extxyz", frames)
-    assert main(["convert", str(tmp_path / "in.extxyz"), str(tmp_path / "out"), "--energy-key", "REF_E"]) == 1
+    assert main(["convert", str(tmp_path / "in.extxyz"), str(tmp_path / "out"), "--energy-key", "REF_E"]) == 2
     err = capsys.readouterr().err
     assert "structure 0: energy: key 'REF_E' not found (available: info: REF_energy; arrays: numbers, positions; " \
            "calculator: " in err
@@ -149,7 +149,7 @@ def test_a_label_on_some_frames_only_can_be_dropped(tmp_path, frames, capsys):
         del atoms.calc.results["stress"]
     ase.io.write(tmp_path / "in.extxyz", frames)
     args = ["convert", str(tmp_path / "in.extxyz"), str(tmp_path / "out")]
-    assert main(args) == 1
+    assert main(args) == 2
     assert capsys.readouterr().err.strip().endswith(
         "structure 3: lacks stress, unlike the first entry written (every entry must carry the "
         "same labels): skip such entries with --skip-invalid, or drop stress with --stress-key "
@@ -526,7 +526,7 @@ def test_cli_convert(tmp_path, frames, capsys):
     assert "wrote 6 entries" in capsys.readouterr().out
     assert LmdbDataset(tmp_path / "out")[0]["pos"].dtype == torch.float32
     write_pickled_lmdb(tmp_path / "x.lmdb", [b"\x80\x05K\x01."])
-    assert main(["convert", str(tmp_path / "x.lmdb"), str(tmp_path / "o2")]) == 1
+    assert main(["convert", str(tmp_path / "x.lmdb"), str(tmp_path / "o2")]) == 2
     assert "--allow-pickle" in capsys.readouterr().err
 
 
@@ -535,7 +535,7 @@ def test_cli_overwrite_keeps_a_project_directory(tmp_path, frames, capsys):
     (tmp_path / "proj" / "raw").mkdir(parents=True)
     ase.io.write(tmp_path / "proj" / "raw" / "train.xyz", frames)
     assert main(["convert", str(tmp_path / "proj" / "raw" / "train.xyz"), str(tmp_path / "proj"),
-                 "--overwrite"]) == 1
+                 "--overwrite"]) == 2
     assert f"{tmp_path / 'proj'} exists and is not a jmp_ext dataset" in capsys.readouterr().err
     assert len(ase.io.read(tmp_path / "proj" / "raw" / "train.xyz", ":")) == 6
     assert [p.name for p in tmp_path.iterdir()] == ["proj"]
@@ -612,7 +612,7 @@ def test_a_jmp_ext_dataset_is_not_read_as_pickles(tmp_path, frames, capsys):
             with pytest.raises(DataError, match=r"data.0000.lmdb holds jmp_ext entries: .* is "
                                                 r"\(part of\) a jmp_ext dataset already"):
                 convert(src, tmp_path / "out", allow_pickle=allow_pickle)
-    assert main(["convert", str(tmp_path / "ds"), str(tmp_path / "out")]) == 1
+    assert main(["convert", str(tmp_path / "ds"), str(tmp_path / "out")]) == 2
     assert "--allow-pickle" not in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "in.extxyz"]
 

@@ -143,7 +143,7 @@ def test_scale_must_be_finite_and_positive(tmp_path, capsys, scale):
     """inf was an OverflowError traceback, nan left an empty directory, -5 was accepted."""
     from jmp_ext.data.__main__ import main
 
-    assert main(["make-demo", str(tmp_path / "demo"), "--scale", scale]) == 1
+    assert main(["make-demo", str(tmp_path / "demo"), "--scale", scale]) == 2
     assert capsys.readouterr().err == (
         f"error: make_demo: scale must be a finite positive number, got {float(scale)}\n")
     assert not (tmp_path / "demo").exists()

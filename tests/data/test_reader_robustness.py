@@ -201,13 +201,13 @@ def test_damaged_metadata_npz(dataset, write, message):
 
 def test_cli_reports_damaged_data_in_one_line(dataset, capsys):
     edit_meta(dataset, lambda m: m.update(version="2"))
-    assert main(["info", str(dataset)]) == 1
+    assert main(["info", str(dataset)]) == 2
     assert capsys.readouterr().err == (
         f"error: {dataset / fmt.META_FILE}: format version '2' is not an integer\n")
     edit_meta(dataset, lambda m: m.update(version=1))
     (dataset / "data.0001.lmdb").unlink()
     (dataset / "data.0001.lmdb").mkdir()  # lmdb.Error, not a DataError
-    assert main(["info", str(dataset)]) == 1
+    assert main(["info", str(dataset)]) == 2
     assert capsys.readouterr().err == f"error: {dataset / 'data.0001.lmdb'} cannot be opened (Is a directory)\n"
 
 

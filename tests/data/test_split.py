@@ -69,6 +69,13 @@ def test_index_files(source, tmp_path):
     (tmp_path / "bad.json").write_text('{"train": [0, 1], "test": [2], "train": [3]}')  # (json keeps the last)
     with pytest.raises(ValueError, match=r"part\(s\) \['train'\] given twice"):
         read_index_file(tmp_path / "bad.json", 40)
+    # A list, or not JSON at all: named, not an AttributeError or a codec's message.
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r'bad.json must hold a JSON object \{"train": \[indices\], ...\}, got a list'):
+        read_index_file(tmp_path / "bad.json", 40)
+    (tmp_path / "bad.json").write_bytes(b"\x80\x81")
+    with pytest.raises(ValueError, match="bad.json: not a JSON index file"):
+        read_index_file(tmp_path / "bad.json", 40)
 
 
 def test_cli_split(source, tmp_path, capsys):
@@ -76,14 +83,20 @@ def test_cli_split(source, tmp_path, capsys):
                  "train=0.75,val=0.25", "--seed", "3"]) == 0
     assert len(LmdbDataset(tmp_path / "cli" / "train")) == 30
     assert len(LmdbDataset(tmp_path / "cli" / "val")) == 10
-    assert main(["split", str(source), str(tmp_path / "cli")]) == 1  # exists, no --overwrite
+    assert main(["split", str(source), str(tmp_path / "cli")]) == 2  # exists, no --overwrite
     assert "already exists" in capsys.readouterr().err
+    # An index file and fractions: which one was meant? (the fractions were silently ignored)
+    (tmp_path / "idx.json").write_text(json.dumps({"train": [0, 1], "val": [2]}))
+    assert main(["split", str(source), str(tmp_path / "ix"), "--index-file", str(tmp_path / "idx.json"),
+                 "--fractions", "train=0.5,test=0.5"]) == 2
+    assert "give --fractions or --index-file, not both" in capsys.readouterr().err
+    assert not (tmp_path / "ix").exists()
 
 
 def test_split_checks_every_part_before_writing(source, tmp_path, capsys):
     """5 entries at 0.8/0.1/0.1 leave val empty: train was written, then the split failed."""
     write_dataset(tmp_path / "small", [random_entry(np.random.default_rng(i)) for i in range(5)])
-    assert main(["split", str(tmp_path / "small"), str(tmp_path / "out")]) == 1
+    assert main(["split", str(tmp_path / "small"), str(tmp_path / "out")]) == 2
     assert "part 'val' would be empty (5 entries in all)" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     (tmp_path / "out" / "val").mkdir(parents=True)  # the second part's directory is taken
@@ -104,7 +117,7 @@ def test_split_refuses_to_write_over_its_source(tmp_path, capsys):
     (tmp_path / "link").symlink_to(tmp_path / "sp")
     for out in ("sp", "link"):
         assert main(["split", str(tmp_path / "sp" / "train"), str(tmp_path / out),
-                     "--overwrite"]) == 1
+                     "--overwrite"]) == 2
         assert (f"part 'train' would be written to {tmp_path / out / 'train'}, which is the "
                 "source itself") in capsys.readouterr().err
     assert len(LmdbDataset(tmp_path / "sp" / "train")) == 20
@@ -125,7 +138,7 @@ def test_overwrite_leaves_no_part_of_an_older_split(source, tmp_path, capsys):
     assert main(["split", str(source), str(out), "--seed", "0"]) == 0
     before = part_sids(out)
     assert main(["split", str(source), str(out), "--fractions", "train=0.9,val=0.1", "--seed",
-                 "1", "--overwrite"]) == 1
+                 "1", "--overwrite"]) == 2
     assert (f"{out} also holds the dataset(s) test, which this split does not write"
             in capsys.readouterr().err)
     assert part_sids(out) == before
@@ -238,7 +251,7 @@ def test_bad_fractions(source, tmp_path, capsys, fractions, message):
     """Duplicates collapsed, "" wrote the dataset at OUT itself, "../x" outside OUT, NaN was
     "would be empty", a trailing comma "could not convert string to float: ''"."""
     assert main(["split", str(source), str(tmp_path / "out" / "sub"), "--fractions",
-                 fractions]) == 1
+                 fractions]) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "out").exists() and not (tmp_path / "escaped").exists()
 
@@ -309,7 +322,7 @@ def test_a_split_beside_other_datasets_is_refused_without_overwrite_too(source, 
     os.replace(out / "train", out / ".split-0badf00d" / "old" / "train")
     capsys.readouterr()
     with pytest.warns(UserWarning, match="left by an interrupted split"):
-        assert main(["split", str(source), str(out), "--fractions", "train=0.8", "--seed", "5"]) == 1
+        assert main(["split", str(source), str(out), "--fractions", "train=0.8", "--seed", "5"]) == 2
     assert (f"{out} also holds the dataset(s) test, val, which this split does not write: a part "
             "of an older split left beside the new parts would share entries with them; split "
             "into a directory of its own") in capsys.readouterr().err

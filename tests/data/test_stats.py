@@ -149,7 +149,7 @@ def test_cli_stats_and_info(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "12 entries in 1 shard(s)" in out
     assert any(line.split() == ["gap", "float64", "[]", "eV"] for line in out.splitlines())
-    assert main(["info", str(tmp_path / "missing")]) == 1
+    assert main(["info", str(tmp_path / "missing")]) == 2
     assert "not a jmp_ext dataset" in capsys.readouterr().err
     # `info DIR | head -1`: a reader that stops early is no error ("error: [Errno 32] Broken pipe")
     import os

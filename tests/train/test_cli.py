@@ -241,6 +241,44 @@ def test_bad_checkpoints_and_datasets_are_messages(checkpoint, tiny_data, tmp_pa
         assert err.startswith("error: ") and message in err, argv
 
 
+def test_mistakes_with_paths_and_values_are_messages(checkpoint, tiny_data, tmp_path, capsys, monkeypatch):
+    """From a fuzzing of the CLI: --out over the checkpoint, the input or a dataset's meta.json
+    (each was silently replaced), an empty run_dir (the run wrote into the current directory),
+    a run_dir that is a file, a binary config, --batch-size 0, --device gpu, seed=-1: each a
+    one-line message with exit code 2, nothing replaced."""
+    test_set = tiny_data / "mol" / "test"
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes(open(checkpoint, "rb").read())
+    meta = (test_set / "meta.json").read_bytes()
+    (tmp_path / "outdir").mkdir()
+    (tmp_path / "dir.yaml").mkdir()
+    (tmp_path / "a_file").write_text("notes")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(finetune_raw(tiny_data, tmp_path / "run")))
+    cases = [(["eval", str(copy), str(test_set), "--out", str(copy)], "is the checkpoint: it would be replaced"),
+             (["eval", str(copy), str(test_set), "--out", str(test_set / "meta.json")], "is inside the dataset"),
+             (["eval", str(copy), str(test_set), "--out", str(tmp_path / "outdir")], "is a directory"),
+             (["eval", str(copy), str(test_set), "--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
+             (["eval", str(copy), str(test_set), "--device", "gpu"], "--device 'gpu' is not cpu, cuda or cuda:N"),
+             ([str(path), "run_dir="], "run_dir is empty"),
+             ([str(path), "seed=-1"], "seed must be >= 0, got -1"),
+             ([str(path), f"run_dir={tmp_path / 'a_file'}"], "a_file"),
+             ([str(checkpoint)], "is not a YAML config (not UTF-8 text)"),
+             ([str(tmp_path / "dir.yaml")], "config file " + str(tmp_path / "dir.yaml") + " is a directory")]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
+    assert copy.read_bytes() == open(checkpoint, "rb").read() and (test_set / "meta.json").read_bytes() == meta
+    assert (tmp_path / "a_file").read_text() == "notes"
+    # The demo makes its data where its preset reads them, not beside data a user named.
+    monkeypatch.chdir(tmp_path)
+    elsewhere = tmp_path / "mine" / "x" / "train"
+    assert main(["demo", f"tasks.0.train={elsewhere}", f"tasks.1.train={elsewhere}", "loop.max_steps=1"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "mine").exists() and not (tmp_path / "demo_data").exists()
+
+
 def test_a_library_error_keeps_its_traceback(tiny_data, tmp_path, capsys, monkeypatch):
     """Bad input our checks name is a message; a ValueError raised inside torch or numpy is a
     bug to report, and a bare message would hide where it came from."""

@@ -841,6 +841,7 @@ def test_periodic_structures_on_a_molecule_model_are_pointed_out(tiny_data, tmp_
         "(each is seen as an isolated cluster)"]
 
 
+@pytest.mark.filterwarnings("ignore:tasks.0.val is the training split itself")  # (one small dataset serves both)
 def test_a_property_is_scored_only_in_the_unit_it_was_trained_in(tmp_path, capsys):
     """A property converted to eV (--property gap:Hartree) and the same stored as is (Hartree)
     were compared as if in one unit: between the splits of a task, and by eval of the source

@@ -54,12 +54,17 @@ def cmd_convert(args) -> None:
         print(f"isolated-atom energies (eV), as the energy target's references: {{{energies}}}")
 
 
+DEFAULT_FRACTIONS = "train=0.8,val=0.1,test=0.1"
+
+
 def cmd_split(args) -> None:
+    if args.index_file and args.fractions:
+        raise ValueError("give --fractions or --index-file, not both")
     num_entries = len(LmdbDataset(args.src))
     if args.index_file:
         parts = read_index_file(args.index_file, num_entries)
     else:
-        parts = fraction_indices(num_entries, parse_fractions(args.fractions), seed=args.seed)
+        parts = fraction_indices(num_entries, parse_fractions(args.fractions or DEFAULT_FRACTIONS), seed=args.seed)
     paths = split_dataset(args.src, args.out, parts, overwrite=args.overwrite, progress=True)
     print(", ".join(f"{name}: {len(parts[name])} entries -> {path}" for name, path in paths.items()))
 
@@ -139,9 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("split", help="split a dataset into OUT/train, OUT/val, ...")
     p.add_argument("src")
     p.add_argument("out")
-    p.add_argument("--fractions", default="train=0.8,val=0.1,test=0.1",
-                   help="name=fraction,... (default %(default)s)")
-    p.add_argument("--index-file", help='JSON {"train": [indices], ...} or .npz of index arrays')
+    p.add_argument("--fractions", help=f"name=fraction,... (default {DEFAULT_FRACTIONS})")
+    p.add_argument("--index-file", help='JSON {"train": [indices], ...} or .npz of index arrays (instead of '
+                                        '--fractions)')
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true",
                    help="replace the parts' datasets in OUT (all of them at once, when every new "
@@ -171,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     # without --overwrite, a full disk, a pickled LMDB without --allow-pickle (PermissionError).
     except (ValueError, OSError, lmdb.Error) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return 2  # (as argparse's usage errors and python -m jmp_ext.train's)
     except KeyboardInterrupt as error:  # (datasets, stats files and a split's parts are written atomically)
         # With a message when that is not all: a split interrupted after its parts were in place.
         message = str(error) or ("no dataset was left half-written (a split replaces all its "

@@ -73,7 +73,14 @@ def read_index_file(file: str | Path, num_entries: int) -> dict[str, np.ndarray]
         with np.load(file, allow_pickle=False) as npz:
             parts = {name: npz[name] for name in npz.files}
     else:
-        parts = {name: np.asarray(v) for name, v in json.loads(file.read_text(), object_pairs_hook=_unique_keys).items()}
+        try:
+            loaded = json.loads(file.read_text(), object_pairs_hook=_unique_keys)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{file}: not a JSON index file ({e})") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f'{file} must hold a JSON object {{"train": [indices], ...}}, got a '
+                             f"{type(loaded).__name__}")
+        parts = {name: np.asarray(v) for name, v in loaded.items()}
     seen: dict[int, str] = {}
     for name, indices in parts.items():
         if indices.ndim != 1 or (indices.size and indices.dtype.kind not in "iu"):

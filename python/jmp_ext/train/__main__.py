@@ -88,14 +88,39 @@ def demo(overrides: list[str], only_print: bool = False) -> dict:
         print_config(config)
         return {}
     check_device(config.device, "device=")
-    root = Path(config.tasks[0].train).parents[1]
+    # The demo's data are made where the preset reads them; tasks overridden to other data are
+    # read as given (their parent's parent could be anywhere, / or a dataset collection).
+    root = Path(demo_config()["tasks"][0]["train"]).parents[1]
     distributed.setup(config.device)
-    if distributed.is_main():
+    if distributed.is_main() and any(Path(t.train).is_relative_to(root) for t in config.tasks):
         if not (root / "demo.json").is_file():
             print(f"making the demo data in {root}/ (once)")
         make_demo(root)
     distributed.barrier()  # the other ranks wait for rank 0's data
     return run_training(config)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def check_out_path(out: str | None, checkpoint: str, data: str) -> None:
+    """eval's / predict's --out replaces a file: never the checkpoint, the input, a directory or
+    a file of a dataset (a metrics JSON written over meta.json destroyed the dataset)."""
+    if out is None:
+        return
+    path = Path(out)
+    if path.is_dir():
+        raise TrainError(f"--out {out} is a directory; give a file name in it")
+    for given, what in ((checkpoint, "the checkpoint"), (data, "the input")):
+        if path.exists() and Path(given).exists() and path.resolve() == Path(given).resolve():
+            raise TrainError(f"--out {out} is {what}: it would be replaced; choose another file")
+    if (path.parent / "meta.json").is_file():
+        raise TrainError(f"--out {out} is inside the dataset {path.parent}: write it elsewhere")
 
 
 def is_config_path(arg: str) -> bool:
@@ -146,10 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with sigterm_interrupts():
             return run_command(argv)
-    except (ConfigError, TrainError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, TrainError, ValueError) as e:
         if not raised_by_jmp_ext(e):  # (torch's or numpy's: a bug to report, with its traceback)
             raise
         print(f"error: {e}", file=sys.stderr)  # bad input, said by our checks: a message, no traceback
+        return 2
+    except OSError as e:  # a path of the user's: missing, a file for a directory, not writable, a full disk
+        print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # (training's first Ctrl-C or SIGTERM ends the step and saves last.pt: e says so)
         # Under torchrun a terminal's Ctrl-C reaches every rank, and every rank stops alike: one message.
@@ -185,7 +213,7 @@ def run_command(argv: list[str]) -> int:
         parser.add_argument("--task", default=None, help="task whose heads to use (needed when the checkpoint has several: pretraining)")
         parser.add_argument("--out", required=not is_eval, default=None,
                             help="metrics JSON file" if is_eval else "OUT.npz, OUT.extxyz or OUT.xyz")
-        parser.add_argument("--batch-size", type=int, default=16)
+        parser.add_argument("--batch-size", type=positive_int, default=16)
         parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
         if not is_eval:
             parser.add_argument("--skip-invalid", action="store_true",
@@ -195,7 +223,10 @@ def run_command(argv: list[str]) -> int:
             a = parser.parse_args(argv[1:])
         except SystemExit as e:  # --help (0) or a usage error (2): an exit code like any other outcome
             return int(e.code or 0)
+        if a.device.partition(":")[0] not in ("cpu", "cuda"):
+            raise TrainError(f"--device {a.device!r} is not cpu, cuda or cuda:N")
         check_device(a.device, "--device ")
+        check_out_path(a.out, a.checkpoint, a.data)
         from jmp_ext.train.inference import evaluate_checkpoint, predict_checkpoint
 
 

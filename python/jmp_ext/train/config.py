@@ -420,7 +420,9 @@ class TrainConfig:
     loop: LoopConfig = field(default_factory=LoopConfig)
 
     def __post_init__(self) -> None:
-        _check(self, "", ">= 0", "threads")
+        _check(self, "", ">= 0", "threads", "seed")
+        if not self.run_dir:  # (it would write the run's files into the current directory)
+            raise ConfigError("run_dir is empty: give the run's own directory (run_dir=runs/NAME)")
         if not self.tasks:
             raise ConfigError("tasks: at least one task is needed: a config file, preset=NAME or tasks=[...] "
                               "gives them (the demo with overrides: python -m jmp_ext.train demo key=value ...)")
@@ -738,9 +740,13 @@ def load_config(path: str | Path | None, overrides: list[str] = (), mode: str | 
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        with path.open(encoding="utf-8") as f:
-            raw = _load_yaml(f, str(path)) or {}
+            raise ConfigError(f"config file {path} {'is a directory' if path.is_dir() else 'does not exist'}")
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} is not a YAML config (not UTF-8 text); a checkpoint is evaluated with "
+                              f"`python -m jmp_ext.train eval CHECKPOINT DATA`") from None
+        raw = _load_yaml(text, str(path)) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the config must be a YAML mapping")
     return build_config(raw, overrides, mode)

@@ -898,6 +898,16 @@ def test_property_units(tmp_path, frames, capsys):
         assert entry["dipole"].item() == pytest.approx(0.5 * k)
     with pytest.raises(ValueError, match=r"property 'U_0': unit 'Bohr' is not an energy unit"):
         KeyMap(properties={"U_0": "U_0"}, property_units={"U_0": "Bohr"})
+    # No name, or one name twice: said so (an empty name was looked up as the key '').
+    for args, message in [(["--property", ":eV"], "--property ':eV': no name"),
+                          (["--property", "U_0", "--property", "U_0:Hartree"], "--property 'U_0:Hartree': 'U_0' given "
+                                                                               "twice")]:
+        assert main(["convert", str(tmp_path / "qm9.extxyz"), str(tmp_path / "bad"), *args]) == 2
+        assert message in capsys.readouterr().err
+    # A frame without atoms is named as such (it read as "lacks forces, unlike the first entry").
+    ase.io.write(tmp_path / "empty_frame.extxyz", [frames[0], Atoms()])
+    with pytest.raises(DataError, match="structure 1: has no atoms"):
+        convert(tmp_path / "empty_frame.extxyz", tmp_path / "empty_frame")
 
 
 def test_a_stress_alone_is_pointed_out(tmp_path, frames):

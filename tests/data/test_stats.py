@@ -150,7 +150,11 @@ def test_cli_stats_and_info(tmp_path, capsys):
     assert "12 entries in 1 shard(s)" in out
     assert any(line.split() == ["gap", "float64", "[]", "eV"] for line in out.splitlines())
     assert main(["info", str(tmp_path / "missing")]) == 2
-    assert "not a jmp_ext dataset" in capsys.readouterr().err
+    assert f"dataset {tmp_path / 'missing'} does not exist" in capsys.readouterr().err
+    (tmp_path / "mols.extxyz").write_text("")
+    assert main(["info", str(tmp_path / "mols.extxyz")]) == 2
+    assert "is not a jmp_ext dataset (no meta.json). It is a file: `python -m jmp_ext.data convert`" in \
+        capsys.readouterr().err
     # `info DIR | head -1`: a reader that stops early is no error ("error: [Errno 32] Broken pipe")
     import os
     import subprocess

@@ -219,6 +219,11 @@ def test_mismatches_name_the_keys(tmp_path):
                                          r"BackboneConfig\.tiny\(\) \(model\.backbone=tiny with no "
                                          r"backbone_overrides\), the model's differ; unexpected \(\d+\): "):
         load_jmp_checkpoint(PretrainModel(BackboneConfig.tiny(), TASKS).state_dict(), small)
+    # A gradient-force model's weights (no direct-force branch) into a direct-force network.
+    gradient = FinetuneModel(BackboneConfig.tiny(), [HeadConfig(target="energy")], forces="gradient").state_dict()
+    with pytest.raises(ValueError, match=r"does not match the model: it has no direct-force branch \(it was trained "
+                                         r"with gradient forces\), which this model's direct forces need"):
+        load_jmp_checkpoint(gradient, PretrainModel(BackboneConfig.tiny(), TASKS))
     with pytest.raises(ValueError, match=r"does not match the model: missing \(18\): output"):  # (heads only)
         tiny = PretrainModel(BackboneConfig.tiny(), TASKS[:1]).state_dict()
         load_jmp_checkpoint(tiny, PretrainModel(BackboneConfig.tiny(), TASKS[:2]), load_heads=True)

@@ -303,6 +303,15 @@ def test_the_readmes_configs_are_valid():
         assert config.tasks and config.mode in ("pretrain", "finetune"), block
 
 
+def test_a_key_given_twice_is_an_error(tmp_path):
+    """YAML keeps the last of two equal keys without a word: `mode: pretrain` ... `mode: finetune`."""
+    (tmp_path / "twice.yaml").write_text("mode: pretrain\nrun_dir: runs/a\nmode: finetune\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: key 'mode' given twice in one mapping \(lines 1 and 3\)"):
+        load_config(tmp_path / "twice.yaml")
+    with pytest.raises(ConfigError, match=r"key 'lr' given twice"):
+        build_config({"mode": "finetune", "tasks": [TASK]}, ["optim={lr: 1, lr: 2}"])
+
+
 def test_the_readmes_cpu_tryout_overrides_are_valid():
     """The README's overrides for trying a preset on a CPU are pasted after a preset: each set
     must build on the presets it names (a renamed key would only fail in a user's shell)."""

@@ -27,8 +27,12 @@ def cmd_make_demo(args) -> None:
 def cmd_convert(args) -> None:
     properties, units = {}, {}
     for item in args.property:  # NAME[=KEY][:UNIT]
+        text = item
         item, _, unit = item.partition(":")
         name, _, key = item.partition("=")
+        if not name or name in properties:
+            raise ValueError(f"--property {text!r}: {'no name' if not name else f'{name!r} given twice'} "
+                             "(NAME[=KEY][:UNIT], e.g. U_0:Hartree)")
         properties[name] = key or name
         if unit:
             units[name] = unit

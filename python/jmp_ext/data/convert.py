@@ -673,6 +673,8 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
             try:
                 if isinstance(item, Exception):
                     raise item
+                if len(item["atomic_numbers"]) == 0:
+                    raise fmt.DataError("has no atoms")
                 if len(item["atomic_numbers"]) == 1 and not np.asarray(item["pbc"]).any():
                     if "energy" in item:
                         symbol = chemical_symbols[int(item["atomic_numbers"][0])]

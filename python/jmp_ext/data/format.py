@@ -377,6 +377,8 @@ def read_meta(path: str | Path) -> dict:
     """
     path = Path(path)
     meta_path = path / META_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"dataset {path} does not exist")
     if not meta_path.is_file():
         hint = ""
         parts = sorted(p.parent.name for p in path.glob(f"*/{META_FILE}")) if path.is_dir() else []
@@ -385,6 +387,8 @@ def read_meta(path: str | Path) -> dict:
         elif path.is_dir() and any(path.glob("*.lmdb")):
             hint = (" It holds .lmdb files: if they are OC20/JMP-style pickled LMDBs, convert them "
                     "with `python -m jmp_ext.data convert SRC DST --allow-pickle`.")
+        elif path.is_file():
+            hint = " It is a file: `python -m jmp_ext.data convert` makes a dataset of a structure file."
         raise FileNotFoundError(f"{path} is not a jmp_ext dataset (no {META_FILE}).{hint}")
     meta = read_json(meta_path)
     if meta.get("format") != FORMAT_NAME:

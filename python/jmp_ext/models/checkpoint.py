@@ -205,6 +205,10 @@ def load_jmp_checkpoint(source: str | os.PathLike | dict, model: nn.Module, *, u
         fits = backbone_preset_of(state) if backbone_differs else None
         cause = (f"its backbone has the shapes of BackboneConfig.{fits}() (model.backbone={fits} with no "
                  f"backbone_overrides), the model's differ; " if fits else "")
+        if missing and all(is_force_branch_key(k) for k in missing) and not unexpected and not wrong_shape:
+            cause = ("it has no direct-force branch (it was trained with gradient forces), which this model's "
+                     "direct forces need: train with forces: gradient, or start from a checkpoint with direct "
+                     "forces (a pretraining one); ")
         raise ValueError(f"checkpoint does not match the model: {cause}" + "; ".join(parts))
     model.load_state_dict(state, strict=False)
     return model

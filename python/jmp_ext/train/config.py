@@ -573,6 +573,13 @@ class _Loader(yaml.SafeLoader):
     keep their text."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[str, int] = {}
+        for key, _ in node.value:  # (YAML keeps the last silently: `mode: pretrain` ... `mode: finetune`)
+            if isinstance(key, yaml.ScalarNode):
+                if key.value in seen:
+                    raise ConfigError(f"key {key.value!r} given twice in one mapping (lines {seen[key.value]} and "
+                                      f"{key.start_mark.line + 1})")
+                seen[key.value] = key.start_mark.line + 1
         mapping = super().construct_mapping(node, deep=deep)
         return {k.text if isinstance(k, _Scalar) else k: v for k, v in mapping.items()}
 
@@ -604,6 +611,8 @@ def _load_yaml(source: Any, where: str) -> Any:
         value = yaml.load(source, Loader=_Loader)
     except (yaml.YAMLError, RecursionError) as e:
         raise ConfigError(f"{where}: invalid YAML: {str(e)[:500]}") from None
+    except ConfigError as e:  # (_Loader's own: a key given twice)
+        raise ConfigError(f"{where}: {e}") from None
     sizes: dict[int, int] = {}  # expanded size of every list and mapping, counted once each
 
     def expanded(node: Any, parents: frozenset) -> int:

@@ -120,6 +120,8 @@ def test_a_missing_key_lists_the_keys_there_are(tmp_path, frames, capsys):
     assert "structure 0: energy: key 'REF_E' not found (available: info: REF_energy; arrays: numbers, positions; " \
            "calculator: " in err
     assert all(key in err.split("calculator: ")[1] for key in ("energy", "forces", "stress"))
+    # On a line of its own: the progress bar has closed (it was left open, the message after it).
+    assert any(line.startswith("error: ") for line in err.splitlines())
     with pytest.raises(DataError, match=r"property 'gap': key 'gap' not found \(available: info: REF_energy; "):
         convert(tmp_path / "in.extxyz", tmp_path / "out", keys=KeyMap(properties={"gap": "gap"}))
 
@@ -208,6 +210,9 @@ def test_ase_db_with_property(tmp_path, frames):
     with pytest.raises(DataError, match=r"row id=1: property 'homo': key 'homo' not found"):
         convert(tmp_path / "in.db", tmp_path / "bad", keys=KeyMap(properties={"homo": "homo"}))
     assert not (tmp_path / "bad").exists() and check.count() == 6
+    assert convert(tmp_path / "in.db", tmp_path / "some", select="id<3").written == 2
+    with pytest.raises(DataError, match=r"select 'natoms>>3': ase.db cannot read this query"):
+        convert(tmp_path / "in.db", tmp_path / "bad", select="natoms>>3")
 
 
 def test_bad_ase_inputs(tmp_path, frames):

@@ -380,22 +380,25 @@ def iter_ase_file(path: Path, keys: KeyMap, report: ConvertReport) -> Iterator[t
     """(where, entry or exception) for every structure of a file ase.io reads (extxyz, traj)."""
     from ase.io import iread
 
-    frames = iter(tqdm(iread(str(path), index=":"), desc=str(path), unit="structure"))
-    index = 0
-    while True:
-        where = f"{path} structure {index}"
-        try:
-            atoms = next(frames)
-        except StopIteration:
-            return
-        except Exception as error:  # a parse error ends the file: later frames are unreachable
-            yield where, fmt.DataError(f"cannot parse: {error}")
-            return
-        try:
-            yield where, _atoms_entry(atoms, keys, report, index)
-        except Exception as error:
-            yield where, error
-        index += 1
+    # (the bar closed with the stream, before an error is printed: not on the same line after it)
+    with tqdm(desc=str(path), unit="structure") as bar:
+        frames = iread(str(path), index=":")
+        index = 0
+        while True:
+            where = f"{path} structure {index}"
+            try:
+                atoms = next(frames)
+            except StopIteration:
+                return
+            except Exception as error:  # a parse error ends the file: later frames are unreachable
+                yield where, fmt.DataError(f"cannot parse: {error}")
+                return
+            bar.update()
+            try:
+                yield where, _atoms_entry(atoms, keys, report, index)
+            except Exception as error:
+                yield where, error
+            index += 1
 
 
 def iter_ase_db(path: Path, keys: KeyMap, report: ConvertReport, select: str | None = None
@@ -405,15 +408,20 @@ def iter_ase_db(path: Path, keys: KeyMap, report: ConvertReport, select: str | N
     import ase.db
 
     with ase.db.connect(str(path)) as db:
-        for row in tqdm(db.select(select), total=db.count(select), desc=str(path), unit="row"):
-            where = f"{path} row id={row.id}"
-            try:
-                atoms = row.toatoms()
-                atoms.info.update(row.key_value_pairs)
-                atoms.info.update(row.get("data", {}))
-                yield where, _atoms_entry(atoms, keys, report, row.id)
-            except Exception as error:
-                yield where, error
+        try:
+            total = db.count(select)
+        except Exception as error:  # (ase.db's parser: "too many values to unpack" for natoms>>3)
+            raise fmt.DataError(f"select {select!r}: ase.db cannot read this query ({error})") from None
+        with tqdm(db.select(select), total=total, desc=str(path), unit="row") as rows:
+            for row in rows:
+                where = f"{path} row id={row.id}"
+                try:
+                    atoms = row.toatoms()
+                    atoms.info.update(row.key_value_pairs)
+                    atoms.info.update(row.get("data", {}))
+                    yield where, _atoms_entry(atoms, keys, report, row.id)
+                except Exception as error:
+                    yield where, error
 
 
 # ----- pickled OC20 / JMP LMDBs --------------------------------------------------------------
@@ -571,12 +579,13 @@ def iter_pickled_lmdb(path: Path, keys: KeyMap, report: ConvertReport
                 if length is not None and (error := _length_error(length, len(numbered))):
                     yield f"{file} key 'length'", error
                 numbered.sort()
-                for index, key in tqdm(numbered, desc=str(file), unit="entry"):
-                    where = f"{file} entry {index}"
-                    try:
-                        yield where, _pyg_entry(unpickle_data(txn.get(key)), keys, report)
-                    except Exception as error:
-                        yield where, error
+                with tqdm(numbered, desc=str(file), unit="entry") as entries:
+                    for index, key in entries:
+                        where = f"{file} entry {index}"
+                        try:
+                            yield where, _pyg_entry(unpickle_data(txn.get(key)), keys, report)
+                        except Exception as error:
+                            yield where, error
         finally:
             env.close()
 

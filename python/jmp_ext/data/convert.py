@@ -663,8 +663,10 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
     if kind == "lmdb":
         _refuse_jmp_ext(src)
         if not allow_pickle:
-            raise PermissionError(f"{src} is an LMDB of pickled objects; unpickling can run code, "
-                                  "so pass allow_pickle=True (--allow-pickle) if you trust it")
+            how = "--format lmdb" if source_format else "a directory or a .lmdb file"
+            raise PermissionError(f"{src} is read as an OC20/JMP LMDB of pickled objects ({how}); unpickling can "
+                                  "run code, so pass allow_pickle=True (--allow-pickle) if you trust it (other "
+                                  "structure files: --format ase or ase-db)")
         stream = iter_pickled_lmdb(src, keys, report)
     elif kind == "ase-db":
         stream = iter_ase_db(src, keys, report, select)

@@ -406,13 +406,14 @@ def iter_ase_db(path: Path, keys: KeyMap, report: ConvertReport, select: str | N
     """(where, entry or exception) for every row of an ASE database; key_value_pairs and data
     are searched for labels and properties after the calculator results."""
     import ase.db
+    from ase.db.core import parse_selection
 
+    try:
+        parse_selection(select)
+    except Exception as error:  # (its parser's own: "too many values to unpack" for natoms>>3)
+        raise fmt.DataError(f"select {select!r}: ase.db cannot read this query ({error})") from None
     with ase.db.connect(str(path)) as db:
-        try:
-            total = db.count(select)
-        except Exception as error:  # (ase.db's parser: "too many values to unpack" for natoms>>3)
-            raise fmt.DataError(f"select {select!r}: ase.db cannot read this query ({error})") from None
-        with tqdm(db.select(select), total=total, desc=str(path), unit="row") as rows:
+        with tqdm(db.select(select), total=db.count(select), desc=str(path), unit="row") as rows:
             for row in rows:
                 where = f"{path} row id={row.id}"
                 try:

@@ -271,12 +271,23 @@ def test_mistakes_with_paths_and_values_are_messages(checkpoint, tiny_data, tmp_
         assert message in err and "Traceback" not in err, (argv, err)
     assert copy.read_bytes() == open(checkpoint, "rb").read() and (test_set / "meta.json").read_bytes() == meta
     assert (tmp_path / "a_file").read_text() == "notes"
+    # A directory of one's own that happens to hold a config.yaml: kept (no .lock: no run of ours).
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "config.yaml").write_text("my notes")
+    assert main([str(path), f"run_dir={tmp_path / 'mine'}"]) == 2
+    assert "holds config.yaml, which no jmp_ext run wrote there (it has no .lock)" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "config.yaml").read_text() == "my notes"
+    # A run's own files (its .lock beside them: a run that stopped before its first checkpoint) go.
+    (tmp_path / "mine" / ".lock").write_text("")
+    assert main([str(path), f"run_dir={tmp_path / 'mine'}"]) == 0
+    capsys.readouterr()
+    assert (tmp_path / "mine" / "last.pt").is_file()
     # The demo makes its data where its preset reads them, not beside data a user named.
     monkeypatch.chdir(tmp_path)
-    elsewhere = tmp_path / "mine" / "x" / "train"
+    elsewhere = tmp_path / "elsewhere" / "x" / "train"
     assert main(["demo", f"tasks.0.train={elsewhere}", f"tasks.1.train={elsewhere}", "loop.max_steps=1"]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert not (tmp_path / "mine").exists() and not (tmp_path / "demo_data").exists()
+    assert not (tmp_path / "elsewhere").exists() and not (tmp_path / "demo_data").exists()
 
 
 def test_a_library_error_keeps_its_traceback(tiny_data, tmp_path, capsys, monkeypatch):

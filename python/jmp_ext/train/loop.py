@@ -667,6 +667,12 @@ class Trainer:
             raise TrainError(f"run_dir {self.run_dir} already holds a run ({', '.join(checkpoints)}): "
                              "resume=true continues it, overwrite=true starts over (deleting it), "
                              "or choose another run_dir")
+        # A run's own files are replaced by the next run there; without the .lock every run leaves,
+        # they are someone else's (notes, another tool's metrics.csv), and kept.
+        others = [name for name in RUN_FILES if (self.run_dir / name).is_file()]
+        if others and not (self.run_dir / ".lock").exists() and not c.overwrite:
+            raise TrainError(f"run_dir {self.run_dir} holds {', '.join(others)}, which no jmp_ext run wrote there "
+                             "(it has no .lock): choose another run_dir, or overwrite=true to replace them")
 
     def _delete_old_run(self) -> None:
         """overwrite=true: the old run's files go, so that no stale best.pt, summary or TensorBoard

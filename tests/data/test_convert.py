@@ -905,6 +905,7 @@ def test_property_units(tmp_path, frames, capsys):
         KeyMap(properties={"U_0": "U_0"}, property_units={"U_0": "Bohr"})
     # No name, or one name twice: said so (an empty name was looked up as the key '').
     for args, message in [(["--property", ":eV"], "--property ':eV': no name"),
+                          (["--property", "U_0:"], "--property 'U_0:': no unit after ':'"),
                           (["--property", "U_0", "--property", "U_0:Hartree"], "--property 'U_0:Hartree': 'U_0' given "
                                                                                "twice")]:
         assert main(["convert", str(tmp_path / "qm9.extxyz"), str(tmp_path / "bad"), *args]) == 2

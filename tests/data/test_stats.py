@@ -367,7 +367,7 @@ def test_a_non_finite_label_is_named_not_averaged(tmp_path, name):
         compute_stats(dataset)
 
 
-def test_stats_of_a_read_only_dataset_are_computed_with_a_warning(tmp_path, monkeypatch):
+def test_stats_of_a_read_only_dataset_are_computed_with_a_warning(tmp_path, monkeypatch, capsys):
     """A shared dataset the user may not write to: training still starts."""
     write_dataset(tmp_path / "ds", linear_entries(np.random.default_rng(4), 10))
 
@@ -378,3 +378,9 @@ def test_stats_of_a_read_only_dataset_are_computed_with_a_warning(tmp_path, monk
     with pytest.warns(UserWarning, match="could not cache the statistics of .*Read-only file system"):
         stats = load_stats(tmp_path / "ds")
     assert stats["num_entries"] == 10 and not (tmp_path / "ds" / "stats.json").exists()
+    # The stats command does not name a stats.json it could not write.
+    from jmp_ext.data.__main__ import main
+
+    with pytest.warns(UserWarning, match="could not cache"):
+        assert main(["stats", str(tmp_path / "ds")]) == 0
+    assert capsys.readouterr().out.startswith(f"{tmp_path / 'ds'} (not cached): 10 entries")

@@ -28,11 +28,12 @@ def cmd_convert(args) -> None:
     properties, units = {}, {}
     for item in args.property:  # NAME[=KEY][:UNIT]
         text = item
-        item, _, unit = item.partition(":")
+        item, colon, unit = item.partition(":")
         name, _, key = item.partition("=")
-        if not name or name in properties:
-            raise ValueError(f"--property {text!r}: {'no name' if not name else f'{name!r} given twice'} "
-                             "(NAME[=KEY][:UNIT], e.g. U_0:Hartree)")
+        problem = ("no name" if not name else f"{name!r} given twice" if name in properties else
+                   "no unit after ':'" if colon and not unit else None)
+        if problem:
+            raise ValueError(f"--property {text!r}: {problem} (NAME[=KEY][:UNIT], e.g. U_0:Hartree)")
         properties[name] = key or name
         if unit:
             units[name] = unit
@@ -80,7 +81,8 @@ def cmd_stats(args) -> None:
     source = stats.get("source")
     whose = ("" if source in (None, Path(args.dir).resolve().name)
              else f"statistics of the training split ({source}): ")
-    print(f"{args.dir}/{fmt.STATS_FILE}: {whose}{stats['num_entries']} entries, "
+    cached = (Path(args.dir) / fmt.STATS_FILE).is_file()  # (not on a read-only dataset: load_stats warned)
+    print(f"{args.dir}{'/' + fmt.STATS_FILE if cached else ' (not cached)'}: {whose}{stats['num_entries']} entries, "
           f"{stats['avg_natoms']:.1f} atoms on average")
     for name, target in stats["targets"].items():
         after = " after linear references" if name == "energy" else ""

@@ -119,7 +119,9 @@ def check_out_path(out: str | None, checkpoint: str, data: str) -> None:
     for given, what in ((checkpoint, "the checkpoint"), (data, "the input")):
         if path.exists() and Path(given).exists() and path.resolve() == Path(given).resolve():
             raise TrainError(f"--out {out} is {what}: it would be replaced; choose another file")
-    if (path.parent / "meta.json").is_file():
+    from jmp_ext.data.format import META_FILE
+
+    if (path.parent / META_FILE).is_file():
         raise TrainError(f"--out {out} is inside the dataset {path.parent}: write it elsewhere")
 
 

@@ -1,6 +1,8 @@
 """python -m jmp_ext.train as a new user meets it: help, how arguments are read, and a message
 (`error: ...`, exit 2) rather than a traceback for the usual mistakes."""
 
+import os
+
 import pytest
 import torch
 import yaml
@@ -288,6 +290,18 @@ def test_mistakes_with_paths_and_values_are_messages(checkpoint, tiny_data, tmp_
     assert main(["demo", f"tasks.0.train={elsewhere}", f"tasks.1.train={elsewhere}", "loop.max_steps=1"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "elsewhere").exists() and not (tmp_path / "demo_data").exists()
+
+
+def test_the_cli_imports_torch_inside_its_handlers():
+    """A Ctrl-C in the first second or two (while torch loads) printed a KeyboardInterrupt
+    traceback: the module python -m runs imports neither torch nor numpy before main()."""
+    import subprocess
+    import sys
+
+    code = "import sys, jmp_ext.train.__main__; print(sorted({'torch', 'numpy', 'ase'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}).stdout
+    assert out.strip() == "[]"
 
 
 def test_a_library_error_keeps_its_traceback(tiny_data, tmp_path, capsys, monkeypatch):

@@ -33,8 +33,9 @@ import textwrap
 import threading
 from pathlib import Path
 
+# (torch and the rest are imported inside main's handlers: a Ctrl-C during those imports, the
+# first second or two, is a message too, not a traceback)
 from jmp_ext.train.config import ConfigError, TrainError, build_config, load_config
-from jmp_ext.train.tasks import check_device
 
 
 def run_training(config) -> dict:
@@ -98,6 +99,13 @@ def demo(overrides: list[str], only_print: bool = False) -> dict:
         make_demo(root)
     distributed.barrier()  # the other ranks wait for rank 0's data
     return run_training(config)
+
+
+def check_device(device: str, flag: str) -> None:
+    """tasks.check_device, imported when called (see the imports above)."""
+    from jmp_ext.train import tasks
+
+    tasks.check_device(device, flag)
 
 
 def positive_int(text: str) -> int:

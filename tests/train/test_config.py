@@ -312,6 +312,19 @@ def test_a_key_given_twice_is_an_error(tmp_path):
         build_config({"mode": "finetune", "tasks": [TASK]}, ["optim={lr: 1, lr: 2}"])
 
 
+def test_a_flow_mapping_without_spaces_gets_a_hint(tmp_path):
+    """{H:-13.6} is YAML for the key 'H:-13.6' without a value ([0.5,0.6] needs no spaces, so the
+    habit carries over): the error says what YAML wants. config.yaml keeps 'Å' readable."""
+    raw = {"mode": "finetune", "tasks": [TASK]}
+    with pytest.raises(ConfigError, match=r"references\.H:-13\.6: expected a number, got NoneType None \(in YAML a "
+                                          r"mapping needs a space after the colon: \{H: -13\.6\}\)"):
+        build_config(raw, ["tasks.0.targets.0.references={H:-13.6}"])
+    config = build_config(raw, ["tasks.0.targets.0.references={H: -13.6}", "tasks.0.targets.0.unit=eV/Å"])
+    save_config(config, tmp_path / "config.yaml")
+    assert "unit: eV/Å" in (tmp_path / "config.yaml").read_text(encoding="utf-8")
+    assert load_config(tmp_path / "config.yaml").tasks[0].targets[0].references == {"H": -13.6}
+
+
 def test_the_readmes_cpu_tryout_overrides_are_valid():
     """The README's overrides for trying a preset on a CPU are pasted after a preset: each set
     must build on the presets it names (a renamed key would only fail in a user's shell)."""

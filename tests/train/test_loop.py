@@ -595,10 +595,11 @@ def test_init_heads_refusals(tiny_data, tmp_path):
               r"a pretrain checkpoint and this run a finetune: their heads differ"),
              (renamed, pre, r"trained the tasks \['box', 'mol'\], none of this run's \['mol2', 'box2'\]"),
              (finetune_config(tiny_data, tmp_path / "b"), tmp_path / "ft" / "last.pt",
-              r"tasks.0 \(mol\) has other targets or forces than .*'forces: gradient'\] against .*'forces: direct'\]"),
+              r"tasks.0 \(mol\) has other targets or forces than .*last.pt's task of that name \(forces: direct -> "
+              r"gradient\): keep the checkpoint's, or set model.init_heads=false to start the heads new"),
              (pretrain_config(tiny_data, tmp_path / "c"), tmp_path / "jmp.ckpt", "is not a jmp_ext run's checkpoint"),
              (finetune_config(tiny_data, tmp_path / "d", forces="direct"), tmp_path / "other_unit.pt",
-              r"tasks.0 \(mol\) has other targets or forces than .*'unit': 'eV'.* against .*'unit': 'kcal/mol'")]
+              r"tasks.0 \(mol\) has other targets or forces than .*\(targets.0.unit: 'kcal/mol' -> 'eV'\)")]
     for raw, checkpoint, message in cases:
         raw["model"].update(init_checkpoint=str(checkpoint), init_heads=True, init_ema=checkpoint != tmp_path / "jmp.ckpt")
         with pytest.raises(TrainError, match=r"^model\.init_heads: .*" + message):
@@ -804,7 +805,8 @@ def test_given_references_replace_the_fitted_ones(tmp_path, monkeypatch):
              "model": {**raw["model"], "init_checkpoint": str(tmp_path / "run" / "last.pt"), "init_heads": True}}
     again["tasks"] = [{**raw["tasks"][0], "targets": [raw["tasks"][0]["targets"][0], {**raw["tasks"][0]["targets"][1],
                                                                                        "references": None}]}]
-    with pytest.raises(TrainError, match=r"model.init_heads: tasks.0 \(mol\) has other targets or forces"):
+    with pytest.raises(TrainError, match=r"model.init_heads: tasks.0 \(mol\) has other targets or forces than .* "
+                                         r"\(targets.1.references: \{'H': -13.6, .*\} -> None\)"):
         loop.Trainer(build_config(again))
     # Every element of the training split needs a reference.
     raw["overwrite"] = True

@@ -76,7 +76,7 @@ def print_config(config) -> None:
 
     from jmp_ext.train.config import to_dict
 
-    print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+    print(yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True), end="")
 
 
 def demo(overrides: list[str], only_print: bool = False) -> dict:

@@ -505,7 +505,9 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if tp is float:
         # PyYAML (YAML 1.1) reads 1e-4 (no dot) as a string; accept what float() reads exactly.
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+            # (YAML reads {H:-13.6} as the key 'H:-13.6' with no value: a flow mapping needs ': ')
+            hint = " (in YAML a mapping needs a space after the colon: {H: -13.6})" if value is None and ":" in key else ""
+            raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}{hint}")
         try:
             number = float(value)
         except ValueError:
@@ -765,4 +767,5 @@ def save_config(config: TrainConfig, path: str | Path) -> None:
     """Writes the resolved config as YAML, atomically; load_config(path) gives it back."""
     from jmp_ext.files import write_bytes_atomic
 
-    write_bytes_atomic(Path(path), yaml.safe_dump(to_dict(config), sort_keys=False).encode())
+    text = yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True)  # (eV/Å, not "eV/\xC5")
+    write_bytes_atomic(Path(path), text.encode())

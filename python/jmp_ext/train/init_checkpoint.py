@@ -9,7 +9,7 @@ from pathlib import Path
 
 from jmp_ext.models.checkpoint import (is_training_checkpoint, load_jmp_checkpoint, read_state_dict, run_weights,
                                       safe_load)
-from jmp_ext.train.config import ConfigError, TrainConfig, TrainError, from_dict
+from jmp_ext.train.config import ConfigError, TaskConfig, TrainConfig, TrainError, from_dict
 from jmp_ext.train.tasks import TaskModel, graph_configs
 from jmp_ext.warn import warn_user
 
@@ -93,12 +93,11 @@ def _load_heads(model: TaskModel, config: TrainConfig, trained: TrainConfig | No
         old = trained.tasks[j]
         # (units None: a checkpoint from before units were recorded, which eval does not check either)
         fields = [f for f in _HEAD_FIELDS if f != "unit" or all(t.unit is not None for t in old.targets)]
-        described = [[{f: getattr(t, f) for f in fields} for t in tk.targets] + [f"forces: {tk.forces}"]
-                     for tk in (old, task)]
-        if described[0] != described[1]:
+        differ = _head_differences(old, task, fields)
+        if differ:
             raise TrainError(f"model.init_heads: tasks.{i} ({task.name}) has other targets or forces than {path}'s "
-                             f"task of that name ({described[1]} against {described[0]}); rename the task to start "
-                             "its heads new")
+                             f"task of that name ({'; '.join(differ)}): keep the checkpoint's, or set "
+                             "model.init_heads=false to start the heads new")
         for key, value in state.items():
             per_task = key.startswith("norm_")  # [T, ...]: row i is this task's
             if not (per_task or key.startswith("net.output.")):
@@ -120,6 +119,15 @@ def _load_heads(model: TaskModel, config: TrainConfig, trained: TrainConfig | No
             new.setdefault("train_elements", state["train_elements"].clone())[i] |= weights["train_elements"][j]
     model.load_state_dict({**state, **new})
     return loaded
+
+
+def _head_differences(old: TaskConfig, new: TaskConfig, fields: list[str]) -> list[str]:
+    """What makes `new`'s heads other than `old`'s: 'targets.K.FIELD: theirs -> this run's'."""
+    if [t.name for t in old.targets] != [t.name for t in new.targets]:
+        return [f"targets {[t.name for t in old.targets]} -> {[t.name for t in new.targets]}"]
+    differ = [f"targets.{k}.{f}: {getattr(a, f)!r} -> {getattr(b, f)!r}" for k, (a, b) in
+              enumerate(zip(old.targets, new.targets)) for f in fields if getattr(a, f) != getattr(b, f)]
+    return differ + ([f"forces: {old.forces} -> {new.forces}"] if old.forces != new.forces else [])
 
 
 def _warn_if_graphs_differ(path: str, trained: list, ours: list) -> None:

@@ -733,6 +733,12 @@ def test_calculator_without_an_energy_names_the_targets(tmp_path):
     preds = inference.predict_structures(model, [atoms_to_entry(a) for a in images], 0)["u0"].numpy()
     assert json.loads((tmp_path / "m.json").read_text())["mol/u0_mae"] == pytest.approx(
         np.abs(preds - [a.info["u0"] for a in images]).mean(), rel=1e-9)
+    # predict from the dataset to extxyz keeps the property label beside its prediction (it was dropped)
+    assert main(["predict", str(tmp_path / "run" / "best.pt"), data, "--out", str(tmp_path / "u0.xyz")]) == 0
+    from jmp_ext.data import LmdbDataset
+
+    for frame, entry in zip(ase.io.read(tmp_path / "u0.xyz", index=":"), LmdbDataset(data)):
+        assert frame.info["u0"] == pytest.approx(float(entry["u0"]), rel=1e-12) and "predicted_u0" in frame.info
     # ... and scores the energy of a checkpoint with both on a file without u0 (it said: --skip-invalid)
     raw["run_dir"] = str(tmp_path / "both")
     raw["tasks"][0]["targets"].insert(0, {"name": "energy", "kind": "energy"})

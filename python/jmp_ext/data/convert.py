@@ -335,10 +335,10 @@ def atoms_to_entry(atoms: Atoms) -> dict[str, torch.Tensor]:
 
 def entry_to_atoms(entry: dict) -> Atoms:
     """A dataset entry as Atoms (Å): its tags, fixed atoms (FixAtoms), labels (energy, forces,
-    stress as a SinglePointCalculator's results, as an extxyz file holds them) and sid (info),
-    for writing a dataset's structures back to a file. Read back by atoms_structure it gives the
-    same entry, except that fixed atoms are a FixAtoms whatever constraint the source had, and
-    all-zero tags read as 2 (oc20_tags)."""
+    stress as a SinglePointCalculator's results, as an extxyz file holds them), sid and scalar
+    properties (info, by name: U_0, a class index, ...), for writing a dataset's structures back
+    to a file. Read back by atoms_structure it gives the same entry, except that fixed atoms are
+    a FixAtoms whatever constraint the source had, and all-zero tags read as 2 (oc20_tags)."""
     atoms = Atoms(numbers=np.asarray(entry["atomic_numbers"]), positions=np.asarray(entry["pos"], dtype=np.float64),
                   cell=np.asarray(entry["cell"], dtype=np.float64).reshape(3, 3),
                   pbc=np.asarray(entry["pbc"]).reshape(3), tags=np.asarray(entry["tags"]))
@@ -353,6 +353,9 @@ def entry_to_atoms(entry: dict) -> Atoms:
         atoms.calc = SinglePointCalculator(atoms, **labels)
     if "sid" in entry:
         atoms.info["sid"] = int(entry["sid"])
+    for name, value in entry.items():  # (properties; the structure fields and labels are placed above)
+        if name not in (*fmt.ATOM_FIELDS, *LABELS, "cell", "pbc", "sid") and np.ndim(value) == 0:
+            atoms.info[name] = np.asarray(value).item()
     return atoms
 
 

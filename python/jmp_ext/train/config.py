@@ -506,7 +506,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         # PyYAML (YAML 1.1) reads 1e-4 (no dot) as a string; accept what float() reads exactly.
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             # (YAML reads {H:-13.6} as the key 'H:-13.6' with no value: a flow mapping needs ': ')
-            hint = " (in YAML a mapping needs a space after the colon: {H: -13.6})" if value is None and ":" in key else ""
+            hint = (" (in YAML a mapping needs a space after the colon: {H: -13.6})"
+                    if value is None and ":" in key else "")
             raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}{hint}")
         try:
             number = float(value)

@@ -508,8 +508,9 @@ def test_predict_names_a_structure_without_edges_by_its_place_in_the_input(check
     ase.io.write(tmp_path / "in.extxyz", images)
     assert main(["predict", str(checkpoint), str(tmp_path / "in.extxyz"), "--out", str(tmp_path / "p.npz"),
                  "--batch-size", "2"]) == 2
-    assert ("input structure(s) [3] (0-based, in the input's order): no pair of atoms within cutoff_main=4.0 Å"
-            in capsys.readouterr().err)
+    err = capsys.readouterr().err
+    assert "input structure(s) [3] (0-based, in the input's order): no pair of atoms within cutoff_main=4.0 Å" in err
+    assert "--skip-invalid gives such structures NaN predictions instead" in err  # (predict's own flag)
 
 
 def test_predict_skip_invalid_gives_nan_for_the_structures_it_cannot_take(checkpoint, tmp_path, capsys):
@@ -531,6 +532,12 @@ def test_predict_skip_invalid_gives_nan_for_the_structures_it_cannot_take(checkp
     err = capsys.readouterr().err
     assert "skipped 2 structure(s) (NaN predictions):\n  1: no pair of atoms within cutoff_main" in err
     assert "  3: atoms: unknown element with atomic number 0" in err
+    # Several in one batch are listed in the input's order (they came last-first).
+    ase.io.write(tmp_path / "two.extxyz", [lone, good[0], lone])
+    assert main(["predict", str(checkpoint), str(tmp_path / "two.extxyz"), "--out", str(tmp_path / "two.npz"),
+                 "--skip-invalid"]) == 0
+    listed = [line.split(":")[0].strip() for line in capsys.readouterr().err.splitlines() if ": no pair" in line]
+    assert listed == ["0", "2"]
     ref, got = np.load(tmp_path / "good.npz"), np.load(tmp_path / "all.npz")
     assert got["valid"].tolist() == [True, False, True, False, True, True]
     assert got["natoms"].tolist() == [len(a) for a in images]

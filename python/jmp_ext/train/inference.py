@@ -310,11 +310,11 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
     outputs: dict[str, list[np.ndarray]] = {}  # the evaluated structures' predictions, in order
     natoms, valid, sids, images = [], [], [], []  # every input structure's
     pending, pending_index = [], []
-    skipped: list[str] = []
+    skipped: list[tuple[int, str]] = []  # (input index, problem), listed in the input's order
 
     def skip(index: int, problem: str) -> None:
         valid[index] = False
-        skipped.append(f"{index}: {problem}")
+        skipped.append((index, problem))
 
     def run_batch() -> None:
         while pending:
@@ -324,7 +324,8 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
             except BatchStructureError as e:
                 if not skip_invalid:
                     raise TrainError(f"input structure(s) {[pending_index[s] for s in e.structures]} (0-based, in "
-                                     f"the input's order): {e.problem}") from e
+                                     f"the input's order): {e.problem}; --skip-invalid gives such structures NaN "
+                                     "predictions instead") from e
                 for s in sorted(e.structures, reverse=True):  # (left out: the others go on)
                     skip(pending_index.pop(s), e.problem)
                     del pending[s]
@@ -358,10 +359,11 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
     if count == 0:
         raise TrainError(f"input {source} holds no structure")
     if not any(valid):
-        raise TrainError(f"no structure of {source} could be evaluated: {skipped[0]}")
+        raise TrainError(f"no structure of {source} could be evaluated: {'%d: %s' % min(skipped)}")
     if skipped:
         print(f"skipped {len(skipped)} structure(s) (NaN predictions):", file=sys.stderr)
-        for line in skipped[:20] + ([f"... and {len(skipped) - 20} more"] if len(skipped) > 20 else []):
+        lines = [f"{index}: {problem}" for index, problem in sorted(skipped)]
+        for line in lines[:20] + ([f"... and {len(lines) - 20} more"] if len(lines) > 20 else []):
             print(f"  {line}", file=sys.stderr)
     per_atom = {"energies", *(target.name for target in config.tasks[t].targets if target.kind == "forces")}
     arrays = {"natoms": np.array(natoms, dtype=np.int64)}

@@ -696,7 +696,7 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
                         report.isolated_atom_energies.setdefault(symbol, float(item["energy"]))
                     raise fmt.DataError("is a single atom without periodic images (MACE's isolated-atom "
                                         "E0 frames are such): GemNet-OC needs a pair of atoms within its "
-                                        "cutoff; --skip-invalid skips these entries")
+                                        "cutoff; `convert --skip-invalid` skips such entries")
                 if labels is not None:
                     _check_labels(item, labels, len(writer), first)
                 writer.add(item, where=where)

@@ -753,7 +753,7 @@ def test_scalar_target_with_per_element_references(tmp_path):
         loop.Trainer(build_config(raw))
 
 
-def test_given_references_replace_the_fitted_ones(tmp_path, monkeypatch):
+def test_given_references_replace_the_fitted_ones(tmp_path, monkeypatch, capsys):
     """TargetConfig.references (isolated-atom energies, JMP's QM9 atom energies): the model's
     references are the given ones plus one per-atom shift, the least-squares fit of the residual
     r = y - sum_i references[Z_i] on the atom count (MACE's), and the std that of r minus it
@@ -776,6 +776,7 @@ def test_given_references_replace_the_fitted_ones(tmp_path, monkeypatch):
     trainer = loop.Trainer(build_config(raw))
     model = trainer.model
     trainer.train()
+    logged = capsys.readouterr().out
     ds = LmdbDataset(data)
     numbers = [ds.read(i)["atomic_numbers"] for i in range(len(ds))]
     natoms = np.array([len(z) for z in numbers], dtype=float)
@@ -791,6 +792,9 @@ def test_given_references_replace_the_fitted_ones(tmp_path, monkeypatch):
         assert getattr(model, f"norm_{name}_std").item() == pytest.approx(shifted.std(), rel=1e-9), name
         assert getattr(model, f"norm_{name}_mean").item() == 0.0
         assert abs(shifted.mean()) < min(shifted.std(), 0.5 * abs(residual.mean())), name  # (the offset absorbed)
+        k, unit = (0, " eV") if name == "energy" else (1, "")  # (and the run's log says what it uses; u0: as stored)
+        assert (f"tasks.0.targets.{k} ({name}): the given references plus {shift:+.6g}{unit} per atom (fitted on the "
+                f"training split), residual std {shifted.std():.6g}{unit}") in logged
     # The run's config.yaml holds them: a resume reads them back.
     # (and takes the normalisation from last.pt, without a pass over the split)
     with monkeypatch.context() as m:

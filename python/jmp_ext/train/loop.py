@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ase.data import atomic_numbers
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -262,6 +263,17 @@ class Trainer:
                            f"{self.steps_per_epoch} steps: " + "; ".join(
                                f"{task.name} {n} structures, p {p:.3f}, {k} drawn"
                                for task, n, p, k in zip(c.tasks, sampler.sizes, sampler.probabilities, sampler.counts)))
+        for i, task in enumerate(c.tasks if not resumed else ()):
+            for k, target in enumerate(task.targets):
+                if target.references is None:
+                    continue
+                # The shift tasks.with_given_references added: the buffer minus a given reference.
+                symbol, value = next(iter(target.references.items()))
+                buffer = "norm_linref" if target.kind == "energy" else f"norm_{target.name}_linref"
+                shift = float(getattr(self.model, buffer)[i, atomic_numbers[symbol]]) - value
+                std, unit = float(self.model.scale(target.name)[i]), f" {target.unit}" if target.unit else ""
+                self.log.write(f"tasks.{i}.targets.{k} ({target.name}): the given references plus {shift:+.6g}{unit} "
+                               f"per atom (fitted on the training split), residual std {std:.6g}{unit}")
         for i, (task, graph) in enumerate(zip(c.tasks, self.model.graph_configs)):
             if not graph.pbc and self.main and bool(self.data[i].train[0]["pbc"].any()):
                 warn_user(f"tasks.{i} ({task.name}): its graphs are non-periodic (graph preset "

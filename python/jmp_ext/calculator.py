@@ -149,17 +149,18 @@ class JMPCalculator(Calculator):
 
         self._check_implemented(properties)  # (also when called directly, as calculate(atoms, ["stress"]))
         super().calculate(atoms, properties, system_changes)
+        new_structure = bool(set(system_changes) & {"numbers", "cell", "pbc"})  # (not only moved atoms)
         try:
             entry = atoms_to_entry(self.atoms)
         except DataError as e:
             # Only positions changed since a structure the model took: in a relaxation or MD, its
             # forces moved the atoms there (a bad element or cell is the caller's, said as it is).
-            if not self._calculated or set(system_changes) & {"numbers", "cell", "pbc"}:
+            if not self._calculated or new_structure:
                 raise
             raise DataError(f"{e} (after a structure that was fine and only moved atoms since: in a relaxation or "
                             "MD, the run diverged, the model's forces moved the atoms there)") from e
         # (not on every step: the counts change little along a trajectory)
-        if self._check_neighbors and set(system_changes) & {"numbers", "cell", "pbc"}:
+        if self._check_neighbors and new_structure:
             self._check_neighbors = not self._warn_if_truncated(entry)
         # An energy alone (Monte Carlo, an energy scan) skips the gradient forces and stress.
         derivatives = not set(properties) <= {"energy", "free_energy", "energies"}

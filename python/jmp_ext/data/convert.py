@@ -345,8 +345,7 @@ def entry_to_atoms(entry: dict) -> Atoms:
     fixed = np.asarray(entry["fixed"], dtype=bool)
     if fixed.any():
         atoms.set_constraint(FixAtoms(mask=fixed))
-    labels = {name: np.asarray(entry[name], dtype=np.float64)
-              for name in ("energy", "forces", "stress") if name in entry}
+    labels = {name: np.asarray(entry[name], dtype=np.float64) for name in LABELS if name in entry}
     if labels:
         if "energy" in labels:
             labels["energy"] = float(labels["energy"])
@@ -354,7 +353,7 @@ def entry_to_atoms(entry: dict) -> Atoms:
     if "sid" in entry:
         atoms.info["sid"] = int(entry["sid"])
     for name, value in entry.items():  # (properties; the structure fields and labels are placed above)
-        if name not in (*fmt.ATOM_FIELDS, *LABELS, "cell", "pbc", "sid") and np.ndim(value) == 0:
+        if name not in fmt.INPUT_FIELDS and name not in LABELS and np.ndim(value) == 0:
             atoms.info[name] = np.asarray(value).item()
     return atoms
 

@@ -62,6 +62,8 @@ ATOM_FIELDS = {"pos", "atomic_numbers", "tags", "fixed", "forces"}
 REQUIRED_FIELDS = ("pos", "atomic_numbers", "cell", "pbc", "tags", "fixed")
 # Labels must be finite; a NaN energy is a broken label, not a value to train on.
 LABEL_FIELDS = {"energy", "forces", "stress"}
+# What an entry holds besides its labels and properties: the structure and its identifiers.
+INPUT_FIELDS = ATOM_FIELDS - LABEL_FIELDS | {"cell", "pbc", "sid", "fid"}
 UNITS = {
     "pos": "Å",
     "cell": "Å",

@@ -17,7 +17,7 @@ from jmp_ext.warn import warn_user
 
 STATS_VERSION = 1
 # Per-atom fields and inputs are not regression targets of a structure.
-_NOT_TARGETS = fmt.ATOM_FIELDS | {"cell", "pbc", "sid", "fid"}
+_NOT_TARGETS = fmt.INPUT_FIELDS | {"forces"}
 # Entries read and reduced at a time: memory is O(_CHUNK_SIZE), whatever the dataset's size.
 _CHUNK_SIZE = 4096
 

@@ -129,9 +129,10 @@ def predict_structures(model: TaskModel, structures: list, task: int | str | Non
         task = task_index(model.tasks, task)
     elif isinstance(task, bool) or not hasattr(task, "__index__"):
         raise TypeError(f"task must be a task's name, index or None, got {type(task).__name__} {task!r}")
-    elif not 0 <= operator.index(task) < len(model.tasks):
-        raise IndexError(f"task {task} is not a task index of the model (it has {len(model.tasks)} tasks)")
-    task = operator.index(task)  # (numpy and 0-d torch integers too)
+    else:
+        task = operator.index(task)  # (numpy and 0-d torch integers too)
+        if not 0 <= task < len(model.tasks):
+            raise IndexError(f"task {task} is not a task index of the model (it has {len(model.tasks)} tasks)")
     structures = [atoms_to_entry(s) if isinstance(s, Atoms) else s for s in structures]
     parameter = next(model.net.parameters())
     batch = collate_batch(structures, parameter.dtype, task)

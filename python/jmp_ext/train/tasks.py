@@ -29,7 +29,6 @@ from jmp_ext.data.format import MAX_Z, DataError
 from jmp_ext.train import losses
 from jmp_ext.train.config import TargetConfig, TaskConfig, TrainConfig, TrainError
 from jmp_ext.train.metrics import Metrics
-from jmp_ext.warn import warn_user
 
 
 # ---------------------------------------------------------------- data
@@ -83,9 +82,6 @@ def load_task_data(config: TrainConfig) -> list[TaskData]:
         for split in ("train", "val", "test"):
             path = getattr(task, split)
             splits[split] = open_dataset(path, f"tasks.{i}.{split}", config.data.in_memory) if path else None
-            if split != "train" and path and Path(path).resolve() == Path(task.train).resolve():
-                warn_user(f"tasks.{i}.{split} is the training split itself ({path}): its metrics, and best.pt "
-                          "chosen by them, measure how well the training data are fitted, not new data")
         for split, ds in splits.items():
             if ds is None:
                 continue

@@ -65,9 +65,8 @@ def fit_scale_factors(model: nn.Module, batches: Iterable, forward: Callable | N
 
     batches: (batch, graphs) pairs (jmp_ext.data.collate, jmp_ext.graphs.build_graphs) for the
     default forward (None: backbone_pass); forward(model, item) runs one forward pass of an
-    item of `batches`. All
-    factors are reset first. Runs in eval mode (no dropout, no edge dropout) and restores the
-    training flag.
+    item of `batches`. All factors are reset first. Runs in eval mode (no dropout, no edge
+    dropout) and restores the training flag.
     """
     forward = forward or backbone_pass
     batches = list(batches)

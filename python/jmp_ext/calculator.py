@@ -1,4 +1,4 @@
-"""ASE Calculator around a trained jmp_ext checkpoint (best.pt / last.pt of a run).
+"""ASE Calculator around a trained jmp_ext checkpoint (best.pt / last.pt of a run) or a TaskModel in memory.
 
     from jmp_ext.calculator import JMPCalculator
     atoms.calc = JMPCalculator("runs/md/best.pt")
@@ -46,6 +46,7 @@ from ase.calculators.calculator import Calculator, PropertyNotImplementedError, 
 
 from jmp_ext.data.convert import atoms_to_entry
 from jmp_ext.data.format import DataError
+from jmp_ext.train.tasks import TaskModel
 from jmp_ext.warn import warn_user
 
 
@@ -57,9 +58,12 @@ MAX_PLAUSIBLE_FORCE = 100.0
 class JMPCalculator(Calculator):
     """Energy, forces (and stress when the model predicts it) of a trained checkpoint.
 
-    checkpoint: a run's best.pt or last.pt (EMA weights when the run had an EMA).
+    checkpoint: a run's best.pt or last.pt (EMA weights when the run had an EMA), or a TaskModel
+        in memory (load_trained's, or a Trainer's model: its trained weights, not the EMA's),
+        used as it is: on its device, in its dtype, in eval mode.
     task: which task's heads to use (needed for a pretraining checkpoint, which has several).
-    device: "cpu", "cuda", ... (on the CPU, load_trained makes the process keep freed memory)
+    device: "cpu", "cuda", ... to load the checkpoint on (None: the CPU; on the CPU, load_trained
+        makes the process keep freed memory)
     dtype: "float32" or "float64" to evaluate the network in (None: the precision it was trained
         in); float64 for finite-difference checks or long NVE runs. float32 rounds each
         position to its magnitude, and ASE's MD does not wrap atoms back into the cell: one
@@ -68,36 +72,47 @@ class JMPCalculator(Calculator):
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
 
-    def __init__(self, checkpoint: str | Path, task: str | None = None, device: str = "cpu",
+    def __init__(self, checkpoint: str | Path | TaskModel, task: str | None = None, device: str | None = None,
                  dtype: str | None = None):
         from jmp_ext.train.inference import load_trained, task_index
 
         super().__init__()
-        self.model, self.config = load_trained(checkpoint, device)
-        self.task = task_index(self.config.tasks, task, "task=")
-        if dtype is not None:
-            if dtype not in ("float32", "float64"):
-                raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-            self.model.net.to(getattr(torch, dtype))
+        if dtype is not None and dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+        if isinstance(checkpoint, TaskModel):
+            # (moving or casting it here would change the caller's model under their feet)
+            if device is not None or dtype is not None:
+                raise ValueError("device= and dtype= are for loading a checkpoint: move a model yourself "
+                                 "(model.to(device), model.net.to(dtype)) before giving it to the calculator")
+            if checkpoint.training:  # (edge dropout and other training-only behaviour would apply)
+                raise ValueError("the model is in training mode: call model.eval() before giving it to the calculator")
+            self.model, source = checkpoint, "the model"
+        else:
+            self.model, _ = load_trained(checkpoint, "cpu" if device is None else device)
+            if dtype is not None:
+                self.model.net.to(getattr(torch, dtype))
+            source = str(checkpoint)
+        task_config = self.model.tasks[task_index(self.model.tasks, task, "task=")]
+        self.task = self.model.tasks.index(task_config)
+        parameter = next(self.model.net.parameters())
         # What trajectories and ASE databases record of the calculator (Calculator.todict).
-        self.parameters.update(checkpoint=str(checkpoint), task=self.config.tasks[self.task].name, device=device,
-                               dtype=str(next(self.model.net.parameters()).dtype).removeprefix("torch."))
+        self.parameters.update(checkpoint=source, task=task_config.name, device=str(parameter.device),
+                               dtype=str(parameter.dtype).removeprefix("torch."))
         self._warned_force = False
         self._calculated = False  # (a structure went through: later position errors are the run's)
-        targets = self.config.tasks[self.task].targets
-        kinds = {t.kind for t in targets}
+        kinds = {t.kind for t in task_config.targets}
         if "energy" not in kinds:
-            predicts = ", ".join(f"{t.name} ({t.kind})" for t in targets)
-            raise ValueError(f"{checkpoint} predicts {predicts} (task {self.config.tasks[self.task].name!r}), not an energy "
+            predicts = ", ".join(f"{t.name} ({t.kind})" for t in task_config.targets)
+            raise ValueError(f"{source} predicts {predicts} (task {task_config.name!r}), not an energy "
                              "(a target of kind energy), which an ASE calculator needs")
         # ASE and its optimisers read this to decide what to ask for.
         self.implemented_properties = [p for p in self.implemented_properties if p not in {"forces", "stress"} - kinds]
         # Truncated neighbour lists are checked for gradient forces (direct ones are not
         # conservative anyway, as the warning below says), on each new kind of structure
         # (elements, cell or pbc), until one warning is given.
-        self._check_neighbors = self.config.tasks[self.task].gradient_forces
-        if "forces" in kinds and not self.config.tasks[self.task].gradient_forces:
-            warn_user(f"{checkpoint} predicts direct forces (forces: direct), which are not the "
+        self._check_neighbors = task_config.gradient_forces
+        if "forces" in kinds and not task_config.gradient_forces:
+            warn_user(f"{source} predicts direct forces (forces: direct), which are not the "
                       "gradient of its energy: MD will not conserve energy. Fine-tune with "
                       "forces: gradient for MD and relaxations")
 
@@ -122,7 +137,8 @@ class JMPCalculator(Calculator):
             kept = ", ".join(f"{name} {k} of up to {count}" for name, (count, k) in truncated.items())
             natoms = len(entry["atomic_numbers"])
             base = int(config.neighbors_per_structure(torch.tensor([natoms]))["main"][0])
-            advice = (f"For smooth energies fine-tune with graph.max_neighbors >= {needed}" if base == config.max_neighbors
+            advice = (f"For smooth energies fine-tune with graph.max_neighbors >= {needed}"
+                      if base == config.max_neighbors
                       else f"A structure of {natoms} atoms keeps at most {base} neighbours in these graphs (the "
                            f"MatBench / QMOF presets' rule for large structures, as JMP's), whatever "
                            f"graph.max_neighbors says")

@@ -829,6 +829,32 @@ def test_calculator_options_and_bad_structures(checkpoint, tiny_data, tmp_path):
     assert "diverged" not in str(raised.value)
 
 
+def test_calculator_of_a_model_in_memory_is_the_checkpoints(checkpoint):
+    """A TaskModel in memory (load_trained's, a Trainer's) serves as the checkpoint it came from,
+    where it is; moving or casting it, or a model still in training mode, is refused rather than
+    done to the caller's model behind their back."""
+    model, _ = inference.load_trained(checkpoint)
+    atoms = molecule("CH3OH")
+    atoms.rattle(0.05, seed=1)
+    atoms.calc = JMPCalculator(checkpoint)
+    expected = atoms.get_potential_energy(), atoms.get_forces()
+    calc = JMPCalculator(model)
+    assert calc.todict() == {"checkpoint": "the model", "task": "mol", "device": "cpu", "dtype": "float64"}
+    atoms.calc = calc
+    assert atoms.get_potential_energy() == expected[0]
+    np.testing.assert_array_equal(atoms.get_forces(), expected[1])
+    with pytest.raises(ValueError, match=r"move a model yourself \(model.to\(device\)"):
+        JMPCalculator(model, device="cpu")
+    with pytest.raises(ValueError, match="move a model yourself"):
+        JMPCalculator(model, dtype="float32")
+    assert next(model.net.parameters()).dtype == torch.float64
+    with pytest.raises(TrainError, match=r"task 'bulk' is not a task of the checkpoint \(tasks: \['mol'\]\)"):
+        JMPCalculator(model, task="bulk")
+    model.train()
+    with pytest.raises(ValueError, match=r"the model is in training mode: call model.eval\(\)"):
+        JMPCalculator(model)
+
+
 def test_periodic_structures_on_a_molecule_model_are_pointed_out(tiny_data, tmp_path):
     """A checkpoint trained with a molecule graph preset (non-periodic) gave a bulk crystal the
     same energy with and without pbc, without a word."""

@@ -168,6 +168,7 @@ def edit_meta(path, change):
     (lambda m: m["schema"]["forces"].update(shape=[3, "n"]), "schema of field forces is"),
     (lambda m: m["schema"]["forces"].pop("unit"), "schema of field forces is"),  # (info's KeyError)
     (lambda m: m["schema"]["forces"].update(dtype=">f8"), "schema of field forces is"),
+    (lambda m: m.update(info=["src.xyz"]), "info is list, not an object of provenance"),
 ])
 def test_damaged_meta_json(dataset, change, message):
     edit_meta(dataset, change)

@@ -138,7 +138,7 @@ def test_cli_stats_and_info(tmp_path, capsys):
     from jmp_ext.data.__main__ import main
 
     write_dataset(tmp_path / "ds", linear_entries(np.random.default_rng(3), 12, noise=0.1),
-                  units={"gap": "eV"})
+                  units={"gap": "eV"}, info={"source": "gaps.xyz"})
     assert main(["stats", str(tmp_path / "ds")]) == 0
     out = capsys.readouterr().out
     assert "12 entries" in out and "energy after linear references" in out and "force RMS" in out
@@ -149,6 +149,7 @@ def test_cli_stats_and_info(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "12 entries in 1 shard(s)" in out
     assert any(line.split() == ["gap", "float64", "[]", "eV"] for line in out.splitlines())
+    assert '  provenance: {"source": "gaps.xyz"}' in out.splitlines()
     assert main(["info", str(tmp_path / "missing")]) == 2
     assert f"dataset {tmp_path / 'missing'} does not exist" in capsys.readouterr().err
     (tmp_path / "mols.extxyz").write_text("")

@@ -2,6 +2,7 @@
 
 import csv
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -704,6 +705,30 @@ def test_each_pretraining_task_gets_its_own_graphs(tiny_data, tmp_path):
         if name == "a2ee2a":  # (main is symmetrised: an atom can get more than k edges)
             assert neighbors[batch["task"][batch["batch"]] == 0].max() == 4 * 20 // 30
     trainer.train()
+
+
+def test_a_val_split_that_holds_training_entries_is_pointed_out(tmp_path):
+    """Training on a dataset and validating on a part split from it (or the other way round)
+    measured the fit of the training data as the train-as-val case does, without a word; parts
+    of one split side by side are the normal case."""
+    from helpers import write_molecules
+
+    from jmp_ext.data import LmdbDataset
+    from jmp_ext.data.split import split_dataset
+
+    source = write_molecules(tmp_path / "all", 12, seed=5)
+    parts = split_dataset(source, tmp_path / "parts", {"train": np.arange(8), "val": np.arange(8, 12)})
+    full, train, val = LmdbDataset(source), LmdbDataset(parts["train"]), LmdbDataset(parts["val"])
+    assert re.fullmatch(r"\(.*parts/val\) was split from the dataset the run trains on \(.*all\): its entries are "
+                        r"training entries too", tasks.shared_entries(full, val))
+    assert re.fullmatch(r"\(.*all\) is the dataset the training split \(.*parts/train\) was split from: it holds "
+                        r"every training entry", tasks.shared_entries(train, full))
+    assert tasks.shared_entries(train, val) is None and tasks.shared_entries(val, train) is None
+    raw = finetune_config(tmp_path, tmp_path / "run", forces="direct")
+    raw["tasks"][0].update(train=source, val=str(parts["val"]), test="")
+    with pytest.warns(UserWarning, match=r"tasks.0.val \(.*\) was split from the dataset the run trains on .*: its "
+                                         r"metrics, and best.pt chosen by them, measure how well the training data"):
+        loop.Trainer(build_config(raw))
 
 
 def test_scalar_target_with_per_element_references(tmp_path):

@@ -103,6 +103,8 @@ def cmd_info(args) -> None:
     for name, field in ds.schema.items():
         shape = "[" + ",".join(map(str, field["shape"])) + "]"
         print(f"  {name:16s} {np.dtype(field['dtype']).name:8s} {shape:8s} {field['unit']}")
+    if ds.info:
+        print(f"  provenance: {json.dumps(ds.info)}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -72,6 +72,8 @@ class LmdbDataset(Dataset):
     (energy [] eV, forces [n,3] eV/Å, stress [3,3] eV/Å^3, named properties). Collate casts
     floats to the training dtype. `ds.natoms` is int64 [len] and `ds.schema` maps each field to
     its dtype, shape and unit; both come from the metadata, so len() and batching never scan.
+    `ds.info` is meta.json's provenance (a split's part: "split_of", the absolute path of the
+    dataset it was split from, and "split", the part's name).
 
     LMDB handles are opened on construction (so a truncated shard, or one with another number of
     entries than meta.json lists, fails there) and reopened in a new process (DataLoader
@@ -90,6 +92,8 @@ class LmdbDataset(Dataset):
         self._meta_bytes = _contents(self.path / fmt.META_FILE)
         meta = fmt.read_meta(self.path)
         self.schema: dict[str, dict] = meta["schema"]
+        # Provenance: convert's source file, the demo's seed, split's source dataset ("split_of").
+        self.info: dict = meta.get("info", {})
         self._shard_files = [self.path / shard["file"] for shard in meta["shards"]]
         self._offsets = np.cumsum([0] + [shard["num_entries"] for shard in meta["shards"]])
         self.natoms = fmt.read_natoms(self.path, meta["num_entries"])

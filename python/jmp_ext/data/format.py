@@ -6,7 +6,8 @@ A dataset is a directory:
                          "id": random hex, new with every write (none in older datasets),
                          "shards": [{"file": "data.0000.lmdb", "num_entries": m0}, ...],
                          "schema": {field: {"dtype", "shape", "per_atom", "unit"}},
-                         "info": {provenance: source file, converter, demo seed, ...}}
+                         "info": {provenance: source file, converter, demo seed, a split's
+                                  source dataset (split_of) and part (split), ...}}
     metadata.npz        natoms: int64 [M], the atom count of every entry in dataset order
                         (the same file and key JMP and fairchem read for atom-balanced batching)
     data.0000.lmdb ...  LMDB files (subdir=False); entry k of a shard is stored under the ASCII
@@ -407,6 +408,8 @@ def read_meta(path: str | Path) -> dict:
         raise DataError(f"{meta_path}: num_entries {meta['num_entries']!r} is not a count")
     _check_shards(meta["shards"], meta["num_entries"], meta_path)
     _check_schema(meta["schema"], meta_path)
+    if not isinstance(meta.get("info", {}), dict):
+        raise DataError(f"{meta_path}: info is {type(meta['info']).__name__}, not an object of provenance")
     return meta
 
 

@@ -152,7 +152,8 @@ def split_dataset(src: str | Path, out_dir: str | Path, parts: dict[str, np.ndar
     try:
         for name, indices in parts.items():
             with DatasetWriter(staging / "new" / name, shard_size=_shard_size(source),
-                               float_dtype=_float_dtype(source), units=units) as writer:
+                               float_dtype=_float_dtype(source), units=units,
+                               info={**source.info, "split_of": str(Path(src).resolve()), "split": name}) as writer:
                 for i in tqdm(indices.tolist(), disable=not progress, desc=f"{name}", unit="entry"):
                     writer.add(source.read(i), where=f"{src} entry {i}")
         if "train" in parts:

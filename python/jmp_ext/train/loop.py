@@ -276,10 +276,11 @@ class Trainer:
                                f"per atom (fitted on the training split), residual std {std:.6g}{unit}")
         for i, (task, graph) in enumerate(zip(c.tasks, self.model.graph_configs)):
             for split in ("val", "test"):
-                path = getattr(task, split)
-                if self.main and path and Path(path).resolve() == Path(task.train).resolve():
-                    warn_user(f"tasks.{i}.{split} is the training split itself ({path}): its metrics, and best.pt "
-                              "chosen by them, measure how well the training data are fitted, not new data")
+                shared = self.main and getattr(task, split) and tasks.shared_entries(self.data[i].train,
+                                                                                    getattr(self.data[i], split))
+                if shared:
+                    warn_user(f"tasks.{i}.{split} {shared}: its metrics, and best.pt chosen by them, measure how well "
+                              "the training data are fitted, not new data")
             if not graph.pbc and self.main and bool(self.data[i].train[0]["pbc"].any()):
                 warn_user(f"tasks.{i} ({task.name}): its graphs are non-periodic (graph preset "
                           f"{(task.graph or c.graph).preset!r}), but its training data is periodic ({task.train} "

@@ -67,6 +67,21 @@ def open_dataset(path: str, what: str, in_memory: bool):
         raise TrainError(f"{what}: cannot open dataset {path}: {e}") from e
 
 
+def shared_entries(train, other) -> str | None:
+    """How the dataset `other` (a val or test split) holds training entries, as the end of a
+    sentence naming it; None when nothing says it does. train, other: LmdbDataset. Known from
+    the paths and split's provenance (ds.info["split_of"]), not by comparing entries."""
+    if other.path.resolve() == train.path.resolve():
+        return f"is the training split itself ({other.path})"
+    if other.info.get("split_of") == str(train.path.resolve()):
+        return (f"({other.path}) was split from the dataset the run trains on ({train.path}): its entries are "
+                "training entries too")
+    if train.info.get("split_of") == str(other.path.resolve()):
+        return (f"({other.path}) is the dataset the training split ({train.path}) was split from: it holds every "
+                "training entry")
+    return None
+
+
 def load_task_data(config: TrainConfig) -> list[TaskData]:
     """Opens every split, loads the training split's statistics, and checks that each target's
     label exists in every split, in one unit: the train split's fills in TargetConfig.unit when

@@ -907,7 +907,10 @@ def test_property_units(tmp_path, frames, capsys):
     for args, message in [(["--property", ":eV"], "--property ':eV': no name"),
                           (["--property", "U_0:"], "--property 'U_0:': no unit after ':'"),
                           (["--property", "U_0", "--property", "U_0:Hartree"], "--property 'U_0:Hartree': 'U_0' given "
-                                                                               "twice")]:
+                                                                               "twice"),
+                          # (a name the model could not name its head by failed only when training)
+                          (["--property", "mu.x=mu"], "property name 'mu.x': a label's name is letters, digits, '_' "
+                                                      "and '-'")]:
         assert main(["convert", str(tmp_path / "qm9.extxyz"), str(tmp_path / "bad"), *args]) == 2
         assert message in capsys.readouterr().err
     # A frame without atoms is named as such (it read as "lacks forces, unlike the first entry").

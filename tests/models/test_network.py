@@ -213,6 +213,18 @@ def test_finetune_heads_shapes_and_classification():
     assert "forces" not in out
 
 
+def test_a_head_name_torch_cannot_hold_is_a_message():
+    """The heads sit in an nn.ModuleDict by target name: a '.' in it was torch's KeyError from
+    deep in the constructor, and 'train' or 'to' would replace the ModuleDict's methods."""
+    for name in ("gap.x", "", "a b"):
+        with pytest.raises(ValueError, match=f"HeadConfig '{name}': a target's name is letters, digits, '_' and '-'"):
+            HeadConfig(target=name)
+    for name in ("train", "to", "values"):
+        with pytest.raises(ValueError, match=f"HeadConfig '{name}': '{name}' is an attribute of torch's nn.ModuleDict"):
+            HeadConfig(target=name)
+    assert FinetuneModel(TINY, [HeadConfig(target="U_0-eV")]).output.heads["U_0-eV"] is not None
+
+
 def test_head_keys_and_sizes_are_jmps():
     model = PretrainModel(TINY, ["oc20", "oc22", "ani1x", "transition1x"])
     keys = [k for k in model.state_dict() if k.startswith("output.out_energy.0.")]

@@ -19,6 +19,7 @@ from torch import nn
 from ase.data import atomic_masses
 
 from jmp_ext import ops
+from jmp_ext.data.format import LABEL_NAME
 from jmp_ext.models.gemnet_oc.layers import ScaledSiLU
 
 
@@ -58,6 +59,17 @@ def direct_forces(edge_scalar: torch.Tensor, V_st: torch.Tensor, idx_t: torch.Te
     return ops.scatter_sum(edge_scalar * V_st, idx_t, num_atoms)
 
 
+def head_name_problem(name: str) -> str | None:
+    """Why `name` cannot name a head (the heads sit in an nn.ModuleDict under their targets'
+    names), None when it can."""
+    if not isinstance(name, str) or not LABEL_NAME.fullmatch(name):
+        return "a target's name is letters, digits, '_' and '-' (it names the model's head and the metrics' columns)"
+    if hasattr(nn.ModuleDict, name):
+        return (f"{name!r} is an attribute of torch's nn.ModuleDict, which holds the heads by their targets' "
+                "names; store the label under another name (python -m jmp_ext.data convert --property NEW=KEY)")
+    return None
+
+
 @dataclass(frozen=True, kw_only=True)
 class HeadConfig:
     """One fine-tuning target predicted from the per-atom features.
@@ -79,6 +91,9 @@ class HeadConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        problem = head_name_problem(self.target)
+        if problem:
+            raise ValueError(f"HeadConfig {self.target!r}: {problem}")
         if self.kind not in ("scalar", "classification"):
             raise ValueError(f"HeadConfig.kind must be 'scalar' or 'classification', got {self.kind!r}")
         if self.reduction not in ("sum", "mean", "max", "spatial_extent"):

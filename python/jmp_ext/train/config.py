@@ -98,8 +98,13 @@ class TargetConfig:
     compared in two units."""
 
     def __post_init__(self) -> None:
+        from jmp_ext.models.heads import head_name_problem
+
         if not self.name:
             raise ConfigError("target name is empty")
+        problem = head_name_problem(self.name)
+        if problem:
+            raise ConfigError(f"target {self.name!r}: {problem}")
         if self.name in RESERVED_NAMES:
             raise ConfigError(f"target {self.name!r}: the batch uses that name itself ({', '.join(RESERVED_NAMES)}); "
                               f"store the label under another name (python -m jmp_ext.data convert --property NEW=KEY)")

@@ -215,6 +215,63 @@ def test_ase_db_with_property(tmp_path, frames):
         convert(tmp_path / "in.db", tmp_path / "bad", select="natoms>>3")
 
 
+def write_aselmdb(path, frames, start=0):
+    """fairchem's ASE LMDB (OMat24, OMol25), written by its own backend; rows carry `k`."""
+    from ase_db_backends.aselmdb import LMDBDatabase
+
+    db = LMDBDatabase(path)
+    for k, atoms in enumerate(frames, start):
+        db.write(atoms, k=k, data={"dipole": np.arange(3.0) + k})
+    db.close()
+    for lock in path.parent.glob("*-lock"):  # (as a downloaded dataset: no lock files)
+        lock.unlink()
+
+
+def test_fairchem_aselmdb_files_and_directories(tmp_path, frames, capsys):
+    """OMat24 / OMol25 come as directories of .aselmdb files, which ase.db reads through
+    fairchem's ase-db-backends: convert takes a file or a directory of them (in name order),
+    read-only (no lock file beside a shared dataset), with --select as for an ASE db."""
+    pytest.importorskip("ase_db_backends", reason="ase-db-backends is in the test extra")
+    (tmp_path / "omat").mkdir()
+    write_aselmdb(tmp_path / "omat" / "data.0001.aselmdb", frames[3:], start=3)
+    write_aselmdb(tmp_path / "omat" / "data.0000.aselmdb", frames[:3])
+    (tmp_path / "omat").chmod(0o555)  # (a lock file or a write would fail)
+    try:
+        report = convert(tmp_path / "omat", tmp_path / "out", keys=KeyMap(properties={"dipole": "dipole"}))
+        assert report.written == 6 and report.labels["stress"] == "calculator['stress']"
+        ds = LmdbDataset(tmp_path / "out")
+        for k, atoms in enumerate(frames):
+            entry = ds[k]
+            np.testing.assert_array_equal(entry["pos"], atoms.positions)
+            np.testing.assert_array_equal(entry["atomic_numbers"], atoms.numbers)
+            assert entry["energy"].item() == atoms.get_potential_energy()
+            np.testing.assert_array_equal(entry["forces"], atoms.get_forces(apply_constraint=False))
+            np.testing.assert_allclose(entry["stress"], atoms.get_stress(voigt=False), rtol=1e-15)
+            np.testing.assert_array_equal(entry["dipole"], np.arange(3.0) + k)
+        assert main(["convert", str(tmp_path / "omat" / "data.0001.aselmdb"), str(tmp_path / "some"),
+                     "--select", "k>3"]) == 0
+        assert LmdbDataset(tmp_path / "some")[0]["energy"].item() == frames[4].get_potential_energy()
+        assert sorted(p.name for p in (tmp_path / "omat").iterdir()) == ["data.0000.aselmdb", "data.0001.aselmdb"]
+    finally:
+        (tmp_path / "omat").chmod(0o755)
+    # A truncated file (an interrupted download) is named, not a SIGBUS.
+    data = (tmp_path / "omat" / "data.0000.aselmdb").read_bytes()
+    (tmp_path / "omat" / "data.0000.aselmdb").write_bytes(data[:len(data) // 2])
+    with pytest.raises(DataError, match=r"data.0000.aselmdb is truncated"):
+        convert(tmp_path / "omat", tmp_path / "bad")
+    capsys.readouterr()
+
+
+def test_aselmdb_without_its_backend_says_what_to_install(tmp_path, monkeypatch, capsys):
+    (tmp_path / "omat").mkdir()
+    (tmp_path / "omat" / "data.0000.aselmdb").write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "ase_db_backends", None)  # (as when it is not installed)
+    monkeypatch.setitem(sys.modules, "ase_db_backends.aselmdb", None)
+    assert main(["convert", str(tmp_path / "omat"), str(tmp_path / "out")]) == 2
+    assert ("data.0000.aselmdb: reading fairchem's ASE LMDB (.aselmdb) needs the ase-db-backends package: pip "
+            "install ase-db-backends") in capsys.readouterr().err
+
+
 def test_bad_ase_inputs(tmp_path, frames):
     frames[3].calc.results["energy"] = float("nan")
     frames[4].numbers[0] = 0  # "X": not an element

@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=cmd_make_demo)
 
     p = commands.add_parser("convert", help="convert extxyz / ASE db / OC20-style LMDB")
-    p.add_argument("src", help="extxyz or other ase.io file, ASE .db, or OC20/JMP .lmdb (dir)")
+    p.add_argument("src", help="extxyz or other ase.io file, ASE .db, fairchem .aselmdb (dir), or OC20/JMP .lmdb "
+                               "(dir)")
     p.add_argument("dst")
     p.add_argument("--format", choices=["ase", "ase-db", "lmdb"], help="default: from SRC")
     p.add_argument("--allow-pickle", action="store_true",
@@ -181,8 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     # DataError is a ValueError; OSError: a missing or unreadable file, an existing target
-    # without --overwrite, a full disk, a pickled LMDB without --allow-pickle (PermissionError).
-    except (ValueError, OSError, lmdb.Error) as error:
+    # without --overwrite, a full disk, a pickled LMDB without --allow-pickle (PermissionError);
+    # ImportError: an optional package a source needs (ase-db-backends for .aselmdb).
+    except (ValueError, OSError, ImportError, lmdb.Error) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2  # (as argparse's usage errors and python -m jmp_ext.train's)
     except KeyboardInterrupt as error:  # (datasets, stats files and a split's parts are written atomically)

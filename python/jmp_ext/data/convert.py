@@ -409,8 +409,10 @@ def iter_ase_file(path: Path, keys: KeyMap, report: ConvertReport) -> Iterator[t
 
 def iter_ase_db(path: Path, keys: KeyMap, report: ConvertReport, select: str | None = None
                 ) -> Iterator[tuple[str, object]]:
-    """(where, entry or exception) for every row of an ASE database; key_value_pairs and data
-    are searched for labels and properties after the calculator results."""
+    """(where, entry or exception) for every row of an ASE database (.db, .json), or of
+    fairchem's ASE LMDBs (an .aselmdb file, or a directory of them, read in name order: OMat24,
+    OMol25); key_value_pairs and data are searched for labels and properties after the
+    calculator results."""
     import ase.db
     from ase.db.core import parse_selection
 
@@ -418,10 +420,20 @@ def iter_ase_db(path: Path, keys: KeyMap, report: ConvertReport, select: str | N
         parse_selection(select)
     except Exception as error:  # (its parser's own: "too many values to unpack" for natoms>>3)
         raise fmt.DataError(f"select {select!r}: ase.db cannot read this query ({error})") from None
-    with ase.db.connect(str(path)) as db:
-        with tqdm(db.select(select), total=db.count(select), desc=str(path), unit="row") as rows:
+    for file in sorted(path.glob("*.aselmdb")) if path.is_dir() else [path]:
+        if file.suffix == ".aselmdb":
+            try:  # (ase.db reads them through fairchem's backend package)
+                import ase_db_backends.aselmdb  # noqa: F401
+            except ImportError:
+                raise ImportError(f"{file}: reading fairchem's ASE LMDB (.aselmdb) needs the ase-db-backends "
+                                  "package: pip install ase-db-backends") from None
+            fmt.open_lmdb_readonly(file).close()  # (a truncated file is an error, not a SIGBUS)
+            db = ase.db.connect(str(file), readonly=True)  # (without a lock file or write access)
+        else:
+            db = ase.db.connect(str(file))
+        with db, tqdm(db.select(select), total=db.count(select), desc=str(file), unit="row") as rows:
             for row in rows:
-                where = f"{path} row id={row.id}"
+                where = f"{file} row id={row.id}"
                 try:
                     atoms = row.toatoms()
                     atoms.info.update(row.key_value_pairs)
@@ -630,10 +642,11 @@ def _refuse_jmp_ext(src: Path) -> None:
 
 
 def detect_format(src: Path) -> str:
+    # (ase.io would read a .json database without its key-value pairs)
+    if src.suffix in (".db", ".json", ".aselmdb") or (src.is_dir() and any(src.glob("*.aselmdb"))):
+        return "ase-db"
     if src.is_dir() or src.suffix == ".lmdb":
         return "lmdb"
-    if src.suffix in (".db", ".json"):  # (ase.io would read a .json database without its key-value pairs)
-        return "ase-db"
     return "ase"
 
 
@@ -643,8 +656,10 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
             float_dtype=np.float64, shard_size: int = 5000) -> ConvertReport:
     """Convert `src` into a new dataset at `dst` (atomically).
 
-    source_format: "ase" (extxyz, traj, anything ase.io reads), "ase-db", or "lmdb" (pickled
-        OC20/JMP); default from the path: a directory or *.lmdb is "lmdb", *.db "ase-db".
+    source_format: "ase" (extxyz, traj, anything ase.io reads), "ase-db" (ASE databases, and
+        fairchem's .aselmdb files with the ase-db-backends package), or "lmdb" (pickled OC20/JMP);
+        default from the path: *.db, *.json, *.aselmdb or a directory of .aselmdb files is
+        "ase-db", another directory or *.lmdb "lmdb".
     allow_pickle: required for "lmdb": reading pickles can run code. Globals are restricted to
         torch tensors, numpy arrays and torch_geometric containers, but only convert files
         you trust.

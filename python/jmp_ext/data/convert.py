@@ -423,7 +423,7 @@ def iter_ase_db(path: Path, keys: KeyMap, report: ConvertReport, select: str | N
     for file in sorted(path.glob("*.aselmdb")) if path.is_dir() else [path]:
         if file.suffix == ".aselmdb":
             try:  # (ase.db reads them through fairchem's backend package)
-                import ase_db_backends.aselmdb  # noqa: F401
+                importlib.import_module("ase_db_backends.aselmdb")
             except ImportError:
                 raise ImportError(f"{file}: reading fairchem's ASE LMDB (.aselmdb) needs the ase-db-backends "
                                   "package: pip install ase-db-backends") from None

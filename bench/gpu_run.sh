@@ -24,7 +24,8 @@ if ! { cmake -S . -B build/gpu -G Ninja -DJMP_EXT_CUDA=ON -DCMAKE_CUDA_ARCHITECT
   tail -40 "$out/build.log"
   exit 1
 fi
-python3 -c "import jmp_ext.ops as ops, torch; print(ops.build_info(), torch.__version__)"
+# The build and the self-check (radius graph vs ASE, the model on the GPU vs the CPU): ~10 s.
+CUDA_LAUNCH_BLOCKING=1 timeout 60 python3 -m jmp_ext 2>&1 | tee "$out/self_check.log"
 
 # Synchronous launches for the tests: a kernel's fault is reported by the op that launched it
 # (the interaction indices, basis and radius graph fill check launches only, not execution).

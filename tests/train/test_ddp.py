@@ -110,10 +110,10 @@ def _stopped_at_step_3_and_resumed(rank, full, cut, resumed):
     loop.Trainer(full).train()
     original = loop.Trainer.train_step
 
-    def stopped(self, batch):
+    def stopped(self, batch, stand_in=False):
         if self.step == 2:
             raise KeyboardInterrupt
-        return original(self, batch)
+        return original(self, batch, stand_in)
 
     loop.Trainer.train_step = stopped
     try:
@@ -249,18 +249,16 @@ def test_raise_together(monkeypatch):
 # ---------------------------------------------------------------- resuming on another number of ranks
 
 
-def test_resume_position():
-    """Global batches of 2, 2, 1, 2, 2, 1, 1, 1 structures: 2 ranks train 0, 1, 3, 4 (the others
-    have fewer structures than ranks), 1 process all of them."""
+def test_resume_position_of_an_older_last_pt():
+    """An older jmp_ext left out the global batches of fewer structures than ranks and did not
+    count them in batch_in_epoch. Batches of 2, 2, 1, 2, 2, 1, 1, 1 structures: its 2 ranks
+    trained 0, 1, 3, 4, which every batch now counts as 0..4."""
     batches = [[0, 1], [2, 3], [4], [5, 6], [7, 8], [9], [10], [11]]
-    assert loop.resume_position(batches, 3, 2, 2) == 3  # the same number of ranks: unchanged
-    assert loop.resume_position(batches, 3, 2, 1) == 4  # 2 ranks trained 0, 1, 3: 1 process goes on at 4
-    assert loop.resume_position(batches, 3, 1, 2) == 2  # 1 process trained 0, 1, 2: 2 ranks go on at 3
-    assert loop.resume_position(batches, 2, 1, 2) == 2  # trained 0, 1: 2 ranks go on at 3 (2 is too small)
-    assert loop.resume_position(batches, 0, 2, 1) == 0
-    assert loop.resume_position(batches, 4, 2, 1) == 5  # 2 ranks' epoch done: 1 process trains 5, 6, 7
-    assert loop.resume_position(batches, 8, 1, 2) == 4  # 1 process's epoch done: so are the 2 ranks'
-    assert loop.resume_position(batches, 1, 1, 3) == 0  # 3 ranks: no batch of this epoch has 3 structures
+    assert loop.resume_position(batches, 3, 2) == 4  # trained 0, 1, 3: go on at 4
+    assert loop.resume_position(batches, 4, 2) == 5  # its epoch done: 5, 6, 7 remain
+    assert loop.resume_position(batches, 0, 2) == 0
+    assert loop.resume_position(batches, 3, 1) == 3  # 1 process left nothing out
+    assert loop.resume_position(batches, 1, 3) == 0  # 3 ranks: no batch of this epoch was trained
 
 
 def test_a_rank_the_saved_run_did_not_have_gets_a_stream_of_its_own(tiny_data, tmp_path):
@@ -288,44 +286,66 @@ def _resume_config(data, run_dir, steps, resume=False):
 
 
 @pytest.mark.slow
-def test_resume_on_another_number_of_ranks(tiny_data, tmp_path):
-    """1 process -> 2 ranks continues as 1 process would (2 ranks train what 1 process does on
-    batches of 2 structures or more), 2 ranks -> 1 process as 2 ranks would: neither repeats
-    nor skips a batch of the epoch."""
+def test_small_global_batches_and_resumes_on_another_number_of_ranks(tiny_data, tmp_path):
+    """A global batch of fewer structures than ranks (batch 2 here) was left out on 2 ranks: an
+    epoch had fewer steps and some structures were never trained. Now the rank without a
+    structure trains a stand-in that counts zero: 2 ranks, 1 process -> 2 ranks and 2 ranks ->
+    1 process all end with 1 process's weights, neither repeating nor skipping a batch."""
     cfg = lambda name, steps, resume=False: _resume_config(tiny_data, tmp_path / name, steps, resume)  # noqa: E731
     loop.Trainer(cfg("one_two", 3)).train()  # global batches 0, 1, 2
     _on_ranks(_train, [cfg("one_two", 5, resume=True),  # 3, 4
-                       cfg("two_one", 3),  # 0, 1, 3 (2 has 1 structure)
-                       cfg("two", 4)])  # 0, 1, 3, 4
+                       cfg("two_one", 3),  # 0, 1, 2
+                       cfg("two", 5)])  # 0..4
     with pytest.warns(UserWarning, match="resuming with 1 ranks from a run with 2"):
-        loop.Trainer(cfg("two_one", 4, resume=True)).train()  # 4
-    loop.Trainer(cfg("one", 5)).train()  # 0, 1, 2, 3, 4
-    _assert_same_weights(tmp_path / "one_two" / "last.pt", tmp_path / "one" / "last.pt")
-    _assert_same_weights(tmp_path / "two_one" / "last.pt", tmp_path / "two" / "last.pt")
+        loop.Trainer(cfg("two_one", 5, resume=True)).train()  # 3, 4
+    loop.Trainer(cfg("one", 5)).train()  # 0..4
+    for name in ("two", "one_two", "two_one"):
+        _assert_same_weights(tmp_path / name / "last.pt", tmp_path / "one" / "last.pt")
 
 
-def test_an_epoch_without_a_batch_for_every_rank_is_an_error(tiny_data, tmp_path, monkeypatch):
-    """data.batch_size=1 on 2 ranks: every global batch is too small to split, each epoch empty;
-    the loop went from empty epoch to empty epoch for ever."""
+def test_a_rank_without_a_structure_trains_a_stand_in(tiny_data, tmp_path):
+    """data.batch_size=1 on 2 ranks: every global batch has one structure, rank 1 none of them
+    (the loop went from empty epoch to empty epoch before there was a stand-in)."""
     trainer = loop.Trainer(_finetune(tiny_data, tmp_path / "run", forces="direct", val="", data_kw={"batch_size": 1},
                                      fit_scale_factors=0))
-    trainer.dist = dataclasses.replace(trainer.dist, world_size=2)  # (rank 0 of 2 for _epoch_loader)
-    epochs, original = [], trainer._epoch_loader
+    assert trainer.steps_per_epoch == 12
+    expected = trainer.train_set[trainer.sampler.batches(0)[5][0]]["pos"]
+    for rank in (0, 1):
+        trainer.dist = dataclasses.replace(trainer.dist, rank=rank, world_size=2)
+        loaded = list(trainer._epoch_loader())
+        assert len(loaded) == 12 and torch.equal(loaded[5]["pos"], expected.to(loaded[5]["pos"].dtype))
+    # (that its loss counts zero: test_small_global_batches_and_resumes_on_another_number_of_ranks)
 
-    def epoch_loader():
-        epochs.append(trainer.epoch)
-        assert len(epochs) < 5, "the loop goes on over empty epochs"
-        return original()
 
-    monkeypatch.setattr(trainer, "_epoch_loader", epoch_loader)
-    with pytest.raises(TrainError, match="no global batch of epoch 0 has a structure for each of the 2 ranks"):
-        trainer.train()
-    # Known from epoch 0's batches before anything runs (max_epochs would otherwise give 0 steps).
-    two_ranks = dataclasses.replace(distributed.setup("cpu"), world_size=2)
-    monkeypatch.setattr(distributed, "setup", lambda *args, **kwargs: two_ranks)
-    with pytest.raises(TrainError, match="no global batch of epoch 0 has a structure for each of the 2 ranks"):
-        loop.Trainer(_finetune(tiny_data, tmp_path / "run2", forces="direct", val="", data_kw={"batch_size": 1},
-                               fit_scale_factors=0))
+def _classification(data, run_dir):
+    return build_config({"mode": "finetune", "run_dir": str(run_dir), "threads": 1,
+                         "graph": {"cutoff": 4.0, "max_neighbors": 8},
+                         "tasks": [{"name": "cls", "train": str(data), "forces": "direct",
+                                    "targets": [{"name": "cls", "kind": "classification", "num_classes": 2}]}],
+                         "model": {"backbone": "tiny", "backbone_overrides": SMALL},
+                         "data": {"batch_size": 4}, "optim": {"grad_clip_value": 0.0, "grad_clip_norm": 0.0},
+                         "loop": {"max_steps": 3, "val_every": 0, "precision": "fp64", "fit_scale_factors": 0,
+                                  "progress": False, "log_every": 1}})
+
+
+@pytest.mark.slow
+def test_classification_on_two_ranks(tmp_path):
+    """The cross-entropy is summed over the batch (JMP): on 2 ranks it was each rank's sum,
+    which DDP averaged, half the gradient and the logged loss of 1 process."""
+    import csv
+
+    from helpers import write_molecules
+
+    data = write_molecules(tmp_path / "cls", 12, seed=3, classes=2)
+    loop.Trainer(_classification(data, tmp_path / "one")).train()
+    _on_ranks(_train, [_classification(data, tmp_path / "two")])
+    _assert_same_weights(tmp_path / "two" / "last.pt", tmp_path / "one" / "last.pt")
+
+    def losses(name):
+        with open(tmp_path / name / "metrics.csv", newline="") as f:
+            return [float(r["value"]) for r in csv.DictReader(f) if r["name"] == "loss_cls"]
+
+    assert len(losses("one")) == 3 and losses("two") == pytest.approx(losses("one"), rel=1e-9)
 
 
 # ---------------------------------------------------------------- gradient layout

@@ -63,10 +63,10 @@ def test_resume_after_a_kill_is_bitwise_identical(tiny_data, tmp_path, monkeypat
     cfg = config(tmp_path / "killed")
     original = loop.Trainer.train_step
 
-    def killed_at_step_3(self, batch):
+    def killed_at_step_3(self, batch, stand_in):
         if self.step == 3:  # steps 0-2 done, last.pt written after step 2
             raise KeyboardInterrupt
-        return original(self, batch)
+        return original(self, batch, stand_in)
 
     monkeypatch.setattr(loop.Trainer, "train_step", killed_at_step_3)
     with pytest.raises(KeyboardInterrupt):
@@ -122,8 +122,8 @@ def test_non_finite_loss_is_skipped_then_stops(tiny_data, tmp_path, monkeypatch)
                                                         val_every=0)))
     before = {}
 
-    def snapshot_after_first(self, batch, _orig=loop.Trainer.train_step):
-        _orig(self, batch)
+    def snapshot_after_first(self, batch, stand_in, _orig=loop.Trainer.train_step):
+        _orig(self, batch, stand_in)
         if self.step == 0:
             before.update({k: v.clone() for k, v in self.model.state_dict().items()})
 
@@ -969,10 +969,10 @@ def test_a_run_resumed_between_two_logs_logs_the_same_means(tiny_data, tmp_path,
     loop.Trainer(config("full")).train()
     original = loop.Trainer.train_step
 
-    def stopped_at_step_3(self, batch):
+    def stopped_at_step_3(self, batch, stand_in):
         if self.step == 2:  # two steps done and in last.pt (ckpt_every=2), two of the window of three
             raise KeyboardInterrupt
-        return original(self, batch)
+        return original(self, batch, stand_in)
 
     monkeypatch.setattr(loop.Trainer, "train_step", stopped_at_step_3)
     with pytest.raises(KeyboardInterrupt):
@@ -1280,10 +1280,10 @@ def test_first_stop_signal_finishes_the_step_saves_and_resumes_exactly(tiny_data
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     original = loop.Trainer.train_step
 
-    def signal_in_step_3(self, batch):
+    def signal_in_step_3(self, batch, stand_in):
         if self.step == 2:
             signal.raise_signal(signum)  # (the handler only sets a flag: no exception here)
-        return original(self, batch)
+        return original(self, batch, stand_in)
 
     monkeypatch.setattr(loop.Trainer, "train_step", signal_in_step_3)
     with pytest.raises(KeyboardInterrupt, match=r"stopped after step 3, saved in .*last\.pt"):

@@ -5,7 +5,8 @@ A training checkpoint is a dict of tensors and plain Python values only, so it l
   last.pt, what resume=true reads: model (state_dict, the normalizers included as its norm_*
     buffers), ema ({parameter name: EMA value} or None), optimizer, schedule, scaler (fp16's
     gradient scaler or None), force_scaler (the gradient forces' adaptive scale or None), loop
-    (step; epoch and batch_in_epoch, the sampler position; best, bad_validations, nan_streak,
+    (step; epoch and batch_in_epoch, the sampler position, with counts_every_batch True: an older
+    jmp_ext's count left small batches out; best, bad_validations, nan_streak,
     validated_step; window, the training figures summed since the last log, or None), rng
     (every rank's RNG states), config (the resolved TrainConfig as a dict), metrics (last
     validation).

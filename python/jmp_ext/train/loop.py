@@ -66,16 +66,15 @@ def every_rank_sees(path: Path) -> bool:
     return seen[0]
 
 
-def resume_position(batches: list[list[int]], trained: int, saved_world_size: int, world_size: int) -> int:
-    """batch_in_epoch for `world_size` ranks resuming a run on `saved_world_size` ranks that had
-    trained `trained` batches of the epoch's global `batches`. A run on W ranks skips the batches
-    of fewer than W structures (Trainer._epoch_loader), so the count means a different place in
-    the epoch for another number of ranks: resume after the last batch the run trained."""
-    if saved_world_size == world_size:
+def resume_position(batches: list[list[int]], trained: int, saved_world_size: int) -> int:
+    """batch_in_epoch of a run resuming from a last.pt of an older jmp_ext, whose run on
+    `saved_world_size` ranks had trained `trained` batches of the epoch's global `batches`: it
+    left out the batches of fewer structures than ranks and did not count them, and every
+    batch now counts (Trainer._epoch_loader). Resume after the last batch it trained."""
+    if saved_world_size == 1:
         return trained
     kept = [k for k, b in enumerate(batches) if len(b) >= saved_world_size]
-    start = kept[min(trained, len(kept)) - 1] + 1 if trained > 0 and kept else 0
-    return sum(len(b) >= world_size for b in batches[:start])
+    return kept[min(trained, len(kept)) - 1] + 1 if trained > 0 and kept else 0
 
 
 def keep_grad_layout(model: nn.Module) -> None:
@@ -179,10 +178,7 @@ class Trainer:
             order = TemperatureSampler(self.train_set.sizes, temperature=c.data.temperature, seed=c.seed)
             self.sampler = AtomBalancedBatchSampler(self.train_set.natoms, max_atoms=c.data.max_atoms or None,
                                                     max_structures=c.data.batch_size, sampler=order, seed=c.seed)
-            # An epoch is the global batches this run trains: those with a structure for every rank.
-            self.steps_per_epoch = sum(len(b) >= self.dist.world_size for b in self.sampler.batches(0))
-            if self.steps_per_epoch == 0:
-                raise self._no_batches_error(0)
+            self.steps_per_epoch = len(self.sampler.batches(0))
             caps = {"max_steps": c.loop.max_steps} if c.loop.max_steps > 0 else {}
             if c.loop.max_epochs > 0:
                 caps["max_epochs"] = math.ceil(c.loop.max_epochs * self.steps_per_epoch)
@@ -331,8 +327,6 @@ class Trainer:
                 try:
                     batch = to_device(next(self.loader), self.device)
                 except StopIteration:
-                    if self.batch_in_epoch == 0:  # (every rank alike; it would loop over empty epochs)
-                        raise self._no_batches_error(self.epoch) from None
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                     self.loader = self._epoch_loader()
                     if c.loop.val_every == 0:
@@ -343,7 +337,9 @@ class Trainer:
                     continue
                 except Exception as e:  # (an unreadable entry): train_step makes every rank raise
                     batch = e
-                self.train_step(batch)
+                # (the global batch has no structure for this rank: see _epoch_loader)
+                stand_in = len(self.sampler.batches(self.epoch)[self.batch_in_epoch]) <= self.dist.rank
+                self.train_step(batch, stand_in)
                 self.batch_in_epoch += 1
                 self.step += 1
                 self.schedule.set_step(self.step)
@@ -372,28 +368,32 @@ class Trainer:
             write_bytes_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1).encode())
         return summary
 
-    def train_step(self, batch: dict | Exception) -> None:
+    def train_step(self, batch: dict | Exception, stand_in: bool = False) -> None:
         """One optimizer step on this rank's share `batch`, or the exception loading it raised.
         An exception of one rank (loading, forward, loss) makes every rank raise: its flag rides
-        on the step's two all-reduces, which every step does anyway."""
+        on the step's two all-reduces, which every step does anyway. stand_in: the batch only
+        stands in for a share this rank does not have (Trainer._epoch_loader): its loss counts
+        zero and its structures none."""
         c = self.config
         if not self.model.training:  # (after a validation; train() walks ~1000 modules, 2 ms a step)
             self.model.train()
         failed = isinstance(batch, Exception)
-        local = torch.tensor([0, 0, 1, self.stop_signal] if failed else
+        local = torch.tensor([0, 0, 1, self.stop_signal] if failed else [0, 0, 0, self.stop_signal] if stand_in else
                              [batch["natoms"].numel(), batch["pos"].shape[0], 0, self.stop_signal], dtype=torch.float64)
         structures, atoms, failures, interrupts = distributed.all_reduce_sum(local).tolist()
         if failures > 0:
             distributed.raise_together(batch if failed else None)
         self.stop_requested = interrupts > 0  # (every rank alike: stop after this step)
-        # "rank": JMP sums cross-entropy over each rank's batch (DDP then averages over ranks).
-        denominators = {"structures": structures, "atoms": atoms, "rank": self.dist.world_size}
+        # "sum": cross-entropy summed over the batch, as JMP's (data.batch_size is global here:
+        # the sum over every rank's share, as one process's).
+        denominators = {"structures": structures, "atoms": atoms, "sum": 1}
         error, finite = None, False
         try:
             with self._autocast():
                 preds = self.ddp(batch)
             terms = tasks.loss_terms(self.model, preds, batch)
-            parts = {name: s / denominators[kind] * self.dist.world_size for name, (s, kind) in terms.items()}
+            weight = 0.0 if stand_in else self.dist.world_size  # (DDP averages the gradients over the ranks)
+            parts = {name: s / denominators[kind] * weight for name, (s, kind) in terms.items()}
             loss = sum(parts.values())
             finite = torch.isfinite(loss).item()
         except Exception as e:
@@ -444,12 +444,12 @@ class Trainer:
         self.nan_streak = 0
         lr = self.schedule.lr
         self.log.step(int(structures), int(atoms), loss=loss.item(), lr=lr)
-        self._add_to_window(parts, grad_norm, preds, batch)
+        self._add_to_window(parts, grad_norm, preds, batch, stand_in)
         if (self.step + 1) % c.loop.log_every == 0:
             self.log.log(self.step + 1, "train", {"lr": lr, **self._window_means()})
 
     @torch.no_grad()
-    def _add_to_window(self, parts: dict, grad_norm: torch.Tensor, preds: dict, batch: dict) -> None:
+    def _add_to_window(self, parts: dict, grad_norm: torch.Tensor, preds: dict, batch: dict, stand_in: bool) -> None:
         """Adds this step's figures to the logging window: the logged training values are means
         over the steps since the last log (one batch is noisy, and a pretraining batch may lack a
         task). Kept on the device, read at the log step only. Per task (pretraining): its terms
@@ -459,7 +459,7 @@ class Trainer:
         if len(self.config.tasks) > 1:
             rows = []
             for t in range(len(self.config.tasks)):
-                only = batch["task"] == t
+                only = (batch["task"] == t) & (not stand_in)
                 terms = tasks.loss_terms(self.model, preds, batch, only)
                 rows.append(torch.stack([*(s.detach().double() for s, _ in terms.values()),
                                          only.sum().double(), only[batch["batch"]].sum().double()]))
@@ -488,7 +488,7 @@ class Trainer:
                **{f"loss_{name}": term for name, term in zip(self._window_names, terms)}}
         if rows is not None:
             for task, row in zip(self.config.tasks, distributed.all_reduce_sum(rows).tolist()):
-                counts = {"structures": row[-2], "atoms": row[-1], "rank": world * steps}
+                counts = {"structures": row[-2], "atoms": row[-1], "sum": steps}
                 if row[-2] > 0:
                     out[f"{task.name}/loss"] = sum(s / counts[kind] for s, kind in zip(row, self._window_kinds))
         return out
@@ -509,10 +509,12 @@ class Trainer:
 
     def _epoch_loader(self):
         """Iterator over this rank's batches of the current epoch, from batch_in_epoch on (resume).
-        Global batches too small to give every rank a structure are left out."""
+        A rank left without a structure by a global batch of fewer structures than ranks gets the
+        batch's first structure as a stand-in, whose loss counts zero (train_step's stand_in):
+        DDP needs every rank's backward, and the step stays one process's."""
         w, natoms = self.dist.world_size, self.train_set.natoms
-        batches = [b for b in self.sampler.batches(self.epoch) if len(b) >= w][self.batch_in_epoch:]
-        local = [split_across_ranks(b, natoms, self.dist.rank, w) for b in batches]
+        batches = self.sampler.batches(self.epoch)[self.batch_in_epoch:]
+        local = [split_across_ranks(b, natoms, self.dist.rank, w) or b[:1] for b in batches]
         return iter(load_batches(self.train_set, local, self.dtype, self.config.data.num_workers))
 
     # ------------------------------------------------------------ scale factors
@@ -638,7 +640,8 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "force_scaler": self.force_scaler.state_dict() if self.force_scaler is not None else None,
             "loop": {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                     "best": self.best, "bad_validations": self.bad_validations, "nan_streak": self.nan_streak,
+                     "counts_every_batch": True, "best": self.best, "bad_validations": self.bad_validations,
+                     "nan_streak": self.nan_streak,
                      "validated_step": self.validated_step, "window": window},
             "rng": rngs,
             "config": to_dict(self.config),
@@ -669,12 +672,6 @@ class Trainer:
             yield
         finally:
             restore()
-
-    def _no_batches_error(self, epoch: int) -> TrainError:
-        c = self.config
-        return TrainError(f"no global batch of epoch {epoch} has a structure for each of the {self.dist.world_size} "
-                          f"ranks (data.batch_size={c.data.batch_size}, data.max_atoms={c.data.max_atoms}): raise "
-                          "them or use fewer ranks")
 
     def _check_run_dir(self) -> None:
         """A new run refuses a run_dir with another run's checkpoints unless `overwrite` (or `resume`,
@@ -776,11 +773,9 @@ class Trainer:
             self.force_scaler.load_state_dict(state["force_scaler"])
         loop = state["loop"]
         self.step, self.epoch = loop["step"], loop["epoch"]
-        # batch_in_epoch counts the batches trained this epoch, and a run on W ranks leaves out
-        # the global batches of fewer than W structures: on another number of ranks it points
-        # elsewhere in the epoch. (The saved number of ranks: one RNG state per rank.)
-        self.batch_in_epoch = resume_position(self.sampler.batches(self.epoch), loop["batch_in_epoch"],
-                                              len(state["rng"]), self.dist.world_size)
+        # (an older jmp_ext's count, without the key; the saved number of ranks: one RNG state per rank)
+        self.batch_in_epoch = (loop["batch_in_epoch"] if loop.get("counts_every_batch") else resume_position(
+            self.sampler.batches(self.epoch), loop["batch_in_epoch"], len(state["rng"])))
         self.best, self.bad_validations, self.nan_streak = loop["best"], loop["bad_validations"], loop["nan_streak"]
         self.validated_step = loop["validated_step"]
         if loop["window"] is not None:

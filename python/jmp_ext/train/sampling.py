@@ -3,7 +3,9 @@
 The global batches come from jmp_ext.data's TemperatureSampler + AtomBalancedBatchSampler built
 for one process (so they do not depend on the number of ranks); every rank then takes its part of
 each global batch, split by atom count the way JMP's BalancedBatchSampler does. A 2-rank step
-therefore sees exactly the structures of a 1-rank step.
+therefore sees exactly the structures of a 1-rank step. (A rank left without a structure, by a
+global batch of fewer structures than ranks, trains on a stand-in that counts for nothing: see
+Trainer._epoch_loader.)
 """
 
 from __future__ import annotations
@@ -13,12 +15,10 @@ import numpy as np
 
 def split_across_ranks(batch: list[int], natoms: np.ndarray, rank: int, world_size: int) -> list[int]:
     """This rank's structures of `batch` (indices into natoms): greedy longest-processing-time
-    split by atom count, every rank getting at least one structure (ties -> lower rank).
-    Needs len(batch) >= world_size."""
+    split by atom count, every rank getting at least one structure while there are enough
+    (ties -> lower rank); ranks beyond len(batch) get none."""
     if world_size == 1:
         return batch
-    if len(batch) < world_size:
-        raise ValueError(f"a batch of {len(batch)} structures cannot be split over {world_size} ranks")
     sizes = [int(natoms[i]) for i in batch]
     load = [0] * world_size
     share: list[list[int]] = [[] for _ in range(world_size)]

@@ -439,9 +439,9 @@ def num_blocks(net: nn.Module) -> int:
 def loss_terms(model: TaskModel, preds: dict, batch: dict, only: torch.Tensor | None = None
                ) -> dict[str, tuple[torch.Tensor, str]]:
     """Per target: (sum of the weighted per-item losses, the count it is averaged over:
-    "structures" or "atoms", or "rank" for classification, which JMP sums over the batch). The
+    "structures" or "atoms", or "sum" for classification, which JMP sums over the batch). The
     loop divides by the global counts so DDP ranks with different batch sizes reproduce the
-    single-process mean exactly. only: bool [B], the structures to sum over (one task's, for
+    single-process mean (and sum) exactly. only: bool [B], the structures to sum over (one task's, for
     its own training loss); None: all."""
     task = batch["task"]
     terms = {}
@@ -455,7 +455,7 @@ def loss_terms(model: TaskModel, preds: dict, batch: dict, only: torch.Tensor | 
             weight = coef[task] * keep
             cw = (torch.tensor(target.class_weights, dtype=preds[name].dtype, device=task.device)
                   if target.class_weights else None)
-            terms[name] = (losses.classification_loss(preds[name], batch[name], weight, cw), "rank")
+            terms[name] = (losses.classification_loss(preds[name], batch[name], weight, cw), "sum")
             continue
         if target.kind == "stress":
             check_stress_labels(batch, name)

@@ -1298,6 +1298,33 @@ def test_first_stop_signal_finishes_the_step_saves_and_resumes_exactly(tiny_data
     assert_same_state(resumed.optimizer.state_dict(), full.optimizer.state_dict())
 
 
+def test_a_stop_in_the_final_validation_keeps_the_steps(tiny_data, tmp_path, monkeypatch):
+    """The final validation runs outside the steps' signal handling: a Ctrl-C or SIGTERM there
+    (a scheduler's time limit) interrupted it, and the steps since the last checkpoint were
+    lost. last.pt is now saved before it; the resumed run validates and ends as an
+    uninterrupted one."""
+    def config(run_dir, *overrides):
+        return build_config(pretrain_config(tiny_data, run_dir, max_steps=5, val_every=0, ckpt_every=2),
+                            list(overrides))
+
+    full = loop.Trainer(config(tmp_path / "full"))
+    full_summary = full.train()
+    original = loop.Trainer.validate_and_check
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop.Trainer, "validate_and_check", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        loop.Trainer(config(tmp_path / "cut")).train()
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["loop"]["step"] == 5
+    monkeypatch.setattr(loop.Trainer, "validate_and_check", original)
+    resumed = loop.Trainer(config(tmp_path / "cut", "resume=true"))
+    summary = resumed.train()
+    assert summary["val"] == full_summary["val"] and summary["steps"] == 5
+    assert_same_state(resumed.model.state_dict(), full.model.state_dict())
+
+
 def test_resume_restores_the_plateau_schedule(tiny_data, tmp_path):
     """The reduce-on-plateau state (its scale, best metric and count) continues: a short run
     never reaches a plateau, so it is set in last.pt here and must come back, lr included."""

@@ -355,6 +355,8 @@ class Trainer:
                 if self.step % c.loop.ckpt_every == 0:
                     self.save_last()
         if stop_reason == self.limit and self.validated_step != self.step:  # (also on resuming a finished run)
+            if self.step % c.loop.ckpt_every:  # (a stop signal or a kill in the validation keeps the steps)
+                self.save_last()
             self.validate_and_check()
         self.save_last()
         summary = {"steps": self.step, "epochs": self.step / self.steps_per_epoch, "stop": stop_reason,

@@ -127,6 +127,12 @@ def test_overwrite_replaces_only_datasets_and_empty_directories(tmp_path, entrie
     assert (tmp_path / "ds" / "README").read_text() == "precious"
     assert len(LmdbDataset(tmp_path / "ds")) == 3
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp directories
+    # A `stats` killed while writing stats.json leaves its temporary file, which is the dataset's.
+    (tmp_path / "ds" / "README").unlink()
+    (tmp_path / "ds" / ".stats.json.57e74b78.tmp").write_text("{")
+    write_dataset(tmp_path / "ds", entries, overwrite=True)
+    assert len(LmdbDataset(tmp_path / "ds")) == len(entries)
+    assert not (tmp_path / "ds" / ".stats.json.57e74b78.tmp").exists()
 
 
 def test_corrupted_value_names_file_and_entry(tmp_path, entries):

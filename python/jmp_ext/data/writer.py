@@ -201,8 +201,10 @@ def write_dataset(path: str | Path, entries: Iterable[dict], *, progress: bool =
     return Path(path)
 
 
-# What a dataset directory holds (format.py); anything else in it is the user's, not ours to delete.
-_DATASET_FILES = (fmt.META_FILE, fmt.NATOMS_FILE, fmt.STATS_FILE, "data.*.lmdb", "data.*.lmdb-lock")
+# What a dataset directory holds (format.py), and the temporary stats.json that a killed `stats`
+# leaves (jmp_ext.files.write_atomic's name); anything else in it is the user's, not ours to delete.
+_DATASET_FILES = (fmt.META_FILE, fmt.NATOMS_FILE, fmt.STATS_FILE, "data.*.lmdb", "data.*.lmdb-lock",
+                  f".{fmt.STATS_FILE}.*.tmp")
 
 
 def check_target(path: Path, overwrite: bool) -> None:

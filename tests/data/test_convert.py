@@ -613,9 +613,13 @@ def test_provenance_in_meta(tmp_path, frames):
     assert len(info["skipped"]) == 1 and "structure 1: unknown element" in info["skipped"][0]
 
 
-def test_cli_ctrl_c_leaves_nothing_and_no_traceback(tmp_path, frames, capsys, monkeypatch):
-    """Ctrl-C in the middle of a conversion: the writer aborts (no half-written dataset) and the
-    CLI says so instead of printing a KeyboardInterrupt traceback."""
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_cli_ctrl_c_leaves_nothing_and_no_traceback(tmp_path, frames, capsys, monkeypatch, stop):
+    """Ctrl-C, or SIGTERM (a scheduler, `timeout`: it killed the process where it stood, leaving
+    the temporary dataset), in the middle of a conversion: the writer aborts (no half-written
+    dataset, no temporary left) and the CLI says so instead of printing a traceback."""
+    import signal
+
     from jmp_ext.data import writer as writer_module
 
     ase.io.write(tmp_path / "in.extxyz", frames)
@@ -623,14 +627,20 @@ def test_cli_ctrl_c_leaves_nothing_and_no_traceback(tmp_path, frames, capsys, mo
 
     def add_then_interrupt(self, *args, **kwargs):
         if added:
+            if stop == "sigterm":
+                # (without the CLI's handler SIGTERM would end pytest itself)
+                assert signal.getsignal(signal.SIGTERM) not in (handler, signal.SIG_DFL), "no SIGTERM handler"
+                signal.raise_signal(signal.SIGTERM)
             raise KeyboardInterrupt
         added.append(1)
         return original(self, *args, **kwargs)
 
+    handler = signal.getsignal(signal.SIGTERM)
     monkeypatch.setattr(writer_module.DatasetWriter, "add", add_then_interrupt)
     assert main(["convert", str(tmp_path / "in.extxyz"), str(tmp_path / "out")]) == 130
     assert "interrupted: no dataset was left half-written" in capsys.readouterr().err
     assert added and sorted(p.name for p in tmp_path.iterdir()) == ["in.extxyz"]
+    assert signal.getsignal(signal.SIGTERM) == handler
 
 
 def test_labels_lacking_on_the_first_frame(tmp_path):

@@ -231,7 +231,7 @@ def test_interrupted_resplit_while_writing(source, tmp_path, monkeypatch, capsys
 
     monkeypatch.setattr(split_module, "DatasetWriter", Writer)
     assert main(["split", str(source), str(out), "--seed", "1", "--overwrite"]) == 130
-    assert "(a split replaces all its parts or none); run the command again" in capsys.readouterr().err
+    assert "(a dataset is written whole, a split's parts all or none); run the command again" in capsys.readouterr().err
     assert part_sids(out) == before
     assert sorted(p.name for p in out.iterdir()) == ["test", "train", "val"]
 

@@ -17,6 +17,7 @@ from jmp_ext.data.dataset import LmdbDataset
 from jmp_ext.data.demo import make_demo
 from jmp_ext.data.split import fraction_indices, parse_fractions, read_index_file, split_dataset
 from jmp_ext.data.stats import load_stats
+from jmp_ext.interrupts import sigterm_interrupts
 
 
 def cmd_make_demo(args) -> None:
@@ -175,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     try:
-        args.run(args)
+        with sigterm_interrupts():  # (a scheduler's stop cleans up as Ctrl-C does)
+            args.run(args)
         sys.stdout.flush()  # (here, for a closed pipe to raise in this try, not at exit)
     except BrokenPipeError:  # (`info DIR | head`: the reader has what it wanted)
         # Python's own flush of stdout at exit would fail again: point it at /dev/null.
@@ -189,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2  # (as argparse's usage errors and python -m jmp_ext.train's)
     except KeyboardInterrupt as error:  # (datasets, stats files and a split's parts are written atomically)
         # With a message when that is not all: a split interrupted after its parts were in place.
-        message = str(error) or ("no dataset was left half-written (a split replaces all its "
-                                 "parts or none); run the command again")
+        message = str(error) or ("no dataset was left half-written (a dataset is written whole, a "
+                                 "split's parts all or none); run the command again")
         print(f"\ninterrupted: {message}", file=sys.stderr)
         return 130
     return 0

@@ -25,16 +25,14 @@ every training mode runs data-parallel; only rank 0 writes.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import signal
 import sys
 import textwrap
-import threading
 from pathlib import Path
 
 # (torch and the rest are imported inside main's handlers: a Ctrl-C during those imports, the
 # first second or two, is a message too, not a traceback)
+from jmp_ext.interrupts import sigterm_interrupts
 from jmp_ext.train.config import ConfigError, TrainError, build_config, load_config
 
 
@@ -152,28 +150,6 @@ def raised_by_jmp_ext(error: BaseException) -> bool:
         tb = tb.tb_next
     package = Path(__file__).resolve().parents[1]
     return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(package)
-
-
-@contextlib.contextmanager
-def sigterm_interrupts():
-    """SIGTERM (a scheduler's time limit, `timeout`, torchrun stopping its ranks) raises
-    KeyboardInterrupt as Ctrl-C does, so a run stopped before training starts ends with a
-    message rather than silently (training's first one then saves last.pt: Trainer)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        # The next one kills at once: a handler runs only between bytecodes, not while a rank
-        # waits in a collective.
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:

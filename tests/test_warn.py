@@ -42,3 +42,13 @@ def test_a_frame_whose_name_is_not_a_string_is_passed_as_the_users():
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         _call_through([None, "jmp_ext.train.loop"])("hi")
+
+
+def test_only_rank_0_of_torchrun_warns(monkeypatch):
+    """Every rank ran the same checks: 2 ranks printed each warning twice."""
+    for rank, expected in (("1", []), ("0", ["hello"])):
+        monkeypatch.setenv("RANK", rank)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            warn_user("hello")
+        assert [str(w.message) for w in caught] == expected

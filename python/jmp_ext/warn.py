@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 
@@ -14,7 +15,11 @@ _LIBRARIES = ("jmp_ext", "ase", "torch")
 def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
     """warnings.warn(message, category), attributed to the innermost caller outside jmp_ext, ASE
     and torch, as Python 3.12's skip_file_prefixes does: a location inside a library says
-    nothing to the user, and the default filter then shows a warning once per line of theirs."""
+    nothing to the user, and the default filter then shows a warning once per line of theirs.
+    Under torchrun only rank 0 warns (RANK, the rank torchrun gives every process): the ranks
+    check the same config and data, and said once per rank the warning repeats itself."""
+    if os.environ.get("RANK", "0") != "0":
+        return
     frame, stacklevel = sys._getframe(1), 2  # (stacklevel 2: this function's caller)
     while frame is not None and (frame.f_globals.get("__name__") or "").partition(".")[0] in _LIBRARIES:
         frame, stacklevel = frame.f_back, stacklevel + 1

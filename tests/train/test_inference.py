@@ -658,9 +658,17 @@ def test_predict_structures_takes_ase_atoms_and_a_model_of_one_task_any_batch(ch
     assert torch.equal(own["energy"], from_atoms["energy"]) and torch.equal(own["forces"], from_atoms["forces"])
 
 
-def test_cli_errors(checkpoint, tiny_data, tmp_path, capsys):
+def test_cli_errors(checkpoint, tiny_data, tmp_path, capsys, monkeypatch):
     assert main(["eval", str(checkpoint), str(tmp_path / "none")]) == 2
     assert "dataset directory" in capsys.readouterr().err
+    # Under torchrun every rank ran the whole evaluation, and wrote --out.
+    with monkeypatch.context() as torchrun:
+        torchrun.setenv("WORLD_SIZE", "2")
+        for command in ("eval", "predict"):
+            args = [command, str(checkpoint), str(tiny_data / "mol" / "val"), "--out", str(tmp_path / "o.npz")]
+            assert main(args) == 2
+            assert f"{command} runs in one process: run it with python, not under torchrun" in capsys.readouterr().err
+        assert not (tmp_path / "o.npz").exists()
     # A ValueError from the setup (here: LLRD multipliers for the wrong number of blocks) is a
     # message too, not a traceback.
     run = {"mode": "finetune", "run_dir": str(tmp_path / "run"), "model": {"backbone": "tiny"},

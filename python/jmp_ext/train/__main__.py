@@ -209,12 +209,13 @@ def run_command(argv: list[str]) -> int:
             a = parser.parse_args(argv[1:])
         except SystemExit as e:  # --help (0) or a usage error (2): an exit code like any other outcome
             return int(e.code or 0)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # (torchrun's: every rank would do it all, and write --out)
+            raise TrainError(f"{argv[0]} runs in one process: run it with python, not under torchrun")
         if a.device.partition(":")[0] not in ("cpu", "cuda"):
             raise TrainError(f"--device {a.device!r} is not cpu, cuda or cuda:N")
         check_device(a.device, "--device ")
         check_out_path(a.out, a.checkpoint, a.data)
         from jmp_ext.train.inference import evaluate_checkpoint, predict_checkpoint
-
 
         if is_eval:
             evaluate_checkpoint(a.checkpoint, a.data, a.task, a.out, a.batch_size, a.device)

@@ -114,6 +114,13 @@ def test_logger_csv_and_resume(tmp_path):
     log.close()
     assert _rows(tmp_path / "metrics.csv") == [(5, "train", "loss", 1.5), (6, "train", "loss", 1.0),
                                                (6, "val", "a/energy_mae", 0.5), (7, "train", "loss", 0.5)]
+    # A row torn inside its value still parses ("0.2" of "0.25"): it has no line end, and goes.
+    text = (tmp_path / "metrics.csv").read_bytes()
+    (tmp_path / "metrics.csv").write_bytes(text + b"7,val,a/energy_mae,0.2")
+    log = RunLogger(tmp_path, enabled=True, start_step=7, total_steps=10, progress=False)
+    log.log(7, "val", {"a/energy_mae": 0.25})
+    log.close()
+    assert _rows(tmp_path / "metrics.csv")[-1] == (7, "val", "a/energy_mae", 0.25)
     # Non-zero ranks write nothing.
     other = tmp_path / "other"
     log = RunLogger(other, enabled=False, start_step=0, total_steps=1, progress=False)

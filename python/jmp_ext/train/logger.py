@@ -106,16 +106,19 @@ class RunLogger:
 
 
 def _read_rows(path: Path, last_step: int) -> list[dict]:
-    """metrics.csv's rows up to last_step; a row torn by a kill mid-write is left out."""
+    """metrics.csv's rows up to last_step; a row torn by a kill mid-write (a full disk, a power
+    cut) is left out: the text after the last line end, which may still parse ("0.72" of
+    "0.7234418577203527"), and any row that does not parse."""
     if not path.is_file():
         return []
-    rows = []
     with open(path, newline="") as f:
-        for r in csv.DictReader(f):
-            try:
-                row = {"step": int(r["step"]), "split": r["split"], "name": r["name"], "value": float(r["value"])}
-            except (TypeError, ValueError):
-                continue
-            if row["step"] <= last_step:
-                rows.append(row)
+        text = f.read()
+    rows = []
+    for r in csv.DictReader(io.StringIO(text[:text.rfind("\n") + 1], newline="")):
+        try:
+            row = {"step": int(r["step"]), "split": r["split"], "name": r["name"], "value": float(r["value"])}
+        except (TypeError, ValueError):
+            continue
+        if row["step"] <= last_step:
+            rows.append(row)
     return rows

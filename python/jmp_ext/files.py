@@ -32,8 +32,10 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # (a failed write names no file: a full disk)
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
     # Persist the rename itself (the directory entry).
     dir_fd = os.open(path.parent, os.O_RDONLY)

@@ -42,6 +42,33 @@ def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # temp file removed
 
 
+def test_a_full_disk_names_the_file_and_the_cli_says_how_to_go_on(tmp_path, monkeypatch, capsys):
+    """"[Errno 28] No space left on device" named no file, and not that the run can resume."""
+    import errno
+
+    from jmp_ext.train import __main__ as cli
+
+    path = tmp_path / "last.pt"
+    ckpt.save_checkpoint(path, {"step": 1})
+
+    def full(obj, f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.torch, "save", full)
+    with pytest.raises(OSError, match=r"\[Errno 28\] No space left on device: '.*last.pt'") as raised:
+        ckpt.save_checkpoint(path, {"step": 2})
+    assert ckpt.load_checkpoint(path)["step"] == 1 and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    error = raised.value
+
+    def run_training(config):
+        raise error
+
+    monkeypatch.setattr(cli, "run_training", run_training)
+    assert cli.main(["finetune", "tasks=[{name: t, train: x, targets: [{name: energy, kind: energy}]}]"]) == 2
+    assert capsys.readouterr().err == (f"error: {error} (a full disk: free space, then resume=true continues from "
+                                       "run_dir/last.pt, which a failed write leaves as it was)\n")
+
+
 def test_files_get_the_mode_of_a_plain_open(tmp_path):
     """Not mkstemp's 0600: a colleague in the group must be able to read a checkpoint."""
     old = os.umask(0o022)

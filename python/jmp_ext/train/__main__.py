@@ -25,6 +25,7 @@ every training mode runs data-parallel; only rank 0 writes.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import textwrap
@@ -163,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)  # bad input, said by our checks: a message, no traceback
         return 2
     except OSError as e:  # a path of the user's: missing, a file for a directory, not writable, a full disk
-        print(f"error: {e}", file=sys.stderr)
+        full = (" (a full disk: free space, then resume=true continues from run_dir/last.pt, which a failed write "
+                "leaves as it was)" if e.errno == errno.ENOSPC else "")
+        print(f"error: {e}{full}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # (training's first Ctrl-C or SIGTERM ends the step and saves last.pt: e says so)
         # Under torchrun a terminal's Ctrl-C reaches every rank, and every rank stops alike: one message.

@@ -976,8 +976,10 @@ def test_property_units(tmp_path, frames, capsys):
                           (["--property", "U_0", "--property", "U_0:Hartree"], "--property 'U_0:Hartree': 'U_0' given "
                                                                                "twice"),
                           # (a name the model could not name its head by failed only when training)
-                          (["--property", "mu.x=mu"], "property name 'mu.x': a label's name is letters, digits, '_' "
-                                                      "and '-'")]:
+                          (["--property", "mu.x=mu"], "property 'mu.x': a target's name must be non-empty and "
+                                                      "without '.'"),
+                          (["--property", "train=mu"], "property 'train': 'train' is an attribute of torch's "
+                                                       "nn.ModuleDict")]:
         assert main(["convert", str(tmp_path / "qm9.extxyz"), str(tmp_path / "bad"), *args]) == 2
         assert message in capsys.readouterr().err
     # A frame without atoms is named as such (it read as "lacks forces, unlike the first entry").

@@ -76,10 +76,12 @@ class KeyMap:
             raise ValueError(f"energy_unit {self.energy_unit!r} is not one of {list(ENERGY_UNITS)}")
         if self.length_unit not in LENGTH_UNITS:
             raise ValueError(f"length_unit {self.length_unit!r} is not one of {list(LENGTH_UNITS)}")
+        from jmp_ext.models.heads import head_name_problem  # (a label is trained under its name)
+
         for name in self.properties:
-            if not isinstance(name, str) or not fmt.LABEL_NAME.fullmatch(name):
-                raise ValueError(f"property name {name!r}: a label's name is letters, digits, '_' and '-' (it "
-                                 "names the model's head and the metrics' columns)")
+            problem = head_name_problem(name)
+            if problem:
+                raise ValueError(f"property {name!r}: {problem}")
         for name, unit in self.property_units.items():
             if name not in self.properties:
                 raise ValueError(f"property_units names {name!r}, which is not a property")

@@ -39,7 +39,6 @@ import functools
 import json
 import math
 import os
-import re
 import stat
 import struct
 import zipfile
@@ -55,9 +54,6 @@ META_FILE = "meta.json"
 NATOMS_FILE = "metadata.npz"
 STATS_FILE = "stats.json"
 
-# A label's name names the model's head and its normaliser buffers (torch module names, which
-# cannot hold '.') and the metrics' columns: letters, digits, '_' and '-'.
-LABEL_NAME = re.compile(r"[A-Za-z0-9_-]+")
 MAGIC = b"JMPE"  # the first bytes of every entry (convert tells our LMDBs from pickled ones by them)
 _PREFIX = struct.Struct("<4sIII")  # magic, entry version, crc32 of the rest, header length
 _ALIGN = 8

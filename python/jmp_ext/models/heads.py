@@ -19,7 +19,6 @@ from torch import nn
 from ase.data import atomic_masses
 
 from jmp_ext import ops
-from jmp_ext.data.format import LABEL_NAME
 from jmp_ext.models.gemnet_oc.layers import ScaledSiLU
 
 
@@ -60,11 +59,12 @@ def direct_forces(edge_scalar: torch.Tensor, V_st: torch.Tensor, idx_t: torch.Te
 
 
 def head_name_problem(name: str) -> str | None:
-    """Why `name` cannot name a head (the heads sit in an nn.ModuleDict under their targets'
-    names), None when it can."""
-    if not isinstance(name, str) or not LABEL_NAME.fullmatch(name):
-        return "a target's name is letters, digits, '_' and '-' (it names the model's head and the metrics' columns)"
-    if hasattr(nn.ModuleDict, name):
+    """Why a target (label) named `name` could not have a head, None when it can: the heads sit
+    in an nn.ModuleDict under their targets' names, and torch refuses a module name with a '.'
+    or one that is an attribute of the ModuleDict ('train', 'to', 'training', ...)."""
+    if not isinstance(name, str) or not name or "." in name:
+        return "a target's name must be non-empty and without '.' (it names the model's head, a torch module)"
+    if hasattr(nn.ModuleDict(), name):
         return (f"{name!r} is an attribute of torch's nn.ModuleDict, which holds the heads by their targets' "
                 "names; store the label under another name (python -m jmp_ext.data convert --property NEW=KEY)")
     return None

@@ -52,3 +52,18 @@ def test_python_dash_m_runs_it():
     result = subprocess.run([sys.executable, "-m", "jmp_ext"], capture_output=True, text=True,
                             env={"PYTHONPATH": ":".join(sys.path), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0 and "all checks passed" in result.stdout, result.stderr
+
+
+def test_gpus_it_cannot_use_fail_the_check(monkeypatch, capsys):
+    """A CPU-only build, or a driver older than the kernels' CUDA, on a machine with GPUs: said,
+    and exit 1 (it printed "all checks passed")."""
+    import jmp_ext.ops._lib as lib
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "NVIDIA H100")
+    monkeypatch.setattr(lib, "_cuda_problem", lambda: "the driver supports CUDA 12.2, the kernels need 13.0")
+    assert self_check.main() == 1
+    out = capsys.readouterr().out
+    assert "GPUs: cuda:0 NVIDIA H100\n  jmp_ext on these GPUs: FAILED: the driver supports CUDA 12.2" in out
+    assert "cpu:\n  radius graph vs ASE's neighbour list: ok" in out and "cuda:0:" not in out

@@ -87,26 +87,27 @@ def main() -> int:
     print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
           f"ase {ase.__version__}, {platform.platform()}")
     print(f"extension: {build}")
-    devices = ["cpu"]
+    devices, passed, reference = ["cpu"], True, None
     if torch.cuda.is_available():
-        problem = _cuda_problem()
         names = ", ".join(f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count()))
-        print(f"GPUs: {names}" + (f"; jmp_ext cannot use them: {problem}" if problem else ""))
+        print(f"GPUs: {names}")
+        problem = _cuda_problem()
         if problem is None:
             devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        else:  # (a CPU-only build, or a driver older than the kernels' CUDA: GPUs there, not usable)
+            passed = _report("jmp_ext on these GPUs", problem)
     else:
         print("GPUs: none visible to torch")
-    passed, reference = True, None
     for device in devices:
         print(f"{device}:")
         try:
             passed &= _report("radius graph vs ASE's neighbour list", radius_graph_problem(device))
             result, problem = model_problem(device, reference)
+            compared = " vs the CPU's" if reference is not None else ""
             reference = reference or result
-            passed &= _report("GemNet-OC energy and gradient forces" + (" vs the CPU's" if device != "cpu" else ""),
-                              problem)
+            passed &= _report("GemNet-OC energy and gradient forces" + compared, problem)
         except Exception as error:  # (a kernel that fails to launch: the rest of the report still counts)
-            passed = _report("ran", f"{type(error).__name__}: {error}") and False
+            passed = _report("ran", f"{type(error).__name__}: {error}")
     print("all checks passed" if passed else "some checks FAILED: please report them with this output")
     return 0 if passed else 1
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 
@@ -16,9 +15,12 @@ def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
     """warnings.warn(message, category), attributed to the innermost caller outside jmp_ext, ASE
     and torch, as Python 3.12's skip_file_prefixes does: a location inside a library says
     nothing to the user, and the default filter then shows a warning once per line of theirs.
-    Under torchrun only rank 0 warns (RANK, the rank torchrun gives every process): the ranks
-    check the same config and data, and said once per rank the warning repeats itself."""
-    if os.environ.get("RANK", "0") != "0":
+    In a process group (torch.distributed, as the trainer sets up under torchrun) only rank 0
+    warns: the ranks check the same config and data, and said once per rank the warning
+    repeats itself."""
+    distributed = getattr(sys.modules.get("torch"), "distributed", None)  # (never imports torch itself)
+    if distributed is not None and distributed.is_available() and distributed.is_initialized() \
+            and distributed.get_rank() != 0:
         return
     frame, stacklevel = sys._getframe(1), 2  # (stacklevel 2: this function's caller)
     while frame is not None and (frame.f_globals.get("__name__") or "").partition(".")[0] in _LIBRARIES:

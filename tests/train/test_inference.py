@@ -664,11 +664,16 @@ def test_cli_errors(checkpoint, tiny_data, tmp_path, capsys, monkeypatch):
     # Under torchrun every rank ran the whole evaluation, and wrote --out.
     with monkeypatch.context() as torchrun:
         torchrun.setenv("WORLD_SIZE", "2")
+        torchrun.setenv("TORCHELASTIC_RUN_ID", "none")
         for command in ("eval", "predict"):
             args = [command, str(checkpoint), str(tiny_data / "mol" / "val"), "--out", str(tmp_path / "o.npz")]
             assert main(args) == 2
             assert f"{command} runs in one process: run it with python, not under torchrun" in capsys.readouterr().err
         assert not (tmp_path / "o.npz").exists()
+    with monkeypatch.context() as cluster:  # (a cluster that exports WORLD_SIZE to every process)
+        cluster.setenv("WORLD_SIZE", "2")
+        assert main(["eval", str(checkpoint), str(tiny_data / "mol" / "val")]) == 0
+    capsys.readouterr()
     # A ValueError from the setup (here: LLRD multipliers for the wrong number of blocks) is a
     # message too, not a traceback.
     run = {"mode": "finetune", "run_dir": str(tmp_path / "run"), "model": {"backbone": "tiny"},

@@ -212,7 +212,8 @@ def run_command(argv: list[str]) -> int:
             a = parser.parse_args(argv[1:])
         except SystemExit as e:  # --help (0) or a usage error (2): an exit code like any other outcome
             return int(e.code or 0)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # (torchrun's: every rank would do it all, and write --out)
+        # (under torchrun, which names its run: every rank would do it all, and write --out)
+        if os.environ.get("TORCHELASTIC_RUN_ID") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise TrainError(f"{argv[0]} runs in one process: run it with python, not under torchrun")
         if a.device.partition(":")[0] not in ("cpu", "cuda"):
             raise TrainError(f"--device {a.device!r} is not cpu, cuda or cuda:N")

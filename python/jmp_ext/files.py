@@ -34,7 +34,8 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.filename is None:  # (a failed write names no file: a full disk)
+        # (a failed write or fsync, a full disk, names no file: name the one it was writing)
+        if isinstance(e, OSError) and e.errno is not None and e.filename is None:
             raise OSError(e.errno, e.strerror, str(path)) from e
         raise
     # Persist the rename itself (the directory entry).

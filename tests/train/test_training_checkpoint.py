@@ -65,8 +65,13 @@ def test_a_full_disk_names_the_file_and_the_cli_says_how_to_go_on(tmp_path, monk
 
     monkeypatch.setattr(cli, "run_training", run_training)
     assert cli.main(["finetune", "tasks=[{name: t, train: x, targets: [{name: energy, kind: energy}]}]"]) == 2
-    assert capsys.readouterr().err == (f"error: {error} (a full disk: free space, then resume=true continues from "
-                                       "run_dir/last.pt, which a failed write leaves as it was)\n")
+    assert capsys.readouterr().err == (f"error: {error} (the disk is full: free space and run it again; a training "
+                                       "run resumes from run_dir/last.pt with resume=true, which a failed write "
+                                       "leaves as it was)\n")
+    # An OSError without an errno keeps its message (it read "[Errno None] None: 'path'").
+    monkeypatch.setattr(ckpt.torch, "save", lambda obj, f: (_ for _ in ()).throw(OSError("quota exceeded")))
+    with pytest.raises(OSError, match=r"^quota exceeded$"):
+        ckpt.save_checkpoint(path, {"step": 2})
 
 
 def test_files_get_the_mode_of_a_plain_open(tmp_path):

@@ -164,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)  # bad input, said by our checks: a message, no traceback
         return 2
     except OSError as e:  # a path of the user's: missing, a file for a directory, not writable, a full disk
-        full = (" (a full disk: free space, then resume=true continues from run_dir/last.pt, which a failed write "
-                "leaves as it was)" if e.errno == errno.ENOSPC else "")
+        full = (" (the disk is full: free space and run it again; a training run resumes from run_dir/last.pt with "
+                "resume=true, which a failed write leaves as it was)" if e.errno == errno.ENOSPC else "")
         print(f"error: {e}{full}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # (training's first Ctrl-C or SIGTERM ends the step and saves last.pt: e says so)

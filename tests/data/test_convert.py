@@ -269,7 +269,25 @@ def test_aselmdb_without_its_backend_says_what_to_install(tmp_path, monkeypatch,
     monkeypatch.setitem(sys.modules, "ase_db_backends.aselmdb", None)
     assert main(["convert", str(tmp_path / "omat"), str(tmp_path / "out")]) == 2
     assert ("data.0000.aselmdb: reading fairchem's ASE LMDB (.aselmdb) needs the ase-db-backends package: pip "
-            "install ase-db-backends") in capsys.readouterr().err
+            "install ase-db-backends (import of ase_db_backends.aselmdb halted") in capsys.readouterr().err
+
+
+def test_directories_of_lmdb_files_that_convert_cannot_take_whole(tmp_path):
+    """A directory with both kinds converted the .aselmdb rows and left the .lmdb out; one whose
+    files sit in subdirectories (OMat24's train/<subset>/) was said to have no .lmdb files."""
+    (tmp_path / "mixed").mkdir()
+    for name in ("a.aselmdb", "oc20.lmdb"):
+        (tmp_path / "mixed" / name).write_bytes(b"")
+    with pytest.raises(DataError, match=r"mixed holds both .aselmdb \(fairchem's ASE LMDBs\) and .lmdb files"):
+        convert(tmp_path / "mixed", tmp_path / "out")
+    (tmp_path / "omat" / "rattled-1000").mkdir(parents=True)
+    (tmp_path / "omat" / "rattled-1000" / "data.0000.aselmdb").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"omat: no .lmdb or .aselmdb files .*; it holds them in "
+                                                r"subdirectories, such as .*omat/rattled-1000: convert each"):
+        convert(tmp_path / "omat", tmp_path / "out", allow_pickle=True)
+    with pytest.raises(FileNotFoundError, match=r"omat: a directory without .aselmdb files"):
+        convert(tmp_path / "omat", tmp_path / "out", source_format="ase-db")
+    assert not (tmp_path / "out").exists()
 
 
 def test_bad_ase_inputs(tmp_path, frames):
@@ -631,6 +649,7 @@ def test_cli_ctrl_c_leaves_nothing_and_no_traceback(tmp_path, frames, capsys, mo
                 # (without the CLI's handler SIGTERM would end pytest itself)
                 assert signal.getsignal(signal.SIGTERM) not in (handler, signal.SIG_DFL), "no SIGTERM handler"
                 signal.raise_signal(signal.SIGTERM)
+                pytest.fail("SIGTERM did not interrupt")  # (a handler that swallowed it)
             raise KeyboardInterrupt
         added.append(1)
         return original(self, *args, **kwargs)

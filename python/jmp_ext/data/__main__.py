@@ -184,9 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     # DataError is a ValueError; OSError: a missing or unreadable file, an existing target
-    # without --overwrite, a full disk, a pickled LMDB without --allow-pickle (PermissionError);
-    # ImportError: an optional package a source needs (ase-db-backends for .aselmdb).
-    except (ValueError, OSError, ImportError, lmdb.Error) as error:
+    # without --overwrite, a full disk, a pickled LMDB without --allow-pickle (PermissionError).
+    except (ValueError, OSError, lmdb.Error) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2  # (as argparse's usage errors and python -m jmp_ext.train's)
     except KeyboardInterrupt as error:  # (datasets, stats files and a split's parts are written atomically)

@@ -422,13 +422,17 @@ def iter_ase_db(path: Path, keys: KeyMap, report: ConvertReport, select: str | N
         parse_selection(select)
     except Exception as error:  # (its parser's own: "too many values to unpack" for natoms>>3)
         raise fmt.DataError(f"select {select!r}: ase.db cannot read this query ({error})") from None
-    for file in sorted(path.glob("*.aselmdb")) if path.is_dir() else [path]:
+    files = sorted(path.glob("*.aselmdb")) if path.is_dir() else [path]
+    if not files:
+        raise FileNotFoundError(f"{path}: a directory without .aselmdb files (the ASE databases a directory can "
+                                "hold); give an ASE database file")
+    for file in files:
         if file.suffix == ".aselmdb":
             try:  # (ase.db reads them through fairchem's backend package)
                 importlib.import_module("ase_db_backends.aselmdb")
-            except ImportError:
-                raise ImportError(f"{file}: reading fairchem's ASE LMDB (.aselmdb) needs the ase-db-backends "
-                                  "package: pip install ase-db-backends") from None
+            except ImportError as error:
+                raise fmt.DataError(f"{file}: reading fairchem's ASE LMDB (.aselmdb) needs the ase-db-backends "
+                                    f"package: pip install ase-db-backends ({error})") from error
             fmt.open_lmdb_readonly(file).close()  # (a truncated file is an error, not a SIGBUS)
             db = ase.db.connect(str(file), readonly=True)  # (without a lock file or write access)
         else:
@@ -571,7 +575,9 @@ def lmdb_files(path: Path) -> list[Path]:
         return [path]
     files = sorted(path.glob("*.lmdb")) or sorted(path.glob("data.mdb"))
     if not files:
-        raise FileNotFoundError(f"{path}: no .lmdb files (nor an LMDB environment's data.mdb)")
+        nested = sorted(path.glob("*/*.aselmdb")) or sorted(path.glob("*/*.lmdb"))
+        hint = (f"; it holds them in subdirectories, such as {nested[0].parent}: convert each" if nested else "")
+        raise FileNotFoundError(f"{path}: no .lmdb or .aselmdb files (nor an LMDB environment's data.mdb){hint}")
     return files
 
 
@@ -644,8 +650,13 @@ def _refuse_jmp_ext(src: Path) -> None:
 
 
 def detect_format(src: Path) -> str:
+    if src.is_dir() and any(src.glob("*.aselmdb")):
+        if any(src.glob("*.lmdb")):  # (one kind would be converted, the other left out)
+            raise fmt.DataError(f"{src} holds both .aselmdb (fairchem's ASE LMDBs) and .lmdb files (OC20/JMP's): "
+                                "put each kind in a directory of its own")
+        return "ase-db"
     # (ase.io would read a .json database without its key-value pairs)
-    if src.suffix in (".db", ".json", ".aselmdb") or (src.is_dir() and any(src.glob("*.aselmdb"))):
+    if src.suffix in (".db", ".json", ".aselmdb"):
         return "ase-db"
     if src.is_dir() or src.suffix == ".lmdb":
         return "lmdb"

@@ -53,7 +53,8 @@ def test_split_copies_entries_and_shares_train_stats(source, tmp_path):
                 assert torch.equal(ds[k][key], value)
         assert load_stats(tmp_path / "out" / name)["num_entries"] == len(parts["train"])
         # Provenance: the trainer tells a val split of the dataset it trains on by it.
-        assert ds.info == {"split_of": str(source.resolve()), "split": name}
+        assert ds.info == {"split_of": str(source.resolve()), "split_of_id": full.id, "split": name,
+                           "split_id": LmdbDataset(tmp_path / "out" / "train").info["split_id"]}
 
 
 def test_index_files(source, tmp_path):

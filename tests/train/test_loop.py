@@ -708,9 +708,12 @@ def test_each_pretraining_task_gets_its_own_graphs(tiny_data, tmp_path):
 
 
 def test_a_val_split_that_holds_training_entries_is_pointed_out(tmp_path):
-    """Training on a dataset and validating on a part split from it (or the other way round)
-    measured the fit of the training data as the train-as-val case does, without a word; parts
-    of one split side by side are the normal case."""
+    """Training on a dataset and validating on a part split from it (or the other way round, or
+    on a copy, or on parts of two splits of it) measured the fit of the training data as the
+    train-as-val case does, without a word; parts of one split side by side are the normal
+    case, and so is a part of a source since rewritten with other data."""
+    import shutil
+
     from helpers import write_molecules
 
     from jmp_ext.data import LmdbDataset
@@ -718,17 +721,26 @@ def test_a_val_split_that_holds_training_entries_is_pointed_out(tmp_path):
 
     source = write_molecules(tmp_path / "all", 12, seed=5)
     parts = split_dataset(source, tmp_path / "parts", {"train": np.arange(8), "val": np.arange(8, 12)})
+    other = split_dataset(source, tmp_path / "other", {"train": np.arange(4, 12), "val": np.arange(4)})
+    shutil.copytree(source, tmp_path / "copy")
     full, train, val = LmdbDataset(source), LmdbDataset(parts["train"]), LmdbDataset(parts["val"])
     assert re.fullmatch(r"\(.*parts/val\) was split from the dataset the run trains on \(.*all\): its entries are "
                         r"training entries too", tasks.shared_entries(full, val))
     assert re.fullmatch(r"\(.*all\) is the dataset the training split \(.*parts/train\) was split from: it holds "
                         r"every training entry", tasks.shared_entries(train, full))
+    assert re.fullmatch(r"\(.*copy\) is a copy of the training split \(.*all\)",
+                        tasks.shared_entries(full, LmdbDataset(tmp_path / "copy")))
+    assert re.fullmatch(r"\(.*other/val\) and the training split \(.*parts/train\) are parts of two splits of one "
+                        r"dataset \(.*all\): they may share entries",
+                        tasks.shared_entries(train, LmdbDataset(other["val"])))
     assert tasks.shared_entries(train, val) is None and tasks.shared_entries(val, train) is None
     raw = finetune_config(tmp_path, tmp_path / "run", forces="direct")
-    raw["tasks"][0].update(train=source, val=str(parts["val"]), test="")
-    with pytest.warns(UserWarning, match=r"tasks.0.val \(.*\) was split from the dataset the run trains on .*: its "
-                                         r"metrics, and best.pt chosen by them, measure how well the training data"):
-        loop.Trainer(build_config(raw))
+    raw["tasks"][0].update(train=str(parts["train"]), val=source, test="")
+    with pytest.warns(UserWarning, match=r"tasks.0.val \(.*\) is the dataset the training split .* was split from: it "
+                                         r"holds every training entry: its metrics, and best.pt chosen by them"):
+        loop.Trainer(build_config(raw)).log.close()
+    write_molecules(tmp_path / "all", 12, seed=6)  # (the source rewritten: its old parts share nothing with it)
+    assert tasks.shared_entries(LmdbDataset(source), val) is None
 
 
 def test_scalar_target_with_per_element_references(tmp_path):

@@ -72,8 +72,9 @@ class LmdbDataset(Dataset):
     (energy [] eV, forces [n,3] eV/Å, stress [3,3] eV/Å^3, named properties). Collate casts
     floats to the training dtype. `ds.natoms` is int64 [len] and `ds.schema` maps each field to
     its dtype, shape and unit; both come from the metadata, so len() and batching never scan.
-    `ds.info` is meta.json's provenance (a split's part: "split_of", the absolute path of the
-    dataset it was split from, and "split", the part's name).
+    `ds.info` is meta.json's provenance (a split's part: "split", the part's name, "split_of"
+    and "split_of_id", the path and id of the dataset it was split from, and "split_id", the
+    split's), `ds.id` the id of this write of the dataset.
 
     LMDB handles are opened on construction (so a truncated shard, or one with another number of
     entries than meta.json lists, fails there) and reopened in a new process (DataLoader
@@ -92,6 +93,7 @@ class LmdbDataset(Dataset):
         self._meta_bytes = _contents(self.path / fmt.META_FILE)
         meta = fmt.read_meta(self.path)
         self.schema: dict[str, dict] = meta["schema"]
+        self.id: str | None = meta.get("id")  # (new with every write; none in older datasets)
         # Provenance: convert's source file, the demo's seed, split's source dataset ("split_of").
         self.info: dict = meta.get("info", {})
         self._shard_files = [self.path / shard["file"] for shard in meta["shards"]]

@@ -149,11 +149,14 @@ def split_dataset(src: str | Path, out_dir: str | Path, parts: dict[str, np.ndar
     created = [d for d in (out_dir, *out_dir.parents) if not d.exists()]
     staging = out_dir / f".split-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
+    # Provenance, by which the trainer tells a val split that shares training entries: the
+    # source's id (new with every write: a copy keeps it, a rewrite does not) and this split's.
+    provenance = {"split_of": str(Path(src).resolve()), "split_of_id": source.id, "split_id": uuid.uuid4().hex}
     try:
         for name, indices in parts.items():
             with DatasetWriter(staging / "new" / name, shard_size=_shard_size(source),
                                float_dtype=_float_dtype(source), units=units,
-                               info={**source.info, "split_of": str(Path(src).resolve()), "split": name}) as writer:
+                               info={**source.info, **provenance, "split": name}) as writer:
                 for i in tqdm(indices.tolist(), disable=not progress, desc=f"{name}", unit="entry"):
                     writer.add(source.read(i), where=f"{src} entry {i}")
         if "train" in parts:

@@ -70,15 +70,21 @@ def open_dataset(path: str, what: str, in_memory: bool):
 def shared_entries(train, other) -> str | None:
     """How the dataset `other` (a val or test split) holds training entries, as the end of a
     sentence naming it; None when nothing says it does. train, other: LmdbDataset. Known from
-    the paths and split's provenance (ds.info["split_of"]), not by comparing entries."""
+    the paths, the datasets' ids and split's provenance (ds.info), not by comparing entries."""
     if other.path.resolve() == train.path.resolve():
         return f"is the training split itself ({other.path})"
-    if other.info.get("split_of") == str(train.path.resolve()):
+    if other.id is not None and other.id == train.id:
+        return f"({other.path}) is a copy of the training split ({train.path})"
+    split_of, other_split_of = train.info.get("split_of_id"), other.info.get("split_of_id")
+    if other_split_of is not None and other_split_of == train.id:
         return (f"({other.path}) was split from the dataset the run trains on ({train.path}): its entries are "
                 "training entries too")
-    if train.info.get("split_of") == str(other.path.resolve()):
+    if split_of is not None and split_of == other.id:
         return (f"({other.path}) is the dataset the training split ({train.path}) was split from: it holds every "
                 "training entry")
+    if split_of is not None and split_of == other_split_of and train.info.get("split_id") != other.info.get("split_id"):
+        return (f"({other.path}) and the training split ({train.path}) are parts of two splits of one dataset "
+                f"({train.info['split_of']}): they may share entries")
     return None
 
 

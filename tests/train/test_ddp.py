@@ -261,6 +261,21 @@ def test_resume_position_of_an_older_last_pt():
     assert loop.resume_position(batches, 1, 3) == 0  # 3 ranks: no batch of this epoch was trained
 
 
+def test_an_older_last_pt_of_two_ranks_resumes_after_the_batches_it_trained(tiny_data, tmp_path):
+    """A last.pt without counts_every_batch, of 2 ranks that had trained global batches 0, 1, 3
+    (batch_in_epoch 3, batch 2 left out): the run goes on at batch 4."""
+    from jmp_ext.train.checkpoint import save_checkpoint
+
+    loop.Trainer(_resume_config(tiny_data, tmp_path / "run", 3)).train()
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert state["loop"].pop("counts_every_batch") is True and state["loop"]["batch_in_epoch"] == 3
+    state["rng"] = state["rng"] * 2  # (one per rank)
+    save_checkpoint(tmp_path / "run" / "last.pt", state)
+    with pytest.warns(UserWarning, match="resuming with 1 ranks from a run with 2"):
+        trainer = loop.Trainer(_resume_config(tiny_data, tmp_path / "run", 5, resume=True))
+    assert [len(b) for b in trainer.sampler.batches(0)][:5] == [2, 2, 1, 2, 2] and trainer.batch_in_epoch == 4
+
+
 def test_a_rank_the_saved_run_did_not_have_gets_a_stream_of_its_own(tiny_data, tmp_path):
     """Resuming a 1-process run on 2 ranks: rank 0 continues the saved random stream (edge
     dropout), rank 1 must not draw the very same numbers."""
@@ -315,6 +330,10 @@ def test_a_rank_without_a_structure_trains_a_stand_in(tiny_data, tmp_path):
         loaded = list(trainer._epoch_loader())
         assert len(loaded) == 12 and torch.equal(loaded[5]["pos"], expected.to(loaded[5]["pos"].dtype))
     # (that its loss counts zero: test_small_global_batches_and_resumes_on_another_number_of_ranks)
+    trainer.dist = dataclasses.replace(trainer.dist, rank=0)
+    with pytest.warns(UserWarning, match=r"12 of the 12 global batches of epoch 0 have fewer structures than the 2 "
+                                         r"ranks, which then train a stand-in .*: raise data.batch_size \(global, now 1\)"):
+        trainer._log_startup()
 
 
 def _classification(data, run_dir):

@@ -239,6 +239,12 @@ class Trainer:
     def _log_startup(self) -> None:
         """What the run starts from and how it samples, in the log; warnings about the setup."""
         c, resumed = self.config, self.resumed
+        w, batches = self.dist.world_size, self.sampler.batches(0)
+        small = sum(len(b) < w for b in batches)
+        if self.main and small > len(batches) // 10:  # (each gives a rank a stand-in: its step's work wasted)
+            warn_user(f"{small} of the {len(batches)} global batches of epoch 0 have fewer structures than the {w} "
+                      f"ranks, which then train a stand-in that counts for nothing: raise data.batch_size (global, "
+                      f"now {c.data.batch_size}) or data.max_atoms (now {c.data.max_atoms}), or use fewer ranks")
         if resumed:
             self.log.write(f"resumed {self.run_dir / 'last.pt'} at step {self.step} of {self.total_steps} "
                            f"(epoch {self.epoch}, {self.batch_in_epoch} batches into it)")
@@ -512,11 +518,12 @@ class Trainer:
     def _epoch_loader(self):
         """Iterator over this rank's batches of the current epoch, from batch_in_epoch on (resume).
         A rank left without a structure by a global batch of fewer structures than ranks gets the
-        batch's first structure as a stand-in, whose loss counts zero (train_step's stand_in):
+        batch's smallest structure as a stand-in, whose loss counts zero (train_step's stand_in):
         DDP needs every rank's backward, and the step stays one process's."""
         w, natoms = self.dist.world_size, self.train_set.natoms
         batches = self.sampler.batches(self.epoch)[self.batch_in_epoch:]
-        local = [split_across_ranks(b, natoms, self.dist.rank, w) or b[:1] for b in batches]
+        local = [split_across_ranks(b, natoms, self.dist.rank, w) or [min(b, key=natoms.__getitem__)]
+                 for b in batches]
         return iter(load_batches(self.train_set, local, self.dtype, self.config.data.num_workers))
 
     # ------------------------------------------------------------ scale factors

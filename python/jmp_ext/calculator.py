@@ -92,8 +92,8 @@ class JMPCalculator(Calculator):
             if dtype is not None:
                 self.model.net.to(getattr(torch, dtype))
             source = str(checkpoint)
-        task_config = self.model.tasks[task_index(self.model.tasks, task, "task=")]
-        self.task = self.model.tasks.index(task_config)
+        self.task = task_index(self.model.tasks, task, "task=")
+        task_config = self.model.tasks[self.task]
         parameter = next(self.model.net.parameters())
         # What trajectories and ASE databases record of the calculator (Calculator.todict).
         self.parameters.update(checkpoint=source, task=task_config.name, device=str(parameter.device),
@@ -164,6 +164,8 @@ class JMPCalculator(Calculator):
         from jmp_ext.train.inference import predict_structures
 
         self._check_implemented(properties)  # (also when called directly, as calculate(atoms, ["stress"]))
+        if self.model.training:  # (a model in memory that its owner put back into training)
+            raise ValueError("the model is in training mode: call model.eval() before the calculator uses it")
         super().calculate(atoms, properties, system_changes)
         new_structure = bool(set(system_changes) & {"numbers", "cell", "pbc"})  # (not only moved atoms)
         try:

@@ -138,7 +138,8 @@ def test_cli_stats_and_info(tmp_path, capsys):
     from jmp_ext.data.__main__ import main
 
     write_dataset(tmp_path / "ds", linear_entries(np.random.default_rng(3), 12, noise=0.1),
-                  units={"gap": "eV"}, info={"source": "gaps.xyz"})
+                  units={"gap": "eV"},
+                  info={"source": "gaps.xyz", "skipped": [f"frame {k}: one atom" for k in range(30)]})
     assert main(["stats", str(tmp_path / "ds")]) == 0
     out = capsys.readouterr().out
     assert "12 entries" in out and "energy after linear references" in out and "force RMS" in out
@@ -149,7 +150,9 @@ def test_cli_stats_and_info(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "12 entries in 1 shard(s)" in out
     assert any(line.split() == ["gap", "float64", "[]", "eV"] for line in out.splitlines())
-    assert '  provenance: {"source": "gaps.xyz"}' in out.splitlines()
+    assert '  source: "gaps.xyz"' in out.splitlines()
+    skipped = '  skipped: ["frame 0: one atom", "frame 1: one atom", "frame 2: one atom", "frame 3: one atom", '
+    assert skipped + '"frame 4: o ...' in out.splitlines()
     assert main(["info", str(tmp_path / "missing")]) == 2
     assert f"dataset {tmp_path / 'missing'} does not exist" in capsys.readouterr().err
     (tmp_path / "mols.extxyz").write_text("")

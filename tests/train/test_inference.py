@@ -863,9 +863,12 @@ def test_calculator_of_a_model_in_memory_is_the_checkpoints(checkpoint):
     assert next(model.net.parameters()).dtype == torch.float64
     with pytest.raises(TrainError, match=r"task 'bulk' is not a task of the checkpoint \(tasks: \['mol'\]\)"):
         JMPCalculator(model, task="bulk")
-    model.train()
+    model.train()  # (edge dropout and the like would apply)
     with pytest.raises(ValueError, match=r"the model is in training mode: call model.eval\(\)"):
         JMPCalculator(model)
+    with pytest.raises(ValueError, match=r"the model is in training mode: call model.eval\(\)"):
+        atoms.positions[0, 0] += 0.01
+        atoms.get_potential_energy()
 
 
 def test_periodic_structures_on_a_molecule_model_are_pointed_out(tiny_data, tmp_path):

@@ -104,8 +104,9 @@ def cmd_info(args) -> None:
     for name, field in ds.schema.items():
         shape = "[" + ",".join(map(str, field["shape"])) + "]"
         print(f"  {name:16s} {np.dtype(field['dtype']).name:8s} {shape:8s} {field['unit']}")
-    if ds.info:
-        print(f"  provenance: {json.dumps(ds.info)}")
+    for key, value in ds.info.items():  # (provenance; convert's list of skipped entries can be long)
+        text = json.dumps(value)
+        print(f"  {key}: {text if len(text) <= 100 else text[:96] + ' ...'}")
 
 
 def main(argv: list[str] | None = None) -> int:

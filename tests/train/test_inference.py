@@ -693,6 +693,38 @@ def test_cli_errors(checkpoint, tiny_data, tmp_path, capsys, monkeypatch):
             inference.load_trained(tmp_path / "x.pt")
 
 
+def test_eval_and_predict_batches_keep_the_runs_max_atoms(tiny_data, tmp_path, monkeypatch, capsys):
+    """A run's data.max_atoms, set for memory, did not cap validation, eval or predict batches
+    (16 structures whatever their size): a user of large structures met the out-of-memory there."""
+    raw = {"mode": "finetune", "run_dir": str(tmp_path / "run"), "threads": 1, "graph": {"cutoff": 4.0},
+           "tasks": [{"name": "mol", "train": str(tiny_data / "mol" / "train"), "forces": "direct",
+                      "targets": [{"name": "energy", "kind": "energy"}, {"name": "forces", "kind": "forces"}]}],
+           "model": {"backbone": "tiny", "backbone_overrides": {"num_blocks": 1, "num_radial": 16}},
+           "data": {"max_atoms": 10}, "loop": {"max_steps": 1, "progress": False, "fit_scale_factors": 0}}
+    loop.Trainer(build_config(raw)).save_best({})
+    seen, original = [], inference.predict_structures
+
+    def counted(model, structures, *args):
+        seen.append([len(s["atomic_numbers"]) for s in structures])
+        return original(model, structures, *args)
+
+    monkeypatch.setattr(inference, "predict_structures", counted)
+    val = tiny_data / "mol" / "val"
+    assert main(["predict", str(tmp_path / "run" / "best.pt"), str(val), "--out", str(tmp_path / "p.npz")]) == 0
+    batches, original_load = [], inference.load_batches
+
+    def loaded(dataset, indices, *args, **kwargs):
+        batches.extend(indices)
+        return original_load(dataset, indices, *args, **kwargs)
+
+    monkeypatch.setattr(inference, "load_batches", loaded)
+    assert main(["eval", str(tmp_path / "run" / "best.pt"), str(val)]) == 0
+    natoms = inference.tasks.open_dataset(str(val), "val", False).natoms
+    assert [[int(natoms[i]) for i in b] for b in batches] == seen and len(seen) > 1
+    assert all(sum(b) <= 10 or len(b) == 1 for b in seen) and sum(map(len, seen)) == len(natoms)
+    capsys.readouterr()
+
+
 def test_calculator_lists_stress_only_when_the_checkpoint_predicts_it(checkpoint, stress_checkpoint):
     assert "stress" not in JMPCalculator(checkpoint).implemented_properties
     assert "stress" in JMPCalculator(stress_checkpoint).implemented_properties

@@ -202,7 +202,8 @@ def run_command(argv: list[str]) -> int:
         parser.add_argument("--task", default=None, help="task whose heads to use (needed when the checkpoint has several: pretraining)")
         parser.add_argument("--out", required=not is_eval, default=None,
                             help="metrics JSON file" if is_eval else "OUT.npz, OUT.extxyz or OUT.xyz")
-        parser.add_argument("--batch-size", type=positive_int, default=16)
+        parser.add_argument("--batch-size", type=positive_int, default=16,
+                            help="structures per batch (default 16), and at most the run's data.max_atoms atoms")
         parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
         if not is_eval:
             parser.add_argument("--skip-invalid", action="store_true",

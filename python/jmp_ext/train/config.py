@@ -267,15 +267,18 @@ class DataConfig:
     """Batching and loading of the training and validation splits."""
 
     max_atoms: int = 0
-    """Cap on atoms per global batch (0 = no cap); batches are balanced by atoms across ranks."""
+    """Cap on atoms per global batch (0 = no cap); batches are balanced by atoms across ranks. It
+    caps validation, test, eval and predict batches too (a structure larger than it: a batch of
+    its own)."""
     batch_size: int = 8
     """Structures per global batch, split across ranks (a cap when max_atoms is also set). JMP's
     batch sizes (and the presets', which copy them) are per GPU: on W GPUs, W x batch_size
-    trains as JMP did, and a run needs batch_size >= W."""
+    trains as JMP did (below W, ranks train stand-ins for the structures a batch lacks)."""
     temperature: float = 2.0
     """Temperature sampling over tasks, p_i ∝ N_i^(1/T) (JMP: 2; validation uses T=1)."""
     val_batch_size: int = 16
-    """Structures per batch for validation, test and eval (consecutive entries; ranks share the batches)."""
+    """Structures per batch for validation and test (consecutive entries, at most max_atoms atoms;
+    ranks share the batches)."""
     in_memory: bool = False
     """Load each LMDB into memory at start (small datasets)."""
     num_workers: int = 0

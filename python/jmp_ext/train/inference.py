@@ -20,6 +20,7 @@ from ase import Atoms
 from jmp_ext import cpu
 from jmp_ext.data import atoms_to_entry
 from jmp_ext.data.format import MAX_Z
+from jmp_ext.data.samplers import AtomBalancedBatchSampler
 from jmp_ext.graphs import BatchStructureError
 from jmp_ext.models.checkpoint import checked_weights, is_training_checkpoint, run_weights, safe_load
 from jmp_ext.train import distributed, tasks
@@ -144,14 +145,17 @@ def predict_structures(model: TaskModel, structures: list, task: int | str | Non
 
 @torch.no_grad()
 def evaluate(model: TaskModel, datasets: list, batch_size: int, dtype: torch.dtype, device: torch.device,
-             rank: int = 0, world_size: int = 1) -> dict[str, float]:
+             rank: int = 0, world_size: int = 1, max_atoms: int | None = None) -> dict[str, float]:
     """Metrics of `model` on datasets[t] (the split of task t, or None), all-reduced over ranks.
-    Batches are consecutive entries; rank r takes batches r, r + W, ... (no duplicates). Rank 0
-    warns, once per task, about its share's structures as predict_structures does."""
+    Batches are consecutive entries, at most batch_size structures and max_atoms atoms (a
+    larger structure alone; the run's data.max_atoms: a cap set for memory holds here too);
+    rank r takes batches r, r + W, ... (no duplicates). Rank 0 warns, once per task, about its
+    share's structures as predict_structures does."""
     model.eval()
     metrics = Metrics()
-    batches = [(t, list(range(s, min(s + batch_size, len(ds))))) for t, ds in enumerate(datasets) if ds is not None
-               for s in range(0, len(ds), batch_size)]
+    batches = [(t, b) for t, ds in enumerate(datasets) if ds is not None
+               for b in AtomBalancedBatchSampler(ds.natoms, max_atoms=max_atoms, max_structures=batch_size,
+                                                 shuffle=False).batches(0)]
     elements = torch.zeros(len(datasets), MAX_Z + 1, dtype=torch.bool)  # seen per task, and pbc
     periodic = torch.zeros(len(datasets), dtype=torch.bool)
     with distributed.together():  # (a bad batch of one rank: every rank raises)
@@ -261,7 +265,8 @@ def _evaluate_dataset(model, config, t: int, path: str, name: str, out: str | No
                   "are those of the checkpoint's other targets")
     datasets = [ds if i == t else None for i in range(len(config.tasks))]
     dtype = next(model.net.parameters()).dtype
-    metrics = evaluate(model, datasets, batch_size, dtype, torch.device(device))
+    metrics = evaluate(model, datasets, batch_size, dtype, torch.device(device),
+                       max_atoms=config.data.max_atoms or None)
     text = json.dumps(metrics, indent=1)
     print(text)
     if out:
@@ -300,6 +305,7 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
                          "suffix chooses)")
     model, config = load_trained(checkpoint, device)
     t = task_index(config.tasks, task, "--task")
+    max_atoms = config.data.max_atoms
     # Streamed, batch by batch: an input of millions of structures is never held as Atoms,
     # unless they are written back (extxyz).
     if Path(source).is_dir():
@@ -347,6 +353,9 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
                 raise TrainError(f"input {source}: frame {index}: {e}") from e
             skip(index, str(e))
         else:
+            # (the run's data.max_atoms, a cap set for memory, holds here too: a batch ends before it)
+            if max_atoms and sum(len(p["atomic_numbers"]) for p in pending) + natoms[-1] > max_atoms:
+                run_batch()
             pending.append({key: entry[key] for key in keep})
             pending_index.append(index)
             if "sid" in entry:

@@ -560,7 +560,8 @@ class Trainer:
         ctx = self.ema.swap() if self.ema is not None else contextlib.nullcontext()
         with ctx:
             return evaluate(self.model, [getattr(d, split) for d in self.data], self.config.data.val_batch_size,
-                            self.dtype, self.device, self.dist.rank, self.dist.world_size)
+                            self.dtype, self.device, self.dist.rank, self.dist.world_size,
+                            self.config.data.max_atoms or None)
 
     def validate_and_check(self) -> str | None:
         """Validates (if there are val splits), updates plateau / best / early stopping.
@@ -602,7 +603,8 @@ class Trainer:
             with distributed.together():
                 self.model.load_state_dict(load_checkpoint(best, self.device)["model"])
             metrics = evaluate(self.model, [d.test for d in self.data], self.config.data.val_batch_size,
-                               self.dtype, self.device, self.dist.rank, self.dist.world_size)
+                               self.dtype, self.device, self.dist.rank, self.dist.world_size,
+                               self.config.data.max_atoms or None)
         else:
             metrics = self.evaluate("test")
         self.log.log(self.step, "test", metrics)

@@ -743,6 +743,31 @@ def test_a_val_split_that_holds_training_entries_is_pointed_out(tmp_path):
     assert tasks.shared_entries(LmdbDataset(source), val) is None
 
 
+def test_out_of_memory_says_what_to_lower(tiny_data, tmp_path, monkeypatch):
+    """A batch too large for the memory gave torch's allocator error alone (no batch, no advice),
+    in training and in validation."""
+    trainer = loop.Trainer(build_config(finetune_config(tiny_data, tmp_path / "run", forces="direct")))
+    original = tasks.TaskModel.forward
+
+    def allocation_fails(self, batch, *args):
+        if not self.training or trainer.step == 0:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes")
+        return original(self, batch, *args)
+
+    monkeypatch.setattr(tasks.TaskModel, "forward", allocation_fails)
+    message = (r"out of memory on a batch of \d+ structures, \d+ atoms \(the largest \d+\): lower data.max_atoms or "
+               r"data.batch_size \(validation: data.val_batch_size; eval and predict: --batch-size\), or "
+               r"graph.max_neighbors / graph.cutoff, .* \(RuntimeError: DefaultCPUAllocator: can't allocate memory")
+    with pytest.raises(TrainError, match=message):
+        trainer.train()
+    with pytest.raises(TrainError, match=message):
+        trainer.evaluate("val")
+    monkeypatch.setattr(tasks.TaskModel, "forward", lambda self, batch, *args: (_ for _ in ()).throw(
+        RuntimeError("mat1 and mat2 shapes cannot be multiplied")))
+    with pytest.raises(RuntimeError, match="^mat1 and mat2 shapes cannot be multiplied$"):  # (others unchanged)
+        trainer.evaluate("val")
+
+
 def test_scalar_target_with_per_element_references(tmp_path):
     """JMP subtracts per-element references from QM9's extensive targets (U_0, U, H, G, ZPVE,
     c_v) before normalising: the network then learns the small residual, not -100 eV per atom."""

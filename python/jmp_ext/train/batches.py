@@ -80,7 +80,15 @@ def check_finite_labels(batch: dict, dataset, names: list[str]) -> None:
 
 def name_entries(error: Exception, batch: dict, dataset) -> Exception:
     """A BatchStructureError of a batch loaded by load_batches from `dataset` (an LmdbDataset or
-    a MultiDataset), as a TrainError naming those dataset entries; other errors unchanged."""
+    a MultiDataset), as a TrainError naming those dataset entries; an out-of-memory error as a
+    TrainError that says what to lower; other errors unchanged."""
+    if isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error):
+        natoms = batch["natoms"]
+        return TrainError(f"out of memory on a batch of {natoms.numel()} structures, {int(natoms.sum())} atoms (the "
+                          f"largest {int(natoms.max())}): lower data.max_atoms or data.batch_size (validation: "
+                          "data.val_batch_size; eval and predict: --batch-size), or graph.max_neighbors / "
+                          "graph.cutoff, with which GemNet-OC's quadruplets, most of its memory, grow steeply "
+                          f"({type(error).__name__}: {error})")
     if not isinstance(error, BatchStructureError) or ENTRY_KEY not in batch:
         return error
     members = getattr(dataset, "datasets", [dataset])

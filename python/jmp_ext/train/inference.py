@@ -168,8 +168,11 @@ def evaluate(model: TaskModel, datasets: list, batch_size: int, dtype: torch.dty
             batch = to_device(batch, device)
             try:
                 tasks.update_metrics(metrics, model, model(batch), batch)
-            except BatchStructureError as e:
-                raise name_entries(e, batch, datasets[t]) from e
+            except (BatchStructureError, RuntimeError) as e:  # (RuntimeError: out of memory, said what to lower)
+                named = name_entries(e, batch, datasets[t])
+                if named is e:
+                    raise
+                raise named from e
     metrics.all_reduce()  # (before the warnings: one raised under -W error must not leave the others waiting)
     if rank == 0:
         for t in range(len(datasets)):

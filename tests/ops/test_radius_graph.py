@@ -625,6 +625,7 @@ def test_hopeless_search_is_refused_before_it_starts(device, copies, cutoff, max
         radius_graph(pos, cutoff, natoms=[1] * copies, cell=cell, max_edges=max_edges)
     estimate = float(re.search(r"roughly (\S+) edges", str(error.value)).group(1))
     assert 1e7 < estimate < 1e9, estimate
+    assert "skewed" not in str(error.value)  # (fcc's primitive cell: its vectors' lengths give 1.41x its volume)
     if copies > 1:
         with pytest.raises(ValueError, match=r"would have \d+ edges, more than max_edges"):
             radius_graph(pos[:1], cutoff, cell=cell[0], max_edges=max_edges)
@@ -632,6 +633,29 @@ def test_hopeless_search_is_refused_before_it_starts(device, copies, cutoff, max
         with pytest.raises(ValueError) as on_cpu:
             radius_graph(pos.cpu(), cutoff, natoms=[1] * copies, cell=cell.cpu(), max_edges=max_edges)
         assert str(error.value) == str(on_cpu.value)
+
+
+def test_a_skewed_cell_is_named_when_its_search_looks_hopeless(device):
+    """The same 1000-atom lattice in a basis 1-3 degrees from flat: its search covers the cell's
+    face distances, and was refused as a graph of 1.6e10 edges (it has 30 per atom) with advice
+    that did not fit. The message names the cell and the reduction that gives the same graph."""
+    from ase.build import niggli_reduce
+
+    atoms = bulk("Si", cubic=True).repeat(5)
+    atoms.rattle(0.25, seed=0)
+    skewed = atoms.copy()
+    skewed.set_cell(np.array([[1, 0, 0], [40, 1, 0], [0, 30, 1]]) @ atoms.cell.array, scale_atoms=False)
+    pos, cell = (torch.tensor(x, device=device) for x in (skewed.positions, skewed.cell.array))
+    with pytest.raises(ValueError, match=r"would have roughly .* edges .*\. The search is costly because of skewed "
+                                         r"cells, .*: cell\[0\] \(1\.2e\+03x\); a reduced basis of the same lattice "
+                                         r"gives the same graph quickly: ase.build.niggli_reduce\(atoms\)"):
+        radius_graph(pos, 12.0, cell=cell, max_neighbors=30)
+    niggli_reduce(skewed)
+    reduced = radius_graph(torch.tensor(skewed.positions, device=device), 12.0,
+                           cell=torch.tensor(skewed.cell.array, device=device), max_neighbors=30)
+    cubic = radius_graph(torch.tensor(atoms.positions, device=device), 12.0,
+                         cell=torch.tensor(atoms.cell.array, device=device), max_neighbors=30)
+    torch.testing.assert_close(reduced[2], cubic[2], rtol=0, atol=1e-9)  # (the same distances, target by target)
 
 
 def test_the_registered_op_checks_its_inputs():

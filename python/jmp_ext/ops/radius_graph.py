@@ -368,6 +368,22 @@ def edge_vectors(
         return vectors + torch.einsum("ek,ekl->el", shifts, gather(cell, batch[target]))
 
 
+def _skewed_cells(cell: Tensor, pbc: Tensor) -> str:
+    """Why a search that looked hopeless may only be a skewed cell: the fully periodic systems
+    whose lattice vectors' lengths multiply to more than 3x their volume (a Niggli-reduced cell's
+    stay near 1-2x). The search covers a cell's face distances, which such a basis makes far
+    smaller than its vectors, so its cost (and the edge estimate) grows with the skew."""
+    cell = cell.detach().double().cpu()
+    defect = cell.norm(dim=-1).prod(dim=-1) / torch.linalg.det(cell).abs()
+    skewed = [b for b in range(cell.shape[0]) if bool(pbc[b].all()) and float(defect[b]) > 3.0]
+    if not skewed:
+        return ""
+    shown = ", ".join(f"cell[{b}] ({float(defect[b]):.3g}x)" for b in skewed[:5])
+    return (f"The search is costly because of skewed cells, whose lattice vectors' lengths multiply to far more "
+            f"than their volume: {shown}; a reduced basis of the same lattice gives the same graph quickly: "
+            "ase.build.niggli_reduce(atoms)")
+
+
 def radius_graph(
     pos: Tensor,
     cutoff: float,
@@ -412,12 +428,18 @@ def radius_graph(
     cell, pbc = _check_cell_pbc(cell, pbc, ptr_.numel() - 1, pos)
     k, tolerance, max_edges = _check_cap(max_neighbors, degeneracy_tolerance, max_edges)
     args = (pos.detach(), cutoff, ptr_, cell.detach(), pbc, k, tolerance, max_edges)
-    if torch.compiler.is_compiling() or pos.device.type not in ("cpu", "cuda"):
-        edge_index, cell_offsets, distance = _radius_graph_op(*args)
-    else:
-        # Eager calls skip the custom op's dispatch (~0.15 ms, more than the kernel on small
-        # systems); the op has no autograd, so the result is the same.
-        edge_index, cell_offsets, distance = _radius_graph_impl(*args)
+    try:
+        if torch.compiler.is_compiling() or pos.device.type not in ("cpu", "cuda"):
+            edge_index, cell_offsets, distance = _radius_graph_op(*args)
+        else:
+            # Eager calls skip the custom op's dispatch (~0.15 ms, more than the kernel on small
+            # systems); the op has no autograd, so the result is the same.
+            edge_index, cell_offsets, distance = _radius_graph_impl(*args)
+    except ValueError as error:
+        skewed = _skewed_cells(cell, pbc) if "the graph would have roughly" in str(error) else ""
+        if not skewed:
+            raise
+        raise ValueError(f"{error}. {skewed}") from None
     if torch.is_grad_enabled() and (pos.requires_grad or cell.requires_grad):
         # On the host, where ptr_ is: no device-to-host sync for repeat_interleave's size, and
         # no stream sync for a blocking copy.

@@ -137,7 +137,8 @@ class JMPCalculator(Calculator):
             kept = ", ".join(f"{name} {k} of up to {count}" for name, (count, k) in truncated.items())
             natoms = len(entry["atomic_numbers"])
             base = int(config.neighbors_per_structure(torch.tensor([natoms]))["main"][0])
-            advice = (f"For smooth energies fine-tune with graph.max_neighbors >= {needed}"
+            advice = (f"For smooth energies fine-tune with graph.max_neighbors >= {needed} (the quadruplet graph's "
+                      f"share grows with it, and GemNet-OC's memory steeply) or a smaller graph.cutoff"
                       if base == config.max_neighbors
                       else f"A structure of {natoms} atoms keeps at most {base} neighbours in these graphs (the "
                            f"MatBench / QMOF presets' rule for large structures, as JMP's), whatever "

@@ -48,15 +48,24 @@ def test_a_full_disk_names_the_file_and_the_cli_says_how_to_go_on(tmp_path, monk
 
     from jmp_ext.train import __main__ as cli
 
+    import io
+
+    from jmp_ext import files
+
     path = tmp_path / "last.pt"
     ckpt.save_checkpoint(path, {"step": 1})
 
-    def full(obj, f):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    class FullDisk(io.FileIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt.torch, "save", full)
+    # (a buffered file, as open() gives, through torch.save itself, which turns its error into
+    # "RuntimeError: ... unexpected pos 704 vs 598")
+    monkeypatch.setattr(files, "open", lambda name, mode: io.BufferedWriter(FullDisk(name, mode.replace("b", ""))),
+                        raising=False)
     with pytest.raises(OSError, match=r"\[Errno 28\] No space left on device: '.*last.pt'") as raised:
-        ckpt.save_checkpoint(path, {"step": 2})
+        ckpt.save_checkpoint(path, {"step": 2, "w": torch.zeros(1000)})
+    monkeypatch.undo()
     assert ckpt.load_checkpoint(path)["step"] == 1 and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
     error = raised.value
 

@@ -62,8 +62,14 @@ def test_gpus_it_cannot_use_fail_the_check(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "NVIDIA H100")
+    monkeypatch.setattr(ops, "build_info", lambda: {"version": "0.1.0", "cuda": True, "cuda_version": 13000})
     monkeypatch.setattr(lib, "_cuda_problem", lambda: "the driver supports CUDA 12.2, the kernels need 13.0")
     assert self_check.main() == 1
     out = capsys.readouterr().out
     assert "GPUs: cuda:0 NVIDIA H100\n  jmp_ext on these GPUs: FAILED: the driver supports CUDA 12.2" in out
     assert "cpu:\n  radius graph vs ASE's neighbour list: ok" in out and "cuda:0:" not in out
+    # A CPU-only build (JMP_EXT_CUDA=OFF) there is a choice: said, and the CPU's checks decide.
+    monkeypatch.setattr(ops, "build_info", lambda: {"version": "0.1.0", "cuda": False})
+    monkeypatch.setattr(lib, "_cuda_problem", lambda: "jmp_ext was built without CUDA kernels")
+    assert self_check.main() == 0
+    assert "GPUs: cuda:0 NVIDIA H100\n  note: jmp_ext was built without CUDA kernels\n" in capsys.readouterr().out

@@ -379,9 +379,9 @@ def _skewed_cells(cell: Tensor, pbc: Tensor) -> str:
     if not skewed:
         return ""
     shown = ", ".join(f"cell[{b}] ({float(defect[b]):.3g}x)" for b in skewed[:5])
-    return (f"The search is costly because of skewed cells, whose lattice vectors' lengths multiply to far more "
-            f"than their volume: {shown}; a reduced basis of the same lattice gives the same graph quickly: "
-            "ase.build.niggli_reduce(atoms)")
+    return (f"The search may be costly because of skewed cells, whose lattice vectors' lengths multiply to far "
+            f"more than their volume: {shown}; a reduced basis of the same lattice gives the same graph, and "
+            "quickly: ase.build.niggli_reduce(atoms)")
 
 
 def radius_graph(

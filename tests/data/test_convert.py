@@ -285,7 +285,8 @@ def test_directories_of_lmdb_files_that_convert_cannot_take_whole(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"omat: no .lmdb or .aselmdb files .*; it holds them in "
                                                 r"subdirectories, such as .*omat/rattled-1000: convert each"):
         convert(tmp_path / "omat", tmp_path / "out", allow_pickle=True)
-    with pytest.raises(FileNotFoundError, match=r"omat: a directory without .aselmdb files"):
+    with pytest.raises(FileNotFoundError, match=r"omat: a directory without .aselmdb files .*; it holds them in "
+                                                r"subdirectories, such as .*omat/rattled-1000: convert each"):
         convert(tmp_path / "omat", tmp_path / "out", source_format="ase-db")
     assert not (tmp_path / "out").exists()
 
@@ -998,7 +999,9 @@ def test_property_units(tmp_path, frames, capsys):
                           (["--property", "mu.x=mu"], "property 'mu.x': a target's name must be non-empty and "
                                                       "without '.'"),
                           (["--property", "train=mu"], "property 'train': 'train' is an attribute of torch's "
-                                                       "nn.ModuleDict")]:
+                                                       "nn.ModuleDict"),
+                          (["--property", "dipole moment=mu"], "property 'dipole moment': it may not hold "
+                                                               "whitespace, '=', ':' or '\"' (extxyz's syntax)")]:
         assert main(["convert", str(tmp_path / "qm9.extxyz"), str(tmp_path / "bad"), *args]) == 2
         assert message in capsys.readouterr().err
     # A frame without atoms is named as such (it read as "lacks forces, unlike the first entry").

@@ -79,7 +79,9 @@ class KeyMap:
         from jmp_ext.models.heads import head_name_problem  # (a label is trained under its name)
 
         for name in self.properties:
-            problem = head_name_problem(name)
+            # (and extxyz's syntax: predict writes predicted_NAME, which these would break)
+            problem = head_name_problem(name) or ("it may not hold whitespace, '=', ':' or '\"' (extxyz's syntax)"
+                                                  if any(c.isspace() or c in '=:"' for c in name) else None)
             if problem:
                 raise ValueError(f"property {name!r}: {problem}")
         for name, unit in self.property_units.items():
@@ -424,8 +426,10 @@ def iter_ase_db(path: Path, keys: KeyMap, report: ConvertReport, select: str | N
         raise fmt.DataError(f"select {select!r}: ase.db cannot read this query ({error})") from None
     files = sorted(path.glob("*.aselmdb")) if path.is_dir() else [path]
     if not files:
+        nested = sorted(path.glob("*/*.aselmdb"))
+        hint = f"; it holds them in subdirectories, such as {nested[0].parent}: convert each" if nested else ""
         raise FileNotFoundError(f"{path}: a directory without .aselmdb files (the ASE databases a directory can "
-                                "hold); give an ASE database file")
+                                f"hold){hint}")
     for file in files:
         if file.suffix == ".aselmdb":
             try:  # (ase.db reads them through fairchem's backend package)

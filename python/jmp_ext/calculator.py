@@ -84,9 +84,8 @@ class JMPCalculator(Calculator):
             if device is not None or dtype is not None:
                 raise ValueError("device= and dtype= are for loading a checkpoint: move a model yourself "
                                  "(model.to(device), model.net.to(dtype)) before giving it to the calculator")
-            if checkpoint.training:  # (edge dropout and other training-only behaviour would apply)
-                raise ValueError("the model is in training mode: call model.eval() before giving it to the calculator")
             self.model, source = checkpoint, "the model"
+            self._check_eval_mode()
         else:
             self.model, _ = load_trained(checkpoint, "cpu" if device is None else device)
             if dtype is not None:
@@ -115,6 +114,11 @@ class JMPCalculator(Calculator):
             warn_user(f"{source} predicts direct forces (forces: direct), which are not the "
                       "gradient of its energy: MD will not conserve energy. Fine-tune with "
                       "forces: gradient for MD and relaxations")
+
+    def _check_eval_mode(self) -> None:
+        # (edge dropout and other training-only behaviour would apply)
+        if any(module.training for module in (self.model, self.model.net)):
+            raise ValueError("the model is in training mode: call model.eval() before the calculator uses it")
 
     def check_state(self, atoms, tol=1e-15):
         # ASE compares positions, numbers, cell, pbc...; the tags choose the quadruplet graph too.
@@ -165,8 +169,7 @@ class JMPCalculator(Calculator):
         from jmp_ext.train.inference import predict_structures
 
         self._check_implemented(properties)  # (also when called directly, as calculate(atoms, ["stress"]))
-        if self.model.training:  # (a model in memory that its owner put back into training)
-            raise ValueError("the model is in training mode: call model.eval() before the calculator uses it")
+        self._check_eval_mode()  # (a model in memory that its owner put back into training)
         super().calculate(atoms, properties, system_changes)
         new_structure = bool(set(system_changes) & {"numbers", "cell", "pbc"})  # (not only moved atoms)
         try:

@@ -4,6 +4,7 @@ an error on one rank ends every rank with its message; a run resumes on another 
 import dataclasses
 import json
 import socket
+import warnings
 from datetime import timedelta
 
 import pytest
@@ -319,21 +320,33 @@ def test_small_global_batches_and_resumes_on_another_number_of_ranks(tiny_data, 
 
 
 def test_a_rank_without_a_structure_trains_a_stand_in(tiny_data, tmp_path):
-    """data.batch_size=1 on 2 ranks: every global batch has one structure, rank 1 none of them
-    (the loop went from empty epoch to empty epoch before there was a stand-in)."""
-    trainer = loop.Trainer(_finetune(tiny_data, tmp_path / "run", forces="direct", val="", data_kw={"batch_size": 1},
+    """data.batch_size=2 on 3 ranks: every global batch leaves rank 2 without a structure (the
+    loop went from empty epoch to empty epoch when no batch had one for every rank); it trains
+    the batch's smaller structure, the least work."""
+    trainer = loop.Trainer(_finetune(tiny_data, tmp_path / "run", forces="direct", val="", data_kw={"batch_size": 2},
                                      fit_scale_factors=0))
-    assert trainer.steps_per_epoch == 12
-    expected = trainer.train_set[trainer.sampler.batches(0)[5][0]]["pos"]
-    for rank in (0, 1):
-        trainer.dist = dataclasses.replace(trainer.dist, rank=rank, world_size=2)
-        loaded = list(trainer._epoch_loader())
-        assert len(loaded) == 12 and torch.equal(loaded[5]["pos"], expected.to(loaded[5]["pos"].dtype))
+    batches, natoms = trainer.sampler.batches(0), trainer.train_set.natoms
+    assert trainer.steps_per_epoch == 6 and any(natoms[a] != natoms[b] for a, b in batches)
+    trainer.dist = dataclasses.replace(trainer.dist, rank=2, world_size=3)
+    for (a, b), loaded in zip(batches, trainer._epoch_loader()):
+        smaller = a if natoms[a] <= natoms[b] else b
+        assert torch.equal(loaded["pos"], trainer.train_set[smaller]["pos"].to(loaded["pos"].dtype))
     # (that its loss counts zero: test_small_global_batches_and_resumes_on_another_number_of_ranks)
     trainer.dist = dataclasses.replace(trainer.dist, rank=0)
-    with pytest.warns(UserWarning, match=r"12 of the 12 global batches of epoch 0 have fewer structures than the 2 "
-                                         r"ranks, which then train a stand-in .*: raise data.batch_size \(global, now 1\)"):
+    with pytest.warns(UserWarning, match=r"6 of the 6 global batches of epoch 0 have fewer structures than the 3 "
+                                         r"ranks, which then train a stand-in .*: raise data.batch_size \(global, "
+                                         r"now 2\)"):
         trainer._log_startup()
+    # An epoch's last, smaller batch alone is no reason to warn: 2 of 2 ranks, 5 + 1 of 6 structures.
+    trainer.dist = dataclasses.replace(trainer.dist, world_size=2)
+    trainer.sampler.batches = lambda epoch: [[0, 1]] * 5 + [[2]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer._log_startup()
+    # Each rank validates whole batches: of at most its training share of data.max_atoms.
+    assert trainer.val_max_atoms is None
+    trainer.config = dataclasses.replace(trainer.config, data=dataclasses.replace(trainer.config.data, max_atoms=25))
+    assert trainer.val_max_atoms == 13
 
 
 def _classification(data, run_dir):

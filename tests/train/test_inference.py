@@ -723,6 +723,12 @@ def test_eval_and_predict_batches_keep_the_runs_max_atoms(tiny_data, tmp_path, m
     assert [[int(natoms[i]) for i in b] for b in batches] == seen and len(seen) > 1
     assert all(sum(b) <= 10 or len(b) == 1 for b in seen) and sum(map(len, seen)) == len(natoms)
     capsys.readouterr()
+    # Out of memory in predict: the batch and what to lower, as in training.
+    monkeypatch.setattr(inference, "predict_structures", lambda *args: (_ for _ in ()).throw(
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes")))
+    assert main(["predict", str(tmp_path / "run" / "best.pt"), str(val), "--out", str(tmp_path / "q.npz")]) == 2
+    assert re.search(r"error: out of memory on a batch of \d structures, \d+ atoms .* eval and predict: --batch-size",
+                     capsys.readouterr().err)
 
 
 def test_calculator_lists_stress_only_when_the_checkpoint_predicts_it(checkpoint, stress_checkpoint):
@@ -902,6 +908,9 @@ def test_calculator_of_a_model_in_memory_is_the_checkpoints(checkpoint):
         JMPCalculator(model)
     with pytest.raises(ValueError, match=r"the model is in training mode: call model.eval\(\)"):
         atoms.positions[0, 0] += 0.01
+        atoms.get_potential_energy()
+    model.eval().net.train()  # (the network alone back in training)
+    with pytest.raises(ValueError, match=r"the model is in training mode: call model.eval\(\)"):
         atoms.get_potential_energy()
 
 

@@ -762,6 +762,12 @@ def test_out_of_memory_says_what_to_lower(tiny_data, tmp_path, monkeypatch):
         trainer.train()
     with pytest.raises(TrainError, match=message):
         trainer.evaluate("val")
+    # In the backward pass, where gradient forces take the most memory, too.
+    monkeypatch.setattr(tasks.TaskModel, "forward", original)
+    monkeypatch.setattr(torch.Tensor, "backward", lambda self, *args, **kwargs: (_ for _ in ()).throw(
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes")))
+    with pytest.raises(TrainError, match=message):
+        trainer.train_step(next(trainer._epoch_loader()))
     monkeypatch.setattr(tasks.TaskModel, "forward", lambda self, batch, *args: (_ for _ in ()).throw(
         RuntimeError("mat1 and mat2 shapes cannot be multiplied")))
     with pytest.raises(RuntimeError, match="^mat1 and mat2 shapes cannot be multiplied$"):  # (others unchanged)

@@ -268,8 +268,8 @@ class DataConfig:
 
     max_atoms: int = 0
     """Cap on atoms per global batch (0 = no cap); batches are balanced by atoms across ranks. It
-    caps validation, test, eval and predict batches too (a structure larger than it: a batch of
-    its own)."""
+    caps validation and test batches too (each rank's: max_atoms / ranks, as its training share)
+    and eval and predict batches (a structure larger than it: a batch of its own)."""
     batch_size: int = 8
     """Structures per global batch, split across ranks (a cap when max_atoms is also set). JMP's
     batch sizes (and the presets', which copy them) are per GPU: on W GPUs, W x batch_size

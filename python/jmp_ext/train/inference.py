@@ -331,6 +331,11 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
             try:
                 preds = predict_structures(model, pending, t)
                 break
+            except RuntimeError as e:  # (out of memory: said with the batch and what to lower)
+                named = name_entries(e, {"natoms": torch.tensor([len(p["atomic_numbers"]) for p in pending])}, None)
+                if named is e:
+                    raise
+                raise named from e
             except BatchStructureError as e:
                 if not skip_invalid:
                     raise TrainError(f"input structure(s) {[pending_index[s] for s in e.structures]} (0-based, in "

@@ -241,7 +241,8 @@ class Trainer:
         c, resumed = self.config, self.resumed
         w, batches = self.dist.world_size, self.sampler.batches(0)
         small = sum(len(b) < w for b in batches)
-        if self.main and small > len(batches) // 10:  # (each gives a rank a stand-in: its step's work wasted)
+        # (each gives a rank a stand-in, its step's work wasted; an epoch's last batch may be small)
+        if self.main and small > max(1, len(batches) // 10):
             warn_user(f"{small} of the {len(batches)} global batches of epoch 0 have fewer structures than the {w} "
                       f"ranks, which then train a stand-in that counts for nothing: raise data.batch_size (global, "
                       f"now {c.data.batch_size}) or data.max_atoms (now {c.data.max_atoms}), or use fewer ranks")
@@ -414,11 +415,17 @@ class Trainer:
         if non_finite > 0:
             self._skip_step("loss")
             return
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
+        try:
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.optimizer)
+            else:
+                loss.backward()
+        except RuntimeError as e:  # (out of memory: said with the batch and what to lower)
+            named = name_entries(e, batch, self.train_set)
+            if named is e:
+                raise
+            raise named from e
         # The norm of the unclipped gradients: logged, and a non-finite one skips the step. Taken
         # before clipping by value (the fine-tuning presets), which would turn inf into a finite
         # value and let the step through.
@@ -555,13 +562,18 @@ class Trainer:
 
     # ------------------------------------------------------------ validation, test
 
+    @property
+    def val_max_atoms(self) -> int | None:
+        """Atoms per validation or test batch: data.max_atoms caps a global training batch, of
+        which each rank trains a share, and each rank validates whole batches."""
+        return -(-self.config.data.max_atoms // self.dist.world_size) if self.config.data.max_atoms else None
+
     def evaluate(self, split: str) -> dict[str, float]:
         """Metrics of the current weights (the EMA ones when there is an EMA) on every task's split."""
         ctx = self.ema.swap() if self.ema is not None else contextlib.nullcontext()
         with ctx:
             return evaluate(self.model, [getattr(d, split) for d in self.data], self.config.data.val_batch_size,
-                            self.dtype, self.device, self.dist.rank, self.dist.world_size,
-                            self.config.data.max_atoms or None)
+                            self.dtype, self.device, self.dist.rank, self.dist.world_size, self.val_max_atoms)
 
     def validate_and_check(self) -> str | None:
         """Validates (if there are val splits), updates plateau / best / early stopping.
@@ -603,8 +615,7 @@ class Trainer:
             with distributed.together():
                 self.model.load_state_dict(load_checkpoint(best, self.device)["model"])
             metrics = evaluate(self.model, [d.test for d in self.data], self.config.data.val_batch_size,
-                               self.dtype, self.device, self.dist.rank, self.dist.world_size,
-                               self.config.data.max_atoms or None)
+                               self.dtype, self.device, self.dist.rank, self.dist.world_size, self.val_max_atoms)
         else:
             metrics = self.evaluate("test")
         self.log.log(self.step, "test", metrics)

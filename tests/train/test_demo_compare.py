@@ -20,7 +20,7 @@ def test_steps_to_match_and_speedup():
     text = summarize(results, steps=60)
     assert results["md"]["steps_to_match"] == [20, 40]
     row = text.splitlines()[2]
-    assert "[20, 40] of 60" in row and "2.0x" in row  # 60 / mean(20, 40)
+    assert "| 20, 40 of 60 |" in row and "2.0x" in row  # 60 / mean(20, 40)
     assert "| 40% |" in row  # 1 - 0.3 / 0.5
     assert "0.3 ± 0" in row and "0.5 ± 0.1" in row
 
@@ -32,7 +32,7 @@ def test_not_reached_is_reported_not_hidden():
     }}
     row = summarize(results, steps=20).splitlines()[2]
     assert results["materials"]["steps_to_match"] == [None]
-    assert "not reached in 1 of 1 seeds" in row
+    assert "| - of 20 | not reached in 1 of 1 seeds |" in row
     assert "-100%" in row  # pretrained worse: a negative improvement, shown as such
 
 

@@ -452,8 +452,11 @@ def test_predict_writes_extxyz_with_the_labels_kept(checkpoint, stress_checkpoin
     ase.io.write(tmp_path / "in.extxyz", images)
     assert main(["predict", str(checkpoint), str(tmp_path / "in.extxyz"), "--out", str(tmp_path / "p.npz")]) == 0
     npz = np.load(tmp_path / "p.npz")
+    capsys.readouterr()
     assert main(["predict", str(checkpoint), str(tmp_path / "in.extxyz"), "--out", str(tmp_path / "p.extxyz"),
                  "--batch-size", "2"]) == 0
+    # (the columns it wrote: the npz's names were listed, natoms included)
+    assert capsys.readouterr().out.endswith("p.extxyz: predicted_energies, predicted_energy, predicted_forces\n")
     frames = ase.io.read(tmp_path / "p.extxyz", index=":")
     starts = np.cumsum([0, *npz["natoms"]])
     for k, atoms in enumerate(frames):

@@ -83,7 +83,7 @@ def summarize(results: dict, steps: int) -> str:
         runs["steps_to_match"] = matches
         table.append(f"| {domain} ({TASKS[domain]['metric'].split('/')[1]}) | {pre.mean():.4g} ± {pre.std():.2g} | "
                      f"{scr.mean():.4g} ± {scr.std():.2g} | {100 * (1 - pre.mean() / scr.mean()):.0f}% | "
-                     f"{matches} of {steps} | {speedup} |")
+                     f"{', '.join('-' if m is None else str(m) for m in matches)} of {steps} | {speedup} |")
     return "\n".join(table) + "\n"
 
 

@@ -401,7 +401,8 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
         write_bytes_atomic(Path(out), buf.getvalue())
     else:
         write_bytes_atomic(Path(out), predictions_as_extxyz(images, arrays, per_atom).encode())
-    print(f"wrote predictions for {count} structures to {out}: {', '.join(sorted(arrays))}")
+    written = sorted(arrays) if suffix == ".npz" else sorted(f"predicted_{name}" for name in outputs)
+    print(f"wrote predictions for {count} structures to {out}: {', '.join(written)}")
     return arrays
 
 

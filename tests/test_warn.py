@@ -57,3 +57,24 @@ def test_only_rank_0_of_a_process_group_warns(monkeypatch):
             warnings.simplefilter("always")
             warn_user("hello")
         assert [str(w.message) for w in caught] == expected
+
+
+def test_the_command_lines_print_a_warning_as_such(tmp_path):
+    """Under the CLIs a warning came as "/.../jmp_ext/train/__main__.py:45: UserWarning: ..."
+    and the CLI's own source line, which say nothing to the user."""
+    import os
+    import subprocess
+    import sys
+
+    from ase.build import molecule
+
+    import ase.io
+
+    ase.io.write(tmp_path / "bare.extxyz", [molecule("H2O"), molecule("NH3")])  # (no labels: a warning)
+    done = subprocess.run([sys.executable, "-m", "jmp_ext.data", "convert", str(tmp_path / "bare.extxyz"),
+                           str(tmp_path / "out")], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "warning" in line.lower()]
+    assert lines and all(line.startswith("warning: ") for line in lines), done.stderr
+    assert "UserWarning" not in done.stderr and "convert(" not in done.stderr

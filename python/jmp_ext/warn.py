@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
 
@@ -26,3 +27,15 @@ def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
     while frame is not None and (frame.f_globals.get("__name__") or "").partition(".")[0] in _LIBRARIES:
         frame, stacklevel = frame.f_back, stacklevel + 1
     warnings.warn(message, category, stacklevel=stacklevel)
+
+
+@contextlib.contextmanager
+def plain_warnings():
+    """For the command lines, while the block runs: a warning printed as "warning: MESSAGE",
+    without the file, line and source line Python adds (there, the CLI's own code)."""
+    previous = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, filename, lineno, line=None: f"warning: {message}\n"
+    try:
+        yield
+    finally:
+        warnings.formatwarning = previous

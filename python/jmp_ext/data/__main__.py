@@ -18,6 +18,7 @@ from jmp_ext.data.demo import make_demo
 from jmp_ext.data.split import fraction_indices, parse_fractions, read_index_file, split_dataset
 from jmp_ext.data.stats import load_stats
 from jmp_ext.interrupts import sigterm_interrupts
+from jmp_ext.warn import plain_warnings
 
 
 def cmd_make_demo(args) -> None:
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     try:
-        with sigterm_interrupts():  # (a scheduler's stop cleans up as Ctrl-C does)
+        with sigterm_interrupts(), plain_warnings():  # (a scheduler's stop cleans up as Ctrl-C does)
             args.run(args)
         sys.stdout.flush()  # (here, for a closed pipe to raise in this try, not at exit)
     except BrokenPipeError:  # (`info DIR | head`: the reader has what it wanted)

@@ -35,6 +35,7 @@ from pathlib import Path
 # first second or two, is a message too, not a traceback)
 from jmp_ext.interrupts import sigterm_interrupts
 from jmp_ext.train.config import ConfigError, TrainError, build_config, load_config
+from jmp_ext.warn import plain_warnings
 
 
 def run_training(config) -> dict:
@@ -156,7 +157,7 @@ def raised_by_jmp_ext(error: BaseException) -> bool:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        with sigterm_interrupts():
+        with sigterm_interrupts(), plain_warnings():
             return run_command(argv)
     except (ConfigError, TrainError, ValueError) as e:
         if not raised_by_jmp_ext(e):  # (torch's or numpy's: a bug to report, with its traceback)

@@ -262,7 +262,7 @@ def test_resume_position_of_an_older_last_pt():
     assert loop.resume_position(batches, 1, 3) == 0  # 3 ranks: no batch of this epoch was trained
 
 
-def test_an_older_last_pt_of_two_ranks_resumes_after_the_batches_it_trained(tiny_data, tmp_path):
+def test_an_older_last_pt_of_two_ranks_resumes_after_the_batches_it_trained(tiny_data, tmp_path, capsys):
     """A last.pt without counts_every_batch, of 2 ranks that had trained global batches 0, 1, 3
     (batch_in_epoch 3, batch 2 left out): the run goes on at batch 4."""
     from jmp_ext.train.checkpoint import save_checkpoint
@@ -275,6 +275,7 @@ def test_an_older_last_pt_of_two_ranks_resumes_after_the_batches_it_trained(tiny
     with pytest.warns(UserWarning, match="resuming with 1 ranks from a run with 2"):
         trainer = loop.Trainer(_resume_config(tiny_data, tmp_path / "run", 5, resume=True))
     assert [len(b) for b in trainer.sampler.batches(0)][:5] == [2, 2, 1, 2, 2] and trainer.batch_in_epoch == 4
+    assert f"at step 3 of 5 (epoch 1, 4 of its {trainer.steps_per_epoch} batches done)" in capsys.readouterr().out
 
 
 def test_a_rank_the_saved_run_did_not_have_gets_a_stream_of_its_own(tiny_data, tmp_path):

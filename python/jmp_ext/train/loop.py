@@ -247,8 +247,8 @@ class Trainer:
                       f"ranks, which then train a stand-in that counts for nothing: raise data.batch_size (global, "
                       f"now {c.data.batch_size}) or data.max_atoms (now {c.data.max_atoms}), or use fewer ranks")
         if resumed:
-            self.log.write(f"resumed {self.run_dir / 'last.pt'} at step {self.step} of {self.total_steps} "
-                           f"(epoch {self.epoch}, {self.batch_in_epoch} batches into it)")
+            self.log.write(f"resumed {self.run_dir / 'last.pt'} at step {self.step} of {self.total_steps} (epoch "
+                           f"{self.epoch + 1}, {self.batch_in_epoch} of its {self.steps_per_epoch} batches done)")
         if c.model.init_checkpoint and not resumed:
             kept = self.initialised_heads
             new = [t.name for t in c.tasks if t.name not in kept]

@@ -492,7 +492,11 @@ def test_wrong_architecture_checkpoint(tiny_data, tmp_path):
                                          r"was trained with model.backbone=tiny and model.backbone_overrides=\{"):
         loop.Trainer(cfg)
     cfg = build_config(finetune_config(tiny_data, tmp_path / "ft", init=tmp_path / "missing.pt"))
-    with pytest.raises(TrainError, match=r"init_checkpoint: .*missing\.pt does not exist"):
+    with pytest.raises(TrainError, match=r"init_checkpoint: .*missing\.pt does not exist$"):
+        loop.Trainer(cfg)
+    cfg = build_config(finetune_config(tiny_data, tmp_path / "ft", init="jmp-s.pt"))  # (the README's name)
+    with pytest.raises(TrainError, match=r"init_checkpoint: jmp-s\.pt does not exist; JMP's release is at "
+                                         r"https://jmp-iclr-datasets.s3.amazonaws.com/jmp-s\.pt$"):
         loop.Trainer(cfg)
     cfg = build_config(finetune_config(tiny_data, tmp_path / "ft", init=tmp_path / "pre"))
     with pytest.raises(TrainError, match=r"init_checkpoint: .*pre is a directory; give the checkpoint file"):

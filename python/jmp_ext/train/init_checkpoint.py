@@ -25,7 +25,9 @@ def init_from_checkpoint(model: TaskModel, config: TrainConfig) -> list[str]:
         raise TrainError(f"model.init_checkpoint: {path} is a directory; give the checkpoint file (a run's "
                          "best.pt or last.pt, or a JMP .ckpt)")
     if not Path(path).is_file():
-        raise TrainError(f"model.init_checkpoint: {path} does not exist")
+        released = Path(path).name in ("jmp-s.pt", "jmp-l.pt")  # (JMP's, as the README and presets name them)
+        raise TrainError(f"model.init_checkpoint: {path} does not exist" + (
+            f"; JMP's release is at https://jmp-iclr-datasets.s3.amazonaws.com/{Path(path).name}" if released else ""))
     try:
         checkpoint = safe_load(path)
     except ValueError as e:

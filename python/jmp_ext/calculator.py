@@ -66,9 +66,9 @@ class JMPCalculator(Calculator):
         makes the process keep freed memory)
     dtype: "float32" or "float64" to evaluate the network in (None: the precision it was trained
         in); float64 for finite-difference checks or long NVE runs. float32 rounds each
-        position to its magnitude, and ASE's MD does not wrap atoms back into the cell: one
-        that drifted 300 cells away moved the energy by ~1e-4 eV and forces by ~3e-3 eV/Å in
-        float32 (atoms.wrap() or float64 keeps the precision)."""
+        position to its magnitude, and ASE's MD does not wrap atoms back into the cell: the
+        calculator evaluates periodic structures with their atoms wrapped into the cell (the
+        same structure), so one that drifted 300 cells away loses no precision."""
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
 
@@ -181,6 +181,11 @@ class JMPCalculator(Calculator):
                 raise
             raise DataError(f"{e} (after a structure that was fine and only moved atoms since: in a relaxation or "
                             "MD, the run diverged, the model's forces moved the atoms there)") from e
+        if self.model.graph_configs[self.task].pbc and entry["pbc"].any():
+            # The same structure with its atoms back in the cell on periodic axes (wrapped in
+            # float64): MD does not wrap them, and float32 rounds a position to its magnitude.
+            # (Not for non-periodic graphs, which see the atoms as given, a cluster.)
+            entry["pos"] = torch.as_tensor(self.atoms.get_positions(wrap=True), dtype=entry["pos"].dtype)
         # (not on every step: the counts change little along a trajectory)
         if self._check_neighbors and new_structure:
             self._check_neighbors = not self._warn_if_truncated(entry)

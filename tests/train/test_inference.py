@@ -917,6 +917,38 @@ def test_calculator_of_a_model_in_memory_is_the_checkpoints(checkpoint):
         atoms.get_potential_energy()
 
 
+@pytest.mark.filterwarnings("ignore:the model's graphs keep each atom's nearest neighbours only")  # (k = 8)
+def test_atoms_far_outside_the_cell_keep_float32_precision(stress_checkpoint, checkpoint):
+    """ASE's MD does not wrap atoms back into the cell: 300 cells away, float32 positions lost
+    ~2 orders of magnitude of precision in the forces. A periodic model evaluates the same
+    structure wrapped; a molecule model (non-periodic graphs) sees the atoms as given."""
+    import dataclasses
+    import warnings
+
+    atoms = molecule("CH3OH")
+    atoms.cell, atoms.pbc = np.eye(3) * 6.0, True
+    atoms.center()
+    atoms.rattle(0.05, seed=0)
+    far = atoms.copy()
+    far.positions += 300 * np.array([6.0, -6.0, 6.0])
+    for a in (atoms, far):
+        a.calc = JMPCalculator(stress_checkpoint, dtype="float32")
+    assert far.get_potential_energy() == pytest.approx(atoms.get_potential_energy(), rel=1e-7, abs=1e-7)
+    np.testing.assert_allclose(far.get_forces(), atoms.get_forces(), rtol=0, atol=1e-7)
+    # A molecule across the box's face, on non-periodic graphs (a molecule preset's): wrapped, it
+    # would be cut in two.
+    across = atoms.copy()
+    across.positions[:, 0] += 6.0 - across.positions[0, 0] - 0.3  # (its first atom 0.3 Å inside the face)
+    cluster = across.copy()
+    cluster.pbc = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (periodic structures on a molecule model: said elsewhere)
+        for a in (across, cluster):
+            a.calc = JMPCalculator(checkpoint)
+            a.calc.model.graph_configs[0] = dataclasses.replace(a.calc.model.graph_configs[0], pbc=False)
+        assert across.get_potential_energy() == cluster.get_potential_energy()
+
+
 def test_periodic_structures_on_a_molecule_model_are_pointed_out(tiny_data, tmp_path):
     """A checkpoint trained with a molecule graph preset (non-periodic) gave a bulk crystal the
     same energy with and without pbc, without a word."""

@@ -182,10 +182,15 @@ class JMPCalculator(Calculator):
             raise DataError(f"{e} (after a structure that was fine and only moved atoms since: in a relaxation or "
                             "MD, the run diverged, the model's forces moved the atoms there)") from e
         if self.model.graph_configs[self.task].pbc and entry["pbc"].any():
-            # The same structure with its atoms back in the cell on periodic axes (wrapped in
-            # float64): MD does not wrap them, and float32 rounds a position to its magnitude.
-            # (Not for non-periodic graphs, which see the atoms as given, a cluster.)
-            entry["pos"] = torch.as_tensor(self.atoms.get_positions(wrap=True), dtype=entry["pos"].dtype)
+            # The same structure with the atoms outside the cell brought back by whole lattice
+            # vectors on periodic axes (in float64; the others untouched): MD does not wrap them,
+            # and float32 rounds a position to its magnitude. (Not for non-periodic graphs,
+            # which see the atoms as given, a cluster.)
+            # (scaled positions: ASE completes a cell without vectors on its open axes)
+            outside = np.where(self.atoms.pbc, np.floor(self.atoms.get_scaled_positions(wrap=False)), 0.0)
+            if outside.any():
+                entry["pos"] = torch.as_tensor(self.atoms.positions - outside @ self.atoms.cell.array,
+                                               dtype=entry["pos"].dtype)
         # (not on every step: the counts change little along a trajectory)
         if self._check_neighbors and new_structure:
             self._check_neighbors = not self._warn_if_truncated(entry)

@@ -935,6 +935,14 @@ def test_atoms_far_outside_the_cell_keep_float32_precision(stress_checkpoint, ch
         a.calc = JMPCalculator(stress_checkpoint, dtype="float32")
     assert far.get_potential_energy() == pytest.approx(atoms.get_potential_energy(), rel=1e-7, abs=1e-7)
     np.testing.assert_allclose(far.get_forces(), atoms.get_forces(), rtol=0, atol=1e-7)
+    # A slab's open axis may have no lattice vector at all (ASE's zeros): a singular cell to solve.
+    slab = atoms.copy()
+    slab.pbc, slab.cell[2] = [True, True, False], 0.0
+    far_slab = slab.copy()
+    far_slab.positions += 300 * slab.cell[0] - 200 * slab.cell[1]
+    for a in (slab, far_slab):
+        a.calc = JMPCalculator(stress_checkpoint, dtype="float32")
+    assert far_slab.get_potential_energy() == pytest.approx(slab.get_potential_energy(), rel=1e-7, abs=1e-7)
     # A molecule across the box's face, on non-periodic graphs (a molecule preset's): wrapped, it
     # would be cut in two.
     across = atoms.copy()

@@ -3,6 +3,7 @@ while the main process trains, and errors of a batch traced back to its dataset 
 
 from __future__ import annotations
 
+import contextlib
 import signal
 
 import numpy as np
@@ -76,6 +77,19 @@ def check_finite_labels(batch: dict, dataset, names: list[str]) -> None:
             entries = sorted(set(batch[ENTRY_KEY][structures].tolist()))
             raise TrainError(f"{dataset.path} entr{'y' if len(entries) == 1 else 'ies'} {entries}: label {name!r} "
                              "holds NaN or inf; remove such entries (or rewrite the dataset)")
+
+
+@contextlib.contextmanager
+def entries_named(batch: dict, dataset):
+    """Runs the block with its BatchStructureError or out-of-memory error raised as name_entries
+    says it (from the original); any other error as it is."""
+    try:
+        yield
+    except (BatchStructureError, RuntimeError) as error:
+        named = name_entries(error, batch, dataset)
+        if named is error:
+            raise
+        raise named from error
 
 
 def name_entries(error: Exception, batch: dict, dataset) -> Exception:

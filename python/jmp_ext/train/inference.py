@@ -24,7 +24,7 @@ from jmp_ext.data.samplers import AtomBalancedBatchSampler
 from jmp_ext.graphs import BatchStructureError
 from jmp_ext.models.checkpoint import checked_weights, is_training_checkpoint, run_weights, safe_load
 from jmp_ext.train import distributed, tasks
-from jmp_ext.train.batches import check_finite_labels, collate_batch, load_batches, name_entries, to_device
+from jmp_ext.train.batches import check_finite_labels, collate_batch, entries_named, load_batches, to_device
 from jmp_ext.train.checkpoint import load_checkpoint
 from jmp_ext.train.config import TaskConfig, TrainConfig, TrainError, from_dict
 from jmp_ext.train.metrics import Metrics
@@ -166,13 +166,8 @@ def evaluate(model: TaskModel, datasets: list, batch_size: int, dtype: torch.dty
             elements[t, batch["atomic_numbers"]] = True
             periodic[t] |= batch["pbc"].any()
             batch = to_device(batch, device)
-            try:
+            with entries_named(batch, datasets[t]):  # (and out of memory, said with what to lower)
                 tasks.update_metrics(metrics, model, model(batch), batch)
-            except (BatchStructureError, RuntimeError) as e:  # (RuntimeError: out of memory, said what to lower)
-                named = name_entries(e, batch, datasets[t])
-                if named is e:
-                    raise
-                raise named from e
     metrics.all_reduce()  # (before the warnings: one raised under -W error must not leave the others waiting)
     if rank == 0:
         for t in range(len(datasets)):
@@ -329,13 +324,10 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
     def run_batch() -> None:
         while pending:
             try:
-                preds = predict_structures(model, pending, t)
+                # (out of memory: said with the batch and what to lower; a structure error, below)
+                with entries_named({"natoms": torch.tensor([len(p["atomic_numbers"]) for p in pending])}, None):
+                    preds = predict_structures(model, pending, t)
                 break
-            except RuntimeError as e:  # (out of memory: said with the batch and what to lower)
-                named = name_entries(e, {"natoms": torch.tensor([len(p["atomic_numbers"]) for p in pending])}, None)
-                if named is e:
-                    raise
-                raise named from e
             except BatchStructureError as e:
                 if not skip_invalid:
                     raise TrainError(f"input structure(s) {[pending_index[s] for s in e.structures]} (0-based, in "

@@ -33,10 +33,9 @@ from jmp_ext.cpu import keep_freed_memory
 from jmp_ext.data.dataset import MultiDataset
 from jmp_ext.data.samplers import AtomBalancedBatchSampler, TemperatureSampler
 from jmp_ext.files import write_bytes_atomic
-from jmp_ext.graphs import BatchStructureError
 from jmp_ext.models.checkpoint import checked_weights
 from jmp_ext.train import distributed, tasks
-from jmp_ext.train.batches import load_batches, name_entries, to_device
+from jmp_ext.train.batches import entries_named, load_batches, name_entries, to_device
 from jmp_ext.train.checkpoint import load_checkpoint, resume_state_problem, rng_state, save_checkpoint, set_rng_state
 from jmp_ext.train.config import TrainConfig, TrainError, save_config, to_dict
 from jmp_ext.train.ema import EMA
@@ -45,7 +44,7 @@ from jmp_ext.train.init_checkpoint import init_from_checkpoint
 from jmp_ext.train.logger import RunLogger
 from jmp_ext.train.optim import LRSchedule, build_optimizer
 from jmp_ext.train.run_dir import RUN_FILES, lock_run_dir, unlock_run_dir
-from jmp_ext.train.sampling import split_across_ranks
+from jmp_ext.train.sampling import is_stand_in, split_across_ranks
 from jmp_ext.warn import warn_user
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -344,9 +343,8 @@ class Trainer:
                     continue
                 except Exception as e:  # (an unreadable entry): train_step makes every rank raise
                     batch = e
-                # (the global batch has no structure for this rank: see _epoch_loader)
-                stand_in = len(self.sampler.batches(self.epoch)[self.batch_in_epoch]) <= self.dist.rank
-                self.train_step(batch, stand_in)
+                global_batch = self.sampler.batches(self.epoch)[self.batch_in_epoch]
+                self.train_step(batch, is_stand_in(global_batch, self.dist.rank))
                 self.batch_in_epoch += 1
                 self.step += 1
                 self.schedule.set_step(self.step)
@@ -415,17 +413,12 @@ class Trainer:
         if non_finite > 0:
             self._skip_step("loss")
             return
-        try:
+        with entries_named(batch, self.train_set):  # (out of memory: said with the batch and what to lower)
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
                 self.scaler.unscale_(self.optimizer)
             else:
                 loss.backward()
-        except RuntimeError as e:  # (out of memory: said with the batch and what to lower)
-            named = name_entries(e, batch, self.train_set)
-            if named is e:
-                raise
-            raise named from e
         # The norm of the unclipped gradients: logged, and a non-finite one skips the step. Taken
         # before clipping by value (the fine-tuning presets), which would turn inf into a finite
         # value and let the step through.
@@ -529,8 +522,8 @@ class Trainer:
         DDP needs every rank's backward, and the step stays one process's."""
         w, natoms = self.dist.world_size, self.train_set.natoms
         batches = self.sampler.batches(self.epoch)[self.batch_in_epoch:]
-        local = [split_across_ranks(b, natoms, self.dist.rank, w) or [min(b, key=natoms.__getitem__)]
-                 for b in batches]
+        local = [[min(b, key=natoms.__getitem__)] if is_stand_in(b, self.dist.rank) else
+                 split_across_ranks(b, natoms, self.dist.rank, w) for b in batches]
         return iter(load_batches(self.train_set, local, self.dtype, self.config.data.num_workers))
 
     # ------------------------------------------------------------ scale factors
@@ -552,10 +545,8 @@ class Trainer:
         self.model.eval()
         inputs = []
         for b in loaded:
-            try:
+            with entries_named(b, self.train_set):  # (the first structures of every task: often met here)
                 inputs.append((b, self.model.graphs(b)))
-            except BatchStructureError as e:  # (the first structures of every task: often met here)
-                raise name_entries(e, b, self.train_set) from e
         with torch.no_grad():
             fitted = fit_scale_factors(self.model.net, inputs)
         self.log.write(f"fitted {len(fitted)} scale factors on {num_batches} batches")

@@ -4,8 +4,8 @@ The global batches come from jmp_ext.data's TemperatureSampler + AtomBalancedBat
 for one process (so they do not depend on the number of ranks); every rank then takes its part of
 each global batch, split by atom count the way JMP's BalancedBatchSampler does. A 2-rank step
 therefore sees exactly the structures of a 1-rank step. (A rank left without a structure, by a
-global batch of fewer structures than ranks, trains on a stand-in that counts for nothing: see
-Trainer._epoch_loader.)
+global batch of fewer structures than ranks, trains on a stand-in that counts for nothing:
+is_stand_in, and Trainer.train_step.)
 """
 
 from __future__ import annotations
@@ -27,3 +27,10 @@ def split_across_ranks(batch: list[int], natoms: np.ndarray, rank: int, world_si
         share[r].append(k)
         load[r] += sizes[k]
     return [batch[k] for k in sorted(share[rank])]
+
+
+def is_stand_in(batch: list[int], rank: int) -> bool:
+    """Whether split_across_ranks leaves `rank` without a structure of the global `batch` (the
+    first len(batch) ranks get one each): the rank then trains a stand-in, the batch's smallest
+    structure, whose loss counts zero."""
+    return len(batch) <= rank

@@ -426,10 +426,8 @@ def iter_ase_db(path: Path, keys: KeyMap, report: ConvertReport, select: str | N
         raise fmt.DataError(f"select {select!r}: ase.db cannot read this query ({error})") from None
     files = sorted(path.glob("*.aselmdb")) if path.is_dir() else [path]
     if not files:
-        nested = sorted(path.glob("*/*.aselmdb"))
-        hint = f"; it holds them in subdirectories, such as {nested[0].parent}: convert each" if nested else ""
         raise FileNotFoundError(f"{path}: a directory without .aselmdb files (the ASE databases a directory can "
-                                f"hold){hint}")
+                                f"hold){_in_subdirectories(path, '*.aselmdb')}")
     for file in files:
         if file.suffix == ".aselmdb":
             try:  # (ase.db reads them through fairchem's backend package)
@@ -572,6 +570,13 @@ def _pyg_entry(fields: dict, keys: KeyMap, report: ConvertReport) -> dict:
     return keys.to_ev_angstrom(entry)
 
 
+def _in_subdirectories(path: Path, *patterns: str) -> str:
+    """The end of a message about a directory without source files at its top: where, one level
+    down, there are some (OMat24 comes as train/<subset>/*.aselmdb), or nothing."""
+    nested = next((found for pattern in patterns if (found := sorted(path.glob(f"*/{pattern}")))), None)
+    return f"; it holds them in subdirectories, such as {nested[0].parent}: convert each" if nested else ""
+
+
 def lmdb_files(path: Path) -> list[Path]:
     """The LMDB files of an LMDB dataset path: a file, a directory of *.lmdb (OC20's), or one
     LMDB environment directory (py-lmdb's default layout, dir/data.mdb)."""
@@ -579,9 +584,8 @@ def lmdb_files(path: Path) -> list[Path]:
         return [path]
     files = sorted(path.glob("*.lmdb")) or sorted(path.glob("data.mdb"))
     if not files:
-        nested = sorted(path.glob("*/*.aselmdb")) or sorted(path.glob("*/*.lmdb"))
-        hint = (f"; it holds them in subdirectories, such as {nested[0].parent}: convert each" if nested else "")
-        raise FileNotFoundError(f"{path}: no .lmdb or .aselmdb files (nor an LMDB environment's data.mdb){hint}")
+        raise FileNotFoundError(f"{path}: no .lmdb or .aselmdb files (nor an LMDB environment's data.mdb)"
+                                f"{_in_subdirectories(path, '*.aselmdb', '*.lmdb')}")
     return files
 
 

@@ -330,6 +330,32 @@ def test_compute_stats_independent_of_chunk_size(tmp_path, monkeypatch):
     assert_stats_match(results[-1], dense_reference(dataset)[0], rtol=1e-10)
 
 
+def test_residual_stats_of_given_references_equal_dense_fit(tmp_path, monkeypatch):
+    """Given (isolated-atom-like) references leave a residual tens of eV per atom from zero,
+    on ~-1e5 eV per-atom totals: its shift per atom and spread equal numpy's dense float64 fit,
+    chunk by chunk as in one piece; an element without a reference is named."""
+    rng = np.random.default_rng(6)
+    write_dataset(tmp_path / "ds", labelled_entries(rng, 203, offset=-1e5, noise=1.0))
+    dataset = LmdbDataset(tmp_path / "ds")
+    references = np.full(119, np.nan)
+    references[list(ELEMENTS)] = rng.uniform(-1e5, -1e5 + 100, len(ELEMENTS))
+    entries = [dataset.read(i) for i in range(len(dataset))]
+    natoms = np.array([len(e["atomic_numbers"]) for e in entries], dtype=np.float64)
+    residual = np.array([float(e["energy"]) - references[e["atomic_numbers"]].sum() for e in entries])
+    ((shift,),), *_ = np.linalg.lstsq(natoms[:, None], residual[:, None], rcond=None)
+    shifted = residual - shift * natoms
+    for chunk in (1, 7, 4096):
+        monkeypatch.setattr(stats_module, "_CHUNK_SIZE", chunk)
+        fit = stats_module.residual_stats(dataset, "energy", references)
+        assert fit["shift"] == pytest.approx(shift, rel=1e-12)
+        assert fit["std"] == pytest.approx(shifted.std(), rel=1e-8)
+        assert abs(fit["mean"] - shifted.mean()) < 1e-6 * shifted.std()
+    references[78] = np.nan
+    with pytest.raises(stats_module.fmt.DataError, match=r"ds: entry \d+ holds Pt, which the references of "
+                                                         r"'energy' do not give"):
+        stats_module.residual_stats(dataset, "energy", references)
+
+
 def test_compute_stats_memory_does_not_grow_with_entries(tmp_path, monkeypatch):
     """Peak memory of compute_stats on 16x more entries grows by far less than the dense
     [entries, 119] counts matrix alone would (3.8 MB for 4000 entries)."""

@@ -133,31 +133,23 @@ def residual_stats(dataset: LmdbDataset, name: str, references: np.ndarray) -> d
             tens of eV from zero, which a network normalised with mean 0 would have to learn
         mean, std: of r - shift * N (population std)
     references: float64 [119], NaN for an element without one, which an entry holding it is a
-    DataError for. One pass; r and N are reduced chunk by chunk to their means and centred
-    second moments (merged as _Moments does), so memory is O(_CHUNK_SIZE)."""
-    n, mean, m2 = 0, np.zeros(2), np.zeros((2, 2))  # over the rows (r, N)
+    DataError for. One pass; the rows [N, r, 1] are reduced chunk by chunk to their R factor,
+    as compute_stats reduces its own (memory O(_CHUNK_SIZE))."""
+    rows_qr = _TreeQR()
     for start in range(0, len(dataset), _CHUNK_SIZE):
-        rows = np.empty((min(start + _CHUNK_SIZE, len(dataset)) - start, 2))
-        for row in range(len(rows)):
+        block = np.ones((min(start + _CHUNK_SIZE, len(dataset)) - start, 3))
+        for row in range(len(block)):
             entry = dataset.read(start + row)
             refs = references[entry["atomic_numbers"]]
             if np.isnan(refs).any():
                 missing = sorted({chemical_symbols[z] for z in entry["atomic_numbers"][np.isnan(refs)]})
                 raise fmt.DataError(f"{dataset.path}: entry {start + row} holds {', '.join(missing)}, which the "
                                     f"references of {name!r} do not give")
-            rows[row] = float(entry[name]) - refs.sum(), len(refs)
-        chunk_mean = rows.mean(axis=0)
-        centred = rows - chunk_mean
-        chunk_m2 = centred.T @ centred
-        total = n + len(rows)
-        delta = chunk_mean - mean
-        mean = mean + delta * (len(rows) / total)
-        m2 = m2 + chunk_m2 + np.outer(delta, delta) * (n * len(rows) / total)
-        n = total
-    var_r, cov, var_n = m2[0, 0] / n, m2[0, 1] / n, m2[1, 1] / n
-    shift = (cov + mean[0] * mean[1]) / (var_n + mean[1] ** 2)  # sum(r N) / sum(N^2)
-    return {"shift": np.float64(shift), "mean": np.float64(mean[0] - shift * mean[1]),
-            "std": np.float64(np.sqrt(max(var_r - 2 * shift * cov + shift**2 * var_n, 0.0)))}
+            block[row, :2] = len(refs), float(entry[name]) - refs.sum()
+        rows_qr.add(block)
+    r = rows_qr.result()
+    (shift,), (residual,) = _least_squares(r[:, :1], r[:, 1:2], r[:, 2], len(dataset))
+    return {"shift": np.float64(shift[0]), **residual}
 
 
 def _non_finite(dataset: LmdbDataset, index: int, name: str) -> fmt.DataError:
@@ -168,24 +160,35 @@ def _non_finite(dataset: LmdbDataset, index: int, name: str) -> fmt.DataError:
 def _fit_references(r: np.ndarray, present: np.ndarray, names: list[str], num_entries: int) -> dict:
     """{name: (linref float64 [119], {"mean", "std"} of the residual)} from the R factor of
     [element counts | labels `names` | 1] (see compute_stats)."""
-    counts_r, ones_r = r[:, :fmt.MAX_Z + 1][:, present], r[:, -1]
-    labels_r = r[:, fmt.MAX_Z + 1:-1]
-    # lstsq gives the minimum-norm solution when element counts are collinear (a single
-    # composition, as in an MD trajectory): the residual is still exact on the data. R has
-    # the singular values of the dense counts matrix, so rcond is the dense problem's
-    # default (eps * max(rows, columns)).
-    rcond = np.finfo(np.float64).eps * max(num_entries, counts_r.shape[1])
-    coeff = np.linalg.lstsq(counts_r, labels_r, rcond=rcond)[0]
+    coeffs, residuals = _least_squares(r[:, :fmt.MAX_Z + 1][:, present], r[:, fmt.MAX_Z + 1:-1], r[:, -1],
+                                       num_entries)
     fits = {}
-    for j, name in enumerate(names):
+    for name, coeff, residual in zip(names, coeffs, residuals):
         linref = np.zeros(fmt.MAX_Z + 1)
-        linref[present] = coeff[:, j]
-        residual = labels_r[:, j] - counts_r @ coeff[:, j]  # R @ [-coeff, 1, 0]: the residual, rotated
+        linref[present] = coeff
+        fits[name] = (linref, residual)
+    return fits
+
+
+def _least_squares(x_r: np.ndarray, y_r: np.ndarray, ones_r: np.ndarray, num_entries: int) -> tuple[list, list]:
+    """Each label column y_j fitted on the columns X by least squares, given the columns' R factor
+    (x_r [k, p], y_r [k, m] and ones_r [k]: R's columns of X, of the labels and of the ones
+    column; see compute_stats). Returns the coefficients (float64 [p] per label) and the
+    residual's {"mean", "std"} (population std) per label, from R's small numbers only."""
+    # lstsq gives the minimum-norm solution when the columns are collinear (element counts of a
+    # single composition, as in an MD trajectory): the residual is still exact on the data. R
+    # has the singular values of the dense matrix, so rcond is the dense problem's default
+    # (eps * max(rows, columns)).
+    rcond = np.finfo(np.float64).eps * max(num_entries, x_r.shape[1])
+    coeff = np.linalg.lstsq(x_r, y_r, rcond=rcond)[0]
+    residuals = []
+    for j in range(y_r.shape[1]):
+        residual = y_r[:, j] - x_r @ coeff[:, j]  # R @ [-coeff, 1, 0]: the residual, rotated
         mean = float(ones_r @ residual) / num_entries
         centered = residual - mean * ones_r
-        fits[name] = (linref, {"mean": np.float64(mean),
-                               "std": np.float64(np.sqrt(float(centered @ centered) / num_entries))})
-    return fits
+        std = np.sqrt(float(centered @ centered) / num_entries)
+        residuals.append({"mean": np.float64(mean), "std": np.float64(std)})
+    return list(coeff.T), residuals
 
 
 class _Moments:

@@ -218,6 +218,31 @@ int scatter_chunks(int64_t num_src, int64_t num_rows, int64_t features, int num_
   return static_cast<int>(std::clamp<int64_t>(std::min<int64_t>(work / kGrain, num_rows), 1, max_chunks));
 }
 
+// The accumulators of output rows [begin, end), `width` values each, set to `init`: those rows
+// of out themselves where T accumulates in T (float32, float64), so a scatter needs no second
+// output-sized buffer; a buffer of acc_t<T> beside them for bf16, which the caller stores into
+// out when it is done (kInPlace false).
+template <class T>
+class RowAccumulators {
+ public:
+  static constexpr bool kInPlace = std::is_same_v<T, acc_t<T>>;
+
+  RowAccumulators(T* out, int64_t begin, int64_t end, int64_t width, acc_t<T> init) {
+    if constexpr (kInPlace) {
+      data_ = out + begin * width;
+      std::fill(data_, data_ + (end - begin) * width, init);
+    } else {
+      buffer_.assign((end - begin) * width, init);
+      data_ = buffer_.data();
+    }
+  }
+  acc_t<T>* data() { return data_; }
+
+ private:
+  std::vector<acc_t<T>> buffer_;
+  acc_t<T>* data_;
+};
+
 // Returns how many rows had an index in [0, dim_size): the others were skipped.
 template <class T, Reduce R, class Index>
 int64_t scatter_rows(const ScatterReduceArgs& a, const Index* index, int num_threads) {
@@ -234,7 +259,7 @@ int64_t scatter_rows(const ScatterReduceArgs& a, const Index* index, int num_thr
         // Only the mean needs the counts: for a sum, counting would be a second scattered
         // read-modify-write per row (half the speed at F = 1).
         constexpr bool kCounts = R == Reduce::mean;
-        std::vector<A> acc((k_end - k_begin) * F, Red::init());
+        RowAccumulators<T> acc(out, k_begin, k_end, F, Red::init());
         std::vector<int64_t> count(kCounts ? k_end - k_begin : 0, 0);
         int64_t unused_arg = kNoArg;  // sum and mean keep no argument
         int64_t mine = 0;  // counted locally: the threads' accepted[] entries share a cache line
@@ -247,10 +272,12 @@ int64_t scatter_rows(const ScatterReduceArgs& a, const Index* index, int num_thr
           A* y = acc.data() + (k - k_begin) * F;
           for (int64_t f = 0; f < F; ++f) Red::update(y[f], unused_arg, Acc<T>::load(x[f]), e);
         }
-        for (int64_t k = k_begin; k < k_end; ++k) {
-          const A* y = acc.data() + (k - k_begin) * F;
-          for (int64_t f = 0; f < F; ++f)  // (an empty row's sum is its initial 0)
-            out[k * F + f] = Acc<T>::store(kCounts ? Red::finish(y[f], count[k - k_begin]) : y[f]);
+        if constexpr (kCounts || !RowAccumulators<T>::kInPlace) {
+          for (int64_t k = k_begin; k < k_end; ++k) {
+            const A* y = acc.data() + (k - k_begin) * F;
+            for (int64_t f = 0; f < F; ++f)  // (an empty row's sum is its initial 0)
+              out[k * F + f] = Acc<T>::store(kCounts ? Red::finish(y[f], count[k - k_begin]) : y[f]);
+          }
         }
         accepted[c] = mine;
       });

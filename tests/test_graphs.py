@@ -340,6 +340,57 @@ def test_subgraph_cutoffs_compare_in_the_distance_dtype():
     assert graphs["a2a"]["edge_index"].shape[1] == 4  # (atoms 1 and 2 are 8.8 Å apart)
 
 
+def test_collinear_quadruplets_are_distinct_atoms_on_a_line():
+    """atoms.repeat puts the copies of an atom on lines (where the dihedral basis is singular)
+    whatever rattle the repeated cell had; a rattle after repeating removes them. A perfect
+    primitive cell's lines are images of one atom, which move together: not counted. A linear
+    molecule (C2H2) lies on a line, CH4 does not. Each count equals numpy's, from
+    the positions and lattice shifts of every quadruplet's edges."""
+    import numpy as np
+    from ase import Atoms
+    from ase.build import bulk, molecule
+
+    from jmp_ext.data import atoms_to_entry, collate
+
+    def brute_force(atoms, graphs) -> int:
+        pos, cell = atoms.positions, atoms.cell.array
+
+        def edges(graph, index):
+            (source, target), shift = graph["edge_index"][:, index].numpy(), graph["cell_offset"][index].numpy()
+            return source, target, pos[source] + shift @ cell - pos[target]
+
+        def singular(main, qint, main_edge, qint_edge, at):
+            c, a, u = edges(graphs[main], main_edge)
+            b = graphs[qint]["edge_index"][1 - at, qint_edge].numpy()
+            v = edges(graphs[qint], qint_edge)[2]
+            sine = np.linalg.norm(np.cross(u, v), axis=1) / np.linalg.norm(u, axis=1) / np.linalg.norm(v, axis=1)
+            return (sine < 1e-4) & ~((c == a) & (a == b))
+
+        quad = graphs["quad"]
+        t_out, t_in = quad["triplet_out"], quad["triplet_in"]
+        at_a = singular("main", "qint", t_out["out"].long(), t_out["in"].long(), 1)[quad["trip_out_to_quad"].long()]
+        at_b = singular("main", "qint", t_in["in"].long(), t_in["out"].long(), 0)[quad["trip_in_to_quad"].long()]
+        return int((at_a | at_b).sum())
+
+    primitive = Atoms("CuAuAg", scaled_positions=[[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0, 0.25]],
+                      cell=[[3.0, 0.2, 0.1], [0.3, 3.2, 0.0], [0.1, 0.4, 3.4]], pbc=True)
+    primitive.rattle(0.05, seed=1)
+    repeated = primitive.repeat((2, 1, 1))
+    rattled_after = repeated.copy()
+    rattled_after.rattle(0.01, seed=2)
+    acetylene = Atoms("HCCH", positions=[[-1.66, 0, 0], [-0.6, 0, 0], [0.6, 0, 0], [1.66, 0, 0]])
+    config = G.GraphConfig.uniform(5.0, 30)
+    counts = {}
+    for name, atoms in [("primitive", primitive), ("repeated", repeated), ("rattled after", rattled_after),
+                        ("perfect Cu", bulk("Cu")), ("C2H2", acetylene), ("CH4", molecule("CH4"))]:
+        graphs = G.build_graphs(collate([atoms_to_entry(atoms)], dtype=torch.float64), config)
+        assert graphs["quad"]["trip_in_to_quad"].numel() > 0, name
+        counts[name] = G.collinear_quadruplets(graphs)
+        assert counts[name] == brute_force(atoms, graphs), name
+    assert counts["repeated"] > 0 and counts["C2H2"] > 0
+    assert counts["primitive"] == counts["rattled after"] == counts["perfect Cu"] == counts["CH4"] == 0
+
+
 def test_truncated_neighbors_counts_every_neighbour_like_ase():
     """fcc Cu at 6 Å: 78 neighbours per atom (ASE's neighbour list), more than k = 30 keeps in
     the main graph and int(8 * 30 / 30) = 8 in the quadruplet graph; k = 300 keeps them all."""

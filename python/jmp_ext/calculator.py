@@ -33,7 +33,12 @@ forces grow as 1/distance from the line. Measured on 3x3x3 fcc Cu with a fine-tu
 the largest force was 9293 / 922 / 32 / 2.9 / 0.38 eV/Å after atoms.rattle(stdev) of 0 / 1e-5 /
 1e-4 / 1e-3 / 1e-2 Å. Rattle ideal structures before relaxing them, and expect a relaxation that
 pulls atoms back onto lattice rows to converge poorly; the calculator warns (once) when a force
-exceeds MAX_PLAUSIBLE_FORCE.
+exceeds MAX_PLAUSIBLE_FORCE. Exactly on a line the forces need not be large to be wrong (in a
+2x2x1 supercell of a rattled 8-atom alloy cell, 6e-4 eV/Å off -dE/dx in float64 and 9.8 eV/Å in
+float32): atoms.repeat puts the copies of each atom on lines whatever rattle the repeated cell
+had, so rattle after repeating; finite-displacement phonons of a perfect supercell are out of
+reach. The calculator warns (once) when a structure has such lines
+(jmp_ext.graphs.collinear_quadruplets, checked at every call with forces or stress).
 """
 
 from __future__ import annotations
@@ -98,6 +103,7 @@ class JMPCalculator(Calculator):
         self.parameters.update(checkpoint=source, task=task_config.name, device=str(parameter.device),
                                dtype=str(parameter.dtype).removeprefix("torch."))
         self._warned_force = False
+        self._warned_collinear = False
         self._calculated = False  # (a structure went through: later position errors are the run's)
         kinds = {t.kind for t in task_config.targets}
         if "energy" not in kinds:
@@ -153,6 +159,27 @@ class JMPCalculator(Calculator):
                       f"{advice}; see jmp_ext.calculator")
         return bool(truncated)
 
+    def _warn_if_collinear(self, entry: dict) -> None:
+        """Warns (once) when atoms of `entry` lie on the straight lines where the dihedral basis
+        is singular (graphs.collinear_quadruplets): its forces there are not -dE/dx, at any
+        size, so the force warning alone would miss them."""
+        from jmp_ext.graphs import collinear_quadruplets
+        from jmp_ext.train.batches import collate_batch, to_device
+
+        parameter = next(self.model.net.parameters())
+        batch = to_device(collate_batch([entry], parameter.dtype, self.task), parameter.device)
+        with torch.no_grad():
+            graphs = self.model.graphs(batch)
+        count = collinear_quadruplets(graphs)
+        if count:
+            self._warned_collinear = True
+            warn_user(f"{count} of the {graphs['quad']['trip_in_to_quad'].numel()} quadruplets of this structure "
+                      "have three distinct atoms on a straight line, where GemNet-OC's dihedral basis is singular and "
+                      "the forces are unreliable: an ideal lattice's rows, and the copies of an atom that "
+                      "atoms.repeat makes, whatever rattle the repeated cell had (phonopy's finite displacements "
+                      "of a perfect supercell too). Rattle the structure itself (atoms.rattle(1e-2) after repeat): "
+                      "see jmp_ext.calculator's doc")
+
     def _check_implemented(self, properties) -> None:
         # (ASE's own message, "stress property not implemented", did not say what would give it)
         for name in ("forces", "stress"):
@@ -196,6 +223,8 @@ class JMPCalculator(Calculator):
             self._check_neighbors = not self._warn_if_truncated(entry)
         # An energy alone (Monte Carlo, an energy scan) skips the gradient forces and stress.
         derivatives = not set(properties) <= {"energy", "free_energy", "energies"}
+        if derivatives and not self._warned_collinear:  # (every step: a relaxation may line atoms up)
+            self._warn_if_collinear(entry)
         preds = predict_structures(self.model, [entry], self.task, derivatives)
         self._calculated = True
         energy = float(preds["energy"][0])

@@ -493,6 +493,30 @@ def truncated_neighbors(batch: dict, config: GraphConfig) -> dict[str, tuple[int
     return out
 
 
+def collinear_quadruplets(graphs: dict, max_sine: float = 1e-4) -> int:
+    """How many quadruplets d->b->a<-c of build_graphs' `graphs` have an angle c-a-b or d-b-a
+    within `max_sine` (its sine) of 0 or 180 degrees, its three atoms distinct: there GemNet-OC's
+    dihedral (between the planes c-a-b and a-b-d) is undefined, its basis singular and the
+    forces unreliable. Translated copies of an atom in a supercell lie on such lines, whatever
+    rattle the cell they copy had; three images of one atom do too, but move together, so they
+    are not counted."""
+    main, qint, quad = graphs["main"], graphs["qint"], graphs["quad"]
+
+    def singular(main_edge: Tensor, qint_edge: Tensor, at: int) -> Tensor:
+        # Triplets of a main edge and a qint edge meeting at atom `at` of the qint edge (row 1:
+        # its target a, row 0: its source b).
+        u, v = main["vector"][main_edge].detach(), qint["vector"][qint_edge].detach()
+        sine = torch.linalg.cross(u, v).norm(dim=-1) / (u.norm(dim=-1) * v.norm(dim=-1))
+        ends = main["edge_index"][:, main_edge], qint["edge_index"][1 - at, qint_edge]
+        images = (ends[0][0] == ends[0][1]) & (ends[0][0] == ends[1])
+        return (sine < max_sine) & ~images
+
+    t_in, t_out = quad["triplet_in"], quad["triplet_out"]
+    at_a = singular(t_out["out"].long(), t_out["in"].long(), 1)[quad["trip_out_to_quad"].long()]
+    at_b = singular(t_in["in"].long(), t_in["out"].long(), 0)[quad["trip_in_to_quad"].long()]
+    return int((at_a | at_b).sum())
+
+
 def build_graphs(batch: dict, config: GraphConfig | list[GraphConfig], *, edge_dropout: float | None = None,
                  generator: torch.Generator | None = None) -> dict:
     """The graphs dict GemNetOCBackbone.forward(h, graphs) takes, from a collated batch.

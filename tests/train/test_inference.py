@@ -88,8 +88,13 @@ def test_a_stress_model_still_serves_molecules(stress_checkpoint, tmp_path):
     water.calc = copper.calc = calc
     assert np.isfinite(water.get_potential_energy()) and np.isfinite(water.get_forces()).all()
     # The ideal lattice's rows: the dihedral basis is discontinuous there (jmp_ext.calculator).
-    with pytest.warns(UserWarning, match=r"a force of .* eV/Å: atoms on \(nearly\) straight lines"):
+    with pytest.warns(UserWarning) as caught:
         assert np.isfinite(copper.get_potential_energy()) and np.isfinite(copper.get_forces()).all()
+    messages = [str(w.message) for w in caught if "straight line" in str(w.message)]
+    assert len(messages) == 2
+    assert re.match(r"\d+ of the \d+ quadruplets of this structure have three distinct atoms on a straight line",
+                    messages[0])
+    assert re.match(r"a force of .* eV/Å: atoms on \(nearly\) straight lines", messages[1])
     assert np.isfinite(copper.get_stress()).all()
     with pytest.raises(PropertyNotImplementedError, match="stress needs a cell"):
         water.get_stress()
@@ -102,6 +107,39 @@ def test_a_stress_model_still_serves_molecules(stress_checkpoint, tmp_path):
     np.testing.assert_allclose(pred["stress"][0], copper.get_stress(voigt=False), rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(pred["energy"], [copper.get_potential_energy(), water.get_potential_energy()],
                                rtol=1e-12)
+
+
+def test_calculator_warns_about_atoms_on_lines_however_small_the_forces(stress_checkpoint):
+    """The copies of an atom that atoms.repeat makes lie on straight lines, whatever rattle the
+    repeated cell had: there the dihedral basis is singular and the forces are off -dE/dx
+    (eV/Å in float32) without being large, so the force warning misses them. Warned once, at
+    the call with forces; the same supercell rattled after repeating is fine."""
+    # One atom per cell: its two nearest neighbours (the quadruplet graph's k of this
+    # checkpoint) are its images along the shortest lattice vector, on a line with it. (The
+    # repeated cell's exact forces are 0 by symmetry; the model's are not.)
+    primitive = ase.Atoms("C", cell=[[2.5, 0.1, 0.0], [0.2, 2.9, 0.1], [0.1, 0.3, 3.3]], pbc=True)
+    repeated = primitive.repeat((2, 1, 1))
+    rattled_after = repeated.copy()
+    rattled_after.rattle(0.01, seed=2)
+    calc = JMPCalculator(stress_checkpoint)
+
+    def line_warnings(atoms, properties) -> list[str]:
+        # (k = 8 of the checkpoint leaves neighbours out in these cells: that warning is not this test's)
+        atoms.calc = calc
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            results = [getattr(atoms, f"get_{name}")() for name in properties]
+        assert all(np.isfinite(r).all() for r in results)
+        return [(w.filename, str(w.message)) for w in caught if "straight line" in str(w.message)]
+
+    assert line_warnings(primitive, ["forces"]) == line_warnings(rattled_after, ["forces"]) == []
+    assert line_warnings(repeated, ["potential_energy"]) == []  # (an energy alone: not checked)
+    ((filename, message),) = line_warnings(repeated, ["forces"])
+    assert filename == __file__
+    assert re.match(r"\d+ of the \d+ quadruplets of this structure have three distinct atoms on a straight line, "
+                    r".* Rattle the structure itself", message)
+    assert np.abs(repeated.get_forces()).max() < 100  # (no force warning to rely on)
+    assert line_warnings(primitive.repeat((3, 1, 1)), ["forces"]) == []  # (once per calculator)
 
 
 def test_load_jmp_checkpoint_reads_our_run_checkpoints(stress_checkpoint):

@@ -609,3 +609,34 @@ def test_cuda_bad_indices_raise_the_cpu_messages():
         with pytest.raises(ValueError) as on_cuda:
             case(cuda)
         assert str(on_cuda.value) == str(on_cpu.value)
+
+
+@pytest.mark.parametrize("op", ["scatter_sum", "scatter_mean", "segment_contract"])
+def test_cpu_scatter_peak_memory_is_its_output(op):
+    """A float32 scatter onto 512 MB of output rows accumulates in them: the process's peak
+    memory grows by about the output, not twice it (a private accumulator the size of the
+    output once doubled it). Measured in a fresh process: ru_maxrss is a process's peak."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import resource, torch
+        from jmp_ext.ops import reductions as red
+        rows, width = 2**19, 256  # 512 MB of float32
+        index = torch.tensor([0, rows - 1])
+        def run(rows):
+            if "{op}" == "segment_contract":
+                return red.segment_contract(torch.ones(1, width, 1), torch.ones(2, 1), torch.tensor([0, 2]),
+                                            out_index=index.clamp(max=rows - 1), num_out_rows=rows)
+            return red.{op}(torch.ones(2, width), index.clamp(max=rows - 1), rows)
+        run(4)  # (libraries loaded, thread pools started)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out = run(rows)
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+        assert out.shape == (rows, width) and out[0].eq(1).all() and out[1:-1].eq(0).all(), "wrong result"
+        print(grown * 1024 / out.numel() / out.element_size())
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert 0.9 < float(result.stdout) < 1.3  # (peak growth / output bytes; 2.0 with the copy)

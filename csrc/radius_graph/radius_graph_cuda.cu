@@ -87,7 +87,7 @@ __global__ void frames_kernel(const T* pos, const int64_t* ptr, const double* ce
 // One thread: the CPU's guard, on the whole batch's search cost (not system by system), summed
 // in system order as the CPU sums it (another order could round across the threshold and refuse
 // a batch the CPU searches). Refuses the search before any atom is placed; B is small.
-__global__ void guard_kernel(const Frame* frames, int64_t num_systems, int64_t max_edges,
+__global__ void guard_kernel(const Frame* frames, int64_t num_systems, int64_t max_edges, bool capped,
                              unsigned long long* errors) {
   if (failed(errors)) return;  // a failed system's frame was never written
   double candidates = 0, edges = 0;
@@ -95,7 +95,7 @@ __global__ void guard_kernel(const Frame* frames, int64_t num_systems, int64_t m
     candidates += frames[b].candidates;
     edges += frames[b].edges;
   }
-  if (hopeless(candidates, max_edges)) {
+  if (hopeless(candidates, edges, max_edges, capped)) {
     // The doubles themselves (finite and > 0: never kNoError's bits), for the CPU's message.
     errors[kHopelessEdges] = static_cast<unsigned long long>(__double_as_longlong(edges));
     errors[kHopelessSearch] = static_cast<unsigned long long>(__double_as_longlong(candidates));
@@ -225,7 +225,8 @@ void bin(const Input& in, const Workspace& ws, cudaStream_t stream) {
     frames_kernel<T><<<static_cast<unsigned int>(in.num_systems), kBlock, 0, stream>>>(
         pos, in.ptr, in.cell, in.pbc, in.cutoff, ws.frames, ws.errors);
     JMP_CUDA_CHECK(cudaGetLastError());
-    guard_kernel<<<1, 1, 0, stream>>>(ws.frames, in.num_systems, in.max_edges, ws.errors);
+    guard_kernel<<<1, 1, 0, stream>>>(ws.frames, in.num_systems, in.max_edges, in.max_neighbors > 0,
+                                      ws.errors);
     JMP_CUDA_CHECK(cudaGetLastError());
     if (in.num_atoms == 0) return;
     place_kernel<T><<<blocks(in.num_atoms), kBlock, 0, stream>>>(

@@ -616,8 +616,9 @@ def test_output_bound_says_how_many_edges():
 @pytest.mark.parametrize("copies, cutoff, max_edges", [(1, 1000.0, 1000), (40, 150.0, 10**5)])
 def test_hopeless_search_is_refused_before_it_starts(device, copies, cutoff, max_edges):
     """1000 Å around a 1-atom 2.5 Å cell: ~5e8 edges; refused at once, with an estimate. The
-    guard is on the whole batch: at 150 Å one such cell is searched (and then has too many
-    edges), 40 of them together are refused before the search."""
+    guard is on the whole batch: at 150 Å with a cap on the neighbours (where the candidate
+    pairs, not the expected edges, decide) one such cell is searched, 40 of them together are
+    refused before the search."""
     atoms = bulk("Cu", "fcc", a=3.61)
     pos = torch.tensor(np.tile(atoms.positions, (copies, 1)), device=device)
     cell = torch.tensor(np.stack([atoms.cell.array] * copies), device=device)
@@ -627,12 +628,29 @@ def test_hopeless_search_is_refused_before_it_starts(device, copies, cutoff, max
     assert 1e7 < estimate < 1e9, estimate
     assert "skewed" not in str(error.value)  # (fcc's primitive cell: its vectors' lengths give 1.41x its volume)
     if copies > 1:
-        with pytest.raises(ValueError, match=r"would have \d+ edges, more than max_edges"):
-            radius_graph(pos[:1], cutoff, cell=cell[0], max_edges=max_edges)
+        with pytest.raises(ValueError, match=r"would have roughly .* edges"):
+            radius_graph(pos, cutoff, natoms=[1] * copies, cell=cell, max_edges=max_edges, max_neighbors=12)
+        assert radius_graph(pos[:1], cutoff, cell=cell[0], max_edges=max_edges, max_neighbors=12)[0].shape[1] == 12
     if device.type == "cuda":  # the CPU's message, to its last printed digit
         with pytest.raises(ValueError) as on_cpu:
             radius_graph(pos.cpu(), cutoff, natoms=[1] * copies, cell=cell.cpu(), max_edges=max_edges)
         assert str(error.value) == str(on_cpu.value)
+
+
+def test_an_uncapped_graph_far_over_max_edges_is_refused_from_its_estimate(device):
+    """One atom in a 2 Å cell at 212 Å: ~5e6 edges. Without a cap on the neighbours, a graph
+    expected at more than 4x max_edges is refused from the estimate, before the search that
+    would count it (at 1600 Å that search took 33 s before its refusal); with max_neighbors
+    the search runs, and its output is small."""
+    pos = torch.zeros(1, 3, dtype=torch.float64, device=device)
+    cell = 2.0 * torch.eye(3, dtype=torch.float64, device=device)
+    with pytest.raises(ValueError, match=r"would have roughly \S+ edges \(searching") as error:
+        radius_graph(pos, 212.0, cell=cell, max_edges=5 * 10**5)
+    estimate = float(re.search(r"roughly (\S+) edges", str(error.value)).group(1))
+    lattice_points = 4 / 3 * math.pi * 106**3  # (within 106 cell lengths, about)
+    assert 0.9 < estimate / lattice_points < 1.2
+    edge_index, _, distance = radius_graph(pos, 212.0, cell=cell, max_edges=5 * 10**5, max_neighbors=10)
+    assert edge_index.shape[1] == 10 and distance[:6].eq(2.0).all() and distance[6:].gt(2.0).all()
 
 
 def test_a_skewed_cell_is_named_when_its_search_looks_hopeless(device):

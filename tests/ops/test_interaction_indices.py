@@ -356,6 +356,16 @@ def test_bad_graph_raises(mutate, error, match):
         quadruplets(_small(), bad, 3)
 
 
+def test_an_impossible_allocation_says_how_many_triplets():
+    """A hub atom with d = 2**23 in-edges has d (d - 1) = 7e13 triplets, 1.7 PB of int64 indices:
+    the allocator's refusal (which names bytes only) says so, as the allocator's error."""
+    hub = 2**23
+    star = {"edge_index": torch.stack([torch.arange(1, hub + 1), torch.zeros(hub, dtype=torch.int64)])}
+    with pytest.raises(RuntimeError, match=rf"^{hub * (hub - 1)} triplets \(of graph\): their 3 index arrays need "
+                                           r"1\.69e\+06 GB \(.*can't allocate memory"):
+        triplets(star, hub + 1, index_dtype=torch.int64)
+
+
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match=r"outside \[0, num_atoms = 2\)"):
         triplets(_small(), 2)  # the out graph is checked too
@@ -366,6 +376,8 @@ def test_bad_arguments_raise():
         triplets(_small(), -1)
     with pytest.raises(ValueError, match="num_atoms"):
         triplets(_small(), 3.0)
+    with pytest.raises(ValueError, match=r"num_atoms must be an int in \[0, 2\*\*62\], got 9223372036854775807"):
+        triplets(_small(), 2**63 - 1)  # (a TypeError with a C++ trace inside torch before)
     with pytest.raises(ValueError, match="edge_index"):
         triplets({"cell_offset": torch.zeros(3, 3)}, 3)
     meta = {k: v.to("meta") for k, v in _small().items()}

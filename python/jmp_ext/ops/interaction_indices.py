@@ -83,8 +83,20 @@ def _check_fits(index_dtype: torch.dtype, what: str, count: int) -> None:
 
 
 def _check_num_atoms(num_atoms: int) -> None:
-    if isinstance(num_atoms, bool) or not isinstance(num_atoms, int) or num_atoms < 0:
-        raise ValueError(f"num_atoms must be a non-negative int, got {num_atoms!r}")
+    # (the bound keeps num_atoms + 1 and the kernels' sums of it in int64)
+    if isinstance(num_atoms, bool) or not isinstance(num_atoms, int) or not 0 <= num_atoms <= 2**62:
+        raise ValueError(f"num_atoms must be an int in [0, 2**62], got {num_atoms!r}")
+
+
+def _new_indices(like: Tensor, arrays: int, count: int, index_dtype: torch.dtype, what: str) -> tuple[Tensor, ...]:
+    """`arrays` index tensors of `count` entries; an allocation that fails says how many
+    `what` (triplets, quadruplets) they were for, and their size (the allocator names bytes
+    only), as the allocator's own error type (torch.OutOfMemoryError on a GPU)."""
+    try:
+        return tuple(like.new_empty(count, dtype=index_dtype) for _ in range(arrays))
+    except RuntimeError as error:
+        size = arrays * count * index_dtype.itemsize / 1e9
+        raise type(error)(f"{count} {what}: their {arrays} index arrays need {size:.3g} GB ({error})") from None
 
 
 def _check_same_device(**tensors: Tensor) -> torch.device:
@@ -195,7 +207,7 @@ def _pairs(
     if device.type == "cuda":
         total = _scan_counts_cuda(offsets, "triplets", out_name, out_graph[0], num_atoms)
     _check_fits(index_dtype, "triplets", total)
-    idx_in, idx_out, out_agg = (offsets.new_empty(total, dtype=index_dtype) for _ in range(3))
+    idx_in, idx_out, out_agg = _new_indices(offsets, 3, total, index_dtype, f"triplets (of {out_name})")
     launch("fill_triplets", device, *args, ptr(offsets), int32, ptr(idx_in), ptr(idx_out), ptr(out_agg),
            checks_indices=False)
     return idx_in, idx_out, out_agg, offsets
@@ -283,8 +295,7 @@ def _quadruplets_op(
     if device.type == "cuda":  # (counts are never negative: the triplet ops checked the atoms)
         total = _scan_counts_cuda(offsets, "quadruplets", "main_graph", main[0], num_atoms)
     _check_fits(index_dtype, "quadruplets", total)
-    out, trip_out_to_quad, trip_in_to_quad, out_agg = (
-        offsets.new_empty(total, dtype=index_dtype) for _ in range(4))
+    out, trip_out_to_quad, trip_in_to_quad, out_agg = _new_indices(offsets, 4, total, index_dtype, "quadruplets")
     launch("fill_quadruplets", device, *args, ptr(offsets), int32, ptr(out), ptr(trip_out_to_quad),
            ptr(trip_in_to_quad), ptr(out_agg), checks_indices=False)
     return tin_in, tin_out, tout_in, tout_out, out, trip_in_to_quad, trip_out_to_quad, out_agg

@@ -18,8 +18,9 @@ namespace jmp_ext::radius_graph {
 
 void check_input(const Input& in) {
   JMP_CHECK(in.num_atoms >= 0 && in.num_systems >= 0, "radius_graph: negative sizes");
-  JMP_CHECK(std::isfinite(in.cutoff) && in.cutoff > 0,
-            "radius_graph: cutoff must be finite and > 0, got ", in.cutoff);
+  // (below ~1e-154 the squared cutoff underflows to 0 and the graph would come back empty)
+  JMP_CHECK(std::isfinite(in.cutoff) && in.cutoff >= 1e-30,
+            "radius_graph: cutoff must be finite and > 0 (at least 1e-30 Angstrom), got ", in.cutoff);
   JMP_CHECK(in.max_neighbors == -1 || in.max_neighbors > 0,
             "radius_graph: max_neighbors must be positive, got ", in.max_neighbors);
   // (a NaN would compare false everywhere: every target over k neighbours would lose them all)

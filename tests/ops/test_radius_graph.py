@@ -694,8 +694,10 @@ def test_the_registered_op_checks_its_inputs():
 
 
 @pytest.mark.parametrize("cutoff, ptr, k, tolerance, max_edges, message", [
-    (0.0, [0, 4], -1, -1.0, 2**28, r"cutoff must be finite and > 0, got 0"),
-    (math.nan, [0, 4], -1, -1.0, 2**28, r"cutoff must be finite and > 0, got nan"),
+    (0.0, [0, 4], -1, -1.0, 2**28, r"cutoff must be finite and > 0 \(at least 1e-30 Angstrom\), got 0"),
+    (math.nan, [0, 4], -1, -1.0, 2**28, r"cutoff must be finite and > 0 \(at least 1e-30 Angstrom\), got nan"),
+    # (1e-200 squared underflows to 0: atoms 5e-201 apart made no edge)
+    (1e-200, [0, 4], -1, -1.0, 2**28, r"cutoff must be finite and > 0 \(at least 1e-30 Angstrom\), got 1e-200"),
     (3.0, [1, 5], -1, -1.0, 2**28, r"natoms must add up to the number of atoms 4"),
     (3.0, [0, 3], -1, -1.0, 2**28, r"natoms must add up to the number of atoms 4"),
     (3.0, [0, 3, 2, 4], -1, -1.0, 2**28, r"natoms\[1\] is negative"),

@@ -92,6 +92,9 @@ class EdgeSorter {
       insertion_sort(found.data(), found.data() + n);
       return found.data();
     }
+    // (buckets are int32 to keep a Candidate at 32 bytes: 2^31 of them would be 68 GB)
+    JMP_CHECK(n <= std::numeric_limits<int32_t>::max(), "radius_graph: an atom has ", n,
+              " neighbours within the cutoff, more than the 2^31 - 1 a target's sort can order");
     start_.assign(n + 1, 0);
     const double scale = static_cast<double>(n) / (cutoff * cutoff * cutoff);
     for (Candidate& c : found) {

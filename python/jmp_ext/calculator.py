@@ -73,7 +73,8 @@ class JMPCalculator(Calculator):
         in); float64 for finite-difference checks or long NVE runs. float32 rounds each
         position to its magnitude, and ASE's MD does not wrap atoms back into the cell: the
         calculator evaluates periodic structures with their atoms wrapped into the cell (the
-        same structure), so one that drifted 300 cells away loses no precision."""
+        same structure), so one that drifted 300 cells away loses no precision, and clusters
+        at their centroid."""
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
 
@@ -218,6 +219,11 @@ class JMPCalculator(Calculator):
             if outside.any():
                 entry["pos"] = torch.as_tensor(self.atoms.positions - outside @ self.atoms.cell.array,
                                                dtype=entry["pos"].dtype)
+        else:
+            # A cluster (no periodic axis, or non-periodic graphs) at its centroid, which moves
+            # nothing else: float32 rounds a position to its magnitude, and a molecule drifting
+            # in MD would lose precision with its distance from the origin.
+            entry["pos"] = entry["pos"] - entry["pos"].mean(dim=0)
         # (not on every step: the counts change little along a trajectory)
         if self._check_neighbors and new_structure:
             self._check_neighbors = not self._warn_if_truncated(entry)

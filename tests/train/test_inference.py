@@ -959,7 +959,8 @@ def test_calculator_of_a_model_in_memory_is_the_checkpoints(checkpoint):
 def test_atoms_far_outside_the_cell_keep_float32_precision(stress_checkpoint, checkpoint):
     """ASE's MD does not wrap atoms back into the cell: 300 cells away, float32 positions lost
     ~2 orders of magnitude of precision in the forces. A periodic model evaluates the same
-    structure wrapped; a molecule model (non-periodic graphs) sees the atoms as given."""
+    structure wrapped; a molecule model (non-periodic graphs), and a molecule without pbc, at
+    its centroid (1e4 Å from the origin, float32 forces of a trained model moved by 2e-2 eV/Å)."""
     import dataclasses
     import warnings
 
@@ -993,6 +994,12 @@ def test_atoms_far_outside_the_cell_keep_float32_precision(stress_checkpoint, ch
             a.calc = JMPCalculator(checkpoint)
             a.calc.model.graph_configs[0] = dataclasses.replace(a.calc.model.graph_configs[0], pbc=False)
         assert across.get_potential_energy() == cluster.get_potential_energy()
+    drifted = cluster.copy()
+    drifted.positions += [1e4, -7e3, 3e3]
+    for a in (cluster, drifted):
+        a.calc = JMPCalculator(checkpoint, dtype="float32")
+    assert drifted.get_potential_energy() == pytest.approx(cluster.get_potential_energy(), rel=1e-7, abs=1e-7)
+    np.testing.assert_allclose(drifted.get_forces(), cluster.get_forces(), rtol=0, atol=1e-6)
 
 
 def test_periodic_structures_on_a_molecule_model_are_pointed_out(tiny_data, tmp_path):

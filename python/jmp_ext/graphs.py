@@ -507,8 +507,9 @@ def collinear_quadruplets(graphs: dict, max_sine: float = 1e-4) -> int:
         # its target a, row 0: its source b).
         u, v = main["vector"][main_edge].detach(), qint["vector"][qint_edge].detach()
         sine = torch.linalg.cross(u, v).norm(dim=-1) / (u.norm(dim=-1) * v.norm(dim=-1))
-        ends = main["edge_index"][:, main_edge], qint["edge_index"][1 - at, qint_edge]
-        images = (ends[0][0] == ends[0][1]) & (ends[0][0] == ends[1])
+        # The main edge's atoms (the shared one second) and the qint edge's other atom.
+        (first, shared), third = main["edge_index"][:, main_edge], qint["edge_index"][1 - at, qint_edge]
+        images = (first == shared) & (shared == third)
         return (sine < max_sine) & ~images
 
     t_in, t_out = quad["triplet_in"], quad["triplet_out"]

@@ -1314,9 +1314,10 @@ def test_a_run_capped_by_epochs_says_so(tiny_data, tmp_path):
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_first_stop_signal_finishes_the_step_saves_and_resumes_exactly(tiny_data, tmp_path, monkeypatch, signum):
     """Ctrl-C, or a scheduler's SIGTERM, during step 3 (of 6, no periodic checkpoint due): the
-    step ends, last.pt is saved at step 3, the run stops with a KeyboardInterrupt that says so,
-    and resuming it gives the weights of an uninterrupted run, bit for bit. The previous
-    handlers are back afterwards."""
+    step ends, last.pt is saved at step 3, the run stops with a KeyboardInterrupt that says so
+    (no step 4 starts: the next step's all-reduce, which tells every rank, skipped it), and
+    resuming it gives the weights of an uninterrupted run, bit for bit. The previous handlers
+    are back afterwards."""
 
     def config(run_dir, *overrides):
         return build_config(pretrain_config(tiny_data, run_dir, max_steps=6, val_every=100, ckpt_every=100),
@@ -1325,19 +1326,22 @@ def test_first_stop_signal_finishes_the_step_saves_and_resumes_exactly(tiny_data
     full = loop.Trainer(config(tmp_path / "full"))
     full.train()
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    original = loop.Trainer.train_step
+    original, steps = loop.tasks.loss_terms, []
 
-    def signal_in_step_3(self, batch, stand_in):
-        if self.step == 2:
+    def signal_in_step_3(*args):  # (after the step's all-reduce; per-task logging passes a 4th)
+        if len(args) == 3:
+            steps.append(len(steps) + 1)
+        if len(args) == 3 and len(steps) == 3:
             signal.raise_signal(signum)  # (the handler only sets a flag: no exception here)
-        return original(self, batch, stand_in)
+        return original(*args)
 
-    monkeypatch.setattr(loop.Trainer, "train_step", signal_in_step_3)
+    monkeypatch.setattr(loop.tasks, "loss_terms", signal_in_step_3)
     with pytest.raises(KeyboardInterrupt, match=r"stopped after step 3, saved in .*last\.pt"):
         loop.Trainer(config(tmp_path / "cut")).train()
+    assert steps == [1, 2, 3]  # (no forward of step 4)
     assert {s: signal.getsignal(s) for s in handlers} == handlers
     assert load_checkpoint(tmp_path / "cut" / "last.pt")["loop"]["step"] == 3
-    monkeypatch.setattr(loop.Trainer, "train_step", original)
+    monkeypatch.setattr(loop.tasks, "loss_terms", original)
     resumed = loop.Trainer(config(tmp_path / "cut", "resume=true"))
     resumed.train()
     assert_same_state(resumed.model.state_dict(), full.model.state_dict())

@@ -345,13 +345,13 @@ class Trainer:
                     batch = e
                 global_batch = self.sampler.batches(self.epoch)[self.batch_in_epoch]
                 self.train_step(batch, is_stand_in(global_batch, self.dist.rank))
-                self.batch_in_epoch += 1
-                self.step += 1
-                self.schedule.set_step(self.step)
-                if self.stop_requested:
+                if self.stop_requested:  # (the step did not run: its batch is the resumed run's first)
                     self.save_last()
                     self.log.close()
                     raise KeyboardInterrupt(f"stopped after step {self.step}, saved in {self.run_dir / 'last.pt'}")
+                self.batch_in_epoch += 1
+                self.step += 1
+                self.schedule.set_step(self.step)
                 if c.loop.val_every and self.step % c.loop.val_every == 0 and self.step < self.total_steps:
                     stop = self.validate_and_check()
                     if stop:
@@ -390,7 +390,9 @@ class Trainer:
         structures, atoms, failures, interrupts = distributed.all_reduce_sum(local).tolist()
         if failures > 0:
             distributed.raise_together(batch if failed else None)
-        self.stop_requested = interrupts > 0  # (every rank alike: stop after this step)
+        self.stop_requested = interrupts > 0  # (every rank alike: stop before this step, after the last)
+        if self.stop_requested:
+            return
         # "sum": cross-entropy summed over the batch, as JMP's (data.batch_size is global here:
         # the sum over every rank's share, as one process's).
         denominators = {"structures": structures, "atoms": atoms, "sum": 1}

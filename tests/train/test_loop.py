@@ -104,7 +104,10 @@ def test_compiled_network_trains_like_the_eager_one(tiny_data, tmp_path):
         assert torch.allclose(compiled_state[k].double(), eager_state[k].double(), rtol=1e-2, atol=1e-4), k
 
 
-def test_non_finite_loss_is_skipped_then_stops(tiny_data, tmp_path, monkeypatch):
+def test_non_finite_loss_is_skipped_then_stops(tiny_data, tmp_path, monkeypatch, capsys):
+    """A non-finite loss skips its step (the weights stay) and the log names the batch's
+    entries; max_nan_steps in a row stop the run with last.pt saved, which holds the weights of
+    before them (a resume with a lower lr starts there)."""
     original = tasks.loss_terms
     calls = {"n": 0}
 
@@ -128,11 +131,18 @@ def test_non_finite_loss_is_skipped_then_stops(tiny_data, tmp_path, monkeypatch)
             before.update({k: v.clone() for k, v in self.model.state_dict().items()})
 
     monkeypatch.setattr(loop.Trainer, "train_step", snapshot_after_first)
-    with pytest.raises(TrainError, match="loss was not finite for 2 steps in a row"):
+    with pytest.raises(TrainError, match=r"loss was not finite for 2 steps in a row \(loop.max_nan_steps\); "
+                                         r".*last\.pt holds the weights of before them, which resume=true continues "
+                                         r"from: lower optim.lr, check the labels of the entries the log names$"):
         trainer.train()
-    # The skipped steps did not touch the weights.
+    # The skipped steps did not touch the weights, and last.pt holds them.
     for k, v in trainer.model.state_dict().items():
         assert torch.equal(v, before[k]), k
+    saved = load_checkpoint(tmp_path / "last.pt")
+    assert saved["loop"]["step"] == 2 and all(torch.equal(v, saved["model"][k]) for k, v in before.items())
+    logged = capsys.readouterr().out
+    assert re.search(r"step 2: non-finite loss on a batch of \S+ entr(y|ies) \d+(, \d+)*( and \d+ more)?"
+                     r"(; \S+ entr(y|ies) \d+(, \d+)*( and \d+ more)?)*, step skipped \(1/2 in a row\)", logged), logged
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

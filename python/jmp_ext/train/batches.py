@@ -105,11 +105,18 @@ def name_entries(error: Exception, batch: dict, dataset) -> Exception:
                           f"({type(error).__name__}: {error})")
     if not isinstance(error, BatchStructureError) or ENTRY_KEY not in batch:
         return error
+    return TrainError(f"{'; '.join(f'{path} entry {i}' for path, i in entries_of(batch, dataset, error.structures))}: "
+                      f"{error.problem}")
+
+
+def entries_of(batch: dict, dataset, structures) -> list[tuple[str, int]]:
+    """(dataset path, entry) of the given structures of a batch load_batches read from `dataset`
+    (an LmdbDataset, or a MultiDataset, whose member holds the entry)."""
     members = getattr(dataset, "datasets", [dataset])
     offsets = np.cumsum([0, *[len(d) for d in members]])
-    names = []
-    for s in error.structures:
+    entries = []
+    for s in structures:
         i = int(batch[ENTRY_KEY][s])
         which = int(np.searchsorted(offsets, i, side="right")) - 1
-        names.append(f"{members[which].path} entry {i - offsets[which]}")
-    return TrainError(f"{'; '.join(names)}: {error.problem}")
+        entries.append((str(members[which].path), int(i - offsets[which])))
+    return entries

@@ -35,7 +35,7 @@ from jmp_ext.data.samplers import AtomBalancedBatchSampler, TemperatureSampler
 from jmp_ext.files import write_bytes_atomic
 from jmp_ext.models.checkpoint import checked_weights
 from jmp_ext.train import distributed, tasks
-from jmp_ext.train.batches import entries_named, load_batches, name_entries, to_device
+from jmp_ext.train.batches import entries_named, entries_of, load_batches, name_entries, to_device
 from jmp_ext.train.checkpoint import load_checkpoint, resume_state_problem, rng_state, save_checkpoint, set_rng_state
 from jmp_ext.train.config import TrainConfig, TrainError, save_config, to_dict
 from jmp_ext.train.ema import EMA
@@ -413,7 +413,7 @@ class Trainer:
         if failures > 0:
             distributed.raise_together(error)
         if non_finite > 0:
-            self._skip_step("loss")
+            self._skip_step("loss", batch, stand_in)
             return
         with entries_named(batch, self.train_set):  # (out of memory: said with the batch and what to lower)
             if self.scaler is not None:
@@ -441,7 +441,7 @@ class Trainer:
                 if overflowed_at > 1:  # the scale was too large: the scaler's business, not a bad step
                     self.optimizer.zero_grad(set_to_none=True)
                     return
-            self._skip_step("gradient norm")
+            self._skip_step("gradient norm", batch, stand_in)
             return
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -503,14 +503,27 @@ class Trainer:
                     out[f"{task.name}/loss"] = sum(s / counts[kind] for s, kind in zip(row, self._window_kinds))
         return out
 
-    def _skip_step(self, what: str) -> None:
+    def _skip_step(self, what: str, batch: dict, stand_in: bool) -> None:
+        """A step whose loss or gradients are not finite leaves the weights as they are; the log
+        names the batch's entries (this rank's share), and max_nan_steps of them in a row stop
+        the run with last.pt saved: the weights of before them, to resume with a lower lr."""
+        c = self.config
         self.optimizer.zero_grad(set_to_none=True)
         self.nan_streak += 1
-        self.log.write(f"step {self.step + 1}: non-finite {what}, step skipped "
-                       f"({self.nan_streak}/{self.config.loop.max_nan_steps} in a row)")
-        if self.nan_streak >= self.config.loop.max_nan_steps:
+        by_path = {}
+        for path, i in [] if stand_in else entries_of(batch, self.train_set, range(batch["natoms"].numel())):
+            by_path.setdefault(path, []).append(i)
+        shown = "; ".join(f"{path} entr{'y' if len(ids) == 1 else 'ies'} {', '.join(map(str, ids[:8]))}"
+                          + (f" and {len(ids) - 8} more" if len(ids) > 8 else "") for path, ids in by_path.items())
+        share = "" if self.dist.world_size == 1 else f" (rank {self.dist.rank}'s share)"
+        self.log.write(f"step {self.step + 1}: non-finite {what} on a batch of {shown or 'no entries'}{share}, step "
+                       f"skipped ({self.nan_streak}/{c.loop.max_nan_steps} in a row)")
+        if self.nan_streak >= c.loop.max_nan_steps:
+            self.save_last()
+            fp32 = ", or train in fp32 (loop.precision)" if self.autocast is not None else ""
             raise TrainError(f"the {what} was not finite for {self.nan_streak} steps in a row (loop.max_nan_steps); "
-                             "lower optim.lr, check the labels, or use fp32 (loop.precision)")
+                             f"{self.run_dir / 'last.pt'} holds the weights of before them, which resume=true "
+                             f"continues from: lower optim.lr, check the labels of the entries the log names{fp32}")
 
     def _autocast(self):
         if self.autocast is None:

@@ -675,6 +675,19 @@ def test_a_finetune_on_other_graphs_than_the_checkpoints_is_pointed_out(tiny_dat
                                   ["graph.preset=matbench"])).log.close()
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_precisions_train_in_fp32_on_the_cpu_and_say_so(tiny_data, tmp_path, precision):
+    """bf16 / fp16 autocast only on a GPU: on the CPU the run trains in fp32 (no autocast, float32
+    weights), and the warning says so, and that config.yaml keeps the setting a GPU resume uses."""
+    raw = pretrain_config(tiny_data, tmp_path, max_steps=1)
+    with pytest.warns(UserWarning, match=rf"loop.precision={precision} autocasts on GPUs only: this run trains in "
+                                         rf"fp32 on the CPU \(its config.yaml keeps {precision}, which a resume on a "
+                                         r"GPU uses\)"):
+        trainer = loop.Trainer(build_config(raw, [f"loop.precision={precision}"]))
+    assert trainer.autocast is None and trainer.scaler is None and trainer.dtype == torch.float32
+    trainer.release_run_dir()
+
+
 def test_fp16_overflows_lower_the_scale_and_training_goes_on(tiny_data, tmp_path):
     """loop.precision=fp16 on a GPU: autocast + GradScaler. Run here on the CPU (which has both),
     from a scale so large that the first steps overflow: each overflow halves the scale and skips

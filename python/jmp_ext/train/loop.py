@@ -150,7 +150,8 @@ class Trainer:
             self.dtype = tasks.param_dtype(c.loop.precision)
             self.autocast = AUTOCAST.get(c.loop.precision) if self.device.type == "cuda" else None
             if c.loop.precision in AUTOCAST and self.device.type != "cuda":
-                warn_user(f"loop.precision={c.loop.precision} needs a GPU; training in fp32 on the CPU")
+                warn_user(f"loop.precision={c.loop.precision} autocasts on GPUs only: this run trains in fp32 on the "
+                          f"CPU (its config.yaml keeps {c.loop.precision}, which a resume on a GPU uses)")
 
             self.data = tasks.load_task_data(c)
             torch.manual_seed(c.seed)  # the same initial weights on every rank

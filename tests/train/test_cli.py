@@ -75,7 +75,7 @@ def test_print_config_needs_no_data_paths_but_training_does(tmp_path, capsys):
     assert main(["finetune", "preset=jmp_s_qm9", "--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["tasks"][0]["train"] == "" and printed["tasks"][0]["name"] == "qm9"
-    with pytest.warns(UserWarning, match="fp16 needs a GPU"):  # (the preset's, said before the data are read)
+    with pytest.warns(UserWarning, match="fp16 autocasts on GPUs only"):  # (the preset's, said before the data are read)
         assert main(["finetune", "preset=jmp_s_qm9", f"run_dir={tmp_path / 'run'}"]) == 2
     assert "task 'qm9': train is empty; give the LMDB directory (tasks.0.train=/data/qm9/train)" in capsys.readouterr().err
 

@@ -218,13 +218,29 @@ def dense_reference(dataset):
             fit = np.zeros(119)
             fit[present] = np.linalg.lstsq(counts[:, present], arrays[name], rcond=None)[0]
             residual = arrays[name] - counts @ fit
-            linrefs[name] = {"linref": fit, "mean": residual.mean(), "std": residual.std()}
+            linrefs[name] = {"linref": fit, "mean": residual.mean(), "std": residual.std(), "residual": residual}
     forces = np.concatenate([e["forces"].astype(np.float64) for e in entries])
     ref = {"version": stats_module.STATS_VERSION, "num_entries": len(dataset),
            "targets": {name: {"mean": a.mean(axis=0), "std": a.std(axis=0)}
                        for name, a in arrays.items()},
            "linref": linref, "linrefs": linrefs, "force_rms": float(np.sqrt(np.square(forces).mean())),
            "natoms_hist": np.bincount(dataset.natoms), "avg_natoms": float(dataset.natoms.mean())}
+    # One entry (atom, for forces) holding over half a float label's sum of squared deviations
+    # (energy's and the float scalars' residuals after their references; forces' about 0).
+    values = {name: linrefs[name]["residual"] if name in linrefs else a for name, a in arrays.items()
+              if dataset.schema[name]["dtype"].endswith("f8") or dataset.schema[name]["dtype"].endswith("f4")}
+    atom_entry = np.repeat(np.arange(len(entries)), [len(e["forces"]) for e in entries])
+    candidates = {name: (v.reshape(len(v), -1), np.arange(len(v))) for name, v in values.items()}
+    candidates["forces"] = (forces, atom_entry)
+    ref["outliers"] = {}
+    for name, (v, entry_of_row) in candidates.items():
+        deviation = np.square(v - (0.0 if name == "forces" else v.mean(axis=0)))
+        # (per component; forces: over all of them, as force_rms)
+        share = deviation / (deviation.sum() if name == "forces" else deviation.sum(axis=0))
+        row, column = np.unravel_index(np.argmax(share), share.shape)
+        if len(v) * (v.shape[1] if name == "forces" else 1) >= 100 and share[row, column] > 0.5:
+            value = abs(v[row, column]) if name == "forces" else v[row, column]
+            ref["outliers"][name] = {"entry": int(entry_of_row[row]), "share": share[row, column], "value": value}
     return ref, counts, energy
 
 
@@ -232,7 +248,12 @@ def assert_stats_match(stats, ref, rtol):
     """Same keys (in order), types, shapes and values; the residual energy mean, which sits near
     zero, is compared relative to the residual spread."""
     assert list(stats) == ["version", "num_entries", "targets", "linref", "linrefs", "elements", "force_rms",
-                           "natoms_hist", "avg_natoms"]
+                           "natoms_hist", "avg_natoms", "outliers"]
+    assert list(stats["outliers"]) == list(ref["outliers"])
+    for name, outlier in ref["outliers"].items():
+        assert stats["outliers"][name]["entry"] == outlier["entry"], name
+        assert stats["outliers"][name]["share"] == pytest.approx(outlier["share"], rel=1e-9), name
+        assert stats["outliers"][name]["value"] == pytest.approx(outlier["value"], rel=1e-9), name
     assert list(stats["elements"]) == np.flatnonzero(ref["linref"] != 0).tolist()  # (every element has a reference)
     assert stats["version"] == ref["version"] and stats["num_entries"] == ref["num_entries"]
     assert list(stats["targets"]) == list(ref["targets"])
@@ -373,6 +394,41 @@ def test_compute_stats_memory_does_not_grow_with_entries(tmp_path, monkeypatch):
         finally:
             tracemalloc.stop()
     assert peaks[1] - peaks[0] < 1.5e6, peaks
+
+
+@pytest.mark.parametrize("name, entry, value", [("energy", 37, 1e30), ("gap", 5, -2e4), ("dipole", 80, 1e6),
+                                               ("forces", 100, 1e4), ("charge_class", 3, 9)])
+def test_one_entry_that_sets_a_labels_spread_is_named(tmp_path, name, entry, value):
+    """A finite but absurd label (a unit or data error: 1e30 eV passed every check, and the
+    training it normalised had validation errors of 1e26) holds nearly all its label's spread:
+    the statistics name it, as numpy's dense computation does, and every load of them warns. A
+    rare class of an integer label is no outlier."""
+    entries = labelled_entries(np.random.default_rng(7), 150)
+    if name == "forces":
+        entries[entry]["forces"][0, 2] = value
+    elif name == "dipole":
+        entries[entry]["dipole"][1] = value
+    else:
+        entries[entry][name] = np.asarray(value, dtype=entries[entry][name].dtype)
+    write_dataset(tmp_path / "ds", entries)
+    dataset = LmdbDataset(tmp_path / "ds")
+    stats = compute_stats(dataset)
+    assert_stats_match(stats, dense_reference(dataset)[0], rtol=1e-9)
+    if name == "charge_class":
+        assert stats["outliers"] == {}
+        return
+    assert list(stats["outliers"]) == [name] and stats["outliers"][name]["entry"] == entry
+    assert stats["outliers"][name]["share"] > 0.9
+    stats_module.save_stats(tmp_path / "ds", stats)
+    with pytest.warns(UserWarning, match=rf"ds: entry {entry}'s '{name}' \(.*\) holds \d+% of the spread of '{name}' "
+                                         r"over the training split: its std, which normalises every entry's target, "
+                                         r"is mostly this one entry's \(a unit or data error\?\)"):
+        load_stats(tmp_path / "ds")
+    # Fewer values than _OUTLIER_MIN_COUNT: a single one may dominate legitimately (forces count
+    # every atom's components).
+    write_dataset(tmp_path / "few", entries[entry - 5:entry + 5])
+    few = compute_stats(LmdbDataset(tmp_path / "few"))["outliers"]
+    assert few == {} if name != "forces" else list(few) == ["forces"] and few["forces"]["entry"] == 5
 
 
 @pytest.mark.parametrize("name", ["energy", "gap", "dipole", "forces"])

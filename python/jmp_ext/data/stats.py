@@ -20,6 +20,9 @@ STATS_VERSION = 1
 _NOT_TARGETS = fmt.INPUT_FIELDS | {"forces"}
 # Entries read and reduced at a time: memory is O(_CHUNK_SIZE), whatever the dataset's size.
 _CHUNK_SIZE = 4096
+# An entry holding over this share of a label's spread is an outlier, over at least this many
+# values (fewer can be dominated by a legitimate one).
+_OUTLIER_SHARE, _OUTLIER_MIN_COUNT = 0.5, 100
 
 
 def compute_stats(dataset: LmdbDataset, progress: bool = False) -> dict:
@@ -43,6 +46,11 @@ def compute_stats(dataset: LmdbDataset, progress: bool = False) -> dict:
         force_rms: float, eV/Å, sqrt(mean F^2) over atoms and components (when there are forces)
         natoms_hist: int64 [max_natoms+1], the number of structures with each atom count
         avg_natoms: float
+        outliers: {name: {"entry", "share", "value"}} for every label (forces included) one
+            entry of which holds over half its spread (sum of squared deviations; for energy and
+            the referenced labels, of the residual), over at least _OUTLIER_MIN_COUNT entries
+            (atoms' force components for forces): a unit or data error that would set the
+            normalisation's std (and the references) for every other entry; load_stats warns
 
     Entries are read _CHUNK_SIZE at a time and each chunk is reduced to fixed-size summaries:
     - labels other than energy: count, mean and sum of squared deviations per component,
@@ -68,6 +76,8 @@ def compute_stats(dataset: LmdbDataset, progress: bool = False) -> dict:
     counts_qr = _TreeQR() if referenced else None
     present = np.zeros(fmt.MAX_Z + 1, dtype=bool)
     force_sq, force_n = 0.0, 0
+    extremes = {name: _Extremes() for name in moments}
+    largest_force = (0.0, -1)  # (|F| component, entry)
     with tqdm(total=num_entries, disable=not progress, desc=f"stats {Path(dataset.path).name}",
               unit="entry") as bar:
         for start in range(0, num_entries, _CHUNK_SIZE):
@@ -85,6 +95,8 @@ def compute_stats(dataset: LmdbDataset, progress: bool = False) -> dict:
                         raise _non_finite(dataset, i, "forces")
                     force_sq += float(np.square(forces).sum())
                     force_n += forces.size
+                    if forces.size and np.abs(forces).max() > largest_force[0]:
+                        largest_force = (float(np.abs(forces).max()), i)
             stacked = {name: np.stack(values[name]) for name in labels}
             for name, chunk in stacked.items():
                 # The writer refuses non-finite labels; a file from elsewhere may hold them, and
@@ -94,6 +106,7 @@ def compute_stats(dataset: LmdbDataset, progress: bool = False) -> dict:
                     raise _non_finite(dataset, start + int(np.argmin(finite)), name)
             for name, chunk_moments in moments.items():
                 chunk_moments.add(stacked[name])
+                extremes[name].add(stacked[name], start)
             present[np.concatenate(numbers)] = True
             if referenced:
                 rows = stop - start
@@ -122,6 +135,17 @@ def compute_stats(dataset: LmdbDataset, progress: bool = False) -> dict:
         stats["force_rms"] = float(np.sqrt(force_sq / force_n))
     stats["natoms_hist"] = np.bincount(dataset.natoms)
     stats["avg_natoms"] = float(dataset.natoms.mean())
+    outliers = {}
+    if num_entries >= _OUTLIER_MIN_COUNT:
+        for name in extremes:
+            if np.dtype(dataset.schema[name]["dtype"]).kind == "f":  # (a rare class is no outlier)
+                outliers[name] = extremes[name].outlier(moments[name])
+        if fits:
+            outliers.update(_residual_outliers(dataset, fits))
+    if force_n >= _OUTLIER_MIN_COUNT and largest_force[0] ** 2 > _OUTLIER_SHARE * force_sq:
+        outliers["forces"] = {"entry": largest_force[1], "share": largest_force[0] ** 2 / force_sq,
+                              "value": largest_force[0]}
+    stats["outliers"] = {name: outlier for name, outlier in outliers.items() if outlier is not None}
     return stats
 
 
@@ -191,6 +215,56 @@ def _least_squares(x_r: np.ndarray, y_r: np.ndarray, ones_r: np.ndarray, num_ent
     return list(coeff.T), residuals
 
 
+def _residual_outliers(dataset: LmdbDataset, fits: dict) -> dict:
+    """The outlier of each referenced label (see compute_stats' outliers), from a second pass over
+    `dataset` (the residuals need the fitted references). fits: _fit_references'."""
+    largest = {name: (0.0, -1, 0.0) for name in fits}  # (|residual - mean|, entry, residual)
+    for i in range(len(dataset)):
+        entry = dataset.read(i)
+        for name, (linref, residual) in fits.items():
+            r = float(entry[name]) - float(linref[entry["atomic_numbers"]].sum())
+            if abs(r - residual["mean"]) > largest[name][0]:
+                largest[name] = (abs(r - residual["mean"]), i, r)
+    outliers = {}
+    for name, (deviation, i, r) in largest.items():
+        spread = len(dataset) * float(fits[name][1]["std"]) ** 2
+        if spread > 0 and deviation**2 > _OUTLIER_SHARE * spread:
+            outliers[name] = {"entry": i, "share": min(deviation**2 / spread, 1.0), "value": r}
+    return outliers
+
+
+class _Extremes:
+    """Each component's smallest and largest value over stacked chunks [rows, *shape], with
+    their entries: the value farthest from any mean is one of them."""
+
+    def __init__(self):
+        self.low = self.high = None  # (values [components], entries [components])
+
+    def add(self, chunk: np.ndarray, first_entry: int) -> None:
+        flat = chunk.reshape(len(chunk), -1)
+        for side, pick in (("low", np.argmin), ("high", np.argmax)):
+            rows = pick(flat, axis=0)
+            values, entries = flat[rows, np.arange(flat.shape[1])], rows + first_entry
+            old = getattr(self, side)
+            if old is not None:
+                keep = old[0] <= values if side == "low" else old[0] >= values
+                values, entries = np.where(keep, old[0], values), np.where(keep, old[1], entries)
+            setattr(self, side, (values, entries))
+
+    def outlier(self, moments: "_Moments") -> dict | None:
+        """{"entry", "share", "value"} of the value holding the largest share of its component's
+        spread, when it holds over _OUTLIER_SHARE of it; else None."""
+        mean = np.ravel(moments.mean).astype(np.float64)
+        spread = np.ravel(moments.m2).astype(np.float64)
+        best = None
+        for values, entries in (self.low, self.high):
+            share = np.divide(np.square(values - mean), spread, out=np.zeros_like(spread), where=spread > 0)
+            c = int(np.argmax(share))
+            if share[c] > _OUTLIER_SHARE and (best is None or share[c] > best["share"]):
+                best = {"entry": int(entries[c]), "share": float(min(share[c], 1.0)), "value": float(values[c])}
+        return best
+
+
 class _Moments:
     """Streaming per-component mean and population std of stacked chunks [rows, *shape]
     (Chan, Golub & LeVeque's pairwise merge of counts, means and squared-deviation sums)."""
@@ -237,6 +311,20 @@ class _TreeQR:
         return r
 
 
+def _warn_outliers(dataset_dir: str | Path, stats: dict) -> None:
+    """Warns of each of stats["outliers"] (see compute_stats): one entry's label that sets the
+    std normalising every other's."""
+    # (val and test splits hold their train split's statistics: the entry is the train split's)
+    where = f"{dataset_dir}" if "source" not in stats else f"{dataset_dir} (statistics of {stats['source']})"
+    for name, outlier in stats.get("outliers", {}).items():
+        value = (f"a force component of {outlier['value']:.6g}" if name == "forces" else
+                 f"{outlier['value']:.6g} after the per-element references"
+                 if name == "energy" or name in stats.get("linrefs", {}) else f"{outlier['value']:.6g}")
+        warn_user(f"{where}: entry {outlier['entry']}'s {name!r} ({value}) holds {outlier['share']:.0%} of the "
+                  f"spread of {name!r} over the training split: its std, which normalises every entry's target, is "
+                  "mostly this one entry's (a unit or data error?); remove or fix it, then recompute the statistics")
+
+
 def save_stats(dataset_dir: str | Path, stats: dict) -> Path:
     """Cache statistics in a dataset directory (atomically)."""
     file = Path(dataset_dir) / fmt.STATS_FILE
@@ -248,6 +336,7 @@ def share_train_stats(train_dir: str | Path, other_dirs, progress: bool = False)
     """Compute a train split's statistics and cache them in it and in its sibling splits
     (validation and test targets are normalised with the training statistics)."""
     stats = compute_stats(LmdbDataset(train_dir), progress=progress)
+    _warn_outliers(train_dir, stats)
     stats["source"] = str(Path(train_dir).name)
     for directory in [train_dir, *other_dirs]:
         save_stats(directory, stats)
@@ -263,6 +352,7 @@ def load_stats(dataset_dir: str | Path, recompute: bool = False, progress: bool 
     file = Path(dataset_dir) / fmt.STATS_FILE
     if recompute or not file.is_file():
         stats = compute_stats(LmdbDataset(dataset_dir), progress=progress)
+        _warn_outliers(dataset_dir, stats)
         try:
             save_stats(dataset_dir, stats)
         except OSError as e:  # a shared, read-only dataset: train anyway, say what it costs
@@ -279,6 +369,7 @@ def load_stats(dataset_dir: str | Path, recompute: bool = False, progress: bool 
         _check_stats(stats)
     except (AttributeError, KeyError, TypeError, ValueError) as e:  # (a damaged or edited file)
         raise fmt.DataError(f"{file}: {type(e).__name__}: {e}; {recompute}") from None
+    _warn_outliers(dataset_dir, stats)
     return stats
 
 

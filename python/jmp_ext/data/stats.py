@@ -26,7 +26,8 @@ _OUTLIER_SHARE, _OUTLIER_MIN_COUNT = 0.5, 100
 
 
 def compute_stats(dataset: LmdbDataset, progress: bool = False) -> dict:
-    """Scan a dataset once and return its statistics, in memory independent of its size.
+    """Scan a dataset (twice when it has energy or float scalar labels: their outliers need the
+    fitted references) and return its statistics, in memory independent of its size.
 
     Returns a dict:
         version: STATS_VERSION

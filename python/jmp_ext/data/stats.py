@@ -142,7 +142,7 @@ def compute_stats(dataset: LmdbDataset, progress: bool = False) -> dict:
             if np.dtype(dataset.schema[name]["dtype"]).kind == "f":  # (a rare class is no outlier)
                 outliers[name] = extremes[name].outlier(moments[name])
         if fits:
-            outliers.update(_residual_outliers(dataset, fits))
+            outliers.update(_residual_outliers(dataset, fits, progress))
     if force_n >= _OUTLIER_MIN_COUNT and largest_force[0] ** 2 > _OUTLIER_SHARE * force_sq:
         outliers["forces"] = {"entry": largest_force[1], "share": largest_force[0] ** 2 / force_sq,
                               "value": largest_force[0]}
@@ -216,11 +216,12 @@ def _least_squares(x_r: np.ndarray, y_r: np.ndarray, ones_r: np.ndarray, num_ent
     return list(coeff.T), residuals
 
 
-def _residual_outliers(dataset: LmdbDataset, fits: dict) -> dict:
+def _residual_outliers(dataset: LmdbDataset, fits: dict, progress: bool) -> dict:
     """The outlier of each referenced label (see compute_stats' outliers), from a second pass over
     `dataset` (the residuals need the fitted references). fits: _fit_references'."""
     largest = {name: (0.0, -1, 0.0) for name in fits}  # (|residual - mean|, entry, residual)
-    for i in range(len(dataset)):
+    for i in tqdm(range(len(dataset)), disable=not progress, desc=f"outliers {Path(dataset.path).name}",
+                  unit="entry"):
         entry = dataset.read(i)
         for name, (linref, residual) in fits.items():
             r = float(entry[name]) - float(linref[entry["atomic_numbers"]].sum())

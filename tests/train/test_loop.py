@@ -688,10 +688,11 @@ def test_autocast_precisions_train_in_fp32_on_the_cpu_and_say_so(tiny_data, tmp_
     trainer.release_run_dir()
 
 
-def test_fp16_overflows_lower_the_scale_and_training_goes_on(tiny_data, tmp_path):
+def test_fp16_overflows_lower_the_scale_and_training_goes_on(tiny_data, tmp_path, capsys):
     """loop.precision=fp16 on a GPU: autocast + GradScaler. Run here on the CPU (which has both),
     from a scale so large that the first steps overflow: each overflow halves the scale and skips
-    the step without counting as a bad step, until the optimizer steps with finite gradients."""
+    the step without counting as a bad step (the log says so), until the optimizer steps with
+    finite gradients."""
     trainer = loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path, max_steps=12, max_nan_steps=2,
                                                         ema_decay=0.0, val_every=0)))
     trainer.autocast = torch.float16
@@ -701,6 +702,12 @@ def test_fp16_overflows_lower_the_scale_and_training_goes_on(tiny_data, tmp_path
     scale = trainer.scaler.get_scale()
     assert scale < 2.0**24 / 4, scale
     assert trainer.nan_streak == 0
+    skips = re.findall(r"step (\d+): fp16 gradients overflowed at loss scale (\S+), step skipped; scale now (\S+)",
+                       capsys.readouterr().out)
+    assert skips and [float(a) for _, a, _ in skips] == pytest.approx([2.0**24 / 2**k for k in range(len(skips))],
+                                                                       rel=1e-5)  # (printed to 6 digits)
+    assert [float(now) for _, _, now in skips] == pytest.approx([float(at) / 2 for _, at, _ in skips], rel=1e-5)
+    assert [int(step) for step, _, _ in skips] == list(range(1, len(skips) + 1))
     changed = [k for k, v in trainer.model.state_dict().items() if not torch.equal(v, initial[k])]
     assert changed, "no step was taken after the overflows"
     assert all(torch.isfinite(v).all() for v in trainer.model.state_dict().values())

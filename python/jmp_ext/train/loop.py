@@ -441,6 +441,9 @@ class Trainer:
                 self.scaler.update()
                 if overflowed_at > 1:  # the scale was too large: the scaler's business, not a bad step
                     self.optimizer.zero_grad(set_to_none=True)
+                    # (said, though routine: the step counts, its batch is not learnt from)
+                    self.log.write(f"step {self.step + 1}: fp16 gradients overflowed at loss scale {overflowed_at:g}, "
+                                   f"step skipped; scale now {self.scaler.get_scale():g}")
                     return
             self._skip_step("gradient norm", batch, stand_in)
             return

@@ -89,6 +89,8 @@ def test_load_stats_caches(tmp_path):
     (lambda s: s["linrefs"]["zpve"].update(mean="x"), r"could not convert string to float"),
     (lambda s: s.update(linrefs=None), r"AttributeError"),
     (lambda s: s.update(targets={"energy": 3.0}), r"AttributeError"),
+    (lambda s: s.update(outliers={"energy": {"entry": "3"}}), r"outliers.energy must have an int entry and a "
+                                                                r"numeric share and value"),
 ])
 def test_a_damaged_stats_file_is_named(tmp_path, edit, message):
     """A hand-edited or damaged stats.json raised KeyError / torch's RuntimeError in training,
@@ -424,6 +426,11 @@ def test_one_entry_that_sets_a_labels_spread_is_named(tmp_path, name, entry, val
                                          r"over the training split: its std, which normalises every entry's target, "
                                          r"is mostly this one entry's \(a unit or data error\?\)"):
         load_stats(tmp_path / "ds")
+    if name == "energy":  # (split's statistics, computed in a staging directory, name the part where it is)
+        from jmp_ext.data.split import split_dataset
+
+        with pytest.warns(UserWarning, match=r"parts/train: entry \d+'s 'energy'"):
+            split_dataset(tmp_path / "ds", tmp_path / "parts", {"train": np.arange(140), "val": np.arange(140, 150)})
     # Fewer values than _OUTLIER_MIN_COUNT: a single one may dominate legitimately (forces count
     # every atom's components).
     write_dataset(tmp_path / "few", entries[entry - 5:entry + 5])

@@ -12,7 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jmp_ext.data.dataset import LmdbDataset
-from jmp_ext.data.stats import share_train_stats
+from jmp_ext.data.stats import load_stats, share_train_stats
 from jmp_ext.data.writer import DatasetWriter, check_target, dataset_meta
 from jmp_ext.warn import warn_user
 
@@ -178,6 +178,8 @@ def split_dataset(src: str | Path, out_dir: str | Path, parts: dict[str, np.ndar
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"the new split is in place in {out_dir}; deleting the parts it "
                                 f"replaced was interrupted: delete {staging}") from None
+    if "train" in parts:
+        load_stats(out_dir / "train")  # (its outlier warnings name the part where it is now)
     return {name: out_dir / name for name in parts}
 
 

@@ -139,7 +139,9 @@ def compute_stats(dataset: LmdbDataset, progress: bool = False) -> dict:
     outliers = {}
     if num_entries >= _OUTLIER_MIN_COUNT:
         for name in extremes:
-            if np.dtype(dataset.schema[name]["dtype"]).kind == "f":  # (a rare class is no outlier)
+            # (a rare class is no outlier; a referenced label's is its residual's, below: a large
+            # structure's extensive value is not one)
+            if np.dtype(dataset.schema[name]["dtype"]).kind == "f" and name not in fits:
                 outliers[name] = extremes[name].outlier(moments[name])
         if fits:
             outliers.update(_residual_outliers(dataset, fits, progress))
@@ -317,7 +319,8 @@ def _warn_outliers(dataset_dir: str | Path, stats: dict) -> None:
     """Warns of each of stats["outliers"] (see compute_stats): one entry's label that sets the
     std normalising every other's."""
     # (val and test splits hold their train split's statistics: the entry is the train split's)
-    where = f"{dataset_dir}" if "source" not in stats else f"{dataset_dir} (statistics of {stats['source']})"
+    source = stats.get("source", Path(dataset_dir).name)
+    where = f"{dataset_dir}" if source == Path(dataset_dir).name else f"{dataset_dir} (statistics of {source})"
     for name, outlier in stats.get("outliers", {}).items():
         value = (f"a force component of {outlier['value']:.6g}" if name == "forces" else
                  f"{outlier['value']:.6g} after the per-element references"
@@ -338,7 +341,6 @@ def share_train_stats(train_dir: str | Path, other_dirs, progress: bool = False)
     """Compute a train split's statistics and cache them in it and in its sibling splits
     (validation and test targets are normalised with the training statistics)."""
     stats = compute_stats(LmdbDataset(train_dir), progress=progress)
-    _warn_outliers(train_dir, stats)
     stats["source"] = str(Path(train_dir).name)
     for directory in [train_dir, *other_dirs]:
         save_stats(directory, stats)
@@ -390,6 +392,10 @@ def _check_stats(stats: dict) -> None:
     for name, target in stats["targets"].items():
         if not {"mean", "std"} <= set(target):
             raise ValueError(f"targets.{name} must have a mean and a std")
+    for name, outlier in stats.get("outliers", {}).items():
+        if not (isinstance(outlier, dict) and isinstance(outlier.get("entry"), int)
+                and all(isinstance(outlier.get(key), (int, float)) for key in ("share", "value"))):
+            raise ValueError(f"outliers.{name} must have an int entry and a numeric share and value")
 
 
 def _to_json(value):

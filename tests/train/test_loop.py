@@ -132,14 +132,16 @@ def test_non_finite_loss_is_skipped_then_stops(tiny_data, tmp_path, monkeypatch,
 
     monkeypatch.setattr(loop.Trainer, "train_step", snapshot_after_first)
     with pytest.raises(TrainError, match=r"loss was not finite for 2 steps in a row \(loop.max_nan_steps\); "
-                                         r".*last\.pt holds the weights of before them, which resume=true continues "
-                                         r"from: lower optim.lr, check the labels of the entries the log names$"):
+                                         r".*last\.pt holds the weights of before them, and resume=true retries from "
+                                         r"this step's batch: lower optim.lr, check the labels of the entries the log "
+                                         r"names; weights that give a non-finite loss on every batch have diverged"):
         trainer.train()
     # The skipped steps did not touch the weights, and last.pt holds them.
     for k, v in trainer.model.state_dict().items():
         assert torch.equal(v, before[k]), k
     saved = load_checkpoint(tmp_path / "last.pt")
     assert saved["loop"]["step"] == 2 and all(torch.equal(v, saved["model"][k]) for k, v in before.items())
+    assert saved["loop"]["nan_streak"] == 0  # (a resume gets loop.max_nan_steps tries of its own)
     logged = capsys.readouterr().out
     assert re.search(r"step 2: non-finite loss on a batch of \S+ entr(y|ies) \d+(, \d+)*( and \d+ more)?"
                      r"(; \S+ entr(y|ies) \d+(, \d+)*( and \d+ more)?)*, step skipped \(1/2 in a row\)", logged), logged

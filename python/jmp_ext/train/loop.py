@@ -523,11 +523,14 @@ class Trainer:
         self.log.write(f"step {self.step + 1}: non-finite {what} on a batch of {shown or 'no entries'}{share}, step "
                        f"skipped ({self.nan_streak}/{c.loop.max_nan_steps} in a row)")
         if self.nan_streak >= c.loop.max_nan_steps:
+            streak, self.nan_streak = self.nan_streak, 0  # (a resume starts a fresh count)
             self.save_last()
             fp32 = ", or train in fp32 (loop.precision)" if self.autocast is not None else ""
-            raise TrainError(f"the {what} was not finite for {self.nan_streak} steps in a row (loop.max_nan_steps); "
-                             f"{self.run_dir / 'last.pt'} holds the weights of before them, which resume=true "
-                             f"continues from: lower optim.lr, check the labels of the entries the log names{fp32}")
+            raise TrainError(f"the {what} was not finite for {streak} steps in a row (loop.max_nan_steps); "
+                             f"{self.run_dir / 'last.pt'} holds the weights of before them, and resume=true retries "
+                             f"from this step's batch: lower optim.lr, check the labels of the entries the log "
+                             f"names{fp32}; weights that give a non-finite loss on every batch have diverged "
+                             "(best.pt, or a new run, is the way back)")
 
     def _autocast(self):
         if self.autocast is None:

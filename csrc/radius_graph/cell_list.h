@@ -162,11 +162,14 @@ JMP_HD void search_cost(const Frame& frame, int64_t atoms, double& candidates, d
 // A search examining this many candidates is refused (it would exceed max_edges anyway:
 // candidates are ~4x edges), and without a cap on the neighbours (capped: max_neighbors set)
 // one whose expected edges exceed max_edges 4x, before searching for seconds to count them.
-// The expected count is high only by the half bin it adds to the cutoff's radius (<= 1.6x
-// where bins are many); uneven density (slabs, clusters) makes it low, never high.
-JMP_HD bool hopeless(double candidates, double edges, int64_t max_edges, bool capped) {
+// The expected count is high by the half bin it adds to the cutoff's radius: <= 1.6x where
+// bins are many, and in a dilute system (bins of many cutoffs) up to ~0.3 edges per atom
+// whatever the density, which the atoms in the bound cover. Uneven density (slabs, clusters)
+// makes it low.
+JMP_HD bool hopeless(double candidates, double edges, int64_t max_edges, bool capped, int64_t atoms) {
   const double limit = static_cast<double>(max_edges);
-  return candidates > 16.0 * limit + 1e8 || (!capped && edges > 4.0 * limit + 1e6);
+  return candidates > 16.0 * limit + 1e8 ||
+         (!capped && edges > 4.0 * limit + 1e6 + static_cast<double>(atoms));
 }
 
 // An atom placed in its system's cell list.

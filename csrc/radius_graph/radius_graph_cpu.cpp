@@ -239,7 +239,7 @@ RadiusGraph::RadiusGraph(const Input& input, int num_threads) : input_(input) {
     estimated_edges += frame.edges;
     num_bins += int64_t{frame.nbins[0]} * frame.nbins[1] * frame.nbins[2];
   }
-  JMP_CHECK(!hopeless(candidates, estimated_edges, input.max_edges, input.max_neighbors > 0),
+  JMP_CHECK(!hopeless(candidates, estimated_edges, input.max_edges, input.max_neighbors > 0, n),
             "radius_graph: the graph would have roughly ", estimated_edges,
             " edges (searching ", candidates, " candidate pairs), more than max_edges = ",
             input.max_edges, "; use a smaller cutoff, larger cells or raise max_edges");

@@ -88,14 +88,14 @@ __global__ void frames_kernel(const T* pos, const int64_t* ptr, const double* ce
 // in system order as the CPU sums it (another order could round across the threshold and refuse
 // a batch the CPU searches). Refuses the search before any atom is placed; B is small.
 __global__ void guard_kernel(const Frame* frames, int64_t num_systems, int64_t max_edges, bool capped,
-                             unsigned long long* errors) {
+                             int64_t num_atoms, unsigned long long* errors) {
   if (failed(errors)) return;  // a failed system's frame was never written
   double candidates = 0, edges = 0;
   for (int64_t b = 0; b < num_systems; ++b) {
     candidates += frames[b].candidates;
     edges += frames[b].edges;
   }
-  if (hopeless(candidates, edges, max_edges, capped)) {
+  if (hopeless(candidates, edges, max_edges, capped, num_atoms)) {
     // The doubles themselves (finite and > 0: never kNoError's bits), for the CPU's message.
     errors[kHopelessEdges] = static_cast<unsigned long long>(__double_as_longlong(edges));
     errors[kHopelessSearch] = static_cast<unsigned long long>(__double_as_longlong(candidates));
@@ -226,7 +226,7 @@ void bin(const Input& in, const Workspace& ws, cudaStream_t stream) {
         pos, in.ptr, in.cell, in.pbc, in.cutoff, ws.frames, ws.errors);
     JMP_CUDA_CHECK(cudaGetLastError());
     guard_kernel<<<1, 1, 0, stream>>>(ws.frames, in.num_systems, in.max_edges, in.max_neighbors > 0,
-                                      ws.errors);
+                                      in.num_atoms, ws.errors);
     JMP_CUDA_CHECK(cudaGetLastError());
     if (in.num_atoms == 0) return;
     place_kernel<T><<<blocks(in.num_atoms), kBlock, 0, stream>>>(

@@ -653,6 +653,17 @@ def test_an_uncapped_graph_far_over_max_edges_is_refused_from_its_estimate(devic
     assert edge_index.shape[1] == 10 and distance[:6].eq(2.0).all() and distance[6:].gt(2.0).all()
 
 
+def test_a_dilute_system_is_not_refused_for_its_estimates_floor(device):
+    """In a dilute gas the estimate keeps ~0.3 edges per atom whatever the density (a bin spans
+    many cutoffs, and the estimate's sphere gains half a bin): 4e6 atoms with 2e3 edges were
+    refused with max_edges = 1e4 (a review). The guard's bound grows by the atom count."""
+    generator = torch.Generator().manual_seed(0)
+    pos = (torch.rand(4 * 10**6, 3, generator=generator, dtype=torch.float64) * 4000.0).to(device)
+    cell = 4000.0 * torch.eye(3, dtype=torch.float64, device=device)
+    edge_index = radius_graph(pos, 1.0, cell=cell, max_edges=10**4)[0]
+    assert 0 < edge_index.shape[1] < 10**4
+
+
 def test_a_skewed_cell_is_named_when_its_search_looks_hopeless(device):
     """The same 1000-atom lattice in a basis 1-3 degrees from flat: its search covers the cell's
     face distances, and was refused as a graph of 1.6e10 edges (it has 30 per atom) with advice

@@ -366,6 +366,28 @@ def test_an_impossible_allocation_says_how_many_triplets():
         triplets(star, hub + 1, index_dtype=torch.int64)
 
 
+def test_only_an_allocation_failure_is_described_as_one(monkeypatch):
+    """Another error raised at the index allocation (a GPU's earlier kernel fault surfaces at the
+    next call) is not described as the indices' size; the allocator's own error type stays."""
+    star = {"edge_index": torch.tensor([[1, 2, 3], [0, 0, 0]]), "cell_offset": torch.zeros(3, 3, dtype=torch.int32)}
+    original = torch.Tensor.new_empty
+
+    def failing(error):
+        def new_empty(self, *size, **kwargs):
+            if kwargs.get("dtype") == torch.int32:  # (the index arrays: 6 triplets at atom 0)
+                raise error
+            return original(self, *size, **kwargs)
+        return new_empty
+
+    monkeypatch.setattr(torch.Tensor, "new_empty", failing(RuntimeError("CUDA error: an illegal memory access")))
+    with pytest.raises(RuntimeError, match=r"^CUDA error: an illegal memory access$"):
+        triplets(star, 4, index_dtype=torch.int32)
+    monkeypatch.setattr(torch.Tensor, "new_empty", failing(torch.OutOfMemoryError("CUDA out of memory.")))
+    with pytest.raises(torch.OutOfMemoryError, match=r"^6 triplets \(of graph\): their 3 index arrays need 7\.2e-08 GB "
+                                                     r"\(CUDA out of memory\.\)$"):
+        triplets(star, 4, index_dtype=torch.int32)
+
+
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match=r"outside \[0, num_atoms = 2\)"):
         triplets(_small(), 2)  # the out graph is checked too

@@ -95,6 +95,8 @@ def _new_indices(like: Tensor, arrays: int, count: int, index_dtype: torch.dtype
     try:
         return tuple(like.new_empty(count, dtype=index_dtype) for _ in range(arrays))
     except RuntimeError as error:
+        if not isinstance(error, torch.OutOfMemoryError) and "can't allocate memory" not in str(error):
+            raise  # (another error, such as an earlier kernel's on the GPU, as it is)
         size = arrays * count * index_dtype.itemsize / 1e9
         raise type(error)(f"{count} {what}: their {arrays} index arrays need {size:.3g} GB ({error})") from None
 

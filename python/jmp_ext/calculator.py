@@ -176,10 +176,10 @@ class JMPCalculator(Calculator):
             self._warned_collinear = True
             warn_user(f"{count} of the {graphs['quad']['trip_in_to_quad'].numel()} quadruplets of this structure "
                       "have three distinct atoms on a straight line, where GemNet-OC's dihedral basis is singular and "
-                      "the forces are unreliable: an ideal lattice's rows, and the copies of an atom that "
-                      "atoms.repeat makes, whatever rattle the repeated cell had (phonopy's finite displacements "
-                      "of a perfect supercell too). Rattle the structure itself (atoms.rattle(1e-2) after repeat): "
-                      "see jmp_ext.calculator's doc")
+                      "the forces are unreliable: an ideal lattice's rows, a linear molecule, and the copies of an "
+                      "atom that atoms.repeat makes, whatever rattle the repeated cell had (phonopy's finite "
+                      "displacements of a perfect supercell too). Rattle a crystal itself (atoms.rattle(1e-2) after "
+                      "repeat): see jmp_ext.calculator's doc")
 
     def _check_implemented(self, properties) -> None:
         # (ASE's own message, "stress property not implemented", did not say what would give it)
@@ -229,7 +229,10 @@ class JMPCalculator(Calculator):
             self._check_neighbors = not self._warn_if_truncated(entry)
         # An energy alone (Monte Carlo, an energy scan) skips the gradient forces and stress.
         derivatives = not set(properties) <= {"energy", "free_energy", "energies"}
-        if derivatives and not self._warned_collinear:  # (every step: a relaxation may line atoms up)
+        # Every call until it warns: a structure with lines may differ from one without by a
+        # rattle of the same cell. (One more graph build: ~5% of a call with the tiny backbone,
+        # far less with JMP-S's.)
+        if derivatives and not self._warned_collinear:
             self._warn_if_collinear(entry)
         preds = predict_structures(self.model, [entry], self.task, derivatives)
         self._calculated = True

@@ -3,6 +3,7 @@ an error on one rank ends every rank with its message; a run resumes on another 
 
 import dataclasses
 import json
+import re
 import socket
 import warnings
 from datetime import timedelta
@@ -222,6 +223,56 @@ def test_an_error_on_one_rank_ends_every_rank_with_its_message(tiny_data, tmp_pa
         assert own is not None and own[0] == kind and text in own[1], (name, own)
         assert other is not None and other[0] == "TrainError", (name, other)
         assert other[1].startswith(f"rank {failing} failed: {kind}: ") and text in other[1], (name, other)
+
+
+def _nan_on_rank_1(rank, data, tmp_path):
+    """A non-finite loss from rank 1's share of step 2: rank 0's log line and both ranks' errors."""
+    import contextlib
+    import io
+    from unittest import mock
+
+    original, calls = tasks.loss_terms, []
+
+    def nan_at_step_2(model, preds, batch, only=None):
+        terms = original(model, preds, batch, only)
+        if only is None:
+            calls.append(1)
+        if only is None and len(calls) == 2:
+            terms["energy"] = (terms["energy"][0] * float("nan"), terms["energy"][1])
+        return terms
+
+    out = io.StringIO()
+    patch = mock.patch.object(tasks, "loss_terms", nan_at_step_2) if rank == 1 else contextlib.nullcontext()
+    trainer = loop.Trainer(_finetune(data, tmp_path / "run", max_nan_steps=1, val_every=0))
+    shares = []
+    load = trainer._epoch_loader
+
+    def recording_loader():
+        for batch in load():
+            shares.append(batch["_entry"].tolist())
+            yield batch
+    trainer._epoch_loader = recording_loader
+    try:
+        with patch, contextlib.redirect_stdout(out):
+            trainer.train()
+        error = None
+    except TrainError as e:
+        error = str(e)
+    (tmp_path / f"rank{rank}.json").write_text(json.dumps({"log": out.getvalue(), "error": error, "shares": shares}))
+
+
+@pytest.mark.slow
+def test_a_non_finite_step_names_every_ranks_entries(tiny_data, tmp_path):
+    """Rank 0 logs the skipped step, naming the entries of every rank's share (rank 1's loss was
+    the non-finite one), and every rank stops alike."""
+    _on_ranks(_nan_on_rank_1, tiny_data, tmp_path)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["error"] and "loss was not finite for 1 steps in a row" in r["error"] for r in results)
+    (line,) = [line for line in results[0]["log"].splitlines() if "non-finite loss" in line]
+    named = re.fullmatch(r"step 2: non-finite loss on a batch of \S+ entries ([\d, ]+), step skipped \(1/1 in a row\)",
+                         line)
+    assert named, line
+    assert sorted(map(int, named.group(1).split(", "))) == sorted(results[0]["shares"][1] + results[1]["shares"][1])
 
 
 def test_raise_together(monkeypatch):

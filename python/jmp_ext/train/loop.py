@@ -514,13 +514,14 @@ class Trainer:
         c = self.config
         self.optimizer.zero_grad(set_to_none=True)
         self.nan_streak += 1
+        # Every rank's share (every rank is here: the flag was all-reduced), for rank 0's log.
+        mine = [] if stand_in else entries_of(batch, self.train_set, range(batch["natoms"].numel()))
         by_path = {}
-        for path, i in [] if stand_in else entries_of(batch, self.train_set, range(batch["natoms"].numel())):
+        for path, i in [e for share in distributed.all_gather_object(mine) for e in share]:
             by_path.setdefault(path, []).append(i)
         shown = "; ".join(f"{path} entr{'y' if len(ids) == 1 else 'ies'} {', '.join(map(str, ids[:8]))}"
                           + (f" and {len(ids) - 8} more" if len(ids) > 8 else "") for path, ids in by_path.items())
-        share = "" if self.dist.world_size == 1 else f" (rank {self.dist.rank}'s share)"
-        self.log.write(f"step {self.step + 1}: non-finite {what} on a batch of {shown or 'no entries'}{share}, step "
+        self.log.write(f"step {self.step + 1}: non-finite {what} on a batch of {shown or 'no entries'}, step "
                        f"skipped ({self.nan_streak}/{c.loop.max_nan_steps} in a row)")
         if self.nan_streak >= c.loop.max_nan_steps:
             streak, self.nan_streak = self.nan_streak, 0  # (a resume starts a fresh count)

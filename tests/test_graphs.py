@@ -340,6 +340,30 @@ def test_subgraph_cutoffs_compare_in_the_distance_dtype():
     assert graphs["a2a"]["edge_index"].shape[1] == 4  # (atoms 1 and 2 are 8.8 Å apart)
 
 
+def test_a_close_pair_is_judged_alike_wherever_its_structure_sits_in_a_batch():
+    """Two atoms 0.09995 Å apart (under the 0.1 Å limit) were refused after an odd number of
+    molecules in the batch and accepted after an even one, and 0.10005 Å the other way round (a
+    review): the search moves each atom by ~1e-4 Å by its index, which was the batch's. Now the
+    structure's own, and the verdict is on the distance as given."""
+    from ase import Atoms
+    from ase.build import molecule
+
+    from jmp_ext.data import atoms_to_entry, collate
+
+    config = G.GraphConfig.uniform(4.0, 30)
+    for gap, refused in ((0.09995, True), (0.10005, False)):
+        pair = atoms_to_entry(Atoms("CHH", positions=[[0, 0, 0], [1.1, 0, 0], [1.6, 0, 0]]))
+        pair["pos"][2, 0] = 1.1 + gap  # (after the entry's own check, which is the same function's)
+        for before in range(6):
+            batch = collate([atoms_to_entry(molecule("H2O"))] * before + [pair], dtype=torch.float64)
+            if refused:
+                with pytest.raises(G.BatchStructureError, match=rf"structure\(s\) \[{before}\] of the batch: atoms 1 "
+                                                              r"and 2 are 0\.0999 Å apart"):
+                    G.build_graphs(batch, config)
+            else:
+                G.build_graphs(batch, config)
+
+
 def test_collinear_quadruplets_are_distinct_atoms_on_a_line():
     """atoms.repeat puts the copies of an atom on lines (where the dihedral basis is singular)
     whatever rattle the repeated cell had; a rattle after repeating removes them. A perfect

@@ -191,13 +191,19 @@ def close_pair(pos: Tensor, structure: Tensor, natoms: Tensor, cell: Tensor | No
     pos, cell = pos.detach().double(), None if cell is None else cell.detach().double()
     # radius_graph never pairs two atoms at distance zero (on one spot, or one on the other's
     # periodic image: a site a file lists at fractional 0 and 1). Searched with each atom moved by
-    # its own fixed 1e-4 Å, they are a pair; the distance is then measured without it.
-    index = torch.arange(pos.shape[0], device=pos.device, dtype=torch.float64)
+    # its own fixed ~1e-4 Å, they are a pair; the distance is then measured without it, and the
+    # search reaches past the limit by twice the largest move. The move follows the atom's index
+    # in its structure, not in the batch: a structure is judged alike wherever a batch puts it.
+    starts = torch.cumsum(natoms, 0) - natoms
+    index = (torch.arange(pos.shape[0], device=pos.device) - starts[structure]).double()
     nudge = 1e-4 * torch.stack([torch.sin(index), torch.cos(1.3 * index), torch.sin(2.1 * index + 0.5)], dim=1)
-    edge_index, cell_offset, _ = radius_graph(pos + nudge, MIN_PAIR_DISTANCE, natoms=natoms, cell=cell, pbc=pbc)
-    if edge_index.shape[1] == 0:
-        return None
+    edge_index, cell_offset, _ = radius_graph(pos + nudge, MIN_PAIR_DISTANCE + 4e-4, natoms=natoms, cell=cell,
+                                              pbc=pbc)
     distance = ops.edge_vectors(pos, edge_index, cell_offset, cell, structure).norm(dim=-1)
+    close = distance < MIN_PAIR_DISTANCE
+    if not bool(close.any()):
+        return None
+    edge_index, distance = edge_index[:, close], distance[close]
     e = int(distance.argmin())
     i, j = sorted(edge_index[:, e].tolist())
     b = int(structure[i])

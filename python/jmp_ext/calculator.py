@@ -156,7 +156,8 @@ class JMPCalculator(Calculator):
                            f"graph.max_neighbors says")
             warn_user(f"the model's graphs keep each atom's nearest neighbours only ({kept} within the "
                       f"cutoffs; a2ee2a: the atom-edge interaction graph, qint: the quadruplet graph): the "
-                      f"energy steps as those sets change, so MD drifts and relaxations may oscillate. "
+                      f"energy steps as those sets change, so MD drifts and relaxations may oscillate, and it "
+                      f"depends on the order of the atoms. "
                       f"{advice}; see jmp_ext.calculator")
         return bool(truncated)
 

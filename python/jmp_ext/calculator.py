@@ -232,7 +232,7 @@ class JMPCalculator(Calculator):
         derivatives = not set(properties) <= {"energy", "free_energy", "energies"}
         # Every call until it warns: a structure with lines may differ from one without by a
         # rattle of the same cell. (One more graph build: ~5% of a call with the tiny backbone,
-        # far less with JMP-S's.)
+        # within 3% with JMP-S's, measured on the CPU at 32 and 108 atoms.)
         if derivatives and not self._warned_collinear:
             self._warn_if_collinear(entry)
         preds = predict_structures(self.model, [entry], self.task, derivatives)

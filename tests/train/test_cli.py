@@ -80,6 +80,24 @@ def test_print_config_needs_no_data_paths_but_training_does(tmp_path, capsys):
     assert "task 'qm9': train is empty; give the LMDB directory (tasks.0.train=/data/qm9/train)" in capsys.readouterr().err
 
 
+def test_under_torchrun_every_rank_says_its_error_with_its_rank(tmp_path, capsys, monkeypatch):
+    """Every rank of a torchrun job printed 'error: ...' alike (8 GPUs: 8 copies that said
+    nothing of whose each was). Each line now names its rank; none stays silent, since an error
+    may be one rank's own (a file its node lacks)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        assert main(["finetune", "preset=jmp_s_qm9", "loop.max_steps=-1", "--print-config"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"[rank {rank}] error: ") and "max_steps" in err, err
+        assert main(["finetune", f"{tmp_path / 'missing.yaml'}"]) == 2
+        assert capsys.readouterr().err.startswith(f"[rank {rank}] error: config file {tmp_path / 'missing.yaml'} "
+                                                  "does not exist")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert main(["finetune", f"{tmp_path / 'missing.yaml'}"]) == 2
+    assert capsys.readouterr().err.startswith("error: config file")
+
+
 def test_a_config_path_may_hold_an_equals_sign(tiny_data, tmp_path, capsys):
     """A sweep's directories are often named lr=1e-3: the path is still the config, not an override."""
     path = tmp_path / "lr=1e-3" / "config.yaml"

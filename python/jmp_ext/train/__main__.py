@@ -154,6 +154,14 @@ def raised_by_jmp_ext(error: BaseException) -> bool:
     return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(package)
 
 
+def print_error(message: str) -> None:
+    """Prints an error to stderr; under torchrun (WORLD_SIZE > 1) prefixed with the rank. Every
+    rank says its own: even a config error may be one rank's (a file its node lacks), and a rank
+    that failed in silence would leave the others waiting for it."""
+    rank, world_size = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    print(message if world_size in ("", "1") else f"[rank {rank}] {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -162,12 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, TrainError, ValueError) as e:
         if not raised_by_jmp_ext(e):  # (torch's or numpy's: a bug to report, with its traceback)
             raise
-        print(f"error: {e}", file=sys.stderr)  # bad input, said by our checks: a message, no traceback
+        print_error(f"error: {e}")  # bad input, said by our checks: a message, no traceback
         return 2
     except OSError as e:  # a path of the user's: missing, a file for a directory, not writable, a full disk
         full = (" (the disk is full: free space and run it again; a training run resumes from run_dir/last.pt with "
                 "resume=true, which a failed write leaves as it was)" if e.errno == errno.ENOSPC else "")
-        print(f"error: {e}{full}", file=sys.stderr)
+        print_error(f"error: {e}{full}")
         return 2
     except KeyboardInterrupt as e:  # (training's first Ctrl-C or SIGTERM ends the step and saves last.pt: e says so)
         # Under torchrun a terminal's Ctrl-C reaches every rank, and every rank stops alike: one message.

@@ -112,6 +112,12 @@ def launch(name: str, device: torch.device, *args, checks_indices: bool = True):
     return getattr(_C, name)(*args, _C.Where(cuda=False, num_threads=num_threads(), status=0, stream=0))
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is an allocation that failed: torch.OutOfMemoryError on a GPU, the CPU
+    allocator's RuntimeError ("can't allocate memory") on the host."""
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
+
+
 def require_cuda(device: torch.device) -> int:
     """Check that CUDA kernels can run on `device`; return the address of its current stream."""
     problem = _cuda_problem()

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from jmp_ext.ops._lib import _C, launch, ptr
+from jmp_ext.ops._lib import _C, is_out_of_memory, launch, ptr
 
 __all__ = ["triplets", "mixed_triplets", "quadruplets"]
 
@@ -95,7 +95,7 @@ def _new_indices(like: Tensor, arrays: int, count: int, index_dtype: torch.dtype
     try:
         return tuple(like.new_empty(count, dtype=index_dtype) for _ in range(arrays))
     except RuntimeError as error:
-        if not isinstance(error, torch.OutOfMemoryError) and "can't allocate memory" not in str(error):
+        if not is_out_of_memory(error):
             raise  # (another error, such as an earlier kernel's on the GPU, as it is)
         size = arrays * count * index_dtype.itemsize / 1e9
         raise type(error)(f"{count} {what}: their {arrays} index arrays need {size:.3g} GB ({error})") from None

@@ -11,6 +11,7 @@ import torch
 
 from jmp_ext.data.collate import collate
 from jmp_ext.graphs import BatchStructureError
+from jmp_ext.ops._lib import is_out_of_memory
 from jmp_ext.train.config import ENTRY_KEY, TrainError
 
 
@@ -96,7 +97,7 @@ def name_entries(error: Exception, batch: dict, dataset) -> Exception:
     """A BatchStructureError of a batch loaded by load_batches from `dataset` (an LmdbDataset or
     a MultiDataset), as a TrainError naming those dataset entries; an out-of-memory error as a
     TrainError that says what to lower; other errors unchanged."""
-    if isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error):
+    if is_out_of_memory(error):
         natoms = batch["natoms"]
         return TrainError(f"out of memory on a batch of {natoms.numel()} structures, {int(natoms.sum())} atoms (the "
                           f"largest {int(natoms.max())}): lower data.max_atoms or data.batch_size (validation: "

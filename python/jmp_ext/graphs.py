@@ -207,7 +207,7 @@ def close_pair(pos: Tensor, structure: Tensor, natoms: Tensor, cell: Tensor | No
     e = int(distance.argmin())
     i, j = sorted(edge_index[:, e].tolist())
     b = int(structure[i])
-    first = int(natoms[:b].sum())
+    first = int(starts[b])
     return b, i - first, j - first, float(distance[e])
 
 

@@ -96,8 +96,9 @@ def compute_stats(dataset: LmdbDataset, progress: bool = False) -> dict:
                         raise _non_finite(dataset, i, "forces")
                     force_sq += float(np.square(forces).sum())
                     force_n += forces.size
-                    if forces.size and np.abs(forces).max() > largest_force[0]:
-                        largest_force = (float(np.abs(forces).max()), i)
+                    largest = float(np.abs(forces).max()) if forces.size else 0.0
+                    if largest > largest_force[0]:
+                        largest_force = (largest, i)
             stacked = {name: np.stack(values[name]) for name in labels}
             for name, chunk in stacked.items():
                 # The writer refuses non-finite labels; a file from elsewhere may hold them, and

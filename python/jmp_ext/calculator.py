@@ -161,17 +161,13 @@ class JMPCalculator(Calculator):
                       f"{advice}; see jmp_ext.calculator")
         return bool(truncated)
 
-    def _warn_if_collinear(self, entry: dict) -> None:
-        """Warns (once) when atoms of `entry` lie on the straight lines where the dihedral basis
-        is singular (graphs.collinear_quadruplets): its forces there are not -dE/dx, at any
-        size, so the force warning alone would miss them."""
+    def _warn_if_collinear(self, graphs: dict) -> None:
+        """Warns (once) when atoms of the structure whose `graphs` (build_graphs') these are lie
+        on the straight lines where the dihedral basis is singular
+        (graphs.collinear_quadruplets): its forces there are not -dE/dx, at any size, so the
+        force warning alone would miss them."""
         from jmp_ext.graphs import collinear_quadruplets
-        from jmp_ext.train.batches import collate_batch, to_device
 
-        parameter = next(self.model.net.parameters())
-        batch = to_device(collate_batch([entry], parameter.dtype, self.task), parameter.device)
-        with torch.no_grad():
-            graphs = self.model.graphs(batch)
         count = collinear_quadruplets(graphs)
         if count:
             self._warned_collinear = True
@@ -195,7 +191,7 @@ class JMPCalculator(Calculator):
         return super().get_property(name, atoms, allow_calculation)
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
-        from jmp_ext.train.inference import predict_structures
+        from jmp_ext.train.inference import structures_batch
 
         self._check_implemented(properties)  # (also when called directly, as calculate(atoms, ["stress"]))
         self._check_eval_mode()  # (a model in memory that its owner put back into training)
@@ -230,12 +226,14 @@ class JMPCalculator(Calculator):
             self._check_neighbors = not self._warn_if_truncated(entry)
         # An energy alone (Monte Carlo, an energy scan) skips the gradient forces and stress.
         derivatives = not set(properties) <= {"energy", "free_energy", "energies"}
-        # Every call until it warns: a structure with lines may differ from one without by a
-        # rattle of the same cell. (One more graph build: ~5% of a call with the tiny backbone,
-        # within 3% with JMP-S's, measured on the CPU at 32 and 108 atoms.)
-        if derivatives and not self._warned_collinear:
-            self._warn_if_collinear(entry)
-        preds = predict_structures(self.model, [entry], self.task, derivatives)
+        batch = structures_batch(self.model, [entry], self.task)
+        with torch.no_grad():  # (gradient forces re-enable autograd inside the network)
+            graphs = self.model.graphs(batch)
+            # Every call until it warns: a structure with lines may differ from one without by
+            # a rattle of the same cell.
+            if derivatives and not self._warned_collinear:
+                self._warn_if_collinear(graphs)
+            preds = self.model(batch, derivatives, graphs)
         self._calculated = True
         energy = float(preds["energy"][0])
         self.results = {"energy": energy, "free_energy": energy}

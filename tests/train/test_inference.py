@@ -134,7 +134,12 @@ def test_calculator_warns_about_atoms_on_lines_however_small_the_forces(stress_c
 
     assert line_warnings(primitive, ["forces"]) == line_warnings(rattled_after, ["forces"]) == []
     assert line_warnings(repeated, ["potential_energy"]) == []  # (an energy alone: not checked)
+    # The check reads the graphs the prediction uses: one build per call (it took two).
+    built, graphs = [], calc.model.graphs
+    calc.model.graphs = lambda batch: built.append(batch) or graphs(batch)
     ((filename, message),) = line_warnings(repeated, ["forces"])
+    assert len(built) == 1
+    del calc.model.graphs
     assert filename == __file__
     assert re.match(r"\d+ of the \d+ quadruplets of this structure have three distinct atoms on a straight line, "
                     r".* a linear molecule, .* Rattle a crystal itself", message)
@@ -182,13 +187,13 @@ def test_calculator_warns_once_about_implausible_forces(checkpoint, monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         plausible = atoms.get_forces()
-    predict = inference.predict_structures
+    forward = tasks.TaskModel.forward
 
     def huge(*args):
-        preds = predict(*args)
+        preds = forward(*args)
         return {**preds, "forces": preds["forces"] * 1e3 / preds["forces"].abs().max()}
 
-    monkeypatch.setattr(inference, "predict_structures", huge)
+    monkeypatch.setattr(tasks.TaskModel, "forward", huge)
     atoms.rattle(1e-3)
     with pytest.warns(UserWarning, match=r"a force of 1\.\d+e\+03 eV/Å: atoms on \(nearly\) straight lines") as caught:
         atoms.get_forces()
@@ -743,13 +748,13 @@ def test_eval_and_predict_batches_keep_the_runs_max_atoms(tiny_data, tmp_path, m
            "model": {"backbone": "tiny", "backbone_overrides": {"num_blocks": 1, "num_radial": 16}},
            "data": {"max_atoms": 10}, "loop": {"max_steps": 1, "progress": False, "fit_scale_factors": 0}}
     loop.Trainer(build_config(raw)).save_best({})
-    seen, original = [], inference.predict_structures
+    seen, original = [], inference.structures_batch
 
     def counted(model, structures, *args):
         seen.append([len(s["atomic_numbers"]) for s in structures])
         return original(model, structures, *args)
 
-    monkeypatch.setattr(inference, "predict_structures", counted)
+    monkeypatch.setattr(inference, "structures_batch", counted)
     val = tiny_data / "mol" / "val"
     assert main(["predict", str(tmp_path / "run" / "best.pt"), str(val), "--out", str(tmp_path / "p.npz")]) == 0
     batches, original_load = [], inference.load_batches
@@ -765,7 +770,7 @@ def test_eval_and_predict_batches_keep_the_runs_max_atoms(tiny_data, tmp_path, m
     assert all(sum(b) <= 10 or len(b) == 1 for b in seen) and sum(map(len, seen)) == len(natoms)
     capsys.readouterr()
     # Out of memory in predict: the batch and what to lower, as in training.
-    monkeypatch.setattr(inference, "predict_structures", lambda *args: (_ for _ in ()).throw(
+    monkeypatch.setattr(tasks.TaskModel, "forward", lambda *args: (_ for _ in ()).throw(
         RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes")))
     assert main(["predict", str(tmp_path / "run" / "best.pt"), str(val), "--out", str(tmp_path / "q.npz")]) == 2
     assert re.search(r"error: out of memory on a batch of \d structures, \d+ atoms .* eval and predict: --batch-size",

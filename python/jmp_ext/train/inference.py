@@ -1,8 +1,8 @@
 """A trained model in use: load a run's checkpoint (load_trained), predict structures with one
-task's heads (predict_structures, which the ASE calculator calls) and compute metrics on
-datasets (evaluate; validation and test during training). Below them, what `python -m
-jmp_ext.train eval` and `predict` run: evaluate_checkpoint (a dataset directory, or a file
-converted first) and predict_checkpoint (to npz or extxyz)."""
+task's heads (predict_structures; structures_batch makes its batch, for the ASE calculator too)
+and compute metrics on datasets (evaluate; validation and test during training). Below them,
+what `python -m jmp_ext.train eval` and `predict` run: evaluate_checkpoint (a dataset
+directory, or a file converted first) and predict_checkpoint (to npz or extxyz)."""
 
 from __future__ import annotations
 
@@ -134,13 +134,20 @@ def predict_structures(model: TaskModel, structures: list, task: int | str | Non
         task = operator.index(task)  # (numpy and 0-d torch integers too)
         if not 0 <= task < len(model.tasks):
             raise IndexError(f"task {task} is not a task index of the model (it has {len(model.tasks)} tasks)")
+    batch = structures_batch(model, structures, task)
+    with torch.no_grad():  # (gradient forces re-enable autograd inside the network)
+        return model(batch, derivatives)
+
+
+def structures_batch(model: TaskModel, structures: list, task: int) -> dict:
+    """`structures` (as predict_structures takes them) as one batch for task index `task`, in
+    the net's dtype on its device, after warning about elements and periodicity the task did
+    not train on (warn_about_inputs)."""
     structures = [atoms_to_entry(s) if isinstance(s, Atoms) else s for s in structures]
     parameter = next(model.net.parameters())
     batch = collate_batch(structures, parameter.dtype, task)
     warn_about_inputs(model, task, batch["atomic_numbers"].unique(), bool(batch["pbc"].any()))
-    batch = to_device(batch, parameter.device)
-    with torch.no_grad():  # (gradient forces re-enable autograd inside the network)
-        return model(batch, derivatives)
+    return to_device(batch, parameter.device)
 
 
 @torch.no_grad()
@@ -324,9 +331,10 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
     def run_batch() -> None:
         while pending:
             try:
+                batch = structures_batch(model, pending, t)
                 # (out of memory: said with the batch and what to lower; a structure error, below)
-                with entries_named({"natoms": torch.tensor([len(p["atomic_numbers"]) for p in pending])}, None):
-                    preds = predict_structures(model, pending, t)
+                with entries_named(batch, None), torch.no_grad():
+                    preds = model(batch)
                 break
             except BatchStructureError as e:
                 if not skip_invalid:

@@ -228,12 +228,13 @@ class TaskModel(nn.Module):
         return build_graphs(batch, self.graph_configs,
                             edge_dropout=self.edge_dropout if (self.training and self.edge_dropout) else None)
 
-    def forward(self, batch: dict, derivatives: bool = True) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict, derivatives: bool = True, graphs: dict | None = None) -> dict[str, torch.Tensor]:
         """Physical predictions per target, and "energies" [N] eV (each atom's term of the energy,
         which they sum to) when there is an energy; derivatives=False leaves out gradient forces
         and stress (FinetuneModel.forward). batch: jmp_ext.data.collate's dict, pos and cell in
         the net's dtype, with "task" [B] int64, each structure's task index (optional for a
-        model of one task)."""
+        model of one task). graphs: self.graphs(batch) when the caller built them already (the
+        calculator checks them first; the network recomputes their geometry for gradients)."""
         task = batch.get("task")  # [B] int64
         if task is None:  # (a batch of jmp_ext.data.collate, not of the trainer's collate_batch)
             if len(self.tasks) > 1:
@@ -241,7 +242,8 @@ class TaskModel(nn.Module):
                                  f"{[t.name for t in self.tasks]}")
             batch = {**batch, "task": torch.zeros_like(batch["natoms"])}
             task = batch["task"]
-        graphs = self.graphs(batch)
+        if graphs is None:
+            graphs = self.graphs(batch)
         # (PretrainModel has direct forces only: no derivatives to leave out)
         out = self.net(batch, graphs) if derivatives or self.pretrain else self.net(batch, graphs, derivatives=False)
         atom_task = task[batch["batch"]]

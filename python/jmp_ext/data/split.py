@@ -12,7 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jmp_ext.data.dataset import LmdbDataset
-from jmp_ext.data.stats import load_stats, share_train_stats
+from jmp_ext.data.stats import share_train_stats, warn_outliers
 from jmp_ext.data.writer import DatasetWriter, check_target, dataset_meta
 from jmp_ext.warn import warn_user
 
@@ -160,7 +160,7 @@ def split_dataset(src: str | Path, out_dir: str | Path, parts: dict[str, np.ndar
                 for i in tqdm(indices.tolist(), disable=not progress, desc=f"{name}", unit="entry"):
                     writer.add(source.read(i), where=f"{src} entry {i}")
         if "train" in parts:
-            share_train_stats(staging / "new" / "train",
+            stats = share_train_stats(staging / "new" / "train",
                               [staging / "new" / name for name in parts if name != "train"],
                               progress=progress)
         _replace_parts(staging, list(parts), out_dir, overwrite)
@@ -179,7 +179,7 @@ def split_dataset(src: str | Path, out_dir: str | Path, parts: dict[str, np.ndar
         raise KeyboardInterrupt(f"the new split is in place in {out_dir}; deleting the parts it "
                                 f"replaced was interrupted: delete {staging}") from None
     if "train" in parts:
-        load_stats(out_dir / "train")  # (its outlier warnings name the part where it is now)
+        warn_outliers(out_dir / "train", stats)  # (named where the part is now, not in staging)
     return {name: out_dir / name for name in parts}
 
 

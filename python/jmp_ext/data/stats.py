@@ -316,7 +316,7 @@ class _TreeQR:
         return r
 
 
-def _warn_outliers(dataset_dir: str | Path, stats: dict) -> None:
+def warn_outliers(dataset_dir: str | Path, stats: dict) -> None:
     """Warns of each of stats["outliers"] (see compute_stats): one entry's label that sets the
     std normalising every other's."""
     # (val and test splits hold their train split's statistics: the entry is the train split's)
@@ -357,7 +357,7 @@ def load_stats(dataset_dir: str | Path, recompute: bool = False, progress: bool 
     file = Path(dataset_dir) / fmt.STATS_FILE
     if recompute or not file.is_file():
         stats = compute_stats(LmdbDataset(dataset_dir), progress=progress)
-        _warn_outliers(dataset_dir, stats)
+        warn_outliers(dataset_dir, stats)
         try:
             save_stats(dataset_dir, stats)
         except OSError as e:  # a shared, read-only dataset: train anyway, say what it costs
@@ -374,7 +374,7 @@ def load_stats(dataset_dir: str | Path, recompute: bool = False, progress: bool 
         _check_stats(stats)
     except (AttributeError, KeyError, TypeError, ValueError) as e:  # (a damaged or edited file)
         raise fmt.DataError(f"{file}: {type(e).__name__}: {e}; {recompute}") from None
-    _warn_outliers(dataset_dir, stats)
+    warn_outliers(dataset_dir, stats)
     return stats
 
 

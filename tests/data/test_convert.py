@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import re
 import sys
 import types
 import warnings
@@ -311,6 +312,126 @@ def test_truncated_extxyz(tmp_path, frames):
     with pytest.raises(DataError, match=r"in.extxyz structure 5: cannot parse"):
         convert(tmp_path / "in.extxyz", tmp_path / "out")
     assert convert(tmp_path / "in.extxyz", tmp_path / "out", skip_invalid=True).written == 5
+
+
+def test_an_extxyz_is_read_whole_or_refused(tmp_path, frames):
+    """ase.io's extxyz reader ends a file at a blank line between structures (`cat a; echo; cat
+    b`), and reads nothing of one whose atom count is off: both were left out without a word
+    (3 of 6 structures written), or blamed on structure 0."""
+    ase.io.write(tmp_path / "half.extxyz", frames[:3])
+    text = (tmp_path / "half.extxyz").read_text()
+    (tmp_path / "joined.extxyz").write_text(text + "\n" + text)
+    blank = text.count("\n") + 1
+    with pytest.raises(DataError, match=rf"joined.extxyz: line {blank} is blank where a structure's first line .* "
+                                        rf"reader ends the file there and would leave out the rest \(from line "
+                                        rf"{blank + 1}\); remove the blank line"):
+        convert(tmp_path / "joined.extxyz", tmp_path / "out", skip_invalid=True)
+    (tmp_path / "joined.extxyz").write_text(text + text + "\n\n")  # (blank lines at the end are fine)
+    assert convert(tmp_path / "joined.extxyz", tmp_path / "out").written == 6
+    lines = text.splitlines()
+    second = len(frames[0]) + 2  # (structure 1's atom count line, 0-based)
+    lines[second] = str(len(frames[1]) - 1)
+    (tmp_path / "count.extxyz").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=rf"count.extxyz: line {second + len(frames[1]) + 2}, where structure 2 should "
+                                        r"start with its atom count, reads '.*': an atom count above it does not"):
+        convert(tmp_path / "count.extxyz", tmp_path / "out2")
+
+
+def test_a_structure_ase_cannot_parse_is_skipped_alone(tmp_path, frames):
+    """ase.io's reader stops at a parse error: --skip-invalid skipped the bad structure and lost
+    every one after it, reported as one skipped entry."""
+    ase.io.write(tmp_path / "in.extxyz", frames)
+    lines = (tmp_path / "in.extxyz").read_text().splitlines()
+    atom_line = sum(len(a) + 2 for a in frames[:2]) + 2  # (structure 2's first atom)
+    lines[atom_line] = lines[atom_line].replace(".", ",", 1)
+    (tmp_path / "in.extxyz").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"in.extxyz structure 2: cannot parse \(ValueError"):
+        convert(tmp_path / "in.extxyz", tmp_path / "out")
+    report = convert(tmp_path / "in.extxyz", tmp_path / "out", skip_invalid=True)
+    assert report.written == 5 and len(report.skipped) == 1 and "structure 2: cannot parse" in report.skipped[0]
+    assert [int(e["sid"]) for e in LmdbDataset(tmp_path / "out")] == [0, 1, 3, 4, 5]
+    # A file unreadable from some structure on: not tried structure by structure to its end.
+    many = [frames[0]] * 14
+    ase.io.write(tmp_path / "bad.extxyz", many)
+    lines = (tmp_path / "bad.extxyz").read_text().splitlines()
+    for k in range(1, 13):
+        lines[k * (len(frames[0]) + 2) + 2] = lines[k * (len(frames[0]) + 2) + 2].replace(".", ",", 1)
+    (tmp_path / "bad.extxyz").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"bad.extxyz: ase.io could not parse structures 1 to 11 in a row"):
+        convert(tmp_path / "bad.extxyz", tmp_path / "out3", skip_invalid=True)
+
+
+def test_files_ase_cannot_read_are_one_line_errors(tmp_path, capsys):
+    """A .json that is no ASE database and a damaged SQLite file were tracebacks."""
+    (tmp_path / "mptrj.json").write_text(json.dumps({"mp-1": {"structure": {}}}))
+    ase.db.connect(tmp_path / "ok.db").write(Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]]), energy_label=1.0)
+    (tmp_path / "cut.db").write_bytes((tmp_path / "ok.db").read_bytes()[:3000])
+    (tmp_path / "empty.extxyz").write_text("")
+    for name, problem in [("mptrj.json", "ase.db cannot read it"), ("cut.db", "ase.db cannot read it"),
+                          ("empty.extxyz", "ase.io cannot read it")]:
+        assert main(["convert", str(tmp_path / name), str(tmp_path / "out")]) == 2
+        assert re.match(rf"error: {re.escape(str(tmp_path / name))}: {problem} \(\w+: .+\)$",
+                        capsys.readouterr().err.strip().splitlines()[-1])
+
+
+def test_charge_and_spin_states_are_warned_of(tmp_path):
+    """The model takes neither: one geometry in four charge/spin states is four contradictory
+    labels of one input (OMol25 keeps them in each row's data)."""
+    water = Atoms("H2O", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
+    db = ase.db.connect(tmp_path / "omol.db")
+    for k, (charge, spin) in enumerate([(0, 1), (-1, 2), (1, 2), (0, 3)]):
+        db.write(water, data={"charge": charge, "spin": spin, "energy": -10.0 - 3 * k})
+    with pytest.warns(UserWarning, match=r"omol: the structures have several charge or spin states \(charge -1, 0, "
+                                         r"1; spin 1, 2, 3\), which the model does not take"):
+        convert(tmp_path / "omol.db", tmp_path / "omol")
+    one = [water.copy() for _ in range(2)]
+    for k, atoms in enumerate(one):
+        atoms.info.update(charge=0, spin=1, REF_energy=-10.0 - k)
+    ase.io.write(tmp_path / "one.extxyz", one)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert(tmp_path / "one.extxyz", tmp_path / "one")
+
+
+def test_labels_the_trainer_would_stop_at_are_refused_or_warned_of(tmp_path, frames):
+    """A stress on a molecule (MACE files give them zeros), a single atom in a periodic box larger
+    than the cutoff (a periodic code's isolated atom), an energy beside a differing free energy,
+    forces without an energy: accepted without a word, and training stopped at them later."""
+    molecule = Atoms("H2O", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
+    molecule.calc = SinglePointCalculator(molecule, energy=-1.0, forces=np.zeros((3, 3)), stress=np.zeros(6))
+    ase.io.write(tmp_path / "mol.extxyz", [frames[0], molecule])
+    with pytest.raises(DataError, match=r"structure 1: has a stress label but no cell \(zero volume\)"):
+        convert(tmp_path / "mol.extxyz", tmp_path / "mol")
+    boxed = [Atoms("O", cell=[15, 15, 15], pbc=True, info={"REF_energy": -432.1}),
+             Atoms("O", cell=[15, 15, 0], pbc=[True, True, False], info={"REF_energy": -432.0}),
+             Atoms("Cu", cell=[[0, 1.8, 1.8], [1.8, 0, 1.8], [1.8, 1.8, 0]], pbc=True, info={"REF_energy": -3.7}),
+             Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]], info={"REF_energy": -31.0})]
+    ase.io.write(tmp_path / "boxed.extxyz", boxed)
+    report = convert(tmp_path / "boxed.extxyz", tmp_path / "boxed", skip_invalid=True)
+    assert report.written == 2 and [int(e["sid"]) for e in LmdbDataset(tmp_path / "boxed")] == [2, 3]
+    assert all("is a single atom without periodic images within 12.0 Å" in m for m in report.skipped)
+    assert report.isolated_atom_energies == {"O": -432.1}
+    # All skipped: why, and the energies, in the error (it said "no entries to write").
+    ase.io.write(tmp_path / "e0.extxyz", boxed[:2])
+    with pytest.raises(DataError, match=r"no entries to write: all 2 of .*e0.extxyz were skipped, the first as .*"
+                                        r"structure 0: is a single atom .*isolated-atom energies \(eV\) met: "
+                                        r"\{'O': -432.1\}"):
+        convert(tmp_path / "e0.extxyz", tmp_path / "e0", skip_invalid=True)
+    for k, atoms in enumerate(frames):
+        atoms.calc.results["free_energy"] = atoms.calc.results["energy"] - 0.01 * k
+    ase.io.write(tmp_path / "vasp.extxyz", frames)
+    with pytest.warns(UserWarning, match=r"the energy is calculator\['energy'\], and the source's free_energy "
+                                         r"differs from it \(by up to 0.05 eV\)"):
+        convert(tmp_path / "vasp.extxyz", tmp_path / "vasp")
+    with warnings.catch_warnings():  # (named: the user's choice)
+        warnings.simplefilter("error")
+        convert(tmp_path / "vasp.extxyz", tmp_path / "vasp2", keys=KeyMap(energy="energy"))
+    for atoms in frames:
+        del atoms.calc.results["energy"]
+    ase.io.write(tmp_path / "free.extxyz", frames)
+    with pytest.warns(UserWarning, match=r"free has forces \(calculator\['forces'\]\) but no energy: .*calculator: "
+                                         r".*free_energy.* --energy-key"):
+        convert(tmp_path / "free.extxyz", tmp_path / "free")
 
 
 # ----- pickled OC20 / JMP LMDBs -----

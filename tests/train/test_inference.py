@@ -417,10 +417,11 @@ def test_eval_reads_an_extxyz_as_convert_would(checkpoint, tmp_path, capsys):
     (tmp_path / "broken.db").write_text("not sqlite")
     for name, message in (("s2ef.lmdb", "is an LMDB file, as OC20's splits are: convert it first, `python -m "
                                         "jmp_ext.data convert"),
-                          ("notes.json", "could not be read as a labelled structure file"),
-                          ("broken.db", "could not be read as a labelled structure file")):
+                          ("notes.json", "notes.json: ase.db cannot read it (UnknownFileTypeError: "),
+                          ("broken.db", "broken.db: ase.db cannot read it (DatabaseError: ")):
         assert main(["eval", str(checkpoint), str(tmp_path / name)]) == 2, name
-        assert message in capsys.readouterr().err, name
+        err = capsys.readouterr().err
+        assert message in err and "--skip-invalid" not in err, name
     assert main(["eval", str(checkpoint), str(tmp_path / "labelled.extxyz"), "--task", "nope"]) == 2
     assert "--task 'nope' is not a task of the checkpoint" in capsys.readouterr().err
     # A structure the data refuses (an isolated atom) is named, with how to leave it out

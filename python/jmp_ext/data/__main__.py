@@ -144,8 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--property", action="append", default=[], metavar="NAME[=KEY][:UNIT]",
                    help="also store a per-structure property (repeatable), e.g. U_0:Hartree; UNIT must be "
                         "an energy unit, converted to eV (a property without one is stored as it is)")
-    p.add_argument("--energy-unit", default="eV", choices=list(ENERGY_UNITS))
-    p.add_argument("--length-unit", default="Å", choices=list(LENGTH_UNITS))
+    p.add_argument("--energy-unit", default="eV", choices=list(ENERGY_UNITS),
+                   help="the source's energy unit: the energy, the forces (ENERGY_UNIT/LENGTH_UNIT) and the "
+                        "stress (ENERGY_UNIT/LENGTH_UNIT^3) are converted to eV, eV/Å and eV/Å^3")
+    p.add_argument("--length-unit", default="Å", choices=list(LENGTH_UNITS),
+                   help="the source's length unit: positions and cell, and the forces and stress with "
+                        "--energy-unit (forces in another unit pair, e.g. Hartree/Bohr beside Å positions, "
+                        "are not supported: convert them first)")
     p.add_argument("--select", help="ASE db query selecting rows")
     p.add_argument("--float32", action="store_true", help="store floats as float32 (energies stay float64, "
                    "and so do properties given an energy UNIT)")

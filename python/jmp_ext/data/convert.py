@@ -139,6 +139,11 @@ def _expanded_size(value, sizes: dict[int, int]) -> int:
     return sizes[id(value)]
 
 
+class UnreadableSource(fmt.DataError):
+    """A source file that ase.io or ase.db cannot read, whole or from some structure on: not an
+    entry to skip."""
+
+
 class MissingProperty(fmt.DataError):
     """An entry without the key of a property (`name`, as stored)."""
 
@@ -160,6 +165,10 @@ class ConvertReport:
     # element symbol -> energy (eV) of the first single-atom frame without periodic images of it:
     # MACE's isolated-atom E0s, which a model takes as its energy target's references (skipped here)
     isolated_atom_energies: dict[str, float] = field(default_factory=dict)
+    # eV: the largest |free_energy - energy| where energy was read beside a free_energy
+    free_energy_gap: float = 0.0
+    # key of CHARGE_SPIN_KEYS -> the distinct values the structures carry (a few at most)
+    charge_spin: dict[str, set] = field(default_factory=dict)
 
 
 # ----- labels ----------------------------------------------------------------------------------
@@ -178,7 +187,7 @@ def _take_labels(entry: dict, sources: dict[str, dict], keys: KeyMap, report: Co
     for label in LABELS:
         if keys.drops(label):
             continue
-        found = {(f"{prefix}[{key!r}]" if prefix else key): (key, mapping[key])
+        found = {(f"{prefix}[{key!r}]" if prefix else key): (key, mapping)
                  for key in keys.candidates(label, pickled) for prefix, mapping in sources.items()
                  if key in mapping}
         if not found:
@@ -191,7 +200,12 @@ def _take_labels(entry: dict, sources: dict[str, dict], keys: KeyMap, report: Co
             raise fmt.DataError(f"{label} is in {', '.join(found)}, but earlier entries took it "
                                 f"from {location}; pick one with --{label}-key (from Python: "
                                 f"KeyMap({label}=...))")
-        key, value = found[location]
+        key, mapping = found[location]
+        value = mapping[key]
+        if label == "energy" and key == "energy" and "free_energy" in mapping:
+            difference = np.abs(np.asarray(mapping["free_energy"], dtype=float) - np.asarray(value, dtype=float))
+            gap = float(difference.max()) * ENERGY_UNITS[keys.energy_unit] if difference.size else 0.0
+            report.free_energy_gap = max(report.free_energy_gap, gap)
         if np.asarray(value).dtype.kind == "b":  # (before the unit conversion turns True into 1.0)
             raise fmt.DataError(f"{label} is a boolean ({np.asarray(value).tolist()}) in {location}, not a number")
         if label == "stress":
@@ -368,6 +382,9 @@ def entry_to_atoms(entry: dict) -> Atoms:
 
 # ASE calculator results with a value per atom.
 _PER_ATOM_RESULTS = {"forces", "charges", "magmoms", "energies", "stresses"}
+# A structure's net charge and spin state, as OMol25 and SPICE-like sets record them: inputs the
+# model does not take.
+CHARGE_SPIN_KEYS = ("charge", "total_charge", "spin", "multiplicity", "spin_multiplicity")
 
 
 def _atoms_entry(atoms: Atoms, keys: KeyMap, report: ConvertReport, sid: int) -> dict:
@@ -375,6 +392,12 @@ def _atoms_entry(atoms: Atoms, keys: KeyMap, report: ConvertReport, sid: int) ->
     results = atoms.calc.results if atoms.calc is not None else {}
     sources = {"info": atoms.info, "arrays": atoms.arrays, "calculator": results}
     _take_labels(entry, sources, keys, report)
+    for key in CHARGE_SPIN_KEYS:
+        value = atoms.info.get(key)
+        if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+            seen = report.charge_spin.setdefault(key, set())
+            if len(seen) < 5:
+                seen.add(value.item() if isinstance(value, np.generic) else value)
     for name, key in keys.properties.items():
         found = next((where for where, d in sources.items() if key in d), None)
         if found is None:
@@ -386,29 +409,96 @@ def _atoms_entry(atoms: Atoms, keys: KeyMap, report: ConvertReport, sid: int) ->
     return keys.to_ev_angstrom(entry)
 
 
-def iter_ase_file(path: Path, keys: KeyMap, report: ConvertReport) -> Iterator[tuple[str, object]]:
-    """(where, entry or exception) for every structure of a file ase.io reads (extxyz, traj)."""
-    from ase.io import iread
+# Structures ase.io fails to parse one after the other before convert gives up on a file.
+_MAX_UNPARSED_IN_A_ROW = 10
 
+
+def iter_ase_file(path: Path, keys: KeyMap, report: ConvertReport) -> Iterator[tuple[str, object]]:
+    """(where, entry or exception) for every structure of a file ase.io reads (extxyz, traj).
+    A structure ase.io cannot parse is yielded as a DataError, and reading goes on after it;
+    a file that ase.io would read only in part is a DataError raised (not one to skip)."""
+    from ase.io import iread
+    from ase.io.formats import filetype
+
+    try:
+        if filetype(str(path)) == "extxyz":
+            _check_extxyz_read_whole(path)
+    except fmt.DataError:
+        raise
+    except Exception as error:  # (ase.io's UnknownFileTypeError, a compressed file that is not)
+        raise UnreadableSource(f"{path}: ase.io cannot read it ({type(error).__name__}: {error})") from error
     # (the bar closed with the stream, before an error is printed: not on the same line after it)
     with tqdm(desc=str(path), unit="structure") as bar:
-        frames = iread(str(path), index=":")
-        index = 0
+        frames, index, failures = iread(str(path), index=":"), 0, 0
         while True:
             where = f"{path} structure {index}"
             try:
                 atoms = next(frames)
             except StopIteration:
                 return
-            except Exception as error:  # a parse error ends the file: later frames are unreachable
-                yield where, fmt.DataError(f"cannot parse: {error}")
-                return
+            except Exception as error:
+                failures += 1
+                if failures > _MAX_UNPARSED_IN_A_ROW:  # (each new reader scans the file again)
+                    raise UnreadableSource(f"{path}: ase.io could not parse structures {index - failures + 1} to "
+                                        f"{index} in a row (the last: {type(error).__name__}: {error}); rather than "
+                                        f"try every structure of a file that may be unreadable from there on, "
+                                        f"convert stops: fix the file") from error
+                yield where, fmt.DataError(f"cannot parse ({type(error).__name__}: {error})")
+                # ase.io's reader ends at a parse error: a new one goes on after the structure.
+                index += 1
+                frames = iread(str(path), index=f"{index}:")
+                continue
+            failures = 0
             bar.update()
             try:
                 yield where, _atoms_entry(atoms, keys, report, index)
             except Exception as error:
                 yield where, error
             index += 1
+
+
+def _check_extxyz_read_whole(path: Path) -> None:
+    """Raises a DataError when ase.io's extxyz reader would stop before the end of `path`: it
+    ends the file at a blank line where a structure's first line (its atom count) should be, as
+    `cat a.extxyz; echo; cat b.extxyz` makes, and leaves the rest out without a word; or when
+    it would read nothing (an atom count that does not match its atom lines, which the reader
+    reports as a bad first structure). Follows the reader's own scan (an atom count, a comment
+    line, the atoms, VEC lines)."""
+    from ase.io.formats import open_with_compression
+
+    with open_with_compression(str(path)) as file:
+        line_number = structures = 0
+        while True:
+            line = file.readline()
+            line_number += 1
+            if not line:
+                return
+            if not line.strip():
+                break
+            try:
+                natoms = int(line)
+            except ValueError:
+                raise UnreadableSource(f"{path}: line {line_number}, where structure {structures} should start with its "
+                                    f"atom count, reads {line.strip()[:60]!r}: an atom count above it does not match "
+                                    "its structure's atom lines, and ase.io's extxyz reader reads nothing of such a "
+                                    "file; fix the file") from None
+            structures += 1
+            for _ in range(natoms + 1):
+                file.readline()
+            line_number += natoms + 1
+            while True:
+                position = file.tell()
+                if not file.readline().lstrip().startswith("VEC"):
+                    file.seek(position)
+                    break
+                line_number += 1
+        blank = line_number
+        for line in file:
+            line_number += 1
+            if line.strip():
+                raise UnreadableSource(f"{path}: line {blank} is blank where a structure's first line (its atom "
+                                    f"count) should be: ase.io's extxyz reader ends the file there and would "
+                                    f"leave out the rest (from line {line_number}); remove the blank line(s)")
 
 
 def iter_ase_db(path: Path, keys: KeyMap, report: ConvertReport, select: str | None = None
@@ -439,16 +529,21 @@ def iter_ase_db(path: Path, keys: KeyMap, report: ConvertReport, select: str | N
             db = ase.db.connect(str(file), readonly=True)  # (without a lock file or write access)
         else:
             db = ase.db.connect(str(file))
-        with db, tqdm(db.select(select), total=db.count(select), desc=str(file), unit="row") as rows:
-            for row in rows:
-                where = f"{file} row id={row.id}"
-                try:
-                    atoms = row.toatoms()
-                    atoms.info.update(row.key_value_pairs)
-                    atoms.info.update(row.get("data", {}))
-                    yield where, _atoms_entry(atoms, keys, report, row.id)
-                except Exception as error:
-                    yield where, error
+        try:
+            with db, tqdm(db.select(select), total=db.count(select), desc=str(file), unit="row") as rows:
+                for row in rows:
+                    where = f"{file} row id={row.id}"
+                    try:
+                        atoms = row.toatoms()
+                        atoms.info.update(row.key_value_pairs)
+                        atoms.info.update(row.get("data", {}))
+                        yield where, _atoms_entry(atoms, keys, report, row.id)
+                    except Exception as error:
+                        yield where, error
+        except (fmt.DataError, OSError):
+            raise
+        except Exception as error:  # (a damaged SQLite file, a .json that is no ASE database)
+            raise UnreadableSource(f"{file}: ase.db cannot read it ({type(error).__name__}: {error})") from error
 
 
 # ----- pickled OC20 / JMP LMDBs --------------------------------------------------------------
@@ -671,6 +766,25 @@ def detect_format(src: Path) -> str:
     return "ase"
 
 
+# Å: JMP's graph cutoff (its pretraining datasets', and the radial basis'). A single atom with no
+# periodic image this close is an isolated atom to GemNet-OC.
+ISOLATED_ATOM_CUTOFF = 12.0
+
+
+def _isolated_atom(entry: dict, where: str) -> bool:
+    """Whether the single atom of `entry` (normalised) has no periodic image within
+    ISOLATED_ATOM_CUTOFF; a DataError if the entry is invalid."""
+    from jmp_ext.ops import radius_graph
+
+    fmt.validate_entry(entry, where)
+    if not entry["pbc"].any():
+        return True
+    edges, _, _ = radius_graph(torch.from_numpy(entry["pos"]).double(), ISOLATED_ATOM_CUTOFF,
+                               cell=torch.from_numpy(entry["cell"]).double()[None],
+                               pbc=torch.from_numpy(entry["pbc"])[None])
+    return edges.shape[1] == 0
+
+
 def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
             source_format: str | None = None, allow_pickle: bool = False,
             skip_invalid: bool = False, select: str | None = None, overwrite: bool = False,
@@ -690,8 +804,9 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
         still an error.
     select: an ASE db query for "ase-db".
 
-    A single atom without periodic images (such as MACE's isolated-atom E0 frames) is invalid:
-    GemNet-OC needs a pair of atoms. Named properties keep the source's units (schema unit "")
+    A single atom without periodic images within ISOLATED_ATOM_CUTOFF (such as MACE's
+    isolated-atom E0 frames, or a periodic code's atom in a large box) is invalid: GemNet-OC
+    needs a pair of atoms. Named properties keep the source's units (schema unit "")
     unless keys.property_units converts them. A dataset without any label, or with a stress
     alone, gets a warning that lists the keys the source offers; an energy_unit that converted
     nothing, one too.
@@ -729,13 +844,15 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
                     raise item
                 if len(item["atomic_numbers"]) == 0:
                     raise fmt.DataError("has no atoms")
-                if len(item["atomic_numbers"]) == 1 and not np.asarray(item["pbc"]).any():
+                # (validated first: the writer's messages say what is wrong with a cell)
+                if len(item["atomic_numbers"]) == 1 and _isolated_atom(fmt.normalize_entry(item, where), where):
                     if "energy" in item:
                         symbol = chemical_symbols[int(item["atomic_numbers"][0])]
                         report.isolated_atom_energies.setdefault(symbol, float(item["energy"]))
-                    raise fmt.DataError("is a single atom without periodic images (MACE's isolated-atom "
-                                        "E0 frames are such): GemNet-OC needs a pair of atoms within its "
-                                        "cutoff; `convert --skip-invalid` skips such entries")
+                    raise fmt.DataError(f"is a single atom without periodic images within {ISOLATED_ATOM_CUTOFF} Å "
+                                        "(MACE's isolated-atom E0 frames are such, and a periodic code's atom in a "
+                                        "large box): GemNet-OC needs a pair of atoms within its cutoff; "
+                                        "`convert --skip-invalid` skips such entries")
                 if labels is not None:
                     _check_labels(item, labels, len(writer), first)
                 writer.add(item, where=where)
@@ -749,6 +866,11 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
                 if labels is None:  # (a skipped entry fixes no label location)
                     report.labels.clear()
         report.written = len(writer)
+        if not report.written and report.skipped:  # (the writer's "no entries" alone would hide why)
+            energies = (f"; isolated-atom energies (eV) met: {report.isolated_atom_energies}"
+                        if report.isolated_atom_energies else "")
+            raise fmt.DataError(f"{dst}: no entries to write: all {len(report.skipped)} of {src} were skipped, "
+                                f"the first as {report.skipped[0]}{energies}")
         # A label is located by the first entry holding it, which may have been skipped.
         report.labels = {label: source for label, source in report.labels.items()
                          if label in (labels or ())}
@@ -759,6 +881,24 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
         warn_user(f"{dst}: the labels come from keys of two kinds ({sources}): "
                   f"REF_* keys usually hold the reference method's values and the others another "
                   f"method's; make sure they belong together, or name the keys (--energy-key, ...)")
+    if report.written and "energy" in report.labels and report.free_energy_gap > 1e-6 and keys.energy is None:
+        warn_user(f"{dst}: the energy is {report.labels['energy']}, and the source's free_energy differs from it (by "
+                  f"up to {report.free_energy_gap:.3g} eV). Forces are the gradient of the free energy (VASP's "
+                  f"through ASE: energy is its sigma -> 0 extrapolation); for a model of both (forces: gradient), "
+                  f"convert with --energy-key free_energy")
+    if report.written and "forces" in report.labels and "energy" not in report.labels and not keys.drops("energy"):
+        warn_user(f"{dst} has forces ({report.labels['forces']}) but no energy: none found under the usual keys "
+                  f"({', '.join(keys.candidates('energy', kind == 'lmdb'))}; the first entry's keys, "
+                  f"{report.first_keys}). Name it with --energy-key (free_energy, ...), or drop it on purpose "
+                  f"with --energy-key none")
+    states = {key: sorted(values) for key, values in report.charge_spin.items() if len(values) > 1}
+    if report.written and states and report.labels:
+        listed = "; ".join(f"{key} {', '.join(map(str, values))}{' ...' if len(values) == 5 else ''}"
+                           for key, values in states.items())
+        warn_user(f"{dst}: the structures have several charge or spin states ({listed}), which the model does not "
+                  f"take (GemNet-OC sees elements and positions only): structures that differ in them alone get "
+                  f"contradictory labels. Convert the structures of one state (an ASE db's key-value pairs: "
+                  f"--select 'charge=0,spin=1')")
     if keys.energy_unit != "eV" and report.written and not report.labels:
         warn_user(f"{dst}: energy_unit {keys.energy_unit} converted nothing (no energy, forces or stress); "
                   f"properties keep their units unless given one (--property NAME:UNIT; from Python "

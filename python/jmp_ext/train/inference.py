@@ -215,7 +215,7 @@ def _convert_labels(source: str, dst: Path, names: set[str]) -> None:
     frames have would stop it); the other names as properties from the keys of the same names,
     as stored, and left out where the file lacks them (eval then warns)."""
     from jmp_ext.data import DataError
-    from jmp_ext.data.convert import KeyMap, MissingProperty, convert
+    from jmp_ext.data.convert import KeyMap, MissingProperty, UnreadableSource, convert
 
     labels = ("energy", "forces", "stress")
     properties = {name: name for name in sorted(names - set(labels))}
@@ -232,6 +232,9 @@ def _convert_labels(source: str, dst: Path, names: set[str]) -> None:
             if isinstance(e.__cause__, MissingProperty):
                 del properties[e.__cause__.name]
                 continue
+            if isinstance(e, UnreadableSource):
+                raise TrainError(f"{e}; give a dataset directory, or a file ASE reads: extxyz, traj, ASE db (.db), "
+                                 "...") from e
             # (a structure the data refuses: a single atom, a cell in nm, ...)
             raise TrainError(f"{e}; to leave such structures out, convert the file yourself, `python -m "
                              f"jmp_ext.data convert {source} OUT_DIR --skip-invalid`, and evaluate OUT_DIR") from e

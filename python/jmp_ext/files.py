@@ -10,6 +10,7 @@ renamed over another: exchange_paths swaps the two in one step where the filesys
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import uuid
 from collections.abc import Callable
@@ -25,7 +26,10 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     # checkpoint or a dataset; open() gives the mode of any new file (umask, default ACLs).
     # "x": a name taken by another writer is an error, never a file to clobber or delete.
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
-    f = open(tmp, "xb")
+    try:
+        f = open(tmp, "xb")
+    except OSError as e:  # (a read-only directory: the target is the file the user knows)
+        raise OSError(e.errno, e.strerror, str(path)) from e
     try:
         with f:
             write(f)
@@ -34,14 +38,25 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        # (a failed write or fsync, a full disk, names no file: name the one it was writing)
-        if isinstance(e, OSError) and e.errno is not None and e.filename is None:
-            raise OSError(e.errno, e.strerror, str(path)) from e
+        # A failed write or fsync (a full disk) names no file: name the one it was writing. Under
+        # torch.save, whose zip writer raises its own RuntimeError ("unexpected pos ...") over it.
+        cause = e.__context__ if isinstance(e, RuntimeError) else e
+        if isinstance(cause, OSError) and cause.errno is not None and (cause.filename is None or cause is not e):
+            raise OSError(cause.errno, cause.strerror, str(path)) from e
         raise
-    # Persist the rename itself (the directory entry).
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)  # (the rename itself)
+
+
+def fsync_dir(directory: str | Path) -> None:
+    """Persist the entries of `directory` (a rename into it). Filesystems that cannot (some
+    network and Windows-hosted ones answer EINVAL or ENOTSUP) are left as they are: the rename
+    has happened, only its durability across a power cut is theirs."""
+    dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise OSError(e.errno, e.strerror, str(directory)) from e
     finally:
         os.close(dir_fd)
 

@@ -42,8 +42,11 @@ def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # temp file removed
 
 
-def test_a_full_disk_names_the_file_and_the_cli_says_how_to_go_on(tmp_path, monkeypatch, capsys):
-    """"[Errno 28] No space left on device" named no file, and not that the run can resume."""
+@pytest.mark.parametrize("room", [0, 4096])
+def test_a_full_disk_names_the_file_and_the_cli_says_how_to_go_on(tmp_path, monkeypatch, capsys, room):
+    """"[Errno 28] No space left on device" named no file, and not that the run can resume. A
+    disk that fills after some of the checkpoint fails inside torch.save, whose zip writer
+    raised "RuntimeError: ... unexpected pos 704 vs 598" over the full disk."""
     import errno
 
     from jmp_ext.train import __main__ as cli
@@ -56,15 +59,20 @@ def test_a_full_disk_names_the_file_and_the_cli_says_how_to_go_on(tmp_path, monk
     ckpt.save_checkpoint(path, {"step": 1})
 
     class FullDisk(io.FileIO):
+        written = 0
+
         def write(self, data):
-            raise OSError(errno.ENOSPC, "No space left on device")
+            if self.written + len(data) > room:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.written += len(data)
+            return super().write(data)
 
     # (a buffered file, as open() gives, through torch.save itself, which turns its error into
     # "RuntimeError: ... unexpected pos 704 vs 598")
     monkeypatch.setattr(files, "open", lambda name, mode: io.BufferedWriter(FullDisk(name, mode.replace("b", ""))),
                         raising=False)
     with pytest.raises(OSError, match=r"\[Errno 28\] No space left on device: '.*last.pt'") as raised:
-        ckpt.save_checkpoint(path, {"step": 2, "w": torch.zeros(1000)})
+        ckpt.save_checkpoint(path, {"step": 2, "w": torch.zeros(100_000)})
     monkeypatch.undo()
     assert ckpt.load_checkpoint(path)["step"] == 1 and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
     error = raised.value
@@ -81,6 +89,36 @@ def test_a_full_disk_names_the_file_and_the_cli_says_how_to_go_on(tmp_path, monk
     monkeypatch.setattr(ckpt.torch, "save", lambda obj, f: (_ for _ in ()).throw(OSError("quota exceeded")))
     with pytest.raises(OSError, match=r"^quota exceeded$"):
         ckpt.save_checkpoint(path, {"step": 2})
+
+
+def test_a_directory_that_cannot_be_written_or_fsynced(tmp_path, monkeypatch):
+    """A read-only directory named the temporary file, which the user never asked for; a
+    filesystem that refuses to fsync a directory (EINVAL: some network and Windows-hosted ones)
+    failed every write after the file was in place."""
+    import errno
+
+    from jmp_ext import files
+
+    def read_only(name, mode):
+        raise OSError(errno.EROFS, "Read-only file system", str(name))
+
+    monkeypatch.setattr(files, "open", read_only, raising=False)
+    with pytest.raises(OSError, match=r"\[Errno 30\] Read-only file system: '.*/m.json'$"):
+        write_bytes_atomic(tmp_path / "m.json", b"{}")
+    monkeypatch.undo()
+    fsync = os.fsync
+
+    def no_directory_fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", no_directory_fsync)
+    ckpt.save_checkpoint(tmp_path / "last.pt", {"step": 5})
+    assert ckpt.load_checkpoint(tmp_path / "last.pt")["step"] == 5
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error")))
+    with pytest.raises(OSError, match=r"\[Errno 5\] Input/output error: '.*last.pt'"):
+        ckpt.save_checkpoint(tmp_path / "last.pt", {"step": 6})
 
 
 def test_files_get_the_mode_of_a_plain_open(tmp_path):

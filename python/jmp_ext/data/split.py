@@ -14,6 +14,7 @@ from tqdm import tqdm
 from jmp_ext.data.dataset import LmdbDataset
 from jmp_ext.data.stats import share_train_stats, warn_outliers
 from jmp_ext.data.writer import DatasetWriter, check_target, dataset_meta
+from jmp_ext.files import fsync_dir
 from jmp_ext.warn import warn_user
 
 
@@ -210,6 +211,7 @@ def _replace_parts(staging: Path, names: list[str], out_dir: Path, overwrite: bo
             if (old / name).exists():
                 os.replace(old / name, out_dir / name)
         raise
+    fsync_dir(out_dir)  # (the new parts' entries)
     # Out of 'old', which a leftover staging directory's warning says to look into.
     os.replace(old, staging / "replaced")
 

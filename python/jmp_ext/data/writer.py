@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jmp_ext.data import format as fmt
-from jmp_ext.files import exchange_paths, write_atomic, write_bytes_atomic
+from jmp_ext.files import exchange_paths, fsync_dir, write_atomic, write_bytes_atomic
 from jmp_ext.warn import warn_user
 
 _COMMIT_EVERY = 512  # entries per LMDB transaction: large enough to amortise the commit fsync
@@ -257,6 +257,7 @@ def replace_dir(src: Path, dst: Path, overwrite: bool) -> None:
         # during the write.
         check_target(dst, overwrite)
         if exchange_paths(src, dst):
+            fsync_dir(dst.parent)
             shutil.rmtree(src)  # (the old dataset, now)
             return
         old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
@@ -268,5 +269,6 @@ def replace_dir(src: Path, dst: Path, overwrite: bool) -> None:
         if old is not None and old.exists() and src.exists():
             os.replace(old, dst)
         raise
+    fsync_dir(dst.parent)
     if old is not None:
         shutil.rmtree(old)

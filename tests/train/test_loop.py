@@ -1177,6 +1177,35 @@ def test_a_run_dir_is_used_by_one_run_at_a_time(tiny_data, tmp_path, monkeypatch
     loop.Trainer(build_config({**raw, "overwrite": True})).release_run_dir()
 
 
+@pytest.mark.filterwarnings("ignore:resume=true, but there is no")  # (the run meanwhile: a new one)
+@pytest.mark.filterwarnings("ignore:resume: the cosine after the warmup")  # (it runs to step 4)
+@pytest.mark.parametrize("second", [{}, {"resume": True}, {"overwrite": True}])
+def test_a_run_that_ends_in_run_dir_while_another_starts_there_is_kept(tiny_data, tmp_path, monkeypatch, second):
+    """The lock is taken once the data and network are built (minutes for large data): a run
+    that started and finished in run_dir meanwhile was overwritten without a word, its
+    last.pt, metrics.csv and summary replaced by the later run's (or, resuming, cut back to
+    the older last.pt it had loaded)."""
+    from jmp_ext.train.run_dir import lock_run_dir, unlock_run_dir
+
+    raw = pretrain_config(tiny_data, tmp_path / "run", max_steps=2)
+    if second.get("resume"):
+        loop.Trainer(build_config(raw)).train()
+    load = tasks.load_task_data
+
+    def meanwhile(config):
+        with monkeypatch.context() as m:
+            m.setattr(tasks, "load_task_data", load)
+            loop.Trainer(build_config({**raw, "resume": True, "loop": {**raw["loop"], "max_steps": 4}})).train()
+        return load(config)
+
+    monkeypatch.setattr(tasks, "load_task_data", meanwhile)
+    with pytest.raises(TrainError, match=rf"run_dir {tmp_path / 'run'} changed while this run was starting: another "
+                                         r"run wrote its last.pt meanwhile"):
+        loop.Trainer(build_config({**raw, **second}))
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["loop"]["step"] == 4
+    unlock_run_dir(lock_run_dir(tmp_path / "run"))  # (the refused run let go of its lock)
+
+
 def test_a_filesystem_without_locks_is_warned_about_not_fatal(tiny_data, tmp_path, monkeypatch):
     import errno
     import fcntl

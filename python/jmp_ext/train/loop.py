@@ -124,6 +124,16 @@ def _with_units_of(saved: dict, now: dict) -> dict:
     return saved
 
 
+def _file_identity(path: Path) -> tuple[int, int, int] | None:
+    """(inode, size, modification time in ns) of `path`, None where there is no file: a file
+    rewritten atomically (files.write_atomic) gets a new inode."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 class Trainer:
     def __init__(self, config: TrainConfig):
         # (a copy: opening the data fills in the targets' units, which must not stay in the
@@ -147,6 +157,8 @@ class Trainer:
                 unlock_run_dir(lock_run_dir(self.run_dir))
             if not resumed:
                 self._check_run_dir()
+            # (the lock comes once everything is built: a run may start or end there meanwhile)
+            self._last_pt_found = _file_identity(self.run_dir / "last.pt")
             self.dtype = tasks.param_dtype(c.loop.precision)
             self.autocast = AUTOCAST.get(c.loop.precision) if self.device.type == "cuda" else None
             if c.loop.precision in AUTOCAST and self.device.type != "cuda":
@@ -221,6 +233,10 @@ class Trainer:
                 self.run_lock = lock_run_dir(self.run_dir)
             try:
                 if self.main:
+                    if _file_identity(self.run_dir / "last.pt") != self._last_pt_found:
+                        raise TrainError(f"run_dir {self.run_dir} changed while this run was starting: another run "
+                                         "wrote its last.pt meanwhile, and this one would overwrite it (or resume "
+                                         "from an older one); start it again (resume=true continues that run)")
                     if not resumed and c.overwrite:
                         self._delete_old_run()
                     # Temp files of a run killed while writing (files.write_atomic), up to a

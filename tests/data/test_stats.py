@@ -1,5 +1,6 @@
 import json
 import tracemalloc
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +9,7 @@ from data_helpers import random_entry
 
 from jmp_ext.data import LmdbDataset, compute_stats, load_stats, write_dataset
 from jmp_ext.data import stats as stats_module
+from jmp_ext.data.split import split_dataset
 
 REFS = {1: -3.5, 6: -150.25, 8: -430.0, 29: -1200.5, 78: -5.0}
 
@@ -250,7 +252,7 @@ def assert_stats_match(stats, ref, rtol):
     """Same keys (in order), types, shapes and values; the residual energy mean, which sits near
     zero, is compared relative to the residual spread."""
     assert list(stats) == ["version", "num_entries", "targets", "linref", "linrefs", "elements", "force_rms",
-                           "natoms_hist", "avg_natoms", "outliers"]
+                           "natoms_hist", "avg_natoms", "outliers", "dataset_id"]
     assert list(stats["outliers"]) == list(ref["outliers"])
     for name, outlier in ref["outliers"].items():
         assert stats["outliers"][name]["entry"] == outlier["entry"], name
@@ -427,8 +429,6 @@ def test_one_entry_that_sets_a_labels_spread_is_named(tmp_path, name, entry, val
                                          r"is mostly this one entry's \(a unit or data error\?\)"):
         load_stats(tmp_path / "ds")
     if name == "energy":  # (split's statistics, computed in a staging directory, name the part where it is)
-        from jmp_ext.data.split import split_dataset
-
         with pytest.warns(UserWarning, match=r"parts/train: entry \d+'s 'energy'"):
             split_dataset(tmp_path / "ds", tmp_path / "parts", {"train": np.arange(140), "val": np.arange(140, 150)})
     # Fewer values than _OUTLIER_MIN_COUNT: a single one may dominate legitimately (forces count
@@ -477,3 +477,28 @@ def test_stats_of_a_read_only_dataset_are_computed_with_a_warning(tmp_path, monk
     with pytest.warns(UserWarning, match="could not cache"):
         assert main(["stats", str(tmp_path / "ds")]) == 0
     assert capsys.readouterr().out.startswith(f"{tmp_path / 'ds'} (not cached): 10 entries")
+
+
+def test_statistics_of_an_earlier_dataset_in_the_directory_are_recomputed(tmp_path):
+    """A dataset rewritten in place (convert --overwrite) while its statistics were being
+    computed got the old data's stats.json, and every later load used them: the mean, std and
+    references of other data (a unit fixed by the rewrite was still in them)."""
+    rng = np.random.default_rng(5)
+    write_dataset(tmp_path / "ds", linear_entries(rng, 30))
+    old = load_stats(tmp_path / "ds")
+    write_dataset(tmp_path / "new", [{**e, "energy": e["energy"] * 27.2} for e in linear_entries(rng, 40)])
+    (tmp_path / "new" / "stats.json").unlink(missing_ok=True)
+    stats_module.save_stats(tmp_path / "new", old)  # (the old dataset's, saved into the new one)
+    with pytest.warns(UserWarning, match=r"new/stats.json holds the statistics of an earlier dataset written to "
+                                         r".*new, not of the one there now: computing them again"):
+        stats = load_stats(tmp_path / "new")
+    assert stats["num_entries"] == 40 and stats["dataset_id"] == LmdbDataset(tmp_path / "new").id
+    assert load_stats(tmp_path / "new")["num_entries"] == 40  # (and cached)
+    # A split's parts hold the training part's statistics, which are not theirs to recompute.
+    split_dataset(tmp_path / "new", tmp_path / "parts", {"train": np.arange(30), "val": np.arange(30, 40)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        val = load_stats(tmp_path / "parts" / "val")
+    train = load_stats(tmp_path / "parts" / "train")
+    assert val["num_entries"] == 30 and "dataset_id" not in val and train["dataset_id"] != stats["dataset_id"]
+    np.testing.assert_array_equal(val["linref"], train["linref"])

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from jmp_ext.data import format as fmt
 from jmp_ext.data.dataset import LmdbDataset
+from jmp_ext.data.writer import dataset_meta
 from jmp_ext.files import write_bytes_atomic
 from jmp_ext.warn import warn_user
 
@@ -52,6 +53,7 @@ def compute_stats(dataset: LmdbDataset, progress: bool = False) -> dict:
             the referenced labels, of the residual), over at least _OUTLIER_MIN_COUNT entries
             (atoms' force components for forces): a unit or data error that would set the
             normalisation's std (and the references) for every other entry; load_stats warns
+        dataset_id: the meta.json id of the dataset they describe (absent for older datasets)
 
     Entries are read _CHUNK_SIZE at a time and each chunk is reduced to fixed-size summaries:
     - labels other than energy: count, mean and sum of squared deviations per component,
@@ -150,6 +152,8 @@ def compute_stats(dataset: LmdbDataset, progress: bool = False) -> dict:
         outliers["forces"] = {"entry": largest_force[1], "share": largest_force[0] ** 2 / force_sq,
                               "value": largest_force[0]}
     stats["outliers"] = {name: outlier for name, outlier in outliers.items() if outlier is not None}
+    if dataset.id is not None:  # (load_stats tells the statistics of an earlier dataset written there)
+        stats["dataset_id"] = dataset.id
     return stats
 
 
@@ -343,8 +347,10 @@ def share_train_stats(train_dir: str | Path, other_dirs, progress: bool = False)
     (validation and test targets are normalised with the training statistics)."""
     stats = compute_stats(LmdbDataset(train_dir), progress=progress)
     stats["source"] = str(Path(train_dir).name)
-    for directory in [train_dir, *other_dirs]:
-        save_stats(directory, stats)
+    save_stats(train_dir, stats)
+    shared = {key: value for key, value in stats.items() if key != "dataset_id"}  # (the parts' ids differ)
+    for directory in other_dirs:
+        save_stats(directory, shared)
     return stats
 
 
@@ -366,6 +372,12 @@ def load_stats(dataset_dir: str | Path, recompute: bool = False, progress: bool 
                       "the dataset's owner to run it")
         return stats
     stats = fmt.read_json(file)
+    # A dataset rewritten since (convert --overwrite while they were computed, or a stats.json
+    # copied beside another dataset): its own statistics, not the earlier one's.
+    if stats.get("dataset_id") not in (None, (dataset_meta(Path(dataset_dir)) or {}).get("id")):
+        warn_user(f"{file} holds the statistics of an earlier dataset written to {dataset_dir}, not of the one there "
+                  "now: computing them again")
+        return load_stats(dataset_dir, recompute=True, progress=progress)
     recompute = f"recompute with `python -m jmp_ext.data stats {dataset_dir} --recompute`"
     if stats.get("version") != STATS_VERSION:
         raise fmt.DataError(f"{file}: statistics version {stats.get('version')} is not {STATS_VERSION}; {recompute}")

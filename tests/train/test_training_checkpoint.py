@@ -83,12 +83,38 @@ def test_a_full_disk_names_the_file_and_the_cli_says_how_to_go_on(tmp_path, monk
     monkeypatch.setattr(cli, "run_training", run_training)
     assert cli.main(["finetune", "tasks=[{name: t, train: x, targets: [{name: energy, kind: energy}]}]"]) == 2
     assert capsys.readouterr().err == (f"error: {error} (the disk is full: free space and run it again; a training "
-                                       "run resumes from run_dir/last.pt with resume=true, which a failed write "
-                                       "leaves as it was)\n")
+                                       "run resumes from its last checkpoint, run_dir/last.pt once it has one, with "
+                                       "resume=true: a failed write leaves the files as they were)\n")
     # An OSError without an errno keeps its message (it read "[Errno None] None: 'path'").
     monkeypatch.setattr(ckpt.torch, "save", lambda obj, f: (_ for _ in ()).throw(OSError("quota exceeded")))
     with pytest.raises(OSError, match=r"^quota exceeded$"):
         ckpt.save_checkpoint(path, {"step": 2})
+
+
+def test_a_full_disk_under_the_metrics_names_their_file(tmp_path, monkeypatch):
+    """metrics.csv is appended to, and TensorBoard writes its own files: "[Errno 28] No space
+    left on device" named neither."""
+    import errno
+
+    from jmp_ext.train.logger import RunLogger
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    log = RunLogger(tmp_path, enabled=True, start_step=0, total_steps=2, progress=False)
+    try:
+        log.log(1, "val", {"loss": 0.5})
+        monkeypatch.setattr(log._file, "flush", full, raising=False)
+        with pytest.raises(OSError, match=r"\[Errno 28\] No space left on device: '.*metrics.csv'$"):
+            log.log(2, "val", {"loss": 0.4})
+        monkeypatch.undo()
+        if log.tb is not None:
+            monkeypatch.setattr(log.tb, "add_scalar", full)
+            with pytest.raises(OSError, match=r"\[Errno 28\] No space left on device: '.*/tb'$"):
+                log.log(3, "val", {"loss": 0.3})
+    finally:
+        monkeypatch.undo()
+        log.close()
 
 
 def test_a_directory_that_cannot_be_written_or_fsynced(tmp_path, monkeypatch):

@@ -173,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         print_error(f"error: {e}")  # bad input, said by our checks: a message, no traceback
         return 2
     except OSError as e:  # a path of the user's: missing, a file for a directory, not writable, a full disk
-        full = (" (the disk is full: free space and run it again; a training run resumes from run_dir/last.pt with "
-                "resume=true, which a failed write leaves as it was)" if e.errno == errno.ENOSPC else "")
+        full = (" (the disk is full: free space and run it again; a training run resumes from its last checkpoint, "
+                "run_dir/last.pt once it has one, with resume=true: a failed write leaves the files as they were)"
+                if e.errno == errno.ENOSPC else "")
         print_error(f"error: {e}{full}")
         return 2
     except KeyboardInterrupt as e:  # (training's first Ctrl-C or SIGTERM ends the step and saves last.pt: e says so)

@@ -1168,6 +1168,10 @@ def test_a_run_dir_is_used_by_one_run_at_a_time(tiny_data, tmp_path, monkeypatch
     untrained = loop.Trainer(build_config({**raw, "overwrite": True}))  # (its holder gone, the lock went with it)
     untrained.release_run_dir()  # (a Trainer that is not trained lets go of it so)
     loop.Trainer(build_config({**raw, "overwrite": True})).release_run_dir()
+    (tmp_path / "file").write_text("notes")
+    with monkeypatch.context() as m, pytest.raises(TrainError, match=r"run_dir .*file is a file, not a directory"):
+        m.setattr(tasks, "load_task_data", lambda config: pytest.fail("loaded the data of a run it refuses"))
+        loop.Trainer(build_config({**raw, "run_dir": str(tmp_path / "file")}))
     # A failure after the lock was taken (config.yaml cannot be written) does not keep it.
     (tmp_path / "run" / "config.yaml").unlink()
     (tmp_path / "run" / "config.yaml").mkdir()
@@ -1178,7 +1182,7 @@ def test_a_run_dir_is_used_by_one_run_at_a_time(tiny_data, tmp_path, monkeypatch
 
 
 @pytest.mark.filterwarnings("ignore:resume=true, but there is no")  # (the run meanwhile: a new one)
-@pytest.mark.filterwarnings("ignore:resume: the cosine after the warmup")  # (it runs to step 4)
+@pytest.mark.filterwarnings("ignore:resume. the cosine after the warmup")  # (it runs to step 4)
 @pytest.mark.parametrize("second", [{}, {"resume": True}, {"overwrite": True}])
 def test_a_run_that_ends_in_run_dir_while_another_starts_there_is_kept(tiny_data, tmp_path, monkeypatch, second):
     """The lock is taken once the data and network are built (minutes for large data): a run

@@ -39,6 +39,13 @@ class Exploit:
         return os.system, (f"touch {self.path}",)
 
 
+class EvalExploit(Exploit):
+    """The same through eval, a builtin that torch's unpickler does not block by itself."""
+
+    def __reduce__(self):
+        return eval, (f"open({str(self.path)!r}, 'w')",)
+
+
 def reference_model() -> PretrainModel:
     w = load("weights.pt")
     model = PretrainModel(BackboneConfig.from_dict(w["meta"]["config"]), TASKS)
@@ -91,11 +98,16 @@ def test_loads_ema_weights_safely_and_reproduces_jmp(tmp_path):
 
 
 def test_a_file_that_would_run_code_is_refused(tmp_path):
-    path = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": reference_model().state_dict(), "hyper_parameters": Exploit(tmp_path / "pwned")}, path)
-    with pytest.raises(ValueError, match="(?s)cannot be read without running code from it.*posix"):
-        load_jmp_checkpoint(path, reference_model(), use_ema=False)
-    assert not (tmp_path / "pwned").exists()
+    """os.system (which torch blocks: its message advised weights_only=False) and eval (which
+    torch does not know, and which was read as an inert stub: loaded without a word)."""
+    for exploit, name in ((Exploit(tmp_path / "pwned"), "posix.system"), (EvalExploit(tmp_path / "pwned"),
+                                                                           "builtins.eval")):
+        path = tmp_path / "evil.ckpt"
+        torch.save({"state_dict": reference_model().state_dict(), "hyper_parameters": exploit}, path)
+        with pytest.raises(ValueError, match=rf"evil.ckpt would call {name} when unpickled: a checkpoint has no "
+                                             r"reason to, so it is refused \(nothing of it was run\)$"):
+            load_jmp_checkpoint(path, reference_model(), use_ema=False)
+        assert not (tmp_path / "pwned").exists()
 
 
 def test_dict_subclasses_in_the_file_are_read_as_dicts(tmp_path):
@@ -115,6 +127,59 @@ def test_dict_subclasses_in_the_file_are_read_as_dicts(tmp_path):
         assert torch.equal(ours, theirs), name
 
 
+def assert_loads_the_ema_weights(checkpoint, reference):
+    model = load_jmp_checkpoint(checkpoint, PretrainModel(reference.backbone.config, TASKS), load_heads=True)
+    for (name, ours), theirs in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(ours, theirs), name
+
+
+def test_wrapped_keys_and_an_ema_out_of_order(tmp_path):
+    """Prefixes that wrappers put before every key (torch.compile's _orig_mod., a Lightning
+    module's model., nested in DDP's module.) were refused as an architecture mismatch listing
+    only missing keys; keys in another order than the network's silently got other keys' EMA
+    tensors (the tuple follows that order), wherever the shapes agreed."""
+    reference = reference_model()
+    ckpt = lightning_checkpoint(reference, tmp_path)
+    for prefix in ("_orig_mod.", "model.", "module._orig_mod."):
+        assert_loads_the_ema_weights({**ckpt, "state_dict": {prefix + k: v for k, v in ckpt["state_dict"].items()}},
+                                     reference)
+    # A jmp_ext TaskModel's state_dict saved alone: net.* beside its normalisation buffers.
+    task_model = {**{f"net.{k}": v for k, v in reference.state_dict().items()}, "norm_energy_mean": torch.zeros(4)}
+    assert_loads_the_ema_weights(task_model, reference)
+    # Two blocks' keys swapped (each keeps its own tensors; their shapes agree).
+    state = ckpt["state_dict"]
+    first = [k for k in state if k.startswith("backbone.out_blocks.0.")]
+    second = [k for k in state if k.startswith("backbone.out_blocks.1.")]
+    assert [tuple(state[k].shape) for k in first] == [tuple(state[k].shape) for k in second]
+    order = list(state)
+    at = order.index(first[0])
+    swapped = order[:at] + second + first + [k for k in order[at:] if k not in first + second]
+    reordered = {**ckpt, "state_dict": {k: state[k] for k in swapped}}
+    with pytest.raises(ValueError, match=r"not in the network's \(JMP's\) order: backbone.out_blocks.0.\S+ comes "
+                                         r"after backbone.out_blocks.1.*use_ema=False \(model.init_ema=false\)$"):
+        load_jmp_checkpoint(reordered, PretrainModel(reference.backbone.config, TASKS))
+    load_jmp_checkpoint(reordered, PretrainModel(reference.backbone.config, TASKS), use_ema=False)
+    # An EMA that is not a tuple of tensors (numpy arrays, a dict by name): said, not an AttributeError.
+    for ema in ({"a": torch.zeros(1)}, tuple(t.numpy() for t in ckpt["optimizer_states"][0]["ema"])):
+        with pytest.raises(ValueError, match=r"optimizer_states\[0\]\['ema'\] is a (dict|tuple of ndarray), not "
+                                             r"JMP's tuple of tensors"):
+            read_state_dict({**ckpt, "optimizer_states": [{"ema": ema}]})
+    # No network keys at all: said so, with the keys it has.
+    with pytest.raises(ValueError, match=r"no embedding.\* or backbone.\* weights.* begin weights.0, weights.1"):
+        load_jmp_checkpoint({f"weights.{i}": torch.zeros(1) for i in range(3)}, reference_model())
+
+
+def test_half_precision_weights_are_warned_of(tmp_path):
+    """bfloat16 weights (a file shrunk for sharing) loaded without a word, their rounding (the
+    radial basis constants' included) kept in the float32 network."""
+    reference = reference_model()
+    half = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in reference.state_dict().items()}
+    with pytest.warns(UserWarning, match=r"weights in bfloat16: loaded into a float32 or float64 network, they keep "
+                                         "that rounding"):
+        model = load_jmp_checkpoint(half, PretrainModel(reference.backbone.config, TASKS), load_heads=True)
+    assert next(model.parameters()).dtype == torch.float32
+
+
 def test_files_that_are_not_checkpoints_are_named(tmp_path):
     """A text file or a truncated download is a ValueError naming the file, not a KeyError or a
     zip error; a torch file of something else says it is not a JMP / jmp_ext checkpoint."""
@@ -127,6 +192,11 @@ def test_files_that_are_not_checkpoints_are_named(tmp_path):
     torch.save({"a": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match=r"not a JMP or jmp_ext checkpoint.*\['a'\]"):
         load_jmp_checkpoint(tmp_path / "other.pt", reference_model())
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty.pt is empty \(0 bytes\)"):  # (it read "(EOFError: )")
+        load_jmp_checkpoint(tmp_path / "empty.pt", reference_model())
+    with pytest.raises(ValueError, match=r"is a whole PretrainModel \(torch.save\(model\)\).* model.state_dict\(\)"):
+        load_jmp_checkpoint(reference_model(), reference_model())
 
 
 def test_weights_that_are_not_finite_tensors_are_refused(tmp_path):

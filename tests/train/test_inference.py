@@ -1088,3 +1088,16 @@ def test_the_calculator_and_eval_keep_freed_memory_on_the_cpu(checkpoint, tiny_d
     assert calls == [1]
     assert main(["eval", str(checkpoint), str(tiny_data / "mol" / "test")]) == 0
     assert calls == [1, 1]
+
+
+def test_a_half_precision_run_checkpoint_still_predicts(checkpoint, tmp_path):
+    """A best.pt shrunk to bfloat16 kept its normalisation buffers in bfloat16, and predicting
+    failed inside torch ("index_add_(): self (Double) and source (BFloat16)")."""
+    state = torch.load(checkpoint, weights_only=True)
+    state["model"] = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state["model"].items()}
+    torch.save(state, tmp_path / "half.pt")
+    with pytest.warns(UserWarning, match=r"half.pt: weights in bfloat16: loaded into a float32 or float64 network"):
+        model, _ = inference.load_trained(tmp_path / "half.pt")
+    assert model.norm_linref.dtype == torch.float64
+    preds = inference.predict_structures(model, [molecule("CH3OH")])
+    assert torch.isfinite(preds["energy"]).all() and torch.isfinite(preds["forces"]).all()

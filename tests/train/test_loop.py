@@ -658,7 +658,8 @@ def test_a_finetune_on_other_graphs_than_the_checkpoints_is_pointed_out(tiny_dat
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # the checkpoint's own graph: no warning
         loop.Trainer(build_config(finetune_config(tiny_data, tmp_path / "same", init=init))).log.close()
-    assert f"initialised the embedding and backbone from {init} (its EMA weights where it has them)" in capsys.readouterr().out
+    assert f"initialised the embedding and backbone from {init} (its EMA weights where it has them)" in \
+        capsys.readouterr().out
     with pytest.warns(UserWarning, match=r"last\.pt was trained on graphs with cutoff 4 Å, max_neighbors 8; this run "
                                          r"builds cutoff 5 Å, max_neighbors 8\. .*set graph\.cutoff"):
         trainer = loop.Trainer(build_config(finetune_config(tiny_data, tmp_path / "other", init=init),
@@ -675,6 +676,24 @@ def test_a_finetune_on_other_graphs_than_the_checkpoints_is_pointed_out(tiny_dat
         warnings.simplefilter("error", UserWarning)
         loop.Trainer(build_config(finetune_config(tiny_data, tmp_path / "matbench", init=init),
                                   ["graph.preset=matbench"])).log.close()
+
+
+def test_init_ema_false_from_a_best_pt_says_it_holds_the_ema_weights(tiny_data, tmp_path, capsys):
+    """A best.pt holds its run's validated weights, the EMA ones: model.init_ema=false loaded them
+    and the log said "its raw weights"."""
+    pretrain = loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path / "pre")))
+    pretrain.save_best({})
+    pretrain.save_last()
+    pretrain.log.close()
+    raw = finetune_config(tiny_data, tmp_path / "ft", init=tmp_path / "pre" / "best.pt")
+    with pytest.warns(UserWarning, match=r"model.init_ema=false, but .*best.pt \(a best.pt\) holds only its run's "
+                                         r"validated weights, which are the EMA weights .* in the run's last.pt"):
+        loop.Trainer(build_config(raw, ["model.init_ema=false"])).log.close()
+    assert "(its raw weights where it has them)" in capsys.readouterr().out
+    with warnings.catch_warnings():  # (last.pt has both)
+        warnings.simplefilter("error", UserWarning)
+        raw = finetune_config(tiny_data, tmp_path / "ft2", init=tmp_path / "pre" / "last.pt")
+        loop.Trainer(build_config(raw, ["model.init_ema=false"])).log.close()
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -14,6 +14,7 @@ stubs (see `safe_load`), since only tensors are needed.
 
 from __future__ import annotations
 
+import builtins
 import os
 import pickle
 import re
@@ -25,6 +26,12 @@ from torch import nn
 from jmp_ext.warn import warn_user
 
 _FORCE_BRANCH = (".scale_rbf_F.", ".dense_rbf_F.", ".seq_forces.")
+# Modules whose functions run code or touch the system (a pickle's GLOBAL naming one of them).
+_CODE_MODULES = {"builtins", "os", "posix", "nt", "sys", "subprocess", "shutil", "importlib", "runpy", "pty",
+                 "socket", "ctypes", "pickle", "marshal", "code", "codeop", "webbrowser", "commands", "__builtin__"}
+# Prefixes that wrappers put before every key: DDP's module., torch.compile's _orig_mod., a
+# Lightning module's or a user's model. attribute.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 
 
 class _Stub:
@@ -54,6 +61,8 @@ def safe_load(path: str | os.PathLike) -> dict:
     """torch.load(path, weights_only=True); classes outside torch's allowlist become inert stubs
     (dict subclasses, plain dicts). Anything that cannot be read so raises a ValueError naming
     the file."""
+    if Path(path).is_file() and Path(path).stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes): an interrupted download or copy?")
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -61,6 +70,14 @@ def safe_load(path: str | os.PathLike) -> dict:
             names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception as e:  # not a torch file (text, a truncated download, ...)
         raise ValueError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: {e})") from e
+    # A function of these modules in a checkpoint is there to be called while it is unpickled:
+    # no config object is one. (Stubbed, it would not run; the file is refused all the same.)
+    # Builtin classes are data (a defaultdict pickles its factory, builtins.list).
+    harmful = [name for name in names if name.partition(".")[0] in _CODE_MODULES
+               and not (name.startswith("builtins.") and isinstance(getattr(builtins, name[9:], None), type))]
+    if harmful:
+        raise ValueError(f"{path} would call {', '.join(harmful)} when unpickled: a checkpoint has no reason to, so "
+                         "it is refused (nothing of it was run)")
     stubs = {name: _stub(name) for name in names}
     while True:
         with torch.serialization.safe_globals(list(stubs.values())):
@@ -71,7 +88,9 @@ def safe_load(path: str | os.PathLike) -> dict:
                 filled = re.search(r"Can only SETITEMS? for dict.* but got <class '([^']+)'>", str(e))
                 name = filled.group(1) if filled else None
                 if name not in stubs or not issubclass(stubs[name], _Stub):
-                    raise ValueError(f"{path} cannot be read without running code from it ({e})") from e
+                    # (not torch's advice to load with weights_only=False: never for a file that needs it)
+                    problem = str(e).split("\n\n")[2] if str(e).count("\n\n") >= 2 else str(e)
+                    raise ValueError(f"{path} cannot be read without running code from it ({problem.strip()})") from e
                 stubs[name] = _dict_stub(name)
 
 
@@ -103,15 +122,23 @@ def run_weights(checkpoint: dict, ema: bool = True) -> dict[str, torch.Tensor]:
     return weights
 
 
-def read_state_dict(source: str | os.PathLike | dict, *, use_ema: bool = True) -> dict[str, torch.Tensor]:
+def read_state_dict(source: str | os.PathLike | dict, *, use_ema: bool = True,
+                    order: list[str] | None = None) -> dict[str, torch.Tensor]:
     """The weights of a checkpoint (path or loaded dict: a JMP Lightning file, a plain state dict
-    or one of our runs' best.pt / last.pt) as a flat state dict with JMP's keys.
+    or one of our runs' best.pt / last.pt) as a flat state dict with JMP's keys; a prefix that
+    wraps every key (module., _orig_mod., model.) is dropped.
 
     use_ema: replace the raw weights by the EMA ones (JMP's released weights are used this way);
     a checkpoint without them gives its raw weights: with a warning for a JMP Lightning file,
     silently for a plain state dict (which never has them) and for one of our runs trained
-    without an EMA (loop.ema_decay 0, the fine-tuning default: its raw weights are the model)."""
+    without an EMA (loop.ema_decay 0, the fine-tuning default: its raw weights are the model).
+    order: the network's state_dict keys, in its order (JMP's module order). JMP's EMA tensors
+    are matched to the keys by position: a checkpoint whose keys come in another order (which
+    no shape check would always catch) is refused."""
     ckpt = safe_load(source) if isinstance(source, (str, Path, os.PathLike)) else source
+    if isinstance(ckpt, nn.Module):
+        raise ValueError(f"the checkpoint is a whole {type(ckpt).__name__} (torch.save(model)), not a dict of "
+                         "weights: save model.state_dict() instead")
     if not isinstance(ckpt, dict):
         raise ValueError(f"a checkpoint must be a dict, got {type(ckpt).__name__}")
     if is_training_checkpoint(ckpt):
@@ -126,8 +153,7 @@ def read_state_dict(source: str | os.PathLike | dict, *, use_ema: bool = True) -
         where = "" if isinstance(source, dict) else f"{source}: "
         raise ValueError(f"{where}not a JMP or jmp_ext checkpoint: no 'state_dict', no run 'model' + 'config' "
                          f"and not a flat state dict (top-level keys: {sorted(ckpt)[:20]})")
-    if state and all(k.startswith("module.") for k in state):  # saved from a DDP-wrapped model
-        state = {k[len("module."):]: v for k, v in state.items()}
+    state = _unwrapped(state)
 
     if use_ema:
         states = ckpt.get("optimizer_states") or [{}]
@@ -135,7 +161,15 @@ def read_state_dict(source: str | os.PathLike | dict, *, use_ema: bool = True) -
         if ema is None and ckpt:  # (a plain state dict is its raw weights, as its owner knows)
             warn_user("the checkpoint has no EMA weights (optimizer_states[0]['ema']): loading its raw weights")
     if use_ema and ema is not None:
+        if not (isinstance(ema, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in ema)):
+            kinds = sorted({type(t).__name__ for t in ema}) if isinstance(ema, (tuple, list)) else []
+            raise ValueError(f"optimizer_states[0]['ema'] is a {type(ema).__name__}"
+                             + (f" of {', '.join(kinds)}" if kinds else "") + ", not JMP's tuple of tensors, so its "
+                             "EMA weights cannot be matched to the keys; the raw weights load with use_ema=False "
+                             "(model.init_ema=false)")
         keys = [k for k in state if not _skipped_by_ema(k)]
+        if order is not None:
+            _check_ema_order(keys, order)
         if len(keys) != len(ema):
             foreign = [k for k in keys if not k.startswith(("embedding.", "backbone.", "output."))]
             raise ValueError(f"the EMA tuple has {len(ema)} tensors but the state_dict has {len(keys)} weights"
@@ -153,10 +187,41 @@ def read_state_dict(source: str | os.PathLike | dict, *, use_ema: bool = True) -
             if ".seq_energy_pre." in key:
                 state[key] = state[key.replace(".seq_energy_pre.", ".layers.")]
 
-    # JMP's fine-tuning checkpoints keep the embedding at `embedding.weight`.
     if "embedding.weight" in state:
-        state["embedding.atom_embedding.weight"] = state.pop("embedding.weight")
+        state[_renamed("embedding.weight")] = state.pop("embedding.weight")
     return checked_weights({k: v for k, v in state.items() if not k.startswith("task_steps")}, source)
+
+
+def _unwrapped(state: dict) -> dict:
+    """state without the prefixes wrappers put before every key (_WRAPPER_PREFIXES, nested as
+    DDP around torch.compile does), and a jmp_ext TaskModel's state_dict saved alone (net.*
+    beside its norm_* buffers) as its network's."""
+    while True:
+        prefix = next((p for p in _WRAPPER_PREFIXES if state and all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            break
+        state = {k[len(prefix):]: v for k, v in state.items()}
+    if any(k.startswith("net.") for k in state) and all(k.startswith(("net.", "norm_")) or k == "train_elements"
+                                                        for k in state):
+        state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
+    return state
+
+
+def _check_ema_order(keys: list[str], order: list[str]) -> None:
+    """Raises a ValueError when the checkpoint's `keys` that the network has (`order`, its
+    state_dict keys) do not come in the network's order, which JMP's EMA tuple follows."""
+    rank = {k: i for i, k in enumerate(order)}
+    ours = [k for k in keys if _renamed(k) in rank]
+    for before, key in zip(ours, ours[1:]):
+        if rank[_renamed(key)] < rank[_renamed(before)]:
+            raise ValueError(f"the checkpoint's weights are not in the network's (JMP's) order: {key} comes after "
+                             f"{before}. Its EMA tensors are a tuple in that order, so they cannot be matched to "
+                             "the weights; the raw weights load with use_ema=False (model.init_ema=false)")
+
+
+def _renamed(key: str) -> str:
+    # JMP's fine-tuning checkpoints keep the embedding at `embedding.weight`.
+    return "embedding.atom_embedding.weight" if key == "embedding.weight" else key
 
 
 def checked_weights(state: dict, source) -> dict[str, torch.Tensor]:
@@ -171,6 +236,12 @@ def checked_weights(state: dict, source) -> dict[str, torch.Tensor]:
     if bad:
         raise ValueError(f"{where}{len(bad)} weight(s) hold NaN or inf, first {bad[0]!r} (the weights of a "
                          "diverged run?)")
+    half = sorted({str(v.dtype).removeprefix("torch.") for v in state.values() if v.dtype in (torch.float16,
+                                                                                               torch.bfloat16)})
+    if half:
+        warn_user(f"{where}weights in {' and '.join(half)}: loaded into a float32 or float64 network, they keep "
+                  f"that rounding (bfloat16: 3 significant digits), the radial basis constants and the "
+                  "normalisation included; use the checkpoint as it was saved in float32 where you have it")
     return state
 
 
@@ -186,7 +257,10 @@ def load_jmp_checkpoint(source: str | os.PathLike | dict, model: nn.Module, *, u
     The direct-force branch of the backbone is dropped when `model` has none (gradient forces).
     Any other difference (missing or unexpected keys, shapes) raises a ValueError naming the keys.
     Returns model."""
-    state = read_state_dict(source, use_ema=use_ema)
+    state = read_state_dict(source, use_ema=use_ema, order=list(model.state_dict()))
+    if not any(k.startswith(("embedding.", "backbone.")) for k in state):
+        raise ValueError(f"checkpoint has no embedding.* or backbone.* weights, the keys of JMP's network (its "
+                         f"{len(state)} keys begin {', '.join(list(state)[:5])})")
     if not load_heads:
         state = {k: v for k, v in state.items() if k.startswith(("embedding.", "backbone."))}
     if not model.backbone.config.has_force_branch:

@@ -56,7 +56,8 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[
         weights = checked_weights(run_weights(state), path)
     except ValueError as e:  # (NaN weights predicted NaN, silently)
         raise TrainError(str(e)) from e
-    buffers = {k: v for k, v in weights.items() if not k.startswith("net.")}  # (TaskModel's own)
+    # (TaskModel's own, float64 whatever the file holds: a half-precision copy would not add to them)
+    buffers = {k: v.double() if v.is_floating_point() else v for k, v in weights.items() if not k.startswith("net.")}
 
     def load_into(model: TaskModel) -> None:
         try:

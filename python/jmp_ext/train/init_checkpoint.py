@@ -33,7 +33,7 @@ def init_from_checkpoint(model: TaskModel, config: TrainConfig) -> list[str]:
     except ValueError as e:
         raise TrainError(f"model.init_checkpoint: {e}") from e
     try:
-        weights = read_state_dict(checkpoint, use_ema=config.model.init_ema)
+        weights = read_state_dict(checkpoint, use_ema=config.model.init_ema, order=list(model.net.state_dict()))
     except ValueError as e:
         raise TrainError(f"model.init_checkpoint: {path}: {e}") from e
     trained = None
@@ -53,6 +53,10 @@ def init_from_checkpoint(model: TaskModel, config: TrainConfig) -> list[str]:
         raise TrainError(f"model.init_checkpoint {path} does not fit the configured network ({e}); {hint}") from e
     if trained is not None:
         _warn_if_graphs_differ(path, graph_configs(trained), graph_configs(config))
+        if not config.model.init_ema and "ema" not in checkpoint and trained.loop.ema_decay > 0:
+            warn_user(f"model.init_ema=false, but {path} (a best.pt) holds only its run's validated weights, which are "
+                      "the EMA weights (loop.ema_decay > 0): those are loaded; the raw weights are in the run's "
+                      "last.pt")
     if not config.model.init_heads:
         return []
     return _load_heads(model, config, trained, run_weights(checkpoint, config.model.init_ema) if trained else None)

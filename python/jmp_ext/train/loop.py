@@ -272,9 +272,9 @@ class Trainer:
             new = [t.name for t in c.tasks if t.name not in kept]
             heads = (f"its heads for {', '.join(kept)}" + (f" and new heads for {', '.join(new)}" if new else "")
                      if kept else "new heads")
-            self.log.write(f"initialised the embedding and backbone from {c.model.init_checkpoint} "
-                           f"({'its EMA weights where it has them' if c.model.init_ema else 'its raw weights'}), "
-                           f"with {heads}")
+            weights = "its EMA weights" if c.model.init_ema else "its raw weights"
+            self.log.write(f"initialised the embedding and backbone from {c.model.init_checkpoint} ({weights} where it "
+                           f"has them), with {heads}")
         elif c.mode == "finetune" and not resumed:  # (a preset's init_checkpoint is empty until given)
             self.log.write("model.init_checkpoint is empty: fine-tuning a randomly initialised network, without "
                            "pre-training (give a released JMP checkpoint or a pre-training run's last.pt)")

@@ -372,6 +372,12 @@ def test_files_ase_cannot_read_are_one_line_errors(tmp_path, capsys):
         assert main(["convert", str(tmp_path / name), str(tmp_path / "out")]) == 2
         assert re.match(rf"error: {re.escape(str(tmp_path / name))}: {problem} \(\w+: .+\)$",
                         capsys.readouterr().err.strip().splitlines()[-1])
+    # An extxyz named .out: ase.io takes it for Quantum ESPRESSO output and reads nothing ("no entries to write").
+    ase.io.write(tmp_path / "run.extxyz", Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]]))
+    (tmp_path / "run.extxyz").rename(tmp_path / "run.out")
+    assert main(["convert", str(tmp_path / "run.out"), str(tmp_path / "out")]) == 2
+    assert re.search(r"run.out: ase.io read no structure from it, as a 'espresso-out' file .* give it that format's "
+                     r"suffix \(.extxyz", capsys.readouterr().err)
 
 
 def test_charge_and_spin_states_are_warned_of(tmp_path):
@@ -795,7 +801,8 @@ def test_labels_lacking_on_the_first_frame(tmp_path):
     for skip_invalid in (False, True):
         with pytest.raises(DataError, match=r"structure 1: has energy, forces, stress, which the "
                            r"entries written before it lack \(1, from .*in.extxyz structure 0\): "
-                           r".*remove the entries without them from the source, or drop energy, "
+                           r".*remove the entries without them from the source; of an ASE database, "
+                           r"--select energy converts the rows with an energy, or drop energy, "
                            r"forces, stress with --energy-key none --forces-key none --stress-key"):
             convert(tmp_path / "in.extxyz", tmp_path / "out", skip_invalid=skip_invalid)
         assert not (tmp_path / "out").exists()
@@ -1161,3 +1168,16 @@ def test_y_is_no_energy_in_an_ase_source(tmp_path, fake_pyg):
     assert report.labels == {} and "energy" not in LmdbDataset(tmp_path / "out").schema
     report = convert(tmp_path / "matbench.extxyz", tmp_path / "y", keys=KeyMap(properties={"y": "y"}))
     assert [entry["y"].item() for entry in LmdbDataset(tmp_path / "y")] == [1.1, 2.1, 3.1]
+
+
+def test_stresses_in_another_unit_are_warned_of(tmp_path, frames):
+    """A stress in kBar (VASP's) or GPa is 1600 or 160 times ASE's eV/Å^3: every check passed it."""
+    ase.io.write(tmp_path / "ev.extxyz", frames)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert(tmp_path / "ev.extxyz", tmp_path / "ev")
+    for atoms in frames:
+        atoms.calc.results["stress"] = atoms.calc.results["stress"] / units.GPa * 10  # (kBar, of 0.01 eV/Å^3)
+    ase.io.write(tmp_path / "kbar.extxyz", frames)
+    with pytest.warns(UserWarning, match=r"kbar: \d of the 6 stresses have a component over 0.5 eV/Å\^3 \(80 GPa\)"):
+        convert(tmp_path / "kbar.extxyz", tmp_path / "kbar")

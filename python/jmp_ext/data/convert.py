@@ -165,6 +165,9 @@ class ConvertReport:
     # element symbol -> energy (eV) of the first single-atom frame without periodic images of it:
     # MACE's isolated-atom E0s, which a model takes as its energy target's references (skipped here)
     isolated_atom_energies: dict[str, float] = field(default_factory=dict)
+    # structures written with a stress, and those of them with a component over PLAUSIBLE_STRESS
+    stresses: int = 0
+    implausible_stresses: int = 0
     # eV: the largest |free_energy - energy| where energy was read beside a free_energy
     free_energy_gap: float = 0.0
     # key of CHARGE_SPIN_KEYS -> the distinct values the structures carry (a few at most)
@@ -246,10 +249,11 @@ def _check_labels(entry: dict, labels: set[str], written: int, first: str) -> No
                             f"entry must carry the same labels): skip such entries with "
                             f"--skip-invalid, or drop {_drop_hint(lacking)}")
     if extra:
+        select = "; of an ASE database, --select energy converts the rows with an energy" if "energy" in extra else ""
         raise _ExtraLabels(f"has {', '.join(extra)}, which the entries written before it lack "
                            f"({written}, from {first}): every entry must carry the same labels, "
                            f"which the first entry written decides; remove the entries without "
-                           f"them from the source, or drop {_drop_hint(extra)}")
+                           f"them from the source{select}, or drop {_drop_hint(extra)}")
 
 
 def _drop_hint(labels: list[str]) -> str:
@@ -421,7 +425,8 @@ def iter_ase_file(path: Path, keys: KeyMap, report: ConvertReport) -> Iterator[t
     from ase.io.formats import filetype
 
     try:
-        if filetype(str(path)) == "extxyz":
+        kind = filetype(str(path))
+        if kind == "extxyz":
             _check_extxyz_read_whole(path)
     except fmt.DataError:
         raise
@@ -435,6 +440,10 @@ def iter_ase_file(path: Path, keys: KeyMap, report: ConvertReport) -> Iterator[t
             try:
                 atoms = next(frames)
             except StopIteration:
+                if index == 0:  # (an extxyz named .out reads as Quantum ESPRESSO output: nothing)
+                    raise UnreadableSource(f"{path}: ase.io read no structure from it, as a {kind!r} file (the "
+                                           "format it takes from the name and contents); if it is another "
+                                           "format, give it that format's suffix (.extxyz, .traj, ...)") from None
                 return
             except Exception as error:
                 failures += 1
@@ -766,6 +775,8 @@ def detect_format(src: Path) -> str:
     return "ase"
 
 
+# eV/Å^3 (80 GPa): a stress above it in most structures is in another unit (kBar, GPa).
+PLAUSIBLE_STRESS = 0.5
 # Å: JMP's graph cutoff (its pretraining datasets', and the radial basis'). A single atom with no
 # periodic image this close is an isolated atom to GemNet-OC.
 ISOLATED_ATOM_CUTOFF = 12.0
@@ -856,6 +867,9 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
                 if labels is not None:
                     _check_labels(item, labels, len(writer), first)
                 writer.add(item, where=where)
+                if "stress" in item:
+                    report.stresses += 1
+                    report.implausible_stresses += bool(np.abs(item["stress"]).max() > PLAUSIBLE_STRESS)
                 if labels is None:
                     labels, first = set(LABELS) & item.keys(), where
             except Exception as error:
@@ -881,6 +895,11 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
         warn_user(f"{dst}: the labels come from keys of two kinds ({sources}): "
                   f"REF_* keys usually hold the reference method's values and the others another "
                   f"method's; make sure they belong together, or name the keys (--energy-key, ...)")
+    if report.implausible_stresses * 2 > report.stresses:
+        warn_user(f"{dst}: {report.implausible_stresses} of the {report.stresses} stresses have a component over "
+                  f"{PLAUSIBLE_STRESS} eV/Å^3 (80 GPa): stress is stored in eV/Å^3 (ASE's unit), converted from the "
+                  f"source with --energy-unit and --length-unit only; a stress in kBar or GPa (VASP's, or a code's "
+                  f"output) needs converting first (1 GPa = 0.00624 eV/Å^3, 1 kBar = 0.000624 eV/Å^3)")
     if report.written and "energy" in report.labels and report.free_energy_gap > 1e-6 and keys.energy is None:
         warn_user(f"{dst}: the energy is {report.labels['energy']}, and the source's free_energy differs from it (by "
                   f"up to {report.free_energy_gap:.3g} eV). Forces are the gradient of the free energy (VASP's "

@@ -1038,9 +1038,12 @@ def test_logged_training_figures_are_means_over_the_window(tiny_data, tmp_path):
         with open(tmp_path / name / "metrics.csv", newline="") as f:
             return {(int(r["step"]), r["name"]): float(r["value"]) for r in csv.DictReader(f) if r["split"] == "train"}
 
-    each, window = rows("each", 1), rows("window", 4)
+    each, window, three = rows("each", 1), rows("window", 4), rows("three", 3)
     for name in ("loss", "loss_energy", "loss_forces", "grad_norm"):
         assert window[4, name] == pytest.approx(sum(each[k, name] for k in range(1, 5)) / 4, rel=1e-12), name
+        # The run's last steps, short of a window (log_every=3 of 4 steps): logged at its end (they were lost).
+        assert three[3, name] == pytest.approx(sum(each[k, name] for k in range(1, 4)) / 3, rel=1e-12), name
+        assert three[4, name] == pytest.approx(each[4, name], rel=1e-12), name
     assert window[4, "lr"] == each[4, "lr"]
     # Per task, pooled over the window's structures (every term of these runs is per structure:
     # structure-wise force loss): the steps' own losses weighted by the task's structures in them.

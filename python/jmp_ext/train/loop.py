@@ -378,6 +378,8 @@ class Trainer:
                         break
                 if self.step % c.loop.ckpt_every == 0:
                     self.save_last()
+        if self._window_steps:  # (the steps since the last log: loop.log_every need not divide the run)
+            self.log.log(self.step, "train", self._window_means())
         if stop_reason == self.limit and self.validated_step != self.step:  # (also on resuming a finished run)
             if self.step % c.loop.ckpt_every:  # (a stop signal or a kill in the validation keeps the steps)
                 self.save_last()

@@ -56,6 +56,12 @@ def test_metrics_against_brute_force():
     assert out["t/forces_mae"] == pytest.approx((1 + 1 + 1) / 6)
     assert out["t/forces_rmse"] == pytest.approx(math.sqrt((1 + 1 + 1) / 6))
     assert out["t/forces_cos"] == pytest.approx((1.0 + 0.0) / 2)
+    # A zero force vector (an atom at equilibrium) has no direction: it counts 0, as in
+    # fairchem's evaluator, whose force cosines JMP reports.
+    zero = Metrics()
+    zero.update_forces("t", torch.tensor([[1.0, 0, 0], [1.0, 0, 0]]), torch.tensor([[2.0, 0, 0], [0.0, 0, 0]]),
+                       torch.tensor([True, True]))
+    assert zero.compute()["t/forces_cos"] == pytest.approx((1.0 + 0.0) / 2)
     m.update_classification("t", "cls", torch.tensor([[1.0, 0], [0, 1.0], [1, 0]]), torch.tensor([0, 0, 0]))
     assert m.compute()["t/cls_accuracy"] == pytest.approx(2 / 3)
 

@@ -63,6 +63,9 @@ def test_index_files(source, tmp_path):
     assert parts["train"].tolist() == [0, 5, 7] and parts["test"].tolist() == [1]
     np.savez(tmp_path / "idx.npz", train=np.array([3, 2]), val=np.array([9]))
     assert read_index_file(tmp_path / "idx.npz", 40)["train"].tolist() == [3, 2]
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "idx.npz").read_bytes()[:50])  # (a BadZipFile traceback)
+    with pytest.raises(ValueError, match=r"cut.npz: not a readable .npz index file \(BadZipFile"):
+        read_index_file(tmp_path / "cut.npz", 40)
     (tmp_path / "bad.json").write_text(json.dumps({"train": [0, 5], "test": [5]}))
     with pytest.raises(ValueError, match="index 5 is in both 'train' and 'test'"):
         read_index_file(tmp_path / "bad.json", 40)

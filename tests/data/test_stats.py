@@ -175,7 +175,8 @@ def test_cli_stats_and_info(tmp_path, capsys):
     child = subprocess.Popen([sys.executable, "-m", "jmp_ext.data", "info", str(tmp_path / "ds")], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     child.stdout.close()  # (before it writes a byte)
-    assert child.wait(timeout=60) == 0 and child.stderr.read() == b""
+    with child.stderr:
+        assert child.wait(timeout=60) == 0 and child.stderr.read() == b""
 
 
 # --- compute_stats streams: equal to the dense computation it replaced, in bounded memory ---

@@ -500,7 +500,8 @@ def read_natoms(path: str | Path, num_entries: int) -> np.ndarray:
     if file.exists() and not file.is_file():  # (a FIFO would block np.load forever)
         raise DataError(f"{file} is not a regular file")
     try:
-        with np.load(file, allow_pickle=False) as npz:
+        # (opened here: np.load leaves a file it opened open when the zip is damaged)
+        with open(file, "rb") as f, np.load(f, allow_pickle=False) as npz:
             natoms = npz["natoms"]
     except FileNotFoundError:
         raise

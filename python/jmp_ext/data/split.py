@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import uuid
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -71,8 +72,11 @@ def read_index_file(file: str | Path, num_entries: int) -> dict[str, np.ndarray]
     """Parts from a JSON file {"train": [i, ...], ...} or an .npz of int arrays named by part."""
     file = Path(file)
     if file.suffix == ".npz":
-        with np.load(file, allow_pickle=False) as npz:
-            parts = {name: npz[name] for name in npz.files}
+        try:  # (opened here: np.load leaves a file it opened open when the zip is damaged)
+            with open(file, "rb") as f, np.load(f, allow_pickle=False) as npz:
+                parts = {name: npz[name] for name in npz.files}
+        except (zipfile.BadZipFile, EOFError) as e:
+            raise ValueError(f"{file}: not a readable .npz index file ({type(e).__name__}: {e})") from None
     else:
         try:
             loaded = json.loads(file.read_text(), object_pairs_hook=_unique_keys)

@@ -678,6 +678,21 @@ def test_a_finetune_on_other_graphs_than_the_checkpoints_is_pointed_out(tiny_dat
                                   ["graph.preset=matbench"])).log.close()
 
 
+def test_the_weight_of_gradient_forces_is_said_with_jmps_equivalent(tiny_data, tmp_path, capsys):
+    """Gradient forces are weighted coef / energy std where JMP's are coef / force RMS (README):
+    a preset's coefficients balanced energy and forces other than JMP's without a word."""
+    from jmp_ext.data import load_stats
+
+    loop.Trainer(build_config(finetune_config(tiny_data, tmp_path / "run"))).log.close()
+    stats = load_stats(tiny_data / "mol" / "train")
+    std, rms = stats["targets"]["energy"]["std"], stats["force_rms"]
+    line = next(x for x in capsys.readouterr().out.splitlines() if "gradient forces, weighted" in x)
+    assert line == (f"tasks.0.targets.1 (forces): gradient forces, weighted coef / energy std = 10 / {std:.4g} eV; "
+                    f"for JMP's weight of this coef, coef / force RMS ({rms:.4g} eV/Å), set coef {10 * std / rms:.4g}")
+    loop.Trainer(build_config(finetune_config(tiny_data, tmp_path / "direct", forces="direct"))).log.close()
+    assert "gradient forces, weighted" not in capsys.readouterr().out
+
+
 def test_init_ema_false_from_a_best_pt_says_it_holds_the_ema_weights(tiny_data, tmp_path, capsys):
     """A best.pt holds its run's validated weights, the EMA ones: model.init_ema=false loaded them
     and the log said "its raw weights"."""

@@ -295,6 +295,15 @@ class Trainer:
                 std, unit = float(self.model.scale(target.name)[i]), f" {target.unit}" if target.unit else ""
                 self.log.write(f"tasks.{i}.targets.{k} ({target.name}): the given references plus {shift:+.6g}{unit} "
                                f"per atom (fitted on the training split), residual std {std:.6g}{unit}")
+            force_rms = self.data[i].stats.get("force_rms")
+            for k, target in enumerate(task.targets):
+                # (README, differences from JMP: the weight of gradient forces is JMP's times σ_F/σ_E)
+                if target.kind == "forces" and task.gradient_forces and force_rms:
+                    energy_std = float(self.model.scale("energy")[i])
+                    self.log.write(f"tasks.{i}.targets.{k} ({target.name}): gradient forces, weighted coef / energy "
+                                   f"std = {target.coef:g} / {energy_std:.4g} eV; for JMP's weight of this coef, "
+                                   f"coef / force RMS ({force_rms:.4g} eV/Å), set coef "
+                                   f"{target.coef * energy_std / force_rms:.4g}")
         for i, (task, graph) in enumerate(zip(c.tasks, self.model.graph_configs)):
             for split in ("val", "test"):
                 shared = self.main and getattr(task, split) and tasks.shared_entries(self.data[i].train,

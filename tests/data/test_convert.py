@@ -333,8 +333,13 @@ def test_an_extxyz_is_read_whole_or_refused(tmp_path, frames):
     lines[second] = str(len(frames[1]) - 1)
     (tmp_path / "count.extxyz").write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match=rf"count.extxyz: line {second + len(frames[1]) + 2}, where structure 2 should "
-                                        r"start with its atom count, reads '.*': an atom count above it does not"):
+                                        r"start with its atom count, reads '.*': structure 1's atom count does not "
+                                        r"match its atom lines"):
         convert(tmp_path / "count.extxyz", tmp_path / "out2")
+    (tmp_path / "notes.xyz").write_text("hello\n" + text)
+    with pytest.raises(DataError, match=r"notes.xyz: line 1, where structure 0 should start with its atom count, "
+                                        r"reads 'hello': the file does not start with an atom count"):
+        convert(tmp_path / "notes.xyz", tmp_path / "out3")
 
 
 def test_a_structure_ase_cannot_parse_is_skipped_alone(tmp_path, frames):
@@ -376,8 +381,8 @@ def test_files_ase_cannot_read_are_one_line_errors(tmp_path, capsys):
     ase.io.write(tmp_path / "run.extxyz", Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]]))
     (tmp_path / "run.extxyz").rename(tmp_path / "run.out")
     assert main(["convert", str(tmp_path / "run.out"), str(tmp_path / "out")]) == 2
-    assert re.search(r"run.out: ase.io read no structure from it, as a 'espresso-out' file .* give it that format's "
-                     r"suffix \(.extxyz", capsys.readouterr().err)
+    assert re.search(r"run.out: ase.io read no structure from it, reading it as format 'espresso-out' .* a file of "
+                     r"another format needs that format's suffix: .extxyz", capsys.readouterr().err)
 
 
 def test_charge_and_spin_states_are_warned_of(tmp_path):
@@ -408,6 +413,12 @@ def test_labels_the_trainer_would_stop_at_are_refused_or_warned_of(tmp_path, fra
     ase.io.write(tmp_path / "mol.extxyz", [frames[0], molecule])
     with pytest.raises(DataError, match=r"structure 1: has a stress label but no cell \(zero volume\)"):
         convert(tmp_path / "mol.extxyz", tmp_path / "mol")
+    # An isolated atom with MACE's placeholder stress is an isolated atom still (its energy reported).
+    oxygen = Atoms("O")
+    oxygen.calc = SinglePointCalculator(oxygen, energy=-432.1, forces=np.zeros((1, 3)), stress=np.zeros(6))
+    ase.io.write(tmp_path / "e0_stress.extxyz", [oxygen, frames[0]])
+    report = convert(tmp_path / "e0_stress.extxyz", tmp_path / "e0_stress", skip_invalid=True)
+    assert "is a single atom" in report.skipped[0] and report.isolated_atom_energies == {"O": -432.1}
     boxed = [Atoms("O", cell=[15, 15, 15], pbc=True, info={"REF_energy": -432.1}),
              Atoms("O", cell=[15, 15, 0], pbc=[True, True, False], info={"REF_energy": -432.0}),
              Atoms("Cu", cell=[[0, 1.8, 1.8], [1.8, 0, 1.8], [1.8, 1.8, 0]], pbc=True, info={"REF_energy": -3.7}),
@@ -432,6 +443,10 @@ def test_labels_the_trainer_would_stop_at_are_refused_or_warned_of(tmp_path, fra
     with warnings.catch_warnings():  # (named: the user's choice)
         warnings.simplefilter("error")
         convert(tmp_path / "vasp.extxyz", tmp_path / "vasp2", keys=KeyMap(energy="energy"))
+    # A free_energy that is no number is not the entry's fault (it is looked at for the warning only).
+    text = Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]], info={"energy": -1.0, "free_energy": "n/a"})
+    ase.io.write(tmp_path / "na.extxyz", [text])
+    assert convert(tmp_path / "na.extxyz", tmp_path / "na").written == 1
     for atoms in frames:
         del atoms.calc.results["energy"]
     ase.io.write(tmp_path / "free.extxyz", frames)
@@ -801,11 +816,17 @@ def test_labels_lacking_on_the_first_frame(tmp_path):
     for skip_invalid in (False, True):
         with pytest.raises(DataError, match=r"structure 1: has energy, forces, stress, which the "
                            r"entries written before it lack \(1, from .*in.extxyz structure 0\): "
-                           r".*remove the entries without them from the source; of an ASE database, "
-                           r"--select energy converts the rows with an energy, or drop energy, "
+                           r".*remove the entries without them from the source, or drop energy, "
                            r"forces, stress with --energy-key none --forces-key none --stress-key"):
             convert(tmp_path / "in.extxyz", tmp_path / "out", skip_invalid=skip_invalid)
         assert not (tmp_path / "out").exists()
+    db = ase.db.connect(tmp_path / "relax.db")  # (a relaxation's first row: its geometry, no calculator)
+    for atoms in frames:
+        db.write(atoms)
+    with pytest.raises(DataError, match=r"row id=2: has energy, .* from the source \(or --select energy: the rows "
+                                        r"with an energy\), or drop"):
+        convert(tmp_path / "relax.db", tmp_path / "out")
+    assert convert(tmp_path / "relax.db", tmp_path / "out", select="energy").written == 3
 
 
 def test_report_names_only_labels_written(tmp_path):

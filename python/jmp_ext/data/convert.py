@@ -170,7 +170,7 @@ class ConvertReport:
     implausible_stresses: int = 0
     # eV: the largest |free_energy - energy| where energy was read beside a free_energy
     free_energy_gap: float = 0.0
-    # key of CHARGE_SPIN_KEYS -> the distinct values the structures carry (a few at most)
+    # key of CHARGE_SPIN_KEYS -> the distinct values the structures carry (_STATES_LISTED + 1 at most)
     charge_spin: dict[str, set] = field(default_factory=dict)
 
 
@@ -206,9 +206,11 @@ def _take_labels(entry: dict, sources: dict[str, dict], keys: KeyMap, report: Co
         key, mapping = found[location]
         value = mapping[key]
         if label == "energy" and key == "energy" and "free_energy" in mapping:
-            difference = np.abs(np.asarray(mapping["free_energy"], dtype=float) - np.asarray(value, dtype=float))
-            gap = float(difference.max()) * ENERGY_UNITS[keys.energy_unit] if difference.size else 0.0
-            report.free_energy_gap = max(report.free_energy_gap, gap)
+            try:  # (for a warning only: a free_energy of another shape or not a number is not the entry's fault)
+                gap = float(np.abs(_numbers("free_energy", mapping["free_energy"]) - _numbers(label, value)).max())
+            except (ValueError, TypeError, fmt.DataError):
+                gap = 0.0
+            report.free_energy_gap = max(report.free_energy_gap, gap * ENERGY_UNITS[keys.energy_unit])
         if np.asarray(value).dtype.kind == "b":  # (before the unit conversion turns True into 1.0)
             raise fmt.DataError(f"{label} is a boolean ({np.asarray(value).tolist()}) in {location}, not a number")
         if label == "stress":
@@ -238,10 +240,10 @@ class _ExtraLabels(fmt.DataError):
     the unlabelled entries and drop the labelled ones, so not even --skip-invalid skips it."""
 
 
-def _check_labels(entry: dict, labels: set[str], written: int, first: str) -> None:
+def _check_labels(entry: dict, labels: set[str], written: int, first: str, ase_db: bool) -> None:
     """An entry must carry the `labels` of the `written` entries before it (the first from
-    `first`). The writer would refuse it too, but could not say how to drop a label that only
-    some entries carry."""
+    `first`; of an ASE database when `ase_db`). The writer would refuse it too, but could not
+    say how to drop a label that only some entries carry."""
     lacking = [label for label in LABELS if label in labels and label not in entry]
     extra = [label for label in LABELS if label in entry and label not in labels]
     if lacking:
@@ -249,7 +251,7 @@ def _check_labels(entry: dict, labels: set[str], written: int, first: str) -> No
                             f"entry must carry the same labels): skip such entries with "
                             f"--skip-invalid, or drop {_drop_hint(lacking)}")
     if extra:
-        select = "; of an ASE database, --select energy converts the rows with an energy" if "energy" in extra else ""
+        select = " (or --select energy: the rows with an energy)" if ase_db and "energy" in extra else ""
         raise _ExtraLabels(f"has {', '.join(extra)}, which the entries written before it lack "
                            f"({written}, from {first}): every entry must carry the same labels, "
                            f"which the first entry written decides; remove the entries without "
@@ -389,6 +391,7 @@ _PER_ATOM_RESULTS = {"forces", "charges", "magmoms", "energies", "stresses"}
 # A structure's net charge and spin state, as OMol25 and SPICE-like sets record them: inputs the
 # model does not take.
 CHARGE_SPIN_KEYS = ("charge", "total_charge", "spin", "multiplicity", "spin_multiplicity")
+_STATES_LISTED = 5
 
 
 def _atoms_entry(atoms: Atoms, keys: KeyMap, report: ConvertReport, sid: int) -> dict:
@@ -400,7 +403,7 @@ def _atoms_entry(atoms: Atoms, keys: KeyMap, report: ConvertReport, sid: int) ->
         value = atoms.info.get(key)
         if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
             seen = report.charge_spin.setdefault(key, set())
-            if len(seen) < 5:
+            if len(seen) <= _STATES_LISTED:  # (one more says that there are more)
                 seen.add(value.item() if isinstance(value, np.generic) else value)
     for name, key in keys.properties.items():
         found = next((where for where, d in sources.items() if key in d), None)
@@ -441,17 +444,17 @@ def iter_ase_file(path: Path, keys: KeyMap, report: ConvertReport) -> Iterator[t
                 atoms = next(frames)
             except StopIteration:
                 if index == 0:  # (an extxyz named .out reads as Quantum ESPRESSO output: nothing)
-                    raise UnreadableSource(f"{path}: ase.io read no structure from it, as a {kind!r} file (the "
-                                           "format it takes from the name and contents); if it is another "
-                                           "format, give it that format's suffix (.extxyz, .traj, ...)") from None
+                    raise UnreadableSource(f"{path}: ase.io read no structure from it, reading it as format {kind!r} "
+                                           "(which it takes from the name and contents; a file of another format "
+                                           "needs that format's suffix: .extxyz, .traj, ...)") from None
                 return
             except Exception as error:
                 failures += 1
                 if failures > _MAX_UNPARSED_IN_A_ROW:  # (each new reader scans the file again)
                     raise UnreadableSource(f"{path}: ase.io could not parse structures {index - failures + 1} to "
-                                        f"{index} in a row (the last: {type(error).__name__}: {error}); rather than "
-                                        f"try every structure of a file that may be unreadable from there on, "
-                                        f"convert stops: fix the file") from error
+                                           f"{index} in a row (the last: {type(error).__name__}: {error}); rather "
+                                           "than try every structure of a file that may be unreadable from there "
+                                           "on, convert stops: fix the file") from error
                 yield where, fmt.DataError(f"cannot parse ({type(error).__name__}: {error})")
                 # ase.io's reader ends at a parse error: a new one goes on after the structure.
                 index += 1
@@ -467,47 +470,41 @@ def iter_ase_file(path: Path, keys: KeyMap, report: ConvertReport) -> Iterator[t
 
 
 def _check_extxyz_read_whole(path: Path) -> None:
-    """Raises a DataError when ase.io's extxyz reader would stop before the end of `path`: it
-    ends the file at a blank line where a structure's first line (its atom count) should be, as
-    `cat a.extxyz; echo; cat b.extxyz` makes, and leaves the rest out without a word; or when
-    it would read nothing (an atom count that does not match its atom lines, which the reader
-    reports as a bad first structure). Follows the reader's own scan (an atom count, a comment
-    line, the atoms, VEC lines)."""
+    """Raises an UnreadableSource when ase.io's extxyz reader would stop before the end of
+    `path`: it ends the file at a blank line where a structure's first line (its atom count)
+    should be, as `cat a.extxyz; echo; cat b.extxyz` makes, and leaves the rest out without a
+    word; or when it would read nothing (an atom count that does not match its atom lines,
+    which the reader reports as a bad first structure). Follows the reader's own scan (an atom
+    count, a comment line, the atoms, VEC lines), reading each line once (a seek back in a
+    compressed file decompresses it again from its start)."""
     from ase.io.formats import open_with_compression
 
     with open_with_compression(str(path)) as file:
-        line_number = structures = 0
-        while True:
-            line = file.readline()
-            line_number += 1
-            if not line:
-                return
-            if not line.strip():
-                break
+        line, line_number, structures = file.readline(), 1, 0
+        while line.strip():
             try:
                 natoms = int(line)
             except ValueError:
-                raise UnreadableSource(f"{path}: line {line_number}, where structure {structures} should start with its "
-                                    f"atom count, reads {line.strip()[:60]!r}: an atom count above it does not match "
-                                    "its structure's atom lines, and ase.io's extxyz reader reads nothing of such a "
-                                    "file; fix the file") from None
+                after = (f"structure {structures - 1}'s atom count does not match its atom lines"
+                         if structures else "the file does not start with an atom count")
+                raise UnreadableSource(f"{path}: line {line_number}, where structure {structures} should start "
+                                       f"with its atom count, reads {line.strip()[:60]!r}: {after}, and ase.io's "
+                                       "extxyz reader reads nothing of such a file; fix the file") from None
             structures += 1
             for _ in range(natoms + 1):
                 file.readline()
-            line_number += natoms + 1
-            while True:
-                position = file.tell()
-                if not file.readline().lstrip().startswith("VEC"):
-                    file.seek(position)
-                    break
-                line_number += 1
+            line, line_number = file.readline(), line_number + natoms + 2
+            while line.lstrip().startswith("VEC"):
+                line, line_number = file.readline(), line_number + 1
+        if not line:
+            return
         blank = line_number
         for line in file:
             line_number += 1
             if line.strip():
                 raise UnreadableSource(f"{path}: line {blank} is blank where a structure's first line (its atom "
-                                    f"count) should be: ase.io's extxyz reader ends the file there and would "
-                                    f"leave out the rest (from line {line_number}); remove the blank line(s)")
+                                       f"count) should be: ase.io's extxyz reader ends the file there and would "
+                                       f"leave out the rest (from line {line_number}); remove the blank line(s)")
 
 
 def iter_ase_db(path: Path, keys: KeyMap, report: ConvertReport, select: str | None = None
@@ -784,10 +781,11 @@ ISOLATED_ATOM_CUTOFF = 12.0
 
 def _isolated_atom(entry: dict, where: str) -> bool:
     """Whether the single atom of `entry` (normalised) has no periodic image within
-    ISOLATED_ATOM_CUTOFF; a DataError if the entry is invalid."""
+    ISOLATED_ATOM_CUTOFF; a DataError if its structure is invalid (its labels are not looked
+    at: an isolated atom's stress of zeros is MACE's placeholder)."""
     from jmp_ext.ops import radius_graph
 
-    fmt.validate_entry(entry, where)
+    fmt.validate_entry({k: v for k, v in entry.items() if k in fmt.INPUT_FIELDS}, where)
     if not entry["pbc"].any():
         return True
     edges, _, _ = radius_graph(torch.from_numpy(entry["pos"]).double(), ISOLATED_ATOM_CUTOFF,
@@ -865,7 +863,7 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
                                         "large box): GemNet-OC needs a pair of atoms within its cutoff; "
                                         "`convert --skip-invalid` skips such entries")
                 if labels is not None:
-                    _check_labels(item, labels, len(writer), first)
+                    _check_labels(item, labels, len(writer), first, kind == "ase-db")
                 writer.add(item, where=where)
                 if "stress" in item:
                     report.stresses += 1
@@ -912,12 +910,12 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
                   f"with --energy-key none")
     states = {key: sorted(values) for key, values in report.charge_spin.items() if len(values) > 1}
     if report.written and states and report.labels:
-        listed = "; ".join(f"{key} {', '.join(map(str, values))}{' ...' if len(values) == 5 else ''}"
-                           for key, values in states.items())
+        listed = "; ".join(f"{key} {', '.join(map(str, values[:_STATES_LISTED]))}"
+                           f"{' ...' if len(values) > _STATES_LISTED else ''}" for key, values in states.items())
         warn_user(f"{dst}: the structures have several charge or spin states ({listed}), which the model does not "
                   f"take (GemNet-OC sees elements and positions only): structures that differ in them alone get "
-                  f"contradictory labels. Convert the structures of one state (an ASE db's key-value pairs: "
-                  f"--select 'charge=0,spin=1')")
+                  f"contradictory labels. Convert the structures of one state only (split the source by state "
+                  f"first)")
     if keys.energy_unit != "eV" and report.written and not report.labels:
         warn_user(f"{dst}: energy_unit {keys.energy_unit} converted nothing (no energy, forces or stress); "
                   f"properties keep their units unless given one (--property NAME:UNIT; from Python "

@@ -166,8 +166,8 @@ def split_dataset(src: str | Path, out_dir: str | Path, parts: dict[str, np.ndar
                     writer.add(source.read(i), where=f"{src} entry {i}")
         if "train" in parts:
             stats = share_train_stats(staging / "new" / "train",
-                              [staging / "new" / name for name in parts if name != "train"],
-                              progress=progress)
+                                      [staging / "new" / name for name in parts if name != "train"],
+                                      progress=progress)
         _replace_parts(staging, list(parts), out_dir, overwrite)
     except BaseException:
         # Kept when it holds old parts that an interrupted rollback did not put back.

@@ -29,6 +29,10 @@ class AttributeDict(dict):
     """A dict subclass in the pickle (Lightning's AttributeDict is one)."""
 
 
+class Sequence(list):
+    """A list subclass in the pickle: torch's unpickler extends plain lists only."""
+
+
 class Exploit:
     """Unpickling this would run a shell command, if anything in the file were executed."""
 
@@ -195,8 +199,16 @@ def test_files_that_are_not_checkpoints_are_named(tmp_path):
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(ValueError, match=r"empty.pt is empty \(0 bytes\)"):  # (it read "(EOFError: )")
         load_jmp_checkpoint(tmp_path / "empty.pt", reference_model())
-    with pytest.raises(ValueError, match=r"is a whole PretrainModel \(torch.save\(model\)\).* model.state_dict\(\)"):
-        load_jmp_checkpoint(reference_model(), reference_model())
+    torch.save(reference_model(), tmp_path / "whole.pt")
+    for whole in (reference_model(), tmp_path / "whole.pt"):  # (from a file: a stub of the class)
+        with pytest.raises(ValueError, match=r"is a whole PretrainModel \(torch.save\(model\)\).* model.state_dict"):
+            load_jmp_checkpoint(whole, reference_model())
+    # A list subclass cannot be read as data: torch's reason, not its boilerplate or its advice.
+    torch.save({"state_dict": {}, "hyper_parameters": Sequence([1, 2])}, tmp_path / "listed.pt")
+    with pytest.raises(ValueError, match=r"listed.pt cannot be read without running code from it \((.* )?Can only "
+                                         r"extend lists, but got <class '.*Sequence'>\)$") as raised:
+        load_jmp_checkpoint(tmp_path / "listed.pt", reference_model())
+    assert "weights_only` set to `False`" not in str(raised.value) and "Check the documentation" not in str(raised.value)
 
 
 def test_weights_that_are_not_finite_tensors_are_refused(tmp_path):

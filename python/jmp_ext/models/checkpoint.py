@@ -28,7 +28,7 @@ from jmp_ext.warn import warn_user
 _FORCE_BRANCH = (".scale_rbf_F.", ".dense_rbf_F.", ".seq_forces.")
 # Modules whose functions run code or touch the system (a pickle's GLOBAL naming one of them).
 _CODE_MODULES = {"builtins", "os", "posix", "nt", "sys", "subprocess", "shutil", "importlib", "runpy", "pty",
-                 "socket", "ctypes", "pickle", "marshal", "code", "codeop", "webbrowser", "commands", "__builtin__"}
+                 "socket", "ctypes", "pickle", "marshal", "code", "codeop", "webbrowser"}
 # Prefixes that wrappers put before every key: DDP's module., torch.compile's _orig_mod., a
 # Lightning module's or a user's model. attribute.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
@@ -74,7 +74,7 @@ def safe_load(path: str | os.PathLike) -> dict:
     # no config object is one. (Stubbed, it would not run; the file is refused all the same.)
     # Builtin classes are data (a defaultdict pickles its factory, builtins.list).
     harmful = [name for name in names if name.partition(".")[0] in _CODE_MODULES
-               and not (name.startswith("builtins.") and isinstance(getattr(builtins, name[9:], None), type))]
+               and not isinstance(getattr(builtins, name.removeprefix("builtins."), None), type)]
     if harmful:
         raise ValueError(f"{path} would call {', '.join(harmful)} when unpickled: a checkpoint has no reason to, so "
                          "it is refused (nothing of it was run)")
@@ -88,10 +88,17 @@ def safe_load(path: str | os.PathLike) -> dict:
                 filled = re.search(r"Can only SETITEMS? for dict.* but got <class '([^']+)'>", str(e))
                 name = filled.group(1) if filled else None
                 if name not in stubs or not issubclass(stubs[name], _Stub):
-                    # (not torch's advice to load with weights_only=False: never for a file that needs it)
-                    problem = str(e).split("\n\n")[2] if str(e).count("\n\n") >= 2 else str(e)
-                    raise ValueError(f"{path} cannot be read without running code from it ({problem.strip()})") from e
+                    raise ValueError(f"{path} cannot be read without running code from it "
+                                     f"({_unpickling_problem(e)})") from e
                 stubs[name] = _dict_stub(name)
+
+
+def _unpickling_problem(error: pickle.UnpicklingError) -> str:
+    """torch's weights-only error without its boilerplate, whose advice to load the file with
+    weights_only=False is never ours to give for a file that needs it."""
+    paragraphs = [p.strip() for p in str(error).split("\n\n")]
+    kept = [p for p in paragraphs if p and not p.startswith(("Weights only load failed", "Check the documentation"))]
+    return " ".join(kept) or str(error)
 
 
 def is_force_branch_key(key: str) -> bool:
@@ -136,7 +143,7 @@ def read_state_dict(source: str | os.PathLike | dict, *, use_ema: bool = True,
     are matched to the keys by position: a checkpoint whose keys come in another order (which
     no shape check would always catch) is refused."""
     ckpt = safe_load(source) if isinstance(source, (str, Path, os.PathLike)) else source
-    if isinstance(ckpt, nn.Module):
+    if isinstance(ckpt, (nn.Module, _Stub)):  # (a module in a file is read as a stub of its class)
         raise ValueError(f"the checkpoint is a whole {type(ckpt).__name__} (torch.save(model)), not a dict of "
                          "weights: save model.state_dict() instead")
     if not isinstance(ckpt, dict):

@@ -162,10 +162,9 @@ class JMPCalculator(Calculator):
         return bool(truncated)
 
     def _warn_if_collinear(self, graphs: dict) -> None:
-        """Warns (once) when atoms of the structure whose `graphs` (build_graphs') these are lie
-        on the straight lines where the dihedral basis is singular
-        (graphs.collinear_quadruplets): its forces there are not -dE/dx, at any size, so the
-        force warning alone would miss them."""
+        """Warns (once) when atoms of a structure lie on the straight lines where the dihedral
+        basis is singular (graphs.collinear_quadruplets of its build_graphs `graphs`): its forces
+        there are not -dE/dx, at any size, so the force warning alone would miss them."""
         from jmp_ext.graphs import collinear_quadruplets
 
         count = collinear_quadruplets(graphs)

@@ -41,7 +41,7 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
         # A failed write or fsync (a full disk) names no file: name the one it was writing. Under
         # torch.save, whose zip writer raises its own RuntimeError ("unexpected pos ...") over it.
         cause = e.__context__ if isinstance(e, RuntimeError) else e
-        if isinstance(cause, OSError) and cause.errno is not None and (cause.filename is None or cause is not e):
+        if isinstance(cause, OSError) and cause.errno is not None and cause.filename is None:
             raise OSError(cause.errno, cause.strerror, str(path)) from e
         raise
     fsync_dir(path.parent)  # (the rename itself)

@@ -1206,9 +1206,11 @@ def test_a_run_dir_is_used_by_one_run_at_a_time(tiny_data, tmp_path, monkeypatch
     untrained.release_run_dir()  # (a Trainer that is not trained lets go of it so)
     loop.Trainer(build_config({**raw, "overwrite": True})).release_run_dir()
     (tmp_path / "file").write_text("notes")
-    with monkeypatch.context() as m, pytest.raises(TrainError, match=r"run_dir .*file is a file, not a directory"):
-        m.setattr(tasks, "load_task_data", lambda config: pytest.fail("loaded the data of a run it refuses"))
-        loop.Trainer(build_config({**raw, "run_dir": str(tmp_path / "file")}))
+    for run_dir, where in ((tmp_path / "file", ""), (tmp_path / "file" / "run", rf" \({tmp_path / 'file'} is one\)")):
+        with monkeypatch.context() as m, pytest.raises(TrainError, match=rf"run_dir {run_dir} is a file, not a "
+                                                                         rf"directory{where}: choose another"):
+            m.setattr(tasks, "load_task_data", lambda config: pytest.fail("loaded the data of a run it refuses"))
+            loop.Trainer(build_config({**raw, "run_dir": str(run_dir)}))
     # A failure after the lock was taken (config.yaml cannot be written) does not keep it.
     (tmp_path / "run" / "config.yaml").unlink()
     (tmp_path / "run" / "config.yaml").mkdir()

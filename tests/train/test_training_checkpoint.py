@@ -108,7 +108,7 @@ def test_a_full_disk_under_the_metrics_names_their_file(tmp_path, monkeypatch):
         with pytest.raises(OSError, match=r"\[Errno 28\] No space left on device: '.*metrics.csv'$"):
             log.log(2, "val", {"loss": 0.4})
         monkeypatch.undo()
-        if log.tb is not None:
+        if log.tb is not None:  # (TensorBoard is optional: its half of the test needs it installed)
             monkeypatch.setattr(log.tb, "add_scalar", full)
             with pytest.raises(OSError, match=r"\[Errno 28\] No space left on device: '.*/tb'$"):
                 log.log(3, "val", {"loss": 0.3})

@@ -361,7 +361,7 @@ class LoopConfig:
     log_every: int = 10
     """Write the training loss, its terms, each task's loss and the gradient norm (their means over
     these steps) and the lr to metrics.csv and TensorBoard every this many steps, and the means of
-    the steps after the last such log when the run ends."""
+    the steps after the last such log (without an lr) when the run ends."""
     ckpt_every: int = 200
     """Write last.pt every this many steps (and at the end)."""
     ema_decay: float = 0.0

@@ -153,8 +153,11 @@ class Trainer:
         # Everything up to DDP is this rank's own work: a rank that fails here (a dataset or
         # checkpoint it cannot read) makes every rank fail with its message, none waits for it.
         with distributed.together():
-            if self.run_dir.exists() and not self.run_dir.is_dir():  # (not "File exists" after loading the data)
-                raise TrainError(f"run_dir {self.run_dir} is a file, not a directory: choose another run_dir")
+            # (not "File exists" or "Not a directory" after loading the data)
+            existing = next(p for p in (self.run_dir, *self.run_dir.parents) if p.exists())
+            if not existing.is_dir():
+                where = "" if existing == self.run_dir else f" ({existing} is one)"
+                raise TrainError(f"run_dir {self.run_dir} is a file, not a directory{where}: choose another run_dir")
             if self.main and (self.run_dir / ".lock").is_file():  # (in use: say so before loading anything)
                 unlock_run_dir(lock_run_dir(self.run_dir))
             if not resumed:

@@ -2,8 +2,9 @@
 
 Metric names: `{task}/energy_mae` (eV per structure), `{task}/energy_per_atom_mae` (eV/atom),
 `{task}/forces_mae` (eV/Å, per component, free atoms only), `{task}/forces_cos` (cosine of
-predicted and true force vectors, free atoms; an atom with a zero vector counts 0, as in
-fairchem's evaluator), `{task}/stress_mae` (eV/Å^3), `{task}/{name}_mae`
+predicted and true force vectors, free atoms; torch's cosine_similarity, as in fairchem's
+evaluator: a zero vector counts 0, one under 1e-8 eV/Å less than its cosine),
+`{task}/stress_mae` (eV/Å^3), `{task}/{name}_mae`
 for scalars, `{task}/{name}_accuracy` and `{task}/{name}_rocauc` for classification. Every `_mae`
 has an `_rmse` over the same errors (its sum is one of squares; the root is taken after the
 all-reduce, in compute(), so it is exact over batches and ranks). All are in physical units.

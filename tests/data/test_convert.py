@@ -21,7 +21,7 @@ from ase.stress import voigt_6_to_full_3x3_stress
 
 from jmp_ext.data import DataError, LmdbDataset
 from jmp_ext.data.__main__ import main
-from jmp_ext.data.convert import KeyMap, convert, unpickle_data
+from jmp_ext.data.convert import KeyMap, _check_extxyz_read_whole, convert, unpickle_data
 
 
 def make_atoms(rng, n=None, periodic=True):
@@ -340,6 +340,47 @@ def test_an_extxyz_is_read_whole_or_refused(tmp_path, frames):
     with pytest.raises(DataError, match=r"notes.xyz: line 1, where structure 0 should start with its atom count, "
                                         r"reads 'hello': the file does not start with an atom count"):
         convert(tmp_path / "notes.xyz", tmp_path / "out3")
+    # A negative count: ase's scan falls out of step (it reads no atom line and stops at the
+    # next blank one, leaving the frames after it out).
+    (tmp_path / "negative.extxyz").write_text(text + "-1\n1\n\nH 0 0 0\n" + text)
+    with pytest.raises(DataError, match=rf"negative.extxyz: line {blank}, where structure 3 should start with its "
+                                        r"atom count, reads '-1'"):
+        convert(tmp_path / "negative.extxyz", tmp_path / "out4", skip_invalid=True)
+    # More than three VEC lines: ase reads nothing of the file (it blamed structure 0).
+    lines = text.splitlines()
+    lines.insert(len(frames[0]) + 2, "VEC1 1.0 0.0 0.0\nVEC2 0.0 1.0 0.0\nVEC3 0.0 0.0 1.0\nVEC4 1.0 1.0 1.0")
+    (tmp_path / "vec.extxyz").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"vec.extxyz: line \d+: structure 0 has more than three VEC lines"):
+        convert(tmp_path / "vec.extxyz", tmp_path / "out5", skip_invalid=True)
+    # Each line read once: a seek back in a .gz decompresses it again from its start.
+    import gzip
+
+    from ase.io import formats
+
+    (tmp_path / "joined.extxyz.gz").write_bytes(gzip.compress((text + text).encode()))
+    opened = formats.open_with_compression
+
+    class NoSeek:
+        def __init__(self, file):
+            self.file = file
+
+        def __getattr__(self, name):
+            if name == "seek":
+                raise AssertionError("seek in a compressed file")
+            return getattr(self.file, name)
+
+        def __iter__(self):
+            return iter(self.file)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(formats, "open_with_compression", lambda *args, **kwargs: NoSeek(opened(*args, **kwargs)))
+        _check_extxyz_read_whole(tmp_path / "joined.extxyz.gz")
 
 
 def test_a_structure_ase_cannot_parse_is_skipped_alone(tmp_path, frames):
@@ -395,6 +436,10 @@ def test_charge_and_spin_states_are_warned_of(tmp_path):
     with pytest.warns(UserWarning, match=r"omol: the structures have several charge or spin states \(charge -1, 0, "
                                          r"1; spin 1, 2, 3\), which the model does not take"):
         convert(tmp_path / "omol.db", tmp_path / "omol")
+    for charge in range(2, 5):  # (seven charges: five listed, and more said)
+        db.write(water, data={"charge": charge, "spin": 1, "energy": -20.0 - charge})
+    with pytest.warns(UserWarning, match=r"\(charge -1, 0, 1, 2, 3 ...; spin 1, 2, 3\)"):
+        convert(tmp_path / "omol.db", tmp_path / "omol", overwrite=True)
     one = [water.copy() for _ in range(2)]
     for k, atoms in enumerate(one):
         atoms.info.update(charge=0, spin=1, REF_energy=-10.0 - k)
@@ -419,6 +464,10 @@ def test_labels_the_trainer_would_stop_at_are_refused_or_warned_of(tmp_path, fra
     ase.io.write(tmp_path / "e0_stress.extxyz", [oxygen, frames[0]])
     report = convert(tmp_path / "e0_stress.extxyz", tmp_path / "e0_stress", skip_invalid=True)
     assert "is a single atom" in report.skipped[0] and report.isolated_atom_energies == {"O": -432.1}
+    oxygen.calc.results["energy"] = np.nan  # (its labels are checked still: no NaN reference)
+    ase.io.write(tmp_path / "e0_nan.extxyz", [oxygen, frames[0]])
+    report = convert(tmp_path / "e0_nan.extxyz", tmp_path / "e0_nan", skip_invalid=True)
+    assert "label energy contains NaN" in report.skipped[0] and report.isolated_atom_energies == {}
     boxed = [Atoms("O", cell=[15, 15, 15], pbc=True, info={"REF_energy": -432.1}),
              Atoms("O", cell=[15, 15, 0], pbc=[True, True, False], info={"REF_energy": -432.0}),
              Atoms("Cu", cell=[[0, 1.8, 1.8], [1.8, 0, 1.8], [1.8, 1.8, 0]], pbc=True, info={"REF_energy": -3.7}),

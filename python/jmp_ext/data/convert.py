@@ -485,16 +485,24 @@ def _check_extxyz_read_whole(path: Path) -> None:
             try:
                 natoms = int(line)
             except ValueError:
-                after = (f"structure {structures - 1}'s atom count does not match its atom lines"
-                         if structures else "the file does not start with an atom count")
+                natoms = -1
+            if natoms < 0:
+                after = (f"structure {structures - 1}'s atom count does not match its atom lines, or a stray line "
+                         "follows it" if structures else "the file does not start with an atom count")
                 raise UnreadableSource(f"{path}: line {line_number}, where structure {structures} should start "
                                        f"with its atom count, reads {line.strip()[:60]!r}: {after}, and ase.io's "
-                                       "extxyz reader reads nothing of such a file; fix the file") from None
+                                       "extxyz reader reads nothing of such a file; fix the file")
             structures += 1
             for _ in range(natoms + 1):
                 file.readline()
             line, line_number = file.readline(), line_number + natoms + 2
+            vectors = 0
             while line.lstrip().startswith("VEC"):
+                vectors += 1
+                if vectors > 3:
+                    raise UnreadableSource(f"{path}: line {line_number}: structure {structures - 1} has more than "
+                                           "three VEC lines (lattice vectors), and ase.io's extxyz reader reads "
+                                           "nothing of such a file; fix the file")
                 line, line_number = file.readline(), line_number + 1
         if not line:
             return
@@ -781,11 +789,11 @@ ISOLATED_ATOM_CUTOFF = 12.0
 
 def _isolated_atom(entry: dict, where: str) -> bool:
     """Whether the single atom of `entry` (normalised) has no periodic image within
-    ISOLATED_ATOM_CUTOFF; a DataError if its structure is invalid (its labels are not looked
-    at: an isolated atom's stress of zeros is MACE's placeholder)."""
+    ISOLATED_ATOM_CUTOFF; a DataError if the entry is invalid (its stress aside: an isolated
+    atom's stress of zeros is MACE's placeholder)."""
     from jmp_ext.ops import radius_graph
 
-    fmt.validate_entry({k: v for k, v in entry.items() if k in fmt.INPUT_FIELDS}, where)
+    fmt.validate_entry({k: v for k, v in entry.items() if k != "stress"}, where)
     if not entry["pbc"].any():
         return True
     edges, _, _ = radius_graph(torch.from_numpy(entry["pos"]).double(), ISOLATED_ATOM_CUTOFF,

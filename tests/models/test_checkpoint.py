@@ -203,6 +203,9 @@ def test_files_that_are_not_checkpoints_are_named(tmp_path):
     for whole in (reference_model(), tmp_path / "whole.pt"):  # (from a file: a stub of the class)
         with pytest.raises(ValueError, match=r"is a whole PretrainModel \(torch.save\(model\)\).* model.state_dict"):
             load_jmp_checkpoint(whole, reference_model())
+    torch.save(RunConfig(), tmp_path / "config.pt")  # (an object, not a module: no state_dict advice)
+    with pytest.raises(ValueError, match=r"^a checkpoint must be a dict, got RunConfig$"):
+        load_jmp_checkpoint(tmp_path / "config.pt", reference_model())
     # A list subclass cannot be read as data: torch's reason, not its boilerplate or its advice.
     torch.save({"state_dict": {}, "hyper_parameters": Sequence([1, 2])}, tmp_path / "listed.pt")
     with pytest.raises(ValueError, match=r"listed.pt cannot be read without running code from it \((.* )?Can only "

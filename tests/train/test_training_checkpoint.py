@@ -145,6 +145,16 @@ def test_a_directory_that_cannot_be_written_or_fsynced(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error")))
     with pytest.raises(OSError, match=r"\[Errno 5\] Input/output error: '.*last.pt'"):
         ckpt.save_checkpoint(tmp_path / "last.pt", {"step": 6})
+    monkeypatch.undo()
+
+    def other_file(f):  # (an error over another file's: not renamed to the file being written)
+        try:
+            open(tmp_path / "missing" / "x")
+        except OSError:
+            raise RuntimeError("while reading x")
+
+    with pytest.raises(RuntimeError, match="while reading x"):
+        files.write_atomic(tmp_path / "y.bin", other_file)
 
 
 def test_files_get_the_mode_of_a_plain_open(tmp_path):

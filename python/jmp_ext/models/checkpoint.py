@@ -98,7 +98,7 @@ def _unpickling_problem(error: pickle.UnpicklingError) -> str:
     weights_only=False is never ours to give for a file that needs it."""
     paragraphs = [p.strip() for p in str(error).split("\n\n")]
     kept = [p for p in paragraphs if p and not p.startswith(("Weights only load failed", "Check the documentation"))]
-    return " ".join(kept) or str(error)
+    return " ".join(kept) or "torch's weights-only unpickler refused it"
 
 
 def is_force_branch_key(key: str) -> bool:
@@ -143,7 +143,8 @@ def read_state_dict(source: str | os.PathLike | dict, *, use_ema: bool = True,
     are matched to the keys by position: a checkpoint whose keys come in another order (which
     no shape check would always catch) is refused."""
     ckpt = safe_load(source) if isinstance(source, (str, Path, os.PathLike)) else source
-    if isinstance(ckpt, (nn.Module, _Stub)):  # (a module in a file is read as a stub of its class)
+    # (a module in a file is read as a stub of its class, holding the module's state)
+    if isinstance(ckpt, nn.Module) or "_modules" in getattr(ckpt, "state", {}):
         raise ValueError(f"the checkpoint is a whole {type(ckpt).__name__} (torch.save(model)), not a dict of "
                          "weights: save model.state_dict() instead")
     if not isinstance(ckpt, dict):

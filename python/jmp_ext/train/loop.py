@@ -129,7 +129,7 @@ def _file_identity(path: Path) -> tuple[int, int, int] | None:
     rewritten atomically (files.write_atomic) gets a new inode."""
     try:
         st = path.stat()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     return st.st_ino, st.st_size, st.st_mtime_ns
 
@@ -153,9 +153,9 @@ class Trainer:
         # Everything up to DDP is this rank's own work: a rank that fails here (a dataset or
         # checkpoint it cannot read) makes every rank fail with its message, none waits for it.
         with distributed.together():
-            # (not "File exists" or "Not a directory" after loading the data)
+            # (not "File exists" or "Not a directory" after loading the data; rank 0 writes there)
             existing = next(p for p in (self.run_dir, *self.run_dir.parents) if p.exists())
-            if not existing.is_dir():
+            if self.main and not existing.is_dir():
                 where = "" if existing == self.run_dir else f" ({existing} is one)"
                 raise TrainError(f"run_dir {self.run_dir} is a file, not a directory{where}: choose another run_dir")
             if self.main and (self.run_dir / ".lock").is_file():  # (in use: say so before loading anything)
@@ -163,7 +163,7 @@ class Trainer:
             if not resumed:
                 self._check_run_dir()
             # (the lock comes once everything is built: a run may start or end there meanwhile)
-            self._last_pt_found = _file_identity(self.run_dir / "last.pt")
+            self._last_pt_found = _file_identity(self.run_dir / "last.pt") if self.main else None
             self.dtype = tasks.param_dtype(c.loop.precision)
             self.autocast = AUTOCAST.get(c.loop.precision) if self.device.type == "cuda" else None
             if c.loop.precision in AUTOCAST and self.device.type != "cuda":

@@ -199,12 +199,14 @@ class JMPCalculator(Calculator):
         try:
             entry = atoms_to_entry(self.atoms)
         except DataError as e:
-            # Only positions changed since a structure the model took: in a relaxation or MD, its
-            # forces moved the atoms there (a bad element or cell is the caller's, said as it is).
-            if not self._calculated or new_structure:
+            # Only positions or the cell changed since a structure the model took: in a
+            # relaxation, MD or NPT, its forces and stress moved them there (a bad element is
+            # the caller's, said as it is).
+            if not self._calculated or set(system_changes) & {"numbers", "pbc"}:
                 raise
-            raise DataError(f"{e} (after a structure that was fine and only moved atoms since: in a relaxation or "
-                            "MD, the run diverged, the model's forces moved the atoms there)") from e
+            raise DataError(f"{e} (after a structure that was fine, with only its positions or cell changed since: in "
+                            "a relaxation, MD or NPT, the run diverged, the model's forces or stress moved the atoms "
+                            "there)") from e
         if self.model.graph_configs[self.task].pbc and entry["pbc"].any():
             # The same structure with the atoms outside the cell brought back by whole lattice
             # vectors on periodic axes (in float64; the others untouched): MD does not wrap them,

@@ -918,9 +918,17 @@ def test_calculator_options_and_bad_structures(checkpoint, tiny_data, tmp_path):
     # Two atoms on one spot, as a diverging relaxation leaves them: said to be the run's doing
     # when only positions changed since a structure the model took...
     atoms.positions[1] = atoms.positions[0] + 0.05
-    with pytest.raises(DataError, match=r"atoms 0 and 1 are 0.0866 Å apart.* \(after a structure that was fine and "
-                                        r"only moved atoms since: in a relaxation or MD, the run diverged"):
+    with pytest.raises(DataError, match=r"atoms 0 and 1 are 0.0866 Å apart.* \(after a structure that was fine, "
+                                        r"with only its positions or cell changed since: in a relaxation, MD or NPT, "
+                                        r"the run diverged"):
         atoms.get_potential_energy()
+    # A cell relaxation or NPT changes the cell at every step: a collapse there is the run's too.
+    box = molecule("CH4", cell=[6.0, 6.0, 6.0], pbc=True)
+    box.calc = JMPCalculator(checkpoint)
+    box.get_potential_energy()
+    box.set_cell(box.cell * 0.02, scale_atoms=True)
+    with pytest.raises(DataError, match=r"\(after a structure that was fine, .* the run diverged"):
+        box.get_potential_energy()
     # ... not when the caller built them so.
     fresh = atoms.copy()
     fresh.calc = JMPCalculator(checkpoint)

@@ -196,6 +196,11 @@ class JMPCalculator(Calculator):
         self._check_eval_mode()  # (a model in memory that its owner put back into training)
         super().calculate(atoms, properties, system_changes)
         new_structure = bool(set(system_changes) & {"numbers", "cell", "pbc"})  # (not only moved atoms)
+        if len(self.atoms) == 0:  # (a sum over no atoms, as ASE's calculators give it: a loop over fragments)
+            self.results = {"energy": 0.0, "free_energy": 0.0, "energies": np.zeros(0), "forces": np.zeros((0, 3))}
+            if "stress" in self.implemented_properties and abs(self.atoms.cell.volume) > 0:
+                self.results["stress"] = np.zeros(6)
+            return
         try:
             entry = atoms_to_entry(self.atoms)
         except DataError as e:

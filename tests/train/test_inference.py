@@ -784,6 +784,18 @@ def test_calculator_lists_stress_only_when_the_checkpoint_predicts_it(checkpoint
     assert "stress" in JMPCalculator.implemented_properties  # (the class attribute is left alone)
 
 
+def test_calculator_of_no_atoms_gives_zeros(stress_checkpoint):
+    """A sum over no atoms is 0, as ASE's own calculators (EMT) give it; it was a DataError."""
+    import ase
+
+    calc = JMPCalculator(stress_checkpoint)
+    for atoms in (ase.Atoms(), ase.Atoms(cell=[5.0, 5.0, 5.0], pbc=True)):
+        atoms.calc = calc
+        assert atoms.get_potential_energy() == 0.0 and atoms.get_forces().shape == (0, 3)
+        assert atoms.get_potential_energies().shape == (0,)
+    assert np.array_equal(atoms.get_stress(), np.zeros(6))
+
+
 def test_calculator_without_a_force_head_says_so(tiny_data, tmp_path):
     """An energy-only checkpoint: ASE must not be told it has forces (optimisers ask for them)."""
     from ase.calculators.calculator import PropertyNotImplementedError

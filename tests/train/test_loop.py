@@ -693,6 +693,19 @@ def test_the_weight_of_gradient_forces_is_said_with_jmps_equivalent(tiny_data, t
     assert "gradient forces, weighted" not in capsys.readouterr().out
 
 
+def test_init_from_half_precision_weights_reads_and_warns_once(tiny_data, tmp_path):
+    """init_from_checkpoint read the weights, then load_jmp_checkpoint read them again: every
+    check twice, and the bfloat16 warning twice."""
+    net = PretrainModel(BackboneConfig.tiny(**SMALL), ["mol"])
+    torch.save({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in net.state_dict().items()},
+               tmp_path / "half.pt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loop.Trainer(build_config(finetune_config(tiny_data, tmp_path / "run", init=tmp_path / "half.pt",
+                                                  forces="direct"))).log.close()
+    assert sum("weights in bfloat16" in str(w.message) for w in caught) == 1
+
+
 def test_init_ema_false_from_a_best_pt_says_it_holds_the_ema_weights(tiny_data, tmp_path, capsys):
     """A best.pt holds its run's validated weights, the EMA ones: model.init_ema=false loaded them
     and the log said "its raw weights"."""

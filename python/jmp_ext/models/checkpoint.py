@@ -265,7 +265,13 @@ def load_jmp_checkpoint(source: str | os.PathLike | dict, model: nn.Module, *, u
     The direct-force branch of the backbone is dropped when `model` has none (gradient forces).
     Any other difference (missing or unexpected keys, shapes) raises a ValueError naming the keys.
     Returns model."""
-    state = read_state_dict(source, use_ema=use_ema, order=list(model.state_dict()))
+    return load_weights(read_state_dict(source, use_ema=use_ema, order=list(model.state_dict())), model,
+                        load_heads=load_heads)
+
+
+def load_weights(state: dict[str, torch.Tensor], model: nn.Module, *, load_heads: bool = False) -> nn.Module:
+    """Loads `state`, read_state_dict's weights (JMP's keys), into `model` as load_jmp_checkpoint
+    does (load_heads, the force branch, the checks); returns model."""
     if not any(k.startswith(("embedding.", "backbone.")) for k in state):
         raise ValueError(f"checkpoint has no embedding.* or backbone.* weights, the keys of JMP's network (its "
                          f"{len(state)} keys begin {', '.join(list(state)[:5])})")

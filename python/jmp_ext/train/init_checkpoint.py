@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jmp_ext.models.checkpoint import (is_training_checkpoint, load_jmp_checkpoint, read_state_dict, run_weights,
-                                      safe_load)
+from jmp_ext.models.checkpoint import is_training_checkpoint, load_weights, read_state_dict, run_weights, safe_load
 from jmp_ext.train.config import ConfigError, TaskConfig, TrainConfig, TrainError, from_dict
 from jmp_ext.train.tasks import TaskModel, graph_configs
 from jmp_ext.warn import warn_user
@@ -43,7 +42,7 @@ def init_from_checkpoint(model: TaskModel, config: TrainConfig) -> list[str]:
         except ConfigError:  # (a config this version no longer reads: nothing to compare with)
             pass
     try:
-        load_jmp_checkpoint(weights, model.net, use_ema=False)  # (weights are already the EMA ones if asked)
+        load_weights(weights, model.net)
     except ValueError as e:
         # (the error names a backbone preset the weights fit; a run's checkpoint says what it had)
         hint = ("check model.backbone / model.backbone_overrides against the checkpoint's architecture"

@@ -14,6 +14,7 @@ import errno
 import os
 import uuid
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -31,20 +32,29 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     except OSError as e:  # (a read-only directory: the target is the file the user knows)
         raise OSError(e.errno, e.strerror, str(path)) from e
     try:
-        with f:
+        with naming(path), f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as e:
+    except BaseException:
         tmp.unlink(missing_ok=True)
-        # A failed write or fsync (a full disk) names no file: name the one it was writing. Under
-        # torch.save, whose zip writer raises its own RuntimeError ("unexpected pos ...") over it.
+        raise
+    fsync_dir(path.parent)  # (the rename itself)
+
+
+@contextmanager
+def naming(path: str | Path):
+    """Raises an OSError of the block that names no file (a failed write or fsync: a full disk)
+    as one naming `path`, the file it was writing; also under torch.save, whose zip writer
+    raises its own RuntimeError ("unexpected pos ...") over it."""
+    try:
+        yield
+    except BaseException as e:
         cause = e.__context__ if isinstance(e, RuntimeError) else e
         if isinstance(cause, OSError) and cause.errno is not None and cause.filename is None:
             raise OSError(cause.errno, cause.strerror, str(path)) from e
         raise
-    fsync_dir(path.parent)  # (the rename itself)
 
 
 def fsync_dir(directory: str | Path) -> None:

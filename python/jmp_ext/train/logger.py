@@ -15,12 +15,11 @@ from __future__ import annotations
 import csv
 import io
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm import tqdm
 
-from jmp_ext.files import write_bytes_atomic
+from jmp_ext.files import naming, write_bytes_atomic
 
 FIELDS = ["step", "split", "name", "value"]
 
@@ -77,12 +76,12 @@ class RunLogger:
             return
         rows = [(name, value) for name, value in metrics.items() if (step, split, name) not in self._logged_at_start]
         # (a full disk names no file: name the one this was writing)
-        with _naming(self.path):
+        with naming(self.path):
             for name, value in rows:
                 self._csv.writerow({"step": step, "split": split, "name": name, "value": value})
             self._file.flush()
         if self.tb is not None:
-            with _naming(self.path.parent / "tb"):
+            with naming(self.path.parent / "tb"):
                 for name, value in rows:
                     self.tb.add_scalar(f"{split}/{name}", value, step)
         if split == "train" and not self.progress:
@@ -107,17 +106,6 @@ class RunLogger:
             self._file.close()
         if self.tb is not None:
             self.tb.close()
-
-
-@contextmanager
-def _naming(path: Path):
-    """Raises an OSError of the block that names no file as one naming `path`."""
-    try:
-        yield
-    except OSError as e:
-        if e.errno is None or e.filename is not None:
-            raise
-        raise OSError(e.errno, e.strerror, str(path)) from e
 
 
 def _read_rows(path: Path, last_step: int) -> list[dict]:

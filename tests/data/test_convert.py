@@ -21,7 +21,7 @@ from ase.stress import voigt_6_to_full_3x3_stress
 
 from jmp_ext.data import DataError, LmdbDataset
 from jmp_ext.data.__main__ import main
-from jmp_ext.data.convert import KeyMap, _check_extxyz_read_whole, convert, unpickle_data
+from jmp_ext.data.convert import KeyMap, convert, _extxyz_structures, unpickle_data
 
 
 def make_atoms(rng, n=None, periodic=True):
@@ -309,9 +309,15 @@ def test_truncated_extxyz(tmp_path, frames):
     ase.io.write(tmp_path / "in.extxyz", frames)
     text = (tmp_path / "in.extxyz").read_text().splitlines()
     (tmp_path / "in.extxyz").write_text("\n".join(text[:-2]) + "\n")
-    with pytest.raises(DataError, match=r"in.extxyz structure 5: cannot parse"):
+    start = sum(len(a) + 2 for a in frames[:5]) + 1
+    with pytest.raises(DataError, match=rf"in.extxyz structure 5: cut short: the file ends inside it \(it starts at "
+                                        rf"line {start}, with an atom count of {len(frames[5])}\)"):
         convert(tmp_path / "in.extxyz", tmp_path / "out")
     assert convert(tmp_path / "in.extxyz", tmp_path / "out", skip_invalid=True).written == 5
+    # A wrong atom count far beyond the file's end: named at once, not read line by line to it.
+    (tmp_path / "count.extxyz").write_text("1000000000000\n\nH 0 0 0\n")
+    with pytest.raises(DataError, match=r"count.extxyz structure 0: cut short: .* atom count of 1000000000000\)"):
+        convert(tmp_path / "count.extxyz", tmp_path / "out2")
 
 
 def test_an_extxyz_is_read_whole_or_refused(tmp_path, frames):
@@ -380,31 +386,54 @@ def test_an_extxyz_is_read_whole_or_refused(tmp_path, frames):
 
     with pytest.MonkeyPatch.context() as m:
         m.setattr(formats, "open_with_compression", lambda *args, **kwargs: NoSeek(opened(*args, **kwargs)))
-        _check_extxyz_read_whole(tmp_path / "joined.extxyz.gz")
+        assert sum(1 for _ in _extxyz_structures(tmp_path / "joined.extxyz.gz")) == 6
 
 
-def test_a_structure_ase_cannot_parse_is_skipped_alone(tmp_path, frames):
+def test_a_structure_ase_cannot_parse_is_skipped_alone(tmp_path, frames, monkeypatch):
     """ase.io's reader stops at a parse error: --skip-invalid skipped the bad structure and lost
-    every one after it, reported as one skipped entry."""
+    every one after it, reported as one skipped entry. Then it read the file again from its
+    start after each such structure (~2 s per GB): each structure is now parsed on its own."""
     ase.io.write(tmp_path / "in.extxyz", frames)
     lines = (tmp_path / "in.extxyz").read_text().splitlines()
     atom_line = sum(len(a) + 2 for a in frames[:2]) + 2  # (structure 2's first atom)
     lines[atom_line] = lines[atom_line].replace(".", ",", 1)
     (tmp_path / "in.extxyz").write_text("\n".join(lines) + "\n")
-    with pytest.raises(DataError, match=r"in.extxyz structure 2: cannot parse \(ValueError"):
+    with pytest.raises(DataError, match=rf"in.extxyz structure 2: cannot parse \(line {atom_line - 1} on; ValueError"):
         convert(tmp_path / "in.extxyz", tmp_path / "out")
     report = convert(tmp_path / "in.extxyz", tmp_path / "out", skip_invalid=True)
     assert report.written == 5 and len(report.skipped) == 1 and "structure 2: cannot parse" in report.skipped[0]
     assert [int(e["sid"]) for e in LmdbDataset(tmp_path / "out")] == [0, 1, 3, 4, 5]
-    # A file unreadable from some structure on: not tried structure by structure to its end.
+    # Twelve bad structures of fourteen: each skipped alone, the file opened three times (ase's
+    # format detection, its check, its structures), however many are bad.
     many = [frames[0]] * 14
     ase.io.write(tmp_path / "bad.extxyz", many)
     lines = (tmp_path / "bad.extxyz").read_text().splitlines()
     for k in range(1, 13):
         lines[k * (len(frames[0]) + 2) + 2] = lines[k * (len(frames[0]) + 2) + 2].replace(".", ",", 1)
     (tmp_path / "bad.extxyz").write_text("\n".join(lines) + "\n")
-    with pytest.raises(DataError, match=r"bad.extxyz: ase.io could not parse structures 1 to 11 in a row"):
-        convert(tmp_path / "bad.extxyz", tmp_path / "out3", skip_invalid=True)
+    from ase.io import formats
+
+    opened, opens = formats.open_with_compression, []
+    monkeypatch.setattr(formats, "open_with_compression", lambda *a, **k: opens.append(a[0]) or opened(*a, **k))
+    report = convert(tmp_path / "bad.extxyz", tmp_path / "out3", skip_invalid=True)
+    assert report.written == 2 and len(report.skipped) == 12 and "structure 12: cannot parse" in report.skipped[-1]
+    assert opens == [str(tmp_path / "bad.extxyz")] * 3
+
+
+def test_a_reader_that_stops_at_a_parse_error_is_not_tried_to_the_end(tmp_path, frames):
+    """Other formats go through ase.io's own readers, which end at a parse error; reading goes
+    on after the structure, but a file unreadable from some structure on is not tried structure
+    by structure to its end (XDATCAR's reader parses every structure before the first)."""
+    cell = [[6.0, 0, 0], [0, 6.0, 0], [0, 0, 6.0]]
+    structures = [Atoms("H2O", positions=[[1, 1, 1], [1.5, 1.5, 1], [2, 1, 1.5]], cell=cell, pbc=True)] * 14
+    ase.io.write(tmp_path / "XDATCAR", structures, format="vasp-xdatcar")
+    lines = (tmp_path / "XDATCAR").read_text().splitlines()
+    first = [i for i, line in enumerate(lines) if line.startswith("Direct configuration")][2] + 1
+    lines[first] = lines[first].replace(".", ",", 1)
+    (tmp_path / "XDATCAR").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"XDATCAR: ase.io could not parse structures 0 to 10 in a row \(the last: "
+                                        r"ValueError"):
+        convert(tmp_path / "XDATCAR", tmp_path / "out", skip_invalid=True)
 
 
 def test_files_ase_cannot_read_are_one_line_errors(tmp_path, capsys):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import io
+import itertools
 import pickle
 import reprlib
 from collections.abc import Iterator
@@ -416,7 +417,8 @@ def _atoms_entry(atoms: Atoms, keys: KeyMap, report: ConvertReport, sid: int) ->
     return keys.to_ev_angstrom(entry)
 
 
-# Structures ase.io fails to parse one after the other before convert gives up on a file.
+# Structures ase.io fails to parse one after the other before convert gives up on a file (not
+# an extxyz: each of its structures is parsed on its own).
 _MAX_UNPARSED_IN_A_ROW = 10
 
 
@@ -424,59 +426,97 @@ def iter_ase_file(path: Path, keys: KeyMap, report: ConvertReport) -> Iterator[t
     """(where, entry or exception) for every structure of a file ase.io reads (extxyz, traj).
     A structure ase.io cannot parse is yielded as a DataError, and reading goes on after it;
     a file that ase.io would read only in part is a DataError raised (not one to skip)."""
-    from ase.io import iread
     from ase.io.formats import filetype
 
     try:
         kind = filetype(str(path))
         if kind == "extxyz":
-            _check_extxyz_read_whole(path)
+            for _ in _extxyz_structures(path, text=False):
+                pass
     except fmt.DataError:
         raise
     except Exception as error:  # (ase.io's UnknownFileTypeError, a compressed file that is not)
         raise UnreadableSource(f"{path}: ase.io cannot read it ({type(error).__name__}: {error})") from error
     # (the bar closed with the stream, before an error is printed: not on the same line after it)
     with tqdm(desc=str(path), unit="structure") as bar:
-        frames, index, failures = iread(str(path), index=":"), 0, 0
-        while True:
+        frames = _parsed_extxyz_structures(path) if kind == "extxyz" else _parsed_structures(path, kind)
+        for index, atoms in enumerate(frames):
             where = f"{path} structure {index}"
-            try:
-                atoms = next(frames)
-            except StopIteration:
-                if index == 0:  # (an extxyz named .out reads as Quantum ESPRESSO output: nothing)
-                    raise UnreadableSource(f"{path}: ase.io read no structure from it, reading it as format {kind!r} "
-                                           "(which it takes from the name and contents; a file of another format "
-                                           "needs that format's suffix: .extxyz, .traj, ...)") from None
-                return
-            except Exception as error:
-                failures += 1
-                if failures > _MAX_UNPARSED_IN_A_ROW:  # (each new reader scans the file again)
-                    raise UnreadableSource(f"{path}: ase.io could not parse structures {index - failures + 1} to "
-                                           f"{index} in a row (the last: {type(error).__name__}: {error}); rather "
-                                           "than try every structure of a file that may be unreadable from there "
-                                           "on, convert stops: fix the file") from error
-                yield where, fmt.DataError(f"cannot parse ({type(error).__name__}: {error})")
-                # ase.io's reader ends at a parse error: a new one goes on after the structure.
-                index += 1
-                frames = iread(str(path), index=f"{index}:")
+            if isinstance(atoms, fmt.DataError):
+                yield where, atoms
                 continue
-            failures = 0
             bar.update()
             try:
                 yield where, _atoms_entry(atoms, keys, report, index)
             except Exception as error:
                 yield where, error
+
+
+def _parsed_extxyz_structures(path: Path) -> Iterator[Atoms | fmt.DataError]:
+    """Each structure of an extxyz file parsed by ase.io on its own, or the DataError saying why
+    it could not be: one bad structure costs nothing but itself."""
+    from ase.io import read
+
+    structures = _extxyz_structures(path)
+    if (first := next(structures, None)) is None:
+        raise _no_structure_read(path, "extxyz")
+    for line_number, text, complete in itertools.chain([first], structures):
+        if not complete:
+            natoms = int(text.partition("\n")[0])
+            yield fmt.DataError(f"cut short: the file ends inside it (it starts at line {line_number}, with an atom "
+                                f"count of {natoms})")
+            return
+        try:
+            yield read(io.StringIO(text), format="extxyz")
+        except Exception as error:
+            yield fmt.DataError(f"cannot parse (line {line_number} on; {type(error).__name__}: {error})")
+
+
+def _parsed_structures(path: Path, kind: str) -> Iterator[Atoms | fmt.DataError]:
+    """Each structure of a file ase.io reads, or the DataError of one it cannot parse. ase.io's
+    reader ends at a parse error: a new one goes on after that structure, scanning the file again."""
+    from ase.io import iread
+
+    frames, index, failures = iread(str(path), index=":"), 0, 0
+    while True:
+        try:
+            atoms = next(frames)
+        except StopIteration:
+            if index == 0:  # (an extxyz named .out reads as Quantum ESPRESSO output: nothing)
+                raise _no_structure_read(path, kind) from None
+            return
+        except Exception as error:
+            failures += 1
+            if failures > _MAX_UNPARSED_IN_A_ROW:
+                raise UnreadableSource(f"{path}: ase.io could not parse structures {index - failures + 1} to "
+                                       f"{index} in a row (the last: {type(error).__name__}: {error}); rather "
+                                       "than try every structure of a file that may be unreadable from there "
+                                       "on, convert stops: fix the file") from error
+            yield fmt.DataError(f"cannot parse ({type(error).__name__}: {error})")
             index += 1
+            frames = iread(str(path), index=f"{index}:")
+            continue
+        failures = 0
+        yield atoms
+        index += 1
 
 
-def _check_extxyz_read_whole(path: Path) -> None:
-    """Raises an UnreadableSource when ase.io's extxyz reader would stop before the end of
-    `path`: it ends the file at a blank line where a structure's first line (its atom count)
-    should be, as `cat a.extxyz; echo; cat b.extxyz` makes, and leaves the rest out without a
-    word; or when it would read nothing (an atom count that does not match its atom lines,
-    which the reader reports as a bad first structure). Follows the reader's own scan (an atom
-    count, a comment line, the atoms, VEC lines), reading each line once (a seek back in a
-    compressed file decompresses it again from its start)."""
+def _no_structure_read(path: Path, kind: str) -> UnreadableSource:
+    return UnreadableSource(f"{path}: ase.io read no structure from it, reading it as format {kind!r} (which it "
+                            "takes from the name and contents; a file of another format needs that format's "
+                            "suffix: .extxyz, .traj, ...)")
+
+
+def _extxyz_structures(path: Path, text: bool = True) -> Iterator[tuple[int, str | None, bool]]:
+    """(its first line number, its text or None when not `text`, whether the file holds all of
+    it) for each structure of an extxyz file, framed as ase.io's extxyz reader frames them: an
+    atom count, a comment line, the atoms, up to three VEC lines. Raises an UnreadableSource
+    where that reader would stop before the end of `path`: it ends the file at a blank line
+    where a structure's first line (its atom count) should be, as `cat a.extxyz; echo; cat
+    b.extxyz` makes, and leaves the rest out without a word; or where it would read nothing (an
+    atom count that does not match its atom lines, which the reader reports as a bad first
+    structure). Reads each line once (a seek back in a compressed file decompresses it again
+    from its start)."""
     from ase.io.formats import open_with_compression
 
     with open_with_compression(str(path)) as file:
@@ -492,9 +532,15 @@ def _check_extxyz_read_whole(path: Path) -> None:
                 raise UnreadableSource(f"{path}: line {line_number}, where structure {structures} should start "
                                        f"with its atom count, reads {line.strip()[:60]!r}: {after}, and ase.io's "
                                        "extxyz reader reads nothing of such a file; fix the file")
+            first, lines = line_number, [line]
+            for _ in range(natoms + 1):  # (the comment line, the atoms)
+                line = file.readline()
+                if not line:
+                    yield first, "".join(lines) if text else None, False
+                    return
+                if text:
+                    lines.append(line)
             structures += 1
-            for _ in range(natoms + 1):
-                file.readline()
             line, line_number = file.readline(), line_number + natoms + 2
             vectors = 0
             while line.lstrip().startswith("VEC"):
@@ -503,7 +549,9 @@ def _check_extxyz_read_whole(path: Path) -> None:
                     raise UnreadableSource(f"{path}: line {line_number}: structure {structures - 1} has more than "
                                            "three VEC lines (lattice vectors), and ase.io's extxyz reader reads "
                                            "nothing of such a file; fix the file")
+                lines.append(line)
                 line, line_number = file.readline(), line_number + 1
+            yield first, "".join(lines) if text else None, True
         if not line:
             return
         blank = line_number

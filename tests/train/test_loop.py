@@ -214,8 +214,12 @@ def test_bad_class_labels_are_named(tmp_path):
 def test_resume_refuses_a_different_run_but_not_a_different_loader(tiny_data, tmp_path):
     loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path, max_steps=2))).train()
     resume = ["resume=true", "loop.max_steps=3"]
-    with pytest.raises(TrainError, match="config differs in 'seed'"):
+    with pytest.raises(TrainError, match=r"config differs in 'seed' \(5 now, 0 in last.pt\), which a resumed run must "
+                                         r"keep \(give the run's own config, .*config.yaml; to train anew from its "
+                                         r"weights, start another run_dir with model.init_checkpoint\)$"):
         loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path), [*resume, "seed=5"]))
+    with pytest.raises(TrainError, match=r"config differs in 'tasks.1.targets.1.coef' \(2.0 now, 10.0 in last.pt\)"):
+        loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path), [*resume, "tasks.1.targets.1.coef=2"]))
     with pytest.raises(TrainError, match="config differs in 'data.batch_size'"):
         loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path), [*resume, "data.batch_size=3"]))
     trainer = loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path), [*resume, "data.val_batch_size=4"]))
@@ -330,7 +334,30 @@ def test_a_run_from_before_units_were_recorded_resumes_and_lends_its_heads(tiny_
     assert loop.Trainer(build_config(raw)).initialised_heads == ["mol", "box"]
     state["config"]["tasks"][0]["targets"][0]["unit"] = "kcal/mol"
     torch.save(state, run / "last.pt")
-    with pytest.raises(TrainError, match="its config differs in 'tasks'"):
+    with pytest.raises(TrainError, match=r"its config differs in 'tasks.0.targets.0.unit' \('eV' now, 'kcal/mol' in "
+                                         r"last.pt\)"):
+        loop.Trainer(build_config(pretrain_config(tiny_data, run, max_steps=3), ["resume=true"]))
+
+
+@pytest.mark.filterwarnings("ignore:resume. the cosine after the warmup is now")  # (a longer run: true)
+def test_a_run_from_before_a_config_field_existed_resumes(tiny_data, tmp_path):
+    """A last.pt written before TargetConfig.references and ModelConfig.init_heads existed was
+    refused as a run with other tasks, even with its own config.yaml; a field added since takes
+    its default, as in that config.yaml loaded now. One this version cannot read is named."""
+    run = tmp_path / "run"
+    loop.Trainer(build_config(pretrain_config(tiny_data, run, max_steps=1))).train()
+    state = load_checkpoint(run / "last.pt")
+    del state["config"]["model"]["init_heads"]
+    for task in state["config"]["tasks"]:
+        for target in task["targets"]:
+            del target["references"]
+    torch.save(state, run / "last.pt")
+    assert loop.Trainer(build_config(pretrain_config(tiny_data, run, max_steps=2), ["resume=true"])).train()["steps"] == 2
+    state = load_checkpoint(run / "last.pt")
+    state["config"]["model"]["layers"] = 4
+    torch.save(state, run / "last.pt")
+    with pytest.raises(TrainError, match=r"resume: .*last\.pt holds a config this version cannot read \(model.layers: "
+                                         r"unknown key .*\): it was written by another version"):
         loop.Trainer(build_config(pretrain_config(tiny_data, run, max_steps=3), ["resume=true"]))
 
 

@@ -18,6 +18,7 @@ import copy
 import functools
 import json
 import math
+import reprlib
 import shutil
 import signal
 import threading
@@ -37,7 +38,7 @@ from jmp_ext.models.checkpoint import checked_weights
 from jmp_ext.train import distributed, tasks
 from jmp_ext.train.batches import entries_named, entries_of, load_batches, name_entries, to_device
 from jmp_ext.train.checkpoint import load_checkpoint, resume_state_problem, rng_state, save_checkpoint, set_rng_state
-from jmp_ext.train.config import TrainConfig, TrainError, save_config, to_dict
+from jmp_ext.train.config import ConfigError, TrainConfig, TrainError, from_dict, save_config, to_dict
 from jmp_ext.train.ema import EMA
 from jmp_ext.train.inference import evaluate, key_mismatch
 from jmp_ext.train.init_checkpoint import init_from_checkpoint
@@ -112,16 +113,30 @@ def freeze(net: nn.Module, embedding: bool, blocks: list[int]) -> None:
             net.backbone.out_blocks[0].requires_grad_(False)
 
 
-def _with_units_of(saved: dict, now: dict) -> dict:
-    """A last.pt's config whose targets without a unit (a run from before units were recorded)
-    take this run's, so that it resumes; a recorded one must match, as the rest of the tasks."""
-    saved = copy.deepcopy(saved)
-    for old_task, task in zip(saved.get("tasks") or [], now["tasks"]):
-        if isinstance(old_task, dict) and isinstance(old_task.get("targets"), list):
-            for old, new in zip(old_task["targets"], task["targets"]):
-                if isinstance(old, dict) and old.get("unit") is None:
-                    old["unit"] = new["unit"]
+def _as_read_now(saved: dict, now: dict) -> dict:
+    """A last.pt's config as this version reads it: a field added since it was written takes its
+    default, as in its config.yaml loaded now, and a target without a unit (a run from before
+    units were recorded) takes this run's; a recorded one must match, as the rest of the tasks.
+    A ConfigError where this version cannot read it."""
+    saved = to_dict(from_dict(TrainConfig, saved))
+    for old_task, task in zip(saved["tasks"], now["tasks"]):
+        for old, new in zip(old_task["targets"], task["targets"]):
+            if old["unit"] is None:
+                old["unit"] = new["unit"]
     return saved
+
+
+def _first_difference(old, new, key: str) -> tuple[str, object, object] | None:
+    """(dotted key, old value, new value) of the first value in which two plain configs differ;
+    None where none does."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        names = [*old, *(name for name in new if name not in old)]
+        found = (_first_difference(old.get(n), new.get(n), f"{key}.{n}") for n in names)
+    elif isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        found = (_first_difference(a, b, f"{key}.{i}") for i, (a, b) in enumerate(zip(old, new)))
+    else:
+        return None if old == new else (key, old, new)
+    return next(filter(None, found), None)
 
 
 def _file_identity(path: Path) -> tuple[int, int, int] | None:
@@ -780,18 +795,25 @@ class Trainer:
         if problem is not None:
             raise self._foreign_last_pt(problem)
         now = to_dict(self.config)
-        saved = _with_units_of(state["config"], now)
+        try:
+            saved = _as_read_now(state["config"], now)
+        except ConfigError as e:
+            raise self._foreign_last_pt(f"holds a config this version cannot read ({e})") from None
         # What fixes the network and the order of the batches must not change; how they are
         # loaded (data.num_workers, data.in_memory, data.val_batch_size) may.
         same = ["mode", "tasks", "graph", "model", "seed", "data.max_atoms", "data.batch_size", "data.temperature"]
         for key in same:
             section, _, field_name = key.partition(".")
-            old, new = saved.get(section), now[section]
+            old, new = saved[section], now[section]
             if field_name:
-                old, new = (old or {}).get(field_name), new[field_name]
-            if old != new:
-                raise TrainError(f"cannot resume {path}: its config differs in {key!r} (resume needs the same run; "
-                                 f"start a new run_dir or set resume=false)")
+                old, new = old[field_name], new[field_name]
+            if (differs := _first_difference(old, new, key)) is not None:
+                name, old, new = differs
+                # (not "resume=false": with the overwrite: true of a demo's config.yaml that deletes the run)
+                raise TrainError(f"cannot resume {path}: its config differs in {name!r} ({reprlib.repr(new)} now, "
+                                 f"{reprlib.repr(old)} in last.pt), which a resumed run must keep (give the run's "
+                                 f"own config, {self.run_dir / 'config.yaml'}; to train anew from its weights, start "
+                                 "another run_dir with model.init_checkpoint)")
         try:  # (a file of NaN weights resumed into skipped steps only)
             for weights in (state["model"], state["ema"] or {}):
                 checked_weights(weights, path)

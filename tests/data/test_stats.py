@@ -503,3 +503,36 @@ def test_statistics_of_an_earlier_dataset_in_the_directory_are_recomputed(tmp_pa
     train = load_stats(tmp_path / "parts" / "train")
     assert val["num_entries"] == 30 and "dataset_id" not in val and train["dataset_id"] != stats["dataset_id"]
     np.testing.assert_array_equal(val["linref"], train["linref"])
+
+
+def test_statistics_cached_before_outliers_were_checked_are_recomputed_once(tmp_path):
+    """A stats.json written before the check for outlying labels had no "outliers": its
+    dataset's absurd label was never warned of, by `stats` or by training on it."""
+    entries = labelled_entries(np.random.default_rng(7), 150)
+    entries[37]["energy"] = np.asarray(1e30, dtype=entries[37]["energy"].dtype)
+    write_dataset(tmp_path / "ds", entries)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        load_stats(tmp_path / "ds")
+        split_dataset(tmp_path / "ds", tmp_path / "parts", {"train": np.arange(140), "val": np.arange(140, 150)})
+    for directory in ("ds", "parts/train", "parts/val"):
+        file = tmp_path / directory / "stats.json"
+        older = {key: value for key, value in json.loads(file.read_text()).items()
+                 if key not in ("outliers", "dataset_id")}
+        file.write_text(json.dumps(older))
+    for directory in ("ds", "parts/train"):
+        with pytest.warns(UserWarning) as caught:
+            stats = load_stats(tmp_path / directory)
+        assert len(caught) == 2
+        assert str(caught[0].message) == (f"{tmp_path / directory / 'stats.json'} predates the check for outlying "
+                                          "labels: computing the statistics again")
+        assert str(caught[1].message).startswith(f"{tmp_path / directory}: entry 37's 'energy' (9.")
+        assert list(stats["outliers"]) == ["energy"]
+        assert "outliers" in json.loads((tmp_path / directory / "stats.json").read_text())
+        with pytest.warns(UserWarning, match=r"entry 37's 'energy'") as caught:  # (cached: not computed again)
+            load_stats(tmp_path / directory)
+        assert len(caught) == 1
+    # A split's val part holds its train part's statistics: not its own to recompute.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert "outliers" not in load_stats(tmp_path / "parts" / "val")

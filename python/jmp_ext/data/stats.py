@@ -381,6 +381,12 @@ def load_stats(dataset_dir: str | Path, recompute: bool = False, progress: bool 
     recompute = f"recompute with `python -m jmp_ext.data stats {dataset_dir} --recompute`"
     if stats.get("version") != STATS_VERSION:
         raise fmt.DataError(f"{file}: statistics version {stats.get('version')} is not {STATS_VERSION}; {recompute}")
+    # Cached before labels were checked for outliers: a dataset's own statistics (what a training
+    # run reads) are computed again, once, for their warnings; a split's val and test parts keep
+    # their train part's.
+    if "outliers" not in stats and stats.get("source", Path(dataset_dir).name) == Path(dataset_dir).name:
+        warn_user(f"{file} predates the check for outlying labels: computing the statistics again")
+        return load_stats(dataset_dir, recompute=True, progress=progress)
     try:
         stats = _from_json(stats)
         _check_stats(stats)

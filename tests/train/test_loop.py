@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import warnings
 
 import numpy as np
@@ -359,6 +360,24 @@ def test_a_run_from_before_a_config_field_existed_resumes(tiny_data, tmp_path):
     with pytest.raises(TrainError, match=r"resume: .*last\.pt holds a config this version cannot read \(model.layers: "
                                          r"unknown key .*\): it was written by another version"):
         loop.Trainer(build_config(pretrain_config(tiny_data, run, max_steps=3), ["resume=true"]))
+
+
+def test_a_failed_or_untrained_trainer_closes_its_log(tiny_data, tmp_path, monkeypatch):
+    """A Trainer whose train() raised, or that was released untrained, kept metrics.csv open and
+    TensorBoard's writer thread running: one more of each per run of a sweep in one process."""
+    threads = threading.active_count()
+    untrained = loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path / "a")))
+    untrained.release_run_dir()
+    failed = loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path / "b")))
+
+    def fail(batch, stand_in):
+        raise RuntimeError("injected")
+    monkeypatch.setattr(failed, "train_step", fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        failed.train()
+    for trainer in (untrained, failed):
+        assert trainer.log._file.closed
+    assert threading.active_count() == threads  # (TensorBoard's writers, where it is installed)
 
 
 def test_resume_refuses_weights_that_are_not_finite(tiny_data, tmp_path):

@@ -240,6 +240,7 @@ class Trainer:
         self.resumed, self.resumed_at_step = resumed, self.step
 
         self.run_lock = None  # rank 0's lock on run_dir, from before it writes there to the end of train()
+        self.log: RunLogger | None = None  # metrics.csv, TensorBoard's writer (a thread) and the progress bar
         self.loader = None  # train(): the current epoch's batch iterator
         self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
                     if self.dist.world_size > 1 else self.model)
@@ -356,7 +357,10 @@ class Trainer:
             self.release_run_dir()
 
     def release_run_dir(self) -> None:
-        """Drops rank 0's lock on run_dir (train() does; a Trainer that is not trained can)."""
+        """Closes the run's log (metrics.csv, TensorBoard's writer thread) and drops rank 0's lock
+        on run_dir: train() does, however it ends; a Trainer that is not trained can."""
+        if self.log is not None:
+            self.log.close()
         unlock_run_dir(self.run_lock)
         self.run_lock = None
 
@@ -393,7 +397,6 @@ class Trainer:
                 self.train_step(batch, is_stand_in(global_batch, self.dist.rank))
                 if self.stop_requested:  # (the step did not run: its batch is the resumed run's first)
                     self.save_last()
-                    self.log.close()
                     raise KeyboardInterrupt(f"stopped after step {self.step}, saved in {self.run_dir / 'last.pt'}")
                 self.batch_in_epoch += 1
                 self.step += 1

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from jmp_ext.files import naming, write_bytes_atomic
+from jmp_ext.files import naming, write_atomic
 
 FIELDS = ["step", "split", "name", "value"]
 
@@ -31,14 +31,8 @@ class RunLogger:
         self.tb = self._file = None
         self._logged_at_start: set[tuple[int, str, str]] = set()
         if enabled:
-            rows = _read_rows(self.path, start_step) if start_step > 0 else []
-            self._logged_at_start = {(r["step"], r["split"], r["name"]) for r in rows if r["step"] == start_step}
-            buf = io.StringIO()
-            writer = csv.DictWriter(buf, fieldnames=FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
-            write_bytes_atomic(self.path, buf.getvalue().encode())
-            self._file = open(self.path, "a", newline="")
+            self._logged_at_start = _keep_rows_up_to(self.path, start_step)
+            self._file = open(self.path, "a", newline="", encoding="utf-8")
             self._csv = csv.DictWriter(self._file, fieldnames=FIELDS)
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -108,20 +102,31 @@ class RunLogger:
             self.tb.close()
 
 
-def _read_rows(path: Path, last_step: int) -> list[dict]:
-    """metrics.csv's rows up to last_step; a row torn by a kill mid-write (a full disk, a power
-    cut) is left out: the text after the last line end, which may still parse ("0.72" of
-    "0.7234418577203527"), and any row that does not parse."""
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        text = f.read()
-    rows = []
-    for r in csv.DictReader(io.StringIO(text[:text.rfind("\n") + 1], newline="")):
-        try:
-            row = {"step": int(r["step"]), "split": r["split"], "name": r["name"], "value": float(r["value"])}
-        except (TypeError, ValueError):
-            continue
-        if row["step"] <= last_step:
-            rows.append(row)
-    return rows
+def _keep_rows_up_to(path: Path, last_step: int) -> set[tuple[int, str, str]]:
+    """Rewrites metrics.csv (atomically) with its rows up to last_step, one at a time (a long
+    run's file holds millions), and returns the (step, split, name) of those at last_step. A row
+    torn by a kill mid-write (a full disk, a power cut) is left out: the text after the last line
+    end, which may still parse ("0.72" of "0.7234418577203527"), and any row that does not parse."""
+    logged_at_last: set[tuple[int, str, str]] = set()
+
+    def write(binary) -> None:
+        out = io.TextIOWrapper(binary, encoding="utf-8", newline="")
+        writer = csv.DictWriter(out, fieldnames=FIELDS)
+        writer.writeheader()
+        if last_step > 0 and path.is_file():
+            with open(path, newline="", encoding="utf-8", errors="replace") as f:  # (damage: rows that do not parse)
+                for r in csv.DictReader(line for line in f if line.endswith("\n")):
+                    try:
+                        row = {"step": int(r["step"]), "split": r["split"], "name": r["name"],
+                               "value": float(r["value"])}
+                    except (TypeError, ValueError):
+                        continue
+                    if row["step"] <= last_step:
+                        writer.writerow(row)
+                    if row["step"] == last_step:
+                        logged_at_last.add((row["step"], row["split"], row["name"]))
+        out.flush()
+        out.detach()  # (write_atomic closes the file)
+
+    write_atomic(path, write)
+    return logged_at_last

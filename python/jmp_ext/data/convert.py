@@ -549,7 +549,8 @@ def _extxyz_structures(path: Path, text: bool = True) -> Iterator[tuple[int, str
                     raise UnreadableSource(f"{path}: line {line_number}: structure {structures - 1} has more than "
                                            "three VEC lines (lattice vectors), and ase.io's extxyz reader reads "
                                            "nothing of such a file; fix the file")
-                lines.append(line)
+                if text:
+                    lines.append(line)
                 line, line_number = file.readline(), line_number + 1
             yield first, "".join(lines) if text else None, True
         if not line:

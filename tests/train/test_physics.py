@@ -206,3 +206,23 @@ def test_a_cell_relaxation_goes_downhill(checkpoint):
     assert len(energies) == 4
     assert energies[1] < energies[0] and energies[-1] < energies[0]
     assert np.abs(atoms.cell.array - cell).max() > 1e-3
+
+
+def test_float32_forces_of_a_small_cell_do_not_depend_on_the_batch(checkpoint):
+    """In a cell with a lattice vector under the cutoff, an atom's own images are its neighbours,
+    three of them on a line, where the dihedral basis hands the edges between them gradients of
+    ~1e6; those went to the atom as +g and -g, which cancel only in exact arithmetic: float32
+    forces kept their rounding (0.02 eV/Å in a trained model's 4-atom Cu cells) and changed with
+    the batch. They belong to the cell alone: such an edge is its lattice shift wherever the atom is."""
+    import torch
+
+    from jmp_ext.train.inference import load_trained, predict_structures
+
+    small = ase.Atoms("CNO", positions=[[0.2, 0.3, 0.4], [0.9, 1.6, 1.7], [0.5, 2.9, 0.8]],
+                      cell=[[1.95, 0.1, 0.0], [0.2, 4.5, 0.1], [0.0, 0.3, 4.6]], pbc=True)
+    model, _ = load_trained(checkpoint, dtype="float32")
+    alone = predict_structures(model, [small])["forces"]
+    together = predict_structures(model, [rattled_cell(), small, small])["forces"]
+    scale = float(alone.abs().max())
+    for forces in (together[5:8], together[8:]):
+        torch.testing.assert_close(forces, alone, rtol=0, atol=1e-5 * scale)

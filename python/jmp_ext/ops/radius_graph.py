@@ -350,12 +350,19 @@ def edge_vectors(
             system is periodic.
         batch: [N] int64 system of every atom (None: one system).
     Returns:
-        [E, 3] in pos's dtype; gradients flow to pos and cell. ``.norm(dim=-1)`` gives d.
+        [E, 3] in pos's dtype; gradients flow to pos and cell (from an edge between an atom and
+        its own image, to the cell only). ``.norm(dim=-1)`` gives d.
     """
     source, target = edge_index[0], edge_index[1]
     # gather, not indexing: its gradient (forces, stress) is a deterministic sum; indexing's
     # float32 backward on the CPU adds in a different order from call to call.
     vectors = gather(pos, source) - gather(pos, target)
+    # An edge from an atom's own image is its lattice shift wherever the atom is: its gradient
+    # goes to the cell alone, not as +g and -g to the atom. Those cancel only in exact
+    # arithmetic, and g is ~1e6 where three images of an atom line up (GemNet-OC's dihedral
+    # basis, in a cell with a lattice vector under the cutoff): float32 forces kept its rounding,
+    # and changed with the batch. (Its value stays x - x = 0.)
+    vectors = torch.where((source == target)[:, None], 0.0, vectors)
     if cell is None:
         return vectors
     cell = cell.reshape(-1, 3, 3)

@@ -83,8 +83,6 @@ class JMPCalculator(Calculator):
         from jmp_ext.train.inference import load_trained, task_index
 
         super().__init__()
-        if dtype is not None and dtype not in ("float32", "float64"):
-            raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
         if isinstance(checkpoint, TaskModel):
             # (moving or casting it here would change the caller's model under their feet)
             if device is not None or dtype is not None:
@@ -93,9 +91,7 @@ class JMPCalculator(Calculator):
             self.model, source = checkpoint, "the model"
             self._check_eval_mode()
         else:
-            self.model, _ = load_trained(checkpoint, "cpu" if device is None else device)
-            if dtype is not None:
-                self.model.net.to(getattr(torch, dtype))
+            self.model, _ = load_trained(checkpoint, "cpu" if device is None else device, dtype)
             source = str(checkpoint)
         self.task = task_index(self.model.tasks, task, "task=")
         task_config = self.model.tasks[self.task]

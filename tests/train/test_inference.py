@@ -387,6 +387,17 @@ def test_eval_and_predict_cli(checkpoint, tiny_data, tmp_path):
     for k, atoms in enumerate(images):
         atoms.calc = calc
         assert pred["energy"][k] == pytest.approx(atoms.get_potential_energy(), rel=1e-10)
+    # --dtype: the network in another precision (this checkpoint was trained in float64).
+    single = tmp_path / "single.npz"
+    assert main(["predict", str(checkpoint), str(tmp_path / "in.extxyz"), "--out", str(single), "--dtype", "float32"]) == 0
+    calc = JMPCalculator(checkpoint, dtype="float32")
+    for k, atoms in enumerate(images):
+        atoms.calc = calc
+        assert np.load(single)["energy"][k] == pytest.approx(atoms.get_potential_energy(), rel=1e-6)
+    assert not np.array_equal(np.load(single)["forces"], pred["forces"])
+    assert main(["eval", str(checkpoint), str(tiny_data / "mol" / "test"), "--out", str(out), "--dtype", "float32"]) == 0
+    single_metrics = json.loads(out.read_text())
+    assert single_metrics != metrics and single_metrics == pytest.approx(metrics, rel=1e-3)
 
 
 def test_eval_reads_an_extxyz_as_convert_would(checkpoint, tmp_path, capsys):

@@ -215,6 +215,9 @@ def run_command(argv: list[str]) -> int:
         parser.add_argument("--batch-size", type=positive_int, default=16,
                             help="structures per batch (default 16), and at most the run's data.max_atoms atoms")
         parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+        parser.add_argument("--dtype", choices=("float32", "float64"), default=None,
+                            help="the network's precision (default: the one it was trained in); float64 for the "
+                                 "gradient forces of small periodic cells, which float32 gets wrong (README)")
         if not is_eval:
             parser.add_argument("--skip-invalid", action="store_true",
                                 help="give a structure the model cannot take (a single atom, an unknown element, "
@@ -233,9 +236,9 @@ def run_command(argv: list[str]) -> int:
         from jmp_ext.train.inference import evaluate_checkpoint, predict_checkpoint
 
         if is_eval:
-            evaluate_checkpoint(a.checkpoint, a.data, a.task, a.out, a.batch_size, a.device)
+            evaluate_checkpoint(a.checkpoint, a.data, a.task, a.out, a.batch_size, a.device, a.dtype)
         else:
-            predict_checkpoint(a.checkpoint, a.data, a.out, a.task, a.batch_size, a.device, a.skip_invalid)
+            predict_checkpoint(a.checkpoint, a.data, a.out, a.task, a.batch_size, a.device, a.skip_invalid, a.dtype)
     elif "-h" in argv or "--help" in argv:  # (never a config path or a key=value override)
         from jmp_ext.train.presets import PRESETS
 

@@ -32,12 +32,16 @@ from jmp_ext.train.tasks import TaskModel, build_model, param_dtype
 from jmp_ext.warn import warn_user
 
 
-def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[TaskModel, TrainConfig]:
+def load_trained(path: str | Path, device: str | torch.device = "cpu", dtype: str | None = None
+                 ) -> tuple[TaskModel, TrainConfig]:
     """A trained TaskModel (eval mode) and its config from best.pt or last.pt (EMA weights when the
-    run had an EMA). The checkpoint is read with weights_only=True. On the CPU the process then
+    run had an EMA), its network in `dtype` ("float32" or "float64"; None: the precision it was
+    trained in). The checkpoint is read with weights_only=True. On the CPU the process then
     keeps freed memory for reuse (jmp_ext.cpu.keep_freed_memory, as the trainer does): the
     calculator's, eval's and predict's calls allocate the same large tensors again and again (a
     108-atom cell's force calls: 20-35% faster), and the process keeps its peak memory."""
+    if dtype not in (None, "float32", "float64"):
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
     tasks.check_device(str(device), "device ")  # (torch.load's error would read as an unsafe file)
     try:
         state = load_checkpoint(path, device)
@@ -76,6 +80,8 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     model = build_model(config, buffers).to(device)
     model.net.to(param_dtype(config.loop.precision))  # before loading: fp64 stays fp64
     load_into(model)
+    if dtype is not None:
+        model.net.to(getattr(torch, dtype))
     if torch.device(device).type == "cpu":
         cpu.keep_freed_memory()
     return model.eval(), config
@@ -188,7 +194,7 @@ def evaluate(model: TaskModel, datasets: list, batch_size: int, dtype: torch.dty
 
 
 def evaluate_checkpoint(checkpoint: str, dataset: str, task: str | None, out: str | None,
-                        batch_size: int, device: str) -> dict:
+                        batch_size: int, device: str, dtype: str | None = None) -> dict:
     """Metrics of `checkpoint` on a dataset directory, or on a file (extxyz, ASE db, ...) that
     is first converted, into a temporary directory: the energy, forces and stress (with
     convert's default keys) that the checkpoint predicts, the others left out, and its
@@ -197,7 +203,7 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, task: str | None, out: st
 
     from jmp_ext.data.convert import detect_format
 
-    model, config = load_trained(checkpoint, device)  # (before a conversion: a bad checkpoint or task costs none)
+    model, config = load_trained(checkpoint, device, dtype)  # (before a conversion: a bad checkpoint costs none)
     t = task_index(config.tasks, task, "--task")
     if not Path(dataset).is_file():
         return _evaluate_dataset(model, config, t, dataset, dataset, out, batch_size, device)
@@ -287,7 +293,7 @@ PREDICTION_FORMATS = (".npz", ".extxyz", ".xyz")
 
 
 def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None, batch_size: int, device: str,
-                       skip_invalid: bool = False) -> dict:
+                       skip_invalid: bool = False, dtype: str | None = None) -> dict:
     """Predictions for every structure of a dataset directory or an ASE-readable file, in the
     input's order, saved as `out` says:
     - .npz: natoms [M], energy [M] (eV), forces [sum natoms, 3] (eV/Å), stress [M, 3, 3] (eV/Å^3;
@@ -312,7 +318,7 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
     if suffix not in PREDICTION_FORMATS:
         raise TrainError(f"--out {out}: predictions are written as {', '.join(PREDICTION_FORMATS)} (the name's "
                          "suffix chooses)")
-    model, config = load_trained(checkpoint, device)
+    model, config = load_trained(checkpoint, device, dtype)
     t = task_index(config.tasks, task, "--task")
     max_atoms = config.data.max_atoms
     # Streamed, batch by batch: an input of millions of structures is never held as Atoms,

@@ -2,6 +2,7 @@
 (`error: ...`, exit 2) rather than a traceback for the usual mistakes."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -278,6 +279,8 @@ def test_mistakes_with_paths_and_values_are_messages(checkpoint, tiny_data, tmp_
     cases = [(["eval", str(copy), str(test_set), "--out", str(copy)], "is the checkpoint: it would be replaced"),
              (["eval", str(copy), str(test_set), "--out", str(test_set / "meta.json")], "is inside the dataset"),
              (["eval", str(copy), str(test_set), "--out", str(tmp_path / "outdir")], "is a directory"),
+             (["predict", str(copy), str(test_set), "--out", str(tmp_path / "a_file" / "sub" / "p.npz")],
+              f"{tmp_path / 'a_file'} is a file, not a directory; write it elsewhere"),
              (["eval", str(copy), str(test_set), "--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
              (["eval", str(copy), str(test_set), "--device", "gpu"], "--device 'gpu' is not cpu, cuda or cuda:N"),
              ([str(path), "run_dir="], "run_dir is empty"),
@@ -291,6 +294,12 @@ def test_mistakes_with_paths_and_values_are_messages(checkpoint, tiny_data, tmp_
         assert message in err and "Traceback" not in err, (argv, err)
     assert copy.read_bytes() == open(checkpoint, "rb").read() and (test_set / "meta.json").read_bytes() == meta
     assert (tmp_path / "a_file").read_text() == "notes"
+    # A read-only directory was an error after all the work (root can write anywhere but on a
+    # read-only filesystem: os.access says so).
+    with monkeypatch.context() as m:
+        m.setattr(os, "access", lambda path, mode: not (mode == os.W_OK and Path(path) == tmp_path))
+        assert main(["predict", str(copy), str(test_set), "--out", str(tmp_path / "new" / "p.npz")]) == 2
+    assert f"cannot write in {tmp_path} (read-only or not yours)" in capsys.readouterr().err
     # A directory of one's own that happens to hold a config.yaml: kept (no .lock: no run of ours).
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "config.yaml").write_text("my notes")

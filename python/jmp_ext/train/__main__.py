@@ -118,7 +118,8 @@ def positive_int(text: str) -> int:
 
 def check_out_path(out: str | None, checkpoint: str, data: str) -> None:
     """eval's / predict's --out replaces a file: never the checkpoint, the input, a directory or
-    a file of a dataset (a metrics JSON written over meta.json destroyed the dataset)."""
+    a file of a dataset (a metrics JSON written over meta.json destroyed the dataset), and it must
+    be writable (checked before the work, which may take hours)."""
     if out is None:
         return
     path = Path(out)
@@ -131,6 +132,14 @@ def check_out_path(out: str | None, checkpoint: str, data: str) -> None:
 
     if (path.parent / META_FILE).is_file():
         raise TrainError(f"--out {out} is inside the dataset {path.parent}: write it elsewhere")
+    # Before the work, not after it (the file is written at the end; missing directories are made).
+    where = path.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        raise TrainError(f"--out {out}: {where} is a file, not a directory; write it elsewhere")
+    if not os.access(where, os.W_OK):
+        raise TrainError(f"--out {out}: cannot write in {where} (read-only or not yours); write it elsewhere")
 
 
 def is_config_path(arg: str) -> bool:

@@ -21,7 +21,7 @@ from ase.stress import voigt_6_to_full_3x3_stress
 
 from jmp_ext.data import DataError, LmdbDataset
 from jmp_ext.data.__main__ import main
-from jmp_ext.data.convert import KeyMap, convert, _extxyz_structures, unpickle_data
+from jmp_ext.data.convert import KeyMap, _extxyz_structures, convert, unpickle_data
 
 
 def make_atoms(rng, n=None, periodic=True):

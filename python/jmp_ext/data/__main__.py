@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="read pickled OC20/JMP LMDBs (unpickling can run code: trusted files only)")
     p.add_argument("--skip-invalid", action="store_true",
                    help="skip entries that fail to load or validate (and isolated atoms, which GemNet-OC "
-                        "cannot use), and list them; a file with more than 10 structures in a row that ase.io "
-                        "cannot parse is an error still")
+                        "cannot use), and list them; a file of another format than extxyz with more than 10 "
+                        "structures in a row that ase.io cannot parse is an error still")
     p.add_argument("--energy-key",
                    help="source key of the energy (default: REF_energy, energy, dft_energy, and y in pickled "
                         "LMDBs; none: drop it)")

@@ -430,7 +430,7 @@ def iter_ase_file(path: Path, keys: KeyMap, report: ConvertReport) -> Iterator[t
 
     try:
         kind = filetype(str(path))
-        if kind == "extxyz":
+        if kind == "extxyz":  # (its framing checked to the end before any structure is converted)
             for _ in _extxyz_structures(path, text=False):
                 pass
     except fmt.DataError:

@@ -331,6 +331,33 @@ def test_the_cli_imports_torch_inside_its_handlers():
     assert out.strip() == "[]"
 
 
+def test_eval_and_predict_stopped_say_what_they_left(tiny_data, tmp_path, capsys, monkeypatch):
+    """A Ctrl-C or a full disk in eval or predict told how to resume a training run, which they
+    are not: they write --out once, at their end."""
+    import errno
+    import signal
+
+    from jmp_ext.train import inference
+
+    raw = {"mode": "finetune", "run_dir": str(tmp_path / "run"), "threads": 1,
+           "tasks": [{"name": "mol", "train": str(tiny_data / "mol" / "train"),
+                      "targets": [{"name": "energy", "kind": "energy"}]}],
+           "model": {"backbone": "tiny"}, "loop": {"max_steps": 1, "progress": False, "fit_scale_factors": 0}}
+    loop.Trainer(build_config(raw)).save_best({})
+    args = [str(tmp_path / "run" / "best.pt"), str(tiny_data / "mol" / "val")]
+    for command in ("eval", "predict"):
+        name = {"eval": "evaluate_checkpoint", "predict": "predict_checkpoint"}[command]
+        monkeypatch.setattr(inference, name, lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM))
+        assert main([command, *args, "--out", str(tmp_path / "out.npz")]) == 130
+        err = capsys.readouterr().err
+        assert err == f"\ninterrupted: {command} writes --out only at its end, so nothing was written\n"
+        full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out.npz"))
+        monkeypatch.setattr(inference, name, lambda *a, **k: (_ for _ in ()).throw(full))
+        assert main([command, *args, "--out", str(tmp_path / "out.npz")]) == 2
+        assert capsys.readouterr().err == (f"error: [Errno 28] No space left on device: '{tmp_path / 'out.npz'}' "
+                                           "(the disk is full: free space and run it again)\n")
+
+
 def test_a_library_error_keeps_its_traceback(tiny_data, tmp_path, capsys, monkeypatch):
     """Bad input our checks name is a message; a ValueError raised inside torch or numpy is a
     bug to report, and a bare message would hide where it came from."""

@@ -2,6 +2,7 @@
 and the physics of the outputs, not accuracy)."""
 
 import json
+import os
 import re
 import warnings
 
@@ -269,6 +270,89 @@ def test_elements_outside_the_training_data_are_pointed_out(checkpoint, tmp_path
     convert(tmp_path / "thiol.extxyz", tmp_path / "thiol")
     with pytest.warns(UserWarning, match=r"element\(s\) \[16\] are not in the training data of task 'mol'"):
         assert main(["eval", str(checkpoint), str(tmp_path / "thiol")]) == 0  # (it said nothing)
+
+
+def test_predict_warns_once_about_the_elements_of_all_batches(checkpoint, tmp_path):
+    """predict warned per batch, each time with that batch's elements: a screening run of many
+    batches repeated the warning, and no one of them named every element."""
+    images = [molecule(n) for n in ("CH3SH", "CH3OH", "CH3Cl", "SiH4")]
+    for atoms in images:
+        atoms.calc = SinglePointCalculator(atoms, energy=-1.0)
+    ase.io.write(tmp_path / "in.extxyz", images)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["predict", str(checkpoint), str(tmp_path / "in.extxyz"), "--out", str(tmp_path / "p.npz"),
+                     "--batch-size", "1"]) == 0
+    assert [str(w.message) for w in caught] == [
+        "element(s) [14, 16, 17] are not in the training data of task 'mol': the predictions for them extrapolate"]
+
+
+def test_predict_to_extxyz_streams_its_input(checkpoint, tmp_path, monkeypatch):
+    """An extxyz output held every input structure as Atoms until the end (~7.6 KB a molecule:
+    gigabytes for a screening set); it reads the input again to write it, one at a time, and a
+    file that changed in between is an error, not predictions beside other structures."""
+    import gc
+    import weakref
+
+    images = [molecule(n) for n in ("CH3OH", "C2H6", "CH3CHO", "H2O")] * 5
+    ase.io.write(tmp_path / "in.extxyz", images)
+    assert main(["predict", str(checkpoint), str(tmp_path / "in.extxyz"), "--out", str(tmp_path / "p.npz")]) == 0
+    refs, most, read = [], [0], inference.iter_structures  # (Atoms are unhashable: no WeakSet)
+
+    def tracked(path):
+        for atoms in read(path):
+            gc.collect()
+            refs.append(weakref.ref(atoms))
+            most[0] = max(most[0], sum(ref() is not None for ref in refs))
+            yield atoms
+
+    monkeypatch.setattr(inference, "iter_structures", tracked)
+    assert main(["predict", str(checkpoint), str(tmp_path / "in.extxyz"), "--out", str(tmp_path / "p.extxyz"),
+                 "--batch-size", "2"]) == 0
+    assert 1 <= most[0] <= 3  # (was 20: all of them)
+    npz, frames = np.load(tmp_path / "p.npz"), ase.io.read(tmp_path / "p.extxyz", index=":")
+    assert [f.get_chemical_formula() for f in frames] == [a.get_chemical_formula() for a in images]
+    assert [f.info["predicted_energy"] for f in frames] == pytest.approx(npz["energy"].tolist(), rel=1e-12)
+    # The input rewritten while predict ran: one structure fewer, or another one in its place.
+    for changed in (images[:-1], [*images[:-1], molecule("C6H6")]):
+        calls = []
+
+        def rewritten(path, changed=changed):
+            calls.append(path)
+            yield from (atoms.copy() for atoms in (changed if len(calls) > 1 else images))
+
+        monkeypatch.setattr(inference, "iter_structures", rewritten)
+        with pytest.raises(TrainError, match=r"input .*in.extxyz changed while predict ran: run it again"):
+            inference.predict_checkpoint(str(checkpoint), str(tmp_path / "in.extxyz"), str(tmp_path / "p.extxyz"),
+                                         None, 16, "cpu")
+        assert len(ase.io.read(tmp_path / "p.extxyz", index=":")) == 20  # (the previous output, untouched)
+    assert not list(tmp_path.glob(".p.extxyz.*"))
+
+
+def test_eval_of_a_file_on_a_full_temporary_disk_says_where_it_writes(checkpoint, tmp_path):
+    """eval converts a file into $TMPDIR first; a full one read "could not be read as a
+    labelled structure file". (A file-size limit stands in for the full disk.)"""
+    import subprocess
+    import sys
+
+    images = [molecule("CH3CH2OH") for _ in range(200)]
+    for k, atoms in enumerate(images):
+        atoms.rattle(0.05, seed=k)
+        atoms.calc = SinglePointCalculator(atoms, energy=-1.0, forces=np.zeros((len(atoms), 3)))
+    ase.io.write(tmp_path / "big.extxyz", images)
+    code = ("import resource, signal, sys\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"  # (a write past the limit fails, EFBIG)
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))\n"
+            "from jmp_ext.train.__main__ import main\n"
+            "sys.exit(main(sys.argv[1:]))")
+    done = subprocess.run([sys.executable, "-c", code, "eval", str(checkpoint), str(tmp_path / "big.extxyz")],
+                          capture_output=True, text=True, env={**os.environ, "TMPDIR": str(tmp_path),
+                                                              "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 2, done.stderr
+    assert (f"error: eval converts {tmp_path / 'big.extxyz'} into a temporary directory first, and writing it "
+            f"failed (writing dataset {tmp_path}/tmp") in done.stderr
+    assert "point TMPDIR at a disk with room" in done.stderr and "could not be read" not in done.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["big.extxyz"]  # (the temporary directory is gone)
 
 
 def test_per_atom_energies_sum_to_the_energy_and_are_local(checkpoint, tmp_path):
@@ -762,9 +846,9 @@ def test_eval_and_predict_batches_keep_the_runs_max_atoms(tiny_data, tmp_path, m
     loop.Trainer(build_config(raw)).save_best({})
     seen, original = [], inference.structures_batch
 
-    def counted(model, structures, *args):
+    def counted(model, structures, *args, **kwargs):
         seen.append([len(s["atomic_numbers"]) for s in structures])
-        return original(model, structures, *args)
+        return original(model, structures, *args, **kwargs)
 
     monkeypatch.setattr(inference, "structures_batch", counted)
     val = tiny_data / "mol" / "val"

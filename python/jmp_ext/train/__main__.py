@@ -173,6 +173,7 @@ def print_error(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    inference = bool(argv) and argv[0] in ("eval", "predict")  # (their --out is written at the end, once)
     try:
         with sigterm_interrupts(), plain_warnings():
             return run_command(argv)
@@ -182,14 +183,16 @@ def main(argv: list[str] | None = None) -> int:
         print_error(f"error: {e}")  # bad input, said by our checks: a message, no traceback
         return 2
     except OSError as e:  # a path of the user's: missing, a file for a directory, not writable, a full disk
-        full = (" (the disk is full: free space and run it again; a training run resumes from its last checkpoint, "
-                "run_dir/last.pt once it has one, with resume=true: a failed write leaves the files as they were)"
-                if e.errno == errno.ENOSPC else "")
+        full = "" if e.errno != errno.ENOSPC else " (the disk is full: free space and run it again)" if inference else (
+            " (the disk is full: free space and run it again; a training run resumes from its last checkpoint, "
+            "run_dir/last.pt once it has one, with resume=true: a failed write leaves the files as they were)")
         print_error(f"error: {e}{full}")
         return 2
     except KeyboardInterrupt as e:  # (training's first Ctrl-C or SIGTERM ends the step and saves last.pt: e says so)
         # Under torchrun a terminal's Ctrl-C reaches every rank, and every rank stops alike: one message.
-        if os.environ.get("RANK", "0") == "0":
+        if inference:
+            print(f"\ninterrupted: {argv[0]} writes --out only at its end, so nothing was written", file=sys.stderr)
+        elif os.environ.get("RANK", "0") == "0":
             saved = (f": {e}. A training run continues from run_dir/last.pt with resume=true" if str(e) else
                      ". A training run continues from run_dir/last.pt with resume=true if it saved one (every "
                      "loop.ckpt_every steps, and at the first Ctrl-C or SIGTERM once training has started; "

@@ -146,14 +146,15 @@ def predict_structures(model: TaskModel, structures: list, task: int | str | Non
         return model(batch, derivatives)
 
 
-def structures_batch(model: TaskModel, structures: list, task: int) -> dict:
+def structures_batch(model: TaskModel, structures: list, task: int, warn: bool = True) -> dict:
     """`structures` (as predict_structures takes them) as one batch for task index `task`, in
     the net's dtype on its device, after warning about elements and periodicity the task did
-    not train on (warn_about_inputs)."""
+    not train on (warn_about_inputs; warn=False: the caller warns once for many batches)."""
     structures = [atoms_to_entry(s) if isinstance(s, Atoms) else s for s in structures]
     parameter = next(model.net.parameters())
     batch = collate_batch(structures, parameter.dtype, task)
-    warn_about_inputs(model, task, batch["atomic_numbers"].unique(), bool(batch["pbc"].any()))
+    if warn:
+        warn_about_inputs(model, task, batch["atomic_numbers"].unique(), bool(batch["pbc"].any()))
     return to_device(batch, parameter.device)
 
 
@@ -246,6 +247,11 @@ def _convert_labels(source: str, dst: Path, names: set[str]) -> None:
             raise TrainError(f"{e}; to leave such structures out, convert the file yourself, `python -m "
                              f"jmp_ext.data convert {source} OUT_DIR --skip-invalid`, and evaluate OUT_DIR") from e
         except Exception as e:  # (ASE's readers raise anything on a file that is not theirs)
+            if isinstance(e, OSError) and str(dst.parent) in str(e):  # (writing the copy: a full $TMPDIR)
+                raise TrainError(f"eval converts {source} into a temporary directory first, and writing it failed "
+                                 f"({e}); it needs about 1.5 times an extxyz's size: point TMPDIR at a disk with "
+                                 f"room, or convert it yourself, `python -m jmp_ext.data convert {source} OUT_DIR`, "
+                                 "and evaluate OUT_DIR") from e
             raise TrainError(f"{source} could not be read as a labelled structure file ({type(e).__name__}: "
                              f"{e}); give a dataset directory, or a file ASE reads: extxyz, traj, ASE db (.db), "
                              "...") from e
@@ -321,27 +327,33 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
     model, config = load_trained(checkpoint, device, dtype)
     t = task_index(config.tasks, task, "--task")
     max_atoms = config.data.max_atoms
-    # Streamed, batch by batch: an input of millions of structures is never held as Atoms,
-    # unless they are written back (extxyz).
+    # Streamed, batch by batch: an input of millions of structures is never held as Atoms (an
+    # extxyz output reads the input again, once the predictions are made, to write it back).
     if Path(source).is_dir():
         ds = open_dataset(source, "input", in_memory=False)
-        items = ((ds[i], None) for i in range(len(ds)))
+
+        def read_input():  # -> (entry, None) per structure
+            return ((ds[i], None) for i in range(len(ds)))
     else:
-        items = ((None, atoms) for atoms in iter_structures(source))
+        def read_input():  # -> (None, Atoms) per structure
+            return ((None, atoms) for atoms in iter_structures(source))
     keep = ("pos", "atomic_numbers", "cell", "pbc", "tags", "fixed")
     outputs: dict[str, list[np.ndarray]] = {}  # the evaluated structures' predictions, in order
-    natoms, valid, sids, images = [], [], [], []  # every input structure's
+    natoms, valid, sids = [], [], []  # every input structure's
     pending, pending_index = [], []
     skipped: list[tuple[int, str]] = []  # (input index, problem), listed in the input's order
+    elements = torch.zeros(MAX_Z + 1, dtype=torch.bool)  # of the evaluated structures, warned about once
+    periodic = False
 
     def skip(index: int, problem: str) -> None:
         valid[index] = False
         skipped.append((index, problem))
 
     def run_batch() -> None:
+        nonlocal periodic
         while pending:
             try:
-                batch = structures_batch(model, pending, t)
+                batch = structures_batch(model, pending, t, warn=False)
                 # (out of memory: said with the batch and what to lower; a structure error, below)
                 with entries_named(batch, None), torch.no_grad():
                     preds = model(batch)
@@ -356,12 +368,14 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
                     del pending[s]
         else:
             return
+        elements[batch["atomic_numbers"].cpu()] = True
+        periodic = periodic or bool(batch["pbc"].any())
         for name, value in preds.items():
             outputs.setdefault(name, []).append(value.detach().double().cpu().numpy())
         pending.clear()
         pending_index.clear()
 
-    for index, (entry, atoms) in enumerate(items):
+    for index, (entry, atoms) in enumerate(read_input()):
         valid.append(True)
         natoms.append(len(entry["atomic_numbers"]) if entry is not None else len(atoms))
         try:
@@ -378,8 +392,6 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
             pending_index.append(index)
             if "sid" in entry:
                 sids.append(int(entry["sid"]))
-        if suffix != ".npz":
-            images.append(atoms if atoms is not None else entry_to_atoms(entry))
         if len(pending) == batch_size:
             run_batch()
     run_batch()
@@ -388,6 +400,7 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
         raise TrainError(f"input {source} holds no structure")
     if not any(valid):
         raise TrainError(f"no structure of {source} could be evaluated: {'%d: %s' % min(skipped)}")
+    warn_about_inputs(model, t, elements.nonzero()[:, 0], periodic)
     if skipped:
         print(f"skipped {len(skipped)} structure(s) (NaN predictions):", file=sys.stderr)
         lines = [f"{index}: {problem}" for index, problem in sorted(skipped)]
@@ -410,7 +423,8 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
         np.savez(buf, **arrays)
         write_bytes_atomic(Path(out), buf.getvalue())
     else:
-        write_bytes_atomic(Path(out), predictions_as_extxyz(images, arrays, per_atom).encode())
+        images = (atoms if atoms is not None else entry_to_atoms(entry) for entry, atoms in read_input())
+        write_predictions_extxyz(Path(out), images, arrays, per_atom, source)
     written = sorted(arrays) if suffix == ".npz" else sorted(f"predicted_{name}" for name in outputs)
     print(f"wrote predictions for {count} structures to {out}: {', '.join(written)}")
     return arrays
@@ -439,24 +453,40 @@ def iter_structures(path: str):
         index += 1
 
 
-def predictions_as_extxyz(images: list, arrays: dict[str, np.ndarray], per_atom: set[str]) -> str:
-    """extxyz text of `images` (Atoms, changed in place) with predict's arrays attached as
-    predicted_{name}: those named in `per_atom` (forces, energies), one row per atom, as columns, the
-    others per structure in info. An image's calculator results (the input file's labels) are
-    kept."""
+def write_predictions_extxyz(out: Path, images, arrays: dict[str, np.ndarray], per_atom: set[str],
+                             source: str) -> None:
+    """Writes `images` (Atoms, one at a time: predict's input read again; changed in place) to
+    `out` as extxyz, atomically, with predict's arrays attached as predicted_{name}: those named
+    in `per_atom` (forces, energies), one row per atom, as columns, the others per structure in
+    info. An image's calculator results (the input file's labels) are kept. A `source` that
+    no longer holds the structures it held when predicted is an error."""
     import ase.io
 
-    starts = np.concatenate([[0], np.cumsum(arrays["natoms"])])
-    for m, atoms in enumerate(images):
-        for name, value in arrays.items():
-            if name in ("natoms", "sid", "valid"):
-                continue
-            if m == 0 and f"predicted_{name}" in {**atoms.info, **atoms.arrays}:
-                warn_user(f"the input already has predicted_{name}: the output replaces it")
-            if name in per_atom:
-                atoms.arrays[f"predicted_{name}"] = value[starts[m]:starts[m + 1]]
-            else:
-                atoms.info[f"predicted_{name}"] = value[m]
-    text = io.StringIO()
-    ase.io.write(text, images, format="extxyz")
-    return text.getvalue()
+    from jmp_ext.files import write_atomic
+
+    natoms = arrays["natoms"]
+    starts = np.concatenate([[0], np.cumsum(natoms)])
+    changed = TrainError(f"input {source} changed while predict ran: run it again")
+
+    def write(f) -> None:
+        text = io.TextIOWrapper(f, encoding="utf-8")
+        count = 0
+        for m, atoms in enumerate(images):
+            if m == len(natoms) or len(atoms) != natoms[m]:
+                raise changed
+            for name, value in arrays.items():
+                if name in ("natoms", "sid", "valid"):
+                    continue
+                if m == 0 and f"predicted_{name}" in {**atoms.info, **atoms.arrays}:
+                    warn_user(f"the input already has predicted_{name}: the output replaces it")
+                if name in per_atom:
+                    atoms.arrays[f"predicted_{name}"] = value[starts[m]:starts[m + 1]]
+                else:
+                    atoms.info[f"predicted_{name}"] = value[m]
+            ase.io.write(text, atoms, format="extxyz")
+            count += 1
+        if count != len(natoms):
+            raise changed
+        text.detach()  # (flushes; write_atomic closes f)
+
+    write_atomic(out, write)

@@ -72,6 +72,24 @@ def test_extxyz(tmp_path, frames):
     assert (ds[0]["tags"] == 2).all()  # no tags in the file: molecule/bulk convention
 
 
+def test_only_the_command_line_shows_a_progress_bar(tmp_path, frames, capsys):
+    """convert() drew a progress bar on stderr wherever it was called (a notebook, a test, a
+    user's script), unlike write_dataset, split_dataset and compute_stats, which draw one when
+    asked (progress=True), as the command lines do."""
+    ase.io.write(tmp_path / "in.extxyz", frames)
+    db = ase.db.connect(tmp_path / "in.db")
+    for atoms in frames:
+        db.write(atoms)
+    capsys.readouterr()
+    for source in ("in.extxyz", "in.db"):
+        convert(tmp_path / source, tmp_path / source.replace(".", "_"))
+        assert capsys.readouterr().err == ""
+        convert(tmp_path / source, tmp_path / source.replace(".", "_"), overwrite=True, progress=True)
+        assert f"{tmp_path / source}: " in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "in.extxyz"), str(tmp_path / "cli")]) == 0
+    assert "6structure" in capsys.readouterr().err.replace(" ", "")
+
+
 def test_mace_style_keys_and_units(tmp_path, frames):
     for atoms in frames:
         atoms.info["REF_energy"] = atoms.get_potential_energy()

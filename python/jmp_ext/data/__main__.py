@@ -44,7 +44,7 @@ def cmd_convert(args) -> None:
     report = convert(args.src, args.dst, keys=keys, source_format=args.format,
                      allow_pickle=args.allow_pickle, skip_invalid=args.skip_invalid,
                      select=args.select, overwrite=args.overwrite, shard_size=args.shard_size,
-                     float_dtype=np.float32 if args.float32 else np.float64)
+                     float_dtype=np.float32 if args.float32 else np.float64, progress=True)
     print(f"wrote {report.written} entries to {args.dst}")
     for label, source in report.labels.items():
         print(f"  {label} <- {source}")

@@ -422,7 +422,8 @@ def _atoms_entry(atoms: Atoms, keys: KeyMap, report: ConvertReport, sid: int) ->
 _MAX_UNPARSED_IN_A_ROW = 10
 
 
-def iter_ase_file(path: Path, keys: KeyMap, report: ConvertReport) -> Iterator[tuple[str, object]]:
+def iter_ase_file(path: Path, keys: KeyMap, report: ConvertReport, progress: bool = False
+                  ) -> Iterator[tuple[str, object]]:
     """(where, entry or exception) for every structure of a file ase.io reads (extxyz, traj).
     A structure ase.io cannot parse is yielded as a DataError, and reading goes on after it;
     a file that ase.io would read only in part is a DataError raised (not one to skip)."""
@@ -438,7 +439,7 @@ def iter_ase_file(path: Path, keys: KeyMap, report: ConvertReport) -> Iterator[t
     except Exception as error:  # (ase.io's UnknownFileTypeError, a compressed file that is not)
         raise UnreadableSource(f"{path}: ase.io cannot read it ({type(error).__name__}: {error})") from error
     # (the bar closed with the stream, before an error is printed: not on the same line after it)
-    with tqdm(desc=str(path), unit="structure") as bar:
+    with tqdm(desc=str(path), unit="structure", disable=not progress) as bar:
         frames = _parsed_extxyz_structures(path) if kind == "extxyz" else _parsed_structures(path, kind)
         for index, atoms in enumerate(frames):
             where = f"{path} structure {index}"
@@ -564,8 +565,8 @@ def _extxyz_structures(path: Path, text: bool = True) -> Iterator[tuple[int, str
                                        f"leave out the rest (from line {line_number}); remove the blank line(s)")
 
 
-def iter_ase_db(path: Path, keys: KeyMap, report: ConvertReport, select: str | None = None
-                ) -> Iterator[tuple[str, object]]:
+def iter_ase_db(path: Path, keys: KeyMap, report: ConvertReport, select: str | None = None,
+                progress: bool = False) -> Iterator[tuple[str, object]]:
     """(where, entry or exception) for every row of an ASE database (.db, .json), or of
     fairchem's ASE LMDBs (an .aselmdb file, or a directory of them, read in name order: OMat24,
     OMol25); key_value_pairs and data are searched for labels and properties after the
@@ -593,7 +594,8 @@ def iter_ase_db(path: Path, keys: KeyMap, report: ConvertReport, select: str | N
         else:
             db = ase.db.connect(str(file))
         try:
-            with db, tqdm(db.select(select), total=db.count(select), desc=str(file), unit="row") as rows:
+            with db, tqdm(db.select(select), total=db.count(select), desc=str(file), unit="row",
+                          disable=not progress) as rows:
                 for row in rows:
                     where = f"{file} row id={row.id}"
                     try:
@@ -747,7 +749,7 @@ def lmdb_files(path: Path) -> list[Path]:
     return files
 
 
-def iter_pickled_lmdb(path: Path, keys: KeyMap, report: ConvertReport
+def iter_pickled_lmdb(path: Path, keys: KeyMap, report: ConvertReport, progress: bool = False
                       ) -> Iterator[tuple[str, object]]:
     """(where, entry or exception) for every entry of an OC20/JMP LMDB, in file then key order.
 
@@ -772,7 +774,7 @@ def iter_pickled_lmdb(path: Path, keys: KeyMap, report: ConvertReport
                 if length is not None and (error := _length_error(length, len(numbered))):
                     yield f"{file} key 'length'", error
                 numbered.sort()
-                with tqdm(numbered, desc=str(file), unit="entry") as entries:
+                with tqdm(numbered, desc=str(file), unit="entry", disable=not progress) as entries:
                     for index, key in entries:
                         where = f"{file} entry {index}"
                         try:
@@ -854,7 +856,7 @@ def _isolated_atom(entry: dict, where: str) -> bool:
 def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
             source_format: str | None = None, allow_pickle: bool = False,
             skip_invalid: bool = False, select: str | None = None, overwrite: bool = False,
-            float_dtype=np.float64, shard_size: int = 5000) -> ConvertReport:
+            float_dtype=np.float64, shard_size: int = 5000, progress: bool = False) -> ConvertReport:
     """Convert `src` into a new dataset at `dst` (atomically).
 
     source_format: "ase" (extxyz, traj, anything ase.io reads), "ase-db" (ASE databases, and
@@ -869,6 +871,7 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
         lacks one of them is skipped (whatever else it carries), one that only carries more is
         still an error.
     select: an ASE db query for "ase-db".
+    progress: a progress bar of the structures read (tqdm, on stderr).
 
     A single atom without periodic images within ISOLATED_ATOM_CUTOFF (such as MACE's
     isolated-atom E0 frames, or a periodic code's atom in a large box) is invalid: GemNet-OC
@@ -891,11 +894,11 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
             raise PermissionError(f"{src} is read as an OC20/JMP LMDB of pickled objects ({how}); unpickling can "
                                   "run code, so pass allow_pickle=True (--allow-pickle) if you trust it (other "
                                   "structure files: --format ase or ase-db)")
-        stream = iter_pickled_lmdb(src, keys, report)
+        stream = iter_pickled_lmdb(src, keys, report, progress)
     elif kind == "ase-db":
-        stream = iter_ase_db(src, keys, report, select)
+        stream = iter_ase_db(src, keys, report, select, progress)
     elif kind == "ase":
-        stream = iter_ase_file(src, keys, report)
+        stream = iter_ase_file(src, keys, report, progress)
     else:
         raise ValueError(f"unknown source format {kind!r} (ase, ase-db, lmdb)")
     # closing(): a failed conversion also closes the source (its LMDB handles, its file).

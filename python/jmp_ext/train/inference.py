@@ -234,7 +234,7 @@ def _convert_labels(source: str, dst: Path, names: set[str]) -> None:
                 # (its advice for a file without labels names a temporary directory and convert's
                 # options; eval's own error says which target is missing)
                 warnings.filterwarnings("ignore", message=r".* has (no labels|only a stress)")
-                convert(source, dst, keys=keys)
+                convert(source, dst, keys=keys, progress=True)
             return
         except DataError as e:
             if isinstance(e.__cause__, MissingProperty):

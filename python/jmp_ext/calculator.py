@@ -18,9 +18,8 @@ given a direct-force checkpoint.
 The graphs keep each atom's k nearest neighbours within the cutoff (JMP: 30 within 12 Å), so in
 a dense solid the energy steps (meV to tens of meV) as the neighbour set changes: all four
 graphs must hold every neighbour within the cutoff, and the quadruplet graph keeps int(8k/30),
-so graph.max_neighbors must be at least 3.75x the neighbour count. The calculator of a
-gradient-force checkpoint warns (once) when a structure's graphs leave neighbours out
-(jmp_ext.graphs.truncated_neighbors). The energy also steps (1 to 30 meV in our fine-tunes)
+so graph.max_neighbors must be at least 3.75x the neighbour count. The calculator warns
+(once) when a structure's graphs leave neighbours out (jmp_ext.graphs.truncated_neighbors). The energy also steps (1 to 30 meV in our fine-tunes)
 when a pair of atoms crosses the graph cutoff below 12 Å: JMP's radial basis goes to zero at
 absolute_rbf_cutoff (12 Å), not at the graph's cutoff. A smooth energy for NVE needs
 graph.cutoff = 12 Å, or a fine-tune with model.backbone_overrides.absolute_rbf_cutoff equal to
@@ -73,8 +72,8 @@ class JMPCalculator(Calculator):
         in); float64 for finite-difference checks or long NVE runs. float32 rounds each
         position to its magnitude, and ASE's MD does not wrap atoms back into the cell: the
         calculator evaluates periodic structures with their atoms wrapped into the cell (the
-        same structure), so one that drifted 300 cells away loses no precision, and clusters
-        at their centroid."""
+        same structure; a slab's atoms at their mean along its open axis), so one that drifted
+        300 cells away loses no precision, and clusters at their centroid."""
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
 
@@ -109,10 +108,10 @@ class JMPCalculator(Calculator):
                              "(a target of kind energy), which an ASE calculator needs")
         # ASE and its optimisers read this to decide what to ask for.
         self.implemented_properties = [p for p in self.implemented_properties if p not in {"forces", "stress"} - kinds]
-        # Truncated neighbour lists are checked for gradient forces (direct ones are not
-        # conservative anyway, as the warning below says), on each new kind of structure
-        # (elements, cell or pbc), until one warning is given.
-        self._check_neighbors = task_config.gradient_forces
+        # Truncated neighbour lists are checked on each new kind of structure (elements, cell
+        # or pbc; tags do not change the count), until one warning is given: direct forces
+        # step with the kept sets too, and they decide a NEB's or a relaxation's path.
+        self._check_neighbors = True
         if "forces" in kinds and not task_config.gradient_forces:
             warn_user(f"{source} predicts direct forces (forces: direct), which are not the "
                       "gradient of its energy: MD will not conserve energy. Fine-tune with "
@@ -152,8 +151,8 @@ class JMPCalculator(Calculator):
                            f"graph.max_neighbors says")
             warn_user(f"the model's graphs keep each atom's nearest neighbours only ({kept} within the "
                       f"cutoffs; a2ee2a: the atom-edge interaction graph, qint: the quadruplet graph): the "
-                      f"energy steps as those sets change, so MD drifts and relaxations may oscillate, and it "
-                      f"depends on the order of the atoms. "
+                      f"energy and forces step as those sets change, so MD drifts and relaxations may oscillate, "
+                      f"and they depend on the order of the atoms and, where distances tie, on a rigid shift. "
                       f"{advice}; see jmp_ext.calculator")
         return bool(truncated)
 
@@ -191,10 +190,14 @@ class JMPCalculator(Calculator):
         self._check_implemented(properties)  # (also when called directly, as calculate(atoms, ["stress"]))
         self._check_eval_mode()  # (a model in memory that its owner put back into training)
         super().calculate(atoms, properties, system_changes)
+        periodic = bool(self.atoms.pbc.any())  # (a non-periodic structure's stress would be its box's)
+        if "stress" in properties and not periodic:
+            raise PropertyNotImplementedError("stress needs periodic boundary conditions (pbc on some axis): a "
+                                              "non-periodic structure's would depend on the box around it")
         new_structure = bool(set(system_changes) & {"numbers", "cell", "pbc"})  # (not only moved atoms)
         if len(self.atoms) == 0:  # (a sum over no atoms, as ASE's calculators give it: a loop over fragments)
             self.results = {"energy": 0.0, "free_energy": 0.0, "energies": np.zeros(0), "forces": np.zeros((0, 3))}
-            if "stress" in self.implemented_properties and abs(self.atoms.cell.volume) > 0:
+            if "stress" in self.implemented_properties and periodic and abs(self.atoms.cell.volume) > 0:
                 self.results["stress"] = np.zeros(6)
             return
         try:
@@ -210,14 +213,16 @@ class JMPCalculator(Calculator):
                             "there)") from e
         if self.model.graph_configs[self.task].pbc and entry["pbc"].any():
             # The same structure with the atoms outside the cell brought back by whole lattice
-            # vectors on periodic axes (in float64; the others untouched): MD does not wrap them,
-            # and float32 rounds a position to its magnitude. (Not for non-periodic graphs,
-            # which see the atoms as given, a cluster.)
-            # (scaled positions: ASE completes a cell without vectors on its open axes)
-            outside = np.where(self.atoms.pbc, np.floor(self.atoms.get_scaled_positions(wrap=False)), 0.0)
-            if outside.any():
-                entry["pos"] = torch.as_tensor(self.atoms.positions - outside @ self.atoms.cell.array,
-                                               dtype=entry["pos"].dtype)
+            # vectors on periodic axes, and shifted to their mean along open ones (a slab's
+            # normal, where any rigid shift is the same structure), in float64: MD does not wrap
+            # atoms, and float32 rounds a position to its magnitude. (Not for non-periodic
+            # graphs, which see the atoms as given, a cluster.)
+            # (ASE completes a cell without vectors on its open axes, with unit normals)
+            cell = self.atoms.cell.complete()
+            scaled = cell.scaled_positions(self.atoms.positions)
+            shift = np.where(self.atoms.pbc, np.floor(scaled), scaled.mean(axis=0))
+            if shift.any():
+                entry["pos"] = torch.as_tensor(self.atoms.positions - shift @ cell.array, dtype=entry["pos"].dtype)
         else:
             # A cluster (no periodic axis, or non-periodic graphs) at its centroid, which moves
             # nothing else: float32 rounds a position to its magnitude, and a molecule drifting
@@ -249,7 +254,7 @@ class JMPCalculator(Calculator):
                 warn_user(f"a force of {largest:.3g} eV/Å: atoms on (nearly) straight lines, such as "
                           "an ideal lattice's rows, make GemNet-OC's dihedral basis discontinuous; "
                           "rattle the structure (atoms.rattle(1e-2)): see jmp_ext.calculator's doc")
-        if "stress" in preds and not preds["stress"].isnan().any():
+        if "stress" in preds and periodic and not preds["stress"].isnan().any():
             s = preds["stress"][0].detach().double().cpu().numpy()
             self.results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
         elif "stress" in properties:

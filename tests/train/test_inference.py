@@ -97,7 +97,7 @@ def test_a_stress_model_still_serves_molecules(stress_checkpoint, tmp_path):
                     messages[0])
     assert re.match(r"a force of .* eV/Å: atoms on \(nearly\) straight lines", messages[1])
     assert np.isfinite(copper.get_stress()).all()
-    with pytest.raises(PropertyNotImplementedError, match="stress needs a cell"):
+    with pytest.raises(PropertyNotImplementedError, match="stress needs periodic boundary conditions"):
         water.get_stress()
 
     ase.io.write(tmp_path / "mixed.extxyz", [copper.copy(), water.copy()])  # (without the results)
@@ -873,6 +873,41 @@ def test_eval_and_predict_batches_keep_the_runs_max_atoms(tiny_data, tmp_path, m
                      capsys.readouterr().err)
 
 
+def test_calculator_gives_no_stress_without_a_periodic_axis(stress_checkpoint):
+    """A molecule in a box without pbc got a finite stress, which only the box made: it is an
+    error, as without a box, and a call for forces leaves none in the results for get_stress."""
+    from ase.calculators.calculator import PropertyNotImplementedError
+
+    boxed = molecule("H2O", vacuum=4.0)
+    boxed.calc = JMPCalculator(stress_checkpoint)
+    assert np.isfinite(boxed.get_forces()).all()
+    assert "stress" not in boxed.calc.results
+    with pytest.raises(PropertyNotImplementedError, match=r"stress needs periodic boundary conditions \(pbc on "
+                                                          r"some axis\): a non-periodic structure's would depend"):
+        boxed.get_stress()
+    boxed.pbc = [True, True, False]  # (a slab: the stress of its cell, as ASE's calculators give it)
+    assert np.isfinite(boxed.get_stress()).all()
+
+
+@pytest.mark.filterwarnings("ignore:the model's graphs keep each atom's nearest neighbours only")  # (k = 8)
+def test_calculator_of_a_slab_far_along_its_normal_keeps_float32_precision(stress_checkpoint):
+    """Periodic axes are wrapped and clusters centred before the float32 cast, but the open axis
+    of a slab kept its coordinate, which float32 rounds to its magnitude (an audit's slab 200 Å
+    up its normal: forces 1.7e-5 eV/Å off; 1e6 Å here rounds to 0.06 Å). Any shift along the
+    open axis is the same structure, so it is centred there."""
+    slab = molecule("CH3CHO", vacuum=4.0)
+    slab.rattle(0.05, seed=0)
+    slab.pbc = [True, True, False]
+    results = []
+    for shift in (0.0, 1e6):
+        atoms = slab.copy()
+        atoms.positions[:, 2] += shift
+        atoms.calc = JMPCalculator(stress_checkpoint, dtype="float32")
+        results.append((atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()))
+    (e0, f0, s0), (e1, f1, s1) = results
+    assert abs(e1 - e0) < 1e-5 and np.abs(f1 - f0).max() < 1e-5 and np.abs(s1 - s0).max() < 1e-7
+
+
 def test_calculator_lists_stress_only_when_the_checkpoint_predicts_it(checkpoint, stress_checkpoint):
     assert "stress" not in JMPCalculator(checkpoint).implemented_properties
     assert "stress" in JMPCalculator(stress_checkpoint).implemented_properties
@@ -992,6 +1027,25 @@ def test_calculator_warns_once_that_neighbour_lists_are_truncated(checkpoint):
     benzene.calc = calc
     with pytest.warns(UserWarning, match=r"qint 8 of up to 11"):
         benzene.get_potential_energy()
+
+
+def test_calculator_of_direct_forces_warns_that_neighbour_lists_are_truncated(tiny_data, tmp_path):
+    """The check ran for gradient forces only: the demo's checkpoint (direct forces, k = 8), which
+    the README's calculator example uses, gave NEB and vibration users forces that a rigid shift
+    changed by 0.06-0.09 eV/Å, with only the not-conservative warning."""
+    raw = {"mode": "finetune", "run_dir": str(tmp_path), "threads": 1, "graph": {"cutoff": 4.0, "max_neighbors": 30},
+           "tasks": [{"name": "mol", "train": str(tiny_data / "mol" / "train"), "forces": "direct",
+                      "targets": [{"name": "energy", "kind": "energy"}, {"name": "forces", "kind": "forces"}]}],
+           "model": {"backbone": "tiny", "backbone_overrides": {"num_blocks": 1, "num_radial": 16}},
+           "loop": {"max_steps": 1, "progress": False, "fit_scale_factors": 0}}
+    loop.Trainer(build_config(raw)).save_best({})
+    with pytest.warns(UserWarning, match="direct forces"):
+        calc = JMPCalculator(tmp_path / "best.pt")
+    benzene = molecule("C6H6")
+    benzene.calc = calc
+    with pytest.warns(UserWarning, match=r"keep each atom's nearest neighbours only \(qint 8 of up to 11 within .*"
+                                         r"the energy and forces step as those sets change"):
+        benzene.get_forces()
 
 
 def test_calculator_options_and_bad_structures(checkpoint, tiny_data, tmp_path):

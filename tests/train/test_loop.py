@@ -688,6 +688,12 @@ def test_pretraining_says_how_it_samples_and_warns_of_periodic_data_on_molecule_
     trainer = loop.Trainer(build_config(raw, [f"run_dir={tmp_path / 't1'}"]))
     trainer.log.close()
     assert "mol 4 structures, p 0.250, 4 drawn; box 12 structures, p 0.750, 12 drawn" in capsys.readouterr().out
+    # T < 1 shrinks the small task's share: 12 * (1/3)^(1/0.3) rounds to none, and its heads never
+    # trained (the line above said "0 drawn", nothing else).
+    raw["data"]["temperature"] = 0.3
+    with pytest.raises(TrainError, match=r"data.temperature=0.3 draws no structure of mol \(4 structures\) in an "
+                                         r"epoch of 12: its heads would never train; raise data.temperature"):
+        loop.Trainer(build_config(raw, [f"run_dir={tmp_path / 't03'}"]))
     raw["data"]["temperature"] = 2.0
     raw["tasks"][1]["graph"] = {"preset": "ani1x"}
     with pytest.warns(UserWarning, match=r"tasks\.1 \(box\): its graphs are non-periodic \(graph preset 'ani1x'\), "

@@ -208,6 +208,11 @@ class Trainer:
             # Global batches, the same for any number of ranks; each rank trains on its share.
             self.train_set = MultiDataset([d.train for d in self.data])
             order = TemperatureSampler(self.train_set.sizes, temperature=c.data.temperature, seed=c.seed)
+            starved = [f"{task.name} ({n} structures)" for task, n, k in zip(c.tasks, order.sizes, order.counts) if k == 0]
+            if starved:  # (T < 1 shrinks the small datasets' shares, to none at all)
+                raise TrainError(f"data.temperature={c.data.temperature:g} draws no structure of {', '.join(starved)} "
+                                 f"in an epoch of {len(order)}: its heads would never train; raise data.temperature "
+                                 "(JMP: 2; 1 draws each dataset in proportion to its size)")
             self.sampler = AtomBalancedBatchSampler(self.train_set.natoms, max_atoms=c.data.max_atoms or None,
                                                     max_structures=c.data.batch_size, sampler=order, seed=c.seed)
             self.steps_per_epoch = len(self.sampler.batches(0))

@@ -132,7 +132,7 @@ class EntryDecoder:
                         for name, field in schema.items()}
         self._layouts: dict[tuple[bytes, int, int], tuple] = {}
 
-    def decode(self, value: bytes, natoms: int) -> dict[str, np.ndarray]:
+    def decode(self, value: bytes | memoryview, natoms: int) -> dict[str, np.ndarray]:
         buffer, start, header = _unpack(value)
         key = (header, len(buffer), natoms)
         layout = self._layouts.get(key)
@@ -158,7 +158,7 @@ class EntryDecoder:
                                 f"({natoms} atoms in {NATOMS_FILE})")
 
 
-def _unpack(value: bytes) -> tuple[bytearray, int, bytes]:
+def _unpack(value: bytes | memoryview) -> tuple[bytearray, int, bytes]:
     """(a copy of value, where its data area starts, its header's bytes), checksum checked."""
     if len(value) < _PREFIX.size:
         raise DataError(f"entry is truncated ({len(value)} bytes)")

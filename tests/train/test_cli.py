@@ -331,6 +331,27 @@ def test_the_cli_imports_torch_inside_its_handlers():
     assert out.strip() == "[]"
 
 
+def test_a_dead_data_worker_is_a_message(tiny_data, tmp_path, capsys, monkeypatch):
+    """A DataLoader worker killed (the out-of-memory killer) raised torch's RuntimeError from
+    wherever the training process was, with a traceback through the model's forward."""
+    import jmp_ext.train.__main__ as cli
+
+    def worker_killed(config):
+        raise RuntimeError("DataLoader worker (pid 24253) is killed by signal: Killed. ")
+
+    monkeypatch.setattr(cli, "run_training", worker_killed)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(finetune_raw(tiny_data, tmp_path / "run")))
+    assert main([str(path)]) == 1
+    assert capsys.readouterr().err == (
+        "error: DataLoader worker (pid 24253) is killed by signal: Killed. \n  a data-loading worker process died; "
+        "the usual cause is the out-of-memory killer (dmesg says): lower data.num_workers (0: none), "
+        "and set data.in_memory=false if it is true. A training run continues from run_dir/last.pt with resume=true\n")
+    monkeypatch.setattr(cli, "run_training", lambda config: (_ for _ in ()).throw(RuntimeError("CUDA error")))
+    with pytest.raises(RuntimeError, match="CUDA error"):  # (any other: a traceback to report)
+        main([str(path)])
+
+
 def test_eval_and_predict_stopped_say_what_they_left(tiny_data, tmp_path, capsys, monkeypatch):
     """A Ctrl-C or a full disk in eval or predict told how to resume a training run, which they
     are not: they write --out once, at their end."""

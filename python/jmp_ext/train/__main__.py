@@ -188,6 +188,15 @@ def main(argv: list[str] | None = None) -> int:
             "run_dir/last.pt once it has one, with resume=true: a failed write leaves the files as they were)")
         print_error(f"error: {e}{full}")
         return 2
+    except RuntimeError as e:
+        # torch raises a dead worker's error wherever the training process happens to be (its
+        # traceback ends in the model, which reads as a bug of the model)
+        if not str(e).startswith("DataLoader worker (pid"):
+            raise
+        print_error(f"error: {e}\n  a data-loading worker process died; the usual cause is the out-of-memory killer "
+                    "(dmesg says): lower data.num_workers (0: none), and set data.in_memory=false if it is "
+                    "true. A training run continues from run_dir/last.pt with resume=true")
+        return 1
     except KeyboardInterrupt as e:  # (training's first Ctrl-C or SIGTERM ends the step and saves last.pt: e says so)
         # Under torchrun a terminal's Ctrl-C reaches every rank, and every rank stops alike: one message.
         if inference:

@@ -138,6 +138,32 @@ def test_resuming_a_finished_run_says_so(tiny_data, tmp_path, capsys):
     assert "training since resuming at step 1" in capsys.readouterr().out
 
 
+def test_resuming_from_another_working_directory_is_pointed_out(tiny_data, tmp_path, capsys, monkeypatch):
+    """A run's config.yaml holds its run_dir as given, relative to where it started: resumed from
+    another directory (a resubmitted job), resume=true found no last.pt there and started a new
+    run, with a warning, beside the real one."""
+    monkeypatch.chdir(tmp_path)
+    raw = finetune_raw(tiny_data, "runs/r")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["r.yaml"]) == 0
+    config = tmp_path / "runs" / "r" / "config.yaml"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    assert main([str(config), "resume=true"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: resume=true: {config} is the config of the run in {config.parent}, which has last.pt, but its run_dir "
+        f"runs/r is {tmp_path / 'elsewhere' / 'runs' / 'r'} from this working directory, without one: run from the "
+        f"directory the run was started in (a config's relative paths are relative to it), or give "
+        f"run_dir={config.parent}\n")
+    assert not (tmp_path / "elsewhere" / "runs").exists()
+    with pytest.warns(UserWarning, match="the cosine after the warmup is now 2 steps"):
+        assert main([str(config), "resume=true", f"run_dir={config.parent}", "loop.max_steps=2"]) == 0
+    assert "since resuming at step 1" in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)  # (from its own directory, as before)
+    assert main([str(config), "resume=true"]) == 0
+
+
 def test_a_sub_command_that_contradicts_the_config_is_an_error(tiny_data, tmp_path, capsys):
     """Neither may silently win: `finetune` on a pretraining config would pretrain (or the reverse)."""
     path = tmp_path / "pre.yaml"

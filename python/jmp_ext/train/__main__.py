@@ -142,6 +142,20 @@ def check_out_path(out: str | None, checkpoint: str, data: str) -> None:
         raise TrainError(f"--out {out}: cannot write in {where} (read-only or not yours); write it elsewhere")
 
 
+def check_resume_place(config, path: str | None, overrides: list[str]) -> None:
+    """resume=true with a run's own config.yaml, from another working directory than the run's:
+    its relative run_dir names a directory without last.pt there, and the run would start anew
+    (a job resubmitted from elsewhere), where the config sits beside the last.pt it meant."""
+    if not (config.resume and path) or any(o.startswith("run_dir=") for o in overrides):
+        return
+    beside, run_dir = Path(path).parent, Path(config.run_dir)
+    if (beside / "last.pt").is_file() and not (run_dir / "last.pt").is_file():
+        raise TrainError(f"resume=true: {path} is the config of the run in {beside}, which has last.pt, but its "
+                         f"run_dir {config.run_dir} is {run_dir.resolve()} from this working directory, without one: "
+                         "run from the directory the run was started in (a config's relative paths are relative to "
+                         f"it), or give run_dir={beside}")
+
+
 def is_config_path(arg: str) -> bool:
     """The first training argument is the config when it names one; a path may hold '=' (a sweep's
     runs/lr=1e-3/config.yaml), so that alone does not make it an override."""
@@ -280,6 +294,7 @@ def run_command(argv: list[str]) -> int:
         if only_print:
             print_config(config)
             return 0
+        check_resume_place(config, path, overrides)
         check_device(config.device, "device=")
         run_training(config)
     return 0

@@ -19,11 +19,12 @@ The graphs keep each atom's k nearest neighbours within the cutoff (JMP: 30 with
 a dense solid the energy steps (meV to tens of meV) as the neighbour set changes: all four
 graphs must hold every neighbour within the cutoff, and the quadruplet graph keeps int(8k/30),
 so graph.max_neighbors must be at least 3.75x the neighbour count. The calculator warns
-(once) when a structure's graphs leave neighbours out (jmp_ext.graphs.truncated_neighbors). The energy also steps (1 to 30 meV in our fine-tunes)
-when a pair of atoms crosses the graph cutoff below 12 Å: JMP's radial basis goes to zero at
-absolute_rbf_cutoff (12 Å), not at the graph's cutoff. A smooth energy for NVE needs
-graph.cutoff = 12 Å, or a fine-tune with model.backbone_overrides.absolute_rbf_cutoff equal to
-graph.cutoff (which changes what the pre-trained radial features mean).
+(once) when a structure's graphs leave neighbours out (jmp_ext.graphs.truncated_neighbors).
+The energy also steps (1 to 30 meV in our fine-tunes) when a pair of atoms crosses the graph
+cutoff below 12 Å: JMP's radial basis goes to zero at absolute_rbf_cutoff (12 Å), not at the
+graph's cutoff. A smooth energy for NVE needs graph.cutoff = 12 Å, or a fine-tune with
+model.backbone_overrides.absolute_rbf_cutoff equal to graph.cutoff (which changes what the
+pre-trained radial features mean).
 
 Near-collinear atoms are a weak spot of JMP's GemNet-OC (kept for parity with its checkpoints):
 its quadruplet basis (Legendre polynomials of the dihedral, with no sin factor that would vanish

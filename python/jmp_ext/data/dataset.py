@@ -104,7 +104,7 @@ class LmdbDataset(Dataset):
         self._envs: list[lmdb.Environment] | None = None
         self._pid = None
         self._open()
-        # In memory: every entry's bytes in one array, entry i at [starts[i], starts[i + 1]). Not a
+        # In memory: every entry's bytes in one bytearray, entry i at [starts[i], starts[i + 1]). Not a
         # list of bytes objects: DataLoader workers forked from this process share its pages
         # until written, and reading a million objects writes each one's reference count, which
         # gave every worker its own copy (a 1M-entry set: +0.9 GB per worker).

@@ -196,8 +196,10 @@ JMP_HD Placed place(const Frame& frame, Vec3 r) {
       w = w - image * frame.basis.row[k];
     }
     u[k] = (fk - frame.lo[k]) * frame.scale[k];
-    int32_t bin = static_cast<int32_t>(floor(u[k]));
-    p.bin[k] = bin < 0 ? 0 : (bin >= frame.nbins[k] ? frame.nbins[k] - 1 : bin);
+    // Clamped before the cast, which is undefined for values out of int32's range and for NaN:
+    // an open axis whose extent overflows (atoms at +-1e308) has scale 0 and u = inf * 0. (fmax
+    // of NaN and 0 is 0.)
+    p.bin[k] = static_cast<int32_t>(fmin(fmax(floor(u[k]), 0.0), frame.nbins[k] - 1.0));
   }
   p.position = r;
   p.wrapped = w;

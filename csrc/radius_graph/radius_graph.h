@@ -83,7 +83,8 @@ class RadiusGraph {
   template <class Visit>
   void neighbors(int64_t target, Visit&& visit) const;
   CellList cell_list() const;
-  // Every edge of a target, unsorted.
+  // Every edge of a target, unsorted; under a strict cap k, in systems marked in prune_, a
+  // superset of its k first.
   void find(int64_t target, std::vector<Candidate>& found) const;
   void count(int num_threads);
   // The one-pass search for small graphs; false (nothing kept) when the graph is not small.
@@ -93,6 +94,7 @@ class RadiusGraph {
   Input input_;
   std::vector<Frame> frames_;
   std::vector<int64_t> system_of_;     // [N] system of every atom
+  std::vector<char> prune_;            // [B] find cuts a target's edges back to k as it goes
   std::vector<Placed> placed_;         // [N] by original index
   std::vector<int64_t> bin_start_;     // [bins + 1]
   // Atoms sorted by bin (see CellList).

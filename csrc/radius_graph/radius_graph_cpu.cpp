@@ -54,6 +54,10 @@ struct Candidate {
 namespace {
 
 constexpr int64_t kGrain = 64;  // targets per task, at least
+// Under a strict cap k, find cuts a target's edges back to its k first once 2 max(k, this) are
+// gathered, in systems expected to have more than half this many neighbours a target: far above
+// the ~600 of a 12 A cutoff in matter, whose searches keep the cheaper loop without the count.
+constexpr int64_t kPruneFloor = 4096;
 // Graphs expected to have at most this many edges are searched once (their edges, 32 bytes
 // each, at most 128 MB, are kept between counting and filling) rather than twice. The estimate
 // runs ~2x high for bulk matter, so cu_10k_6A (0.8 M edges) is searched once: 20-25% faster
@@ -98,8 +102,11 @@ class EdgeSorter {
     start_.assign(n + 1, 0);
     const double scale = static_cast<double>(n) / (cutoff * cutoff * cutoff);
     for (Candidate& c : found) {
-      int64_t b = static_cast<int64_t>(c.distance * c.distance * c.distance * scale);
-      c.bucket = static_cast<int32_t>(b < n ? b : n - 1);
+      // Compared before the cast, which is undefined for NaN and out-of-range values: a cutoff
+      // whose cube overflows has scale 0, and a d whose cube does gives inf * 0. The buckets
+      // stay in distance order (0 for the finite cubes, the last for the rest).
+      const double u = c.distance * c.distance * c.distance * scale;
+      c.bucket = static_cast<int32_t>(u < static_cast<double>(n) ? static_cast<int64_t>(u) : n - 1);
       ++start_[c.bucket + 1];
     }
     for (int64_t b = 0; b < n; ++b) start_[b + 1] += start_[b];
@@ -179,8 +186,26 @@ void RadiusGraph::neighbors(int64_t target, Visit&& visit) const {
 
 void RadiusGraph::find(int64_t target, std::vector<Candidate>& found) const {
   found.clear();
-  neighbors(target, [&](int64_t j, const int32_t* shift, double d2) {
+  auto gather = [&](int64_t j, const int32_t* shift, double d2) {
     found.push_back({edge_distance(d2, input_.dtype), j, {shift[0], shift[1], shift[2]}, 0});
+  };
+  if (!prune_[system_of_[target]]) {
+    neighbors(target, gather);
+    return;
+  }
+  // A strict cap (max_neighbors = k, no tolerance) needs only the k first edges in the output
+  // order: past 2 max(k, kPruneFloor) gathered, the k first are kept, so a target with 4.5e8
+  // neighbours (a 0.01 A cell at 3 A) holds O(k) of them, not 14 GB (an out-of-memory kill).
+  const int64_t k = input_.max_neighbors;
+  const size_t prune_at = 2 * static_cast<size_t>(std::max(k, kPruneFloor));
+  size_t room = prune_at;  // edges to gather before the next cut
+  neighbors(target, [&](int64_t j, const int32_t* shift, double d2) {
+    gather(j, shift, d2);
+    if (--room == 0) {
+      std::nth_element(found.begin(), found.begin() + k, found.end());
+      found.resize(static_cast<size_t>(k));
+      room = prune_at - static_cast<size_t>(k);
+    }
   });
 }
 
@@ -195,6 +220,7 @@ RadiusGraph::RadiusGraph(const Input& input, int num_threads) : input_(input) {
 
   // Frames, then the extent of every system on its non-periodic axes.
   frames_.resize(num_systems);
+  prune_.resize(num_systems);
   system_of_.resize(n);
   std::vector<double> lo(3 * num_systems, INFINITY), hi(3 * num_systems, -INFINITY);
   for (int64_t b = 0; b < num_systems; ++b) {
@@ -235,6 +261,10 @@ RadiusGraph::RadiusGraph(const Input& input, int num_threads) : input_(input) {
     JMP_CHECK(std::isfinite(frame.candidates), "radius_graph: the cutoff ", input.cutoff,
               " is far too large for cell[", b, "]: its periodic images would overflow the int32 ",
               "lattice shifts; use a smaller cutoff or a larger cell");
+    // (the estimate is of uniform density, which periodic images have: a system of more
+    // neighbours than that has them from its own atoms, at most N a target)
+    prune_[b] = input.max_neighbors > 0 && input.tolerance < 0 &&
+                frame.edges > static_cast<double>(kPruneFloor / 2) * static_cast<double>(atoms);
     candidates += frame.candidates;
     estimated_edges += frame.edges;
     num_bins += int64_t{frame.nbins[0]} * frame.nbins[1] * frame.nbins[2];

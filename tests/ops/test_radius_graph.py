@@ -380,6 +380,38 @@ def test_max_neighbors_breaks_exact_ties_by_source_then_shift():
     assert ei[0, :3].tolist() == [1, 1, 2] and off[:2, 0].tolist() == [-1, 0]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_strict_cap_over_thousands_of_neighbours_keeps_the_first_k(dtype):
+    """A strict cap gathered every neighbour of a target before keeping k: a 0.01 Å cell at 3 Å
+    (4.5e8 each) was an out-of-memory kill (a sanitizer audit). Past 2 max(k, 4096) gathered it
+    keeps the k first, and the result is the uncapped graph's k first edges of each target, the
+    exact ties of a 1 Å cubic cell's images broken as always (source, then shift)."""
+    cell = torch.eye(3, dtype=dtype)
+    pos = torch.tensor([[0.0, 0.0, 0.0], [0.5, 0.5, 0.5]], dtype=dtype)
+    full = radius_graph(pos, 20.0, cell=cell)  # (~67k neighbours a target)
+    target = full[0][1]
+    assert torch.bincount(target).min() > 2 * 4096
+    rank = torch.arange(target.numel()) - torch.searchsorted(target, target)  # (sorted by target)
+    for k in (1, 7, 5000, 9000):
+        edge_index, cell_offsets, distance = radius_graph(pos, 20.0, cell=cell, max_neighbors=k)
+        keep = rank < k
+        assert torch.equal(edge_index, full[0][:, keep]) and torch.equal(cell_offsets, full[1][keep])
+        assert torch.equal(distance, full[2][keep])
+
+
+def test_positions_and_cutoffs_near_the_float64_limits():
+    """UBSan (float-cast-overflow): an open axis spanning +-1.7e308 overflowed its extent, and a
+    cutoff of 1e300 its cube, each to a bin or bucket of inf * 0 = NaN cast to an integer
+    (undefined; x86 gave bin 0, which happened to be right). The graphs match brute force."""
+    far = torch.tensor([[1.7e308, -1.7e308, 0.0], [-1.7e308, 1.7e308, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    huge = (torch.rand(40, 3, generator=generator, dtype=torch.float64) - 0.5) * 1e200
+    for pos, cutoff in ((far, 1.0), (huge, 1e300)):
+        ours, ref = radius_graph(pos, cutoff), reference.radius_graph(pos, cutoff)
+        assert all(torch.equal(a, b) for a, b in zip(ours, ref))
+    assert radius_graph(huge, 1e300)[0].shape[1] == 40 * 39  # (> 32 a target: the bucketed sort)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_max_neighbors_tolerant_matches_brute_force(seed):
     systems, cutoff = _random_batch(300 + seed)

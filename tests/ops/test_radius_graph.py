@@ -4,6 +4,7 @@ brute-force twin (order and max_neighbors), float64 recomputation (distances), g
 
 import importlib
 import math
+import os
 import re
 
 import numpy as np
@@ -381,22 +382,43 @@ def test_max_neighbors_breaks_exact_ties_by_source_then_shift():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_a_strict_cap_over_thousands_of_neighbours_keeps_the_first_k(dtype):
+@pytest.mark.parametrize("side, cutoff", [(1.0, 20.0), (0.05, 3.3)])
+def test_a_strict_cap_over_thousands_of_neighbours_keeps_the_first_k(dtype, side, cutoff):
     """A strict cap gathered every neighbour of a target before keeping k: a 0.01 Å cell at 3 Å
     (4.5e8 each) was an out-of-memory kill (a sanitizer audit). Past 2 max(k, 4096) gathered it
     keeps the k first, and the result is the uncapped graph's k first edges of each target, the
-    exact ties of a 1 Å cubic cell's images broken as always (source, then shift)."""
-    cell = torch.eye(3, dtype=dtype)
-    pos = torch.tensor([[0.0, 0.0, 0.0], [0.5, 0.5, 0.5]], dtype=dtype)
-    full = radius_graph(pos, 20.0, cell=cell)  # (~67k neighbours a target)
+    exact ties of a cubic cell's images broken as always (source, then shift): ~67k neighbours a
+    target (searched once), and 2.4M (counted, then filled)."""
+    cell = side * torch.eye(3, dtype=dtype)
+    pos = side * torch.tensor([[0.0, 0.0, 0.0], [0.5, 0.5, 0.5]], dtype=dtype)
+    full = radius_graph(pos, cutoff, cell=cell)
     target = full[0][1]
     assert torch.bincount(target).min() > 2 * 4096
     rank = torch.arange(target.numel()) - torch.searchsorted(target, target)  # (sorted by target)
     for k in (1, 7, 5000, 9000):
-        edge_index, cell_offsets, distance = radius_graph(pos, 20.0, cell=cell, max_neighbors=k)
+        edge_index, cell_offsets, distance = radius_graph(pos, cutoff, cell=cell, max_neighbors=k)
         keep = rank < k
         assert torch.equal(edge_index, full[0][:, keep]) and torch.equal(cell_offsets, full[1][keep])
         assert torch.equal(distance, full[2][keep])
+
+
+def test_a_strict_cap_holds_o_of_k_edges_a_target_in_memory():
+    """Two atoms in a 0.03 Å cell at 3 Å: 8.4e6 neighbours a target, which the capped search
+    gathered in full (0.5 GB; 14 GB in a 0.01 Å cell) before keeping k = 30."""
+    import subprocess
+    import sys
+
+    code = ("import resource, torch\n"
+            "from jmp_ext.ops import radius_graph\n"
+            "pos, cell = 0.03 * torch.tensor([[0.0, 0, 0], [0.5, 0.5, 0.5]], dtype=torch.float64), 0.03 * torch.eye(3)\n"
+            "radius_graph(pos, 0.1, cell=cell.double(), max_neighbors=30)\n"  # (the extension's own memory first)
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "edge_index = radius_graph(pos, 3.0, cell=cell.double(), max_neighbors=30)[0]\n"
+            "print(edge_index.shape[1], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    edges, grown_kb = map(int, done.stdout.split())
+    assert edges == 60 and grown_kb < 64 * 1024, grown_kb
 
 
 def test_positions_and_cutoffs_near_the_float64_limits():

@@ -105,6 +105,11 @@ def test_a_stress_model_still_serves_molecules(stress_checkpoint, tmp_path):
     assert main(["predict", str(stress_checkpoint), str(tmp_path / "mixed.extxyz"), "--out", str(npz)]) == 0
     pred = np.load(npz)
     assert np.isnan(pred["stress"][1]).all()
+    boxed = molecule("H2O", vacuum=4.0)  # (no pbc: its stress would be its box's, which the calculator refuses)
+    ase.io.write(tmp_path / "boxed.extxyz", [copper.copy(), boxed])
+    assert main(["predict", str(stress_checkpoint), str(tmp_path / "boxed.extxyz"), "--out", str(npz)]) == 0
+    boxed_pred = np.load(npz)
+    assert np.isnan(boxed_pred["stress"][1]).all() and np.array_equal(boxed_pred["stress"][0], pred["stress"][0])
     np.testing.assert_allclose(pred["stress"][0], copper.get_stress(voigt=False), rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(pred["energy"], [copper.get_potential_energy(), water.get_potential_energy()],
                                rtol=1e-12)
@@ -313,8 +318,13 @@ def test_predict_to_extxyz_streams_its_input(checkpoint, tmp_path, monkeypatch):
     npz, frames = np.load(tmp_path / "p.npz"), ase.io.read(tmp_path / "p.extxyz", index=":")
     assert [f.get_chemical_formula() for f in frames] == [a.get_chemical_formula() for a in images]
     assert [f.info["predicted_energy"] for f in frames] == pytest.approx(npz["energy"].tolist(), rel=1e-12)
-    # The input rewritten while predict ran: one structure fewer, or another one in its place.
-    for changed in (images[:-1], [*images[:-1], molecule("C6H6")]):
+    # The input rewritten while predict ran: one structure fewer, another one in its place, or
+    # one of as many atoms (NH3 for CH4O's... H2O's 3: H2N), or moved.
+    moved = images[-1].copy()
+    moved.positions[0, 0] += 1e-9
+    renamed = images[-1].copy()
+    renamed.numbers[0] = 7
+    for changed in (images[:-1], [*images[:-1], molecule("C6H6")], [*images[:-1], renamed], [*images[:-1], moved]):
         calls = []
 
         def rewritten(path, changed=changed):
@@ -351,7 +361,7 @@ def test_eval_of_a_file_on_a_full_temporary_disk_says_where_it_writes(checkpoint
     assert done.returncode == 2, done.stderr
     assert (f"error: eval converts {tmp_path / 'big.extxyz'} into a temporary directory first, and writing it "
             f"failed (writing dataset {tmp_path}/tmp") in done.stderr
-    assert "point TMPDIR at a disk with room" in done.stderr and "could not be read" not in done.stderr
+    assert "point TMPDIR at a writable disk with room" in done.stderr and "could not be read" not in done.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["big.extxyz"]  # (the temporary directory is gone)
 
 

@@ -130,6 +130,8 @@ class LmdbDataset(Dataset):
 
     def read(self, index: int) -> dict[str, np.ndarray]:
         """Entry `index` (0 <= index < len) as numpy arrays."""
+        if not 0 <= index < len(self):  # (an in-memory slice past the ends would read as a truncated entry)
+            raise IndexError(f"index {index} out of range for {self.path} ({len(self)} entries)")
         if self._memory is not None:
             data, starts = self._memory
             value = memoryview(data)[starts[index]:starts[index + 1]]

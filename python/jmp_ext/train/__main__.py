@@ -151,9 +151,9 @@ def check_resume_place(config, path: str | None, overrides: list[str]) -> None:
     beside, run_dir = Path(path).parent, Path(config.run_dir)
     if (beside / "last.pt").is_file() and not (run_dir / "last.pt").is_file():
         raise TrainError(f"resume=true: {path} is the config of the run in {beside}, which has last.pt, but its "
-                         f"run_dir {config.run_dir} is {run_dir.resolve()} from this working directory, without one: "
-                         "run from the directory the run was started in (a config's relative paths are relative to "
-                         f"it), or give run_dir={beside}")
+                         f"run_dir {config.run_dir} ({run_dir.resolve()} from here) has none: give run_dir={beside}, "
+                         "or run from the directory the run was started in (a config's relative paths are relative "
+                         "to the working directory)")
 
 
 def is_config_path(arg: str) -> bool:
@@ -197,15 +197,20 @@ def main(argv: list[str] | None = None) -> int:
         print_error(f"error: {e}")  # bad input, said by our checks: a message, no traceback
         return 2
     except OSError as e:  # a path of the user's: missing, a file for a directory, not writable, a full disk
-        full = "" if e.errno != errno.ENOSPC else " (the disk is full: free space and run it again)" if inference else (
-            " (the disk is full: free space and run it again; a training run resumes from its last checkpoint, "
-            "run_dir/last.pt once it has one, with resume=true: a failed write leaves the files as they were)")
+        full = ""
+        if e.errno == errno.ENOSPC:
+            full = " (the disk is full: free space and run it again"
+            if not inference:
+                full += ("; a training run resumes from its last checkpoint, run_dir/last.pt once it has one, with "
+                         "resume=true: a failed write leaves the files as they were")
+            full += ")"
         print_error(f"error: {e}{full}")
         return 2
     except RuntimeError as e:
-        # torch raises a dead worker's error wherever the training process happens to be (its
-        # traceback ends in the model, which reads as a bug of the model)
-        if not str(e).startswith("DataLoader worker (pid"):
+        # torch raises a killed worker's error wherever the training process happens to be (its
+        # traceback ends in the model, which reads as a bug of the model); a worker's crash
+        # (a segmentation fault) is a bug to report, with the traceback
+        if not (str(e).startswith("DataLoader worker (pid") and "killed by signal: Killed" in str(e)):
             raise
         print_error(f"error: {e}\n  a data-loading worker process died; the usual cause is the out-of-memory killer "
                     "(dmesg says): lower data.num_workers (0: none), and set data.in_memory=false if it is "

@@ -249,9 +249,9 @@ def _convert_labels(source: str, dst: Path, names: set[str]) -> None:
         except Exception as e:  # (ASE's readers raise anything on a file that is not theirs)
             if isinstance(e, OSError) and str(dst.parent) in str(e):  # (writing the copy: a full $TMPDIR)
                 raise TrainError(f"eval converts {source} into a temporary directory first, and writing it failed "
-                                 f"({e}); it needs about 1.5 times an extxyz's size: point TMPDIR at a disk with "
-                                 f"room, or convert it yourself, `python -m jmp_ext.data convert {source} OUT_DIR`, "
-                                 "and evaluate OUT_DIR") from e
+                                 f"({e}): point TMPDIR at a writable disk with room (the copy takes about 1.5 times "
+                                 f"an extxyz's size), or convert it yourself, `python -m jmp_ext.data convert "
+                                 f"{source} OUT_DIR`, and evaluate OUT_DIR") from e
             raise TrainError(f"{source} could not be read as a labelled structure file ({type(e).__name__}: "
                              f"{e}); give a dataset directory, or a file ASE reads: extxyz, traj, ASE db (.db), "
                              "...") from e
@@ -303,7 +303,7 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
     """Predictions for every structure of a dataset directory or an ASE-readable file, in the
     input's order, saved as `out` says:
     - .npz: natoms [M], energy [M] (eV), forces [sum natoms, 3] (eV/Å), stress [M, 3, 3] (eV/Å^3;
-      NaN for a structure without a cell), a property such as U_0 [M(, k)], a classification's
+      NaN for a structure without pbc, as the calculator refuses it), a property such as U_0 [M(, k)], a classification's
       logits [M, C] (the class is their argmax): natoms and one array per target the checkpoint
       predicts, under its name; with a target of kind energy, energies [sum natoms] (eV: each atom's term,
       which sum to its structure's energy); with a dataset whose entries carry one, sid [M] too
@@ -339,11 +339,12 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
             return ((None, atoms) for atoms in iter_structures(source))
     keep = ("pos", "atomic_numbers", "cell", "pbc", "tags", "fixed")
     outputs: dict[str, list[np.ndarray]] = {}  # the evaluated structures' predictions, in order
-    natoms, valid, sids = [], [], []  # every input structure's
+    natoms, valid, sids, fingerprints = [], [], [], []  # every input structure's
     pending, pending_index = [], []
     skipped: list[tuple[int, str]] = []  # (input index, problem), listed in the input's order
     elements = torch.zeros(MAX_Z + 1, dtype=torch.bool)  # of the evaluated structures, warned about once
     periodic = False
+    stress_names = {target.name for target in config.tasks[t].targets if target.kind == "stress"}
 
     def skip(index: int, problem: str) -> None:
         valid[index] = False
@@ -370,6 +371,11 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
             return
         elements[batch["atomic_numbers"].cpu()] = True
         periodic = periodic or bool(batch["pbc"].any())
+        # A structure without pbc has no stress (its box's would be meaningless): NaN, as the
+        # calculator refuses it.
+        open_rows = ~batch["pbc"].any(dim=1)[:, None, None]
+        for name in stress_names & preds.keys():
+            preds[name] = torch.where(open_rows, torch.nan, preds[name])
         for name, value in preds.items():
             outputs.setdefault(name, []).append(value.detach().double().cpu().numpy())
         pending.clear()
@@ -378,6 +384,8 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
     for index, (entry, atoms) in enumerate(read_input()):
         valid.append(True)
         natoms.append(len(entry["atomic_numbers"]) if entry is not None else len(atoms))
+        if suffix != ".npz":  # (the extxyz output reads the input again: the same structures?)
+            fingerprints.append(structure_fingerprint(entry, atoms))
         try:
             entry = entry if entry is not None else atoms_to_entry(atoms)
         except DataError as e:  # (an unknown element, a NaN position: "atoms: ..." would not say where)
@@ -424,7 +432,7 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
         write_bytes_atomic(Path(out), buf.getvalue())
     else:
         images = (atoms if atoms is not None else entry_to_atoms(entry) for entry, atoms in read_input())
-        write_predictions_extxyz(Path(out), images, arrays, per_atom, source)
+        write_predictions_extxyz(Path(out), images, arrays, per_atom, source, fingerprints)
     written = sorted(arrays) if suffix == ".npz" else sorted(f"predicted_{name}" for name in outputs)
     print(f"wrote predictions for {count} structures to {out}: {', '.join(written)}")
     return arrays
@@ -453,13 +461,25 @@ def iter_structures(path: str):
         index += 1
 
 
+def structure_fingerprint(entry: dict | None, atoms: Atoms | None) -> int:
+    """CRC32 of a structure's atomic numbers and positions (an entry's, or else the Atoms'), in
+    int64 and float64 whatever they are stored in."""
+    import zlib
+
+    numbers, positions = (entry["atomic_numbers"], entry["pos"]) if entry is not None else (atoms.numbers,
+                                                                                            atoms.positions)
+    return zlib.crc32(np.asarray(positions, dtype=np.float64).tobytes(),
+                      zlib.crc32(np.asarray(numbers, dtype=np.int64).tobytes()))
+
+
 def write_predictions_extxyz(out: Path, images, arrays: dict[str, np.ndarray], per_atom: set[str],
-                             source: str) -> None:
+                             source: str, fingerprints: list[int]) -> None:
     """Writes `images` (Atoms, one at a time: predict's input read again; changed in place) to
     `out` as extxyz, atomically, with predict's arrays attached as predicted_{name}: those named
     in `per_atom` (forces, energies), one row per atom, as columns, the others per structure in
     info. An image's calculator results (the input file's labels) are kept. A `source` that
-    no longer holds the structures it held when predicted is an error."""
+    no longer holds the structures it held when predicted (their structure_fingerprint, in
+    `fingerprints`) is an error."""
     import ase.io
 
     from jmp_ext.files import write_atomic
@@ -472,7 +492,7 @@ def write_predictions_extxyz(out: Path, images, arrays: dict[str, np.ndarray], p
         text = io.TextIOWrapper(f, encoding="utf-8")
         count = 0
         for m, atoms in enumerate(images):
-            if m == len(natoms) or len(atoms) != natoms[m]:
+            if m == len(natoms) or structure_fingerprint(None, atoms) != fingerprints[m]:
                 raise changed
             for name, value in arrays.items():
                 if name in ("natoms", "sid", "valid"):

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import io
 import os
 import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TextIO
 
 
 def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
@@ -69,6 +70,17 @@ def fsync_dir(directory: str | Path) -> None:
             raise OSError(e.errno, e.strerror, str(directory)) from e
     finally:
         os.close(dir_fd)
+
+
+def write_text_atomic(path: str | Path, write: Callable[[TextIO], None], newline: str | None = None) -> None:
+    """Create or replace `path` with what `write(f)` writes to a UTF-8 text file object (newline
+    as open()'s: "" for csv)."""
+    def write_binary(binary: BinaryIO) -> None:
+        text = io.TextIOWrapper(binary, encoding="utf-8", newline=newline)
+        write(text)
+        text.detach()  # (flushes; write_atomic closes the file)
+
+    write_atomic(path, write_binary)
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:

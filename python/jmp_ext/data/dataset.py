@@ -124,13 +124,11 @@ class LmdbDataset(Dataset):
         index = int(index)
         if index < 0:
             index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {self.path} ({len(self)} entries)")
         return {name: torch.from_numpy(array) for name, array in self.read(index).items()}
 
     def read(self, index: int) -> dict[str, np.ndarray]:
         """Entry `index` (0 <= index < len) as numpy arrays."""
-        if not 0 <= index < len(self):  # (an in-memory slice past the ends would read as a truncated entry)
+        if not 0 <= index < len(self):  # (in memory, a slice past the ends would read as a truncated entry)
             raise IndexError(f"index {index} out of range for {self.path} ({len(self)} entries)")
         if self._memory is not None:
             data, starts = self._memory

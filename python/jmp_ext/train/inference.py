@@ -482,14 +482,13 @@ def write_predictions_extxyz(out: Path, images, arrays: dict[str, np.ndarray], p
     `fingerprints`) is an error."""
     import ase.io
 
-    from jmp_ext.files import write_atomic
+    from jmp_ext.files import write_text_atomic
 
     natoms = arrays["natoms"]
     starts = np.concatenate([[0], np.cumsum(natoms)])
     changed = TrainError(f"input {source} changed while predict ran: run it again")
 
-    def write(f) -> None:
-        text = io.TextIOWrapper(f, encoding="utf-8")
+    def write(text) -> None:
         count = 0
         for m, atoms in enumerate(images):
             if m == len(natoms) or structure_fingerprint(None, atoms) != fingerprints[m]:
@@ -507,6 +506,5 @@ def write_predictions_extxyz(out: Path, images, arrays: dict[str, np.ndarray], p
             count += 1
         if count != len(natoms):
             raise changed
-        text.detach()  # (flushes; write_atomic closes f)
 
-    write_atomic(out, write)
+    write_text_atomic(out, write)

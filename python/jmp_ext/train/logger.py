@@ -13,13 +13,12 @@ that step (a validation it repeats there).
 from __future__ import annotations
 
 import csv
-import io
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
-from jmp_ext.files import naming, write_atomic
+from jmp_ext.files import naming, write_text_atomic
 
 FIELDS = ["step", "split", "name", "value"]
 
@@ -109,8 +108,7 @@ def _keep_rows_up_to(path: Path, last_step: int) -> set[tuple[int, str, str]]:
     end, which may still parse ("0.72" of "0.7234418577203527"), and any row that does not parse."""
     logged_at_last: set[tuple[int, str, str]] = set()
 
-    def write(binary) -> None:
-        out = io.TextIOWrapper(binary, encoding="utf-8", newline="")
+    def write(out) -> None:
         writer = csv.DictWriter(out, fieldnames=FIELDS)
         writer.writeheader()
         if last_step > 0 and path.is_file():
@@ -125,8 +123,6 @@ def _keep_rows_up_to(path: Path, last_step: int) -> set[tuple[int, str, str]]:
                         writer.writerow(row)
                     if row["step"] == last_step:
                         logged_at_last.add((row["step"], row["split"], row["name"]))
-        out.flush()
-        out.detach()  # (write_atomic closes the file)
 
-    write_atomic(path, write)
+    write_text_atomic(path, write, newline="")
     return logged_at_last

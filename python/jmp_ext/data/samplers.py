@@ -65,8 +65,10 @@ class TemperatureSampler(Sampler[int]):
         for size, offset, count in zip(self.sizes, self.offsets, self.counts):
             if count == 0:  # a small dataset's share of a small num_samples can round to 0
                 continue
+            # Fresh permutations, one per repeat, drawn in one call (a loop of permutation()
+            # draws the same; it took seconds an epoch to upsample a dataset of a few entries).
             repeats = -(-count // size)
-            local = np.concatenate([rng.permutation(size) for _ in range(repeats)])[:count]
+            local = rng.permuted(np.tile(np.arange(size), (repeats, 1)), axis=1).reshape(-1)[:count]
             parts.append(offset + local)
         merged = np.concatenate(parts)
         return merged[rng.permutation(len(merged))]

@@ -245,13 +245,13 @@ def _nan_on_rank_1(rank, data, tmp_path):
     patch = mock.patch.object(tasks, "loss_terms", nan_at_step_2) if rank == 1 else contextlib.nullcontext()
     trainer = loop.Trainer(_finetune(data, tmp_path / "run", max_nan_steps=1, val_every=0))
     shares = []
-    load = trainer._epoch_loader
+    load = trainer._epoch_batches
 
     def recording_loader():
         for batch in load():
             shares.append(batch["_entry"].tolist())
             yield batch
-    trainer._epoch_loader = recording_loader
+    trainer._epoch_batches = recording_loader
     try:
         with patch, contextlib.redirect_stdout(out):
             trainer.train()
@@ -380,7 +380,7 @@ def test_a_rank_without_a_structure_trains_a_stand_in(tiny_data, tmp_path):
     batches, natoms = trainer.sampler.batches(0), trainer.train_set.natoms
     assert trainer.steps_per_epoch == 6 and any(natoms[a] != natoms[b] for a, b in batches)
     trainer.dist = dataclasses.replace(trainer.dist, rank=2, world_size=3)
-    for (a, b), loaded in zip(batches, trainer._epoch_loader()):
+    for (a, b), loaded in zip(batches, trainer._epoch_batches()):
         smaller = a if natoms[a] <= natoms[b] else b
         assert torch.equal(loaded["pos"], trainer.train_set[smaller]["pos"].to(loaded["pos"].dtype))
     # (that its loss counts zero: test_small_global_batches_and_resumes_on_another_number_of_ranks)
@@ -440,7 +440,7 @@ def test_keep_grad_layout(tiny_data, tmp_path):
     (1, 1), not (F, 1): keep_grad_layout gives it the parameter's strides (DDP's buckets have
     them), with the same values."""
     trainer = loop.Trainer(_finetune(tiny_data, tmp_path / "run"))
-    batch = next(trainer._epoch_loader())
+    batch = next(trainer._epoch_batches())
 
     def grads():
         trainer.model.zero_grad(set_to_none=True)

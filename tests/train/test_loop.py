@@ -83,6 +83,55 @@ def test_resume_after_a_kill_is_bitwise_identical(tiny_data, tmp_path, monkeypat
     assert (tmp_path / "killed" / "config.yaml").is_file() and (tmp_path / "killed" / "best.pt").is_file()
 
 
+def test_loader_workers_train_as_the_training_process_and_outlive_epochs(tiny_data, tmp_path, monkeypatch):
+    """data.num_workers: the same weights as loading in the training process, bit for bit; and
+    the workers are started once, not once per epoch (forkserver, Python 3.14's default on
+    Linux, took seconds per start, as spawn does)."""
+    loaders = tmp_path / "loaders"
+    original = batches.CollatedEntries.__getitem__
+
+    def recorded(self, entries):  # (in the worker: the pid of the process that loaded the batch)
+        with open(loaders, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return original(self, entries)
+
+    monkeypatch.setattr(batches.CollatedEntries, "__getitem__", recorded)
+    states = {}
+    for workers in (0, 2):
+        cfg = build_config(pretrain_config(tiny_data, tmp_path / f"w{workers}", max_steps=7, val_every=0),
+                           [f"data.num_workers={workers}", "data.batch_size=8"])
+        trainer = loop.Trainer(cfg)
+        summary = trainer.train()
+        assert summary["epochs"] > 2  # (three epochs at least begun)
+        pids = set(map(int, loaders.read_text().split()))
+        loaders.unlink()
+        assert len(pids - {os.getpid()}) == workers, pids  # (validation loads in the training process)
+        states[workers] = load_checkpoint(tmp_path / f"w{workers}" / "last.pt")
+    for key in ("model", "ema", "optimizer", "loop"):
+        assert_same_state({key: states[0][key]}, {key: states[2][key]})
+
+
+@pytest.mark.slow
+def test_loader_workers_started_by_forkserver_train(tiny_data, tmp_path):
+    """Python 3.14 starts processes by forkserver on Linux (3.11-3.13: fork): the workers get
+    the datasets pickled (in memory too) and load the same batches."""
+    import yaml
+
+    for start in ("fork", "forkserver"):
+        raw = pretrain_config(tiny_data, tmp_path / start, max_steps=7, val_every=0)
+        raw["data"] = {**raw["data"], "num_workers": 2, "batch_size": 8, "in_memory": True}
+        (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+        script = ("import multiprocessing, sys; from jmp_ext.train.__main__ import main\n"
+                  "if __name__ == '__main__':\n"
+                  f"    multiprocessing.set_start_method({start!r}); sys.exit(main([sys.argv[1]]))")
+        done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run.yaml")], capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        assert done.returncode == 0, done.stderr[-2000:]
+    fork, forkserver = (load_checkpoint(tmp_path / start / "last.pt") for start in ("fork", "forkserver"))
+    for key in ("model", "optimizer", "loop"):
+        assert_same_state({key: fork[key]}, {key: forkserver[key]})
+
+
 @pytest.mark.slow
 def test_compiled_network_trains_like_the_eager_one(tiny_data, tmp_path):
     """loop.compile: the same first loss (before any update only rounding differs) and the same
@@ -158,7 +207,7 @@ def test_non_finite_gradients_are_skipped_without_norm_clipping(tiny_data, tmp_p
     trainer = loop.Trainer(build_config(raw))
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     next(trainer.model.net.parameters()).register_hook(lambda g: torch.full_like(g, bad))
-    trainer.train_step(next(trainer._epoch_loader()))
+    trainer.train_step(next(trainer._epoch_batches()))
     assert trainer.nan_streak == 1
     for k, v in trainer.model.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -177,7 +226,7 @@ def test_classification_loss_is_summed_over_the_batch(tmp_path):
                            targets=[{"name": "cls", "kind": "classification", "num_classes": 2}])
     raw["loop"].update(max_steps=1, log_every=1, val_every=0)
     trainer = loop.Trainer(build_config(raw))
-    batch = next(trainer._epoch_loader())
+    batch = next(trainer._epoch_batches())
     trainer.model.train()
     with torch.no_grad():
         want = F.cross_entropy(trainer.model(batch)["cls"], batch["cls"], reduction="sum").item()
@@ -902,7 +951,7 @@ def test_out_of_memory_says_what_to_lower(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.Tensor, "backward", lambda self, *args, **kwargs: (_ for _ in ()).throw(
         RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes")))
     with pytest.raises(TrainError, match=message):
-        trainer.train_step(next(trainer._epoch_loader()))
+        trainer.train_step(next(trainer._epoch_batches()))
     monkeypatch.setattr(tasks.TaskModel, "forward", lambda self, batch, *args: (_ for _ in ()).throw(
         RuntimeError("mat1 and mat2 shapes cannot be multiplied")))
     with pytest.raises(RuntimeError, match="^mat1 and mat2 shapes cannot be multiplied$"):  # (others unchanged)
@@ -929,7 +978,7 @@ def test_scalar_target_with_per_element_references(tmp_path):
     fit = stats["linrefs"]["u0"]
     assert torch.equal(model.norm_u0_linref[0], torch.as_tensor(fit["linref"]))
     assert model.norm_u0_std.item() == fit["std"] < 0.1 * stats["targets"]["u0"]["std"]
-    batch = next(trainer._epoch_loader())
+    batch = next(trainer._epoch_batches())
     model.eval()
     with torch.no_grad():
         out = model.net(batch, model.graphs(batch))["u0"].double()
@@ -1048,7 +1097,7 @@ def test_spatial_extent_target_trains_unnormalised(tmp_path):
     raw["loop"].update(max_steps=2, val_every=0)
     trainer = loop.Trainer(build_config(raw))
     model = trainer.model
-    batch = next(trainer._epoch_loader())
+    batch = next(trainer._epoch_batches())
     model.eval()
     with torch.no_grad():
         out = model.net(batch, model.graphs(batch))["r2"]
@@ -1087,7 +1136,7 @@ def test_scale_factors_are_fitted_on_the_backbone_alone(tiny_data, tmp_path):
     raw["loop"].update(fit_scale_factors=2)
     trainer = loop.Trainer(build_config(raw))
     net = copy.deepcopy(trainer.model.net)
-    batches = [next(trainer._epoch_loader())]
+    batches = [next(trainer._epoch_batches())]
     trainer.model.eval()
     expected = fit_scale_factors(net, [(b, trainer.model.graphs(b)) for b in batches], forward=lambda m, bg: m(*bg))
     fitted = fit_scale_factors(trainer.model.net, [(b, trainer.model.graphs(b)) for b in batches])

@@ -28,28 +28,74 @@ def collate_batch(structures: list[dict], dtype: torch.dtype, task: int | None =
     return batch
 
 
-class BatchList(torch.utils.data.Dataset):
-    """Batches of a dataset (collate_batch), one per item, for a DataLoader (workers load and
-    collate while the main process trains); batch[ENTRY_KEY] [B] are their entries in `dataset`."""
+class CollatedEntries(torch.utils.data.Dataset):
+    """Item [i, j, ...] (entries of `dataset`) is those entries collated (collate_batch), with
+    batch[ENTRY_KEY] [B] = the entries, to name them in errors."""
 
-    def __init__(self, dataset, batches: list[list[int]], dtype: torch.dtype, task: int | None = None):
-        self.dataset, self.batches, self.dtype, self.task = dataset, batches, dtype, task
+    def __init__(self, dataset, dtype: torch.dtype, task: int | None = None):
+        self.dataset, self.dtype, self.task = dataset, dtype, task
 
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
-        batch = collate_batch([self.dataset[i] for i in self.batches[k]], self.dtype, self.task)
-        batch[ENTRY_KEY] = torch.tensor(self.batches[k], dtype=torch.int64)
+    def __getitem__(self, entries: list[int]) -> dict[str, torch.Tensor]:
+        batch = collate_batch([self.dataset[i] for i in entries], self.dtype, self.task)
+        batch[ENTRY_KEY] = torch.tensor(entries, dtype=torch.int64)
         return batch
 
 
-def load_batches(dataset, batches: list[list[int]], dtype: torch.dtype, workers: int = 0, task: int | None = None):
-    # An own generator: a DataLoader iterator otherwise draws its base seed from the global RNG,
-    # which would shift edge dropout's random stream whenever a resumed run opens its loader.
-    return torch.utils.data.DataLoader(BatchList(dataset, batches, dtype, task), batch_size=None, shuffle=False,
-                                       num_workers=workers, generator=torch.Generator().manual_seed(0),
-                                       worker_init_fn=_ignore_stop_signals if workers else None)
+def load_batches(dataset, batches: list[list[int]], dtype: torch.dtype, task: int | None = None):
+    """The batches (lists of entries of `dataset`), collated one at a time in this process."""
+    collated = CollatedEntries(dataset, dtype, task)
+    return (collated[entries] for entries in batches)
+
+
+class TrainingLoader:
+    """Loads the training batches of one epoch after another, in `workers` DataLoader worker
+    processes (0: in this process) that load and collate while the training process trains.
+    The workers are started once and kept from epoch to epoch: where Python starts them by
+    forkserver or spawn (3.14's default on Linux) each start costs seconds, and copies an
+    in-memory dataset into every worker again."""
+
+    def __init__(self, dataset, dtype: torch.dtype, workers: int):
+        self.dataset, self.dtype, self.workers = dataset, dtype, workers
+        self._epoch_batches = _EpochBatches()
+        self._loader = self._data_loader()
+        self._iterator = None
+
+    def _data_loader(self) -> torch.utils.data.DataLoader:
+        # An own generator: a DataLoader iterator otherwise draws its base seed from the global
+        # RNG, which would shift edge dropout's random stream whenever a resumed run opens it.
+        return torch.utils.data.DataLoader(
+            CollatedEntries(self.dataset, self.dtype), sampler=self._epoch_batches, batch_size=None,
+            num_workers=self.workers, persistent_workers=self.workers > 0,
+            generator=torch.Generator().manual_seed(0), worker_init_fn=_ignore_stop_signals if self.workers else None)
+
+    def epoch(self, batches: list[list[int]]):
+        """An iterator over `batches` (lists of entries, collated in order); it ends the previous
+        one's (its batches loaded ahead and not taken are dropped)."""
+        self._epoch_batches.batches = batches
+        self._iterator = iter(self._loader)
+        return self._iterator
+
+    def close(self) -> None:
+        """Shuts the workers down now (the next epoch starts new ones): an exception's traceback
+        holds the iterator (its frames) to interpreter exit, whose one SIGTERM the workers ignore
+        (_ignore_stop_signals), and the process would hang there. (torch has no public way.)"""
+        if hasattr(self._iterator, "_shutdown_workers"):
+            self._iterator._shutdown_workers()
+            self._iterator, self._loader = None, self._data_loader()
+
+
+class _EpochBatches(torch.utils.data.Sampler):
+    """TrainingLoader's sampler: the current epoch's batches, drawn in the training process
+    (lists of entries: each item of CollatedEntries is one)."""
+
+    def __init__(self):
+        self.batches: list[list[int]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -66,7 +112,7 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 def check_finite_labels(batch: dict, dataset, names: list[str]) -> None:
     """Raises a TrainError naming the entries of `dataset` (an LmdbDataset; batch from
-    load_batches) whose labels `names` hold NaN or inf: a metric over them would be NaN. (A
+    CollatedEntries) whose labels `names` hold NaN or inf: a metric over them would be NaN. (A
     training split's statistics refuse such labels; a validation or test split has none.)"""
     for name in names:
         y = batch[name]
@@ -94,7 +140,7 @@ def entries_named(batch: dict, dataset):
 
 
 def name_entries(error: Exception, batch: dict, dataset) -> Exception:
-    """A BatchStructureError of a batch loaded by load_batches from `dataset` (an LmdbDataset or
+    """A BatchStructureError of a batch of CollatedEntries of `dataset` (an LmdbDataset or
     a MultiDataset), as a TrainError naming those dataset entries; an out-of-memory error as a
     TrainError that says what to lower; other errors unchanged."""
     if is_out_of_memory(error):
@@ -111,7 +157,7 @@ def name_entries(error: Exception, batch: dict, dataset) -> Exception:
 
 
 def entries_of(batch: dict, dataset, structures) -> list[tuple[str, int]]:
-    """(dataset path, entry) of the given structures of a batch load_batches read from `dataset`
+    """(dataset path, entry) of the given structures of a batch of CollatedEntries of `dataset`
     (an LmdbDataset, or a MultiDataset, whose member holds the entry)."""
     members = getattr(dataset, "datasets", [dataset])
     offsets = np.cumsum([0, *[len(d) for d in members]])

@@ -45,10 +45,10 @@ def _check(obj: Any, section: str, rule: str, *names: str) -> None:
             raise ConfigError(f"{_join(section, name)} must be {rule}, got {value}")
 
 
-# The dataset entries of a batch's structures (batches.BatchList adds them, to name entries in errors).
+# The dataset entries of a batch's structures (batches.CollatedEntries adds them, to name entries in errors).
 ENTRY_KEY = "_entry"
 # Keys a collated batch holds beside the dataset's fields (collate's natoms and batch,
-# MultiDataset's dataset, batches.collate_batch's task and BatchList's entries): a label under one
+# MultiDataset's dataset, batches.collate_batch's task and CollatedEntries' entries): a label under one
 # would be overwritten.
 RESERVED_NAMES = ("natoms", "batch", "dataset", "task", ENTRY_KEY)
 # Predictions beside the targets' (TaskModel's per-atom energies, the networks' terms of them).
@@ -282,7 +282,8 @@ class DataConfig:
     in_memory: bool = False
     """Load each LMDB into memory at start (small datasets)."""
     num_workers: int = 0
-    """DataLoader worker processes per rank (0 = load in the training process)."""
+    """DataLoader worker processes per rank (0 = load in the training process), started once and
+    kept from epoch to epoch."""
 
     def __post_init__(self) -> None:
         _check(self, "data", ">= 1", "batch_size", "val_batch_size")

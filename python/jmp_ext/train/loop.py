@@ -36,7 +36,7 @@ from jmp_ext.data.samplers import AtomBalancedBatchSampler, TemperatureSampler
 from jmp_ext.files import write_bytes_atomic
 from jmp_ext.models.checkpoint import checked_weights
 from jmp_ext.train import distributed, tasks
-from jmp_ext.train.batches import entries_named, entries_of, load_batches, name_entries, to_device
+from jmp_ext.train.batches import TrainingLoader, entries_named, entries_of, load_batches, name_entries, to_device
 from jmp_ext.train.checkpoint import load_checkpoint, resume_state_problem, rng_state, save_checkpoint, set_rng_state
 from jmp_ext.train.config import ConfigError, TrainConfig, TrainError, from_dict, save_config, to_dict
 from jmp_ext.train.ema import EMA
@@ -70,7 +70,7 @@ def resume_position(batches: list[list[int]], trained: int, saved_world_size: in
     """batch_in_epoch of a run resuming from a last.pt of an older jmp_ext, whose run on
     `saved_world_size` ranks had trained `trained` batches of the epoch's global `batches`: it
     left out the batches of fewer structures than ranks and did not count them, and every
-    batch now counts (Trainer._epoch_loader). Resume after the last batch it trained."""
+    batch now counts (Trainer._epoch_batches). Resume after the last batch it trained."""
     if saved_world_size == 1:
         return trained
     kept = [k for k, b in enumerate(batches) if len(b) >= saved_world_size]
@@ -246,7 +246,8 @@ class Trainer:
 
         self.run_lock = None  # rank 0's lock on run_dir, from before it writes there to the end of train()
         self.log: RunLogger | None = None  # metrics.csv, TensorBoard's writer (a thread) and the progress bar
-        self.loader = None  # train(): the current epoch's batch iterator
+        self.loader = TrainingLoader(self.train_set, self.dtype, c.data.num_workers)
+        self.batch_iterator = None  # train(): the current epoch's, from self.loader
         self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
                     if self.dist.world_size > 1 else self.model)
         if self.dist.world_size > 1:
@@ -353,12 +354,8 @@ class Trainer:
         try:
             return self._train()
         finally:
-            # The DataLoader's workers are shut down now: an exception's traceback holds the
-            # iterator (its frames) to interpreter exit, whose one SIGTERM the workers ignore
-            # (_ignore_stop_signals), and the process would hang there. (torch has no public way.)
-            loader, self.loader = self.loader, None
-            if hasattr(loader, "_shutdown_workers"):
-                loader._shutdown_workers()
+            self.batch_iterator = None
+            self.loader.close()
             self.release_run_dir()
 
     def release_run_dir(self) -> None:
@@ -380,16 +377,16 @@ class Trainer:
             self.model.net.compile(dynamic=True)
         stop_reason = self.limit
         self.log.start_clock()
-        self.loader = self._epoch_loader()
+        self.batch_iterator = self._epoch_batches()
         # The first Ctrl-C or SIGTERM ends the run after the current step with last.pt saved
         # (every rank learns of it through the step's all-reduce); a second one interrupts at once.
         with self._stop_signals_set_a_flag():
             while self.step < self.total_steps:
                 try:
-                    batch = to_device(next(self.loader), self.device)
+                    batch = to_device(next(self.batch_iterator), self.device)
                 except StopIteration:
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                    self.loader = self._epoch_loader()
+                    self.batch_iterator = self._epoch_batches()
                     if c.loop.val_every == 0:
                         stop = self.validate_and_check()
                         if stop:
@@ -435,7 +432,7 @@ class Trainer:
         """One optimizer step on this rank's share `batch`, or the exception loading it raised.
         An exception of one rank (loading, forward, loss) makes every rank raise: its flag rides
         on the step's two all-reduces, which every step does anyway. stand_in: the batch only
-        stands in for a share this rank does not have (Trainer._epoch_loader): its loss counts
+        stands in for a share this rank does not have (Trainer._epoch_batches): its loss counts
         zero and its structures none."""
         c = self.config
         if not self.model.training:  # (after a validation; train() walks ~1000 modules, 2 ms a step)
@@ -593,7 +590,7 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast)
 
-    def _epoch_loader(self):
+    def _epoch_batches(self):
         """Iterator over this rank's batches of the current epoch, from batch_in_epoch on (resume).
         A rank left without a structure by a global batch of fewer structures than ranks gets the
         batch's smallest structure as a stand-in, whose loss counts zero (train_step's stand_in):
@@ -602,7 +599,7 @@ class Trainer:
         batches = self.sampler.batches(self.epoch)[self.batch_in_epoch:]
         local = [[min(b, key=natoms.__getitem__)] if is_stand_in(b, self.dist.rank) else
                  split_across_ranks(b, natoms, self.dist.rank, w) for b in batches]
-        return iter(load_batches(self.train_set, local, self.dtype, self.config.data.num_workers))
+        return self.loader.epoch(local)
 
     # ------------------------------------------------------------ scale factors
 

@@ -280,7 +280,9 @@ class DataConfig:
     """Structures per batch for validation and test (consecutive entries, at most max_atoms atoms;
     ranks share the batches)."""
     in_memory: bool = False
-    """Load each LMDB into memory at start (small datasets)."""
+    """Load each LMDB into memory at start (small datasets). Forked DataLoader workers share it
+    (Linux up to Python 3.13); under forkserver or spawn (3.14's and macOS's default) each worker
+    holds a copy."""
     num_workers: int = 0
     """DataLoader worker processes per rank (0 = load in the training process), started once and
     kept from epoch to epoch."""

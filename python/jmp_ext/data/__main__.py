@@ -23,7 +23,7 @@ from jmp_ext.warn import plain_warnings
 
 def cmd_make_demo(args) -> None:
     root = make_demo(args.dir, seed=args.seed, scale=args.scale, progress=True)
-    print(f"demo data in {root}: {json.loads((root / 'demo.json').read_text())['entries']}")
+    print(f"demo data in {root}: {json.loads((root / 'demo.json').read_text(encoding='utf-8'))['entries']}")
 
 
 def cmd_convert(args) -> None:

@@ -75,7 +75,7 @@ def make_demo(root: str | Path, seed: int = 0, scale: float = 1.0, progress: boo
     request = {"version": DEMO_VERSION, "seed": seed, "scale": scale}
     marker = root / MARKER
     if marker.is_file():
-        done = json.loads(marker.read_text())
+        done = json.loads(marker.read_text(encoding="utf-8"))
         if all(done.get(k) == v for k, v in request.items()) and _complete(root):
             return root
     foreign = [root / d / s for d in DOMAINS for s in SPLITS if (root / d / s).exists()

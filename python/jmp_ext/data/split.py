@@ -79,7 +79,7 @@ def read_index_file(file: str | Path, num_entries: int) -> dict[str, np.ndarray]
             raise ValueError(f"{file}: not a readable .npz index file ({type(e).__name__}: {e})") from None
     else:
         try:
-            loaded = json.loads(file.read_text(), object_pairs_hook=_unique_keys)
+            loaded = json.loads(file.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{file}: not a JSON index file ({e})") from None
         if not isinstance(loaded, dict):

@@ -53,7 +53,7 @@ def finetune_config(domain: str, root: str, run_dir: Path, init: str, seed: int,
 
 
 def val_curve(run_dir: Path, metric: str) -> list[tuple[int, float]]:
-    with open(run_dir / "metrics.csv", newline="") as f:
+    with open(run_dir / "metrics.csv", newline="", encoding="utf-8") as f:
         return [(int(r["step"]), float(r["value"])) for r in csv.DictReader(f)
                 if r["split"] == "val" and r["name"] == metric]
 

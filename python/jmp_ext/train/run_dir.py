@@ -51,7 +51,7 @@ def lock_run_dir(run_dir: Path):
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise TrainError(f"{path} is not a regular file: a run writes its lock there; remove it")
-    file = os.fdopen(fd, "r+")
+    file = os.fdopen(fd, "r+", encoding="utf-8")
     try:
         fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -18,7 +18,7 @@ from ase.data import atomic_numbers, chemical_symbols
 from jmp_ext.models import BackboneConfig, PretrainModel
 from jmp_ext.train import TrainError, batches, loop, tasks
 from jmp_ext.train.checkpoint import load_checkpoint
-from jmp_ext.train.config import ConfigError, build_config, load_config
+from jmp_ext.train.config import ENTRY_KEY, ConfigError, build_config, load_config
 
 
 # The tiny backbone made smaller still: these tests are about the loop, not the model.
@@ -109,6 +109,23 @@ def test_loader_workers_train_as_the_training_process_and_outlive_epochs(tiny_da
         states[workers] = load_checkpoint(tmp_path / f"w{workers}" / "last.pt")
     for key in ("model", "ema", "optimizer", "loop"):
         assert_same_state({key: states[0][key]}, {key: states[2][key]})
+
+
+def test_training_loader_gives_each_epoch_its_batches(tiny_data):
+    """One pool of workers for every epoch: an epoch left part-way (max_steps, a stop) does not
+    leak its batches, loaded ahead, into the next; an empty epoch (resumed at its end) is one."""
+    from jmp_ext.data import LmdbDataset
+
+    loader = batches.TrainingLoader(LmdbDataset(tiny_data / "mol" / "train"), torch.float32, workers=2)
+    entries = lambda epoch: [b[ENTRY_KEY].tolist() for b in epoch]  # noqa: E731
+    assert entries(loader.epoch([[0, 1], [2], [3, 4, 5]])) == [[0, 1], [2], [3, 4, 5]]
+    left = loader.epoch([[5], [6], [7], [8], [9]])
+    assert entries([next(left)]) == [[5]]
+    assert entries(loader.epoch([[1], [2]])) == [[1], [2]]
+    assert entries(loader.epoch([])) == []
+    loader.close()  # (a Trainer's train() ends so; the next epoch starts new workers)
+    assert entries(loader.epoch([[3]])) == [[3]]
+    loader.close()
 
 
 @pytest.mark.slow

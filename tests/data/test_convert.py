@@ -145,6 +145,19 @@ def test_a_missing_key_lists_the_keys_there_are(tmp_path, frames, capsys):
         convert(tmp_path / "in.extxyz", tmp_path / "out", keys=KeyMap(properties={"gap": "gap"}))
 
 
+def test_a_gap_written_0_for_metals_converts(tmp_path, frames):
+    """extxyz reads gap=0 as an integer and gap=1.2 as a float: a file whose first structure
+    was a metal stopped at the first float ("field gap is <f8 [], the first entry's is <i8
+    []"), and --skip-invalid kept the metals alone (std 0)."""
+    gaps = [0, 1.2, 0, 2.5]
+    for atoms, gap in zip(frames, gaps):
+        atoms.info["gap"] = gap
+    ase.io.write(tmp_path / "in.extxyz", frames[:4])
+    assert main(["convert", str(tmp_path / "in.extxyz"), str(tmp_path / "out"), "--property", "gap"]) == 0
+    ds = LmdbDataset(tmp_path / "out")
+    assert [ds[i]["gap"].item() for i in range(len(ds))] == [float(g) for g in gaps]
+
+
 def test_label_sources_do_not_mix(tmp_path):
     """Frame 0 has REF_energy, frame 1 only energy: both were stored as 'energy'."""
     frames = [Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]]) for _ in range(3)]

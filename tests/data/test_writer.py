@@ -1,5 +1,6 @@
 """DatasetWriter's last step: moving the finished dataset into place, and its failures."""
 
+import json
 import os
 import resource
 import signal
@@ -10,6 +11,7 @@ import pytest
 from data_helpers import random_entry
 
 from jmp_ext.data import DatasetWriter, LmdbDataset, write_dataset
+from jmp_ext.data.format import DataError
 
 
 @pytest.fixture
@@ -164,3 +166,31 @@ def test_every_shard_is_on_disk_before_the_dataset_is_published(tmp_path, entrie
     monkeypatch.setattr(writer, "replace_dir", lambda *args: (events.append(set(synced)), replace(*args)))
     write_dataset(tmp_path / "d", entries, shard_size=2)
     assert events == [{f"data.{i:04d}.lmdb" for i in range(3)}]
+
+
+def test_a_property_of_integers_and_floats_is_stored_as_floats(tmp_path, entries):
+    """A metal's band gap is often written 0 beside the others' 1.2: the first entry's integer
+    fixed the schema and the first float ended the write (and --skip-invalid kept the metals
+    alone). Entries written before the first float are rewritten, across shards; an integer
+    after it is cast."""
+    gaps = [0, 2, 0, 1.25, 3, 0.5]
+    with DatasetWriter(tmp_path / "ds", shard_size=2) as writer:
+        for entry, gap in zip(entries, gaps):
+            writer.add({**entry, "gap": gap, "label": len(writer)})
+        writer.add({**entries[0], "gap": 7, "label": 6})  # (into the last shard, reopened)
+    ds = LmdbDataset(tmp_path / "ds")
+    assert ds.schema["gap"]["dtype"] == "<f8" and ds.schema["label"]["dtype"] == "<i8"
+    assert [ds[i]["gap"].item() for i in range(len(ds))] == [0.0, 2.0, 0.0, 1.25, 3.0, 0.5, 7.0]
+    assert [ds[i]["label"].item() for i in range(len(ds))] == list(range(7))  # (integers stay so)
+    for i, entry in enumerate([*entries, entries[0]]):
+        assert np.array_equal(ds[i]["pos"].numpy(), entry["pos"])
+    meta = json.loads((tmp_path / "ds" / "meta.json").read_text(encoding="utf-8"))
+    assert [shard["num_entries"] for shard in meta["shards"]] == [2, 2, 2, 1]
+
+
+def test_a_field_of_another_shape_is_named_in_words(tmp_path, entries):
+    with DatasetWriter(tmp_path / "ds") as writer:
+        writer.add({**entries[0], "dipole": np.zeros(3)})
+        with pytest.raises(DataError, match=r"entry 1: field dipole is float64 \[2\], the first entry's is "
+                                            r"float64 \[3\]"):
+            writer.add({**entries[1], "dipole": np.zeros(2)})

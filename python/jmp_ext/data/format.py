@@ -367,7 +367,9 @@ def normalize_entry(entry: dict, where: str, float_dtype=np.float64,
         elif name in _BOOL_FIELDS:
             array = array.astype(bool)
         elif array.dtype.kind in "biu" and name not in LABEL_FIELDS and name not in ("pos", "cell"):
-            array = array.astype(np.int64)  # integer properties (class labels) stay integers
+            # Integer properties (class labels) stay integers (DatasetWriter stores a property of
+            # integers in some entries and floats in others as floats).
+            array = array.astype(np.int64)
         else:
             energy = units.get(name, UNITS.get(name)) == "eV"
             array = array.astype(np.float64 if energy else float_dtype)

@@ -25,6 +25,11 @@ _COMMIT_EVERY = 512  # entries per LMDB transaction: large enough to amortise th
 _INITIAL_MAP_SIZE = 1 << 30  # virtual size only; the file grows with the data and doubles if full
 
 
+def _described(field: dict) -> str:
+    """A schema record's dtype and shape in words: "float64 []", "int64 [n, 3]"."""
+    return f"{np.dtype(field['dtype']).name} [{', '.join(map(str, field['shape']))}]"
+
+
 class DatasetWriter:
     """Write structures into a new dataset directory (format.py), atomically.
 
@@ -97,6 +102,10 @@ class DatasetWriter:
                 self._flush()
 
     def _check_schema(self, entry: dict[str, np.ndarray], where: str) -> None:
+        """Raises a DataError unless `entry` has the first entry's fields, dtypes and shapes. A
+        named property given as integers in some entries and as floats in others (a metal's
+        band gap written 0, another's 1.2) is stored as floats: this entry's are cast (in place
+        of `entry`), or the entries written so far are rewritten."""
         schema = {name: fmt.field_schema(name, array, self.units.get(name))
                   for name, array in entry.items()}
         if self._schema is None:
@@ -108,10 +117,37 @@ class DatasetWriter:
             raise fmt.DataError(f"{where}: fields differ from the dataset's first entry "
                                 f"(extra {extra}, missing {lacking})")
         for name, field in schema.items():
-            if field != self._schema[name]:
-                raise fmt.DataError(f"{where}: field {name} is {field['dtype']} {field['shape']}, "
-                                    f"the first entry's is {self._schema[name]['dtype']} "
-                                    f"{self._schema[name]['shape']}")
+            first = self._schema[name]
+            if field == first:
+                continue
+            # (normalize_entry fixes the dtypes of every other field: only a property can differ so)
+            kinds = {np.dtype(field["dtype"]).kind, np.dtype(first["dtype"]).kind}
+            if kinds == {"i", "f"} and field["shape"] == first["shape"]:
+                if np.dtype(field["dtype"]).kind == "i":
+                    entry[name] = entry[name].astype(first["dtype"])
+                else:
+                    self._rewrite_as_float(name, field["dtype"])
+                continue
+            raise fmt.DataError(f"{where}: field {name} is {_described(field)}, the first entry's is "
+                                f"{_described(first)}")
+
+    def _rewrite_as_float(self, name: str, dtype: str) -> None:
+        """Rewrites field `name` of every entry written so far as `dtype` (a float)."""
+        with self._lmdb_errors():
+            self._close_shard()
+            for shard in self._shards:
+                self._env = lmdb.open(str(self._tmp / shard["file"]), subdir=False, map_size=_INITIAL_MAP_SIZE,
+                                      map_async=True)
+                with self._env.begin() as txn:
+                    for key, value in txn.cursor():
+                        entry = fmt.decode_entry(value)
+                        entry[name] = entry[name].astype(dtype)
+                        self._pending.append((key, fmt.encode_entry(entry)))
+                self._close_shard()
+        self._schema[name]["dtype"] = dtype
+        if self._shards[-1]["num_entries"] < self.shard_size:  # (the next entries')
+            self._env = lmdb.open(str(self._tmp / self._shards[-1]["file"]), subdir=False,
+                                  map_size=_INITIAL_MAP_SIZE, map_async=True)
 
     @contextmanager
     def _lmdb_errors(self) -> Iterator[None]:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from ase import Atoms
 from ase.build import molecule
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.md.verlet import VelocityVerlet
@@ -536,7 +537,7 @@ def test_eval_reads_an_extxyz_as_convert_would(checkpoint, tmp_path, capsys):
     assert main(["eval", str(checkpoint), str(tmp_path / "with_e0.extxyz")]) == 2
     err = capsys.readouterr().err
     assert "structure 0: is a single atom" in err and (f"convert the file yourself, `python -m jmp_ext.data convert "
-                                                       f"{tmp_path / 'with_e0.extxyz'} OUT_DIR --skip-invalid`") in err
+                                                       f"{tmp_path / 'with_e0.extxyz'} OUT_DIR --stress-key none --skip-invalid`") in err
 
 
 def test_eval_of_a_file_scores_the_checkpoints_targets_that_it_has(checkpoint, tmp_path, capsys):
@@ -1249,6 +1250,13 @@ def test_a_property_is_scored_only_in_the_unit_it_was_trained_in(tmp_path, capsy
     assert "convert its source as the training data was" in capsys.readouterr().err
     assert main(["eval", best, str(tmp_path / "ev")]) == 0
     assert "mol/gap_mae" in json.loads(capsys.readouterr().out)
+    # The conversion that leaves out a structure eval cannot take converts the checkpoint's labels.
+    lone = Atoms("H", positions=[[0, 0, 0]])
+    lone.info["gap"] = 0.3
+    ase.io.write(tmp_path / "with_lone.extxyz", [*images, lone])
+    assert main(["eval", best, str(tmp_path / "with_lone.extxyz")]) == 2
+    assert (f"`python -m jmp_ext.data convert {tmp_path / 'with_lone.extxyz'} OUT_DIR --energy-key none --forces-key "
+            "none --stress-key none --property gap --skip-invalid`") in capsys.readouterr().err
     # A config that names the unit is held to it.
     raw["tasks"][0]["targets"][0]["unit"] = ""
     with pytest.raises(TrainError, match=r"target 'gap' is in 'eV' in the train dataset .*ev, but in '' \(as stored, "

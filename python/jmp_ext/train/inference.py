@@ -244,8 +244,11 @@ def _convert_labels(source: str, dst: Path, names: set[str]) -> None:
                 raise TrainError(f"{e}; give a dataset directory, or a file ASE reads: extxyz, traj, ASE db (.db), "
                                  "...") from e
             # (a structure the data refuses: a single atom, a cell in nm, ...)
+            options = [*(f"--{label}-key none" for label in labels if label not in names),
+                       *(f"--property {name}" for name in properties), "--skip-invalid"]
             raise TrainError(f"{e}; to leave such structures out, convert the file yourself, `python -m "
-                             f"jmp_ext.data convert {source} OUT_DIR --skip-invalid`, and evaluate OUT_DIR") from e
+                             f"jmp_ext.data convert {source} OUT_DIR {' '.join(options)}`, and evaluate "
+                             "OUT_DIR") from e
         except Exception as e:  # (ASE's readers raise anything on a file that is not theirs)
             if isinstance(e, OSError) and str(dst.parent) in str(e):  # (writing the copy: a full $TMPDIR)
                 raise TrainError(f"eval converts {source} into a temporary directory first, and writing it failed "

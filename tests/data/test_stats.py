@@ -149,7 +149,8 @@ def test_cli_stats_and_info(tmp_path, capsys):
     assert "12 entries" in out and "energy after linear references" in out and "force RMS" in out
     # A float property's per-element fit (what a target with linref: true trains on) is shown too.
     fit = json.loads((tmp_path / "ds" / "stats.json").read_text())["linrefs"]["gap"]
-    assert f"gap after linear references (linref: true): mean {fit['mean']:.6g}, std {fit['std']:.6g}" in out
+    assert (f"gap after linear references (if trained with linref: true, a sum over atoms): mean {fit['mean']:.6g}, "
+            f"std {fit['std']:.6g}") in out
     assert main(["info", str(tmp_path / "ds")]) == 0
     out = capsys.readouterr().out
     assert "12 entries in 1 shard(s)" in out

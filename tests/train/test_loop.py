@@ -1418,6 +1418,24 @@ def test_a_fine_tune_from_scratch_says_so(tiny_data, tmp_path, capsys):
     assert "model.init_checkpoint is empty: fine-tuning a randomly initialised network" in out.out + out.err
 
 
+def test_a_constant_target_is_warned_of(tiny_data, tmp_path):
+    """A band gap converted with --skip-invalid from a file whose metals wrote it as 0 (an
+    integer, the others floats) kept the metals alone: a target of std 0 trained without a word."""
+    from jmp_ext.data import DatasetWriter, LmdbDataset, compute_stats, save_stats
+
+    for split in ("train", "val"):
+        with DatasetWriter(tmp_path / split) as writer:
+            for entry in LmdbDataset(tiny_data / "mol" / split):
+                writer.add({**{name: value.numpy() for name, value in entry.items()}, "gap": np.float64(0.0)})
+        save_stats(tmp_path / split, compute_stats(LmdbDataset(tmp_path / split)))
+    raw = finetune_config(tiny_data, tmp_path / "run", forces="direct")
+    raw["tasks"][0].update(train=str(tmp_path / "train"), val=str(tmp_path / "val"), test="",
+                           targets=[{"name": "gap", "kind": "scalar", "reduction": "mean"}])
+    with pytest.warns(UserWarning, match=r"tasks.0 \(mol\): target 'gap' is 0.0 in every one of the 12 structures of "
+                                         r".*train: there is nothing to learn"):
+        loop.Trainer(build_config(raw)).release_run_dir()
+
+
 def test_a_structure_without_edges_is_named_by_its_dataset_entry(tmp_path):
     """Atoms all farther apart than the cutoff (or one atom alone) give no graph: the error
     named positions in a batch ("structure(s) [0, 1, 2] of the batch"), not dataset entries."""

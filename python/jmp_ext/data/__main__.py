@@ -92,7 +92,8 @@ def cmd_stats(args) -> None:
               f"std {np.round(target['std'], 6).tolist()}")
         if name in stats.get("linrefs", {}):  # (what a target with linref: true trains on)
             fit = stats["linrefs"][name]
-            print(f"  {name} after linear references (linref: true): mean {fit['mean']:.6g}, std {fit['std']:.6g}")
+            print(f"  {name} after linear references (if trained with linref: true, a sum over atoms): "
+                  f"mean {fit['mean']:.6g}, std {fit['std']:.6g}")
     if "force_rms" in stats:
         print(f"  force RMS: {stats['force_rms']:.6f} eV/Å")
 

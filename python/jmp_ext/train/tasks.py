@@ -29,6 +29,7 @@ from jmp_ext.data.format import MAX_Z, DataError
 from jmp_ext.train import losses
 from jmp_ext.train.config import TargetConfig, TaskConfig, TrainConfig, TrainError
 from jmp_ext.train.metrics import Metrics
+from jmp_ext.warn import warn_user
 
 
 # ---------------------------------------------------------------- data
@@ -343,6 +344,10 @@ def _target_scale(task: TaskConfig, target: TargetConfig, stats: dict, i: int) -
     if target.name not in stats.get("targets", {}):
         raise TrainError(f"tasks.{i} ({task.name}): no statistics for target {target.name!r} in {task.train}/stats.json")
     s = stats["targets"][target.name]
+    if np.all(np.asarray(s["std"]) == 0):
+        warn_user(f"tasks.{i} ({task.name}): target {target.name!r} is {np.round(s['mean'], 6).tolist()} in every one "
+                  f"of the {stats['num_entries']} structures of {task.train}: there is nothing to learn (was the "
+                  "data converted with --skip-invalid, which may have kept one kind of structure only?)")
     if target.linref:  # the statistics of y - sum_i linref[Z_i]
         if target.name not in stats.get("linrefs", {}):
             raise TrainError(f"tasks.{i} ({task.name}): {task.train}/stats.json has no per-element references for "

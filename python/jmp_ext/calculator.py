@@ -43,6 +43,7 @@ reach. The calculator warns (once) when a structure has such lines
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,12 @@ from jmp_ext.warn import warn_user
 # eV/Å: far above any force of a relaxation or MD, and far below the ~1e3-1e4 eV/Å that
 # near-collinear atoms give (see the module doc).
 MAX_PLAUSIBLE_FORCE = 100.0
+
+# The tasks whose truncated neighbour lists a calculator warned of, per checkpoint file or model
+# in memory: once in a process (a finite-difference loop or a screening script makes a
+# calculator per structure).
+_TRUNCATION_WARNED_FILES: dict[str, set[int]] = {}
+_TRUNCATION_WARNED_MODELS: weakref.WeakKeyDictionary[TaskModel, set[int]] = weakref.WeakKeyDictionary()
 
 
 class JMPCalculator(Calculator):
@@ -106,13 +113,19 @@ class JMPCalculator(Calculator):
         if "energy" not in kinds:
             predicts = ", ".join(f"{t.name} ({t.kind})" for t in task_config.targets)
             raise ValueError(f"{source} predicts {predicts} (task {task_config.name!r}), not an energy "
-                             "(a target of kind energy), which an ASE calculator needs")
+                             "(a target of kind energy), which an ASE calculator needs; its predictions for "
+                             "structures: `python -m jmp_ext.train predict`, or jmp_ext.train.inference."
+                             "predict_structures from Python")
         # ASE and its optimisers read this to decide what to ask for.
         self.implemented_properties = [p for p in self.implemented_properties if p not in {"forces", "stress"} - kinds]
         # Truncated neighbour lists are checked on each new kind of structure (elements, cell
-        # or pbc; tags do not change the count), until one warning is given: direct forces
-        # step with the kept sets too, and they decide a NEB's or a relaxation's path.
-        self._check_neighbors = True
+        # or pbc; tags do not change the count), until one warning is given for the model and
+        # task in this process (a finite-difference loop or a screening script makes a
+        # calculator per structure): direct forces step with the kept sets too, and they decide
+        # a NEB's or a relaxation's path.
+        self._truncation_warned = (_TRUNCATION_WARNED_MODELS.setdefault(self.model, set())
+                                   if isinstance(checkpoint, TaskModel) else
+                                   _TRUNCATION_WARNED_FILES.setdefault(str(Path(checkpoint).resolve()), set()))
         if "forces" in kinds and not task_config.gradient_forces:
             warn_user(f"{source} predicts direct forces (forces: direct), which are not the "
                       "gradient of its energy: MD will not conserve energy. Fine-tune with "
@@ -230,8 +243,8 @@ class JMPCalculator(Calculator):
             # in MD would lose precision with its distance from the origin.
             entry["pos"] = entry["pos"] - entry["pos"].mean(dim=0)
         # (not on every step: the counts change little along a trajectory)
-        if self._check_neighbors and new_structure:
-            self._check_neighbors = not self._warn_if_truncated(entry)
+        if new_structure and self.task not in self._truncation_warned and self._warn_if_truncated(entry):
+            self._truncation_warned.add(self.task)
         # An energy alone (Monte Carlo, an energy scan) skips the gradient forces and stress.
         derivatives = not set(properties) <= {"energy", "free_energy", "energies"}
         batch = structures_batch(self.model, [entry], self.task)

@@ -16,3 +16,13 @@ def tiny_data(tmp_path_factory):
         write_molecules(root / name / "val", 4, seed=seed + 10, periodic=periodic)
         write_molecules(root / name / "test", 4, seed=seed + 20, periodic=periodic)
     return root
+
+
+@pytest.fixture(autouse=True)
+def calculator_warnings_anew():
+    """The calculator warns of truncated neighbour lists once per checkpoint in a process: each
+    test starts as a fresh process would."""
+    from jmp_ext import calculator
+
+    calculator._TRUNCATION_WARNED_FILES.clear()
+    calculator._TRUNCATION_WARNED_MODELS.clear()

@@ -978,7 +978,8 @@ def test_calculator_without_an_energy_names_the_targets(tmp_path):
            "model": {"backbone": "tiny", "backbone_overrides": {"num_blocks": 1, "num_radial": 16}},
            "loop": {"max_steps": 1, "progress": False, "fit_scale_factors": 0}}
     loop.Trainer(build_config(raw)).save_best({})
-    with pytest.raises(ValueError, match=r"best.pt predicts u0 \(scalar\) \(task 'mol'\), not an energy"):
+    with pytest.raises(ValueError, match=r"best.pt predicts u0 \(scalar\) \(task 'mol'\), not an energy .*: `python -m "
+                                         r"jmp_ext.train predict`, or jmp_ext.train.inference.predict_structures"):
         JMPCalculator(tmp_path / "run" / "best.pt")
     # eval of a file reads a property target from the key of its name (it said: not in the file)
     images = [molecule(n) for n in ("CH3OH", "C2H6", "H2O")]
@@ -1015,27 +1016,36 @@ def test_calculator_without_an_energy_names_the_targets(tmp_path):
 def test_calculator_warns_once_that_neighbour_lists_are_truncated(checkpoint):
     """The graphs keep each atom's k nearest neighbours (the quadruplet graph 8 here): benzene's
     atoms have up to 11 within 4 Å, so its energy steps as the kept sets change, and MD drifts
-    (a user's Cu MD drifted without a word). Methanol's 5 all fit: no warning."""
+    (a user's Cu MD drifted without a word). Methanol's 5 all fit: no warning. Once for the
+    checkpoint in a process: a finite-difference loop with a calculator per displaced structure
+    warned at every one."""
     import warnings
 
-    benzene = molecule("C6H6")
-    benzene.calc = JMPCalculator(checkpoint)
+    methanol, benzene = molecule("CH3OH"), molecule("C6H6")
+    calc = JMPCalculator(checkpoint)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        methanol.calc = calc
+        methanol.get_potential_energy()
+    # The check follows the calculator to a new kind of structure (it looked at the first only).
+    benzene.calc = calc
     with pytest.warns(UserWarning, match=r"keep each atom's nearest neighbours only \(qint 8 of up to 11 within "
                                          r"the cutoffs; a2ee2a: the atom-edge .*graph.max_neighbors >= 42 \(the "
                                          r"quadruplet graph's share grows with it, and GemNet-OC's memory steeply\) or "
                                          r"a smaller graph.cutoff") as caught:
         benzene.get_potential_energy()
     assert [w.filename for w in caught] == [__file__]
-    benzene.rattle(1e-3)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        benzene.get_potential_energy()  # (once per calculator)
-        methanol = molecule("CH3OH")
-        calc = JMPCalculator(checkpoint)
-        methanol.calc = calc
-        methanol.get_potential_energy()
-    # The check follows the calculator to a new kind of structure (it looked at the first only).
-    benzene.calc = calc
+        for _ in range(3):
+            benzene.rattle(1e-3)
+            benzene.get_potential_energy()
+            displaced = benzene.copy()
+            displaced.positions[0, 0] += 1e-2
+            displaced.calc = JMPCalculator(checkpoint)
+            displaced.get_potential_energy()
+    # The same network in memory is another model as far as the warning goes (its own once).
+    benzene.calc = JMPCalculator(calc.model)
     with pytest.warns(UserWarning, match=r"qint 8 of up to 11"):
         benzene.get_potential_energy()
 

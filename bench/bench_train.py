@@ -49,7 +49,7 @@ def trainer_for(dataset, backbone: str, tmp_path) -> tuple[Trainer, dict]:
            "model": {"backbone": backbone}, "data": {"batch_size": 8, "in_memory": True},
            "loop": {"max_steps": 10, "ema_decay": 0.99, "progress": False, "fit_scale_factors": 0}}
     trainer = Trainer(build_config(raw))
-    return trainer, to_device(next(trainer._epoch_loader()), trainer.device)
+    return trainer, to_device(next(trainer._epoch_batches()), trainer.device)
 
 
 def bare_step(model, optimizer, batch):

@@ -272,9 +272,24 @@ def test_bad_class_labels_are_named(tmp_path):
     assert tasks.describe_primary(build_config(raw), {"mol/cls_accuracy": 0.75}, -0.75) == "mol/cls_accuracy 0.75"
     raw["tasks"][0]["targets"] = [{"name": "energy", "kind": "classification", "num_classes": 2}]
     raw["overwrite"] = True
-    with pytest.raises(TrainError, match=r"target 'energy' is float64 .*; a classification target holds class "
-                                         r"indices 0..1 \(integers\)"):
+    with pytest.raises(TrainError, match=r"target 'energy': label\(s\) \[0\.96\d+, .*\] are not class indices 0..1"):
         loop.Trainer(build_config(raw))
+    # Whole numbers stored as floats are classes (a label written 1 here and 1.0 there is stored
+    # as floats); a fractional one is named, not cut to a class.
+    from jmp_ext.data import DatasetWriter, LmdbDataset
+
+    for name, labels in [("whole", [0.0, 1.0]), ("fractional", [0.0, 0.5, 1.0])]:
+        with DatasetWriter(tmp_path / name) as writer:
+            for k, entry in enumerate(LmdbDataset(data)):
+                writer.add({**{key: value.numpy() for key, value in entry.items()}, "cls": labels[k % len(labels)]})
+        raw["tasks"][0].update(train=str(tmp_path / name),
+                               targets=[{"name": "cls", "kind": "classification", "num_classes": 2}])
+        if name == "whole":
+            summary = loop.Trainer(build_config(raw)).train()
+            assert summary["steps"] == 2
+        else:
+            with pytest.raises(TrainError, match=r"label\(s\) \[0.5\] are not class indices 0..1"):
+                loop.Trainer(build_config(raw))
 
 
 @pytest.mark.filterwarnings("ignore:resume. the cosine after the warmup is now")  # (a longer run: true)

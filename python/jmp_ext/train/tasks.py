@@ -130,12 +130,11 @@ def load_task_data(config: TrainConfig) -> list[TaskData]:
                     raise TrainError(f"tasks.{i} ({task.name}): target {target.name!r} has shape {shape} per "
                                      f"structure in {ds.path}, but a {target.kind} head predicts one number "
                                      "per structure; train each component as its own target")
-                if target.kind == "classification" and np.dtype(ds.schema[target.name]["dtype"]).kind not in "biu":
-                    raise TrainError(f"tasks.{i} ({task.name}): target {target.name!r} is "
-                                     f"{np.dtype(ds.schema[target.name]['dtype'])} in {ds.path}; a classification "
-                                     f"target holds class indices 0..{target.num_classes - 1} (integers)")
                 if target.kind == "classification":  # (now: in a batch, a bad label would stop the run midway)
-                    labels = torch.tensor([int(ds.read(e)[target.name]) for e in range(len(ds))])
+                    # (whole numbers stored as floats too: a label written 1 in some structures and
+                    # 1.0 in others is stored as floats)
+                    labels = torch.tensor([float(ds.read(e)[target.name]) for e in range(len(ds))],
+                                          dtype=torch.float64)
                     try:
                         check_class_labels(labels, target.name, target.num_classes)
                     except TrainError as e:
@@ -468,7 +467,7 @@ def loss_terms(model: TaskModel, preds: dict, batch: dict, only: torch.Tensor | 
             weight = coef[task] * keep
             cw = (torch.tensor(target.class_weights, dtype=preds[name].dtype, device=task.device)
                   if target.class_weights else None)
-            terms[name] = (losses.classification_loss(preds[name], batch[name], weight, cw), "sum")
+            terms[name] = (losses.classification_loss(preds[name], batch[name].long(), weight, cw), "sum")
             continue
         if target.kind == "stress":
             check_stress_labels(batch, name)
@@ -485,11 +484,17 @@ def loss_terms(model: TaskModel, preds: dict, batch: dict, only: torch.Tensor | 
 
 
 def check_class_labels(labels: torch.Tensor, name: str, num_classes: int) -> None:
-    """Class indices outside 0..num_classes-1 are a dataset (or num_classes) error: say so,
-    rather than cross-entropy's IndexError."""
+    """Labels other than the class indices 0..num_classes-1 (whole numbers, stored as integers
+    or floats) are a dataset (or num_classes) error: say so, rather than cross-entropy's
+    IndexError or a float label truncated to a class."""
     bad = (labels < 0) | (labels >= num_classes)
+    if labels.is_floating_point():
+        bad |= labels != labels.round()  # (NaN too)
     if bad.any():
-        raise TrainError(f"target {name!r}: label(s) {sorted(set(labels[bad].tolist()))} are not class indices "
+        found = labels[bad].tolist()
+        values = sorted({int(v) if float(v).is_integer() else v for v in found if v == v}) + ["nan"] * any(
+            v != v for v in found)
+        raise TrainError(f"target {name!r}: label(s) {values} are not class indices "
                          f"0..{num_classes - 1} (num_classes={num_classes})")
 
 
@@ -521,7 +526,7 @@ def update_metrics(metrics: Metrics, model: TaskModel, preds: dict, batch: dict)
                 metrics.update_forces(task.name, p[atoms], y[atoms], free)
             elif target.kind == "classification":
                 check_class_labels(y[sel], name, target.num_classes)
-                metrics.update_classification(task.name, name, p[sel], y[sel])
+                metrics.update_classification(task.name, name, p[sel], y[sel].long())
             else:
                 if target.kind == "stress":
                     check_stress_labels(batch, name)

@@ -158,6 +158,25 @@ def test_a_gap_written_0_for_metals_converts(tmp_path, frames):
     assert [ds[i]["gap"].item() for i in range(len(ds))] == [float(g) for g in gaps]
 
 
+def test_a_full_disk_is_not_an_invalid_entry(tmp_path, frames, monkeypatch):
+    """convert --skip-invalid skipped every entry the writer could not write for a full disk,
+    as if invalid, and went on."""
+    from jmp_ext.data import DatasetWriter
+
+    ase.io.write(tmp_path / "in.extxyz", frames)
+    add = DatasetWriter.add
+
+    def disk_full_at_the_third(self, entry, where=None):
+        if len(self) == 2:
+            raise OSError(28, "No space left on device")
+        return add(self, entry, where)
+
+    monkeypatch.setattr(DatasetWriter, "add", disk_full_at_the_third)
+    with pytest.raises(DataError, match=r"structure 2: \[Errno 28\] No space left on device"):
+        convert(tmp_path / "in.extxyz", tmp_path / "out", skip_invalid=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.extxyz"]
+
+
 def test_label_sources_do_not_mix(tmp_path):
     """Frame 0 has REF_energy, frame 1 only energy: both were stored as 'energy'."""
     frames = [Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]]) for _ in range(3)]

@@ -194,3 +194,39 @@ def test_a_field_of_another_shape_is_named_in_words(tmp_path, entries):
         with pytest.raises(DataError, match=r"entry 1: field dipole is float64 \[2\], the first entry's is "
                                             r"float64 \[3\]"):
             writer.add({**entries[1], "dipole": np.zeros(2)})
+
+
+def test_a_rewrite_that_fails_part_way_ends_the_write(tmp_path, entries, monkeypatch):
+    """A full disk while rewriting the entries written so far left them half rewritten, and a
+    caller that went on (convert --skip-invalid took it for an invalid entry) published them."""
+    import jmp_ext.data.writer as writer_module
+
+    writer = DatasetWriter(tmp_path / "ds", shard_size=2)
+    for k, entry in enumerate(entries[:4]):
+        writer.add({**entry, "gap": k})
+    opened = writer_module.lmdb.open
+
+    def disk_full_on_the_second_shard(path, **kwargs):
+        if path.endswith("data.0001.lmdb"):
+            raise OSError(28, "No space left on device")
+        return opened(path, **kwargs)
+
+    monkeypatch.setattr(writer_module.lmdb, "open", disk_full_on_the_second_shard)
+    with pytest.raises(OSError, match="No space left on device"):
+        writer.add({**entries[4], "gap": 0.5})
+    monkeypatch.setattr(writer_module.lmdb, "open", opened)
+    with pytest.raises(OSError, match=r"ds failed earlier \(.*No space left on device\); nothing can be added"):
+        writer.add({**entries[5], "gap": 1})
+    with pytest.raises(OSError, match=r"ds failed \(.*No space left on device\); nothing was written"):
+        writer.close()
+    assert not (tmp_path / "ds").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_an_entry_refused_for_one_field_widens_no_other(tmp_path, entries):
+    with DatasetWriter(tmp_path / "ds") as writer:
+        writer.add({**entries[0], "label": 1, "dipole": np.zeros(3)})
+        with pytest.raises(DataError, match="field dipole is float64 \\[2\\]"):
+            writer.add({**entries[1], "label": 0.5, "dipole": np.zeros(2)})
+        writer.add({**entries[2], "label": 2, "dipole": np.zeros(3)})
+    ds = LmdbDataset(tmp_path / "ds")
+    assert ds.schema["label"]["dtype"] == "<i8" and [ds[i]["label"].item() for i in range(2)] == [1, 2]

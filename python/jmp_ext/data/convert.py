@@ -932,7 +932,8 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
                     labels, first = set(LABELS) & item.keys(), where
             except Exception as error:
                 message = str(error) if str(error).startswith(where) else f"{where}: {error}"
-                if not skip_invalid or isinstance(error, _ExtraLabels):
+                # (a full disk is no invalid entry: skipping the rest would publish a cut dataset)
+                if not skip_invalid or isinstance(error, (_ExtraLabels, OSError)):
                     raise fmt.DataError(message) from error
                 report.skipped.append(message)
                 if labels is None:  # (a skipped entry fixes no label location)

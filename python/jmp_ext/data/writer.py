@@ -80,6 +80,7 @@ class DatasetWriter:
         self._shards: list[dict] = []
         self._env: lmdb.Environment | None = None
         self._pending: list[tuple[bytes, bytes]] = []
+        self._failed: BaseException | None = None  # (a rewrite that failed part-way: _rewrite_as_float)
         self._closed = False
 
     def __len__(self) -> int:
@@ -87,6 +88,9 @@ class DatasetWriter:
 
     def add(self, entry: dict, where: str | None = None) -> None:
         """Validate, encode and append one structure; `where` names it in errors."""
+        if self._failed is not None:
+            failed = OSError(f"writing dataset {self.path} failed earlier ({self._failed}); nothing can be added")
+            raise failed from self._failed
         where = where or f"entry {len(self._natoms)}"
         entry = fmt.normalize_entry(entry, where, self.float_dtype, self.units)
         natoms = fmt.validate_entry(entry, where)
@@ -116,38 +120,45 @@ class DatasetWriter:
             lacking = sorted(self._schema.keys() - schema.keys())
             raise fmt.DataError(f"{where}: fields differ from the dataset's first entry "
                                 f"(extra {extra}, missing {lacking})")
+        widen = []  # (checked first: an entry refused for another field widens nothing)
         for name, field in schema.items():
             first = self._schema[name]
             if field == first:
                 continue
             # (normalize_entry fixes the dtypes of every other field: only a property can differ so)
             kinds = {np.dtype(field["dtype"]).kind, np.dtype(first["dtype"]).kind}
-            if kinds == {"i", "f"} and field["shape"] == first["shape"]:
-                if np.dtype(field["dtype"]).kind == "i":
-                    entry[name] = entry[name].astype(first["dtype"])
-                else:
-                    self._rewrite_as_float(name, field["dtype"])
-                continue
-            raise fmt.DataError(f"{where}: field {name} is {_described(field)}, the first entry's is "
-                                f"{_described(first)}")
+            if kinds != {"i", "f"} or field["shape"] != first["shape"]:
+                raise fmt.DataError(f"{where}: field {name} is {_described(field)}, the first entry's is "
+                                    f"{_described(first)}")
+            widen.append((name, field["dtype"]))
+        for name, dtype in widen:
+            if np.dtype(dtype).kind == "i":
+                entry[name] = entry[name].astype(self._schema[name]["dtype"])
+            else:
+                self._rewrite_as_float(name, dtype)
 
     def _rewrite_as_float(self, name: str, dtype: str) -> None:
-        """Rewrites field `name` of every entry written so far as `dtype` (a float)."""
-        with self._lmdb_errors():
-            self._close_shard()
-            for shard in self._shards:
-                self._env = lmdb.open(str(self._tmp / shard["file"]), subdir=False, map_size=_INITIAL_MAP_SIZE,
-                                      map_async=True)
-                with self._env.begin() as txn:
-                    for key, value in txn.cursor():
-                        entry = fmt.decode_entry(value)
-                        entry[name] = entry[name].astype(dtype)
-                        self._pending.append((key, fmt.encode_entry(entry)))
+        """Rewrites field `name` of every entry written so far as `dtype` (a float). A failure
+        part-way (a full disk) leaves the writer refusing to go on: the entries are half rewritten."""
+        try:
+            with self._lmdb_errors():
                 self._close_shard()
-        self._schema[name]["dtype"] = dtype
-        if self._shards[-1]["num_entries"] < self.shard_size:  # (the next entries')
-            self._env = lmdb.open(str(self._tmp / self._shards[-1]["file"]), subdir=False,
-                                  map_size=_INITIAL_MAP_SIZE, map_async=True)
+                for shard in self._shards:
+                    self._env = lmdb.open(str(self._tmp / shard["file"]), subdir=False,
+                                          map_size=_INITIAL_MAP_SIZE, map_async=True)
+                    with self._env.begin() as txn:
+                        for key, value in txn.cursor():
+                            entry = fmt.decode_entry(value)
+                            entry[name] = entry[name].astype(dtype)
+                            self._pending.append((key, fmt.encode_entry(entry)))
+                    self._close_shard()
+                self._schema[name]["dtype"] = dtype
+                if self._shards[-1]["num_entries"] < self.shard_size:  # (the next entries')
+                    self._env = lmdb.open(str(self._tmp / self._shards[-1]["file"]), subdir=False,
+                                          map_size=_INITIAL_MAP_SIZE, map_async=True)
+        except BaseException as error:
+            self._failed = error
+            raise
 
     @contextmanager
     def _lmdb_errors(self) -> Iterator[None]:
@@ -190,6 +201,9 @@ class DatasetWriter:
         if self._closed:
             return self.path
         try:
+            if self._failed is not None:
+                failed = OSError(f"writing dataset {self.path} failed ({self._failed}); nothing was written")
+                raise failed from self._failed
             if not self._natoms:
                 raise fmt.DataError(f"{self.path}: no entries to write")
             with self._lmdb_errors():

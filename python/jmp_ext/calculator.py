@@ -60,10 +60,10 @@ from jmp_ext.warn import warn_user
 # near-collinear atoms give (see the module doc).
 MAX_PLAUSIBLE_FORCE = 100.0
 
-# The tasks whose truncated neighbour lists a calculator warned of, per checkpoint file or model
-# in memory: once in a process (a finite-difference loop or a screening script makes a
-# calculator per structure).
-_TRUNCATION_WARNED_FILES: dict[str, set[int]] = {}
+# The tasks whose truncated neighbour lists a calculator warned of, per checkpoint file (as
+# written: a new best.pt at the same path is another) or model in memory: once in a process (a
+# finite-difference loop or a screening script makes a calculator per structure).
+_TRUNCATION_WARNED_FILES: dict[tuple[str, int, int], set[int]] = {}  # (path, mtime in ns, size) -> tasks
 _TRUNCATION_WARNED_MODELS: weakref.WeakKeyDictionary[TaskModel, set[int]] = weakref.WeakKeyDictionary()
 
 
@@ -123,9 +123,12 @@ class JMPCalculator(Calculator):
         # task in this process (a finite-difference loop or a screening script makes a
         # calculator per structure): direct forces step with the kept sets too, and they decide
         # a NEB's or a relaxation's path.
-        self._truncation_warned = (_TRUNCATION_WARNED_MODELS.setdefault(self.model, set())
-                                   if isinstance(checkpoint, TaskModel) else
-                                   _TRUNCATION_WARNED_FILES.setdefault(str(Path(checkpoint).resolve()), set()))
+        if isinstance(checkpoint, TaskModel):
+            self._truncation_warned = _TRUNCATION_WARNED_MODELS.setdefault(self.model, set())
+        else:  # (a run that writes the file again, in the same process, warns anew)
+            file = Path(checkpoint).resolve()
+            version = (str(file), file.stat().st_mtime_ns, file.stat().st_size)
+            self._truncation_warned = _TRUNCATION_WARNED_FILES.setdefault(version, set())
         if "forces" in kinds and not task_config.gradient_forces:
             warn_user(f"{source} predicts direct forces (forces: direct), which are not the "
                       "gradient of its energy: MD will not conserve energy. Fine-tune with "

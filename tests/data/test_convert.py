@@ -526,7 +526,8 @@ def test_charge_and_spin_states_are_warned_of(tmp_path):
         atoms.info.update(charge=0, spin=1, REF_energy=-10.0 - k)
     ase.io.write(tmp_path / "one.extxyz", one)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
+        warnings.simplefilter("error")
+        warnings.simplefilter("ignore", EncodingWarning)  # (ASE's, under -X warn_default_encoding)
         convert(tmp_path / "one.extxyz", tmp_path / "one")
 
 
@@ -571,7 +572,8 @@ def test_labels_the_trainer_would_stop_at_are_refused_or_warned_of(tmp_path, fra
                                          r"differs from it \(by up to 0.05 eV\)"):
         convert(tmp_path / "vasp.extxyz", tmp_path / "vasp")
     with warnings.catch_warnings():  # (named: the user's choice)
-        warnings.simplefilter("error", UserWarning)
+        warnings.simplefilter("error")
+        warnings.simplefilter("ignore", EncodingWarning)  # (ASE's, under -X warn_default_encoding)
         convert(tmp_path / "vasp.extxyz", tmp_path / "vasp2", keys=KeyMap(energy="energy"))
     # A free_energy that is no number is not the entry's fault (it is looked at for the warning only).
     text = Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]], info={"energy": -1.0, "free_energy": "n/a"})
@@ -829,7 +831,8 @@ def test_ase_build_layer_tags_are_kept_with_a_warning(tmp_path):
     slab.set_tags(np.select([t == 1, t == 0], [1, 2], 0))
     ase.io.write(tmp_path / "oc20.extxyz", [slab])
     with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
+        warnings.simplefilter("error")
+        warnings.simplefilter("ignore", EncodingWarning)  # (ASE's, under -X warn_default_encoding)
         convert(tmp_path / "oc20.extxyz", tmp_path / "out2")
         atoms_to_entry(slab)
     assert LmdbDataset(tmp_path / "out2")[0]["tags"].tolist() == [0] * 8 + [1] * 4 + [2]
@@ -857,7 +860,8 @@ def test_ase_build_layer_tags_of_a_two_layer_slab_are_told_by_height():
     t = slab.get_tags()
     slab.set_tags(np.select([t == 1, t == 0], [1, 2], 0))
     with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
+        warnings.simplefilter("error")
+        warnings.simplefilter("ignore", EncodingWarning)  # (ASE's, under -X warn_default_encoding)
         atoms_to_entry(slab)
         slab.set_cell(slab.cell[[1, 0, 2]], scale_atoms=False)  # left-handed: the normal follows the third vector
         atoms_to_entry(slab)
@@ -1067,7 +1071,8 @@ def test_a_virial_is_stored_as_the_stress(tmp_path, frames, energy, forces, viri
     ase.io.write(tmp_path / "gap.extxyz", frames)
     for keys in (KeyMap(), KeyMap(stress=virial)):
         with warnings.catch_warnings():
-            warnings.simplefilter("error", UserWarning)
+            warnings.simplefilter("error")
+            warnings.simplefilter("ignore", EncodingWarning)  # (ASE's, under -X warn_default_encoding)
             report = convert(tmp_path / "gap.extxyz", tmp_path / "out", keys=keys, overwrite=True)
         assert report.labels == {"energy": f"{read_as[0]}[{energy!r}]", "forces": f"{read_as[1]}[{forces!r}]",
                                  "stress": f"info[{virial!r}]"}
@@ -1303,7 +1308,8 @@ def test_a_stress_alone_is_pointed_out(tmp_path, frames):
                                          r"the first entry's keys, available: info: E, REF_stress"):
         convert(tmp_path / "in.extxyz", tmp_path / "out")
     with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
+        warnings.simplefilter("error")
+        warnings.simplefilter("ignore", EncodingWarning)  # (ASE's, under -X warn_default_encoding)
         convert(tmp_path / "in.extxyz", tmp_path / "out2", keys=KeyMap(energy="none", forces="none"))
 
 
@@ -1325,7 +1331,8 @@ def test_stresses_in_another_unit_are_warned_of(tmp_path, frames):
     """A stress in kBar (VASP's) or GPa is 1600 or 160 times ASE's eV/Å^3: every check passed it."""
     ase.io.write(tmp_path / "ev.extxyz", frames)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
+        warnings.simplefilter("error")
+        warnings.simplefilter("ignore", EncodingWarning)  # (ASE's, under -X warn_default_encoding)
         convert(tmp_path / "ev.extxyz", tmp_path / "ev")
     for atoms in frames:
         atoms.calc.results["stress"] = atoms.calc.results["stress"] / units.GPa * 10  # (kBar, of 0.01 eV/Å^3)

@@ -499,7 +499,8 @@ def test_statistics_of_an_earlier_dataset_in_the_directory_are_recomputed(tmp_pa
     # A split's parts hold the training part's statistics, which are not theirs to recompute.
     split_dataset(tmp_path / "new", tmp_path / "parts", {"train": np.arange(30), "val": np.arange(30, 40)})
     with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
+        warnings.simplefilter("error")
+        warnings.simplefilter("ignore", EncodingWarning)  # (ASE's, under -X warn_default_encoding)
         val = load_stats(tmp_path / "parts" / "val")
     train = load_stats(tmp_path / "parts" / "train")
     assert val["num_entries"] == 30 and "dataset_id" not in val and train["dataset_id"] != stats["dataset_id"]
@@ -535,5 +536,6 @@ def test_statistics_cached_before_outliers_were_checked_are_recomputed_once(tmp_
         assert len(caught) == 1
     # A split's val part holds its train part's statistics: not its own to recompute.
     with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
+        warnings.simplefilter("error")
+        warnings.simplefilter("ignore", EncodingWarning)  # (ASE's, under -X warn_default_encoding)
         assert "outliers" not in load_stats(tmp_path / "parts" / "val")

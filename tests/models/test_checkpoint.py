@@ -319,7 +319,8 @@ def test_mismatches_name_the_keys(tmp_path):
     assert torch.equal(model.state_dict()[key], ckpt["state_dict"][key])
     # A plain state dict (ours) loads as is, and without a warning about EMA weights it cannot have.
     with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
+        warnings.simplefilter("error")
+        warnings.simplefilter("ignore", EncodingWarning)  # (ASE's, under -X warn_default_encoding)
         plain = read_state_dict(reference.state_dict())
     load_jmp_checkpoint(plain, model, use_ema=False, load_heads=True)
     assert torch.equal(model.output.out_forces[2][8].weight, reference.output.out_forces[2][8].weight)

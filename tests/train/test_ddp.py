@@ -393,7 +393,8 @@ def test_a_rank_without_a_structure_trains_a_stand_in(tiny_data, tmp_path):
     trainer.dist = dataclasses.replace(trainer.dist, world_size=2)
     trainer.sampler.batches = lambda epoch: [[0, 1]] * 5 + [[2]]
     with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
+        warnings.simplefilter("error")
+        warnings.simplefilter("ignore", EncodingWarning)  # (ASE's, under -X warn_default_encoding)
         trainer._log_startup()
     # Each rank validates whole batches: of at most its training share of data.max_atoms.
     assert trainer.val_max_atoms is None

@@ -1048,6 +1048,11 @@ def test_calculator_warns_once_that_neighbour_lists_are_truncated(checkpoint):
     benzene.calc = JMPCalculator(calc.model)
     with pytest.warns(UserWarning, match=r"qint 8 of up to 11"):
         benzene.get_potential_energy()
+    # So is a checkpoint written again at the same path (a new run in the same notebook).
+    os.utime(checkpoint, ns=(os.stat(checkpoint).st_atime_ns, os.stat(checkpoint).st_mtime_ns + 1))
+    benzene.calc = JMPCalculator(checkpoint)
+    with pytest.warns(UserWarning, match=r"qint 8 of up to 11"):
+        benzene.get_potential_energy()
 
 
 def test_calculator_of_direct_forces_warns_that_neighbour_lists_are_truncated(tiny_data, tmp_path):
@@ -1266,7 +1271,7 @@ def test_a_property_is_scored_only_in_the_unit_it_was_trained_in(tmp_path, capsy
     ase.io.write(tmp_path / "with_lone.extxyz", [*images, lone])
     assert main(["eval", best, str(tmp_path / "with_lone.extxyz")]) == 2
     assert (f"`python -m jmp_ext.data convert {tmp_path / 'with_lone.extxyz'} OUT_DIR --energy-key none --forces-key "
-            "none --stress-key none --property gap --skip-invalid`") in capsys.readouterr().err
+            "none --stress-key none --property gap:UNIT --skip-invalid`") in capsys.readouterr().err
     # A config that names the unit is held to it.
     raw["tasks"][0]["targets"][0]["unit"] = ""
     with pytest.raises(TrainError, match=r"target 'gap' is in 'eV' in the train dataset .*ev, but in '' \(as stored, "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import operator
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -213,20 +214,20 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, task: str | None, out: st
                          f"`python -m jmp_ext.data convert {dataset} OUT_DIR --allow-pickle` (unpickling can run "
                          "code: trusted files only), and evaluate OUT_DIR")
     with tempfile.TemporaryDirectory() as tmp:
-        _convert_labels(dataset, Path(tmp) / "data", {target.name for target in config.tasks[t].targets})
+        _convert_labels(dataset, Path(tmp) / "data", {target.name: target.unit for target in config.tasks[t].targets})
         return _evaluate_dataset(model, config, t, str(Path(tmp) / "data"), dataset, out, batch_size, device)
 
 
-def _convert_labels(source: str, dst: Path, names: set[str]) -> None:
-    """convert of an eval input for a checkpoint whose targets are `names`: those of energy,
-    forces and stress with convert's default keys, and not the others (a stress that only some
+def _convert_labels(source: str, dst: Path, names: dict[str, str | None]) -> None:
+    """convert of an eval input for a checkpoint whose targets are `names` (with their units):
+    those of energy, forces and stress with convert's default keys, and not the others (a stress that only some
     frames have would stop it); the other names as properties from the keys of the same names,
     as stored, and left out where the file lacks them (eval then warns)."""
     from jmp_ext.data import DataError
     from jmp_ext.data.convert import KeyMap, MissingProperty, UnreadableSource, convert
 
     labels = ("energy", "forces", "stress")
-    properties = {name: name for name in sorted(names - set(labels))}
+    properties = {name: name for name in sorted(names.keys() - set(labels))}
     while True:
         keys = KeyMap(**{label: "none" for label in labels if label not in names}, properties=properties)
         try:
@@ -244,11 +245,13 @@ def _convert_labels(source: str, dst: Path, names: set[str]) -> None:
                 raise TrainError(f"{e}; give a dataset directory, or a file ASE reads: extxyz, traj, ASE db (.db), "
                                  "...") from e
             # (a structure the data refuses: a single atom, a cell in nm, ...)
+            # (a property trained in eV was converted from its source's unit, which only the user knows)
             options = [*(f"--{label}-key none" for label in labels if label not in names),
-                       *(f"--property {name}" for name in properties), "--skip-invalid"]
+                       *(f"--property {name}{':UNIT' if names[name] == 'eV' else ''}" for name in properties),
+                       "--skip-invalid"]
             raise TrainError(f"{e}; to leave such structures out, convert the file yourself, `python -m "
-                             f"jmp_ext.data convert {source} OUT_DIR {' '.join(options)}`, and evaluate "
-                             "OUT_DIR") from e
+                             f"jmp_ext.data convert {shlex.quote(source)} OUT_DIR {' '.join(options)}`, and "
+                             "evaluate OUT_DIR") from e
         except Exception as e:  # (ASE's readers raise anything on a file that is not theirs)
             if isinstance(e, OSError) and str(dst.parent) in str(e):  # (writing the copy: a full $TMPDIR)
                 raise TrainError(f"eval converts {source} into a temporary directory first, and writing it failed "

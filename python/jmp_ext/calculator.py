@@ -127,7 +127,8 @@ class JMPCalculator(Calculator):
             self._truncation_warned = _TRUNCATION_WARNED_MODELS.setdefault(self.model, set())
         else:  # (a run that writes the file again, in the same process, warns anew)
             file = Path(checkpoint).resolve()
-            version = (str(file), file.stat().st_mtime_ns, file.stat().st_size)
+            stat = file.stat()
+            version = (str(file), stat.st_mtime_ns, stat.st_size)
             self._truncation_warned = _TRUNCATION_WARNED_FILES.setdefault(version, set())
         if "forces" in kinds and not task_config.gradient_forces:
             warn_user(f"{source} predicts direct forces (forces: direct), which are not the "

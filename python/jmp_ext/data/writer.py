@@ -144,8 +144,7 @@ class DatasetWriter:
             with self._lmdb_errors():
                 self._close_shard()
                 for shard in self._shards:
-                    self._env = lmdb.open(str(self._tmp / shard["file"]), subdir=False,
-                                          map_size=_INITIAL_MAP_SIZE, map_async=True)
+                    self._env = self._open_env(shard["file"])
                     with self._env.begin() as txn:
                         for key, value in txn.cursor():
                             entry = fmt.decode_entry(value)
@@ -154,8 +153,7 @@ class DatasetWriter:
                     self._close_shard()
                 self._schema[name]["dtype"] = dtype
                 if self._shards[-1]["num_entries"] < self.shard_size:  # (the next entries')
-                    self._env = lmdb.open(str(self._tmp / self._shards[-1]["file"]), subdir=False,
-                                          map_size=_INITIAL_MAP_SIZE, map_async=True)
+                    self._env = self._open_env(self._shards[-1]["file"])
         except BaseException as error:
             self._failed = error
             raise
@@ -175,9 +173,13 @@ class DatasetWriter:
     def _open_shard(self) -> None:
         self._close_shard()
         name = f"data.{len(self._shards):04d}.lmdb"
-        # (meminit, the default: the unused part of each page is zeros, not leftover process memory)
-        self._env = lmdb.open(str(self._tmp / name), subdir=False, map_size=_INITIAL_MAP_SIZE, map_async=True)
+        self._env = self._open_env(name)
         self._shards.append({"file": name, "num_entries": 0})
+
+    def _open_env(self, name: str) -> lmdb.Environment:
+        """Shard file `name` of the temp directory, created if new, for writing."""
+        # (meminit, the default: the unused part of each page is zeros, not leftover process memory)
+        return lmdb.open(str(self._tmp / name), subdir=False, map_size=_INITIAL_MAP_SIZE, map_async=True)
 
     def _flush(self) -> None:
         while self._pending:

@@ -136,7 +136,7 @@ def load_task_data(config: TrainConfig) -> list[TaskData]:
                     labels = torch.tensor([float(ds.read(e)[target.name]) for e in range(len(ds))],
                                           dtype=torch.float64)
                     try:
-                        check_class_labels(labels, target.name, target.num_classes)
+                        class_indices(labels, target.name, target.num_classes)
                     except TrainError as e:
                         raise TrainError(f"tasks.{i} ({task.name}): {split} dataset {ds.path}: {e}") from None
                 if target.linref and np.dtype(ds.schema[target.name]["dtype"]).kind != "f":
@@ -463,11 +463,11 @@ def loss_terms(model: TaskModel, preds: dict, batch: dict, only: torch.Tensor | 
         # (a structure's loss weight of 0 leaves it out of every sum)
         keep = only.to(coef.dtype) if only is not None else 1.0
         if target.kind == "classification":
-            check_class_labels(batch[name], name, target.num_classes)
+            labels = class_indices(batch[name], name, target.num_classes)
             weight = coef[task] * keep
             cw = (torch.tensor(target.class_weights, dtype=preds[name].dtype, device=task.device)
                   if target.class_weights else None)
-            terms[name] = (losses.classification_loss(preds[name], batch[name].long(), weight, cw), "sum")
+            terms[name] = (losses.classification_loss(preds[name], labels, weight, cw), "sum")
             continue
         if target.kind == "stress":
             check_stress_labels(batch, name)
@@ -483,19 +483,21 @@ def loss_terms(model: TaskModel, preds: dict, batch: dict, only: torch.Tensor | 
     return terms
 
 
-def check_class_labels(labels: torch.Tensor, name: str, num_classes: int) -> None:
-    """Labels other than the class indices 0..num_classes-1 (whole numbers, stored as integers
-    or floats) are a dataset (or num_classes) error: say so, rather than cross-entropy's
+def class_indices(labels: torch.Tensor, name: str, num_classes: int) -> torch.Tensor:
+    """`labels` (whole numbers, stored as integers or floats) as int64 class indices. Any other
+    than 0..num_classes-1 is a dataset (or num_classes) error: say so, rather than cross-entropy's
     IndexError or a float label truncated to a class."""
     bad = (labels < 0) | (labels >= num_classes)
     if labels.is_floating_point():
         bad |= labels != labels.round()  # (NaN too)
     if bad.any():
         found = labels[bad].tolist()
-        values = sorted({int(v) if float(v).is_integer() else v for v in found if v == v}) + ["nan"] * any(
-            v != v for v in found)
+        values = sorted({int(v) if float(v).is_integer() else v for v in found if v == v})
+        if any(v != v for v in found):
+            values.append("nan")
         raise TrainError(f"target {name!r}: label(s) {values} are not class indices "
                          f"0..{num_classes - 1} (num_classes={num_classes})")
+    return labels.long()
 
 
 def check_stress_labels(batch: dict, name: str) -> None:
@@ -525,8 +527,7 @@ def update_metrics(metrics: Metrics, model: TaskModel, preds: dict, batch: dict)
                 free = ~batch["fixed"][atoms] if "fixed" in batch else torch.ones_like(atoms[atoms])
                 metrics.update_forces(task.name, p[atoms], y[atoms], free)
             elif target.kind == "classification":
-                check_class_labels(y[sel], name, target.num_classes)
-                metrics.update_classification(task.name, name, p[sel], y[sel].long())
+                metrics.update_classification(task.name, name, p[sel], class_indices(y[sel], name, target.num_classes))
             else:
                 if target.kind == "stress":
                     check_stress_labels(batch, name)

@@ -540,6 +540,30 @@ def test_eval_reads_an_extxyz_as_convert_would(checkpoint, tmp_path, capsys):
                                                        f"{tmp_path / 'with_e0.extxyz'} OUT_DIR --stress-key none --skip-invalid`") in err
 
 
+def test_suggested_commands_can_be_pasted_for_paths_with_spaces_and_quotes(checkpoint, tiny_data, tmp_path, capsys):
+    """The commands a message suggests (`python -m jmp_ext.data convert PATH ...`) put the user's
+    path in as it stood: a folder named "it's my data" split into three words in the shell."""
+    import shlex
+
+    folder = tmp_path / "it's my data"
+    folder.mkdir()
+
+    def pasted_path(message):  # the words a shell makes of the suggested command, its path among them
+        command = re.search(r"python -m jmp_ext\.data [^`]*", message).group(0)
+        return [word for word in shlex.split(command) if word.startswith(str(folder))]
+
+    (folder / "s2ef.lmdb").write_bytes(b"\0" * 64)
+    ase.io.write(folder / "unlabelled.extxyz", [molecule("CH3OH")])
+    for name in ("s2ef.lmdb", "unlabelled.extxyz"):
+        assert main(["eval", str(checkpoint), str(folder / name)]) == 2
+        assert pasted_path(capsys.readouterr().err) == [str(folder / name)], name
+    raw = {"mode": "finetune", "run_dir": str(tmp_path / "run"), "tasks": [
+        {"name": "mol", "train": str(folder / "unlabelled.extxyz"), "targets": [{"name": "energy", "kind": "energy"}]}]}
+    with pytest.raises(TrainError) as error:
+        loop.Trainer(build_config(raw))
+    assert pasted_path(str(error.value)) == [str(folder / "unlabelled.extxyz")]
+
+
 def test_eval_of_a_file_scores_the_checkpoints_targets_that_it_has(checkpoint, tmp_path, capsys):
     """eval converted every label of a file: a stress only some frames carry stopped an energy
     and forces checkpoint, and a file without forces scored nothing. It converts the labels the

@@ -4,6 +4,7 @@ atom-count histogram. Computed on a training split and cached in its directory a
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -378,7 +379,7 @@ def load_stats(dataset_dir: str | Path, recompute: bool = False, progress: bool 
         warn_user(f"{file} holds the statistics of an earlier dataset written to {dataset_dir}, not of the one there "
                   "now: computing them again")
         return load_stats(dataset_dir, recompute=True, progress=progress)
-    recompute = f"recompute with `python -m jmp_ext.data stats {dataset_dir} --recompute`"
+    recompute = f"recompute with `python -m jmp_ext.data stats {shlex.quote(str(dataset_dir))} --recompute`"
     if stats.get("version") != STATS_VERSION:
         raise fmt.DataError(f"{file}: statistics version {stats.get('version')} is not {STATS_VERSION}; {recompute}")
     # Cached before labels were checked for outliers: a dataset's own statistics (what a training

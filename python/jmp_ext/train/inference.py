@@ -210,8 +210,8 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, task: str | None, out: st
     if not Path(dataset).is_file():
         return _evaluate_dataset(model, config, t, dataset, dataset, out, batch_size, device)
     if detect_format(Path(dataset)) == "lmdb":
-        raise TrainError(f"{dataset} is an LMDB file, as OC20's splits are: convert it first, "
-                         f"`python -m jmp_ext.data convert {dataset} OUT_DIR --allow-pickle` (unpickling can run "
+        raise TrainError(f"{dataset} is an LMDB file, as OC20's splits are: convert it first, `python -m "
+                         f"jmp_ext.data convert {shlex.quote(dataset)} OUT_DIR --allow-pickle` (unpickling can run "
                          "code: trusted files only), and evaluate OUT_DIR")
     with tempfile.TemporaryDirectory() as tmp:
         _convert_labels(dataset, Path(tmp) / "data", {target.name: target.unit for target in config.tasks[t].targets})
@@ -257,7 +257,7 @@ def _convert_labels(source: str, dst: Path, names: dict[str, str | None]) -> Non
                 raise TrainError(f"eval converts {source} into a temporary directory first, and writing it failed "
                                  f"({e}): point TMPDIR at a writable disk with room (the copy takes about 1.5 times "
                                  f"an extxyz's size), or convert it yourself, `python -m jmp_ext.data convert "
-                                 f"{source} OUT_DIR`, and evaluate OUT_DIR") from e
+                                 f"{shlex.quote(source)} OUT_DIR`, and evaluate OUT_DIR") from e
             raise TrainError(f"{source} could not be read as a labelled structure file ({type(e).__name__}: "
                              f"{e}); give a dataset directory, or a file ASE reads: extxyz, traj, ASE db (.db), "
                              "...") from e
@@ -275,15 +275,16 @@ def _evaluate_dataset(model, config, t: int, path: str, name: str, out: str | No
     if len(missing) == len(config.tasks[t].targets):  # (nothing to score)
         target = missing[0]
         how = ("" if path == name else f"; convert it with the label's key: python -m jmp_ext.data convert "
-               f"{name} OUT_DIR " + (f"--{target.kind}-key KEY" if target.kind in ("energy", "forces", "stress")
-                                     else f"--property {target.name}=KEY"))
+               f"{shlex.quote(name)} OUT_DIR " + (f"--{target.kind}-key KEY"
+                                                  if target.kind in ("energy", "forces", "stress")
+                                                  else f"--property {target.name}=KEY"))
         raise TrainError(f"target {target.name!r} of the checkpoint is not in {name} "
                          f"(it has: {', '.join(sorted(ds.schema))}){how}")
     for target in config.tasks[t].targets:
         unit = ds.schema[target.name]["unit"] if target.name in ds.schema else target.unit
         if target.unit is not None and unit != target.unit:  # (None: a checkpoint that predates the record)
-            how = (f"convert {name} with its unit: python -m jmp_ext.data convert {name} OUT_DIR --property "
-                   f"{target.name}:UNIT (to eV), and evaluate OUT_DIR" if path != name else
+            how = (f"convert {name} with its unit: python -m jmp_ext.data convert {shlex.quote(name)} OUT_DIR "
+                   f"--property {target.name}:UNIT (to eV), and evaluate OUT_DIR" if path != name else
                    "convert its source as the training data was")
             raise TrainError(f"target {target.name!r} of the checkpoint was trained in {describe_unit(target.unit)}, "
                              f"but {name} has it in {describe_unit(unit)}: the metrics would compare two units; {how}")

@@ -18,6 +18,7 @@ divided by the same scale, which equals JMP's loss on normalised targets.
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def open_dataset(path: str, what: str, in_memory: bool):
 
     if Path(path).is_file():
         raise TrainError(f"{what}: {path} is a file; training reads jmp_ext datasets (LMDB "
-                         f"directories): convert it with `python -m jmp_ext.data convert {path} OUT_DIR`")
+                         f"directories): convert it with `python -m jmp_ext.data convert {shlex.quote(path)} OUT_DIR`")
     if not Path(path).is_dir():
         raise TrainError(f"{what}: dataset directory {path} does not exist")
     try:
@@ -310,8 +311,8 @@ def normalizers(task_configs: list[TaskConfig], stats: list[dict]) -> dict[str, 
             raise TrainError(f"tasks.{task} ({task_configs[task].name}): {task_configs[task].train}/stats.json gives a "
                              f"non-finite or negative {key.removeprefix('norm_')} ({value[task].tolist()}): labels so large "
                              "(~1e300, a placeholder for 'missing'?) that their statistics overflow, or an edited "
-                             f"file; fix the labels, then `python -m jmp_ext.data stats {task_configs[task].train} "
-                             "--recompute`")
+                             "file; fix the labels, then `python -m jmp_ext.data stats "
+                             f"{shlex.quote(task_configs[task].train)} --recompute`")
     return norms
 
 
@@ -351,7 +352,7 @@ def _target_scale(task: TaskConfig, target: TargetConfig, stats: dict, i: int) -
         if target.name not in stats.get("linrefs", {}):
             raise TrainError(f"tasks.{i} ({task.name}): {task.train}/stats.json has no per-element references for "
                              f"{target.name!r} (a float scalar label; stats of an older jmp_ext?): recompute them with "
-                             f"`python -m jmp_ext.data stats {task.train} --recompute`")
+                             f"`python -m jmp_ext.data stats {shlex.quote(task.train)} --recompute`")
         s = stats["linrefs"][target.name]
     # An energy (or a scalar with per-element references) is a sum over atoms plus those
     # references, which carry its offset: a per-structure mean would add the same constant to a

@@ -218,18 +218,18 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, task: str | None, out: st
         return _evaluate_dataset(model, config, t, str(Path(tmp) / "data"), dataset, out, batch_size, device)
 
 
-def _convert_labels(source: str, dst: Path, names: dict[str, str | None]) -> None:
-    """convert of an eval input for a checkpoint whose targets are `names` (with their units):
-    those of energy, forces and stress with convert's default keys, and not the others (a stress that only some
-    frames have would stop it); the other names as properties from the keys of the same names,
-    as stored, and left out where the file lacks them (eval then warns)."""
+def _convert_labels(source: str, dst: Path, units: dict[str, str | None]) -> None:
+    """convert of an eval input for a checkpoint whose targets have these units (by name):
+    those of energy, forces and stress with convert's default keys, and not the others (a stress
+    that only some frames have would stop it); the other targets as properties from the keys of
+    their names, as stored, and left out where the file lacks them (eval then warns)."""
     from jmp_ext.data import DataError
     from jmp_ext.data.convert import KeyMap, MissingProperty, UnreadableSource, convert
 
     labels = ("energy", "forces", "stress")
-    properties = {name: name for name in sorted(names.keys() - set(labels))}
+    properties = {name: name for name in sorted(units.keys() - set(labels))}
     while True:
-        keys = KeyMap(**{label: "none" for label in labels if label not in names}, properties=properties)
+        keys = KeyMap(**{label: "none" for label in labels if label not in units}, properties=properties)
         try:
             with warnings.catch_warnings():
                 # (its advice for a file without labels names a temporary directory and convert's
@@ -246,8 +246,8 @@ def _convert_labels(source: str, dst: Path, names: dict[str, str | None]) -> Non
                                  "...") from e
             # (a structure the data refuses: a single atom, a cell in nm, ...)
             # (a property trained in eV was converted from its source's unit, which only the user knows)
-            options = [*(f"--{label}-key none" for label in labels if label not in names),
-                       *(f"--property {name}{':UNIT' if names[name] == 'eV' else ''}" for name in properties),
+            options = [*(f"--{label}-key none" for label in labels if label not in units),
+                       *(f"--property {name}{':UNIT' if units[name] == 'eV' else ''}" for name in properties),
                        "--skip-invalid"]
             raise TrainError(f"{e}; to leave such structures out, convert the file yourself, `python -m "
                              f"jmp_ext.data convert {shlex.quote(source)} OUT_DIR {' '.join(options)}`, and "

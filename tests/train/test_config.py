@@ -358,3 +358,30 @@ def test_the_readmes_own_data_tryout_overrides_are_valid():
     config = build_config(yaml.safe_load(my_yaml), overrides)
     assert config.model.backbone == "tiny" and config.model.init_checkpoint == ""
     assert config.schedule.unit == "steps" and config.schedule.warmup < config.loop.max_steps == 20
+
+
+def test_paths_expand_environment_variables_and_the_home_directory(tmp_path, monkeypatch):
+    """A YAML file is read by no shell: `train: $SCRATCH/qm9/train` was looked up as a directory
+    named '$SCRATCH', and `~/runs/a` made a directory named '~' in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SCRATCH", str(tmp_path / "scratch"))
+    text = ("mode: finetune\nrun_dir: ~/runs/a\nmodel: {init_checkpoint: '${SCRATCH}/jmp-s.pt'}\n"
+            "tasks: [{name: qm9, train: $SCRATCH/qm9/train, val: ~/qm9/val, test: ~user_without_home_dir/x,\n"
+            "         targets: [{name: U_0, kind: scalar}]}]\n")
+    (tmp_path / "c.yaml").write_text(text)
+    config = load_config(tmp_path / "c.yaml")
+    assert config.run_dir == str(tmp_path / "home" / "runs" / "a")
+    assert config.model.init_checkpoint == str(tmp_path / "scratch" / "jmp-s.pt")
+    task = config.tasks[0]
+    assert (task.train, task.val) == (str(tmp_path / "scratch/qm9/train"), str(tmp_path / "home/qm9/val"))
+    assert task.test == "~user_without_home_dir/x"  # (no such user: left as written, as a shell does)
+    # An unset variable is named, with the key, rather than looked up as a directory.
+    monkeypatch.delenv("SCRATCH")
+    with pytest.raises(ConfigError, match=r"tasks\.0\.train: '\$SCRATCH/qm9/train' names the environment variable "
+                                          r"\$SCRATCH, which is not set"):
+        load_config(tmp_path / "c.yaml", ["model.init_checkpoint="])
+    # The saved config holds the paths as expanded: a resume elsewhere reads the same ones.
+    monkeypatch.setenv("SCRATCH", str(tmp_path / "scratch"))
+    save_config(config, tmp_path / "saved.yaml")
+    monkeypatch.setenv("SCRATCH", "/elsewhere")
+    assert load_config(tmp_path / "saved.yaml").tasks[0].train == str(tmp_path / "scratch/qm9/train")

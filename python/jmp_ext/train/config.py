@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import datetime
 import math
+import os
 import re
 import types
 import typing
@@ -455,6 +456,23 @@ class TrainConfig:
         if self.loop.compile and any(t.gradient_forces for t in self.tasks):
             raise ConfigError("loop.compile needs direct forces: torch.compile cannot differentiate the "
                               "network twice, which gradient forces (task forces=gradient) need")
+        # (a YAML file is read by no shell: `train: $SCRATCH/oc20/train` and `~/data` are
+        # expanded here, as a command line's would be)
+        self.run_dir = expand_path(self.run_dir, "run_dir")
+        self.model.init_checkpoint = expand_path(self.model.init_checkpoint, "model.init_checkpoint")
+        for i, task in enumerate(self.tasks):
+            for split in ("train", "val", "test"):
+                setattr(task, split, expand_path(getattr(task, split), f"tasks.{i}.{split}"))
+
+
+def expand_path(path: str, key: str) -> str:
+    """`path` with its environment variables ($NAME, ${NAME}) and a leading ~ expanded; an unset
+    variable is a ConfigError naming `key` (a path through a literal "$SCRATCH" never exists)."""
+    unset = [m.group(0) for m in re.finditer(r"\$(\w+|\{([^}]*)\})", path)
+             if (m.group(2) if m.group(2) is not None else m.group(1)) not in os.environ]
+    if unset:
+        raise ConfigError(f"{key}: {path!r} names the environment variable {unset[0]}, which is not set")
+    return os.path.expanduser(os.path.expandvars(path))
 
 
 # ---------------------------------------------------------------- dict <-> dataclass

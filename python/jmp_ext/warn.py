@@ -32,9 +32,18 @@ def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
 @contextlib.contextmanager
 def plain_warnings():
     """For the command lines, while the block runs: a warning printed as "warning: MESSAGE",
-    without the file, line and source line Python adds (there, the CLI's own code)."""
+    without the file, line and source line Python adds (there, the CLI's own code), on a line
+    of its own: a progress bar is cleared first (it is drawn again at its next update), where the
+    warning would otherwise continue the bar's line."""
+    from tqdm import tqdm
+
+    def plain(message, category, filename, lineno, line=None):
+        for bar in list(tqdm._instances):  # (the open bars, as tqdm.write clears them)
+            bar.clear()
+        return f"warning: {message}\n"
+
     previous = warnings.formatwarning
-    warnings.formatwarning = lambda message, category, filename, lineno, line=None: f"warning: {message}\n"
+    warnings.formatwarning = plain
     try:
         yield
     finally:

@@ -90,6 +90,20 @@ def test_only_the_command_line_shows_a_progress_bar(tmp_path, frames, capsys):
     assert "6structure" in capsys.readouterr().err.replace(" ", "")
 
 
+def test_a_warning_during_the_progress_bar_starts_its_own_line(tmp_path, frames):
+    """A warning raised while convert's bar was drawn continued the bar's line ("...structure/s]
+    warning: ..."), so filtering a log for progress lines removed the warning too."""
+    import subprocess
+
+    frames[3].set_tags(np.full(len(frames[3]), 5))  # (tags outside OC20's: warned of mid-file)
+    ase.io.write(tmp_path / "in.extxyz", frames)
+    # (a process of its own: under pytest, warnings are recorded rather than printed)
+    err = subprocess.run([sys.executable, "-m", "jmp_ext.data", "convert", str(tmp_path / "in.extxyz"),
+                          str(tmp_path / "out")], capture_output=True, text=True, check=True).stderr
+    assert "6structure" in err.replace(" ", "") and "warning: tags [5]" in err
+    assert not re.findall(r"[^\r\n]warning:", err)
+
+
 def test_mace_style_keys_and_units(tmp_path, frames):
     for atoms in frames:
         atoms.info["REF_energy"] = atoms.get_potential_energy()
@@ -243,6 +257,69 @@ def test_fixed_cartesian_atoms(tmp_path, frames):
     ds = LmdbDataset(tmp_path / "out")
     assert ds[1]["fixed"].tolist() == [True, True, True] + [False] * (len(frames[1]) - 3)
     assert not ds[3]["fixed"].any()
+
+
+def test_a_fixed_column_marks_fixed_atoms(tmp_path, frames):
+    """A per-atom 'fixed' array (fairchem's OC20 exports, instead of move_mask) was ignored: every
+    atom read as free, and the force metrics then averaged the sub-surface in."""
+    frames[1].arrays["fixed"] = np.arange(len(frames[1])) < 2  # written as a logical column
+    frames[3].arrays["fixed"] = (np.arange(len(frames[3])) == 1).astype(int)  # as an integer one
+    ase.io.write(tmp_path / "in.extxyz", frames)
+    convert(tmp_path / "in.extxyz", tmp_path / "out")
+    ds = LmdbDataset(tmp_path / "out")
+    assert ds[1]["fixed"].tolist() == [True, True] + [False] * (len(frames[1]) - 2)
+    assert ds[3]["fixed"].tolist() == [i == 1 for i in range(len(frames[3]))]
+    assert ds[2]["fixed"].tolist() == [True] + [False] * (len(frames[2]) - 1)  # (its FixAtoms, as before)
+    frames[3].arrays["fixed"][0] = 7
+    ase.io.write(tmp_path / "bad.extxyz", frames)
+    with pytest.raises(DataError, match=r"bad\.extxyz structure 3: its per-atom 'fixed' array \(shape \[\d\], values "
+                                        r"\[1, 7\]\) is not one 0/1 or True/False per atom"):
+        convert(tmp_path / "bad.extxyz", tmp_path / "bad")
+
+
+def test_the_sources_sid_and_fid_are_kept(tmp_path, frames):
+    """The stored sid was the frame index (the row id of an ASE db) even where the source gave
+    OC20's sid and fid, which results are keyed by (sid_fid): predictions could not be mapped
+    back to systems."""
+    for i, atoms in enumerate(frames):
+        atoms.info.update(sid=1000 + i // 2, fid=i % 2)
+    del frames[4].info["fid"]
+    frames[5].info["sid"] = "random123"  # (not an integer: its index stands in)
+    ase.io.write(tmp_path / "in.extxyz", frames)
+    convert(tmp_path / "in.extxyz", tmp_path / "out")
+    ids = [(int(e["sid"]), int(e["fid"])) for e in LmdbDataset(tmp_path / "out")]
+    assert ids == [(1000, 0), (1000, 1), (1001, 0), (1001, 1), (1002, -1), (5, 1)]
+    with ase.db.connect(tmp_path / "in.db") as db:
+        for i, atoms in enumerate(frames[:3]):
+            db.write(atoms, sid=5000 + i, fid=i % 2)  # (key-value pairs: a db keeps no info)
+    convert(tmp_path / "in.db", tmp_path / "db")
+    assert [(int(e["sid"]), int(e["fid"])) for e in LmdbDataset(tmp_path / "db")] == [(5000, 0), (5001, 1), (5002, 0)]
+    # Without them: the frame index, and no fid.
+    for atoms in frames:
+        atoms.info.clear()
+    ase.io.write(tmp_path / "plain.extxyz", frames)
+    convert(tmp_path / "plain.extxyz", tmp_path / "plain")
+    ds = LmdbDataset(tmp_path / "plain")
+    assert [int(e["sid"]) for e in ds] == list(range(6)) and "fid" not in ds.schema
+
+
+def test_forces_with_the_constraint_applied_are_warned_of(tmp_path, frames):
+    """Forces written as atoms.get_forces() returns them under FixAtoms (zero on every fixed
+    atom) converted without a word: JMP's loss trains on every atom, so the model learnt zero
+    forces on the sub-surface, which the free-atom metrics never show."""
+    for atoms in frames:
+        atoms.set_constraint(FixAtoms(indices=[0]))
+    ase.io.write(tmp_path / "raw.extxyz", frames)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert(tmp_path / "raw.extxyz", tmp_path / "raw")
+    for atoms in frames:
+        atoms.calc.results["forces"] = atoms.get_forces()  # (the constraint zeroes atom 0's)
+    ase.io.write(tmp_path / "zeroed.extxyz", frames)
+    with pytest.warns(UserWarning, match=r"zeroed: in 6 of the 6 structures with fixed atoms, every fixed atom's "
+                                         r"force is exactly zero: forces with the constraint applied"):
+        convert(tmp_path / "zeroed.extxyz", tmp_path / "zeroed")
+    assert not LmdbDataset(tmp_path / "zeroed")[0]["forces"][0].any()  # (converted as they are)
 
 
 def test_ase_db_with_property(tmp_path, frames):

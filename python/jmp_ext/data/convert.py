@@ -173,6 +173,12 @@ class ConvertReport:
     free_energy_gap: float = 0.0
     # key of CHARGE_SPIN_KEYS -> the distinct values the structures carry (_STATES_LISTED + 1 at most)
     charge_spin: dict[str, set] = field(default_factory=dict)
+    # whether the entries carry a fid: decided by the first ASE structure read (None before it)
+    fids: bool | None = None
+    # structures written with forces and both fixed and free atoms, and those of them whose fixed
+    # atoms' forces are all exactly zero while a free atom's is not (constrained forces)
+    fixed_with_forces: int = 0
+    zero_fixed_forces: int = 0
 
 
 # ----- labels ----------------------------------------------------------------------------------
@@ -327,13 +333,21 @@ def atoms_structure(atoms: Atoms) -> dict[str, np.ndarray]:
     Atoms: one rule for the converters and the calculator, so that a model sees a structure
     alike in training and in use. Tags: oc20_tags. An atom is fixed when FixAtoms holds it or
     FixCartesian masks hold all three of its axes (extxyz stores constraints as move_mask,
-    which reads back as FixCartesian). Tags outside {0, 1, 2} are kept, with a warning."""
+    which reads back as FixCartesian), or a per-atom "fixed" array (a column fairchem's OC20
+    exports write, 1 or True for a fixed atom) marks it. Tags outside {0, 1, 2} are kept, with a
+    warning."""
     fixed_axes = np.zeros((len(atoms), 3), bool)
     for constraint in atoms.constraints:
         if isinstance(constraint, FixAtoms):
             fixed_axes[constraint.index] = True
         elif isinstance(constraint, FixCartesian):
             fixed_axes[constraint.index] |= constraint.mask
+    if "fixed" in atoms.arrays:
+        column = np.asarray(atoms.arrays["fixed"])
+        if column.shape != (len(atoms),) or column.dtype.kind not in "biuf" or not np.isin(column, (0, 1)).all():
+            raise fmt.DataError(f"its per-atom 'fixed' array (shape {list(column.shape)}, values "
+                                f"{np.unique(column)[:5].tolist()}) is not one 0/1 or True/False per atom")
+        fixed_axes[column.astype(bool)] = True
     tags = oc20_tags(atoms.get_tags())
     _warn_non_oc20_tags(tags, atoms.positions, atoms.cell.array, atoms.pbc)
     return {
@@ -395,8 +409,16 @@ CHARGE_SPIN_KEYS = ("charge", "total_charge", "spin", "multiplicity", "spin_mult
 _STATES_LISTED = 5
 
 
-def _atoms_entry(atoms: Atoms, keys: KeyMap, report: ConvertReport, sid: int) -> dict:
-    entry = {**atoms_structure(atoms), "sid": sid}
+def _atoms_entry(atoms: Atoms, keys: KeyMap, report: ConvertReport, index: int) -> dict:
+    """An entry of ASE Atoms `index` of its source (a frame index, an ASE db row id). Its sid is
+    the source's own integer sid (info or the db row's key-value pairs, as OC20's exports carry it)
+    where there is one, else `index`; fid (OC20's frame of a trajectory) is kept when the first
+    entry written has one, and -1 stands for an entry without."""
+    entry = {**atoms_structure(atoms), "sid": _identifier(atoms.info.get("sid"), index)}
+    if report.fids is None:
+        report.fids = _identifier(atoms.info.get("fid"), None) is not None
+    if report.fids:
+        entry["fid"] = _identifier(atoms.info.get("fid"), -1)
     results = atoms.calc.results if atoms.calc is not None else {}
     sources = {"info": atoms.info, "arrays": atoms.arrays, "calculator": results}
     _take_labels(entry, sources, keys, report)
@@ -415,6 +437,13 @@ def _atoms_entry(atoms: Atoms, keys: KeyMap, report: ConvertReport, sid: int) ->
                                 f"structure (a number or a vector per structure)")
         entry[name] = sources[found][key]
     return keys.to_ev_angstrom(entry)
+
+
+def _identifier(value, default: int | None) -> int | None:
+    """value as an integer identifier, or default where it is none (absent, a string, a float)."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    return default
 
 
 # Structures ase.io fails to parse one after the other before convert gives up on a file (not
@@ -928,6 +957,11 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
                 if "stress" in item:
                     report.stresses += 1
                     report.implausible_stresses += bool(np.abs(item["stress"]).max() > PLAUSIBLE_STRESS)
+                fixed = np.asarray(item["fixed"]).astype(bool)
+                if "forces" in item and fixed.any() and not fixed.all():
+                    forces = np.asarray(item["forces"])
+                    report.fixed_with_forces += 1
+                    report.zero_fixed_forces += bool(not forces[fixed].any() and forces[~fixed].any())
                 if labels is None:
                     labels, first = set(LABELS) & item.keys(), where
             except Exception as error:
@@ -959,6 +993,12 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
                   f"{PLAUSIBLE_STRESS} eV/Å^3 (80 GPa): stress is stored in eV/Å^3 (ASE's unit), converted from the "
                   f"source with --energy-unit and --length-unit only; a stress in kBar or GPa (VASP's, or a code's "
                   f"output) needs converting first (1 GPa = 0.00624 eV/Å^3, 1 kBar = 0.000624 eV/Å^3)")
+    if report.zero_fixed_forces * 2 > report.fixed_with_forces:
+        warn_user(f"{dst}: in {report.zero_fixed_forces} of the {report.fixed_with_forces} structures with fixed atoms, "
+                  f"every fixed atom's force is exactly zero: forces with the constraint applied (ASE's "
+                  f"atoms.get_forces() zeroes them; get_forces(apply_constraint=False) does not). JMP trains on every "
+                  f"atom's force, so the model would learn zero forces on the fixed atoms (the metrics, over the free "
+                  f"atoms, would not show it): convert the forces the calculation gave")
     if report.written and "energy" in report.labels and report.free_energy_gap > 1e-6 and keys.energy is None:
         warn_user(f"{dst}: the energy is {report.labels['energy']}, and the source's free_energy differs from it (by "
                   f"up to {report.free_energy_gap:.3g} eV). Forces are the gradient of the free energy (VASP's "

@@ -772,6 +772,24 @@ def test_predict_on_a_split_says_which_source_frame_each_row_is(checkpoint, tmp_
         assert energy == pytest.approx(images[sid].get_potential_energy(), rel=1e-10)
 
 
+def test_predict_carries_oc20s_sid_and_fid(checkpoint, tmp_path):
+    """OC20's results are keyed by sid and fid: predict's npz had the sid alone, and its extxyz
+    neither, so frames of one system's trajectory could not be told apart."""
+    from jmp_ext.data.__main__ import main as data_main
+
+    images = [molecule(n) for n in ("CH3OH", "C2H6", "CH3CHO", "H2O")]
+    for k, atoms in enumerate(images):
+        atoms.info.update(REF_energy=-float(k), sid=70 + k // 2, fid=k % 2)
+    ase.io.write(tmp_path / "in.extxyz", images)
+    assert data_main(["convert", str(tmp_path / "in.extxyz"), str(tmp_path / "ds")]) == 0
+    assert main(["predict", str(checkpoint), str(tmp_path / "ds"), "--out", str(tmp_path / "p.npz")]) == 0
+    pred = np.load(tmp_path / "p.npz")
+    assert pred["sid"].tolist() == [70, 70, 71, 71] and pred["fid"].tolist() == [0, 1, 0, 1]
+    assert main(["predict", str(checkpoint), str(tmp_path / "ds"), "--out", str(tmp_path / "p.extxyz")]) == 0
+    frames = ase.io.read(tmp_path / "p.extxyz", ":")
+    assert [(a.info["sid"], a.info["fid"]) for a in frames] == [(70, 0), (70, 1), (71, 0), (71, 1)]
+
+
 def test_a_pretraining_checkpoint_needs_a_task(tiny_data, tmp_path, capsys):
     """Each pretraining task has its own heads: none is a default (the first one silently gave
     another domain's energies)."""

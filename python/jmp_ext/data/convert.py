@@ -378,7 +378,7 @@ def atoms_to_entry(atoms: Atoms) -> dict[str, torch.Tensor]:
 
 def entry_to_atoms(entry: dict) -> Atoms:
     """A dataset entry as Atoms (Å): its tags, fixed atoms (FixAtoms), labels (energy, forces,
-    stress as a SinglePointCalculator's results, as an extxyz file holds them), sid and scalar
+    stress as a SinglePointCalculator's results, as an extxyz file holds them), sid, fid and scalar
     properties (info, by name: U_0, a class index, ...), for writing a dataset's structures back
     to a file. Read back by atoms_structure it gives the same entry, except that fixed atoms are
     a FixAtoms whatever constraint the source had, and all-zero tags read as 2 (oc20_tags)."""
@@ -393,8 +393,9 @@ def entry_to_atoms(entry: dict) -> Atoms:
         if "energy" in labels:
             labels["energy"] = float(labels["energy"])
         atoms.calc = SinglePointCalculator(atoms, **labels)
-    if "sid" in entry:
-        atoms.info["sid"] = int(entry["sid"])
+    for key in ("sid", "fid"):
+        if key in entry:
+            atoms.info[key] = int(entry[key])
     for name, value in entry.items():  # (properties; the structure fields and labels are placed above)
         if name not in fmt.INPUT_FIELDS and name not in LABELS and np.ndim(value) == 0:
             atoms.info[name] = np.asarray(value).item()

@@ -313,8 +313,9 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
       NaN for a structure without pbc, as the calculator refuses it), a property such as U_0 [M(, k)], a classification's
       logits [M, C] (the class is their argmax): natoms and one array per target the checkpoint
       predicts, under its name; with a target of kind energy, energies [sum natoms] (eV: each atom's term,
-      which sum to its structure's energy); with a dataset whose entries carry one, sid [M] too
-      (the source's frame or row, which a split reorders).
+      which sum to its structure's energy); with a dataset whose entries carry them, sid [M]
+      and fid [M] too (as convert stored them: the source's own, or as sid its frame or row,
+      which a split reorders).
     - .extxyz / .xyz: the structures (an input file's as read, its labels kept) with each
       prediction beside them as predicted_{name}: per-structure values in the frame's info,
       per-atom ones (forces, energies) as columns.
@@ -346,7 +347,8 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
             return ((None, atoms) for atoms in iter_structures(source))
     keep = ("pos", "atomic_numbers", "cell", "pbc", "tags", "fixed")
     outputs: dict[str, list[np.ndarray]] = {}  # the evaluated structures' predictions, in order
-    natoms, valid, sids, fingerprints = [], [], [], []  # every input structure's
+    natoms, valid, fingerprints = [], [], []  # every input structure's
+    identifiers = {"sid": [], "fid": []}  # the dataset entries' (OC20's system and frame)
     pending, pending_index = [], []
     skipped: list[tuple[int, str]] = []  # (input index, problem), listed in the input's order
     elements = torch.zeros(MAX_Z + 1, dtype=torch.bool)  # of the evaluated structures, warned about once
@@ -405,8 +407,9 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
                 run_batch()
             pending.append({key: entry[key] for key in keep})
             pending_index.append(index)
-            if "sid" in entry:
-                sids.append(int(entry["sid"]))
+            for key, values in identifiers.items():
+                if key in entry:
+                    values.append(int(entry[key]))
         if len(pending) == batch_size:
             run_batch()
     run_batch()
@@ -429,8 +432,9 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
         rows = valid_atoms if name in per_atom else np.array(valid)
         arrays[name] = np.full((len(rows), *evaluated.shape[1:]), np.nan)
         arrays[name][rows] = evaluated
-    if len(sids) == count:
-        arrays["sid"] = np.array(sids, dtype=np.int64)
+    for key, values in identifiers.items():
+        if len(values) == count:
+            arrays[key] = np.array(values, dtype=np.int64)
     if skip_invalid:
         arrays["valid"] = np.array(valid)
     if suffix == ".npz":

@@ -1416,3 +1416,71 @@ def test_stresses_in_another_unit_are_warned_of(tmp_path, frames):
     ase.io.write(tmp_path / "kbar.extxyz", frames)
     with pytest.warns(UserWarning, match=r"kbar: \d of the 6 stresses have a component over 0.5 eV/Å\^3 \(80 GPa\)"):
         convert(tmp_path / "kbar.extxyz", tmp_path / "kbar")
+
+
+def md_trajectory(rng, frames=5):
+    """A molecule's trajectory as arrays: positions [M, n, 3] (Å), numbers [n], energies [M] (eV)
+    and forces [M, n, 3] (eV/Å)."""
+    numbers = np.array([6, 6, 8, 1, 1, 1, 1, 1, 1])
+    base = np.array([[0, 0, 0], [1.5, 0, 0], [2.2, 1.2, 0], [-0.5, 0.9, 0], [-0.5, -0.5, 0.8], [-0.5, -0.5, -0.8],
+                     [1.9, -0.5, 0.8], [1.9, -0.5, -0.8], [3.1, 1.1, 0]], dtype=float)
+    positions = base + rng.normal(scale=0.05, size=(frames, *base.shape))
+    return positions, numbers, rng.normal(size=frames) - 4000.0, rng.normal(size=(frames, len(numbers), 3))
+
+
+def test_sgdml_and_rmd17_npz_trajectories(tmp_path, capsys):
+    """MD17, MD22 (sGDML's npz: R, z, E, F, with their units recorded) and rMD17 (coords,
+    nuclear_charges, energies, forces, in kcal/mol) come as .npz files, which convert could not
+    read: JMP's fine-tuning sets had to be rewritten as extxyz by hand, units included."""
+    rng = np.random.default_rng(5)
+    positions, numbers, energies, forces = md_trajectory(rng)
+    kcal = units.kcal / units.mol
+    np.savez(tmp_path / "md22.npz", R=positions, z=numbers.astype(np.uint8), E=(energies / kcal)[:, None],
+             F=forces / kcal, e_unit=np.array("kcal/mol"), r_unit=np.array("Ang"), name=np.array("AT-AT"))
+    np.savez(tmp_path / "rmd17.npz", coords=positions, nuclear_charges=numbers, energies=energies / kcal,
+             forces=forces / kcal, old_energies=energies / kcal + 1.0, old_indices=np.arange(5))
+    # sGDML records kcal/mol: read as eV it is refused, with the option that reads it right.
+    with pytest.raises(DataError, match=r"md22\.npz records its e_unit as 'kcal/mol', but it is read as eV: give "
+                                        r"--energy-unit kcal/mol"):
+        convert(tmp_path / "md22.npz", tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+    for source, out in (("md22.npz", "md22"), ("rmd17.npz", "rmd17")):
+        report = convert(tmp_path / source, tmp_path / out, keys=KeyMap(energy_unit="kcal/mol"))
+        assert report.written == 5
+        ds = LmdbDataset(tmp_path / out)
+        for i in range(5):
+            np.testing.assert_allclose(ds[i]["pos"], positions[i], rtol=1e-15)
+            assert ds[i]["atomic_numbers"].tolist() == numbers.tolist() and ds[i]["tags"].tolist() == [2] * 9
+            assert not ds[i]["pbc"].any() and not ds[i]["fixed"].any() and int(ds[i]["sid"]) == i
+            assert float(ds[i]["energy"]) == pytest.approx(energies[i], rel=1e-14)
+            np.testing.assert_allclose(ds[i]["forces"], forces[i], rtol=1e-13)
+    assert report.labels == {"energy": "energies", "forces": "forces"}
+    # rMD17 records no unit: read as eV it is warned of; another array is taken by name.
+    with pytest.warns(UserWarning, match=r"rmd17\.npz is read as eV: rMD17's own files hold kcal/mol"):
+        convert(tmp_path / "rmd17.npz", tmp_path / "as_ev", keys=KeyMap(energy="old_energies", forces="none"))
+    ds = LmdbDataset(tmp_path / "as_ev")
+    assert "forces" not in ds.schema and float(ds[2]["energy"]) == pytest.approx(energies[2] / kcal + 1.0)
+    # Through the command line, with sGDML's periodic lattice.
+    np.savez(tmp_path / "periodic.npz", R=positions, z=numbers, E=energies, F=forces, lattice=np.eye(3) * 12.0,
+             e_unit=np.array("eV"), r_unit=np.array("Ang"))
+    assert main(["convert", str(tmp_path / "periodic.npz"), str(tmp_path / "periodic")]) == 0
+    entry = LmdbDataset(tmp_path / "periodic")[0]
+    assert entry["pbc"].all() and np.allclose(entry["cell"], np.eye(3) * 12.0)
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"x": np.zeros(3)}, r"an \.npz of arrays x, in no layout convert reads \(sGDML's R, z, E, F; rMD17's coords, "
+                         r"nuclear_charges, energies, forces\)"),
+    ({"R": np.zeros((2, 4, 3)), "z": np.ones(3, int)}, r"R has shape \[2, 4, 3\], not \[frames, 3, 3\] for the 3 "
+                                                       r"atoms of z"),
+    ({"R": np.zeros((2, 3, 3)), "z": np.ones(3, int), "E": np.zeros(3)}, r"energy \(E\) has shape \[3\], not \[2\]"),
+    ({"R": np.zeros((2, 3, 3)), "z": np.ones(3, int), "e_unit": np.array("furlong")},
+     r"records its e_unit as 'furlong', a unit convert does not know"),
+    ({"R": np.array([None] * 18, dtype=object).reshape(2, 3, 3), "z": np.ones(3, int)},
+     r"numpy cannot read it as an \.npz of arrays \(ValueError: Object arrays cannot be loaded"),
+])
+def test_npz_files_convert_cannot_read_are_named(tmp_path, arrays, message):
+    np.savez(tmp_path / "in.npz", **arrays)
+    with pytest.raises(DataError, match=message):
+        convert(tmp_path / "in.npz", tmp_path / "out", skip_invalid=True)
+    assert not (tmp_path / "out").exists()

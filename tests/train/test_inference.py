@@ -790,6 +790,50 @@ def test_predict_carries_oc20s_sid_and_fid(checkpoint, tmp_path):
     assert [(a.info["sid"], a.info["fid"]) for a in frames] == [(70, 0), (70, 1), (71, 0), (71, 1)]
 
 
+def test_eval_reads_a_file_in_its_units(checkpoint, tmp_path, capsys):
+    """eval read every file as eV and Å: an MD22 extxyz in kcal/mol scored a force MAE 23 times
+    the model's, without a word. --energy-unit and --length-unit read it as convert does; an
+    sGDML npz, which records its units, is refused when read in others; predict, which has no
+    units to convert, points to convert for an npz."""
+    from ase import units
+
+    from jmp_ext.data.__main__ import main as data_main
+
+    kcal = units.kcal / units.mol
+    images = [molecule(n) for n in ("CH3OH", "CH3OH", "CH3OH")]
+    for k, atoms in enumerate(images):
+        atoms.rattle(0.05, seed=k)
+        atoms.info["REF_energy"] = -100.0 - k
+        atoms.arrays["REF_forces"] = np.random.default_rng(k).normal(size=(len(atoms), 3))
+    ase.io.write(tmp_path / "ev.extxyz", images)
+    for atoms in images:
+        atoms.info["REF_energy"] /= kcal
+        atoms.arrays["REF_forces"] /= kcal
+    ase.io.write(tmp_path / "kcal.extxyz", images)
+    np.savez(tmp_path / "md.npz", R=np.stack([a.positions for a in images]), z=images[0].numbers,
+             E=np.array([a.info["REF_energy"] for a in images]), F=np.stack([a.arrays["REF_forces"] for a in images]),
+             e_unit=np.array("kcal/mol"), r_unit=np.array("Ang"))
+    results = {}
+    for name, options in (("ev.extxyz", []), ("kcal.extxyz", ["--energy-unit", "kcal/mol"]),
+                          ("md.npz", ["--energy-unit", "kcal/mol"])):
+        assert main(["eval", str(checkpoint), str(tmp_path / name), *options, "--out", str(tmp_path / "m.json")]) == 0
+        results[name] = json.loads((tmp_path / "m.json").read_text())
+    for name in ("kcal.extxyz", "md.npz"):
+        assert results[name].keys() == results["ev.extxyz"].keys()
+        for key, value in results[name].items():
+            assert value == pytest.approx(results["ev.extxyz"][key], rel=1e-6), (name, key)
+    capsys.readouterr()
+    assert main(["eval", str(checkpoint), str(tmp_path / "md.npz")]) == 2
+    assert "md.npz records its e_unit as 'kcal/mol', but it is read as eV: give --energy-unit kcal/mol" in \
+        capsys.readouterr().err
+    assert data_main(["convert", str(tmp_path / "ev.extxyz"), str(tmp_path / "ds")]) == 0
+    assert main(["eval", str(checkpoint), str(tmp_path / "ds"), "--energy-unit", "kcal/mol"]) == 2
+    assert "--energy-unit and --length-unit apply to a file: dataset" in capsys.readouterr().err
+    assert main(["predict", str(checkpoint), str(tmp_path / "md.npz"), "--out", str(tmp_path / "p.npz")]) == 2
+    assert (f"is an sGDML or rMD17 trajectory: convert it first, `python -m jmp_ext.data convert "
+            f"{tmp_path / 'md.npz'} OUT_DIR [--length-unit UNIT]`") in capsys.readouterr().err
+
+
 def test_a_pretraining_checkpoint_needs_a_task(tiny_data, tmp_path, capsys):
     """Each pretraining task has its own heads: none is a default (the first one silently gave
     another domain's energies)."""

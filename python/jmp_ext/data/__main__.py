@@ -122,11 +122,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="multiply the number of entries (a finite number > 0)")
     p.set_defaults(run=cmd_make_demo)
 
-    p = commands.add_parser("convert", help="convert extxyz / ASE db / OC20-style LMDB")
-    p.add_argument("src", help="extxyz or other ase.io file, ASE .db, fairchem .aselmdb (dir), or OC20/JMP .lmdb "
-                               "(dir)")
+    p = commands.add_parser("convert", help="convert extxyz / ASE db / OC20-style LMDB / sGDML or rMD17 npz")
+    p.add_argument("src", help="extxyz or other ase.io file, ASE .db, fairchem .aselmdb (dir), OC20/JMP .lmdb "
+                               "(dir), or an sGDML (MD17, MD22) or rMD17 .npz")
     p.add_argument("dst")
-    p.add_argument("--format", choices=["ase", "ase-db", "lmdb"], help="default: from SRC")
+    p.add_argument("--format", choices=["ase", "ase-db", "lmdb", "npz"], help="default: from SRC")
     p.add_argument("--allow-pickle", action="store_true",
                    help="read pickled OC20/JMP LMDBs (unpickling can run code: trusted files only)")
     p.add_argument("--skip-invalid", action="store_true",

@@ -140,6 +140,11 @@ def _expanded_size(value, sizes: dict[int, int]) -> int:
     return sizes[id(value)]
 
 
+class SourceError(fmt.DataError):
+    """A problem of a whole source (its layout, its recorded units), not of one entry: no
+    --skip-invalid skips it."""
+
+
 class UnreadableSource(fmt.DataError):
     """A source file that ase.io or ase.db cannot read, whole or from some structure on: not an
     entry to skip."""
@@ -641,6 +646,78 @@ def iter_ase_db(path: Path, keys: KeyMap, report: ConvertReport, select: str | N
             raise UnreadableSource(f"{file}: ase.db cannot read it ({type(error).__name__}: {error})") from error
 
 
+# ----- sGDML and rMD17 .npz trajectories ------------------------------------------------------
+
+# The arrays of a trajectory of one molecule in an .npz: positions [M, n, 3], atomic numbers [n],
+# energies [M] (or [M, 1]) and forces [M, n, 3]. sGDML's (MD17 and MD22 from sgdml.org) records
+# its units (e_unit, r_unit); rMD17's does not (its README: kcal/mol and Å).
+NPZ_LAYOUTS = {"sGDML": ("R", "z", "E", "F"), "rMD17": ("coords", "nuclear_charges", "energies", "forces")}
+_SGDML_UNITS = {"kcal/mol": "kcal/mol", "kJ/mol": "kJ/mol", "eV": "eV", "meV": "meV", "Ha": "Hartree",
+                "Hartree": "Hartree", "Ang": "Å", "Å": "Å", "A": "Å", "Bohr": "Bohr", "nm": "nm"}
+
+
+def iter_npz(path: Path, keys: KeyMap, report: ConvertReport, progress: bool = False
+             ) -> Iterator[tuple[str, dict]]:
+    """(where, entry) for every frame of a molecule's trajectory in an .npz of NPZ_LAYOUTS, read
+    without pickles. keys.energy / keys.forces name other arrays (rMD17's old_energies) or drop
+    them ("none"); sGDML's recorded units must be those of `keys`, and an rMD17 file read as eV
+    is warned of. A `lattice` [3, 3] (sGDML's periodic sets) makes the frames periodic."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except Exception as error:  # (not a zip, a damaged one, an array of Python objects)
+        raise UnreadableSource(f"{path}: numpy cannot read it as an .npz of arrays ({type(error).__name__}: "
+                               f"{error})") from error
+    layout = next((name for name, (r, z, _, _) in NPZ_LAYOUTS.items() if r in arrays and z in arrays), None)
+    if layout is None:
+        known = "; ".join(f"{name}'s {', '.join(names)}" for name, names in NPZ_LAYOUTS.items())
+        raise UnreadableSource(f"{path}: an .npz of arrays {', '.join(sorted(arrays)) or 'none'}, in no layout "
+                               f"convert reads ({known})")
+    r_key, z_key, e_key, f_key = NPZ_LAYOUTS[layout]
+    for array, given, option, table in (("e_unit", keys.energy_unit, "--energy-unit", ENERGY_UNITS),
+                                        ("r_unit", keys.length_unit, "--length-unit", LENGTH_UNITS)):
+        if array not in arrays:
+            continue
+        recorded = str(arrays[array])
+        unit = _SGDML_UNITS.get(recorded)
+        if unit is None:
+            raise SourceError(f"{path} records its {array} as {recorded!r}, a unit convert does not know: "
+                                f"convert the file to eV and Å first")
+        if table[unit] != table[given]:
+            raise SourceError(f"{path} records its {array} as {recorded!r}, but it is read as {given}: give "
+                                f"{option} {unit}")
+    if layout == "rMD17" and keys.energy_unit == "eV":
+        warn_user(f"{path} is read as eV: rMD17's own files hold kcal/mol and kcal/mol/Å (its README); for "
+                  "one of them, convert with --energy-unit kcal/mol")
+    if (keys.stress is not None and not keys.drops("stress")) or keys.properties:
+        raise SourceError(f"{path}: an .npz trajectory holds an energy and forces only (no stress or properties)")
+    positions, numbers = np.asarray(arrays[r_key]), np.asarray(arrays[z_key]).reshape(-1)
+    if positions.ndim != 3 or positions.shape[1:] != (len(numbers), 3):
+        raise SourceError(f"{path}: {r_key} has shape {list(positions.shape)}, not [frames, {len(numbers)}, 3] "
+                            f"for the {len(numbers)} atoms of {z_key}")
+    frames = len(positions)
+    labels = {}  # label -> its values, one row per frame
+    for label, default in (("energy", e_key), ("forces", f_key)):
+        key = getattr(keys, label) or default
+        if keys.drops(label) or (key not in arrays and getattr(keys, label) is None):
+            continue
+        if key not in arrays:
+            raise SourceError(f"{path}: {label}: key {key!r} not found (available: {', '.join(sorted(arrays))})")
+        values = np.asarray(arrays[key])
+        expected = [frames] if label == "energy" else [frames, len(numbers), 3]
+        if values.size != int(np.prod(expected)):
+            raise SourceError(f"{path}: {label} ({key}) has shape {list(values.shape)}, not {expected}")
+        labels[label] = values.reshape(expected)
+        report.labels[label] = key
+    lattice = arrays.get("lattice")
+    cell = np.zeros((3, 3)) if lattice is None else np.asarray(lattice, dtype=np.float64).reshape(3, 3)
+    for i in tqdm(range(frames), desc=str(path), unit="structure", disable=not progress):
+        entry = {"pos": positions[i], "atomic_numbers": numbers, "cell": cell, "pbc": np.full(3, lattice is not None),
+                 "tags": oc20_tags(np.zeros(len(numbers), np.int64)), "fixed": np.zeros(len(numbers), bool),
+                 "sid": i, **{label: values[i] for label, values in labels.items()}}
+        yield f"{path} frame {i}", keys.to_ev_angstrom(entry)
+
+
 # ----- pickled OC20 / JMP LMDBs --------------------------------------------------------------
 
 
@@ -858,6 +935,8 @@ def detect_format(src: Path) -> str:
         return "ase-db"
     if src.is_dir() or src.suffix == ".lmdb":
         return "lmdb"
+    if src.suffix == ".npz":
+        return "npz"
     return "ase"
 
 
@@ -890,9 +969,10 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
     """Convert `src` into a new dataset at `dst` (atomically).
 
     source_format: "ase" (extxyz, traj, anything ase.io reads), "ase-db" (ASE databases, and
-        fairchem's .aselmdb files with the ase-db-backends package), or "lmdb" (pickled OC20/JMP);
-        default from the path: *.db, *.json, *.aselmdb or a directory of .aselmdb files is
-        "ase-db", another directory or *.lmdb "lmdb".
+        fairchem's .aselmdb files with the ase-db-backends package), "lmdb" (pickled OC20/JMP) or
+        "npz" (a molecule's trajectory as sGDML and rMD17 store it: iter_npz); default from the
+        path: *.db, *.json, *.aselmdb or a directory of .aselmdb files is "ase-db", another
+        directory or *.lmdb "lmdb", *.npz "npz".
     allow_pickle: required for "lmdb": reading pickles can run code. Globals are restricted to
         torch tensors, numpy arrays and torch_geometric containers, but only convert files
         you trust.
@@ -929,8 +1009,10 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
         stream = iter_ase_db(src, keys, report, select, progress)
     elif kind == "ase":
         stream = iter_ase_file(src, keys, report, progress)
+    elif kind == "npz":
+        stream = iter_npz(src, keys, report, progress)
     else:
-        raise ValueError(f"unknown source format {kind!r} (ase, ase-db, lmdb)")
+        raise ValueError(f"unknown source format {kind!r} (ase, ase-db, lmdb, npz)")
     # closing(): a failed conversion also closes the source (its LMDB handles, its file).
     info = {"converted_from": str(src), "source_format": kind}
     labels = first = None  # the labels of the first entry written, and where it came from
@@ -995,8 +1077,8 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
                   f"source with --energy-unit and --length-unit only; a stress in kBar or GPa (VASP's, or a code's "
                   f"output) needs converting first (1 GPa = 0.00624 eV/Å^3, 1 kBar = 0.000624 eV/Å^3)")
     if report.zero_fixed_forces * 2 > report.fixed_with_forces:
-        warn_user(f"{dst}: in {report.zero_fixed_forces} of the {report.fixed_with_forces} structures with fixed atoms, "
-                  f"every fixed atom's force is exactly zero: forces with the constraint applied (ASE's "
+        warn_user(f"{dst}: in {report.zero_fixed_forces} of the {report.fixed_with_forces} structures with fixed "
+                  f"atoms, every fixed atom's force is exactly zero: forces with the constraint applied (ASE's "
                   f"atoms.get_forces() zeroes them; get_forces(apply_constraint=False) does not). JMP trains on every "
                   f"atom's force, so the model would learn zero forces on the fixed atoms (the metrics, over the free "
                   f"atoms, would not show it): convert the forces the calculation gave")

@@ -247,8 +247,9 @@ def run_command(argv: list[str]) -> int:
         parser.add_argument("checkpoint", metavar="CHECKPOINT", help="best.pt or last.pt of a run")
         parser.add_argument("data", metavar="DATASET" if is_eval else "INPUT",
                             help="dataset directory or ASE-readable file" + (
-                                " (a file's energy, forces and stress read with convert's default keys, a "
-                                "property target from the key of its name)" if is_eval else ""))
+                                " (or an sGDML or rMD17 npz; a file's energy, forces and stress read with convert's "
+                                "default keys, a property target from the key of its name)" if is_eval else
+                                " (positions in Å: convert a file in other units first)"))
         parser.add_argument("--task", default=None, help="task whose heads to use (needed when the checkpoint has several: pretraining)")
         parser.add_argument("--out", required=not is_eval, default=None,
                             help="metrics JSON file" if is_eval else "OUT.npz, OUT.extxyz or OUT.xyz")
@@ -258,7 +259,15 @@ def run_command(argv: list[str]) -> int:
         parser.add_argument("--dtype", choices=("float32", "float64"), default=None,
                             help="the network's precision (default: the one it was trained in); float64 for the "
                                  "gradient forces of small periodic cells, which float32 gets wrong (README)")
-        if not is_eval:
+        if is_eval:
+            from jmp_ext.data.convert import ENERGY_UNITS, LENGTH_UNITS
+
+            parser.add_argument("--energy-unit", default="eV", choices=list(ENERGY_UNITS),
+                                help="a file's energy unit (default eV): its energy, forces and stress are "
+                                     "converted to eV as by convert (MD17/MD22 come in kcal/mol)")
+            parser.add_argument("--length-unit", default="Å", choices=list(LENGTH_UNITS),
+                                help="a file's length unit (default Å), as convert's")
+        else:
             parser.add_argument("--skip-invalid", action="store_true",
                                 help="give a structure the model cannot take (a single atom, an unknown element, "
                                      "...) NaN predictions, named on stderr, instead of stopping (npz: valid [M])")
@@ -276,7 +285,8 @@ def run_command(argv: list[str]) -> int:
         from jmp_ext.train.inference import evaluate_checkpoint, predict_checkpoint
 
         if is_eval:
-            evaluate_checkpoint(a.checkpoint, a.data, a.task, a.out, a.batch_size, a.device, a.dtype)
+            evaluate_checkpoint(a.checkpoint, a.data, a.task, a.out, a.batch_size, a.device, a.dtype, a.energy_unit,
+                                a.length_unit)
         else:
             predict_checkpoint(a.checkpoint, a.data, a.out, a.task, a.batch_size, a.device, a.skip_invalid, a.dtype)
     elif "-h" in argv or "--help" in argv:  # (never a config path or a key=value override)

@@ -196,11 +196,13 @@ def evaluate(model: TaskModel, datasets: list, batch_size: int, dtype: torch.dty
 
 
 def evaluate_checkpoint(checkpoint: str, dataset: str, task: str | None, out: str | None,
-                        batch_size: int, device: str, dtype: str | None = None) -> dict:
-    """Metrics of `checkpoint` on a dataset directory, or on a file (extxyz, ASE db, ...) that
-    is first converted, into a temporary directory: the energy, forces and stress (with
-    convert's default keys) that the checkpoint predicts, the others left out, and its
-    property targets from the keys of their names, as stored."""
+                        batch_size: int, device: str, dtype: str | None = None, energy_unit: str = "eV",
+                        length_unit: str = "Å") -> dict:
+    """Metrics of `checkpoint` on a dataset directory, or on a file (extxyz, ASE db, sGDML or
+    rMD17 npz, ...) that is first converted, into a temporary directory: the energy, forces and
+    stress (with convert's default keys, from energy_unit and length_unit to eV and Å) that the
+    checkpoint predicts, the others left out, and its property targets from the keys of their
+    names, as stored."""
     import tempfile
 
     from jmp_ext.data.convert import detect_format
@@ -208,28 +210,36 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, task: str | None, out: st
     model, config = load_trained(checkpoint, device, dtype)  # (before a conversion: a bad checkpoint costs none)
     t = task_index(config.tasks, task, "--task")
     if not Path(dataset).is_file():
+        if (energy_unit, length_unit) != ("eV", "Å"):
+            raise TrainError(f"--energy-unit and --length-unit apply to a file: dataset {dataset} is stored in eV "
+                             "and Å")
         return _evaluate_dataset(model, config, t, dataset, dataset, out, batch_size, device)
     if detect_format(Path(dataset)) == "lmdb":
         raise TrainError(f"{dataset} is an LMDB file, as OC20's splits are: convert it first, `python -m "
                          f"jmp_ext.data convert {shlex.quote(dataset)} OUT_DIR --allow-pickle` (unpickling can run "
                          "code: trusted files only), and evaluate OUT_DIR")
     with tempfile.TemporaryDirectory() as tmp:
-        _convert_labels(dataset, Path(tmp) / "data", {target.name: target.unit for target in config.tasks[t].targets})
+        _convert_labels(dataset, Path(tmp) / "data", {target.name: target.unit for target in config.tasks[t].targets},
+                        energy_unit, length_unit)
         return _evaluate_dataset(model, config, t, str(Path(tmp) / "data"), dataset, out, batch_size, device)
 
 
-def _convert_labels(source: str, dst: Path, units: dict[str, str | None]) -> None:
+def _convert_labels(source: str, dst: Path, units: dict[str, str | None], energy_unit: str, length_unit: str
+                    ) -> None:
     """convert of an eval input for a checkpoint whose targets have these units (by name):
     those of energy, forces and stress with convert's default keys, and not the others (a stress
     that only some frames have would stop it); the other targets as properties from the keys of
     their names, as stored, and left out where the file lacks them (eval then warns)."""
     from jmp_ext.data import DataError
-    from jmp_ext.data.convert import KeyMap, MissingProperty, UnreadableSource, convert
+    from jmp_ext.data.convert import KeyMap, MissingProperty, SourceError, UnreadableSource, convert
 
     labels = ("energy", "forces", "stress")
     properties = {name: name for name in sorted(units.keys() - set(labels))}
+    unit_options = ([f"--energy-unit {energy_unit}"] if energy_unit != "eV" else []) + (
+        [f"--length-unit {length_unit}"] if length_unit != "Å" else [])
     while True:
-        keys = KeyMap(**{label: "none" for label in labels if label not in units}, properties=properties)
+        keys = KeyMap(**{label: "none" for label in labels if label not in units}, properties=properties,
+                      energy_unit=energy_unit, length_unit=length_unit)
         try:
             with warnings.catch_warnings():
                 # (its advice for a file without labels names a temporary directory and convert's
@@ -241,12 +251,14 @@ def _convert_labels(source: str, dst: Path, units: dict[str, str | None]) -> Non
             if isinstance(e.__cause__, MissingProperty):
                 del properties[e.__cause__.name]
                 continue
+            if isinstance(e, SourceError):
+                raise TrainError(str(e)) from e
             if isinstance(e, UnreadableSource):
                 raise TrainError(f"{e}; give a dataset directory, or a file ASE reads: extxyz, traj, ASE db (.db), "
                                  "...") from e
             # (a structure the data refuses: a single atom, a cell in nm, ...)
             # (a property trained in eV was converted from its source's unit, which only the user knows)
-            options = [*(f"--{label}-key none" for label in labels if label not in units),
+            options = [*(f"--{label}-key none" for label in labels if label not in units), *unit_options,
                        *(f"--property {name}{':UNIT' if units[name] == 'eV' else ''}" for name in properties),
                        "--skip-invalid"]
             raise TrainError(f"{e}; to leave such structures out, convert the file yourself, `python -m "
@@ -257,7 +269,8 @@ def _convert_labels(source: str, dst: Path, units: dict[str, str | None]) -> Non
                 raise TrainError(f"eval converts {source} into a temporary directory first, and writing it failed "
                                  f"({e}): point TMPDIR at a writable disk with room (the copy takes about 1.5 times "
                                  f"an extxyz's size), or convert it yourself, `python -m jmp_ext.data convert "
-                                 f"{shlex.quote(source)} OUT_DIR`, and evaluate OUT_DIR") from e
+                                 f"{' '.join([shlex.quote(source), 'OUT_DIR', *unit_options])}`, and evaluate "
+                                 "OUT_DIR") from e
             raise TrainError(f"{source} could not be read as a labelled structure file ({type(e).__name__}: "
                              f"{e}); give a dataset directory, or a file ASE reads: extxyz, traj, ASE db (.db), "
                              "...") from e
@@ -323,7 +336,7 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
     on one spot, ...) gets NaN predictions, and is named on stderr, instead of ending the run;
     the npz then holds valid [M] (bool) too.
     Returns the npz arrays."""
-    from jmp_ext.data.convert import entry_to_atoms
+    from jmp_ext.data.convert import detect_format, entry_to_atoms
     from jmp_ext.data.format import DataError
     from jmp_ext.files import write_bytes_atomic
     from jmp_ext.train.tasks import open_dataset
@@ -337,6 +350,12 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
     max_atoms = config.data.max_atoms
     # Streamed, batch by batch: an input of millions of structures is never held as Atoms (an
     # extxyz output reads the input again, once the predictions are made, to write it back).
+    kind = detect_format(Path(source)) if Path(source).is_file() else None
+    if kind in ("lmdb", "npz"):  # (files convert reads, and ASE does not)
+        what, option = (("an LMDB file, as OC20's splits are", " --allow-pickle") if kind == "lmdb" else
+                        ("an sGDML or rMD17 trajectory", " [--length-unit UNIT]"))
+        raise TrainError(f"input {source} is {what}: convert it first, `python -m jmp_ext.data convert "
+                         f"{shlex.quote(source)} OUT_DIR{option}`, and predict OUT_DIR")
     if Path(source).is_dir():
         ds = open_dataset(source, "input", in_memory=False)
 

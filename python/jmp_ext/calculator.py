@@ -108,6 +108,7 @@ class JMPCalculator(Calculator):
                                dtype=str(parameter.dtype).removeprefix("torch."))
         self._warned_force = False
         self._warned_collinear = False
+        self._warned_charge = False
         self._calculated = False  # (a structure went through: later position errors are the run's)
         kinds = {t.kind for t in task_config.targets}
         if "energy" not in kinds:
@@ -202,6 +203,19 @@ class JMPCalculator(Calculator):
         self._check_implemented([name])
         return super().get_property(name, atoms, allow_calculation)
 
+    def _warn_if_charged(self) -> None:
+        """Warns (once) of a structure with a net charge (info's charge or total_charge, as
+        SPICE and OMol25 record it, or initial charges that do not sum to zero): an input the
+        model does not take."""
+        charges = {f"atoms.info[{key!r}]": self.atoms.info[key] for key in ("charge", "total_charge")
+                   if isinstance(self.atoms.info.get(key), (int, float, np.number))}
+        charges["the initial charges' sum"] = float(self.atoms.get_initial_charges().sum())
+        where, charge = next(((where, q) for where, q in charges.items() if abs(q) > 1e-6), (None, 0))
+        if where is not None:
+            self._warned_charge = True
+            warn_user(f"this structure has a net charge of {charge:+g} ({where}), which the model does not take "
+                      "(GemNet-OC sees elements and positions only): it is evaluated as if neutral")
+
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         from jmp_ext.train.inference import structures_batch
 
@@ -246,6 +260,8 @@ class JMPCalculator(Calculator):
             # nothing else: float32 rounds a position to its magnitude, and a molecule drifting
             # in MD would lose precision with its distance from the origin.
             entry["pos"] = entry["pos"] - entry["pos"].mean(dim=0)
+        if not self._warned_charge:
+            self._warn_if_charged()
         # (not on every step: the counts change little along a trajectory)
         if new_structure and self.task not in self._truncation_warned and self._warn_if_truncated(entry):
             self._truncation_warned.add(self.task)

@@ -834,6 +834,32 @@ def test_eval_reads_a_file_in_its_units(checkpoint, tmp_path, capsys):
             f"{tmp_path / 'md.npz'} OUT_DIR [--length-unit UNIT]`") in capsys.readouterr().err
 
 
+def test_calculator_warns_once_of_a_charge_it_does_not_take(checkpoint):
+    """A SPICE-style cation and anion gave the same energy for the same geometry, without a word:
+    the model takes no charge."""
+    atoms = molecule("CH3OH")
+    atoms.info["charge"] = 0
+    atoms.set_initial_charges([0.4, -0.6, 0.2, 0.0, 0.0, 0.0])  # (partial charges of a neutral molecule)
+    atoms.calc = JMPCalculator(checkpoint)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        neutral = atoms.get_potential_energy()
+    atoms.info["charge"] = -1
+    atoms.positions[0, 0] += 1e-3  # (a new calculation)
+    with pytest.warns(UserWarning, match=r"a net charge of -1 \(atoms.info\['charge'\]\), which the model does not "
+                                         r"take .*evaluated as if neutral"):
+        charged = atoms.get_potential_energy()
+    atoms.positions[0, 0] -= 1e-3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (once per calculator)
+        assert atoms.get_potential_energy() == neutral and np.isfinite(charged)
+    cation = molecule("CH3OH")
+    cation.set_initial_charges([1.0, 0, 0, 0, 0, 0])
+    cation.calc = JMPCalculator(checkpoint)
+    with pytest.warns(UserWarning, match=r"a net charge of \+1 \(the initial charges' sum\)"):
+        cation.get_potential_energy()
+
+
 def test_a_pretraining_checkpoint_needs_a_task(tiny_data, tmp_path, capsys):
     """Each pretraining task has its own heads: none is a default (the first one silently gave
     another domain's energies)."""

@@ -49,13 +49,14 @@ def _pretrain(size: str) -> dict:
 
 
 def _finetune(size: str, task: dict, batch_size: int, precision: str = "fp16", patience: int = 3,
-              early_stop: int = 50, min_lr: float = 1e-8, max_epochs: float = 500) -> dict:
+              early_stop: int = 50, min_lr: float = 1e-8, max_epochs: float = 500,
+              val_batch_size: int | None = None) -> dict:
     return {
         "mode": "finetune",
         "tasks": [{"train": "", "val": "", "test": "", **task}],
         "graph": {"preset": task["name"]},
         "model": {"backbone": size, "init_checkpoint": "", "init_ema": True},
-        "data": {"batch_size": batch_size, "val_batch_size": max(batch_size, 16)},
+        "data": {"batch_size": batch_size, "val_batch_size": val_batch_size or max(batch_size, 16)},
         # lr 8e-5: JMP's sweep script, config/all-jmp-l-configs.py (its per-dataset helpers say 5e-6).
         "optim": {"lr": 8e-5, "betas": [0.9, 0.95], "weight_decay": 0.1, "grad_clip_norm": 0.0,
                   "grad_clip_value": 1.0, **LLRD[size]},
@@ -84,8 +85,10 @@ def _finetune_presets(size: str) -> dict[str, Callable[[], dict]]:
         f"{size}_qm9": lambda: _finetune(size, u0, 48),
         f"{size}_rmd17": lambda: _finetune(size, rmd17, 1, precision="fp32", patience=10, early_stop=1000,
                                            min_lr=1e-10, max_epochs=100_000),
-        f"{size}_md22": lambda: _finetune(size, md22, 2),
-        f"{size}_spice": lambda: _finetune(size, spice, 2),
+        # (validated in training's batches too: 16 molecules of up to 370 atoms with 12 Å graphs and
+        # gradient forces take tens of GB, over 5 GB each for MD22's larger ones on JMP-S)
+        f"{size}_md22": lambda: _finetune(size, md22, 2, val_batch_size=2),
+        f"{size}_spice": lambda: _finetune(size, spice, 2, val_batch_size=2),
         f"{size}_matbench": lambda: _finetune(size, matbench, 8, precision="fp32"),
         f"{size}_qmof": lambda: _finetune(size, qmof, 4),
     }

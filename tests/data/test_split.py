@@ -351,3 +351,38 @@ def test_a_slightly_asymmetric_stress_is_split_symmetrised(tmp_path):
                                   (written + written.T) / 2)
     with pytest.raises(fmt.DataError, match="old entry 2: stress is not symmetric"):
         split_dataset(tmp_path / "old", tmp_path / "sp2", {"train": np.array([2])})
+
+
+def test_split_by_group_keeps_each_sids_frames_in_one_part(tmp_path, capsys):
+    """A random split of frames put frames of one relaxation (OC20's sid) in train and val alike,
+    so validation scored structures a step away from training ones. --group-by sid splits the
+    systems: the fractions are of the sids, and every frame goes where its sid does."""
+    rng = np.random.default_rng(0)
+    entries = [random_entry(rng) for _ in range(60)]
+    sizes = rng.integers(1, 6, 60)
+    sids = np.repeat(np.arange(60), sizes)[:60]  # (systems of 1 to 5 frames)
+    for entry, sid in zip(entries, sids):
+        entry["sid"] = sid
+    write_dataset(tmp_path / "all", entries)
+    assert main(["split", str(tmp_path / "all"), str(tmp_path / "parts"), "--group-by", "sid",
+                 "--fractions", "train=0.6,val=0.2,test=0.2", "--seed", "3"]) == 0
+    parts = part_sids(tmp_path / "parts")
+    assert sorted(sum(parts.values(), [])) == sorted(sids.tolist())  # (every frame, once)
+    groups = {name: set(values) for name, values in parts.items()}
+    assert not groups["train"] & groups["val"] and not groups["train"] & groups["test"] and not groups["val"] & groups["test"]
+    counts = {name: len(g) for name, g in groups.items()}
+    num_sids = len(set(sids.tolist()))
+    bounds = np.round(np.cumsum([0, 0.6, 0.2, 0.2]) * num_sids).astype(int)
+    assert [counts["train"], counts["val"], counts["test"]] == np.diff(bounds).tolist()
+    # The same groups as fraction_indices on the labels, and without groups, the frames' split as before.
+    expected = fraction_indices(60, {"train": 0.6, "val": 0.2, "test": 0.2}, seed=3, groups=sids)
+    assert parts["train"] == sids[expected["train"]].tolist()
+    plain = fraction_indices(60, {"a": 0.5, "b": 0.5}, seed=1)
+    order = np.random.default_rng(1).permutation(60)
+    assert plain["a"].tolist() == sorted(order[:30].tolist())
+    # A field that is not an integer per structure is named, with those there are.
+    assert main(["split", str(tmp_path / "all"), str(tmp_path / "bad"), "--group-by", "energy"]) == 2
+    assert "--group-by energy: " in capsys.readouterr().err
+    assert main(["split", str(tmp_path / "all"), str(tmp_path / "bad"), "--group-by", "sid", "--index-file",
+                 str(tmp_path / "i.json")]) == 2
+    assert "--group-by applies to --fractions" in capsys.readouterr().err

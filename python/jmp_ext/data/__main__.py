@@ -15,7 +15,7 @@ from jmp_ext.data import format as fmt
 from jmp_ext.data.convert import ENERGY_UNITS, LENGTH_UNITS, KeyMap, convert
 from jmp_ext.data.dataset import LmdbDataset
 from jmp_ext.data.demo import make_demo
-from jmp_ext.data.split import fraction_indices, parse_fractions, read_index_file, split_dataset
+from jmp_ext.data.split import fraction_indices, group_labels, parse_fractions, read_index_file, split_dataset
 from jmp_ext.data.stats import load_stats
 from jmp_ext.interrupts import sigterm_interrupts
 from jmp_ext.warn import plain_warnings
@@ -67,11 +67,15 @@ DEFAULT_FRACTIONS = "train=0.8,val=0.1,test=0.1"
 def cmd_split(args) -> None:
     if args.index_file and args.fractions:
         raise ValueError("give --fractions or --index-file, not both")
+    if args.index_file and args.group_by:
+        raise ValueError("--group-by applies to --fractions: an --index-file gives each part's entries itself")
     num_entries = len(LmdbDataset(args.src))
     if args.index_file:
         parts = read_index_file(args.index_file, num_entries)
     else:
-        parts = fraction_indices(num_entries, parse_fractions(args.fractions or DEFAULT_FRACTIONS), seed=args.seed)
+        groups = group_labels(LmdbDataset(args.src), args.group_by) if args.group_by else None
+        parts = fraction_indices(num_entries, parse_fractions(args.fractions or DEFAULT_FRACTIONS), seed=args.seed,
+                                 groups=groups)
     paths = split_dataset(args.src, args.out, parts, overwrite=args.overwrite, progress=True)
     print(", ".join(f"{name}: {len(parts[name])} entries -> {path}" for name, path in paths.items()))
 
@@ -166,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fractions", help=f"name=fraction,... (default {DEFAULT_FRACTIONS})")
     p.add_argument("--index-file", help='JSON {"train": [indices], ...} or .npz of index arrays (instead of '
                                         '--fractions)')
+    p.add_argument("--group-by", metavar="FIELD",
+                   help="keep the entries that share FIELD in one part, e.g. sid (OC20's system: the frames "
+                        "of one relaxation or trajectory); the fractions are then of the groups")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true",
                    help="replace the parts' datasets in OUT (all of them at once, when every new "

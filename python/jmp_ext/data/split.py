@@ -41,12 +41,14 @@ def parse_fractions(text: str) -> dict[str, float]:
     return fractions
 
 
-def fraction_indices(num_entries: int, fractions: dict[str, float], seed: int = 0
-                     ) -> dict[str, np.ndarray]:
+def fraction_indices(num_entries: int, fractions: dict[str, float], seed: int = 0,
+                     groups: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Disjoint random parts of range(num_entries) with the given fractions (summing to <= 1).
 
     Part sizes come from rounding cumulative fractions, so they add up exactly; the same seed
-    gives the same parts.
+    gives the same parts. groups [num_entries] (e.g. OC20's sid: the frames of one relaxation)
+    keeps the entries of a group in one part: the fractions are then of the groups, and a part's
+    entries those of its groups.
     """
     for name, fraction in fractions.items():
         if not 0 < fraction <= 1:  # (NaN too)
@@ -55,9 +57,22 @@ def fraction_indices(num_entries: int, fractions: dict[str, float], seed: int = 
     values = np.array(list(fractions.values()), dtype=np.float64)
     if values.sum() > 1 + 1e-9:
         raise ValueError(f"fractions must sum to at most 1, got {fractions}")
-    bounds = np.round(np.concatenate([[0], np.cumsum(values)]) * num_entries).astype(np.int64)
-    order = np.random.default_rng(seed).permutation(num_entries)
-    return {name: np.sort(order[bounds[k]:bounds[k + 1]]) for k, name in enumerate(fractions)}
+    group_of = np.arange(num_entries) if groups is None else np.unique(groups, return_inverse=True)[1].reshape(-1)
+    num_groups = int(group_of.max()) + 1 if num_entries else 0
+    bounds = np.round(np.concatenate([[0], np.cumsum(values)]) * num_groups).astype(np.int64)
+    order = np.random.default_rng(seed).permutation(num_groups)
+    return {name: np.flatnonzero(np.isin(group_of, order[bounds[k]:bounds[k + 1]]))
+            for k, name in enumerate(fractions)}
+
+
+def group_labels(dataset: LmdbDataset, field: str) -> np.ndarray:
+    """Every entry's value of the integer per-structure `field` (sid: fraction_indices' groups)."""
+    schema = dataset.schema.get(field)
+    if schema is None or schema["shape"] != [] or np.dtype(schema["dtype"]).kind not in "iu":
+        fields = [name for name, f in dataset.schema.items() if f["shape"] == [] and np.dtype(f["dtype"]).kind in "iu"]
+        raise ValueError(f"--group-by {field}: {dataset.path} has no integer field {field!r} per structure "
+                         f"(it has: {', '.join(fields) or 'none'})")
+    return np.array([int(dataset.read(i)[field]) for i in range(len(dataset))], dtype=np.int64)
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:

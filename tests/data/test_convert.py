@@ -962,6 +962,17 @@ def test_cli_convert(tmp_path, frames, capsys):
     write_pickled_lmdb(tmp_path / "x.lmdb", [b"\x80\x05K\x01."])
     assert main(["convert", str(tmp_path / "x.lmdb"), str(tmp_path / "o2")]) == 2
     assert "--allow-pickle" in capsys.readouterr().err
+    # The units converted from are said (no file records them), and kept in the provenance.
+    assert main(["convert", str(tmp_path / "in.extxyz"), str(tmp_path / "o3"), "--energy-unit", "kcal/mol",
+                 "--length-unit", "Bohr"]) == 0
+    out = capsys.readouterr().out
+    assert ("  energy <- calculator['energy'], kcal/mol converted to eV\n"
+            "  forces <- calculator['forces'], kcal/mol/Bohr converted to eV/Å\n"
+            "  stress <- calculator['stress'], kcal/mol/Bohr^3 converted to eV/Å^3\n"
+            "  positions and cell: Bohr converted to Å\n") in out
+    assert LmdbDataset(tmp_path / "o3").info["source_units"] == {"energy": "kcal/mol", "length": "Bohr"}
+    assert main(["convert", str(tmp_path / "in.extxyz"), str(tmp_path / "o4"), "--length-unit", "A"]) == 0
+    assert "  forces <- calculator['forces']\n" in capsys.readouterr().out
 
 
 def test_cli_overwrite_keeps_a_project_directory(tmp_path, frames, capsys):

@@ -46,8 +46,16 @@ def cmd_convert(args) -> None:
                      select=args.select, overwrite=args.overwrite, shard_size=args.shard_size,
                      float_dtype=np.float32 if args.float32 else np.float64, progress=True)
     print(f"wrote {report.written} entries to {args.dst}")
+    # (in the source's units, converted: said, as a property's unit is, since no file records it)
+    length = "Å" if args.length_unit == "A" else args.length_unit
+    source_units = {"energy": args.energy_unit, "forces": f"{args.energy_unit}/{length}",
+                    "stress": f"{args.energy_unit}/{length}^3"}
     for label, source in report.labels.items():
-        print(f"  {label} <- {source}")
+        unit = source_units[label]
+        print(f"  {label} <- {source}" + (f", {unit} converted to {fmt.UNITS[label]}" if unit != fmt.UNITS[label]
+                                          else ""))
+    if length != "Å":
+        print(f"  positions and cell: {length} converted to Å")
     for name, key in properties.items():
         print(f"  {name} <- {key}" + (f", {units[name]} converted to eV" if name in units else ", as stored (no unit)"))
     if report.skipped:

@@ -1014,7 +1014,8 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
     else:
         raise ValueError(f"unknown source format {kind!r} (ase, ase-db, lmdb, npz)")
     # closing(): a failed conversion also closes the source (its LMDB handles, its file).
-    info = {"converted_from": str(src), "source_format": kind}
+    info = {"converted_from": str(src), "source_format": kind,
+            "source_units": {"energy": keys.energy_unit, "length": keys.length_unit}}
     labels = first = None  # the labels of the first entry written, and where it came from
     units = {name: "eV" if name in keys.property_units else "" for name in keys.properties}
     with closing(stream), DatasetWriter(dst, overwrite=overwrite, float_dtype=float_dtype,

@@ -1087,7 +1087,8 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
         warn_user(f"{dst}: the energy is {report.labels['energy']}, and the source's free_energy differs from it (by "
                   f"up to {report.free_energy_gap:.3g} eV). Forces are the gradient of the free energy (VASP's "
                   f"through ASE: energy is its sigma -> 0 extrapolation); for a model of both (forces: gradient), "
-                  f"convert with --energy-key free_energy")
+                  f"convert with --energy-key free_energy (OC20's and OC22's released labels are the energy: keep it "
+                  f"to compare with their models)")
     if report.written and "forces" in report.labels and "energy" not in report.labels and not keys.drops("energy"):
         warn_user(f"{dst} has forces ({report.labels['forces']}) but no energy: none found under the usual keys "
                   f"({', '.join(keys.candidates('energy', kind == 'lmdb'))}; the first entry's keys, "

@@ -151,3 +151,41 @@ def test_classification_metrics_over_batches_and_ranks(monkeypatch):
     p1 = logits.softmax(-1)[:, 1].numpy()
     assert results[0]["t/metal_rocauc"] == pytest.approx(_brute_auc(p1, labels.numpy() == 1), rel=1e-12)
     assert results[0]["t/metal_accuracy"] == pytest.approx((logits.argmax(-1) == labels).double().mean().item())
+
+
+def test_energy_and_forces_within_threshold_against_a_loop():
+    """OC20's S2EF headline metric, EFwT: the share of structures with |dE| < 0.02 eV and every
+    force component of every free atom within 0.03 eV/Å (fixed atoms' errors do not count)."""
+    from types import SimpleNamespace
+
+    from jmp_ext.train.tasks import update_metrics
+
+    natoms = torch.tensor([2, 3, 1, 2, 4])
+    structure = torch.repeat_interleave(torch.arange(5), natoms)
+    fixed = torch.zeros(12, dtype=torch.bool)
+    fixed[[7, 9]] = True  # (one atom of structure 3, one of structure 4)
+    g = torch.Generator().manual_seed(0)
+    energy = torch.randn(5, generator=g, dtype=torch.float64)
+    forces = torch.randn(12, 3, generator=g, dtype=torch.float64)
+    pred_forces = forces + 0.01 * torch.rand(12, 3, generator=g, dtype=torch.float64)
+    pred_forces[7, 1] += 0.2  # a fixed atom's error: structure 3 passes still
+    pred_forces[10, 2] -= 0.05  # a free atom's: structure 4 fails
+    preds = {"energy": energy + torch.tensor([0.01, -0.5, 0.03, 0.0, 0.019], dtype=torch.float64),
+             "forces": pred_forces}
+    batch = {"task": torch.tensor([0, 1, 0, 0, 0]), "batch": structure, "natoms": natoms, "fixed": fixed,
+             "energy": energy, "forces": forces}
+    model = SimpleNamespace(tasks=[SimpleNamespace(name="a"), SimpleNamespace(name="b")],
+                            targets={"energy": SimpleNamespace(kind="energy"), "forces": SimpleNamespace(kind="forces")})
+    metrics = Metrics()
+    update_metrics(metrics, model, preds, batch)
+    out = metrics.compute()
+    for t, name in enumerate(("a", "b")):
+        passed = []
+        for b in range(5):
+            if batch["task"][b] != t:
+                continue
+            free = (structure == b) & ~fixed
+            force_error = (pred_forces[free] - forces[free]).abs().max().item()
+            passed.append(abs(preds["energy"][b] - energy[b]).item() < 0.02 and force_error < 0.03)
+        assert out[f"{name}/efwt"] == pytest.approx(sum(passed) / len(passed))
+    assert out["a/efwt"] == pytest.approx(2 / 4) and out["b/efwt"] == 0.0

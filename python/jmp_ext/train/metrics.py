@@ -22,6 +22,10 @@ import torch.nn.functional as F
 from jmp_ext.train import distributed
 
 
+# OC20's thresholds of energy and forces within threshold (EFwT): eV and eV/Å.
+EFWT_ENERGY, EFWT_FORCE = 0.02, 0.03
+
+
 class Metrics:
     """sum and count per metric name; `compute()` divides them (and takes the root for _rmse)."""
 
@@ -52,6 +56,17 @@ class Metrics:
         p, t = pred.detach().double()[free], target.double()[free]
         self.add_errors(f"{task}/forces", p - t)
         self.add(f"{task}/forces_cos", F.cosine_similarity(p, t, dim=-1).sum(), p.shape[0])
+
+    def update_within_threshold(self, task: str, energy_error: torch.Tensor, force_error: torch.Tensor,
+                                structure: torch.Tensor) -> None:
+        """`{task}/efwt`, OC20's energy and forces within threshold: the share of structures whose
+        energy is within EFWT_ENERGY of its label and every force component of its free atoms within
+        EFWT_FORCE. energy_error [B] eV; force_error [N', 3] eV/Å of the free atoms; structure [N']
+        their structure's index in 0..B-1."""
+        largest = torch.zeros_like(energy_error, dtype=torch.float64).scatter_reduce(
+            0, structure, force_error.detach().double().abs().amax(dim=-1), reduce="amax")
+        within = (energy_error.detach().double().abs() < EFWT_ENERGY) & (largest < EFWT_FORCE)
+        self.add(f"{task}/efwt", within.sum(), within.numel())
 
     def update_scalar(self, task: str, name: str, pred: torch.Tensor, target: torch.Tensor) -> None:
         self.add_errors(f"{task}/{name}", pred.detach().double() - target.double())

@@ -533,6 +533,13 @@ def update_metrics(metrics: Metrics, model: TaskModel, preds: dict, batch: dict)
                 if target.kind == "stress":
                     check_stress_labels(batch, name)
                 metrics.update_scalar(task.name, name, p[sel], y[sel])
+        energy, forces = (next((n for n, t in model.targets.items() if t.kind == kind and n in batch), None)
+                          for kind in ("energy", "forces"))
+        if energy is not None and forces is not None:
+            free = atoms & ~batch["fixed"] if "fixed" in batch else atoms
+            structure = (torch.cumsum(sel, 0) - 1)[batch["batch"][free]]  # (its index among the task's)
+            metrics.update_within_threshold(task.name, preds[energy][sel] - batch[energy][sel],
+                                            preds[forces][free] - batch[forces][free], structure)
 
 
 def _primary_keys(config: TrainConfig) -> list[tuple[str, int]]:

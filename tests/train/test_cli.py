@@ -451,3 +451,28 @@ def test_ctrl_c_is_a_message_with_how_to_resume(tiny_data, tmp_path, capsys, mon
     # An unset string is an empty value, not null: the message says so.
     assert main([str(path), "model.init_checkpoint=null"]) == 2
     assert "for none, give an empty value: model.init_checkpoint=" in capsys.readouterr().err
+
+
+def test_the_summary_gives_each_metric_its_unit(tiny_data, tmp_path, capsys):
+    """`test m/forces_mae 1.4108` said nothing of the unit, and MD22 and SPICE users compare with
+    tables in meV/Å: each line ends in its metric's unit (none for cosines and shares)."""
+    from jmp_ext.train.__main__ import print_summary
+    from jmp_ext.train.config import build_config
+    from jmp_ext.train.tasks import metric_unit
+
+    raw = finetune_raw(tiny_data, tmp_path / "run")
+    raw["tasks"][0]["targets"] = [{"name": "energy", "kind": "energy"}, {"name": "forces", "kind": "forces"},
+                                  {"name": "gap", "kind": "scalar", "unit": "eV"},
+                                  {"name": "mu", "kind": "scalar", "unit": ""}]
+    config = build_config(raw)
+    task = config.tasks[0].name
+    expected = {"energy_mae": "eV", "energy_per_atom_rmse": "eV/atom", "forces_mae": "eV/Å", "forces_cos": "",
+                "efwt": "", "gap_mae": "eV", "mu_rmse": "", "nope_mae": ""}
+    assert {name: metric_unit(config, f"{task}/{name}") for name in expected} == expected
+    assert metric_unit(config, "other/energy_mae") == ""
+    summary = {"steps": 1, "epochs": 1.0, "stop": "max_steps", "seconds": 1.0, "structures_per_s": 1.0,
+               "atoms_per_s": 1.0, "test": {f"{task}/forces_mae": 0.0123, f"{task}/forces_cos": 0.5}}
+    print_summary(config, summary)
+    lines = capsys.readouterr().out.splitlines()
+    assert any(re.fullmatch(rf"   test {task}/forces_mae +0\.0123 +eV/Å", line) for line in lines)
+    assert any(re.fullmatch(rf"   test {task}/forces_cos +0\.5", line) for line in lines)

@@ -54,6 +54,7 @@ def run_training(config) -> dict:
 
 def print_summary(config, summary: dict) -> None:
     from jmp_ext.train.run_dir import RUN_FILES
+    from jmp_ext.train.tasks import metric_unit
 
     print(f"\n== {config.mode} finished: {summary['steps']} steps ({summary['epochs']:.2f} epochs), stop: {summary['stop']}")
     if summary.get("resumed_at_step") == summary["steps"]:
@@ -64,7 +65,7 @@ def print_summary(config, summary: dict) -> None:
               f"{summary['atoms_per_s']:.0f} atoms/s")
     for split in ("val", "test"):
         for name, value in (summary.get(split) or {}).items():
-            print(f"   {split:4s} {name:40s} {value:.5g}")
+            print(f"   {split:4s} {name:40s} {value:<12.5g} {metric_unit(config, name)}".rstrip())
     # (Trainer.train has written summary.json by now; best.pt exists only with a validation split.)
     run = Path(config.run_dir)
     files = [name for name in RUN_FILES if (run / name).is_file()] + ["tb/"] * (run / "tb").is_dir()

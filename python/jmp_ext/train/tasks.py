@@ -573,6 +573,23 @@ def primary_label(config: TrainConfig, metrics: dict[str, float]) -> tuple[str, 
     return f"mean of {', '.join(key if sign > 0 else f'-{key}' for key, sign in keys)}", 1
 
 
+def metric_unit(config: TrainConfig, key: str) -> str:
+    """The unit of metric `key` ('task/name_mae') of a run: eV for an energy's errors (eV/atom per
+    atom), eV/Å for forces', eV/Å^3 for a stress's, a property's as its data has it ('' as
+    stored); '' for cosines, shares (efwt, accuracy) and ROC-AUCs."""
+    task_name, _, name = key.partition("/")
+    task = next((t for t in config.tasks if t.name == task_name), None)
+    if task is None or not name.endswith(("_mae", "_rmse")):
+        return ""
+    base = name.rpartition("_")[0]
+    targets = {t.name: t for t in task.targets}
+    if base in targets:
+        target = targets[base]
+        return {"energy": "eV", "forces": "eV/Å", "stress": "eV/Å^3"}.get(target.kind, target.unit or "")
+    target = targets.get(base.removesuffix("_per_atom"))
+    return "eV/atom" if target is not None and target.kind == "energy" else ""
+
+
 def describe_primary(config: TrainConfig, metrics: dict[str, float], value: float) -> str:
     """A primary_metric value for a log line: 'md/forces_mae 0.0123' (see primary_label)."""
     label, sign = primary_label(config, metrics)

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 
-from jmp_ext.data.convert import atoms_to_entry
+from jmp_ext.data.convert import atoms_to_entry, is_number
 from jmp_ext.data.format import DataError
 from jmp_ext.train.tasks import TaskModel
 from jmp_ext.warn import warn_user
@@ -208,9 +208,10 @@ class JMPCalculator(Calculator):
         SPICE and OMol25 record it, or initial charges that do not sum to zero): an input the
         model does not take."""
         charges = {f"atoms.info[{key!r}]": self.atoms.info[key] for key in ("charge", "total_charge")
-                   if isinstance(self.atoms.info.get(key), (int, float, np.number))}
+                   if is_number(self.atoms.info.get(key))}
         charges["the initial charges' sum"] = float(self.atoms.get_initial_charges().sum())
-        where, charge = next(((where, q) for where, q in charges.items() if abs(q) > 1e-6), (None, 0))
+        # (partial charges sum to the net charge, an integer, only up to their rounding)
+        where, charge = next(((where, q) for where, q in charges.items() if round(q) != 0), (None, 0))
         if where is not None:
             self._warned_charge = True
             warn_user(f"this structure has a net charge of {charge:+g} ({where}), which the model does not take "

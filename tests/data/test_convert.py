@@ -284,11 +284,26 @@ def test_the_sources_sid_and_fid_are_kept(tmp_path, frames):
     for i, atoms in enumerate(frames):
         atoms.info.update(sid=1000 + i // 2, fid=i % 2)
     del frames[4].info["fid"]
-    frames[5].info["sid"] = "random123"  # (not an integer: its index stands in)
+    frames[5].info["sid"] = "random123"  # (not an integer: -1, as a missing one)
     ase.io.write(tmp_path / "in.extxyz", frames)
     convert(tmp_path / "in.extxyz", tmp_path / "out")
     ids = [(int(e["sid"]), int(e["fid"])) for e in LmdbDataset(tmp_path / "out")]
-    assert ids == [(1000, 0), (1000, 1), (1001, 0), (1001, 1), (1002, -1), (5, 1)]
+    assert ids == [(1000, 0), (1000, 1), (1001, 0), (1001, 1), (1002, -1), (-1, 1)]
+    # The first entry written decides, for every entry: one skipped first (an isolated atom, as
+    # MACE's E0 frames) decides nothing, and a first without ids numbers every sid by frame, so
+    # that a sid never means a system in one entry and a frame in another.
+    lone = Atoms("H", positions=[[0, 0, 0]])
+    lone.calc = SinglePointCalculator(lone, energy=-13.6, forces=np.zeros((1, 3)), stress=np.zeros(6))
+    ase.io.write(tmp_path / "e0.extxyz", [lone, *frames])
+    convert(tmp_path / "e0.extxyz", tmp_path / "e0", skip_invalid=True)
+    assert [(int(e["sid"]), int(e["fid"])) for e in LmdbDataset(tmp_path / "e0")] == ids
+    plain = frames[0].copy()
+    plain.calc = frames[0].calc
+    plain.info.clear()
+    ase.io.write(tmp_path / "mixed.extxyz", [plain, *frames])
+    convert(tmp_path / "mixed.extxyz", tmp_path / "mixed")
+    ds = LmdbDataset(tmp_path / "mixed")
+    assert [int(e["sid"]) for e in ds] == list(range(7)) and "fid" not in ds.schema
     with ase.db.connect(tmp_path / "in.db") as db:
         for i, atoms in enumerate(frames[:3]):
             db.write(atoms, sid=5000 + i, fid=i % 2)  # (key-value pairs: a db keeps no info)
@@ -973,6 +988,7 @@ def test_cli_convert(tmp_path, frames, capsys):
     assert LmdbDataset(tmp_path / "o3").info["source_units"] == {"energy": "kcal/mol", "length": "Bohr"}
     assert main(["convert", str(tmp_path / "in.extxyz"), str(tmp_path / "o4"), "--length-unit", "A"]) == 0
     assert "  forces <- calculator['forces']\n" in capsys.readouterr().out
+    assert LmdbDataset(tmp_path / "o4").info["source_units"] == {"energy": "eV", "length": "Å"}  # (one name for Å)
 
 
 def test_cli_overwrite_keeps_a_project_directory(tmp_path, frames, capsys):
@@ -1471,9 +1487,9 @@ def test_sgdml_and_rmd17_npz_trajectories(tmp_path, capsys):
         convert(tmp_path / "rmd17.npz", tmp_path / "as_ev", keys=KeyMap(energy="old_energies", forces="none"))
     ds = LmdbDataset(tmp_path / "as_ev")
     assert "forces" not in ds.schema and float(ds[2]["energy"]) == pytest.approx(energies[2] / kcal + 1.0)
-    # Through the command line, with sGDML's periodic lattice.
+    # Through the command line, with sGDML's periodic lattice (and units stored as bytes).
     np.savez(tmp_path / "periodic.npz", R=positions, z=numbers, E=energies, F=forces, lattice=np.eye(3) * 12.0,
-             e_unit=np.array("eV"), r_unit=np.array("Ang"))
+             e_unit=np.array(b"eV"), r_unit=np.array(b"Ang"))
     assert main(["convert", str(tmp_path / "periodic.npz"), str(tmp_path / "periodic")]) == 0
     entry = LmdbDataset(tmp_path / "periodic")[0]
     assert entry["pbc"].all() and np.allclose(entry["cell"], np.eye(3) * 12.0)
@@ -1484,8 +1500,14 @@ def test_sgdml_and_rmd17_npz_trajectories(tmp_path, capsys):
                          r"nuclear_charges, energies, forces\)"),
     ({"R": np.zeros((2, 4, 3)), "z": np.ones(3, int)}, r"R has shape \[2, 4, 3\], not \[frames, 3, 3\] for the 3 "
                                                        r"atoms of z"),
-    ({"R": np.zeros((2, 3, 3)), "z": np.ones(3, int), "E": np.zeros(3)}, r"energy \(E\) has shape \[3\], not \[2\]"),
-    ({"R": np.zeros((2, 3, 3)), "z": np.ones(3, int), "e_unit": np.array("furlong")},
+    ({"R": np.zeros((2, 3, 3)), "z": np.ones(3, int), "E": np.zeros(3)},
+     r"energy \(E\) has shape \[3\], not \[2\] or \[2, 1\]"),
+    # (the right number of values in another order: frames and atoms would be mixed up)
+    ({"R": np.zeros((2, 3, 3)), "z": np.ones(3, int), "F": np.zeros((3, 2, 3))},
+     r"forces \(F\) has shape \[3, 2, 3\], not \[2, 3, 3\]"),
+    ({"R": np.zeros((2, 3, 3)), "z": np.ones(3, int), "lattice": np.zeros((2, 3, 3))},
+     r"lattice has shape \[2, 3, 3\], not \[3, 3\]"),
+    ({"R": np.zeros((2, 3, 3)), "z": np.ones(3, int), "E": np.zeros(2), "e_unit": np.array("furlong")},
      r"records its e_unit as 'furlong', a unit convert does not know"),
     ({"R": np.array([None] * 18, dtype=object).reshape(2, 3, 3), "z": np.ones(3, int)},
      r"numpy cannot read it as an \.npz of arrays \(ValueError: Object arrays cannot be loaded"),

@@ -374,9 +374,7 @@ def test_split_by_group_keeps_each_sids_frames_in_one_part(tmp_path, capsys):
     num_sids = len(set(sids.tolist()))
     bounds = np.round(np.cumsum([0, 0.6, 0.2, 0.2]) * num_sids).astype(int)
     assert [counts["train"], counts["val"], counts["test"]] == np.diff(bounds).tolist()
-    # The same groups as fraction_indices on the labels, and without groups, the frames' split as before.
-    expected = fraction_indices(60, {"train": 0.6, "val": 0.2, "test": 0.2}, seed=3, groups=sids)
-    assert parts["train"] == sids[expected["train"]].tolist()
+    # Without groups, the frames' split as before.
     plain = fraction_indices(60, {"a": 0.5, "b": 0.5}, seed=1)
     order = np.random.default_rng(1).permutation(60)
     assert plain["a"].tolist() == sorted(order[:30].tolist())
@@ -386,3 +384,9 @@ def test_split_by_group_keeps_each_sids_frames_in_one_part(tmp_path, capsys):
     assert main(["split", str(tmp_path / "all"), str(tmp_path / "bad"), "--group-by", "sid", "--index-file",
                  str(tmp_path / "i.json")]) == 2
     assert "--group-by applies to --fractions" in capsys.readouterr().err
+    # Fewer groups than parts: said in groups; groups of one entry each: the entries' split, warned of.
+    with pytest.raises(ValueError, match=r"part 'a' would get none of the 1 group\(s\) the entries form"):
+        fraction_indices(6, {"a": 0.5, "b": 0.5}, groups=np.zeros(6, int))
+    with pytest.warns(UserWarning, match=r"each of the 6 entries is a group of its own"):
+        assert fraction_indices(6, {"a": 0.5, "b": 0.5}, seed=2, groups=np.arange(6) * 7)["a"].tolist() == \
+            fraction_indices(6, {"a": 0.5, "b": 0.5}, seed=2)["a"].tolist()

@@ -6,12 +6,13 @@ import numpy as np
 
 
 def write_molecules(path, count: int, seed: int, periodic: bool = False, classes: int = 0,
-                    stress: bool = False, u0: bool = False, r2: bool = False) -> str:
+                    stress: bool = False, u0: bool = False, r2: bool = False, u0_unit: str = "") -> str:
     """A small EMT-labelled dataset (energy, forces) of rattled molecules, with its stats.json;
     with `classes`, also a class label `cls` (int64, entry k has class k % classes); with
     `stress` (periodic), the stress [3, 3] (eV/Å^3); with `u0`, an extensive scalar `u0` =
     energy - sum_i 100 Z_i eV (large per-element references, like QM9's U_0); with `r2`, a
-    spatial extent `r2` = sum_i |r_i - COM|^2 (Å^2, like QM9's R²)."""
+    spatial extent `r2` = sum_i |r_i - COM|^2 (Å^2, like QM9's R²). u0_unit: the unit u0 is
+    recorded in ('' as stored, or 'eV', as convert's --property u0:Hartree records it)."""
     from ase.build import molecule
     from ase.calculators.emt import EMT
 
@@ -19,7 +20,7 @@ def write_molecules(path, count: int, seed: int, periodic: bool = False, classes
 
     rng = np.random.default_rng(seed)
     names = ["H2O", "NH3", "CH4", "CO2", "HCN", "H2CO", "CH3OH", "C2H4"]
-    with DatasetWriter(path, overwrite=True) as writer:
+    with DatasetWriter(path, overwrite=True, units={"u0": u0_unit} if u0 else None) as writer:
         for k in range(count):
             atoms = molecule(names[k % len(names)])
             atoms.positions += rng.normal(scale=0.08, size=atoms.positions.shape)

@@ -470,6 +470,18 @@ def test_the_summary_gives_each_metric_its_unit(tiny_data, tmp_path, capsys):
                 "efwt": "", "gap_mae": "eV", "mu_rmse": "", "nope_mae": ""}
     assert {name: metric_unit(config, f"{task}/{name}") for name in expected} == expected
     assert metric_unit(config, "other/energy_mae") == ""
+    # Through a run: a target given without its unit takes the data's, which the summary shows.
+    from helpers import write_molecules
+
+    data = {split: write_molecules(tmp_path / split, 6, seed=k, u0=True, u0_unit="eV")
+            for k, split in enumerate(("train", "val"))}
+    run = finetune_raw(tiny_data, tmp_path / "u0_run")
+    run["tasks"][0].update(train=data["train"], val=data["val"], targets=[{"name": "u0", "kind": "scalar"}])
+    path = tmp_path / "u0.yml"
+    path.write_text(yaml.safe_dump(run))
+    capsys.readouterr()
+    assert main([str(path)]) == 0
+    assert re.search(r"\n   val  mol/u0_mae +[-0-9.e+]+ +eV\n", capsys.readouterr().out)
     summary = {"steps": 1, "epochs": 1.0, "stop": "max_steps", "seconds": 1.0, "structures_per_s": 1.0,
                "atoms_per_s": 1.0, "test": {f"{task}/forces_mae": 0.0123, f"{task}/forces_cos": 0.5}}
     print_summary(config, summary)

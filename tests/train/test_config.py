@@ -385,3 +385,8 @@ def test_paths_expand_environment_variables_and_the_home_directory(tmp_path, mon
     save_config(config, tmp_path / "saved.yaml")
     monkeypatch.setenv("SCRATCH", "/elsewhere")
     assert load_config(tmp_path / "saved.yaml").tasks[0].train == str(tmp_path / "scratch/qm9/train")
+    # A stored config (a checkpoint's, read by eval, predict, the calculator and resume) is taken
+    # as it was written: a '$' in a path it never opens is no error there.
+    stored = to_dict(config)
+    stored["tasks"][0]["train"] = "/data/price$list/train"
+    assert from_dict(TrainConfig, stored).tasks[0].train == "/data/price$list/train"

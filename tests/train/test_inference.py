@@ -795,6 +795,8 @@ def test_eval_reads_a_file_in_its_units(checkpoint, tmp_path, capsys):
     the model's, without a word. --energy-unit and --length-unit read it as convert does; an
     sGDML npz, which records its units, is refused when read in others; predict, which has no
     units to convert, points to convert for an npz."""
+    import shlex
+
     from ase import units
 
     from jmp_ext.data.__main__ import main as data_main
@@ -830,16 +832,22 @@ def test_eval_reads_a_file_in_its_units(checkpoint, tmp_path, capsys):
     assert main(["eval", str(checkpoint), str(tmp_path / "ds"), "--energy-unit", "kcal/mol"]) == 2
     assert "--energy-unit and --length-unit apply to a file: dataset" in capsys.readouterr().err
     assert main(["predict", str(checkpoint), str(tmp_path / "md.npz"), "--out", str(tmp_path / "p.npz")]) == 2
-    assert (f"is an sGDML or rMD17 trajectory: convert it first, `python -m jmp_ext.data convert "
-            f"{tmp_path / 'md.npz'} OUT_DIR [--length-unit UNIT]`") in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "is an sGDML or rMD17 trajectory: convert it first, `python -m jmp_ext.data convert " in err
+    # The command it suggests converts the file, and predict takes the result.
+    command = shlex.split(re.search(r"`python -m jmp_ext\.data (convert [^`]*)`", err).group(1).replace(
+        "OUT_DIR", shlex.quote(str(tmp_path / "md_ds"))))
+    assert data_main(command) == 0
+    assert main(["predict", str(checkpoint), str(tmp_path / "md_ds"), "--out", str(tmp_path / "p.npz")]) == 0
+    assert np.load(tmp_path / "p.npz")["energy"].shape == (3,)
 
 
 def test_calculator_warns_once_of_a_charge_it_does_not_take(checkpoint):
     """A SPICE-style cation and anion gave the same energy for the same geometry, without a word:
     the model takes no charge."""
     atoms = molecule("CH3OH")
-    atoms.info["charge"] = 0
-    atoms.set_initial_charges([0.4, -0.6, 0.2, 0.0, 0.0, 0.0])  # (partial charges of a neutral molecule)
+    atoms.info.update(charge=0, total_charge=True)  # (a flag is no charge)
+    atoms.set_initial_charges([0.4, -0.6, 0.2, 0.0, 0.0, 0.001])  # (a neutral molecule's, rounded)
     atoms.calc = JMPCalculator(checkpoint)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -73,6 +73,7 @@ class KeyMap:
     length_unit: str = "Å"
 
     def __post_init__(self):
+        self.length_unit = "Å" if self.length_unit == "A" else self.length_unit  # (one name, as recorded)
         if self.energy_unit not in ENERGY_UNITS:
             raise ValueError(f"energy_unit {self.energy_unit!r} is not one of {list(ENERGY_UNITS)}")
         if self.length_unit not in LENGTH_UNITS:
@@ -178,8 +179,9 @@ class ConvertReport:
     free_energy_gap: float = 0.0
     # key of CHARGE_SPIN_KEYS -> the distinct values the structures carry (_STATES_LISTED + 1 at most)
     charge_spin: dict[str, set] = field(default_factory=dict)
-    # whether the entries carry a fid: decided by the first ASE structure read (None before it)
-    fids: bool | None = None
+    # the identifiers ("sid", "fid") taken from the source rather than numbered: decided by the
+    # first entry written (None before it), _take_identifiers
+    identifiers: set[str] | None = None
     # structures written with forces and both fixed and free atoms, and those of them whose fixed
     # atoms' forces are all exactly zero while a free atom's is not (constrained forces)
     fixed_with_forces: int = 0
@@ -338,8 +340,8 @@ def atoms_structure(atoms: Atoms) -> dict[str, np.ndarray]:
     Atoms: one rule for the converters and the calculator, so that a model sees a structure
     alike in training and in use. Tags: oc20_tags. An atom is fixed when FixAtoms holds it or
     FixCartesian masks hold all three of its axes (extxyz stores constraints as move_mask,
-    which reads back as FixCartesian), or a per-atom "fixed" array (a column fairchem's OC20
-    exports write, 1 or True for a fixed atom) marks it. Tags outside {0, 1, 2} are kept, with a
+    which reads back as FixCartesian), or a per-atom "fixed" array (a column some exports write,
+    1 or True for a fixed atom) marks it. Tags outside {0, 1, 2} are kept, with a
     warning."""
     fixed_axes = np.zeros((len(atoms), 3), bool)
     for constraint in atoms.constraints:
@@ -416,21 +418,16 @@ _STATES_LISTED = 5
 
 
 def _atoms_entry(atoms: Atoms, keys: KeyMap, report: ConvertReport, index: int) -> dict:
-    """An entry of ASE Atoms `index` of its source (a frame index, an ASE db row id). Its sid is
-    the source's own integer sid (info or the db row's key-value pairs, as OC20's exports carry it)
-    where there is one, else `index`; fid (OC20's frame of a trajectory) is kept when the first
-    entry written has one, and -1 stands for an entry without."""
-    entry = {**atoms_structure(atoms), "sid": _identifier(atoms.info.get("sid"), index)}
-    if report.fids is None:
-        report.fids = _identifier(atoms.info.get("fid"), None) is not None
-    if report.fids:
-        entry["fid"] = _identifier(atoms.info.get("fid"), -1)
+    """An entry of ASE Atoms `index` of its source (a frame index, an ASE db row id), its sid and
+    fid from the Atoms' info (an ASE db row's key-value pairs included) by _take_identifiers."""
+    entry = atoms_structure(atoms)
+    _take_identifiers(entry, atoms.info, report, index)
     results = atoms.calc.results if atoms.calc is not None else {}
     sources = {"info": atoms.info, "arrays": atoms.arrays, "calculator": results}
     _take_labels(entry, sources, keys, report)
     for key in CHARGE_SPIN_KEYS:
         value = atoms.info.get(key)
-        if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        if is_number(value):
             seen = report.charge_spin.setdefault(key, set())
             if len(seen) <= _STATES_LISTED:  # (one more says that there are more)
                 seen.add(value.item() if isinstance(value, np.generic) else value)
@@ -445,11 +442,37 @@ def _atoms_entry(atoms: Atoms, keys: KeyMap, report: ConvertReport, index: int) 
     return keys.to_ev_angstrom(entry)
 
 
-def _identifier(value, default: int | None) -> int | None:
-    """value as an integer identifier, or default where it is none (absent, a string, a float)."""
-    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
-        return int(value)
-    return default
+def _take_identifiers(entry: dict, values: dict, report: ConvertReport, index: int | None) -> None:
+    """sid and fid of `entry` from its source's `values` (an Atoms' info, a Data object's fields)
+    by one rule for every entry of a dataset, which the first entry written decides: the source's
+    own integers where it has them (OC20's system and frame; an entry without gets -1), else for
+    sid the entry's `index` in its source (a frame, an ASE db row id; None: no sid), and no fid.
+    Mixing the two kinds in one column could give unrelated structures one sid."""
+    found = {key: _identifier(values.get(key)) for key in ("sid", "fid")}
+    if report.identifiers is None:
+        report.identifiers = {key for key, value in found.items() if value is not None}
+    for key, value in found.items():
+        if key in report.identifiers:
+            entry[key] = value if value is not None else -1
+        elif key == "sid" and index is not None:
+            entry[key] = index
+
+
+def _identifier(value) -> int | None:
+    """value as an integer identifier (an integer, a one-element array of one, as torch_geometric
+    stores them, or a whole-number float), or None (absent, a string such as OC22's sids)."""
+    if value is None or isinstance(value, (bool, np.bool_, str, bytes)):
+        return None
+    array = np.asarray(value)
+    if array.size != 1 or array.dtype.kind not in "iuf":
+        return None
+    number = array.reshape(()).item()
+    return int(number) if float(number).is_integer() else None
+
+
+def is_number(value) -> bool:
+    """A number in an Atoms' info (a charge, a spin): an int or float, numpy's too, not a bool."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
 # Structures ase.io fails to parse one after the other before convert gives up on a file (not
@@ -652,8 +675,8 @@ def iter_ase_db(path: Path, keys: KeyMap, report: ConvertReport, select: str | N
 # energies [M] (or [M, 1]) and forces [M, n, 3]. sGDML's (MD17 and MD22 from sgdml.org) records
 # its units (e_unit, r_unit); rMD17's does not (its README: kcal/mol and Å).
 NPZ_LAYOUTS = {"sGDML": ("R", "z", "E", "F"), "rMD17": ("coords", "nuclear_charges", "energies", "forces")}
-_SGDML_UNITS = {"kcal/mol": "kcal/mol", "kJ/mol": "kJ/mol", "eV": "eV", "meV": "meV", "Ha": "Hartree",
-                "Hartree": "Hartree", "Ang": "Å", "Å": "Å", "A": "Å", "Bohr": "Bohr", "nm": "nm"}
+# sGDML's names of units that ENERGY_UNITS and LENGTH_UNITS name otherwise
+_SGDML_UNITS = {"Ang": "Å", "Ha": "Hartree"}
 
 
 def iter_npz(path: Path, keys: KeyMap, report: ConvertReport, progress: bool = False
@@ -674,28 +697,13 @@ def iter_npz(path: Path, keys: KeyMap, report: ConvertReport, progress: bool = F
         raise UnreadableSource(f"{path}: an .npz of arrays {', '.join(sorted(arrays)) or 'none'}, in no layout "
                                f"convert reads ({known})")
     r_key, z_key, e_key, f_key = NPZ_LAYOUTS[layout]
-    for array, given, option, table in (("e_unit", keys.energy_unit, "--energy-unit", ENERGY_UNITS),
-                                        ("r_unit", keys.length_unit, "--length-unit", LENGTH_UNITS)):
-        if array not in arrays:
-            continue
-        recorded = str(arrays[array])
-        unit = _SGDML_UNITS.get(recorded)
-        if unit is None:
-            raise SourceError(f"{path} records its {array} as {recorded!r}, a unit convert does not know: "
-                                f"convert the file to eV and Å first")
-        if table[unit] != table[given]:
-            raise SourceError(f"{path} records its {array} as {recorded!r}, but it is read as {given}: give "
-                                f"{option} {unit}")
-    if layout == "rMD17" and keys.energy_unit == "eV":
-        warn_user(f"{path} is read as eV: rMD17's own files hold kcal/mol and kcal/mol/Å (its README); for "
-                  "one of them, convert with --energy-unit kcal/mol")
     if (keys.stress is not None and not keys.drops("stress")) or keys.properties:
         raise SourceError(f"{path}: an .npz trajectory holds an energy and forces only (no stress or properties)")
     positions, numbers = np.asarray(arrays[r_key]), np.asarray(arrays[z_key]).reshape(-1)
-    if positions.ndim != 3 or positions.shape[1:] != (len(numbers), 3):
+    frames = len(positions) if positions.ndim == 3 else 0
+    if positions.shape != (frames, len(numbers), 3):
         raise SourceError(f"{path}: {r_key} has shape {list(positions.shape)}, not [frames, {len(numbers)}, 3] "
-                            f"for the {len(numbers)} atoms of {z_key}")
-    frames = len(positions)
+                          f"for the {len(numbers)} atoms of {z_key}")
     labels = {}  # label -> its values, one row per frame
     for label, default in (("energy", e_key), ("forces", f_key)):
         key = getattr(keys, label) or default
@@ -704,13 +712,35 @@ def iter_npz(path: Path, keys: KeyMap, report: ConvertReport, progress: bool = F
         if key not in arrays:
             raise SourceError(f"{path}: {label}: key {key!r} not found (available: {', '.join(sorted(arrays))})")
         values = np.asarray(arrays[key])
-        expected = [frames] if label == "energy" else [frames, len(numbers), 3]
-        if values.size != int(np.prod(expected)):
-            raise SourceError(f"{path}: {label} ({key}) has shape {list(values.shape)}, not {expected}")
-        labels[label] = values.reshape(expected)
+        shapes = [(frames,), (frames, 1)] if label == "energy" else [(frames, len(numbers), 3)]
+        if values.shape not in shapes:
+            raise SourceError(f"{path}: {label} ({key}) has shape {list(values.shape)}, not "
+                              f"{' or '.join(str(list(shape)) for shape in shapes)}")
+        labels[label] = values.reshape(shapes[0])
         report.labels[label] = key
+    # (the energy unit matters to the labels only: a file read for its structures alone needs none)
+    for array, given, option, table in (("e_unit", keys.energy_unit, "--energy-unit", ENERGY_UNITS),
+                                        ("r_unit", keys.length_unit, "--length-unit", LENGTH_UNITS)):
+        if array not in arrays or (array == "e_unit" and not labels):
+            continue
+        recorded = np.asarray(arrays[array]).reshape(-1)
+        recorded = recorded[0].item() if recorded.size == 1 else recorded.tolist()
+        recorded = recorded.decode() if isinstance(recorded, bytes) else str(recorded)
+        unit = _SGDML_UNITS.get(recorded, recorded)
+        if unit not in table:
+            raise SourceError(f"{path} records its {array} as {recorded!r}, a unit convert does not know: "
+                              f"convert the file to eV and Å first")
+        if table[unit] != table[given]:
+            raise SourceError(f"{path} records its {array} as {recorded!r}, but it is read as {given}: give "
+                              f"{option} {unit}")
+    if layout == "rMD17" and labels and keys.energy_unit == "eV":
+        warn_user(f"{path} is read as eV: rMD17's own files hold kcal/mol and kcal/mol/Å (its README); for "
+                  "one of them, convert with --energy-unit kcal/mol")
     lattice = arrays.get("lattice")
-    cell = np.zeros((3, 3)) if lattice is None else np.asarray(lattice, dtype=np.float64).reshape(3, 3)
+    if lattice is not None and np.shape(lattice) != (3, 3):
+        raise SourceError(f"{path}: lattice has shape {list(np.shape(lattice))}, not [3, 3] (one cell for every "
+                          "frame, as sGDML stores it)")
+    cell = np.zeros((3, 3)) if lattice is None else np.asarray(lattice, dtype=np.float64)
     for i in tqdm(range(frames), desc=str(path), unit="structure", disable=not progress):
         entry = {"pos": positions[i], "atomic_numbers": numbers, "cell": cell, "pbc": np.full(3, lattice is not None),
                  "tags": oc20_tags(np.zeros(len(numbers), np.int64)), "fixed": np.zeros(len(numbers), bool),
@@ -801,7 +831,7 @@ def unpickle_data(value: bytes) -> dict:
 
 
 def _pyg_entry(fields: dict, keys: KeyMap, report: ConvertReport) -> dict:
-    """Take the structure, the mapped labels and numeric sid/fid from a Data object's fields;
+    """Take the structure, the mapped labels, sid and fid (_take_identifiers) from a Data object's fields;
     everything else (edge_index, cell_offsets, distances: jmp_ext.graphs recomputes graphs)
     is left out unless named as a property."""
     values = {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in fields.items()
@@ -827,9 +857,7 @@ def _pyg_entry(fields: dict, keys: KeyMap, report: ConvertReport) -> dict:
     _take_labels(entry, {"": values}, keys, report, pickled=True)
     if "energy" in entry:
         entry["energy"] = np.asarray(entry["energy"]).reshape(())
-    for key in ("sid", "fid"):  # identifiers are kept when numeric (OC22 sids are strings)
-        if key in values and np.asarray(values[key]).dtype.kind in "iuf":
-            entry[key] = np.asarray(values[key]).reshape(())
+    _take_identifiers(entry, values, report, None)
     for name, key in keys.properties.items():
         if key not in values:
             raise MissingProperty(name, f"property {name!r}: key {key!r} not found ({_available({'': values})})")
@@ -1054,8 +1082,9 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
                 if not skip_invalid or isinstance(error, (_ExtraLabels, OSError)):
                     raise fmt.DataError(message) from error
                 report.skipped.append(message)
-                if labels is None:  # (a skipped entry fixes no label location)
+                if labels is None:  # (a skipped entry fixes no label location, nor where ids come from)
                     report.labels.clear()
+                    report.identifiers = None
         report.written = len(writer)
         if not report.written and report.skipped:  # (the writer's "no entries" alone would hide why)
             energies = (f"; isolated-atom energies (eV) met: {report.isolated_atom_energies}"

@@ -61,6 +61,14 @@ def fraction_indices(num_entries: int, fractions: dict[str, float], seed: int = 
     num_groups = int(group_of.max()) + 1 if num_entries else 0
     bounds = np.round(np.concatenate([[0], np.cumsum(values)]) * num_groups).astype(np.int64)
     order = np.random.default_rng(seed).permutation(num_groups)
+    if groups is not None:
+        empty = [name for k, name in enumerate(fractions) if bounds[k] == bounds[k + 1]]
+        if empty:
+            raise ValueError(f"part {empty[0]!r} would get none of the {num_groups} group(s) the entries form; give "
+                             "it a larger fraction or leave it out")
+        if num_groups == num_entries:
+            warn_user(f"each of the {num_entries} entries is a group of its own: the split is that of the entries "
+                      "(convert numbers sids by frame when the source gives none)")
     return {name: np.flatnonzero(np.isin(group_of, order[bounds[k]:bounds[k + 1]]))
             for k, name in enumerate(fractions)}
 

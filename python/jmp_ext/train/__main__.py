@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import shlex
 import sys
 import textwrap
 from pathlib import Path
@@ -47,8 +48,8 @@ def run_training(config) -> dict:
         summary = trainer.train()
     finally:
         distributed.teardown()
-    if trainer.main:
-        print_summary(config, summary)
+    if trainer.main:  # (the trainer's config: the targets' units as the data gave them)
+        print_summary(trainer.config, summary)
     return summary
 
 
@@ -152,7 +153,7 @@ def check_resume_place(config, path: str | None, overrides: list[str]) -> None:
     beside, run_dir = Path(path).parent, Path(config.run_dir)
     if (beside / "last.pt").is_file() and not (run_dir / "last.pt").is_file():
         raise TrainError(f"resume=true: {path} is the config of the run in {beside}, which has last.pt, but its "
-                         f"run_dir {config.run_dir} ({run_dir.resolve()} from here) has none: give run_dir={beside}, "
+                         f"run_dir {config.run_dir} ({run_dir.resolve()} from here) has none: give {shlex.quote(f'run_dir={beside}')}, "
                          "or run from the directory the run was started in (a config's relative paths are relative "
                          "to the working directory)")
 

@@ -456,13 +456,6 @@ class TrainConfig:
         if self.loop.compile and any(t.gradient_forces for t in self.tasks):
             raise ConfigError("loop.compile needs direct forces: torch.compile cannot differentiate the "
                               "network twice, which gradient forces (task forces=gradient) need")
-        # (a YAML file is read by no shell: `train: $SCRATCH/oc20/train` and `~/data` are
-        # expanded here, as a command line's would be)
-        self.run_dir = expand_path(self.run_dir, "run_dir")
-        self.model.init_checkpoint = expand_path(self.model.init_checkpoint, "model.init_checkpoint")
-        for i, task in enumerate(self.tasks):
-            for split in ("train", "val", "test"):
-                setattr(task, split, expand_path(getattr(task, split), f"tasks.{i}.{split}"))
 
 
 def expand_path(path: str, key: str) -> str:
@@ -765,6 +758,14 @@ def build_config(raw: dict, overrides: list[str] = (), mode: str | None = None) 
                               "preset or a mode= override): drop one of them")
         raw["mode"] = mode
     config = from_dict(TrainConfig, raw)
+    # A YAML file is read by no shell: `train: $SCRATCH/oc20/train` and `~/data` are expanded
+    # here, as a command line's would be (not in a stored config, from_dict's: its paths were
+    # expanded when it was written, and it is read for other reasons than its paths).
+    config.run_dir = expand_path(config.run_dir, "run_dir")
+    config.model.init_checkpoint = expand_path(config.model.init_checkpoint, "model.init_checkpoint")
+    for i, task in enumerate(config.tasks):
+        for split in ("train", "val", "test"):
+            setattr(task, split, expand_path(getattr(task, split), f"tasks.{i}.{split}"))
     for task in config.tasks:
         # (a user's energy-only model trained with it, and its calculator had no forces; refused for
         # new runs only: the checkpoints of such runs still load)

@@ -20,6 +20,7 @@ import argparse
 import csv
 import json
 import multiprocessing
+import shlex
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -146,7 +147,7 @@ def main() -> None:
     missing = [f"{a.data}/{d}/{s}" for d in TASKS for s in ("train", "val", "test") if not Path(a.data, d, s).is_dir()]
     if missing:
         raise SystemExit(f"{a.data} is not the demo data (no {', '.join(missing)}): make it with `python -m "
-                         f"jmp_ext.data make-demo {a.data}`; for your own data, fine-tune with and without "
+                         f"jmp_ext.data make-demo {shlex.quote(a.data)}`; for your own data, fine-tune with and without "
                          "model.init_checkpoint")
     compare(a.pretrained, a.data, Path(a.out), a.steps, a.seeds, a.jobs)
 

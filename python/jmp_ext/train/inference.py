@@ -210,7 +210,7 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, task: str | None, out: st
     model, config = load_trained(checkpoint, device, dtype)  # (before a conversion: a bad checkpoint costs none)
     t = task_index(config.tasks, task, "--task")
     if not Path(dataset).is_file():
-        if (energy_unit, length_unit) != ("eV", "Å"):
+        if (energy_unit, length_unit) not in (("eV", "Å"), ("eV", "A")):
             raise TrainError(f"--energy-unit and --length-unit apply to a file: dataset {dataset} is stored in eV "
                              "and Å")
         return _evaluate_dataset(model, config, t, dataset, dataset, out, batch_size, device)
@@ -236,7 +236,7 @@ def _convert_labels(source: str, dst: Path, units: dict[str, str | None], energy
     labels = ("energy", "forces", "stress")
     properties = {name: name for name in sorted(units.keys() - set(labels))}
     unit_options = ([f"--energy-unit {energy_unit}"] if energy_unit != "eV" else []) + (
-        [f"--length-unit {length_unit}"] if length_unit != "Å" else [])
+        [f"--length-unit {length_unit}"] if length_unit not in ("Å", "A") else [])
     while True:
         keys = KeyMap(**{label: "none" for label in labels if label not in units}, properties=properties,
                       energy_unit=energy_unit, length_unit=length_unit)
@@ -352,10 +352,12 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
     # extxyz output reads the input again, once the predictions are made, to write it back).
     kind = detect_format(Path(source)) if Path(source).is_file() else None
     if kind in ("lmdb", "npz"):  # (files convert reads, and ASE does not)
-        what, option = (("an LMDB file, as OC20's splits are", " --allow-pickle") if kind == "lmdb" else
-                        ("an sGDML or rMD17 trajectory", " [--length-unit UNIT]"))
+        what, option, note = (("an LMDB file, as OC20's splits are", " --allow-pickle", "") if kind == "lmdb" else
+                              ("an sGDML or rMD17 trajectory", " --energy-unit kcal/mol",
+                               " (MD17, MD22 and rMD17 are in kcal/mol; an sGDML file records its unit, which convert "
+                               "checks)"))
         raise TrainError(f"input {source} is {what}: convert it first, `python -m jmp_ext.data convert "
-                         f"{shlex.quote(source)} OUT_DIR{option}`, and predict OUT_DIR")
+                         f"{shlex.quote(source)} OUT_DIR{option}`, and predict OUT_DIR{note}")
     if Path(source).is_dir():
         ds = open_dataset(source, "input", in_memory=False)
 

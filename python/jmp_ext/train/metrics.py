@@ -61,8 +61,8 @@ class Metrics:
                                 structure: torch.Tensor) -> None:
         """`{task}/efwt`, OC20's energy and forces within threshold: the share of structures whose
         energy is within EFWT_ENERGY of its label and every force component of its free atoms within
-        EFWT_FORCE. energy_error [B] eV; force_error [N', 3] eV/Å of the free atoms; structure [N']
-        their structure's index in 0..B-1."""
+        EFWT_FORCE (a structure without free atoms: on its energy alone). energy_error [B] eV;
+        force_error [N', 3] eV/Å of the free atoms; structure [N'] their structure's index in 0..B-1."""
         largest = torch.zeros_like(energy_error, dtype=torch.float64).scatter_reduce(
             0, structure, force_error.detach().double().abs().amax(dim=-1), reduce="amax")
         within = (energy_error.detach().double().abs() < EFWT_ENERGY) & (largest < EFWT_FORCE)
@@ -98,8 +98,8 @@ class Metrics:
 
     def compute(self) -> dict[str, float]:
         means = {n: self.sums[n] / self.counts[n] for n in sorted(self.sums) if self.counts[n] > 0}
-        # Every name ends in its metric (_mae, _rmse, _cos, _accuracy, _rocauc), so a target's own name
-        # cannot make another metric's mean a root.
+        # Every name ends in its metric (_mae, _rmse, _cos, _accuracy, _rocauc, /efwt), so a target's own
+        # name cannot make another metric's mean a root.
         out = {n: math.sqrt(v) if n.endswith("_rmse") else v for n, v in means.items()}
         for n, batches in self.probabilities.items():
             auc = roc_auc(torch.cat([p for p, _ in batches]), torch.cat([y for _, y in batches]))

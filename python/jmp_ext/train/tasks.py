@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from jmp_ext.data.format import MAX_Z, DataError
+from jmp_ext.data.format import MAX_Z, UNITS, DataError
 from jmp_ext.train import losses
 from jmp_ext.train.config import TargetConfig, TaskConfig, TrainConfig, TrainError
 from jmp_ext.train.metrics import Metrics
@@ -518,6 +518,7 @@ def update_metrics(metrics: Metrics, model: TaskModel, preds: dict, batch: dict)
         if not sel.any():
             continue
         atoms = sel[batch["batch"]]
+        free = atoms & ~batch["fixed"] if "fixed" in batch else atoms  # (the task's atoms that move)
         for name, target in model.targets.items():
             if name not in batch:
                 continue
@@ -525,8 +526,7 @@ def update_metrics(metrics: Metrics, model: TaskModel, preds: dict, batch: dict)
             if target.kind == "energy":
                 metrics.update_energy(task.name, p[sel], y[sel], batch["natoms"][sel], name=name)
             elif target.kind == "forces":
-                free = ~batch["fixed"][atoms] if "fixed" in batch else torch.ones_like(atoms[atoms])
-                metrics.update_forces(task.name, p[atoms], y[atoms], free)
+                metrics.update_forces(task.name, p[atoms], y[atoms], free[atoms])
             elif target.kind == "classification":
                 metrics.update_classification(task.name, name, p[sel], class_indices(y[sel], name, target.num_classes))
             else:
@@ -536,7 +536,6 @@ def update_metrics(metrics: Metrics, model: TaskModel, preds: dict, batch: dict)
         energy, forces = (next((n for n, t in model.targets.items() if t.kind == kind and n in batch), None)
                           for kind in ("energy", "forces"))
         if energy is not None and forces is not None:
-            free = atoms & ~batch["fixed"] if "fixed" in batch else atoms
             structure = (torch.cumsum(sel, 0) - 1)[batch["batch"][free]]  # (its index among the task's)
             metrics.update_within_threshold(task.name, preds[energy][sel] - batch[energy][sel],
                                             preds[forces][free] - batch[forces][free], structure)
@@ -585,7 +584,7 @@ def metric_unit(config: TrainConfig, key: str) -> str:
     targets = {t.name: t for t in task.targets}
     if base in targets:
         target = targets[base]
-        return {"energy": "eV", "forces": "eV/Å", "stress": "eV/Å^3"}.get(target.kind, target.unit or "")
+        return UNITS[target.kind] if target.kind in ("energy", "forces", "stress") else target.unit or ""
     target = targets.get(base.removesuffix("_per_atom"))
     return "eV/atom" if target is not None and target.kind == "energy" else ""
 

@@ -1309,7 +1309,7 @@ def test_sources_without_labels_or_with_odd_values_are_pointed_out(tmp_path, fra
     ase.io.write(tmp_path / "text.extxyz", text)
     with pytest.raises(DataError, match="structure 0: energy is not numeric: 'abc'"):
         convert(tmp_path / "text.extxyz", tmp_path / "text")
-    with pytest.raises(ValueError, match="select .* applies to ASE databases, not to a 'ase' source"):
+    with pytest.raises(ValueError, match="select .* applies to ASE databases and HDF5 files, not to a 'ase' source"):
         convert(tmp_path / "q.extxyz", tmp_path / "sel", select="id<2")
 
 
@@ -1516,4 +1516,96 @@ def test_npz_files_convert_cannot_read_are_named(tmp_path, arrays, message):
     np.savez(tmp_path / "in.npz", **arrays)
     with pytest.raises(DataError, match=message):
         convert(tmp_path / "in.npz", tmp_path / "out", skip_invalid=True)
+    assert not (tmp_path / "out").exists()
+
+
+def write_conformations(path, layout: dict, groups: dict, rng):
+    """An HDF5 file of conformation groups, {group path: frames}, in a layout {positions: name,
+    energy: name, forces: name}; returns {group path: (numbers, positions, energies, forces)}."""
+    h5py = pytest.importorskip("h5py")
+    written = {}
+    with h5py.File(path, "w") as f:
+        for name, frames in groups.items():
+            positions, numbers, energies, forces = md_trajectory(rng, frames)
+            group = f.create_group(name)
+            group["atomic_numbers"] = numbers.astype(np.int16)
+            group[layout["positions"]] = positions
+            group[layout["energy"]] = energies
+            group[layout["forces"]] = forces
+            written[name] = (numbers, positions, energies, forces)
+    return written
+
+
+def test_hdf5_conformations_of_ani1x_transition1x_and_spice(tmp_path):
+    """JMP pretrains on ANI-1x and Transition1x and fine-tunes on SPICE, which all come as HDF5
+    groups of a molecule's conformations, which convert could not read. Values are compared with
+    what was written, in the sets' own units (ANI-1x Hartree and Å, SPICE Hartree and Bohr with
+    a gradient, +dE/dx)."""
+    h5py = pytest.importorskip("h5py")
+    rng = np.random.default_rng(8)
+    ani = write_conformations(tmp_path / "ani1x.h5", {"positions": "coordinates", "energy": "wb97x_dz.energy",
+                                                      "forces": "wb97x_dz.forces"}, {"C2H6O": 3, "C2H6O_b": 2}, rng)
+    report = convert(tmp_path / "ani1x.h5", tmp_path / "ani", keys=KeyMap(energy_unit="Hartree"))
+    assert report.written == 5 and report.labels == {"energy": "wb97x_dz.energy", "forces": "wb97x_dz.forces"}
+    ds, k = LmdbDataset(tmp_path / "ani"), 0
+    for name in sorted(ani):
+        numbers, positions, energies, forces = ani[name]
+        for i in range(len(energies)):
+            entry = ds[k]
+            assert int(entry["sid"]) == k and entry["atomic_numbers"].tolist() == numbers.tolist()
+            np.testing.assert_allclose(entry["pos"], positions[i], rtol=1e-15)
+            assert float(entry["energy"]) == pytest.approx(energies[i] * units.Hartree, rel=1e-14)
+            np.testing.assert_allclose(entry["forces"], forces[i] * units.Hartree, rtol=1e-14)
+            k += 1
+    with pytest.warns(UserWarning, match=r"ani1x\.h5 is read in eV and Å: ANI-1x's files hold Hartree and Å"):
+        convert(tmp_path / "ani1x.h5", tmp_path / "ani_ev")
+    # SPICE: Bohr positions, a gradient (negated into forces); Hartree/Bohr converted with both units.
+    spice = write_conformations(tmp_path / "spice.hdf5", {"positions": "conformations", "energy": "dft_total_energy",
+                                                          "forces": "dft_total_gradient"}, {"mol 1": 2}, rng)
+    report = convert(tmp_path / "spice.hdf5", tmp_path / "spice", keys=KeyMap(energy_unit="Hartree",
+                                                                               length_unit="Bohr"))
+    assert report.labels["forces"] == "dft_total_gradient (negated: a gradient)"
+    numbers, positions, energies, gradient = spice["mol 1"]
+    entry = LmdbDataset(tmp_path / "spice")[1]
+    np.testing.assert_allclose(entry["pos"], positions[1] * units.Bohr, rtol=1e-14)
+    np.testing.assert_allclose(entry["forces"], -gradient[1] * units.Hartree / units.Bohr, rtol=1e-14)
+    # Transition1x: reactions nested under data; a split's group linking into data is read once,
+    # and --select reads one group.
+    t1x = write_conformations(tmp_path / "t1x.h5", {"positions": "positions", "energy": "wB97x_6-31G(d).energy",
+                                                    "forces": "wB97x_6-31G(d).forces"},
+                              {"data/C2H6O/rxn1": 2, "data/C2H6O/rxn2": 2, "data/CH4O/rxn3": 1}, rng)
+    with h5py.File(tmp_path / "t1x.h5", "a") as f:
+        f["train/C2H6O"] = f["data/C2H6O"]  # (a hard link, as Transition1x's split groups are)
+        f["test/CH4O"] = f["data/CH4O"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (eV and Å: Transition1x's own units)
+        assert convert(tmp_path / "t1x.h5", tmp_path / "t1x").written == 5
+        assert convert(tmp_path / "t1x.h5", tmp_path / "t1x_test", select="test").written == 1
+    assert float(LmdbDataset(tmp_path / "t1x_test")[0]["energy"]) == pytest.approx(t1x["data/CH4O/rxn3"][2][0])
+    assert main(["convert", str(tmp_path / "t1x.h5"), str(tmp_path / "cli"), "--select", "train"]) == 0
+    assert len(LmdbDataset(tmp_path / "cli")) == 4
+
+
+def test_hdf5_files_convert_cannot_read_are_named(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(tmp_path / "none.h5", "w") as f:
+        f["x"] = np.zeros(3)
+    with pytest.raises(DataError, match=r"none\.h5: no group holds atomic_numbers and positions \(coordinates, "):
+        convert(tmp_path / "none.h5", tmp_path / "out")
+    with h5py.File(tmp_path / "bad.h5", "w") as f:
+        f["m/atomic_numbers"] = np.array([1, 1])
+        f["m/coordinates"] = np.zeros((2, 3, 3))
+    with pytest.raises(DataError, match=r"bad\.h5:/m: positions of shape \[2, 3, 3\], not \[frames, 2, 3\]"):
+        convert(tmp_path / "bad.h5", tmp_path / "out", skip_invalid=True)
+    with pytest.raises(DataError, match=r"bad\.h5: no group 'data' to select \(its top level: m\)"):
+        convert(tmp_path / "bad.h5", tmp_path / "out", select="data")
+    with h5py.File(tmp_path / "spice.h5", "w") as f:
+        f["m/atomic_numbers"] = np.array([1, 1])
+        f["m/conformations"] = np.array([[[0, 0, 0], [0.74, 0, 0]]])
+    with pytest.raises(DataError, match=r"spice\.h5:/m: energy: dataset 'formation_energy' not found \(available: "
+                                        r"atomic_numbers, conformations\)"):
+        convert(tmp_path / "spice.h5", tmp_path / "out", keys=KeyMap(energy="formation_energy"))
+    (tmp_path / "text.h5").write_text("not hdf5")
+    with pytest.raises(DataError, match=r"text\.h5: h5py cannot read it"):
+        convert(tmp_path / "text.h5", tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -840,6 +840,20 @@ def test_eval_reads_a_file_in_its_units(checkpoint, tmp_path, capsys):
     assert data_main(command) == 0
     assert main(["predict", str(checkpoint), str(tmp_path / "md_ds"), "--out", str(tmp_path / "p.npz")]) == 0
     assert np.load(tmp_path / "p.npz")["energy"].shape == (3,)
+    # An HDF5 file of conformations (ANI-1x's layout), evaluated in its units like the extxyz.
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(tmp_path / "ani.h5", "w") as f:
+        f["CH4O/atomic_numbers"] = images[0].numbers
+        f["CH4O/coordinates"] = np.stack([a.positions for a in images])
+        f["CH4O/wb97x_dz.energy"] = np.array([a.info["REF_energy"] for a in images])
+        f["CH4O/wb97x_dz.forces"] = np.stack([a.arrays["REF_forces"] for a in images])
+    with pytest.warns(UserWarning, match="ANI-1x's files hold Hartree"):  # (kcal/mol here)
+        assert main(["eval", str(checkpoint), str(tmp_path / "ani.h5"), "--energy-unit", "kcal/mol", "--out",
+                     str(tmp_path / "m.json")]) == 0
+    for key, value in json.loads((tmp_path / "m.json").read_text()).items():
+        assert value == pytest.approx(results["ev.extxyz"][key], rel=1e-6), key
+    assert main(["predict", str(checkpoint), str(tmp_path / "ani.h5"), "--out", str(tmp_path / "p.npz")]) == 2
+    assert "is an HDF5 file of conformations: convert it first" in capsys.readouterr().err
 
 
 def test_calculator_warns_once_of_a_charge_it_does_not_take(checkpoint):

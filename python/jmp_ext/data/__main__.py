@@ -134,11 +134,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="multiply the number of entries (a finite number > 0)")
     p.set_defaults(run=cmd_make_demo)
 
-    p = commands.add_parser("convert", help="convert extxyz / ASE db / OC20-style LMDB / sGDML or rMD17 npz")
+    p = commands.add_parser("convert", help="convert extxyz / ASE db / OC20-style LMDB / sGDML or rMD17 npz / "
+                                            "ANI-1x, Transition1x or SPICE HDF5")
     p.add_argument("src", help="extxyz or other ase.io file, ASE .db, fairchem .aselmdb (dir), OC20/JMP .lmdb "
-                               "(dir), or an sGDML (MD17, MD22) or rMD17 .npz")
+                               "(dir), an sGDML (MD17, MD22) or rMD17 .npz, or an HDF5 file of conformations "
+                               "(ANI-1x, Transition1x, SPICE; needs h5py)")
     p.add_argument("dst")
-    p.add_argument("--format", choices=["ase", "ase-db", "lmdb", "npz"], help="default: from SRC")
+    p.add_argument("--format", choices=["ase", "ase-db", "lmdb", "npz", "hdf5"], help="default: from SRC")
     p.add_argument("--allow-pickle", action="store_true",
                    help="read pickled OC20/JMP LMDBs (unpickling can run code: trusted files only)")
     p.add_argument("--skip-invalid", action="store_true",
@@ -165,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the source's length unit: positions and cell, and the forces and stress with "
                         "--energy-unit (forces in another unit pair, e.g. Hartree/Bohr beside Å positions, "
                         "are not supported: convert them first)")
-    p.add_argument("--select", help="ASE db query selecting rows")
+    p.add_argument("--select", help="ASE db query selecting rows, or the HDF5 group to read (Transition1x's data, "
+                                     "train, val or test)")
     p.add_argument("--float32", action="store_true", help="store floats as float32 (energies stay float64, "
                    "and so do properties given an energy UNIT)")
     p.add_argument("--shard-size", type=int, default=5000, help="entries per LMDB file")

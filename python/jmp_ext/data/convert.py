@@ -748,6 +748,104 @@ def iter_npz(path: Path, keys: KeyMap, report: ConvertReport, progress: bool = F
         yield f"{path} frame {i}", keys.to_ev_angstrom(entry)
 
 
+# ----- HDF5 conformations (ANI-1x, Transition1x, SPICE) ----------------------------------------
+
+# A group of conformations of one molecule holds its atomic numbers [n] and positions [M, n, 3]:
+# ANI-1x's coordinates, Transition1x's positions, SPICE's conformations.
+HDF5_POSITION_KEYS = ("coordinates", "positions", "conformations")
+# The usual label datasets, in order: ANI-1x's (wB97x/6-31G(d)), Transition1x's and SPICE's (a
+# gradient, +dE/dx: a forces dataset whose name ends in "gradient" is negated).
+HDF5_DEFAULT_KEYS = {"energy": ("wb97x_dz.energy", "wB97x_6-31G(d).energy", "dft_total_energy"),
+                     "forces": ("wb97x_dz.forces", "wB97x_6-31G(d).forces", "dft_total_gradient")}
+# The units each release documents for its energy dataset (the files record none): (set, energy
+# unit, length unit), forces in energy/length.
+HDF5_KNOWN_UNITS = {"wb97x_dz.energy": ("ANI-1x", "Hartree", "Å"),
+                    "wB97x_6-31G(d).energy": ("Transition1x", "eV", "Å"),
+                    "dft_total_energy": ("SPICE", "Hartree", "Bohr")}
+
+
+def iter_hdf5(path: Path, keys: KeyMap, report: ConvertReport, select: str | None = None,
+              progress: bool = False) -> Iterator[tuple[str, dict]]:
+    """(where, entry) for every conformation of every group of an HDF5 file (or of its group
+    `select`, e.g. Transition1x's data) that holds atomic_numbers and positions
+    (HDF5_POSITION_KEYS), groups in name order, each object once however many links lead to
+    it. Labels: keys.energy / keys.forces name the datasets (else HDF5_DEFAULT_KEYS); the first
+    group holding a label fixes its dataset. Needs h5py. A set of HDF5_KNOWN_UNITS read in
+    other units than its own is warned of."""
+    try:
+        import h5py
+    except ImportError as error:
+        raise SourceError(f"{path}: reading HDF5 needs h5py: pip install h5py (or jmp_ext's [hdf5] extra)") from error
+    try:
+        file = h5py.File(path, "r")
+    except OSError as error:
+        raise UnreadableSource(f"{path}: h5py cannot read it ({error})") from error
+    with file:
+        root = file
+        if select is not None:
+            if not isinstance(file.get(select), h5py.Group):
+                raise SourceError(f"{path}: no group {select!r} to select (its top level: "
+                                  f"{', '.join(file) or 'none'})")
+            root = file[select]
+        groups = []
+
+        def collect(name, obj):
+            if isinstance(obj, h5py.Group) and "atomic_numbers" in obj and any(k in obj
+                                                                                for k in HDF5_POSITION_KEYS):
+                groups.append(name)
+
+        root.visititems(collect)
+        if not groups:
+            raise SourceError(f"{path}: no group holds atomic_numbers and positions "
+                              f"({', '.join(HDF5_POSITION_KEYS)})")
+        total = sum(len(root[name][next(k for k in HDF5_POSITION_KEYS if k in root[name])]) for name in groups)
+        located: dict[str, str] = {}  # label -> its dataset, fixed by the first group holding it
+        warned_units, sid = False, 0
+        with tqdm(total=total, desc=str(path), unit="structure", disable=not progress) as bar:
+            for name in sorted(groups):
+                group = root[name]
+                numbers = np.asarray(group["atomic_numbers"]).reshape(-1)
+                positions = np.asarray(group[next(k for k in HDF5_POSITION_KEYS if k in group)])
+                frames = len(positions) if positions.ndim == 3 else 0
+                where = f"{path}:{group.name}"
+                if positions.shape != (frames, len(numbers), 3):
+                    raise SourceError(f"{where}: positions of shape {list(positions.shape)}, not [frames, "
+                                      f"{len(numbers)}, 3] for its {len(numbers)} atomic numbers")
+                labels = {}
+                for label in ("energy", "forces"):
+                    if keys.drops(label):
+                        continue
+                    key = getattr(keys, label) or located.get(label) or next(
+                        (k for k in HDF5_DEFAULT_KEYS[label] if k in group), None)
+                    if key is not None and key not in group and getattr(keys, label) is not None:
+                        raise SourceError(f"{where}: {label}: dataset {key!r} not found (available: "
+                                          f"{', '.join(group)})")
+                    if key is None or key not in group:  # (an entry without it: the labels' check says so)
+                        continue
+                    values = np.asarray(group[key], dtype=np.float64)
+                    shape = (frames,) if label == "energy" else (frames, len(numbers), 3)
+                    if values.shape != shape:
+                        raise SourceError(f"{where}: {key} has shape {list(values.shape)}, not {list(shape)}")
+                    gradient = key.endswith("gradient")
+                    labels[label] = -values if gradient else values
+                    located.setdefault(label, key)
+                    report.labels.setdefault(label, key + " (negated: a gradient)" * gradient)
+                known = HDF5_KNOWN_UNITS.get(located.get("energy"))
+                if known and not warned_units and (keys.energy_unit, keys.length_unit) != known[1:]:
+                    warned_units = True
+                    warn_user(f"{path} is read in {keys.energy_unit} and {keys.length_unit}: {known[0]}'s files "
+                              f"hold {known[1]} and {known[2]} (forces {known[1]}/{known[2]}); for one of them, "
+                              f"convert with --energy-unit {known[1]} --length-unit {known[2]}")
+                for i in range(frames):
+                    entry = {"pos": positions[i], "atomic_numbers": numbers, "cell": np.zeros((3, 3)),
+                             "pbc": np.zeros(3, bool), "tags": oc20_tags(np.zeros(len(numbers), np.int64)),
+                             "fixed": np.zeros(len(numbers), bool), "sid": sid,
+                             **{label: values[i] for label, values in labels.items()}}
+                    sid += 1
+                    bar.update()
+                    yield f"{where} frame {i}", keys.to_ev_angstrom(entry)
+
+
 # ----- pickled OC20 / JMP LMDBs --------------------------------------------------------------
 
 
@@ -965,6 +1063,8 @@ def detect_format(src: Path) -> str:
         return "lmdb"
     if src.suffix == ".npz":
         return "npz"
+    if src.suffix in (".h5", ".hdf5"):
+        return "hdf5"
     return "ase"
 
 
@@ -998,9 +1098,10 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
 
     source_format: "ase" (extxyz, traj, anything ase.io reads), "ase-db" (ASE databases, and
         fairchem's .aselmdb files with the ase-db-backends package), "lmdb" (pickled OC20/JMP) or
-        "npz" (a molecule's trajectory as sGDML and rMD17 store it: iter_npz); default from the
-        path: *.db, *.json, *.aselmdb or a directory of .aselmdb files is "ase-db", another
-        directory or *.lmdb "lmdb", *.npz "npz".
+        "npz" (a molecule's trajectory as sGDML and rMD17 store it: iter_npz) or "hdf5"
+        (conformations as ANI-1x, Transition1x and SPICE store them: iter_hdf5); default from
+        the path: *.db, *.json, *.aselmdb or a directory of .aselmdb files is "ase-db", another
+        directory or *.lmdb "lmdb", *.npz "npz", *.h5 or *.hdf5 "hdf5".
     allow_pickle: required for "lmdb": reading pickles can run code. Globals are restricted to
         torch tensors, numpy arrays and torch_geometric containers, but only convert files
         you trust.
@@ -1008,7 +1109,7 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
         stopping at the first one. The first entry written decides the labels: an entry that
         lacks one of them is skipped (whatever else it carries), one that only carries more is
         still an error.
-    select: an ASE db query for "ase-db".
+    select: an ASE db query for "ase-db"; the group to read for "hdf5" (Transition1x's data).
     progress: a progress bar of the structures read (tqdm, on stderr).
 
     A single atom without periodic images within ISOLATED_ATOM_CUTOFF (such as MACE's
@@ -1022,8 +1123,9 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
     if not src.exists():
         raise FileNotFoundError(f"{src} does not exist")
     kind = source_format or detect_format(src)
-    if select is not None and kind != "ase-db":
-        raise ValueError(f"select (an ASE db query) applies to ASE databases, not to a {kind!r} source")
+    if select is not None and kind not in ("ase-db", "hdf5"):
+        raise ValueError(f"select (an ASE db query, an HDF5 group) applies to ASE databases and HDF5 files, not to "
+                         f"a {kind!r} source")
     report = ConvertReport()
     if kind == "lmdb":
         _refuse_jmp_ext(src)
@@ -1039,8 +1141,10 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
         stream = iter_ase_file(src, keys, report, progress)
     elif kind == "npz":
         stream = iter_npz(src, keys, report, progress)
+    elif kind == "hdf5":
+        stream = iter_hdf5(src, keys, report, select, progress)
     else:
-        raise ValueError(f"unknown source format {kind!r} (ase, ase-db, lmdb, npz)")
+        raise ValueError(f"unknown source format {kind!r} (ase, ase-db, lmdb, npz, hdf5)")
     # closing(): a failed conversion also closes the source (its LMDB handles, its file).
     info = {"converted_from": str(src), "source_format": kind,
             "source_units": {"energy": keys.energy_unit, "length": keys.length_unit}}

@@ -351,11 +351,13 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
     # Streamed, batch by batch: an input of millions of structures is never held as Atoms (an
     # extxyz output reads the input again, once the predictions are made, to write it back).
     kind = detect_format(Path(source)) if Path(source).is_file() else None
-    if kind in ("lmdb", "npz"):  # (files convert reads, and ASE does not)
-        what, option, note = (("an LMDB file, as OC20's splits are", " --allow-pickle", "") if kind == "lmdb" else
-                              ("an sGDML or rMD17 trajectory", " --energy-unit kcal/mol",
-                               " (MD17, MD22 and rMD17 are in kcal/mol; an sGDML file records its unit, which convert "
-                               "checks)"))
+    if kind in ("lmdb", "npz", "hdf5"):  # (files convert reads, and ASE does not)
+        what, option, note = {
+            "lmdb": ("an LMDB file, as OC20's splits are", " --allow-pickle", ""),
+            "npz": ("an sGDML or rMD17 trajectory", " --energy-unit kcal/mol",
+                    " (MD17, MD22 and rMD17 are in kcal/mol; an sGDML file records its unit, which convert checks)"),
+            "hdf5": ("an HDF5 file of conformations", "", " (with the units of its set: convert warns of ANI-1x's "
+                     "and SPICE's)")}[kind]
         raise TrainError(f"input {source} is {what}: convert it first, `python -m jmp_ext.data convert "
                          f"{shlex.quote(source)} OUT_DIR{option}`, and predict OUT_DIR{note}")
     if Path(source).is_dir():

@@ -43,6 +43,7 @@ reach. The calculator warns (once) when a structure has such lines
 
 from __future__ import annotations
 
+import math
 import weakref
 from pathlib import Path
 
@@ -211,7 +212,8 @@ class JMPCalculator(Calculator):
                    if is_number(self.atoms.info.get(key))}
         charges["the initial charges' sum"] = float(self.atoms.get_initial_charges().sum())
         # (partial charges sum to the net charge, an integer, only up to their rounding)
-        where, charge = next(((where, q) for where, q in charges.items() if round(q) != 0), (None, 0))
+        where, charge = next(((where, q) for where, q in charges.items() if not math.isfinite(q) or round(q) != 0),
+                             (None, 0))
         if where is not None:
             self._warned_charge = True
             warn_user(f"this structure has a net charge of {charge:+g} ({where}), which the model does not take "

@@ -1009,7 +1009,7 @@ def test_provenance_in_meta(tmp_path, frames):
     info = json.loads((tmp_path / "out" / "meta.json").read_text())["info"]
     assert info["converted_from"] == str(tmp_path / "in.extxyz") and info["source_format"] == "ase"
     assert info["labels"]["forces"] == "calculator['forces']"
-    assert len(info["skipped"]) == 1 and "structure 1: unknown element" in info["skipped"][0]
+    assert len(info["skipped"]) == info["skipped_count"] == 1 and "structure 1: unknown element" in info["skipped"][0]
 
 
 @pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
@@ -1483,7 +1483,7 @@ def test_sgdml_and_rmd17_npz_trajectories(tmp_path, capsys):
             np.testing.assert_allclose(ds[i]["forces"], forces[i], rtol=1e-13)
     assert report.labels == {"energy": "energies", "forces": "forces"}
     # rMD17 records no unit: read as eV it is warned of; another array is taken by name.
-    with pytest.warns(UserWarning, match=r"rmd17\.npz is read as eV: rMD17's own files hold kcal/mol"):
+    with pytest.warns(UserWarning, match=r"rmd17\.npz is read in eV and Å: rMD17's files hold kcal/mol and Å"):
         convert(tmp_path / "rmd17.npz", tmp_path / "as_ev", keys=KeyMap(energy="old_energies", forces="none"))
     ds = LmdbDataset(tmp_path / "as_ev")
     assert "forces" not in ds.schema and float(ds[2]["energy"]) == pytest.approx(energies[2] / kcal + 1.0)
@@ -1548,15 +1548,18 @@ def test_hdf5_conformations_of_ani1x_transition1x_and_spice(tmp_path):
     report = convert(tmp_path / "ani1x.h5", tmp_path / "ani", keys=KeyMap(energy_unit="Hartree"))
     assert report.written == 5 and report.labels == {"energy": "wb97x_dz.energy", "forces": "wb97x_dz.forces"}
     ds, k = LmdbDataset(tmp_path / "ani"), 0
-    for name in sorted(ani):
+    for group, name in enumerate(sorted(ani)):
         numbers, positions, energies, forces = ani[name]
         for i in range(len(energies)):
             entry = ds[k]
-            assert int(entry["sid"]) == k and entry["atomic_numbers"].tolist() == numbers.tolist()
+            assert (int(entry["sid"]), int(entry["fid"])) == (group, i)  # (a molecule, a conformation of it)
+            assert entry["atomic_numbers"].tolist() == numbers.tolist()
             np.testing.assert_allclose(entry["pos"], positions[i], rtol=1e-15)
             assert float(entry["energy"]) == pytest.approx(energies[i] * units.Hartree, rel=1e-14)
             np.testing.assert_allclose(entry["forces"], forces[i] * units.Hartree, rtol=1e-14)
             k += 1
+    with pytest.warns(UserWarning, match=r"ani1x\.h5 is read in eV and Å: ANI-1x's files hold Hartree and Å"):
+        convert(tmp_path / "ani1x.h5", tmp_path / "ani_forces", keys=KeyMap(energy="none"))  # (forces alone too)
     with pytest.warns(UserWarning, match=r"ani1x\.h5 is read in eV and Å: ANI-1x's files hold Hartree and Å"):
         convert(tmp_path / "ani1x.h5", tmp_path / "ani_ev")
     # SPICE: Bohr positions, a gradient (negated into forces); Hartree/Bohr converted with both units.
@@ -1595,7 +1598,7 @@ def test_hdf5_files_convert_cannot_read_are_named(tmp_path):
     with h5py.File(tmp_path / "bad.h5", "w") as f:
         f["m/atomic_numbers"] = np.array([1, 1])
         f["m/coordinates"] = np.zeros((2, 3, 3))
-    with pytest.raises(DataError, match=r"bad\.h5:/m: positions of shape \[2, 3, 3\], not \[frames, 2, 3\]"):
+    with pytest.raises(DataError, match=r"bad\.h5:/m: coordinates has shape \[2, 3, 3\], not \[frames, 2, 3\]"):
         convert(tmp_path / "bad.h5", tmp_path / "out", skip_invalid=True)
     with pytest.raises(DataError, match=r"bad\.h5: no group 'data' to select \(its top level: m\)"):
         convert(tmp_path / "bad.h5", tmp_path / "out", select="data")
@@ -1609,3 +1612,60 @@ def test_hdf5_files_convert_cannot_read_are_named(tmp_path):
     with pytest.raises(DataError, match=r"text\.h5: h5py cannot read it"):
         convert(tmp_path / "text.h5", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_hdf5_layouts_as_released(tmp_path):
+    """What the first reader missed of the real files: Transition1x's reaction groups hold
+    reactant, product and transition_state subgroups (its loader reads the first two and the
+    path); SPICE's datasets record their units; --select may name a conformation group; a
+    NaN-labelled first frame, skipped, left the labels unrecorded; properties were ignored."""
+    h5py = pytest.importorskip("h5py")
+    rng = np.random.default_rng(9)
+    layout = {"positions": "positions", "energy": "wB97x_6-31G(d).energy", "forces": "wB97x_6-31G(d).forces"}
+    write_conformations(tmp_path / "t1x.h5", layout, {"data/CH4O/rxn1": 3, "data/CH4O/rxn1/reactant": 1,
+                                                      "data/CH4O/rxn1/product": 1,
+                                                      "data/CH4O/rxn1/transition_state": 1}, rng)
+    assert convert(tmp_path / "t1x.h5", tmp_path / "t1x").written == 5  # (path 3, reactant, product)
+    assert [(int(e["sid"]), int(e["fid"])) for e in LmdbDataset(tmp_path / "t1x")] == [(0, 0), (0, 1), (0, 2),
+                                                                                     (1, 0), (2, 0)]
+    assert convert(tmp_path / "t1x.h5", tmp_path / "rxn", select="data/CH4O/rxn1/reactant").written == 1
+    # SPICE records units: Bohr positions read as Å are refused, with the option to give.
+    layout = {"positions": "conformations", "energy": "dft_total_energy", "forces": "dft_total_gradient"}
+    write_conformations(tmp_path / "spice.h5", layout, {"mol": 2}, rng)
+    with h5py.File(tmp_path / "spice.h5", "a") as f:
+        f["mol/conformations"].attrs["units"] = "bohr"
+        f["mol/dft_total_energy"].attrs["units"] = "hartree"
+    with pytest.raises(DataError, match=r"spice\.h5:/mol/conformations records its units as 'bohr', but it is read "
+                                        r"as Å: give --length-unit Bohr"):
+        convert(tmp_path / "spice.h5", tmp_path / "spice", keys=KeyMap(energy_unit="Hartree"))
+    with pytest.raises(DataError, match=r"dft_total_energy records its units as 'hartree', but it is read as eV: "
+                                        r"give --energy-unit Hartree"):
+        convert(tmp_path / "spice.h5", tmp_path / "spice", keys=KeyMap(length_unit="Bohr"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (units recorded and matched: nothing to warn of)
+        convert(tmp_path / "spice.h5", tmp_path / "spice", keys=KeyMap(energy_unit="Hartree", length_unit="Bohr"))
+    with pytest.raises(DataError, match=r"read for an energy and forces only \(no stress or properties"):
+        convert(tmp_path / "spice.h5", tmp_path / "p", keys=KeyMap(properties={"fe": "formation_energy"}))
+    # A first conformation without its label (NaN, as ANI-1x's less complete datasets hold), skipped.
+    written = write_conformations(tmp_path / "nan.h5", {"positions": "coordinates", "energy": "wb97x_dz.energy",
+                                                        "forces": "wb97x_dz.forces"}, {"m": 3}, rng)
+    with h5py.File(tmp_path / "nan.h5", "a") as f:
+        f["m/wb97x_dz.energy"][0] = np.nan
+    numbers, positions, energies, forces = written["m"]
+    np.savez(tmp_path / "nan.npz", R=positions, z=numbers, E=np.where(np.arange(3) == 0, np.nan, energies), F=forces)
+    for source in ("nan.h5", "nan.npz"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # (ANI-1x's units: eV here)
+            report = convert(tmp_path / source, tmp_path / source.replace(".", "_"), skip_invalid=True)
+        assert report.written == 2 and len(report.skipped) == 1 and set(report.labels) == {"energy", "forces"}
+        assert LmdbDataset(tmp_path / source.replace(".", "_")).info["labels"].keys() == {"energy", "forces"}
+    # A provenance names the first 100 entries skipped, and counts them all.
+    with h5py.File(tmp_path / "nans.h5", "w") as f:
+        f["m/atomic_numbers"] = numbers
+        f["m/coordinates"] = np.repeat(positions[:1], 150, axis=0)
+        f["m/wb97x_dz.energy"] = np.r_[np.full(149, np.nan), 1.0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        convert(tmp_path / "nans.h5", tmp_path / "nans", skip_invalid=True)
+    info = LmdbDataset(tmp_path / "nans").info
+    assert len(info["skipped"]) == 100 and info["skipped_count"] == 149 and "frame 0:" in info["skipped"][0]

@@ -880,6 +880,11 @@ def test_calculator_warns_once_of_a_charge_it_does_not_take(checkpoint):
     cation.calc = JMPCalculator(checkpoint)
     with pytest.warns(UserWarning, match=r"a net charge of \+1 \(the initial charges' sum\)"):
         cation.get_potential_energy()
+    cation.set_initial_charges(None)
+    cation.info["charge"] = float("nan")  # (a placeholder: no crash in round())
+    cation.calc = JMPCalculator(checkpoint)
+    with pytest.warns(UserWarning, match=r"a net charge of \+nan \(atoms.info\['charge'\]\)"):
+        cation.get_potential_energy()
 
 
 def test_a_pretraining_checkpoint_needs_a_task(tiny_data, tmp_path, capsys):

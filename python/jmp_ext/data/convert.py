@@ -675,8 +675,6 @@ def iter_ase_db(path: Path, keys: KeyMap, report: ConvertReport, select: str | N
 # energies [M] (or [M, 1]) and forces [M, n, 3]. sGDML's (MD17 and MD22 from sgdml.org) records
 # its units (e_unit, r_unit); rMD17's does not (its README: kcal/mol and Å).
 NPZ_LAYOUTS = {"sGDML": ("R", "z", "E", "F"), "rMD17": ("coords", "nuclear_charges", "energies", "forces")}
-# sGDML's names of units that ENERGY_UNITS and LENGTH_UNITS name otherwise
-_SGDML_UNITS = {"Ang": "Å", "Ha": "Hartree"}
 
 
 def iter_npz(path: Path, keys: KeyMap, report: ConvertReport, progress: bool = False
@@ -704,48 +702,84 @@ def iter_npz(path: Path, keys: KeyMap, report: ConvertReport, progress: bool = F
     if positions.shape != (frames, len(numbers), 3):
         raise SourceError(f"{path}: {r_key} has shape {list(positions.shape)}, not [frames, {len(numbers)}, 3] "
                           f"for the {len(numbers)} atoms of {z_key}")
-    labels = {}  # label -> its values, one row per frame
+    labels = {}  # label -> (its array, its values: one row per frame)
     for label, default in (("energy", e_key), ("forces", f_key)):
         key = getattr(keys, label) or default
         if keys.drops(label) or (key not in arrays and getattr(keys, label) is None):
             continue
         if key not in arrays:
             raise SourceError(f"{path}: {label}: key {key!r} not found (available: {', '.join(sorted(arrays))})")
-        values = np.asarray(arrays[key])
-        shapes = [(frames,), (frames, 1)] if label == "energy" else [(frames, len(numbers), 3)]
-        if values.shape not in shapes:
-            raise SourceError(f"{path}: {label} ({key}) has shape {list(values.shape)}, not "
-                              f"{' or '.join(str(list(shape)) for shape in shapes)}")
-        labels[label] = values.reshape(shapes[0])
-        report.labels[label] = key
+        labels[label] = key, _label_array(str(path), label, key, np.asarray(arrays[key]), frames, len(numbers))
     # (the energy unit matters to the labels only: a file read for its structures alone needs none)
-    for array, given, option, table in (("e_unit", keys.energy_unit, "--energy-unit", ENERGY_UNITS),
-                                        ("r_unit", keys.length_unit, "--length-unit", LENGTH_UNITS)):
-        if array not in arrays or (array == "e_unit" and not labels):
-            continue
-        recorded = np.asarray(arrays[array]).reshape(-1)
-        recorded = recorded[0].item() if recorded.size == 1 else recorded.tolist()
-        recorded = recorded.decode() if isinstance(recorded, bytes) else str(recorded)
-        unit = _SGDML_UNITS.get(recorded, recorded)
-        if unit not in table:
-            raise SourceError(f"{path} records its {array} as {recorded!r}, a unit convert does not know: "
-                              f"convert the file to eV and Å first")
-        if table[unit] != table[given]:
-            raise SourceError(f"{path} records its {array} as {recorded!r}, but it is read as {given}: give "
-                              f"{option} {unit}")
-    if layout == "rMD17" and labels and keys.energy_unit == "eV":
-        warn_user(f"{path} is read as eV: rMD17's own files hold kcal/mol and kcal/mol/Å (its README); for "
-                  "one of them, convert with --energy-unit kcal/mol")
+    if "e_unit" in arrays and labels:
+        _check_recorded_unit(f"{path} records its e_unit", arrays["e_unit"], keys.energy_unit, "--energy-unit")
+    if "r_unit" in arrays:
+        _check_recorded_unit(f"{path} records its r_unit", arrays["r_unit"], keys.length_unit, "--length-unit")
+    if layout == "rMD17" and labels:
+        _warn_unrecorded_units(path, "rMD17", "kcal/mol", "Å", keys)
     lattice = arrays.get("lattice")
     if lattice is not None and np.shape(lattice) != (3, 3):
         raise SourceError(f"{path}: lattice has shape {list(np.shape(lattice))}, not [3, 3] (one cell for every "
                           "frame, as sGDML stores it)")
-    cell = np.zeros((3, 3)) if lattice is None else np.asarray(lattice, dtype=np.float64)
-    for i in tqdm(range(frames), desc=str(path), unit="structure", disable=not progress):
-        entry = {"pos": positions[i], "atomic_numbers": numbers, "cell": cell, "pbc": np.full(3, lattice is not None),
-                 "tags": oc20_tags(np.zeros(len(numbers), np.int64)), "fixed": np.zeros(len(numbers), bool),
-                 "sid": i, **{label: values[i] for label, values in labels.items()}}
-        yield f"{path} frame {i}", keys.to_ev_angstrom(entry)
+    cell = None if lattice is None else np.asarray(lattice, dtype=np.float64)
+    sources = {label: key for label, (key, _) in labels.items()}
+    yield from _conformations(str(path), positions, numbers, {label: v for label, (_, v) in labels.items()},
+                              sources, report, keys, None, cell, progress)
+
+
+def _label_array(where: str, label: str, key: str, values: np.ndarray, frames: int, atoms: int) -> np.ndarray:
+    """A conformations file's label array in its one shape: energy [M] (or [M, 1]), forces [M, n, 3]."""
+    shapes = [(frames,), (frames, 1)] if label == "energy" else [(frames, atoms, 3)]
+    if values.shape not in shapes:
+        raise SourceError(f"{where}: {label} ({key}) has shape {list(values.shape)}, not "
+                          f"{' or '.join(str(list(shape)) for shape in shapes)}")
+    return values.reshape(shapes[0])
+
+
+def _conformations(where: str, positions: np.ndarray, numbers: np.ndarray, labels: dict[str, np.ndarray],
+                   sources: dict[str, str], report: ConvertReport, keys: KeyMap, sid: int | None,
+                   cell: np.ndarray | None = None, progress: bool = False) -> Iterator[tuple[str, dict]]:
+    """(where, entry) for each conformation of one molecule (npz and HDF5 files): positions
+    [M, n, 3], labels {label: [M, ...]} read from `sources` {label: dataset}, which the report
+    records with every entry (convert forgets them when a first entry is skipped). sid None:
+    each frame's index; else `sid` (its group) and the frame's index as fid. A cell [3, 3]:
+    periodic."""
+    n = len(numbers)
+    for i in tqdm(range(len(positions)), desc=where, unit="structure", disable=not progress):
+        for label, source in sources.items():
+            report.labels.setdefault(label, source)
+        entry = {"pos": positions[i], "atomic_numbers": numbers, "cell": np.zeros((3, 3)) if cell is None else cell,
+                 "pbc": np.full(3, cell is not None), "tags": oc20_tags(np.zeros(n, np.int64)),
+                 "fixed": np.zeros(n, bool), "sid": i if sid is None else sid, **({} if sid is None else {"fid": i}),
+                 **{label: values[i] for label, values in labels.items()}}
+        yield f"{where} frame {i}", keys.to_ev_angstrom(entry)
+
+
+# Names of units in files (sGDML's e_unit / r_unit, HDF5 attributes), lower-cased -> the names of
+# ENERGY_UNITS and LENGTH_UNITS.
+_UNIT_ALIASES = {"ang": "Å", "angstrom": "Å", "ha": "Hartree",
+                 **{unit.lower(): unit for unit in (*ENERGY_UNITS, *LENGTH_UNITS)}}
+
+
+def _check_recorded_unit(what: str, recorded, given: str, option: str) -> None:
+    """A unit a file records (`what`: where) must be the one it is read in, `given`."""
+    recorded = np.asarray(recorded).reshape(-1)
+    recorded = recorded[0].item() if recorded.size == 1 else recorded.tolist()
+    recorded = recorded.decode() if isinstance(recorded, bytes) else str(recorded)
+    unit = _UNIT_ALIASES.get(recorded.lower())
+    table = ENERGY_UNITS if given in ENERGY_UNITS else LENGTH_UNITS
+    if unit not in table:
+        raise SourceError(f"{what} as {recorded!r}, a unit convert does not know: convert the file to eV and Å first")
+    if table[unit] != table[given]:
+        raise SourceError(f"{what} as {recorded!r}, but it is read as {given}: give {option} {unit}")
+
+
+def _warn_unrecorded_units(path: Path, name: str, energy_unit: str, length_unit: str, keys: KeyMap) -> None:
+    """A set whose files record no units (rMD17, ANI-1x, Transition1x), read in others than its own."""
+    if ENERGY_UNITS[keys.energy_unit] != ENERGY_UNITS[energy_unit] or keys.length_unit != length_unit:
+        warn_user(f"{path} is read in {keys.energy_unit} and {keys.length_unit}: {name}'s files hold {energy_unit} and "
+                  f"{length_unit} (forces in {energy_unit}/{length_unit}), which they do not record; for one of "
+                  f"them, convert with --energy-unit {energy_unit} --length-unit {length_unit}")
 
 
 # ----- HDF5 conformations (ANI-1x, Transition1x, SPICE) ----------------------------------------
@@ -757,25 +791,33 @@ HDF5_POSITION_KEYS = ("coordinates", "positions", "conformations")
 # gradient, +dE/dx: a forces dataset whose name ends in "gradient" is negated).
 HDF5_DEFAULT_KEYS = {"energy": ("wb97x_dz.energy", "wB97x_6-31G(d).energy", "dft_total_energy"),
                      "forces": ("wb97x_dz.forces", "wB97x_6-31G(d).forces", "dft_total_gradient")}
-# The units each release documents for its energy dataset (the files record none): (set, energy
-# unit, length unit), forces in energy/length.
-HDF5_KNOWN_UNITS = {"wb97x_dz.energy": ("ANI-1x", "Hartree", "Å"),
-                    "wB97x_6-31G(d).energy": ("Transition1x", "eV", "Å"),
-                    "dft_total_energy": ("SPICE", "Hartree", "Bohr")}
+# The units each release documents, by its label datasets: (set, energy unit, length unit), forces
+# in energy/length. SPICE's files also record theirs (a dataset's "units" attribute), which is
+# checked where present.
+HDF5_KNOWN_UNITS = {"wb97x_dz": ("ANI-1x", "Hartree", "Å"), "wB97x_6-31G(d)": ("Transition1x", "eV", "Å"),
+                    "dft_total": ("SPICE", "Hartree", "Bohr")}
+# Transition1x's reaction groups hold the path's frames and subgroups reactant, product and
+# transition_state; its own loader reads the first two and the path (the state is one of its frames).
+_HDF5_SKIPPED_GROUPS = ("transition_state",)
 
 
 def iter_hdf5(path: Path, keys: KeyMap, report: ConvertReport, select: str | None = None,
               progress: bool = False) -> Iterator[tuple[str, dict]]:
     """(where, entry) for every conformation of every group of an HDF5 file (or of its group
-    `select`, e.g. Transition1x's data) that holds atomic_numbers and positions
-    (HDF5_POSITION_KEYS), groups in name order, each object once however many links lead to
-    it. Labels: keys.energy / keys.forces name the datasets (else HDF5_DEFAULT_KEYS); the first
-    group holding a label fixes its dataset. Needs h5py. A set of HDF5_KNOWN_UNITS read in
-    other units than its own is warned of."""
+    `select`, e.g. Transition1x's data, itself included) that holds atomic_numbers and positions
+    (HDF5_POSITION_KEYS), groups in name order, each object once however many hard links lead
+    to it (soft and external links are not followed), _HDF5_SKIPPED_GROUPS left out. An entry's
+    sid is its group's index in that order, its fid its frame's. Labels: keys.energy /
+    keys.forces name the datasets (else HDF5_DEFAULT_KEYS); the first group holding a label
+    fixes its dataset. Units a dataset records ("units" attribute) must be those read; a set of
+    HDF5_KNOWN_UNITS read in others is warned of. Needs h5py."""
     try:
         import h5py
     except ImportError as error:
         raise SourceError(f"{path}: reading HDF5 needs h5py: pip install h5py (or jmp_ext's [hdf5] extra)") from error
+    if (keys.stress is not None and not keys.drops("stress")) or keys.properties:
+        raise SourceError(f"{path}: an HDF5 file of conformations is read for an energy and forces only (no stress "
+                          "or properties; --energy-key names another energy dataset, e.g. SPICE's formation_energy)")
     try:
         file = h5py.File(path, "r")
     except OSError as error:
@@ -787,63 +829,59 @@ def iter_hdf5(path: Path, keys: KeyMap, report: ConvertReport, select: str | Non
                 raise SourceError(f"{path}: no group {select!r} to select (its top level: "
                                   f"{', '.join(file) or 'none'})")
             root = file[select]
-        groups = []
 
-        def collect(name, obj):
-            if isinstance(obj, h5py.Group) and "atomic_numbers" in obj and any(k in obj
-                                                                                for k in HDF5_POSITION_KEYS):
-                groups.append(name)
+        def holds_conformations(name, obj) -> bool:
+            return (isinstance(obj, h5py.Group) and "atomic_numbers" in obj and name.rsplit("/", 1)[-1]
+                    not in _HDF5_SKIPPED_GROUPS and any(k in obj for k in HDF5_POSITION_KEYS))
 
-        root.visititems(collect)
+        groups = ["."] if holds_conformations(root.name, root) else []
+        root.visititems(lambda name, obj: groups.append(name) if holds_conformations(name, obj) else None)
         if not groups:
-            raise SourceError(f"{path}: no group holds atomic_numbers and positions "
-                              f"({', '.join(HDF5_POSITION_KEYS)})")
-        total = sum(len(root[name][next(k for k in HDF5_POSITION_KEYS if k in root[name])]) for name in groups)
+            raise SourceError(f"{path}: no group holds atomic_numbers and positions ({', '.join(HDF5_POSITION_KEYS)}; "
+                              "links other than hard ones are not followed)")
         located: dict[str, str] = {}  # label -> its dataset, fixed by the first group holding it
-        warned_units, sid = False, 0
-        with tqdm(total=total, desc=str(path), unit="structure", disable=not progress) as bar:
-            for name in sorted(groups):
+        warned = False
+        bar = tqdm(total=None, desc=str(path), unit="structure", disable=not progress)
+        with bar:
+            for sid, name in enumerate(sorted(groups)):
                 group = root[name]
-                numbers = np.asarray(group["atomic_numbers"]).reshape(-1)
-                positions = np.asarray(group[next(k for k in HDF5_POSITION_KEYS if k in group)])
-                frames = len(positions) if positions.ndim == 3 else 0
                 where = f"{path}:{group.name}"
+                numbers = np.asarray(group["atomic_numbers"]).reshape(-1)
+                position_key = next(k for k in HDF5_POSITION_KEYS if k in group)
+                positions = np.asarray(group[position_key])
+                frames = len(positions) if positions.ndim == 3 else 0
                 if positions.shape != (frames, len(numbers), 3):
-                    raise SourceError(f"{where}: positions of shape {list(positions.shape)}, not [frames, "
+                    raise SourceError(f"{where}: {position_key} has shape {list(positions.shape)}, not [frames, "
                                       f"{len(numbers)}, 3] for its {len(numbers)} atomic numbers")
-                labels = {}
+                if "units" in group[position_key].attrs:
+                    _check_recorded_unit(f"{where}/{position_key} records its units",
+                                         group[position_key].attrs["units"], keys.length_unit, "--length-unit")
+                labels, sources = {}, {}
                 for label in ("energy", "forces"):
-                    if keys.drops(label):
-                        continue
                     key = getattr(keys, label) or located.get(label) or next(
                         (k for k in HDF5_DEFAULT_KEYS[label] if k in group), None)
-                    if key is not None and key not in group and getattr(keys, label) is not None:
+                    if keys.drops(label) or key is None or (key not in group and getattr(keys, label) is None):
+                        continue  # (an entry without it: convert's check of the labels says so)
+                    if key not in group:
                         raise SourceError(f"{where}: {label}: dataset {key!r} not found (available: "
                                           f"{', '.join(group)})")
-                    if key is None or key not in group:  # (an entry without it: the labels' check says so)
-                        continue
-                    values = np.asarray(group[key], dtype=np.float64)
-                    shape = (frames,) if label == "energy" else (frames, len(numbers), 3)
-                    if values.shape != shape:
-                        raise SourceError(f"{where}: {key} has shape {list(values.shape)}, not {list(shape)}")
-                    gradient = key.endswith("gradient")
-                    labels[label] = -values if gradient else values
+                    if label == "energy" and "units" in group[key].attrs:
+                        _check_recorded_unit(f"{where}/{key} records its units", group[key].attrs["units"],
+                                             keys.energy_unit, "--energy-unit")
+                    values = _label_array(where, label, key, np.asarray(group[key], dtype=np.float64), frames,
+                                          len(numbers))
+                    labels[label] = -values if key.endswith("gradient") else values
                     located.setdefault(label, key)
-                    report.labels.setdefault(label, key + " (negated: a gradient)" * gradient)
-                known = HDF5_KNOWN_UNITS.get(located.get("energy"))
-                if known and not warned_units and (keys.energy_unit, keys.length_unit) != known[1:]:
-                    warned_units = True
-                    warn_user(f"{path} is read in {keys.energy_unit} and {keys.length_unit}: {known[0]}'s files "
-                              f"hold {known[1]} and {known[2]} (forces {known[1]}/{known[2]}); for one of them, "
-                              f"convert with --energy-unit {known[1]} --length-unit {known[2]}")
-                for i in range(frames):
-                    entry = {"pos": positions[i], "atomic_numbers": numbers, "cell": np.zeros((3, 3)),
-                             "pbc": np.zeros(3, bool), "tags": oc20_tags(np.zeros(len(numbers), np.int64)),
-                             "fixed": np.zeros(len(numbers), bool), "sid": sid,
-                             **{label: values[i] for label, values in labels.items()}}
-                    sid += 1
+                    sources[label] = key + " (negated: a gradient)" * key.endswith("gradient")
+                known = next((units for prefix, units in HDF5_KNOWN_UNITS.items()
+                              if any(key.startswith(prefix) for key in located.values())), None)
+                recorded = any("units" in group[key].attrs for key in (position_key, *located.values()) if key in group)
+                if known and not warned and not recorded:
+                    warned = True
+                    _warn_unrecorded_units(path, *known, keys)
+                for item in _conformations(where, positions, numbers, labels, sources, report, keys, sid):
                     bar.update()
-                    yield f"{where} frame {i}", keys.to_ev_angstrom(entry)
+                    yield item
 
 
 # ----- pickled OC20 / JMP LMDBs --------------------------------------------------------------
@@ -1068,6 +1106,8 @@ def detect_format(src: Path) -> str:
     return "ase"
 
 
+# Skipped entries a dataset's provenance names (meta.json's info); it counts them all.
+_SKIPPED_RECORDED = 100
 # eV/Å^3 (80 GPa): a stress above it in most structures is in another unit (kBar, GPa).
 PLAUSIBLE_STRESS = 0.5
 # Å: JMP's graph cutoff (its pretraining datasets', and the radial basis'). A single atom with no
@@ -1198,7 +1238,10 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
         # A label is located by the first entry holding it, which may have been skipped.
         report.labels = {label: source for label, source in report.labels.items()
                          if label in (labels or ())}
-        writer.info.update(labels=report.labels, skipped=report.skipped)
+        # (the first of the entries skipped: millions of NaN-labelled conformations would make a
+        # meta.json of hundreds of MB, read at every open)
+        writer.info.update(labels=report.labels, skipped=report.skipped[:_SKIPPED_RECORDED],
+                           skipped_count=len(report.skipped))
     found = {label: source for label, source in report.labels.items() if getattr(keys, label) is None}
     if len({"REF_" in source for source in found.values()}) > 1:  # (keys the user named are his choice)
         sources = ", ".join(f"{k} from {v}" for k, v in found.items())

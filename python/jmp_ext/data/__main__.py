@@ -46,10 +46,10 @@ def cmd_convert(args) -> None:
                      select=args.select, overwrite=args.overwrite, shard_size=args.shard_size,
                      float_dtype=np.float32 if args.float32 else np.float64, progress=True)
     print(f"wrote {report.written} entries to {args.dst}")
-    # (in the source's units, converted: said, as a property's unit is, since no file records it)
-    length = "Å" if args.length_unit == "A" else args.length_unit
-    source_units = {"energy": args.energy_unit, "forces": f"{args.energy_unit}/{length}",
-                    "stress": f"{args.energy_unit}/{length}^3"}
+    # (in the source's units, converted: said, as a property's unit is, since no file records it;
+    # the KeyMap's names, one for Å)
+    energy, length = keys.energy_unit, keys.length_unit
+    source_units = {"energy": energy, "forces": f"{energy}/{length}", "stress": f"{energy}/{length}^3"}
     for label, source in report.labels.items():
         unit = source_units[label]
         print(f"  {label} <- {source}" + (f", {unit} converted to {fmt.UNITS[label]}" if unit != fmt.UNITS[label]
@@ -77,11 +77,12 @@ def cmd_split(args) -> None:
         raise ValueError("give --fractions or --index-file, not both")
     if args.index_file and args.group_by:
         raise ValueError("--group-by applies to --fractions: an --index-file gives each part's entries itself")
-    num_entries = len(LmdbDataset(args.src))
+    source = LmdbDataset(args.src)
+    num_entries = len(source)
     if args.index_file:
         parts = read_index_file(args.index_file, num_entries)
     else:
-        groups = group_labels(LmdbDataset(args.src), args.group_by) if args.group_by else None
+        groups = group_labels(source, args.group_by) if args.group_by else None
         parts = fraction_indices(num_entries, parse_fractions(args.fractions or DEFAULT_FRACTIONS), seed=args.seed,
                                  groups=groups)
     paths = split_dataset(args.src, args.out, parts, overwrite=args.overwrite, progress=True)

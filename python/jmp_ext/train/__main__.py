@@ -153,9 +153,9 @@ def check_resume_place(config, path: str | None, overrides: list[str]) -> None:
     beside, run_dir = Path(path).parent, Path(config.run_dir)
     if (beside / "last.pt").is_file() and not (run_dir / "last.pt").is_file():
         raise TrainError(f"resume=true: {path} is the config of the run in {beside}, which has last.pt, but its "
-                         f"run_dir {config.run_dir} ({run_dir.resolve()} from here) has none: give {shlex.quote(f'run_dir={beside}')}, "
-                         "or run from the directory the run was started in (a config's relative paths are relative "
-                         "to the working directory)")
+                         f"run_dir {config.run_dir} ({run_dir.resolve()} from here) has none: give "
+                         f"{shlex.quote(f'run_dir={beside}')}, or run from the directory the run was started in (a "
+                         "config's relative paths are relative to the working directory)")
 
 
 def is_config_path(arg: str) -> bool:

@@ -205,23 +205,40 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, task: str | None, out: st
     names, as stored."""
     import tempfile
 
-    from jmp_ext.data.convert import detect_format
+    from jmp_ext.data.convert import ENERGY_UNITS, LENGTH_UNITS, detect_format
 
     model, config = load_trained(checkpoint, device, dtype)  # (before a conversion: a bad checkpoint costs none)
     t = task_index(config.tasks, task, "--task")
     if not Path(dataset).is_file():
-        if (energy_unit, length_unit) not in (("eV", "Å"), ("eV", "A")):
+        if ENERGY_UNITS[energy_unit] != 1.0 or LENGTH_UNITS[length_unit] != 1.0:
             raise TrainError(f"--energy-unit and --length-unit apply to a file: dataset {dataset} is stored in eV "
                              "and Å")
         return _evaluate_dataset(model, config, t, dataset, dataset, out, batch_size, device)
-    if detect_format(Path(dataset)) == "lmdb":
-        raise TrainError(f"{dataset} is an LMDB file, as OC20's splits are: convert it first, `python -m "
-                         f"jmp_ext.data convert {shlex.quote(dataset)} OUT_DIR --allow-pickle` (unpickling can run "
-                         "code: trusted files only), and evaluate OUT_DIR")
+    if detect_format(Path(dataset)) == "lmdb":  # (eval converts the others itself)
+        raise _convert_first(dataset, dataset, "lmdb", "evaluate")
     with tempfile.TemporaryDirectory() as tmp:
         _convert_labels(dataset, Path(tmp) / "data", {target.name: target.unit for target in config.tasks[t].targets},
                         energy_unit, length_unit)
         return _evaluate_dataset(model, config, t, str(Path(tmp) / "data"), dataset, out, batch_size, device)
+
+
+# Files that convert reads and ASE does not: what they are, the options convert needs, a note.
+_CONVERT_FIRST = {
+    "lmdb": ("an LMDB file, as OC20's splits are", " --allow-pickle",
+             " (unpickling can run code: trusted files only)"),
+    "npz": ("an sGDML or rMD17 trajectory", " --energy-unit kcal/mol",
+            " (MD17, MD22 and rMD17 are in kcal/mol; an sGDML file records its unit, which convert checks)"),
+    "hdf5": ("an HDF5 file of conformations", "",
+             " (with the units of its set: convert warns of ANI-1x's and SPICE's)"),
+}
+
+
+def _convert_first(source: str, named: str, kind: str, verb: str) -> TrainError:
+    """The error for a `kind` file (_CONVERT_FIRST) given where a dataset is read: the convert
+    command that makes one of it. named: the file as the message names it."""
+    what, options, note = _CONVERT_FIRST[kind]
+    return TrainError(f"{named} is {what}: convert it first, `python -m jmp_ext.data convert {shlex.quote(source)} "
+                      f"OUT_DIR{options}`{note}, and {verb} OUT_DIR")
 
 
 def _convert_labels(source: str, dst: Path, units: dict[str, str | None], energy_unit: str, length_unit: str
@@ -231,12 +248,13 @@ def _convert_labels(source: str, dst: Path, units: dict[str, str | None], energy
     that only some frames have would stop it); the other targets as properties from the keys of
     their names, as stored, and left out where the file lacks them (eval then warns)."""
     from jmp_ext.data import DataError
-    from jmp_ext.data.convert import KeyMap, MissingProperty, SourceError, UnreadableSource, convert
+    from jmp_ext.data.convert import (ENERGY_UNITS, LENGTH_UNITS, KeyMap, MissingProperty, SourceError,
+                                      UnreadableSource, convert)
 
     labels = ("energy", "forces", "stress")
     properties = {name: name for name in sorted(units.keys() - set(labels))}
-    unit_options = ([f"--energy-unit {energy_unit}"] if energy_unit != "eV" else []) + (
-        [f"--length-unit {length_unit}"] if length_unit not in ("Å", "A") else [])
+    unit_options = ([f"--energy-unit {energy_unit}"] if ENERGY_UNITS[energy_unit] != 1.0 else []) + (
+        [f"--length-unit {length_unit}"] if LENGTH_UNITS[length_unit] != 1.0 else [])
     while True:
         keys = KeyMap(**{label: "none" for label in labels if label not in units}, properties=properties,
                       energy_unit=energy_unit, length_unit=length_unit)
@@ -351,15 +369,8 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
     # Streamed, batch by batch: an input of millions of structures is never held as Atoms (an
     # extxyz output reads the input again, once the predictions are made, to write it back).
     kind = detect_format(Path(source)) if Path(source).is_file() else None
-    if kind in ("lmdb", "npz", "hdf5"):  # (files convert reads, and ASE does not)
-        what, option, note = {
-            "lmdb": ("an LMDB file, as OC20's splits are", " --allow-pickle", ""),
-            "npz": ("an sGDML or rMD17 trajectory", " --energy-unit kcal/mol",
-                    " (MD17, MD22 and rMD17 are in kcal/mol; an sGDML file records its unit, which convert checks)"),
-            "hdf5": ("an HDF5 file of conformations", "", " (with the units of its set: convert warns of ANI-1x's "
-                     "and SPICE's)")}[kind]
-        raise TrainError(f"input {source} is {what}: convert it first, `python -m jmp_ext.data convert "
-                         f"{shlex.quote(source)} OUT_DIR{option}`, and predict OUT_DIR{note}")
+    if kind in _CONVERT_FIRST:
+        raise _convert_first(source, f"input {source}", kind, "predict")
     if Path(source).is_dir():
         ds = open_dataset(source, "input", in_memory=False)
 

@@ -513,6 +513,9 @@ def check_stress_labels(batch: dict, name: str) -> None:
 def update_metrics(metrics: Metrics, model: TaskModel, preds: dict, batch: dict) -> None:
     """Adds a batch's errors to `metrics`, per task, in physical units (for the targets whose
     labels the batch has: `eval` scores a dataset without some)."""
+    # (EFwT's pair of targets: the tasks share their target names)
+    energy, forces = (next((n for n, t in model.targets.items() if t.kind == kind and n in batch), None)
+                      for kind in ("energy", "forces"))
     for t_i, task in enumerate(model.tasks):
         sel = batch["task"] == t_i
         if not sel.any():
@@ -533,8 +536,6 @@ def update_metrics(metrics: Metrics, model: TaskModel, preds: dict, batch: dict)
                 if target.kind == "stress":
                     check_stress_labels(batch, name)
                 metrics.update_scalar(task.name, name, p[sel], y[sel])
-        energy, forces = (next((n for n, t in model.targets.items() if t.kind == kind and n in batch), None)
-                          for kind in ("energy", "forces"))
         if energy is not None and forces is not None:
             structure = (torch.cumsum(sel, 0) - 1)[batch["batch"][free]]  # (its index among the task's)
             metrics.update_within_threshold(task.name, preds[energy][sel] - batch[energy][sel],

@@ -82,7 +82,7 @@ def cmd_split(args) -> None:
     if args.index_file:
         parts = read_index_file(args.index_file, num_entries)
     else:
-        groups = group_labels(source, args.group_by) if args.group_by else None
+        groups = group_labels(source, args.group_by, progress=True) if args.group_by else None
         parts = fraction_indices(num_entries, parse_fractions(args.fractions or DEFAULT_FRACTIONS), seed=args.seed,
                                  groups=groups)
     paths = split_dataset(args.src, args.out, parts, overwrite=args.overwrite, progress=True)

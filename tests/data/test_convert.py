@@ -284,9 +284,11 @@ def test_the_sources_sid_and_fid_are_kept(tmp_path, frames):
     for i, atoms in enumerate(frames):
         atoms.info.update(sid=1000 + i // 2, fid=i % 2)
     del frames[4].info["fid"]
-    frames[5].info["sid"] = "random123"  # (not an integer: -1, as a missing one)
+    frames[5].info["sid"] = "random123"  # (not an integer: -1, as a missing one, and said)
     ase.io.write(tmp_path / "in.extxyz", frames)
-    convert(tmp_path / "in.extxyz", tmp_path / "out")
+    with pytest.warns(UserWarning, match=r"out: the source's sid 'random123' is no integer, and jmp_ext stores "
+                                         r"integer identifiers: an entry whose sid is no integer has sid -1"):
+        convert(tmp_path / "in.extxyz", tmp_path / "out")
     ids = [(int(e["sid"]), int(e["fid"])) for e in LmdbDataset(tmp_path / "out")]
     assert ids == [(1000, 0), (1000, 1), (1001, 0), (1001, 1), (1002, -1), (-1, 1)]
     # The first entry written decides, for every entry: one skipped first (an isolated atom, as
@@ -295,13 +297,15 @@ def test_the_sources_sid_and_fid_are_kept(tmp_path, frames):
     lone = Atoms("H", positions=[[0, 0, 0]])
     lone.calc = SinglePointCalculator(lone, energy=-13.6, forces=np.zeros((1, 3)), stress=np.zeros(6))
     ase.io.write(tmp_path / "e0.extxyz", [lone, *frames])
-    convert(tmp_path / "e0.extxyz", tmp_path / "e0", skip_invalid=True)
+    with pytest.warns(UserWarning, match="sid 'random123' is no integer"):
+        convert(tmp_path / "e0.extxyz", tmp_path / "e0", skip_invalid=True)
     assert [(int(e["sid"]), int(e["fid"])) for e in LmdbDataset(tmp_path / "e0")] == ids
     plain = frames[0].copy()
     plain.calc = frames[0].calc
     plain.info.clear()
     ase.io.write(tmp_path / "mixed.extxyz", [plain, *frames])
-    convert(tmp_path / "mixed.extxyz", tmp_path / "mixed")
+    with pytest.warns(UserWarning, match="sid 'random123' is no integer.*: the sids are frame indices or row ids"):
+        convert(tmp_path / "mixed.extxyz", tmp_path / "mixed")
     ds = LmdbDataset(tmp_path / "mixed")
     assert [int(e["sid"]) for e in ds] == list(range(7)) and "fid" not in ds.schema
     with ase.db.connect(tmp_path / "in.db") as db:
@@ -383,6 +387,10 @@ def test_fairchem_aselmdb_files_and_directories(tmp_path, frames, capsys):
         report = convert(tmp_path / "omat", tmp_path / "out", keys=KeyMap(properties={"dipole": "dipole"}))
         assert report.written == 6 and report.labels["stress"] == "calculator['stress']"
         ds = LmdbDataset(tmp_path / "out")
+        # Each file numbers its rows from 1: sids are shifted by the earlier files' rows, so that
+        # no two structures share one (split --group-by sid, predictions mapped back).
+        assert [int(e["sid"]) for e in ds] == [1, 2, 3, 4, 5, 6]
+        assert ds.info["row_id_offsets"] == {"data.0000.aselmdb": 0, "data.0001.aselmdb": 3}
         for k, atoms in enumerate(frames):
             entry = ds[k]
             np.testing.assert_array_equal(entry["pos"], atoms.positions)

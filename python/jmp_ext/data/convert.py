@@ -182,6 +182,12 @@ class ConvertReport:
     # the identifiers ("sid", "fid") taken from the source rather than numbered: decided by the
     # first entry written (None before it), _take_identifiers
     identifiers: set[str] | None = None
+    # the first source sid or fid met that is no integer (OC22's and OMat24's sids are strings),
+    # (key, its value shortened), warned of: numbered instead, or -1
+    unusable_identifier: tuple[str, str] | None = None
+    # a directory of ASE databases: file name -> what its row ids are shifted by to make sids
+    # unique across the files (the earlier files' largest ids, summed)
+    row_id_offsets: dict[str, int] = field(default_factory=dict)
     # structures written with forces and both fixed and free atoms, and those of them whose fixed
     # atoms' forces are all exactly zero while a free atom's is not (constrained forces)
     fixed_with_forces: int = 0
@@ -449,6 +455,9 @@ def _take_identifiers(entry: dict, values: dict, report: ConvertReport, index: i
     sid the entry's `index` in its source (a frame, an ASE db row id; None: no sid), and no fid.
     Mixing the two kinds in one column could give unrelated structures one sid."""
     found = {key: _identifier(values.get(key)) for key in ("sid", "fid")}
+    if report.unusable_identifier is None:
+        report.unusable_identifier = next(((key, str(values[key])[:40]) for key, value in found.items()
+                                           if value is None and values.get(key) is not None), None)
     if report.identifiers is None:
         report.identifiers = {key for key, value in found.items() if value is not None}
     for key, value in found.items():
@@ -628,7 +637,9 @@ def iter_ase_db(path: Path, keys: KeyMap, report: ConvertReport, select: str | N
     """(where, entry or exception) for every row of an ASE database (.db, .json), or of
     fairchem's ASE LMDBs (an .aselmdb file, or a directory of them, read in name order: OMat24,
     OMol25); key_value_pairs and data are searched for labels and properties after the
-    calculator results."""
+    calculator results. A row's index (its sid, unless it has its own) is its row id, plus in a
+    directory the earlier files' largest row ids (report.row_id_offsets), so that no two files'
+    rows share one."""
     import ase.db
     from ase.db.core import parse_selection
 
@@ -640,7 +651,10 @@ def iter_ase_db(path: Path, keys: KeyMap, report: ConvertReport, select: str | N
     if not files:
         raise FileNotFoundError(f"{path}: a directory without .aselmdb files (the ASE databases a directory can "
                                 f"hold){_in_subdirectories(path, '*.aselmdb')}")
+    offset = 0  # (each file numbers its rows from 1: a sid numbered by rows is row id + offset)
     for file in files:
+        if path.is_dir():
+            report.row_id_offsets[file.name] = offset
         if file.suffix == ".aselmdb":
             try:  # (ase.db reads them through fairchem's backend package)
                 importlib.import_module("ase_db_backends.aselmdb")
@@ -654,15 +668,18 @@ def iter_ase_db(path: Path, keys: KeyMap, report: ConvertReport, select: str | N
         try:
             with db, tqdm(db.select(select), total=db.count(select), desc=str(file), unit="row",
                           disable=not progress) as rows:
+                largest_id = 0
                 for row in rows:
                     where = f"{file} row id={row.id}"
+                    largest_id = max(largest_id, row.id)
                     try:
                         atoms = row.toatoms()
                         atoms.info.update(row.key_value_pairs)
                         atoms.info.update(row.get("data", {}))
-                        yield where, _atoms_entry(atoms, keys, report, row.id)
+                        yield where, _atoms_entry(atoms, keys, report, offset + row.id)
                     except Exception as error:
                         yield where, error
+                offset += largest_id
         except (fmt.DataError, OSError):
             raise
         except Exception as error:  # (a damaged SQLite file, a .json that is no ASE database)
@@ -1242,12 +1259,20 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
         # meta.json of hundreds of MB, read at every open)
         writer.info.update(labels=report.labels, skipped=report.skipped[:_SKIPPED_RECORDED],
                            skipped_count=len(report.skipped))
+        if report.row_id_offsets and "sid" not in (report.identifiers or ()):
+            writer.info["row_id_offsets"] = report.row_id_offsets
     found = {label: source for label, source in report.labels.items() if getattr(keys, label) is None}
     if len({"REF_" in source for source in found.values()}) > 1:  # (keys the user named are his choice)
         sources = ", ".join(f"{k} from {v}" for k, v in found.items())
         warn_user(f"{dst}: the labels come from keys of two kinds ({sources}): "
                   f"REF_* keys usually hold the reference method's values and the others another "
                   f"method's; make sure they belong together, or name the keys (--energy-key, ...)")
+    if report.written and report.unusable_identifier:
+        key, value = report.unusable_identifier
+        instead = (f"an entry whose {key} is no integer has {key} -1" if key in (report.identifiers or ())
+                   else "the sids are frame indices or row ids instead" if key == "sid" else "no fid is stored")
+        warn_user(f"{dst}: the source's {key} {value!r} is no integer, and jmp_ext stores integer identifiers: "
+                  f"{instead}. To keep the source's names, map them to integers in the source first")
     if report.implausible_stresses * 2 > report.stresses:
         warn_user(f"{dst}: {report.implausible_stresses} of the {report.stresses} stresses have a component over "
                   f"{PLAUSIBLE_STRESS} eV/Å^3 (80 GPa): stress is stored in eV/Å^3 (ASE's unit), converted from the "

@@ -638,8 +638,13 @@ def test_labels_the_trainer_would_stop_at_are_refused_or_warned_of(tmp_path, fra
     molecule = Atoms("H2O", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
     molecule.calc = SinglePointCalculator(molecule, energy=-1.0, forces=np.zeros((3, 3)), stress=np.zeros(6))
     ase.io.write(tmp_path / "mol.extxyz", [frames[0], molecule])
-    with pytest.raises(DataError, match=r"structure 1: has a stress label but no cell \(zero volume\)"):
+    with pytest.raises(DataError, match=r"structure 1: has a stress label but no cell \(zero volume\) or no periodic"):
         convert(tmp_path / "mol.extxyz", tmp_path / "mol")
+    # In a box but not periodic: the box is arbitrary (eval scored it, predict gave NaN).
+    molecule.cell = 10 * np.eye(3)
+    ase.io.write(tmp_path / "boxed.extxyz", [frames[0], molecule])
+    with pytest.raises(DataError, match=r"structure 1: has a stress label but no cell \(zero volume\) or no periodic"):
+        convert(tmp_path / "boxed.extxyz", tmp_path / "boxed")
     # An isolated atom with MACE's placeholder stress is an isolated atom still (its energy reported).
     oxygen = Atoms("O")
     oxygen.calc = SinglePointCalculator(oxygen, energy=-432.1, forces=np.zeros((1, 3)), stress=np.zeros(6))

@@ -165,11 +165,15 @@ def test_load_jmp_checkpoint_reads_our_run_checkpoints(stress_checkpoint):
     assert all(torch.equal(v, expected[k]) for k, v in net.state_dict().items())
 
 
-def test_a_stress_label_without_a_cell_is_a_clear_error():
-    cell = torch.stack([torch.eye(3), torch.zeros(3, 3), 2 * torch.eye(3)])
-    with pytest.raises(TrainError, match=r"'stress': structure\(s\) \[1\] of the batch have a stress label but no cell"):
-        tasks.check_stress_labels({"cell": cell}, "stress")
-    tasks.check_stress_labels({"cell": cell[[0, 2]]}, "stress")
+def test_a_stress_label_without_a_cell_or_pbc_is_a_clear_error():
+    """A cell-less structure's stress is NaN; a non-periodic one's depends on its arbitrary box (it
+    was trained on and scored while predict and the calculator gave none)."""
+    cell = torch.stack([torch.eye(3), torch.zeros(3, 3), 2 * torch.eye(3), 3 * torch.eye(3)])
+    pbc = torch.tensor([[True] * 3, [False] * 3, [True, True, False], [False] * 3])
+    with pytest.raises(TrainError, match=r"'stress': structure\(s\) \[1, 3\] of the batch have a stress label but no "
+                                         r"cell \(zero volume\) or no periodic axis"):
+        tasks.check_stress_labels({"cell": cell, "pbc": pbc}, "stress")
+    tasks.check_stress_labels({"cell": cell[[0, 2]], "pbc": pbc[[0, 2]]}, "stress")
 
 
 def test_calculator_recomputes_when_only_the_tags_change(checkpoint):

@@ -296,11 +296,12 @@ def validate_entry(entry: dict[str, np.ndarray], where: str) -> int:
         if volume * MAX_ATOMS_PER_A3 < n:
             raise DataError(f"{where}: {dense_cell_problem(n, volume)}")
     _check_pairs(entry, where)
-    if "stress" in entry and np.linalg.det(entry["cell"].astype(np.float64)) == 0:
-        # (the trainer would stop at the first batch holding it)
-        raise DataError(f"{where}: has a stress label but no cell (zero volume), where stress is undefined (a "
-                        "molecule's stress of zeros is a placeholder): leave such entries out (convert "
-                        "--skip-invalid), or drop the stress (convert --stress-key none)")
+    if "stress" in entry and (not entry["pbc"].any() or np.linalg.det(entry["cell"].astype(np.float64)) == 0):
+        # (the trainer would stop at the first batch holding it; without pbc the box is arbitrary,
+        # and predict and the calculator give no stress)
+        raise DataError(f"{where}: has a stress label but no cell (zero volume) or no periodic axis, where stress "
+                        "is undefined (a molecule's stress of zeros is a placeholder): leave such entries out "
+                        "(convert --skip-invalid), or drop the stress (convert --stress-key none)")
     if "stress" in entry and not _nearly_symmetric(entry["stress"]):
         raise DataError(f"{where}: stress is not symmetric ({entry['stress'].tolist()}): a stress "
                         "tensor is (asymmetry within 1e-4 of its largest component is symmetrised; "

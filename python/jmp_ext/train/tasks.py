@@ -503,11 +503,13 @@ def class_indices(labels: torch.Tensor, name: str, num_classes: int) -> torch.Te
 
 def check_stress_labels(batch: dict, name: str) -> None:
     """A stress label on a structure without a cell (zero volume), where the model's stress is
-    undefined (NaN), is a dataset error: say which, rather than train on or report NaN."""
-    cellless = (torch.linalg.det(batch["cell"].double()) == 0).nonzero().flatten()
-    if cellless.numel():
-        raise TrainError(f"target {name!r}: structure(s) {cellless[:10].tolist()} of the batch have a stress "
-                         "label but no cell (zero volume), where stress is undefined")
+    undefined (NaN), or without a periodic axis, where it depends on an arbitrary box (predict
+    and the calculator give none), is a dataset error: say which, rather than train on it."""
+    undefined = (torch.linalg.det(batch["cell"].double()) == 0) | ~batch["pbc"].any(dim=1)
+    if undefined.any():
+        raise TrainError(f"target {name!r}: structure(s) {undefined.nonzero().flatten()[:10].tolist()} of the "
+                         "batch have a stress label but no cell (zero volume) or no periodic axis, where stress "
+                         "is undefined")
 
 
 def update_metrics(metrics: Metrics, model: TaskModel, preds: dict, batch: dict) -> None:

@@ -597,6 +597,36 @@ def test_eval_of_a_file_scores_the_checkpoints_targets_that_it_has(checkpoint, t
     assert only["mol/energy_mae"] == metrics["mol/energy_mae"] and not any("forces" in k for k in only)
 
 
+def test_eval_of_a_file_with_a_label_on_some_structures_scores_the_others(stress_checkpoint, tmp_path):
+    """A stress on only some frames stopped eval with advice that failed too (convert
+    --skip-invalid does not skip a frame with a label the frames before it lack): the label is
+    left out of the metrics, as one the file lacks, and the warning says why."""
+    from ase.calculators.emt import EMT
+
+    images = [molecule(n) for n in ("CH3OH", "C2H6", "CH3CHO", "H2O")]
+    for atoms in images:
+        atoms.center(vacuum=4.0)
+        atoms.pbc = True
+        atoms.calc = EMT()
+        atoms.calc = SinglePointCalculator(atoms, energy=atoms.get_potential_energy(), forces=atoms.get_forces(),
+                                           stress=atoms.get_stress())
+    model, _ = inference.load_trained(stress_checkpoint)
+    preds = inference.predict_structures(model, [atoms_to_entry(a) for a in images], 0)
+    energy_mae = np.abs(preds["energy"].numpy() - [a.get_potential_energy() for a in images]).mean()
+    for name, unstressed in (("later", [2, 3]), ("first", [0, 1])):
+        for k in unstressed:  # (the last frames lack it: a lacking label; the first: an extra one later)
+            del images[k].calc.results["stress"]
+        ase.io.write(tmp_path / f"{name}.extxyz", images)
+        for k in unstressed:
+            images[k].calc.results["stress"] = np.zeros(6)
+        with pytest.warns(UserWarning, match=rf"{name}.extxyz has no 'stress' label\(s\) \('stress': on some of its "
+                                             r"structures only\): the metrics are those of the checkpoint's other"):
+            metrics = inference.evaluate_checkpoint(str(stress_checkpoint), str(tmp_path / f"{name}.extxyz"), None,
+                                                    None, 2, "cpu")
+        assert metrics["box/energy_mae"] == pytest.approx(energy_mae, rel=1e-9), name
+        assert "box/forces_mae" in metrics and not any("stress" in key for key in metrics), name
+
+
 def test_eval_names_entries_whose_labels_are_not_finite(checkpoint, tiny_data, tmp_path, capsys):
     """The writer refuses NaN labels and a training split's statistics do too, but a validation
     or test split from elsewhere gave NaN metrics (NaN in the JSON), and as a run's val split

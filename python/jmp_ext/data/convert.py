@@ -255,8 +255,16 @@ def _available(sources: dict[str, dict]) -> str:
                                      for prefix, mapping in sources.items())
 
 
-class _ExtraLabels(fmt.DataError):
-    """An entry carries labels that the entries written before it lack. Skipping it would keep
+class PartialLabels(fmt.DataError):
+    """An entry lacks `labels` that the entries written before it carry (--skip-invalid skips it)."""
+
+    def __init__(self, message: str, labels: list[str]):
+        super().__init__(message)
+        self.labels = labels
+
+
+class _ExtraLabels(PartialLabels):
+    """An entry carries `labels` that the entries written before it lack. Skipping it would keep
     the unlabelled entries and drop the labelled ones, so not even --skip-invalid skips it."""
 
 
@@ -267,15 +275,15 @@ def _check_labels(entry: dict, labels: set[str], written: int, first: str, ase_d
     lacking = [label for label in LABELS if label in labels and label not in entry]
     extra = [label for label in LABELS if label in entry and label not in labels]
     if lacking:
-        raise fmt.DataError(f"lacks {', '.join(lacking)}, unlike the first entry written (every "
+        raise PartialLabels(f"lacks {', '.join(lacking)}, unlike the first entry written (every "
                             f"entry must carry the same labels): skip such entries with "
-                            f"--skip-invalid, or drop {_drop_hint(lacking)}")
+                            f"--skip-invalid, or drop {_drop_hint(lacking)}", lacking)
     if extra:
         select = " (or --select energy: the rows with an energy)" if ase_db and "energy" in extra else ""
         raise _ExtraLabels(f"has {', '.join(extra)}, which the entries written before it lack "
                            f"({written}, from {first}): every entry must carry the same labels, "
                            f"which the first entry written decides; remove the entries without "
-                           f"them from the source{select}, or drop {_drop_hint(extra)}")
+                           f"them from the source{select}, or drop {_drop_hint(extra)}", extra)
 
 
 def _drop_hint(labels: list[str]) -> str:

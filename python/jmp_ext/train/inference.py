@@ -217,9 +217,11 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, task: str | None, out: st
     if detect_format(Path(dataset)) == "lmdb":  # (eval converts the others itself)
         raise _convert_first(dataset, dataset, "lmdb", "evaluate")
     with tempfile.TemporaryDirectory() as tmp:
-        _convert_labels(dataset, Path(tmp) / "data", {target.name: target.unit for target in config.tasks[t].targets},
-                        energy_unit, length_unit)
-        return _evaluate_dataset(model, config, t, str(Path(tmp) / "data"), dataset, out, batch_size, device)
+        partial = _convert_labels(dataset, Path(tmp) / "data",
+                                  {target.name: target.unit for target in config.tasks[t].targets},
+                                  energy_unit, length_unit)
+        return _evaluate_dataset(model, config, t, str(Path(tmp) / "data"), dataset, out, batch_size, device,
+                                 partial)
 
 
 # Files that convert reads and ASE does not: what they are, the options convert needs, a note.
@@ -242,32 +244,37 @@ def _convert_first(source: str, named: str, kind: str, verb: str) -> TrainError:
 
 
 def _convert_labels(source: str, dst: Path, units: dict[str, str | None], energy_unit: str, length_unit: str
-                    ) -> None:
+                    ) -> set[str]:
     """convert of an eval input for a checkpoint whose targets have these units (by name):
-    those of energy, forces and stress with convert's default keys, and not the others (a stress
-    that only some frames have would stop it); the other targets as properties from the keys of
-    their names, as stored, and left out where the file lacks them (eval then warns)."""
+    those of energy, forces and stress with convert's default keys, and not the others; the
+    other targets as properties from the keys of their names, as stored. A target the file
+    lacks, or that only some of its structures carry, is left out (eval then warns); returns
+    the labels left out for the latter."""
     from jmp_ext.data import DataError
-    from jmp_ext.data.convert import (ENERGY_UNITS, LENGTH_UNITS, KeyMap, MissingProperty, SourceError,
-                                      UnreadableSource, convert)
+    from jmp_ext.data.convert import (ENERGY_UNITS, LENGTH_UNITS, KeyMap, MissingProperty, PartialLabels,
+                                      SourceError, UnreadableSource, convert)
 
     labels = ("energy", "forces", "stress")
     properties = {name: name for name in sorted(units.keys() - set(labels))}
+    partial: set[str] = set()
     unit_options = ([f"--energy-unit {energy_unit}"] if ENERGY_UNITS[energy_unit] != 1.0 else []) + (
         [f"--length-unit {length_unit}"] if LENGTH_UNITS[length_unit] != 1.0 else [])
     while True:
-        keys = KeyMap(**{label: "none" for label in labels if label not in units}, properties=properties,
-                      energy_unit=energy_unit, length_unit=length_unit)
+        keys = KeyMap(**{label: "none" for label in labels if label not in units or label in partial},
+                      properties=properties, energy_unit=energy_unit, length_unit=length_unit)
         try:
             with warnings.catch_warnings():
                 # (its advice for a file without labels names a temporary directory and convert's
                 # options; eval's own error says which target is missing)
                 warnings.filterwarnings("ignore", message=r".* has (no labels|only a stress)")
                 convert(source, dst, keys=keys, progress=True)
-            return
+            return partial
         except DataError as e:
             if isinstance(e.__cause__, MissingProperty):
                 del properties[e.__cause__.name]
+                continue
+            if isinstance(e.__cause__, PartialLabels):
+                partial.update(e.__cause__.labels)
                 continue
             if isinstance(e, SourceError):
                 raise TrainError(str(e)) from e
@@ -295,9 +302,9 @@ def _convert_labels(source: str, dst: Path, units: dict[str, str | None], energy
 
 
 def _evaluate_dataset(model, config, t: int, path: str, name: str, out: str | None, batch_size: int,
-                      device: str) -> dict:
+                      device: str, partial: set[str] = frozenset()) -> dict:
     """Metrics of task t of a loaded checkpoint on the dataset directory `path`, which the user
-    knows as `name`."""
+    knows as `name`; `partial`: labels left out because only some of its structures carry them."""
     from jmp_ext.files import write_bytes_atomic
     from jmp_ext.train.tasks import describe_unit, open_dataset
 
@@ -305,7 +312,11 @@ def _evaluate_dataset(model, config, t: int, path: str, name: str, out: str | No
     missing = [target for target in config.tasks[t].targets if target.name not in ds.schema]
     if len(missing) == len(config.tasks[t].targets):  # (nothing to score)
         target = missing[0]
-        how = ("" if path == name else f"; convert it with the label's key: python -m jmp_ext.data convert "
+        how = ("" if path == name else
+               f"; only some of its structures have it: evaluate a dataset of those (`python -m jmp_ext.data "
+               f"convert {shlex.quote(name)} OUT_DIR --skip-invalid` leaves out the structures that lack a label "
+               "the first one has)" if target.name in partial else
+               f"; convert it with the label's key: python -m jmp_ext.data convert "
                f"{shlex.quote(name)} OUT_DIR " + (f"--{target.kind}-key KEY"
                                                   if target.kind in ("energy", "forces", "stress")
                                                   else f"--property {target.name}=KEY"))
@@ -320,7 +331,9 @@ def _evaluate_dataset(model, config, t: int, path: str, name: str, out: str | No
             raise TrainError(f"target {target.name!r} of the checkpoint was trained in {describe_unit(target.unit)}, "
                              f"but {name} has it in {describe_unit(unit)}: the metrics would compare two units; {how}")
     if missing:
-        warn_user(f"{name} has no {', '.join(repr(target.name) for target in missing)} label(s): the metrics "
+        only_some = [target.name for target in missing if target.name in partial]
+        some = f" ({', '.join(map(repr, only_some))}: on some of its structures only)" if only_some else ""
+        warn_user(f"{name} has no {', '.join(repr(target.name) for target in missing)} label(s){some}: the metrics "
                   "are those of the checkpoint's other targets")
     datasets = [ds if i == t else None for i in range(len(config.tasks))]
     dtype = next(model.net.parameters()).dtype

@@ -166,8 +166,19 @@ def test_pickled_lmdb_is_not_opened(tmp_path):
     with env.begin(write=True) as txn:
         txn.put(b"0", pickle.dumps({"pos": 1}))
     env.close()
-    with pytest.raises(FileNotFoundError, match="--allow-pickle"):
+    with pytest.raises(FileNotFoundError, match=rf"convert them with `python -m jmp_ext.data convert {tmp_path}/oc20 "
+                                                rf"OUT_DIR --allow-pickle`"):
         LmdbDataset(tmp_path / "oc20")
+
+
+def test_a_directory_of_aselmdb_files_is_named_as_one(tmp_path):
+    """OMat24's directory of fairchem ASE LMDBs given to eval or training: only "no meta.json"."""
+    (tmp_path / "omat").mkdir()
+    (tmp_path / "omat" / "data.0000.aselmdb").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=rf"It holds .aselmdb files \(fairchem's ASE LMDBs, as OMat24's\): "
+                                                rf"convert them with `python -m jmp_ext.data convert {tmp_path}/omat "
+                                                rf"OUT_DIR`"):
+        LmdbDataset(tmp_path / "omat")
 
 
 def test_newer_format_version_is_refused(tmp_path, entries):

@@ -39,6 +39,7 @@ import functools
 import json
 import math
 import os
+import shlex
 import stat
 import struct
 import zipfile
@@ -395,9 +396,12 @@ def read_meta(path: str | Path) -> dict:
         parts = sorted(p.parent.name for p in path.glob(f"*/{META_FILE}")) if path.is_dir() else []
         if parts:  # (a split's parent: data/mine for data/mine/train)
             hint = f" It holds the datasets {', '.join(parts)}: give one of them, e.g. {path / parts[0]}."
+        elif path.is_dir() and any(path.glob("*.aselmdb")):
+            hint = (" It holds .aselmdb files (fairchem's ASE LMDBs, as OMat24's): convert them with `python -m "
+                    f"jmp_ext.data convert {shlex.quote(str(path))} OUT_DIR`.")
         elif path.is_dir() and any(path.glob("*.lmdb")):
             hint = (" It holds .lmdb files: if they are OC20/JMP-style pickled LMDBs, convert them "
-                    "with `python -m jmp_ext.data convert SRC DST --allow-pickle`.")
+                    f"with `python -m jmp_ext.data convert {shlex.quote(str(path))} OUT_DIR --allow-pickle`.")
         elif path.is_file():
             hint = " It is a file: `python -m jmp_ext.data convert` makes a dataset of a structure file."
         raise FileNotFoundError(f"{path} is not a jmp_ext dataset (no {META_FILE}).{hint}")

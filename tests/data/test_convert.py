@@ -1199,6 +1199,18 @@ def test_a_virial_is_stored_as_the_stress(tmp_path, frames, energy, forces, viri
                                        atol=1e-15)
 
 
+def test_a_virial_named_in_another_case_is_a_virial(tmp_path, frames):
+    """--stress-key Virial stored the virial as a stress (sign flipped, times the volume)."""
+    for atoms in frames:
+        atoms.info["Virial"] = (-atoms.get_stress(voigt=False) * atoms.get_volume()).reshape(-1)
+        atoms.calc.results.pop("stress")
+    ase.io.write(tmp_path / "in.extxyz", frames)
+    convert(tmp_path / "in.extxyz", tmp_path / "out", keys=KeyMap(stress="Virial"))
+    for entry, atoms in zip(LmdbDataset(tmp_path / "out"), frames):
+        np.testing.assert_allclose(entry["stress"].numpy(), -atoms.info["Virial"].reshape(3, 3) / atoms.get_volume(),
+                                   rtol=1e-12)
+
+
 def test_a_stress_named_virial_something_is_a_stress(tmp_path, frames):
     """Any stress key with "virial" in its name was divided by -V, a real stress too."""
     for atoms in frames:

@@ -156,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                         "none: drop them)")
     p.add_argument("--stress-key",
                    help="source key of the stress (default: REF_stress, stress, then a virial: REF_virial, "
-                        "REF_virials, virial, virials, dft_virial; a key of these names is a virial, stored "
-                        "as -virial/volume; none: drop it)")
+                        "REF_virials, virial, virials, dft_virial; a key of these names, in any case, is a virial, "
+                        "stored as -virial/volume; none: drop it)")
     p.add_argument("--property", action="append", default=[], metavar="NAME[=KEY][:UNIT]",
                    help="also store a per-structure property (repeatable), e.g. U_0:Hartree; UNIT must be "
                         "an energy unit, converted to eV (a property without one is stored as it is)")

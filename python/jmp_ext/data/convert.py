@@ -36,8 +36,11 @@ ENERGY_UNITS = {"eV": 1.0, "meV": 1e-3, "Hartree": units.Hartree, "Ry": units.Ry
 LENGTH_UNITS = {"Å": 1.0, "A": 1.0, "Bohr": units.Bohr, "nm": 10.0}
 LABELS = ("energy", "forces", "stress")
 # Keys holding a virial W (energy; W = -V stress): libAtoms/GAP's (dft_virial), MACE's (REF_virials;
-# virials before). Only these: a stress under another name with "virial" in it is a stress.
+# virials before); these names in any case (Virial, DFT_virial) too, as a key given with --stress-key
+# (otherwise stored as a stress: sign flipped, times the volume). Only these: a stress under another
+# name with "virial" in it (virial_stress) is a stress.
 VIRIAL_KEYS = ("REF_virial", "REF_virials", "virial", "virials", "dft_virial")
+_VIRIAL_NAMES = {key.lower() for key in VIRIAL_KEYS}
 # The usual source keys, in order: MACE's REF_*, ASE's, OC20's force, libAtoms/GAP's dft_*.
 DEFAULT_KEYS = {"energy": ("REF_energy", "energy", "dft_energy"),
                 "forces": ("REF_forces", "forces", "force", "dft_force", "dft_forces"),
@@ -52,8 +55,8 @@ class KeyMap:
         order (DEFAULT_KEYS; energy: REF_energy, energy, dft_energy, and y in pickled OC20/JMP
         LMDBs; forces: REF_forces, forces, force, dft_force, dft_forces; stress: REF_stress,
         stress, then the virials of VIRIAL_KEYS) in atoms.info / atoms.arrays / the attached
-        calculator (ASE) or the Data object (LMDB). A stress key of VIRIAL_KEYS holds a virial
-        W (energy), stored as the stress -W / V. The first entry holding a label fixes where it
+        calculator (ASE) or the Data object (LMDB). A stress key of VIRIAL_KEYS (in any case)
+        holds a virial W (energy), stored as the stress -W / V. The first entry holding a label fixes where it
         is read from, and every later entry must hold it there. Give a key explicitly to pick,
         e.g., free_energy or y_relaxed; an entry without it is then invalid. "none" drops the
         label, e.g. a stress only some frames carry: every entry must hold the same labels.
@@ -235,7 +238,7 @@ def _take_labels(entry: dict, sources: dict[str, dict], keys: KeyMap, report: Co
             raise fmt.DataError(f"{label} is a boolean ({np.asarray(value).tolist()}) in {location}, not a number")
         if label == "stress":
             value = _stress_3x3(value)
-            if key in VIRIAL_KEYS:
+            if key.lower() in _VIRIAL_NAMES:
                 value = _virial_to_stress(value, entry["cell"], entry["pbc"])
         entry[label] = value
 

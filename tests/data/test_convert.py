@@ -1649,11 +1649,26 @@ def test_hdf5_layouts_as_released(tmp_path):
     layout = {"positions": "positions", "energy": "wB97x_6-31G(d).energy", "forces": "wB97x_6-31G(d).forces"}
     write_conformations(tmp_path / "t1x.h5", layout, {"data/CH4O/rxn1": 3, "data/CH4O/rxn1/reactant": 1,
                                                       "data/CH4O/rxn1/product": 1,
-                                                      "data/CH4O/rxn1/transition_state": 1}, rng)
-    assert convert(tmp_path / "t1x.h5", tmp_path / "t1x").written == 5  # (path 3, reactant, product)
+                                                      "data/CH4O/rxn1/transition_state": 1, "data/CH4O/rxn2": 2},
+                        rng)
+    assert convert(tmp_path / "t1x.h5", tmp_path / "t1x").written == 7  # (path 3, product, reactant; path 2)
+    # A reaction's reactant and product (its path's end frames) are its own: one sid, so that
+    # split --group-by sid keeps them in one part (they were sids of their own, which put a
+    # path's end geometries in train and test both).
     assert [(int(e["sid"]), int(e["fid"])) for e in LmdbDataset(tmp_path / "t1x")] == [(0, 0), (0, 1), (0, 2),
-                                                                                     (1, 0), (2, 0)]
+                                                                                     (0, 3), (0, 4), (1, 0), (1, 1)]
     assert convert(tmp_path / "t1x.h5", tmp_path / "rxn", select="data/CH4O/rxn1/reactant").written == 1
+    convert(tmp_path / "t1x.h5", tmp_path / "rxn1", select="data/CH4O/rxn1")
+    assert [(int(e["sid"]), int(e["fid"])) for e in LmdbDataset(tmp_path / "rxn1")] == [(0, k) for k in range(5)]
+    with h5py.File(tmp_path / "root.h5", "w") as f:  # (the file's root is the group; "-end" sorts before ".")
+        for group in (f, f.create_group("-end")):
+            group["atomic_numbers"] = np.array([1, 1])
+            group["coordinates"] = np.array([[[0, 0, 0], [0.74, 0, 0]]])
+            group["wb97x_dz.energy"] = np.array([-1.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # (ANI-1x's units: eV here)
+        convert(tmp_path / "root.h5", tmp_path / "root")
+    assert [(int(e["sid"]), int(e["fid"])) for e in LmdbDataset(tmp_path / "root")] == [(0, 0), (0, 1)]
     # SPICE records units: Bohr positions read as Å are refused, with the option to give.
     layout = {"positions": "conformations", "energy": "dft_total_energy", "forces": "dft_total_gradient"}
     write_conformations(tmp_path / "spice.h5", layout, {"mol": 2}, rng)

@@ -766,19 +766,21 @@ def _label_array(where: str, label: str, key: str, values: np.ndarray, frames: i
 
 def _conformations(where: str, positions: np.ndarray, numbers: np.ndarray, labels: dict[str, np.ndarray],
                    sources: dict[str, str], report: ConvertReport, keys: KeyMap, sid: int | None,
-                   cell: np.ndarray | None = None, progress: bool = False) -> Iterator[tuple[str, dict]]:
+                   cell: np.ndarray | None = None, progress: bool = False, first_fid: int = 0
+                   ) -> Iterator[tuple[str, dict]]:
     """(where, entry) for each conformation of one molecule (npz and HDF5 files): positions
     [M, n, 3], labels {label: [M, ...]} read from `sources` {label: dataset}, which the report
     records with every entry (convert forgets them when a first entry is skipped). sid None:
-    each frame's index; else `sid` (its group) and the frame's index as fid. A cell [3, 3]:
-    periodic."""
+    each frame's index; else `sid` (its group) and first_fid + the frame's index as fid. A cell
+    [3, 3]: periodic."""
     n = len(numbers)
     for i in tqdm(range(len(positions)), desc=where, unit="structure", disable=not progress):
         for label, source in sources.items():
             report.labels.setdefault(label, source)
         entry = {"pos": positions[i], "atomic_numbers": numbers, "cell": np.zeros((3, 3)) if cell is None else cell,
                  "pbc": np.full(3, cell is not None), "tags": oc20_tags(np.zeros(n, np.int64)),
-                 "fixed": np.zeros(n, bool), "sid": i if sid is None else sid, **({} if sid is None else {"fid": i}),
+                 "fixed": np.zeros(n, bool), "sid": i if sid is None else sid,
+                 **({} if sid is None else {"fid": first_fid + i}),
                  **{label: values[i] for label, values in labels.items()}}
         yield f"{where} frame {i}", keys.to_ev_angstrom(entry)
 
@@ -835,7 +837,9 @@ def iter_hdf5(path: Path, keys: KeyMap, report: ConvertReport, select: str | Non
     `select`, e.g. Transition1x's data, itself included) that holds atomic_numbers and positions
     (HDF5_POSITION_KEYS), groups in name order, each object once however many hard links lead
     to it (soft and external links are not followed), _HDF5_SKIPPED_GROUPS left out. An entry's
-    sid is its group's index in that order, its fid its frame's. Labels: keys.energy /
+    sid numbers its group, or the group of conformations its group is inside (Transition1x's
+    reactant and product of a reaction's path: the path's end frames), its fid its frame within
+    that sid. Labels: keys.energy /
     keys.forces name the datasets (else HDF5_DEFAULT_KEYS); the first group holding a label
     fixes its dataset. Units a dataset records ("units" attribute) must be those read; a set of
     HDF5_KNOWN_UNITS read in others is warned of. Needs h5py."""
@@ -869,9 +873,13 @@ def iter_hdf5(path: Path, keys: KeyMap, report: ConvertReport, select: str | Non
                               "links other than hard ones are not followed)")
         located: dict[str, str] = {}  # label -> its dataset, fixed by the first group holding it
         warned = False
+        frames_of: dict[str, tuple[int, int]] = {}  # a group that is a sid's own -> (sid, frames given it)
         bar = tqdm(total=None, desc=str(path), unit="structure", disable=not progress)
         with bar:
-            for sid, name in enumerate(sorted(groups)):
+            for name in sorted(groups, key=lambda name: (name != ".", name)):
+                # (sorted: a group comes before the groups inside it)
+                owner = next((a for a in _ancestors(name) if a in frames_of), name)
+                sid, first_fid = frames_of.get(owner, (len(frames_of), 0))
                 group = root[name]
                 where = f"{path}:{group.name}"
                 numbers = np.asarray(group["atomic_numbers"]).reshape(-1)
@@ -907,9 +915,17 @@ def iter_hdf5(path: Path, keys: KeyMap, report: ConvertReport, select: str | Non
                 if known and not warned and not recorded:
                     warned = True
                     _warn_unrecorded_units(path, *known, keys)
-                for item in _conformations(where, positions, numbers, labels, sources, report, keys, sid):
+                frames_of[owner] = (sid, first_fid + frames)
+                for item in _conformations(where, positions, numbers, labels, sources, report, keys, sid,
+                                           first_fid=first_fid):
                     bar.update()
                     yield item
+
+
+def _ancestors(name: str) -> list[str]:
+    """The HDF5 groups a group's path `name` (relative, "." for the root) is inside, innermost first."""
+    parts = name.split("/")
+    return [*("/".join(parts[:k]) for k in range(len(parts) - 1, 0, -1)), *(["."] if name != "." else [])]
 
 
 # ----- pickled OC20 / JMP LMDBs --------------------------------------------------------------

@@ -482,8 +482,9 @@ def test_the_summary_gives_each_metric_its_unit(tiny_data, tmp_path, capsys):
     capsys.readouterr()
     assert main([str(path)]) == 0
     assert re.search(r"\n   val  mol/u0_mae +[-0-9.e+]+ +eV\n", capsys.readouterr().out)
-    summary = {"steps": 1, "epochs": 1.0, "stop": "max_steps", "seconds": 1.0, "structures_per_s": 1.0,
-               "atoms_per_s": 1.0, "test": {f"{task}/forces_mae": 0.0123, f"{task}/forces_cos": 0.5}}
+    summary = {"steps": 1, "epochs": 1.0, "stop": "max_steps", "seconds": 1.0, "wall_seconds": 1.5,
+               "structures_per_s": 1.0, "atoms_per_s": 1.0,
+               "test": {f"{task}/forces_mae": 0.0123, f"{task}/forces_cos": 0.5}}
     print_summary(config, summary)
     lines = capsys.readouterr().out.splitlines()
     assert any(re.fullmatch(rf"   test {task}/forces_mae +0\.0123 +eV/Å", line) for line in lines)

@@ -1,5 +1,6 @@
 """The training loop end to end on tiny data: resume, NaN handling, bad inputs, fine-tuning."""
 
+import contextlib
 import csv
 import os
 import re
@@ -1187,6 +1188,28 @@ def test_without_a_progress_bar_the_log_shows_steps_and_validations(tiny_data, t
     validations = [line for line in lines if " validation: mean of mol/forces_mae, box/forces_mae " in line]
     assert [line.split()[1] for line in validations] == ["2", "4"]
     assert "(the best yet: saved best.pt)" in validations[0]
+
+
+def test_throughput_leaves_validation_and_checkpoints_out(tiny_data, tmp_path, monkeypatch):
+    """structures/s was a mean over all the time since the start: it halved after a validation
+    (a slowdown that was not there), and the summary's "s training" counted validations."""
+    from jmp_ext.train import logger
+
+    clock = iter(range(0, 1000, 10))  # (each reading of the clock: 10 s later)
+    monkeypatch.setattr(logger.time, "perf_counter", lambda: float(next(clock)))
+    log = logger.RunLogger(tmp_path, enabled=False, start_step=0, total_steps=2, progress=False)
+    log.start_clock()  # 0
+    with log.paused():  # 10 .. 20
+        pass
+    log.step(structures=30, atoms=300)  # 30: 30 s since the start, 10 of them paused
+    figures = log.throughput()  # 40
+    assert figures["wall_seconds"] == 40 and figures["seconds"] == 30 and figures["structures_per_s"] == 1.0
+    monkeypatch.undo()
+    trainer = loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path / "run", max_steps=2)))
+    paused = []
+    trainer.log.paused = lambda: paused.append(1) or contextlib.nullcontext()
+    trainer.train()
+    assert len(paused) >= 3  # (a validation, best.pt and last.pt at least)
 
 
 def test_logged_training_figures_are_means_over_the_window(tiny_data, tmp_path):

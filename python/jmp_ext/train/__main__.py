@@ -62,8 +62,8 @@ def print_summary(config, summary: dict) -> None:
         print(f"   no steps left: the run had already finished at step {summary['steps']}")
     else:
         since = f" since resuming at step {summary['resumed_at_step']}" if "resumed_at_step" in summary else ""
-        print(f"   {summary['seconds']:.1f} s training{since}, {summary['structures_per_s']:.1f} structures/s, "
-              f"{summary['atoms_per_s']:.0f} atoms/s")
+        print(f"   {summary['seconds']:.1f} s training{since} ({summary['wall_seconds']:.1f} s with validation and "
+              f"checkpoints), {summary['structures_per_s']:.1f} structures/s, {summary['atoms_per_s']:.0f} atoms/s")
     for split in ("val", "test"):
         for name, value in (summary.get(split) or {}).items():
             print(f"   {split:4s} {name:40s} {value:<12.5g} {metric_unit(config, name)}".rstrip())

@@ -12,6 +12,7 @@ that step (a validation it repeats there).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import time
 from pathlib import Path
@@ -43,26 +44,41 @@ class RunLogger:
                         unit="step", dynamic_ncols=True)
         self.progress, self.total_steps = progress, total_steps
         self._t0 = time.perf_counter()
+        self._paused = 0.0  # seconds of validation and checkpoints since _t0
         self._structures = self._atoms = self._steps = 0
 
     def start_clock(self) -> None:
         """Throughput counts from here (after setup and scale-factor fitting)."""
-        self._t0 = time.perf_counter()
+        self._t0, self._paused = time.perf_counter(), 0.0
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time inside (a validation, a checkpoint) is not training time: throughput leaves it out
+        (it halved the structures/s shown after each validation)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._paused += time.perf_counter() - start
 
     def step(self, structures: int, atoms: int, **postfix: float) -> None:
         """One optimizer step done, on `structures` structures with `atoms` atoms (global batch)."""
         self._structures += structures
         self._atoms += atoms
         self._steps += 1
-        dt = max(time.perf_counter() - self._t0, 1e-9)
+        dt = max(time.perf_counter() - self._t0 - self._paused, 1e-9)
         self.bar.set_postfix({**{k: f"{v:.4g}" for k, v in postfix.items()},
                               "struct/s": f"{self._structures / dt:.1f}", "atoms/s": f"{self._atoms / dt:.0f}"},
                              refresh=False)
         self.bar.update(1)
 
     def throughput(self) -> dict[str, float]:
-        dt = max(time.perf_counter() - self._t0, 1e-9)
-        return {"structures_per_s": self._structures / dt, "atoms_per_s": self._atoms / dt, "seconds": dt}
+        """Structures and atoms per second of training, its seconds (validations and checkpoints
+        left out), and wall_seconds (all of it) since start_clock."""
+        wall = time.perf_counter() - self._t0
+        dt = max(wall - self._paused, 1e-9)
+        return {"structures_per_s": self._structures / dt, "atoms_per_s": self._atoms / dt, "seconds": dt,
+                "wall_seconds": wall}
 
     def log(self, step: int, split: str, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -83,7 +99,7 @@ class RunLogger:
     def _heartbeat(self, step: int, metrics: dict[str, float]) -> str:
         """'step 50/150: loss 0.4123, lr 0.001, 56.8 struct/s, 420 atoms/s, ETA 0:00:12'."""
         rates = self.throughput()
-        eta = int((self.total_steps - step) * rates["seconds"] / max(self._steps, 1))
+        eta = int((self.total_steps - step) * rates["wall_seconds"] / max(self._steps, 1))
         figures = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("loss", "lr") if k in metrics)
         return (f"step {step}/{self.total_steps}: {figures}, {rates['structures_per_s']:.1f} struct/s, "
                 f"{rates['atoms_per_s']:.0f} atoms/s, ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")

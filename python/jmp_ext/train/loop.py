@@ -647,7 +647,8 @@ class Trainer:
         c = self.config
         if not any(d.val is not None for d in self.data):
             return None
-        metrics = self.evaluate("val")
+        with self.log.paused():
+            metrics = self.evaluate("val")
         if not metrics:
             return None
         self.last_metrics, self.validated_step = metrics, self.step
@@ -661,7 +662,8 @@ class Trainer:
                        + (" (the best yet: saved best.pt)" if improved else f" (the best was {sign * self.best:.4g})"))
         if improved:
             self.best, self.bad_validations = value, 0
-            self.save_best(metrics)
+            with self.log.paused():
+                self.save_best(metrics)
         else:
             self.bad_validations += 1
         if c.loop.early_stop_patience and self.bad_validations >= c.loop.early_stop_patience:
@@ -707,7 +709,7 @@ class Trainer:
     def save_last(self) -> None:
         rngs = distributed.all_gather_object(rng_state())
         window = self._window_ranks()
-        with distributed.together():
+        with self.log.paused(), distributed.together():
             if self.main:
                 self._write_last(rngs, window)
 

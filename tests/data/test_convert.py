@@ -1681,6 +1681,13 @@ def test_hdf5_layouts_as_released(tmp_path):
     with pytest.raises(DataError, match=r"dft_total_energy records its units as 'hartree', but it is read as eV: "
                                         r"give --energy-unit Hartree"):
         convert(tmp_path / "spice.h5", tmp_path / "spice", keys=KeyMap(length_unit="Bohr"))
+    with h5py.File(tmp_path / "spice.h5", "a") as f:  # (the forces' unit was not checked)
+        f["mol/dft_total_gradient"].attrs["units"] = "hartree/angstrom"
+    with pytest.raises(DataError, match=r"dft_total_gradient records its units as 'hartree/angstrom', its length unit "
+                                        r"as 'angstrom', but it is read as Bohr: give --length-unit Å"):
+        convert(tmp_path / "spice.h5", tmp_path / "spice", keys=KeyMap(energy_unit="Hartree", length_unit="Bohr"))
+    with h5py.File(tmp_path / "spice.h5", "a") as f:
+        f["mol/dft_total_gradient"].attrs["units"] = "hartree/bohr"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # (units recorded and matched: nothing to warn of)
         convert(tmp_path / "spice.h5", tmp_path / "spice", keys=KeyMap(energy_unit="Hartree", length_unit="Bohr"))

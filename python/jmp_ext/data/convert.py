@@ -791,11 +791,16 @@ _UNIT_ALIASES = {"ang": "Å", "angstrom": "Å", "ha": "Hartree",
                  **{unit.lower(): unit for unit in (*ENERGY_UNITS, *LENGTH_UNITS)}}
 
 
-def _check_recorded_unit(what: str, recorded, given: str, option: str) -> None:
-    """A unit a file records (`what`: where) must be the one it is read in, `given`."""
+def _unit_text(recorded) -> str:
+    """A unit as a file records it (a string, bytes, a one-element array of either) as text."""
     recorded = np.asarray(recorded).reshape(-1)
     recorded = recorded[0].item() if recorded.size == 1 else recorded.tolist()
-    recorded = recorded.decode() if isinstance(recorded, bytes) else str(recorded)
+    return recorded.decode() if isinstance(recorded, bytes) else str(recorded)
+
+
+def _check_recorded_unit(what: str, recorded, given: str, option: str) -> None:
+    """A unit a file records (`what`: where) must be the one it is read in, `given`."""
+    recorded = _unit_text(recorded)
     unit = _UNIT_ALIASES.get(recorded.lower())
     table = ENERGY_UNITS if given in ENERGY_UNITS else LENGTH_UNITS
     if unit not in table:
@@ -874,7 +879,9 @@ def iter_hdf5(path: Path, keys: KeyMap, report: ConvertReport, select: str | Non
         located: dict[str, str] = {}  # label -> its dataset, fixed by the first group holding it
         warned = False
         frames_of: dict[str, tuple[int, int]] = {}  # a group that is a sid's own -> (sid, frames given it)
-        bar = tqdm(total=None, desc=str(path), unit="structure", disable=not progress)
+        shapes = [next(root[name][k].shape for k in HDF5_POSITION_KEYS if k in root[name]) for name in groups]
+        bar = tqdm(total=sum(shape[0] for shape in shapes if len(shape) == 3), desc=str(path), unit="structure",
+                   disable=not progress)
         with bar:
             for name in sorted(groups, key=lambda name: (name != ".", name)):
                 # (sorted: a group comes before the groups inside it)
@@ -901,9 +908,16 @@ def iter_hdf5(path: Path, keys: KeyMap, report: ConvertReport, select: str | Non
                     if key not in group:
                         raise SourceError(f"{where}: {label}: dataset {key!r} not found (available: "
                                           f"{', '.join(group)})")
-                    if label == "energy" and "units" in group[key].attrs:
+                    if "units" in group[key].attrs and label == "energy":
                         _check_recorded_unit(f"{where}/{key} records its units", group[key].attrs["units"],
                                              keys.energy_unit, "--energy-unit")
+                    elif "units" in group[key].attrs:  # (SPICE's gradient: hartree/bohr)
+                        recorded = _unit_text(group[key].attrs["units"])
+                        energy, _, length = recorded.rpartition("/")
+                        for part, unit, given, option in (("energy", energy, keys.energy_unit, "--energy-unit"),
+                                                          ("length", length, keys.length_unit, "--length-unit")):
+                            _check_recorded_unit(f"{where}/{key} records its units as {recorded!r}, its {part} unit",
+                                                 unit, given, option)
                     values = _label_array(where, label, key, np.asarray(group[key], dtype=np.float64), frames,
                                           len(numbers))
                     labels[label] = -values if key.endswith("gradient") else values

@@ -77,7 +77,7 @@ def stress_checkpoint(tmp_path_factory):
     return root / "run" / "best.pt"
 
 
-@pytest.mark.filterwarnings("ignore:element\\(s\\) \\[29\\] are not in the training data")  # (Cu: expected)
+@pytest.mark.filterwarnings("ignore:element\\(s\\) Cu \\(29\\) are not in the training data")  # (Cu: expected)
 @pytest.mark.filterwarnings("ignore:the model's graphs keep each atom's nearest neighbours only")  # (k = 8 in Cu)
 def test_a_stress_model_still_serves_molecules(stress_checkpoint, tmp_path):
     """Stress is undefined without a cell: the molecule gets energy and forces, and stress only
@@ -270,15 +270,15 @@ def test_elements_outside_the_training_data_are_pointed_out(checkpoint, tmp_path
         methanol.get_potential_energy()
     thiol = molecule("CH3SH")
     thiol.calc = JMPCalculator(checkpoint)
-    with pytest.warns(UserWarning, match=r"element\(s\) \[16\] are not in the training data of task 'mol'") as caught:
+    with pytest.warns(UserWarning, match=r"element\(s\) S \(16\) are not in the training data of task 'mol'") as caught:
         thiol.get_potential_energy()
     assert [w.filename for w in caught] == [__file__]  # (was jmp_ext/calculator.py)
     thiol.calc = SinglePointCalculator(thiol, energy=-1.0, forces=np.zeros((len(thiol), 3)))
     ase.io.write(tmp_path / "thiol.extxyz", thiol)
-    with pytest.warns(UserWarning, match=r"element\(s\) \[16\]"):
+    with pytest.warns(UserWarning, match=r"element\(s\) S \(16\)"):
         assert main(["predict", str(checkpoint), str(tmp_path / "thiol.extxyz"), "--out", str(tmp_path / "p.npz")]) == 0
     convert(tmp_path / "thiol.extxyz", tmp_path / "thiol")
-    with pytest.warns(UserWarning, match=r"element\(s\) \[16\] are not in the training data of task 'mol'"):
+    with pytest.warns(UserWarning, match=r"element\(s\) S \(16\) are not in the training data of task 'mol'"):
         assert main(["eval", str(checkpoint), str(tmp_path / "thiol")]) == 0  # (it said nothing)
 
 
@@ -293,8 +293,8 @@ def test_predict_warns_once_about_the_elements_of_all_batches(checkpoint, tmp_pa
         warnings.simplefilter("always")
         assert main(["predict", str(checkpoint), str(tmp_path / "in.extxyz"), "--out", str(tmp_path / "p.npz"),
                      "--batch-size", "1"]) == 0
-    assert [str(w.message) for w in caught] == [
-        "element(s) [14, 16, 17] are not in the training data of task 'mol': the predictions for them extrapolate"]
+    assert [str(w.message) for w in caught] == ["element(s) Si (14), S (16), Cl (17) are not in the training data of "
+                                                "task 'mol': the predictions for them extrapolate"]
 
 
 def test_predict_to_extxyz_streams_its_input(checkpoint, tmp_path, monkeypatch):
@@ -409,7 +409,7 @@ def test_the_energy_is_extensive(checkpoint):
     assert energies[1] == pytest.approx(2 * energies[0], abs=1e-9)
 
 
-@pytest.mark.filterwarnings("ignore:element\\(s\\) \\[29\\] are not in the training data")  # (Cu: expected)
+@pytest.mark.filterwarnings("ignore:element\\(s\\) Cu \\(29\\) are not in the training data")  # (Cu: expected)
 @pytest.mark.filterwarnings("ignore:the model's graphs keep each atom's nearest neighbours only")  # (k = 8 in Cu)
 def test_an_energy_alone_skips_the_gradients(stress_checkpoint, monkeypatch):
     """get_potential_energy() ran the gradient forces and stress too (a Monte Carlo step paid
@@ -692,7 +692,7 @@ def test_predict_writes_extxyz_with_the_labels_kept(checkpoint, stress_checkpoin
     crystal = bulk("Cu", "fcc", a=3.6, cubic=True)
     crystal.rattle(0.05, seed=1)
     ase.io.write(tmp_path / "cu.extxyz", crystal)
-    with pytest.warns(UserWarning, match=r"element\(s\) \[29\]"):
+    with pytest.warns(UserWarning, match=r"element\(s\) Cu \(29\)"):
         assert main(["predict", str(stress_checkpoint), str(tmp_path / "cu.extxyz"), "--out",
                      str(tmp_path / "cu_pred.extxyz")]) == 0
         assert main(["predict", str(stress_checkpoint), str(tmp_path / "cu.extxyz"), "--out",
@@ -701,7 +701,7 @@ def test_predict_writes_extxyz_with_the_labels_kept(checkpoint, stress_checkpoin
     assert stress == pytest.approx(np.load(tmp_path / "cu_pred.npz")["stress"][0], rel=1e-12)
     # One-atom cells: as many atoms as structures, and forces are still per atom.
     ase.io.write(tmp_path / "prim.extxyz", [bulk("Cu", "fcc", a=a) for a in (3.5, 3.6)])
-    with pytest.warns(UserWarning, match=r"element\(s\) \[29\]"):
+    with pytest.warns(UserWarning, match=r"element\(s\) Cu \(29\)"):
         assert main(["predict", str(stress_checkpoint), str(tmp_path / "prim.extxyz"), "--out",
                      str(tmp_path / "prim_pred.extxyz")]) == 0
     frames = ase.io.read(tmp_path / "prim_pred.extxyz", index=":")

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from ase import Atoms
+from ase.data import chemical_symbols
 
 from jmp_ext import cpu
 from jmp_ext.data import atoms_to_entry
@@ -121,7 +122,8 @@ def warn_about_inputs(model: TaskModel, task: int, elements: torch.Tensor, perio
     if seen is not None:
         unknown = elements[~seen[task].cpu()[elements]].tolist()
         if unknown:
-            warn_user(f"element(s) {unknown} are not in the training data of task {name!r}: the predictions "
+            named = ", ".join(f"{chemical_symbols[z]} ({z})" for z in unknown)
+            warn_user(f"element(s) {named} are not in the training data of task {name!r}: the predictions "
                       "for them extrapolate")
 
 

@@ -85,6 +85,14 @@ def test_defaults_and_types():
     ({}, "tasks.0.targets.0.name=gap.x", r"target 'gap.x': a target's name must be non-empty and without '\.'"),
     ({}, "tasks.0.targets.0.name=train", r"target 'train': 'train' is an attribute of torch's nn.ModuleDict"),
     ({}, "tasks.0.targets.0.name=training", r"target 'training': 'training' is an attribute of torch's nn.Module"),
+    # (options a target's kind does not use were accepted and ignored)
+    ({}, "tasks.0.targets=[{name: forces, kind: forces, reduction: mean}]",
+     r"target 'forces': reduction pools a head's per-atom outputs .*; forces have none to set"),
+    ({}, "tasks.0.targets=[{name: stress, kind: stress, normalize: false}]",
+     r"target 'stress': a stress is the energy's derivative, .*; normalize: false does not apply to it"),
+    ({}, "tasks.0={name: a, train: /data/a, forces: gradient, targets: [{name: energy, kind: energy}, "
+         "{name: forces, kind: forces, normalize: false}]}",
+     r"task 'a': gradient forces are the energy's derivative, .*; normalize: false on the forces target does not"),
 ])
 def test_bad_config_names_the_key(raw, override, match):
     with pytest.raises(ConfigError, match=match):

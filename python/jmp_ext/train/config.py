@@ -125,6 +125,12 @@ class TargetConfig:
             raise ConfigError(f"target {self.name!r}: reduction spatial_extent is JMP's R² head, for a kind scalar "
                               f"target with normalize: false and linref: false (it predicts sum_i s_i |r_i - COM|^2, "
                               f"which a mean, std or per-element references would not keep in that form)")
+        if self.kind in ("forces", "stress") and self.reduction != "sum":
+            raise ConfigError(f"target {self.name!r}: reduction pools a head's per-atom outputs (energy, scalar and "
+                              f"classification targets); {self.kind} have none to set")
+        if self.kind == "stress" and not self.normalize:
+            raise ConfigError(f"target {self.name!r}: a stress is the energy's derivative, scaled by the energy's "
+                              "std; normalize: false does not apply to it")
         if self.kind == "classification" and self.num_classes < 2:
             raise ConfigError(f"target {self.name!r}: classification needs num_classes >= 2")
         if self.class_weights is not None and len(self.class_weights) != self.num_classes:
@@ -211,6 +217,9 @@ class TaskConfig:
         names = [t.name for t in self.targets]
         if len(set(names)) != len(names):
             raise ConfigError(f"task {self.name!r}: duplicate target names {names}")
+        if self.gradient_forces and any(t.kind == "forces" and not t.normalize for t in self.targets):
+            raise ConfigError(f"task {self.name!r}: gradient forces are the energy's derivative, scaled by the "
+                              "energy's std; normalize: false on the forces target does not apply to them")
 
     @property
     def gradient_forces(self) -> bool:

@@ -85,6 +85,10 @@ def test_defaults_and_types():
     ({}, "tasks.0.targets.0.name=gap.x", r"target 'gap.x': a target's name must be non-empty and without '\.'"),
     ({}, "tasks.0.targets.0.name=train", r"target 'train': 'train' is an attribute of torch's nn.ModuleDict"),
     ({}, "tasks.0.targets.0.name=training", r"target 'training': 'training' is an attribute of torch's nn.Module"),
+    # (a stress target named as its source's key: "not in the dataset, convert with --stress-key")
+    ({}, "tasks.0.targets=[{name: REF_stress, kind: stress}]",
+     r"target 'REF_stress': kind stress is the dataset's 'stress' field .*: name the target stress"),
+    ({}, "tasks.0.targets=[{name: force, kind: forces}]", r"target 'force': kind forces is the dataset's 'forces'"),
     # (options a target's kind does not use were accepted and ignored)
     ({}, "tasks.0.targets=[{name: forces, kind: forces, reduction: mean}]",
      r"target 'forces': reduction pools a head's per-atom outputs .*; forces have none to set"),

@@ -117,6 +117,9 @@ class TargetConfig:
             raise ConfigError(f"target {self.name!r}: kind energy is the dataset's 'energy' field (its linear "
                               "references are fitted on it); use kind scalar with reduction sum for another "
                               "extensive property")
+        if self.kind in ("forces", "stress") and self.name != self.kind:
+            raise ConfigError(f"target {self.name!r}: kind {self.kind} is the dataset's {self.kind!r} field (convert "
+                              f"stores it under that name, whatever the source's key): name the target {self.kind}")
         if self.kind == "energy" and self.reduction != "sum":
             raise ConfigError(f"target energy: an energy is a sum over atoms (its forces and stress are its "
                               f"derivatives), not a {self.reduction}; for an intensive property (per-atom "

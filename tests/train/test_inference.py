@@ -822,6 +822,7 @@ def test_predict_carries_oc20s_sid_and_fid(checkpoint, tmp_path):
     assert main(["predict", str(checkpoint), str(tmp_path / "ds"), "--out", str(tmp_path / "p.extxyz")]) == 0
     frames = ase.io.read(tmp_path / "p.extxyz", ":")
     assert [(a.info["sid"], a.info["fid"]) for a in frames] == [(70, 0), (70, 1), (71, 0), (71, 1)]
+    assert not [key for key in frames[0].info if key.endswith("id") and key.startswith("predicted_")]  # (the input's)
 
 
 def test_eval_reads_a_file_in_its_units(checkpoint, tmp_path, capsys):

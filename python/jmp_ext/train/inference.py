@@ -554,7 +554,7 @@ def write_predictions_extxyz(out: Path, images, arrays: dict[str, np.ndarray], p
             if m == len(natoms) or structure_fingerprint(None, atoms) != fingerprints[m]:
                 raise changed
             for name, value in arrays.items():
-                if name in ("natoms", "sid", "valid"):
+                if name in ("natoms", "sid", "fid", "valid"):  # (not predictions: the input's own)
                     continue
                 if m == 0 and f"predicted_{name}" in {**atoms.info, **atoms.arrays}:
                     warn_user(f"the input already has predicted_{name}: the output replaces it")

@@ -277,6 +277,68 @@ def test_a_fixed_column_marks_fixed_atoms(tmp_path, frames):
         convert(tmp_path / "bad.extxyz", tmp_path / "bad")
 
 
+def write_frame_log(path, frames: range, references=True, skip=()):
+    """An OC20 S2EF frame log: random<sid>,frame<fid>,<reference energy> per frame (two per sid)."""
+    lines = [f"random{500 + k // 2},frame{k % 2}" + (f",{-2.5 * k - 0.125}" if references else "") + "\n"
+             for k in frames if k not in skip]
+    path.write_text("".join(lines))
+
+
+def test_oc20_s2ef_extxyz_directories_with_their_frame_logs(tmp_path, frames):
+    """OC20's S2EF comes as a directory of N.extxyz (or .extxyz.xz) with N.txt beside each, a line
+    per frame: random<sid>,frame<fid>,<reference energy>. convert took one file at a time, and its
+    sid was the frame index (the logs were not read), its energies total ones without a word."""
+    import lzma
+
+    folder = tmp_path / "s2ef"
+    folder.mkdir()
+    ase.io.write(folder / "10.extxyz", frames[3:])  # (natural order: 2 before 10)
+    write_frame_log(folder / "10.txt", range(3, 6))
+    with lzma.open(folder / "2.extxyz.xz", "wt") as f:  # (as downloaded, log and all)
+        ase.io.write(f, frames[:3], format="extxyz")
+    with lzma.open(folder / "2.txt.xz", "wt") as f:
+        f.write("".join(f"random{500 + k // 2},frame{k % 2},{-2.5 * k - 0.125}\n" for k in range(3)))
+    total = [atoms.get_potential_energy() for atoms in frames]
+    with pytest.warns(UserWarning, match=r"the energies are the extxyz files' total DFT energies; OC20's S2EF .* "
+                                         r"convert with --subtract-reference"):
+        convert(folder, tmp_path / "total")
+    ds = LmdbDataset(tmp_path / "total")
+    assert [(int(e["sid"]), int(e["fid"])) for e in ds] == [(500 + k // 2, k % 2) for k in range(6)]
+    assert [float(e["energy"]) for e in ds] == pytest.approx(total, rel=1e-12)
+    assert ds.info["oc20_frame_logs"] == {"files": 2, "reference_energy": "kept"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (referenced: nothing to warn of)
+        convert(folder, tmp_path / "referenced", subtract_reference=True)
+    referenced = [float(e["energy"]) for e in LmdbDataset(tmp_path / "referenced")]
+    assert referenced == pytest.approx([e + 2.5 * k + 0.125 for k, e in enumerate(total)], rel=1e-12)
+    assert main(["convert", str(folder), str(tmp_path / "cli"), "--subtract-reference"]) == 0
+    # A log that does not match its file is an error naming both, not a sid off by a frame.
+    write_frame_log(folder / "10.txt", range(3, 6), skip=(5,))
+    with pytest.raises(DataError, match=r"10\.txt lists 2 frames, fewer than .*10\.extxyz holds"):
+        convert(folder, tmp_path / "short")
+    write_frame_log(folder / "10.txt", range(3, 7))
+    with pytest.raises(DataError, match=r"10\.txt lists 4 frames, .*10\.extxyz holds 3"):
+        convert(folder, tmp_path / "long", skip_invalid=True)
+    (folder / "10.txt").write_text("random501,frame1,-1.0\nrandom5O2,frame0,-1.0\n")
+    with pytest.raises(DataError, match=r"10\.txt: line 2 reads 'random5O2,frame0,-1\.0', not random<sid>,frame<fid>"):
+        convert(folder, tmp_path / "bad")
+    write_frame_log(folder / "10.txt", range(3, 6), references=False)  # (a test split's: no energies)
+    with pytest.raises(DataError, match=r"10\.txt has no reference energies"):
+        convert(folder, tmp_path / "test", subtract_reference=True)
+    (folder / "10.txt").unlink()
+    with pytest.raises(DataError, match=r"10\.extxyz: no OC20 frame log beside it \(10\.txt, 10\.txt\.xz\)"):
+        convert(folder, tmp_path / "nolog", subtract_reference=True)
+    # Without logs: the sid counts the frames on from the earlier files'.
+    (folder / "2.txt.xz").unlink()
+    convert(folder, tmp_path / "plain")
+    ds = LmdbDataset(tmp_path / "plain")
+    assert [int(e["sid"]) for e in ds] == list(range(6)) and "fid" not in ds.schema
+    assert ds.info["index_offsets"] == {"2.extxyz.xz": 0, "10.extxyz": 3}
+    (folder / "0.lmdb").write_bytes(b"")
+    with pytest.raises(DataError, match=r"s2ef holds .lmdb \(OC20/JMP's\) and extxyz or xyz files: put each kind"):
+        convert(folder, tmp_path / "mixed")
+
+
 def test_the_sources_sid_and_fid_are_kept(tmp_path, frames):
     """The stored sid was the frame index (the row id of an ASE db) even where the source gave
     OC20's sid and fid, which results are keyed by (sid_fid): predictions could not be mapped
@@ -390,7 +452,7 @@ def test_fairchem_aselmdb_files_and_directories(tmp_path, frames, capsys):
         # Each file numbers its rows from 1: sids are shifted by the earlier files' rows, so that
         # no two structures share one (split --group-by sid, predictions mapped back).
         assert [int(e["sid"]) for e in ds] == [1, 2, 3, 4, 5, 6]
-        assert ds.info["row_id_offsets"] == {"data.0000.aselmdb": 0, "data.0001.aselmdb": 3}
+        assert ds.info["index_offsets"] == {"data.0000.aselmdb": 0, "data.0001.aselmdb": 3}
         for k, atoms in enumerate(frames):
             entry = ds[k]
             np.testing.assert_array_equal(entry["pos"], atoms.positions)
@@ -429,7 +491,7 @@ def test_directories_of_lmdb_files_that_convert_cannot_take_whole(tmp_path):
     (tmp_path / "mixed").mkdir()
     for name in ("a.aselmdb", "oc20.lmdb"):
         (tmp_path / "mixed" / name).write_bytes(b"")
-    with pytest.raises(DataError, match=r"mixed holds both .aselmdb \(fairchem's ASE LMDBs\) and .lmdb files"):
+    with pytest.raises(DataError, match=r"mixed holds .aselmdb \(fairchem's ASE LMDBs\) and .lmdb \(OC20/JMP's\) files: put "):
         convert(tmp_path / "mixed", tmp_path / "out")
     (tmp_path / "omat" / "rattled-1000").mkdir(parents=True)
     (tmp_path / "omat" / "rattled-1000" / "data.0000.aselmdb").write_bytes(b"")

@@ -171,14 +171,20 @@ def test_pickled_lmdb_is_not_opened(tmp_path):
         LmdbDataset(tmp_path / "oc20")
 
 
-def test_a_directory_of_aselmdb_files_is_named_as_one(tmp_path):
-    """OMat24's directory of fairchem ASE LMDBs given to eval or training: only "no meta.json"."""
+def test_a_directory_of_source_files_is_named_as_one(tmp_path):
+    """OMat24's directory of fairchem ASE LMDBs, or OC20's of S2EF extxyz, given to eval or training: only
+    "no meta.json"."""
     (tmp_path / "omat").mkdir()
     (tmp_path / "omat" / "data.0000.aselmdb").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match=rf"It holds .aselmdb files \(fairchem's ASE LMDBs, as OMat24's\): "
                                                 rf"convert them with `python -m jmp_ext.data convert {tmp_path}/omat "
                                                 rf"OUT_DIR`"):
         LmdbDataset(tmp_path / "omat")
+    (tmp_path / "s2ef").mkdir()
+    (tmp_path / "s2ef" / "0.extxyz.xz").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=rf"It holds extxyz or xyz files: convert them into one dataset with "
+                                                rf"`python -m jmp_ext.data convert {tmp_path}/s2ef OUT_DIR`"):
+        LmdbDataset(tmp_path / "s2ef")
 
 
 def test_newer_format_version_is_refused(tmp_path, entries):

@@ -44,7 +44,8 @@ def cmd_convert(args) -> None:
     report = convert(args.src, args.dst, keys=keys, source_format=args.format,
                      allow_pickle=args.allow_pickle, skip_invalid=args.skip_invalid,
                      select=args.select, overwrite=args.overwrite, shard_size=args.shard_size,
-                     float_dtype=np.float32 if args.float32 else np.float64, progress=True)
+                     float_dtype=np.float32 if args.float32 else np.float64, progress=True,
+                     subtract_reference=args.subtract_reference)
     print(f"wrote {report.written} entries to {args.dst}")
     # (in the source's units, converted: said, as a property's unit is, since no file records it;
     # the KeyMap's names, one for Å)
@@ -53,7 +54,10 @@ def cmd_convert(args) -> None:
     for label, source in report.labels.items():
         unit = source_units[label]
         print(f"  {label} <- {source}" + (f", {unit} converted to {fmt.UNITS[label]}" if unit != fmt.UNITS[label]
-                                          else ""))
+                                          else "") + (" minus the frame logs' reference energies"
+                                                      if label == "energy" and args.subtract_reference else ""))
+    if report.oc20_logs:
+        print(f"  sid, fid <- the OC20 frame logs (.txt) of {report.oc20_logs} file(s)")
     if length != "Å":
         print(f"  positions and cell: {length} converted to Å")
     for name, key in properties.items():
@@ -137,9 +141,10 @@ def main(argv: list[str] | None = None) -> int:
 
     p = commands.add_parser("convert", help="convert extxyz / ASE db / OC20-style LMDB / sGDML or rMD17 npz / "
                                             "ANI-1x, Transition1x or SPICE HDF5")
-    p.add_argument("src", help="extxyz or other ase.io file, ASE .db, fairchem .aselmdb (dir), OC20/JMP .lmdb "
-                               "(dir), an sGDML (MD17, MD22) or rMD17 .npz, or an HDF5 file of conformations "
-                               "(ANI-1x, Transition1x, SPICE; needs h5py)")
+    p.add_argument("src", help="extxyz or other ase.io file (or a directory of extxyz / xyz files, as OC20's S2EF), "
+                               "ASE .db, fairchem .aselmdb (dir), OC20/JMP .lmdb (dir), an sGDML (MD17, MD22) or "
+                               "rMD17 .npz, or an HDF5 file of conformations (ANI-1x, Transition1x, SPICE; needs "
+                               "h5py)")
     p.add_argument("dst")
     p.add_argument("--format", choices=["ase", "ase-db", "lmdb", "npz", "hdf5"], help="default: from SRC")
     p.add_argument("--allow-pickle", action="store_true",
@@ -168,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="the source's length unit: positions and cell, and the forces and stress with "
                         "--energy-unit (forces in another unit pair, e.g. Hartree/Bohr beside Å positions, "
                         "are not supported: convert them first)")
+    p.add_argument("--subtract-reference", action="store_true",
+                   help="OC20 S2EF: subtract each frame's reference energy, from the frame log (N.txt) beside "
+                        "its N.extxyz, from its energy, as OC20's S2EF LMDBs and models have it (the logs' sid "
+                        "and fid are read either way)")
     p.add_argument("--select", help="ASE db query selecting rows, or the HDF5 group to read (Transition1x's data, "
                                      "train, val or test)")
     p.add_argument("--float32", action="store_true", help="store floats as float32 (energies stay float64, "

@@ -12,6 +12,7 @@ import importlib
 import io
 import itertools
 import pickle
+import re
 import reprlib
 from collections.abc import Iterator
 from contextlib import closing
@@ -188,9 +189,13 @@ class ConvertReport:
     # the first source sid or fid met that is no integer (OC22's and OMat24's sids are strings),
     # (key, its value shortened), warned of: numbered instead, or -1
     unusable_identifier: tuple[str, str] | None = None
-    # a directory of ASE databases: file name -> what its row ids are shifted by to make sids
-    # unique across the files (the earlier files' largest ids, summed)
-    row_id_offsets: dict[str, int] = field(default_factory=dict)
+    # a directory of source files: file name -> what the indices of its structures (frame indices,
+    # ASE db row ids) are shifted by to make sids unique across the files
+    index_offsets: dict[str, int] = field(default_factory=dict)
+    # OC20 S2EF frame logs read (each extxyz's .txt: sid, fid and reference energy per frame), and
+    # those of them with reference energies (not the test splits')
+    oc20_logs: int = 0
+    oc20_logs_with_references: int = 0
     # structures written with forces and both fixed and free atoms, and those of them whose fixed
     # atoms' forces are all exactly zero while a free atom's is not (constrained forces)
     fixed_with_forces: int = 0
@@ -500,11 +505,27 @@ def is_number(value) -> bool:
 _MAX_UNPARSED_IN_A_ROW = 10
 
 
-def iter_ase_file(path: Path, keys: KeyMap, report: ConvertReport, progress: bool = False
-                  ) -> Iterator[tuple[str, object]]:
-    """(where, entry or exception) for every structure of a file ase.io reads (extxyz, traj).
-    A structure ase.io cannot parse is yielded as a DataError, and reading goes on after it;
-    a file that ase.io would read only in part is a DataError raised (not one to skip)."""
+def iter_ase_file(path: Path, keys: KeyMap, report: ConvertReport, progress: bool = False,
+                  subtract_reference: bool = False) -> Iterator[tuple[str, object]]:
+    """(where, entry or exception) for every structure of a file ase.io reads (extxyz, traj), or
+    of a directory of extxyz / xyz files (structure_files; a structure's index, its sid unless it
+    has its own, counts on from the earlier files': report.index_offsets). An extxyz with OC20
+    S2EF's frame log beside it (oc20_frame_log) takes each frame's sid and fid from it, and with
+    `subtract_reference` has its reference energy subtracted from the energy, as OC20's S2EF
+    LMDBs do. A structure ase.io cannot parse is yielded as a DataError, and reading goes on
+    after it; a file that ase.io would read only in part is a DataError raised (not one to skip)."""
+    files = structure_files(path) if path.is_dir() else [path]
+    offset = 0
+    for file in files:
+        if path.is_dir():
+            report.index_offsets[file.name] = offset
+        offset += yield from _iter_structure_file(file, keys, report, progress, offset, subtract_reference)
+
+
+def _iter_structure_file(path: Path, keys: KeyMap, report: ConvertReport, progress: bool, offset: int,
+                         subtract_reference: bool) -> Iterator[tuple[str, object]]:
+    """iter_ase_file's work for one file, its structures' indices after `offset`; returns how many
+    structures it holds."""
     from ase.io.formats import filetype
 
     try:
@@ -516,19 +537,84 @@ def iter_ase_file(path: Path, keys: KeyMap, report: ConvertReport, progress: boo
         raise
     except Exception as error:  # (ase.io's UnknownFileTypeError, a compressed file that is not)
         raise UnreadableSource(f"{path}: ase.io cannot read it ({type(error).__name__}: {error})") from error
+    log = oc20_frame_log(path) if kind == "extxyz" else None
+    if subtract_reference and log is None:
+        raise SourceError(f"{path}: no OC20 frame log beside it ({_log_names(path)}) to take the reference energies "
+                          "from")
+    if subtract_reference and any(reference is None for _, _, reference in log[1]):
+        raise SourceError(f"{log[0]} has no reference energies (OC20's test logs list sid and fid alone)")
+    report.oc20_logs += log is not None
+    report.oc20_logs_with_references += log is not None and all(reference is not None for _, _, reference in log[1])
+    index = -1
     # (the bar closed with the stream, before an error is printed: not on the same line after it)
     with tqdm(desc=str(path), unit="structure", disable=not progress) as bar:
         frames = _parsed_extxyz_structures(path) if kind == "extxyz" else _parsed_structures(path, kind)
         for index, atoms in enumerate(frames):
             where = f"{path} structure {index}"
+            if log is not None and index >= len(log[1]):
+                raise SourceError(f"{log[0]} lists {len(log[1])} frames, fewer than {path} holds")
             if isinstance(atoms, fmt.DataError):
                 yield where, atoms
                 continue
             bar.update()
             try:
-                yield where, _atoms_entry(atoms, keys, report, index)
+                if log is not None:
+                    atoms.info["sid"], atoms.info["fid"], reference = log[1][index]
+                entry = _atoms_entry(atoms, keys, report, offset + index)
+                if subtract_reference and "energy" in entry:
+                    entry["energy"] = entry["energy"] - reference
+                yield where, entry
             except Exception as error:
                 yield where, error
+    if log is not None and index + 1 != len(log[1]):
+        raise SourceError(f"{log[0]} lists {len(log[1])} frames, {path} holds {index + 1}")
+    return index + 1
+
+
+# Files of structures a directory may hold for iter_ase_file (OC20's S2EF: 0.extxyz.xz, ...).
+_STRUCTURE_FILE = re.compile(r".+\.(extxyz|xyz)(\.(xz|gz|bz2))?")
+
+
+def structure_files(path: Path) -> list[Path]:
+    """The extxyz and xyz files (compressed ones too) of directory `path`, in natural order
+    (2.extxyz before 10.extxyz)."""
+    def natural(file: Path) -> list:
+        return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", file.name)]
+
+    return sorted((f for f in path.iterdir() if _STRUCTURE_FILE.fullmatch(f.name) and f.is_file()), key=natural)
+
+
+def _log_names(path: Path) -> str:
+    stem = re.sub(r"\.extxyz(\.(xz|gz|bz2))?$", "", path.name)
+    return ", ".join(f"{stem}.txt{suffix}" for suffix in ("", ".xz"))
+
+
+def oc20_frame_log(path: Path) -> tuple[Path, list[tuple[int, int, float | None]]] | None:
+    """OC20 S2EF's log of the extxyz `path` (0.extxyz or 0.extxyz.xz: 0.txt or 0.txt.xz beside
+    it), (its path, [(sid, fid, reference energy in eV or None), ...] per frame), from lines
+    "random<sid>,frame<fid>,<reference energy>" (the test splits' have no energy); None when
+    there is no such file, or its first line is not one of these."""
+    from ase.io.formats import open_with_compression
+
+    log = next((path.with_name(name) for name in _log_names(path).split(", ") if path.with_name(name).is_file()),
+               None)
+    if log is None:
+        return None
+    frames = []
+    with open_with_compression(str(log)) as file:
+        for number, line in enumerate(file, 1):
+            found = re.fullmatch(r"random(\d+),frame(\d+)(?:,(.*))?", line.strip())
+            if found is None and number == 1:
+                return None
+            try:
+                reference = None if found is None or found[3] is None else float(found[3])
+            except ValueError:
+                found = None
+            if found is None:
+                raise SourceError(f"{log}: line {number} reads {line.strip()[:60]!r}, not random<sid>,frame<fid>,"
+                                  "<reference energy> as OC20's frame logs")
+            frames.append((int(found[1]), int(found[2]), reference))
+    return log, frames
 
 
 def _parsed_extxyz_structures(path: Path) -> Iterator[Atoms | fmt.DataError]:
@@ -649,7 +735,7 @@ def iter_ase_db(path: Path, keys: KeyMap, report: ConvertReport, select: str | N
     fairchem's ASE LMDBs (an .aselmdb file, or a directory of them, read in name order: OMat24,
     OMol25); key_value_pairs and data are searched for labels and properties after the
     calculator results. A row's index (its sid, unless it has its own) is its row id, plus in a
-    directory the earlier files' largest row ids (report.row_id_offsets), so that no two files'
+    directory the earlier files' largest row ids (report.index_offsets), so that no two files'
     rows share one."""
     import ase.db
     from ase.db.core import parse_selection
@@ -665,7 +751,7 @@ def iter_ase_db(path: Path, keys: KeyMap, report: ConvertReport, select: str | N
     offset = 0  # (each file numbers its rows from 1: a sid numbered by rows is row id + offset)
     for file in files:
         if path.is_dir():
-            report.row_id_offsets[file.name] = offset
+            report.index_offsets[file.name] = offset
         if file.suffix == ".aselmdb":
             try:  # (ase.db reads them through fairchem's backend package)
                 importlib.import_module("ase_db_backends.aselmdb")
@@ -1147,11 +1233,15 @@ def _refuse_jmp_ext(src: Path) -> None:
 
 
 def detect_format(src: Path) -> str:
-    if src.is_dir() and any(src.glob("*.aselmdb")):
-        if any(src.glob("*.lmdb")):  # (one kind would be converted, the other left out)
-            raise fmt.DataError(f"{src} holds both .aselmdb (fairchem's ASE LMDBs) and .lmdb files (OC20/JMP's): "
-                                "put each kind in a directory of its own")
-        return "ase-db"
+    if src.is_dir():
+        held = {".aselmdb (fairchem's ASE LMDBs)": ("ase-db", any(src.glob("*.aselmdb"))),
+                ".lmdb (OC20/JMP's)": ("lmdb", any(src.glob("*.lmdb"))),
+                "extxyz or xyz": ("ase", bool(structure_files(src)))}
+        kinds = {name: kind for name, (kind, present) in held.items() if present}
+        if len(kinds) > 1:  # (one kind would be converted, the others left out)
+            raise fmt.DataError(f"{src} holds {' and '.join(kinds)} files: put each kind in a directory of its own")
+        if kinds:
+            return next(iter(kinds.values()))
     # (ase.io would read a .json database without its key-value pairs)
     if src.suffix in (".db", ".json", ".aselmdb"):
         return "ase-db"
@@ -1191,15 +1281,17 @@ def _isolated_atom(entry: dict, where: str) -> bool:
 def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
             source_format: str | None = None, allow_pickle: bool = False,
             skip_invalid: bool = False, select: str | None = None, overwrite: bool = False,
-            float_dtype=np.float64, shard_size: int = 5000, progress: bool = False) -> ConvertReport:
+            float_dtype=np.float64, shard_size: int = 5000, progress: bool = False,
+            subtract_reference: bool = False) -> ConvertReport:
     """Convert `src` into a new dataset at `dst` (atomically).
 
     source_format: "ase" (extxyz, traj, anything ase.io reads), "ase-db" (ASE databases, and
         fairchem's .aselmdb files with the ase-db-backends package), "lmdb" (pickled OC20/JMP) or
         "npz" (a molecule's trajectory as sGDML and rMD17 store it: iter_npz) or "hdf5"
         (conformations as ANI-1x, Transition1x and SPICE store them: iter_hdf5); default from
-        the path: *.db, *.json, *.aselmdb or a directory of .aselmdb files is "ase-db", another
-        directory or *.lmdb "lmdb", *.npz "npz", *.h5 or *.hdf5 "hdf5".
+        the path: *.db, *.json, *.aselmdb or a directory of .aselmdb files is "ase-db", a
+        directory of extxyz / xyz files "ase", another directory or *.lmdb "lmdb", *.npz "npz",
+        *.h5 or *.hdf5 "hdf5".
     allow_pickle: required for "lmdb": reading pickles can run code. Globals are restricted to
         torch tensors, numpy arrays and torch_geometric containers, but only convert files
         you trust.
@@ -1209,6 +1301,9 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
         still an error.
     select: an ASE db query for "ase-db"; the group to read for "hdf5" (Transition1x's data).
     progress: a progress bar of the structures read (tqdm, on stderr).
+    subtract_reference: subtract from each energy the reference energy of the OC20 S2EF frame
+        log beside its extxyz (oc20_frame_log), as OC20's S2EF LMDBs and models have it; without,
+        a log gives sid and fid alone, and a warning says the energies are total ones.
 
     A single atom without periodic images within ISOLATED_ATOM_CUTOFF (such as MACE's
     isolated-atom E0 frames, or a periodic code's atom in a large box) is invalid: GemNet-OC
@@ -1224,6 +1319,9 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
     if select is not None and kind not in ("ase-db", "hdf5"):
         raise ValueError(f"select (an ASE db query, an HDF5 group) applies to ASE databases and HDF5 files, not to "
                          f"a {kind!r} source")
+    if subtract_reference and (kind != "ase" or ENERGY_UNITS[keys.energy_unit] != 1.0):
+        raise ValueError("subtract_reference (OC20 S2EF's reference energies, in eV) applies to extxyz files with "
+                         f"their frame logs, read in eV, not to a {kind!r} source in {keys.energy_unit}")
     report = ConvertReport()
     if kind == "lmdb":
         _refuse_jmp_ext(src)
@@ -1236,7 +1334,7 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
     elif kind == "ase-db":
         stream = iter_ase_db(src, keys, report, select, progress)
     elif kind == "ase":
-        stream = iter_ase_file(src, keys, report, progress)
+        stream = iter_ase_file(src, keys, report, progress, subtract_reference)
     elif kind == "npz":
         stream = iter_npz(src, keys, report, progress)
     elif kind == "hdf5":
@@ -1300,8 +1398,11 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
         # meta.json of hundreds of MB, read at every open)
         writer.info.update(labels=report.labels, skipped=report.skipped[:_SKIPPED_RECORDED],
                            skipped_count=len(report.skipped))
-        if report.row_id_offsets and "sid" not in (report.identifiers or ()):
-            writer.info["row_id_offsets"] = report.row_id_offsets
+        if report.index_offsets and "sid" not in (report.identifiers or ()):
+            writer.info["index_offsets"] = report.index_offsets
+        if report.oc20_logs:
+            writer.info["oc20_frame_logs"] = {"files": report.oc20_logs,
+                                              "reference_energy": "subtracted" if subtract_reference else "kept"}
     found = {label: source for label, source in report.labels.items() if getattr(keys, label) is None}
     if len({"REF_" in source for source in found.values()}) > 1:  # (keys the user named are his choice)
         sources = ", ".join(f"{k} from {v}" for k, v in found.items())
@@ -1314,6 +1415,10 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
                    else "the sids are frame indices or row ids instead" if key == "sid" else "no fid is stored")
         warn_user(f"{dst}: the source's {key} {value!r} is no integer, and jmp_ext stores integer identifiers: "
                   f"{instead}. To keep the source's names, map them to integers in the source first")
+    if report.written and report.oc20_logs_with_references and not subtract_reference and "energy" in report.labels:
+        warn_user(f"{dst}: the energies are the extxyz files' total DFT energies; OC20's S2EF LMDBs and models have "
+                  "them minus the reference energies (clean slab and gas-phase adsorbate) that its frame logs list: "
+                  "convert with --subtract-reference for those (the logs' sid and fid are read either way)")
     if report.implausible_stresses * 2 > report.stresses:
         warn_user(f"{dst}: {report.implausible_stresses} of the {report.stresses} stresses have a component over "
                   f"{PLAUSIBLE_STRESS} eV/Å^3 (80 GPa): stress is stored in eV/Å^3 (ASE's unit), converted from the "

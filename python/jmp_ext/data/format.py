@@ -396,6 +396,9 @@ def read_meta(path: str | Path) -> dict:
         parts = sorted(p.parent.name for p in path.glob(f"*/{META_FILE}")) if path.is_dir() else []
         if parts:  # (a split's parent: data/mine for data/mine/train)
             hint = f" It holds the datasets {', '.join(parts)}: give one of them, e.g. {path / parts[0]}."
+        elif path.is_dir() and (any(path.glob("*.extxyz*")) or any(path.glob("*.xyz*"))):
+            hint = (" It holds extxyz or xyz files: convert them into one dataset with `python -m jmp_ext.data "
+                    f"convert {shlex.quote(str(path))} OUT_DIR`.")
         elif path.is_dir() and any(path.glob("*.aselmdb")):
             hint = (" It holds .aselmdb files (fairchem's ASE LMDBs, as OMat24's): convert them with `python -m "
                     f"jmp_ext.data convert {shlex.quote(str(path))} OUT_DIR`.")

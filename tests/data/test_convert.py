@@ -312,6 +312,10 @@ def test_oc20_s2ef_extxyz_directories_with_their_frame_logs(tmp_path, frames):
     referenced = [float(e["energy"]) for e in LmdbDataset(tmp_path / "referenced")]
     assert referenced == pytest.approx([e + 2.5 * k + 0.125 for k, e in enumerate(total)], rel=1e-12)
     assert main(["convert", str(folder), str(tmp_path / "cli"), "--subtract-reference"]) == 0
+    # (Windows line ends and a blank line at the end, as an editor leaves them)
+    (folder / "10.txt").write_text((folder / "10.txt").read_text().replace("\n", "\r\n") + "\r\n")
+    convert(folder, tmp_path / "crlf", subtract_reference=True)
+    assert [float(e["energy"]) for e in LmdbDataset(tmp_path / "crlf")] == referenced
     # A log that does not match its file is an error naming both, not a sid off by a frame.
     write_frame_log(folder / "10.txt", range(3, 6), skip=(5,))
     with pytest.raises(DataError, match=r"10\.txt lists 2 frames, fewer than .*10\.extxyz holds"):

@@ -603,6 +603,8 @@ def oc20_frame_log(path: Path) -> tuple[Path, list[tuple[int, int, float | None]
     frames = []
     with open_with_compression(str(log)) as file:
         for number, line in enumerate(file, 1):
+            if not line.strip():  # (a blank line, such as an editor leaves at the end)
+                continue
             found = re.fullmatch(r"random(\d+),frame(\d+)(?:,(.*))?", line.strip())
             if found is None and number == 1:
                 return None

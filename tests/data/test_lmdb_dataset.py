@@ -77,6 +77,14 @@ def test_files_get_the_mode_of_a_plain_open(tmp_path, entries):
     assert "data.0002.lmdb" in modes and set(modes.values()) == {0o644}
 
 
+def test_the_writer_makes_no_lock_files(tmp_path, entries):
+    """LMDB's lock file is sparse and memory-mapped: where a shard opened on a full disk, touching
+    it killed convert with SIGBUS (no message, its temp directory left). A writer's temp
+    directory is its own: it needs no lock."""
+    write_dataset(tmp_path / "ds", entries, shard_size=10)
+    assert not list((tmp_path / "ds").glob("*-lock"))
+
+
 def test_failed_write_leaves_nothing(tmp_path, entries):
     with pytest.raises(RuntimeError, match="interrupted"):
         with DatasetWriter(tmp_path / "ds") as writer:

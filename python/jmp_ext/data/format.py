@@ -13,7 +13,7 @@ A dataset is a directory:
     data.0000.lmdb ...  LMDB files (subdir=False); entry k of a shard is stored under the ASCII
                         key str(k); the dataset's entry i lives in the shard whose cumulative
                         range holds i
-    data.0000.lmdb-lock ...  LMDB's lock files, left by the writer; not read
+    data.0000.lmdb-lock ...  LMDB's lock files, which writers before 2026-12-08 left; not read
     stats.json          optional, written by `python -m jmp_ext.data stats` (see stats.py)
 
 An entry is one structure: a dict of numpy arrays. It is encoded as

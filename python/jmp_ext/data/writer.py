@@ -178,8 +178,10 @@ class DatasetWriter:
 
     def _open_env(self, name: str) -> lmdb.Environment:
         """Shard file `name` of the temp directory, created if new, for writing."""
-        # (meminit, the default: the unused part of each page is zeros, not leftover process memory)
-        return lmdb.open(str(self._tmp / name), subdir=False, map_size=_INITIAL_MAP_SIZE, map_async=True)
+        # (meminit, the default: the unused part of each page is zeros, not leftover process memory.
+        # No lock file: the temp directory is this writer's alone, and LMDB memory-maps a sparse
+        # lock file, whose first touch on a full disk kills the process with SIGBUS.)
+        return lmdb.open(str(self._tmp / name), subdir=False, map_size=_INITIAL_MAP_SIZE, map_async=True, lock=False)
 
     def _flush(self) -> None:
         while self._pending:
@@ -253,8 +255,9 @@ def write_dataset(path: str | Path, entries: Iterable[dict], *, progress: bool =
     return Path(path)
 
 
-# What a dataset directory holds (format.py), and the temporary stats.json that a killed `stats`
-# leaves (jmp_ext.files.write_atomic's name); anything else in it is the user's, not ours to delete.
+# What a dataset directory holds (format.py; lock files from older writers), and the temporary
+# stats.json that a killed `stats` leaves (jmp_ext.files.write_atomic's name); anything else in it
+# is the user's, not ours to delete.
 _DATASET_FILES = (fmt.META_FILE, fmt.NATOMS_FILE, fmt.STATS_FILE, "data.*.lmdb", "data.*.lmdb-lock",
                   f".{fmt.STATS_FILE}.*.tmp")
 

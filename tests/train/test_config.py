@@ -93,14 +93,25 @@ def test_defaults_and_types():
     ({}, "tasks.0.targets=[{name: forces, kind: forces, reduction: mean}]",
      r"target 'forces': reduction pools a head's per-atom outputs .*; forces have none to set"),
     ({}, "tasks.0.targets=[{name: stress, kind: stress, normalize: false}]",
-     r"target 'stress': a stress is the energy's derivative, .*; normalize: false does not apply to it"),
+     r"target 'stress': a stress is the energy's derivative, .*; normalize: false does not apply"),
     ({}, "tasks.0={name: a, train: /data/a, forces: gradient, targets: [{name: energy, kind: energy}, "
          "{name: forces, kind: forces, normalize: false}]}",
-     r"task 'a': gradient forces are the energy's derivative, .*; normalize: false on the forces target does not"),
+     r"target 'forces': gradient forces are the energy's derivative, .*; normalize: false does not apply"),
 ])
 def test_bad_config_names_the_key(raw, override, match):
     with pytest.raises(ConfigError, match=match):
         build_config({"mode": "pretrain", "tasks": [dict(TASK)], **raw}, [override])
+
+
+def test_options_a_target_ignores_are_refused_in_new_configs_only():
+    """A checkpoint of an earlier run whose config holds one (accepted then) still loads."""
+    task = {"name": "a", "train": "/data/a", "forces": "gradient", "targets": [
+        {"name": "energy", "kind": "energy"}, {"name": "forces", "kind": "forces", "reduction": "mean"},
+        {"name": "stress", "kind": "stress", "normalize": False}]}
+    with pytest.raises(ConfigError, match="reduction pools"):
+        build_config({"mode": "finetune", "tasks": [task]})
+    stored = from_dict(TrainConfig, {"mode": "finetune", "tasks": [task]})
+    assert [t.reduction for t in stored.tasks[0].targets] == ["sum", "mean", "sum"]
 
 
 def test_mode_is_never_a_silent_default(tmp_path):

@@ -462,6 +462,27 @@ def test_a_failed_or_untrained_trainer_closes_its_log(tiny_data, tmp_path, monke
     assert threading.active_count() == threads  # (TensorBoard's writers, where it is installed)
 
 
+def test_a_log_that_fails_to_close_names_its_file_and_unlocks_the_run(tiny_data, tmp_path):
+    """On a full disk, closing metrics.csv (its last rows' write) raised an OSError naming no
+    file, in place of the write error that named it, and left run_dir locked in the process (a
+    new Trainer there: "in use by a Trainer of this same process")."""
+    import errno
+
+    trainer = loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path / "run")))
+    real = trainer.log._file
+
+    class FullDisk:
+        def close(self):
+            real.close()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    trainer.log._file = FullDisk()
+    with pytest.raises(OSError, match=r"No space left on device: '.*run/metrics\.csv'"):
+        trainer.release_run_dir()
+    assert trainer.run_lock is None
+    loop.Trainer(build_config({**pretrain_config(tiny_data, tmp_path / "run"), "overwrite": True})).release_run_dir()
+
+
 def test_resume_refuses_weights_that_are_not_finite(tiny_data, tmp_path):
     """NaN weights (in the model or in its EMA) resumed into skipped steps only."""
     run = tmp_path / "run"

@@ -128,12 +128,6 @@ class TargetConfig:
             raise ConfigError(f"target {self.name!r}: reduction spatial_extent is JMP's R² head, for a kind scalar "
                               f"target with normalize: false and linref: false (it predicts sum_i s_i |r_i - COM|^2, "
                               f"which a mean, std or per-element references would not keep in that form)")
-        if self.kind in ("forces", "stress") and self.reduction != "sum":
-            raise ConfigError(f"target {self.name!r}: reduction pools a head's per-atom outputs (energy, scalar and "
-                              f"classification targets); {self.kind} have none to set")
-        if self.kind == "stress" and not self.normalize:
-            raise ConfigError(f"target {self.name!r}: a stress is the energy's derivative, scaled by the energy's "
-                              "std; normalize: false does not apply to it")
         if self.kind == "classification" and self.num_classes < 2:
             raise ConfigError(f"target {self.name!r}: classification needs num_classes >= 2")
         if self.class_weights is not None and len(self.class_weights) != self.num_classes:
@@ -220,9 +214,6 @@ class TaskConfig:
         names = [t.name for t in self.targets]
         if len(set(names)) != len(names):
             raise ConfigError(f"task {self.name!r}: duplicate target names {names}")
-        if self.gradient_forces and any(t.kind == "forces" and not t.normalize for t in self.targets):
-            raise ConfigError(f"task {self.name!r}: gradient forces are the energy's derivative, scaled by the "
-                              "energy's std; normalize: false on the forces target does not apply to them")
 
     @property
     def gradient_forces(self) -> bool:
@@ -785,6 +776,15 @@ def build_config(raw: dict, overrides: list[str] = (), mode: str | None = None) 
             raise ConfigError(f"task {task.name!r}: forces: gradient differentiates the energy for a forces or "
                               "stress target, and this task has none, so its model would predict no forces; add a "
                               "forces target (the data needs force labels), or leave forces at direct")
+        # (options these targets ignore; earlier runs' stored configs may hold them, and load)
+        for target in task.targets:
+            if target.kind in ("forces", "stress") and target.reduction != "sum":
+                raise ConfigError(f"target {target.name!r}: reduction pools a head's per-atom outputs (energy, scalar "
+                                  f"and classification targets); {target.kind} have none to set")
+            if not target.normalize and (target.kind == "stress" or target.kind == "forces" and task.gradient_forces):
+                what = "gradient forces are" if target.kind == "forces" else "a stress is"
+                raise ConfigError(f"target {target.name!r}: {what} the energy's derivative, scaled by the energy's "
+                                  "std; normalize: false does not apply")
     return config
 
 

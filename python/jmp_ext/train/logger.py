@@ -110,11 +110,17 @@ class RunLogger:
             self.bar.write(message)
 
     def close(self) -> None:
+        """Closes the bar, metrics.csv and TensorBoard's writer, each whatever the others do; a
+        failure (the last rows' write on a full disk) names its file."""
         self.bar.close()
-        if self._file is not None:
-            self._file.close()
-        if self.tb is not None:
-            self.tb.close()
+        try:
+            if self._file is not None:
+                with naming(self.path):
+                    self._file.close()
+        finally:
+            if self.tb is not None:
+                with naming(self.path.parent / "tb"):
+                    self.tb.close()
 
 
 def _keep_rows_up_to(path: Path, last_step: int) -> set[tuple[int, str, str]]:

@@ -361,10 +361,12 @@ class Trainer:
     def release_run_dir(self) -> None:
         """Closes the run's log (metrics.csv, TensorBoard's writer thread) and drops rank 0's lock
         on run_dir: train() does, however it ends; a Trainer that is not trained can."""
-        if self.log is not None:
-            self.log.close()
-        unlock_run_dir(self.run_lock)
-        self.run_lock = None
+        try:
+            if self.log is not None:
+                self.log.close()
+        finally:  # (a failed close, such as a full disk's, must not leave run_dir locked)
+            unlock_run_dir(self.run_lock)
+            self.run_lock = None
 
     def _train(self) -> dict:
         c = self.config

@@ -277,10 +277,9 @@ def test_a_fixed_column_marks_fixed_atoms(tmp_path, frames):
         convert(tmp_path / "bad.extxyz", tmp_path / "bad")
 
 
-def write_frame_log(path, frames: range, references=True, skip=()):
+def write_frame_log(path, frames: range, skip=()):
     """An OC20 S2EF frame log: random<sid>,frame<fid>,<reference energy> per frame (two per sid)."""
-    lines = [f"random{500 + k // 2},frame{k % 2}" + (f",{-2.5 * k - 0.125}" if references else "") + "\n"
-             for k in frames if k not in skip]
+    lines = [f"random{500 + k // 2},frame{k % 2},{-2.5 * k - 0.125}\n" for k in frames if k not in skip]
     path.write_text("".join(lines))
 
 
@@ -312,8 +311,9 @@ def test_oc20_s2ef_extxyz_directories_with_their_frame_logs(tmp_path, frames):
     referenced = [float(e["energy"]) for e in LmdbDataset(tmp_path / "referenced")]
     assert referenced == pytest.approx([e + 2.5 * k + 0.125 for k, e in enumerate(total)], rel=1e-12)
     assert main(["convert", str(folder), str(tmp_path / "cli"), "--subtract-reference"]) == 0
-    # (Windows line ends and a blank line at the end, as an editor leaves them)
-    (folder / "10.txt").write_text((folder / "10.txt").read_text().replace("\n", "\r\n") + "\r\n")
+    # (Windows line ends, a byte order mark and a blank line at the end, as an editor leaves them)
+    (folder / "10.txt").write_text("\ufeff" + (folder / "10.txt").read_text().replace("\n", "\r\n") + "\r\n",
+                                   encoding="utf-8")
     convert(folder, tmp_path / "crlf", subtract_reference=True)
     assert [float(e["energy"]) for e in LmdbDataset(tmp_path / "crlf")] == referenced
     # A log that does not match its file is an error naming both, not a sid off by a frame.
@@ -326,18 +326,32 @@ def test_oc20_s2ef_extxyz_directories_with_their_frame_logs(tmp_path, frames):
     (folder / "10.txt").write_text("random501,frame1,-1.0\nrandom5O2,frame0,-1.0\n")
     with pytest.raises(DataError, match=r"10\.txt: line 2 reads 'random5O2,frame0,-1\.0', not random<sid>,frame<fid>"):
         convert(folder, tmp_path / "bad")
-    write_frame_log(folder / "10.txt", range(3, 6), references=False)  # (a test split's: no energies)
+    (folder / "10.txt").write_text("random501,frame1,\nrandom502,frame0\nrandom502,frame1\n")  # (a test split's)
     with pytest.raises(DataError, match=r"10\.txt has no reference energies"):
         convert(folder, tmp_path / "test", subtract_reference=True)
+    (folder / "10.txt").write_text("system,frame,reference energy\n" + (folder / "10.txt").read_text())
+    with pytest.raises(DataError, match=r"10\.txt: line 1 reads 'system,frame,reference energy', not random<sid>,"
+                                        r"frame<fid>,<reference energy> as OC20's frame logs \(which 10\.extxyz"):
+        convert(folder, tmp_path / "header")
+    # Some files with a log and some without: the others' frames got sid -1 (or the logs were
+    # ignored, their ids said to be read).
     (folder / "10.txt").unlink()
-    with pytest.raises(DataError, match=r"10\.extxyz: no OC20 frame log beside it \(10\.txt, 10\.txt\.xz\)"):
+    with pytest.raises(DataError, match=r"s2ef: 2\.extxyz\.xz has an OC20 frame log and 10\.extxyz none \(10\.txt, "
+                                        r"10\.txt\.xz\): its frames would get no sid and fid"):
+        convert(folder, tmp_path / "some")
+    (folder / "2.txt.xz").unlink()
+    with pytest.raises(DataError, match=r"2\.extxyz\.xz: no OC20 frame log beside it \(2\.txt, 2\.txt\.xz\)"):
         convert(folder, tmp_path / "nolog", subtract_reference=True)
     # Without logs: the sid counts the frames on from the earlier files'.
-    (folder / "2.txt.xz").unlink()
     convert(folder, tmp_path / "plain")
     ds = LmdbDataset(tmp_path / "plain")
     assert [int(e["sid"]) for e in ds] == list(range(6)) and "fid" not in ds.schema
     assert ds.info["index_offsets"] == {"2.extxyz.xz": 0, "10.extxyz": 3}
+    # A file half decompressed: both are there, and its structures were read twice.
+    ase.io.write(folder / "2.extxyz", frames[:3])
+    with pytest.raises(DataError, match=r"s2ef holds 2\.extxyz twice, compressed and not"):
+        convert(folder, tmp_path / "twice")
+    (folder / "2.extxyz").unlink()
     (folder / "0.lmdb").write_bytes(b"")
     with pytest.raises(DataError, match=r"s2ef holds .lmdb \(OC20/JMP's\) and extxyz or xyz files: put each kind"):
         convert(folder, tmp_path / "mixed")
@@ -1749,8 +1763,9 @@ def test_hdf5_layouts_as_released(tmp_path):
         convert(tmp_path / "spice.h5", tmp_path / "spice", keys=KeyMap(length_unit="Bohr"))
     with h5py.File(tmp_path / "spice.h5", "a") as f:  # (the forces' unit was not checked)
         f["mol/dft_total_gradient"].attrs["units"] = "hartree/angstrom"
-    with pytest.raises(DataError, match=r"dft_total_gradient records its units as 'hartree/angstrom', its length unit "
-                                        r"as 'angstrom', but it is read as Bohr: give --length-unit Å"):
+    with pytest.raises(DataError, match=r"dft_total_gradient records its units as 'hartree/angstrom', but it is read as "
+                                        r"Hartree/Bohr \(--energy-unit, --length-unit: forces in another length unit "
+                                        r"than the positions' are not supported"):
         convert(tmp_path / "spice.h5", tmp_path / "spice", keys=KeyMap(energy_unit="Hartree", length_unit="Bohr"))
     with h5py.File(tmp_path / "spice.h5", "a") as f:
         f["mol/dft_total_gradient"].attrs["units"] = "hartree/bohr"

@@ -625,6 +625,19 @@ def test_eval_of_a_file_with_a_label_on_some_structures_scores_the_others(stress
                                                     None, 2, "cpu")
         assert metrics["box/energy_mae"] == pytest.approx(energy_mae, rel=1e-9), name
         assert "box/forces_mae" in metrics and not any("stress" in key for key in metrics), name
+    # Every target on some structures only: nothing to score, and a convert that makes a dataset of
+    # those that have them (--skip-invalid skips the structures without a label the first has).
+    for name, unlabelled in (("later", [2, 3]), ("first", [0])):
+        for k, atoms in enumerate(images):
+            atoms.calc.results = {} if k in unlabelled else {"energy": -1.0, "forces": np.zeros((len(atoms), 3)),
+                                                             "stress": np.zeros(6)}
+        ase.io.write(tmp_path / f"{name}_all.extxyz", images)
+        first = "" if name == "later" else r" \(with one of them first\)"
+        with pytest.raises(TrainError, match=rf"only some of its structures have it: evaluate a dataset of those, "
+                                             rf"`python -m jmp_ext.data convert .*{name}_all.extxyz OUT_DIR "
+                                             rf"--skip-invalid`{first}$"):
+            inference.evaluate_checkpoint(str(stress_checkpoint), str(tmp_path / f"{name}_all.extxyz"), None, None, 2,
+                                          "cpu")
 
 
 def test_eval_names_entries_whose_labels_are_not_finite(checkpoint, tiny_data, tmp_path, capsys):

@@ -264,16 +264,13 @@ def _available(sources: dict[str, dict]) -> str:
 
 
 class PartialLabels(fmt.DataError):
-    """An entry lacks `labels` that the entries written before it carry (--skip-invalid skips it)."""
+    """An entry's labels are not those of the entries written before it: it lacks `labels`
+    (`lacking`: --skip-invalid skips it), or carries them where those lack them (not skipped:
+    that would keep the unlabelled entries and drop the labelled ones)."""
 
-    def __init__(self, message: str, labels: list[str]):
+    def __init__(self, message: str, labels: list[str], lacking: bool):
         super().__init__(message)
-        self.labels = labels
-
-
-class _ExtraLabels(PartialLabels):
-    """An entry carries `labels` that the entries written before it lack. Skipping it would keep
-    the unlabelled entries and drop the labelled ones, so not even --skip-invalid skips it."""
+        self.labels, self.lacking = labels, lacking
 
 
 def _check_labels(entry: dict, labels: set[str], written: int, first: str, ase_db: bool) -> None:
@@ -285,13 +282,13 @@ def _check_labels(entry: dict, labels: set[str], written: int, first: str, ase_d
     if lacking:
         raise PartialLabels(f"lacks {', '.join(lacking)}, unlike the first entry written (every "
                             f"entry must carry the same labels): skip such entries with "
-                            f"--skip-invalid, or drop {_drop_hint(lacking)}", lacking)
+                            f"--skip-invalid, or drop {_drop_hint(lacking)}", lacking, lacking=True)
     if extra:
         select = " (or --select energy: the rows with an energy)" if ase_db and "energy" in extra else ""
-        raise _ExtraLabels(f"has {', '.join(extra)}, which the entries written before it lack "
-                           f"({written}, from {first}): every entry must carry the same labels, "
-                           f"which the first entry written decides; remove the entries without "
-                           f"them from the source{select}, or drop {_drop_hint(extra)}", extra)
+        raise PartialLabels(f"has {', '.join(extra)}, which the entries written before it lack "
+                            f"({written}, from {first}): every entry must carry the same labels, "
+                            f"which the first entry written decides; remove the entries without "
+                            f"them from the source{select}, or drop {_drop_hint(extra)}", extra, lacking=False)
 
 
 def _drop_hint(labels: list[str]) -> str:
@@ -512,20 +509,32 @@ def iter_ase_file(path: Path, keys: KeyMap, report: ConvertReport, progress: boo
     has its own, counts on from the earlier files': report.index_offsets). An extxyz with OC20
     S2EF's frame log beside it (oc20_frame_log) takes each frame's sid and fid from it, and with
     `subtract_reference` has its reference energy subtracted from the energy, as OC20's S2EF
-    LMDBs do. A structure ase.io cannot parse is yielded as a DataError, and reading goes on
-    after it; a file that ase.io would read only in part is a DataError raised (not one to skip)."""
+    LMDBs do; in a directory, every file or none has a log. A structure ase.io cannot parse is
+    yielded as a DataError, and reading goes on after it; a file that ase.io would read only in
+    part is a DataError raised (not one to skip)."""
     files = structure_files(path) if path.is_dir() else [path]
+    logs = [oc20_frame_log(file) for file in files]
+    if any(logs) and not all(logs):
+        logged, unlogged = (next(f for f, log in zip(files, logs) if bool(log) == has) for has in (True, False))
+        names = ", ".join(_log_names(unlogged)) or "an xyz file has none"
+        raise SourceError(f"{path}: {logged.name} has an OC20 frame log and {unlogged.name} none ({names}): its "
+                          "frames would get no sid and fid, or another kind of sid; give every file its log, or "
+                          "convert those without apart")
+    if subtract_reference and not all(logs):
+        raise SourceError(f"{files[0]}: no OC20 frame log beside it ({', '.join(_log_names(files[0]))}) to take the "
+                          "reference energies from")
     offset = 0
-    for file in files:
+    for k, (file, log) in enumerate(zip(files, logs)):
         if path.is_dir():
             report.index_offsets[file.name] = offset
-        offset += yield from _iter_structure_file(file, keys, report, progress, offset, subtract_reference)
+        label = f"{file} ({k + 1} of {len(files)} files)" if path.is_dir() else str(file)
+        offset += yield from _iter_structure_file(file, label, log, keys, report, progress, offset, subtract_reference)
 
 
-def _iter_structure_file(path: Path, keys: KeyMap, report: ConvertReport, progress: bool, offset: int,
-                         subtract_reference: bool) -> Iterator[tuple[str, object]]:
-    """iter_ase_file's work for one file, its structures' indices after `offset`; returns how many
-    structures it holds."""
+def _iter_structure_file(path: Path, label: str, log: FrameLog | None, keys: KeyMap, report: ConvertReport,
+                         progress: bool, offset: int, subtract_reference: bool) -> Iterator[tuple[str, object]]:
+    """iter_ase_file's work for one file (its progress bar `label`), its structures' indices after
+    `offset`; returns how many structures it holds."""
     from ase.io.formats import filetype
 
     try:
@@ -537,86 +546,96 @@ def _iter_structure_file(path: Path, keys: KeyMap, report: ConvertReport, progre
         raise
     except Exception as error:  # (ase.io's UnknownFileTypeError, a compressed file that is not)
         raise UnreadableSource(f"{path}: ase.io cannot read it ({type(error).__name__}: {error})") from error
-    log = oc20_frame_log(path) if kind == "extxyz" else None
-    if subtract_reference and log is None:
-        raise SourceError(f"{path}: no OC20 frame log beside it ({_log_names(path)}) to take the reference energies "
-                          "from")
-    if subtract_reference and any(reference is None for _, _, reference in log[1]):
-        raise SourceError(f"{log[0]} has no reference energies (OC20's test logs list sid and fid alone)")
-    report.oc20_logs += log is not None
-    report.oc20_logs_with_references += log is not None and all(reference is not None for _, _, reference in log[1])
+    if log is not None:
+        references = all(reference is not None for _, _, reference in log.frames)
+        if subtract_reference and not references:
+            raise SourceError(f"{log.path} has no reference energies (OC20's test logs list sid and fid alone)")
+        report.oc20_logs += 1
+        report.oc20_logs_with_references += references
     index = -1
     # (the bar closed with the stream, before an error is printed: not on the same line after it)
-    with tqdm(desc=str(path), unit="structure", disable=not progress) as bar:
+    with tqdm(desc=label, unit="structure", disable=not progress) as bar:
         frames = _parsed_extxyz_structures(path) if kind == "extxyz" else _parsed_structures(path, kind)
         for index, atoms in enumerate(frames):
             where = f"{path} structure {index}"
-            if log is not None and index >= len(log[1]):
-                raise SourceError(f"{log[0]} lists {len(log[1])} frames, fewer than {path} holds")
+            if log is not None and index >= len(log.frames):
+                raise SourceError(f"{log.path} lists {len(log.frames)} frames, fewer than {path} holds")
             if isinstance(atoms, fmt.DataError):
                 yield where, atoms
                 continue
             bar.update()
             try:
                 if log is not None:
-                    atoms.info["sid"], atoms.info["fid"], reference = log[1][index]
+                    atoms.info["sid"], atoms.info["fid"], reference = log.frames[index]
                 entry = _atoms_entry(atoms, keys, report, offset + index)
                 if subtract_reference and "energy" in entry:
                     entry["energy"] = entry["energy"] - reference
                 yield where, entry
             except Exception as error:
                 yield where, error
-    if log is not None and index + 1 != len(log[1]):
-        raise SourceError(f"{log[0]} lists {len(log[1])} frames, {path} holds {index + 1}")
+    if log is not None and index + 1 != len(log.frames):
+        raise SourceError(f"{log.path} lists {len(log.frames)} frames, {path} holds {index + 1}")
     return index + 1
 
 
 # Files of structures a directory may hold for iter_ase_file (OC20's S2EF: 0.extxyz.xz, ...).
-_STRUCTURE_FILE = re.compile(r".+\.(extxyz|xyz)(\.(xz|gz|bz2))?")
+_STRUCTURE_FILE = re.compile(r"(.+\.(extxyz|xyz))(\.(xz|gz|bz2))?")
 
 
 def structure_files(path: Path) -> list[Path]:
     """The extxyz and xyz files (compressed ones too) of directory `path`, in natural order
-    (2.extxyz before 10.extxyz)."""
-    def natural(file: Path) -> list:
-        return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", file.name)]
+    (2.extxyz before 10.extxyz); one held both compressed and not (half decompressed) is an error."""
+    def natural(file: Path) -> tuple:
+        return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", file.name)], file.name
 
-    return sorted((f for f in path.iterdir() if _STRUCTURE_FILE.fullmatch(f.name) and f.is_file()), key=natural)
+    files = sorted((f for f in path.iterdir() if _STRUCTURE_FILE.fullmatch(f.name) and f.is_file()), key=natural)
+    stems = [_STRUCTURE_FILE.fullmatch(f.name)[1] for f in files]
+    if twice := sorted({stem for stem in stems if stems.count(stem) > 1}):
+        raise SourceError(f"{path} holds {twice[0]} twice, compressed and not: its structures would be read twice; "
+                          "keep one of them")
+    return files
 
 
-def _log_names(path: Path) -> str:
-    stem = re.sub(r"\.extxyz(\.(xz|gz|bz2))?$", "", path.name)
-    return ", ".join(f"{stem}.txt{suffix}" for suffix in ("", ".xz"))
+def _log_names(path: Path) -> list[str]:
+    """Where OC20 S2EF keeps the frame log of an extxyz (none for other files)."""
+    found = re.fullmatch(r"(.+)\.extxyz(\.(xz|gz|bz2))?", path.name)
+    return [f"{found[1]}.txt{suffix}" for suffix in ("", ".xz")] if found else []
 
 
-def oc20_frame_log(path: Path) -> tuple[Path, list[tuple[int, int, float | None]]] | None:
-    """OC20 S2EF's log of the extxyz `path` (0.extxyz or 0.extxyz.xz: 0.txt or 0.txt.xz beside
-    it), (its path, [(sid, fid, reference energy in eV or None), ...] per frame), from lines
-    "random<sid>,frame<fid>,<reference energy>" (the test splits' have no energy); None when
-    there is no such file, or its first line is not one of these."""
+@dataclass
+class FrameLog:
+    """OC20 S2EF's frame log of an extxyz: its path, and per frame (sid, fid, reference energy in
+    eV or None)."""
+
+    path: Path
+    frames: list[tuple[int, int, float | None]]
+
+
+def oc20_frame_log(path: Path) -> FrameLog | None:
+    """The frame log of the extxyz `path` (0.extxyz or 0.extxyz.xz: 0.txt or 0.txt.xz beside it),
+    lines "random<sid>,frame<fid>,<reference energy>" (the test splits' have no energy; blank
+    lines are none); None when there is no such file. A file there of another kind is an error."""
     from ase.io.formats import open_with_compression
 
-    log = next((path.with_name(name) for name in _log_names(path).split(", ") if path.with_name(name).is_file()),
-               None)
+    log = next((path.with_name(name) for name in _log_names(path) if path.with_name(name).is_file()), None)
     if log is None:
         return None
     frames = []
     with open_with_compression(str(log)) as file:
         for number, line in enumerate(file, 1):
-            if not line.strip():  # (a blank line, such as an editor leaves at the end)
+            line = line.strip().lstrip("\ufeff")  # (a byte order mark: Windows Notepad's)
+            if not line:  # (a blank line, such as an editor leaves at the end)
                 continue
-            found = re.fullmatch(r"random(\d+),frame(\d+)(?:,(.*))?", line.strip())
-            if found is None and number == 1:
-                return None
+            found = re.fullmatch(r"random(\d+),frame(\d+)(?:,(.*))?", line)
             try:
-                reference = None if found is None or found[3] is None else float(found[3])
+                reference = None if found is None or not found[3] else float(found[3])
             except ValueError:
                 found = None
             if found is None:
-                raise SourceError(f"{log}: line {number} reads {line.strip()[:60]!r}, not random<sid>,frame<fid>,"
-                                  "<reference energy> as OC20's frame logs")
+                raise SourceError(f"{log}: line {number} reads {line[:60]!r}, not random<sid>,frame<fid>,"
+                                  f"<reference energy> as OC20's frame logs (which {path.name} would have beside it)")
             frames.append((int(found[1]), int(found[2]), reference))
-    return log, frames
+    return FrameLog(log, frames)
 
 
 def _parsed_extxyz_structures(path: Path) -> Iterator[Atoms | fmt.DataError]:
@@ -1002,10 +1021,13 @@ def iter_hdf5(path: Path, keys: KeyMap, report: ConvertReport, select: str | Non
                     elif "units" in group[key].attrs:  # (SPICE's gradient: hartree/bohr)
                         recorded = _unit_text(group[key].attrs["units"])
                         energy, _, length = recorded.rpartition("/")
-                        for part, unit, given, option in (("energy", energy, keys.energy_unit, "--energy-unit"),
-                                                          ("length", length, keys.length_unit, "--length-unit")):
-                            _check_recorded_unit(f"{where}/{key} records its units as {recorded!r}, its {part} unit",
-                                                 unit, given, option)
+                        energy, length = _UNIT_ALIASES.get(energy.lower()), _UNIT_ALIASES.get(length.lower())
+                        if (ENERGY_UNITS.get(energy), LENGTH_UNITS.get(length)) != (
+                                ENERGY_UNITS[keys.energy_unit], LENGTH_UNITS[keys.length_unit]):
+                            raise SourceError(f"{where}/{key} records its units as {recorded!r}, but it is read as "
+                                              f"{keys.energy_unit}/{keys.length_unit} (--energy-unit, --length-unit: "
+                                              "forces in another length unit than the positions' are not supported; "
+                                              "convert them first)")
                     values = _label_array(where, label, key, np.asarray(group[key], dtype=np.float64), frames,
                                           len(numbers))
                     labels[label] = -values if key.endswith("gradient") else values
@@ -1381,7 +1403,8 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
             except Exception as error:
                 message = str(error) if str(error).startswith(where) else f"{where}: {error}"
                 # (a full disk is no invalid entry: skipping the rest would publish a cut dataset)
-                if not skip_invalid or isinstance(error, (_ExtraLabels, OSError)):
+                extra_labels = isinstance(error, PartialLabels) and not error.lacking
+                if not skip_invalid or isinstance(error, OSError) or extra_labels:
                     raise fmt.DataError(message) from error
                 report.skipped.append(message)
                 if labels is None:  # (a skipped entry fixes no label location, nor where ids come from)

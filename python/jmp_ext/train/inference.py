@@ -246,19 +246,19 @@ def _convert_first(source: str, named: str, kind: str, verb: str) -> TrainError:
 
 
 def _convert_labels(source: str, dst: Path, units: dict[str, str | None], energy_unit: str, length_unit: str
-                    ) -> set[str]:
+                    ) -> dict[str, bool]:
     """convert of an eval input for a checkpoint whose targets have these units (by name):
     those of energy, forces and stress with convert's default keys, and not the others; the
     other targets as properties from the keys of their names, as stored. A target the file
     lacks, or that only some of its structures carry, is left out (eval then warns); returns
-    the labels left out for the latter."""
+    {label: whether the first structure has it} for the latter."""
     from jmp_ext.data import DataError
     from jmp_ext.data.convert import (ENERGY_UNITS, LENGTH_UNITS, KeyMap, MissingProperty, PartialLabels,
                                       SourceError, UnreadableSource, convert)
 
     labels = ("energy", "forces", "stress")
     properties = {name: name for name in sorted(units.keys() - set(labels))}
-    partial: set[str] = set()
+    partial: dict[str, bool] = {}  # label -> whether the structures without it come after the first
     unit_options = ([f"--energy-unit {energy_unit}"] if ENERGY_UNITS[energy_unit] != 1.0 else []) + (
         [f"--length-unit {length_unit}"] if LENGTH_UNITS[length_unit] != 1.0 else [])
     while True:
@@ -276,7 +276,7 @@ def _convert_labels(source: str, dst: Path, units: dict[str, str | None], energy
                 del properties[e.__cause__.name]
                 continue
             if isinstance(e.__cause__, PartialLabels):
-                partial.update(e.__cause__.labels)
+                partial.update(dict.fromkeys(e.__cause__.labels, e.__cause__.lacking))
                 continue
             if isinstance(e, SourceError):
                 raise TrainError(str(e)) from e
@@ -304,20 +304,24 @@ def _convert_labels(source: str, dst: Path, units: dict[str, str | None], energy
 
 
 def _evaluate_dataset(model, config, t: int, path: str, name: str, out: str | None, batch_size: int,
-                      device: str, partial: set[str] = frozenset()) -> dict:
+                      device: str, partial: dict[str, bool] | None = None) -> dict:
     """Metrics of task t of a loaded checkpoint on the dataset directory `path`, which the user
-    knows as `name`; `partial`: labels left out because only some of its structures carry them."""
+    knows as `name`; `partial`: labels left out because only some of its structures carry them
+    (_convert_labels)."""
     from jmp_ext.files import write_bytes_atomic
     from jmp_ext.train.tasks import describe_unit, open_dataset
 
+    partial = partial or {}
     ds = open_dataset(path, "dataset", in_memory=False)
     missing = [target for target in config.tasks[t].targets if target.name not in ds.schema]
     if len(missing) == len(config.tasks[t].targets):  # (nothing to score)
         target = missing[0]
+        # (--skip-invalid leaves out the structures that lack a label the first one has, not those
+        # that lack one of later ones)
+        first = "" if partial.get(target.name) else " (with one of them first)"
         how = ("" if path == name else
-               f"; only some of its structures have it: evaluate a dataset of those (`python -m jmp_ext.data "
-               f"convert {shlex.quote(name)} OUT_DIR --skip-invalid` leaves out the structures that lack a label "
-               "the first one has)" if target.name in partial else
+               f"; only some of its structures have it: evaluate a dataset of those, `python -m jmp_ext.data "
+               f"convert {shlex.quote(name)} OUT_DIR --skip-invalid`{first}" if target.name in partial else
                f"; convert it with the label's key: python -m jmp_ext.data convert "
                f"{shlex.quote(name)} OUT_DIR " + (f"--{target.kind}-key KEY"
                                                   if target.kind in ("energy", "forces", "stress")

@@ -3,6 +3,7 @@
 import json
 import pickle
 import re
+import shutil
 import sys
 import types
 import warnings
@@ -352,6 +353,11 @@ def test_oc20_s2ef_extxyz_directories_with_their_frame_logs(tmp_path, frames):
     with pytest.raises(DataError, match=r"s2ef holds 2\.extxyz twice, compressed and not"):
         convert(folder, tmp_path / "twice")
     (folder / "2.extxyz").unlink()
+    # As untarred: the files one level down.
+    shutil.copytree(folder, tmp_path / "untarred" / "s2ef")
+    with pytest.raises(FileNotFoundError, match=r"no .lmdb, .aselmdb, extxyz or xyz files .*; it holds them in "
+                                                r"subdirectories, such as .*untarred/s2ef: convert each"):
+        convert(tmp_path / "untarred", tmp_path / "nested", allow_pickle=True)
     (folder / "0.lmdb").write_bytes(b"")
     with pytest.raises(DataError, match=r"s2ef holds .lmdb \(OC20/JMP's\) and extxyz or xyz files: put each kind"):
         convert(folder, tmp_path / "mixed")
@@ -513,7 +519,7 @@ def test_directories_of_lmdb_files_that_convert_cannot_take_whole(tmp_path):
         convert(tmp_path / "mixed", tmp_path / "out")
     (tmp_path / "omat" / "rattled-1000").mkdir(parents=True)
     (tmp_path / "omat" / "rattled-1000" / "data.0000.aselmdb").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match=r"omat: no .lmdb or .aselmdb files .*; it holds them in "
+    with pytest.raises(FileNotFoundError, match=r"omat: no .lmdb, .aselmdb, extxyz or xyz files .*; it holds them in "
                                                 r"subdirectories, such as .*omat/rattled-1000: convert each"):
         convert(tmp_path / "omat", tmp_path / "out", allow_pickle=True)
     with pytest.raises(FileNotFoundError, match=r"omat: a directory without .aselmdb files .*; it holds them in "

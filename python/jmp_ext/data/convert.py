@@ -1183,8 +1183,8 @@ def lmdb_files(path: Path) -> list[Path]:
         return [path]
     files = sorted(path.glob("*.lmdb")) or sorted(path.glob("data.mdb"))
     if not files:
-        raise FileNotFoundError(f"{path}: no .lmdb or .aselmdb files (nor an LMDB environment's data.mdb)"
-                                f"{_in_subdirectories(path, '*.aselmdb', '*.lmdb')}")
+        raise FileNotFoundError(f"{path}: no .lmdb, .aselmdb, extxyz or xyz files (nor an LMDB environment's "
+                                f"data.mdb){_in_subdirectories(path, '*.aselmdb', '*.lmdb', '*.extxyz*', '*.xyz*')}")
     return files
 
 

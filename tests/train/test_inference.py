@@ -1415,6 +1415,32 @@ def test_periodic_structures_on_a_molecule_model_are_pointed_out(tiny_data, tmp_
         "(each is seen as an isolated cluster)"]
 
 
+def test_splits_of_oc20_s2ef_energies_must_agree_on_their_reference(tmp_path):
+    """A dataset converted with --subtract-reference trained with one converted without as its
+    val split (total energies, hundreds of eV apart), without a word."""
+    from ase.calculators.emt import EMT
+
+    from jmp_ext.data.convert import convert
+
+    (tmp_path / "s2ef").mkdir()
+    images = [molecule(n) for n in ("CH3OH", "C2H6", "CH3CHO", "H2O")]
+    for atoms in images:
+        atoms.calc = EMT()
+        atoms.calc = SinglePointCalculator(atoms, energy=atoms.get_potential_energy(), forces=atoms.get_forces())
+    ase.io.write(tmp_path / "s2ef" / "0.extxyz", images)
+    (tmp_path / "s2ef" / "0.txt").write_text("".join(f"random7,frame{k},-{100 + k}.5\n" for k in range(4)))
+    convert(tmp_path / "s2ef", tmp_path / "referenced", subtract_reference=True)
+    with pytest.warns(UserWarning, match="total DFT energies"):
+        convert(tmp_path / "s2ef", tmp_path / "total")
+    raw = {"mode": "finetune", "run_dir": str(tmp_path / "run"), "graph": {"cutoff": 4.0, "max_neighbors": 8},
+           "tasks": [{"name": "oc", "train": str(tmp_path / "referenced"), "val": str(tmp_path / "total"),
+                      "targets": [{"name": "energy", "kind": "energy"}]}],
+           "model": {"backbone": "tiny"}, "loop": {"fit_scale_factors": 0, "progress": False}}
+    with pytest.raises(TrainError, match=r"the val dataset .*total has its OC20 frame logs' reference energies kept, "
+                                         r"the train dataset .*referenced subtracted: convert both the same way"):
+        loop.Trainer(build_config(raw))
+
+
 @pytest.mark.filterwarnings("ignore:tasks.0.val is the training split itself")  # (one small dataset serves both)
 def test_a_property_is_scored_only_in_the_unit_it_was_trained_in(tmp_path, capsys):
     """A property converted to eV (--property gap:Hartree) and the same stored as is (Hartree)

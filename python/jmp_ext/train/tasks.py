@@ -108,6 +108,13 @@ def load_task_data(config: TrainConfig) -> list[TaskData]:
         for split, ds in splits.items():
             if ds is None:
                 continue
+            # (OC20 S2EF's energies converted with and without its frame logs' reference energies
+            # differ by hundreds of eV; where both splits record which, they must agree)
+            referenced = [d.info.get("oc20_frame_logs", {}).get("reference_energy") for d in (splits["train"], ds)]
+            if None not in referenced and referenced[0] != referenced[1]:
+                raise TrainError(f"tasks.{i} ({task.name}): the {split} dataset {ds.path} has its OC20 frame logs' "
+                                 f"reference energies {referenced[1]}, the train dataset {splits['train'].path} "
+                                 f"{referenced[0]}: convert both the same way (--subtract-reference)")
             for k, target in enumerate(task.targets):
                 if target.name not in ds.schema:
                     how = (f"--{target.kind}-key KEY" if target.kind in ("energy", "forces", "stress")

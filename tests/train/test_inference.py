@@ -1415,9 +1415,10 @@ def test_periodic_structures_on_a_molecule_model_are_pointed_out(tiny_data, tmp_
         "(each is seen as an isolated cluster)"]
 
 
-def test_splits_of_oc20_s2ef_energies_must_agree_on_their_reference(tmp_path):
+def test_splits_of_oc20_s2ef_energies_must_agree_on_their_reference(checkpoint, tmp_path):
     """A dataset converted with --subtract-reference trained with one converted without as its
-    val split (total energies, hundreds of eV apart), without a word."""
+    val split (total energies, hundreds of eV apart), without a word; eval of an S2EF file
+    scored its total energies, and advised a convert option it does not have."""
     from ase.calculators.emt import EMT
 
     from jmp_ext.data.convert import convert
@@ -1439,6 +1440,18 @@ def test_splits_of_oc20_s2ef_energies_must_agree_on_their_reference(tmp_path):
     with pytest.raises(TrainError, match=r"the val dataset .*total has its OC20 frame logs' reference energies kept, "
                                          r"the train dataset .*referenced subtracted: convert both the same way"):
         loop.Trainer(build_config(raw))
+    model, _ = inference.load_trained(checkpoint)
+    predicted = inference.predict_structures(model, [atoms_to_entry(a) for a in images], 0)["energy"].numpy()
+    total = np.array([atoms.get_potential_energy() for atoms in images])
+    with pytest.warns(UserWarning, match=r"0\.extxyz: the energies scored are its total DFT energies, though its OC20 "
+                                         r"frame log lists reference energies: .* is evaluated with --subtract-refer"):
+        metrics = inference.evaluate_checkpoint(checkpoint, str(tmp_path / "s2ef" / "0.extxyz"), None, None, 2, "cpu")
+    assert metrics["mol/energy_mae"] == pytest.approx(np.abs(predicted - total).mean(), rel=1e-9)
+    assert main(["eval", str(checkpoint), str(tmp_path / "s2ef" / "0.extxyz"), "--subtract-reference", "--out",
+                 str(tmp_path / "m.json")]) == 0
+    referenced = total + 100.5 + np.arange(4)
+    assert json.loads((tmp_path / "m.json").read_text())["mol/energy_mae"] == pytest.approx(
+        np.abs(predicted - referenced).mean(), rel=1e-9)
 
 
 @pytest.mark.filterwarnings("ignore:tasks.0.val is the training split itself")  # (one small dataset serves both)

@@ -269,6 +269,8 @@ def run_command(argv: list[str]) -> int:
                                      "converted to eV as by convert (MD17/MD22 come in kcal/mol)")
             parser.add_argument("--length-unit", default="Å", choices=list(LENGTH_UNITS),
                                 help="a file's length unit (default Å), as convert's")
+            parser.add_argument("--subtract-reference", action="store_true",
+                                help="an OC20 S2EF extxyz: subtract its frame log's reference energies, as convert's")
         else:
             parser.add_argument("--skip-invalid", action="store_true",
                                 help="give a structure the model cannot take (a single atom, an unknown element, "
@@ -288,7 +290,7 @@ def run_command(argv: list[str]) -> int:
 
         if is_eval:
             evaluate_checkpoint(a.checkpoint, a.data, a.task, a.out, a.batch_size, a.device, a.dtype, a.energy_unit,
-                                a.length_unit)
+                                a.length_unit, a.subtract_reference)
         else:
             predict_checkpoint(a.checkpoint, a.data, a.out, a.task, a.batch_size, a.device, a.skip_invalid, a.dtype)
     elif "-h" in argv or "--help" in argv:  # (never a config path or a key=value override)

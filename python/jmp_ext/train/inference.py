@@ -199,12 +199,13 @@ def evaluate(model: TaskModel, datasets: list, batch_size: int, dtype: torch.dty
 
 def evaluate_checkpoint(checkpoint: str, dataset: str, task: str | None, out: str | None,
                         batch_size: int, device: str, dtype: str | None = None, energy_unit: str = "eV",
-                        length_unit: str = "Å") -> dict:
+                        length_unit: str = "Å", subtract_reference: bool = False) -> dict:
     """Metrics of `checkpoint` on a dataset directory, or on a file (extxyz, ASE db, sGDML or
     rMD17 npz, ...) that is first converted, into a temporary directory: the energy, forces and
     stress (with convert's default keys, from energy_unit and length_unit to eV and Å) that the
     checkpoint predicts, the others left out, and its property targets from the keys of their
-    names, as stored."""
+    names, as stored; subtract_reference: an OC20 S2EF extxyz's frame log's reference energies
+    are subtracted from its energies, as convert's --subtract-reference does."""
     import tempfile
 
     from jmp_ext.data.convert import ENERGY_UNITS, LENGTH_UNITS, detect_format
@@ -212,16 +213,16 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, task: str | None, out: st
     model, config = load_trained(checkpoint, device, dtype)  # (before a conversion: a bad checkpoint costs none)
     t = task_index(config.tasks, task, "--task")
     if not Path(dataset).is_file():
-        if ENERGY_UNITS[energy_unit] != 1.0 or LENGTH_UNITS[length_unit] != 1.0:
-            raise TrainError(f"--energy-unit and --length-unit apply to a file: dataset {dataset} is stored in eV "
-                             "and Å")
+        if ENERGY_UNITS[energy_unit] != 1.0 or LENGTH_UNITS[length_unit] != 1.0 or subtract_reference:
+            raise TrainError(f"--energy-unit, --length-unit and --subtract-reference apply to a file: dataset "
+                             f"{dataset} is stored in eV and Å, its energies as it was converted")
         return _evaluate_dataset(model, config, t, dataset, dataset, out, batch_size, device)
     if detect_format(Path(dataset)) == "lmdb":  # (eval converts the others itself)
         raise _convert_first(dataset, dataset, "lmdb", "evaluate")
     with tempfile.TemporaryDirectory() as tmp:
         partial = _convert_labels(dataset, Path(tmp) / "data",
                                   {target.name: target.unit for target in config.tasks[t].targets},
-                                  energy_unit, length_unit)
+                                  energy_unit, length_unit, subtract_reference)
         return _evaluate_dataset(model, config, t, str(Path(tmp) / "data"), dataset, out, batch_size, device,
                                  partial)
 
@@ -245,8 +246,8 @@ def _convert_first(source: str, named: str, kind: str, verb: str) -> TrainError:
                       f"OUT_DIR{options}`{note}, and {verb} OUT_DIR")
 
 
-def _convert_labels(source: str, dst: Path, units: dict[str, str | None], energy_unit: str, length_unit: str
-                    ) -> dict[str, bool]:
+def _convert_labels(source: str, dst: Path, units: dict[str, str | None], energy_unit: str, length_unit: str,
+                    subtract_reference: bool) -> dict[str, bool]:
     """convert of an eval input for a checkpoint whose targets have these units (by name):
     those of energy, forces and stress with convert's default keys, and not the others; the
     other targets as properties from the keys of their names, as stored. A target the file
@@ -259,8 +260,10 @@ def _convert_labels(source: str, dst: Path, units: dict[str, str | None], energy
     labels = ("energy", "forces", "stress")
     properties = {name: name for name in sorted(units.keys() - set(labels))}
     partial: dict[str, bool] = {}  # label -> whether the structures without it come after the first
+    # (how the file is read, for the convert commands the messages give)
     unit_options = ([f"--energy-unit {energy_unit}"] if ENERGY_UNITS[energy_unit] != 1.0 else []) + (
-        [f"--length-unit {length_unit}"] if LENGTH_UNITS[length_unit] != 1.0 else [])
+        [f"--length-unit {length_unit}"] if LENGTH_UNITS[length_unit] != 1.0 else []) + (
+        ["--subtract-reference"] if subtract_reference else [])
     while True:
         keys = KeyMap(**{label: "none" for label in labels if label not in units or label in partial},
                       properties=properties, energy_unit=energy_unit, length_unit=length_unit)
@@ -269,7 +272,12 @@ def _convert_labels(source: str, dst: Path, units: dict[str, str | None], energy
                 # (its advice for a file without labels names a temporary directory and convert's
                 # options; eval's own error says which target is missing)
                 warnings.filterwarnings("ignore", message=r".* has (no labels|only a stress)")
-                convert(source, dst, keys=keys, progress=True)
+                warnings.filterwarnings("ignore", message=r".* the energies are the extxyz files' total DFT")
+                report = convert(source, dst, keys=keys, progress=True, subtract_reference=subtract_reference)
+            if report.oc20_logs_with_references and not subtract_reference and "energy" in report.labels:
+                warn_user(f"{source}: the energies scored are its total DFT energies, though its OC20 frame log "
+                          "lists reference energies: a model of OC20's referenced energies (trained on a dataset "
+                          "converted with --subtract-reference) is evaluated with --subtract-reference")
             return partial
         except DataError as e:
             if isinstance(e.__cause__, MissingProperty):

@@ -370,6 +370,31 @@ def test_eval_of_a_file_on_a_full_temporary_disk_says_where_it_writes(checkpoint
     assert [p.name for p in tmp_path.iterdir()] == ["big.extxyz"]  # (the temporary directory is gone)
 
 
+def test_a_disk_that_fills_while_a_file_converts_is_no_bad_structure(checkpoint, tmp_path, monkeypatch):
+    """A full disk met while a structure was written (not at the end, as above) read "structure
+    2: writing dataset ... failed", and eval advised leaving such structures out."""
+    import errno
+    import importlib
+
+    convert_module = importlib.import_module("jmp_ext.data.convert")  # (jmp_ext.data.convert is the function)
+
+    images = [molecule(n) for n in ("CH3OH", "C2H6", "CH3CHO", "H2O")]
+    for atoms in images:
+        atoms.calc = SinglePointCalculator(atoms, energy=-1.0, forces=np.zeros((len(atoms), 3)))
+    ase.io.write(tmp_path / "in.extxyz", images)
+    add = convert_module.DatasetWriter.add
+
+    def add_until_full(writer, entry, where=None):
+        if len(writer) == 2:
+            raise OSError(errno.ENOSPC, f"writing dataset {writer.path} failed: is the disk full?")
+        add(writer, entry, where=where)
+
+    monkeypatch.setattr(convert_module.DatasetWriter, "add", add_until_full)
+    with pytest.raises(TrainError, match=r"eval converts .*in.extxyz into a temporary directory first, and writing it "
+                                         r"failed .*: point TMPDIR at a writable disk with room"):
+        inference.evaluate_checkpoint(checkpoint, str(tmp_path / "in.extxyz"), None, None, 2, "cpu")
+
+
 def test_per_atom_energies_sum_to_the_energy_and_are_local(checkpoint, tmp_path):
     """ASE's get_potential_energies: each atom's term of GemNet-OC's energy sum, its element's
     reference included. They sum to the energy, and a molecule far from another keeps its own."""

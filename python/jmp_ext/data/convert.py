@@ -1401,10 +1401,12 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
                 if labels is None:
                     labels, first = set(LABELS) & item.keys(), where
             except Exception as error:
+                if isinstance(error, OSError):
+                    # (a full disk is no invalid entry: not skipped, which would publish a cut
+                    # dataset, nor blamed on the entry being written)
+                    raise
                 message = str(error) if str(error).startswith(where) else f"{where}: {error}"
-                # (a full disk is no invalid entry: skipping the rest would publish a cut dataset)
-                extra_labels = isinstance(error, PartialLabels) and not error.lacking
-                if not skip_invalid or isinstance(error, OSError) or extra_labels:
+                if not skip_invalid or isinstance(error, PartialLabels) and not error.lacking:
                     raise fmt.DataError(message) from error
                 report.skipped.append(message)
                 if labels is None:  # (a skipped entry fixes no label location, nor where ids come from)

@@ -1233,6 +1233,19 @@ def test_throughput_leaves_validation_and_checkpoints_out(tiny_data, tmp_path, m
     assert len(paused) >= 3  # (a validation, best.pt and last.pt at least)
 
 
+def test_a_failed_best_checkpoint_is_not_said_saved(tiny_data, tmp_path, capsys):
+    """The validation line said "saved best.pt" before saving it; on a full disk the error came after."""
+    trainer = loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path / "run", max_steps=2)))
+
+    def full_disk(metrics):
+        raise OSError(28, "No space left on device", str(tmp_path / "run" / "best.pt"))
+    trainer.save_best = full_disk
+    with pytest.raises(OSError, match="best.pt"):
+        trainer.train()
+    out = capsys.readouterr()
+    assert "saved best.pt" not in out.out + out.err
+
+
 def test_logged_training_figures_are_means_over_the_window(tiny_data, tmp_path):
     """A logged loss was one batch's (15.6 -> 68.1 -> 16.3 -> 90.4 in a user's pretraining run),
     and {task}/loss was missing whenever that batch had drawn no structure of the task. The

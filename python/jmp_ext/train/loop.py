@@ -660,14 +660,15 @@ class Trainer:
         self.schedule.set_step(self.step)
         improved = value < self.best
         sign = tasks.primary_label(c, metrics)[1]
-        self.log.write(f"step {self.step} validation: {tasks.describe_primary(c, metrics, value)}"
-                       + (" (the best yet: saved best.pt)" if improved else f" (the best was {sign * self.best:.4g})"))
         if improved:
             self.best, self.bad_validations = value, 0
             with self.log.paused():
                 self.save_best(metrics)
         else:
             self.bad_validations += 1
+        # (after the save: a failed one said "saved best.pt" first)
+        self.log.write(f"step {self.step} validation: {tasks.describe_primary(c, metrics, value)}"
+                       + (" (the best yet: saved best.pt)" if improved else f" (the best was {sign * self.best:.4g})"))
         if c.loop.early_stop_patience and self.bad_validations >= c.loop.early_stop_patience:
             self.log.write(f"early stopping: no improvement in {self.bad_validations} validations")
             return "early stopping"

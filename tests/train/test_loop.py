@@ -129,6 +129,24 @@ def test_training_loader_gives_each_epoch_its_batches(tiny_data):
     loader.close()
 
 
+def test_loader_workers_raise_a_low_open_file_limit(tiny_data):
+    """Workers pass batches as file descriptors: under ulimit -n 64 four of them ran out (a bare
+    EOFError after megabytes of tracebacks, or a hang). The soft limit goes up to the hard one."""
+    import resource
+
+    from jmp_ext.data import LmdbDataset
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+    try:
+        batches.TrainingLoader(LmdbDataset(tiny_data / "mol" / "train"), torch.float32, workers=0)
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == 64  # (no workers: left alone)
+        batches.TrainingLoader(LmdbDataset(tiny_data / "mol" / "train"), torch.float32, workers=2).close()
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == (hard if hard != resource.RLIM_INFINITY else 1 << 20)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 @pytest.mark.slow
 def test_loader_workers_started_by_forkserver_train(tiny_data, tmp_path):
     """Python 3.14 starts processes by forkserver on Linux (3.11-3.13: fork): the workers get

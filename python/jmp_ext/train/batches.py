@@ -15,6 +15,20 @@ from jmp_ext.ops._lib import is_out_of_memory
 from jmp_ext.train.config import ENTRY_KEY, TrainError
 
 
+def raise_open_file_limit() -> None:
+    """Raises this process's soft limit of open files to its hard limit. DataLoader workers hand
+    each batch's tensors over as file descriptors (torch's default sharing strategy), and under a
+    soft limit of a few hundred (ulimit -n; some clusters') several workers ran out: a bare
+    EOFError after megabytes of worker tracebacks, or a worker spinning on them for ever."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):  # (a kernel cap below the hard limit: keep the soft)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def collate_batch(structures: list[dict], dtype: torch.dtype, task: int | None = None) -> dict[str, torch.Tensor]:
     """`structures` (dataset entries) collated for the model: pos and cell in `dtype`, collated in
     float64 and cast once (not rounded twice); labels stay float64 (a total energy of ~1e4 eV has
@@ -56,6 +70,8 @@ class TrainingLoader:
 
     def __init__(self, dataset, dtype: torch.dtype, workers: int):
         self.dataset, self.dtype, self.workers = dataset, dtype, workers
+        if workers:
+            raise_open_file_limit()
         self._epoch_batches = _EpochBatches()
         self._loader = self._data_loader()
         self._iterator = None

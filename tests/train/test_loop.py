@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1392,6 +1393,17 @@ def test_a_killed_runs_forked_workers_do_not_keep_its_lock(tmp_path):
     finally:
         os.kill(worker, signal.SIGKILL)
         process.stdout.close()
+
+
+@pytest.mark.parametrize("name, make", [("best.pt", Path.mkdir), ("summary.json", Path.mkdir), ("tb", Path.touch)])
+def test_a_run_file_blocked_by_something_else_is_found_before_training(tiny_data, tmp_path, name, make):
+    """A directory named best.pt (or summary.json) stopped the run when it was written, after the
+    training; a file named tb, with a bare "File exists"."""
+    (tmp_path / "run").mkdir()
+    make(tmp_path / "run" / name)
+    with pytest.raises(TrainError, match=rf"run_dir .*run: the run writes its files \({name}\) where something else "
+                                         r"is"):
+        loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path / "run", max_steps=1)))
 
 
 def test_a_run_dir_is_used_by_one_run_at_a_time(tiny_data, tmp_path, monkeypatch):

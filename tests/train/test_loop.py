@@ -1354,7 +1354,6 @@ def test_a_dropped_lock_is_released():
     notebook or a sweep building another Trainer there was refused)."""
     import gc
     import tempfile
-    from pathlib import Path
 
     from jmp_ext.train.run_dir import lock_run_dir, unlock_run_dir
 

@@ -128,6 +128,11 @@ def test_split_refuses_to_write_over_its_source(tmp_path, capsys):
                 "source itself") in capsys.readouterr().err
     assert len(LmdbDataset(tmp_path / "sp" / "train")) == 20
     assert sorted(p.name for p in (tmp_path / "sp").iterdir()) == ["train"]
+    # (`split ds ds` wrote the parts into the dataset's own directory)
+    for out in (tmp_path / "sp" / "train", tmp_path / "sp" / "train" / "parts"):
+        assert main(["split", str(tmp_path / "sp" / "train"), str(out)]) == 2
+        assert "the parts would be written inside the source dataset" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "sp" / "train").iterdir() if p.is_dir()) == []
 
 
 

@@ -143,6 +143,9 @@ def split_dataset(src: str | Path, out_dir: str | Path, parts: dict[str, np.ndar
     """
     source = LmdbDataset(src)
     out_dir = Path(out_dir)
+    if source.path.resolve() in (out_dir.resolve(), *out_dir.resolve().parents):
+        raise ValueError(f"split of {src}: the parts would be written inside the source dataset ({out_dir}); choose "
+                         "an output directory outside it")
     for name, indices in parts.items():
         # "" would write out_dir itself, "../x" outside it; hidden names are for temporaries.
         if not name or name.startswith(".") or Path(name).name != name:

@@ -1245,11 +1245,30 @@ def test_throughput_leaves_validation_and_checkpoints_out(tiny_data, tmp_path, m
     figures = log.throughput()  # 40
     assert figures["wall_seconds"] == 40 and figures["seconds"] == 30 and figures["structures_per_s"] == 1.0
     monkeypatch.undo()
-    trainer = loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path / "run", max_steps=2)))
-    paused = []
-    trainer.log.paused = lambda: paused.append(1) or contextlib.nullcontext()
+    # A run's validations and checkpoints happen inside paused(), its training steps outside.
+    trainer = loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path / "run", max_steps=2, val_every=1)))
+    pausing, calls = [False], []
+
+    @contextlib.contextmanager
+    def paused():
+        pausing[0] = True
+        try:
+            yield
+        finally:
+            pausing[0] = False
+
+    def recorded(method):
+        def call(*args, **kwargs):
+            calls.append((method.__name__, pausing[0]))
+            return method(*args, **kwargs)
+        return call
+
+    trainer.log.paused = paused
+    for name in ("evaluate", "save_best", "_write_last", "train_step"):
+        setattr(trainer, name, recorded(getattr(trainer, name)))
     trainer.train()
-    assert len(paused) >= 3  # (a validation, best.pt and last.pt at least)
+    assert {name for name, _ in calls} == {"evaluate", "save_best", "_write_last", "train_step"}
+    assert all(inside == (name != "train_step") for name, inside in calls), calls
 
 
 def test_a_failed_best_checkpoint_is_not_said_saved(tiny_data, tmp_path, capsys):

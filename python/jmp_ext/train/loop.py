@@ -710,11 +710,12 @@ class Trainer:
                                                            "step": self.step, "metrics": metrics})
 
     def save_last(self) -> None:
-        rngs = distributed.all_gather_object(rng_state())
-        window = self._window_ranks()
-        with self.log.paused(), distributed.together():
-            if self.main:
-                self._write_last(rngs, window)
+        with self.log.paused():
+            rngs = distributed.all_gather_object(rng_state())
+            window = self._window_ranks()
+            with distributed.together():
+                if self.main:
+                    self._write_last(rngs, window)
 
     def _window_ranks(self) -> dict | None:
         """Every rank's logging window (gathered: a collective), for last.pt: a run resumed

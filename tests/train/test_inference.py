@@ -861,6 +861,22 @@ def test_predict_carries_oc20s_sid_and_fid(checkpoint, tmp_path):
     frames = ase.io.read(tmp_path / "p.extxyz", ":")
     assert [(a.info["sid"], a.info["fid"]) for a in frames] == [(70, 0), (70, 1), (71, 0), (71, 1)]
     assert not [key for key in frames[0].info if key.endswith("id") and key.startswith("predicted_")]  # (the input's)
+    # A file's own (its frames' info), or those of OC20 S2EF's frame log beside an extxyz: a file
+    # gave none, and OC20's results could not be assembled without converting it first.
+    assert main(["predict", str(checkpoint), str(tmp_path / "in.extxyz"), "--out", str(tmp_path / "f.npz")]) == 0
+    pred = np.load(tmp_path / "f.npz")
+    assert pred["sid"].tolist() == [70, 70, 71, 71] and pred["fid"].tolist() == [0, 1, 0, 1]
+    for atoms in images:
+        del atoms.info["sid"], atoms.info["fid"]
+    ase.io.write(tmp_path / "0.extxyz", images)
+    (tmp_path / "0.txt").write_text("".join(f"random{90 + k},frame{3 * k},-1.5\n" for k in range(4)))
+    assert main(["predict", str(checkpoint), str(tmp_path / "0.extxyz"), "--out", str(tmp_path / "l.extxyz")]) == 0
+    assert [(a.info["sid"], a.info["fid"]) for a in ase.io.read(tmp_path / "l.extxyz", ":")] == [
+        (90, 0), (91, 3), (92, 6), (93, 9)]
+    (tmp_path / "0.txt").write_text("random90,frame0,-1.5\n")
+    with pytest.raises(TrainError, match=r"0\.txt lists 1 frames, .*0\.extxyz holds 4: its sid and fid would be "):
+        inference.predict_checkpoint(str(checkpoint), str(tmp_path / "0.extxyz"), str(tmp_path / "x.npz"), None, 2,
+                                     "cpu")
 
 
 def test_eval_reads_a_file_in_its_units(checkpoint, tmp_path, capsys):

@@ -467,7 +467,7 @@ def _take_identifiers(entry: dict, values: dict, report: ConvertReport, index: i
     own integers where it has them (OC20's system and frame; an entry without gets -1), else for
     sid the entry's `index` in its source (a frame, an ASE db row id; None: no sid), and no fid.
     Mixing the two kinds in one column could give unrelated structures one sid."""
-    found = {key: _identifier(values.get(key)) for key in ("sid", "fid")}
+    found = {key: integer_identifier(values.get(key)) for key in ("sid", "fid")}
     if report.unusable_identifier is None:
         report.unusable_identifier = next(((key, str(values[key])[:40]) for key, value in found.items()
                                            if value is None and values.get(key) is not None), None)
@@ -480,7 +480,7 @@ def _take_identifiers(entry: dict, values: dict, report: ConvertReport, index: i
             entry[key] = index
 
 
-def _identifier(value) -> int | None:
+def integer_identifier(value) -> int | None:
     """value as an integer identifier (an integer, a one-element array of one, as torch_geometric
     stores them, or a whole-number float), or None (absent, a string such as OC22's sids)."""
     if value is None or isinstance(value, (bool, np.bool_, str, bytes)):

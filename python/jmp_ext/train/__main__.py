@@ -242,8 +242,9 @@ def run_command(argv: list[str]) -> int:
             "one per target the checkpoint predicts, under its name (energy in eV, forces in eV/Å, "
             "stress in eV/Å^3, properties in their units, a classification's logits [M, C]: the "
             "class is their argmax), and with an energy target energies, each atom's term of the "
-            "energy (eV). OUT.npz: those arrays, natoms, and sid (and fid) when the dataset's "
-            "entries have them; OUT.extxyz (or .xyz): the structures with predicted_NAME beside "
+            "energy (eV). OUT.npz: those arrays, natoms, and sid (and fid) when every structure "
+            "has them (a dataset's entries, a file's frames' info, OC20's frame log beside an "
+            "extxyz); OUT.extxyz (or .xyz): the structures with predicted_NAME beside "
             "their own labels.",
             epilog="Training: python -m jmp_ext.train --help.")
         parser.add_argument("checkpoint", metavar="CHECKPOINT", help="best.pt or last.pt of a run")

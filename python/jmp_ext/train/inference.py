@@ -371,9 +371,10 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
       NaN for a structure without pbc, as the calculator refuses it), a property such as U_0 [M(, k)], a classification's
       logits [M, C] (the class is their argmax): natoms and one array per target the checkpoint
       predicts, under its name; with a target of kind energy, energies [sum natoms] (eV: each atom's term,
-      which sum to its structure's energy); with a dataset whose entries carry them, sid [M]
-      and fid [M] too (as convert stored them: the source's own, or as sid its frame or row,
-      which a split reorders).
+      which sum to its structure's energy); where every structure has them, sid [M] and fid [M]
+      too: a dataset's (as convert stored them: the source's own, or as sid its frame or row,
+      which a split reorders), or a file's frames' (integers in their info, or OC20 S2EF's frame
+      log beside an extxyz).
     - .extxyz / .xyz: the structures (an input file's as read, its labels kept) with each
       prediction beside them as predicted_{name}: per-structure values in the frame's info,
       per-atom ones (forces, energies) as columns.
@@ -381,7 +382,7 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
     on one spot, ...) gets NaN predictions, and is named on stderr, instead of ending the run;
     the npz then holds valid [M] (bool) too.
     Returns the npz arrays."""
-    from jmp_ext.data.convert import detect_format, entry_to_atoms
+    from jmp_ext.data.convert import detect_format, entry_to_atoms, integer_identifier, oc20_frame_log
     from jmp_ext.data.format import DataError
     from jmp_ext.files import write_bytes_atomic
     from jmp_ext.train.tasks import open_dataset
@@ -406,10 +407,11 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
     else:
         def read_input():  # -> (None, Atoms) per structure
             return ((None, atoms) for atoms in iter_structures(source))
+    log = oc20_frame_log(Path(source)) if Path(source).is_file() else None
     keep = ("pos", "atomic_numbers", "cell", "pbc", "tags", "fixed")
     outputs: dict[str, list[np.ndarray]] = {}  # the evaluated structures' predictions, in order
     natoms, valid, fingerprints = [], [], []  # every input structure's
-    identifiers = {"sid": [], "fid": []}  # the dataset entries' (OC20's system and frame)
+    identifiers = {"sid": [], "fid": []}  # every input structure's that has them (OC20's system and frame)
     pending, pending_index = [], []
     skipped: list[tuple[int, str]] = []  # (input index, problem), listed in the input's order
     elements = torch.zeros(MAX_Z + 1, dtype=torch.bool)  # of the evaluated structures, warned about once
@@ -456,6 +458,15 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
         natoms.append(len(entry["atomic_numbers"]) if entry is not None else len(atoms))
         if suffix != ".npz":  # (the extxyz output reads the input again: the same structures?)
             fingerprints.append(structure_fingerprint(entry, atoms))
+        if entry is not None:
+            ids = {key: int(entry[key]) for key in identifiers if key in entry}
+        elif log is not None:
+            ids = dict(zip(identifiers, log.frames[index][:2])) if index < len(log.frames) else {}
+        else:
+            ids = {key: integer_identifier(atoms.info.get(key)) for key in identifiers}
+            ids = {key: value for key, value in ids.items() if value is not None}
+        for key, value in ids.items():
+            identifiers[key].append(value)
         try:
             entry = entry if entry is not None else atoms_to_entry(atoms)
         except DataError as e:  # (an unknown element, a NaN position: "atoms: ..." would not say where)
@@ -468,15 +479,15 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
                 run_batch()
             pending.append({key: entry[key] for key in keep})
             pending_index.append(index)
-            for key, values in identifiers.items():
-                if key in entry:
-                    values.append(int(entry[key]))
         if len(pending) == batch_size:
             run_batch()
     run_batch()
     count = len(valid)
     if count == 0:
         raise TrainError(f"input {source} holds no structure")
+    if log is not None and len(log.frames) != count:
+        raise TrainError(f"{log.path} lists {len(log.frames)} frames, {source} holds {count}: its sid and fid would "
+                         "be another frame's")
     if not any(valid):
         raise TrainError(f"no structure of {source} could be evaluated: {'%d: %s' % min(skipped)}")
     warn_about_inputs(model, t, elements.nonzero()[:, 0], periodic)
@@ -566,7 +577,9 @@ def write_predictions_extxyz(out: Path, images, arrays: dict[str, np.ndarray], p
             if m == len(natoms) or structure_fingerprint(None, atoms) != fingerprints[m]:
                 raise changed
             for name, value in arrays.items():
-                if name in ("natoms", "sid", "fid", "valid"):  # (not predictions: the input's own)
+                if name in ("sid", "fid"):  # (not predictions: the input's own, or its frame log's)
+                    atoms.info.setdefault(name, int(value[m]))
+                if name in ("natoms", "sid", "fid", "valid"):
                     continue
                 if m == 0 and f"predicted_{name}" in {**atoms.info, **atoms.arrays}:
                     warn_user(f"the input already has predicted_{name}: the output replaces it")

@@ -918,8 +918,10 @@ def test_eval_reads_a_file_in_its_units(checkpoint, tmp_path, capsys):
     assert "md.npz records its e_unit as 'kcal/mol', but it is read as eV: give --energy-unit kcal/mol" in \
         capsys.readouterr().err
     assert data_main(["convert", str(tmp_path / "ev.extxyz"), str(tmp_path / "ds")]) == 0
-    assert main(["eval", str(checkpoint), str(tmp_path / "ds"), "--energy-unit", "kcal/mol"]) == 2
-    assert "--energy-unit and --length-unit apply to a file: dataset" in capsys.readouterr().err
+    for option in (["--energy-unit", "kcal/mol"], ["--subtract-reference"]):
+        assert main(["eval", str(checkpoint), str(tmp_path / "ds"), *option]) == 2
+        assert "--energy-unit, --length-unit and --subtract-reference apply to a file: dataset" in \
+            capsys.readouterr().err
     assert main(["predict", str(checkpoint), str(tmp_path / "md.npz"), "--out", str(tmp_path / "p.npz")]) == 2
     err = capsys.readouterr().err
     assert "is an sGDML or rMD17 trajectory: convert it first, `python -m jmp_ext.data convert " in err

@@ -1463,11 +1463,11 @@ def test_a_run_dir_is_used_by_one_run_at_a_time(tiny_data, tmp_path, monkeypatch
             m.setattr(tasks, "load_task_data", lambda config: pytest.fail("loaded the data of a run it refuses"))
             loop.Trainer(build_config({**raw, "run_dir": str(run_dir)}))
     # A failure after the lock was taken (config.yaml cannot be written) does not keep it.
-    (tmp_path / "run" / "config.yaml").unlink()
-    (tmp_path / "run" / "config.yaml").mkdir()
-    with pytest.raises(IsADirectoryError):
+    def full_disk(config, path):
+        raise OSError(28, "No space left on device", str(path))
+    with monkeypatch.context() as m, pytest.raises(OSError, match="config.yaml"):
+        m.setattr(loop, "save_config", full_disk)
         loop.Trainer(build_config({**raw, "overwrite": True}))
-    (tmp_path / "run" / "config.yaml").rmdir()
     loop.Trainer(build_config({**raw, "overwrite": True})).release_run_dir()
 
 

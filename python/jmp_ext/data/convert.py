@@ -951,9 +951,8 @@ def iter_hdf5(path: Path, keys: KeyMap, report: ConvertReport, select: str | Non
     to it (soft and external links are not followed), _HDF5_SKIPPED_GROUPS left out. An entry's
     sid numbers its group, or the group of conformations its group is inside (Transition1x's
     reactant and product of a reaction's path: the path's end frames), its fid its frame within
-    that sid. Labels: keys.energy /
-    keys.forces name the datasets (else HDF5_DEFAULT_KEYS); the first group holding a label
-    fixes its dataset. Units a dataset records ("units" attribute) must be those read; a set of
+    that sid. Labels: keys.energy / keys.forces name the datasets (else HDF5_DEFAULT_KEYS); the
+    first group holding a label fixes its dataset. Units a dataset records ("units" attribute) must be those read; a set of
     HDF5_KNOWN_UNITS read in others is warned of. Needs h5py."""
     try:
         import h5py

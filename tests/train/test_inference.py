@@ -873,6 +873,16 @@ def test_predict_carries_oc20s_sid_and_fid(checkpoint, tmp_path):
     assert main(["predict", str(checkpoint), str(tmp_path / "0.extxyz"), "--out", str(tmp_path / "l.extxyz")]) == 0
     assert [(a.info["sid"], a.info["fid"]) for a in ase.io.read(tmp_path / "l.extxyz", ":")] == [
         (90, 0), (91, 3), (92, 6), (93, 9)]
+    # OC20 scores the free atoms' forces: the npz marks the fixed ones, where there are any.
+    from ase.constraints import FixAtoms
+
+    images[1].set_constraint(FixAtoms(indices=[0, 2]))
+    ase.io.write(tmp_path / "fixed.extxyz", images)
+    assert main(["predict", str(checkpoint), str(tmp_path / "fixed.extxyz"), "--out", str(tmp_path / "x.npz")]) == 0
+    mask = np.load(tmp_path / "x.npz")["fixed"]
+    starts = np.cumsum([0, *(len(atoms) for atoms in images)])
+    assert mask.shape == (starts[-1],) and np.flatnonzero(mask).tolist() == [starts[1], starts[1] + 2]
+    assert "fixed" not in np.load(tmp_path / "f.npz").files
     (tmp_path / "0.txt").write_text("random90,frame0,-1.5\n")
     with pytest.raises(TrainError, match=r"0\.txt lists 1 frames, .*0\.extxyz holds 4: its sid and fid would be "):
         inference.predict_checkpoint(str(checkpoint), str(tmp_path / "0.extxyz"), str(tmp_path / "x.npz"), None, 2,

@@ -374,7 +374,8 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
       which sum to its structure's energy); where every structure has them, sid [M] and fid [M]
       too: a dataset's (as convert stored them: the source's own, or as sid its frame or row,
       which a split reorders), or a file's frames' (integers in their info, or OC20 S2EF's frame
-      log beside an extxyz).
+      log beside an extxyz); where structures have fixed atoms, fixed [sum natoms] (bool: OC20
+      scores the free atoms' forces).
     - .extxyz / .xyz: the structures (an input file's as read, its labels kept) with each
       prediction beside them as predicted_{name}: per-structure values in the frame's info,
       per-atom ones (forces, energies) as columns.
@@ -412,6 +413,7 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
     outputs: dict[str, list[np.ndarray]] = {}  # the evaluated structures' predictions, in order
     natoms, valid, fingerprints = [], [], []  # every input structure's
     identifiers = {"sid": [], "fid": []}  # every input structure's that has them (OC20's system and frame)
+    fixed: list[np.ndarray] = []  # the fixed-atom masks of the structures read
     pending, pending_index = [], []
     skipped: list[tuple[int, str]] = []  # (input index, problem), listed in the input's order
     elements = torch.zeros(MAX_Z + 1, dtype=torch.bool)  # of the evaluated structures, warned about once
@@ -479,6 +481,7 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
                 run_batch()
             pending.append({key: entry[key] for key in keep})
             pending_index.append(index)
+            fixed.append(np.asarray(entry["fixed"], dtype=bool))
         if len(pending) == batch_size:
             run_batch()
     run_batch()
@@ -507,6 +510,8 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
     for key, values in identifiers.items():
         if len(values) == count:
             arrays[key] = np.array(values, dtype=np.int64)
+    if len(fixed) == count and any(mask.any() for mask in fixed):  # (OC20 scores the free atoms' forces)
+        arrays["fixed"] = np.concatenate(fixed)
     if skip_invalid:
         arrays["valid"] = np.array(valid)
     if suffix == ".npz":
@@ -579,7 +584,7 @@ def write_predictions_extxyz(out: Path, images, arrays: dict[str, np.ndarray], p
             for name, value in arrays.items():
                 if name in ("sid", "fid"):  # (not predictions: the input's own, or its frame log's)
                     atoms.info.setdefault(name, int(value[m]))
-                if name in ("natoms", "sid", "fid", "valid"):
+                if name in ("natoms", "sid", "fid", "valid", "fixed"):
                     continue
                 if m == 0 and f"predicted_{name}" in {**atoms.info, **atoms.arrays}:
                     warn_user(f"the input already has predicted_{name}: the output replaces it")

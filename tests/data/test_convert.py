@@ -477,6 +477,8 @@ def test_fairchem_aselmdb_files_and_directories(tmp_path, frames, capsys):
         # no two structures share one (split --group-by sid, predictions mapped back).
         assert [int(e["sid"]) for e in ds] == [1, 2, 3, 4, 5, 6]
         assert ds.info["index_offsets"] == {"data.0000.aselmdb": 0, "data.0001.aselmdb": 3}
+        convert(tmp_path / "omat", tmp_path / "selected", select="k!=2")  # (the same sids under a query)
+        assert [int(e["sid"]) for e in LmdbDataset(tmp_path / "selected")] == [1, 2, 4, 5, 6]
         for k, atoms in enumerate(frames):
             entry = ds[k]
             np.testing.assert_array_equal(entry["pos"], atoms.positions)

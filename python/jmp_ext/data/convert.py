@@ -757,7 +757,7 @@ def iter_ase_db(path: Path, keys: KeyMap, report: ConvertReport, select: str | N
     OMol25); key_value_pairs and data are searched for labels and properties after the
     calculator results. A row's index (its sid, unless it has its own) is its row id, plus in a
     directory the earlier files' largest row ids (report.index_offsets), so that no two files'
-    rows share one."""
+    rows share one, under any `select`."""
     import ase.db
     from ase.db.core import parse_selection
 
@@ -786,7 +786,9 @@ def iter_ase_db(path: Path, keys: KeyMap, report: ConvertReport, select: str | N
         try:
             with db, tqdm(db.select(select), total=db.count(select), desc=str(file), unit="row",
                           disable=not progress) as rows:
-                largest_id = 0
+                # (the file's largest id, whatever `select` keeps: the same sids under any query;
+                # fairchem's backend lists its ids, another the selected rows' decide)
+                largest_id = max(getattr(db, "ids", None) or [0])
                 for row in rows:
                     where = f"{file} row id={row.id}"
                     largest_id = max(largest_id, row.id)

@@ -330,10 +330,21 @@ def test_oc20_s2ef_extxyz_directories_with_their_frame_logs(tmp_path, frames):
     (folder / "10.txt").write_text("random501,frame1,\nrandom502,frame0\nrandom502,frame1\n")  # (a test split's)
     with pytest.raises(DataError, match=r"10\.txt has no reference energies"):
         convert(folder, tmp_path / "test", subtract_reference=True)
+    # A .txt of another kind (notes, or a header line) is no log: said, and left out, which here
+    # leaves 10.extxyz without one beside a file with one.
     (folder / "10.txt").write_text("system,frame,reference energy\n" + (folder / "10.txt").read_text())
-    with pytest.raises(DataError, match=r"10\.txt: line 1 reads 'system,frame,reference energy', not random<sid>,"
-                                        r"frame<fid>,<reference energy> as OC20's frame logs \(which 10\.extxyz"):
+    with pytest.warns(UserWarning, match=r"10\.txt beside 10\.extxyz is no OC20 frame log \(its first line reads "
+                                         r"'system,frame,reference energy'\): left out"), \
+            pytest.raises(DataError, match=r"2\.extxyz\.xz has an OC20 frame log and 10\.extxyz none"):
         convert(folder, tmp_path / "header")
+    (folder / "10.txt").write_text("random501,frame1,-1.0\nrandom502,frame0,-1.0,\nrandom502,frame1\n")
+    with pytest.raises(DataError, match=r"10\.txt: line 2 reads 'random502,frame0,-1\.0,', not random<sid>,frame<fid>"):
+        convert(folder, tmp_path / "comma")
+    (folder / "2.txt.xz").write_bytes((folder / "2.txt.xz").read_bytes()[:-20])  # (a download cut short)
+    with pytest.raises(DataError, match=r"2\.txt\.xz: the frame log cannot be read \(EOFError"):
+        convert(folder, tmp_path / "cut")
+    with lzma.open(folder / "2.txt.xz", "wt") as f:
+        f.write("".join(f"random{500 + k // 2},frame{k % 2},{-2.5 * k - 0.125}\n" for k in range(3)))
     # Some files with a log and some without: the others' frames got sid -1 (or the logs were
     # ignored, their ids said to be read).
     (folder / "10.txt").unlink()
@@ -350,7 +361,7 @@ def test_oc20_s2ef_extxyz_directories_with_their_frame_logs(tmp_path, frames):
     assert ds.info["index_offsets"] == {"2.extxyz.xz": 0, "10.extxyz": 3}
     # A file half decompressed: both are there, and its structures were read twice.
     ase.io.write(folder / "2.extxyz", frames[:3])
-    with pytest.raises(DataError, match=r"s2ef holds 2\.extxyz twice, compressed and not"):
+    with pytest.raises(DataError, match=r"s2ef holds 2\.extxyz twice \(2\.extxyz, 2\.extxyz\.xz\)"):
         convert(folder, tmp_path / "twice")
     (folder / "2.extxyz").unlink()
     # As untarred: the files one level down.
@@ -1772,11 +1783,11 @@ def test_hdf5_layouts_as_released(tmp_path):
     with h5py.File(tmp_path / "spice.h5", "a") as f:  # (the forces' unit was not checked)
         f["mol/dft_total_gradient"].attrs["units"] = "hartree/angstrom"
     with pytest.raises(DataError, match=r"dft_total_gradient records its units as 'hartree/angstrom', but it is read as "
-                                        r"Hartree/Bohr \(--energy-unit, --length-unit: forces in another length unit "
-                                        r"than the positions' are not supported"):
+                                        r"Hartree/Bohr: give --energy-unit Hartree --length-unit Å, if its positions are "
+                                        r"in Å too \(forces in another length unit than the positions' are not"):
         convert(tmp_path / "spice.h5", tmp_path / "spice", keys=KeyMap(energy_unit="Hartree", length_unit="Bohr"))
     with h5py.File(tmp_path / "spice.h5", "a") as f:
-        f["mol/dft_total_gradient"].attrs["units"] = "hartree/bohr"
+        f["mol/dft_total_gradient"].attrs["units"] = "hartree / bohr"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # (units recorded and matched: nothing to warn of)
         convert(tmp_path / "spice.h5", tmp_path / "spice", keys=KeyMap(energy_unit="Hartree", length_unit="Bohr"))

@@ -663,6 +663,14 @@ def test_eval_of_a_file_with_a_label_on_some_structures_scores_the_others(stress
                                              rf"--skip-invalid`{first}$"):
             inference.evaluate_checkpoint(str(stress_checkpoint), str(tmp_path / f"{name}_all.extxyz"), None, None, 2,
                                           "cpu")
+    # (read in other units: the advice reads it so too; it stored kcal/mol as eV)
+    with pytest.raises(TrainError, match=r"convert .*first_all.extxyz OUT_DIR --energy-unit kcal/mol --skip-invalid`"):
+        inference.evaluate_checkpoint(str(stress_checkpoint), str(tmp_path / "first_all.extxyz"), None, None, 2, "cpu",
+                                      energy_unit="kcal/mol")
+    with pytest.raises(TrainError, match=r"--subtract-reference applies to an OC20 S2EF extxyz, in eV: not to .*first_"
+                                         r"all.extxyz read in kcal/mol"):
+        inference.evaluate_checkpoint(str(stress_checkpoint), str(tmp_path / "first_all.extxyz"), None, None, 2, "cpu",
+                                      energy_unit="kcal/mol", subtract_reference=True)
 
 
 def test_eval_names_entries_whose_labels_are_not_finite(checkpoint, tiny_data, tmp_path, capsys):
@@ -884,7 +892,7 @@ def test_predict_carries_oc20s_sid_and_fid(checkpoint, tmp_path):
     assert mask.shape == (starts[-1],) and np.flatnonzero(mask).tolist() == [starts[1], starts[1] + 2]
     assert "fixed" not in np.load(tmp_path / "f.npz").files
     (tmp_path / "0.txt").write_text("random90,frame0,-1.5\n")
-    with pytest.raises(TrainError, match=r"0\.txt lists 1 frames, .*0\.extxyz holds 4: its sid and fid would be "):
+    with pytest.raises(TrainError, match=r"0\.txt lists 1 frames, fewer than .*0\.extxyz holds: its sid and fid "):
         inference.predict_checkpoint(str(checkpoint), str(tmp_path / "0.extxyz"), str(tmp_path / "x.npz"), None, 2,
                                      "cpu")
 

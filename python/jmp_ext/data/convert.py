@@ -507,27 +507,28 @@ def iter_ase_file(path: Path, keys: KeyMap, report: ConvertReport, progress: boo
     """(where, entry or exception) for every structure of a file ase.io reads (extxyz, traj), or
     of a directory of extxyz / xyz files (structure_files; a structure's index, its sid unless it
     has its own, counts on from the earlier files': report.index_offsets). An extxyz with OC20
-    S2EF's frame log beside it (oc20_frame_log) takes each frame's sid and fid from it, and with
+    S2EF's frame log beside it (frame_log_file) takes each frame's sid and fid from it, and with
     `subtract_reference` has its reference energy subtracted from the energy, as OC20's S2EF
     LMDBs do; in a directory, every file or none has a log. A structure ase.io cannot parse is
     yielded as a DataError, and reading goes on after it; a file that ase.io would read only in
     part is a DataError raised (not one to skip)."""
     files = structure_files(path) if path.is_dir() else [path]
-    logs = [oc20_frame_log(file) for file in files]
+    logs = [frame_log_file(file) for file in files]  # (each read when its file is: OC20's 134M frames)
     if any(logs) and not all(logs):
         logged, unlogged = (next(f for f, log in zip(files, logs) if bool(log) == has) for has in (True, False))
-        names = ", ".join(_log_names(unlogged)) or "an xyz file has none"
+        names = ", ".join(_log_names(unlogged)) or "only extxyz files have one"
         raise SourceError(f"{path}: {logged.name} has an OC20 frame log and {unlogged.name} none ({names}): its "
                           "frames would get no sid and fid, or another kind of sid; give every file its log, or "
                           "convert those without apart")
     if subtract_reference and not all(logs):
-        raise SourceError(f"{files[0]}: no OC20 frame log beside it ({', '.join(_log_names(files[0]))}) to take the "
-                          "reference energies from")
+        names = ", ".join(_log_names(files[0])) or "only extxyz files have one"
+        raise SourceError(f"{files[0]}: no OC20 frame log beside it ({names}) to take the reference energies from")
     offset = 0
     for k, (file, log) in enumerate(zip(files, logs)):
         if path.is_dir():
             report.index_offsets[file.name] = offset
         label = f"{file} ({k + 1} of {len(files)} files)" if path.is_dir() else str(file)
+        log = read_frame_log(log, file) if log is not None else None
         offset += yield from _iter_structure_file(file, label, log, keys, report, progress, offset, subtract_reference)
 
 
@@ -591,8 +592,9 @@ def structure_files(path: Path) -> list[Path]:
     files = sorted((f for f in path.iterdir() if _STRUCTURE_FILE.fullmatch(f.name) and f.is_file()), key=natural)
     stems = [_STRUCTURE_FILE.fullmatch(f.name)[1] for f in files]
     if twice := sorted({stem for stem in stems if stems.count(stem) > 1}):
-        raise SourceError(f"{path} holds {twice[0]} twice, compressed and not: its structures would be read twice; "
-                          "keep one of them")
+        copies = [f.name for f, stem in zip(files, stems) if stem == twice[0]]
+        raise SourceError(f"{path} holds {twice[0]} twice ({', '.join(copies)}): its structures would be read "
+                          "twice; keep one of them")
     return files
 
 
@@ -611,31 +613,53 @@ class FrameLog:
     frames: list[tuple[int, int, float | None]]
 
 
-def oc20_frame_log(path: Path) -> FrameLog | None:
-    """The frame log of the extxyz `path` (0.extxyz or 0.extxyz.xz: 0.txt or 0.txt.xz beside it),
-    lines "random<sid>,frame<fid>,<reference energy>" (the test splits' have no energy; blank
-    lines are none); None when there is no such file. A file there of another kind is an error."""
-    from ase.io.formats import open_with_compression
-
+def frame_log_file(path: Path) -> Path | None:
+    """OC20 S2EF's frame log of the extxyz `path` (0.extxyz or 0.extxyz.xz: 0.txt or 0.txt.xz
+    beside it), or None: no such file, or one whose first line is no frame's (random<sid>,...),
+    which is warned of and left alone (notes of the user's own)."""
     log = next((path.with_name(name) for name in _log_names(path) if path.with_name(name).is_file()), None)
     if log is None:
         return None
+    first = next((line for line in _log_lines(log) if line), "")
+    if not first.startswith("random"):
+        warn_user(f"{log} beside {path.name} is no OC20 frame log (its first line reads {first[:60]!r}): left out")
+        return None
+    return log
+
+
+def read_frame_log(log: Path, path: Path) -> FrameLog:
+    """The frame log `log` of the extxyz `path` (frame_log_file): lines
+    "random<sid>,frame<fid>,<reference energy>" (the test splits' have no energy); blank lines
+    are none, a line of another form is an error."""
     frames = []
-    with open_with_compression(str(log)) as file:
-        for number, line in enumerate(file, 1):
-            line = line.strip().lstrip("\ufeff")  # (a byte order mark: Windows Notepad's)
-            if not line:  # (a blank line, such as an editor leaves at the end)
-                continue
-            found = re.fullmatch(r"random(\d+),frame(\d+)(?:,(.*))?", line)
-            try:
-                reference = None if found is None or not found[3] else float(found[3])
-            except ValueError:
-                found = None
-            if found is None:
-                raise SourceError(f"{log}: line {number} reads {line[:60]!r}, not random<sid>,frame<fid>,"
-                                  f"<reference energy> as OC20's frame logs (which {path.name} would have beside it)")
-            frames.append((int(found[1]), int(found[2]), reference))
+    for number, line in enumerate(_log_lines(log), 1):
+        if not line:  # (a blank line, such as an editor leaves at the end)
+            continue
+        found = re.fullmatch(r"random(\d+),frame(\d+)(?:,(.*))?", line)
+        try:
+            reference = None if found is None or not found[3] else float(found[3])
+        except ValueError:
+            found = None
+        if found is None:
+            raise SourceError(f"{log}: line {number} reads {line[:60]!r}, not random<sid>,frame<fid>,"
+                              f"<reference energy> as OC20's frame logs (which {path.name} has beside it)")
+        frames.append((int(found[1]), int(found[2]), reference))
     return FrameLog(log, frames)
+
+
+def _log_lines(log: Path) -> Iterator[str]:
+    """The lines of a frame log (compressed too), stripped (of a byte order mark too: Windows
+    Notepad's); a damaged file is a SourceError naming it."""
+    import lzma
+
+    from ase.io.formats import open_with_compression
+
+    try:
+        with open_with_compression(str(log)) as file:
+            for line in file:
+                yield line.strip().lstrip("\ufeff")
+    except (EOFError, lzma.LZMAError, OSError, UnicodeDecodeError) as error:
+        raise SourceError(f"{log}: the frame log cannot be read ({type(error).__name__}: {error})") from error
 
 
 def _parsed_extxyz_structures(path: Path) -> Iterator[Atoms | fmt.DataError]:
@@ -1022,13 +1046,15 @@ def iter_hdf5(path: Path, keys: KeyMap, report: ConvertReport, select: str | Non
                     elif "units" in group[key].attrs:  # (SPICE's gradient: hartree/bohr)
                         recorded = _unit_text(group[key].attrs["units"])
                         energy, _, length = recorded.rpartition("/")
-                        energy, length = _UNIT_ALIASES.get(energy.lower()), _UNIT_ALIASES.get(length.lower())
+                        energy = _UNIT_ALIASES.get(energy.strip().lower())
+                        length = _UNIT_ALIASES.get(length.strip().lower())
                         if (ENERGY_UNITS.get(energy), LENGTH_UNITS.get(length)) != (
                                 ENERGY_UNITS[keys.energy_unit], LENGTH_UNITS[keys.length_unit]):
+                            give = (f"give --energy-unit {energy} --length-unit {length}, if its positions are in "
+                                    f"{length} too (" if energy in ENERGY_UNITS and length in LENGTH_UNITS else "(")
                             raise SourceError(f"{where}/{key} records its units as {recorded!r}, but it is read as "
-                                              f"{keys.energy_unit}/{keys.length_unit} (--energy-unit, --length-unit: "
-                                              "forces in another length unit than the positions' are not supported; "
-                                              "convert them first)")
+                                              f"{keys.energy_unit}/{keys.length_unit}: {give}forces in another length "
+                                              "unit than the positions' are not supported: convert them first)")
                     values = _label_array(where, label, key, np.asarray(group[key], dtype=np.float64), frames,
                                           len(numbers))
                     labels[label] = -values if key.endswith("gradient") else values
@@ -1327,7 +1353,7 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
     select: an ASE db query for "ase-db"; the group to read for "hdf5" (Transition1x's data).
     progress: a progress bar of the structures read (tqdm, on stderr).
     subtract_reference: subtract from each energy the reference energy of the OC20 S2EF frame
-        log beside its extxyz (oc20_frame_log), as OC20's S2EF LMDBs and models have it; without,
+        log beside its extxyz (frame_log_file), as OC20's S2EF LMDBs and models have it; without,
         a log gives sid and fid alone, and a warning says the energies are total ones.
 
     A single atom without periodic images within ISOLATED_ATOM_CUTOFF (such as MACE's

@@ -15,15 +15,20 @@ from jmp_ext.ops._lib import is_out_of_memory
 from jmp_ext.train.config import ENTRY_KEY, TrainError
 
 
+# Open files enough for DataLoader workers (a batch's tensors each hold one until taken).
+OPEN_FILES = 65536
+
+
 def raise_open_file_limit() -> None:
-    """Raises this process's soft limit of open files to its hard limit. DataLoader workers hand
-    each batch's tensors over as file descriptors (torch's default sharing strategy), and under a
-    soft limit of a few hundred (ulimit -n; some clusters') several workers ran out: a bare
-    EOFError after megabytes of worker tracebacks, or a worker spinning on them for ever."""
+    """Raises this process's soft limit of open files towards its hard limit, to OPEN_FILES at
+    most (children inherit it; some containers' hard limit is 1e9). DataLoader workers hand each
+    batch's tensors over as file descriptors (torch's default sharing strategy), and under a soft
+    limit of a few hundred (ulimit -n; some clusters') several workers ran out: a bare EOFError
+    after megabytes of worker tracebacks, or a worker spinning on them for ever."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    target = OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES)
     if soft != resource.RLIM_INFINITY and soft < target:
         with contextlib.suppress(ValueError, OSError):  # (a kernel cap below the hard limit: keep the soft)
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))

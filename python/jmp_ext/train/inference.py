@@ -219,12 +219,15 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, task: str | None, out: st
         return _evaluate_dataset(model, config, t, dataset, dataset, out, batch_size, device)
     if detect_format(Path(dataset)) == "lmdb":  # (eval converts the others itself)
         raise _convert_first(dataset, dataset, "lmdb", "evaluate")
+    if subtract_reference and (detect_format(Path(dataset)) != "ase" or ENERGY_UNITS[energy_unit] != 1.0):
+        raise TrainError(f"--subtract-reference applies to an OC20 S2EF extxyz, in eV: not to {dataset}"
+                         + (f" read in {energy_unit}" if ENERGY_UNITS[energy_unit] != 1.0 else ""))
     with tempfile.TemporaryDirectory() as tmp:
-        partial = _convert_labels(dataset, Path(tmp) / "data",
-                                  {target.name: target.unit for target in config.tasks[t].targets},
-                                  energy_unit, length_unit, subtract_reference)
+        partial, options = _convert_labels(dataset, Path(tmp) / "data",
+                                           {target.name: target.unit for target in config.tasks[t].targets},
+                                           energy_unit, length_unit, subtract_reference)
         return _evaluate_dataset(model, config, t, str(Path(tmp) / "data"), dataset, out, batch_size, device,
-                                 partial)
+                                 partial, options)
 
 
 # Files that convert reads and ASE does not: what they are, the options convert needs, a note.
@@ -247,12 +250,13 @@ def _convert_first(source: str, named: str, kind: str, verb: str) -> TrainError:
 
 
 def _convert_labels(source: str, dst: Path, units: dict[str, str | None], energy_unit: str, length_unit: str,
-                    subtract_reference: bool) -> dict[str, bool]:
+                    subtract_reference: bool) -> tuple[dict[str, bool], list[str]]:
     """convert of an eval input for a checkpoint whose targets have these units (by name):
     those of energy, forces and stress with convert's default keys, and not the others; the
     other targets as properties from the keys of their names, as stored. A target the file
-    lacks, or that only some of its structures carry, is left out (eval then warns); returns
-    {label: whether the first structure has it} for the latter."""
+    lacks, or that only some of its structures carry, is left out (eval then warns). Returns
+    {label: whether the first structure has it} for the latter, and the convert options that
+    read the file as eval did (for the messages' commands)."""
     from jmp_ext.data import DataError
     from jmp_ext.data.convert import (ENERGY_UNITS, LENGTH_UNITS, KeyMap, MissingProperty, PartialLabels,
                                       SourceError, UnreadableSource, convert)
@@ -273,12 +277,14 @@ def _convert_labels(source: str, dst: Path, units: dict[str, str | None], energy
                 # options; eval's own error says which target is missing)
                 warnings.filterwarnings("ignore", message=r".* has (no labels|only a stress)")
                 warnings.filterwarnings("ignore", message=r".* the energies are the extxyz files' total DFT")
+                warnings.filterwarnings("ignore", message=r".* converted nothing")  # (its labels left out)
                 report = convert(source, dst, keys=keys, progress=True, subtract_reference=subtract_reference)
             if report.oc20_logs_with_references and not subtract_reference and "energy" in report.labels:
                 warn_user(f"{source}: the energies scored are its total DFT energies, though its OC20 frame log "
                           "lists reference energies: a model of OC20's referenced energies (trained on a dataset "
                           "converted with --subtract-reference) is evaluated with --subtract-reference")
-            return partial
+            return partial, [*unit_options, *(f"--property {name}{':UNIT' if units[name] == 'eV' else ''}"
+                                              for name in properties)]
         except DataError as e:
             if isinstance(e.__cause__, MissingProperty):
                 del properties[e.__cause__.name]
@@ -295,7 +301,7 @@ def _convert_labels(source: str, dst: Path, units: dict[str, str | None], energy
             # (a property trained in eV was converted from its source's unit, which only the user knows)
             options = [*(f"--{label}-key none" for label in labels if label not in units), *unit_options,
                        *(f"--property {name}{':UNIT' if units[name] == 'eV' else ''}" for name in properties),
-                       "--skip-invalid"]
+                       "--skip-invalid"]  # (with the labels eval drops: "none" keys name them)
             raise TrainError(f"{e}; to leave such structures out, convert the file yourself, `python -m "
                              f"jmp_ext.data convert {shlex.quote(source)} OUT_DIR {' '.join(options)}`, and "
                              "evaluate OUT_DIR") from e
@@ -312,10 +318,10 @@ def _convert_labels(source: str, dst: Path, units: dict[str, str | None], energy
 
 
 def _evaluate_dataset(model, config, t: int, path: str, name: str, out: str | None, batch_size: int,
-                      device: str, partial: dict[str, bool] | None = None) -> dict:
+                      device: str, partial: dict[str, bool] | None = None, options: list[str] = ()) -> dict:
     """Metrics of task t of a loaded checkpoint on the dataset directory `path`, which the user
-    knows as `name`; `partial`: labels left out because only some of its structures carry them
-    (_convert_labels)."""
+    knows as `name`; `partial`, `options`: a file's labels left out because only some of its
+    structures carry them, and the options it was read with (_convert_labels)."""
     from jmp_ext.files import write_bytes_atomic
     from jmp_ext.train.tasks import describe_unit, open_dataset
 
@@ -329,7 +335,8 @@ def _evaluate_dataset(model, config, t: int, path: str, name: str, out: str | No
         first = "" if partial.get(target.name) else " (with one of them first)"
         how = ("" if path == name else
                f"; only some of its structures have it: evaluate a dataset of those, `python -m jmp_ext.data "
-               f"convert {shlex.quote(name)} OUT_DIR --skip-invalid`{first}" if target.name in partial else
+               f"convert {' '.join([shlex.quote(name), 'OUT_DIR', *options, '--skip-invalid'])}`{first}"
+               if target.name in partial else
                f"; convert it with the label's key: python -m jmp_ext.data convert "
                f"{shlex.quote(name)} OUT_DIR " + (f"--{target.kind}-key KEY"
                                                   if target.kind in ("energy", "forces", "stress")
@@ -383,7 +390,7 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
     on one spot, ...) gets NaN predictions, and is named on stderr, instead of ending the run;
     the npz then holds valid [M] (bool) too.
     Returns the npz arrays."""
-    from jmp_ext.data.convert import detect_format, entry_to_atoms, integer_identifier, oc20_frame_log
+    from jmp_ext.data.convert import detect_format, entry_to_atoms, frame_log_file, integer_identifier, read_frame_log
     from jmp_ext.data.format import DataError
     from jmp_ext.files import write_bytes_atomic
     from jmp_ext.train.tasks import open_dataset
@@ -408,7 +415,8 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
     else:
         def read_input():  # -> (None, Atoms) per structure
             return ((None, atoms) for atoms in iter_structures(source))
-    log = oc20_frame_log(Path(source)) if Path(source).is_file() else None
+    log = frame_log_file(Path(source)) if Path(source).is_file() else None
+    log = read_frame_log(log, Path(source)) if log is not None else None
     keep = ("pos", "atomic_numbers", "cell", "pbc", "tags", "fixed")
     outputs: dict[str, list[np.ndarray]] = {}  # the evaluated structures' predictions, in order
     natoms, valid, fingerprints = [], [], []  # every input structure's
@@ -463,7 +471,10 @@ def predict_checkpoint(checkpoint: str, source: str, out: str, task: str | None,
         if entry is not None:
             ids = {key: int(entry[key]) for key in identifiers if key in entry}
         elif log is not None:
-            ids = dict(zip(identifiers, log.frames[index][:2])) if index < len(log.frames) else {}
+            if index >= len(log.frames):  # (found now, not after the model has run on every structure)
+                raise TrainError(f"{log.path} lists {len(log.frames)} frames, fewer than {source} holds: its sid "
+                                 "and fid would be another frame's")
+            ids = dict(zip(identifiers, log.frames[index][:2]))
         else:
             ids = {key: integer_identifier(atoms.info.get(key)) for key in identifiers}
             ids = {key: value for key, value in ids.items() if value is not None}

@@ -18,6 +18,7 @@ import copy
 import functools
 import json
 import math
+import os
 import reprlib
 import shutil
 import signal
@@ -772,13 +773,13 @@ class Trainer:
         which keeps a best.pt whose last.pt is gone)."""
         c = self.config
         # (found when the file is written: after the training, for best.pt and summary.json)
-        blocked = [name for name in RUN_FILES if (self.run_dir / name).exists() and not (self.run_dir / name).is_file()]
-        if (self.run_dir / "tb").exists() and not (self.run_dir / "tb").is_dir():
+        blocked = [name for name in RUN_FILES if (self.run_dir / name).is_dir()]
+        if os.path.lexists(self.run_dir / "tb") and not (self.run_dir / "tb").is_dir():  # (a dangling link too)
             blocked.append("tb")
         if blocked:
             raise TrainError(f"run_dir {self.run_dir}: the run writes its files ({', '.join(blocked)}) where something "
-                             "else is (a directory where a file goes, or a file where tb/ goes): move it, or choose "
-                             "another run_dir")
+                             "else is (a directory where a file goes, or a file or broken link where tb/ goes): move "
+                             "it, or choose another run_dir")
         checkpoints = [p.name for p in (self.run_dir / "last.pt", self.run_dir / "best.pt") if p.is_file()]
         if checkpoints and not (c.overwrite or c.resume):
             raise TrainError(f"run_dir {self.run_dir} already holds a run ({', '.join(checkpoints)}): "

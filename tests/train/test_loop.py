@@ -1419,11 +1419,16 @@ def test_a_killed_runs_forked_workers_do_not_keep_its_lock(tmp_path):
 def test_a_run_file_blocked_by_something_else_is_found_before_training(tiny_data, tmp_path, name, make):
     """A directory named best.pt (or summary.json) stopped the run when it was written, after the
     training; a file named tb, with a bare "File exists"."""
-    (tmp_path / "run").mkdir()
+    raw = pretrain_config(tiny_data, tmp_path / "run", max_steps=1)
+    loop.Trainer(build_config(raw)).train()
+    if (tmp_path / "run" / name).is_dir():  # (tb/, with TensorBoard installed)
+        shutil.rmtree(tmp_path / "run" / name)
+    (tmp_path / "run" / name).unlink(missing_ok=True)
     make(tmp_path / "run" / name)
-    with pytest.raises(TrainError, match=rf"run_dir .*run: the run writes its files \({name}\) where something else "
-                                         r"is"):
-        loop.Trainer(build_config(pretrain_config(tiny_data, tmp_path / "run", max_steps=1)))
+    for resume in (False, True):  # (a resumed run wrote summary.json after its training too)
+        with pytest.raises(TrainError, match=rf"run_dir .*run: the run writes its files \({name}\) where something "
+                                             r"else is"):
+            loop.Trainer(build_config({**raw, "resume": resume, "overwrite": not resume}))
 
 
 def test_a_run_dir_is_used_by_one_run_at_a_time(tiny_data, tmp_path, monkeypatch):

@@ -176,6 +176,8 @@ class Trainer:
                 raise TrainError(f"run_dir {self.run_dir} is a file, not a directory{where}: choose another run_dir")
             if self.main and (self.run_dir / ".lock").is_file():  # (in use: say so before loading anything)
                 unlock_run_dir(lock_run_dir(self.run_dir))
+            if self.main:
+                self._check_run_files()
             if not resumed:
                 self._check_run_dir()
             # (the lock comes once everything is built: a run may start or end there meanwhile)
@@ -772,14 +774,6 @@ class Trainer:
         """A new run refuses a run_dir with another run's checkpoints unless `overwrite` (or `resume`,
         which keeps a best.pt whose last.pt is gone)."""
         c = self.config
-        # (found when the file is written: after the training, for best.pt and summary.json)
-        blocked = [name for name in RUN_FILES if (self.run_dir / name).is_dir()]
-        if os.path.lexists(self.run_dir / "tb") and not (self.run_dir / "tb").is_dir():  # (a dangling link too)
-            blocked.append("tb")
-        if blocked:
-            raise TrainError(f"run_dir {self.run_dir}: the run writes its files ({', '.join(blocked)}) where something "
-                             "else is (a directory where a file goes, or a file or broken link where tb/ goes): move "
-                             "it, or choose another run_dir")
         checkpoints = [p.name for p in (self.run_dir / "last.pt", self.run_dir / "best.pt") if p.is_file()]
         if checkpoints and not (c.overwrite or c.resume):
             raise TrainError(f"run_dir {self.run_dir} already holds a run ({', '.join(checkpoints)}): "
@@ -791,6 +785,17 @@ class Trainer:
         if others and not (self.run_dir / ".lock").exists() and not c.overwrite:
             raise TrainError(f"run_dir {self.run_dir} holds {', '.join(others)}, which no jmp_ext run wrote there "
                              "(it has no .lock): choose another run_dir, or overwrite=true to replace them")
+
+    def _check_run_files(self) -> None:
+        """Nothing stands where the run writes its files (a new or a resumed run): found when a file
+        is written, that was after the training for best.pt and summary.json."""
+        blocked = [name for name in RUN_FILES if (self.run_dir / name).is_dir()]
+        if os.path.lexists(self.run_dir / "tb") and not (self.run_dir / "tb").is_dir():  # (a dangling link too)
+            blocked.append("tb")
+        if blocked:
+            raise TrainError(f"run_dir {self.run_dir}: the run writes its files ({', '.join(blocked)}) where something "
+                             "else is (a directory where a file goes, or a file or broken link where tb/ goes): move "
+                             "it, or choose another run_dir")
 
     def _delete_old_run(self) -> None:
         """overwrite=true: the old run's files go, so that no stale best.pt, summary or TensorBoard

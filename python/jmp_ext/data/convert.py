@@ -579,8 +579,10 @@ def _iter_structure_file(path: Path, label: str, log: FrameLog | None, keys: Key
     return index + 1
 
 
-# Files of structures a directory may hold for iter_ase_file (OC20's S2EF: 0.extxyz.xz, ...).
-_STRUCTURE_FILE = re.compile(r"(.+\.(extxyz|xyz))(\.(xz|gz|bz2))?")
+# The suffix of a compressed file, which ase.io reads as it is (OC20's S2EF: 0.extxyz.xz, 0.txt.xz).
+_COMPRESSED = r"(\.(xz|gz|bz2))?"
+# Files of structures a directory may hold for iter_ase_file.
+_STRUCTURE_FILE = re.compile(r"(.+\.(extxyz|xyz))" + _COMPRESSED)
 
 
 def structure_files(path: Path) -> list[Path]:
@@ -600,7 +602,7 @@ def structure_files(path: Path) -> list[Path]:
 
 def _log_names(path: Path) -> list[str]:
     """Where OC20 S2EF keeps the frame log of an extxyz (none for other files)."""
-    found = re.fullmatch(r"(.+)\.extxyz(\.(xz|gz|bz2))?", path.name)
+    found = re.fullmatch(r"(.+)\.extxyz" + _COMPRESSED, path.name)
     return [f"{found[1]}.txt{suffix}" for suffix in ("", ".xz")] if found else []
 
 
@@ -1283,6 +1285,12 @@ def _refuse_jmp_ext(src: Path) -> None:
 # ----- driver ----------------------------------------------------------------------------------
 
 
+def reference_subtraction_applies(kind: str, energy_unit: str) -> bool:
+    """Whether OC20 S2EF's reference energies (eV, in extxyz files' frame logs) can be subtracted
+    from a source of format `kind` read in `energy_unit`."""
+    return kind == "ase" and ENERGY_UNITS[energy_unit] == 1.0
+
+
 def detect_format(src: Path) -> str:
     if src.is_dir():
         held = {".aselmdb (fairchem's ASE LMDBs)": ("ase-db", any(src.glob("*.aselmdb"))),
@@ -1370,7 +1378,7 @@ def convert(src: str | Path, dst: str | Path, *, keys: KeyMap | None = None,
     if select is not None and kind not in ("ase-db", "hdf5"):
         raise ValueError(f"select (an ASE db query, an HDF5 group) applies to ASE databases and HDF5 files, not to "
                          f"a {kind!r} source")
-    if subtract_reference and (kind != "ase" or ENERGY_UNITS[keys.energy_unit] != 1.0):
+    if subtract_reference and not reference_subtraction_applies(kind, keys.energy_unit):
         raise ValueError("subtract_reference (OC20 S2EF's reference energies, in eV) applies to extxyz files with "
                          f"their frame logs, read in eV, not to a {kind!r} source in {keys.energy_unit}")
     report = ConvertReport()

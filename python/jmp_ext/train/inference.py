@@ -208,7 +208,7 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, task: str | None, out: st
     are subtracted from its energies, as convert's --subtract-reference does."""
     import tempfile
 
-    from jmp_ext.data.convert import ENERGY_UNITS, LENGTH_UNITS, detect_format
+    from jmp_ext.data.convert import ENERGY_UNITS, LENGTH_UNITS, detect_format, reference_subtraction_applies
 
     model, config = load_trained(checkpoint, device, dtype)  # (before a conversion: a bad checkpoint costs none)
     t = task_index(config.tasks, task, "--task")
@@ -219,7 +219,7 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, task: str | None, out: st
         return _evaluate_dataset(model, config, t, dataset, dataset, out, batch_size, device)
     if detect_format(Path(dataset)) == "lmdb":  # (eval converts the others itself)
         raise _convert_first(dataset, dataset, "lmdb", "evaluate")
-    if subtract_reference and (detect_format(Path(dataset)) != "ase" or ENERGY_UNITS[energy_unit] != 1.0):
+    if subtract_reference and not reference_subtraction_applies(detect_format(Path(dataset)), energy_unit):
         raise TrainError(f"--subtract-reference applies to an OC20 S2EF extxyz, in eV: not to {dataset}"
                          + (f" read in {energy_unit}" if ENERGY_UNITS[energy_unit] != 1.0 else ""))
     with tempfile.TemporaryDirectory() as tmp:
@@ -268,6 +268,10 @@ def _convert_labels(source: str, dst: Path, units: dict[str, str | None], energy
     unit_options = ([f"--energy-unit {energy_unit}"] if ENERGY_UNITS[energy_unit] != 1.0 else []) + (
         [f"--length-unit {length_unit}"] if LENGTH_UNITS[length_unit] != 1.0 else []) + (
         ["--subtract-reference"] if subtract_reference else [])
+
+    def read_options() -> list[str]:  # (a property trained in eV was converted from its unit, only the user knows)
+        return [*unit_options, *(f"--property {name}{':UNIT' if units[name] == 'eV' else ''}" for name in properties)]
+
     while True:
         keys = KeyMap(**{label: "none" for label in labels if label not in units or label in partial},
                       properties=properties, energy_unit=energy_unit, length_unit=length_unit)
@@ -283,8 +287,7 @@ def _convert_labels(source: str, dst: Path, units: dict[str, str | None], energy
                 warn_user(f"{source}: the energies scored are its total DFT energies, though its OC20 frame log "
                           "lists reference energies: a model of OC20's referenced energies (trained on a dataset "
                           "converted with --subtract-reference) is evaluated with --subtract-reference")
-            return partial, [*unit_options, *(f"--property {name}{':UNIT' if units[name] == 'eV' else ''}"
-                                              for name in properties)]
+            return partial, read_options()
         except DataError as e:
             if isinstance(e.__cause__, MissingProperty):
                 del properties[e.__cause__.name]
@@ -298,10 +301,8 @@ def _convert_labels(source: str, dst: Path, units: dict[str, str | None], energy
                 raise TrainError(f"{e}; give a dataset directory, or a file ASE reads: extxyz, traj, ASE db (.db), "
                                  "...") from e
             # (a structure the data refuses: a single atom, a cell in nm, ...)
-            # (a property trained in eV was converted from its source's unit, which only the user knows)
-            options = [*(f"--{label}-key none" for label in labels if label not in units), *unit_options,
-                       *(f"--property {name}{':UNIT' if units[name] == 'eV' else ''}" for name in properties),
-                       "--skip-invalid"]  # (with the labels eval drops: "none" keys name them)
+            options = [*(f"--{label}-key none" for label in labels if label not in units), *read_options(),
+                       "--skip-invalid"]
             raise TrainError(f"{e}; to leave such structures out, convert the file yourself, `python -m "
                              f"jmp_ext.data convert {shlex.quote(source)} OUT_DIR {' '.join(options)}`, and "
                              "evaluate OUT_DIR") from e

@@ -66,9 +66,9 @@ class RunLogger:
         self._structures += structures
         self._atoms += atoms
         self._steps += 1
-        dt = max(time.perf_counter() - self._t0 - self._paused, 1e-9)
+        rates = self.throughput()
         self.bar.set_postfix({**{k: f"{v:.4g}" for k, v in postfix.items()},
-                              "struct/s": f"{self._structures / dt:.1f}", "atoms/s": f"{self._atoms / dt:.0f}"},
+                              "struct/s": f"{rates['structures_per_s']:.1f}", "atoms/s": f"{rates['atoms_per_s']:.0f}"},
                              refresh=False)
         self.bar.update(1)
 

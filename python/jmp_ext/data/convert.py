@@ -57,8 +57,8 @@ class KeyMap:
         LMDBs; forces: REF_forces, forces, force, dft_force, dft_forces; stress: REF_stress,
         stress, then the virials of VIRIAL_KEYS) in atoms.info / atoms.arrays / the attached
         calculator (ASE) or the Data object (LMDB). A stress key of VIRIAL_KEYS (in any case)
-        holds a virial W (energy), stored as the stress -W / V. The first entry holding a label fixes where it
-        is read from, and every later entry must hold it there. Give a key explicitly to pick,
+        holds a virial W (energy), stored as the stress -W / V. The first entry holding a label
+        fixes where it is read from, and every later entry must hold it there. Give a key explicitly to pick,
         e.g., free_energy or y_relaxed; an entry without it is then invalid. "none" drops the
         label, e.g. a stress only some frames carry: every entry must hold the same labels.
     properties: extra per-structure labels, {stored name: source key}.
@@ -980,8 +980,8 @@ def iter_hdf5(path: Path, keys: KeyMap, report: ConvertReport, select: str | Non
     sid numbers its group, or the group of conformations its group is inside (Transition1x's
     reactant and product of a reaction's path: the path's end frames), its fid its frame within
     that sid. Labels: keys.energy / keys.forces name the datasets (else HDF5_DEFAULT_KEYS); the
-    first group holding a label fixes its dataset. Units a dataset records ("units" attribute) must be those read; a set of
-    HDF5_KNOWN_UNITS read in others is warned of. Needs h5py."""
+    first group holding a label fixes its dataset. Units a dataset records ("units" attribute)
+    must be those read; a set of HDF5_KNOWN_UNITS read in others is warned of. Needs h5py."""
     try:
         import h5py
     except ImportError as error:
